@@ -1,0 +1,72 @@
+"""`laiontools <stage> ...`: one command, one module per stage.
+
+Each stage module exposes ``build_parser() -> argparse.ArgumentParser`` and ``main(argv) -> int``.
+Modules are imported only when their stage runs, so ``laiontools --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# stage name -> (module, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("laiontools.prepare", "normalize source metadata, assign uids, apply URL policy (Spark)"),
+    "download": ("laiontools.download", "prepare + img2dataset download into a webdataset pool with catalog and manifest (Spark)"),
+    "embed": ("laiontools.embed", "open_clip image/text embeddings and CLIP scores for a pool"),
+    "dedup": ("laiontools.dedup", "find pool samples that are near-duplicates of evaluation sets (faiss, Spark)"),
+    "subsets": ("laiontools.subsets", "filters + dedup exclusions + seeded nested subsets with manifests (Spark)"),
+    "reshard": ("laiontools.reshard", "write a subset into shuffled, evenly sized webdataset shards (Spark)"),
+    "verify": ("laiontools.verify", "re-check every file a manifest names (sha256, counts, uids, nesting)"),
+    "inspect": ("laiontools.verify", "print a readable summary of a manifest"),
+    "train": ("laiontools.train", "DDP training of an open_clip model on a manifest with a fixed samples-seen budget"),
+    "evaluate": ("laiontools.evaluate", "zero-shot classification and retrieval on evaluation sets"),
+    "study": ("laiontools.study", "grid of scale x samples-seen x model runs, scaling-law fit and report"),
+    "synth": ("laiontools.synthetic", "write a synthetic LAION-format source (metadata + images) and/or serve it"),
+    "demo": ("laiontools.demo", "the whole pipeline on a synthetic source, on this machine"),
+}
+
+# Stages whose module serves several commands pick the entry point by name.
+_ENTRY = {"inspect": "inspect_main", "verify": "verify_main"}
+
+
+def _usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: laiontools <stage> [options]   (laiontools <stage> --help for a stage's options)", "", "stages:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from laiontools import __version__
+
+        print(f"laiontools {__version__}")
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        import difflib
+
+        close = difflib.get_close_matches(stage, STAGES, n=3)
+        print(f"laiontools: unknown stage {stage!r}" + (f"; did you mean {', '.join(close)}?" if close else ""), file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    from laiontools.errors import UserError
+    from laiontools.logs import setup_logging
+
+    setup_logging()
+    module = importlib.import_module(STAGES[stage][0])
+    entry = getattr(module, _ENTRY.get(stage, "main"))
+    try:
+        return int(entry(rest) or 0)
+    except (UserError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"laiontools {stage}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Typed stage configs: dataclasses, loadable from YAML, overridable by flags, validated, saved as JSON.
+
+Each stage declares ``@dataclass class XConfig(StageConfig)``; :func:`add_config_args` turns its fields
+into argparse flags (help from ``field(metadata={"help": ...})``) and :func:`config_from_args`
+builds the config from ``--config file.yaml`` then the flags actually given. No stage reads a raw
+argparse namespace.
+"""
+
+from __future__ import annotations
+
+from laiontools.errors import UserError
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="StageConfig")
+
+
+class ConfigError(UserError, ValueError):
+    """A setting is missing, of the wrong type, or out of range."""
+
+
+@dataclasses.dataclass
+class StageConfig:
+    def validate(self) -> None:  # overridden by stages
+        """Raise ConfigError if a setting is invalid."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+        return cls(**data)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(underlying type, optional?) of an annotation like `int | None`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type[StageConfig], skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per dataclass field (``--field-name``); unspecified flags stay absent."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _base_type(hints[f.name])
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        if default not in (None, [], {}):
+            kw["help"] += f" (default: {default})"
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) in (list, tuple):
+            (item,) = typing.get_args(tp)[:1]
+            kw["nargs"] = "+"
+            kw["type"] = item
+        elif tp in (int, float, str):
+            kw["type"] = tp
+        elif typing.get_origin(tp) is dict:
+            continue  # dicts only from YAML
+        parser.add_argument(flag, **kw)
+    parser.add_argument("--config", dest="config_file", default=None, help="YAML file with settings; flags override it")
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build a config from ``--config`` (YAML) then the flags the user gave."""
+    data: dict[str, Any] = {}
+    cfg_file = getattr(args, "config_file", None)
+    if cfg_file:
+        import yaml
+
+        from laiontools.storage import url_to_fs
+
+        fs, p = url_to_fs(cfg_file)
+        if not fs.exists(p):
+            raise ConfigError(f"config file {cfg_file} does not exist")
+        with fs.open(p, "r") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {cfg_file}: expected a mapping of setting: value, got {type(loaded).__name__}")
+        data.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    names = {f.name for f in dataclasses.fields(cls)}
+    data.update({k: v for k, v in vars(args).items() if k in names})
+    return cls.from_dict(data, where=cfg_file or "flags")

@@ -1,0 +1,41 @@
+"""Logging set-up for the CLI: console on rank 0 only, optional per-process log file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(level: str | int = "INFO", log_file: str | None = None) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    handlers: list[logging.Handler] = []
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    if not handlers:
+        handlers.append(logging.NullHandler())
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    for noisy in ("py4j", "PIL", "urllib3", "matplotlib", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RateLimitedLogger:
+    """Log per-sample failures without flooding: the first `first` of each kind, then every `every`-th."""
+
+    def __init__(self, logger: logging.Logger, first: int = 10, every: int = 1000) -> None:
+        self.logger, self.first, self.every = logger, first, every
+        self.counts: dict[str, int] = {}
+
+    def warn(self, kind: str, msg: str, *args: object) -> None:
+        n = self.counts.get(kind, 0) + 1
+        self.counts[kind] = n
+        if n <= self.first or n % self.every == 0:
+            self.logger.warning(f"[{kind} #{n}] " + msg, *args)

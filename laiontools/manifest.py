@@ -1,0 +1,116 @@
+"""Manifests: build, validate, write, read.
+
+A manifest is canonical JSON validated against ``schemas/manifest.schema.json`` on every write and
+read. Same inputs give the same bytes: anything that changes from run to run (time, host, pid) goes
+in the ``<manifest>.run.json`` sidecar, never in the manifest itself.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import platform
+import socket
+import sys
+import time
+from typing import Any
+
+from laiontools import __version__
+from laiontools.schema import MANIFEST_SCHEMA_VERSION, ManifestError, validate_manifest
+from laiontools.storage import canonical_json, read_json, sha256_bytes, url_to_fs, write_json
+
+SIDECAR_SUFFIX = ".run.json"
+
+
+def provenance(command: list[str] | None = None) -> dict[str, Any]:
+    """Reproducible provenance: tool, version and the command (argv) that made the manifest."""
+    return {"tool": "laiontools", "version": __version__, "command": list(command if command is not None else sys.argv)}
+
+
+def new_manifest(
+    *,
+    name: str,
+    kind: str,
+    num_samples: int,
+    target_samples: int | None,
+    uids: dict[str, Any],
+    shards: list[dict[str, Any]],
+    source_fingerprint: str,
+    parent: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
+    command: list[str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Assemble a manifest dict with every field the schema requires (validated on write)."""
+    m: dict[str, Any] = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "name": name,
+        "kind": kind,
+        "num_samples": int(num_samples),
+        "target_samples": None if target_samples is None else int(target_samples),
+        "short": target_samples is not None and num_samples < target_samples,
+        "uids": uids,
+        "shards": shards,
+        "parent": parent,
+        "selection": selection,
+        "source": {"fingerprint": source_fingerprint},
+        "provenance": provenance(command),
+    }
+    m.update(extra)
+    return m
+
+
+def write_manifest(path: str, manifest: dict[str, Any]) -> str:
+    """Validate, write atomically as canonical JSON, write the run sidecar. Returns the manifest sha256."""
+    validate_manifest(manifest, where=path)
+    data = write_json(path, manifest)
+    write_json(
+        path + SIDECAR_SUFFIX,
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": socket.gethostname(),
+            "user": getpass.getuser() if hasattr(os, "getuid") else None,
+            "python": platform.python_version(),
+            "pid": os.getpid(),
+        },
+    )
+    return sha256_bytes(data)
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """Read and validate a manifest; raise ManifestError naming the file on any problem."""
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise ManifestError(f"manifest {path} does not exist; give the pool.manifest.json written by download or a subset manifest")
+    try:
+        m = read_json(path)
+    except ValueError as e:
+        raise ManifestError(f"manifest {path} is not valid JSON ({e}); it may be truncated: regenerate it") from e
+    validate_manifest(m, where=path)
+    return m
+
+
+def manifest_sha256(path: str) -> str:
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return sha256_bytes(f.read())
+
+
+def manifest_dir(path: str) -> str:
+    return path.rpartition("/")[0] or "."
+
+
+def resolve(manifest_path: str, rel: str) -> str:
+    """Resolve a path stored in a manifest (relative to the manifest's folder, or an absolute URL/path)."""
+    if "://" in rel or rel.startswith("/"):
+        return rel
+    return manifest_dir(manifest_path) + "/" + rel
+
+
+def shard_urls(manifest_path: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    m = manifest if manifest is not None else read_manifest(manifest_path)
+    return [resolve(manifest_path, s["path"]) for s in m["shards"]]
+
+
+def canonical_bytes(manifest: dict[str, Any]) -> bytes:
+    return canonical_json(manifest)

@@ -1,0 +1,118 @@
+"""The one module that reads the contracts in ``schemas/`` (catalog columns, manifest JSON Schema).
+
+Every other module takes column names, statuses and the manifest validator from here, never from
+string literals of its own.
+"""
+
+from __future__ import annotations
+
+from laiontools.errors import UserError
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+MANIFEST_SCHEMA_VERSION = "1.0"
+
+# Canonical catalog column names (checked against schemas/catalog.schema.json at import of
+# catalog_columns(); kept as constants so code reads `C.UID` rather than "uid").
+UID = "uid"
+SOURCE_ID = "source_id"
+URL = "url"
+CAPTION = "caption"
+STATUS = "status"
+ERROR = "error_message"
+SHARD = "shard"
+KEY = "key"
+WIDTH = "width"
+HEIGHT = "height"
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
+SHA256 = "sha256"
+SIMILARITY = "similarity"
+PUNSAFE = "punsafe"
+PWATERMARK = "pwatermark"
+LICENSE = "license"
+NSFW = "nsfw"
+SCORE_COLUMNS = (SIMILARITY, PUNSAFE, PWATERMARK, LICENSE, NSFW)
+
+STATUS_SUCCESS = "success"
+STATUS_FAILED_DOWNLOAD = "failed_download"
+STATUS_FAILED_RESIZE = "failed_resize"
+REJECTED_PREFIX = "rejected_"
+
+
+def rejected(reason: str) -> str:
+    """Status string for a row refused by prepare; `reason` must be one the catalog schema lists."""
+    if reason not in rejection_reasons():
+        raise ValueError(f"unknown rejection reason {reason!r}; known: {rejection_reasons()}")
+    return REJECTED_PREFIX + reason
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads(resources.files("laiontools").joinpath("schemas", name).read_text())
+
+
+@lru_cache(maxsize=None)
+def catalog_schema_doc() -> dict[str, Any]:
+    return _load("catalog.schema.json")
+
+
+@lru_cache(maxsize=None)
+def manifest_schema_doc() -> dict[str, Any]:
+    return _load("manifest.schema.json")
+
+
+def catalog_columns() -> list[str]:
+    return [c["name"] for c in catalog_schema_doc()["columns"]]
+
+
+def rejection_reasons() -> list[str]:
+    return list(catalog_schema_doc()["rejection_reasons"])
+
+
+def all_statuses() -> list[str]:
+    doc = catalog_schema_doc()
+    return list(doc["statuses"]) + [REJECTED_PREFIX + r for r in doc["rejection_reasons"]]
+
+
+_ARROW_TYPES = {"string": "string", "int64": "int64", "double": "float64"}
+
+
+def catalog_arrow_schema():
+    """pyarrow schema of the catalog's canonical columns (extra source columns may follow them)."""
+    import pyarrow as pa
+
+    fields = []
+    for c in catalog_schema_doc()["columns"]:
+        fields.append(pa.field(c["name"], pa.type_for_alias(_ARROW_TYPES[c["type"]]), nullable=c["nullable"]))
+    return pa.schema(fields)
+
+
+def catalog_spark_ddl() -> str:
+    """Spark DDL string of the catalog's canonical columns."""
+    spark_types = {"string": "string", "int64": "bigint", "double": "double"}
+    return ", ".join(f"`{c['name']}` {spark_types[c['type']]}" for c in catalog_schema_doc()["columns"])
+
+
+class ManifestError(UserError, ValueError):
+    """A manifest is missing, unreadable, or fails schemas/manifest.schema.json."""
+
+
+def validate_manifest(obj: dict[str, Any], where: str = "<manifest>") -> None:
+    """Raise ManifestError naming `where` and the first offending field if `obj` breaks the schema."""
+    import jsonschema
+
+    version = obj.get("schema_version") if isinstance(obj, dict) else None
+    if isinstance(obj, dict) and version is not None and version != MANIFEST_SCHEMA_VERSION:
+        raise ManifestError(
+            f"{where}: manifest schema_version {version!r} is not one this laiontools "
+            f"knows ({MANIFEST_SCHEMA_VERSION!r}); upgrade laiontools or regenerate the manifest"
+        )
+    validator = jsonschema.Draft202012Validator(manifest_schema_doc())
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        loc = "/".join(str(p) for p in e.path) or "(top level)"
+        raise ManifestError(f"{where}: invalid manifest at {loc}: {e.message} ({len(errors)} error(s) in all)")
