@@ -47,8 +47,12 @@ def spark_session(
         yield active
         return
     builder = SparkSession.builder.appName(app_name)
-    master = master or os.environ.get("LAIONTOOLS_SPARK_MASTER") or DEFAULT_MASTER
-    builder = builder.master(master)
+    if master is None and "PYSPARK_GATEWAY_PORT" in os.environ:
+        # Launched by spark-submit: its --master and --conf already configure the JVM; don't override.
+        master = "(spark-submit)"
+    else:
+        master = master or os.environ.get("LAIONTOOLS_SPARK_MASTER") or DEFAULT_MASTER
+        builder = builder.master(master)
     defaults = {
         "spark.driver.memory": os.environ.get("LAIONTOOLS_DRIVER_MEMORY", "2g"),
         "spark.sql.execution.arrow.pyspark.enabled": "true",
@@ -61,6 +65,8 @@ def spark_session(
     }
     for k, v in {**defaults, **(conf or {})}.items():
         builder = builder.config(k, v)
+    if master == "(spark-submit)":
+        defaults = {k: v for k, v in defaults.items() if k not in ("spark.driver.memory", "spark.task.maxFailures")}
     log.info("starting Spark session on %s", master)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("LAIONTOOLS_SPARK_LOG_LEVEL", "WARN"))
