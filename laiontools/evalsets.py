@@ -1,0 +1,548 @@
+"""Evaluation sets: declare them (``name=path[:format]`` or YAML), read their items, classes and templates.
+
+Dedup (decontamination) and evaluate both read evaluation sets through this module, so an item id
+means the same thing in a dedup report and in an evaluation result.
+
+Formats (``EvalSet.format``):
+
+``imagefolder``
+    ``<path>/<class>/<image>`` (torchvision's ImageFolder: classes are the sorted subfolder names,
+    label = index). Item id: ``<class>/<file>``. A ``classnames.txt`` beside the class folders (one
+    human-readable name per line, in sorted-folder order) replaces the folder names in
+    :func:`classnames`, as ImageNet's wnid folders need.
+``folder``
+    a flat folder of images, no labels. Item id: the file name. ``<stem>.txt`` beside an image is
+    its caption.
+``wds``
+    webdataset tars as clip_benchmark writes them: ``<key>.webp|jpg|jpeg|png`` + ``<key>.cls``
+    (integer label) [+ ``<key>.txt`` caption], with ``classnames.txt`` and optionally
+    ``zeroshot_classification_templates.txt`` beside the tars or one folder up (clip_benchmark puts
+    the tars in ``test/``). ``path`` is a tar, a folder of tars, or a folder with ``test/*.tar``.
+    Item id: ``<tar stem>/<key>``.
+``parquet``
+    one parquet file or a folder of them; an image column holding bytes (``image``/``jpg``/``img``/
+    ``image_bytes``, or a Hugging Face ``{bytes, path}`` struct) or a path column (``image_path``/
+    ``path``/``filepath``, relative to the parquet file), and optional ``label``, ``caption`` and
+    ``item_id`` columns. Item id: the ``item_id`` column, else ``<file stem>/<row>``.
+
+Unreadable images are not dropped: :func:`iter_items` yields them with ``error`` set and
+``image=None``, so callers count them and report them by item id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from laiontools.errors import UserError
+from laiontools.logs import RateLimitedLogger
+from laiontools.storage import url_to_fs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+_failures = RateLimitedLogger(log)
+
+FORMATS = ("imagefolder", "folder", "wds", "parquet")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+WDS_IMAGE_EXTS = ("webp", "jpg", "jpeg", "png")
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+# Parquet column candidates, in order of preference.
+_PQ_IMAGE_COLS = ("image", "jpg", "img", "image_bytes", "webp", "png")
+_PQ_PATH_COLS = ("image_path", "path", "filepath", "file_path", "file")
+_PQ_LABEL_COLS = ("label", "cls", "class", "target")
+_PQ_CAPTION_COLS = ("caption", "text", "txt")
+_PQ_ID_COLS = ("item_id", "id", "key")
+
+# Used when a set ships no templates file: a few of open_clip's SIMPLE_IMAGENET_TEMPLATES-style
+# prompts. Each contains "{c}" (fill with ``t.format(c=classname)``), as clip_benchmark's files do.
+DEFAULT_TEMPLATES = (
+    "a photo of a {c}.",
+    "a bad photo of the {c}.",
+    "a photo of many {c}.",
+    "a sculpture of a {c}.",
+    "a photo of the hard to see {c}.",
+    "a low resolution photo of the {c}.",
+    "a rendering of a {c}.",
+    "a cropped photo of the {c}.",
+    "a bright photo of a {c}.",
+    "a photo of a large {c}.",
+    "a photo of a small {c}.",
+    "itap of a {c}.",
+)
+
+
+class EvalSetError(UserError, ValueError):
+    """An evaluation set is missing, empty, of an unknown format, or declared twice."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """A declared evaluation set. ``path`` is as given (local path or fsspec URL)."""
+
+    name: str
+    path: str
+    format: str  # imagefolder | folder | wds | parquet
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class EvalItem:
+    """One evaluation item. ``image`` is an RGB PIL image, or None with ``error`` set when unreadable."""
+
+    item_id: str
+    image: Image.Image | None
+    label: int | None
+    caption: str | None
+    error: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# declaring sets
+
+
+def parse_evalset_spec(spec: str) -> EvalSet:
+    """Parse ``name=path[:format]``; detect the format from the files when it is omitted.
+
+    A trailing ``:format`` is taken as the format only when it is one of :data:`FORMATS`, so URLs
+    (``s3://...``) and Windows-free paths with colons still work. Raises EvalSetError for a bad
+    spec, a missing or empty path, or a format that cannot be detected.
+    """
+    if "=" not in spec:
+        raise EvalSetError(f"evaluation set {spec!r}: expected name=path[:format] (formats: {', '.join(FORMATS)})")
+    name, _, rest = spec.partition("=")
+    name, rest = name.strip(), rest.strip()
+    fmt: str | None = None
+    head, sep, tail = rest.rpartition(":")
+    if sep and tail in FORMATS:
+        rest, fmt = head, tail
+    return make_evalset(name, rest, fmt)
+
+
+def make_evalset(name: str, path: str, fmt: str | None = None, where: str = "") -> EvalSet:
+    """Build and check an EvalSet (name syntax, path exists and is not empty, format known/detected)."""
+    ctx = f"{where}: " if where else ""
+    if not name or not _NAME_RE.match(name):
+        raise EvalSetError(
+            f"{ctx}evaluation set name {name!r} must be non-empty letters, digits, '_', '-', '.' (it names output files)"
+        )
+    if not path:
+        raise EvalSetError(f"{ctx}evaluation set {name!r} has no path")
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise EvalSetError(f"{ctx}evaluation set {name!r}: {path} does not exist; check the path")
+    if fmt is None:
+        fmt = detect_format(path)
+    elif fmt not in FORMATS:
+        raise EvalSetError(f"{ctx}evaluation set {name!r}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    es = EvalSet(name=name, path=path, format=fmt)
+    _check_not_empty(es)
+    return es
+
+
+def detect_format(path: str) -> str:
+    """Guess the format of an evaluation set from its files (see the module docstring)."""
+    fs, p = url_to_fs(path)
+    if fs.isfile(p):
+        if p.endswith(".parquet"):
+            return "parquet"
+        if p.endswith(".tar"):
+            return "wds"
+        raise EvalSetError(f"evaluation set {path}: a single file must be .parquet or .tar; give a folder otherwise")
+    entries = fs.ls(p, detail=True)
+    files = [e["name"] for e in entries if e["type"] == "file"]
+    dirs = [e["name"] for e in entries if e["type"] == "directory"]
+    if any(f.endswith(".parquet") for f in files):
+        return "parquet"
+    if any(f.endswith(".tar") for f in files):
+        return "wds"
+    if any(_is_image(f) for f in files):
+        return "folder"
+    if any(_base(d) == "test" for d in dirs) and fs.glob(p.rstrip("/") + "/test/*.tar"):
+        return "wds"
+    for d in dirs:
+        if any(_is_image(f) for f in fs.ls(d, detail=False)):
+            return "imagefolder"
+    raise EvalSetError(
+        f"evaluation set {path}: found no images, class folders, .tar or .parquet files; "
+        f"give name=path:format with one of {', '.join(FORMATS)} or check the folder"
+    )
+
+
+def _path_identity(path: str) -> str:
+    """Same folder under two spellings -> same string (local: realpath; URLs: as written, no trailing '/')."""
+    fs, p = url_to_fs(path)
+    from laiontools.storage import is_local
+
+    if is_local(fs):
+        return os.path.realpath(p)
+    return f"{fs.protocol}://{p.rstrip('/')}"
+
+
+def load_evalsets(specs: list[str] | None = None, yaml_path: str | None = None) -> list[EvalSet]:
+    """All evaluation sets from ``--evalset`` specs and/or a YAML file, in the order given.
+
+    YAML: a list of ``{name, path[, format]}`` (or ``{evalsets: [...]}``); relative paths are taken
+    relative to the YAML file's folder. Refuses duplicate names and the same path declared under two
+    names (its items would count twice in every overlap figure). Raises EvalSetError; an empty
+    result is an error too.
+    """
+    sets: list[EvalSet] = []
+    for s in specs or []:
+        sets.append(parse_evalset_spec(s))
+    if yaml_path:
+        sets.extend(_load_yaml(yaml_path))
+    if not sets:
+        raise EvalSetError("no evaluation sets given: pass --evalset name=path[:format] or --evalsets-yaml FILE")
+    by_name: dict[str, EvalSet] = {}
+    by_path: dict[str, EvalSet] = {}
+    for es in sets:
+        if es.name in by_name:
+            raise EvalSetError(
+                f"evaluation set name {es.name!r} is declared twice ({by_name[es.name].path} and {es.path}); names must be unique"
+            )
+        ident = _path_identity(es.path)
+        if ident in by_path:
+            raise EvalSetError(
+                f"evaluation set {es.path} is declared twice, as {by_path[ident].name!r} and {es.name!r}; "
+                f"declare it once (its items would be counted twice)"
+            )
+        by_name[es.name] = es
+        by_path[ident] = es
+    return sets
+
+
+def _load_yaml(yaml_path: str) -> list[EvalSet]:
+    import yaml
+
+    fs, p = url_to_fs(yaml_path)
+    if not fs.exists(p):
+        raise EvalSetError(f"evaluation sets file {yaml_path} does not exist")
+    with fs.open(p, "r") as f:
+        doc = yaml.safe_load(f)
+    if isinstance(doc, dict) and "evalsets" in doc:
+        doc = doc["evalsets"]
+    if not isinstance(doc, list) or not doc:
+        raise EvalSetError(f"{yaml_path}: expected a non-empty list of {{name, path, format}} entries")
+    base = yaml_path.rpartition("/")[0] or "."
+    out = []
+    for i, entry in enumerate(doc):
+        where = f"{yaml_path} entry {i}"
+        if not isinstance(entry, dict) or "name" not in entry or "path" not in entry:
+            raise EvalSetError(f"{where}: expected a mapping with 'name' and 'path' (and optional 'format'), got {entry!r}")
+        unknown = sorted(set(entry) - {"name", "path", "format"})
+        if unknown:
+            raise EvalSetError(f"{where}: unknown key(s) {unknown}; allowed: name, path, format")
+        path = str(entry["path"])
+        if "://" not in path and not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(base, path))
+        out.append(make_evalset(str(entry["name"]), path, entry.get("format"), where=where))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reading items
+
+
+def _base(p: str) -> str:
+    return p.rstrip("/").rpartition("/")[2]
+
+
+def _is_image(p: str) -> bool:
+    return p.lower().endswith(IMAGE_EXTS)
+
+
+def _decode(data: bytes) -> Image.Image:
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im.convert("RGB")
+
+
+def _read_image(fs: Any, path: str) -> tuple[Image.Image | None, str | None]:
+    try:
+        with fs.open(path, "rb") as f:
+            return _decode(f.read()), None
+    except Exception as e:  # any decoder failure is a per-item error, not a crash
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _item(es: EvalSet, item_id: str, image: Any, label: int | None, caption: str | None, error: str | None) -> EvalItem:
+    if error is not None:
+        _failures.warn("unreadable_eval_image", "evaluation set %s: item %s unreadable: %s", es.name, item_id, error)
+    return EvalItem(item_id=item_id, image=image, label=label, caption=caption, error=error)
+
+
+def _imagefolder_classes(fs: Any, root: str) -> list[str]:
+    return sorted(_base(e["name"]) for e in fs.ls(root, detail=True) if e["type"] == "directory" and not _base(e["name"]).startswith("."))
+
+
+def _iter_imagefolder(es: EvalSet) -> Iterator[EvalItem]:
+    fs, root = url_to_fs(es.path)
+    for label, cls in enumerate(_imagefolder_classes(fs, root)):
+        files = sorted(f for f in fs.find(root.rstrip("/") + "/" + cls) if _is_image(f))
+        for f in files:
+            rel = f[len(root.rstrip("/")) + 1 :]
+            image, err = _read_image(fs, f)
+            yield _item(es, rel, image, label, None, err)
+
+
+def _iter_folder(es: EvalSet) -> Iterator[EvalItem]:
+    fs, root = url_to_fs(es.path)
+    names = sorted(fs.ls(root, detail=False))
+    present = set(names)
+    for f in names:
+        if not _is_image(f):
+            continue
+        cap_path = f.rpartition(".")[0] + ".txt"
+        caption = None
+        if cap_path in present:
+            with fs.open(cap_path, "rb") as cf:
+                caption = cf.read().decode("utf-8", "replace").strip()
+        image, err = _read_image(fs, f)
+        yield _item(es, _base(f), image, None, caption, err)
+
+
+def _wds_tars(es: EvalSet) -> tuple[Any, list[str]]:
+    fs, p = url_to_fs(es.path)
+    if fs.isfile(p):
+        return fs, [p]
+    tars = sorted(fs.glob(p.rstrip("/") + "/*.tar"))
+    if not tars:
+        tars = sorted(fs.glob(p.rstrip("/") + "/test/*.tar"))
+    return fs, tars
+
+
+def _iter_wds(es: EvalSet) -> Iterator[EvalItem]:
+    import tarfile
+
+    fs, tars = _wds_tars(es)
+    for tar_path in tars:
+        stem = _base(tar_path)[: -len(".tar")]
+        with fs.open(tar_path, "rb") as raw:
+            try:
+                tf = tarfile.open(fileobj=raw, mode="r|*")
+                # Group consecutive members by key (webdataset convention: a sample's files are adjacent).
+                cur_key: str | None = None
+                cur: dict[str, bytes] = {}
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    base = _base(m.name)
+                    key, _, ext = base.partition(".")
+                    prefix = m.name.rpartition("/")[0]
+                    key = f"{prefix}/{key}" if prefix else key
+                    if key != cur_key and cur_key is not None:
+                        yield _wds_item(es, stem, cur_key, cur)
+                        cur = {}
+                    cur_key = key
+                    f = tf.extractfile(m)
+                    cur[ext.lower()] = f.read() if f is not None else b""
+                if cur_key is not None:
+                    yield _wds_item(es, stem, cur_key, cur)
+            except tarfile.TarError as e:
+                raise EvalSetError(f"evaluation set {es.name!r}: {tar_path} is not a readable tar ({e}); re-create it") from e
+
+
+def _wds_item(es: EvalSet, stem: str, key: str, files: dict[str, bytes]) -> EvalItem:
+    item_id = f"{stem}/{key}"
+    label = caption = None
+    err = None
+    try:
+        if "cls" in files:
+            label = int(files["cls"].decode().strip())
+    except ValueError:
+        err = f"{key}.cls is not an integer: {files['cls'][:20]!r}"
+    if "txt" in files:
+        caption = files["txt"].decode("utf-8", "replace").strip()
+    ext = next((e for e in WDS_IMAGE_EXTS if e in files), None)
+    image = None
+    if ext is None:
+        err = err or f"no image member (.{'/.'.join(WDS_IMAGE_EXTS)}) for key {key}; members: {sorted(files)}"
+    elif err is None:
+        try:
+            image = _decode(files[ext])
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"
+    return _item(es, item_id, image, label, caption, err)
+
+
+def _parquet_files(es: EvalSet) -> tuple[Any, list[str]]:
+    fs, p = url_to_fs(es.path)
+    if fs.isfile(p):
+        return fs, [p]
+    return fs, sorted(f for f in fs.find(p) if f.endswith(".parquet"))
+
+
+def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
+    lower = {n.lower(): n for n in names}
+    return next((lower[c] for c in candidates if c in lower), None)
+
+
+def _iter_parquet(es: EvalSet) -> Iterator[EvalItem]:
+    import pyarrow.parquet as pq
+
+    fs, files = _parquet_files(es)
+    for fpath in files:
+        with fs.open(fpath, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            names = pf.schema_arrow.names
+            img_col, path_col = _pick(names, _PQ_IMAGE_COLS), _pick(names, _PQ_PATH_COLS)
+            if img_col is None and path_col is None:
+                raise EvalSetError(
+                    f"evaluation set {es.name!r}: {fpath} has no image column (one of {list(_PQ_IMAGE_COLS)}) "
+                    f"and no image path column (one of {list(_PQ_PATH_COLS)}); columns: {names}"
+                )
+            label_col, cap_col, id_col = (_pick(names, c) for c in (_PQ_LABEL_COLS, _PQ_CAPTION_COLS, _PQ_ID_COLS))
+            cols = [c for c in (img_col, path_col, label_col, cap_col, id_col) if c is not None]
+            stem = _base(fpath)[: -len(".parquet")]
+            parent = fpath.rpartition("/")[0]
+            row = 0
+            # Batches keep memory bounded by the batch, not the file (image bytes can be large).
+            for batch in pf.iter_batches(batch_size=256, columns=cols):
+                for rec in batch.to_pylist():
+                    item_id = str(rec[id_col]) if id_col and rec[id_col] is not None else f"{stem}/{row}"
+                    row += 1
+                    label = rec[label_col] if label_col else None
+                    caption = rec[cap_col] if cap_col else None
+                    yield _parquet_item(es, fs, parent, item_id, rec, img_col, path_col, label, caption)
+
+
+def _parquet_item(
+    es: EvalSet, fs: Any, parent: str, item_id: str, rec: dict, img_col: str | None, path_col: str | None,
+    label: Any, caption: Any,
+) -> EvalItem:
+    data = rec.get(img_col) if img_col else None
+    img_path = None
+    if isinstance(data, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
+        data, img_path = data.get("bytes"), data.get("path")
+    if data is None and path_col:
+        img_path = rec.get(path_col) or img_path
+    try:
+        label = None if label is None else int(label)
+    except (TypeError, ValueError):
+        return _item(es, item_id, None, None, caption, f"label {label!r} is not an integer")
+    caption = None if caption is None else str(caption)
+    if data is not None:
+        try:
+            return _item(es, item_id, _decode(bytes(data)), label, caption, None)
+        except Exception as e:
+            return _item(es, item_id, None, label, caption, f"{type(e).__name__}: {e}")
+    if img_path:
+        full = img_path if ("://" in img_path or img_path.startswith("/")) else parent + "/" + img_path
+        image, err = _read_image(fs, full)
+        return _item(es, item_id, image, label, caption, err)
+    return _item(es, item_id, None, label, caption, "row has neither image bytes nor an image path")
+
+
+_READERS = {"imagefolder": _iter_imagefolder, "folder": _iter_folder, "wds": _iter_wds, "parquet": _iter_parquet}
+
+
+def iter_items(es: EvalSet) -> Iterator[EvalItem]:
+    """Yield every item of `es` in a stable order (same files -> same order and item ids).
+
+    Unreadable images come out as items with ``image=None`` and ``error`` set (logged rate-limited);
+    the caller counts and reports them. Raises EvalSetError if the set yields no item at all.
+    """
+    n = 0
+    for item in _READERS[es.format](es):
+        n += 1
+        yield item
+    if n == 0:
+        raise EvalSetError(f"evaluation set {es.name!r} ({es.format}) at {es.path} has no items; check the path and format")
+
+
+def _check_not_empty(es: EvalSet) -> None:
+    """Cheap emptiness check by listing (no decoding), so a bad declaration fails before any work."""
+    fs, p = url_to_fs(es.path)
+    if es.format == "imagefolder":
+        ok = any(_is_image(f) for f in (fs.find(p) if fs.isdir(p) else []))
+    elif es.format == "folder":
+        ok = fs.isdir(p) and any(_is_image(f) for f in fs.ls(p, detail=False))
+    elif es.format == "wds":
+        ok = any(fs.size(t) > 0 for t in _wds_tars(es)[1])
+    else:
+        import pyarrow.parquet as pq
+
+        ok = False
+        for f in _parquet_files(es)[1]:
+            with fs.open(f, "rb") as fh:
+                if pq.ParquetFile(fh).metadata.num_rows > 0:
+                    ok = True
+                    break
+    if not ok:
+        raise EvalSetError(
+            f"evaluation set {es.name!r} at {es.path} is empty (no {es.format} items found); check the path and format"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# classes and templates
+
+
+def _aux_file(es: EvalSet, name: str) -> str | None:
+    """Find `name` beside the set: in its folder, beside a single file, or one folder above the tars."""
+    fs, p = url_to_fs(es.path)
+    root = p if fs.isdir(p) else p.rpartition("/")[0]
+    candidates = [root.rstrip("/") + "/" + name]
+    if es.format == "wds":
+        _, tars = _wds_tars(es)
+        if tars:
+            tar_dir = tars[0].rpartition("/")[0]
+            candidates += [tar_dir + "/" + name, tar_dir.rpartition("/")[0] + "/" + name]
+    for c in candidates:
+        if fs.exists(c):
+            return c
+    return None
+
+
+def _read_lines(path: str) -> list[str]:
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return [ln.strip() for ln in f.read().decode("utf-8").splitlines() if ln.strip()]
+
+
+def classnames(es: EvalSet) -> list[str] | None:
+    """Class names in label order, or None for a set without classes.
+
+    ``classnames.txt`` (one per line) when present; else, for ImageFolder, the sorted subfolder
+    names. Raises EvalSetError if an ImageFolder's classnames.txt has a different count than its
+    class folders (labels would be misnamed).
+    """
+    aux = _aux_file(es, CLASSNAMES_FILE)
+    names = _read_lines(aux) if aux else None
+    if es.format == "imagefolder":
+        fs, root = url_to_fs(es.path)
+        folders = _imagefolder_classes(fs, root)
+        if names is not None and len(names) != len(folders):
+            raise EvalSetError(
+                f"evaluation set {es.name!r}: {aux} lists {len(names)} class names but there are "
+                f"{len(folders)} class folders; fix one of them"
+            )
+        return names or folders
+    return names
+
+
+def templates(es: EvalSet) -> list[str]:
+    """Zero-shot prompt templates (each with ``{c}``): the set's templates file, else :data:`DEFAULT_TEMPLATES`."""
+    aux = _aux_file(es, TEMPLATES_FILE)
+    if aux:
+        lines = _read_lines(aux)
+        bad = [t for t in lines if "{c}" not in t]
+        if bad:
+            raise EvalSetError(f"{aux}: template(s) without a '{{c}}' placeholder: {bad[:3]}")
+        if lines:
+            return lines
+    return list(DEFAULT_TEMPLATES)

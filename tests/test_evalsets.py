@@ -1,0 +1,151 @@
+"""Evaluation-set reading: the four formats, auto-detection, declarations, bad input."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from laiontools import evalsets as E
+
+
+def _jpeg(seed: int, size: int = 24) -> bytes:
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _imagefolder(root: str, classes: int = 2, per: int = 3, corrupt: bool = False) -> str:
+    for c in range(classes):
+        d = os.path.join(root, f"class{c}")
+        os.makedirs(d, exist_ok=True)
+        for i in range(per):
+            with open(os.path.join(d, f"{i:02d}.jpg"), "wb") as f:
+                f.write(_jpeg(c * 100 + i))
+    if corrupt:
+        with open(os.path.join(root, "class0", "zz_broken.jpg"), "wb") as f:
+            f.write(b"not an image")
+    return root
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def test_imagefolder_items_labels_and_unreadable(tmp_path):
+    root = _imagefolder(str(tmp_path / "ifold"), corrupt=True)
+    es = E.parse_evalset_spec(f"toy={root}")
+    assert es.format == "imagefolder"
+    items = list(E.iter_items(es))
+    assert len(items) == 7
+    bad = [it for it in items if it.error]
+    assert [it.item_id for it in bad] == ["class0/zz_broken.jpg"] and bad[0].image is None
+    good = [it for it in items if not it.error]
+    assert {it.label for it in good if it.item_id.startswith("class1/")} == {1}
+    assert good[0].image.mode == "RGB"
+    assert E.classnames(es) == ["class0", "class1"]
+    assert "{c}" in E.templates(es)[0]
+    # classnames.txt replaces folder names (ImageNet wnids); a wrong count is refused
+    (tmp_path / "ifold" / "classnames.txt").write_text("cat\ndog\n")
+    assert E.classnames(es) == ["cat", "dog"]
+    (tmp_path / "ifold" / "classnames.txt").write_text("cat\n")
+    with pytest.raises(E.EvalSetError, match="1 class names but there are 2"):
+        E.classnames(es)
+
+
+def test_flat_folder_with_captions(tmp_path):
+    d = tmp_path / "flat"
+    d.mkdir()
+    for i in range(3):
+        (d / f"img{i}.png").write_bytes(_jpeg(i))  # JPEG bytes under .png: decoder sniffs content
+    (d / "img1.txt").write_text("a caption\n")
+    es = E.parse_evalset_spec(f"flat={d}")
+    assert es.format == "folder"
+    items = list(E.iter_items(es))
+    assert [it.item_id for it in items] == ["img0.png", "img1.png", "img2.png"]
+    assert items[1].caption == "a caption" and items[0].caption is None
+    assert all(it.label is None and it.image is not None for it in items)
+    assert E.classnames(es) is None
+
+
+def test_clip_benchmark_wds(tmp_path):
+    root = tmp_path / "wds_toy"
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("apple\nbanana\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of {c}.\nart of {c}.\n")
+    with tarfile.open(root / "test" / "0.tar", "w") as tf:
+        for i in range(4):
+            key = f"s{i:07d}"
+            _add(tf, f"{key}.webp" if i % 2 else f"{key}.jpg", _jpeg(i))
+            _add(tf, f"{key}.cls", str(i % 2).encode())
+            if i == 0:
+                _add(tf, f"{key}.txt", b"first")
+        _add(tf, "s0000009.cls", b"1")  # a sample whose image is missing
+    es = E.parse_evalset_spec(f"toy={root}")
+    assert es.format == "wds"
+    items = list(E.iter_items(es))
+    assert [it.item_id for it in items][:2] == ["0/s0000000", "0/s0000001"]
+    assert [it.label for it in items[:4]] == [0, 1, 0, 1]
+    assert items[0].caption == "first"
+    assert items[4].error and "no image member" in items[4].error
+    assert E.classnames(es) == ["apple", "banana"]
+    assert E.templates(es) == ["a photo of {c}.", "art of {c}."]
+
+
+def test_parquet_bytes_and_paths(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    (d / "imgs").mkdir()
+    (d / "imgs" / "a.jpg").write_bytes(_jpeg(7))
+    pq.write_table(
+        pa.table({"image": [{"bytes": _jpeg(1), "path": None}, {"bytes": b"junk", "path": None}],
+                  "label": [3, 4], "caption": ["x", "y"], "item_id": ["id-1", "id-2"]}),
+        d / "part0.parquet",
+    )
+    pq.write_table(pa.table({"image_path": ["imgs/a.jpg"]}), d / "part1.parquet")
+    es = E.parse_evalset_spec(f"pq={d}:parquet")
+    items = list(E.iter_items(es))
+    assert [it.item_id for it in items] == ["id-1", "id-2", "part1/0"]
+    assert items[0].label == 3 and items[0].caption == "x" and items[0].image.size == (24, 24)
+    assert items[1].error and items[1].image is None
+    assert items[2].image is not None and items[2].label is None
+
+
+def test_declarations_and_bad_input(tmp_path):
+    root = _imagefolder(str(tmp_path / "a"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(E.EvalSetError, match="does not exist"):
+        E.parse_evalset_spec(f"x={tmp_path / 'nope'}")
+    with pytest.raises(E.EvalSetError, match="found no images"):
+        E.parse_evalset_spec(f"x={empty}")
+    (empty / "cls").mkdir()
+    with pytest.raises(E.EvalSetError, match="is empty"):
+        E.parse_evalset_spec(f"x={empty}:imagefolder")
+    with pytest.raises(E.EvalSetError, match="name=path"):
+        E.parse_evalset_spec(root)
+    with pytest.raises(E.EvalSetError, match="declared twice, as 'a' and 'b'"):
+        E.load_evalsets([f"a={root}", f"b={root}/"])
+    with pytest.raises(E.EvalSetError, match="'a' is declared twice"):
+        E.load_evalsets([f"a={root}", f"a={_imagefolder(str(tmp_path / 'c'))}"])
+    with pytest.raises(E.EvalSetError, match="no evaluation sets"):
+        E.load_evalsets([])
+    y = tmp_path / "sets.yaml"
+    y.write_text("- {name: a, path: a, format: imagefolder}\n- {name: c, path: c}\n")
+    _imagefolder(str(tmp_path / "c"))
+    sets = E.load_evalsets(yaml_path=str(y))
+    assert [(s.name, s.format) for s in sets] == [("a", "imagefolder"), ("c", "imagefolder")]
+    assert sets[0].path == root
+    with pytest.raises(E.EvalSetError, match="declared twice"):
+        E.load_evalsets([f"other={root}"], yaml_path=str(y))
