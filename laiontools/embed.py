@@ -1,0 +1,888 @@
+"""Embed a pool: open_clip image + caption embeddings and the CLIP score of every sample, per shard.
+
+``laiontools embed --manifest <pool.manifest.json> --output <emb> --model <name> [--pretrained <tag|ckpt>]``
+
+Output (names in :mod:`laiontools.layout`), one set of files per pool shard id, row-aligned::
+
+    <emb>/img_emb/<id>.npy    <emb>/text_emb/<id>.npy   float16, L2-normalized, shape (rows, dim)
+    <emb>/meta/<id>.parquet   uid, key, clip_score, embed_status, embed_error
+    <emb>/scores/<id>.parquet uid, clip_score           (what subset filters read)
+    <emb>/meta/<id>.parquet.done                        completion marker, written LAST
+    <emb>/model.json          model identity + preprocessing + the pool it embeds (manifest sha256, fingerprint)
+    <emb>/embed_report.json   totals, failed shards;   <emb>/settings.json  effective settings
+
+This is clip-retrieval's layout, so ``embedding_reader.EmbeddingReader(<emb>/img_emb)`` and autofaiss
+read it directly.
+
+Row alignment: every sample (key) of a shard's tar gets exactly one row, in tar order. A sample whose
+image cannot be decoded keeps its row with a zero image vector, ``clip_score`` null,
+``embed_status='failed_decode'`` and the reason in ``embed_error``; it is counted and logged (rate
+limited), and the shard still finishes. Its caption is still embedded.
+
+Bad shards (file missing, sha256 not the manifest's, unreadable tar) are reported by name and skipped;
+the other shards finish, the run lists the failed shards in ``embed_report.json`` and
+:func:`main` exits 1 so a scheduler notices. Re-running retries only what is not done.
+
+Engines, one code path (:func:`_embed_tasks`) for all of them:
+
+* ``local`` (default): one process; a torch DataLoader whose workers read the tars, decode and
+  preprocess, so the model never waits on JPEG decode. Under ``torchrun`` (``WORLD_SIZE`` > 1) each
+  rank takes ``shards[rank::world]`` and its GPU ``cuda:LOCAL_RANK``; rank 0 writes the report.
+* ``spark``: one Spark task per shard (clip-retrieval's layout of work). With GPU scheduling
+  configured (``spark.executor.resource.gpu.amount``, ``spark.task.resource.gpu.amount=1`` and a
+  discovery script) each task embeds on the GPU Spark assigned to it
+  (``TaskContext.get().resources()['gpu']``); without it, on the CPU.
+
+Library API used by other stages (dedup embeds the evaluation sets with the pool's model):
+:class:`Embedder`, :func:`read_embeddings`, :func:`load_model_json`, :func:`embedder_for`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from laiontools import layout
+from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.errors import UserError
+from laiontools.logs import RateLimitedLogger
+from laiontools.storage import (
+    atomic_open,
+    ensure_output_dir,
+    is_done,
+    join,
+    mark_done,
+    read_json,
+    read_marker,
+    url_to_fs,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+_sample_log = RateLimitedLogger(log)
+
+STATUS_OK = "ok"
+STATUS_FAILED_DECODE = "failed_decode"
+META_COLUMNS = ("uid", "key", "clip_score", "embed_status", "embed_error")
+SCORE_COLUMNS = ("uid", "clip_score")
+REPORT_JSON = "embed_report.json"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16", "bf16", "fp16")
+ENGINES = ("local", "torchrun", "spark")
+# Fields that define an embedding space: two folders are compatible only if all of them match.
+IDENTITY_FIELDS = ("model", "pretrained", "checkpoint_sha256", "random_init_seed", "embed_dim")
+
+
+class EmbedMismatchError(UserError, ValueError):
+    """The output folder holds embeddings of another model, dimension or pool."""
+
+
+class ShardError(UserError, IOError):
+    """A shard is missing, does not match its manifest sha256, or is not a readable tar."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass
+class EmbedConfig(StageConfig):
+    manifest: str = dataclasses.field(default="", metadata={"help": "pool.manifest.json written by download"})
+    output: str = dataclasses.field(default="", metadata={"help": "embeddings folder (new, or one to resume)"})
+    model: str = dataclasses.field(default="ViT-B-32", metadata={"help": "open_clip model name"})
+    pretrained: str | None = dataclasses.field(
+        default=None, metadata={"help": "open_clip pretrained tag or local checkpoint path; none = random init"}
+    )
+    device: str | None = dataclasses.field(default=None, metadata={"help": "cuda, cuda:N or cpu (default: cuda if present)"})
+    batch_size: int = dataclasses.field(default=256, metadata={"help": "samples per forward pass"})
+    num_workers: int = dataclasses.field(
+        default=-1, metadata={"help": "DataLoader decode workers; -1 = auto (GPU: up to 8, CPU: 1), 0 = in-process"}
+    )
+    precision: str = dataclasses.field(default="auto", metadata={"help": f"one of {PRECISIONS}; auto = amp_bf16 on GPU, fp32 on CPU"})
+    engine: str = dataclasses.field(
+        default="local", metadata={"help": "local (one process, or one per GPU under torchrun) | torchrun | spark"}
+    )
+    verify_shards: bool = dataclasses.field(default=True, metadata={"help": "check each shard's sha256 against the manifest"})
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < -1:
+            raise ConfigError(f"num_workers must be -1 (auto), 0 or more, got {self.num_workers}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine {self.engine!r} is not one of {ENGINES}")
+
+    def check_paths(self) -> None:
+        if not self.manifest:
+            raise ConfigError("--manifest is required (the pool.manifest.json written by download)")
+        if not self.output:
+            raise ConfigError("--output is required (a folder for the embeddings)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedder: the model + its preprocessing, shared by the pool run and by dedup's evaluation sets
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for but torch sees no CUDA device; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def _resolve_precision(precision: str, device: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "amp_bf16" if torch.cuda.is_bf16_supported() else "amp_fp16"
+    return "fp32"
+
+
+class Embedder:
+    """An open_clip model with the preprocessing and tokenizer open_clip pairs with it.
+
+    The pool run and every later stage that must share its embedding space (dedup's evaluation sets)
+    build one of these with the same arguments, so images go through the same transform and model.
+    Embeddings come back as float32, L2-normalized, one row per input.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None = None,
+        device: str | None = None,
+        batch_size: int = 256,
+        precision: str = "auto",
+    ) -> None:
+        import torch
+
+        from laiontools.models import load_model
+
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r} is not one of {PRECISIONS}")
+        self.device = _resolve_device(device)
+        self.precision = _resolve_precision(precision, self.device)
+        self.batch_size = int(batch_size)
+        # amp_* keep fp32 weights and autocast; bf16/fp16 cast the weights themselves.
+        weights = self.precision if self.precision in ("bf16", "fp16") else "fp32"
+        bundle = load_model(model, pretrained, device=self.device, precision=weights)
+        self.model = bundle.model
+        self.preprocess = bundle.preprocess
+        self.tokenizer = bundle.tokenizer
+        self._input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        self._autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(self.precision)
+        info = dict(bundle.info)
+        if pretrained and os.path.exists(pretrained):
+            info["checkpoint_path"] = os.path.abspath(pretrained)  # informative; identity is the sha256
+        info["normalize"] = "l2"
+        info["storage_dtype"] = "float16"
+        self._info = info
+        if self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Model identity + preprocessing (the model part of model.json)."""
+        return dict(self._info)
+
+    @property
+    def dim(self) -> int:
+        return int(self._info["embed_dim"])
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self._autocast_dtype)
+
+    def encode(self, images: Any | None, tokens: Any | None) -> tuple[Any, Any]:
+        """Forward one batch: preprocessed image tensor and/or token tensor -> L2-normalized float32 tensors.
+
+        Tensors may live on the CPU (pinned); they are moved to the model's device here.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        img = txt = None
+        with torch.inference_mode(), self._autocast():
+            if images is not None:
+                x = images.to(self.device, non_blocking=True).to(self._input_dtype)
+                img = F.normalize(self.model.encode_image(x).float(), dim=-1)
+            if tokens is not None:
+                t = tokens.to(self.device, non_blocking=True)
+                txt = F.normalize(self.model.encode_text(t).float(), dim=-1)
+        return img, txt
+
+    def embed_images(self, images: Iterable[Any]) -> np.ndarray:
+        """PIL images -> (N, dim) float32 L2-normalized, with the model's own preprocessing."""
+        import torch
+
+        out: list[np.ndarray] = []
+        batch: list[Any] = []
+
+        def flush() -> None:
+            img, _ = self.encode(torch.stack(batch), None)
+            out.append(img.cpu().numpy())
+            batch.clear()
+
+        for im in images:
+            batch.append(self.preprocess(im))
+            if len(batch) >= self.batch_size:
+                flush()
+        if batch:
+            flush()
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Captions -> (N, dim) float32 L2-normalized, with the model's own tokenizer."""
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            _, txt = self.encode(None, self.tokenizer(list(texts[i : i + self.batch_size])))
+            out.append(txt.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def embedder_for(emb_dir: str, device: str | None = None, pretrained: str | None = None, **kw: Any) -> Embedder:
+    """An Embedder in the same embedding space as the folder `emb_dir` (reads its model.json).
+
+    For a folder made from a local checkpoint, pass its path as `pretrained` (it is checked against the
+    recorded sha256); by default the path recorded in model.json is used.
+    """
+    info = load_model_json(emb_dir)
+    ckpt = (pretrained or info.get("checkpoint_path")) if info.get("checkpoint_sha256") else None
+    emb = Embedder(info["model"], ckpt or info.get("pretrained"), device=device, **kw)
+    check_compatible(info, emb.info, where=emb_dir)
+    return emb
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading back
+
+
+def load_model_json(emb_dir: str) -> dict[str, Any]:
+    """The model.json of an embeddings folder; raise UserError if the folder has none."""
+    path = join(emb_dir, layout.EMB_MODEL_JSON)
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise UserError(f"{path} does not exist: {emb_dir} is not an embeddings folder written by `laiontools embed`")
+    return read_json(path)
+
+
+def done_shards(emb_dir: str) -> list[str]:
+    """Ids of the shards whose completion marker exists, sorted."""
+    fs, p = url_to_fs(join(emb_dir, layout.EMB_META_DIR))
+    if not fs.exists(p):
+        return []
+    suffix = ".parquet.done"
+    return sorted(os.path.basename(f)[: -len(suffix)] for f in fs.ls(p, detail=False) if f.endswith(suffix))
+
+
+def read_embeddings(
+    emb_dir: str, dtype: Any = np.float32
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, Any]]:
+    """Yield (shard id, img_emb, text_emb, meta DataFrame) for every finished shard, in id order.
+
+    Embeddings are stored float16; they come back as `dtype` (float32 by default, what faiss takes).
+    Rows are aligned across the three; rows with ``embed_status != 'ok'`` have zero image vectors.
+    Raises UserError if a shard's files disagree in length (a corrupted folder).
+    """
+    import pandas as pd
+
+    for sid in done_shards(emb_dir):
+        img = _load_npy(join(emb_dir, layout.EMB_IMG_DIR, sid + ".npy"))
+        txt = _load_npy(join(emb_dir, layout.EMB_TEXT_DIR, sid + ".npy"))
+        fs, p = url_to_fs(join(emb_dir, layout.EMB_META_DIR, sid + ".parquet"))
+        with fs.open(p, "rb") as f:
+            meta = pd.read_parquet(f)
+        if not (len(img) == len(txt) == len(meta)):
+            raise UserError(
+                f"{emb_dir}: shard {sid} is not row-aligned (img {len(img)}, text {len(txt)}, meta {len(meta)} rows); "
+                f"delete meta/{sid}.parquet.done and re-run embed to rebuild it"
+            )
+        yield sid, img.astype(dtype, copy=False), txt.astype(dtype, copy=False), meta
+
+
+def _load_npy(path: str) -> np.ndarray:
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return np.load(io.BytesIO(f.read()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading shards (runs in DataLoader workers)
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's rule: key = path up to the first '.' of the basename, ext = the rest."""
+    d, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (d + "/" + stem if d else stem), ext.lower()
+
+
+def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str, dict[str, bytes]]]:
+    """All samples of a webdataset tar in order: [(key, {ext: bytes})].
+
+    Raises ShardError naming the shard if it is missing, its sha256 differs from `expected_sha256`
+    (when given), or it is not a readable tar.
+    """
+    import hashlib
+
+    fs, p = url_to_fs(url)
+    try:
+        with fs.open(p, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise ShardError(f"shard {url} is missing; re-run download (it resumes) or fix the manifest") from e
+    if expected_sha256:
+        got = hashlib.sha256(data).hexdigest()
+        if got != expected_sha256:
+            raise ShardError(
+                f"shard {url} has sha256 {got[:16]}… but the manifest says {expected_sha256[:16]}…; "
+                f"the file changed or is truncated: re-download it or regenerate the manifest"
+            )
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    index: dict[str, int] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _split_key(m.name)
+                if key.rpartition("/")[2].startswith("."):  # hidden files (e.g. ._ resource forks)
+                    continue
+                fobj = tf.extractfile(m)
+                payload = fobj.read() if fobj is not None else b""
+                if key not in index:
+                    index[key] = len(samples)
+                    samples.append((key, {}))
+                samples[index[key]][1][ext] = payload
+    except tarfile.TarError as e:
+        raise ShardError(f"shard {url} is not a readable tar ({e}); re-download it") from e
+    return samples
+
+
+def _decode(key: str, parts: dict[str, bytes], preprocess: Any) -> tuple[Any, str | None, str, str | None]:
+    """(image tensor or None, uid, caption, error) of one sample."""
+    from PIL import Image
+
+    uid = None
+    err = None
+    meta_raw = parts.get("json")
+    if meta_raw is not None:
+        try:
+            uid = json.loads(meta_raw).get("uid")
+        except (ValueError, AttributeError) as e:
+            err = f"unreadable {key}.json ({type(e).__name__})"
+    if uid is None and err is None:
+        err = f"no uid in {key}.json" if meta_raw is not None else f"no {key}.json member"
+    caption = parts.get("txt", b"").decode("utf-8", errors="replace")
+    img_bytes = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    if img_bytes is None:
+        return None, uid, caption, err or f"no image member for {key} (looked for {IMAGE_EXTS})"
+    try:
+        with Image.open(io.BytesIO(img_bytes)) as im:
+            im.load()
+            tensor = preprocess(im)
+    except Exception as e:  # any decoder failure is a per-sample failure, not a crash
+        return None, uid, caption, err or f"{type(e).__name__}: {str(e)[:200]}"
+    return (tensor if err is None else None), uid, caption, err
+
+
+def _shard_batches_iterable():  # built lazily so torch is imported only when embedding
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class ShardBatches(IterableDataset):
+        """Batches of decoded, preprocessed samples of several shards, in a deterministic order.
+
+        Batch slots are numbered across all shards (a shard with n samples has max(1, ceil(n/bs))
+        slots; a bad shard has one error slot). Worker w of W produces the slots s with s % W == w;
+        the DataLoader's in-order round robin over workers then yields slots in order, so the main
+        process can assemble each shard row-aligned without reordering.
+        """
+
+        def __init__(self, tasks: list[dict[str, Any]], preprocess: Any, tokenizer: Any, batch_size: int,
+                     image_size: tuple[int, int], verify: bool) -> None:
+            self.tasks, self.preprocess, self.tokenizer = tasks, preprocess, tokenizer
+            self.batch_size, self.image_size, self.verify = batch_size, image_size, verify
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            wi = get_worker_info()
+            w, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+            if wi is not None:
+                torch.set_num_threads(1)  # decode workers must not fight the model for cores
+            slot = 0
+            for task in self.tasks:
+                try:
+                    samples = read_shard_samples(task["url"], task["sha256"] if self.verify else None)
+                except ShardError as e:
+                    if slot % nw == w:
+                        yield {"shard": task["id"], "error": str(e), "batch": 0, "nbatches": 1}
+                    slot += 1
+                    continue
+                nb = max(1, math.ceil(len(samples) / self.batch_size))
+                for b in range(nb):
+                    if slot % nw == w:
+                        yield self._batch(task, samples[b * self.batch_size : (b + 1) * self.batch_size], b, nb)
+                    slot += 1
+
+        def _batch(self, task: dict[str, Any], samples: list, b: int, nb: int) -> dict[str, Any]:
+            n = len(samples)
+            images = torch.zeros((n, 3, *self.image_size), dtype=torch.float32)
+            ok = torch.zeros(n, dtype=torch.bool)
+            keys, uids, captions, errors = [], [], [], []
+            for i, (key, parts) in enumerate(samples):
+                tensor, uid, caption, err = _decode(key, parts, self.preprocess)
+                if tensor is not None:
+                    images[i] = tensor
+                    ok[i] = True
+                keys.append(key.rpartition("/")[2])
+                uids.append(uid)
+                captions.append(caption)
+                errors.append(err)
+            tokens = self.tokenizer(captions) if n else None
+            return {"shard": task["id"], "error": None, "batch": b, "nbatches": nb, "keys": keys, "uids": uids,
+                    "images": images, "tokens": tokens, "ok": ok, "errors": errors}
+
+    return ShardBatches
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing one shard
+
+
+def _shard_paths(out: str, sid: str) -> dict[str, str]:
+    return {
+        "img": join(out, layout.EMB_IMG_DIR, sid + ".npy"),
+        "text": join(out, layout.EMB_TEXT_DIR, sid + ".npy"),
+        "meta": join(out, layout.EMB_META_DIR, sid + ".parquet"),
+        "scores": join(out, layout.EMB_SCORES_DIR, sid + ".parquet"),
+    }
+
+
+def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any, marker: dict[str, Any]) -> None:
+    """Write a shard's four files atomically, then its completion marker (last)."""
+    if not (len(img) == len(txt) == len(meta)):  # never write a misaligned shard
+        raise RuntimeError(f"shard {sid}: misaligned rows (img {len(img)}, text {len(txt)}, meta {len(meta)})")
+    paths = _shard_paths(out, sid)
+    for kind, arr in (("img", img), ("text", txt)):
+        with atomic_open(paths[kind]) as f:
+            np.save(f, np.ascontiguousarray(arr.astype(np.float16)))
+    with atomic_open(paths["meta"]) as f:
+        meta.to_parquet(f, index=False)
+    with atomic_open(paths["scores"]) as f:
+        meta[list(SCORE_COLUMNS)].to_parquet(f, index=False)
+    mark_done(paths["meta"], marker)
+
+
+def _assemble(sid: str, parts: list[dict[str, Any]], dim: int) -> tuple[np.ndarray, np.ndarray, Any, int]:
+    import pandas as pd
+
+    rows = sum(len(p["keys"]) for p in parts)
+    img = np.concatenate([p["img"] for p in parts]) if rows else np.zeros((0, dim), np.float32)
+    txt = np.concatenate([p["txt"] for p in parts]) if rows else np.zeros((0, dim), np.float32)
+    ok = np.concatenate([p["ok"] for p in parts]) if rows else np.zeros(0, bool)
+    score = np.where(ok, (img * txt).sum(axis=1), np.nan).astype(np.float32)
+    img[~ok] = 0.0
+    meta = pd.DataFrame(
+        {
+            "uid": pd.array([u for p in parts for u in p["uids"]], dtype="string"),
+            "key": pd.array([k for p in parts for k in p["keys"]], dtype="string"),
+            "clip_score": pd.array(score, dtype="Float32"),
+            "embed_status": pd.array(np.where(ok, STATUS_OK, STATUS_FAILED_DECODE), dtype="string"),
+            "embed_error": pd.array([e for p in parts for e in p["errors"]], dtype="string"),
+        }
+    )
+    return img, txt, meta, int((~ok).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# The work loop shared by every engine
+
+
+def _auto_workers(num_workers: int, device: str) -> int:
+    if num_workers >= 0:
+        return num_workers
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if device.startswith("cuda") else 1
+
+
+def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConfig) -> list[dict[str, Any]]:
+    """Embed `tasks` (shard dicts: id, url, sha256, num_samples) into cfg.output; one stats dict per shard.
+
+    A shard that cannot be read gives {'id', 'error'}; the others still finish.
+    """
+    from torch.utils.data import DataLoader
+
+    if not tasks:
+        return []
+    workers = _auto_workers(cfg.num_workers, embedder.device)
+    dataset = _shard_batches_iterable()(
+        tasks, embedder.preprocess, embedder.tokenizer, cfg.batch_size,
+        tuple(embedder.info["image_size"]), cfg.verify_shards,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=embedder.device.startswith("cuda"),
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    by_id = {t["id"]: t for t in tasks}
+    pending: dict[str, list[dict[str, Any]]] = {}
+    started: dict[str, float] = {}
+    stats: list[dict[str, Any]] = []
+    for batch in loader:
+        sid = batch["shard"]
+        started.setdefault(sid, time.time())
+        if batch["error"]:
+            log.error("shard %s skipped: %s", sid, batch["error"])
+            stats.append({"id": sid, "error": batch["error"]})
+            continue
+        n = len(batch["keys"])
+        part: dict[str, Any] = {k: batch[k] for k in ("keys", "uids", "errors")}
+        part["ok"] = batch["ok"].numpy().astype(bool)
+        if n:
+            img, txt = embedder.encode(batch["images"], batch["tokens"])
+            part["img"], part["txt"] = img.cpu().numpy(), txt.cpu().numpy()
+        for key, err in zip(batch["keys"], batch["errors"]):
+            if err:
+                _sample_log.warn(STATUS_FAILED_DECODE, "shard %s sample %s: %s", sid, key, err)
+        pending.setdefault(sid, []).append(part)
+        if batch["batch"] == batch["nbatches"] - 1:
+            parts = pending.pop(sid)
+            img, txt, meta, failed = _assemble(sid, parts, embedder.dim)
+            task = by_id[sid]
+            if task.get("num_samples") is not None and task["num_samples"] != len(meta):
+                log.warning("shard %s: manifest says %d samples, tar holds %d (embedded all of them)",
+                            sid, task["num_samples"], len(meta))
+            st = {
+                "id": sid,
+                "rows": len(meta),
+                "ok": len(meta) - failed,
+                "failed_decode": failed,
+                "shard_sha256": task["sha256"],
+                "model": _signature(embedder.info),
+                "seconds": round(time.time() - started.pop(sid), 3),
+            }
+            _write_shard(cfg.output, sid, img, txt, meta, st)
+            log.info("shard %s: %d rows (%d failed decode) in %.1fs", sid, st["rows"], failed, st["seconds"])
+            stats.append(st)
+    return stats
+
+
+def _signature(info: dict[str, Any]) -> str:
+    from laiontools.models import model_signature
+
+    return model_signature(info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output folder identity
+
+
+def pool_identity(manifest_path: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    from laiontools.manifest import manifest_sha256
+
+    return {
+        "name": manifest["name"],
+        "manifest": manifest_path,
+        "manifest_sha256": manifest_sha256(manifest_path),
+        "source_fingerprint": manifest["source"]["fingerprint"],
+    }
+
+
+def check_compatible(existing: dict[str, Any], new: dict[str, Any], where: str) -> None:
+    """Raise EmbedMismatchError naming both models if `existing` and `new` are different embedding spaces."""
+    from laiontools.models import model_signature
+
+    diff = [f for f in IDENTITY_FIELDS if existing.get(f) != new.get(f)]
+    if diff:
+        raise EmbedMismatchError(
+            f"{where} holds embeddings of {model_signature(existing)}, not {model_signature(new)} "
+            f"(differs in {diff}); use another --output folder, or delete that one to re-embed"
+        )
+
+
+def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
+    """Create the output folder and its model.json, or check an existing one; returns model.json content.
+
+    Refuses (EmbedMismatchError) a folder of another model/dimension or another source pool. A newer
+    manifest of the same pool (download resumed, more shards) updates the recorded manifest sha256.
+    """
+    ensure_output_dir(cfg.output)
+    path = join(cfg.output, layout.EMB_MODEL_JSON)
+    doc = {**model_info, "pool": pool, "layout": {"img": layout.EMB_IMG_DIR, "text": layout.EMB_TEXT_DIR,
+                                                   "meta": layout.EMB_META_DIR, "scores": layout.EMB_SCORES_DIR}}
+    fs, p = url_to_fs(path)
+    if fs.exists(p):
+        existing = read_json(path)
+        check_compatible(existing, model_info, where=cfg.output)
+        old_pool = existing.get("pool") or {}
+        if old_pool.get("source_fingerprint") != pool["source_fingerprint"]:
+            raise EmbedMismatchError(
+                f"{cfg.output} holds embeddings of pool {old_pool.get('name')!r} (source fingerprint "
+                f"{str(old_pool.get('source_fingerprint'))[:12]}…), not of {pool['name']!r} "
+                f"({pool['source_fingerprint'][:12]}…); use another --output folder"
+            )
+        if old_pool.get("manifest_sha256") == pool["manifest_sha256"]:
+            return existing
+        doc = {**existing, "pool": pool}
+    write_json(path, doc)
+    return doc
+
+
+def _shard_tasks(manifest_path: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    from laiontools.manifest import resolve
+
+    return [
+        {"id": layout.shard_id(s["path"]), "path": s["path"], "url": resolve(manifest_path, s["path"]),
+         "sha256": s["sha256"], "num_samples": s["num_samples"]}
+        for s in manifest["shards"]
+    ]
+
+
+def _todo(cfg: EmbedConfig, tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Split tasks into (to embed, already done). A shard is done only if its marker exists and was
+    written for the same shard bytes (sha256) — a re-downloaded shard is embedded again."""
+    todo, skipped = [], []
+    for t in tasks:
+        meta = join(cfg.output, layout.EMB_META_DIR, t["id"] + ".parquet")
+        marker = read_marker(meta) if is_done(meta) else None
+        if marker is not None and marker.get("shard_sha256") == t["sha256"]:
+            skipped.append(t["id"])
+        else:
+            todo.append(t)
+    return todo, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Engines
+
+
+@dataclasses.dataclass
+class EmbedResult:
+    shards_embedded: list[str]
+    shards_skipped: list[str]
+    failed_shards: dict[str, str]  # id -> reason
+    rows: int
+    failed_decode: int
+    seconds: float
+    report_path: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_shards
+
+
+def _dist_env() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _spark_embed_partition(rows: Iterator[str], cfg_json: str) -> Iterator[str]:
+    """Spark task: embed the shards of one partition (one shard per task by default), model loaded once.
+
+    Uses the GPU Spark assigned to this task when GPU scheduling is configured.
+    """
+    tasks = [json.loads(r) for r in rows]
+    if not tasks:
+        return iter(())
+    cfg = EmbedConfig(**json.loads(cfg_json))
+    device = cfg.device
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        gpus = ctx.resources().get("gpu") if ctx is not None else None
+        if gpus is not None and gpus.addresses:
+            device = f"cuda:{gpus.addresses[0]}"
+    except ImportError:  # pragma: no cover - pyspark is a dependency
+        pass
+    if device is None:
+        device = "cpu"  # without GPU scheduling, tasks sharing an executor must not all grab cuda:0
+    embedder = Embedder(cfg.model, cfg.pretrained, device, cfg.batch_size, cfg.precision)
+    return iter([json.dumps(s) for s in _embed_tasks(tasks, embedder, cfg)])
+
+
+def _run_spark(cfg: EmbedConfig, tasks: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
+    todo, _ = _todo(cfg, tasks)
+    if not todo:
+        return []
+    cfg_json = json.dumps(cfg.to_dict())
+    sc = spark.sparkContext
+    rdd = sc.parallelize([json.dumps(t) for t in todo], numSlices=len(todo))
+    out = rdd.mapPartitions(lambda it: _spark_embed_partition(it, cfg_json)).collect()
+    return [json.loads(s) for s in out]
+
+
+def run_embed(cfg: EmbedConfig, spark: Any = None) -> EmbedResult:
+    """Embed every shard of cfg.manifest into cfg.output (see module docstring for layout and engines).
+
+    Raises ManifestError (manifest missing/invalid), ModelError (unknown model / unfetchable weights),
+    EmbedMismatchError (output of another model/pool). Bad shards do not raise: they are listed in
+    the result and the report, the others are embedded.
+    """
+    from laiontools.manifest import read_manifest
+    from laiontools.models import load_model, register_tiny_models
+
+    cfg.check_paths()
+    t0 = time.time()
+    manifest = read_manifest(cfg.manifest)
+    tasks = _shard_tasks(cfg.manifest, manifest)
+    rank, world = _dist_env()
+    distributed = world > 1 and cfg.engine in ("local", "torchrun")
+    if distributed:
+        _init_dist()
+
+    # Identity of the embedding space, checked against the folder before any shard is touched.
+    register_tiny_models()
+    device = "cpu" if cfg.engine == "spark" else _resolve_device(cfg.device)
+    probe = Embedder(cfg.model, cfg.pretrained, device, cfg.batch_size, cfg.precision) if cfg.engine != "spark" else None
+    if probe is None:
+        bundle = load_model(cfg.model, cfg.pretrained, device="cpu")
+        model_info = {**bundle.info, "normalize": "l2", "storage_dtype": "float16"}
+        del bundle
+    else:
+        model_info = probe.info
+    pool = pool_identity(cfg.manifest, manifest)
+    if rank == 0:
+        prepare_output(cfg, model_info, pool)
+    if distributed:
+        _barrier()
+        if rank != 0:
+            prepare_output(cfg, model_info, pool)  # re-check what rank 0 wrote (and raise the same way)
+    write_json(join(cfg.output, f"settings.rank{rank}.json" if distributed and rank else layout.SETTINGS_JSON),
+               {**cfg.to_dict(), "world_size": world})
+    _, skipped = _todo(cfg, tasks[rank::world] if distributed else tasks)
+
+    if cfg.engine == "spark":
+        stats = _spark_stats(cfg, tasks, spark)
+    else:
+        todo, _ = _todo(cfg, tasks[rank::world] if distributed else tasks)
+        stats = _embed_tasks(todo, probe, cfg) if todo else []
+    del probe
+
+    if distributed:
+        stats, skipped = _gather(stats, skipped)
+    return _finish(cfg, tasks, stats, skipped, time.time() - t0, rank)
+
+
+def _spark_stats(cfg: EmbedConfig, tasks: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
+    if spark is not None:
+        return _run_spark(cfg, tasks, spark)
+    from laiontools.spark import spark_session
+
+    with spark_session() as s:
+        return _run_spark(cfg, tasks, s)
+
+
+def _init_dist() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # gloo: a barrier and a gather of small stats, on CPU and GPU alike.
+        dist.init_process_group("gloo")
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _gather(stats: list[dict[str, Any]], skipped: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    import torch.distributed as dist
+
+    everything: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, (stats, skipped))
+    return [s for st, _ in everything for s in st], [k for _, sk in everything for k in sk]
+
+
+def _finish(cfg: EmbedConfig, tasks: list[dict[str, Any]], stats: list[dict[str, Any]], skipped: list[str],
+            seconds: float, rank: int) -> EmbedResult:
+    from laiontools.report import emit
+
+    failed = {s["id"]: s["error"] for s in stats if "error" in s}
+    embedded = sorted(s["id"] for s in stats if "error" not in s)
+    rows = sum(s["rows"] for s in stats if "error" not in s)
+    fdec = sum(s["failed_decode"] for s in stats if "error" not in s)
+    # Totals over the whole folder (this run + earlier runs), from the markers.
+    totals = {"rows": 0, "failed_decode": 0, "shards_done": 0}
+    for t in tasks:
+        m = read_marker(join(cfg.output, layout.EMB_META_DIR, t["id"] + ".parquet"))
+        if m and m.get("shard_sha256") == t["sha256"]:
+            totals["rows"] += m["rows"]
+            totals["failed_decode"] += m["failed_decode"]
+            totals["shards_done"] += 1
+    report_path = join(cfg.output, REPORT_JSON)
+    result = EmbedResult(embedded, sorted(skipped), failed, rows, fdec, round(seconds, 3), report_path)
+    if rank == 0:
+        write_json(report_path, {
+            "manifest": cfg.manifest,
+            "model": cfg.model,
+            "pretrained": cfg.pretrained,
+            "shards_total": len(tasks),
+            "totals": totals,
+            "this_run": {"shards_embedded": embedded, "shards_skipped": sorted(skipped), "failed_shards": failed,
+                         "rows": rows, "failed_decode": fdec, "seconds": round(seconds, 3),
+                         "rows_per_second": round(rows / seconds, 2) if seconds > 0 else None},
+        })
+        lines = [
+            f"embed: {len(embedded)} shard(s) embedded, {len(skipped)} already done, {len(failed)} failed "
+            f"(of {len(tasks)}) -> {cfg.output}",
+            f"  this run: {rows} rows, {fdec} failed decode, {seconds:.1f}s"
+            + (f" ({rows / seconds:.1f} samples/s)" if seconds > 0 and rows else ""),
+            f"  folder: {totals['shards_done']}/{len(tasks)} shards, {totals['rows']} rows, "
+            f"{totals['failed_decode']} failed decode",
+        ]
+        lines += [f"  FAILED shard {k}: {v}" for k, v in sorted(failed.items())]
+        emit("\n".join(lines))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="laiontools embed",
+        description="open_clip image + caption embeddings and CLIP scores for every sample of a pool "
+        "(clip-retrieval layout; resumable per shard). Under torchrun, one process per GPU.",
+    )
+    add_config_args(p, EmbedConfig)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when every shard is embedded, 1 when some shards could not be read (listed), 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(EmbedConfig, args)
+    result = run_embed(cfg)
+    return 0 if result.ok else 1
