@@ -10,6 +10,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -130,3 +131,62 @@ def load_uids(path: str, mmap: bool = True) -> np.ndarray:
     if arr.dtype != UID_DTYPE:
         raise ValueError(f"{path}: uid file has dtype {arr.dtype}, expected {UID_DTYPE} (u8,u8)")
     return arr
+
+
+def _write_uid_partition(pid: int, rows: Any, tmp_dir: str) -> Any:
+    from laiontools.storage import atomic_open
+
+    uids = [r[0] for r in rows]
+    arr = uids_to_array(uids)  # already sorted within the partition by Spark
+    with atomic_open(f"{tmp_dir}/part-{pid:06d}.bin") as f:
+        f.write(arr.tobytes())
+    yield (pid, len(arr))
+
+
+def save_uids_spark(df: Any, uid_col: str, path: str, num_partitions: int | None = None) -> tuple[str, int]:
+    """Write the sorted, unique uids of a Spark DataFrame column as a uid file, without collecting them.
+
+    Spark range-partitions and sorts; each task writes its sorted run as raw ``u8,u8`` bytes; the
+    driver streams the runs, in partition order, behind one ``.npy`` header. Driver memory stays flat
+    however many uids there are. Returns (sha256 of the file, count).
+    """
+    import hashlib
+    import uuid as _uuid
+
+    from laiontools.storage import atomic_open, url_to_fs
+
+    tmp_dir = f"{path}.parts-{_uuid.uuid4().hex[:8]}"
+    sorted_df = df.select(uid_col).where(f"`{uid_col}` IS NOT NULL").distinct()
+    n = num_partitions or max(1, sorted_df.rdd.getNumPartitions())
+    sorted_df = sorted_df.repartitionByRange(n, uid_col).sortWithinPartitions(uid_col)
+    counts = dict(sorted_df.rdd.mapPartitionsWithIndex(lambda pid, it: _write_uid_partition(pid, it, tmp_dir)).collect())
+    total = int(sum(counts.values()))
+    header = io_header(total)
+    h = hashlib.sha256()
+    fs, tmp_p = url_to_fs(tmp_dir)
+    try:
+        with atomic_open(path) as out:
+            out.write(header)
+            h.update(header)
+            for pid in sorted(counts):
+                with fs.open(f"{tmp_p}/part-{pid:06d}.bin", "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        out.write(chunk)
+                        h.update(chunk)
+    finally:
+        if fs.exists(tmp_p):
+            fs.rm(tmp_p, recursive=True)
+    return h.hexdigest(), total
+
+
+def io_header(count: int) -> bytes:
+    """The .npy header of a 1-D UID_DTYPE array of `count` items (what np.save would write)."""
+    import io
+
+    from numpy.lib import format as npformat
+
+    buf = io.BytesIO()
+    npformat.write_array_header_1_0(
+        buf, {"descr": npformat.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (count,)}
+    )
+    return buf.getvalue()

@@ -1,0 +1,493 @@
+"""download: source metadata -> webdataset pool + catalog + pool manifest + report (Spark + img2dataset).
+
+``laiontools download --input <src> --output <pool>`` runs prepare (Spark), then img2dataset's own
+Reader / Resizer / Downloader under its pyspark distributor (HTTP, decoding, resizing, tar
+writing), then builds the catalog, the uid file, the manifest and the report from what
+img2dataset wrote. ``spark-submit jobs/download.py ...`` runs the same function on a cluster.
+
+Resume: every step is restartable. prepare is done when its marker exists; a download shard is
+done when img2dataset's ``<shard>_stats.json`` (written after the tar and parquet are closed) is
+present and parses — anything else of a shard is deleted and redone; the catalog, uid file and
+manifest are rebuilt from complete shards only, so a killed run re-run with the same command ends
+with the same catalog and manifest as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import re
+import sys
+import time
+from typing import Any
+
+from laiontools import layout
+from laiontools import schema as C
+from laiontools.config import ConfigError, add_config_args, config_from_args
+from laiontools.errors import UserError
+from laiontools.prepare import DOWNLOAD_COLUMNS, PrepareConfig, run_prepare
+from laiontools.storage import (
+    ensure_output_dir,
+    is_done,
+    join,
+    mark_done,
+    read_json,
+    read_marker,
+    sha256_file,
+    url_to_fs,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+IMG2DATASET_STATUS = {"success": C.STATUS_SUCCESS, "failed_to_download": C.STATUS_FAILED_DOWNLOAD,
+                      "failed_to_resize": C.STATUS_FAILED_RESIZE}
+# Settings that do not change the result: a re-run may differ in them.
+_RUNTIME_ONLY = {"retry_failed", "thread_count", "subjob_size", "max_shard_retry"}
+
+
+@dataclasses.dataclass
+class DownloadConfig(PrepareConfig):
+    name: str = dataclasses.field(default="pool", metadata={"help": "pool name written in the manifest"})
+    image_size: int = dataclasses.field(default=256, metadata={"help": "img2dataset image_size"})
+    resize_mode: str = dataclasses.field(default="border", metadata={"help": "no | border | keep_ratio | keep_ratio_largest | center_crop"})
+    resize_only_if_bigger: bool = dataclasses.field(default=False, metadata={"help": "only downscale"})
+    encode_format: str = dataclasses.field(default="jpg", metadata={"help": "jpg | png | webp"})
+    encode_quality: int = dataclasses.field(default=95, metadata={"help": "encoder quality"})
+    skip_reencode: bool = dataclasses.field(default=False, metadata={"help": "keep original bytes when no resize is needed"})
+    timeout: int = dataclasses.field(default=10, metadata={"help": "per-request timeout in seconds"})
+    retries: int = dataclasses.field(default=2, metadata={"help": "retries for transient failures (timeout, reset, 429, 5xx), with backoff"})
+    thread_count: int = dataclasses.field(default=64, metadata={"help": "download threads per Spark task"})
+    subjob_size: int = dataclasses.field(default=1000, metadata={"help": "shards per Spark job"})
+    max_shard_retry: int = dataclasses.field(default=1, metadata={"help": "times a failed shard is re-run"})
+    extract_exif: bool = dataclasses.field(default=True, metadata={"help": "store EXIF in the metadata"})
+    min_image_size: int = dataclasses.field(default=0, metadata={"help": "reject images with a smaller side"})
+    max_aspect_ratio: float = dataclasses.field(default=float("inf"), metadata={"help": "reject images with a larger aspect ratio"})
+    max_image_pixels: int = dataclasses.field(default=89_478_485, metadata={"help": "reject images with more pixels (read from the header, before decoding)"})
+    max_bytes: int = dataclasses.field(default=20 * 1024 * 1024, metadata={"help": "reject responses larger than this"})
+    respect_optouts: bool = dataclasses.field(default=True, metadata={"help": "honour X-Robots-Tag noai/noimageai/noindex/noimageindex"})
+    user_agent_token: str | None = dataclasses.field(default=None, metadata={"help": "token in the User-Agent, matched by X-Robots-Tag"})
+    retry_failed: bool = dataclasses.field(default=False, metadata={"help": "retry pass: re-attempt only rows that failed with transient errors, into new shards"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.image_size < 8:
+            raise ConfigError(f"image_size {self.image_size} is too small (>= 8)")
+        if self.resize_mode not in ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"):
+            raise ConfigError(f"unknown resize_mode {self.resize_mode!r}")
+        if self.encode_format not in ("jpg", "png", "webp"):
+            raise ConfigError(f"unknown encode_format {self.encode_format!r}")
+        if self.timeout < 1 or self.retries < 0 or self.thread_count < 1:
+            raise ConfigError("timeout must be >= 1, retries >= 0, thread_count >= 1")
+
+    def semantic(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_ONLY}
+        d["output"] = None  # the same pool may be moved
+        return json.loads(json.dumps(d, default=str))
+
+
+# ----------------------------------------------------------------------------- output folder checks
+
+
+def check_output(cfg: DownloadConfig) -> None:
+    """Refuse an output folder that holds something else, or a pool made with other settings."""
+    ensure_output_dir(cfg.output)
+    fs, p = url_to_fs(cfg.output)
+    settings_path = join(cfg.output, layout.SETTINGS_JSON)
+    entries = [e for e in fs.ls(p, detail=False) if not e.rstrip("/").rsplit("/", 1)[-1].startswith(".")]
+    if not entries:
+        return
+    if not fs.exists(url_to_fs(settings_path)[1]):
+        raise UserError(
+            f"output folder {cfg.output} is not empty and holds no {layout.SETTINGS_JSON}: it is not a laiontools "
+            f"pool; give an empty or new folder (nothing in it was touched)"
+        )
+    old = read_json(settings_path)
+    new = cfg.semantic()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise UserError(
+            f"output folder {cfg.output} holds a pool made with other settings ({detail}); re-run with the same "
+            f"settings to resume, or give a new folder (nothing in it was touched)"
+        )
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _attempt_dirs(cfg: DownloadConfig) -> list[tuple[int, str, str]]:
+    """(attempt number, shard folder, prepared input folder) of the first pass and every retry pass."""
+    shards = join(cfg.output, layout.SHARDS_DIR)
+    prep = join(cfg.output, layout.PREPARED_DIR)
+    out = [(0, shards, join(prep, "accepted"))]
+    fs, p = url_to_fs(prep)
+    if fs.exists(p):
+        for d in sorted(fs.ls(p, detail=False)):
+            m = re.search(r"retry-(\d+)$", d.rstrip("/"))
+            if m:
+                n = int(m.group(1))
+                out.append((n, join(shards, f"retry{n:02d}"), join(prep, f"retry-{n:02d}")))
+    return out
+
+
+def _clean_incomplete_shards(shard_dir: str) -> None:
+    """Delete every shard file that lacks a valid ``_stats.json`` and stats that don't parse.
+
+    img2dataset treats any ``*_stats.json`` as done; a kill while writing one leaves it truncated.
+    """
+    fs, p = url_to_fs(shard_dir)
+    if not fs.exists(p):
+        return
+    done = set()
+    for f in fs.glob(p + "/*_stats.json"):
+        sid = f.rsplit("/", 1)[-1].split("_")[0]
+        try:
+            with fs.open(f, "rb") as fh:
+                json.loads(fh.read())
+            if fs.exists(f"{p}/{sid}.tar") and fs.exists(f"{p}/{sid}.parquet"):
+                done.add(sid)
+                continue
+        except ValueError:
+            pass
+        log.warning("shard %s/%s has a broken stats file; it will be downloaded again", shard_dir, sid)
+        fs.rm(f)
+    for f in fs.ls(p, detail=False):
+        name = f.rsplit("/", 1)[-1]
+        sid = name.split(".")[0].split("_")[0]
+        if fs.isfile(f) and sid.isdigit() and sid not in done:
+            log.info("removing incomplete shard file %s", f)
+            fs.rm(f)
+
+
+def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: Any) -> None:
+    """Download the prepared rows in `input_dir` into `shard_dir` with img2dataset's components."""
+    import os
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset.distributor import pyspark_distributor
+    from img2dataset.reader import Reader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    from laiontools.fetch import FetchPolicy, PolicyDownloader
+
+    fs, sp = url_to_fs(shard_dir)
+    fs.makedirs(sp, exist_ok=True)
+    _clean_incomplete_shards(shard_dir)
+    done_shards = {int(f.rsplit("/", 1)[-1].split("_")[0]) for f in fs.glob(sp + "/*_stats.json")}
+    fsi, ip = url_to_fs(input_dir)
+    if not fsi.exists(ip) or not fsi.glob(ip + "/*.parquet"):
+        log.info("nothing to download in %s", input_dir)
+        return
+    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, "stats.json"))
+    extra_cols = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION)]
+    tmp_path = shard_dir.rstrip("/") + "/_tmp"
+    fs.makedirs(url_to_fs(tmp_path)[1], exist_ok=True)
+    reader = Reader(input_dir, "parquet", C.URL, C.CAPTION, None, None, extra_cols, cfg.number_sample_per_shard,
+                    done_shards, tmp_path, 0)
+    resizer = Resizer(
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+        upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.encode_quality,
+        encode_format=cfg.encode_format, skip_reencode=cfg.skip_reencode, disable_all_reencoding=False,
+        min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_pixels,
+        max_aspect_ratio=cfg.max_aspect_ratio, blurrer=None,
+    )
+    policy = FetchPolicy(allow_private_network=cfg.allow_private_network, max_bytes=cfg.max_bytes,
+                         max_image_pixels=cfg.max_image_pixels)
+    directives = ["noai", "noimageai", "noindex", "noimageindex"] if cfg.respect_optouts else None
+    downloader = PolicyDownloader(
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.thread_count, save_caption=True,
+        extract_exif=cfg.extract_exif, output_folder=shard_dir, column_list=reader.column_list, timeout=cfg.timeout,
+        number_sample_per_shard=cfg.number_sample_per_shard, oom_shard_count=5, compute_hash="sha256",
+        verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries,
+        user_agent_token=cfg.user_agent_token, disallowed_header_directives=directives, policy=policy,
+    )
+    n_todo = sum(1 for _ in fsi.glob(ip + "/*.parquet"))
+    log.info("downloading from %s into %s (%d shard(s) already done)", input_dir, shard_dir, len(done_shards))
+    t0 = time.time()
+    pyspark_distributor(spark.sparkContext.defaultParallelism, downloader, reader, cfg.subjob_size, cfg.max_shard_retry)
+    log.info("img2dataset pass over %d input file(s) took %.1fs", n_todo, time.time() - t0)
+    if fs.exists(url_to_fs(tmp_path)[1]):
+        fs.rm(url_to_fs(tmp_path)[1], recursive=True)
+
+
+def complete_shards(cfg: DownloadConfig) -> list[dict[str, Any]]:
+    """Every complete shard of every attempt: attempt, shard id, paths, stats (sha256 cached in a marker)."""
+    out = []
+    for attempt, shard_dir, _ in _attempt_dirs(cfg):
+        fs, sp = url_to_fs(shard_dir)
+        if not fs.exists(sp):
+            continue
+        for stats_file in sorted(fs.glob(sp + "/*_stats.json")):
+            num = stats_file.rsplit("/", 1)[-1].split("_")[0]
+            tar = join(shard_dir, f"{num}.tar")
+            rel = tar[len(cfg.output.rstrip("/")) + 1:]
+            info = read_marker(tar)
+            if info is None:
+                with fs.open(stats_file, "rb") as f:
+                    stats = json.loads(f.read())
+                sha, nbytes = sha256_file(tar)
+                info = {"sha256": sha, "bytes": nbytes, "num_samples": int(stats["successes"]), "count": int(stats["count"]),
+                        "start_time": stats.get("start_time"), "end_time": stats.get("end_time"),
+                        "status_dict": stats.get("status_dict", {})}
+                mark_done(tar, info)
+            out.append({"attempt": attempt, "path": rel, "id": layout.shard_id(rel), "tar": tar,
+                        "parquet": join(shard_dir, f"{num}.parquet"), **info})
+    return out
+
+
+# ----------------------------------------------------------------------------- catalog, manifest, report
+
+
+def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any) -> Any:
+    """Catalog DataFrame: prepared rejects + the latest attempt of every downloaded row."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, "stats.json"))
+    extras = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION, *C.SCORE_COLUMNS, C.UID, C.SOURCE_ID)]
+    cat_cols = C.catalog_columns()
+    types = {c["name"]: {"string": "string", "int64": "bigint", "double": "double"}[c["type"]]
+             for c in C.catalog_schema_doc()["columns"]}
+
+    def conform(df: Any) -> Any:
+        cols = []
+        for c in cat_cols + extras:
+            t = types.get(c, "string")
+            cols.append((F.col(f"`{c}`") if c in df.columns else F.lit(None)).cast(t).alias(c))
+        return df.select(*cols, "_attempt")
+
+    parts = []
+    rej_dir = join(cfg.output, layout.PREPARED_DIR, "rejected")
+    rej = spark.read.parquet(rej_dir).withColumn("_attempt", F.lit(-1))
+    parts.append(conform(rej))
+    if shards:
+        path_to = {url_to_fs(s["parquet"])[1]: (s["id"], s["attempt"]) for s in shards}
+        mapping = F.create_map(*[x for p, (sid, att) in path_to.items() for x in (F.lit(p), F.lit(f"{sid}|{att}"))])
+        dl = spark.read.parquet(*[s["parquet"] for s in shards])
+        dl = dl.withColumn("_f", F.regexp_replace(F.input_file_name(), "^file:(//)?", ""))
+        dl = dl.withColumn("_sa", mapping[F.col("_f")])
+        dl = dl.withColumn(C.SHARD, F.split("_sa", r"\|").getItem(0)).withColumn("_attempt", F.split("_sa", r"\|").getItem(1).cast("int"))
+        status_map = F.create_map(*[x for k, v in IMG2DATASET_STATUS.items() for x in (F.lit(k), F.lit(v))])
+        dl = dl.withColumn(C.STATUS, F.coalesce(status_map[F.col(C.STATUS)], F.col(C.STATUS)))
+        dl = dl.withColumn(C.SHARD, F.when(F.col(C.STATUS) == C.STATUS_SUCCESS, F.col(C.SHARD)))
+        dl = dl.withColumn(C.KEY, F.when(F.col(C.STATUS) == C.STATUS_SUCCESS, F.col(C.KEY)))
+        dl = conform(dl)
+        w = Window.partitionBy(C.UID).orderBy(F.col("_attempt").desc())
+        dl = dl.withColumn("_r", F.row_number().over(w)).where("_r = 1").drop("_r")
+        parts.append(dl)
+    cat = parts[0]
+    for p in parts[1:]:
+        cat = cat.unionByName(p)
+    return cat.drop("_attempt")
+
+
+def write_catalog(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
+    """Write the catalog sorted by uid; swap it in atomically (old copy removed after)."""
+    import uuid
+
+    final = join(cfg.output, layout.CATALOG_DIR)
+    tmp = join(cfg.output, f".catalog-tmp-{uuid.uuid4().hex[:8]}")
+    n_rows = cat.count()
+    n_parts = max(1, min(64, math.ceil(n_rows / 2_000_000)))
+    (cat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS)
+        .write.mode("overwrite").parquet(tmp))
+    fs, fp = url_to_fs(final)
+    _, tp = url_to_fs(tmp)
+    old = fp + f".old-{uuid.uuid4().hex[:8]}"
+    if fs.exists(fp):
+        fs.mv(fp, old, recursive=True)
+    fs.mv(tp, fp, recursive=True)
+    if fs.exists(old):
+        fs.rm(old, recursive=True)
+    return final, n_rows
+
+
+def failure_kind(msg: str | None) -> str:
+    """Bucket an error message for the report (HTTP code, timeout, opt-out, decode, limit, ...)."""
+    if not msg:
+        return "unknown"
+    m = re.search(r"HTTP Error (\d{3})", msg)
+    if m:
+        return f"http_{m.group(1)}"
+    low = msg.lower()
+    for needle, kind in (("timed out", "timeout"), ("x-robots-tag", "opted_out"), ("blocked:", "blocked_target"),
+                         ("over the limit", "size_limit"), ("does not resolve", "dns"), ("connection reset", "connection_reset"),
+                         ("connection refused", "connection_refused"), ("decode", "undecodable"), ("image", "image_error")):
+        if needle in low:
+            return kind
+    return "other"
+
+
+def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], prep: dict[str, Any], wall: float) -> dict[str, Any]:
+    from pyspark.sql import functions as F
+
+    by_status = {r[C.STATUS]: int(r["count"]) for r in cat.groupBy(C.STATUS).count().collect()}
+    fails = cat.where(F.col(C.STATUS).isin(C.STATUS_FAILED_DOWNLOAD, C.STATUS_FAILED_RESIZE)).select(C.STATUS, C.ERROR)
+    kinds: dict[str, int] = {}
+    for r in fails.groupBy(C.STATUS, C.ERROR).count().collect():
+        k = f"{r[C.STATUS]}:{failure_kind(r[C.ERROR])}"
+        kinds[k] = kinds.get(k, 0) + int(r["count"])
+    success = by_status.get(C.STATUS_SUCCESS, 0)
+    attempted = success + by_status.get(C.STATUS_FAILED_DOWNLOAD, 0) + by_status.get(C.STATUS_FAILED_RESIZE, 0)
+    times = [(s["start_time"], s["end_time"]) for s in shards if s.get("start_time")]
+    dl_time = (max(e for _, e in times) - min(s for s, _ in times)) if times else 0.0
+    return {
+        "rows_in": prep["rows_in"],
+        "rejected": {k: v for k, v in sorted(by_status.items()) if k.startswith(C.REJECTED_PREFIX)},
+        "requested": attempted,
+        "obtained": success,
+        "success_rate": round(success / attempted, 4) if attempted else 0.0,
+        "by_status": dict(sorted(by_status.items())),
+        "failures_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "shards": len(shards),
+        "bytes": int(sum(s["bytes"] for s in shards)),
+        "download_seconds": round(dl_time, 2),
+        "samples_per_second": round(success / dl_time, 2) if dl_time > 0 else None,
+        "wall_seconds_this_run": round(wall, 2),
+    }
+
+
+def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
+    from laiontools.report import table
+
+    lines = [
+        f"laiontools download — pool {cfg.name!r} in {cfg.output}",
+        f"  rows in:       {rep['rows_in']}",
+        f"  rejected:      {sum(rep['rejected'].values())}  " + ", ".join(f"{k[len(C.REJECTED_PREFIX):]}={v}" for k, v in rep["rejected"].items()),
+        f"  requested:     {rep['requested']} (rows sent to download)",
+        f"  obtained:      {rep['obtained']} samples ({100 * rep['success_rate']:.1f}% success) in {rep['shards']} shard(s), {rep['bytes'] / 1e6:.1f} MB",
+        f"  speed:         {rep['samples_per_second']} samples/s over the download phase",
+    ]
+    if rep["failures_by_kind"]:
+        lines += ["  failures by kind:", "    " + table([{"kind": k, "rows": v} for k, v in rep["failures_by_kind"].items()]).replace("\n", "\n    ")]
+    return "\n".join(lines)
+
+
+def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float) -> dict[str, Any]:
+    """Catalog, uid file, manifest, report from the complete shards. Idempotent."""
+    from pyspark.sql import functions as F
+
+    from laiontools.manifest import new_manifest, write_manifest
+    from laiontools.uid import save_uids_spark
+
+    shards = complete_shards(cfg)
+    cat = build_catalog(cfg, shards, spark)
+    cat_dir, n_rows = write_catalog(cat, cfg)
+    cat = spark.read.parquet(cat_dir)
+    succ = cat.where(F.col(C.STATUS) == C.STATUS_SUCCESS)
+    uid_sha, n_uids = save_uids_spark(succ, C.UID, join(cfg.output, layout.POOL_UIDS))
+    per_shard = {r[C.SHARD]: int(r["count"]) for r in succ.groupBy(C.SHARD).count().collect()}
+    listed = []
+    for s in shards:
+        # a shard entirely superseded by a retry pass still lists its samples that were not retried
+        n = per_shard.get(s["id"], 0)
+        listed.append({"path": s["path"], "num_samples": n, "bytes": s["bytes"], "sha256": s["sha256"],
+                       "tar_samples": s["num_samples"]})
+    rep = build_report(cfg, cat, shards, prep, wall)
+    manifest = new_manifest(
+        name=cfg.name, kind="pool", num_samples=n_uids, target_samples=rep["requested"],
+        uids={"path": layout.POOL_UIDS, "sha256": uid_sha, "count": n_uids},
+        shards=listed, source_fingerprint=prep["source_fingerprint"],
+        catalog={"path": layout.CATALOG_DIR, "num_rows": n_rows},
+        download={"profile": prep["profile"], "settings": cfg.semantic()},
+    )
+    manifest["short"] = False  # link rot is the norm for a pool; requested vs obtained is in the report
+    m_path = join(cfg.output, layout.POOL_MANIFEST)
+    write_manifest(m_path, manifest)
+    write_json(join(cfg.output, layout.REPORT_JSON), rep)
+    text = report_text(rep, cfg)
+    with url_to_fs(join(cfg.output, layout.REPORT_TXT))[0].open(url_to_fs(join(cfg.output, layout.REPORT_TXT))[1], "w") as f:
+        f.write(text + "\n")
+    rep["text"] = text
+    rep["manifest"] = m_path
+    return rep
+
+
+def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
+    """Write the rows that failed with transient errors as a new prepared input; None if there are none."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import BooleanType
+
+    from laiontools.fetch import is_transient
+
+    n = max(a for a, _, _ in _attempt_dirs(cfg)) + 1
+    if not is_done(join(cfg.output, layout.PREPARED_DIR)) or not url_to_fs(join(cfg.output, layout.POOL_MANIFEST))[0].exists(
+            url_to_fs(join(cfg.output, layout.POOL_MANIFEST))[1]):
+        raise UserError(f"{cfg.output}: no finished pool to retry; run the download without --retry-failed first")
+    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, "stats.json"))
+    names = prep_stats["download_columns"]
+    transient = F.udf(is_transient, BooleanType())
+    cat = spark.read.parquet(join(cfg.output, layout.CATALOG_DIR))
+    todo = cat.where((F.col(C.STATUS) == C.STATUS_FAILED_DOWNLOAD) & transient(F.col(C.ERROR)))
+    count = todo.count()
+    if count == 0:
+        return None
+    out = join(cfg.output, layout.PREPARED_DIR, f"retry-{n:02d}")
+    log.info("retry pass %d: %d row(s) failed with transient errors", n, count)
+    cols = [(F.col(c) if c in cat.columns else F.lit(None).cast("string")).alias(c) for c in names]
+    tmp = out + ".tmp"
+    todo.orderBy(C.UID).select(*cols).coalesce(1).write.mode("overwrite").parquet(tmp)
+    fs, tp = url_to_fs(tmp)
+    files = sorted(f for f in fs.glob(tp + "/*.parquet"))
+    fs.makedirs(url_to_fs(out)[1], exist_ok=True)
+    for i, f in enumerate(files):
+        fs.mv(f, url_to_fs(out)[1] + f"/part-{i:05d}.parquet")
+    fs.rm(tp, recursive=True)
+    return out
+
+
+def run_download(cfg: DownloadConfig, spark: Any) -> dict[str, Any]:
+    """The whole job on an existing SparkSession. Returns the report (with 'manifest' and 'text')."""
+    t0 = time.time()
+    check_output(cfg)
+    write_json(join(cfg.output, layout.SETTINGS_JSON), cfg.semantic())
+    prep = run_prepare(cfg, spark)
+    if cfg.retry_failed:
+        # A retry pass whose shards were interrupted is finished first, before a new one is planned.
+        attempts = _attempt_dirs(cfg)
+        pending = [(a, s, i) for a, s, i in attempts if a > 0 and not is_done(join(s, "_pass"))]
+        if not pending:
+            new_input = prepare_retry(cfg, spark)
+            if new_input is None:
+                log.info("retry pass: no row failed with a transient error; nothing to do")
+            attempts = _attempt_dirs(cfg)
+            pending = [(a, s, i) for a, s, i in attempts if a > 0 and not is_done(join(s, "_pass"))]
+        for _, shard_dir, input_dir in pending:
+            run_img2dataset(cfg, input_dir, shard_dir, spark)
+            mark_done(join(shard_dir, "_pass"))
+    else:
+        for attempt, shard_dir, input_dir in _attempt_dirs(cfg):
+            run_img2dataset(cfg, input_dir, shard_dir, spark)
+    return finalize(cfg, spark, prep, time.time() - t0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="laiontools download", description=__doc__.split("\n")[0])
+    add_config_args(p, DownloadConfig)
+    p.add_argument("--master", default=None, help="Spark master URL (default: local[*]; spark-submit's when launched by it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from laiontools.report import emit
+    from laiontools.spark import spark_session
+
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(DownloadConfig, args)
+    if not cfg.input or not cfg.output:
+        raise ConfigError("--input and --output are required (see `laiontools download --help`)")
+    with spark_session(args.master, app_name="laiontools-download") as spark:
+        rep = run_download(cfg, spark)
+    emit(rep["text"])
+    emit(f"\nwritten:\n  manifest  {rep['manifest']}\n  catalog   {join(cfg.output, layout.CATALOG_DIR)}\n"
+         f"  shards    {join(cfg.output, layout.SHARDS_DIR)}\n  report    {join(cfg.output, layout.REPORT_TXT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
