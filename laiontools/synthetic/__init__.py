@@ -42,19 +42,20 @@ from laiontools.synthetic.source import (
     HTTP_ROUTES,
     PROFILES,
     ROUTES,
-    ROUTES_AFTER_RETRY,
     SLOW_SECONDS,
     TRANSIENT_ROUTES,
     URL_TOO_LONG_CHARS,
     expected_path,
+    expected_status,
+    is_private_host,
     write_source,
 )
 
 __all__ = [
     "CAPTION_TOO_LONG_CHARS", "COLOURS", "DEFAULT_BROKEN", "EVAL_FORMATS", "EXPECTED_COLUMNS", "FORMATS", "GLYPHS",
-    "HTTP_ROUTES", "PLANT_ID_BASE", "PLANT_TRANSFORMS", "PROFILES", "ROUTES", "ROUTES_AFTER_RETRY", "SHAPES",
+    "HTTP_ROUTES", "PLANT_ID_BASE", "PLANT_TRANSFORMS", "PROFILES", "ROUTES", "SHAPES",
     "SLOW_SECONDS", "TEXTURES", "TRANSIENT_ROUTES", "URL_TOO_LONG_CHARS", "WORDS", "SynthConfig",
-    "SyntheticWebServer", "build_parser", "expected_path", "huge_png", "load_evalset", "main", "make_source",
+    "SyntheticWebServer", "build_parser", "expected_path", "expected_status", "huge_png", "is_private_host", "load_evalset", "main", "make_source",
     "plant_copies", "render_eval_item", "render_item", "write_evalset", "write_images", "write_source",
 ]
 

@@ -19,9 +19,10 @@ import numpy as np
 from laiontools import schema as S
 from laiontools.uid import uid_of
 
-# Route name -> the catalog status a row sent there must end in, for a download with img2dataset's
-# defaults (retries=0, X-Robots-Tag opt-outs respected, timeout shorter than SLOW_SECONDS) and a URL
-# policy that allows the test server's loopback address but not other private/link-local hosts.
+# Route name -> the catalog status the route exists to produce: the row's own defect, as a download
+# with img2dataset's defaults (retries=0, X-Robots-Tag opt-outs respected, timeout < SLOW_SECONDS)
+# and a strict prepare policy (private hosts refused, host names resolved) reports it. What a row
+# really ends in also depends on the policy the run uses: see expected_status().
 ROUTES: dict[str, str] = {
     # HTTP routes served by SyntheticWebServer
     "ok": S.STATUS_SUCCESS,                    # /img/<file>
@@ -44,18 +45,62 @@ ROUTES: dict[str, str] = {
     "url_too_long": S.rejected("url_too_long"),  # > 2048 chars (a long query string)
     "bad_scheme": S.rejected("bad_scheme"),    # file:, ftp:, data:, javascript: (cycled)
     "invalid_url": S.rejected("invalid_url"),  # no host ("http:///x.jpg") or unparsable ("http://[::1/x.jpg")
-    "private_address": S.rejected("private_address"),  # 10.x, 192.168.x, 172.16.x, 169.254.169.254 (cycled)
+    # 10.x, 192.168.x, 172.16-31.x, 169.254.x (cycled; port 9, and never the cloud metadata address,
+    # because a run that allows private networks will really connect to them)
+    "private_address": S.rejected("private_address"),
     "unresolvable_host": S.rejected("unresolvable_host"),  # <name>.invalid (RFC 2606: never resolves)
     "missing_caption": S.rejected("missing_caption"),  # caption null or "" (cycled)
     "caption_too_long": S.rejected("caption_too_long"),  # CAPTION_TOO_LONG_CHARS chars
-    "duplicate": S.rejected("duplicate_uid"),  # same URL + caption as an earlier "ok" row (which stays success)
+    "duplicate": S.rejected("duplicate_uid"),  # same URL + caption as an earlier "ok" row (which keeps its status)
+    "malformed_row": S.rejected("malformed_row"),  # jsonl only: a line that is not a JSON object
 }
-# What a row ends as after one retry pass over transient failures (only flaky changes: the server
-# answers its path with 200 from the second request on).
-ROUTES_AFTER_RETRY: dict[str, str] = {**ROUTES, "flaky": S.STATUS_SUCCESS}
 # Rows whose failure a retry pass should re-attempt (timeouts, 429, 5xx).
 TRANSIENT_ROUTES = frozenset({"status_500", "status_503", "status_429", "flaky", "slow"})
 HTTP_ROUTES = tuple(r for r in ROUTES if not ROUTES[r].startswith(S.REJECTED_PREFIX))
+# Routes whose URL points at the synthetic server (base_url), so their fate also depends on whether
+# the run allows base_url's host.
+_AT_BASE = frozenset(HTTP_ROUTES) | {"url_too_long", "missing_caption", "caption_too_long", "duplicate"}
+_TEXT_ONLY_ROUTES = frozenset({"malformed_row"})
+
+
+def is_private_host(url: str) -> bool:
+    """True if `url`'s host is a loopback/private/link-local address or a local name (the test server's)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host in ("localhost",) or host.endswith((".localhost", ".local", ".internal")):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved)
+
+
+def expected_status(route: str, *, base_private: bool = True, allow_private_network: bool = True,
+                    resolve_hosts: bool = False, retried: bool = False) -> str:
+    """The catalog status a row sent down `route` ends in, given the run's policy.
+
+    base_private: the server's host is private/loopback (always, for the test server on 127.0.0.1).
+    allow_private_network / resolve_hosts: the prepare policy (laiontools.prepare's flags of the same
+    names). retried: after one retry pass over transient failures. Prepare checks, in order: URL
+    null, too long, unparsable, scheme, no host, private host, (resolution), caption — so with
+    private networks refused, every row at a private base_url that passes the earlier checks ends
+    ``rejected_private_address``. Private hosts that a run allows are fetched and fail
+    (``failed_download``); so are unresolvable names that prepare does not resolve.
+    """
+    status = ROUTES[route]
+    if route == "flaky" and retried:
+        return S.STATUS_SUCCESS
+    if route == "private_address" and allow_private_network:
+        return S.STATUS_FAILED_DOWNLOAD
+    if route == "unresolvable_host" and not resolve_hosts:
+        return S.STATUS_FAILED_DOWNLOAD
+    if route in _AT_BASE and route not in ("url_too_long", "duplicate") and base_private and not allow_private_network:
+        return S.rejected("private_address")
+    return status
+
 
 SLOW_SECONDS = 30.0
 URL_TOO_LONG_CHARS = 2600
@@ -68,8 +113,9 @@ DEFAULT_BROKEN: dict[str, float] = {
     "flaky": 0.01, "slow": 0.005, "noai": 0.01, "noimageai": 0.005, "html": 0.01, "corrupt": 0.01,
     "truncated": 0.01, "huge": 0.005, "null_url": 0.01, "empty_url": 0.005, "url_too_long": 0.005,
     "bad_scheme": 0.015, "invalid_url": 0.005, "private_address": 0.01, "unresolvable_host": 0.005,
-    "missing_caption": 0.01, "caption_too_long": 0.005, "duplicate": 0.02,
+    "missing_caption": 0.01, "caption_too_long": 0.005, "duplicate": 0.02, "malformed_row": 0.005,
 }
+MALFORMED_LINE = '{"URL": "http://broken.example/x.jpg", "TEXT": unquoted text'  # what a malformed_row row is
 
 PROFILES: dict[str, tuple[str, ...]] = {
     "laion400m": ("SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "LICENSE", "NSFW", "similarity"),
@@ -81,7 +127,7 @@ PROFILES: dict[str, tuple[str, ...]] = {
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "jsonl.gz", "csv.gz")
 EXPECTED_SUFFIX = ".expected.parquet"
 # Columns the expected table adds to the profile's columns.
-EXPECTED_COLUMNS = ("route", "expected", "expected_after_retry", "transient", "expected_uid", "item_id", "file",
+EXPECTED_COLUMNS = ("row", "route", "expected", "expected_after_retry", "transient", "expected_uid", "item_id", "file",
                     "eval_item", "transform")
 
 
@@ -110,17 +156,19 @@ def _route_url(route: str, base_url: str, file: str, j: int) -> str | None:
     if route == "invalid_url":
         return (f"http:///{file}", f"http://[::1/{file}")[j % 2]
     if route == "private_address":
-        return (f"http://10.0.0.1/{file}", f"http://192.168.1.20/{file}", f"http://172.16.5.4/{file}",
-                "http://169.254.169.254/latest/meta-data/")[j % 4]
+        return (f"http://10.255.255.1:9/{file}", f"http://192.168.255.254:9/{file}",
+                f"http://172.31.255.254:9/{file}", f"http://169.254.255.254:9/{file}")[j % 4]
     if route == "unresolvable_host":
         return f"http://img-{file.split('.')[0]}.invalid/{file}"
     if route in ("missing_caption", "caption_too_long"):
         return f"{b}/img/{file}"
+    if route == "malformed_row":
+        return None  # the line written is not JSON at all; see _write_frame
     raise ValueError(f"unknown route {route!r}; known: {sorted(ROUTES)}")
 
 
 def _allocate(n: int, broken: dict[str, float], rng: np.random.Generator, n_protected: int) -> list[str]:
-    """Route per row: counts from fractions, each named route at least once when that fits."""
+    """Route per row (unordered): counts from fractions, each named route at least once when that fits."""
     unknown = sorted(set(broken) - set(ROUTES))
     if unknown:
         raise ValueError(f"unknown route(s) in broken: {unknown}; known: {sorted(ROUTES)}")
@@ -130,9 +178,16 @@ def _allocate(n: int, broken: dict[str, float], rng: np.random.Generator, n_prot
     avail = n - n_protected
     names = [r for r in sorted(broken) if broken[r] > 0 and r != "ok"]
     counts = {r: int(math.floor(broken[r] * n)) for r in names}
-    # Make sure small sources still exercise every requested route, while half the rows stay good.
-    if sum(max(1, c) for c in counts.values()) <= max(avail // 2, 0) or sum(counts.values()) == 0:
+    if sum(max(1, c) for c in counts.values()) <= avail // 2:
+        # Small sources still exercise every requested route, while half the rows stay good.
         counts = {r: max(1, c) for r, c in counts.items()}
+    else:
+        # Too small for one row per route: keep the requested share of broken rows, handing the
+        # rounding leftovers to the largest remainders (seeded tie-break), capped at half the rows.
+        target = min(avail // 2, int(round(sum(broken[r] for r in names) * n)))
+        rema = sorted(names, key=lambda r: (-(broken[r] * n - counts[r]), float(rng.random())))
+        for r in rema[: max(0, target - sum(counts.values()))]:
+            counts[r] += 1
     total = sum(counts.values())
     if total > avail:
         raise ValueError(f"broken routes ask for {total} rows but only {avail} of {n} can be broken")
@@ -190,8 +245,8 @@ def _profile_frame(profile: str, rows: list[dict[str, Any]], rng: np.random.Gene
     raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
 
 
-def _write_frame(df: Any, path: str, fmt: str) -> None:
-    """Write one metadata file atomically in `fmt`."""
+def _write_frame(df: Any, path: str, fmt: str, malformed: Sequence[bool] | None = None) -> None:
+    """Write one metadata file atomically in `fmt`; jsonl rows flagged `malformed` become MALFORMED_LINE."""
     import io
 
     from laiontools.storage import atomic_write_bytes
@@ -209,6 +264,9 @@ def _write_frame(df: Any, path: str, fmt: str) -> None:
         out["face_bboxes"] = [json.dumps(v) for v in out["face_bboxes"]]  # text formats hold it as JSON
     if fmt.startswith("jsonl"):
         text = out.to_json(orient="records", lines=True, force_ascii=False)
+        if malformed is not None and any(malformed):
+            lines = text.splitlines()
+            text = "\n".join(MALFORMED_LINE if bad else line for line, bad in zip(lines, malformed)) + "\n"
     else:
         text = out.to_csv(index=False, sep="\t" if fmt == "tsv" else ",")
     data = text.encode("utf-8")
@@ -226,7 +284,7 @@ def expected_path(out_path: str) -> str:
 
 def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], *, profile: str = "laion400m",
                  fmt: str = "parquet", n_files: int = 1, broken: dict[str, float] | None = None,
-                 seed: int = 0) -> Any:
+                 seed: int = 0, allow_private_network: bool = True, resolve_hosts: bool = False) -> Any:
     """Write LAION-format metadata for `items`, one row per item, some sent down broken routes.
 
     out_path: a file (its name ends in ``.<fmt>``; n_files must be 1) or a folder that receives
@@ -234,11 +292,20 @@ def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], 
     order). broken: route -> fraction of rows (default DEFAULT_BROKEN, ~25%); every route with a
     positive fraction gets at least one row as long as that leaves half the rows good. Items that
     carry ``eval_item`` (planted copies) always go down "ok". Row order is shuffled (seeded).
+    "malformed_row" exists only in jsonl formats (the default mix drops it for the others).
 
-    Returns the rows written (profile columns) plus EXPECTED_COLUMNS — route, expected status
-    (ROUTES), expected_after_retry, transient, expected_uid (laiontools.uid.uid_of(url, caption)),
-    item_id, file, eval_item, transform — and writes the same table to
-    ``<out_path>.expected.parquet``. Deterministic for the arguments.
+    allow_private_network / resolve_hosts: the prepare policy the rows will meet, which decides the
+    expected status (see expected_status). The defaults are what tests and the demo must use,
+    since the synthetic server is on 127.0.0.1; with them, "private_address" and
+    "unresolvable_host" rows are fetched and end ``failed_download``. Pass a public-looking
+    base_url (e.g. ``http://images.example.com``) with ``allow_private_network=False,
+    resolve_hosts=True`` to get every rejection reason, for prepare-only tests.
+
+    Returns the rows written (profile columns) plus EXPECTED_COLUMNS — row (0-based position over
+    all files, in file order), route, expected status, expected_after_retry (after one retry pass),
+    transient, expected_uid (laiontools.uid.uid_of(url, caption)), item_id, file, eval_item,
+    transform — and writes the same table to ``<out_path>.expected.parquet``. Deterministic for
+    the arguments.
     """
     import pandas as pd
 
@@ -251,7 +318,11 @@ def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], 
     single = out_path.endswith("." + fmt)
     if single and n_files != 1:
         raise ValueError(f"{out_path} names one file; give a folder to split into n_files={n_files} files")
-    broken = DEFAULT_BROKEN if broken is None else broken
+    text_only = sorted(r for r in _TEXT_ONLY_ROUTES if (broken or {}).get(r, 0) > 0)
+    if text_only and not fmt.startswith("jsonl"):
+        raise ValueError(f"route(s) {text_only} can only be written in jsonl formats, not {fmt}")
+    if broken is None:
+        broken = {r: f for r, f in DEFAULT_BROKEN.items() if fmt.startswith("jsonl") or r not in _TEXT_ONLY_ROUTES}
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 31337])
     items = list(items)
     n = len(items)
@@ -270,13 +341,15 @@ def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], 
         j = counters.get(route, 0)
         counters[route] = j + 1
         caption = it["caption"]
-        if route == "missing_caption":
+        if route == "malformed_row":
+            caption = None
+        elif route == "missing_caption":
             caption = (None, "")[j % 2]
         elif route == "caption_too_long":
             caption = (caption + " ") * (CAPTION_TOO_LONG_CHARS // (len(caption) + 1) + 1)
             caption = caption[:CAPTION_TOO_LONG_CHARS]
         has_file = route not in ("null_url", "empty_url", "bad_scheme", "invalid_url", "private_address",
-                                 "unresolvable_host")
+                                 "unresolvable_host", "malformed_row")
         row = {
             "sample_id": int(it["id"]), "url": None if route == "duplicate" else _route_url(route, base_url, it["file"], j),
             "caption": caption, "width": it.get("width") if has_file else None,
@@ -303,9 +376,12 @@ def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], 
                          sha256=src["sha256"], file=src["file"])
 
     df = _profile_frame(profile, rows, rng, seed)
+    df["row"] = np.arange(n, dtype=np.int64)
     df["route"] = [r["route"] for r in rows]
-    df["expected"] = [ROUTES[r["route"]] for r in rows]
-    df["expected_after_retry"] = [ROUTES_AFTER_RETRY[r["route"]] for r in rows]
+    policy = {"base_private": is_private_host(base_url), "allow_private_network": allow_private_network,
+              "resolve_hosts": resolve_hosts}
+    df["expected"] = [expected_status(r["route"], **policy) for r in rows]
+    df["expected_after_retry"] = [expected_status(r["route"], retried=True, **policy) for r in rows]
     df["transient"] = [r["route"] in TRANSIENT_ROUTES for r in rows]
     df["expected_uid"] = [uid_of(r["url"], r["caption"]) for r in rows]
     df["item_id"] = pd.array([r["item_id"] for r in rows], dtype="Int64")
@@ -314,15 +390,17 @@ def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], 
     df["transform"] = pd.array([r["transform"] for r in rows], dtype="string")
 
     meta = df[list(PROFILES[profile])]
+    malformed = [r["route"] == "malformed_row" for r in rows]
     if single:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        _write_frame(meta, out_path, fmt)
+        _write_frame(meta, out_path, fmt, malformed)
     else:
         os.makedirs(out_path, exist_ok=True)
         bounds = np.linspace(0, n, n_files + 1).astype(int)
         for f in range(n_files):
             part = meta.iloc[bounds[f]:bounds[f + 1]]
-            _write_frame(part, os.path.join(out_path, f"part-{f:05d}.{fmt}"), fmt)
+            _write_frame(part, os.path.join(out_path, f"part-{f:05d}.{fmt}"), fmt,
+                         malformed[bounds[f]:bounds[f + 1]])
     _write_frame(df, expected_path(out_path), "parquet")
     return df
 
