@@ -372,9 +372,9 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
             for m in tf:
                 if not m.isfile():
                     continue
-                key, ext = _split_key(m.name)
-                if key.rpartition("/")[2].startswith("."):  # hidden files (e.g. ._ resource forks)
+                if m.name.rpartition("/")[2].startswith("."):  # hidden files (e.g. macOS ._ resource forks)
                     continue
+                key, ext = _split_key(m.name)
                 fobj = tf.extractfile(m)
                 payload = fobj.read() if fobj is not None else b""
                 if key not in index:

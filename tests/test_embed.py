@@ -1,0 +1,304 @@
+"""embed: layout, read-back (embedding-reader), row alignment, resume, bad input, torchrun and Spark modes.
+
+Real components throughout: webdataset tars on disk, open_clip's tiny shipped model (random init),
+a real torchrun launch of 2 CPU processes, Spark local[2].
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from laiontools import layout
+from laiontools.embed import (
+    STATUS_FAILED_DECODE,
+    STATUS_OK,
+    EmbedConfig,
+    EmbedMismatchError,
+    Embedder,
+    embedder_for,
+    load_model_json,
+    main,
+    read_embeddings,
+    read_shard_samples,
+    run_embed,
+)
+from laiontools.embed_testpool import write_pool
+from laiontools.models import ModelError
+from laiontools.schema import ManifestError
+
+MODEL = "lt-tiny"
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory) -> str:
+    """3 shards x 8 samples of JPEG tars in download's layout; sample 3 is a corrupt JPEG."""
+    return write_pool(str(tmp_path_factory.mktemp("embpool")), n_shards=3, per_shard=8, image_size=96,
+                      realistic=False, corrupt=(3,))
+
+
+@pytest.fixture(scope="module")
+def pool_manifest(request, small_pool) -> str:
+    """The real downloaded pool from conftest (`pool` fixture) when it exists, else the small one."""
+    try:
+        return str(request.getfixturevalue("pool").manifest)
+    except pytest.FixtureLookupError:
+        return small_pool
+
+
+def _run(manifest: str, out: str, *extra: str) -> int:
+    return main(["--manifest", manifest, "--output", out, "--model", MODEL, "--batch-size", "5",
+                 "--num-workers", "0", *extra])
+
+
+def _tar_samples(manifest: str) -> dict[str, list]:
+    from laiontools.manifest import read_manifest, resolve
+
+    m = read_manifest(manifest)
+    return {layout.shard_id(s["path"]): read_shard_samples(resolve(manifest, s["path"]), s["sha256"])
+            for s in m["shards"]}
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, pool_manifest) -> str:
+    out = str(tmp_path_factory.mktemp("emb") / "emb")
+    assert _run(pool_manifest, out, "--num-workers", "2") == 0
+    return out
+
+
+def test_layout_alignment_and_scores(embedded, pool_manifest):
+    tars = _tar_samples(pool_manifest)
+    shards = list(read_embeddings(embedded, dtype=np.float16))
+    assert [s[0] for s in shards] == sorted(tars)
+    info = load_model_json(embedded)
+    assert info["model"] == MODEL and info["embed_dim"] == 64 and info["image_size"] == [64, 64]
+    assert "Normalize" in info["preprocess"]
+    from laiontools.manifest import manifest_sha256, read_manifest
+
+    assert info["pool"]["manifest_sha256"] == manifest_sha256(pool_manifest)
+    assert info["pool"]["source_fingerprint"] == read_manifest(pool_manifest)["source"]["fingerprint"]
+    for sid, img, txt, meta in shards:
+        samples = tars[sid]
+        assert img.dtype == np.float16 and txt.dtype == np.float16 and img.shape[1] == 64
+        assert len(img) == len(txt) == len(meta) == len(samples)
+        # Row i is tar sample i (keys in tar order), uids from the sample's json.
+        assert list(meta["key"]) == [k for k, _ in samples]
+        assert list(meta.columns) == ["uid", "key", "clip_score", "embed_status", "embed_error"]
+        ok = (meta["embed_status"] == STATUS_OK).to_numpy()
+        assert np.allclose(np.linalg.norm(img[ok].astype(np.float32), axis=1), 1, atol=2e-3)
+        assert np.allclose(np.linalg.norm(txt.astype(np.float32), axis=1), 1, atol=2e-3)
+        assert not img[~ok].any()  # failed rows: zero image vector, row kept
+        dots = (img.astype(np.float32) * txt.astype(np.float32)).sum(1)
+        assert np.allclose(meta["clip_score"].to_numpy(dtype=np.float32, na_value=np.nan)[ok], dots[ok], atol=5e-3)
+        assert meta["clip_score"][~ok].isna().all()
+        scores = pd.read_parquet(os.path.join(embedded, layout.EMB_SCORES_DIR, sid + ".parquet"))
+        assert list(scores.columns) == ["uid", "clip_score"] and list(scores["uid"]) == list(meta["uid"])
+
+
+def test_embedding_reader_reads_output(embedded):
+    """autofaiss reads embeddings with embedding-reader; it must see every row with its metadata."""
+    from embedding_reader import EmbeddingReader
+
+    total = sum(len(m) for _, _, _, m in read_embeddings(embedded))
+    reader = EmbeddingReader(os.path.join(embedded, layout.EMB_IMG_DIR), file_format="parquet_npy",
+                             metadata_folder=os.path.join(embedded, layout.EMB_META_DIR), meta_columns=["uid"])
+    assert reader.count == total and reader.dimension == 64
+    got_uids, got = [], []
+    for emb, meta in reader(batch_size=7, show_progress=False):
+        got.append(emb)
+        got_uids += list(meta["uid"])
+    mine = list(read_embeddings(embedded, dtype=np.float16))
+    assert got_uids == [u for _, _, _, m in mine for u in m["uid"]]
+    assert np.array_equal(np.concatenate(got), np.concatenate([i for _, i, _, _ in mine]))
+
+
+def test_embedder_reproduces_pool_embeddings(embedded, pool_manifest):
+    """Dedup embeds evaluation images with Embedder: it must land in the pool's space (same model + preprocessing)."""
+    from PIL import Image
+
+    sid, img, txt, meta = next(read_embeddings(embedded))
+    samples = _tar_samples(pool_manifest)[sid]
+    emb = embedder_for(embedded, device="cpu", batch_size=3)
+    assert emb.info["model"] == MODEL and emb.dim == 64
+    ok = [i for i in range(len(samples)) if meta["embed_status"][i] == STATUS_OK][:6]
+    pil = [Image.open(io.BytesIO(samples[i][1]["jpg"])) for i in ok]
+    mine = emb.embed_images(iter(pil))
+    assert mine.dtype == np.float32 and np.allclose(np.linalg.norm(mine, axis=1), 1, atol=1e-5)
+    assert np.allclose(mine, img[ok], atol=3e-3)
+    texts = [samples[i][1]["txt"].decode() for i in ok]
+    assert np.allclose(emb.embed_texts(texts), txt[ok], atol=3e-3)
+    assert emb.embed_images([]).shape == (0, 64)
+
+
+def test_corrupt_sample_keeps_row_and_is_counted(small_pool, tmp_path):
+    out = str(tmp_path / "emb")
+    assert _run(small_pool, out) == 0
+    sid, img, txt, meta = next(read_embeddings(out))
+    assert sid == "00000" and len(meta) == 8
+    row = meta.iloc[3]
+    assert row["embed_status"] == STATUS_FAILED_DECODE and row["embed_error"] and row["uid"]
+    assert pd.isna(row["clip_score"]) and not img[3].any() and txt[3].any()
+    assert (meta["embed_status"] == STATUS_OK).sum() == 7
+    from laiontools.storage import read_json
+
+    rep = read_json(os.path.join(out, "embed_report.json"))
+    assert rep["totals"] == {"rows": 24, "failed_decode": 1, "shards_done": 3}
+
+
+def test_resume_skips_done_and_redoes_interrupted(small_pool, tmp_path):
+    out = str(tmp_path / "emb")
+    assert _run(small_pool, out) == 0
+    before = {sid: (i.copy(), m.copy()) for sid, i, _, m in read_embeddings(out)}
+    marker = os.path.join(out, layout.EMB_META_DIR, "00001.parquet.done")
+    done_mtime = os.path.getmtime(os.path.join(out, layout.EMB_META_DIR, "00000.parquet.done"))
+    # A run killed while writing shard 00001: data files there or half there, no marker.
+    os.remove(marker)
+    os.remove(os.path.join(out, layout.EMB_TEXT_DIR, "00001.npy"))
+    with open(os.path.join(out, layout.EMB_IMG_DIR, ".00001.npy.tmp-deadbeef"), "wb") as f:
+        f.write(b"half")
+    res = run_embed(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0))
+    assert res.shards_embedded == ["00001"] and res.shards_skipped == ["00000", "00002"] and res.ok
+    assert os.path.getmtime(os.path.join(out, layout.EMB_META_DIR, "00000.parquet.done")) == done_mtime
+    after = {sid: (i, m) for sid, i, _, m in read_embeddings(out)}
+    assert sorted(after) == sorted(before)
+    for sid in before:
+        assert np.array_equal(before[sid][0], after[sid][0])
+        pd.testing.assert_frame_equal(before[sid][1], after[sid][1])
+
+
+def test_bad_shards_reported_others_finish(small_pool, tmp_path):
+    pool = str(tmp_path / "pool")
+    shutil.copytree(os.path.dirname(small_pool), pool)
+    manifest = os.path.join(pool, layout.POOL_MANIFEST)
+    os.remove(os.path.join(pool, "shards", "00000.tar"))
+    with open(os.path.join(pool, "shards", "00002.tar"), "r+b") as f:  # flip a byte: sha256 mismatch
+        f.seek(600)
+        b = f.read(1)
+        f.seek(600)
+        f.write(bytes([b[0] ^ 0xFF]))
+    out = str(tmp_path / "emb")
+    res = run_embed(EmbedConfig(manifest=manifest, output=out, model=MODEL, batch_size=5, num_workers=2))
+    assert not res.ok and res.shards_embedded == ["00001"]
+    assert set(res.failed_shards) == {"00000", "00002"}
+    assert "missing" in res.failed_shards["00000"] and "sha256" in res.failed_shards["00002"]
+    assert [s for s, *_ in read_embeddings(out)] == ["00001"]
+    assert _run(manifest, out) == 1  # the CLI exit code says shards are missing
+    # Repair the pool: the next run embeds just the two failed shards.
+    for s in ("00000", "00002"):
+        shutil.copy(os.path.join(os.path.dirname(small_pool), "shards", s + ".tar"), os.path.join(pool, "shards"))
+    res = run_embed(EmbedConfig(manifest=manifest, output=out, model=MODEL, batch_size=5, num_workers=0))
+    assert res.ok and res.shards_embedded == ["00000", "00002"] and res.shards_skipped == ["00001"]
+
+
+def test_manifest_missing_or_invalid(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        _run(str(tmp_path / "nope.json"), str(tmp_path / "emb"))
+    bad = tmp_path / "pool.manifest.json"
+    bad.write_text('{"schema_version": "1.0", "name": "x"}')
+    with pytest.raises(ManifestError, match="invalid manifest"):
+        _run(str(bad), str(tmp_path / "emb"))
+    from laiontools.cli import main as cli_main
+
+    assert cli_main(["embed", "--manifest", str(bad), "--output", str(tmp_path / "emb"), "--model", MODEL]) == 2
+
+
+def test_unknown_model_lists_close_names(small_pool, tmp_path):
+    with pytest.raises(ModelError, match="lt-tiny"):
+        main(["--manifest", small_pool, "--output", str(tmp_path / "e"), "--model", "lt-tinny"])
+    assert not os.path.exists(tmp_path / "e" / layout.EMB_MODEL_JSON)
+
+
+def test_other_model_refused_names_both(embedded, pool_manifest):
+    with pytest.raises(EmbedMismatchError) as e:
+        main(["--manifest", pool_manifest, "--output", embedded, "--model", "lt-small"])
+    assert "lt-tiny" in str(e.value) and "lt-small" in str(e.value) and "dim 64" in str(e.value)
+
+
+def test_other_pool_refused(embedded, tmp_path):
+    other = write_pool(str(tmp_path / "p2"), n_shards=1, per_shard=2, image_size=64, realistic=False, seed=7)
+    with pytest.raises(EmbedMismatchError, match="pool"):
+        _run(other, embedded)
+
+
+def _assert_same_output(a: str, b: str) -> None:
+    ra, rb = list(read_embeddings(a)), list(read_embeddings(b))
+    assert [s for s, *_ in ra] == [s for s, *_ in rb]
+    for (_, ia, ta, ma), (_, ib, tb, mb) in zip(ra, rb):
+        assert np.allclose(ia, ib, atol=2e-3) and np.allclose(ta, tb, atol=2e-3)
+        assert list(ma["uid"]) == list(mb["uid"]) and list(ma["embed_status"]) == list(mb["embed_status"])
+
+
+def test_torchrun_two_processes(small_pool, tmp_path):
+    """One process per device under torchrun (here 2 CPU processes on gloo): shards[rank::world]."""
+    local = str(tmp_path / "local")
+    assert _run(small_pool, local) == 0
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "laiontools.cli", "embed", "--manifest", small_pool, "--output", out, "--model", MODEL,
+           "--batch-size", "5", "--num-workers", "0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from laiontools.storage import read_json
+
+    rep = read_json(os.path.join(out, "embed_report.json"))
+    assert sorted(rep["this_run"]["shards_embedded"]) == ["00000", "00001", "00002"]
+    # each rank did its own slice: rank 1 took shard 00001 only
+    assert read_json(os.path.join(out, "settings.rank1.json"))["world_size"] == 2
+    _assert_same_output(local, out)
+
+
+def test_spark_one_task_per_shard(spark, small_pool, tmp_path):
+    local = str(tmp_path / "local")
+    assert _run(small_pool, local) == 0
+    out = str(tmp_path / "spark")
+    res = run_embed(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0,
+                                engine="spark"), spark=spark)
+    assert res.ok and res.shards_embedded == ["00000", "00001", "00002"] and res.failed_decode == 1
+    _assert_same_output(local, out)
+
+
+def test_worker_count_does_not_change_order(small_pool, tmp_path):
+    """Decode workers interleave batches; the output must not depend on how many there are."""
+    a, b = str(tmp_path / "w0"), str(tmp_path / "w3")
+    assert _run(small_pool, a, "--num-workers", "0") == 0
+    assert _run(small_pool, b, "--num-workers", "3") == 0
+    _assert_same_output(a, b)
+
+
+def test_read_shard_rejects_non_tar(tmp_path):
+    p = tmp_path / "x.tar"
+    p.write_bytes(b"not a tar at all" * 100)
+    from laiontools.embed import ShardError
+
+    with pytest.raises(ShardError, match="x.tar"):
+        read_shard_samples(str(p), None)
+    # a tar with a hidden file and a sample with no image: one row, no crash
+    q = tmp_path / "y.tar"
+    with tarfile.open(q, "w") as tf:
+        for name, data in (("._junk", b"x"), ("k1.txt", b"hello"), ("k1.json", b'{"uid": "ab"}')):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    assert [k for k, _ in read_shard_samples(str(q), None)] == ["k1"]
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(small_pool, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cpu, gpu = str(tmp_path / "cpu"), str(tmp_path / "gpu")
+    assert _run(small_pool, cpu, "--device", "cpu") == 0
+    assert _run(small_pool, gpu, "--device", "cuda", "--precision", "amp_bf16", "--num-workers", "2") == 0
+    for (_, ia, ta, _), (_, ib, tb, _) in zip(read_embeddings(cpu), read_embeddings(gpu)):
+        assert (ia * ib).sum(1).min() > 0.98 or not ia.any()
+        assert (ta * tb).sum(1).min() > 0.98
