@@ -1,0 +1,592 @@
+"""`laiontools train`: DDP training of an open_clip model on a resharded subset, for a fixed samples-seen budget.
+
+The trainer is open_clip's own (``open_clip_train``, the one the scaling-law study used). This module
+turns a manifest and a budget into its arguments, launches one process per device with ``torchrun``
+(NCCL on GPUs, gloo on CPU; each rank runs :mod:`laiontools.train_worker`), and checks the result.
+
+Samples seen is the controlled variable. Shards are *resampled* (drawn with replacement, weighted by
+their sample counts, ``--dataset-resampled``) so the data stream never runs dry, and the training is
+cut into *virtual epochs* of a fixed number of optimizer steps. For a budget of N samples and a
+global batch B the run makes exactly ``N // B`` optimizer steps and sees ``(N // B) * B`` samples,
+whatever the subset's size: an 80M-style subset and a 2B-style one get the same count. A virtual
+epoch is the checkpoint interval (default: one nominal pass over the subset, ``num_samples`` of the
+manifest); its step count is chosen to divide the total so the count stays exact.
+
+Run directory (``--output``, a local folder)::
+
+    settings.json       effective settings: config, manifest path + sha256, the plan, open_clip argv
+    environment.json    versions, devices, world size, backend (of the latest launch)
+    launches.jsonl      one line per launch (start, resumed-from samples seen, exit code)
+    shards.json         shard URLs and sampling weights given to the trainer
+    metrics.jsonl       step, samples_seen, loss, samples_per_s, samples_per_s_per_device, lr, ...
+    out.log, params.txt open_clip's log and parameter dump;  logs/rank<R>.log every rank's log
+    checkpoints/epoch_latest.pt   resume state (written atomically by open_clip at every virtual epoch)
+    checkpoints/epoch_<E>.pt      the final training checkpoint (model + optimizer)
+    model.pt            final model weights (plain state_dict, loadable with weights_only)
+    result.json         summary; result.json.done is the completion marker (written last)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.errors import UserError
+from laiontools.manifest import manifest_sha256, read_manifest, shard_urls
+from laiontools.report import emit
+from laiontools.schema import ManifestError
+from laiontools.storage import is_done, mark_done, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "settings.json"
+ENVIRONMENT_FILE = "environment.json"
+LAUNCHES_FILE = "launches.jsonl"
+RESULT_FILE = "result.json"
+MODEL_FILE = "model.pt"
+CHECKPOINT_DIR = "checkpoints"
+LATEST_CHECKPOINT = "epoch_latest.pt"  # open_clip_train.main.LATEST_CHECKPOINT_NAME
+
+# Settings that define *what* is trained; a resumed run must match them exactly.
+IDENTITY_KEYS = (
+    "manifest_sha256",
+    "model",
+    "samples_seen",
+    "batch_size",
+    "epoch_steps",
+    "epochs",
+    "lr",
+    "wd",
+    "beta1",
+    "beta2",
+    "eps",
+    "warmup",
+    "seed",
+    "precision",
+    "open_clip_args",
+)
+
+
+class TrainError(UserError, RuntimeError):
+    """Training failed or stopped early; the message says where the logs are and how to resume."""
+
+
+@dataclasses.dataclass
+class TrainConfig(StageConfig):
+    manifest: str = dataclasses.field(default="", metadata={"help": "resharded subset manifest (from `laiontools reshard`)"})
+    model: str = dataclasses.field(default="", metadata={"help": "open_clip model name, e.g. ViT-B-32 or lt-tiny"})
+    samples_seen: int = dataclasses.field(default=0, metadata={"help": "training budget in samples (the controlled variable)"})
+    batch_size: int = dataclasses.field(default=256, metadata={"help": "GLOBAL batch size (split evenly over --nproc processes)"})
+    output: str = dataclasses.field(default="", metadata={"help": "run directory (local folder)"})
+    nproc: int = dataclasses.field(default=1, metadata={"help": "processes (devices) on this node"})
+    checkpoint_every: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "checkpoint interval in samples (= one virtual epoch); default: the manifest's num_samples"},
+    )
+    keep_checkpoints: bool = dataclasses.field(default=False, metadata={"help": "keep a checkpoint per virtual epoch, not just the latest"})
+    lr: float = dataclasses.field(default=5e-4, metadata={"help": "peak learning rate (cosine schedule)"})
+    wd: float = dataclasses.field(default=0.2, metadata={"help": "AdamW weight decay"})
+    beta1: float = dataclasses.field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = dataclasses.field(default=0.98, metadata={"help": "AdamW beta2"})
+    eps: float = dataclasses.field(default=1e-6, metadata={"help": "AdamW epsilon"})
+    warmup: int | None = dataclasses.field(default=None, metadata={"help": "warmup steps; default 5%% of the steps, at most 10000"})
+    workers: int = dataclasses.field(default=2, metadata={"help": "data loader worker processes per process"})
+    precision: str | None = dataclasses.field(default=None, metadata={"help": "open_clip precision; default amp on GPU, fp32 on CPU"})
+    device: str | None = dataclasses.field(default=None, metadata={"help": "cuda or cpu; default cuda when available"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "random seed"})
+    log_every: int = dataclasses.field(default=10, metadata={"help": "write a metrics line every N steps"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --output from its latest checkpoint"})
+    open_clip_args: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "extra open_clip_train arguments (YAML or library use)"}
+    )
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("train: --model is required (an open_clip model name, e.g. ViT-B-32; lt-tiny for CPU tests)")
+        if self.samples_seen <= 0:
+            raise ConfigError(f"train: --samples-seen must be a positive number of samples, got {self.samples_seen}")
+        if self.batch_size <= 0 or self.nproc <= 0:
+            raise ConfigError(f"train: --batch-size ({self.batch_size}) and --nproc ({self.nproc}) must be positive")
+        if self.batch_size % self.nproc:
+            raise ConfigError(
+                f"train: global batch size {self.batch_size} is not divisible by the world size {self.nproc}; "
+                f"every process must get the same batch: use a multiple of {self.nproc}"
+            )
+        if self.samples_seen < self.batch_size:
+            raise ConfigError(
+                f"train: samples seen {self.samples_seen} is smaller than one global batch ({self.batch_size}); "
+                f"raise --samples-seen or lower --batch-size"
+            )
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ConfigError(f"train: --checkpoint-every must be positive, got {self.checkpoint_every}")
+        if self.workers < 0 or self.log_every <= 0:
+            raise ConfigError("train: --workers must be >= 0 and --log-every >= 1")
+        if self.warmup is not None and self.warmup < 0:
+            raise ConfigError(f"train: --warmup must be >= 0, got {self.warmup}")
+        if self.output and "://" in self.output and not self.output.startswith("file://"):
+            raise ConfigError(
+                f"train: --output {self.output} must be a local folder (open_clip writes checkpoints with the OS); "
+                f"copy the run directory to object storage afterwards"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The exact schedule: ``steps`` optimizer steps of ``global_batch`` samples in ``epochs`` virtual epochs."""
+
+    samples_seen_requested: int
+    samples_seen: int  # steps * global_batch: what the run will actually see
+    global_batch: int
+    per_device_batch: int
+    world_size: int
+    steps: int
+    epoch_steps: int
+    epochs: int
+    workers: int
+
+    @property
+    def epoch_samples(self) -> int:
+        return self.epoch_steps * self.global_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["epoch_samples"] = self.epoch_samples
+        return d
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def plan_schedule(samples_seen: int, global_batch: int, world_size: int, epoch_samples: int, workers: int) -> Plan:
+    """Steps and virtual epochs for a budget, so the run sees exactly ``(samples_seen // global_batch) * global_batch``.
+
+    open_clip makes ``train_num_samples / global_batch`` steps per epoch, rounded up to a multiple of
+    the loader workers, so the epoch's step count must divide the total and be a multiple of the
+    workers. Picks the largest such count not above ``epoch_samples / global_batch`` (lowering the
+    worker count only if no count fits). Raises ConfigError for a budget below one global batch or a
+    batch not divisible by the world size.
+    """
+    if global_batch % world_size:
+        raise ConfigError(f"global batch size {global_batch} is not divisible by the world size {world_size}")
+    if samples_seen < global_batch:
+        raise ConfigError(f"samples seen {samples_seen} is smaller than one global batch ({global_batch})")
+    steps = samples_seen // global_batch
+    target = max(1, min(steps, round(epoch_samples / global_batch)))
+    divs = _divisors(steps)
+    for w in range(max(workers, 1), 0, -1):
+        fits = [d for d in divs if d % w == 0]
+        if not fits:
+            continue
+        below = [d for d in fits if d <= target]
+        epoch_steps = max(below) if below else min(fits)
+        return Plan(
+            samples_seen_requested=samples_seen,
+            samples_seen=steps * global_batch,
+            global_batch=global_batch,
+            per_device_batch=global_batch // world_size,
+            world_size=world_size,
+            steps=steps,
+            epoch_steps=epoch_steps,
+            epochs=steps // epoch_steps,
+            workers=w if workers > 0 else 0,
+            )
+    raise AssertionError("unreachable: 1 divides every step count")
+
+
+def check_trainable_manifest(path: str) -> dict[str, Any]:
+    """Read a manifest and make sure it lists shards the trainer can stream. Raises ManifestError."""
+    m = read_manifest(path)
+    if not m["shards"]:
+        raise ManifestError(
+            f"manifest {path} ({m['kind']} {m['name']!r}, {m['num_samples']} samples) lists no shards: it was never "
+            f"resharded. Run `laiontools reshard --manifest {path} --output <dir>` and train on the manifest it writes"
+        )
+    if m["kind"] != "subset":
+        raise ManifestError(
+            f"manifest {path} is a {m['kind']} manifest; train on a subset: `laiontools subsets` then `laiontools reshard`"
+        )
+    empty = [s["path"] for s in m["shards"] if int(s["num_samples"]) <= 0]
+    if empty:
+        raise ManifestError(f"manifest {path}: shard(s) {empty[:5]} have num_samples 0; re-run `laiontools reshard`")
+    from laiontools.storage import url_to_fs
+
+    missing = []
+    for url in shard_urls(path, m):
+        fs, p = url_to_fs(url)
+        if not fs.exists(p):
+            missing.append(url)
+            if len(missing) >= 5:
+                break
+    if missing:
+        raise ManifestError(f"manifest {path}: shard file(s) missing: {missing}; run `laiontools verify --manifest {path}`")
+    return m
+
+
+def _device(cfg: TrainConfig) -> str:
+    import torch
+
+    if cfg.device:
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("train: --device cuda was given but torch sees no CUDA device; use --device cpu")
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def environment(device: str, world_size: int) -> dict[str, Any]:
+    """Versions, devices and world size of this launch (recorded in the run directory)."""
+    import numpy
+    import open_clip
+    import torch
+    import webdataset
+
+    from laiontools import __version__
+
+    env: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "laiontools": __version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "webdataset": getattr(webdataset, "__version__", "unknown"),
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "device_type": device.split(":")[0],
+        "world_size": world_size,
+        "backend": "nccl" if device.startswith("cuda") else "gloo",
+        "cpu_count": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    if device.startswith("cuda"):
+        env["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    else:
+        env["devices"] = [f"cpu x{world_size} processes"]
+    return env
+
+
+def build_settings(cfg: TrainConfig, manifest: dict[str, Any], plan: Plan, device: str, run_dir: str) -> dict[str, Any]:
+    """The full effective settings: what is trained (identity keys) and how it is launched."""
+    precision = cfg.precision or ("amp" if device.startswith("cuda") else "fp32")
+    warmup = cfg.warmup if cfg.warmup is not None else min(10000, plan.steps // 20)
+    s: dict[str, Any] = {
+        "manifest": os.path.abspath(cfg.manifest) if "://" not in cfg.manifest else cfg.manifest,
+        "manifest_sha256": manifest_sha256(cfg.manifest),
+        "manifest_name": manifest["name"],
+        "manifest_num_samples": manifest["num_samples"],
+        "manifest_num_shards": len(manifest["shards"]),
+        "model": cfg.model,
+        "samples_seen": plan.samples_seen,
+        "samples_seen_requested": plan.samples_seen_requested,
+        "batch_size": plan.global_batch,
+        "epoch_steps": plan.epoch_steps,
+        "epochs": plan.epochs,
+        "lr": cfg.lr,
+        "wd": cfg.wd,
+        "beta1": cfg.beta1,
+        "beta2": cfg.beta2,
+        "eps": cfg.eps,
+        "warmup": warmup,
+        "seed": cfg.seed,
+        "precision": precision,
+        "device": device,
+        "open_clip_args": list(cfg.open_clip_args),
+        "plan": plan.to_dict(),
+        "config": cfg.to_dict(),
+    }
+    s["open_clip_argv"] = open_clip_argv(s, plan, run_dir, cfg)
+    return s
+
+
+def open_clip_argv(s: dict[str, Any], plan: Plan, run_dir: str, cfg: TrainConfig) -> list[str]:
+    """Arguments for ``open_clip_train.main`` (the shard list is added by the worker from shards.json)."""
+    run_dir = os.path.abspath(run_dir)
+    argv = [
+        "--dataset-type", "webdataset",
+        "--dataset-resampled",
+        "--train-num-samples", str(plan.epoch_samples),
+        "--batch-size", str(plan.per_device_batch),
+        "--epochs", str(plan.epochs),
+        "--workers", str(plan.workers),
+        "--model", s["model"],
+        "--precision", s["precision"],
+        "--device", s["device"],
+        "--lr", repr(s["lr"]),
+        "--wd", repr(s["wd"]),
+        "--beta1", repr(s["beta1"]),
+        "--beta2", repr(s["beta2"]),
+        "--eps", repr(s["eps"]),
+        "--warmup", str(s["warmup"]),
+        "--lr-scheduler", "cosine",
+        "--seed", str(s["seed"]),
+        # log_base_path = logs/name = the run directory itself
+        "--logs", os.path.dirname(run_dir),
+        "--name", os.path.basename(run_dir),
+        "--save-frequency", "1" if cfg.keep_checkpoints else "0",
+        # epoch_latest.pt is written to a temp file and renamed: a kill never leaves a torn resume point
+        "--save-most-recent",
+        "--resume", "latest",
+        "--report-to", "wandb",  # routed to metrics.jsonl by laiontools.train_worker
+        "--log-every-n-steps", str(cfg.log_every),
+    ]  # fmt: skip
+    return argv + list(s["open_clip_args"])
+
+
+def checkpoint_epoch(path: str) -> int:
+    """Completed virtual epochs stored in an open_clip training checkpoint (loaded weights-only)."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return int(ckpt["epoch"])
+
+
+def _read_metrics(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    log.warning("%s: skipping a torn line (the run was killed while writing it)", path)
+    return out
+
+
+def _truncate_metrics(path: str, last_step: int) -> int:
+    """Drop metric lines past the checkpoint being resumed from (they will be trained again)."""
+    from laiontools.storage import atomic_write_bytes
+
+    recs = _read_metrics(path)
+    keep = [r for r in recs if int(r["step"]) <= last_step]
+    if len(keep) != len(recs):
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+    return len(recs) - len(keep)
+
+
+def _prepare_run_dir(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
+    """Write or check settings.json; return the samples already seen (from the resume checkpoint)."""
+    run_dir = cfg.output
+    settings_path = os.path.join(run_dir, SETTINGS_FILE)
+    if os.path.exists(settings_path):
+        if not cfg.resume:
+            raise ConfigError(
+                f"train: {run_dir} already holds a run ({SETTINGS_FILE} exists); pass --resume to continue it, "
+                f"or give a new --output"
+            )
+        old = read_json(settings_path)
+        diff = {k: (old.get(k), settings.get(k)) for k in IDENTITY_KEYS if old.get(k) != settings.get(k)}
+        if diff:
+            raise ConfigError(
+                f"train: cannot resume {run_dir}: settings differ from the original run "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                + "; resume with the original settings or start a new --output"
+            )
+    write_json(settings_path, settings)
+    ckpt = os.path.join(run_dir, CHECKPOINT_DIR, LATEST_CHECKPOINT)
+    done_steps = 0
+    if os.path.exists(ckpt):
+        epoch = checkpoint_epoch(ckpt)
+        if epoch > plan.epochs:
+            raise TrainError(f"{ckpt} is at virtual epoch {epoch}, past the planned {plan.epochs}; start a new --output")
+        done_steps = epoch * plan.epoch_steps
+    dropped = _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), done_steps)
+    if cfg.resume:
+        log.info(
+            "resuming %s at samples seen %d of %d (step %d of %d)%s",
+            run_dir,
+            done_steps * plan.global_batch,
+            plan.samples_seen,
+            done_steps,
+            plan.steps,
+            f"; dropped {dropped} metric lines past the checkpoint" if dropped else "",
+        )
+    return done_steps * plan.global_batch
+
+
+def _launch(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
+    """Start torchrun with one laiontools.train_worker per process; return its exit code."""
+    import functools
+
+    from laiontools.train_worker import die_with_parent
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node", str(plan.world_size),
+        "-m", "laiontools.train_worker",
+        os.path.abspath(cfg.output),  # the worker reads open_clip_argv from settings.json
+    ]  # fmt: skip
+    env = dict(os.environ)
+    if plan.world_size > 1 and "OMP_NUM_THREADS" not in env:
+        # torchrun would set 1 and warn; give each rank its share of the cores instead.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.world_size))
+    log.info("launching: %s", " ".join(cmd[:8]) + " ...")
+    # torchrun gets SIGTERM if this process dies (it then stops the ranks, which also die with it).
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(die_with_parent, 15))
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()  # our own child: stop it (torchrun stops its workers) before re-raising
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: float) -> dict[str, Any]:
+    """Check the run reached its budget, write model.pt and result.json, then the completion marker."""
+    import torch
+
+    from laiontools.storage import atomic_open
+
+    run_dir = cfg.output
+    ckpt = os.path.join(run_dir, CHECKPOINT_DIR, LATEST_CHECKPOINT)
+    epoch = checkpoint_epoch(ckpt) if os.path.exists(ckpt) else 0
+    if epoch != plan.epochs:
+        raise TrainError(
+            f"training in {run_dir} stopped at virtual epoch {epoch} of {plan.epochs} "
+            f"(samples seen {epoch * plan.epoch_samples} of {plan.samples_seen}); see {run_dir}/out.log and "
+            f"{run_dir}/logs/, then re-run with --resume"
+        )
+    metrics = _read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    last = metrics[-1] if metrics else None
+    if last is None or int(last["step"]) != plan.steps or int(last["samples_seen"]) != plan.samples_seen:
+        raise TrainError(
+            f"{run_dir}/metrics.jsonl ends at {last and last['step']} steps / {last and last['samples_seen']} samples, "
+            f"expected {plan.steps} / {plan.samples_seen}: the metrics and the checkpoint disagree"
+        )
+    steps_logged = [int(r["step"]) for r in metrics]
+    if steps_logged != sorted(set(steps_logged)):
+        raise TrainError(f"{run_dir}/metrics.jsonl has repeated or unordered steps: {steps_logged[:20]}")
+    final_loss = float(last["loss"])
+    ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in ckpt_data["state_dict"].items()}
+    with atomic_open(os.path.join(run_dir, MODEL_FILE)) as f:
+        torch.save(sd, f)
+    sps = [r["samples_per_s"] for r in metrics[1:] if math.isfinite(r.get("samples_per_s", math.nan))]
+    result = {
+        "run_dir": os.path.abspath(run_dir),
+        "model": settings["model"],
+        "manifest": settings["manifest"],
+        "manifest_sha256": settings["manifest_sha256"],
+        "samples_seen": plan.samples_seen,
+        "samples_seen_requested": plan.samples_seen_requested,
+        "steps": plan.steps,
+        "global_batch": plan.global_batch,
+        "epochs": plan.epochs,
+        "world_size": plan.world_size,
+        "final_loss": final_loss,
+        "loss_finite": math.isfinite(final_loss),
+        "median_samples_per_s": sorted(sps)[len(sps) // 2] if sps else None,
+        "last_launch_wall_s": round(wall_s, 3),
+        "checkpoint": MODEL_FILE,
+        "training_checkpoint": f"{CHECKPOINT_DIR}/{LATEST_CHECKPOINT}",
+    }
+    if not result["loss_finite"]:
+        raise TrainError(f"training in {run_dir} ended with a non-finite loss ({final_loss}); lower --lr or check the data")
+    result_path = os.path.join(run_dir, RESULT_FILE)
+    write_json(result_path, result)
+    mark_done(result_path, {"samples_seen": plan.samples_seen, "steps": plan.steps})
+    return result
+
+
+def is_finished(run_dir: str) -> bool:
+    """True when the run's completion marker exists (training reached its budget and was checked)."""
+    return is_done(os.path.join(run_dir, RESULT_FILE))
+
+
+def read_result(run_dir: str) -> dict[str, Any]:
+    """result.json of a finished run; raises TrainError if the run is not finished."""
+    if not is_finished(run_dir):
+        raise TrainError(f"{run_dir} is not a finished training run (no {RESULT_FILE}.done); run or resume `laiontools train`")
+    return read_json(os.path.join(run_dir, RESULT_FILE))
+
+
+def run_train(cfg: TrainConfig, spark: Any = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.manifest`` for exactly ``samples_seen // batch_size`` steps.
+
+    Returns the run's result dict (also in ``<output>/result.json``). A finished run is not trained
+    again (its result is returned). With ``cfg.resume`` an interrupted run continues from its latest
+    checkpoint with the exact samples-seen count. Raises ManifestError for a manifest without shards,
+    ConfigError for inconsistent settings, TrainError when training fails or stops short.
+    ``spark`` is unused (training runs on torch.distributed); it is accepted for a uniform stage API.
+    """
+    if not cfg.output:
+        raise ConfigError("train: --output (the run directory) is required")
+    if cfg.output.startswith("file://"):
+        cfg = dataclasses.replace(cfg, output=cfg.output[len("file://") :])
+    if is_finished(cfg.output):
+        log.info("%s is already finished; not training again", cfg.output)
+        return read_result(cfg.output)
+    manifest = check_trainable_manifest(cfg.manifest)
+    device = _device(cfg)
+    epoch_samples = cfg.checkpoint_every or int(manifest["num_samples"])
+    plan = plan_schedule(cfg.samples_seen, cfg.batch_size, cfg.nproc, epoch_samples, cfg.workers)
+    if plan.samples_seen != cfg.samples_seen:
+        log.warning(
+            "samples seen %d is not a multiple of the global batch %d: the run makes %d steps and sees %d samples",
+            cfg.samples_seen, plan.global_batch, plan.steps, plan.samples_seen,
+        )  # fmt: skip
+    if plan.epoch_samples * 2 < min(epoch_samples, plan.samples_seen) or plan.workers != cfg.workers:
+        log.warning(
+            "checkpoint interval %d samples (%d steps, %d loader workers) was the closest fit to %d samples that keeps "
+            "the step count exact; a samples-seen budget with more divisors gives more freedom",
+            plan.epoch_samples, plan.epoch_steps, plan.workers, epoch_samples,
+        )  # fmt: skip
+    os.makedirs(cfg.output, exist_ok=True)
+    settings = build_settings(cfg, manifest, plan, device, cfg.output)
+    resumed_from = _prepare_run_dir(cfg, settings, plan)
+    urls = shard_urls(cfg.manifest, manifest)
+    # Weight shards by their sample counts so resampling draws every sample with equal probability.
+    write_json(os.path.join(cfg.output, "shards.json"), {"urls": urls, "weights": [int(s["num_samples"]) for s in manifest["shards"]]})
+    write_json(os.path.join(cfg.output, ENVIRONMENT_FILE), environment(device, plan.world_size))
+    t0 = time.time()
+    rc = _launch(cfg, settings, plan)
+    wall = time.time() - t0
+    with open(os.path.join(cfg.output, LAUNCHES_FILE), "a") as f:
+        f.write(json.dumps({"start": t0, "wall_s": round(wall, 3), "resumed_from_samples": resumed_from, "exit_code": rc, "world_size": plan.world_size}) + "\n")
+    if rc != 0:
+        raise TrainError(
+            f"training exited with code {rc}; see {cfg.output}/out.log and {cfg.output}/logs/rank*.log, "
+            f"then re-run with --resume to continue from the latest checkpoint"
+        )
+    result = _finalize(cfg, settings, plan, wall)
+    emit(
+        f"trained {cfg.model} on {manifest['name']} ({manifest['num_samples']} samples): {plan.samples_seen} samples seen, "
+        f"{plan.steps} steps of {plan.global_batch}, final loss {result['final_loss']:.4f}\n"
+        f"run directory: {os.path.abspath(cfg.output)}  (model: {MODEL_FILE}, metrics: metrics.jsonl)"
+    )
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="laiontools train",
+        description="Train an open_clip model on a resharded subset manifest for a fixed number of samples seen "
+        "(open_clip_train under torchrun; NCCL on GPUs, gloo on CPU).",
+    )
+    add_config_args(p, TrainConfig, skip=("open_clip_args",))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(TrainConfig, args)
+    run_train(cfg)
+    return 0

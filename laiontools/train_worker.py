@@ -1,0 +1,193 @@
+"""Per-rank entry point that torchrun starts: ``python -m laiontools.train_worker <run_dir>``.
+
+It is a thin shim around open_clip's own trainer (``open_clip_train.main.main``); it adds only what
+laiontools needs in every rank, without copying the trainer:
+
+* registers the tiny model configs shipped with laiontools, so ``lt-tiny`` resolves in each rank;
+* reads open_clip's arguments from ``<run_dir>/settings.json`` (``open_clip_argv``) and the shard
+  list and sampling weights from ``<run_dir>/shards.json`` (so thousands of shard URLs never hit the
+  command-line length limit, and torchrun's own parser never sees them), passing the shards as
+  ``--train-data`` and ``--train-data-upsampling-factors``;
+* writes every rank's log to ``<run_dir>/logs/rank<R>.log``;
+* receives open_clip's per-step training logs through its experiment-tracker interface (the calls it
+  makes on ``wandb`` when ``--report-to wandb`` is given) and writes them as JSON lines to
+  ``<run_dir>/metrics.jsonl``. No tracker is contacted; the real ``wandb`` is never called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+SHARDS_FILE = "shards.json"
+SETTINGS_FILE = "settings.json"
+METRICS_FILE = "metrics.jsonl"
+LOGS_DIR = "logs"
+
+
+class MetricsSink:
+    """Stands in for the ``wandb`` module inside open_clip_train: ``log()`` appends JSON lines.
+
+    open_clip calls ``wandb.log(log_data, step=step)`` on the master rank after each logged optimizer
+    step, with ``step`` the 0-based index of the step just finished and keys ``train/loss``,
+    ``train/samples_per_second``, ``train/samples_per_second_per_gpu``, ``train/lr``, ... . Each
+    call becomes one record ``{step, samples_seen, loss, samples_per_s, samples_per_s_per_device, ...}``
+    where ``step`` counts finished optimizer steps and ``samples_seen = step * global_batch``.
+    """
+
+    def __init__(self, path: str, global_batch: int) -> None:
+        self.path = path
+        self.global_batch = global_batch
+        self.t0 = time.time()
+
+    # -- the subset of the wandb interface open_clip_train uses --------------------------------
+    def init(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def watch(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def finish(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def log(self, data: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        if step is None or "train/loss" not in data:
+            return  # evaluation logs (not used by laiontools train) carry no training step
+        done = int(step) + 1
+        rec: dict[str, Any] = {
+            "step": done,
+            "samples_seen": done * self.global_batch,
+            "loss": float(data["train/loss"]),
+            "samples_per_s": float(data.get("train/samples_per_second", float("nan"))),
+            "samples_per_s_per_device": float(data.get("train/samples_per_second_per_gpu", float("nan"))),
+            "lr": float(data.get("train/lr", float("nan"))),
+            "logit_scale": float(data.get("train/scale", float("nan"))),
+            "data_time": float(data.get("train/data_time", float("nan"))),
+            "batch_time": float(data.get("train/batch_time", float("nan"))),
+            "wall_s": round(time.time() - self.t0, 3),
+        }
+        for k, v in data.items():  # every loss term open_clip reports (contrastive_loss, ...)
+            if k.startswith("train/") and k.endswith("_loss"):
+                rec[k[len("train/") :]] = float(v)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+
+
+def _with_data_args(run_dir: str, argv: list[str]) -> list[str]:
+    with open(os.path.join(run_dir, SHARDS_FILE)) as f:
+        shards = json.load(f)
+    urls, weights = shards["urls"], shards["weights"]
+    return [
+        "--train-data",
+        "::".join(urls),
+        "--train-data-upsampling-factors",
+        "::".join(repr(float(w)) for w in weights),
+        *argv,
+    ]
+
+
+def _global_batch(argv: list[str]) -> int:
+    per_rank = int(argv[argv.index("--batch-size") + 1])
+    return per_rank * int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def die_with_parent(sig: int = 9) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (no-op elsewhere).
+
+    torchrun starts each rank in its own session, so a rank would outlive a killed launcher and go on
+    writing into the run directory; with this, killing the launcher kills the ranks, and a resumed
+    run never races a stale one.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _allow_cpu_ddp() -> None:
+    """Let open_clip_train wrap CPU models in DDP on current torch.
+
+    open_clip_train 3.3 calls ``DistributedDataParallel(model, device_ids=[device])`` on every
+    device; torch >= 2.5 rejects ``device_ids`` for CPU modules (they must be None there). A subclass
+    that drops CPU ``device_ids`` keeps the trainer unmodified and ``isinstance`` checks intact. It is
+    installed only in CPU worker processes started by laiontools.
+    """
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    class _CpuDDP(DistributedDataParallel):
+        def __init__(self, module: Any, device_ids: Any = None, **kwargs: Any) -> None:
+            if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids=device_ids, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = _CpuDDP  # type: ignore[misc]
+
+
+def _no_shard_eof_marker() -> None:
+    """Make open_clip_train's tar reader work with webdataset >= 0.2.96.
+
+    Those webdataset versions yield an empty dict at the end of each shard (``eof_value={}``), which
+    open_clip_train's ``group_by_keys_nothrow`` cannot handle (KeyError 'fname';
+    webdataset/webdataset#384, mlfoundations/open_clip#935). The fix given there is
+    ``eof_value=None``; open_clip_train.data looks ``tar_file_expander`` up at call time.
+    """
+    import functools
+
+    import open_clip_train.data as oc_data
+    from webdataset.tariterators import tar_file_expander
+
+    if "eof_value" in tar_file_expander.__code__.co_varnames:
+        oc_data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run open_clip's trainer for one rank. Returns 0 on success, 1 if open_clip reported an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_dir = argv[0]
+    with open(os.path.join(run_dir, SETTINGS_FILE)) as f:
+        oc_argv = list(json.load(f)["open_clip_argv"]) + argv[1:]
+    die_with_parent()
+    rank = int(os.environ.get("RANK", "0"))
+    os.makedirs(os.path.join(run_dir, LOGS_DIR), exist_ok=True)
+    # open_clip's setup_logging adds its own handlers to the root logger and keeps ours.
+    fh = logging.FileHandler(os.path.join(run_dir, LOGS_DIR, f"rank{rank}.log"))
+    fh.setFormatter(logging.Formatter(f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s"))
+    logging.root.addHandler(fh)
+
+    # open_clip_train imports wandb if installed (slow, and never used: MetricsSink replaces it).
+    sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
+    from laiontools.models import register_tiny_models
+
+    register_tiny_models()
+    import open_clip_train.main as oc_main
+    import open_clip_train.train as oc_train
+
+    _no_shard_eof_marker()
+    if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
+        _allow_cpu_ddp()
+    sink = MetricsSink(os.path.join(run_dir, METRICS_FILE), _global_batch(oc_argv))
+    # open_clip looks up the module-level name `wandb` at call time; this routes its tracker
+    # calls to the metrics file.
+    oc_main.wandb = sink  # type: ignore[attr-defined]
+    oc_train.wandb = sink  # type: ignore[attr-defined]
+    rc = oc_main.main(_with_data_args(run_dir, oc_argv))
+    # open_clip returns -1 (and prints) for refused set-ups instead of raising.
+    return 0 if rc in (None, 0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
