@@ -65,7 +65,7 @@ class DownloadConfig(PrepareConfig):
     max_shard_retry: int = dataclasses.field(default=1, metadata={"help": "times a failed shard is re-run"})
     extract_exif: bool = dataclasses.field(default=True, metadata={"help": "store EXIF in the metadata"})
     min_image_size: int = dataclasses.field(default=0, metadata={"help": "reject images with a smaller side"})
-    max_aspect_ratio: float = dataclasses.field(default=float("inf"), metadata={"help": "reject images with a larger aspect ratio"})
+    max_aspect_ratio: float | None = dataclasses.field(default=None, metadata={"help": "reject images with a larger aspect ratio (default: no limit)"})
     max_image_pixels: int = dataclasses.field(default=89_478_485, metadata={"help": "reject images with more pixels (read from the header, before decoding)"})
     max_bytes: int = dataclasses.field(default=20 * 1024 * 1024, metadata={"help": "reject responses larger than this"})
     respect_optouts: bool = dataclasses.field(default=True, metadata={"help": "honour X-Robots-Tag noai/noimageai/noindex/noimageindex"})
@@ -194,9 +194,9 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
         upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.encode_quality,
         encode_format=cfg.encode_format, skip_reencode=cfg.skip_reencode, disable_all_reencoding=False,
         min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_pixels,
-        max_aspect_ratio=cfg.max_aspect_ratio, blurrer=None,
+        max_aspect_ratio=cfg.max_aspect_ratio or float("inf"), blurrer=None,
     )
-    policy = FetchPolicy(allow_private_network=cfg.allow_private_network, max_bytes=cfg.max_bytes,
+    policy = FetchPolicy(allow_private_network=cfg.allow_private_network, allow_networks=tuple(cfg.allow_networks), max_bytes=cfg.max_bytes,
                          max_image_pixels=cfg.max_image_pixels)
     directives = ["noai", "noimageai", "noindex", "noimageindex"] if cfg.respect_optouts else None
     downloader = PolicyDownloader(

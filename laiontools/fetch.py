@@ -51,6 +51,7 @@ def is_transient(error_message: str | None) -> bool:
 @dataclass(frozen=True)
 class FetchPolicy:
     allow_private_network: bool = False
+    allow_networks: tuple[str, ...] = ()
     max_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 89_478_485  # PIL's default decompression-bomb limit
     backoff_base: float = 0.5
@@ -73,7 +74,7 @@ def _check_target(url: str, policy: FetchPolicy) -> None:
     except OSError as e:
         raise BlockedTarget(f"host {host} does not resolve ({e})") from e
     for a in addrs:
-        if is_blocked_ip(ipaddress.ip_address(a.split("%")[0])):
+        if is_blocked_ip(ipaddress.ip_address(a.split("%")[0]), policy.allow_networks):
             raise BlockedTarget(f"blocked: host {host} resolves to private/loopback/link-local address {a}")
 
 
@@ -169,5 +170,6 @@ class PolicyDownloader(Downloader):
 
         import img2dataset.downloader as d
 
-        d.download_image_with_retry = functools.partial(fetch_with_retry, policy=FetchPolicy(**self.policy_dict))
+        pol = FetchPolicy(**{**self.policy_dict, "allow_networks": tuple(self.policy_dict["allow_networks"])})
+        d.download_image_with_retry = functools.partial(fetch_with_retry, policy=pol)
         return super().__call__(row)

@@ -57,7 +57,8 @@ class PrepareConfig(StageConfig):
     output: str = dataclasses.field(default="", metadata={"help": "pool output folder"})
     profile: str | None = dataclasses.field(default=None, metadata={"help": "laion400m | laion2b-en | datacomp | generic (default: detected)"})
     columns: str | None = dataclasses.field(default=None, metadata={"help": "column mapping overrides, e.g. url=MyUrl,caption=MyText"})
-    allow_private_network: bool = dataclasses.field(default=False, metadata={"help": "allow private/loopback/link-local targets (tests, intranet mirrors)"})
+    allow_private_network: bool = dataclasses.field(default=False, metadata={"help": "allow every private/loopback/link-local target (intranet mirrors)"})
+    allow_networks: list[str] = dataclasses.field(default_factory=list, metadata={"help": "allow only these private networks/hosts, e.g. 127.0.0.0/8 (tests and the demo serve on 127.0.0.1)"})
     resolve_hosts: bool = dataclasses.field(default=False, metadata={"help": "also resolve host names in prepare and reject those resolving to private addresses (download always re-checks at connect time)"})
     max_url_length: int = dataclasses.field(default=2048, metadata={"help": "longer URLs are rejected"})
     max_caption_length: int = dataclasses.field(default=2048, metadata={"help": "longer captions (characters) are rejected"})
@@ -68,6 +69,11 @@ class PrepareConfig(StageConfig):
     def validate(self) -> None:
         if self.number_sample_per_shard < 1 or self.shards_per_file < 1:
             raise ConfigError("number_sample_per_shard and shards_per_file must be >= 1")
+        for net in self.allow_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as e:
+                raise ConfigError(f"allow_networks entry {net!r} is not an IP network (e.g. 127.0.0.0/8): {e}") from e
         if self.max_url_length < 10 or self.max_caption_length < 1:
             raise ConfigError("max_url_length must be >= 10 and max_caption_length >= 1")
 
@@ -219,9 +225,16 @@ def source_fingerprint(files: list[SourceFile], profile: str, mapping: dict[str,
 _PRIVATE_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
-def is_blocked_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+# Special-use names that never resolve (RFC 2606 / RFC 6761): refused without a DNS query.
+_NEVER_RESOLVE = (".invalid", ".test", ".example")
+
+
+def is_blocked_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_networks: tuple[str, ...] | list[str] = ()) -> bool:
+    """True for private/loopback/link-local/reserved/multicast addresses not in `allow_networks`."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if any(ip in ipaddress.ip_network(n, strict=False) for n in allow_networks):
+        return False
     return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
                 or ip.is_unspecified or getattr(ip, "is_site_local", False))
 
@@ -242,14 +255,17 @@ def check_url(url: str | None, policy: dict[str, Any], dns_cache: dict[str, Any]
         return "bad_scheme", f"scheme {parts.scheme + ':' if parts.scheme else '(none)'} is not http or https"
     if not host:
         return "invalid_url", "URL has no host"
+    if host.endswith(_NEVER_RESOLVE) or host in ("invalid", "test", "example"):
+        return "unresolvable_host", f"host {host} is a special-use name that never resolves (RFC 6761)"
     if policy["allow_private_network"]:
         return None
+    nets = policy.get("allow_networks") or ()
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
     if ip is not None:
-        if is_blocked_ip(ip):
+        if is_blocked_ip(ip, nets):
             return "private_address", f"host {host} is a private, loopback, link-local or reserved address"
         return None
     if host in _PRIVATE_NAMES or host.endswith(".localhost") or host.endswith(".local") or host.endswith(".internal"):
@@ -264,7 +280,7 @@ def check_url(url: str | None, policy: dict[str, Any], dns_cache: dict[str, Any]
         res = cache[host]
         if isinstance(res, OSError):
             return "unresolvable_host", f"host {host} does not resolve ({res})"
-        if any(is_blocked_ip(ipaddress.ip_address(a.split("%")[0])) for a in res):
+        if any(is_blocked_ip(ipaddress.ip_address(a.split("%")[0]), nets) for a in res):
             return "private_address", f"host {host} resolves to a private/loopback/link-local address"
     return None
 
@@ -460,7 +476,8 @@ def run_prepare(cfg: PrepareConfig, spark: Any) -> dict[str, Any]:
         return read_json(join(prep_dir, "stats.json"))
 
     files, mapping, extras, profile = discover(cfg)
-    policy = {"allow_private_network": cfg.allow_private_network, "resolve_hosts": cfg.resolve_hosts,
+    policy = {"allow_private_network": cfg.allow_private_network, "allow_networks": list(cfg.allow_networks),
+              "resolve_hosts": cfg.resolve_hosts,
               "max_url_length": cfg.max_url_length, "max_caption_length": cfg.max_caption_length,
               "require_caption": cfg.require_caption}
     log.info("prepare: %d file(s), profile %s, %d extra column(s)", len(files), profile, len(extras))
