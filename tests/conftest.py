@@ -6,6 +6,7 @@ tiny shipped configs (random init). Nothing here reaches the internet.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -23,3 +24,53 @@ def spark():
 
     with spark_session("local[2]", app_name="laiontools-tests", conf={"spark.driver.memory": "1g"}) as s:
         yield s
+
+
+@dataclasses.dataclass
+class Pool:
+    """A real pool downloaded from the synthetic web by the real download job."""
+
+    manifest: str  # path to pool.manifest.json
+    dir: str
+    source: str  # source metadata folder
+    expected: "pandas.DataFrame"  # per input row: route, expected status, expected_uid, ...
+    evalset_dir: str  # synthetic ImageFolder eval set (5 classes x 4)
+    planted: "pandas.DataFrame"  # uid, eval_item, transform of pool samples that copy eval images
+    base_url: str
+    config: object  # the DownloadConfig used
+    server: object
+
+
+# Settings every test download uses: fast failures, small shards, only loopback allowed.
+TEST_DOWNLOAD_SETTINGS = dict(
+    allow_networks=["127.0.0.0/8"], number_sample_per_shard=20, shards_per_file=2, timeout=2, retries=0,
+    image_size=64, thread_count=16,
+)
+
+
+@pytest.fixture(scope="session")
+def synthetic_web(tmp_path_factory):
+    """The synthetic source (80 images + planted copies of an eval set) served on 127.0.0.1 for the session."""
+    from laiontools.synthetic import SyntheticWebServer, make_source
+
+    work = str(tmp_path_factory.mktemp("synthetic"))
+    with SyntheticWebServer(f"{work}/images") as web:
+        src = make_source(work, 80, web.base_url, evalset=True, seed=0)
+        yield web, src
+
+
+@pytest.fixture(scope="session")
+def pool(spark, synthetic_web, tmp_path_factory) -> Pool:
+    """A pool downloaded by `laiontools.download.run_download` (Spark local[2] + img2dataset)."""
+    import pandas as pd
+
+    from laiontools.download import DownloadConfig, run_download
+
+    web, src = synthetic_web
+    out = str(tmp_path_factory.mktemp("pool"))
+    cfg = DownloadConfig(input=src["source"], output=out, **TEST_DOWNLOAD_SETTINGS)
+    rep = run_download(cfg, spark)
+    planted = src["planted"].rename(columns={"expected_uid": "uid"})[["uid", "eval_item", "transform"]]
+    cat = pd.read_parquet(f"{out}/catalog", columns=["uid", "status"])
+    planted = planted[planted["uid"].isin(cat[cat["status"] == "success"]["uid"])].reset_index(drop=True)
+    return Pool(rep["manifest"], out, src["source"], src["expected"], src["evalset"], planted, web.base_url, cfg, web)
