@@ -1,0 +1,825 @@
+"""`laiontools dedup`: find pool samples that are near-duplicates of evaluation images (decontamination).
+
+Steps (each resumable):
+
+1. Evaluation sets are read (:mod:`laiontools.evalsets`) and embedded with the embedding stage's
+   :class:`laiontools.embed.Embedder`, using the model named in the pool embeddings' ``model.json``,
+   so pool and evaluation vectors live in one space. The index (:mod:`laiontools.dedup_index`) is
+   saved in ``<out>/index/`` with that model's description and reused on a re-run.
+2. A Spark job searches every pool embedding shard: one task streams its shards through the index
+   (loaded once per worker process) and writes ``<out>/report/<shard>.parquet`` atomically, then its
+   completion marker, whose content is the shard's statistics. A re-run skips shards whose marker
+   holds the same settings key (index sha256, threshold, k, pHash). The driver only folds small
+   per-shard statistics, so its memory does not grow with the pool.
+3. Optionally (``--phash``) the study's own method runs beside it: perceptual-hash exact matches
+   between pool images (read from the pool tars named by the pool manifest) and evaluation images.
+4. Outputs: ``summary.json``/``summary.txt`` per evaluation set, ``exclude.uids.npy`` (what subsets
+   removes), ``dedup.json`` (pool fingerprint, model, threshold, uid file sha256) and ``gallery.html``
+   (top matches and pairs just under the threshold, side by side) for a person to check the threshold.
+
+A pool sample is a duplicate when its cosine similarity to some evaluation image is >= threshold.
+`laiontools dedup calibrate` (:mod:`laiontools.dedup_calibrate`) measures which threshold fits a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import heapq
+import io
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+
+from laiontools import layout
+from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.errors import UserError
+from laiontools.storage import (
+    atomic_write_bytes,
+    ensure_output_dir,
+    is_done,
+    join,
+    mark_done,
+    read_marker,
+    sha256_bytes,
+    url_to_fs,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+DONE_DIR = "done"
+SUMMARY_JSON = "summary.json"
+SUMMARY_TXT = "summary.txt"
+EXCLUDE_UIDS = "exclude.uids.npy"
+DEDUP_JSON = "dedup.json"
+GALLERY_HTML = "gallery.html"
+# A starting point for pretrained CLIP image embeddings (near-duplicates typically score >= 0.9);
+# random-init and small models spread cosines differently: `laiontools dedup calibrate` says which fits.
+DEFAULT_THRESHOLD = 0.9
+STATUS_OK = "ok"
+STATUS_NOT_EMBEDDED = "not_embedded"
+
+
+class MissingEmbeddingsError(UserError, ValueError):
+    """Some pool shards have no (complete) embeddings."""
+
+
+@dataclasses.dataclass
+class DedupConfig(StageConfig):
+    embeddings: str = dataclasses.field(default="", metadata={"help": "embed output folder (img_emb/, meta/, model.json)"})
+    evalset: list[str] = dataclasses.field(default_factory=list, metadata={"help": "name=path[:format], repeatable"})
+    evalsets_yaml: str | None = dataclasses.field(default=None, metadata={"help": "YAML list of {name, path, format}"})
+    output: str = dataclasses.field(default="", metadata={"help": "output folder (resumable)"})
+    threshold: float = dataclasses.field(default=DEFAULT_THRESHOLD, metadata={"help": "cosine similarity at or above which a pool sample is a duplicate"})
+    k: int = dataclasses.field(default=5, metadata={"help": "neighbours kept per pool sample"})
+    index: str = dataclasses.field(default="flat", metadata={"help": "flat (exact inner product) or ivf (large reference sets)"})
+    nlist: int | None = dataclasses.field(default=None, metadata={"help": "IVF lists (default ~4*sqrt(n))"})
+    nprobe: int = dataclasses.field(default=16, metadata={"help": "IVF lists probed per query"})
+    phash: bool = dataclasses.field(default=False, metadata={"help": "also report perceptual-hash exact matches (the study's method)"})
+    pretrained: str | None = dataclasses.field(default=None, metadata={"help": "checkpoint path, when model.json names a checkpoint by sha256"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "device for embedding evaluation sets: auto, cpu, cuda"})
+    batch_size: int = dataclasses.field(default=64, metadata={"help": "evaluation images per embedding batch"})
+    gpu: bool = dataclasses.field(default=True, metadata={"help": "use faiss GPU indexes when faiss sees a GPU"})
+    chunk_rows: int = dataclasses.field(default=65536, metadata={"help": "pool vectors per faiss search call (bounds task memory)"})
+    search_threads: int = dataclasses.field(default=0, metadata={"help": "faiss threads per Spark task (0: cores / concurrent tasks)"})
+    partitions: int = dataclasses.field(default=0, metadata={"help": "Spark partitions for the search (0: min(shards, 4 x parallelism))"})
+    gallery_pairs: int = dataclasses.field(default=24, metadata={"help": "pairs shown per gallery section"})
+    master: str | None = dataclasses.field(default=None, metadata={"help": "Spark master when no session exists (default local[*])"})
+
+    def validate(self) -> None:
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold {self.threshold} must be a cosine similarity in [-1, 1]")
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+        if self.index not in ("flat", "ivf"):
+            raise ConfigError(f"index must be flat or ivf, got {self.index!r}")
+        if self.nprobe < 1 or (self.nlist is not None and self.nlist < 1):
+            raise ConfigError("nlist and nprobe must be >= 1")
+        if self.batch_size < 1 or self.chunk_rows < 1 or self.gallery_pairs < 0:
+            raise ConfigError("batch_size and chunk_rows must be >= 1, gallery_pairs >= 0")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def check_required(self) -> None:
+        missing = [f"--{n}" for n in ("embeddings", "output") if not getattr(self, n)]
+        if missing:
+            raise ConfigError(f"dedup needs {' and '.join(missing)}")
+        if not self.evalset and not self.evalsets_yaml:
+            raise ConfigError("dedup needs at least one --evalset name=path[:format] or --evalsets-yaml FILE")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pool side: model.json, manifest, embedding shards
+
+
+@dataclasses.dataclass
+class PoolInfo:
+    emb_dir: str
+    model: dict[str, Any]  # model.json
+    manifest_path: str | None
+    manifest: dict[str, Any] | None
+    shard_ids: list[str]  # embedding shards to search, sorted
+    tar_by_shard: dict[str, str]  # shard id -> pool tar URL (empty without a manifest)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return (self.manifest or {}).get("source", {}).get("fingerprint")
+
+
+def _model_json(emb_dir: str) -> dict[str, Any]:
+    from laiontools.embed import load_model_json
+
+    return load_model_json(emb_dir)
+
+
+def _manifest_path_from_model(emb_dir: str, model: dict[str, Any]) -> str | None:
+    """The pool manifest model.json records (``pool.manifest``), as written or relative to `emb_dir`."""
+    v = (model.get("pool") or {}).get("manifest")
+    if not isinstance(v, str) or not v:
+        return None
+    if "://" in v or v.startswith("/") or os.path.exists(v):
+        return v
+    return join(emb_dir, v)
+
+
+def read_pool(emb_dir: str) -> PoolInfo:
+    """Model, manifest and searchable shards of an embedding output.
+
+    Raises MissingEmbeddingsError listing every pool shard (from the pool manifest) that has no
+    complete embeddings: a dedup that silently skipped them would leave contamination in.
+    """
+    from laiontools.manifest import read_manifest, resolve
+
+    fs, p = url_to_fs(emb_dir)
+    if not fs.exists(p):
+        raise UserError(f"embeddings folder {emb_dir} does not exist; give the output folder of `laiontools embed`")
+    from laiontools.embed import done_shards
+
+    model = _model_json(emb_dir)
+    embedded = set(done_shards(emb_dir))  # a shard counts only once embed's completion marker exists
+    mpath = _manifest_path_from_model(emb_dir, model)
+    manifest = None
+    tar_by_shard: dict[str, str] = {}
+    if mpath is not None:
+        manifest = read_manifest(mpath)
+        want_fp = (model.get("pool") or {}).get("source_fingerprint")
+        if want_fp and manifest["source"]["fingerprint"] != want_fp:
+            raise UserError(
+                f"{emb_dir}/model.json says it embeds a pool with source fingerprint {want_fp[:12]}..., but {mpath} "
+                f"has {manifest['source']['fingerprint'][:12]}...; the manifest was replaced: re-run embed"
+            )
+        expected = {}
+        for s in manifest["shards"]:
+            sid = layout.shard_id(s["path"])
+            expected[sid] = s
+            tar_by_shard[sid] = resolve(mpath, s["path"])
+        missing = sorted(sid for sid, s in expected.items() if sid not in embedded and int(s.get("num_samples", 1)) > 0)
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise MissingEmbeddingsError(
+                f"pool {mpath} has {len(missing)} shard(s) with no complete embeddings in {emb_dir}: {shown}; "
+                f"run `laiontools embed` to finish them (dedup never skips shards silently)"
+            )
+        shard_ids = sorted(sid for sid in expected if sid in embedded)
+    else:
+        log.warning("%s names no pool manifest: searching the %d embedded shards found, pHash and gallery pool images unavailable", emb_dir, len(embedded))
+        shard_ids = sorted(embedded)
+    if not shard_ids:
+        raise MissingEmbeddingsError(f"{emb_dir} holds no embedding shards ({layout.EMB_IMG_DIR}/*.npy + {layout.EMB_META_DIR}/*.parquet)")
+    return PoolInfo(emb_dir, model, mpath, manifest, shard_ids, tar_by_shard)
+
+
+def read_embedding_shard(emb_dir: str, sid: str) -> tuple[np.ndarray, Any]:
+    """(float16/32 image embeddings (n, d), meta table) of one shard; raises if they are not row-aligned."""
+    import pyarrow.parquet as pq
+
+    from laiontools.storage import is_local
+
+    npy = join(emb_dir, layout.EMB_IMG_DIR, f"{sid}.npy")
+    fs, p = url_to_fs(npy)
+    if is_local(fs):
+        emb = np.load(p, mmap_mode="r", allow_pickle=False)  # paged in chunk by chunk by the search loop
+    else:
+        with fs.open(p, "rb") as f:
+            emb = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    mfs, mp = url_to_fs(join(emb_dir, layout.EMB_META_DIR, f"{sid}.parquet"))
+    with mfs.open(mp, "rb") as f:
+        meta = pq.read_table(f)
+    if emb.ndim != 2 or emb.shape[0] != meta.num_rows:
+        raise UserError(
+            f"embedding shard {sid} in {emb_dir}: {layout.EMB_IMG_DIR}/{sid}.npy has shape {emb.shape} but "
+            f"{layout.EMB_META_DIR}/{sid}.parquet has {meta.num_rows} rows; re-run embed for this shard"
+        )
+    return emb, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation side: embed the sets, build the index
+
+
+def _phash_image(image: Any) -> str:
+    import imagehash
+
+    return str(imagehash.phash(image))
+
+
+def make_embedder(emb_dir: str, pretrained: str | None, device: str, batch_size: int) -> Any:
+    """The embed stage's Embedder in the pool embeddings' space (embed checks the checkpoint sha256)."""
+    from laiontools.embed import embedder_for
+
+    return embedder_for(emb_dir, device=None if device == "auto" else device, pretrained=pretrained, batch_size=batch_size)
+
+
+def embed_evalsets(
+    sets: list[Any], embedder: Any, batch_size: int, phash: bool
+) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Embed every readable item of every set.
+
+    Returns (float32 L2-normalized vectors (n_readable, d), one row per item — readable or not —
+    for items.parquet, per-set counts). Unreadable items are counted and listed by item id.
+    """
+    from laiontools.evalsets import iter_items
+
+    vecs: list[np.ndarray] = []
+    rows: list[dict[str, Any]] = []
+    counts: list[dict[str, Any]] = []
+    next_row = 0
+    for es in sets:
+        n_items = n_bad = 0
+        bad_ids: list[str] = []
+        batch: list[Any] = []
+        pending: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            nonlocal next_row
+            if not batch:
+                return
+            e = np.asarray(embedder.embed_images(batch), dtype=np.float32)
+            if e.shape[0] != len(batch):
+                raise RuntimeError(f"Embedder returned {e.shape[0]} vectors for {len(batch)} images")
+            vecs.append(e)
+            for r in pending:
+                r["row"] = next_row
+                next_row += 1
+            batch.clear()
+            pending.clear()
+
+        for item in iter_items(es):
+            n_items += 1
+            row = {"row": -1, "evalset": es.name, "item_id": item.item_id, "label": item.label,
+                   "caption": item.caption, "error": item.error, "phash": None}
+            rows.append(row)
+            if item.image is None:
+                n_bad += 1
+                bad_ids.append(item.item_id)
+                continue
+            if phash:
+                row["phash"] = _phash_image(item.image)
+            batch.append(item.image)
+            pending.append(row)
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        if n_items == n_bad:
+            raise UserError(f"evaluation set {es.name!r} at {es.path}: none of its {n_items} images could be read (first: {bad_ids[:3]})")
+        counts.append({"name": es.name, "path": es.path, "format": es.format, "items": n_items,
+                       "unreadable": n_bad, "indexed": n_items - n_bad, "unreadable_ids": bad_ids[:1000]})
+        log.info("evaluation set %s: %d items, %d unreadable", es.name, n_items, n_bad)
+    return np.concatenate(vecs, axis=0), rows, counts
+
+
+def _items_table(rows: list[dict[str, Any]]) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("row", pa.int64()), ("evalset", pa.string()), ("item_id", pa.string()), ("label", pa.int64()),
+        ("caption", pa.string()), ("error", pa.string()), ("phash", pa.string()),
+    ]))
+
+
+def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str, Any]:
+    """Build (or reuse) the evaluation index in ``<out>/index``; returns its index.json.
+
+    Reused when index.json exists for the same evaluation sets, index settings and pHash setting; an
+    index of another model is refused naming both models (its vectors cannot be compared).
+    """
+    import pyarrow.parquet as pq
+
+    from laiontools import dedup_index as DI
+
+    paths = DI.index_paths(cfg.output)
+    want_sets = [es.to_dict() for es in sets]
+    want_params = {"index_type": cfg.index, "nlist": cfg.nlist, "nprobe": cfg.nprobe if cfg.index == "ivf" else None}
+    existing = DI.read_index_json(cfg.output)
+    if existing is not None:
+        DI.check_model(pool.model, existing["model"], pool.emb_dir, paths["json"])
+        same = (
+            [{k: s[k] for k in ("name", "path", "format")} for s in existing["evalsets"]] == want_sets
+            and existing["request"] == want_params
+            and (existing["phash"] or not cfg.phash)
+        )
+        if same:
+            log.info("reusing the evaluation index in %s (%d vectors)", paths["index"], existing["ntotal"])
+            return existing
+        log.info("evaluation sets or index settings changed: rebuilding %s", paths["index"])
+
+    embedder = make_embedder(pool.emb_dir, cfg.pretrained, cfg.device, cfg.batch_size)
+    device = str(getattr(embedder, "device", cfg.device))
+    # The evaluation vectors must come from the pool's embedding space: compare before building.
+    DI.check_model(pool.model, embedder.info, pool.emb_dir, f"the Embedder built for {cfg.output}")
+    t0 = time.time()
+    vectors, rows, counts = embed_evalsets(sets, embedder, cfg.batch_size, cfg.phash)
+    t_embed = time.time() - t0
+    if vectors.shape[1] != DI.model_identity(pool.model)["embed_dim"]:
+        raise DI.ModelMismatchError(
+            f"evaluation embeddings have dim {vectors.shape[1]} but the pool embeddings {pool.emb_dir} dim {DI.model_identity(pool.model)['embed_dim']}"
+        )
+    t0 = time.time()
+    index, params = DI.build_index(vectors, cfg.index, cfg.nlist, cfg.nprobe)
+    data = DI.serialize(index)
+    buf = io.BytesIO()
+    pq.write_table(_items_table(rows), buf)
+    items_bytes = buf.getvalue()
+    atomic_write_bytes(paths["index"], data)
+    atomic_write_bytes(paths["items"], items_bytes)
+    import faiss
+
+    desc = {
+        "model": DI.model_identity(pool.model),
+        "metric": "inner_product (cosine on L2-normalized vectors)",
+        **params,
+        "request": want_params,
+        "ntotal": int(index.ntotal),
+        "dim": int(vectors.shape[1]),
+        "phash": bool(cfg.phash),
+        "evalsets": counts,
+        "index_sha256": sha256_bytes(data),
+        "items_sha256": sha256_bytes(items_bytes),
+        "faiss_version": faiss.__version__,
+        "embed_seconds": round(t_embed, 3),
+        "build_seconds": round(time.time() - t0, 3),
+        "embedder_device": device,
+    }
+    write_json(paths["json"], desc)  # written last: its presence means the index is complete
+    log.info("evaluation index: %d vectors of dim %d (%s) in %s", index.ntotal, vectors.shape[1], params["index_type"], paths["index"])
+    return desc
+
+
+# ---------------------------------------------------------------------------------------------
+# the Spark search
+
+
+def _settings_key(index_desc: dict[str, Any], cfg: DedupConfig) -> str:
+    from laiontools.storage import canonical_json
+
+    return sha256_bytes(canonical_json({
+        "index": index_desc["index_sha256"], "items": index_desc["items_sha256"], "threshold": cfg.threshold,
+        "k": cfg.k, "phash": cfg.phash, "v": 1,
+    }))[:16]
+
+
+def _report_path(out: str, sid: str) -> str:
+    return join(out, REPORT_DIR, f"{sid}.parquet")
+
+
+def _done_path(out: str, sid: str) -> str:
+    """What a shard's marker is keyed on; kept out of report/ so `pd.read_parquet(report/)` reads only data."""
+    return join(out, DONE_DIR, sid)
+
+
+def _pool_phashes(tar_url: str) -> dict[str, str]:
+    """key -> pHash of every image in a pool tar (unreadable images are left out and logged)."""
+    import tarfile
+
+    from PIL import Image
+
+    from laiontools.logs import RateLimitedLogger
+
+    rl = RateLimitedLogger(log)
+    out: dict[str, str] = {}
+    fs, p = url_to_fs(tar_url)
+    with fs.open(p, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
+        for m in tf:
+            if not m.isfile() or not m.name.lower().endswith((".jpg", ".jpeg", ".png", ".webp")):
+                continue
+            key = m.name.rsplit(".", 1)[0]
+            try:
+                f = tf.extractfile(m)
+                im = Image.open(io.BytesIO(f.read() if f else b""))
+                im.load()
+                out[key] = _phash_image(im.convert("RGB"))
+            except Exception as e:
+                rl.warn("pool_phash", "%s: %s unreadable for pHash: %s", tar_url, m.name, e)
+    return out
+
+
+@dataclasses.dataclass
+class _Lookups:
+    """Per-process tables from items.parquet: index row -> set/item, set codes, pHash -> item positions."""
+
+    row_set: np.ndarray  # object array, index row -> evalset name
+    row_item: np.ndarray  # object array, index row -> item id
+    row_code: np.ndarray  # int32, index row -> position of its set in ctx["evalset_names"]
+    pos_set: list[str]  # items.parquet position -> evalset name
+    pos_item: list[str]
+    phash: dict[str, list[int]]  # pHash -> items.parquet positions
+
+
+_LOOKUPS: dict[str, _Lookups] = {}
+
+
+def _lookups(items_path: str, sha: str, set_names: list[str]) -> _Lookups:
+    hit = _LOOKUPS.get(sha)
+    if hit is not None:
+        return hit
+    import pyarrow.parquet as pq
+
+    fs, p = url_to_fs(items_path)
+    with fs.open(p, "rb") as f:
+        t = pq.read_table(f, columns=["row", "evalset", "item_id", "phash"])
+    rows = t.column("row").to_numpy()
+    pos_set, pos_item, ph = (t.column(c).to_pylist() for c in ("evalset", "item_id", "phash"))
+    readable = np.flatnonzero(rows >= 0)
+    order = readable[np.argsort(rows[readable])]
+    row_set = np.asarray(pos_set, dtype=object)[order]
+    row_item = np.asarray(pos_item, dtype=object)[order]
+    code = {n: i for i, n in enumerate(set_names)}
+    row_code = np.fromiter((code[x] for x in row_set), dtype=np.int32, count=len(row_set))
+    phash: dict[str, list[int]] = {}
+    for pos, h in enumerate(ph):
+        if h:
+            phash.setdefault(h, []).append(pos)
+    _LOOKUPS.clear()
+    _LOOKUPS[sha] = _Lookups(row_set, row_item, row_code, pos_set, pos_item, phash)
+    return _LOOKUPS[sha]
+
+
+def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> dict[str, Any]:
+    """Search one pool shard, write its report parquet then its marker; return the shard's statistics.
+
+    Module-level and driven by the small picklable `ctx`, so Spark can ship it. The index is taken
+    from the per-process cache (:func:`laiontools.dedup_index.load_cached`).
+    """
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools import dedup_index as DI
+
+    out_path = _report_path(ctx["output"], sid)
+    done_path = _done_path(ctx["output"], sid)
+    marker = read_marker(done_path)
+    if marker is not None and marker.get("settings_key") == ctx["settings_key"]:
+        return marker
+    if ctx["threads"] > 0:
+        faiss.omp_set_num_threads(ctx["threads"])
+    index = DI.load_cached(ctx["index_path"], ctx["index_sha256"], ctx["gpu"])
+    set_names: list[str] = ctx["evalset_names"]
+    lk = _lookups(ctx["items_path"], ctx["items_sha256"], set_names)
+    row_set, row_item, codes = lk.row_set, lk.row_item, lk.row_code
+    emb, meta = read_embedding_shard(ctx["emb_dir"], sid)
+    n, d = emb.shape
+    if d != ctx["dim"]:
+        raise DI.ModelMismatchError(f"embedding shard {sid} has dim {d} but the evaluation index has dim {ctx['dim']} ({ctx['model_desc']})")
+    k = min(ctx["k"], int(index.ntotal))
+    thr = float(ctx["threshold"])
+    sims = np.full((n, k), np.nan, dtype=np.float32)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    valid = np.ones(n, dtype=bool)
+    status_col = next((c for c in ("embed_status", "status") if c in meta.column_names), None)
+    if status_col is not None:
+        st = meta.column(status_col).to_pylist()
+        valid &= np.array([s in (None, "ok", "success") for s in st], dtype=bool)
+    for lo in range(0, n, ctx["chunk_rows"]):
+        hi = min(n, lo + ctx["chunk_rows"])
+        x = np.ascontiguousarray(emb[lo:hi], dtype=np.float32)
+        # Zero or non-finite rows are samples embed could not process: never call them duplicates.
+        ok = np.isfinite(x).all(axis=1) & (np.einsum("ij,ij->i", x, x) > 0.25)
+        valid[lo:hi] &= ok
+        x[~ok] = 0
+        D, I = index.search(x, k)
+        sims[lo:hi], ids[lo:hi] = D, I
+    sims[~valid] = np.nan
+    ids[~valid] = -1
+    hit = (ids >= 0) & (sims >= thr)
+    is_dup = hit.any(axis=1)
+    nearest = np.where(valid, ids[:, 0], -1)
+    top_sim = sims[:, 0] if k else np.full(n, np.nan, np.float32)
+
+    def names(rows: np.ndarray, table: np.ndarray) -> list[str | None]:
+        return [None if r < 0 else table[r] for r in rows]
+
+    uids = meta.column("uid").to_pylist()
+    keys = meta.column("key").to_pylist() if "key" in meta.column_names else [None] * n
+    cols: dict[str, Any] = {
+        "uid": pa.array(uids, pa.string()),
+        "key": pa.array(keys, pa.string()),
+        "shard": pa.array([sid] * n, pa.string()),
+        "status": pa.array([STATUS_OK if v else STATUS_NOT_EMBEDDED for v in valid], pa.string()),
+        "nearest_evalset": pa.array(names(nearest, row_set), pa.string()),
+        "nearest_item_id": pa.array(names(nearest, row_item), pa.string()),
+        "similarity": pa.array(np.where(valid, top_sim, np.nan), pa.float32(), from_pandas=True),
+        "is_duplicate": pa.array(is_dup, pa.bool_()),
+        "topk_evalset": pa.array([names(r[r >= 0], row_set) for r in ids], pa.list_(pa.string())),
+        "topk_item_id": pa.array([names(r[r >= 0], row_item) for r in ids], pa.list_(pa.string())),
+        "topk_similarity": pa.array([s[r >= 0] for s, r in zip(sims, ids)], pa.list_(pa.float32())),
+    }
+    stats: dict[str, Any] = {
+        "settings_key": ctx["settings_key"], "shard": sid, "rows": int(n), "not_embedded": int((~valid).sum()),
+        "duplicates": int(is_dup.sum()),
+        "matched_by_set": {name: int((hit & (codes[np.maximum(ids, 0)] == j)).any(axis=1).sum()) for j, name in enumerate(set_names)},
+        "matched_rows": np.unique(ids[hit]).astype(int).tolist(),
+        "dup_uids": [uids[i] for i in np.flatnonzero(is_dup)],
+    }
+    # Gallery candidates: the best duplicates and the closest pairs under the threshold.
+    g = ctx["gallery_pairs"]
+    order = np.argsort(-np.nan_to_num(top_sim, nan=-2.0))
+    above = [i for i in order if valid[i] and top_sim[i] >= thr][:g]
+    below = [i for i in order if valid[i] and top_sim[i] < thr][:g]
+    stats["gallery"] = {
+        name: [{"similarity": float(top_sim[i]), "uid": uids[i], "key": keys[i], "shard": sid,
+                "evalset": row_set[nearest[i]], "item_id": row_item[nearest[i]]} for i in sel]
+        for name, sel in (("above", above), ("below", below))
+    }
+    if ctx["phash"]:
+        eval_ph, tar = lk.phash, tar_url
+        pool_ph = _pool_phashes(tar) if tar else {}
+        item_set, item_id = lk.pos_set, lk.pos_item
+        ph_list, ph_set, ph_item = [], [], []
+        ph_by_set = dict.fromkeys(set_names, 0)
+        ph_pos: set[int] = set()
+        for key in keys:
+            h = pool_ph.get(key)
+            ph_list.append(h)
+            pos = eval_ph.get(h, []) if h else []
+            ph_set.append(item_set[pos[0]] if pos else None)
+            ph_item.append(item_id[pos[0]] if pos else None)
+            for s in {item_set[q] for q in pos}:
+                ph_by_set[s] += 1
+            ph_pos.update(pos)
+        cols["phash"] = pa.array(ph_list, pa.string())
+        cols["phash_evalset"] = pa.array(ph_set, pa.string())
+        cols["phash_item_id"] = pa.array(ph_item, pa.string())
+        ph_match = np.array([s is not None for s in ph_set], dtype=bool)
+        stats["phash_missing_images"] = int(sum(1 for kk in keys if kk not in pool_ph)) if tar else n
+        stats["phash_matched_by_set"] = ph_by_set
+        stats["phash_matched_pos"] = sorted(ph_pos)
+        stats["phash_only_uids"] = [uids[i] for i in np.flatnonzero(ph_match & ~is_dup)]
+        stats["phash_matches"] = int(ph_match.sum())
+    table = pa.table(cols).replace_schema_metadata({
+        "laiontools.dedup.threshold": str(thr), "laiontools.dedup.model": ctx["model_desc"],
+        "laiontools.dedup.index_type": ctx["index_type"], "laiontools.dedup.index_sha256": ctx["index_sha256"],
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(out_path, buf.getvalue())
+    mark_done(done_path, stats)  # last: the shard counts as done only now
+    return stats
+
+
+def _search_partition(ctx: dict[str, Any], units: Iterable[tuple[str, str | None]]) -> Iterator[tuple[str, int, int]]:
+    # Only (shard, rows, duplicates) travel back: the full statistics are in each shard's marker.
+    for sid, tar_url in units:
+        st = search_shard(ctx, sid, tar_url)
+        yield sid, st["rows"], st["duplicates"]
+
+
+def _threads_per_task(spark: Any, requested: int) -> int:
+    """faiss OpenMP threads per task: cores shared among concurrent tasks so they don't oversubscribe."""
+    if requested > 0:
+        return requested
+    sc = spark.sparkContext
+    if sc.master.startswith("local"):
+        return max(1, (os.cpu_count() or 1) // max(1, sc.defaultParallelism))
+    return max(1, int(sc.getConf().get("spark.task.cpus", "1")))
+
+
+def run_search(spark: Any, ctx: dict[str, Any], units: list[tuple[str, str | None]], partitions: int) -> list[tuple[str, int, int]]:
+    """Run the search job over (shard id, pool tar URL or None) units, all partitions in parallel.
+
+    Returns (shard, rows, duplicates) per shard, a few bytes each; the driver then folds the shard
+    markers one at a time (:class:`_Aggregate`), so its memory does not grow with the pool.
+    """
+    sc = spark.sparkContext
+    n_parts = partitions or min(len(units), 4 * max(1, sc.defaultParallelism))
+    n_parts = max(1, min(n_parts, len(units)))
+    sc.setJobDescription(f"laiontools dedup: search {len(units)} shard(s)")
+    return sc.parallelize(units, n_parts).mapPartitions(functools.partial(_search_partition, ctx)).collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole stage
+
+
+def run_dedup(cfg: DedupConfig, spark: Any = None) -> dict[str, Any]:
+    """Decontaminate a pool's embeddings against evaluation sets; returns summary.json's content.
+
+    Raises UserError subclasses for bad input: missing/empty evaluation sets, a set declared twice,
+    pool shards without embeddings, embeddings of another model than an existing index.
+    """
+    from laiontools.evalsets import load_evalsets
+    from laiontools.spark import spark_session
+
+    cfg.check_required()
+    ensure_output_dir(cfg.output)
+    sets = load_evalsets(cfg.evalset, cfg.evalsets_yaml)
+    pool = read_pool(cfg.embeddings)
+    if cfg.phash and not pool.tar_by_shard:
+        raise UserError(f"--phash reads pool images from the pool tars, but {cfg.embeddings}/model.json names no pool manifest")
+    index_desc = prepare_index(cfg, pool, sets)
+    from laiontools import dedup_index as DI
+
+    paths = DI.index_paths(cfg.output)
+    write_json(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
+    items = _read_items(paths["items"])
+    ctx: dict[str, Any] = {
+        "output": cfg.output, "emb_dir": cfg.embeddings, "index_path": paths["index"], "items_path": paths["items"],
+        "index_sha256": index_desc["index_sha256"], "settings_key": _settings_key(index_desc, cfg),
+        "threshold": cfg.threshold, "k": cfg.k, "chunk_rows": cfg.chunk_rows, "gpu": cfg.gpu,
+        "dim": index_desc["dim"], "model_desc": DI.describe_model(index_desc["model"]),
+        "index_type": index_desc["index_type"], "evalset_names": [es.name for es in sets],
+        "items_sha256": index_desc["items_sha256"], "gallery_pairs": cfg.gallery_pairs, "phash": cfg.phash,
+    }
+    units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
+    t0 = time.time()
+    with nullcontext(spark) if spark is not None else spark_session(cfg.master, app_name="laiontools-dedup") as sp:
+        ctx["threads"] = _threads_per_task(sp, cfg.search_threads)
+        done = run_search(sp, ctx, units, cfg.partitions)
+    search_s = time.time() - t0
+    agg = _Aggregate(sets, index_desc, items, cfg)
+    for sid, _, _ in done:
+        stats = read_marker(_done_path(cfg.output, sid))
+        if stats is None or stats.get("settings_key") != ctx["settings_key"]:
+            raise RuntimeError(f"shard {sid} reported done but its marker is missing or stale")  # a bug, not bad input
+        agg.add(stats)
+    return _write_outputs(cfg, pool, sets, index_desc, items, agg, search_s)
+
+
+def _read_items(items_path: str) -> dict[str, list[Any]]:
+    import pyarrow.parquet as pq
+
+    fs, p = url_to_fs(items_path)
+    with fs.open(p, "rb") as f:
+        t = pq.read_table(f)
+    return {c: t.column(c).to_pylist() for c in t.column_names}
+
+
+class _Aggregate:
+    """Folds per-shard statistics; memory is O(evaluation items + duplicates), not O(pool)."""
+
+    def __init__(self, sets: list[Any], index_desc: dict[str, Any], items: dict[str, list[Any]], cfg: DedupConfig) -> None:
+        self.names = [es.name for es in sets]
+        self.rows = self.not_embedded = self.duplicates = self.shards = self.phash_matches = self.phash_missing = 0
+        self.matched_by_set = dict.fromkeys(self.names, 0)
+        self.phash_by_set = dict.fromkeys(self.names, 0)
+        self.matched_rows = np.zeros(index_desc["ntotal"], dtype=bool)
+        self.phash_pos = np.zeros(len(items["row"]), dtype=bool)
+        self.dup_uids: list[str] = []
+        self.phash_only_uids: list[str] = []
+        self.g = cfg.gallery_pairs
+        self.above: list[tuple] = []  # min-heaps of (similarity, tiebreak, pair)
+        self.below: list[tuple] = []
+
+    def add(self, s: dict[str, Any]) -> None:
+        self.shards += 1
+        self.rows += s["rows"]
+        self.not_embedded += s["not_embedded"]
+        self.duplicates += s["duplicates"]
+        for k, v in s["matched_by_set"].items():
+            self.matched_by_set[k] += v
+        self.matched_rows[np.asarray(s["matched_rows"], dtype=np.int64)] = True
+        self.dup_uids.extend(s["dup_uids"])
+        if "phash_matches" in s:
+            self.phash_matches += s["phash_matches"]
+            self.phash_missing += s["phash_missing_images"]
+            for k, v in s["phash_matched_by_set"].items():
+                self.phash_by_set[k] += v
+            self.phash_pos[np.asarray(s["phash_matched_pos"], dtype=np.int64)] = True
+            self.phash_only_uids.extend(s["phash_only_uids"])
+        for name, heap in (("above", self.above), ("below", self.below)):
+            for pair in s["gallery"][name]:
+                entry = (pair["similarity"], pair["uid"], pair)
+                if len(heap) < self.g:
+                    heapq.heappush(heap, entry)
+                elif self.g and entry[:2] > heap[0][:2]:
+                    heapq.heapreplace(heap, entry)
+
+
+def _write_outputs(
+    cfg: DedupConfig, pool: PoolInfo, sets: list[Any], index_desc: dict[str, Any], items: dict[str, list[Any]],
+    agg: _Aggregate, search_s: float,
+) -> dict[str, Any]:
+    from laiontools import dedup_index as DI
+    from laiontools.report import emit, table
+    from laiontools.uid import save_uids
+
+    row_set = {}  # index row -> set name, for eval items matched
+    for r, s in zip(items["row"], items["evalset"]):
+        if r >= 0:
+            row_set[r] = s
+    matched_items_by_set = dict.fromkeys(agg.names, 0)
+    for r in np.flatnonzero(agg.matched_rows):
+        matched_items_by_set[row_set[int(r)]] += 1
+    phash_items_by_set = dict.fromkeys(agg.names, 0)
+    for pos in np.flatnonzero(agg.phash_pos):
+        phash_items_by_set[items["evalset"][pos]] += 1
+    model_desc = DI.describe_model(index_desc["model"])
+    per_set = []
+    for c in index_desc["evalsets"]:
+        name = c["name"]
+        entry = {
+            "evalset": name, "path": c["path"], "format": c["format"], "items": c["items"], "unreadable_items": c["unreadable"],
+            "unreadable_ids": c["unreadable_ids"], "indexed_items": c["indexed"],
+            "pool_samples_matched": agg.matched_by_set[name],
+            "eval_items_matched": matched_items_by_set[name],
+            # The study's overlap figure: share of the evaluation set with a duplicate in the pool.
+            "overlap_percent": round(100.0 * matched_items_by_set[name] / max(1, c["indexed"]), 4),
+            "pool_percent": round(100.0 * agg.matched_by_set[name] / max(1, agg.rows), 6),
+            "threshold": cfg.threshold, "model": model_desc, "index_type": index_desc["index_type"],
+        }
+        if cfg.phash:
+            entry["phash_pool_samples_matched"] = agg.phash_by_set[name]
+            entry["phash_eval_items_matched"] = phash_items_by_set[name]
+            entry["phash_overlap_percent"] = round(100.0 * phash_items_by_set[name] / max(1, c["indexed"]), 4)
+        per_set.append(entry)
+
+    exclude = sorted(set(agg.dup_uids) | set(agg.phash_only_uids))
+    sha, n_ex = save_uids(join(cfg.output, EXCLUDE_UIDS), exclude)
+    summary = {
+        "threshold": cfg.threshold, "k": cfg.k, "model": model_desc, "model_identity": index_desc["model"],
+        "index_type": index_desc["index_type"], "nlist": index_desc.get("nlist"), "nprobe": index_desc.get("nprobe"),
+        "pool_samples": agg.rows, "pool_shards": agg.shards, "not_embedded": agg.not_embedded,
+        "pool_duplicates": agg.duplicates, "excluded": n_ex, "phash": cfg.phash, "evalsets": per_set,
+        "search_seconds": round(search_s, 3),
+    }
+    if cfg.phash:
+        summary.update({"phash_pool_matches": agg.phash_matches, "phash_only_matches": len(set(agg.phash_only_uids)),
+                        "phash_unreadable_pool_images": agg.phash_missing})
+    write_json(join(cfg.output, SUMMARY_JSON), summary)
+    cols = ["evalset", "items", "unreadable_items", "pool_samples_matched", "eval_items_matched", "overlap_percent"]
+    if cfg.phash:
+        cols += ["phash_pool_samples_matched", "phash_eval_items_matched", "phash_overlap_percent"]
+    txt = (
+        f"dedup of {agg.rows} pool samples ({agg.shards} shards) against {len(sets)} evaluation set(s)\n"
+        f"model {model_desc}, index {index_desc['index_type']}, threshold {cfg.threshold} (cosine), k {cfg.k}\n"
+        f"duplicates: {agg.duplicates} pool samples; excluded uids: {n_ex}"
+        + (f" (incl. {len(set(agg.phash_only_uids))} pHash-only)" if cfg.phash else "")
+        + (f"; {agg.not_embedded} pool samples had no embedding" if agg.not_embedded else "")
+        + "\n\n" + table(per_set, cols) + "\n"
+    )
+    atomic_write_bytes(join(cfg.output, SUMMARY_TXT), txt.encode())
+    write_json(join(cfg.output, DEDUP_JSON), {
+        "kind": "dedup", "threshold": cfg.threshold, "k": cfg.k, "model": index_desc["model"],
+        "index_type": index_desc["index_type"], "index_sha256": index_desc["index_sha256"],
+        "pool": {"manifest": pool.manifest_path, "fingerprint": pool.fingerprint, "embeddings": pool.emb_dir,
+                 "name": (pool.manifest or {}).get("name")},
+        "evalsets": [es.to_dict() for es in sets],
+        "exclude": {"path": EXCLUDE_UIDS, "sha256": sha, "count": n_ex,
+                    "rule": "similarity >= threshold" + (" or pHash exact match" if cfg.phash else "")},
+        "summary": SUMMARY_JSON, "report": REPORT_DIR,
+    })
+    if cfg.gallery_pairs:
+        from laiontools.dedup_gallery import write_gallery
+
+        write_gallery(join(cfg.output, GALLERY_HTML), pool, sets, cfg.threshold, model_desc,
+                      sorted(agg.above, reverse=True), sorted(agg.below, reverse=True))
+    emit(txt + f"outputs in {cfg.output}: {SUMMARY_TXT}, {EXCLUDE_UIDS}, {REPORT_DIR}/, {GALLERY_HTML}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="laiontools dedup",
+        description="Find pool samples that are near-duplicates of evaluation images. "
+        "`laiontools dedup calibrate --help` measures which threshold fits your model.",
+    )
+    add_config_args(p, DedupConfig, skip=("evalset",))
+    p.add_argument("--evalset", dest="evalset", action="extend", nargs="+", default=argparse.SUPPRESS,
+                   help="name=path[:format] (imagefolder, folder, wds, parquet); repeatable")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "calibrate":
+        from laiontools.dedup_calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(DedupConfig, args)
+    run_dedup(cfg)
+    return 0
