@@ -1,0 +1,171 @@
+"""`laiontools train`: real open_clip_train under torchrun, 2 CPU processes on gloo, killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from laiontools.config import ConfigError
+from laiontools.schema import ManifestError
+from laiontools.train import (
+    TrainConfig,
+    checkpoint_epoch,
+    main,
+    plan_schedule,
+    read_result,
+    run_train,
+)
+from laiontools.train_fixtures import write_resharded_subset
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_resharded_subset(str(tmp_path_factory.mktemp("subset")), n_shards=3, per_shard=12)
+
+
+def _rank_pids(run_dir: str) -> list[int]:
+    """Live processes whose command line names this run directory (the ranks we started)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if run_dir in cmd and "laiontools.train_worker" in cmd:
+            pids.append(int(d))
+    return pids
+
+
+def test_plan_exact_budget_for_any_subset_size() -> None:
+    # Same budget and batch -> same steps and samples seen, whatever the virtual epoch size.
+    for epoch_samples in (16, 80, 400, 2000, 10**6):
+        p = plan_schedule(samples_seen=960, global_batch=32, world_size=2, epoch_samples=epoch_samples, workers=2)
+        assert p.steps == 30 and p.samples_seen == 960
+        assert p.epochs * p.epoch_steps == p.steps
+        assert p.epoch_steps % p.workers == 0
+        assert p.per_device_batch == 16
+    # open_clip rounds an epoch up to a multiple of the loader workers; the plan keeps it exact.
+    p = plan_schedule(samples_seen=7 * 32, global_batch=32, world_size=1, epoch_samples=64, workers=2)
+    assert p.steps == 7 and p.epoch_steps * p.epochs == 7 and p.epoch_steps % p.workers == 0
+    # a budget that is not a multiple of the batch: floor, and say what is actually seen
+    p = plan_schedule(samples_seen=100, global_batch=32, world_size=1, epoch_samples=64, workers=1)
+    assert (p.steps, p.samples_seen, p.samples_seen_requested) == (3, 96, 100)
+
+
+def test_bad_input_errors(subset: str, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="smaller than one global batch"):
+        TrainConfig(manifest=subset, model="lt-tiny", samples_seen=8, batch_size=16, output=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match="not divisible by the world size"):
+        TrainConfig(manifest=subset, model="lt-tiny", samples_seen=64, batch_size=9, nproc=2, output=str(tmp_path / "r"))
+    # a subset manifest that was never resharded: no shard list
+    from laiontools.manifest import new_manifest, read_manifest, write_manifest
+
+    m = read_manifest(subset)
+    unresharded = new_manifest(
+        name="not-resharded", kind="subset", num_samples=m["num_samples"], target_samples=m["num_samples"],
+        uids=m["uids"], shards=[], source_fingerprint="0" * 64, command=["test"],
+    )  # fmt: skip
+    path = os.path.join(os.path.dirname(subset), "unresharded.manifest.json")
+    write_manifest(path, unresharded)
+    with pytest.raises(ManifestError, match="laiontools reshard"):
+        run_train(TrainConfig(manifest=path, model="lt-tiny", samples_seen=64, batch_size=8, output=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()  # nothing written for a refused input
+    # the CLI prints the same as one clean line with exit code 2
+    from laiontools.cli import main as cli_main
+
+    rc = cli_main(["train", "--manifest", path, "--model", "lt-tiny", "--samples-seen", "64", "--batch-size", "8", "--output", str(tmp_path / "r")])
+    assert rc == 2
+
+
+def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
+    run_dir = str(tmp_path / "run")
+    budget, batch = 96, 8  # 12 steps of 8; virtual epochs of 2 steps -> 6 checkpoints
+    argv = [
+        "--manifest", subset, "--model", "lt-tiny", "--samples-seen", str(budget), "--batch-size", str(batch),
+        "--nproc", "2", "--workers", "1", "--checkpoint-every", "16", "--log-every", "1", "--lr", "1e-3",
+        "--output", run_dir,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "laiontools", "train", *argv],
+        env=env,
+        start_new_session=True,  # its own process group, so the kill reaches launcher + torchrun only
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = os.path.join(run_dir, "checkpoints", "epoch_latest.pt")
+    deadline = time.time() + 300
+    try:
+        while not os.path.exists(ckpt):
+            assert proc.poll() is None, f"training exited early with {proc.returncode}; see {run_dir}/out.log"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # simulated preemption of the job we started
+        proc.wait()
+    # The ranks die with their launcher (PR_SET_PDEATHSIG); wait for them before resuming.
+    deadline = time.time() + 60
+    while _rank_pids(run_dir):
+        assert time.time() < deadline, "ranks outlived the killed launcher"
+        time.sleep(0.2)
+    killed_at_epoch = checkpoint_epoch(ckpt)
+    assert 1 <= killed_at_epoch < 6, "the kill must land between the first checkpoint and the end"
+    assert not os.path.exists(os.path.join(run_dir, "result.json.done"))
+
+    # Without --resume the run directory is refused (nothing overwritten).
+    with pytest.raises(ConfigError, match="--resume"):
+        main(argv)
+
+    result = run_train(TrainConfig(**{**_cfg_from_argv(argv), "resume": True}))
+    assert result["samples_seen"] == budget and result["steps"] == budget // batch
+    assert result["world_size"] == 2
+    assert math.isfinite(result["final_loss"])
+    assert read_result(run_dir) == result
+    assert checkpoint_epoch(ckpt) == 6
+
+    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    # every step logged exactly once across the kill and the resume; samples seen add up to the budget
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert [m["samples_seen"] for m in metrics] == [batch * s for s in range(1, 13)]
+    assert all(math.isfinite(m["loss"]) and m["samples_per_s"] > 0 for m in metrics)
+    assert all(abs(m["samples_per_s_per_device"] * 2 - m["samples_per_s"]) < 1e-6 * m["samples_per_s"] for m in metrics)
+
+    launches = [json.loads(line) for line in open(os.path.join(run_dir, "launches.jsonl"))]
+    assert launches[-1]["resumed_from_samples"] == killed_at_epoch * 16
+    settings = json.load(open(os.path.join(run_dir, "settings.json")))
+    env_info = json.load(open(os.path.join(run_dir, "environment.json")))
+    from laiontools.manifest import manifest_sha256
+
+    assert settings["manifest_sha256"] == manifest_sha256(subset)
+    assert settings["plan"]["steps"] == 12 and settings["plan"]["epochs"] == 6
+    assert env_info["world_size"] == 2 and env_info["backend"] == "gloo" and env_info["torch"]
+    assert os.path.exists(os.path.join(run_dir, "logs", "rank1.log"))
+
+    # The final weights load as a plain open_clip checkpoint.
+    from laiontools.models import load_model
+
+    bundle = load_model("lt-tiny", pretrained=os.path.join(run_dir, "model.pt"))
+    assert bundle.info["checkpoint_sha256"]
+    # A finished run is not trained again.
+    assert run_train(TrainConfig(**{**_cfg_from_argv(argv), "resume": True})) == result
+
+
+def _cfg_from_argv(argv: list[str]) -> dict:
+    out = {}
+    for flag, val in zip(argv[::2], argv[1::2]):
+        key = flag[2:].replace("-", "_")
+        out[key] = val
+    for k in ("samples_seen", "batch_size", "nproc", "workers", "checkpoint_every", "log_every"):
+        out[k] = int(out[k])
+    out["lr"] = float(out["lr"])
+    return out
