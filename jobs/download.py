@@ -1,15 +1,12 @@
-"""spark-submit entry for the download job: `spark-submit --master spark://... jobs/download.py --input ... --output ...`.
+"""spark-submit entry for `laiontools download`: `spark-submit [--master spark://HOST:7077] jobs/download.py --input ... --output ...`.
 
-Thin on purpose: the same `laiontools.download.main` runs under `laiontools download`; it finds the
-session spark-submit configured and leaves it to spark-submit to stop.
+Thin on purpose: it runs the same code as the CLI, which finds the session spark-submit configured
+and leaves it to spark-submit to stop.
 """
 
 import sys
 
-from laiontools.download import main
+from laiontools.cli import run_stage
 
 if __name__ == "__main__":
-    from laiontools.logs import setup_logging
-
-    setup_logging()
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_stage("download", sys.argv[1:]))

@@ -55,10 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"laiontools: unknown stage {stage!r}" + (f"; did you mean {', '.join(close)}?" if close else ""), file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
+    return run_stage(stage, rest)
+
+
+def run_stage(stage: str, argv: list[str]) -> int:
+    """Run one stage's entry point with logging set up; user errors become one line and exit code 2.
+
+    Used by the CLI and by the spark-submit scripts in jobs/, so both behave the same.
+    """
     from laiontools.errors import UserError
     from laiontools.logs import setup_logging
 
     setup_logging()
+    rest = argv
     module = importlib.import_module(STAGES[stage][0])
     entry = getattr(module, _ENTRY.get(stage, "main"))
     try:
