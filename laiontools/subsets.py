@@ -1,0 +1,789 @@
+"""Nested subsets of a pool: filters, dedup exclusions and a seeded selection, one manifest per scale.
+
+Contract (DESIGN.md "Manifest", "Scale presets")::
+
+    laiontools subsets --pool <pool.manifest.json> [--scores <embed out>] [--exclude <dedup out> ...]
+                       --scales 80M,400M,2B [--scale-factor F] --seed S --output <dir> [filters]
+
+writes, per scale label L (``80M``, ``400M``, an explicit count ``1000`` ...)::
+
+    <output>/<L>.manifest.json   kind=subset, target vs obtained, uid file + sha256, parent, recipe, funnel
+    <output>/<L>.uids.npy        sorted u8,u8 uid file (laiontools.uid layout)
+    <output>/settings.json       effective settings
+
+How the choice is made, and why it nests: every eligible uid gets a score
+``blake2b(uid bytes, digest_size=8, key=seed, person=b"laiontools-sub")`` read as a big-endian
+uint64 (:func:`selection_scores`; stable across machines and Python versions, unlike ``hash()``).
+A subset of size N is the N lowest (score, uid) pairs. So every smaller subset is inside every
+larger one, adding a scale never changes another, and the choice depends only on the eligible uid
+set and the seed.
+
+It runs as one Spark job over the catalog; the catalog never comes to the driver. The driver sees
+a 65,536-bucket histogram of the scores, the few rows of the bucket where each cut falls, and then
+streams each scale's sorted uid list (written by Spark as parquet) into the ``.npy`` file, one part
+file at a time, so driver memory does not grow with the pool or the subset.
+
+Same inputs and seed give byte-identical manifests and uid files: paths of inputs are recorded as
+absolute paths, the provenance command is rebuilt from the settings (without the output folder),
+and time/host go to the ``.run.json`` sidecar written by :func:`laiontools.manifest.write_manifest`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from laiontools import layout
+from laiontools import schema as C
+from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.errors import InputError, UserError
+from laiontools.manifest import manifest_sha256, new_manifest, read_manifest, resolve, write_manifest
+from laiontools.report import emit, table
+from laiontools.storage import ensure_output_dir, join, read_json, url_to_fs, write_json
+from laiontools.uid import UID_DTYPE
+
+log = logging.getLogger(__name__)
+
+SCALE_PRESETS: dict[str, int] = {"80M": 80_000_000, "400M": 400_000_000, "2B": 2_000_000_000}
+_SUFFIX = {"": 1, "K": 1_000, "M": 1_000_000, "B": 1_000_000_000}
+_SCALE_RE = re.compile(r"^(?P<num>[0-9]+(?:\.[0-9]*)?(?:[eE][+]?[0-9]+)?)(?P<suffix>[kKmMbB]?)$")
+SELECTION_PERSON = b"laiontools-sub"
+SEED_MAX = 2**63 - 1
+# The score histogram uses the top 16 bits: 65,536 buckets, ~76k rows each for a 5B-row pool.
+_BUCKET_SHIFT = 48
+HASH_SPEC = (
+    "score = uint64 big-endian of blake2b(16 raw uid bytes, digest_size=8, key=seed as 8-byte big-endian, "
+    "person=b'laiontools-sub'); subset of size N = the N lowest (score, uid)"
+)
+SUBSET_SCORES_FILE = "scores"  # <embed out>/scores/*.parquet
+
+
+class SubsetError(UserError, ValueError):
+    """Selection cannot be made as asked (too few eligible samples, inputs from another pool ...)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing
+
+
+def parse_seed(text: str | int) -> int:
+    """A seed is a whole number 0 <= seed <= 2**63-1; anything else raises ConfigError."""
+    if isinstance(text, bool):
+        raise ConfigError(f"seed {text!r} is not an integer; give a whole number such as --seed 0")
+    if isinstance(text, int):
+        value = text
+    else:
+        s = str(text).strip()
+        if not re.fullmatch(r"[0-9]+", s):
+            raise ConfigError(f"seed {text!r} is not a whole number; give e.g. --seed 0 (0 <= seed <= {SEED_MAX})")
+        value = int(s)
+    if not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"seed {value} is out of range; give 0 <= seed <= {SEED_MAX}")
+    return value
+
+
+def parse_scales(text: str, scale_factor: float = 1.0) -> list[tuple[str, int]]:
+    """``"80M,400M,2B"`` -> ``[("80M", 80e6), ...]`` scaled by `scale_factor`, largest first.
+
+    Accepts presets (80M, 400M, 2B), plain counts (``1000``), scientific notation (``1e6``) and
+    K/M/B suffixes (``1.5M``). Each scaled target must be a whole number >= 1, and targets must be
+    distinct. Raises ConfigError naming the bad item.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("--scales is empty; give e.g. --scales 80M,400M,2B or --scales 100,1000")
+    if not (isinstance(scale_factor, (int, float)) and not isinstance(scale_factor, bool)) or not (
+        math.isfinite(scale_factor) and scale_factor > 0
+    ):
+        raise ConfigError(f"--scale-factor {scale_factor!r} must be a positive number, e.g. 1e-6")
+    out: list[tuple[str, int]] = []
+    for item in text.split(","):
+        label = item.strip()
+        if not label:
+            raise ConfigError(f"--scales {text!r} has an empty item; separate counts with single commas")
+        upper = label.upper()
+        if upper in SCALE_PRESETS:
+            base = float(SCALE_PRESETS[upper])
+            label = upper
+        else:
+            m = _SCALE_RE.match(label)
+            if not m:
+                raise ConfigError(
+                    f"scale {label!r} is not a count; give a preset (80M, 400M, 2B), a whole number (1000), "
+                    "scientific notation (1e6) or a K/M/B suffix (1.5M)"
+                )
+            base = float(m.group("num")) * _SUFFIX[m.group("suffix").upper()]
+        target_f = base * float(scale_factor)
+        target = int(round(target_f))
+        if target < 1 or abs(target_f - target) > 1e-6 * max(1.0, target_f):
+            raise ConfigError(
+                f"scale {label!r} x scale factor {scale_factor:g} = {target_f:g} is not a whole number of samples >= 1; "
+                "pick counts/factors that give whole numbers (e.g. 80M with 1e-6 -> 80)"
+            )
+        out.append((label, target))
+    targets = [t for _, t in out]
+    if len(set(targets)) != len(targets) or len({lab for lab, _ in out}) != len(out):
+        raise ConfigError(f"--scales {text!r} gives repeated targets {targets}; each scale must be a different size")
+    return sorted(out, key=lambda lt: -lt[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class SubsetsConfig(StageConfig):
+    pool: str = field(default="", metadata={"help": "pool.manifest.json written by download"})
+    output: str = field(default="", metadata={"help": "output folder for the subset manifests and uid files"})
+    scales: str = field(default="80M,400M,2B", metadata={"help": "comma-separated presets (80M,400M,2B) or counts (1000, 1e6, 1.5M)"})
+    seed: int | None = field(default=None, metadata={"help": "selection seed (whole number); same seed -> same subsets"})
+    scale_factor: float = field(default=1.0, metadata={"help": "multiply every scale, e.g. 1e-6 turns 80M,400M,2B into 80,400,2000"})
+    allow_short: bool = field(default=False, metadata={"help": "write a subset smaller than its target (recorded as short) instead of failing"})
+    scores: str | None = field(default=None, metadata={"help": "embed output folder; its scores/*.parquet give clip_score"})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "dedup output folder(s) (exclude.uids.npy + dedup.json) or uid .npy file(s) to exclude"})
+    min_clip_score: float | None = field(default=None, metadata={"help": "keep clip_score >= this (LAION: 0.3 for 400M, 0.28 for 2B-en with ViT-B/32); needs --scores"})
+    max_punsafe: float | None = field(default=None, metadata={"help": "keep punsafe < this (LAION-5B tags unsafe at 0.5); missing punsafe is removed"})
+    max_pwatermark: float | None = field(default=None, metadata={"help": "keep pwatermark < this (e.g. 0.8); missing pwatermark is removed"})
+    min_image_side: int | None = field(default=None, metadata={"help": "keep images whose shorter original side >= this many pixels"})
+    max_aspect_ratio: float | None = field(default=None, metadata={"help": "keep images with long side / short side <= this"})
+    min_caption_length: int | None = field(default=None, metadata={"help": "keep captions with at least this many characters"})
+    max_caption_length: int | None = field(default=None, metadata={"help": "keep captions with at most this many characters"})
+
+    def validate(self) -> None:
+        if not self.pool:
+            raise ConfigError("give --pool <pool.manifest.json> (the download output's manifest)")
+        if not self.output:
+            raise ConfigError("give --output <folder> for the subset manifests")
+        if self.seed is None:
+            raise ConfigError("give --seed <whole number>; the seed fixes which samples each subset holds")
+        self.seed = parse_seed(self.seed)
+        parse_scales(self.scales, self.scale_factor)
+        if self.min_clip_score is not None and not self.scores:
+            raise ConfigError("--min-clip-score needs --scores <embed output folder> (the clip_score comes from there)")
+        for name in ("max_punsafe", "max_pwatermark"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 < v <= 1.0):
+                raise ConfigError(f"--{name.replace('_', '-')} {v} must be in (0, 1]")
+        for name in ("min_image_side", "min_caption_length", "max_caption_length"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ConfigError(f"--{name.replace('_', '-')} {v!r} must be a whole number >= 0")
+        if self.max_aspect_ratio is not None and not self.max_aspect_ratio >= 1.0:
+            raise ConfigError(f"--max-aspect-ratio {self.max_aspect_ratio} must be >= 1 (long side / short side)")
+        if (
+            self.min_caption_length is not None
+            and self.max_caption_length is not None
+            and self.min_caption_length > self.max_caption_length
+        ):
+            raise ConfigError("--min-caption-length is larger than --max-caption-length; no caption could pass")
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+
+    def targets(self) -> list[tuple[str, int]]:
+        return parse_scales(self.scales, self.scale_factor)
+
+    def filters(self) -> dict[str, Any]:
+        """The filters as recorded in the manifest (None = not applied)."""
+        return {
+            "min_clip_score": self.min_clip_score,
+            "max_punsafe": self.max_punsafe,
+            "max_pwatermark": self.max_pwatermark,
+            "min_image_side": self.min_image_side,
+            "max_aspect_ratio": self.max_aspect_ratio,
+            "min_caption_length": self.min_caption_length,
+            "max_caption_length": self.max_caption_length,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# the seeded score (pure Python; used on executors and by tests/verification)
+
+
+def _seed_key(seed: int) -> bytes:
+    return int(seed).to_bytes(8, "big")
+
+
+def hex_to_uid_array(uids: Any) -> np.ndarray:
+    """Hex uid strings (a list or pandas Series of 32-char lowercase hex) -> UID_DTYPE array, vectorized."""
+    seq = list(uids)
+    n = len(seq)
+    out = np.empty(n, dtype=UID_DTYPE)
+    if n == 0:
+        return out
+    try:
+        raw = bytes.fromhex("".join(seq))
+    except (TypeError, ValueError) as e:
+        bad = next((u for u in seq if not isinstance(u, str) or len(u) != 32), None)
+        raise InputError(f"uid {bad!r} is not 32 hex chars; the catalog/uid list is corrupt ({e})") from e
+    if len(raw) != 16 * n:
+        bad = next((u for u in seq if len(u) != 32), None)
+        raise InputError(f"uid {bad!r} is not 32 hex chars; the catalog/uid list is corrupt")
+    both = np.frombuffer(raw, dtype=">u8").reshape(n, 2)
+    out["hi"] = both[:, 0]
+    out["lo"] = both[:, 1]
+    return out
+
+
+def selection_scores(uids: Any, seed: int, person: bytes = SELECTION_PERSON) -> np.ndarray:
+    """uint64 seeded score of each hex uid (see the module docstring for the exact definition)."""
+    seq = list(uids)
+    if not seq:
+        return np.zeros(0, dtype=np.uint64)
+    raw = bytes.fromhex("".join(seq))
+    key = _seed_key(seed)
+    b2 = hashlib.blake2b
+    digests = b"".join(b2(raw[i : i + 16], digest_size=8, key=key, person=person).digest() for i in range(0, len(raw), 16))
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def _to_signed_order(u: np.ndarray) -> np.ndarray:
+    """uint64 -> int64 with the same ordering (flip the top bit), since Spark longs are signed."""
+    return (u ^ np.uint64(1 << 63)).view(np.int64)
+
+
+def reference_selection(uids: list[str], seed: int, n: int) -> list[str]:
+    """The N selected uids computed in plain Python (for tests and audits): N lowest (score, uid)."""
+    s = selection_scores(uids, seed)
+    order = sorted(range(len(uids)), key=lambda i: (int(s[i]), uids[i]))
+    return sorted(uids[i] for i in order[:n])
+
+
+# Spark executor functions (module level so they pickle by reference).
+
+_EXCLUDE_CACHE: dict[str, np.ndarray] = {}
+
+
+def _load_cached_uids(path: str) -> np.ndarray:
+    arr = _EXCLUDE_CACHE.get(path)
+    if arr is None:
+        from laiontools.uid import load_uids
+
+        arr = np.asarray(load_uids(path, mmap=False))
+        _EXCLUDE_CACHE[path] = arr
+    return arr
+
+
+def _score_series(uids: Any, seed: int) -> Any:
+    import pandas as pd
+
+    return pd.Series(_to_signed_order(selection_scores(uids, seed)), index=uids.index)
+
+
+def _member_series(uids: Any, path: str) -> Any:
+    import pandas as pd
+
+    from laiontools.uid import contains
+
+    return pd.Series(contains(_load_cached_uids(path), hex_to_uid_array(uids)), index=uids.index)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs: pool, scores, exclusions
+
+
+@dataclass
+class PoolInfo:
+    path: str
+    manifest: dict[str, Any]
+    sha256: str
+    catalog: str
+    shard_ids: list[str]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["source"]["fingerprint"]
+
+
+def abs_path(path: str) -> str:
+    """Absolute path for local files (so manifests don't depend on the cwd); URLs unchanged."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def load_pool(path: str) -> PoolInfo:
+    path = abs_path(path)
+    m = read_manifest(path)
+    if m["kind"] != "pool":
+        raise InputError(f"{path} is a {m['kind']} manifest; --pool needs the pool.manifest.json written by download")
+    cat = (m.get("catalog") or {}).get("path") or layout.CATALOG_DIR
+    catalog = resolve(path, cat)
+    fs, p = url_to_fs(catalog)
+    if not fs.exists(p):
+        raise InputError(f"{path}: its catalog {catalog} does not exist; the pool folder is incomplete (re-run download)")
+    shard_ids = [layout.shard_id(s["path"]) for s in m["shards"]]
+    return PoolInfo(path=path, manifest=m, sha256=manifest_sha256(path), catalog=catalog, shard_ids=shard_ids)
+
+
+def _find(d: dict[str, Any], names: tuple[str, ...]) -> Any:
+    """First of `names` in `d` or in one of its dict values (files written by other stages vary)."""
+    for n in names:
+        if n in d:
+            return d[n]
+    for v in d.values():
+        if isinstance(v, dict):
+            for n in names:
+                if n in v:
+                    return v[n]
+    return None
+
+
+_FP_KEYS = ("source_fingerprint", "pool_source_fingerprint", "pool_fingerprint", "fingerprint")
+_SHA_KEYS = ("pool_manifest_sha256", "manifest_sha256")
+
+
+def check_provenance(info: dict[str, Any], pool: PoolInfo, what: str, fix: str) -> dict[str, Any]:
+    """Refuse `info` (model.json / dedup.json) recorded for another pool; return what was checked."""
+    fp = _find(info, _FP_KEYS)
+    sha = _find(info, _SHA_KEYS)
+    if fp is not None and fp != pool.fingerprint:
+        raise SubsetError(
+            f"{what} was made from a pool with source fingerprint {fp}, not {pool.path} ({pool.fingerprint}); {fix}"
+        )
+    if sha is not None and sha != pool.sha256:
+        if fp is None:
+            raise SubsetError(f"{what} was made from pool manifest sha256 {sha}, not {pool.path} ({pool.sha256}); {fix}")
+        log.warning("%s was made from an earlier version of %s (same source); samples added since have no entry", what, pool.path)
+    return {"source_fingerprint": fp, "pool_manifest_sha256": sha}
+
+
+@dataclass
+class Exclusion:
+    path: str  # the uid file
+    given: str  # what the user passed
+    kind: str  # "dedup" or "uids"
+    sha256: str
+    count: int
+
+
+def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
+    """A dedup output folder (exclude.uids.npy + dedup.json) or a bare uid .npy file; checked against the pool."""
+    from laiontools.storage import sha256_file
+    from laiontools.uid import contains, load_uids
+
+    given = abs_path(given)
+    fs, p = url_to_fs(given)
+    if not fs.exists(p):
+        raise InputError(f"--exclude {given} does not exist; give a dedup output folder or a uid .npy file")
+    if fs.isdir(p):
+        uid_file = join(given, "exclude.uids.npy")
+        meta_file = join(given, "dedup.json")
+        if not fs.exists(url_to_fs(uid_file)[1]):
+            raise InputError(f"--exclude {given}: no exclude.uids.npy inside; is it a dedup output folder? (re-run dedup)")
+        kind = "dedup"
+        if fs.exists(url_to_fs(meta_file)[1]):
+            check_provenance(
+                read_json(meta_file), pool, f"dedup output {given}", "run dedup on this pool's embeddings, or drop this --exclude"
+            )
+        else:
+            log.warning("%s has no dedup.json; checking only that its uids are samples of the pool", given)
+    else:
+        uid_file, kind = given, "uids"
+    try:
+        arr = load_uids(uid_file)
+    except ValueError as e:
+        raise InputError(f"--exclude {uid_file}: {e}") from e
+    if kind == "dedup" and len(arr):
+        pool_uids_path = resolve(pool.path, pool.manifest["uids"]["path"])
+        pool_uids = load_uids(pool_uids_path)
+        missing = int((~contains(pool_uids, np.asarray(arr))).sum())
+        if missing:
+            raise SubsetError(
+                f"dedup output {given}: {missing} of {len(arr)} excluded uids are not samples of pool {pool.path}; "
+                "it was made from another pool: run dedup on this pool's embeddings"
+            )
+    sha, _ = sha256_file(uid_file)
+    return Exclusion(path=uid_file, given=given, kind=kind, sha256=sha, count=int(len(arr)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Spark plan
+
+
+def _catalog_df(spark: Any, pool: PoolInfo) -> Any:
+    from pyspark.sql import functions as F
+
+    df = spark.read.parquet(pool.catalog)
+    needed = [C.UID, C.STATUS, C.SHARD, C.CAPTION, C.WIDTH, C.HEIGHT, C.ORIGINAL_WIDTH, C.ORIGINAL_HEIGHT, C.PUNSAFE, C.PWATERMARK]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow schemas/catalog.schema.json")
+    return df.select(*needed).withColumn("_shard_id", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))
+
+
+def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[str, Any]]:
+    """Read <embed out>/scores/*.parquet (uid, clip_score), after checking model.json's pool."""
+    from pyspark.sql import functions as F
+
+    scores_dir = abs_path(scores_dir)
+    fs, p = url_to_fs(scores_dir)
+    if not fs.isdir(p):
+        raise InputError(f"--scores {scores_dir} is not a folder; give the embed output folder")
+    files = sorted(fs.glob(join(p, SUBSET_SCORES_FILE, "*.parquet")))
+    if not files:
+        raise InputError(f"--scores {scores_dir}: no {SUBSET_SCORES_FILE}/*.parquet inside; is it an embed output? (re-run embed)")
+    model_json = join(scores_dir, layout.EMB_MODEL_JSON)
+    model_info: dict[str, Any] = {}
+    checked: dict[str, Any] = {}
+    if fs.exists(url_to_fs(model_json)[1]):
+        model_info = read_json(model_json)
+        checked = check_provenance(model_info, pool, f"embed output {scores_dir}", "run embed on this pool, or give its embed output")
+    else:
+        log.warning("%s has no model.json; checking only that its uids are samples of the pool", scores_dir)
+    urls = [join(scores_dir, SUBSET_SCORES_FILE, f.rsplit("/", 1)[-1]) for f in files]
+    sdf = spark.read.parquet(*urls)
+    for c in (C.UID, "clip_score"):
+        if c not in sdf.columns:
+            raise InputError(f"--scores {scores_dir}: {SUBSET_SCORES_FILE}/*.parquet lack column {c!r}")
+    # One score per uid (max is deterministic if a uid were embedded twice).
+    sdf = sdf.groupBy(C.UID).agg(F.max("clip_score").alias("clip_score"))
+    record = {
+        "path": scores_dir,
+        "files": len(urls),
+        "model": {k: model_info.get(k) for k in ("model", "name", "pretrained", "checkpoint_sha256") if k in model_info},
+        **{k: v for k, v in checked.items() if v is not None},
+    }
+    return sdf, record
+
+
+def _check_score_uids(cat: Any, sdf: Any, scores_dir: str, pool: PoolInfo) -> int:
+    """Refuse scores whose uids are not samples of this pool (another pool's embed output)."""
+    from pyspark.sql import functions as F
+
+    samples = cat.filter(F.col(C.STATUS) == C.STATUS_SUCCESS).select(C.UID)
+    row = sdf.join(samples, on=C.UID, how="left_anti").agg(F.count(F.lit(1)).alias("n")).collect()[0]
+    total = sdf.count()
+    if total == 0:
+        raise InputError(f"--scores {scores_dir}: the score files are empty; re-run embed")
+    if row["n"]:
+        raise SubsetError(
+            f"--scores {scores_dir}: {row['n']} of {total} scored uids are not samples of pool {pool.path}; "
+            "these scores come from another pool (or an older download): run embed on this pool"
+        )
+    return total
+
+
+def _filter_steps(cfg: SubsetsConfig, have_scores: bool, exclusions: list[Exclusion]) -> list[tuple[str, Any]]:
+    """(step name, column that is True when the row passes), in funnel order."""
+    from pyspark.sql import functions as F
+
+    steps: list[tuple[str, Any]] = [
+        ("not a downloaded sample (status != success)", F.col(C.STATUS) == C.STATUS_SUCCESS),
+        ("shard not complete in the pool manifest", F.col("_complete")),
+    ]
+    for i, ex in enumerate(exclusions):
+        steps.append((f"excluded by {ex.kind} {ex.given}", ~F.col(f"_excluded_{i}")))
+    if cfg.min_clip_score is not None and have_scores:
+        steps.append((f"clip_score < {cfg.min_clip_score:g} or missing", F.col("clip_score") >= F.lit(cfg.min_clip_score)))
+    if cfg.max_punsafe is not None:
+        steps.append((f"punsafe >= {cfg.max_punsafe:g} or missing", F.col(C.PUNSAFE) < F.lit(cfg.max_punsafe)))
+    if cfg.max_pwatermark is not None:
+        steps.append((f"pwatermark >= {cfg.max_pwatermark:g} or missing", F.col(C.PWATERMARK) < F.lit(cfg.max_pwatermark)))
+    # Size filters look at the image as published (original_*); fall back to the stored size.
+    w = F.coalesce(F.col(C.ORIGINAL_WIDTH), F.col(C.WIDTH))
+    h = F.coalesce(F.col(C.ORIGINAL_HEIGHT), F.col(C.HEIGHT))
+    if cfg.min_image_side is not None:
+        steps.append((f"shorter image side < {cfg.min_image_side} px or unknown", F.least(w, h) >= F.lit(cfg.min_image_side)))
+    if cfg.max_aspect_ratio is not None:
+        ratio = F.greatest(w, h).cast("double") / F.least(w, h).cast("double")
+        steps.append(
+            (f"aspect ratio > {cfg.max_aspect_ratio:g} or unknown", (F.least(w, h) > 0) & (ratio <= F.lit(cfg.max_aspect_ratio)))
+        )
+    clen = F.length(F.coalesce(F.col(C.CAPTION), F.lit("")))
+    if cfg.min_caption_length is not None:
+        steps.append((f"caption shorter than {cfg.min_caption_length} chars", clen >= F.lit(cfg.min_caption_length)))
+    if cfg.max_caption_length is not None:
+        steps.append((f"caption longer than {cfg.max_caption_length} chars", clen <= F.lit(cfg.max_caption_length)))
+    # A NULL comparison means "unknown": the row does not pass.
+    return [(name, F.coalesce(expr, F.lit(False))) for name, expr in steps]
+
+
+def _bucket_cuts(spark: Any, elig: Any, targets: list[int]) -> dict[int, tuple[int, str]]:
+    """Exact (score, uid) of the N-th lowest eligible row for each N, without collecting the rows.
+
+    A histogram over the top 16 bits of the score finds the bucket each cut falls in; only those
+    buckets' rows come to the driver and are sorted there.
+    """
+    from pyspark.sql import functions as F
+
+    hist = sorted((int(r["b"]), int(r["n"])) for r in elig.groupBy(F.shiftright("h", _BUCKET_SHIFT).alias("b")).agg(F.count(F.lit(1)).alias("n")).collect())
+    where: dict[int, tuple[int, int]] = {}  # N -> (bucket, rank within bucket, 1-based)
+    cum = 0
+    pending = sorted(targets)
+    ti = 0
+    for b, n in hist:
+        while ti < len(pending) and pending[ti] <= cum + n:
+            where[pending[ti]] = (b, pending[ti] - cum)
+            ti += 1
+        cum += n
+    buckets = sorted({b for b, _ in where.values()})
+    if not buckets:
+        return {}
+    rows = elig.filter(F.shiftright("h", _BUCKET_SHIFT).isin(buckets)).select("h", C.UID).collect()
+    by_bucket: dict[int, list[tuple[int, str]]] = {}
+    for r in rows:
+        by_bucket.setdefault(int(r["h"]) >> _BUCKET_SHIFT, []).append((int(r["h"]), r[C.UID]))
+    for v in by_bucket.values():
+        v.sort()
+    return {n: by_bucket[b][k - 1] for n, (b, k) in where.items()}
+
+
+def write_sorted_uids(parquet_dir: str, out_path: str, expected: int) -> tuple[str, int]:
+    """Stream Spark's globally sorted uid parquet parts into one .npy uid file; return (sha256, count).
+
+    Bytes equal :func:`laiontools.uid.save_uids` of the same set. Reads one row group at a time and
+    checks the order as it goes, so memory stays flat however large the subset is.
+    """
+    import pyarrow.parquet as pq
+
+    from laiontools.storage import atomic_open
+
+    fs, p = url_to_fs(parquet_dir)
+    parts = sorted(f for f in fs.ls(p, detail=False) if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet"))
+    header = {"descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (int(expected),)}
+    h = hashlib.sha256()
+    n = 0
+    last: bytes | None = None
+    with atomic_open(out_path) as f:
+
+        def put(b: bytes) -> None:
+            h.update(b)
+            f.write(b)
+
+        import io
+
+        hbuf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(hbuf, header)
+        put(hbuf.getvalue())
+        for part in parts:
+            with fs.open(part, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                for rg in range(pf.num_row_groups):
+                    col = pf.read_row_group(rg, columns=[C.UID]).column(0).to_pylist()
+                    if not col:
+                        continue
+                    arr = hex_to_uid_array(col)
+                    raw = arr.tobytes()
+                    keys = np.frombuffer(bytes.fromhex("".join(col)), dtype="S16")
+                    if len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1])):
+                        raise RuntimeError(f"{part}: uids are not strictly increasing; Spark output order was lost")
+                    if last is not None and not keys[0] > last:
+                        raise RuntimeError(f"{part}: uids are not increasing across part files; Spark output order was lost")
+                    last = keys[-1]
+                    put(raw)
+                    n += len(arr)
+        if n != expected:
+            raise RuntimeError(f"{parquet_dir}: wrote {n} uids, expected {expected}")
+    return h.hexdigest(), n
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def canonical_command(cfg: SubsetsConfig) -> list[str]:
+    """The recipe as a command line, rebuilt from the settings (absolute inputs, no output folder).
+
+    The manifest records this instead of sys.argv so two runs of the same recipe into different
+    folders give byte-identical manifests.
+    """
+    cmd = ["laiontools", "subsets", "--pool", abs_path(cfg.pool)]
+    if cfg.scores:
+        cmd += ["--scores", abs_path(cfg.scores)]
+    for e in cfg.exclude:
+        cmd += ["--exclude", abs_path(e)]
+    cmd += ["--scales", cfg.scales, "--scale-factor", repr(float(cfg.scale_factor)), "--seed", str(cfg.seed)]
+    if cfg.allow_short:
+        cmd.append("--allow-short")
+    for k, v in cfg.filters().items():
+        if v is not None:
+            cmd += ["--" + k.replace("_", "-"), str(v)]
+    return cmd
+
+
+def run_subsets(cfg: SubsetsConfig, spark: Any = None) -> list[dict[str, Any]]:
+    """Select the nested subsets and write their manifests; return one summary row per scale.
+
+    Raises SubsetError when a target exceeds the eligible pool (unless allow_short) or an input
+    comes from another pool; InputError/ManifestError for unreadable inputs.
+    """
+    if spark is None:
+        from laiontools.spark import spark_session
+
+        with spark_session(app_name="laiontools-subsets") as s:
+            return run_subsets(cfg, s)
+
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    pool = load_pool(cfg.pool)
+    targets = cfg.targets()
+    output = abs_path(cfg.output)
+    ensure_output_dir(output)
+    write_json(join(output, layout.SETTINGS_JSON), {"stage": "subsets", **cfg.to_dict()})
+    exclusions = [load_exclusion(e, pool) for e in cfg.exclude]
+
+    cat = _catalog_df(spark, pool)
+    shards = spark.createDataFrame([(s,) for s in pool.shard_ids], "_shard_id string").withColumn("_complete", F.lit(True))
+    cat = cat.join(F.broadcast(shards), on="_shard_id", how="left")
+    scores_record: dict[str, Any] | None = None
+    if cfg.scores:
+        sdf, scores_record = _scores_df(spark, cfg.scores, pool)
+        scores_record["scored_uids"] = _check_score_uids(cat, sdf, cfg.scores, pool)
+        if cfg.min_clip_score is None:
+            log.warning("--scores given without --min-clip-score: scores checked but not used to filter")
+        else:
+            cat = cat.join(sdf, on=C.UID, how="left")
+    for i, ex in enumerate(exclusions):
+        udf = F.pandas_udf(lambda s, _p=ex.path: _member_series(s, _p), T.BooleanType())
+        cat = cat.withColumn(f"_excluded_{i}", udf(F.col(C.UID)))
+
+    steps = _filter_steps(cfg, scores_record is not None, exclusions)
+    # Funnel in one pass: removed by step k = passed steps 1..k-1 and failed step k.
+    aggs = [F.count(F.lit(1)).alias("rows")]
+    passed = F.lit(True)
+    for k, (_, ok) in enumerate(steps):
+        aggs.append(F.sum(F.when(passed & ~ok, 1).otherwise(0)).alias(f"r{k}"))
+        passed = passed & ok
+    counts = cat.agg(*aggs).collect()[0]
+    eligible_rows = cat.filter(passed).select(C.UID)
+    seed = cfg.seed
+    score_udf = F.pandas_udf(lambda s: _score_series(s, seed), T.LongType())
+    elig = eligible_rows.distinct().withColumn("h", score_udf(F.col(C.UID))).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        n_elig = elig.count()
+        funnel: list[dict[str, Any]] = [{"step": "catalog rows", "removed": 0, "remaining": int(counts["rows"])}]
+        remaining = int(counts["rows"])
+        for k, (name, _) in enumerate(steps):
+            removed = int(counts[f"r{k}"] or 0)
+            remaining -= removed
+            funnel.append({"step": name, "removed": removed, "remaining": remaining})
+        if remaining != n_elig:
+            funnel.append({"step": "duplicate uid", "removed": remaining - n_elig, "remaining": n_elig})
+        funnel.append({"step": "eligible", "removed": 0, "remaining": n_elig})
+
+        short = [(lab, t) for lab, t in targets if t > n_elig]
+        if short and not cfg.allow_short:
+            lines = ", ".join(f"{lab}: requested {t:,}, available {n_elig:,}" for lab, t in short)
+            raise SubsetError(
+                f"not enough eligible samples in {pool.path} for {lines}. Lower the scale (--scale-factor), relax the "
+                "filters, or pass --allow-short to write short subsets (recorded as short in their manifests)"
+            )
+        obtained = {lab: min(t, n_elig) for lab, t in targets}
+        cuts = _bucket_cuts(spark, elig, sorted({n for n in obtained.values() if n > 0}))
+
+        selection_base = {
+            "seed": seed,
+            "scale_factor": float(cfg.scale_factor),
+            "method": HASH_SPEC,
+            "filters": {**cfg.filters(), "clip_score_source": scores_record},
+            "funnel": funnel,
+            "exclusions": [dataclasses.asdict(e) for e in exclusions],
+            "eligible": n_elig,
+        }
+        results: list[dict[str, Any]] = []
+        parent: dict[str, Any] = {"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path}
+        tmp_root = join(output, "_tmp")
+        for label, target in targets:  # largest first: each smaller one's parent is the one before it
+            n = obtained[label]
+            uid_name = f"{label}.uids.npy"
+            uid_path = join(output, uid_name)
+            if n > 0:
+                hc, uc = cuts[n]
+                sel = elig.filter((F.col("h") < F.lit(hc)) | ((F.col("h") == F.lit(hc)) & (F.col(C.UID) <= F.lit(uc))))
+                tmp = join(tmp_root, label)
+                sel.select(C.UID).orderBy(C.UID).write.mode("overwrite").parquet(tmp)
+                sha, count = write_sorted_uids(tmp, uid_path, n)
+                _rm(tmp)
+            else:
+                from laiontools.uid import save_uids
+
+                sha, count = save_uids(uid_path, np.zeros(0, dtype=UID_DTYPE))
+            m = new_manifest(
+                name=f"{pool.manifest['name']}.{label}",
+                kind="subset",
+                num_samples=count,
+                target_samples=target,
+                uids={"path": uid_name, "sha256": sha, "count": count},
+                shards=[],
+                source_fingerprint=pool.fingerprint,
+                parent=parent,
+                selection={**selection_base, "scale": label},
+                command=canonical_command(cfg),
+                pool={"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path},
+            )
+            mpath = join(output, f"{label}.manifest.json")
+            msha = write_manifest(mpath, m)
+            parent = {"name": m["name"], "sha256": msha, "path": f"{label}.manifest.json"}
+            results.append(
+                {"scale": label, "target": target, "obtained": count, "short": count < target, "manifest": mpath, "sha256": msha}
+            )
+        _rm(tmp_root)
+    finally:
+        elig.unpersist()
+    return results
+
+
+def _rm(path: str) -> None:
+    fs, p = url_to_fs(path)
+    if fs.exists(p):
+        if "://" not in path:
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            fs.rm(p, recursive=True)
+
+
+def summary_text(results: list[dict[str, Any]], funnel: list[dict[str, Any]]) -> str:
+    rows = [{"step": f["step"], "removed": f"{f['removed']:,}", "remaining": f"{f['remaining']:,}"} for f in funnel]
+    srows = [
+        {
+            "scale": r["scale"],
+            "target": f"{r['target']:,}",
+            "obtained": f"{r['obtained']:,}",
+            "short": "SHORT" if r["short"] else "",
+            "manifest": r["manifest"],
+        }
+        for r in results
+    ]
+    return "selection funnel\n" + table(rows) + "\n\nsubsets (nested, largest first)\n" + table(srows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="laiontools subsets",
+        description="Filters + dedup exclusions + seeded nested subsets (80M ⊂ 400M ⊂ 2B) with manifests (Spark).",
+    )
+    add_config_args(p, SubsetsConfig, skip=("seed", "scale_factor"))
+    # Parsed by us, not argparse, so a bad value gets the same clear message as from YAML.
+    p.add_argument("--seed", dest="seed", default=argparse.SUPPRESS, help="selection seed, a whole number (required)")
+    p.add_argument("--scale-factor", dest="scale_factor", default=argparse.SUPPRESS, help="multiply every scale (e.g. 1e-6)")
+    return p
+
+
+def _parse_factor(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--scale-factor {text!r} is not a number; give e.g. --scale-factor 1e-6") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if hasattr(args, "scale_factor"):
+        args.scale_factor = _parse_factor(args.scale_factor)
+    if hasattr(args, "seed"):
+        args.seed = parse_seed(args.seed)
+    cfg = config_from_args(SubsetsConfig, args)
+    results = run_subsets(cfg)
+    funnel = read_manifest(results[-1]["manifest"])["selection"]["funnel"] if results else []
+    emit(summary_text(results, funnel))
+    return 0

@@ -1,0 +1,317 @@
+"""Nested subsets: filters, funnel, nesting, determinism, short subsets and bad inputs.
+
+Filters need rows with known punsafe/size/caption values, so most tests use a small hand-built pool
+(real webdataset tars + catalog + manifest, :func:`make_scratch_pool`); one test runs on the real
+downloaded pool from conftest's ``pool`` fixture when it exists.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laiontools import layout
+from laiontools import schema as C
+from laiontools.config import ConfigError
+from laiontools.manifest import new_manifest, read_manifest, write_manifest
+from laiontools.schema import ManifestError
+from laiontools.storage import sha256_file, write_json
+from laiontools.subsets import (
+    SubsetError,
+    SubsetsConfig,
+    parse_scales,
+    parse_seed,
+    reference_selection,
+    run_subsets,
+)
+from laiontools.subsets import main as subsets_main
+from laiontools.uid import load_uids, save_uids, uid_of, array_to_uids
+
+
+def _jpeg(i: int, w: int, h: int) -> bytes:
+    from PIL import Image
+
+    img = Image.new("RGB", (w, h), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def make_scratch_pool(root: str, n: int = 60, per_shard: int = 16, failures: int = 6, tag: str = "a", incomplete_shard: bool = False) -> str:
+    """Write a pool in download's layout: shards/<id>.tar, catalog/part-0.parquet, pool.uids.npy, manifest.
+
+    Sample i has punsafe = (i % 10) / 10, pwatermark = (i % 5) / 5, original size (64 + i, 64 + 2*(i % 4) * 16),
+    caption of length 5 + i % 20. `failures` extra rows have status failed_download. With
+    `incomplete_shard`, one more shard exists in the catalog but not in the manifest (a killed download).
+    Returns the manifest path.
+    """
+    os.makedirs(os.path.join(root, layout.SHARDS_DIR), exist_ok=True)
+    rows: list[dict] = []
+    shards: list[dict] = []
+    uids: list[str] = []
+    nshards = (n + per_shard - 1) // per_shard
+    for s in range(nshards + (1 if incomplete_shard else 0)):
+        sid = f"{s:05d}"
+        path = os.path.join(root, layout.SHARDS_DIR, sid + ".tar")
+        idxs = range(s * per_shard, min(n, (s + 1) * per_shard)) if s < nshards else range(n, n + 3)
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for j, i in enumerate(idxs):
+                key = f"{s:05d}{j:04d}"
+                caption = f"{tag} caption {i} " + "x" * (i % 20)
+                url = f"http://127.0.0.1/{tag}/{i}.jpg"
+                uid = uid_of(url, caption)
+                w, h = 64 + i, 64 + (i % 4) * 32
+                meta = {"uid": uid, "key": key, "caption": caption, "url": url, "punsafe": (i % 10) / 10, "pwatermark": (i % 5) / 5}
+                for ext, data in (("jpg", _jpeg(i, 16, 16)), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size, ti.mtime = len(data), 1_700_000_000
+                    tf.addfile(ti, io.BytesIO(data))
+                rows.append(
+                    {
+                        C.UID: uid, C.SOURCE_ID: str(i), C.URL: url, C.CAPTION: caption, C.STATUS: C.STATUS_SUCCESS,
+                        C.ERROR: None, C.SHARD: sid, C.KEY: key, C.WIDTH: 16, C.HEIGHT: 16,
+                        C.ORIGINAL_WIDTH: w, C.ORIGINAL_HEIGHT: h, C.SHA256: None, C.SIMILARITY: 0.3,
+                        C.PUNSAFE: (i % 10) / 10, C.PWATERMARK: (i % 5) / 5, C.LICENSE: None, C.NSFW: None,
+                    }
+                )
+                if s < nshards:
+                    uids.append(uid)
+        if s < nshards:
+            sha, size = sha256_file(path)
+            shards.append({"path": f"{layout.SHARDS_DIR}/{sid}.tar", "num_samples": len(idxs), "bytes": size, "sha256": sha})
+    for k in range(failures):
+        url, cap = f"http://127.0.0.1/{tag}/missing{k}.jpg", f"{tag} failed {k}"
+        rows.append({**{c: None for c in C.catalog_columns()}, C.UID: uid_of(url, cap), C.URL: url, C.CAPTION: cap, C.STATUS: C.STATUS_FAILED_DOWNLOAD, C.ERROR: "404"})
+    os.makedirs(os.path.join(root, layout.CATALOG_DIR), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=C.catalog_arrow_schema()), os.path.join(root, layout.CATALOG_DIR, "part-00000.parquet"))
+    usha, ucount = save_uids(os.path.join(root, layout.POOL_UIDS), uids)
+    import hashlib
+
+    m = new_manifest(
+        name=f"pool-{tag}", kind="pool", num_samples=len(uids), target_samples=None,
+        uids={"path": layout.POOL_UIDS, "sha256": usha, "count": ucount}, shards=shards,
+        source_fingerprint=hashlib.sha256(tag.encode()).hexdigest(), catalog={"path": layout.CATALOG_DIR}, command=["test"],
+    )
+    mpath = os.path.join(root, layout.POOL_MANIFEST)
+    write_manifest(mpath, m)
+    return mpath
+
+
+def pool_samples(manifest_path: str) -> dict[str, dict]:
+    """uid -> catalog row of every success row of a pool."""
+    m = read_manifest(manifest_path)
+    t = pq.read_table(os.path.join(os.path.dirname(manifest_path), m["catalog"]["path"])).to_pylist()
+    return {r[C.UID]: r for r in t if r[C.STATUS] == C.STATUS_SUCCESS}
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool_a")
+    return make_scratch_pool(str(root), incomplete_shard=True)
+
+
+def _cfg(pool: str, out, **kw) -> SubsetsConfig:
+    return SubsetsConfig(pool=pool, output=str(out), seed=kw.pop("seed", 7), scales=kw.pop("scales", "10,20,40"), **kw)
+
+
+def _uids(path: str) -> set[str]:
+    return set(array_to_uids(load_uids(path)))
+
+
+def test_nested_deterministic_and_matches_reference(spark, scratch, tmp_path):
+    res1 = run_subsets(_cfg(scratch, tmp_path / "r1"), spark)
+    res2 = run_subsets(_cfg(scratch, tmp_path / "r2"), spark)
+    assert [r["scale"] for r in res1] == ["40", "20", "10"]
+    for a, b in zip(res1, res2):
+        with open(a["manifest"], "rb") as fa, open(b["manifest"], "rb") as fb:
+            assert fa.read() == fb.read(), f"manifests differ between runs: {a['manifest']} {b['manifest']}"
+        for suffix in ("uids.npy",):
+            pa_, pb_ = a["manifest"].replace("manifest.json", suffix), b["manifest"].replace("manifest.json", suffix)
+            assert open(pa_, "rb").read() == open(pb_, "rb").read()
+    s40, s20, s10 = (_uids(str(tmp_path / "r1" / f"{k}.uids.npy")) for k in ("40", "20", "10"))
+    assert (len(s10), len(s20), len(s40)) == (10, 20, 40)
+    assert s10 < s20 < s40
+    # Eligible = the 60 samples in complete shards; the 3 in the shard missing from the manifest are not.
+    samples = pool_samples(scratch)
+    pool_uids = _uids(os.path.join(os.path.dirname(scratch), layout.POOL_UIDS))
+    assert s40 <= pool_uids
+    eligible = sorted(u for u, r in samples.items() if r[C.SHARD] != "00004")
+    assert len(eligible) == 60
+    assert s20 == set(reference_selection(eligible, 7, 20))
+    # The stored uid file is exactly what save_uids writes for that set.
+    ref = tmp_path / "ref.npy"
+    save_uids(str(ref), sorted(s20))
+    assert open(ref, "rb").read() == open(tmp_path / "r1" / "20.uids.npy", "rb").read()
+    # Manifest chain: 10 -> 20 -> 40 -> pool, sha256 of each parent file.
+    m10, m20, m40 = (read_manifest(str(tmp_path / "r1" / f"{k}.manifest.json")) for k in ("10", "20", "40"))
+    assert m10["parent"]["sha256"] == sha256_file(str(tmp_path / "r1" / "20.manifest.json"))[0]
+    assert m20["parent"]["name"] == m40["name"]
+    assert m40["parent"]["sha256"] == sha256_file(scratch)[0]
+    assert m40["kind"] == "subset" and m40["num_samples"] == 40 and m40["target_samples"] == 40 and not m40["short"]
+    funnel = {f["step"]: f for f in m40["selection"]["funnel"]}
+    assert funnel["catalog rows"]["remaining"] == 69
+    assert funnel["not a downloaded sample (status != success)"]["removed"] == 6
+    assert funnel["shard not complete in the pool manifest"]["removed"] == 3
+    assert funnel["eligible"]["remaining"] == 60
+    # A different seed picks a different subset.
+    res3 = run_subsets(_cfg(scratch, tmp_path / "r3", seed=8, scales="20"), spark)
+    assert _uids(res3[0]["manifest"].replace("manifest.json", "uids.npy")) != s20
+
+
+def test_each_filter_and_funnel(spark, scratch, tmp_path):
+    samples = {u: r for u, r in pool_samples(scratch).items() if r[C.SHARD] != "00004"}
+    cfg = _cfg(
+        scratch, tmp_path, scales="3", max_punsafe=0.5, max_pwatermark=0.8, min_image_side=96,
+        max_aspect_ratio=1.5, min_caption_length=16, max_caption_length=30,
+    )
+    res = run_subsets(cfg, spark)
+    m = read_manifest(res[0]["manifest"])
+    expect = []
+    for u, r in samples.items():
+        w, h = r[C.ORIGINAL_WIDTH], r[C.ORIGINAL_HEIGHT]
+        if r[C.PUNSAFE] < 0.5 and r[C.PWATERMARK] < 0.8 and min(w, h) >= 96 and max(w, h) / min(w, h) <= 1.5 and 16 <= len(r[C.CAPTION]) <= 30:
+            expect.append(u)
+    assert m["selection"]["eligible"] == len(expect) > 3
+    assert _uids(res[0]["manifest"].replace("manifest.json", "uids.npy")) == set(reference_selection(sorted(expect), 7, 3))
+    steps = [f["step"] for f in m["selection"]["funnel"]]
+    assert steps[3].startswith("punsafe") and steps[4].startswith("pwatermark")
+    removed = {f["step"].split(" ")[0]: f["removed"] for f in m["selection"]["funnel"]}
+    assert removed["punsafe"] == sum(1 for r in samples.values() if r[C.PUNSAFE] >= 0.5)
+    assert m["selection"]["filters"]["max_punsafe"] == 0.5
+    assert sum(f["removed"] for f in m["selection"]["funnel"]) == 69 - len(expect)
+
+
+def _write_scores(emb: str, uid_scores: dict[str, float], model_json: dict | None) -> None:
+    os.makedirs(os.path.join(emb, layout.EMB_SCORES_DIR), exist_ok=True)
+    items = sorted(uid_scores.items())
+    half = len(items) // 2
+    for k, part in enumerate((items[:half], items[half:])):
+        pq.write_table(pa.table({"uid": [u for u, _ in part], "clip_score": [s for _, s in part]}), os.path.join(emb, layout.EMB_SCORES_DIR, f"0000{k}.parquet"))
+    if model_json is not None:
+        write_json(os.path.join(emb, layout.EMB_MODEL_JSON), model_json)
+
+
+def test_clip_score_filter_and_scores_from_another_pool(spark, scratch, tmp_path):
+    samples = pool_samples(scratch)
+    m = read_manifest(scratch)
+    scores = {u: (int(u[:4], 16) % 100) / 100 for u in samples}
+    emb = str(tmp_path / "emb")
+    _write_scores(emb, scores, {"model": "lt-tiny", "source_fingerprint": m["source"]["fingerprint"]})
+    res = run_subsets(_cfg(scratch, tmp_path / "o", scales="3", scores=emb, min_clip_score=0.3), spark)
+    man = read_manifest(res[0]["manifest"])
+    expect = [u for u, r in samples.items() if r[C.SHARD] != "00004" and scores[u] >= 0.3]
+    assert man["selection"]["eligible"] == len(expect)
+    assert man["selection"]["filters"]["clip_score_source"]["path"] == emb
+    # model.json says another pool -> refused, naming the folder.
+    bad = str(tmp_path / "emb_other_fp")
+    _write_scores(bad, scores, {"model": "lt-tiny", "source_fingerprint": "0" * 64})
+    with pytest.raises(SubsetError, match="emb_other_fp.*source fingerprint"):
+        run_subsets(_cfg(scratch, tmp_path / "o2", scales="3", scores=bad, min_clip_score=0.3), spark)
+    # No model.json, uids of another pool -> refused by the uid check.
+    other = make_scratch_pool(str(tmp_path / "pool_b"), n=20, failures=0, tag="b")
+    alien = str(tmp_path / "emb_alien")
+    _write_scores(alien, {u: 0.5 for u in pool_samples(other)}, None)
+    with pytest.raises(SubsetError, match=r"20 of 20 scored uids are not samples of pool"):
+        run_subsets(_cfg(scratch, tmp_path / "o3", scales="3", scores=alien, min_clip_score=0.3), spark)
+
+
+def _write_dedup(d: str, uids: list[str], fingerprint: str) -> None:
+    os.makedirs(d, exist_ok=True)
+    save_uids(os.path.join(d, "exclude.uids.npy"), uids)
+    write_json(os.path.join(d, "dedup.json"), {"pool_source_fingerprint": fingerprint, "threshold": 0.9})
+
+
+def test_dedup_exclusion_and_dedup_from_another_pool(spark, scratch, tmp_path):
+    samples = sorted(u for u, r in pool_samples(scratch).items() if r[C.SHARD] != "00004")
+    fp = read_manifest(scratch)["source"]["fingerprint"]
+    excluded = samples[::4]
+    d = str(tmp_path / "dedup")
+    _write_dedup(d, excluded, fp)
+    res = run_subsets(_cfg(scratch, tmp_path / "o", scales=str(60 - len(excluded))), spark)
+    chosen = _uids(res[0]["manifest"].replace("manifest.json", "uids.npy"))
+    assert not chosen.isdisjoint(excluded)  # without --exclude, all eligible are taken
+    res = run_subsets(_cfg(scratch, tmp_path / "o2", scales=str(60 - len(excluded)), exclude=[d]), spark)
+    chosen = _uids(res[0]["manifest"].replace("manifest.json", "uids.npy"))
+    assert chosen == set(samples) - set(excluded)
+    man = read_manifest(res[0]["manifest"])
+    assert man["selection"]["exclusions"][0]["count"] == len(excluded)
+    assert any(f["step"].startswith("excluded by dedup") and f["removed"] == len(excluded) for f in man["selection"]["funnel"])
+    # Fingerprint of another pool.
+    d2 = str(tmp_path / "dedup_other")
+    _write_dedup(d2, excluded, "f" * 64)
+    with pytest.raises(SubsetError, match="dedup_other.*another pool|dedup_other.*source fingerprint"):
+        run_subsets(_cfg(scratch, tmp_path / "o3", scales="5", exclude=[d2]), spark)
+    # Right fingerprint claim but uids of another pool.
+    other = make_scratch_pool(str(tmp_path / "pool_c"), n=10, failures=0, tag="c")
+    d3 = str(tmp_path / "dedup_alien")
+    _write_dedup(d3, list(pool_samples(other)), fp)
+    with pytest.raises(SubsetError, match="10 of 10 excluded uids are not samples"):
+        run_subsets(_cfg(scratch, tmp_path / "o4", scales="5", exclude=[d3]), spark)
+
+
+def test_short_subset_error_and_allow_short(spark, scratch, tmp_path):
+    with pytest.raises(SubsetError, match=r"1000: requested 1,000, available 60"):
+        run_subsets(_cfg(scratch, tmp_path / "a", scales="10,1000"), spark)
+    assert not (tmp_path / "a" / "10.manifest.json").exists()
+    res = run_subsets(_cfg(scratch, tmp_path / "b", scales="80M,400M", scale_factor=1e-6, allow_short=True), spark)
+    by = {r["scale"]: r for r in res}
+    assert by["400M"]["target"] == 400 and by["400M"]["obtained"] == 60 and by["400M"]["short"]
+    m = read_manifest(by["80M"]["manifest"])
+    assert m["short"] is True and m["target_samples"] == 80 and m["num_samples"] == 60
+    assert m["selection"]["scale_factor"] == 1e-6
+
+
+def test_parse_scales_and_seed():
+    assert parse_scales("80M,400M,2B", 1e-6) == [("2B", 2000), ("400M", 400), ("80M", 80)]
+    assert parse_scales("1e3,10,1.5K") == [("1.5K", 1500), ("1e3", 1000), ("10", 10)]
+    for bad, msg in (("80X", "not a count"), ("10,,20", "empty item"), ("10,10", "repeated"), ("0", "whole number"), ("-5", "not a count")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_scales(bad)
+    with pytest.raises(ConfigError, match="whole number"):
+        parse_scales("80M", 1e-9)
+    assert parse_seed("42") == 42
+    for bad in ("abc", "1.5", "-1", "", str(2**64)):
+        with pytest.raises(ConfigError):
+            parse_seed(bad)
+
+
+def test_cli_bad_inputs(spark, scratch, tmp_path, capsys):
+    from laiontools.cli import main as cli
+
+    assert cli(["subsets", "--pool", scratch, "--scales", "10", "--seed", "x1", "--output", str(tmp_path)]) == 2
+    assert "seed 'x1' is not a whole number" in capsys.readouterr().err
+    assert cli(["subsets", "--pool", scratch, "--scales", "10;20", "--seed", "1", "--output", str(tmp_path)]) == 2
+    assert "scale '10;20' is not a count" in capsys.readouterr().err
+    assert cli(["subsets", "--pool", scratch, "--scales", "10", "--output", str(tmp_path)]) == 2
+    assert "give --seed" in capsys.readouterr().err
+    # A manifest with a schema version we don't know.
+    m = json.load(open(scratch))
+    m["schema_version"] = "9.9"
+    future = tmp_path / "future.manifest.json"
+    future.write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="schema_version '9.9'"):
+        run_subsets(_cfg(str(future), tmp_path / "f"), spark)
+    # The CLI end to end prints the funnel and writes the manifests.
+    assert subsets_main(["--pool", scratch, "--scales", "5,10", "--seed", "3", "--output", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "selection funnel" in out and "eligible" in out
+    assert read_manifest(str(tmp_path / "cli" / "5.manifest.json"))["provenance"]["command"][:2] == ["laiontools", "subsets"]
+
+
+def test_real_pool_if_available(spark, request, tmp_path):
+    try:
+        pool = request.getfixturevalue("pool")
+    except pytest.FixtureLookupError:
+        pytest.skip("conftest has no `pool` fixture yet")
+    m = read_manifest(pool.manifest)
+    res = run_subsets(_cfg(pool.manifest, tmp_path, scales="5,10", seed=1, allow_short=True), spark)
+    s10, s5 = (_uids(r["manifest"].replace("manifest.json", "uids.npy")) for r in res)
+    assert s5 <= s10 and len(s5) == min(5, m["num_samples"])
+    assert s10 <= _uids(os.path.join(os.path.dirname(pool.manifest), m["uids"]["path"]))
