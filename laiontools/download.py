@@ -481,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(DownloadConfig, args)
     if not cfg.input or not cfg.output:
         raise ConfigError("--input and --output are required (see `laiontools download --help`)")
+    # Cheap checks before Spark starts (tens of seconds): bad input fails at once.
+    from laiontools.prepare import discover
+
+    check_output(cfg)
+    if not is_done(join(cfg.output, layout.PREPARED_DIR)):
+        discover(cfg)
     with spark_session(args.master, app_name="laiontools-download") as spark:
         rep = run_download(cfg, spark)
     emit(rep["text"])

@@ -564,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.input or not cfg.output:
         raise ConfigError("--input and --output are required")
     ensure_output_dir(cfg.output)
+    discover(cfg)  # fail on bad input before Spark starts
     with spark_session(args.master, app_name="laiontools-prepare") as spark:
         stats = run_prepare(cfg, spark)
     emit(f"prepare: {stats['rows_in']} rows in, {stats['accepted']} accepted, rejected: {stats['rejected']}")

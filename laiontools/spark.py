@@ -25,6 +25,8 @@ def _python_env() -> None:
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     # img2dataset imports albumentations, which otherwise phones home at import time.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # An embedded session stays on loopback unless told otherwise (no surprise binding to eth0).
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 
 @contextmanager
