@@ -1,0 +1,316 @@
+"""`laiontools evaluate`: zero-shot classification and image<->text retrieval of a model on evaluation sets.
+
+Evaluation sets are declared exactly as for dedup (``name=path[:format]`` or a YAML list, read by
+:mod:`laiontools.evalsets`), so the sets a model is scored on are the sets its training data was
+decontaminated against. The model comes from :func:`laiontools.models.load_model`: a finished
+``laiontools train`` run directory (its ``model.pt`` and model name), a checkpoint file (weights
+only), or an open_clip pretrained tag.
+
+* Zero-shot classification: a classifier from the class names and prompt templates with open_clip's
+  ``build_zero_shot_classifier``; top-1 / top-5 accuracy (open_clip_train's ``accuracy``) and mean
+  per-class recall. Needs class names.
+* Retrieval: image->text and text->image recall@1/5/10 with open_clip_train's ``get_clip_metrics``
+  over the items that have a caption (one caption per image).
+
+Output: one JSON file (``--output``) with the settings, the model identity, per-set results and a
+flat ``metrics`` map (``<set>/zeroshot_top1``, ``<set>/image_to_text_R@5``, ...); ``<output>.done``
+is its completion marker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.errors import UserError
+from laiontools.logs import RateLimitedLogger
+from laiontools.models import ModelError
+from laiontools.report import emit, table
+from laiontools.storage import mark_done, read_json, write_json
+
+log = logging.getLogger(__name__)
+_failures = RateLimitedLogger(log)
+
+TASKS = ("zeroshot", "retrieval")
+
+
+@dataclasses.dataclass
+class EvaluateConfig(StageConfig):
+    checkpoint: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "a finished `laiontools train` run dir, a checkpoint file, or an open_clip pretrained tag"},
+    )
+    model: str | None = dataclasses.field(default=None, metadata={"help": "open_clip model name (read from the run dir if omitted)"})
+    evalset: list[str] = dataclasses.field(default_factory=list, metadata={"help": "evaluation set(s): name=path[:format]"})
+    evalsets_yaml: str | None = dataclasses.field(default=None, metadata={"help": "YAML list of {name, path, format}"})
+    output: str = dataclasses.field(default="", metadata={"help": "results JSON file"})
+    tasks: list[str] = dataclasses.field(default_factory=lambda: list(TASKS), metadata={"help": "zeroshot and/or retrieval"})
+    batch_size: int = dataclasses.field(default=64, metadata={"help": "images per forward pass"})
+    device: str | None = dataclasses.field(default=None, metadata={"help": "cuda or cpu; default cuda when available"})
+
+    def validate(self) -> None:
+        if not self.output:
+            raise ConfigError("evaluate: --output (a results .json file) is required")
+        if not self.evalset and not self.evalsets_yaml:
+            raise ConfigError("evaluate: give at least one --evalset name=path[:format] or --evalsets-yaml")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ConfigError(f"evaluate: unknown task(s) {bad or self.tasks}; choose from {list(TASKS)}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"evaluate: --batch-size must be positive, got {self.batch_size}")
+
+
+def resolve_checkpoint(checkpoint: str | None, model: str | None) -> tuple[str | None, str, str | None]:
+    """(weights to load, model name, run dir or None) for a run dir, a checkpoint file or a tag.
+
+    Raises ModelError when a run dir was trained with another model than ``model``, ConfigError when
+    the model name cannot be known, and TrainError when a run dir is not finished.
+    """
+    from laiontools.train import MODEL_FILE, SETTINGS_FILE, read_result
+
+    if checkpoint and os.path.isdir(checkpoint):
+        if not os.path.exists(os.path.join(checkpoint, SETTINGS_FILE)):
+            raise ConfigError(f"evaluate: {checkpoint} is a folder but not a `laiontools train` run (no {SETTINGS_FILE})")
+        result = read_result(checkpoint)
+        trained = result["model"]
+        if model and model != trained:
+            raise ModelError(
+                f"checkpoint {checkpoint} was trained with model {trained!r}, not {model!r}; "
+                f"pass --model {trained} (or omit --model)"
+            )
+        return os.path.join(checkpoint, MODEL_FILE), trained, checkpoint
+    if not model:
+        raise ConfigError("evaluate: --model is required unless --checkpoint is a `laiontools train` run directory")
+    if checkpoint and os.path.isfile(checkpoint):
+        _check_run_of_checkpoint(checkpoint, model)
+    return checkpoint, model, None
+
+
+def _check_run_of_checkpoint(path: str, model: str) -> None:
+    """A checkpoint file inside a laiontools run names its model in settings.json: compare before loading."""
+    from laiontools.train import SETTINGS_FILE
+
+    for d in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        s = os.path.join(d, SETTINGS_FILE)
+        if d and os.path.exists(s):
+            trained = read_json(s).get("model")
+            if trained and trained != model:
+                raise ModelError(f"checkpoint {path} belongs to a run of model {trained!r}, not {model!r}; pass --model {trained}")
+            return
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _encode_images(bundle: Any, images: list[Any], device: str, batch_size: int) -> Any:
+    import torch
+
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([bundle.preprocess(im) for im in images[i : i + batch_size]]).to(device)
+            feats.append(bundle.model.encode_image(x, normalize=True).float().cpu())
+    return torch.cat(feats) if feats else torch.empty(0)
+
+
+def _encode_texts(bundle: Any, texts: list[str], device: str, batch_size: int) -> Any:
+    import torch
+
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            t = bundle.tokenizer(texts[i : i + batch_size]).to(device)
+            feats.append(bundle.model.encode_text(t, normalize=True).float().cpu())
+    return torch.cat(feats) if feats else torch.empty(0)
+
+
+def zero_shot(bundle: Any, image_features: Any, labels: list[int], names: list[str], templates: list[str], device: str) -> dict[str, Any]:
+    """Top-1/top-5 accuracy and mean per-class recall with open_clip's zero-shot classifier."""
+    import open_clip
+    import torch
+    # evalsets templates use "{c}"; open_clip formats strings positionally, so pass callables.
+    fns = [lambda c, t=t: t.format(c=c) for t in templates]
+    with torch.no_grad():
+        classifier = open_clip.build_zero_shot_classifier(
+            bundle.model, tokenizer=bundle.tokenizer, classnames=names, templates=fns, num_classes_per_batch=10, device=device
+        ).float().cpu()
+    logits = 100.0 * image_features @ classifier
+    target = torch.tensor(labels)
+    k5 = min(5, len(names))
+    # (open_clip_train.zero_shot.accuracy converts a 1-element array with float(), which numpy 2.x refuses)
+    topk = logits.topk(k5, dim=1).indices
+    top1 = float((topk[:, 0] == target).sum())
+    top5 = float((topk == target[:, None]).any(dim=1).sum())
+    pred = logits.argmax(dim=1)
+    recalls = [float((pred[target == c] == c).float().mean()) for c in range(len(names)) if (target == c).any()]
+    n = len(labels)
+    return {
+        "top1": top1 / n,
+        "top5": top5 / n,
+        "top5_k": k5,
+        "mean_per_class_recall": sum(recalls) / len(recalls),
+        "n_classes": len(names),
+        "n_templates": len(templates),
+        "n_items": n,
+        "chance_top1": 1.0 / len(names),
+    }
+
+
+def retrieval(bundle: Any, image_features: Any, captions: list[str], device: str, batch_size: int) -> dict[str, Any]:
+    """Image->text and text->image recall@1/5/10 (open_clip_train's get_clip_metrics)."""
+    import torch
+    from open_clip_train.train import get_clip_metrics
+
+    text_features = _encode_texts(bundle, captions, device, batch_size)
+    with torch.no_grad():
+        scale = bundle.model.logit_scale.exp().float().cpu()
+    m = get_clip_metrics(image_features=image_features, text_features=text_features, logit_scale=scale)
+    out = {k: float(v) for k, v in m.items()}
+    out["n_items"] = len(captions)
+    return out
+
+
+def require_classnames(es: Any) -> list[str]:
+    """Class names of `es`; raises UserError (naming the set and the fix) when it has none."""
+    from laiontools import evalsets
+
+    names = evalsets.classnames(es)
+    if not names:
+        raise UserError(
+            f"evaluation set {es.name!r} ({es.format} at {es.path}) has no class names, which zero-shot classification "
+            f"needs: add a classnames.txt (one name per label, in label order) beside it, or evaluate it with "
+            f"--tasks retrieval if its items have captions"
+        )
+    return names
+
+
+def evaluate_set(bundle: Any, es: Any, tasks: list[str], device: str, batch_size: int) -> dict[str, Any]:
+    """Run the requested tasks on one evaluation set. Raises UserError when a task cannot run on it."""
+    from laiontools import evalsets
+
+    names = require_classnames(es) if "zeroshot" in tasks else None
+    images, labels, captions, ids = [], [], [], []
+    n_errors, error_items = 0, []
+    for item in evalsets.iter_items(es):
+        if item.error or item.image is None:
+            n_errors += 1
+            if len(error_items) < 100:
+                error_items.append({"item_id": item.item_id, "error": item.error})
+            _failures.warn("unreadable_eval_image", "%s/%s: %s", es.name, item.item_id, item.error)
+            continue
+        images.append(item.image)
+        labels.append(item.label)
+        captions.append(item.caption)
+        ids.append(item.item_id)
+    res: dict[str, Any] = {"format": es.format, "path": es.path, "n_items": len(images) + n_errors, "n_errors": n_errors, "error_items": error_items}
+    if not images:
+        raise UserError(f"evaluation set {es.name!r}: none of its {n_errors} images could be read; see the log for item ids")
+    feats = _encode_images(bundle, images, device, batch_size)
+    if "zeroshot" in tasks:
+        keep = [i for i, lab in enumerate(labels) if lab is not None and 0 <= lab < len(names)]
+        if not keep:
+            raise UserError(f"evaluation set {es.name!r} has class names but no item has a label in range 0..{len(names) - 1}")
+        res["zeroshot"] = zero_shot(bundle, feats[keep], [labels[i] for i in keep], names, evalsets.templates(es), device)
+        res["zeroshot"]["n_unlabeled"] = len(labels) - len(keep)
+    if "retrieval" in tasks:
+        keep = [i for i, c in enumerate(captions) if c]
+        if not keep:
+            if tasks == ["retrieval"]:
+                raise UserError(f"evaluation set {es.name!r} has no captions, which retrieval needs (<key>.txt or a caption column)")
+            res["retrieval"] = {"skipped": "no captions"}
+            log.info("%s: no captions; retrieval skipped", es.name)
+        else:
+            res["retrieval"] = retrieval(bundle, feats[keep], [captions[i] for i in keep], device, batch_size)
+    return res
+
+
+def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``{"<set>/zeroshot_top1": v, "<set>/image_to_text_R@5": v, ...}``: higher-is-better scores in [0, 1]."""
+    out: dict[str, float] = {}
+    for name, r in results.items():
+        z = r.get("zeroshot")
+        if z:
+            out[f"{name}/zeroshot_top1"] = z["top1"]
+            out[f"{name}/zeroshot_top5"] = z["top5"]
+            out[f"{name}/zeroshot_mean_per_class_recall"] = z["mean_per_class_recall"]
+        rt = r.get("retrieval")
+        if rt and "skipped" not in rt:
+            for k, v in rt.items():
+                if "_R@" in k:
+                    out[f"{name}/{k}"] = v
+    return out
+
+
+def run_evaluate(cfg: EvaluateConfig, spark: Any = None) -> dict[str, Any]:
+    """Evaluate a model on every declared set; write and return the results dict.
+
+    Raises ModelError for a checkpoint of another model, UserError for a set that cannot serve a
+    requested task (zero-shot without class names, retrieval-only without captions).
+    ``spark`` is unused (evaluation sets are small); accepted for a uniform stage API.
+    """
+    from laiontools import evalsets
+    from laiontools.models import load_model
+
+    sets = evalsets.load_evalsets(cfg.evalset or None, cfg.evalsets_yaml)
+    weights, model_name, run_dir = resolve_checkpoint(cfg.checkpoint, cfg.model)
+    if "zeroshot" in cfg.tasks:  # cheap check before loading anything
+        for es in sets:
+            require_classnames(es)
+    device = _device(cfg.device)
+    if not weights:
+        log.warning("evaluate: no --checkpoint: scoring a randomly initialised %s (a chance-level baseline)", model_name)
+    try:
+        bundle = load_model(model_name, pretrained=weights, device=device)
+    except (AssertionError, KeyError, RuntimeError) as e:
+        # open_clip rejects some foreign checkpoints with an assert (e.g. a resized text
+        # position embedding) before load_model can turn its size mismatch into a ModelError.
+        if weights and os.path.isfile(weights):
+            raise ModelError(
+                f"checkpoint {weights} does not fit model {model_name!r} ({type(e).__name__}: {str(e)[:200]}); "
+                f"pass the model it was trained with (a run's settings.json names it)"
+            ) from e
+        raise
+    t0 = time.time()
+    results = {es.name: evaluate_set(bundle, es, cfg.tasks, device, cfg.batch_size) for es in sets}
+    out = {
+        "settings": cfg.to_dict(),
+        "model": {k: v for k, v in bundle.info.items() if k != "preprocess"},
+        "checkpoint": weights,
+        "run_dir": os.path.abspath(run_dir) if run_dir else None,
+        "evalsets": results,
+        "metrics": flat_metrics(results),
+        "wall_s": round(time.time() - t0, 3),
+    }
+    write_json(cfg.output, out)
+    mark_done(cfg.output, {"metrics": len(out["metrics"])})
+    rows = [{"metric": k, "value": f"{v:.4f}"} for k, v in out["metrics"].items()]
+    emit(f"evaluated {model_name} ({weights or 'random init'}) on {', '.join(results)}\n{table(rows)}\nresults: {cfg.output}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="laiontools evaluate",
+        description="Zero-shot classification (top-1/top-5) and image<->text retrieval (recall@1/5/10) on evaluation sets.",
+    )
+    add_config_args(p, EvaluateConfig, skip=("evalset",))
+    # repeatable: --evalset a=... --evalset b=...  (or several after one flag)
+    p.add_argument("--evalset", dest="evalset", action="extend", nargs="+", default=argparse.SUPPRESS,
+                   help="evaluation set(s): name=path[:format] (imagefolder|folder|wds|parquet); repeatable")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_evaluate(config_from_args(EvaluateConfig, args))
+    return 0
