@@ -241,10 +241,16 @@ def _read(path: str, fmt: str) -> pd.DataFrame:
                        keep_default_na=True)
 
 
+def _fake_items(n: int) -> list[dict]:
+    """Items as write_images returns them, without the images: write_source never opens files."""
+    return [{"id": i, "file": f"{i:07d}.jpg", "caption": f"a red circle number {i}", "width": 100, "height": 120,
+             "sha256": f"{i:064x}"} for i in range(n)]
+
+
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_profile_and_format_reads_back(tmp_path, profile, fmt):
-    items = write_images(str(tmp_path / "images"), 56, seed=1)  # enough rows for every route once
+    items = _fake_items(56)  # enough rows for every route once
     out = str(tmp_path / "src")
     df = write_source(out, "http://127.0.0.1:9", items, profile=profile, fmt=fmt, n_files=2, seed=1)
     files = sorted(os.listdir(out))
@@ -274,7 +280,7 @@ def test_every_profile_and_format_reads_back(tmp_path, profile, fmt):
 
 
 def test_single_file_output_and_scores(tmp_path):
-    items = write_images(str(tmp_path / "images"), 300, seed=2)
+    items = _fake_items(300)
     out = str(tmp_path / "laion.parquet")
     df = write_source(out, "http://127.0.0.1:9", items, profile="laion2b-en", seed=2)
     assert os.path.isfile(out) and os.path.isfile(out + ".expected.parquet")
@@ -294,7 +300,7 @@ def test_single_file_output_and_scores(tmp_path):
 
 def test_expected_covers_every_rejection_reason_and_route(tmp_path):
     """A strict policy with a public-looking base URL: every route and every rejection reason appear."""
-    items = write_images(str(tmp_path / "images"), 90, seed=4)
+    items = _fake_items(90)
     base = "http://images.example.com"
     df = write_source(str(tmp_path / "src"), base, items, seed=4, fmt="jsonl",
                       allow_private_network=False, resolve_hosts=True)
@@ -331,7 +337,7 @@ def test_expected_covers_every_rejection_reason_and_route(tmp_path):
 def test_expected_follows_the_policy_of_a_loopback_run(tmp_path):
     """Tests and the demo allow private networks (the server is on 127.0.0.1): then private and
     unresolvable hosts are fetched and fail; refusing private networks rejects every row aimed at it."""
-    items = write_images(str(tmp_path / "images"), 60, seed=5)
+    items = _fake_items(60)
     lenient = write_source(str(tmp_path / "a"), "http://127.0.0.1:9", items, seed=5)
     assert set(lenient.loc[lenient["route"].isin(["private_address", "unresolvable_host"]), "expected"]) == \
         {"failed_download"}
