@@ -108,7 +108,7 @@ class SynthConfig(StageConfig):
     realistic: bool = field(default=False, metadata={"help": "512-800 px photo-like images (for benchmarks)"})
     evalset: bool = field(default=False, metadata={"help": "also write an eval set and plant copies of it in the pool"})
     seed: int = field(default=0, metadata={"help": "random seed (same seed, same files)"})
-    no_broken: bool = field(default=False, metadata={"help": "send every row to the good route (a clean source)"})
+    broken: bool = field(default=True, metadata={"help": "send ~25%% of rows down broken routes (--no-broken: a clean source)"})
     serve: bool = field(default=False, metadata={"help": "serve the images and point the metadata at this server"})
     serve_seconds: float | None = field(default=None, metadata={"help": "with --serve: stop after this many seconds"})
     port: int = field(default=0, metadata={"help": "with --serve: port on 127.0.0.1 (0 = any free port)"})
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         base_url = server.start().base_url if server else cfg.base_url
         t0 = time.monotonic()
         src = make_source(cfg.output, cfg.n, base_url, seed=cfg.seed, profile=cfg.profile, fmt=cfg.format,
-                          realistic=cfg.realistic, broken={} if cfg.no_broken else None, evalset=cfg.evalset,
+                          realistic=cfg.realistic, broken=None if cfg.broken else {}, evalset=cfg.evalset,
                           n_files=cfg.n_files)
         write_json(os.path.join(cfg.output, "synth.settings.json"), {**dataclasses.asdict(cfg), "base_url": base_url})
         exp = src["expected"]
