@@ -302,3 +302,16 @@ def test_gpu_matches_cpu(small_pool, tmp_path):
     for (_, ia, ta, _), (_, ib, tb, _) in zip(read_embeddings(cpu), read_embeddings(gpu)):
         assert (ia * ib).sum(1).min() > 0.98 or not ia.any()
         assert (ta * tb).sum(1).min() > 0.98
+
+
+def test_fast_decode_close_to_exact(tmp_path):
+    """--fast-decode (JPEG DCT-scaled decode of images >= 2x the model input) stays in the same space."""
+    manifest = write_pool(str(tmp_path / "p"), n_shards=1, per_shard=4, image_size=256, realistic=False)
+    exact, fast = str(tmp_path / "exact"), str(tmp_path / "fast")
+    assert _run(manifest, exact) == 0
+    assert _run(manifest, fast, "--fast-decode") == 0
+    assert load_model_json(fast)["jpeg_draft_decode"] is True and load_model_json(exact)["jpeg_draft_decode"] is False
+    (_, ie, _, me), (_, if_, _, mf) = next(read_embeddings(exact)), next(read_embeddings(fast))
+    assert (mf["embed_status"] == STATUS_OK).all()
+    cos = (ie * if_).sum(1)
+    assert cos.min() > 0.95 and not np.array_equal(ie, if_)  # draft decode really ran, and changed little
