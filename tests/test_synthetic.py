@@ -302,8 +302,7 @@ def test_expected_covers_every_rejection_reason_and_route(tmp_path):
     """A strict policy with a public-looking base URL: every route and every rejection reason appear."""
     items = _fake_items(90)
     base = "http://images.example.com"
-    df = write_source(str(tmp_path / "src"), base, items, seed=4, fmt="jsonl",
-                      allow_private_network=False, resolve_hosts=True)
+    df = write_source(str(tmp_path / "src"), base, items, seed=4, fmt="jsonl")
     assert set(df["route"]) == set(ROUTES)
     assert {S.rejected(r) for r in S.rejection_reasons()} <= set(df["expected"])
     assert (df["expected"] == [ROUTES[r] for r in df["route"]]).all()
@@ -335,20 +334,22 @@ def test_expected_covers_every_rejection_reason_and_route(tmp_path):
 
 
 def test_expected_follows_the_policy_of_a_loopback_run(tmp_path):
-    """Tests and the demo allow private networks (the server is on 127.0.0.1): then private and
-    unresolvable hosts are fetched and fail; refusing private networks rejects every row aimed at it."""
+    """Tests and the demo allow-list the server's loopback network only: other private targets are
+    still rejected; allowing every private network makes them fetched (and fail); allowing none
+    rejects every row aimed at the server."""
     items = _fake_items(60)
-    lenient = write_source(str(tmp_path / "a"), "http://127.0.0.1:9", items, seed=5)
-    assert set(lenient.loc[lenient["route"].isin(["private_address", "unresolvable_host"]), "expected"]) == \
-        {"failed_download"}
-    assert not lenient["expected"].isin([S.rejected("private_address"), S.rejected("unresolvable_host")]).any()
-    assert (lenient.loc[lenient["route"] == "ok", "expected"] == "success").all()
-    strict = write_source(str(tmp_path / "b"), "http://127.0.0.1:9", items, seed=5, allow_private_network=False)
+    default = write_source(str(tmp_path / "a"), "http://127.0.0.1:9", items, seed=5)
+    assert (default.loc[default["route"] == "private_address", "expected"] == S.rejected("private_address")).all()
+    assert (default.loc[default["route"] == "unresolvable_host", "expected"] == S.rejected("unresolvable_host")).all()
+    assert (default.loc[default["route"] == "ok", "expected"] == "success").all()
+    lenient = write_source(str(tmp_path / "b"), "http://127.0.0.1:9", items, seed=5, allow_private_network=True)
+    assert set(lenient.loc[lenient["route"] == "private_address", "expected"]) == {"failed_download"}
+    strict = write_source(str(tmp_path / "c"), "http://127.0.0.1:9", items, seed=5, base_allowed=False)
     assert (strict.loc[strict["route"].isin(["ok", "status_404", "missing_caption"]), "expected"]
             == S.rejected("private_address")).all()
     assert (strict.loc[strict["route"] == "url_too_long", "expected"] == S.rejected("url_too_long")).all()
     with pytest.raises(ValueError):
-        write_source(str(tmp_path / "c"), "http://127.0.0.1:9", items, fmt="csv", broken={"malformed_row": 0.1})
+        write_source(str(tmp_path / "d"), "http://127.0.0.1:9", items, fmt="csv", broken={"malformed_row": 0.1})
 
 
 def test_source_rows_hit_the_server_as_expected(tmp_path):

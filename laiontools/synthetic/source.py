@@ -38,7 +38,7 @@ ROUTES: dict[str, str] = {
     "html": S.STATUS_FAILED_RESIZE,            # /html/<file>: 200 text/html, cannot be decoded
     "corrupt": S.STATUS_FAILED_RESIZE,         # /corrupt/<file>: JPEG header then garbage
     "truncated": S.STATUS_FAILED_RESIZE,       # /truncated/<file>: first 30% of a JPEG
-    "huge": S.STATUS_FAILED_RESIZE,            # /huge/<file>: PNG declaring 60000x60000 pixels
+    "huge": S.STATUS_FAILED_DOWNLOAD,          # /huge/<file>: PNG declaring 60000x60000 pixels, refused from its header by laiontools.fetch
     # Metadata-level breakage, refused by prepare before any request
     "null_url": S.rejected("null_url"),        # URL is null
     "empty_url": S.rejected("null_url"),       # URL is "" or whitespace
@@ -78,26 +78,24 @@ def is_private_host(url: str) -> bool:
     return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved)
 
 
-def expected_status(route: str, *, base_private: bool = True, allow_private_network: bool = True,
-                    resolve_hosts: bool = False, retried: bool = False) -> str:
+def expected_status(route: str, *, base_private: bool = True, base_allowed: bool = True,
+                    allow_private_network: bool = False, retried: bool = False) -> str:
     """The catalog status a row sent down `route` ends in, given the run's policy.
 
     base_private: the server's host is private/loopback (always, for the test server on 127.0.0.1).
-    allow_private_network / resolve_hosts: the prepare policy (laiontools.prepare's flags of the same
-    names). retried: after one retry pass over transient failures. Prepare checks, in order: URL
-    null, too long, unparsable, scheme, no host, private host, (resolution), caption — so with
-    private networks refused, every row at a private base_url that passes the earlier checks ends
-    ``rejected_private_address``. Private hosts that a run allows are fetched and fail
-    (``failed_download``); so are unresolvable names that prepare does not resolve.
+    base_allowed: the run allow-lists the server's network (``--allow-networks 127.0.0.0/8``, what
+    tests and the demo use), so rows at the base URL are fetched while other private targets are
+    still refused. allow_private_network: the run allows every private target (then the
+    "private_address" rows are fetched and fail). "unresolvable_host" rows use the special-use
+    ``.invalid`` TLD, which prepare refuses without a DNS query. retried: after one retry pass.
     """
     status = ROUTES[route]
     if route == "flaky" and retried:
         return S.STATUS_SUCCESS
     if route == "private_address" and allow_private_network:
         return S.STATUS_FAILED_DOWNLOAD
-    if route == "unresolvable_host" and not resolve_hosts:
-        return S.STATUS_FAILED_DOWNLOAD
-    if route in _AT_BASE and route not in ("url_too_long", "duplicate") and base_private and not allow_private_network:
+    if (route in _AT_BASE and route not in ("url_too_long", "duplicate") and base_private
+            and not (base_allowed or allow_private_network)):
         return S.rejected("private_address")
     return status
 
@@ -284,7 +282,7 @@ def expected_path(out_path: str) -> str:
 
 def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], *, profile: str = "laion400m",
                  fmt: str = "parquet", n_files: int = 1, broken: dict[str, float] | None = None,
-                 seed: int = 0, allow_private_network: bool = True, resolve_hosts: bool = False) -> Any:
+                 seed: int = 0, allow_private_network: bool = False, base_allowed: bool = True) -> Any:
     """Write LAION-format metadata for `items`, one row per item, some sent down broken routes.
 
     out_path: a file (its name ends in ``.<fmt>``; n_files must be 1) or a folder that receives
@@ -294,12 +292,10 @@ def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], 
     carry ``eval_item`` (planted copies) always go down "ok". Row order is shuffled (seeded).
     "malformed_row" exists only in jsonl formats (the default mix drops it for the others).
 
-    allow_private_network / resolve_hosts: the prepare policy the rows will meet, which decides the
-    expected status (see expected_status). The defaults are what tests and the demo must use,
-    since the synthetic server is on 127.0.0.1; with them, "private_address" and
-    "unresolvable_host" rows are fetched and end ``failed_download``. Pass a public-looking
-    base_url (e.g. ``http://images.example.com``) with ``allow_private_network=False,
-    resolve_hosts=True`` to get every rejection reason, for prepare-only tests.
+    allow_private_network / base_allowed: the policy the rows will meet, which decides the expected
+    status (see expected_status). The defaults are what tests and the demo use: the server's
+    loopback network allow-listed (``--allow-networks 127.0.0.0/8``), every other private target
+    refused, so every rejection reason occurs.
 
     Returns the rows written (profile columns) plus EXPECTED_COLUMNS — row (0-based position over
     all files, in file order), route, expected status, expected_after_retry (after one retry pass),
@@ -379,7 +375,7 @@ def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], 
     df["row"] = np.arange(n, dtype=np.int64)
     df["route"] = [r["route"] for r in rows]
     policy = {"base_private": is_private_host(base_url), "allow_private_network": allow_private_network,
-              "resolve_hosts": resolve_hosts}
+              "base_allowed": base_allowed}
     df["expected"] = [expected_status(r["route"], **policy) for r in rows]
     df["expected_after_retry"] = [expected_status(r["route"], retried=True, **policy) for r in rows]
     df["transient"] = [r["route"] in TRANSIENT_ROUTES for r in rows]

@@ -1,0 +1,257 @@
+"""The download job end to end: synthetic web on 127.0.0.1 -> Spark local[2] + img2dataset -> pool.
+
+The session-scoped `pool` fixture (conftest) is one real run; these tests check what it wrote, then
+kill and resume a run through the CLI, run a retry pass, and run the job through spark-submit on a
+standalone Spark cluster started on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pandas as pd
+import pytest
+
+from laiontools import layout
+from laiontools.manifest import read_manifest, resolve
+from laiontools.storage import sha256_file
+from laiontools.uid import array_to_uids, contains, load_uids, uids_to_array
+
+from conftest import TEST_DOWNLOAD_SETTINGS
+
+
+def _catalog(pool_dir: str) -> pd.DataFrame:
+    return pd.read_parquet(os.path.join(pool_dir, layout.CATALOG_DIR))
+
+
+def _by_row(pool_dir: str, expected: pd.DataFrame) -> pd.DataFrame:
+    cat = _catalog(pool_dir)
+    exp = expected.assign(source_id=expected["SAMPLE_ID"].astype(str))
+    return exp.merge(cat, on="source_id", how="left", validate="one_to_one")
+
+
+def test_every_input_row_is_a_catalog_row_with_the_expected_status(pool):
+    cat = _catalog(pool.dir)
+    assert len(cat) == len(pool.expected), "every input row must land in the catalog exactly once"
+    m = _by_row(pool.dir, pool.expected)
+    bad = m[m["status"] != m["expected"]][["route", "URL", "expected", "status", "error_message"]]
+    assert bad.empty, f"rows with unexpected status:\n{bad.to_string()}"
+    # every rejected and failed row says why
+    not_ok = m[m["status"] != "success"]
+    assert not_ok["error_message"].notna().all()
+    # uid is the hash of the normalized URL + caption, never of the source id
+    assert (m["uid"] == m["expected_uid"]).all()
+    # every rejection reason the synthetic source exercises is present
+    reasons = {s for s in cat["status"] if s.startswith("rejected_")}
+    assert {"rejected_null_url", "rejected_url_too_long", "rejected_bad_scheme", "rejected_invalid_url",
+            "rejected_private_address", "rejected_unresolvable_host", "rejected_missing_caption",
+            "rejected_caption_too_long", "rejected_duplicate_uid"} <= reasons
+
+
+def test_manifest_lists_complete_shards_with_counts_and_hashes(pool):
+    m = read_manifest(pool.manifest)
+    cat = _catalog(pool.dir)
+    ok = cat[cat["status"] == "success"]
+    assert m["kind"] == "pool" and m["num_samples"] == len(ok) == m["uids"]["count"]
+    assert sum(s["num_samples"] for s in m["shards"]) == len(ok)
+    for s in m["shards"]:
+        path = resolve(pool.manifest, s["path"])
+        sha, n = sha256_file(path)
+        assert (sha, n) == (s["sha256"], s["bytes"]), f"{path} does not match the manifest"
+        with tarfile.open(path) as tf:
+            keys = {mem.name.split(".")[0] for mem in tf.getmembers() if mem.name.endswith(".jpg")}
+        assert len(keys) == s["num_samples"]
+    uids = load_uids(resolve(pool.manifest, m["uids"]["path"]))
+    assert len(uids) == len(ok)
+    assert contains(uids, uids_to_array(ok["uid"])).all()
+    as_hex = array_to_uids(uids)
+    assert as_hex == sorted(set(as_hex)) == sorted(ok["uid"]), "uid file must be sorted, unique, and the successes"
+    # requested vs obtained is recorded
+    rep = json.load(open(os.path.join(pool.dir, layout.REPORT_JSON)))
+    assert rep["obtained"] == len(ok) and rep["requested"] > rep["obtained"]
+    assert sum(rep["rejected"].values()) == int(cat["status"].str.startswith("rejected_").sum())
+    assert rep["failures_by_kind"]
+
+
+def test_samples_carry_uid_and_source_columns(pool):
+    m = read_manifest(pool.manifest)
+    cat = _catalog(pool.dir).set_index("uid")
+    with tarfile.open(resolve(pool.manifest, m["shards"][0]["path"])) as tf:
+        metas = [json.load(tf.extractfile(mem)) for mem in tf.getmembers() if mem.name.endswith(".json")]
+    assert metas
+    for meta in metas:
+        if meta["status"] != "success":
+            continue
+        row = cat.loc[meta["uid"]]
+        assert row["key"] == meta["key"] and row["similarity"] == pytest.approx(meta["similarity"])
+        assert meta["source_id"] == row["source_id"]
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "laiontools", *args]
+
+
+def _download_args(src: str, out: str) -> list[str]:
+    s = TEST_DOWNLOAD_SETTINGS
+    return ["download", "--input", src, "--output", out, "--allow-networks", *s["allow_networks"],
+            "--number-sample-per-shard", str(s["number_sample_per_shard"]), "--shards-per-file", str(s["shards_per_file"]),
+            "--timeout", str(s["timeout"]), "--retries", str(s["retries"]), "--image-size", str(s["image_size"]),
+            "--thread-count", str(s["thread_count"]), "--master", "local[2]"]
+
+
+def _comparable(pool_dir: str, skip_uids: set[str] = frozenset()) -> tuple[pd.DataFrame, dict]:
+    cat = _catalog(pool_dir)[["uid", "source_id", "status", "shard", "key", "width", "height", "sha256"]]
+    cat = cat[~cat["uid"].isin(skip_uids)].sort_values("source_id").reset_index(drop=True)
+    m = json.load(open(os.path.join(pool_dir, layout.POOL_MANIFEST)))
+    keep = {k: m[k] for k in ("target_samples", "source", "catalog", "download", "kind", "name")}
+    if not skip_uids:
+        keep.update(num_samples=m["num_samples"], uids=m["uids"], shards=[(s["path"], s["num_samples"]) for s in m["shards"]])
+    return cat, keep
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path):
+    out = str(tmp_path / "pool")
+    env = {**os.environ, "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR"}
+    proc = subprocess.Popen(_cli(_download_args(pool.source, out)), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    shard_dir = os.path.join(out, layout.SHARDS_DIR)
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isdir(shard_dir) and any(f.endswith("_stats.json") for f in os.listdir(shard_dir)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run finished before it could be killed; the test needs a larger source"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not os.path.exists(os.path.join(out, layout.POOL_MANIFEST)), "killed before the manifest"
+    done = subprocess.run(_cli(_download_args(pool.source, out)), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "obtained" in done.stdout
+    # The session's server already served the "flaky" row's one failure to the first run, so that
+    # row now succeeds: it is the server's state, not the pipeline's; compare everything else.
+    flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])
+    got_cat, got_m = _comparable(out, flaky)
+    want_cat, want_m = _comparable(pool.dir, flaky)
+    pd.testing.assert_frame_equal(got_cat, want_cat)
+    assert got_m == want_m
+    m = read_manifest(os.path.join(out, layout.POOL_MANIFEST))
+    assert m["num_samples"] == read_manifest(pool.manifest)["num_samples"] + len(flaky)
+    # no half-written shard is listed, and no stray temp file is left among the shards
+    listed = {s["path"] for s in m["shards"]}
+    tars = {f"shards/{f}" for f in os.listdir(shard_dir) if f.endswith(".tar")}
+    assert tars == listed
+
+
+def test_other_settings_into_the_same_folder_are_refused(pool, tmp_path):
+    out = str(tmp_path / "p")
+    shutil.copytree(pool.dir, out)
+    args = _download_args(pool.source, out)
+    args[args.index("--image-size") + 1] = "128"
+    r = subprocess.run(_cli(args), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "other settings" in r.stderr and "image_size" in r.stderr
+    assert _comparable(out)[0].equals(_comparable(pool.dir)[0]), "nothing may be touched"
+
+
+def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path):
+    from laiontools.download import DownloadConfig, run_download
+
+    out = str(tmp_path / "p")
+    shutil.copytree(pool.dir, out)
+    before = _by_row(out, pool.expected)
+    cfg = DownloadConfig(input=pool.source, output=out, retry_failed=True, **TEST_DOWNLOAD_SETTINGS)
+    rep = run_download(cfg, spark)
+    after = _by_row(out, pool.expected)
+    # the flaky route failed once (503) and succeeds when retried
+    flaky = after[after["route"] == "flaky"]
+    assert (flaky["status"] == "success").all() and flaky["shard"].str.startswith("retry01").all()
+    # nothing else changed status, and permanent failures were not re-attempted
+    retried_rows = pd.read_parquet(os.path.join(out, layout.PREPARED_DIR, "retry-01"))
+    routes = set(before.set_index("uid").loc[retried_rows["uid"], "route"])
+    assert routes <= {"flaky", "status_500", "status_503", "status_429", "slow"}
+    assert "status_404" not in routes and "noai" not in routes
+    others = after["route"] != "flaky"
+    assert (after.loc[others, "status"].values == before.loc[others, "status"].values).all()
+    m = read_manifest(rep["manifest"])
+    assert any(s["path"].startswith("shards/retry01/") for s in m["shards"])
+    assert m["num_samples"] == int((after["status"] == "success").sum()) == rep["obtained"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, deadline: float) -> None:
+    import socket
+
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.mark.slow
+def test_spark_submit_on_a_standalone_cluster(tmp_path):
+    """spark-submit jobs/download.py against a Spark master + worker started on 127.0.0.1."""
+    import pyspark
+
+    from laiontools.synthetic import SyntheticWebServer, make_source
+
+    spark_home = os.path.dirname(pyspark.__file__)
+    env = {**os.environ, "SPARK_HOME": spark_home, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1",
+           "PYSPARK_DRIVER_PYTHON": sys.executable, "NO_ALBUMENTATIONS_UPDATE": "1", "SPARK_LOG_DIR": str(tmp_path / "logs")}
+    port, ui, wui = _free_port(), _free_port(), _free_port()
+    master = subprocess.Popen([f"{spark_home}/bin/spark-class", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                               "--port", str(port), "--webui-port", str(ui)], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        _wait_port(port, time.time() + 120)
+        worker = subprocess.Popen([f"{spark_home}/bin/spark-class", "org.apache.spark.deploy.worker.Worker",
+                                   f"spark://127.0.0.1:{port}", "--cores", "2", "--memory", "2g", "--host", "127.0.0.1",
+                                   "--webui-port", str(wui), "--work-dir", str(tmp_path / "work")],
+                                  env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with SyntheticWebServer(str(tmp_path / "web/images")) as web:
+            src = make_source(str(tmp_path / "web"), 30, web.base_url, broken={"status_404": 0.1, "bad_scheme": 0.05})
+            out = str(tmp_path / "pool")
+            args = _download_args(src["source"], out)
+            i = args.index("--master")
+            del args[i:i + 2]
+            job = os.path.join(os.path.dirname(__file__), "..", "jobs", "download.py")
+            r = subprocess.run([f"{spark_home}/bin/spark-submit", "--master", f"spark://127.0.0.1:{port}",
+                                "--conf", "spark.executor.memory=1g", "--conf", "spark.driver.memory=1g",
+                                job, *args[1:]], env=env, capture_output=True, text=True, timeout=540)
+            assert r.returncode == 0, r.stderr[-4000:]
+            m = read_manifest(os.path.join(out, layout.POOL_MANIFEST))
+            exp = src["expected"]
+            assert m["num_samples"] == int((exp["expected"] == "success").sum())
+            cat = _catalog(out)
+            assert len(cat) == len(exp)
+            # the executors ran on the standalone worker, not in a local session
+            apps = os.listdir(tmp_path / "work")
+            assert any(a.startswith("app-") for a in apps), apps
+    finally:
+        for p in (worker, master):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
