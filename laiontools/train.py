@@ -2,7 +2,8 @@
 
 The trainer is open_clip's own (``open_clip_train``, the one the scaling-law study used). This module
 turns a manifest and a budget into its arguments, launches one process per device with ``torchrun``
-(NCCL on GPUs, gloo on CPU; each rank runs :mod:`laiontools.train_worker`), and checks the result.
+(NCCL on GPUs, gloo on CPU; each rank runs :mod:`laiontools.train_worker`; a single process is
+started directly), and checks the result.
 
 Samples seen is the controlled variable. Shards are *resampled* (drawn with replacement, weighted by
 their sample counts, ``--dataset-resampled``) so the data stream never runs dry, and the training is
@@ -424,13 +425,17 @@ def _launch(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
 
     from laiontools.train_worker import die_with_parent
 
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node", str(plan.world_size),
-        "-m", "laiontools.train_worker",
-        os.path.abspath(cfg.output),  # the worker reads open_clip_argv from settings.json
-    ]  # fmt: skip
+    worker = ["-m", "laiontools.train_worker", os.path.abspath(cfg.output)]  # reads open_clip_argv from settings.json
+    if plan.world_size == 1:
+        # One process needs no rendezvous: skip torchrun's agent (one less interpreter importing torch).
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node", str(plan.world_size),
+            *worker,
+        ]  # fmt: skip
     env = dict(os.environ)
     if plan.world_size > 1 and "OMP_NUM_THREADS" not in env:
         # torchrun would set 1 and warn; give each rank its share of the cores instead.
