@@ -428,6 +428,8 @@ class _Lookups:
     row_set: np.ndarray  # object array, index row -> evalset name
     row_item: np.ndarray  # object array, index row -> item id
     row_code: np.ndarray  # int32, index row -> position of its set in ctx["evalset_names"]
+    set_arr: Any  # the same two as arrow arrays, for vectorized takes
+    item_arr: Any
     pos_set: list[str]  # items.parquet position -> evalset name
     pos_item: list[str]
     phash: dict[str, list[int]]  # pHash -> items.parquet positions
@@ -458,7 +460,10 @@ def _lookups(items_path: str, sha: str, set_names: list[str]) -> _Lookups:
         if h:
             phash.setdefault(h, []).append(pos)
     _LOOKUPS.clear()
-    _LOOKUPS[sha] = _Lookups(row_set, row_item, row_code, pos_set, pos_item, phash)
+    import pyarrow as pa
+
+    _LOOKUPS[sha] = _Lookups(row_set, row_item, row_code, pa.array(row_set, pa.string()), pa.array(row_item, pa.string()),
+                             pos_set, pos_item, phash)
     return _LOOKUPS[sha]
 
 
@@ -470,6 +475,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     """
     import faiss
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from laiontools import dedup_index as DI
@@ -479,7 +485,8 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     marker = read_marker(done_path)
     if marker is not None and marker.get("settings_key") == ctx["settings_key"]:
         return marker
-    if ctx["threads"] > 0:
+    t_start = time.time()
+    if ctx.get("threads", 0) > 0:
         faiss.omp_set_num_threads(ctx["threads"])
     index = DI.load_cached(ctx["index_path"], ctx["index_sha256"], ctx["gpu"])
     set_names: list[str] = ctx["evalset_names"]
@@ -496,8 +503,9 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     valid = np.ones(n, dtype=bool)
     status_col = next((c for c in ("embed_status", "status") if c in meta.column_names), None)
     if status_col is not None:
-        st = meta.column(status_col).to_pylist()
-        valid &= np.array([s in (None, "ok", "success") for s in st], dtype=bool)
+        st = meta.column(status_col)
+        ok_status = pc.fill_null(pc.is_in(st, value_set=pa.array(["ok", "success"])), True)
+        valid &= ok_status.to_numpy(zero_copy_only=False) | pc.is_null(st).to_numpy(zero_copy_only=False)
     for lo in range(0, n, ctx["chunk_rows"]):
         hi = min(n, lo + ctx["chunk_rows"])
         x = np.ascontiguousarray(emb[lo:hi], dtype=np.float32)
@@ -514,44 +522,52 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     nearest = np.where(valid, ids[:, 0], -1)
     top_sim = sims[:, 0] if k else np.full(n, np.nan, np.float32)
 
-    def names(rows: np.ndarray, table: np.ndarray) -> list[str | None]:
-        return [None if r < 0 else table[r] for r in rows]
+    # Columns built with vectorized arrow takes: a Python loop per row would cost more than the search.
+    def take(table: Any, rows: np.ndarray) -> Any:
+        return pc.take(table, pa.array(rows, pa.int64(), mask=rows < 0))
 
-    uids = meta.column("uid").to_pylist()
-    keys = meta.column("key").to_pylist() if "key" in meta.column_names else [None] * n
+    flat = ids[ids >= 0]
+    offsets = pa.array(np.concatenate([[0], np.cumsum((ids >= 0).sum(axis=1))]).astype(np.int32))
+    uid_col = meta.column("uid").combine_chunks()
+    key_col = meta.column("key").combine_chunks() if "key" in meta.column_names else pa.nulls(n, pa.string())
     cols: dict[str, Any] = {
-        "uid": pa.array(uids, pa.string()),
-        "key": pa.array(keys, pa.string()),
-        "shard": pa.array([sid] * n, pa.string()),
-        "status": pa.array([STATUS_OK if v else STATUS_NOT_EMBEDDED for v in valid], pa.string()),
-        "nearest_evalset": pa.array(names(nearest, row_set), pa.string()),
-        "nearest_item_id": pa.array(names(nearest, row_item), pa.string()),
-        "similarity": pa.array(np.where(valid, top_sim, np.nan), pa.float32(), from_pandas=True),
+        "uid": uid_col.cast(pa.string()),
+        "key": key_col.cast(pa.string()),
+        "shard": pa.array(np.full(n, sid, dtype=object), pa.string()),
+        "status": pc.if_else(pa.array(valid), STATUS_OK, STATUS_NOT_EMBEDDED),
+        "nearest_evalset": take(lk.set_arr, nearest),
+        "nearest_item_id": take(lk.item_arr, nearest),
+        "similarity": pa.array(top_sim, pa.float32(), mask=~valid),
         "is_duplicate": pa.array(is_dup, pa.bool_()),
-        "topk_evalset": pa.array([names(r[r >= 0], row_set) for r in ids], pa.list_(pa.string())),
-        "topk_item_id": pa.array([names(r[r >= 0], row_item) for r in ids], pa.list_(pa.string())),
-        "topk_similarity": pa.array([s[r >= 0] for s, r in zip(sims, ids)], pa.list_(pa.float32())),
+        "topk_evalset": pa.ListArray.from_arrays(offsets, pc.take(lk.set_arr, pa.array(flat))),
+        "topk_item_id": pa.ListArray.from_arrays(offsets, pc.take(lk.item_arr, pa.array(flat))),
+        "topk_similarity": pa.ListArray.from_arrays(offsets, pa.array(sims[ids >= 0], pa.float32())),
     }
+    dup_idx = np.flatnonzero(is_dup)
     stats: dict[str, Any] = {
         "settings_key": ctx["settings_key"], "shard": sid, "rows": int(n), "not_embedded": int((~valid).sum()),
         "duplicates": int(is_dup.sum()),
         "matched_by_set": {name: int((hit & (codes[np.maximum(ids, 0)] == j)).any(axis=1).sum()) for j, name in enumerate(set_names)},
         "matched_rows": np.unique(ids[hit]).astype(int).tolist(),
-        "dup_uids": [uids[i] for i in np.flatnonzero(is_dup)],
+        "dup_uids": uid_col.take(pa.array(dup_idx, pa.int64())).to_pylist(),
     }
     # Gallery candidates: the best duplicates and the closest pairs under the threshold.
     g = ctx["gallery_pairs"]
-    order = np.argsort(-np.nan_to_num(top_sim, nan=-2.0))
-    above = [i for i in order if valid[i] and top_sim[i] >= thr][:g]
-    below = [i for i in order if valid[i] and top_sim[i] < thr][:g]
+    score = np.where(valid, top_sim, -np.inf)
+    above = np.flatnonzero(valid & (score >= thr))
+    below = np.flatnonzero(valid & (score < thr))
+    above = above[np.argsort(-score[above], kind="stable")][:g]
+    below = below[np.argsort(-score[below], kind="stable")][:g]
     stats["gallery"] = {
-        name: [{"similarity": float(top_sim[i]), "uid": uids[i], "key": keys[i], "shard": sid,
+        name: [{"similarity": float(top_sim[i]), "uid": uid_col[int(i)].as_py(), "key": key_col[int(i)].as_py(), "shard": sid,
                 "evalset": row_set[nearest[i]], "item_id": row_item[nearest[i]]} for i in sel]
         for name, sel in (("above", above), ("below", below))
     }
     if ctx["phash"]:
         eval_ph, tar = lk.phash, tar_url
         pool_ph = _pool_phashes(tar) if tar else {}
+        keys = key_col.to_pylist()
+        uids = uid_col.to_pylist()
         item_set, item_id = lk.pos_set, lk.pos_item
         ph_list, ph_set, ph_item = [], [], []
         ph_by_set = dict.fromkeys(set_names, 0)
@@ -574,6 +590,8 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         stats["phash_matched_pos"] = sorted(ph_pos)
         stats["phash_only_uids"] = [uids[i] for i in np.flatnonzero(ph_match & ~is_dup)]
         stats["phash_matches"] = int(ph_match.sum())
+    stats["peak_rss_mb"] = _peak_rss_mb()
+    stats["search_seconds"] = round(time.time() - t_start, 4)
     table = pa.table(cols).replace_schema_metadata({
         "laiontools.dedup.threshold": str(thr), "laiontools.dedup.model": ctx["model_desc"],
         "laiontools.dedup.index_type": ctx["index_type"], "laiontools.dedup.index_sha256": ctx["index_sha256"],
@@ -583,6 +601,18 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     atomic_write_bytes(out_path, buf.getvalue())
     mark_done(done_path, stats)  # last: the shard counts as done only now
     return stats
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this (worker) process, MiB; recorded per shard to show it stays flat."""
+    try:
+        import resource
+        import sys
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(r / (1 << 20) if sys.platform == "darwin" else r / 1024, 1)
+    except (ImportError, OSError):  # pragma: no cover - not on POSIX
+        return -1.0
 
 
 def _search_partition(ctx: dict[str, Any], units: Iterable[tuple[str, str | None]]) -> Iterator[tuple[str, int, int]]:
@@ -600,6 +630,21 @@ def _threads_per_task(spark: Any, requested: int) -> int:
     if sc.master.startswith("local"):
         return max(1, (os.cpu_count() or 1) // max(1, sc.defaultParallelism))
     return max(1, int(sc.getConf().get("spark.task.cpus", "1")))
+
+
+def search_context(cfg: DedupConfig, index_desc: dict[str, Any]) -> dict[str, Any]:
+    """The small, picklable settings every search task receives (paths, not data)."""
+    from laiontools import dedup_index as DI
+
+    paths = DI.index_paths(cfg.output)
+    return {
+        "output": cfg.output, "emb_dir": cfg.embeddings, "index_path": paths["index"], "items_path": paths["items"],
+        "index_sha256": index_desc["index_sha256"], "settings_key": _settings_key(index_desc, cfg),
+        "threshold": cfg.threshold, "k": cfg.k, "chunk_rows": cfg.chunk_rows, "gpu": cfg.gpu,
+        "dim": index_desc["dim"], "model_desc": DI.describe_model(index_desc["model"]),
+        "index_type": index_desc["index_type"], "evalset_names": [e["name"] for e in index_desc["evalsets"]],
+        "items_sha256": index_desc["items_sha256"], "gallery_pairs": cfg.gallery_pairs, "phash": cfg.phash,
+    }
 
 
 def run_search(spark: Any, ctx: dict[str, Any], units: list[tuple[str, str | None]], partitions: int) -> list[tuple[str, int, int]]:
@@ -640,14 +685,7 @@ def run_dedup(cfg: DedupConfig, spark: Any = None) -> dict[str, Any]:
     paths = DI.index_paths(cfg.output)
     write_json(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
     items = _read_items(paths["items"])
-    ctx: dict[str, Any] = {
-        "output": cfg.output, "emb_dir": cfg.embeddings, "index_path": paths["index"], "items_path": paths["items"],
-        "index_sha256": index_desc["index_sha256"], "settings_key": _settings_key(index_desc, cfg),
-        "threshold": cfg.threshold, "k": cfg.k, "chunk_rows": cfg.chunk_rows, "gpu": cfg.gpu,
-        "dim": index_desc["dim"], "model_desc": DI.describe_model(index_desc["model"]),
-        "index_type": index_desc["index_type"], "evalset_names": [es.name for es in sets],
-        "items_sha256": index_desc["items_sha256"], "gallery_pairs": cfg.gallery_pairs, "phash": cfg.phash,
-    }
+    ctx = search_context(cfg, index_desc)
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
     t0 = time.time()
     with nullcontext(spark) if spark is not None else spark_session(cfg.master, app_name="laiontools-dedup") as sp:
@@ -682,6 +720,7 @@ class _Aggregate:
         self.phash_by_set = dict.fromkeys(self.names, 0)
         self.matched_rows = np.zeros(index_desc["ntotal"], dtype=bool)
         self.phash_pos = np.zeros(len(items["row"]), dtype=bool)
+        self.peak_rss_mb = 0.0
         self.dup_uids: list[str] = []
         self.phash_only_uids: list[str] = []
         self.g = cfg.gallery_pairs
@@ -697,6 +736,7 @@ class _Aggregate:
             self.matched_by_set[k] += v
         self.matched_rows[np.asarray(s["matched_rows"], dtype=np.int64)] = True
         self.dup_uids.extend(s["dup_uids"])
+        self.peak_rss_mb = max(self.peak_rss_mb, float(s.get("peak_rss_mb", 0.0)))
         if "phash_matches" in s:
             self.phash_matches += s["phash_matches"]
             self.phash_missing += s["phash_missing_images"]
@@ -758,7 +798,7 @@ def _write_outputs(
         "index_type": index_desc["index_type"], "nlist": index_desc.get("nlist"), "nprobe": index_desc.get("nprobe"),
         "pool_samples": agg.rows, "pool_shards": agg.shards, "not_embedded": agg.not_embedded,
         "pool_duplicates": agg.duplicates, "excluded": n_ex, "phash": cfg.phash, "evalsets": per_set,
-        "search_seconds": round(search_s, 3),
+        "search_seconds": round(search_s, 3), "worker_peak_rss_mb": agg.peak_rss_mb,
     }
     if cfg.phash:
         summary.update({"phash_pool_matches": agg.phash_matches, "phash_only_matches": len(set(agg.phash_only_uids)),

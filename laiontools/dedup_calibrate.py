@@ -1,0 +1,364 @@
+"""`laiontools dedup calibrate`: measure which similarity threshold separates copies from the rest.
+
+Transformed copies of a sample of evaluation images (the transforms below) are embedded with the
+pool's Embedder and searched against the evaluation index together with a sample of real pool
+embeddings (the negatives). For a grid of thresholds it reports, per transform, recall (share of
+copies flagged) and precision (flagged copies / (flagged copies + flagged negatives)), as a table
+(``calibrate.txt``, ``calibrate.json``) and a plot (``calibrate.png``).
+
+Recommendation rule (``calibrate.json`` -> ``recommendation``): the *highest* threshold at which the
+easy transforms (exact, re-encoded, resized) reach recall >= 0.95 while no negative is flagged
+(precision 1.0). Highest, because the negative sample is tiny next to a real pool: the pool's tail of
+unrelated-but-similar images reaches higher than the sample's maximum, so the threshold is kept as
+far above the sampled negatives as the easy copies allow. ``lowest_safe`` (just above the highest
+negative) is reported too: between the two, a lower threshold catches more of the hard transforms
+at a higher risk of removing unrelated images. When no threshold satisfies both, there is no
+recommendation and the report says why (the model's embeddings cannot separate copies from the rest
+at that recall, as with a random-init model).
+
+Caveat: the negatives are real pool samples; if the pool already contains copies of evaluation
+images they count as false positives. Pass ``--exclude-uids`` (e.g. a previous dedup's
+exclude.uids.npy) to leave known copies out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.errors import UserError
+from laiontools.storage import atomic_write_bytes, ensure_output_dir, join, write_json
+
+log = logging.getLogger(__name__)
+
+TRANSFORMS = ("exact", "reencode", "resize", "crop", "flip", "colorshift", "text")
+EASY_TRANSFORMS = ("exact", "reencode", "resize")
+RECALL_TARGET = 0.95
+CALIBRATE_JSON = "calibrate.json"
+CALIBRATE_TXT = "calibrate.txt"
+CALIBRATE_PNG = "calibrate.png"
+
+
+@dataclasses.dataclass
+class CalibrateConfig(StageConfig):
+    embeddings: str = dataclasses.field(default="", metadata={"help": "embed output folder of the pool"})
+    evalset: list[str] = dataclasses.field(default_factory=list, metadata={"help": "name=path[:format], repeatable"})
+    evalsets_yaml: str | None = dataclasses.field(default=None, metadata={"help": "YAML list of {name, path, format}"})
+    output: str = dataclasses.field(default="", metadata={"help": "output folder (a dedup output folder reuses its index)"})
+    plant_items: int = dataclasses.field(default=100, metadata={"help": "evaluation images copied per transform"})
+    pool_sample: int = dataclasses.field(default=2000, metadata={"help": "pool embeddings sampled as negatives"})
+    transforms: list[str] = dataclasses.field(default_factory=lambda: list(TRANSFORMS), metadata={"help": f"from {TRANSFORMS}"})
+    exclude_uids: str | None = dataclasses.field(default=None, metadata={"help": "uid file of pool samples to leave out of the negatives"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "sampling and transform seed"})
+    index: str = dataclasses.field(default="flat", metadata={"help": "flat or ivf (as for dedup)"})
+    nlist: int | None = dataclasses.field(default=None, metadata={"help": "IVF lists"})
+    nprobe: int = dataclasses.field(default=16, metadata={"help": "IVF lists probed"})
+    pretrained: str | None = dataclasses.field(default=None, metadata={"help": "checkpoint path when model.json names one by sha256"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    batch_size: int = dataclasses.field(default=64, metadata={"help": "images per embedding batch"})
+
+    def validate(self) -> None:
+        bad = [t for t in self.transforms if t not in TRANSFORMS]
+        if bad:
+            raise ConfigError(f"unknown transform(s) {bad}; known: {TRANSFORMS}")
+        if self.plant_items < 1 or self.pool_sample < 0:
+            raise ConfigError("plant_items must be >= 1 and pool_sample >= 0")
+
+    def check_required(self) -> None:
+        if not self.embeddings or not self.output:
+            raise ConfigError("dedup calibrate needs --embeddings and --output")
+        if not self.evalset and not self.evalsets_yaml:
+            raise ConfigError("dedup calibrate needs --evalset name=path[:format] or --evalsets-yaml FILE")
+
+
+def apply_transform(image: Any, transform: str, rng: np.random.Generator) -> Any:
+    """A transformed copy of a PIL image, as near-duplicates occur on the web."""
+    from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+    img = image.convert("RGB")
+    w, h = img.size
+    if transform == "exact":
+        return img
+    if transform == "reencode":  # a low-quality JPEG re-save
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=int(rng.integers(30, 60)))
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if transform == "resize":  # thumbnail then upscaled back, or a plain downscale
+        f = float(rng.choice([0.5, 0.75]))
+        small = img.resize((max(8, int(w * f)), max(8, int(h * f))), Image.BICUBIC)
+        return small if rng.random() < 0.5 else small.resize((w, h), Image.BICUBIC)
+    if transform == "crop":  # 70-90% of each side, random position
+        f = float(rng.uniform(0.7, 0.9))
+        cw, ch = max(1, int(w * f)), max(1, int(h * f))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        return img.crop((x0, y0, x0 + cw, y0 + ch))
+    if transform == "flip":
+        return ImageOps.mirror(img)
+    if transform == "colorshift":
+        out = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.75, 1.25)))
+        out = ImageEnhance.Color(out).enhance(float(rng.uniform(0.5, 1.5)))
+        return ImageEnhance.Contrast(out).enhance(float(rng.uniform(0.8, 1.2)))
+    if transform == "text":  # a caption banner, as memes and stock watermarks add
+        out = img.copy()
+        d = ImageDraw.Draw(out)
+        band = max(8, h // 6)
+        d.rectangle((0, h - band, w, h), fill=(255, 255, 255))
+        d.text((3, h - band + 1), "BUY NOW 50% OFF", fill=(200, 0, 0))
+        return out
+    raise ValueError(f"unknown transform {transform!r}")
+
+
+def _sample_negatives(emb_dir: str, n: int, seed: int, exclude: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+    """Up to `n` valid pool embeddings (float32) + uids, sampled evenly over shards (seeded)."""
+    from laiontools.dedup import read_embedding_shard
+    from laiontools.embed import done_shards
+    from laiontools.uid import contains, uids_to_array
+
+    shards = done_shards(emb_dir)
+    if not shards:
+        raise UserError(f"{emb_dir} holds no finished embedding shards")
+    rng = np.random.default_rng(seed)
+    per = max(1, math.ceil(n / len(shards)))
+    vecs, uids = [], []
+    for sid in (rng.permutation(shards) if n else []):
+        emb, meta = read_embedding_shard(emb_dir, sid)
+        u = meta.column("uid").to_pylist()
+        st = meta.column("embed_status").to_pylist() if "embed_status" in meta.column_names else ["ok"] * len(u)
+        ok = np.array([s in (None, "ok", "success") for s in st], dtype=bool)
+        if exclude is not None and len(exclude):
+            ok &= ~contains(exclude, uids_to_array(u))
+        idx = np.flatnonzero(ok)
+        pick = np.sort(rng.choice(idx, size=min(per, len(idx)), replace=False)) if len(idx) else idx
+        vecs.append(np.asarray(emb[pick], dtype=np.float32))
+        uids += [u[i] for i in pick]
+        if len(uids) >= n:
+            break
+    if not vecs:
+        return np.zeros((0, 1), np.float32), []
+    v = np.concatenate(vecs)[:n]
+    return v, uids[:n]
+
+
+def _rates(pos: dict[str, np.ndarray], neg: np.ndarray, t: float) -> dict[str, dict[str, float]]:
+    fp = int((neg >= t).sum())
+    out = {}
+    for name, s in pos.items():
+        tp = int((s >= t).sum())
+        out[name] = {"recall": tp / max(1, len(s)), "precision": (tp / (tp + fp)) if tp + fp else 1.0, "tp": tp, "fp": fp}
+    return out
+
+
+def recommend(pos: dict[str, np.ndarray], neg: np.ndarray, easy: tuple[str, ...] = EASY_TRANSFORMS) -> dict[str, Any]:
+    """Apply the rule in the module docstring; exact, not limited to the reported grid."""
+    easy_s = np.concatenate([pos[t] for t in easy if t in pos]) if any(t in pos for t in easy) else np.zeros(0)
+    max_neg = float(neg.max()) if len(neg) else -1.0
+    if not len(easy_s):
+        return {"threshold": None, "reason": f"no easy transform ({', '.join(easy)}) among the planted copies"}
+    need = math.ceil(RECALL_TARGET * len(easy_s))
+    t_rec = float(np.sort(easy_s)[::-1][need - 1])  # highest t with >= need easy copies at or above it
+    out: dict[str, Any] = {"max_negative_similarity": max_neg, "highest_for_recall": t_rec,
+                           "rule": f"highest threshold with recall >= {RECALL_TARGET} on {list(easy)} and no negative flagged"}
+    if t_rec <= max_neg:
+        out.update({"threshold": None, "lowest_safe": None, "reason": (
+            f"no threshold reaches recall {RECALL_TARGET} on the easy transforms (needs <= {t_rec:.5f}) without flagging "
+            f"pool negatives (highest negative {max_neg:.5f}): this model does not separate copies from unrelated images")})
+        return out
+    rec = math.floor(t_rec * 1e4) / 1e4
+    out["threshold"] = rec if rec > max_neg else t_rec
+    safe = math.ceil(np.nextafter(max_neg, 2.0) * 1e4) / 1e4
+    out["lowest_safe"] = safe if safe <= out["threshold"] else out["threshold"]
+    return out
+
+
+def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
+    """Run the calibration; writes calibrate.{json,txt,png} into cfg.output and returns the json content."""
+    from laiontools import dedup_index as DI
+    from laiontools.dedup import DedupConfig, make_embedder, prepare_index, read_pool
+    from laiontools.evalsets import iter_items, load_evalsets
+    from laiontools.uid import load_uids
+
+    cfg.check_required()
+    ensure_output_dir(cfg.output)
+    sets = load_evalsets(cfg.evalset, cfg.evalsets_yaml)
+    pool = read_pool(cfg.embeddings)
+    dcfg = DedupConfig(embeddings=cfg.embeddings, evalset=cfg.evalset, evalsets_yaml=cfg.evalsets_yaml, output=cfg.output,
+                       index=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, pretrained=cfg.pretrained, device=cfg.device,
+                       batch_size=cfg.batch_size, gpu=True)
+    index_desc = prepare_index(dcfg, pool, sets)
+    paths = DI.index_paths(cfg.output)
+    index = DI.deserialize(DI.read_bytes(paths["index"]))
+    embedder = make_embedder(cfg.embeddings, cfg.pretrained, cfg.device, cfg.batch_size)
+    DI.check_model(pool.model, embedder.info, cfg.embeddings, "the calibration Embedder")
+
+    # Seeded choice of readable evaluation items over all sets (reservoir: one pass, bounded memory).
+    rng = np.random.default_rng(cfg.seed)
+    chosen: list[tuple[str, str, Any]] = []
+    seen = 0
+    for es in sets:
+        for item in iter_items(es):
+            if item.image is None:
+                continue
+            seen += 1
+            if len(chosen) < cfg.plant_items:
+                chosen.append((es.name, item.item_id, item.image))
+            else:
+                j = int(rng.integers(0, seen))
+                if j < cfg.plant_items:
+                    chosen[j] = (es.name, item.item_id, item.image)
+    t0 = time.time()
+    pos: dict[str, np.ndarray] = {}
+    attributed: dict[str, float] = {}
+    for tname in cfg.transforms:
+        trng = np.random.default_rng([cfg.seed, TRANSFORMS.index(tname)])
+        imgs = [apply_transform(im, tname, trng) for _, _, im in chosen]
+        q = np.asarray(embedder.embed_images(imgs), dtype=np.float32)
+        D, _I = index.search(q, 1)
+        pos[tname] = D[:, 0].astype(np.float64)
+        # Which evaluation item the copy lands on: flagged-but-misattributed copies still get removed.
+        row_item = _row_items(paths["items"])
+        attributed[tname] = float(np.mean([row_item.get(int(i)) == (s, it) for (s, it, _), i in zip(chosen, _I[:, 0])]))
+    embed_s = time.time() - t0
+    excl = load_uids(cfg.exclude_uids) if cfg.exclude_uids else None
+    negv, neg_uids = _sample_negatives(cfg.embeddings, cfg.pool_sample, cfg.seed, excl)
+    neg = index.search(negv, 1)[0][:, 0].astype(np.float64) if len(negv) else np.zeros(0)
+
+    all_s = np.concatenate([*pos.values(), neg])
+    lo = math.floor(float(all_s.min()) * 100) / 100
+    grid = sorted(set(np.round(np.linspace(max(-1.0, lo), 1.0, 101), 5).tolist()))
+    rows = []
+    for t in grid:
+        for tname, r in _rates(pos, neg, t).items():
+            rows.append({"threshold": t, "transform": tname, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}})
+    rec = recommend(pos, neg)
+    top_neg = np.argsort(-neg)[:10] if len(neg) else []
+    result = {
+        "model": DI.describe_model(index_desc["model"]), "model_identity": index_desc["model"],
+        "index_type": index_desc["index_type"], "evalsets": [es.to_dict() for es in sets],
+        "planted_items": len(chosen), "transforms": list(cfg.transforms), "easy_transforms": list(EASY_TRANSFORMS),
+        "negatives": len(neg), "seed": cfg.seed, "recommendation": rec,
+        "similarity": {t: _quantiles(s) for t, s in {**pos, "negatives": neg}.items()},
+        "top1_attributed_to_source": attributed,
+        "highest_negatives": [{"uid": neg_uids[i], "similarity": float(neg[i])} for i in top_neg],
+        "grid": rows, "embed_seconds": round(embed_s, 3),
+    }
+    write_json(join(cfg.output, CALIBRATE_JSON), result)
+    write_json(join(cfg.output, "calibrate.settings.json"), {"stage": "dedup calibrate", **cfg.to_dict()})
+    txt = _text_report(result, pos, neg)
+    atomic_write_bytes(join(cfg.output, CALIBRATE_TXT), txt.encode())
+    _plot(join(cfg.output, CALIBRATE_PNG), pos, neg, grid, rec, result["model"])
+    from laiontools.report import emit
+
+    emit(txt + f"\nwritten: {join(cfg.output, CALIBRATE_TXT)}, {CALIBRATE_JSON}, {CALIBRATE_PNG}")
+    return result
+
+
+_ROW_ITEMS: dict[str, dict[int, tuple[str, str]]] = {}
+
+
+def _row_items(items_path: str) -> dict[int, tuple[str, str]]:
+    if items_path not in _ROW_ITEMS:
+        import pyarrow.parquet as pq
+
+        from laiontools.storage import url_to_fs
+
+        fs, p = url_to_fs(items_path)
+        with fs.open(p, "rb") as f:
+            t = pq.read_table(f, columns=["row", "evalset", "item_id"]).to_pydict()
+        _ROW_ITEMS[items_path] = {r: (s, i) for r, s, i in zip(t["row"], t["evalset"], t["item_id"]) if r >= 0}
+    return _ROW_ITEMS[items_path]
+
+
+def _quantiles(s: np.ndarray) -> dict[str, float] | None:
+    if not len(s):
+        return None
+    q = np.quantile(s, [0.0, 0.05, 0.5, 0.95, 1.0])
+    return {k: round(float(v), 5) for k, v in zip(("min", "p05", "median", "p95", "max"), q)}
+
+
+def _text_report(result: dict[str, Any], pos: dict[str, np.ndarray], neg: np.ndarray) -> str:
+    from laiontools.report import table
+
+    rec = result["recommendation"]
+    ts = sorted({t for t in [rec.get("threshold"), rec.get("lowest_safe")] if t is not None})
+    # A readable subset of the grid: ten evenly spaced thresholds plus the recommended ones.
+    grid = sorted({r["threshold"] for r in result["grid"]})
+    show = sorted(set(grid[:: max(1, len(grid) // 10)]) | set(ts))
+    rows = []
+    for t in show:
+        r = _rates(pos, neg, t)
+        row: dict[str, Any] = {"threshold": f"{t:.4f}", "negatives_flagged": next(iter(r.values()))["fp"] if r else 0}
+        for tname, v in r.items():
+            row[tname] = f"{v['recall']:.2f}/{v['precision']:.2f}"
+        rows.append(row)
+    head = (
+        f"dedup calibrate: model {result['model']}, {result['planted_items']} planted evaluation images x "
+        f"{len(result['transforms'])} transforms, {result['negatives']} pool negatives\n"
+        f"cells: recall/precision per transform\n\n"
+    )
+    sims = table([{"set": k, **(v or {})} for k, v in result["similarity"].items()])
+    if rec.get("threshold") is not None:
+        tail = (f"recommended --threshold {rec['threshold']} (rule: {rec['rule']}); "
+                f"lowest threshold with no negative flagged: {rec['lowest_safe']}")
+    else:
+        tail = f"no recommendation: {rec.get('reason')}"
+    return head + table(rows) + "\n\ncosine similarity to the nearest evaluation image:\n" + sims + "\n\n" + tail + "\n"
+
+
+def _plot(path: str, pos: dict[str, np.ndarray], neg: np.ndarray, grid: list[float], rec: dict[str, Any], model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    g = np.asarray(grid)
+    for tname, s in pos.items():
+        ax1.plot(g, [(s >= t).mean() for t in g], label=tname)
+    if len(neg):
+        ax1.plot(g, [(neg >= t).mean() for t in g], "k--", label="negatives flagged (rate)")
+    for key, style in (("threshold", "r-"), ("lowest_safe", "r:")):
+        if rec.get(key) is not None:
+            ax1.axvline(rec[key], color="r", linestyle=style[1:], label=f"{key} {rec[key]}")
+    ax1.set_xlabel("threshold (cosine)")
+    ax1.set_ylabel("recall (share flagged)")
+    ax1.set_title(f"recall per transform - {model}", fontsize=9)
+    ax1.legend(fontsize=7)
+    bins = np.linspace(float(g.min()), 1.0, 60)
+    for tname, s in pos.items():
+        ax2.hist(s, bins=bins, histtype="step", label=tname)
+    if len(neg):
+        ax2.hist(neg, bins=bins, histtype="stepfilled", alpha=0.3, color="k", label="pool negatives")
+    ax2.set_xlabel("similarity to nearest evaluation image")
+    ax2.set_ylabel("count")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="laiontools dedup calibrate",
+        description="Plant transformed copies of evaluation images among pool samples, report precision/recall "
+        "per transform over thresholds, and recommend a --threshold for `laiontools dedup`.",
+    )
+    add_config_args(p, CalibrateConfig, skip=("evalset",))
+    p.add_argument("--evalset", dest="evalset", action="extend", nargs="+", default=argparse.SUPPRESS,
+                   help="name=path[:format]; repeatable")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_calibrate(config_from_args(CalibrateConfig, args))
+    return 0
