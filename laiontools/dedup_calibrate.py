@@ -6,15 +6,15 @@ embeddings (the negatives). For a grid of thresholds it reports, per transform, 
 copies flagged) and precision (flagged copies / (flagged copies + flagged negatives)), as a table
 (``calibrate.txt``, ``calibrate.json``) and a plot (``calibrate.png``).
 
-Recommendation rule (``calibrate.json`` -> ``recommendation``): the *highest* threshold at which the
-easy transforms (exact, re-encoded, resized) reach recall >= 0.95 while no negative is flagged
-(precision 1.0). Highest, because the negative sample is tiny next to a real pool: the pool's tail of
-unrelated-but-similar images reaches higher than the sample's maximum, so the threshold is kept as
-far above the sampled negatives as the easy copies allow. ``lowest_safe`` (just above the highest
-negative) is reported too: between the two, a lower threshold catches more of the hard transforms
-at a higher risk of removing unrelated images. When no threshold satisfies both, there is no
-recommendation and the report says why (the model's embeddings cannot separate copies from the rest
-at that recall, as with a random-init model).
+Recommendation rule (``calibrate.json`` -> ``recommendation``): take the interval of thresholds at
+which the easy transforms (exact, re-encoded, resized) reach recall >= 0.95 while no sampled negative
+is flagged (precision 1.0): from ``lowest_safe`` (just above the highest negative) to
+``highest_for_recall``. Recommend its *midpoint*, rounded to 4 decimals. Both ends are optimistic
+estimates: the pool's tail of unrelated-but-similar images reaches higher than a small negative
+sample does, and copies in the wild are further from their source than the planted ones (a real
+download adds resizing and re-encoding on top). The midpoint keeps an equal margin on both sides.
+When the interval is empty there is no recommendation and the report says why (the model cannot
+separate copies from the rest at that recall, as can happen with a random-init model).
 
 Caveat: the negatives are real pool samples; if the pool already contains copies of evaluation
 images they count as false positives. Pass ``--exclude-uids`` (e.g. a previous dedup's
@@ -91,10 +91,12 @@ def apply_transform(image: Any, transform: str, rng: np.random.Generator) -> Any
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=int(rng.integers(30, 60)))
         return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    if transform == "resize":  # thumbnail then upscaled back, or a plain downscale
+    if transform == "resize":  # downscaled and saved as JPEG, as a downloader (img2dataset) stores it
         f = float(rng.choice([0.5, 0.75]))
-        small = img.resize((max(8, int(w * f)), max(8, int(h * f))), Image.BICUBIC)
-        return small if rng.random() < 0.5 else small.resize((w, h), Image.BICUBIC)
+        small = img.resize((max(8, int(w * f)), max(8, int(h * f))), Image.LANCZOS)
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=95)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     if transform == "crop":  # 70-90% of each side, random position
         f = float(rng.uniform(0.7, 0.9))
         cw, ch = max(1, int(w * f)), max(1, int(h * f))
@@ -165,16 +167,17 @@ def recommend(pos: dict[str, np.ndarray], neg: np.ndarray, easy: tuple[str, ...]
     need = math.ceil(RECALL_TARGET * len(easy_s))
     t_rec = float(np.sort(easy_s)[::-1][need - 1])  # highest t with >= need easy copies at or above it
     out: dict[str, Any] = {"max_negative_similarity": max_neg, "highest_for_recall": t_rec,
-                           "rule": f"highest threshold with recall >= {RECALL_TARGET} on {list(easy)} and no negative flagged"}
+                           "rule": f"midpoint of the thresholds with recall >= {RECALL_TARGET} on {list(easy)} and no negative flagged"}
     if t_rec <= max_neg:
         out.update({"threshold": None, "lowest_safe": None, "reason": (
             f"no threshold reaches recall {RECALL_TARGET} on the easy transforms (needs <= {t_rec:.5f}) without flagging "
             f"pool negatives (highest negative {max_neg:.5f}): this model does not separate copies from unrelated images")})
         return out
-    rec = math.floor(t_rec * 1e4) / 1e4
-    out["threshold"] = rec if rec > max_neg else t_rec
-    safe = math.ceil(np.nextafter(max_neg, 2.0) * 1e4) / 1e4
-    out["lowest_safe"] = safe if safe <= out["threshold"] else out["threshold"]
+    safe = float(np.nextafter(max_neg, 2.0))
+    safe_r = math.ceil(safe * 1e4) / 1e4
+    out["lowest_safe"] = safe_r if safe_r <= t_rec else safe
+    mid = round((out["lowest_safe"] + t_rec) / 2, 4)
+    out["threshold"] = mid if out["lowest_safe"] <= mid <= t_rec else (out["lowest_safe"] + t_rec) / 2
     return out
 
 
