@@ -1,8 +1,12 @@
-"""spark-submit entry for `laiontools subsets`: spark-submit jobs/subsets.py --pool ... --scales ... --seed S --output ..."""
+"""spark-submit entry for `laiontools subsets`: `spark-submit [--master spark://HOST:7077] jobs/subsets.py ...`.
+
+Thin on purpose: it runs the same code as the CLI, which finds the session spark-submit configured
+and leaves it to spark-submit to stop.
+"""
 
 import sys
 
-from laiontools.subsets import main
+from laiontools.cli import run_stage
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_stage("subsets", sys.argv[1:]))

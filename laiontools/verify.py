@@ -1,0 +1,280 @@
+"""`laiontools verify <manifest>` and `laiontools inspect <manifest>`.
+
+verify re-checks every file a manifest names and exits non-zero naming what differs:
+
+* the manifest itself against schemas/manifest.schema.json (unknown schema versions included);
+* the uid file: present, sha256, count, dtype, sorted and unique, count == num_samples;
+* every shard: present, byte size, sha256, readable to the end as a tar (a truncated shard is named),
+  number of samples (distinct keys), no repeated key, every sample's uid (from its .json) in the uid file
+  and no uid twice; across shards, the uids found equal the uid file (none missing);
+* nesting: the parent manifest exists, its sha256 is the one recorded, its own uid file matches it,
+  and this manifest's uids are a subset of the parent's.
+
+inspect prints a readable summary: counts, target vs obtained, recipe, funnel, shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from laiontools.manifest import read_manifest, resolve
+from laiontools.report import emit, table
+from laiontools.storage import sha256_file, url_to_fs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyResult:
+    manifest: str
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _exists(path: str) -> bool:
+    fs, p = url_to_fs(path)
+    return fs.exists(p)
+
+
+def _strictly_increasing(arr: np.ndarray) -> bool:
+    hi, lo = arr["hi"], arr["lo"]
+    return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))))
+
+
+def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: VerifyResult) -> np.ndarray | None:
+    from laiontools.uid import load_uids
+
+    if not _exists(path):
+        res.problems.append(f"{what} {path}: missing")
+        return None
+    sha, _ = sha256_file(path)
+    if sha != sha256:
+        res.problems.append(f"{what} {path}: sha256 {sha} differs from the manifest's {sha256} (file changed or damaged)")
+    try:
+        arr = np.asarray(load_uids(path, mmap=False))
+    except ValueError as e:
+        res.problems.append(f"{what} {path}: unreadable ({e})")
+        return None
+    if count is not None and len(arr) != count:
+        res.problems.append(f"{what} {path}: holds {len(arr)} uids, manifest says {count}")
+    if len(arr) > 1 and not _strictly_increasing(arr):
+        res.problems.append(f"{what} {path}: uids are not sorted and unique")
+    res.checked.append(f"{what} {path}: {len(arr)} uids, sha256 ok" if sha == sha256 else f"{what} {path}")
+    return arr
+
+
+def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
+    """Read a webdataset tar to the end: (sample keys in order, uid per key ('' if no json uid), problems)."""
+    fs, p = url_to_fs(path)
+    keys: list[str] = []
+    uids: dict[str, str] = {}
+    problems: list[str] = []
+    try:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            last = None
+            for ti in tf:
+                if not ti.isfile():
+                    continue
+                base = ti.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                if key != last:
+                    if key in uids:
+                        problems.append(f"key {key} appears in two places")
+                    keys.append(key)
+                    uids[key] = ""
+                    last = key
+                fh = tf.extractfile(ti)
+                data = fh.read() if fh is not None else b""
+                if len(data) != ti.size:
+                    raise tarfile.ReadError(f"member {ti.name} is cut short")
+                if ext == "json":
+                    try:
+                        uids[key] = str(json.loads(data).get("uid") or "")
+                    except ValueError:
+                        problems.append(f"{ti.name} is not valid JSON")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"truncated or unreadable tar ({type(e).__name__}: {e})")
+    return keys, [uids[k] for k in keys], problems
+
+
+def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = True) -> VerifyResult:
+    """Check everything `path` names; problems are collected (never raised) so all are reported at once."""
+    from laiontools.schema import ManifestError
+    from laiontools.subsets import hex_to_uid_array
+    from laiontools.uid import contains
+
+    res = VerifyResult(manifest=path)
+    try:
+        m = read_manifest(path)
+    except ManifestError as e:
+        res.problems.append(str(e))
+        return res
+    res.checked.append(f"manifest {path}: schema {m['schema_version']} ok")
+    uid_path = resolve(path, m["uids"]["path"])
+    arr = _check_uid_file(uid_path, m["uids"]["sha256"], m["uids"]["count"], "uid file", res)
+    if m["uids"]["count"] != m["num_samples"]:
+        res.problems.append(f"manifest {path}: num_samples {m['num_samples']} but the uid file count is {m['uids']['count']}")
+
+    if check_shards and m["shards"]:
+        seen: list[np.ndarray] = []
+        total = 0
+        for s in m["shards"]:
+            sp = resolve(path, s["path"])
+            if not _exists(sp):
+                res.problems.append(f"shard {sp}: missing")
+                continue
+            sha, size = sha256_file(sp)
+            bad = []
+            if size != s["bytes"]:
+                bad.append(f"{size} bytes, manifest says {s['bytes']}")
+            if sha != s["sha256"]:
+                bad.append(f"sha256 {sha} differs from the manifest's {s['sha256']}")
+            keys, uids, problems = scan_shard(sp)
+            bad += problems
+            if len(keys) != s["num_samples"]:
+                bad.append(f"{len(keys)} samples, manifest says {s['num_samples']}")
+            no_uid = [k for k, u in zip(keys, uids) if not u]
+            if no_uid:
+                bad.append(f"{len(no_uid)} samples without a uid in their .json (e.g. {no_uid[0]})")
+            good = [u for u in uids if len(u) == 32]
+            if arr is not None and good:
+                ua = hex_to_uid_array(good)
+                outside = ~contains(arr, ua)
+                if outside.any():
+                    first = good[int(np.argmax(outside))]
+                    bad.append(f"{int(outside.sum())} sample uids not in the uid file (e.g. {first})")
+                seen.append(ua)
+            total += len(keys)
+            if bad:
+                res.problems.append(f"shard {sp}: " + "; ".join(bad))
+            else:
+                res.checked.append(f"shard {sp}: {len(keys)} samples, {size} bytes, sha256 ok")
+        if arr is not None and seen:
+            found = np.concatenate(seen)
+            uniq = np.unique(found)
+            if len(uniq) != len(found):
+                res.problems.append(f"{len(found) - len(uniq)} uids appear in more than one sample across the shards")
+            if m["kind"] == "subset":
+                absent = int((~contains(uniq, arr)).sum())
+                if absent:
+                    res.problems.append(f"{absent} uids of the uid file are in no shard")
+        if m["kind"] == "subset" and total != m["num_samples"]:
+            res.problems.append(f"shards hold {total} samples, manifest num_samples is {m['num_samples']}")
+
+    parent = m.get("parent")
+    if check_parent and parent:
+        if not parent.get("path"):
+            res.problems.append(f"parent {parent['name']}: no path recorded, nesting cannot be checked")
+        else:
+            pp = resolve(path, parent["path"])
+            if not _exists(pp):
+                res.problems.append(f"parent manifest {pp}: missing")
+            else:
+                psha, _ = sha256_file(pp)
+                if psha != parent["sha256"]:
+                    res.problems.append(f"parent manifest {pp}: sha256 {psha} differs from the recorded {parent['sha256']} (parent changed)")
+                else:
+                    res.checked.append(f"parent manifest {pp}: sha256 ok")
+                try:
+                    pm = read_manifest(pp)
+                except ManifestError as e:
+                    res.problems.append(str(e))
+                    pm = None
+                if pm is not None:
+                    parr = _check_uid_file(resolve(pp, pm["uids"]["path"]), pm["uids"]["sha256"], pm["uids"]["count"], "parent uid file", res)
+                    if parr is not None and arr is not None:
+                        outside = int((~contains(parr, arr)).sum())
+                        if outside:
+                            res.problems.append(f"nesting: {outside} of {len(arr)} uids are not in parent {pp}")
+                        else:
+                            res.checked.append(f"nesting: all {len(arr)} uids are in parent {pp}")
+    return res
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="laiontools verify", description="Re-check every file a manifest names; exit 1 naming what differs.")
+    p.add_argument("manifest", nargs="+", help="manifest(s) to check")
+    p.add_argument("--no-shards", action="store_true", help="skip reading the shards (uid file and nesting only)")
+    p.add_argument("--no-parent", action="store_true", help="skip the nesting check against the parent manifest")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list what was checked and found fine")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    failed = 0
+    for mp in args.manifest:
+        res = verify_manifest(mp, check_shards=not args.no_shards, check_parent=not args.no_parent)
+        lines = [f"{'OK  ' if res.ok else 'FAIL'} {mp}"]
+        if args.verbose:
+            lines += [f"  ok: {c}" for c in res.checked]
+        lines += [f"  DIFFERS: {pr}" for pr in res.problems]
+        emit("\n".join(lines))
+        failed += not res.ok
+    return 1 if failed else 0
+
+
+def inspect_text(path: str) -> str:
+    """A readable summary of a manifest (raises ManifestError if it is invalid)."""
+    m = read_manifest(path)
+    target = m["target_samples"]
+    lines = [
+        f"{m['name']}  ({m['kind']}, schema {m['schema_version']})",
+        f"  manifest      {path}",
+        f"  samples       {m['num_samples']:,}" + (f" of target {target:,}" if target is not None else "") + ("  ** SHORT **" if m.get("short") else ""),
+        f"  uid file      {m['uids']['path']}  ({m['uids']['count']:,} uids, sha256 {m['uids']['sha256'][:16]}...)",
+        f"  source        fingerprint {m['source']['fingerprint'][:16]}...",
+    ]
+    if m.get("parent"):
+        lines.append(f"  parent        {m['parent']['name']}  ({m['parent'].get('path', '?')}, sha256 {m['parent']['sha256'][:16]}...)")
+    prov = m["provenance"]
+    lines.append(f"  made by       {prov['tool']} {prov['version']}: {' '.join(prov.get('command', []))}")
+    sel = m.get("selection") or {}
+    if sel:
+        lines.append("")
+        lines.append(f"recipe: scale {sel.get('scale')}, seed {sel.get('seed')}, scale factor {sel.get('scale_factor')}")
+        filters = {k: v for k, v in (sel.get("filters") or {}).items() if v is not None}
+        for k, v in filters.items():
+            lines.append(f"  {k:20s}{v if not isinstance(v, dict) else json.dumps(v, sort_keys=True)}")
+        for e in sel.get("exclusions") or []:
+            lines.append(f"  exclude             {e.get('kind')} {e.get('given')} ({e.get('count')} uids)")
+        if sel.get("funnel"):
+            lines.append("")
+            lines.append("funnel")
+            lines.append(table([{"step": f["step"], "removed": f"{f['removed']:,}", "remaining": f"{f['remaining']:,}"} for f in sel["funnel"]]))
+    if m.get("reshard"):
+        lines.append("")
+        lines.append("reshard: " + ", ".join(f"{k} {v}" for k, v in sorted(m["reshard"].items())))
+    shards = m["shards"]
+    lines.append("")
+    if shards:
+        nb = sum(s["bytes"] for s in shards)
+        ns = [s["num_samples"] for s in shards]
+        lines.append(f"shards: {len(shards)}, {nb / 1e6:,.1f} MB, samples per shard {min(ns)}..{max(ns)}")
+        show = shards if len(shards) <= 8 else shards[:4] + shards[-2:]
+        lines.append(table([{"path": s["path"], "samples": s["num_samples"], "bytes": s["bytes"], "sha256": s["sha256"][:16]} for s in show]))
+        if len(shards) > 8:
+            lines.append(f"({len(shards) - 6} more)")
+    else:
+        lines.append("shards: none (run `laiontools reshard` to write training shards)")
+    return "\n".join(lines)
+
+
+def inspect_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="laiontools inspect", description="Print a readable summary of a manifest.")
+    p.add_argument("manifest", nargs="+")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    emit("\n\n".join(inspect_text(mp) for mp in args.manifest))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return verify_main(argv)

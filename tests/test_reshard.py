@@ -1,0 +1,243 @@
+"""Reshard: evenly sized shuffled shards, every sample once, open_clip's loader, resume after a kill."""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from laiontools import layout
+from laiontools.manifest import read_manifest, resolve
+from laiontools.reshard import (
+    OUT_MANIFEST,
+    ReshardConfig,
+    ReshardError,
+    position_to_slot,
+    run_reshard,
+    shard_layout,
+)
+from laiontools.storage import read_json
+from laiontools.subsets import SubsetsConfig, run_subsets
+from laiontools.uid import array_to_uids, load_uids
+from laiontools.verify import verify_manifest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_subsets import make_scratch_pool  # noqa: E402  (the hand-built pool shared by these tests)
+
+
+def _pool_manifest(request, tmp_path_factory) -> str:
+    """The real downloaded pool from conftest when it exists, else the hand-built one."""
+    try:
+        return request.getfixturevalue("pool").manifest
+    except pytest.FixtureLookupError:
+        return make_scratch_pool(str(tmp_path_factory.mktemp("pool")), n=50, per_shard=12)
+
+
+@pytest.fixture(scope="module")
+def subset(spark, request, tmp_path_factory) -> str:
+    pool = _pool_manifest(request, tmp_path_factory)
+    n = read_manifest(pool)["num_samples"]
+    out = tmp_path_factory.mktemp("subsets")
+    res = run_subsets(SubsetsConfig(pool=pool, output=str(out), scales=f"{n - 3},{n // 2}", seed=5), spark)
+    return res[0]["manifest"]  # the larger one: almost every sample, so most source shards are needed
+
+
+@pytest.fixture(scope="module")
+def resharded(spark, subset, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("reshard_a")
+    run_reshard(ReshardConfig(manifest=subset, output=str(out), shard_size=8), spark)
+    return str(out)
+
+
+def _source_samples(pool_manifest: str) -> dict[str, dict[str, bytes]]:
+    """uid -> {ext: bytes} of every sample in the pool's shards."""
+    out: dict[str, dict[str, bytes]] = {}
+    m = read_manifest(pool_manifest)
+    for s in m["shards"]:
+        groups: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(resolve(pool_manifest, s["path"])) as tf:
+            for ti in tf:
+                key, _, ext = ti.name.partition(".")
+                groups.setdefault(key, {})[ext] = tf.extractfile(ti).read()
+        for members in groups.values():
+            out[json.loads(members["json"])["uid"]] = members
+    return out
+
+
+def test_layout_math():
+    assert shard_layout(50, 8) == (7, 7, 1)
+    for n, size in ((50, 8), (7, 7), (1, 10), (1001, 100), (99, 1)):
+        k, q, r = shard_layout(n, size)
+        slots = [position_to_slot(p, q, r) for p in range(n)]
+        assert len(set(slots)) == n and max(j for j, _ in slots) == k - 1
+        counts = [sum(1 for j, _ in slots if j == x) for x in range(k)]
+        assert max(counts) - min(counts) <= 1 and max(counts) <= size
+
+
+def test_reshard_output(subset, resharded):
+    sm = read_manifest(subset)
+    m = read_manifest(os.path.join(resharded, OUT_MANIFEST))
+    n = sm["num_samples"]
+    assert m["kind"] == "subset" and m["num_samples"] == n and m["uids"]["sha256"] == sm["uids"]["sha256"]
+    assert m["parent"]["path"] == subset
+    sizes = read_json(os.path.join(resharded, "shards", "sizes.json"))
+    assert sizes == {os.path.basename(s["path"]): s["num_samples"] for s in m["shards"]}
+    assert sum(sizes.values()) == n and max(sizes.values()) - min(sizes.values()) <= 1 and max(sizes.values()) <= 8
+    res = verify_manifest(os.path.join(resharded, OUT_MANIFEST))
+    assert res.ok, res.problems
+
+    pool = sm["pool"]["path"]
+    src = _source_samples(pool)
+    pool_shard_of = {}
+    for s in read_manifest(pool)["shards"]:
+        with tarfile.open(resolve(pool, s["path"])) as tf:
+            for ti in tf:
+                if ti.name.endswith(".json"):
+                    pool_shard_of[json.loads(tf.extractfile(ti).read())["uid"]] = layout.shard_id(s["path"])
+    subset_uids = set(array_to_uids(load_uids(resolve(subset, sm["uids"]["path"]))))
+    seen: dict[str, str] = {}
+    keys: set[str] = set()
+    positions = []
+    for s in m["shards"]:
+        path = os.path.join(resharded, s["path"])
+        marker = read_json(path + ".done")
+        groups: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tf:
+            for ti in tf:
+                key, _, ext = ti.name.partition(".")
+                groups.setdefault(key, {})[ext] = tf.extractfile(ti).read()
+        needed = set()
+        for key, members in groups.items():
+            assert key not in keys
+            keys.add(key)
+            meta = json.loads(members["json"])
+            uid = meta["uid"]
+            assert uid not in seen, f"{uid} twice"
+            seen[uid] = key
+            assert meta["key"] == key and meta["source_shard"] == pool_shard_of[uid]
+            # jpg/txt byte-identical to the source sample; json = source json + new fields
+            assert set(members) == set(src[uid])
+            assert members["jpg"] == src[uid]["jpg"] and members["txt"] == src[uid]["txt"]
+            assert {k: v for k, v in meta.items() if k not in ("key", "source_shard", "source_key")} == {
+                k: v for k, v in json.loads(src[uid]["json"]).items() if k != "key"
+            }
+            needed.add(pool_shard_of[uid])
+            positions.append(key)
+        # each task read exactly the source shards its samples live in
+        assert marker["sources"] == sorted(needed)
+    assert set(seen) == subset_uids
+    # shuffled: output order is not the source order
+    src_order = [u for u in src if u in subset_uids]
+    out_order = sorted(seen, key=lambda u: seen[u])
+    assert out_order != src_order
+
+
+def test_webdataset_and_open_clip_loader(resharded):
+    import torch
+    import webdataset as wds
+    from open_clip_train.data import get_wds_dataset
+
+    from laiontools.models import load_model
+    from laiontools.train_worker import _no_shard_eof_marker
+
+    # The same patch our trainer applies before open_clip reads shards (webdataset >= 0.2.96 emits an
+    # end-of-shard marker that open_clip_train 3.3's reader trips on; see train_worker).
+    _no_shard_eof_marker()
+
+    m = read_manifest(os.path.join(resharded, OUT_MANIFEST))
+    urls = [resolve(os.path.join(resharded, OUT_MANIFEST), s["path"]) for s in m["shards"]]
+    expected = set(array_to_uids(load_uids(os.path.join(resharded, m["uids"]["path"]))))
+    # webdataset itself
+    got = [json.loads(s["json"])["uid"] for s in wds.WebDataset(urls, shardshuffle=False)]
+    assert len(got) == len(expected) and set(got) == expected
+
+    # open_clip's training loader, with its real image transform; the "tokenizer" maps each caption
+    # to its index so we can tell which samples arrived.
+    captions = sorted({wds_s["txt"].decode() for wds_s in wds.WebDataset(urls, shardshuffle=False)})
+    assert len(captions) == len(expected)
+    index = {c: i for i, c in enumerate(captions)}
+    bundle = load_model("lt-tiny")
+    n = m["num_samples"]
+    batch = next(b for b in range(5, 0, -1) if n % b == 0)
+    args = argparse.Namespace(
+        train_data=os.path.join(resharded, "shards", "shard-{00000..%05d}.tar" % (len(urls) - 1)),
+        val_data=None, dataset_resampled=False, train_num_samples=None, train_data_upsampling_factors=None,
+        seed=0, batch_size=batch, workers=1, world_size=1,
+    )
+    info = get_wds_dataset(args, bundle.preprocess_train, is_train=True, epoch=0, tokenizer=lambda t: torch.tensor([[index[t]]]))
+    assert info.dataloader.num_samples == n  # read from sizes.json
+    arrived = []
+    for images, texts in info.dataloader:
+        assert images.ndim == 4 and images.shape[0] == texts.shape[0] == batch
+        arrived += texts.flatten().tolist()
+    assert sorted(arrived) == list(range(len(captions))), "open_clip's loader must deliver every sample exactly once"
+
+
+def test_resume_after_partial_run_is_identical(spark, subset, resharded, tmp_path):
+    b = str(tmp_path / "b")
+    shutil.copytree(resharded, b)
+    shards = sorted(glob.glob(os.path.join(b, "shards", "shard-*.tar")))
+    os.remove(shards[1])
+    os.remove(shards[1] + ".done")
+    os.remove(shards[2] + ".done")  # data without a marker: not done, must be rewritten
+    with open(shards[2], "r+b") as f:
+        f.truncate(1000)
+    open(os.path.join(b, "shards", ".shard-00003.tar.tmp-deadbeef"), "wb").write(b"half")  # a killed write
+    os.remove(os.path.join(b, OUT_MANIFEST))
+    run_reshard(ReshardConfig(manifest=subset, output=b, shard_size=8), spark)
+    for s in read_manifest(os.path.join(resharded, OUT_MANIFEST))["shards"]:
+        assert filecmp.cmp(os.path.join(resharded, s["path"]), os.path.join(b, s["path"]), shallow=False), s["path"]
+    assert filecmp.cmp(os.path.join(resharded, OUT_MANIFEST), os.path.join(b, OUT_MANIFEST), shallow=False)
+    assert filecmp.cmp(os.path.join(resharded, "shards", "sizes.json"), os.path.join(b, "shards", "sizes.json"), shallow=False)
+    # Same folder, another plan: refused rather than mixed.
+    with pytest.raises(ReshardError, match="another plan"):
+        run_reshard(ReshardConfig(manifest=subset, output=b, shard_size=8, seed=99), spark)
+
+
+def test_kill_and_resume_identical(spark, subset, tmp_path):
+    """SIGKILL a real `laiontools reshard` process after its first shard, resume, compare with a clean run."""
+    killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
+    env = {**os.environ, "LAIONTOOLS_SPARK_MASTER": "local[1]"}
+    cmd = [sys.executable, "-m", "laiontools", "reshard", "--manifest", subset, "--output", killed, "--shard-size", "2"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if glob.glob(os.path.join(killed, "shards", "*.done")):
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started (python + its JVM)
+        proc.wait(timeout=60)
+    run_reshard(ReshardConfig(manifest=subset, output=killed, shard_size=2), spark)
+    run_reshard(ReshardConfig(manifest=subset, output=clean, shard_size=2), spark)
+    mk, mc = read_manifest(os.path.join(killed, OUT_MANIFEST)), read_manifest(os.path.join(clean, OUT_MANIFEST))
+    assert mk["shards"] == mc["shards"]
+    for s in mc["shards"]:
+        assert filecmp.cmp(os.path.join(killed, s["path"]), os.path.join(clean, s["path"]), shallow=False)
+
+
+def test_bad_inputs(spark, subset, tmp_path):
+    pool = read_manifest(subset)["pool"]["path"]
+    from laiontools.errors import InputError
+
+    with pytest.raises(InputError, match="pool manifest; reshard takes a subset"):
+        run_reshard(ReshardConfig(manifest=pool, output=str(tmp_path / "x")), spark)
+    from laiontools.config import ConfigError
+
+    with pytest.raises(ConfigError, match="shard-size"):
+        ReshardConfig(manifest=subset, output=str(tmp_path / "x"), shard_size=0)
+    from laiontools.cli import main as cli
+
+    assert cli(["reshard", "--manifest", subset, "--output", str(tmp_path / "y"), "--seed", "1.5"]) == 2
