@@ -1,0 +1,197 @@
+"""prepare: profiles x formats, uid rules, URL policy, and every bad input the issue names."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from laiontools import layout
+from laiontools.errors import InputError, UserError
+from laiontools.prepare import PrepareConfig, check_url, run_prepare
+from laiontools.synthetic import PROFILES, write_source
+from laiontools.uid import normalize_caption, normalize_url, uid_of
+
+BASE = "http://127.0.0.1:9"
+
+
+def _items(n: int) -> list[dict]:
+    return [{"id": i, "file": f"{i:07d}.jpg", "caption": f"a red circle on a striped background, number {i}"} for i in range(n)]
+
+
+def _prepare(spark, src: str, out: str, **kw) -> dict:
+    cfg = PrepareConfig(input=src, output=out, allow_networks=["127.0.0.0/8"], number_sample_per_shard=10,
+                        shards_per_file=1, **kw)
+    return run_prepare(cfg, spark)
+
+
+def _all_rows(out: str) -> pd.DataFrame:
+    acc = pd.read_parquet(os.path.join(out, layout.PREPARED_DIR, "accepted"))
+    rej = pd.read_parquet(os.path.join(out, layout.PREPARED_DIR, "rejected"))
+    return pd.concat([acc.assign(status="accepted"), rej], ignore_index=True)
+
+
+@pytest.mark.parametrize("profile,fmt", [("laion400m", "parquet"), ("laion2b-en", "csv.gz"),
+                                         ("datacomp", "jsonl.gz"), ("generic", "tsv"), ("laion400m", "jsonl")])
+def test_profiles_and_formats_map_to_canonical_columns(spark, tmp_path, profile, fmt):
+    exp = write_source(str(tmp_path / "src"), BASE, _items(30), profile=profile, fmt=fmt, n_files=2, seed=3)
+    out = str(tmp_path / "out")
+    stats = _prepare(spark, str(tmp_path / "src"), out)
+    assert stats["profile"] == profile
+    assert stats["rows_in"] == len(exp)
+    rows = _all_rows(out)
+    assert len(rows) == len(exp), "every input row is accepted or rejected, none dropped"
+    by_reason = rows["status"].value_counts().to_dict()
+    want = exp["expected"].where(~exp["expected"].isin(["success", "failed_download", "failed_resize"]), "accepted")
+    assert by_reason == want.value_counts().to_dict()
+    acc = rows[rows["status"] == "accepted"]
+    assert set(acc["uid"]) <= set(exp["expected_uid"])
+    assert acc["uid"].is_unique
+    if profile != "generic":
+        assert acc["similarity"].notna().all(), "the profile's score column must map to `similarity`"
+    if profile == "laion2b-en":
+        assert acc["punsafe"].notna().all() and acc["pwatermark"].notna().all()
+    if profile in ("laion400m", "datacomp"):
+        assert acc["source_id"].notna().all()
+    # accepted rows keep input order and fill whole download shards (10 rows) per file
+    files = sorted(os.listdir(os.path.join(out, layout.PREPARED_DIR, "accepted")))
+    sizes = [len(pd.read_parquet(os.path.join(out, layout.PREPARED_DIR, "accepted", f))) for f in files]
+    assert all(s == 10 for s in sizes[:-1]) and sum(sizes) == len(acc)
+
+
+def test_unknown_columns_are_kept_and_user_mapping_overrides(spark, tmp_path):
+    src = tmp_path / "src.parquet"
+    pd.DataFrame({"link": [f"{BASE}/{i}.jpg" for i in range(5)], "alt": [f"cap {i}" for i in range(5)],
+                  "camera": ["x"] * 5}).to_parquet(src)
+    with pytest.raises(InputError, match="no URL column"):
+        _prepare(spark, str(src), str(tmp_path / "o1"))
+    stats = _prepare(spark, str(src), str(tmp_path / "o2"), columns="url=link,caption=alt")
+    assert stats["accepted"] == 5 and "camera" in stats["extra_columns"]
+    acc = pd.read_parquet(tmp_path / "o2" / layout.PREPARED_DIR / "accepted")
+    assert list(acc["camera"]) == ["x"] * 5
+
+
+def test_url_policy():
+    pol = {"allow_private_network": False, "allow_networks": [], "resolve_hosts": False, "max_url_length": 100,
+           "max_caption_length": 10, "require_caption": True}
+    reason = lambda u: (check_url(normalize_url(u), pol) or (None,))[0]  # noqa: E731
+    assert reason("https://example.com/a.jpg") is None
+    assert reason(None) == "null_url" and reason("   ") == "null_url"
+    assert reason("http://example.com/" + "a" * 200) == "url_too_long"
+    for u in ("file:///etc/passwd", "ftp://example.com/a.jpg", "data:image/png;base64,AAAA", "javascript:alert(1)"):
+        assert reason(u) == "bad_scheme", u
+    for u in ("http://127.0.0.1/a.jpg", "http://10.1.2.3/a", "http://169.254.169.254/latest", "http://[::1]/a",
+              "http://192.168.0.1/a", "http://localhost/a", "http://[::ffff:127.0.0.1]/a", "http://0.0.0.0/a"):
+        assert reason(u) == "private_address", u
+    assert reason("http://img.invalid/a.jpg") == "unresolvable_host"
+    assert reason("http:///a.jpg") == "invalid_url" and reason("http://[::1/a") == "invalid_url"
+    # the opt-in allows the listed network only
+    pol_lo = {**pol, "allow_networks": ["127.0.0.0/8"]}
+    assert check_url("http://127.0.0.1:8000/a.jpg", pol_lo) is None
+    assert check_url("http://10.0.0.1/a.jpg", pol_lo)[0] == "private_address"
+
+
+def test_uid_normalization():
+    assert normalize_url(" HTTP://Example.COM:80/A.jpg#frag ") == "http://example.com/A.jpg"
+    assert normalize_caption("  a\tred\n circle ") == "a red circle"
+    assert uid_of("http://example.com/a.jpg", "a  cat") == uid_of("HTTP://example.com:80/a.jpg", "a cat")
+    assert uid_of("http://example.com/a.jpg", "a cat") != uid_of("http://example.com/a.jpg", "a dog")
+    u = uid_of("http://example.com/a.jpg", "a cat")
+    assert len(u) == 32 and int(u, 16) >= 0 and u == u.lower()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_and_empty_inputs(spark, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        _prepare(spark, str(tmp_path / "nope.parquet"), str(tmp_path / "o"))
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        _prepare(spark, str(empty), str(tmp_path / "o"))
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "readme.md").write_text("hi")
+    with pytest.raises(InputError, match="holds no metadata files"):
+        _prepare(spark, str(tmp_path / "dir"), str(tmp_path / "o"))
+
+
+def test_unreadable_parquet_names_the_file(spark, tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(InputError, match="bad.parquet.*cannot read as parquet"):
+        _prepare(spark, str(bad), str(tmp_path / "o"))
+
+
+def test_no_url_column_lists_columns_and_profiles(spark, tmp_path):
+    src = tmp_path / "x.csv"
+    src.write_text("link,words\nhttp://a/b.jpg,hello\n")
+    with pytest.raises(InputError) as e:
+        _prepare(spark, str(src), str(tmp_path / "o"))
+    msg = str(e.value)
+    assert "link" in msg and "words" in msg and "laion400m" in msg and "datacomp" in msg and "--columns" in msg
+
+
+def test_non_utf8_text_names_the_file(spark, tmp_path):
+    src = tmp_path / "latin1.csv"
+    src.write_bytes("url,caption\n".encode() + f"{BASE}/a.jpg,caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(InputError, match="latin1.csv.*UTF-8"):
+        _prepare(spark, str(src), str(tmp_path / "o"))
+    src2 = tmp_path / "latin1.jsonl.gz"
+    with gzip.open(src2, "wb") as f:
+        f.write(json.dumps({"url": f"{BASE}/a.jpg", "caption": "ok"}).encode() + b"\n")
+        f.write(b'{"url": "http://127.0.0.1:9/b.jpg", "caption": "caf\xe9"}\n')
+    with pytest.raises(InputError, match="latin1.jsonl.gz.*UTF-8"):
+        _prepare(spark, str(src2), str(tmp_path / "o2"))
+
+
+def test_wrong_types_become_nulls_not_crashes(spark, tmp_path):
+    src = tmp_path / "types.jsonl"
+    rows = [{"url": f"{BASE}/{i}.jpg", "caption": f"c {i}", "similarity": v, "punsafe": [1]}
+            for i, v in enumerate([0.3, "high", None, {"a": 1}])]
+    rows.append({"url": 12345, "caption": 7})  # a number where a URL belongs: rejected with a reason
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    stats = _prepare(spark, str(src), str(tmp_path / "o"), columns="similarity=similarity,punsafe=punsafe")
+    rows_out = _all_rows(str(tmp_path / "o"))
+    assert stats["rows_in"] == 6 and len(rows_out) == 6
+    acc = rows_out[rows_out["status"] == "accepted"].sort_values("url")
+    assert acc["similarity"].tolist()[0] == pytest.approx(0.3) and acc["similarity"].isna().sum() == 3
+    statuses = set(rows_out["status"])
+    assert "rejected_malformed_row" in statuses and "rejected_bad_scheme" in statuses
+
+
+def test_output_folder_that_is_a_file(spark, tmp_path):
+    from laiontools.download import DownloadConfig, check_output
+
+    f = tmp_path / "file"
+    f.write_text("precious")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        check_output(DownloadConfig(input="x", output=str(f)))
+    assert f.read_text() == "precious"
+    d = tmp_path / "notapool"
+    d.mkdir()
+    (d / "precious.txt").write_text("keep")
+    with pytest.raises(UserError, match="not a laiontools pool"):
+        check_output(DownloadConfig(input="x", output=str(d)))
+    assert (d / "precious.txt").read_text() == "keep"
+
+
+def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
+    from laiontools.cli import main
+
+    rc = main(["download", "--input", str(tmp_path / "missing.parquet"), "--output", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "missing.parquet does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_synthetic_profiles_are_detected(name, tmp_path):
+    from laiontools.prepare import PrepareConfig, discover
+
+    write_source(str(tmp_path / "s"), BASE, _items(8), profile=name, fmt="parquet", seed=1)
+    _, mapping, _, detected = discover(PrepareConfig(input=str(tmp_path / "s"), output=str(tmp_path / "o")))
+    assert detected == name and "url" in mapping
