@@ -33,18 +33,21 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for k in range(4):
         Image.new("RGB", (48, 48), (60 * k, 100, 30)).save(flat / f"{k}.jpg")
         (flat / f"{k}.txt").write_text(f"a picture number {k}")
+    from laiontools.synthetic import write_evalset  # the shared synthetic eval-set generator
+
+    write_evalset(str(root / "syn"), n_classes=3, per_class=2, fmt="parquet")
     ckpt = root / "lt-tiny.pt"
     import torch
 
     torch.save(load_model("lt-tiny").model.state_dict(), ckpt)
-    return {"colors": colors, "imagefolder": str(root / "folder_cls"), "captions_only": str(flat), "ckpt": str(ckpt)}
+    return {"syn": str(root / "syn"), "colors": colors, "imagefolder": str(root / "folder_cls"), "captions_only": str(flat), "ckpt": str(ckpt)}
 
 
 def test_zeroshot_and_retrieval(sets: dict[str, str], tmp_path) -> None:
     out = str(tmp_path / "eval.json")
     rc = main([
         "--checkpoint", sets["ckpt"], "--model", "lt-tiny",
-        "--evalset", f"colors={sets['colors']}:wds", "--evalset", f"pets={sets['imagefolder']}:imagefolder",
+        "--evalset", f"colors={sets['colors']}:wds", "--evalset", f"pets={sets['imagefolder']}:imagefolder", f"syn={sets['syn']}:parquet",
         "--output", out, "--batch-size", "8",
     ])  # fmt: skip
     assert rc == 0 and is_done(out)
@@ -66,6 +69,7 @@ def test_zeroshot_and_retrieval(sets: dict[str, str], tmp_path) -> None:
     m = res["metrics"]
     assert {"colors/zeroshot_top1", "colors/image_to_text_R@5", "pets/zeroshot_top1"} <= set(m)
     assert not any(k.startswith("pets/image_to_text") for k in m)
+    assert res["evalsets"]["syn"]["zeroshot"]["n_classes"] == 3 and res["evalsets"]["syn"]["zeroshot"]["n_items"] == 6
     assert res["model"]["model"] == "lt-tiny" and res["model"]["checkpoint_sha256"]
 
 
