@@ -93,6 +93,17 @@ class StudyConfig(StageConfig):
                 raise ConfigError(f"study: samples seen {n} is smaller than one global batch ({self.batch_size})")
         if self.batch_size % max(1, self.nproc):
             raise ConfigError(f"study: batch size {self.batch_size} is not divisible by nproc {self.nproc}")
+        from laiontools.evaluate import EvaluateConfig
+        from laiontools.train import TrainConfig
+
+        # YAML may spell settings with dashes, as the flags are written
+        self.train = {str(k).replace("-", "_"): v for k, v in self.train.items()}
+        self.evaluate = {str(k).replace("-", "_"): v for k, v in self.evaluate.items()}
+        for what, cls, given in (("train", TrainConfig, self.train), ("evaluate", EvaluateConfig, self.evaluate)):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise ConfigError(f"study: unknown `{what}` setting(s) {unknown}; known: {sorted(known)}")
         clash = {"manifest", "model", "samples_seen", "batch_size", "output", "nproc", "resume"} & set(self.train)
         if clash:
             raise ConfigError(f"study: `train` may not set {sorted(clash)}; the grid sets them")

@@ -62,6 +62,12 @@ def test_bad_study_config(tmp_path) -> None:
     with pytest.raises(ConfigError, match="may not set"):
         StudyConfig(output=str(tmp_path), scales={"a": "x"}, samples_seen=[32], models=["lt-tiny"], batch_size=16,
                     evalset=["e=x"], train={"samples_seen": 5})  # fmt: skip
+    with pytest.raises(ConfigError, match="unknown `train` setting"):
+        StudyConfig(output=str(tmp_path), scales={"a": "x"}, samples_seen=[32], models=["lt-tiny"], batch_size=16,
+                    evalset=["e=x"], train={"learning-rate": 0.1})  # fmt: skip
+    cfg = StudyConfig(output=str(tmp_path), scales={"a": "x"}, samples_seen=["1e3"], models=["lt-tiny"], batch_size=16,
+                      evalset=["e=x"], train={"log-every": 5})  # fmt: skip
+    assert cfg.samples_seen == [1000] and cfg.train == {"log_every": 5}
 
 
 def test_study_grid_killed_and_resumed(tmp_path) -> None:
