@@ -1,0 +1,224 @@
+"""`laiontools demo`: the whole pipeline on a synthetic LAION, on this machine, with nothing downloaded.
+
+synthetic source -> local HTTP server -> download (Spark local) -> embed (tiny open_clip, random
+init) -> dedup calibrate + dedup against a synthetic evaluation set with planted copies -> nested
+subsets at three scales (80M/400M/2B scaled down) -> reshard -> train each scale with the same
+samples-seen budgets -> evaluate -> scaling-law fit -> one HTML report.
+
+Every step is a library call of the stage it names (the same code as ``laiontools <stage>``), so
+the demo is also the end-to-end test of the contracts between stages. Each stage resumes, so a
+killed demo re-run with the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.report import emit, table
+from laiontools.storage import atomic_write_bytes, ensure_output_dir, read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DemoConfig(StageConfig):
+    output: str = dataclasses.field(default="demo-out", metadata={"help": "folder for everything the demo writes"})
+    n: int = dataclasses.field(default=600, metadata={"help": "synthetic pool images (about 25% of rows are broken on purpose)"})
+    model: str = dataclasses.field(default="lt-tiny", metadata={"help": "open_clip model (tiny shipped config, random init)"})
+    scales: str = dataclasses.field(default="80M,400M,2B", metadata={"help": "subset scales"})
+    scale_factor: float = dataclasses.field(default=1e-7, metadata={"help": "shrinks the scales for a laptop (1e-7: 8 / 40 / 200)"})
+    samples_seen: list[int] = dataclasses.field(default_factory=lambda: [256, 768], metadata={"help": "training budgets (samples seen), the same for every scale"})
+    batch_size: int = dataclasses.field(default=32, metadata={"help": "global batch size"})
+    nproc: int = dataclasses.field(default=2, metadata={"help": "training processes (gloo on CPU)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the source, the selection and training"})
+    master: str | None = dataclasses.field(default=None, metadata={"help": "Spark master (default local[*])"})
+
+    def validate(self) -> None:
+        if self.n < 100:
+            raise ConfigError("demo: --n must be >= 100 so that three nested scales fit in the pool")
+
+
+def _step(name: str, t0: float, timings: dict[str, float]) -> float:
+    now = time.time()
+    timings[name] = round(now - t0, 1)
+    log.info("demo: %s done in %.1fs", name, now - t0)
+    return now
+
+
+def run_demo(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
+    """Run every stage in order into cfg.output; return the paths written and the timings."""
+    from laiontools.dedup import DedupConfig, run_dedup
+    from laiontools.dedup_calibrate import CalibrateConfig, run_calibrate
+    from laiontools.download import DownloadConfig, run_download
+    from laiontools.embed import EmbedConfig, run_embed
+    from laiontools.reshard import ReshardConfig, run_reshard
+    from laiontools.study import StudyConfig, run_study
+    from laiontools.subsets import SubsetsConfig, run_subsets
+    from laiontools.synthetic import SyntheticWebServer, make_source
+
+    out = os.path.abspath(cfg.output)
+    ensure_output_dir(out)
+    p = lambda *parts: os.path.join(out, *parts)  # noqa: E731
+    timings: dict[str, float] = {}
+    t = t_start = time.time()
+
+    with SyntheticWebServer(p("web", "images")) as web:
+        marker = p("web", "source.json")
+        if os.path.exists(marker):
+            src = read_json(marker)
+            src_info = {"source": src["source"], "evalset": src["evalset"], "planted": src["planted"]}
+            # the URLs hold the port of the server that wrote them: serve again on that port
+            web.stop()
+            web = SyntheticWebServer(p("web", "images"), port=src["port"]).start()
+        else:
+            s = make_source(p("web"), cfg.n, web.base_url, seed=cfg.seed, evalset=True, profile="laion2b-en")
+            src_info = {"source": s["source"], "evalset": s["evalset"], "planted": int(len(s["planted"]))}
+            atomic_write_bytes(marker, json.dumps({**src_info, "port": int(web.base_url.rsplit(":", 1)[1])}).encode())
+        t = _step("synthetic source", t, timings)
+        try:
+            dl = run_download(DownloadConfig(input=src_info["source"], output=p("pool"), allow_networks=["127.0.0.0/8"],
+                                             number_sample_per_shard=100, shards_per_file=2, timeout=3, retries=1,
+                                             image_size=96, thread_count=32), spark)
+        finally:
+            web.stop()
+    t = _step("download", t, timings)
+
+    emb = run_embed(EmbedConfig(manifest=dl["manifest"], output=p("embeddings"), model=cfg.model, batch_size=64, num_workers=0), spark)
+    if not emb.ok:
+        raise RuntimeError(f"demo: embedding failed for shards {emb.failed_shards}")
+    t = _step("embed", t, timings)
+
+    evalset = f"synthetic={src_info['evalset']}:imagefolder"
+    cal = run_calibrate(CalibrateConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-calibrate")))
+    threshold = (cal.get("recommendation") or {}).get("threshold")
+    t = _step("dedup calibrate", t, timings)
+    dcfg = {"embeddings": p("embeddings"), "evalset": [evalset], "output": p("dedup"), "phash": True}
+    if threshold is not None:
+        dcfg["threshold"] = float(threshold)
+    ded = run_dedup(DedupConfig(**dcfg), spark)
+    t = _step("dedup", t, timings)
+
+    subsets = run_subsets(SubsetsConfig(pool=dl["manifest"], output=p("subsets"), scales=cfg.scales, seed=cfg.seed,
+                                        scale_factor=cfg.scale_factor, scores=p("embeddings"), exclude=[p("dedup")],
+                                        max_punsafe=0.5, max_pwatermark=0.8), spark)
+    t = _step("subsets", t, timings)
+
+    resharded: dict[str, str] = {}
+    for row in subsets:
+        r = run_reshard(ReshardConfig(manifest=row["manifest"], output=p("resharded", row["scale"]), shard_size=64,
+                                      seed=cfg.seed), spark)
+        resharded[row["scale"]] = r["manifest"]
+    t = _step("reshard", t, timings)
+
+    study = run_study(StudyConfig(output=p("study"), scales=resharded, samples_seen=list(cfg.samples_seen),
+                                  models=[cfg.model], batch_size=cfg.batch_size, nproc=cfg.nproc, evalset=[evalset],
+                                  train={"seed": cfg.seed, "workers": 1}), spark)
+    t = _step("train + evaluate + fit", t, timings)
+    timings["total"] = round(time.time() - t_start, 1)
+
+    result = {"download": dl, "embed": dataclasses.asdict(emb), "calibrate": cal, "dedup": ded, "subsets": subsets,
+              "resharded": resharded, "study": study, "timings": timings, "threshold": threshold,
+              "planted": src_info["planted"], "output": out}
+    report = write_report(result, p("report.html"))
+    result["report"] = report
+    return result
+
+
+def _json_block(obj: Any) -> str:
+    return f"<pre>{html.escape(json.dumps(obj, indent=2, default=str))}</pre>"
+
+
+def write_report(res: dict[str, Any], path: str) -> str:
+    """One HTML page: download summary, dedup table + gallery, funnel, per-scale results, fitted curves."""
+    out = res["output"]
+    rel = lambda p: os.path.relpath(p, out)  # noqa: E731
+    dl = res["download"]
+    parts = ["<!doctype html><meta charset='utf-8'><title>laiontools demo</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}pre{background:#f6f6f6;padding:8px}</style>",
+             "<h1>laiontools demo</h1>",
+             f"<p>Synthetic LAION source served on 127.0.0.1, downloaded with Spark + img2dataset, embedded with "
+             f"a tiny random-init open_clip model, decontaminated, cut into nested subsets and trained on. "
+             f"Timings (s): {html.escape(json.dumps(res['timings']))}</p>",
+             "<h2>1. Download</h2>", f"<pre>{html.escape(dl.get('text', ''))}</pre>",
+             f"<p>Manifest: <code>{html.escape(rel(dl['manifest']))}</code></p>"]
+
+    ded_dir = os.path.join(out, "dedup")
+    parts.append("<h2>2. Decontamination</h2>")
+    parts.append(f"<p>Threshold {res['threshold']} (recommended by <code>dedup calibrate</code> for this model; "
+                 f"{res['planted']} copies of evaluation images were planted in the source).</p>")
+    summary_txt = os.path.join(ded_dir, "summary.txt")
+    if os.path.exists(summary_txt):
+        parts.append(f"<pre>{html.escape(open(summary_txt).read())}</pre>")
+    for name in ("gallery.html",):
+        if os.path.exists(os.path.join(ded_dir, name)):
+            parts.append(f"<p><a href='dedup/{name}'>Top matches, side by side</a></p>")
+    cal_png = os.path.join(out, "dedup-calibrate", "calibrate.png")
+    if os.path.exists(cal_png):
+        parts.append("<p><img src='dedup-calibrate/calibrate.png' width='700'></p>")
+
+    parts.append("<h2>3. Nested subsets</h2>")
+    rows = [{k: r.get(k) for k in ("scale", "target", "obtained", "short")} for r in res["subsets"]]
+    parts.append(f"<pre>{html.escape(table(rows))}</pre>")
+    if res["subsets"]:
+        m = read_json(res["subsets"][-1]["manifest"])
+        funnel = (m.get("selection") or {}).get("funnel")
+        if funnel:
+            parts.append("<p>Funnel (largest scale):</p>" + f"<pre>{html.escape(table(funnel))}</pre>")
+
+    parts.append("<h2>4. Training, evaluation and the scaling fit</h2>")
+    study_dir = os.path.join(out, "study")
+    csv = os.path.join(study_dir, "results.csv")
+    if os.path.exists(csv):
+        import pandas as pd
+
+        parts.append(pd.read_csv(csv).to_html(index=False, float_format=lambda x: f"{x:.4g}"))
+    fits = os.path.join(study_dir, "fits.json")
+    if os.path.exists(fits):
+        parts.append("<p>Fits E = &beta;&middot;C<sup>&alpha;</sup> on the Pareto frontier:</p>" + _json_block(read_json(fits)))
+    plots = os.path.join(study_dir, "plots")
+    if os.path.isdir(plots):
+        for f in sorted(os.listdir(plots)):
+            if f.endswith(".png"):
+                parts.append(f"<p><img src='study/plots/{html.escape(f)}' width='600'></p>")
+    if os.path.exists(os.path.join(study_dir, "report.html")):
+        parts.append("<p><a href='study/report.html'>Full study report</a></p>")
+    atomic_write_bytes(path, "\n".join(parts).encode())
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="laiontools demo", description=__doc__.split("\n")[0])
+    add_config_args(p, DemoConfig)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from laiontools.spark import spark_session
+
+    cfg = config_from_args(DemoConfig, build_parser().parse_args(argv))
+    with spark_session(cfg.master, app_name="laiontools-demo") as spark:
+        res = run_demo(cfg, spark)
+    emit("\n".join([
+        "",
+        "laiontools demo finished in %.0fs" % res["timings"]["total"],
+        "  " + "\n  ".join(f"{k:<24} {v:>7.1f}s" for k, v in res["timings"].items() if k != "total"),
+        "",
+        "written:",
+        f"  pool manifest      {res['download']['manifest']}",
+        f"  embeddings         {os.path.join(res['output'], 'embeddings')}",
+        f"  dedup report       {os.path.join(res['output'], 'dedup')}",
+        *[f"  subset {r['scale']:<11} {r['manifest']}" for r in res["subsets"]],
+        *[f"  resharded {k:<8} {v}" for k, v in res["resharded"].items()],
+        f"  study              {os.path.join(res['output'], 'study')}",
+        f"  REPORT             {res['report']}",
+    ]))
+    return 0
