@@ -82,7 +82,7 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
     uids: dict[str, str] = {}
     problems: list[str] = []
     try:
-        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
             last = None
             for ti in tf:
                 if not ti.isfile():
@@ -104,6 +104,11 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
                         uids[key] = str(json.loads(data).get("uid") or "")
                     except ValueError:
                         problems.append(f"{ti.name} is not valid JSON")
+            # tarfile stops quietly at EOF on a header boundary; a complete tar ends with two zero blocks.
+            f.seek(tf.offset)
+            trailer = f.read(1024)
+            if len(trailer) < 1024 or trailer.count(0) != 1024:
+                raise tarfile.ReadError(f"no end-of-archive marker after the last member (offset {tf.offset})")
     except (tarfile.TarError, OSError, EOFError) as e:
         problems.append(f"truncated or unreadable tar ({type(e).__name__}: {e})")
     return keys, [uids[k] for k in keys], problems

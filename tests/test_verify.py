@@ -1,0 +1,130 @@
+"""verify names what differs (tampered/truncated shard, uid file, parent, nesting, schema); inspect summarizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from laiontools.cli import main as cli
+from laiontools.manifest import new_manifest, read_manifest, write_manifest
+from laiontools.reshard import OUT_MANIFEST, ReshardConfig, run_reshard
+from laiontools.subsets import SubsetsConfig, run_subsets
+from laiontools.verify import inspect_text, verify_manifest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_subsets import make_scratch_pool  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def chain(spark, request, tmp_path_factory) -> dict[str, str]:
+    """Pool -> subsets (n-2 ⊃ n//2) -> resharded larger subset; returns their manifest paths."""
+    try:
+        pool = request.getfixturevalue("pool").manifest
+    except pytest.FixtureLookupError:
+        pool = make_scratch_pool(str(tmp_path_factory.mktemp("pool")), n=40, per_shard=10)
+    n = read_manifest(pool)["num_samples"]
+    out = tmp_path_factory.mktemp("subsets")
+    big, small = run_subsets(SubsetsConfig(pool=pool, output=str(out), scales=f"{n - 2},{n // 2}", seed=11), spark)
+    rs = tmp_path_factory.mktemp("resharded")
+    run_reshard(ReshardConfig(manifest=big["manifest"], output=str(rs), shard_size=max(2, n // 5)), spark)
+    return {"pool": pool, "big": big["manifest"], "small": small["manifest"], "resharded": os.path.join(str(rs), OUT_MANIFEST)}
+
+
+def test_everything_verifies(chain, capsys):
+    for name in ("pool", "big", "small", "resharded"):
+        res = verify_manifest(chain[name])
+        assert res.ok, (name, res.problems)
+    assert any("nesting: all" in c for c in verify_manifest(chain["small"]).checked)
+    assert cli(["verify", "-v", chain["resharded"], chain["small"]]) == 0
+    out = capsys.readouterr().out
+    assert out.count("OK ") == 2 and "sha256 ok" in out
+
+
+def _copy_resharded(chain: dict[str, str], dst) -> str:
+    src = os.path.dirname(chain["resharded"])
+    shutil.copytree(src, dst)
+    return os.path.join(str(dst), OUT_MANIFEST)
+
+
+def test_tampered_and_truncated_shards_are_named(chain, tmp_path, capsys):
+    m = _copy_resharded(chain, tmp_path / "rs")
+    shards = read_manifest(m)["shards"]
+    s0 = os.path.join(str(tmp_path / "rs"), shards[0]["path"])
+    s1 = os.path.join(str(tmp_path / "rs"), shards[1]["path"])
+    with open(s0, "r+b") as f:  # flip one byte inside the first member's data (after its 512-byte header)
+        f.seek(600)
+        b = f.read(1)
+        f.seek(600)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with open(s1, "r+b") as f:
+        f.truncate(os.path.getsize(s1) // 2)
+    assert cli(["verify", m]) == 1
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "DIFFERS" in ln]
+    assert any(shards[0]["path"] in ln and "sha256" in ln for ln in lines), out
+    assert any(shards[1]["path"] in ln and "truncated" in ln and "bytes, manifest says" in ln for ln in lines), out
+    assert not any(shards[2]["path"] in ln for ln in lines), "an intact shard must not be reported"
+
+
+def test_uid_file_parent_and_nesting(chain, tmp_path):
+    # uid file swapped for another subset's: sha256 and count differ, and shard uids are missing from it
+    m = _copy_resharded(chain, tmp_path / "rs")
+    small_uids = os.path.join(os.path.dirname(chain["small"]), read_manifest(chain["small"])["uids"]["path"])
+    shutil.copyfile(small_uids, os.path.join(str(tmp_path / "rs"), "uids.npy"))
+    probs = verify_manifest(m).problems
+    assert any("uid file" in p and "sha256" in p for p in probs)
+    assert any("sample uids not in the uid file" in p for p in probs)
+
+    # parent manifest changed after the child was written
+    sub = tmp_path / "sub"
+    shutil.copytree(os.path.dirname(chain["big"]), sub)
+    small, big = str(sub / os.path.basename(chain["small"])), str(sub / os.path.basename(chain["big"]))
+    doc = json.load(open(big))
+    doc["selection"]["seed"] = 12345
+    write_manifest(big, doc)
+    assert any("parent manifest" in p and "differs from the recorded" in p for p in verify_manifest(small).problems)
+
+    # a "child" whose uids are not all in its parent (big's uids, parent = small)
+    sm = read_manifest(small)
+    bm = read_manifest(big)
+    from laiontools.manifest import manifest_sha256
+
+    bad = new_manifest(
+        name="not-nested", kind="subset", num_samples=bm["num_samples"], target_samples=bm["num_samples"],
+        uids={**bm["uids"]}, shards=[], source_fingerprint=bm["source"]["fingerprint"],
+        parent={"name": sm["name"], "sha256": manifest_sha256(small), "path": os.path.basename(small)}, command=["test"],
+    )
+    write_manifest(str(sub / "bad.manifest.json"), bad)
+    n_out = bm["num_samples"] - sm["num_samples"]
+    assert any(f"nesting: {n_out} of {bm['num_samples']} uids are not in parent" in p for p in verify_manifest(str(sub / "bad.manifest.json")).problems)
+
+
+def test_unknown_schema_version_and_missing_files(chain, tmp_path, capsys):
+    doc = json.load(open(chain["small"]))
+    doc["schema_version"] = "2.0"
+    p = tmp_path / "future.manifest.json"
+    p.write_text(json.dumps(doc))
+    assert cli(["verify", str(p)]) == 1
+    assert "schema_version '2.0' is not one this laiontools knows" in capsys.readouterr().out
+    assert cli(["inspect", str(p)]) == 2
+    assert "schema_version '2.0'" in capsys.readouterr().err
+    m = _copy_resharded(chain, tmp_path / "rs")
+    first = read_manifest(m)["shards"][0]["path"]
+    os.remove(os.path.join(str(tmp_path / "rs"), first))
+    assert any(first in x and "missing" in x for x in verify_manifest(m).problems)
+
+
+def test_inspect(chain, capsys):
+    assert cli(["inspect", chain["small"], chain["resharded"]]) == 0
+    out = capsys.readouterr().out
+    sm = read_manifest(chain["small"])
+    assert f"{sm['num_samples']:,} of target {sm['target_samples']:,}" in out
+    assert "funnel" in out and "eligible" in out and "seed 11" in out
+    assert "shards: none (run `laiontools reshard`" in out
+    rm = read_manifest(chain["resharded"])
+    assert f"shards: {len(rm['shards'])}," in out and rm["shards"][0]["path"] in out
+    assert inspect_text(chain["resharded"]).startswith(rm["name"])
