@@ -169,3 +169,28 @@ def _cfg_from_argv(argv: list[str]) -> dict:
         out[k] = int(out[k])
     out["lr"] = float(out["lr"])
     return out
+
+
+@pytest.mark.slow
+def test_pool_to_subset_to_reshard_to_train_to_evaluate(pool, spark, tmp_path) -> None:
+    """The real chain: a downloaded pool -> subsets -> reshard -> train -> evaluate on the pool's eval set."""
+    from laiontools.evaluate import EvaluateConfig, run_evaluate
+    from laiontools.reshard import ReshardConfig, run_reshard
+    from laiontools.subsets import SubsetsConfig, run_subsets
+
+    rows = run_subsets(SubsetsConfig(pool=pool.manifest, output=str(tmp_path / "subsets"), scales="24", seed=1, allow_short=True), spark)
+    subset = rows[0]["manifest"]
+    # the subset as `subsets` writes it has no shard list yet
+    with pytest.raises(ManifestError, match="never resharded"):
+        run_train(TrainConfig(manifest=subset, model="lt-tiny", samples_seen=32, batch_size=8, output=str(tmp_path / "x")))
+    resharded = run_reshard(ReshardConfig(manifest=subset, output=str(tmp_path / "resharded"), shard_size=8), spark)["manifest"]
+    run_dir = str(tmp_path / "run")
+    result = run_train(
+        TrainConfig(manifest=resharded, model="lt-tiny", samples_seen=32, batch_size=8, workers=1, checkpoint_every=16, log_every=1, output=run_dir)
+    )
+    assert (result["samples_seen"], result["steps"], result["epochs"]) == (32, 4, 2)
+    assert math.isfinite(result["final_loss"])
+    ev = run_evaluate(EvaluateConfig(checkpoint=run_dir, evalset=[f"synth={pool.evalset_dir}"], output=str(tmp_path / "eval.json")))
+    z = ev["evalsets"]["synth"]["zeroshot"]
+    assert z["n_classes"] == 5 and z["n_items"] == 20 and 0 <= z["top1"] <= z["top5"] <= 1
+    assert ev["run_dir"] == os.path.abspath(run_dir)
