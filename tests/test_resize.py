@@ -1,0 +1,170 @@
+"""FastResizer against img2dataset's Resizer on the same bytes: same sizes, same errors, close pixels.
+
+Everything is real: synthetic realistic JPEGs (512-800 px), PIL-made PNG / grayscale / CMYK /
+EXIF-rotated / damaged inputs, img2dataset's own Resizer as the reference.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import cv2  # noqa: E402
+from img2dataset.resizer import Resizer  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from laiontools.download import DownloadConfig  # noqa: E402
+from laiontools.resize import FastResizer, jpeg_header, make_resizer, reduction_factor, target_size  # noqa: E402
+from laiontools.synthetic import render_item  # noqa: E402
+
+MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop")
+# Mean |fast - img2dataset| over pixels (0..255), per output size. Measured on these images at
+# ~1.3-2.6 (256 px, 1/2-scale decode) and ~3.8-8.5 (64 px, 1/8-scale decode): the realistic images
+# carry sensor noise, which a DCT-domain reduction and an area filter average differently, and the
+# re-encode at quality 95 adds its own error. Against a float Lanczos reference both resizers are
+# within ~0.1 (256 px) to ~1 (64 px) of each other (see bench/RESULTS-download.md).
+MEAN_ABS_BOUND = {256: 3.5, 64: 10.0}
+
+
+def _jpeg(im: Image.Image, **kw) -> bytes:
+    b = io.BytesIO()
+    im.save(b, "JPEG", quality=90, **kw)
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def realistic() -> list[bytes]:
+    return [_jpeg(render_item(i, realistic=True)[0]) for i in range(6)]
+
+
+def _both(data: bytes, *args, **kw) -> tuple[tuple, tuple]:
+    return Resizer(*args, **kw)(io.BytesIO(data)), FastResizer(*args, **kw)(io.BytesIO(data))
+
+
+def _pixels(b: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED).astype(np.int16)
+
+
+@pytest.mark.parametrize("size", sorted(MEAN_ABS_BOUND))
+@pytest.mark.parametrize("mode", MODES)
+def test_same_sizes_close_pixels(realistic, mode, size):
+    for data in realistic:
+        ref, fast = _both(data, size, mode, False)
+        assert ref[5] is None and fast[5] is None
+        # width, height, original_width, original_height: exactly img2dataset's
+        assert fast[1:5] == ref[1:5]
+        w, h = Image.open(io.BytesIO(data)).size
+        assert fast[3:5] == (w, h)  # the true size, not the reduced decode's
+        assert reduction_factor(w, h, target_size(w, h, size, mode)) >= 2  # the fast path was taken...
+        assert fast[0] != ref[0]  # ...and it is a different decode, not a pass-through
+        diff = np.abs(_pixels(fast[0]) - _pixels(ref[0])).mean()
+        assert diff < MEAN_ABS_BOUND[size], (mode, size, (w, h), diff)
+
+
+def test_mode_no_and_small_images_are_img2datasets_bytes(realistic):
+    data = realistic[0]
+    assert _both(data, 256, "no", False)[0] == _both(data, 256, "no", False)[1]
+    # 120 px images to 64 px: a 1/2 decode (60 px) would be too small, so img2dataset's path runs
+    small = _jpeg(render_item(3)[0].resize((120, 100)))
+    for mode in MODES:
+        ref, fast = _both(small, 64, mode, False)
+        assert fast == ref
+    # resize_only_if_bigger with an image already small enough: no resize at all, as img2dataset
+    ref, fast = _both(small, 256, "keep_ratio", True)
+    assert fast == ref and fast[1:3] == (120, 100)
+
+
+def test_target_size_matches_albumentations():
+    import albumentations as A
+
+    for w, h in ((800, 512), (513, 799), (777, 777), (1000, 3), (3, 1000)):
+        img = np.zeros((h, w, 3), np.uint8)
+        for mode, tr in (("keep_ratio", A.SmallestMaxSize), ("border", A.LongestMaxSize)):
+            out = tr(max_size=256, interpolation=cv2.INTER_AREA, p=1.0)(image=img)["image"]
+            assert target_size(w, h, 256, mode) == (out.shape[1], out.shape[0])
+    assert target_size(800, 600, 256, "no") is None
+
+
+def test_grayscale_jpeg(realistic):
+    gray = _jpeg(Image.open(io.BytesIO(realistic[1])).convert("L"))
+    assert jpeg_header(gray)[2] == "L"
+    for mode in MODES:
+        ref, fast = _both(gray, 256, mode, False)
+        assert fast[1:] == ref[1:]
+        assert _pixels(fast[0]).ndim == 2 and _pixels(ref[0]).ndim == 2
+
+
+def test_exif_orientation_is_ignored_like_img2dataset(realistic):
+    im = Image.open(io.BytesIO(realistic[2]))
+    assert im.size[0] != im.size[1]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: IMREAD_UNCHANGED ignores it, so must we
+    data = _jpeg(im, exif=exif.tobytes())
+    ref, fast = _both(data, 128, "keep_ratio", False)
+    assert fast[1:] == ref[1:] and fast[3:5] == im.size
+
+
+def test_non_jpeg_alpha_cmyk_go_through_img2dataset(realistic):
+    im = Image.open(io.BytesIO(realistic[0]))
+    inputs = {}
+    b = io.BytesIO()
+    im.save(b, "PNG")
+    inputs["png"] = b.getvalue()
+    rgba = im.convert("RGBA")
+    rgba.putalpha(128)
+    b = io.BytesIO()
+    rgba.save(b, "PNG")
+    inputs["png_alpha"] = b.getvalue()
+    inputs["cmyk_jpeg"] = _jpeg(im.convert("CMYK"))
+    b = io.BytesIO()
+    im.save(b, "WEBP", quality=80)
+    inputs["webp"] = b.getvalue()
+    assert jpeg_header(inputs["cmyk_jpeg"])[2] == "CMYK"
+    for name, data in inputs.items():
+        for mode in MODES:
+            ref, fast = _both(data, 256, mode, False)
+            assert fast == ref, (name, mode)
+            assert ref[5] is None
+
+
+def test_damaged_inputs_same_errors(realistic):
+    data = realistic[0]
+    header_only = data[:600]  # SOI + tables + frame header: PIL reads a size, libjpeg has no scans
+    body_garbled = data[:600] + bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8))
+    cases = {"garbage": b"not an image at all", "empty": b"", "soi_only": b"\xff\xd8\xff",
+             "header_only": header_only, "body_garbled": body_garbled, "truncated": data[: len(data) // 2]}
+    for name, bad in cases.items():
+        ref, fast = _both(bad, 256, "border", False)
+        assert fast[5] == ref[5], name  # same error string (or both None)
+        assert fast[1:5] == ref[1:5], name
+    assert _both(b"garbage", 256, "border", False)[1][5] == "Image decoding error"
+
+
+def test_limits_use_true_size(realistic):
+    data = realistic[0]
+    w, h = Image.open(io.BytesIO(data)).size
+    # 1/8 decode at 64 px is ~w/8 on a side: a check on the reduced size would wrongly reject these
+    ok = FastResizer(64, "border", False, min_image_size=min(w, h), max_image_area=w * h)(io.BytesIO(data))
+    assert ok[5] is None and ok[3:5] == (w, h)
+    for kw, err in (({"min_image_size": min(w, h) + 1}, "image too small"),
+                    ({"max_image_area": w * h - 1}, "image area too large"),
+                    ({"max_aspect_ratio": max(w, h) / min(w, h) * 0.999}, "aspect ratio too large")):
+        ref, fast = _both(data, 64, "border", False, **kw)
+        assert fast == ref and fast[5] == err
+
+
+def test_pickles_and_make_resizer(realistic):
+    cfg = DownloadConfig(input="in", output="out", image_size=64, resize_mode="center_crop")
+    r = make_resizer(cfg)
+    assert type(r) is FastResizer and r.image_size == 64
+    before = r(io.BytesIO(realistic[0]))
+    shipped = pickle.loads(pickle.dumps(r))  # as Spark ships it inside the Downloader
+    assert shipped(io.BytesIO(realistic[0])) == before
+    cfg.fast_decode = False
+    assert type(make_resizer(cfg)) is Resizer
