@@ -84,6 +84,7 @@ class DedupConfig(StageConfig):
     nlist: int | None = dataclasses.field(default=None, metadata={"help": "IVF lists (default ~4*sqrt(n))"})
     nprobe: int = dataclasses.field(default=16, metadata={"help": "IVF lists probed per query"})
     phash: bool = dataclasses.field(default=False, metadata={"help": "also report perceptual-hash exact matches (the study's method)"})
+    phash_max_distance: int = dataclasses.field(default=0, metadata={"help": "pHash Hamming distance counted as a match (0 = exact, as the study)"})
     pretrained: str | None = dataclasses.field(default=None, metadata={"help": "checkpoint path, when model.json names a checkpoint by sha256"})
     device: str = dataclasses.field(default="auto", metadata={"help": "device for embedding evaluation sets: auto, cpu, cuda"})
     batch_size: int = dataclasses.field(default=64, metadata={"help": "evaluation images per embedding batch"})
@@ -105,6 +106,8 @@ class DedupConfig(StageConfig):
             raise ConfigError("nlist and nprobe must be >= 1")
         if self.batch_size < 1 or self.chunk_rows < 1 or self.gallery_pairs < 0:
             raise ConfigError("batch_size and chunk_rows must be >= 1, gallery_pairs >= 0")
+        if not 0 <= self.phash_max_distance <= 32:
+            raise ConfigError(f"phash_max_distance must be in [0, 32] bits of 64, got {self.phash_max_distance}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
@@ -382,7 +385,7 @@ def _settings_key(index_desc: dict[str, Any], cfg: DedupConfig) -> str:
 
     return sha256_bytes(canonical_json({
         "index": index_desc["index_sha256"], "items": index_desc["items_sha256"], "threshold": cfg.threshold,
-        "k": cfg.k, "phash": cfg.phash, "v": 1,
+        "k": cfg.k, "phash": cfg.phash, "phash_d": cfg.phash_max_distance, "v": 1,
     }))[:16]
 
 
@@ -433,6 +436,8 @@ class _Lookups:
     pos_set: list[str]  # items.parquet position -> evalset name
     pos_item: list[str]
     phash: dict[str, list[int]]  # pHash -> items.parquet positions
+    phash_index: Any = None  # faiss binary index over the pHashes, built when a Hamming distance is asked for
+    phash_keys: list[str] | None = None
 
 
 _LOOKUPS: dict[str, _Lookups] = {}
@@ -564,18 +569,17 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         for name, sel in (("above", above), ("below", below))
     }
     if ctx["phash"]:
-        eval_ph, tar = lk.phash, tar_url
+        tar = tar_url
         pool_ph = _pool_phashes(tar) if tar else {}
         keys = key_col.to_pylist()
         uids = uid_col.to_pylist()
         item_set, item_id = lk.pos_set, lk.pos_item
-        ph_list, ph_set, ph_item = [], [], []
+        ph_set: list[str | None] = []
+        ph_item: list[str | None] = []
         ph_by_set = dict.fromkeys(set_names, 0)
         ph_pos: set[int] = set()
-        for key in keys:
-            h = pool_ph.get(key)
-            ph_list.append(h)
-            pos = eval_ph.get(h, []) if h else []
+        ph_list = [pool_ph.get(key) for key in keys]
+        for pos in _phash_matches(lk, ph_list, int(ctx.get("phash_max_distance", 0))):
             ph_set.append(item_set[pos[0]] if pos else None)
             ph_item.append(item_id[pos[0]] if pos else None)
             for s in {item_set[q] for q in pos}:
@@ -601,6 +605,30 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     atomic_write_bytes(out_path, buf.getvalue())
     mark_done(done_path, stats)  # last: the shard counts as done only now
     return stats
+
+
+def _phash_matches(lk: _Lookups, hashes: list[str | None], max_distance: int) -> list[list[int]]:
+    """items.parquet positions each pool hash matches: exact lookup, or within `max_distance` bits
+    of the nearest evaluation hash (faiss binary index, Hamming distance)."""
+    if max_distance == 0:
+        return [lk.phash.get(h, []) if h else [] for h in hashes]
+    import faiss
+
+    out: list[list[int]] = [[] for _ in hashes]
+    have = [i for i, h in enumerate(hashes) if h]
+    if not have or not lk.phash:
+        return out
+    if lk.phash_index is None:
+        keys = list(lk.phash)
+        lk.phash_index = faiss.IndexBinaryFlat(64)
+        lk.phash_index.add(np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(-1, 8))
+        lk.phash_keys = keys
+    q = np.frombuffer(b"".join(bytes.fromhex(hashes[i]) for i in have), dtype=np.uint8).reshape(-1, 8)
+    D, I = lk.phash_index.search(q, 1)
+    for j, i in enumerate(have):
+        if D[j, 0] <= max_distance:
+            out[i] = lk.phash[lk.phash_keys[int(I[j, 0])]]
+    return out
 
 
 def _peak_rss_mb() -> float:
@@ -644,6 +672,7 @@ def search_context(cfg: DedupConfig, index_desc: dict[str, Any]) -> dict[str, An
         "dim": index_desc["dim"], "model_desc": DI.describe_model(index_desc["model"]),
         "index_type": index_desc["index_type"], "evalset_names": [e["name"] for e in index_desc["evalsets"]],
         "items_sha256": index_desc["items_sha256"], "gallery_pairs": cfg.gallery_pairs, "phash": cfg.phash,
+        "phash_max_distance": cfg.phash_max_distance,
     }
 
 
@@ -789,6 +818,7 @@ def _write_outputs(
             entry["phash_pool_samples_matched"] = agg.phash_by_set[name]
             entry["phash_eval_items_matched"] = phash_items_by_set[name]
             entry["phash_overlap_percent"] = round(100.0 * phash_items_by_set[name] / max(1, c["indexed"]), 4)
+            entry["phash_max_distance"] = cfg.phash_max_distance
         per_set.append(entry)
 
     exclude = sorted(set(agg.dup_uids) | set(agg.phash_only_uids))

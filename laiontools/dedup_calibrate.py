@@ -173,9 +173,11 @@ def recommend(pos: dict[str, np.ndarray], neg: np.ndarray, easy: tuple[str, ...]
             f"no threshold reaches recall {RECALL_TARGET} on the easy transforms (needs <= {t_rec:.5f}) without flagging "
             f"pool negatives (highest negative {max_neg:.5f}): this model does not separate copies from unrelated images")})
         return out
-    safe = float(np.nextafter(max_neg, 2.0))
-    safe_r = math.ceil(safe * 1e4) / 1e4
-    out["lowest_safe"] = safe_r if safe_r <= t_rec else safe
+    # Smallest 4-decimal threshold strictly above the highest negative (flagging is similarity >= threshold).
+    safe_r = math.ceil(max_neg * 1e4) / 1e4
+    if safe_r <= max_neg:
+        safe_r = round(safe_r + 1e-4, 4)
+    out["lowest_safe"] = safe_r if safe_r <= t_rec else float(np.nextafter(max_neg, 2.0))
     mid = round((out["lowest_safe"] + t_rec) / 2, 4)
     out["threshold"] = mid if out["lowest_safe"] <= mid <= t_rec else (out["lowest_safe"] + t_rec) / 2
     return out

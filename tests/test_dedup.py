@@ -1,0 +1,227 @@
+"""Decontamination on a real downloaded pool with planted copies of the synthetic evaluation set.
+
+Real components throughout: the `pool` fixture (img2dataset download), the embed stage with the tiny
+random-init `lt-tiny`, faiss, Spark local[2]. The threshold is not guessed: `dedup calibrate` picks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from laiontools import dedup_index as DI
+from laiontools.dedup import DedupConfig, MissingEmbeddingsError, run_dedup
+from laiontools.dedup_calibrate import CalibrateConfig, recommend, run_calibrate
+from laiontools.evalsets import EvalSetError
+from laiontools.uid import load_uids, save_uids
+
+EASY = ("exact", "reencode", "resize")
+
+
+@pytest.fixture(scope="module")
+def emb(pool, tmp_path_factory) -> str:
+    """The pool embedded once by the embed stage (lt-tiny, random init, CPU)."""
+    from laiontools.embed import EmbedConfig, run_embed
+
+    out = str(tmp_path_factory.mktemp("emb"))
+    run_embed(EmbedConfig(manifest=pool.manifest, output=out, model="lt-tiny", num_workers=0, batch_size=32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrated(pool, emb, tmp_path_factory) -> dict:
+    """`dedup calibrate` on the pool; the planted pool copies are left out of the negatives."""
+    out = str(tmp_path_factory.mktemp("calibrate"))
+    known = str(tmp_path_factory.mktemp("known") / "planted.uids.npy")
+    save_uids(known, list(pool.planted["uid"]))
+    res = run_calibrate(CalibrateConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
+                                        plant_items=20, pool_sample=1000, exclude_uids=known))
+    return {"out": out, "result": res}
+
+
+@pytest.fixture(scope="module")
+def dedup_run(pool, emb, calibrated, spark, tmp_path_factory) -> dict:
+    thr = calibrated["result"]["recommendation"]["threshold"]
+    out = str(tmp_path_factory.mktemp("dedup"))
+    summary = run_dedup(DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
+                                    threshold=thr, phash=True, k=3), spark)
+    return {"out": out, "summary": summary, "threshold": thr}
+
+
+def _report(out: str) -> pd.DataFrame:
+    return pd.read_parquet(os.path.join(out, "report"))
+
+
+def test_calibrate_outputs_and_recommendation(calibrated):
+    res, out = calibrated["result"], calibrated["out"]
+    for f in ("calibrate.json", "calibrate.txt", "calibrate.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    with open(os.path.join(out, "calibrate.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    rec = res["recommendation"]
+    # lt-tiny is random-init, yet copies sit closer to their source than any unrelated pool image.
+    assert rec["threshold"] is not None, rec
+    assert rec["max_negative_similarity"] < rec["lowest_safe"] <= rec["threshold"] <= rec["highest_for_recall"]
+    sims = res["similarity"]
+    assert sims["exact"]["min"] >= rec["threshold"] and sims["negatives"]["max"] < rec["threshold"]
+    assert {r["transform"] for r in res["grid"]} == set(res["transforms"])
+    assert "recommended --threshold" in open(os.path.join(out, "calibrate.txt")).read()
+
+
+def test_planted_copies_found_and_nothing_else(pool, dedup_run):
+    rep = _report(dedup_run["out"])
+    thr = dedup_run["threshold"]
+    planted = pool.planted
+    assert set(planted["transform"]) >= set(EASY)
+    m = rep.merge(planted, on="uid", how="left")
+    easy = m[m["transform"].isin(EASY)]
+    assert len(easy) >= len(EASY)
+    missed = easy[~easy["is_duplicate"]]
+    assert missed.empty, f"easy planted copies missed at threshold {thr}:\n{missed[['transform', 'similarity']]}"
+    # found, and attributed to the evaluation image they copy
+    assert (easy["nearest_item_id"].str.replace(".jpg", "", regex=False) == easy["eval_item"]).all()
+    unrelated = m[m["transform"].isna() & m["is_duplicate"]]
+    assert unrelated.empty, f"unrelated pool images flagged:\n{unrelated[['uid', 'similarity', 'nearest_item_id']]}"
+    # exclusion list = flagged samples (plus pHash-only matches), sorted uid file
+    excl = set(f"{int(h):016x}{int(lo):016x}" for h, lo in load_uids(os.path.join(dedup_run["out"], "exclude.uids.npy")))
+    assert set(rep.loc[rep["is_duplicate"], "uid"]) <= excl
+    assert excl <= set(m.loc[m["transform"].notna(), "uid"])
+    # pHash: the exact copy matches its source's hash exactly (img2dataset resized it, so others may not)
+    exact = m[m["transform"] == "exact"]
+    assert (exact["phash_item_id"].str.replace(".jpg", "", regex=False) == exact["eval_item"]).all()
+
+
+def test_summary_dedup_json_and_gallery(pool, dedup_run):
+    out, s = dedup_run["out"], dedup_run["summary"]
+    assert s["threshold"] == dedup_run["threshold"] and s["index_type"] == "flat" and "lt-tiny" in s["model"]
+    (g,) = s["evalsets"]
+    assert g["items"] == 20 and g["unreadable_items"] == 0
+    rep = _report(out)
+    assert g["pool_samples_matched"] == int(rep["is_duplicate"].sum()) == s["pool_duplicates"]
+    assert g["overlap_percent"] == pytest.approx(100.0 * g["eval_items_matched"] / 20)
+    assert s["pool_samples"] == len(rep) == sum(1 for _ in rep["uid"])
+    txt = open(os.path.join(out, "summary.txt")).read()
+    assert "glyphs" in txt and str(dedup_run["threshold"]) in txt
+    with open(os.path.join(out, "dedup.json")) as f:
+        dj = json.load(f)
+    with open(pool.manifest) as f:
+        fp = json.load(f)["source"]["fingerprint"]
+    assert dj["pool"]["fingerprint"] == fp and dj["threshold"] == dedup_run["threshold"]
+    assert dj["exclude"]["count"] == len(load_uids(os.path.join(out, "exclude.uids.npy")))
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(os.path.join(out, "report", sorted(os.listdir(os.path.join(out, "report")))[0])).metadata
+    assert float(meta[b"laiontools.dedup.threshold"]) == dedup_run["threshold"]
+    html = open(os.path.join(out, "gallery.html")).read()
+    assert html.count("data:image/jpeg;base64,") >= 2 * min(s["pool_duplicates"], 24)
+    assert "Just under the threshold" in html and "image unavailable" not in html
+
+
+def test_resume_after_kill_gives_same_result(pool, emb, dedup_run, spark, tmp_path):
+    out = str(tmp_path / "dd")
+    shutil.copytree(dedup_run["out"], out)
+    done = sorted(os.listdir(os.path.join(out, "done")))
+    assert len(done) >= 2
+    # "kill": one shard lost its marker mid-way (report half-written as a temp file), another never started
+    victim = done[0][: -len(".done")]
+    os.remove(os.path.join(out, "done", done[0]))
+    with open(os.path.join(out, "report", f".{victim}.parquet.tmp-deadbeef"), "wb") as f:
+        f.write(b"PAR1 half")
+    other = done[1][: -len(".done")]
+    os.remove(os.path.join(out, "done", done[1]))
+    os.remove(os.path.join(out, "report", f"{other}.parquet"))
+    kept = os.path.join(out, "done", done[2]) if len(done) > 2 else None
+    kept_mtime = os.path.getmtime(kept) if kept else None
+    before = open(os.path.join(dedup_run["out"], "exclude.uids.npy"), "rb").read()
+    run_dedup(DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
+                          threshold=dedup_run["threshold"], phash=True, k=3), spark)
+    assert open(os.path.join(out, "exclude.uids.npy"), "rb").read() == before
+    pd.testing.assert_frame_equal(_report(out).sort_values("uid").reset_index(drop=True),
+                                  _report(dedup_run["out"]).sort_values("uid").reset_index(drop=True))
+    if kept:
+        assert os.path.getmtime(kept) == kept_mtime  # finished shards are not redone
+
+
+def test_bad_input(pool, emb, dedup_run, spark, tmp_path):
+    base = dict(evalset=[f"glyphs={pool.evalset_dir}"], threshold=0.99)
+    with pytest.raises(EvalSetError, match="does not exist"):
+        run_dedup(DedupConfig(embeddings=emb, output=str(tmp_path / "a"), evalset=[f"x={tmp_path / 'nope'}"]), spark)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalSetError, match="found no images"):
+        run_dedup(DedupConfig(embeddings=emb, output=str(tmp_path / "a"), evalset=[f"x={tmp_path / 'empty'}"]), spark)
+    with pytest.raises(EvalSetError, match="declared twice, as 'glyphs' and 'again'"):
+        run_dedup(DedupConfig(embeddings=emb, output=str(tmp_path / "a"),
+                              evalset=[f"glyphs={pool.evalset_dir}", f"again={pool.evalset_dir}/"]), spark)
+    # pool shards without embeddings are listed, not skipped
+    partial = str(tmp_path / "emb_partial")
+    shutil.copytree(emb, partial)
+    markers = sorted(f for f in os.listdir(os.path.join(partial, "meta")) if f.endswith(".done"))
+    os.remove(os.path.join(partial, "meta", markers[0]))
+    missing = markers[0][: -len(".parquet.done")]
+    with pytest.raises(MissingEmbeddingsError, match=rf"1 shard\(s\) with no complete embeddings.*{missing}"):
+        run_dedup(DedupConfig(embeddings=partial, output=str(tmp_path / "b"), **base), spark)
+    # embeddings of another model than the index already in the output folder: refused, naming both
+    other = str(tmp_path / "emb_other")
+    shutil.copytree(emb, other)
+    with open(os.path.join(other, "model.json")) as f:
+        mj = json.load(f)
+    mj.update(model="lt-small", embed_dim=64)
+    with open(os.path.join(other, "model.json"), "w") as f:
+        json.dump(mj, f)
+    reuse = str(tmp_path / "c")
+    shutil.copytree(dedup_run["out"], reuse)
+    with pytest.raises(DI.ModelMismatchError, match=r"lt-small.*lt-tiny"):
+        run_dedup(DedupConfig(embeddings=other, output=reuse, **base), spark)
+
+
+def test_cli_ivf_and_repeated_evalset(pool, emb, spark, tmp_path):
+    from laiontools.cli import main
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, name in enumerate(sorted(os.listdir(pool.evalset_dir))[:1]):
+        src = os.path.join(pool.evalset_dir, name)
+        if os.path.isdir(src):
+            for f in sorted(os.listdir(src))[:2]:
+                shutil.copy(os.path.join(src, f), flat / f"{i}_{f}")
+    out = str(tmp_path / "ivf")
+    rc = main(["dedup", "--embeddings", emb, "--evalset", f"glyphs={pool.evalset_dir}:imagefolder",
+               "--evalset", f"few={flat}", "--output", out, "--index", "ivf", "--nlist", "2", "--nprobe", "2",
+               "--threshold", "0.999", "--no-phash", "--gallery-pairs", "4"])
+    assert rc == 0
+    with open(os.path.join(out, "index", "index.json")) as f:
+        idx = json.load(f)
+    assert idx["index_type"] == "ivf" and idx["nlist"] == 2 and idx["ntotal"] == 22
+    assert [e["name"] for e in idx["evalsets"]] == ["glyphs", "few"]
+    with open(os.path.join(out, "summary.json")) as f:
+        assert [e["evalset"] for e in json.load(f)["evalsets"]] == ["glyphs", "few"]
+    assert main(["dedup", "--embeddings", emb, "--output", out]) == 2  # no evaluation set: clean error
+
+
+def test_recommend_rule():
+    pos = {"exact": np.array([1.0, 1.0, 0.999]), "reencode": np.array([0.998, 0.997]), "crop": np.array([0.9, 0.95])}
+    rec = recommend(pos, np.array([0.96, 0.97]))
+    # 5 easy copies and recall 0.95 needs all 5: the interval is (0.97, 0.997]; its midpoint is recommended
+    assert rec["highest_for_recall"] == pytest.approx(0.997) and rec["lowest_safe"] == pytest.approx(0.9701)
+    assert rec["threshold"] == pytest.approx((0.9701 + 0.997) / 2, abs=1e-4)
+    assert recommend(pos, np.array([0.998]))["threshold"] is None  # negatives above the easy copies
+
+
+@pytest.mark.gpu
+def test_gpu_index_search_matches_cpu():
+    import faiss
+
+    if DI.gpu_count() == 0:
+        pytest.skip("faiss sees no GPU (faiss-cpu build or no device)")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index, _ = DI.build_index(x[:200])
+    gpu = DI.deserialize(DI.serialize(index), use_gpu=True)
+    assert not isinstance(gpu, faiss.IndexFlatIP)
+    np.testing.assert_array_equal(index.search(x, 1)[1], gpu.search(x, 1)[1])
