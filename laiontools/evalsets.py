@@ -11,8 +11,8 @@ Formats (``EvalSet.format``):
     human-readable name per line, in sorted-folder order) replaces the folder names in
     :func:`classnames`, as ImageNet's wnid folders need.
 ``folder``
-    a flat folder of images, no labels. Item id: the file name. ``<stem>.txt`` beside an image is
-    its caption.
+    a flat folder of images. Item id: the file name. ``<stem>.txt`` beside an image is its caption;
+    an optional ``labels.csv`` (``path,label``) gives labels, ``classnames.txt`` their names.
 ``wds``
     webdataset tars as clip_benchmark writes them: ``<key>.webp|jpg|jpeg|png`` + ``<key>.cls``
     (integer label) [+ ``<key>.txt`` caption], with ``classnames.txt`` and optionally
@@ -53,6 +53,7 @@ FORMATS = ("imagefolder", "folder", "wds", "parquet")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 WDS_IMAGE_EXTS = ("webp", "jpg", "jpeg", "png")
 CLASSNAMES_FILE = "classnames.txt"
+LABELS_FILE = "labels.csv"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -299,10 +300,28 @@ def _iter_imagefolder(es: EvalSet) -> Iterator[EvalItem]:
             yield _item(es, rel, image, label, None, err)
 
 
+def _folder_labels(fs: Any, root: str) -> dict[str, int]:
+    """file name -> label from an optional ``labels.csv`` (columns ``path,label[,...]``) beside the images."""
+    import csv
+
+    path = root.rstrip("/") + "/" + LABELS_FILE
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "r") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"path", "label"} <= set(rows[0]):
+        raise EvalSetError(f"{path}: expected columns 'path' and 'label', got {sorted(rows[0])}")
+    try:
+        return {r["path"]: int(r["label"]) for r in rows}
+    except ValueError as e:
+        raise EvalSetError(f"{path}: a label is not an integer ({e})") from e
+
+
 def _iter_folder(es: EvalSet) -> Iterator[EvalItem]:
     fs, root = url_to_fs(es.path)
     names = sorted(fs.ls(root, detail=False))
     present = set(names)
+    labels = _folder_labels(fs, root)
     for f in names:
         if not _is_image(f):
             continue
@@ -312,7 +331,7 @@ def _iter_folder(es: EvalSet) -> Iterator[EvalItem]:
             with fs.open(cap_path, "rb") as cf:
                 caption = cf.read().decode("utf-8", "replace").strip()
         image, err = _read_image(fs, f)
-        yield _item(es, _base(f), image, None, caption, err)
+        yield _item(es, _base(f), image, labels.get(_base(f)), caption, err)
 
 
 def _wds_tars(es: EvalSet) -> tuple[Any, list[str]]:

@@ -74,6 +74,10 @@ def test_flat_folder_with_captions(tmp_path):
     assert items[1].caption == "a caption" and items[0].caption is None
     assert all(it.label is None and it.image is not None for it in items)
     assert E.classnames(es) is None
+    (d / "labels.csv").write_text("path,label,classname\nimg0.png,1,b\nimg2.png,0,a\n")
+    (d / "classnames.txt").write_text("a\nb\n")
+    assert [it.label for it in E.iter_items(es)] == [1, None, 0]
+    assert E.classnames(es) == ["a", "b"]
 
 
 def test_clip_benchmark_wds(tmp_path):
