@@ -242,8 +242,15 @@ def _device(cfg: TrainConfig) -> str:
     if cfg.device:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("train: --device cuda was given but torch sees no CUDA device; use --device cpu")
-        return cfg.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        device = cfg.device
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and cfg.nproc > torch.cuda.device_count():
+        raise ConfigError(
+            f"train: --nproc {cfg.nproc} processes but only {torch.cuda.device_count()} CUDA device(s) on this node; "
+            f"use at most one process per GPU"
+        )
+    return device
 
 
 def environment(device: str, world_size: int) -> dict[str, Any]:

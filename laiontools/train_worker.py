@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     oc_main.wandb = sink  # type: ignore[attr-defined]
     oc_train.wandb = sink  # type: ignore[attr-defined]
     rc = oc_main.main(_with_data_args(run_dir, oc_argv))
+    # open_clip's setup_logging set every logger to INFO, torch's too; keep torch's exit-time
+    # compile statistics out of the console.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     # open_clip returns -1 (and prints) for refused set-ups instead of raising.
     return 0 if rc in (None, 0) else 1
 

@@ -70,6 +70,7 @@ def test_bad_study_config(tmp_path) -> None:
     assert cfg.samples_seen == [1000] and cfg.train == {"log_every": 5}
 
 
+@pytest.mark.slow
 def test_study_grid_killed_and_resumed(tmp_path) -> None:
     data = tmp_path / "data"
     small = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")

@@ -87,6 +87,7 @@ def test_bad_input_errors(subset: str, tmp_path) -> None:
     assert rc == 2
 
 
+@pytest.mark.slow
 def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
     run_dir = str(tmp_path / "run")
     budget, batch = 96, 8  # 12 steps of 8; virtual epochs of 2 steps -> 6 checkpoints
