@@ -28,7 +28,7 @@ from laiontools import layout
 from laiontools import schema as C
 from laiontools.config import ConfigError, add_config_args, config_from_args
 from laiontools.errors import UserError
-from laiontools.prepare import DOWNLOAD_COLUMNS, PrepareConfig, run_prepare
+from laiontools.prepare import PrepareConfig, prepared_type, run_prepare
 from laiontools.storage import (
     ensure_output_dir,
     is_done,
@@ -252,7 +252,7 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
     def conform(df: Any) -> Any:
         cols = []
         for c in cat_cols + extras:
-            t = types.get(c, "string")
+            t = types.get(c) or prepared_type(c)
             cols.append((F.col(f"`{c}`") if c in df.columns else F.lit(None)).cast(t).alias(c))
         return df.select(*cols, "_attempt")
 
@@ -416,7 +416,7 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
         raise UserError(f"{cfg.output}: no finished pool to retry; run the download without --retry-failed first")
     prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, "stats.json"))
     names = prep_stats["download_columns"]
-    transient = F.udf(is_transient, BooleanType())
+    transient = F.udf(lambda msg: is_transient(msg), BooleanType())
     cat = spark.read.parquet(join(cfg.output, layout.CATALOG_DIR))
     todo = cat.where((F.col(C.STATUS) == C.STATUS_FAILED_DOWNLOAD) & transient(F.col(C.ERROR)))
     count = todo.count()
@@ -424,7 +424,8 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
         return None
     out = join(cfg.output, layout.PREPARED_DIR, f"retry-{n:02d}")
     log.info("retry pass %d: %d row(s) failed with transient errors", n, count)
-    cols = [(F.col(c) if c in cat.columns else F.lit(None).cast("string")).alias(c) for c in names]
+    # same column types as the first pass's prepared input, so all shard parquets share one schema
+    cols = [(F.col(c) if c in cat.columns else F.lit(None)).cast(prepared_type(c)).alias(c) for c in names]
     tmp = out + ".tmp"
     todo.orderBy(C.UID).select(*cols).coalesce(1).write.mode("overwrite").parquet(tmp)
     fs, tp = url_to_fs(tmp)

@@ -46,6 +46,13 @@ PREPARED_FIELDS: list[tuple[str, str]] = [
     (C.PWATERMARK, "double"), (C.LICENSE, "string"), (C.NSFW, "string"), (SOURCE_WIDTH, "bigint"),
     (SOURCE_HEIGHT, "bigint"), (SOURCE_SHA256, "string"), (C.STATUS, "string"), (C.ERROR, "string"),
 ]
+
+
+def prepared_type(name: str) -> str:
+    """Spark type of a prepared column (extra source columns are text)."""
+    return dict(PREPARED_FIELDS).get(name, "string")
+
+
 # What img2dataset carries into each sample's json and its shard parquet (besides url and caption).
 DOWNLOAD_COLUMNS = [C.UID, C.SOURCE_ID, C.SIMILARITY, C.PUNSAFE, C.PWATERMARK, C.LICENSE, C.NSFW,
                     SOURCE_WIDTH, SOURCE_HEIGHT, SOURCE_SHA256]
