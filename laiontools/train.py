@@ -386,6 +386,18 @@ def _truncate_metrics(path: str, last_step: int) -> int:
     return len(recs) - len(keep)
 
 
+def _check_same_run(run_dir: str, settings: dict[str, Any]) -> None:
+    """Raise ConfigError if the run in `run_dir` trains something else than `settings` (identity keys)."""
+    old = read_json(os.path.join(run_dir, SETTINGS_FILE))
+    diff = {k: (old.get(k), settings.get(k)) for k in IDENTITY_KEYS if old.get(k) != settings.get(k)}
+    if diff:
+        raise ConfigError(
+            f"train: {run_dir} holds a run with other settings: "
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            + "; use the original settings to resume or reuse it, or give a new --output"
+        )
+
+
 def _prepare_run_dir(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
     """Write or check settings.json; return the samples already seen (from the resume checkpoint)."""
     run_dir = cfg.output
@@ -396,14 +408,7 @@ def _prepare_run_dir(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> 
                 f"train: {run_dir} already holds a run ({SETTINGS_FILE} exists); pass --resume to continue it, "
                 f"or give a new --output"
             )
-        old = read_json(settings_path)
-        diff = {k: (old.get(k), settings.get(k)) for k in IDENTITY_KEYS if old.get(k) != settings.get(k)}
-        if diff:
-            raise ConfigError(
-                f"train: cannot resume {run_dir}: settings differ from the original run "
-                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                + "; resume with the original settings or start a new --output"
-            )
+        _check_same_run(run_dir, settings)
     write_json(settings_path, settings)
     ckpt = os.path.join(run_dir, CHECKPOINT_DIR, LATEST_CHECKPOINT)
     done_steps = 0
@@ -543,9 +548,6 @@ def run_train(cfg: TrainConfig, spark: Any = None) -> dict[str, Any]:
         raise ConfigError("train: --output (the run directory) is required")
     if cfg.output.startswith("file://"):
         cfg = dataclasses.replace(cfg, output=cfg.output[len("file://") :])
-    if is_finished(cfg.output):
-        log.info("%s is already finished; not training again", cfg.output)
-        return read_result(cfg.output)
     manifest = check_trainable_manifest(cfg.manifest)
     device = _device(cfg)
     epoch_samples = cfg.checkpoint_every or int(manifest["num_samples"])
@@ -561,8 +563,12 @@ def run_train(cfg: TrainConfig, spark: Any = None) -> dict[str, Any]:
             "the step count exact; a samples-seen budget with more divisors gives more freedom",
             plan.epoch_samples, plan.epoch_steps, plan.workers, epoch_samples,
         )  # fmt: skip
-    os.makedirs(cfg.output, exist_ok=True)
     settings = build_settings(cfg, manifest, plan, device, cfg.output)
+    if is_finished(cfg.output):
+        _check_same_run(cfg.output, settings)
+        log.info("%s is already finished; not training again", cfg.output)
+        return read_result(cfg.output)
+    os.makedirs(cfg.output, exist_ok=True)
     resumed_from = _prepare_run_dir(cfg, settings, plan)
     urls = shard_urls(cfg.manifest, manifest)
     # Weight shards by their sample counts so resampling draws every sample with equal probability.

@@ -157,8 +157,10 @@ def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
 
     bundle = load_model("lt-tiny", pretrained=os.path.join(run_dir, "model.pt"))
     assert bundle.info["checkpoint_sha256"]
-    # A finished run is not trained again.
+    # A finished run is not trained again; asking it for another budget is refused.
     assert run_train(TrainConfig(**{**_cfg_from_argv(argv), "resume": True})) == result
+    with pytest.raises(ConfigError, match="samples_seen: 96 -> 192"):
+        run_train(TrainConfig(**{**_cfg_from_argv(argv), "samples_seen": 192}))
 
 
 def _cfg_from_argv(argv: list[str]) -> dict:
