@@ -536,53 +536,63 @@ def _bucket_cuts(spark: Any, elig: Any, targets: list[int]) -> dict[int, tuple[i
     return {n: by_bucket[b][k - 1] for n, (b, k) in where.items()}
 
 
-def write_sorted_uids(parquet_dir: str, out_path: str, expected: int) -> tuple[str, int]:
-    """Stream Spark's globally sorted uid parquet parts into one .npy uid file; return (sha256, count).
+def write_sorted_uids(parquet_dir: str, outs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Stream Spark's globally uid-sorted parquet parts into nested .npy uid files; return (sha256, count) each.
 
-    Bytes equal :func:`laiontools.uid.save_uids` of the same set. Reads one row group at a time and
-    checks the order as it goes, so memory stays flat however large the subset is.
+    Rows have columns uid and tier; row goes to ``outs[s]`` for every s <= tier (outs are ordered
+    largest subset first, so the largest gets every row). Bytes equal
+    :func:`laiontools.uid.save_uids` of each set. One row group at a time, with the order checked as
+    it goes, so driver memory stays flat however large the subsets are.
     """
+    import io
+    from contextlib import ExitStack
+
     import pyarrow.parquet as pq
 
     from laiontools.storage import atomic_open
 
     fs, p = url_to_fs(parquet_dir)
     parts = sorted(f for f in fs.ls(p, detail=False) if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet"))
-    header = {"descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (int(expected),)}
-    h = hashlib.sha256()
-    n = 0
+    hashes = [hashlib.sha256() for _ in outs]
+    counts = [0] * len(outs)
     last: bytes | None = None
-    with atomic_open(out_path) as f:
+    with ExitStack() as stack:
+        files = [stack.enter_context(atomic_open(path)) for path, _ in outs]
 
-        def put(b: bytes) -> None:
-            h.update(b)
-            f.write(b)
+        def put(s: int, b: bytes) -> None:
+            hashes[s].update(b)
+            files[s].write(b)
 
-        import io
-
-        hbuf = io.BytesIO()
-        np.lib.format.write_array_header_1_0(hbuf, header)
-        put(hbuf.getvalue())
+        for s, (_, expected) in enumerate(outs):
+            hbuf = io.BytesIO()
+            header = {"descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (int(expected),)}
+            np.lib.format.write_array_header_1_0(hbuf, header)
+            put(s, hbuf.getvalue())
         for part in parts:
             with fs.open(part, "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 for rg in range(pf.num_row_groups):
-                    col = pf.read_row_group(rg, columns=[C.UID]).column(0).to_pylist()
+                    t = pf.read_row_group(rg, columns=[C.UID, "tier"])
+                    col = t.column(0).to_pylist()
                     if not col:
                         continue
+                    tier = t.column(1).to_numpy()
                     arr = hex_to_uid_array(col)
-                    raw = arr.tobytes()
                     keys = np.frombuffer(bytes.fromhex("".join(col)), dtype="S16")
                     if len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1])):
                         raise RuntimeError(f"{part}: uids are not strictly increasing; Spark output order was lost")
                     if last is not None and not keys[0] > last:
                         raise RuntimeError(f"{part}: uids are not increasing across part files; Spark output order was lost")
                     last = keys[-1]
-                    put(raw)
-                    n += len(arr)
-        if n != expected:
-            raise RuntimeError(f"{parquet_dir}: wrote {n} uids, expected {expected}")
-    return h.hexdigest(), n
+                    for s in range(len(outs)):
+                        sel = arr[tier >= s]
+                        if len(sel):
+                            put(s, sel.tobytes())
+                            counts[s] += len(sel)
+        for s, (path, expected) in enumerate(outs):
+            if counts[s] != expected:
+                raise RuntimeError(f"{parquet_dir}: {counts[s]} uids for {path}, expected {expected}")
+    return [(h.hexdigest(), c) for h, c in zip(hashes, counts)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,22 +702,31 @@ def run_subsets(cfg: SubsetsConfig, spark: Any = None) -> list[dict[str, Any]]:
         }
         results: list[dict[str, Any]] = []
         parent: dict[str, Any] = {"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path}
-        tmp_root = join(output, "_tmp")
-        for label, target in targets:  # largest first: each smaller one's parent is the one before it
-            n = obtained[label]
-            uid_name = f"{label}.uids.npy"
-            uid_path = join(output, uid_name)
-            if n > 0:
+        # One sort for all scales: each selected row carries the index of the smallest scale it is in.
+        tmp = join(output, "_tmp")
+        live = [(s, lab) for s, (lab, _) in enumerate(targets) if obtained[lab] > 0]
+        sha_count: dict[str, tuple[str, int]] = {}
+        if live:
+            def within(n: int) -> Any:
                 hc, uc = cuts[n]
-                sel = elig.filter((F.col("h") < F.lit(hc)) | ((F.col("h") == F.lit(hc)) & (F.col(C.UID) <= F.lit(uc))))
-                tmp = join(tmp_root, label)
-                sel.select(C.UID).orderBy(C.UID).write.mode("overwrite").parquet(tmp)
-                sha, count = write_sorted_uids(tmp, uid_path, n)
-                _rm(tmp)
+                return (F.col("h") < F.lit(hc)) | ((F.col("h") == F.lit(hc)) & (F.col(C.UID) <= F.lit(uc)))
+
+            tier = F.lit(0)  # position in `live` of the smallest subset holding the row
+            for pos, (_, lab) in enumerate(live[1:], start=1):
+                tier = F.when(within(obtained[lab]), F.lit(pos)).otherwise(tier)
+            sel = elig.filter(within(obtained[live[0][1]])).select(C.UID, tier.cast("int").alias("tier"))
+            sel.orderBy(C.UID).write.mode("overwrite").parquet(tmp)
+            outs = [(join(output, f"{lab}.uids.npy"), obtained[lab]) for _, lab in live]
+            for (_, lab), sc in zip(live, write_sorted_uids(tmp, outs)):
+                sha_count[lab] = sc
+        for label, target in targets:  # largest first: each smaller one's parent is the one before it
+            uid_name = f"{label}.uids.npy"
+            if label in sha_count:
+                sha, count = sha_count[label]
             else:
                 from laiontools.uid import save_uids
 
-                sha, count = save_uids(uid_path, np.zeros(0, dtype=UID_DTYPE))
+                sha, count = save_uids(join(output, uid_name), np.zeros(0, dtype=UID_DTYPE))
             m = new_manifest(
                 name=f"{pool.manifest['name']}.{label}",
                 kind="subset",
@@ -727,7 +746,7 @@ def run_subsets(cfg: SubsetsConfig, spark: Any = None) -> list[dict[str, Any]]:
             results.append(
                 {"scale": label, "target": target, "obtained": count, "short": count < target, "manifest": mpath, "sha256": msha}
             )
-        _rm(tmp_root)
+        _rm(tmp)
     finally:
         elig.unpersist()
     return results
