@@ -13,7 +13,7 @@ then measure in the same process:
 The baselines run before and after the step and are averaged (the machine is shared and noisy).
 Ratios: step / bare_image (target >= 0.85 in the issue) and step / bare_model.
 
-    .venv/bin/python bench/bench_embed.py                      # lt-tiny 1024 images, ViT-B-32 256 images
+    .venv/bin/python bench/bench_embed.py                      # lt-tiny 512 images, ViT-B-32 256 images
     .venv/bin/python bench/bench_embed.py --models lt-tiny --images 512
 """
 
@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 
-DEFAULT_IMAGES = {"lt-tiny": 1024, "lt-small": 1024, "ViT-B-32": 256}
+DEFAULT_IMAGES = {"lt-tiny": 512, "lt-small": 512, "ViT-B-32": 256}
 
 
 def _pool(out_dir: str, n: int, per_shard: int) -> str:
@@ -39,9 +39,11 @@ def _pool(out_dir: str, n: int, per_shard: int) -> str:
     manifest = os.path.join(d, "pool.manifest.json")
     if not os.path.exists(manifest):
         t = time.time()
-        if os.path.exists(d):
-            shutil.rmtree(d)
-        write_pool(d, n_shards, per_shard, image_size=256, realistic=True)
+        # Build beside, then rename: a concurrent or killed build never leaves a half pool under `d`.
+        tmp = f"{d}.tmp-{os.getpid()}"
+        write_pool(tmp, n_shards, per_shard, image_size=256, realistic=True)
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
         print(f"built bench pool {d} ({n_shards * per_shard} images) in {time.time() - t:.0f}s", flush=True)
     return manifest
 
