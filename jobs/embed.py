@@ -8,7 +8,7 @@
 
 import sys
 
-from laiontools.embed import main
+from laiontools.cli import run_stage
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_stage("embed", sys.argv[1:]))
