@@ -98,11 +98,21 @@ def run_demo(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
 
     evalset = f"synthetic={src_info['evalset']}:imagefolder"
     cal = run_calibrate(CalibrateConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-calibrate")))
-    threshold = (cal.get("recommendation") or {}).get("threshold")
+    rec = cal.get("recommendation") or {}
+    threshold = rec.get("threshold")
     t = _step("dedup calibrate", t, timings)
-    dcfg = {"embeddings": p("embeddings"), "evalset": [evalset], "output": p("dedup"), "phash": True}
+    dcfg: dict[str, Any] = {"embeddings": p("embeddings"), "evalset": [evalset], "output": p("dedup"), "phash": True}
     if threshold is not None:
         dcfg["threshold"] = float(threshold)
+        method = f"embedding cosine >= {threshold} (recommended by dedup calibrate) + pHash exact matches"
+    else:
+        # A random-init model does not separate copies from unrelated images (calibrate says so and
+        # why). Then only the paper's own method is trustworthy: perceptual-hash matches within a
+        # small Hamming distance; embedding matches are limited to numerically identical vectors.
+        dcfg.update(threshold=1.0, phash_max_distance=8)
+        method = ("pHash within Hamming distance 8 (calibrate found no embedding threshold for this random-init model: "
+                  + str(rec.get("reason", "")) + ")")
+    log.info("demo: decontamination by %s", method)
     ded = run_dedup(DedupConfig(**dcfg), spark)
     t = _step("dedup", t, timings)
 
@@ -125,7 +135,7 @@ def run_demo(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
     timings["total"] = round(time.time() - t_start, 1)
 
     result = {"download": dl, "embed": dataclasses.asdict(emb), "calibrate": cal, "dedup": ded, "subsets": subsets,
-              "resharded": resharded, "study": study, "timings": timings, "threshold": threshold,
+              "resharded": resharded, "study": study, "timings": timings, "threshold": threshold, "dedup_method": method,
               "planted": src_info["planted"], "output": out}
     report = write_report(result, p("report.html"))
     result["report"] = report
@@ -153,8 +163,8 @@ def write_report(res: dict[str, Any], path: str) -> str:
 
     ded_dir = os.path.join(out, "dedup")
     parts.append("<h2>2. Decontamination</h2>")
-    parts.append(f"<p>Threshold {res['threshold']} (recommended by <code>dedup calibrate</code> for this model; "
-                 f"{res['planted']} copies of evaluation images were planted in the source).</p>")
+    parts.append(f"<p>Method: {html.escape(res['dedup_method'])}. {res['planted']} transformed copies of evaluation "
+                 f"images were planted in the source.</p>")
     summary_txt = os.path.join(ded_dir, "summary.txt")
     if os.path.exists(summary_txt):
         parts.append(f"<pre>{html.escape(open(summary_txt).read())}</pre>")
