@@ -46,6 +46,45 @@ class DemoConfig(StageConfig):
             raise ConfigError("demo: --n must be >= 100 so that three nested scales fit in the pool")
 
 
+HELDOUT_START = 5_000_000  # item ids far from the pool's (0..n) and the planted copies' (9,000,000+)
+
+
+def write_heldout_evalset(out_dir: str, n: int, seed: int) -> str:
+    """A held-out evaluation set drawn like the pool (shape classes, captions) but from unseen items.
+
+    The glyph evaluation set is what the pool must be decontaminated against; this one measures what
+    training learns (zero-shot over shape names, image<->text retrieval with the captions), so the
+    scaling fit has a signal. Written as parquet (image bytes, label, caption) + classnames.txt.
+    """
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools.synthetic import SHAPES, render_item
+
+    path = os.path.join(out_dir, "heldout.parquet")
+    if os.path.exists(path):
+        return path
+    rows: dict[str, list] = {"item_id": [], "image": [], "label": [], "caption": []}
+    for i in range(HELDOUT_START, HELDOUT_START + n):
+        im, caption, attrs = render_item(i, seed=seed)
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=90)
+        rows["item_id"].append(f"heldout/{i}")
+        rows["image"].append(buf.getvalue())
+        rows["label"].append(SHAPES.index(attrs["shape"]))
+        rows["caption"].append(caption)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_bytes(os.path.join(out_dir, "classnames.txt"), ("\n".join(SHAPES) + "\n").encode())
+    atomic_write_bytes(os.path.join(out_dir, "zeroshot_classification_templates.txt"),
+                       b"a photo of a {c}.\nphoto of a {c}\na {c} on a background\n")
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(rows), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return path
+
+
 def _step(name: str, t0: float, timings: dict[str, float]) -> float:
     now = time.time()
     timings[name] = round(now - t0, 1)
@@ -97,6 +136,7 @@ def run_demo(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
     t = _step("embed", t, timings)
 
     evalset = f"synthetic={src_info['evalset']}:imagefolder"
+    heldout = f"heldout={write_heldout_evalset(p('web', 'heldout'), 200, cfg.seed + 7)}:parquet"
     cal = run_calibrate(CalibrateConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-calibrate")))
     rec = cal.get("recommendation") or {}
     threshold = rec.get("threshold")
@@ -129,7 +169,7 @@ def run_demo(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
     t = _step("reshard", t, timings)
 
     study = run_study(StudyConfig(output=p("study"), scales=resharded, samples_seen=list(cfg.samples_seen),
-                                  models=[cfg.model], batch_size=cfg.batch_size, nproc=cfg.nproc, evalset=[evalset],
+                                  models=[cfg.model], batch_size=cfg.batch_size, nproc=cfg.nproc, evalset=[heldout, evalset],
                                   train={"seed": cfg.seed, "workers": 1}), spark)
     t = _step("train + evaluate + fit", t, timings)
     timings["total"] = round(time.time() - t_start, 1)
