@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -536,6 +537,25 @@ def _bucket_cuts(spark: Any, elig: Any, targets: list[int]) -> dict[int, tuple[i
     return {n: by_bucket[b][k - 1] for n, (b, k) in where.items()}
 
 
+_STREAM_BATCH = 65_536  # uids per batch when streaming Spark's sorted output into .npy files
+_MAX_ROWS_PER_FILE = 1_000_000  # Spark output files (and so driver reads) stay small
+_PARQUET_BLOCK = 8 << 20  # row groups of ~8 MB: iter_batches never decodes more than that at once
+
+
+def _hex_column_to_keys(col: Any) -> np.ndarray:
+    """Arrow string column of 32-char hex uids -> S16 array of the raw 16 bytes (big-endian), no Python strings."""
+    import pyarrow as pa
+
+    if col.null_count:
+        raise InputError("a uid in Spark's output is null; the catalog is corrupt")
+    col = col.cast(pa.large_string()) if col.type != pa.large_string() else col
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col) + 1]
+    if not bool(np.all(np.diff(offsets) == 32)):
+        raise InputError("a uid in Spark's output is not 32 hex chars; the catalog is corrupt")
+    data = col.buffers()[2].to_pybytes()[offsets[0] : offsets[-1]]
+    return np.frombuffer(bytes.fromhex(data.decode("ascii")), dtype="S16")
+
+
 def write_sorted_uids(parquet_dir: str, outs: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """Stream Spark's globally uid-sorted parquet parts into nested .npy uid files; return (sha256, count) each.
 
@@ -570,24 +590,22 @@ def write_sorted_uids(parquet_dir: str, outs: list[tuple[str, int]]) -> list[tup
             put(s, hbuf.getvalue())
         for part in parts:
             with fs.open(part, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                for rg in range(pf.num_row_groups):
-                    t = pf.read_row_group(rg, columns=[C.UID, "tier"])
-                    col = t.column(0).to_pylist()
-                    if not col:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=_STREAM_BATCH, columns=[C.UID, "tier"]):
+                    if batch.num_rows == 0:
                         continue
-                    tier = t.column(1).to_numpy()
-                    arr = hex_to_uid_array(col)
-                    keys = np.frombuffer(bytes.fromhex("".join(col)), dtype="S16")
+                    keys = _hex_column_to_keys(batch.column(0))
+                    tier = batch.column(1).to_numpy(zero_copy_only=False)
                     if len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1])):
                         raise RuntimeError(f"{part}: uids are not strictly increasing; Spark output order was lost")
                     if last is not None and not keys[0] > last:
                         raise RuntimeError(f"{part}: uids are not increasing across part files; Spark output order was lost")
                     last = keys[-1]
                     for s in range(len(outs)):
-                        sel = arr[tier >= s]
+                        sel = keys[tier >= s]
                         if len(sel):
-                            put(s, sel.tobytes())
+                            # 16 big-endian bytes per uid; the file stores (hi, lo) little-endian u8 pairs.
+                            be = np.frombuffer(sel.tobytes(), dtype=">u8")
+                            put(s, be.astype("<u8").tobytes())
                             counts[s] += len(sel)
         for s, (path, expected) in enumerate(outs):
             if counts[s] != expected:
@@ -664,13 +682,17 @@ def run_subsets(cfg: SubsetsConfig, spark: Any = None) -> list[dict[str, Any]]:
     for k, (_, ok) in enumerate(steps):
         aggs.append(F.sum(F.when(passed & ~ok, 1).otherwise(0)).alias(f"r{k}"))
         passed = passed & ok
+    t0 = time.monotonic()
     counts = cat.agg(*aggs).collect()[0]
+    log.info("subsets: funnel over %d catalog rows in %.1fs", counts["rows"], time.monotonic() - t0)
     eligible_rows = cat.filter(passed).select(C.UID)
     seed = cfg.seed
     score_udf = F.pandas_udf(lambda s: _score_series(s, seed), T.LongType())
     elig = eligible_rows.distinct().withColumn("h", score_udf(F.col(C.UID))).persist(StorageLevel.MEMORY_AND_DISK)
     try:
+        t0 = time.monotonic()
         n_elig = elig.count()
+        log.info("subsets: %d eligible uids scored in %.1fs", n_elig, time.monotonic() - t0)
         funnel: list[dict[str, Any]] = [{"step": "catalog rows", "removed": 0, "remaining": int(counts["rows"])}]
         remaining = int(counts["rows"])
         for k, (name, _) in enumerate(steps):
@@ -689,7 +711,9 @@ def run_subsets(cfg: SubsetsConfig, spark: Any = None) -> list[dict[str, Any]]:
                 "filters, or pass --allow-short to write short subsets (recorded as short in their manifests)"
             )
         obtained = {lab: min(t, n_elig) for lab, t in targets}
+        t0 = time.monotonic()
         cuts = _bucket_cuts(spark, elig, sorted({n for n in obtained.values() if n > 0}))
+        log.info("subsets: cuts found in %.1fs", time.monotonic() - t0)
 
         selection_base = {
             "seed": seed,
@@ -715,10 +739,18 @@ def run_subsets(cfg: SubsetsConfig, spark: Any = None) -> list[dict[str, Any]]:
             for pos, (_, lab) in enumerate(live[1:], start=1):
                 tier = F.when(within(obtained[lab]), F.lit(pos)).otherwise(tier)
             sel = elig.filter(within(obtained[live[0][1]])).select(C.UID, tier.cast("int").alias("tier"))
-            sel.orderBy(C.UID).write.mode("overwrite").parquet(tmp)
+            t0 = time.monotonic()
+            (
+                sel.orderBy(C.UID)
+                .write.mode("overwrite")
+                .option("maxRecordsPerFile", _MAX_ROWS_PER_FILE)
+                .option("parquet.block.size", _PARQUET_BLOCK)
+                .parquet(tmp)
+            )
             outs = [(join(output, f"{lab}.uids.npy"), obtained[lab]) for _, lab in live]
             for (_, lab), sc in zip(live, write_sorted_uids(tmp, outs)):
                 sha_count[lab] = sc
+            log.info("subsets: %d selected uids sorted and written in %.1fs", obtained[live[0][1]], time.monotonic() - t0)
         for label, target in targets:  # largest first: each smaller one's parent is the one before it
             uid_name = f"{label}.uids.npy"
             if label in sha_count:

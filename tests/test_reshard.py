@@ -220,6 +220,8 @@ def test_kill_and_resume_identical(spark, subset, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started (python + its JVM)
         proc.wait(timeout=60)
+    assert glob.glob(os.path.join(killed, "shards", "*.done")), "the killed run never finished a shard"
+    assert not os.path.exists(os.path.join(killed, OUT_MANIFEST)), "the kill landed after the run had finished"
     run_reshard(ReshardConfig(manifest=subset, output=killed, shard_size=2), spark)
     run_reshard(ReshardConfig(manifest=subset, output=clean, shard_size=2), spark)
     mk, mc = read_manifest(os.path.join(killed, OUT_MANIFEST)), read_manifest(os.path.join(clean, OUT_MANIFEST))

@@ -1,0 +1,177 @@
+"""Reshard throughput against a plain sequential copy of the same source tars, same disk, same run.
+
+    .venv/bin/python bench/bench_reshard.py [--shards 8] [--per-shard 1000] [--kb 40] [--out bench-out]
+
+Builds a synthetic pool (webdataset tars of incompressible ~KB-sized "jpg" members + txt + json, a
+catalog and a manifest), selects a subset holding every sample, then times, alternating:
+
+* copy:    read each source tar sequentially and write it to another folder on the same disk,
+           fsync'd (reshard's atomic writes fsync too), one file after another;
+* reshard: `run_reshard` on Spark local[2] (session already started), which plans from the
+           catalog, indexes the tars, and writes shuffled, evenly sized shards.
+
+MB/s = source bytes / seconds. The ratio reshard/copy is the figure (target >= 0.5). Spark's fixed
+cost per run (planning jobs) weighs heavily on small inputs, so the run is repeated at two pool
+sizes (--scale-up) and the marginal throughput (extra bytes / extra seconds) is reported as well.
+Figures go to bench-out/reshard.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+
+
+def build_pool(root: str, shards: int, per_shard: int, kb: int) -> tuple[str, int]:
+    """Write the synthetic pool; return (manifest path, total bytes of the tars)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools import schema as C
+    from laiontools.manifest import new_manifest, write_manifest
+    from laiontools.storage import sha256_file
+    from laiontools.uid import save_uids, uid_of
+
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "shards"), exist_ok=True)
+    rows, entries, uids, total = [], [], [], 0
+    for s in range(shards):
+        sid = f"{s:05d}"
+        path = os.path.join(root, "shards", sid + ".tar")
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for j in range(per_shard):
+                i = s * per_shard + j
+                key = f"{s:05d}{j:04d}"
+                url, cap = f"http://bench/{i}.jpg", f"caption {i}"
+                uid = uid_of(url, cap)
+                size = int(rng.integers(kb * 512, kb * 1536))
+                for ext, data in (("jpg", rng.bytes(size)), ("txt", cap.encode()), ("json", json.dumps({"uid": uid, "key": key}).encode())):
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size, ti.mtime = len(data), 1_700_000_000
+                    tf.addfile(ti, io.BytesIO(data))
+                rows.append({C.UID: uid, C.STATUS: C.STATUS_SUCCESS, C.SHARD: sid, C.KEY: key, C.CAPTION: cap})
+                uids.append(uid)
+        sha, nbytes = sha256_file(path)
+        total += nbytes
+        entries.append({"path": f"shards/{sid}.tar", "num_samples": per_shard, "bytes": nbytes, "sha256": sha})
+    os.makedirs(os.path.join(root, "catalog"), exist_ok=True)
+    full = [{**{c: None for c in C.catalog_columns()}, **r} for r in rows]
+    pq.write_table(pa.Table.from_pylist(full, schema=C.catalog_arrow_schema()), os.path.join(root, "catalog", "part-00000.parquet"))
+    usha, n = save_uids(os.path.join(root, "pool.uids.npy"), uids)
+    m = new_manifest(
+        name=f"bench-{shards}x{per_shard}", kind="pool", num_samples=n, target_samples=None,
+        uids={"path": "pool.uids.npy", "sha256": usha, "count": n}, shards=entries,
+        source_fingerprint=hashlib.sha256(root.encode()).hexdigest(), catalog={"path": "catalog"}, command=["bench"],
+    )
+    mp = os.path.join(root, "pool.manifest.json")
+    write_manifest(mp, m)
+    return mp, total
+
+
+def sequential_copy(pool_root: str, dst: str) -> float:
+    """Copy the pool's tars one after another (read + write + fsync); return seconds."""
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    srcs = sorted(os.listdir(os.path.join(pool_root, "shards")))
+    t = time.perf_counter()
+    for name in srcs:
+        with open(os.path.join(pool_root, "shards", name), "rb") as fi, open(os.path.join(dst, name), "wb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 22)
+            fo.flush()
+            os.fsync(fo.fileno())
+    return time.perf_counter() - t
+
+
+def one_size(spark, work: str, shards: int, per_shard: int, kb: int, shard_size: int, repeats: int) -> dict:
+    from laiontools.reshard import ReshardConfig, run_reshard
+    from laiontools.subsets import SubsetsConfig, run_subsets
+
+    root = os.path.join(work, f"pool-{shards}x{per_shard}x{kb}")
+    shutil.rmtree(root, ignore_errors=True)
+    mp, total = build_pool(root, shards, per_shard, kb)
+    n = shards * per_shard
+    sub = run_subsets(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=str(n), seed=0), spark)[0]["manifest"]
+    copies, reshards = [], []
+    for r in range(repeats):
+        copies.append(sequential_copy(root, os.path.join(root, "copy")))
+        out = os.path.join(root, f"reshard-{r}")
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        res = run_reshard(ReshardConfig(manifest=sub, output=out, shard_size=shard_size), spark)
+        reshards.append(time.perf_counter() - t)
+        shutil.rmtree(out, ignore_errors=True)
+    copies.append(sequential_copy(root, os.path.join(root, "copy")))
+    shutil.rmtree(os.path.join(root, "copy"), ignore_errors=True)
+    copy_s = sorted(copies)[len(copies) // 2]
+    reshard_s = sorted(reshards)[len(reshards) // 2]
+    mb = total / 1e6
+    return {
+        "samples": n, "source_mb": round(mb, 1), "output_mb": round(res["bytes"] / 1e6, 1), "output_shards": res["num_shards"],
+        "copy_s": [round(x, 2) for x in copies], "reshard_s": [round(x, 2) for x in reshards],
+        "copy_mb_s": round(mb / copy_s, 1), "reshard_mb_s": round(mb / reshard_s, 1), "ratio": round(copy_s / reshard_s, 3),
+        "_copy_s": copy_s, "_reshard_s": reshard_s,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--per-shard", type=int, default=1000)
+    ap.add_argument("--kb", type=int, default=40, help="mean size of the image member in KB")
+    ap.add_argument("--shard-size", type=int, default=1000, help="output shard size")
+    ap.add_argument("--scale-up", type=int, default=3, help="second run with this many times the shards (0: skip)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
+    a = ap.parse_args()
+    from laiontools.logs import setup_logging
+    from laiontools.spark import spark_session
+
+    setup_logging("WARNING")
+    work = a.work or os.path.join(a.out, "reshard-work")
+    os.makedirs(work, exist_ok=True)
+    sizes = [a.shards] + ([a.shards * a.scale_up] if a.scale_up else [])
+    results = []
+    with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
+        for s in sizes:
+            r = one_size(spark, work, s, a.per_shard, a.kb, a.shard_size, a.repeats)
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
+    out = {"benchmark": "reshard vs sequential copy", "machine": f"{os.cpu_count()} cpus, Spark local[2]", "results": []}
+    for r in results:
+        out["results"].append({k: v for k, v in r.items() if not k.startswith("_")})
+    if len(results) == 2:
+        a_, b_ = results
+        dmb = b_["source_mb"] - a_["source_mb"]
+        marg_copy = dmb / max(1e-9, b_["_copy_s"] - a_["_copy_s"])
+        marg_reshard = dmb / max(1e-9, b_["_reshard_s"] - a_["_reshard_s"])
+        out["marginal"] = {
+            "copy_mb_s": round(marg_copy, 1), "reshard_mb_s": round(marg_reshard, 1), "ratio": round(marg_reshard / marg_copy, 3),
+            "reshard_fixed_s": round(a_["_reshard_s"] - a_["source_mb"] / marg_reshard, 1),
+        }
+    cmd = "python bench/bench_reshard.py " + " ".join(sys.argv[1:])
+    out["command"] = cmd.strip()
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "reshard.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\n{'source MB':>10} {'copy MB/s':>10} {'reshard MB/s':>13} {'ratio':>6}")
+    for r in out["results"]:
+        print(f"{r['source_mb']:>10.1f} {r['copy_mb_s']:>10.1f} {r['reshard_mb_s']:>13.1f} {r['ratio']:>6.3f}")
+    if "marginal" in out:
+        mg = out["marginal"]
+        print(f"marginal (extra MB / extra s): copy {mg['copy_mb_s']} MB/s, reshard {mg['reshard_mb_s']} MB/s, ratio {mg['ratio']}; "
+              f"reshard fixed cost ~{mg['reshard_fixed_s']} s")
+    print(f"\ncommand: {out['command']}   (figures in {os.path.join(a.out, 'reshard.json')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

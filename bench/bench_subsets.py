@@ -1,0 +1,187 @@
+"""Subset selection over synthetic catalogs: wall time and peak driver memory as the catalog grows.
+
+    .venv/bin/python bench/bench_subsets.py [--rows 1000000,10000000] [--out bench-out]
+
+For each size, a fresh process (so peak memory is its own) writes nothing but reads a synthetic
+catalog (uid, status, shard, caption, sizes, punsafe, pwatermark; 1M rows per parquet file) and runs
+`run_subsets` with punsafe < 0.5 and pwatermark < 0.8 filters and three nested scales (80M/400M/2B
+times a factor proportional to the catalog, so output grows with the input too) on Spark local[2].
+
+Reported per size: wall time of the selection (Spark session start excluded, reported apart), peak
+RSS (VmHWM) of the Python driver, and of the JVM. In local mode the JVM holds the executors too, so
+its figure is driver + executors and is capped by spark.driver.memory; the Python driver's figure
+is the one the design promises stays flat. Ratios are against the smallest size in the same run.
+Figures go to bench-out/subsets.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROWS_PER_FILE = 1_000_000
+NUM_SHARDS = 100
+
+
+def _hwm_kb(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _java_children() -> list[int]:
+    me = os.getpid()
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == me:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if b"java" in f.read():
+                        out.append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def write_catalog(root: str, rows: int) -> str:
+    """Synthetic pool: catalog/part-*.parquet with the columns subsets reads, and a pool manifest."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools import schema as C
+    from laiontools.manifest import new_manifest, write_manifest
+
+    cat = os.path.join(root, "catalog")
+    os.makedirs(cat, exist_ok=True)
+    rng = np.random.default_rng(0)
+    done = 0
+    part = 0
+    while done < rows:
+        n = min(ROWS_PER_FILE, rows - done)
+        uids = rng.integers(0, 2**63, size=(n, 2), dtype=np.int64).astype(">u8").tobytes().hex()
+        uid_col = pa.array([uids[i * 32 : (i + 1) * 32] for i in range(n)])
+        ok = rng.random(n) < 0.9
+        status = pa.array(np.where(ok, C.STATUS_SUCCESS, C.STATUS_FAILED_DOWNLOAD))
+        shard = pa.array([f"{s:05d}" for s in rng.integers(0, NUM_SHARDS, n)])
+        caplen = rng.integers(5, 80, n)
+        caption = pa.array(["c" * int(k) for k in caplen])
+        w = rng.integers(64, 2048, n)
+        h = rng.integers(64, 2048, n)
+        t = pa.table(
+            {
+                C.UID: uid_col, C.STATUS: status, C.SHARD: shard, C.KEY: pa.array(np.arange(n).astype(str)),
+                C.CAPTION: caption, C.WIDTH: pa.array(np.minimum(w, 256)), C.HEIGHT: pa.array(np.minimum(h, 256)),
+                C.ORIGINAL_WIDTH: pa.array(w), C.ORIGINAL_HEIGHT: pa.array(h),
+                C.PUNSAFE: pa.array(rng.random(n)), C.PWATERMARK: pa.array(rng.random(n)),
+            }
+        )
+        pq.write_table(t, os.path.join(cat, f"part-{part:05d}.parquet"))
+        done += n
+        part += 1
+    shards = [{"path": f"shards/{s:05d}.tar", "num_samples": 0, "bytes": 0, "sha256": "0" * 64} for s in range(NUM_SHARDS)]
+    m = new_manifest(
+        name=f"synthetic-{rows}", kind="pool", num_samples=int(rows * 0.9), target_samples=None,
+        uids={"path": "pool.uids.npy", "sha256": "0" * 64, "count": 0}, shards=shards,
+        source_fingerprint=hashlib.sha256(str(rows).encode()).hexdigest(), catalog={"path": "catalog"}, command=["bench"],
+    )
+    path = os.path.join(root, "pool.manifest.json")
+    write_manifest(path, m)
+    return path
+
+
+def worker(rows: int, work: str) -> dict:
+    """Run in a fresh process: start Spark, time the selection of three nested scales."""
+    from laiontools.logs import setup_logging
+
+    setup_logging()
+    from laiontools.spark import spark_session
+    from laiontools.subsets import SubsetsConfig, run_subsets
+
+    manifest = os.path.join(work, f"pool-{rows}", "pool.manifest.json")
+    hwm_before = _hwm_kb()
+    t0 = time.time()
+    conf = {"spark.driver.memory": "2g", "spark.ui.showConsoleProgress": "false"}
+    with spark_session("local[2]", app_name="bench-subsets", conf=conf) as spark:
+        t1 = time.time()
+        factor = 1.5e-4 * rows / 1_000_000  # 1M rows -> 12k / 60k / 300k; grows with the catalog
+        cfg = SubsetsConfig(
+            pool=manifest, output=os.path.join(work, f"out-{rows}"), scales="80M,400M,2B", scale_factor=factor,
+            seed=0, max_punsafe=0.5, max_pwatermark=0.8,
+        )
+        res = run_subsets(cfg, spark)
+        t2 = time.time()
+        jvm = [_hwm_kb(p) for p in _java_children()]
+    return {
+        "rows": rows,
+        "selected": {r["scale"]: r["obtained"] for r in res},
+        "spark_start_s": round(t1 - t0, 2),
+        "selection_s": round(t2 - t1, 2),
+        "driver_python_peak_mb": round(_hwm_kb() / 1024, 1),
+        "driver_python_peak_before_spark_mb": round(hwm_before / 1024, 1),
+        "jvm_peak_mb": round(max(jvm) / 1024, 1) if jvm else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1000000,10000000", help="comma-separated catalog sizes")
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--work", default=None, help="folder for the synthetic catalogs (default: <out>/subsets-work)")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    work = a.work or os.path.join(a.out, "subsets-work")
+    os.makedirs(work, exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+    if a.worker is not None:
+        print(json.dumps(worker(a.worker, work)))
+        return 0
+    sizes = [int(float(x)) for x in a.rows.split(",")]
+    for n in sizes:  # catalogs are written by this process, so the timed workers start clean
+        root = os.path.join(work, f"pool-{n}")
+        if not os.path.exists(os.path.join(root, "pool.manifest.json")):
+            t = time.time()
+            write_catalog(root, n)
+            print(f"wrote {n:,}-row catalog in {time.time() - t:.1f}s", flush=True)
+    results = []
+    for n in sizes:
+        env = {**os.environ, "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+        p = subprocess.run([sys.executable, __file__, "--worker", str(n), "--work", work], capture_output=True, text=True, env=env)
+        with open(os.path.join(a.out, f"subsets-{n}.log"), "w") as f:
+            f.write(p.stderr)
+        if p.returncode != 0:
+            print(p.stderr[-3000:], file=sys.stderr)
+            return 1
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    base = results[0]
+    for r in results:
+        r["rows_ratio"] = r["rows"] / base["rows"]
+        r["time_ratio"] = round(r["selection_s"] / base["selection_s"], 2)
+        r["driver_mem_ratio"] = round(r["driver_python_peak_mb"] / base["driver_python_peak_mb"], 2)
+    cmd = "python bench/bench_subsets.py --rows " + a.rows
+    out = {"benchmark": "subsets selection", "command": cmd, "machine": f"{os.cpu_count()} cpus, Spark local[2]", "results": results}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "subsets.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\n{'rows':>12} {'select s':>9} {'x time':>7} {'py peak MB':>11} {'x mem':>6} {'JVM peak MB':>12}")
+    for r in results:
+        print(f"{r['rows']:>12,} {r['selection_s']:>9.1f} {r['time_ratio']:>7.2f} {r['driver_python_peak_mb']:>11.0f} {r['driver_mem_ratio']:>6.2f} {str(r['jvm_peak_mb']):>12}")
+    print(f"\ncommand: {cmd}   (figures in {os.path.join(a.out, 'subsets.json')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
