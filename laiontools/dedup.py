@@ -43,7 +43,6 @@ from laiontools.errors import UserError
 from laiontools.storage import (
     atomic_write_bytes,
     ensure_output_dir,
-    is_done,
     join,
     mark_done,
     read_marker,
