@@ -141,6 +141,7 @@ def main() -> int:
     sizes = [a.shards] + ([a.shards * a.scale_up] if a.scale_up else [])
     results = []
     with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
+        one_size(spark, work, 1, 50, 4, 10, 1)  # warm-up (JVM JIT, Python workers): not reported
         for s in sizes:
             r = one_size(spark, work, s, a.per_shard, a.kb, a.shard_size, a.repeats)
             results.append(r)
