@@ -64,7 +64,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[StageConfig], ski
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        if default not in (None, [], {}):
+        if default not in (None, [], {}, ""):
             kw["help"] += f" (default: {default})"
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction

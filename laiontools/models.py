@@ -126,9 +126,13 @@ def _create_pretrained(name: str, pretrained: str, device: str, precision: str) 
 
     try:
         return open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device, precision=precision)
-    except RuntimeError as e:
-        if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
-            raise ModelError(f"checkpoint {pretrained} does not fit model {name!r}: {str(e)[:300]}") from e
+    except (RuntimeError, AssertionError, KeyError) as e:
+        # open_clip reports a checkpoint of another architecture as a size mismatch, missing /
+        # unexpected keys, or a bare assertion while resizing position embeddings.
+        if os.path.exists(pretrained) and (not isinstance(e, RuntimeError) or any(
+                m in str(e) for m in ("size mismatch", "Missing key", "Unexpected key"))):
+            raise ModelError(f"checkpoint {pretrained} does not fit model {name!r} ({type(e).__name__}: "
+                             f"{str(e)[:300]}); pass the model name it was trained with") from e
         raise
     except Exception as e:  # network failures surface as many exception types from huggingface_hub
         if pretrained and not os.path.exists(pretrained):
