@@ -35,7 +35,7 @@ class DemoConfig(StageConfig):
     model: str = dataclasses.field(default="lt-tiny", metadata={"help": "open_clip model (tiny shipped config, random init)"})
     scales: str = dataclasses.field(default="80M,400M,2B", metadata={"help": "subset scales"})
     scale_factor: float = dataclasses.field(default=1e-7, metadata={"help": "shrinks the scales for a laptop (1e-7: 8 / 40 / 200)"})
-    samples_seen: list[int] = dataclasses.field(default_factory=lambda: [256, 768], metadata={"help": "training budgets (samples seen), the same for every scale"})
+    samples_seen: list[int] = dataclasses.field(default_factory=lambda: [256, 512, 1024], metadata={"help": "training budgets (samples seen), the same for every scale; 3+ give fit uncertainties"})
     batch_size: int = dataclasses.field(default=32, metadata={"help": "global batch size"})
     nproc: int = dataclasses.field(default=2, metadata={"help": "training processes (gloo on CPU)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the source, the selection and training"})
@@ -92,14 +92,35 @@ def _step(name: str, t0: float, timings: dict[str, float]) -> float:
     return now
 
 
-def run_demo(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
-    """Run every stage in order into cfg.output; return the paths written and the timings."""
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run every stage in order into cfg.output; return the paths written and the timings.
+
+    The data stages share one Spark session; it is stopped before training, which needs no Spark
+    and gets the memory and cores back.
+    """
+    from laiontools.spark import spark_session
+    from laiontools.study import StudyConfig, run_study
+
+    with spark_session(cfg.master, app_name="laiontools-demo") as spark:
+        res = _data_stages(cfg, spark)
+    t = time.time()
+    p = lambda *parts: os.path.join(res["output"], *parts)  # noqa: E731
+    res["study"] = run_study(StudyConfig(output=p("study"), scales=res["resharded"], samples_seen=list(cfg.samples_seen),
+                                         models=[cfg.model], batch_size=cfg.batch_size, nproc=cfg.nproc,
+                                         evalset=res["evalsets"], train={"seed": cfg.seed, "workers": 1}))
+    res["timings"]["train + evaluate + fit"] = round(time.time() - t, 1)
+    res["timings"]["total"] = round(time.time() - res["t_start"], 1)
+    res["report"] = write_report(res, p("report.html"))
+    return res
+
+
+def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
+    """synthetic source -> download -> embed -> calibrate + dedup -> subsets -> reshard (Spark stages)."""
     from laiontools.dedup import DedupConfig, run_dedup
     from laiontools.dedup_calibrate import CalibrateConfig, run_calibrate
     from laiontools.download import DownloadConfig, run_download
     from laiontools.embed import EmbedConfig, run_embed
     from laiontools.reshard import ReshardConfig, run_reshard
-    from laiontools.study import StudyConfig, run_study
     from laiontools.subsets import SubsetsConfig, run_subsets
     from laiontools.synthetic import SyntheticWebServer, make_source
 
@@ -168,18 +189,9 @@ def run_demo(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
         resharded[row["scale"]] = r["manifest"]
     t = _step("reshard", t, timings)
 
-    study = run_study(StudyConfig(output=p("study"), scales=resharded, samples_seen=list(cfg.samples_seen),
-                                  models=[cfg.model], batch_size=cfg.batch_size, nproc=cfg.nproc, evalset=[heldout, evalset],
-                                  train={"seed": cfg.seed, "workers": 1}), spark)
-    t = _step("train + evaluate + fit", t, timings)
-    timings["total"] = round(time.time() - t_start, 1)
-
-    result = {"download": dl, "embed": dataclasses.asdict(emb), "calibrate": cal, "dedup": ded, "subsets": subsets,
-              "resharded": resharded, "study": study, "timings": timings, "threshold": threshold, "dedup_method": method,
-              "planted": src_info["planted"], "output": out}
-    report = write_report(result, p("report.html"))
-    result["report"] = report
-    return result
+    return {"download": dl, "embed": dataclasses.asdict(emb), "calibrate": cal, "dedup": ded, "subsets": subsets,
+            "resharded": resharded, "evalsets": [heldout, evalset], "timings": timings, "threshold": threshold,
+            "dedup_method": method, "planted": src_info["planted"], "output": out, "t_start": t_start}
 
 
 def _json_block(obj: Any) -> str:
@@ -252,11 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from laiontools.spark import spark_session
-
     cfg = config_from_args(DemoConfig, build_parser().parse_args(argv))
-    with spark_session(cfg.master, app_name="laiontools-demo") as spark:
-        res = run_demo(cfg, spark)
+    res = run_demo(cfg)
     emit("\n".join([
         "",
         "laiontools demo finished in %.0fs" % res["timings"]["total"],

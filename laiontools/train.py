@@ -452,9 +452,15 @@ def _launch(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
     if plan.world_size > 1 and "OMP_NUM_THREADS" not in env:
         # torchrun would set 1 and warn; give each rank its share of the cores instead.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.world_size))
-    log.info("launching: %s", " ".join(cmd[:8]) + " ...")
+    # The trainer's own console output (its settings, the model, per-step lines) goes to a file: the
+    # console gets our one-line summary, metrics.jsonl the numbers.
+    os.makedirs(os.path.join(cfg.output, "logs"), exist_ok=True)
+    console = os.path.join(cfg.output, "logs", "launcher.log")
+    log.info("launching: %s ... (output in %s)", " ".join(cmd[:8]), console)
     # torchrun gets SIGTERM if this process dies (it then stops the ranks, which also die with it).
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(die_with_parent, 15))
+    with open(console, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=functools.partial(die_with_parent, 15))
     try:
         return proc.wait()
     except BaseException:
@@ -581,7 +587,8 @@ def run_train(cfg: TrainConfig, spark: Any = None) -> dict[str, Any]:
         f.write(json.dumps({"start": t0, "wall_s": round(wall, 3), "resumed_from_samples": resumed_from, "exit_code": rc, "world_size": plan.world_size}) + "\n")
     if rc != 0:
         raise TrainError(
-            f"training exited with code {rc}; see {cfg.output}/out.log and {cfg.output}/logs/rank*.log, "
+            f"training exited with code {rc}; see {cfg.output}/logs/launcher.log, {cfg.output}/out.log and "
+            f"{cfg.output}/logs/rank*.log, "
             f"then re-run with --resume to continue from the latest checkpoint"
         )
     result = _finalize(cfg, settings, plan, wall)
