@@ -75,4 +75,9 @@ def spark_session(
     try:
         yield spark
     finally:
+        # Release Python-side handles to JVM objects while the gateway is still up; otherwise their
+        # finalizers run later (e.g. at the next fork) against a closed gateway and print tracebacks.
+        import gc
+
+        gc.collect()
         spark.stop()
