@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import math
@@ -186,6 +185,19 @@ class _HashingWriter:
         return self.f.write(b)
 
 
+def _write_member(out: _HashingWriter, name: str, data: bytes, mtime: int) -> None:
+    """One ustar member: header, data, zero padding to 512 bytes. Direct writes: tarfile's stream
+    mode would copy every member in 16 KB pieces."""
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = len(data), mtime, _TAR_MODE
+    ti.uname = ti.gname = ""
+    out.write(ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    out.write(data)
+    pad = (-len(data)) % tarfile.BLOCKSIZE
+    if pad:
+        out.write(b"\0" * pad)
+
+
 class _Sources:
     """A few open source shards per task (LRU), so samples can be read in output order."""
 
@@ -235,18 +247,17 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
             used: set[str] = set()
             with atomic_open(path) as raw:
                 hw = _HashingWriter(raw)
-                with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tf:  # type: ignore[arg-type]
-                    for i, uid, sid, skey, members in entries:
-                        used.add(sid)
-                        key = new_key(j, i, width)
-                        for ext, offset, size, mtime in sorted(members):
-                            data = sources.read(sid, offset, size)
-                            if ext == "json":
-                                data = _rewrite_json(data, uid, key, sid, skey, urls[sid])
-                            ti = tarfile.TarInfo(f"{key}.{ext}")
-                            ti.size, ti.mtime, ti.mode = len(data), mtime, _TAR_MODE
-                            ti.uname = ti.gname = ""
-                            tf.addfile(ti, io.BytesIO(data))
+                for i, uid, sid, skey, members in entries:
+                    used.add(sid)
+                    key = new_key(j, i, width)
+                    for ext, offset, size, mtime in sorted(members):
+                        data = sources.read(sid, offset, size)
+                        if ext == "json":
+                            data = _rewrite_json(data, uid, key, sid, skey, urls[sid])
+                        _write_member(hw, f"{key}.{ext}", data, mtime)
+                # End of archive: two zero blocks, padded to a whole record as tarfile does.
+                end = hw.n + 2 * tarfile.BLOCKSIZE
+                hw.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
             info = {"num_samples": len(entries), "bytes": hw.n, "sha256": hw.h.hexdigest(), "plan": plan_id, "sources": sorted(used)}
             mark_done(path, info)
             yield j, info
