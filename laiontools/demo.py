@@ -205,7 +205,7 @@ def write_report(res: dict[str, Any], path: str) -> str:
     dl = res["download"]
     parts = ["<!doctype html><meta charset='utf-8'><title>laiontools demo</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}pre{background:#f6f6f6;padding:8px}</style>",
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}</style>",
              "<h1>laiontools demo</h1>",
              f"<p>Synthetic LAION source served on 127.0.0.1, downloaded with Spark + img2dataset, embedded with "
              f"a tiny random-init open_clip model, decontaminated, cut into nested subsets and trained on. "
@@ -242,10 +242,27 @@ def write_report(res: dict[str, Any], path: str) -> str:
     if os.path.exists(csv):
         import pandas as pd
 
-        parts.append(pd.read_csv(csv).to_html(index=False, float_format=lambda x: f"{x:.4g}"))
-    fits = os.path.join(study_dir, "fits.json")
-    if os.path.exists(fits):
-        parts.append("<p>Fits E = &beta;&middot;C<sup>&alpha;</sup> on the Pareto frontier:</p>" + _json_block(read_json(fits)))
+        df = pd.read_csv(csv)
+        metric_cols = [c for c in df.columns if c.endswith(("zeroshot_top1", "_R@5"))]
+        keep = [c for c in ("scale", "dataset_samples", "samples_seen", "steps", "compute_gmacs", "final_loss") if c in df]
+        parts.append("<p>Every scale is trained for the same samples seen; compute = GMACs per sample x samples seen.</p>")
+        parts.append(df[keep + metric_cols].to_html(index=False, float_format=lambda x: f"{x:.4g}"))
+    fits_path = os.path.join(study_dir, "fits.json")
+    if os.path.exists(fits_path):
+        rows = []
+        for metric, f in read_json(fits_path).get("fits", {}).items():
+            fit = f.get("fit") or {}
+            fmt = lambda v, e: "n/a" if v is None else (f"{v:.4g}" + (f" ± {e:.2g}" if e is not None else ""))  # noqa: E731
+            preds = "; ".join(f"C={p['compute_gmacs']:.3g}: {p['metric']:.3f}" for p in f.get("predictions", []))
+            rows.append({"metric": metric, "frontier points": f.get("n_points", len(f.get("frontier", []))),
+                         "alpha": fmt(fit.get("alpha"), fit.get("alpha_se")), "beta": fmt(fit.get("beta"), fit.get("beta_se")),
+                         "r2": fmt(fit.get("r2"), None), "predicted metric at larger compute": preds or fit.get("reason", "")})
+        if rows:
+            import pandas as pd
+
+            parts.append("<p>E = 1 - metric fitted as E = &beta;&middot;C<sup>&alpha;</sup> on the Pareto frontier "
+                         "(log-log least squares, standard errors from the fit):</p>")
+            parts.append(pd.DataFrame(rows).to_html(index=False))
     plots = os.path.join(study_dir, "plots")
     if os.path.isdir(plots):
         for f in sorted(os.listdir(plots)):
