@@ -174,32 +174,76 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
 
 
 class _HashingWriter:
-    """Write-through file wrapper that counts bytes and computes sha256 (tar stream mode needs only write)."""
+    """Buffered write-through wrapper: collects pieces and hands them to the file and to sha256 in
+    chunks of ~8 MB, so the per-call cost of hashing and writing is paid per chunk, not per member."""
+
+    CHUNK = 8 << 20
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.h, self.n = f, hashlib.sha256(), 0
+        self.parts: list[bytes | memoryview] = []
+        self.pending = 0
 
-    def write(self, b: bytes) -> int:
-        self.h.update(b)
+    def write(self, b: bytes | memoryview) -> None:
+        self.parts.append(b)
+        self.pending += len(b)
         self.n += len(b)
-        return self.f.write(b)
+        if self.pending >= self.CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            chunk = b"".join(self.parts)
+            self.h.update(chunk)
+            self.f.write(chunk)
+            self.parts, self.pending = [], 0
 
 
-def _write_member(out: _HashingWriter, name: str, data: bytes, mtime: int) -> None:
-    """One ustar member: header, data, zero padding to 512 bytes. Direct writes: tarfile's stream
-    mode would copy every member in 16 KB pieces."""
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode = len(data), mtime, _TAR_MODE
+# A ustar header for a regular file with every field but name/size/mtime/checksum fixed (mode 0644,
+# uid/gid 0, empty uname/gname/linkname/prefix): built once by tarfile, so the fast path below
+# produces exactly the bytes tarfile's tobuf() would (tests compare them).
+def _header_template() -> bytes:
+    ti = tarfile.TarInfo("")
+    ti.size, ti.mtime, ti.mode = 0, 0, _TAR_MODE
     ti.uname = ti.gname = ""
-    out.write(ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+_TMPL = _header_template()
+_TMPL_MID = _TMPL[100:124]  # mode, uid, gid
+_TMPL_TAIL = _TMPL[156:]  # type flag .. end of block
+_SPACES8 = b" " * 8
+_ZEROS = bytes(tarfile.RECORDSIZE)
+
+
+def _tar_header(name: str, size: int, mtime: int) -> bytes:
+    """ustar header block for a regular member; same bytes as TarInfo.tobuf(USTAR_FORMAT) with the
+    fixed fields of :func:`_header_template`. Names over 100 bytes or numbers out of octal range go
+    through tarfile itself (it splits the name into prefix / raises)."""
+    nb = name.encode("utf-8", "surrogateescape")
+    if len(nb) > 100 or not (0 <= size < 8**11) or not (0 <= mtime < 8**11):
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode = size, mtime, _TAR_MODE
+        ti.uname = ti.gname = ""
+        return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    head = nb + bytes(100 - len(nb)) + _TMPL_MID + b"%011o\0%011o\0" % (size, mtime)
+    # Checksum: sum of all header bytes with the checksum field read as spaces; "%06o\0" then the
+    # field's last space stays, as tarfile writes it.
+    chk = sum(head) + 8 * 32 + sum(_TMPL_TAIL)
+    return head + b"%06o\0 " % chk + _TMPL_TAIL
+
+
+def _write_member(out: _HashingWriter, name: str, data: bytes | memoryview, mtime: int) -> None:
+    """One ustar member: header, data, zero padding to 512 bytes."""
+    out.write(_tar_header(name, len(data), mtime))
     out.write(data)
     pad = (-len(data)) % tarfile.BLOCKSIZE
     if pad:
-        out.write(b"\0" * pad)
+        out.write(_ZEROS[:pad])
 
 
 class _Sources:
-    """A few open source shards per task (LRU), so samples can be read in output order."""
+    """A few open source shards per task (LRU), read with large buffers."""
 
     def __init__(self, urls: dict[str, str], max_open: int = 32) -> None:
         self.urls, self.max_open = urls, max_open
@@ -209,7 +253,7 @@ class _Sources:
         f = self.open.get(sid)
         if f is None:
             fs, p = url_to_fs(self.urls[sid])
-            f = fs.open(p, "rb")
+            f = fs.open(p, "rb", block_size=1 << 22) if not _is_local(fs) else open(p, "rb", buffering=0)
             self.open[sid] = f
             if len(self.open) > self.max_open:
                 self.open.popitem(last=False)[1].close()
@@ -217,8 +261,14 @@ class _Sources:
             self.open.move_to_end(sid)
         f.seek(offset)
         data = f.read(size)
-        if len(data) != size:
-            _raise_user(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
+        if data is None or len(data) != size:
+            # An unbuffered read may return short; finish it before calling the shard truncated.
+            data = data or b""
+            while len(data) < size:
+                more = f.read(size - len(data))
+                if not more:
+                    _raise_user(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
+                data += more
         return data
 
     def close(self) -> None:
@@ -227,12 +277,49 @@ class _Sources:
         self.open.clear()
 
 
+def _is_local(fs: Any) -> bool:
+    from laiontools.storage import is_local
+
+    return is_local(fs)
+
+
+# Samples of one output shard are read in batches of about this many bytes, each batch in source
+# (shard, offset) order, so reads move forward through every source tar instead of jumping around
+# in shuffled order; memory per task stays bounded by the batch, not by the shard size.
+READ_BATCH_BYTES = 64 << 20
+# The members of a sample are adjacent in the source tar (header, data, padding); they are read as
+# one range when it spans no more than the data plus this much per member (headers and padding).
+_SPAN_SLACK = 3 * tarfile.BLOCKSIZE
+
+
+def _read_batch(sources: _Sources, batch: list[tuple[int, str, list[tuple[str, int, int, int]]]]) -> dict[int, list[tuple[str, memoryview, int]]]:
+    """{batch index: [(ext, data, mtime) in sorted member order]} for [(index, source shard, members)],
+    reading in (source shard, offset) order and each sample's members as one range when adjacent."""
+    order = sorted(range(len(batch)), key=lambda b: (batch[b][1], min(m[1] for m in batch[b][2]) if batch[b][2] else 0))
+    got: dict[int, list[tuple[str, memoryview, int]]] = {}
+    for b in order:
+        _, sid, members = batch[b]
+        members = sorted(members)
+        if not members:
+            got[b] = []
+            continue
+        lo = min(m[1] for m in members)
+        hi = max(m[1] + m[2] for m in members)
+        if hi - lo <= sum(m[2] for m in members) + _SPAN_SLACK * len(members):
+            buf = memoryview(sources.read(sid, lo, hi - lo))
+            got[b] = [(ext, buf[off - lo : off - lo + size], mtime) for ext, off, size, mtime in members]
+        else:
+            got[b] = [(ext, memoryview(sources.read(sid, off, size)), mtime) for ext, off, size, mtime in members]
+    return got
+
+
 def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int) -> Any:
     """Spark partition -> write each output shard it holds; yield (shard number, marker info).
 
     A row is (j, [(i, uid, source shard, source key, [(ext, offset, size, mtime), ...]), ...]).
     A shard whose marker exists for this plan is skipped (resume); otherwise it is written whole
-    under a temporary name, renamed, and marked.
+    under a temporary name, renamed, and marked. The output bytes depend only on the rows (members
+    in (ext, ...) order, samples in index order), not on how the reads are batched.
     """
     sources = _Sources(urls)
     try:
@@ -247,17 +334,28 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
             used: set[str] = set()
             with atomic_open(path) as raw:
                 hw = _HashingWriter(raw)
-                for i, uid, sid, skey, members in entries:
-                    used.add(sid)
-                    key = new_key(j, i, width)
-                    for ext, offset, size, mtime in sorted(members):
-                        data = sources.read(sid, offset, size)
-                        if ext == "json":
-                            data = _rewrite_json(data, uid, key, sid, skey, urls[sid])
-                        _write_member(hw, f"{key}.{ext}", data, mtime)
+                start = 0
+                while start < len(entries):
+                    # Cut the next batch by source bytes, then read it in source order.
+                    stop, nbytes = start, 0
+                    while stop < len(entries) and (stop == start or nbytes < READ_BATCH_BYTES):
+                        nbytes += sum(m[2] for m in entries[stop][4])
+                        stop += 1
+                    batch = entries[start:stop]
+                    data = _read_batch(sources, [(b, e[2], e[4]) for b, e in enumerate(batch)])
+                    for b, (i, uid, sid, skey, _) in enumerate(batch):
+                        used.add(sid)
+                        key = new_key(j, i, width)
+                        for ext, blob, mtime in data[b]:
+                            if ext == "json":
+                                blob = _rewrite_json(blob, uid, key, sid, skey, urls[sid])
+                            _write_member(hw, f"{key}.{ext}", blob, mtime)
+                    del data
+                    start = stop
                 # End of archive: two zero blocks, padded to a whole record as tarfile does.
                 end = hw.n + 2 * tarfile.BLOCKSIZE
-                hw.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
+                hw.write(_ZEROS[: 2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE])
+                hw.flush()
             info = {"num_samples": len(entries), "bytes": hw.n, "sha256": hw.h.hexdigest(), "plan": plan_id, "sources": sorted(used)}
             mark_done(path, info)
             yield j, info
@@ -265,9 +363,9 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
         sources.close()
 
 
-def _rewrite_json(data: bytes, uid: str, key: str, sid: str, skey: str, url: str) -> bytes:
+def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: str, url: str) -> bytes:
     try:
-        meta = json.loads(data)
+        meta = json.loads(bytes(data))
     except ValueError:
         _raise_user(f"source shard {url}: {skey}.json is not valid JSON; the shard is damaged, re-download it")
     if meta.get("uid", uid) != uid:
