@@ -17,14 +17,22 @@ def setup_logging(level: str | int = "INFO", log_file: str | None = None) -> Non
         handlers.append(logging.FileHandler(log_file))
     if not handlers:
         handlers.append(logging.NullHandler())
+    for h in handlers:
+        h.addFilter(_quiet_root_info)
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s",
         handlers=handlers,
         force=True,
     )
-    for noisy in ("py4j", "PIL", "urllib3", "matplotlib", "fsspec"):
+    for noisy in ("py4j", "PIL", "urllib3", "matplotlib", "fsspec", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _quiet_root_info(record: logging.LogRecord) -> bool:
+    """Drop INFO chatter that libraries send to the root logger (open_clip logs every model it builds);
+    laiontools logs through named loggers, and warnings from anyone still pass."""
+    return record.name != "root" or record.levelno >= logging.WARNING
 
 
 class RateLimitedLogger:
