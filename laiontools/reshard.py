@@ -19,13 +19,16 @@ How it works (all in Spark; the driver sees only source shard ids and one small 
 1. Plan: the pool catalog's success rows (uid -> source shard, key) whose uid is in the subset's
    uid file. Each uid gets a seeded score ``blake2b(uid, key=seed, person=b"laiontools-shuf")``;
    sorting by (score, uid) gives every sample a global position, and positions are cut into
-   ``ceil(N / shard_size)`` shards whose sizes differ by at most one.
-2. Index: one task per *needed* source shard reads only its tar headers (seeking over the data)
-   and emits (key, member, offset, size).
-3. Write: one task per output shard reads exactly the byte ranges of its samples from the source
-   shards they live in, writes them under new keys ``<shard:05d><position:06d>`` in shuffled order,
-   renames the tar into place and writes its marker last. The json member keeps the uid and gains
-   ``key`` (new), ``source_shard`` and ``source_key``.
+   ``ceil(N / shard_size)`` shards whose sizes differ by at most one. Positions are computed in
+   the JVM (sorted partition + row id + per-partition offsets): no plan row passes through Python.
+2. Index: tasks over the *needed* source shards read only their tar headers (seeking over the
+   data) and emit one row per sample with its members' (ext, offset, size, mtime) as Arrow arrays.
+3. Write: tasks over contiguous ranges of output shards get their plan rows as Arrow batches in
+   (shard, index) order, read the byte ranges of each sample (its adjacent members as one range,
+   in batches sorted by source offset), and write them under new keys ``<shard:05d><position:06d>``
+   in shuffled order with hand-built ustar headers, hashing in large chunks; then rename the tar
+   into place and write its marker last. The json member keeps the uid and gains ``key`` (new),
+   ``source_shard`` and ``source_key``. Bytes never travel through Spark.
 
 Everything is a function of (subset uids, catalog, seed, shard size), so a run killed at any point
 and started again skips the shards whose markers exist and rewrites the rest byte for byte.
@@ -40,6 +43,7 @@ import logging
 import math
 import sys
 import tarfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -380,17 +384,56 @@ def _shuffle_series(uids: Any, seed: int) -> Any:
     return pd.Series(_to_signed_order(selection_scores(uids, seed, person=SHUFFLE_PERSON)), index=uids.index)
 
 
-def _assign(pair: tuple[Any, int], q: int, r: int) -> tuple[int, int, str, str, str]:
-    row, p = pair
-    j, i = position_to_slot(p, q, r)
-    return j, i, row[C.UID], row["_sid"], row[C.KEY]
+_INDEX_SCHEMA = "_sid string, key string, exts array<string>, offs array<long>, sizes array<long>, mtimes array<long>"
+_RESULT_SCHEMA = "j int, num_samples long, bytes long, sha256 string"
 
 
-def _group_entry(row: Any) -> tuple[int, list[tuple[int, str, str, str, list[tuple[str, int, int, int]]]]]:
-    return int(row["j"]), [
-        (int(e["i"]), e[C.UID], e["_sid"], e[C.KEY], [(m["ext"], int(m["offset"]), int(m["size"]), int(m["mtime"])) for m in e["members"]])
-        for e in row["entries"]
-    ]
+def _index_batches(batches: Any) -> Any:
+    """mapInArrow: batches of (source shard id, url) -> one row per sample: key and its members'
+    (ext, data offset, size, mtime) as parallel arrays, from the tar headers only."""
+    import pyarrow as pa
+
+    for batch in batches:
+        d = batch.to_pydict()
+        for sid, url in zip(d["_sid"], d["url"]):
+            samples: dict[str, list[list[Any]]] = {}
+            for _, key, ext, off, size, mtime in index_source_shard((sid, url)):
+                m = samples.setdefault(key, [[], [], [], []])
+                m[0].append(ext), m[1].append(off), m[2].append(size), m[3].append(mtime)
+            keys = list(samples)
+            cols = list(zip(*samples.values())) if keys else [[], [], [], []]
+            yield pa.RecordBatch.from_pydict(
+                {"_sid": [sid] * len(keys), "key": keys, "exts": list(cols[0]), "offs": list(cols[1]), "sizes": list(cols[2]), "mtimes": list(cols[3])},
+                schema=pa.schema([("_sid", pa.string()), ("key", pa.string()), ("exts", pa.list_(pa.string())), ("offs", pa.list_(pa.int64())),
+                                  ("sizes", pa.list_(pa.int64())), ("mtimes", pa.list_(pa.int64()))]),
+            )
+
+
+def _plan_rows(batches: Any) -> Any:
+    """Arrow batches of plan rows sorted by (j, i) -> (j, entries) per output shard for
+    :func:`write_output_shards`; a shard's rows may span batches."""
+    cur, entries = None, []
+    for batch in batches:
+        d = batch.to_pydict()
+        for j, i, uid, sid, key, exts, offs, sizes, mtimes in zip(
+            d["j"], d["i"], d[C.UID], d["_sid"], d[C.KEY], d["exts"], d["offs"], d["sizes"], d["mtimes"]
+        ):
+            if j != cur:
+                if cur is not None:
+                    yield cur, entries
+                cur, entries = j, []
+            entries.append((i, uid, sid, key, list(zip(exts, offs, sizes, mtimes))))
+    if cur is not None:
+        yield cur, entries
+
+
+def _write_batches(batches: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int) -> Any:
+    """mapInArrow: plan rows -> written shards, one result row (j, num_samples, bytes, sha256) each."""
+    import pyarrow as pa
+
+    schema = pa.schema([("j", pa.int32()), ("num_samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
+    for j, info in write_output_shards(_plan_rows(batches), out_dir, urls, plan_id, width):
+        yield pa.RecordBatch.from_pydict({"j": [j], "num_samples": [info["num_samples"]], "bytes": [info["bytes"]], "sha256": [info["sha256"]]}, schema=schema)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,47 +572,75 @@ def _run_spark(
         .select(C.UID, F.col("s._sid").alias("_sid"), F.col(f"s.{C.KEY}").alias(C.KEY))
         .withColumn("h", shuffle(F.col(C.UID)))
     )
-    # Global positions: sort by (score, uid), number the rows without collecting them.
-    ordered = rows.orderBy("h", C.UID).select(C.UID, "_sid", C.KEY)
-    plan_schema = T.StructType(
-        [T.StructField("j", T.IntegerType()), T.StructField("i", T.IntegerType()), T.StructField(C.UID, T.StringType()),
-         T.StructField("_sid", T.StringType()), T.StructField(C.KEY, T.StringType())]
-    )
-    plan = spark.createDataFrame(ordered.rdd.zipWithIndex().map(lambda pr: _assign(pr, q, r)), plan_schema).persist()
+    # Global positions without taking rows through Python: after the sort, monotonically_increasing_id
+    # is (partition << 33) + row number inside the partition, in sorted order, and partitions hold
+    # increasing ranges; one count per partition (a handful of rows) turns it into the position.
+    # Persisted so the ids the counts were taken from are the ids the plan uses.
+    ordered = rows.orderBy("h", C.UID).select(C.UID, "_sid", C.KEY, F.monotonically_increasing_id().alias("_mid")).persist()
+    index = None
+    t0 = time.perf_counter()
     try:
-        got = plan.count()
-        needed = sorted(x["_sid"] for x in plan.select("_sid").distinct().collect())
+        counts = sorted((int(x["pid"]), int(x["count"])) for x in ordered.groupBy(F.shiftright("_mid", 33).alias("pid")).count().collect())
+        got = sum(c for _, c in counts)
+        needed = sorted(x["_sid"] for x in ordered.select("_sid").distinct().collect())
+        log.info("reshard: planned %d samples from %d source shards in %.1f s", got, len(needed), time.perf_counter() - t0)
         unknown = [s for s in needed if s not in urls]
         if got != n or unknown:
             detail = f"{n - got} subset uids are not downloaded samples in the pool catalog" if got != n else ""
             if unknown:
                 detail += ("; " if detail else "") + f"samples in shards not listed as complete in {pool.path}: {unknown[:5]}"
             raise ReshardError(f"cannot reshard: {detail}; the pool changed since selection: re-run subsets on it")
-        sc = spark.sparkContext
-        idx_schema = "_sid string, key string, ext string, offset long, size long, mtime long"
-        index = spark.createDataFrame(
-            sc.parallelize([(s, urls[s]) for s in needed], max(1, min(len(needed), sc.defaultParallelism * 4))).flatMap(index_source_shard),
-            idx_schema,
+        offsets, acc = [], 0
+        for pid, c in counts:
+            offsets.append((pid, acc))
+            acc += c
+        offs = spark.createDataFrame(offsets, "pid long, _off long")
+        big = r * (q + 1)
+        pos = "(_off + (_mid & 8589934591))"  # 2**33 - 1: the row number inside the partition
+        plan = (
+            ordered.withColumn("pid", F.shiftright("_mid", 33))
+            .join(F.broadcast(offs), "pid")
+            .select(
+                C.UID, "_sid", C.KEY,
+                F.expr(f"CAST(CASE WHEN {pos} < {big} THEN {pos} div {q + 1} ELSE {r} + ({pos} - {big}) div {q} END AS INT)").alias("j"),
+                F.expr(f"CAST(CASE WHEN {pos} < {big} THEN {pos} % {q + 1} ELSE ({pos} - {big}) % {q} END AS INT)").alias("i"),
+            )
         )
-        members = index.groupBy("_sid", C.KEY).agg(F.collect_list(F.struct("ext", "offset", "size", "mtime")).alias("members"))
-        joined = plan.join(members, on=["_sid", C.KEY], how="left")
-        missing = joined.filter(F.col("members").isNull()).select("_sid", C.KEY).limit(5).collect()
+        sc = spark.sparkContext
+        t1 = time.perf_counter()
+        # Source tar headers -> one row per sample with its members as parallel arrays, built as Arrow
+        # batches in the tasks (no per-member Python rows); persisted: the check and the write use it.
+        index = (
+            spark.createDataFrame([(s_, urls[s_]) for s_ in needed], "_sid string, url string")
+            .repartition(max(1, min(len(needed), sc.defaultParallelism * 4)))
+            .mapInArrow(_index_batches, _INDEX_SCHEMA)
+            .persist()
+        )
+        joined = plan.join(index, on=["_sid", C.KEY], how="left")
+        missing = joined.filter(F.col("exts").isNull()).select("_sid", C.KEY).limit(5).collect()
         if missing:
             raise ReshardError(
                 f"source shards lack samples the catalog lists, e.g. {[(x['_sid'], x[C.KEY]) for x in missing]}; "
                 "the pool is damaged: run `laiontools verify` on it"
             )
-        grouped = joined.groupBy("j").agg(F.collect_list(F.struct("i", C.UID, "_sid", C.KEY, "members")).alias("entries"))
-        nparts = max(1, min(k, sc.defaultParallelism * 2))
+        log.info("reshard: indexed %d source shards and joined in %.1f s", len(needed), time.perf_counter() - t1)
+        t1 = time.perf_counter()
+        # Contiguous ranges of output shards per task, rows in (shard, index) order, handed to Python
+        # as Arrow batches; each task reads the source byte ranges and writes its shards itself.
+        nparts = max(1, min(k, sc.defaultParallelism * 4))
         out = (
-            grouped.repartition(nparts, "j")
-            .rdd.map(_group_entry)
-            .mapPartitions(lambda it: write_output_shards(it, out_dir, urls, plan_id, width))
+            joined.select("j", "i", C.UID, "_sid", C.KEY, "exts", "offs", "sizes", "mtimes")
+            .repartitionByRange(nparts, "j")
+            .sortWithinPartitions("j", "i")
+            .mapInArrow(lambda it: _write_batches(it, out_dir, urls, plan_id, width), _RESULT_SCHEMA)
             .collect()
         )
+        log.info("reshard: wrote %d output shards in %.1f s", len(out), time.perf_counter() - t1)
     finally:
-        plan.unpersist()
-    results = dict(out)
+        ordered.unpersist()
+        if index is not None:
+            index.unpersist()
+    results = {int(x["j"]): {"num_samples": int(x["num_samples"]), "bytes": int(x["bytes"]), "sha256": x["sha256"]} for x in out}
     if sorted(results) != list(range(k)):
         raise ReshardError(f"output shards {sorted(set(range(k)) - set(results))[:5]} were not written; re-run reshard to resume")
     return results
