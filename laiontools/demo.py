@@ -158,21 +158,27 @@ def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
 
     evalset = f"synthetic={src_info['evalset']}:imagefolder"
     heldout = f"heldout={write_heldout_evalset(p('web', 'heldout'), 200, cfg.seed + 7)}:parquet"
-    cal = run_calibrate(CalibrateConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-calibrate")))
+    # 1. the paper's method first: perceptual-hash matches (within 8 of 64 bits) are surely copies;
+    # 2. calibrate the embedding threshold with those known copies left out of the negatives (a pool
+    #    sample that already holds copies would otherwise make every threshold look unsafe);
+    # 3. dedup with the recommended embedding threshold, pHash beside it.
+    phash = {"phash": True, "phash_max_distance": 8}
+    run_dedup(DedupConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-phash"), threshold=1.0, **phash), spark)
+    cal = run_calibrate(CalibrateConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-calibrate"),
+                                        exclude_uids=p("dedup-phash", "exclude.uids.npy")))
     rec = cal.get("recommendation") or {}
     threshold = rec.get("threshold")
     t = _step("dedup calibrate", t, timings)
-    dcfg: dict[str, Any] = {"embeddings": p("embeddings"), "evalset": [evalset], "output": p("dedup"), "phash": True}
+    dcfg: dict[str, Any] = {"embeddings": p("embeddings"), "evalset": [evalset], "output": p("dedup"), **phash}
     if threshold is not None:
         dcfg["threshold"] = float(threshold)
-        method = f"embedding cosine >= {threshold} (recommended by dedup calibrate) + pHash exact matches"
+        method = (f"embedding cosine >= {threshold:.5f} (recommended by dedup calibrate, with the pHash matches left out "
+                  f"of its negatives) plus pHash within Hamming distance 8")
     else:
-        # A random-init model does not separate copies from unrelated images (calibrate says so and
-        # why). Then only the paper's own method is trustworthy: perceptual-hash matches within a
-        # small Hamming distance; embedding matches are limited to numerically identical vectors.
-        dcfg.update(threshold=1.0, phash_max_distance=8)
-        method = ("pHash within Hamming distance 8 (calibrate found no embedding threshold for this random-init model: "
-                  + str(rec.get("reason", "")) + ")")
+        # A random-init model may not separate copies from unrelated images at all (calibrate says
+        # why); then only the pHash matches are trustworthy.
+        dcfg["threshold"] = 1.0
+        method = "pHash within Hamming distance 8 (dedup calibrate found no safe embedding threshold: " + str(rec.get("reason", "")) + ")"
     log.info("demo: decontamination by %s", method)
     ded = run_dedup(DedupConfig(**dcfg), spark)
     t = _step("dedup", t, timings)
