@@ -577,19 +577,17 @@ def _run_spark(
     # increasing ranges; one count per partition (a handful of rows) turns it into the position.
     # Persisted so the ids the counts were taken from are the ids the plan uses.
     ordered = rows.orderBy("h", C.UID).select(C.UID, "_sid", C.KEY, F.monotonically_increasing_id().alias("_mid")).persist()
-    index = None
+    joined = None
     t0 = time.perf_counter()
     try:
         counts = sorted((int(x["pid"]), int(x["count"])) for x in ordered.groupBy(F.shiftright("_mid", 33).alias("pid")).count().collect())
         got = sum(c for _, c in counts)
-        needed = sorted(x["_sid"] for x in ordered.select("_sid").distinct().collect())
-        log.info("reshard: planned %d samples from %d source shards in %.1f s", got, len(needed), time.perf_counter() - t0)
-        unknown = [s for s in needed if s not in urls]
-        if got != n or unknown:
-            detail = f"{n - got} subset uids are not downloaded samples in the pool catalog" if got != n else ""
-            if unknown:
-                detail += ("; " if detail else "") + f"samples in shards not listed as complete in {pool.path}: {unknown[:5]}"
-            raise ReshardError(f"cannot reshard: {detail}; the pool changed since selection: re-run subsets on it")
+        log.info("reshard: planned %d samples in %.1f s", got, time.perf_counter() - t0)
+        if got != n:
+            raise ReshardError(
+                f"cannot reshard: {n - got} subset uids are not downloaded samples in the pool catalog; "
+                "the pool changed since selection: re-run subsets on it"
+            )
         offsets, acc = [], 0
         for pid, c in counts:
             offsets.append((pid, acc))
@@ -609,21 +607,31 @@ def _run_spark(
         sc = spark.sparkContext
         t1 = time.perf_counter()
         # Source tar headers -> one row per sample with its members as parallel arrays, built as Arrow
-        # batches in the tasks (no per-member Python rows); persisted: the check and the write use it.
+        # batches in the tasks (no per-member Python rows). Only the needed shards that the pool lists
+        # as complete are indexed; samples of any other shard come out of the left join without
+        # members and are reported below. The joined plan is persisted: the check, the range
+        # partitioning and the write all read it.
+        known = spark.createDataFrame(sorted(urls.items()), "_sid string, url string")
         index = (
-            spark.createDataFrame([(s_, urls[s_]) for s_ in needed], "_sid string, url string")
-            .repartition(max(1, min(len(needed), sc.defaultParallelism * 4)))
+            ordered.select("_sid").distinct().join(F.broadcast(known), "_sid")
+            .repartition(max(1, min(len(urls), sc.defaultParallelism * 4)))
             .mapInArrow(_index_batches, _INDEX_SCHEMA)
-            .persist()
         )
-        joined = plan.join(index, on=["_sid", C.KEY], how="left")
+        joined = plan.join(index, on=["_sid", C.KEY], how="left").persist()
         missing = joined.filter(F.col("exts").isNull()).select("_sid", C.KEY).limit(5).collect()
         if missing:
+            unknown = sorted({x["_sid"] for x in missing if x["_sid"] not in urls})
+            if unknown:
+                raise ReshardError(
+                    f"cannot reshard: samples in shards not listed as complete in {pool.path}: {unknown[:5]}; "
+                    "the pool changed since selection: re-run subsets on it"
+                )
             raise ReshardError(
                 f"source shards lack samples the catalog lists, e.g. {[(x['_sid'], x[C.KEY]) for x in missing]}; "
                 "the pool is damaged: run `laiontools verify` on it"
             )
-        log.info("reshard: indexed %d source shards and joined in %.1f s", len(needed), time.perf_counter() - t1)
+        ordered.unpersist()
+        log.info("reshard: indexed the source shards and joined in %.1f s", time.perf_counter() - t1)
         t1 = time.perf_counter()
         # Contiguous ranges of output shards per task, rows in (shard, index) order, handed to Python
         # as Arrow batches; each task reads the source byte ranges and writes its shards itself.
@@ -638,8 +646,8 @@ def _run_spark(
         log.info("reshard: wrote %d output shards in %.1f s", len(out), time.perf_counter() - t1)
     finally:
         ordered.unpersist()
-        if index is not None:
-            index.unpersist()
+        if joined is not None:
+            joined.unpersist()
     results = {int(x["j"]): {"num_samples": int(x["num_samples"]), "bytes": int(x["bytes"]), "sha256": x["sha256"]} for x in out}
     if sorted(results) != list(range(k)):
         raise ReshardError(f"output shards {sorted(set(range(k)) - set(results))[:5]} were not written; re-run reshard to resume")

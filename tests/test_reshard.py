@@ -255,3 +255,21 @@ def test_bad_inputs(spark, subset, tmp_path):
     from laiontools.cli import main as cli
 
     assert cli(["reshard", "--manifest", subset, "--output", str(tmp_path / "y"), "--seed", "1.5"]) == 2
+
+
+def test_damaged_source_shard_is_named_before_writing(spark, tmp_path):
+    # A source tar that lost a sample the catalog lists must stop the run before any shard is
+    # written (the check runs on the joined plan, ahead of the write tasks).
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=8)
+    n = read_manifest(pool)["num_samples"]
+    sub = run_subsets(SubsetsConfig(pool=pool, output=str(tmp_path / "sub"), scales=str(n - 3), seed=1), spark)[0]["manifest"]
+    path = resolve(pool, read_manifest(pool)["shards"][0]["path"])
+    with tarfile.open(path) as tf:
+        members = [(ti, tf.extractfile(ti).read()) for ti in tf]
+    assert len({ti.name.split(".")[0] for ti, _ in members}) > 3  # so some of them are in the subset of n - 3
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT):
+        pass  # an empty but valid tar: every sample of this shard is gone
+    out = tmp_path / "out"
+    with pytest.raises(ReshardError, match="lack samples the catalog lists"):
+        run_reshard(ReshardConfig(manifest=sub, output=str(out), shard_size=8), spark)
+    assert not glob.glob(str(out / "shards" / "*.tar"))
