@@ -140,24 +140,33 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     sizes = [a.shards] + ([a.shards * a.scale_up] if a.scale_up else [])
     results = []
+    load_before = [round(x, 1) for x in os.getloadavg()]
     with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
         one_size(spark, work, 1, 50, 4, 10, 1)  # warm-up (JVM JIT, Python workers): not reported
         for s in sizes:
             r = one_size(spark, work, s, a.per_shard, a.kb, a.shard_size, a.repeats)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
-    out = {"benchmark": "reshard vs sequential copy", "machine": f"{os.cpu_count()} cpus, Spark local[2]", "results": []}
+    # The machine may be shared: the load average says how much the absolute figures are inflated.
+    out = {"benchmark": "reshard vs sequential copy", "machine": f"{os.cpu_count()} cpus, Spark local[2]",
+           "loadavg_1_5_15": {"before": load_before, "after": [round(x, 1) for x in os.getloadavg()]}, "results": []}
     for r in results:
         out["results"].append({k: v for k, v in r.items() if not k.startswith("_")})
     if len(results) == 2:
         a_, b_ = results
         dmb = b_["source_mb"] - a_["source_mb"]
-        marg_copy = dmb / max(1e-9, b_["_copy_s"] - a_["_copy_s"])
-        marg_reshard = dmb / max(1e-9, b_["_reshard_s"] - a_["_reshard_s"])
-        out["marginal"] = {
-            "copy_mb_s": round(marg_copy, 1), "reshard_mb_s": round(marg_reshard, 1), "ratio": round(marg_reshard / marg_copy, 3),
-            "reshard_fixed_s": round(a_["_reshard_s"] - a_["source_mb"] / marg_reshard, 1),
-        }
+        dcopy, dreshard = b_["_copy_s"] - a_["_copy_s"], b_["_reshard_s"] - a_["_reshard_s"]
+        if dcopy <= 0 or dreshard <= 0:
+            # The larger input did not take longer: run-to-run noise (a loaded machine, fixed Spark
+            # costs) is bigger than the marginal cost, so no marginal figure can be read from this run.
+            out["marginal"] = {"copy_mb_s": None, "reshard_mb_s": None, "ratio": None, "reshard_fixed_s": None,
+                               "note": f"not measurable: extra seconds copy {dcopy:.2f}, reshard {dreshard:.2f}"}
+        else:
+            marg_copy, marg_reshard = dmb / dcopy, dmb / dreshard
+            out["marginal"] = {
+                "copy_mb_s": round(marg_copy, 1), "reshard_mb_s": round(marg_reshard, 1), "ratio": round(marg_reshard / marg_copy, 3),
+                "reshard_fixed_s": round(a_["_reshard_s"] - a_["source_mb"] / marg_reshard, 1),
+            }
     cmd = "python bench/bench_reshard.py " + " ".join(sys.argv[1:])
     out["command"] = cmd.strip()
     os.makedirs(a.out, exist_ok=True)
@@ -166,7 +175,9 @@ def main() -> int:
     print(f"\n{'source MB':>10} {'copy MB/s':>10} {'reshard MB/s':>13} {'ratio':>6}")
     for r in out["results"]:
         print(f"{r['source_mb']:>10.1f} {r['copy_mb_s']:>10.1f} {r['reshard_mb_s']:>13.1f} {r['ratio']:>6.3f}")
-    if "marginal" in out:
+    if "marginal" in out and out["marginal"]["ratio"] is None:
+        print(f"marginal: {out['marginal']['note']}")
+    elif "marginal" in out:
         mg = out["marginal"]
         print(f"marginal (extra MB / extra s): copy {mg['copy_mb_s']} MB/s, reshard {mg['reshard_mb_s']} MB/s, ratio {mg['ratio']}; "
               f"reshard fixed cost ~{mg['reshard_fixed_s']} s")
