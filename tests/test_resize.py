@@ -28,7 +28,7 @@ MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop")
 # ~1.3-2.6 (256 px, 1/2-scale decode) and ~3.8-8.5 (64 px, 1/8-scale decode): the realistic images
 # carry sensor noise, which a DCT-domain reduction and an area filter average differently, and the
 # re-encode at quality 95 adds its own error. Against a float Lanczos reference both resizers are
-# within ~0.1 (256 px) to ~1 (64 px) of each other (see bench/RESULTS-download.md).
+# within ~0.1 (256 px) to ~1 (64 px) of each other (see BENCHMARKS.md, "FastResizer").
 MEAN_ABS_BOUND = {256: 3.5, 64: 10.0}
 
 
