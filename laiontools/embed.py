@@ -195,6 +195,10 @@ class Embedder:
         self.model = bundle.model
         self.preprocess = bundle.preprocess
         self.tokenizer = bundle.tokenizer
+        from laiontools.encode import BatchPreprocess
+
+        # open_clip's transform, with ToTensor + Normalize moved to one op per batch (bit-identical).
+        self.batch_preprocess = BatchPreprocess(self.preprocess, tuple(bundle.info["image_size"]))
         self._input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self._autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(self.precision)
         info = dict(bundle.info)
@@ -226,22 +230,37 @@ class Embedder:
         return torch.autocast(device_type=self.device.split(":")[0], dtype=self._autocast_dtype)
 
     def encode(self, images: Any | None, tokens: Any | None) -> tuple[Any, Any]:
-        """Forward one batch: preprocessed image tensor and/or token tensor -> L2-normalized float32 tensors.
+        """Forward one batch: image tensor and/or token tensor -> L2-normalized float32 tensors.
 
-        Tensors may live on the CPU (pinned); they are moved to the model's device here.
+        `images` is either preprocessed float (N, 3, H, W) or, from :class:`BatchPreprocess`, uint8
+        (N, 3, H, W) still to be scaled and normalized (done here, on the model's device). Tensors may
+        live on the CPU (pinned); they are moved to the model's device here. Captions run through
+        :func:`laiontools.encode.encode_text_trimmed` (same values, no work on padding).
         """
         import torch
         import torch.nn.functional as F
 
+        from laiontools.encode import encode_text_trimmed
+
         img = txt = None
         with torch.inference_mode(), self._autocast():
             if images is not None:
-                x = images.to(self.device, non_blocking=True).to(self._input_dtype)
-                img = F.normalize(self.model.encode_image(x).float(), dim=-1)
+                x = images.to(self.device, non_blocking=True)
+                if x.dtype == torch.uint8:
+                    x = self.batch_preprocess.normalize(x)
+                img = F.normalize(self.model.encode_image(x.to(self._input_dtype)).float(), dim=-1)
             if tokens is not None:
                 t = tokens.to(self.device, non_blocking=True)
-                txt = F.normalize(self.model.encode_text(t).float(), dim=-1)
+                txt = F.normalize(encode_text_trimmed(self.model, t).float(), dim=-1)
         return img, txt
+
+    def image_input(self, im: Any) -> Any:
+        """One PIL image -> what a batch slot holds: (3, H, W) uint8 when the transform splits, else float."""
+        import torch
+
+        if self.batch_preprocess.split:
+            return torch.from_numpy(np.array(self.batch_preprocess.to_uint8(im))).permute(2, 0, 1)
+        return self.preprocess(im)
 
     def embed_images(self, images: Iterable[Any]) -> np.ndarray:
         """PIL images -> (N, dim) float32 L2-normalized, with the model's own preprocessing."""
@@ -256,7 +275,7 @@ class Embedder:
             batch.clear()
 
         for im in images:
-            batch.append(self.preprocess(im))
+            batch.append(self.image_input(im))
             if len(batch) >= self.batch_size:
                 flush()
         if batch:
@@ -349,6 +368,59 @@ def _split_key(name: str) -> tuple[str, str]:
     return (d + "/" + stem if d else stem), ext.lower()
 
 
+def _tarfile_members(data: bytes, url: str) -> list[tuple[str, bytes]]:
+    """(name, payload) of every regular file, by the tarfile module; ShardError if it is not a tar."""
+    out = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for m in tf:
+                if m.isfile():
+                    fobj = tf.extractfile(m)
+                    out.append((m.name, fobj.read() if fobj is not None else b""))
+    except tarfile.TarError as e:
+        raise ShardError(f"shard {url} is not a readable tar ({e}); re-download it") from e
+    return out
+
+
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+_POSIX_MAGIC = b"ustar\x0000"
+
+
+def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
+    """Same as :func:`_tarfile_members` for a tar of plain ustar/GNU file and directory headers (what
+    img2dataset and webdataset write), parsed directly: tarfile's per-header Python costs more than
+    decoding a small JPEG. Returns None, so the caller falls back to tarfile, at anything else (pax or
+    GNU long-name headers, links, base-256 sizes, a bad checksum, truncation)."""
+    out: list[tuple[str, bytes]] = []
+    pos, n = 0, len(data)
+    if n == 0:
+        return None
+    while pos + tarfile.BLOCKSIZE <= n:
+        h = data[pos : pos + tarfile.BLOCKSIZE]
+        if h == _ZERO_BLOCK:
+            return out
+        try:
+            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            chk = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return None
+        if chk != sum(h) - sum(h[148:156]) + 256:
+            return None
+        kind = h[156:157]
+        name = h[:100].split(b"\0", 1)[0]
+        if h[257:265] == _POSIX_MAGIC and h[345] != 0:
+            name = h[345:500].split(b"\0", 1)[0] + b"/" + name
+        start = pos + tarfile.BLOCKSIZE
+        if kind in (b"0", b"\0") and not name.endswith(b"/"):
+            if start + size > n:
+                return None
+            out.append((name.decode("utf-8", "surrogateescape"), data[start : start + size]))
+        elif kind != b"5":
+            return None
+        pos = start + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return out if pos == n else None
+
+
 def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str, dict[str, bytes]]]:
     """All samples of a webdataset tar in order: [(key, {ext: bytes})].
 
@@ -370,30 +442,27 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
                 f"shard {url} has sha256 {got[:16]}… but the manifest says {expected_sha256[:16]}…; "
                 f"the file changed or is truncated: re-download it or regenerate the manifest"
             )
+    members = _plain_tar_members(data)
+    if members is None:  # anything unusual (pax/GNU headers, damage): tarfile decides, as it always did
+        members = _tarfile_members(data, url)
     samples: list[tuple[str, dict[str, bytes]]] = []
     index: dict[str, int] = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                if m.name.rpartition("/")[2].startswith("."):  # hidden files (e.g. macOS ._ resource forks)
-                    continue
-                key, ext = _split_key(m.name)
-                fobj = tf.extractfile(m)
-                payload = fobj.read() if fobj is not None else b""
-                if key not in index:
-                    index[key] = len(samples)
-                    samples.append((key, {}))
-                samples[index[key]][1][ext] = payload
-    except tarfile.TarError as e:
-        raise ShardError(f"shard {url} is not a readable tar ({e}); re-download it") from e
+    for name, payload in members:
+        if name.rpartition("/")[2].startswith("."):  # hidden files (e.g. macOS ._ resource forks)
+            continue
+        key, ext = _split_key(name)
+        if key not in index:
+            index[key] = len(samples)
+            samples.append((key, {}))
+        samples[index[key]][1][ext] = payload
     return samples
 
 
 def load_image(data: bytes, preprocess: Any, draft_size: int | None = None) -> Any:
-    """Encoded image bytes -> preprocessed tensor. With `draft_size`, a JPEG at least twice that size is
-    decoded at reduced scale by libjpeg (never below `draft_size` on its short side) before `preprocess`."""
+    """Encoded image bytes -> `preprocess(image)` (a tensor, or a uint8 array from BatchPreprocess).
+
+    With `draft_size`, a JPEG at least twice that size is decoded at reduced scale by libjpeg (never
+    below `draft_size` on its short side) before `preprocess`."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
@@ -442,7 +511,11 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
 
         def __init__(self, tasks: list[dict[str, Any]], preprocess: Any, tokenizer: Any, batch_size: int,
                      image_size: tuple[int, int], verify: bool, fast_decode: bool = False) -> None:
-            self.tasks, self.preprocess, self.tokenizer = tasks, preprocess, tokenizer
+            # `preprocess`: a BatchPreprocess. When it splits, slots hold uint8 and the model side
+            # normalizes the whole batch; otherwise open_clip's transform runs per image (float).
+            self.tasks, self.batch_pre, self.tokenizer = tasks, preprocess, tokenizer
+            self.uint8 = preprocess.split
+            self.preprocess = preprocess.to_uint8 if preprocess.split else preprocess.preprocess
             self.batch_size, self.image_size, self.verify = batch_size, image_size, verify
             self.draft_size = max(image_size) if fast_decode else None
 
@@ -468,7 +541,10 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
 
         def _batch(self, task: dict[str, Any], samples: list, b: int, nb: int) -> dict[str, Any]:
             n = len(samples)
-            images = torch.zeros((n, 3, *self.image_size), dtype=torch.float32)
+            if self.uint8:  # HWC slots filled from PIL, one permute for the whole batch at the end
+                images = np.zeros((n, *self.image_size, 3), dtype=np.uint8)
+            else:
+                images = torch.zeros((n, 3, *self.image_size), dtype=torch.float32)
             ok = torch.zeros(n, dtype=torch.bool)
             keys, uids, captions, errors = [], [], [], []
             for i, (key, parts) in enumerate(samples):
@@ -481,6 +557,8 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
                 captions.append(caption)
                 errors.append(err)
             tokens = self.tokenizer(captions) if n else None
+            if self.uint8:
+                images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
             return {"shard": task["id"], "error": None, "batch": b, "nbatches": nb, "keys": keys, "uids": uids,
                     "images": images, "tokens": tokens, "ok": ok, "errors": errors}
 
@@ -558,7 +636,7 @@ def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConf
         return []
     workers = _auto_workers(cfg.num_workers, embedder.device)
     dataset = _shard_batches_iterable()(
-        tasks, embedder.preprocess, embedder.tokenizer, cfg.batch_size,
+        tasks, embedder.batch_preprocess, embedder.tokenizer, cfg.batch_size,
         tuple(embedder.info["image_size"]), cfg.verify_shards, cfg.fast_decode,
     )
     loader = DataLoader(

@@ -1,0 +1,141 @@
+"""laiontools.encode: the embed step's cheaper paths must give what open_clip gives.
+
+Real open_clip models (the shipped tiny config and ViT-B-32's config, random init) and their own
+transforms and tokenizers; the reference is always open_clip's own call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from laiontools.encode import BatchPreprocess, can_trim_text, encode_text_trimmed, length_groups
+from laiontools.models import load_model
+
+
+@pytest.fixture(scope="module", params=["lt-tiny", "ViT-B-32"])
+def bundle(request):
+    return load_model(request.param)
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    out = []
+    for w, h, mode in ((256, 256, "RGB"), (300, 120, "RGB"), (97, 301, "L"), (64, 64, "RGBA"),
+                       (10, 7, "RGB"), (500, 333, "P"), (224, 224, "CMYK"), (1, 1, "RGB")):
+        arr = rng.integers(0, 256, size=(h, w, len(mode) if mode not in ("L", "P") else 1), dtype=np.uint8)
+        im = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr,
+                             mode={"L": "L", "P": "L", "RGBA": "RGBA", "CMYK": "CMYK"}.get(mode, "RGB"))
+        out.append(im.convert("P") if mode == "P" else im)
+    return out
+
+
+def test_batch_preprocess_is_bit_identical(bundle):
+    image_size = tuple(bundle.info["image_size"])
+    bp = BatchPreprocess(bundle.preprocess, image_size)
+    assert bp.split, f"open_clip's eval transform was not recognised: {bundle.preprocess}"
+    ims = _images()
+    ref = torch.stack([bundle.preprocess(im) for im in ims])
+    u8 = torch.stack([torch.from_numpy(np.array(bp.to_uint8(im))).permute(2, 0, 1) for im in ims])
+    assert u8.dtype == torch.uint8 and u8.shape == ref.shape
+    assert torch.equal(bp.normalize(u8), ref)
+
+
+def test_unrecognised_transform_is_not_split(bundle):
+    from torchvision.transforms import Compose, Lambda
+
+    image_size = tuple(bundle.info["image_size"])
+    extra = Compose([*bundle.preprocess.transforms, Lambda(lambda x: x * 2)])
+    assert not BatchPreprocess(extra, image_size).split
+    no_rgb = Compose([t for t in bundle.preprocess.transforms if type(t).__name__ != "MaybeConvertMode"])
+    assert not BatchPreprocess(no_rgb, image_size).split
+
+
+def _captions(n: int, context: int) -> list[str]:
+    rng = np.random.default_rng(1)
+    words = "a photo of the red blue dog cat house on in with large small tree river mountain".split()
+    caps = [" ".join(rng.choice(words, size=int(rng.integers(1, 20)))) for _ in range(n)]
+    caps[3] = " ".join(rng.choice(words, size=context * 2))  # truncated at the context length
+    caps[5] = ""
+    return caps
+
+
+def test_trimmed_text_equals_open_clip(bundle):
+    model = bundle.model.eval()
+    assert can_trim_text(model)
+    tokens = bundle.tokenizer(_captions(37, model.context_length))
+    with torch.inference_mode():
+        ref = model.encode_text(tokens)
+        got = encode_text_trimmed(model, tokens)
+        # a batch whose every caption is short takes the single-group path
+        short = tokens[[0, 1, 2]]
+        got_short = encode_text_trimmed(model, short)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(got_short, ref[[0, 1, 2]], atol=1e-5, rtol=1e-4)
+
+
+def test_length_groups_cover_every_row_once():
+    rng = np.random.default_rng(2)
+    for n in (1, 7, 64, 512):
+        lengths = rng.integers(2, 78, size=n)
+        lengths[rng.integers(0, n)] = 77
+        groups = length_groups(lengths, context=77)
+        idx = np.concatenate([g for g, _ in groups])
+        assert sorted(idx.tolist()) == list(range(n))
+        assert 1 <= len(groups) <= 4
+        for g, L in groups:
+            assert lengths[g].max() <= L <= 77
+        padded = sum(len(g) * L for g, L in groups)
+        assert padded <= n * 77
+    # mostly short captions and one long one: the short ones must not pay for 77 positions
+    lengths = np.array([10] * 63 + [77])
+    groups = length_groups(lengths, context=77)
+    assert sum(len(g) * L for g, L in groups) < 0.3 * 64 * 77
+
+
+def _tar_bytes(members, fmt=None) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt or tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            if data is None:
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+                continue
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_plain_tar_parser_matches_tarfile():
+    """The embed step's direct ustar parser gives tarfile's members, or steps aside (None)."""
+    import tarfile
+
+    from laiontools.embed import _plain_tar_members, _tarfile_members
+
+    rng = np.random.default_rng(3)
+    plain = [("000001.jpg", rng.bytes(1000)), ("000001.txt", b"a cat"), ("000001.json", b"{}"),
+             ("dir", None), ("sub/000002.jpg", rng.bytes(512)), ("sub/000002.txt", b""),
+             ("p" * 90 + "/" + "q" * 60 + ".txt", b"long name in the ustar prefix field")]
+    for fmt, members in ((tarfile.USTAR_FORMAT, plain), (tarfile.GNU_FORMAT, plain[:-1])):
+        data = _tar_bytes(members, fmt)
+        got = _plain_tar_members(data)
+        assert got is not None and got == _tarfile_members(data, "x.tar")
+        assert [n for n, _ in got][:2] == ["000001.jpg", "000001.txt"]
+    # pax headers (a non-ASCII name), GNU long names: parsed by tarfile, not here
+    pax = _tar_bytes([("é" * 120 + ".txt", b"x")], tarfile.PAX_FORMAT)
+    assert _plain_tar_members(pax) is None and _tarfile_members(pax, "x.tar")[0][1] == b"x"
+    gnu_long = _tar_bytes([("g" * 150 + ".txt", b"y")], tarfile.GNU_FORMAT)
+    assert _plain_tar_members(gnu_long) is None
+    # damage: a flipped header byte, truncated data, an empty file -> not parsed here
+    data = bytearray(_tar_bytes(plain))
+    data[5] ^= 0xFF
+    assert _plain_tar_members(bytes(data)) is None
+    assert _plain_tar_members(_tar_bytes(plain)[:700]) is None
+    assert _plain_tar_members(b"") is None
