@@ -136,6 +136,9 @@ def main() -> int:
     from laiontools.spark import spark_session
 
     setup_logging("WARNING")
+    import logging
+
+    logging.getLogger("laiontools.reshard").setLevel(logging.INFO)  # its per-stage timings
     work = a.work or os.path.join(a.out, "reshard-work")
     os.makedirs(work, exist_ok=True)
     sizes = [a.shards] + ([a.shards * a.scale_up] if a.scale_up else [])

@@ -382,45 +382,6 @@ def _tarfile_members(data: bytes, url: str) -> list[tuple[str, bytes]]:
     return out
 
 
-_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
-_POSIX_MAGIC = b"ustar\x0000"
-
-
-def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
-    """Same as :func:`_tarfile_members` for a tar of plain ustar/GNU file and directory headers (what
-    img2dataset and webdataset write), parsed directly: tarfile's per-header Python costs more than
-    decoding a small JPEG. Returns None, so the caller falls back to tarfile, at anything else (pax or
-    GNU long-name headers, links, base-256 sizes, a bad checksum, truncation)."""
-    out: list[tuple[str, bytes]] = []
-    pos, n = 0, len(data)
-    if n == 0:
-        return None
-    while pos + tarfile.BLOCKSIZE <= n:
-        h = data[pos : pos + tarfile.BLOCKSIZE]
-        if h == _ZERO_BLOCK:
-            return out
-        try:
-            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            chk = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            return None
-        if chk != sum(h) - sum(h[148:156]) + 256:
-            return None
-        kind = h[156:157]
-        name = h[:100].split(b"\0", 1)[0]
-        if h[257:265] == _POSIX_MAGIC and h[345] != 0:
-            name = h[345:500].split(b"\0", 1)[0] + b"/" + name
-        start = pos + tarfile.BLOCKSIZE
-        if kind in (b"0", b"\0") and not name.endswith(b"/"):
-            if start + size > n:
-                return None
-            out.append((name.decode("utf-8", "surrogateescape"), data[start : start + size]))
-        elif kind != b"5":
-            return None
-        pos = start + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    return out if pos == n else None
-
-
 def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str, dict[str, bytes]]]:
     """All samples of a webdataset tar in order: [(key, {ext: bytes})].
 
@@ -442,7 +403,9 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
                 f"shard {url} has sha256 {got[:16]}… but the manifest says {expected_sha256[:16]}…; "
                 f"the file changed or is truncated: re-download it or regenerate the manifest"
             )
-    members = _plain_tar_members(data)
+    from laiontools.tarscan import plain_members
+
+    members = plain_members(data)
     if members is None:  # anything unusual (pax/GNU headers, damage): tarfile decides, as it always did
         members = _tarfile_members(data, url)
     samples: list[tuple[str, dict[str, bytes]]] = []

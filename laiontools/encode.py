@@ -110,7 +110,7 @@ def needed_lengths(model: Any, tokens: Any) -> Any:
     return idx + 1
 
 
-def length_groups(lengths: np.ndarray, max_groups: int = 4, group_cost: float = 0.05,
+def length_groups(lengths: np.ndarray, max_groups: int = 4, group_cost: float = 0.1,
                   context: int | None = None, quantum: int = 8) -> list[tuple[np.ndarray, int]]:
     """Split a batch into groups of similar length, minimising padded positions.
 
@@ -183,8 +183,8 @@ def encode_text_trimmed(model: Any, tokens: Any, max_groups: int = 4) -> Any:
         return model.encode_text(tokens)
     lengths = needed_lengths(model, tokens).cpu().numpy()
     groups = length_groups(lengths, max_groups=max_groups, context=tokens.shape[1])
-    if len(groups) == 1 and groups[0][1] >= tokens.shape[1]:
-        return model.encode_text(tokens)
+    if sum(len(g) * L for g, L in groups) > 0.8 * tokens.shape[0] * tokens.shape[1]:
+        return model.encode_text(tokens)  # saves too little to pay for the extra forward passes
     out = None
     for idx, L in groups:
         sel = torch.as_tensor(idx, device=tokens.device)

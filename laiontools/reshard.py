@@ -158,20 +158,27 @@ def _unwrap(e: BaseException) -> None:
 
 
 def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, int, int]]:
-    """(source shard id, url) -> [(shard id, key, ext, data offset, size, mtime)] from the tar headers only."""
+    """(source shard id, url) -> [(shard id, key, ext, data offset, size, mtime)] from the tar headers only.
+
+    Plain ustar headers are read directly (:mod:`laiontools.tarscan`); anything else goes to tarfile."""
+    from laiontools.tarscan import scan_headers
+
     sid, url = item
     fs, p = url_to_fs(url)
     out = []
     try:
-        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            for ti in tf:
-                if not ti.isfile():
-                    continue
-                base = ti.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                key, ext = base.split(".", 1)
-                out.append((sid, key, ext, int(ti.offset_data), int(ti.size), int(ti.mtime)))
+        with fs.open(p, "rb") as f:
+            members = scan_headers(f, fs.size(p))
+            if members is None:
+                f.seek(0)
+                with tarfile.open(fileobj=f, mode="r:") as tf:
+                    members = [(ti.name, int(ti.offset_data), int(ti.size), int(ti.mtime)) for ti in tf if ti.isfile()]
+        for name, off, size, mtime in members:
+            base = name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            key, ext = base.split(".", 1)
+            out.append((sid, key, ext, off, size, mtime))
     except (tarfile.TarError, OSError, EOFError) as e:
         _raise_user(f"source shard {url} is truncated or unreadable ({e}); run `laiontools verify` on the pool and re-download it")
     return out
@@ -197,10 +204,24 @@ class _HashingWriter:
 
     def flush(self) -> None:
         if self.parts:
-            chunk = b"".join(self.parts)
-            self.h.update(chunk)
-            self.f.write(chunk)
+            # Piece by piece: no joined copy of the chunk (hashlib and the unbuffered file take
+            # memoryviews; small pieces go through one bytes join).
+            small: list[bytes | memoryview] = []
+            for part in self.parts:
+                if len(part) < 4096:
+                    small.append(part)
+                    continue
+                if small:
+                    self._put(b"".join(small))
+                    small = []
+                self._put(part)
+            if small:
+                self._put(b"".join(small))
             self.parts, self.pending = [], 0
+
+    def _put(self, b: bytes | memoryview) -> None:
+        self.h.update(b)
+        self.f.write(b)
 
 
 # A ustar header for a regular file with every field but name/size/mtime/checksum fixed (mode 0644,

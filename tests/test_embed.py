@@ -260,7 +260,9 @@ def test_spark_one_task_per_shard(spark, small_pool, tmp_path):
     local = str(tmp_path / "local")
     assert _run(small_pool, local) == 0
     out = str(tmp_path / "spark")
-    res = run_embed(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0,
+    # One DataLoader decode worker inside each Spark task (a child of Spark's Python worker), as on a
+    # GPU cluster; the local reference run above decodes in-process.
+    res = run_embed(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=1,
                                 engine="spark"), spark=spark)
     assert res.ok and res.shards_embedded == ["00000", "00001", "00002"] and res.failed_decode == 1
     _assert_same_output(local, out)

@@ -117,7 +117,8 @@ def test_plain_tar_parser_matches_tarfile():
     """The embed step's direct ustar parser gives tarfile's members, or steps aside (None)."""
     import tarfile
 
-    from laiontools.embed import _plain_tar_members, _tarfile_members
+    from laiontools.embed import _tarfile_members
+    from laiontools.tarscan import plain_members as _plain_tar_members
 
     rng = np.random.default_rng(3)
     plain = [("000001.jpg", rng.bytes(1000)), ("000001.txt", b"a cat"), ("000001.json", b"{}"),
@@ -139,3 +140,27 @@ def test_plain_tar_parser_matches_tarfile():
     assert _plain_tar_members(bytes(data)) is None
     assert _plain_tar_members(_tar_bytes(plain)[:700]) is None
     assert _plain_tar_members(b"") is None
+
+
+def test_header_scan_matches_tarfile(tmp_path):
+    """reshard's header-only index (tarscan.scan_headers) gives tarfile's offsets, or steps aside."""
+    import tarfile
+
+    from laiontools.tarscan import scan_headers
+
+    rng = np.random.default_rng(4)
+    members = [(f"{i:06d}.{ext}", rng.bytes(int(rng.integers(0, 3000)))) for i in range(20) for ext in ("jpg", "txt")]
+    members.insert(3, ("adir", None))
+    data = _tar_bytes(members)
+    p = tmp_path / "a.tar"
+    p.write_bytes(data)
+    with open(p, "rb") as f:
+        got = scan_headers(f, len(data))
+    with tarfile.open(p) as tf:
+        ref = [(ti.name, ti.offset_data, ti.size, ti.mtime) for ti in tf if ti.isfile()]
+    assert got == ref and len(got) == 40
+    for bad in (data[:1000], data[:-1024 * 10 - 1], b"x" * 2048):
+        q = tmp_path / "b.tar"
+        q.write_bytes(bad)
+        with open(q, "rb") as f:
+            assert scan_headers(f, len(bad)) is None, len(bad)
