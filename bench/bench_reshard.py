@@ -170,6 +170,16 @@ def main() -> int:
                 "copy_mb_s": round(marg_copy, 1), "reshard_mb_s": round(marg_reshard, 1), "ratio": round(marg_reshard / marg_copy, 3),
                 "reshard_fixed_s": round(a_["_reshard_s"] - a_["source_mb"] / marg_reshard, 1),
             }
+    # What the output's sha256 alone allows: every output byte is hashed (the manifest needs it), one
+    # stream per task, on at most Spark's 2 task slots; hashing alone caps reshard at this MB/s.
+    blob = os.urandom(64 << 20)
+    t = time.perf_counter()
+    hashlib.sha256(blob).hexdigest()
+    sha_mb_s = len(blob) / 1e6 / (time.perf_counter() - t)
+    copy_ref = out.get("marginal", {}).get("copy_mb_s") or results[-1]["copy_mb_s"]
+    out["sha256_ceiling"] = {"sha256_mb_s_one_core": round(sha_mb_s, 1), "task_slots": 2,
+                             "hash_only_reshard_mb_s": round(2 * sha_mb_s, 1),
+                             "hash_only_ratio_vs_copy": round(2 * sha_mb_s / copy_ref, 3)}
     cmd = "python bench/bench_reshard.py " + " ".join(sys.argv[1:])
     out["command"] = cmd.strip()
     os.makedirs(a.out, exist_ok=True)
@@ -184,6 +194,9 @@ def main() -> int:
         mg = out["marginal"]
         print(f"marginal (extra MB / extra s): copy {mg['copy_mb_s']} MB/s, reshard {mg['reshard_mb_s']} MB/s, ratio {mg['ratio']}; "
               f"reshard fixed cost ~{mg['reshard_fixed_s']} s")
+    sc = out["sha256_ceiling"]
+    print(f"sha256 on one core {sc['sha256_mb_s_one_core']} MB/s: hashing alone caps reshard on 2 task slots at "
+          f"{sc['hash_only_reshard_mb_s']} MB/s = {sc['hash_only_ratio_vs_copy']} of copy")
     print(f"\ncommand: {out['command']}   (figures in {os.path.join(a.out, 'reshard.json')})")
     return 0
 

@@ -26,7 +26,9 @@ the other shards finish, the run lists the failed shards in ``embed_report.json`
 Engines, one code path (:func:`_embed_tasks`) for all of them:
 
 * ``local`` (default): one process; a torch DataLoader whose workers read the tars, decode and
-  preprocess, so the model never waits on JPEG decode. Under ``torchrun`` (``WORLD_SIZE`` > 1) each
+  preprocess, so the model never waits on JPEG decode. Workers apply open_clip's resize / crop and
+  hand over uint8 batches; scaling + normalization run once per batch on the model's device, and
+  captions skip their padding (:mod:`laiontools.encode`: exact equivalents of open_clip's calls). Under ``torchrun`` (``WORLD_SIZE`` > 1) each
   rank takes ``shards[rank::world]`` and its GPU ``cuda:LOCAL_RANK``; rank 0 writes the report.
 * ``spark``: one Spark task per shard (clip-retrieval's layout of work). With GPU scheduling
   configured (``spark.executor.resource.gpu.amount``, ``spark.task.resource.gpu.amount=1`` and a

@@ -185,15 +185,29 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
 
 
 class _HashingWriter:
-    """Buffered write-through wrapper: collects pieces and hands them to the file and to sha256 in
-    chunks of ~8 MB, so the per-call cost of hashing and writing is paid per chunk, not per member."""
+    """Buffered write-through wrapper: collects pieces, writes them to the file in chunks of ~8 MB and
+    hashes them (sha256, for the manifest) in a second thread. hashlib releases the GIL, so hashing
+    (the largest CPU cost of resharding on CPUs without SHA extensions) overlaps with reading,
+    building and writing the next chunk and with fsync waits. At most a few chunks wait to be hashed.
+    """
 
     CHUNK = 8 << 20
 
     def __init__(self, f: BinaryIO) -> None:
+        import queue
+        import threading
+
         self.f, self.h, self.n = f, hashlib.sha256(), 0
         self.parts: list[bytes | memoryview] = []
         self.pending = 0
+        self._q: queue.Queue = queue.Queue(maxsize=3)
+        self._t = threading.Thread(target=self._hash_loop, name="reshard-sha256", daemon=True)
+        self._t.start()
+
+    def _hash_loop(self) -> None:
+        while (pieces := self._q.get()) is not None:
+            for piece in pieces:
+                self.h.update(piece)
 
     def write(self, b: bytes | memoryview) -> None:
         self.parts.append(b)
@@ -204,24 +218,34 @@ class _HashingWriter:
 
     def flush(self) -> None:
         if self.parts:
-            # Piece by piece: no joined copy of the chunk (hashlib and the unbuffered file take
-            # memoryviews; small pieces go through one bytes join).
+            # Piece by piece: no joined copy of the chunk (small pieces go through one bytes join).
+            pieces: list[bytes | memoryview] = []
             small: list[bytes | memoryview] = []
             for part in self.parts:
                 if len(part) < 4096:
                     small.append(part)
                     continue
                 if small:
-                    self._put(b"".join(small))
+                    pieces.append(b"".join(small))
                     small = []
-                self._put(part)
+                pieces.append(part)
             if small:
-                self._put(b"".join(small))
+                pieces.append(b"".join(small))
+            for piece in pieces:
+                self.f.write(piece)
+            self._q.put(pieces)
             self.parts, self.pending = [], 0
 
-    def _put(self, b: bytes | memoryview) -> None:
-        self.h.update(b)
-        self.f.write(b)
+    def hexdigest(self) -> str:
+        """Flush, wait for the hash thread, return the sha256 of everything written."""
+        self.flush()
+        self.close()
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        if self._t.is_alive():
+            self._q.put(None)
+            self._t.join()
 
 
 # A ustar header for a regular file with every field but name/size/mtime/checksum fixed (mode 0644,
@@ -357,31 +381,38 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
                     continue
             entries = sorted(entries, key=lambda e: e[0])
             used: set[str] = set()
-            with atomic_open(path) as raw:
-                hw = _HashingWriter(raw)
-                start = 0
-                while start < len(entries):
-                    # Cut the next batch by source bytes, then read it in source order.
-                    stop, nbytes = start, 0
-                    while stop < len(entries) and (stop == start or nbytes < READ_BATCH_BYTES):
-                        nbytes += sum(m[2] for m in entries[stop][4])
-                        stop += 1
-                    batch = entries[start:stop]
-                    data = _read_batch(sources, [(b, e[2], e[4]) for b, e in enumerate(batch)])
-                    for b, (i, uid, sid, skey, _) in enumerate(batch):
-                        used.add(sid)
-                        key = new_key(j, i, width)
-                        for ext, blob, mtime in data[b]:
-                            if ext == "json":
-                                blob = _rewrite_json(blob, uid, key, sid, skey, urls[sid])
-                            _write_member(hw, f"{key}.{ext}", blob, mtime)
-                    del data
-                    start = stop
-                # End of archive: two zero blocks, padded to a whole record as tarfile does.
-                end = hw.n + 2 * tarfile.BLOCKSIZE
-                hw.write(_ZEROS[: 2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE])
-                hw.flush()
-            info = {"num_samples": len(entries), "bytes": hw.n, "sha256": hw.h.hexdigest(), "plan": plan_id, "sources": sorted(used)}
+            hw: _HashingWriter | None = None
+            try:
+                with atomic_open(path) as raw:
+                    hw = _HashingWriter(raw)
+                    start = 0
+                    while start < len(entries):
+                        # Cut the next batch by source bytes, then read it in source order.
+                        stop, nbytes = start, 0
+                        while stop < len(entries) and (stop == start or nbytes < READ_BATCH_BYTES):
+                            nbytes += sum(m[2] for m in entries[stop][4])
+                            stop += 1
+                        batch = entries[start:stop]
+                        data = _read_batch(sources, [(b, e[2], e[4]) for b, e in enumerate(batch)])
+                        for b, (i, uid, sid, skey, _) in enumerate(batch):
+                            used.add(sid)
+                            key = new_key(j, i, width)
+                            for ext, blob, mtime in data[b]:
+                                if ext == "json":
+                                    blob = _rewrite_json(blob, uid, key, sid, skey, urls[sid])
+                                _write_member(hw, f"{key}.{ext}", blob, mtime)
+                        del data
+                        start = stop
+                    # End of archive: two zero blocks, padded to a whole record as tarfile does.
+                    end = hw.n + 2 * tarfile.BLOCKSIZE
+                    hw.write(_ZEROS[: 2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE])
+                    hw.flush()
+                # Written, fsync'd and renamed (the hash thread ran meanwhile); now the digest.
+                digest = hw.hexdigest()
+            finally:
+                if hw is not None:
+                    hw.close()  # no-op once the digest is taken; stops the hash thread on errors
+            info = {"num_samples": len(entries), "bytes": hw.n, "sha256": digest, "plan": plan_id, "sources": sorted(used)}
             mark_done(path, info)
             yield j, info
     finally:
