@@ -46,25 +46,10 @@ def parse_header(h: bytes) -> tuple[object, str, int, int] | None:
 
 def plain_members(data: bytes) -> list[tuple[str, bytes]] | None:
     """[(name, payload)] of the regular files of a whole tar in memory, or None."""
-    out: list[tuple[str, bytes]] = []
-    pos, n = 0, len(data)
-    if n == 0:
-        return None
-    while pos + BLOCK <= n:
-        h = data[pos : pos + BLOCK]
-        if h == _ZERO_BLOCK:
-            return out
-        parsed = parse_header(h)
-        if parsed is None:
-            return None
-        kind, name, size, _ = parsed
-        start = pos + BLOCK
-        if kind is _FILE:
-            if start + size > n:
-                return None
-            out.append((name, data[start : start + size]))
-        pos = start + -(-size // BLOCK) * BLOCK
-    return out if pos == n else None
+    import io
+
+    members = scan_headers(io.BytesIO(data), len(data))
+    return None if members is None else [(name, data[off : off + size]) for name, off, size, _ in members]
 
 
 def scan_headers(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]] | None:
