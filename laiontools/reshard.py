@@ -205,9 +205,8 @@ class _HashingWriter:
         self._t.start()
 
     def _hash_loop(self) -> None:
-        while (pieces := self._q.get()) is not None:
-            for piece in pieces:
-                self.h.update(piece)
+        while (chunk := self._q.get()) is not None:
+            self.h.update(chunk)
 
     def write(self, b: bytes | memoryview) -> None:
         self.parts.append(b)
@@ -218,22 +217,12 @@ class _HashingWriter:
 
     def flush(self) -> None:
         if self.parts:
-            # Piece by piece: no joined copy of the chunk (small pieces go through one bytes join).
-            pieces: list[bytes | memoryview] = []
-            small: list[bytes | memoryview] = []
-            for part in self.parts:
-                if len(part) < 4096:
-                    small.append(part)
-                    continue
-                if small:
-                    pieces.append(b"".join(small))
-                    small = []
-                pieces.append(part)
-            if small:
-                pieces.append(b"".join(small))
-            for piece in pieces:
-                self.f.write(piece)
-            self._q.put(pieces)
+            # One 8 MB chunk, one write, one hash call: the hash thread needs the GIL only to start a
+            # call, so a call must be long (hashing ~8 MB releases it for ~20 ms); many small calls
+            # would each wait for the busy main thread to yield the GIL.
+            chunk = b"".join(self.parts)
+            self.f.write(chunk)
+            self._q.put(chunk)
             self.parts, self.pending = [], 0
 
     def hexdigest(self) -> str:
