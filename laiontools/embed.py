@@ -201,6 +201,12 @@ class Embedder:
 
         # open_clip's transform, with ToTensor + Normalize moved to one op per batch (bit-identical).
         self.batch_preprocess = BatchPreprocess(self.preprocess, tuple(bundle.info["image_size"]))
+        from laiontools.encode import check_trimmed_text
+
+        # Captions skip their padding only if that reproduces open_clip's encode_text here.
+        self.trim_text = check_trimmed_text(self.model, self.tokenizer, self.device)
+        if not self.trim_text:
+            log.info("text tower: using open_clip's encode_text over the full context for %s", model)
         self._input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self._autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(self.precision)
         info = dict(bundle.info)
@@ -253,7 +259,7 @@ class Embedder:
                 img = F.normalize(self.model.encode_image(x.to(self._input_dtype)).float(), dim=-1)
             if tokens is not None:
                 t = tokens.to(self.device, non_blocking=True)
-                txt = F.normalize(encode_text_trimmed(self.model, t).float(), dim=-1)
+                txt = F.normalize(encode_text_trimmed(self.model, t, enabled=self.trim_text).float(), dim=-1)
         return img, txt
 
     def image_input(self, im: Any) -> Any:

@@ -155,7 +155,8 @@ def length_groups(lengths: np.ndarray, max_groups: int = 4, group_cost: float = 
 
 
 def _encode_text_prefix(model: Any, tokens: Any) -> Any:
-    """open_clip ``CLIP.encode_text`` (open_clip 3.x) on tokens cut to their first L positions."""
+    """open_clip ``CLIP.encode_text`` on tokens cut to their first L positions (a test compares it
+    with ``model.encode_text`` on the installed open_clip)."""
     from open_clip.transformer import text_global_pool
 
     L = tokens.shape[1]
@@ -164,7 +165,11 @@ def _encode_text_prefix(model: Any, tokens: Any) -> Any:
     x = x + model.positional_embedding[:L].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:L, :L])
     x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    # 'eos' pooling (and its keyword) exists only in newer open_clip; older versions return (pooled, tokens).
+    eos = {"eos_token_id": model.text_eos_id} if model.text_pool_type == "eos" else {}
+    x = text_global_pool(x, tokens, model.text_pool_type, **eos)
+    if isinstance(x, tuple):
+        x = x[0]
     if model.text_projection is not None:
         import torch.nn as nn
 
@@ -172,14 +177,14 @@ def _encode_text_prefix(model: Any, tokens: Any) -> Any:
     return x
 
 
-def encode_text_trimmed(model: Any, tokens: Any, max_groups: int = 4) -> Any:
+def encode_text_trimmed(model: Any, tokens: Any, max_groups: int = 4, enabled: bool = True) -> Any:
     """``model.encode_text(tokens)`` with padding after each caption's pooled token skipped.
 
     Same values as ``model.encode_text`` (up to float summation order), rows in input order.
     """
     import torch
 
-    if not can_trim_text(model) or tokens.shape[0] == 0:
+    if not enabled or not can_trim_text(model) or tokens.shape[0] == 0:
         return model.encode_text(tokens)
     lengths = needed_lengths(model, tokens).cpu().numpy()
     groups = length_groups(lengths, max_groups=max_groups, context=tokens.shape[1])
@@ -193,3 +198,24 @@ def encode_text_trimmed(model: Any, tokens: Any, max_groups: int = 4) -> Any:
             out = feats.new_empty((tokens.shape[0], feats.shape[1]))
         out.index_copy_(0, sel, feats)
     return out
+
+
+def check_trimmed_text(model: Any, tokenizer: Any, device: str) -> bool:
+    """Whether :func:`encode_text_trimmed` reproduces ``model.encode_text`` for this model on the
+    installed open_clip (one forward of three captions). The embed step runs this once per model
+    and uses open_clip's own call if the answer is no, so a change inside open_clip can cost speed,
+    never correctness."""
+    import torch
+
+    if not can_trim_text(model):
+        return False
+    tokens = tokenizer(["a photo of a cat", "", "a large red star on a striped blue background " * 3]).to(device)
+    try:
+        with torch.inference_mode():
+            ref = model.encode_text(tokens).float()
+            got = torch.cat([_encode_text_prefix(model, tokens[i : i + 1, : int(L)]).float()
+                             for i, L in enumerate(needed_lengths(model, tokens).tolist())])
+    except Exception:  # noqa: BLE001 - any incompatibility means: do not trim
+        return False
+    cos = torch.nn.functional.cosine_similarity(ref, got, dim=-1)
+    return bool(cos.min() > 0.999)

@@ -164,3 +164,16 @@ def test_header_scan_matches_tarfile(tmp_path):
         q.write_bytes(bad)
         with open(q, "rb") as f:
             assert scan_headers(f, len(bad)) is None, len(bad)
+
+
+def test_embedder_checks_trimming_once(bundle):
+    """The embed step trims captions only after checking it reproduces encode_text on this open_clip."""
+    from laiontools.encode import check_trimmed_text
+
+    assert check_trimmed_text(bundle.model.eval(), bundle.tokenizer, "cpu")
+
+    class Other(torch.nn.Module):  # not an open_clip CLIP: never trimmed
+        def encode_text(self, t):
+            return t.float()
+
+    assert not check_trimmed_text(Other(), bundle.tokenizer, "cpu")
