@@ -133,7 +133,7 @@ def _plain_img2dataset(args: argparse.Namespace) -> None:
         img2dataset.download(**settings)
 
 
-def _cpu_worker(files: list[str], resizer_name: str, kwargs: dict, barrier, q) -> None:  # noqa: ANN001
+def _cpu_worker(files: list[str], resizer_name: str, kwargs: dict, barrier, q) -> None:
     import io
 
     from img2dataset.resizer import Resizer

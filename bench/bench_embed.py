@@ -110,7 +110,14 @@ def bench_model(model: str, n: int, batch: int, workers: int, out_dir: str, per_
     import torch
     from PIL import Image
 
-    from laiontools.embed import EmbedConfig, Embedder, _embed_tasks, _shard_tasks, read_shard_samples, run_embed
+    from laiontools.embed import (
+        EmbedConfig,
+        Embedder,
+        _embed_tasks,
+        _shard_tasks,
+        read_shard_samples,
+        run_embed,
+    )
     from laiontools.manifest import read_manifest
 
     manifest = _pool(out_dir, n, per_shard)

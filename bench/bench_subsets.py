@@ -178,7 +178,7 @@ def main() -> int:
         json.dump(out, f, indent=2)
     print(f"\n{'rows':>12} {'select s':>9} {'x time':>7} {'py peak MB':>11} {'x mem':>6} {'JVM peak MB':>12}")
     for r in results:
-        print(f"{r['rows']:>12,} {r['selection_s']:>9.1f} {r['time_ratio']:>7.2f} {r['driver_python_peak_mb']:>11.0f} {r['driver_mem_ratio']:>6.2f} {str(r['jvm_peak_mb']):>12}")
+        print(f"{r['rows']:>12,} {r['selection_s']:>9.1f} {r['time_ratio']:>7.2f} {r['driver_python_peak_mb']:>11.0f} {r['driver_mem_ratio']:>6.2f} {r['jvm_peak_mb']!s:>12}")
     print(f"\ncommand: {cmd}   (figures in {os.path.join(a.out, 'subsets.json')})")
     return 0
 

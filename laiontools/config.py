@@ -8,13 +8,13 @@ argparse namespace.
 
 from __future__ import annotations
 
-from laiontools.errors import UserError
-
 import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
+
+from laiontools.errors import UserError
 
 T = TypeVar("T", bound="StageConfig")
 
@@ -35,7 +35,7 @@ class StageConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> Self:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -104,7 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     with spark_session(cfg.master, app_name="laiontools-demo") as spark:
         res = _data_stages(cfg, spark)
     t = time.time()
-    p = lambda *parts: os.path.join(res["output"], *parts)  # noqa: E731
+    p = lambda *parts: os.path.join(res["output"], *parts)
     res["study"] = run_study(StudyConfig(output=p("study"), scales=res["resharded"], samples_seen=list(cfg.samples_seen),
                                          models=[cfg.model], batch_size=cfg.batch_size, nproc=cfg.nproc,
                                          evalset=res["evalsets"], train={"seed": cfg.seed, "workers": 1}))
@@ -126,7 +126,7 @@ def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
 
     out = os.path.abspath(cfg.output)
     ensure_output_dir(out)
-    p = lambda *parts: os.path.join(out, *parts)  # noqa: E731
+    p = lambda *parts: os.path.join(out, *parts)
     timings: dict[str, float] = {}
     t = t_start = time.time()
 
@@ -140,7 +140,7 @@ def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
             web = SyntheticWebServer(p("web", "images"), port=src["port"]).start()
         else:
             s = make_source(p("web"), cfg.n, web.base_url, seed=cfg.seed, evalset=True, profile="laion2b-en")
-            src_info = {"source": s["source"], "evalset": s["evalset"], "planted": int(len(s["planted"]))}
+            src_info = {"source": s["source"], "evalset": s["evalset"], "planted": len(s["planted"])}
             atomic_write_bytes(marker, json.dumps({**src_info, "port": int(web.base_url.rsplit(":", 1)[1])}).encode())
         t = _step("synthetic source", t, timings)
         try:
@@ -207,7 +207,7 @@ def _json_block(obj: Any) -> str:
 def write_report(res: dict[str, Any], path: str) -> str:
     """One HTML page: download summary, dedup table + gallery, funnel, per-scale results, fitted curves."""
     out = res["output"]
-    rel = lambda p: os.path.relpath(p, out)  # noqa: E731
+    rel = lambda p: os.path.relpath(p, out)
     dl = res["download"]
     parts = ["<!doctype html><meta charset='utf-8'><title>laiontools demo</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
@@ -258,7 +258,7 @@ def write_report(res: dict[str, Any], path: str) -> str:
         rows = []
         for metric, f in read_json(fits_path).get("fits", {}).items():
             fit = f.get("fit") or {}
-            fmt = lambda v, e: "n/a" if v is None else (f"{v:.4g}" + (f" ± {e:.2g}" if e is not None else ""))  # noqa: E731
+            fmt = lambda v, e: "n/a" if v is None else (f"{v:.4g}" + (f" ± {e:.2g}" if e is not None else ""))
             preds = "; ".join(f"C={p['compute_gmacs']:.3g}: {p['metric']:.3f}" for p in f.get("predictions", []))
             rows.append({"metric": metric, "frontier points": f.get("n_points", len(f.get("frontier", []))),
                          "alpha": fmt(fit.get("alpha"), fit.get("alpha_se")), "beta": fmt(fit.get("beta"), fit.get("beta_se")),

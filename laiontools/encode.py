@@ -171,7 +171,7 @@ def _encode_text_prefix(model: Any, tokens: Any) -> Any:
     if isinstance(x, tuple):
         x = x[0]
     if model.text_projection is not None:
-        import torch.nn as nn
+        from torch import nn
 
         x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
     return x

@@ -82,7 +82,7 @@ class _PolicyRedirect(urllib.request.HTTPRedirectHandler):
     def __init__(self, policy: FetchPolicy) -> None:
         self.policy = policy
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib signature
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         _check_target(newurl, self.policy)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -128,7 +128,7 @@ def fetch_one(url: str, timeout: float, user_agent_token: str | None, disallowed
         if ra and ra.strip().isdigit():
             retry_after = float(ra.strip())
         return None, f"HTTP Error {e.code}: {e.reason}", retry_after
-    except (socket.timeout, TimeoutError) as e:
+    except TimeoutError as e:
         return None, f"timed out ({e})", None
     except urllib.error.URLError as e:
         return None, f"URL error: {e.reason}", None
@@ -165,7 +165,7 @@ class PolicyDownloader(Downloader):
         super().__init__(*args, **kwargs)
         self.policy_dict = asdict(policy)
 
-    def __call__(self, row):  # noqa: ANN001 - img2dataset signature
+    def __call__(self, row):
         import functools
 
         import img2dataset.downloader as d

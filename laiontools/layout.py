@@ -40,6 +40,5 @@ def shard_id(shard_path: str) -> str:
     p = shard_path
     if p.startswith(SHARDS_DIR + "/"):
         p = p[len(SHARDS_DIR) + 1 :]
-    if p.endswith(".tar"):
-        p = p[: -len(".tar")]
+    p = p.removesuffix(".tar")
     return p.replace("/", "-")

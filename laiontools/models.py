@@ -8,14 +8,14 @@ here, so the pool and the evaluation sets always get the same model and preproce
 
 from __future__ import annotations
 
-from laiontools.errors import UserError
-
 import dataclasses
 import difflib
 import logging
 import os
 from importlib import resources
 from typing import Any
+
+from laiontools.errors import UserError
 
 log = logging.getLogger(__name__)
 

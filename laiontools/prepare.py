@@ -23,8 +23,15 @@ from laiontools import layout
 from laiontools import schema as C
 from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
 from laiontools.errors import InputError
-from laiontools.profiles import NUMERIC_FIELDS, SOURCE_HEIGHT, SOURCE_SHA256, SOURCE_WIDTH, parse_column_map, resolve_profile
-from laiontools.storage import join, mark_done, is_done, read_json, sha256_bytes, url_to_fs, write_json
+from laiontools.profiles import (
+    NUMERIC_FIELDS,
+    SOURCE_HEIGHT,
+    SOURCE_SHA256,
+    SOURCE_WIDTH,
+    parse_column_map,
+    resolve_profile,
+)
+from laiontools.storage import is_done, join, mark_done, read_json, sha256_bytes, url_to_fs, write_json
 from laiontools.uid import compute_uid, normalize_caption, normalize_url
 
 log = logging.getLogger(__name__)
@@ -384,7 +391,7 @@ def prepare_task(task: dict[str, Any]) -> Iterator[tuple]:
                 yield (task["file_idx"], row_idx, uid, None, None, None, None, None, None, None, None, None, None, None,
                        C.rejected("malformed_row"), f"{task['path']}: {rec}", *([None] * len(extras)))
                 continue
-            get = lambda field: rec.get(mapping[field]) if field in mapping else None  # noqa: E731
+            get = lambda field: rec.get(mapping[field]) if field in mapping else None
             url = normalize_url(_to_str(get(C.URL)))
             caption = normalize_caption(_to_str(get(C.CAPTION)))
             uid = compute_uid(url, caption)
@@ -533,7 +540,7 @@ def run_prepare(cfg: PrepareConfig, spark: Any) -> dict[str, Any]:
             if written != n_acc:
                 raise RuntimeError(f"prepare wrote {written} accepted rows but counted {n_acc}; re-run prepare")
         df.unpersist()
-    except Exception as e:  # noqa: BLE001 - re-raised, unwrapped when it is ours
+    except Exception as e:
         raise unwrap_spark_error(e) from e
 
     stats = {

@@ -48,7 +48,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from laiontools import layout
 from laiontools import schema as C
 from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
 from laiontools.errors import InputError, UserError
@@ -508,8 +507,6 @@ def run_reshard(cfg: ReshardConfig, spark: Any = None) -> dict[str, Any]:
         with spark_session(app_name="laiontools-reshard") as s:
             return run_reshard(cfg, s)
 
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
 
     mpath = abs_path(cfg.manifest)
     m = read_manifest(mpath)

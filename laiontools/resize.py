@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 # A subclass needs its base at import time. Like laiontools.fetch, this module is imported only
 # inside the download job (and tests/benches), never by the CLI's top level.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from albumentations.augmentations.geometric import functional as fgeometric  # noqa: E402
-from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.augmentations.geometric import functional as fgeometric
+from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
 
 if TYPE_CHECKING:
     from laiontools.download import DownloadConfig

@@ -6,12 +6,12 @@ string literals of its own.
 
 from __future__ import annotations
 
-from laiontools.errors import UserError
-
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
+
+from laiontools.errors import UserError
 
 MANIFEST_SCHEMA_VERSION = "1.0"
 
@@ -54,12 +54,12 @@ def _load(name: str) -> dict[str, Any]:
     return json.loads(resources.files("laiontools").joinpath("schemas", name).read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def catalog_schema_doc() -> dict[str, Any]:
     return _load("catalog.schema.json")
 
 
-@lru_cache(maxsize=None)
+@cache
 def manifest_schema_doc() -> dict[str, Any]:
     return _load("manifest.schema.json")
 

@@ -402,7 +402,7 @@ def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
                 "it was made from another pool: run dedup on this pool's embeddings"
             )
     sha, _ = sha256_file(uid_file)
-    return Exclusion(path=uid_file, given=given, kind=kind, sha256=sha, count=int(len(arr)))
+    return Exclusion(path=uid_file, given=given, kind=kind, sha256=sha, count=len(arr))
 
 
 # ----------------------------------------------------------------------------------------------

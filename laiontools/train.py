@@ -499,7 +499,7 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
         raise TrainError(f"{run_dir}/metrics.jsonl has repeated or unordered steps: {steps_logged[:20]}")
     final_loss = float(last["loss"])
     ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=True)
-    sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in ckpt_data["state_dict"].items()}
+    sd = {(k.removeprefix("module.")): v for k, v in ckpt_data["state_dict"].items()}
     with atomic_open(os.path.join(run_dir, MODEL_FILE)) as f:
         torch.save(sd, f)
     sps = [r["samples_per_s"] for r in metrics[1:] if math.isfinite(r.get("samples_per_s", math.nan))]

@@ -111,7 +111,7 @@ def save_uids(path: str, uids: Iterable[str] | np.ndarray) -> tuple[str, int]:
     np.save(buf, arr, allow_pickle=False)
     data = buf.getvalue()
     atomic_write_bytes(path, data)
-    return sha256_bytes(data), int(len(arr))
+    return sha256_bytes(data), len(arr)
 
 
 def load_uids(path: str, mmap: bool = True) -> np.ndarray:

@@ -21,7 +21,6 @@ import logging
 import sys
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 

@@ -33,9 +33,9 @@ class Pool:
     manifest: str  # path to pool.manifest.json
     dir: str
     source: str  # source metadata folder
-    expected: "pandas.DataFrame"  # per input row: route, expected status, expected_uid, ...
+    expected: pandas.DataFrame  # per input row: route, expected status, expected_uid, ...
     evalset_dir: str  # synthetic ImageFolder eval set (5 classes x 4)
-    planted: "pandas.DataFrame"  # uid, eval_item, transform of pool samples that copy eval images
+    planted: pandas.DataFrame  # uid, eval_item, transform of pool samples that copy eval images
     base_url: str
     config: object  # the DownloadConfig used
     server: object

@@ -18,13 +18,12 @@ import time
 
 import pandas as pd
 import pytest
+from conftest import TEST_DOWNLOAD_SETTINGS
 
 from laiontools import layout
 from laiontools.manifest import read_manifest, resolve
 from laiontools.storage import sha256_file
 from laiontools.uid import array_to_uids, contains, load_uids, uids_to_array
-
-from conftest import TEST_DOWNLOAD_SETTINGS
 
 
 def _catalog(pool_dir: str) -> pd.DataFrame:

@@ -23,7 +23,6 @@ from laiontools.embed import (
     STATUS_OK,
     EmbedConfig,
     EmbedMismatchError,
-    Embedder,
     embedder_for,
     load_model_json,
     main,

@@ -55,7 +55,7 @@ def test_unrecognised_transform_is_not_split(bundle):
 
 def _captions(n: int, context: int) -> list[str]:
     rng = np.random.default_rng(1)
-    words = "a photo of the red blue dog cat house on in with large small tree river mountain".split()
+    words = ["a", "photo", "of", "the", "red", "blue", "dog", "cat", "house", "on", "in", "with", "large", "small", "tree", "river", "mountain"]
     caps = [" ".join(rng.choice(words, size=int(rng.integers(1, 20)))) for _ in range(n)]
     caps[3] = " ".join(rng.choice(words, size=context * 2))  # truncated at the context length
     caps[5] = ""

@@ -77,7 +77,7 @@ def test_unknown_columns_are_kept_and_user_mapping_overrides(spark, tmp_path):
 def test_url_policy():
     pol = {"allow_private_network": False, "allow_networks": [], "resolve_hosts": False, "max_url_length": 100,
            "max_caption_length": 10, "require_caption": True}
-    reason = lambda u: (check_url(normalize_url(u), pol) or (None,))[0]  # noqa: E731
+    reason = lambda u: (check_url(normalize_url(u), pol) or (None,))[0]
     assert reason("https://example.com/a.jpg") is None
     assert reason(None) == "null_url" and reason("   ") == "null_url"
     assert reason("http://example.com/" + "a" * 200) == "url_too_long"
@@ -137,7 +137,7 @@ def test_no_url_column_lists_columns_and_profiles(spark, tmp_path):
 
 def test_non_utf8_text_names_the_file(spark, tmp_path):
     src = tmp_path / "latin1.csv"
-    src.write_bytes("url,caption\n".encode() + f"{BASE}/a.jpg,caf\xe9 au lait\n".encode("latin-1"))
+    src.write_bytes(b"url,caption\n" + f"{BASE}/a.jpg,caf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(InputError, match="latin1.csv.*UTF-8"):
         _prepare(spark, str(src), str(tmp_path / "o"))
     src2 = tmp_path / "latin1.jsonl.gz"

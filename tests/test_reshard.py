@@ -33,7 +33,7 @@ from laiontools.uid import array_to_uids, load_uids
 from laiontools.verify import verify_manifest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_subsets import make_scratch_pool  # noqa: E402  (the hand-built pool shared by these tests)
+from test_subsets import make_scratch_pool
 
 
 def _pool_manifest(request, tmp_path_factory) -> str:

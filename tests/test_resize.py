@@ -15,13 +15,13 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import cv2  # noqa: E402
-from img2dataset.resizer import Resizer  # noqa: E402
-from PIL import Image  # noqa: E402
+import cv2
+from img2dataset.resizer import Resizer
+from PIL import Image
 
-from laiontools.download import DownloadConfig  # noqa: E402
-from laiontools.resize import FastResizer, jpeg_header, make_resizer, reduction_factor, target_size  # noqa: E402
-from laiontools.synthetic import render_item  # noqa: E402
+from laiontools.download import DownloadConfig
+from laiontools.resize import FastResizer, jpeg_header, make_resizer, reduction_factor, target_size
+from laiontools.synthetic import render_item
 
 MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop")
 # Mean |fast - img2dataset| over pixels (0..255), per output size. Measured on these images at

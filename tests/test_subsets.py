@@ -12,7 +12,6 @@ import json
 import os
 import tarfile
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -32,7 +31,7 @@ from laiontools.subsets import (
     run_subsets,
 )
 from laiontools.subsets import main as subsets_main
-from laiontools.uid import load_uids, save_uids, uid_of, array_to_uids
+from laiontools.uid import array_to_uids, load_uids, save_uids, uid_of
 
 
 def _jpeg(i: int, w: int, h: int) -> bytes:

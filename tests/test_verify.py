@@ -16,7 +16,7 @@ from laiontools.subsets import SubsetsConfig, run_subsets
 from laiontools.verify import inspect_text, verify_manifest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_subsets import make_scratch_pool  # noqa: E402
+from test_subsets import make_scratch_pool
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30  # an idle keep-alive connection frees its thread after this
     server_version = "laiontools-synthetic/1.0"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
+    def log_message(self, format: str, *args: Any) -> None:
         # Quiet by default: a benchmark makes thousands of requests. Debug logging still shows them.
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s - %s", self.address_string(), format % args)
@@ -129,10 +129,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_found(self) -> None:
         self._send(404, b"not found\n", "text/plain")
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+    def do_HEAD(self) -> None:
         self.do_GET()
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         srv = self.server
         srv.requests += 1  # approximate under races; only for reporting
         path = self.path.split("?", 1)[0].split("#", 1)[0]
