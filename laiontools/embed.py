@@ -197,12 +197,10 @@ class Embedder:
         self.model = bundle.model
         self.preprocess = bundle.preprocess
         self.tokenizer = bundle.tokenizer
-        from laiontools.encode import BatchPreprocess
+        from laiontools.encode import BatchPreprocess, check_trimmed_text
 
         # open_clip's transform, with ToTensor + Normalize moved to one op per batch (bit-identical).
         self.batch_preprocess = BatchPreprocess(self.preprocess, tuple(bundle.info["image_size"]))
-        from laiontools.encode import check_trimmed_text
-
         # Captions skip their padding only if that reproduces open_clip's encode_text here.
         self.trim_text = check_trimmed_text(self.model, self.tokenizer, self.device)
         if not self.trim_text:
@@ -376,20 +374,6 @@ def _split_key(name: str) -> tuple[str, str]:
     return (d + "/" + stem if d else stem), ext.lower()
 
 
-def _tarfile_members(data: bytes, url: str) -> list[tuple[str, bytes]]:
-    """(name, payload) of every regular file, by the tarfile module; ShardError if it is not a tar."""
-    out = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            for m in tf:
-                if m.isfile():
-                    fobj = tf.extractfile(m)
-                    out.append((m.name, fobj.read() if fobj is not None else b""))
-    except tarfile.TarError as e:
-        raise ShardError(f"shard {url} is not a readable tar ({e}); re-download it") from e
-    return out
-
-
 def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str, dict[str, bytes]]]:
     """All samples of a webdataset tar in order: [(key, {ext: bytes})].
 
@@ -411,11 +395,12 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
                 f"shard {url} has sha256 {got[:16]}… but the manifest says {expected_sha256[:16]}…; "
                 f"the file changed or is truncated: re-download it or regenerate the manifest"
             )
-    from laiontools.tarscan import plain_members
+    from laiontools.tarscan import tar_payloads
 
-    members = plain_members(data)
-    if members is None:  # anything unusual (pax/GNU headers, damage): tarfile decides, as it always did
-        members = _tarfile_members(data, url)
+    try:
+        members = tar_payloads(data)
+    except tarfile.TarError as e:
+        raise ShardError(f"shard {url} is not a readable tar ({e}); re-download it") from e
     samples: list[tuple[str, dict[str, bytes]]] = []
     index: dict[str, int] = {}
     for name, payload in members:
@@ -484,7 +469,7 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
                      image_size: tuple[int, int], verify: bool, fast_decode: bool = False) -> None:
             # `preprocess`: a BatchPreprocess. When it splits, slots hold uint8 and the model side
             # normalizes the whole batch; otherwise open_clip's transform runs per image (float).
-            self.tasks, self.batch_pre, self.tokenizer = tasks, preprocess, tokenizer
+            self.tasks, self.tokenizer = tasks, tokenizer
             self.uint8 = preprocess.split
             self.preprocess = preprocess.to_uint8 if preprocess.split else preprocess.preprocess
             self.batch_size, self.image_size, self.verify = batch_size, image_size, verify

@@ -47,6 +47,7 @@ class BatchPreprocess:
         self.preprocess = preprocess
         self.image_size = tuple(int(s) for s in image_size)
         self.split = False
+        self._stats: dict[Any, tuple[Any, Any]] = {}  # device -> (mean, std) tensors
         ts = list(getattr(preprocess, "transforms", []) or [])
         at = next((i for i, t in enumerate(ts) if isinstance(t, ToTensor)), None)  # MaybeToTensor too
         if at is None or at == 0 or not _is_rgb_convert(ts[at - 1]):
@@ -73,9 +74,11 @@ class BatchPreprocess:
 
         x = batch.to(torch.float32).div(255)
         if self.mean is not None:
-            mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            x.sub_(mean).div_(std)
+            stats = self._stats.get(x.device)
+            if stats is None:  # once per device, not a host->device copy per batch
+                stats = self._stats[x.device] = tuple(
+                    torch.as_tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in (self.mean, self.std))
+            x.sub_(stats[0]).div_(stats[1])
         return x
 
 

@@ -160,18 +160,14 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
     """(source shard id, url) -> [(shard id, key, ext, data offset, size, mtime)] from the tar headers only.
 
     Plain ustar headers are read directly (:mod:`laiontools.tarscan`); anything else goes to tarfile."""
-    from laiontools.tarscan import scan_headers
+    from laiontools.tarscan import tar_index
 
     sid, url = item
     fs, p = url_to_fs(url)
     out = []
     try:
         with fs.open(p, "rb") as f:
-            members = scan_headers(f, fs.size(p))
-            if members is None:
-                f.seek(0)
-                with tarfile.open(fileobj=f, mode="r:") as tf:
-                    members = [(ti.name, int(ti.offset_data), int(ti.size), int(ti.mtime)) for ti in tf if ti.isfile()]
+            members = tar_index(f, fs.size(p))
         for name, off, size, mtime in members:
             base = name.rsplit("/", 1)[-1]
             if "." not in base:
@@ -506,7 +502,6 @@ def run_reshard(cfg: ReshardConfig, spark: Any = None) -> dict[str, Any]:
 
         with spark_session(app_name="laiontools-reshard") as s:
             return run_reshard(cfg, s)
-
 
     mpath = abs_path(cfg.manifest)
     m = read_manifest(mpath)

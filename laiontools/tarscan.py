@@ -4,7 +4,12 @@ Python's tarfile spends ~0.1 ms of interpreter time per member header, which is 
 small JPEG (embed) and most of the time of indexing a pool's tars (reshard). These functions read the
 same fields straight from the 512-byte header blocks. They handle only regular files and directories
 with octal numbers, a valid checksum and no pax / GNU long-name extension headers; at anything else
-they return None and the caller uses tarfile, which decides as it always did. Tests compare both.
+:func:`scan_headers` returns None and :func:`tar_index` / :func:`tar_payloads` (what the stages call)
+use tarfile instead. Tests compare both.
+
+tarfile stops *silently* at an invalid header after the first one and returns the members before it;
+the tarfile path here raises ``tarfile.ReadError`` then, so a damaged tar is an error naming the
+offset, never a shard with samples quietly missing.
 """
 
 from __future__ import annotations
@@ -50,6 +55,44 @@ def plain_members(data: bytes) -> list[tuple[str, bytes]] | None:
 
     members = scan_headers(io.BytesIO(data), len(data))
     return None if members is None else [(name, data[off : off + size]) for name, off, size, _ in members]
+
+
+def tarfile_index(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]]:
+    """[(name, data offset, size, mtime)] of the regular files, by the tarfile module.
+
+    Raises ``tarfile.TarError`` if it is not a tar, or if tarfile stopped before the end of the data at
+    a header it could not read (which tarfile itself passes over silently).
+    """
+    f.seek(0)
+    with tarfile.open(fileobj=f, mode="r:") as tf:
+        out = [(ti.name, int(ti.offset_data), int(ti.size), int(ti.mtime)) for ti in tf if ti.isfile()]
+        end = tf.offset
+    if end < file_size:
+        f.seek(end)
+        rest = f.read(BLOCK)
+        if rest.strip(b"\0"):
+            raise tarfile.ReadError(f"unreadable tar header at offset {end} (of {file_size} bytes)")
+    return out
+
+
+def tar_index(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]]:
+    """[(name, data offset, size, mtime)] of a tar's regular files: headers read directly when they
+    are plain, else by tarfile. Raises ``tarfile.TarError`` for a damaged or non-tar file."""
+    members = scan_headers(f, file_size)
+    return members if members is not None else tarfile_index(f, file_size)
+
+
+def tarfile_payloads(data: bytes) -> list[tuple[str, bytes]]:
+    """[(name, payload)] of a tar in memory by the tarfile module (see :func:`tarfile_index`)."""
+    import io
+
+    return [(name, data[off : off + size]) for name, off, size, _ in tarfile_index(io.BytesIO(data), len(data))]
+
+
+def tar_payloads(data: bytes) -> list[tuple[str, bytes]]:
+    """[(name, payload)] of a tar in memory: :func:`plain_members`, else :func:`tarfile_payloads`."""
+    members = plain_members(data)
+    return members if members is not None else tarfile_payloads(data)
 
 
 def scan_headers(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]] | None:

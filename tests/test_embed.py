@@ -275,6 +275,28 @@ def test_worker_count_does_not_change_order(small_pool, tmp_path):
     _assert_same_output(a, b)
 
 
+def test_unsplit_transform_path_gives_same_embeddings(small_pool, tmp_path):
+    """A model whose transform BatchPreprocess cannot split runs open_clip's transform per image
+    (float batches); both paths must embed the same."""
+    from laiontools.embed import Embedder, _embed_tasks, _shard_tasks
+    from laiontools.manifest import read_manifest
+
+    tasks = _shard_tasks(small_pool, read_manifest(small_pool))
+    emb = Embedder(MODEL, None, "cpu", 5, "auto")
+    outs = []
+    for split in (True, False):
+        emb.batch_preprocess.split = split
+        out = str(tmp_path / f"split-{split}")
+        os.makedirs(out)
+        cfg = EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0)
+        stats = _embed_tasks(tasks, emb, cfg)
+        assert sum(s["rows"] for s in stats) == 24
+        outs.append(out)
+    for (_, ia, ta, ma), (_, ib, tb, mb) in zip(read_embeddings(outs[0]), read_embeddings(outs[1])):
+        assert np.array_equal(ia, ib) and np.array_equal(ta, tb)
+        assert list(ma["embed_status"]) == list(mb["embed_status"])
+
+
 def test_read_shard_rejects_non_tar(tmp_path):
     p = tmp_path / "x.tar"
     p.write_bytes(b"not a tar at all" * 100)

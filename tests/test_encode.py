@@ -117,8 +117,8 @@ def test_plain_tar_parser_matches_tarfile():
     """The embed step's direct ustar parser gives tarfile's members, or steps aside (None)."""
     import tarfile
 
-    from laiontools.embed import _tarfile_members
     from laiontools.tarscan import plain_members as _plain_tar_members
+    from laiontools.tarscan import tarfile_payloads
 
     rng = np.random.default_rng(3)
     plain = [("000001.jpg", rng.bytes(1000)), ("000001.txt", b"a cat"), ("000001.json", b"{}"),
@@ -127,11 +127,11 @@ def test_plain_tar_parser_matches_tarfile():
     for fmt, members in ((tarfile.USTAR_FORMAT, plain), (tarfile.GNU_FORMAT, plain[:-1])):
         data = _tar_bytes(members, fmt)
         got = _plain_tar_members(data)
-        assert got is not None and got == _tarfile_members(data, "x.tar")
+        assert got is not None and got == tarfile_payloads(data)
         assert [n for n, _ in got][:2] == ["000001.jpg", "000001.txt"]
     # pax headers (a non-ASCII name), GNU long names: parsed by tarfile, not here
     pax = _tar_bytes([("é" * 120 + ".txt", b"x")], tarfile.PAX_FORMAT)
-    assert _plain_tar_members(pax) is None and _tarfile_members(pax, "x.tar")[0][1] == b"x"
+    assert _plain_tar_members(pax) is None and tarfile_payloads(pax)[0][1] == b"x"
     gnu_long = _tar_bytes([("g" * 150 + ".txt", b"y")], tarfile.GNU_FORMAT)
     assert _plain_tar_members(gnu_long) is None
     # damage: a flipped header byte, truncated data, an empty file -> not parsed here
@@ -140,6 +140,31 @@ def test_plain_tar_parser_matches_tarfile():
     assert _plain_tar_members(bytes(data)) is None
     assert _plain_tar_members(_tar_bytes(plain)[:700]) is None
     assert _plain_tar_members(b"") is None
+
+
+def test_damaged_later_header_is_an_error_not_fewer_samples(tmp_path):
+    """tarfile alone stops silently at a bad header after the first and returns fewer members; the
+    stages' tar reading (embed and reshard) must call the shard damaged instead."""
+    import tarfile
+
+    from laiontools.embed import ShardError, read_shard_samples
+    from laiontools.reshard import index_source_shard
+    from laiontools.tarscan import tar_payloads
+
+    members = [(f"{i:06d}.{ext}", b"x" * 700) for i in range(4) for ext in ("jpg", "txt")]
+    data = bytearray(_tar_bytes(members))
+    data[4 * 1536 + 5] ^= 0xFF  # 5th header (each member: 512 header + 1024 data): checksum breaks
+    with tarfile.open(fileobj=__import__("io").BytesIO(bytes(data))) as tf:
+        assert len(tf.getmembers()) == 4  # what tarfile does on its own: 4 of 8, no error
+    with pytest.raises(tarfile.ReadError, match="offset 6144"):
+        tar_payloads(bytes(data))
+    p = tmp_path / "damaged.tar"
+    p.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="damaged.tar"):
+        read_shard_samples(str(p), None)
+    # inside a Spark task the user error travels as a marked RuntimeError (reshard unwraps it)
+    with pytest.raises(RuntimeError, match="damaged.tar.*unreadable tar header at offset 6144"):
+        index_source_shard(("00000", str(p)))
 
 
 def test_header_scan_matches_tarfile(tmp_path):
@@ -166,11 +191,13 @@ def test_header_scan_matches_tarfile(tmp_path):
             assert scan_headers(f, len(bad)) is None, len(bad)
 
 
-def test_embedder_checks_trimming_once(bundle):
+def test_trim_check_accepts_clip_and_refuses_others(bundle):
     """The embed step trims captions only after checking it reproduces encode_text on this open_clip."""
+    from laiontools.embed import Embedder
     from laiontools.encode import check_trimmed_text
 
     assert check_trimmed_text(bundle.model.eval(), bundle.tokenizer, "cpu")
+    assert Embedder("lt-tiny", device="cpu").trim_text
 
     class Other(torch.nn.Module):  # not an open_clip CLIP: never trimmed
         def encode_text(self, t):
