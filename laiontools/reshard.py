@@ -37,6 +37,7 @@ and started again skips the shards whose markers exist and rewrites the rest byt
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import json
@@ -99,6 +100,11 @@ class ReshardConfig(StageConfig):
     output: str = field(default="", metadata={"help": "output folder for the new shards and manifest"})
     shard_size: int = field(default=10_000, metadata={"help": "samples per output shard (sizes differ by at most 1)"})
     seed: int | None = field(default=None, metadata={"help": "shuffle seed (default: the subset's selection seed)"})
+    direct_io: bool = field(
+        default=True,
+        metadata={"help": "write local output shards with O_DIRECT where the file system allows it (no page-cache churn; "
+                          "the bytes are the same either way)"},
+    )
 
     def validate(self) -> None:
         if not self.manifest:
@@ -182,23 +188,47 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
 
 
 class _ShardOut:
-    """The output tar being written. Pieces are hashed (sha256, for the manifest) as they come and
-    handed to the kernel in groups of ~8 MB: large payloads go as views into the read buffers with one
-    ``os.writev`` per group (no user-space join), small pieces (headers, padding, txt, json) are packed
-    together first. Files without a descriptor (object stores) get one joined write per group.
+    """The output tar being written, through one page-aligned 8 MB buffer.
 
-    With SHA extensions sha256 runs at ~1.8 GB/s per core, so hashing inline costs less than the
-    thread hand-off it would need; the copies left are the read from the source and the write.
+    Headers, padding and small payloads are packed in a bytearray, large payloads are copied into the
+    buffer from the read buffers; each full buffer is hashed (sha256, for the manifest) and written
+    in one call.
+
+    Local files are written with ``O_DIRECT`` when the file system takes it (``direct=True``): data
+    goes from the buffer to the device with no page-cache pages to allocate, copy into and reclaim,
+    which on a busy machine costs more CPU than everything else the write does (measured here: 1 GB
+    in 0.07 CPU-s direct, 0.3-2.5 CPU-s through the page cache). An unaligned tail goes through the
+    page cache (the flag is cleared), and the caller's fsync covers both. Where ``O_DIRECT`` is
+    refused the same buffer is written buffered; files without a descriptor (object stores) get
+    each buffer as bytes. (A writer thread overlapping hash + write with the next samples measured
+    no faster on Spark's 2 task slots here: the other task already fills the device waits.)
     """
 
-    GROUP = 8 << 20
-    BIG = 4096  # payloads at least this large are written from the read buffer, not copied
+    BIG = 4096  # payloads at least this large are copied straight into the buffer
+    ALIGN = 4096
 
-    def __init__(self, f: BinaryIO, fd: int | None) -> None:
-        self.f, self.fd, self.h, self.n = f, fd, hashlib.sha256(), 0
-        self.parts: list[bytes | memoryview] = []
+    def __init__(self, f: BinaryIO, fd: int | None, direct: bool = False, buffer: _WriteBuffer | None = None) -> None:
+        self.f, self.fd, self.h = f, fd, hashlib.sha256()
+        self._own_buffer = buffer is None
+        self.b = buffer or _WriteBuffer()
+        self.cap, self.mv = self.b.cap, self.b.mv
+        self.n = 0  # bytes moved into the buffer so far (written or not)
         self.small = bytearray()
-        self.pending = 0
+        self.fill = 0
+        self.direct = False
+        if fd is not None and direct and hasattr(os, "O_DIRECT"):
+            try:
+                # A second descriptor on the same file, with O_DIRECT; every write then uses it.
+                self.fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError:
+                self.fd = fd
+        self._own_fd = self.direct
+
+    @property
+    def size(self) -> int:
+        """Bytes of the tar so far."""
+        return self.n + len(self.small)
 
     def add_small(self, b: bytes | memoryview) -> None:
         self.small += b
@@ -222,62 +252,98 @@ class _ShardOut:
                 small += b"%06o\0 " % (_CHK_FIXED + sum(nb) + sum(nums))
                 small += _TMPL_TAIL
             if size >= self.BIG:
-                self.add_big(data)
+                if small:
+                    self._put(small)
+                    small.clear()
+                self._put(data)
             else:
                 small += data
             small += _ZEROS[: (-size) % tarfile.BLOCKSIZE]
 
-    def add_big(self, b: bytes | memoryview) -> None:
-        self._cut_small()
-        self.h.update(b)
-        self.parts.append(b)
-        self.pending += len(b)
-        if self.pending >= self.GROUP:
-            self.flush()
+    def _put(self, b: bytes | bytearray | memoryview) -> None:
+        src = memoryview(b)
+        n, pos = len(src), 0
+        self.n += n
+        while pos < n:
+            k = min(self.cap - self.fill, n - pos)
+            self.mv[self.fill : self.fill + k] = src[pos : pos + k]
+            self.fill += k
+            pos += k
+            if self.fill == self.cap:
+                self._drain()
 
-    def _cut_small(self) -> None:
-        if self.small:
-            b = bytes(self.small)
-            self.small.clear()
-            self.h.update(b)
-            self.parts.append(b)
-            self.pending += len(b)
+    def _drain(self) -> None:
+        """Hash and write the filled part of the buffer."""
+        chunk = self.mv[: self.fill]
+        try:
+            self.h.update(chunk)
+            if self.fd is None:
+                self.f.write(bytes(chunk))
+            else:
+                aligned = len(chunk) - len(chunk) % self.ALIGN if self.direct else len(chunk)
+                if aligned:
+                    self._write_all(chunk[:aligned])
+                if aligned < len(chunk):
+                    self._buffered()
+                    self._write_all(chunk[aligned:])
+        finally:
+            chunk.release()
+        self.fill = 0
 
-    def flush(self) -> None:
-        self._cut_small()
-        parts, self.parts = self.parts, []
-        self.n += self.pending
-        self.pending = 0
-        if not parts:
-            return
-        if self.fd is None:
-            self.f.write(b"".join(parts))
-            return
-        for s in range(0, len(parts), _IOV_MAX):
-            _writev_all(self.fd, parts[s : s + _IOV_MAX])
+    def _write_all(self, chunk: memoryview) -> None:
+        while chunk:
+            try:
+                done = os.write(self.fd, chunk)
+            except OSError as e:
+                if not self.direct or e.errno != errno.EINVAL:
+                    raise
+                self._buffered()  # the file system took O_DIRECT at open but not for this write
+                continue
+            if self.direct and done % self.ALIGN:
+                self._buffered()  # a short, unaligned write: finish through the page cache
+            chunk = chunk[done:]
+
+    def _buffered(self) -> None:
+        """Clear O_DIRECT on the descriptor: what follows goes through the page cache."""
+        if self.direct:
+            import fcntl
+
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
 
     def hexdigest(self) -> str:
-        self.flush()
+        """Write what is left; the sha256 of the whole tar."""
+        if self.small:
+            self._put(self.small)
+            self.small.clear()
+        self._drain()
         return self.h.hexdigest()
 
+    def close(self) -> None:
+        """Close the O_DIRECT descriptor (the file itself belongs to the caller)."""
+        if self._own_fd:
+            os.close(self.fd)
+            self._own_fd = False
+        if self._own_buffer:
+            self.b.close()
 
-_IOV_MAX = 1024
 
+class _WriteBuffer:
+    """A page-aligned buffer (as O_DIRECT needs), kept for all the shards a task writes: a fresh
+    8 MB mapping per shard costs page faults and zeroing every time."""
 
-def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
-    """os.writev, finishing a short write piece by piece (regular files rarely write short)."""
-    done = os.writev(fd, parts)
-    want = sum(map(len, parts))
-    if done == want:
-        return
-    for p in parts:
-        if done >= len(p):
-            done -= len(p)
-            continue
-        view = memoryview(p)[done:]
-        done = 0
-        while view:
-            view = view[os.write(fd, view) :]
+    def __init__(self, cap: int = 8 << 20) -> None:
+        import mmap
+
+        if cap % _ShardOut.ALIGN:
+            raise ValueError(f"buffer size {cap} is not a multiple of {_ShardOut.ALIGN}")
+        self.cap = cap
+        self.buf = mmap.mmap(-1, cap)
+        self.mv = memoryview(self.buf)
+
+    def close(self) -> None:
+        self.mv.release()
+        self.buf.close()
 
 
 # A ustar header for a regular file with every field but name/size/mtime/checksum fixed (mode 0644,
@@ -409,15 +475,17 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
     return got
 
 
-def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int) -> Any:
+def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool = True) -> Any:
     """Spark partition -> write each output shard it holds; yield (shard number, marker info).
 
     A row is (j, [_Entry or (i, uid, source shard, source key, [(ext, offset, size, mtime), ...]), ...]).
+    `direct`: O_DIRECT writes where the file system takes them (see :class:`_ShardOut`).
     A shard whose marker exists for this plan is skipped (resume); otherwise it is written whole
     under a temporary name, renamed, and marked. The output bytes depend only on the rows (members
     in (ext, ...) order, samples in index order), not on how the reads are batched.
     """
     sources = _Sources(urls)
+    buffer = _WriteBuffer()
     try:
         for j, entries in rows:
             path = join(out_dir, shard_name(j))
@@ -432,37 +500,41 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
             fs, _ = url_to_fs(path)
             local = _is_local(fs)
             with atomic_open(path) as raw:
-                out = _ShardOut(raw, raw.fileno() if local else None)
-                start = 0
-                while start < len(entries):
-                    # Cut the next batch by source bytes, then read it in source order.
-                    stop, nbytes = start, 0
-                    while stop < len(entries) and (stop == start or nbytes < READ_BATCH_BYTES):
-                        nbytes += entries[stop].nbytes
-                        stop += 1
-                    batch = entries[start:stop]
-                    for e, data in zip(batch, _read_batch(sources, batch)):
-                        used.add(e.sid)
-                        key = new_key(j, e.i, width)
-                        members = []
-                        for ext, blob, mtime in data:
-                            if ext == "json":
-                                blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, urls[e.sid])
-                            extb = dots.get(ext)
-                            if extb is None:
-                                extb = dots[ext] = ("." + ext).encode("utf-8", "surrogateescape")
-                            members.append((extb, blob, mtime))
-                        out.add_sample(key.encode(), members)
-                    start = stop
-                # End of archive: two zero blocks, padded to a whole record as tarfile does.
-                end = out.n + out.pending + len(out.small) + 2 * tarfile.BLOCKSIZE
-                out.add_small(_ZEROS[: 2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE])
-                digest = out.hexdigest()
+                out = _ShardOut(raw, raw.fileno() if local else None, direct=direct, buffer=buffer)
+                try:
+                    start = 0
+                    while start < len(entries):
+                        # Cut the next batch by source bytes, then read it in source order.
+                        stop, nbytes = start, 0
+                        while stop < len(entries) and (stop == start or nbytes < READ_BATCH_BYTES):
+                            nbytes += entries[stop].nbytes
+                            stop += 1
+                        batch = entries[start:stop]
+                        for e, data in zip(batch, _read_batch(sources, batch)):
+                            used.add(e.sid)
+                            key = new_key(j, e.i, width)
+                            members = []
+                            for ext, blob, mtime in data:
+                                if ext == "json":
+                                    blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, urls[e.sid])
+                                extb = dots.get(ext)
+                                if extb is None:
+                                    extb = dots[ext] = ("." + ext).encode("utf-8", "surrogateescape")
+                                members.append((extb, blob, mtime))
+                            out.add_sample(key.encode(), members)
+                        start = stop
+                    # End of archive: two zero blocks, padded to a whole record as tarfile does.
+                    end = out.size + 2 * tarfile.BLOCKSIZE
+                    out.add_small(_ZEROS[: 2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE])
+                    digest = out.hexdigest()
+                finally:
+                    out.close()
             info = {"num_samples": len(entries), "bytes": out.n, "sha256": digest, "plan": plan_id, "sources": sorted(used)}
             mark_done(path, info)
             yield j, info
     finally:
         sources.close()
+        buffer.close()
 
 
 def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: str, url: str) -> bytes:
@@ -525,12 +597,12 @@ def _plan_rows(batches: Any) -> Any:
         yield cur, entries
 
 
-def _write_batches(batches: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int) -> Any:
+def _write_batches(batches: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool) -> Any:
     """mapInArrow: plan rows -> written shards, one result row (j, num_samples, bytes, sha256) each."""
     import pyarrow as pa
 
     schema = pa.schema([("j", pa.int32()), ("num_samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
-    for j, info in write_output_shards(_plan_rows(batches), out_dir, urls, plan_id, width):
+    for j, info in write_output_shards(_plan_rows(batches), out_dir, urls, plan_id, width, direct):
         yield pa.RecordBatch.from_pydict({"j": [j], "num_samples": [info["num_samples"]], "bytes": [info["bytes"]], "sha256": [info["sha256"]]}, schema=schema)
 
 
@@ -608,7 +680,7 @@ def run_reshard(cfg: ReshardConfig, spark: Any = None) -> dict[str, Any]:
     results: dict[int, dict[str, Any]] = {}
     if n:
         try:
-            results = _run_spark(spark, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width)
+            results = _run_spark(spark, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width, cfg.direct_io)
         except UserError:
             raise
         except Exception as e:  # errors raised inside tasks arrive wrapped by py4j
@@ -649,7 +721,8 @@ def run_reshard(cfg: ReshardConfig, spark: Any = None) -> dict[str, Any]:
 
 
 def _run_spark(
-    spark: Any, pool: Any, uid_path: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str, plan_id: str, width: int
+    spark: Any, pool: Any, uid_path: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str, plan_id: str, width: int,
+    direct: bool = True,
 ) -> dict[int, dict[str, Any]]:
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -735,7 +808,7 @@ def _run_spark(
             joined.select("j", "i", C.UID, "_sid", C.KEY, "exts", "offs", "sizes", "mtimes")
             .repartitionByRange(nparts, "j")
             .sortWithinPartitions("j", "i")
-            .mapInArrow(lambda it: _write_batches(it, out_dir, urls, plan_id, width), _RESULT_SCHEMA)
+            .mapInArrow(lambda it: _write_batches(it, out_dir, urls, plan_id, width, direct), _RESULT_SCHEMA)
             .collect()
         )
         log.info("reshard: wrote %d output shards in %.1f s", len(out), time.perf_counter() - t1)

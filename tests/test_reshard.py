@@ -23,6 +23,7 @@ from laiontools.reshard import (
     ReshardConfig,
     ReshardError,
     _ShardOut,
+    _WriteBuffer,
     _tar_header,
     position_to_slot,
     run_reshard,
@@ -98,9 +99,9 @@ def test_fast_tar_header_matches_tarfile():
 
 
 def test_shard_writer_matches_tarfile(tmp_path):
-    # The shard writer packs headers, small payloads and padding together, writes large payloads
-    # from the read buffers (writev on a descriptor, one joined write otherwise) and hashes as it
-    # goes: the bytes must be tarfile's, and the digest their sha256, on both paths.
+    # The shard writer packs headers, small payloads and padding together, copies large payloads
+    # into its aligned buffer, hashes each buffer and writes it (O_DIRECT, buffered, or as bytes to a
+    # file object): the bytes must be tarfile's, and the digest their sha256, on every path.
     import hashlib
     import io
 
@@ -121,19 +122,26 @@ def test_shard_writer_matches_tarfile(tmp_path):
                 ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), mtime, 0o644, "", ""
                 tf.addfile(ti, io.BytesIO(data))
     want = expect.getvalue()
-    for use_fd in (True, False):
-        path = tmp_path / f"out-{use_fd}.tar"
+    for mode in ("direct", "buffered", "stream"):
+        path = tmp_path / f"out-{mode}.tar"
         with open(path, "wb") as f:
-            out = _ShardOut(f, f.fileno() if use_fd else None)
-            out.GROUP = 100_000  # several groups, some with one large payload only
+            # a small buffer: many fills, payloads larger than the buffer
+            out = _ShardOut(f, None if mode == "stream" else f.fileno(), direct=mode == "direct", buffer=_WriteBuffer(64 << 10))
+            if mode == "direct":
+                direct_used = out.direct  # False only where the file system refuses O_DIRECT (tmpfs)
             for key, members in samples:
                 out.add_sample(key.encode(), [(e.encode(), memoryview(d), m) for e, d, m in members])
-            end = out.n + out.pending + len(out.small) + 1024
+            end = out.size + 1024
             out.add_small(bytes(1024 + (-end) % tarfile.RECORDSIZE))
             digest = out.hexdigest()
+            out.close()
+            f.flush()
+            os.fsync(f.fileno())
         got = path.read_bytes()
-        assert got == want, use_fd
+        assert got == want, mode
         assert out.n == len(want) and digest == hashlib.sha256(want).hexdigest()
+    fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    assert direct_used or fs_type == "tmpfs", fs_type
 
 
 def test_reshard_output(subset, resharded):
