@@ -26,7 +26,8 @@ How it works (all in Spark; the driver sees only source shard ids and one small 
 3. Write: tasks over contiguous ranges of output shards get their plan rows as Arrow batches in
    (shard, index) order, read the byte ranges of each sample (its adjacent members as one range,
    in batches sorted by source offset), and write them under new keys ``<shard:05d><position:06d>``
-   in shuffled order with hand-built ustar headers, hashing in large chunks; then rename the tar
+   in shuffled order with hand-built ustar headers through one aligned 8 MB buffer, each full
+   buffer hashed and written (O_DIRECT where the file system takes it); then fsync, rename the tar
    into place and write its marker last. The json member keeps the uid and gains ``key`` (new),
    ``source_shard`` and ``source_key``. Bytes never travel through Spark.
 
@@ -195,9 +196,9 @@ class _ShardOut:
     in one call.
 
     Local files are written with ``O_DIRECT`` when the file system takes it (``direct=True``): data
-    goes from the buffer to the device with no page-cache pages to allocate, copy into and reclaim,
-    which on a busy machine costs more CPU than everything else the write does (measured here: 1 GB
-    in 0.07 CPU-s direct, 0.3-2.5 CPU-s through the page cache). An unaligned tail goes through the
+    goes from the buffer to the device with no page-cache pages to allocate, copy into and reclaim
+    (measured here: writing 1 GB cost 0.3-2.5 CPU-s through the page cache, depending on how much
+    it had to reclaim, and 0.07 CPU-s with O_DIRECT). An unaligned tail goes through the
     page cache (the flag is cleared), and the caller's fsync covers both. Where ``O_DIRECT`` is
     refused the same buffer is written buffered; files without a descriptor (object stores) get
     each buffer as bytes. (A writer thread overlapping hash + write with the next samples measured
