@@ -31,8 +31,13 @@ import tarfile
 import time
 
 
-def build_pool(root: str, shards: int, per_shard: int, kb: int) -> tuple[str, int]:
-    """Write the synthetic pool; return (manifest path, total bytes of the tars)."""
+def build_pool(root: str, shards: int, per_shard: int, kb: int, tar_format: str = "pax", spans: bool = True) -> tuple[str, int]:
+    """Write the synthetic pool; return (manifest path, total bytes of the tars).
+
+    tar_format "pax" is what img2dataset writes (webdataset's TarWriter: a pax header with a float
+    mtime before every member); "ustar" plain headers. spans: record each sample's byte span in the
+    catalog, as download does (reshard then indexes no tar); without, reshard indexes the tars."""
+    from laiontools.tarscan import sample_spans, tar_members
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -48,7 +53,9 @@ def build_pool(root: str, shards: int, per_shard: int, kb: int) -> tuple[str, in
     for s in range(shards):
         sid = f"{s:05d}"
         path = os.path.join(root, "shards", sid + ".tar")
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        fmt = tarfile.PAX_FORMAT if tar_format == "pax" else tarfile.USTAR_FORMAT
+        first_row = len(rows)
+        with tarfile.open(path, "w", format=fmt) as tf:
             for j in range(per_shard):
                 i = s * per_shard + j
                 key = f"{s:05d}{j:04d}"
@@ -57,10 +64,15 @@ def build_pool(root: str, shards: int, per_shard: int, kb: int) -> tuple[str, in
                 size = int(rng.integers(kb * 512, kb * 1536))
                 for ext, data in (("jpg", rng.bytes(size)), ("txt", cap.encode()), ("json", json.dumps({"uid": uid, "key": key}).encode())):
                     ti = tarfile.TarInfo(f"{key}.{ext}")
-                    ti.size, ti.mtime = len(data), 1_700_000_000
+                    ti.size, ti.mtime = len(data), (1_700_000_000.25 + i) if tar_format == "pax" else 1_700_000_000
                     tf.addfile(ti, io.BytesIO(data))
                 rows.append({C.UID: uid, C.STATUS: C.STATUS_SUCCESS, C.SHARD: sid, C.KEY: key, C.CAPTION: cap})
                 uids.append(uid)
+        if spans:
+            with open(path, "rb") as f:
+                sp = sample_spans(tar_members(f, os.path.getsize(path)))
+            for r in rows[first_row:]:
+                r[C.TAR_OFFSET], r[C.TAR_LENGTH] = sp[r[C.KEY]]
         sha, nbytes = sha256_file(path)
         total += nbytes
         entries.append({"path": f"shards/{sid}.tar", "num_samples": per_shard, "bytes": nbytes, "sha256": sha})
@@ -116,13 +128,13 @@ def sequential_copy(pool_root: str, dst: str, direct: bool = False) -> float:
     return time.perf_counter() - t
 
 
-def one_size(spark, work: str, shards: int, per_shard: int, kb: int, shard_size: int, repeats: int) -> dict:
+def one_size(spark, work: str, shards: int, per_shard: int, kb: int, shard_size: int, repeats: int, tar_format: str = "pax", spans: bool = True) -> dict:
     from laiontools.reshard import ReshardConfig, run_reshard
     from laiontools.subsets import SubsetsConfig, run_subsets
 
-    root = os.path.join(work, f"pool-{shards}x{per_shard}x{kb}")
+    root = os.path.join(work, f"pool-{shards}x{per_shard}x{kb}-{tar_format}{'-spans' if spans else ''}")
     shutil.rmtree(root, ignore_errors=True)
-    mp, total = build_pool(root, shards, per_shard, kb)
+    mp, total = build_pool(root, shards, per_shard, kb, tar_format, spans)
     n = shards * per_shard
     sub = run_subsets(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=str(n), seed=0), spark)[0]["manifest"]
     copies, direct_copies, reshards = [], [], []
@@ -133,6 +145,7 @@ def one_size(spark, work: str, shards: int, per_shard: int, kb: int, shard_size:
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
         res = run_reshard(ReshardConfig(manifest=sub, output=out, shard_size=shard_size), spark)
+        assert res["sample_spans"] == ("catalog" if spans else "tar index"), res["sample_spans"]
         reshards.append(time.perf_counter() - t)
         shutil.rmtree(out, ignore_errors=True)
     copies.append(sequential_copy(root, os.path.join(root, "copy")))
@@ -159,6 +172,9 @@ def main() -> int:
     ap.add_argument("--shard-size", type=int, default=1000, help="output shard size")
     ap.add_argument("--scale-up", type=int, default=3, help="second run with this many times the shards (0: skip)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tar-format", choices=["pax", "ustar"], default="pax", help="source tars as img2dataset writes them (pax) or plain ustar")
+    ap.add_argument("--catalog-spans", action=argparse.BooleanOptionalAction, default=True,
+                    help="record sample byte spans in the catalog as download does (--no-catalog-spans: reshard indexes the tars)")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()
@@ -177,11 +193,12 @@ def main() -> int:
     with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
         one_size(spark, work, 1, 50, 4, 10, 1)  # warm-up (JVM JIT, Python workers): not reported
         for s in sizes:
-            r = one_size(spark, work, s, a.per_shard, a.kb, a.shard_size, a.repeats)
+            r = one_size(spark, work, s, a.per_shard, a.kb, a.shard_size, a.repeats, a.tar_format, a.catalog_spans)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
     # The machine may be shared: the load average says how much the absolute figures are inflated.
     out = {"benchmark": "reshard vs sequential copy", "machine": f"{os.cpu_count()} cpus, Spark local[2]",
+           "source_tars": a.tar_format, "sample_spans_in_catalog": a.catalog_spans,
            "loadavg_1_5_15": {"before": load_before, "after": [round(x, 1) for x in os.getloadavg()]}, "results": []}
     for r in results:
         out["results"].append({k: v for k, v in r.items() if not k.startswith("_")})

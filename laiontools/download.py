@@ -238,6 +238,36 @@ def complete_shards(cfg: DownloadConfig) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- catalog, manifest, report
 
 
+_SPANS_SCHEMA = "_sid string, _skey string, _toff long, _tlen long"
+
+
+def shard_spans(batches: Any) -> Any:
+    """mapInArrow: (shard id, tar url) rows -> (shard id, key, span offset, span length) per sample
+    whose members are adjacent (:func:`laiontools.tarscan.sample_spans`). A tar that cannot be
+    indexed yields no spans: its rows keep null spans and reshard indexes it (and names the damage)."""
+    import tarfile
+
+    import pyarrow as pa
+
+    from laiontools.tarscan import sample_spans, tar_members
+
+    schema = pa.schema([("_sid", pa.string()), ("_skey", pa.string()), ("_toff", pa.int64()), ("_tlen", pa.int64())])
+    for batch in batches:
+        d = batch.to_pydict()
+        for sid, url in zip(d["_sid"], d["_tar"]):
+            fs, p = url_to_fs(url)
+            try:
+                with fs.open(p, "rb") as f:
+                    spans = sample_spans(tar_members(f, fs.size(p)))
+            except (tarfile.TarError, OSError, EOFError):
+                continue
+            keys = list(spans)
+            yield pa.RecordBatch.from_pydict(
+                {"_sid": [sid] * len(keys), "_skey": keys, "_toff": [spans[k][0] for k in keys], "_tlen": [spans[k][1] for k in keys]},
+                schema=schema,
+            )
+
+
 def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any) -> Any:
     """Catalog DataFrame: prepared rejects + the latest attempt of every downloaded row."""
     from pyspark.sql import Window
@@ -271,6 +301,15 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
         dl = dl.withColumn(C.STATUS, F.coalesce(status_map[F.col(C.STATUS)], F.col(C.STATUS)))
         dl = dl.withColumn(C.SHARD, F.when(F.col(C.STATUS) == C.STATUS_SUCCESS, F.col(C.SHARD)))
         dl = dl.withColumn(C.KEY, F.when(F.col(C.STATUS) == C.STATUS_SUCCESS, F.col(C.KEY)))
+        # Where each sample's bytes lie in its tar (header of its first member .. end of its last),
+        # read from the tar headers once here so reshard reads samples without indexing the tars.
+        spans = (
+            spark.createDataFrame([(s["id"], s["tar"]) for s in shards], "_sid string, _tar string")
+            .repartition(max(1, min(len(shards), spark.sparkContext.defaultParallelism * 4)))
+            .mapInArrow(shard_spans, _SPANS_SCHEMA)
+        )
+        dl = (dl.join(spans, (dl[C.SHARD] == spans["_sid"]) & (dl[C.KEY] == spans["_skey"]), "left")
+              .withColumnRenamed("_toff", C.TAR_OFFSET).withColumnRenamed("_tlen", C.TAR_LENGTH))
         dl = conform(dl)
         w = Window.partitionBy(C.UID).orderBy(F.col("_attempt").desc())
         dl = dl.withColumn("_r", F.row_number().over(w)).where("_r = 1").drop("_r")

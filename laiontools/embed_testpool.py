@@ -32,7 +32,9 @@ def _img2dataset_like(img, size: int):  # border resize: keep aspect, pad to siz
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
     ti.size = len(data)
-    ti.mtime = 0  # deterministic bytes
+    # img2dataset writes through webdataset's TarWriter: pax format with a float mtime, so a pax
+    # header precedes every member. A fixed float keeps the bytes deterministic.
+    ti.mtime = 1_700_000_000.5
     tf.addfile(ti, io.BytesIO(data))
 
 
@@ -52,7 +54,7 @@ def write_pool(out_dir: str, n_shards: int, per_shard: int, *, image_size: int =
     for s in range(n_shards):
         rel = f"{layout.SHARDS_DIR}/{s:05d}.tar"
         path = os.path.join(out_dir, rel)
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
             for j in range(per_shard):
                 i = s * per_shard + j
                 img, caption, _ = render_item(i, seed=seed, realistic=realistic)

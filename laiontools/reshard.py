@@ -21,8 +21,11 @@ How it works (all in Spark; the driver sees only source shard ids and one small 
    sorting by (score, uid) gives every sample a global position, and positions are cut into
    ``ceil(N / shard_size)`` shards whose sizes differ by at most one. Positions are computed in
    the JVM (sorted partition + row id + per-partition offsets): no plan row passes through Python.
-2. Index: tasks over the *needed* source shards read only their tar headers (seeking over the
-   data) and emit one row per sample with its members' (ext, offset, size, mtime) as Arrow arrays.
+2. Index: pools from `laiontools download` record each sample's byte span in its tar (catalog
+   columns tar_offset / tar_length): then nothing is indexed, the plan rows carry the spans. For
+   older pools (or samples without a span), tasks over the *needed* source shards read only their
+   tar headers (seeking over the data) and emit one row per sample with its members' (ext, offset,
+   size, mtime) as Arrow arrays, joined to the plan. Both give the same bytes (tested).
 3. Write: tasks over contiguous ranges of output shards get their plan rows as Arrow batches in
    (shard, index) order, read the byte ranges of each sample (its adjacent members as one range,
    in batches sorted by source offset), and write them under new keys ``<shard:05d><position:06d>``
@@ -441,13 +444,15 @@ _SPAN_SLACK = 3 * tarfile.BLOCKSIZE
 @dataclass(slots=True)
 class _Entry:
     """One sample of an output shard: index i in it, uid, source shard + key, members sorted by ext
-    as (ext, offset, size, mtime), and the source byte range [lo, hi) they span with `nbytes` of data."""
+    as (ext, offset, size, mtime), and the source byte range [lo, hi) they span with `nbytes` of data.
+    members None: [lo, hi) is the sample's span from the catalog (headers included); the members
+    are parsed from those bytes when they are read."""
 
     i: int
     uid: str
     sid: str
     skey: str
-    members: list[tuple[str, int, int, int]]
+    members: list[tuple[str, int, int, int]] | None
     lo: int = 0
     hi: int = 0
     nbytes: int = 0
@@ -466,6 +471,9 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
     got: list[list[tuple[str, memoryview, int]]] = [[] for _ in batch]
     for b in sorted(range(len(batch)), key=lambda b: (batch[b].sid, batch[b].lo)):
         e = batch[b]
+        if e.members is None:
+            got[b] = _span_members(sources, e)
+            continue
         if not e.members:
             continue
         if e.hi - e.lo <= e.nbytes + _SPAN_SLACK * len(e.members):
@@ -474,6 +482,28 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
         else:
             got[b] = [(ext, memoryview(sources.read(e.sid, off, size)), mtime) for ext, off, size, mtime in e.members]
     return got
+
+
+def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, int]]:
+    """Read a sample's span (from the catalog) and return its members sorted by ext, checking that
+    the bytes are that sample's tar members and nothing else."""
+    from laiontools.tarscan import parse_span
+
+    buf = memoryview(sources.read(e.sid, e.lo, e.hi - e.lo))
+    members = parse_span(buf)
+    out = []
+    for name, off, size, mtime in members or ():
+        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        if key != e.skey or not ext:
+            members = None
+            break
+        out.append((ext, off, size, mtime))
+    if not members:
+        _raise_user(
+            f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} are not "
+            "its tar members; the shard changed since download: run `laiontools verify` on the pool"
+        )
+    return [(ext, buf[off : off + size], mtime) for ext, off, size, mtime in sorted(out)]
 
 
 def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool = True) -> Any:
@@ -586,14 +616,18 @@ def _plan_rows(batches: Any) -> Any:
     cur, entries = None, []
     for batch in batches:
         d = batch.to_pydict()
-        for j, i, uid, sid, key, exts, offs, sizes, mtimes in zip(
-            d["j"], d["i"], d[C.UID], d["_sid"], d[C.KEY], d["exts"], d["offs"], d["sizes"], d["mtimes"]
-        ):
+        if "_toff" in d:  # byte spans from the catalog; members are parsed from the span when read
+            made = (_Entry(i, uid, sid, key, None, off, off + n, n)
+                    for i, uid, sid, key, off, n in zip(d["i"], d[C.UID], d["_sid"], d[C.KEY], d["_toff"], d["_tlen"]))
+        else:  # members from the tar header index
+            made = (_entry(i, uid, sid, key, list(zip(exts, offs, sizes, mtimes)))
+                    for i, uid, sid, key, exts, offs, sizes, mtimes in zip(d["i"], d[C.UID], d["_sid"], d[C.KEY], d["exts"], d["offs"], d["sizes"], d["mtimes"]))
+        for j, e in zip(d["j"], made):
             if j != cur:
                 if cur is not None:
                     yield cur, entries
                 cur, entries = j, []
-            entries.append(_entry(i, uid, sid, key, list(zip(exts, offs, sizes, mtimes))))
+            entries.append(e)
     if cur is not None:
         yield cur, entries
 
@@ -679,9 +713,10 @@ def run_reshard(cfg: ReshardConfig, spark: Any = None) -> dict[str, Any]:
     write_json(plan_path, {**plan, "plan_id": plan_id})
 
     results: dict[int, dict[str, Any]] = {}
+    spans_from = None
     if n:
         try:
-            results = _run_spark(spark, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width, cfg.direct_io)
+            results, spans_from = _run_spark(spark, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width, cfg.direct_io)
         except UserError:
             raise
         except Exception as e:  # errors raised inside tasks arrive wrapped by py4j
@@ -718,17 +753,26 @@ def run_reshard(cfg: ReshardConfig, spark: Any = None) -> dict[str, Any]:
     )
     out_path = join(output, OUT_MANIFEST)
     msha = write_manifest(out_path, out_m)
-    return {"manifest": out_path, "sha256": msha, "num_shards": k, "num_samples": n, "bytes": sum(s["bytes"] for s in shards)}
+    return {"manifest": out_path, "sha256": msha, "num_shards": k, "num_samples": n, "bytes": sum(s["bytes"] for s in shards),
+            "sample_spans": spans_from}
 
 
 def _run_spark(
     spark: Any, pool: Any, uid_path: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str, plan_id: str, width: int,
     direct: bool = True,
-) -> dict[int, dict[str, Any]]:
+) -> tuple[dict[int, dict[str, Any]], str]:
+    """Plan, index (unless the catalog has every sample's byte span) and write; return the written
+    shards' info and where the sample byte ranges came from ("catalog" or "tar index")."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    cat = spark.read.parquet(pool.catalog).select(C.UID, C.STATUS, C.SHARD, C.KEY)
+    cat = spark.read.parquet(pool.catalog)
+    # Pools downloaded by this version record each sample's byte span in its tar: then no tar is
+    # indexed at all. Older pools (or samples without a span) go through the tar header index.
+    spans = [c for c in (C.TAR_OFFSET, C.TAR_LENGTH) if c in cat.columns]
+    has_spans = len(spans) == 2
+    cat = cat.select(C.UID, C.STATUS, C.SHARD, C.KEY, *(spans if has_spans else []))
+    span_cols = [F.col(C.TAR_OFFSET).alias("_toff"), F.col(C.TAR_LENGTH).alias("_tlen")] if has_spans else []
     member = F.pandas_udf(lambda s: _member_series(s, uid_path), T.BooleanType())
     shuffle = F.pandas_udf(lambda s: _shuffle_series(s, seed), T.LongType())
     rows = (
@@ -737,19 +781,23 @@ def _run_spark(
         .filter(member(F.col(C.UID)))
         # One row per uid even if the catalog lists a sample twice: the smallest (shard, key) wins.
         .groupBy(C.UID)
-        .agg(F.min(F.struct("_sid", C.KEY)).alias("s"))
-        .select(C.UID, F.col("s._sid").alias("_sid"), F.col(f"s.{C.KEY}").alias(C.KEY))
+        .agg(F.min(F.struct("_sid", C.KEY, *span_cols)).alias("s"))
+        .select(C.UID, F.col("s._sid").alias("_sid"), F.col(f"s.{C.KEY}").alias(C.KEY), *([F.col("s._toff"), F.col("s._tlen")] if has_spans else []))
         .withColumn("h", shuffle(F.col(C.UID)))
     )
     # Global positions without taking rows through Python: after the sort, monotonically_increasing_id
     # is (partition << 33) + row number inside the partition, in sorted order, and partitions hold
     # increasing ranges; one count per partition (a handful of rows) turns it into the position.
     # Persisted so the ids the counts were taken from are the ids the plan uses.
-    ordered = rows.orderBy("h", C.UID).select(C.UID, "_sid", C.KEY, F.monotonically_increasing_id().alias("_mid")).persist()
+    span_names = ["_toff", "_tlen"] if has_spans else []
+    ordered = rows.orderBy("h", C.UID).select(C.UID, "_sid", C.KEY, *span_names, F.monotonically_increasing_id().alias("_mid")).persist()
     joined = None
     t0 = time.perf_counter()
     try:
-        counts = sorted((int(x["pid"]), int(x["count"])) for x in ordered.groupBy(F.shiftright("_mid", 33).alias("pid")).count().collect())
+        nulls = F.sum(F.when(F.col("_toff").isNull() | F.col("_tlen").isNull(), 1).otherwise(0)) if has_spans else F.lit(0)
+        per_part = ordered.groupBy(F.shiftright("_mid", 33).alias("pid")).agg(F.count(F.lit(1)).alias("count"), nulls.alias("nulls")).collect()
+        counts = sorted((int(x["pid"]), int(x["count"])) for x in per_part)
+        use_spans = has_spans and sum(int(x["nulls"] or 0) for x in per_part) == 0
         got = sum(c for _, c in counts)
         log.info("reshard: planned %d samples in %.1f s", got, time.perf_counter() - t0)
         if got != n:
@@ -768,45 +816,58 @@ def _run_spark(
             ordered.withColumn("pid", F.shiftright("_mid", 33))
             .join(F.broadcast(offs), "pid")
             .select(
-                C.UID, "_sid", C.KEY,
+                C.UID, "_sid", C.KEY, *span_names,
                 F.expr(f"CAST(CASE WHEN {pos} < {big} THEN {pos} div {q + 1} ELSE {r} + ({pos} - {big}) div {q} END AS INT)").alias("j"),
                 F.expr(f"CAST(CASE WHEN {pos} < {big} THEN {pos} % {q + 1} ELSE ({pos} - {big}) % {q} END AS INT)").alias("i"),
             )
         )
         sc = spark.sparkContext
         t1 = time.perf_counter()
-        # Source tar headers -> one row per sample with its members as parallel arrays, built as Arrow
-        # batches in the tasks (no per-member Python rows). Only the needed shards that the pool lists
-        # as complete are indexed; samples of any other shard come out of the left join without
-        # members and are reported below. The joined plan is persisted: the check, the range
-        # partitioning and the write all read it.
         known = spark.createDataFrame(sorted(urls.items()), "_sid string, url string")
-        index = (
-            ordered.select("_sid").distinct().join(F.broadcast(known), "_sid")
-            .repartition(max(1, min(len(urls), sc.defaultParallelism * 4)))
-            .mapInArrow(_index_batches, _INDEX_SCHEMA)
-        )
-        joined = plan.join(index, on=["_sid", C.KEY], how="left").persist()
-        missing = joined.filter(F.col("exts").isNull()).select("_sid", C.KEY).limit(5).collect()
-        if missing:
-            unknown = sorted({x["_sid"] for x in missing if x["_sid"] not in urls})
+        if use_spans:
+            # Every sample's byte span is in the catalog: nothing to index. Samples in shards the pool
+            # does not list as complete are still refused.
+            unknown = [x["_sid"] for x in plan.join(F.broadcast(known), "_sid", "left_anti").select("_sid").distinct().limit(5).collect()]
             if unknown:
                 raise ReshardError(
-                    f"cannot reshard: samples in shards not listed as complete in {pool.path}: {unknown[:5]}; "
+                    f"cannot reshard: samples in shards not listed as complete in {pool.path}: {sorted(unknown)}; "
                     "the pool changed since selection: re-run subsets on it"
                 )
-            raise ReshardError(
-                f"source shards lack samples the catalog lists, e.g. {[(x['_sid'], x[C.KEY]) for x in missing]}; "
-                "the pool is damaged: run `laiontools verify` on it"
+            joined, cols = plan, ["j", "i", C.UID, "_sid", C.KEY, "_toff", "_tlen"]
+            log.info("reshard: sample byte spans come from the catalog (no tar indexed): %.1f s", time.perf_counter() - t1)
+        else:
+            # Source tar headers -> one row per sample with its members as parallel arrays, built as Arrow
+            # batches in the tasks (no per-member Python rows). Only the needed shards that the pool lists
+            # as complete are indexed; samples of any other shard come out of the left join without
+            # members and are reported below. The joined plan is persisted: the check, the range
+            # partitioning and the write all read it.
+            index = (
+                ordered.select("_sid").distinct().join(F.broadcast(known), "_sid")
+                .repartition(max(1, min(len(urls), sc.defaultParallelism * 4)))
+                .mapInArrow(_index_batches, _INDEX_SCHEMA)
             )
-        ordered.unpersist()
-        log.info("reshard: indexed the source shards and joined in %.1f s", time.perf_counter() - t1)
+            joined = plan.join(index, on=["_sid", C.KEY], how="left").persist()
+            missing = joined.filter(F.col("exts").isNull()).select("_sid", C.KEY).limit(5).collect()
+            if missing:
+                unknown = sorted({x["_sid"] for x in missing if x["_sid"] not in urls})
+                if unknown:
+                    raise ReshardError(
+                        f"cannot reshard: samples in shards not listed as complete in {pool.path}: {unknown[:5]}; "
+                        "the pool changed since selection: re-run subsets on it"
+                    )
+                raise ReshardError(
+                    f"source shards lack samples the catalog lists, e.g. {[(x['_sid'], x[C.KEY]) for x in missing]}; "
+                    "the pool is damaged: run `laiontools verify` on it"
+                )
+            ordered.unpersist()
+            cols = ["j", "i", C.UID, "_sid", C.KEY, "exts", "offs", "sizes", "mtimes"]
+            log.info("reshard: indexed the source shards and joined in %.1f s", time.perf_counter() - t1)
         t1 = time.perf_counter()
         # Contiguous ranges of output shards per task, rows in (shard, index) order, handed to Python
         # as Arrow batches; each task reads the source byte ranges and writes its shards itself.
         nparts = max(1, min(k, sc.defaultParallelism * 4))
         out = (
-            joined.select("j", "i", C.UID, "_sid", C.KEY, "exts", "offs", "sizes", "mtimes")
+            joined.select(*cols)
             .repartitionByRange(nparts, "j")
             .sortWithinPartitions("j", "i")
             .mapInArrow(lambda it: _write_batches(it, out_dir, urls, plan_id, width, direct), _RESULT_SCHEMA)
@@ -820,7 +881,7 @@ def _run_spark(
     results = {int(x["j"]): {"num_samples": int(x["num_samples"]), "bytes": int(x["bytes"]), "sha256": x["sha256"]} for x in out}
     if sorted(results) != list(range(k)):
         raise ReshardError(f"output shards {sorted(set(range(k)) - set(results))[:5]} were not written; re-run reshard to resume")
-    return results
+    return results, ("catalog" if use_spans else "tar index")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,9 +84,14 @@ def tarfile_index(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]
     Raises ``tarfile.TarError`` if it is not a tar, or if tarfile stopped before the end of the data at
     a header it could not read (which tarfile itself passes over silently).
     """
+    return [(name, off, size, mtime) for name, _, off, size, mtime in _tarfile_members(f, file_size)]
+
+
+def _tarfile_members(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int, int]]:
+    """[(name, header offset, data offset, size, mtime)] by tarfile; errors as :func:`tarfile_index`."""
     f.seek(0)
     with tarfile.open(fileobj=f, mode="r:") as tf:
-        out = [(ti.name, int(ti.offset_data), int(ti.size), int(ti.mtime)) for ti in tf if ti.isfile()]
+        out = [(ti.name, int(ti.offset), int(ti.offset_data), int(ti.size), int(ti.mtime)) for ti in tf if ti.isfile()]
         end = tf.offset
     if end < file_size:
         f.seek(end)
@@ -103,6 +108,13 @@ def tar_index(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]]:
     return members if members is not None else tarfile_index(f, file_size)
 
 
+def tar_members(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int, int]]:
+    """[(name, header offset, data offset, size, mtime)]: :func:`tar_index` with where each member's
+    headers (pax header included) start. Raises ``tarfile.TarError`` for a damaged or non-tar file."""
+    members = _scan(f, file_size)
+    return members if members is not None else _tarfile_members(f, file_size)
+
+
 def tarfile_payloads(data: bytes) -> list[tuple[str, bytes]]:
     """[(name, payload)] of a tar in memory by the tarfile module (see :func:`tarfile_index`)."""
     import io
@@ -116,33 +128,136 @@ def tar_payloads(data: bytes) -> list[tuple[str, bytes]]:
     return members if members is not None else tarfile_payloads(data)
 
 
-def scan_headers(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]] | None:
-    """[(name, data offset, size, mtime)] of the regular files of a tar file, reading only the header
-    blocks (a seek over each member's data), or None. Checksums are verified all at once at the end;
-    a header that parses but fails its checksum makes the whole result None (tarfile then decides)."""
-    out: list[tuple[str, int, int, int]] = []
+def _pax_records(data: bytes) -> dict[str, str] | None:
+    """The records of a pax extended header ("<len> <key>=<value>\\n" ...), or None if malformed."""
+    out: dict[str, str] = {}
+    pos, n = 0, len(data)
+    while pos < n:
+        sp = data.find(b" ", pos, pos + 20)
+        if sp < 0:
+            return None
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            return None
+        end = pos + length
+        if length <= 0 or end > n or data[end - 1 : end] != b"\n":
+            return None
+        k, eq, v = data[sp + 1 : end - 1].partition(b"=")
+        if not eq:
+            return None
+        out[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8", "surrogateescape")
+        pos = end
+    return out
+
+
+def _scan(f: BinaryIO, file_size: int, verify: bool = True, span: bool = False) -> list[tuple[str, int, int, int, int]] | None:
+    """[(name, header offset, data offset, size, mtime)] of the regular files, or None.
+
+    Handles plain ustar/GNU headers and the per-file pax extended headers ("x") that Python's
+    tarfile (and so webdataset and img2dataset) writes by default: their path, size and mtime
+    override the header's, and the member's header offset is that of its pax header. Anything else
+    (global pax headers, GNU long names, base-256 numbers, damage) gives None. `verify`: check every
+    header checksum (all at once at the end). `span`: the bytes are one sample's members, so the
+    end of the data must be the end of the last member (no end-of-archive blocks)."""
+    out: list[tuple[str, int, int, int, int]] = []
     heads: list[bytes] = []
     chks: list[int] = []
     pos = 0
+    pax: dict[str, str] | None = None
+    start_of: int | None = None
     if file_size == 0:
         return None
     while pos + BLOCK <= file_size:
         f.seek(pos)
-        h = f.read(BLOCK)
+        window = f.read(3 * BLOCK)  # the header, and for a pax header its records and the next header
+        h = window[:BLOCK]
         if len(h) != BLOCK:
             return None
         if h == _ZERO_BLOCK:
-            return out if _checksums_ok(heads, chks) else None
+            if span or pax is not None:
+                return None
+            return out if not verify or _checksums_ok(heads, chks) else None
+        if span and h[257:262] != b"ustar":
+            return None  # every header tarfile / webdataset / img2dataset write carries the magic
+        if h[156:157] == b"x":
+            try:
+                size, chk = _octal(h[124:136]), _octal(h[148:156])
+            except ValueError:
+                return None
+            if pax is not None or pos + BLOCK + size > file_size:
+                return None
+            data = window[BLOCK : BLOCK + size] if size <= 2 * BLOCK else (f.seek(pos + BLOCK), f.read(size))[1]
+            pax = _pax_records(data)
+            if pax is None:
+                return None
+            heads.append(h)
+            chks.append(chk)
+            start_of = pos
+            pos += BLOCK + -(-size // BLOCK) * BLOCK
+            continue
         parsed = _fields(h)
         if parsed is None:
             return None
         kind, name, size, mtime, chk = parsed
         heads.append(h)
         chks.append(chk)
+        header_at = pos if start_of is None else start_of
+        if pax is not None:
+            try:
+                name = pax.get("path", name)
+                size = int(pax["size"]) if "size" in pax else size
+                mtime = int(float(pax["mtime"])) if "mtime" in pax else mtime
+            except ValueError:
+                return None
+            pax, start_of = None, None
         start = pos + BLOCK
         if kind is _FILE:
             if start + size > file_size:
                 return None
-            out.append((name, start, size, mtime))
+            out.append((name, header_at, start, size, mtime))
         pos = start + -(-size // BLOCK) * BLOCK
-    return out if pos == file_size and _checksums_ok(heads, chks) else None
+    if pos != file_size or pax is not None:
+        return None
+    return out if not verify or _checksums_ok(heads, chks) else None
+
+
+def scan_headers(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]] | None:
+    """[(name, data offset, size, mtime)] of the regular files of a tar file, reading only the header
+    blocks (a seek over each member's data), or None (see :func:`_scan`; a header that parses but
+    fails its checksum makes the whole result None, and tarfile then decides)."""
+    members = _scan(f, file_size)
+    return None if members is None else [(name, off, size, mtime) for name, _, off, size, mtime in members]
+
+def sample_spans(members: list[tuple[str, int, int, int, int]]) -> dict[str, tuple[int, int]]:
+    """{key: (offset of its first member's headers, length to the end of its last member's padding)}
+    for the samples of :func:`tar_members` whose members are adjacent, as webdataset writers lay
+    them out. A sample with another sample's member between its own gets no span: a reader has to
+    index the tar for it."""
+    first: dict[str, int] = {}
+    end: dict[str, int] = {}
+    used: dict[str, int] = {}
+    for name, head, off, size, _ in members:
+        key = name.rsplit("/", 1)[-1].split(".", 1)[0]
+        stop = off + -(-size // BLOCK) * BLOCK
+        if key in first:
+            first[key], end[key] = min(first[key], head), max(end[key], stop)
+        else:
+            first[key], end[key] = head, stop
+        used[key] = used.get(key, 0) + stop - head
+    # Adjacent iff the span holds exactly the sample's own headers and padded payloads.
+    return {k: (first[k], end[k] - first[k]) for k in first if end[k] - first[k] == used[k]}
+
+
+def parse_span(buf: bytes | memoryview) -> list[tuple[str, int, int, int]] | None:
+    """[(name, data offset in buf, size, mtime)] of the members in `buf`, the bytes of one sample's
+    span (:func:`sample_spans`), or None if they are not tar headers and payloads that exactly fill it.
+
+    Header checksums are not summed here (this runs for every sample a reshard writes; the pool's
+    per-shard sha256 is what `laiontools verify` checks). Instead every header must carry the ustar
+    magic, parse and name a regular file, and the members must end exactly at the end of the span,
+    which misplaced bytes (a pax record block, payload) do not."""
+    import io
+
+    members = _scan(io.BytesIO(buf), len(buf), verify=False, span=True)
+    return None if members is None else [(name, off, size, mtime) for name, _, off, size, mtime in members]

@@ -129,9 +129,9 @@ def test_plain_tar_parser_matches_tarfile():
         got = _plain_tar_members(data)
         assert got is not None and got == tarfile_payloads(data)
         assert [n for n, _ in got][:2] == ["000001.jpg", "000001.txt"]
-    # pax headers (a non-ASCII name), GNU long names: parsed by tarfile, not here
+    # per-file pax headers (what img2dataset / webdataset write) are read here; GNU long names by tarfile
     pax = _tar_bytes([("é" * 120 + ".txt", b"x")], tarfile.PAX_FORMAT)
-    assert _plain_tar_members(pax) is None and tarfile_payloads(pax)[0][1] == b"x"
+    assert _plain_tar_members(pax) == tarfile_payloads(pax) == [("é" * 120 + ".txt", b"x")]
     gnu_long = _tar_bytes([("g" * 150 + ".txt", b"y")], tarfile.GNU_FORMAT)
     assert _plain_tar_members(gnu_long) is None
     # damage: a flipped header byte, truncated data, an empty file -> not parsed here
@@ -189,6 +189,46 @@ def test_header_scan_matches_tarfile(tmp_path):
         q.write_bytes(bad)
         with open(q, "rb") as f:
             assert scan_headers(f, len(bad)) is None, len(bad)
+
+
+def test_pax_tars_scan_directly_with_spans(tmp_path):
+    """img2dataset / webdataset write pax tars (a pax header with a float mtime before every member):
+    tarscan reads them without tarfile, gives tarfile's offsets, each member's header start, one
+    byte span per sample whose members are adjacent, and parses a span back into its members."""
+    import io
+    import tarfile
+
+    from laiontools.tarscan import _tarfile_members, parse_span, sample_spans, scan_headers, tar_members
+
+    rng = np.random.default_rng(5)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        names = [f"{i:07d}.{ext}" for i in range(12) for ext in ("jpg", "json", "txt")]
+        names[5] = "d/" + "x" * 120 + ".jpg"  # a path only a pax record can hold
+        names[30], names[33] = names[33], names[30]  # two samples interleaved: no spans for them
+        for k, name in enumerate(names):
+            data = rng.bytes(int(rng.integers(0, 2000)))
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = len(data), 1_796_014_623.25 + k
+            tf.addfile(ti, io.BytesIO(data))
+    data = buf.getvalue()
+    assert data[156:157] == b"x"  # really pax
+    ref = _tarfile_members(io.BytesIO(data), len(data))
+    assert tar_members(io.BytesIO(data), len(data)) == ref
+    assert scan_headers(io.BytesIO(data), len(data)) == [(n, off, size, mt) for n, _, off, size, mt in ref]
+    spans = sample_spans(ref)
+    def key_of(name):
+        return name.rsplit("/", 1)[-1].split(".", 1)[0]
+    # 0000011's jpg now comes first and its json/txt after all of 0000010's members: no span for it
+    assert set(spans) == {key_of(n) for n, *_ in ref} - {"0000011"}
+    for key, (off, n) in spans.items():
+        got = parse_span(data[off : off + n])
+        want = [(name, doff - off, size, mt) for name, _, doff, size, mt in ref if key_of(name) == key]
+        assert got == want and got, key
+    off, n = spans["0000002"]
+    assert parse_span(data[off + 512 : off + n]) is None  # a span cut at the wrong place
+    assert parse_span(data[off : off + n - 512]) is None
+    assert parse_span(data[off : off + n + 1024]) is None  # runs into the next sample's bytes: ends mid-member or holds more
 
 
 def test_trim_check_accepts_clip_and_refuses_others(bundle):

@@ -243,6 +243,81 @@ def test_webdataset_and_open_clip_loader(resharded):
     assert sorted(arrived) == list(range(len(captions))), "open_clip's loader must deliver every sample exactly once"
 
 
+def _pool_catalog(subset: str) -> tuple[str, str]:
+    m = read_manifest(subset)
+    pool_path = resolve(subset, m["pool"]["path"])
+    return pool_path, resolve(pool_path, read_manifest(pool_path)["catalog"]["path"])
+
+
+def _same_output(a: str, b: str) -> None:
+    for s in read_manifest(os.path.join(a, OUT_MANIFEST))["shards"]:
+        assert filecmp.cmp(os.path.join(a, s["path"]), os.path.join(b, s["path"]), shallow=False), s["path"]
+    assert filecmp.cmp(os.path.join(a, OUT_MANIFEST), os.path.join(b, OUT_MANIFEST), shallow=False)
+
+
+def test_catalog_spans_and_the_tar_index_give_the_same_shards(spark, subset, resharded, tmp_path):
+    """download records where each sample's bytes lie in its tar, so reshard indexes no tar; a pool
+    without those columns (written before them) goes through the tar header index. Same bytes."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from laiontools import schema as C
+    from laiontools.tarscan import parse_span
+
+    pool_path, cat_dir = _pool_catalog(subset)
+    cat = pq.read_table(cat_dir)
+    ok = cat.filter(pc.equal(cat[C.STATUS], C.STATUS_SUCCESS)).to_pydict()
+    # Every downloaded sample has a span, and the span holds exactly its members.
+    assert ok[C.UID] and None not in ok[C.TAR_OFFSET] and None not in ok[C.TAR_LENGTH]
+    shards = {layout.shard_id(s["path"]): resolve(pool_path, s["path"]) for s in read_manifest(pool_path)["shards"]}
+    for sid, key, off, n in list(zip(ok[C.SHARD], ok[C.KEY], ok[C.TAR_OFFSET], ok[C.TAR_LENGTH]))[:20]:
+        with open(shards[sid], "rb") as f:
+            f.seek(off)
+            members = parse_span(f.read(n))
+        assert members and {m[0].split(".", 1)[0] for m in members} == {key}, (sid, key)
+
+    a = run_reshard(ReshardConfig(manifest=subset, output=str(tmp_path / "a"), shard_size=8), spark)
+    assert a["sample_spans"] == "catalog"
+    _same_output(resharded, str(tmp_path / "a"))
+    saved = cat_dir + ".saved"
+    os.rename(cat_dir, saved)
+    try:
+        os.makedirs(cat_dir)
+        pq.write_table(cat.drop([C.TAR_OFFSET, C.TAR_LENGTH]), os.path.join(cat_dir, "part-00000.parquet"))
+        b = run_reshard(ReshardConfig(manifest=subset, output=str(tmp_path / "b"), shard_size=8), spark)
+    finally:
+        shutil.rmtree(cat_dir)
+        os.rename(saved, cat_dir)
+    assert b["sample_spans"] == "tar index"
+    _same_output(resharded, str(tmp_path / "b"))
+
+
+def test_catalog_span_that_misses_its_sample_is_named(spark, subset, tmp_path):
+    """A catalog span that does not hold its sample's members (a shard rewritten after download)
+    stops the reshard with an error naming the shard and the sample, not a damaged output."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools import schema as C
+
+    _, cat_dir = _pool_catalog(subset)
+    cat = pq.read_table(cat_dir)
+    off = cat[C.TAR_OFFSET].to_pylist()
+    first = next(i for i, v in enumerate(off) if v)  # a sample that does not start the tar
+    off[first] -= 512
+    saved = cat_dir + ".saved"
+    os.rename(cat_dir, saved)
+    try:
+        os.makedirs(cat_dir)
+        pq.write_table(cat.set_column(cat.column_names.index(C.TAR_OFFSET), C.TAR_OFFSET, pa.array(off, pa.int64())),
+                       os.path.join(cat_dir, "part-00000.parquet"))
+        with pytest.raises(ReshardError, match=r"catalog gives for sample .* run `laiontools verify`"):
+            run_reshard(ReshardConfig(manifest=subset, output=str(tmp_path / "c"), shard_size=8), spark)
+    finally:
+        shutil.rmtree(cat_dir)
+        os.rename(saved, cat_dir)
+
+
 def test_resume_after_partial_run_is_identical(spark, subset, resharded, tmp_path):
     b = str(tmp_path / "b")
     shutil.copytree(resharded, b)
