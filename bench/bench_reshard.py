@@ -37,7 +37,6 @@ def build_pool(root: str, shards: int, per_shard: int, kb: int, tar_format: str 
     tar_format "pax" is what img2dataset writes (webdataset's TarWriter: a pax header with a float
     mtime before every member); "ustar" plain headers. spans: record each sample's byte span in the
     catalog, as download does (reshard then indexes no tar); without, reshard indexes the tars."""
-    from laiontools.tarscan import sample_spans, tar_members
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -45,6 +44,7 @@ def build_pool(root: str, shards: int, per_shard: int, kb: int, tar_format: str 
     from laiontools import schema as C
     from laiontools.manifest import new_manifest, write_manifest
     from laiontools.storage import sha256_file
+    from laiontools.tarscan import sample_spans, tar_members
     from laiontools.uid import save_uids, uid_of
 
     rng = np.random.default_rng(0)

@@ -23,8 +23,8 @@ from laiontools.reshard import (
     ReshardConfig,
     ReshardError,
     _ShardOut,
-    _WriteBuffer,
     _tar_header,
+    _WriteBuffer,
     position_to_slot,
     run_reshard,
     shard_layout,
@@ -110,7 +110,7 @@ def test_shard_writer_matches_tarfile(tmp_path):
     for k in range(40):
         key = f"{k:011d}"
         members = [(".jpg", rng.randbytes(rng.choice([0, 1, 511, 512, 4095, 4096, 70_000, 300_000])), 1_700_000_000 + k),
-                   (".json", b'{"uid": "%d"}' % k, 5), (".txt", "légende %d" % k, 0)]
+                   (".json", b'{"uid": "%d"}' % k, 5), (".txt", f"légende {k}", 0)]
         if k == 7:  # a name over 100 bytes goes through tarfile's prefix split
             key = "q" * 60 + "/" + "p" * 40 + key
         samples.append((key, [(e, d.encode() if isinstance(d, str) else d, m) for e, d, m in members]))
@@ -140,7 +140,7 @@ def test_shard_writer_matches_tarfile(tmp_path):
         got = path.read_bytes()
         assert got == want, mode
         assert out.n == len(want) and digest == hashlib.sha256(want).hexdigest()
-    fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True, check=True).stdout.strip()
     assert direct_used or fs_type == "tmpfs", fs_type
 
 
