@@ -171,8 +171,8 @@ def _unwrap(e: BaseException) -> None:
 def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, int, int]]:
     """(source shard id, url) -> [(shard id, key, ext, data offset, size, mtime)] from the tar headers only.
 
-    Plain ustar headers are read directly (:mod:`laiontools.tarscan`); anything else goes to tarfile."""
-    from laiontools.tarscan import tar_index
+    ustar and per-file pax headers are read directly (:mod:`laiontools.tarscan`); anything else by tarfile."""
+    from laiontools.tarscan import split_name, tar_index
 
     sid, url = item
     fs, p = url_to_fs(url)
@@ -181,11 +181,9 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
         with fs.open(p, "rb") as f:
             members = tar_index(f, fs.size(p))
         for name, off, size, mtime in members:
-            base = name.rsplit("/", 1)[-1]
-            if "." not in base:
-                continue
-            key, ext = base.split(".", 1)
-            out.append((sid, key, ext, off, size, mtime))
+            key, ext = split_name(name)
+            if ext:
+                out.append((sid, key, ext, off, size, mtime))
     except (tarfile.TarError, OSError, EOFError) as e:
         _raise_user(f"source shard {url} is truncated or unreadable ({e}); run `laiontools verify` on the pool and re-download it")
     return out
@@ -239,22 +237,12 @@ class _ShardOut:
 
     def add_sample(self, kb: bytes, members: list[tuple[bytes, bytes | memoryview, int]]) -> None:
         """The members [(b".ext", data, mtime)] of one sample under key `kb`, each as its
-        :func:`_tar_header`, data and zero padding to 512 bytes, in one tight loop (this runs for
-        every member of a subset: a function call or a header object per member shows up)."""
+        :func:`_tar_header`, data and zero padding to 512 bytes (small pieces packed together, large
+        payloads copied straight into the buffer)."""
         small = self.small
         for extb, data, mtime in members:
             size = len(data)
-            nb = kb + extb
-            if len(nb) > 100 or size >= _OCT11 or not 0 <= mtime < _OCT11:
-                small += _tar_header(nb.decode("utf-8", "surrogateescape"), size, mtime)
-            else:
-                nums = b"%011o\0%011o\0" % (size, mtime)
-                small += nb
-                small += _NULS[len(nb) :]
-                small += _TMPL_MID
-                small += nums
-                small += b"%06o\0 " % (_CHK_FIXED + sum(nb) + sum(nums))
-                small += _TMPL_TAIL
+            small += _ustar_header(kb + extb, size, mtime)
             if size >= self.BIG:
                 if small:
                     self._put(small)
@@ -373,19 +361,23 @@ _CHK_FIXED = sum(_TMPL_MID) + 8 * 32 + sum(_TMPL_TAIL)
 
 def _tar_header(name: str, size: int, mtime: int) -> bytes:
     """ustar header block for a regular member; same bytes as TarInfo.tobuf(USTAR_FORMAT) with the
-    fixed fields of :func:`_header_template`. Names over 100 bytes or numbers out of octal range go
+    fixed fields of :func:`_header_template`."""
+    return _ustar_header(name.encode("utf-8", "surrogateescape"), size, mtime)
+
+
+def _ustar_header(nb: bytes, size: int, mtime: int) -> bytes:
+    """:func:`_tar_header` of an encoded name. Names over 100 bytes or numbers out of octal range go
     through tarfile itself (it splits the name into prefix / raises)."""
-    nb = name.encode("utf-8", "surrogateescape")
-    if len(nb) > 100 or not (0 <= size < 8**11) or not (0 <= mtime < 8**11):
-        ti = tarfile.TarInfo(name)
+    if len(nb) > 100 or not 0 <= size < _OCT11 or not 0 <= mtime < _OCT11:
+        ti = tarfile.TarInfo(nb.decode("utf-8", "surrogateescape"))
         ti.size, ti.mtime, ti.mode = size, mtime, _TAR_MODE
         ti.uname = ti.gname = ""
         return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-    head = nb + bytes(100 - len(nb)) + _TMPL_MID + b"%011o\0%011o\0" % (size, mtime)
+    nums = b"%011o\0%011o\0" % (size, mtime)
     # Checksum: sum of all header bytes with the checksum field read as spaces; "%06o\0" then the
     # field's last space stays, as tarfile writes it.
-    chk = sum(head) - sum(_TMPL_MID) + _CHK_FIXED
-    return head + b"%06o\0 " % chk + _TMPL_TAIL
+    chk = _CHK_FIXED + sum(nb) + sum(nums)
+    return b"".join((nb, _NULS[len(nb) :], _TMPL_MID, nums, b"%06o\0 " % chk, _TMPL_TAIL))
 
 
 class _Sources:
@@ -405,25 +397,26 @@ class _Sources:
                 self.open.popitem(last=False)[1].close()
         else:
             self.open.move_to_end(sid)
-        if isinstance(f, io.FileIO):
-            data = os.pread(f.fileno(), size, offset)
-        else:
-            f.seek(offset)
-            data = f.read(size)
-        if data is None or len(data) != size:
-            # A read may return short; finish it before calling the shard truncated.
-            data = data or b""
-            while len(data) < size:
-                more = os.pread(f.fileno(), size - len(data), offset + len(data)) if isinstance(f, io.FileIO) else f.read(size - len(data))
-                if not more:
-                    _raise_user(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
-                data += more
+        data = b""
+        while len(data) < size:  # a read may return short; finish it before calling the shard truncated
+            more = _read_at(f, offset + len(data), size - len(data))
+            if not more:
+                _raise_user(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
+            data = more if not data else data + more
         return data
 
     def close(self) -> None:
         for f in self.open.values():
             f.close()
         self.open.clear()
+
+
+def _read_at(f: Any, offset: int, size: int) -> bytes:
+    """Up to `size` bytes at `offset`: one pread for a local file, seek + read otherwise."""
+    if isinstance(f, io.FileIO):
+        return os.pread(f.fileno(), size, offset)
+    f.seek(offset)
+    return f.read(size) or b""
 
 
 def _is_local(fs: Any) -> bool:
@@ -487,13 +480,13 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
 def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, int]]:
     """Read a sample's span (from the catalog) and return its members sorted by ext, checking that
     the bytes are that sample's tar members and nothing else."""
-    from laiontools.tarscan import parse_span
+    from laiontools.tarscan import parse_span, split_name
 
     buf = memoryview(sources.read(e.sid, e.lo, e.hi - e.lo))
     members = parse_span(buf)
     out = []
     for name, off, size, mtime in members or ():
-        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        key, ext = split_name(name)
         if key != e.skey or not ext:
             members = None
             break
@@ -506,7 +499,7 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
     return [(ext, buf[off : off + size], mtime) for ext, off, size, mtime in sorted(out)]
 
 
-def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool = True) -> Any:
+def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool) -> Any:
     """Spark partition -> write each output shard it holds; yield (shard number, marker info).
 
     A row is (j, [_Entry or (i, uid, source shard, source key, [(ext, offset, size, mtime), ...]), ...]).
@@ -759,7 +752,7 @@ def run_reshard(cfg: ReshardConfig, spark: Any = None) -> dict[str, Any]:
 
 def _run_spark(
     spark: Any, pool: Any, uid_path: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str, plan_id: str, width: int,
-    direct: bool = True,
+    direct: bool,
 ) -> tuple[dict[int, dict[str, Any]], str]:
     """Plan, index (unless the catalog has every sample's byte span) and write; return the written
     shards' info and where the sample byte ranges came from ("catalog" or "tar index")."""

@@ -1,11 +1,13 @@
-"""Direct parsing of plain ustar/GNU tar headers, the headers img2dataset and webdataset write.
+"""Direct parsing of tar headers: plain ustar/GNU, and the per-file pax headers that Python's tarfile
+(so webdataset and img2dataset) writes before every member.
 
 Python's tarfile spends ~0.1 ms of interpreter time per member header, which is more than decoding a
 small JPEG (embed) and most of the time of indexing a pool's tars (reshard). These functions read the
-same fields straight from the 512-byte header blocks. They handle only regular files and directories
-with octal numbers, a valid checksum and no pax / GNU long-name extension headers; at anything else
-:func:`scan_headers` returns None and :func:`tar_index` / :func:`tar_payloads` (what the stages call)
-use tarfile instead. Tests compare both.
+same fields straight from the 512-byte header blocks. They handle regular files and directories with
+octal numbers and valid checksums, optionally preceded by a per-file pax header (path, size, mtime);
+at anything else (global pax headers, GNU long names, base-256 numbers, damage) :func:`scan_headers`
+returns None and :func:`tar_index` / :func:`tar_members` / :func:`tar_payloads` (what the stages
+call) use tarfile instead. Tests compare both.
 
 tarfile stops *silently* at an invalid header after the first one and returns the members before it;
 the tarfile path here raises ``tarfile.ReadError`` then, so a damaged tar is an error naming the
@@ -28,6 +30,13 @@ def _octal(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """(webdataset key, extension) of a member name: the base name split at its first dot, as
+    webdataset groups members into samples ("dir/000123.jpg" -> ("000123", "jpg"))."""
+    key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+    return key, ext
+
+
 def _fields(h: bytes) -> tuple[object, str, int, int, int] | None:
     """(kind, name, size, mtime, stored checksum) of a plain file/dir header, checksum not checked."""
     try:
@@ -45,18 +54,6 @@ def _fields(h: bytes) -> tuple[object, str, int, int, int] | None:
     else:
         return None
     return kind, name.decode("utf-8", "surrogateescape"), size, mtime, chk
-
-
-def _checksum_ok(h: bytes, chk: int) -> bool:
-    return chk == sum(h) - sum(h[148:156]) + 256  # the checksum field counts as 8 spaces
-
-
-def parse_header(h: bytes) -> tuple[object, str, int, int] | None:
-    """(kind, name, size, mtime) of a plain file/dir header, or None (caller falls back to tarfile)."""
-    f = _fields(h)
-    if f is None or not _checksum_ok(h, f[4]):
-        return None
-    return f[:4]
 
 
 def _checksums_ok(heads: list[bytes], chks: list[int]) -> bool:
@@ -187,7 +184,11 @@ def _scan(f: BinaryIO, file_size: int, verify: bool = True, span: bool = False) 
                 return None
             if pax is not None or pos + BLOCK + size > file_size:
                 return None
-            data = window[BLOCK : BLOCK + size] if size <= 2 * BLOCK else (f.seek(pos + BLOCK), f.read(size))[1]
+            if size <= 2 * BLOCK:
+                data = window[BLOCK : BLOCK + size]
+            else:
+                f.seek(pos + BLOCK)
+                data = f.read(size)
             pax = _pax_records(data)
             if pax is None:
                 return None
@@ -229,6 +230,7 @@ def scan_headers(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]]
     members = _scan(f, file_size)
     return None if members is None else [(name, off, size, mtime) for name, _, off, size, mtime in members]
 
+
 def sample_spans(members: list[tuple[str, int, int, int, int]]) -> dict[str, tuple[int, int]]:
     """{key: (offset of its first member's headers, length to the end of its last member's padding)}
     for the samples of :func:`tar_members` whose members are adjacent, as webdataset writers lay
@@ -238,7 +240,7 @@ def sample_spans(members: list[tuple[str, int, int, int, int]]) -> dict[str, tup
     end: dict[str, int] = {}
     used: dict[str, int] = {}
     for name, head, off, size, _ in members:
-        key = name.rsplit("/", 1)[-1].split(".", 1)[0]
+        key = split_name(name)[0]
         stop = off + -(-size // BLOCK) * BLOCK
         if key in first:
             first[key], end[key] = min(first[key], head), max(end[key], stop)

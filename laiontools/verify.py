@@ -27,6 +27,7 @@ import numpy as np
 from laiontools.manifest import read_manifest, resolve
 from laiontools.report import emit, table
 from laiontools.storage import sha256_file, url_to_fs
+from laiontools.tarscan import split_name
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,7 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
             for ti in tf:
                 if not ti.isfile():
                     continue
-                base = ti.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
+                key, ext = split_name(ti.name)
                 if key != last:
                     if key in uids:
                         problems.append(f"key {key} appears in two places")

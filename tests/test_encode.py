@@ -244,3 +244,28 @@ def test_trim_check_accepts_clip_and_refuses_others(bundle):
             return t.float()
 
     assert not check_trimmed_text(Other(), bundle.tokenizer, "cpu")
+
+
+def test_download_shard_spans_skip_an_unreadable_tar(tmp_path):
+    """download's span job: a tar it cannot index gives no spans (its catalog rows keep null spans,
+    so reshard indexes that shard and names the damage) and does not stop the other shards."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    from laiontools.download import shard_spans
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("k1.jpg", "k1.txt", "k2.jpg", "k2.txt"):
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = 5, 1.5
+            tf.addfile(ti, io.BytesIO(b"abcde"))
+    good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
+    good.write_bytes(buf.getvalue())
+    bad.write_bytes(b"not a tar at all" * 100)
+    batch = pa.RecordBatch.from_pydict({"_sid": ["bad", "good", "gone"], "_tar": [str(bad), str(good), str(tmp_path / "gone.tar")]})
+    rows = pa.Table.from_batches(list(shard_spans([batch]))).to_pydict()
+    assert rows["_sid"] == ["good", "good"] and rows["_skey"] == ["k1", "k2"]
+    assert rows["_toff"] == [0, 4096] and rows["_tlen"] == [4096, 4096]  # 2 × (pax header + records + header + data)
