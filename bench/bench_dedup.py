@@ -5,7 +5,7 @@ Writes random L2-normalized float16 pool vectors in the embed layout (img_emb/<i
 
 * baseline: bare ``index.search`` over every shard in one process (reads the .npy files too, as ours does),
   with all cores to faiss;
-* ours: :func:`laiontools.dedup.run_search` (Spark local[N], one task per partition, index loaded once
+* ours: :func:`laiontools.stages.dedup.run_search` (Spark local[N], one task per partition, index loaded once
   per worker), end to end (a new index in each worker, job scheduling, report parquet + markers
   written) and steady state (same job again with warm workers and cached index, markers cleared);
 * peak worker memory (max RSS over the search tasks) with a pool 1x and 10x larger.
@@ -42,8 +42,8 @@ def write_pool(emb_dir: str, n: int, d: int, shard: int, seed: int) -> list[str]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from laiontools import layout
-    from laiontools.storage import mark_done, write_json
+    from laiontools.contracts import layout
+    from laiontools.core.storage import mark_done, write_json
 
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(emb_dir, layout.EMB_IMG_DIR), exist_ok=True)
@@ -71,8 +71,8 @@ def write_index(out: str, n_eval: int, d: int, seed: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from laiontools import dedup_index as DI
-    from laiontools.storage import atomic_write_bytes, sha256_bytes, write_json
+    from laiontools import index as DI
+    from laiontools.core.storage import atomic_write_bytes, sha256_bytes, write_json
 
     vec = _unit(np.random.default_rng(seed + 1), n_eval, d)
     index, params = DI.build_index(vec, "flat")
@@ -96,8 +96,8 @@ def bare_faiss(emb_dir: str, ids: list[str], index_path: str, k: int, chunk: int
     """Baseline: read each shard and index.search it, one process, faiss on all cores."""
     import faiss
 
-    from laiontools import layout
-    from laiontools.dedup_index import deserialize, read_bytes
+    from laiontools.contracts import layout
+    from laiontools.index import deserialize, read_bytes
 
     t0 = time.time()
     index = deserialize(read_bytes(index_path), use_gpu=True)
@@ -119,8 +119,8 @@ def bare_faiss(emb_dir: str, ids: list[str], index_path: str, k: int, chunk: int
 
 
 def spark_search(spark, emb_dir: str, ids: list[str], out: str, desc: dict, k: int, chunk: int, partitions: int) -> dict:
-    from laiontools import dedup
-    from laiontools.storage import read_marker
+    from laiontools.core.storage import read_marker
+    from laiontools.stages import dedup
 
     cfg = dedup.DedupConfig(embeddings=emb_dir, output=out, evalset=["x=y"], threshold=0.5, k=k, chunk_rows=chunk,
                             gallery_pairs=0, partitions=partitions)
@@ -150,7 +150,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("LAIONTOOLS_SPARK_LOG_LEVEL", "ERROR")
 
-    from laiontools.spark import spark_session
+    from laiontools.core.spark import spark_session
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-dedup-")
     big, small = os.path.join(work, "emb10x"), os.path.join(work, "emb1x")

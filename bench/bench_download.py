@@ -125,7 +125,7 @@ def _plain_img2dataset(args: argparse.Namespace) -> None:
     import img2dataset
 
     if settings["distributor"] == "pyspark":
-        from laiontools.spark import spark_session
+        from laiontools.core.spark import spark_session
 
         with spark_session(f"local[{WORKERS}]", app_name="bench-img2dataset"):
             img2dataset.download(**settings)
@@ -138,7 +138,7 @@ def _cpu_worker(files: list[str], resizer_name: str, kwargs: dict, barrier, q) -
 
     from img2dataset.resizer import Resizer
 
-    from laiontools.resize import FastResizer
+    from laiontools.web.resize import FastResizer
 
     datas = [open(f, "rb").read() for f in files]
     r = (FastResizer if resizer_name == "fast" else Resizer)(**kwargs)
@@ -187,10 +187,10 @@ def main() -> None:
         return _plain_img2dataset(args)
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from laiontools import layout
-    from laiontools.download import DownloadConfig
-    from laiontools.resize import resizer_kwargs
+    from laiontools.contracts import layout
+    from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, write_source
+    from laiontools.web.resize import resizer_kwargs
 
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join(args.out, "download-work")
@@ -287,7 +287,7 @@ def main() -> None:
     with open(os.path.join(args.out, "download.json"), "w") as f:
         json.dump(results, f, indent=2)
 
-    from laiontools.report import table
+    from laiontools.core.report import table
 
     cols = ["variant", "successes", "download_seconds", "wall_seconds", "steady_sps", "steady_sps_per_core",
             "e2e_sps", "e2e_sps_per_core", "samples_per_cpu_second"]

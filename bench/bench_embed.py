@@ -39,7 +39,7 @@ DEFAULT_REPEAT = {"lt-tiny": 16, "lt-small": 8, "ViT-B-32": 1}
 
 
 def _pool(out_dir: str, n: int, per_shard: int) -> str:
-    from laiontools.embed_testpool import write_pool
+    from laiontools.testing.embed_pool import write_pool
 
     n_shards = max(1, n // per_shard)
     d = os.path.join(out_dir, f"embed-pool-{n_shards}x{per_shard}")
@@ -79,7 +79,7 @@ def bench_text(emb, caps: list[str], batch: int) -> dict:
     import numpy as np
     import torch
 
-    from laiontools.encode import encode_text_trimmed
+    from laiontools.models.encode import encode_text_trimmed
 
     rng = np.random.default_rng(0)
     ctx = int(emb.tokenizer(["x"]).shape[1])
@@ -110,7 +110,8 @@ def bench_model(model: str, n: int, batch: int, workers: int, out_dir: str, per_
     import torch
     from PIL import Image
 
-    from laiontools.embed import (
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages.embed import (
         EmbedConfig,
         Embedder,
         _embed_tasks,
@@ -118,7 +119,6 @@ def bench_model(model: str, n: int, batch: int, workers: int, out_dir: str, per_
         read_shard_samples,
         run_embed,
     )
-    from laiontools.manifest import read_manifest
 
     manifest = _pool(out_dir, n, per_shard)
     m = read_manifest(manifest)

@@ -2,7 +2,7 @@
 
 For each size, synthetic LAION-400M-format parquet metadata (URLs on ``images.example.com``; prepare
 touches no network) is written once (1M-row files, cached in ``bench-out/prepare-mem-input/`` and
-hard-linked into one folder per size), then ``laiontools.prepare.run_prepare`` runs in a fresh
+hard-linked into one folder per size), then ``laiontools.stages.prepare.run_prepare`` runs in a fresh
 process on Spark ``local[2]``. This process polls, every 0.25 s, ``/proc/<pid>/status`` of that
 process and of its descendants and records:
 
@@ -153,8 +153,8 @@ def measure(rows: int, input_dir: str, out_dir: str) -> dict:
 
 def _run(input_dir: str, output: str) -> None:
     """Child: prepare only, on local[2], with the settings a download would use."""
-    from laiontools.prepare import PrepareConfig, run_prepare
-    from laiontools.spark import spark_session
+    from laiontools.core.spark import spark_session
+    from laiontools.stages.prepare import PrepareConfig, run_prepare
 
     cfg = PrepareConfig(input=input_dir, output=output)
     with spark_session("local[2]", app_name="bench-prepare-memory") as spark:
@@ -187,7 +187,7 @@ def main() -> None:
     with open(os.path.join(args.out, "prepare_memory.json"), "w") as f:
         json.dump(res, f, indent=2)
 
-    from laiontools.report import table
+    from laiontools.core.report import table
 
     cols = ["rows", "wall_seconds", "input_mb", "python_driver_hwm_mb", "jvm_driver_hwm_mb", "python_workers_max_rss_mb"]
     print()

@@ -41,11 +41,11 @@ def build_pool(root: str, shards: int, per_shard: int, kb: int, tar_format: str 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from laiontools import schema as C
-    from laiontools.manifest import new_manifest, write_manifest
-    from laiontools.storage import sha256_file
-    from laiontools.tarscan import sample_spans, tar_members
-    from laiontools.uid import save_uids, uid_of
+    from laiontools.contracts import schema as C
+    from laiontools.contracts.manifest import new_manifest, write_manifest
+    from laiontools.contracts.uids import save_uids, uid_of
+    from laiontools.core.storage import sha256_file
+    from laiontools.wds.tarscan import sample_spans, tar_members
 
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(root, "shards"), exist_ok=True)
@@ -129,8 +129,8 @@ def sequential_copy(pool_root: str, dst: str, direct: bool = False) -> float:
 
 
 def one_size(spark, work: str, shards: int, per_shard: int, kb: int, shard_size: int, repeats: int, tar_format: str = "pax", spans: bool = True) -> dict:
-    from laiontools.reshard import ReshardConfig, run_reshard
-    from laiontools.subsets import SubsetsConfig, run_subsets
+    from laiontools.stages.reshard import ReshardConfig, run_reshard
+    from laiontools.stages.subsets import SubsetsConfig, run_subsets
 
     root = os.path.join(work, f"pool-{shards}x{per_shard}x{kb}-{tar_format}{'-spans' if spans else ''}")
     shutil.rmtree(root, ignore_errors=True)
@@ -178,13 +178,13 @@ def main() -> int:
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()
-    from laiontools.logs import setup_logging
-    from laiontools.spark import spark_session
+    from laiontools.core.logs import setup_logging
+    from laiontools.core.spark import spark_session
 
     setup_logging("WARNING")
     import logging
 
-    logging.getLogger("laiontools.reshard").setLevel(logging.INFO)  # its per-stage timings
+    logging.getLogger("laiontools.stages.reshard").setLevel(logging.INFO)  # its per-stage timings
     work = a.work or os.path.join(a.out, "reshard-work")
     os.makedirs(work, exist_ok=True)
     sizes = [a.shards] + ([a.shards * a.scale_up] if a.scale_up else [])

@@ -60,8 +60,8 @@ def write_catalog(root: str, rows: int) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from laiontools import schema as C
-    from laiontools.manifest import new_manifest, write_manifest
+    from laiontools.contracts import schema as C
+    from laiontools.contracts.manifest import new_manifest, write_manifest
 
     cat = os.path.join(root, "catalog")
     os.makedirs(cat, exist_ok=True)
@@ -103,11 +103,11 @@ def write_catalog(root: str, rows: int) -> str:
 
 def worker(rows: int, work: str) -> dict:
     """Run in a fresh process: start Spark, time the selection of three nested scales."""
-    from laiontools.logs import setup_logging
+    from laiontools.core.logs import setup_logging
 
     setup_logging()
-    from laiontools.spark import spark_session
-    from laiontools.subsets import SubsetsConfig, run_subsets
+    from laiontools.core.spark import spark_session
+    from laiontools.stages.subsets import SubsetsConfig, run_subsets
 
     manifest = os.path.join(work, f"pool-{rows}", "pool.manifest.json")
     hwm_before = _hwm_kb()

@@ -2,10 +2,10 @@
 
 Same shards, model, batch size, workers and open_clip arguments in the same run:
 
-* ``laiontools``: :func:`laiontools.train.run_train` (manifest -> plan -> train_worker -> open_clip_train.main).
+* ``laiontools``: :func:`laiontools.stages.train.run_train` (manifest -> plan -> train_worker -> open_clip_train.main).
 * ``direct``: ``open_clip_train.main.main(argv)`` in a fresh interpreter with the identical argv
   (tiny model configs registered, and webdataset's end-of-shard marker turned off: open_clip_train
-  3.3 cannot read shards with webdataset >= 0.2.96 without it, see laiontools.train_worker).
+  3.3 cannot read shards with webdataset >= 0.2.96 without it, see laiontools.stages.train_worker).
 * ``loader``: open_clip_train's own webdataset loader (``get_wds_dataset``) alone, no model.
 
 Throughput = samples / summed per-step batch time, parsed the same way from each run's open_clip log
@@ -46,7 +46,7 @@ def _run_direct(argv: list[str], shards: dict, logs_dir: str, name: str) -> floa
         "import open_clip\n"
         "from importlib import resources\n"
         "open_clip.add_model_config(str(resources.files('laiontools').joinpath('model_configs')))\n"
-        "from laiontools.train_worker import _no_shard_eof_marker\n"
+        "from laiontools.stages.train_worker import _no_shard_eof_marker\n"
         "_no_shard_eof_marker()\n"
         "from open_clip_train.main import main\n"
         "sys.exit(0 if main(sys.argv[1:]) in (None, 0) else 1)\n"
@@ -73,8 +73,8 @@ def _loader_rate(settings: dict, shards: dict, n_batches: int) -> float:
     import open_clip
     from open_clip_train.data import get_wds_dataset
 
-    from laiontools.models import register_tiny_models
-    from laiontools.train_worker import _no_shard_eof_marker
+    from laiontools.models.registry import register_tiny_models
+    from laiontools.stages.train_worker import _no_shard_eof_marker
 
     register_tiny_models()
     _no_shard_eof_marker()
@@ -111,8 +111,8 @@ def main() -> int:
     a = ap.parse_args()
     os.environ["BENCH_NPROC"] = str(a.nproc)
 
-    from laiontools.train import TrainConfig, run_train
-    from laiontools.train_fixtures import write_resharded_subset
+    from laiontools.stages.train import TrainConfig, run_train
+    from laiontools.testing.train_pool import write_resharded_subset
 
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     manifest = write_resharded_subset(os.path.join(tmp, "data"), n_shards=a.shards, per_shard=a.per_shard, image_size=a.image_size)

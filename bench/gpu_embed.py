@@ -35,20 +35,20 @@ GOAL_FACTOR = 2.0
 
 
 def _write_shard(args: tuple[str, int, int, int]) -> dict:
-    from laiontools.embed_testpool import write_pool
+    from laiontools.testing.embed_pool import write_pool
 
     d, s, per_shard, size = args
     sub = os.path.join(d, f"part{s:05d}")
     m = write_pool(sub, 1, per_shard, image_size=size, realistic=True, seed=s)
-    from laiontools.storage import read_json
+    from laiontools.core.storage import read_json
 
     return read_json(m)["shards"][0] | {"_dir": sub}
 
 
 def build_pool(out_dir: str, shards: int, per_shard: int, size: int) -> str:
     """A pool of `shards` x `per_shard` realistic JPEGs, shards rendered in parallel; cached."""
-    from laiontools.manifest import new_manifest, write_manifest
-    from laiontools.storage import sha256_bytes
+    from laiontools.contracts.manifest import new_manifest, write_manifest
+    from laiontools.core.storage import sha256_bytes
 
     d = os.path.join(out_dir, f"gpu-embed-pool-{shards}x{per_shard}-{size}")
     manifest = os.path.join(d, "pool.manifest.json")
@@ -79,8 +79,8 @@ def build_pool(out_dir: str, shards: int, per_shard: int, size: int) -> str:
 def bench(model: str, manifest: str, batch: int, workers: int, device: str, precision: str, out_dir: str) -> dict:
     import torch
 
-    from laiontools.embed import EmbedConfig, Embedder, _embed_tasks, _shard_tasks
-    from laiontools.manifest import read_manifest
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages.embed import EmbedConfig, Embedder, _embed_tasks, _shard_tasks
 
     tasks = _shard_tasks(manifest, read_manifest(manifest))
     n = sum(t["num_samples"] for t in tasks)

@@ -6,7 +6,7 @@
 
 import sys
 
-from laiontools.dedup import main
+from laiontools.stages.dedup import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

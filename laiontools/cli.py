@@ -11,19 +11,19 @@ import sys
 
 # stage name -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("laiontools.prepare", "normalize source metadata, assign uids, apply URL policy (Spark)"),
-    "download": ("laiontools.download", "prepare + img2dataset download into a webdataset pool with catalog and manifest (Spark)"),
-    "embed": ("laiontools.embed", "open_clip image/text embeddings and CLIP scores for a pool"),
-    "dedup": ("laiontools.dedup", "find pool samples that are near-duplicates of evaluation sets (faiss, Spark)"),
-    "subsets": ("laiontools.subsets", "filters + dedup exclusions + seeded nested subsets with manifests (Spark)"),
-    "reshard": ("laiontools.reshard", "write a subset into shuffled, evenly sized webdataset shards (Spark)"),
-    "verify": ("laiontools.verify", "re-check every file a manifest names (sha256, counts, uids, nesting)"),
-    "inspect": ("laiontools.verify", "print a readable summary of a manifest"),
-    "train": ("laiontools.train", "DDP training of an open_clip model on a manifest with a fixed samples-seen budget"),
-    "evaluate": ("laiontools.evaluate", "zero-shot classification and retrieval on evaluation sets"),
-    "study": ("laiontools.study", "grid of scale x samples-seen x model runs, scaling-law fit and report"),
+    "prepare": ("laiontools.stages.prepare", "normalize source metadata, assign uids, apply URL policy (Spark)"),
+    "download": ("laiontools.stages.download", "prepare + img2dataset download into a webdataset pool with catalog and manifest (Spark)"),
+    "embed": ("laiontools.stages.embed", "open_clip image/text embeddings and CLIP scores for a pool"),
+    "dedup": ("laiontools.stages.dedup", "find pool samples that are near-duplicates of evaluation sets (faiss, Spark)"),
+    "subsets": ("laiontools.stages.subsets", "filters + dedup exclusions + seeded nested subsets with manifests (Spark)"),
+    "reshard": ("laiontools.stages.reshard", "write a subset into shuffled, evenly sized webdataset shards (Spark)"),
+    "verify": ("laiontools.stages.verify", "re-check every file a manifest names (sha256, counts, uids, nesting)"),
+    "inspect": ("laiontools.stages.verify", "print a readable summary of a manifest"),
+    "train": ("laiontools.stages.train", "DDP training of an open_clip model on a manifest with a fixed samples-seen budget"),
+    "evaluate": ("laiontools.stages.evaluate", "zero-shot classification and retrieval on evaluation sets"),
+    "study": ("laiontools.stages.study", "grid of scale x samples-seen x model runs, scaling-law fit and report"),
     "synth": ("laiontools.synthetic", "write a synthetic LAION-format source (metadata + images) and/or serve it"),
-    "demo": ("laiontools.demo", "the whole pipeline on a synthetic source, on this machine"),
+    "demo": ("laiontools.stages.demo", "the whole pipeline on a synthetic source, on this machine"),
 }
 
 # Stages whose module serves several commands pick the entry point by name.
@@ -63,8 +63,8 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
     Used by the CLI and by the spark-submit scripts in jobs/, so both behave the same.
     """
-    from laiontools.errors import UserError
-    from laiontools.logs import setup_logging
+    from laiontools.core.errors import UserError
+    from laiontools.core.logs import setup_logging
 
     setup_logging()
     rest = argv

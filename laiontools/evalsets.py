@@ -39,9 +39,9 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from laiontools.errors import UserError
-from laiontools.logs import RateLimitedLogger
-from laiontools.storage import url_to_fs
+from laiontools.core.errors import UserError
+from laiontools.core.logs import RateLimitedLogger
+from laiontools.core.storage import url_to_fs
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -184,7 +184,7 @@ def detect_format(path: str) -> str:
 def _path_identity(path: str) -> str:
     """Same folder under two spellings -> same string (local: realpath; URLs: as written, no trailing '/')."""
     fs, p = url_to_fs(path)
-    from laiontools.storage import is_local
+    from laiontools.core.storage import is_local
 
     if is_local(fs):
         return os.path.realpath(p)

@@ -20,7 +20,7 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 @pytest.fixture(scope="session")
 def spark():
     """A local[2] SparkSession shared by the whole test session (stage code finds it as the active one)."""
-    from laiontools.spark import spark_session
+    from laiontools.core.spark import spark_session
 
     with spark_session("local[2]", app_name="laiontools-tests", conf={"spark.driver.memory": "1g"}) as s:
         yield s
@@ -61,10 +61,10 @@ def synthetic_web(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pool(spark, synthetic_web, tmp_path_factory) -> Pool:
-    """A pool downloaded by `laiontools.download.run_download` (Spark local[2] + img2dataset)."""
+    """A pool downloaded by `laiontools.stages.download.run_download` (Spark local[2] + img2dataset)."""
     import pandas as pd
 
-    from laiontools.download import DownloadConfig, run_download
+    from laiontools.stages.download import DownloadConfig, run_download
 
     web, src = synthetic_web
     out = str(tmp_path_factory.mktemp("pool"))

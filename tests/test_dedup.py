@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laiontools import dedup_index as DI
-from laiontools.dedup import DedupConfig, MissingEmbeddingsError, run_dedup
-from laiontools.dedup_calibrate import CalibrateConfig, recommend, run_calibrate
+from laiontools import index as DI
+from laiontools.contracts.uids import load_uids, save_uids
 from laiontools.evalsets import EvalSetError
-from laiontools.uid import load_uids, save_uids
+from laiontools.stages.dedup import DedupConfig, MissingEmbeddingsError, run_dedup
+from laiontools.stages.dedup_calibrate import CalibrateConfig, recommend, run_calibrate
 
 EASY = ("exact", "reencode", "resize")
 
@@ -26,7 +26,7 @@ EASY = ("exact", "reencode", "resize")
 @pytest.fixture(scope="module")
 def emb(pool, tmp_path_factory) -> str:
     """The pool embedded once by the embed stage (lt-tiny, random init, CPU)."""
-    from laiontools.embed import EmbedConfig, run_embed
+    from laiontools.stages.embed import EmbedConfig, run_embed
 
     out = str(tmp_path_factory.mktemp("emb"))
     run_embed(EmbedConfig(manifest=pool.manifest, output=out, model="lt-tiny", num_workers=0, batch_size=32))

@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laiontools.manifest import read_manifest, resolve
-from laiontools.uid import load_uids
+from laiontools.contracts.manifest import read_manifest, resolve
+from laiontools.contracts.uids import load_uids
 
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_one_report(tmp_path, capsys):
-    from laiontools.demo import main
+    from laiontools.stages.demo import main
 
     out = tmp_path / "demo"
     rc = main(["--output", str(out), "--n", "120", "--scale-factor", "2.5e-8", "--samples-seen", "32", "64",

@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 from conftest import TEST_DOWNLOAD_SETTINGS
 
-from laiontools import layout
-from laiontools.manifest import read_manifest, resolve
-from laiontools.storage import sha256_file
-from laiontools.uid import array_to_uids, contains, load_uids, uids_to_array
+from laiontools.contracts import layout
+from laiontools.contracts.manifest import read_manifest, resolve
+from laiontools.contracts.uids import array_to_uids, contains, load_uids, uids_to_array
+from laiontools.core.storage import sha256_file
 
 
 def _catalog(pool_dir: str) -> pd.DataFrame:
@@ -164,7 +164,7 @@ def test_other_settings_into_the_same_folder_are_refused(pool, tmp_path):
 
 
 def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path):
-    from laiontools.download import DownloadConfig, run_download
+    from laiontools.stages.download import DownloadConfig, run_download
 
     out = str(tmp_path / "p")
     shutil.copytree(pool.dir, out)

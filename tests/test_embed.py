@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laiontools import layout
-from laiontools.embed import (
+from laiontools.contracts import layout
+from laiontools.contracts.schema import ManifestError
+from laiontools.models.registry import ModelError
+from laiontools.stages.embed import (
     STATUS_FAILED_DECODE,
     STATUS_OK,
     EmbedConfig,
@@ -30,9 +32,7 @@ from laiontools.embed import (
     read_shard_samples,
     run_embed,
 )
-from laiontools.embed_testpool import write_pool
-from laiontools.models import ModelError
-from laiontools.schema import ManifestError
+from laiontools.testing.embed_pool import write_pool
 
 MODEL = "lt-tiny"
 
@@ -59,7 +59,7 @@ def _run(manifest: str, out: str, *extra: str) -> int:
 
 
 def _tar_samples(manifest: str) -> dict[str, list]:
-    from laiontools.manifest import read_manifest, resolve
+    from laiontools.contracts.manifest import read_manifest, resolve
 
     m = read_manifest(manifest)
     return {layout.shard_id(s["path"]): read_shard_samples(resolve(manifest, s["path"]), s["sha256"])
@@ -80,7 +80,7 @@ def test_layout_alignment_and_scores(embedded, pool_manifest):
     info = load_model_json(embedded)
     assert info["model"] == MODEL and info["embed_dim"] == 64 and info["image_size"] == [64, 64]
     assert "Normalize" in info["preprocess"]
-    from laiontools.manifest import manifest_sha256, read_manifest
+    from laiontools.contracts.manifest import manifest_sha256, read_manifest
 
     assert info["pool"]["manifest_sha256"] == manifest_sha256(pool_manifest)
     assert info["pool"]["source_fingerprint"] == read_manifest(pool_manifest)["source"]["fingerprint"]
@@ -146,7 +146,7 @@ def test_corrupt_sample_keeps_row_and_is_counted(small_pool, tmp_path):
     assert row["embed_status"] == STATUS_FAILED_DECODE and row["embed_error"] and row["uid"]
     assert pd.isna(row["clip_score"]) and not img[3].any() and txt[3].any()
     assert (meta["embed_status"] == STATUS_OK).sum() == 7
-    from laiontools.storage import read_json
+    from laiontools.core.storage import read_json
 
     rep = read_json(os.path.join(out, "embed_report.json"))
     assert rep["totals"] == {"rows": 24, "failed_decode": 1, "shards_done": 3}
@@ -246,7 +246,7 @@ def test_torchrun_two_processes(small_pool, tmp_path):
            "--batch-size", "5", "--num-workers", "0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from laiontools.storage import read_json
+    from laiontools.core.storage import read_json
 
     rep = read_json(os.path.join(out, "embed_report.json"))
     assert sorted(rep["this_run"]["shards_embedded"]) == ["00000", "00001", "00002"]
@@ -278,8 +278,8 @@ def test_worker_count_does_not_change_order(small_pool, tmp_path):
 def test_unsplit_transform_path_gives_same_embeddings(small_pool, tmp_path):
     """A model whose transform BatchPreprocess cannot split runs open_clip's transform per image
     (float batches); both paths must embed the same."""
-    from laiontools.embed import Embedder, _embed_tasks, _shard_tasks
-    from laiontools.manifest import read_manifest
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages.embed import Embedder, _embed_tasks, _shard_tasks
 
     tasks = _shard_tasks(small_pool, read_manifest(small_pool))
     emb = Embedder(MODEL, None, "cpu", 5, "auto")
@@ -300,7 +300,7 @@ def test_unsplit_transform_path_gives_same_embeddings(small_pool, tmp_path):
 def test_read_shard_rejects_non_tar(tmp_path):
     p = tmp_path / "x.tar"
     p.write_bytes(b"not a tar at all" * 100)
-    from laiontools.embed import ShardError
+    from laiontools.stages.embed import ShardError
 
     with pytest.raises(ShardError, match="x.tar"):
         read_shard_samples(str(p), None)

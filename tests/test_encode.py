@@ -1,4 +1,4 @@
-"""laiontools.encode: the embed step's cheaper paths must give what open_clip gives.
+"""laiontools.models.encode: the embed step's cheaper paths must give what open_clip gives.
 
 Real open_clip models (the shipped tiny config and ViT-B-32's config, random init) and their own
 transforms and tokenizers; the reference is always open_clip's own call.
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from laiontools.encode import BatchPreprocess, can_trim_text, encode_text_trimmed, length_groups
-from laiontools.models import load_model
+from laiontools.models.encode import BatchPreprocess, can_trim_text, encode_text_trimmed, length_groups
+from laiontools.models.registry import load_model
 
 
 @pytest.fixture(scope="module", params=["lt-tiny", "ViT-B-32"])
@@ -117,8 +117,8 @@ def test_plain_tar_parser_matches_tarfile():
     """The embed step's direct ustar parser gives tarfile's members, or steps aside (None)."""
     import tarfile
 
-    from laiontools.tarscan import plain_members as _plain_tar_members
-    from laiontools.tarscan import tarfile_payloads
+    from laiontools.wds.tarscan import plain_members as _plain_tar_members
+    from laiontools.wds.tarscan import tarfile_payloads
 
     rng = np.random.default_rng(3)
     plain = [("000001.jpg", rng.bytes(1000)), ("000001.txt", b"a cat"), ("000001.json", b"{}"),
@@ -147,9 +147,9 @@ def test_damaged_later_header_is_an_error_not_fewer_samples(tmp_path):
     stages' tar reading (embed and reshard) must call the shard damaged instead."""
     import tarfile
 
-    from laiontools.embed import ShardError, read_shard_samples
-    from laiontools.reshard import index_source_shard
-    from laiontools.tarscan import tar_payloads
+    from laiontools.stages.embed import ShardError, read_shard_samples
+    from laiontools.stages.reshard import index_source_shard
+    from laiontools.wds.tarscan import tar_payloads
 
     members = [(f"{i:06d}.{ext}", b"x" * 700) for i in range(4) for ext in ("jpg", "txt")]
     data = bytearray(_tar_bytes(members))
@@ -171,7 +171,7 @@ def test_header_scan_matches_tarfile(tmp_path):
     """reshard's header-only index (tarscan.scan_headers) gives tarfile's offsets, or steps aside."""
     import tarfile
 
-    from laiontools.tarscan import scan_headers
+    from laiontools.wds.tarscan import scan_headers
 
     rng = np.random.default_rng(4)
     members = [(f"{i:06d}.{ext}", rng.bytes(int(rng.integers(0, 3000)))) for i in range(20) for ext in ("jpg", "txt")]
@@ -198,7 +198,7 @@ def test_pax_tars_scan_directly_with_spans(tmp_path):
     import io
     import tarfile
 
-    from laiontools.tarscan import _tarfile_members, parse_span, sample_spans, scan_headers, tar_members
+    from laiontools.wds.tarscan import _tarfile_members, parse_span, sample_spans, scan_headers, tar_members
 
     rng = np.random.default_rng(5)
     buf = io.BytesIO()
@@ -233,8 +233,8 @@ def test_pax_tars_scan_directly_with_spans(tmp_path):
 
 def test_trim_check_accepts_clip_and_refuses_others(bundle):
     """The embed step trims captions only after checking it reproduces encode_text on this open_clip."""
-    from laiontools.embed import Embedder
-    from laiontools.encode import check_trimmed_text
+    from laiontools.models.encode import check_trimmed_text
+    from laiontools.stages.embed import Embedder
 
     assert check_trimmed_text(bundle.model.eval(), bundle.tokenizer, "cpu")
     assert Embedder("lt-tiny", device="cpu").trim_text
@@ -254,7 +254,7 @@ def test_download_shard_spans_skip_an_unreadable_tar(tmp_path):
 
     import pyarrow as pa
 
-    from laiontools.download import shard_spans
+    from laiontools.stages.download import shard_spans
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:

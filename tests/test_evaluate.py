@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from laiontools.errors import UserError
-from laiontools.evaluate import EvaluateConfig, main, run_evaluate
-from laiontools.models import ModelError, load_model
-from laiontools.storage import is_done
-from laiontools.train_fixtures import write_color_evalset
+from laiontools.core.errors import UserError
+from laiontools.core.storage import is_done
+from laiontools.models.registry import ModelError, load_model
+from laiontools.stages.evaluate import EvaluateConfig, main, run_evaluate
+from laiontools.testing.train_pool import write_color_evalset
 
 
 @pytest.fixture(scope="module")

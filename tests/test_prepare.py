@@ -9,11 +9,11 @@ import os
 import pandas as pd
 import pytest
 
-from laiontools import layout
-from laiontools.errors import InputError, UserError
-from laiontools.prepare import PrepareConfig, check_url, run_prepare
+from laiontools.contracts import layout
+from laiontools.contracts.uids import normalize_caption, normalize_url, uid_of
+from laiontools.core.errors import InputError, UserError
+from laiontools.stages.prepare import PrepareConfig, check_url, run_prepare
 from laiontools.synthetic import PROFILES, write_source
-from laiontools.uid import normalize_caption, normalize_url, uid_of
 
 BASE = "http://127.0.0.1:9"
 
@@ -164,7 +164,7 @@ def test_wrong_types_become_nulls_not_crashes(spark, tmp_path):
 
 
 def test_output_folder_that_is_a_file(spark, tmp_path):
-    from laiontools.download import DownloadConfig, check_output
+    from laiontools.stages.download import DownloadConfig, check_output
 
     f = tmp_path / "file"
     f.write_text("precious")
@@ -190,7 +190,7 @@ def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
 def test_synthetic_profiles_are_detected(name, tmp_path):
-    from laiontools.prepare import PrepareConfig, discover
+    from laiontools.stages.prepare import PrepareConfig, discover
 
     write_source(str(tmp_path / "s"), BASE, _items(8), profile=name, fmt="parquet", seed=1)
     _, mapping, _, detected = discover(PrepareConfig(input=str(tmp_path / "s"), output=str(tmp_path / "o")))

@@ -16,9 +16,11 @@ import time
 
 import pytest
 
-from laiontools import layout
-from laiontools.manifest import read_manifest, resolve
-from laiontools.reshard import (
+from laiontools.contracts import layout
+from laiontools.contracts.manifest import read_manifest, resolve
+from laiontools.contracts.uids import array_to_uids, load_uids
+from laiontools.core.storage import read_json
+from laiontools.stages.reshard import (
     OUT_MANIFEST,
     ReshardConfig,
     ReshardError,
@@ -29,10 +31,8 @@ from laiontools.reshard import (
     run_reshard,
     shard_layout,
 )
-from laiontools.storage import read_json
-from laiontools.subsets import SubsetsConfig, run_subsets
-from laiontools.uid import array_to_uids, load_uids
-from laiontools.verify import verify_manifest
+from laiontools.stages.subsets import SubsetsConfig, run_subsets
+from laiontools.stages.verify import verify_manifest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_subsets import make_scratch_pool
@@ -207,8 +207,8 @@ def test_webdataset_and_open_clip_loader(resharded):
     import webdataset as wds
     from open_clip_train.data import get_wds_dataset
 
-    from laiontools.models import load_model
-    from laiontools.train_worker import _no_shard_eof_marker
+    from laiontools.models.registry import load_model
+    from laiontools.stages.train_worker import _no_shard_eof_marker
 
     # The same patch our trainer applies before open_clip reads shards (webdataset >= 0.2.96 emits an
     # end-of-shard marker that open_clip_train 3.3's reader trips on; see train_worker).
@@ -261,8 +261,8 @@ def test_catalog_spans_and_the_tar_index_give_the_same_shards(spark, subset, res
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from laiontools import schema as C
-    from laiontools.tarscan import parse_span
+    from laiontools.contracts import schema as C
+    from laiontools.wds.tarscan import parse_span
 
     pool_path, cat_dir = _pool_catalog(subset)
     cat = pq.read_table(cat_dir)
@@ -298,7 +298,7 @@ def test_catalog_span_that_misses_its_sample_is_named(spark, subset, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from laiontools import schema as C
+    from laiontools.contracts import schema as C
 
     _, cat_dir = _pool_catalog(subset)
     cat = pq.read_table(cat_dir)
@@ -368,11 +368,11 @@ def test_kill_and_resume_identical(spark, subset, tmp_path):
 
 def test_bad_inputs(spark, subset, tmp_path):
     pool = read_manifest(subset)["pool"]["path"]
-    from laiontools.errors import InputError
+    from laiontools.core.errors import InputError
 
     with pytest.raises(InputError, match="pool manifest; reshard takes a subset"):
         run_reshard(ReshardConfig(manifest=pool, output=str(tmp_path / "x")), spark)
-    from laiontools.config import ConfigError
+    from laiontools.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="shard-size"):
         ReshardConfig(manifest=subset, output=str(tmp_path / "x"), shard_size=0)

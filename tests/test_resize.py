@@ -19,9 +19,9 @@ import cv2
 from img2dataset.resizer import Resizer
 from PIL import Image
 
-from laiontools.download import DownloadConfig
-from laiontools.resize import FastResizer, jpeg_header, make_resizer, reduction_factor, target_size
+from laiontools.stages.download import DownloadConfig
 from laiontools.synthetic import render_item
+from laiontools.web.resize import FastResizer, jpeg_header, make_resizer, reduction_factor, target_size
 
 MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop")
 # Mean |fast - img2dataset| over pixels (0..255), per output size. Measured on these images at

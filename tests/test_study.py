@@ -14,10 +14,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from laiontools.config import ConfigError
-from laiontools.storage import is_done
-from laiontools.study import StudyConfig, fit_power_law, model_gmacs, pareto_frontier, predict, run_study
-from laiontools.train_fixtures import write_color_evalset, write_resharded_subset
+from laiontools.core.config import ConfigError
+from laiontools.core.storage import is_done
+from laiontools.stages.study import (
+    StudyConfig,
+    fit_power_law,
+    model_gmacs,
+    pareto_frontier,
+    predict,
+    run_study,
+)
+from laiontools.testing.train_pool import write_color_evalset, write_resharded_subset
 
 
 def test_frontier_and_fit_recover_a_power_law() -> None:

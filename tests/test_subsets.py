@@ -16,13 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laiontools import layout
-from laiontools import schema as C
-from laiontools.config import ConfigError
-from laiontools.manifest import new_manifest, read_manifest, write_manifest
-from laiontools.schema import ManifestError
-from laiontools.storage import sha256_file, write_json
-from laiontools.subsets import (
+from laiontools.contracts import layout
+from laiontools.contracts import schema as C
+from laiontools.contracts.manifest import new_manifest, read_manifest, write_manifest
+from laiontools.contracts.schema import ManifestError
+from laiontools.contracts.uids import array_to_uids, load_uids, save_uids, uid_of
+from laiontools.core.config import ConfigError
+from laiontools.core.storage import sha256_file, write_json
+from laiontools.stages.subsets import (
     SubsetError,
     SubsetsConfig,
     parse_scales,
@@ -30,8 +31,7 @@ from laiontools.subsets import (
     reference_selection,
     run_subsets,
 )
-from laiontools.subsets import main as subsets_main
-from laiontools.uid import array_to_uids, load_uids, save_uids, uid_of
+from laiontools.stages.subsets import main as subsets_main
 
 
 def _jpeg(i: int, w: int, h: int) -> bytes:

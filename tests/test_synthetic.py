@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from laiontools import schema as S
+from laiontools.contracts import schema as S
+from laiontools.contracts.uids import uid_of
 from laiontools.synthetic import (
     EXPECTED_COLUMNS,
     FORMATS,
@@ -38,7 +39,6 @@ from laiontools.synthetic import (
     write_source,
 )
 from laiontools.synthetic.source import HTTP_ROUTES
-from laiontools.uid import uid_of
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:

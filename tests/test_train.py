@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from laiontools.config import ConfigError
-from laiontools.schema import ManifestError
-from laiontools.train import (
+from laiontools.contracts.schema import ManifestError
+from laiontools.core.config import ConfigError
+from laiontools.stages.train import (
     TrainConfig,
     checkpoint_epoch,
     main,
@@ -22,7 +22,7 @@ from laiontools.train import (
     read_result,
     run_train,
 )
-from laiontools.train_fixtures import write_resharded_subset
+from laiontools.testing.train_pool import write_resharded_subset
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def _rank_pids(run_dir: str) -> list[int]:
                 cmd = f.read().decode(errors="replace")
         except OSError:
             continue
-        if run_dir in cmd and "laiontools.train_worker" in cmd:
+        if run_dir in cmd and "laiontools.stages.train_worker" in cmd:
             pids.append(int(d))
     return pids
 
@@ -68,7 +68,7 @@ def test_bad_input_errors(subset: str, tmp_path) -> None:
     with pytest.raises(ConfigError, match="not divisible by the world size"):
         TrainConfig(manifest=subset, model="lt-tiny", samples_seen=64, batch_size=9, nproc=2, output=str(tmp_path / "r"))
     # a subset manifest that was never resharded: no shard list
-    from laiontools.manifest import new_manifest, read_manifest, write_manifest
+    from laiontools.contracts.manifest import new_manifest, read_manifest, write_manifest
 
     m = read_manifest(subset)
     unresharded = new_manifest(
@@ -145,7 +145,7 @@ def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
     assert launches[-1]["resumed_from_samples"] == killed_at_epoch * 16
     settings = json.load(open(os.path.join(run_dir, "settings.json")))
     env_info = json.load(open(os.path.join(run_dir, "environment.json")))
-    from laiontools.manifest import manifest_sha256
+    from laiontools.contracts.manifest import manifest_sha256
 
     assert settings["manifest_sha256"] == manifest_sha256(subset)
     assert settings["plan"]["steps"] == 12 and settings["plan"]["epochs"] == 6
@@ -153,7 +153,7 @@ def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
     assert os.path.exists(os.path.join(run_dir, "logs", "rank1.log"))
 
     # The final weights load as a plain open_clip checkpoint.
-    from laiontools.models import load_model
+    from laiontools.models.registry import load_model
 
     bundle = load_model("lt-tiny", pretrained=os.path.join(run_dir, "model.pt"))
     assert bundle.info["checkpoint_sha256"]
@@ -177,9 +177,9 @@ def _cfg_from_argv(argv: list[str]) -> dict:
 @pytest.mark.slow
 def test_pool_to_subset_to_reshard_to_train_to_evaluate(pool, spark, tmp_path) -> None:
     """The real chain: a downloaded pool -> subsets -> reshard -> train -> evaluate on the pool's eval set."""
-    from laiontools.evaluate import EvaluateConfig, run_evaluate
-    from laiontools.reshard import ReshardConfig, run_reshard
-    from laiontools.subsets import SubsetsConfig, run_subsets
+    from laiontools.stages.evaluate import EvaluateConfig, run_evaluate
+    from laiontools.stages.reshard import ReshardConfig, run_reshard
+    from laiontools.stages.subsets import SubsetsConfig, run_subsets
 
     rows = run_subsets(SubsetsConfig(pool=pool.manifest, output=str(tmp_path / "subsets"), scales="24", seed=1, allow_short=True), spark)
     subset = rows[0]["manifest"]

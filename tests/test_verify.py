@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from laiontools.cli import main as cli
-from laiontools.manifest import new_manifest, read_manifest, write_manifest
-from laiontools.reshard import OUT_MANIFEST, ReshardConfig, run_reshard
-from laiontools.subsets import SubsetsConfig, run_subsets
-from laiontools.verify import inspect_text, verify_manifest
+from laiontools.contracts.manifest import new_manifest, read_manifest, write_manifest
+from laiontools.stages.reshard import OUT_MANIFEST, ReshardConfig, run_reshard
+from laiontools.stages.subsets import SubsetsConfig, run_subsets
+from laiontools.stages.verify import inspect_text, verify_manifest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_subsets import make_scratch_pool
@@ -91,7 +91,7 @@ def test_uid_file_parent_and_nesting(chain, tmp_path):
     # a "child" whose uids are not all in its parent (big's uids, parent = small)
     sm = read_manifest(small)
     bm = read_manifest(big)
-    from laiontools.manifest import manifest_sha256
+    from laiontools.contracts.manifest import manifest_sha256
 
     bad = new_manifest(
         name="not-nested", kind="subset", num_samples=bm["num_samples"], target_samples=bm["num_samples"],

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
 from laiontools.synthetic.evalset import (
     EVAL_FORMATS,
     GLYPHS,
@@ -142,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``laiontools synth --output DIR --n N [--profile P] [--format F] [--realistic] [--evalset] [--serve]``."""
-    from laiontools.report import emit, table
+    from laiontools.core.report import emit, table
 
     cfg = config_from_args(SynthConfig, build_parser().parse_args(argv))
-    from laiontools.storage import ensure_output_dir, write_json
+    from laiontools.core.storage import ensure_output_dir, write_json
 
     ensure_output_dir(cfg.output)
     server = SyntheticWebServer(os.path.join(cfg.output, IMAGES_DIR), port=cfg.port) if cfg.serve else None

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from laiontools.storage import atomic_write_bytes, write_json
+from laiontools.core.storage import atomic_write_bytes, write_json
 from laiontools.synthetic.images import COLOURS, encode_jpeg
 
 EVAL_SIZE = 128
@@ -277,7 +277,7 @@ def plant_copies(evalset: dict[str, Any], evalset_dir: str, image_dir: str,
     Returns items ``{id, file, caption, eval_item, transform, sha256}`` (ids from PLANT_ID_BASE),
     to be listed in the source like any pool item. Deterministic for the arguments.
     """
-    from laiontools.storage import sha256_bytes
+    from laiontools.core.storage import sha256_bytes
 
     unknown = [t for t in transforms if t not in PLANT_TRANSFORMS]
     if unknown:

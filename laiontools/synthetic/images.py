@@ -233,7 +233,7 @@ def image_file_name(i: int) -> str:
 
 def _write_one(args: tuple[str, int, int, bool]) -> dict[str, Any]:
     image_dir, i, seed, realistic = args
-    from laiontools.storage import atomic_write_bytes, sha256_bytes
+    from laiontools.core.storage import atomic_write_bytes, sha256_bytes
 
     img, caption, attrs = render_item(i, seed=seed, realistic=realistic)
     data = encode_jpeg(img)

@@ -2,7 +2,7 @@
 
 Every row carries the route it was sent down and the catalog status it must end in, so download
 tests can compare the catalog with ``<source>.expected.parquet`` row by row (join on
-``expected_uid``, the uid laiontools.uid assigns to the row's URL + caption).
+``expected_uid``, the uid laiontools.contracts.uids assigns to the row's URL + caption).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from laiontools import schema as S
-from laiontools.uid import uid_of
+from laiontools.contracts import schema as S
+from laiontools.contracts.uids import uid_of
 
 # Route name -> the catalog status the route exists to produce: the row's own defect, as a download
 # with img2dataset's defaults (retries=0, X-Robots-Tag opt-outs respected, timeout < SLOW_SECONDS)
@@ -38,7 +38,7 @@ ROUTES: dict[str, str] = {
     "html": S.STATUS_FAILED_RESIZE,            # /html/<file>: 200 text/html, cannot be decoded
     "corrupt": S.STATUS_FAILED_RESIZE,         # /corrupt/<file>: JPEG header then garbage
     "truncated": S.STATUS_FAILED_RESIZE,       # /truncated/<file>: first 30% of a JPEG
-    "huge": S.STATUS_FAILED_DOWNLOAD,          # /huge/<file>: PNG declaring 60000x60000 pixels, refused from its header by laiontools.fetch
+    "huge": S.STATUS_FAILED_DOWNLOAD,          # /huge/<file>: PNG declaring 60000x60000 pixels, refused from its header by laiontools.web.fetch
     # Metadata-level breakage, refused by prepare before any request
     "null_url": S.rejected("null_url"),        # URL is null
     "empty_url": S.rejected("null_url"),       # URL is "" or whitespace
@@ -247,7 +247,7 @@ def _write_frame(df: Any, path: str, fmt: str, malformed: Sequence[bool] | None 
     """Write one metadata file atomically in `fmt`; jsonl rows flagged `malformed` become MALFORMED_LINE."""
     import io
 
-    from laiontools.storage import atomic_write_bytes
+    from laiontools.core.storage import atomic_write_bytes
 
     if fmt == "parquet":
         import pyarrow as pa
@@ -299,7 +299,7 @@ def write_source(out_path: str, base_url: str, items: Sequence[dict[str, Any]], 
 
     Returns the rows written (profile columns) plus EXPECTED_COLUMNS — row (0-based position over
     all files, in file order), route, expected status, expected_after_retry (after one retry pass),
-    transient, expected_uid (laiontools.uid.uid_of(url, caption)), item_id, file, eval_item,
+    transient, expected_uid (laiontools.contracts.uids.uid_of(url, caption)), item_id, file, eval_item,
     transform — and writes the same table to ``<out_path>.expected.parquet``. Deterministic for
     the arguments.
     """

@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, Self, TypeVar
 
-from laiontools.errors import UserError
+from laiontools.core.errors import UserError
 
 T = TypeVar("T", bound="StageConfig")
 
@@ -87,7 +87,7 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     if cfg_file:
         import yaml
 
-        from laiontools.storage import url_to_fs
+        from laiontools.core.storage import url_to_fs
 
         fs, p = url_to_fs(cfg_file)
         if not fs.exists(p):

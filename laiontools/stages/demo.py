@@ -21,9 +21,9 @@ import os
 import time
 from typing import Any
 
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.report import emit, table
-from laiontools.storage import atomic_write_bytes, ensure_output_dir, read_json
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.report import emit, table
+from laiontools.core.storage import atomic_write_bytes, ensure_output_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     The data stages share one Spark session; it is stopped before training, which needs no Spark
     and gets the memory and cores back.
     """
-    from laiontools.spark import spark_session
-    from laiontools.study import StudyConfig, run_study
+    from laiontools.core.spark import spark_session
+    from laiontools.stages.study import StudyConfig, run_study
 
     with spark_session(cfg.master, app_name="laiontools-demo") as spark:
         res = _data_stages(cfg, spark)
@@ -116,12 +116,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
     """synthetic source -> download -> embed -> calibrate + dedup -> subsets -> reshard (Spark stages)."""
-    from laiontools.dedup import DedupConfig, run_dedup
-    from laiontools.dedup_calibrate import CalibrateConfig, run_calibrate
-    from laiontools.download import DownloadConfig, run_download
-    from laiontools.embed import EmbedConfig, run_embed
-    from laiontools.reshard import ReshardConfig, run_reshard
-    from laiontools.subsets import SubsetsConfig, run_subsets
+    from laiontools.stages.dedup import DedupConfig, run_dedup
+    from laiontools.stages.dedup_calibrate import CalibrateConfig, run_calibrate
+    from laiontools.stages.download import DownloadConfig, run_download
+    from laiontools.stages.embed import EmbedConfig, run_embed
+    from laiontools.stages.reshard import ReshardConfig, run_reshard
+    from laiontools.stages.subsets import SubsetsConfig, run_subsets
     from laiontools.synthetic import SyntheticWebServer, make_source
 
     out = os.path.abspath(cfg.output)

@@ -101,7 +101,7 @@ def contains(sorted_set: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 def save_uids(path: str, uids: Iterable[str] | np.ndarray) -> tuple[str, int]:
     """Write a sorted, unique uid file atomically. Returns (sha256 of the file, count)."""
-    from laiontools.storage import atomic_write_bytes, sha256_bytes
+    from laiontools.core.storage import atomic_write_bytes, sha256_bytes
 
     arr = uids if isinstance(uids, np.ndarray) else uids_to_array(uids)
     arr = sort_unique(arr)
@@ -119,7 +119,7 @@ def load_uids(path: str, mmap: bool = True) -> np.ndarray:
     import fsspec
 
     fs, p = fsspec.core.url_to_fs(path)
-    from laiontools.storage import is_local
+    from laiontools.core.storage import is_local
 
     if mmap and is_local(fs):
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
@@ -134,7 +134,7 @@ def load_uids(path: str, mmap: bool = True) -> np.ndarray:
 
 
 def _write_uid_partition(pid: int, rows: Any, tmp_dir: str) -> Any:
-    from laiontools.storage import atomic_open
+    from laiontools.core.storage import atomic_open
 
     uids = [r[0] for r in rows]
     arr = uids_to_array(uids)  # already sorted within the partition by Spark
@@ -153,7 +153,7 @@ def save_uids_spark(df: Any, uid_col: str, path: str, num_partitions: int | None
     import hashlib
     import uuid as _uuid
 
-    from laiontools.storage import atomic_open, url_to_fs
+    from laiontools.core.storage import atomic_open, url_to_fs
 
     tmp_dir = f"{path}.parts-{_uuid.uuid4().hex[:8]}"
     sorted_df = df.select(uid_col).where(f"`{uid_col}` IS NOT NULL").distinct()

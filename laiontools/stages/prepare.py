@@ -19,11 +19,9 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from laiontools import layout
-from laiontools import schema as C
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.errors import InputError
-from laiontools.profiles import (
+from laiontools.contracts import layout
+from laiontools.contracts import schema as C
+from laiontools.contracts.profiles import (
     NUMERIC_FIELDS,
     SOURCE_HEIGHT,
     SOURCE_SHA256,
@@ -31,8 +29,10 @@ from laiontools.profiles import (
     parse_column_map,
     resolve_profile,
 )
-from laiontools.storage import is_done, join, mark_done, read_json, sha256_bytes, url_to_fs, write_json
-from laiontools.uid import compute_uid, normalize_caption, normalize_url
+from laiontools.contracts.uids import compute_uid, normalize_caption, normalize_url
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.errors import InputError
+from laiontools.core.storage import is_done, join, mark_done, read_json, sha256_bytes, url_to_fs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_d
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from laiontools.storage import atomic_open
+    from laiontools.core.storage import atomic_open
 
     rows_sorted = sorted(rows, key=lambda r: r[0])
     if not rows_sorted:
@@ -569,9 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from laiontools.report import emit
-    from laiontools.spark import spark_session
-    from laiontools.storage import ensure_output_dir
+    from laiontools.core.report import emit
+    from laiontools.core.spark import spark_session
+    from laiontools.core.storage import ensure_output_dir
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(PrepareConfig, args)

@@ -55,12 +55,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from laiontools import schema as C
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.errors import InputError, UserError
-from laiontools.manifest import manifest_sha256, new_manifest, read_manifest, resolve, write_manifest
-from laiontools.report import emit, table
-from laiontools.storage import (
+from laiontools.contracts import schema as C
+from laiontools.contracts.manifest import (
+    manifest_sha256,
+    new_manifest,
+    read_manifest,
+    resolve,
+    write_manifest,
+)
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.errors import InputError, UserError
+from laiontools.core.report import emit, table
+from laiontools.core.storage import (
     atomic_open,
     ensure_output_dir,
     is_done,
@@ -72,7 +78,7 @@ from laiontools.storage import (
     url_to_fs,
     write_json,
 )
-from laiontools.subsets import (
+from laiontools.stages.subsets import (
     _member_series,
     _to_signed_order,
     abs_path,
@@ -171,8 +177,8 @@ def _unwrap(e: BaseException) -> None:
 def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, int, int]]:
     """(source shard id, url) -> [(shard id, key, ext, data offset, size, mtime)] from the tar headers only.
 
-    ustar and per-file pax headers are read directly (:mod:`laiontools.tarscan`); anything else by tarfile."""
-    from laiontools.tarscan import split_name, tar_index
+    ustar and per-file pax headers are read directly (:mod:`laiontools.wds.tarscan`); anything else by tarfile."""
+    from laiontools.wds.tarscan import split_name, tar_index
 
     sid, url = item
     fs, p = url_to_fs(url)
@@ -420,7 +426,7 @@ def _read_at(f: Any, offset: int, size: int) -> bytes:
 
 
 def _is_local(fs: Any) -> bool:
-    from laiontools.storage import is_local
+    from laiontools.core.storage import is_local
 
     return is_local(fs)
 
@@ -480,7 +486,7 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
 def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, int]]:
     """Read a sample's span (from the catalog) and return its members sorted by ext, checking that
     the bytes are that sample's tar members and nothing else."""
-    from laiontools.tarscan import parse_span, split_name
+    from laiontools.wds.tarscan import parse_span, split_name
 
     buf = memoryview(sources.read(e.sid, e.lo, e.hi - e.lo))
     members = parse_span(buf)
@@ -660,7 +666,7 @@ def run_reshard(cfg: ReshardConfig, spark: Any = None) -> dict[str, Any]:
     uid file changed since selection, source shard missing from the pool, output of another plan).
     """
     if spark is None:
-        from laiontools.spark import spark_session
+        from laiontools.core.spark import spark_session
 
         with spark_session(app_name="laiontools-reshard") as s:
             return run_reshard(cfg, s)

@@ -2,7 +2,7 @@
 
 ``laiontools embed --manifest <pool.manifest.json> --output <emb> --model <name> [--pretrained <tag|ckpt>]``
 
-Output (names in :mod:`laiontools.layout`), one set of files per pool shard id, row-aligned::
+Output (names in :mod:`laiontools.contracts.layout`), one set of files per pool shard id, row-aligned::
 
     <emb>/img_emb/<id>.npy    <emb>/text_emb/<id>.npy   float16, L2-normalized, shape (rows, dim)
     <emb>/meta/<id>.parquet   uid, key, clip_score, embed_status, embed_error
@@ -28,7 +28,7 @@ Engines, one code path (:func:`_embed_tasks`) for all of them:
 * ``local`` (default): one process; a torch DataLoader whose workers read the tars, decode and
   preprocess, so the model never waits on JPEG decode. Workers apply open_clip's resize / crop and
   hand over uint8 batches; scaling + normalization run once per batch on the model's device, and
-  captions skip their padding (:mod:`laiontools.encode`: exact equivalents of open_clip's calls). Under ``torchrun`` (``WORLD_SIZE`` > 1) each
+  captions skip their padding (:mod:`laiontools.models.encode`: exact equivalents of open_clip's calls). Under ``torchrun`` (``WORLD_SIZE`` > 1) each
   rank takes ``shards[rank::world]`` and its GPU ``cuda:LOCAL_RANK``; rank 0 writes the report.
 * ``spark``: one Spark task per shard (clip-retrieval's layout of work). With GPU scheduling
   configured (``spark.executor.resource.gpu.amount``, ``spark.task.resource.gpu.amount=1`` and a
@@ -55,11 +55,11 @@ from typing import Any
 
 import numpy as np
 
-from laiontools import layout
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.errors import UserError
-from laiontools.logs import RateLimitedLogger
-from laiontools.storage import (
+from laiontools.contracts import layout
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.errors import UserError
+from laiontools.core.logs import RateLimitedLogger
+from laiontools.core.storage import (
     atomic_open,
     ensure_output_dir,
     is_done,
@@ -184,7 +184,7 @@ class Embedder:
     ) -> None:
         import torch
 
-        from laiontools.models import load_model
+        from laiontools.models.registry import load_model
 
         if precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r} is not one of {PRECISIONS}")
@@ -197,7 +197,7 @@ class Embedder:
         self.model = bundle.model
         self.preprocess = bundle.preprocess
         self.tokenizer = bundle.tokenizer
-        from laiontools.encode import BatchPreprocess, check_trimmed_text
+        from laiontools.models.encode import BatchPreprocess, check_trimmed_text
 
         # open_clip's transform, with ToTensor + Normalize moved to one op per batch (bit-identical).
         self.batch_preprocess = BatchPreprocess(self.preprocess, tuple(bundle.info["image_size"]))
@@ -241,12 +241,12 @@ class Embedder:
         `images` is either preprocessed float (N, 3, H, W) or, from :class:`BatchPreprocess`, uint8
         (N, 3, H, W) still to be scaled and normalized (done here, on the model's device). Tensors may
         live on the CPU (pinned); they are moved to the model's device here. Captions run through
-        :func:`laiontools.encode.encode_text_trimmed` (same values, no work on padding).
+        :func:`laiontools.models.encode.encode_text_trimmed` (same values, no work on padding).
         """
         import torch
         import torch.nn.functional as F
 
-        from laiontools.encode import encode_text_trimmed
+        from laiontools.models.encode import encode_text_trimmed
 
         img = txt = None
         with torch.inference_mode(), self._autocast():
@@ -395,7 +395,7 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
                 f"shard {url} has sha256 {got[:16]}… but the manifest says {expected_sha256[:16]}…; "
                 f"the file changed or is truncated: re-download it or regenerate the manifest"
             )
-    from laiontools.tarscan import tar_payloads
+    from laiontools.wds.tarscan import tar_payloads
 
     try:
         members = tar_payloads(data)
@@ -647,7 +647,7 @@ def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConf
 
 
 def _signature(info: dict[str, Any]) -> str:
-    from laiontools.models import model_signature
+    from laiontools.models.registry import model_signature
 
     return model_signature(info)
 
@@ -657,7 +657,7 @@ def _signature(info: dict[str, Any]) -> str:
 
 
 def pool_identity(manifest_path: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    from laiontools.manifest import manifest_sha256
+    from laiontools.contracts.manifest import manifest_sha256
 
     return {
         "name": manifest["name"],
@@ -669,7 +669,7 @@ def pool_identity(manifest_path: str, manifest: dict[str, Any]) -> dict[str, Any
 
 def check_compatible(existing: dict[str, Any], new: dict[str, Any], where: str) -> None:
     """Raise EmbedMismatchError naming both models if `existing` and `new` are different embedding spaces."""
-    from laiontools.models import model_signature
+    from laiontools.models.registry import model_signature
 
     diff = [f for f in IDENTITY_FIELDS if existing.get(f) != new.get(f)]
     if diff:
@@ -708,7 +708,7 @@ def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str,
 
 
 def _shard_tasks(manifest_path: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    from laiontools.manifest import resolve
+    from laiontools.contracts.manifest import resolve
 
     return [
         {"id": layout.shard_id(s["path"]), "path": s["path"], "url": resolve(manifest_path, s["path"]),
@@ -797,8 +797,8 @@ def run_embed(cfg: EmbedConfig, spark: Any = None) -> EmbedResult:
     EmbedMismatchError (output of another model/pool). Bad shards do not raise: they are listed in
     the result and the report, the others are embedded.
     """
-    from laiontools.manifest import read_manifest
-    from laiontools.models import load_model, register_tiny_models
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.models.registry import load_model, register_tiny_models
 
     cfg.check_paths()
     t0 = time.time()
@@ -845,7 +845,7 @@ def run_embed(cfg: EmbedConfig, spark: Any = None) -> EmbedResult:
 def _spark_stats(cfg: EmbedConfig, tasks: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
     if spark is not None:
         return _run_spark(cfg, tasks, spark)
-    from laiontools.spark import spark_session
+    from laiontools.core.spark import spark_session
 
     with spark_session() as s:
         return _run_spark(cfg, tasks, s)
@@ -875,7 +875,7 @@ def _gather(stats: list[dict[str, Any]], skipped: list[str]) -> tuple[list[dict[
 
 def _finish(cfg: EmbedConfig, tasks: list[dict[str, Any]], stats: list[dict[str, Any]], skipped: list[str],
             seconds: float, rank: int) -> EmbedResult:
-    from laiontools.report import emit
+    from laiontools.core.report import emit
 
     failed = {s["id"]: s["error"] for s in stats if "error" in s}
     embedded = sorted(s["id"] for s in stats if "error" not in s)

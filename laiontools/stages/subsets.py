@@ -8,7 +8,7 @@ Contract (DESIGN.md "Manifest", "Scale presets")::
 writes, per scale label L (``80M``, ``400M``, an explicit count ``1000`` ...)::
 
     <output>/<L>.manifest.json   kind=subset, target vs obtained, uid file + sha256, parent, recipe, funnel
-    <output>/<L>.uids.npy        sorted u8,u8 uid file (laiontools.uid layout)
+    <output>/<L>.uids.npy        sorted u8,u8 uid file (laiontools.contracts.uids layout)
     <output>/settings.json       effective settings
 
 How the choice is made, and why it nests: every eligible uid gets a score
@@ -25,7 +25,7 @@ file at a time, so driver memory does not grow with the pool or the subset.
 
 Same inputs and seed give byte-identical manifests and uid files: paths of inputs are recorded as
 absolute paths, the provenance command is rebuilt from the settings (without the output folder),
-and time/host go to the ``.run.json`` sidecar written by :func:`laiontools.manifest.write_manifest`.
+and time/host go to the ``.run.json`` sidecar written by :func:`laiontools.contracts.manifest.write_manifest`.
 """
 
 from __future__ import annotations
@@ -45,14 +45,20 @@ from typing import Any
 
 import numpy as np
 
-from laiontools import layout
-from laiontools import schema as C
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.errors import InputError, UserError
-from laiontools.manifest import manifest_sha256, new_manifest, read_manifest, resolve, write_manifest
-from laiontools.report import emit, table
-from laiontools.storage import ensure_output_dir, join, read_json, url_to_fs, write_json
-from laiontools.uid import UID_DTYPE
+from laiontools.contracts import layout
+from laiontools.contracts import schema as C
+from laiontools.contracts.manifest import (
+    manifest_sha256,
+    new_manifest,
+    read_manifest,
+    resolve,
+    write_manifest,
+)
+from laiontools.contracts.uids import UID_DTYPE
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.errors import InputError, UserError
+from laiontools.core.report import emit, table
+from laiontools.core.storage import ensure_output_dir, join, read_json, url_to_fs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +273,7 @@ _EXCLUDE_CACHE: dict[str, np.ndarray] = {}
 def _load_cached_uids(path: str) -> np.ndarray:
     arr = _EXCLUDE_CACHE.get(path)
     if arr is None:
-        from laiontools.uid import load_uids
+        from laiontools.contracts.uids import load_uids
 
         arr = np.asarray(load_uids(path, mmap=False))
         _EXCLUDE_CACHE[path] = arr
@@ -283,7 +289,7 @@ def _score_series(uids: Any, seed: int) -> Any:
 def _member_series(uids: Any, path: str) -> Any:
     import pandas as pd
 
-    from laiontools.uid import contains
+    from laiontools.contracts.uids import contains
 
     return pd.Series(contains(_load_cached_uids(path), hex_to_uid_array(uids)), index=uids.index)
 
@@ -367,8 +373,8 @@ class Exclusion:
 
 def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
     """A dedup output folder (exclude.uids.npy + dedup.json) or a bare uid .npy file; checked against the pool."""
-    from laiontools.storage import sha256_file
-    from laiontools.uid import contains, load_uids
+    from laiontools.contracts.uids import contains, load_uids
+    from laiontools.core.storage import sha256_file
 
     given = abs_path(given)
     fs, p = url_to_fs(given)
@@ -561,7 +567,7 @@ def write_sorted_uids(parquet_dir: str, outs: list[tuple[str, int]]) -> list[tup
 
     Rows have columns uid and tier; row goes to ``outs[s]`` for every s <= tier (outs are ordered
     largest subset first, so the largest gets every row). Bytes equal
-    :func:`laiontools.uid.save_uids` of each set. One row group at a time, with the order checked as
+    :func:`laiontools.contracts.uids.save_uids` of each set. One row group at a time, with the order checked as
     it goes, so driver memory stays flat however large the subsets are.
     """
     import io
@@ -569,7 +575,7 @@ def write_sorted_uids(parquet_dir: str, outs: list[tuple[str, int]]) -> list[tup
 
     import pyarrow.parquet as pq
 
-    from laiontools.storage import atomic_open
+    from laiontools.core.storage import atomic_open
 
     fs, p = url_to_fs(parquet_dir)
     parts = sorted(f for f in fs.ls(p, detail=False) if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet"))
@@ -644,7 +650,7 @@ def run_subsets(cfg: SubsetsConfig, spark: Any = None) -> list[dict[str, Any]]:
     comes from another pool; InputError/ManifestError for unreadable inputs.
     """
     if spark is None:
-        from laiontools.spark import spark_session
+        from laiontools.core.spark import spark_session
 
         with spark_session(app_name="laiontools-subsets") as s:
             return run_subsets(cfg, s)
@@ -756,7 +762,7 @@ def run_subsets(cfg: SubsetsConfig, spark: Any = None) -> list[dict[str, Any]]:
             if label in sha_count:
                 sha, count = sha_count[label]
             else:
-                from laiontools.uid import save_uids
+                from laiontools.contracts.uids import save_uids
 
                 sha, count = save_uids(join(output, uid_name), np.zeros(0, dtype=UID_DTYPE))
             m = new_manifest(

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.errors import UserError
-from laiontools.storage import atomic_write_bytes, ensure_output_dir, join, write_json
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.errors import UserError
+from laiontools.core.storage import atomic_write_bytes, ensure_output_dir, join, write_json
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ def apply_transform(image: Any, transform: str, rng: np.random.Generator) -> Any
 
 def _sample_negatives(emb_dir: str, n: int, seed: int, exclude: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
     """Up to `n` valid pool embeddings (float32) + uids, sampled evenly over shards (seeded)."""
-    from laiontools.dedup import read_embedding_shard
-    from laiontools.embed import done_shards
-    from laiontools.uid import contains, uids_to_array
+    from laiontools.contracts.uids import contains, uids_to_array
+    from laiontools.stages.dedup import read_embedding_shard
+    from laiontools.stages.embed import done_shards
 
     shards = done_shards(emb_dir)
     if not shards:
@@ -185,10 +185,10 @@ def recommend(pos: dict[str, np.ndarray], neg: np.ndarray, easy: tuple[str, ...]
 
 def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     """Run the calibration; writes calibrate.{json,txt,png} into cfg.output and returns the json content."""
-    from laiontools import dedup_index as DI
-    from laiontools.dedup import DedupConfig, make_embedder, prepare_index, read_pool
+    from laiontools import index as DI
+    from laiontools.contracts.uids import load_uids
     from laiontools.evalsets import iter_items, load_evalsets
-    from laiontools.uid import load_uids
+    from laiontools.stages.dedup import DedupConfig, make_embedder, prepare_index, read_pool
 
     cfg.check_required()
     ensure_output_dir(cfg.output)
@@ -259,7 +259,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     txt = _text_report(result, pos, neg)
     atomic_write_bytes(join(cfg.output, CALIBRATE_TXT), txt.encode())
     _plot(join(cfg.output, CALIBRATE_PNG), pos, neg, grid, rec, result["model"])
-    from laiontools.report import emit
+    from laiontools.core.report import emit
 
     emit(txt + f"\nwritten: {join(cfg.output, CALIBRATE_TXT)}, {CALIBRATE_JSON}, {CALIBRATE_PNG}")
     return result
@@ -272,7 +272,7 @@ def _row_items(items_path: str) -> dict[int, tuple[str, str]]:
     if items_path not in _ROW_ITEMS:
         import pyarrow.parquet as pq
 
-        from laiontools.storage import url_to_fs
+        from laiontools.core.storage import url_to_fs
 
         fs, p = url_to_fs(items_path)
         with fs.open(p, "rb") as f:
@@ -289,7 +289,7 @@ def _quantiles(s: np.ndarray) -> dict[str, float] | None:
 
 
 def _text_report(result: dict[str, Any], pos: dict[str, np.ndarray], neg: np.ndarray) -> str:
-    from laiontools.report import table
+    from laiontools.core.report import table
 
     rec = result["recommendation"]
     ts = sorted({t for t in [rec.get("threshold"), rec.get("lowest_safe")] if t is not None})

@@ -15,7 +15,7 @@ import os
 from importlib import resources
 from typing import Any
 
-from laiontools.errors import UserError
+from laiontools.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _check_name(name: str) -> None:
 
 def describe(name: str, pretrained: str | None) -> dict[str, Any]:
     """What identifies a model's embedding space: name + tag, or name + checkpoint sha256."""
-    from laiontools.storage import sha256_file
+    from laiontools.core.storage import sha256_file
 
     if pretrained and os.path.exists(pretrained):
         sha, _ = sha256_file(pretrained)

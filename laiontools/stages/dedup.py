@@ -3,8 +3,8 @@
 Steps (each resumable):
 
 1. Evaluation sets are read (:mod:`laiontools.evalsets`) and embedded with the embedding stage's
-   :class:`laiontools.embed.Embedder`, using the model named in the pool embeddings' ``model.json``,
-   so pool and evaluation vectors live in one space. The index (:mod:`laiontools.dedup_index`) is
+   :class:`laiontools.stages.embed.Embedder`, using the model named in the pool embeddings' ``model.json``,
+   so pool and evaluation vectors live in one space. The index (:mod:`laiontools.index`) is
    saved in ``<out>/index/`` with that model's description and reused on a re-run.
 2. A Spark job searches every pool embedding shard: one task streams its shards through the index
    (loaded once per worker process) and writes ``<out>/report/<shard>.parquet`` atomically, then its
@@ -18,7 +18,7 @@ Steps (each resumable):
    (top matches and pairs just under the threshold, side by side) for a person to check the threshold.
 
 A pool sample is a duplicate when its cosine similarity to some evaluation image is >= threshold.
-`laiontools dedup calibrate` (:mod:`laiontools.dedup_calibrate`) measures which threshold fits a model.
+`laiontools dedup calibrate` (:mod:`laiontools.stages.dedup_calibrate`) measures which threshold fits a model.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from laiontools import layout
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.errors import UserError
-from laiontools.storage import (
+from laiontools.contracts import layout
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.errors import UserError
+from laiontools.core.storage import (
     atomic_write_bytes,
     ensure_output_dir,
     join,
@@ -137,7 +137,7 @@ class PoolInfo:
 
 
 def _model_json(emb_dir: str) -> dict[str, Any]:
-    from laiontools.embed import load_model_json
+    from laiontools.stages.embed import load_model_json
 
     return load_model_json(emb_dir)
 
@@ -158,12 +158,12 @@ def read_pool(emb_dir: str) -> PoolInfo:
     Raises MissingEmbeddingsError listing every pool shard (from the pool manifest) that has no
     complete embeddings: a dedup that silently skipped them would leave contamination in.
     """
-    from laiontools.manifest import read_manifest, resolve
+    from laiontools.contracts.manifest import read_manifest, resolve
 
     fs, p = url_to_fs(emb_dir)
     if not fs.exists(p):
         raise UserError(f"embeddings folder {emb_dir} does not exist; give the output folder of `laiontools embed`")
-    from laiontools.embed import done_shards
+    from laiontools.stages.embed import done_shards
 
     model = _model_json(emb_dir)
     embedded = set(done_shards(emb_dir))  # a shard counts only once embed's completion marker exists
@@ -203,7 +203,7 @@ def read_embedding_shard(emb_dir: str, sid: str) -> tuple[np.ndarray, Any]:
     """(float16/32 image embeddings (n, d), meta table) of one shard; raises if they are not row-aligned."""
     import pyarrow.parquet as pq
 
-    from laiontools.storage import is_local
+    from laiontools.core.storage import is_local
 
     npy = join(emb_dir, layout.EMB_IMG_DIR, f"{sid}.npy")
     fs, p = url_to_fs(npy)
@@ -235,7 +235,7 @@ def _phash_image(image: Any) -> str:
 
 def make_embedder(emb_dir: str, pretrained: str | None, device: str, batch_size: int) -> Any:
     """The embed stage's Embedder in the pool embeddings' space (embed checks the checkpoint sha256)."""
-    from laiontools.embed import embedder_for
+    from laiontools.stages.embed import embedder_for
 
     return embedder_for(emb_dir, device=None if device == "auto" else device, pretrained=pretrained, batch_size=batch_size)
 
@@ -315,7 +315,7 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
     """
     import pyarrow.parquet as pq
 
-    from laiontools import dedup_index as DI
+    from laiontools import index as DI
 
     paths = DI.index_paths(cfg.output)
     want_sets = [es.to_dict() for es in sets]
@@ -380,7 +380,7 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
 
 
 def _settings_key(index_desc: dict[str, Any], cfg: DedupConfig) -> str:
-    from laiontools.storage import canonical_json
+    from laiontools.core.storage import canonical_json
 
     return sha256_bytes(canonical_json({
         "index": index_desc["index_sha256"], "items": index_desc["items_sha256"], "threshold": cfg.threshold,
@@ -403,7 +403,7 @@ def _pool_phashes(tar_url: str) -> dict[str, str]:
 
     from PIL import Image
 
-    from laiontools.logs import RateLimitedLogger
+    from laiontools.core.logs import RateLimitedLogger
 
     rl = RateLimitedLogger(log)
     out: dict[str, str] = {}
@@ -475,14 +475,14 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     """Search one pool shard, write its report parquet then its marker; return the shard's statistics.
 
     Module-level and driven by the small picklable `ctx`, so Spark can ship it. The index is taken
-    from the per-process cache (:func:`laiontools.dedup_index.load_cached`).
+    from the per-process cache (:func:`laiontools.index.load_cached`).
     """
     import faiss
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from laiontools import dedup_index as DI
+    from laiontools import index as DI
 
     out_path = _report_path(ctx["output"], sid)
     done_path = _done_path(ctx["output"], sid)
@@ -661,7 +661,7 @@ def _threads_per_task(spark: Any, requested: int) -> int:
 
 def search_context(cfg: DedupConfig, index_desc: dict[str, Any]) -> dict[str, Any]:
     """The small, picklable settings every search task receives (paths, not data)."""
-    from laiontools import dedup_index as DI
+    from laiontools import index as DI
 
     paths = DI.index_paths(cfg.output)
     return {
@@ -698,8 +698,8 @@ def run_dedup(cfg: DedupConfig, spark: Any = None) -> dict[str, Any]:
     Raises UserError subclasses for bad input: missing/empty evaluation sets, a set declared twice,
     pool shards without embeddings, embeddings of another model than an existing index.
     """
+    from laiontools.core.spark import spark_session
     from laiontools.evalsets import load_evalsets
-    from laiontools.spark import spark_session
 
     cfg.check_required()
     ensure_output_dir(cfg.output)
@@ -708,7 +708,7 @@ def run_dedup(cfg: DedupConfig, spark: Any = None) -> dict[str, Any]:
     if cfg.phash and not pool.tar_by_shard:
         raise UserError(f"--phash reads pool images from the pool tars, but {cfg.embeddings}/model.json names no pool manifest")
     index_desc = prepare_index(cfg, pool, sets)
-    from laiontools import dedup_index as DI
+    from laiontools import index as DI
 
     paths = DI.index_paths(cfg.output)
     write_json(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
@@ -785,9 +785,9 @@ def _write_outputs(
     cfg: DedupConfig, pool: PoolInfo, sets: list[Any], index_desc: dict[str, Any], items: dict[str, list[Any]],
     agg: _Aggregate, search_s: float,
 ) -> dict[str, Any]:
-    from laiontools import dedup_index as DI
-    from laiontools.report import emit, table
-    from laiontools.uid import save_uids
+    from laiontools import index as DI
+    from laiontools.contracts.uids import save_uids
+    from laiontools.core.report import emit, table
 
     row_set = {}  # index row -> set name, for eval items matched
     for r, s in zip(items["row"], items["evalset"]):
@@ -856,7 +856,7 @@ def _write_outputs(
         "summary": SUMMARY_JSON, "report": REPORT_DIR,
     })
     if cfg.gallery_pairs:
-        from laiontools.dedup_gallery import write_gallery
+        from laiontools.stages.dedup_gallery import write_gallery
 
         write_gallery(join(cfg.output, GALLERY_HTML), pool, sets, cfg.threshold, model_desc,
                       sorted(agg.above, reverse=True), sorted(agg.below, reverse=True))
@@ -885,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "calibrate":
-        from laiontools.dedup_calibrate import main as calibrate_main
+        from laiontools.stages.dedup_calibrate import main as calibrate_main
 
         return calibrate_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from laiontools import schema as C
-from laiontools.errors import InputError
+from laiontools.contracts import schema as C
+from laiontools.core.errors import InputError
 
 # Canonical names used only inside prepare before the catalog exists: the source's own image size
 # (kept apart from the downloaded image's original_width/original_height) and sha256.

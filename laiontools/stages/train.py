@@ -2,7 +2,7 @@
 
 The trainer is open_clip's own (``open_clip_train``, the one the scaling-law study used). This module
 turns a manifest and a budget into its arguments, launches one process per device with ``torchrun``
-(NCCL on GPUs, gloo on CPU; each rank runs :mod:`laiontools.train_worker`; a single process is
+(NCCL on GPUs, gloo on CPU; each rank runs :mod:`laiontools.stages.train_worker`; a single process is
 started directly), and checks the result.
 
 Samples seen is the controlled variable. Shards are *resampled* (drawn with replacement, weighted by
@@ -42,12 +42,12 @@ import sys
 import time
 from typing import Any
 
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.errors import UserError
-from laiontools.manifest import manifest_sha256, read_manifest, shard_urls
-from laiontools.report import emit
-from laiontools.schema import ManifestError
-from laiontools.storage import is_done, mark_done, read_json, write_json
+from laiontools.contracts.manifest import manifest_sha256, read_manifest, shard_urls
+from laiontools.contracts.schema import ManifestError
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.errors import UserError
+from laiontools.core.report import emit
+from laiontools.core.storage import is_done, mark_done, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def check_trainable_manifest(path: str) -> dict[str, Any]:
     empty = [s["path"] for s in m["shards"] if int(s["num_samples"]) <= 0]
     if empty:
         raise ManifestError(f"manifest {path}: shard(s) {empty[:5]} have num_samples 0; re-run `laiontools reshard`")
-    from laiontools.storage import url_to_fs
+    from laiontools.core.storage import url_to_fs
 
     missing = []
     for url in shard_urls(path, m):
@@ -346,7 +346,7 @@ def open_clip_argv(s: dict[str, Any], plan: Plan, run_dir: str, cfg: TrainConfig
         # epoch_latest.pt is written to a temp file and renamed: a kill never leaves a torn resume point
         "--save-most-recent",
         "--resume", "latest",
-        "--report-to", "wandb",  # routed to metrics.jsonl by laiontools.train_worker
+        "--report-to", "wandb",  # routed to metrics.jsonl by laiontools.stages.train_worker
         "--log-every-n-steps", str(cfg.log_every),
     ]  # fmt: skip
     return argv + list(s["open_clip_args"])
@@ -377,7 +377,7 @@ def _read_metrics(path: str) -> list[dict[str, Any]]:
 
 def _truncate_metrics(path: str, last_step: int) -> int:
     """Drop metric lines past the checkpoint being resumed from (they will be trained again)."""
-    from laiontools.storage import atomic_write_bytes
+    from laiontools.core.storage import atomic_write_bytes
 
     recs = _read_metrics(path)
     keep = [r for r in recs if int(r["step"]) <= last_step]
@@ -432,12 +432,12 @@ def _prepare_run_dir(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> 
 
 
 def _launch(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
-    """Start torchrun with one laiontools.train_worker per process; return its exit code."""
+    """Start torchrun with one laiontools.stages.train_worker per process; return its exit code."""
     import functools
 
-    from laiontools.train_worker import die_with_parent
+    from laiontools.stages.train_worker import die_with_parent
 
-    worker = ["-m", "laiontools.train_worker", os.path.abspath(cfg.output)]  # reads open_clip_argv from settings.json
+    worker = ["-m", "laiontools.stages.train_worker", os.path.abspath(cfg.output)]  # reads open_clip_argv from settings.json
     if plan.world_size == 1:
         # One process needs no rendezvous: skip torchrun's agent (one less interpreter importing torch).
         cmd = [sys.executable, *worker]
@@ -476,7 +476,7 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
     """Check the run reached its budget, write model.pt and result.json, then the completion marker."""
     import torch
 
-    from laiontools.storage import atomic_open
+    from laiontools.core.storage import atomic_open
 
     run_dir = cfg.output
     ckpt = os.path.join(run_dir, CHECKPOINT_DIR, LATEST_CHECKPOINT)

@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from laiontools.errors import UserError
+from laiontools.core.errors import UserError
 
 MANIFEST_SCHEMA_VERSION = "1.0"
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from laiontools.manifest import read_manifest, resolve
-from laiontools.report import emit, table
-from laiontools.storage import sha256_file, url_to_fs
-from laiontools.tarscan import split_name
+from laiontools.contracts.manifest import read_manifest, resolve
+from laiontools.core.report import emit, table
+from laiontools.core.storage import sha256_file, url_to_fs
+from laiontools.wds.tarscan import split_name
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _strictly_increasing(arr: np.ndarray) -> bool:
 
 
 def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: VerifyResult) -> np.ndarray | None:
-    from laiontools.uid import load_uids
+    from laiontools.contracts.uids import load_uids
 
     if not _exists(path):
         res.problems.append(f"{what} {path}: missing")
@@ -115,9 +115,9 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
 
 def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = True) -> VerifyResult:
     """Check everything `path` names; problems are collected (never raised) so all are reported at once."""
-    from laiontools.schema import ManifestError
-    from laiontools.subsets import hex_to_uid_array
-    from laiontools.uid import contains
+    from laiontools.contracts.schema import ManifestError
+    from laiontools.contracts.uids import contains
+    from laiontools.stages.subsets import hex_to_uid_array
 
     res = VerifyResult(manifest=path)
     try:

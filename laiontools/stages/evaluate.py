@@ -2,7 +2,7 @@
 
 Evaluation sets are declared exactly as for dedup (``name=path[:format]`` or a YAML list, read by
 :mod:`laiontools.evalsets`), so the sets a model is scored on are the sets its training data was
-decontaminated against. The model comes from :func:`laiontools.models.load_model`: a finished
+decontaminated against. The model comes from :func:`laiontools.models.registry.load_model`: a finished
 ``laiontools train`` run directory (its ``model.pt`` and model name), a checkpoint file (weights
 only), or an open_clip pretrained tag.
 
@@ -26,12 +26,12 @@ import os
 import time
 from typing import Any
 
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.errors import UserError
-from laiontools.logs import RateLimitedLogger
-from laiontools.models import ModelError
-from laiontools.report import emit, table
-from laiontools.storage import mark_done, read_json, write_json
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.errors import UserError
+from laiontools.core.logs import RateLimitedLogger
+from laiontools.core.report import emit, table
+from laiontools.core.storage import mark_done, read_json, write_json
+from laiontools.models.registry import ModelError
 
 log = logging.getLogger(__name__)
 _failures = RateLimitedLogger(log)
@@ -71,7 +71,7 @@ def resolve_checkpoint(checkpoint: str | None, model: str | None) -> tuple[str |
     Raises ModelError when a run dir was trained with another model than ``model``, ConfigError when
     the model name cannot be known, and TrainError when a run dir is not finished.
     """
-    from laiontools.train import MODEL_FILE, SETTINGS_FILE, read_result
+    from laiontools.stages.train import MODEL_FILE, SETTINGS_FILE, read_result
 
     if checkpoint and os.path.isdir(checkpoint):
         if not os.path.exists(os.path.join(checkpoint, SETTINGS_FILE)):
@@ -93,7 +93,7 @@ def resolve_checkpoint(checkpoint: str | None, model: str | None) -> tuple[str |
 
 def _check_run_of_checkpoint(path: str, model: str) -> None:
     """A checkpoint file inside a laiontools run names its model in settings.json: compare before loading."""
-    from laiontools.train import SETTINGS_FILE
+    from laiontools.stages.train import SETTINGS_FILE
 
     for d in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
         s = os.path.join(d, SETTINGS_FILE)
@@ -259,7 +259,7 @@ def run_evaluate(cfg: EvaluateConfig, spark: Any = None) -> dict[str, Any]:
     ``spark`` is unused (evaluation sets are small); accepted for a uniform stage API.
     """
     from laiontools import evalsets
-    from laiontools.models import load_model
+    from laiontools.models.registry import load_model
 
     sets = evalsets.load_evalsets(cfg.evalset or None, cfg.evalsets_yaml)
     weights, model_name, run_dir = resolve_checkpoint(cfg.checkpoint, cfg.model)

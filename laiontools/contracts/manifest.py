@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from laiontools import __version__
-from laiontools.schema import MANIFEST_SCHEMA_VERSION, ManifestError, validate_manifest
-from laiontools.storage import canonical_json, read_json, sha256_bytes, url_to_fs, write_json
+from laiontools.contracts.schema import MANIFEST_SCHEMA_VERSION, ManifestError, validate_manifest
+from laiontools.core.storage import canonical_json, read_json, sha256_bytes, url_to_fs, write_json
 
 SIDECAR_SUFFIX = ".run.json"
 

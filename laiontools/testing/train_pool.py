@@ -58,9 +58,9 @@ def write_resharded_subset(
     out_dir: str, n_shards: int = 2, per_shard: int = 16, seed: int = 0, image_size: int = 64, name: str = "synthetic"
 ) -> str:
     """Write ``n_shards`` webdataset tars of ``per_shard`` samples and a kind=subset manifest. Returns its path."""
-    from laiontools.manifest import new_manifest, write_manifest
-    from laiontools.storage import sha256_file, write_json
-    from laiontools.uid import save_uids, uid_of
+    from laiontools.contracts.manifest import new_manifest, write_manifest
+    from laiontools.contracts.uids import save_uids, uid_of
+    from laiontools.core.storage import sha256_file, write_json
 
     rng = random.Random(seed)
     os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)

@@ -13,7 +13,7 @@ import logging
 import tarfile
 from typing import Any
 
-from laiontools.storage import atomic_write_bytes, url_to_fs
+from laiontools.core.storage import atomic_write_bytes, url_to_fs
 
 log = logging.getLogger(__name__)
 THUMB = 160

@@ -1,4 +1,4 @@
-"""Per-rank entry point that torchrun starts: ``python -m laiontools.train_worker <run_dir>``.
+"""Per-rank entry point that torchrun starts: ``python -m laiontools.stages.train_worker <run_dir>``.
 
 It is a thin shim around open_clip's own trainer (``open_clip_train.main.main``); it adds only what
 laiontools needs in every rank, without copying the trainer:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # open_clip_train imports wandb if installed (slow, and never used: MetricsSink replaces it).
     sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
-    from laiontools.models import register_tiny_models
+    from laiontools.models.registry import register_tiny_models
 
     register_tiny_models()
     import open_clip_train.main as oc_main

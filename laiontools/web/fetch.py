@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from img2dataset.downloader import Downloader, is_disallowed
 
-from laiontools.prepare import is_blocked_ip
+from laiontools.stages.prepare import is_blocked_ip
 
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 

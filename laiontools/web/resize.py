@@ -31,7 +31,7 @@ import io
 import os
 from typing import TYPE_CHECKING, Any
 
-# A subclass needs its base at import time. Like laiontools.fetch, this module is imported only
+# A subclass needs its base at import time. Like laiontools.web.fetch, this module is imported only
 # inside the download job (and tests/benches), never by the CLI's top level.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
@@ -41,7 +41,7 @@ from albumentations.augmentations.geometric import functional as fgeometric
 from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
 
 if TYPE_CHECKING:
-    from laiontools.download import DownloadConfig
+    from laiontools.stages.download import DownloadConfig
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _REDUCTIONS = (8, 4, 2)  # largest first: the cheapest decode that is still big enough wins

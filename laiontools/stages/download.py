@@ -24,12 +24,11 @@ import sys
 import time
 from typing import Any
 
-from laiontools import layout
-from laiontools import schema as C
-from laiontools.config import ConfigError, add_config_args, config_from_args
-from laiontools.errors import UserError
-from laiontools.prepare import PrepareConfig, prepared_type, run_prepare
-from laiontools.storage import (
+from laiontools.contracts import layout
+from laiontools.contracts import schema as C
+from laiontools.core.config import ConfigError, add_config_args, config_from_args
+from laiontools.core.errors import UserError
+from laiontools.core.storage import (
     ensure_output_dir,
     is_done,
     join,
@@ -40,6 +39,7 @@ from laiontools.storage import (
     url_to_fs,
     write_json,
 )
+from laiontools.stages.prepare import PrepareConfig, prepared_type, run_prepare
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,8 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     from img2dataset.reader import Reader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from laiontools.fetch import FetchPolicy, PolicyDownloader
-    from laiontools.resize import make_resizer
+    from laiontools.web.fetch import FetchPolicy, PolicyDownloader
+    from laiontools.web.resize import make_resizer
 
     fs, sp = url_to_fs(shard_dir)
     fs.makedirs(sp, exist_ok=True)
@@ -243,13 +243,13 @@ _SPANS_SCHEMA = "_sid string, _skey string, _toff long, _tlen long"
 
 def shard_spans(batches: Any) -> Any:
     """mapInArrow: (shard id, tar url) rows -> (shard id, key, span offset, span length) per sample
-    whose members are adjacent (:func:`laiontools.tarscan.sample_spans`). A tar that cannot be
+    whose members are adjacent (:func:`laiontools.wds.tarscan.sample_spans`). A tar that cannot be
     indexed yields no spans: its rows keep null spans and reshard indexes it (and names the damage)."""
     import tarfile
 
     import pyarrow as pa
 
-    from laiontools.tarscan import sample_spans, tar_members
+    from laiontools.wds.tarscan import sample_spans, tar_members
 
     schema = pa.schema([("_sid", pa.string()), ("_skey", pa.string()), ("_toff", pa.int64()), ("_tlen", pa.int64())])
     for batch in batches:
@@ -387,7 +387,7 @@ def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], pr
 
 
 def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
-    from laiontools.report import table
+    from laiontools.core.report import table
 
     lines = [
         f"laiontools download — pool {cfg.name!r} in {cfg.output}",
@@ -406,8 +406,8 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
     """Catalog, uid file, manifest, report from the complete shards. Idempotent."""
     from pyspark.sql import functions as F
 
-    from laiontools.manifest import new_manifest, write_manifest
-    from laiontools.uid import save_uids_spark
+    from laiontools.contracts.manifest import new_manifest, write_manifest
+    from laiontools.contracts.uids import save_uids_spark
 
     shards = complete_shards(cfg)
     cat = build_catalog(cfg, shards, spark)
@@ -447,7 +447,7 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     from pyspark.sql import functions as F
     from pyspark.sql.types import BooleanType
 
-    from laiontools.fetch import is_transient
+    from laiontools.web.fetch import is_transient
 
     n = max(a for a, _, _ in _attempt_dirs(cfg)) + 1
     if not is_done(join(cfg.output, layout.PREPARED_DIR)) or not url_to_fs(join(cfg.output, layout.POOL_MANIFEST))[0].exists(
@@ -509,15 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from laiontools.report import emit
-    from laiontools.spark import spark_session
+    from laiontools.core.report import emit
+    from laiontools.core.spark import spark_session
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(DownloadConfig, args)
     if not cfg.input or not cfg.output:
         raise ConfigError("--input and --output are required (see `laiontools download --help`)")
     # Cheap checks before Spark starts (tens of seconds): bad input fails at once.
-    from laiontools.prepare import discover
+    from laiontools.stages.prepare import discover
 
     check_output(cfg)
     if not is_done(join(cfg.output, layout.PREPARED_DIR)):

@@ -42,9 +42,9 @@ import os
 import re
 from typing import Any
 
-from laiontools.config import ConfigError, StageConfig, add_config_args, config_from_args
-from laiontools.report import emit, table
-from laiontools.storage import atomic_write_bytes, is_done, read_json, write_json
+from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.report import emit, table
+from laiontools.core.storage import atomic_write_bytes, is_done, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class StudyConfig(StageConfig):
                 raise ConfigError(f"study: samples seen {n} is smaller than one global batch ({self.batch_size})")
         if self.batch_size % max(1, self.nproc):
             raise ConfigError(f"study: batch size {self.batch_size} is not divisible by nproc {self.nproc}")
-        from laiontools.evaluate import EvaluateConfig
-        from laiontools.train import TrainConfig
+        from laiontools.stages.evaluate import EvaluateConfig
+        from laiontools.stages.train import TrainConfig
 
         # YAML may spell settings with dashes, as the flags are written
         self.train = {str(k).replace("-", "_"): v for k, v in self.train.items()}
@@ -121,7 +121,7 @@ def model_gmacs(name: str) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from laiontools.models import load_model
+    from laiontools.models.registry import load_model
 
     b = load_model(name)
     h, w = b.info["image_size"]
@@ -396,8 +396,8 @@ def _write_results(path: str, rows: list[dict[str, Any]]) -> None:
 
 def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs: float) -> dict[str, Any]:
     """Train (or resume, or skip) and evaluate (or skip) one grid point; return its results row."""
-    from laiontools.evaluate import EvaluateConfig, run_evaluate
-    from laiontools.train import SETTINGS_FILE, TrainConfig, is_finished, read_result, run_train
+    from laiontools.stages.evaluate import EvaluateConfig, run_evaluate
+    from laiontools.stages.train import SETTINGS_FILE, TrainConfig, is_finished, read_result, run_train
 
     rid = run_id(model, scale, samples_seen)
     base = os.path.join(cfg.output, RUNS_DIR, rid)
@@ -446,7 +446,7 @@ def run_study(cfg: StudyConfig, spark: Any = None) -> dict[str, Any]:
     os.makedirs(cfg.output, exist_ok=True)
     write_json(os.path.join(cfg.output, "settings.json"), cfg.to_dict())
     evalsets.load_evalsets(cfg.evalset or None, cfg.evalsets_yaml)  # bad declarations fail before any training
-    from laiontools.train import check_trainable_manifest
+    from laiontools.stages.train import check_trainable_manifest
 
     for scale, manifest in cfg.scales.items():
         check_trainable_manifest(manifest)  # a never-resharded manifest fails now, not hours in

@@ -14,7 +14,7 @@ import json
 import os
 import tarfile
 
-from laiontools import layout
+from laiontools.contracts import layout
 
 
 def _img2dataset_like(img, size: int):  # border resize: keep aspect, pad to size x size
@@ -44,10 +44,10 @@ def write_pool(out_dir: str, n_shards: int, per_shard: int, *, image_size: int =
 
     `corrupt`: global sample indices whose JPEG bytes are truncated garbage (undecodable samples).
     """
-    from laiontools.manifest import new_manifest, write_manifest
-    from laiontools.storage import sha256_bytes, sha256_file
+    from laiontools.contracts.manifest import new_manifest, write_manifest
+    from laiontools.contracts.uids import compute_uid, save_uids
+    from laiontools.core.storage import sha256_bytes, sha256_file
     from laiontools.synthetic.images import render_item
-    from laiontools.uid import compute_uid, save_uids
 
     os.makedirs(os.path.join(out_dir, layout.SHARDS_DIR), exist_ok=True)
     shards, uids = [], []
@@ -79,7 +79,7 @@ def write_pool(out_dir: str, n_shards: int, per_shard: int, *, image_size: int =
         name=f"embed-testpool-{seed}", kind="pool", num_samples=len(uids), target_samples=None,
         uids={"path": layout.POOL_UIDS, "sha256": uid_sha, "count": count}, shards=shards,
         source_fingerprint=sha256_bytes(f"embed-testpool:{seed}:{n_shards}:{per_shard}:{image_size}".encode()),
-        command=["laiontools.embed_testpool.write_pool"], catalog=None,
+        command=["laiontools.testing.embed_pool.write_pool"], catalog=None,
     )
     mpath = os.path.join(out_dir, layout.POOL_MANIFEST)
     write_manifest(mpath, manifest)

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from laiontools.errors import UserError
-from laiontools.storage import join, read_json, sha256_bytes, url_to_fs
+from laiontools.core.errors import UserError
+from laiontools.core.storage import join, read_json, sha256_bytes, url_to_fs
 
 log = logging.getLogger(__name__)
 
