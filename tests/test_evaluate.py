@@ -91,3 +91,119 @@ def test_evalset_without_classnames(sets: dict[str, str], tmp_path) -> None:
     assert res["evalsets"]["caps"]["retrieval"]["n_items"] == 4
     assert "zeroshot" not in res["evalsets"]["caps"]
     assert res["evalsets"]["caps"]["retrieval"]["image_to_text_R@10"] == 1.0  # 4 candidates: top-10 always hits
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics on small fixed numbers; every expected value below is worked out by hand in the comments
+
+
+def test_classification_metrics_by_hand() -> None:
+    from laiontools.stages.evaluate import classification_metrics
+
+    logits = [
+        [0.9, 0.1, 0.0],  # label 0: nothing above 0.9 -> rank 0: top-1 hit
+        [0.5, 0.4, 0.1],  # label 1: class 0 above -> rank 1: top-1 miss, top-2 hit
+        [0.2, 0.7, 0.1],  # label 2: classes 0 and 1 above -> rank 2: miss at k=1 and k=2
+        [0.3, 0.3, 0.3],  # label 0: both others tie with it; ties count against -> rank 2
+        [0.1, 0.2, 0.6],  # label 2: rank 0: hit
+    ]
+    labels = [0, 1, 2, 0, 2]
+    m = classification_metrics(logits, labels, k=2)
+    assert m["top1"] == pytest.approx(2 / 5)  # items 0 and 4
+    assert m["top5"] == pytest.approx(3 / 5) and m["top5_k"] == 2  # items 0, 1, 4
+    # per class top-1 recall: class 0 -> 1/2 (item 0 yes, item 3 no), class 1 -> 0/1, class 2 -> 1/2
+    assert m["mean_per_class_recall"] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
+    # k above the number of classes is capped: with k=3 every item is a hit
+    m = classification_metrics(logits, labels, k=5)
+    assert m["top5_k"] == 3 and m["top5"] == 1.0
+    # a class without items does not enter the mean: only classes 0 and 2 here
+    m = classification_metrics([[0.9, 0.0, 0.1], [0.0, 0.5, 0.9]], [0, 2], k=1)
+    assert m["top1"] == 1.0 and m["mean_per_class_recall"] == 1.0
+
+
+def test_zero_shot_logits_are_features_times_classifier() -> None:
+    """The same metric through feature vectors: 2-D unit image features against 2 class directions."""
+    import numpy as np
+
+    from laiontools.stages.evaluate import classification_metrics
+
+    s = 1 / np.sqrt(2)
+    feats = np.array([[1.0, 0.0], [s, s], [0.0, 1.0], [0.6, 0.8]])
+    classes = np.array([[1.0, 0.0], [0.0, 1.0]]).T  # columns: class 0 = x axis, class 1 = y axis
+    # cosines: item0 (1, 0) -> class 0; item1 (0.707, 0.707) a tie -> miss whatever its label;
+    # item2 (0, 1) -> class 1; item3 (0.6, 0.8) -> class 1
+    m = classification_metrics(feats @ classes, [0, 0, 1, 0], k=1)
+    assert m["top1"] == pytest.approx(2 / 4)  # items 0 and 2 right; 1 tied, 3 wrong
+    assert m["mean_per_class_recall"] == pytest.approx((1 / 3 + 1 / 1) / 2)
+
+
+def test_retrieval_metrics_by_hand() -> None:
+    from laiontools.stages.evaluate import retrieval_metrics
+
+    img = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    txt = [[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]
+    # similarity S[i][t] = img_i . txt_t:
+    #   i0: t0 0.80  t1 0.00  t2 1.00   -> own text t0; t2 above it      -> rank 1
+    #   i1: t0 0.60  t1 1.00  t2 0.00   -> own text t1 on top            -> rank 0
+    #   i2: t0 0.96  t1 0.80  t2 0.60   -> own text t2 below t0 and t1   -> rank 2
+    # text -> image (columns):
+    #   t0: i0 0.80  i1 0.60  i2 0.96   -> i2 above                      -> rank 1
+    #   t1: i0 0.00  i1 1.00  i2 0.80   -> rank 0
+    #   t2: i0 1.00  i1 0.00  i2 0.60   -> i0 above                      -> rank 1
+    m = retrieval_metrics(img, txt, ks=(1, 2, 3))
+    assert m["image_to_text_R@1"] == pytest.approx(1 / 3)
+    assert m["image_to_text_R@2"] == pytest.approx(2 / 3)
+    assert m["image_to_text_R@3"] == 1.0
+    assert m["text_to_image_R@1"] == pytest.approx(1 / 3)
+    assert m["text_to_image_R@2"] == 1.0
+    assert m["image_to_text_mean_rank"] == pytest.approx((2 + 1 + 3) / 3)  # 1-based ranks 2, 1, 3
+    assert m["image_to_text_median_rank"] == 2.0
+    assert m["text_to_image_mean_rank"] == pytest.approx((2 + 1 + 2) / 3)
+
+    # items 0 and 2 share a caption: either of their texts (images) is a right answer for both.
+    #   i0: right {t0 0.80, t2 1.00} best 1.00, nothing wrong above -> 0; i2: best 0.96 vs wrong t1 0.80 -> 0
+    #   t0: right {i0 0.80, i2 0.96} best 0.96 vs wrong i1 0.60 -> 0;   t2: best 1.00 -> 0
+    m = retrieval_metrics(img, txt, captions=["a cat", "a dog", "a cat"], ks=(1,))
+    assert m["image_to_text_R@1"] == 1.0 and m["text_to_image_R@1"] == 1.0
+
+    # everything scored alike: no hit below k = number of candidates (ties count against the query)
+    flat = [[1.0, 0.0]] * 4
+    m = retrieval_metrics(flat, flat, ks=(1, 3, 4))
+    assert m["image_to_text_R@1"] == 0.0 and m["image_to_text_R@3"] == 0.0 and m["image_to_text_R@4"] == 1.0
+    assert m["text_to_image_mean_rank"] == 4.0
+
+    with pytest.raises(ValueError, match="same"):
+        retrieval_metrics(img, txt[:2])
+    with pytest.raises(ValueError, match="captions"):
+        retrieval_metrics(img, txt, captions=["a", "b"])
+
+
+def test_duplicate_captions_are_not_decided_by_sort_order(sets: dict[str, str]) -> None:
+    """Identical captions have identical text features; both count as the right answer, whichever sorts first."""
+    import numpy as np
+
+    from laiontools.stages.evaluate import retrieval
+
+    bundle = load_model("lt-tiny", pretrained=sets["ckpt"])
+    rng = np.random.default_rng(0)
+    import torch
+
+    feats = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(6, bundle.model.visual.output_dim)), dtype=torch.float32), dim=1)
+    caps = ["a photo of a red circle"] * 3 + ["a photo of a blue square"] * 3
+    r = retrieval(bundle, feats, caps, "cpu", 4)
+    assert r["n_distinct_captions"] == 2
+    # text -> image: each caption's 3 right images are half the candidates, so R@5 is always 1 (at most 3 wrong ones);
+    # image -> text: the best of a group's 3 identical texts ties with its twins, never with a wrong one
+    assert r["text_to_image_R@5"] == 1.0 and r["image_to_text_R@5"] == 1.0
+    # identical captions get the same features up to float rounding (which differs between batches),
+    # so which twin sorts first is noise; grouping by caption string takes that out
+    from laiontools.stages.evaluate import _encode_texts
+
+    t = _encode_texts(bundle, caps, "cpu", 4)
+    assert torch.allclose(t[0], t[2], atol=1e-5) and torch.allclose(t[3], t[5], atol=1e-5)
+    # image -> text R@1 computed here directly: an image is right when the best of its own caption's 3
+    # texts scores strictly above the best of the other caption's 3 texts
+    sims = feats @ t.T  # (6 images, 6 texts)
+    best_a, best_b = sims[:, :3].max(dim=1).values, sims[:, 3:].max(dim=1).values
+    right = torch.cat([best_a[:3] > best_b[:3], best_b[3:] > best_a[3:]])
+    assert r["image_to_text_R@1"] == pytest.approx(float(right.float().mean()))

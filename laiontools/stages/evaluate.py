@@ -7,10 +7,14 @@ decontaminated against. The model comes from :func:`laiontools.models.registry.l
 only), or an open_clip pretrained tag.
 
 * Zero-shot classification: a classifier from the class names and prompt templates with open_clip's
-  ``build_zero_shot_classifier``; top-1 / top-5 accuracy (open_clip_train's ``accuracy``) and mean
-  per-class recall. Needs class names.
-* Retrieval: image->text and text->image recall@1/5/10 with open_clip_train's ``get_clip_metrics``
-  over the items that have a caption (one caption per image).
+  ``build_zero_shot_classifier``; top-1 / top-5 accuracy and mean per-class recall
+  (:func:`classification_metrics`). Needs class names.
+* Retrieval: image->text and text->image recall@1/5/10 over the items that have a caption (one
+  caption per image; items sharing a caption string count as matches of each other), see
+  :func:`retrieval_metrics`.
+
+Ties are counted against the query in both tasks, so a model that scores everything alike gets no
+hit at any k below the number of candidates, rather than whatever the sort order gives.
 
 Output: one JSON file (``--output``) with the settings, the model identity, per-set results and a
 flat ``metrics`` map (``<set>/zeroshot_top1``, ``<set>/image_to_text_R@5``, ...); ``<output>.done``
@@ -134,49 +138,108 @@ def _encode_texts(bundle: Any, texts: list[str], device: str, batch_size: int) -
     return torch.cat(feats) if feats else torch.empty(0)
 
 
+def _hit_ranks(scores: Any, correct: Any) -> Any:
+    """0-based rank of each query's best correct candidate, ties counted against it.
+
+    ``scores`` and ``correct`` are (queries x candidates); every query has at least one correct
+    candidate. The rank is the number of *wrong* candidates scoring at least as high as the best
+    correct one, so a tie with a wrong candidate costs a place (a model that scores everything alike
+    gets no hits, not lucky ones from the sort order), and another correct candidate never does.
+    """
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    best = np.where(correct, scores, -np.inf).max(axis=1)
+    return ((scores >= best[:, None]) & ~correct).sum(axis=1)
+
+
+def classification_metrics(logits: Any, labels: list[int] | Any, k: int = 5) -> dict[str, Any]:
+    """Top-1 / top-k accuracy and mean per-class recall from (items x classes) logits.
+
+    An item is a top-k hit when fewer than k other classes score at least as high as its label (ties
+    count as misses). Mean per-class recall averages top-1 recall over the classes that have items.
+    ``k`` is capped at the number of classes (reported as ``top5_k``).
+    """
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    n, n_classes = logits.shape
+    if n == 0 or len(labels) != n:
+        raise ValueError(f"classification_metrics: {n} rows of logits for {len(labels)} labels")
+    correct = np.zeros_like(logits, dtype=bool)
+    correct[np.arange(n), labels] = True
+    rank = _hit_ranks(logits, correct)
+    k = min(k, n_classes)
+    hit1 = rank < 1
+    recalls = [float(hit1[labels == c].mean()) for c in range(n_classes) if (labels == c).any()]
+    return {
+        "top1": float(hit1.mean()),
+        "top5": float((rank < k).mean()),
+        "top5_k": k,
+        "mean_per_class_recall": float(np.mean(recalls)),
+    }
+
+
+def retrieval_metrics(image_features: Any, text_features: Any, captions: list[str] | None = None,
+                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Image->text and text->image recall@k, mean and median rank (1-based) from paired features.
+
+    Item i's image and text are a pair. A caption string that several items share names all of
+    their images, so a query counts as found when any candidate with the same caption ranks high
+    enough: identical captions have identical text features, and which of them the sort put first
+    must not decide a hit (open_clip_train's ``get_clip_metrics`` recognises only the pair's own
+    index and breaks such ties by sort order). Ties with wrong candidates count against the query.
+    Features need not be normalised: ranking by dot product is what CLIP scores with.
+    """
+    import numpy as np
+
+    img = np.asarray(image_features, dtype=np.float64)
+    txt = np.asarray(text_features, dtype=np.float64)
+    if img.shape != txt.shape or img.ndim != 2 or len(img) == 0:
+        raise ValueError(f"retrieval_metrics: image features {img.shape} and text features {txt.shape} must be the same (n, d)")
+    n = len(img)
+    if captions is None:
+        same = np.eye(n, dtype=bool)
+    else:
+        if len(captions) != n:
+            raise ValueError(f"retrieval_metrics: {len(captions)} captions for {n} items")
+        codes = {c: j for j, c in enumerate(dict.fromkeys(captions))}
+        ids = np.array([codes[c] for c in captions])
+        same = ids[:, None] == ids[None, :]
+    sims = img @ txt.T
+    out: dict[str, float] = {}
+    for name, scores in (("image_to_text", sims), ("text_to_image", sims.T)):
+        rank = _hit_ranks(scores, same)
+        out[f"{name}_mean_rank"] = float(rank.mean() + 1)
+        out[f"{name}_median_rank"] = float(np.floor(np.median(rank)) + 1)
+        for k in ks:
+            out[f"{name}_R@{k}"] = float((rank < k).mean())
+    return out
+
+
 def zero_shot(bundle: Any, image_features: Any, labels: list[int], names: list[str], templates: list[str], device: str) -> dict[str, Any]:
     """Top-1/top-5 accuracy and mean per-class recall with open_clip's zero-shot classifier."""
     import open_clip
     import torch
+
     # evalsets templates use "{c}"; open_clip formats strings positionally, so pass callables.
     fns = [lambda c, t=t: t.format(c=c) for t in templates]
     with torch.no_grad():
         classifier = open_clip.build_zero_shot_classifier(
             bundle.model, tokenizer=bundle.tokenizer, classnames=names, templates=fns, num_classes_per_batch=10, device=device
         ).float().cpu()
-    logits = 100.0 * image_features @ classifier
-    target = torch.tensor(labels)
-    k5 = min(5, len(names))
-    # (open_clip_train.zero_shot.accuracy converts a 1-element array with float(), which numpy 2.x refuses)
-    topk = logits.topk(k5, dim=1).indices
-    top1 = float((topk[:, 0] == target).sum())
-    top5 = float((topk == target[:, None]).any(dim=1).sum())
-    pred = logits.argmax(dim=1)
-    recalls = [float((pred[target == c] == c).float().mean()) for c in range(len(names)) if (target == c).any()]
-    n = len(labels)
-    return {
-        "top1": top1 / n,
-        "top5": top5 / n,
-        "top5_k": k5,
-        "mean_per_class_recall": sum(recalls) / len(recalls),
-        "n_classes": len(names),
-        "n_templates": len(templates),
-        "n_items": n,
-        "chance_top1": 1.0 / len(names),
-    }
+    out = classification_metrics((image_features @ classifier).numpy(), labels, k=5)
+    out.update({"n_classes": len(names), "n_templates": len(templates), "n_items": len(labels), "chance_top1": 1.0 / len(names)})
+    return out
 
 
 def retrieval(bundle: Any, image_features: Any, captions: list[str], device: str, batch_size: int) -> dict[str, Any]:
-    """Image->text and text->image recall@1/5/10 (open_clip_train's get_clip_metrics)."""
-    import torch
-    from open_clip_train.train import get_clip_metrics
-
+    """Image->text and text->image recall@1/5/10 of the model's features (see :func:`retrieval_metrics`)."""
     text_features = _encode_texts(bundle, captions, device, batch_size)
-    with torch.no_grad():
-        scale = bundle.model.logit_scale.exp().float().cpu()
-    m = get_clip_metrics(image_features=image_features, text_features=text_features, logit_scale=scale)
-    out = {k: float(v) for k, v in m.items()}
+    out: dict[str, Any] = retrieval_metrics(image_features.numpy(), text_features.numpy(), captions)
     out["n_items"] = len(captions)
+    out["n_distinct_captions"] = len(set(captions))
     return out
 
 
