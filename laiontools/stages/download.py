@@ -69,7 +69,10 @@ class DownloadConfig(PrepareConfig):
     max_image_pixels: int = dataclasses.field(default=89_478_485, metadata={"help": "reject images with more pixels (read from the header, before decoding)"})
     max_bytes: int = dataclasses.field(default=20 * 1024 * 1024, metadata={"help": "reject responses larger than this"})
     respect_optouts: bool = dataclasses.field(default=True, metadata={"help": "honour X-Robots-Tag noai/noimageai/noindex/noimageindex"})
+    respect_tdm_reservation: bool = dataclasses.field(default=True, metadata={"help": "honour the TDM Reservation Protocol header tdm-reservation: 1"})
     user_agent_token: str | None = dataclasses.field(default=None, metadata={"help": "token in the User-Agent, matched by X-Robots-Tag"})
+    request_deadline: float = dataclasses.field(default=60.0, metadata={"help": "seconds one request may take in all (redirects, headers and body); --timeout bounds each socket operation"})
+    shard_deadline: float | None = dataclasses.field(default=1800.0, metadata={"help": "seconds a shard's fetches may take; rows not fetched by then end failed_download with reason 'deadline' (0: no limit)"})
     retry_failed: bool = dataclasses.field(default=False, metadata={"help": "retry pass: re-attempt only rows that failed with transient errors, into new shards"})
     fast_decode: bool = dataclasses.field(default=True, metadata={"help": "decode JPEGs at 1/2, 1/4 or 1/8 scale in libjpeg when still >= the output size (same output size, several times less decode+resize CPU, slightly different pixels); --no-fast-decode: img2dataset's full-size decode"})
 
@@ -83,6 +86,8 @@ class DownloadConfig(PrepareConfig):
             raise ConfigError(f"unknown encode_format {self.encode_format!r}")
         if self.timeout < 1 or self.retries < 0 or self.thread_count < 1:
             raise ConfigError("timeout must be >= 1, retries >= 0, thread_count >= 1")
+        if self.request_deadline <= 0 or (self.shard_deadline is not None and self.shard_deadline < 0):
+            raise ConfigError("request_deadline must be > 0 and shard_deadline >= 0 (0: no shard deadline)")
 
     def semantic(self) -> dict[str, Any]:
         d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_ONLY}
@@ -191,8 +196,10 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     reader = Reader(input_dir, "parquet", C.URL, C.CAPTION, None, None, extra_cols, cfg.number_sample_per_shard,
                     done_shards, tmp_path, 0)
     resizer = make_resizer(cfg)  # img2dataset's Resizer, or FastResizer with --fast-decode (default)
-    policy = FetchPolicy(allow_private_network=cfg.allow_private_network, allow_networks=tuple(cfg.allow_networks), max_bytes=cfg.max_bytes,
-                         max_image_pixels=cfg.max_image_pixels)
+    policy = FetchPolicy(allow_private_network=cfg.allow_private_network, allow_networks=tuple(cfg.allow_networks),
+                         max_bytes=cfg.max_bytes, max_image_pixels=cfg.max_image_pixels,
+                         request_deadline=float(cfg.request_deadline), shard_deadline=cfg.shard_deadline or None,
+                         respect_tdm=cfg.respect_tdm_reservation)
     directives = ["noai", "noimageai", "noindex", "noimageindex"] if cfg.respect_optouts else None
     downloader = PolicyDownloader(
         sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.thread_count, save_caption=True,
@@ -349,8 +356,11 @@ def failure_kind(msg: str | None) -> str:
     if m:
         return f"http_{m.group(1)}"
     low = msg.lower()
-    for needle, kind in (("timed out", "timeout"), ("x-robots-tag", "opted_out"), ("blocked:", "blocked_target"),
-                         ("over the limit", "size_limit"), ("does not resolve", "dns"), ("connection reset", "connection_reset"),
+    for needle, kind in (("deadline:", "deadline"), ("robots.txt disallows", "robots_txt"),
+                         ("x-robots-tag", "opted_out_x_robots_tag"), ("tdm-reservation", "opted_out_tdm_reservation"),
+                         ("timed out", "timeout"), ("blocked:", "blocked_target"), ("blocklist", "blocklisted"),
+                         ("over the limit", "size_limit"), ("cannot be read from its header", "unreadable_header"),
+                         ("dns:", "dns"), ("does not resolve", "dns"), ("connection reset", "connection_reset"),
                          ("connection refused", "connection_refused"), ("decode", "undecodable"), ("image", "image_error")):
         if needle in low:
             return kind

@@ -14,10 +14,8 @@ import dataclasses
 import ipaddress
 import json
 import logging
-import socket
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
@@ -33,6 +31,7 @@ from laiontools.contracts.uids import compute_uid, normalize_caption, normalize_
 from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
 from laiontools.core.errors import InputError
 from laiontools.core.storage import is_done, join, mark_done, read_json, sha256_bytes, url_to_fs, write_json
+from laiontools.web.policy import check_url
 
 log = logging.getLogger(__name__)
 
@@ -235,69 +234,6 @@ def source_fingerprint(files: list[SourceFile], profile: str, mapping: dict[str,
 
 
 # ----------------------------------------------------------------------------- row policy (executors)
-
-_PRIVATE_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
-
-
-# Special-use names that never resolve (RFC 2606 / RFC 6761): refused without a DNS query.
-_NEVER_RESOLVE = (".invalid", ".test", ".example")
-
-
-def is_blocked_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_networks: tuple[str, ...] | list[str] = ()) -> bool:
-    """True for private/loopback/link-local/reserved/multicast addresses not in `allow_networks`."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in ipaddress.ip_network(n, strict=False) for n in allow_networks):
-        return False
-    return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
-                or ip.is_unspecified or getattr(ip, "is_site_local", False))
-
-
-def check_url(url: str | None, policy: dict[str, Any], dns_cache: dict[str, Any] | None = None) -> tuple[str, str] | None:
-    """None if the (normalized) URL may be fetched, else (reason, message)."""
-    if not url:
-        return "null_url", "URL is null or empty"
-    if len(url) > policy["max_url_length"]:
-        return "url_too_long", f"URL has {len(url)} characters, over the limit of {policy['max_url_length']}"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        _ = parts.port  # raises ValueError on a bad port
-    except ValueError as e:
-        return "invalid_url", f"URL cannot be parsed: {e}"
-    if parts.scheme not in ("http", "https"):
-        return "bad_scheme", f"scheme {parts.scheme + ':' if parts.scheme else '(none)'} is not http or https"
-    if not host:
-        return "invalid_url", "URL has no host"
-    if host.endswith(_NEVER_RESOLVE) or host in ("invalid", "test", "example"):
-        return "unresolvable_host", f"host {host} is a special-use name that never resolves (RFC 6761)"
-    if policy["allow_private_network"]:
-        return None
-    nets = policy.get("allow_networks") or ()
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    if ip is not None:
-        if is_blocked_ip(ip, nets):
-            return "private_address", f"host {host} is a private, loopback, link-local or reserved address"
-        return None
-    if host in _PRIVATE_NAMES or host.endswith(".localhost") or host.endswith(".local") or host.endswith(".internal"):
-        return "private_address", f"host {host} names a local or internal machine"
-    if policy.get("resolve_hosts"):
-        cache = dns_cache if dns_cache is not None else {}
-        if host not in cache:
-            try:
-                cache[host] = [ai[4][0] for ai in socket.getaddrinfo(host, None)]
-            except OSError as e:
-                cache[host] = e
-        res = cache[host]
-        if isinstance(res, OSError):
-            return "unresolvable_host", f"host {host} does not resolve ({res})"
-        if any(is_blocked_ip(ipaddress.ip_address(a.split("%")[0]), nets) for a in res):
-            return "private_address", f"host {host} resolves to a private/loopback/link-local address"
-    return None
-
 
 def _to_num(v: Any, kind: str) -> Any:
     if v is None or v == "":

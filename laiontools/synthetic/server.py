@@ -14,6 +14,13 @@ Routes (``<file>`` is a bare file name inside the served folder; anything else i
 ``/noai/<file>``           200 image with ``X-Robots-Tag: noai``
 ``/noimageai/<file>``      200 image with ``X-Robots-Tag: noimageai``
 ``/huge/<file>``           200 image/png whose IHDR declares 60000x60000 pixels (a ~100-byte file)
+``/drip/<s>/<file>``       200 image with its full Content-Length, then one byte every s seconds
+                           (a straggler: every recv succeeds, the response never ends in time)
+``/tdm/<file>``            200 image with ``tdm-reservation: 1`` (TDM Reservation Protocol opt-out)
+``/headerless/<file>``     200 image/jpeg: the file without its first 20 bytes (no header to read a size from)
+``/redirect-to/<url>``     302 to the percent-decoded <url> (any host: a redirect off the allow-list)
+``/nolength/<file>``       200 image with no Content-Length: the body ends when the connection closes
+``/robots.txt``            the server's ``robots_txt`` (404 when None), counted in ``robots_requests``
 =========================  ===================================================================
 
 Files are read at request time, so the server may be started over an empty folder before the
@@ -86,6 +93,15 @@ class _Server(ThreadingHTTPServer):
         self.flaky_counts: dict[str, int] = {}
         self.lock = threading.Lock()
         self.requests = 0
+        self.robots_txt: str | None = None  # what /robots.txt serves (None: 404)
+        self.robots_status = 200
+        self.robots_requests = 0
+        self.request_log: list[tuple[float, str, str]] = []  # (time.monotonic(), Host header, path) when logging
+        self.log_requests = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that drops the connection or rejects our test certificate is a normal event here
+        log.debug("request from %s ended with an error", client_address, exc_info=True)
 
     def read_file(self, name: str) -> bytes | None:
         """Bytes of `name` in the served folder (cached), or None if it is not a plain file there."""
@@ -135,13 +151,29 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         srv = self.server
         srv.requests += 1  # approximate under races; only for reporting
+        if srv.log_requests:
+            with srv.lock:
+                srv.request_log.append((time.monotonic(), self.headers.get("Host", ""), self.path))
         path = self.path.split("?", 1)[0].split("#", 1)[0]
         parts = [p for p in path.split("/") if p]
         if not parts:
             self._send(200, b"laiontools synthetic web\n", "text/plain")
             return
         route, args, name = parts[0], parts[1:-1], parts[-1] if len(parts) > 1 else ""
-        n_args = {"status": 1, "flaky": 1, "slow": 1}.get(route, 0)
+        if route == "robots.txt" and len(parts) == 1:
+            with srv.lock:
+                srv.robots_requests += 1
+            if srv.robots_txt is None:
+                self._not_found()
+            else:
+                self._send(srv.robots_status, srv.robots_txt.encode(), "text/plain")
+            return
+        if route == "redirect-to" and len(parts) > 1:
+            from urllib.parse import unquote
+
+            self._send(302, b"", "text/plain", {"Location": unquote(path.split("/redirect-to/", 1)[1])})
+            return
+        n_args = {"status": 1, "flaky": 1, "slow": 1, "drip": 1}.get(route, 0)
         if len(args) != n_args:
             self._not_found()
             return
@@ -185,6 +217,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, data[: max(1, int(len(data) * TRUNCATE_FRACTION))])
             elif route in ("noai", "noimageai"):
                 self._send(200, data, headers={"X-Robots-Tag": route})
+            elif route == "drip":
+                self._drip(data, min(max(float(args[0]), 0.01), SLOW_MAX_SECONDS))
+            elif route == "nolength":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = True
+            elif route == "tdm":
+                self._send(200, data, headers={"tdm-reservation": "1"})
+            elif route == "headerless":
+                self._send(200, data[20:])
             elif route == "huge":
                 self._send(200, _HUGE_PNG, "image/png")
             else:
@@ -195,6 +240,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+    def _drip(self, data: bytes, every: float) -> None:
+        """Headers (full Content-Length), then one byte per `every` seconds until done, stopped or gone."""
+        srv = self.server
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.flush()
+        give_up = time.monotonic() + SLOW_MAX_SECONDS
+        for i in range(len(data)):
+            if srv.stopping.wait(every) or time.monotonic() > give_up:
+                self.close_connection = True
+                return
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+
+
 class SyntheticWebServer:
     """Threaded HTTP server on 127.0.0.1 serving files from `image_dir` under the routes above.
 
@@ -203,9 +265,12 @@ class SyntheticWebServer:
     see the stop flag and drop their connection. Counters (/flaky/) belong to one instance.
     """
 
-    def __init__(self, image_dir: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, image_dir: str, host: str = "127.0.0.1", port: int = 0,
+                 tls: tuple[str, str] | None = None) -> None:
         self.image_dir = image_dir
         self.host, self.port = host, port
+        self.tls = tls  # (certfile, keyfile): serve https; the SNI names clients sent go to sni_names
+        self.sni_names: list[str | None] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -213,17 +278,50 @@ class SyntheticWebServer:
     def base_url(self) -> str:
         if self._server is None:
             raise RuntimeError("SyntheticWebServer is not started; call start() or use it as a context manager")
-        return f"http://{self.host}:{self._server.server_address[1]}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self._server.server_address[1]}"
 
     @property
     def requests_served(self) -> int:
         return self._server.requests if self._server else 0
+
+    def _srv(self) -> _Server:
+        if self._server is None:
+            raise RuntimeError("SyntheticWebServer is not started; call start() or use it as a context manager")
+        return self._server
+
+    def set_robots(self, text: str | None, status: int = 200) -> None:
+        """Serve `text` as /robots.txt with `status` (None: 404)."""
+        srv = self._srv()
+        srv.robots_txt, srv.robots_status = text, status
+
+    @property
+    def robots_requests(self) -> int:
+        return self._srv().robots_requests
+
+    def log_requests(self, on: bool = True) -> None:
+        """Record (time.monotonic(), Host header, path) of every request in :attr:`request_log`."""
+        self._srv().log_requests = on
+
+    @property
+    def request_log(self) -> list[tuple[float, str, str]]:
+        srv = self._srv()
+        with srv.lock:
+            return list(srv.request_log)
 
     def start(self) -> SyntheticWebServer:
         if self._server is not None:
             return self
         os.makedirs(self.image_dir, exist_ok=True)
         self._server = _Server((self.host, self.port), self.image_dir)
+        if self.tls:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            ctx.sni_callback = lambda sslsock, name, _ctx: self.sni_names.append(name)
+            # handshake in the handler thread, not in accept(): a client that never speaks TLS
+            # must not stall the listener
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True, do_handshake_on_connect=False)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
             name=f"synthetic-web-{self._server.server_address[1]}", daemon=True,

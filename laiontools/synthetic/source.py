@@ -35,7 +35,7 @@ ROUTES: dict[str, str] = {
     "slow": S.STATUS_FAILED_DOWNLOAD,          # /slow/<SLOW_SECONDS>/<file>: past any sane timeout
     "noai": S.STATUS_FAILED_DOWNLOAD,          # /noai/<file>: X-Robots-Tag: noai, refused by img2dataset
     "noimageai": S.STATUS_FAILED_DOWNLOAD,     # /noimageai/<file>: X-Robots-Tag: noimageai
-    "html": S.STATUS_FAILED_RESIZE,            # /html/<file>: 200 text/html, cannot be decoded
+    "html": S.STATUS_FAILED_DOWNLOAD,          # /html/<file>: 200 text/html: no image size in it, refused before any decoder (fails closed)
     "corrupt": S.STATUS_FAILED_RESIZE,         # /corrupt/<file>: JPEG header then garbage
     "truncated": S.STATUS_FAILED_RESIZE,       # /truncated/<file>: first 30% of a JPEG
     "huge": S.STATUS_FAILED_DOWNLOAD,          # /huge/<file>: PNG declaring 60000x60000 pixels, refused from its header by laiontools.web.fetch

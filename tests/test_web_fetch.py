@@ -1,0 +1,226 @@
+"""laiontools.web.fetch through real sockets, WITHOUT the 127.0.0.0/8 allow-list of the download tests.
+
+Two synthetic web servers play two hosts: ``public`` on 127.0.0.2 stands for a public web host
+(the policy allows exactly 127.0.0.2/32, as if it were global) and ``private`` on 127.0.0.1 stands
+for what a crawl must never reach (loopback, not allowed). Every refusal test checks the recorded
+reason and that the private server saw no request.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+from PIL import Image
+
+from laiontools.synthetic import SyntheticWebServer
+from laiontools.web.fetch import (
+    DEADLINE_PREFIX,
+    UNREADABLE_HEADER,
+    DnsCache,
+    FetchPolicy,
+    fetch_one,
+    fetch_with_retry,
+)
+
+PUBLIC = "127.0.0.2"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("web-images")
+    Image.new("RGB", (320, 240), (200, 30, 30)).save(d / "a.jpg", quality=90)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def public(images):
+    with SyntheticWebServer(images, host=PUBLIC) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def private(images):
+    with SyntheticWebServer(images, host="127.0.0.1") as s:
+        yield s
+
+
+def _policy(**kw) -> FetchPolicy:
+    return FetchPolicy(allow_networks=(f"{PUBLIC}/32",), request_deadline=10, **kw)
+
+
+def _port(server: SyntheticWebServer) -> str:
+    return server.base_url.rsplit(":", 1)[1]
+
+
+class Rebinding:
+    """A resolver hook that answers a public address first and 127.0.0.1 on every later query."""
+
+    def __init__(self, first: str) -> None:
+        self.first, self.calls = first, 0
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.calls += 1
+        return [self.first] if self.calls == 1 else ["127.0.0.1"]
+
+
+def test_a_plain_fetch_works_and_sends_the_host_name(public):
+    public.log_requests()
+    res = lambda host, port: [PUBLIC]
+    data, err, _ = fetch_one(f"http://images.example.org:{_port(public)}/img/a.jpg", 3, None, None, _policy(), resolver=res)
+    assert err is None and Image.open(data).size == (320, 240)
+    assert public.request_log[-1][1] == f"images.example.org:{_port(public)}"  # Host header keeps the name
+
+
+def test_dns_rebinding_never_reaches_loopback(private, public):
+    """The name answers the (allowed) public address first, loopback after: the connection must go
+    to the first, checked answer, with no second lookup for the rebinding answer to win."""
+    before = private.requests_served
+    hook = Rebinding(PUBLIC)
+    # port of the private server: if a second resolution were used, 127.0.0.1:<port> would answer
+    data, err, _ = fetch_one(f"http://rebind.example.org:{_port(private)}/img/a.jpg", 2, None, None, _policy(), resolver=hook)
+    assert hook.calls == 1
+    assert private.requests_served == before, "the loopback server was reached"
+    assert data is None and ("refused" in err.lower() or "ConnectionRefused" in err), err
+    # with a global first answer (unreachable offline), still one lookup and no loopback request
+    hook = Rebinding("8.8.8.8")
+    data, err, _ = fetch_one(f"http://rebind.example.org:{_port(private)}/img/a.jpg", 1, None, None,
+                             FetchPolicy(request_deadline=3), resolver=hook)
+    assert hook.calls == 1 and data is None and private.requests_served == before
+
+
+def test_a_name_with_any_private_answer_is_refused(private):
+    before = private.requests_served
+    data, err, _ = fetch_one(f"http://mixed.example.org:{_port(private)}/img/a.jpg", 2, None, None, FetchPolicy(),
+                             resolver=lambda h, p: ["8.8.8.8", "127.0.0.1"])
+    assert data is None and err.startswith("blocked:") and "127.0.0.1" in err
+    assert private.requests_served == before
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.1:{port}/img/a.jpg", "http://2130706433:{port}/img/a.jpg", "http://0x7f000001:{port}/img/a.jpg",
+    "http://0177.0.0.1:{port}/img/a.jpg", "http://127.1:{port}/img/a.jpg", "http://[::ffff:127.0.0.1]:{port}/img/a.jpg",
+    "http://localhost:{port}/img/a.jpg", "http://intranet.example.org:{port}/img/a.jpg", "http://100.64.0.1/a.jpg",
+    "file:///etc/passwd",
+])
+def test_a_redirect_to_a_private_target_is_refused(public, private, target):
+    before = private.requests_served
+    from urllib.parse import quote
+
+    loc = target.format(port=_port(private))
+    resolver = DnsCache(resolve=lambda h, p: {"intranet.example.org": ["127.0.0.1"]}.get(h, [PUBLIC]))
+    data, err, _ = fetch_one(f"{public.base_url}/redirect-to/{quote(loc, safe='')}", 2, None, None, _policy(), resolver=resolver)
+    assert data is None and err.startswith("blocked:"), err
+    assert private.requests_served == before
+
+
+@pytest.mark.parametrize("spelling", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1"])
+def test_numeric_spellings_are_refused_at_connect_time_too(private, spelling):
+    before = private.requests_served
+    data, err, _ = fetch_one(f"http://{spelling}:{_port(private)}/img/a.jpg", 2, None, None, FetchPolicy())
+    assert data is None and err.startswith("blocked:") and "127.0.0.1" in err, err
+    assert private.requests_served == before
+
+
+def test_body_over_max_bytes_is_refused(public):
+    size = os.path.getsize(os.path.join(public.image_dir, "a.jpg"))
+    pol = _policy(max_bytes=size - 1)
+    _, err, _ = fetch_one(f"{public.base_url}/img/a.jpg", 3, None, None, pol)
+    assert err == f"response of {size} bytes is over the limit of {size - 1} bytes"
+    # no Content-Length: the limit holds on the bytes actually read
+    _, err, _ = fetch_one(f"{public.base_url}/nolength/a.jpg", 3, None, None, pol)
+    assert err == f"response is over the limit of {size - 1} bytes"
+    data, err, _ = fetch_one(f"{public.base_url}/nolength/a.jpg", 3, None, None, _policy(max_bytes=size))
+    assert err is None and len(data.getvalue()) == size
+
+
+def test_pixel_limit_fails_closed_and_leaves_pil_alone(public):
+    limit_before = Image.MAX_IMAGE_PIXELS
+    _, err, _ = fetch_one(f"{public.base_url}/headerless/a.jpg", 3, None, None, _policy())
+    assert err.startswith(UNREADABLE_HEADER), err
+    _, err, _ = fetch_one(f"{public.base_url}/html/a.jpg", 3, None, None, _policy())
+    assert err.startswith(UNREADABLE_HEADER), err
+    _, err, _ = fetch_one(f"{public.base_url}/huge/a.jpg", 3, None, None, _policy())
+    assert err == "image of 3600000000 pixels is over the limit of 89478485 pixels"
+    _, err, _ = fetch_one(f"{public.base_url}/img/a.jpg", 3, None, None, _policy(max_image_pixels=320 * 240 - 1))
+    assert err == f"image of {320 * 240} pixels is over the limit of {320 * 240 - 1} pixels"
+    assert Image.MAX_IMAGE_PIXELS == limit_before
+
+
+def test_opt_out_headers(public):
+    _, err, _ = fetch_one(f"{public.base_url}/noai/a.jpg", 3, None, {"noai", "noimageai"}, _policy())
+    assert "X-Robots-Tag" in err
+    _, err, _ = fetch_one(f"{public.base_url}/tdm/a.jpg", 3, None, None, _policy())
+    assert "tdm-reservation" in err
+    data, err, _ = fetch_one(f"{public.base_url}/tdm/a.jpg", 3, None, None, _policy(respect_tdm=False))
+    assert err is None and data is not None
+
+
+def test_a_dripping_response_ends_at_the_request_deadline(public):
+    t0 = time.monotonic()
+    # headers at once, then a byte every 0.2 s: no recv ever waits past the 2 s timeout
+    _, err, _ = fetch_one(f"{public.base_url}/drip/0.2/a.jpg", 2, None, None, FetchPolicy(allow_networks=(f"{PUBLIC}/32",), request_deadline=1.5))
+    took = time.monotonic() - t0
+    assert err.startswith(DEADLINE_PREFIX), err
+    assert took < 10, f"the request deadline did not hold ({took:.1f} s)"
+
+
+def test_shard_deadline_cuts_in_flight_requests_and_skips_the_rest(public):
+    pol = FetchPolicy(allow_networks=(f"{PUBLIC}/32",), request_deadline=60, shard_deadline=1.0)
+    at = time.monotonic() + 1.0
+    key, data, err = fetch_with_retry((0, f"{public.base_url}/drip/0.2/a.jpg"), 2, 2, None, None, policy=pol, shard_deadline_at=at)
+    assert data is None and err.startswith(DEADLINE_PREFIX) and "request" in err, err
+    served = public.requests_served
+    key, data, err = fetch_with_retry((7, f"{public.base_url}/img/a.jpg"), 2, 2, None, None, policy=pol, shard_deadline_at=at)
+    assert key == 7 and data is None and err.startswith(DEADLINE_PREFIX) and "before this row was fetched" in err
+    assert public.requests_served == served  # not even tried
+
+
+def test_dns_cache_resolves_each_host_once_and_counts_failures():
+    calls = []
+
+    def res(host, port):
+        calls.append(host)
+        if host == "gone.example.org":
+            raise OSError("Name or service not known")
+        return [PUBLIC]
+
+    cache = DnsCache(resolve=res, ttl=60)
+    for _ in range(5):
+        assert cache("a.example.org", 80) == [PUBLIC]
+        with pytest.raises(OSError):
+            cache("gone.example.org", 80)
+    assert calls == ["a.example.org", "gone.example.org"]
+    assert (cache.lookups, cache.failures) == (2, 1)
+    _, err, _ = fetch_one("http://gone.example.org/a.jpg", 2, None, None, FetchPolicy(), resolver=cache)
+    assert err.startswith("DNS: host gone.example.org does not resolve"), err
+
+
+def _self_signed(tmp_path, name: str) -> tuple[str, str]:
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
+                    "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_https_connects_to_the_checked_address_with_sni_and_a_verified_certificate(images, tmp_path):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = _self_signed(tmp_path, "images.example.org")
+    with SyntheticWebServer(images, host=PUBLIC, tls=(cert, key)) as tls:
+        pol = _policy(ca_file=cert)
+        hook = Rebinding(PUBLIC)
+        url = f"https://images.example.org:{_port(tls)}/img/a.jpg"
+        data, err, _ = fetch_one(url, 3, None, None, pol, resolver=hook)
+        assert err is None and Image.open(data).size == (320, 240)
+        assert hook.calls == 1 and tls.sni_names[-1] == "images.example.org"
+        # the certificate is checked against the URL's host name, not the address connected to
+        _, err, _ = fetch_one(f"https://other.example.org:{_port(tls)}/img/a.jpg", 3, None, None, pol, resolver=lambda h, p: [PUBLIC])
+        assert err.startswith("TLS certificate of other.example.org rejected"), err
+        # and without the test CA the system trust store refuses the self-signed certificate
+        _, err, _ = fetch_one(url, 3, None, None, _policy(), resolver=lambda h, p: [PUBLIC])
+        assert err.startswith("TLS certificate of images.example.org rejected"), err
