@@ -9,7 +9,6 @@ does not grow with the input.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import ipaddress
 import json
@@ -28,8 +27,10 @@ from laiontools.contracts.profiles import (
     resolve_profile,
 )
 from laiontools.contracts.uids import compute_uid, normalize_caption, normalize_url
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError
+from laiontools.core.spark import shuffle_partitions
+from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import is_done, join, mark_done, read_json, sha256_bytes, url_to_fs, write_json
 from laiontools.web.policy import check_url
 
@@ -65,7 +66,7 @@ DOWNLOAD_COLUMNS = [C.UID, C.SOURCE_ID, C.SIMILARITY, C.PUNSAFE, C.PWATERMARK, C
 
 
 @dataclasses.dataclass
-class PrepareConfig(StageConfig):
+class PrepareConfig(SparkStageConfig):
     input: str = dataclasses.field(default="", metadata={"help": "source metadata: a file or folder (parquet/csv/tsv/jsonl, .gz ok), local or fsspec URL"})
     output: str = dataclasses.field(default="", metadata={"help": "pool output folder"})
     profile: str | None = dataclasses.field(default=None, metadata={"help": "laion400m | laion2b-en | datacomp | generic (default: detected)"})
@@ -80,6 +81,8 @@ class PrepareConfig(StageConfig):
     shards_per_file: int = dataclasses.field(default=10, metadata={"help": "download shards per prepared input file"})
 
     def validate(self) -> None:
+        if not self.input or not self.output:
+            raise ConfigError("--input (source metadata) and --output (pool folder) are required")
         if self.number_sample_per_shard < 1 or self.shards_per_file < 1:
             raise ConfigError("number_sample_per_shard and shards_per_file must be >= 1")
         for net in self.allow_networks:
@@ -411,21 +414,44 @@ def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_d
     return iter([len(rows_sorted)])
 
 
-def run_prepare(cfg: PrepareConfig, spark: Any) -> dict[str, Any]:
-    """Run prepare into ``<output>/prepared`` unless already complete; return its stats.
+STAGE = "prepare"
 
-    Raises InputError for missing/empty/unreadable inputs, unknown columns or non-UTF-8 text.
+
+@stage_entry(STAGE)
+def run(cfg: PrepareConfig, spark: Any = None) -> StageResult:
+    """Run prepare into ``<output>/prepared`` unless already complete; details = its stats.json.
+
+    Raises InputError for missing/empty/unreadable inputs, unknown columns or non-UTF-8 text (checked
+    before a Spark session is started).
     """
+    from laiontools.core.storage import ensure_output_dir
+
+    ensure_output_dir(cfg.output)
+    prep_dir = join(cfg.output, layout.PREPARED_DIR)
+    if is_done(prep_dir):
+        log.info("prepare already complete in %s; reusing it", prep_dir)
+        stats = read_json(join(prep_dir, "stats.json"))
+    else:
+        found = discover(cfg)  # bad input fails before Spark starts
+        with stage_spark(cfg, spark, app_name="laiontools-prepare") as sp:
+            stats = _prepare(cfg, sp, found)
+    return StageResult(
+        outputs={"prepared": prep_dir, "accepted": join(prep_dir, "accepted"), "rejected": join(prep_dir, "rejected")},
+        counts={"rows_in": int(stats["rows_in"]), "accepted": int(stats["accepted"]),
+                "rejected": int(sum(stats["rejected"].values()))},
+        details=stats,
+        summary=f"prepare: {stats['rows_in']} rows in, {stats['accepted']} accepted, rejected: {stats['rejected']}",
+    )
+
+
+def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str, Any]:
+    """The Spark job of prepare: `found` is what :func:`discover` returned for `cfg`."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     from pyspark.sql.types import StructType
 
     prep_dir = join(cfg.output, layout.PREPARED_DIR)
-    if is_done(prep_dir):
-        log.info("prepare already complete in %s; reusing it", prep_dir)
-        return read_json(join(prep_dir, "stats.json"))
-
-    files, mapping, extras, profile = discover(cfg)
+    files, mapping, extras, profile = found
     policy = {"allow_private_network": cfg.allow_private_network, "allow_networks": list(cfg.allow_networks),
               "resolve_hosts": cfg.resolve_hosts,
               "max_url_length": cfg.max_url_length, "max_caption_length": cfg.max_caption_length,
@@ -436,6 +462,9 @@ def run_prepare(cfg: PrepareConfig, spark: Any) -> dict[str, Any]:
     ddl = ", ".join(f"`{n}` {t}" for n, t in PREPARED_FIELDS) + "".join(f", `{c}` string" for c in extras)
     schema = StructType.fromDDL(ddl)
     sc = spark.sparkContext
+    # The uid window and the counts shuffle every row: size the shuffle from the input (or take the
+    # user's spark.sql.shuffle.partitions), and record what was used with the stats.
+    n_shuffle = shuffle_partitions(spark, nbytes=sum(f.size for f in files))
     try:
         rdd = sc.parallelize(tasks, max(1, len(tasks))).flatMap(prepare_task)
         df = spark.createDataFrame(rdd, schema)
@@ -490,6 +519,7 @@ def run_prepare(cfg: PrepareConfig, spark: Any) -> dict[str, Any]:
         "rejected": {k: int(v) for k, v in sorted(counts.items()) if k != "accepted"},
         "download_columns": names,
         "policy": policy,
+        "spark": {"shuffle_partitions": n_shuffle},
     }
     write_json(join(prep_dir, "stats.json"), stats)
     mark_done(prep_dir, {"stats_sha256": sha256_bytes(json.dumps(stats, sort_keys=True).encode())})
@@ -497,25 +527,10 @@ def run_prepare(cfg: PrepareConfig, spark: Any) -> dict[str, Any]:
     return stats
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="laiontools prepare", description=__doc__.split("\n")[0])
-    add_config_args(p, PrepareConfig)
-    p.add_argument("--master", default=None, help="Spark master (default: local[*], or spark-submit's)")
-    return p
+CONFIG = PrepareConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    from laiontools.core.report import emit
-    from laiontools.core.spark import spark_session
-    from laiontools.core.storage import ensure_output_dir
+    from laiontools.core.stage import stage_main
 
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(PrepareConfig, args)
-    if not cfg.input or not cfg.output:
-        raise ConfigError("--input and --output are required")
-    ensure_output_dir(cfg.output)
-    discover(cfg)  # fail on bad input before Spark starts
-    with spark_session(args.master, app_name="laiontools-prepare") as spark:
-        stats = run_prepare(cfg, spark)
-    emit(f"prepare: {stats['rows_in']} rows in, {stats['accepted']} accepted, rejected: {stats['rejected']}")
-    return 0
+    return stage_main(__name__, argv)
