@@ -111,13 +111,13 @@ def bench_model(model: str, n: int, batch: int, workers: int, out_dir: str, per_
     from PIL import Image
 
     from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import embed as embed_stage
     from laiontools.stages.embed import (
         EmbedConfig,
         Embedder,
         _embed_tasks,
         _shard_tasks,
         read_shard_samples,
-        run_embed,
     )
 
     manifest = _pool(out_dir, n, per_shard)
@@ -169,7 +169,7 @@ def bench_model(model: str, n: int, batch: int, workers: int, out_dir: str, per_
 
     shutil.rmtree(cfg_out, ignore_errors=True)
     t = time.perf_counter()
-    run_embed(cfg)
+    embed_stage.run(cfg)
     step_cli = len(imgs) / (time.perf_counter() - t)  # the CLI embeds the pool once
     shutil.rmtree(cfg_out, ignore_errors=True)
     res["text_tower"] = bench_text(emb, caps, batch)

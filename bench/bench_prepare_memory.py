@@ -154,11 +154,12 @@ def measure(rows: int, input_dir: str, out_dir: str) -> dict:
 def _run(input_dir: str, output: str) -> None:
     """Child: prepare only, on local[2], with the settings a download would use."""
     from laiontools.core.spark import spark_session
-    from laiontools.stages.prepare import PrepareConfig, run_prepare
+    from laiontools.stages import prepare as prepare_stage
+    from laiontools.stages.prepare import PrepareConfig
 
     cfg = PrepareConfig(input=input_dir, output=output)
     with spark_session("local[2]", app_name="bench-prepare-memory") as spark:
-        run_prepare(cfg, spark)
+        prepare_stage.run(cfg, spark)
 
 
 def main() -> None:

@@ -129,14 +129,16 @@ def sequential_copy(pool_root: str, dst: str, direct: bool = False) -> float:
 
 
 def one_size(spark, work: str, shards: int, per_shard: int, kb: int, shard_size: int, repeats: int, tar_format: str = "pax", spans: bool = True) -> dict:
-    from laiontools.stages.reshard import ReshardConfig, run_reshard
-    from laiontools.stages.subsets import SubsetsConfig, run_subsets
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
 
     root = os.path.join(work, f"pool-{shards}x{per_shard}x{kb}-{tar_format}{'-spans' if spans else ''}")
     shutil.rmtree(root, ignore_errors=True)
     mp, total = build_pool(root, shards, per_shard, kb, tar_format, spans)
     n = shards * per_shard
-    sub = run_subsets(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=str(n), seed=0), spark)[0]["manifest"]
+    sub = subsets_stage.run(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=str(n), seed=0), spark).details[0]["manifest"]
     copies, direct_copies, reshards = [], [], []
     for r in range(repeats):
         copies.append(sequential_copy(root, os.path.join(root, "copy")))
@@ -144,7 +146,7 @@ def one_size(spark, work: str, shards: int, per_shard: int, kb: int, shard_size:
         out = os.path.join(root, f"reshard-{r}")
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
-        res = run_reshard(ReshardConfig(manifest=sub, output=out, shard_size=shard_size), spark)
+        res = reshard_stage.run(ReshardConfig(manifest=sub, output=out, shard_size=shard_size), spark).details
         assert res["sample_spans"] == ("catalog" if spans else "tar index"), res["sample_spans"]
         reshards.append(time.perf_counter() - t)
         shutil.rmtree(out, ignore_errors=True)

@@ -107,7 +107,8 @@ def worker(rows: int, work: str) -> dict:
 
     setup_logging()
     from laiontools.core.spark import spark_session
-    from laiontools.stages.subsets import SubsetsConfig, run_subsets
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.subsets import SubsetsConfig
 
     manifest = os.path.join(work, f"pool-{rows}", "pool.manifest.json")
     hwm_before = _hwm_kb()
@@ -120,7 +121,7 @@ def worker(rows: int, work: str) -> dict:
             pool=manifest, output=os.path.join(work, f"out-{rows}"), scales="80M,400M,2B", scale_factor=factor,
             seed=0, max_punsafe=0.5, max_pwatermark=0.8,
         )
-        res = run_subsets(cfg, spark)
+        res = subsets_stage.run(cfg, spark).details
         t2 = time.time()
         jvm = [_hwm_kb(p) for p in _java_children()]
     return {

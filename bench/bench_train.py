@@ -111,7 +111,8 @@ def main() -> int:
     a = ap.parse_args()
     os.environ["BENCH_NPROC"] = str(a.nproc)
 
-    from laiontools.stages.train import TrainConfig, run_train
+    from laiontools.stages import train as train_stage
+    from laiontools.stages.train import TrainConfig
     from laiontools.testing.train_pool import write_resharded_subset
 
     tmp = tempfile.mkdtemp(prefix="bench_train_")
@@ -124,12 +125,12 @@ def main() -> int:
         nonlocal settings, shards
         run_dir = os.path.join(tmp, f"lt{r}")
         t0 = time.time()
-        run_train(
+        train_stage.run(
             TrainConfig(
                 manifest=manifest, model=a.model, samples_seen=a.samples_seen, batch_size=a.batch_size, nproc=a.nproc,
                 workers=a.workers, log_every=1, output=run_dir, checkpoint_every=a.samples_seen,
             )
-        )  # fmt: skip
+        ).details  # fmt: skip
         lt = _throughput(os.path.join(run_dir, "out.log"), a.batch_size, skip)
         lt["wall_s"] = time.time() - t0
         results["laiontools"].append(lt)

@@ -1,7 +1,10 @@
 """`laiontools <stage> ...`: one command, one module per stage.
 
-Each stage module exposes ``build_parser() -> argparse.ArgumentParser`` and ``main(argv) -> int``.
-Modules are imported only when their stage runs, so ``laiontools --help`` stays instant.
+A stage module follows the stage contract of :mod:`laiontools.core.stage` (``STAGE``, ``CONFIG``,
+``run(cfg, spark=None) -> StageResult``) and gets its command line from :func:`~laiontools.core.stage.stage_main`;
+adding a stage is that module plus one line in STAGES. Tools that are not stages (verify, inspect, synth)
+expose ``main(argv) -> int`` instead. Modules are imported only when their stage runs, so
+``laiontools --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "download": ("laiontools.stages.download", "prepare + img2dataset download into a webdataset pool with catalog and manifest (Spark)"),
     "embed": ("laiontools.stages.embed", "open_clip image/text embeddings and CLIP scores for a pool"),
     "dedup": ("laiontools.stages.dedup", "find pool samples that are near-duplicates of evaluation sets (faiss, Spark)"),
+    "dedup calibrate": ("laiontools.stages.dedup_calibrate", "measure which dedup --threshold fits a model (planted copies)"),
     "subsets": ("laiontools.stages.subsets", "filters + dedup exclusions + seeded nested subsets with manifests (Spark)"),
     "reshard": ("laiontools.stages.reshard", "write a subset into shuffled, evenly sized webdataset shards (Spark)"),
     "verify": ("laiontools.stages.verify", "re-check every file a manifest names (sha256, counts, uids, nesting)"),
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"laiontools {__version__}")
         return 0
     stage, rest = argv[0], argv[1:]
+    if rest and f"{stage} {rest[0]}" in STAGES:  # two-word stages: `dedup calibrate`
+        stage, rest = f"{stage} {rest[0]}", rest[1:]
     if stage not in STAGES:
         import difflib
 
@@ -67,11 +73,13 @@ def run_stage(stage: str, argv: list[str]) -> int:
     from laiontools.core.logs import setup_logging
 
     setup_logging()
-    rest = argv
     module = importlib.import_module(STAGES[stage][0])
-    entry = getattr(module, _ENTRY.get(stage, "main"))
     try:
-        return int(entry(rest) or 0)
+        if hasattr(module, "run") and hasattr(module, "CONFIG") and stage not in _ENTRY:
+            from laiontools.core.stage import stage_main
+
+            return stage_main(module.__name__, argv)
+        return int(getattr(module, _ENTRY.get(stage, "main"))(argv) or 0)
     except (UserError, FileNotFoundError, NotADirectoryError) as e:
         print(f"laiontools {stage}: error: {e}", file=sys.stderr)
         return 2

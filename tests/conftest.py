@@ -64,12 +64,13 @@ def pool(spark, synthetic_web, tmp_path_factory) -> Pool:
     """A pool downloaded by `laiontools.stages.download.run_download` (Spark local[2] + img2dataset)."""
     import pandas as pd
 
-    from laiontools.stages.download import DownloadConfig, run_download
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
 
     web, src = synthetic_web
     out = str(tmp_path_factory.mktemp("pool"))
     cfg = DownloadConfig(input=src["source"], output=out, **TEST_DOWNLOAD_SETTINGS)
-    rep = run_download(cfg, spark)
+    rep = download_stage.run(cfg, spark).details
     planted = src["planted"].rename(columns={"expected_uid": "uid"})[["uid", "eval_item", "transform"]]
     cat = pd.read_parquet(f"{out}/catalog", columns=["uid", "status"])
     planted = planted[planted["uid"].isin(cat[cat["status"] == "success"]["uid"])].reset_index(drop=True)

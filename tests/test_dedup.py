@@ -17,8 +17,10 @@ import pytest
 from laiontools import index as DI
 from laiontools.contracts.uids import load_uids, save_uids
 from laiontools.evalsets import EvalSetError
-from laiontools.stages.dedup import DedupConfig, MissingEmbeddingsError, run_dedup
-from laiontools.stages.dedup_calibrate import CalibrateConfig, recommend, run_calibrate
+from laiontools.stages import dedup as dedup_stage
+from laiontools.stages import dedup_calibrate
+from laiontools.stages.dedup import DedupConfig, MissingEmbeddingsError
+from laiontools.stages.dedup_calibrate import CalibrateConfig, recommend
 
 EASY = ("exact", "reencode", "resize")
 
@@ -26,10 +28,11 @@ EASY = ("exact", "reencode", "resize")
 @pytest.fixture(scope="module")
 def emb(pool, tmp_path_factory) -> str:
     """The pool embedded once by the embed stage (lt-tiny, random init, CPU)."""
-    from laiontools.stages.embed import EmbedConfig, run_embed
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.embed import EmbedConfig
 
     out = str(tmp_path_factory.mktemp("emb"))
-    run_embed(EmbedConfig(manifest=pool.manifest, output=out, model="lt-tiny", num_workers=0, batch_size=32))
+    embed_stage.run(EmbedConfig(manifest=pool.manifest, output=out, model="lt-tiny", num_workers=0, batch_size=32))
     return out
 
 
@@ -39,8 +42,8 @@ def calibrated(pool, emb, tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("calibrate"))
     known = str(tmp_path_factory.mktemp("known") / "planted.uids.npy")
     save_uids(known, list(pool.planted["uid"]))
-    res = run_calibrate(CalibrateConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
-                                        plant_items=20, pool_sample=1000, exclude_uids=known))
+    res = dedup_calibrate.run(CalibrateConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
+                                        plant_items=20, pool_sample=1000, exclude_uids=known)).details
     return {"out": out, "result": res}
 
 
@@ -48,8 +51,8 @@ def calibrated(pool, emb, tmp_path_factory) -> dict:
 def dedup_run(pool, emb, calibrated, spark, tmp_path_factory) -> dict:
     thr = calibrated["result"]["recommendation"]["threshold"]
     out = str(tmp_path_factory.mktemp("dedup"))
-    summary = run_dedup(DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
-                                    threshold=thr, phash=True, k=3), spark)
+    summary = dedup_stage.run(DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
+                                    threshold=thr, phash=True, k=3), spark).details
     return {"out": out, "summary": summary, "threshold": thr}
 
 
@@ -138,7 +141,7 @@ def test_resume_after_kill_gives_same_result(pool, emb, dedup_run, spark, tmp_pa
     kept = os.path.join(out, "done", done[2]) if len(done) > 2 else None
     kept_mtime = os.path.getmtime(kept) if kept else None
     before = open(os.path.join(dedup_run["out"], "exclude.uids.npy"), "rb").read()
-    run_dedup(DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
+    dedup_stage.run(DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
                           threshold=dedup_run["threshold"], phash=True, k=3), spark)
     assert open(os.path.join(out, "exclude.uids.npy"), "rb").read() == before
     pd.testing.assert_frame_equal(_report(out).sort_values("uid").reset_index(drop=True),
@@ -150,12 +153,12 @@ def test_resume_after_kill_gives_same_result(pool, emb, dedup_run, spark, tmp_pa
 def test_bad_input(pool, emb, dedup_run, spark, tmp_path):
     base = dict(evalset=[f"glyphs={pool.evalset_dir}"], threshold=0.99)
     with pytest.raises(EvalSetError, match="does not exist"):
-        run_dedup(DedupConfig(embeddings=emb, output=str(tmp_path / "a"), evalset=[f"x={tmp_path / 'nope'}"]), spark)
+        dedup_stage.run(DedupConfig(embeddings=emb, output=str(tmp_path / "a"), evalset=[f"x={tmp_path / 'nope'}"]), spark)
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalSetError, match="found no images"):
-        run_dedup(DedupConfig(embeddings=emb, output=str(tmp_path / "a"), evalset=[f"x={tmp_path / 'empty'}"]), spark)
+        dedup_stage.run(DedupConfig(embeddings=emb, output=str(tmp_path / "a"), evalset=[f"x={tmp_path / 'empty'}"]), spark)
     with pytest.raises(EvalSetError, match="declared twice, as 'glyphs' and 'again'"):
-        run_dedup(DedupConfig(embeddings=emb, output=str(tmp_path / "a"),
+        dedup_stage.run(DedupConfig(embeddings=emb, output=str(tmp_path / "a"),
                               evalset=[f"glyphs={pool.evalset_dir}", f"again={pool.evalset_dir}/"]), spark)
     # pool shards without embeddings are listed, not skipped
     partial = str(tmp_path / "emb_partial")
@@ -164,7 +167,7 @@ def test_bad_input(pool, emb, dedup_run, spark, tmp_path):
     os.remove(os.path.join(partial, "meta", markers[0]))
     missing = markers[0][: -len(".parquet.done")]
     with pytest.raises(MissingEmbeddingsError, match=rf"1 shard\(s\) with no complete embeddings.*{missing}"):
-        run_dedup(DedupConfig(embeddings=partial, output=str(tmp_path / "b"), **base), spark)
+        dedup_stage.run(DedupConfig(embeddings=partial, output=str(tmp_path / "b"), **base), spark)
     # embeddings of another model than the index already in the output folder: refused, naming both
     other = str(tmp_path / "emb_other")
     shutil.copytree(emb, other)
@@ -176,7 +179,7 @@ def test_bad_input(pool, emb, dedup_run, spark, tmp_path):
     reuse = str(tmp_path / "c")
     shutil.copytree(dedup_run["out"], reuse)
     with pytest.raises(DI.ModelMismatchError, match=r"lt-small.*lt-tiny"):
-        run_dedup(DedupConfig(embeddings=other, output=reuse, **base), spark)
+        dedup_stage.run(DedupConfig(embeddings=other, output=reuse, **base), spark)
 
 
 def test_cli_ivf_and_repeated_evalset(pool, emb, spark, tmp_path):

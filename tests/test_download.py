@@ -164,13 +164,14 @@ def test_other_settings_into_the_same_folder_are_refused(pool, tmp_path):
 
 
 def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path):
-    from laiontools.stages.download import DownloadConfig, run_download
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
 
     out = str(tmp_path / "p")
     shutil.copytree(pool.dir, out)
     before = _by_row(out, pool.expected)
     cfg = DownloadConfig(input=pool.source, output=out, retry_failed=True, **TEST_DOWNLOAD_SETTINGS)
-    rep = run_download(cfg, spark)
+    rep = download_stage.run(cfg, spark).details
     after = _by_row(out, pool.expected)
     # the flaky route failed once (503) and succeeds when retried
     flaky = after[after["route"] == "flaky"]

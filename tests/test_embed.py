@@ -20,6 +20,7 @@ import pytest
 from laiontools.contracts import layout
 from laiontools.contracts.schema import ManifestError
 from laiontools.models.registry import ModelError
+from laiontools.stages import embed as embed_stage
 from laiontools.stages.embed import (
     STATUS_FAILED_DECODE,
     STATUS_OK,
@@ -30,7 +31,6 @@ from laiontools.stages.embed import (
     main,
     read_embeddings,
     read_shard_samples,
-    run_embed,
 )
 from laiontools.testing.embed_pool import write_pool
 
@@ -163,7 +163,7 @@ def test_resume_skips_done_and_redoes_interrupted(small_pool, tmp_path):
     os.remove(os.path.join(out, layout.EMB_TEXT_DIR, "00001.npy"))
     with open(os.path.join(out, layout.EMB_IMG_DIR, ".00001.npy.tmp-deadbeef"), "wb") as f:
         f.write(b"half")
-    res = run_embed(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0))
+    res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0)).details
     assert res.shards_embedded == ["00001"] and res.shards_skipped == ["00000", "00002"] and res.ok
     assert os.path.getmtime(os.path.join(out, layout.EMB_META_DIR, "00000.parquet.done")) == done_mtime
     after = {sid: (i, m) for sid, i, _, m in read_embeddings(out)}
@@ -184,7 +184,7 @@ def test_bad_shards_reported_others_finish(small_pool, tmp_path):
         f.seek(600)
         f.write(bytes([b[0] ^ 0xFF]))
     out = str(tmp_path / "emb")
-    res = run_embed(EmbedConfig(manifest=manifest, output=out, model=MODEL, batch_size=5, num_workers=2))
+    res = embed_stage.run(EmbedConfig(manifest=manifest, output=out, model=MODEL, batch_size=5, num_workers=2)).details
     assert not res.ok and res.shards_embedded == ["00001"]
     assert set(res.failed_shards) == {"00000", "00002"}
     assert "missing" in res.failed_shards["00000"] and "sha256" in res.failed_shards["00002"]
@@ -193,7 +193,7 @@ def test_bad_shards_reported_others_finish(small_pool, tmp_path):
     # Repair the pool: the next run embeds just the two failed shards.
     for s in ("00000", "00002"):
         shutil.copy(os.path.join(os.path.dirname(small_pool), "shards", s + ".tar"), os.path.join(pool, "shards"))
-    res = run_embed(EmbedConfig(manifest=manifest, output=out, model=MODEL, batch_size=5, num_workers=0))
+    res = embed_stage.run(EmbedConfig(manifest=manifest, output=out, model=MODEL, batch_size=5, num_workers=0)).details
     assert res.ok and res.shards_embedded == ["00000", "00002"] and res.shards_skipped == ["00001"]
 
 
@@ -261,8 +261,8 @@ def test_spark_one_task_per_shard(spark, small_pool, tmp_path):
     out = str(tmp_path / "spark")
     # One DataLoader decode worker inside each Spark task (a child of Spark's Python worker), as on a
     # GPU cluster; the local reference run above decodes in-process.
-    res = run_embed(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=1,
-                                engine="spark"), spark=spark)
+    res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=1,
+                                engine="spark"), spark=spark).details
     assert res.ok and res.shards_embedded == ["00000", "00001", "00002"] and res.failed_decode == 1
     _assert_same_output(local, out)
 

@@ -10,7 +10,8 @@ import pytest
 from laiontools.core.errors import UserError
 from laiontools.core.storage import is_done
 from laiontools.models.registry import ModelError, load_model
-from laiontools.stages.evaluate import EvaluateConfig, main, run_evaluate
+from laiontools.stages import evaluate as evaluate_stage
+from laiontools.stages.evaluate import EvaluateConfig, main
 from laiontools.testing.train_pool import write_color_evalset
 
 
@@ -76,18 +77,18 @@ def test_zeroshot_and_retrieval(sets: dict[str, str], tmp_path) -> None:
 def test_checkpoint_of_another_model(sets: dict[str, str], tmp_path) -> None:
     cfg = EvaluateConfig(checkpoint=sets["ckpt"], model="lt-small", evalset=[f"c={sets['colors']}"], output=str(tmp_path / "e.json"))
     with pytest.raises(ModelError, match="does not fit model 'lt-small'"):
-        run_evaluate(cfg)
+        evaluate_stage.run(cfg)
     assert not os.path.exists(tmp_path / "e.json")
 
 
 def test_evalset_without_classnames(sets: dict[str, str], tmp_path) -> None:
     spec = f"caps={sets['captions_only']}:folder"
     with pytest.raises(UserError, match="no class names.*--tasks retrieval"):
-        run_evaluate(EvaluateConfig(checkpoint=sets["ckpt"], model="lt-tiny", evalset=[spec], output=str(tmp_path / "a.json")))
+        evaluate_stage.run(EvaluateConfig(checkpoint=sets["ckpt"], model="lt-tiny", evalset=[spec], output=str(tmp_path / "a.json")))
     # retrieval is still possible on its captions
-    res = run_evaluate(
+    res = evaluate_stage.run(
         EvaluateConfig(checkpoint=sets["ckpt"], model="lt-tiny", evalset=[spec], tasks=["retrieval"], output=str(tmp_path / "b.json"))
-    )
+    ).details
     assert res["evalsets"]["caps"]["retrieval"]["n_items"] == 4
     assert "zeroshot" not in res["evalsets"]["caps"]
     assert res["evalsets"]["caps"]["retrieval"]["image_to_text_R@10"] == 1.0  # 4 candidates: top-10 always hits

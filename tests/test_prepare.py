@@ -12,7 +12,8 @@ import pytest
 from laiontools.contracts import layout
 from laiontools.contracts.uids import normalize_caption, normalize_url, uid_of
 from laiontools.core.errors import InputError, UserError
-from laiontools.stages.prepare import PrepareConfig, check_url, run_prepare
+from laiontools.stages import prepare as prepare_stage
+from laiontools.stages.prepare import PrepareConfig, check_url
 from laiontools.synthetic import PROFILES, write_source
 
 BASE = "http://127.0.0.1:9"
@@ -25,7 +26,7 @@ def _items(n: int) -> list[dict]:
 def _prepare(spark, src: str, out: str, **kw) -> dict:
     cfg = PrepareConfig(input=src, output=out, allow_networks=["127.0.0.0/8"], number_sample_per_shard=10,
                         shards_per_file=1, **kw)
-    return run_prepare(cfg, spark)
+    return prepare_stage.run(cfg, spark).details
 
 
 def _all_rows(out: str) -> pd.DataFrame:

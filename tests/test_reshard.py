@@ -20,19 +20,18 @@ from laiontools.contracts import layout
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.contracts.uids import array_to_uids, load_uids
 from laiontools.core.storage import read_json
+from laiontools.stages import reshard as reshard_stage
+from laiontools.stages import subsets as subsets_stage
 from laiontools.stages.reshard import (
     OUT_MANIFEST,
     ReshardConfig,
     ReshardError,
-    _ShardOut,
-    _tar_header,
-    _WriteBuffer,
     position_to_slot,
-    run_reshard,
     shard_layout,
 )
-from laiontools.stages.subsets import SubsetsConfig, run_subsets
+from laiontools.stages.subsets import SubsetsConfig
 from laiontools.stages.verify import verify_manifest
+from laiontools.wds.writer import ShardWriter, WriteBuffer, tar_header
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_subsets import make_scratch_pool
@@ -51,14 +50,14 @@ def subset(spark, request, tmp_path_factory) -> str:
     pool = _pool_manifest(request, tmp_path_factory)
     n = read_manifest(pool)["num_samples"]
     out = tmp_path_factory.mktemp("subsets")
-    res = run_subsets(SubsetsConfig(pool=pool, output=str(out), scales=f"{n - 3},{n // 2}", seed=5), spark)
+    res = subsets_stage.run(SubsetsConfig(pool=pool, output=str(out), scales=f"{n - 3},{n // 2}", seed=5), spark).details
     return res[0]["manifest"]  # the larger one: almost every sample, so most source shards are needed
 
 
 @pytest.fixture(scope="module")
 def resharded(spark, subset, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("reshard_a")
-    run_reshard(ReshardConfig(manifest=subset, output=str(out), shard_size=8), spark)
+    reshard_stage.run(ReshardConfig(manifest=subset, output=str(out), shard_size=8), spark)
     return str(out)
 
 
@@ -95,7 +94,7 @@ def test_fast_tar_header_matches_tarfile():
         ti = tarfile.TarInfo(name)
         ti.size, ti.mtime, ti.mode = size, mtime, 0o644
         ti.uname = ti.gname = ""
-        assert _tar_header(name, size, mtime) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), name
+        assert tar_header(name, size, mtime) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), name
 
 
 def test_shard_writer_matches_tarfile(tmp_path):
@@ -126,13 +125,12 @@ def test_shard_writer_matches_tarfile(tmp_path):
         path = tmp_path / f"out-{mode}.tar"
         with open(path, "wb") as f:
             # a small buffer: many fills, payloads larger than the buffer
-            out = _ShardOut(f, None if mode == "stream" else f.fileno(), direct=mode == "direct", buffer=_WriteBuffer(64 << 10))
+            out = ShardWriter(f, None if mode == "stream" else f.fileno(), direct=mode == "direct", buffer=WriteBuffer(64 << 10))
             if mode == "direct":
                 direct_used = out.direct  # False only where the file system refuses O_DIRECT (tmpfs)
             for key, members in samples:
                 out.add_sample(key.encode(), [(e.encode(), memoryview(d), m) for e, d, m in members])
-            end = out.size + 1024
-            out.add_small(bytes(1024 + (-end) % tarfile.RECORDSIZE))
+            out.end_archive()
             digest = out.hexdigest()
             out.close()
             f.flush()
@@ -276,7 +274,7 @@ def test_catalog_spans_and_the_tar_index_give_the_same_shards(spark, subset, res
             members = parse_span(f.read(n))
         assert members and {m[0].split(".", 1)[0] for m in members} == {key}, (sid, key)
 
-    a = run_reshard(ReshardConfig(manifest=subset, output=str(tmp_path / "a"), shard_size=8), spark)
+    a = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "a"), shard_size=8), spark).details
     assert a["sample_spans"] == "catalog"
     _same_output(resharded, str(tmp_path / "a"))
     saved = cat_dir + ".saved"
@@ -284,7 +282,7 @@ def test_catalog_spans_and_the_tar_index_give_the_same_shards(spark, subset, res
     try:
         os.makedirs(cat_dir)
         pq.write_table(cat.drop([C.TAR_OFFSET, C.TAR_LENGTH]), os.path.join(cat_dir, "part-00000.parquet"))
-        b = run_reshard(ReshardConfig(manifest=subset, output=str(tmp_path / "b"), shard_size=8), spark)
+        b = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "b"), shard_size=8), spark).details
     finally:
         shutil.rmtree(cat_dir)
         os.rename(saved, cat_dir)
@@ -312,7 +310,7 @@ def test_catalog_span_that_misses_its_sample_is_named(spark, subset, tmp_path):
         pq.write_table(cat.set_column(cat.column_names.index(C.TAR_OFFSET), C.TAR_OFFSET, pa.array(off, pa.int64())),
                        os.path.join(cat_dir, "part-00000.parquet"))
         with pytest.raises(ReshardError, match=r"catalog gives for sample .* run `laiontools verify`"):
-            run_reshard(ReshardConfig(manifest=subset, output=str(tmp_path / "c"), shard_size=8), spark)
+            reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "c"), shard_size=8), spark)
     finally:
         shutil.rmtree(cat_dir)
         os.rename(saved, cat_dir)
@@ -330,14 +328,14 @@ def test_resume_after_partial_run_is_identical(spark, subset, resharded, tmp_pat
     open(os.path.join(b, "shards", ".shard-00003.tar.tmp-deadbeef"), "wb").write(b"half")  # a killed write
     os.remove(os.path.join(b, OUT_MANIFEST))
     # The first run wrote with O_DIRECT (the default); the resume writes through the page cache.
-    run_reshard(ReshardConfig(manifest=subset, output=b, shard_size=8, direct_io=False), spark)
+    reshard_stage.run(ReshardConfig(manifest=subset, output=b, shard_size=8, direct_io=False), spark)
     for s in read_manifest(os.path.join(resharded, OUT_MANIFEST))["shards"]:
         assert filecmp.cmp(os.path.join(resharded, s["path"]), os.path.join(b, s["path"]), shallow=False), s["path"]
     assert filecmp.cmp(os.path.join(resharded, OUT_MANIFEST), os.path.join(b, OUT_MANIFEST), shallow=False)
     assert filecmp.cmp(os.path.join(resharded, "shards", "sizes.json"), os.path.join(b, "shards", "sizes.json"), shallow=False)
     # Same folder, another plan: refused rather than mixed.
     with pytest.raises(ReshardError, match="another plan"):
-        run_reshard(ReshardConfig(manifest=subset, output=b, shard_size=8, seed=99), spark)
+        reshard_stage.run(ReshardConfig(manifest=subset, output=b, shard_size=8, seed=99), spark)
 
 
 def test_kill_and_resume_identical(spark, subset, tmp_path):
@@ -358,8 +356,8 @@ def test_kill_and_resume_identical(spark, subset, tmp_path):
         proc.wait(timeout=60)
     assert glob.glob(os.path.join(killed, "shards", "*.done")), "the killed run never finished a shard"
     assert not os.path.exists(os.path.join(killed, OUT_MANIFEST)), "the kill landed after the run had finished"
-    run_reshard(ReshardConfig(manifest=subset, output=killed, shard_size=2), spark)
-    run_reshard(ReshardConfig(manifest=subset, output=clean, shard_size=2), spark)
+    reshard_stage.run(ReshardConfig(manifest=subset, output=killed, shard_size=2), spark)
+    reshard_stage.run(ReshardConfig(manifest=subset, output=clean, shard_size=2), spark)
     mk, mc = read_manifest(os.path.join(killed, OUT_MANIFEST)), read_manifest(os.path.join(clean, OUT_MANIFEST))
     assert mk["shards"] == mc["shards"]
     for s in mc["shards"]:
@@ -371,7 +369,7 @@ def test_bad_inputs(spark, subset, tmp_path):
     from laiontools.core.errors import InputError
 
     with pytest.raises(InputError, match="pool manifest; reshard takes a subset"):
-        run_reshard(ReshardConfig(manifest=pool, output=str(tmp_path / "x")), spark)
+        reshard_stage.run(ReshardConfig(manifest=pool, output=str(tmp_path / "x")), spark)
     from laiontools.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="shard-size"):
@@ -386,7 +384,7 @@ def test_damaged_source_shard_is_named_before_writing(spark, tmp_path):
     # written (the check runs on the joined plan, ahead of the write tasks).
     pool = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=8)
     n = read_manifest(pool)["num_samples"]
-    sub = run_subsets(SubsetsConfig(pool=pool, output=str(tmp_path / "sub"), scales=str(n - 3), seed=1), spark)[0]["manifest"]
+    sub = subsets_stage.run(SubsetsConfig(pool=pool, output=str(tmp_path / "sub"), scales=str(n - 3), seed=1), spark).details[0]["manifest"]
     path = resolve(pool, read_manifest(pool)["shards"][0]["path"])
     with tarfile.open(path) as tf:
         members = [(ti, tf.extractfile(ti).read()) for ti in tf]
@@ -395,5 +393,5 @@ def test_damaged_source_shard_is_named_before_writing(spark, tmp_path):
         pass  # an empty but valid tar: every sample of this shard is gone
     out = tmp_path / "out"
     with pytest.raises(ReshardError, match="lack samples the catalog lists"):
-        run_reshard(ReshardConfig(manifest=sub, output=str(out), shard_size=8), spark)
+        reshard_stage.run(ReshardConfig(manifest=sub, output=str(out), shard_size=8), spark)
     assert not glob.glob(str(out / "shards" / "*.tar"))

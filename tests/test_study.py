@@ -16,13 +16,13 @@ import yaml
 
 from laiontools.core.config import ConfigError
 from laiontools.core.storage import is_done
+from laiontools.stages import study as study_stage
 from laiontools.stages.study import (
     StudyConfig,
     fit_power_law,
     model_gmacs,
     pareto_frontier,
     predict,
-    run_study,
 )
 from laiontools.testing.train_pool import write_color_evalset, write_resharded_subset
 
@@ -115,7 +115,7 @@ def test_study_grid_killed_and_resumed(tmp_path) -> None:
     eval_mtime = os.path.getmtime(os.path.join(first, "eval.json"))
     time.sleep(2)  # let ranks of a killed training exit (they die with their parent)
 
-    res = run_study(StudyConfig(**cfg))
+    res = study_stage.run(StudyConfig(**cfg)).details
     # the finished point was skipped: trained once, evaluated once
     assert len(open(os.path.join(first, "train", "launches.jsonl")).readlines()) == 1
     assert os.path.getmtime(os.path.join(first, "eval.json")) == eval_mtime

@@ -23,13 +23,13 @@ from laiontools.contracts.schema import ManifestError
 from laiontools.contracts.uids import array_to_uids, load_uids, save_uids, uid_of
 from laiontools.core.config import ConfigError
 from laiontools.core.storage import sha256_file, write_json
+from laiontools.stages import subsets as subsets_stage
 from laiontools.stages.subsets import (
     SubsetError,
     SubsetsConfig,
     parse_scales,
     parse_seed,
     reference_selection,
-    run_subsets,
 )
 from laiontools.stages.subsets import main as subsets_main
 
@@ -125,8 +125,8 @@ def _uids(path: str) -> set[str]:
 
 
 def test_nested_deterministic_and_matches_reference(spark, scratch, tmp_path):
-    res1 = run_subsets(_cfg(scratch, tmp_path / "r1"), spark)
-    res2 = run_subsets(_cfg(scratch, tmp_path / "r2"), spark)
+    res1 = subsets_stage.run(_cfg(scratch, tmp_path / "r1"), spark).details
+    res2 = subsets_stage.run(_cfg(scratch, tmp_path / "r2"), spark).details
     assert [r["scale"] for r in res1] == ["40", "20", "10"]
     for a, b in zip(res1, res2):
         with open(a["manifest"], "rb") as fa, open(b["manifest"], "rb") as fb:
@@ -160,7 +160,7 @@ def test_nested_deterministic_and_matches_reference(spark, scratch, tmp_path):
     assert funnel["shard not complete in the pool manifest"]["removed"] == 3
     assert funnel["eligible"]["remaining"] == 60
     # A different seed picks a different subset.
-    res3 = run_subsets(_cfg(scratch, tmp_path / "r3", seed=8, scales="20"), spark)
+    res3 = subsets_stage.run(_cfg(scratch, tmp_path / "r3", seed=8, scales="20"), spark).details
     assert _uids(res3[0]["manifest"].replace("manifest.json", "uids.npy")) != s20
 
 
@@ -170,7 +170,7 @@ def test_each_filter_and_funnel(spark, scratch, tmp_path):
         scratch, tmp_path, scales="3", max_punsafe=0.5, max_pwatermark=0.8, min_image_side=96,
         max_aspect_ratio=1.5, min_caption_length=16, max_caption_length=30,
     )
-    res = run_subsets(cfg, spark)
+    res = subsets_stage.run(cfg, spark).details
     m = read_manifest(res[0]["manifest"])
     expect = []
     for u, r in samples.items():
@@ -203,7 +203,7 @@ def test_clip_score_filter_and_scores_from_another_pool(spark, scratch, tmp_path
     scores = {u: (int(u[:4], 16) % 100) / 100 for u in samples}
     emb = str(tmp_path / "emb")
     _write_scores(emb, scores, {"model": "lt-tiny", "source_fingerprint": m["source"]["fingerprint"]})
-    res = run_subsets(_cfg(scratch, tmp_path / "o", scales="3", scores=emb, min_clip_score=0.3), spark)
+    res = subsets_stage.run(_cfg(scratch, tmp_path / "o", scales="3", scores=emb, min_clip_score=0.3), spark).details
     man = read_manifest(res[0]["manifest"])
     expect = [u for u, r in samples.items() if r[C.SHARD] != "00004" and scores[u] >= 0.3]
     assert man["selection"]["eligible"] == len(expect)
@@ -212,13 +212,13 @@ def test_clip_score_filter_and_scores_from_another_pool(spark, scratch, tmp_path
     bad = str(tmp_path / "emb_other_fp")
     _write_scores(bad, scores, {"model": "lt-tiny", "source_fingerprint": "0" * 64})
     with pytest.raises(SubsetError, match="emb_other_fp.*source fingerprint"):
-        run_subsets(_cfg(scratch, tmp_path / "o2", scales="3", scores=bad, min_clip_score=0.3), spark)
+        subsets_stage.run(_cfg(scratch, tmp_path / "o2", scales="3", scores=bad, min_clip_score=0.3), spark)
     # No model.json, uids of another pool -> refused by the uid check.
     other = make_scratch_pool(str(tmp_path / "pool_b"), n=20, failures=0, tag="b")
     alien = str(tmp_path / "emb_alien")
     _write_scores(alien, {u: 0.5 for u in pool_samples(other)}, None)
     with pytest.raises(SubsetError, match=r"20 of 20 scored uids are not samples of pool"):
-        run_subsets(_cfg(scratch, tmp_path / "o3", scales="3", scores=alien, min_clip_score=0.3), spark)
+        subsets_stage.run(_cfg(scratch, tmp_path / "o3", scales="3", scores=alien, min_clip_score=0.3), spark)
 
 
 def _write_dedup(d: str, uids: list[str], fingerprint: str) -> None:
@@ -233,10 +233,10 @@ def test_dedup_exclusion_and_dedup_from_another_pool(spark, scratch, tmp_path):
     excluded = samples[::4]
     d = str(tmp_path / "dedup")
     _write_dedup(d, excluded, fp)
-    res = run_subsets(_cfg(scratch, tmp_path / "o", scales=str(60 - len(excluded))), spark)
+    res = subsets_stage.run(_cfg(scratch, tmp_path / "o", scales=str(60 - len(excluded))), spark).details
     chosen = _uids(res[0]["manifest"].replace("manifest.json", "uids.npy"))
     assert not chosen.isdisjoint(excluded)  # without --exclude, all eligible are taken
-    res = run_subsets(_cfg(scratch, tmp_path / "o2", scales=str(60 - len(excluded)), exclude=[d]), spark)
+    res = subsets_stage.run(_cfg(scratch, tmp_path / "o2", scales=str(60 - len(excluded)), exclude=[d]), spark).details
     chosen = _uids(res[0]["manifest"].replace("manifest.json", "uids.npy"))
     assert chosen == set(samples) - set(excluded)
     man = read_manifest(res[0]["manifest"])
@@ -246,20 +246,20 @@ def test_dedup_exclusion_and_dedup_from_another_pool(spark, scratch, tmp_path):
     d2 = str(tmp_path / "dedup_other")
     _write_dedup(d2, excluded, "f" * 64)
     with pytest.raises(SubsetError, match="dedup_other.*another pool|dedup_other.*source fingerprint"):
-        run_subsets(_cfg(scratch, tmp_path / "o3", scales="5", exclude=[d2]), spark)
+        subsets_stage.run(_cfg(scratch, tmp_path / "o3", scales="5", exclude=[d2]), spark)
     # Right fingerprint claim but uids of another pool.
     other = make_scratch_pool(str(tmp_path / "pool_c"), n=10, failures=0, tag="c")
     d3 = str(tmp_path / "dedup_alien")
     _write_dedup(d3, list(pool_samples(other)), fp)
     with pytest.raises(SubsetError, match="10 of 10 excluded uids are not samples"):
-        run_subsets(_cfg(scratch, tmp_path / "o4", scales="5", exclude=[d3]), spark)
+        subsets_stage.run(_cfg(scratch, tmp_path / "o4", scales="5", exclude=[d3]), spark)
 
 
 def test_short_subset_error_and_allow_short(spark, scratch, tmp_path):
     with pytest.raises(SubsetError, match=r"1000: requested 1,000, available 60"):
-        run_subsets(_cfg(scratch, tmp_path / "a", scales="10,1000"), spark)
+        subsets_stage.run(_cfg(scratch, tmp_path / "a", scales="10,1000"), spark)
     assert not (tmp_path / "a" / "10.manifest.json").exists()
-    res = run_subsets(_cfg(scratch, tmp_path / "b", scales="80M,400M", scale_factor=1e-6, allow_short=True), spark)
+    res = subsets_stage.run(_cfg(scratch, tmp_path / "b", scales="80M,400M", scale_factor=1e-6, allow_short=True), spark).details
     by = {r["scale"]: r for r in res}
     assert by["400M"]["target"] == 400 and by["400M"]["obtained"] == 60 and by["400M"]["short"]
     m = read_manifest(by["80M"]["manifest"])
@@ -296,7 +296,7 @@ def test_cli_bad_inputs(spark, scratch, tmp_path, capsys):
     future = tmp_path / "future.manifest.json"
     future.write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="schema_version '9.9'"):
-        run_subsets(_cfg(str(future), tmp_path / "f"), spark)
+        subsets_stage.run(_cfg(str(future), tmp_path / "f"), spark)
     # The CLI end to end prints the funnel and writes the manifests.
     assert subsets_main(["--pool", scratch, "--scales", "5,10", "--seed", "3", "--output", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
@@ -310,7 +310,7 @@ def test_real_pool_if_available(spark, request, tmp_path):
     except pytest.FixtureLookupError:
         pytest.skip("conftest has no `pool` fixture yet")
     m = read_manifest(pool.manifest)
-    res = run_subsets(_cfg(pool.manifest, tmp_path, scales="5,10", seed=1, allow_short=True), spark)
+    res = subsets_stage.run(_cfg(pool.manifest, tmp_path, scales="5,10", seed=1, allow_short=True), spark).details
     s10, s5 = (_uids(r["manifest"].replace("manifest.json", "uids.npy")) for r in res)
     assert s5 <= s10 and len(s5) == min(5, m["num_samples"])
     assert s10 <= _uids(os.path.join(os.path.dirname(pool.manifest), m["uids"]["path"]))

@@ -14,13 +14,13 @@ import pytest
 
 from laiontools.contracts.schema import ManifestError
 from laiontools.core.config import ConfigError
+from laiontools.stages import train as train_stage
 from laiontools.stages.train import (
     TrainConfig,
     checkpoint_epoch,
     main,
     plan_schedule,
     read_result,
-    run_train,
 )
 from laiontools.testing.train_pool import write_resharded_subset
 
@@ -78,7 +78,7 @@ def test_bad_input_errors(subset: str, tmp_path) -> None:
     path = os.path.join(os.path.dirname(subset), "unresharded.manifest.json")
     write_manifest(path, unresharded)
     with pytest.raises(ManifestError, match="laiontools reshard"):
-        run_train(TrainConfig(manifest=path, model="lt-tiny", samples_seen=64, batch_size=8, output=str(tmp_path / "r")))
+        train_stage.run(TrainConfig(manifest=path, model="lt-tiny", samples_seen=64, batch_size=8, output=str(tmp_path / "r")))
     assert not (tmp_path / "r").exists()  # nothing written for a refused input
     # the CLI prints the same as one clean line with exit code 2
     from laiontools.cli import main as cli_main
@@ -127,7 +127,7 @@ def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
     with pytest.raises(ConfigError, match="--resume"):
         main(argv)
 
-    result = run_train(TrainConfig(**{**_cfg_from_argv(argv), "resume": True}))
+    result = train_stage.run(TrainConfig(**{**_cfg_from_argv(argv), "resume": True})).details
     assert result["samples_seen"] == budget and result["steps"] == budget // batch
     assert result["world_size"] == 2
     assert math.isfinite(result["final_loss"])
@@ -158,9 +158,9 @@ def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
     bundle = load_model("lt-tiny", pretrained=os.path.join(run_dir, "model.pt"))
     assert bundle.info["checkpoint_sha256"]
     # A finished run is not trained again; asking it for another budget is refused.
-    assert run_train(TrainConfig(**{**_cfg_from_argv(argv), "resume": True})) == result
+    assert train_stage.run(TrainConfig(**{**_cfg_from_argv(argv), "resume": True})).details == result
     with pytest.raises(ConfigError, match="samples_seen: 96 -> 192"):
-        run_train(TrainConfig(**{**_cfg_from_argv(argv), "samples_seen": 192}))
+        train_stage.run(TrainConfig(**{**_cfg_from_argv(argv), "samples_seen": 192}))
 
 
 def _cfg_from_argv(argv: list[str]) -> dict:
@@ -177,23 +177,26 @@ def _cfg_from_argv(argv: list[str]) -> dict:
 @pytest.mark.slow
 def test_pool_to_subset_to_reshard_to_train_to_evaluate(pool, spark, tmp_path) -> None:
     """The real chain: a downloaded pool -> subsets -> reshard -> train -> evaluate on the pool's eval set."""
-    from laiontools.stages.evaluate import EvaluateConfig, run_evaluate
-    from laiontools.stages.reshard import ReshardConfig, run_reshard
-    from laiontools.stages.subsets import SubsetsConfig, run_subsets
+    from laiontools.stages import evaluate as evaluate_stage
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.evaluate import EvaluateConfig
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
 
-    rows = run_subsets(SubsetsConfig(pool=pool.manifest, output=str(tmp_path / "subsets"), scales="24", seed=1, allow_short=True), spark)
+    rows = subsets_stage.run(SubsetsConfig(pool=pool.manifest, output=str(tmp_path / "subsets"), scales="24", seed=1, allow_short=True), spark).details
     subset = rows[0]["manifest"]
     # the subset as `subsets` writes it has no shard list yet
     with pytest.raises(ManifestError, match="never resharded"):
-        run_train(TrainConfig(manifest=subset, model="lt-tiny", samples_seen=32, batch_size=8, output=str(tmp_path / "x")))
-    resharded = run_reshard(ReshardConfig(manifest=subset, output=str(tmp_path / "resharded"), shard_size=8), spark)["manifest"]
+        train_stage.run(TrainConfig(manifest=subset, model="lt-tiny", samples_seen=32, batch_size=8, output=str(tmp_path / "x")))
+    resharded = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "resharded"), shard_size=8), spark).details["manifest"]
     run_dir = str(tmp_path / "run")
-    result = run_train(
+    result = train_stage.run(
         TrainConfig(manifest=resharded, model="lt-tiny", samples_seen=32, batch_size=8, workers=1, checkpoint_every=16, log_every=1, output=run_dir)
-    )
+    ).details
     assert (result["samples_seen"], result["steps"], result["epochs"]) == (32, 4, 2)
     assert math.isfinite(result["final_loss"])
-    ev = run_evaluate(EvaluateConfig(checkpoint=run_dir, evalset=[f"synth={pool.evalset_dir}"], output=str(tmp_path / "eval.json")))
+    ev = evaluate_stage.run(EvaluateConfig(checkpoint=run_dir, evalset=[f"synth={pool.evalset_dir}"], output=str(tmp_path / "eval.json"))).details
     z = ev["evalsets"]["synth"]["zeroshot"]
     assert z["n_classes"] == 5 and z["n_items"] == 20 and 0 <= z["top1"] <= z["top5"] <= 1
     assert ev["run_dir"] == os.path.abspath(run_dir)

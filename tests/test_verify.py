@@ -11,8 +11,10 @@ import pytest
 
 from laiontools.cli import main as cli
 from laiontools.contracts.manifest import new_manifest, read_manifest, write_manifest
-from laiontools.stages.reshard import OUT_MANIFEST, ReshardConfig, run_reshard
-from laiontools.stages.subsets import SubsetsConfig, run_subsets
+from laiontools.stages import reshard as reshard_stage
+from laiontools.stages import subsets as subsets_stage
+from laiontools.stages.reshard import OUT_MANIFEST, ReshardConfig
+from laiontools.stages.subsets import SubsetsConfig
 from laiontools.stages.verify import inspect_text, verify_manifest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -28,9 +30,9 @@ def chain(spark, request, tmp_path_factory) -> dict[str, str]:
         pool = make_scratch_pool(str(tmp_path_factory.mktemp("pool")), n=40, per_shard=10)
     n = read_manifest(pool)["num_samples"]
     out = tmp_path_factory.mktemp("subsets")
-    big, small = run_subsets(SubsetsConfig(pool=pool, output=str(out), scales=f"{n - 2},{n // 2}", seed=11), spark)
+    big, small = subsets_stage.run(SubsetsConfig(pool=pool, output=str(out), scales=f"{n - 2},{n // 2}", seed=11), spark).details
     rs = tmp_path_factory.mktemp("resharded")
-    run_reshard(ReshardConfig(manifest=big["manifest"], output=str(rs), shard_size=max(2, n // 5)), spark)
+    reshard_stage.run(ReshardConfig(manifest=big["manifest"], output=str(rs), shard_size=max(2, n // 5)), spark)
     return {"pool": pool, "big": big["manifest"], "small": small["manifest"], "resharded": os.path.join(str(rs), OUT_MANIFEST)}
 
 

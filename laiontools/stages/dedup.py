@@ -32,14 +32,14 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from laiontools.contracts import layout
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError, add_config_args
 from laiontools.core.errors import UserError
+from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
     atomic_write_bytes,
     ensure_output_dir,
@@ -65,6 +65,8 @@ GALLERY_HTML = "gallery.html"
 DEFAULT_THRESHOLD = 0.9
 STATUS_OK = "ok"
 STATUS_NOT_EMBEDDED = "not_embedded"
+EVAL_GEOMETRY_POOL = "pool"
+EVAL_GEOMETRIES = (EVAL_GEOMETRY_POOL, "none")
 
 
 class MissingEmbeddingsError(UserError, ValueError):
@@ -72,7 +74,7 @@ class MissingEmbeddingsError(UserError, ValueError):
 
 
 @dataclasses.dataclass
-class DedupConfig(StageConfig):
+class DedupConfig(SparkStageConfig):
     embeddings: str = dataclasses.field(default="", metadata={"help": "embed output folder (img_emb/, meta/, model.json)"})
     evalset: list[str] = dataclasses.field(default_factory=list, metadata={"help": "name=path[:format], repeatable"})
     evalsets_yaml: str | None = dataclasses.field(default=None, metadata={"help": "YAML list of {name, path, format}"})
@@ -92,9 +94,16 @@ class DedupConfig(StageConfig):
     search_threads: int = dataclasses.field(default=0, metadata={"help": "faiss threads per Spark task (0: cores / concurrent tasks)"})
     partitions: int = dataclasses.field(default=0, metadata={"help": "Spark partitions for the search (0: min(shards, 4 x parallelism))"})
     gallery_pairs: int = dataclasses.field(default=24, metadata={"help": "pairs shown per gallery section"})
-    master: str | None = dataclasses.field(default=None, metadata={"help": "Spark master when no session exists (default local[*])"})
+    eval_geometry: str = dataclasses.field(default=EVAL_GEOMETRY_POOL, metadata={"help": "pool: evaluation images go through the pool's own download resize (image size + resize mode recorded in its manifest) before they are embedded and pHashed, as pool copies of them did; none: compared as read (unlike pool copies when the pool letterboxed or cropped them)"})
 
     def validate(self) -> None:
+        missing = [f"--{n}" for n in ("embeddings", "output") if not getattr(self, n)]
+        if missing:
+            raise ConfigError(f"dedup needs {' and '.join(missing)}")
+        if not self.evalset and not self.evalsets_yaml:
+            raise ConfigError("dedup needs at least one --evalset name=path[:format] or --evalsets-yaml FILE")
+        if self.eval_geometry not in EVAL_GEOMETRIES:
+            raise ConfigError(f"eval_geometry must be one of {EVAL_GEOMETRIES}, got {self.eval_geometry!r}")
         if not -1.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold {self.threshold} must be a cosine similarity in [-1, 1]")
         if self.k < 1:
@@ -109,13 +118,6 @@ class DedupConfig(StageConfig):
             raise ConfigError(f"phash_max_distance must be in [0, 32] bits of 64, got {self.phash_max_distance}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-
-    def check_required(self) -> None:
-        missing = [f"--{n}" for n in ("embeddings", "output") if not getattr(self, n)]
-        if missing:
-            raise ConfigError(f"dedup needs {' and '.join(missing)}")
-        if not self.evalset and not self.evalsets_yaml:
-            raise ConfigError("dedup needs at least one --evalset name=path[:format] or --evalsets-yaml FILE")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +136,38 @@ class PoolInfo:
     @property
     def fingerprint(self) -> str | None:
         return (self.manifest or {}).get("source", {}).get("fingerprint")
+
+    def download_settings(self) -> dict[str, Any] | None:
+        """The pool's recorded download settings (through a subset's parents), or None."""
+        from laiontools.contracts.manifest import download_settings
+
+        return download_settings(self.manifest_path, self.manifest) if self.manifest_path else None
+
+
+def eval_geometry(pool: PoolInfo, mode: str) -> tuple[Any, dict[str, Any]]:
+    """(callable PIL -> PIL or None, description) putting evaluation images into the pool's geometry.
+
+    A downloaded pool stores every image resized by img2dataset (``border`` letterboxes a non-square
+    image onto a white square, ``center_crop`` cuts its long side, ``keep_ratio`` rescales it), so a
+    pool copy of a non-square evaluation image only looks like it after the same resize: embeddings
+    and pHashes of the unprocessed image miss it. With `mode` ``pool`` the download's own resizer
+    (:class:`laiontools.web.resize.PoolGeometry`) is used with the settings the pool manifest records;
+    when none are recorded (no manifest, older pool) the images are used as read and the
+    description says why, and a warning is logged.
+    """
+    if mode != EVAL_GEOMETRY_POOL:
+        return None, {"mode": "none", "reason": "--eval-geometry none"}
+    settings = pool.download_settings()
+    if settings is None:
+        why = ("the embeddings name no pool manifest" if not pool.manifest_path
+               else f"{pool.manifest_path} (and its parents) record no download settings")
+        log.warning("evaluation images are compared as read, not in the pool's geometry: %s; copies the pool "
+                    "letterboxed or cropped may be missed", why)
+        return None, {"mode": "none", "reason": why}
+    from laiontools.web.resize import PoolGeometry
+
+    geo = PoolGeometry(settings)
+    return geo, {"mode": "pool", "settings": geo.describe()}
 
 
 def _model_json(emb_dir: str) -> dict[str, Any]:
@@ -241,10 +275,11 @@ def make_embedder(emb_dir: str, pretrained: str | None, device: str, batch_size:
 
 
 def embed_evalsets(
-    sets: list[Any], embedder: Any, batch_size: int, phash: bool
+    sets: list[Any], embedder: Any, batch_size: int, phash: bool, geometry: Any = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Embed every readable item of every set.
+    """Embed every readable item of every set, after `geometry` (PIL -> PIL, see :func:`eval_geometry`).
 
+    An item `geometry` cannot process counts as unreadable, with the resizer's message as its error.
     Returns (float32 L2-normalized vectors (n_readable, d), one row per item — readable or not —
     for items.parquet, per-set counts). Unreadable items are counted and listed by item id.
     """
@@ -279,13 +314,19 @@ def embed_evalsets(
             row = {"row": -1, "evalset": es.name, "item_id": item.item_id, "label": item.label,
                    "caption": item.caption, "error": item.error, "phash": None}
             rows.append(row)
-            if item.image is None:
+            image = item.image
+            if image is not None and geometry is not None:
+                try:
+                    image = geometry(image)
+                except ValueError as e:
+                    row["error"], image = str(e), None
+            if image is None:
                 n_bad += 1
                 bad_ids.append(item.item_id)
                 continue
             if phash:
-                row["phash"] = _phash_image(item.image)
-            batch.append(item.image)
+                row["phash"] = _phash_image(image)
+            batch.append(image)
             pending.append(row)
             if len(batch) >= batch_size:
                 flush()
@@ -319,7 +360,10 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
 
     paths = DI.index_paths(cfg.output)
     want_sets = [es.to_dict() for es in sets]
-    want_params = {"index_type": cfg.index, "nlist": cfg.nlist, "nprobe": cfg.nprobe if cfg.index == "ivf" else None}
+    geometry, geometry_desc = eval_geometry(pool, cfg.eval_geometry)
+    # The geometry is part of what the index holds: another pool resize means other vectors and hashes.
+    want_params = {"index_type": cfg.index, "nlist": cfg.nlist, "nprobe": cfg.nprobe if cfg.index == "ivf" else None,
+                   "eval_geometry": geometry_desc}
     existing = DI.read_index_json(cfg.output)
     if existing is not None:
         DI.check_model(pool.model, existing["model"], pool.emb_dir, paths["json"])
@@ -338,7 +382,7 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
     # The evaluation vectors must come from the pool's embedding space: compare before building.
     DI.check_model(pool.model, embedder.info, pool.emb_dir, f"the Embedder built for {cfg.output}")
     t0 = time.time()
-    vectors, rows, counts = embed_evalsets(sets, embedder, cfg.batch_size, cfg.phash)
+    vectors, rows, counts = embed_evalsets(sets, embedder, cfg.batch_size, cfg.phash, geometry)
     t_embed = time.time() - t0
     if vectors.shape[1] != DI.model_identity(pool.model)["embed_dim"]:
         raise DI.ModelMismatchError(
@@ -362,6 +406,7 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
         "ntotal": int(index.ntotal),
         "dim": int(vectors.shape[1]),
         "phash": bool(cfg.phash),
+        "eval_geometry": geometry_desc,
         "evalsets": counts,
         "index_sha256": sha256_bytes(data),
         "items_sha256": sha256_bytes(items_bytes),
@@ -397,29 +442,30 @@ def _done_path(out: str, sid: str) -> str:
     return join(out, DONE_DIR, sid)
 
 
-def _pool_phashes(tar_url: str) -> dict[str, str]:
-    """key -> pHash of every image in a pool tar (unreadable images are left out and logged)."""
-    import tarfile
+POOL_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
+
+def _pool_phashes(tar_url: str) -> dict[str, str]:
+    """key -> pHash of every image in a pool tar (unreadable images are left out and logged). A tar
+    that cannot be read raises ``tarfile.TarError``."""
     from PIL import Image
 
     from laiontools.core.logs import RateLimitedLogger
+    from laiontools.wds.samples import iter_samples
 
     rl = RateLimitedLogger(log)
     out: dict[str, str] = {}
     fs, p = url_to_fs(tar_url)
-    with fs.open(p, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
-        for m in tf:
-            if not m.isfile() or not m.name.lower().endswith((".jpg", ".jpeg", ".png", ".webp")):
-                continue
-            key = m.name.rsplit(".", 1)[0]
-            try:
-                f = tf.extractfile(m)
-                im = Image.open(io.BytesIO(f.read() if f else b""))
-                im.load()
-                out[key] = _phash_image(im.convert("RGB"))
-            except Exception as e:
-                rl.warn("pool_phash", "%s: %s unreadable for pHash: %s", tar_url, m.name, e)
+    with fs.open(p, "rb") as raw:
+        # One sample's image members in memory at a time (webdataset's adjacent grouping).
+        for key, parts in iter_samples(raw, fs.size(p), suffixes=POOL_IMAGE_EXTS, on_duplicate="last"):
+            for ext, data in parts.items():
+                try:
+                    im = Image.open(io.BytesIO(data))
+                    im.load()
+                    out[key] = _phash_image(im.convert("RGB"))
+                except Exception as e:
+                    rl.warn("pool_phash", "%s: %s.%s unreadable for pHash: %s", tar_url, key, ext, e)
     return out
 
 
@@ -692,16 +738,19 @@ def run_search(spark: Any, ctx: dict[str, Any], units: list[tuple[str, str | Non
 # the whole stage
 
 
-def run_dedup(cfg: DedupConfig, spark: Any = None) -> dict[str, Any]:
-    """Decontaminate a pool's embeddings against evaluation sets; returns summary.json's content.
+STAGE = "dedup"
+CONFIG = DedupConfig
+
+
+@stage_entry(STAGE)
+def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
+    """Decontaminate a pool's embeddings against evaluation sets; details = summary.json's content.
 
     Raises UserError subclasses for bad input: missing/empty evaluation sets, a set declared twice,
     pool shards without embeddings, embeddings of another model than an existing index.
     """
-    from laiontools.core.spark import spark_session
     from laiontools.evalsets import load_evalsets
 
-    cfg.check_required()
     ensure_output_dir(cfg.output)
     sets = load_evalsets(cfg.evalset, cfg.evalsets_yaml)
     pool = read_pool(cfg.embeddings)
@@ -716,7 +765,7 @@ def run_dedup(cfg: DedupConfig, spark: Any = None) -> dict[str, Any]:
     ctx = search_context(cfg, index_desc)
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
     t0 = time.time()
-    with nullcontext(spark) if spark is not None else spark_session(cfg.master, app_name="laiontools-dedup") as sp:
+    with stage_spark(cfg, spark, app_name="laiontools-dedup") as sp:
         ctx["threads"] = _threads_per_task(sp, cfg.search_threads)
         done = run_search(sp, ctx, units, cfg.partitions)
     search_s = time.time() - t0
@@ -726,7 +775,15 @@ def run_dedup(cfg: DedupConfig, spark: Any = None) -> dict[str, Any]:
         if stats is None or stats.get("settings_key") != ctx["settings_key"]:
             raise RuntimeError(f"shard {sid} reported done but its marker is missing or stale")  # a bug, not bad input
         agg.add(stats)
-    return _write_outputs(cfg, pool, sets, index_desc, items, agg, search_s)
+    summary, text = _write_outputs(cfg, pool, sets, index_desc, items, agg, search_s)
+    return StageResult(
+        outputs={"exclude": join(cfg.output, EXCLUDE_UIDS), "dedup": join(cfg.output, DEDUP_JSON),
+                 "summary": join(cfg.output, SUMMARY_TXT), "report": join(cfg.output, REPORT_DIR),
+                 **({"gallery": join(cfg.output, GALLERY_HTML)} if cfg.gallery_pairs else {})},
+        counts={"pool_samples": int(summary["pool_samples"]), "pool_duplicates": int(summary["pool_duplicates"]),
+                "excluded": int(summary["excluded"]), "not_embedded": int(summary["not_embedded"])},
+        timings={"search": float(summary["search_seconds"])}, details=summary, summary=text,
+    )
 
 
 def _read_items(items_path: str) -> dict[str, list[Any]]:
@@ -784,10 +841,11 @@ class _Aggregate:
 def _write_outputs(
     cfg: DedupConfig, pool: PoolInfo, sets: list[Any], index_desc: dict[str, Any], items: dict[str, list[Any]],
     agg: _Aggregate, search_s: float,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], str]:
+    """Write summary, exclusion uids, dedup.json and gallery; return (summary.json's content, summary text)."""
     from laiontools import index as DI
     from laiontools.contracts.uids import save_uids
-    from laiontools.core.report import emit, table
+    from laiontools.core.report import table
 
     row_set = {}  # index row -> set name, for eval items matched
     for r, s in zip(items["row"], items["evalset"]):
@@ -825,7 +883,7 @@ def _write_outputs(
     summary = {
         "threshold": cfg.threshold, "k": cfg.k, "model": model_desc, "model_identity": index_desc["model"],
         "index_type": index_desc["index_type"], "nlist": index_desc.get("nlist"), "nprobe": index_desc.get("nprobe"),
-        "pool_samples": agg.rows, "pool_shards": agg.shards, "not_embedded": agg.not_embedded,
+        "eval_geometry": index_desc.get("eval_geometry"), "pool_samples": agg.rows, "pool_shards": agg.shards, "not_embedded": agg.not_embedded,
         "pool_duplicates": agg.duplicates, "excluded": n_ex, "phash": cfg.phash, "evalsets": per_set,
         "search_seconds": round(search_s, 3), "worker_peak_rss_mb": agg.peak_rss_mb,
     }
@@ -860,8 +918,7 @@ def _write_outputs(
 
         write_gallery(join(cfg.output, GALLERY_HTML), pool, sets, cfg.threshold, model_desc,
                       sorted(agg.above, reverse=True), sorted(agg.below, reverse=True))
-    emit(txt + f"outputs in {cfg.output}: {SUMMARY_TXT}, {EXCLUDE_UIDS}, {REPORT_DIR}/, {GALLERY_HTML}")
-    return summary
+    return summary, txt + f"outputs in {cfg.output}: {SUMMARY_TXT}, {EXCLUDE_UIDS}, {REPORT_DIR}/, {GALLERY_HTML}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,14 +938,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
+    from laiontools.core.stage import stage_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "calibrate":
-        from laiontools.stages.dedup_calibrate import main as calibrate_main
-
-        return calibrate_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(DedupConfig, args)
-    run_dedup(cfg)
-    return 0
+    return stage_main(__name__, argv)

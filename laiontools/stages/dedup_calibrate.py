@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError, StageConfig, add_config_args
 from laiontools.core.errors import UserError
+from laiontools.core.stage import StageResult, stage_entry
 from laiontools.core.storage import atomic_write_bytes, ensure_output_dir, join, write_json
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,14 @@ class CalibrateConfig(StageConfig):
     pretrained: str | None = dataclasses.field(default=None, metadata={"help": "checkpoint path when model.json names one by sha256"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda"})
     batch_size: int = dataclasses.field(default=64, metadata={"help": "images per embedding batch"})
+    eval_geometry: str = dataclasses.field(default="pool", metadata={"help": "pool: evaluation images, and the planted copies, go through the pool's download resize as a real download makes them (as for dedup); none: as read"})
 
     def validate(self) -> None:
+        self.check_required()
+        from laiontools.stages.dedup import EVAL_GEOMETRIES
+
+        if self.eval_geometry not in EVAL_GEOMETRIES:
+            raise ConfigError(f"eval_geometry must be one of {EVAL_GEOMETRIES}, got {self.eval_geometry!r}")
         bad = [t for t in self.transforms if t not in TRANSFORMS]
         if bad:
             raise ConfigError(f"unknown transform(s) {bad}; known: {TRANSFORMS}")
@@ -73,6 +80,7 @@ class CalibrateConfig(StageConfig):
             raise ConfigError("plant_items must be >= 1 and pool_sample >= 0")
 
     def check_required(self) -> None:
+        """Required settings (called from validate, so a config without them cannot be built)."""
         if not self.embeddings or not self.output:
             raise ConfigError("dedup calibrate needs --embeddings and --output")
         if not self.evalset and not self.evalsets_yaml:
@@ -183,20 +191,29 @@ def recommend(pos: dict[str, np.ndarray], neg: np.ndarray, easy: tuple[str, ...]
     return out
 
 
-def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
-    """Run the calibration; writes calibrate.{json,txt,png} into cfg.output and returns the json content."""
+STAGE = "dedup calibrate"
+CONFIG = CalibrateConfig
+SETTINGS_FILE = "calibrate.settings.json"  # not settings.json: a dedup output folder may hold both
+
+
+@stage_entry(STAGE)
+def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
+    """Run the calibration; writes calibrate.{json,txt,png} into cfg.output; details = the json content.
+
+    ``spark`` is unused (the calibration runs in this process); it is accepted for the one stage API.
+    """
     from laiontools import index as DI
     from laiontools.contracts.uids import load_uids
     from laiontools.evalsets import iter_items, load_evalsets
-    from laiontools.stages.dedup import DedupConfig, make_embedder, prepare_index, read_pool
+    from laiontools.stages.dedup import DedupConfig, eval_geometry, make_embedder, prepare_index, read_pool
 
-    cfg.check_required()
     ensure_output_dir(cfg.output)
+    write_json(join(cfg.output, SETTINGS_FILE), {"stage": STAGE, **cfg.to_dict()})
     sets = load_evalsets(cfg.evalset, cfg.evalsets_yaml)
     pool = read_pool(cfg.embeddings)
     dcfg = DedupConfig(embeddings=cfg.embeddings, evalset=cfg.evalset, evalsets_yaml=cfg.evalsets_yaml, output=cfg.output,
                        index=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, pretrained=cfg.pretrained, device=cfg.device,
-                       batch_size=cfg.batch_size, gpu=True)
+                       batch_size=cfg.batch_size, gpu=True, eval_geometry=cfg.eval_geometry)
     index_desc = prepare_index(dcfg, pool, sets)
     paths = DI.index_paths(cfg.output)
     index = DI.deserialize(DI.read_bytes(paths["index"]))
@@ -218,12 +235,17 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
                 j = int(rng.integers(0, seen))
                 if j < cfg.plant_items:
                     chosen[j] = (es.name, item.item_id, item.image)
+    # A copy on the web reaches the pool through the download's resize: plant it the same way, or the
+    # calibration measures copies that look unlike the ones dedup must find (letterboxed, cropped).
+    geometry, geometry_desc = eval_geometry(pool, cfg.eval_geometry)
     t0 = time.time()
     pos: dict[str, np.ndarray] = {}
     attributed: dict[str, float] = {}
     for tname in cfg.transforms:
         trng = np.random.default_rng([cfg.seed, TRANSFORMS.index(tname)])
         imgs = [apply_transform(im, tname, trng) for _, _, im in chosen]
+        if geometry is not None:
+            imgs = [geometry(im) for im in imgs]
         q = np.asarray(embedder.embed_images(imgs), dtype=np.float32)
         D, _I = index.search(q, 1)
         pos[tname] = D[:, 0].astype(np.float64)
@@ -248,21 +270,23 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         "model": DI.describe_model(index_desc["model"]), "model_identity": index_desc["model"],
         "index_type": index_desc["index_type"], "evalsets": [es.to_dict() for es in sets],
         "planted_items": len(chosen), "transforms": list(cfg.transforms), "easy_transforms": list(EASY_TRANSFORMS),
-        "negatives": len(neg), "seed": cfg.seed, "recommendation": rec,
+        "negatives": len(neg), "seed": cfg.seed, "recommendation": rec, "eval_geometry": geometry_desc,
         "similarity": {t: _quantiles(s) for t, s in {**pos, "negatives": neg}.items()},
         "top1_attributed_to_source": attributed,
         "highest_negatives": [{"uid": neg_uids[i], "similarity": float(neg[i])} for i in top_neg],
         "grid": rows, "embed_seconds": round(embed_s, 3),
     }
     write_json(join(cfg.output, CALIBRATE_JSON), result)
-    write_json(join(cfg.output, "calibrate.settings.json"), {"stage": "dedup calibrate", **cfg.to_dict()})
     txt = _text_report(result, pos, neg)
     atomic_write_bytes(join(cfg.output, CALIBRATE_TXT), txt.encode())
     _plot(join(cfg.output, CALIBRATE_PNG), pos, neg, grid, rec, result["model"])
-    from laiontools.core.report import emit
-
-    emit(txt + f"\nwritten: {join(cfg.output, CALIBRATE_TXT)}, {CALIBRATE_JSON}, {CALIBRATE_PNG}")
-    return result
+    return StageResult(
+        outputs={"calibrate": join(cfg.output, CALIBRATE_JSON), "text": join(cfg.output, CALIBRATE_TXT),
+                 "plot": join(cfg.output, CALIBRATE_PNG)},
+        counts={"planted_items": int(result["planted_items"]), "negatives": int(result["negatives"])},
+        timings={"embed": float(result["embed_seconds"])}, details=result,
+        summary=txt + f"\nwritten: {join(cfg.output, CALIBRATE_TXT)}, {CALIBRATE_JSON}, {CALIBRATE_PNG}",
+    )
 
 
 _ROW_ITEMS: dict[str, dict[int, tuple[str, str]]] = {}
@@ -364,6 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run_calibrate(config_from_args(CalibrateConfig, args))
-    return 0
+    from laiontools.core.stage import stage_main
+
+    return stage_main(__name__, argv)

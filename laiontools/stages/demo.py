@@ -12,7 +12,6 @@ killed demo re-run with the same command continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import html
 import json
@@ -21,15 +20,16 @@ import os
 import time
 from typing import Any
 
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError
 from laiontools.core.report import emit, table
+from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import atomic_write_bytes, ensure_output_dir, read_json
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class DemoConfig(StageConfig):
+class DemoConfig(SparkStageConfig):
     output: str = dataclasses.field(default="demo-out", metadata={"help": "folder for everything the demo writes"})
     n: int = dataclasses.field(default=600, metadata={"help": "synthetic pool images (about 25% of rows are broken on purpose)"})
     model: str = dataclasses.field(default="lt-tiny", metadata={"help": "open_clip model (tiny shipped config, random init)"})
@@ -39,7 +39,6 @@ class DemoConfig(StageConfig):
     batch_size: int = dataclasses.field(default=32, metadata={"help": "global batch size"})
     nproc: int = dataclasses.field(default=2, metadata={"help": "training processes (gloo on CPU)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the source, the selection and training"})
-    master: str | None = dataclasses.field(default=None, metadata={"help": "Spark master (default local[*])"})
 
     def validate(self) -> None:
         if self.n < 100:
@@ -92,36 +91,58 @@ def _step(name: str, t0: float, timings: dict[str, float]) -> float:
     return now
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run every stage in order into cfg.output; return the paths written and the timings.
+STAGE = "demo"
+CONFIG = DemoConfig
 
-    The data stages share one Spark session; it is stopped before training, which needs no Spark
-    and gets the memory and cores back.
+
+@stage_entry(STAGE)
+def run(cfg: DemoConfig, spark: Any = None) -> StageResult:
+    """Run every stage in order into cfg.output; outputs = the paths written, timings per stage.
+
+    The data stages share one Spark session; one the demo started is stopped before training,
+    which needs no Spark and gets the memory and cores back. details = every stage's details.
     """
-    from laiontools.core.spark import spark_session
-    from laiontools.stages.study import StudyConfig, run_study
+    from laiontools.stages import study
+    from laiontools.stages.study import StudyConfig
 
-    with spark_session(cfg.master, app_name="laiontools-demo") as spark:
-        res = _data_stages(cfg, spark)
+    with stage_spark(cfg, spark, app_name="laiontools-demo") as sp:
+        res = _data_stages(cfg, sp)
     t = time.time()
     p = lambda *parts: os.path.join(res["output"], *parts)
-    res["study"] = run_study(StudyConfig(output=p("study"), scales=res["resharded"], samples_seen=list(cfg.samples_seen),
-                                         models=[cfg.model], batch_size=cfg.batch_size, nproc=cfg.nproc,
-                                         evalset=res["evalsets"], train={"seed": cfg.seed, "workers": 1}))
+    st = study.run(StudyConfig(output=p("study"), scales=res["resharded"], samples_seen=list(cfg.samples_seen),
+                               models=[cfg.model], batch_size=cfg.batch_size, nproc=cfg.nproc,
+                               evalset=res["evalsets"], train={"seed": cfg.seed, "workers": 1}))
+    emit(st.summary)
+    res["study"] = st.details
     res["timings"]["train + evaluate + fit"] = round(time.time() - t, 1)
     res["timings"]["total"] = round(time.time() - res["t_start"], 1)
     res["report"] = write_report(res, p("report.html"))
-    return res
+    outputs = {
+        "pool manifest": res["download"]["manifest"], "embeddings": p("embeddings"), "dedup report": p("dedup"),
+        **{f"subset {r['scale']}": r["manifest"] for r in res["subsets"]},
+        **{f"resharded {k}": v for k, v in res["resharded"].items()},
+        "study": p("study"), "REPORT": res["report"],
+    }
+    summary = "\n".join([
+        "",
+        "laiontools demo finished in %.0fs" % res["timings"]["total"],
+        "  " + "\n  ".join(f"{k:<24} {v:>7.1f}s" for k, v in res["timings"].items() if k != "total"),
+        "",
+        "written:",
+        *[f"  {k:<18} {v}" for k, v in outputs.items()],
+    ])
+    return StageResult(outputs=outputs, timings=dict(res["timings"]), details=res, summary=summary)
 
 
 def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
     """synthetic source -> download -> embed -> calibrate + dedup -> subsets -> reshard (Spark stages)."""
-    from laiontools.stages.dedup import DedupConfig, run_dedup
-    from laiontools.stages.dedup_calibrate import CalibrateConfig, run_calibrate
-    from laiontools.stages.download import DownloadConfig, run_download
-    from laiontools.stages.embed import EmbedConfig, run_embed
-    from laiontools.stages.reshard import ReshardConfig, run_reshard
-    from laiontools.stages.subsets import SubsetsConfig, run_subsets
+    from laiontools.stages import dedup, dedup_calibrate, download, embed, reshard, subsets
+    from laiontools.stages.dedup import DedupConfig
+    from laiontools.stages.dedup_calibrate import CalibrateConfig
+    from laiontools.stages.download import DownloadConfig
+    from laiontools.stages.embed import EmbedConfig
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
 
     out = os.path.abspath(cfg.output)
@@ -144,14 +165,17 @@ def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
             atomic_write_bytes(marker, json.dumps({**src_info, "port": int(web.base_url.rsplit(":", 1)[1])}).encode())
         t = _step("synthetic source", t, timings)
         try:
-            dl = run_download(DownloadConfig(input=src_info["source"], output=p("pool"), allow_networks=["127.0.0.0/8"],
+            dl = download.run(DownloadConfig(input=src_info["source"], output=p("pool"), allow_networks=["127.0.0.0/8"],
                                              number_sample_per_shard=100, shards_per_file=2, timeout=3, retries=1,
-                                             image_size=96, thread_count=32), spark)
+                                             image_size=96, thread_count=32), spark).details
         finally:
             web.stop()
     t = _step("download", t, timings)
 
-    emb = run_embed(EmbedConfig(manifest=dl["manifest"], output=p("embeddings"), model=cfg.model, batch_size=64, num_workers=0), spark)
+    emb_res = embed.run(EmbedConfig(manifest=dl["manifest"], output=p("embeddings"), model=cfg.model, batch_size=64,
+                                    num_workers=0), spark)
+    emit(emb_res.summary)
+    emb = emb_res.details
     if not emb.ok:
         raise RuntimeError(f"demo: embedding failed for shards {emb.failed_shards}")
     t = _step("embed", t, timings)
@@ -163,9 +187,12 @@ def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
     #    sample that already holds copies would otherwise make every threshold look unsafe);
     # 3. dedup with the recommended embedding threshold, pHash beside it.
     phash = {"phash": True, "phash_max_distance": 8}
-    run_dedup(DedupConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-phash"), threshold=1.0, **phash), spark)
-    cal = run_calibrate(CalibrateConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-calibrate"),
-                                        exclude_uids=p("dedup-phash", "exclude.uids.npy")))
+    emit(dedup.run(DedupConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-phash"), threshold=1.0,
+                               **phash), spark).summary)
+    cal_res = dedup_calibrate.run(CalibrateConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-calibrate"),
+                                                  exclude_uids=p("dedup-phash", "exclude.uids.npy")))
+    emit(cal_res.summary)
+    cal = cal_res.details
     rec = cal.get("recommendation") or {}
     threshold = rec.get("threshold")
     t = _step("dedup calibrate", t, timings)
@@ -180,22 +207,24 @@ def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
         dcfg["threshold"] = 1.0
         method = "pHash within Hamming distance 8 (dedup calibrate found no safe embedding threshold: " + str(rec.get("reason", "")) + ")"
     log.info("demo: decontamination by %s", method)
-    ded = run_dedup(DedupConfig(**dcfg), spark)
+    ded_res = dedup.run(DedupConfig(**dcfg), spark)
+    emit(ded_res.summary)
+    ded = ded_res.details
     t = _step("dedup", t, timings)
 
-    subsets = run_subsets(SubsetsConfig(pool=dl["manifest"], output=p("subsets"), scales=cfg.scales, seed=cfg.seed,
+    subset_rows = subsets.run(SubsetsConfig(pool=dl["manifest"], output=p("subsets"), scales=cfg.scales, seed=cfg.seed,
                                         scale_factor=cfg.scale_factor, scores=p("embeddings"), exclude=[p("dedup")],
-                                        max_punsafe=0.5, max_pwatermark=0.8), spark)
+                                        max_punsafe=0.5, max_pwatermark=0.8), spark).details
     t = _step("subsets", t, timings)
 
     resharded: dict[str, str] = {}
-    for row in subsets:
-        r = run_reshard(ReshardConfig(manifest=row["manifest"], output=p("resharded", row["scale"]), shard_size=64,
+    for row in subset_rows:
+        r = reshard.run(ReshardConfig(manifest=row["manifest"], output=p("resharded", row["scale"]), shard_size=64,
                                       seed=cfg.seed), spark)
-        resharded[row["scale"]] = r["manifest"]
+        resharded[row["scale"]] = r.outputs["manifest"]
     t = _step("reshard", t, timings)
 
-    return {"download": dl, "embed": dataclasses.asdict(emb), "calibrate": cal, "dedup": ded, "subsets": subsets,
+    return {"download": dl, "embed": dataclasses.asdict(emb), "calibrate": cal, "dedup": ded, "subsets": subset_rows,
             "resharded": resharded, "evalsets": [heldout, evalset], "timings": timings, "threshold": threshold,
             "dedup_method": method, "planted": src_info["planted"], "output": out, "t_start": t_start}
 
@@ -280,27 +309,7 @@ def write_report(res: dict[str, Any], path: str) -> str:
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="laiontools demo", description=__doc__.split("\n")[0])
-    add_config_args(p, DemoConfig)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(DemoConfig, build_parser().parse_args(argv))
-    res = run_demo(cfg)
-    emit("\n".join([
-        "",
-        "laiontools demo finished in %.0fs" % res["timings"]["total"],
-        "  " + "\n  ".join(f"{k:<24} {v:>7.1f}s" for k, v in res["timings"].items() if k != "total"),
-        "",
-        "written:",
-        f"  pool manifest      {res['download']['manifest']}",
-        f"  embeddings         {os.path.join(res['output'], 'embeddings')}",
-        f"  dedup report       {os.path.join(res['output'], 'dedup')}",
-        *[f"  subset {r['scale']:<11} {r['manifest']}" for r in res["subsets"]],
-        *[f"  resharded {k:<8} {v}" for k, v in res["resharded"].items()],
-        f"  study              {os.path.join(res['output'], 'study')}",
-        f"  REPORT             {res['report']}",
-    ]))
-    return 0
+    from laiontools.core.stage import stage_main
+
+    return stage_main(__name__, argv)

@@ -14,7 +14,6 @@ with the same catalog and manifest as an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -26,27 +25,30 @@ from typing import Any
 
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
-from laiontools.core.config import ConfigError, add_config_args, config_from_args
+from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
+from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
     ensure_output_dir,
     is_done,
     join,
     mark_done,
+    path_key,
     read_json,
     read_marker,
     sha256_file,
     url_to_fs,
     write_json,
 )
-from laiontools.stages.prepare import PrepareConfig, prepared_type, run_prepare
+from laiontools.stages import prepare
+from laiontools.stages.prepare import PrepareConfig, prepared_type
 
 log = logging.getLogger(__name__)
 
 IMG2DATASET_STATUS = {"success": C.STATUS_SUCCESS, "failed_to_download": C.STATUS_FAILED_DOWNLOAD,
                       "failed_to_resize": C.STATUS_FAILED_RESIZE}
 # Settings that do not change the result: a re-run may differ in them.
-_RUNTIME_ONLY = {"retry_failed", "thread_count", "subjob_size", "max_shard_retry"}
+_RUNTIME_ONLY = {"retry_failed", "thread_count", "subjob_size", "max_shard_retry", *RUNTIME_SETTINGS}
 
 
 @dataclasses.dataclass
@@ -275,6 +277,20 @@ def shard_spans(batches: Any) -> Any:
             )
 
 
+def _spark_path_key(col: Any) -> Any:
+    """Column of storage.path_key over a column of Spark file URIs (one call per distinct file per batch)."""
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
+    def key(uris):  # noqa: ANN001, ANN202 - annotated below
+        keys = {u: path_key(u, uri_encoded=True) for u in uris.unique()}
+        return uris.map(keys)
+
+    # Real classes, not the strings `from __future__ import annotations` would leave, for pandas_udf.
+    key.__annotations__ = {"uris": pd.Series, "return": pd.Series}
+    return pandas_udf(key, "string")(col)
+
+
 def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any) -> Any:
     """Catalog DataFrame: prepared rejects + the latest attempt of every downloaded row."""
     from pyspark.sql import Window
@@ -298,10 +314,13 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
     rej = spark.read.parquet(rej_dir).withColumn("_attempt", F.lit(-1))
     parts.append(conform(rej))
     if shards:
-        path_to = {url_to_fs(s["parquet"])[1]: (s["id"], s["attempt"]) for s in shards}
+        # Which shard (and attempt) a row came from: Spark names the file a row was read from as a URI
+        # (file:///..., s3a://..., hdfs://namenode/...), the shard list as fsspec URLs; both go through
+        # storage.path_key so that every spelling of one file meets.
+        path_to = {path_key(s["parquet"]): (s["id"], s["attempt"]) for s in shards}
         mapping = F.create_map(*[x for p, (sid, att) in path_to.items() for x in (F.lit(p), F.lit(f"{sid}|{att}"))])
         dl = spark.read.parquet(*[s["parquet"] for s in shards])
-        dl = dl.withColumn("_f", F.regexp_replace(F.input_file_name(), "^file:(//)?", ""))
+        dl = dl.withColumn("_f", _spark_path_key(F.input_file_name()))
         dl = dl.withColumn("_sa", mapping[F.col("_f")])
         dl = dl.withColumn(C.SHARD, F.split("_sa", r"\|").getItem(0)).withColumn("_attempt", F.split("_sa", r"\|").getItem(1).cast("int"))
         status_map = F.create_map(*[x for k, v in IMG2DATASET_STATUS.items() for x in (F.lit(k), F.lit(v))])
@@ -486,58 +505,56 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     return out
 
 
-def run_download(cfg: DownloadConfig, spark: Any) -> dict[str, Any]:
-    """The whole job on an existing SparkSession. Returns the report (with 'manifest' and 'text')."""
+STAGE = "download"
+CONFIG = DownloadConfig
+
+
+@stage_entry(STAGE)
+def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
+    """prepare + img2dataset + catalog, uid file, manifest and report into cfg.output.
+
+    details = the report (report.json's content plus ``text``); outputs name the manifest, catalog,
+    shards and report. Bad input and a folder that is not this pool's fail before Spark starts.
+    """
     t0 = time.time()
     check_output(cfg)
+    if not is_done(join(cfg.output, layout.PREPARED_DIR)):
+        prepare.discover(cfg)  # cheap checks before Spark starts (tens of seconds): bad input fails at once
     write_json(join(cfg.output, layout.SETTINGS_JSON), cfg.semantic())
-    prep = run_prepare(cfg, spark)
-    if cfg.retry_failed:
-        # A retry pass whose shards were interrupted is finished first, before a new one is planned.
-        attempts = _attempt_dirs(cfg)
-        pending = [(a, s, i) for a, s, i in attempts if a > 0 and not is_done(join(s, "_pass"))]
-        if not pending:
-            new_input = prepare_retry(cfg, spark)
-            if new_input is None:
-                log.info("retry pass: no row failed with a transient error; nothing to do")
+    with stage_spark(cfg, spark, app_name="laiontools-download") as sp:
+        prep = prepare.run(cfg, sp).details
+        if cfg.retry_failed:
+            # A retry pass whose shards were interrupted is finished first, before a new one is planned.
             attempts = _attempt_dirs(cfg)
             pending = [(a, s, i) for a, s, i in attempts if a > 0 and not is_done(join(s, "_pass"))]
-        for _, shard_dir, input_dir in pending:
-            run_img2dataset(cfg, input_dir, shard_dir, spark)
-            mark_done(join(shard_dir, "_pass"))
-    else:
-        for attempt, shard_dir, input_dir in _attempt_dirs(cfg):
-            run_img2dataset(cfg, input_dir, shard_dir, spark)
-    return finalize(cfg, spark, prep, time.time() - t0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="laiontools download", description=__doc__.split("\n")[0])
-    add_config_args(p, DownloadConfig)
-    p.add_argument("--master", default=None, help="Spark master URL (default: local[*]; spark-submit's when launched by it)")
-    return p
+            if not pending:
+                new_input = prepare_retry(cfg, sp)
+                if new_input is None:
+                    log.info("retry pass: no row failed with a transient error; nothing to do")
+                attempts = _attempt_dirs(cfg)
+                pending = [(a, s, i) for a, s, i in attempts if a > 0 and not is_done(join(s, "_pass"))]
+            for _, shard_dir, input_dir in pending:
+                run_img2dataset(cfg, input_dir, shard_dir, sp)
+                mark_done(join(shard_dir, "_pass"))
+        else:
+            for attempt, shard_dir, input_dir in _attempt_dirs(cfg):
+                run_img2dataset(cfg, input_dir, shard_dir, sp)
+        rep = finalize(cfg, sp, prep, time.time() - t0)
+    outputs = {"manifest": rep["manifest"], "catalog": join(cfg.output, layout.CATALOG_DIR),
+               "shards": join(cfg.output, layout.SHARDS_DIR), "report": join(cfg.output, layout.REPORT_TXT)}
+    summary = rep["text"] + "\n\nwritten:\n" + "\n".join(f"  {k:<9} {v}" for k, v in outputs.items())
+    return StageResult(
+        outputs=outputs,
+        counts={k: int(rep[k]) for k in ("rows_in", "requested", "obtained", "shards", "bytes")},
+        timings={"download": float(rep["download_seconds"])},
+        details=rep, summary=summary,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    from laiontools.core.report import emit
-    from laiontools.core.spark import spark_session
+    from laiontools.core.stage import stage_main
 
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(DownloadConfig, args)
-    if not cfg.input or not cfg.output:
-        raise ConfigError("--input and --output are required (see `laiontools download --help`)")
-    # Cheap checks before Spark starts (tens of seconds): bad input fails at once.
-    from laiontools.stages.prepare import discover
-
-    check_output(cfg)
-    if not is_done(join(cfg.output, layout.PREPARED_DIR)):
-        discover(cfg)
-    with spark_session(args.master, app_name="laiontools-download") as spark:
-        rep = run_download(cfg, spark)
-    emit(rep["text"])
-    emit(f"\nwritten:\n  manifest  {rep['manifest']}\n  catalog   {join(cfg.output, layout.CATALOG_DIR)}\n"
-         f"  shards    {join(cfg.output, layout.SHARDS_DIR)}\n  report    {join(cfg.output, layout.REPORT_TXT)}")
-    return 0
+    return stage_main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ Library API used by other stages (dedup embeds the evaluation sets with the pool
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -56,9 +55,10 @@ from typing import Any
 import numpy as np
 
 from laiontools.contracts import layout
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.logs import RateLimitedLogger
+from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
     atomic_open,
     ensure_output_dir,
@@ -99,7 +99,7 @@ class ShardError(UserError, IOError):
 
 
 @dataclasses.dataclass
-class EmbedConfig(StageConfig):
+class EmbedConfig(SparkStageConfig):
     manifest: str = dataclasses.field(default="", metadata={"help": "pool.manifest.json written by download"})
     output: str = dataclasses.field(default="", metadata={"help": "embeddings folder (new, or one to resume)"})
     model: str = dataclasses.field(default="ViT-B-32", metadata={"help": "open_clip model name"})
@@ -123,6 +123,10 @@ class EmbedConfig(StageConfig):
     )
 
     def validate(self) -> None:
+        if not self.manifest:
+            raise ConfigError("--manifest is required (the pool.manifest.json written by download)")
+        if not self.output:
+            raise ConfigError("--output is required (a folder for the embeddings)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < -1:
@@ -131,12 +135,6 @@ class EmbedConfig(StageConfig):
             raise ConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine {self.engine!r} is not one of {ENGINES}")
-
-    def check_paths(self) -> None:
-        if not self.manifest:
-            raise ConfigError("--manifest is required (the pool.manifest.json written by download)")
-        if not self.output:
-            raise ConfigError("--output is required (a folder for the embeddings)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,13 +365,6 @@ def _load_npy(path: str) -> np.ndarray:
 # Reading shards (runs in DataLoader workers)
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """webdataset's rule: key = path up to the first '.' of the basename, ext = the rest."""
-    d, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (d + "/" + stem if d else stem), ext.lower()
-
-
 def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str, dict[str, bytes]]]:
     """All samples of a webdataset tar in order: [(key, {ext: bytes})].
 
@@ -395,23 +386,14 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
                 f"shard {url} has sha256 {got[:16]}… but the manifest says {expected_sha256[:16]}…; "
                 f"the file changed or is truncated: re-download it or regenerate the manifest"
             )
-    from laiontools.wds.tarscan import tar_payloads
+    from laiontools.wds.samples import iter_samples
 
     try:
-        members = tar_payloads(data)
+        # webdataset's key rule; a key's members are gathered wherever they are in the tar, so each
+        # sample is one embedding row (hidden files such as macOS ._ resource forks are left out).
+        return list(iter_samples(data, adjacent=False, on_duplicate="last"))
     except tarfile.TarError as e:
         raise ShardError(f"shard {url} is not a readable tar ({e}); re-download it") from e
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    index: dict[str, int] = {}
-    for name, payload in members:
-        if name.rpartition("/")[2].startswith("."):  # hidden files (e.g. macOS ._ resource forks)
-            continue
-        key, ext = _split_key(name)
-        if key not in index:
-            index[key] = len(samples)
-            samples.append((key, {}))
-        samples[index[key]][1][ext] = payload
-    return samples
 
 
 def load_image(data: bytes, preprocess: Any, draft_size: int | None = None) -> Any:
@@ -790,8 +772,15 @@ def _run_spark(cfg: EmbedConfig, tasks: list[dict[str, Any]], spark: Any) -> lis
     return [json.loads(s) for s in out]
 
 
-def run_embed(cfg: EmbedConfig, spark: Any = None) -> EmbedResult:
+STAGE = "embed"
+CONFIG = EmbedConfig
+
+
+@stage_entry(STAGE)
+def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
     """Embed every shard of cfg.manifest into cfg.output (see module docstring for layout and engines).
+
+    details = :class:`EmbedResult`; ``ok`` is False when some shards could not be read (the CLI exits 1).
 
     Raises ManifestError (manifest missing/invalid), ModelError (unknown model / unfetchable weights),
     EmbedMismatchError (output of another model/pool). Bad shards do not raise: they are listed in
@@ -800,7 +789,6 @@ def run_embed(cfg: EmbedConfig, spark: Any = None) -> EmbedResult:
     from laiontools.contracts.manifest import read_manifest
     from laiontools.models.registry import load_model, register_tiny_models
 
-    cfg.check_paths()
     t0 = time.time()
     manifest = read_manifest(cfg.manifest)
     tasks = _shard_tasks(cfg.manifest, manifest)
@@ -839,15 +827,17 @@ def run_embed(cfg: EmbedConfig, spark: Any = None) -> EmbedResult:
 
     if distributed:
         stats, skipped = _gather(stats, skipped)
-    return _finish(cfg, tasks, stats, skipped, time.time() - t0, rank)
+    result, text = _finish(cfg, tasks, stats, skipped, time.time() - t0, rank)
+    return StageResult(
+        outputs={"embeddings": cfg.output, "report": result.report_path},
+        counts={"shards_embedded": len(result.shards_embedded), "shards_skipped": len(result.shards_skipped),
+                "shards_failed": len(result.failed_shards), "rows": result.rows, "failed_decode": result.failed_decode},
+        timings={"embed": result.seconds}, details=result, summary=text, ok=result.ok,
+    )
 
 
 def _spark_stats(cfg: EmbedConfig, tasks: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
-    if spark is not None:
-        return _run_spark(cfg, tasks, spark)
-    from laiontools.core.spark import spark_session
-
-    with spark_session() as s:
+    with stage_spark(cfg, spark, app_name="laiontools-embed") as s:
         return _run_spark(cfg, tasks, s)
 
 
@@ -874,9 +864,8 @@ def _gather(stats: list[dict[str, Any]], skipped: list[str]) -> tuple[list[dict[
 
 
 def _finish(cfg: EmbedConfig, tasks: list[dict[str, Any]], stats: list[dict[str, Any]], skipped: list[str],
-            seconds: float, rank: int) -> EmbedResult:
-    from laiontools.core.report import emit
-
+            seconds: float, rank: int) -> tuple[EmbedResult, str]:
+    """Write the report (rank 0) and return the result with its summary text ("" on other ranks)."""
     failed = {s["id"]: s["error"] for s in stats if "error" in s}
     embedded = sorted(s["id"] for s in stats if "error" not in s)
     rows = sum(s["rows"] for s in stats if "error" not in s)
@@ -911,27 +900,16 @@ def _finish(cfg: EmbedConfig, tasks: list[dict[str, Any]], stats: list[dict[str,
             f"{totals['failed_decode']} failed decode",
         ]
         lines += [f"  FAILED shard {k}: {v}" for k, v in sorted(failed.items())]
-        emit("\n".join(lines))
-    return result
+        return result, "\n".join(lines)
+    return result, ""
 
 
 # --------------------------------------------------------------------------------------------------
 # CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="laiontools embed",
-        description="open_clip image + caption embeddings and CLIP scores for every sample of a pool "
-        "(clip-retrieval layout; resumable per shard). Under torchrun, one process per GPU.",
-    )
-    add_config_args(p, EmbedConfig)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when every shard is embedded, 1 when some shards could not be read (listed), 2 on bad input."""
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(EmbedConfig, args)
-    result = run_embed(cfg)
-    return 0 if result.ok else 1
+    from laiontools.core.stage import stage_main
+
+    return stage_main(__name__, argv)

@@ -30,10 +30,11 @@ import os
 import time
 from typing import Any
 
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError, StageConfig, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.logs import RateLimitedLogger
-from laiontools.core.report import emit, table
+from laiontools.core.report import table
+from laiontools.core.stage import StageResult, stage_entry
 from laiontools.core.storage import mark_done, read_json, write_json
 from laiontools.models.registry import ModelError
 
@@ -314,8 +315,13 @@ def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def run_evaluate(cfg: EvaluateConfig, spark: Any = None) -> dict[str, Any]:
-    """Evaluate a model on every declared set; write and return the results dict.
+STAGE = "evaluate"
+CONFIG = EvaluateConfig
+
+
+@stage_entry(STAGE)
+def run(cfg: EvaluateConfig, spark: Any = None) -> StageResult:
+    """Evaluate a model on every declared set; write the results JSON (cfg.output); details = its content.
 
     Raises ModelError for a checkpoint of another model, UserError for a set that cannot serve a
     requested task (zero-shot without class names, retrieval-only without captions).
@@ -357,8 +363,11 @@ def run_evaluate(cfg: EvaluateConfig, spark: Any = None) -> dict[str, Any]:
     write_json(cfg.output, out)
     mark_done(cfg.output, {"metrics": len(out["metrics"])})
     rows = [{"metric": k, "value": f"{v:.4f}"} for k, v in out["metrics"].items()]
-    emit(f"evaluated {model_name} ({weights or 'random init'}) on {', '.join(results)}\n{table(rows)}\nresults: {cfg.output}")
-    return out
+    return StageResult(
+        outputs={"results": cfg.output}, counts={"evalsets": len(results), "metrics": len(out["metrics"])},
+        timings={"evaluate": out["wall_s"]}, details=out,
+        summary=f"evaluated {model_name} ({weights or 'random init'}) on {', '.join(results)}\n{table(rows)}\nresults: {cfg.output}",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,6 +383,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run_evaluate(config_from_args(EvaluateConfig, args))
-    return 0
+    from laiontools.core.stage import stage_main
+
+    return stage_main(__name__, argv)

@@ -41,19 +41,17 @@ and started again skips the shards whose markers exist and rewrites the rest byt
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import io
 import json
 import logging
 import math
 import os
-import sys
 import tarfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 from laiontools.contracts import schema as C
 from laiontools.contracts.manifest import (
@@ -63,9 +61,10 @@ from laiontools.contracts.manifest import (
     resolve,
     write_manifest,
 )
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError
-from laiontools.core.report import emit, table
+from laiontools.core.report import table
+from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import (
     atomic_open,
     ensure_output_dir,
@@ -86,6 +85,7 @@ from laiontools.stages.subsets import (
     parse_seed,
     selection_scores,
 )
+from laiontools.wds.writer import ShardWriter, WriteBuffer
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,6 @@ PLAN_JSON = "reshard.json"
 OUT_MANIFEST = "subset.manifest.json"
 OUT_UIDS = "uids.npy"
 _USER_ERROR_TAG = "LAIONTOOLS-USER-ERROR: "
-# Fixed tar header fields so a rewritten shard is byte-identical.
-_TAR_MODE = 0o644
 
 
 class ReshardError(UserError, ValueError):
@@ -105,7 +103,7 @@ class ReshardError(UserError, ValueError):
 
 
 @dataclass
-class ReshardConfig(StageConfig):
+class ReshardConfig(SparkStageConfig):
     manifest: str = field(default="", metadata={"help": "subset manifest written by `laiontools subsets`"})
     output: str = field(default="", metadata={"help": "output folder for the new shards and manifest"})
     shard_size: int = field(default=10_000, metadata={"help": "samples per output shard (sizes differ by at most 1)"})
@@ -177,8 +175,11 @@ def _unwrap(e: BaseException) -> None:
 def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, int, int]]:
     """(source shard id, url) -> [(shard id, key, ext, data offset, size, mtime)] from the tar headers only.
 
-    ustar and per-file pax headers are read directly (:mod:`laiontools.wds.tarscan`); anything else by tarfile."""
-    from laiontools.wds.tarscan import split_name, tar_index
+    ustar and per-file pax headers are read directly (:mod:`laiontools.wds.tarscan`); anything else by tarfile.
+    Members are grouped by webdataset's key rule (:mod:`laiontools.wds.keys`), extensions kept as written
+    (they become the output members' names); a sample's members come out together, in tar order."""
+    from laiontools.wds.keys import DuplicateMemberError, group_by_keys
+    from laiontools.wds.tarscan import tar_index
 
     sid, url = item
     fs, p = url_to_fs(url)
@@ -186,204 +187,14 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
     try:
         with fs.open(p, "rb") as f:
             members = tar_index(f, fs.size(p))
-        for name, off, size, mtime in members:
-            key, ext = split_name(name)
-            if ext:
-                out.append((sid, key, ext, off, size, mtime))
+        entries = ((name, (off, size, mtime)) for name, off, size, mtime in members)
+        for key, parts in group_by_keys(entries, lcase=False, adjacent=False):
+            out.extend((sid, key, ext, off, size, mtime) for ext, (off, size, mtime) in parts.items() if ext)
+    except DuplicateMemberError as e:
+        _raise_user(f"source shard {url}: {e}; the shard is damaged, re-download it")
     except (tarfile.TarError, OSError, EOFError) as e:
         _raise_user(f"source shard {url} is truncated or unreadable ({e}); run `laiontools verify` on the pool and re-download it")
     return out
-
-
-class _ShardOut:
-    """The output tar being written, through one page-aligned 8 MB buffer.
-
-    Headers, padding and small payloads are packed in a bytearray, large payloads are copied into the
-    buffer from the read buffers; each full buffer is hashed (sha256, for the manifest) and written
-    in one call.
-
-    Local files are written with ``O_DIRECT`` when the file system takes it (``direct=True``): data
-    goes from the buffer to the device with no page-cache pages to allocate, copy into and reclaim
-    (measured here: writing 1 GB cost 0.3-2.5 CPU-s through the page cache, depending on how much
-    it had to reclaim, and 0.07 CPU-s with O_DIRECT). An unaligned tail goes through the
-    page cache (the flag is cleared), and the caller's fsync covers both. Where ``O_DIRECT`` is
-    refused the same buffer is written buffered; files without a descriptor (object stores) get
-    each buffer as bytes. (A writer thread overlapping hash + write with the next samples measured
-    no faster on Spark's 2 task slots here: the other task already fills the device waits.)
-    """
-
-    BIG = 4096  # payloads at least this large are copied straight into the buffer
-    ALIGN = 4096
-
-    def __init__(self, f: BinaryIO, fd: int | None, direct: bool = False, buffer: _WriteBuffer | None = None) -> None:
-        self.f, self.fd, self.h = f, fd, hashlib.sha256()
-        self._own_buffer = buffer is None
-        self.b = buffer or _WriteBuffer()
-        self.cap, self.mv = self.b.cap, self.b.mv
-        self.n = 0  # bytes moved into the buffer so far (written or not)
-        self.small = bytearray()
-        self.fill = 0
-        self.direct = False
-        if fd is not None and direct and hasattr(os, "O_DIRECT"):
-            try:
-                # A second descriptor on the same file, with O_DIRECT; every write then uses it.
-                self.fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
-                self.direct = True
-            except OSError:
-                self.fd = fd
-        self._own_fd = self.direct
-
-    @property
-    def size(self) -> int:
-        """Bytes of the tar so far."""
-        return self.n + len(self.small)
-
-    def add_small(self, b: bytes | memoryview) -> None:
-        self.small += b
-
-    def add_sample(self, kb: bytes, members: list[tuple[bytes, bytes | memoryview, int]]) -> None:
-        """The members [(b".ext", data, mtime)] of one sample under key `kb`, each as its
-        :func:`_tar_header`, data and zero padding to 512 bytes (small pieces packed together, large
-        payloads copied straight into the buffer)."""
-        small = self.small
-        for extb, data, mtime in members:
-            size = len(data)
-            small += _ustar_header(kb + extb, size, mtime)
-            if size >= self.BIG:
-                if small:
-                    self._put(small)
-                    small.clear()
-                self._put(data)
-            else:
-                small += data
-            small += _ZEROS[: (-size) % tarfile.BLOCKSIZE]
-
-    def _put(self, b: bytes | bytearray | memoryview) -> None:
-        src = memoryview(b)
-        n, pos = len(src), 0
-        self.n += n
-        while pos < n:
-            k = min(self.cap - self.fill, n - pos)
-            self.mv[self.fill : self.fill + k] = src[pos : pos + k]
-            self.fill += k
-            pos += k
-            if self.fill == self.cap:
-                self._drain()
-
-    def _drain(self) -> None:
-        """Hash and write the filled part of the buffer."""
-        chunk = self.mv[: self.fill]
-        try:
-            self.h.update(chunk)
-            if self.fd is None:
-                self.f.write(bytes(chunk))
-            else:
-                aligned = len(chunk) - len(chunk) % self.ALIGN if self.direct else len(chunk)
-                if aligned:
-                    self._write_all(chunk[:aligned])
-                if aligned < len(chunk):
-                    self._buffered()
-                    self._write_all(chunk[aligned:])
-        finally:
-            chunk.release()
-        self.fill = 0
-
-    def _write_all(self, chunk: memoryview) -> None:
-        while chunk:
-            try:
-                done = os.write(self.fd, chunk)
-            except OSError as e:
-                if not self.direct or e.errno != errno.EINVAL:
-                    raise
-                self._buffered()  # the file system took O_DIRECT at open but not for this write
-                continue
-            if self.direct and done % self.ALIGN:
-                self._buffered()  # a short, unaligned write: finish through the page cache
-            chunk = chunk[done:]
-
-    def _buffered(self) -> None:
-        """Clear O_DIRECT on the descriptor: what follows goes through the page cache."""
-        if self.direct:
-            import fcntl
-
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            self.direct = False
-
-    def hexdigest(self) -> str:
-        """Write what is left; the sha256 of the whole tar."""
-        if self.small:
-            self._put(self.small)
-            self.small.clear()
-        self._drain()
-        return self.h.hexdigest()
-
-    def close(self) -> None:
-        """Close the O_DIRECT descriptor (the file itself belongs to the caller)."""
-        if self._own_fd:
-            os.close(self.fd)
-            self._own_fd = False
-        if self._own_buffer:
-            self.b.close()
-
-
-class _WriteBuffer:
-    """A page-aligned buffer (as O_DIRECT needs), kept for all the shards a task writes: a fresh
-    8 MB mapping per shard costs page faults and zeroing every time."""
-
-    def __init__(self, cap: int = 8 << 20) -> None:
-        import mmap
-
-        if cap % _ShardOut.ALIGN:
-            raise ValueError(f"buffer size {cap} is not a multiple of {_ShardOut.ALIGN}")
-        self.cap = cap
-        self.buf = mmap.mmap(-1, cap)
-        self.mv = memoryview(self.buf)
-
-    def close(self) -> None:
-        self.mv.release()
-        self.buf.close()
-
-
-# A ustar header for a regular file with every field but name/size/mtime/checksum fixed (mode 0644,
-# uid/gid 0, empty uname/gname/linkname/prefix): built once by tarfile, so the fast path below
-# produces exactly the bytes tarfile's tobuf() would (tests compare them).
-def _header_template() -> bytes:
-    ti = tarfile.TarInfo("")
-    ti.size, ti.mtime, ti.mode = 0, 0, _TAR_MODE
-    ti.uname = ti.gname = ""
-    return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-
-
-_TMPL = _header_template()
-_TMPL_MID = _TMPL[100:124]  # mode, uid, gid
-_TMPL_TAIL = _TMPL[156:]  # type flag .. end of block
-_ZEROS = bytes(tarfile.RECORDSIZE)
-_NULS = bytes(100)  # the name field's padding
-_OCT11 = 8**11  # sizes and mtimes from here on do not fit 11 octal digits: tarfile handles them
-# The header checksum is the sum of all its bytes with the checksum field read as 8 spaces; this is
-# the part of it that does not depend on name, size and mtime.
-_CHK_FIXED = sum(_TMPL_MID) + 8 * 32 + sum(_TMPL_TAIL)
-
-
-def _tar_header(name: str, size: int, mtime: int) -> bytes:
-    """ustar header block for a regular member; same bytes as TarInfo.tobuf(USTAR_FORMAT) with the
-    fixed fields of :func:`_header_template`."""
-    return _ustar_header(name.encode("utf-8", "surrogateescape"), size, mtime)
-
-
-def _ustar_header(nb: bytes, size: int, mtime: int) -> bytes:
-    """:func:`_tar_header` of an encoded name. Names over 100 bytes or numbers out of octal range go
-    through tarfile itself (it splits the name into prefix / raises)."""
-    if len(nb) > 100 or not 0 <= size < _OCT11 or not 0 <= mtime < _OCT11:
-        ti = tarfile.TarInfo(nb.decode("utf-8", "surrogateescape"))
-        ti.size, ti.mtime, ti.mode = size, mtime, _TAR_MODE
-        ti.uname = ti.gname = ""
-        return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-    nums = b"%011o\0%011o\0" % (size, mtime)
-    # Checksum: sum of all header bytes with the checksum field read as spaces; "%06o\0" then the
-    # field's last space stays, as tarfile writes it.
-    chk = _CHK_FIXED + sum(nb) + sum(nums)
-    return b"".join((nb, _NULS[len(nb) :], _TMPL_MID, nums, b"%06o\0 " % chk, _TMPL_TAIL))
 
 
 class _Sources:
@@ -486,13 +297,14 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
 def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, int]]:
     """Read a sample's span (from the catalog) and return its members sorted by ext, checking that
     the bytes are that sample's tar members and nothing else."""
-    from laiontools.wds.tarscan import parse_span, split_name
+    from laiontools.wds.keys import base_plus_ext
+    from laiontools.wds.tarscan import parse_span
 
     buf = memoryview(sources.read(e.sid, e.lo, e.hi - e.lo))
     members = parse_span(buf)
     out = []
     for name, off, size, mtime in members or ():
-        key, ext = split_name(name)
+        key, ext = base_plus_ext(name)
         if key != e.skey or not ext:
             members = None
             break
@@ -509,13 +321,13 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
     """Spark partition -> write each output shard it holds; yield (shard number, marker info).
 
     A row is (j, [_Entry or (i, uid, source shard, source key, [(ext, offset, size, mtime), ...]), ...]).
-    `direct`: O_DIRECT writes where the file system takes them (see :class:`_ShardOut`).
+    `direct`: O_DIRECT writes where the file system takes them (see :class:`laiontools.wds.writer.ShardWriter`).
     A shard whose marker exists for this plan is skipped (resume); otherwise it is written whole
     under a temporary name, renamed, and marked. The output bytes depend only on the rows (members
     in (ext, ...) order, samples in index order), not on how the reads are batched.
     """
     sources = _Sources(urls)
-    buffer = _WriteBuffer()
+    buffer = WriteBuffer()
     try:
         for j, entries in rows:
             path = join(out_dir, shard_name(j))
@@ -530,7 +342,7 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
             fs, _ = url_to_fs(path)
             local = _is_local(fs)
             with atomic_open(path) as raw:
-                out = _ShardOut(raw, raw.fileno() if local else None, direct=direct, buffer=buffer)
+                out = ShardWriter(raw, raw.fileno() if local else None, direct=direct, buffer=buffer)
                 try:
                     start = 0
                     while start < len(entries):
@@ -553,9 +365,7 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
                                 members.append((extb, blob, mtime))
                             out.add_sample(key.encode(), members)
                         start = stop
-                    # End of archive: two zero blocks, padded to a whole record as tarfile does.
-                    end = out.size + 2 * tarfile.BLOCKSIZE
-                    out.add_small(_ZEROS[: 2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE])
+                    out.end_archive()
                     digest = out.hexdigest()
                 finally:
                     out.close()
@@ -659,18 +469,30 @@ def _find_pool(subset_path: str, m: dict[str, Any]) -> str:
     return path
 
 
-def run_reshard(cfg: ReshardConfig, spark: Any = None) -> dict[str, Any]:
-    """Reshard `cfg.manifest` into `cfg.output`; return a summary (manifest path, shards, samples).
+STAGE = "reshard"
+CONFIG = ReshardConfig
+
+
+@stage_entry(STAGE)
+def run(cfg: ReshardConfig, spark: Any = None) -> StageResult:
+    """Reshard `cfg.manifest` into `cfg.output`; outputs name the new manifest, details = a summary
+    (manifest path and sha256, shards, samples, bytes, where sample spans came from).
 
     Raises ReshardError/InputError/ManifestError naming the file at fault (subset without uids,
     uid file changed since selection, source shard missing from the pool, output of another plan).
     """
-    if spark is None:
-        from laiontools.core.spark import spark_session
+    with stage_spark(cfg, spark, app_name="laiontools-reshard") as sp:
+        res = _reshard(cfg, sp)
+    return StageResult(
+        outputs={"manifest": res["manifest"], "shards": join(abs_path(cfg.output), OUT_SHARDS_DIR)},
+        counts={"shards": int(res["num_shards"]), "samples": int(res["num_samples"]), "bytes": int(res["bytes"])},
+        details=res,
+        summary=table([{"manifest": res["manifest"], "shards": res["num_shards"], "samples": f"{res['num_samples']:,}",
+                        "MB": f"{res['bytes'] / 1e6:.1f}"}]),
+    )
 
-        with spark_session(app_name="laiontools-reshard") as s:
-            return run_reshard(cfg, s)
 
+def _reshard(cfg: ReshardConfig, spark: Any) -> dict[str, Any]:
     mpath = abs_path(cfg.manifest)
     m = read_manifest(mpath)
     if m["kind"] != "subset":
@@ -884,19 +706,14 @@ def _run_spark(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="laiontools reshard", description="Write a subset into shuffled, evenly sized webdataset shards (Spark).")
-    add_config_args(p, ReshardConfig, skip=("seed",))
+    p = config_parser(ReshardConfig, prog="laiontools reshard", skip=("seed",),
+                      description="Write a subset into shuffled, evenly sized webdataset shards (Spark).")
+    # Parsed by the config (parse_seed), so a bad value gets the same clear message as from YAML.
     p.add_argument("--seed", dest="seed", default=argparse.SUPPRESS, help="shuffle seed (default: the subset's selection seed)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if hasattr(args, "seed"):
-        args.seed = parse_seed(args.seed)
-    cfg = config_from_args(ReshardConfig, args)
-    res = run_reshard(cfg)
-    emit(
-        table([{"manifest": res["manifest"], "shards": res["num_shards"], "samples": f"{res['num_samples']:,}", "MB": f"{res['bytes'] / 1e6:.1f}"}])
-    )
-    return 0
+    from laiontools.core.stage import stage_main
+
+    return stage_main(__name__, argv)

@@ -32,27 +32,45 @@ Config (YAML, ``--config``)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import html
 import io
 import logging
-import math
 import os
-import re
 from typing import Any
 
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError, StageConfig
+from laiontools.core.errors import UserError
 from laiontools.core.report import emit, table
+from laiontools.core.stage import StageResult, stage_entry
 from laiontools.core.storage import atomic_write_bytes, is_done, read_json, write_json
+from laiontools.scaling import (  # noqa: F401  (fit maths also importable from here, as before)
+    FIT_COLUMNS,
+    FITS_JSON,
+    METRIC_KINDS,
+    PLOTS_DIR,
+    REPORT_HTML,
+    check_metric_values,
+    default_metrics,
+    fit_all,
+    fit_and_report,
+    fit_power_law,
+    fit_rows,
+    json_safe,
+    load_results_table,
+    measure_images_per_second,
+    model_gmacs,
+    pareto_frontier,
+    parse_count,
+    plan_grid,
+    predict,
+    slug,
+)
 
 log = logging.getLogger(__name__)
 
 RESULTS_CSV = "results.csv"
-FITS_JSON = "fits.json"
-REPORT_HTML = "report.html"
 GMACS_JSON = "gmacs.json"
-PLOTS_DIR = "plots"
 RUNS_DIR = "runs"
 EVAL_FILE = "eval.json"
 
@@ -116,28 +134,6 @@ class StudyConfig(StageConfig):
 # compute
 
 
-def model_gmacs(name: str) -> dict[str, float]:
-    """GMACs of one sample's forward pass (image encoder + text encoder), counted by torch's FlopCounterMode."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from laiontools.models.registry import load_model
-
-    b = load_model(name)
-    h, w = b.info["image_size"]
-    image = torch.zeros(1, 3, h, w)
-    text = b.tokenizer(["a photo of a thing"])
-    out = {}
-    with torch.no_grad():
-        for part, fn in (("image", lambda: b.model.encode_image(image)), ("text", lambda: b.model.encode_text(text))):
-            counter = FlopCounterMode(display=False)
-            with counter:
-                fn()
-            out[f"{part}_gmacs"] = counter.get_total_flops() / 2 / 1e9
-    out["gmacs_per_sample"] = out["image_gmacs"] + out["text_gmacs"]
-    return out
-
-
 def _gmacs_cached(study_dir: str, models: list[str]) -> dict[str, dict[str, float]]:
     path = os.path.join(study_dir, GMACS_JSON)
     cache = read_json(path) if os.path.exists(path) else {}
@@ -151,239 +147,11 @@ def _gmacs_cached(study_dir: str, models: list[str]) -> dict[str, dict[str, floa
 
 
 # ---------------------------------------------------------------------------------------------
-# fitting
-
-
-def pareto_frontier(compute: list[float], error: list[float]) -> list[int]:
-    """Indices of the runs with lower error than every run of less or equal compute, by increasing compute."""
-    order = sorted(range(len(compute)), key=lambda i: (compute[i], error[i]))
-    best, keep = math.inf, []
-    for i in order:
-        if error[i] < best:
-            keep.append(i)
-            best = error[i]
-    return keep
-
-
-def fit_power_law(compute: list[float], error: list[float]) -> dict[str, Any]:
-    """Least-squares fit of ``log10 E = log10 beta + alpha log10 C``; standard errors from the fit's covariance.
-
-    Needs 2 points for a fit and 3 for standard errors (with 2, ``*_se`` are NaN: a line through two
-    points has no residual to estimate them from).
-    """
-    import numpy as np
-
-    x, y = np.log10(np.asarray(compute, float)), np.log10(np.asarray(error, float))
-    n = len(x)
-    if n < 2 or np.ptp(x) == 0:
-        raise ValueError(f"need at least 2 points at different compute to fit, got {n}")
-    a = np.stack([np.ones(n), x], axis=1)
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-    resid = y - a @ coef
-    dof = n - 2
-    cov = (float(resid @ resid) / dof) * np.linalg.inv(a.T @ a) if dof > 0 else np.full((2, 2), np.nan)
-    log_beta, alpha = float(coef[0]), float(coef[1])
-    beta = 10**log_beta
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return {
-        "alpha": alpha,
-        "alpha_se": float(math.sqrt(cov[1, 1])) if dof > 0 else math.nan,
-        "beta": beta,
-        "beta_se": float(beta * math.log(10) * math.sqrt(cov[0, 0])) if dof > 0 else math.nan,  # delta method
-        "log10_beta": log_beta,
-        "cov_log10": cov.tolist(),
-        "n_points": n,
-        "r2": 1 - float(resid @ resid) / ss_tot if ss_tot > 0 else math.nan,
-    }
-
-
-def predict(fit: dict[str, Any], compute: float) -> dict[str, float]:
-    """E at ``compute`` with a +-1 standard error band (propagated in log space)."""
-    x = math.log10(compute)
-    ly = fit["log10_beta"] + fit["alpha"] * x
-    c = fit["cov_log10"]
-    var = c[0][0] + 2 * x * c[0][1] + x * x * c[1][1]
-    se = math.sqrt(var) if var == var and var >= 0 else math.nan
-    return {
-        "compute_gmacs": compute,
-        "error": 10**ly,
-        "error_lo": 10 ** (ly - se) if se == se else math.nan,
-        "error_hi": 10 ** (ly + se) if se == se else math.nan,
-        "metric": 1 - 10**ly,
-    }
-
-
-def default_metrics(columns: list[str]) -> list[str]:
-    """Every zero-shot top-1 and retrieval R@5 column (what the study's Figure 1 shows)."""
-    return [c for c in columns if c.endswith("/zeroshot_top1") or c.endswith("_R@5")]
-
-
-def fit_all(rows: list[dict[str, Any]], metrics: list[str], predict_at: list[float]) -> dict[str, Any]:
-    """Frontier + power-law fit + predictions for each metric over all runs."""
-    fits: dict[str, Any] = {}
-    compute_all = [float(r["compute_gmacs"]) for r in rows]
-    targets = predict_at or ([10 * max(compute_all), 100 * max(compute_all)] if compute_all else [])
-    for m in metrics:
-        pts = [(float(r["compute_gmacs"]), 1 - float(r[m]), r["run_id"]) for r in rows if r.get(m) is not None and r[m] == r[m]]
-        dropped = [p[2] for p in pts if p[1] <= 0]
-        pts = [p for p in pts if p[1] > 0]  # log of a zero error is undefined
-        entry: dict[str, Any] = {"metric": m, "error": f"1 - {m}", "n_runs": len(pts), "perfect_runs_excluded": dropped}
-        front = pareto_frontier([p[0] for p in pts], [p[1] for p in pts])
-        entry["frontier"] = [pts[i][2] for i in front]
-        try:
-            fit = fit_power_law([pts[i][0] for i in front], [pts[i][1] for i in front])
-        except ValueError as e:
-            entry["fit"] = None
-            entry["why_no_fit"] = str(e)
-            log.warning("%s: no fit (%s)", m, e)
-        else:
-            entry["fit"] = fit
-            entry["predictions"] = [predict(fit, c) for c in targets]
-        fits[m] = entry
-    return fits
-
-
-# ---------------------------------------------------------------------------------------------
-# plots and report
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf (e.g. the standard error of a 2-point fit) -> None, since JSON has no NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
-
-
-def plot_metric(rows: list[dict[str, Any]], entry: dict[str, Any], path: str) -> None:
-    """Log-log compute vs error, runs coloured by scale and shaped by model, frontier + fitted law (Figure 1 style)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    m = entry["metric"]
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
-    scales = sorted({r["scale"] for r in rows}, key=lambda s: min(int(r["dataset_samples"]) for r in rows if r["scale"] == s))
-    models = sorted({r["model"] for r in rows})
-    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(1, len(scales))))
-    markers = "osD^v<>p*h"
-    front = set(entry.get("frontier", []))
-    for r in rows:
-        if r.get(m) is None or not (0 <= 1 - float(r[m])):
-            continue
-        e = 1 - float(r[m])
-        if e <= 0:
-            continue
-        ax.scatter(
-            float(r["compute_gmacs"]), e,
-            color=colors[scales.index(r["scale"])], marker=markers[models.index(r["model"]) % len(markers)],
-            edgecolors="black" if r["run_id"] in front else "none", linewidths=1.2, s=46, zorder=3,
-        )  # fmt: skip
-    for i, s in enumerate(scales):
-        ax.scatter([], [], color=colors[i], label=f"data {s}")
-    for j, mo in enumerate(models):
-        ax.scatter([], [], color="gray", marker=markers[j % len(markers)], label=mo)
-    fit = entry.get("fit")
-    if fit:
-        cs = [float(r["compute_gmacs"]) for r in rows]
-        hi = max([cs and max(cs) or 1.0] + [p["compute_gmacs"] for p in entry.get("predictions", [])])
-        xs = np.logspace(math.log10(min(cs)), math.log10(hi), 50)
-        ax.plot(xs, fit["beta"] * xs ** fit["alpha"], "k--", lw=1,
-                label=f"E = {fit['beta']:.3g} C^{fit['alpha']:.3f}")  # fmt: skip
-        for p in entry.get("predictions", []):
-            ax.scatter(p["compute_gmacs"], p["error"], marker="*", color="crimson", s=80, zorder=4)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("total compute (GMACs)")
-    ax.set_ylabel(f"error (1 - {m})")
-    ax.set_title(m, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _fmt(v: Any, spec: str = ".4g") -> str:
-    if isinstance(v, float):
-        return "n/a" if v != v else format(v, spec)
-    return str(v)
-
-
-def fit_rows(fits: dict[str, Any]) -> list[dict[str, str]]:
-    """One summary row per metric: alpha +- se, beta +- se, first prediction."""
-    out = []
-    for m, e in fits.items():
-        f = e.get("fit")
-        row = {"metric": m, "frontier_points": str(len(e.get("frontier", [])))}
-        if f:
-            row["alpha"] = f"{_fmt(f['alpha'])} ± {_fmt(f['alpha_se'])}"
-            row["beta"] = f"{_fmt(f['beta'])} ± {_fmt(f['beta_se'])}"
-            preds = e.get("predictions") or []
-            row["prediction"] = "; ".join(
-                f"C={p['compute_gmacs']:.3g}: {m.split('/')[-1]}={_fmt(p['metric'], '.3f')} (E {_fmt(p['error_lo'], '.3f')}..{_fmt(p['error_hi'], '.3f')})"
-                for p in preds
-            )
-        else:
-            row.update({"alpha": "n/a", "beta": "n/a", "prediction": e.get("why_no_fit", "")})
-        out.append(row)
-    return out
-
-
-def write_report(path: str, cfg: StudyConfig, rows: list[dict[str, Any]], fits: dict[str, Any], plots: dict[str, str]) -> None:
-    """One self-contained HTML page: grid, results table, fits with uncertainty, plots (relative PNG links)."""
-    esc = html.escape
-    cols = ["run_id", "model", "scale", "dataset_samples", "samples_seen", "gmacs_per_sample", "compute_gmacs", "final_loss"]
-    mcols = sorted({k for r in rows for k in r if "/" in k})
-    head = "".join(f"<th>{esc(c)}</th>" for c in cols + mcols)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols + mcols) + "</tr>" for r in rows
-    )
-    frows = fit_rows(fits)
-    fhead = "".join(f"<th>{esc(c)}</th>" for c in ("metric", "frontier_points", "alpha", "beta", "prediction"))
-    fbody = "".join(
-        "<tr>" + "".join(f"<td>{esc(r.get(c, ''))}</td>" for c in ("metric", "frontier_points", "alpha", "beta", "prediction")) + "</tr>"
-        for r in frows
-    )
-    imgs = "".join(f'<figure><img src="{esc(p)}" alt="{esc(m)}"><figcaption>{esc(m)}</figcaption></figure>' for m, p in plots.items())
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>laiontools scaling study</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}figure{{display:inline-block;margin:0 1em 1em 0}}
-code{{background:#f4f4f4}}</style></head><body>
-<h1>Scaling study</h1>
-<p>Grid: scales {esc(", ".join(f"{k} ({v})" for k, v in cfg.scales.items()))}; samples seen {esc(str(cfg.samples_seen))};
-models {esc(", ".join(cfg.models))}; global batch {cfg.batch_size}; {cfg.nproc} process(es) per run.</p>
-<p>Compute C = GMACs per sample (image + text forward, torch FlopCounterMode / 2) &times; samples seen.
-Error E = 1 &minus; metric. <code>E = &beta; C<sup>&alpha;</sup></code> is fitted by least squares in log-log space on the
-Pareto frontier (runs with lower error than every run of less or equal compute; black-edged in the plots);
-&plusmn; is one standard error from the fit's covariance (n/a with fewer than 3 frontier points). Red stars are predictions.</p>
-<h2>Fits</h2><table><tr>{fhead}</tr>{fbody}</table>
-<h2>Plots</h2>{imgs}
-<h2>Runs</h2><table><tr>{head}</tr>{body}</table>
-<p>Files: <code>{RESULTS_CSV}</code>, <code>{FITS_JSON}</code>, <code>{RUNS_DIR}/&lt;run&gt;/train</code> (run directories), <code>{RUNS_DIR}/&lt;run&gt;/{EVAL_FILE}</code>.</p>
-</body></html>
-"""
-    atomic_write_bytes(path, page.encode())
-
-
-# ---------------------------------------------------------------------------------------------
 # the study
 
 
 def run_id(model: str, scale: str, samples_seen: int) -> str:
-    return _slug(f"{model}__{scale}__{samples_seen}")
+    return slug(f"{model}__{scale}__{samples_seen}")
 
 
 def _write_results(path: str, rows: list[dict[str, Any]]) -> None:
@@ -396,8 +164,9 @@ def _write_results(path: str, rows: list[dict[str, Any]]) -> None:
 
 def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs: float) -> dict[str, Any]:
     """Train (or resume, or skip) and evaluate (or skip) one grid point; return its results row."""
-    from laiontools.stages.evaluate import EvaluateConfig, run_evaluate
-    from laiontools.stages.train import SETTINGS_FILE, TrainConfig, is_finished, read_result, run_train
+    from laiontools.stages import evaluate, train
+    from laiontools.stages.evaluate import EvaluateConfig
+    from laiontools.stages.train import SETTINGS_FILE, TrainConfig, is_finished, read_result
 
     rid = run_id(model, scale, samples_seen)
     base = os.path.join(cfg.output, RUNS_DIR, rid)
@@ -405,18 +174,20 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
     eval_path = os.path.join(base, EVAL_FILE)
     if not is_finished(run_dir):
         log.info("study: training %s", rid)
-        run_train(
+        res = train.run(
             TrainConfig(
                 manifest=cfg.scales[scale], model=model, samples_seen=int(samples_seen), batch_size=cfg.batch_size,
                 nproc=cfg.nproc, output=run_dir, resume=os.path.exists(os.path.join(run_dir, SETTINGS_FILE)), **cfg.train,
             )
         )  # fmt: skip
+        emit(res.summary)  # progress of a grid that runs for hours
     else:
         log.info("study: %s already trained", rid)
     if not is_done(eval_path):
-        run_evaluate(
+        res = evaluate.run(
             EvaluateConfig(checkpoint=run_dir, evalset=list(cfg.evalset), evalsets_yaml=cfg.evalsets_yaml, output=eval_path, **cfg.evaluate)
         )
+        emit(res.summary)
     result, ev = read_result(run_dir), read_json(eval_path)
     row: dict[str, Any] = {
         "run_id": rid,
@@ -435,10 +206,30 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
     return row
 
 
-def run_study(cfg: StudyConfig, spark: Any = None) -> dict[str, Any]:
+RUN_COLUMNS = ["run_id", "model", "scale", "dataset_samples", "samples_seen", "gmacs_per_sample", "compute_gmacs", "final_loss"]
+_FILES_HTML = (f"<p>Files: <code>{RESULTS_CSV}</code>, <code>{FITS_JSON}</code>, <code>{RUNS_DIR}/&lt;run&gt;/train</code> "
+               f"(run directories), <code>{RUNS_DIR}/&lt;run&gt;/{EVAL_FILE}</code>.</p>")
+
+
+def _grid_html(cfg: StudyConfig) -> str:
+    esc = html.escape
+    return (
+        f"<p>Grid: scales {esc(', '.join(f'{k} ({v})' for k, v in cfg.scales.items()))}; samples seen "
+        f"{esc(str(cfg.samples_seen))}; models {esc(', '.join(cfg.models))}; global batch {cfg.batch_size}; "
+        f"{cfg.nproc} process(es) per run.</p>\n<p>Compute C = GMACs per sample (image + text forward, torch "
+        f"FlopCounterMode / 2) &times; samples seen.</p>"
+    )
+
+
+STAGE = "study"
+CONFIG = StudyConfig
+
+
+@stage_entry(STAGE)
+def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
     """Run the whole grid (skipping finished points), then collect, fit, plot and report.
 
-    Returns ``{"rows", "fits", "results_csv", "report"}``. Safe to re-run after a kill: finished
+    details = ``{"rows", "fits", "results_csv", "report", "plots"}``. Safe to re-run after a kill: finished
     points are skipped, an interrupted training resumes from its checkpoint. ``spark`` is unused.
     """
     from laiontools import evalsets
@@ -463,34 +254,272 @@ def run_study(cfg: StudyConfig, spark: Any = None) -> dict[str, Any]:
     unknown = [m for m in metrics if m not in metric_cols]
     if unknown:
         raise ConfigError(f"study: metric(s) {unknown} not produced by the evaluation; available: {metric_cols}")
-    fits = fit_all(rows, metrics, [float(c) for c in cfg.predict_at])
-    write_json(os.path.join(cfg.output, FITS_JSON), _json_safe({"gmacs": gm, "fits": fits}))
-    os.makedirs(os.path.join(cfg.output, PLOTS_DIR), exist_ok=True)
-    plots = {}
-    for m, entry in fits.items():
-        rel = f"{PLOTS_DIR}/{_slug(m)}.png"
-        plot_metric(rows, entry, os.path.join(cfg.output, rel))
-        plots[m] = rel
-    report = os.path.join(cfg.output, REPORT_HTML)
-    write_report(report, cfg, rows, fits, plots)
-    emit(
+    out = fit_and_report(
+        rows, metrics, cfg.output, kind="accuracy", predict_at=[float(c) for c in cfg.predict_at],
+        title="Scaling study", intro_html=_grid_html(cfg), columns=RUN_COLUMNS, footer_html=_FILES_HTML,
+        extra_json={"gmacs": gm},
+    )  # fmt: skip
+    fits, plots, report = out["fits"], out["plots"], out["report"]
+    summary = (
         f"scaling study: {len(rows)} runs ({len(cfg.models)} model(s) x {len(cfg.scales)} scale(s) x {len(cfg.samples_seen)} budget(s))\n"
-        f"{table(fit_rows(fits), ['metric', 'frontier_points', 'alpha', 'beta', 'prediction'])}\n"
+        f"{table(fit_rows(fits), FIT_COLUMNS)}\n"
         f"results: {results_csv}\nreport:  {report}"
     )
-    return {"rows": rows, "fits": fits, "results_csv": results_csv, "report": report, "plots": plots}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="laiontools study",
-        description="Scaling-law study: train + evaluate a grid of scale x samples seen x model, fit E = beta C^alpha.",
+    return StageResult(
+        outputs={"results": results_csv, "report": report, "fits": os.path.join(cfg.output, FITS_JSON)},
+        counts={"runs": len(rows)},
+        details={"rows": rows, "fits": fits, "results_csv": results_csv, "report": report, "plots": plots},
+        summary=summary,
     )
-    add_config_args(p, StudyConfig)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# `laiontools study fit`: the analysis alone, on any results table
+
+
+@dataclasses.dataclass
+class FitConfig(StageConfig):
+    results: str = dataclasses.field(default="", metadata={"help": "results table (CSV, or .tsv): a study's results.csv or another's"})
+    output: str = dataclasses.field(default="", metadata={"help": "folder for fits.json, plots/ and report.html"})
+    columns: list[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "ours=theirs column mapping, e.g. compute_gmacs=gmacs_total,model=model_name (comma-separated or repeated)"})
+    where: list[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "row filters column=value or column!=value, all must hold (e.g. downstream_dataset=imagenet1k)"})
+    metrics: list[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "metric columns to fit (default: every */zeroshot_top1 and *_R@5 column)"})
+    metric_kind: str = dataclasses.field(default="accuracy", metadata={"help": "accuracy (error = 1 - value) or error"})
+    metric_scale: float = dataclasses.field(default=1.0, metadata={"help": "divide metric values by this (100 for percentages)"})
+    predict_at: list[float] = dataclasses.field(default_factory=list, metadata={"help": "compute (GMACs) to predict at"})
+
+    def validate(self) -> None:
+        if not self.results or not self.output:
+            raise ConfigError("study fit: --results (a results table) and --output (a folder) are required")
+        if self.metric_kind not in METRIC_KINDS:
+            raise ConfigError(f"study fit: --metric-kind must be one of {list(METRIC_KINDS)}, got {self.metric_kind!r}")
+        if not self.metric_scale > 0:
+            raise ConfigError(f"study fit: --metric-scale must be positive, got {self.metric_scale}")
+        self.predict_at = [float(c) for c in self.predict_at]
+        if any(c <= 0 for c in self.predict_at):
+            raise ConfigError(f"study fit: --predict-at must be positive compute (GMACs), got {self.predict_at}")
+
+
+def run_fit(cfg: FitConfig) -> StageResult:
+    """Frontier, power-law fits with standard errors, predictions, plots and report from an existing results table.
+
+    Writes into cfg.output: ``fits.json``, ``plots/*.png``, ``report.html``, ``fit_input.csv`` (the rows
+    fitted, after mapping, filters and scaling) and ``settings.json``. Raises UserError (naming the
+    table) for a missing column, an empty filter result or metric values outside [0, 1].
+    """
+    rows = load_results_table(cfg.results, cfg.columns, cfg.where)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    metrics = list(dict.fromkeys(cfg.metrics)) or default_metrics(cols)
+    if not metrics:
+        raise UserError(f"results table {cfg.results}: no */zeroshot_top1 or *_R@5 column to fit; name them with --metrics "
+                        f"(columns: {cols})")
+    if cfg.metric_scale != 1:
+        for r in rows:
+            for m in metrics:
+                v = r.get(m)
+                if isinstance(v, (int, float)):
+                    r[m] = v / cfg.metric_scale
+    check_metric_values(rows, metrics, cfg.metric_kind, f"results table {cfg.results}")
+    os.makedirs(cfg.output, exist_ok=True)
+    write_json(os.path.join(cfg.output, "settings.json"), cfg.to_dict())
+    _write_results(os.path.join(cfg.output, "fit_input.csv"), rows)
+    esc = html.escape
+    intro = (f"<p>Results table <code>{esc(os.path.abspath(cfg.results))}</code>: {len(rows)} row(s)"
+             + (f" passing {esc(' and '.join(cfg.where))}" if cfg.where else "")
+             + (f"; columns mapped {esc(', '.join(cfg.columns))}" if cfg.columns else "")
+             + f"; metrics read as {esc(cfg.metric_kind)}" + (f" / {cfg.metric_scale:g}" if cfg.metric_scale != 1 else "")
+             + ". Compute C = <code>compute_gmacs</code> (GMACs per run).</p>")
+    out = fit_and_report(rows, metrics, cfg.output, kind=cfg.metric_kind, predict_at=cfg.predict_at,
+                         title="Scaling fit", intro_html=intro, columns=["run_id", "model", "scale", "samples_seen", "compute_gmacs"],
+                         extra_json={"results": os.path.abspath(cfg.results), "n_rows": len(rows)})
+    summary = (f"study fit: {len(rows)} row(s) of {cfg.results}, {len(metrics)} metric(s)\n"
+               f"{table(fit_rows(out['fits']), FIT_COLUMNS)}\nfits:   {out['fits_json']}\nreport: {out['report']}")
+    return StageResult(stage="study fit", outputs={"fits": out["fits_json"], "report": out["report"]},
+                       counts={"rows": len(rows), "metrics": len(metrics),
+                               "fitted": sum(1 for e in out["fits"].values() if e.get("fit"))},
+                       details=out, summary=summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# `laiontools study plan`: what a grid costs, before spending a cluster on it
+
+
+@dataclasses.dataclass
+class PlanConfig(StageConfig):
+    """A study.yaml (its evaluation and training settings are ignored here) plus the plan's own assumptions."""
+
+    output: str = dataclasses.field(default="", metadata={"help": "study folder; the plan is written to <output>/plan.json when given"})
+    scales: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
+        "help": "scale name -> resharded manifest (its num_samples is read), or a sample count (80000000, 80M); YAML"})
+    samples_seen: list[str] = dataclasses.field(default_factory=list, metadata={"help": "training budgets (3e9, 13B, ...)"})
+    models: list[str] = dataclasses.field(default_factory=list, metadata={"help": "open_clip model names"})
+    batch_size: int = dataclasses.field(default=256, metadata={"help": "global batch size of every run (for steps)"})
+    nproc: int = dataclasses.field(default=1, metadata={"help": "GPUs per run (wall-clock hours = GPU-hours / nproc)"})
+    images_per_second: dict[str, float] = dataclasses.field(default_factory=dict, metadata={
+        "help": "model -> training images/s per GPU (YAML); stated rates win over gpu_tflops and --measure"})
+    gpu_tflops: float | None = dataclasses.field(default=None, metadata={
+        "help": "sustained TFLOP/s per GPU, to derive images/s as TFLOP/s / (6 x GMACs per sample)"})
+    measure: bool = dataclasses.field(default=False, metadata={
+        "help": "measure training images/s of each model without a stated rate on this machine's device"})
+    measure_batch_size: int = dataclasses.field(default=32, metadata={"help": "batch size of --measure"})
+    shard_size: int = dataclasses.field(default=10_000, metadata={"help": "samples per resharded shard"})
+    bytes_per_sample: float = dataclasses.field(default=0.0, metadata={
+        "help": "mean stored bytes per sample (image + caption + json) for disk sizes; 0 = read from manifests"})
+    # study settings that a study.yaml carries and a plan does not need
+    evalset: list[str] = dataclasses.field(default_factory=list, metadata={"help": "(study setting, unused by plan)"})
+    evalsets_yaml: str | None = dataclasses.field(default=None, metadata={"help": "(study setting, unused by plan)"})
+    train: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "(study setting, unused by plan)"})
+    evaluate: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "(study setting, unused by plan)"})
+    metrics: list[str] = dataclasses.field(default_factory=list, metadata={"help": "(study setting, unused by plan)"})
+    predict_at: list[float] = dataclasses.field(default_factory=list, metadata={"help": "(study setting, unused by plan)"})
+
+    def validate(self) -> None:
+        if not self.scales or not self.samples_seen or not self.models:
+            raise ConfigError("study plan: `scales`, `samples_seen` and `models` must each list at least one entry")
+        try:
+            self.samples_seen = [parse_count(n) for n in self.samples_seen]  # type: ignore[misc]
+        except ValueError as e:
+            raise ConfigError(f"study plan: samples_seen: {e}") from e
+        if self.batch_size <= 0 or self.nproc <= 0 or self.shard_size <= 0 or self.bytes_per_sample < 0:
+            raise ConfigError("study plan: batch_size, nproc and shard_size must be positive, bytes_per_sample >= 0")
+        bad = {m: v for m, v in self.images_per_second.items() if not float(v) > 0}
+        if bad or (self.gpu_tflops is not None and not self.gpu_tflops > 0):
+            raise ConfigError(f"study plan: images_per_second and gpu_tflops must be positive ({bad or self.gpu_tflops})")
+
+
+def _scale_sizes(scales: dict[str, Any]) -> tuple[dict[str, int], dict[str, float]]:
+    """(samples, stored bytes per sample or 0) per scale: from a manifest file, else the value or the name as a count."""
+    from laiontools.contracts.manifest import read_manifest
+
+    sizes, bps = {}, {}
+    for name, v in scales.items():
+        if isinstance(v, str) and v.endswith(".json") and os.path.exists(v):
+            m = read_manifest(v)
+            sizes[name] = int(m["num_samples"])
+            nbytes = sum(int(s.get("bytes") or s.get("size") or 0) for s in m.get("shards", []))
+            bps[name] = nbytes / sizes[name] if nbytes and sizes[name] else 0.0
+            continue
+        try:
+            sizes[name] = parse_count(v if v not in (None, "") else name)
+        except ValueError:
+            try:
+                sizes[name] = parse_count(name)
+            except ValueError as e:
+                raise ConfigError(f"study plan: scale {name!r}: {v!r} is neither an existing manifest nor a sample count, "
+                                  f"and the name is no count either ({e})") from e
+        bps[name] = 0.0
+    return sizes, bps
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"
+
+
+def run_plan(cfg: PlanConfig) -> StageResult:
+    """Compute (the study's FLOP counter), steps, epochs, GPU-hours, shards, disk and shared data of a planned grid.
+
+    Nothing is trained. GMACs per sample come from :func:`laiontools.scaling.model_gmacs` (meta device,
+    no weights), the same counter ``study`` uses. details = the plan dict (also ``<output>/plan.json``).
+    """
+    sizes, manifest_bps = _scale_sizes(cfg.scales)
+    gm = {m: model_gmacs(m)["gmacs_per_sample"] for m in cfg.models}
+    rates = {m: float(v) for m, v in cfg.images_per_second.items()}
+    measured = {}
+    if cfg.measure:
+        for m in cfg.models:
+            if m not in rates:
+                measured[m] = measure_images_per_second(m, batch_size=cfg.measure_batch_size)
+                rates[m] = measured[m]["images_per_second"]
+    bps = cfg.bytes_per_sample or max(manifest_bps.values(), default=0.0)
+    plan = plan_grid(cfg.models, sizes, list(cfg.samples_seen), gm, batch_size=cfg.batch_size, images_per_second=rates,
+                     gpu_tflops=cfg.gpu_tflops, shard_size=cfg.shard_size, bytes_per_sample=bps)
+    for r in plan["runs"]:
+        if r["model"] in measured:
+            r["rate_source"] = f"measured on {measured[r['model']]['device']} (batch {cfg.measure_batch_size})"
+        r["wall_hours"] = r["gpu_hours"] / cfg.nproc if r["gpu_hours"] is not None else None
+    plan["assumptions"].update({"nproc": cfg.nproc, "bytes_per_sample_source": "stated" if cfg.bytes_per_sample else
+                                ("manifests" if bps else "unknown: state bytes_per_sample")})
+    plan["measured"] = measured
+    g = lambda v, spec=".4g": "n/a" if v is None else format(v, spec)
+    run_rows = [{"run": r["run_id"], "GMACs/sample": g(r["gmacs_per_sample"]), "samples seen": g(r["samples_seen"], ".3g"),
+                 "epochs": g(r["epochs"], ".3g"), "steps": r["steps"], "compute (GMACs)": g(r["compute_gmacs"]),
+                 "img/s/GPU": g(r["images_per_second"]), "GPU-hours": g(r["gpu_hours"])} for r in plan["runs"]]
+    scale_rows = [{"scale": s["scale"], "samples": s["samples"], "shards": s["shards"],
+                   "disk": _human_bytes(s["disk_bytes"]) if bps else "n/a", "runs sharing its shards": s["n_runs"],
+                   "compute (GMACs)": g(s["compute_gmacs"]), "GPU-hours": g(s["gpu_hours"])} for s in plan["scales"]]
+    t = plan["total"]
+    sources = sorted({r["rate_source"] for r in plan["runs"]})
+    summary = "\n".join([
+        f"study plan: {t['runs']} runs ({len(cfg.models)} model(s) x {len(sizes)} scale(s) x {len(cfg.samples_seen)} budget(s))",
+        table(run_rows), "", table(scale_rows), "",
+        (f"total: {g(t['compute_gmacs'])} GMACs, {g(t['samples_seen'], '.4g')} samples seen, {g(t['gpu_hours'])} GPU-hours "
+         f"({g(t['gpu_hours'] / cfg.nproc if t['gpu_hours'] is not None else None)} h wall-clock at {cfg.nproc} GPU(s) per run, "
+         f"runs in sequence), {t['shards']} shards, {_human_bytes(t['disk_bytes']) if bps else 'n/a'} of resharded data "
+         f"(largest scale alone {_human_bytes(t['largest_scale_disk_bytes']) if bps else 'n/a'}; the subsets are nested)"),
+        f"images/s per GPU: {'; '.join(sources)}",
+        (f"bytes per sample: {g(bps) if bps else 'unknown (state bytes_per_sample)'}; shard size {cfg.shard_size}; "
+         f"GMACs per sample from torch FlopCounterMode / 2 (image + text forward)"),
+    ])
+    outputs = {}
+    if cfg.output:
+        path = os.path.join(cfg.output, "plan.json")
+        write_json(path, json_safe(plan))
+        outputs["plan"] = path
+        summary += f"\nplan: {path}"
+    return StageResult(stage="study plan", outputs=outputs, counts={"runs": t["runs"]}, details=plan, summary=summary)
+
+
+def _sub_main(cls: type[StageConfig], fn: Any, prog: str, description: str, argv: list[str]) -> int:
+    from laiontools.core.config import config_from_args
+    from laiontools.core.stage import config_parser
+
+    args = config_parser(cls, prog=prog, description=description).parse_args(argv)
+    result = fn(config_from_args(cls, args))
+    emit(result.summary)
+    return 0 if result.ok else 1
+
+
+def fit_main(argv: list[str]) -> int:
+    return _sub_main(FitConfig, run_fit, "laiontools study fit",
+                     "Pareto frontier, power-law fit with standard errors, predictions, plots and HTML report from a results table.",
+                     argv)
+
+
+def plan_main(argv: list[str]) -> int:
+    return _sub_main(PlanConfig, run_plan, "laiontools study plan",
+                     "Per run and in total: GMACs, steps, epochs, GPU-hours, shards and disk of a study grid, before running it.",
+                     argv)
+
+
+SUBCOMMANDS = {"fit": fit_main, "plan": plan_main}
+
+
+def build_parser() -> Any:
+    from laiontools.core.stage import config_parser
+
+    p = config_parser(StudyConfig, prog="laiontools study",
+                      description="Scaling-law study: train + evaluate a grid of scale x samples seen x model, fit E = beta C^alpha.")
+    p.epilog = ("sub-commands: `laiontools study fit --results <csv> --output <dir>` (the fit alone, on any results table); "
+                "`laiontools study plan --config study.yaml` (compute, GPU-hours and disk of the grid, nothing run)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run_study(config_from_args(StudyConfig, args))
-    return 0
+    """``study fit ...`` / ``study plan ...`` run a sub-command; anything else runs the grid (:func:`run`)."""
+    import sys
+
+    from laiontools.core.stage import stage_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    return stage_main(__name__, argv)

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,9 +54,10 @@ from laiontools.contracts.manifest import (
     write_manifest,
 )
 from laiontools.contracts.uids import UID_DTYPE
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError
-from laiontools.core.report import emit, table
+from laiontools.core.report import table
+from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import ensure_output_dir, join, read_json, url_to_fs, write_json
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def parse_scales(text: str, scale_factor: float = 1.0) -> list[tuple[str, int]]:
 
 
 @dataclass
-class SubsetsConfig(StageConfig):
+class SubsetsConfig(SparkStageConfig):
     pool: str = field(default="", metadata={"help": "pool.manifest.json written by download"})
     output: str = field(default="", metadata={"help": "output folder for the subset manifests and uid files"})
     scales: str = field(default="80M,400M,2B", metadata={"help": "comma-separated presets (80M,400M,2B) or counts (1000, 1e6, 1.5M)"})
@@ -174,6 +174,8 @@ class SubsetsConfig(StageConfig):
         if self.seed is None:
             raise ConfigError("give --seed <whole number>; the seed fixes which samples each subset holds")
         self.seed = parse_seed(self.seed)
+        if isinstance(self.scale_factor, str):  # a flag, parsed here so it gets the same message as from YAML
+            self.scale_factor = _parse_factor(self.scale_factor)
         parse_scales(self.scales, self.scale_factor)
         if self.min_clip_score is not None and not self.scores:
             raise ConfigError("--min-clip-score needs --scores <embed output folder> (the clip_score comes from there)")
@@ -643,18 +645,29 @@ def canonical_command(cfg: SubsetsConfig) -> list[str]:
     return cmd
 
 
-def run_subsets(cfg: SubsetsConfig, spark: Any = None) -> list[dict[str, Any]]:
-    """Select the nested subsets and write their manifests; return one summary row per scale.
+STAGE = "subsets"
+CONFIG = SubsetsConfig
+
+
+@stage_entry(STAGE)
+def run(cfg: SubsetsConfig, spark: Any = None) -> StageResult:
+    """Select the nested subsets and write their manifests; details = one summary row per scale
+    (scale, target, obtained, short, manifest, sha256), largest first.
 
     Raises SubsetError when a target exceeds the eligible pool (unless allow_short) or an input
     comes from another pool; InputError/ManifestError for unreadable inputs.
     """
-    if spark is None:
-        from laiontools.core.spark import spark_session
+    with stage_spark(cfg, spark, app_name="laiontools-subsets") as sp:
+        results = _select(cfg, sp)
+    funnel = read_manifest(results[-1]["manifest"])["selection"]["funnel"] if results else []
+    return StageResult(
+        outputs={r["scale"]: r["manifest"] for r in results},
+        counts={r["scale"]: int(r["obtained"]) for r in results},
+        details=results, summary=summary_text(results, funnel),
+    )
 
-        with spark_session(app_name="laiontools-subsets") as s:
-            return run_subsets(cfg, s)
 
+def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -815,12 +828,11 @@ def summary_text(results: list[dict[str, Any]], funnel: list[dict[str, Any]]) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="laiontools subsets",
+    p = config_parser(
+        SubsetsConfig, prog="laiontools subsets", skip=("seed", "scale_factor"),
         description="Filters + dedup exclusions + seeded nested subsets (80M ⊂ 400M ⊂ 2B) with manifests (Spark).",
     )
-    add_config_args(p, SubsetsConfig, skip=("seed", "scale_factor"))
-    # Parsed by us, not argparse, so a bad value gets the same clear message as from YAML.
+    # Parsed by the config, not argparse, so a bad value gets the same clear message as from YAML.
     p.add_argument("--seed", dest="seed", default=argparse.SUPPRESS, help="selection seed, a whole number (required)")
     p.add_argument("--scale-factor", dest="scale_factor", default=argparse.SUPPRESS, help="multiply every scale (e.g. 1e-6)")
     return p
@@ -834,13 +846,6 @@ def _parse_factor(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if hasattr(args, "scale_factor"):
-        args.scale_factor = _parse_factor(args.scale_factor)
-    if hasattr(args, "seed"):
-        args.seed = parse_seed(args.seed)
-    cfg = config_from_args(SubsetsConfig, args)
-    results = run_subsets(cfg)
-    funnel = read_manifest(results[-1]["manifest"])["selection"]["funnel"] if results else []
-    emit(summary_text(results, funnel))
-    return 0
+    from laiontools.core.stage import stage_main
+
+    return stage_main(__name__, argv)

@@ -44,9 +44,9 @@ from typing import Any
 
 from laiontools.contracts.manifest import manifest_sha256, read_manifest, shard_urls
 from laiontools.contracts.schema import ManifestError
-from laiontools.core.config import ConfigError, StageConfig, add_config_args, config_from_args
+from laiontools.core.config import ConfigError, StageConfig
 from laiontools.core.errors import UserError
-from laiontools.core.report import emit
+from laiontools.core.stage import StageResult, config_parser, stage_entry
 from laiontools.core.storage import is_done, mark_done, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class TrainConfig(StageConfig):
     )
 
     def validate(self) -> None:
+        if not self.output:
+            raise ConfigError("train: --output (the run directory) is required")
         if not self.model:
             raise ConfigError("train: --model is required (an open_clip model name, e.g. ViT-B-32; lt-tiny for CPU tests)")
         if self.samples_seen <= 0:
@@ -541,17 +543,20 @@ def read_result(run_dir: str) -> dict[str, Any]:
     return read_json(os.path.join(run_dir, RESULT_FILE))
 
 
-def run_train(cfg: TrainConfig, spark: Any = None) -> dict[str, Any]:
+STAGE = "train"
+CONFIG = TrainConfig
+
+
+@stage_entry(STAGE)
+def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     """Train ``cfg.model`` on ``cfg.manifest`` for exactly ``samples_seen // batch_size`` steps.
 
-    Returns the run's result dict (also in ``<output>/result.json``). A finished run is not trained
+    details = the run's result dict (also in ``<output>/result.json``). A finished run is not trained
     again (its result is returned). With ``cfg.resume`` an interrupted run continues from its latest
     checkpoint with the exact samples-seen count. Raises ManifestError for a manifest without shards,
     ConfigError for inconsistent settings, TrainError when training fails or stops short.
     ``spark`` is unused (training runs on torch.distributed); it is accepted for a uniform stage API.
     """
-    if not cfg.output:
-        raise ConfigError("train: --output (the run directory) is required")
     if cfg.output.startswith("file://"):
         cfg = dataclasses.replace(cfg, output=cfg.output[len("file://") :])
     manifest = check_trainable_manifest(cfg.manifest)
@@ -573,7 +578,7 @@ def run_train(cfg: TrainConfig, spark: Any = None) -> dict[str, Any]:
     if is_finished(cfg.output):
         _check_same_run(cfg.output, settings)
         log.info("%s is already finished; not training again", cfg.output)
-        return read_result(cfg.output)
+        return _result(cfg, read_result(cfg.output), f"{cfg.output} is already finished; not trained again")
     os.makedirs(cfg.output, exist_ok=True)
     resumed_from = _prepare_run_dir(cfg, settings, plan)
     urls = shard_urls(cfg.manifest, manifest)
@@ -592,26 +597,31 @@ def run_train(cfg: TrainConfig, spark: Any = None) -> dict[str, Any]:
             f"then re-run with --resume to continue from the latest checkpoint"
         )
     result = _finalize(cfg, settings, plan, wall)
-    emit(
+    return _result(cfg, result, (
         f"trained {cfg.model} on {manifest['name']} ({manifest['num_samples']} samples): {plan.samples_seen} samples seen, "
         f"{plan.steps} steps of {plan.global_batch}, final loss {result['final_loss']:.4f}\n"
         f"run directory: {os.path.abspath(cfg.output)}  (model: {MODEL_FILE}, metrics: metrics.jsonl)"
+    ))
+
+
+def _result(cfg: TrainConfig, result: dict[str, Any], summary: str) -> StageResult:
+    out = os.path.abspath(cfg.output)
+    return StageResult(
+        outputs={"run": out, "model": os.path.join(out, MODEL_FILE), "result": os.path.join(out, RESULT_FILE)},
+        counts={k: int(result[k]) for k in ("samples_seen", "steps") if isinstance(result.get(k), int)},
+        details=result, summary=summary,
     )
-    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="laiontools train",
+    return config_parser(
+        TrainConfig, prog="laiontools train", skip=("open_clip_args",),
         description="Train an open_clip model on a resharded subset manifest for a fixed number of samples seen "
         "(open_clip_train under torchrun; NCCL on GPUs, gloo on CPU).",
     )
-    add_config_args(p, TrainConfig, skip=("open_clip_args",))
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(TrainConfig, args)
-    run_train(cfg)
-    return 0
+    from laiontools.core.stage import stage_main
+
+    return stage_main(__name__, argv)
