@@ -114,3 +114,28 @@ def shard_urls(manifest_path: str, manifest: dict[str, Any] | None = None) -> li
 
 def canonical_bytes(manifest: dict[str, Any]) -> bytes:
     return canonical_json(manifest)
+
+
+def download_settings(manifest_path: str, manifest: dict[str, Any] | None = None, max_hops: int = 8) -> dict[str, Any] | None:
+    """The download settings (``DownloadConfig.semantic()``) of the pool a manifest comes from, or None.
+
+    A pool manifest holds them under ``download.settings``; a subset or resharded subset inherits
+    its pool's images, so its parent chain is followed (at most `max_hops` manifests, each parent
+    path resolved against the manifest naming it). None when no manifest on the chain records them
+    (a pool written by an older download or by other tools) or a parent is not readable.
+    """
+    path, m = manifest_path, manifest
+    for _ in range(max_hops):
+        if m is None:
+            try:
+                m = read_manifest(path)
+            except (ManifestError, OSError, ValueError):
+                return None
+        settings = (m.get("download") or {}).get("settings")
+        if isinstance(settings, dict):
+            return settings
+        parent_path = (m.get("parent") or {}).get("path")
+        if not parent_path:
+            return None
+        path, m = resolve(path, parent_path), None
+    return None

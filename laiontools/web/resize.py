@@ -27,8 +27,10 @@ albumentations' own rounding).
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 # A subclass needs its base at import time. Like laiontools.web.fetch, this module is imported only
@@ -54,21 +56,76 @@ _REDUCED_FLAGS = {
 }
 
 
-def resizer_kwargs(cfg: DownloadConfig) -> dict[str, Any]:
-    """img2dataset Resizer arguments for a download config (shared by both resizers and the bench)."""
+def resizer_kwargs(cfg: DownloadConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """img2dataset Resizer arguments for a download config (shared by both resizers and the bench).
+
+    `cfg` is a DownloadConfig or the settings dict a download records (``DownloadConfig.semantic()``,
+    kept in the pool manifest under ``download.settings`` and in ``<pool>/settings.json``).
+    """
+    get = cfg.get if isinstance(cfg, Mapping) else functools.partial(getattr, cfg)
     return dict(
-        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
-        upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.encode_quality,
-        encode_format=cfg.encode_format, skip_reencode=cfg.skip_reencode, disable_all_reencoding=False,
-        min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_pixels,
-        max_aspect_ratio=cfg.max_aspect_ratio or float("inf"), blurrer=None,
+        image_size=get("image_size"), resize_mode=get("resize_mode"), resize_only_if_bigger=get("resize_only_if_bigger"),
+        upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=get("encode_quality"),
+        encode_format=get("encode_format"), skip_reencode=get("skip_reencode"), disable_all_reencoding=False,
+        min_image_size=get("min_image_size"), max_image_area=get("max_image_pixels"),
+        max_aspect_ratio=get("max_aspect_ratio") or float("inf"), blurrer=None,
     )
 
 
-def make_resizer(cfg: DownloadConfig) -> Resizer:
-    """The resizer a download uses: :class:`FastResizer` when ``cfg.fast_decode``, else img2dataset's."""
-    cls = FastResizer if cfg.fast_decode else Resizer
+def make_resizer(cfg: DownloadConfig | Mapping[str, Any]) -> Resizer:
+    """The resizer a download uses: :class:`FastResizer` when ``fast_decode``, else img2dataset's."""
+    fast = cfg.get("fast_decode", True) if isinstance(cfg, Mapping) else cfg.fast_decode
+    cls = FastResizer if fast else Resizer
     return cls(**resizer_kwargs(cfg))
+
+
+# The download settings that decide what a stored pool image looks like (size, padding, crop, codec).
+GEOMETRY_KEYS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality",
+                 "skip_reencode", "fast_decode")
+
+
+class PoolGeometry:
+    """Puts an image through the resize a pool's download applied, so it can be compared with pool images.
+
+    Built from the download settings a pool records (see :func:`resizer_kwargs`); only the keys in
+    :data:`GEOMETRY_KEYS` count. The download's own size filters (min_image_size, max_image_pixels,
+    max_aspect_ratio) are NOT applied: an evaluation image is never rejected, only reshaped.
+    Calling it encodes the PIL image losslessly (PNG), runs it through the download's resizer
+    (:func:`make_resizer`: same image size, resize mode, interpolation, padding colour, codec and
+    quality) and decodes the result. Raises ValueError with img2dataset's message when the resizer
+    fails. Picklable.
+    """
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        missing = [k for k in ("image_size", "resize_mode") if settings.get(k) is None]
+        if missing:
+            raise ValueError(f"download settings lack {missing}: cannot reproduce the pool's geometry")
+        defaults = {"resize_only_if_bigger": False, "encode_format": "jpg", "encode_quality": 95,
+                    "skip_reencode": False, "fast_decode": True}
+        self.settings = {k: settings.get(k, defaults.get(k)) for k in GEOMETRY_KEYS}
+        self._resizer: Resizer | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that define the geometry (recorded beside what it produced)."""
+        return dict(self.settings)
+
+    def __call__(self, image: Any) -> Any:
+        from PIL import Image
+
+        if self._resizer is None:
+            self._resizer = make_resizer({**self.settings, "min_image_size": 0, "max_image_pixels": float("inf"),
+                                          "max_aspect_ratio": None})
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="PNG", compress_level=1)
+        buf.seek(0)
+        out, _w, _h, _ow, _oh, err = self._resizer(buf)
+        if err is not None or out is None:
+            raise ValueError(f"the pool's resize ({self.settings['resize_mode']}, {self.settings['image_size']} px) failed: {err}")
+        with Image.open(io.BytesIO(out)) as im:
+            return im.convert("RGB")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"settings": self.settings, "_resizer": None}
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, str] | None:
