@@ -1,0 +1,237 @@
+"""laiontools.scaling: known-answer tests of the frontier, the fit, the FLOP counter and the grid plan.
+
+Every expected number here is computed independently of the code under test: by hand (in the
+comments), by numpy.polyfit, or by closed-form least squares written out in the test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from laiontools.core.errors import UserError
+from laiontools.scaling import (
+    fit_all,
+    fit_power_law,
+    load_results_table,
+    model_gmacs,
+    pareto_frontier,
+    parse_count,
+    plan_grid,
+    predict,
+)
+
+ALPHA, BETA = -0.3, 2.0
+CS = [1e3, 1e4, 1e5, 1e6, 1e7]
+NOISE = [1.05, 0.96, 1.03, 0.98, 1.01]  # fixed multiplicative noise
+
+
+def test_fit_recovers_the_generating_law_exactly() -> None:
+    es = [BETA * c**ALPHA for c in CS]
+    fit = fit_power_law(CS, es)
+    assert fit["alpha"] == pytest.approx(ALPHA, abs=1e-12)
+    assert fit["beta"] == pytest.approx(BETA, rel=1e-12)
+    assert fit["alpha_se"] < 1e-12 and fit["r2"] == pytest.approx(1.0)
+    assert predict(fit, 1e9)["error"] == pytest.approx(BETA * 1e9**ALPHA, rel=1e-12)
+    assert predict(fit, 1e9)["metric"] == pytest.approx(1 - BETA * 1e9**ALPHA, rel=1e-12)
+    assert predict(fit, 1e9, kind="error")["metric"] == pytest.approx(BETA * 1e9**ALPHA, rel=1e-12)
+
+
+def test_fit_standard_errors_match_polyfit_and_closed_form_ols() -> None:
+    es = [BETA * c**ALPHA * f for c, f in zip(CS, NOISE)]
+    fit = fit_power_law(CS, es)
+    x, y = np.log10(CS), np.log10(es)
+
+    # 1. numpy.polyfit with cov=True scales the covariance by residual SS / (n - 2), as an OLS fit does
+    (slope, intercept), cov = np.polyfit(x, y, 1, cov=True)
+    assert fit["alpha"] == pytest.approx(slope, rel=1e-10)
+    assert fit["log10_beta"] == pytest.approx(intercept, rel=1e-10)
+    assert fit["alpha_se"] == pytest.approx(math.sqrt(cov[0, 0]), rel=1e-8)
+
+    # 2. closed form: slope = Sxy / Sxx, s^2 = SSR / (n - 2), se(slope) = sqrt(s^2 / Sxx),
+    #    se(intercept) = sqrt(s^2 (1/n + xbar^2 / Sxx)); beta = 10^intercept, se by the delta method
+    n, xbar, ybar = len(x), x.mean(), y.mean()
+    sxx, sxy = ((x - xbar) ** 2).sum(), ((x - xbar) * (y - ybar)).sum()
+    b1 = sxy / sxx
+    b0 = ybar - b1 * xbar
+    s2 = ((y - b0 - b1 * x) ** 2).sum() / (n - 2)
+    se_b1, se_b0 = math.sqrt(s2 / sxx), math.sqrt(s2 * (1 / n + xbar**2 / sxx))
+    assert fit["alpha"] == pytest.approx(b1, rel=1e-10)
+    assert fit["alpha_se"] == pytest.approx(se_b1, rel=1e-8)
+    assert fit["beta"] == pytest.approx(10**b0, rel=1e-10)
+    assert fit["beta_se"] == pytest.approx(10**b0 * math.log(10) * se_b0, rel=1e-8)
+    # the truth is within 3 standard errors, and the fit is not exact
+    assert 0 < fit["alpha_se"] and abs(fit["alpha"] - ALPHA) < 3 * fit["alpha_se"]
+
+    # prediction band at x0: log10 E +- sqrt(s^2 (1/n + (x0 - xbar)^2 / Sxx))
+    x0 = 9.0
+    p = predict(fit, 10**x0)
+    half = math.sqrt(s2 * (1 / n + (x0 - xbar) ** 2 / sxx))
+    assert math.log10(p["error_hi"]) - math.log10(p["error"]) == pytest.approx(half, rel=1e-8)
+    assert math.log10(p["error"]) - math.log10(p["error_lo"]) == pytest.approx(half, rel=1e-8)
+
+
+def test_fit_needs_two_compute_values() -> None:
+    fit = fit_power_law(CS[:2], [BETA * c**ALPHA for c in CS[:2]])  # a line, but no residual for an se
+    assert math.isnan(fit["alpha_se"]) and fit["alpha"] == pytest.approx(ALPHA)
+    with pytest.raises(ValueError, match="2 points at different compute"):
+        fit_power_law([1e3, 1e3], [0.5, 0.4])
+    with pytest.raises(ValueError):
+        fit_power_law([1e3], [0.5])
+
+
+def test_frontier_on_a_hand_made_table() -> None:
+    #        run:   0     1     2     3     4     5     6     7
+    compute = [10, 10, 20, 30, 30, 40, 50, 60]
+    error = [0.9, 0.8, 0.85, 0.7, 0.6, 0.6, 0.65, 0.5]
+    # by increasing compute, keep a run when its error is below every run of less or equal compute:
+    #  C=10: runs 1 (0.8) and 0 (0.9): 1 is kept (best so far 0.8), 0 is not
+    #  C=20: run 2 (0.85) > 0.8: no;  C=30: run 4 (0.6) kept, run 3 (0.7) not (4 has the same compute, less error)
+    #  C=40: run 5 (0.6) equals the best, not lower: no;  C=50: run 6 (0.65) no;  C=60: run 7 (0.5) kept
+    assert pareto_frontier(compute, error) == [1, 4, 7]
+    assert pareto_frontier([], []) == []
+
+
+def test_fit_all_fits_the_frontier_only_and_fails_loudly() -> None:
+    rows = [{"run_id": f"r{i}", "compute_gmacs": c, "acc": 1 - BETA * c**ALPHA} for i, c in enumerate(CS)]
+    rows += [{"run_id": "dominated", "compute_gmacs": 2e6, "acc": 0.01},  # worse than r3 at more compute
+             {"run_id": "missing", "compute_gmacs": 5e6, "acc": float("nan")},
+             {"run_id": "perfect", "compute_gmacs": 1e8, "acc": 1.0}]
+    e = fit_all(rows, ["acc"])["acc"]
+    assert e["frontier"] == ["r0", "r1", "r2", "r3", "r4"]
+    assert e["perfect_runs_excluded"] == ["perfect"] and e["n_runs"] == 6  # nan row left out, perfect row excluded
+    assert e["fit"]["alpha"] == pytest.approx(ALPHA, abs=1e-9)
+    assert [p["compute_gmacs"] for p in e["predictions"]] == [1e9, 1e10]  # 10x and 100x the largest compute (1e8)
+    # error-kind values: the same law given as errors
+    rows_e = [{"run_id": f"r{i}", "compute_gmacs": c, "err": BETA * c**ALPHA} for i, c in enumerate(CS)]
+    assert fit_all(rows_e, ["err"], kind="error")["err"]["fit"]["beta"] == pytest.approx(BETA, rel=1e-9)
+    # every run at one compute: no fit, and the reason is recorded
+    e = fit_all([{"run_id": "a", "compute_gmacs": 5.0, "acc": 0.5}, {"run_id": "b", "compute_gmacs": 5.0, "acc": 0.4}], ["acc"])["acc"]
+    assert e["fit"] is None and "different compute" in e["why_no_fit"] and e["frontier"] == ["a"]  # error 0.5 < 0.6
+
+
+def test_load_results_table_mapping_and_filters(tmp_path) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame({
+        "model_name": ["B32", "B32", "B16", "B16", "B32"],
+        "gmacs_total": [1e3, 1e4, 1e5, 1e6, 1e7],
+        "downstream_dataset": ["imagenet1k", "imagenet1k", "imagenet1k", "cifar10", "imagenet1k"],
+        "samples_seen": ["3e9", "1.3e10", 3e9, 3e9, 34000000000],
+        "acc1": [50.0, 60.0, 70.0, 99.0, 80.0],
+    })  # fmt: skip
+    path = str(tmp_path / "theirs.csv")
+    df.to_csv(path, index=False)
+    rows = load_results_table(path, ["compute_gmacs=gmacs_total,model=model_name"], ["downstream_dataset=imagenet1k"])
+    assert [r["compute_gmacs"] for r in rows] == [1e3, 1e4, 1e5, 1e7]
+    assert [r["model"] for r in rows] == ["B32", "B32", "B16", "B32"]
+    assert rows[0]["run_id"] == "B32__3000000000"  # made from model / samples_seen
+    # numbers compare as numbers: 3e9 == 3000000000; != keeps the rest
+    rows = load_results_table(path, ["compute_gmacs=gmacs_total"], ["samples_seen=3000000000", "model_name!=B16"])
+    assert [r["acc1"] for r in rows] == [50.0]
+    with pytest.raises(UserError, match="no column 'gmacs'"):
+        load_results_table(path, ["compute_gmacs=gmacs"])
+    with pytest.raises(UserError, match="no column 'dataset'"):
+        load_results_table(path, ["compute_gmacs=gmacs_total"], ["dataset=imagenet1k"])
+    with pytest.raises(UserError, match="no row passes"):
+        load_results_table(path, ["compute_gmacs=gmacs_total"], ["downstream_dataset=mnist"])
+    with pytest.raises(UserError, match="no compute column"):
+        load_results_table(path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_results_table(str(tmp_path / "nope.csv"))
+    with pytest.raises(UserError, match="expected name=value"):
+        load_results_table(path, ["compute_gmacs"])
+
+
+def test_parse_count() -> None:
+    assert parse_count("80M") == 80_000_000 and parse_count("2B") == 2_000_000_000 and parse_count("12.8k") == 12_800
+    assert parse_count("3e9") == 3_000_000_000 and parse_count(400) == 400 and parse_count("34B") == 34 * 10**9
+    for bad in ("lots", "0", "-5M", "1.5"):
+        with pytest.raises(ValueError):
+            parse_count(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# the FLOP counter against MACs counted by hand
+
+
+def vit_macs(tokens: int, width: int, layers: int, mlp: int) -> int:
+    """MACs of a pre-norm transformer's matmuls: q/k/v, attention scores and mixing, out projection, 2-layer MLP."""
+    per_layer = tokens * width * 3 * width + 2 * tokens * tokens * width + tokens * width * width + 2 * tokens * width * mlp
+    return layers * per_layer
+
+
+def clip_macs(image: int, patch: int, v_width: int, v_layers: int, v_mlp: int, t_width: int, t_layers: int, embed: int) -> tuple[int, int]:
+    """(image, text) MACs of an open_clip ViT CLIP: patch embedding + tower + projection; text: 77 tokens, 4x MLP."""
+    patches = (image // patch) ** 2
+    img = patches * 3 * patch * patch * v_width + vit_macs(patches + 1, v_width, v_layers, v_mlp) + v_width * embed
+    txt = vit_macs(77, t_width, t_layers, 4 * t_width) + t_width * embed  # projection of the one pooled (EOT) token
+    return img, txt
+
+
+PAPER_MODELS = {  # open_clip configs: image, patch, vision width/layers/mlp, text width/layers, embed dim
+    "ViT-B-32": clip_macs(224, 32, 768, 12, 3072, 512, 12, 512),
+    "ViT-B-16": clip_macs(224, 16, 768, 12, 3072, 512, 12, 512),
+    "ViT-L-14": clip_macs(224, 14, 1024, 24, 4096, 768, 12, 768),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_MODELS))
+def test_gmacs_of_the_papers_models_match_a_hand_count(name: str) -> None:
+    img, txt = PAPER_MODELS[name]
+    g = model_gmacs(name)  # meta device: no weights, no download
+    # the counter sees matmuls and convolutions only; norms, softmax and GELU are not MACs
+    assert g["image_gmacs"] == pytest.approx(img / 1e9, rel=1e-9)
+    assert g["text_gmacs"] == pytest.approx(txt / 1e9, rel=1e-9)
+    assert g["gmacs_per_sample"] == pytest.approx((img + txt) / 1e9, rel=1e-9)
+
+
+def test_gmacs_of_lt_tiny_count_attention() -> None:
+    """lt-tiny (64 px, patch 16, width 64, 2 layers; text 32 tokens, width 64, 2 layers; embed 64), by hand.
+
+    Counting a weighted model in eval mode under no_grad misses the image tower's attention: torch's
+    nn.MultiheadAttention then takes a fused fast path that FlopCounterMode does not see (the study's
+    counter did that before: 0.00190464 image GMACs, all q/k/v, score and out-projection MACs gone).
+    """
+    img = 16 * 3 * 16 * 16 * 64 + vit_macs(17, 64, 2, 256) + 64 * 64  # 786,432 + 1,745,152 + 4,096
+    txt = vit_macs(32, 64, 2, 256) + 64 * 64
+    assert img == 2_535_680
+    g = model_gmacs("lt-tiny")
+    assert g["image_gmacs"] == pytest.approx(img / 1e9, rel=1e-12)
+    assert g["text_gmacs"] == pytest.approx(txt / 1e9, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan of the paper's grid
+
+
+def test_plan_of_the_papers_grid_by_hand() -> None:
+    models = list(PAPER_MODELS)
+    scales = {"80M": 80_000_000, "400M": 400_000_000, "2B": 2_000_000_000}
+    seen = [3 * 10**9, 13 * 10**9, 34 * 10**9]
+    gm = {m: (i + t) / 1e9 for m, (i, t) in PAPER_MODELS.items()}
+    ips = {"ViT-B-32": 2000.0, "ViT-B-16": 800.0}  # stated; L/14 from a stated 100 TFLOP/s
+    plan = plan_grid(models, scales, seen, gm, batch_size=86_016, images_per_second=ips, gpu_tflops=100.0,
+                     shard_size=10_000, bytes_per_sample=25_000)
+    t = plan["total"]
+    assert t["runs"] == 27
+    # compute: every model runs 3 scales x (3 + 13 + 34) B samples
+    assert t["compute_gmacs"] == pytest.approx(3 * 50e9 * sum(gm.values()), rel=1e-12)
+    # GPU-hours: samples / (images/s) / 3600; L/14's rate = 100e12 / (6 * its GMACs * 1e9)
+    l14_rate = 100e12 / (6 * gm["ViT-L-14"] * 1e9)
+    assert t["gpu_hours"] == pytest.approx(3 * 50e9 * (1 / 2000 + 1 / 800 + 1 / l14_rate) / 3600, rel=1e-12)
+    # e.g. ViT-B/32 at 34B samples: 34e9 / 2000 / 3600 = 4722.2 GPU-hours
+    b32 = next(r for r in plan["runs"] if r["run_id"] == "ViT-B-32__80M__34000000000")
+    assert b32["gpu_hours"] == pytest.approx(4722.222222, rel=1e-9)
+    assert b32["epochs"] == pytest.approx(425.0) and b32["steps"] == 395_276  # ceil(34e9 / 86016)
+    # shards: 80M / 10k = 8,000, 400M -> 40,000, 2B -> 200,000; disk at 25 kB per sample
+    assert [s["shards"] for s in plan["scales"]] == [8_000, 40_000, 200_000] and t["shards"] == 248_000
+    assert [s["disk_bytes"] for s in plan["scales"]] == [2e12, 10e12, 50e12]
+    assert t["disk_bytes"] == 62e12 and t["largest_scale_disk_bytes"] == 50e12
+    # which runs share data: the 9 runs of a scale (3 models x 3 budgets) read the same shards
+    assert all(s["n_runs"] == 9 and all(f"__{s['scale']}__" in r for r in s["runs_sharing"]) for s in plan["scales"])
+    # no rate known: GPU-hours unknown, not zero
+    plan = plan_grid(models[:1], {"80M": 80_000_000}, seen, gm, batch_size=1024)
+    assert plan["total"]["gpu_hours"] is None and "unknown" in plan["runs"][0]["rate_source"]
