@@ -347,30 +347,16 @@ def _wds_tars(es: EvalSet) -> tuple[Any, list[str]]:
 def _iter_wds(es: EvalSet) -> Iterator[EvalItem]:
     import tarfile
 
+    from laiontools.wds.samples import iter_samples
+
     fs, tars = _wds_tars(es)
     for tar_path in tars:
         stem = _base(tar_path)[: -len(".tar")]
         with fs.open(tar_path, "rb") as raw:
             try:
-                tf = tarfile.open(fileobj=raw, mode="r|*")
-                # Group consecutive members by key (webdataset convention: a sample's files are adjacent).
-                cur_key: str | None = None
-                cur: dict[str, bytes] = {}
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    base = _base(m.name)
-                    key, _, ext = base.partition(".")
-                    prefix = m.name.rpartition("/")[0]
-                    key = f"{prefix}/{key}" if prefix else key
-                    if key != cur_key and cur_key is not None:
-                        yield _wds_item(es, stem, cur_key, cur)
-                        cur = {}
-                    cur_key = key
-                    f = tf.extractfile(m)
-                    cur[ext.lower()] = f.read() if f is not None else b""
-                if cur_key is not None:
-                    yield _wds_item(es, stem, cur_key, cur)
+                # webdataset's grouping: a sample is a run of adjacent members with the same key.
+                for key, files in iter_samples(raw, fs.size(tar_path), on_duplicate="last"):
+                    yield _wds_item(es, stem, key, files)
             except tarfile.TarError as e:
                 raise EvalSetError(f"evaluation set {es.name!r}: {tar_path} is not a readable tar ({e}); re-create it") from e
 

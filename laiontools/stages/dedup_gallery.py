@@ -17,6 +17,7 @@ from laiontools.core.storage import atomic_write_bytes, url_to_fs
 
 log = logging.getLogger(__name__)
 THUMB = 160
+_GALLERY_EXTS = ("jpg", "jpeg", "png", "webp", "txt")
 
 
 def thumbnail_b64(image: Any, size: int = THUMB) -> str:
@@ -32,18 +33,19 @@ def pool_images(tar_url: str, keys: set[str]) -> dict[str, tuple[Any, str | None
     """key -> (PIL image, caption) for the wanted keys of one pool tar (stops once all are found)."""
     from PIL import Image
 
+    from laiontools.wds.samples import iter_samples
+
     found: dict[str, dict[str, bytes]] = {}
     fs, p = url_to_fs(tar_url)
-    with fs.open(p, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
-        for m in tf:
-            if not m.isfile():
+    with fs.open(p, "rb") as raw:
+        for key, parts in iter_samples(raw, fs.size(p), suffixes=_GALLERY_EXTS, on_duplicate="last"):
+            if key not in keys:
                 continue
-            key, _, ext = m.name.rpartition(".")
-            if key in keys and ext.lower() in ("jpg", "jpeg", "png", "webp", "txt"):
-                f = tf.extractfile(m)
-                found.setdefault(key, {})["txt" if ext == "txt" else "img"] = f.read() if f else b""
-                if len(found) == len(keys) and all(len(v) == 2 for v in found.values()):
-                    break
+            got = found.setdefault(key, {})
+            for ext, data in parts.items():
+                got["txt" if ext == "txt" else "img"] = data
+            if len(found) == len(keys) and all(len(v) == 2 for v in found.values()):
+                break
     out = {}
     for key, parts in found.items():
         try:

@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.core.report import emit, table
 from laiontools.core.storage import sha256_file, url_to_fs
-from laiontools.wds.tarscan import split_name
+from laiontools.wds.keys import group_by_keys
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +84,29 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
     problems: list[str] = []
     try:
         with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            last = None
-            for ti in tf:
-                if not ti.isfile():
-                    continue
-                key, ext = split_name(ti.name)
-                if key != last:
-                    if key in uids:
-                        problems.append(f"key {key} appears in two places")
-                    keys.append(key)
-                    uids[key] = ""
-                    last = key
-                fh = tf.extractfile(ti)
-                data = fh.read() if fh is not None else b""
-                if len(data) != ti.size:
-                    raise tarfile.ReadError(f"member {ti.name} is cut short")
-                if ext == "json":
+
+            def members() -> Iterator[tuple[str, bytes]]:
+                for ti in tf:
+                    if not ti.isfile():
+                        continue
+                    fh = tf.extractfile(ti)
+                    data = fh.read() if fh is not None else b""
+                    if len(data) != ti.size:
+                        raise tarfile.ReadError(f"member {ti.name} is cut short")
+                    yield ti.name, data
+
+            # Samples as webdataset (so the trainer) groups them: a key that comes back after another
+            # key's members is a second sample, which is a problem here.
+            for key, parts in group_by_keys(members(), suffixes=("json",), on_duplicate="last"):
+                if key in uids:
+                    problems.append(f"key {key} appears in two places")
+                keys.append(key)
+                uids[key] = ""
+                if "json" in parts:
                     try:
-                        uids[key] = str(json.loads(data).get("uid") or "")
+                        uids[key] = str(json.loads(parts["json"]).get("uid") or "")
                     except ValueError:
-                        problems.append(f"{ti.name} is not valid JSON")
+                        problems.append(f"{key}.json is not valid JSON")
             # tarfile stops quietly at EOF on a header boundary; a complete tar ends with two zero blocks.
             f.seek(tf.offset)
             trailer = f.read(1024)

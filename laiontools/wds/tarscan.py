@@ -19,6 +19,8 @@ from __future__ import annotations
 import tarfile
 from typing import BinaryIO
 
+from laiontools.wds.keys import base_plus_ext
+
 BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(BLOCK)
 _POSIX_MAGIC = b"ustar\x0000"
@@ -28,13 +30,6 @@ _DIR = object()
 
 def _octal(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """(webdataset key, extension) of a member name: the base name split at its first dot, as
-    webdataset groups members into samples ("dir/000123.jpg" -> ("000123", "jpg"))."""
-    key, _, ext = name.rsplit("/", 1)[-1].partition(".")
-    return key, ext
 
 
 def _fields(h: bytes) -> tuple[object, str, int, int, int] | None:
@@ -233,14 +228,16 @@ def scan_headers(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]]
 
 def sample_spans(members: list[tuple[str, int, int, int, int]]) -> dict[str, tuple[int, int]]:
     """{key: (offset of its first member's headers, length to the end of its last member's padding)}
-    for the samples of :func:`tar_members` whose members are adjacent, as webdataset writers lay
-    them out. A sample with another sample's member between its own gets no span: a reader has to
-    index the tar for it."""
+    for the samples (keys by :func:`laiontools.wds.keys.base_plus_ext`) of :func:`tar_members` whose
+    members are adjacent, as webdataset writers lay them out. A sample with another sample's member
+    between its own gets no span: a reader has to index the tar for it."""
     first: dict[str, int] = {}
     end: dict[str, int] = {}
     used: dict[str, int] = {}
     for name, head, off, size, _ in members:
-        key = split_name(name)[0]
+        key = base_plus_ext(name)[0]
+        if key is None:  # no extension: not part of any sample (webdataset skips it too)
+            continue
         stop = off + -(-size // BLOCK) * BLOCK
         if key in first:
             first[key], end[key] = min(first[key], head), max(end[key], stop)

@@ -1,0 +1,72 @@
+"""Samples of a webdataset tar: the tar scanner's members grouped by the one key rule.
+
+Every stage that reads samples out of a tar (embed, dedup, the dedup gallery, the evaluation-set
+reader, verify) goes through :func:`iter_samples`: members come from :mod:`laiontools.wds.tarscan`
+(headers read directly, tarfile as the fallback, a damaged header an error rather than a silent
+stop) and are grouped by :func:`laiontools.wds.keys.group_by_keys`, whose options are passed through.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from laiontools.wds.keys import group_by_keys
+from laiontools.wds.tarscan import tar_index, tar_payloads
+
+# Magic numbers of the compressions tarfile's "r|*" opens; such tars are streamed through tarfile
+# (the header scanner reads uncompressed tars only).
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def iter_members(f: BinaryIO, file_size: int) -> Iterator[tuple[str, bytes]]:
+    """(name, payload) of the regular files of a tar file, in tar order, one member in memory at a time.
+
+    Uncompressed tars: the header index of :func:`laiontools.wds.tarscan.tar_index`, then one read per
+    member. gzip / bzip2 / xz tars: tarfile's streaming reader. Raises ``tarfile.TarError`` for a damaged,
+    truncated or non-tar file (also when a member's data is cut short).
+    """
+    f.seek(0)
+    head = f.read(6)
+    if head.startswith(_COMPRESSED_MAGIC):
+        f.seek(0)
+        with tarfile.open(fileobj=f, mode="r|*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                fh = tf.extractfile(m)
+                data = fh.read() if fh is not None else b""
+                if len(data) != m.size:
+                    raise tarfile.ReadError(f"member {m.name} is cut short ({len(data)} of {m.size} bytes)")
+                yield m.name, data
+        return
+    for name, off, size, _ in tar_index(f, file_size):
+        f.seek(off)
+        data = f.read(size)
+        if len(data) != size:
+            raise tarfile.ReadError(f"member {name} is cut short ({len(data)} of {size} bytes at offset {off})")
+        yield name, data
+
+
+def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, **group: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: payload})`` of every sample of a tar, in tar order.
+
+    `src`: the whole tar in memory (bytes), or a seekable binary file with its `file_size`. `group`:
+    options of :func:`laiontools.wds.keys.group_by_keys` (``lcase``, ``suffixes``, ``adjacent``,
+    ``skip_hidden``, ``on_duplicate``); the defaults are webdataset's. Raises ``tarfile.TarError``
+    for a tar that cannot be read and :class:`laiontools.wds.keys.DuplicateMemberError` for a repeated
+    member when ``on_duplicate="error"``.
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        if data.startswith(_COMPRESSED_MAGIC):
+            members: Any = iter_members(io.BytesIO(data), len(data))
+        else:
+            members = tar_payloads(data)
+    else:
+        if file_size is None:
+            raise TypeError("iter_samples: give file_size with a file object")
+        members = iter_members(src, file_size)
+    yield from group_by_keys(members, **group)
