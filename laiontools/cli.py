@@ -26,12 +26,14 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("laiontools.stages.train", "DDP training of an open_clip model on a manifest with a fixed samples-seen budget"),
     "evaluate": ("laiontools.stages.evaluate", "zero-shot classification and retrieval on evaluation sets"),
     "study": ("laiontools.stages.study", "grid of scale x samples-seen x model runs, scaling-law fit and report"),
+    "study fit": ("laiontools.stages.study", "frontier, power-law fit, plots and report from a results table (ours or another's)"),
+    "study plan": ("laiontools.stages.study", "GMACs, GPU-hours, shards and disk of a study grid, before running it"),
     "synth": ("laiontools.synthetic", "write a synthetic LAION-format source (metadata + images) and/or serve it"),
     "demo": ("laiontools.stages.demo", "the whole pipeline on a synthetic source, on this machine"),
 }
 
 # Stages whose module serves several commands pick the entry point by name.
-_ENTRY = {"inspect": "inspect_main", "verify": "verify_main"}
+_ENTRY = {"inspect": "inspect_main", "verify": "verify_main", "study fit": "fit_main", "study plan": "plan_main"}
 
 
 def _usage() -> str:

@@ -1,4 +1,7 @@
-"""`laiontools study`: fit maths on exact data, and a real (tiny) grid killed and resumed."""
+"""`laiontools study`: the grid (a real tiny one, killed and resumed), `study fit` on results tables, `study plan`.
+
+The fit maths alone are tested against independent computations in test_scaling.py.
+"""
 
 from __future__ import annotations
 
@@ -15,44 +18,21 @@ import pytest
 import yaml
 
 from laiontools.core.config import ConfigError
+from laiontools.core.errors import UserError
 from laiontools.core.storage import is_done
 from laiontools.stages import study as study_stage
-from laiontools.stages.study import (
-    StudyConfig,
-    fit_power_law,
-    model_gmacs,
-    pareto_frontier,
-    predict,
-)
+from laiontools.stages.study import StudyConfig, model_gmacs
 from laiontools.testing.train_pool import write_color_evalset, write_resharded_subset
 
 
-def test_frontier_and_fit_recover_a_power_law() -> None:
-    alpha, beta = -0.3, 2.0
-    cs = [1e3, 1e4, 1e5, 1e6]
-    es = [beta * c**alpha for c in cs]
-    # dominated runs (more compute, worse error) must not enter the fit
-    compute = cs + [2e4, 3e5]
-    error = es + [0.9, 0.5]
-    front = pareto_frontier(compute, error)
-    assert front == [0, 1, 2, 3]
-    fit = fit_power_law([compute[i] for i in front], [error[i] for i in front])
-    assert fit["alpha"] == pytest.approx(alpha, abs=1e-9) and fit["beta"] == pytest.approx(beta, rel=1e-9)
-    assert fit["alpha_se"] < 1e-9 and fit["r2"] == pytest.approx(1.0)
-    p = predict(fit, 1e8)
-    assert p["error"] == pytest.approx(beta * 1e8**alpha, rel=1e-9)
-    # with noise the standard error is positive and covers the truth
-    noisy = [e * f for e, f in zip(es, (1.05, 0.96, 1.03, 0.98))]
-    fit = fit_power_law(cs, noisy)
-    assert fit["alpha_se"] > 0 and abs(fit["alpha"] - alpha) < 3 * fit["alpha_se"]
-    assert fit["beta_se"] > 0
-    p = predict(fit, 1e8)
-    assert p["error_lo"] < p["error"] < p["error_hi"]
-    # two points: a fit, but no standard error
-    fit = fit_power_law(cs[:2], es[:2])
-    assert math.isnan(fit["alpha_se"]) and fit["alpha"] == pytest.approx(alpha)
-    with pytest.raises(ValueError):
-        fit_power_law([1e3, 1e3], [0.5, 0.4])
+def _json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def test_gmacs_counted() -> None:
@@ -117,7 +97,7 @@ def test_study_grid_killed_and_resumed(tmp_path) -> None:
 
     res = study_stage.run(StudyConfig(**cfg)).details
     # the finished point was skipped: trained once, evaluated once
-    assert len(open(os.path.join(first, "train", "launches.jsonl")).readlines()) == 1
+    assert len(_text(os.path.join(first, "train", "launches.jsonl")).splitlines()) == 1
     assert os.path.getmtime(os.path.join(first, "eval.json")) == eval_mtime
 
     df = pd.read_csv(os.path.join(out, "results.csv"))
@@ -129,13 +109,162 @@ def test_study_grid_killed_and_resumed(tmp_path) -> None:
     assert df.groupby("samples_seen")["steps"].nunique().eq(1).all()
     assert "colors/zeroshot_top1" in df.columns and "colors/image_to_text_R@5" in df.columns
 
-    fits = json.load(open(os.path.join(out, "fits.json")))["fits"]
+    fits = _json(os.path.join(out, "fits.json"))["fits"]
     assert set(fits) == {"colors/zeroshot_top1", "colors/image_to_text_R@5", "colors/text_to_image_R@5"}
-    for e in fits.values():
-        assert e["frontier"], "a frontier has at least the best run at the smallest compute"
-        assert (e["fit"] and math.isfinite(e["fit"]["alpha"]) and e["predictions"]) or e["why_no_fit"]
+    for m, e in fits.items():
+        # the frontier recomputed here from results.csv: at each compute the lowest error, kept when it
+        # beats every lower compute's (compared as (compute, error) pairs: runs may tie)
+        best_at = df.assign(err=1 - df[m]).groupby("compute_gmacs")["err"].min().sort_index()
+        expected, best = [], math.inf
+        for c, err in best_at.items():
+            if err < best and err > 0:
+                expected.append((c, err))
+                best = err
+        got = df.set_index("run_id").loc[e["frontier"]]
+        assert list(zip(got["compute_gmacs"], 1 - got[m])) == pytest.approx(expected)
+        if len(expected) >= 2:  # two frontier points at different compute: a fit must be made
+            assert e["fit"] is not None, f"{m}: no fit although the frontier has {len(expected)} points: {e.get('why_no_fit')}"
+            (c0, e0), (c1, e1) = expected[0], expected[-1]
+            if len(expected) == 2:  # the line through both points
+                assert e["fit"]["alpha"] == pytest.approx(math.log10(e1 / e0) / math.log10(c1 / c0), rel=1e-9)
+            assert e["predictions"]
+        else:
+            assert e["fit"] is None and "at least 2 points" in e["why_no_fit"]
     for rel in res["plots"].values():
         with open(os.path.join(out, rel), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    page = open(res["report"]).read()
+    page = _text(res["report"])
     assert "colors/zeroshot_top1" in page and "plots/" in page and "lt-tiny__32__32" in page
+
+
+# ---------------------------------------------------------------------------------------------
+# `laiontools study fit`
+
+
+ALPHA, BETA = -0.25, 3.0
+COMPUTE = [2e3, 2e4, 2e5, 2e6, 2e7]
+
+
+def _our_table(path: str) -> None:
+    """A results.csv as `study` writes it: 5 frontier runs on E = 3 C^-0.25 (R@5 on E = 1.5 C^-0.1), 2 dominated runs."""
+    rows = []
+    for i, c in enumerate(COMPUTE + [3e4, 3e6]):
+        frontier = i < len(COMPUTE)
+        rows.append({
+            "run_id": f"lt-tiny__s{i}__{int(c)}", "model": "lt-tiny", "scale": f"s{i % 3}", "dataset_samples": 100 * (i % 3 + 1),
+            "samples_seen": int(c), "gmacs_per_sample": 1.0, "compute_gmacs": c, "final_loss": 1.0,
+            "heldout/zeroshot_top1": 1 - BETA * c**ALPHA if frontier else 0.01,
+            "heldout/image_to_text_R@5": 1 - 1.5 * c**-0.1 if frontier else 0.0,
+        })  # fmt: skip
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def test_study_fit_on_our_results_table(tmp_path) -> None:
+    csv = str(tmp_path / "results.csv")
+    _our_table(csv)
+    out = str(tmp_path / "fit")
+    assert study_stage.main(["fit", "--results", csv, "--output", out, "--predict-at", "2e9"]) == 0
+    fits = _json(os.path.join(out, "fits.json"))
+    assert fits["kind"] == "accuracy" and set(fits["fits"]) == {"heldout/zeroshot_top1", "heldout/image_to_text_R@5"}
+    z = fits["fits"]["heldout/zeroshot_top1"]
+    assert z["frontier"] == [f"lt-tiny__s{i}__{int(c)}" for i, c in enumerate(COMPUTE)]  # the dominated runs are out
+    assert z["fit"]["alpha"] == pytest.approx(ALPHA, abs=1e-9) and z["fit"]["beta"] == pytest.approx(BETA, rel=1e-9)
+    assert z["predictions"][0]["metric"] == pytest.approx(1 - BETA * 2e9**ALPHA, rel=1e-9)
+    r = fits["fits"]["heldout/image_to_text_R@5"]
+    assert r["fit"]["alpha"] == pytest.approx(-0.1, abs=1e-9) and r["fit"]["beta"] == pytest.approx(1.5, rel=1e-9)
+    pngs = sorted(os.listdir(os.path.join(out, "plots")))
+    assert pngs == ["heldout_image_to_text_R_5.png", "heldout_zeroshot_top1.png"]
+    for name in pngs:
+        with open(os.path.join(out, "plots", name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    page = _text(os.path.join(out, "report.html"))
+    assert "heldout/zeroshot_top1" in page and "-0.25" in page and "plots/heldout_zeroshot_top1.png" in page
+    assert len(pd.read_csv(os.path.join(out, "fit_input.csv"))) == 7
+
+
+def test_study_fit_on_another_studys_table(tmp_path) -> None:
+    """A table shaped like a published study's: other column names, several downstream sets, accuracy in percent."""
+    rows = []
+    for c in COMPUTE:
+        rows.append({"model_name": "ViT-B-32", "gmacs_total": c, "downstream_dataset": "imagenet1k", "acc1": 100 * (1 - BETA * c**ALPHA)})
+        rows.append({"model_name": "ViT-B-32", "gmacs_total": c, "downstream_dataset": "cifar10", "acc1": 100 * (1 - 0.9 * c**-0.05)})
+    csv = str(tmp_path / "theirs.csv")
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    out = str(tmp_path / "fit")
+    # through the installed command line, as a user would call it
+    cmd = [sys.executable, "-m", "laiontools", "study", "fit", "--results", csv, "--output", out,
+           "--columns", "compute_gmacs=gmacs_total,model=model_name", "--where", "downstream_dataset=imagenet1k",
+           "--metrics", "acc1", "--metric-scale", "100"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+    assert "acc1" in p.stdout and "report" in p.stdout
+    e = _json(os.path.join(out, "fits.json"))["fits"]["acc1"]
+    assert e["n_runs"] == 5  # the cifar10 rows were filtered out (they would pull alpha towards -0.05)
+    assert e["fit"]["alpha"] == pytest.approx(ALPHA, abs=1e-9) and e["fit"]["beta"] == pytest.approx(BETA, rel=1e-9)
+
+    # the same law given as an error column
+    pd.DataFrame({"gmacs_total": COMPUTE, "top1_error": [BETA * c**ALPHA for c in COMPUTE]}).to_csv(tmp_path / "err.csv", index=False)
+    res = study_stage.run_fit(study_stage.FitConfig(results=str(tmp_path / "err.csv"), output=str(tmp_path / "fit_err"),
+                                                    columns=["compute_gmacs=gmacs_total"], metrics=["top1_error"],
+                                                    metric_kind="error"))  # fmt: skip
+    f = res.details["fits"]["top1_error"]["fit"]
+    assert f["alpha"] == pytest.approx(ALPHA, abs=1e-9) and res.counts["fitted"] == 1
+
+    # percentages without --metric-scale, an unknown metric, a bad kind: errors that say what to do
+    with pytest.raises(UserError, match="--metric-scale 100"):
+        study_stage.main(["fit", "--results", csv, "--output", out, "--columns", "compute_gmacs=gmacs_total", "--metrics", "acc1"])
+    with pytest.raises(UserError, match="no metric column 'acc5'"):
+        study_stage.main(["fit", "--results", csv, "--output", out, "--columns", "compute_gmacs=gmacs_total", "--metrics", "acc5"])
+    with pytest.raises(UserError, match="name them with --metrics"):
+        study_stage.main(["fit", "--results", csv, "--output", out, "--columns", "compute_gmacs=gmacs_total"])
+    with pytest.raises(ConfigError, match="metric-kind"):
+        study_stage.main(["fit", "--results", csv, "--output", out, "--metric-kind", "loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# `laiontools study plan`
+
+
+def test_study_plan_of_the_papers_grid(tmp_path, capsys) -> None:
+    cfg = {
+        "output": str(tmp_path / "study"),
+        "scales": {"80M": 80_000_000, "400M": "400M", "2B": None},  # a count, a count's name, or the scale name itself
+        "samples_seen": ["3B", "13B", 34_000_000_000],
+        "models": ["ViT-B-32", "ViT-B-16", "ViT-L-14"],
+        "batch_size": 86_016,
+        "nproc": 8,
+        "images_per_second": {"ViT-B-32": 2000, "ViT-B-16": 800, "ViT-L-14": 250},
+        "shard_size": 10_000,
+        "bytes_per_sample": 25_000,
+        "evalset": ["imagenet=/data/imagenet/val:imagefolder"],  # a study.yaml's own settings are accepted, unused
+        "train": {"lr": 0.001},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert study_stage.main(["plan", "--config", str(path)]) == 0
+    text = capsys.readouterr().out
+    plan = _json(tmp_path / "study" / "plan.json")
+    g = {m: model_gmacs(m)["gmacs_per_sample"] for m in cfg["models"]}  # the counter (checked by hand in test_scaling)
+    t = plan["total"]
+    assert t["runs"] == 27 and len(plan["runs"]) == 27
+    # by hand: each model trains 3 scales x (3 + 13 + 34) = 150 B samples
+    assert t["compute_gmacs"] == pytest.approx(150e9 * (g["ViT-B-32"] + g["ViT-B-16"] + g["ViT-L-14"]), rel=1e-12)
+    # 150e9 / 2000 / 3600 = 20,833.3 + 150e9 / 800 / 3600 = 52,083.3 + 150e9 / 250 / 3600 = 166,666.7 GPU-hours
+    assert t["gpu_hours"] == pytest.approx(20_833.333333 + 52_083.333333 + 166_666.666667, rel=1e-9)
+    assert t["shards"] == 8_000 + 40_000 + 200_000 and t["disk_bytes"] == pytest.approx(62e12)
+    assert [s["samples"] for s in plan["scales"]] == [80_000_000, 400_000_000, 2_000_000_000]
+    assert [s["n_runs"] for s in plan["scales"]] == [9, 9, 9]
+    l14 = next(r for r in plan["runs"] if r["run_id"] == "ViT-L-14__2B__13000000000")
+    assert l14["epochs"] == pytest.approx(6.5) and l14["wall_hours"] == pytest.approx(13e9 / 250 / 3600 / 8)
+    assert "27 runs" in text and "2.396e+05 GPU-hours" in text and "62 TB of resharded data" in text
+
+    # scales given as resharded manifests: their sample counts (and bytes) are read
+    small = write_resharded_subset(str(tmp_path / "m16"), n_shards=1, per_shard=16, name="s16")
+    res = study_stage.run_plan(study_stage.PlanConfig(scales={"s16": small}, samples_seen=[64], models=["lt-tiny"],
+                                                      batch_size=8, gpu_tflops=1.0))  # fmt: skip
+    r = res.details["runs"][0]
+    assert r["dataset_samples"] == 16 and r["epochs"] == 4 and r["steps"] == 8
+    g_tiny = model_gmacs("lt-tiny")["gmacs_per_sample"]
+    assert r["images_per_second"] == pytest.approx(1e12 / (6 * g_tiny * 1e9))  # 1 TFLOP/s / (6 x GMACs)
+    with pytest.raises(ConfigError, match="neither an existing manifest nor a sample count"):
+        study_stage.run_plan(study_stage.PlanConfig(scales={"big": "missing.json"}, samples_seen=[64], models=["lt-tiny"]))

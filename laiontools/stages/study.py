@@ -15,6 +15,15 @@ picks up where it stopped. Then it:
 * predicts E at larger compute, draws Figure-1-style log-log plots (PNG) and writes ``fits.json``
   and an HTML report.
 
+The analysis lives in :mod:`laiontools.scaling`; two sub-commands use it without training:
+
+* ``laiontools study fit --results <csv> --output <dir>``: the same frontier, fits, plots and report
+  from an existing results table: ours, or another study's with ``--columns ours=theirs,...``,
+  ``--where column=value`` filters, ``--metric-kind accuracy|error`` and ``--metric-scale 100``;
+* ``laiontools study plan --config study.yaml``: per run and in total, GMACs (the same counter),
+  steps, epochs and GPU-hours (at stated ``images_per_second``, a stated ``gpu_tflops``, or
+  ``--measure``d on this device), and per scale shards, disk and the runs that share its data.
+
 Config (YAML, ``--config``)::
 
     output: study/
@@ -454,7 +463,7 @@ def run_plan(cfg: PlanConfig) -> StageResult:
                  "epochs": g(r["epochs"], ".3g"), "steps": r["steps"], "compute (GMACs)": g(r["compute_gmacs"]),
                  "img/s/GPU": g(r["images_per_second"]), "GPU-hours": g(r["gpu_hours"])} for r in plan["runs"]]
     scale_rows = [{"scale": s["scale"], "samples": s["samples"], "shards": s["shards"],
-                   "disk": _human_bytes(s["disk_bytes"]) if bps else "n/a", "runs sharing its shards": s["n_runs"],
+                   "disk": _human_bytes(s["disk_bytes"]) if bps else "n/a", "runs sharing its shards": f"{s['n_runs']} ({', '.join(cfg.models)} x {len(cfg.samples_seen)} budgets)",
                    "compute (GMACs)": g(s["compute_gmacs"]), "GPU-hours": g(s["gpu_hours"])} for s in plan["scales"]]
     t = plan["total"]
     sources = sorted({r["rate_source"] for r in plan["runs"]})
