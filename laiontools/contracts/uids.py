@@ -68,14 +68,62 @@ def uid_of(url: str | None, caption: str | None) -> str:
 
 
 def uids_to_array(uids: Iterable[str]) -> np.ndarray:
-    """Hex uids -> structured ``u8,u8`` array (unsorted, same order)."""
-    uids = list(uids)
-    arr = np.empty(len(uids), dtype=UID_DTYPE)
-    for i, u in enumerate(uids):
-        if len(u) != 32:
-            raise ValueError(f"uid {u!r} at position {i} is not 32 hex chars")
-        arr[i] = (int(u[:16], 16), int(u[16:], 16))
-    return arr
+    """Hex uids (a list, pandas Series, ... of 32-char hex strings) -> ``UID_DTYPE`` array, unsorted, same
+    order; vectorized (one ``bytes.fromhex`` over all of them). Raises InputError naming the first uid
+    that is not 32 hex chars."""
+    from laiontools.core.errors import InputError
+
+    seq = list(uids)
+    n = len(seq)
+    out = np.empty(n, dtype=UID_DTYPE)
+    if n == 0:
+        return out
+    bad = next((i for i, u in enumerate(seq) if not isinstance(u, str) or len(u) != 32), None)
+    if bad is None:
+        try:
+            raw = bytes.fromhex("".join(seq))
+        except ValueError:
+            bad = next(i for i, u in enumerate(seq) if not _is_hex(u))
+    if bad is not None:
+        raise InputError(f"uid {seq[bad]!r} at position {bad} is not 32 hex chars; the catalog or uid list is corrupt")
+    both = np.frombuffer(raw, dtype=">u8").reshape(n, 2)
+    out["hi"] = both[:, 0]
+    out["lo"] = both[:, 1]
+    return out
+
+
+def _is_hex(u: str) -> bool:
+    try:
+        bytes.fromhex(u)
+    except ValueError:
+        return False
+    return True
+
+
+def hex_column_to_keys(col: Any) -> np.ndarray:
+    """Arrow string column of 32-char hex uids -> ``S16`` array of their 16 raw bytes (big-endian, so
+    byte order is uid order), without making a Python string per uid. Raises InputError for a null or
+    a value that is not 32 hex chars."""
+    import pyarrow as pa
+
+    from laiontools.core.errors import InputError
+
+    if col.null_count:
+        raise InputError("a uid is null; the catalog is corrupt")
+    col = col.cast(pa.large_string()) if col.type != pa.large_string() else col
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col) + 1]
+    if not bool(np.all(np.diff(offsets) == 32)):
+        raise InputError("a uid is not 32 hex chars; the catalog is corrupt")
+    data = col.buffers()[2].to_pybytes()[offsets[0] : offsets[-1]] if len(col) else b""
+    try:
+        return np.frombuffer(bytes.fromhex(data.decode("ascii")), dtype="S16")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"a uid is not 32 hex chars; the catalog is corrupt ({e})") from e
+
+
+def keys_to_file_bytes(keys: np.ndarray) -> bytes:
+    """``S16`` big-endian uid keys -> the bytes a uid file stores for them ((hi, lo) little-endian u8 pairs)."""
+    return np.frombuffer(keys.tobytes(), dtype=">u8").astype("<u8").tobytes()
 
 
 def array_to_uids(arr: np.ndarray) -> list[str]:
@@ -105,11 +153,7 @@ def save_uids(path: str, uids: Iterable[str] | np.ndarray) -> tuple[str, int]:
 
     arr = uids if isinstance(uids, np.ndarray) else uids_to_array(uids)
     arr = sort_unique(arr)
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    data = buf.getvalue()
+    data = npy_header(len(arr)) + arr.tobytes()
     atomic_write_bytes(path, data)
     return sha256_bytes(data), len(arr)
 
@@ -133,60 +177,133 @@ def load_uids(path: str, mmap: bool = True) -> np.ndarray:
     return arr
 
 
-def _write_uid_partition(pid: int, rows: Any, tmp_dir: str) -> Any:
-    from laiontools.core.storage import atomic_open
-
-    uids = [r[0] for r in rows]
-    arr = uids_to_array(uids)  # already sorted within the partition by Spark
-    with atomic_open(f"{tmp_dir}/part-{pid:06d}.bin") as f:
-        f.write(arr.tobytes())
-    yield (pid, len(arr))
-
-
-def save_uids_spark(df: Any, uid_col: str, path: str, num_partitions: int | None = None) -> tuple[str, int]:
-    """Write the sorted, unique uids of a Spark DataFrame column as a uid file, without collecting them.
-
-    Spark range-partitions and sorts; each task writes its sorted run as raw ``u8,u8`` bytes; the
-    driver streams the runs, in partition order, behind one ``.npy`` header. Driver memory stays flat
-    however many uids there are. Returns (sha256 of the file, count).
-    """
-    import hashlib
-    import uuid as _uuid
-
-    from laiontools.core.storage import atomic_open, url_to_fs
-
-    tmp_dir = f"{path}.parts-{_uuid.uuid4().hex[:8]}"
-    sorted_df = df.select(uid_col).where(f"`{uid_col}` IS NOT NULL").distinct()
-    n = num_partitions or max(1, sorted_df.rdd.getNumPartitions())
-    sorted_df = sorted_df.repartitionByRange(n, uid_col).sortWithinPartitions(uid_col)
-    counts = dict(sorted_df.rdd.mapPartitionsWithIndex(lambda pid, it: _write_uid_partition(pid, it, tmp_dir)).collect())
-    total = int(sum(counts.values()))
-    header = io_header(total)
-    h = hashlib.sha256()
-    fs, tmp_p = url_to_fs(tmp_dir)
-    try:
-        with atomic_open(path) as out:
-            out.write(header)
-            h.update(header)
-            for pid in sorted(counts):
-                with fs.open(f"{tmp_p}/part-{pid:06d}.bin", "rb") as f:
-                    while chunk := f.read(1 << 22):
-                        out.write(chunk)
-                        h.update(chunk)
-    finally:
-        if fs.exists(tmp_p):
-            fs.rm(tmp_p, recursive=True)
-    return h.hexdigest(), total
-
-
-def io_header(count: int) -> bytes:
-    """The .npy header of a 1-D UID_DTYPE array of `count` items (what np.save would write)."""
+def npy_header(count: int) -> bytes:
+    """The ``.npy`` header of a 1-D ``UID_DTYPE`` array of `count` items: what ``np.save`` writes
+    before the data (tested), so a uid file can be streamed, header first, without holding the array."""
     import io
 
     from numpy.lib import format as npformat
 
     buf = io.BytesIO()
     npformat.write_array_header_1_0(
-        buf, {"descr": npformat.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (count,)}
+        buf, {"descr": npformat.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (int(count),)}
     )
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# uid files from Spark (download's pool uids, subsets' nested subsets): one writer for both
+
+
+def _uid_run_writer(tmp_dir: str, n_out: int, tiered: bool) -> Any:
+    """mapInArrow function: one range partition of (uid, [tier], _pid) rows, sorted by uid -> one raw
+    ``u8,u8`` run file per output, and one row per output (pid, out, count, first, last key)."""
+
+    def write(batches: Any) -> Any:
+        from contextlib import ExitStack
+
+        import pyarrow as pa
+
+        from laiontools.core.storage import atomic_open
+
+        pid, files, prev = None, [], None
+        counts, first, last = [0] * n_out, [b""] * n_out, [b""] * n_out
+        with ExitStack() as stack:
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                if pid is None:
+                    pid = int(batch.column(batch.num_columns - 1)[0].as_py())
+                    files = [stack.enter_context(atomic_open(f"{tmp_dir}/part-{pid:06d}-{s:03d}.bin")) for s in range(n_out)]
+                keys = hex_column_to_keys(batch.column(0))
+                # Spark sorted the partition; checked, since a wrong order would make a corrupt uid file.
+                if (len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1]))) or (prev is not None and not keys[0] > prev):
+                    raise RuntimeError(f"uid partition {pid}: uids are not strictly increasing; Spark's sort order was lost")
+                prev = keys[-1]
+                tier = batch.column(1).to_numpy(zero_copy_only=False) if tiered else None
+                for s in range(n_out):
+                    sel = keys if tier is None else keys[tier >= s]
+                    if len(sel):
+                        files[s].write(keys_to_file_bytes(sel))
+                        first[s] = first[s] or sel[:1].tobytes()  # tobytes: bytes(np.bytes_) drops trailing NULs
+                        last[s] = sel[-1:].tobytes()
+                        counts[s] += len(sel)
+        if pid is not None:
+            yield pa.RecordBatch.from_pydict(
+                {"pid": [pid] * n_out, "out": list(range(n_out)), "count": counts, "first": first, "last": last},
+                schema=pa.schema([("pid", pa.int32()), ("out", pa.int32()), ("count", pa.int64()),
+                                  ("first", pa.binary()), ("last", pa.binary())]),
+            )
+
+    return write
+
+
+def save_uids_spark(
+    df: Any,
+    uid_col: str,
+    paths: list[str],
+    *,
+    tier_col: str | None = None,
+    expected: list[int] | None = None,
+    distinct: bool = True,
+    num_partitions: int | None = None,
+) -> list[tuple[str, int]]:
+    """Write the sorted, unique uids of a Spark DataFrame as uid files, without collecting them.
+
+    One file: ``paths=[path]``. Nested files (subsets): row goes to ``paths[s]`` for every
+    ``s <= row[tier_col]``, so ``paths[0]`` gets every row. Spark range-partitions and sorts by uid;
+    each task writes its sorted run for every file as raw ``u8,u8`` bytes; the driver streams the
+    runs in partition order behind one :func:`npy_header`. Driver memory stays flat however many
+    uids there are; the bytes equal :func:`save_uids` of each set. `distinct`: drop repeated uids
+    first (False when the rows are unique by construction; a repeat then raises). `expected`: counts
+    the files must have. Returns (sha256 of the file, count) per path.
+    """
+    import hashlib
+    import itertools
+    import uuid as _uuid
+
+    from pyspark.sql import functions as F
+
+    from laiontools.core.storage import atomic_open, url_to_fs
+
+    cols = [uid_col] + ([tier_col] if tier_col else [])
+    rows = df.select(*cols).where(F.col(uid_col).isNotNull())
+    if distinct:
+        rows = rows.distinct()
+    n = num_partitions or max(1, rows.rdd.getNumPartitions())
+    tmp_dir = f"{paths[0]}.parts-{_uuid.uuid4().hex[:8]}"
+    runs = (
+        rows.repartitionByRange(n, uid_col)
+        .sortWithinPartitions(uid_col)
+        .withColumn("_pid", F.spark_partition_id())
+        .mapInArrow(_uid_run_writer(tmp_dir, len(paths), tier_col is not None),
+                    "pid int, out int, count long, first binary, last binary")
+        .collect()
+    )
+    fs, tmp_p = url_to_fs(tmp_dir)
+    results = []
+    try:
+        for s, path in enumerate(paths):
+            parts = sorted((int(r["pid"]), int(r["count"]), bytes(r["first"]), bytes(r["last"])) for r in runs if r["out"] == s)
+            parts = [p for p in parts if p[1]]
+            for a, b in itertools.pairwise(parts):
+                if not a[3] < b[2]:
+                    raise RuntimeError(f"{path}: uid partitions {a[0]} and {b[0]} overlap; Spark's range partitioning was lost")
+            total = sum(p[1] for p in parts)
+            if expected is not None and total != expected[s]:
+                raise RuntimeError(f"{path}: Spark wrote {total} uids, expected {expected[s]}")
+            h = hashlib.sha256()
+            with atomic_open(path) as out:
+                header = npy_header(total)
+                out.write(header)
+                h.update(header)
+                for pid, *_ in parts:
+                    with fs.open(f"{tmp_p}/part-{pid:06d}-{s:03d}.bin", "rb") as f:
+                        while chunk := f.read(1 << 22):
+                            out.write(chunk)
+                            h.update(chunk)
+            results.append((h.hexdigest(), total))
+    finally:
+        if fs.exists(tmp_p):
+            fs.rm(tmp_p, recursive=True)
+    return results

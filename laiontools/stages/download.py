@@ -443,7 +443,7 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
     cat_dir, n_rows = write_catalog(cat, cfg)
     cat = spark.read.parquet(cat_dir)
     succ = cat.where(F.col(C.STATUS) == C.STATUS_SUCCESS)
-    uid_sha, n_uids = save_uids_spark(succ, C.UID, join(cfg.output, layout.POOL_UIDS))
+    [(uid_sha, n_uids)] = save_uids_spark(succ, C.UID, [join(cfg.output, layout.POOL_UIDS)])
     per_shard = {r[C.SHARD]: int(r["count"]) for r in succ.groupBy(C.SHARD).count().collect()}
     listed = []
     for s in shards:

@@ -28,7 +28,7 @@ from laiontools.contracts.profiles import (
 )
 from laiontools.contracts.uids import compute_uid, normalize_caption, normalize_url
 from laiontools.core.config import ConfigError
-from laiontools.core.errors import InputError
+from laiontools.core.errors import InputError, TaskError, task_error, user_error_from
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import is_done, join, mark_done, read_json, sha256_bytes, url_to_fs, write_json
@@ -44,7 +44,6 @@ FORMATS = {
 }
 # Marker in exception text so that an input error raised inside a Spark task reaches the user as
 # itself, not as a Java stack trace.
-_ERR_TAG = "LAIONTOOLS_INPUT_ERROR::"
 
 # Columns of the prepared rows, before extra source columns.
 PREPARED_FIELDS: list[tuple[str, str]] = [
@@ -304,7 +303,7 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(f"{_ERR_TAG}{path}: line {row + 1} is not valid UTF-8 ({e}); re-encode the file as UTF-8") from e
+                raise task_error(f"{path}: line {row + 1} is not valid UTF-8 ({e}); re-encode the file as UTF-8") from e
             if not text.strip():
                 yield row, "empty line"
                 continue
@@ -350,13 +349,13 @@ def prepare_task(task: dict[str, Any]) -> Iterator[tuple]:
                 nums[SOURCE_WIDTH], nums[SOURCE_HEIGHT], _to_str(get(SOURCE_SHA256)), status, err,
                 *(_to_str(rec.get(c)) for c in extras),
             )
-    except InputError:
+    except (InputError, TaskError):
         raise
     except Exception as e:
         msg = str(e)
         if "UTF8" in msg or "UTF-8" in msg or isinstance(e, UnicodeDecodeError):
-            raise InputError(f"{_ERR_TAG}{task['path']}: text is not valid UTF-8 ({msg[:200]}); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from e
-        raise InputError(f"{_ERR_TAG}{task['path']}: cannot read it as {task['fmt']} ({type(e).__name__}: {msg[:300]}); check the file") from e
+            raise task_error(f"{task['path']}: text is not valid UTF-8 ({msg[:200]}); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from e
+        raise task_error(f"{task['path']}: cannot read it as {task['fmt']} ({type(e).__name__}: {msg[:300]}); check the file") from e
 
 
 def _tasks(files: list[SourceFile], mapping: dict[str, str], extras: list[str], policy: dict[str, Any]) -> list[dict[str, Any]]:
@@ -379,16 +378,6 @@ def _tasks(files: list[SourceFile], mapping: dict[str, str], extras: list[str], 
         else:
             tasks.append(base)
     return tasks
-
-
-def unwrap_spark_error(e: BaseException) -> BaseException:
-    """Turn a Spark task failure caused by our InputError back into a clean InputError."""
-    text = str(e)
-    i = text.find(_ERR_TAG)
-    if i >= 0:
-        msg = text[i + len(_ERR_TAG):].split("\n", 1)[0]
-        return InputError(msg)
-    return e
 
 
 # ----------------------------------------------------------------------------- the Spark job
@@ -506,7 +495,7 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
                 raise RuntimeError(f"prepare wrote {written} accepted rows but counted {n_acc}; re-run prepare")
         df.unpersist()
     except Exception as e:
-        raise unwrap_spark_error(e) from e
+        raise (user_error_from(e) or e) from e
 
     stats = {
         "profile": profile,

@@ -62,7 +62,7 @@ from laiontools.contracts.manifest import (
     write_manifest,
 )
 from laiontools.core.config import ConfigError
-from laiontools.core.errors import InputError, UserError
+from laiontools.core.errors import InputError, UserError, task_error, user_error_from
 from laiontools.core.report import table
 from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import (
@@ -95,7 +95,6 @@ SIZES_JSON = "sizes.json"
 PLAN_JSON = "reshard.json"
 OUT_MANIFEST = "subset.manifest.json"
 OUT_UIDS = "uids.npy"
-_USER_ERROR_TAG = "LAIONTOOLS-USER-ERROR: "
 
 
 class ReshardError(UserError, ValueError):
@@ -156,18 +155,6 @@ def new_key(j: int, i: int, width: int) -> str:
     return f"{j:05d}{i:0{width}d}"
 
 
-def _raise_user(msg: str) -> None:
-    # Raised inside Spark tasks: the tag lets the driver turn the wrapped error back into a UserError.
-    raise RuntimeError(_USER_ERROR_TAG + msg)
-
-
-def _unwrap(e: BaseException) -> None:
-    text = str(e)
-    if _USER_ERROR_TAG in text:
-        msg = text.split(_USER_ERROR_TAG, 1)[1].splitlines()[0]
-        raise ReshardError(msg) from None
-
-
 # ----------------------------------------------------------------------------------------------
 # executor functions (module level: Spark pickles them by reference)
 
@@ -191,9 +178,9 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
         for key, parts in group_by_keys(entries, lcase=False, adjacent=False):
             out.extend((sid, key, ext, off, size, mtime) for ext, (off, size, mtime) in parts.items() if ext)
     except DuplicateMemberError as e:
-        _raise_user(f"source shard {url}: {e}; the shard is damaged, re-download it")
+        raise task_error(f"source shard {url}: {e}; the shard is damaged, re-download it")
     except (tarfile.TarError, OSError, EOFError) as e:
-        _raise_user(f"source shard {url} is truncated or unreadable ({e}); run `laiontools verify` on the pool and re-download it")
+        raise task_error(f"source shard {url} is truncated or unreadable ({e}); run `laiontools verify` on the pool and re-download it")
     return out
 
 
@@ -218,7 +205,7 @@ class _Sources:
         while len(data) < size:  # a read may return short; finish it before calling the shard truncated
             more = _read_at(f, offset + len(data), size - len(data))
             if not more:
-                _raise_user(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
+                raise task_error(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
             data = more if not data else data + more
         return data
 
@@ -310,7 +297,7 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
             break
         out.append((ext, off, size, mtime))
     if not members:
-        _raise_user(
+        raise task_error(
             f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} are not "
             "its tar members; the shard changed since download: run `laiontools verify` on the pool"
         )
@@ -381,9 +368,9 @@ def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: 
     try:
         meta = json.loads(bytes(data))
     except ValueError:
-        _raise_user(f"source shard {url}: {skey}.json is not valid JSON; the shard is damaged, re-download it")
+        raise task_error(f"source shard {url}: {skey}.json is not valid JSON; the shard is damaged, re-download it")
     if meta.get("uid", uid) != uid:
-        _raise_user(f"source shard {url}: {skey}.json has uid {meta.get('uid')} but the catalog says {uid}; the catalog and shard disagree")
+        raise task_error(f"source shard {url}: {skey}.json has uid {meta.get('uid')} but the catalog says {uid}; the catalog and shard disagree")
     meta.update({"uid": uid, "key": key, "source_shard": sid, "source_key": skey})
     return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
 
@@ -541,7 +528,9 @@ def _reshard(cfg: ReshardConfig, spark: Any) -> dict[str, Any]:
         except UserError:
             raise
         except Exception as e:  # errors raised inside tasks arrive wrapped by py4j
-            _unwrap(e)
+            err = user_error_from(e, ReshardError)
+            if err is not None:
+                raise err from None
             raise
     sizes = {shard_name(j): results[j]["num_samples"] for j in range(k)}
     write_json(join(out_dir, SIZES_JSON), sizes)

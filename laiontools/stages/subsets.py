@@ -20,8 +20,9 @@ set and the seed.
 
 It runs as one Spark job over the catalog; the catalog never comes to the driver. The driver sees
 a 65,536-bucket histogram of the scores, the few rows of the bucket where each cut falls, and then
-streams each scale's sorted uid list (written by Spark as parquet) into the ``.npy`` file, one part
-file at a time, so driver memory does not grow with the pool or the subset.
+concatenates the sorted uid runs that Spark tasks wrote for every scale into the ``.npy`` files
+(:func:`laiontools.contracts.uids.save_uids_spark`, the pool's uid file's writer too), so driver
+memory does not grow with the pool or the subset.
 
 Same inputs and seed give byte-identical manifests and uid files: paths of inputs are recorded as
 absolute paths, the provenance command is rebuilt from the settings (without the output folder),
@@ -37,7 +38,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +53,7 @@ from laiontools.contracts.manifest import (
     resolve,
     write_manifest,
 )
-from laiontools.contracts.uids import UID_DTYPE
+from laiontools.contracts.uids import UID_DTYPE, save_uids_spark, uids_to_array
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
@@ -222,27 +222,6 @@ def _seed_key(seed: int) -> bytes:
     return int(seed).to_bytes(8, "big")
 
 
-def hex_to_uid_array(uids: Any) -> np.ndarray:
-    """Hex uid strings (a list or pandas Series of 32-char lowercase hex) -> UID_DTYPE array, vectorized."""
-    seq = list(uids)
-    n = len(seq)
-    out = np.empty(n, dtype=UID_DTYPE)
-    if n == 0:
-        return out
-    try:
-        raw = bytes.fromhex("".join(seq))
-    except (TypeError, ValueError) as e:
-        bad = next((u for u in seq if not isinstance(u, str) or len(u) != 32), None)
-        raise InputError(f"uid {bad!r} is not 32 hex chars; the catalog/uid list is corrupt ({e})") from e
-    if len(raw) != 16 * n:
-        bad = next((u for u in seq if len(u) != 32), None)
-        raise InputError(f"uid {bad!r} is not 32 hex chars; the catalog/uid list is corrupt")
-    both = np.frombuffer(raw, dtype=">u8").reshape(n, 2)
-    out["hi"] = both[:, 0]
-    out["lo"] = both[:, 1]
-    return out
-
-
 def selection_scores(uids: Any, seed: int, person: bytes = SELECTION_PERSON) -> np.ndarray:
     """uint64 seeded score of each hex uid (see the module docstring for the exact definition)."""
     seq = list(uids)
@@ -293,7 +272,7 @@ def _member_series(uids: Any, path: str) -> Any:
 
     from laiontools.contracts.uids import contains
 
-    return pd.Series(contains(_load_cached_uids(path), hex_to_uid_array(uids)), index=uids.index)
+    return pd.Series(contains(_load_cached_uids(path), uids_to_array(uids)), index=uids.index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,82 +524,6 @@ def _bucket_cuts(spark: Any, elig: Any, targets: list[int]) -> dict[int, tuple[i
     return {n: by_bucket[b][k - 1] for n, (b, k) in where.items()}
 
 
-_STREAM_BATCH = 65_536  # uids per batch when streaming Spark's sorted output into .npy files
-_MAX_ROWS_PER_FILE = 1_000_000  # Spark output files (and so driver reads) stay small
-_PARQUET_BLOCK = 8 << 20  # row groups of ~8 MB: iter_batches never decodes more than that at once
-
-
-def _hex_column_to_keys(col: Any) -> np.ndarray:
-    """Arrow string column of 32-char hex uids -> S16 array of the raw 16 bytes (big-endian), no Python strings."""
-    import pyarrow as pa
-
-    if col.null_count:
-        raise InputError("a uid in Spark's output is null; the catalog is corrupt")
-    col = col.cast(pa.large_string()) if col.type != pa.large_string() else col
-    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col) + 1]
-    if not bool(np.all(np.diff(offsets) == 32)):
-        raise InputError("a uid in Spark's output is not 32 hex chars; the catalog is corrupt")
-    data = col.buffers()[2].to_pybytes()[offsets[0] : offsets[-1]]
-    return np.frombuffer(bytes.fromhex(data.decode("ascii")), dtype="S16")
-
-
-def write_sorted_uids(parquet_dir: str, outs: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Stream Spark's globally uid-sorted parquet parts into nested .npy uid files; return (sha256, count) each.
-
-    Rows have columns uid and tier; row goes to ``outs[s]`` for every s <= tier (outs are ordered
-    largest subset first, so the largest gets every row). Bytes equal
-    :func:`laiontools.contracts.uids.save_uids` of each set. One row group at a time, with the order checked as
-    it goes, so driver memory stays flat however large the subsets are.
-    """
-    import io
-    from contextlib import ExitStack
-
-    import pyarrow.parquet as pq
-
-    from laiontools.core.storage import atomic_open
-
-    fs, p = url_to_fs(parquet_dir)
-    parts = sorted(f for f in fs.ls(p, detail=False) if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet"))
-    hashes = [hashlib.sha256() for _ in outs]
-    counts = [0] * len(outs)
-    last: bytes | None = None
-    with ExitStack() as stack:
-        files = [stack.enter_context(atomic_open(path)) for path, _ in outs]
-
-        def put(s: int, b: bytes) -> None:
-            hashes[s].update(b)
-            files[s].write(b)
-
-        for s, (_, expected) in enumerate(outs):
-            hbuf = io.BytesIO()
-            header = {"descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (int(expected),)}
-            np.lib.format.write_array_header_1_0(hbuf, header)
-            put(s, hbuf.getvalue())
-        for part in parts:
-            with fs.open(part, "rb") as fh:
-                for batch in pq.ParquetFile(fh).iter_batches(batch_size=_STREAM_BATCH, columns=[C.UID, "tier"]):
-                    if batch.num_rows == 0:
-                        continue
-                    keys = _hex_column_to_keys(batch.column(0))
-                    tier = batch.column(1).to_numpy(zero_copy_only=False)
-                    if len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1])):
-                        raise RuntimeError(f"{part}: uids are not strictly increasing; Spark output order was lost")
-                    if last is not None and not keys[0] > last:
-                        raise RuntimeError(f"{part}: uids are not increasing across part files; Spark output order was lost")
-                    last = keys[-1]
-                    for s in range(len(outs)):
-                        sel = keys[tier >= s]
-                        if len(sel):
-                            # 16 big-endian bytes per uid; the file stores (hi, lo) little-endian u8 pairs.
-                            be = np.frombuffer(sel.tobytes(), dtype=">u8")
-                            put(s, be.astype("<u8").tobytes())
-                            counts[s] += len(sel)
-        for s, (path, expected) in enumerate(outs):
-            if counts[s] != expected:
-                raise RuntimeError(f"{parquet_dir}: {counts[s]} uids for {path}, expected {expected}")
-    return [(h.hexdigest(), c) for h, c in zip(hashes, counts)]
-
-
 # ----------------------------------------------------------------------------------------------
 # the stage
 
@@ -746,7 +649,6 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
         parent: dict[str, Any] = {"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path}
         # One sort for all scales: each selected row carries the index of the smallest scale it is in.
-        tmp = join(output, "_tmp")
         live = [(s, lab) for s, (lab, _) in enumerate(targets) if obtained[lab] > 0]
         sha_count: dict[str, tuple[str, int]] = {}
         if live:
@@ -759,15 +661,9 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
                 tier = F.when(within(obtained[lab]), F.lit(pos)).otherwise(tier)
             sel = elig.filter(within(obtained[live[0][1]])).select(C.UID, tier.cast("int").alias("tier"))
             t0 = time.monotonic()
-            (
-                sel.orderBy(C.UID)
-                .write.mode("overwrite")
-                .option("maxRecordsPerFile", _MAX_ROWS_PER_FILE)
-                .option("parquet.block.size", _PARQUET_BLOCK)
-                .parquet(tmp)
-            )
-            outs = [(join(output, f"{lab}.uids.npy"), obtained[lab]) for _, lab in live]
-            for (_, lab), sc in zip(live, write_sorted_uids(tmp, outs)):
+            written = save_uids_spark(sel, C.UID, [join(output, f"{lab}.uids.npy") for _, lab in live], tier_col="tier",
+                                      expected=[obtained[lab] for _, lab in live], distinct=False)
+            for (_, lab), sc in zip(live, written):
                 sha_count[lab] = sc
             log.info("subsets: %d selected uids sorted and written in %.1fs", obtained[live[0][1]], time.monotonic() - t0)
         for label, target in targets:  # largest first: each smaller one's parent is the one before it
@@ -797,19 +693,9 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
             results.append(
                 {"scale": label, "target": target, "obtained": count, "short": count < target, "manifest": mpath, "sha256": msha}
             )
-        _rm(tmp)
     finally:
         elig.unpersist()
     return results
-
-
-def _rm(path: str) -> None:
-    fs, p = url_to_fs(path)
-    if fs.exists(p):
-        if "://" not in path:
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            fs.rm(p, recursive=True)
 
 
 def summary_text(results: list[dict[str, Any]], funnel: list[dict[str, Any]]) -> str:

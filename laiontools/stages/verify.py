@@ -120,8 +120,7 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
 def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = True) -> VerifyResult:
     """Check everything `path` names; problems are collected (never raised) so all are reported at once."""
     from laiontools.contracts.schema import ManifestError
-    from laiontools.contracts.uids import contains
-    from laiontools.stages.subsets import hex_to_uid_array
+    from laiontools.contracts.uids import contains, uids_to_array
 
     res = VerifyResult(manifest=path)
     try:
@@ -158,7 +157,7 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
                 bad.append(f"{len(no_uid)} samples without a uid in their .json (e.g. {no_uid[0]})")
             good = [u for u in uids if len(u) == 32]
             if arr is not None and good:
-                ua = hex_to_uid_array(good)
+                ua = uids_to_array(good)
                 outside = ~contains(arr, ua)
                 if outside.any():
                     first = good[int(np.argmax(outside))]

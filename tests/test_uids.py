@@ -1,0 +1,110 @@
+"""uid sets: the one hex -> array conversion, the one .npy header, the one Spark writer, the error tunnel."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+
+import numpy as np
+import pytest
+
+from laiontools.contracts.uids import (
+    UID_DTYPE,
+    array_to_uids,
+    load_uids,
+    npy_header,
+    save_uids,
+    save_uids_spark,
+    uids_to_array,
+)
+from laiontools.core.errors import InputError, TaskError, task_error, user_error_from
+
+
+def _hex(rng: random.Random) -> str:
+    return f"{rng.getrandbits(128):032x}"
+
+
+def test_uids_to_array_is_the_integer_split():
+    rng = random.Random(1)
+    uids = [_hex(rng) for _ in range(500)] + ["0" * 32, "f" * 32, "00000000000000010000000000000000"]
+    arr = uids_to_array(uids)
+    assert arr.dtype == UID_DTYPE
+    assert [(int(h), int(lo)) for h, lo in zip(arr["hi"], arr["lo"])] == [(int(u[:16], 16), int(u[16:], 16)) for u in uids]
+    assert array_to_uids(arr) == uids
+    assert len(uids_to_array([])) == 0
+    for bad in (["ab"], [uids[0], "z" * 32], [uids[0], None], [uids[0] + "0"]):
+        with pytest.raises(InputError, match="not 32 hex chars"):
+            uids_to_array(bad)
+
+
+def test_npy_header_is_what_numpy_writes(tmp_path):
+    for n in (0, 1, 7, 123_456_789):
+        arr = np.zeros(min(n, 7), dtype=UID_DTYPE)
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(n, dtype=UID_DTYPE) if n < 10 else arr, allow_pickle=False)
+        if n < 10:
+            assert buf.getvalue() == npy_header(n) + bytes(16 * n)
+        else:  # a large count: compare the header numpy writes for that shape without the data
+            from numpy.lib import format as npformat
+
+            hb = io.BytesIO()
+            npformat.write_array_header_1_0(hb, npformat.header_data_from_array_1_0(np.lib.stride_tricks.as_strided(arr, (n,), (0,))))
+            assert hb.getvalue() == npy_header(n)
+    rng = random.Random(2)
+    uids = [_hex(rng) for _ in range(50)]
+    sha, count = save_uids(str(tmp_path / "u.npy"), uids + uids[:5])
+    data = (tmp_path / "u.npy").read_bytes()
+    ref = io.BytesIO()
+    np.save(ref, np.unique(uids_to_array(uids)), allow_pickle=False)
+    assert data == ref.getvalue() and count == 50 and sha == hashlib.sha256(data).hexdigest()
+    assert array_to_uids(load_uids(str(tmp_path / "u.npy"))) == sorted(uids)
+
+
+def test_save_uids_spark_one_file_and_nested_files(spark, tmp_path):
+    rng = random.Random(3)
+    uids = [_hex(rng) for _ in range(3000)]
+    # one file, with repeats and nulls as a catalog has them
+    rows = [(u,) for u in uids] + [(u,) for u in uids[:40]] + [(None,)]
+    df = spark.createDataFrame(rows, "uid string").repartition(5)
+    [(sha, n)] = save_uids_spark(df, "uid", [str(tmp_path / "pool.npy")], num_partitions=4)
+    sha_ref, n_ref = save_uids(str(tmp_path / "ref.npy"), uids)
+    assert (sha, n) == (sha_ref, n_ref) == (hashlib.sha256((tmp_path / "ref.npy").read_bytes()).hexdigest(), 3000)
+    assert (tmp_path / "pool.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    # nested: tier t puts a uid into files 0..t; file s holds the uids with tier >= s
+    tiers = [rng.randrange(3) for _ in uids]
+    df = spark.createDataFrame(list(zip(uids, tiers)), "uid string, tier int")
+    paths = [str(tmp_path / f"s{s}.npy") for s in range(3)]
+    want = [sorted(u for u, t in zip(uids, tiers) if t >= s) for s in range(3)]
+    got = save_uids_spark(df, "uid", paths, tier_col="tier", expected=[len(w) for w in want], distinct=False, num_partitions=3)
+    for s in range(3):
+        ref = str(tmp_path / f"ref{s}.npy")
+        assert got[s] == save_uids(ref, want[s])
+        assert array_to_uids(load_uids(paths[s])) == want[s]
+    # a count that does not match what was asked for is refused, naming the file
+    with pytest.raises(RuntimeError, match=r"s0.npy: Spark wrote 3000 uids, expected 2999"):
+        save_uids_spark(df, "uid", paths[:1], expected=[2999], num_partitions=2)
+    # an empty frame still gives a valid, empty uid file
+    empty = spark.createDataFrame([], "uid string")
+    assert save_uids_spark(empty, "uid", [str(tmp_path / "e.npy")]) == [save_uids(str(tmp_path / "e_ref.npy"), [])]
+
+
+def test_error_tunnel_out_of_spark_tasks(spark):
+    e = task_error("bad file")
+    assert isinstance(e, TaskError) and user_error_from(e).args == ("bad file",)
+    assert user_error_from(ValueError("plain")) is None
+    def fail_in_task(x: int) -> int:  # defined here so it is shipped by value (workers cannot import tests/)
+        if x == 3:
+            raise task_error(f"/data/file-{x}.csv: line 7 is not valid UTF-8; re-encode it")
+        return x
+
+    with pytest.raises(Exception) as info:
+        spark.sparkContext.parallelize(range(6), 2).map(fail_in_task).collect()
+    assert "Traceback" in str(info.value)  # what arrives on the driver: the worker's traceback as text
+    err = user_error_from(info.value)
+    assert isinstance(err, InputError) and str(err) == "/data/file-3.csv: line 7 is not valid UTF-8; re-encode it"
+
+    class MyError(InputError):
+        pass
+
+    assert isinstance(user_error_from(info.value, MyError), MyError)
