@@ -1,0 +1,148 @@
+"""Fault-injection helpers: run the real CLI, kill its process group at an observed point, compare trees.
+
+A kill point is a *state of the output folder* (e.g. "the first completion marker exists"), not a
+time: the harness polls the folder every few milliseconds and sends SIGKILL to the whole process
+group (the CLI, its Spark JVM and Python workers, torchrun's children) as soon as the state holds.
+What state the folder was really in when the kill landed is recorded (:class:`Kill`), so a test can
+say which point it exercised; a run that finished before its point was reached is reported, never
+counted as a survived kill.
+
+Every run records one JSON line in ``$LAIONTOOLS_FAULTS_LOG`` when that is set (RELIABILITY.md's
+figures are made from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+
+# The venv's console script when present (what a user runs), else `python -m laiontools`.
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "laiontools")
+CLI = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "laiontools"]
+
+# Every subprocess runs Spark on 2 local cores, quietly.
+ENV = {**os.environ, "LAIONTOOLS_SPARK_MASTER": "local[2]", "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR",
+       "NO_ALBUMENTATIONS_UPDATE": "1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+
+# Files that hold the time, host or pid of the run that wrote them: their bytes differ between two
+# runs by design (the manifest keeps those in its `.run.json` sidecar so that it stays byte-stable;
+# the output folder's ownership marker records when the folder was first claimed; the lock names
+# the run holding it).
+RUN_VARYING = ("*.run.json", ".laiontools-output.json", ".laiontools.lock", "*/logs/*", "logs/*", "*.log")
+
+
+def record(entry: dict) -> None:
+    path = os.environ.get("LAIONTOOLS_FAULTS_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def run(args: list[str], cwd: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `laiontools <args>` to the end in `cwd`; output captured as text."""
+    return subprocess.run(CLI + args, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def files(root: str, pattern: str = "*") -> list[str]:
+    """Paths under `root` (relative, '/'-separated) whose relative path matches `pattern`."""
+    out = []
+    for d, _, names in os.walk(root):
+        for n in names:
+            rel = os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
+            if fnmatch.fnmatch(rel, pattern):
+                out.append(rel)
+    return sorted(out)
+
+
+def count(root: str, pattern: str) -> int:
+    return len(files(root, pattern)) if os.path.isdir(root) else 0
+
+
+@dataclasses.dataclass
+class Kill:
+    """What happened to one killed run."""
+
+    point: str  # the name of the kill point asked for
+    killed: bool  # False: the run ended (with `returncode`) before the point was reached
+    returncode: int | None
+    seconds: float  # from start to kill (or to the end)
+    state: list[str]  # the output folder's files at the kill, relative
+
+
+def run_and_kill(args: list[str], cwd: str, out: str, point: str, when: Callable[[], bool],
+                 timeout: float = 600, env: dict | None = None, poll: float = 0.003) -> Kill:
+    """Start `laiontools <args>` in its own process group; SIGKILL the group as soon as `when()` holds.
+
+    `when` is polled every `poll` seconds; a false positive cannot happen (it reads the folder), a
+    miss can (a state that lasts less than a poll), which is why the state at the kill is returned.
+    """
+    t0 = time.monotonic()
+    proc = subprocess.Popen(CLI + args, cwd=cwd, env=env or ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and time.monotonic() - t0 < timeout:
+            try:
+                hit = when()
+            except OSError:  # a file vanished between listing and reading: not a state to act on
+                hit = False
+            if hit:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+                state = files(out) if os.path.isdir(out) else []
+                k = Kill(point, True, None, round(time.monotonic() - t0, 2), state)
+                break
+            time.sleep(poll)
+        else:
+            k = Kill(point, False, proc.poll(), round(time.monotonic() - t0, 2), files(out) if os.path.isdir(out) else [])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        _reap_group(proc.pid)
+    return k
+
+
+def _reap_group(pgid: int) -> None:
+    """SIGKILL whatever is left of the group (a JVM or worker the kill raced with)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def digests(root: str, ignore: Iterable[str] = RUN_VARYING) -> dict[str, str]:
+    """relative path -> sha256 of every file under `root`, except those matching `ignore`."""
+    ignore = tuple(ignore)
+    out = {}
+    for rel in files(root):
+        if any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(os.path.basename(rel), pat) for pat in ignore):
+            continue
+        with open(os.path.join(root, rel), "rb") as f:
+            out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def tree_diff(got: dict[str, str], want: dict[str, str]) -> str:
+    """A readable difference between two digest maps ('' when equal)."""
+    lines = [f"missing: {p}" for p in sorted(set(want) - set(got))]
+    lines += [f"extra:   {p}" for p in sorted(set(got) - set(want))]
+    lines += [f"differs: {p}" for p in sorted(set(got) & set(want)) if got[p] != want[p]]
+    return "\n".join(lines)
+
+
+def one_line_error(r: subprocess.CompletedProcess, stage: str) -> str:
+    """Assert `r` is a clean refusal (exit 2, one `laiontools <stage>: error:` line, no traceback)."""
+    err = r.stderr
+    assert r.returncode == 2, f"exit {r.returncode}, want 2\nstdout: {r.stdout[-2000:]}\nstderr: {err[-4000:]}"
+    assert "Traceback" not in err, err[-4000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"laiontools {stage}: error:")]
+    assert len(lines) == 1, err[-4000:]
+    return lines[0]

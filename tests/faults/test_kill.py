@@ -1,0 +1,144 @@
+"""SIGKILL every stage at several points of its run, re-run the same command, get the uninterrupted result.
+
+For each stage: an uninterrupted run (in-process through ``laiontools.cli.main`` with the very argv
+the subprocess gets, on the session's Spark) is moved aside; then the same command runs as a
+subprocess (console script, own process group, its own local[2] Spark) into the same path and is
+killed with SIGKILL — CLI, JVM, Python workers, torchrun children together — at each kill point in
+turn, each re-run resuming what the previous one left; a last re-run completes. Its folder must
+hold byte for byte the files of the uninterrupted run (same paths, so even the command recorded in
+manifests is the same), apart from files that describe the run itself (named per stage, with why).
+
+Kill points are states of the output folder (see faultkit): after the first unit's completion
+marker, once half the units are marked, and when every unit is marked but the final file (the
+manifest or report written last) is not there yet — the final-write phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+from faultkit import CLI, count, digests, record, run, run_and_kill, tree_diff
+
+pytestmark = pytest.mark.slow
+
+
+def _baseline(monkeypatch, args: list[str], out: str, keep: str) -> None:
+    """The uninterrupted run of `laiontools <args>` (output `out`), moved to `keep`."""
+    from laiontools.cli import main
+
+    monkeypatch.setattr(sys, "argv", [CLI[-1], *args] if len(CLI) == 1 else [*CLI[1:], *args])
+    assert main(list(args)) == 0
+    monkeypatch.undo()
+    os.rename(out, keep)
+
+
+def _kill_chain(stage: str, args: list[str], out: str, cwd: str, points: list[tuple[str, object]]) -> list[dict]:
+    """Kill a run of `args` at each point in turn (each run resuming the last), then finish it.
+
+    `points`: (name, when) with `when()` a predicate over the output folder. Returns one record per
+    point; asserts every point was reached by a live run (a run that ends first fails the test:
+    the input is too small for that point, which would make the test vacuous).
+    """
+    out_records = []
+    for name, when in points:
+        k = run_and_kill(args, cwd, out, name, when)
+        lock = [f for f in k.state if "lock" in os.path.basename(f)]
+        rec = {"stage": stage, "point": name, "killed": k.killed, "seconds": k.seconds, "files_at_kill": len(k.state),
+               "lock_left": lock}
+        record({"kind": "kill", **rec})
+        out_records.append(rec)
+        assert k.killed, f"{stage}: the run ended (exit {k.returncode}) before kill point {name!r}; files: {k.state}"
+    r = run(args, cwd)
+    assert r.returncode == 0, f"{stage} re-run after kills failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return out_records
+
+
+def _check_identical(stage: str, out: str, keep: str, varying: tuple[str, ...]) -> None:
+    from faultkit import RUN_VARYING
+
+    ignore = RUN_VARYING + varying
+    got, want = digests(out, ignore), digests(keep, ignore)
+    diff = tree_diff(got, want)
+    record({"kind": "compare", "stage": stage, "files": len(want), "bytes": sum(os.path.getsize(os.path.join(keep, p)) for p in want),
+            "identical": not diff, "ignored": list(varying)})
+    assert not diff, f"{stage}: killed-and-resumed output differs from the uninterrupted run:\n{diff}"
+
+
+def _markers(root: str, pattern: str):
+    return lambda: count(root, pattern)
+
+
+# ------------------------------------------------------------------------------------------ reshard
+
+
+def test_reshard_survives_kills(chain, monkeypatch, tmp_path):
+    out = str(tmp_path / "rs")
+    args = ["reshard", "--manifest", chain.subset, "--output", out, "--shard-size", "3"]
+    keep = str(tmp_path / "rs.uninterrupted")
+    _baseline(monkeypatch, args, out, keep)
+    n = count(keep, "shards/*.tar.done")
+    assert n >= 8, n
+    marks = _markers(out, "shards/*.tar.done")
+    final = os.path.join(out, "subset.manifest.json")
+    _kill_chain("reshard", args, out, str(tmp_path), [
+        ("first marker", lambda: marks() >= 1),
+        ("half the markers", lambda: marks() >= n // 2),
+        ("final write", lambda: marks() == n and not os.path.exists(final)),
+    ])
+    _check_identical("reshard", out, keep, ())
+
+
+# -------------------------------------------------------------------------------------------- embed
+
+
+def _embed_report_totals(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)["totals"]
+
+
+def test_embed_survives_kills(chain, monkeypatch, tmp_path):
+    out = str(tmp_path / "emb")
+    args = ["embed", "--manifest", chain.pool, "--output", out, "--model", "lt-tiny", "--batch-size", "8",
+            "--num-workers", "0", "--device", "cpu"]
+    keep = str(tmp_path / "emb.uninterrupted")
+    _baseline(monkeypatch, args, out, keep)
+    n = count(keep, "meta/*.parquet.done")
+    assert n >= 3, n
+    marks = _markers(out, "meta/*.parquet.done")
+    final = os.path.join(out, "embed_report.json")
+    _kill_chain("embed", args, out, str(tmp_path), [
+        ("first marker", lambda: marks() >= 1),
+        ("half the markers", lambda: marks() >= max(2, n // 2)),
+        ("final write", lambda: marks() == n and not os.path.exists(final)),
+    ])
+    # embed_report.json describes the last run (its seconds, rows/s, which shards it embedded and which
+    # it found done): it differs by design. Its totals over the folder must not.
+    _check_identical("embed", out, keep, ("embed_report.json",))
+    assert _embed_report_totals(os.path.join(out, "embed_report.json")) == _embed_report_totals(
+        os.path.join(keep, "embed_report.json"))
+
+
+# ------------------------------------------------------------------------------------------ subsets
+
+
+def test_subsets_survive_kills(chain, monkeypatch, tmp_path):
+    out = str(tmp_path / "sub")
+    n = json.load(open(chain.pool))["num_samples"]
+    scales = [n - 4, n // 2, n // 4]
+    args = ["subsets", "--pool", chain.pool, "--output", out, "--scales", ",".join(map(str, scales)), "--seed", "11",
+            "--scores", chain.emb]
+    keep = str(tmp_path / "sub.uninterrupted")
+    _baseline(monkeypatch, args, out, keep)
+    k = count(keep, "*.manifest.json")
+    assert k == len(scales), os.listdir(keep)
+    manifests = _markers(out, "*.manifest.json")
+    _kill_chain("subsets", args, out, str(tmp_path), [
+        ("settings written", lambda: os.path.exists(os.path.join(out, "settings.json"))),
+        ("uid files being written", lambda: count(out, "*.uids.npy") + count(out, ".*.tmp-*") >= 1 and manifests() == 0),
+        ("first manifest", lambda: 1 <= manifests() < k),
+    ])
+    _check_identical("subsets", out, keep, ())
