@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyspark
 
 from laiontools.contracts import layout
@@ -39,7 +40,8 @@ def submit_env() -> dict[str, str]:
 def spark_submit(args: list[str], *, cwd: Path | str, timeout: int = SUBMIT_TIMEOUT) -> subprocess.CompletedProcess:
     """Run ``spark-submit <args>``; on failure the assertion shows the tail of its output."""
     cmd = [str(SPARK_HOME / "bin" / "spark-submit"), *args]
-    res = subprocess.run(cmd, cwd=cwd, env=submit_env(), capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, cwd=cwd, env=submit_env(), capture_output=True, text=True, timeout=timeout,
+                         check=False)
     assert res.returncode == 0, f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     return res
 
@@ -82,8 +84,6 @@ def test_spark_submit_conf_wins_over_the_jobs_settings(tmp_path):
     assert _stats(out_default)["spark"] == {"shuffle_partitions": 2}
     # the setting changes how the work is split, never the result
     for part in ("accepted", "rejected"):
-        import pandas as pd
-
         a = pd.read_parquet(Path(out_user, layout.PREPARED_DIR, part)).sort_values("uid").reset_index(drop=True)
         b = pd.read_parquet(Path(out_default, layout.PREPARED_DIR, part)).sort_values("uid").reset_index(drop=True)
         pd.testing.assert_frame_equal(a, b)

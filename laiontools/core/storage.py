@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
+from urllib.parse import unquote
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -64,11 +67,14 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
             os.replace(tmp, p)
         else:
             fs.mv(tmp, p)
-    except BaseException:
+    except BaseException as e:
         try:
             if fs.exists(tmp):
                 fs.rm(tmp)
         finally:
+            if isinstance(e, OSError) and e.errno is not None and not e.filename:
+                # a failed write()/fsync (disk full, quota) names no file: name the one being written
+                raise OSError(e.errno, e.strerror, path) from e
             raise
 
 
@@ -137,3 +143,35 @@ def ensure_output_dir(path: str) -> None:
     if fs.exists(p) and not fs.isdir(p):
         raise NotADirectoryError(f"output {path} exists and is a file; give a folder path (new or existing)")
     fs.makedirs(p, exist_ok=True)
+
+
+# Spellings of one object store that different clients use (Hadoop's s3a/s3n, gcsfs's gcs).
+_SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfss": "abfs", "wasbs": "wasb"}
+# File systems whose URLs carry a host (name node) that fsspec drops from its paths.
+_HOST_SCHEMES = {"hdfs", "viewfs", "webhdfs"}
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.S)
+
+
+def path_key(path: str, *, uri_encoded: bool = False) -> str:
+    """One spelling of a file's location, for matching paths that different systems wrote down.
+
+    Spark (``input_file_name()``, percent-encoded URIs: pass ``uri_encoded=True``), Hadoop (``s3a://``,
+    ``file:/x``), fsspec (``s3://``, or a protocol-less ``bucket/key`` once stripped — pass the full URL
+    here, not the stripped path) and users spell one file differently. Keys: ``file:///abs/path`` for
+    local files (relative paths resolved against the working folder), ``hdfs:///path`` for HDFS-like
+    stores (the name node dropped, as fsspec does), ``<scheme>://bucket/key`` otherwise, with
+    s3a/s3n -> s3 and gcs -> gs. Equal keys name the same file.
+    """
+    m = _SCHEME_RE.match(path)
+    scheme, rest = (m.group(1).lower(), m.group(2)) if m else ("file", path)
+    if uri_encoded:
+        rest = unquote(rest)
+    scheme = _SCHEME_ALIASES.get(scheme, scheme)
+    if scheme in ("file", "local"):
+        if rest.startswith("//"):  # file://host/path or file:///path; the host is this machine
+            rest = "/" + rest[2:].partition("/")[2]
+        return "file://" + os.path.abspath(rest)
+    rest = rest[2:] if rest.startswith("//") else rest.lstrip("/")
+    if scheme in _HOST_SCHEMES:
+        return f"{scheme}:///" + posixpath.normpath("/" + rest.partition("/")[2]).lstrip("/")
+    return f"{scheme}://" + posixpath.normpath(rest).lstrip("/")
