@@ -164,20 +164,21 @@ def test_wrong_types_become_nulls_not_crashes(spark, tmp_path):
     assert "rejected_malformed_row" in statuses and "rejected_bad_scheme" in statuses
 
 
-def test_output_folder_that_is_a_file(spark, tmp_path):
-    from laiontools.stages.download import DownloadConfig, check_output
+def test_output_folder_that_is_a_file(tmp_path):
+    from laiontools.stages import download
+    from laiontools.stages.download import DownloadConfig
 
     f = tmp_path / "file"
     f.write_text("precious")
     with pytest.raises(NotADirectoryError, match="is a file"):
-        check_output(DownloadConfig(input="x", output=str(f)))
+        download.run(DownloadConfig(input="x", output=str(f)))
     assert f.read_text() == "precious"
     d = tmp_path / "notapool"
     d.mkdir()
     (d / "precious.txt").write_text("keep")
-    with pytest.raises(UserError, match="not a laiontools pool"):
-        check_output(DownloadConfig(input="x", output=str(d)))
-    assert (d / "precious.txt").read_text() == "keep"
+    with pytest.raises(UserError, match="is not empty and holds no .*nothing in it was touched"):
+        download.run(DownloadConfig(input="x", output=str(d)))
+    assert (d / "precious.txt").read_text() == "keep" and os.listdir(d) == ["precious.txt"]
 
 
 def test_cli_reports_bad_input_cleanly(tmp_path, capsys):

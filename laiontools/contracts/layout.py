@@ -15,6 +15,23 @@ Embeddings (embed output), per pool shard id (see :func:`shard_id`)::
     <emb>/meta/<id>.parquet                            uid, key, clip_score, embed_status, embed_error
     <emb>/model.json                                   model name, pretrained/checkpoint sha256, dim, preprocessing
     <emb>/scores/<id>.parquet                          uid -> clip_score (what subset filters read)
+    <emb>/embed_report.json                            rows, failures, timings
+
+Dedup (dedup output; calibrate may write into the same folder)::
+
+    <dedup>/index/evalsets.faiss|items.parquet|index.json   the evaluation-set index (index.json written last)
+    <dedup>/report/<id>.parquet   <dedup>/done/<id>          per pool shard: matches, and its completion marker
+    <dedup>/exclude.uids.npy      <dedup>/dedup.json         uids to exclude + what made them (subsets reads both)
+    <dedup>/summary.json|summary.txt   <dedup>/gallery.html  per-set overlap table; pairs to judge by eye
+    <dedup>/calibrate.json|calibrate.txt|calibrate.png|calibrate.settings.json   dedup calibrate
+
+Subsets (subsets output), per scale label L; reshard output; train output::
+
+    <subsets>/<L>.manifest.json  <subsets>/<L>.uids.npy         (see :func:`subset_manifest`, :func:`subset_uids`)
+    <reshard>/shards/shard-00000.tar(.done)  <reshard>/shards/sizes.json  <reshard>/uids.npy
+    <reshard>/subset.manifest.json  <reshard>/reshard.json
+    <train>/settings.json environment.json launches.jsonl shards.json metrics.jsonl result.json model.pt
+    <train>/checkpoints/  <train>/logs/
 """
 
 from __future__ import annotations
@@ -27,12 +44,65 @@ PREPARED_DIR = "prepared"
 REPORT_JSON = "report.json"
 REPORT_TXT = "report.txt"
 SETTINGS_JSON = "settings.json"
+# In every stage's output (core/stage.py): which stage owns the folder (written when the stage first
+# claims it), and the lock a running stage holds (host, pid, start time). Hidden: not part of the data.
+OUTPUT_MARKER = ".laiontools-output.json"
+OUTPUT_LOCK = ".laiontools.lock"
 
 EMB_IMG_DIR = "img_emb"
 EMB_TEXT_DIR = "text_emb"
 EMB_META_DIR = "meta"
 EMB_SCORES_DIR = "scores"
 EMB_MODEL_JSON = "model.json"
+EMB_REPORT_JSON = "embed_report.json"
+
+# prepare's output inside a pool folder (download runs prepare first and reads its stats)
+PREPARED_STATS_JSON = "stats.json"
+
+# dedup
+DEDUP_INDEX_DIR = "index"
+DEDUP_INDEX_FILE = "evalsets.faiss"
+DEDUP_ITEMS_FILE = "items.parquet"
+DEDUP_INDEX_JSON = "index.json"
+DEDUP_REPORT_DIR = "report"
+DEDUP_DONE_DIR = "done"
+DEDUP_SUMMARY_JSON = "summary.json"
+DEDUP_SUMMARY_TXT = "summary.txt"
+DEDUP_EXCLUDE_UIDS = "exclude.uids.npy"
+DEDUP_JSON = "dedup.json"
+DEDUP_GALLERY_HTML = "gallery.html"
+CALIBRATE_JSON = "calibrate.json"
+CALIBRATE_TXT = "calibrate.txt"
+CALIBRATE_PNG = "calibrate.png"
+CALIBRATE_SETTINGS_JSON = "calibrate.settings.json"  # not settings.json: a dedup output folder may hold both
+
+# reshard
+RESHARD_SHARDS_DIR = "shards"
+RESHARD_SIZES_JSON = "sizes.json"
+RESHARD_PLAN_JSON = "reshard.json"
+RESHARD_MANIFEST = "subset.manifest.json"
+RESHARD_UIDS = "uids.npy"
+
+# train (the trainer's run folder; evaluate and study read it)
+TRAIN_SETTINGS_JSON = "settings.json"
+TRAIN_ENVIRONMENT_JSON = "environment.json"
+TRAIN_LAUNCHES_JSONL = "launches.jsonl"
+TRAIN_SHARDS_JSON = "shards.json"
+TRAIN_METRICS_JSONL = "metrics.jsonl"
+TRAIN_RESULT_JSON = "result.json"
+TRAIN_MODEL_FILE = "model.pt"
+TRAIN_CHECKPOINT_DIR = "checkpoints"
+TRAIN_LOGS_DIR = "logs"
+
+
+def subset_manifest(label: str) -> str:
+    """File name of the manifest of the subset with scale label `label` ("80M" -> "80M.manifest.json")."""
+    return f"{label}.manifest.json"
+
+
+def subset_uids(label: str) -> str:
+    """File name of the uid file of the subset with scale label `label` ("80M" -> "80M.uids.npy")."""
+    return f"{label}.uids.npy"
 
 
 def shard_id(shard_path: str) -> str:

@@ -13,7 +13,8 @@ gives. :func:`stage_main` is the CLI of every stage (parse flags + ``--config`` 
 summary), so adding a stage is one module plus one line in ``cli.STAGES``.
 
 ``stage_entry`` is the runner that every call goes through (CLI, ``jobs/`` under spark-submit, the demo,
-the study, tests): it times the call and stamps the result with the stage name. Spark stages take a
+the study, tests). It applies the one output rule and lock (:func:`claimed_output`), times the call and
+stamps the result with the stage name. Spark stages take a
 :class:`SparkStageConfig` (its ``master`` and ``spark_conf`` settings) and get their session from
 :func:`stage_spark`: the session passed in, else spark-submit's or the active one, else a new embedded one
 that is stopped when the stage returns.
@@ -23,14 +24,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import importlib
+import json
+import logging
+import os
+import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
+from laiontools.contracts import layout
 from laiontools.core.config import StageConfig, add_config_args, config_from_args
+from laiontools.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=StageConfig)
 
@@ -92,14 +103,24 @@ def stage_spark(cfg: StageConfig, spark: Any = None, app_name: str = "laiontools
         yield s
 
 
-def stage_entry(name: str) -> Callable[[Callable[..., StageResult]], Callable[..., StageResult]]:
-    """Make ``fn(cfg, spark=None) -> StageResult`` a stage's ``run``: every call goes through here."""
+def stage_entry(
+    name: str, *, accepts: Iterable[str] = (), output: str | None = "output", output_kind: str = "dir",
+) -> Callable[[Callable[..., StageResult]], Callable[..., StageResult]]:
+    """Make ``fn(cfg, spark=None) -> StageResult`` a stage's ``run``: every call goes through here.
+
+    ``output`` names the config field holding the stage's output (a folder, or a file when
+    ``output_kind="file"``); the call runs inside :func:`claimed_output` for it. ``accepts``: other
+    stages whose output this one may continue (prepare inside a download's pool, calibrate in a dedup folder).
+    """
+    owners = frozenset({name, *accepts})
 
     def wrap(fn: Callable[..., StageResult]) -> Callable[..., StageResult]:
         @functools.wraps(fn)
         def run(cfg: StageConfig, spark: Any = None) -> StageResult:
             t0 = time.time()
-            result = fn(cfg, spark)
+            path = getattr(cfg, output, None) if output else None
+            with claimed_output(path, name, owners, output_kind) if path else nullcontext():
+                result = fn(cfg, spark)
             result.stage = name
             result.timings.setdefault("total", round(time.time() - t0, 3))
             return result
@@ -108,6 +129,286 @@ def stage_entry(name: str) -> Callable[[Callable[..., StageResult]], Callable[..
         return run
 
     return wrap
+
+
+# ----------------------------------------------------------------------------------------------
+# The output rule and the output lock (issue #16): one place for every stage.
+
+
+class OutputRefused(UserError):
+    """The output exists and is not this stage's output: refused before anything in it was touched."""
+
+
+class OutputLocked(UserError):
+    """Another run holds the output's lock."""
+
+
+# Lock files held by this process (path -> depth) and, through the environment, by an ancestor that
+# launched this process to work on the same output (embed --engine torchrun's workers).
+_HELD: dict[str, int] = {}
+_HELD_ENV = "LAIONTOOLS_HELD_LOCKS"
+_HOST = socket.gethostname()
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    from laiontools.core.storage import url_to_fs
+
+    return url_to_fs(path)
+
+
+def _is_local(fs: Any) -> bool:
+    from laiontools.core.storage import is_local
+
+    return is_local(fs)
+
+
+def output_paths(path: str, kind: str = "dir") -> tuple[str, str]:
+    """(ownership marker, lock file) of an output: inside a folder, or hidden beside a file output."""
+    fs, p = _fs(path)
+    if _is_local(fs):
+        p = os.path.abspath(p)
+    p = p.rstrip("/")
+    proto = path.split("://", 1)[0] + "://" if "://" in path and not _is_local(fs) else ""
+    if kind == "file":
+        head, _, name = p.rpartition("/")
+        return f"{proto}{head}/.{name}{layout.OUTPUT_MARKER}", f"{proto}{head}/.{name}{layout.OUTPUT_LOCK}"
+    return f"{proto}{p}/{layout.OUTPUT_MARKER}", f"{proto}{p}/{layout.OUTPUT_LOCK}"
+
+
+def _read_json_or_none(path: str) -> Any:
+    fs, p = _fs(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return json.loads(f.read() or b"null")
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def check_output(path: str, stage: str, owners: Iterable[str] = (), kind: str = "dir") -> None:
+    """The output rule. Go on for a new folder, an empty one, or one this stage (or a stage in `owners`)
+    made; raise :class:`OutputRefused` for anything else. Reads only: nothing is created or changed.
+
+    A folder's owner is recorded in its hidden ownership marker when a stage first claims it; hidden
+    entries (the marker, the lock, ``.DS_Store``) do not make a folder non-empty. For a file output
+    (``kind="file"``): a new path, or a file this stage wrote (marker beside it).
+    """
+    owners = frozenset({stage, *owners})
+    fs, p = _fs(path)
+    marker, _ = output_paths(path, kind)
+    if not fs.exists(p):
+        return
+    if kind == "file":
+        if fs.isdir(p):
+            raise OutputRefused(f"output {path} is a folder; `laiontools {stage}` writes a file there: give a file path")
+        entries = [p]
+    else:
+        if not fs.isdir(p):
+            raise NotADirectoryError(f"output {path} exists and is a file; give a folder path (new or existing)")
+        entries = [e for e in fs.ls(p, detail=False) if not e.rstrip("/").rsplit("/", 1)[-1].startswith(".")]
+    if not entries:
+        return
+    owner = _read_json_or_none(marker)
+    what = "file" if kind == "file" else "folder"
+    if not isinstance(owner, dict) or "stage" not in owner:
+        raise OutputRefused(
+            f"output {what} {path} is not empty and holds no {layout.OUTPUT_MARKER}: it is not the output of "
+            f"`laiontools {stage}`; give an empty or new {what} (nothing in it was touched)"
+        )
+    if owner["stage"] not in owners:
+        raise OutputRefused(
+            f"output {what} {path} holds the output of `laiontools {owner['stage']}`, not of `laiontools {stage}`; "
+            f"give an empty or new {what} (nothing in it was touched)"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _lock_info(stage: str) -> dict[str, Any]:
+    now = datetime.datetime.now(datetime.UTC)
+    return {"host": _HOST, "pid": os.getpid(), "stage": stage, "started": now.isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex}
+
+
+def _locked_error(output: str, lock: str, info: dict[str, Any] | None) -> OutputLocked:
+    info = info or {}
+    return OutputLocked(
+        f"output {output} is in use by another run: `laiontools {info.get('stage', '?')}` on host "
+        f"{info.get('host', '?')}, pid {info.get('pid', '?')}, started {info.get('started', '?')} (lock {lock}); "
+        f"wait for it to finish or stop it. If that run is gone (another host that was shut down), delete the lock file."
+    )
+
+
+def _stale(info: dict[str, Any] | None) -> bool:
+    """A lock left by a dead process of this host (killed run): safe to take over."""
+    return bool(info) and info.get("host") == _HOST and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"])
+
+
+@contextmanager
+def _flock(lock: str, output: str, stage: str) -> Iterator[None]:
+    """Local lock: an flock on the lock file, held while the stage runs (the kernel drops it when the
+    process dies, so a killed run's lock is free); the file says who holds it, for the refusal message."""
+    import fcntl
+
+    for _ in range(5):  # retries only when another process replaced the file between open and flock
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _locked_error(output, lock, _read_json_or_none(lock)) from None
+        except OSError:  # the file system has no flock (some FUSE/Lustre mounts): the pid protocol
+            os.close(fd)
+            with _content_lock(lock, output, stage):
+                yield
+            return
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder we waited on removed the file we opened: lock the new one
+    else:  # pragma: no cover - needs five racing runs
+        raise _locked_error(output, lock, _read_json_or_none(lock))
+    try:
+        old = _read_json_or_none(lock)
+        if old:
+            log.warning("%s: taking over the lock of a run that is gone (%s pid %s, started %s)",
+                        output, old.get("host"), old.get("pid"), old.get("started"))
+        info = json.dumps(_lock_info(stage)).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        os.fsync(fd)
+        yield
+    finally:
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # releases the flock
+
+
+@contextmanager
+def _content_lock(lock: str, output: str, stage: str) -> Iterator[None]:
+    """Object stores (and file systems without flock): a lock object naming host and pid. Best effort:
+    create-if-absent is not atomic on every store, so the token is read back to detect a lost race."""
+    fs, p = _fs(lock)
+    old = _read_json_or_none(lock) if fs.exists(p) else None
+    if old is not None:
+        if not _stale(old):
+            raise _locked_error(output, lock, old)
+        log.warning("%s: taking over the lock of a run that is gone (%s pid %s, started %s)",
+                    output, old.get("host"), old.get("pid"), old.get("started"))
+    info = _lock_info(stage)
+    fs.pipe(p, json.dumps(info).encode())
+    now = _read_json_or_none(lock)
+    if not now or now.get("token") != info["token"]:
+        raise _locked_error(output, lock, now)
+    try:
+        yield
+    finally:
+        now = _read_json_or_none(lock)
+        if now and now.get("token") == info["token"]:
+            fs.rm(p)
+
+
+def _held_by_ancestor(lock: str) -> bool:
+    return lock in os.environ.get(_HELD_ENV, "").split(os.pathsep)
+
+
+@contextmanager
+def output_lock(output: str, stage: str, kind: str = "dir") -> Iterator[None]:
+    """Hold the output's lock while the block runs; released at the end, also on error.
+
+    A second run into the same output is refused (:class:`OutputLocked`, naming the first's host and
+    pid); a lock left by a killed run is taken over. Re-entrant within a process (download runs
+    prepare on its own output) and for processes this one launched on the same output.
+    """
+    _, lock = output_paths(output, kind)
+    if _HELD.get(lock) or _held_by_ancestor(lock):
+        _HELD[lock] = _HELD.get(lock, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[lock] -= 1
+        return
+    fs, lp = _fs(lock)
+    fs.makedirs(lp.rpartition("/")[0], exist_ok=True)
+    ctx = _flock(lock, output, stage) if _is_local(fs) else _content_lock(lock, output, stage)
+    prev_env = os.environ.get(_HELD_ENV)
+    with ctx:
+        _HELD[lock] = 1
+        os.environ[_HELD_ENV] = os.pathsep.join(filter(None, [prev_env, lock]))
+        try:
+            yield
+        finally:
+            _HELD.pop(lock, None)
+            if prev_env is None:
+                os.environ.pop(_HELD_ENV, None)
+            else:
+                os.environ[_HELD_ENV] = prev_env
+
+
+@contextmanager
+def claimed_output(path: str, stage: str, owners: Iterable[str] = (), kind: str = "dir") -> Iterator[None]:
+    """Check the output rule (nothing touched when refused), take the lock, record ownership, run.
+
+    Processes of a torch.distributed group other than rank 0 skip it: rank 0 (or the launcher that
+    started them) holds the output for the group.
+    """
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        yield
+        return
+    marker, lock = output_paths(path, kind)
+    if _HELD.get(lock) or _held_by_ancestor(lock):  # a nested stage on an output already claimed
+        with output_lock(path, stage, kind):
+            yield
+        return
+    check_output(path, stage, owners, kind)
+    fs, p = _fs(path)
+    folder = p.rstrip("/").rpartition("/")[0] if kind == "file" else p
+    created = bool(folder) and not fs.exists(folder)
+    if folder:
+        fs.makedirs(folder, exist_ok=True)
+    wrote_marker = False
+    try:
+        with output_lock(path, stage, kind):
+            check_output(path, stage, owners, kind)  # again under the lock: a run that finished meanwhile
+            if _read_json_or_none(marker) is None:
+                from laiontools.core.storage import write_json
+
+                write_json(marker, {"stage": stage, "created": _lock_info(stage)["started"]})
+                wrote_marker = True
+            yield
+    except BaseException:
+        # A run refused for bad input before it wrote anything leaves no trace: drop the marker it
+        # wrote and the folder it created, when they hold nothing else. (Never another run's marker.)
+        _undo_claim(fs, folder if created else None, p, marker if wrote_marker else None, kind)
+        raise
+
+
+def _undo_claim(fs: Any, created_folder: str | None, p: str, marker: str | None, kind: str) -> None:
+    try:
+        if marker is None:
+            pass
+        elif kind == "file":
+            if not fs.exists(p):
+                fs.rm(_fs(marker)[1])
+        elif not [e for e in fs.ls(p, detail=False) if not e.rstrip("/").rsplit("/", 1)[-1].startswith(".")]:
+            fs.rm(_fs(marker)[1])
+        if created_folder and _is_local(fs) and not os.listdir(created_folder):
+            os.rmdir(created_folder)
+    except OSError as e:  # best effort: never hide the stage's own error
+        log.debug("could not undo the claim of %s: %s", p, e)
 
 
 def config_parser(cls: type[StageConfig], prog: str, description: str = "",

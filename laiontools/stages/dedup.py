@@ -3,7 +3,7 @@
 Steps (each resumable):
 
 1. Evaluation sets are read (:mod:`laiontools.evalsets`) and embedded with the embedding stage's
-   :class:`laiontools.stages.embed.Embedder`, using the model named in the pool embeddings' ``model.json``,
+   :class:`laiontools.models.embedder.Embedder`, using the model named in the pool embeddings' ``model.json``,
    so pool and evaluation vectors live in one space. The index (:mod:`laiontools.index`) is
    saved in ``<out>/index/`` with that model's description and reused on a re-run.
 2. A Spark job searches every pool embedding shard: one task streams its shards through the index
@@ -53,13 +53,6 @@ from laiontools.core.storage import (
 
 log = logging.getLogger(__name__)
 
-REPORT_DIR = "report"
-DONE_DIR = "done"
-SUMMARY_JSON = "summary.json"
-SUMMARY_TXT = "summary.txt"
-EXCLUDE_UIDS = "exclude.uids.npy"
-DEDUP_JSON = "dedup.json"
-GALLERY_HTML = "gallery.html"
 # A starting point for pretrained CLIP image embeddings (near-duplicates typically score >= 0.9);
 # random-init and small models spread cosines differently: `laiontools dedup calibrate` says which fits.
 DEFAULT_THRESHOLD = 0.9
@@ -171,7 +164,7 @@ def eval_geometry(pool: PoolInfo, mode: str) -> tuple[Any, dict[str, Any]]:
 
 
 def _model_json(emb_dir: str) -> dict[str, Any]:
-    from laiontools.stages.embed import load_model_json
+    from laiontools.contracts.embeddings import load_model_json
 
     return load_model_json(emb_dir)
 
@@ -197,7 +190,7 @@ def read_pool(emb_dir: str) -> PoolInfo:
     fs, p = url_to_fs(emb_dir)
     if not fs.exists(p):
         raise UserError(f"embeddings folder {emb_dir} does not exist; give the output folder of `laiontools embed`")
-    from laiontools.stages.embed import done_shards
+    from laiontools.contracts.embeddings import done_shards
 
     model = _model_json(emb_dir)
     embedded = set(done_shards(emb_dir))  # a shard counts only once embed's completion marker exists
@@ -269,7 +262,7 @@ def _phash_image(image: Any) -> str:
 
 def make_embedder(emb_dir: str, pretrained: str | None, device: str, batch_size: int) -> Any:
     """The embed stage's Embedder in the pool embeddings' space (embed checks the checkpoint sha256)."""
-    from laiontools.stages.embed import embedder_for
+    from laiontools.models.embedder import embedder_for
 
     return embedder_for(emb_dir, device=None if device == "auto" else device, pretrained=pretrained, batch_size=batch_size)
 
@@ -434,12 +427,12 @@ def _settings_key(index_desc: dict[str, Any], cfg: DedupConfig) -> str:
 
 
 def _report_path(out: str, sid: str) -> str:
-    return join(out, REPORT_DIR, f"{sid}.parquet")
+    return join(out, layout.DEDUP_REPORT_DIR, f"{sid}.parquet")
 
 
 def _done_path(out: str, sid: str) -> str:
     """What a shard's marker is keyed on; kept out of report/ so `pd.read_parquet(report/)` reads only data."""
-    return join(out, DONE_DIR, sid)
+    return join(out, layout.DEDUP_DONE_DIR, sid)
 
 
 POOL_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -742,7 +735,7 @@ STAGE = "dedup"
 CONFIG = DedupConfig
 
 
-@stage_entry(STAGE)
+@stage_entry(STAGE, accepts=("dedup calibrate",))  # reuses calibrate's index
 def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     """Decontaminate a pool's embeddings against evaluation sets; details = summary.json's content.
 
@@ -777,9 +770,9 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
         agg.add(stats)
     summary, text = _write_outputs(cfg, pool, sets, index_desc, items, agg, search_s)
     return StageResult(
-        outputs={"exclude": join(cfg.output, EXCLUDE_UIDS), "dedup": join(cfg.output, DEDUP_JSON),
-                 "summary": join(cfg.output, SUMMARY_TXT), "report": join(cfg.output, REPORT_DIR),
-                 **({"gallery": join(cfg.output, GALLERY_HTML)} if cfg.gallery_pairs else {})},
+        outputs={"exclude": join(cfg.output, layout.DEDUP_EXCLUDE_UIDS), "dedup": join(cfg.output, layout.DEDUP_JSON),
+                 "summary": join(cfg.output, layout.DEDUP_SUMMARY_TXT), "report": join(cfg.output, layout.DEDUP_REPORT_DIR),
+                 **({"gallery": join(cfg.output, layout.DEDUP_GALLERY_HTML)} if cfg.gallery_pairs else {})},
         counts={"pool_samples": int(summary["pool_samples"]), "pool_duplicates": int(summary["pool_duplicates"]),
                 "excluded": int(summary["excluded"]), "not_embedded": int(summary["not_embedded"])},
         timings={"search": float(summary["search_seconds"])}, details=summary, summary=text,
@@ -879,7 +872,7 @@ def _write_outputs(
         per_set.append(entry)
 
     exclude = sorted(set(agg.dup_uids) | set(agg.phash_only_uids))
-    sha, n_ex = save_uids(join(cfg.output, EXCLUDE_UIDS), exclude)
+    sha, n_ex = save_uids(join(cfg.output, layout.DEDUP_EXCLUDE_UIDS), exclude)
     summary = {
         "threshold": cfg.threshold, "k": cfg.k, "model": model_desc, "model_identity": index_desc["model"],
         "index_type": index_desc["index_type"], "nlist": index_desc.get("nlist"), "nprobe": index_desc.get("nprobe"),
@@ -890,7 +883,7 @@ def _write_outputs(
     if cfg.phash:
         summary.update({"phash_pool_matches": agg.phash_matches, "phash_only_matches": len(set(agg.phash_only_uids)),
                         "phash_unreadable_pool_images": agg.phash_missing})
-    write_json(join(cfg.output, SUMMARY_JSON), summary)
+    write_json(join(cfg.output, layout.DEDUP_SUMMARY_JSON), summary)
     cols = ["evalset", "items", "unreadable_items", "pool_samples_matched", "eval_items_matched", "overlap_percent"]
     if cfg.phash:
         cols += ["phash_pool_samples_matched", "phash_eval_items_matched", "phash_overlap_percent"]
@@ -902,23 +895,23 @@ def _write_outputs(
         + (f"; {agg.not_embedded} pool samples had no embedding" if agg.not_embedded else "")
         + "\n\n" + table(per_set, cols) + "\n"
     )
-    atomic_write_bytes(join(cfg.output, SUMMARY_TXT), txt.encode())
-    write_json(join(cfg.output, DEDUP_JSON), {
+    atomic_write_bytes(join(cfg.output, layout.DEDUP_SUMMARY_TXT), txt.encode())
+    write_json(join(cfg.output, layout.DEDUP_JSON), {
         "kind": "dedup", "threshold": cfg.threshold, "k": cfg.k, "model": index_desc["model"],
         "index_type": index_desc["index_type"], "index_sha256": index_desc["index_sha256"],
         "pool": {"manifest": pool.manifest_path, "fingerprint": pool.fingerprint, "embeddings": pool.emb_dir,
                  "name": (pool.manifest or {}).get("name")},
         "evalsets": [es.to_dict() for es in sets],
-        "exclude": {"path": EXCLUDE_UIDS, "sha256": sha, "count": n_ex,
+        "exclude": {"path": layout.DEDUP_EXCLUDE_UIDS, "sha256": sha, "count": n_ex,
                     "rule": "similarity >= threshold" + (" or pHash exact match" if cfg.phash else "")},
-        "summary": SUMMARY_JSON, "report": REPORT_DIR,
+        "summary": layout.DEDUP_SUMMARY_JSON, "report": layout.DEDUP_REPORT_DIR,
     })
     if cfg.gallery_pairs:
         from laiontools.stages.dedup_gallery import write_gallery
 
-        write_gallery(join(cfg.output, GALLERY_HTML), pool, sets, cfg.threshold, model_desc,
+        write_gallery(join(cfg.output, layout.DEDUP_GALLERY_HTML), pool, sets, cfg.threshold, model_desc,
                       sorted(agg.above, reverse=True), sorted(agg.below, reverse=True))
-    return summary, txt + f"outputs in {cfg.output}: {SUMMARY_TXT}, {EXCLUDE_UIDS}, {REPORT_DIR}/, {GALLERY_HTML}"
+    return summary, txt + f"outputs in {cfg.output}: {layout.DEDUP_SUMMARY_TXT}, {layout.DEDUP_EXCLUDE_UIDS}, {layout.DEDUP_REPORT_DIR}/, {layout.DEDUP_GALLERY_HTML}"
 
 
 # ---------------------------------------------------------------------------------------------

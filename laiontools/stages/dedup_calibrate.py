@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from laiontools.contracts import layout
 from laiontools.core.config import ConfigError, StageConfig, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.stage import StageResult, stage_entry
@@ -43,9 +44,6 @@ log = logging.getLogger(__name__)
 TRANSFORMS = ("exact", "reencode", "resize", "crop", "flip", "colorshift", "text")
 EASY_TRANSFORMS = ("exact", "reencode", "resize")
 RECALL_TARGET = 0.95
-CALIBRATE_JSON = "calibrate.json"
-CALIBRATE_TXT = "calibrate.txt"
-CALIBRATE_PNG = "calibrate.png"
 
 
 @dataclasses.dataclass
@@ -128,9 +126,9 @@ def apply_transform(image: Any, transform: str, rng: np.random.Generator) -> Any
 
 def _sample_negatives(emb_dir: str, n: int, seed: int, exclude: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
     """Up to `n` valid pool embeddings (float32) + uids, sampled evenly over shards (seeded)."""
+    from laiontools.contracts.embeddings import done_shards
     from laiontools.contracts.uids import contains, uids_to_array
     from laiontools.stages.dedup import read_embedding_shard
-    from laiontools.stages.embed import done_shards
 
     shards = done_shards(emb_dir)
     if not shards:
@@ -193,10 +191,9 @@ def recommend(pos: dict[str, np.ndarray], neg: np.ndarray, easy: tuple[str, ...]
 
 STAGE = "dedup calibrate"
 CONFIG = CalibrateConfig
-SETTINGS_FILE = "calibrate.settings.json"  # not settings.json: a dedup output folder may hold both
 
 
-@stage_entry(STAGE)
+@stage_entry(STAGE, accepts=("dedup",))  # "a dedup output folder reuses its index"
 def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     """Run the calibration; writes calibrate.{json,txt,png} into cfg.output; details = the json content.
 
@@ -208,7 +205,7 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     from laiontools.stages.dedup import DedupConfig, eval_geometry, make_embedder, prepare_index, read_pool
 
     ensure_output_dir(cfg.output)
-    write_json(join(cfg.output, SETTINGS_FILE), {"stage": STAGE, **cfg.to_dict()})
+    write_json(join(cfg.output, layout.CALIBRATE_SETTINGS_JSON), {"stage": STAGE, **cfg.to_dict()})
     sets = load_evalsets(cfg.evalset, cfg.evalsets_yaml)
     pool = read_pool(cfg.embeddings)
     dcfg = DedupConfig(embeddings=cfg.embeddings, evalset=cfg.evalset, evalsets_yaml=cfg.evalsets_yaml, output=cfg.output,
@@ -276,16 +273,16 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
         "highest_negatives": [{"uid": neg_uids[i], "similarity": float(neg[i])} for i in top_neg],
         "grid": rows, "embed_seconds": round(embed_s, 3),
     }
-    write_json(join(cfg.output, CALIBRATE_JSON), result)
+    write_json(join(cfg.output, layout.CALIBRATE_JSON), result)
     txt = _text_report(result, pos, neg)
-    atomic_write_bytes(join(cfg.output, CALIBRATE_TXT), txt.encode())
-    _plot(join(cfg.output, CALIBRATE_PNG), pos, neg, grid, rec, result["model"])
+    atomic_write_bytes(join(cfg.output, layout.CALIBRATE_TXT), txt.encode())
+    _plot(join(cfg.output, layout.CALIBRATE_PNG), pos, neg, grid, rec, result["model"])
     return StageResult(
-        outputs={"calibrate": join(cfg.output, CALIBRATE_JSON), "text": join(cfg.output, CALIBRATE_TXT),
-                 "plot": join(cfg.output, CALIBRATE_PNG)},
+        outputs={"calibrate": join(cfg.output, layout.CALIBRATE_JSON), "text": join(cfg.output, layout.CALIBRATE_TXT),
+                 "plot": join(cfg.output, layout.CALIBRATE_PNG)},
         counts={"planted_items": int(result["planted_items"]), "negatives": int(result["negatives"])},
         timings={"embed": float(result["embed_seconds"])}, details=result,
-        summary=txt + f"\nwritten: {join(cfg.output, CALIBRATE_TXT)}, {CALIBRATE_JSON}, {CALIBRATE_PNG}",
+        summary=txt + f"\nwritten: {join(cfg.output, layout.CALIBRATE_TXT)}, {layout.CALIBRATE_JSON}, {layout.CALIBRATE_PNG}",
     )
 
 

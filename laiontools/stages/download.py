@@ -73,6 +73,9 @@ class DownloadConfig(PrepareConfig):
     respect_optouts: bool = dataclasses.field(default=True, metadata={"help": "honour X-Robots-Tag noai/noimageai/noindex/noimageindex"})
     respect_tdm_reservation: bool = dataclasses.field(default=True, metadata={"help": "honour the TDM Reservation Protocol header tdm-reservation: 1"})
     user_agent_token: str | None = dataclasses.field(default=None, metadata={"help": "token in the User-Agent, matched by X-Robots-Tag"})
+    respect_robots: bool = dataclasses.field(default=True, metadata={"help": "fetch each host's robots.txt once per executor (cached 1 h) and skip what it disallows for --user-agent-token (or *); 4xx robots.txt: all allowed, 5xx/timeout: host skipped for now (retried by --retry-failed)"})
+    max_host_rps: float | None = dataclasses.field(default=None, metadata={"help": "requests per second per host, per executor (a 429/503 Retry-After pauses the host for the whole executor either way)"})
+    max_host_concurrency: int | None = dataclasses.field(default=None, metadata={"help": "requests in flight per host, per executor"})
     request_deadline: float = dataclasses.field(default=60.0, metadata={"help": "seconds one request may take in all (redirects, headers and body); --timeout bounds each socket operation"})
     shard_deadline: float | None = dataclasses.field(default=1800.0, metadata={"help": "seconds a shard's fetches may take; rows not fetched by then end failed_download with reason 'deadline' (0: no limit)"})
     retry_failed: bool = dataclasses.field(default=False, metadata={"help": "retry pass: re-attempt only rows that failed with transient errors, into new shards"})
@@ -90,6 +93,9 @@ class DownloadConfig(PrepareConfig):
             raise ConfigError("timeout must be >= 1, retries >= 0, thread_count >= 1")
         if self.request_deadline <= 0 or (self.shard_deadline is not None and self.shard_deadline < 0):
             raise ConfigError("request_deadline must be > 0 and shard_deadline >= 0 (0: no shard deadline)")
+        if (self.max_host_rps is not None and self.max_host_rps <= 0) or (
+                self.max_host_concurrency is not None and self.max_host_concurrency < 1):
+            raise ConfigError("max_host_rps must be > 0 and max_host_concurrency >= 1 (leave them unset for no limit)")
 
     def semantic(self) -> dict[str, Any]:
         d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_ONLY}
@@ -101,18 +107,12 @@ class DownloadConfig(PrepareConfig):
 
 
 def check_output(cfg: DownloadConfig) -> None:
-    """Refuse an output folder that holds something else, or a pool made with other settings."""
+    """Refuse a pool made with other settings (a folder that is not a pool at all was already refused
+    by the output rule of core/stage.py before this runs)."""
     ensure_output_dir(cfg.output)
-    fs, p = url_to_fs(cfg.output)
     settings_path = join(cfg.output, layout.SETTINGS_JSON)
-    entries = [e for e in fs.ls(p, detail=False) if not e.rstrip("/").rsplit("/", 1)[-1].startswith(".")]
-    if not entries:
-        return
-    if not fs.exists(url_to_fs(settings_path)[1]):
-        raise UserError(
-            f"output folder {cfg.output} is not empty and holds no {layout.SETTINGS_JSON}: it is not a laiontools "
-            f"pool; give an empty or new folder (nothing in it was touched)"
-        )
+    if not url_to_fs(settings_path)[0].exists(url_to_fs(settings_path)[1]):
+        return  # a run stopped before it wrote its settings: nothing to compare
     old = read_json(settings_path)
     new = cfg.semantic()
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -181,7 +181,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     from img2dataset.writer import WebDatasetSampleWriter
 
     from laiontools.web.fetch import FetchPolicy, PolicyDownloader
-    from laiontools.web.resize import make_resizer
+    from laiontools.web.resize import make_resizer, resize_params
 
     fs, sp = url_to_fs(shard_dir)
     fs.makedirs(sp, exist_ok=True)
@@ -191,17 +191,19 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     if not fsi.exists(ip) or not fsi.glob(ip + "/*.parquet"):
         log.info("nothing to download in %s", input_dir)
         return
-    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, "stats.json"))
+    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
     extra_cols = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION)]
     tmp_path = shard_dir.rstrip("/") + "/_tmp"
     fs.makedirs(url_to_fs(tmp_path)[1], exist_ok=True)
     reader = Reader(input_dir, "parquet", C.URL, C.CAPTION, None, None, extra_cols, cfg.number_sample_per_shard,
                     done_shards, tmp_path, 0)
-    resizer = make_resizer(cfg)  # img2dataset's Resizer, or FastResizer with --fast-decode (default)
+    resizer = make_resizer(**resize_params(cfg.to_dict()))  # img2dataset's Resizer, or FastResizer with --fast-decode (default)
     policy = FetchPolicy(allow_private_network=cfg.allow_private_network, allow_networks=tuple(cfg.allow_networks),
                          max_bytes=cfg.max_bytes, max_image_pixels=cfg.max_image_pixels,
                          request_deadline=float(cfg.request_deadline), shard_deadline=cfg.shard_deadline or None,
-                         respect_tdm=cfg.respect_tdm_reservation)
+                         respect_tdm=cfg.respect_tdm_reservation, respect_robots=cfg.respect_robots,
+                         robots_user_agent=cfg.user_agent_token, max_host_rps=cfg.max_host_rps,
+                         max_host_concurrency=cfg.max_host_concurrency, blocklist=cfg.blocklist)
     directives = ["noai", "noimageai", "noindex", "noimageindex"] if cfg.respect_optouts else None
     downloader = PolicyDownloader(
         sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.thread_count, save_caption=True,
@@ -296,7 +298,7 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, "stats.json"))
+    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
     extras = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION, *C.SCORE_COLUMNS, C.UID, C.SOURCE_ID)]
     cat_cols = C.catalog_columns()
     types = {c["name"]: {"string": "string", "int64": "bigint", "double": "double"}[c["type"]]
@@ -390,11 +392,18 @@ def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], pr
     from pyspark.sql import functions as F
 
     by_status = {r[C.STATUS]: int(r["count"]) for r in cat.groupBy(C.STATUS).count().collect()}
-    fails = cat.where(F.col(C.STATUS).isin(C.STATUS_FAILED_DOWNLOAD, C.STATUS_FAILED_RESIZE)).select(C.STATUS, C.ERROR)
+    kind_of = F.udf(lambda msg: failure_kind(msg), "string")
+    # Failed rows with their kind and host, grouped in Spark (error messages are nearly unique, so
+    # grouping by them would ship every failed row's text to the driver at scale).
+    fails = (cat.where(F.col(C.STATUS).isin(C.STATUS_FAILED_DOWNLOAD, C.STATUS_FAILED_RESIZE))
+             .select(C.STATUS, kind_of(F.col(C.ERROR)).alias("_kind"),
+                     F.coalesce(F.expr(f"parse_url(`{C.URL}`, 'HOST')"), F.lit("(no host)")).alias("_host"))
+             .persist())
     kinds: dict[str, int] = {}
-    for r in fails.groupBy(C.STATUS, C.ERROR).count().collect():
-        k = f"{r[C.STATUS]}:{failure_kind(r[C.ERROR])}"
-        kinds[k] = kinds.get(k, 0) + int(r["count"])
+    for r in fails.groupBy(C.STATUS, "_kind").count().collect():
+        kinds[f"{r[C.STATUS]}:{r['_kind']}"] = int(r["count"])
+    hosts = host_view(fails)
+    fails.unpersist()
     success = by_status.get(C.STATUS_SUCCESS, 0)
     attempted = success + by_status.get(C.STATUS_FAILED_DOWNLOAD, 0) + by_status.get(C.STATUS_FAILED_RESIZE, 0)
     times = [(s["start_time"], s["end_time"]) for s in shards if s.get("start_time")]
@@ -407,11 +416,40 @@ def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], pr
         "success_rate": round(success / attempted, 4) if attempted else 0.0,
         "by_status": dict(sorted(by_status.items())),
         "failures_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "hosts": hosts,
         "shards": len(shards),
         "bytes": int(sum(s["bytes"] for s in shards)),
         "download_seconds": round(dl_time, 2),
         "samples_per_second": round(success / dl_time, 2) if dl_time > 0 else None,
         "wall_seconds_this_run": round(wall, 2),
+    }
+
+
+# Failure kinds the per-host view counts separately: what a crawl operator watches.
+HOST_WATCH_KINDS = {"robots_txt": "robots.txt refusals", "opted_out_x_robots_tag": "X-Robots-Tag opt-outs",
+                    "opted_out_tdm_reservation": "tdm-reservation opt-outs", "http_429": "HTTP 429",
+                    "deadline": "deadline hits", "dns": "DNS failures", "blocklisted": "blocklisted"}
+TOP_HOSTS = 20
+
+
+def host_view(fails: Any) -> dict[str, Any]:
+    """Per-host report from failed rows (columns _host, _kind): the hosts with most failures and,
+    for each watched kind (robots, opt-outs, 429, deadline, DNS, blocklist), rows and hosts."""
+    from pyspark.sql import functions as F
+
+    top = [(r["_host"], int(r["count"])) for r in
+           fails.groupBy("_host").count().orderBy(F.desc("count"), "_host").limit(TOP_HOSTS).collect()]
+    per: dict[str, dict[str, int]] = {h: {} for h, _ in top}
+    if top:
+        for r in fails.where(F.col("_host").isin([h for h, _ in top])).groupBy("_host", "_kind").count().collect():
+            per[r["_host"]][r["_kind"]] = int(r["count"])
+    watched = {r["_kind"]: (int(r["rows"]), int(r["hosts"])) for r in
+               fails.where(F.col("_kind").isin(list(HOST_WATCH_KINDS)))
+               .groupBy("_kind").agg(F.count("*").alias("rows"), F.countDistinct("_host").alias("hosts")).collect()}
+    return {
+        "most_failures": [{"host": h, "failed": n, "by_kind": dict(sorted(per[h].items(), key=lambda kv: -kv[1]))}
+                          for h, n in top],
+        "watched": {k: {"rows": watched.get(k, (0, 0))[0], "hosts": watched.get(k, (0, 0))[1]} for k in HOST_WATCH_KINDS},
     }
 
 
@@ -428,6 +466,14 @@ def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
     ]
     if rep["failures_by_kind"]:
         lines += ["  failures by kind:", "    " + table([{"kind": k, "rows": v} for k, v in rep["failures_by_kind"].items()]).replace("\n", "\n    ")]
+    hosts = rep.get("hosts") or {}
+    if hosts.get("most_failures"):
+        w = hosts["watched"]
+        lines.append("  politeness and stragglers: " + ", ".join(
+            f"{label} {w[k]['rows']} (hosts {w[k]['hosts']})" for k, label in HOST_WATCH_KINDS.items()))
+        rows = [{"host": h["host"], "failed": h["failed"],
+                 "kinds": ", ".join(f"{k}={v}" for k, v in list(h["by_kind"].items())[:4])} for h in hosts["most_failures"][:10]]
+        lines += ["  hosts with the most failures:", "    " + table(rows).replace("\n", "\n    ")]
     return "\n".join(lines)
 
 
@@ -482,7 +528,7 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     if not is_done(join(cfg.output, layout.PREPARED_DIR)) or not url_to_fs(join(cfg.output, layout.POOL_MANIFEST))[0].exists(
             url_to_fs(join(cfg.output, layout.POOL_MANIFEST))[1]):
         raise UserError(f"{cfg.output}: no finished pool to retry; run the download without --retry-failed first")
-    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, "stats.json"))
+    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
     names = prep_stats["download_columns"]
     transient = F.udf(lambda msg: is_transient(msg), BooleanType())
     cat = spark.read.parquet(join(cfg.output, layout.CATALOG_DIR))

@@ -30,6 +30,7 @@ import os
 import time
 from typing import Any
 
+from laiontools.contracts import layout
 from laiontools.core.config import ConfigError, StageConfig, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.logs import RateLimitedLogger
@@ -76,11 +77,11 @@ def resolve_checkpoint(checkpoint: str | None, model: str | None) -> tuple[str |
     Raises ModelError when a run dir was trained with another model than ``model``, ConfigError when
     the model name cannot be known, and TrainError when a run dir is not finished.
     """
-    from laiontools.stages.train import MODEL_FILE, SETTINGS_FILE, read_result
+    from laiontools.stages.train import read_result
 
     if checkpoint and os.path.isdir(checkpoint):
-        if not os.path.exists(os.path.join(checkpoint, SETTINGS_FILE)):
-            raise ConfigError(f"evaluate: {checkpoint} is a folder but not a `laiontools train` run (no {SETTINGS_FILE})")
+        if not os.path.exists(os.path.join(checkpoint, layout.TRAIN_SETTINGS_JSON)):
+            raise ConfigError(f"evaluate: {checkpoint} is a folder but not a `laiontools train` run (no {layout.TRAIN_SETTINGS_JSON})")
         result = read_result(checkpoint)
         trained = result["model"]
         if model and model != trained:
@@ -88,7 +89,7 @@ def resolve_checkpoint(checkpoint: str | None, model: str | None) -> tuple[str |
                 f"checkpoint {checkpoint} was trained with model {trained!r}, not {model!r}; "
                 f"pass --model {trained} (or omit --model)"
             )
-        return os.path.join(checkpoint, MODEL_FILE), trained, checkpoint
+        return os.path.join(checkpoint, layout.TRAIN_MODEL_FILE), trained, checkpoint
     if not model:
         raise ConfigError("evaluate: --model is required unless --checkpoint is a `laiontools train` run directory")
     if checkpoint and os.path.isfile(checkpoint):
@@ -98,10 +99,9 @@ def resolve_checkpoint(checkpoint: str | None, model: str | None) -> tuple[str |
 
 def _check_run_of_checkpoint(path: str, model: str) -> None:
     """A checkpoint file inside a laiontools run names its model in settings.json: compare before loading."""
-    from laiontools.stages.train import SETTINGS_FILE
 
     for d in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        s = os.path.join(d, SETTINGS_FILE)
+        s = os.path.join(d, layout.TRAIN_SETTINGS_JSON)
         if d and os.path.exists(s):
             trained = read_json(s).get("model")
             if trained and trained != model:
@@ -319,7 +319,7 @@ STAGE = "evaluate"
 CONFIG = EvaluateConfig
 
 
-@stage_entry(STAGE)
+@stage_entry(STAGE, output_kind="file")  # the output is one results JSON
 def run(cfg: EvaluateConfig, spark: Any = None) -> StageResult:
     """Evaluate a model on every declared set; write the results JSON (cfg.output); details = its content.
 

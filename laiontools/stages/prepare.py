@@ -32,6 +32,7 @@ from laiontools.core.errors import InputError, TaskError, task_error, user_error
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import is_done, join, mark_done, read_json, sha256_bytes, url_to_fs, write_json
+from laiontools.web.blocklist import load_blocklist
 from laiontools.web.policy import check_url
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class PrepareConfig(SparkStageConfig):
     columns: str | None = dataclasses.field(default=None, metadata={"help": "column mapping overrides, e.g. url=MyUrl,caption=MyText"})
     allow_private_network: bool = dataclasses.field(default=False, metadata={"help": "allow every private/loopback/link-local target (intranet mirrors)"})
     allow_networks: list[str] = dataclasses.field(default_factory=list, metadata={"help": "allow only these private networks/hosts, e.g. 127.0.0.0/8 (tests and the demo serve on 127.0.0.1)"})
+    blocklist: str | None = dataclasses.field(default=None, metadata={"help": "file of URLs, domains and sha256/md5 content hashes never to download (one per line; see laiontools.web.blocklist); every executor must be able to read it"})
     resolve_hosts: bool = dataclasses.field(default=False, metadata={"help": "also resolve host names in prepare and reject those resolving to private addresses (download always re-checks at connect time)"})
     max_url_length: int = dataclasses.field(default=2048, metadata={"help": "longer URLs are rejected"})
     max_caption_length: int = dataclasses.field(default=2048, metadata={"help": "longer captions (characters) are rejected"})
@@ -335,6 +337,10 @@ def prepare_task(task: dict[str, Any]) -> Iterator[tuple]:
             uid = compute_uid(url, caption)
             status = err = None
             bad = check_url(url, policy, dns_cache)
+            if bad is None and policy.get("blocklist"):
+                why = load_blocklist(policy["blocklist"]).url_reason(url)
+                if why:
+                    bad = ("blocklisted", why)
             if bad is None:
                 if policy["require_caption"] and not caption:
                     bad = ("missing_caption", "caption is null or empty")
@@ -406,7 +412,7 @@ def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_d
 STAGE = "prepare"
 
 
-@stage_entry(STAGE)
+@stage_entry(STAGE, accepts=("download",))  # prepare also runs inside a download's pool
 def run(cfg: PrepareConfig, spark: Any = None) -> StageResult:
     """Run prepare into ``<output>/prepared`` unless already complete; details = its stats.json.
 
@@ -419,7 +425,7 @@ def run(cfg: PrepareConfig, spark: Any = None) -> StageResult:
     prep_dir = join(cfg.output, layout.PREPARED_DIR)
     if is_done(prep_dir):
         log.info("prepare already complete in %s; reusing it", prep_dir)
-        stats = read_json(join(prep_dir, "stats.json"))
+        stats = read_json(join(prep_dir, layout.PREPARED_STATS_JSON))
     else:
         found = discover(cfg)  # bad input fails before Spark starts
         with stage_spark(cfg, spark, app_name="laiontools-prepare") as sp:
@@ -444,7 +450,13 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
     policy = {"allow_private_network": cfg.allow_private_network, "allow_networks": list(cfg.allow_networks),
               "resolve_hosts": cfg.resolve_hosts,
               "max_url_length": cfg.max_url_length, "max_caption_length": cfg.max_caption_length,
-              "require_caption": cfg.require_caption}
+              "require_caption": cfg.require_caption, "blocklist": cfg.blocklist}
+    if cfg.blocklist:
+        bl = load_blocklist(cfg.blocklist)  # a bad line fails here, naming the file, before any task runs
+        fs_b, p_b = url_to_fs(cfg.blocklist)
+        with fs_b.open(p_b, "rb") as f:
+            policy["blocklist_sha256"] = sha256_bytes(f.read())  # the list decides the uid set: fingerprint it
+        log.info("prepare: blocklist %s with %d entries", cfg.blocklist, len(bl))
     log.info("prepare: %d file(s), profile %s, %d extra column(s)", len(files), profile, len(extras))
     fingerprint = source_fingerprint(files, profile, mapping, policy)
     tasks = _tasks(files, mapping, extras, policy)
@@ -510,7 +522,7 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
         "policy": policy,
         "spark": {"shuffle_partitions": n_shuffle},
     }
-    write_json(join(prep_dir, "stats.json"), stats)
+    write_json(join(prep_dir, layout.PREPARED_STATS_JSON), stats)
     mark_done(prep_dir, {"stats_sha256": sha256_bytes(json.dumps(stats, sort_keys=True).encode())})
     log.info("prepare: %d rows in, %d accepted, rejected %s", stats["rows_in"], stats["accepted"], stats["rejected"])
     return stats

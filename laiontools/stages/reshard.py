@@ -53,6 +53,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.contracts.manifest import (
     manifest_sha256,
@@ -61,6 +62,9 @@ from laiontools.contracts.manifest import (
     resolve,
     write_manifest,
 )
+from laiontools.contracts.pool import abs_path, load_pool
+from laiontools.contracts.selection import parse_seed, score_series
+from laiontools.contracts.uids import member_series
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError, task_error, user_error_from
 from laiontools.core.report import table
@@ -77,24 +81,11 @@ from laiontools.core.storage import (
     url_to_fs,
     write_json,
 )
-from laiontools.stages.subsets import (
-    _member_series,
-    _to_signed_order,
-    abs_path,
-    load_pool,
-    parse_seed,
-    selection_scores,
-)
 from laiontools.wds.writer import ShardWriter, WriteBuffer
 
 log = logging.getLogger(__name__)
 
 SHUFFLE_PERSON = b"laiontools-shuf"
-OUT_SHARDS_DIR = "shards"
-SIZES_JSON = "sizes.json"
-PLAN_JSON = "reshard.json"
-OUT_MANIFEST = "subset.manifest.json"
-OUT_UIDS = "uids.npy"
 
 
 class ReshardError(UserError, ValueError):
@@ -375,12 +366,6 @@ def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: 
     return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
 
 
-def _shuffle_series(uids: Any, seed: int) -> Any:
-    import pandas as pd
-
-    return pd.Series(_to_signed_order(selection_scores(uids, seed, person=SHUFFLE_PERSON)), index=uids.index)
-
-
 _INDEX_SCHEMA = "_sid string, key string, exts array<string>, offs array<long>, sizes array<long>, mtimes array<long>"
 _RESULT_SCHEMA = "j int, num_samples long, bytes long, sha256 string"
 
@@ -468,10 +453,11 @@ def run(cfg: ReshardConfig, spark: Any = None) -> StageResult:
     Raises ReshardError/InputError/ManifestError naming the file at fault (subset without uids,
     uid file changed since selection, source shard missing from the pool, output of another plan).
     """
+    read_manifest(abs_path(cfg.manifest))  # a missing or invalid manifest fails before Spark starts
     with stage_spark(cfg, spark, app_name="laiontools-reshard") as sp:
         res = _reshard(cfg, sp)
     return StageResult(
-        outputs={"manifest": res["manifest"], "shards": join(abs_path(cfg.output), OUT_SHARDS_DIR)},
+        outputs={"manifest": res["manifest"], "shards": join(abs_path(cfg.output), layout.RESHARD_SHARDS_DIR)},
         counts={"shards": int(res["num_shards"]), "samples": int(res["num_samples"]), "bytes": int(res["bytes"])},
         details=res,
         summary=table([{"manifest": res["manifest"], "shards": res["num_shards"], "samples": f"{res['num_samples']:,}",
@@ -495,7 +481,7 @@ def _reshard(cfg: ReshardConfig, spark: Any) -> dict[str, Any]:
     k, q, r = shard_layout(n, cfg.shard_size)
     width = max(6, len(str(q + 1)))
     output = abs_path(cfg.output)
-    out_dir = join(output, OUT_SHARDS_DIR)
+    out_dir = join(output, layout.RESHARD_SHARDS_DIR)
     ensure_output_dir(out_dir)
     plan = {
         "subset_manifest": mpath,
@@ -509,7 +495,7 @@ def _reshard(cfg: ReshardConfig, spark: Any) -> dict[str, Any]:
         "shuffle": "positions by (blake2b(uid, key=seed, person=b'laiontools-shuf'), uid)",
     }
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
-    plan_path = join(output, PLAN_JSON)
+    plan_path = join(output, layout.RESHARD_PLAN_JSON)
     fs, pp = url_to_fs(plan_path)
     if fs.exists(pp):
         old = read_json(plan_path)
@@ -533,18 +519,18 @@ def _reshard(cfg: ReshardConfig, spark: Any) -> dict[str, Any]:
                 raise err from None
             raise
     sizes = {shard_name(j): results[j]["num_samples"] for j in range(k)}
-    write_json(join(out_dir, SIZES_JSON), sizes)
+    write_json(join(out_dir, layout.RESHARD_SIZES_JSON), sizes)
     total = sum(sizes.values())
     if total != n:
         raise ReshardError(f"wrote {total} samples but the subset has {n}; the pool catalog and shards disagree (run verify on the pool)")
 
     # Copy the uid file so the output folder stands on its own.
-    out_uids = join(output, OUT_UIDS)
+    out_uids = join(output, layout.RESHARD_UIDS)
     with url_to_fs(uid_path)[0].open(url_to_fs(uid_path)[1], "rb") as src, atomic_open(out_uids) as dst:
         while chunk := src.read(1 << 22):
             dst.write(chunk)
     shards = [
-        {"path": f"{OUT_SHARDS_DIR}/{shard_name(j)}", "num_samples": results[j]["num_samples"], "bytes": results[j]["bytes"], "sha256": results[j]["sha256"]}
+        {"path": f"{layout.RESHARD_SHARDS_DIR}/{shard_name(j)}", "num_samples": results[j]["num_samples"], "bytes": results[j]["bytes"], "sha256": results[j]["sha256"]}
         for j in range(k)
     ]
     out_m = new_manifest(
@@ -552,7 +538,7 @@ def _reshard(cfg: ReshardConfig, spark: Any) -> dict[str, Any]:
         kind="subset",
         num_samples=n,
         target_samples=m["target_samples"],
-        uids={"path": OUT_UIDS, "sha256": m["uids"]["sha256"], "count": n},
+        uids={"path": layout.RESHARD_UIDS, "sha256": m["uids"]["sha256"], "count": n},
         shards=shards,
         source_fingerprint=m["source"]["fingerprint"],
         parent={"name": m["name"], "sha256": plan["subset_manifest_sha256"], "path": mpath},
@@ -561,7 +547,7 @@ def _reshard(cfg: ReshardConfig, spark: Any) -> dict[str, Any]:
         pool=m.get("pool") or {"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path},
         reshard={k_: plan[k_] for k_ in ("seed", "shard_size", "num_shards", "key_format", "shuffle")},
     )
-    out_path = join(output, OUT_MANIFEST)
+    out_path = join(output, layout.RESHARD_MANIFEST)
     msha = write_manifest(out_path, out_m)
     return {"manifest": out_path, "sha256": msha, "num_shards": k, "num_samples": n, "bytes": sum(s["bytes"] for s in shards),
             "sample_spans": spans_from}
@@ -583,8 +569,8 @@ def _run_spark(
     has_spans = len(spans) == 2
     cat = cat.select(C.UID, C.STATUS, C.SHARD, C.KEY, *(spans if has_spans else []))
     span_cols = [F.col(C.TAR_OFFSET).alias("_toff"), F.col(C.TAR_LENGTH).alias("_tlen")] if has_spans else []
-    member = F.pandas_udf(lambda s: _member_series(s, uid_path), T.BooleanType())
-    shuffle = F.pandas_udf(lambda s: _shuffle_series(s, seed), T.LongType())
+    member = F.pandas_udf(lambda s: member_series(s, uid_path), T.BooleanType())
+    shuffle = F.pandas_udf(lambda s: score_series(s, seed, person=SHUFFLE_PERSON), T.LongType())
     rows = (
         cat.filter(F.col(C.STATUS) == C.STATUS_SUCCESS)
         .withColumn("_sid", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))

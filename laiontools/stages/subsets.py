@@ -13,7 +13,8 @@ writes, per scale label L (``80M``, ``400M``, an explicit count ``1000`` ...)::
 
 How the choice is made, and why it nests: every eligible uid gets a score
 ``blake2b(uid bytes, digest_size=8, key=seed, person=b"laiontools-sub")`` read as a big-endian
-uint64 (:func:`selection_scores`; stable across machines and Python versions, unlike ``hash()``).
+uint64 (:func:`laiontools.contracts.selection.selection_scores`; stable across machines and Python
+versions, unlike ``hash()``).
 A subset of size N is the N lowest (score, uid) pairs. So every smaller subset is inside every
 larger one, adding a scale never changes another, and the choice depends only on the eligible uid
 set and the seed.
@@ -33,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -47,13 +46,14 @@ import numpy as np
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.contracts.manifest import (
-    manifest_sha256,
     new_manifest,
     read_manifest,
     resolve,
     write_manifest,
 )
-from laiontools.contracts.uids import UID_DTYPE, save_uids_spark, uids_to_array
+from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
+from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
+from laiontools.contracts.uids import UID_DTYPE, member_series, save_uids_spark
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
@@ -65,15 +65,8 @@ log = logging.getLogger(__name__)
 SCALE_PRESETS: dict[str, int] = {"80M": 80_000_000, "400M": 400_000_000, "2B": 2_000_000_000}
 _SUFFIX = {"": 1, "K": 1_000, "M": 1_000_000, "B": 1_000_000_000}
 _SCALE_RE = re.compile(r"^(?P<num>[0-9]+(?:\.[0-9]*)?(?:[eE][+]?[0-9]+)?)(?P<suffix>[kKmMbB]?)$")
-SELECTION_PERSON = b"laiontools-sub"
-SEED_MAX = 2**63 - 1
 # The score histogram uses the top 16 bits: 65,536 buckets, ~76k rows each for a 5B-row pool.
 _BUCKET_SHIFT = 48
-HASH_SPEC = (
-    "score = uint64 big-endian of blake2b(16 raw uid bytes, digest_size=8, key=seed as 8-byte big-endian, "
-    "person=b'laiontools-sub'); subset of size N = the N lowest (score, uid)"
-)
-SUBSET_SCORES_FILE = "scores"  # <embed out>/scores/*.parquet
 
 
 class SubsetError(UserError, ValueError):
@@ -82,22 +75,6 @@ class SubsetError(UserError, ValueError):
 
 # ----------------------------------------------------------------------------------------------
 # parsing
-
-
-def parse_seed(text: str | int) -> int:
-    """A seed is a whole number 0 <= seed <= 2**63-1; anything else raises ConfigError."""
-    if isinstance(text, bool):
-        raise ConfigError(f"seed {text!r} is not an integer; give a whole number such as --seed 0")
-    if isinstance(text, int):
-        value = text
-    else:
-        s = str(text).strip()
-        if not re.fullmatch(r"[0-9]+", s):
-            raise ConfigError(f"seed {text!r} is not a whole number; give e.g. --seed 0 (0 <= seed <= {SEED_MAX})")
-        value = int(s)
-    if not 0 <= value <= SEED_MAX:
-        raise ConfigError(f"seed {value} is out of range; give 0 <= seed <= {SEED_MAX}")
-    return value
 
 
 def parse_scales(text: str, scale_factor: float = 1.0) -> list[tuple[str, int]]:
@@ -215,100 +192,7 @@ class SubsetsConfig(SparkStageConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# the seeded score (pure Python; used on executors and by tests/verification)
-
-
-def _seed_key(seed: int) -> bytes:
-    return int(seed).to_bytes(8, "big")
-
-
-def selection_scores(uids: Any, seed: int, person: bytes = SELECTION_PERSON) -> np.ndarray:
-    """uint64 seeded score of each hex uid (see the module docstring for the exact definition)."""
-    seq = list(uids)
-    if not seq:
-        return np.zeros(0, dtype=np.uint64)
-    raw = bytes.fromhex("".join(seq))
-    key = _seed_key(seed)
-    b2 = hashlib.blake2b
-    digests = b"".join(b2(raw[i : i + 16], digest_size=8, key=key, person=person).digest() for i in range(0, len(raw), 16))
-    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
-
-
-def _to_signed_order(u: np.ndarray) -> np.ndarray:
-    """uint64 -> int64 with the same ordering (flip the top bit), since Spark longs are signed."""
-    return (u ^ np.uint64(1 << 63)).view(np.int64)
-
-
-def reference_selection(uids: list[str], seed: int, n: int) -> list[str]:
-    """The N selected uids computed in plain Python (for tests and audits): N lowest (score, uid)."""
-    s = selection_scores(uids, seed)
-    order = sorted(range(len(uids)), key=lambda i: (int(s[i]), uids[i]))
-    return sorted(uids[i] for i in order[:n])
-
-
-# Spark executor functions (module level so they pickle by reference).
-
-_EXCLUDE_CACHE: dict[str, np.ndarray] = {}
-
-
-def _load_cached_uids(path: str) -> np.ndarray:
-    arr = _EXCLUDE_CACHE.get(path)
-    if arr is None:
-        from laiontools.contracts.uids import load_uids
-
-        arr = np.asarray(load_uids(path, mmap=False))
-        _EXCLUDE_CACHE[path] = arr
-    return arr
-
-
-def _score_series(uids: Any, seed: int) -> Any:
-    import pandas as pd
-
-    return pd.Series(_to_signed_order(selection_scores(uids, seed)), index=uids.index)
-
-
-def _member_series(uids: Any, path: str) -> Any:
-    import pandas as pd
-
-    from laiontools.contracts.uids import contains
-
-    return pd.Series(contains(_load_cached_uids(path), uids_to_array(uids)), index=uids.index)
-
-
-# ----------------------------------------------------------------------------------------------
 # inputs: pool, scores, exclusions
-
-
-@dataclass
-class PoolInfo:
-    path: str
-    manifest: dict[str, Any]
-    sha256: str
-    catalog: str
-    shard_ids: list[str]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["source"]["fingerprint"]
-
-
-def abs_path(path: str) -> str:
-    """Absolute path for local files (so manifests don't depend on the cwd); URLs unchanged."""
-    return path if "://" in path else os.path.abspath(path)
-
-
-def load_pool(path: str) -> PoolInfo:
-    path = abs_path(path)
-    m = read_manifest(path)
-    if m["kind"] != "pool":
-        raise InputError(f"{path} is a {m['kind']} manifest; --pool needs the pool.manifest.json written by download")
-    cat = (m.get("catalog") or {}).get("path") or layout.CATALOG_DIR
-    catalog = resolve(path, cat)
-    fs, p = url_to_fs(catalog)
-    if not fs.exists(p):
-        raise InputError(f"{path}: its catalog {catalog} does not exist; the pool folder is incomplete (re-run download)")
-    shard_ids = [layout.shard_id(s["path"]) for s in m["shards"]]
-    return PoolInfo(path=path, manifest=m, sha256=manifest_sha256(path), catalog=catalog, shard_ids=shard_ids)
 
 
 def _find(d: dict[str, Any], names: tuple[str, ...]) -> Any:
@@ -362,8 +246,8 @@ def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
     if not fs.exists(p):
         raise InputError(f"--exclude {given} does not exist; give a dedup output folder or a uid .npy file")
     if fs.isdir(p):
-        uid_file = join(given, "exclude.uids.npy")
-        meta_file = join(given, "dedup.json")
+        uid_file = join(given, layout.DEDUP_EXCLUDE_UIDS)
+        meta_file = join(given, layout.DEDUP_JSON)
         if not fs.exists(url_to_fs(uid_file)[1]):
             raise InputError(f"--exclude {given}: no exclude.uids.npy inside; is it a dedup output folder? (re-run dedup)")
         kind = "dedup"
@@ -415,9 +299,9 @@ def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[s
     fs, p = url_to_fs(scores_dir)
     if not fs.isdir(p):
         raise InputError(f"--scores {scores_dir} is not a folder; give the embed output folder")
-    files = sorted(fs.glob(join(p, SUBSET_SCORES_FILE, "*.parquet")))
+    files = sorted(fs.glob(join(p, layout.EMB_SCORES_DIR, "*.parquet")))
     if not files:
-        raise InputError(f"--scores {scores_dir}: no {SUBSET_SCORES_FILE}/*.parquet inside; is it an embed output? (re-run embed)")
+        raise InputError(f"--scores {scores_dir}: no {layout.EMB_SCORES_DIR}/*.parquet inside; is it an embed output? (re-run embed)")
     model_json = join(scores_dir, layout.EMB_MODEL_JSON)
     model_info: dict[str, Any] = {}
     checked: dict[str, Any] = {}
@@ -426,11 +310,11 @@ def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[s
         checked = check_provenance(model_info, pool, f"embed output {scores_dir}", "run embed on this pool, or give its embed output")
     else:
         log.warning("%s has no model.json; checking only that its uids are samples of the pool", scores_dir)
-    urls = [join(scores_dir, SUBSET_SCORES_FILE, f.rsplit("/", 1)[-1]) for f in files]
+    urls = [join(scores_dir, layout.EMB_SCORES_DIR, f.rsplit("/", 1)[-1]) for f in files]
     sdf = spark.read.parquet(*urls)
     for c in (C.UID, "clip_score"):
         if c not in sdf.columns:
-            raise InputError(f"--scores {scores_dir}: {SUBSET_SCORES_FILE}/*.parquet lack column {c!r}")
+            raise InputError(f"--scores {scores_dir}: {layout.EMB_SCORES_DIR}/*.parquet lack column {c!r}")
     # One score per uid (max is deterministic if a uid were embedded twice).
     sdf = sdf.groupBy(C.UID).agg(F.max("clip_score").alias("clip_score"))
     record = {
@@ -560,6 +444,7 @@ def run(cfg: SubsetsConfig, spark: Any = None) -> StageResult:
     Raises SubsetError when a target exceeds the eligible pool (unless allow_short) or an input
     comes from another pool; InputError/ManifestError for unreadable inputs.
     """
+    load_pool(cfg.pool)  # a missing or invalid pool manifest fails before Spark starts
     with stage_spark(cfg, spark, app_name="laiontools-subsets") as sp:
         results = _select(cfg, sp)
     funnel = read_manifest(results[-1]["manifest"])["selection"]["funnel"] if results else []
@@ -594,7 +479,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
         else:
             cat = cat.join(sdf, on=C.UID, how="left")
     for i, ex in enumerate(exclusions):
-        udf = F.pandas_udf(lambda s, _p=ex.path: _member_series(s, _p), T.BooleanType())
+        udf = F.pandas_udf(lambda s, _p=ex.path: member_series(s, _p), T.BooleanType())
         cat = cat.withColumn(f"_excluded_{i}", udf(F.col(C.UID)))
 
     steps = _filter_steps(cfg, scores_record is not None, exclusions)
@@ -609,7 +494,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
     log.info("subsets: funnel over %d catalog rows in %.1fs", counts["rows"], time.monotonic() - t0)
     eligible_rows = cat.filter(passed).select(C.UID)
     seed = cfg.seed
-    score_udf = F.pandas_udf(lambda s: _score_series(s, seed), T.LongType())
+    score_udf = F.pandas_udf(lambda s: score_series(s, seed), T.LongType())
     elig = eligible_rows.distinct().withColumn("h", score_udf(F.col(C.UID))).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         t0 = time.monotonic()
@@ -661,13 +546,13 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
                 tier = F.when(within(obtained[lab]), F.lit(pos)).otherwise(tier)
             sel = elig.filter(within(obtained[live[0][1]])).select(C.UID, tier.cast("int").alias("tier"))
             t0 = time.monotonic()
-            written = save_uids_spark(sel, C.UID, [join(output, f"{lab}.uids.npy") for _, lab in live], tier_col="tier",
+            written = save_uids_spark(sel, C.UID, [join(output, layout.subset_uids(lab)) for _, lab in live], tier_col="tier",
                                       expected=[obtained[lab] for _, lab in live], distinct=False)
             for (_, lab), sc in zip(live, written):
                 sha_count[lab] = sc
             log.info("subsets: %d selected uids sorted and written in %.1fs", obtained[live[0][1]], time.monotonic() - t0)
         for label, target in targets:  # largest first: each smaller one's parent is the one before it
-            uid_name = f"{label}.uids.npy"
+            uid_name = layout.subset_uids(label)
             if label in sha_count:
                 sha, count = sha_count[label]
             else:
@@ -687,9 +572,9 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
                 command=canonical_command(cfg),
                 pool={"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path},
             )
-            mpath = join(output, f"{label}.manifest.json")
+            mpath = join(output, layout.subset_manifest(label))
             msha = write_manifest(mpath, m)
-            parent = {"name": m["name"], "sha256": msha, "path": f"{label}.manifest.json"}
+            parent = {"name": m["name"], "sha256": msha, "path": layout.subset_manifest(label)}
             results.append(
                 {"scale": label, "target": target, "obtained": count, "short": count < target, "manifest": mpath, "sha256": msha}
             )

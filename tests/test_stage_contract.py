@@ -1,0 +1,238 @@
+"""The stage contract (core/stage.py): one output rule and one lock for every stage.
+
+Every stage that writes a folder (or a file, for evaluate) refuses a non-empty folder that is not its
+own output, before it touches anything; a second run into an output that a live run holds is refused
+naming the first's host and pid; a lock left by a killed run is taken over; a re-run into a stage's own
+output resumes. The configs are cheap: the rule applies before a stage reads its inputs or starts Spark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from laiontools.core.errors import UserError
+from laiontools.core.stage import OutputLocked, OutputRefused, StageResult, output_paths
+
+MISSING = "/nonexistent/laiontools-test-input"
+
+
+def _cfg(stage: str, out: str):
+    """A valid config for `stage` writing to `out`, with inputs that do not exist."""
+    from laiontools.stages.dedup import DedupConfig
+    from laiontools.stages.dedup_calibrate import CalibrateConfig
+    from laiontools.stages.demo import DemoConfig
+    from laiontools.stages.download import DownloadConfig
+    from laiontools.stages.embed import EmbedConfig
+    from laiontools.stages.evaluate import EvaluateConfig
+    from laiontools.stages.prepare import PrepareConfig
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.study import StudyConfig
+    from laiontools.stages.subsets import SubsetsConfig
+    from laiontools.stages.train import TrainConfig
+
+    ev = [f"x={MISSING}"]
+    return {
+        "prepare": lambda: PrepareConfig(input=MISSING, output=out),
+        "download": lambda: DownloadConfig(input=MISSING, output=out),
+        "embed": lambda: EmbedConfig(manifest=MISSING, output=out, model="lt-tiny"),
+        "dedup": lambda: DedupConfig(embeddings=MISSING, evalset=ev, output=out),
+        "dedup_calibrate": lambda: CalibrateConfig(embeddings=MISSING, evalset=ev, output=out),
+        "subsets": lambda: SubsetsConfig(pool=MISSING, output=out, scales="10", seed=1),
+        "reshard": lambda: ReshardConfig(manifest=MISSING, output=out),
+        "train": lambda: TrainConfig(manifest=MISSING, model="lt-tiny", samples_seen=8, batch_size=8, output=out),
+        "evaluate": lambda: EvaluateConfig(evalset=ev, output=out),
+        "study": lambda: StudyConfig(output=out, scales={"s": MISSING}, samples_seen=[8], batch_size=8, models=["lt-tiny"],
+                                     evalset=ev),
+        "demo": lambda: DemoConfig(output=out, n=100),
+    }[stage]()
+
+
+FOLDER_STAGES = ["prepare", "download", "embed", "dedup", "dedup_calibrate", "subsets", "reshard", "train", "study", "demo"]
+
+
+def _run(stage: str, cfg):
+    return importlib.import_module(f"laiontools.stages.{stage}").run(cfg)
+
+
+def _json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _snapshot(root) -> dict[str, str]:
+    """Relative path -> sha256 of every file under root (hidden ones included)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = _sha(p)
+    return out
+
+
+@pytest.fixture
+def user_folder(tmp_path):
+    """A folder of the user's own files, as in the reshard report of #16: shards/shard-00000.tar and uids.npy."""
+    d = tmp_path / "mine"
+    (d / "shards").mkdir(parents=True)
+    (d / "shards" / "shard-00000.tar").write_bytes(b"my own tar, not laiontools'" * 100)
+    (d / "uids.npy").write_bytes(os.urandom(4096))
+    return d
+
+
+@pytest.mark.parametrize("stage", FOLDER_STAGES)
+def test_every_stage_refuses_a_foreign_folder_and_touches_nothing(stage, user_folder):
+    before = _snapshot(user_folder)
+    with pytest.raises(OutputRefused, match=r"is not empty and holds no .*nothing in it was touched"):
+        _run(stage, _cfg(stage, str(user_folder)))
+    assert _snapshot(user_folder) == before  # same files, same bytes, no marker or lock left behind
+
+
+@pytest.mark.parametrize("stage", ["reshard", "embed", "subsets"])
+def test_output_of_another_stage_is_refused(stage, tmp_path):
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "model.json").write_text("{}")
+    marker, _ = output_paths(str(out))
+    with open(marker, "w") as f:
+        json.dump({"stage": "dedup"}, f)
+    before = _snapshot(out)
+    with pytest.raises(OutputRefused, match=r"holds the output of `laiontools dedup`"):
+        _run(stage, _cfg(stage, str(out)))
+    assert _snapshot(out) == before
+
+
+def test_evaluate_refuses_a_foreign_results_file(tmp_path):
+    mine = tmp_path / "results.json"
+    mine.write_text('{"mine": true}')
+    with pytest.raises(OutputRefused, match="is not empty and holds no"):
+        _run("evaluate", _cfg("evaluate", str(mine)))
+    assert mine.read_text() == '{"mine": true}' and sorted(os.listdir(tmp_path)) == ["results.json"]
+    with pytest.raises(OutputRefused, match="is a folder"):
+        _run("evaluate", _cfg("evaluate", str(tmp_path)))
+
+
+def test_output_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="exists and is a file"):
+        _run("reshard", _cfg("reshard", str(f)))
+    assert f.read_bytes() == b"x"
+
+
+def test_bad_input_into_a_new_folder_leaves_no_trace(tmp_path):
+    """A run that fails on its input before writing anything leaves neither the folder it created nor a lock."""
+    out = tmp_path / "new"
+    with pytest.raises(UserError):
+        _run("reshard", _cfg("reshard", str(out)))
+    assert not out.exists()
+    existing = tmp_path / "empty"
+    existing.mkdir()
+    with pytest.raises(UserError):
+        _run("train", _cfg("train", str(existing)))
+    assert existing.exists() and os.listdir(existing) == []
+
+
+_HOLDER = textwrap.dedent("""
+    import sys
+    from laiontools.core.stage import output_lock
+    with output_lock(sys.argv[1], "reshard"):
+        print("locked", flush=True)
+        sys.stdin.read()  # hold until the test closes stdin (or kills us)
+""")
+
+
+def _hold_lock(path: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_live_lock_refuses_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    out = str(tmp_path / "out")
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(OutputLocked) as e:
+            _run("reshard", _cfg("reshard", out))
+        msg = str(e.value)
+        assert f"pid {holder.pid}" in msg and f"host {socket.gethostname()}" in msg and "laiontools reshard" in msg
+        _, lock = output_paths(out)
+        assert _json(lock)["pid"] == holder.pid  # the refused run did not touch the holder's lock
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    # The killed run's lock file is still there, naming a dead pid: the next run takes it over and,
+    # past the lock, fails on its (missing) input; the lock is released on that error.
+    assert os.path.exists(lock) and _json(lock)["pid"] == holder.pid
+    with pytest.raises(UserError) as e:
+        _run("reshard", _cfg("reshard", out))
+    assert not isinstance(e.value, OutputLocked) and MISSING in str(e.value)
+    assert not os.path.exists(lock)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait(timeout=60)
+    return p.pid
+
+
+def test_object_store_lock_object(tmp_path):
+    """Outputs on object stores get a lock object (no flock there): live one refused, stale one taken over."""
+    import fsspec
+
+    out = f"memory://lt-{os.getpid()}/out"
+    fs = fsspec.filesystem("memory")
+    _, lock = output_paths(out)
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        fs.pipe(lock, json.dumps({"host": socket.gethostname(), "pid": live.pid, "stage": "reshard",
+                                  "started": "2026-01-01T00:00:00+00:00"}).encode())
+        with pytest.raises(OutputLocked, match=f"pid {live.pid}"):
+            _run("reshard", _cfg("reshard", out))
+        assert fs.exists(lock)
+    finally:
+        live.kill()
+        live.wait(timeout=60)
+    fs.pipe(lock, json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "stage": "reshard"}).encode())
+    with pytest.raises(UserError) as e:
+        _run("reshard", _cfg("reshard", out))
+    assert not isinstance(e.value, OutputLocked) and not fs.exists(lock)
+    # another host's lock cannot be checked from here: refused, with the way out in the message
+    fs.pipe(lock, json.dumps({"host": "some-other-host", "pid": 1, "stage": "embed"}).encode())
+    with pytest.raises(OutputLocked, match="some-other-host.*delete the lock file"):
+        _run("reshard", _cfg("reshard", out))
+
+
+def test_rerun_into_own_output_resumes(tmp_path):
+    """The second run into a stage's own (non-empty) output is accepted and resumes (embed: all shards skipped)."""
+    from laiontools.stages import embed
+    from laiontools.testing.embed_pool import write_pool
+
+    manifest = write_pool(str(tmp_path / "pool"), n_shards=2, per_shard=3, image_size=64, realistic=False)
+    out = str(tmp_path / "emb")
+    cfg = _cfg("embed", out)
+    cfg = type(cfg)(manifest=manifest, output=out, model="lt-tiny", batch_size=4, num_workers=0)
+    first = embed.run(cfg)
+    assert isinstance(first, StageResult) and first.stage == "embed" and first.counts["shards_embedded"] == 2
+    marker, lock = output_paths(out)
+    assert _json(marker)["stage"] == "embed" and not os.path.exists(lock)
+    second = embed.run(cfg)
+    assert second.ok and second.counts == {**first.counts, "shards_embedded": 0, "shards_skipped": 2, "rows": 0}
+    assert "total" in second.timings and second.outputs["embeddings"] == out
+    # the pool folder download-shaped by write_pool belongs to no stage: embedding into it is refused
+    with pytest.raises(OutputRefused):
+        embed.run(type(cfg)(manifest=manifest, output=str(tmp_path / "pool"), model="lt-tiny"))
