@@ -17,7 +17,7 @@ from typing import Any
 
 from laiontools import __version__
 from laiontools.contracts.schema import MANIFEST_SCHEMA_VERSION, ManifestError, validate_manifest
-from laiontools.core.storage import canonical_json, read_json, sha256_bytes, url_to_fs, write_json
+from laiontools.core.storage import read_json, sha256_bytes, url_to_fs, write_json
 
 SIDECAR_SUFFIX = ".run.json"
 
@@ -110,10 +110,6 @@ def resolve(manifest_path: str, rel: str) -> str:
 def shard_urls(manifest_path: str, manifest: dict[str, Any] | None = None) -> list[str]:
     m = manifest if manifest is not None else read_manifest(manifest_path)
     return [resolve(manifest_path, s["path"]) for s in m["shards"]]
-
-
-def canonical_bytes(manifest: dict[str, Any]) -> bytes:
-    return canonical_json(manifest)
 
 
 def download_settings(manifest_path: str, manifest: dict[str, Any] | None = None, max_hops: int = 8) -> dict[str, Any] | None:

@@ -92,12 +92,6 @@ def catalog_arrow_schema():
     return pa.schema(fields)
 
 
-def catalog_spark_ddl() -> str:
-    """Spark DDL string of the catalog's canonical columns."""
-    spark_types = {"string": "string", "int64": "bigint", "double": "double"}
-    return ", ".join(f"`{c['name']}` {spark_types[c['type']]}" for c in catalog_schema_doc()["columns"])
-
-
 class ManifestError(UserError, ValueError):
     """A manifest is missing, unreadable, or fails schemas/manifest.schema.json."""
 
