@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -18,20 +16,18 @@ import pandas as pd
 import pytest
 
 from laiontools.contracts import layout
-from laiontools.contracts.schema import ManifestError
-from laiontools.models.registry import ModelError
-from laiontools.stages import embed as embed_stage
-from laiontools.stages.embed import (
+from laiontools.contracts.embeddings import (
     STATUS_FAILED_DECODE,
     STATUS_OK,
-    EmbedConfig,
     EmbedMismatchError,
-    embedder_for,
     load_model_json,
-    main,
     read_embeddings,
-    read_shard_samples,
 )
+from laiontools.contracts.schema import ManifestError
+from laiontools.models.embedder import Embedder, embedder_for
+from laiontools.models.registry import ModelError
+from laiontools.stages import embed as embed_stage
+from laiontools.stages.embed import EmbedConfig, main, read_shard_samples
 from laiontools.testing.embed_pool import write_pool
 
 MODEL = "lt-tiny"
@@ -236,23 +232,27 @@ def _assert_same_output(a: str, b: str) -> None:
 
 
 def test_torchrun_two_processes(small_pool, tmp_path):
-    """One process per device under torchrun (here 2 CPU processes on gloo): shards[rank::world]."""
+    """--engine torchrun launches the processes itself (here 2 CPU processes on gloo), each taking
+    shards[rank::world], and they write the same embeddings as one local process."""
     local = str(tmp_path / "local")
     assert _run(small_pool, local) == 0
     out = str(tmp_path / "ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "laiontools.cli", "embed", "--manifest", small_pool, "--output", out, "--model", MODEL,
-           "--batch-size", "5", "--num-workers", "0"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0,
+                                      engine="torchrun", nproc=2))
+    log = open(os.path.join(out, "logs", "launcher.log")).read()
+    assert res.ok and res.counts["processes"] == 2, log[-3000:]
+    assert sorted(res.details.shards_embedded) == ["00000", "00001", "00002"] and res.details.rows == 24
     from laiontools.core.storage import read_json
 
     rep = read_json(os.path.join(out, "embed_report.json"))
     assert sorted(rep["this_run"]["shards_embedded"]) == ["00000", "00001", "00002"]
-    # each rank did its own slice: rank 1 took shard 00001 only
+    # two ranks ran: rank 1 wrote its own settings with the group's size
     assert read_json(os.path.join(out, "settings.rank1.json"))["world_size"] == 2
+    assert not os.path.exists(os.path.join(out, ".laiontools.lock"))  # the launcher released the output
     _assert_same_output(local, out)
+    # through the CLI, a re-run of the finished output skips every shard
+    assert _run(small_pool, out, "--engine", "torchrun", "--nproc", "2") == 0
+    assert read_json(os.path.join(out, "embed_report.json"))["this_run"]["shards_skipped"] == ["00000", "00001", "00002"]
 
 
 def test_spark_one_task_per_shard(spark, small_pool, tmp_path):
@@ -279,7 +279,7 @@ def test_unsplit_transform_path_gives_same_embeddings(small_pool, tmp_path):
     """A model whose transform BatchPreprocess cannot split runs open_clip's transform per image
     (float batches); both paths must embed the same."""
     from laiontools.contracts.manifest import read_manifest
-    from laiontools.stages.embed import Embedder, _embed_tasks, _shard_tasks
+    from laiontools.stages.embed import _embed_tasks, _shard_tasks
 
     tasks = _shard_tasks(small_pool, read_manifest(small_pool))
     emb = Embedder(MODEL, None, "cpu", 5, "auto")

@@ -35,8 +35,10 @@ Engines, one code path (:func:`_embed_tasks`) for all of them:
   discovery script) each task embeds on the GPU Spark assigned to it
   (``TaskContext.get().resources()['gpu']``); without it, on the CPU.
 
-Library API used by other stages (dedup embeds the evaluation sets with the pool's model):
-:class:`Embedder`, :func:`read_embeddings`, :func:`load_model_json`, :func:`embedder_for`.
+What other stages use lives in library modules, not here: the model side in
+:mod:`laiontools.models.embedder` (:class:`Embedder`, :func:`embedder_for`: dedup embeds the
+evaluation sets with the pool's model), reading the folder back in :mod:`laiontools.contracts.embeddings`
+(:func:`read_embeddings`, :func:`load_model_json`, :func:`done_shards`).
 """
 
 from __future__ import annotations
@@ -49,12 +51,19 @@ import math
 import os
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from laiontools.contracts import layout
+from laiontools.contracts.embeddings import (
+    SCORE_COLUMNS,
+    STATUS_FAILED_DECODE,
+    STATUS_OK,
+    EmbedMismatchError,
+    check_compatible,
+)
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.logs import RateLimitedLogger
@@ -70,24 +79,13 @@ from laiontools.core.storage import (
     url_to_fs,
     write_json,
 )
+from laiontools.models.embedder import PRECISIONS, Embedder, resolve_device
 
 log = logging.getLogger(__name__)
 _sample_log = RateLimitedLogger(log)
 
-STATUS_OK = "ok"
-STATUS_FAILED_DECODE = "failed_decode"
-META_COLUMNS = ("uid", "key", "clip_score", "embed_status", "embed_error")
-SCORE_COLUMNS = ("uid", "clip_score")
-REPORT_JSON = "embed_report.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16", "bf16", "fp16")
 ENGINES = ("local", "torchrun", "spark")
-# Fields that define an embedding space: two folders are compatible only if all of them match.
-IDENTITY_FIELDS = ("model", "pretrained", "checkpoint_sha256", "random_init_seed", "embed_dim")
-
-
-class EmbedMismatchError(UserError, ValueError):
-    """The output folder holds embeddings of another model, dimension or pool."""
 
 
 class ShardError(UserError, IOError):
@@ -113,7 +111,12 @@ class EmbedConfig(SparkStageConfig):
     )
     precision: str = dataclasses.field(default="auto", metadata={"help": f"one of {PRECISIONS}; auto = amp_bf16 on GPU, fp32 on CPU"})
     engine: str = dataclasses.field(
-        default="local", metadata={"help": "local (one process, or one per GPU under torchrun) | torchrun | spark"}
+        default="local",
+        metadata={"help": "local (one process; one per GPU when started under torchrun) | torchrun (launch --nproc "
+                          "processes with torch.distributed.run) | spark (one task per shard)"},
+    )
+    nproc: int = dataclasses.field(
+        default=0, metadata={"help": "processes for --engine torchrun (0: one per visible GPU, at least 1)"}
     )
     verify_shards: bool = dataclasses.field(default=True, metadata={"help": "check each shard's sha256 against the manifest"})
     fast_decode: bool = dataclasses.field(
@@ -135,230 +138,8 @@ class EmbedConfig(SparkStageConfig):
             raise ConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine {self.engine!r} is not one of {ENGINES}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Embedder: the model + its preprocessing, shared by the pool run and by dedup's evaluation sets
-
-
-def _resolve_device(device: str | None) -> str:
-    import torch
-
-    if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} asked for but torch sees no CUDA device; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return f"cuda:{local_rank % torch.cuda.device_count()}"
-    return "cpu"
-
-
-def _resolve_precision(precision: str, device: str) -> str:
-    import torch
-
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        return "amp_bf16" if torch.cuda.is_bf16_supported() else "amp_fp16"
-    return "fp32"
-
-
-class Embedder:
-    """An open_clip model with the preprocessing and tokenizer open_clip pairs with it.
-
-    The pool run and every later stage that must share its embedding space (dedup's evaluation sets)
-    build one of these with the same arguments, so images go through the same transform and model.
-    Embeddings come back as float32, L2-normalized, one row per input.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        pretrained: str | None = None,
-        device: str | None = None,
-        batch_size: int = 256,
-        precision: str = "auto",
-    ) -> None:
-        import torch
-
-        from laiontools.models.registry import load_model
-
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision {precision!r} is not one of {PRECISIONS}")
-        self.device = _resolve_device(device)
-        self.precision = _resolve_precision(precision, self.device)
-        self.batch_size = int(batch_size)
-        # amp_* keep fp32 weights and autocast; bf16/fp16 cast the weights themselves.
-        weights = self.precision if self.precision in ("bf16", "fp16") else "fp32"
-        bundle = load_model(model, pretrained, device=self.device, precision=weights)
-        self.model = bundle.model
-        self.preprocess = bundle.preprocess
-        self.tokenizer = bundle.tokenizer
-        from laiontools.models.encode import BatchPreprocess, check_trimmed_text
-
-        # open_clip's transform, with ToTensor + Normalize moved to one op per batch (bit-identical).
-        self.batch_preprocess = BatchPreprocess(self.preprocess, tuple(bundle.info["image_size"]))
-        # Captions skip their padding only if that reproduces open_clip's encode_text here.
-        self.trim_text = check_trimmed_text(self.model, self.tokenizer, self.device)
-        if not self.trim_text:
-            log.info("text tower: using open_clip's encode_text over the full context for %s", model)
-        self._input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        self._autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(self.precision)
-        info = dict(bundle.info)
-        if pretrained and os.path.exists(pretrained):
-            info["checkpoint_path"] = os.path.abspath(pretrained)  # informative; identity is the sha256
-        info["normalize"] = "l2"
-        info["storage_dtype"] = "float16"
-        self._info = info
-        if self.device.startswith("cuda"):
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """Model identity + preprocessing (the model part of model.json)."""
-        return dict(self._info)
-
-    @property
-    def dim(self) -> int:
-        return int(self._info["embed_dim"])
-
-    def _autocast(self) -> Any:
-        import contextlib
-
-        import torch
-
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=self._autocast_dtype)
-
-    def encode(self, images: Any | None, tokens: Any | None) -> tuple[Any, Any]:
-        """Forward one batch: image tensor and/or token tensor -> L2-normalized float32 tensors.
-
-        `images` is either preprocessed float (N, 3, H, W) or, from :class:`BatchPreprocess`, uint8
-        (N, 3, H, W) still to be scaled and normalized (done here, on the model's device). Tensors may
-        live on the CPU (pinned); they are moved to the model's device here. Captions run through
-        :func:`laiontools.models.encode.encode_text_trimmed` (same values, no work on padding).
-        """
-        import torch
-        import torch.nn.functional as F
-
-        from laiontools.models.encode import encode_text_trimmed
-
-        img = txt = None
-        with torch.inference_mode(), self._autocast():
-            if images is not None:
-                x = images.to(self.device, non_blocking=True)
-                if x.dtype == torch.uint8:
-                    x = self.batch_preprocess.normalize(x)
-                img = F.normalize(self.model.encode_image(x.to(self._input_dtype)).float(), dim=-1)
-            if tokens is not None:
-                t = tokens.to(self.device, non_blocking=True)
-                txt = F.normalize(encode_text_trimmed(self.model, t, enabled=self.trim_text).float(), dim=-1)
-        return img, txt
-
-    def image_input(self, im: Any) -> Any:
-        """One PIL image -> what a batch slot holds: (3, H, W) uint8 when the transform splits, else float."""
-        import torch
-
-        if self.batch_preprocess.split:
-            return torch.from_numpy(np.array(self.batch_preprocess.to_uint8(im))).permute(2, 0, 1)
-        return self.preprocess(im)
-
-    def embed_images(self, images: Iterable[Any]) -> np.ndarray:
-        """PIL images -> (N, dim) float32 L2-normalized, with the model's own preprocessing."""
-        import torch
-
-        out: list[np.ndarray] = []
-        batch: list[Any] = []
-
-        def flush() -> None:
-            img, _ = self.encode(torch.stack(batch), None)
-            out.append(img.cpu().numpy())
-            batch.clear()
-
-        for im in images:
-            batch.append(self.image_input(im))
-            if len(batch) >= self.batch_size:
-                flush()
-        if batch:
-            flush()
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """Captions -> (N, dim) float32 L2-normalized, with the model's own tokenizer."""
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            _, txt = self.encode(None, self.tokenizer(list(texts[i : i + self.batch_size])))
-            out.append(txt.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-
-
-def embedder_for(emb_dir: str, device: str | None = None, pretrained: str | None = None, **kw: Any) -> Embedder:
-    """An Embedder in the same embedding space as the folder `emb_dir` (reads its model.json).
-
-    For a folder made from a local checkpoint, pass its path as `pretrained` (it is checked against the
-    recorded sha256); by default the path recorded in model.json is used.
-    """
-    info = load_model_json(emb_dir)
-    ckpt = (pretrained or info.get("checkpoint_path")) if info.get("checkpoint_sha256") else None
-    emb = Embedder(info["model"], ckpt or info.get("pretrained"), device=device, **kw)
-    check_compatible(info, emb.info, where=emb_dir)
-    return emb
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading back
-
-
-def load_model_json(emb_dir: str) -> dict[str, Any]:
-    """The model.json of an embeddings folder; raise UserError if the folder has none."""
-    path = join(emb_dir, layout.EMB_MODEL_JSON)
-    fs, p = url_to_fs(path)
-    if not fs.exists(p):
-        raise UserError(f"{path} does not exist: {emb_dir} is not an embeddings folder written by `laiontools embed`")
-    return read_json(path)
-
-
-def done_shards(emb_dir: str) -> list[str]:
-    """Ids of the shards whose completion marker exists, sorted."""
-    fs, p = url_to_fs(join(emb_dir, layout.EMB_META_DIR))
-    if not fs.exists(p):
-        return []
-    suffix = ".parquet.done"
-    return sorted(os.path.basename(f)[: -len(suffix)] for f in fs.ls(p, detail=False) if f.endswith(suffix))
-
-
-def read_embeddings(
-    emb_dir: str, dtype: Any = np.float32
-) -> Iterator[tuple[str, np.ndarray, np.ndarray, Any]]:
-    """Yield (shard id, img_emb, text_emb, meta DataFrame) for every finished shard, in id order.
-
-    Embeddings are stored float16; they come back as `dtype` (float32 by default, what faiss takes).
-    Rows are aligned across the three; rows with ``embed_status != 'ok'`` have zero image vectors.
-    Raises UserError if a shard's files disagree in length (a corrupted folder).
-    """
-    import pandas as pd
-
-    for sid in done_shards(emb_dir):
-        img = _load_npy(join(emb_dir, layout.EMB_IMG_DIR, sid + ".npy"))
-        txt = _load_npy(join(emb_dir, layout.EMB_TEXT_DIR, sid + ".npy"))
-        fs, p = url_to_fs(join(emb_dir, layout.EMB_META_DIR, sid + ".parquet"))
-        with fs.open(p, "rb") as f:
-            meta = pd.read_parquet(f)
-        if not (len(img) == len(txt) == len(meta)):
-            raise UserError(
-                f"{emb_dir}: shard {sid} is not row-aligned (img {len(img)}, text {len(txt)}, meta {len(meta)} rows); "
-                f"delete meta/{sid}.parquet.done and re-run embed to rebuild it"
-            )
-        yield sid, img.astype(dtype, copy=False), txt.astype(dtype, copy=False), meta
-
-
-def _load_npy(path: str) -> np.ndarray:
-    fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        return np.load(io.BytesIO(f.read()))
+        if self.nproc < 0:
+            raise ConfigError(f"nproc must be >= 0 (0: one per GPU), got {self.nproc}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,18 +430,6 @@ def pool_identity(manifest_path: str, manifest: dict[str, Any]) -> dict[str, Any
     }
 
 
-def check_compatible(existing: dict[str, Any], new: dict[str, Any], where: str) -> None:
-    """Raise EmbedMismatchError naming both models if `existing` and `new` are different embedding spaces."""
-    from laiontools.models.registry import model_signature
-
-    diff = [f for f in IDENTITY_FIELDS if existing.get(f) != new.get(f)]
-    if diff:
-        raise EmbedMismatchError(
-            f"{where} holds embeddings of {model_signature(existing)}, not {model_signature(new)} "
-            f"(differs in {diff}); use another --output folder, or delete that one to re-embed"
-        )
-
-
 def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
     """Create the output folder and its model.json, or check an existing one; returns model.json content.
 
@@ -793,13 +562,15 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
     manifest = read_manifest(cfg.manifest)
     tasks = _shard_tasks(cfg.manifest, manifest)
     rank, world = _dist_env()
+    if cfg.engine == "torchrun" and world == 1:
+        return _launch_torchrun(cfg, len(tasks))
     distributed = world > 1 and cfg.engine in ("local", "torchrun")
     if distributed:
         _init_dist()
 
     # Identity of the embedding space, checked against the folder before any shard is touched.
     register_tiny_models()
-    device = "cpu" if cfg.engine == "spark" else _resolve_device(cfg.device)
+    device = "cpu" if cfg.engine == "spark" else resolve_device(cfg.device)
     probe = Embedder(cfg.model, cfg.pretrained, device, cfg.batch_size, cfg.precision) if cfg.engine != "spark" else None
     if probe is None:
         bundle = load_model(cfg.model, cfg.pretrained, device="cpu")
@@ -832,6 +603,49 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
         outputs={"embeddings": cfg.output, "report": result.report_path},
         counts={"shards_embedded": len(result.shards_embedded), "shards_skipped": len(result.shards_skipped),
                 "shards_failed": len(result.failed_shards), "rows": result.rows, "failed_decode": result.failed_decode},
+        timings={"embed": result.seconds}, details=result, summary=text, ok=result.ok,
+    )
+
+
+def _launch_torchrun(cfg: EmbedConfig, n_shards: int) -> StageResult:
+    """--engine torchrun: start ``nproc`` processes of this stage with torch.distributed.run (as ``train
+    --nproc`` does), each taking ``shards[rank::world]``; wait, then report from what rank 0 wrote.
+
+    The ranks run ``laiontools embed`` with ``--engine local`` on a copy of this config; they inherit
+    this process's hold of the output (core.stage lock), and their console output goes to
+    ``<output>/logs/launcher.log``.
+    """
+    import tempfile
+
+    import torch
+
+    from laiontools.core.launch import run_logged, torchrun_command, worker_env
+
+    nproc = cfg.nproc or max(1, torch.cuda.device_count())
+    nproc = min(nproc, max(1, n_shards))  # a rank without a shard would only wait at the barrier
+    cfg_path = join(cfg.output, "logs", "torchrun-config.json")
+    write_json(cfg_path, {**cfg.to_dict(), "engine": "local", "nproc": 0})
+    # the launcher's console log is a local file, also when the output is on an object store
+    logs = os.path.join(cfg.output, "logs") if "://" not in cfg.output else tempfile.mkdtemp(prefix="laiontools-embed-")
+    console = os.path.join(logs, "launcher.log")
+    t0 = time.time()
+    cmd = torchrun_command(nproc, ["-m", "laiontools.cli", "embed", "--config", cfg_path])
+    rc = run_logged(cmd, console, worker_env(nproc))
+    report_path = join(cfg.output, layout.EMB_REPORT_JSON)
+    if rc not in (0, 1):  # 1: the ranks finished with failed shards, listed in the report
+        raise UserError(f"embed: torchrun exited with code {rc}; see {console}")
+    rep = read_json(report_path)
+    run = rep["this_run"]
+    result = EmbedResult(run["shards_embedded"], run["shards_skipped"], run["failed_shards"], run["rows"],
+                         run["failed_decode"], round(time.time() - t0, 3), report_path)
+    text = (f"embed: {len(result.shards_embedded)} shard(s) embedded by {nproc} processes (torchrun), "
+            f"{len(result.shards_skipped)} already done, {len(result.failed_shards)} failed (of {n_shards}) -> {cfg.output}"
+            + "".join(f"\n  FAILED shard {k}: {v}" for k, v in sorted(result.failed_shards.items())))
+    return StageResult(
+        outputs={"embeddings": cfg.output, "report": report_path, "log": console},
+        counts={"shards_embedded": len(result.shards_embedded), "shards_skipped": len(result.shards_skipped),
+                "shards_failed": len(result.failed_shards), "rows": result.rows, "failed_decode": result.failed_decode,
+                "processes": nproc},
         timings={"embed": result.seconds}, details=result, summary=text, ok=result.ok,
     )
 
@@ -878,7 +692,7 @@ def _finish(cfg: EmbedConfig, tasks: list[dict[str, Any]], stats: list[dict[str,
             totals["rows"] += m["rows"]
             totals["failed_decode"] += m["failed_decode"]
             totals["shards_done"] += 1
-    report_path = join(cfg.output, REPORT_JSON)
+    report_path = join(cfg.output, layout.EMB_REPORT_JSON)
     result = EmbedResult(embedded, sorted(skipped), failed, rows, fdec, round(seconds, 3), report_path)
     if rank == 0:
         write_json(report_path, {

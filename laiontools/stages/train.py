@@ -37,11 +37,10 @@ import math
 import os
 import platform
 import socket
-import subprocess
-import sys
 import time
 from typing import Any
 
+from laiontools.contracts import layout
 from laiontools.contracts.manifest import manifest_sha256, read_manifest, shard_urls
 from laiontools.contracts.schema import ManifestError
 from laiontools.core.config import ConfigError, StageConfig
@@ -51,12 +50,6 @@ from laiontools.core.storage import is_done, mark_done, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-SETTINGS_FILE = "settings.json"
-ENVIRONMENT_FILE = "environment.json"
-LAUNCHES_FILE = "launches.jsonl"
-RESULT_FILE = "result.json"
-MODEL_FILE = "model.pt"
-CHECKPOINT_DIR = "checkpoints"
 LATEST_CHECKPOINT = "epoch_latest.pt"  # open_clip_train.main.LATEST_CHECKPOINT_NAME
 
 # Settings that define *what* is trained; a resumed run must match them exactly.
@@ -390,7 +383,7 @@ def _truncate_metrics(path: str, last_step: int) -> int:
 
 def _check_same_run(run_dir: str, settings: dict[str, Any]) -> None:
     """Raise ConfigError if the run in `run_dir` trains something else than `settings` (identity keys)."""
-    old = read_json(os.path.join(run_dir, SETTINGS_FILE))
+    old = read_json(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON))
     diff = {k: (old.get(k), settings.get(k)) for k in IDENTITY_KEYS if old.get(k) != settings.get(k)}
     if diff:
         raise ConfigError(
@@ -403,23 +396,23 @@ def _check_same_run(run_dir: str, settings: dict[str, Any]) -> None:
 def _prepare_run_dir(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
     """Write or check settings.json; return the samples already seen (from the resume checkpoint)."""
     run_dir = cfg.output
-    settings_path = os.path.join(run_dir, SETTINGS_FILE)
+    settings_path = os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON)
     if os.path.exists(settings_path):
         if not cfg.resume:
             raise ConfigError(
-                f"train: {run_dir} already holds a run ({SETTINGS_FILE} exists); pass --resume to continue it, "
+                f"train: {run_dir} already holds a run ({layout.TRAIN_SETTINGS_JSON} exists); pass --resume to continue it, "
                 f"or give a new --output"
             )
         _check_same_run(run_dir, settings)
     write_json(settings_path, settings)
-    ckpt = os.path.join(run_dir, CHECKPOINT_DIR, LATEST_CHECKPOINT)
+    ckpt = os.path.join(run_dir, layout.TRAIN_CHECKPOINT_DIR, LATEST_CHECKPOINT)
     done_steps = 0
     if os.path.exists(ckpt):
         epoch = checkpoint_epoch(ckpt)
         if epoch > plan.epochs:
             raise TrainError(f"{ckpt} is at virtual epoch {epoch}, past the planned {plan.epochs}; start a new --output")
         done_steps = epoch * plan.epoch_steps
-    dropped = _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), done_steps)
+    dropped = _truncate_metrics(os.path.join(run_dir, layout.TRAIN_METRICS_JSONL), done_steps)
     if cfg.resume:
         log.info(
             "resuming %s at samples seen %d of %d (step %d of %d)%s",
@@ -435,43 +428,13 @@ def _prepare_run_dir(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> 
 
 def _launch(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
     """Start torchrun with one laiontools.stages.train_worker per process; return its exit code."""
-    import functools
-
-    from laiontools.stages.train_worker import die_with_parent
+    from laiontools.core.launch import run_logged, torchrun_command, worker_env
 
     worker = ["-m", "laiontools.stages.train_worker", os.path.abspath(cfg.output)]  # reads open_clip_argv from settings.json
-    if plan.world_size == 1:
-        # One process needs no rendezvous: skip torchrun's agent (one less interpreter importing torch).
-        cmd = [sys.executable, *worker]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node", str(plan.world_size),
-            *worker,
-        ]  # fmt: skip
-    env = dict(os.environ)
-    if plan.world_size > 1 and "OMP_NUM_THREADS" not in env:
-        # torchrun would set 1 and warn; give each rank its share of the cores instead.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.world_size))
     # The trainer's own console output (its settings, the model, per-step lines) goes to a file: the
     # console gets our one-line summary, metrics.jsonl the numbers.
-    os.makedirs(os.path.join(cfg.output, "logs"), exist_ok=True)
     console = os.path.join(cfg.output, "logs", "launcher.log")
-    log.info("launching: %s ... (output in %s)", " ".join(cmd[:8]), console)
-    # torchrun gets SIGTERM if this process dies (it then stops the ranks, which also die with it).
-    with open(console, "ab") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=functools.partial(die_with_parent, 15))
-    try:
-        return proc.wait()
-    except BaseException:
-        proc.terminate()  # our own child: stop it (torchrun stops its workers) before re-raising
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
+    return run_logged(torchrun_command(plan.world_size, worker), console, worker_env(plan.world_size))
 
 
 def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: float) -> dict[str, Any]:
@@ -481,7 +444,7 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
     from laiontools.core.storage import atomic_open
 
     run_dir = cfg.output
-    ckpt = os.path.join(run_dir, CHECKPOINT_DIR, LATEST_CHECKPOINT)
+    ckpt = os.path.join(run_dir, layout.TRAIN_CHECKPOINT_DIR, LATEST_CHECKPOINT)
     epoch = checkpoint_epoch(ckpt) if os.path.exists(ckpt) else 0
     if epoch != plan.epochs:
         raise TrainError(
@@ -489,7 +452,7 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
             f"(samples seen {epoch * plan.epoch_samples} of {plan.samples_seen}); see {run_dir}/out.log and "
             f"{run_dir}/logs/, then re-run with --resume"
         )
-    metrics = _read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    metrics = _read_metrics(os.path.join(run_dir, layout.TRAIN_METRICS_JSONL))
     last = metrics[-1] if metrics else None
     if last is None or int(last["step"]) != plan.steps or int(last["samples_seen"]) != plan.samples_seen:
         raise TrainError(
@@ -502,7 +465,7 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
     final_loss = float(last["loss"])
     ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=True)
     sd = {(k.removeprefix("module.")): v for k, v in ckpt_data["state_dict"].items()}
-    with atomic_open(os.path.join(run_dir, MODEL_FILE)) as f:
+    with atomic_open(os.path.join(run_dir, layout.TRAIN_MODEL_FILE)) as f:
         torch.save(sd, f)
     sps = [r["samples_per_s"] for r in metrics[1:] if math.isfinite(r.get("samples_per_s", math.nan))]
     result = {
@@ -520,12 +483,12 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
         "loss_finite": math.isfinite(final_loss),
         "median_samples_per_s": sorted(sps)[len(sps) // 2] if sps else None,
         "last_launch_wall_s": round(wall_s, 3),
-        "checkpoint": MODEL_FILE,
-        "training_checkpoint": f"{CHECKPOINT_DIR}/{LATEST_CHECKPOINT}",
+        "checkpoint": layout.TRAIN_MODEL_FILE,
+        "training_checkpoint": f"{layout.TRAIN_CHECKPOINT_DIR}/{LATEST_CHECKPOINT}",
     }
     if not result["loss_finite"]:
         raise TrainError(f"training in {run_dir} ended with a non-finite loss ({final_loss}); lower --lr or check the data")
-    result_path = os.path.join(run_dir, RESULT_FILE)
+    result_path = os.path.join(run_dir, layout.TRAIN_RESULT_JSON)
     write_json(result_path, result)
     mark_done(result_path, {"samples_seen": plan.samples_seen, "steps": plan.steps})
     return result
@@ -533,14 +496,14 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
 
 def is_finished(run_dir: str) -> bool:
     """True when the run's completion marker exists (training reached its budget and was checked)."""
-    return is_done(os.path.join(run_dir, RESULT_FILE))
+    return is_done(os.path.join(run_dir, layout.TRAIN_RESULT_JSON))
 
 
 def read_result(run_dir: str) -> dict[str, Any]:
     """result.json of a finished run; raises TrainError if the run is not finished."""
     if not is_finished(run_dir):
-        raise TrainError(f"{run_dir} is not a finished training run (no {RESULT_FILE}.done); run or resume `laiontools train`")
-    return read_json(os.path.join(run_dir, RESULT_FILE))
+        raise TrainError(f"{run_dir} is not a finished training run (no {layout.TRAIN_RESULT_JSON}.done); run or resume `laiontools train`")
+    return read_json(os.path.join(run_dir, layout.TRAIN_RESULT_JSON))
 
 
 STAGE = "train"
@@ -583,12 +546,12 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     resumed_from = _prepare_run_dir(cfg, settings, plan)
     urls = shard_urls(cfg.manifest, manifest)
     # Weight shards by their sample counts so resampling draws every sample with equal probability.
-    write_json(os.path.join(cfg.output, "shards.json"), {"urls": urls, "weights": [int(s["num_samples"]) for s in manifest["shards"]]})
-    write_json(os.path.join(cfg.output, ENVIRONMENT_FILE), environment(device, plan.world_size))
+    write_json(os.path.join(cfg.output, layout.TRAIN_SHARDS_JSON), {"urls": urls, "weights": [int(s["num_samples"]) for s in manifest["shards"]]})
+    write_json(os.path.join(cfg.output, layout.TRAIN_ENVIRONMENT_JSON), environment(device, plan.world_size))
     t0 = time.time()
     rc = _launch(cfg, settings, plan)
     wall = time.time() - t0
-    with open(os.path.join(cfg.output, LAUNCHES_FILE), "a") as f:
+    with open(os.path.join(cfg.output, layout.TRAIN_LAUNCHES_JSONL), "a") as f:
         f.write(json.dumps({"start": t0, "wall_s": round(wall, 3), "resumed_from_samples": resumed_from, "exit_code": rc, "world_size": plan.world_size}) + "\n")
     if rc != 0:
         raise TrainError(
@@ -600,14 +563,14 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     return _result(cfg, result, (
         f"trained {cfg.model} on {manifest['name']} ({manifest['num_samples']} samples): {plan.samples_seen} samples seen, "
         f"{plan.steps} steps of {plan.global_batch}, final loss {result['final_loss']:.4f}\n"
-        f"run directory: {os.path.abspath(cfg.output)}  (model: {MODEL_FILE}, metrics: metrics.jsonl)"
+        f"run directory: {os.path.abspath(cfg.output)}  (model: {layout.TRAIN_MODEL_FILE}, metrics: metrics.jsonl)"
     ))
 
 
 def _result(cfg: TrainConfig, result: dict[str, Any], summary: str) -> StageResult:
     out = os.path.abspath(cfg.output)
     return StageResult(
-        outputs={"run": out, "model": os.path.join(out, MODEL_FILE), "result": os.path.join(out, RESULT_FILE)},
+        outputs={"run": out, "model": os.path.join(out, layout.TRAIN_MODEL_FILE), "result": os.path.join(out, layout.TRAIN_RESULT_JSON)},
         counts={k: int(result[k]) for k in ("samples_seen", "steps") if isinstance(result.get(k), int)},
         details=result, summary=summary,
     )

@@ -23,10 +23,7 @@ import sys
 import time
 from typing import Any
 
-SHARDS_FILE = "shards.json"
-SETTINGS_FILE = "settings.json"
-METRICS_FILE = "metrics.jsonl"
-LOGS_DIR = "logs"
+from laiontools.contracts import layout
 
 
 class MetricsSink:
@@ -82,7 +79,7 @@ class MetricsSink:
 
 
 def _with_data_args(run_dir: str, argv: list[str]) -> list[str]:
-    with open(os.path.join(run_dir, SHARDS_FILE)) as f:
+    with open(os.path.join(run_dir, layout.TRAIN_SHARDS_JSON)) as f:
         shards = json.load(f)
     urls, weights = shards["urls"], shards["weights"]
     return [
@@ -97,24 +94,6 @@ def _with_data_args(run_dir: str, argv: list[str]) -> list[str]:
 def _global_batch(argv: list[str]) -> int:
     per_rank = int(argv[argv.index("--batch-size") + 1])
     return per_rank * int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def die_with_parent(sig: int = 9) -> None:
-    """Ask Linux to send `sig` to this process when its parent dies (no-op elsewhere).
-
-    torchrun starts each rank in its own session, so a rank would outlive a killed launcher and go on
-    writing into the run directory; with this, killing the launcher kills the ranks, and a resumed
-    run never races a stale one.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, sig)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _allow_cpu_ddp() -> None:
@@ -158,13 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run open_clip's trainer for one rank. Returns 0 on success, 1 if open_clip reported an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     run_dir = argv[0]
-    with open(os.path.join(run_dir, SETTINGS_FILE)) as f:
+    with open(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON)) as f:
         oc_argv = list(json.load(f)["open_clip_argv"]) + argv[1:]
+    from laiontools.core.launch import die_with_parent
+
     die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
-    os.makedirs(os.path.join(run_dir, LOGS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(run_dir, layout.TRAIN_LOGS_DIR), exist_ok=True)
     # open_clip's setup_logging adds its own handlers to the root logger and keeps ours.
-    fh = logging.FileHandler(os.path.join(run_dir, LOGS_DIR, f"rank{rank}.log"))
+    fh = logging.FileHandler(os.path.join(run_dir, layout.TRAIN_LOGS_DIR, f"rank{rank}.log"))
     fh.setFormatter(logging.Formatter(f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s"))
     logging.root.addHandler(fh)
 
@@ -179,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     _no_shard_eof_marker()
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
-    sink = MetricsSink(os.path.join(run_dir, METRICS_FILE), _global_batch(oc_argv))
+    sink = MetricsSink(os.path.join(run_dir, layout.TRAIN_METRICS_JSONL), _global_batch(oc_argv))
     # open_clip looks up the module-level name `wandb` at call time; this routes its tracker
     # calls to the metrics file.
     oc_main.wandb = sink  # type: ignore[attr-defined]
