@@ -36,6 +36,7 @@ def _cfg(stage: str, out: str):
     from laiontools.stages.evaluate import EvaluateConfig
     from laiontools.stages.prepare import PrepareConfig
     from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.semdedup import SemDedupConfig
     from laiontools.stages.study import StudyConfig
     from laiontools.stages.subsets import SubsetsConfig
     from laiontools.stages.train import TrainConfig
@@ -47,6 +48,7 @@ def _cfg(stage: str, out: str):
         "embed": lambda: EmbedConfig(manifest=MISSING, output=out, model="lt-tiny"),
         "dedup": lambda: DedupConfig(embeddings=MISSING, evalset=ev, output=out),
         "dedup_calibrate": lambda: CalibrateConfig(embeddings=MISSING, evalset=ev, output=out),
+        "semdedup": lambda: SemDedupConfig(embeddings=MISSING, output=out),
         "subsets": lambda: SubsetsConfig(pool=MISSING, output=out, scales="10", seed=1),
         "reshard": lambda: ReshardConfig(manifest=MISSING, output=out),
         "train": lambda: TrainConfig(manifest=MISSING, model="lt-tiny", samples_seen=8, batch_size=8, output=out),
@@ -57,7 +59,22 @@ def _cfg(stage: str, out: str):
     }[stage]()
 
 
-FOLDER_STAGES = ["prepare", "download", "embed", "dedup", "dedup_calibrate", "subsets", "reshard", "train", "study", "demo"]
+FOLDER_STAGES = ["prepare", "download", "embed", "dedup", "dedup_calibrate", "semdedup", "subsets", "reshard", "train",
+                 "study", "demo"]
+
+
+def test_every_stage_of_the_cli_is_covered_here():
+    """A stage added to cli.STAGES (one module + one line) gets the output rule from its runner; this
+    file must list it so that the rule is tested for it too."""
+    from laiontools.cli import _ENTRY, STAGES
+
+    stages = set()
+    for name, (module, _) in STAGES.items():
+        mod = importlib.import_module(module)
+        if name not in _ENTRY and hasattr(mod, "run") and hasattr(mod, "CONFIG"):
+            assert getattr(mod.run, "stage_name", None) == mod.STAGE, f"{module}.run is not wrapped by stage_entry"
+            stages.add(module.rsplit(".", 1)[1])
+    assert stages == set(FOLDER_STAGES) | {"evaluate"}
 
 
 def _run(stage: str, cfg):
