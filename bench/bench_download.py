@@ -190,7 +190,7 @@ def main() -> None:
     from laiontools.contracts import layout
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, write_source
-    from laiontools.web.resize import resizer_kwargs
+    from laiontools.web.resize import resize_params, resizer_kwargs
 
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join(args.out, "download-work")
@@ -253,7 +253,9 @@ def main() -> None:
             plain("img2dataset_mp", "multiprocessing", os.path.join(prep_dir, "accepted"), extra)
 
     files = [os.path.join(img_dir, it["file"].split("?")[0]) for it in items]  # the same n payloads
-    kw = resizer_kwargs(cfg)
+    params = resize_params(cfg.to_dict())
+    params.pop("fast_decode", None)  # which resizer is the benchmark's choice here
+    kw = resizer_kwargs(**params)
     for name, which in (("cpu_img2dataset", "i2d"), ("cpu_fast", "fast")):
         lb = loadavg()
         print(f"[{name}] decode+resize+encode of {len(files)} images in memory, {WORKERS} processes", flush=True)

@@ -111,10 +111,10 @@ def bench_model(model: str, n: int, batch: int, workers: int, out_dir: str, per_
     from PIL import Image
 
     from laiontools.contracts.manifest import read_manifest
+    from laiontools.models.embedder import Embedder
     from laiontools.stages import embed as embed_stage
     from laiontools.stages.embed import (
         EmbedConfig,
-        Embedder,
         _embed_tasks,
         _shard_tasks,
         read_shard_samples,

@@ -80,7 +80,8 @@ def bench(model: str, manifest: str, batch: int, workers: int, device: str, prec
     import torch
 
     from laiontools.contracts.manifest import read_manifest
-    from laiontools.stages.embed import EmbedConfig, Embedder, _embed_tasks, _shard_tasks
+    from laiontools.models.embedder import Embedder
+    from laiontools.stages.embed import EmbedConfig, _embed_tasks, _shard_tasks
 
     tasks = _shard_tasks(manifest, read_manifest(manifest))
     n = sum(t["num_samples"] for t in tasks)

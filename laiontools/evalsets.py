@@ -264,7 +264,8 @@ def _is_image(p: str) -> bool:
     return p.lower().endswith(IMAGE_EXTS)
 
 
-def _decode(data: bytes) -> Image.Image:
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded image bytes -> a loaded RGB PIL image (PIL raises for bytes it cannot decode)."""
     from PIL import Image
 
     im = Image.open(io.BytesIO(data))
@@ -275,7 +276,7 @@ def _decode(data: bytes) -> Image.Image:
 def _read_image(fs: Any, path: str) -> tuple[Image.Image | None, str | None]:
     try:
         with fs.open(path, "rb") as f:
-            return _decode(f.read()), None
+            return decode_image(f.read()), None
     except Exception as e:  # any decoder failure is a per-item error, not a crash
         return None, f"{type(e).__name__}: {e}"
 
@@ -378,7 +379,7 @@ def _wds_item(es: EvalSet, stem: str, key: str, files: dict[str, bytes]) -> Eval
         err = err or f"no image member (.{'/.'.join(WDS_IMAGE_EXTS)}) for key {key}; members: {sorted(files)}"
     elif err is None:
         try:
-            image = _decode(files[ext])
+            image = decode_image(files[ext])
         except Exception as e:
             err = f"{type(e).__name__}: {e}"
     return _item(es, item_id, image, label, caption, err)
@@ -442,7 +443,7 @@ def _parquet_item(
     caption = None if caption is None else str(caption)
     if data is not None:
         try:
-            return _item(es, item_id, _decode(bytes(data)), label, caption, None)
+            return _item(es, item_id, decode_image(bytes(data)), label, caption, None)
         except Exception as e:
             return _item(es, item_id, None, label, caption, f"{type(e).__name__}: {e}")
     if img_path:

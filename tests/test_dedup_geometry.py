@@ -158,7 +158,7 @@ def test_pool_geometry_is_the_download_resize():
     from PIL import Image
 
     from laiontools.testing.planted_pool import download_settings, photo
-    from laiontools.web.resize import PoolGeometry, make_resizer
+    from laiontools.web.resize import PoolGeometry, make_resizer, resize_params
 
     img = photo(3, (96, 48))
     for mode, size in (("border", (64, 64)), ("center_crop", (64, 64)), ("keep_ratio", (128, 64)), ("no", (96, 48))):
@@ -166,7 +166,7 @@ def test_pool_geometry_is_the_download_resize():
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         buf.seek(0)
-        want = np.asarray(Image.open(io.BytesIO(make_resizer(s)(buf)[0])).convert("RGB"))
+        want = np.asarray(Image.open(io.BytesIO(make_resizer(**resize_params(s))(buf)[0])).convert("RGB"))
         got = PoolGeometry(s)(img)
         assert got.size == size and np.array_equal(np.asarray(got), want), mode
     with pytest.raises(ValueError, match="lack"):

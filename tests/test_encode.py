@@ -235,8 +235,8 @@ def test_pax_tars_scan_directly_with_spans(tmp_path):
 
 def test_trim_check_accepts_clip_and_refuses_others(bundle):
     """The embed step trims captions only after checking it reproduces encode_text on this open_clip."""
+    from laiontools.models.embedder import Embedder
     from laiontools.models.encode import check_trimmed_text
-    from laiontools.stages.embed import Embedder
 
     assert check_trimmed_text(bundle.model.eval(), bundle.tokenizer, "cpu")
     assert Embedder("lt-tiny", device="cpu").trim_text

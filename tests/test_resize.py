@@ -21,7 +21,14 @@ from PIL import Image
 
 from laiontools.stages.download import DownloadConfig
 from laiontools.synthetic import render_item
-from laiontools.web.resize import FastResizer, jpeg_header, make_resizer, reduction_factor, target_size
+from laiontools.web.resize import (
+    FastResizer,
+    jpeg_header,
+    make_resizer,
+    reduction_factor,
+    resize_params,
+    target_size,
+)
 
 MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop")
 # Mean |fast - img2dataset| over pixels (0..255), per output size. Measured on these images at
@@ -161,10 +168,13 @@ def test_limits_use_true_size(realistic):
 
 def test_pickles_and_make_resizer(realistic):
     cfg = DownloadConfig(input="in", output="out", image_size=64, resize_mode="center_crop")
-    r = make_resizer(cfg)
+    r = make_resizer(**resize_params(cfg.to_dict()))
     assert type(r) is FastResizer and r.image_size == 64
     before = r(io.BytesIO(realistic[0]))
     shipped = pickle.loads(pickle.dumps(r))  # as Spark ships it inside the Downloader
     assert shipped(io.BytesIO(realistic[0])) == before
     cfg.fast_decode = False
-    assert type(make_resizer(cfg)) is Resizer
+    assert type(make_resizer(**resize_params(cfg.to_dict()))) is Resizer
+    # built from its own parameters only: a whole config is not accepted
+    with pytest.raises(TypeError):
+        make_resizer(cfg)

@@ -20,17 +20,12 @@ from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.contracts.manifest import new_manifest, read_manifest, write_manifest
 from laiontools.contracts.schema import ManifestError
+from laiontools.contracts.selection import parse_seed, reference_selection
 from laiontools.contracts.uids import array_to_uids, load_uids, save_uids, uid_of
 from laiontools.core.config import ConfigError
 from laiontools.core.storage import sha256_file, write_json
 from laiontools.stages import subsets as subsets_stage
-from laiontools.stages.subsets import (
-    SubsetError,
-    SubsetsConfig,
-    parse_scales,
-    parse_seed,
-    reference_selection,
-)
+from laiontools.stages.subsets import SubsetError, SubsetsConfig, parse_scales
 from laiontools.stages.subsets import main as subsets_main
 
 

@@ -307,3 +307,26 @@ def save_uids_spark(
         if fs.exists(tmp_p):
             fs.rm(tmp_p, recursive=True)
     return results
+
+
+# ------------------------------------------------------------------------------------------------
+# membership inside Spark tasks (subsets' exclusions, reshard's plan)
+
+_UID_FILE_CACHE: dict[str, np.ndarray] = {}
+
+
+def load_uids_cached(path: str) -> np.ndarray:
+    """:func:`load_uids` read whole, once per process (a Spark worker reuses it for every batch)."""
+    arr = _UID_FILE_CACHE.get(path)
+    if arr is None:
+        arr = np.asarray(load_uids(path, mmap=False))
+        _UID_FILE_CACHE[path] = arr
+    return arr
+
+
+def member_series(uids: Any, path: str) -> Any:
+    """pandas Series of hex uids -> boolean Series (same index): which are in the uid file at `path`.
+    A pandas_udf body; the uid file is loaded once per worker process."""
+    import pandas as pd
+
+    return pd.Series(contains(load_uids_cached(path), uids_to_array(uids)), index=uids.index)

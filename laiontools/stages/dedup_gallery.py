@@ -61,7 +61,7 @@ def pool_images(tar_url: str, keys: set[str]) -> dict[str, tuple[Any, str | None
 
 def eval_images(es: Any, wanted: set[str]) -> dict[str, Any]:
     """item id -> PIL image for the wanted items of an evaluation set (direct read for folder formats)."""
-    from laiontools.evalsets import _decode, iter_items
+    from laiontools.evalsets import decode_image, iter_items
 
     out: dict[str, Any] = {}
     if not wanted:
@@ -71,7 +71,7 @@ def eval_images(es: Any, wanted: set[str]) -> dict[str, Any]:
         for item_id in wanted:
             try:
                 with fs.open(root.rstrip("/") + "/" + item_id, "rb") as f:
-                    out[item_id] = _decode(f.read())
+                    out[item_id] = decode_image(f.read())
             except Exception as e:
                 log.warning("gallery: evaluation item %s/%s unreadable: %s", es.name, item_id, e)
         return out

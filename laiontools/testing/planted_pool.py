@@ -94,9 +94,9 @@ def write_resized_pool(out_dir: str, samples: Sequence[dict[str, Any]], settings
     from laiontools.contracts.manifest import new_manifest, write_manifest
     from laiontools.contracts.uids import compute_uid, save_uids
     from laiontools.core.storage import sha256_bytes, sha256_file
-    from laiontools.web.resize import make_resizer
+    from laiontools.web.resize import make_resizer, resize_params
 
-    resizer = make_resizer(settings)
+    resizer = make_resizer(**resize_params(settings))
     os.makedirs(os.path.join(out_dir, layout.SHARDS_DIR), exist_ok=True)
     shards, uids = [], []
     for s, lo in enumerate(range(0, len(samples), per_shard)):

@@ -27,11 +27,10 @@ albumentations' own rounding).
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # A subclass needs its base at import time. Like laiontools.web.fetch, this module is imported only
 # inside the download job (and tests/benches), never by the CLI's top level.
@@ -41,9 +40,6 @@ import cv2
 import numpy as np
 from albumentations.augmentations.geometric import functional as fgeometric
 from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
-
-if TYPE_CHECKING:
-    from laiontools.stages.download import DownloadConfig
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _REDUCTIONS = (8, 4, 2)  # largest first: the cheapest decode that is still big enough wins
@@ -56,27 +52,45 @@ _REDUCED_FLAGS = {
 }
 
 
-def resizer_kwargs(cfg: DownloadConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """img2dataset Resizer arguments for a download config (shared by both resizers and the bench).
+# The parameters a resizer is built from (the download's settings of the same names), as img2dataset's
+# Resizer(image_size=..., resize_mode=...) takes only its own: no stage config reaches this module.
+RESIZE_PARAMS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_quality", "encode_format",
+                 "skip_reencode", "min_image_size", "max_image_pixels", "max_aspect_ratio", "fast_decode")
 
-    `cfg` is a DownloadConfig or the settings dict a download records (``DownloadConfig.semantic()``,
-    kept in the pool manifest under ``download.settings`` and in ``<pool>/settings.json``).
-    """
-    get = cfg.get if isinstance(cfg, Mapping) else functools.partial(getattr, cfg)
+
+def resize_params(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`RESIZE_PARAMS` present in `settings` (a download's recorded settings, a config's
+    ``to_dict()``): what :func:`make_resizer` takes, picked out of a larger dict."""
+    return {k: settings[k] for k in RESIZE_PARAMS if k in settings}
+
+
+def resizer_kwargs(
+    image_size: int,
+    resize_mode: str,
+    resize_only_if_bigger: bool = False,
+    encode_quality: int = 95,
+    encode_format: str = "jpg",
+    skip_reencode: bool = False,
+    min_image_size: int = 0,
+    max_image_pixels: float | None = None,
+    max_aspect_ratio: float | None = None,
+) -> dict[str, Any]:
+    """img2dataset Resizer arguments (shared by both resizers and the bench). None for
+    `max_image_pixels` / `max_aspect_ratio` means no limit."""
     return dict(
-        image_size=get("image_size"), resize_mode=get("resize_mode"), resize_only_if_bigger=get("resize_only_if_bigger"),
-        upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=get("encode_quality"),
-        encode_format=get("encode_format"), skip_reencode=get("skip_reencode"), disable_all_reencoding=False,
-        min_image_size=get("min_image_size"), max_image_area=get("max_image_pixels"),
-        max_aspect_ratio=get("max_aspect_ratio") or float("inf"), blurrer=None,
+        image_size=image_size, resize_mode=resize_mode, resize_only_if_bigger=resize_only_if_bigger,
+        upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=encode_quality,
+        encode_format=encode_format, skip_reencode=skip_reencode, disable_all_reencoding=False,
+        min_image_size=min_image_size, max_image_area=float("inf") if max_image_pixels is None else max_image_pixels,
+        max_aspect_ratio=max_aspect_ratio or float("inf"), blurrer=None,
     )
 
 
-def make_resizer(cfg: DownloadConfig | Mapping[str, Any]) -> Resizer:
-    """The resizer a download uses: :class:`FastResizer` when ``fast_decode``, else img2dataset's."""
-    fast = cfg.get("fast_decode", True) if isinstance(cfg, Mapping) else cfg.fast_decode
-    cls = FastResizer if fast else Resizer
-    return cls(**resizer_kwargs(cfg))
+def make_resizer(fast_decode: bool = True, **params: Any) -> Resizer:
+    """The resizer a download uses: :class:`FastResizer` when `fast_decode`, else img2dataset's;
+    `params` are :func:`resizer_kwargs`' (``make_resizer(**resize_params(settings))``)."""
+    cls = FastResizer if fast_decode else Resizer
+    return cls(**resizer_kwargs(**params))
 
 
 # The download settings that decide what a stored pool image looks like (size, padding, crop, codec).
@@ -113,8 +127,8 @@ class PoolGeometry:
         from PIL import Image
 
         if self._resizer is None:
-            self._resizer = make_resizer({**self.settings, "min_image_size": 0, "max_image_pixels": float("inf"),
-                                          "max_aspect_ratio": None})
+            # no size filters: an evaluation image is reshaped, never rejected
+            self._resizer = make_resizer(**resize_params(self.settings))
         buf = io.BytesIO()
         image.convert("RGB").save(buf, format="PNG", compress_level=1)
         buf.seek(0)

@@ -1,0 +1,48 @@
+"""A pool as the stages after download see it: its manifest, catalog and shard ids (read-only)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from laiontools.contracts import layout
+from laiontools.contracts.manifest import manifest_sha256, read_manifest, resolve
+from laiontools.core.errors import InputError
+from laiontools.core.storage import url_to_fs
+
+
+@dataclass
+class PoolInfo:
+    """A pool manifest read and checked: where it is, its content and sha256, its catalog, its shard ids."""
+
+    path: str
+    manifest: dict[str, Any]
+    sha256: str
+    catalog: str
+    shard_ids: list[str]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["source"]["fingerprint"]
+
+
+def abs_path(path: str) -> str:
+    """Absolute path for local files (so manifests don't depend on the cwd); URLs unchanged."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def load_pool(path: str) -> PoolInfo:
+    """Read the pool manifest at `path`. Raises ManifestError (missing / invalid) or InputError (not a
+    pool manifest, or its catalog is missing)."""
+    path = abs_path(path)
+    m = read_manifest(path)
+    if m["kind"] != "pool":
+        raise InputError(f"{path} is a {m['kind']} manifest; --pool needs the pool.manifest.json written by download")
+    cat = (m.get("catalog") or {}).get("path") or layout.CATALOG_DIR
+    catalog = resolve(path, cat)
+    fs, p = url_to_fs(catalog)
+    if not fs.exists(p):
+        raise InputError(f"{path}: its catalog {catalog} does not exist; the pool folder is incomplete (re-run download)")
+    shard_ids = [layout.shard_id(s["path"]) for s in m["shards"]]
+    return PoolInfo(path=path, manifest=m, sha256=manifest_sha256(path), catalog=catalog, shard_ids=shard_ids)
