@@ -119,6 +119,7 @@ def bare_faiss(emb_dir: str, ids: list[str], index_path: str, k: int, chunk: int
 
 
 def spark_search(spark, emb_dir: str, ids: list[str], out: str, desc: dict, k: int, chunk: int, partitions: int) -> dict:
+    from laiontools.contracts import layout
     from laiontools.core.storage import read_marker
     from laiontools.stages import dedup
 
@@ -126,7 +127,7 @@ def spark_search(spark, emb_dir: str, ids: list[str], out: str, desc: dict, k: i
                             gallery_pairs=0, partitions=partitions)
     ctx = dedup.search_context(cfg, desc)
     ctx["threads"] = dedup._threads_per_task(spark, 0)
-    shutil.rmtree(os.path.join(out, dedup.DONE_DIR), ignore_errors=True)
+    shutil.rmtree(os.path.join(out, layout.DEDUP_DONE_DIR), ignore_errors=True)
     t0 = time.time()
     done = dedup.run_search(spark, ctx, [(sid, None) for sid in ids], partitions)
     wall = time.time() - t0

@@ -20,15 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from laiontools.contracts import layout
 from laiontools.core.errors import UserError
 from laiontools.core.storage import join, read_json, sha256_bytes, url_to_fs
 
 log = logging.getLogger(__name__)
 
-INDEX_DIR = "index"
-INDEX_FILE = "evalsets.faiss"
-ITEMS_FILE = "items.parquet"
-INDEX_JSON = "index.json"
 INDEX_TYPES = ("flat", "ivf")
 # The fields that define an embedding space (the embed stage's IDENTITY_FIELDS).
 MODEL_KEYS = ("model", "pretrained", "checkpoint_sha256", "random_init_seed", "embed_dim")
@@ -122,13 +119,13 @@ def gpu_count() -> int:
 
 
 def index_paths(out_dir: str) -> dict[str, str]:
-    base = join(out_dir, INDEX_DIR)
-    return {"index": join(base, INDEX_FILE), "items": join(base, ITEMS_FILE), "json": join(base, INDEX_JSON)}
+    base = join(out_dir, layout.DEDUP_INDEX_DIR)
+    return {"index": join(base, layout.DEDUP_INDEX_FILE), "items": join(base, layout.DEDUP_ITEMS_FILE), "json": join(base, layout.DEDUP_INDEX_JSON)}
 
 
 def read_index_json(index_dir_or_out: str) -> dict[str, Any] | None:
     """index.json of a dedup output (or of an index folder), or None if there is none."""
-    for p in (join(index_dir_or_out, INDEX_DIR, INDEX_JSON), join(index_dir_or_out, INDEX_JSON)):
+    for p in (join(index_dir_or_out, layout.DEDUP_INDEX_DIR, layout.DEDUP_INDEX_JSON), join(index_dir_or_out, layout.DEDUP_INDEX_JSON)):
         fs, q = url_to_fs(p)
         if fs.exists(q):
             return read_json(p)

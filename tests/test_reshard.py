@@ -23,7 +23,6 @@ from laiontools.core.storage import read_json
 from laiontools.stages import reshard as reshard_stage
 from laiontools.stages import subsets as subsets_stage
 from laiontools.stages.reshard import (
-    OUT_MANIFEST,
     ReshardConfig,
     ReshardError,
     position_to_slot,
@@ -144,14 +143,14 @@ def test_shard_writer_matches_tarfile(tmp_path):
 
 def test_reshard_output(subset, resharded):
     sm = read_manifest(subset)
-    m = read_manifest(os.path.join(resharded, OUT_MANIFEST))
+    m = read_manifest(os.path.join(resharded, layout.RESHARD_MANIFEST))
     n = sm["num_samples"]
     assert m["kind"] == "subset" and m["num_samples"] == n and m["uids"]["sha256"] == sm["uids"]["sha256"]
     assert m["parent"]["path"] == subset
     sizes = read_json(os.path.join(resharded, "shards", "sizes.json"))
     assert sizes == {os.path.basename(s["path"]): s["num_samples"] for s in m["shards"]}
     assert sum(sizes.values()) == n and max(sizes.values()) - min(sizes.values()) <= 1 and max(sizes.values()) <= 8
-    res = verify_manifest(os.path.join(resharded, OUT_MANIFEST))
+    res = verify_manifest(os.path.join(resharded, layout.RESHARD_MANIFEST))
     assert res.ok, res.problems
 
     pool = sm["pool"]["path"]
@@ -212,8 +211,8 @@ def test_webdataset_and_open_clip_loader(resharded):
     # end-of-shard marker that open_clip_train 3.3's reader trips on; see train_worker).
     _no_shard_eof_marker()
 
-    m = read_manifest(os.path.join(resharded, OUT_MANIFEST))
-    urls = [resolve(os.path.join(resharded, OUT_MANIFEST), s["path"]) for s in m["shards"]]
+    m = read_manifest(os.path.join(resharded, layout.RESHARD_MANIFEST))
+    urls = [resolve(os.path.join(resharded, layout.RESHARD_MANIFEST), s["path"]) for s in m["shards"]]
     expected = set(array_to_uids(load_uids(os.path.join(resharded, m["uids"]["path"]))))
     # webdataset itself
     got = [json.loads(s["json"])["uid"] for s in wds.WebDataset(urls, shardshuffle=False)]
@@ -248,9 +247,9 @@ def _pool_catalog(subset: str) -> tuple[str, str]:
 
 
 def _same_output(a: str, b: str) -> None:
-    for s in read_manifest(os.path.join(a, OUT_MANIFEST))["shards"]:
+    for s in read_manifest(os.path.join(a, layout.RESHARD_MANIFEST))["shards"]:
         assert filecmp.cmp(os.path.join(a, s["path"]), os.path.join(b, s["path"]), shallow=False), s["path"]
-    assert filecmp.cmp(os.path.join(a, OUT_MANIFEST), os.path.join(b, OUT_MANIFEST), shallow=False)
+    assert filecmp.cmp(os.path.join(a, layout.RESHARD_MANIFEST), os.path.join(b, layout.RESHARD_MANIFEST), shallow=False)
 
 
 def test_catalog_spans_and_the_tar_index_give_the_same_shards(spark, subset, resharded, tmp_path):
@@ -326,12 +325,12 @@ def test_resume_after_partial_run_is_identical(spark, subset, resharded, tmp_pat
     with open(shards[2], "r+b") as f:
         f.truncate(1000)
     open(os.path.join(b, "shards", ".shard-00003.tar.tmp-deadbeef"), "wb").write(b"half")  # a killed write
-    os.remove(os.path.join(b, OUT_MANIFEST))
+    os.remove(os.path.join(b, layout.RESHARD_MANIFEST))
     # The first run wrote with O_DIRECT (the default); the resume writes through the page cache.
     reshard_stage.run(ReshardConfig(manifest=subset, output=b, shard_size=8, direct_io=False), spark)
-    for s in read_manifest(os.path.join(resharded, OUT_MANIFEST))["shards"]:
+    for s in read_manifest(os.path.join(resharded, layout.RESHARD_MANIFEST))["shards"]:
         assert filecmp.cmp(os.path.join(resharded, s["path"]), os.path.join(b, s["path"]), shallow=False), s["path"]
-    assert filecmp.cmp(os.path.join(resharded, OUT_MANIFEST), os.path.join(b, OUT_MANIFEST), shallow=False)
+    assert filecmp.cmp(os.path.join(resharded, layout.RESHARD_MANIFEST), os.path.join(b, layout.RESHARD_MANIFEST), shallow=False)
     assert filecmp.cmp(os.path.join(resharded, "shards", "sizes.json"), os.path.join(b, "shards", "sizes.json"), shallow=False)
     # Same folder, another plan: refused rather than mixed.
     with pytest.raises(ReshardError, match="another plan"):
@@ -355,10 +354,10 @@ def test_kill_and_resume_identical(spark, subset, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started (python + its JVM)
         proc.wait(timeout=60)
     assert glob.glob(os.path.join(killed, "shards", "*.done")), "the killed run never finished a shard"
-    assert not os.path.exists(os.path.join(killed, OUT_MANIFEST)), "the kill landed after the run had finished"
+    assert not os.path.exists(os.path.join(killed, layout.RESHARD_MANIFEST)), "the kill landed after the run had finished"
     reshard_stage.run(ReshardConfig(manifest=subset, output=killed, shard_size=2), spark)
     reshard_stage.run(ReshardConfig(manifest=subset, output=clean, shard_size=2), spark)
-    mk, mc = read_manifest(os.path.join(killed, OUT_MANIFEST)), read_manifest(os.path.join(clean, OUT_MANIFEST))
+    mk, mc = read_manifest(os.path.join(killed, layout.RESHARD_MANIFEST)), read_manifest(os.path.join(clean, layout.RESHARD_MANIFEST))
     assert mk["shards"] == mc["shards"]
     for s in mc["shards"]:
         assert filecmp.cmp(os.path.join(killed, s["path"]), os.path.join(clean, s["path"]), shallow=False)

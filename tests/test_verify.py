@@ -10,10 +10,11 @@ import sys
 import pytest
 
 from laiontools.cli import main as cli
+from laiontools.contracts import layout
 from laiontools.contracts.manifest import new_manifest, read_manifest, write_manifest
 from laiontools.stages import reshard as reshard_stage
 from laiontools.stages import subsets as subsets_stage
-from laiontools.stages.reshard import OUT_MANIFEST, ReshardConfig
+from laiontools.stages.reshard import ReshardConfig
 from laiontools.stages.subsets import SubsetsConfig
 from laiontools.stages.verify import inspect_text, verify_manifest
 
@@ -33,7 +34,7 @@ def chain(spark, request, tmp_path_factory) -> dict[str, str]:
     big, small = subsets_stage.run(SubsetsConfig(pool=pool, output=str(out), scales=f"{n - 2},{n // 2}", seed=11), spark).details
     rs = tmp_path_factory.mktemp("resharded")
     reshard_stage.run(ReshardConfig(manifest=big["manifest"], output=str(rs), shard_size=max(2, n // 5)), spark)
-    return {"pool": pool, "big": big["manifest"], "small": small["manifest"], "resharded": os.path.join(str(rs), OUT_MANIFEST)}
+    return {"pool": pool, "big": big["manifest"], "small": small["manifest"], "resharded": os.path.join(str(rs), layout.RESHARD_MANIFEST)}
 
 
 def test_everything_verifies(chain, capsys):
@@ -49,7 +50,7 @@ def test_everything_verifies(chain, capsys):
 def _copy_resharded(chain: dict[str, str], dst) -> str:
     src = os.path.dirname(chain["resharded"])
     shutil.copytree(src, dst)
-    return os.path.join(str(dst), OUT_MANIFEST)
+    return os.path.join(str(dst), layout.RESHARD_MANIFEST)
 
 
 def test_tampered_and_truncated_shards_are_named(chain, tmp_path, capsys):

@@ -20,6 +20,7 @@ import os
 import time
 from typing import Any
 
+from laiontools.contracts import layout
 from laiontools.core.config import ConfigError
 from laiontools.core.report import emit, table
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
@@ -190,7 +191,7 @@ def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
     emit(dedup.run(DedupConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-phash"), threshold=1.0,
                                **phash), spark).summary)
     cal_res = dedup_calibrate.run(CalibrateConfig(embeddings=p("embeddings"), evalset=[evalset], output=p("dedup-calibrate"),
-                                                  exclude_uids=p("dedup-phash", "exclude.uids.npy")))
+                                                  exclude_uids=p("dedup-phash", layout.DEDUP_EXCLUDE_UIDS)))
     emit(cal_res.summary)
     cal = cal_res.details
     rec = cal.get("recommendation") or {}
@@ -252,10 +253,10 @@ def write_report(res: dict[str, Any], path: str) -> str:
     parts.append("<h2>2. Decontamination</h2>")
     parts.append(f"<p>Method: {html.escape(res['dedup_method'])}. {res['planted']} transformed copies of evaluation "
                  f"images were planted in the source.</p>")
-    summary_txt = os.path.join(ded_dir, "summary.txt")
+    summary_txt = os.path.join(ded_dir, layout.DEDUP_SUMMARY_TXT)
     if os.path.exists(summary_txt):
         parts.append(f"<pre>{html.escape(open(summary_txt).read())}</pre>")
-    for name in ("gallery.html",):
+    for name in (layout.DEDUP_GALLERY_HTML,):
         if os.path.exists(os.path.join(ded_dir, name)):
             parts.append(f"<p><a href='dedup/{name}'>Top matches, side by side</a></p>")
     cal_png = os.path.join(out, "dedup-calibrate", "calibrate.png")

@@ -48,6 +48,7 @@ import logging
 import os
 from typing import Any
 
+from laiontools.contracts import layout
 from laiontools.core.config import ConfigError, StageConfig
 from laiontools.core.errors import UserError
 from laiontools.core.report import emit, table
@@ -175,7 +176,7 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
     """Train (or resume, or skip) and evaluate (or skip) one grid point; return its results row."""
     from laiontools.stages import evaluate, train
     from laiontools.stages.evaluate import EvaluateConfig
-    from laiontools.stages.train import SETTINGS_FILE, TrainConfig, is_finished, read_result
+    from laiontools.stages.train import TrainConfig, is_finished, read_result
 
     rid = run_id(model, scale, samples_seen)
     base = os.path.join(cfg.output, RUNS_DIR, rid)
@@ -186,7 +187,7 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
         res = train.run(
             TrainConfig(
                 manifest=cfg.scales[scale], model=model, samples_seen=int(samples_seen), batch_size=cfg.batch_size,
-                nproc=cfg.nproc, output=run_dir, resume=os.path.exists(os.path.join(run_dir, SETTINGS_FILE)), **cfg.train,
+                nproc=cfg.nproc, output=run_dir, resume=os.path.exists(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON)), **cfg.train,
             )
         )  # fmt: skip
         emit(res.summary)  # progress of a grid that runs for hours
@@ -204,7 +205,7 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
         "scale": scale,
         "manifest": cfg.scales[scale],
         "manifest_sha256": result["manifest_sha256"],
-        "dataset_samples": read_json(os.path.join(run_dir, SETTINGS_FILE))["manifest_num_samples"],
+        "dataset_samples": read_json(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON))["manifest_num_samples"],
         "samples_seen": result["samples_seen"],
         "steps": result["steps"],
         "gmacs_per_sample": gmacs,
