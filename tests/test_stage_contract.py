@@ -253,3 +253,14 @@ def test_rerun_into_own_output_resumes(tmp_path):
     # the pool folder download-shaped by write_pool belongs to no stage: embedding into it is refused
     with pytest.raises(OutputRefused):
         embed.run(type(cfg)(manifest=manifest, output=str(tmp_path / "pool"), model="lt-tiny"))
+
+
+def test_every_command_prints_its_help(capsys):
+    """`laiontools <stage> --help` works for every entry of the CLI table (argparse %-formats help text)."""
+    from laiontools.cli import STAGES, main
+
+    for name in STAGES:
+        with pytest.raises(SystemExit) as e:
+            main([*name.split(), "--help"])
+        assert e.value.code == 0, name
+        assert f"laiontools {name}" in capsys.readouterr().out, name

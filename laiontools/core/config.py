@@ -60,7 +60,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[StageConfig], ski
             continue
         flag = "--" + f.name.replace("_", "-")
         tp, _ = _base_type(hints[f.name])
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        # argparse %-formats help strings: a bare "25%" would crash --help ("%%" is accepted as written too)
+        help_ = f.metadata.get("help", "").replace("%%", "%").replace("%", "%%")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
