@@ -8,7 +8,7 @@ then measure in the same process:
   tensors and pre-tokenized captions, i.e. what plain open_clip would spend on the same samples;
 * ``step``: the embed step's work loop (read tar -> decode -> preprocess -> tokenize -> model -> write
   npy/parquet/markers), DataLoader decode workers as configured, model already loaded;
-* ``step_cli``: ``run_embed`` end to end (manifest, model load, report) for reference;
+* ``step_cli``: ``embed.run`` end to end (manifest, model load, report) for reference;
 * ``text_tower``: open_clip's ``encode_text`` vs the step's trimmed text encode, for the pool's
   captions and two longer caption-length mixes (the step's advantage depends on caption length).
 

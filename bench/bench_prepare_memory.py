@@ -2,7 +2,7 @@
 
 For each size, synthetic LAION-400M-format parquet metadata (URLs on ``images.example.com``; prepare
 touches no network) is written once (1M-row files, cached in ``bench-out/prepare-mem-input/`` and
-hard-linked into one folder per size), then ``laiontools.stages.prepare.run_prepare`` runs in a fresh
+hard-linked into one folder per size), then ``laiontools.stages.prepare.run`` runs in a fresh
 process on Spark ``local[2]``. This process polls, every 0.25 s, ``/proc/<pid>/status`` of that
 process and of its descendants and records:
 

@@ -9,7 +9,7 @@ catalog and a manifest), selects a subset holding every sample, then times, alte
            fsync'd (reshard's atomic writes fsync too), one file after another (the baseline);
 * direct copy: the same with O_DIRECT writes from an aligned buffer, as reshard writes by default
            (a stricter baseline: what part of the ratio is bypassing the page cache);
-* reshard: `run_reshard` on Spark local[2] (session already started), which plans from the
+* reshard: `reshard.run` on Spark local[2] (session already started), which plans from the
            catalog, indexes the tars, and writes shuffled, evenly sized shards.
 
 MB/s = source bytes / seconds. The ratio reshard/copy is the figure (target >= 0.5). Spark's fixed

@@ -4,7 +4,7 @@
 
 For each size, a fresh process (so peak memory is its own) writes nothing but reads a synthetic
 catalog (uid, status, shard, caption, sizes, punsafe, pwatermark; 1M rows per parquet file) and runs
-`run_subsets` with punsafe < 0.5 and pwatermark < 0.8 filters and three nested scales (80M/400M/2B
+`subsets.run` with punsafe < 0.5 and pwatermark < 0.8 filters and three nested scales (80M/400M/2B
 times a factor proportional to the catalog, so output grows with the input too) on Spark local[2].
 
 Reported per size: wall time of the selection (Spark session start excluded, reported apart), peak

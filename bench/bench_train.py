@@ -2,7 +2,7 @@
 
 Same shards, model, batch size, workers and open_clip arguments in the same run:
 
-* ``laiontools``: :func:`laiontools.stages.train.run_train` (manifest -> plan -> train_worker -> open_clip_train.main).
+* ``laiontools``: :func:`laiontools.stages.train.run` (manifest -> plan -> train_worker -> open_clip_train.main).
 * ``direct``: ``open_clip_train.main.main(argv)`` in a fresh interpreter with the identical argv
   (tiny model configs registered, and webdataset's end-of-shard marker turned off: open_clip_train
   3.3 cannot read shards with webdataset >= 0.2.96 without it, see laiontools.stages.train_worker).
