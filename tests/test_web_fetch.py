@@ -48,7 +48,8 @@ def private(images):
 
 
 def _policy(**kw) -> FetchPolicy:
-    return FetchPolicy(allow_networks=(f"{PUBLIC}/32",), request_deadline=10, **kw)
+    """The public host allowed, nothing else; robots.txt off unless a test is about it."""
+    return FetchPolicy(**{"allow_networks": (f"{PUBLIC}/32",), "request_deadline": 10, "respect_robots": False, **kw})
 
 
 def _port(server: SyntheticWebServer) -> str:
@@ -84,16 +85,21 @@ def test_dns_rebinding_never_reaches_loopback(private, public):
     assert hook.calls == 1
     assert private.requests_served == before, "the loopback server was reached"
     assert data is None and ("refused" in err.lower() or "ConnectionRefused" in err), err
+    # with robots.txt on, its fetch and the image's share the executor cache's one answer
+    hook = Rebinding(PUBLIC)
+    data, err, _ = fetch_one(f"http://rebind2.example.org:{_port(private)}/img/a.jpg", 2, None, None,
+                             _policy(respect_robots=True), resolver=DnsCache(resolve=hook))
+    assert hook.calls == 1 and data is None and private.requests_served == before
     # with a global first answer (unreachable offline), still one lookup and no loopback request
     hook = Rebinding("8.8.8.8")
     data, err, _ = fetch_one(f"http://rebind.example.org:{_port(private)}/img/a.jpg", 1, None, None,
-                             FetchPolicy(request_deadline=3), resolver=hook)
+                             FetchPolicy(request_deadline=3, respect_robots=False), resolver=hook)
     assert hook.calls == 1 and data is None and private.requests_served == before
 
 
 def test_a_name_with_any_private_answer_is_refused(private):
     before = private.requests_served
-    data, err, _ = fetch_one(f"http://mixed.example.org:{_port(private)}/img/a.jpg", 2, None, None, FetchPolicy(),
+    data, err, _ = fetch_one(f"http://mixed.example.org:{_port(private)}/img/a.jpg", 2, None, None, _policy(allow_networks=()),
                              resolver=lambda h, p: ["8.8.8.8", "127.0.0.1"])
     assert data is None and err.startswith("blocked:") and "127.0.0.1" in err
     assert private.requests_served == before
@@ -119,7 +125,7 @@ def test_a_redirect_to_a_private_target_is_refused(public, private, target):
 @pytest.mark.parametrize("spelling", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1"])
 def test_numeric_spellings_are_refused_at_connect_time_too(private, spelling):
     before = private.requests_served
-    data, err, _ = fetch_one(f"http://{spelling}:{_port(private)}/img/a.jpg", 2, None, None, FetchPolicy())
+    data, err, _ = fetch_one(f"http://{spelling}:{_port(private)}/img/a.jpg", 2, None, None, _policy(allow_networks=()))
     assert data is None and err.startswith("blocked:") and "127.0.0.1" in err, err
     assert private.requests_served == before
 
@@ -161,14 +167,14 @@ def test_opt_out_headers(public):
 def test_a_dripping_response_ends_at_the_request_deadline(public):
     t0 = time.monotonic()
     # headers at once, then a byte every 0.2 s: no recv ever waits past the 2 s timeout
-    _, err, _ = fetch_one(f"{public.base_url}/drip/0.2/a.jpg", 2, None, None, FetchPolicy(allow_networks=(f"{PUBLIC}/32",), request_deadline=1.5))
+    _, err, _ = fetch_one(f"{public.base_url}/drip/0.2/a.jpg", 2, None, None, _policy(request_deadline=1.5))
     took = time.monotonic() - t0
     assert err.startswith(DEADLINE_PREFIX), err
     assert took < 10, f"the request deadline did not hold ({took:.1f} s)"
 
 
 def test_shard_deadline_cuts_in_flight_requests_and_skips_the_rest(public):
-    pol = FetchPolicy(allow_networks=(f"{PUBLIC}/32",), request_deadline=60, shard_deadline=1.0)
+    pol = _policy(request_deadline=60, shard_deadline=1.0)
     at = time.monotonic() + 1.0
     key, data, err = fetch_with_retry((0, f"{public.base_url}/drip/0.2/a.jpg"), 2, 2, None, None, policy=pol, shard_deadline_at=at)
     assert data is None and err.startswith(DEADLINE_PREFIX) and "request" in err, err
@@ -194,7 +200,7 @@ def test_dns_cache_resolves_each_host_once_and_counts_failures():
             cache("gone.example.org", 80)
     assert calls == ["a.example.org", "gone.example.org"]
     assert (cache.lookups, cache.failures) == (2, 1)
-    _, err, _ = fetch_one("http://gone.example.org/a.jpg", 2, None, None, FetchPolicy(), resolver=cache)
+    _, err, _ = fetch_one("http://gone.example.org/a.jpg", 2, None, None, _policy(), resolver=cache)
     assert err.startswith("DNS: host gone.example.org does not resolve"), err
 
 
@@ -224,3 +230,152 @@ def test_https_connects_to_the_checked_address_with_sni_and_a_verified_certifica
         # and without the test CA the system trust store refuses the self-signed certificate
         _, err, _ = fetch_one(url, 3, None, None, _policy(), resolver=lambda h, p: [PUBLIC])
         assert err.startswith("TLS certificate of images.example.org rejected"), err
+
+
+# ----------------------------------------------------------------------------- robots.txt
+
+
+@pytest.fixture
+def fresh_host(images):
+    """A server of its own on 127.0.0.3 (robots.txt is per server), allowed like the public one."""
+    with SyntheticWebServer(images, host="127.0.0.3") as s:
+        yield s
+
+
+def _pol3(**kw) -> FetchPolicy:
+    return FetchPolicy(**{"allow_networks": ("127.0.0.3/32",), "request_deadline": 10, **kw})
+
+
+ROBOTS_TXT = """\
+User-agent: *
+Disallow: /redirect/
+
+User-agent: laionbot
+Disallow: /img/
+"""
+
+
+def test_robots_txt_is_fetched_once_and_obeyed_for_our_token(fresh_host):
+    from laiontools.web.fetch import RobotsCache
+
+    fresh_host.set_robots(ROBOTS_TXT)
+    robots = RobotsCache()
+    b = fresh_host.base_url
+    for _ in range(3):
+        data, err, _ = fetch_one(f"{b}/img/a.jpg", 3, None, None, _pol3(), robots=robots)
+        assert err is None
+    _, err, _ = fetch_one(f"{b}/redirect/a.jpg", 3, None, None, _pol3(), robots=robots)
+    assert err == "robots.txt disallows /redirect/a.jpg for user-agent *"
+    _, err, _ = fetch_one(f"{b}/img/a.jpg", 3, "laionbot", None, _pol3(robots_user_agent="laionbot"), robots=robots)
+    assert err == "robots.txt disallows /img/a.jpg for user-agent laionbot"
+    assert fresh_host.robots_requests == 1 and robots.fetches == 1
+    # the refused request never reached the server: only /img/ requests and robots.txt did
+    assert not any(p.startswith("/redirect/") for _, _, p in fresh_host.request_log)
+
+
+def test_robots_txt_conventions_for_missing_and_unavailable(fresh_host):
+    from laiontools.web.fetch import ROBOTS_UNAVAILABLE, RobotsCache, is_transient
+
+    b = fresh_host.base_url
+    fresh_host.set_robots(None)  # 404: everything allowed
+    data, err, _ = fetch_one(f"{b}/img/a.jpg", 3, None, None, _pol3(), robots=RobotsCache())
+    assert err is None and data is not None
+    fresh_host.set_robots("User-agent: *\nDisallow: /\n", status=503)  # unavailable: skip for now
+    robots = RobotsCache()
+    served = fresh_host.requests_served
+    key, data, err = fetch_with_retry((0, f"{b}/img/a.jpg"), 3, 3, None, None, policy=_pol3(), resolver=None)
+    # (the module-level cache is used by fetch_with_retry: check it alone gives the same answer)
+    _, err2, _ = fetch_one(f"{b}/img/a.jpg", 3, None, None, _pol3(), robots=robots)
+    assert err.startswith(ROBOTS_UNAVAILABLE) and err2.startswith(ROBOTS_UNAVAILABLE), (err, err2)
+    assert is_transient(err)  # a --retry-failed pass tries again
+    # robots.txt was asked (once per cache), the image never, and the in-shard retries did not re-ask
+    assert fresh_host.requests_served - served == 2
+
+
+# ----------------------------------------------------------------------------- per-host limits
+
+
+def _parallel(urls: list[str], policy: FetchPolicy, gate) -> list[str | None]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(urls)) as ex:
+        return [r[1] for r in ex.map(lambda u: fetch_one(u, 5, None, None, policy, gate=gate), urls)]
+
+
+def test_max_host_concurrency_caps_requests_in_flight(fresh_host):
+    from laiontools.web.fetch import HostGate
+
+    urls = [f"{fresh_host.base_url}/slow/0.3/a.jpg?{i}" for i in range(8)]
+    fresh_host.reset_counters()
+    assert _parallel(urls, _pol3(respect_robots=False, max_host_concurrency=2), HostGate()) == [None] * 8
+    assert fresh_host.max_in_flight == 2
+    fresh_host.reset_counters()  # the same load without the cap does overlap more (the test can fail)
+    assert _parallel(urls, _pol3(respect_robots=False), HostGate()) == [None] * 8
+    assert fresh_host.max_in_flight > 2
+
+
+def test_max_host_rps_spaces_request_starts(fresh_host):
+    from laiontools.web.fetch import HostGate
+
+    fresh_host.log_requests()
+    fresh_host.reset_counters()
+    t0 = time.monotonic()
+    errs = _parallel([f"{fresh_host.base_url}/img/a.jpg?{i}" for i in range(8)],
+                     _pol3(respect_robots=False, max_host_rps=10.0), HostGate())
+    assert errs == [None] * 8
+    times = sorted(t for t, _, _ in fresh_host.request_log)
+    # start slots are reserved 0.1 s apart from t0 on; a request arrives at or after its slot (a slow
+    # thread only arrives later), so the i-th arrival is no earlier than t0 + i * 0.1
+    assert len(times) == 8
+    assert all(t >= t0 + i * 0.1 - 1e-3 for i, t in enumerate(times)), [round(t - t0, 3) for t in times]
+
+
+def test_a_429_pauses_the_host_for_every_thread(fresh_host):
+    from laiontools.web.fetch import HostGate
+
+    gate = HostGate()
+    fresh_host.log_requests()
+    fresh_host.reset_counters()
+    pol = _pol3(respect_robots=False)
+    _, err, ra = fetch_one(f"{fresh_host.base_url}/status/429/a.jpg", 3, None, None, pol, gate=gate)
+    assert err.startswith("HTTP Error 429") and ra == 1.0
+    # another caller (another thread of the executor) now waits for the Retry-After
+    data, err, _ = fetch_one(f"{fresh_host.base_url}/img/a.jpg", 3, None, None, pol, gate=gate)
+    assert err is None
+    (t429, _, _), (t_ok, _, _) = fresh_host.request_log
+    assert t_ok - t429 >= 0.95
+    assert gate.stats()[fresh_host.host]["throttled"] == 1
+
+
+# ----------------------------------------------------------------------------- blocklist
+
+
+def test_blocklist_refuses_listed_content_and_redirect_targets(public, tmp_path):
+    import hashlib
+
+    from laiontools.web.blocklist import parse_blocklist
+
+    body = open(os.path.join(public.image_dir, "a.jpg"), "rb").read()
+    bl = tmp_path / "blocklist.txt"
+    bl.write_text(f"# partners' list\n{hashlib.sha256(body).hexdigest()}\nbad.example.org\n")
+    pol = _policy(blocklist=str(bl))
+    _, err, _ = fetch_one(f"{public.base_url}/img/a.jpg", 3, None, None, pol)
+    assert err == f"blocklisted: content sha256 {hashlib.sha256(body).hexdigest()} is on the blocklist"
+    bl2 = tmp_path / "md5.txt"
+    bl2.write_text(f"md5:{hashlib.md5(body).hexdigest()}\n")
+    _, err, _ = fetch_one(f"{public.base_url}/img/a.jpg", 3, None, None, _policy(blocklist=str(bl2)))
+    assert err.startswith("blocklisted: content md5")
+    from urllib.parse import quote
+
+    to = quote(f"http://cdn.bad.example.org:{_port(public)}/img/a.jpg", safe="")
+    _, err, _ = fetch_one(f"{public.base_url}/redirect-to/{to}", 3, None, None, pol, resolver=lambda h, p: [PUBLIC])
+    assert err == "blocklisted: domain bad.example.org is on the blocklist"
+    b = parse_blocklist("https://Example.COM:443/x.jpg\n*.evil.net\n" + "a" * 64 + "\n" + "b" * 32)
+    assert (len(b.urls), b.domains, len(b.sha256), len(b.md5)) == (1, {"evil.net"}, 1, 1)
+    assert b.url_reason("https://example.com/x.jpg") == "URL is on the blocklist"
+    assert b.url_reason("http://img.evil.net/a.jpg") == "domain evil.net is on the blocklist"
+    assert b.url_reason("http://notevil.net/a.jpg") is None
+    from laiontools.core.errors import InputError
+
+    with pytest.raises(InputError, match="line 2"):
+        parse_blocklist("ok.example.org\nnot a valid entry/at all\n", where="bl.txt")

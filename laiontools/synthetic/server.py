@@ -69,9 +69,24 @@ _HTML = (b"<!doctype html><html><head><title>Not an image</title></head>"
          b"<body><h1>Welcome</h1><p>This page is HTML, not an image.</p></body></html>\n")
 
 
+def _jpeg_headers_before_tables(data: bytes) -> bytes | None:
+    """The whole segments of a JPEG before its first Huffman table or scan (SOI, APPn, DQT, SOF),
+    None if `data` does not start like a JPEG."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] not in (0xC4, 0xDA):
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return data[:min(pos, len(data))]
+
+
 def _garbage(name: str, data: bytes) -> bytes:
-    """The first 200 bytes of the real file (JPEG headers intact) followed by deterministic garbage."""
-    keep = data[: min(200, len(data) // 4)]
+    """A JPEG's headers up to its Huffman tables, a marker no reader knows (FF 02), then
+    deterministic garbage, as long as the real file: no header parser can read a size from it (so
+    the fetch's fail-closed pixel check refuses it) and no decoder can decode it. Non-JPEG files:
+    the first 200 bytes of the file, then garbage."""
+    head = _jpeg_headers_before_tables(data)
+    keep = head + b"\xff\x02" if head is not None else data[: min(200, len(data) // 4)]
     out = bytearray(keep)
     h = hashlib.sha256(name.encode()).digest()
     while len(out) < len(data):
@@ -98,6 +113,8 @@ class _Server(ThreadingHTTPServer):
         self.robots_requests = 0
         self.request_log: list[tuple[float, str, str]] = []  # (time.monotonic(), Host header, path) when logging
         self.log_requests = False
+        self.in_flight = 0
+        self.max_in_flight = 0  # most requests handled at once since start (or reset_counters)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # a client that drops the connection or rejects our test certificate is a normal event here
@@ -149,6 +166,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        srv = self.server
+        with srv.lock:
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+        try:
+            self._get()
+        finally:
+            with srv.lock:
+                srv.in_flight -= 1
+
+    def _get(self) -> None:
         srv = self.server
         srv.requests += 1  # approximate under races; only for reporting
         if srv.log_requests:
@@ -293,6 +321,17 @@ class SyntheticWebServer:
         """Serve `text` as /robots.txt with `status` (None: 404)."""
         srv = self._srv()
         srv.robots_txt, srv.robots_status = text, status
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._srv().max_in_flight
+
+    def reset_counters(self) -> None:
+        """Zero max_in_flight and clear the request log."""
+        srv = self._srv()
+        with srv.lock:
+            srv.max_in_flight = srv.in_flight
+            srv.request_log.clear()
 
     @property
     def robots_requests(self) -> int:

@@ -36,7 +36,7 @@ ROUTES: dict[str, str] = {
     "noai": S.STATUS_FAILED_DOWNLOAD,          # /noai/<file>: X-Robots-Tag: noai, refused by img2dataset
     "noimageai": S.STATUS_FAILED_DOWNLOAD,     # /noimageai/<file>: X-Robots-Tag: noimageai
     "html": S.STATUS_FAILED_DOWNLOAD,          # /html/<file>: 200 text/html: no image size in it, refused before any decoder (fails closed)
-    "corrupt": S.STATUS_FAILED_RESIZE,         # /corrupt/<file>: JPEG header then garbage
+    "corrupt": S.STATUS_FAILED_DOWNLOAD,       # /corrupt/<file>: JPEG headers, an unknown marker, garbage: no size readable, refused before any decoder
     "truncated": S.STATUS_FAILED_RESIZE,       # /truncated/<file>: first 30% of a JPEG
     "huge": S.STATUS_FAILED_DOWNLOAD,          # /huge/<file>: PNG declaring 60000x60000 pixels, refused from its header by laiontools.web.fetch
     # Metadata-level breakage, refused by prepare before any request

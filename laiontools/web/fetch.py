@@ -30,6 +30,7 @@ What it adds:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import http.client
@@ -43,7 +44,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
@@ -67,9 +68,15 @@ REDIRECT_CODES = (301, 302, 303, 307, 308)
 TRANSIENT_PATTERNS = (
     r"timed out", r"timeout", r"Connection reset", r"Connection aborted", r"Remote end closed",
     r"HTTP Error 429", r"HTTP Error 5\d\d", r"Temporary failure", r"IncompleteRead", r"^deadline:",
+    r"^robots.txt unavailable",
 )
 _TRANSIENT = re.compile("|".join(TRANSIENT_PATTERNS), re.IGNORECASE)
 DEADLINE_PREFIX = "deadline:"
+ROBOTS_DISALLOWS = "robots.txt disallows"
+ROBOTS_UNAVAILABLE = "robots.txt unavailable"
+# Failures a retry inside the shard would only repeat (the cause is cached or the time is spent);
+# they stay transient for a later --retry-failed pass.
+_NO_RETRY_IN_SHARD = (DEADLINE_PREFIX, ROBOTS_UNAVAILABLE)
 UNREADABLE_HEADER = "image size cannot be read from its header"
 
 
@@ -93,6 +100,13 @@ class FetchPolicy:
     ca_file: str | None = None  # extra CA bundle for https (None: the system's)
     dns_ttl: float = 300.0  # seconds an answer stays in the executor's DNS cache
     respect_tdm: bool = True  # refuse responses with "tdm-reservation: 1"
+    respect_robots: bool = True  # fetch each host's robots.txt once (per executor, TTL) and obey it
+    robots_ttl: float = 3600.0  # seconds a host's robots.txt stays cached (an unreachable one: 60 s)
+    robots_user_agent: str | None = None  # the token robots.txt groups are matched against (None: "*" only)
+    max_host_rps: float | None = None  # requests per second per host, per executor (None: no limit)
+    max_host_concurrency: int | None = None  # requests in flight per host, per executor (None: no limit)
+    max_host_backoff: float = 60.0  # cap on how long a 429/503 (its Retry-After) pauses a host
+    blocklist: str | None = None  # path of a --blocklist file (URLs, domains, content hashes)
 
 
 class FetchError(Exception):
@@ -208,6 +222,194 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+# ----------------------------------------------------------------------------- per-host politeness
+
+
+class _Host:
+    __slots__ = ("active", "next_slot", "paused_until", "requests", "throttled")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.next_slot = 0.0
+        self.paused_until = 0.0
+        self.requests = 0
+        self.throttled = 0
+
+
+class HostGate:
+    """Per-host request limits shared by every download thread of an executor (one per process).
+
+    ``slot(host, ...)`` waits until the host has a free concurrency slot (``max_concurrency``), its
+    next request-rate slot has come (``1 / max_rps`` apart, reserved in arrival order) and no
+    429/503 pause is running (:meth:`pause`), then holds the slot for one request. A wait that would
+    pass the request's deadline ends with a ``deadline:`` error instead. Limits are per executor:
+    see the README for the bound this gives across a cluster.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._hosts: dict[str, _Host] = {}
+
+    def _host(self, host: str) -> _Host:
+        h = self._hosts.get(host)
+        if h is None:
+            h = self._hosts[host] = _Host()
+        return h
+
+    def pause(self, host: str, seconds: float) -> None:
+        """No request to `host` starts in the next `seconds` (a 429/503 said so), from any thread."""
+        with self._cv:
+            h = self._host(host)
+            h.paused_until = max(h.paused_until, time.monotonic() + seconds)
+            h.throttled += 1
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        with self._cv:
+            return {k: {"requests": v.requests, "throttled": v.throttled} for k, v in self._hosts.items()}
+
+    @contextlib.contextmanager
+    def slot(self, host: str, max_rps: float | None, max_concurrency: int | None, deadline: float) -> Iterator[None]:
+        if not max_rps and not max_concurrency:
+            with self._cv:
+                h = self._host(host)
+                h.requests += 1
+                wait = h.paused_until - time.monotonic()
+            if wait > 0:
+                _sleep_until(time.monotonic() + wait, deadline, host)
+            yield
+            return
+        with self._cv:
+            h = self._host(host)
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise FetchError(f"{DEADLINE_PREFIX} request deadline passed waiting for a slot at host {host}")
+                free = not max_concurrency or h.active < max_concurrency
+                if free and now >= h.paused_until:
+                    break
+                # a full host waits for a release (notify) or its deadline; a paused one for the pause's end
+                self._cv.wait((min(deadline, h.paused_until) if free else deadline) - now)
+            h.active += 1
+            h.requests += 1
+            start = now
+            if max_rps:
+                start = max(now, h.next_slot)
+                h.next_slot = start + 1.0 / max_rps
+        try:
+            if start > time.monotonic():
+                _sleep_until(start, deadline, host)
+            yield
+        finally:
+            with self._cv:
+                h.active -= 1
+                self._cv.notify_all()
+
+
+def _sleep_until(t: float, deadline: float, host: str) -> None:
+    if t > deadline:
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        raise FetchError(f"{DEADLINE_PREFIX} request deadline passed waiting for a slot at host {host}")
+    time.sleep(max(0.0, t - time.monotonic()))
+
+
+HOSTS = HostGate()
+
+
+# ----------------------------------------------------------------------------- robots.txt
+
+
+class RobotsCache:
+    """Each host's robots.txt, fetched once per executor through :func:`safe_get`, kept ``ttl`` seconds.
+
+    Conventions (those of Google's robots.txt specification, RFC 9309):
+    - 2xx: the rules apply, for the group naming our token (``robots_user_agent``) or else ``*``;
+    - 4xx other than 429 (no robots.txt, or forbidden): everything is allowed;
+    - 429, 5xx, a timeout or a connection failure: the host is treated as fully disallowed *for now*:
+      its rows end failed_download ``robots.txt unavailable (...)``, which ``--retry-failed`` retries,
+      and the answer is cached for only ``UNAVAILABLE_TTL`` seconds;
+    - a robots.txt host that does not resolve or is blocked by the address policy: the rows carry
+      that error (``DNS: ...`` / ``blocked: ...``), the same the image request would get.
+    Concurrent threads asking for the same new host wait for one fetch.
+    """
+
+    UNAVAILABLE_TTL = 60.0
+    MAX_BYTES = 512 * 1024  # RFC 9309: crawlers may ignore content past 500 KiB
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[float, Any]] = {}
+        self._pending: dict[str, threading.Event] = {}
+        self.fetches = 0
+
+    def check(self, url: str, *, policy: FetchPolicy, timeout: float, deadline: float, resolver: Resolver | None,
+              gate: HostGate | None) -> None:
+        """Raise FetchError if robots.txt of `url`'s host disallows it for our token (or is unavailable)."""
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1].lower()}"
+        entry = self._entry(origin, policy=policy, timeout=timeout, deadline=deadline, resolver=resolver, gate=gate)
+        if isinstance(entry, FetchError):
+            raise FetchError(str(entry))
+        if entry is None:
+            return
+        token = policy.robots_user_agent or "*"
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        if not entry.can_fetch(token, origin + path):
+            raise FetchError(f"{ROBOTS_DISALLOWS} {path[:200]} for user-agent {token}")
+
+    def _entry(self, origin: str, **kw: Any) -> Any:
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                hit = self._entries.get(origin)
+                if hit is not None and hit[0] > now:
+                    return hit[1]
+                ev = self._pending.get(origin)
+                if ev is None:
+                    ev = self._pending[origin] = threading.Event()
+                    mine = True
+                else:
+                    mine = False
+            if not mine:
+                if not ev.wait(max(0.0, kw["deadline"] - time.monotonic())):
+                    return FetchError(f"{DEADLINE_PREFIX} request deadline passed waiting for robots.txt of {origin}")
+                continue
+            try:
+                value, ttl = self._fetch(origin, **kw)
+                with self._lock:
+                    self._entries[origin] = (time.monotonic() + ttl, value)
+                    self.fetches += 1
+                return value
+            finally:
+                with self._lock:
+                    self._pending.pop(origin, None)
+                ev.set()
+
+    def _fetch(self, origin: str, *, policy: FetchPolicy, timeout: float, deadline: float, resolver: Resolver | None,
+               gate: HostGate | None) -> tuple[Any, float]:
+        from urllib.robotparser import RobotFileParser
+
+        try:
+            resp = safe_get(origin + "/robots.txt", user_agent=user_agent_for(policy.robots_user_agent), policy=policy,
+                            timeout=timeout, deadline=deadline, max_bytes=self.MAX_BYTES, resolver=resolver,
+                            gate=gate, robots=None, truncate=True)
+        except FetchError as e:
+            msg = str(e)
+            if msg.startswith(("DNS:", "blocked:")):
+                return FetchError(msg), policy.robots_ttl
+            m = re.match(r"HTTP Error (\d{3})", msg)
+            if m and 400 <= int(m.group(1)) < 500 and m.group(1) != "429":
+                return None, policy.robots_ttl  # no robots.txt: everything allowed
+            return FetchError(f"{ROBOTS_UNAVAILABLE} ({msg}); the host is skipped for now"), self.UNAVAILABLE_TTL
+        rp = RobotFileParser()
+        rp.parse(resp.body.decode("utf-8", "replace").splitlines())
+        return rp, policy.robots_ttl
+
+
+ROBOTS = RobotsCache()
+
+
 # ----------------------------------------------------------------------------- one safe GET
 
 
@@ -278,15 +480,22 @@ def _request_target(parts: Any) -> str:
 
 def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, deadline: float,
              max_bytes: int, resolver: Resolver | None = None,
-             check_headers: Callable[[http.client.HTTPResponse], str | None] | None = None) -> Response:
+             check_headers: Callable[[http.client.HTTPResponse], str | None] | None = None,
+             gate: HostGate | None = None, robots: RobotsCache | None = None, truncate: bool = False) -> Response:
     """GET `url` following redirects, connecting only to checked addresses, before `deadline`.
 
-    `deadline` is a time.monotonic() value covering every hop, headers and body. Returns the final
-    response (any status; 4xx/5xx bodies are not read). Raises FetchError with the row's message:
-    ``blocked: ...`` (scheme/address policy), ``DNS: ...``, ``deadline: ...``, ``timed out ...``,
-    a size-limit message, or whatever `check_headers` returns (checked before the body is read).
+    `deadline` is a time.monotonic() value covering every hop, headers and body. Every hop passes
+    the blocklist (``policy.blocklist``), `robots` (when given) and the per-host `gate`. Returns the
+    final 2xx/3xx response; raises FetchError with the row's message: ``blocked: ...`` (scheme /
+    address policy), ``DNS: ...``, ``deadline: ...``, ``timed out ...``, ``HTTP Error <code>``,
+    ``robots.txt ...``, ``blocklisted: ...``, a size-limit message, or whatever `check_headers`
+    returns (checked before the body is read). A 429/503 pauses the host in `gate`. `truncate`:
+    keep the first `max_bytes` instead of refusing a longer body (robots.txt).
     """
+    from laiontools.web.blocklist import load_blocklist
+
     resolver = resolver or DNS
+    blocklist = load_blocklist(policy.blocklist)
     for _hop in range(policy.max_redirects + 1):
         try:
             parts = urlsplit(url)
@@ -298,9 +507,26 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
         host = (parts.hostname or "").lower()
         if not host:
             raise FetchError(f"blocked: URL has no host ({url[:100]})")
+        if blocklist is not None:
+            why = blocklist.url_reason(url)
+            if why:
+                raise FetchError(f"blocklisted: {why}")
         addrs = _checked_addresses(host, port, policy, resolver)
-        resp = _one_hop(parts, host, port, addrs, user_agent=user_agent, policy=policy, timeout=timeout,
-                        deadline=deadline, max_bytes=max_bytes, check_headers=check_headers)
+        if robots is not None:
+            robots.check(url, policy=policy, timeout=timeout, deadline=deadline, resolver=resolver, gate=gate)
+        hop_kw: dict[str, Any] = {"user_agent": user_agent, "policy": policy, "timeout": timeout, "deadline": deadline,
+                                  "max_bytes": max_bytes, "check_headers": check_headers, "truncate": truncate}
+        try:
+            if gate is None:
+                resp = _one_hop(parts, host, port, addrs, **hop_kw)
+            else:
+                with gate.slot(host, policy.max_host_rps, policy.max_host_concurrency, deadline):
+                    resp = _one_hop(parts, host, port, addrs, **hop_kw)
+        except FetchError as e:
+            if gate is not None and str(e).startswith(("HTTP Error 429", "HTTP Error 503")):
+                # the host asked everyone to slow down: every thread of this executor waits
+                gate.pause(host, min(e.retry_after if e.retry_after is not None else 5.0, policy.max_host_backoff))
+            raise
         if isinstance(resp, str):  # a redirect: its Location, resolved against this URL
             url = urljoin(url, resp).split("#", 1)[0]
             continue
@@ -311,7 +537,7 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
 
 def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: str, policy: FetchPolicy,
              timeout: float, deadline: float, max_bytes: int,
-             check_headers: Callable[[http.client.HTTPResponse], str | None] | None) -> Response | str:
+             check_headers: Callable[[http.client.HTTPResponse], str | None] | None, truncate: bool = False) -> Response | str:
     """One request to `host` through the first checked address that accepts a connection."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -354,7 +580,7 @@ def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: 
                 if refusal:
                     raise FetchError(refusal)
             length = r.getheader("Content-Length")
-            if length and length.strip().isdigit() and int(length) > max_bytes:
+            if length and length.strip().isdigit() and int(length) > max_bytes and not truncate:
                 raise FetchError(f"response of {length.strip()} bytes is over the limit of {max_bytes} bytes")
             chunks, total = [], 0
             while True:
@@ -363,6 +589,9 @@ def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: 
                     break
                 total += len(chunk)
                 if total > max_bytes:
+                    if truncate:
+                        chunks.append(chunk[: max_bytes - (total - len(chunk))])
+                        return Response(r.status, r.headers, b"".join(chunks), "")
                     raise FetchError(f"response is over the limit of {max_bytes} bytes")
                 chunks.append(chunk)
             if time.monotonic() >= deadline:
@@ -420,12 +649,18 @@ def user_agent_for(token: str | None) -> str:
 
 
 def fetch_one(url: str, timeout: float, user_agent_token: str | None, disallowed: Any, policy: FetchPolicy, *,
-              resolver: Resolver | None = None, deadline: float | None = None) -> tuple[io.BytesIO | None, str | None, float | None]:
+              resolver: Resolver | None = None, deadline: float | None = None, gate: HostGate | None = None,
+              robots: RobotsCache | None = None) -> tuple[io.BytesIO | None, str | None, float | None]:
     """(bytes, error, retry_after) for one attempt at an image. Never raises.
 
     `deadline` (time.monotonic()) caps the request further than ``policy.request_deadline``
-    (the shard deadline). `resolver` replaces the executor's DNS cache (tests).
+    (the shard deadline). `resolver`, `gate` and `robots` replace the executor's DNS cache, host
+    gate and robots.txt cache (tests); robots.txt is consulted when ``policy.respect_robots``.
     """
+    from laiontools.web.blocklist import load_blocklist
+
+    gate = gate or HOSTS
+    robots = (robots or ROBOTS) if policy.respect_robots else None
     req_deadline = time.monotonic() + policy.request_deadline
     if deadline is not None:
         req_deadline = min(req_deadline, deadline)
@@ -439,7 +674,13 @@ def fetch_one(url: str, timeout: float, user_agent_token: str | None, disallowed
 
     try:
         resp = safe_get(url, user_agent=user_agent_for(user_agent_token), policy=policy, timeout=timeout,
-                        deadline=req_deadline, max_bytes=policy.max_bytes, resolver=resolver, check_headers=check_headers)
+                        deadline=req_deadline, max_bytes=policy.max_bytes, resolver=resolver, check_headers=check_headers,
+                        gate=gate, robots=robots)
+        blocklist = load_blocklist(policy.blocklist)
+        if blocklist is not None:
+            why = blocklist.content_reason(resp.body)
+            if why:  # refused here, so the bytes never reach img2dataset's writer
+                return None, f"blocklisted: {why}", None
         pixels = image_pixels(resp.body)
         if pixels is None:
             return None, f"{UNREADABLE_HEADER} (not an image, or a format PIL cannot parse); refused rather than decoded without a pixel limit", None
@@ -469,8 +710,8 @@ def fetch_with_retry(row: tuple[int, str], timeout: float, retries: int, user_ag
                                              resolver=resolver, deadline=shard_deadline_at)
         if stream is not None:
             return key, stream, None
-        if attempt == retries or not is_transient(err) or (err or "").startswith(DEADLINE_PREFIX):
-            break  # a deadline hit is not retried in the shard: it would only spend the deadline again
+        if attempt == retries or not is_transient(err) or (err or "").startswith(_NO_RETRY_IN_SHARD):
+            break  # a deadline hit or a cached robots.txt failure would only repeat inside the shard
         delay = policy.backoff_base * (2**attempt) * (0.5 + random.random())
         if retry_after is not None:
             delay = max(delay, min(retry_after, policy.max_retry_after))

@@ -1,0 +1,123 @@
+"""``--blocklist FILE``: URLs, domains and content hashes that must never enter a pool.
+
+What Re-LAION-5B needed: lists of URLs and of image hashes (from child-safety and rights-holder
+partners) removed from a dataset before anyone downloads it again. One text file, one entry per line
+(``#`` starts a comment, blank lines are skipped); an entry's kind is read from its form:
+
+- ``http://...`` / ``https://...``: a URL, compared after :func:`laiontools.contracts.uids.normalize_url`;
+- 64 hex characters: the sha256 of the downloaded bytes; 32 hex characters: their md5;
+  ``sha256:<hex>`` / ``md5:<hex>`` spell the kind out;
+- anything else: a domain (``example.com`` blocks it and every subdomain; a leading ``*.`` or ``.``
+  is accepted and means the same).
+
+prepare refuses listed URLs and domains (``rejected_blocklisted``); the fetch refuses a redirect to
+them and refuses bytes whose hash is listed before they are handed to img2dataset, so they are never
+written to a shard. Executors read the file themselves (a path every executor can reach: local on
+one machine, shared storage or an object store on a cluster), once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from laiontools.contracts.uids import normalize_url
+from laiontools.core.errors import InputError
+
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+@dataclass
+class Blocklist:
+    urls: set[str] = field(default_factory=set)
+    domains: set[str] = field(default_factory=set)
+    sha256: set[str] = field(default_factory=set)
+    md5: set[str] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.urls) + len(self.domains) + len(self.sha256) + len(self.md5)
+
+    def url_reason(self, url: str | None) -> str | None:
+        """Why `url` is blocklisted (its URL or a domain above its host), or None."""
+        if not url or not (self.urls or self.domains):
+            return None
+        norm = normalize_url(url)
+        if norm in self.urls:
+            return "URL is on the blocklist"
+        try:
+            host = (urlsplit(norm or "").hostname or "").rstrip(".")
+        except ValueError:
+            return None
+        labels = host.split(".")
+        for i in range(len(labels)):
+            d = ".".join(labels[i:])
+            if d in self.domains:
+                return f"domain {d} is on the blocklist"
+        return None
+
+    def content_reason(self, data: bytes) -> str | None:
+        """Why these bytes are blocklisted (their sha256 or md5 is listed), or None."""
+        if self.sha256:
+            h = hashlib.sha256(data).hexdigest()
+            if h in self.sha256:
+                return f"content sha256 {h} is on the blocklist"
+        if self.md5:
+            h = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            if h in self.md5:
+                return f"content md5 {h} is on the blocklist"
+        return None
+
+
+def parse_blocklist(text: str, where: str = "blocklist") -> Blocklist:
+    """Parse the file format above. Raises InputError naming the line for an entry of no known kind."""
+    bl = Blocklist()
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        low = line.lower()
+        if low.startswith(("http://", "https://")):
+            bl.urls.add(normalize_url(line))
+            continue
+        kind, _, value = low.partition(":")
+        if value and kind in ("sha256", "md5"):
+            low = value.strip()
+        if _HEX.match(low) and len(low) in (32, 64):
+            (bl.sha256 if len(low) == 64 else bl.md5).add(low)
+            continue
+        if value and kind in ("sha256", "md5"):
+            raise InputError(f"{where}: line {n}: {line!r} is not a {kind} hex digest")
+        dom = low.removeprefix("*.").strip(".")
+        if not dom or "/" in dom or " " in dom:
+            raise InputError(f"{where}: line {n}: {line!r} is neither a URL, a sha256/md5 hex digest nor a domain")
+        bl.domains.add(dom)
+    return bl
+
+
+_CACHE: dict[str, Blocklist] = {}
+_LOCK = threading.Lock()
+
+
+def load_blocklist(path: str | None) -> Blocklist | None:
+    """The blocklist at `path` (any fsspec URL), read once per process; None when `path` is None.
+
+    Raises InputError when the file is missing or has a line of no known kind.
+    """
+    if not path:
+        return None
+    with _LOCK:
+        if path in _CACHE:
+            return _CACHE[path]
+        from laiontools.core.storage import url_to_fs
+
+        fs, p = url_to_fs(path)
+        if not fs.exists(p):
+            raise InputError(f"blocklist {path} does not exist (every executor must be able to read it)")
+        with fs.open(p, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+        bl = parse_blocklist(text, where=path)
+        _CACHE[path] = bl
+        return bl

@@ -1,0 +1,165 @@
+"""The download job against a web that misbehaves: stragglers, robots.txt, per-host limits (Spark local[2])."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+from conftest import TEST_DOWNLOAD_SETTINGS
+from PIL import Image
+
+from laiontools.contracts import layout
+from laiontools.synthetic import SyntheticWebServer
+
+
+def _run_download(cfg, spark) -> dict:
+    from laiontools.stages import download
+
+    return download.run(cfg, spark).details
+
+
+def _images(d, n: int) -> list[str]:
+    os.makedirs(d, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"{i:04d}.jpg"
+        Image.new("RGB", (96 + i, 80), (i * 5 % 255, 100, 150)).save(os.path.join(d, name), quality=90)
+        names.append(name)
+    return names
+
+
+def _source(path: str, urls: list[str]) -> str:
+    os.makedirs(path, exist_ok=True)
+    pd.DataFrame({"url": urls, "caption": [f"image number {i}" for i in range(len(urls))]}).to_parquet(
+        os.path.join(path, "part-00000.parquet"))
+    return path
+
+
+def _catalog(out: str) -> pd.DataFrame:
+    return pd.read_parquet(os.path.join(out, layout.CATALOG_DIR))
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    d = tmp_path_factory.mktemp("drip-web")
+    names = _images(str(d / "images"), 40)
+    with SyntheticWebServer(str(d / "images")) as s:
+        yield s, names
+
+
+def test_dripping_urls_cannot_hold_a_shard(spark, web, tmp_path):
+    """Shard 0 starts with two URLs that send headers and then a byte every 0.5 s (~15 min for the
+    whole body); with 2 threads both are stuck in them. The shard deadline (3 s) cuts them and
+    records every row of shard 0 not fetched by then as failed_download 'deadline'; shard 1 is
+    untouched, and the job ends."""
+    from laiontools.stages.download import DownloadConfig
+
+    server, names = web
+    urls = [f"{server.base_url}/img/{n}" for n in names]
+    urls[0] = f"{server.base_url}/drip/0.5/{names[0]}"
+    urls[1] = f"{server.base_url}/drip/0.5/{names[1]}"
+    src = _source(str(tmp_path / "src"), urls)
+    out = str(tmp_path / "pool")
+    settings = {**TEST_DOWNLOAD_SETTINGS, "thread_count": 2}
+    cfg = DownloadConfig(input=src, output=out, shard_deadline=3.0, request_deadline=600.0, **settings)
+    rep = _run_download(cfg, spark)
+    cat = _catalog(out).set_index("url").loc[urls].reset_index()
+    assert len(cat) == 40
+    dripping, rest0, shard1 = cat.iloc[:2], cat.iloc[2:20], cat.iloc[20:]
+    assert (dripping["status"] == "failed_download").all()
+    assert dripping["error_message"].str.startswith("deadline: request took longer").all(), dripping["error_message"].tolist()
+    assert (rest0["status"] == "failed_download").all()
+    assert rest0["error_message"].str.contains("shard deadline of 3 s passed before this row was fetched").all()
+    assert (shard1["status"] == "success").all(), shard1[["status", "error_message"]]
+    assert rep["failures_by_kind"]["failed_download:deadline"] == 20
+    # the report names the deadline hits
+    saved = json.load(open(os.path.join(out, layout.REPORT_JSON)))
+    assert saved["failures_by_kind"]["failed_download:deadline"] == 20
+
+
+def test_a_request_deadline_alone_ends_dripping_rows(spark, web, tmp_path):
+    from laiontools.stages.download import DownloadConfig
+
+    server, names = web
+    urls = [f"{server.base_url}/img/{n}" for n in names[:20]]
+    for i in (3, 11, 17):
+        urls[i] = f"{server.base_url}/drip/0.5/{names[i]}"
+    out = str(tmp_path / "pool")
+    cfg = DownloadConfig(input=_source(str(tmp_path / "src"), urls), output=out, request_deadline=2.0, shard_deadline=0,
+                         **TEST_DOWNLOAD_SETTINGS)
+    _run_download(cfg, spark)
+    cat = _catalog(out).set_index("url").loc[urls].reset_index()
+    drip = cat.iloc[[3, 11, 17]]
+    assert (drip["status"] == "failed_download").all()
+    assert drip["error_message"].str.startswith("deadline: request took longer").all()
+    assert (cat.drop(index=[3, 11, 17])["status"] == "success").all()
+
+
+def test_politeness_blocklist_and_numeric_hosts_in_one_pool(spark, web, tmp_path):
+    """One real run with robots.txt, opt-out headers, a blocklist and numeric spellings of a private
+    address, allowing only 127.0.0.1/32 (not the whole loopback network)."""
+    import hashlib
+
+    from laiontools.stages.download import DownloadConfig
+
+    server, names = web
+    b, port = server.base_url, server.base_url.rsplit(":", 1)[1]
+    server.set_robots("User-agent: *\nDisallow: /redirect/\n")
+    listed = open(os.path.join(server.image_dir, names[5]), "rb").read()
+    bl = tmp_path / "blocklist.txt"
+    bl.write_text(f"{hashlib.sha256(listed).hexdigest()}\nblocked.example.org\n{b}/img/{names[6]}\n")
+    rows = {
+        "ok": f"{b}/img/{names[0]}",
+        "robots": f"{b}/redirect/{names[1]}",
+        "tdm": f"{b}/tdm/{names[2]}",
+        "noai": f"{b}/noai/{names[3]}",
+        "hash_listed": f"{b}/img/{names[5]}",
+        "url_listed": f"{b}/img/{names[6]}",
+        "domain_listed": f"http://cdn.blocked.example.org/{names[7]}",
+        "n_decimal": f"http://2130706434:{port}/img/{names[8]}",  # 127.0.0.2
+        "n_hex": f"http://0x7f000002:{port}/img/{names[9]}",
+        "n_octal": f"http://0177.0.0.2:{port}/img/{names[10]}",
+        "n_short": f"http://127.2:{port}/img/{names[11]}",
+        "n_zero": f"http://0:{port}/img/{names[12]}",
+        "ok2": f"{b}/img/{names[13]}",
+    }
+    out = str(tmp_path / "pool")
+    settings = {**TEST_DOWNLOAD_SETTINGS, "allow_networks": ["127.0.0.1/32"]}
+    cfg = DownloadConfig(input=_source(str(tmp_path / "src"), list(rows.values())), output=out, blocklist=str(bl), **settings)
+    robots_before = server.robots_requests
+    rep = _run_download(cfg, spark)
+    cat = _catalog(out).set_index("url")
+    st = {k: (cat.loc[u, "status"], cat.loc[u, "error_message"]) for k, u in rows.items()}
+    assert st["ok"][0] == st["ok2"][0] == "success"
+    assert st["robots"] == ("failed_download", f"robots.txt disallows /redirect/{names[1]} for user-agent *")
+    assert st["tdm"][0] == "failed_download" and "tdm-reservation" in st["tdm"][1]
+    assert st["noai"][0] == "failed_download" and "X-Robots-Tag" in st["noai"][1]
+    assert st["hash_listed"] == ("failed_download", f"blocklisted: content sha256 {hashlib.sha256(listed).hexdigest()} is on the blocklist")
+    assert st["url_listed"] == ("rejected_blocklisted", "URL is on the blocklist")
+    assert st["domain_listed"] == ("rejected_blocklisted", "domain blocked.example.org is on the blocklist")
+    for k in ("n_decimal", "n_hex", "n_octal", "n_short", "n_zero"):
+        assert st[k][0] == "rejected_private_address", (k, st[k])
+    # robots.txt was fetched at most once per Spark worker process (2), not once per row
+    assert 1 <= server.robots_requests - robots_before <= 2
+    # the listed bytes never reached a shard
+    import tarfile
+
+    digests = set()
+    for f in os.listdir(os.path.join(out, layout.SHARDS_DIR)):
+        if f.endswith(".tar"):
+            with tarfile.open(os.path.join(out, layout.SHARDS_DIR, f)) as tf:
+                digests |= {hashlib.sha256(tf.extractfile(m).read()).hexdigest() for m in tf.getmembers() if m.isfile()}
+    assert hashlib.sha256(listed).hexdigest() not in digests
+    # the report's per-host view counts each refusal by kind, for the server's host
+    w = rep["hosts"]["watched"]
+    assert w["robots_txt"] == {"rows": 1, "hosts": 1}
+    assert w["opted_out_tdm_reservation"] == {"rows": 1, "hosts": 1}
+    assert w["opted_out_x_robots_tag"] == {"rows": 1, "hosts": 1}
+    assert w["blocklisted"] == {"rows": 1, "hosts": 1}
+    top = rep["hosts"]["most_failures"][0]
+    assert top["host"] == "127.0.0.1" and top["failed"] == 4
+    assert top["by_kind"] == {"robots_txt": 1, "opted_out_tdm_reservation": 1, "opted_out_x_robots_tag": 1, "blocklisted": 1}
+    text = open(os.path.join(out, layout.REPORT_TXT)).read()
+    assert "robots.txt refusals 1 (hosts 1)" in text and "hosts with the most failures" in text
