@@ -17,6 +17,26 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
+def _reserve_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Object-store tests (test_s3.py) talk to an S3 API server (moto) on 127.0.0.1 at this port. Its endpoint
+# and fake credentials go into the environment now, before the Spark JVM starts: Spark's Python workers
+# inherit the JVM's environment, not later changes to this process's. No real bucket is reachable with them.
+S3_PORT = _reserve_port()
+os.environ["LAIONTOOLS_TEST_S3_PORT"] = str(S3_PORT)
+os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
+os.environ.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
+for _k, _v in {"AWS_ACCESS_KEY_ID": "laiontools-test", "AWS_SECRET_ACCESS_KEY": "laiontools-test",
+               "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_k, _v)
+
+
 @pytest.fixture(scope="session")
 def spark():
     """A local[2] SparkSession shared by the whole test session (stage code finds it as the active one)."""

@@ -21,6 +21,8 @@ from urllib.parse import unquote
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from laiontools.core.errors import UserError
+
 DONE_SUFFIX = ".done"
 
 
@@ -96,7 +98,7 @@ def write_json(path: str, obj: Any) -> bytes:
 
 def read_json(path: str) -> Any:
     fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
+    with store_errors(path), fs.open(p, "rb") as f:
         return json.loads(f.read())
 
 
@@ -139,17 +141,19 @@ def read_marker(path: str) -> dict[str, Any] | None:
 
 def ensure_output_dir(path: str) -> None:
     """Create `path` as a folder; raise a clear error if it exists as a file."""
+    check_store(path)
     fs, p = url_to_fs(path)
-    if fs.exists(p) and not fs.isdir(p):
-        raise NotADirectoryError(f"output {path} exists and is a file; give a folder path (new or existing)")
-    fs.makedirs(p, exist_ok=True)
+    with store_errors(path):
+        if fs.exists(p) and not fs.isdir(p):
+            raise NotADirectoryError(f"output {path} exists and is a file; give a folder path (new or existing)")
+        fs.makedirs(p, exist_ok=True)
 
 
 # Spellings of one object store that different clients use (Hadoop's s3a/s3n, gcsfs's gcs).
 _SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfss": "abfs", "wasbs": "wasb"}
 # File systems whose URLs carry a host (name node) that fsspec drops from its paths.
 _HOST_SCHEMES = {"hdfs", "viewfs", "webhdfs"}
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.S)
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.DOTALL)
 
 
 def path_key(path: str, *, uri_encoded: bool = False) -> str:
@@ -175,3 +179,229 @@ def path_key(path: str, *, uri_encoded: bool = False) -> str:
     if scheme in _HOST_SCHEMES:
         return f"{scheme}:///" + posixpath.normpath("/" + rest.partition("/")[2]).lstrip("/")
     return f"{scheme}://" + posixpath.normpath(rest).lstrip("/")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Object stores: clear errors, and Spark reads/writes where Spark has no Hadoop connector for them.
+
+class StorageError(UserError):
+    """An object store refused or could not be reached: the message names the path and what to do."""
+
+
+# Schemes Spark's own (Hadoop) readers and writers reach. Anything else (s3://, gs://, ... on a machine
+# without the hadoop-aws / gcs connector jars) is read and written by pyarrow + fsspec inside Spark
+# tasks. A cluster that has the connectors can name them here (LAIONTOOLS_SPARK_NATIVE_SCHEMES=s3,gs)
+# to use Spark's own readers (s3:// is then handed to Spark as s3a://).
+_SPARK_NATIVE_DEFAULT = "file,hdfs,viewfs"
+_HADOOP_SCHEME = {"s3": "s3a"}
+
+
+def _spark_native_schemes() -> set[str]:
+    raw = os.environ.get("LAIONTOOLS_SPARK_NATIVE_SCHEMES", "")
+    return set(_SPARK_NATIVE_DEFAULT.split(",")) | {s.strip().lower() for s in raw.split(",") if s.strip()}
+
+
+def scheme_of(path: str) -> str:
+    """The canonical scheme of `path` (``file`` for local paths; s3a/s3n -> s3, gcs -> gs)."""
+    return path_key(path).split("://", 1)[0]
+
+
+def spark_native(path: str) -> bool:
+    """True when Spark's own readers/writers reach `path` here (see LAIONTOOLS_SPARK_NATIVE_SCHEMES)."""
+    return scheme_of(path) in _spark_native_schemes()
+
+
+def _hadoop_path(path: str) -> str:
+    scheme = scheme_of(path)
+    if scheme in _HADOOP_SCHEME and "://" in path:
+        return _HADOOP_SCHEME[scheme] + "://" + path.split("://", 1)[1]
+    return path
+
+
+def store_error(e: BaseException, path: str) -> StorageError | None:
+    """`e` as a StorageError naming `path` when it is an object store's refusal or an unreachable
+    endpoint (missing bucket, access denied, connection failure); None for anything else."""
+    names = {type(x).__name__ for x in _chain(e)}
+    text = " ".join(str(x) for x in _chain(e))
+    where = path.split("://", 1)
+    bucket = where[1].split("/", 1)[0] if len(where) == 2 else None
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
+                "ConnectionRefusedError", "ServerDisconnectedError"} or "Could not connect to the endpoint" in text:
+        endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
+        return StorageError(f"{path}: cannot reach the object store at {endpoint} ({type(e).__name__}); check "
+                            f"the endpoint setting (FSSPEC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL) and the network")
+    if "NoSuchBucket" in text or (isinstance(e, FileNotFoundError) and bucket and "bucket" in text.lower()):
+        return StorageError(f"{path}: bucket {bucket!r} does not exist (or is not visible with these "
+                            f"credentials); create it or fix the path")
+    if isinstance(e, PermissionError) or names & {"AccessDenied"} or "AccessDenied" in text or "Forbidden" in text \
+            or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        return StorageError(f"{path}: access denied by the object store ({type(e).__name__}: {str(e)[:200]}); "
+                            f"check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / fsspec config) and "
+                            f"the bucket policy")
+    return None
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    err: BaseException | None = e
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+@contextmanager
+def store_errors(path: str) -> Iterator[None]:
+    """Turn an object store's refusal inside the block into one StorageError naming `path`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        err = store_error(e, path)
+        if err is None:
+            raise
+        raise err from e
+
+
+def check_store(path: str) -> None:
+    """For an object-store path: the bucket exists and these credentials may list it; else StorageError.
+
+    Local paths pass. Called before a stage writes anything, so that a missing bucket is an error
+    instead of a bucket that s3fs would quietly create.
+    """
+    if scheme_of(path) in ("file", "hdfs", "viewfs", "memory"):
+        return
+    fs, p = url_to_fs(path)
+    bucket = p.split("/", 1)[0]
+    with store_errors(path):
+        fs.invalidate_cache()
+        if not fs.exists(bucket):
+            # exists() says False for both "no such bucket" and "not allowed": ask for the real answer
+            fs.ls(bucket)
+            raise StorageError(f"{path}: bucket {bucket!r} does not exist; create it or fix the path")
+
+
+def list_data_files(path: str, suffix: str = ".parquet") -> list[str]:
+    """Full URLs of the data files of a dataset folder (or the file itself), sorted; hidden and
+    ``_``-prefixed files (``_SUCCESS``, temp files) skipped, as Spark's readers do."""
+    fs, p = url_to_fs(path)
+    proto = path.split("://", 1)[0] + "://" if "://" in path else ""
+    with store_errors(path):
+        if not fs.isdir(p):
+            if not fs.exists(p):
+                raise FileNotFoundError(f"{path}: no such file or folder")
+            return [path]
+        files = sorted(f for f in fs.find(p) if f.endswith(suffix)
+                       and not any(part.startswith(("_", ".")) for part in f[len(p.rstrip("/")) + 1:].split("/")))
+    return [proto + f if proto and not f.startswith(proto) else f for f in files]
+
+
+def spark_path_key(col: Any) -> Any:
+    """Column of :func:`path_key` over a column of Spark file URIs (one call per distinct file per batch)."""
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
+    def key(uris):  # annotated below
+        keys = {u: path_key(u, uri_encoded=True) for u in uris.unique()}
+        return uris.map(keys)
+
+    # Real classes, not the strings `from __future__ import annotations` would leave, for pandas_udf.
+    key.__annotations__ = {"uris": pd.Series, "return": pd.Series}
+    return pandas_udf(key, "string")(col)
+
+
+def spark_read_parquet(spark: Any, paths: str | list[str], *, file_column: str | None = None) -> Any:
+    """A DataFrame of the parquet files or dataset folders at `paths`, on any store fsspec reaches.
+
+    Spark's own reader where it reaches the store (:func:`spark_native`); otherwise every file is read
+    by pyarrow + fsspec inside a Spark task (one task per file), with the first file's schema.
+    `file_column`: add a column holding :func:`path_key` of the file each row came from.
+    """
+    from pyspark.sql import functions as F
+
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        raise ValueError("spark_read_parquet: no paths")
+    if all(spark_native(p) for p in paths):
+        df = spark.read.parquet(*[_hadoop_path(p) for p in paths])
+        return df.withColumn(file_column, spark_path_key(F.input_file_name())) if file_column else df
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    files = [f for p in paths for f in list_data_files(p)]
+    if not files:
+        raise FileNotFoundError(f"{paths[0]}: no parquet files to read")
+    fs0, p0 = url_to_fs(files[0])
+    with store_errors(files[0]), fs0.open(p0, "rb") as f:
+        schema = pq.read_schema(f)
+    schema = pa.schema([fld.with_type(pa.string()) if pa.types.is_large_string(fld.type) else fld for fld in schema])
+    if file_column:
+        schema = schema.append(pa.field(file_column, pa.string()))
+    spark_schema = from_arrow_schema(schema)
+    n = max(1, min(len(files), spark.sparkContext.defaultParallelism * 4))
+    listing = spark.createDataFrame([(f,) for f in files], "_file string").repartition(n, "_file")
+    return listing.mapInArrow(_parquet_reader(schema, file_column), spark_schema)
+
+
+def _parquet_reader(schema: Any, file_column: str | None) -> Any:
+    def read(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data_schema = pa.schema([f for f in schema if f.name != file_column]) if file_column else schema
+        for b in batches:
+            for path in b.column("_file").to_pylist():
+                fs, p = url_to_fs(path)
+                with store_errors(path), fs.open(p, "rb") as f:
+                    t = pq.read_table(f).select(data_schema.names).cast(data_schema)
+                if file_column:
+                    t = t.append_column(file_column, pa.array([path_key(path)] * t.num_rows, pa.string()))
+                yield from t.to_batches()
+
+    return read
+
+
+def spark_write_parquet(df: Any, path: str) -> None:
+    """Write `df` as a parquet dataset folder at `path` (replacing it), on any store fsspec reaches.
+
+    Spark's own writer where it reaches the store; otherwise each partition is written by its task as
+    ``part-<partition:05d>.parquet`` through pyarrow + fsspec (atomic per file), then ``_SUCCESS`` last.
+    Row order within a partition and the partition order are kept, as with Spark's writer.
+    """
+    if spark_native(path):
+        df.write.mode("overwrite").parquet(_hadoop_path(path))
+        return
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    fs, p = url_to_fs(path)
+    with store_errors(path):
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    arrow_schema = to_arrow_schema(df.schema)
+    written = df.mapInArrow(_parquet_writer(path, arrow_schema), "rows long").collect()
+    if sum(r["rows"] for r in written) == 0 or not written:
+        import pyarrow.parquet as pq
+
+        with atomic_open(join(path, "part-00000.parquet")) as f:
+            pq.write_table(arrow_schema.empty_table(), f)
+    atomic_write_bytes(join(path, "_SUCCESS"), b"")
+
+
+def _parquet_writer(path: str, schema: Any) -> Any:
+    def write(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from pyspark import TaskContext
+
+        pid = TaskContext.get().partitionId()
+        bs = [b for b in batches if b.num_rows]
+        rows = sum(b.num_rows for b in bs)
+        if rows:
+            out = join(path, f"part-{pid:05d}.parquet")
+            with store_errors(out), atomic_open(out) as f:
+                pq.write_table(pa.Table.from_batches(bs, schema=schema), f)
+        yield pa.RecordBatch.from_pydict({"rows": [rows]}, schema=pa.schema([("rows", pa.int64())]))
+
+    return write
