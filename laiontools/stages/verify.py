@@ -20,7 +20,6 @@ import json
 import logging
 import sys
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +28,7 @@ from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.core.report import emit, table
 from laiontools.core.storage import sha256_file, url_to_fs
 from laiontools.wds.keys import group_by_keys
+from laiontools.wds.samples import tarfile_members
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +84,10 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
     problems: list[str] = []
     try:
         with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-
-            def members() -> Iterator[tuple[str, bytes]]:
-                for ti in tf:
-                    if not ti.isfile():
-                        continue
-                    fh = tf.extractfile(ti)
-                    data = fh.read() if fh is not None else b""
-                    if len(data) != ti.size:
-                        raise tarfile.ReadError(f"member {ti.name} is cut short")
-                    yield ti.name, data
-
             # Samples as webdataset (so the trainer) groups them: a key that comes back after another
-            # key's members is a second sample, which is a problem here.
-            for key, parts in group_by_keys(members(), suffixes=("json",), on_duplicate="last"):
+            # key's members is a second sample, which is a problem here. tarfile reads every member to
+            # its end (a cut-short one raises); the end-of-archive check follows.
+            for key, parts in group_by_keys(tarfile_members(tf), suffixes=("json",), on_duplicate="last"):
                 if key in uids:
                     problems.append(f"key {key} appears in two places")
                 keys.append(key)

@@ -33,14 +33,7 @@ def iter_members(f: BinaryIO, file_size: int) -> Iterator[tuple[str, bytes]]:
     if head.startswith(_COMPRESSED_MAGIC):
         f.seek(0)
         with tarfile.open(fileobj=f, mode="r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                fh = tf.extractfile(m)
-                data = fh.read() if fh is not None else b""
-                if len(data) != m.size:
-                    raise tarfile.ReadError(f"member {m.name} is cut short ({len(data)} of {m.size} bytes)")
-                yield m.name, data
+            yield from tarfile_members(tf)
         return
     for name, off, size, _ in tar_index(f, file_size):
         f.seek(off)
@@ -48,6 +41,19 @@ def iter_members(f: BinaryIO, file_size: int) -> Iterator[tuple[str, bytes]]:
         if len(data) != size:
             raise tarfile.ReadError(f"member {name} is cut short ({len(data)} of {size} bytes at offset {off})")
         yield name, data
+
+
+def tarfile_members(tf: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
+    """(name, payload) of the regular files of an open ``tarfile.TarFile`` (stream modes included), in
+    order. Raises ``tarfile.ReadError`` when a member's data is cut short (tarfile returns it short)."""
+    for m in tf:
+        if not m.isfile():
+            continue
+        fh = tf.extractfile(m)
+        data = fh.read() if fh is not None else b""
+        if len(data) != m.size:
+            raise tarfile.ReadError(f"member {m.name} is cut short ({len(data)} of {m.size} bytes)")
+        yield m.name, data
 
 
 def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, **group: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
