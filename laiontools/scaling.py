@@ -56,10 +56,10 @@ def model_gmacs(name: str) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from laiontools.models.registry import _check_name, register_tiny_models
+    from laiontools.models.registry import check_model_name, register_tiny_models
 
     register_tiny_models()
-    _check_name(name)
+    check_model_name(name)
     cfg = open_clip.get_model_config(name) or {}
     size = cfg.get("vision_cfg", {}).get("image_size", 224)
     h, w = (size, size) if isinstance(size, int) else tuple(size)

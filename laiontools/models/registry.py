@@ -49,7 +49,8 @@ class ModelBundle:
     info: dict[str, Any]
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Raise ModelError naming close matches if `name` is not an open_clip model config."""
     import open_clip
 
     known = open_clip.list_models()
@@ -82,7 +83,7 @@ def load_model(name: str, pretrained: str | None = None, device: str = "cpu", pr
     import torch
 
     register_tiny_models()
-    _check_name(name)
+    check_model_name(name)
     if pretrained and not os.path.exists(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
