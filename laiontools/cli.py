@@ -19,6 +19,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "embed": ("laiontools.stages.embed", "open_clip image/text embeddings and CLIP scores for a pool"),
     "dedup": ("laiontools.stages.dedup", "find pool samples that are near-duplicates of evaluation sets (faiss, Spark)"),
     "dedup calibrate": ("laiontools.stages.dedup_calibrate", "measure which dedup --threshold fits a model (planted copies)"),
+    "semdedup": ("laiontools.stages.semdedup", "semantic near-duplicates inside a pool: k-means + in-cluster pairs, exclusion list per eps (faiss, Spark)"),
     "subsets": ("laiontools.stages.subsets", "filters + dedup exclusions + seeded nested subsets with manifests (Spark)"),
     "reshard": ("laiontools.stages.reshard", "write a subset into shuffled, evenly sized webdataset shards (Spark)"),
     "verify": ("laiontools.stages.verify", "re-check every file a manifest names (sha256, counts, uids, nesting)"),

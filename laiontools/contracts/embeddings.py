@@ -3,12 +3,16 @@
 The stages that consume embeddings (dedup, dedup calibrate, subsets' score filter) read them through
 this module, never through the embed stage: the folder's model.json (:func:`load_model_json`), which
 shards are complete (:func:`done_shards`), the row-aligned arrays (:func:`read_embeddings`), and
-whether two folders share one embedding space (:func:`check_compatible`).
+whether two folders share one embedding space (:func:`check_compatible`), and the pool a folder embeds
+(:func:`read_pool`: model, pool manifest, every pool shard embedded or an error naming the missing ones)
+with its shards' image vectors (:func:`read_embedding_shard`, memory-mapped when local).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +22,8 @@ import numpy as np
 from laiontools.contracts import layout
 from laiontools.core.errors import UserError
 from laiontools.core.storage import join, read_json, url_to_fs
+
+log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_FAILED_DECODE = "failed_decode"
@@ -91,3 +97,110 @@ def load_npy(path: str) -> np.ndarray:
     fs, p = url_to_fs(path)
     with fs.open(p, "rb") as f:
         return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pool an embeddings folder describes (dedup, dedup calibrate, semdedup)
+
+
+class MissingEmbeddingsError(UserError, ValueError):
+    """Some pool shards have no (complete) embeddings."""
+
+
+@dataclasses.dataclass
+class PoolInfo:
+    emb_dir: str
+    model: dict[str, Any]  # model.json
+    manifest_path: str | None
+    manifest: dict[str, Any] | None
+    shard_ids: list[str]  # embedding shards to search, sorted
+    tar_by_shard: dict[str, str]  # shard id -> pool tar URL (empty without a manifest)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return (self.manifest or {}).get("source", {}).get("fingerprint")
+
+    def download_settings(self) -> dict[str, Any] | None:
+        """The pool's recorded download settings (through a subset's parents), or None."""
+        from laiontools.contracts.manifest import download_settings
+
+        return download_settings(self.manifest_path, self.manifest) if self.manifest_path else None
+
+
+def _manifest_path_from_model(emb_dir: str, model: dict[str, Any]) -> str | None:
+    """The pool manifest model.json records (``pool.manifest``), as written or relative to `emb_dir`."""
+    v = (model.get("pool") or {}).get("manifest")
+    if not isinstance(v, str) or not v:
+        return None
+    if "://" in v or v.startswith("/") or os.path.exists(v):
+        return v
+    return join(emb_dir, v)
+
+
+def read_pool(emb_dir: str) -> PoolInfo:
+    """Model, manifest and searchable shards of an embedding output.
+
+    Raises MissingEmbeddingsError listing every pool shard (from the pool manifest) that has no
+    complete embeddings: a dedup that silently skipped them would leave contamination in.
+    """
+    from laiontools.contracts.manifest import read_manifest, resolve
+
+    fs, p = url_to_fs(emb_dir)
+    if not fs.exists(p):
+        raise UserError(f"embeddings folder {emb_dir} does not exist; give the output folder of `laiontools embed`")
+    model = load_model_json(emb_dir)
+    embedded = set(done_shards(emb_dir))  # a shard counts only once embed's completion marker exists
+    mpath = _manifest_path_from_model(emb_dir, model)
+    manifest = None
+    tar_by_shard: dict[str, str] = {}
+    if mpath is not None:
+        manifest = read_manifest(mpath)
+        want_fp = (model.get("pool") or {}).get("source_fingerprint")
+        if want_fp and manifest["source"]["fingerprint"] != want_fp:
+            raise UserError(
+                f"{emb_dir}/model.json says it embeds a pool with source fingerprint {want_fp[:12]}..., but {mpath} "
+                f"has {manifest['source']['fingerprint'][:12]}...; the manifest was replaced: re-run embed"
+            )
+        expected = {}
+        for s in manifest["shards"]:
+            sid = layout.shard_id(s["path"])
+            expected[sid] = s
+            tar_by_shard[sid] = resolve(mpath, s["path"])
+        missing = sorted(sid for sid, s in expected.items() if sid not in embedded and int(s.get("num_samples", 1)) > 0)
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise MissingEmbeddingsError(
+                f"pool {mpath} has {len(missing)} shard(s) with no complete embeddings in {emb_dir}: {shown}; "
+                f"run `laiontools embed` to finish them (dedup and semdedup never skip shards silently)"
+            )
+        shard_ids = sorted(sid for sid in expected if sid in embedded)
+    else:
+        log.warning("%s names no pool manifest: using the %d embedded shards found; pool images (pHash, galleries) unavailable", emb_dir, len(embedded))
+        shard_ids = sorted(embedded)
+    if not shard_ids:
+        raise MissingEmbeddingsError(f"{emb_dir} holds no embedding shards ({layout.EMB_IMG_DIR}/*.npy + {layout.EMB_META_DIR}/*.parquet)")
+    return PoolInfo(emb_dir, model, mpath, manifest, shard_ids, tar_by_shard)
+
+
+def read_embedding_shard(emb_dir: str, sid: str) -> tuple[np.ndarray, Any]:
+    """(float16/32 image embeddings (n, d), meta table) of one shard; raises if they are not row-aligned."""
+    import pyarrow.parquet as pq
+
+    from laiontools.core.storage import is_local
+
+    npy = join(emb_dir, layout.EMB_IMG_DIR, f"{sid}.npy")
+    fs, p = url_to_fs(npy)
+    if is_local(fs):
+        emb = np.load(p, mmap_mode="r", allow_pickle=False)  # paged in chunk by chunk by the search loop
+    else:
+        with fs.open(p, "rb") as f:
+            emb = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    mfs, mp = url_to_fs(join(emb_dir, layout.EMB_META_DIR, f"{sid}.parquet"))
+    with mfs.open(mp, "rb") as f:
+        meta = pq.read_table(f)
+    if emb.ndim != 2 or emb.shape[0] != meta.num_rows:
+        raise UserError(
+            f"embedding shard {sid} in {emb_dir}: {layout.EMB_IMG_DIR}/{sid}.npy has shape {emb.shape} but "
+            f"{layout.EMB_META_DIR}/{sid}.parquet has {meta.num_rows} rows; re-run embed for this shard"
+        )
+    return emb, meta

@@ -37,6 +37,9 @@ from typing import Any
 import numpy as np
 
 from laiontools.contracts import layout
+
+# The pool side (model.json, manifest, embedding shards) is a contract every consumer of embeddings shares.
+from laiontools.contracts.embeddings import MissingEmbeddingsError, PoolInfo, read_embedding_shard, read_pool  # noqa: F401
 from laiontools.core.config import ConfigError, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
@@ -60,10 +63,6 @@ STATUS_OK = "ok"
 STATUS_NOT_EMBEDDED = "not_embedded"
 EVAL_GEOMETRY_POOL = "pool"
 EVAL_GEOMETRIES = (EVAL_GEOMETRY_POOL, "none")
-
-
-class MissingEmbeddingsError(UserError, ValueError):
-    """Some pool shards have no (complete) embeddings."""
 
 
 @dataclasses.dataclass
@@ -117,26 +116,6 @@ class DedupConfig(SparkStageConfig):
 # the pool side: model.json, manifest, embedding shards
 
 
-@dataclasses.dataclass
-class PoolInfo:
-    emb_dir: str
-    model: dict[str, Any]  # model.json
-    manifest_path: str | None
-    manifest: dict[str, Any] | None
-    shard_ids: list[str]  # embedding shards to search, sorted
-    tar_by_shard: dict[str, str]  # shard id -> pool tar URL (empty without a manifest)
-
-    @property
-    def fingerprint(self) -> str | None:
-        return (self.manifest or {}).get("source", {}).get("fingerprint")
-
-    def download_settings(self) -> dict[str, Any] | None:
-        """The pool's recorded download settings (through a subset's parents), or None."""
-        from laiontools.contracts.manifest import download_settings
-
-        return download_settings(self.manifest_path, self.manifest) if self.manifest_path else None
-
-
 def eval_geometry(pool: PoolInfo, mode: str) -> tuple[Any, dict[str, Any]]:
     """(callable PIL -> PIL or None, description) putting evaluation images into the pool's geometry.
 
@@ -161,93 +140,6 @@ def eval_geometry(pool: PoolInfo, mode: str) -> tuple[Any, dict[str, Any]]:
 
     geo = PoolGeometry(settings)
     return geo, {"mode": "pool", "settings": geo.describe()}
-
-
-def _model_json(emb_dir: str) -> dict[str, Any]:
-    from laiontools.contracts.embeddings import load_model_json
-
-    return load_model_json(emb_dir)
-
-
-def _manifest_path_from_model(emb_dir: str, model: dict[str, Any]) -> str | None:
-    """The pool manifest model.json records (``pool.manifest``), as written or relative to `emb_dir`."""
-    v = (model.get("pool") or {}).get("manifest")
-    if not isinstance(v, str) or not v:
-        return None
-    if "://" in v or v.startswith("/") or os.path.exists(v):
-        return v
-    return join(emb_dir, v)
-
-
-def read_pool(emb_dir: str) -> PoolInfo:
-    """Model, manifest and searchable shards of an embedding output.
-
-    Raises MissingEmbeddingsError listing every pool shard (from the pool manifest) that has no
-    complete embeddings: a dedup that silently skipped them would leave contamination in.
-    """
-    from laiontools.contracts.manifest import read_manifest, resolve
-
-    fs, p = url_to_fs(emb_dir)
-    if not fs.exists(p):
-        raise UserError(f"embeddings folder {emb_dir} does not exist; give the output folder of `laiontools embed`")
-    from laiontools.contracts.embeddings import done_shards
-
-    model = _model_json(emb_dir)
-    embedded = set(done_shards(emb_dir))  # a shard counts only once embed's completion marker exists
-    mpath = _manifest_path_from_model(emb_dir, model)
-    manifest = None
-    tar_by_shard: dict[str, str] = {}
-    if mpath is not None:
-        manifest = read_manifest(mpath)
-        want_fp = (model.get("pool") or {}).get("source_fingerprint")
-        if want_fp and manifest["source"]["fingerprint"] != want_fp:
-            raise UserError(
-                f"{emb_dir}/model.json says it embeds a pool with source fingerprint {want_fp[:12]}..., but {mpath} "
-                f"has {manifest['source']['fingerprint'][:12]}...; the manifest was replaced: re-run embed"
-            )
-        expected = {}
-        for s in manifest["shards"]:
-            sid = layout.shard_id(s["path"])
-            expected[sid] = s
-            tar_by_shard[sid] = resolve(mpath, s["path"])
-        missing = sorted(sid for sid, s in expected.items() if sid not in embedded and int(s.get("num_samples", 1)) > 0)
-        if missing:
-            shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
-            raise MissingEmbeddingsError(
-                f"pool {mpath} has {len(missing)} shard(s) with no complete embeddings in {emb_dir}: {shown}; "
-                f"run `laiontools embed` to finish them (dedup never skips shards silently)"
-            )
-        shard_ids = sorted(sid for sid in expected if sid in embedded)
-    else:
-        log.warning("%s names no pool manifest: searching the %d embedded shards found, pHash and gallery pool images unavailable", emb_dir, len(embedded))
-        shard_ids = sorted(embedded)
-    if not shard_ids:
-        raise MissingEmbeddingsError(f"{emb_dir} holds no embedding shards ({layout.EMB_IMG_DIR}/*.npy + {layout.EMB_META_DIR}/*.parquet)")
-    return PoolInfo(emb_dir, model, mpath, manifest, shard_ids, tar_by_shard)
-
-
-def read_embedding_shard(emb_dir: str, sid: str) -> tuple[np.ndarray, Any]:
-    """(float16/32 image embeddings (n, d), meta table) of one shard; raises if they are not row-aligned."""
-    import pyarrow.parquet as pq
-
-    from laiontools.core.storage import is_local
-
-    npy = join(emb_dir, layout.EMB_IMG_DIR, f"{sid}.npy")
-    fs, p = url_to_fs(npy)
-    if is_local(fs):
-        emb = np.load(p, mmap_mode="r", allow_pickle=False)  # paged in chunk by chunk by the search loop
-    else:
-        with fs.open(p, "rb") as f:
-            emb = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    mfs, mp = url_to_fs(join(emb_dir, layout.EMB_META_DIR, f"{sid}.parquet"))
-    with mfs.open(mp, "rb") as f:
-        meta = pq.read_table(f)
-    if emb.ndim != 2 or emb.shape[0] != meta.num_rows:
-        raise UserError(
-            f"embedding shard {sid} in {emb_dir}: {layout.EMB_IMG_DIR}/{sid}.npy has shape {emb.shape} but "
-            f"{layout.EMB_META_DIR}/{sid}.parquet has {meta.num_rows} rows; re-run embed for this shard"
-        )
-    return emb, meta
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""Near-duplicates inside one set of embeddings: spherical k-means, in-cluster pairs, groups, keepers.
+
+The numerical core of SemDeDup (Abbas et al. 2023) as plain functions over numpy arrays, with no I/O,
+so the ``semdedup`` stage can run them per Spark task and tests can check them against brute force:
+
+* :func:`train_kmeans` / :func:`assign`: faiss spherical k-means (cosine), seeded;
+* :func:`cluster_groups`: within one cluster, every pair with cosine > 1 - eps links two samples;
+  linked samples form groups (connected components), one label array per eps. Pairs are found block
+  by block (``block`` x ``block`` similarities at a time) and merged into the labels at once, so
+  memory is O(n x eps count + block^2 + block x d) whatever the number of pairs, and the vectors may be
+  a memory-mapped file larger than RAM;
+* :func:`choose_keepers`: one member per group is kept by policy (``hard``: farthest from the cluster
+  centroid, as in the paper; ``easy``: closest; ``random``: seeded), ties broken by uid so the choice
+  never depends on input order.
+
+Labels are the smallest member index of each group, so results are the same for the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+KEEP_POLICIES = ("hard", "easy", "random")
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """float32 copy of `x` with L2-normalized rows (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+def train_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20, gpu: bool = False) -> np.ndarray:
+    """(k, d) float32 unit-norm centroids of spherical k-means on the rows of `x` (float32, unit norm).
+
+    faiss k-means with a fixed seed; faiss caps the points it trains on at 256 per centroid by
+    default, which is also what makes a sample enough. Raises ValueError when `x` has fewer rows than `k`.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] < k:
+        raise ValueError(f"k-means with {k} clusters needs at least {k} training vectors, got {x.shape[0]}")
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=gpu, verbose=False)
+    km.train(x)
+    return normalize(km.centroids)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, index: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest centroid per row as int32, its cosine similarity as float32) for unit-norm rows of `x`."""
+    import faiss
+
+    if index is None:
+        index = faiss.IndexFlatIP(centroids.shape[1])
+        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    D, I = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return I[:, 0].astype(np.int32), D[:, 0].astype(np.float32)
+
+
+def _roots(labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    r = idx
+    while True:
+        p = labels[r]
+        if np.array_equal(p, r):
+            return r
+        r = p
+
+
+def union(labels: np.ndarray, i: np.ndarray, j: np.ndarray) -> None:
+    """Merge the groups of each pair (i[k], j[k]) in the union-find array `labels`, in place.
+
+    Roots always point to a smaller index, so each group's root is its smallest member. Vectorized:
+    all pairs are linked at once, repeated until every pair shares a root.
+    """
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    while len(i):
+        ri, rj = _roots(labels, i), _roots(labels, j)
+        m = ri != rj
+        if not m.any():
+            return
+        i, j, ri, rj = i[m], j[m], ri[m], rj[m]
+        lo, hi = np.minimum(ri, rj), np.maximum(ri, rj)
+        np.minimum.at(labels, hi, lo)
+
+
+def flatten(labels: np.ndarray) -> np.ndarray:
+    """Every entry pointing straight at its root (the smallest member of its group)."""
+    out = labels.copy()
+    while True:
+        nxt = out[out]
+        if np.array_equal(nxt, out):
+            return out
+        out = nxt
+
+
+def cluster_groups(x: np.ndarray, eps: Sequence[float], block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Groups of near-duplicates among the rows of `x` (one cluster's unit-norm vectors), per eps.
+
+    Two rows are linked when their cosine similarity is > 1 - eps; groups are the connected
+    components. Returns (labels (len(eps), n) int64 — the smallest row index of each row's group —,
+    pair counts per eps (number of linked pairs, for the report)). `x` may be a memory map: it is read
+    ``block`` rows at a time, float32 in memory only for two blocks.
+    """
+    n = x.shape[0]
+    thr = np.asarray([1.0 - float(e) for e in eps], dtype=np.float32)
+    labels = np.tile(np.arange(n, dtype=np.int64), (len(eps), 1))
+    pairs = np.zeros(len(eps), dtype=np.int64)
+    if n < 2:
+        return labels, pairs
+    low = float(thr.min())
+    for a in range(0, n, block):
+        xa = np.asarray(x[a:a + block], dtype=np.float32)
+        for b in range(a, n, block):
+            xb = xa if b == a else np.asarray(x[b:b + block], dtype=np.float32)
+            s = xa @ xb.T
+            if b == a:  # each unordered pair once, no self pairs
+                s[np.tril_indices(s.shape[0], 0, s.shape[1])] = -2.0
+            ii, jj = np.nonzero(s > low)
+            if not len(ii):
+                continue
+            sv = s[ii, jj]
+            gi, gj = ii + a, jj + b
+            for e, t in enumerate(thr):
+                m = sv > t
+                pairs[e] += int(m.sum())
+                union(labels[e], gi[m], gj[m])
+    for e in range(len(eps)):
+        labels[e] = flatten(labels[e])
+    return labels, pairs
+
+
+def _random_key(uids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random uint64 per uid (u8,u8), independent of order."""
+    out = np.empty(len(uids), dtype=np.uint64)
+    salt = int(seed).to_bytes(8, "little", signed=True)
+    for k, (hi, lo) in enumerate(zip(uids["hi"].tolist(), uids["lo"].tolist())):
+        d = hashlib.blake2b(salt + int(hi).to_bytes(8, "little") + int(lo).to_bytes(8, "little"), digest_size=8).digest()
+        out[k] = int.from_bytes(d, "little")
+    return out
+
+
+def choose_keepers(labels: np.ndarray, centroid_sim: np.ndarray, uids: np.ndarray, policy: str, seed: int = 0) -> np.ndarray:
+    """The kept row of each row's group (int64, len n); a row is removed when it is not its own keeper.
+
+    `labels`: group labels of one eps (from :func:`cluster_groups`); `centroid_sim`: each row's cosine
+    to its cluster centroid; `uids`: UID_DTYPE array (tie-break, and the ``random`` policy's key).
+    """
+    if policy not in KEEP_POLICIES:
+        raise ValueError(f"keep policy must be one of {KEEP_POLICIES}, got {policy!r}")
+    n = len(labels)
+    if policy == "hard":
+        primary = centroid_sim.astype(np.float64)
+    elif policy == "easy":
+        primary = -centroid_sim.astype(np.float64)
+    else:
+        primary = _random_key(uids, seed)
+    order = np.lexsort((uids["lo"], uids["hi"], primary))  # last key sorts first
+    first = {}
+    lab_sorted = labels[order]
+    _, at = np.unique(lab_sorted, return_index=True)
+    for pos in at:
+        first[int(lab_sorted[pos])] = int(order[pos])
+    keeper = np.empty(n, dtype=np.int64)
+    roots, inv = np.unique(labels, return_inverse=True)
+    keeper_of_root = np.fromiter((first[int(r)] for r in roots), dtype=np.int64, count=len(roots))
+    keeper[:] = keeper_of_root[inv]
+    return keeper

@@ -1,0 +1,329 @@
+"""`laiontools semdedup` on a pool with planted near-duplicate groups of known size.
+
+Real components: pools stored through the download's own resizer (:mod:`laiontools.testing.planted_pool`),
+the embed stage with lt-tiny (random init, CPU), faiss k-means, Spark local[2]. Groups, keepers and
+exclusion lists are checked against an independent brute-force computation from the embeddings.
+The eps values are measured for this model, not guessed: lt-tiny puts every planted copy >= 0.9957
+from its original and every unrelated pair <= 0.9945 (random-init embeddings crowd near 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from laiontools import neardup
+from laiontools.contracts.uids import load_uids
+from laiontools.core.config import ConfigError
+from laiontools.stages import semdedup
+from laiontools.stages.semdedup import SemDedupConfig, SemDedupError
+
+EPS_TIGHT, EPS_LOOSE = 0.005, 0.02
+N_DISTINCT, N_WITH_COPIES = 60, 15  # photos 0..14 get 1, 2 or 3 copies (reencode, resize, crop)
+
+
+def _uid_hex(arr: np.ndarray) -> list[str]:
+    return [f"{int(h):016x}{int(lo):016x}" for h, lo in zip(arr["hi"], arr["lo"])]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict:
+    """90 samples in 4 shards: 60 distinct photos, 15 of them with 1-3 near-copies (30 copies in all)."""
+    from laiontools.stages import embed as embed_stage
+    from laiontools.testing.planted_pool import COPY_KINDS, download_settings, jpeg, near_copy, photo, write_resized_pool
+
+    base = tmp_path_factory.mktemp("semdedup_pool")
+    rng = np.random.default_rng(0)
+    samples, origin = [], []
+    for i in range(N_DISTINCT):
+        img = photo(i)
+        samples.append({"bytes": jpeg(img), "caption": f"photo {i}", "url": f"http://127.0.0.2/{i}.jpg"})
+        origin.append(i)
+        if i < N_WITH_COPIES:
+            for kind in COPY_KINDS[: 1 + i % 3]:
+                samples.append({"bytes": near_copy(img, kind, rng), "caption": f"photo {i} ({kind})",
+                                "url": f"http://127.0.0.3/{i}-{kind}.jpg"})
+                origin.append(i)
+    manifest, uids = write_resized_pool(str(base / "pool"), samples, download_settings("border", 64), per_shard=25)
+    emb = str(base / "emb")
+    embed_stage.run(embed_stage.EmbedConfig(manifest=manifest, output=emb, model="lt-tiny", num_workers=0, batch_size=32))
+    return {"emb": emb, "origin": dict(zip(uids, origin)), "base": base, "manifest": manifest}
+
+
+def _cfg(emb: str, out: str, **kw) -> SemDedupConfig:
+    # Small units / memory / blocks so the test crosses every path: several units, a cluster larger than
+    # a unit, clusters compared from the memory-mapped file, similarities in several blocks.
+    base = dict(embeddings=emb, output=out, clusters=4, eps=[EPS_TIGHT, EPS_LOOSE], keep="hard", seed=0,
+                unit_rows=30, memory_rows=20, block_rows=16, gallery_groups=6)
+    base.update(kw)
+    return SemDedupConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def sd_run(planted, spark, tmp_path_factory) -> dict:
+    out = str(tmp_path_factory.mktemp("semdedup_out"))
+    res = semdedup.run(_cfg(planted["emb"], out), spark)
+    return {"out": out, "result": res, "report": pd.read_parquet(os.path.join(out, "report"))}
+
+
+def _pairs(groups: dict[str, list[str]]) -> set[tuple[str, str]]:
+    out = set()
+    for members in groups.values():
+        ms = sorted(members)
+        out |= {(a, b) for i, a in enumerate(ms) for b in ms[i + 1:]}
+    return out
+
+
+def test_precision_recall_on_planted_groups(planted, sd_run):
+    rep, origin = sd_run["report"], planted["origin"]
+    truth: dict[str, list[str]] = {}
+    for u, o in origin.items():
+        truth.setdefault(str(o), []).append(u)
+    truth = {k: v for k, v in truth.items() if len(v) > 1}
+    true_pairs = _pairs(truth)
+    assert len(truth) == N_WITH_COPIES and len(true_pairs) == 5 * (1 + 3 + 6)
+    found = {}
+    for lab in (EPS_TIGHT, EPS_LOOSE):
+        r = rep[rep["eps"] == lab]
+        pred = _pairs(r.groupby("group")["uid"].apply(list).to_dict())
+        tp = len(pred & true_pairs)
+        found[lab] = {"precision": tp / max(1, len(pred)), "recall": tp / len(true_pairs), "removed": int(r["removed"].sum())}
+    # At the measured eps every planted copy is grouped with its original and nothing else is.
+    assert found[EPS_TIGHT] == {"precision": 1.0, "recall": 1.0, "removed": 30}, found
+    # A looser eps links more (unrelated look-alikes of a random-init model): recall stays, precision drops.
+    assert found[EPS_LOOSE]["recall"] == 1.0 and found[EPS_LOOSE]["removed"] >= 30
+    # One member kept per planted group, whatever the group's size.
+    r = rep[rep["eps"] == EPS_TIGHT]
+    assert (r.groupby("group")["removed"].apply(lambda s: int((~s).sum())) == 1).all()
+    assert sorted(r.groupby("group").size().tolist()) == sorted(len(v) for v in truth.values())
+
+
+def test_groups_and_keepers_equal_brute_force(planted, sd_run):
+    """Recompute everything from the embeddings, centroids and assignments: pairs > 1 - eps within a
+    cluster, connected components by BFS, keeper = lowest cosine to the centroid (hard), ties by uid."""
+    from laiontools.contracts.embeddings import read_embedding_shard, read_pool
+
+    out, rep = sd_run["out"], sd_run["report"]
+    pool = read_pool(planted["emb"])
+    cents = np.load(os.path.join(out, "kmeans", "centroids.npy"))
+    uids, vecs = [], []
+    for sid in pool.shard_ids:
+        emb, meta = read_embedding_shard(planted["emb"], sid)
+        x = np.asarray(emb, dtype=np.float32)
+        vecs.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32))
+        uids += meta.column("uid").to_pylist()
+    x = np.concatenate(vecs)
+    cluster = np.argmax(x @ cents.T, axis=1)
+    assign = pd.concat([pd.read_parquet(os.path.join(out, "assign", f"{s}.parquet")) for s in pool.shard_ids])
+    assert (assign["cluster"].to_numpy() == cluster).all()
+    csim = (x * cents[cluster]).sum(axis=1)
+    for eps in (EPS_TIGHT, EPS_LOOSE):
+        seen, groups = set(), []
+        for s in range(len(uids)):
+            if s in seen:
+                continue
+            comp, todo = [], [s]
+            seen.add(s)
+            while todo:
+                a = todo.pop()
+                comp.append(a)
+                for b in range(len(uids)):
+                    if b not in seen and cluster[b] == cluster[a] and float(x[a] @ x[b]) > 1 - eps:
+                        seen.add(b)
+                        todo.append(b)
+            if len(comp) > 1:
+                groups.append(comp)
+        r = rep[rep["eps"] == eps].set_index("uid")
+        assert len(r) == sum(len(g) for g in groups)
+        for g in groups:
+            members = [uids[i] for i in g]
+            assert r.loc[members, "group"].nunique() == 1
+            keep = min(g, key=lambda i: (float(csim[i]), uids[i]))
+            assert set(r.loc[members, "kept_uid"]) == {uids[keep]}
+            assert r.loc[uids[keep], "removed"] == False  # noqa: E712 - a numpy bool
+            assert r.loc[members, "removed"].sum() == len(g) - 1
+            sims = [float(x[i] @ x[keep]) for i in g]
+            np.testing.assert_allclose(r.loc[members, "similarity"].to_numpy(), sims, atol=1e-5)
+
+
+def test_exclusion_lists_summary_and_gallery(planted, sd_run):
+    out, rep = sd_run["out"], sd_run["report"]
+    s = sd_run["result"].details
+    assert s["clusters"] == 4 and s["pool_samples"] == 90 and s["clustered"] == 90 and s["units"] >= 3
+    for e in s["eps"]:
+        lab = format(e["eps"], "g")
+        got = _uid_hex(load_uids(os.path.join(out, "eps", lab, "exclude.uids.npy")))
+        want = sorted(rep.loc[(rep["eps"] == e["eps"]) & rep["removed"], "uid"])
+        assert got == want and e["removed"] == len(want)
+        assert e["removed_fraction"] == pytest.approx(len(want) / 90, abs=1e-6)
+        with open(os.path.join(out, "eps", lab, "dedup.json")) as f:
+            dj = json.load(f)
+        assert dj["kind"] == "semdedup" and dj["eps"] == e["eps"] and dj["exclude"]["count"] == len(want)
+    # the first eps is the folder's own list (what `subsets --exclude <out>` reads)
+    with open(os.path.join(out, "exclude.uids.npy"), "rb") as a, open(os.path.join(out, "eps", "0.005", "exclude.uids.npy"), "rb") as b:
+        assert a.read() == b.read()
+    with open(os.path.join(out, "dedup.json")) as f, open(planted["manifest"]) as m:
+        assert json.load(f)["pool"]["fingerprint"] == json.load(m)["source"]["fingerprint"]
+    html = open(os.path.join(out, "gallery.html")).read()
+    assert html.count("data:image/jpeg;base64,") >= 2 * 6 and "image unavailable" not in html
+    assert "photo " in html and "<b>kept</b>" in html
+    txt = open(os.path.join(out, "summary.txt")).read()
+    assert "eps/0.005/exclude.uids.npy" in txt and "0.02" in txt
+
+
+def _files(out: str) -> dict[str, bytes]:
+    keep = ("exclude.uids.npy", ".parquet", "centroids.npy", "dedup.json", ".vec.npy", ".meta.npy", ".offsets.npy")
+    got = {}
+    for root, _, names in os.walk(out):
+        for n in names:
+            if n.endswith(keep):
+                p = os.path.join(root, n)
+                with open(p, "rb") as f:
+                    got[os.path.relpath(p, out)] = f.read()
+    return got
+
+
+def test_deterministic_and_resumes_after_kill(planted, sd_run, spark, tmp_path):
+    first = _files(sd_run["out"])
+    assert any(k.startswith("report/") for k in first) and "kmeans/centroids.npy" in first
+    again = str(tmp_path / "again")
+    semdedup.run(_cfg(planted["emb"], again), spark)
+    second = _files(again)
+    assert second.keys() == first.keys()
+    differ = [k for k in first if first[k] != second[k]]
+    assert not differ, f"not byte-identical on a second run: {differ}"
+    # "kill": a unit lost its marker with a half-written temp report, another unit and one shard never finished
+    units = sorted(os.listdir(os.path.join(again, "done", "units")))
+    assert len(units) >= 3
+    for u in units[:2]:
+        os.remove(os.path.join(again, "done", "units", u))
+    uid0 = units[0][: -len(".done")]
+    with open(os.path.join(again, "report", f".{uid0}.parquet.tmp-deadbeef"), "wb") as f:
+        f.write(b"PAR1 half")
+    os.remove(os.path.join(again, "report", f"{units[1][: -len('.done')]}.parquet"))
+    shard_markers = sorted(os.listdir(os.path.join(again, "done", "assign")))
+    os.remove(os.path.join(again, "done", "assign", shard_markers[0]))
+    kept = os.path.join(again, "done", "units", units[2])
+    kept_mtime = os.path.getmtime(kept)
+    for f in ("exclude.uids.npy", "summary.json"):
+        os.remove(os.path.join(again, f))
+    semdedup.run(_cfg(planted["emb"], again), spark)
+    third = {k: v for k, v in _files(again).items() if not os.path.basename(k).startswith(".")}
+    assert third == first
+    assert os.path.getmtime(kept) == kept_mtime  # finished units are not redone
+
+
+def test_bad_input(planted, spark, tmp_path):
+    with pytest.raises(SemDedupError, match="--clusters 500 is more than the 90 embedded samples"):
+        semdedup.run(_cfg(planted["emb"], str(tmp_path / "a"), clusters=500), spark)
+    for bad in ([0.0], [1.5], [0.1, 0.1]):
+        with pytest.raises(ConfigError, match="eps"):
+            _cfg(planted["emb"], str(tmp_path / "b"), eps=bad)
+    with pytest.raises(ConfigError, match="keep"):
+        _cfg(planted["emb"], str(tmp_path / "b"), keep="median")
+    from laiontools.core.errors import UserError
+
+    with pytest.raises(UserError, match="does not exist"):
+        semdedup.run(_cfg(str(tmp_path / "nope"), str(tmp_path / "c")), spark)
+    # another stage's output folder is refused, untouched
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.txt").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        semdedup.run(_cfg(planted["emb"], str(other)), spark)
+    assert sorted(os.listdir(other)) == ["data.txt"]
+
+
+def test_cli(planted, spark, tmp_path):
+    from laiontools.cli import main
+
+    out = str(tmp_path / "cli")
+    rc = main(["semdedup", "--embeddings", planted["emb"], "--output", out, "--clusters", "3", "--eps", "0.005", "0.01",
+               "--keep", "random", "--seed", "3", "--gallery-groups", "0"])
+    assert rc == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        s = json.load(f)
+    assert [e["eps"] for e in s["eps"]] == [0.005, 0.01] and s["keep"] == "random" and s["clusters"] == 3
+    assert not os.path.exists(os.path.join(out, "gallery.html"))
+
+
+def test_subsets_exclude_consumes_semdedup(pool, spark, tmp_path):
+    """A real downloaded pool: embed, semdedup, then `subsets --exclude <semdedup out>` leaves the removed uids out."""
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages import subsets as subsets_stage
+
+    emb = str(tmp_path / "emb")
+    embed_stage.run(embed_stage.EmbedConfig(manifest=pool.manifest, output=emb, model="lt-tiny", num_workers=0, batch_size=32))
+    out = str(tmp_path / "sd")
+    res = semdedup.run(SemDedupConfig(embeddings=emb, output=out, clusters=2, eps=[0.01], gallery_groups=0), spark).details
+    excluded = set(_uid_hex(load_uids(os.path.join(out, "exclude.uids.npy"))))
+    assert len(excluded) == res["eps"][0]["removed"] > 0
+    n = res["clustered"] - len(excluded)
+    sub = subsets_stage.run(subsets_stage.SubsetsConfig(pool=pool.manifest, output=str(tmp_path / "sub"), scales=str(n), seed=0,
+                                                        exclude=[out]), spark).details
+    man = read_manifest(sub[0]["manifest"])
+    chosen = set(_uid_hex(load_uids(sub[0]["manifest"].replace("manifest.json", "uids.npy"))))
+    assert chosen and chosen.isdisjoint(excluded)
+    assert man["selection"]["exclusions"][0]["count"] == len(excluded)
+
+
+# ---------------------------------------------------------------------------------------------
+# the library: laiontools.neardup against brute force
+
+
+def _components_brute(x: np.ndarray, thr: float) -> np.ndarray:
+    n = len(x)
+    lab = np.arange(n)
+    s = x @ x.T
+    changed = True
+    while changed:
+        changed = False
+        for a in range(n):
+            for b in range(a + 1, n):
+                if s[a, b] > thr and lab[a] != lab[b]:
+                    lo = min(lab[a], lab[b])
+                    lab[lab == lab[a]] = lo
+                    lab[lab == lab[b]] = lo
+                    changed = True
+    return lab
+
+
+def test_cluster_groups_blocks_and_memmap_equal_brute_force(tmp_path):
+    rng = np.random.default_rng(5)
+    base = neardup.normalize(rng.standard_normal((40, 16)))
+    # chains and groups: copies with small noise, so components need transitive links
+    x = neardup.normalize(np.concatenate([base, base[:10] + 0.05 * rng.standard_normal((10, 16)),
+                                          base[:5] + 0.1 * rng.standard_normal((5, 16))]))
+    eps = [0.002, 0.01, 0.05]
+    want = [_components_brute(x, 1 - e) for e in eps]
+    for block in (16, 7, 1000):
+        labels, pairs = neardup.cluster_groups(x, eps, block)
+        for k in range(len(eps)):
+            np.testing.assert_array_equal(labels[k], want[k])
+        assert pairs[0] <= pairs[1] <= pairs[2]
+    mm = np.lib.format.open_memmap(str(tmp_path / "x.npy"), mode="w+", dtype=np.float32, shape=x.shape)
+    mm[:] = x
+    np.testing.assert_array_equal(neardup.cluster_groups(mm, eps, 9)[0], np.stack(want))
+
+
+def test_choose_keepers_policies():
+    from laiontools.contracts.uids import uids_to_array
+
+    labels = np.array([0, 0, 0, 3, 3, 5])
+    csim = np.array([0.9, 0.7, 0.8, 0.6, 0.6, 0.99], dtype=np.float32)
+    uids = uids_to_array([f"{i:032x}" for i in (9, 8, 7, 6, 2, 1)])
+    np.testing.assert_array_equal(neardup.choose_keepers(labels, csim, uids, "hard"), [1, 1, 1, 4, 4, 5])  # tie 3/4: smaller uid
+    np.testing.assert_array_equal(neardup.choose_keepers(labels, csim, uids, "easy"), [0, 0, 0, 4, 4, 5])
+    r1 = neardup.choose_keepers(labels, csim, uids, "random", seed=1)
+    assert (r1 == neardup.choose_keepers(labels, csim, uids, "random", seed=1)).all()
+    assert set(r1[:3].tolist()) <= {0, 1, 2} and len(set(r1[:3].tolist())) == 1 and r1[5] == 5
+    # the choice does not depend on input order
+    perm = np.array([5, 2, 0, 4, 1, 3])
+    rp = neardup.choose_keepers(labels[perm], csim[perm], uids[perm], "hard")
+    assert _uid_hex(uids[perm][rp]) == _uid_hex(uids[neardup.choose_keepers(labels, csim, uids, "hard")][perm])
