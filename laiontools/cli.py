@@ -72,7 +72,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
     Used by the CLI and by the spark-submit scripts in jobs/, so both behave the same.
     """
-    from laiontools.core.errors import UserError
+    from laiontools.core.errors import UserError, environment_error
     from laiontools.core.logs import setup_logging
 
     setup_logging()
@@ -86,6 +86,24 @@ def run_stage(stage: str, argv: list[str]) -> int:
     except (UserError, FileNotFoundError, NotADirectoryError) as e:
         print(f"laiontools {stage}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # A full disk, a quota or a read-only file system is the machine's fault, not the code's: one
+        # line naming the path, wherever it was raised (here or inside a Spark task), no traceback.
+        fault = environment_error(e, _flag(argv, "--output"))
+        if fault is None:
+            raise
+        print(f"laiontools {stage}: error: {fault}", file=sys.stderr)
+        return 2
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of `name` in argv (``--name v`` or ``--name=v``), if given."""
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 if __name__ == "__main__":

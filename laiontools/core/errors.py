@@ -1,5 +1,9 @@
 """Errors a user can act on. The CLI prints them as one clear line (exit code 2), without a traceback."""
 
+from __future__ import annotations
+
+import re
+
 
 class UserError(Exception):
     """Bad input or settings: the message names the file/shard/row and says what to do."""
@@ -33,3 +37,52 @@ def user_error_from(e: BaseException, cls: type[UserError] = InputError) -> User
     if i < 0:
         return None
     return cls(text[i + len(TASK_ERROR_TAG) :].split("\n", 1)[0])
+
+
+class EnvironmentFault(UserError):
+    """The machine refused a write the stage needed (disk full, quota, read-only file system)."""
+
+
+# errno -> what the user does about it. Only faults of the machine, not of the code: these end a run
+# with one line (exit 2) wherever they are raised, in the driver or inside a Spark task.
+_ENV_ERRNOS = {
+    28: ("no space left on device", "free space (or give an output on a larger file system)"),  # ENOSPC
+    122: ("disk quota exceeded", "free space or raise the quota"),  # EDQUOT
+    30: ("read-only file system", "give an output on a writable file system"),  # EROFS
+}
+# The same faults as Python (OSError) and Java (IOException, e.g. Spark's own parquet writer) word them
+# inside the text of an error that Spark wrapped.
+_ENV_TEXT = re.compile(
+    r"\[Errno (?P<errno>28|122|30)\] [^:'\n]*(?:: '(?P<path>[^'\n]+)')?"
+    r"|(?P<java>No space left on device|Disk quota exceeded|Read-only file system)"
+)
+
+
+def environment_error(e: BaseException, output: str | None = None) -> EnvironmentFault | None:
+    """A disk-full / quota / read-only-file-system fault anywhere in `e` (the exception, its causes, or
+    the text of a Spark-wrapped task error) as one EnvironmentFault naming the path (the file when
+    known, else `output`); None for any other error.
+
+    The message ends with what to do: finished work is kept (completion markers are written last), so
+    re-running the same command after freeing space resumes.
+    """
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _ENV_ERRNOS:
+            return _env_fault(err.errno, err.filename, output)
+        m = _ENV_TEXT.search(str(err))
+        if m:
+            if m.group("errno"):
+                return _env_fault(int(m.group("errno")), m.group("path"), output)
+            errno = {"No space left on device": 28, "Disk quota exceeded": 122}.get(m.group("java"), 30)
+            return _env_fault(errno, None, output)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _env_fault(errno: int, path: str | None, output: str | None) -> EnvironmentFault:
+    what, todo = _ENV_ERRNOS[errno]
+    where = f"writing {path}" if path else (f"writing under {output}" if output else "writing the output")
+    return EnvironmentFault(f"{what} {where}; {todo} and re-run the same command: finished work is kept")

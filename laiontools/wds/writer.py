@@ -167,8 +167,14 @@ class WriteBuffer:
         self.mv = memoryview(self.buf)
 
     def close(self) -> None:
-        self.mv.release()
-        self.buf.close()
+        try:
+            self.mv.release()
+            self.buf.close()
+        except BufferError:
+            # A slice of the buffer is still referenced, by the frames of an exception on its way up
+            # (a write that failed: disk full). The mapping is freed with its last reference; raising
+            # here would replace that exception, the one that says what went wrong.
+            pass
 
 
 # A ustar header for a regular file with every field but name/size/mtime/checksum fixed (mode 0644,

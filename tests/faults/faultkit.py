@@ -146,3 +146,19 @@ def one_line_error(r: subprocess.CompletedProcess, stage: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith(f"laiontools {stage}: error:")]
     assert len(lines) == 1, err[-4000:]
     return lines[0]
+
+
+def json_equal_except(got_root: str, want_root: str, pattern: str, keys: tuple[str, ...]) -> None:
+    """Assert the JSON files matching `pattern` are the same in both trees apart from top-level `keys`
+    (a duration or a rate that describes the run which wrote the file, not the data)."""
+    got, want = files(got_root, pattern), files(want_root, pattern)
+    assert got == want, (got, want)
+    for rel in want:
+        with open(os.path.join(got_root, rel)) as f:
+            a = json.load(f)
+        with open(os.path.join(want_root, rel)) as f:
+            b = json.load(f)
+        for k in keys:
+            a.pop(k, None)
+            b.pop(k, None)
+        assert a == b, f"{rel}: {a} != {b}"

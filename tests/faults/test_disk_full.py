@@ -1,0 +1,114 @@
+"""Disk full: each stage writing into a size-limited tmpfs fails with one line naming the path, leaves
+nothing a later run would take as complete, and completes after space is freed and the command re-run.
+
+The output lives on a tmpfs the test mounts (root here; skipped with the reason where mounting is not
+allowed). The uninterrupted run writes into it first (large mount) and is moved aside; the mount is
+then shrunk below that run's size, the same command fails, the mount is grown back (``remount``: the
+failed run's files stay), and the same command re-runs. Its output must equal the uninterrupted
+run's byte for byte: a file that a full disk left torn but marked complete would be skipped by the
+re-run and show up as a difference.
+
+Runs are in-process through ``laiontools.cli.main`` (the CLI's own error handling, exit codes and
+stderr) on the session's Spark, with the argv a subprocess would get.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+from faultkit import CLI, RUN_VARYING, digests, files, json_equal_except, record, tree_diff
+
+pytestmark = pytest.mark.slow
+
+PAGE = 4096
+
+
+@contextmanager
+def tmpfs(path: str, kb: int):
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {path} ({r.stderr.strip()}); the disk-full tests need root or CAP_SYS_ADMIN")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def _resize(path: str, kb: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={kb}k", path], check=True, capture_output=True)
+
+
+def _pages(root: str) -> int:
+    """Bytes `root` takes on a tmpfs: every file rounded up to whole pages."""
+    return sum(-(-os.path.getsize(os.path.join(root, f)) // PAGE) * PAGE for f in files(root))
+
+
+def _cli(monkeypatch, args: list[str]) -> int:
+    from laiontools.cli import main
+
+    monkeypatch.setattr(sys, "argv", [CLI[-1], *args] if len(CLI) == 1 else [*CLI[1:], *args])
+    try:
+        return main(list(args))
+    finally:
+        monkeypatch.undo()
+
+
+def _disk_full(stage: str, make_args, tmp_path, monkeypatch, capfd, varying: tuple[str, ...] = (), fraction: float = 0.5):
+    mnt = str(tmp_path / "mnt")
+    out = os.path.join(mnt, "out")
+    args = make_args(out)
+    keep = str(tmp_path / "uninterrupted")
+    with tmpfs(mnt, 256 * 1024):
+        assert _cli(monkeypatch, args) == 0
+        need = _pages(out)
+        shutil.copytree(out, keep)
+        shutil.rmtree(out)
+        small = max(PAGE, int(need * fraction) // PAGE * PAGE)
+        _resize(mnt, small // 1024)
+        capfd.readouterr()
+        rc = _cli(monkeypatch, args)
+        err = capfd.readouterr().err
+        record({"kind": "disk_full", "stage": stage, "fs_bytes": small, "output_bytes": need, "exit": rc,
+                "error": [ln for ln in err.splitlines() if ln.startswith(f"laiontools {stage}: error:")]})
+        assert rc == 2, f"{stage} on a full disk: exit {rc}\n{err[-4000:]}"
+        assert "Traceback" not in err, err[-4000:]
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"laiontools {stage}: error:")]
+        assert len(lines) == 1, err[-4000:]
+        assert "no space left on device" in lines[0] and mnt in lines[0], lines[0]
+        left = files(out) if os.path.isdir(out) else []
+        _resize(mnt, 256 * 1024)
+        assert _cli(monkeypatch, args) == 0, capfd.readouterr().err[-4000:]
+        ignore = RUN_VARYING + varying
+        diff = tree_diff(digests(out, ignore), digests(keep, ignore))
+        record({"kind": "disk_full_resume", "stage": stage, "files_left_by_failure": len(left), "identical": not diff})
+        assert not diff, f"{stage}: output after a full disk and a re-run differs from the uninterrupted run:\n{diff}"
+        if "meta/*.parquet.done" in varying:
+            json_equal_except(out, keep, "meta/*.parquet.done", ("seconds",))
+
+
+def test_reshard_disk_full(chain, tmp_path, monkeypatch, capfd):
+    _disk_full("reshard", lambda out: ["reshard", "--manifest", chain.subset, "--output", out, "--shard-size", "6"],
+               tmp_path, monkeypatch, capfd)
+
+
+def test_embed_disk_full(chain, tmp_path, monkeypatch, capfd):
+    _disk_full("embed", lambda out: ["embed", "--manifest", chain.pool, "--output", out, "--model", "lt-tiny",
+                                     "--batch-size", "8", "--num-workers", "0", "--device", "cpu"],
+               tmp_path, monkeypatch, capfd, varying=("embed_report.json", "meta/*.parquet.done"))  # see test_kill
+
+
+def test_subsets_disk_full(chain, tmp_path, monkeypatch, capfd):
+    n = int(__import__("json").load(open(chain.pool))["num_samples"])
+    _disk_full("subsets", lambda out: ["subsets", "--pool", chain.pool, "--output", out, "--scales", f"{n - 4},{n // 2}",
+                                       "--seed", "3"], tmp_path, monkeypatch, capfd)
+
+
+def test_dedup_disk_full(chain, tmp_path, monkeypatch, capfd):
+    _disk_full("dedup", lambda out: ["dedup", "--embeddings", chain.emb, "--evalset", f"glyphs={chain.evalset}:imagefolder",
+                                     "--output", out], tmp_path, monkeypatch, capfd)
