@@ -75,7 +75,8 @@ def test_dripping_urls_cannot_hold_a_shard(spark, web, tmp_path):
     assert (shard1["status"] == "success").all(), shard1[["status", "error_message"]]
     assert rep["failures_by_kind"]["failed_download:deadline"] == 20
     # the report names the deadline hits
-    saved = json.load(open(os.path.join(out, layout.REPORT_JSON)))
+    with open(os.path.join(out, layout.REPORT_JSON)) as f:
+        saved = json.load(f)
     assert saved["failures_by_kind"]["failed_download:deadline"] == 20
 
 
@@ -97,17 +98,22 @@ def test_a_request_deadline_alone_ends_dripping_rows(spark, web, tmp_path):
     assert (cat.drop(index=[3, 11, 17])["status"] == "success").all()
 
 
-def test_politeness_blocklist_and_numeric_hosts_in_one_pool(spark, web, tmp_path):
+def test_politeness_blocklist_and_numeric_hosts_in_one_pool(spark, web, tmp_path, request):
     """One real run with robots.txt, opt-out headers, a blocklist and numeric spellings of a private
     address, allowing only 127.0.0.1/32 (not the whole loopback network)."""
     import hashlib
 
     from laiontools.stages.download import DownloadConfig
 
-    server, names = web
+    shared, names = web
+    # a server of its own: Spark reuses Python workers, whose robots.txt cache already holds the
+    # shared server's answer (404: all allowed) from the tests before
+    server = SyntheticWebServer(shared.image_dir).start()
+    request.addfinalizer(server.stop)
     b, port = server.base_url, server.base_url.rsplit(":", 1)[1]
     server.set_robots("User-agent: *\nDisallow: /redirect/\n")
-    listed = open(os.path.join(server.image_dir, names[5]), "rb").read()
+    with open(os.path.join(server.image_dir, names[5]), "rb") as f:
+        listed = f.read()
     bl = tmp_path / "blocklist.txt"
     bl.write_text(f"{hashlib.sha256(listed).hexdigest()}\nblocked.example.org\n{b}/img/{names[6]}\n")
     rows = {
@@ -161,5 +167,6 @@ def test_politeness_blocklist_and_numeric_hosts_in_one_pool(spark, web, tmp_path
     top = rep["hosts"]["most_failures"][0]
     assert top["host"] == "127.0.0.1" and top["failed"] == 4
     assert top["by_kind"] == {"robots_txt": 1, "opted_out_tdm_reservation": 1, "opted_out_x_robots_tag": 1, "blocklisted": 1}
-    text = open(os.path.join(out, layout.REPORT_TXT)).read()
+    with open(os.path.join(out, layout.REPORT_TXT)) as f:
+        text = f.read()
     assert "robots.txt refusals 1 (hosts 1)" in text and "hosts with the most failures" in text

@@ -262,7 +262,7 @@ def test_robots_txt_is_fetched_once_and_obeyed_for_our_token(fresh_host):
     robots = RobotsCache()
     b = fresh_host.base_url
     for _ in range(3):
-        data, err, _ = fetch_one(f"{b}/img/a.jpg", 3, None, None, _pol3(), robots=robots)
+        _, err, _ = fetch_one(f"{b}/img/a.jpg", 3, None, None, _pol3(), robots=robots)
         assert err is None
     _, err, _ = fetch_one(f"{b}/redirect/a.jpg", 3, None, None, _pol3(), robots=robots)
     assert err == "robots.txt disallows /redirect/a.jpg for user-agent *"
