@@ -102,7 +102,7 @@ def baseline(emb: str, k: int, train_rows: int, eps: float, seed: int) -> tuple[
         ci = faiss.IndexFlatIP(x.shape[1])
         ci.add(xc)
         lims, _, ids = ci.range_search(xc, 1.0 - eps)
-        src = np.repeat(np.arange(len(rows)), np.diff(lims))
+        src = np.repeat(np.arange(len(rows)), np.diff(lims).astype(np.int64))
         labels = np.arange(len(rows), dtype=np.int64)
         neardup.union(labels, src, ids)
         removed += len(rows) - len(np.unique(neardup.flatten(labels)))

@@ -327,3 +327,25 @@ def test_choose_keepers_policies():
     perm = np.array([5, 2, 0, 4, 1, 3])
     rp = neardup.choose_keepers(labels[perm], csim[perm], uids[perm], "hard")
     assert _uid_hex(uids[perm][rp]) == _uid_hex(uids[neardup.choose_keepers(labels, csim, uids, "hard")][perm])
+
+
+def test_merge_runs_equals_one_sort(tmp_path):
+    """Exclusion files are merged from per-unit sorted runs one uid range at a time: same bytes as save_uids."""
+    from laiontools.contracts.uids import UID_DTYPE, save_uids
+
+    rng = np.random.default_rng(2)
+    allu = np.unique(rng.integers(0, 2**63, size=(5000, 2), dtype=np.int64).astype(np.uint64).view(UID_DTYPE).ravel())
+    allu = allu[rng.permutation(len(allu))]
+    paths = []
+    for i, part in enumerate(np.array_split(allu, 7)):
+        p = str(tmp_path / f"run{i}.npy")
+        np.save(p, np.sort(part))
+        paths.append(p)
+    np.save(str(tmp_path / "empty.npy"), np.zeros(0, dtype=UID_DTYPE))
+    want_sha, n = save_uids(str(tmp_path / "want.npy"), allu)
+    for bucket_rows in (10**9, 333, 1):  # one bucket, ~15 buckets, one per uid
+        sha, got_n = semdedup.merge_runs([*paths, str(tmp_path / "empty.npy")], str(tmp_path / f"got{bucket_rows}.npy"),
+                                         len(allu), bucket_rows=min(bucket_rows, 10**9))
+        assert (sha, got_n) == (want_sha, n)
+    with pytest.raises(RuntimeError, match="hold 5000 uids, the unit markers say 4999"):
+        semdedup.merge_runs(paths, str(tmp_path / "bad.npy"), 4999)

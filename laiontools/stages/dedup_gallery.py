@@ -6,57 +6,15 @@ judge by eye whether the threshold separates copies from look-alikes.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import logging
 import tarfile
 from typing import Any
 
 from laiontools.core.storage import atomic_write_bytes, url_to_fs
+from laiontools.gallery import THUMB, pool_images, thumbnail_b64
 
 log = logging.getLogger(__name__)
-THUMB = 160
-_GALLERY_EXTS = ("jpg", "jpeg", "png", "webp", "txt")
-
-
-def thumbnail_b64(image: Any, size: int = THUMB) -> str:
-    """data: URI of a JPEG thumbnail of a PIL image (longest side `size`)."""
-    im = image.convert("RGB").copy()
-    im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def pool_images(tar_url: str, keys: set[str]) -> dict[str, tuple[Any, str | None]]:
-    """key -> (PIL image, caption) for the wanted keys of one pool tar (stops once all are found)."""
-    from PIL import Image
-
-    from laiontools.wds.samples import iter_samples
-
-    found: dict[str, dict[str, bytes]] = {}
-    fs, p = url_to_fs(tar_url)
-    with fs.open(p, "rb") as raw:
-        for key, parts in iter_samples(raw, fs.size(p), suffixes=_GALLERY_EXTS, on_duplicate="last"):
-            if key not in keys:
-                continue
-            got = found.setdefault(key, {})
-            for ext, data in parts.items():
-                got["txt" if ext == "txt" else "img"] = data
-            if len(found) == len(keys) and all(len(v) == 2 for v in found.values()):
-                break
-    out = {}
-    for key, parts in found.items():
-        try:
-            im = Image.open(io.BytesIO(parts["img"]))
-            im.load()
-        except Exception as e:  # shown as missing in the gallery rather than failing the run
-            log.warning("gallery: %s key %s unreadable: %s", tar_url, key, e)
-            continue
-        cap = parts.get("txt")
-        out[key] = (im, cap.decode("utf-8", "replace") if cap is not None else None)
-    return out
 
 
 def eval_images(es: Any, wanted: set[str]) -> dict[str, Any]:

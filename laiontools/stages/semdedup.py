@@ -23,8 +23,9 @@ the same settings key):
    ``report/<unit>.parquet``, one row per sample in a group of two or more, per eps: uid, shard, row,
    cluster, centroid_similarity, eps, group, group_size, removed, kept_uid, similarity (cosine to the
    kept member).
-4. **outputs** (driver): per eps ``eps/<label>/exclude.uids.npy`` (sorted ``u8,u8`` uid file, written
-   from the reports by Spark without collecting uids) + ``eps/<label>/dedup.json``; the first eps is
+4. **outputs** (driver): per eps ``eps/<label>/exclude.uids.npy`` (sorted ``u8,u8`` uid file, merged
+   from each unit's sorted run of removed uids, ``removed_runs/<eps>/<unit>.npy``, one uid range at a
+   time: :func:`merge_runs`) + ``eps/<label>/dedup.json``; the first eps is
    also the top-level ``exclude.uids.npy`` + ``dedup.json``, so ``subsets --exclude <out>`` takes it
    directly (``--exclude <out>/eps/<label>`` another); ``summary.json``/``summary.txt`` (fraction
    removed per eps: the curve to choose from) and ``gallery.html`` (largest groups with captions).
@@ -49,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from laiontools.contracts.uids import UID_DTYPE
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
@@ -79,6 +81,7 @@ DEDUP_JSON = "dedup.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_TXT = "summary.txt"
 GALLERY_HTML = "gallery.html"
+RUNS_DIR = "removed_runs"
 META_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8"), ("csim", "<f4")])
 _GALLERY_MEMBERS = 6
 
@@ -422,6 +425,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
     stats: dict[str, Any] = {"key": ctx["unit_key"], "unit": uid_, "rows": 0, "clusters": 0, "largest_cluster": 0,
                              "eps": {lab: {"removed": 0, "groups": 0, "in_groups": 0, "pairs": 0} for lab in labels_}}
     gallery: list[tuple] = []
+    removed_runs: dict[str, list[np.ndarray]] = {lab: [] for lab in labels_}
     tmpdir = tempfile.mkdtemp(prefix="semdedup-")
     try:
         vec, meta, shard_of, starts = _gather(ctx, unit[0], unit[1], tmpdir)
@@ -448,6 +452,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
                 keeper = neardup.choose_keepers(labels[k], m["csim"], m, ctx["keep"], ctx["seed"])
                 removed = keeper != np.arange(n)
                 st["removed"] += int(removed.sum())
+                removed_runs[lab].append(m[["hi", "lo"]][removed].astype(UID_DTYPE))
                 st["groups"] += int((sizes > 1).sum())
                 st["in_groups"] += len(members)
                 xm = np.asarray(x[members], dtype=np.float32)
@@ -475,10 +480,55 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(out_path, buf.getvalue())
+    for lab, runs in removed_runs.items():  # sorted runs, merged by uid range on the driver (_merge_runs)
+        run_ = np.sort(np.concatenate(runs)) if runs else np.zeros(0, dtype=UID_DTYPE)
+        atomic_write_bytes(_run_path(ctx["output"], lab, uid_), _npy_bytes(run_))
     stats.update({"gallery": [g[-1] for g in sorted(gallery, reverse=True)], "seconds": round(time.time() - t0, 3),
                   "peak_rss_mb": _peak_rss_mb()})
     mark_done(done_path, stats)  # last: the unit counts as done only now
     return stats
+
+
+def _run_path(out: str, lab: str, unit_id: str) -> str:
+    return join(out, RUNS_DIR, lab, f"{unit_id}.npy")
+
+
+def merge_runs(paths: list[str], out_path: str, total: int, bucket_rows: int = 4_000_000) -> tuple[str, int]:
+    """Write the sorted union of disjoint sorted uid runs (.npy, UID_DTYPE) as one uid file.
+
+    uids are uniform hashes, so splitting the 64-bit ``hi`` range into ceil(total / bucket_rows) equal
+    buckets gives buckets of ~bucket_rows; each bucket is cut from every run by binary search (runs are
+    memory-mapped when local), sorted and appended. Memory: one bucket, whatever the total. Returns
+    (sha256 of the file, count); raises RuntimeError if the runs hold another count than `total`.
+    """
+    import hashlib
+
+    from laiontools.contracts.uids import npy_header
+    from laiontools.core.storage import atomic_open
+
+    runs = [_load_npy(p) for p in paths]
+    n = int(sum(len(r) for r in runs))
+    if n != total:
+        raise RuntimeError(f"{out_path}: the unit runs hold {n} uids, the unit markers say {total}")
+    nb = max(1, math.ceil(n / bucket_rows))
+    edges = [(b << 64) // nb for b in range(nb)] + [1 << 64]
+    h = hashlib.sha256()
+    with atomic_open(out_path) as f:
+        head = npy_header(n)
+        f.write(head)
+        h.update(head)
+        for b in range(nb):
+            parts = []
+            for r in runs:
+                lo = int(np.searchsorted(r["hi"], np.uint64(edges[b]))) if b else 0
+                hi = int(np.searchsorted(r["hi"], np.uint64(edges[b + 1]))) if b + 1 < nb else len(r)
+                if hi > lo:
+                    parts.append(np.asarray(r[lo:hi]))
+            if parts:
+                data = np.sort(np.concatenate(parts)).tobytes()
+                f.write(data)
+                h.update(data)
+    return h.hexdigest(), n
 
 
 def _gallery_candidates(heap: list[tuple], ctx: dict[str, Any], cluster: int, labels: np.ndarray, members: np.ndarray,
@@ -604,7 +654,7 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         ctx.update(eps=cfg.eps, keep=cfg.keep, memory_rows=cfg.memory_rows, block_rows=cfg.block_rows,
                    gallery_groups=cfg.gallery_groups,
                    unit_key=_key({"a": ctx["assign_key"], "eps": cfg.eps, "keep": cfg.keep, "seed": cfg.seed,
-                                  "units": units, "v": 1}))
+                                  "units": units, "v": 2}))
         t0 = time.time()
         sc.setJobDescription(f"laiontools semdedup: duplicate groups in {len(units)} unit(s) of clusters")
         big_first = sorted(units, key=lambda u: -int(counts[u[0]:u[1]].sum()))  # long tasks start first
@@ -628,10 +678,7 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
 def _write_outputs(cfg: SemDedupConfig, spark: Any, pool: Any, k: int, km: dict[str, Any], counts: np.ndarray,
                    units: list[tuple[int, int]], assigned: list[dict[str, Any]], ctx: dict[str, Any],
                    timings: dict[str, float]) -> dict[str, Any]:
-    from pyspark.sql import functions as F
-
     from laiontools import index as DI
-    from laiontools.contracts.uids import save_uids_spark
     from laiontools.core.report import table
 
     agg = {eps_label(e): {"removed": 0, "groups": 0, "in_groups": 0, "pairs": 0} for e in cfg.eps}
@@ -655,17 +702,14 @@ def _write_outputs(cfg: SemDedupConfig, spark: Any, pool: Any, k: int, km: dict[
                 heapq.heapreplace(gallery, item)
     pool_rows = int(sum(a["rows"] for a in assigned))
     valid = int(counts.sum())
-    report = spark.read.parquet(join(cfg.output, REPORT_DIR))
     pool_info = {"manifest": pool.manifest_path, "fingerprint": pool.fingerprint, "embeddings": pool.emb_dir,
                  "name": (pool.manifest or {}).get("name")}
     per_eps = []
     for i, e in enumerate(cfg.eps):
         lab = eps_label(e)
         folder = join(cfg.output, EPS_DIR, lab)
-        removed = report.where((F.col("eps_label") == lab) & F.col("removed"))
-        ((sha, n_ex),) = save_uids_spark(removed, "uid", [join(folder, EXCLUDE_UIDS)])
-        if n_ex != agg[lab]["removed"]:
-            raise RuntimeError(f"eps {lab}: {n_ex} uids in the exclusion file but the units removed {agg[lab]['removed']}")
+        sha, n_ex = merge_runs([_run_path(cfg.output, lab, _unit_id(u)) for u in units], join(folder, EXCLUDE_UIDS),
+                               agg[lab]["removed"])
         info = {"kind": "semdedup", "eps": e, "threshold": 1.0 - e, "keep": cfg.keep, "seed": cfg.seed, "clusters": k,
                 "model": DI.model_identity(pool.model), "pool": pool_info,
                 "exclude": {"path": EXCLUDE_UIDS, "sha256": sha, "count": n_ex,
@@ -715,7 +759,7 @@ def _write_gallery(path: str, cfg: SemDedupConfig, pool: Any, groups: list[dict[
 
     import pyarrow.parquet as pq
 
-    from laiontools.stages.dedup_gallery import pool_images, thumbnail_b64
+    from laiontools.gallery import pool_images, thumbnail_b64
 
     want: dict[str, dict[int, str]] = {}  # shard -> row -> key
     for g in groups:
