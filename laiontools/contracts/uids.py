@@ -272,17 +272,21 @@ def save_uids_spark(
         rows = rows.distinct()
     n = num_partitions or max(1, rows.rdd.getNumPartitions())
     tmp_dir = f"{paths[0]}.parts-{_uuid.uuid4().hex[:8]}"
-    runs = (
-        rows.repartitionByRange(n, uid_col)
-        .sortWithinPartitions(uid_col)
-        .withColumn("_pid", F.spark_partition_id())
-        .mapInArrow(_uid_run_writer(tmp_dir, len(paths), tier_col is not None),
-                    "pid int, out int, count long, first binary, last binary")
-        .collect()
-    )
     fs, tmp_p = url_to_fs(tmp_dir)
+    # Runs of a killed earlier attempt (one run per output holds its lock, so none is live): they
+    # would only take space, and on a full disk that space is what the re-run needs.
+    for stale in fs.glob(url_to_fs(paths[0])[1] + ".parts-*"):
+        fs.rm(stale, recursive=True)
     results = []
     try:
+        runs = (
+            rows.repartitionByRange(n, uid_col)
+            .sortWithinPartitions(uid_col)
+            .withColumn("_pid", F.spark_partition_id())
+            .mapInArrow(_uid_run_writer(tmp_dir, len(paths), tier_col is not None),
+                        "pid int, out int, count long, first binary, last binary")
+            .collect()
+        )
         for s, path in enumerate(paths):
             parts = sorted((int(r["pid"]), int(r["count"]), bytes(r["first"]), bytes(r["last"])) for r in runs if r["out"] == s)
             parts = [p for p in parts if p[1]]

@@ -94,8 +94,13 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         fs, p = url_to_fs(cfg_file)
         if not fs.exists(p):
             raise ConfigError(f"config file {cfg_file} does not exist")
-        with fs.open(p, "r") as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with fs.open(p, "r", encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:  # cut or damaged YAML: say where, not a parser traceback
+            raise ConfigError(f"config file {cfg_file} is not valid YAML ({' '.join(str(e).split())}); fix or rewrite it") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {cfg_file} is not UTF-8 text (byte {e.start}); it is damaged or not a YAML file") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {cfg_file}: expected a mapping of setting: value, got {type(loaded).__name__}")
         data.update({k.replace("-", "_"): v for k, v in loaded.items()})

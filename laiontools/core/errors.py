@@ -86,3 +86,20 @@ def _env_fault(errno: int, path: str | None, output: str | None) -> EnvironmentF
     what, todo = _ENV_ERRNOS[errno]
     where = f"writing {path}" if path else (f"writing under {output}" if output else "writing the output")
     return EnvironmentFault(f"{what} {where}; {todo} and re-run the same command: finished work is kept")
+
+
+# Spark's own readers name a file they cannot read in an error class (Spark 3.5+/4), e.g.
+# "[FAILED_READ_FILE.CANNOT_READ_FILE_FOOTER] Encountered error while reading file file:/x/part-0.parquet."
+_SPARK_READ_TEXT = re.compile(r"\[(?P<cls>FAILED_READ_FILE[.\w]*|CANNOT_READ_FILE_FOOTER)\][^\n]*?reading file (?P<path>\S+?)\.?(?:\s|$)")
+
+
+def damaged_input_error(e: BaseException) -> InputError | None:
+    """A file Spark's own reader could not read (cut or damaged parquet: footer or page unreadable),
+    as one InputError naming it; None for any other error. Spark raises these at whichever action
+    first touches the file, so the CLI, not each stage, recognises them."""
+    m = _SPARK_READ_TEXT.search(str(e))
+    if m is None:
+        return None
+    path = m.group("path").removeprefix("file:").replace("///", "/")
+    what = "its footer is unreadable" if "FOOTER" in m.group("cls") else "its data is unreadable"
+    return InputError(f"{path} is damaged or truncated ({what}); regenerate it by re-running the stage that wrote it")

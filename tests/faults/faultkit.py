@@ -107,7 +107,29 @@ def run_and_kill(args: list[str], cwd: str, out: str, point: str, when: Callable
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
         _reap_group(proc.pid)
+        _wait_gone(out)
     return k
+
+
+def _wait_gone(out: str, timeout: float = 60) -> None:
+    """Wait until no process names `out` on its command line (torchrun's ranks die with their
+    launcher through PR_SET_PDEATHSIG, a moment after it): a re-run must not race a dying rank."""
+    needle = os.path.abspath(out).encode()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        alive = False
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and int(pid) != os.getpid():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if needle in f.read():
+                            alive = True
+                            break
+                except OSError:
+                    continue
+        if not alive:
+            return
+        time.sleep(0.1)
 
 
 def _reap_group(pgid: int) -> None:

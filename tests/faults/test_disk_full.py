@@ -59,7 +59,8 @@ def _cli(monkeypatch, args: list[str]) -> int:
         monkeypatch.undo()
 
 
-def _disk_full(stage: str, make_args, tmp_path, monkeypatch, capfd, varying: tuple[str, ...] = (), fraction: float = 0.5):
+def _disk_full(stage: str, make_args, tmp_path, monkeypatch, capfd, varying: tuple[str, ...] = (), fraction: float = 0.5,
+               json_except: tuple[str, tuple[str, ...]] | None = None):
     mnt = str(tmp_path / "mnt")
     out = os.path.join(mnt, "out")
     args = make_args(out)
@@ -88,8 +89,8 @@ def _disk_full(stage: str, make_args, tmp_path, monkeypatch, capfd, varying: tup
         diff = tree_diff(digests(out, ignore), digests(keep, ignore))
         record({"kind": "disk_full_resume", "stage": stage, "files_left_by_failure": len(left), "identical": not diff})
         assert not diff, f"{stage}: output after a full disk and a re-run differs from the uninterrupted run:\n{diff}"
-        if "meta/*.parquet.done" in varying:
-            json_equal_except(out, keep, "meta/*.parquet.done", ("seconds",))
+        if json_except:
+            json_equal_except(out, keep, *json_except)
 
 
 def test_reshard_disk_full(chain, tmp_path, monkeypatch, capfd):
@@ -100,7 +101,8 @@ def test_reshard_disk_full(chain, tmp_path, monkeypatch, capfd):
 def test_embed_disk_full(chain, tmp_path, monkeypatch, capfd):
     _disk_full("embed", lambda out: ["embed", "--manifest", chain.pool, "--output", out, "--model", "lt-tiny",
                                      "--batch-size", "8", "--num-workers", "0", "--device", "cpu"],
-               tmp_path, monkeypatch, capfd, varying=("embed_report.json", "meta/*.parquet.done"))  # see test_kill
+               tmp_path, monkeypatch, capfd, varying=("embed_report.json", "meta/*.parquet.done"),  # see test_kill
+               json_except=("meta/*.parquet.done", ("seconds",)))
 
 
 def test_subsets_disk_full(chain, tmp_path, monkeypatch, capfd):
@@ -111,4 +113,6 @@ def test_subsets_disk_full(chain, tmp_path, monkeypatch, capfd):
 
 def test_dedup_disk_full(chain, tmp_path, monkeypatch, capfd):
     _disk_full("dedup", lambda out: ["dedup", "--embeddings", chain.emb, "--evalset", f"glyphs={chain.evalset}:imagefolder",
-                                     "--output", out], tmp_path, monkeypatch, capfd)
+                                     "--output", out], tmp_path, monkeypatch, capfd,
+               # each shard's marker records its search time and the task's peak memory (see test_kill)
+               varying=("done/*.done",), json_except=("done/*.done", ("search_seconds", "peak_rss_mb")))

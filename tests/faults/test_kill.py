@@ -144,3 +144,61 @@ def test_subsets_survive_kills(chain, monkeypatch, tmp_path):
         ("first manifest", lambda: 1 <= manifests() < k),
     ])
     _check_identical("subsets", out, keep, ())
+
+
+# -------------------------------------------------------------------------------------------- dedup
+
+
+def test_dedup_survives_kills(chain, monkeypatch, tmp_path):
+    out = str(tmp_path / "dd")
+    args = ["dedup", "--embeddings", chain.emb, "--evalset", f"glyphs={chain.evalset}:imagefolder", "--output", out]
+    keep = str(tmp_path / "dd.uninterrupted")
+    _baseline(monkeypatch, args, out, keep)
+    n = count(keep, "done/*.done")
+    assert n >= 3, n
+    marks = _markers(out, "done/*.done")
+    final = os.path.join(out, "dedup.json")
+    _kill_chain("dedup", args, out, str(tmp_path), [
+        ("index written", lambda: os.path.exists(os.path.join(out, "index", "index.json"))),
+        ("first marker", lambda: marks() >= 1),
+        ("final write", lambda: marks() == n and not os.path.exists(final)),
+    ])
+    # Each shard's marker records the search time and the task's peak memory: they describe the run.
+    _check_identical("dedup", out, keep, ("done/*.done",))
+    json_equal_except(out, keep, "done/*.done", ("search_seconds", "peak_rss_mb"))
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def test_train_survives_kills(chain, monkeypatch, tmp_path):
+    """Kill during the first virtual epoch's checkpoint phase, mid-run, and after the final weights,
+    before the completion marker. `--resume` is part of the one command (it starts a new run in an
+    empty folder and continues an interrupted one)."""
+    out = str(tmp_path / "run")
+    args = ["train", "--manifest", chain.resharded, "--model", "lt-tiny", "--samples-seen", "48", "--batch-size", "8",
+            "--nproc", "1", "--workers", "1", "--checkpoint-every", "16", "--log-every", "1", "--resume", "--output", out]
+    keep = str(tmp_path / "run.uninterrupted")
+    _baseline(monkeypatch, args, out, keep)
+    ckpt = os.path.join(out, "checkpoints", "epoch_latest.pt")
+    metrics = os.path.join(out, "metrics.jsonl")
+    _kill_chain("train", args, out, str(tmp_path), [
+        ("first checkpoint", lambda: os.path.exists(ckpt)),
+        ("mid-run", lambda: _lines(metrics) >= 4),
+        ("final write", lambda: os.path.exists(os.path.join(out, "model.pt")) and not os.path.exists(
+            os.path.join(out, "result.json.done"))),
+    ])
+    # Bytes that describe the runs, not the model: launches (one line per launch), throughput in the
+    # metrics, wall time in the result, open_clip's own logs. The weights and the loss curve must match.
+    _check_identical("train", out, keep, ("launches.jsonl", "metrics.jsonl", "result.json", "result.json.done",
+                                          "environment.json", "out.log", "params.txt", "logs/*", "checkpoints/*"))
+    loss = [(json.loads(x)["step"], json.loads(x)["loss"]) for x in open(metrics)]
+    assert loss == [(json.loads(x)["step"], json.loads(x)["loss"]) for x in open(os.path.join(keep, "metrics.jsonl"))]

@@ -1,0 +1,247 @@
+"""Corruption at every boundary: a truncated or bit-flipped input of each kind a stage reads.
+
+Each case damages a copy of one real input (catalog parquet, manifest, uid file, embeddings .npy,
+tar shard, model checkpoint, YAML config) and runs the stage that reads it through the CLI entry
+point. Accepted outcomes: exit 2 with one ``laiontools <stage>: error:`` line naming the damaged
+file and no traceback, or — where the stage can go on without the damaged unit — a per-unit status
+recorded in its report that names it. A run that ends 0 with no such record is a silent wrong result
+and fails the test.
+
+Runs are in-process through ``laiontools.cli.main`` (the CLI's exit codes and stderr) on the
+session's Spark.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+from faultkit import record
+
+pytestmark = pytest.mark.slow
+
+
+def truncate(path: str, keep: float = 0.5) -> None:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(max(1, int(size * keep)))
+
+
+def flip(path: str, at: float = 0.6, bit: int = 2) -> None:
+    """Flip one bit of the byte at fraction `at` of the file."""
+    with open(path, "r+b") as f:
+        f.seek(int(os.path.getsize(path) * at))
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ (1 << bit)]))
+
+
+def _refused(stage: str, args: list[str], damaged: str | tuple[str, ...], capfd, kind: str) -> str:
+    """Run the stage; assert a clean refusal naming `damaged` (a path, or file names one of which must appear)."""
+    from laiontools.cli import main
+
+    capfd.readouterr()
+    try:
+        rc = main(args)
+    except BaseException as e:  # a traceback: the failure this suite exists to find
+        record({"kind": "corruption", "stage": stage, "input": kind, "outcome": f"crash {type(e).__name__}"})
+        raise
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"laiontools {stage}: error:")]
+    names = (os.path.basename(damaged),) if isinstance(damaged, str) else damaged
+    ok = rc == 2 and "Traceback" not in err and len(lines) == 1 and any(n in lines[0] for n in names)
+    record({"kind": "corruption", "stage": stage, "input": kind, "outcome": "refused" if ok else f"exit {rc}",
+            "error": lines[:1]})
+    assert rc == 2, f"{stage} with a damaged {kind} ({damaged}) exited {rc}\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-4000:]
+    assert len(lines) == 1, err[-4000:]
+    assert any(n in lines[0] for n in names), f"the error does not name {names}: {lines[0]}"
+    return lines[0]
+
+
+@pytest.fixture
+def pool_copy(chain, tmp_path) -> str:
+    """A private copy of the pool (its manifest path): damage it freely."""
+    dst = str(tmp_path / "pool")
+    shutil.copytree(chain.pool_dir, dst)
+    return os.path.join(dst, "pool.manifest.json")
+
+
+@pytest.fixture
+def emb_copy(chain, tmp_path) -> str:
+    dst = str(tmp_path / "emb")
+    shutil.copytree(chain.emb, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+
+def flip_text(path: str, after: str, skip: int = 0, bit: int = 0) -> None:
+    """Flip one bit of the byte `skip` bytes after the first occurrence of `after` in the file."""
+    data = open(path, "rb").read()
+    i = data.index(after.encode()) + len(after) + skip
+    flip(path, at=i / len(data) + 1e-9, bit=bit)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-structure", "flip-uid-sha256"])
+def test_manifest(pool_copy, tmp_path, capfd, damage):
+    """A cut manifest, a flipped bit that breaks its JSON, and one in the uid file's recorded sha256
+    (valid JSON, wrong content). A flip in a field no stage reads (e.g. ``download.profile``) is not
+    detected: manifests carry no checksum of themselves (see RELIABILITY.md); the fields a consumer
+    uses are pinned to the files they describe."""
+    if damage == "truncate":
+        truncate(pool_copy)
+    elif damage == "flip-structure":
+        flip_text(pool_copy, '"catalog"', skip=0, bit=1)  # the ':' after the key becomes '8'
+    else:
+        data = open(pool_copy).read()
+        i = data.index('"sha256": "', data.index('"uids": {')) + len('"sha256": "')
+        with open(pool_copy, "r+") as f:  # one hex digit of the recorded hash changed to another hex digit
+            f.seek(i)
+            f.write("0" if data[i] != "0" else "1")
+    names = (os.path.basename(pool_copy),) if damage != "flip-uid-sha256" else (os.path.basename(pool_copy), "pool.uids.npy")
+    _refused("subsets", ["subsets", "--pool", pool_copy, "--output", str(tmp_path / "o"), "--scales", "10", "--seed", "1"],
+             names, capfd, f"manifest ({damage})")
+
+
+# ------------------------------------------------------------------------------------------ uid file
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_pool_uid_file(pool_copy, tmp_path, capfd, damage):
+    """The pool's uid file is read by verify (subsets selects from the catalog, not from it)."""
+    from laiontools.cli import main
+
+    uids = os.path.join(os.path.dirname(pool_copy), "pool.uids.npy")
+    truncate(uids, 0.7) if damage == "truncate" else flip(uids, at=0.7)
+    capfd.readouterr()
+    rc = main(["verify", "--no-shards", pool_copy])
+    cap = capfd.readouterr()
+    text = cap.out + cap.err
+    record({"kind": "corruption", "stage": "verify", "input": f"uid file ({damage})",
+            "outcome": "reported" if rc == 1 and "pool.uids.npy" in text else f"exit {rc}"})
+    assert rc == 1, f"verify exited {rc} on a damaged uid file\n{text[-3000:]}"  # 1: verify found a difference
+    assert "Traceback" not in text and "pool.uids.npy" in text, text[-3000:]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_subset_uid_file(chain, tmp_path, capfd, damage):
+    sub = str(tmp_path / "sub")
+    shutil.copytree(chain.subsets, sub)
+    manifest = os.path.join(sub, os.path.basename(chain.subset))
+    uids = manifest.replace(".manifest.json", ".uids.npy")
+    truncate(uids, 0.7) if damage == "truncate" else flip(uids, at=0.7)
+    _refused("reshard", ["reshard", "--manifest", manifest, "--output", str(tmp_path / "o"), "--shard-size", "6"],
+             uids, capfd, f"subset uid file ({damage})")
+
+
+# --------------------------------------------------------------------------------------- catalog
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_catalog_parquet(pool_copy, tmp_path, capfd, damage):
+    part = sorted(glob.glob(os.path.join(os.path.dirname(pool_copy), "catalog", "*.parquet")))[0]
+    truncate(part) if damage == "truncate" else flip(part, at=0.5)
+    _refused("subsets", ["subsets", "--pool", pool_copy, "--output", str(tmp_path / "o"), "--scales", "10", "--seed", "1"],
+             part, capfd, f"catalog parquet ({damage})")
+
+
+# ---------------------------------------------------------------------------------------- tar shard
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_tar_shard_in_embed(pool_copy, tmp_path, capfd, damage):
+    """embed can go on without a damaged shard: it must record it as failed (and exit non-zero) or refuse."""
+    from laiontools.cli import main
+
+    tar = sorted(glob.glob(os.path.join(os.path.dirname(pool_copy), "shards", "*.tar")))[1]
+    truncate(tar, 0.6) if damage == "truncate" else flip(tar, at=0.6)
+    out = str(tmp_path / "emb")
+    capfd.readouterr()
+    rc = main(["embed", "--manifest", pool_copy, "--output", out, "--model", "lt-tiny", "--batch-size", "8",
+               "--num-workers", "0", "--device", "cpu"])
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err[-4000:]
+    sid = os.path.basename(tar).removesuffix(".tar")
+    if rc == 2:
+        line = [ln for ln in err.splitlines() if ln.startswith("laiontools embed: error:")]
+        assert len(line) == 1 and os.path.basename(tar) in line[0], err[-3000:]
+        outcome = "refused"
+    else:
+        rep = json.load(open(os.path.join(out, "embed_report.json")))
+        assert rc == 1, f"embed exited {rc} with a damaged shard {tar}"
+        assert sid in rep["this_run"]["failed_shards"], rep
+        assert not os.path.exists(os.path.join(out, "meta", f"{sid}.parquet.done")), "a damaged shard marked done"
+        outcome = "per-shard status"
+    record({"kind": "corruption", "stage": "embed", "input": f"tar shard ({damage})", "outcome": outcome})
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_tar_shard_in_reshard(chain, tmp_path, capfd, damage):
+    pool = str(tmp_path / "pool")
+    shutil.copytree(chain.pool_dir, pool)
+    sub = str(tmp_path / "sub")
+    shutil.copytree(chain.subsets, sub)
+    manifest = os.path.join(sub, os.path.basename(chain.subset))
+    m = json.load(open(manifest))
+    _repoint(manifest, m, chain.pool, os.path.join(pool, "pool.manifest.json"))
+    tar = sorted(glob.glob(os.path.join(pool, "shards", "*.tar")))[1]
+    truncate(tar, 0.6) if damage == "truncate" else flip(tar, at=0.6)
+    _refused("reshard", ["reshard", "--manifest", manifest, "--output", str(tmp_path / "o"), "--shard-size", "6"],
+             tar, capfd, f"tar shard ({damage})")
+
+
+def _repoint(manifest: str, m: dict, old_pool: str, new_pool: str) -> None:
+    """Make a copied subset manifest name the copied pool (the path is the only change)."""
+    text = open(manifest).read().replace(os.path.dirname(old_pool), os.path.dirname(new_pool))
+    with open(manifest, "w") as f:
+        f.write(text)
+
+
+# ---------------------------------------------------------------------------------------- embeddings
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_embeddings_npy(chain, emb_copy, tmp_path, capfd, damage):
+    npy = sorted(glob.glob(os.path.join(emb_copy, "img_emb", "*.npy")))[1]
+    truncate(npy, 0.6) if damage == "truncate" else flip(npy, at=0.6)
+    _refused("dedup", ["dedup", "--embeddings", emb_copy, "--evalset", f"glyphs={chain.evalset}:imagefolder",
+                       "--output", str(tmp_path / "o")], npy, capfd, f"embeddings npy ({damage})")
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_model_checkpoint(chain, tmp_path, capfd, damage):
+    import torch
+
+    from laiontools.models.registry import load_model
+
+    ckpt = str(tmp_path / "model.pt")
+    torch.save(load_model("lt-tiny").model.state_dict(), ckpt)
+    truncate(ckpt, 0.6) if damage == "truncate" else flip(ckpt, at=0.6)
+    _refused("embed", ["embed", "--manifest", chain.pool, "--output", str(tmp_path / "o"), "--model", "lt-tiny",
+                       "--pretrained", ckpt, "--device", "cpu", "--num-workers", "0"], ckpt, capfd, f"model checkpoint ({damage})")
+
+
+# ---------------------------------------------------------------------------------------- YAML config
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_yaml_config(chain, tmp_path, capfd, damage):
+    cfg = str(tmp_path / "subsets.yaml")
+    text = f"pool: {chain.pool}\nseed: 4\nmin_caption_length: 2\nscales: [10, 20]\n"
+    with open(cfg, "w") as f:
+        f.write(text)
+    if damage == "truncate":  # cut inside "[10, 20]": a flow sequence that never ends
+        truncate(cfg, (text.index("[10") + 3) / len(text))
+    else:
+        with open(cfg, "r+b") as f:  # a byte that is not UTF-8 in the middle
+            f.seek(os.path.getsize(cfg) // 2)
+            f.write(b"\xff")
+    _refused("subsets", ["subsets", "--config", cfg, "--output", str(tmp_path / "o")], cfg, capfd, f"YAML config ({damage})")
