@@ -205,6 +205,49 @@ def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequ
     return fits
 
 
+def data_scale_effect(rows: list[dict[str, Any]], metrics: Sequence[str], kind: str = "accuracy") -> list[dict[str, Any]]:
+    """Does data scale matter at a fixed budget? Per metric and model, at that model's largest samples seen.
+
+    Groups the runs at the largest budget by scale (ordered by ``dataset_samples``, else by name) and
+    reports each scale's mean, min and max error over its runs (seeds). ``gap`` = mean error of the
+    smallest scale - mean error of the largest; ``spread`` = the larger of the two scales' max - min
+    over seeds. ``signal`` is True when both scales have 2+ runs and gap > spread: the largest scale
+    is better by more than seeds move either. Rows need ``scale`` and ``samples_seen``; without them,
+    or with one scale, the list is empty.
+    """
+    out: list[dict[str, Any]] = []
+    if not rows or not all("scale" in r and "samples_seen" in r for r in rows):
+        return out
+    for m in metrics:
+        for model in sorted({str(r.get("model", "")) for r in rows}):
+            mine = [r for r in rows if str(r.get("model", "")) == model and _number(r.get(m)) is not None]
+            if not mine:
+                continue
+            top = max(float(r["samples_seen"]) for r in mine)
+            at = [r for r in mine if float(r["samples_seen"]) == top]
+            by_scale: dict[str, list[float]] = {}
+            size: dict[str, float] = {}
+            for r in at:
+                s = str(r["scale"])
+                by_scale.setdefault(s, []).append(to_error(float(r[m]), kind))
+                size[s] = _number(r.get("dataset_samples")) or math.inf
+            if len(by_scale) < 2:
+                continue
+            order = sorted(by_scale, key=lambda s: (size[s], s))
+            scales = [{"scale": s, "dataset_samples": None if size[s] == math.inf else size[s], "n_runs": len(by_scale[s]),
+                       "mean_error": sum(by_scale[s]) / len(by_scale[s]), "min_error": min(by_scale[s]),
+                       "max_error": max(by_scale[s])} for s in order]
+            small, large = scales[0], scales[-1]
+            gap = small["mean_error"] - large["mean_error"]
+            spread = max(small["max_error"] - small["min_error"], large["max_error"] - large["min_error"])
+            out.append({
+                "metric": m, "model": model, "samples_seen": top, "scales": scales,
+                "smallest": small["scale"], "largest": large["scale"], "gap": gap, "spread": spread,
+                "signal": small["n_runs"] >= 2 and large["n_runs"] >= 2 and gap > spread,
+            })  # fmt: skip
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # results tables (ours or another study's)
 
@@ -413,9 +456,30 @@ def fit_rows(fits: dict[str, Any]) -> list[dict[str, str]]:
 FIT_COLUMNS = ["metric", "frontier_points", "alpha", "beta", "prediction"]
 
 
+def effect_html(effects: Sequence[dict[str, Any]]) -> str:
+    """The data-scale-at-fixed-budget table: error per scale (mean, min..max over seeds), gap vs spread."""
+    if not effects:
+        return ""
+    esc = html.escape
+    trs = []
+    for e in effects:
+        per = "; ".join(f"{s['scale']}: {s['mean_error']:.3f} ({s['min_error']:.3f}..{s['max_error']:.3f}, {s['n_runs']} run(s))"
+                        for s in e["scales"])
+        verdict = "yes" if e["signal"] else ("no" if min(s["n_runs"] for s in (e["scales"][0], e["scales"][-1])) >= 2
+                                             else "needs 2+ seeds per scale")
+        trs.append(f"<tr><td>{esc(e['metric'])}</td><td>{esc(e['model'])}</td><td>{e['samples_seen']:.4g}</td><td>{esc(per)}</td>"
+                   f"<td>{e['gap']:.3f}</td><td>{e['spread']:.3f}</td><td>{verdict}</td></tr>")
+    return ("<h2>Data scale at a fixed budget</h2><p>At each model's largest samples seen: error per scale, mean "
+            "(min..max over runs, i.e. seeds). Gap = smallest scale's mean error &minus; largest scale's; spread = the larger "
+            "of the two scales' max &minus; min. The largest scale wins beyond seed noise when gap &gt; spread.</p>"
+            "<table><tr><th>metric</th><th>model</th><th>samples seen</th><th>error by scale</th><th>gap</th><th>spread</th>"
+            "<th>gap &gt; spread</th></tr>" + "".join(trs) + "</table>")
+
+
 def write_report(path: str, title: str, intro_html: str, rows: list[dict[str, Any]], fits: dict[str, Any],
-                 plots: dict[str, str], columns: Sequence[str] | None = None, footer_html: str = "") -> None:
-    """One self-contained HTML page: intro, fits with uncertainty, plots (relative PNG links), the runs table."""
+                 plots: dict[str, str], columns: Sequence[str] | None = None, footer_html: str = "",
+                 effects: Sequence[dict[str, Any]] = ()) -> None:
+    """One self-contained HTML page: intro, fits with uncertainty, data scale at a fixed budget, plots, the runs table."""
     esc = html.escape
     metric_cols = list(fits)
     cols = [c for c in (columns or []) if any(c in r for r in rows)]
@@ -439,6 +503,7 @@ is fitted by least squares in log-log space on the Pareto frontier (runs with lo
 equal compute; black-edged in the plots); &plusmn; is one standard error from the fit's covariance (n/a with fewer than
 3 frontier points). Red stars are predictions.</p>
 <h2>Fits</h2><table><tr>{fhead}</tr>{fbody}</table>
+{effect_html(effects)}
 <h2>Plots</h2>{imgs}
 <h2>Runs</h2><table><tr>{head}</tr>{body}</table>
 {footer_html}
@@ -453,20 +518,22 @@ def fit_and_report(rows: list[dict[str, Any]], metrics: Sequence[str], output: s
                    extra_json: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit every metric, write ``fits.json``, one PNG per metric under ``plots/`` and ``report.html`` into ``output``.
 
-    Returns ``{"fits", "plots" (metric -> path relative to output), "fits_json", "report"}``.
+    Also reports :func:`data_scale_effect` (in ``fits.json`` and the report). Returns ``{"fits",
+    "data_scale_effect", "plots" (metric -> path relative to output), "fits_json", "report"}``.
     """
     fits = fit_all(rows, metrics, predict_at, kind)
+    effects = data_scale_effect(rows, metrics, kind)
     os.makedirs(os.path.join(output, PLOTS_DIR), exist_ok=True)
     fits_json = os.path.join(output, FITS_JSON)
-    write_json(fits_json, json_safe({**(extra_json or {}), "kind": kind, "fits": fits}))
+    write_json(fits_json, json_safe({**(extra_json or {}), "kind": kind, "fits": fits, "data_scale_effect": effects}))
     plots = {}
     for m, entry in fits.items():
         rel = f"{PLOTS_DIR}/{slug(m)}.png"
         plot_metric(rows, entry, os.path.join(output, rel))
         plots[m] = rel
     report = os.path.join(output, REPORT_HTML)
-    write_report(report, title, intro_html, rows, fits, plots, columns, footer_html)
-    return {"fits": fits, "plots": plots, "fits_json": fits_json, "report": report}
+    write_report(report, title, intro_html, rows, fits, plots, columns, footer_html, effects)
+    return {"fits": fits, "data_scale_effect": effects, "plots": plots, "fits_json": fits_json, "report": report}
 
 
 # ---------------------------------------------------------------------------------------------

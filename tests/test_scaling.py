@@ -235,3 +235,34 @@ def test_plan_of_the_papers_grid_by_hand() -> None:
     # no rate known: GPU-hours unknown, not zero
     plan = plan_grid(models[:1], {"80M": 80_000_000}, seen, gm, batch_size=1024)
     assert plan["total"]["gpu_hours"] is None and "unknown" in plan["runs"][0]["rate_source"]
+
+
+def test_data_scale_effect_on_a_hand_made_table() -> None:
+    from laiontools.scaling import data_scale_effect
+
+    def row(scale: str, n: int, seen: int, seed: int, acc: float) -> dict:
+        return {"run_id": f"{scale}_{seen}_{seed}", "model": "m", "scale": scale, "dataset_samples": n,
+                "samples_seen": seen, "acc": acc}
+
+    rows = [row("small", 10, 100, 0, 0.9),  # a smaller budget: ignored
+            row("small", 10, 400, 0, 0.30), row("small", 10, 400, 1, 0.20),   # errors 0.70, 0.80: mean 0.75, spread 0.10
+            row("mid", 50, 400, 0, 0.40),
+            row("large", 100, 400, 0, 0.55), row("large", 100, 400, 1, 0.45)]  # errors 0.45, 0.55: mean 0.50, spread 0.10
+    (e,) = data_scale_effect(rows, ["acc"])
+    assert e["samples_seen"] == 400 and e["smallest"] == "small" and e["largest"] == "large"
+    assert [s["scale"] for s in e["scales"]] == ["small", "mid", "large"]  # ordered by dataset size
+    assert e["scales"][0]["mean_error"] == pytest.approx(0.75) and e["scales"][2]["mean_error"] == pytest.approx(0.50)
+    assert e["gap"] == pytest.approx(0.25) and e["spread"] == pytest.approx(0.10) and e["signal"] is True
+    # wider seed spreads, still a signal
+    rows[2]["acc"] = 0.50  # small errors 0.70, 0.50: mean 0.60, spread 0.20
+    rows[5]["acc"] = 0.70  # large errors 0.45, 0.30: mean 0.375, spread 0.15 -> gap 0.225 > spread 0.20
+    (e,) = data_scale_effect(rows, ["acc"])
+    assert e["gap"] == pytest.approx(0.225) and e["spread"] == pytest.approx(0.20) and e["signal"] is True
+    # seeds that move the error more than the scales do: no signal
+    rows[1]["acc"] = 0.65  # small errors 0.35, 0.50: mean 0.425, spread 0.15 -> gap 0.05 < spread 0.15
+    (e,) = data_scale_effect(rows, ["acc"])
+    assert e["gap"] == pytest.approx(0.05) and e["signal"] is False
+    # one seed per scale: never a signal, whatever the gap
+    (e,) = data_scale_effect([row("small", 10, 400, 0, 0.1), row("large", 100, 400, 0, 0.9)], ["acc"])
+    assert e["gap"] == pytest.approx(0.8) and e["spread"] == 0 and e["signal"] is False
+    assert data_scale_effect([{"run_id": "x", "compute_gmacs": 1, "acc": 0.5}], ["acc"]) == []  # no scale column

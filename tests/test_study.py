@@ -55,6 +55,9 @@ def test_bad_study_config(tmp_path) -> None:
     cfg = StudyConfig(output=str(tmp_path), scales={"a": "x"}, samples_seen=["1e3"], models=["lt-tiny"], batch_size=16,
                       evalset=["e=x"], train={"log-every": 5})  # fmt: skip
     assert cfg.samples_seen == [1000] and cfg.train == {"log_every": 5}
+    with pytest.raises(ConfigError, match="extra_seeds"):
+        StudyConfig(output=str(tmp_path), scales={"a": "x"}, samples_seen=[32], models=["lt-tiny"], batch_size=16,
+                    evalset=["e=x"], train={"seed": 3}, extra_seeds=[1, 3])  # fmt: skip
 
 
 @pytest.mark.slow
@@ -74,6 +77,7 @@ def test_study_grid_killed_and_resumed(tmp_path) -> None:
         "evalset": [f"colors={ev}:wds"],
         "train": {"workers": 0, "log_every": 1, "lr": 0.001},
         "evaluate": {"batch_size": 16},
+        "extra_seeds": [1],  # a second seed of both scales at the largest budget (32)
     }
     cfg_path = tmp_path / "study.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -101,14 +105,25 @@ def test_study_grid_killed_and_resumed(tmp_path) -> None:
     assert os.path.getmtime(os.path.join(first, "eval.json")) == eval_mtime
 
     df = pd.read_csv(os.path.join(out, "results.csv"))
-    assert len(df) == 4 and set(df["scale"].astype(str)) == {"16", "32"}
-    assert sorted(df["samples_seen"]) == [16, 16, 32, 32]
+    assert len(df) == 6 and set(df["scale"].astype(str)) == {"16", "32"}
+    assert sorted(df["samples_seen"]) == [16, 16, 32, 32, 32, 32]
+    seeded = df[df["seed"] == 1]
+    assert sorted(seeded["run_id"]) == ["lt-tiny__16__32__seed1", "lt-tiny__32__32__seed1"]
+    assert (seeded["samples_seen"] == 32).all() and (df[df["seed"] == 0]["run_id"].str.count("seed") == 0).all()
     assert (df["compute_gmacs"] == df["gmacs_per_sample"] * df["samples_seen"]).all()
     assert df["final_loss"].map(math.isfinite).all()
     # same budget -> same steps whatever the subset size
     assert df.groupby("samples_seen")["steps"].nunique().eq(1).all()
     assert "colors/zeroshot_top1" in df.columns and "colors/image_to_text_R@5" in df.columns
 
+    effects = _json(os.path.join(out, "fits.json"))["data_scale_effect"]
+    assert {e["metric"] for e in effects} == {"colors/zeroshot_top1", "colors/image_to_text_R@5", "colors/text_to_image_R@5"}
+    for e in effects:  # both scales have 2 seeds at budget 32; the numbers are the csv's
+        assert e["samples_seen"] == 32 and [s["n_runs"] for s in e["scales"]] == [2, 2]
+        small = 1 - df[(df["scale"].astype(str) == "16") & (df["samples_seen"] == 32)][e["metric"]]
+        assert e["scales"][0]["mean_error"] == pytest.approx(small.mean())
+        assert e["signal"] == (e["gap"] > e["spread"])
+    assert "Data scale at a fixed budget" in _text(res["report"])
     fits = _json(os.path.join(out, "fits.json"))["fits"]
     assert set(fits) == {"colors/zeroshot_top1", "colors/image_to_text_R@5", "colors/text_to_image_R@5"}
     for m, e in fits.items():
@@ -121,7 +136,8 @@ def test_study_grid_killed_and_resumed(tmp_path) -> None:
                 expected.append((c, err))
                 best = err
         got = df.set_index("run_id").loc[e["frontier"]]
-        assert list(zip(got["compute_gmacs"], 1 - got[m])) == pytest.approx(expected)
+        flat = lambda pairs: [float(v) for pair in pairs for v in pair]
+        assert flat(zip(got["compute_gmacs"], 1 - got[m])) == pytest.approx(flat(expected))
         if len(expected) >= 2:  # two frontier points at different compute: a fit must be made
             assert e["fit"] is not None, f"{m}: no fit although the frontier has {len(expected)} points: {e.get('why_no_fit')}"
             (c0, e0), (c1, e1) = expected[0], expected[-1]

@@ -99,10 +99,16 @@ class StudyConfig(StageConfig):
     evaluate: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "extra evaluate settings (YAML)"})
     metrics: list[str] = dataclasses.field(default_factory=list, metadata={"help": "metrics to fit; default every zero-shot top-1 and R@5"})
     predict_at: list[float] = dataclasses.field(default_factory=list, metadata={"help": "compute (GMACs) to predict at"})
+    extra_seeds: list[int] = dataclasses.field(default_factory=list, metadata={
+        "help": "more training seeds for every model and scale at the largest samples-seen budget (the grid's runs use "
+                "train.seed): the report compares data scales at that budget against the spread between seeds"})
 
     def validate(self) -> None:
         if not self.output:
             raise ConfigError("study: `output` (the study folder) is required")
+        base_seed = int(self.train.get("seed", 0))
+        if base_seed in [int(s) for s in self.extra_seeds] or len(set(self.extra_seeds)) != len(self.extra_seeds):
+            raise ConfigError(f"study: extra_seeds {self.extra_seeds} must be distinct and differ from train.seed ({base_seed})")
         try:  # YAML reads 1e9 as a string and 1.0e+9 as a float
             self.samples_seen = [int(float(n)) for n in self.samples_seen]
             self.predict_at = [float(c) for c in self.predict_at]
@@ -172,13 +178,18 @@ def _write_results(path: str, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs: float) -> dict[str, Any]:
-    """Train (or resume, or skip) and evaluate (or skip) one grid point; return its results row."""
+def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs: float,
+              seed: int | None = None) -> dict[str, Any]:
+    """Train (or resume, or skip) and evaluate (or skip) one grid point; return its results row.
+
+    ``seed`` None is the grid's run (``train.seed``); another seed is a replicate, run id ``...__seed<N>``.
+    """
     from laiontools.stages import evaluate, train
     from laiontools.stages.evaluate import EvaluateConfig
     from laiontools.stages.train import TrainConfig, is_finished, read_result
 
-    rid = run_id(model, scale, samples_seen)
+    rid = run_id(model, scale, samples_seen) + (f"__seed{seed}" if seed is not None else "")
+    train_settings = {**cfg.train, **({"seed": int(seed)} if seed is not None else {})}
     base = os.path.join(cfg.output, RUNS_DIR, rid)
     run_dir = os.path.join(base, "train")
     eval_path = os.path.join(base, EVAL_FILE)
@@ -187,7 +198,8 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
         res = train.run(
             TrainConfig(
                 manifest=cfg.scales[scale], model=model, samples_seen=int(samples_seen), batch_size=cfg.batch_size,
-                nproc=cfg.nproc, output=run_dir, resume=os.path.exists(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON)), **cfg.train,
+                nproc=cfg.nproc, output=run_dir, resume=os.path.exists(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON)),
+                **train_settings,
             )
         )  # fmt: skip
         emit(res.summary)  # progress of a grid that runs for hours
@@ -211,12 +223,14 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
         "gmacs_per_sample": gmacs,
         "compute_gmacs": gmacs * result["samples_seen"],
         "final_loss": result["final_loss"],
+        "seed": int(train_settings.get("seed", 0)),
     }
     row.update(ev["metrics"])
     return row
 
 
-RUN_COLUMNS = ["run_id", "model", "scale", "dataset_samples", "samples_seen", "gmacs_per_sample", "compute_gmacs", "final_loss"]
+RUN_COLUMNS = ["run_id", "model", "scale", "dataset_samples", "samples_seen", "seed", "gmacs_per_sample", "compute_gmacs",
+               "final_loss"]
 _FILES_HTML = (f"<p>Files: <code>{RESULTS_CSV}</code>, <code>{FITS_JSON}</code>, <code>{RUNS_DIR}/&lt;run&gt;/train</code> "
                f"(run directories), <code>{RUNS_DIR}/&lt;run&gt;/{EVAL_FILE}</code>.</p>")
 
@@ -226,8 +240,10 @@ def _grid_html(cfg: StudyConfig) -> str:
     return (
         f"<p>Grid: scales {esc(', '.join(f'{k} ({v})' for k, v in cfg.scales.items()))}; samples seen "
         f"{esc(str(cfg.samples_seen))}; models {esc(', '.join(cfg.models))}; global batch {cfg.batch_size}; "
-        f"{cfg.nproc} process(es) per run.</p>\n<p>Compute C = GMACs per sample (image + text forward, torch "
-        f"FlopCounterMode / 2) &times; samples seen.</p>"
+        f"{cfg.nproc} process(es) per run"
+        + (f"; seeds {esc(str(cfg.extra_seeds))} also at the largest budget" if cfg.extra_seeds else "")
+        + ".</p>\n<p>Compute C = GMACs per sample (image + text forward, torch "
+        "FlopCounterMode / 2) &times; samples seen.</p>"
     )
 
 
@@ -259,6 +275,11 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
             for n in cfg.samples_seen:
                 rows.append(run_point(cfg, model, scale, int(n), gm[model]["gmacs_per_sample"]))
                 _write_results(results_csv, rows)  # partial results survive a kill
+    for model in cfg.models:  # seed replicates at the largest budget: is a scale's lead bigger than seed noise?
+        for scale in cfg.scales:
+            for seed in cfg.extra_seeds:
+                rows.append(run_point(cfg, model, scale, max(int(n) for n in cfg.samples_seen), gm[model]["gmacs_per_sample"], seed))
+                _write_results(results_csv, rows)
     metric_cols = sorted({k for r in rows for k in r if "/" in k})
     metrics = list(cfg.metrics) or default_metrics(metric_cols)
     unknown = [m for m in metrics if m not in metric_cols]
