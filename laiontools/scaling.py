@@ -206,9 +206,9 @@ def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequ
 
 
 def data_scale_effect(rows: list[dict[str, Any]], metrics: Sequence[str], kind: str = "accuracy") -> list[dict[str, Any]]:
-    """Does data scale matter at a fixed budget? Per metric and model, at that model's largest samples seen.
+    """Does data scale matter at a fixed budget? Per metric and model, at the largest samples seen that 2+ scales share.
 
-    Groups the runs at the largest budget by scale (ordered by ``dataset_samples``, else by name) and
+    Groups the runs at that budget by scale (ordered by ``dataset_samples``, else by name) and
     reports each scale's mean, min and max error over its runs (seeds). ``gap`` = mean error of the
     smallest scale - mean error of the largest; ``spread`` = the larger of the two scales' max - min
     over seeds. ``signal`` is True when both scales have 2+ runs and gap > spread: the largest scale
@@ -223,16 +223,18 @@ def data_scale_effect(rows: list[dict[str, Any]], metrics: Sequence[str], kind: 
             mine = [r for r in rows if str(r.get("model", "")) == model and _number(r.get(m)) is not None]
             if not mine:
                 continue
-            top = max(float(r["samples_seen"]) for r in mine)
-            at = [r for r in mine if float(r["samples_seen"]) == top]
+            budgets = sorted({float(r["samples_seen"]) for r in mine}, reverse=True)
+            shared = [b for b in budgets if len({str(r["scale"]) for r in mine if float(r["samples_seen"]) == b}) >= 2]
+            if not shared:
+                continue
+            top = shared[0]
             by_scale: dict[str, list[float]] = {}
             size: dict[str, float] = {}
-            for r in at:
-                s = str(r["scale"])
-                by_scale.setdefault(s, []).append(to_error(float(r[m]), kind))
-                size[s] = _number(r.get("dataset_samples")) or math.inf
-            if len(by_scale) < 2:
-                continue
+            for r in mine:
+                if float(r["samples_seen"]) == top:
+                    s = str(r["scale"])
+                    by_scale.setdefault(s, []).append(to_error(float(r[m]), kind))
+                    size[s] = _number(r.get("dataset_samples")) or math.inf
             order = sorted(by_scale, key=lambda s: (size[s], s))
             scales = [{"scale": s, "dataset_samples": None if size[s] == math.inf else size[s], "n_runs": len(by_scale[s]),
                        "mean_error": sum(by_scale[s]) / len(by_scale[s]), "min_error": min(by_scale[s]),
@@ -469,7 +471,7 @@ def effect_html(effects: Sequence[dict[str, Any]]) -> str:
                                              else "needs 2+ seeds per scale")
         trs.append(f"<tr><td>{esc(e['metric'])}</td><td>{esc(e['model'])}</td><td>{e['samples_seen']:.4g}</td><td>{esc(per)}</td>"
                    f"<td>{e['gap']:.3f}</td><td>{e['spread']:.3f}</td><td>{verdict}</td></tr>")
-    return ("<h2>Data scale at a fixed budget</h2><p>At each model's largest samples seen: error per scale, mean "
+    return ("<h2>Data scale at a fixed budget</h2><p>At the largest samples seen that 2+ scales share: error per scale, mean "
             "(min..max over runs, i.e. seeds). Gap = smallest scale's mean error &minus; largest scale's; spread = the larger "
             "of the two scales' max &minus; min. The largest scale wins beyond seed noise when gap &gt; spread.</p>"
             "<table><tr><th>metric</th><th>model</th><th>samples seen</th><th>error by scale</th><th>gap</th><th>spread</th>"

@@ -247,7 +247,8 @@ def test_data_scale_effect_on_a_hand_made_table() -> None:
     rows = [row("small", 10, 100, 0, 0.9),  # a smaller budget: ignored
             row("small", 10, 400, 0, 0.30), row("small", 10, 400, 1, 0.20),   # errors 0.70, 0.80: mean 0.75, spread 0.10
             row("mid", 50, 400, 0, 0.40),
-            row("large", 100, 400, 0, 0.55), row("large", 100, 400, 1, 0.45)]  # errors 0.45, 0.55: mean 0.50, spread 0.10
+            row("large", 100, 400, 0, 0.55), row("large", 100, 400, 1, 0.45),  # errors 0.45, 0.55: mean 0.50, spread 0.10
+            row("large", 100, 800, 0, 0.99)]  # a larger budget that only one scale has: ignored too
     (e,) = data_scale_effect(rows, ["acc"])
     assert e["samples_seen"] == 400 and e["smallest"] == "small" and e["largest"] == "large"
     assert [s["scale"] for s in e["scales"]] == ["small", "mid", "large"]  # ordered by dataset size
