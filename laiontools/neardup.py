@@ -117,9 +117,10 @@ def cluster_groups(x: np.ndarray, eps: Sequence[float], block: int = 4096) -> tu
         for b in range(a, n, block):
             xb = xa if b == a else np.asarray(x[b:b + block], dtype=np.float32)
             s = xa @ xb.T
-            if b == a:  # each unordered pair once, no self pairs
-                s[np.tril_indices(s.shape[0], 0, s.shape[1])] = -2.0
             ii, jj = np.nonzero(s > low)
+            if b == a:  # each unordered pair once, no self pairs (filtering the few hits is cheaper than
+                keep = jj > ii  # masking the lower triangle, whose index arrays are O(block^2))
+                ii, jj = ii[keep], jj[keep]
             if not len(ii):
                 continue
             sv = s[ii, jj]
