@@ -71,6 +71,10 @@ def embedded_defaults(master: str) -> dict[str, str]:
         # local mode has no other executor to retry on: fail at once with the task's own error.
         "spark.task.maxFailures": "1" if master.startswith("local") else "4",
         "spark.python.worker.reuse": "true",
+        # parquet-mr writes a CRC per page but checks none by default: a flipped bit in a catalog page
+        # then reads back as a wrong value (a fault test found one in the sha256 column). CRC32 costs
+        # far less than decompression; with it, the read fails naming the file (cli: FAILED_READ_FILE).
+        "spark.hadoop.parquet.page.verify-checksum.enabled": "true",
     }
 
 

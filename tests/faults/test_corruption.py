@@ -103,9 +103,24 @@ def test_manifest(pool_copy, tmp_path, capfd, damage):
         with open(pool_copy, "r+") as f:  # one hex digit of the recorded hash changed to another hex digit
             f.seek(i)
             f.write("0" if data[i] != "0" else "1")
-    names = (os.path.basename(pool_copy),) if damage != "flip-uid-sha256" else (os.path.basename(pool_copy), "pool.uids.npy")
+        # subsets selects from the catalog and never reads the pool's uid file; verify checks it.
+        _verify_reports(pool_copy, "pool.uids.npy", capfd, f"manifest ({damage})")
+        return
     _refused("subsets", ["subsets", "--pool", pool_copy, "--output", str(tmp_path / "o"), "--scales", "10", "--seed", "1"],
-             names, capfd, f"manifest ({damage})")
+             pool_copy, capfd, f"manifest ({damage})")
+
+
+def _verify_reports(manifest: str, name: str, capfd, kind: str) -> None:
+    """`laiontools verify` on `manifest` must exit 1 (a difference found) naming `name`, no traceback."""
+    from laiontools.cli import main
+
+    capfd.readouterr()
+    rc = main(["verify", "--no-shards", manifest])
+    cap = capfd.readouterr()
+    text = cap.out + cap.err
+    record({"kind": "corruption", "stage": "verify", "input": kind, "outcome": "reported" if rc == 1 and name in text else f"exit {rc}"})
+    assert rc == 1, f"verify exited {rc} on a damaged {kind}\n{text[-3000:]}"
+    assert "Traceback" not in text and name in text, text[-3000:]
 
 
 # ------------------------------------------------------------------------------------------ uid file
@@ -114,18 +129,9 @@ def test_manifest(pool_copy, tmp_path, capfd, damage):
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_pool_uid_file(pool_copy, tmp_path, capfd, damage):
     """The pool's uid file is read by verify (subsets selects from the catalog, not from it)."""
-    from laiontools.cli import main
-
     uids = os.path.join(os.path.dirname(pool_copy), "pool.uids.npy")
     truncate(uids, 0.7) if damage == "truncate" else flip(uids, at=0.7)
-    capfd.readouterr()
-    rc = main(["verify", "--no-shards", pool_copy])
-    cap = capfd.readouterr()
-    text = cap.out + cap.err
-    record({"kind": "corruption", "stage": "verify", "input": f"uid file ({damage})",
-            "outcome": "reported" if rc == 1 and "pool.uids.npy" in text else f"exit {rc}"})
-    assert rc == 1, f"verify exited {rc} on a damaged uid file\n{text[-3000:]}"  # 1: verify found a difference
-    assert "Traceback" not in text and "pool.uids.npy" in text, text[-3000:]
+    _verify_reports(pool_copy, "pool.uids.npy", capfd, f"uid file ({damage})")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -142,10 +148,23 @@ def test_subset_uid_file(chain, tmp_path, capfd, damage):
 # --------------------------------------------------------------------------------------- catalog
 
 
+def flip_column(path: str, column: str) -> None:
+    """Flip one bit in the middle of `column`'s data in the parquet file at `path` (first row group)."""
+    import pyarrow.parquet as pq
+
+    rg = pq.ParquetFile(path).metadata.row_group(0)
+    cc = next(rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema == column)
+    start = cc.dictionary_page_offset or cc.data_page_offset
+    at = start + cc.total_compressed_size // 2
+    flip(path, at=(at + 0.5) / os.path.getsize(path))
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_catalog_parquet(pool_copy, tmp_path, capfd, damage):
+    """A cut catalog part, and a flipped bit inside the uid column (which subsets reads: a flip in a
+    column no stage reads is not looked at, and changes no result)."""
     part = sorted(glob.glob(os.path.join(os.path.dirname(pool_copy), "catalog", "*.parquet")))[0]
-    truncate(part) if damage == "truncate" else flip(part, at=0.5)
+    truncate(part) if damage == "truncate" else flip_column(part, "uid")
     _refused("subsets", ["subsets", "--pool", pool_copy, "--output", str(tmp_path / "o"), "--scales", "10", "--seed", "1"],
              part, capfd, f"catalog parquet ({damage})")
 
