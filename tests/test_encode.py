@@ -167,6 +167,24 @@ def test_damaged_later_header_is_an_error_not_fewer_samples(tmp_path):
         index_source_shard(("00000", str(p)))
 
 
+def test_reshard_index_refuses_a_sample_with_a_member_twice(tmp_path):
+    """webdataset refuses a sample holding one extension twice; reshard's index does too, naming the
+    shard (before, both members were copied and the output sample held two .jpg)."""
+    from laiontools.stages.reshard import index_source_shard
+
+    ok = [("000000.jpg", b"a"), ("000000.json", b"{}"), ("dir/000001.jpg", b"b"), ("dir/000001.JPG", b"c")]
+    p = tmp_path / "ok.tar"
+    p.write_bytes(_tar_bytes(ok))
+    rows = index_source_shard(("s", str(p)))
+    # webdataset's key rule: the folder is part of the key, the extension keeps its case here
+    assert [(k, e) for _, k, e, *_ in rows] == [
+        ("000000", "jpg"), ("000000", "json"), ("dir/000001", "jpg"), ("dir/000001", "JPG")]
+    p = tmp_path / "twice.tar"
+    p.write_bytes(_tar_bytes([*ok, ("000002.jpg", b"x"), ("000002.txt", b"t"), ("000002.jpg", b"y")]))
+    with pytest.raises(RuntimeError, match=r"twice.tar: 000002.jpg: a second .jpg member in one sample"):
+        index_source_shard(("s", str(p)))
+
+
 def test_header_scan_matches_tarfile(tmp_path):
     """reshard's header-only index (tarscan.scan_headers) gives tarfile's offsets, or steps aside."""
     import tarfile
