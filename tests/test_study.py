@@ -284,3 +284,16 @@ def test_study_plan_of_the_papers_grid(tmp_path, capsys) -> None:
     assert r["images_per_second"] == pytest.approx(1e12 / (6 * g_tiny * 1e9))  # 1 TFLOP/s / (6 x GMACs)
     with pytest.raises(ConfigError, match="neither an existing manifest nor a sample count"):
         study_stage.run_plan(study_stage.PlanConfig(scales={"big": "missing.json"}, samples_seen=[64], models=["lt-tiny"]))
+
+
+def test_study_plan_measures_images_per_second_here() -> None:
+    """--measure: a real training step on this machine's device gives the rate; stated rates still win."""
+    cfg = study_stage.PlanConfig(scales={"s": 1000}, samples_seen=[2000], models=["lt-tiny", "lt-small"], batch_size=4,
+                                 measure=True, measure_batch_size=4, images_per_second={"lt-small": 10.0})  # fmt: skip
+    plan = study_stage.run_plan(cfg).details
+    tiny, small = plan["runs"]
+    assert tiny["rate_source"].startswith("measured on cpu") and tiny["images_per_second"] > 0
+    assert plan["measured"]["lt-tiny"]["images_per_second"] == tiny["images_per_second"]
+    assert tiny["gpu_hours"] == pytest.approx(2000 / tiny["images_per_second"] / 3600)
+    assert small["rate_source"] == "stated" and small["gpu_hours"] == pytest.approx(2000 / 10 / 3600)
+    assert "lt-small" not in plan["measured"]  # a stated rate is not re-measured
