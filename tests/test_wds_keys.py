@@ -83,3 +83,7 @@ def test_iter_members_names_a_damaged_tar():
     cut = _tar([("0.jpg", b"x" * 6000)])[:3000]
     with pytest.raises(tarfile.TarError):
         list(iter_members(io.BytesIO(cut), len(cut)))
+    gz = _tar([(f"{i}.jpg", bytes(range(256)) * 40) for i in range(3)], "w:gz")
+    for bad in (gz[: len(gz) // 2], gz[:12] + bytes(64) + gz[76:]):  # cut short; damaged deflate data
+        with pytest.raises(tarfile.TarError):
+            list(iter_members(io.BytesIO(bad), len(bad)))

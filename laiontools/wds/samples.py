@@ -9,7 +9,9 @@ stop) and are grouped by :func:`laiontools.wds.keys.group_by_keys`, whose option
 from __future__ import annotations
 
 import io
+import lzma
 import tarfile
+import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -32,8 +34,11 @@ def iter_members(f: BinaryIO, file_size: int) -> Iterator[tuple[str, bytes]]:
     head = f.read(6)
     if head.startswith(_COMPRESSED_MAGIC):
         f.seek(0)
-        with tarfile.open(fileobj=f, mode="r|*") as tf:
-            yield from tarfile_members(tf)
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tf:
+                yield from tarfile_members(tf)
+        except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:  # a cut or damaged compressed stream
+            raise tarfile.ReadError(f"compressed tar is truncated or damaged ({type(e).__name__}: {e})") from e
         return
     for name, off, size, _ in tar_index(f, file_size):
         f.seek(off)
