@@ -61,11 +61,7 @@ class Pool:
     server: object
 
 
-# Settings every test download uses: fast failures, small shards, only loopback allowed.
-TEST_DOWNLOAD_SETTINGS = dict(
-    allow_networks=["127.0.0.0/8"], number_sample_per_shard=20, shards_per_file=2, timeout=2, retries=0,
-    image_size=64, thread_count=16,
-)
+from laiontools.testing import TEST_DOWNLOAD_SETTINGS  # noqa: E402  (also imported by test modules)
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +77,7 @@ def synthetic_web(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pool(spark, synthetic_web, tmp_path_factory) -> Pool:
-    """A pool downloaded by `laiontools.stages.download.run_download` (Spark local[2] + img2dataset)."""
+    """A pool downloaded by `laiontools.stages.download.run` (Spark local[2] + img2dataset)."""
     import pandas as pd
 
     from laiontools.stages import download as download_stage

@@ -18,12 +18,12 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import TEST_DOWNLOAD_SETTINGS
 
 from laiontools.contracts import layout
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.contracts.uids import array_to_uids, contains, load_uids, uids_to_array
 from laiontools.core.storage import sha256_file
+from laiontools.testing import TEST_DOWNLOAD_SETTINGS
 
 
 def _catalog(pool_dir: str) -> pd.DataFrame:

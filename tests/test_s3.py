@@ -7,9 +7,12 @@ file's location (storage.path_key) for Spark's and fsspec's paths.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import uuid
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,8 +23,10 @@ from laiontools.core.storage import (
     ensure_output_dir,
     path_key,
     read_json,
+    sha256_file,
     spark_read_parquet,
     spark_write_parquet,
+    url_to_fs,
 )
 
 moto_server = pytest.importorskip("moto.server", reason="object-store tests need moto[server] (the test extra)")
@@ -90,7 +95,7 @@ def test_spark_input_file_name_meets_the_fsspec_path(spark, tmp_path):
     """Spark's own input_file_name() for files in awkward folders maps to the key of the path we wrote."""
     from pyspark.sql import functions as F
 
-    from laiontools.stages.download import _spark_path_key
+    from laiontools.core.storage import spark_path_key
 
     paths = []
     for i, folder in enumerate(["plain", "with space", "pct%41sign", "eq=sign"]):
@@ -99,7 +104,7 @@ def test_spark_input_file_name_meets_the_fsspec_path(spark, tmp_path):
         p = str(d / f"{i:05d}.parquet")
         pq.write_table(pa.table({"i": [i, i]}), p)
         paths.append(p)
-    df = spark.read.parquet(*paths).withColumn("_k", _spark_path_key(F.input_file_name()))
+    df = spark.read.parquet(*paths).withColumn("_k", spark_path_key(F.input_file_name()))
     got = {(r["i"], r["_k"]) for r in df.collect()}
     assert got == {(i, path_key(p)) for i, p in enumerate(paths)}
 
@@ -155,9 +160,9 @@ def test_permission_error_is_one_clear_error_naming_the_path(s3, bucket):
 
 
 def test_unreachable_endpoint_is_one_clear_error_naming_the_path(monkeypatch):
-    import fsspec
-
     import socket
+
+    import fsspec
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -167,3 +172,86 @@ def test_unreachable_endpoint_is_one_clear_error_naming_the_path(monkeypatch):
         "connect_timeout": 1, "retries": {"max_attempts": 1}}})
     with pytest.raises(StorageError, match=r"s3://lt-any/pool.*cannot reach the object store at http://127.0.0.1"):
         check_store("s3://lt-any/pool")
+
+
+def _catalog_rows(path: str, spark) -> pd.DataFrame:
+    cols = ["uid", "status", "shard", "key", "width", "height", "sha256", "tar_offset", "tar_length"]
+    df = spark_read_parquet(spark, path).select(*cols).toPandas()
+    return df.sort_values(["uid", "status"]).reset_index(drop=True)
+
+
+def _members(path: str) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
+
+
+@dataclasses.dataclass
+class Pools:
+    local: str
+    s3: str
+    source_s3: str
+
+
+@pytest.fixture(scope="module")
+def pools(spark, s3, tmp_path_factory) -> Pools:
+    """One synthetic source (no route whose answer changes between requests), uploaded to a bucket and
+    downloaded twice with the same settings: into a local folder and into s3://."""
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+    from laiontools.synthetic import SyntheticWebServer, make_source
+    from laiontools.testing import TEST_DOWNLOAD_SETTINGS
+
+    work = tmp_path_factory.mktemp("s3web")
+    name = f"lt-pools-{uuid.uuid4().hex[:8]}"
+    s3.mkdir(name)
+    with SyntheticWebServer(str(work / "images")) as web:
+        src = make_source(str(work), 40, web.base_url, broken={"status_404": 0.1, "bad_scheme": 0.05, "corrupt": 0.05})
+        source_s3 = f"s3://{name}/source"
+        s3.put(src["source"], source_s3.split("://")[1], recursive=True)
+        local = str(work / "pool")
+        download_stage.run(DownloadConfig(input=src["source"], output=local, **TEST_DOWNLOAD_SETTINGS), spark)
+        out = f"s3://{name}/pool"
+        download_stage.run(DownloadConfig(input=source_s3, output=out, **TEST_DOWNLOAD_SETTINGS), spark)
+    return Pools(local, out, source_s3)
+
+
+@pytest.mark.slow
+def test_download_from_and_to_s3_equals_the_local_run(spark, pools):
+    """Input and output on s3://: the same manifest (uids, shards, hashes), catalog and settings as on disk."""
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+
+    m_s3 = read_manifest(f"{pools.s3}/{layout.POOL_MANIFEST}")
+    m_local = read_manifest(f"{pools.local}/{layout.POOL_MANIFEST}")
+    assert m_s3["num_samples"] == m_local["num_samples"] > 0
+    assert m_s3["uids"] == m_local["uids"]  # same uid file: path, count, sha256
+    # same shards: names, counts, sizes, and every member's name and bytes (not the tar's sha256 or the
+    # member order: img2dataset stamps members with the time they were written, in the order fetches end)
+    key = ("path", "num_samples", "bytes")
+    assert [tuple(s[k] for k in key) for s in m_s3["shards"]] == [tuple(s[k] for k in key) for s in m_local["shards"]]
+    for sh in m_s3["shards"]:
+        assert sorted(_members(f"{pools.s3}/{sh['path']}")) == sorted(_members(f"{pools.local}/{sh['path']}"))
+        assert sha256_file(f"{pools.s3}/{sh['path']}")[0] == sh["sha256"]
+    # every success row names its shard and byte span (the catalog's shard mapping works on s3 paths)
+    s3_cat = _catalog_rows(f"{pools.s3}/{layout.CATALOG_DIR}", spark)
+    local_cat = _catalog_rows(f"{pools.local}/{layout.CATALOG_DIR}", spark)
+    ok = s3_cat[s3_cat["status"] == "success"]
+    assert len(ok) == m_s3["num_samples"]
+    assert ok["shard"].notna().all() and ok["tar_offset"].notna().all()
+    span = ["tar_offset", "tar_length"]  # where a sample sits in its tar follows the fetch order
+    pd.testing.assert_frame_equal(s3_cat.drop(columns=span), local_cat.drop(columns=span))
+    # each span read back from the bucket starts with the sample's first tar header
+    fs, _ = url_to_fs(pools.s3)
+    for r in ok.itertuples():
+        with fs.open(f"{pools.s3.split('://')[1]}/shards/{r.shard}.tar", "rb") as f:
+            f.seek(int(r.tar_offset))
+            head = f.read(512)
+        assert head[:100].rstrip(b"\0").decode().startswith(r.key), (r.shard, r.key)
+    assert m_s3["source"] == m_local["source"]  # same source fingerprint, read from the bucket
+    # credentials come from the environment, never from the recorded settings or the manifest
+    recorded = json.dumps(read_json(f"{pools.s3}/{layout.SETTINGS_JSON}")) + json.dumps(m_s3)
+    for secret in (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]):
+        assert secret not in recorded

@@ -7,11 +7,11 @@ import os
 
 import pandas as pd
 import pytest
-from conftest import TEST_DOWNLOAD_SETTINGS
 from PIL import Image
 
 from laiontools.contracts import layout
 from laiontools.synthetic import SyntheticWebServer
+from laiontools.testing import TEST_DOWNLOAD_SETTINGS
 
 
 def _run_download(cfg, spark) -> dict:
@@ -130,11 +130,13 @@ def test_politeness_blocklist_and_numeric_hosts_in_one_pool(spark, web, tmp_path
         "n_short": f"http://127.2:{port}/img/{names[11]}",
         "n_zero": f"http://0:{port}/img/{names[12]}",
         "ok2": f"{b}/img/{names[13]}",
+        "s429": f"{b}/status/429/{names[14]}",
     }
     out = str(tmp_path / "pool")
     settings = {**TEST_DOWNLOAD_SETTINGS, "allow_networks": ["127.0.0.1/32"]}
     cfg = DownloadConfig(input=_source(str(tmp_path / "src"), list(rows.values())), output=out, blocklist=str(bl), **settings)
     robots_before = server.robots_requests
+    server.log_requests()
     rep = _run_download(cfg, spark)
     cat = _catalog(out).set_index("url")
     st = {k: (cat.loc[u, "status"], cat.loc[u, "error_message"]) for k, u in rows.items()}
@@ -164,9 +166,20 @@ def test_politeness_blocklist_and_numeric_hosts_in_one_pool(spark, web, tmp_path
     assert w["opted_out_tdm_reservation"] == {"rows": 1, "hosts": 1}
     assert w["opted_out_x_robots_tag"] == {"rows": 1, "hosts": 1}
     assert w["blocklisted"] == {"rows": 1, "hosts": 1}
+    assert w["http_429"] == {"rows": 1, "hosts": 1}
     top = rep["hosts"]["most_failures"][0]
-    assert top["host"] == "127.0.0.1" and top["failed"] == 4
-    assert top["by_kind"] == {"robots_txt": 1, "opted_out_tdm_reservation": 1, "opted_out_x_robots_tag": 1, "blocklisted": 1}
+    assert top["host"] == "127.0.0.1" and top["failed"] == 5
+    assert top["by_kind"] == {"robots_txt": 1, "opted_out_tdm_reservation": 1, "opted_out_x_robots_tag": 1,
+                              "blocklisted": 1, "http_429": 1}
+    # the executors' counters, summed from every shard's _web.json
+    ex = rep["hosts"]["executors"]
+    assert ex["shards_counted"] == len([f for f in os.listdir(os.path.join(out, layout.SHARDS_DIR)) if f.endswith(".tar")])
+    assert ex["robots_fetches"] == server.robots_requests - robots_before
+    assert ex["dns_lookups"] == 0  # every host fetched was an address literal
+    assert ex["throttle_pauses"] == 1 and ex["most_throttled"] == [{"host": "127.0.0.1", "pauses": 1}]
+    # requests: the 6 fetched rows plus robots.txt, as the server counted them
+    assert ex["requests"] == len(server.request_log) == 6 + ex["robots_fetches"]
     with open(os.path.join(out, layout.REPORT_TXT)) as f:
         text = f.read()
     assert "robots.txt refusals 1 (hosts 1)" in text and "hosts with the most failures" in text
+    assert "429/503 pauses 1 on 1 host(s)" in text
