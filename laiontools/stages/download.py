@@ -404,6 +404,7 @@ def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], pr
         kinds[f"{r[C.STATUS]}:{r['_kind']}"] = int(r["count"])
     hosts = host_view(fails)
     fails.unpersist()
+    hosts["executors"] = executor_view(shards)
     success = by_status.get(C.STATUS_SUCCESS, 0)
     attempted = success + by_status.get(C.STATUS_FAILED_DOWNLOAD, 0) + by_status.get(C.STATUS_FAILED_RESIZE, 0)
     times = [(s["start_time"], s["end_time"]) for s in shards if s.get("start_time")]
@@ -453,6 +454,31 @@ def host_view(fails: Any) -> dict[str, Any]:
     }
 
 
+def executor_view(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum of the shards' ``<shard>_web.json`` counters (DNS lookups and failures, robots.txt
+    fetches, requests, 429/503 pauses per host). A shard without one (killed between its stats and
+    its counters, or made by an older version) counts as zero; ``shards_counted`` says how many had one."""
+    from laiontools.web.fetch import WEB_STATS_SUFFIX
+
+    tot = {"dns_lookups": 0, "dns_failures": 0, "robots_fetches": 0, "requests": 0}
+    paused: dict[str, int] = {}
+    counted = 0
+    for s in shards:
+        path = s["tar"][: -len(".tar")] + WEB_STATS_SUFFIX
+        fs, p = url_to_fs(path)
+        if not fs.exists(p):
+            continue
+        d = read_json(path)
+        counted += 1
+        for k in tot:
+            tot[k] += int(d.get(k, 0))
+        for h, n in (d.get("throttled_hosts") or {}).items():
+            paused[h] = paused.get(h, 0) + int(n)
+    top = sorted(paused.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_HOSTS]
+    return {**tot, "shards_counted": counted, "throttle_pauses": int(sum(paused.values())),
+            "throttled_hosts": len(paused), "most_throttled": [{"host": h, "pauses": n} for h, n in top]}
+
+
 def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
     from laiontools.core.report import table
 
@@ -474,6 +500,11 @@ def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
         rows = [{"host": h["host"], "failed": h["failed"],
                  "kinds": ", ".join(f"{k}={v}" for k, v in list(h["by_kind"].items())[:4])} for h in hosts["most_failures"][:10]]
         lines += ["  hosts with the most failures:", "    " + table(rows).replace("\n", "\n    ")]
+    ex = hosts.get("executors")
+    if ex and ex.get("shards_counted"):
+        lines.append(f"  fetch counters: {ex['requests']} requests, DNS lookups {ex['dns_lookups']} "
+                     f"(failed {ex['dns_failures']}), robots.txt fetches {ex['robots_fetches']}, "
+                     f"429/503 pauses {ex['throttle_pauses']} on {ex['throttled_hosts']} host(s)")
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ import http.client
 import io
 import ipaddress
 import itertools
+import logging
 import os
 import random
 import re
@@ -721,8 +722,38 @@ def fetch_with_retry(row: tuple[int, str], timeout: float, retries: int, user_ag
     return key, None, err
 
 
+def executor_counters() -> dict[str, Any]:
+    """This process's DNS, robots.txt and per-host counters (they only grow)."""
+    return {"dns_lookups": DNS.lookups, "dns_failures": DNS.failures, "robots_fetches": ROBOTS.fetches,
+            "hosts": HOSTS.stats()}
+
+
+def counters_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What happened between two :func:`executor_counters` snapshots: totals, and the hosts that a
+    429/503 paused (with their pause count); hosts without a pause are only counted."""
+    hosts_b = before["hosts"]
+    throttled, requests = {}, 0
+    for h, v in after["hosts"].items():
+        b = hosts_b.get(h, {"requests": 0, "throttled": 0})
+        requests += v["requests"] - b["requests"]
+        if v["throttled"] > b["throttled"]:
+            throttled[h] = v["throttled"] - b["throttled"]
+    return {"dns_lookups": after["dns_lookups"] - before["dns_lookups"],
+            "dns_failures": after["dns_failures"] - before["dns_failures"],
+            "robots_fetches": after["robots_fetches"] - before["robots_fetches"],
+            "requests": requests, "throttled_hosts": throttled}
+
+
+WEB_STATS_SUFFIX = "_web.json"
+
+
 class PolicyDownloader(Downloader):
-    """img2dataset's Downloader with :func:`fetch_with_retry` as its fetch function."""
+    """img2dataset's Downloader with :func:`fetch_with_retry` as its fetch function.
+
+    After a shard it writes ``<shard>_web.json`` beside img2dataset's ``<shard>_stats.json``: the
+    executor counters of that shard (:func:`counters_delta`; a Python worker runs one shard at a
+    time, so the difference is the shard's). The download report sums them.
+    """
 
     def __init__(self, *args: Any, policy: FetchPolicy, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -737,4 +768,13 @@ class PolicyDownloader(Downloader):
         # img2dataset calls the module-level name inside download_shard; a Spark Python worker runs
         # one task at a time, so setting it per shard is safe.
         d.download_image_with_retry = functools.partial(fetch_with_retry, policy=pol, shard_deadline_at=at)
-        return super().__call__(row)
+        before = executor_counters()
+        result = super().__call__(row)
+        try:
+            from laiontools.core.storage import join, write_json
+
+            name = f"{row[0]:0{self.oom_shard_count}d}{WEB_STATS_SUFFIX}"
+            write_json(join(self.output_folder, name), counters_delta(before, executor_counters()))
+        except Exception:  # noqa: BLE001 - counters are a report's extra; never fail a written shard for them
+            logging.getLogger(__name__).warning("could not write the web counters of shard %s", row[0], exc_info=True)
+        return result
