@@ -72,7 +72,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
     Used by the CLI and by the spark-submit scripts in jobs/, so both behave the same.
     """
-    from laiontools.core.errors import UserError, damaged_input_error, environment_error
+    from laiontools.core.errors import UserError, damaged_input_error, environment_error, user_error_from
     from laiontools.core.logs import setup_logging
 
     setup_logging()
@@ -88,9 +88,10 @@ def run_stage(stage: str, argv: list[str]) -> int:
         return 2
     except Exception as e:
         # A full disk, a quota or a read-only file system is the machine's fault, not the code's, and a
-        # file Spark's reader cannot read is a damaged input: one line naming the path, wherever it was
-        # raised (here or inside a Spark task), no traceback.
-        fault = environment_error(e, _flag(argv, "--output")) or damaged_input_error(e)
+        # file Spark's reader cannot read is a damaged input, as is what a task raised with task_error
+        # and no stage turned back into a UserError: one line naming the path, wherever it was raised
+        # (here or inside a Spark task), no traceback.
+        fault = environment_error(e, _flag(argv, "--output")) or damaged_input_error(e) or user_error_from(e)
         if fault is None:
             raise
         print(f"laiontools {stage}: error: {fault}", file=sys.stderr)

@@ -93,10 +93,22 @@ def read_embeddings(
 
 
 def load_npy(path: str) -> np.ndarray:
-    """A .npy file at any fsspec path (read whole, never unpickled)."""
+    """A .npy file at any fsspec path (read whole, never unpickled); a cut or damaged file raises
+    :func:`~laiontools.core.errors.task_error` naming it (this runs in Spark tasks too)."""
     fs, p = url_to_fs(path)
     with fs.open(p, "rb") as f:
-        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+        data = f.read()
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError) as e:
+        raise _damaged_npy(path, e) from e
+
+
+def _damaged_npy(path: str, e: BaseException) -> Exception:
+    from laiontools.core.errors import task_error
+
+    return task_error(f"{path} is damaged or truncated ({e}); delete its shard's {layout.EMB_META_DIR}/<shard>.parquet.done "
+                      f"and re-run embed to rebuild it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +203,12 @@ def read_embedding_shard(emb_dir: str, sid: str) -> tuple[np.ndarray, Any]:
     npy = join(emb_dir, layout.EMB_IMG_DIR, f"{sid}.npy")
     fs, p = url_to_fs(npy)
     if is_local(fs):
-        emb = np.load(p, mmap_mode="r", allow_pickle=False)  # paged in chunk by chunk by the search loop
+        try:
+            emb = np.load(p, mmap_mode="r", allow_pickle=False)  # paged in chunk by chunk by the search loop
+        except (ValueError, EOFError) as e:  # cut file: shorter than its header says
+            raise _damaged_npy(npy, e) from e
     else:
-        with fs.open(p, "rb") as f:
-            emb = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        emb = load_npy(npy)
     mfs, mp = url_to_fs(join(emb_dir, layout.EMB_META_DIR, f"{sid}.parquet"))
     with mfs.open(mp, "rb") as f:
         meta = pq.read_table(f)
