@@ -379,3 +379,26 @@ def test_blocklist_refuses_listed_content_and_redirect_targets(public, tmp_path)
 
     with pytest.raises(InputError, match="line 2"):
         parse_blocklist("ok.example.org\nnot a valid entry/at all\n", where="bl.txt")
+
+
+def test_waiting_for_a_host_slot_does_not_spend_the_request_deadline(fresh_host):
+    """6 requests at 2 per second take ~2.5 s of waiting; each request's own 1 s deadline starts
+    when its slot comes, so none fails. Only the shard deadline bounds the wait."""
+    from laiontools.web.fetch import HostGate
+
+    pol = _pol3(respect_robots=False, max_host_rps=2.0, request_deadline=1.0)
+    assert _parallel([f"{fresh_host.base_url}/img/a.jpg?w{i}" for i in range(6)], pol, HostGate()) == [None] * 6
+    # with a shard deadline 1 s away, the rows whose slots come later end 'deadline' without a request
+    from concurrent.futures import ThreadPoolExecutor
+
+    at = time.monotonic() + 1.0  # fetch_with_retry uses the executor gate (HOSTS), as in a shard
+    fresh_host.log_requests()
+    fresh_host.reset_counters()
+    with ThreadPoolExecutor(6) as ex:
+        errs = list(ex.map(lambda i: fetch_with_retry((i, f"{fresh_host.base_url}/img/a.jpg?s{i}"), 3, 0, None, None,
+                                                      policy=pol, shard_deadline_at=at)[2], range(6)))
+    ok = [e for e in errs if e is None]
+    late = [e for e in errs if e is not None]
+    assert 1 <= len(ok) <= 3 and len(ok) + len(late) == 6, errs
+    assert all(e.startswith("deadline: shard deadline passed waiting for a slot") for e in late), late
+    assert len(fresh_host.request_log) == len(ok)

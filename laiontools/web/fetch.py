@@ -269,27 +269,37 @@ class HostGate:
             return {k: {"requests": v.requests, "throttled": v.throttled} for k, v in self._hosts.items()}
 
     @contextlib.contextmanager
-    def slot(self, host: str, max_rps: float | None, max_concurrency: int | None, deadline: float) -> Iterator[None]:
+    def slot(self, host: str, max_rps: float | None, max_concurrency: int | None,
+             wait_deadline: float | None = None) -> Iterator[float]:
+        """Hold one request slot at `host`; yields the seconds spent waiting for it.
+
+        Waiting for politeness is not the request's time: the caller's request deadline starts
+        after the wait. Only `wait_deadline` (time.monotonic(); the shard deadline, None: none)
+        bounds the wait, past which a ``deadline:`` FetchError is raised.
+        """
+        t0 = time.monotonic()
         if not max_rps and not max_concurrency:
             with self._cv:
                 h = self._host(host)
                 h.requests += 1
-                wait = h.paused_until - time.monotonic()
-            if wait > 0:
-                _sleep_until(time.monotonic() + wait, deadline, host)
-            yield
+                until = h.paused_until
+            if until > time.monotonic():
+                _sleep_until(until, wait_deadline, host)
+            yield time.monotonic() - t0
             return
         with self._cv:
             h = self._host(host)
             while True:
                 now = time.monotonic()
-                if now >= deadline:
-                    raise FetchError(f"{DEADLINE_PREFIX} request deadline passed waiting for a slot at host {host}")
+                if wait_deadline is not None and now >= wait_deadline:
+                    raise FetchError(f"{DEADLINE_PREFIX} shard deadline passed waiting for a slot at host {host}")
                 free = not max_concurrency or h.active < max_concurrency
                 if free and now >= h.paused_until:
                     break
-                # a full host waits for a release (notify) or its deadline; a paused one for the pause's end
-                self._cv.wait((min(deadline, h.paused_until) if free else deadline) - now)
+                # a full host waits for a release (notify); a paused one for the pause's end; both at
+                # most until the wait deadline
+                ends = [t for t in ((h.paused_until if free else None), wait_deadline) if t is not None]
+                self._cv.wait(min(ends) - now if ends else None)
             h.active += 1
             h.requests += 1
             start = now
@@ -298,18 +308,18 @@ class HostGate:
                 h.next_slot = start + 1.0 / max_rps
         try:
             if start > time.monotonic():
-                _sleep_until(start, deadline, host)
-            yield
+                _sleep_until(start, wait_deadline, host)
+            yield time.monotonic() - t0
         finally:
             with self._cv:
                 h.active -= 1
                 self._cv.notify_all()
 
 
-def _sleep_until(t: float, deadline: float, host: str) -> None:
-    if t > deadline:
-        time.sleep(max(0.0, deadline - time.monotonic()))
-        raise FetchError(f"{DEADLINE_PREFIX} request deadline passed waiting for a slot at host {host}")
+def _sleep_until(t: float, wait_deadline: float | None, host: str) -> None:
+    if wait_deadline is not None and t > wait_deadline:
+        time.sleep(max(0.0, wait_deadline - time.monotonic()))
+        raise FetchError(f"{DEADLINE_PREFIX} shard deadline passed waiting for a slot at host {host}")
     time.sleep(max(0.0, t - time.monotonic()))
 
 
@@ -343,11 +353,16 @@ class RobotsCache:
         self.fetches = 0
 
     def check(self, url: str, *, policy: FetchPolicy, timeout: float, deadline: float, resolver: Resolver | None,
-              gate: HostGate | None) -> None:
-        """Raise FetchError if robots.txt of `url`'s host disallows it for our token (or is unavailable)."""
+              gate: HostGate | None, hard_deadline: float | None = None) -> None:
+        """Raise FetchError if robots.txt of `url`'s host disallows it for our token (or is unavailable).
+
+        `deadline` bounds the robots.txt request itself once it has a host slot; waiting (for a slot,
+        or for another thread's fetch of the same robots.txt) is bounded by `hard_deadline` only.
+        """
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1].lower()}"
-        entry = self._entry(origin, policy=policy, timeout=timeout, deadline=deadline, resolver=resolver, gate=gate)
+        entry = self._entry(origin, policy=policy, timeout=timeout, deadline=deadline, resolver=resolver, gate=gate,
+                            hard_deadline=hard_deadline)
         if isinstance(entry, FetchError):
             raise FetchError(str(entry))
         if entry is None:
@@ -373,8 +388,9 @@ class RobotsCache:
                 else:
                     mine = False
             if not mine:
-                if not ev.wait(max(0.0, kw["deadline"] - time.monotonic())):
-                    return FetchError(f"{DEADLINE_PREFIX} request deadline passed waiting for robots.txt of {origin}")
+                hard = kw["hard_deadline"]
+                if not ev.wait(None if hard is None else max(0.0, hard - time.monotonic())):
+                    return FetchError(f"{DEADLINE_PREFIX} shard deadline passed waiting for robots.txt of {origin}")
                 continue
             try:
                 value, ttl = self._fetch(origin, **kw)
@@ -388,13 +404,13 @@ class RobotsCache:
                 ev.set()
 
     def _fetch(self, origin: str, *, policy: FetchPolicy, timeout: float, deadline: float, resolver: Resolver | None,
-               gate: HostGate | None) -> tuple[Any, float]:
+               gate: HostGate | None, hard_deadline: float | None) -> tuple[Any, float]:
         from urllib.robotparser import RobotFileParser
 
         try:
             resp = safe_get(origin + "/robots.txt", user_agent=user_agent_for(policy.robots_user_agent), policy=policy,
                             timeout=timeout, deadline=deadline, max_bytes=self.MAX_BYTES, resolver=resolver,
-                            gate=gate, robots=None, truncate=True)
+                            gate=gate, robots=None, truncate=True, hard_deadline=hard_deadline)
         except FetchError as e:
             msg = str(e)
             if msg.startswith(("DNS:", "blocked:")):
@@ -482,7 +498,8 @@ def _request_target(parts: Any) -> str:
 def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, deadline: float,
              max_bytes: int, resolver: Resolver | None = None,
              check_headers: Callable[[http.client.HTTPResponse], str | None] | None = None,
-             gate: HostGate | None = None, robots: RobotsCache | None = None, truncate: bool = False) -> Response:
+             gate: HostGate | None = None, robots: RobotsCache | None = None, truncate: bool = False,
+             hard_deadline: float | None = None) -> Response:
     """GET `url` following redirects, connecting only to checked addresses, before `deadline`.
 
     `deadline` is a time.monotonic() value covering every hop, headers and body. Every hop passes
@@ -490,7 +507,8 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
     final 2xx/3xx response; raises FetchError with the row's message: ``blocked: ...`` (scheme /
     address policy), ``DNS: ...``, ``deadline: ...``, ``timed out ...``, ``HTTP Error <code>``,
     ``robots.txt ...``, ``blocklisted: ...``, a size-limit message, or whatever `check_headers`
-    returns (checked before the body is read). A 429/503 pauses the host in `gate`. `truncate`:
+    returns (checked before the body is read). A 429/503 pauses the host in `gate`; time spent
+    waiting for a host slot extends `deadline`, up to `hard_deadline` (the shard's). `truncate`:
     keep the first `max_bytes` instead of refusing a longer body (robots.txt).
     """
     from laiontools.web.blocklist import load_blocklist
@@ -514,14 +532,18 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
                 raise FetchError(f"blocklisted: {why}")
         addrs = _checked_addresses(host, port, policy, resolver)
         if robots is not None:
-            robots.check(url, policy=policy, timeout=timeout, deadline=deadline, resolver=resolver, gate=gate)
+            robots.check(url, policy=policy, timeout=timeout, deadline=deadline, resolver=resolver, gate=gate,
+                         hard_deadline=hard_deadline)
         hop_kw: dict[str, Any] = {"user_agent": user_agent, "policy": policy, "timeout": timeout, "deadline": deadline,
                                   "max_bytes": max_bytes, "check_headers": check_headers, "truncate": truncate}
         try:
             if gate is None:
                 resp = _one_hop(parts, host, port, addrs, **hop_kw)
             else:
-                with gate.slot(host, policy.max_host_rps, policy.max_host_concurrency, deadline):
+                with gate.slot(host, policy.max_host_rps, policy.max_host_concurrency, hard_deadline) as waited:
+                    if waited > 0:  # the request's own time starts now, within the shard deadline
+                        deadline = deadline + waited if hard_deadline is None else min(deadline + waited, hard_deadline)
+                        hop_kw["deadline"] = deadline
                     resp = _one_hop(parts, host, port, addrs, **hop_kw)
         except FetchError as e:
             if gate is not None and str(e).startswith(("HTTP Error 429", "HTTP Error 503")):
@@ -676,7 +698,7 @@ def fetch_one(url: str, timeout: float, user_agent_token: str | None, disallowed
     try:
         resp = safe_get(url, user_agent=user_agent_for(user_agent_token), policy=policy, timeout=timeout,
                         deadline=req_deadline, max_bytes=policy.max_bytes, resolver=resolver, check_headers=check_headers,
-                        gate=gate, robots=robots)
+                        gate=gate, robots=robots, hard_deadline=deadline)
         blocklist = load_blocklist(policy.blocklist)
         if blocklist is not None:
             why = blocklist.content_reason(resp.body)
