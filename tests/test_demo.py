@@ -39,10 +39,13 @@ def test_demo_runs_every_stage_and_writes_one_report(tmp_path, capsys):
 
     # every scale trained for the same budgets; the fit and the report exist
     res = pd.read_csv(out / "study" / "results.csv")
-    assert len(res) == 6 and set(res["scale"]) == {"80M", "400M", "2B"}
+    # 3 scales x 2 budgets, plus a second seed (the default --seeds 2) of each scale at the largest budget
+    assert len(res) == 9 and set(res["scale"]) == {"80M", "400M", "2B"}
+    assert sorted(res[res["seed"] == 1]["scale"]) == ["2B", "400M", "80M"] and (res[res["seed"] == 1]["samples_seen"] == 64).all()
     assert (res.groupby("samples_seen")["steps"].nunique() == 1).all()
     assert np.isfinite(res["final_loss"]).all()
     html = (out / "report.html").read_text()
-    for section in ("1. Download", "2. Decontamination", "3. Nested subsets", "4. Training"):
+    for section in ("1. Download", "2. Decontamination", "3. Nested subsets", "4. Training", "Data scale at a fixed budget",
+                    "The synthetic world"):
         assert section in html
     assert os.path.exists(out / "dedup" / "gallery.html")

@@ -40,10 +40,15 @@ class DemoConfig(SparkStageConfig):
     batch_size: int = dataclasses.field(default=32, metadata={"help": "global batch size"})
     nproc: int = dataclasses.field(default=2, metadata={"help": "training processes (gloo on CPU)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the source, the selection and training"})
+    seeds: int = dataclasses.field(default=2, metadata={
+        "help": "training seeds per scale at the largest budget (seed, seed+1, ...): the report compares scales against "
+                "the spread between seeds"})
 
     def validate(self) -> None:
         if self.n < 100:
             raise ConfigError("demo: --n must be >= 100 so that three nested scales fit in the pool")
+        if self.seeds < 1:
+            raise ConfigError(f"demo: --seeds must be >= 1, got {self.seeds}")
 
 
 HELDOUT_START = 5_000_000  # item ids far from the pool's (0..n) and the planted copies' (9,000,000+)
@@ -112,7 +117,8 @@ def run(cfg: DemoConfig, spark: Any = None) -> StageResult:
     p = lambda *parts: os.path.join(res["output"], *parts)
     st = study.run(StudyConfig(output=p("study"), scales=res["resharded"], samples_seen=list(cfg.samples_seen),
                                models=[cfg.model], batch_size=cfg.batch_size, nproc=cfg.nproc,
-                               evalset=res["evalsets"], train={"seed": cfg.seed, "workers": 1}))
+                               evalset=res["evalsets"], train={"seed": cfg.seed, "workers": 1},
+                               extra_seeds=[cfg.seed + k for k in range(1, cfg.seeds)]))
     emit(st.summary)
     res["study"] = st.details
     res["timings"]["train + evaluate + fit"] = round(time.time() - t, 1)
@@ -230,6 +236,23 @@ def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
             "dedup_method": method, "planted": src_info["planted"], "output": out, "t_start": t_start}
 
 
+def _world_html() -> str:
+    """What the synthetic world varies, and how the figures below are measured."""
+    from laiontools.synthetic.images import COLOURS, SHAPES, TEXTURES, WORDS
+
+    esc = html.escape
+    return (
+        f"<p>The synthetic world: every pool image is one shape ({esc(', '.join(SHAPES))}) in one of {len(COLOURS)} colours, "
+        f"small / medium / large, at a random position, on a background of another colour with a {esc(' / '.join(TEXTURES))} "
+        f"texture, plus one of {len(WORDS)} rendered words; its caption names these factors in one of 5 templates. "
+        f"Models are scored on <b>held-out</b> items drawn the same way but never in the pool: zero-shot top-1 over the "
+        f"{len(SHAPES)} shape names (chance {1 / len(SHAPES):.3f}) and image&harr;text recall@5 among the held-out captions "
+        f"(chance 5 / number of held-out items), and on the glyph set the pool was decontaminated against. Compute is the "
+        f"model's GMACs per sample &times; samples seen; every scale gets the same budgets, and the largest budget is "
+        f"trained with several seeds so that a difference between data scales can be compared with seed noise.</p>"
+    )
+
+
 def _json_block(obj: Any) -> str:
     return f"<pre>{html.escape(json.dumps(obj, indent=2, default=str))}</pre>"
 
@@ -273,6 +296,7 @@ def write_report(res: dict[str, Any], path: str) -> str:
             parts.append("<p>Funnel (largest scale):</p>" + f"<pre>{html.escape(table(funnel))}</pre>")
 
     parts.append("<h2>4. Training, evaluation and the scaling fit</h2>")
+    parts.append(_world_html())
     study_dir = os.path.join(out, "study")
     csv = os.path.join(study_dir, "results.csv")
     if os.path.exists(csv):
@@ -292,13 +316,16 @@ def write_report(res: dict[str, Any], path: str) -> str:
             preds = "; ".join(f"C={p['compute_gmacs']:.3g}: {p['metric']:.3f}" for p in f.get("predictions", []))
             rows.append({"metric": metric, "frontier points": f.get("n_points", len(f.get("frontier", []))),
                          "alpha": fmt(fit.get("alpha"), fit.get("alpha_se")), "beta": fmt(fit.get("beta"), fit.get("beta_se")),
-                         "r2": fmt(fit.get("r2"), None), "predicted metric at larger compute": preds or fit.get("reason", "")})
+                         "r2": fmt(fit.get("r2"), None), "predicted metric at larger compute": preds or f.get("why_no_fit", "")})
         if rows:
             import pandas as pd
 
             parts.append("<p>E = 1 - metric fitted as E = &beta;&middot;C<sup>&alpha;</sup> on the Pareto frontier "
                          "(log-log least squares, standard errors from the fit):</p>")
             parts.append(pd.DataFrame(rows).to_html(index=False))
+        from laiontools.scaling import effect_html
+
+        parts.append(effect_html(read_json(fits_path).get("data_scale_effect") or []))
     plots = os.path.join(study_dir, "plots")
     if os.path.isdir(plots):
         for f in sorted(os.listdir(plots)):
