@@ -21,6 +21,7 @@ import logging
 import sys
 import tarfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -200,16 +201,72 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
     return res
 
 
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
+    """Prove that no item of removal list `rl` remains in the manifest at `path`: its uid file, and every
+    sample of every shard (uid and url from the sample's .json; sha256/md5 of the image bytes; pHash only
+    when the list holds pHashes). Each sample still matching is a problem naming shard, key and list line."""
+    from laiontools.contracts.removal import content_hashes
+    from laiontools.contracts.uids import contains, load_uids
+
+    m = read_manifest(path)
+    listed = rl.uid_array()
+    if len(listed):
+        upath = resolve(path, m["uids"]["path"])
+        if _exists(upath):
+            arr = load_uids(upath)
+            hit = contains(np.asarray(arr), listed) if len(arr) else np.zeros(len(listed), bool)
+            for i in np.flatnonzero(hit)[:50]:
+                u = f"{int(listed[i]['hi']):016x}{int(listed[i]['lo']):016x}"
+                res.problems.append(f"removal list {rl.path}: uid {u} (line {rl.uids[u]}) is in the uid file {upath}")
+    found = 0
+    for s in m["shards"]:
+        url = resolve(path, s["path"])
+        if not _exists(url):
+            res.problems.append(f"removal list check: shard {url} is missing, its samples could not be checked")
+            continue
+        fs, p = url_to_fs(url)
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            for key, parts in group_by_keys(tarfile_members(tf), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
+                meta = {}
+                if "json" in parts:
+                    try:
+                        meta = json.loads(parts["json"])
+                    except ValueError:
+                        meta = {}
+                img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
+                h = content_hashes(img, bool(rl.phashes)) if img is not None and rl.needs_content else {}
+                hit = rl.match(url=meta.get("url"), uid=meta.get("uid"), sha256=h.get("sha256"), md5=h.get("md5"),
+                               phash=h.get("phash"))
+                if hit is not None:
+                    found += 1
+                    res.problems.append(f"removal list {rl.path}: shard {s['path']} sample {key} matches {hit}")
+    if not found and not any("removal list" in p for p in res.problems):
+        res.checked.append(f"removal list {rl.path} (sha256 {rl.sha256[:12]}..., {rl.entries} entries): no listed item "
+                           f"in the uid file or in the {len(m['shards'])} shard(s)")
+
+
 def verify_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="laiontools verify", description="Re-check every file a manifest names; exit 1 naming what differs.")
     p.add_argument("manifest", nargs="+", help="manifest(s) to check")
     p.add_argument("--no-shards", action="store_true", help="skip reading the shards (uid file and nesting only)")
     p.add_argument("--no-parent", action="store_true", help="skip the nesting check against the parent manifest")
     p.add_argument("-v", "--verbose", action="store_true", help="also list what was checked and found fine")
+    p.add_argument("--removal-list", default=None, help="also prove that no item of this removal list (urls, domains, "
+                   "uids, sha256/md5, pHashes; see laiontools.contracts.removal) remains in the manifest's shards")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    rl = None
+    if args.removal_list:
+        from laiontools.contracts.removal import read_removal_list
+
+        rl = read_removal_list(args.removal_list)  # a malformed line stops here, naming the line
     failed = 0
     for mp in args.manifest:
         res = verify_manifest(mp, check_shards=not args.no_shards, check_parent=not args.no_parent)
+        if rl is not None:
+            check_removal_list(mp, rl, res)
         lines = [f"{'OK  ' if res.ok else 'FAIL'} {mp}"]
         if args.verbose:
             lines += [f"  ok: {c}" for c in res.checked]

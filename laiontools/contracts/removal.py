@@ -1,0 +1,192 @@
+"""Removal lists (takedown requests, hash lists): the file format and what it matches (issue 14, part 2).
+
+A removal list is a UTF-8 text file, one entry per line; blank lines and ``#`` comments are ignored::
+
+    url https://example.com/a.jpg          # a URL, compared after normalize_url (scheme/host case, ports)
+    domain example.org                     # every URL on that host or any subdomain of it
+    uid 0123456789abcdef0123456789abcdef   # a laiontools uid (32 hex)
+    sha256 <64 hex>                        # content hash of the stored image bytes
+    md5 <32 hex>                           # content hash of the stored image bytes
+    phash <16 hex> [max_distance]          # perceptual hash (imagehash.phash), Hamming distance <= max (default 0)
+
+The kind comes first so a 32-hex md5 and a 32-hex uid are never confused. A malformed line raises
+:class:`RemovalListError` naming the file and line number, and nothing is matched against a list that
+failed to parse. :meth:`RemovalList.match` says which entry (kind + line) a sample hits, so every removal
+can be traced to the line that asked for it; :attr:`RemovalList.sha256` identifies the list in audit logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from laiontools.contracts.uids import UID_DTYPE, normalize_url
+from laiontools.core.errors import UserError
+from laiontools.core.storage import sha256_bytes, url_to_fs
+
+KINDS = ("url", "domain", "uid", "sha256", "md5", "phash")
+_HEX = {"uid": 32, "sha256": 64, "md5": 32, "phash": 16}
+_HOST = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+MAX_PHASH_DISTANCE = 32
+
+
+class RemovalListError(UserError, ValueError):
+    """A removal list line that cannot be read; the message names the file and the line."""
+
+
+@dataclasses.dataclass
+class Match:
+    """Why a sample is on the list: the entry's kind, value and line number."""
+
+    kind: str
+    value: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.value} (line {self.line})"
+
+
+@dataclasses.dataclass
+class RemovalList:
+    path: str
+    sha256: str  # of the file's bytes
+    urls: dict[str, int]  # normalized URL -> line
+    domains: dict[str, int]  # lowercase host -> line
+    uids: dict[str, int]  # 32 hex -> line
+    sha256s: dict[str, int]
+    md5s: dict[str, int]
+    phashes: list[tuple[int, int, int]]  # (hash as int, max distance, line)
+    entries: int
+
+    @property
+    def needs_content(self) -> bool:
+        """True when matching needs the image bytes (content hashes or perceptual hashes)."""
+        return bool(self.sha256s or self.md5s or self.phashes)
+
+    def uid_array(self) -> np.ndarray:
+        """The listed uids as a sorted UID_DTYPE array (for searchsorted against uid files)."""
+        arr = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in self.uids], dtype=UID_DTYPE)
+        return np.sort(arr)
+
+    def match(self, *, url: str | None = None, uid: str | None = None, sha256: str | None = None,
+              md5: str | None = None, phash: str | None = None) -> Match | None:
+        """The first entry the sample hits (uid, url, domain, sha256, md5, phash order), or None."""
+        if uid and uid.lower() in self.uids:
+            return Match("uid", uid.lower(), self.uids[uid.lower()])
+        if url:
+            n = normalize_url(url)
+            if n in self.urls:
+                return Match("url", n, self.urls[n])
+            if self.domains:
+                host = (urlsplit(n or "").hostname or "").lower().rstrip(".")
+                while host:
+                    if host in self.domains:
+                        return Match("domain", host, self.domains[host])
+                    host = host.partition(".")[2]
+        if sha256 and sha256.lower() in self.sha256s:
+            return Match("sha256", sha256.lower(), self.sha256s[sha256.lower()])
+        if md5 and md5.lower() in self.md5s:
+            return Match("md5", md5.lower(), self.md5s[md5.lower()])
+        if phash and self.phashes:
+            h = int(phash, 16)
+            for v, d, line in self.phashes:
+                if (h ^ v).bit_count() <= d:
+                    return Match("phash", f"{v:016x}", line)
+        return None
+
+
+def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
+    """Parse removal-list text (see the module docstring); raises RemovalListError naming `path`:line."""
+    urls: dict[str, int] = {}
+    domains: dict[str, int] = {}
+    hexes: dict[str, dict[str, int]] = {"uid": {}, "sha256": {}, "md5": {}}
+    phashes: list[tuple[int, int, int]] = []
+    n = 0
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith(("url ", "url\t")) else raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        kind, _, rest = line.partition(" ")
+        kind, rest = kind.lower(), rest.strip()
+        where = f"{path}:{lineno}"
+        if kind not in KINDS:
+            raise RemovalListError(f"{where}: unknown kind {kind!r} in {raw.strip()!r}; a line is '<kind> <value>' with kind one of {', '.join(KINDS)}")
+        if not rest:
+            raise RemovalListError(f"{where}: {kind} without a value")
+        if kind == "url":
+            value = rest.split()[0]  # a URL has no spaces; anything after it is a comment
+            u = normalize_url(value)
+            parts = urlsplit(u or "")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise RemovalListError(f"{where}: {value!r} is not an http(s) URL")
+            urls.setdefault(u, lineno)
+        elif kind == "domain":
+            host = rest.split()[0].lower().rstrip(".")
+            if not _HOST.match(host):
+                raise RemovalListError(f"{where}: {rest!r} is not a host name (give e.g. 'domain example.com', no scheme or path)")
+            domains.setdefault(host, lineno)
+        else:
+            fields = rest.split()
+            value = fields[0].lower()
+            if len(value) != _HEX[kind] or not all(c in "0123456789abcdef" for c in value):
+                raise RemovalListError(f"{where}: {kind} must be {_HEX[kind]} hex characters, got {fields[0]!r}")
+            if kind == "phash":
+                d = 0
+                if len(fields) > 1:
+                    try:
+                        d = int(fields[1])
+                    except ValueError:
+                        d = -1
+                    if not 0 <= d <= MAX_PHASH_DISTANCE:
+                        raise RemovalListError(f"{where}: phash max distance must be a whole number in [0, {MAX_PHASH_DISTANCE}], got {fields[1]!r}")
+                if len(fields) > 2:
+                    raise RemovalListError(f"{where}: phash takes '<16 hex> [max_distance]', got {rest!r}")
+                phashes.append((int(value, 16), d, lineno))
+            else:
+                if len(fields) > 1:
+                    raise RemovalListError(f"{where}: {kind} takes one value, got {rest!r}")
+                hexes[kind].setdefault(value, lineno)
+        n += 1
+    return RemovalList(path=path, sha256=sha256_bytes(text.encode()), urls=urls, domains=domains, uids=hexes["uid"],
+                       sha256s=hexes["sha256"], md5s=hexes["md5"], phashes=phashes, entries=n)
+
+
+def read_removal_list(path: str) -> RemovalList:
+    """Read and parse a removal-list file; raises RemovalListError (missing file, not UTF-8, bad line)."""
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise RemovalListError(f"removal list {path} does not exist")
+    with fs.open(p, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RemovalListError(f"{path}:{line}: not UTF-8 text ({e.reason})") from e
+    rl = parse_removal_list(text, path)
+    rl.sha256 = sha256_bytes(data)
+    return rl
+
+
+def content_hashes(data: bytes, want_phash: bool) -> dict[str, Any]:
+    """sha256 / md5 of stored image bytes, and its pHash when `want_phash` (None if undecodable)."""
+    import hashlib
+
+    out: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
+                           "phash": None}
+    if want_phash:
+        import io
+
+        import imagehash
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                out["phash"] = str(imagehash.phash(im.convert("RGB")))
+        except Exception:  # noqa: BLE001 - an undecodable image has no pHash; the hashes above still apply
+            out["phash"] = None
+    return out

@@ -1,0 +1,128 @@
+"""Removal lists (issue 14, part 2): the format, what an entry matches, and `verify --removal-list`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+import pytest
+
+from laiontools.contracts.removal import RemovalListError, parse_removal_list, read_removal_list
+
+
+def test_parse_and_match_every_kind():
+    uid = "0123456789abcdef0123456789abcdef"
+    text = (
+        "# takedown batch 7\n\n"
+        "url HTTP://Example.COM:80/a.jpg#frag\n"
+        "domain bad.example.org   # whole host\n"
+        f"uid {uid.upper()}\n"
+        f"sha256 {'ab' * 32}\n"
+        f"md5 {uid}\n"  # same 32 hex as the uid: the kind keeps them apart
+        "phash 00000000000000ff 2\n"
+    )
+    rl = parse_removal_list(text, "list.txt")
+    assert rl.entries == 6 and rl.sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert str(rl.match(url="http://example.com/a.jpg")) == "url http://example.com/a.jpg (line 3)"
+    assert rl.match(url="http://example.com/b.jpg") is None
+    assert rl.match(url="https://img.bad.example.org/x.png").line == 4  # subdomain
+    assert rl.match(url="https://notbad.example.org/x.png") is None and rl.match(url="https://example.org/") is None
+    assert rl.match(uid=uid).kind == "uid" and rl.match(md5=uid).kind == "md5" and rl.match(sha256=uid) is None
+    assert rl.match(sha256="AB" * 32).line == 6
+    assert rl.match(phash="00000000000000fc").kind == "phash"  # 2 bits away
+    assert rl.match(phash="00000000000000f0") is None  # 4 bits away
+    assert rl.needs_content and list(rl.uid_array()["hi"]) == [0x0123456789ABCDEF]
+
+
+@pytest.mark.parametrize("line, msg", [
+    ("sha1 abcd", "unknown kind 'sha1'"),
+    ("url ftp://x.org/a", "not an http"),
+    ("url", "without a value"),
+    ("domain https://example.com/", "not a host name"),
+    ("uid 1234", "uid must be 32 hex"),
+    ("sha256 " + "g" * 64, "sha256 must be 64 hex"),
+    ("phash 00000000000000ff x", "max distance must be a whole number"),
+    ("phash 00000000000000ff 40", r"in \[0, 32\]"),
+    ("md5 " + "0" * 32 + " extra", "takes one value"),
+])
+def test_malformed_line_names_the_line(line, msg):
+    with pytest.raises(RemovalListError, match=rf"list\.txt:3: .*{msg}"):
+        parse_removal_list(f"# ok\nuid {'0' * 32}\n{line}\n", "list.txt")
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(RemovalListError, match="does not exist"):
+        read_removal_list(str(tmp_path / "nope.txt"))
+    p = tmp_path / "latin.txt"
+    p.write_bytes(b"uid " + b"0" * 32 + b"\ndomain caf\xe9.com\n")
+    with pytest.raises(RemovalListError, match=r"latin\.txt:2: not UTF-8"):
+        read_removal_list(str(p))
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory) -> dict:
+    from laiontools.testing.planted_pool import download_settings, jpeg, photo, write_resized_pool
+
+    base = tmp_path_factory.mktemp("removal_pool")
+    samples = [{"bytes": jpeg(photo(i, (80, 60))), "caption": f"photo {i}", "url": f"http://127.0.0.{2 + i % 2}/p/{i}.jpg"}
+               for i in range(12)]
+    manifest, uids = write_resized_pool(str(base / "pool"), samples, download_settings("border", 64), per_shard=5)
+    stored = {}  # url -> (shard path, key, stored image bytes)
+    m = json.load(open(manifest))
+    for s in m["shards"]:
+        with tarfile.open(os.path.join(base, "pool", s["path"])) as tf:
+            members = {mm.name: tf.extractfile(mm).read() for mm in tf.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                stored[meta["url"]] = (s["path"], meta["key"], members[f"{meta['key']}.jpg"])
+    return {"manifest": manifest, "uids": uids, "stored": stored, "base": base}
+
+
+def _verify(capsys, manifest: str, listfile: str) -> tuple[int, str]:
+    from laiontools.stages.verify import verify_main
+
+    rc = verify_main([manifest, "--removal-list", listfile, "-v"])
+    return rc, capsys.readouterr().out
+
+
+def test_verify_removal_list_names_every_remaining_item(small_pool, tmp_path, capsys):
+    import imagehash
+    from PIL import Image
+
+    st = small_pool["stored"]
+    path_sha, key_sha, img_sha = st["http://127.0.0.3/p/5.jpg"]
+    path_ph, key_ph, img_ph = st["http://127.0.0.2/p/8.jpg"]
+    ph = int(str(imagehash.phash(Image.open(io.BytesIO(img_ph)).convert("RGB"))), 16) ^ 0b11  # 2 bits off
+    lst = tmp_path / "takedown.txt"
+    lst.write_text(
+        "url http://127.0.0.2/p/0.jpg\n"
+        f"sha256 {hashlib.sha256(img_sha).hexdigest()}\n"
+        f"phash {ph:016x} 2\n"
+        f"uid {small_pool['uids'][11]}\n"
+        "domain nowhere.example\n"
+    )
+    rc, out = _verify(capsys, small_pool["manifest"], str(lst))
+    assert rc == 1 and "FAIL" in out
+    assert f"sample {key_sha} matches sha256" in out and "(line 2)" in out
+    assert f"sample {key_ph} matches phash" in out and "(line 3)" in out
+    assert "matches url http://127.0.0.2/p/0.jpg (line 1)" in out
+    assert f"uid {small_pool['uids'][11]} (line 4) is in the uid file" in out
+    assert out.count("matches ") == 4  # url, sha256, phash, and the uid's own sample; nothing else
+
+    clean = tmp_path / "none.txt"
+    clean.write_text("url http://127.0.0.9/p/0.jpg\ndomain nowhere.example\nmd5 " + "0" * 32 + "\n")
+    rc, out = _verify(capsys, small_pool["manifest"], str(clean))
+    assert rc == 0 and "no listed item in the uid file or in the 3 shard(s)" in out
+
+
+def test_verify_cli_refuses_a_malformed_list(small_pool, tmp_path, capsys):
+    from laiontools.cli import main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("url http://127.0.0.2/p/0.jpg\nsha256 nothex\n")
+    assert main(["verify", small_pool["manifest"], "--removal-list", str(bad)]) == 2
+    assert "bad.txt:2: sha256 must be 64 hex" in capsys.readouterr().err
