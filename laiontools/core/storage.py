@@ -30,7 +30,17 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+# Object-store clients whose listings cache is turned off: Spark tasks in other processes write the
+# files the driver then lists, and a cached listing would hide them (or show deleted temp keys).
+_NO_LISTINGS_CACHE = ("s3", "s3a", "gs", "gcs", "az", "abfs")
+
+
 def url_to_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(file system, protocol-less path) for `path`; credentials and endpoints come from the environment
+    and fsspec's configuration, never from our settings."""
+    scheme = path.split("://", 1)[0].lower() if "://" in path else ""
+    if scheme in _NO_LISTINGS_CACHE:
+        return fsspec.core.url_to_fs(path, use_listings_cache=False)
     return fsspec.core.url_to_fs(path)
 
 
@@ -282,6 +292,24 @@ def check_store(path: str) -> None:
             raise StorageError(f"{path}: bucket {bucket!r} does not exist; create it or fix the path")
 
 
+def move_tree(src: str, dst: str) -> None:
+    """Move the folder `src` to `dst` (which must not exist). Local: one rename. Object stores have no
+    folders (s3fs's recursive mv trips over the prefix itself): every key is copied, then `src` removed,
+    so a crash leaves `src` complete and `dst` partial — callers swap in behind a marker written after."""
+    fs, sp = url_to_fs(src)
+    _, dp = url_to_fs(dst)
+    with store_errors(src):
+        if is_local(fs):
+            fs.mv(sp, dp, recursive=True)
+            return
+        sp = sp.rstrip("/")
+        files = fs.find(sp)
+        if not files:
+            raise FileNotFoundError(f"{src}: nothing to move")
+        fs.copy(files, [dp.rstrip("/") + f[len(sp):] for f in files])
+        fs.rm(files)
+
+
 def list_data_files(path: str, suffix: str = ".parquet") -> list[str]:
     """Full URLs of the data files of a dataset folder (or the file itself), sorted; hidden and
     ``_``-prefixed files (``_SUCCESS``, temp files) skipped, as Spark's readers do."""
@@ -401,7 +429,7 @@ def _parquet_writer(path: str, schema: Any) -> Any:
         if rows:
             out = join(path, f"part-{pid:05d}.parquet")
             with store_errors(out), atomic_open(out) as f:
-                pq.write_table(pa.Table.from_batches(bs, schema=schema), f)
+                pq.write_table(pa.Table.from_batches(bs), f)  # the batches' own schema (nullability as Spark sends it)
         yield pa.RecordBatch.from_pydict({"rows": [rows]}, schema=pa.schema([("rows", pa.int64())]))
 
     return write

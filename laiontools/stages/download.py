@@ -27,16 +27,20 @@ from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
+from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
     ensure_output_dir,
     is_done,
     join,
     mark_done,
+    move_tree,
     path_key,
     read_json,
     read_marker,
     sha256_file,
+    spark_read_parquet,
+    spark_write_parquet,
     url_to_fs,
     write_json,
 )
@@ -279,20 +283,6 @@ def shard_spans(batches: Any) -> Any:
             )
 
 
-def _spark_path_key(col: Any) -> Any:
-    """Column of storage.path_key over a column of Spark file URIs (one call per distinct file per batch)."""
-    import pandas as pd
-    from pyspark.sql.functions import pandas_udf
-
-    def key(uris):  # noqa: ANN001, ANN202 - annotated below
-        keys = {u: path_key(u, uri_encoded=True) for u in uris.unique()}
-        return uris.map(keys)
-
-    # Real classes, not the strings `from __future__ import annotations` would leave, for pandas_udf.
-    key.__annotations__ = {"uris": pd.Series, "return": pd.Series}
-    return pandas_udf(key, "string")(col)
-
-
 def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any) -> Any:
     """Catalog DataFrame: prepared rejects + the latest attempt of every downloaded row."""
     from pyspark.sql import Window
@@ -313,7 +303,7 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
 
     parts = []
     rej_dir = join(cfg.output, layout.PREPARED_DIR, "rejected")
-    rej = spark.read.parquet(rej_dir).withColumn("_attempt", F.lit(-1))
+    rej = spark_read_parquet(spark, rej_dir).withColumn("_attempt", F.lit(-1))
     parts.append(conform(rej))
     if shards:
         # Which shard (and attempt) a row came from: Spark names the file a row was read from as a URI
@@ -321,8 +311,7 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
         # storage.path_key so that every spelling of one file meets.
         path_to = {path_key(s["parquet"]): (s["id"], s["attempt"]) for s in shards}
         mapping = F.create_map(*[x for p, (sid, att) in path_to.items() for x in (F.lit(p), F.lit(f"{sid}|{att}"))])
-        dl = spark.read.parquet(*[s["parquet"] for s in shards])
-        dl = dl.withColumn("_f", _spark_path_key(F.input_file_name()))
+        dl = spark_read_parquet(spark, [s["parquet"] for s in shards], file_column="_f")
         dl = dl.withColumn("_sa", mapping[F.col("_f")])
         dl = dl.withColumn(C.SHARD, F.split("_sa", r"\|").getItem(0)).withColumn("_attempt", F.split("_sa", r"\|").getItem(1).cast("int"))
         status_map = F.create_map(*[x for k, v in IMG2DATASET_STATUS.items() for x in (F.lit(k), F.lit(v))])
@@ -355,17 +344,17 @@ def write_catalog(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
     final = join(cfg.output, layout.CATALOG_DIR)
     tmp = join(cfg.output, f".catalog-tmp-{uuid.uuid4().hex[:8]}")
     n_rows = cat.count()
-    n_parts = max(1, min(64, math.ceil(n_rows / 2_000_000)))
-    (cat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS)
-        .write.mode("overwrite").parquet(tmp))
+    # ~2M rows (~0.5 GB) per file, uncapped: a 2B-row catalog is ~1000 range partitions, each sorted by
+    # one task, rather than a few that would each sort tens of millions of rows.
+    n_parts = max(1, math.ceil(n_rows / 2_000_000))
+    spark_write_parquet(cat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS), tmp)
     fs, fp = url_to_fs(final)
-    _, tp = url_to_fs(tmp)
-    old = fp + f".old-{uuid.uuid4().hex[:8]}"
+    old = final + f".old-{uuid.uuid4().hex[:8]}"
     if fs.exists(fp):
-        fs.mv(fp, old, recursive=True)
-    fs.mv(tp, fp, recursive=True)
-    if fs.exists(old):
-        fs.rm(old, recursive=True)
+        move_tree(final, old)
+    move_tree(tmp, final)
+    if fs.exists(url_to_fs(old)[1]):
+        fs.rm(url_to_fs(old)[1], recursive=True)
     return final, n_rows
 
 
@@ -516,9 +505,12 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
     from laiontools.contracts.uids import save_uids_spark
 
     shards = complete_shards(cfg)
+    # the catalog's latest-attempt window and the counts shuffle every row: sized from the row count
+    # unless the user set spark.sql.shuffle.partitions
+    n_shuffle = shuffle_partitions(spark, rows=int(prep["rows_in"]))
     cat = build_catalog(cfg, shards, spark)
     cat_dir, n_rows = write_catalog(cat, cfg)
-    cat = spark.read.parquet(cat_dir)
+    cat = spark_read_parquet(spark, cat_dir)
     succ = cat.where(F.col(C.STATUS) == C.STATUS_SUCCESS)
     [(uid_sha, n_uids)] = save_uids_spark(succ, C.UID, [join(cfg.output, layout.POOL_UIDS)])
     per_shard = {r[C.SHARD]: int(r["count"]) for r in succ.groupBy(C.SHARD).count().collect()}
@@ -529,6 +521,7 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
         listed.append({"path": s["path"], "num_samples": n, "bytes": s["bytes"], "sha256": s["sha256"],
                        "tar_samples": s["num_samples"]})
     rep = build_report(cfg, cat, shards, prep, wall)
+    rep["spark"] = {"shuffle_partitions": n_shuffle}
     manifest = new_manifest(
         name=cfg.name, kind="pool", num_samples=n_uids, target_samples=rep["requested"],
         uids={"path": layout.POOL_UIDS, "sha256": uid_sha, "count": n_uids},
@@ -562,7 +555,7 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
     names = prep_stats["download_columns"]
     transient = F.udf(lambda msg: is_transient(msg), BooleanType())
-    cat = spark.read.parquet(join(cfg.output, layout.CATALOG_DIR))
+    cat = spark_read_parquet(spark, join(cfg.output, layout.CATALOG_DIR))
     todo = cat.where((F.col(C.STATUS) == C.STATUS_FAILED_DOWNLOAD) & transient(F.col(C.ERROR)))
     count = todo.count()
     if count == 0:
@@ -572,7 +565,7 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     # same column types as the first pass's prepared input, so all shard parquets share one schema
     cols = [(F.col(c) if c in cat.columns else F.lit(None)).cast(prepared_type(c)).alias(c) for c in names]
     tmp = out + ".tmp"
-    todo.orderBy(C.UID).select(*cols).coalesce(1).write.mode("overwrite").parquet(tmp)
+    spark_write_parquet(todo.orderBy(C.UID).select(*cols).coalesce(1), tmp)
     fs, tp = url_to_fs(tmp)
     files = sorted(f for f in fs.glob(tp + "/*.parquet"))
     fs.makedirs(url_to_fs(out)[1], exist_ok=True)

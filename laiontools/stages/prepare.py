@@ -31,7 +31,16 @@ from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, TaskError, task_error, user_error_from
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
-from laiontools.core.storage import is_done, join, mark_done, read_json, sha256_bytes, url_to_fs, write_json
+from laiontools.core.storage import (
+    is_done,
+    join,
+    mark_done,
+    read_json,
+    sha256_bytes,
+    spark_write_parquet,
+    url_to_fs,
+    write_json,
+)
 from laiontools.web.blocklist import load_blocklist
 from laiontools.web.policy import check_url
 
@@ -484,7 +493,7 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
 
         rejected_dir = join(prep_dir, "rejected")
         rej = df.where(F.col(C.STATUS).isNotNull())
-        rej.write.mode("overwrite").parquet(rejected_dir)
+        spark_write_parquet(rej, rejected_dir)
 
         accepted_dir = join(prep_dir, "accepted")
         fs, p = url_to_fs(accepted_dir)
