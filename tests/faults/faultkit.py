@@ -39,6 +39,11 @@ ENV = {**os.environ, "LAIONTOOLS_SPARK_MASTER": "local[2]", "LAIONTOOLS_SPARK_LO
 RUN_VARYING = ("*.run.json", ".laiontools-output.json", ".laiontools.lock", "*/logs/*", "logs/*", "*.log")
 
 
+def load_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def record(entry: dict) -> None:
     path = os.environ.get("LAIONTOOLS_FAULTS_LOG")
     if path:
@@ -48,7 +53,7 @@ def record(entry: dict) -> None:
 
 def run(args: list[str], cwd: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `laiontools <args>` to the end in `cwd`; output captured as text."""
-    return subprocess.run(CLI + args, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(CLI + args, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def files(root: str, pattern: str = "*") -> list[str]:

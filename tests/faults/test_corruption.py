@@ -14,12 +14,12 @@ session's Spark.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
-from faultkit import record
+from faultkit import load_json, record
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def emb_copy(chain, tmp_path) -> str:
 
 def flip_text(path: str, after: str, skip: int = 0, bit: int = 0) -> None:
     """Flip one bit of the byte `skip` bytes after the first occurrence of `after` in the file."""
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     i = data.index(after.encode()) + len(after) + skip
     flip(path, at=i / len(data) + 1e-9, bit=bit)
 
@@ -98,7 +98,7 @@ def test_manifest(pool_copy, tmp_path, capfd, damage):
     elif damage == "flip-structure":
         flip_text(pool_copy, '"catalog"', skip=0, bit=1)  # the ':' after the key becomes '8'
     else:
-        data = open(pool_copy).read()
+        data = Path(pool_copy).read_text()
         i = data.index('"sha256": "', data.index('"uids": {')) + len('"sha256": "')
         with open(pool_copy, "r+") as f:  # one hex digit of the recorded hash changed to another hex digit
             f.seek(i)
@@ -163,7 +163,7 @@ def flip_column(path: str, column: str) -> None:
 def test_catalog_parquet(pool_copy, tmp_path, capfd, damage):
     """A cut catalog part, and a flipped bit inside the uid column (which subsets reads: a flip in a
     column no stage reads is not looked at, and changes no result)."""
-    part = sorted(glob.glob(os.path.join(os.path.dirname(pool_copy), "catalog", "*.parquet")))[0]
+    part = min(glob.glob(os.path.join(os.path.dirname(pool_copy), "catalog", "*.parquet")))
     truncate(part) if damage == "truncate" else flip_column(part, "uid")
     _refused("subsets", ["subsets", "--pool", pool_copy, "--output", str(tmp_path / "o"), "--scales", "10", "--seed", "1"],
              part, capfd, f"catalog parquet ({damage})")
@@ -191,7 +191,7 @@ def test_tar_shard_in_embed(pool_copy, tmp_path, capfd, damage):
         assert len(line) == 1 and os.path.basename(tar) in line[0], err[-3000:]
         outcome = "refused"
     else:
-        rep = json.load(open(os.path.join(out, "embed_report.json")))
+        rep = load_json(os.path.join(out, "embed_report.json"))
         assert rc == 1, f"embed exited {rc} with a damaged shard {tar}"
         assert sid in rep["this_run"]["failed_shards"], rep
         assert not os.path.exists(os.path.join(out, "meta", f"{sid}.parquet.done")), "a damaged shard marked done"
@@ -209,7 +209,7 @@ def test_tar_shard_in_reshard(chain, tmp_path, capfd, damage):
     sub = str(tmp_path / "sub")
     shutil.copytree(chain.subsets, sub)
     manifest = os.path.join(sub, os.path.basename(chain.subset))
-    m = json.load(open(manifest))
+    m = load_json(manifest)
     _repoint(manifest, m, chain.pool, os.path.join(pool, "pool.manifest.json"))
     tar = sorted(glob.glob(os.path.join(pool, "shards", "*.tar")))[1]
     truncate(tar, 0.6) if damage == "truncate" else flip(tar, at=0.6)
@@ -219,7 +219,7 @@ def test_tar_shard_in_reshard(chain, tmp_path, capfd, damage):
 
 def _repoint(manifest: str, m: dict, old_pool: str, new_pool: str) -> None:
     """Make a copied subset manifest name the copied pool (the path is the only change)."""
-    text = open(manifest).read().replace(os.path.dirname(old_pool), os.path.dirname(new_pool))
+    text = Path(manifest).read_text().replace(os.path.dirname(old_pool), os.path.dirname(new_pool))
     with open(manifest, "w") as f:
         f.write(text)
 
@@ -265,9 +265,9 @@ def test_model_checkpoint_flipped_is_recorded(chain, tmp_path, capfd):
 
     ckpt = str(tmp_path / "model.pt")
     torch.save(load_model("lt-tiny").model.state_dict(), ckpt)
-    intact = hashlib.sha256(open(ckpt, "rb").read()).hexdigest()
+    intact = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
     flip(ckpt, at=0.6)
-    damaged = hashlib.sha256(open(ckpt, "rb").read()).hexdigest()
+    damaged = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
     out = str(tmp_path / "o")
     rc = main(["embed", "--manifest", chain.pool, "--output", out, "--model", "lt-tiny", "--pretrained", ckpt,
                "--device", "cpu", "--num-workers", "0"])
@@ -277,7 +277,7 @@ def test_model_checkpoint_flipped_is_recorded(chain, tmp_path, capfd):
         outcome = "refused"
     else:
         assert rc == 0, err[-3000:]
-        info = json.load(open(os.path.join(out, "model.json")))
+        info = load_json(os.path.join(out, "model.json"))
         assert info["checkpoint_sha256"] == damaged != intact, info
         outcome = "recorded (checkpoint_sha256 in model.json)"
     record({"kind": "corruption", "stage": "embed", "input": "model checkpoint (flip)", "outcome": outcome})

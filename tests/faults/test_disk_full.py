@@ -21,7 +21,7 @@ import sys
 from contextlib import contextmanager
 
 import pytest
-from faultkit import CLI, RUN_VARYING, digests, files, json_equal_except, record, tree_diff
+from faultkit import CLI, RUN_VARYING, digests, files, json_equal_except, load_json, record, tree_diff
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +31,13 @@ PAGE = 4096
 @contextmanager
 def tmpfs(path: str, kb: int):
     os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", path], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", path], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs at {path} ({r.stderr.strip()}); the disk-full tests need root or CAP_SYS_ADMIN")
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", path], capture_output=True)
+        subprocess.run(["umount", "-l", path], capture_output=True, check=False)
 
 
 def _resize(path: str, kb: int) -> None:
@@ -106,7 +106,7 @@ def test_embed_disk_full(chain, tmp_path, monkeypatch, capfd):
 
 
 def test_subsets_disk_full(chain, tmp_path, monkeypatch, capfd):
-    n = int(__import__("json").load(open(chain.pool))["num_samples"])
+    n = int(load_json(chain.pool)["num_samples"])
     _disk_full("subsets", lambda out: ["subsets", "--pool", chain.pool, "--output", out, "--scales", f"{n - 4},{n // 2}",
                                        "--seed", "3"], tmp_path, monkeypatch, capfd)
 

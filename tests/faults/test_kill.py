@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import pytest
-from faultkit import CLI, count, digests, json_equal_except, record, run, run_and_kill, tree_diff
+from faultkit import CLI, count, digests, json_equal_except, load_json, record, run, run_and_kill, tree_diff
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +128,7 @@ def test_embed_survives_kills(chain, monkeypatch, tmp_path):
 
 def test_subsets_survive_kills(chain, monkeypatch, tmp_path):
     out = str(tmp_path / "sub")
-    n = json.load(open(chain.pool))["num_samples"]
+    n = load_json(chain.pool)["num_samples"]
     scales = [n - 4, n // 2, n // 4]
     args = ["subsets", "--pool", chain.pool, "--output", out, "--scales", ",".join(map(str, scales)), "--seed", "11",
             "--scores", chain.emb]
@@ -200,8 +199,12 @@ def test_train_survives_kills(chain, monkeypatch, tmp_path):
     # metrics, wall time in the result, open_clip's own logs. The weights and the loss curve must match.
     _check_identical("train", out, keep, ("launches.jsonl", "metrics.jsonl", "result.json", "result.json.done",
                                           "environment.json", "out.log", "params.txt", "logs/*", "checkpoints/*"))
-    loss = [(json.loads(x)["step"], json.loads(x)["loss"]) for x in open(metrics)]
-    assert loss == [(json.loads(x)["step"], json.loads(x)["loss"]) for x in open(os.path.join(keep, "metrics.jsonl"))]
+    assert _losses(metrics) == _losses(os.path.join(keep, "metrics.jsonl"))
+
+
+def _losses(path: str) -> list[tuple[int, float]]:
+    with open(path) as f:
+        return [(json.loads(x)["step"], json.loads(x)["loss"]) for x in f]
 
 
 # ----------------------------------------------------------------------------------------- download
@@ -218,7 +221,7 @@ def _download_comparable(pool_dir: str, skip_uids: set[str]) -> tuple[object, di
     cat = pd.read_parquet(os.path.join(pool_dir, "catalog"))
     cat = cat[["uid", "source_id", "status", "shard", "key", "width", "height", "sha256"]]
     cat = cat[~cat["uid"].isin(skip_uids)].sort_values("source_id").reset_index(drop=True)
-    m = json.load(open(os.path.join(pool_dir, "pool.manifest.json")))
+    m = load_json(os.path.join(pool_dir, "pool.manifest.json"))
     keep = {k: m[k] for k in ("target_samples", "source", "catalog", "kind", "name")}
     members = {}
     for s in m["shards"]:
@@ -238,7 +241,7 @@ def test_download_survives_kills(pool, tmp_path):
             "--number-sample-per-shard", str(c.number_sample_per_shard), "--shards-per-file", str(c.shards_per_file),
             "--timeout", str(c.timeout), "--retries", str(c.retries), "--image-size", str(c.image_size),
             "--thread-count", str(c.thread_count)]
-    n = len(json.load(open(pool.manifest))["shards"])
+    n = len(load_json(pool.manifest)["shards"])
     assert n >= 3, n
     stats = _markers(out, "shards/*_stats.json")
     final = os.path.join(out, "pool.manifest.json")
@@ -257,7 +260,7 @@ def test_download_survives_kills(pool, tmp_path):
     pd.testing.assert_frame_equal(got[0], want[0])
     assert got[1] == want[1]
     flaky_keys = set(pd.read_parquet(os.path.join(out, "catalog")).query("uid in @flaky")["key"].dropna())
-    strip = lambda ms: {k: v for k, v in ms.items() if k[1].split(".")[0] not in flaky_keys}  # noqa: E731
+    strip = lambda ms: {k: v for k, v in ms.items() if k[1].split(".")[0] not in flaky_keys}
     assert strip(got[2]) == strip(want[2])
     record({"kind": "compare", "stage": "download", "files": len(want[2]), "identical": True,
             "ignored": ["tar mtimes", "report speeds", "flaky row"]})

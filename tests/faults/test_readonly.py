@@ -9,14 +9,13 @@ reason, where bind mounts are not permitted.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from contextlib import ExitStack, contextmanager
 
 import pytest
-from faultkit import CLI, digests, record
+from faultkit import CLI, digests, load_json, record
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.slow
 @contextmanager
 def read_only(path: str):
     """`path` (a folder) read-only in place until the block ends."""
-    r = subprocess.run(["mount", "--bind", path, path], capture_output=True, text=True)
+    r = subprocess.run(["mount", "--bind", path, path], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot bind-mount {path} ({r.stderr.strip()}); the read-only tests need root or CAP_SYS_ADMIN")
     try:
@@ -32,7 +31,7 @@ def read_only(path: str):
         assert not os.access(path, os.W_OK) or _write_fails(path), f"{path} is still writable"
         yield path
     finally:
-        subprocess.run(["umount", "-l", path], capture_output=True)
+        subprocess.run(["umount", "-l", path], capture_output=True, check=False)
 
 
 def _write_fails(path: str) -> bool:
@@ -79,7 +78,7 @@ def test_dedup(chain, tmp_path, monkeypatch, capfd):
 
 
 def test_subsets(chain, tmp_path, monkeypatch, capfd):
-    n = json.load(open(chain.pool))["num_samples"]
+    n = load_json(chain.pool)["num_samples"]
     _run_ro("subsets", ["subsets", "--pool", chain.pool, "--output", str(tmp_path / "o"), "--scales", f"{n // 2}",
                         "--seed", "2", "--scores", chain.emb], [chain.pool_dir, chain.emb], monkeypatch, capfd)
 
