@@ -57,6 +57,29 @@ def _tmp_name(path: str) -> str:
     return f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:8]}" if head else f".{tail}.tmp-{uuid.uuid4().hex[:8]}"
 
 
+_TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")  # the names _tmp_name makes
+
+
+def remove_stale_temps(root: str) -> int:
+    """Delete the temp files :func:`atomic_open` leaves when its process is killed mid-write, anywhere
+    under the local folder `root`; returns how many. Call it only while holding the folder's output
+    lock (no live writer then). Object stores: not scanned (a listing of a whole output there is
+    costly, and a killed PUT leaves no object)."""
+    fs, p = url_to_fs(root)
+    if not is_local(fs) or not os.path.isdir(p):
+        return 0
+    n = 0
+    for d, _, names in os.walk(p):
+        for name in names:
+            if _TMP_RE.match(name):
+                try:
+                    os.remove(os.path.join(d, name))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+    return n
+
+
 @contextmanager
 def atomic_open(path: str) -> Iterator[BinaryIO]:
     """Open `path` for binary writing; the data appears at `path` only if the block succeeds.
