@@ -71,7 +71,8 @@ def small_pool(tmp_path_factory) -> dict:
                for i in range(12)]
     manifest, uids = write_resized_pool(str(base / "pool"), samples, download_settings("border", 64), per_shard=5)
     stored = {}  # url -> (shard path, key, stored image bytes)
-    m = json.load(open(manifest))
+    with open(manifest) as f:
+        m = json.load(f)
     for s in m["shards"]:
         with tarfile.open(os.path.join(base, "pool", s["path"])) as tf:
             members = {mm.name: tf.extractfile(mm).read() for mm in tf.getmembers()}
@@ -94,8 +95,8 @@ def test_verify_removal_list_names_every_remaining_item(small_pool, tmp_path, ca
     from PIL import Image
 
     st = small_pool["stored"]
-    path_sha, key_sha, img_sha = st["http://127.0.0.3/p/5.jpg"]
-    path_ph, key_ph, img_ph = st["http://127.0.0.2/p/8.jpg"]
+    _, key_sha, img_sha = st["http://127.0.0.3/p/5.jpg"]
+    _, key_ph, img_ph = st["http://127.0.0.2/p/8.jpg"]
     ph = int(str(imagehash.phash(Image.open(io.BytesIO(img_ph)).convert("RGB"))), 16) ^ 0b11  # 2 bits off
     lst = tmp_path / "takedown.txt"
     lst.write_text(

@@ -35,7 +35,14 @@ def _uid_hex(arr: np.ndarray) -> list[str]:
 def planted(tmp_path_factory) -> dict:
     """90 samples in 4 shards: 60 distinct photos, 15 of them with 1-3 near-copies (30 copies in all)."""
     from laiontools.stages import embed as embed_stage
-    from laiontools.testing.planted_pool import COPY_KINDS, download_settings, jpeg, near_copy, photo, write_resized_pool
+    from laiontools.testing.planted_pool import (
+        COPY_KINDS,
+        download_settings,
+        jpeg,
+        near_copy,
+        photo,
+        write_resized_pool,
+    )
 
     base = tmp_path_factory.mktemp("semdedup_pool")
     rng = np.random.default_rng(0)
@@ -58,8 +65,8 @@ def planted(tmp_path_factory) -> dict:
 def _cfg(emb: str, out: str, **kw) -> SemDedupConfig:
     # Small units / memory / blocks so the test crosses every path: several units, a cluster larger than
     # a unit, clusters compared from the memory-mapped file, similarities in several blocks.
-    base = dict(embeddings=emb, output=out, clusters=4, eps=[EPS_TIGHT, EPS_LOOSE], keep="hard", seed=0,
-                unit_rows=30, memory_rows=20, block_rows=16, gallery_groups=6)
+    base = {"embeddings": emb, "output": out, "clusters": 4, "eps": [EPS_TIGHT, EPS_LOOSE], "keep": "hard", "seed": 0,
+            "unit_rows": 30, "memory_rows": 20, "block_rows": 16, "gallery_groups": 6}
     base.update(kw)
     return SemDedupConfig(**base)
 
@@ -145,7 +152,7 @@ def test_groups_and_keepers_equal_brute_force(planted, sd_run):
             assert r.loc[members, "group"].nunique() == 1
             keep = min(g, key=lambda i: (float(csim[i]), uids[i]))
             assert set(r.loc[members, "kept_uid"]) == {uids[keep]}
-            assert r.loc[uids[keep], "removed"] == False  # noqa: E712 - a numpy bool
+            assert r.loc[uids[keep], "removed"] == False
             assert r.loc[members, "removed"].sum() == len(g) - 1
             sims = [float(x[i] @ x[keep]) for i in g]
             np.testing.assert_allclose(r.loc[members, "similarity"].to_numpy(), sims, atol=1e-5)
@@ -169,10 +176,12 @@ def test_exclusion_lists_summary_and_gallery(planted, sd_run):
         assert a.read() == b.read()
     with open(os.path.join(out, "dedup.json")) as f, open(planted["manifest"]) as m:
         assert json.load(f)["pool"]["fingerprint"] == json.load(m)["source"]["fingerprint"]
-    html = open(os.path.join(out, "gallery.html")).read()
+    with open(os.path.join(out, "gallery.html")) as f:
+        html = f.read()
     assert html.count("data:image/jpeg;base64,") >= 2 * 6 and "image unavailable" not in html
     assert "photo " in html and "<b>kept</b>" in html
-    txt = open(os.path.join(out, "summary.txt")).read()
+    with open(os.path.join(out, "summary.txt")) as f:
+        txt = f.read()
     assert "eps/0.005/exclude.uids.npy" in txt and "0.02" in txt
 
 
@@ -212,7 +221,10 @@ def test_deterministic_and_resumes_after_kill(planted, sd_run, spark, tmp_path):
     kept_mtime = os.path.getmtime(kept)
     for f in ("exclude.uids.npy", "summary.json"):
         os.remove(os.path.join(again, f))
+    shutil.copy(os.path.join(again, "report", units[2][: -len(".done")] + ".parquet"),
+                os.path.join(again, "report", "9999990-9999999.parquet"))  # a unit of an earlier, other plan
     semdedup.run(_cfg(planted["emb"], again), spark)
+    assert not os.path.exists(os.path.join(again, "report", "9999990-9999999.parquet"))
     third = {k: v for k, v in _files(again).items() if not os.path.basename(k).startswith(".")}
     assert third == first
     assert os.path.getmtime(kept) == kept_mtime  # finished units are not redone

@@ -660,9 +660,10 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         big_first = sorted(units, key=lambda u: -int(counts[u[0]:u[1]].sum()))  # long tasks start first
         _parallelize(sc, big_first, cfg.partitions).mapPartitions(functools.partial(_group_partition, ctx)).collect()
         timings["groups"] = round(time.time() - t0, 3)
+        _drop_stale_units(cfg.output, {_unit_id(u) for u in units}, [eps_label(e) for e in cfg.eps])
         # 4. outputs
         t0 = time.time()
-        summary = _write_outputs(cfg, sp, pool, k, km, counts, units, assigned, ctx, timings)
+        summary = _write_outputs(cfg, pool, k, km, counts, units, assigned, ctx, timings)
         timings["outputs"] = round(time.time() - t0, 3)
     text = summary.pop("_text")
     return StageResult(
@@ -675,7 +676,7 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
     )
 
 
-def _write_outputs(cfg: SemDedupConfig, spark: Any, pool: Any, k: int, km: dict[str, Any], counts: np.ndarray,
+def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], counts: np.ndarray,
                    units: list[tuple[int, int]], assigned: list[dict[str, Any]], ctx: dict[str, Any],
                    timings: dict[str, float]) -> dict[str, Any]:
     from laiontools import index as DI
@@ -745,6 +746,20 @@ def _write_outputs(cfg: SemDedupConfig, spark: Any, pool: Any, k: int, km: dict[
         _write_gallery(join(cfg.output, GALLERY_HTML), cfg, pool, [g[-1] for g in sorted(gallery, reverse=True)])
     summary["_text"] = txt + f"outputs in {cfg.output}: {SUMMARY_TXT}, {EXCLUDE_UIDS}, {EPS_DIR}/, {REPORT_DIR}/, {GALLERY_HTML}"
     return summary
+
+
+def _drop_stale_units(out: str, current: set[str], labels: list[str]) -> None:
+    """Remove reports and runs of units a previous run planned differently (other counts, --unit-rows,
+    --eps): whoever reads ``report/`` as one dataset must see only this run's units."""
+    for folder, suffix in [(join(out, REPORT_DIR), ".parquet"), *[(join(out, RUNS_DIR, lab), ".npy") for lab in labels]]:
+        fs, p = url_to_fs(folder)
+        if not fs.exists(p):
+            continue
+        for f in fs.ls(p, detail=False):
+            name = f.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(suffix) and not name.startswith(".") and name[: -len(suffix)] not in current:
+                log.info("removing %s: a unit of an earlier run's plan", f)
+                fs.rm(f)
 
 
 def _read_bytes(path: str) -> bytes:
