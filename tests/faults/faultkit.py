@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,14 @@ ENV = {**os.environ, "LAIONTOOLS_SPARK_MASTER": "local[2]", "LAIONTOOLS_SPARK_LO
 # the output folder's ownership marker records when the folder was first claimed; the lock names
 # the run holding it).
 RUN_VARYING = ("*.run.json", ".laiontools-output.json", ".laiontools.lock", "*/logs/*", "logs/*", "*.log")
+
+# dedup records how long its steps took and the peak memory of its tasks, in each shard's marker,
+# the index description and the summary: compared apart from those fields.
+DEDUP_VARYING = ("done/*.done", "index/index.json", "summary.json")
+DEDUP_JSON_EXCEPT = (("done/*.done", ("search_seconds", "peak_rss_mb")),
+                     ("index/index.json", ("build_seconds", "embed_seconds")),
+                     ("summary.json", ("search_seconds", "worker_peak_rss_mb")))
+
 
 
 def load_json(path: str):
@@ -189,3 +198,13 @@ def json_equal_except(got_root: str, want_root: str, pattern: str, keys: tuple[s
             a.pop(k, None)
             b.pop(k, None)
         assert a == b, f"{rel}: {a} != {b}"
+
+
+_LOGGING_ERROR = re.compile(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n?", re.DOTALL)
+
+
+def has_traceback(err: str) -> bool:
+    """A Python traceback in `err`, apart from logging's own "--- Logging error ---" reports: in-process
+    runs under pytest's fd capture can leave a library's handler on a stream an earlier test's capture
+    closed; that is the harness, not the stage (a subprocess run never shows it)."""
+    return "Traceback" in _LOGGING_ERROR.sub("", err)

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from faultkit import load_json, record
+from faultkit import has_traceback, load_json, record
 
 pytestmark = pytest.mark.slow
 
@@ -52,11 +52,11 @@ def _refused(stage: str, args: list[str], damaged: str | tuple[str, ...], capfd,
     err = capfd.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith(f"laiontools {stage}: error:")]
     names = (os.path.basename(damaged),) if isinstance(damaged, str) else damaged
-    ok = rc == 2 and "Traceback" not in err and len(lines) == 1 and any(n in lines[0] for n in names)
+    ok = rc == 2 and not has_traceback(err) and len(lines) == 1 and any(n in lines[0] for n in names)
     record({"kind": "corruption", "stage": stage, "input": kind, "outcome": "refused" if ok else f"exit {rc}",
             "error": lines[:1]})
     assert rc == 2, f"{stage} with a damaged {kind} ({damaged}) exited {rc}\n{err[-3000:]}"
-    assert "Traceback" not in err, err[-4000:]
+    assert not has_traceback(err), err[-4000:]
     assert len(lines) == 1, err[-4000:]
     assert any(n in lines[0] for n in names), f"the error does not name {names}: {lines[0]}"
     return lines[0]
@@ -120,7 +120,7 @@ def _verify_reports(manifest: str, name: str, capfd, kind: str) -> None:
     text = cap.out + cap.err
     record({"kind": "corruption", "stage": "verify", "input": kind, "outcome": "reported" if rc == 1 and name in text else f"exit {rc}"})
     assert rc == 1, f"verify exited {rc} on a damaged {kind}\n{text[-3000:]}"
-    assert "Traceback" not in text and name in text, text[-3000:]
+    assert not has_traceback(text) and name in text, text[-3000:]
 
 
 # ------------------------------------------------------------------------------------------ uid file
@@ -184,7 +184,7 @@ def test_tar_shard_in_embed(pool_copy, tmp_path, capfd, damage):
     rc = main(["embed", "--manifest", pool_copy, "--output", out, "--model", "lt-tiny", "--batch-size", "8",
                "--num-workers", "0", "--device", "cpu"])
     err = capfd.readouterr().err
-    assert "Traceback" not in err, err[-4000:]
+    assert not has_traceback(err), err[-4000:]
     sid = os.path.basename(tar).removesuffix(".tar")
     if rc == 2:
         line = [ln for ln in err.splitlines() if ln.startswith("laiontools embed: error:")]
@@ -272,7 +272,7 @@ def test_model_checkpoint_flipped_is_recorded(chain, tmp_path, capfd):
     rc = main(["embed", "--manifest", chain.pool, "--output", out, "--model", "lt-tiny", "--pretrained", ckpt,
                "--device", "cpu", "--num-workers", "0"])
     err = capfd.readouterr().err
-    assert "Traceback" not in err, err[-3000:]
+    assert not has_traceback(err), err[-3000:]
     if rc == 2:
         outcome = "refused"
     else:
