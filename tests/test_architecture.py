@@ -1,0 +1,135 @@
+"""The import graph of laiontools/ keeps the architecture: no cycles, no private imports across modules,
+library modules never import stages, and a stage imports another stage only where it runs it."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STAGES = "laiontools.stages."
+# stage -> stages it may import: it runs them (demo, study, download runs prepare), or they are its own
+# parts (dedup calibrate reuses dedup's index and search; the gallery page; the trainer's worker).
+ALLOWED_STAGE_IMPORTS = {
+    "demo": {"*"},
+    "study": {"*"},
+    "download": {"prepare"},
+    "dedup_calibrate": {"dedup"},
+    "dedup": {"dedup_gallery"},
+    "semdedup": {"dedup", "dedup_gallery"},
+    "train": {"train_worker"},
+    # Known exception, to remove: evaluate reads a train run folder through train.read_result.
+    "evaluate": {"train"},
+}
+# Not library code: fixtures that build a stage's output the way the stage would.
+LIBRARY_EXCEPTIONS = {"laiontools.testing"}
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    mods = {}
+    for p in (ROOT / "laiontools").rglob("*.py"):
+        name = ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = p
+    return mods
+
+
+def _graph() -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
+    """module -> laiontools modules it imports (anywhere in the file), and private names imported."""
+    mods = _modules()
+
+    def owner(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    private = []
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods]
+                if node.module.startswith("laiontools"):
+                    private += [(name, node.module, a.name) for a in node.names
+                                if a.name.startswith("_") and not a.name.startswith("__")]
+            for t in targets:
+                o = owner(t) if t.startswith("laiontools") else None
+                if o and o != name:
+                    deps.add(o)
+        graph[name] = deps
+    return graph, private
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    graph, _ = _graph()
+    assert len(graph) > 40  # the walk found the package
+    assert _cycles(graph) == []
+
+
+def test_no_private_imports_across_modules():
+    _, private = _graph()
+    assert private == []
+
+
+def test_library_modules_do_not_import_stages():
+    graph, _ = _graph()
+    bad = sorted((a, b) for a, deps in graph.items() for b in deps
+                 if b.startswith(STAGES) and not a.startswith(STAGES) and a != "laiontools.cli"
+                 and not any(a.startswith(x) for x in LIBRARY_EXCEPTIONS))
+    assert bad == []
+
+
+def test_stages_import_only_the_stages_they_run():
+    graph, _ = _graph()
+    bad = []
+    for a, deps in graph.items():
+        if not a.startswith(STAGES):
+            continue
+        allowed = ALLOWED_STAGE_IMPORTS.get(a[len(STAGES):], set())
+        for b in deps:
+            if b.startswith(STAGES) and "*" not in allowed and b[len(STAGES):] not in allowed:
+                bad.append((a, b))
+    assert sorted(bad) == []
