@@ -18,8 +18,6 @@ ALLOWED_STAGE_IMPORTS = {
     "dedup": {"dedup_gallery"},
     "semdedup": {"dedup", "dedup_gallery"},
     "train": {"train_worker"},
-    # Known exception, to remove: evaluate reads a train run folder through train.read_result.
-    "evaluate": {"train"},
 }
 # Not library code: fixtures that build a stage's output the way the stage would.
 LIBRARY_EXCEPTIONS = {"laiontools.testing"}

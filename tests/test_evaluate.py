@@ -208,3 +208,24 @@ def test_duplicate_captions_are_not_decided_by_sort_order(sets: dict[str, str]) 
     best_a, best_b = sims[:, :3].max(dim=1).values, sims[:, 3:].max(dim=1).values
     right = torch.cat([best_a[:3] > best_b[:3], best_b[3:] > best_a[3:]])
     assert r["image_to_text_R@1"] == pytest.approx(float(right.float().mean()))
+
+
+def test_unfinished_run_folder_is_refused_naming_it(tmp_path) -> None:
+    """evaluate reads a train run through contracts.runs: a run without its completion marker is refused."""
+    import json
+
+    from laiontools.contracts import layout
+    from laiontools.contracts.runs import RunNotFinishedError, is_finished, read_result
+    from laiontools.core.storage import mark_done
+    from laiontools.stages.evaluate import resolve_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / layout.TRAIN_SETTINGS_JSON).write_text(json.dumps({"model": "lt-tiny"}))
+    (run / layout.TRAIN_RESULT_JSON).write_text(json.dumps({"model": "lt-tiny"}))  # written, not yet marked
+    assert not is_finished(str(run))
+    with pytest.raises(RunNotFinishedError, match=f"{run} is not a finished training run"):
+        resolve_checkpoint(str(run), None)
+    mark_done(str(run / layout.TRAIN_RESULT_JSON), {})
+    assert read_result(str(run)) == {"model": "lt-tiny"}
+    assert resolve_checkpoint(str(run), None) == (str(run / layout.TRAIN_MODEL_FILE), "lt-tiny", str(run))

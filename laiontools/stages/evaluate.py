@@ -75,9 +75,9 @@ def resolve_checkpoint(checkpoint: str | None, model: str | None) -> tuple[str |
     """(weights to load, model name, run dir or None) for a run dir, a checkpoint file or a tag.
 
     Raises ModelError when a run dir was trained with another model than ``model``, ConfigError when
-    the model name cannot be known, and TrainError when a run dir is not finished.
+    the model name cannot be known, and RunNotFinishedError when a run dir is not finished.
     """
-    from laiontools.stages.train import read_result
+    from laiontools.contracts.runs import read_result
 
     if checkpoint and os.path.isdir(checkpoint):
         if not os.path.exists(os.path.join(checkpoint, layout.TRAIN_SETTINGS_JSON)):

@@ -184,9 +184,10 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
 
     ``seed`` None is the grid's run (``train.seed``); another seed is a replicate, run id ``...__seed<N>``.
     """
+    from laiontools.contracts.runs import is_finished, read_result
     from laiontools.stages import evaluate, train
     from laiontools.stages.evaluate import EvaluateConfig
-    from laiontools.stages.train import TrainConfig, is_finished, read_result
+    from laiontools.stages.train import TrainConfig
 
     rid = run_id(model, scale, samples_seen) + (f"__seed{seed}" if seed is not None else "")
     train_settings = {**cfg.train, **({"seed": int(seed)} if seed is not None else {})}

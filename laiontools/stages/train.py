@@ -42,11 +42,12 @@ from typing import Any
 
 from laiontools.contracts import layout
 from laiontools.contracts.manifest import manifest_sha256, read_manifest, shard_urls
+from laiontools.contracts.runs import is_finished, read_result
 from laiontools.contracts.schema import ManifestError
 from laiontools.core.config import ConfigError, StageConfig
 from laiontools.core.errors import UserError
 from laiontools.core.stage import StageResult, config_parser, stage_entry
-from laiontools.core.storage import is_done, mark_done, read_json, write_json
+from laiontools.core.storage import mark_done, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -492,18 +493,6 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
     write_json(result_path, result)
     mark_done(result_path, {"samples_seen": plan.samples_seen, "steps": plan.steps})
     return result
-
-
-def is_finished(run_dir: str) -> bool:
-    """True when the run's completion marker exists (training reached its budget and was checked)."""
-    return is_done(os.path.join(run_dir, layout.TRAIN_RESULT_JSON))
-
-
-def read_result(run_dir: str) -> dict[str, Any]:
-    """result.json of a finished run; raises TrainError if the run is not finished."""
-    if not is_finished(run_dir):
-        raise TrainError(f"{run_dir} is not a finished training run (no {layout.TRAIN_RESULT_JSON}.done); run or resume `laiontools train`")
-    return read_json(os.path.join(run_dir, layout.TRAIN_RESULT_JSON))
 
 
 STAGE = "train"
