@@ -131,3 +131,31 @@ def test_inspect(chain, capsys):
     rm = read_manifest(chain["resharded"])
     assert f"shards: {len(rm['shards'])}," in out and rm["shards"][0]["path"] in out
     assert inspect_text(chain["resharded"]).startswith(rm["name"])
+
+
+def test_spark_path_finds_what_the_single_process_path_finds(chain, spark, tmp_path, capsys):
+    """verify on Spark (--master, or above --spark-above shards): same findings, same exit codes."""
+    m = _copy_resharded(chain, tmp_path / "rs")
+    # intact: both paths OK, exit 0
+    assert verify_manifest(m, spark=spark).ok and verify_manifest(m).ok
+    assert cli(["verify", "--master", "local[2]", m]) == 0
+    shards = read_manifest(m)["shards"]
+    s0 = os.path.join(str(tmp_path / "rs"), shards[0]["path"])
+    with open(s0, "r+b") as f:  # flip one byte of the first member's data
+        f.seek(600)
+        b = f.read(1)
+        f.seek(600)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.remove(os.path.join(str(tmp_path / "rs"), shards[-1]["path"]))
+    local, on_spark = verify_manifest(m), verify_manifest(m, spark=spark)
+    assert on_spark.problems == local.problems and on_spark.checked == local.checked
+    assert any(shards[0]["path"] in p and "sha256" in p for p in local.problems), local.problems
+    assert any(shards[-1]["path"] in p and "missing" in p for p in local.problems), local.problems
+    assert not any(shards[1]["path"] in p for p in local.problems)
+    capsys.readouterr()
+    assert cli(["verify", m]) == 1
+    out_local = capsys.readouterr().out
+    assert cli(["verify", "--spark-above", "0", m]) == 1  # every manifest on Spark (the session's)
+    assert capsys.readouterr().out == out_local
+    assert cli(["verify", "--master", "local[2]", m]) == 1
+    assert capsys.readouterr().out == out_local
