@@ -197,3 +197,89 @@ def test_synthetic_profiles_are_detected(name, tmp_path):
     write_source(str(tmp_path / "s"), BASE, _items(8), profile=name, fmt="parquet", seed=1)
     _, mapping, _, detected = discover(PrepareConfig(input=str(tmp_path / "s"), output=str(tmp_path / "o")))
     assert detected == name and "url" in mapping
+
+
+def _host_source(path, seed: int = 5) -> pd.DataFrame:
+    """One host with many rows, a few mid-sized hosts and many small ones, shuffled (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    hosts = [("big.imgs.org", 300), ("mid.imgs.org", 45)] + [(f"m{i}.imgs.org", 12) for i in range(20)] + \
+        [(f"s{i}.imgs.org", rng.randint(1, 4)) for i in range(60)]
+    urls = [f"http://{h}/img/{j}.jpg" for h, r in hosts for j in range(r)]
+    rng.shuffle(urls)
+    df = pd.DataFrame({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]})
+    os.makedirs(path, exist_ok=True)
+    df.to_parquet(os.path.join(path, "part-00000.parquet"))
+    return df
+
+
+def _shards_by_host(out: str, shard_size: int) -> tuple[dict[str, set[int]], list[int], list[str]]:
+    """(host -> shards, file sizes, uids in layout order) read back from the prepared files: the
+    download reads the files in name order and cuts each into shards of `shard_size` rows."""
+    from urllib.parse import urlsplit
+
+    d = os.path.join(out, layout.PREPARED_DIR, "accepted")
+    files = sorted(os.listdir(d))
+    tables = [pd.read_parquet(os.path.join(d, f)) for f in files]
+    acc = pd.concat(tables, ignore_index=True)
+    by_host: dict[str, set[int]] = {}
+    for i, url in enumerate(acc["url"]):
+        by_host.setdefault(urlsplit(url).hostname, set()).add(i // shard_size)
+    return by_host, [len(t) for t in tables], list(acc["uid"])
+
+
+def test_rows_of_a_host_land_in_a_bounded_number_of_shards(spark, tmp_path):
+    """--max-host-shards H: a host with r <= H x shard_size rows is in at most min(r, H) shards, a
+    bigger one in floor(r / shard_size) + min(H, r mod shard_size); files stay whole shards; the same
+    input and settings give the same layout; H = 0 keeps input order (and then hosts spread widely)."""
+    src = str(tmp_path / "src")
+    df = _host_source(src)
+    counts = df["url"].map(lambda u: u.split("/")[2]).value_counts().to_dict()
+    n, size, h = len(df), 10, 4
+
+    def run(name: str, max_host_shards: int) -> dict:
+        cfg = PrepareConfig(input=src, output=str(tmp_path / name), number_sample_per_shard=size, shards_per_file=3,
+                            max_host_shards=max_host_shards)
+        return prepare_stage.run(cfg, spark).details
+
+    stats = run("a", h)
+    assert stats["accepted"] == n and stats["host_layout"]["bounded"]
+    assert stats["host_layout"]["split_hosts"] == 0
+    by_host, sizes, uids = _shards_by_host(str(tmp_path / "a"), size)
+    assert sizes[:-1] == [30] * (len(sizes) - 1) and 0 < sizes[-1] <= 30 and sum(sizes) == n
+    assert set(by_host) == set(counts)
+    for host, shards in by_host.items():
+        r = counts[host]
+        bound = min(r, h) if r <= h * size else r // size + min(h, r % size)
+        assert len(shards) <= bound, (host, r, sorted(shards))
+    assert len(by_host["big.imgs.org"]) == 300 // size  # its own full shards, nothing else
+    assert max(len(by_host[f"m{i}.imgs.org"]) for i in range(20)) <= h
+    assert stats["host_layout"]["max_shards_per_host_bound"] >= max(len(s) for s in by_host.values())
+
+    # hosts over H x shard_size rows (big: 300, mid: 45) get full shards of their own; every other
+    # shard mixes hosts (a group's rows are striped over its shards)
+    shard_hosts: dict[int, set[str]] = {}
+    for host, shards in by_host.items():
+        for s in shards:
+            shard_hosts.setdefault(s, set()).add(host)
+    last = (n - 1) // size  # the short last shard (731 rows: 1 row) is left out
+    own = [s for s, hs in shard_hosts.items() if len(hs) == 1 and s != last]
+    assert len(own) == 300 // size + 45 // size
+    assert min(len(hs) for s, hs in shard_hosts.items() if s not in own and s != last) >= 3
+
+    # determinism: a second run lays out the same uids in the same places
+    run("b", h)
+    assert _shards_by_host(str(tmp_path / "b"), size)[2] == uids
+
+    # without the bound: input order, the same uids, and hosts spread over many more shards
+    assert run("c", 0)["host_layout"] == {"max_host_shards": 0, "bounded": False}
+    by_host0, _, uids0 = _shards_by_host(str(tmp_path / "c"), size)
+    assert sorted(uids0) == sorted(uids) and uids0 != uids
+    assert len(by_host0["big.imgs.org"]) > 300 // size + h
+    assert max(len(by_host0[f"m{i}.imgs.org"]) for i in range(20)) > h
+
+    # reusing a prepared folder with another bound is refused, naming the setting
+    with pytest.raises(UserError, match="max_host_shards: 4 -> 2"):
+        run("a", 2)
+    assert run("a", h)["accepted"] == n

@@ -118,6 +118,7 @@ def check_output(cfg: DownloadConfig) -> None:
     if not url_to_fs(settings_path)[0].exists(url_to_fs(settings_path)[1]):
         return  # a run stopped before it wrote its settings: nothing to compare
     old = read_json(settings_path)
+    old.setdefault("max_host_shards", 0)  # pools from before the setting: rows in input order, no host bound
     new = cfg.semantic()
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:

@@ -9,12 +9,15 @@ does not grow with the input.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import ipaddress
 import json
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
@@ -28,7 +31,7 @@ from laiontools.contracts.profiles import (
 )
 from laiontools.contracts.uids import compute_uid, normalize_caption, normalize_url
 from laiontools.core.config import ConfigError
-from laiontools.core.errors import InputError, TaskError, task_error, user_error_from
+from laiontools.core.errors import InputError, TaskError, UserError, task_error, user_error_from
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
@@ -89,12 +92,15 @@ class PrepareConfig(SparkStageConfig):
     require_caption: bool = dataclasses.field(default=True, metadata={"help": "reject rows without a caption"})
     number_sample_per_shard: int = dataclasses.field(default=10000, metadata={"help": "rows per download shard"})
     shards_per_file: int = dataclasses.field(default=10, metadata={"help": "download shards per prepared input file"})
+    max_host_shards: int = dataclasses.field(default=8, metadata={"help": "place each host's rows in at most this many download shards (a host with more than this × number_sample_per_shard rows: in the full shards it needs, plus up to this many), so that at most this many download tasks fetch from one host at once and the per-executor --max-host-* limits bound the host globally; 0: input order, no bound"})
 
     def validate(self) -> None:
         if not self.input or not self.output:
             raise ConfigError("--input (source metadata) and --output (pool folder) are required")
         if self.number_sample_per_shard < 1 or self.shards_per_file < 1:
             raise ConfigError("number_sample_per_shard and shards_per_file must be >= 1")
+        if self.max_host_shards < 0:
+            raise ConfigError("max_host_shards must be >= 1, or 0 for no bound (input order)")
         for net in self.allow_networks:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -395,10 +401,180 @@ def _tasks(files: list[SourceFile], mapping: dict[str, str], extras: list[str], 
     return tasks
 
 
+# ----------------------------------------------------------------------------- host-bounded shard layout (driver plan, executor positions)
+
+
+def host_of(url: str | None) -> str:
+    """The key of fetch's per-host limits (``HostGate``): the URL's lower-cased host name, '' if none."""
+    try:
+        return (urlsplit(url or "").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _coprime_step(size: int) -> int:
+    """A step coprime with `size` near 0.618 × size: slot -> slot × step mod size is a permutation that
+    puts consecutive slots far apart (rows of one host, consecutive in a group, spread over the shard)."""
+    a = max(1, int(size * 0.6180339887))
+    while math.gcd(a, size) != 1:
+        a += 1
+    return a
+
+
+@dataclasses.dataclass
+class HostLayout:
+    """Where each accepted row goes so that a host's rows land in few download shards.
+
+    The accepted rows (``n``) fill shards of ``shard_size`` rows in order (the last may be short). First
+    come the *exclusive* shards: a host with more than H × shard_size rows (H = ``max_host_shards``)
+    gets floor(rows / shard_size) full shards of its own. The rest are cut into *groups* of H consecutive
+    shards; every other host with more than H rows is placed whole in one group (best-fit decreasing:
+    the group with the least room that holds it), and hosts with ≤ H rows (never collected: they cannot touch more
+    than H shards whatever happens) fill what is left, in input order. Inside a group, element e goes
+    to shard e mod K (K the group's shards) so a host's consecutive elements touch min(rows, K) ≤ H
+    shards and every shard mixes many hosts. A host whose rows fit no group whole (rare: the groups'
+    room is fragmented) is split over groups; ``split_hosts`` counts them.
+
+    A host with r rows therefore lands in ≤ min(r, H) shards if r ≤ H × shard_size (unless split), and
+    in ≤ floor(r / shard_size) + min(H, r mod shard_size) shards otherwise.
+
+    ``pieces[host]`` lists (rank_start, count, group or -1 for exclusive, element/position start) in
+    the host's rank order (its rows sorted by file_idx, row_idx); ``host_start[host]`` is the host's first
+    index in the planned-rows sequence (hosts sorted by name); fillers follow all planned rows.
+    """
+
+    n: int
+    shard_size: int
+    max_host_shards: int
+    groups: list[tuple[int, int]]  # (first position, rows) per group
+    pieces: dict[str, list[tuple[int, int, int, int]]]
+    host_start: dict[str, int]
+    n_planned: int
+    filler_pieces: list[tuple[int, int, int, int]]  # (rank_start, count, group, element start)
+    exclusive_hosts: int = 0
+    split_hosts: int = 0
+    _filler_starts: list[int] | None = None
+
+    def position(self, host: str | None, rank: int) -> int:
+        """Global position (0..n-1) of a planned host's rank-th row, or (host None) of the rank-th filler."""
+        if host is None:
+            pcs = self.filler_pieces
+            if self._filler_starts is None:
+                self._filler_starts = [p[0] for p in pcs]
+            i = bisect.bisect_right(self._filler_starts, rank) - 1
+        else:
+            pcs = self.pieces[host]
+            i = bisect.bisect_right([p[0] for p in pcs], rank) - 1
+        r0, cnt, g, start = pcs[i]
+        if not 0 <= rank - r0 < cnt:
+            raise RuntimeError(f"prepare host layout: rank {rank} of {host!r} outside its pieces (re-run prepare)")
+        if g < 0:
+            return start + rank - r0
+        return self._group_position(g, start + rank - r0)
+
+    def _group_position(self, g: int, e: int) -> int:
+        first, rows = self.groups[g]
+        s = self.shard_size
+        k = -(-rows // s)
+        tail = rows - (k - 1) * s  # rows of the group's last shard (s unless it is the pool's last shard)
+        if e < k * tail:
+            shard, slot = e % k, e // k
+        else:  # the last shard is full: stripe the rest over the others
+            e2 = e - k * tail
+            shard, slot = e2 % (k - 1), tail + e2 // (k - 1)
+        size = tail if shard == k - 1 else s
+        return first + shard * s + (slot * _coprime_step(size)) % size
+
+    def max_shards_bound(self) -> int:
+        """Upper bound, from the plan, of the shards any planned host touches (fillers: ≤ H)."""
+        worst = self.max_host_shards
+        for pcs in self.pieces.values():
+            tot = 0
+            for _, cnt, g, _start in pcs:
+                if g < 0:
+                    tot += -(-cnt // self.shard_size)
+                else:
+                    tot += min(cnt, -(-self.groups[g][1] // self.shard_size))
+            worst = max(worst, tot)
+        return worst
+
+    def summary(self) -> dict[str, Any]:
+        return {"max_host_shards": self.max_host_shards, "groups": len(self.groups), "planned_hosts": len(self.pieces),
+                "exclusive_hosts": self.exclusive_hosts, "split_hosts": self.split_hosts,
+                "max_shards_per_host_bound": self.max_shards_bound()}
+
+
+def plan_host_layout(big_hosts: list[tuple[str, int]], n: int, shard_size: int, max_host_shards: int) -> HostLayout:
+    """Plan the layout of `n` accepted rows given the hosts with more than `max_host_shards` rows.
+
+    Deterministic: the same counts give the same plan (ties broken by host name).
+    """
+    s, h = shard_size, max_host_shards
+    cap = h * s
+    counts = dict(big_hosts)
+    n_planned = sum(counts.values())
+    if n_planned > n:
+        raise RuntimeError(f"prepare host layout: {n_planned} planned rows but {n} accepted (re-run prepare)")
+    host_start, acc = {}, 0
+    for host in sorted(counts):
+        host_start[host] = acc
+        acc += counts[host]
+    pieces: dict[str, list[tuple[int, int, int, int]]] = {}
+    pos = 0
+    items: list[tuple[int, str, int]] = []  # (rows, host, rank_start) left to place in groups
+    n_excl = 0
+    for host in sorted(counts, key=lambda x: (-counts[x], x)):
+        r = counts[host]
+        if r > cap:
+            full = (r // s) * s
+            pieces[host] = [(0, full, -1, pos)]
+            pos += full
+            n_excl += 1
+            if r - full:
+                items.append((r - full, host, full))
+        else:
+            items.append((r, host, 0))
+    rest = n - pos
+    n_shards = -(-rest // s)
+    n_groups = -(-n_shards // h)
+    groups = [(pos + g * cap, min(cap, rest - g * cap)) for g in range(n_groups)]
+    free = [rows for _, rows in groups]
+    used = [0] * n_groups
+    room = sorted((f, g) for g, f in enumerate(free))  # best fit: the group with the least room that holds the host
+    split = 0
+    for r, host, r0 in sorted(items, key=lambda t: (-t[0], t[1])):
+        parts = 0
+        while r:
+            i = bisect.bisect_left(room, (r, -1))
+            f, g = room.pop(i if i < len(room) else len(room) - 1)  # none holds it whole: the most room
+            take = min(r, f)
+            pieces.setdefault(host, []).append((r0, take, g, used[g]))
+            used[g] += take
+            free[g] -= take
+            r0 += take
+            r -= take
+            parts += 1
+            if free[g]:
+                bisect.insort(room, (free[g], g))
+        split += parts > 1
+    fillers, f0 = [], 0
+    for g in range(n_groups):
+        if free[g]:
+            fillers.append((f0, free[g], g, used[g]))
+            f0 += free[g]
+    for pcs in pieces.values():
+        pcs.sort()
+    return HostLayout(n=n, shard_size=s, max_host_shards=h, groups=groups, pieces=pieces, host_start=host_start,
+                      n_planned=n_planned, filler_pieces=fillers, exclusive_hosts=n_excl, split_hosts=split)
+
+
 # ----------------------------------------------------------------------------- the Spark job
 
 
-def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_dir: str, names: list[str]) -> Iterator[int]:
+def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_dir: str, names: list[str],
+                              per_file: int) -> Iterator[int]:
+    """Write file `pid`: rows keyed by their global position, which must be exactly
+    pid × per_file, pid × per_file + 1, ... (a gap or a repeat would shift every later row's shard)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -407,6 +583,11 @@ def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_d
     rows_sorted = sorted(rows, key=lambda r: r[0])
     if not rows_sorted:
         return iter([0])
+    first = pid * per_file
+    if rows_sorted[0][0] != first or rows_sorted[-1][0] != first + len(rows_sorted) - 1 or \
+            len({r[0] for r in rows_sorted}) != len(rows_sorted):
+        raise RuntimeError(f"prepare: accepted file {pid} got positions {rows_sorted[0][0]}..{rows_sorted[-1][0]} "
+                           f"for {len(rows_sorted)} rows, not {first}.. without gaps; re-run prepare")
     cols = list(zip(*(r[1] for r in rows_sorted)))
     # Explicit types: an all-null column must still be typed, or shard parquets disagree later.
     types = dict(PREPARED_FIELDS)
@@ -419,6 +600,26 @@ def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_d
 
 
 STAGE = "prepare"
+
+
+def _check_layout(stats: dict[str, Any], cfg: PrepareConfig, prep_dir: str) -> None:
+    """Refuse to reuse prepared rows laid out with other shard settings (their shards would differ).
+
+    Stats written before the layout was recorded have no ``layout``: those were input order, i.e.
+    ``max_host_shards`` 0.
+    """
+    old = stats.get("layout")
+    if old is None:
+        if cfg.max_host_shards == 0:
+            return
+        old = {"max_host_shards": 0}
+    new = {"number_sample_per_shard": cfg.number_sample_per_shard, "shards_per_file": cfg.shards_per_file,
+           "max_host_shards": cfg.max_host_shards}
+    diff = [k for k in new if k in old and old[k] != new[k]]
+    if diff:
+        detail = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in diff)
+        raise UserError(f"{prep_dir} was prepared with other shard settings ({detail}); re-run with the same "
+                        f"settings to reuse it, or give a new output folder")
 
 
 @stage_entry(STAGE, accepts=("download",))  # prepare also runs inside a download's pool
@@ -435,6 +636,7 @@ def run(cfg: PrepareConfig, spark: Any = None) -> StageResult:
     if is_done(prep_dir):
         log.info("prepare already complete in %s; reusing it", prep_dir)
         stats = read_json(join(prep_dir, layout.PREPARED_STATS_JSON))
+        _check_layout(stats, cfg, prep_dir)
     else:
         found = discover(cfg)  # bad input fails before Spark starts
         with stage_spark(cfg, spark, app_name="laiontools-prepare") as sp:
@@ -501,16 +703,44 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
             fs.rm(p, recursive=True)
         fs.makedirs(p, exist_ok=True)
         names = [C.URL, C.CAPTION, *DOWNLOAD_COLUMNS, *extras]
-        acc = df.where(F.col(C.STATUS).isNull()).orderBy("file_idx", "row_idx").select(*names)
         n_acc = counts.get("accepted", 0)
         per_file = cfg.number_sample_per_shard * cfg.shards_per_file
         n_files = max(1, -(-n_acc // per_file))
-        if n_acc:
+        h_max, shard_size = cfg.max_host_shards, cfg.number_sample_per_shard
+        host_layout: dict[str, Any] = {"max_host_shards": h_max, "bounded": False}
+        if n_acc and h_max and -(-n_acc // shard_size) > h_max:
+            # More shards than the bound: place rows by host (see HostLayout). Only hosts with more
+            # than H rows reach the driver; the others cannot touch more than H shards anyway.
+            acc = df.where(F.col(C.STATUS).isNull()).select("file_idx", "row_idx", *names).rdd.map(tuple)
+            big = (acc.map(lambda t: (host_of(t[2]), 1)).reduceByKey(lambda a, b: a + b, n_shuffle)
+                   .filter(lambda kv: kv[1] > h_max).collect())
+            plan = plan_host_layout(big, n_acc, shard_size, h_max)
+            host_layout = {**plan.summary(), "bounded": True}
+            bplan = sc.broadcast(plan)
+
+            def sort_key(t: tuple) -> tuple:
+                host = host_of(t[2])
+                return (0, host, t[0], t[1]) if host in bplan.value.host_start else (1, "", t[0], t[1])
+
+            def place(kr: tuple[tuple[tuple, tuple], int]) -> tuple[int, tuple[int, tuple]]:
+                (key, row), i = kr
+                pl = bplan.value
+                if key[0] == 0:
+                    pos = pl.position(key[1], i - pl.host_start[key[1]])
+                else:
+                    pos = pl.position(None, i - pl.n_planned)
+                return pos // per_file, (pos, row)
+
+            indexed = (acc.map(lambda t: (sort_key(t), t[2:])).sortByKey(numPartitions=n_shuffle)
+                       .zipWithIndex().map(place))
+        elif n_acc:
+            acc = df.where(F.col(C.STATUS).isNull()).orderBy("file_idx", "row_idx").select(*names)
             indexed = acc.rdd.map(tuple).zipWithIndex().map(lambda ri: (ri[1] // per_file, (ri[1], ri[0])))
+        if n_acc:
             out = accepted_dir
             written = (indexed.partitionBy(n_files, lambda k: int(k))
                        .map(lambda kv: kv[1])
-                       .mapPartitionsWithIndex(lambda pid, it: _write_accepted_partition(pid, it, out, names))
+                       .mapPartitionsWithIndex(lambda pid, it: _write_accepted_partition(pid, it, out, names, per_file))
                        .sum())
             if written != n_acc:
                 raise RuntimeError(f"prepare wrote {written} accepted rows but counted {n_acc}; re-run prepare")
@@ -529,6 +759,10 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
         "rejected": {k: int(v) for k, v in sorted(counts.items()) if k != "accepted"},
         "download_columns": names,
         "policy": policy,
+        # what decides which rows share a download shard (a resumed download must see the same)
+        "layout": {"number_sample_per_shard": cfg.number_sample_per_shard, "shards_per_file": cfg.shards_per_file,
+                   "max_host_shards": cfg.max_host_shards},
+        "host_layout": host_layout,
         "spark": {"shuffle_partitions": n_shuffle},
     }
     write_json(join(prep_dir, layout.PREPARED_STATS_JSON), stats)
