@@ -27,15 +27,13 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from laiontools.contracts import layout
 from laiontools.core.errors import UserError
 from laiontools.core.storage import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
 METRIC_KINDS = ("accuracy", "error")
-FITS_JSON = "fits.json"
-REPORT_HTML = "report.html"
-PLOTS_DIR = "plots"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,15 +523,15 @@ def fit_and_report(rows: list[dict[str, Any]], metrics: Sequence[str], output: s
     """
     fits = fit_all(rows, metrics, predict_at, kind)
     effects = data_scale_effect(rows, metrics, kind)
-    os.makedirs(os.path.join(output, PLOTS_DIR), exist_ok=True)
-    fits_json = os.path.join(output, FITS_JSON)
+    os.makedirs(os.path.join(output, layout.STUDY_PLOTS_DIR), exist_ok=True)
+    fits_json = os.path.join(output, layout.STUDY_FITS_JSON)
     write_json(fits_json, json_safe({**(extra_json or {}), "kind": kind, "fits": fits, "data_scale_effect": effects}))
     plots = {}
     for m, entry in fits.items():
-        rel = f"{PLOTS_DIR}/{slug(m)}.png"
+        rel = f"{layout.STUDY_PLOTS_DIR}/{slug(m)}.png"
         plot_metric(rows, entry, os.path.join(output, rel))
         plots[m] = rel
-    report = os.path.join(output, REPORT_HTML)
+    report = os.path.join(output, layout.STUDY_REPORT_HTML)
     write_report(report, title, intro_html, rows, fits, plots, columns, footer_html, effects)
     return {"fits": fits, "data_scale_effect": effects, "plots": plots, "fits_json": fits_json, "report": report}
 

@@ -32,6 +32,8 @@ Subsets (subsets output), per scale label L; reshard output; train output::
     <reshard>/subset.manifest.json  <reshard>/reshard.json
     <train>/settings.json environment.json launches.jsonl shards.json metrics.jsonl result.json model.pt
     <train>/checkpoints/  <train>/logs/
+    <study>/results.csv fits.json report.html plots/ gmacs.json plan.json fit_input.csv settings.json
+    <study>/runs/<run>/train/  <study>/runs/<run>/eval.json
 """
 
 from __future__ import annotations
@@ -93,6 +95,18 @@ TRAIN_RESULT_JSON = "result.json"
 TRAIN_MODEL_FILE = "model.pt"
 TRAIN_CHECKPOINT_DIR = "checkpoints"
 TRAIN_LOGS_DIR = "logs"
+
+# study (the grid's folder; `study fit` / `study plan` write into theirs); scaling writes fits/report/plots
+STUDY_RESULTS_CSV = "results.csv"
+STUDY_FITS_JSON = "fits.json"
+STUDY_REPORT_HTML = "report.html"
+STUDY_PLOTS_DIR = "plots"
+STUDY_GMACS_JSON = "gmacs.json"
+STUDY_RUNS_DIR = "runs"
+STUDY_EVAL_JSON = "eval.json"
+STUDY_SETTINGS_JSON = "settings.json"
+STUDY_FIT_INPUT_CSV = "fit_input.csv"
+STUDY_PLAN_JSON = "plan.json"
 
 
 def subset_manifest(label: str) -> str:

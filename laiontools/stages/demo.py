@@ -298,7 +298,7 @@ def write_report(res: dict[str, Any], path: str) -> str:
     parts.append("<h2>4. Training, evaluation and the scaling fit</h2>")
     parts.append(_world_html())
     study_dir = os.path.join(out, "study")
-    csv = os.path.join(study_dir, "results.csv")
+    csv = os.path.join(study_dir, layout.STUDY_RESULTS_CSV)
     if os.path.exists(csv):
         import pandas as pd
 
@@ -307,7 +307,7 @@ def write_report(res: dict[str, Any], path: str) -> str:
         keep = [c for c in ("scale", "dataset_samples", "samples_seen", "steps", "compute_gmacs", "final_loss") if c in df]
         parts.append("<p>Every scale is trained for the same samples seen; compute = GMACs per sample x samples seen.</p>")
         parts.append(df[keep + metric_cols].to_html(index=False, float_format=lambda x: f"{x:.4g}"))
-    fits_path = os.path.join(study_dir, "fits.json")
+    fits_path = os.path.join(study_dir, layout.STUDY_FITS_JSON)
     if os.path.exists(fits_path):
         rows = []
         for metric, f in read_json(fits_path).get("fits", {}).items():
@@ -331,7 +331,7 @@ def write_report(res: dict[str, Any], path: str) -> str:
         for f in sorted(os.listdir(plots)):
             if f.endswith(".png"):
                 parts.append(f"<p><img src='study/plots/{html.escape(f)}' width='600'></p>")
-    if os.path.exists(os.path.join(study_dir, "report.html")):
+    if os.path.exists(os.path.join(study_dir, layout.STUDY_REPORT_HTML)):
         parts.append("<p><a href='study/report.html'>Full study report</a></p>")
     atomic_write_bytes(path, "\n".join(parts).encode())
     return path

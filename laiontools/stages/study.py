@@ -56,10 +56,7 @@ from laiontools.core.stage import StageResult, stage_entry
 from laiontools.core.storage import atomic_write_bytes, is_done, read_json, write_json
 from laiontools.scaling import (  # noqa: F401  (fit maths also importable from here, as before)
     FIT_COLUMNS,
-    FITS_JSON,
     METRIC_KINDS,
-    PLOTS_DIR,
-    REPORT_HTML,
     check_metric_values,
     default_metrics,
     fit_all,
@@ -79,10 +76,6 @@ from laiontools.scaling import (  # noqa: F401  (fit maths also importable from 
 
 log = logging.getLogger(__name__)
 
-RESULTS_CSV = "results.csv"
-GMACS_JSON = "gmacs.json"
-RUNS_DIR = "runs"
-EVAL_FILE = "eval.json"
 
 
 @dataclasses.dataclass
@@ -151,7 +144,7 @@ class StudyConfig(StageConfig):
 
 
 def _gmacs_cached(study_dir: str, models: list[str]) -> dict[str, dict[str, float]]:
-    path = os.path.join(study_dir, GMACS_JSON)
+    path = os.path.join(study_dir, layout.STUDY_GMACS_JSON)
     cache = read_json(path) if os.path.exists(path) else {}
     missing = [m for m in models if m not in cache]
     for m in missing:
@@ -191,9 +184,9 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
 
     rid = run_id(model, scale, samples_seen) + (f"__seed{seed}" if seed is not None else "")
     train_settings = {**cfg.train, **({"seed": int(seed)} if seed is not None else {})}
-    base = os.path.join(cfg.output, RUNS_DIR, rid)
+    base = os.path.join(cfg.output, layout.STUDY_RUNS_DIR, rid)
     run_dir = os.path.join(base, "train")
-    eval_path = os.path.join(base, EVAL_FILE)
+    eval_path = os.path.join(base, layout.STUDY_EVAL_JSON)
     if not is_finished(run_dir):
         log.info("study: training %s", rid)
         res = train.run(
@@ -232,8 +225,8 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
 
 RUN_COLUMNS = ["run_id", "model", "scale", "dataset_samples", "samples_seen", "seed", "gmacs_per_sample", "compute_gmacs",
                "final_loss"]
-_FILES_HTML = (f"<p>Files: <code>{RESULTS_CSV}</code>, <code>{FITS_JSON}</code>, <code>{RUNS_DIR}/&lt;run&gt;/train</code> "
-               f"(run directories), <code>{RUNS_DIR}/&lt;run&gt;/{EVAL_FILE}</code>.</p>")
+_FILES_HTML = (f"<p>Files: <code>{layout.STUDY_RESULTS_CSV}</code>, <code>{layout.STUDY_FITS_JSON}</code>, <code>{layout.STUDY_RUNS_DIR}/&lt;run&gt;/train</code> "
+               f"(run directories), <code>{layout.STUDY_RUNS_DIR}/&lt;run&gt;/{layout.STUDY_EVAL_JSON}</code>.</p>")
 
 
 def _grid_html(cfg: StudyConfig) -> str:
@@ -262,7 +255,7 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
     from laiontools import evalsets
 
     os.makedirs(cfg.output, exist_ok=True)
-    write_json(os.path.join(cfg.output, "settings.json"), cfg.to_dict())
+    write_json(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
     evalsets.load_evalsets(cfg.evalset or None, cfg.evalsets_yaml)  # bad declarations fail before any training
     from laiontools.stages.train import check_trainable_manifest
 
@@ -270,7 +263,7 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
         check_trainable_manifest(manifest)  # a never-resharded manifest fails now, not hours in
     gm = _gmacs_cached(cfg.output, list(cfg.models))
     rows: list[dict[str, Any]] = []
-    results_csv = os.path.join(cfg.output, RESULTS_CSV)
+    results_csv = os.path.join(cfg.output, layout.STUDY_RESULTS_CSV)
     for model in cfg.models:
         for scale in cfg.scales:
             for n in cfg.samples_seen:
@@ -298,7 +291,7 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
         f"results: {results_csv}\nreport:  {report}"
     )
     return StageResult(
-        outputs={"results": results_csv, "report": report, "fits": os.path.join(cfg.output, FITS_JSON)},
+        outputs={"results": results_csv, "report": report, "fits": os.path.join(cfg.output, layout.STUDY_FITS_JSON)},
         counts={"runs": len(rows)},
         details={"rows": rows, "fits": fits, "results_csv": results_csv, "report": report, "plots": plots},
         summary=summary,
@@ -358,8 +351,8 @@ def run_fit(cfg: FitConfig) -> StageResult:
                     r[m] = v / cfg.metric_scale
     check_metric_values(rows, metrics, cfg.metric_kind, f"results table {cfg.results}")
     os.makedirs(cfg.output, exist_ok=True)
-    write_json(os.path.join(cfg.output, "settings.json"), cfg.to_dict())
-    _write_results(os.path.join(cfg.output, "fit_input.csv"), rows)
+    write_json(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
+    _write_results(os.path.join(cfg.output, layout.STUDY_FIT_INPUT_CSV), rows)
     esc = html.escape
     intro = (f"<p>Results table <code>{esc(os.path.abspath(cfg.results))}</code>: {len(rows)} row(s)"
              + (f" passing {esc(' and '.join(cfg.where))}" if cfg.where else "")
@@ -503,7 +496,7 @@ def run_plan(cfg: PlanConfig) -> StageResult:
     ])
     outputs = {}
     if cfg.output:
-        path = os.path.join(cfg.output, "plan.json")
+        path = os.path.join(cfg.output, layout.STUDY_PLAN_JSON)
         write_json(path, json_safe(plan))
         outputs["plan"] = path
         summary += f"\nplan: {path}"
