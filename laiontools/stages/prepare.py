@@ -1,7 +1,9 @@
 """prepare: source metadata -> normalized, uid-keyed, policy-checked download work units (Spark).
 
 Every input row ends in exactly one place: ``prepared/accepted/part-NNNNN.parquet`` (rows img2dataset
-will fetch, in input order, each file a whole number of download shards) or ``prepared/rejected/``
+will fetch, each file a whole number of download shards; in input order when the pool has at most
+``max_host_shards`` shards or the bound is off, else laid out by host, see :class:`HostLayout`) or
+``prepared/rejected/``
 (catalog-shaped rows with ``status = rejected_<reason>``). The driver only lists files and reads
 their footers/headers; rows are read, normalized and checked inside Spark tasks, so driver memory
 does not grow with the input.
