@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Self
 
 import pandas as pd
 import pyspark
+import pytest
 
 from laiontools.contracts import layout
 from laiontools.core.spark import BYTES_PER_SHUFFLE_PARTITION, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
@@ -97,3 +99,128 @@ def test_shuffle_partitions_derived_from_input_size(spark):
     assert shuffle_partitions(spark, rows=2_000_000_000) == 2_000_000_000 // ROWS_PER_SHUFFLE_PARTITION
     assert shuffle_partitions(spark, nbytes=BYTES_PER_SHUFFLE_PARTITION * 50 + 1) == 51
     assert shuffle_partitions(spark, rows=ROWS_PER_SHUFFLE_PARTITION * 3, nbytes=1) == max(3, par)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, deadline: float) -> None:
+    import socket
+    import time
+
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class StandaloneCluster:
+    """A Spark standalone master and `workers` workers (1 core, 1 GB each) on 127.0.0.1, stopped on exit
+    (their whole process groups, also when the test fails)."""
+
+    def __init__(self, root: Path, workers: int = 2):
+        self.root, self.n, self.procs = root, workers, []
+        self.port = _free_port()
+        self.url = f"spark://127.0.0.1:{self.port}"
+
+    def _start(self, args: list[str], log: str) -> None:
+        env = {**submit_env(), "SPARK_LOG_DIR": str(self.root / "logs")}
+        out = open(self.root / log, "wb")  # noqa: SIM115 - closed with the process in __exit__
+        self.procs.append((subprocess.Popen([str(SPARK_HOME / "bin" / "spark-class"), *args], env=env,
+                                            start_new_session=True, stdout=out, stderr=subprocess.STDOUT), out))
+
+    def __enter__(self) -> Self:
+        import time
+
+        try:
+            self._start(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(self.port),
+                         "--webui-port", str(_free_port())], "master.log")
+            _wait_port(self.port, time.time() + 120)
+            for i in range(self.n):
+                work = self.root / f"worker{i}"
+                work.mkdir()
+                self._start(["org.apache.spark.deploy.worker.Worker", self.url, "--cores", "1", "--memory", "1g",
+                             "--host", "127.0.0.1", "--webui-port", str(_free_port()), "--work-dir", str(work)],
+                            f"worker{i}.log")
+            deadline = time.time() + 120
+            while time.time() < deadline:  # both workers registered with the master
+                if (self.root / "master.log").read_text(errors="replace").count("Registering worker") >= self.n:
+                    break
+                time.sleep(0.5)
+            else:
+                raise TimeoutError(f"workers did not register:\n{(self.root / 'master.log').read_text()[-3000:]}")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for p, out in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(timeout=30)
+            out.close()
+
+    def tasks_per_worker(self) -> list[int]:
+        """Tasks each worker's executors ran (their stderr logs 'Running task' per task)."""
+        counts = []
+        for i in range(self.n):
+            logs = list((self.root / f"worker{i}").glob("app-*/*/stderr"))
+            counts.append(sum(f.read_text(errors="replace").count("Running task") for f in logs))
+        return counts
+
+
+@pytest.mark.slow
+def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp_path):
+    """spark-submit jobs/download.py and jobs/verify.py on a master + 2 workers: tasks run on both
+    workers, and the pool equals the same download run in a local session."""
+    from conftest import TEST_DOWNLOAD_SETTINGS
+
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+    from laiontools.synthetic import SyntheticWebServer, make_source
+
+    s = TEST_DOWNLOAD_SETTINGS
+    with SyntheticWebServer(str(tmp_path / "web/images")) as web:
+        src = make_source(str(tmp_path / "web"), 40, web.base_url, broken={"status_404": 0.1, "bad_scheme": 0.05})
+        local = str(tmp_path / "local")
+        download_stage.run(DownloadConfig(input=src["source"], output=local, **s), spark)
+        out = str(tmp_path / "cluster")
+        args = ["--input", src["source"], "--output", out, "--allow-networks", *s["allow_networks"],
+                "--number-sample-per-shard", str(s["number_sample_per_shard"]), "--shards-per-file",
+                str(s["shards_per_file"]), "--timeout", str(s["timeout"]), "--retries", str(s["retries"]),
+                "--image-size", str(s["image_size"]), "--thread-count", str(s["thread_count"])]
+        root = tmp_path / "spark"
+        root.mkdir()
+        with StandaloneCluster(root, workers=2) as cluster:
+            conf = ["--master", cluster.url, "--total-executor-cores", "2", "--executor-cores", "1",
+                    "--conf", "spark.executor.memory=512m", "--driver-memory", "1g"]
+            spark_submit([*conf, str(REPO / "jobs" / "download.py"), *args], cwd=tmp_path)
+            ran = cluster.tasks_per_worker()
+            assert all(n > 0 for n in ran), f"tasks per worker {ran}: a worker ran nothing"
+            res = spark_submit([*conf, str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"], cwd=tmp_path)
+            assert f"OK   {out}/{layout.POOL_MANIFEST}" in res.stdout
+    m_c = read_manifest(f"{out}/{layout.POOL_MANIFEST}")
+    m_l = read_manifest(f"{local}/{layout.POOL_MANIFEST}")
+    assert m_c["num_samples"] == m_l["num_samples"] > 0
+    assert m_c["uids"] == m_l["uids"]
+    key = ("path", "num_samples", "bytes")
+    assert [tuple(x[k] for k in key) for x in m_c["shards"]] == [tuple(x[k] for k in key) for x in m_l["shards"]]
+    cols = ["uid", "status", "shard", "key", "width", "height", "sha256"]
+    a = pd.read_parquet(f"{out}/{layout.CATALOG_DIR}", columns=cols).sort_values(["uid", "status"]).reset_index(drop=True)
+    b = pd.read_parquet(f"{local}/{layout.CATALOG_DIR}", columns=cols).sort_values(["uid", "status"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
