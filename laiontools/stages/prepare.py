@@ -3,10 +3,10 @@
 Every input row ends in exactly one place: ``prepared/accepted/part-NNNNN.parquet`` (rows img2dataset
 will fetch, each file a whole number of download shards; in input order when the pool has at most
 ``max_host_shards`` shards or the bound is off, else laid out by host, see :class:`HostLayout`) or
-``prepared/rejected/``
-(catalog-shaped rows with ``status = rejected_<reason>``). The driver only lists files and reads
-their footers/headers; rows are read, normalized and checked inside Spark tasks, so driver memory
-does not grow with the input.
+``prepared/rejected/`` (catalog-shaped rows with ``status = rejected_<reason>``). The driver only lists
+files and reads their footers/headers; rows are read, normalized and checked inside Spark tasks, so
+driver memory does not grow with the input, except for the host layout: one (host, count) entry per
+host with more than ``max_host_shards`` rows.
 """
 
 from __future__ import annotations
