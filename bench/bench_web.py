@@ -17,6 +17,14 @@ throughput ratio polite / unlimited (target >= 0.95 when hosts are many).
 
     .venv/bin/python bench/bench_web.py stragglers --n 200 --drip 4
     .venv/bin/python bench/bench_web.py politeness --hosts 32 --n 3000 --rps 20 --concurrency 4
+    .venv/bin/python bench/bench_web.py host_shards --hosts 8 --rows-per-host 40 --shard 40 --max-host-shards 1
+
+``host_shards`` — the global side of the per-host limits: ``laiontools download`` (Spark local[2], so
+2 tasks at once, each its own executor Python worker with its own limits) of a pool whose hosts are
+separate loopback servers answering after ``--delay`` s, once with prepare's ``--max-host-shards 0``
+(input order, every host in every shard) and once with the bound. Printed per run: shards per host
+(from the catalog), the most requests any host had in flight at once and its highest rates, as the
+servers saw them (bound: min(H, 2 tasks) x the per-executor limits).
 
 Writes ``bench-out/web-<mode>.json``.
 """
@@ -157,6 +165,61 @@ def politeness(args: argparse.Namespace) -> dict:
     return out
 
 
+def host_shards(args: argparse.Namespace) -> dict:
+    """Download (Spark local[2]: 2 concurrent tasks) a pool whose hosts are separate loopback servers,
+    with prepare's --max-host-shards 0 (input order: every host in every shard) and H, alternating,
+    under the same per-executor limits; the servers see the global per-host concurrency and rate."""
+    from urllib.parse import urlsplit
+
+    import pandas as pd
+
+    from laiontools.core.spark import spark_session
+    from laiontools.stages import download
+    from laiontools.synthetic import SyntheticWebServer
+
+    work = tempfile.mkdtemp(prefix="bench-web-")
+    names = _images(os.path.join(work, "images"), 50, side=256)
+    servers = [SyntheticWebServer(os.path.join(work, "images"), host=f"127.0.0.{2 + h}").start() for h in range(args.hosts)]
+    out: dict = {k: getattr(args, k) for k in ("hosts", "rows_per_host", "shard", "max_host_shards", "rps", "concurrency",
+                                               "delay", "threads")}
+    try:
+        rng = random.Random(0)
+        urls = [f"{s.base_url}/slow/{args.delay:g}/{rng.choice(names)}" for s in servers for _ in range(args.rows_per_host)]
+        rng.shuffle(urls)
+        src = os.path.join(work, "src")
+        os.makedirs(src)
+        pd.DataFrame({"url": urls, "caption": [f"c {i}" for i in range(len(urls))]}).to_parquet(f"{src}/p.parquet")
+        with spark_session("local[2]", app_name="bench-web-hosts", conf={"spark.driver.memory": "1g"}) as spark:
+            for i, h in enumerate([0, args.max_host_shards] * args.repeats):
+                for s in servers:
+                    s.log_requests()
+                    s.reset_counters()
+                cfg = download.DownloadConfig(
+                    input=src, output=os.path.join(work, f"pool-{i}"), allow_networks=["127.0.0.0/8"],
+                    number_sample_per_shard=args.shard, shards_per_file=1, timeout=10, retries=0, image_size=64,
+                    thread_count=args.threads, max_host_rps=args.rps, max_host_concurrency=args.concurrency,
+                    max_host_shards=h)
+                t0 = time.perf_counter()
+                rep = download.run(cfg, spark).details
+                wall = time.perf_counter() - t0
+                cat = pd.read_parquet(os.path.join(cfg.output, "catalog"), columns=["url", "shard"])
+                shards_per_host = cat.assign(host=cat["url"].map(lambda u: urlsplit(u).hostname)).groupby("host")["shard"].nunique()
+                per_host = [[t for t, _, p in s.request_log if p.startswith("/slow/")] for s in servers]
+                rec = {"max_host_shards": h, "wall_s": round(wall, 1), "obtained": rep["obtained"],
+                       "max_shards_per_host": int(shards_per_host.max()),
+                       "max_host_in_flight": max(s.max_in_flight for s in servers),
+                       "max_host_requests_in_1s": max(_max_window(t) for t in per_host if t),
+                       "max_host_rate_5s": round(max(_max_window(t, 5.0) for t in per_host if t) / 5.0, 1)}
+                out.setdefault(f"h{h}", []).append(rec)
+                print(f"--max-host-shards {h}: wall {wall:5.1f} s  obtained {rep['obtained']}  shards/host (catalog) "
+                      f"{rec['max_shards_per_host']}  max in flight/host {rec['max_host_in_flight']}  "
+                      f"max/host/1s {rec['max_host_requests_in_1s']}  max/host/s over 5 s {rec['max_host_rate_5s']}", flush=True)
+    finally:
+        for s in servers:
+            s.stop()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="mode", required=True)
@@ -172,8 +235,18 @@ def main() -> None:
     q.add_argument("--rps", type=float, default=20.0)
     q.add_argument("--concurrency", type=int, default=4)
     q.add_argument("--repeats", type=int, default=2)
+    g = sub.add_parser("host_shards")
+    g.add_argument("--hosts", type=int, default=8)
+    g.add_argument("--rows-per-host", type=int, default=40)
+    g.add_argument("--shard", type=int, default=40)
+    g.add_argument("--max-host-shards", type=int, default=1)
+    g.add_argument("--threads", type=int, default=16)
+    g.add_argument("--rps", type=float, default=10.0)
+    g.add_argument("--concurrency", type=int, default=2)
+    g.add_argument("--delay", type=float, default=0.2)
+    g.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
-    res = stragglers(args) if args.mode == "stragglers" else politeness(args)
+    res = {"stragglers": stragglers, "politeness": politeness, "host_shards": host_shards}[args.mode](args)
     os.makedirs(os.path.join(os.path.dirname(HERE), "bench-out"), exist_ok=True)
     with open(os.path.join(os.path.dirname(HERE), "bench-out", f"web-{args.mode}.json"), "w") as f:
         json.dump(res, f, indent=2)
