@@ -283,3 +283,59 @@ def test_rows_of_a_host_land_in_a_bounded_number_of_shards(spark, tmp_path):
     with pytest.raises(UserError, match="max_host_shards: 4 -> 2"):
         run("a", 2)
     assert run("a", h)["accepted"] == n
+
+
+def _check_plan(host_rows: list[tuple[str, int]], size: int, h: int, seed: int) -> tuple[dict, dict[str, int]]:
+    """Lay out shuffled rows with plan_host_layout as prepare does (planned hosts by rank in input
+    order, the rest as fillers), check that positions are exactly 0..n-1, and return the plan's summary
+    and the shards each host touched, counted row by row."""
+    import collections
+    import random
+
+    from laiontools.stages.prepare import plan_host_layout
+
+    rows = [host for host, r in host_rows for _ in range(r)]
+    random.Random(seed).shuffle(rows)
+    counts = collections.Counter(rows)
+    plan = plan_host_layout(sorted((k, c) for k, c in counts.items() if c > h), len(rows), size, h)
+    seen: collections.Counter = collections.Counter()
+    positions, fillers = [], 0
+    for host in rows:
+        if host in plan.host_start:
+            positions.append((host, plan.position(host, seen[host])))
+            seen[host] += 1
+        else:
+            positions.append((host, plan.position(None, fillers)))
+            fillers += 1
+    assert sorted(p for _, p in positions) == list(range(len(rows))), "positions must be a bijection onto 0..n-1"
+    shards: dict[str, set[int]] = collections.defaultdict(set)
+    for host, p in positions:
+        shards[host].add(p // size)
+    return plan.summary(), {host: len(s) for host, s in shards.items()}
+
+
+def test_host_layout_plan_bounds_and_reports_what_it_could_not_bound():
+    """The plan alone (no Spark): a heavy-tailed source is laid out with no split host and every host
+    within its bound; a source with no small hosts (no slack to pack with) has to split some, and the
+    plan's reported bound still covers every host."""
+    import numpy as np
+
+    zipf = np.minimum(np.random.default_rng(0).zipf(1.6, 3000), 3000)
+    host_rows = [(f"z{i}", int(c)) for i, c in enumerate(zipf)]
+    summary, touched = _check_plan(host_rows, 50, 8, seed=1)
+    assert summary["split_hosts"] == 0 and summary["exclusive_hosts"] > 0
+    for host, r in host_rows:
+        assert touched[host] <= (min(r, 8) if r <= 8 * 50 else r // 50 + min(8, r % 50)), (host, r, touched[host])
+    assert max(touched.values()) <= summary["max_shards_per_host_bound"]
+
+    tight = [(f"t{i}", 399) for i in range(30)] + [("x", 7)]  # groups of 400 rows, 30 hosts of 399
+    summary, touched = _check_plan(tight, 50, 8, seed=2)
+    assert summary["split_hosts"] >= 1
+    assert max(touched.values()) > 8 and max(touched.values()) <= summary["max_shards_per_host_bound"]
+
+
+def test_max_host_shards_must_not_be_negative(tmp_path):
+    from laiontools.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_host_shards"):
+        PrepareConfig(input="x", output=str(tmp_path), max_host_shards=-1).validate()
