@@ -260,3 +260,26 @@ def test_download_from_and_to_s3_equals_the_local_run(spark, pools):
     recorded = json.dumps(read_json(f"{pools.s3}/{layout.SETTINGS_JSON}")) + json.dumps(m_s3)
     for secret in (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]):
         assert secret not in recorded
+
+
+@pytest.mark.slow
+def test_verify_reads_an_s3_pool_on_both_paths(spark, pools, s3):
+    """verify on s3://: OK as it is; a tampered shard is named, in this process and in Spark tasks."""
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages.verify import verify_manifest
+
+    m = f"{pools.s3}/{layout.POOL_MANIFEST}"
+    assert verify_manifest(m).ok and verify_manifest(m, spark=spark).ok
+    first = read_manifest(m)["shards"][0]["path"]
+    key = f"{pools.s3.split('://')[1]}/{first}"
+    data = bytearray(s3.cat(key))
+    data[600] ^= 0xFF
+    s3.pipe(key, bytes(data))
+    try:
+        local, on_spark = verify_manifest(m), verify_manifest(m, spark=spark)
+        assert local.problems == on_spark.problems
+        assert any(first in p and "sha256" in p for p in local.problems), local.problems
+    finally:
+        data[600] ^= 0xFF
+        s3.pipe(key, bytes(data))
