@@ -310,11 +310,13 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
         # Which shard (and attempt) a row came from: Spark names the file a row was read from as a URI
         # (file:///..., s3a://..., hdfs://namenode/...), the shard list as fsspec URLs; both go through
         # storage.path_key so that every spelling of one file meets.
-        path_to = {path_key(s["parquet"]): (s["id"], s["attempt"]) for s in shards}
-        mapping = F.create_map(*[x for p, (sid, att) in path_to.items() for x in (F.lit(p), F.lit(f"{sid}|{att}"))])
+        # A small broadcast table rather than a map literal: a 2B pool has ~230k shard files, and a
+        # literal with one entry each would bloat every query plan built on top of it.
+        files = spark.createDataFrame([(path_key(s["parquet"]), s["id"], s["attempt"]) for s in shards],
+                                      "_f string, _fsid string, _fatt int")
         dl = spark_read_parquet(spark, [s["parquet"] for s in shards], file_column="_f")
-        dl = dl.withColumn("_sa", mapping[F.col("_f")])
-        dl = dl.withColumn(C.SHARD, F.split("_sa", r"\|").getItem(0)).withColumn("_attempt", F.split("_sa", r"\|").getItem(1).cast("int"))
+        dl = dl.join(F.broadcast(files), "_f", "left")
+        dl = dl.withColumn(C.SHARD, F.col("_fsid")).withColumn("_attempt", F.col("_fatt"))
         status_map = F.create_map(*[x for k, v in IMG2DATASET_STATUS.items() for x in (F.lit(k), F.lit(v))])
         dl = dl.withColumn(C.STATUS, F.coalesce(status_map[F.col(C.STATUS)], F.col(C.STATUS)))
         dl = dl.withColumn(C.SHARD, F.when(F.col(C.STATUS) == C.STATUS_SUCCESS, F.col(C.SHARD)))
