@@ -183,3 +183,38 @@ def test_politeness_blocklist_and_numeric_hosts_in_one_pool(spark, web, tmp_path
         text = f.read()
     assert "robots.txt refusals 1 (hosts 1)" in text and "hosts with the most failures" in text
     assert "429/503 pauses 1 on 1 host(s)" in text
+
+
+def test_max_host_shards_keeps_each_host_in_one_task(spark, web, tmp_path):
+    """8 hosts (one server per loopback address, answering after 0.2 s), 10 rows each in random order,
+    10 rows per shard, --max-host-shards 1: the catalog puts every host's rows in one shard, so of
+    local[2]'s 2 concurrent tasks only one fetches from a host and no server ever has more requests
+    in flight than the per-executor --max-host-concurrency (2)."""
+    import random
+    from urllib.parse import urlsplit
+
+    from laiontools.stages.download import DownloadConfig
+
+    _, names = web
+    servers = [SyntheticWebServer(web[0].image_dir, host=f"127.0.0.{2 + h}").start()
+               for h in range(8)]
+    try:
+        rng = random.Random(7)
+        urls = [f"{s.base_url}/slow/0.2/{rng.choice(names)}" for s in servers for _ in range(10)]
+        rng.shuffle(urls)
+        settings = {**TEST_DOWNLOAD_SETTINGS, "number_sample_per_shard": 10, "shards_per_file": 1}
+        out = str(tmp_path / "pool")
+        cfg = DownloadConfig(input=_source(str(tmp_path / "src"), urls), output=out, max_host_shards=1,
+                             max_host_concurrency=2, **settings)
+        rep = _run_download(cfg, spark)
+        assert rep["obtained"] == 80
+        cat = _catalog(out)
+        shards = cat.assign(host=cat["url"].map(lambda u: urlsplit(u).hostname)).groupby("host")["shard"].nunique()
+        assert len(shards) == 8 and (shards == 1).all(), shards.to_dict()
+        assert cat["shard"].value_counts().tolist() == [10] * 8
+        assert all(1 <= s.max_in_flight <= 2 for s in servers), [s.max_in_flight for s in servers]
+        prep = json.load(open(os.path.join(out, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON)))
+        assert prep["host_layout"]["bounded"] and prep["host_layout"]["max_shards_per_host_bound"] == 1
+    finally:
+        for s in servers:
+            s.stop()

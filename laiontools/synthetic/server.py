@@ -149,7 +149,17 @@ class _Handler(BaseHTTPRequestHandler):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s - %s", self.address_string(), format % args)
 
+    def _answered(self) -> None:
+        """The request stops counting as in flight (once): called before a response is written, so a
+        client that has read the whole answer never finds its request still counted (this thread may be
+        descheduled after writing; counting until then made max_in_flight over-count under load)."""
+        if not getattr(self, "_counted_out", True):
+            self._counted_out = True
+            with self.server.lock:
+                self.server.in_flight -= 1
+
     def _send(self, code: int, body: bytes, ctype: str = "image/jpeg", headers: dict[str, str] | None = None) -> None:
+        self._answered()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -170,11 +180,11 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+        self._counted_out = False
         try:
             self._get()
         finally:
-            with srv.lock:
-                srv.in_flight -= 1
+            self._answered()
 
     def _get(self) -> None:
         srv = self.server
