@@ -283,3 +283,28 @@ def test_verify_reads_an_s3_pool_on_both_paths(spark, pools, s3):
     finally:
         data[600] ^= 0xFF
         s3.pipe(key, bytes(data))
+
+
+@pytest.mark.slow
+def test_subsets_and_reshard_on_s3_equal_the_local_run(spark, pools, tmp_path):
+    """subsets and reshard of the s3 pool, into s3://: the same uid files and resharded samples as on disk."""
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
+
+    out = {}
+    for where, pool_dir, base in (("s3", pools.s3, pools.s3.rsplit("/", 1)[0]), ("local", pools.local, str(tmp_path))):
+        n = read_manifest(f"{pool_dir}/{layout.POOL_MANIFEST}")["num_samples"]
+        rows = subsets_stage.run(SubsetsConfig(pool=f"{pool_dir}/{layout.POOL_MANIFEST}", output=f"{base}/subsets",
+                                               scales=f"{n - 2},{n // 2}", seed=3), spark).details
+        big = rows[0]["manifest"]
+        reshard_stage.run(ReshardConfig(manifest=big, output=f"{base}/resharded", shard_size=max(2, n // 4)), spark)
+        out[where] = (read_manifest(big), read_manifest(f"{base}/resharded/{layout.RESHARD_MANIFEST}"), f"{base}/resharded")
+    (sub_s3, rs_s3, dir_s3), (sub_l, rs_l, dir_l) = out["s3"], out["local"]
+    assert sub_s3["uids"] == sub_l["uids"] and sub_s3["num_samples"] == sub_l["num_samples"] > 0
+    assert [(s["path"], s["num_samples"]) for s in rs_s3["shards"]] == [(s["path"], s["num_samples"]) for s in rs_l["shards"]]
+    for sh in rs_s3["shards"]:
+        assert sorted(_members(f"{dir_s3}/{sh['path']}")) == sorted(_members(f"{dir_l}/{sh['path']}"))

@@ -78,6 +78,7 @@ from laiontools.core.storage import (
     read_json,
     read_marker,
     sha256_file,
+    spark_read_parquet,
     url_to_fs,
     write_json,
 )
@@ -562,7 +563,7 @@ def _run_spark(
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    cat = spark.read.parquet(pool.catalog)
+    cat = spark_read_parquet(spark, pool.catalog)
     # Pools downloaded by this version record each sample's byte span in its tar: then no tar is
     # indexed at all. Older pools (or samples without a span) go through the tar header index.
     spans = [c for c in (C.TAR_OFFSET, C.TAR_LENGTH) if c in cat.columns]

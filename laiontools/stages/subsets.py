@@ -58,7 +58,14 @@ from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
 from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
-from laiontools.core.storage import ensure_output_dir, join, read_json, url_to_fs, write_json
+from laiontools.core.storage import (
+    ensure_output_dir,
+    join,
+    read_json,
+    spark_read_parquet,
+    url_to_fs,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +290,7 @@ def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
 def _catalog_df(spark: Any, pool: PoolInfo) -> Any:
     from pyspark.sql import functions as F
 
-    df = spark.read.parquet(pool.catalog)
+    df = spark_read_parquet(spark, pool.catalog)
     needed = [C.UID, C.STATUS, C.SHARD, C.CAPTION, C.WIDTH, C.HEIGHT, C.ORIGINAL_WIDTH, C.ORIGINAL_HEIGHT, C.PUNSAFE, C.PWATERMARK]
     missing = [c for c in needed if c not in df.columns]
     if missing:
@@ -311,7 +318,7 @@ def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[s
     else:
         log.warning("%s has no model.json; checking only that its uids are samples of the pool", scores_dir)
     urls = [join(scores_dir, layout.EMB_SCORES_DIR, f.rsplit("/", 1)[-1]) for f in files]
-    sdf = spark.read.parquet(*urls)
+    sdf = spark_read_parquet(spark, urls)
     for c in (C.UID, "clip_score"):
         if c not in sdf.columns:
             raise InputError(f"--scores {scores_dir}: {layout.EMB_SCORES_DIR}/*.parquet lack column {c!r}")
