@@ -308,3 +308,32 @@ def test_subsets_and_reshard_on_s3_equal_the_local_run(spark, pools, tmp_path):
     assert [(s["path"], s["num_samples"]) for s in rs_s3["shards"]] == [(s["path"], s["num_samples"]) for s in rs_l["shards"]]
     for sh in rs_s3["shards"]:
         assert sorted(_members(f"{dir_s3}/{sh['path']}")) == sorted(_members(f"{dir_l}/{sh['path']}"))
+
+
+@pytest.mark.slow
+def test_embed_on_s3_equals_the_local_run(pools, s3, tmp_path):
+    """embed (tiny random-init model, one process) of the s3 pool into s3://: the same vectors as on disk."""
+    import io
+
+    import numpy as np
+
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.embed import EmbedConfig
+
+    outs = {"s3": pools.s3.rsplit("/", 1)[0] + "/emb", "local": str(tmp_path / "emb")}
+    for where, pool_dir in (("s3", pools.s3), ("local", pools.local)):
+        embed_stage.run(EmbedConfig(manifest=f"{pool_dir}/{layout.POOL_MANIFEST}", output=outs[where], model="lt-tiny",
+                                    batch_size=8, num_workers=0, device="cpu"))
+    shards = [sh["path"].rsplit("/", 1)[-1].removesuffix(".tar") for sh in read_manifest(f"{pools.s3}/{layout.POOL_MANIFEST}")["shards"]]
+    assert shards
+    for sid in shards:
+        a = np.load(io.BytesIO(s3.cat(f"{outs['s3'].split('://')[1]}/{layout.EMB_IMG_DIR}/{sid}.npy")))
+        b = np.load(f"{outs['local']}/{layout.EMB_IMG_DIR}/{sid}.npy")
+        assert a.shape == b.shape and a.shape[0] > 0
+        # rows follow each tar's sample order, which follows the order the fetches ended: align by uid
+        ua = pd.read_parquet(io.BytesIO(s3.cat(f"{outs['s3'].split('://')[1]}/{layout.EMB_META_DIR}/{sid}.parquet")))["uid"]
+        ub = pd.read_parquet(f"{outs['local']}/{layout.EMB_META_DIR}/{sid}.parquet")["uid"]
+        assert sorted(ua) == sorted(ub)
+        np.testing.assert_array_equal(a[np.argsort(ua.to_numpy())], b[np.argsort(ub.to_numpy())])
