@@ -187,7 +187,7 @@ class StandaloneCluster:
 def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp_path):
     """spark-submit jobs/download.py and jobs/verify.py on a master + 2 workers: tasks run on both
     workers, and the pool equals the same download run in a local session."""
-    from conftest import TEST_DOWNLOAD_SETTINGS
+    from laiontools.testing import TEST_DOWNLOAD_SETTINGS
 
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import download as download_stage
