@@ -47,3 +47,16 @@ class RateLimitedLogger:
         self.counts[kind] = n
         if n <= self.first or n % self.every == 0:
             self.logger.warning(f"[{kind} #{n}] " + msg, *args)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (-1 where the platform cannot tell); stages record it per
+    task to show that memory per task stays flat as the input grows."""
+    try:
+        import resource
+        import sys
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(r / (1 << 20) if sys.platform == "darwin" else r / 1024, 1)
+    except (ImportError, OSError):  # pragma: no cover - not on POSIX
+        return -1.0

@@ -42,6 +42,7 @@ from laiontools.contracts import layout
 from laiontools.contracts.embeddings import MissingEmbeddingsError, PoolInfo, read_embedding_shard, read_pool  # noqa: F401
 from laiontools.core.config import ConfigError, add_config_args
 from laiontools.core.errors import UserError
+from laiontools.core.logs import peak_rss_mb
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
     atomic_write_bytes,
@@ -524,7 +525,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         stats["phash_matched_pos"] = sorted(ph_pos)
         stats["phash_only_uids"] = [uids[i] for i in np.flatnonzero(ph_match & ~is_dup)]
         stats["phash_matches"] = int(ph_match.sum())
-    stats["peak_rss_mb"] = _peak_rss_mb()
+    stats["peak_rss_mb"] = peak_rss_mb()
     stats["search_seconds"] = round(time.time() - t_start, 4)
     table = pa.table(cols).replace_schema_metadata({
         "laiontools.dedup.threshold": str(thr), "laiontools.dedup.model": ctx["model_desc"],
@@ -559,18 +560,6 @@ def _phash_matches(lk: _Lookups, hashes: list[str | None], max_distance: int) ->
         if D[j, 0] <= max_distance:
             out[i] = lk.phash[lk.phash_keys[int(I[j, 0])]]
     return out
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this (worker) process, MiB; recorded per shard to show it stays flat."""
-    try:
-        import resource
-        import sys
-
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return round(r / (1 << 20) if sys.platform == "darwin" else r / 1024, 1)
-    except (ImportError, OSError):  # pragma: no cover - not on POSIX
-        return -1.0
 
 
 def _search_partition(ctx: dict[str, Any], units: Iterable[tuple[str, str | None]]) -> Iterator[tuple[str, int, int]]:

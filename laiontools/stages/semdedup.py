@@ -53,6 +53,7 @@ import numpy as np
 from laiontools.contracts.uids import UID_DTYPE
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
+from laiontools.core.logs import peak_rss_mb
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
     atomic_write_bytes,
@@ -172,17 +173,6 @@ def _read_npy_rows(path: str, lo: int, hi: int) -> np.ndarray:
         f.seek(f.tell() + lo * row_bytes)
         data = f.read((hi - lo) * row_bytes)
     return np.frombuffer(data, dtype=dtype).reshape((hi - lo, *shape[1:]))
-
-
-def _peak_rss_mb() -> float:
-    try:
-        import resource
-        import sys
-
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return round(r / (1 << 20) if sys.platform == "darwin" else r / 1024, 1)
-    except (ImportError, OSError):  # pragma: no cover - not on POSIX
-        return -1.0
 
 
 def _set_threads(n: int) -> None:
@@ -323,7 +313,7 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
     atomic_write_bytes(paths["meta"], _npy_bytes(m))
     atomic_write_bytes(paths["offsets"], _npy_bytes(offsets))
     stats = {"key": ctx["assign_key"], "shard": sid, "rows": int(n), "valid": int(valid.sum()),
-             "seconds": round(time.time() - t0, 3), "peak_rss_mb": _peak_rss_mb()}
+             "seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
     mark_done(paths["done"], stats)  # last
     return stats
 
@@ -484,7 +474,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
         run_ = np.sort(np.concatenate(runs)) if runs else np.zeros(0, dtype=UID_DTYPE)
         atomic_write_bytes(_run_path(ctx["output"], lab, uid_), _npy_bytes(run_))
     stats.update({"gallery": [g[-1] for g in sorted(gallery, reverse=True)], "seconds": round(time.time() - t0, 3),
-                  "peak_rss_mb": _peak_rss_mb()})
+                  "peak_rss_mb": peak_rss_mb()})
     mark_done(done_path, stats)  # last: the unit counts as done only now
     return stats
 
