@@ -21,6 +21,7 @@ import pytest
 from laiontools.contracts import layout
 from laiontools.core.spark import BYTES_PER_SHUFFLE_PARTITION, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
 from laiontools.synthetic import write_source
+from laiontools.testing.net import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 SPARK_HOME = Path(pyspark.__file__).parent
@@ -101,33 +102,13 @@ def test_shuffle_partitions_derived_from_input_size(spark):
     assert shuffle_partitions(spark, rows=ROWS_PER_SHUFFLE_PARTITION * 3, nbytes=1) == max(3, par)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, deadline: float) -> None:
-    import socket
-    import time
-
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
 class StandaloneCluster:
     """A Spark standalone master and `workers` workers (1 core, 1 GB each) on 127.0.0.1, stopped on exit
     (their whole process groups, also when the test fails)."""
 
     def __init__(self, root: Path, workers: int = 2):
         self.root, self.n, self.procs = root, workers, []
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"spark://127.0.0.1:{self.port}"
 
     def _start(self, args: list[str], log: str) -> None:
@@ -141,13 +122,13 @@ class StandaloneCluster:
 
         try:
             self._start(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(self.port),
-                         "--webui-port", str(_free_port())], "master.log")
-            _wait_port(self.port, time.time() + 120)
+                         "--webui-port", str(free_port())], "master.log")
+            wait_port(self.port, time.time() + 120)
             for i in range(self.n):
                 work = self.root / f"worker{i}"
                 work.mkdir()
                 self._start(["org.apache.spark.deploy.worker.Worker", self.url, "--cores", "1", "--memory", "1g",
-                             "--host", "127.0.0.1", "--webui-port", str(_free_port()), "--work-dir", str(work)],
+                             "--host", "127.0.0.1", "--webui-port", str(free_port()), "--work-dir", str(work)],
                             f"worker{i}.log")
             deadline = time.time() + 120
             while time.time() < deadline:  # both workers registered with the master
@@ -187,12 +168,11 @@ class StandaloneCluster:
 def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp_path):
     """spark-submit jobs/download.py and jobs/verify.py on a master + 2 workers: tasks run on both
     workers, and the pool equals the same download run in a local session."""
-    from laiontools.testing import TEST_DOWNLOAD_SETTINGS
-
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
+    from laiontools.testing import TEST_DOWNLOAD_SETTINGS
 
     s = TEST_DOWNLOAD_SETTINGS
     with SyntheticWebServer(str(tmp_path / "web/images")) as web:

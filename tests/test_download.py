@@ -24,6 +24,7 @@ from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.contracts.uids import array_to_uids, contains, load_uids, uids_to_array
 from laiontools.core.storage import sha256_file
 from laiontools.testing import TEST_DOWNLOAD_SETTINGS
+from laiontools.testing.net import free_port, wait_port
 
 
 def _catalog(pool_dir: str) -> pd.DataFrame:
@@ -188,25 +189,6 @@ def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path):
     assert m["num_samples"] == int((after["status"] == "success").sum()) == rep["obtained"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, deadline: float) -> None:
-    import socket
-
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
 @pytest.mark.slow
 def test_spark_submit_on_a_standalone_cluster(tmp_path):
     """spark-submit jobs/download.py against a Spark master + worker started on 127.0.0.1."""
@@ -217,13 +199,13 @@ def test_spark_submit_on_a_standalone_cluster(tmp_path):
     spark_home = os.path.dirname(pyspark.__file__)
     env = {**os.environ, "SPARK_HOME": spark_home, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1",
            "PYSPARK_DRIVER_PYTHON": sys.executable, "NO_ALBUMENTATIONS_UPDATE": "1", "SPARK_LOG_DIR": str(tmp_path / "logs")}
-    port, ui, wui = _free_port(), _free_port(), _free_port()
+    port, ui, wui = free_port(), free_port(), free_port()
     master = subprocess.Popen([f"{spark_home}/bin/spark-class", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                "--port", str(port), "--webui-port", str(ui)], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     worker = None
     try:
-        _wait_port(port, time.time() + 120)
+        wait_port(port, time.time() + 120)
         worker = subprocess.Popen([f"{spark_home}/bin/spark-class", "org.apache.spark.deploy.worker.Worker",
                                    f"spark://127.0.0.1:{port}", "--cores", "2", "--memory", "2g", "--host", "127.0.0.1",
                                    "--webui-port", str(wui), "--work-dir", str(tmp_path / "work")],

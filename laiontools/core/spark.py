@@ -156,3 +156,14 @@ def spark_session(
 
         gc.collect()
         spark.stop()
+
+
+def threads_per_task(spark: Any, requested: int) -> int:
+    """OpenMP threads (faiss) per Spark task: ``requested`` if > 0, else the cores shared among the tasks
+    that run at once (local mode) or ``spark.task.cpus`` (a cluster), so tasks don't oversubscribe cores."""
+    if requested > 0:
+        return requested
+    sc = spark.sparkContext
+    if sc.master.startswith("local"):
+        return max(1, (os.cpu_count() or 1) // max(1, sc.defaultParallelism))
+    return max(1, int(sc.getConf().get("spark.task.cpus", "1")))

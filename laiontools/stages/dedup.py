@@ -29,7 +29,6 @@ import functools
 import heapq
 import io
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -43,6 +42,7 @@ from laiontools.contracts.embeddings import MissingEmbeddingsError, PoolInfo, re
 from laiontools.core.config import ConfigError, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.logs import peak_rss_mb
+from laiontools.core.spark import threads_per_task
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
     atomic_write_bytes,
@@ -569,16 +569,6 @@ def _search_partition(ctx: dict[str, Any], units: Iterable[tuple[str, str | None
         yield sid, st["rows"], st["duplicates"]
 
 
-def _threads_per_task(spark: Any, requested: int) -> int:
-    """faiss OpenMP threads per task: cores shared among concurrent tasks so they don't oversubscribe."""
-    if requested > 0:
-        return requested
-    sc = spark.sparkContext
-    if sc.master.startswith("local"):
-        return max(1, (os.cpu_count() or 1) // max(1, sc.defaultParallelism))
-    return max(1, int(sc.getConf().get("spark.task.cpus", "1")))
-
-
 def search_context(cfg: DedupConfig, index_desc: dict[str, Any]) -> dict[str, Any]:
     """The small, picklable settings every search task receives (paths, not data)."""
     from laiontools import index as DI
@@ -640,7 +630,7 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
     t0 = time.time()
     with stage_spark(cfg, spark, app_name="laiontools-dedup") as sp:
-        ctx["threads"] = _threads_per_task(sp, cfg.search_threads)
+        ctx["threads"] = threads_per_task(sp, cfg.search_threads)
         done = run_search(sp, ctx, units, cfg.partitions)
     search_s = time.time() - t0
     agg = _Aggregate(sets, index_desc, items, cfg)

@@ -54,6 +54,7 @@ from laiontools.contracts.uids import UID_DTYPE
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.logs import peak_rss_mb
+from laiontools.core.spark import threads_per_task
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
     atomic_write_bytes,
@@ -551,15 +552,6 @@ def _group_partition(ctx: dict[str, Any], units: Iterable[tuple[int, int]]) -> I
 # driver
 
 
-def _threads_per_task(spark: Any, requested: int) -> int:
-    if requested > 0:
-        return requested
-    sc = spark.sparkContext
-    if sc.master.startswith("local"):
-        return max(1, (os.cpu_count() or 1) // max(1, sc.defaultParallelism))
-    return max(1, int(sc.getConf().get("spark.task.cpus", "1")))
-
-
 def _shard_rows(emb_dir: str, shards: list[str]) -> list[int]:
     """Row count of every embedding shard from its parquet footer (no vectors read)."""
     import pyarrow.parquet as pq
@@ -609,7 +601,7 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
     timings: dict[str, float] = {}
     with stage_spark(cfg, spark, app_name="laiontools-semdedup") as sp:
         sc = sp.sparkContext
-        threads = _threads_per_task(sp, cfg.threads)
+        threads = threads_per_task(sp, cfg.threads)
         ctx: dict[str, Any] = {"output": cfg.output, "emb_dir": cfg.embeddings, "shards": shards, "k": k, "seed": cfg.seed,
                                "dim": int(ident["embed_dim"]), "threads": threads, "niter": cfg.niter,
                                "total_rows": total, "train_rows": train_rows}
