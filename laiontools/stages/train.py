@@ -442,6 +442,7 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
     """Check the run reached its budget, write model.pt and result.json, then the completion marker."""
     import torch
 
+    from laiontools.core import failpoints
     from laiontools.core.storage import atomic_open
 
     run_dir = cfg.output
@@ -468,6 +469,8 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
     sd = {(k.removeprefix("module.")): v for k, v in ckpt_data["state_dict"].items()}
     with atomic_open(os.path.join(run_dir, layout.TRAIN_MODEL_FILE)) as f:
         torch.save(sd, f)
+    # The final-write phase: model.pt is there, result.json and its marker are not (kill tests widen it).
+    failpoints.pause("train.final-write")
     sps = [r["samples_per_s"] for r in metrics[1:] if math.isfinite(r.get("samples_per_s", math.nan))]
     result = {
         "run_dir": os.path.abspath(run_dir),

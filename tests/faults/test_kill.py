@@ -24,6 +24,7 @@ from faultkit import (
     CLI,
     DEDUP_JSON_EXCEPT,
     DEDUP_VARYING,
+    ENV,
     RUN_VARYING,
     count,
     digests,
@@ -34,6 +35,8 @@ from faultkit import (
     run_and_kill,
     tree_diff,
 )
+
+from laiontools.core import failpoints
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +54,16 @@ def _baseline(monkeypatch, args: list[str], out: str, keep: str) -> None:
 def _kill_chain(stage: str, args: list[str], out: str, cwd: str, points: list[tuple[str, object]]) -> list[dict]:
     """Kill a run of `args` at each point in turn (each run resuming the last), then finish it.
 
-    `points`: (name, when) with `when()` a predicate over the output folder. Returns one record per
+    `points`: (name, when[, failpoint]) with `when()` a predicate over the output folder. Returns one record per
     point; asserts every point was reached by a live run (a run that ends first fails the test:
     the input is too small for that point, which would make the test vacuous).
     """
     out_records = []
-    for name, when in points:
-        k = run_and_kill(args, cwd, out, name, when)
+    for name, when, *failpoint in points:
+        # A third element names a failpoint (laiontools.core.failpoints) that holds the run inside a
+        # phase too short to be hit by polling the folder; the run is killed in that phase all the same.
+        env = {**ENV, failpoints.ENV: f"{failpoint[0]}=30"} if failpoint else None
+        k = run_and_kill(args, cwd, out, name, when, env=env)
         lock = [f for f in k.state if "lock" in os.path.basename(f)]
         rec = {"stage": stage, "point": name, "killed": k.killed, "seconds": k.seconds, "files_at_kill": len(k.state),
                "lock_left": lock}
@@ -207,7 +213,7 @@ def test_train_survives_kills(chain, monkeypatch, tmp_path):
         ("first checkpoint", lambda: os.path.exists(ckpt)),
         ("mid-run", lambda: _lines(metrics) >= 4),
         ("final write", lambda: os.path.exists(os.path.join(out, "model.pt")) and not os.path.exists(
-            os.path.join(out, "result.json.done"))),
+            os.path.join(out, "result.json.done")), "train.final-write"),
     ])
     # Two *uninterrupted* runs of this trainer already differ in their weights (open_clip_train's
     # resampled shard stream and loader workers are not seeded per run: step 1's loss moved from 2.05
