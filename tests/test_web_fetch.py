@@ -402,3 +402,97 @@ def test_waiting_for_a_host_slot_does_not_spend_the_request_deadline(fresh_host)
     assert 1 <= len(ok) <= 3 and len(ok) + len(late) == 6, errs
     assert all(e.startswith("deadline: shard deadline passed waiting for a slot") for e in late), late
     assert len(fresh_host.request_log) == len(ok)
+
+
+# ----------------------------------------------------------------------------- Crawl-delay
+
+
+def test_crawl_delay_parser_takes_the_group_of_our_token_and_decimals():
+    from laiontools.web.fetch import crawl_delay
+
+    lines = ["User-agent: *", "Crawl-delay: 0.25", "Disallow: /x", "", "User-agent: LaionBot",
+             "User-agent: other", "Crawl-delay: 3  # ours", "", "User-agent: bad", "Crawl-delay: soon"]
+    assert crawl_delay(lines, "*") == 0.25
+    assert crawl_delay(lines, "laionbot") == 3.0
+    assert crawl_delay(lines, "somebot") == 0.25  # no group of its own: the * group
+    assert crawl_delay(lines, "bad") is None  # its group has an unreadable value: no delay, not the * one
+    assert crawl_delay(["User-agent: *", "Disallow: /"], "*") is None
+
+
+def test_crawl_delay_spaces_every_request_to_the_host(fresh_host):
+    """robots.txt asks for 0.3 s between requests; the user's limit (10 rps = 0.1 s) is looser, so
+    the crawl delay wins: the server sees its requests (robots.txt included) at least ~0.3 s apart,
+    although 5 threads ask at once."""
+    from laiontools.web.fetch import HostGate, RobotsCache
+
+    fresh_host.set_robots("User-agent: *\nCrawl-delay: 0.3\nDisallow: /private/\n")
+    fresh_host.log_requests()
+    fresh_host.reset_counters()
+    gate, robots = HostGate(), RobotsCache()
+    pol = _pol3(max_host_rps=10.0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(5) as ex:
+        errs = list(ex.map(lambda i: fetch_one(f"{fresh_host.base_url}/img/a.jpg?c{i}", 5, None, None, pol,
+                                               gate=gate, robots=robots)[1], range(5)))
+    assert errs == [None] * 5
+    times = sorted(t for t, _, _ in fresh_host.request_log)
+    assert len(times) == 6  # robots.txt once, then the 5 images
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= 0.3 * 0.9, [round(g, 3) for g in gaps]
+    assert gate.interval(fresh_host.host, 10.0) == 0.3
+    assert gate.interval(fresh_host.host, 1.0) == 1.0  # a stricter user limit wins over the crawl delay
+
+
+# ----------------------------------------------------------------------------- the shard's row scheduler
+
+
+def test_scheduler_starts_an_idle_hosts_rows_instead_of_waiting_on_a_busy_one(images):
+    """4 rows of host A, then 4 of host B, 2 threads, 1 request per second per host. Threads taking
+    rows in order would both wait on A; the scheduler gives the second thread B's first row, so B is
+    served while A waits for its next slot — and each host still sees its requests >= ~1 s apart."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from laiontools.web.fetch import HostGate, HostScheduler
+
+    with SyntheticWebServer(images, host="127.0.0.3") as a, SyntheticWebServer(images, host="127.0.0.4") as b:
+        for s in (a, b):
+            s.log_requests()
+        rows = [(k, f"{a.base_url}/img/a.jpg?k={k}") for k in range(4)] + \
+               [(k, f"{b.base_url}/img/a.jpg?k={k}") for k in range(4, 8)]
+        pol = FetchPolicy(allow_networks=("127.0.0.3/32", "127.0.0.4/32"), request_deadline=10, respect_robots=False,
+                          max_host_rps=1.0)
+        gate = HostGate()
+        sched = HostScheduler(rows, gate, pol.max_host_rps, pol.max_host_concurrency)
+        with ThreadPoolExecutor(2) as ex:
+            res = list(ex.map(lambda _t: fetch_with_retry((-1, "ticket"), 5, 0, None, None, policy=pol,
+                                                          scheduler=sched), range(8)))
+        assert sorted(k for k, _, _ in res) == list(range(8)) and all(e is None for _, _, e in res)
+        with pytest.raises(LookupError):
+            sched.take()  # every row was handed out once
+        la = [(t, p) for t, _, p in a.request_log]
+        lb = [(t, p) for t, _, p in b.request_log]
+    # every row fetched exactly once, under its own key
+    assert sorted(p for _, p in la + lb) == sorted(f"/img/a.jpg?k={k}" for k in range(8))
+    assert lb[0][0] < la[1][0]  # B's first row did not wait behind A's rate slots
+    for log in (la, lb):
+        ts = [t for t, _ in log]
+        assert min(y - x for x, y in zip(ts, ts[1:], strict=False)) >= 0.9
+
+
+def test_scheduler_hands_out_the_rest_at_once_after_the_shard_deadline():
+    from laiontools.web.fetch import HostGate, HostScheduler
+
+    rows = [(k, f"http://h{k % 2}.example.org/{k}.jpg") for k in range(6)]
+    sched = HostScheduler(rows, HostGate(), 0.001, 1, deadline=time.monotonic() - 1)  # one start per 1000 s
+    assert sorted(sched.take()[0] for _ in range(6)) == list(range(6))  # no wait for the hosts' slots
+    # before the deadline the same limits allow only the first row of each host without waiting
+    sched = HostScheduler(rows, HostGate(), 0.001, 1, deadline=time.monotonic() + 60)
+    first = {sched.take()[1].split("/")[2] for _ in range(2)}
+    assert first == {"h0.example.org", "h1.example.org"}
+    # with the deadline passed on the shard, fetch_with_retry ends the row 'deadline:' without a request
+    past = time.monotonic() - 1
+    sched = HostScheduler(rows[:1], HostGate(), None, None, deadline=past)
+    key, data, err = fetch_with_retry((-1, "ticket"), 3, 0, None, None, policy=_policy(shard_deadline=1.0),
+                                      shard_deadline_at=past, scheduler=sched)
+    assert (key, data) == (0, None) and err.startswith(DEADLINE_PREFIX)

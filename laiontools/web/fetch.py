@@ -38,6 +38,7 @@ import io
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import random
 import re
@@ -227,10 +228,12 @@ _WATCHDOG = _Watchdog()
 
 
 class _Host:
-    __slots__ = ("active", "next_slot", "paused_until", "requests", "throttled")
+    __slots__ = ("active", "crawl_delay", "last_start", "next_slot", "paused_until", "requests", "throttled")
 
     def __init__(self) -> None:
         self.active = 0
+        self.crawl_delay = 0.0  # seconds between request starts asked by the host's robots.txt
+        self.last_start = -1e18  # time.monotonic() of the last request start
         self.next_slot = 0.0
         self.paused_until = 0.0
         self.requests = 0
@@ -241,10 +244,11 @@ class HostGate:
     """Per-host request limits shared by every download thread of an executor (one per process).
 
     ``slot(host, ...)`` waits until the host has a free concurrency slot (``max_concurrency``), its
-    next request-rate slot has come (``1 / max_rps`` apart, reserved in arrival order) and no
-    429/503 pause is running (:meth:`pause`), then holds the slot for one request. A wait that would
-    pass the request's deadline ends with a ``deadline:`` error instead. Limits are per executor:
-    see the README for the bound this gives across a cluster.
+    next request-rate slot has come (:meth:`interval` apart — ``1 / max_rps`` or the host's robots.txt
+    Crawl-delay, whichever is longer — reserved in arrival order) and no 429/503 pause is running
+    (:meth:`pause`), then holds the slot for one request. A wait that would pass the request's
+    deadline ends with a ``deadline:`` error instead. Limits are per executor: see the README for the
+    bound this gives across a cluster.
     """
 
     def __init__(self) -> None:
@@ -264,6 +268,31 @@ class HostGate:
             h.paused_until = max(h.paused_until, time.monotonic() + seconds)
             h.throttled += 1
 
+    def set_crawl_delay(self, host: str, seconds: float) -> None:
+        """The host's robots.txt asked for `seconds` between requests: from now on its requests start at
+        least that far apart (combined with ``max_rps``: the longer interval wins)."""
+        with self._cv:
+            h = self._host(host)
+            if seconds != h.crawl_delay:
+                # the robots.txt request itself was a request: the next one keeps the distance from it
+                h.next_slot = max(h.next_slot, h.last_start + seconds)
+            h.crawl_delay = max(0.0, seconds)
+
+    def interval(self, host: str, max_rps: float | None) -> float:
+        """Minimum seconds between two request starts at `host`: the stricter of the user's rate limit
+        and the host's Crawl-delay (0: no spacing)."""
+        with self._cv:
+            h = self._hosts.get(host)
+            delay = h.crawl_delay if h is not None else 0.0
+        return max(1.0 / max_rps if max_rps else 0.0, delay)
+
+    def not_before(self, host: str) -> float:
+        """time.monotonic() before which no request to `host` may start (its 429/503 pause and its next
+        rate slot); what :class:`HostScheduler` waits for instead of blocking a thread on the host."""
+        with self._cv:
+            h = self._hosts.get(host)
+            return 0.0 if h is None else max(h.paused_until, h.next_slot)
+
     def stats(self) -> dict[str, dict[str, int]]:
         with self._cv:
             return {k: {"requests": v.requests, "throttled": v.throttled} for k, v in self._hosts.items()}
@@ -278,13 +307,17 @@ class HostGate:
         bounds the wait, past which a ``deadline:`` FetchError is raised.
         """
         t0 = time.monotonic()
-        if not max_rps and not max_concurrency:
+        with self._cv:
+            spaced = bool(max_rps) or self._host(host).crawl_delay > 0
+        if not spaced and not max_concurrency:
             with self._cv:
                 h = self._host(host)
                 h.requests += 1
                 until = h.paused_until
             if until > time.monotonic():
                 _sleep_until(until, wait_deadline, host)
+            with self._cv:
+                h.last_start = time.monotonic()
             yield time.monotonic() - t0
             return
         with self._cv:
@@ -303,9 +336,10 @@ class HostGate:
             h.active += 1
             h.requests += 1
             start = now
-            if max_rps:
+            if spaced:
                 start = max(now, h.next_slot)
-                h.next_slot = start + 1.0 / max_rps
+                h.next_slot = start + max(1.0 / max_rps if max_rps else 0.0, h.crawl_delay)
+            h.last_start = start
         try:
             if start > time.monotonic():
                 _sleep_until(start, wait_deadline, host)
@@ -324,6 +358,111 @@ def _sleep_until(t: float, wait_deadline: float | None, host: str) -> None:
 
 
 HOSTS = HostGate()
+
+
+def host_of(url: str) -> str:
+    """The key of the per-host limits: the URL's lower-cased host name ('' if it has none or cannot be parsed)."""
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+class HostScheduler:
+    """Hands a shard's rows to download threads so that no thread waits on a busy host while another
+    host's row could start.
+
+    img2dataset's pool gives each thread the next row in input order; under a binding per-host limit
+    that thread then sleeps in :meth:`HostGate.slot` although rows of idle hosts are waiting, and a
+    polite download ran at 0.53–0.59 of what the limits allow (BENCHMARKS.md, issue 15). Here rows
+    wait in one queue per host (input order within a host) and :meth:`take` returns the row of the
+    host that can start soonest — at once when any can — reserving its start for the caller: the
+    host's rows in flight (from :meth:`take` to :meth:`done`, retries included) stay under
+    ``max_concurrency`` and its starts are :meth:`HostGate.interval` apart (rate limit or
+    Crawl-delay), after any 429/503 pause. The gate still enforces every limit for each request
+    (robots.txt, redirects to other hosts, retries); the scheduler only keeps threads from queueing
+    on it. Which row a thread gets depends on timing; the rows and their keys do not (a shard's
+    written samples are keyed by row index, and img2dataset writes them in completion order anyway).
+
+    Once `deadline` (time.monotonic(), the shard deadline) has passed, :meth:`take` returns the
+    remaining rows at once, in any order, so they end ``deadline:`` without waiting for a host.
+    """
+
+    def __init__(self, rows: list[tuple[int, str]], gate: HostGate, max_rps: float | None,
+                 max_concurrency: int | None, deadline: float | None = None) -> None:
+        from collections import deque
+
+        self._gate, self._rps, self._conc, self._deadline = gate, max_rps, max_concurrency, deadline
+        self._queues: dict[str, Any] = {}
+        for key, url in rows:
+            self._queues.setdefault(host_of(url), deque()).append((key, url))
+        self._host_of_key = {key: h for h, q in self._queues.items() for key, _ in q}
+        self._left = len(rows)
+        self._inflight: dict[str, int] = dict.fromkeys(self._queues, 0)
+        self._next: dict[str, float] = dict.fromkeys(self._queues, 0.0)  # reserved next start per host
+        # hosts that may start a row (not at their concurrency cap), by (earliest start, first row's key)
+        self._heap: list[tuple[float, int, str]] = [(0.0, q[0][0], h) for h, q in self._queues.items()]
+        heapq.heapify(self._heap)
+        self._in_heap = set(self._queues)
+        self._cv = threading.Condition()
+        self.waited = 0.0  # seconds threads spent in take() waiting for any host (all busy)
+
+    def __len__(self) -> int:
+        return self._left
+
+    def take(self) -> tuple[int, str]:
+        """The next row to fetch; blocks only while every host with rows left is busy. Raises
+        LookupError when every row has been taken (a caller asking more often than there are rows)."""
+        with self._cv:
+            t0 = time.monotonic()
+            try:
+                while True:
+                    if self._left == 0:
+                        raise LookupError("every row of the shard has already been taken")
+                    now = time.monotonic()
+                    if self._deadline is not None and now >= self._deadline:
+                        return self._pop(next(h for h, q in self._queues.items() if q), now)
+                    if not self._heap:  # every host with rows left is at its concurrency cap
+                        self._cv.wait(None if self._deadline is None else self._deadline - now)
+                        continue
+                    ready, first, host = self._heap[0]
+                    actual = max(ready, self._gate.not_before(host))
+                    if actual > ready + 1e-6:  # paused by a 429/503, or slots taken outside the scheduler
+                        heapq.heapreplace(self._heap, (actual, first, host))
+                        continue
+                    if ready <= now:
+                        heapq.heappop(self._heap)
+                        self._in_heap.discard(host)
+                        return self._pop(host, now)
+                    until = ready if self._deadline is None else min(ready, self._deadline)
+                    self._cv.wait(until - now)  # a done() may free an earlier host meanwhile
+            finally:
+                self.waited += time.monotonic() - t0
+
+    def _pop(self, host: str, now: float) -> tuple[int, str]:
+        q = self._queues[host]
+        row = q.popleft()
+        self._left -= 1
+        self._inflight[host] += 1
+        self._next[host] = max(now, self._next[host]) + self._gate.interval(host, self._rps)
+        if q and (not self._conc or self._inflight[host] < self._conc):
+            self._push(host)
+        return row
+
+    def _push(self, host: str) -> None:
+        if host not in self._in_heap:
+            self._in_heap.add(host)
+            heapq.heappush(self._heap, (self._next[host], self._queues[host][0][0], host))
+
+    def done(self, key: int) -> None:
+        """The row `key` (from :meth:`take`) is finished: its host's slot is free for its next row."""
+        with self._cv:
+            host = self._host_of_key[key]
+            self._inflight[host] -= 1
+            q = self._queues[host]
+            if q and (not self._conc or self._inflight[host] < self._conc):  # was capped: back in the heap
+                self._push(host)
+            self._cv.notify_all()
 
 
 # ----------------------------------------------------------------------------- robots.txt
@@ -368,6 +507,10 @@ class RobotsCache:
         if entry is None:
             return
         token = policy.robots_user_agent or "*"
+        delays = getattr(entry, "laiontools_crawl_delay", {})
+        delay = delays[token.lower()] if token.lower() in delays else delays.get("*")
+        if delay and gate is not None:
+            gate.set_crawl_delay((parts.hostname or "").lower(), delay)
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -420,11 +563,57 @@ class RobotsCache:
                 return None, policy.robots_ttl  # no robots.txt: everything allowed
             return FetchError(f"{ROBOTS_UNAVAILABLE} ({msg}); the host is skipped for now"), self.UNAVAILABLE_TTL
         rp = RobotFileParser()
-        rp.parse(resp.body.decode("utf-8", "replace").splitlines())
+        lines = resp.body.decode("utf-8", "replace").splitlines()
+        rp.parse(lines)
+        token = (policy.robots_user_agent or "*").lower()
+        rp.laiontools_crawl_delay = {"*": crawl_delay(lines, "*"), token: crawl_delay(lines, token)}
         return rp, policy.robots_ttl
 
 
 ROBOTS = RobotsCache()
+
+
+def crawl_delay(lines: list[str], token: str) -> float | None:
+    """The ``Crawl-delay`` (seconds, fractions allowed) of the robots.txt group that applies to `token`.
+
+    Groups are matched as urllib.robotparser matches them for ``can_fetch`` (the first group naming
+    an agent contained in `token`, else the ``*`` group), but the value may be a decimal (the standard
+    library reads integers only). A missing, negative or unreadable value gives None (no delay).
+    """
+    token = token.split("/")[0].lower()
+    groups: list[tuple[list[str], float | None]] = []
+    agents: list[str] = []
+    delay: float | None = None
+    in_rules = False
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
+        if ":" not in line:
+            continue
+        field, value = (x.strip() for x in line.split(":", 1))
+        field = field.lower()
+        if field == "user-agent":
+            if in_rules:  # a user-agent line after rules starts a new group
+                groups.append((agents, delay))
+                agents, delay, in_rules = [], None, False
+            agents.append(value.lower())
+        elif agents:
+            in_rules = True
+            if field == "crawl-delay":
+                try:
+                    d = float(value)
+                except ValueError:
+                    continue
+                if math.isfinite(d) and d >= 0:
+                    delay = d
+    if agents:
+        groups.append((agents, delay))
+    star = None
+    for names, d in groups:
+        if "*" in names:
+            star = d if star is None else star
+        elif token != "*" and any(a in token for a in names):
+            return d
+    return star
 
 
 # ----------------------------------------------------------------------------- one safe GET
@@ -718,12 +907,29 @@ def fetch_one(url: str, timeout: float, user_agent_token: str | None, disallowed
 
 def fetch_with_retry(row: tuple[int, str], timeout: float, retries: int, user_agent_token: str | None,
                      disallowed_header_directives: Any, *, policy: FetchPolicy, shard_deadline_at: float | None = None,
-                     resolver: Resolver | None = None) -> tuple[int, io.BytesIO | None, str | None]:
+                     resolver: Resolver | None = None,
+                     scheduler: HostScheduler | None = None) -> tuple[int, io.BytesIO | None, str | None]:
     """img2dataset's download_image_with_retry contract: (key, stream or None, error or None).
 
     `shard_deadline_at` (time.monotonic()): rows reached after it are not fetched and end with a
-    ``deadline:`` error; requests in flight are cut at it.
+    ``deadline:`` error; requests in flight are cut at it. With a `scheduler` holding the shard's
+    rows, `row` is only a ticket: the row fetched is the scheduler's next (:meth:`HostScheduler.take`),
+    and the key returned is that row's, so img2dataset files the result under the right row.
     """
+    if scheduler is None:
+        return _fetch_row(row, timeout, retries, user_agent_token, disallowed_header_directives, policy,
+                          shard_deadline_at, resolver)
+    key, url = scheduler.take()
+    try:
+        return _fetch_row((key, url), timeout, retries, user_agent_token, disallowed_header_directives, policy,
+                          shard_deadline_at, resolver)
+    finally:
+        scheduler.done(key)
+
+
+def _fetch_row(row: tuple[int, str], timeout: float, retries: int, user_agent_token: str | None,
+               disallowed_header_directives: Any, policy: FetchPolicy, shard_deadline_at: float | None,
+               resolver: Resolver | None) -> tuple[int, io.BytesIO | None, str | None]:
     key, url = row
     err = None
     for attempt in range(retries + 1):
@@ -781,15 +987,31 @@ class PolicyDownloader(Downloader):
         super().__init__(*args, **kwargs)
         self.policy_dict = asdict(policy)
 
+    @staticmethod
+    def _shard_rows(shard_file: str) -> list[tuple[int, str]]:
+        """(key, url) of every row of img2dataset's shard input file, keyed as download_shard keys them
+        (the row's index in the file)."""
+        import fsspec
+        import pyarrow as pa
+
+        fs, path = fsspec.core.url_to_fs(shard_file)
+        with fs.open(path, "rb") as f:
+            urls = pa.ipc.open_file(f).read_all().column("url").to_pylist()
+        return list(enumerate(urls))
+
     def __call__(self, row):
         import img2dataset.downloader as d
 
         pol = FetchPolicy(**{**self.policy_dict, "allow_networks": tuple(self.policy_dict["allow_networks"])})
         DNS.ttl = pol.dns_ttl
         at = time.monotonic() + pol.shard_deadline if pol.shard_deadline else None
+        # The shard's rows go to a HostScheduler; img2dataset's pool still calls the fetch once per row
+        # (its row is only a ticket), so its writer, keys, stats and memory bound stay as they are.
+        sched = HostScheduler(self._shard_rows(row[1]), HOSTS, pol.max_host_rps, pol.max_host_concurrency, at)
         # img2dataset calls the module-level name inside download_shard; a Spark Python worker runs
         # one task at a time, so setting it per shard is safe.
-        d.download_image_with_retry = functools.partial(fetch_with_retry, policy=pol, shard_deadline_at=at)
+        d.download_image_with_retry = functools.partial(fetch_with_retry, policy=pol, shard_deadline_at=at,
+                                                        scheduler=sched)
         before = executor_counters()
         result = super().__call__(row)
         try:
@@ -797,6 +1019,6 @@ class PolicyDownloader(Downloader):
 
             name = f"{row[0]:0{self.oom_shard_count}d}{WEB_STATS_SUFFIX}"
             write_json(join(self.output_folder, name), counters_delta(before, executor_counters()))
-        except Exception:  # noqa: BLE001 - counters are a report's extra; never fail a written shard for them
+        except Exception:  # counters are a report's extra; never fail a written shard for them
             logging.getLogger(__name__).warning("could not write the web counters of shard %s", row[0], exc_info=True)
         return result
