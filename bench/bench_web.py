@@ -19,6 +19,7 @@ that can start now). Printed: the highest request count any host saw in any 1-se
 
     .venv/bin/python bench/bench_web.py stragglers --n 200 --drip 4
     .venv/bin/python bench/bench_web.py politeness --hosts 32 --n 3000 --rps 20 --concurrency 4
+    .venv/bin/python bench/bench_web.py politeness --hosts 32 --n 3000 --rps 20 --concurrency 4 --order grouped
     .venv/bin/python bench/bench_web.py host_shards --hosts 8 --rows-per-host 40 --shard 40 --max-host-shards 1
 
 ``host_shards`` — the global side of the per-host limits: ``laiontools download`` (Spark local[2], so
@@ -124,11 +125,14 @@ def politeness(args: argparse.Namespace) -> dict:
     try:
         rng = random.Random(0)
         rows = [f"{servers[rng.randrange(args.hosts)].base_url}/img/{rng.choice(names)}" for _ in range(args.n)]
+        if args.order == "grouped":  # each host's rows together, as in a source sorted by URL
+            rows.sort(key=lambda u: u.split("/img/")[0])
         base = {"allow_networks": ("127.0.0.0/8",), "request_deadline": 60.0, "respect_robots": True}
         variants = {"unlimited": FetchPolicy(**base),
                     "polite": FetchPolicy(**base, max_host_rps=args.rps, max_host_concurrency=args.concurrency)}
         variants["scheduled"] = variants["polite"]
-        out: dict = {"hosts": args.hosts, "n": args.n, "threads": args.threads, "rps": args.rps, "concurrency": args.concurrency}
+        out: dict = {"hosts": args.hosts, "n": args.n, "threads": args.threads, "rps": args.rps, "concurrency": args.concurrency,
+                     "order": args.order}
         order = ["unlimited", "polite", "scheduled"] * args.repeats
         for i, name in enumerate(order):
             pol = variants[name]
@@ -177,7 +181,10 @@ def politeness(args: argparse.Namespace) -> dict:
     # What the limits allow: the run cannot end before its busiest host has had all its rows at the rate
     # limit (plus its robots.txt request), so n / (max rows per host + 1) x rps; and never more than the
     # unlimited run reached. (hosts x rps alone ignores that random rows do not spread evenly.)
-    busiest = max(sum(u.startswith(s.base_url + "/") for u in rows) for s in servers)
+    from collections import Counter
+    from urllib.parse import urlsplit
+
+    busiest = max(Counter(urlsplit(u).netloc for u in rows).values())
     allowed = min(r_un, len(rows) * args.rps / (busiest + 1))
     out["busiest_host_rows"] = busiest
     out["allowed_rows_per_s"] = round(allowed, 1)
@@ -265,6 +272,8 @@ def main() -> None:
     q.add_argument("--rps", type=float, default=20.0)
     q.add_argument("--concurrency", type=int, default=4)
     q.add_argument("--repeats", type=int, default=2)
+    q.add_argument("--order", choices=("random", "grouped"), default="random",
+                   help="rows in random host order, or each host's rows together")
     g = sub.add_parser("host_shards")
     g.add_argument("--hosts", type=int, default=8)
     g.add_argument("--rows-per-host", type=int, default=40)
