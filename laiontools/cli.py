@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "dedup calibrate": ("laiontools.stages.dedup_calibrate", "measure which dedup --threshold fits a model (planted copies)"),
     "semdedup": ("laiontools.stages.semdedup", "semantic near-duplicates inside a pool: k-means + in-cluster pairs, exclusion list per eps (faiss, Spark)"),
     "subsets": ("laiontools.stages.subsets", "filters + dedup exclusions + seeded nested subsets with manifests (Spark)"),
+    "takedown": ("laiontools.stages.takedown", "remove what a removal list names from a pool into a new pool (parent, audit log; Spark)"),
     "reshard": ("laiontools.stages.reshard", "write a subset into shuffled, evenly sized webdataset shards (Spark)"),
     "verify": ("laiontools.stages.verify", "re-check every file a manifest names (sha256, counts, uids, nesting)"),
     "inspect": ("laiontools.stages.verify", "print a readable summary of a manifest"),

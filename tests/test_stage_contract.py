@@ -39,6 +39,7 @@ def _cfg(stage: str, out: str):
     from laiontools.stages.semdedup import SemDedupConfig
     from laiontools.stages.study import StudyConfig
     from laiontools.stages.subsets import SubsetsConfig
+    from laiontools.stages.takedown import TakedownConfig
     from laiontools.stages.train import TrainConfig
 
     ev = [f"x={MISSING}"]
@@ -51,6 +52,7 @@ def _cfg(stage: str, out: str):
         "semdedup": lambda: SemDedupConfig(embeddings=MISSING, output=out),
         "subsets": lambda: SubsetsConfig(pool=MISSING, output=out, scales="10", seed=1),
         "reshard": lambda: ReshardConfig(manifest=MISSING, output=out),
+        "takedown": lambda: TakedownConfig(pool=MISSING, list_file=MISSING, reason="test", output=out),
         "train": lambda: TrainConfig(manifest=MISSING, model="lt-tiny", samples_seen=8, batch_size=8, output=out),
         "evaluate": lambda: EvaluateConfig(evalset=ev, output=out),
         "study": lambda: StudyConfig(output=out, scales={"s": MISSING}, samples_seen=[8], batch_size=8, models=["lt-tiny"],
@@ -59,8 +61,8 @@ def _cfg(stage: str, out: str):
     }[stage]()
 
 
-FOLDER_STAGES = ["prepare", "download", "embed", "dedup", "dedup_calibrate", "semdedup", "subsets", "reshard", "train",
-                 "study", "demo"]
+FOLDER_STAGES = ["prepare", "download", "embed", "dedup", "dedup_calibrate", "semdedup", "subsets", "takedown", "reshard",
+                 "train", "study", "demo"]
 
 
 def test_every_stage_of_the_cli_is_covered_here():

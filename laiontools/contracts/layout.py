@@ -8,6 +8,8 @@ Pool (download output)::
     <pool>/shards/<shard>.tar        webdataset: <key>.jpg, <key>.txt, <key>.json (json holds uid + source columns)
     <pool>/shards/<shard>.parquet    img2dataset per-shard metadata, <shard>_stats.json its completion marker
     <pool>/report.json|report.txt    download report;  <pool>/settings.json  effective settings
+    <pool>/takedown.audit.jsonl      takedown: one JSON line per run, carried forward from the parent pool
+    <pool>/takedown.json|takedown.txt   takedown: what this run removed (per kind, per shard, uids)
 
 Embeddings (embed output), per pool shard id (see :func:`shard_id`)::
 
@@ -28,6 +30,7 @@ Dedup (dedup output; calibrate may write into the same folder)::
 Subsets (subsets output), per scale label L; reshard output; train output::
 
     <subsets>/<L>.manifest.json  <subsets>/<L>.uids.npy         (see :func:`subset_manifest`, :func:`subset_uids`)
+    <subsets>/<L>.diff.json  <subsets>/update.json|update.txt  subsets --update: what changed per scale
     <reshard>/shards/shard-00000.tar(.done)  <reshard>/shards/sizes.json  <reshard>/uids.npy
     <reshard>/subset.manifest.json  <reshard>/reshard.json
     <train>/settings.json environment.json launches.jsonl shards.json metrics.jsonl result.json model.pt
@@ -46,6 +49,11 @@ PREPARED_DIR = "prepared"
 REPORT_JSON = "report.json"
 REPORT_TXT = "report.txt"
 SETTINGS_JSON = "settings.json"
+TAKEDOWN_AUDIT = "takedown.audit.jsonl"
+TAKEDOWN_JSON = "takedown.json"
+TAKEDOWN_TXT = "takedown.txt"
+SUBSETS_UPDATE_JSON = "update.json"
+SUBSETS_UPDATE_TXT = "update.txt"
 # In every stage's output (core/stage.py): which stage owns the folder (written when the stage first
 # claims it), and the lock a running stage holds (host, pid, start time). Hidden: not part of the data.
 OUTPUT_MARKER = ".laiontools-output.json"
@@ -119,10 +127,22 @@ def subset_uids(label: str) -> str:
     return f"{label}.uids.npy"
 
 
+def subset_diff(label: str) -> str:
+    """File name of the `subsets --update` diff report of scale `label` ("80M" -> "80M.diff.json")."""
+    return f"{label}.diff.json"
+
+
 def shard_id(shard_path: str) -> str:
-    """Stable id of a pool shard from its manifest path: 'shards/retry01/00003.tar' -> 'retry01-00003'."""
+    """Stable id of a pool shard from its manifest path: 'shards/retry01/00003.tar' -> 'retry01-00003'.
+
+    A pool made by ``takedown`` lists the shards it did not rewrite at their place in the parent pool
+    (an absolute path or URL, '/data/pool/shards/00003.tar'): the id is what follows the last
+    ``shards/`` folder, so a shard keeps its id (the catalog's ``shard`` column) down the lineage.
+    """
     p = shard_path
     if p.startswith(SHARDS_DIR + "/"):
         p = p[len(SHARDS_DIR) + 1 :]
+    elif "/" + SHARDS_DIR + "/" in p:
+        p = p.rpartition("/" + SHARDS_DIR + "/")[2]
     p = p.removesuffix(".tar")
     return p.replace("/", "-")

@@ -43,6 +43,7 @@ STATUS_SUCCESS = "success"
 STATUS_FAILED_DOWNLOAD = "failed_download"
 STATUS_FAILED_RESIZE = "failed_resize"
 REJECTED_PREFIX = "rejected_"
+REMOVED_PREFIX = "removed_"  # takedown: a sample taken out of a pool by a removal list (schemas/catalog.schema.json)
 
 
 def rejected(reason: str) -> str:
@@ -50,6 +51,18 @@ def rejected(reason: str) -> str:
     if reason not in rejection_reasons():
         raise ValueError(f"unknown rejection reason {reason!r}; known: {rejection_reasons()}")
     return REJECTED_PREFIX + reason
+
+
+def removed(reason: str) -> str:
+    """Status of a catalog row whose sample `laiontools takedown` removed: ``removed_<reason>``, the reason
+    lowercased and every run of characters outside [a-z0-9_] turned into one ``_`` (at most 64 chars), so
+    the status stays one token whatever the user typed. Raises ValueError when nothing is left."""
+    import re
+
+    r = re.sub(r"[^a-z0-9_]+", "_", reason.strip().lower()).strip("_")[:64].strip("_")
+    if not r:
+        raise ValueError(f"reason {reason!r} has no letter or digit; give e.g. --reason dmca_2026_11")
+    return REMOVED_PREFIX + r
 
 
 def _load(name: str) -> dict[str, Any]:

@@ -45,6 +45,7 @@ import numpy as np
 
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
+from laiontools.contracts.lineage import lineage_root
 from laiontools.contracts.manifest import (
     new_manifest,
     read_manifest,
@@ -149,12 +150,17 @@ class SubsetsConfig(SparkStageConfig):
     max_aspect_ratio: float | None = field(default=None, metadata={"help": "keep images with long side / short side <= this"})
     min_caption_length: int | None = field(default=None, metadata={"help": "keep captions with at least this many characters"})
     max_caption_length: int | None = field(default=None, metadata={"help": "keep captions with at most this many characters"})
+    update: str | None = field(default=None, metadata={"help": "an earlier subsets output: re-derive its subsets with its own settings "
+                                                       "(seed, scales, filters, exclusions) on --pool, a pool made from its pool by "
+                                                       "takedown, and write a diff report per scale"})
 
     def validate(self) -> None:
         if not self.pool:
             raise ConfigError("give --pool <pool.manifest.json> (the download output's manifest)")
         if not self.output:
             raise ConfigError("give --output <folder> for the subset manifests")
+        if self.seed is None and self.update:
+            return  # every selection setting comes from the old run's settings.json (run -> updated_config)
         if self.seed is None:
             raise ConfigError("give --seed <whole number>; the seed fixes which samples each subset holds")
         self.seed = parse_seed(self.seed)
@@ -271,8 +277,10 @@ def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
     except ValueError as e:
         raise InputError(f"--exclude {uid_file}: {e}") from e
     if kind == "dedup" and len(arr):
-        pool_uids_path = resolve(pool.path, pool.manifest["uids"]["path"])
-        pool_uids = load_uids(pool_uids_path)
+        # After a takedown the dedup output of the original pool still applies: its uids are samples of the
+        # pool the takedowns started from (an excluded uid that was taken down is simply gone).
+        root, root_m = lineage_root(pool.path, pool.manifest)
+        pool_uids = load_uids(resolve(root, root_m["uids"]["path"]))
         missing = int((~contains(pool_uids, np.asarray(arr))).sum())
         if missing:
             raise SubsetError(
@@ -337,7 +345,8 @@ def _check_score_uids(cat: Any, sdf: Any, scores_dir: str, pool: PoolInfo) -> in
     """Refuse scores whose uids are not samples of this pool (another pool's embed output)."""
     from pyspark.sql import functions as F
 
-    samples = cat.filter(F.col(C.STATUS) == C.STATUS_SUCCESS).select(C.UID)
+    # rows a takedown removed were samples when embed ran: their scores are from this pool's lineage
+    samples = cat.filter((F.col(C.STATUS) == C.STATUS_SUCCESS) | F.col(C.STATUS).startswith(C.REMOVED_PREFIX)).select(C.UID)
     row = sdf.join(samples, on=C.UID, how="left_anti").agg(F.count(F.lit(1)).alias("n")).collect()[0]
     total = sdf.count()
     if total == 0:
@@ -452,14 +461,88 @@ def run(cfg: SubsetsConfig, spark: Any = None) -> StageResult:
     comes from another pool; InputError/ManifestError for unreadable inputs.
     """
     load_pool(cfg.pool)  # a missing or invalid pool manifest fails before Spark starts
+    if cfg.update:
+        cfg = updated_config(cfg)
     with stage_spark(cfg, spark, app_name="laiontools-subsets") as sp:
         results = _select(cfg, sp)
     funnel = read_manifest(results[-1]["manifest"])["selection"]["funnel"] if results else []
+    summary, ok = summary_text(results, funnel), True
+    if cfg.update:
+        update = write_update_report(cfg, results)
+        summary, ok = summary + "\n\n" + update["text"], update["ok"]
     return StageResult(
         outputs={r["scale"]: r["manifest"] for r in results},
         counts={r["scale"]: int(r["obtained"]) for r in results},
-        details=results, summary=summary_text(results, funnel),
+        details=results, summary=summary, ok=ok,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# subsets --update: the same recipe on a pool that a takedown made
+
+
+def updated_config(cfg: SubsetsConfig) -> SubsetsConfig:
+    """The old run's settings (its settings.json) with this call's --pool, --output and runtime settings.
+    Raises SubsetError when the old folder is not a subsets output or --pool does not descend from its pool."""
+    from laiontools.contracts.lineage import pool_chain
+
+    old_dir = abs_path(cfg.update)
+    path = join(old_dir, layout.SETTINGS_JSON)
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise InputError(f"--update {old_dir}: no {layout.SETTINGS_JSON} inside; give the output folder of an earlier `laiontools subsets`")
+    old = read_json(path)
+    if old.get("stage") != "subsets":
+        raise SubsetError(f"--update {old_dir}: its settings.json is not that of a subsets run; give a `laiontools subsets` output folder")
+    settings = {k: v for k, v in old.items() if k in {f.name for f in dataclasses.fields(SubsetsConfig)}}
+    settings.update(pool=abs_path(cfg.pool), output=cfg.output, update=old_dir, master=cfg.master, spark_conf=cfg.spark_conf)
+    new = SubsetsConfig.from_dict(settings, where=path)
+    old_pool = load_pool(old["pool"])
+    if old_pool.sha256 not in [sha for _, _, sha in pool_chain(new.pool)]:
+        raise SubsetError(f"--pool {new.pool} does not descend from {old['pool']} (the pool --update's subsets were cut from, "
+                          f"sha256 {old_pool.sha256}); give the pool that `laiontools takedown` made from it")
+    return new
+
+
+def write_update_report(cfg: SubsetsConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """<output>/<L>.diff.json per scale and update.json / update.txt: what changed against the old run and
+    the checks of :func:`laiontools.contracts.lineage.subset_diff`; ``ok`` is False when one fails."""
+    from laiontools.contracts.lineage import subset_diff, taken_down
+    from laiontools.contracts.uids import load_uids
+
+    old_dir, out = abs_path(cfg.update or ""), abs_path(cfg.output)
+    old_settings = read_json(join(old_dir, layout.SETTINGS_JSON))
+    old_pool, new_pool = load_pool(old_settings["pool"]), load_pool(cfg.pool)
+    gone = taken_down((old_pool.path, old_pool.manifest), (new_pool.path, new_pool.manifest))
+    rows, larger = [], None
+    for r in results:  # largest first
+        label = r["scale"]
+        old_m = read_manifest(join(old_dir, layout.subset_manifest(label)))
+        new_m = read_manifest(r["manifest"])
+        old_u = np.asarray(load_uids(join(old_dir, layout.subset_uids(label)), mmap=False))
+        new_u = np.asarray(load_uids(join(out, layout.subset_uids(label)), mmap=False))
+        d = subset_diff(old_u, new_u, gone, int(cfg.seed or 0), target=int(r["target"]),
+                        eligible=int(new_m["selection"]["eligible"]), larger_new=larger)
+        larger = new_u
+        d = {"scale": label, "old": {"manifest": join(old_dir, layout.subset_manifest(label)), "sha256": old_m["uids"]["sha256"],
+                                     "eligible": old_m["selection"]["eligible"]},
+             "new": {"manifest": r["manifest"], "sha256": new_m["uids"]["sha256"], "eligible": new_m["selection"]["eligible"]}, **d}
+        write_json(join(out, layout.subset_diff(label)), d)
+        rows.append(d)
+    report = {"old": old_dir, "old_pool": {"path": old_pool.path, "sha256": old_pool.sha256},
+              "new_pool": {"path": new_pool.path, "sha256": new_pool.sha256}, "taken_down": len(gone),
+              "scales": [{"scale": d["scale"], **d["counts"], "ok": d["ok"],
+                          "failed_checks": [k for k, v in d["checks"].items() if not v]} for d in rows],
+              "ok": all(d["ok"] for d in rows)}
+    lines = [f"subsets --update: {len(gone):,} sample(s) taken down between {old_pool.path} and {new_pool.path}",
+             table([{"scale": s["scale"], "old": f"{s['old']:,}", "new": f"{s['new']:,}", "removed": f"{s['removed']:,}",
+                     "added (next in rank)": f"{s['added']:,}", "checks": "ok" if s["ok"] else "FAILED " + ",".join(s["failed_checks"])}
+                    for s in report["scales"]])]
+    report["text"] = "\n".join(lines)
+    write_json(join(out, layout.SUBSETS_UPDATE_JSON), report)
+    with url_to_fs(join(out, layout.SUBSETS_UPDATE_TXT))[0].open(url_to_fs(join(out, layout.SUBSETS_UPDATE_TXT))[1], "w") as f:
+        f.write(report["text"] + "\n")
+    return report
 
 
 def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:

@@ -1,0 +1,584 @@
+"""`laiontools takedown`: remove what a removal list names from a pool, into a new pool that names the old one.
+
+Contract::
+
+    laiontools takedown --pool <pool.manifest.json> --list <removal list> --reason <text> --output <new pool>
+
+writes a pool folder that every later stage reads like a download's (DESIGN.md "Manifest", "Catalog")::
+
+    <new>/pool.manifest.json     kind=pool; parent = the old manifest (name, path, sha256); counts updated;
+                                 ``takedown`` = list (path, sha256, entries), reason, status, counts
+    <new>/pool.uids.npy          the old uid file minus the removed samples
+    <new>/catalog/               every catalog row of the old pool; rows of removed samples (and catalog rows
+                                 with no stored sample that the list names) get status ``removed_<reason>``
+                                 and an error_message naming the list line; the byte spans (tar_offset,
+                                 tar_length) of the samples kept in a rewritten shard are those of the new tar;
+                                 every other cell is unchanged
+    <new>/shards/<id>.tar        only the shards holding a match, rewritten without the matched samples
+    <new>/shards/<id>.tar.done   + <id>_stats.json + <id>.parquet, as download writes them (marker last)
+    <new>/takedown.audit.jsonl   append-only: the parent's log (if any), then one line per run
+    <new>/takedown.json|.txt     this run: per kind, per shard, and every removed uid with the line that hit it
+    <new>/settings.json          pool sha256, list sha256, reason: a re-run with another list is refused
+
+What is matched, and what it costs:
+
+* ``uid``, ``url`` (after normalize_url) and ``domain`` (the host and its subdomains) entries are matched
+  against the catalog alone: one Spark pass over its uid/url/status/shard/key columns, no tar is read.
+* ``sha256`` entries are matched against the catalog's sha256 column (img2dataset's hash of the bytes as
+  downloaded, before resizing: what published hash lists hold) *and* the stored image bytes.
+* ``sha256`` / ``md5`` / ``phash`` entries need the stored bytes: every shard of the pool is read once (one
+  Spark task per shard; sha256 + md5 of each image, ~1 GB/s per core) and, only when the list holds pHashes,
+  every image is decoded and hashed too (~1-3 ms per image per core: about 1 core-hour per million images).
+  A list of uids/urls/domains alone reads no shard at all except the ones it rewrites.
+
+Shards: a shard with no match is *referenced*, not copied: the new manifest lists it at its absolute place
+in the parent pool (same num_samples, bytes, sha256), and :func:`laiontools.contracts.layout.shard_id`
+keeps its id, so the catalog's ``shard`` column and every per-shard output (embeddings) still apply. So the
+parent pool's folder must stay where it is (``laiontools verify`` names a missing shard). A shard with a
+match is rewritten into the new folder: its members other than the matched samples' are copied byte for
+byte, header blocks included, in the same order, then the end-of-archive blocks; its per-shard parquet keeps
+every row (removed ones with the new status), its stats count the samples left, its ``.done`` marker
+(sha256, bytes, source shard and list) is written last. Cost: the bytes of the rewritten shards, once.
+
+The reason is lowercased and every run of other characters than [a-z0-9_] becomes one ``_``
+(``"DMCA #12"`` -> ``removed_dmca_12``; :func:`laiontools.contracts.schema.removed`), so the status stays
+one token. A list that fails to parse stops the run before anything is written (the message names the
+line). A list that matches nothing writes a new pool with the parent's data unchanged (same uid file
+bytes, same catalog rows, every shard referenced), says so, and still appends an audit entry.
+
+Re-running the same command gives the same pool (shards whose marker names the same source shard and
+list are kept, the rest rewritten; catalog, uid file and manifest rebuilt identically); the audit log
+grows by one line per run. Order of writes: shards (each marker last), catalog, uid file, manifest,
+audit line, then takedown.json. The audit records who (user@host), when (UTC), the list (path without
+any user:password@ or query string, sha256), the reason, counts per kind and per shard, and the uids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import math
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from laiontools import __version__
+from laiontools.contracts import layout
+from laiontools.contracts import schema as C
+from laiontools.contracts.manifest import new_manifest, resolve, write_manifest
+from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
+from laiontools.contracts.removal import RemovalList, content_hashes, read_removal_list
+from laiontools.core.config import ConfigError
+from laiontools.core.errors import InputError, UserError
+from laiontools.core.report import table
+from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
+from laiontools.core.storage import (
+    atomic_open,
+    ensure_output_dir,
+    join,
+    mark_done,
+    move_tree,
+    read_json,
+    read_marker,
+    sha256_file,
+    spark_read_parquet,
+    spark_write_parquet,
+    url_to_fs,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "takedown"
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Spans of the kept samples of rewritten shards come to the driver (one small row each); the uids and
+# match lines of removed samples too (they go into takedown.json and the audit log).
+_MATCH_SCHEMA = "uid string, status string, shard string, key string, kind string, value string, line int"
+
+
+class TakedownError(UserError, ValueError):
+    """The pool and its shards disagree, or the output holds another takedown."""
+
+
+@dataclass
+class TakedownConfig(SparkStageConfig):
+    pool: str = field(default="", metadata={"help": "pool.manifest.json of the pool to take items out of"})
+    list_file: str = field(default="", metadata={"help": "removal list (url/domain/uid/sha256/md5/phash lines)"})
+    reason: str = field(default="", metadata={"help": "why (e.g. dmca_2026_11); the catalog status becomes removed_<reason>"})
+    output: str = field(default="", metadata={"help": "folder of the new pool"})
+
+    def validate(self) -> None:
+        if not self.pool:
+            raise ConfigError("give --pool <pool.manifest.json> (the pool to take items out of)")
+        if not self.list_file:
+            raise ConfigError("give --list <removal list file>")
+        if not self.output:
+            raise ConfigError("give --output <folder> for the new pool")
+        try:
+            C.removed(self.reason or "")
+        except ValueError as e:
+            raise ConfigError(f"--reason: {e}") from None
+
+
+CONFIG = TakedownConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# matching
+
+
+def _catalog_match_fn(rl: RemovalList) -> Any:
+    """mapInPandas body: catalog rows (uid, status, url, shard, key, sha256) -> the rows the list names."""
+
+    def fn(frames: Any) -> Any:
+        import pandas as pd
+
+        cols = ["uid", "status", "shard", "key", "kind", "value", "line"]
+        for df in frames:
+            out = []
+            for uid, status, url, shard, key, sha in zip(df[C.UID], df[C.STATUS], df[C.URL], df[C.SHARD], df[C.KEY], df[C.SHA256]):
+                hit = rl.match(uid=uid, url=url, sha256=sha if isinstance(sha, str) else None)
+                if hit is not None:
+                    out.append((uid, status, shard, key, hit.kind, hit.value, hit.line))
+            yield pd.DataFrame(out, columns=cols).astype({"line": "int32"}) if out else pd.DataFrame(
+                {c: pd.Series([], dtype="int32" if c == "line" else "object") for c in cols})
+
+    return fn
+
+
+def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, int]]:
+    """(key, uid, kind, value, line) of every sample of the tar at `url` whose stored image bytes match a
+    sha256/md5/phash entry of `rl`. Raises TakedownError naming the shard when it cannot be read."""
+    import tarfile
+
+    from laiontools.wds.samples import iter_samples
+
+    fs, p = url_to_fs(url)
+    out = []
+    try:
+        with fs.open(p, "rb") as f:
+            for key, parts in iter_samples(f, fs.size(p), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
+                img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
+                if img is None:
+                    continue
+                h = content_hashes(img, bool(rl.phashes))
+                hit = rl.match(sha256=h["sha256"], md5=h["md5"], phash=h["phash"])
+                if hit is not None:
+                    try:
+                        uid = str(json.loads(parts.get("json") or b"{}").get("uid") or "")
+                    except ValueError:
+                        uid = ""
+                    out.append((key, uid, hit.kind, hit.value, hit.line))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise TakedownError(f"shard {url} cannot be read ({type(e).__name__}: {e}); run `laiontools verify` on the pool") from e
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# rewriting one shard
+
+
+def _end_of_archive(size: int) -> bytes:
+    """Two zero blocks, then zeros up to tarfile's 10240-byte record, as Python's tarfile closes a tar."""
+    import tarfile
+
+    end = size + 2 * tarfile.BLOCKSIZE
+    return bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE)
+
+
+def rewrite_shard(src: str, dst: str, remove: list[str], status: str, note: dict[str, Any]) -> dict[str, Any]:
+    """Write `dst` = the tar `src` without the members of the samples keyed `remove`; its per-shard parquet
+    and stats beside it; its ``.done`` marker last. Returns the marker info plus ``spans``: {key: (offset,
+    length)} of the kept samples in `dst`. A marker naming the same source sha256 and list means done: the
+    tar is kept and only its headers are read. Raises TakedownError when a key is not in the shard."""
+    import tarfile
+
+    from laiontools.wds.keys import base_plus_ext
+    from laiontools.wds.tarscan import sample_spans, tar_members
+
+    src_sha, src_bytes = note["source_sha256"], note["source_bytes"]
+    done = read_marker(dst)
+    if not (done and done.get("source_sha256") == src_sha and done.get("list_sha256") == note["list_sha256"]
+            and done.get("removed_keys") == sorted(remove)):
+        drop = set(remove)
+        fs, p = url_to_fs(src)
+        try:
+            with fs.open(p, "rb") as f:
+                members = tar_members(f, fs.size(p))
+                found = {base_plus_ext(m[0])[0] for m in members} & drop
+                if found != drop:
+                    raise TakedownError(f"shard {src}: the catalog lists samples {sorted(drop - found)[:5]} in it but the tar "
+                                        "has no such key; the catalog and shards disagree (run `laiontools verify` on the pool)")
+                kept = 0
+                with atomic_open(dst) as out:
+                    written = 0
+                    for name, head, off, size, _ in members:
+                        if base_plus_ext(name)[0] in drop:
+                            continue
+                        f.seek(head)
+                        n = off + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE - head
+                        data = f.read(n)
+                        if len(data) != n:
+                            raise TakedownError(f"shard {src}: member {name} is cut short; run `laiontools verify` on the pool")
+                        out.write(data)
+                        written += n
+                    out.write(_end_of_archive(written))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise TakedownError(f"shard {src} cannot be read ({type(e).__name__}: {e}); run `laiontools verify` on the pool") from e
+        kept_keys = {base_plus_ext(m[0])[0] for m in members} - drop - {None}
+        kept = len(kept_keys)
+        stats = _rewrite_sidecars(src, dst, drop, status, kept)
+        sha, nbytes = sha256_file(dst)
+        done = {"sha256": sha, "bytes": nbytes, "num_samples": kept, "count": int(stats.get("count", kept)),
+                "start_time": stats.get("start_time"), "end_time": stats.get("end_time"),
+                "status_dict": stats.get("status_dict", {}), "source": note["source"], "source_sha256": src_sha,
+                "source_bytes": src_bytes, "list_sha256": note["list_sha256"], "removed_keys": sorted(remove)}
+        mark_done(dst, done)
+    fs, p = url_to_fs(dst)
+    with fs.open(p, "rb") as f:
+        spans = sample_spans(tar_members(f, fs.size(p)))
+    return {**done, "spans": spans}
+
+
+def _sidecar(tar: str, suffix: str) -> str:
+    return tar.removesuffix(".tar") + suffix
+
+
+def _rewrite_sidecars(src: str, dst: str, drop: set[str], status: str, kept: int) -> dict[str, Any]:
+    """img2dataset's per-shard parquet (every row kept; removed ones get `status`) and stats (successes =
+    samples left, plus a takedown note) beside `dst`; returns the new stats. Missing sidecars are skipped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, _ = url_to_fs(src)
+    sp = _sidecar(src, ".parquet")
+    if fs.exists(url_to_fs(sp)[1]):
+        with fs.open(url_to_fs(sp)[1], "rb") as f:
+            t = pq.read_table(f)
+        if "key" in t.column_names and "status" in t.column_names:
+            keys = t.column("key").to_pylist()
+            st = [status if k in drop else s for k, s in zip(keys, t.column("status").to_pylist())]
+            t = t.set_column(t.column_names.index("status"), "status", pa.array(st, pa.string()))
+        with atomic_open(_sidecar(dst, ".parquet")) as f:
+            pq.write_table(t, f)
+    stats: dict[str, Any] = {}
+    ss = _sidecar(src, "_stats.json")
+    if fs.exists(url_to_fs(ss)[1]):
+        stats = read_json(ss)
+    stats = {**stats, "successes": kept, "takedown": {"removed": len(drop), "status": status}}
+    write_json(_sidecar(dst, "_stats.json"), stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def _safe_path(path: str) -> str:
+    """`path` for the audit log: no user:password@ and no query string (signed URLs carry keys there)."""
+    if "://" not in path:
+        return abs_path(path)
+    s = urlsplit(path)
+    host = s.hostname or ""
+    netloc = host + (f":{s.port}" if s.port else "")
+    return urlunsplit((s.scheme, netloc, s.path, "", ""))
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def canonical_command(cfg: TakedownConfig) -> list[str]:
+    """The recipe as a command line (absolute paths): the manifest records this, not sys.argv."""
+    return ["laiontools", "takedown", "--pool", abs_path(cfg.pool), "--list", _safe_path(cfg.list_file),
+            "--reason", cfg.reason, "--output", abs_path(cfg.output)]
+
+
+def _check_settings(cfg: TakedownConfig, pool: PoolInfo, rl: RemovalList, status: str) -> None:
+    """Refuse an output that holds the takedown of another pool, list or reason; record ours."""
+    path = join(abs_path(cfg.output), layout.SETTINGS_JSON)
+    ours = {"stage": STAGE, "pool": pool.path, "pool_sha256": pool.sha256, "list_sha256": rl.sha256, "status": status}
+    fs, p = url_to_fs(path)
+    if fs.exists(p):
+        old = read_json(path)
+        diff = sorted(k for k in ours if old.get(k) != ours[k])
+        if diff:
+            raise TakedownError(f"{cfg.output} holds a takedown with other {', '.join(diff)} ({[old.get(k) for k in diff]}); "
+                                "give a new --output (each takedown is a new pool)")
+    write_json(path, ours)
+
+
+@stage_entry(STAGE)
+def run(cfg: TakedownConfig, spark: Any = None) -> StageResult:
+    """Take the listed items out of the pool into a new pool (see the module docstring).
+
+    details = takedown.json's content. Raises RemovalListError (a malformed line, named; nothing written),
+    ManifestError/InputError for an unreadable pool, TakedownError when the catalog and shards disagree.
+    """
+    rl = read_removal_list(cfg.list_file)  # before anything is written: a bad line leaves no trace
+    pool = load_pool(cfg.pool)
+    status = C.removed(cfg.reason)
+    out = abs_path(cfg.output)
+    if out.rstrip("/") == pool.path.rpartition("/")[0].rstrip("/"):
+        raise TakedownError(f"--output {out} is the pool's own folder; a takedown writes a new pool next to the old one")
+    ensure_output_dir(out)
+    _check_settings(cfg, pool, rl, status)
+    with stage_spark(cfg, spark, app_name="laiontools-takedown") as sp:
+        rep = _takedown(cfg, sp, pool, rl, status, out)
+    return StageResult(
+        outputs={"manifest": rep["pool"]["path"], "audit": join(out, layout.TAKEDOWN_AUDIT)},
+        counts={"removed": rep["counts"]["samples_removed"], "catalog_rows_marked": rep["counts"]["catalog_rows_marked"],
+                "shards_rewritten": rep["counts"]["shards_rewritten"], "shards_referenced": rep["counts"]["shards_referenced"]},
+        details=rep, summary=rep["text"],
+    )
+
+
+def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, status: str, out: str) -> dict[str, Any]:
+    from pyspark.sql import functions as F
+
+    from laiontools.contracts.uids import save_uids_spark
+
+    t0 = time.monotonic()
+    cat = spark_read_parquet(spark, pool.catalog)
+    cols = [C.UID, C.STATUS, C.URL, C.SHARD, C.KEY, C.SHA256]
+    missing = [c for c in cols if c not in cat.columns]
+    if missing:
+        raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow schemas/catalog.schema.json")
+    rows = cat.select(*cols).mapInPandas(_catalog_match_fn(rl), _MATCH_SCHEMA).collect()
+    # one match per (uid, status) row: the first entry the row hits
+    matched: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        matched.setdefault((r["uid"], r["status"]), {"uid": r["uid"], "status": r["status"], "shard": r["shard"], "key": r["key"],
+                                                     "kind": r["kind"], "value": r["value"], "line": int(r["line"])})
+    t_catalog = time.monotonic() - t0
+
+    entries = {layout.shard_id(s["path"]): s for s in pool.manifest["shards"]}
+    t1 = time.monotonic()
+    content_scanned = 0
+    if rl.sha256s or rl.md5s or rl.phashes:
+        ids = sorted(entries)
+        urls = [resolve(pool.path, entries[i]["path"]) for i in ids]
+        n = max(1, min(len(ids), spark.sparkContext.defaultParallelism * 4))
+        hits = (spark.sparkContext.parallelize(list(zip(ids, urls)), n)
+                .flatMap(lambda iu, _rl=rl: [(iu[0], *h) for h in scan_content(iu[1], _rl)]).collect())
+        content_scanned = len(ids)
+        # which catalog row a stored sample is: its success row by uid (the sample's json) and shard/key
+        by_sample = {(m["shard"], m["key"]) for m in matched.values() if m["status"] == C.STATUS_SUCCESS}
+        for sid, key, uid, kind, value, line in hits:
+            if (sid, key) in by_sample:
+                continue
+            if not uid:
+                raise TakedownError(f"shard {resolve(pool.path, entries[sid]['path'])}: sample {key} matches {kind} {value} "
+                                    f"(line {line}) but has no uid in its .json; the pool does not follow the layout")
+            matched.setdefault((uid, C.STATUS_SUCCESS), {"uid": uid, "status": C.STATUS_SUCCESS, "shard": sid, "key": key,
+                                                         "kind": kind, "value": value, "line": int(line)})
+    t_content = time.monotonic() - t1
+
+    removed = sorted((m for m in matched.values() if m["status"] == C.STATUS_SUCCESS), key=lambda m: m["uid"])
+    other = sorted((m for m in matched.values() if m["status"] != C.STATUS_SUCCESS), key=lambda m: (m["uid"], m["status"]))
+    by_shard: dict[str, list[str]] = {}
+    for m in removed:
+        if m["shard"] not in entries:
+            raise TakedownError(f"catalog {pool.catalog}: sample {m['uid']} is in shard {m['shard']}, which pool {pool.path} "
+                                "does not list; the catalog and manifest disagree (run `laiontools verify`)")
+        by_shard.setdefault(m["shard"], []).append(m["key"])
+
+    # 1. rewrite the shards holding a match (one Spark task each), reference the others
+    t2 = time.monotonic()
+    jobs = []
+    for sid in sorted(by_shard):
+        e = entries[sid]
+        src = resolve(pool.path, e["path"])
+        jobs.append((sid, src, join(out, layout.SHARDS_DIR, _tail(e["path"])),
+                     sorted(by_shard[sid]), {"source": abs_path(src), "source_sha256": e["sha256"], "source_bytes": e["bytes"],
+                                             "list_sha256": rl.sha256}))
+    rewritten: dict[str, dict[str, Any]] = {}
+    if jobs:
+        n = max(1, min(len(jobs), spark.sparkContext.defaultParallelism * 4))
+        res = (spark.sparkContext.parallelize(jobs, n)
+               .map(lambda j, _st=status: (j[0], rewrite_shard(j[1], j[2], j[3], _st, j[4]))).collect())
+        rewritten = dict(res)
+    t_shards = time.monotonic() - t2
+
+    # 2. catalog: statuses of matched rows, spans of rewritten shards, everything else as it was
+    t3 = time.monotonic()
+    note = {(m["uid"], m["status"]): f"removed by takedown list {rl.sha256[:12]} line {m['line']} ({m['kind']} {m['value']})"
+            for m in matched.values()}
+    rm_df = spark.createDataFrame([(u, s, msg) for (u, s), msg in sorted(note.items())] or [("", "", "")],
+                                  "_ruid string, _rstatus string, _rmsg string")
+    spans = [(sid, k, int(o), int(n_)) for sid, info in rewritten.items() for k, (o, n_) in info["spans"].items()]
+    sp_df = spark.createDataFrame(spans or [("", "", 0, 0)], "_ssid string, _skey string, _soff long, _slen long")
+    full = spark_read_parquet(spark, pool.catalog)
+    order = full.columns
+    j = (full.join(F.broadcast(rm_df), (full[C.UID] == rm_df["_ruid"]) & (full[C.STATUS] == rm_df["_rstatus"]), "left")
+         .join(F.broadcast(sp_df), (F.col(C.SHARD) == sp_df["_ssid"]) & (F.col(C.KEY) == sp_df["_skey"]), "left"))
+    hit = F.col("_ruid").isNotNull()
+    repl = {
+        C.STATUS: F.when(hit, F.lit(status)).otherwise(F.col(C.STATUS)),
+        C.ERROR: F.when(hit, F.col("_rmsg")).otherwise(F.col(C.ERROR)),
+    }
+    if C.TAR_OFFSET in order and C.TAR_LENGTH in order:
+        moved = F.col("_ssid").isNotNull()
+        repl[C.TAR_OFFSET] = F.when(hit, F.lit(None)).when(moved, F.col("_soff")).otherwise(F.col(C.TAR_OFFSET))
+        repl[C.TAR_LENGTH] = F.when(hit, F.lit(None)).when(moved, F.col("_slen")).otherwise(F.col(C.TAR_LENGTH))
+    types = dict(full.dtypes)
+    newcat = j.select(*[(repl[c].cast(types[c]) if c in repl else F.col(f"`{c}`")).alias(c) for c in order])
+    n_rows = pool.manifest.get("catalog", {}).get("num_rows") or full.count()
+    cat_dir = _write_catalog(newcat, out, n_rows)
+    newcat = spark_read_parquet(spark, cat_dir)
+    succ = newcat.where(F.col(C.STATUS) == C.STATUS_SUCCESS)
+    [(uid_sha, n_uids)] = save_uids_spark(succ, C.UID, [join(out, layout.POOL_UIDS)])
+    t_catalog += time.monotonic() - t3
+    expected = pool.manifest["num_samples"] - len(removed)
+    if n_uids != expected:
+        raise TakedownError(f"new pool has {n_uids} samples, expected {pool.manifest['num_samples']} - {len(removed)} = {expected}; "
+                            f"the catalog of {pool.path} and its uid file disagree (run `laiontools verify`)")
+
+    # 3. manifest: parent = the old one; untouched shards referenced where they are
+    listed = []
+    per_shard_removed = {sid: len(keys) for sid, keys in by_shard.items()}
+    for s in pool.manifest["shards"]:
+        sid = layout.shard_id(s["path"])
+        if sid in rewritten:
+            info = rewritten[sid]
+            ent = {**s, "path": layout.SHARDS_DIR + "/" + _tail(s["path"]), "num_samples": s["num_samples"] - per_shard_removed[sid],
+                   "bytes": info["bytes"], "sha256": info["sha256"], "parent_sha256": s["sha256"]}
+            if "tar_samples" in s:
+                ent["tar_samples"] = info["num_samples"]
+            listed.append(ent)
+        else:
+            listed.append({**s, "path": abs_path(resolve(pool.path, s["path"]))})
+    counts = {
+        "samples_removed": len(removed), "catalog_rows_marked": len(removed) + len(other),
+        "catalog_rows_without_sample": len(other), "shards_rewritten": len(rewritten),
+        "shards_referenced": len(listed) - len(rewritten), "shards_content_scanned": content_scanned,
+        "by_kind": {k: sum(1 for m in matched.values() if m["kind"] == k) for k in sorted({m["kind"] for m in matched.values()})},
+        "samples_before": pool.manifest["num_samples"], "samples_after": n_uids,
+    }
+    listing = {"path": _safe_path(cfg.list_file), "sha256": rl.sha256, "entries": rl.entries}
+    m = new_manifest(
+        name=pool.manifest["name"], kind="pool", num_samples=n_uids, target_samples=pool.manifest.get("target_samples"),
+        uids={"path": layout.POOL_UIDS, "sha256": uid_sha, "count": n_uids}, shards=listed,
+        source_fingerprint=pool.fingerprint, parent={"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path},
+        command=canonical_command(cfg), catalog={"path": layout.CATALOG_DIR, "num_rows": int(n_rows)},
+        takedown={"list": listing, "reason": cfg.reason, "status": status,
+                  **{k: v for k, v in counts.items() if k != "shards_content_scanned"}},
+    )
+    m["short"] = pool.manifest.get("short", False)
+    for k in ("download",):  # the images are the parent's: its download settings still describe them
+        if k in pool.manifest:
+            m[k] = pool.manifest[k]
+    m_path = join(out, layout.POOL_MANIFEST)
+    m_sha = write_manifest(m_path, m)
+
+    # 4. audit line (after the manifest it describes), then this run's report
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": _who(), "tool": f"laiontools {__version__}",
+        "parent": {"name": pool.manifest["name"], "path": pool.path, "sha256": pool.sha256},
+        "pool": {"path": m_path, "sha256": m_sha}, "list": listing, "reason": cfg.reason, "status": status,
+        "counts": counts, "per_shard": dict(sorted(per_shard_removed.items())), "uids": [r["uid"] for r in removed],
+        "catalog_rows_without_sample": [{"uid": r["uid"], "status": r["status"]} for r in other],
+        "matched_nothing": not matched,
+    }
+    n_audit = _append_audit(out, pool, entry)
+    text = _text(entry, pool, m_path, n_audit)
+    rep = {**entry, "removed": removed, "catalog_rows": other, "audit_entries": n_audit,
+           "timings": {"catalog": round(t_catalog, 3), "content": round(t_content, 3), "shards": round(t_shards, 3)}}
+    write_json(join(out, layout.TAKEDOWN_JSON), rep)
+    with atomic_open(join(out, layout.TAKEDOWN_TXT)) as f:
+        f.write((text + "\n").encode())
+    rep["text"] = text
+    return rep
+
+
+def _tail(shard_path: str) -> str:
+    """A shard's path under shards/ (kept by its rewritten copy, so its id stays): '.../shards/retry01/3.tar' -> 'retry01/3.tar'."""
+    sid_path = shard_path.removeprefix(layout.SHARDS_DIR + "/")
+    return sid_path.rpartition("/" + layout.SHARDS_DIR + "/")[2] if "/" + layout.SHARDS_DIR + "/" in sid_path else sid_path
+
+
+def _write_catalog(cat: Any, out: str, n_rows: int) -> str:
+    """Write the catalog sorted by (uid, status) as download does; swap it in atomically."""
+    import uuid
+
+    final = join(out, layout.CATALOG_DIR)
+    tmp = join(out, f".catalog-tmp-{uuid.uuid4().hex[:8]}")
+    n_parts = max(1, math.ceil(n_rows / 2_000_000))
+    spark_write_parquet(cat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS), tmp)
+    fs, fp = url_to_fs(final)
+    old = final + f".old-{uuid.uuid4().hex[:8]}"
+    if fs.exists(fp):
+        move_tree(final, old)
+    move_tree(tmp, final)
+    if fs.exists(url_to_fs(old)[1]):
+        fs.rm(url_to_fs(old)[1], recursive=True)
+    return final
+
+
+def _append_audit(out: str, pool: PoolInfo, entry: dict[str, Any]) -> int:
+    """Append `entry` to <out>/takedown.audit.jsonl, starting it from the parent pool's log when this folder
+    has none yet. Rewritten whole through atomic_open (object stores have no append), after checking that
+    what is there is only added to. Returns the number of entries."""
+    path = join(out, layout.TAKEDOWN_AUDIT)
+    fs, p = url_to_fs(path)
+    if fs.exists(p):
+        with fs.open(p, "rb") as f:
+            old = f.read()
+    else:
+        parent = join(pool.path.rpartition("/")[0], layout.TAKEDOWN_AUDIT)
+        pfs, pp = url_to_fs(parent)
+        old = b""
+        if pfs.exists(pp):
+            with pfs.open(pp, "rb") as f:
+                old = f.read()
+    if old and not old.endswith(b"\n"):
+        raise TakedownError(f"audit log {path} does not end with a newline (cut short?); it was not changed: repair it by hand")
+    line = json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n"
+    with atomic_open(path) as f:
+        f.write(old + line.encode())
+    return old.count(b"\n") + 1
+
+
+def _text(entry: dict[str, Any], pool: PoolInfo, m_path: str, n_audit: int) -> str:
+    c = entry["counts"]
+    if entry["matched_nothing"]:
+        head = (f"takedown: the list {entry['list']['path']} ({entry['list']['entries']} entries) matched nothing in {pool.path}: "
+                f"no sample removed, no shard rewritten; the new pool {m_path} holds the parent's data unchanged "
+                f"({c['samples_after']:,} samples)")
+    else:
+        head = (f"takedown: removed {c['samples_removed']:,} sample(s) ({c['samples_before']:,} -> {c['samples_after']:,}), "
+                f"marked {c['catalog_rows_without_sample']:,} more catalog row(s) without a stored sample; rewrote "
+                f"{c['shards_rewritten']} shard(s), referenced {c['shards_referenced']} unchanged; status {entry['status']}")
+    rows = [{"kind": k, "matched": f"{v:,}"} for k, v in c["by_kind"].items()]
+    shards = [{"shard": s, "removed": n} for s, n in entry["per_shard"].items()]
+    parts = [head]
+    if rows:
+        parts.append("by kind\n" + table(rows))
+    if shards:
+        parts.append("by shard\n" + table(shards))
+    parts.append(f"new pool: {m_path}\naudit log: {n_audit} entr{'y' if n_audit == 1 else 'ies'} "
+                 f"({join(m_path.rpartition('/')[0], layout.TAKEDOWN_AUDIT)})")
+    return "\n\n".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = config_parser(TakedownConfig, prog="laiontools takedown", skip=("list_file",),
+                      description="Remove what a removal list names from a pool into a new pool (parent recorded, audit log).")
+    p.add_argument("--list", dest="list_file", default=argparse.SUPPRESS,
+                   help="removal list: one 'url|domain|uid|sha256|md5|phash <value>' per line (laiontools.contracts.removal)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from laiontools.core.stage import stage_main
+
+    return stage_main(__name__, argv)
+

@@ -1,0 +1,325 @@
+"""Removal lists through the whole lineage (issue 14, part 2): `takedown` -> new pool -> `subsets --update`
+-> `reshard` -> `verify --removal-list`, on the session pool.
+
+What must be removed is computed here independently of laiontools' matching: every stored sample's image
+bytes are hashed with hashlib / imagehash straight from the tars (tarfile), and catalog rows are matched by
+plain string comparison, so the expected removal set and the expected subsets do not come from the code
+under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from laiontools.contracts.manifest import read_manifest, resolve
+from laiontools.contracts.removal import RemovalListError
+from laiontools.contracts.selection import reference_selection
+from laiontools.contracts.uids import array_to_uids, load_uids
+
+REASON = "DMCA request #12"  # sanitized to removed_dmca_request_12
+STATUS = "removed_dmca_request_12"
+SEED = 5
+SCALES = "10,30"
+
+
+def _samples(tar_path: str) -> dict[str, dict]:
+    """key -> {uid, url, sha256, md5, phash} of every sample of a tar, read with tarfile + hashlib + imagehash."""
+    import imagehash
+    from PIL import Image
+
+    out: dict[str, dict] = {}
+    with tarfile.open(tar_path) as tf:
+        for ti in tf:
+            key, _, ext = ti.name.partition(".")
+            d = out.setdefault(key, {})
+            data = tf.extractfile(ti).read()
+            if ext == "json":
+                meta = json.loads(data)
+                d["uid"], d["url"] = meta["uid"], meta.get("url")
+            elif ext == "jpg":
+                d["sha256"], d["md5"] = hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest()
+                d["phash"] = int(str(imagehash.phash(Image.open(io.BytesIO(data)).convert("RGB"))), 16)
+    return out
+
+
+def _uids(path: str) -> list[str]:
+    return array_to_uids(np.asarray(load_uids(path, mmap=False)))
+
+
+def _text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def lineage(pool, spark, tmp_path_factory):
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.subsets import SubsetsConfig
+    from laiontools.stages.takedown import TakedownConfig
+
+    root = str(tmp_path_factory.mktemp("takedown"))
+    old_sub = f"{root}/sub0"
+    subsets_stage.run(SubsetsConfig(pool=pool.manifest, output=old_sub, scales=SCALES, seed=SEED), spark)
+    small, large = set(_uids(f"{old_sub}/10.uids.npy")), set(_uids(f"{old_sub}/30.uids.npy"))
+
+    m = read_manifest(pool.manifest)
+    stored = {}  # uid -> (shard id, key, hashes)
+    for s in m["shards"]:
+        sid = s["path"].split("/")[-1].removesuffix(".tar")
+        for key, d in _samples(resolve(pool.manifest, s["path"])).items():
+            stored[d["uid"]] = (sid, key, d)
+    cat = pd.read_parquet(f"{pool.dir}/catalog")
+    succ = cat[cat["status"] == "success"].set_index("uid")
+    shards = sorted({v[0] for v in stored.values()})
+    assert len(shards) >= 4, "the session pool should have 4 shards"
+
+    # Entries in three shards (the fourth stays untouched) and in both scales:
+    a = min(u for u in small if stored[u][0] == shards[0])  # uid, in 10 and 30
+    b = min(u for u in large - small if stored[u][0] == shards[1])  # url, in 30 only
+    c = min(u for u in stored if stored[u][0] == shards[2])  # sha256 of the stored bytes
+    ph = {u: v[2]["phash"] for u, v in stored.items()}
+
+    def near(u, dist):
+        return [w for w in ph if (ph[u] ^ ph[w]).bit_count() <= dist]
+
+    # a pHash entry (max distance 1) for a sample of shard 0 with no other image that close
+    d = next(u for u in sorted(stored) if stored[u][0] == shards[0] and u != a and near(u, 1) == [u])
+    rejected = cat[cat["url"].fillna("").str.contains(".invalid/", regex=False)]
+    host = urlsplit(rejected["url"].iloc[0]).hostname  # a catalog row without a stored sample
+    url_b = succ.loc[b, "url"]
+    u = urlsplit(url_b)
+    listed_url = f"HTTP://{u.hostname.upper()}:{u.port}{u.path}"  # compared after normalize_url
+    text = (f"# takedown batch 12\nuid {a}\nurl {listed_url}\nsha256 {stored[c][2]['sha256']}\n"
+            f"phash {ph[d]:016x} 1\ndomain {host}\ndomain never-in-this-pool.example\n")
+    listfile = f"{root}/list.txt"
+    with open(listfile, "w") as f:
+        f.write(text)
+
+    # expected, independently: stored samples hit by any entry, catalog rows without a sample hit by url/domain/uid
+    def hit_row(r_uid, r_url):
+        h = (urlsplit(r_url).hostname or "") if isinstance(r_url, str) else ""
+        return r_uid == a or (isinstance(r_url, str) and r_url == url_b) or h == host or h.endswith("." + host)
+
+    expect_removed = {w for w, (_, _, hs) in stored.items()
+                      if hit_row(w, succ.loc[w, "url"]) or hs["sha256"] == stored[c][2]["sha256"]
+                      or (hs["phash"] ^ ph[d]).bit_count() <= 1}
+    expect_rows_without = {(r.uid, r.status) for r in cat.itertuples() if r.status != "success" and hit_row(r.uid, r.url)}
+    assert {a, b, c, d} <= expect_removed and expect_rows_without
+
+    new = f"{root}/pool1"
+    before = {s["path"]: _sha(resolve(pool.manifest, s["path"])) for s in m["shards"]}
+    res = takedown_stage.run(TakedownConfig(pool=pool.manifest, list_file=listfile, reason=REASON, output=new), spark)
+    return {"root": root, "old_sub": old_sub, "small": small, "large": large, "listfile": listfile, "new": new,
+            "res": res, "expect_removed": expect_removed, "expect_rows_without": expect_rows_without, "stored": stored,
+            "cat": cat, "shards": shards, "before": before, "a": a, "b": b, "c": c, "d": d}
+
+
+def test_takedown_removes_exactly_the_listed_samples(lineage, pool):
+    L = lineage
+    new_m = read_manifest(f"{L['new']}/pool.manifest.json")
+    old_m = read_manifest(pool.manifest)
+    assert new_m["parent"] == {"name": old_m["name"], "path": os.path.abspath(pool.manifest), "sha256": _sha(pool.manifest)}
+    old_uids, new_uids = set(_uids(f"{pool.dir}/pool.uids.npy")), set(_uids(f"{L['new']}/pool.uids.npy"))
+    assert old_uids - new_uids == L["expect_removed"] and new_uids <= old_uids
+    assert new_m["num_samples"] == len(old_uids) - len(L["expect_removed"])
+    assert L["res"].counts["removed"] == len(L["expect_removed"])
+    tk = new_m["takedown"]
+    assert tk["status"] == STATUS and tk["list"]["sha256"] == _sha(L["listfile"]) and tk["list"]["entries"] == 6
+    assert set(tk["by_kind"]) >= {"uid", "url", "sha256", "phash", "domain"}
+
+    # catalog: same rows; removed ones get the status; nothing else changes but the spans of rewritten shards
+    new_cat = pd.read_parquet(f"{L['new']}/catalog")
+    old_cat = L["cat"]
+    assert len(new_cat) == len(old_cat) and list(new_cat.columns) == list(old_cat.columns)
+    changed = {(r.uid, r.status) for r in old_cat.itertuples()
+               if r.uid in L["expect_removed"] and r.status == "success"} | L["expect_rows_without"]
+    key = ["uid", "status"]
+    o = old_cat.set_index(key).sort_index()
+    marked = new_cat[new_cat["status"] == STATUS]
+    assert len(marked) == len(changed)
+    assert set(marked["uid"]) == {u for u, _ in changed}
+    assert marked["error_message"].str.contains("line").all()
+    kept = new_cat[new_cat["status"] != STATUS].set_index(key).sort_index()
+    ok = o.loc[kept.index]
+    rewritten = {L["stored"][u][0] for u in L["expect_removed"]}
+    same_cols = [c for c in old_cat.columns if c not in ("uid", "status", "tar_offset", "tar_length")]
+    pd.testing.assert_frame_equal(kept[same_cols], ok[same_cols])
+    untouched_rows = ~kept["shard"].isin(rewritten)
+    pd.testing.assert_frame_equal(kept.loc[untouched_rows, ["tar_offset", "tar_length"]], ok.loc[untouched_rows, ["tar_offset", "tar_length"]])
+
+    # shards: untouched ones referenced (same file, byte-identical); rewritten ones hold the rest in order
+    for s_old, s_new in zip(old_m["shards"], new_m["shards"]):
+        sid = s_old["path"].split("/")[-1].removesuffix(".tar")
+        old_file, new_file = resolve(pool.manifest, s_old["path"]), resolve(f"{L['new']}/pool.manifest.json", s_new["path"])
+        assert _sha(old_file) == L["before"][s_old["path"]]  # the parent pool is never written
+        if sid not in rewritten:
+            assert os.path.abspath(old_file) == new_file and s_new["sha256"] == s_old["sha256"]
+            continue
+        assert new_file.startswith(L["new"]) and _sha(new_file) == s_new["sha256"] and os.path.exists(new_file + ".done")
+        assert os.path.exists(new_file.removesuffix(".tar") + "_stats.json")
+        with tarfile.open(old_file) as a, tarfile.open(new_file) as b:
+            gone = {k for u, (sh, k, _) in L["stored"].items() if sh == sid and u in L["expect_removed"]}
+            want = [(ti.name, a.extractfile(ti).read()) for ti in a if ti.name.partition(".")[0] not in gone]
+            got = [(ti.name, b.extractfile(ti).read()) for ti in b]
+            assert got == want and s_new["num_samples"] == s_old["num_samples"] - len(gone)
+        # spans in the catalog point at the right bytes of the new tar
+        rows = kept[kept["shard"] == sid].reset_index()
+        with open(new_file, "rb") as f:
+            data = f.read()
+        for r in rows[rows["status"] == "success"].itertuples():
+            span = data[int(r.tar_offset):int(r.tar_offset + r.tar_length)] + bytes(1024)
+            with tarfile.open(fileobj=io.BytesIO(span)) as tf:
+                assert [ti.name.partition(".")[0] for ti in tf] == [r.key] * 3
+    assert len(rewritten) < len(old_m["shards"])  # at least one shard stayed untouched
+
+
+def test_audit_log_and_rerun_give_the_same_pool(lineage, pool, spark):
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    L = lineage
+    log_path = f"{L['new']}/takedown.audit.jsonl"
+    lines = _text(log_path).splitlines()
+    assert len(lines) == 1
+    e = json.loads(lines[0])
+    assert e["who"].count("@") == 1 and e["time"].endswith("Z") and e["reason"] == REASON and e["status"] == STATUS
+    assert e["list"] == {"path": os.path.abspath(L["listfile"]), "sha256": _sha(L["listfile"]), "entries": 6}
+    assert set(e["uids"]) == L["expect_removed"] and sum(e["per_shard"].values()) == len(L["expect_removed"])
+    assert e["pool"]["sha256"] == _sha(f"{L['new']}/pool.manifest.json")
+    files = ["pool.manifest.json", "pool.uids.npy"] + [f"shards/{s}.tar" for s in e["per_shard"]]
+    before = {f: _sha(f"{L['new']}/{f}") for f in files}
+    cat_before = pd.read_parquet(f"{L['new']}/catalog").sort_values(["uid", "status"]).reset_index(drop=True)
+    res = takedown_stage.run(TakedownConfig(pool=pool.manifest, list_file=L["listfile"], reason=REASON, output=L["new"]), spark)
+    assert res.counts["removed"] == len(L["expect_removed"])
+    assert {f: _sha(f"{L['new']}/{f}") for f in files} == before
+    pd.testing.assert_frame_equal(pd.read_parquet(f"{L['new']}/catalog").sort_values(["uid", "status"]).reset_index(drop=True), cat_before)
+    assert len(_text(log_path).splitlines()) == 2  # one entry per run
+
+    # another list into the same folder is refused, nothing changed
+    other = f"{L['root']}/other.txt"
+    with open(other, "w") as f:
+        f.write(f"uid {max(L['large'])}\n")
+    from laiontools.stages.takedown import TakedownError
+
+    with pytest.raises(TakedownError, match="holds a takedown with other list_sha256"):
+        takedown_stage.run(TakedownConfig(pool=pool.manifest, list_file=other, reason=REASON, output=L["new"]), spark)
+    assert len(_text(log_path).splitlines()) == 2
+
+
+def test_malformed_list_names_the_line_and_writes_nothing(pool, tmp_path):
+    from laiontools.cli import main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"uid {'0' * 32}\nurl http://example.com/a.jpg\nsha256 1234\n")
+    out = tmp_path / "new"
+    with pytest.raises(RemovalListError, match=r"bad\.txt:3: sha256 must be 64 hex"):
+        from laiontools.stages import takedown as takedown_stage
+        from laiontools.stages.takedown import TakedownConfig
+
+        takedown_stage.run(TakedownConfig(pool=pool.manifest, list_file=str(bad), reason="x", output=str(out)))
+    assert not out.exists()
+    assert main(["takedown", "--pool", pool.manifest, "--list", str(bad), "--reason", "x", "--output", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_a_list_that_matches_nothing_changes_nothing(lineage, pool, spark, capsys):
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    L = lineage
+    nothing = f"{L['root']}/nothing.txt"
+    with open(nothing, "w") as f:
+        f.write(f"uid {'f' * 32}\ndomain never.example\nurl http://127.0.0.9/none.jpg\n")
+    # on the new pool: the audit log of the parent is carried forward and grows by one
+    out = f"{L['root']}/pool2"
+    parent_log = _text(f"{L['new']}/takedown.audit.jsonl").splitlines()
+    res = takedown_stage.run(TakedownConfig(pool=f"{L['new']}/pool.manifest.json", list_file=nothing, reason="none", output=out), spark)
+    assert "matched nothing" in res.summary and res.counts["removed"] == 0 and res.counts["shards_rewritten"] == 0
+    m_old, m_new = read_manifest(f"{L['new']}/pool.manifest.json"), read_manifest(f"{out}/pool.manifest.json")
+    assert _sha(f"{out}/pool.uids.npy") == _sha(f"{L['new']}/pool.uids.npy")
+    assert [s["sha256"] for s in m_new["shards"]] == [s["sha256"] for s in m_old["shards"]]
+    assert [resolve(f"{out}/pool.manifest.json", s["path"]) for s in m_new["shards"]] == \
+        [resolve(f"{L['new']}/pool.manifest.json", s["path"]) for s in m_old["shards"]]
+    a = pd.read_parquet(f"{L['new']}/catalog").sort_values(["uid", "status"]).reset_index(drop=True)
+    b = pd.read_parquet(f"{out}/catalog").sort_values(["uid", "status"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    log = _text(f"{out}/takedown.audit.jsonl").splitlines()
+    assert log[:-1] == parent_log and json.loads(log[-1])["matched_nothing"] is True and json.loads(log[-1])["uids"] == []
+    assert not os.path.exists(f"{out}/shards")
+
+
+def test_subsets_update_reshard_and_verify(lineage, pool, spark, capsys):
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
+    from laiontools.stages.verify import verify_main
+
+    L = lineage
+    new_sub = f"{L['root']}/sub1"
+    res = subsets_stage.run(SubsetsConfig(pool=f"{L['new']}/pool.manifest.json", output=new_sub, update=L["old_sub"]), spark)
+    assert res.ok, res.summary
+
+    # expected, independently: the old run's recipe (no filters) on the new pool = reference_selection over
+    # its samples; and that equals old - removed + the next ones in the old ranking
+    new_pool_uids = _uids(f"{L['new']}/pool.uids.npy")
+    old_pool_uids = _uids(f"{pool.dir}/pool.uids.npy")
+    from laiontools.contracts.selection import selection_scores
+
+    score = dict(zip(old_pool_uids, (int(x) for x in selection_scores(old_pool_uids, SEED))))
+    order = sorted(old_pool_uids, key=lambda u: (score[u], u))  # the old ranking
+    for label, n, old in (("10", 10, L["small"]), ("30", 30, L["large"])):
+        got = set(_uids(f"{new_sub}/{label}.uids.npy"))
+        assert got == set(reference_selection(new_pool_uids, SEED, n))
+        gone = old & L["expect_removed"]
+        nxt = [u for u in order if u not in old and u not in L["expect_removed"]][: len(gone)]
+        assert got == (old - gone) | set(nxt)
+        d = json.loads(_text(f"{new_sub}/{label}.diff.json"))
+        assert set(d["removed"]) == gone and set(d["added"]) == set(nxt) and d["ok"]
+        assert d["counts"]["new"] == n
+    assert set(_uids(f"{new_sub}/10.uids.npy")) <= set(_uids(f"{new_sub}/30.uids.npy"))
+    assert L["a"] in L["small"] and L["b"] in L["large"] - L["small"]  # the list hit both scales
+    assert json.loads(_text(f"{new_sub}/update.json"))["ok"] is True
+
+    # reshard the updated 30 and verify it, and the new pool, against the list; the old pool fails naming items
+    rs = f"{L['root']}/rs30"
+    reshard_stage.run(ReshardConfig(manifest=f"{new_sub}/30.manifest.json", output=rs, shard_size=8), spark)
+    assert verify_main([f"{rs}/subset.manifest.json", "--removal-list", L["listfile"]]) == 0
+    assert verify_main([f"{L['new']}/pool.manifest.json", "--removal-list", L["listfile"]]) == 0
+    capsys.readouterr()
+    assert verify_main([pool.manifest, "--removal-list", L["listfile"], "--no-parent"]) == 1
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert f"uid {L['a']}" in text and "matches url" in text and "matches sha256" in text
+
+
+def test_update_refuses_a_pool_not_descending_from_the_old_one(lineage, pool, tmp_path):
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.subsets import SubsetError, SubsetsConfig
+
+    # the old subsets' pool itself is its own lineage: fine; a pool from elsewhere is not
+    other = tmp_path / "p"
+    other.mkdir()
+    m = read_manifest(pool.manifest)
+    m["source"]["fingerprint"] = "0" * 64
+    from laiontools.contracts.manifest import write_manifest
+
+    write_manifest(str(other / "pool.manifest.json"), m)
+    os.symlink(f"{pool.dir}/catalog", other / "catalog")
+    with pytest.raises(SubsetError, match="does not descend from"):
+        subsets_stage.run(SubsetsConfig(pool=str(other / "pool.manifest.json"), output=str(tmp_path / "o"), update=lineage["old_sub"]))
