@@ -147,6 +147,9 @@ def test_reshard_output(subset, resharded):
     n = sm["num_samples"]
     assert m["kind"] == "subset" and m["num_samples"] == n and m["uids"]["sha256"] == sm["uids"]["sha256"]
     assert m["parent"]["path"] == subset
+    # the subset's uid file is referenced by path + sha256, not copied (~32 GB at 2B)
+    assert m["uids"]["path"] == resolve(subset, sm["uids"]["path"]) and os.path.isabs(m["uids"]["path"])
+    assert not any(f.endswith(".npy") for f in os.listdir(resharded)), os.listdir(resharded)
     sizes = read_json(os.path.join(resharded, "shards", "sizes.json"))
     assert sizes == {os.path.basename(s["path"]): s["num_samples"] for s in m["shards"]}
     assert sum(sizes.values()) == n and max(sizes.values()) - min(sizes.values()) <= 1 and max(sizes.values()) <= 8
@@ -213,7 +216,7 @@ def test_webdataset_and_open_clip_loader(resharded):
 
     m = read_manifest(os.path.join(resharded, layout.RESHARD_MANIFEST))
     urls = [resolve(os.path.join(resharded, layout.RESHARD_MANIFEST), s["path"]) for s in m["shards"]]
-    expected = set(array_to_uids(load_uids(os.path.join(resharded, m["uids"]["path"]))))
+    expected = set(array_to_uids(load_uids(resolve(os.path.join(resharded, layout.RESHARD_MANIFEST), m["uids"]["path"]))))
     # webdataset itself
     got = [json.loads(s["json"])["uid"] for s in wds.WebDataset(urls, shardshuffle=False)]
     assert len(got) == len(expected) and set(got) == expected

@@ -73,11 +73,64 @@ def test_tampered_and_truncated_shards_are_named(chain, tmp_path, capsys):
     assert not any(shards[2]["path"] in ln for ln in lines), "an intact shard must not be reported"
 
 
+def _resharded_on_copied_subset(chain: dict[str, str], tmp_path) -> tuple[str, str]:
+    """A copy of the resharded folder whose manifest references a copy of the subset's uid file (as a
+    reshard of that copy would): (manifest, referenced uid file), both safe to damage."""
+    m = _copy_resharded(chain, tmp_path / "rs")
+    doc = read_manifest(m)
+    uids = str(tmp_path / "subset.uids.npy")
+    shutil.copyfile(doc["uids"]["path"], uids)
+    doc["uids"]["path"] = uids
+    write_manifest(m, doc)
+    return m, uids
+
+
+def test_resharded_manifest_references_the_subsets_uid_file_by_sha256(chain, tmp_path):
+    """No copy of the uid file in the resharded folder: verify reads the subset's, checking its sha256."""
+    doc = read_manifest(chain["resharded"])
+    big = read_manifest(chain["big"])
+    assert doc["uids"]["path"] == os.path.join(os.path.dirname(chain["big"]), big["uids"]["path"])
+    assert doc["uids"]["sha256"] == big["uids"]["sha256"]
+    assert not os.path.exists(os.path.join(os.path.dirname(chain["resharded"]), "uids.npy"))
+    res = verify_manifest(chain["resharded"])
+    assert res.ok and any(doc["uids"]["path"] in c and "sha256 ok" in c for c in res.checked), res.checked
+
+    # the referenced file changed after the reshard (another subset written over it): named by verify
+    m, uids = _resharded_on_copied_subset(chain, tmp_path)
+    assert verify_manifest(m).ok
+    small_uids = os.path.join(os.path.dirname(chain["small"]), read_manifest(chain["small"])["uids"]["path"])
+    shutil.copyfile(small_uids, uids)
+    probs = verify_manifest(m).problems
+    assert any(uids in p and "sha256" in p for p in probs), probs
+    # ... or is gone
+    os.remove(uids)
+    probs = verify_manifest(m).problems
+    assert any(uids in p for p in probs), probs
+
+
+def test_resharded_folder_with_a_copied_uid_file_stays_readable(chain, tmp_path):
+    """Folders written before the reference kept a copy, <dir>/uids.npy, named relative to the manifest."""
+    m = _copy_resharded(chain, tmp_path / "old")
+    doc = read_manifest(m)
+    shutil.copyfile(doc["uids"]["path"], str(tmp_path / "old" / "uids.npy"))
+    doc["uids"]["path"] = "uids.npy"
+    write_manifest(m, doc)
+    res = verify_manifest(m)
+    assert res.ok, res.problems
+    assert any(str(tmp_path / "old" / "uids.npy") in c and "sha256 ok" in c for c in res.checked), res.checked
+    # a copy that differs from the recorded sha256 is named, as before
+    small_uids = os.path.join(os.path.dirname(chain["small"]), read_manifest(chain["small"])["uids"]["path"])
+    shutil.copyfile(small_uids, str(tmp_path / "old" / "uids.npy"))
+    probs = verify_manifest(m).problems
+    assert any("uid file" in p and "sha256" in p for p in probs)
+    assert any("sample uids not in the uid file" in p for p in probs)
+
+
 def test_uid_file_parent_and_nesting(chain, tmp_path):
     # uid file swapped for another subset's: sha256 and count differ, and shard uids are missing from it
-    m = _copy_resharded(chain, tmp_path / "rs")
+    m, uids = _resharded_on_copied_subset(chain, tmp_path)
     small_uids = os.path.join(os.path.dirname(chain["small"]), read_manifest(chain["small"])["uids"]["path"])
-    shutil.copyfile(small_uids, os.path.join(str(tmp_path / "rs"), "uids.npy"))
+    shutil.copyfile(small_uids, uids)
     probs = verify_manifest(m).problems
     assert any("uid file" in p and "sha256" in p for p in probs)
     assert any("sample uids not in the uid file" in p for p in probs)

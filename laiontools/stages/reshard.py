@@ -9,9 +9,11 @@ writes::
     <dir>/shards/shard-00000.tar ...   webdataset tars: <key>.jpg/.txt/.json (every member of the source sample)
     <dir>/shards/shard-00000.tar.done  completion marker (written last): count, bytes, sha256, plan, sources
     <dir>/shards/sizes.json            {"shard-00000.tar": n, ...}, what open_clip's loader reads
-    <dir>/uids.npy                     copy of the subset's uid file (the output folder stands on its own)
-    <dir>/subset.manifest.json         kind=subset, same uids, shard list (num_samples, bytes, sha256),
-                                       parent = the subset manifest
+    <dir>/subset.manifest.json         kind=subset, shard list (num_samples, bytes, sha256), parent = the
+                                       subset manifest; uids = the subset's own uid file by absolute path or
+                                       URL + sha256 (not copied: ~32 GB at 2B; readers check the sha256).
+                                       Folders written before this kept a copy, <dir>/uids.npy, named
+                                       relative to the manifest: they stay readable.
     <dir>/reshard.json                 the plan's settings; a rerun with other settings is refused
 
 How it works (all in Spark; the driver sees only source shard ids and one small row per output shard):
@@ -525,11 +527,8 @@ def _reshard(cfg: ReshardConfig, spark: Any) -> dict[str, Any]:
     if total != n:
         raise ReshardError(f"wrote {total} samples but the subset has {n}; the pool catalog and shards disagree (run verify on the pool)")
 
-    # Copy the uid file so the output folder stands on its own.
-    out_uids = join(output, layout.RESHARD_UIDS)
-    with url_to_fs(uid_path)[0].open(url_to_fs(uid_path)[1], "rb") as src, atomic_open(out_uids) as dst:
-        while chunk := src.read(1 << 22):
-            dst.write(chunk)
+    # The subset's uid file is referenced, not copied (it is ~32 GB at 2B): the manifest names it by
+    # its absolute path or URL and sha256, and every reader (verify, lineage) checks the sha256.
     shards = [
         {"path": f"{layout.RESHARD_SHARDS_DIR}/{shard_name(j)}", "num_samples": results[j]["num_samples"], "bytes": results[j]["bytes"], "sha256": results[j]["sha256"]}
         for j in range(k)
@@ -539,7 +538,7 @@ def _reshard(cfg: ReshardConfig, spark: Any) -> dict[str, Any]:
         kind="subset",
         num_samples=n,
         target_samples=m["target_samples"],
-        uids={"path": layout.RESHARD_UIDS, "sha256": m["uids"]["sha256"], "count": n},
+        uids={"path": uid_path, "sha256": m["uids"]["sha256"], "count": n},
         shards=shards,
         source_fingerprint=m["source"]["fingerprint"],
         parent={"name": m["name"], "sha256": plan["subset_manifest_sha256"], "path": mpath},
