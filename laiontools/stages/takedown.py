@@ -213,7 +213,6 @@ def rewrite_shard(src: str, dst: str, remove: list[str], status: str, note: dict
                 if found != drop:
                     raise TakedownError(f"shard {src}: the catalog lists samples {sorted(drop - found)[:5]} in it but the tar "
                                         "has no such key; the catalog and shards disagree (run `laiontools verify` on the pool)")
-                kept = 0
                 with atomic_open(dst) as out:
                     written = 0
                     for name, head, off, size, _ in members:
