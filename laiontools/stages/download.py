@@ -254,20 +254,25 @@ def complete_shards(cfg: DownloadConfig) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- catalog, manifest, report
 
 
-_SPANS_SCHEMA = "_sid string, _skey string, _toff long, _tlen long"
+_SPANS_SCHEMA = "_sid string, _skey string, _toff long, _tlen long, _tsha string"
 
 
 def shard_spans(batches: Any) -> Any:
-    """mapInArrow: (shard id, tar url) rows -> (shard id, key, span offset, span length) per sample
-    whose members are adjacent (:func:`laiontools.wds.tarscan.sample_spans`). A tar that cannot be
-    indexed yields no spans: its rows keep null spans and reshard indexes it (and names the damage)."""
+    """mapInArrow: (shard id, tar url) rows -> (shard id, key, span offset, span length, span sha256) per
+    sample whose members are adjacent (:func:`laiontools.wds.tarscan.sample_spans`). The sha256 of each
+    span's bytes is what reshard checks every sample it copies against (a bit flipped in a stored
+    payload is refused, not copied); it costs one sequential read of the tar just written (page cache,
+    sha256 about 1 GB/s a core). A tar that cannot be indexed yields no spans: its rows keep null spans
+    and reshard indexes it (and names the damage)."""
+    import hashlib
     import tarfile
 
     import pyarrow as pa
 
     from laiontools.wds.tarscan import sample_spans, tar_members
 
-    schema = pa.schema([("_sid", pa.string()), ("_skey", pa.string()), ("_toff", pa.int64()), ("_tlen", pa.int64())])
+    schema = pa.schema([("_sid", pa.string()), ("_skey", pa.string()), ("_toff", pa.int64()), ("_tlen", pa.int64()),
+                        ("_tsha", pa.string())])
     for batch in batches:
         d = batch.to_pydict()
         for sid, url in zip(d["_sid"], d["_tar"]):
@@ -275,11 +280,19 @@ def shard_spans(batches: Any) -> Any:
             try:
                 with fs.open(p, "rb") as f:
                     spans = sample_spans(tar_members(f, fs.size(p)))
+                    keys = sorted(spans, key=lambda k: spans[k][0])  # file order: one forward pass
+                    digests = []
+                    for k in keys:
+                        f.seek(spans[k][0])
+                        data = f.read(spans[k][1])
+                        if len(data) != spans[k][1]:
+                            raise EOFError(f"{url}: sample {k} is cut short")
+                        digests.append(hashlib.sha256(data).hexdigest())
             except (tarfile.TarError, OSError, EOFError):
                 continue
-            keys = list(spans)
             yield pa.RecordBatch.from_pydict(
-                {"_sid": [sid] * len(keys), "_skey": keys, "_toff": [spans[k][0] for k in keys], "_tlen": [spans[k][1] for k in keys]},
+                {"_sid": [sid] * len(keys), "_skey": keys, "_toff": [spans[k][0] for k in keys],
+                 "_tlen": [spans[k][1] for k in keys], "_tsha": digests},
                 schema=schema,
             )
 
@@ -329,7 +342,8 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
             .mapInArrow(shard_spans, _SPANS_SCHEMA)
         )
         dl = (dl.join(spans, (dl[C.SHARD] == spans["_sid"]) & (dl[C.KEY] == spans["_skey"]), "left")
-              .withColumnRenamed("_toff", C.TAR_OFFSET).withColumnRenamed("_tlen", C.TAR_LENGTH))
+              .withColumnRenamed("_toff", C.TAR_OFFSET).withColumnRenamed("_tlen", C.TAR_LENGTH)
+              .withColumnRenamed("_tsha", C.TAR_SHA256))
         dl = conform(dl)
         w = Window.partitionBy(C.UID).orderBy(F.col("_attempt").desc())
         dl = dl.withColumn("_r", F.row_number().over(w)).where("_r = 1").drop("_r")

@@ -24,7 +24,8 @@ How it works (all in Spark; the driver sees only source shard ids and one small 
    ``ceil(N / shard_size)`` shards whose sizes differ by at most one. Positions are computed in
    the JVM (sorted partition + row id + per-partition offsets): no plan row passes through Python.
 2. Index: pools from `laiontools download` record each sample's byte span in its tar (catalog
-   columns tar_offset / tar_length): then nothing is indexed, the plan rows carry the spans. For
+   columns tar_offset / tar_length, and tar_sha256: every span read is checked against it before a
+   byte is copied): then nothing is indexed, the plan rows carry the spans. For
    older pools (or samples without a span), tasks over the *needed* source shards read only their
    tar headers (seeking over the data) and emit one row per sample with its members' (ext, offset,
    size, mtime) as Arrow arrays, joined to the plan. Both give the same bytes (tested).
@@ -237,7 +238,8 @@ class _Entry:
     """One sample of an output shard: index i in it, uid, source shard + key, members sorted by ext
     as (ext, offset, size, mtime), and the source byte range [lo, hi) they span with `nbytes` of data.
     members None: [lo, hi) is the sample's span from the catalog (headers included); the members
-    are parsed from those bytes when they are read."""
+    are parsed from those bytes when they are read, after checking them against `sha` (the span's
+    sha256 from the catalog; None for pools that predate it)."""
 
     i: int
     uid: str
@@ -247,6 +249,7 @@ class _Entry:
     lo: int = 0
     hi: int = 0
     nbytes: int = 0
+    sha: str | None = None
 
 
 def _entry(i: int, uid: str, sid: str, skey: str, members: list[tuple[str, int, int, int]]) -> _Entry:
@@ -282,6 +285,12 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
     from laiontools.wds.tarscan import parse_span
 
     buf = memoryview(sources.read(e.sid, e.lo, e.hi - e.lo))
+    if e.sha is not None and hashlib.sha256(buf).hexdigest() != e.sha:
+        raise task_error(
+            f"source shard {sources.urls[e.sid]}: the bytes of sample {e.skey} (offset {e.lo}, {e.hi - e.lo} bytes) have "
+            "another sha256 than the catalog recorded at download; the shard changed on disk since: run "
+            "`laiontools verify` on the pool and re-download the shards it names"
+        )
     members = parse_span(buf)
     out = []
     for name, off, size, mtime in members or ():
@@ -401,8 +410,9 @@ def _plan_rows(batches: Any) -> Any:
     for batch in batches:
         d = batch.to_pydict()
         if "_toff" in d:  # byte spans from the catalog; members are parsed from the span when read
-            made = (_Entry(i, uid, sid, key, None, off, off + n, n)
-                    for i, uid, sid, key, off, n in zip(d["i"], d[C.UID], d["_sid"], d[C.KEY], d["_toff"], d["_tlen"]))
+            shas = d.get("_tsha") or [None] * len(d["i"])
+            made = (_Entry(i, uid, sid, key, None, off, off + n, n, sha)
+                    for i, uid, sid, key, off, n, sha in zip(d["i"], d[C.UID], d["_sid"], d[C.KEY], d["_toff"], d["_tlen"], shas))
         else:  # members from the tar header index
             made = (_entry(i, uid, sid, key, list(zip(exts, offs, sizes, mtimes)))
                     for i, uid, sid, key, exts, offs, sizes, mtimes in zip(d["i"], d[C.UID], d["_sid"], d[C.KEY], d["exts"], d["offs"], d["sizes"], d["mtimes"]))
@@ -567,8 +577,12 @@ def _run_spark(
     # indexed at all. Older pools (or samples without a span) go through the tar header index.
     spans = [c for c in (C.TAR_OFFSET, C.TAR_LENGTH) if c in cat.columns]
     has_spans = len(spans) == 2
+    # ... and the sha256 of each span, checked for every sample copied (pools that predate it: unchecked).
+    has_sha = has_spans and C.TAR_SHA256 in cat.columns
+    spans += [C.TAR_SHA256] if has_sha else []
     cat = cat.select(C.UID, C.STATUS, C.SHARD, C.KEY, *(spans if has_spans else []))
     span_cols = [F.col(C.TAR_OFFSET).alias("_toff"), F.col(C.TAR_LENGTH).alias("_tlen")] if has_spans else []
+    span_cols += [F.col(C.TAR_SHA256).alias("_tsha")] if has_sha else []
     member = F.pandas_udf(lambda s: member_series(s, uid_path), T.BooleanType())
     shuffle = F.pandas_udf(lambda s: score_series(s, seed, person=SHUFFLE_PERSON), T.LongType())
     rows = (
@@ -578,14 +592,15 @@ def _run_spark(
         # One row per uid even if the catalog lists a sample twice: the smallest (shard, key) wins.
         .groupBy(C.UID)
         .agg(F.min(F.struct("_sid", C.KEY, *span_cols)).alias("s"))
-        .select(C.UID, F.col("s._sid").alias("_sid"), F.col(f"s.{C.KEY}").alias(C.KEY), *([F.col("s._toff"), F.col("s._tlen")] if has_spans else []))
+        .select(C.UID, F.col("s._sid").alias("_sid"), F.col(f"s.{C.KEY}").alias(C.KEY),
+                *[F.col(f"s.{c}") for c in ("_toff", "_tlen", "_tsha")[: len(span_cols)]])
         .withColumn("h", shuffle(F.col(C.UID)))
     )
     # Global positions without taking rows through Python: after the sort, monotonically_increasing_id
     # is (partition << 33) + row number inside the partition, in sorted order, and partitions hold
     # increasing ranges; one count per partition (a handful of rows) turns it into the position.
     # Persisted so the ids the counts were taken from are the ids the plan uses.
-    span_names = ["_toff", "_tlen"] if has_spans else []
+    span_names = ["_toff", "_tlen", "_tsha"][: len(span_cols)]
     ordered = rows.orderBy("h", C.UID).select(C.UID, "_sid", C.KEY, *span_names, F.monotonically_increasing_id().alias("_mid")).persist()
     joined = None
     t0 = time.perf_counter()
@@ -629,7 +644,7 @@ def _run_spark(
                     f"cannot reshard: samples in shards not listed as complete in {pool.path}: {sorted(unknown)}; "
                     "the pool changed since selection: re-run subsets on it"
                 )
-            joined, cols = plan, ["j", "i", C.UID, "_sid", C.KEY, "_toff", "_tlen"]
+            joined, cols = plan, ["j", "i", C.UID, "_sid", C.KEY, *span_names]
             log.info("reshard: sample byte spans come from the catalog (no tar indexed): %.1f s", time.perf_counter() - t1)
         else:
             # Source tar headers -> one row per sample with its members as parallel arrays, built as Arrow
