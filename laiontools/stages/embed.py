@@ -58,11 +58,13 @@ import numpy as np
 
 from laiontools.contracts import layout
 from laiontools.contracts.embeddings import (
+    MARKER_SHA256,
     SCORE_COLUMNS,
     STATUS_FAILED_DECODE,
     STATUS_OK,
     EmbedMismatchError,
     check_compatible,
+    shard_files,
 )
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
@@ -289,27 +291,33 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
 
 
 def _shard_paths(out: str, sid: str) -> dict[str, str]:
-    return {
-        "img": join(out, layout.EMB_IMG_DIR, sid + ".npy"),
-        "text": join(out, layout.EMB_TEXT_DIR, sid + ".npy"),
-        "meta": join(out, layout.EMB_META_DIR, sid + ".parquet"),
-        "scores": join(out, layout.EMB_SCORES_DIR, sid + ".parquet"),
-    }
+    return {kind: join(out, rel) for kind, rel in shard_files(sid).items()}
 
 
 def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any, marker: dict[str, Any]) -> None:
-    """Write a shard's four files atomically, then its completion marker (last)."""
+    """Write a shard's four files atomically, then its completion marker (last), which records the sha256
+    of each file's bytes (readers in contracts/embeddings check them: a flipped bit is an error, not a
+    silently moved similarity). Each file is serialized in memory once and hashed there: no re-read."""
+    import hashlib
+
     if not (len(img) == len(txt) == len(meta)):  # never write a misaligned shard
         raise RuntimeError(f"shard {sid}: misaligned rows (img {len(img)}, text {len(txt)}, meta {len(meta)})")
-    paths = _shard_paths(out, sid)
-    for kind, arr in (("img", img), ("text", txt)):
+    paths, rel = _shard_paths(out, sid), shard_files(sid)
+    sha: dict[str, str] = {}
+    for kind, write in (
+        ("img", lambda b: np.save(b, np.ascontiguousarray(img.astype(np.float16)), allow_pickle=False)),
+        ("text", lambda b: np.save(b, np.ascontiguousarray(txt.astype(np.float16)), allow_pickle=False)),
+        ("meta", lambda b: meta.to_parquet(b, index=False)),
+        ("scores", lambda b: meta[list(SCORE_COLUMNS)].to_parquet(b, index=False)),
+    ):
+        buf = io.BytesIO()
+        write(buf)
+        view = buf.getbuffer()
+        sha[rel[kind]] = hashlib.sha256(view).hexdigest()
         with atomic_open(paths[kind]) as f:
-            np.save(f, np.ascontiguousarray(arr.astype(np.float16)))
-    with atomic_open(paths["meta"]) as f:
-        meta.to_parquet(f, index=False)
-    with atomic_open(paths["scores"]) as f:
-        meta[list(SCORE_COLUMNS)].to_parquet(f, index=False)
-    mark_done(paths["meta"], marker)
+            f.write(view)
+        del view
+    mark_done(paths["meta"], {**marker, MARKER_SHA256: sha})
 
 
 def _assemble(sid: str, parts: list[dict[str, Any]], dim: int) -> tuple[np.ndarray, np.ndarray, Any, int]:

@@ -45,6 +45,7 @@ import numpy as np
 
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
+from laiontools.contracts.embeddings import check_shard_files_spark
 from laiontools.contracts.lineage import lineage_root
 from laiontools.contracts.manifest import (
     new_manifest,
@@ -326,6 +327,9 @@ def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[s
     else:
         log.warning("%s has no model.json; checking only that its uids are samples of the pool", scores_dir)
     urls = [join(scores_dir, layout.EMB_SCORES_DIR, f.rsplit("/", 1)[-1]) for f in files]
+    # Spark's parquet reader would decode a flipped bit in a plain page as another score: check each
+    # file against the sha256 embed recorded in its shard's marker first (an error naming the file).
+    check_shard_files_spark(spark, scores_dir, "scores")
     sdf = spark_read_parquet(spark, urls)
     for c in (C.UID, "clip_score"):
         if c not in sdf.columns:

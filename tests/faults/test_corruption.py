@@ -14,6 +14,7 @@ session's Spark.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 from pathlib import Path
@@ -199,11 +200,11 @@ def test_tar_shard_in_embed(pool_copy, tmp_path, capfd, damage):
     record({"kind": "corruption", "stage": "embed", "input": f"tar shard ({damage})", "outcome": outcome})
 
 
-@pytest.mark.parametrize("damage", ["truncate", pytest.param("flip", marks=pytest.mark.xfail(
-    strict=True, reason="open gap (RELIABILITY.md): reshard copies sample bytes by their catalog spans without "
-    "checking the source shard's sha256, so a flipped bit inside a payload is copied into the output; "
-    "`laiontools verify` on the pool reports the shard"))])
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_tar_shard_in_reshard(chain, tmp_path, capfd, damage):
+    """A cut source shard, and one bit flipped in the middle of a sample the subset holds (its tar
+    headers still parse): reshard checks each sample's bytes against the span sha256 the catalog
+    recorded at download (``tar_sha256``) before copying them, and refuses naming the shard."""
     pool = str(tmp_path / "pool")
     shutil.copytree(chain.pool_dir, pool)
     sub = str(tmp_path / "sub")
@@ -212,9 +213,30 @@ def test_tar_shard_in_reshard(chain, tmp_path, capfd, damage):
     m = load_json(manifest)
     _repoint(manifest, m, chain.pool, os.path.join(pool, "pool.manifest.json"))
     tar = sorted(glob.glob(os.path.join(pool, "shards", "*.tar")))[1]
-    truncate(tar, 0.6) if damage == "truncate" else flip(tar, at=0.6)
-    _refused("reshard", ["reshard", "--manifest", manifest, "--output", str(tmp_path / "o"), "--shard-size", "6"],
-             tar, capfd, f"tar shard ({damage})")
+    if damage == "truncate":
+        truncate(tar, 0.6)
+    else:
+        off, n = _span_in_subset(pool, manifest, os.path.basename(tar).removesuffix(".tar"))
+        flip(tar, at=(off + n // 2 + 0.5) / os.path.getsize(tar))
+    line = _refused("reshard", ["reshard", "--manifest", manifest, "--output", str(tmp_path / "o"), "--shard-size", "6"],
+                    tar, capfd, f"tar shard ({damage})")
+    if damage == "flip":
+        assert "sha256" in line, line
+
+
+def _span_in_subset(pool: str, manifest: str, shard: str) -> tuple[int, int]:
+    """(tar_offset, tar_length) of a sample of `shard` that the subset at `manifest` holds."""
+    import pandas as pd
+
+    from laiontools.contracts.uids import array_to_uids, load_uids
+
+    cat = pd.read_parquet(os.path.join(pool, "catalog"), columns=["uid", "status", "shard", "key", "tar_offset", "tar_length",
+                                                                  "tar_sha256"])
+    cat = cat[(cat["status"] == "success") & (cat["shard"] == shard)].sort_values("key")
+    assert cat["tar_sha256"].notna().all(), "download recorded no span sha256"
+    subset = set(array_to_uids(load_uids(manifest.replace(".manifest.json", ".uids.npy"))))
+    row = cat[cat["uid"].isin(subset)].iloc[len(cat) // 2]
+    return int(row["tar_offset"]), int(row["tar_length"])
 
 
 def _repoint(manifest: str, m: dict, old_pool: str, new_pool: str) -> None:
@@ -227,14 +249,58 @@ def _repoint(manifest: str, m: dict, old_pool: str, new_pool: str) -> None:
 # ---------------------------------------------------------------------------------------- embeddings
 
 
-@pytest.mark.parametrize("damage", ["truncate", pytest.param("flip", marks=pytest.mark.xfail(
-    strict=True, reason="open gap (RELIABILITY.md): embed records no checksum of the .npy files it writes, so a "
-    "flipped bit in a float16 value reads back as another value and dedup's similarities move silently"))])
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_embeddings_npy(chain, emb_copy, tmp_path, capfd, damage):
+    """A cut file, and one flipped bit in a float16 value (valid .npy, another number): both refused
+    naming the file, the flip by the sha256 embed recorded in the shard's completion marker."""
     npy = sorted(glob.glob(os.path.join(emb_copy, "img_emb", "*.npy")))[1]
     truncate(npy, 0.6) if damage == "truncate" else flip(npy, at=0.6)
     _refused("dedup", ["dedup", "--embeddings", emb_copy, "--evalset", f"glyphs={chain.evalset}:imagefolder",
                        "--output", str(tmp_path / "o")], npy, capfd, f"embeddings npy ({damage})")
+
+
+@pytest.mark.parametrize("kind", ["text_emb", "meta"])
+def test_embeddings_other_files_flipped(emb_copy, kind):
+    """The text vectors and the meta table are checked too, by every reader of the folder (here
+    read_embeddings, which returns all three): an error naming the file, before any row is returned."""
+    from laiontools.contracts.embeddings import read_embeddings
+    from laiontools.core.errors import TaskError
+
+    path = sorted(glob.glob(os.path.join(emb_copy, kind, "*")))[0]
+    flip(path, at=0.7)
+    with pytest.raises(TaskError, match=os.path.basename(path)) as e:
+        list(read_embeddings(emb_copy))
+    assert "sha256" in str(e.value) and f"{kind}/" in str(e.value)
+    record({"kind": "corruption", "stage": "embeddings readers", "input": f"{kind} (flip)", "outcome": "refused"})
+
+
+def test_embeddings_scores_flipped_in_subsets(chain, emb_copy, tmp_path, capfd):
+    """subsets --scores hands scores/*.parquet to Spark's reader, which would decode a flipped bit in a
+    plain page as another score: the files are checked against embed's record first."""
+    sc = sorted(glob.glob(os.path.join(emb_copy, "scores", "*.parquet")))[1]
+    flip(sc, at=0.5)
+    line = _refused("subsets", ["subsets", "--pool", chain.pool, "--output", str(tmp_path / "o"), "--scales", "10",
+                                "--seed", "1", "--scores", emb_copy], sc, capfd, "embeddings scores parquet (flip)")
+    assert "sha256" in line, line  # caught by the recorded hash, not by luck of the page decoder
+
+
+def test_embeddings_without_recorded_hashes_still_read(emb_copy, chain):
+    """A folder written by an embed that recorded no hashes (markers without ``files_sha256``) is read
+    as before, unchecked: the same arrays and tables as the folder with hashes."""
+    import numpy as np
+
+    from laiontools.contracts.embeddings import MARKER_SHA256, read_embedding_shard, read_embeddings
+
+    for marker in glob.glob(os.path.join(emb_copy, "meta", "*.parquet.done")):
+        m = load_json(marker)
+        assert m.pop(MARKER_SHA256), marker  # this embed records them: the test strips them
+        Path(marker).write_text(json.dumps(m))
+    old, new = list(read_embeddings(emb_copy)), list(read_embeddings(chain.emb))
+    assert [s for s, *_ in old] == [s for s, *_ in new] and len(old) >= 3
+    for (_, a_img, a_txt, a_meta), (_, b_img, b_txt, b_meta) in zip(old, new):
+        assert np.array_equal(a_img, b_img) and np.array_equal(a_txt, b_txt) and a_meta.equals(b_meta)
+    sid = old[1][0]
+    assert np.array_equal(read_embedding_shard(emb_copy, sid)[0], read_embedding_shard(chain.emb, sid)[0])
 
 
 # ---------------------------------------------------------------------------------------- checkpoint
