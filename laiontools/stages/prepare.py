@@ -32,6 +32,7 @@ from laiontools.contracts.profiles import (
     resolve_profile,
 )
 from laiontools.contracts.uids import compute_uid, normalize_caption, normalize_url
+from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, TaskError, UserError, task_error, user_error_from
 from laiontools.core.spark import shuffle_partitions
@@ -598,6 +599,9 @@ def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_d
     table = pa.table({n: list(c) for n, c in zip(names, cols)}, schema=schema)
     with atomic_open(join(out_dir, f"part-{pid:05d}.parquet")) as f:
         pq.write_table(table, f)
+    # Fault tests: hold this task after its file is in place, mid-write of the accepted folder (a few
+    # small files are written in milliseconds: too short a phase to kill in by watching the folder).
+    failpoints.pause("prepare.accepted-part")
     return iter([len(rows_sorted)])
 
 
@@ -768,6 +772,7 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
         "spark": {"shuffle_partitions": n_shuffle},
     }
     write_json(join(prep_dir, layout.PREPARED_STATS_JSON), stats)
+    failpoints.pause("prepare.final-write")  # fault tests: stats written, marker not yet
     mark_done(prep_dir, {"stats_sha256": sha256_bytes(json.dumps(stats, sort_keys=True).encode())})
     log.info("prepare: %d rows in, %d accepted, rejected %s", stats["rows_in"], stats["accepted"], stats["rejected"])
     return stats

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from laiontools.contracts.manifest import read_manifest, resolve
+from laiontools.core import failpoints
 from laiontools.core.report import emit, table
 from laiontools.core.storage import sha256_file, url_to_fs
 from laiontools.wds.keys import group_by_keys
@@ -132,6 +133,7 @@ def check_shard(sp: str, entry: dict) -> tuple[list[str] | None, int, list[str],
     no_uid = [k for k, u in zip(keys, uids) if not u]
     if no_uid:
         bad.append(f"{len(no_uid)} samples without a uid in their .json (e.g. {no_uid[0]})")
+    failpoints.pause("verify.shard")
     return bad, len(keys), [u for u in uids if len(u) == 32], size
 
 
@@ -162,6 +164,9 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
     res.checked.append(f"manifest {path}: schema {m['schema_version']} ok")
     uid_path = resolve(path, m["uids"]["path"])
     arr = _check_uid_file(uid_path, m["uids"]["sha256"], m["uids"]["count"], "uid file", res)
+    # Fault tests (kill points of a read-only run, each too short to hit by watching): after the uid
+    # file, after each shard (check_shard), before the parent's nesting check.
+    failpoints.pause("verify.uid-file")
     if m["uids"]["count"] != m["num_samples"]:
         res.problems.append(f"manifest {path}: num_samples {m['num_samples']} but the uid file count is {m['uids']['count']}")
 
@@ -198,6 +203,7 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
             res.problems.append(f"shards hold {total} samples, manifest num_samples is {m['num_samples']}")
 
     parent = m.get("parent")
+    failpoints.pause("verify.parent")
     if check_parent and parent:
         if not parent.get("path"):
             res.problems.append(f"parent {parent['name']}: no path recorded, nesting cannot be checked")

@@ -92,15 +92,21 @@ class Kill:
 
 
 def run_and_kill(args: list[str], cwd: str, out: str, point: str, when: Callable[[], bool],
-                 timeout: float = 600, env: dict | None = None, poll: float = 0.003) -> Kill:
+                 timeout: float = 600, env: dict | None = None, poll: float = 0.003, stderr: str | None = None) -> Kill:
     """Start `laiontools <args>` in its own process group; SIGKILL the group as soon as `when()` holds.
 
     `when` is polled every `poll` seconds; a false positive cannot happen (it reads the folder), a
     miss can (a state that lasts less than a poll), which is why the state at the kill is returned.
+    `stderr`: a file the run's stderr goes to (for :func:`failpoint_reached`), else discarded.
     """
     t0 = time.monotonic()
-    proc = subprocess.Popen(CLI + args, cwd=cwd, env=env or ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err = open(stderr, "wb") if stderr else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    try:
+        proc = subprocess.Popen(CLI + args, cwd=cwd, env=env or ENV, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    finally:
+        if stderr:
+            err.close()
     try:
         while proc.poll() is None and time.monotonic() - t0 < timeout:
             try:
@@ -123,6 +129,16 @@ def run_and_kill(args: list[str], cwd: str, out: str, point: str, when: Callable
         _reap_group(proc.pid)
         _wait_gone(out)
     return k
+
+
+def failpoint_reached(stderr: str, name: str) -> bool:
+    """The run whose stderr goes to `stderr` logged that it is paused at failpoint `name` (it is in
+    that phase now: laiontools.core.failpoints logs before it sleeps)."""
+    try:
+        with open(stderr, encoding="utf-8", errors="replace") as f:
+            return f"failpoint {name}: pausing" in f.read()
+    except FileNotFoundError:
+        return False
 
 
 def _wait_gone(out: str, timeout: float = 60) -> None:

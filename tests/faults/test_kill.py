@@ -296,3 +296,66 @@ def test_download_survives_kills(pool, tmp_path):
     assert strip(got[2]) == strip(want[2])
     record({"kind": "compare", "stage": "download", "files": len(want[2]), "identical": True,
             "ignored": ["tar mtimes", "report speeds", "flaky row"]})
+
+
+# ------------------------------------------------------------------------------------------ prepare
+
+
+def test_prepare_survives_kills(chain, monkeypatch, tmp_path):
+    """Kill once the rejected rows are written (accepted not started), while the accepted files are
+    being written (a failpoint holds each write task after its file is in place), and after stats.json
+    before the folder's marker. Small shards (4 rows) give the accepted folder ~20 files."""
+    out = str(tmp_path / "prep")
+    args = ["prepare", "--input", chain.source, "--output", out, "--allow-networks", "127.0.0.0/8",
+            "--number-sample-per-shard", "4", "--shards-per-file", "1"]
+    keep = str(tmp_path / "prep.uninterrupted")
+    _baseline(monkeypatch, args, out, keep)
+    n = count(keep, "prepared/accepted/part-*.parquet")
+    assert n >= 8, n
+    accepted = _markers(out, "prepared/accepted/part-*.parquet")
+    rejected_done = os.path.join(out, "prepared", "rejected", "_SUCCESS")
+    stats, done = os.path.join(out, "prepared", "stats.json"), os.path.join(out, "prepared.done")
+    _kill_chain("prepare", args, out, str(tmp_path), [
+        ("rejected written", lambda: os.path.exists(rejected_done) and accepted() == 0),
+        ("accepted files being written", lambda: 1 <= accepted() < n, "prepare.accepted-part"),
+        ("final write", lambda: os.path.exists(stats) and not os.path.exists(done), "prepare.final-write"),
+    ])
+    # Spark names the rejected rows' part files after its write job (a random uuid per run), so that
+    # folder is compared by its rows; every other file byte for byte.
+    _check_identical("prepare", out, keep, ("prepared/rejected/*",))
+    import pandas as pd
+
+    rows = [pd.read_parquet(os.path.join(d, "prepared", "rejected")).sort_values("uid").reset_index(drop=True) for d in (out, keep)]
+    assert len(rows[1]) > 0
+    pd.testing.assert_frame_equal(rows[0], rows[1])
+
+
+# ------------------------------------------------------------------------------------------- verify
+
+
+def test_verify_survives_kills(chain, tmp_path):
+    """verify writes nothing: a kill must leave its inputs as they were and no file anywhere, and the
+    re-run must report exactly what an uninterrupted run does. Kill points are failpoints (the whole
+    run takes about a second): the uid file checked, the first shard read, before the nesting check."""
+    from faultkit import failpoint_reached
+
+    inputs = [chain.pool_dir, chain.subsets, os.path.dirname(chain.resharded)]
+    before = {p: digests(p, ()) for p in inputs}
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    args = ["verify", "--verbose", chain.resharded]
+    want = run(args, str(cwd))
+    assert want.returncode == 0 and "nesting: all" in want.stdout, want.stdout + want.stderr[-3000:]
+    for name, fp in (("uid file checked", "verify.uid-file"), ("first shard read", "verify.shard"),
+                     ("before the nesting check", "verify.parent")):
+        err = str(tmp_path / f"{fp}.stderr")
+        k = run_and_kill(args, str(cwd), os.path.dirname(chain.resharded), name, lambda err=err, fp=fp: failpoint_reached(err, fp),
+                         env={**ENV, failpoints.ENV: f"{fp}=30"}, stderr=err)
+        record({"kind": "kill", "stage": "verify", "point": name, "killed": k.killed, "seconds": k.seconds})
+        assert k.killed, f"verify ended (exit {k.returncode}) before {name}"
+    got = run(args, str(cwd))
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout == want.stdout
+    assert {p: digests(p, ()) for p in inputs} == before
+    assert os.listdir(cwd) == []
+    record({"kind": "compare", "stage": "verify", "files": 0, "identical": True, "content": "same report, inputs unchanged"})
