@@ -26,6 +26,10 @@ What it adds:
   Reservation Protocol's ``tdm-reservation: 1``.
 - retries only for transient failures (timeout, connection reset, HTTP 429 and 5xx), with
   exponential backoff and a bounded Retry-After.
+- politeness per host and executor (:class:`HostGate`): concurrency and rate limits, robots.txt's
+  Crawl-delay (the stricter of it and the rate limit), a 429/503 pause for every thread; and
+  :class:`HostScheduler`, which hands a shard's rows to img2dataset's threads by host so that no
+  thread sleeps on a busy host while another host's row could start.
 """
 
 from __future__ import annotations
