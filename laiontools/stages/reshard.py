@@ -287,8 +287,8 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
     buf = memoryview(sources.read(e.sid, e.lo, e.hi - e.lo))
     if e.sha is not None and hashlib.sha256(buf).hexdigest() != e.sha:
         raise task_error(
-            f"source shard {sources.urls[e.sid]}: the bytes of sample {e.skey} (offset {e.lo}, {e.hi - e.lo} bytes) have "
-            "another sha256 than the catalog recorded at download; the shard changed on disk since: run "
+            f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} have "
+            "another sha256 than the catalog recorded at download; the shard changed since download: run "
             "`laiontools verify` on the pool and re-download the shards it names"
         )
     members = parse_span(buf)
