@@ -67,16 +67,13 @@ def _sha(path: str) -> str:
 
 @pytest.fixture(scope="module")
 def lineage(pool, spark, tmp_path_factory):
+    from laiontools.contracts.uids import save_uids
     from laiontools.stages import subsets as subsets_stage
     from laiontools.stages import takedown as takedown_stage
     from laiontools.stages.subsets import SubsetsConfig
     from laiontools.stages.takedown import TakedownConfig
 
     root = str(tmp_path_factory.mktemp("takedown"))
-    old_sub = f"{root}/sub0"
-    subsets_stage.run(SubsetsConfig(pool=pool.manifest, output=old_sub, scales=SCALES, seed=SEED), spark)
-    small, large = set(_uids(f"{old_sub}/10.uids.npy")), set(_uids(f"{old_sub}/30.uids.npy"))
-
     m = read_manifest(pool.manifest)
     stored = {}  # uid -> (shard id, key, hashes)
     for s in m["shards"]:
@@ -87,11 +84,22 @@ def lineage(pool, spark, tmp_path_factory):
     succ = cat[cat["status"] == "success"].set_index("uid")
     shards = sorted({v[0] for v in stored.values()})
     assert len(shards) >= 4, "the session pool should have 4 shards"
+    c = min(u for u in stored if stored[u][0] == shards[2])  # listed by the sha256 of its stored bytes
+
+    # The old subsets exclude a dedup output holding c (which the takedown then removes) and one uid of the
+    # shard that stays untouched: --update must still accept that exclusion (its uids are the lineage's).
+    excl = f"{root}/dedup"
+    os.makedirs(excl)
+    excluded = {c, max(u for u in stored if stored[u][0] == shards[3])}
+    save_uids(f"{excl}/exclude.uids.npy", sorted(excluded))
+    old_sub = f"{root}/sub0"
+    subsets_stage.run(SubsetsConfig(pool=pool.manifest, output=old_sub, scales=SCALES, seed=SEED, exclude=[excl]), spark)
+    small, large = set(_uids(f"{old_sub}/10.uids.npy")), set(_uids(f"{old_sub}/30.uids.npy"))
+    assert not (small | large) & excluded
 
     # Entries in three shards (the fourth stays untouched) and in both scales:
     a = min(u for u in small if stored[u][0] == shards[0])  # uid, in 10 and 30
     b = min(u for u in large - small if stored[u][0] == shards[1])  # url, in 30 only
-    c = min(u for u in stored if stored[u][0] == shards[2])  # sha256 of the stored bytes
     ph = {u: v[2]["phash"] for u, v in stored.items()}
 
     def near(u, dist):
@@ -126,7 +134,7 @@ def lineage(pool, spark, tmp_path_factory):
     res = takedown_stage.run(TakedownConfig(pool=pool.manifest, list_file=listfile, reason=REASON, output=new), spark)
     return {"root": root, "old_sub": old_sub, "small": small, "large": large, "listfile": listfile, "new": new,
             "res": res, "expect_removed": expect_removed, "expect_rows_without": expect_rows_without, "stored": stored,
-            "cat": cat, "shards": shards, "before": before, "a": a, "b": b, "c": c, "d": d}
+            "cat": cat, "shards": shards, "before": before, "a": a, "b": b, "c": c, "d": d, "excluded": excluded}
 
 
 def test_takedown_removes_exactly_the_listed_samples(lineage, pool):
@@ -277,8 +285,8 @@ def test_subsets_update_reshard_and_verify(lineage, pool, spark, capsys):
 
     # expected, independently: the old run's recipe (no filters) on the new pool = reference_selection over
     # its samples; and that equals old - removed + the next ones in the old ranking
-    new_pool_uids = _uids(f"{L['new']}/pool.uids.npy")
-    old_pool_uids = _uids(f"{pool.dir}/pool.uids.npy")
+    new_pool_uids = sorted(set(_uids(f"{L['new']}/pool.uids.npy")) - L["excluded"])  # eligible: all but the exclusion
+    old_pool_uids = sorted(set(_uids(f"{pool.dir}/pool.uids.npy")) - L["excluded"])
     from laiontools.contracts.selection import selection_scores
 
     score = dict(zip(old_pool_uids, (int(x) for x in selection_scores(old_pool_uids, SEED))))
