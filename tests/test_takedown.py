@@ -331,3 +331,67 @@ def test_update_refuses_a_pool_not_descending_from_the_old_one(lineage, pool, tm
     os.symlink(f"{pool.dir}/catalog", other / "catalog")
     with pytest.raises(SubsetError, match="does not descend from"):
         subsets_stage.run(SubsetsConfig(pool=str(other / "pool.manifest.json"), output=str(tmp_path / "o"), update=lineage["old_sub"]))
+
+
+# ---------------------------------------------------------------------------------------------- small parts, no Spark
+
+
+def _tar(path, samples, fmt=tarfile.PAX_FORMAT):
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for key in samples:
+            for ext, data in (("jpg", os.urandom(700)), ("txt", key.encode()), ("json", json.dumps({"uid": key * 4}).encode())):
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size, ti.mtime = len(data), 1_700_000_000.5
+                tf.addfile(ti, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_rewrite_shard_copies_the_other_members_byte_for_byte(tmp_path, fmt):
+    from laiontools.stages.takedown import rewrite_shard
+
+    src, dst = str(tmp_path / "a" / "00000.tar"), str(tmp_path / "b" / "00000.tar")
+    os.makedirs(tmp_path / "a")
+    _tar(src, ["k0", "k1", "k2", "k3"], fmt)
+    note = {"source": src, "source_sha256": _sha(src), "source_bytes": os.path.getsize(src), "list_sha256": "0" * 64}
+    info = rewrite_shard(src, dst, ["k1", "k3"], "removed_x", note)
+    with tarfile.open(src) as a, tarfile.open(dst) as b:
+        want = [(ti.name, ti.mtime, a.extractfile(ti).read()) for ti in a if ti.name[:2] not in ("k1", "k3")]
+        got = [(ti.name, ti.mtime, b.extractfile(ti).read()) for ti in b]
+    assert got == want and info["num_samples"] == 2 and info["sha256"] == _sha(dst)
+    assert os.path.getsize(dst) % tarfile.RECORDSIZE == 0  # closed as tarfile closes a tar
+    with open(dst + ".done") as f:
+        assert json.load(f)["removed_keys"] == ["k1", "k3"]
+    with open(dst, "rb") as f:
+        data = f.read()
+    for key, (off, n) in info["spans"].items():  # the spans the catalog gets: the sample's own members
+        with tarfile.open(fileobj=io.BytesIO(data[off:off + n] + bytes(1024))) as tf:
+            assert {ti.name for ti in tf} == {f"{key}.jpg", f"{key}.txt", f"{key}.json"}
+    # the same call again: the marker says done, nothing rewritten
+    mtime = os.stat(dst).st_mtime_ns
+    assert rewrite_shard(src, dst, ["k1", "k3"], "removed_x", note)["sha256"] == info["sha256"]
+    assert os.stat(dst).st_mtime_ns == mtime
+
+
+def test_rewrite_shard_refuses_a_key_the_tar_lacks(tmp_path):
+    from laiontools.stages.takedown import TakedownError, rewrite_shard
+
+    src = str(tmp_path / "00000.tar")
+    _tar(src, ["k0"])
+    note = {"source": src, "source_sha256": "0" * 64, "source_bytes": 1, "list_sha256": "0" * 64}
+    with pytest.raises(TakedownError, match=r"00000\.tar: the catalog lists samples \['zz'\].*disagree"):
+        rewrite_shard(src, str(tmp_path / "out" / "00000.tar"), ["zz"], "removed_x", note)
+    assert not (tmp_path / "out" / "00000.tar").exists()
+
+
+def test_reason_status_shard_ids_and_safe_paths():
+    from laiontools.contracts import layout
+    from laiontools.contracts.schema import removed
+    from laiontools.stages.takedown import _safe_path
+
+    assert removed("DMCA request #12") == "removed_dmca_request_12" and removed("  csam--hash ") == "removed_csam_hash"
+    with pytest.raises(ValueError, match="no letter or digit"):
+        removed("#!")
+    assert layout.shard_id("shards/retry01/00003.tar") == "retry01-00003"
+    assert layout.shard_id("/data/pool/shards/retry01/00003.tar") == "retry01-00003"
+    assert layout.shard_id("s3://b/shards/pool/shards/00003.tar") == "00003"
+    assert _safe_path("s3://key:secret@bucket/l.txt?X-Amz-Signature=abc") == "s3://bucket/l.txt"
