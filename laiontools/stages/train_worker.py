@@ -133,6 +133,33 @@ def _no_shard_eof_marker() -> None:
         oc_data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)  # type: ignore[attr-defined]
 
 
+# URL schemes whose shards open_clip's webdataset reader gets through fsspec (the same layer every other
+# stage reads object stores with): webdataset itself has no s3 reader and sends gs:// to a `gsutil` pipe.
+FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "hdfs", "abfs", "az")
+
+
+def _object_store_shards() -> None:
+    """Let webdataset open ``s3://`` (and other object-store) shard URLs through fsspec.
+
+    Credentials and endpoints come from the environment or fsspec's configuration in the worker
+    process (as in every stage), never from the shard list or open_clip's arguments, so they do not
+    reach settings.json, params.txt or the logs. The table is module state: dataloader workers forked
+    after this call inherit it.
+    """
+    import importlib
+
+    wds_gopen = importlib.import_module("webdataset.gopen")  # the module: `webdataset.gopen` is also a function name
+
+    def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_kw: Any) -> Any:
+        from laiontools.core.storage import url_to_fs
+
+        fs, p = url_to_fs(url)
+        return fs.open(p, mode, block_size=max(bufsize, 1 << 22))
+
+    for scheme in FSSPEC_SCHEMES:
+        wds_gopen.gopen_schemes[scheme] = gopen_fsspec
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run open_clip's trainer for one rank. Returns 0 on success, 1 if open_clip reported an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -158,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     import open_clip_train.train as oc_train
 
     _no_shard_eof_marker()
+    _object_store_shards()
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
     sink = MetricsSink(os.path.join(run_dir, layout.TRAIN_METRICS_JSONL), _global_batch(oc_argv))
