@@ -16,6 +16,14 @@ MB/s = source bytes / seconds. The ratio reshard/copy is the figure (target >= 0
 cost per run (planning jobs) weighs heavily on small inputs, so the run is repeated at two pool
 sizes (--scale-up) and the marginal throughput (extra bytes / extra seconds) is reported as well.
 Figures go to bench-out/reshard.json.
+
+Nested subsets (``--subset-fractions 0.02,0.2``), reshard as users use it: one pool, subsets holding 2%
+and 20% of it (selected by `laiontools subsets`, so their samples are scattered over every source tar),
+each resharded and compared with a plain copy of the same number of bytes (sequential reads of the
+source tars, written as as many fsync'd files as reshard writes shards, same disk, alternated).
+Reported per subset: end to end ratio copy_s / reshard_s, and the write phase alone (the part that
+does the scattered reads; the plan's cost follows the pool's catalog, not the subset). Figures go to
+bench-out/reshard_nested.json.
 """
 
 from __future__ import annotations
@@ -128,6 +136,134 @@ def sequential_copy(pool_root: str, dst: str, direct: bool = False) -> float:
     return time.perf_counter() - t
 
 
+def copy_bytes(pool_root: str, dst: str, nbytes: int, files: int) -> float:
+    """Plain copy of `nbytes` bytes: read the source tars sequentially (in name order) and write them
+    as `files` fsync'd files of equal size through the page cache (as `cp` does); return seconds."""
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    srcs = sorted(os.path.join(pool_root, "shards", x) for x in os.listdir(os.path.join(pool_root, "shards")))
+    per_file = -(-nbytes // max(1, files))
+    t = time.perf_counter()
+    left, k, out, in_file = nbytes, 0, None, 0
+    # one output file open at a time, closed (after fsync) when full or at the end
+    for src in srcs:
+        with open(src, "rb", buffering=0) as fi:
+            while left > 0:
+                if out is None:
+                    out, in_file = open(os.path.join(dst, f"copy-{k:05d}.tar"), "wb"), 0  # noqa: SIM115
+                    k += 1
+                chunk = fi.read(min(1 << 22, left, per_file - in_file))
+                if not chunk:
+                    break
+                out.write(chunk)
+                left -= len(chunk)
+                in_file += len(chunk)
+                if in_file >= per_file:
+                    out.flush()
+                    os.fsync(out.fileno())
+                    out.close()
+                    out = None
+        if left <= 0:
+            break
+    if out is not None:
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+    secs = time.perf_counter() - t
+    if left > 0:
+        raise ValueError(f"the pool holds fewer than {nbytes} bytes")
+    return secs
+
+
+class _PhaseTimes:
+    """Collects reshard's per-phase log lines ("planned ... in N s", "wrote ... in N s") of one run."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.times: dict[str, float] = {}
+        self.handler = logging.Handler()
+        self.handler.emit = self._emit  # type: ignore[method-assign]
+
+    def _emit(self, record) -> None:
+        msg = record.msg
+        if msg.startswith("reshard: planned"):
+            self.times["plan_s"] = float(record.args[-1])
+        elif msg.startswith("reshard: wrote"):
+            self.times["write_s"] = float(record.args[-1])
+        elif msg.startswith(("reshard: sample byte spans", "reshard: indexed")):
+            self.times["spans_s"] = float(record.args[-1])
+
+    def __enter__(self) -> dict[str, float]:
+        import logging
+
+        logging.getLogger("laiontools.stages.reshard").addHandler(self.handler)
+        return self.times
+
+    def __exit__(self, *exc) -> None:
+        import logging
+
+        logging.getLogger("laiontools.stages.reshard").removeHandler(self.handler)
+
+
+def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: list[float], repeats: int) -> dict:
+    """Reshard subsets holding `fractions` of one pool against a plain copy of the same bytes."""
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
+
+    root = os.path.join(work, f"pool-nested-{shards}x{per_shard}x{kb}")
+    shutil.rmtree(root, ignore_errors=True)
+    t = time.perf_counter()
+    mp, total = build_pool(root, shards, per_shard, kb)
+    build_s = time.perf_counter() - t
+    n = shards * per_shard
+    targets = [max(1, round(f * n)) for f in fractions]
+    rows = subsets_stage.run(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=",".join(map(str, targets)), seed=0), spark).details
+    by_n = {int(r["target"]): r["manifest"] for r in rows}
+    out: dict = {"pool_samples": n, "pool_mb": round(total / 1e6, 1), "pool_shards": shards, "build_s": round(build_s, 1), "subsets": []}
+    for f, target in zip(fractions, targets):
+        sub = by_n[target]
+        m = read_manifest(sub)
+        shard_size = max(100, target // 16)  # >= 16 output shards: both task slots busy
+        copies, reshards, phases, touched = [], [], [], None
+        res = None
+        for r in range(repeats):
+            dst = os.path.join(root, f"reshard-{target}")
+            shutil.rmtree(dst, ignore_errors=True)
+            with _PhaseTimes() as ph:
+                t = time.perf_counter()
+                res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size), spark).details
+                reshards.append(time.perf_counter() - t)
+            phases.append(dict(ph))
+            if touched is None:  # how scattered the reads are: source tars the subset's samples come from
+                from laiontools.core.storage import read_marker
+
+                touched = len({s for sh in range(res["num_shards"])
+                               for s in (read_marker(os.path.join(dst, "shards", f"shard-{sh:05d}.tar")) or {}).get("sources", [])})
+            shutil.rmtree(dst, ignore_errors=True)
+            copies.append(copy_bytes(root, os.path.join(root, "copy"), res["bytes"], res["num_shards"]))
+        shutil.rmtree(os.path.join(root, "copy"), ignore_errors=True)
+
+        def med(xs: list[float]) -> float:
+            return sorted(xs)[len(xs) // 2]
+
+        copy_s, reshard_s = med(copies), med(reshards)
+        write_s = med([p.get("write_s", float("nan")) for p in phases])
+        mb = res["bytes"] / 1e6
+        out["subsets"].append({
+            "fraction": f, "samples": m["num_samples"], "mb": round(mb, 1), "output_shards": res["num_shards"],
+            "source_tars_read": touched, "copy_s": [round(x, 3) for x in copies], "reshard_s": [round(x, 2) for x in reshards],
+            "phases_s": phases, "copy_mb_s": round(mb / copy_s, 1), "reshard_mb_s": round(mb / reshard_s, 1),
+            "ratio": round(copy_s / reshard_s, 3), "write_phase_mb_s": round(mb / write_s, 1) if write_s > 0 else None,
+            "ratio_write_phase": round(copy_s / write_s, 3) if write_s > 0 else None,
+        })
+        print(json.dumps(out["subsets"][-1]), flush=True)
+    return out
+
+
 def one_size(spark, work: str, shards: int, per_shard: int, kb: int, shard_size: int, repeats: int, tar_format: str = "pax", spans: bool = True) -> dict:
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages import subsets as subsets_stage
@@ -177,6 +313,8 @@ def main() -> int:
     ap.add_argument("--tar-format", choices=["pax", "ustar"], default="pax", help="source tars as img2dataset writes them (pax) or plain ustar")
     ap.add_argument("--catalog-spans", action=argparse.BooleanOptionalAction, default=True,
                     help="record sample byte spans in the catalog as download does (--no-catalog-spans: reshard indexes the tars)")
+    ap.add_argument("--subset-fractions", default=None,
+                    help="nested mode: reshard subsets holding these fractions of one pool (e.g. 0.02,0.2) vs a copy of the same bytes")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()
@@ -192,6 +330,8 @@ def main() -> int:
     sizes = [a.shards] + ([a.shards * a.scale_up] if a.scale_up else [])
     results = []
     load_before = [round(x, 1) for x in os.getloadavg()]
+    if a.subset_fractions:
+        return main_nested(a, work, load_before)
     with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
         one_size(spark, work, 1, 50, 4, 10, 1)  # warm-up (JVM JIT, Python workers): not reported
         for s in sizes:
@@ -252,6 +392,50 @@ def main() -> int:
     print(f"sha256 on one core {sc['sha256_mb_s_one_core']} MB/s: hashing alone caps reshard on 2 task slots at "
           f"{sc['hash_only_reshard_mb_s']} MB/s = {sc['hash_only_ratio_vs_copy']} of copy")
     print(f"\ncommand: {out['command']}   (figures in {os.path.join(a.out, 'reshard.json')})")
+    return 0
+
+
+def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> int:
+    from laiontools.core.spark import spark_session
+
+    fractions = [float(x) for x in a.subset_fractions.split(",")]
+    with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
+        one_size(spark, work, 1, 50, 4, 10, 1)  # warm-up (JVM JIT, Python workers): not reported
+        out = nested(spark, work, a.shards, a.per_shard, a.kb, fractions, a.repeats)
+        if a.scale_up:
+            # The same fractions of a pool scale_up times larger: the extra bytes over the extra seconds
+            # is the throughput with Spark's fixed cost per run (plan jobs, task start) taken out.
+            big = nested(spark, work, a.shards * a.scale_up, a.per_shard, a.kb, fractions, a.repeats)
+            out["larger_pool"] = big
+            out["marginal"] = []
+            for s1, s2 in zip(out["subsets"], big["subsets"]):
+                dmb = s2["mb"] - s1["mb"]
+                dcopy = s2["mb"] / s2["copy_mb_s"] - s1["mb"] / s1["copy_mb_s"]
+                dres = s2["mb"] / s2["reshard_mb_s"] - s1["mb"] / s1["reshard_mb_s"]
+                ok = dcopy > 0 and dres > 0
+                out["marginal"].append({"fraction": s1["fraction"], "extra_mb": round(dmb, 1),
+                                        "copy_mb_s": round(dmb / dcopy, 1) if ok else None,
+                                        "reshard_mb_s": round(dmb / dres, 1) if ok else None,
+                                        "ratio": round(dcopy / dres, 3) if ok else None,
+                                        "note": "" if ok else f"not measurable: extra seconds copy {dcopy:.2f}, reshard {dres:.2f}"})
+    out.update({"benchmark": "reshard of nested subsets vs a plain copy of the same bytes", "machine": f"{os.cpu_count()} cpus, Spark local[2]",
+                "loadavg_1_5_15": {"before": load_before, "after": [round(x, 1) for x in os.getloadavg()]},
+                "command": ("python bench/bench_reshard.py " + " ".join(sys.argv[1:])).strip()})
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "reshard_nested.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\npool {out['pool_samples']} samples, {out['pool_mb']} MB in {out['pool_shards']} tars")
+    print(f"{'fraction':>8} {'samples':>8} {'MB':>7} {'tars read':>9} {'copy MB/s':>10} {'reshard MB/s':>13} {'ratio':>6} {'write-phase ratio':>18}")
+    for r in out["subsets"]:
+        print(f"{r['fraction']:>8} {r['samples']:>8} {r['mb']:>7.1f} {r['source_tars_read']:>9} {r['copy_mb_s']:>10.1f} "
+              f"{r['reshard_mb_s']:>13.1f} {r['ratio']:>6.3f} {r['ratio_write_phase'] or float('nan'):>18.3f}")
+    for r in out.get("larger_pool", {}).get("subsets", []):
+        print(f"{r['fraction']:>8} {r['samples']:>8} {r['mb']:>7.1f} {r['source_tars_read']:>9} {r['copy_mb_s']:>10.1f} "
+              f"{r['reshard_mb_s']:>13.1f} {r['ratio']:>6.3f} {r['ratio_write_phase'] or float('nan'):>18.3f}")
+    for mg in out.get("marginal", []):
+        print(f"marginal at {mg['fraction']}: +{mg['extra_mb']} MB: copy {mg['copy_mb_s']} MB/s, reshard {mg['reshard_mb_s']} MB/s, "
+              f"ratio {mg['ratio']} {mg['note']}")
+    print(f"\ncommand: {out['command']}   (figures in {os.path.join(a.out, 'reshard_nested.json')})")
     return 0
 
 
