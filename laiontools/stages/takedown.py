@@ -40,6 +40,11 @@ byte, header blocks included, in the same order, then the end-of-archive blocks;
 every row (removed ones with the new status), its stats count the samples left, its ``.done`` marker
 (sha256, bytes, source shard and list) is written last. Cost: the bytes of the rewritten shards, once.
 
+What reaches the driver: one small row per matched catalog row (uid, shard, key, list line: they go into
+takedown.json and the audit log anyway) and one per sample kept in a rewritten shard (its new byte span,
+joined back into the catalog); never the catalog or any image bytes. Every other step is a Spark job (the
+catalog match, the content scan, one task per rewritten shard, the catalog write, the uid file).
+
 The reason is lowercased and every run of other characters than [a-z0-9_] becomes one ``_``
 (``"DMCA #12"`` -> ``removed_dmca_12``; :func:`laiontools.contracts.schema.removed`), so the status stays
 one token. A list that fails to parse stops the run before anything is written (the message names the
