@@ -49,6 +49,7 @@ import os
 from typing import Any
 
 from laiontools.contracts import layout
+from laiontools.core import failpoints
 from laiontools.core.config import ConfigError, StageConfig
 from laiontools.core.errors import UserError
 from laiontools.core.report import emit, table
@@ -274,6 +275,8 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
             for seed in cfg.extra_seeds:
                 rows.append(run_point(cfg, model, scale, max(int(n) for n in cfg.samples_seen), gm[model]["gmacs_per_sample"], seed))
                 _write_results(results_csv, rows)
+    # Fault tests: every point is done and results.csv complete; fits, plots and report not yet written.
+    failpoints.pause("study.final-write")
     metric_cols = sorted({k for r in rows for k in r if "/" in k})
     metrics = list(cfg.metrics) or default_metrics(metric_cols)
     unknown = [m for m in metrics if m not in metric_cols]

@@ -37,7 +37,10 @@ ENV = {**os.environ, "LAIONTOOLS_SPARK_MASTER": "local[2]", "LAIONTOOLS_SPARK_LO
 # runs by design (the manifest keeps those in its `.run.json` sidecar so that it stays byte-stable;
 # the output folder's ownership marker records when the folder was first claimed; the lock names
 # the run holding it).
-RUN_VARYING = ("*.run.json", ".laiontools-output.json", ".laiontools.lock", "*/logs/*", "logs/*", "*.log")
+# A file output's lock (``.<name>.laiontools.lock``, e.g. evaluate's eval.json inside a study) killed
+# with its run stays until a run writes that output again: study skips a finished point, so it stays.
+RUN_VARYING = ("*.run.json", ".laiontools-output.json", ".laiontools.lock", ".*.laiontools.lock", "*/logs/*", "logs/*",
+               "*.log")
 
 # dedup records how long its steps took and the peak memory of its tasks, in each shard's marker,
 # the index description and the summary: compared apart from those fields.
@@ -224,3 +227,27 @@ def has_traceback(err: str) -> bool:
     runs under pytest's fd capture can leave a library's handler on a stream an earlier test's capture
     closed; that is the harness, not the stage (a subprocess run never shows it)."""
     return "Traceback" in _LOGGING_ERROR.sub("", err)
+
+
+def download_comparable(pool_dir: str, skip_uids: set[str]) -> tuple[object, dict, dict]:
+    """(catalog rows, manifest fields, tar members) with run-describing fields left out: download
+    re-fetches the images of unfinished shards, so shard bytes carry new tar mtimes and the report
+    new speeds; rows, statuses, sizes, image hashes and member payloads must not change."""
+    import tarfile
+
+    import pandas as pd
+
+    cat = pd.read_parquet(os.path.join(pool_dir, "catalog"))
+    cat = cat[["uid", "source_id", "status", "shard", "key", "width", "height", "sha256"]]
+    cat = cat[~cat["uid"].isin(skip_uids)].sort_values("source_id").reset_index(drop=True)
+    m = load_json(os.path.join(pool_dir, "pool.manifest.json"))
+    keep = {k: m[k] for k in ("target_samples", "source", "catalog", "kind", "name")}
+    members = {}
+    for s in m["shards"]:
+        with tarfile.open(os.path.join(pool_dir, s["path"])) as tf:
+            for ti in tf:
+                data = tf.extractfile(ti).read()
+                if ti.name.endswith(".json"):  # the sample's metadata, minus the download's own status text
+                    data = {k: v for k, v in json.loads(data).items() if k not in ("error_message",)}
+                members[(s["path"], ti.name)] = data
+    return cat, keep, members

@@ -266,7 +266,7 @@ def test_embeddings_other_files_flipped(emb_copy, kind):
     from laiontools.contracts.embeddings import read_embeddings
     from laiontools.core.errors import TaskError
 
-    path = sorted(glob.glob(os.path.join(emb_copy, kind, "*")))[0]
+    path = min(glob.glob(os.path.join(emb_copy, kind, "*")))
     flip(path, at=0.7)
     with pytest.raises(TaskError, match=os.path.basename(path)) as e:
         list(read_embeddings(emb_copy))

@@ -72,7 +72,9 @@ def _cli(monkeypatch, args: list[str]) -> int:
 
 
 def _disk_full(stage: str, make_args, tmp_path, monkeypatch, capfd, varying: tuple[str, ...] = (), fraction: float = 0.5,
-               json_except: tuple[tuple[str, tuple[str, ...]], ...] = ()):
+               json_except: tuple[tuple[str, tuple[str, ...]], ...] = (), compare=None):
+    """`compare(out, keep)`, when given, replaces the byte comparison (for stages whose two uninterrupted
+    runs already differ in some bytes: download's tar mtimes, train's weights); it asserts what must hold."""
     mnt = str(tmp_path / "mnt")
     out = os.path.join(mnt, "out")
     args = make_args(out)
@@ -97,6 +99,10 @@ def _disk_full(stage: str, make_args, tmp_path, monkeypatch, capfd, varying: tup
         left = files(out) if os.path.isdir(out) else []
         _resize(mnt, 256 * 1024)
         assert _cli(monkeypatch, args) == 0, capfd.readouterr().err[-4000:]
+        if compare is not None:
+            compare(out, keep)
+            record({"kind": "disk_full_resume", "stage": stage, "files_left_by_failure": len(left), "identical": "content"})
+            return
         ignore = RUN_VARYING + varying
         diff = tree_diff(digests(out, ignore), digests(keep, ignore))
         record({"kind": "disk_full_resume", "stage": stage, "files_left_by_failure": len(left), "identical": not diff})
@@ -127,3 +133,45 @@ def test_dedup_disk_full(chain, tmp_path, monkeypatch, capfd):
     _disk_full("dedup", lambda out: ["dedup", "--embeddings", chain.emb, "--evalset", f"glyphs={chain.evalset}:imagefolder",
                                      "--output", out], tmp_path, monkeypatch, capfd,
                varying=DEDUP_VARYING, json_except=DEDUP_JSON_EXCEPT)
+
+
+def test_download_disk_full(pool, tmp_path, monkeypatch, capfd):
+    """The whole download (prepare, img2dataset's shards, the catalog, the manifest) on a full disk;
+    compared by content after the re-run (re-fetched shards carry new tar mtimes: see test_kill)."""
+    from faultkit import download_comparable
+
+    c = pool.config
+    flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])
+
+    def same_pool(out: str, keep: str) -> None:
+        import pandas as pd
+
+        got, want = download_comparable(out, flaky), download_comparable(keep, flaky)
+        pd.testing.assert_frame_equal(got[0], want[0])
+        assert got[1] == want[1] and got[2] == want[2]
+
+    _disk_full("download", lambda out: ["download", "--input", pool.source, "--output", out, "--allow-networks",
+                                        *c.allow_networks, "--number-sample-per-shard", str(c.number_sample_per_shard),
+                                        "--shards-per-file", str(c.shards_per_file), "--timeout", str(c.timeout),
+                                        "--retries", str(c.retries), "--image-size", str(c.image_size),
+                                        "--thread-count", str(c.thread_count)],
+               tmp_path, monkeypatch, capfd, compare=same_pool)
+
+
+def test_train_disk_full(chain, tmp_path, monkeypatch, capfd):
+    """train (torchrun, one CPU process) writing its checkpoints onto a full disk; compared by what
+    a fault must not change (weights differ between two uninterrupted runs: see test_kill)."""
+
+    def same_run(out: str, keep: str) -> None:
+        assert sorted(digests(out, RUN_VARYING)) == sorted(digests(keep, RUN_VARYING))
+        got, want = load_json(os.path.join(out, "result.json")), load_json(os.path.join(keep, "result.json"))
+        assert (got["samples_seen"], got["steps"]) == (want["samples_seen"], want["steps"]) == (32, 4)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            import json
+
+            assert [json.loads(x)["step"] for x in f] == [1, 2, 3, 4]
+
+    _disk_full("train", lambda out: ["train", "--manifest", chain.resharded, "--model", "lt-tiny", "--samples-seen", "32",
+                                     "--batch-size", "8", "--nproc", "1", "--workers", "0", "--checkpoint-every", "16",
+                                     "--log-every", "1", "--resume", "--output", out],
+               tmp_path, monkeypatch, capfd, compare=same_run)

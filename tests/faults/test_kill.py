@@ -28,6 +28,7 @@ from faultkit import (
     RUN_VARYING,
     count,
     digests,
+    download_comparable,
     json_equal_except,
     load_json,
     record,
@@ -242,30 +243,6 @@ def _losses(path: str) -> list[tuple[int, float]]:
 # ----------------------------------------------------------------------------------------- download
 
 
-def _download_comparable(pool_dir: str, skip_uids: set[str]) -> tuple[object, dict, dict]:
-    """(catalog rows, manifest fields, tar members) with run-describing fields left out: download
-    re-fetches the images of unfinished shards, so shard bytes carry new tar mtimes and the report
-    new speeds; rows, statuses, sizes, image hashes and member payloads must not change."""
-    import tarfile
-
-    import pandas as pd
-
-    cat = pd.read_parquet(os.path.join(pool_dir, "catalog"))
-    cat = cat[["uid", "source_id", "status", "shard", "key", "width", "height", "sha256"]]
-    cat = cat[~cat["uid"].isin(skip_uids)].sort_values("source_id").reset_index(drop=True)
-    m = load_json(os.path.join(pool_dir, "pool.manifest.json"))
-    keep = {k: m[k] for k in ("target_samples", "source", "catalog", "kind", "name")}
-    members = {}
-    for s in m["shards"]:
-        with tarfile.open(os.path.join(pool_dir, s["path"])) as tf:
-            for ti in tf:
-                data = tf.extractfile(ti).read()
-                if ti.name.endswith(".json"):  # the sample's metadata, minus the download's own status text
-                    data = {k: v for k, v in json.loads(data).items() if k not in ("error_message",)}
-                members[(s["path"], ti.name)] = data
-    return cat, keep, members
-
-
 def test_download_survives_kills(pool, tmp_path):
     c = pool.config
     out = str(tmp_path / "pool")
@@ -286,7 +263,7 @@ def test_download_survives_kills(pool, tmp_path):
     # web server's "flaky" route fails a path once, then serves it: which run met the failure depends
     # on where the kills fell, so that row is left out of the comparison (as in test_download).
     flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])
-    got, want = _download_comparable(out, flaky), _download_comparable(pool.dir, flaky)
+    got, want = download_comparable(out, flaky), download_comparable(pool.dir, flaky)
     import pandas as pd
 
     pd.testing.assert_frame_equal(got[0], want[0])
@@ -359,3 +336,53 @@ def test_verify_survives_kills(chain, tmp_path):
     assert {p: digests(p, ()) for p in inputs} == before
     assert os.listdir(cwd) == []
     record({"kind": "compare", "stage": "verify", "files": 0, "identical": True, "content": "same report, inputs unchanged"})
+
+
+# -------------------------------------------------------------------------------------------- study
+
+
+def test_study_survives_kills(monkeypatch, tmp_path):
+    """The smallest grid with two runs (one scale; budgets 16 and 96 samples, batch 8: 2 and 12 steps).
+    Kill once the first run is evaluated (the second not started), mid-way through the second run's
+    training, and when every run is done but fits/plots/report are not written (a failpoint holds it)."""
+    import pandas as pd
+    import yaml
+
+    from laiontools.core.storage import is_done
+    from laiontools.testing.train_pool import write_color_evalset, write_resharded_subset
+
+    data = tmp_path / "data"
+    subset = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")
+    ev = write_color_evalset(str(data / "colors"), per_class=2)["path"]
+    out = str(tmp_path / "study")
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output": out, "scales": {"16": subset}, "samples_seen": [16, 96], "models": ["lt-tiny"], "batch_size": 8,
+        "nproc": 1, "evalset": [f"colors={ev}:wds"], "train": {"workers": 0, "log_every": 1}, "evaluate": {"batch_size": 16}}))
+    args = ["study", "--config", str(cfg)]
+    keep = str(tmp_path / "study.uninterrupted")
+    _baseline(monkeypatch, args, out, keep)
+    first, second = (os.path.join(out, "runs", f"lt-tiny__16__{n}") for n in (16, 96))
+    metrics2 = os.path.join(second, "train", "metrics.jsonl")
+    results, fits = os.path.join(out, "results.csv"), os.path.join(out, "fits.json")
+    _kill_chain("study", args, out, str(tmp_path), [
+        ("first run evaluated", lambda: is_done(os.path.join(first, "eval.json")) and not os.path.exists(metrics2)),
+        ("mid second run", lambda: 2 <= _lines(metrics2) < 12),
+        ("final write", lambda: _lines(results) == 3 and not os.path.exists(fits), "study.final-write"),
+    ])
+    # As in train: the weights (hence losses and metrics) of two uninterrupted runs already differ, so
+    # results are compared by what a kill must not change: the same files, the same grid rows with the
+    # same steps, samples and compute, every step of every run trained and logged once, the settings
+    # and compute cache byte for byte.
+    assert sorted(digests(out, RUN_VARYING)) == sorted(digests(keep, RUN_VARYING))
+    for rel in ("settings.json", "gmacs.json"):
+        assert digests(out, RUN_VARYING)[rel] == digests(keep, RUN_VARYING)[rel], rel
+    fixed = ["run_id", "model", "scale", "samples_seen", "steps", "dataset_samples", "gmacs_per_sample", "compute_gmacs"]
+    got, want = pd.read_csv(results)[fixed], pd.read_csv(os.path.join(keep, "results.csv"))[fixed]
+    pd.testing.assert_frame_equal(got, want)
+    assert list(got["steps"]) == [2, 12]
+    for rid, steps in (("lt-tiny__16__16", 2), ("lt-tiny__16__96", 12)):
+        assert [s for s, _ in _losses(os.path.join(out, "runs", rid, "train", "metrics.jsonl"))] == list(range(1, steps + 1))
+    assert set(load_json(os.path.join(out, "fits.json"))["fits"]) == set(load_json(os.path.join(keep, "fits.json"))["fits"])
+    record({"kind": "compare", "stage": "study", "files": len(digests(keep, RUN_VARYING)), "identical": False,
+            "content": "same files, grid rows (steps, samples, compute), steps once each, settings + gmacs bytes"})

@@ -91,3 +91,40 @@ def test_reshard(chain, tmp_path, monkeypatch, capfd):
 def test_verify(chain, tmp_path, monkeypatch, capfd):
     _run_ro("verify", ["verify", chain.resharded], [chain.pool_dir, chain.subsets, os.path.dirname(chain.resharded)],
             monkeypatch, capfd)
+
+
+def test_train(chain, tmp_path, monkeypatch, capfd):
+    """train reads the resharded manifest, its shards and (through the manifest) the subset's uid file."""
+    _run_ro("train", ["train", "--manifest", chain.resharded, "--model", "lt-tiny", "--samples-seen", "16", "--batch-size", "8",
+                      "--nproc", "1", "--workers", "0", "--output", str(tmp_path / "run")],
+            [os.path.dirname(chain.resharded), chain.subsets, chain.pool_dir], monkeypatch, capfd)
+
+
+def test_study(tmp_path, monkeypatch, capfd):
+    """The smallest grid (one scale, one budget): its manifest, shards, eval set and the YAML config
+    itself read-only; study trains and evaluates into its own folder."""
+    import yaml
+
+    from laiontools.testing.train_pool import write_color_evalset, write_resharded_subset
+
+    data = tmp_path / "data"
+    subset = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")
+    ev = write_color_evalset(str(data / "colors"), per_class=2)["path"]
+    cfg = data / "study.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output": str(tmp_path / "study"), "scales": {"16": subset}, "samples_seen": [16], "models": ["lt-tiny"],
+        "batch_size": 8, "nproc": 1, "evalset": [f"colors={ev}:wds"], "train": {"workers": 0, "log_every": 1},
+        "evaluate": {"batch_size": 16}}))
+    _run_ro("study", ["study", "--config", str(cfg)], [str(data)], monkeypatch, capfd)
+    assert os.path.exists(tmp_path / "study" / "results.csv")
+
+
+def test_download(pool, tmp_path, monkeypatch, capfd):
+    """download reads the source metadata (prepare) and the web; nothing may be written next to the source."""
+    c = pool.config
+    _run_ro("download", ["download", "--input", pool.source, "--output", str(tmp_path / "pool"), "--allow-networks",
+                         *c.allow_networks, "--number-sample-per-shard", str(c.number_sample_per_shard),
+                         "--shards-per-file", str(c.shards_per_file), "--timeout", str(c.timeout), "--retries", str(c.retries),
+                         "--image-size", str(c.image_size), "--thread-count", str(c.thread_count)],
+            [os.path.dirname(pool.source)], monkeypatch, capfd)
+    assert load_json(str(tmp_path / "pool" / "pool.manifest.json"))["num_samples"] == load_json(pool.manifest)["num_samples"]
