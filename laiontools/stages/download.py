@@ -261,8 +261,8 @@ def shard_spans(batches: Any) -> Any:
     """mapInArrow: (shard id, tar url) rows -> (shard id, key, span offset, span length, span sha256) per
     sample whose members are adjacent (:func:`laiontools.wds.tarscan.sample_spans`). The sha256 of each
     span's bytes is what reshard checks every sample it copies against (a bit flipped in a stored
-    payload is refused, not copied); it costs one sequential read of the tar just written (page cache,
-    sha256 about 1 GB/s a core). A tar that cannot be indexed yields no spans: its rows keep null spans
+    payload is refused, not copied); it costs one sequential read of the tar just written (page cache)
+    and sha256 of its bytes (about 1.8 GB per CPU-second measured here, SHA-NI). A tar that cannot be indexed yields no spans: its rows keep null spans
     and reshard indexes it (and names the damage)."""
     import hashlib
     import tarfile
