@@ -91,7 +91,7 @@ def test_resharded_manifest_references_the_subsets_uid_file_by_sha256(chain, tmp
     big = read_manifest(chain["big"])
     assert doc["uids"]["path"] == os.path.join(os.path.dirname(chain["big"]), big["uids"]["path"])
     assert doc["uids"]["sha256"] == big["uids"]["sha256"]
-    assert not os.path.exists(os.path.join(os.path.dirname(chain["resharded"]), "uids.npy"))
+    assert not os.path.exists(os.path.join(os.path.dirname(chain["resharded"]), layout.RESHARD_UIDS))
     res = verify_manifest(chain["resharded"])
     assert res.ok and any(doc["uids"]["path"] in c and "sha256 ok" in c for c in res.checked), res.checked
 
@@ -112,15 +112,15 @@ def test_resharded_folder_with_a_copied_uid_file_stays_readable(chain, tmp_path)
     """Folders written before the reference kept a copy, <dir>/uids.npy, named relative to the manifest."""
     m = _copy_resharded(chain, tmp_path / "old")
     doc = read_manifest(m)
-    shutil.copyfile(doc["uids"]["path"], str(tmp_path / "old" / "uids.npy"))
-    doc["uids"]["path"] = "uids.npy"
+    shutil.copyfile(doc["uids"]["path"], str(tmp_path / "old" / layout.RESHARD_UIDS))
+    doc["uids"]["path"] = layout.RESHARD_UIDS
     write_manifest(m, doc)
     res = verify_manifest(m)
     assert res.ok, res.problems
-    assert any(str(tmp_path / "old" / "uids.npy") in c and "sha256 ok" in c for c in res.checked), res.checked
+    assert any(str(tmp_path / "old" / layout.RESHARD_UIDS) in c and "sha256 ok" in c for c in res.checked), res.checked
     # a copy that differs from the recorded sha256 is named, as before
     small_uids = os.path.join(os.path.dirname(chain["small"]), read_manifest(chain["small"])["uids"]["path"])
-    shutil.copyfile(small_uids, str(tmp_path / "old" / "uids.npy"))
+    shutil.copyfile(small_uids, str(tmp_path / "old" / layout.RESHARD_UIDS))
     probs = verify_manifest(m).problems
     assert any("uid file" in p and "sha256" in p for p in probs)
     assert any("sample uids not in the uid file" in p for p in probs)

@@ -31,7 +31,8 @@ Subsets (subsets output), per scale label L; reshard output; train output::
 
     <subsets>/<L>.manifest.json  <subsets>/<L>.uids.npy         (see :func:`subset_manifest`, :func:`subset_uids`)
     <subsets>/<L>.diff.json  <subsets>/update.json|update.txt  subsets --update: what changed per scale
-    <reshard>/shards/shard-00000.tar(.done)  <reshard>/shards/sizes.json  <reshard>/uids.npy
+    <reshard>/shards/shard-00000.tar(.done)  <reshard>/shards/sizes.json  (<reshard>/uids.npy: older runs only;
+        the manifest now references the subset's uid file by path + sha256)
     <reshard>/subset.manifest.json  <reshard>/reshard.json
     <train>/settings.json environment.json launches.jsonl shards.json metrics.jsonl result.json model.pt
     <train>/checkpoints/  <train>/logs/
@@ -91,7 +92,7 @@ RESHARD_SHARDS_DIR = "shards"
 RESHARD_SIZES_JSON = "sizes.json"
 RESHARD_PLAN_JSON = "reshard.json"
 RESHARD_MANIFEST = "subset.manifest.json"
-RESHARD_UIDS = "uids.npy"
+RESHARD_UIDS = "uids.npy"  # copy of the subset's uid file in folders written before it was referenced
 
 # train (the trainer's run folder; evaluate and study read it)
 TRAIN_SETTINGS_JSON = "settings.json"
