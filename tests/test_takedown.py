@@ -298,7 +298,10 @@ def test_subsets_update_reshard_and_verify(lineage, pool, spark, capsys):
         nxt = [u for u in order if u not in old and u not in L["expect_removed"]][: len(gone)]
         assert got == (old - gone) | set(nxt)
         d = json.loads(_text(f"{new_sub}/{label}.diff.json"))
-        assert set(d["removed"]) == gone and set(d["added"]) == set(nxt) and d["ok"]
+        assert set(d["removed"]) == gone and set(d["added"]) == set(nxt) and d["ok"] and not d["skipped"]
+        last = max(old, key=lambda u: (score[u], u))  # the old run's cut, recorded in its manifest and used
+        assert d["old_cut"] == {"score": f"{score[last]:016x}", "uid": last}
+        assert json.loads(_text(f"{L['old_sub']}/{label}.manifest.json"))["selection"]["cut"] == d["old_cut"]
         assert d["counts"]["new"] == n
     assert set(_uids(f"{new_sub}/10.uids.npy")) <= set(_uids(f"{new_sub}/30.uids.npy"))
     assert L["a"] in L["small"] and L["b"] in L["large"] - L["small"]  # the list hit both scales
@@ -395,3 +398,32 @@ def test_reason_status_shard_ids_and_safe_paths():
     assert layout.shard_id("/data/pool/shards/retry01/00003.tar") == "retry01-00003"
     assert layout.shard_id("s3://b/shards/pool/shards/00003.tar") == "00003"
     assert _safe_path("s3://key:secret@bucket/l.txt?X-Amz-Signature=abc") == "s3://bucket/l.txt"
+
+
+def test_subset_diff_proves_what_it_can_and_says_what_it_skipped():
+    from laiontools.contracts.lineage import subset_diff
+    from laiontools.contracts.selection import selection_scores
+    from laiontools.contracts.uids import uids_to_array
+
+    def arr(x):
+        return np.sort(uids_to_array(x))
+
+    pool = [f"{i * 7919 + 13:032x}" for i in range(200)]
+    s = dict(zip(pool, (int(x) for x in selection_scores(pool, 5))))
+    ranked = sorted(pool, key=lambda u: (s[u], u))
+    old, gone = ranked[:50], ranked[:10:2]  # 5 of the old subset taken down
+    rest = [u for u in ranked if u not in gone]
+    d = subset_diff(arr(old), arr(rest[:50]), arr(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]))
+    assert d["ok"] and d["added"] == ranked[50:55] and d["removed"] == gone and d["counts"]["kept"] == 45
+    # a subset that took a later item instead of the next one: caught by the ranking against the larger subset
+    wrong = arr(rest[:49] + [rest[60]])
+    bad = subset_diff(arr(old), wrong, arr(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]))
+    assert not bad["ok"] and [k for k, v in bad["checks"].items() if v is False] == ["new_is_lowest_ranked_of_larger"]
+    # one that kept a taken-down uid, or lost one that was not taken down
+    assert subset_diff(arr(old), arr(old), arr(gone), 5, target=50, eligible=195)["checks"]["no_taken_down_uid_in_new"] is False
+    lost = subset_diff(arr(old), arr(old[1:] + [ranked[50]]), arr([]), 5, target=50, eligible=200)
+    assert lost["checks"]["removed_equals_old_and_taken_down"] is False and not lost["ok"]
+    # above the ranking bound the rank checks are reported as skipped, not passed
+    big = subset_diff(arr(old), arr(rest[:50]), arr(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]),
+                      rank_check_max=10)
+    assert big["skipped"] == ["added_rank_after_old_cut", "new_is_lowest_ranked_of_larger"] and big["ok"]

@@ -10,8 +10,10 @@ uids removed between an ancestor and a descendant.
 uids), removing uids from the eligible set changes the subset of size N into the old one minus the
 removed uids plus the next-ranked eligible uids, as many as were removed. The checks here prove that from
 the uid files alone: removed == old ∩ taken-down, the added uids are not in the old subset and all rank
-after its last uid, the size is kept (unless the pool ran short), and, when the next larger new subset is
-given, the new subset is exactly its N lowest-ranked uids (so the added ones are the *next* ones).
+after its last uid (the old manifest's recorded ``selection.cut``), the size is kept (unless the pool ran
+short), and, when the next larger new subset is given, the new subset is exactly its N lowest-ranked uids
+(so the added ones are the *next* ones). Ranking happens in the driver (numpy, one blake2b per uid in
+Python): above RANK_CHECK_MAX uids those two checks are reported as skipped, never as passed.
 """
 
 from __future__ import annotations
@@ -72,44 +74,76 @@ def taken_down(ancestor: tuple[str, dict[str, Any]], pool: tuple[str, dict[str, 
     return old[~contains(new, old)] if len(old) else old
 
 
-def _rank(arr: np.ndarray, seed: int) -> list[tuple[int, str]]:
-    hexes = array_to_uids(arr)
-    return sorted(zip((int(s) for s in selection_scores(hexes, seed)), hexes))
+# Above this many uids a subset is not ranked in the driver (one blake2b per uid in Python, ~1 us, and
+# 40 bytes per uid): the checks that need a full ranking are reported as skipped, the set checks still run.
+RANK_CHECK_MAX = 20_000_000
+
+
+def _ranked(arr: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uids in rank order, their scores): rank = (seeded score, uid), as subsets selects."""
+    scores = selection_scores(array_to_uids(arr), seed)
+    order = np.lexsort((arr["lo"], arr["hi"], scores))
+    return arr[order], scores[order]
+
+
+def _key(arr: np.ndarray, scores: np.ndarray, i: int) -> tuple[int, int, int]:
+    return int(scores[i]), int(arr["hi"][i]), int(arr["lo"][i])
+
+
+def cut_record(score: int, uid: str, *, signed: bool = False) -> dict[str, str]:
+    """How a subset manifest records its last selected (score, uid): the uint64 score as 16 hex. `signed`:
+    `score` is the Spark-sortable int64 of :func:`laiontools.contracts.selection.to_signed_order`."""
+    if signed:
+        score = (score % (1 << 64)) ^ (1 << 63)
+    return {"score": f"{score:016x}", "uid": uid}
 
 
 def subset_diff(old: np.ndarray, new: np.ndarray, removed_from_pool: np.ndarray, seed: int, *, target: int,
-                eligible: int, larger_new: np.ndarray | None = None) -> dict[str, Any]:
+                eligible: int, larger_new: np.ndarray | None = None, old_cut: dict[str, str] | None = None,
+                rank_check_max: int = RANK_CHECK_MAX) -> dict[str, Any]:
     """What changed between subset uid arrays `old` and `new` (sorted UID_DTYPE) given the uids taken out
-    of the pool, and the checks that nothing else moved. `larger_new`: the next larger new subset (None for
-    the largest); `target` and `eligible` (the new run's eligible count) give the size it must have. Returns counts, the removed and added uids (hex, ranked), the old and new cuts and
-    ``checks`` (name -> bool) with ``ok`` = all of them.
+    of the pool, and the checks that nothing else moved. `target` and `eligible` (the new run's eligible
+    count) give the size it must have; `larger_new`: the next larger new subset (None for the largest);
+    `old_cut`: the old run's recorded last (score, uid) (:func:`cut_record`), else it is computed by ranking
+    `old`. Returns counts, the removed and added uids (hex, in rank order), the cuts, ``checks`` (name ->
+    True/False, or None when skipped because a subset to rank has more than `rank_check_max` uids) and
+    ``ok`` = no check False.
 
-    Holds the uids of the subsets in memory (16 bytes each) and scores the changed ones only, plus the
-    smaller subset's uids when `larger_new` is given: meant for the diff sizes takedowns give.
+    Only the changed uids are always scored; ranking `old` (when its cut is not recorded) and
+    `larger_new` is bounded by `rank_check_max`.
     """
     gone = old[~contains(new, old)] if len(old) else old
     came = new[~contains(old, new)] if len(new) else new
     hit = old[contains(removed_from_pool, old)] if len(removed_from_pool) and len(old) else old[:0]
-    old_rank, came_rank = _rank(old, seed), _rank(came, seed)
-    old_cut = old_rank[-1] if old_rank else None
-    new_rank = _rank(new, seed)
-    checks = {
+    gone_r, _ = _ranked(gone, seed)
+    came_r, came_s = _ranked(came, seed)
+    cut: tuple[int, int, int] | None = None
+    if old_cut is not None:
+        cut = (int(old_cut["score"], 16), int(old_cut["uid"][:16], 16), int(old_cut["uid"][16:], 16))
+    elif 0 < len(old) <= rank_check_max:
+        old_r, old_s = _ranked(old, seed)
+        cut = _key(old_r, old_s, len(old_r) - 1)
+        old_cut = cut_record(cut[0], array_to_uids(old_r[-1:])[0])
+    checks: dict[str, bool | None] = {
         "removed_equals_old_and_taken_down": bool(len(gone) == len(hit) and (len(gone) == 0 or bool(np.all(gone == hit)))),
         "added_not_in_old": bool(not len(came) or not contains(old, came).any()),
-        "added_rank_after_old_cut": bool(old_cut is None or not came_rank or came_rank[0] > old_cut),
+        "added_rank_after_old_cut": None if cut is None and len(old) else bool(not len(came) or _key(came_r, came_s, 0) > (cut or (-1, 0, 0))),
         "size_is_target_or_all_eligible": bool(len(new) == min(target, eligible)),
         "no_taken_down_uid_in_new": bool(not len(removed_from_pool) or not contains(removed_from_pool, new).any()),
     }
     if larger_new is not None:
-        lower = _rank(larger_new, seed)[: len(new)]
-        checks["new_is_lowest_ranked_of_larger"] = [u for _, u in lower] == [u for _, u in new_rank]
+        if len(larger_new) <= rank_check_max:
+            lower = np.sort(_ranked(larger_new, seed)[0][: len(new)])
+            checks["new_is_lowest_ranked_of_larger"] = bool(len(lower) == len(new) and np.array_equal(lower, new))
+        else:
+            checks["new_is_lowest_ranked_of_larger"] = None
     return {
         "counts": {"old": len(old), "new": len(new), "removed": len(gone), "added": len(came),
-                   "kept": int(len(old) - len(gone)), "target": int(target)},
-        "removed": [u for _, u in _rank(gone, seed)],
-        "added": [u for _, u in came_rank],
-        "old_cut": None if old_cut is None else {"score": f"{old_cut[0]:016x}", "uid": old_cut[1]},
-        "new_cut": None if not new_rank else {"score": f"{new_rank[-1][0]:016x}", "uid": new_rank[-1][1]},
+                   "kept": len(old) - len(gone), "target": int(target)},
+        "removed": array_to_uids(gone_r),
+        "added": array_to_uids(came_r),
+        "old_cut": old_cut,
         "checks": checks,
-        "ok": all(checks.values()),
+        "skipped": [k for k, v in checks.items() if v is None],
+        "ok": all(v is not False for v in checks.values()),
     }

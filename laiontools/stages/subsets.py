@@ -46,7 +46,7 @@ import numpy as np
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.contracts.embeddings import check_shard_files_spark
-from laiontools.contracts.lineage import lineage_root
+from laiontools.contracts.lineage import cut_record, lineage_root
 from laiontools.contracts.manifest import (
     new_manifest,
     read_manifest,
@@ -526,7 +526,8 @@ def write_update_report(cfg: SubsetsConfig, results: list[dict[str, Any]]) -> di
         old_u = np.asarray(load_uids(join(old_dir, layout.subset_uids(label)), mmap=False))
         new_u = np.asarray(load_uids(join(out, layout.subset_uids(label)), mmap=False))
         d = subset_diff(old_u, new_u, gone, int(cfg.seed or 0), target=int(r["target"]),
-                        eligible=int(new_m["selection"]["eligible"]), larger_new=larger)
+                        eligible=int(new_m["selection"]["eligible"]), larger_new=larger,
+                        old_cut=old_m["selection"].get("cut"))
         larger = new_u
         d = {"scale": label, "old": {"manifest": join(old_dir, layout.subset_manifest(label)), "sha256": old_m["uids"]["sha256"],
                                      "eligible": old_m["selection"]["eligible"]},
@@ -662,7 +663,9 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
                 shards=[],
                 source_fingerprint=pool.fingerprint,
                 parent=parent,
-                selection={**selection_base, "scale": label},
+                selection={**selection_base, "scale": label,
+                           # the last selected (score, uid): `subsets --update` checks the new picks rank after it
+                           "cut": cut_record(*cuts[obtained[label]], signed=True) if count else None},
                 command=canonical_command(cfg),
                 pool={"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path},
             )
