@@ -174,6 +174,26 @@ def test_unreachable_endpoint_is_one_clear_error_naming_the_path(monkeypatch):
         check_store("s3://lt-any/pool")
 
 
+def test_a_launched_child_shares_the_hold_of_an_s3_output(bucket):
+    """embed --engine torchrun's ranks work on the output their launcher holds. The held locks travel in
+    the environment; on s3 their paths hold ':' (the old os.pathsep separator split "s3://…" apart, and
+    the ranks were refused as "in use by another run")."""
+    import subprocess
+    import sys
+
+    from laiontools.core.stage import output_lock
+
+    out = f"{bucket}/held"
+    child = ("from laiontools.core.stage import output_lock\n"
+             f"with output_lock({out!r}, 'embed'):\n    print('child got it')\n")
+    with output_lock(out, "embed"):
+        res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0 and "child got it" in res.stdout, res.stderr[-2000:]
+    # released at the end of the block: a later run takes the output
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 def _catalog_rows(path: str, spark) -> pd.DataFrame:
     cols = ["uid", "status", "shard", "key", "width", "height", "sha256", "tar_offset", "tar_length"]
     df = spark_read_parquet(spark, path).select(*cols).toPandas()
@@ -411,3 +431,43 @@ def test_embed_and_dedup_on_s3_equal_the_local_run(spark, pools, s3, tmp_path):
         excluded[where] = sha256_file(res.outputs["exclude"])[0]
     assert counts["s3"] == counts["local"] and counts["s3"]["pool_samples"] > 0, counts
     assert excluded["s3"] == excluded["local"]
+
+
+@pytest.mark.slow
+def test_embed_spark_and_torchrun_engines_on_s3_equal_the_local_engine(spark, pools, s3, tmp_path):
+    """embed's other engines on s3:// in and out: one Spark task per shard, and 2 CPU processes launched
+    with torchrun, each write the vectors and metadata the local engine writes for the same pool."""
+    import io
+
+    import numpy as np
+
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.embed import EmbedConfig
+
+    manifest = f"{pools.s3}/{layout.POOL_MANIFEST}"
+    common = {"manifest": manifest, "model": "lt-tiny", "batch_size": 8, "device": "cpu"}
+    ref = str(tmp_path / "local-engine")
+    embed_stage.run(EmbedConfig(output=ref, num_workers=0, **common))
+    base = pools.s3.rsplit("/", 1)[0]
+    outs = {"spark": f"{base}/emb-spark", "torchrun": f"{base}/emb-torchrun"}
+    res = embed_stage.run(EmbedConfig(output=outs["spark"], num_workers=0, engine="spark", **common), spark)
+    assert res.ok, res.summary
+    res = embed_stage.run(EmbedConfig(output=outs["torchrun"], num_workers=0, engine="torchrun", nproc=2, **common))
+    assert res.ok and res.counts["processes"] == 2, res.summary
+    shards = [layout.shard_id(sh["path"]) for sh in read_manifest(manifest)["shards"]]
+    assert len(shards) >= 2  # both torchrun ranks had a shard
+    for engine, out in outs.items():
+        key = out.split("://")[1]
+        for sid in shards:
+            for emb_dir in (layout.EMB_IMG_DIR, layout.EMB_TEXT_DIR):
+                got = np.load(io.BytesIO(s3.cat(f"{key}/{emb_dir}/{sid}.npy")))
+                want = np.load(f"{ref}/{emb_dir}/{sid}.npy")
+                assert got.shape == want.shape and got.shape[0] > 0, (engine, emb_dir, sid)
+                # same rows in the same order (same source tars); fp16 vectors of other batch mates may move
+                # a value by a unit in the last place
+                np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=0, atol=2e-3)
+            got_meta = pd.read_parquet(io.BytesIO(s3.cat(f"{key}/{layout.EMB_META_DIR}/{sid}.parquet")))
+            want_meta = pd.read_parquet(f"{ref}/{layout.EMB_META_DIR}/{sid}.parquet")
+            assert list(got_meta["uid"]) == list(want_meta["uid"]), (engine, sid)

@@ -147,6 +147,9 @@ class OutputLocked(UserError):
 # launched this process to work on the same output (embed --engine torchrun's workers).
 _HELD: dict[str, int] = {}
 _HELD_ENV = "LAIONTOOLS_HELD_LOCKS"
+# Lock paths in _HELD_ENV are separated by newlines: os.pathsep (":") is inside every URL ("s3://..."),
+# and a newline is in no path or URL we write.
+_HELD_SEP = "\n"
 _HOST = socket.gethostname()
 
 
@@ -322,7 +325,7 @@ def _content_lock(lock: str, output: str, stage: str) -> Iterator[None]:
 
 
 def _held_by_ancestor(lock: str) -> bool:
-    return lock in os.environ.get(_HELD_ENV, "").split(os.pathsep)
+    return lock in os.environ.get(_HELD_ENV, "").split(_HELD_SEP)
 
 
 @contextmanager
@@ -347,7 +350,7 @@ def output_lock(output: str, stage: str, kind: str = "dir") -> Iterator[None]:
     prev_env = os.environ.get(_HELD_ENV)
     with ctx:
         _HELD[lock] = 1
-        os.environ[_HELD_ENV] = os.pathsep.join(filter(None, [prev_env, lock]))
+        os.environ[_HELD_ENV] = _HELD_SEP.join(filter(None, [prev_env, lock]))
         try:
             yield
         finally:
