@@ -525,8 +525,14 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
     # the catalog's latest-attempt window and the counts shuffle every row: sized from the row count
     # unless the user set spark.sql.shuffle.partitions
     n_shuffle = shuffle_partitions(spark, rows=int(prep["rows_in"]))
-    cat = build_catalog(cfg, shards, spark)
-    cat_dir, n_rows = write_catalog(cat, cfg)
+    # Persisted for the write: its row count, the range partitioner's sample and the write itself would
+    # each run the whole plan again (every shard parquet and every tar read, every span hashed), i.e.
+    # three passes over the pool's bytes; persisted, the write took 0.44-0.64x as long at 2,000 rows (BENCHMARKS.md).
+    cat = build_catalog(cfg, shards, spark).persist()
+    try:
+        cat_dir, n_rows = write_catalog(cat, cfg)
+    finally:
+        cat.unpersist()
     cat = spark_read_parquet(spark, cat_dir)
     succ = cat.where(F.col(C.STATUS) == C.STATUS_SUCCESS)
     [(uid_sha, n_uids)] = save_uids_spark(succ, C.UID, [join(cfg.output, layout.POOL_UIDS)])
