@@ -696,8 +696,13 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
                            .otherwise(F.col(C.ERROR))).drop("_occ")
         df = df.persist()
 
-        counts = {r[C.STATUS] or "accepted": r["count"] for r in df.groupBy(C.STATUS).count().collect()}
-        rows_per_file = {r["file_idx"]: r["count"] for r in df.groupBy("file_idx").count().collect()}
+        # one job for both tallies (statuses x files rows reach the driver: a few per source file)
+        counts: dict[str, int] = {}
+        rows_per_file: dict[int, int] = {}
+        for r in df.groupBy(C.STATUS, "file_idx").count().collect():
+            k = r[C.STATUS] or "accepted"
+            counts[k] = counts.get(k, 0) + r["count"]
+            rows_per_file[r["file_idx"]] = rows_per_file.get(r["file_idx"], 0) + r["count"]
 
         rejected_dir = join(prep_dir, "rejected")
         rej = df.where(F.col(C.STATUS).isNotNull())
