@@ -246,8 +246,7 @@ def test_malformed_list_names_the_line_and_writes_nothing(pool, tmp_path):
 
 
 def test_a_list_that_matches_nothing_changes_nothing(lineage, pool, spark, capsys):
-    from laiontools.stages import takedown as takedown_stage
-    from laiontools.stages.takedown import TakedownConfig
+    from laiontools.cli import main
 
     L = lineage
     nothing = f"{L['root']}/nothing.txt"
@@ -256,8 +255,13 @@ def test_a_list_that_matches_nothing_changes_nothing(lineage, pool, spark, capsy
     # on the new pool: the audit log of the parent is carried forward and grows by one
     out = f"{L['root']}/pool2"
     parent_log = _text(f"{L['new']}/takedown.audit.jsonl").splitlines()
-    res = takedown_stage.run(TakedownConfig(pool=f"{L['new']}/pool.manifest.json", list_file=nothing, reason="none", output=out), spark)
-    assert "matched nothing" in res.summary and res.counts["removed"] == 0 and res.counts["shards_rewritten"] == 0
+    capsys.readouterr()
+    # through the CLI (it finds the test's Spark session): exit 0 and a clear message
+    assert main(["takedown", "--pool", f"{L['new']}/pool.manifest.json", "--list", nothing, "--reason", "none",
+                 "--output", out]) == 0
+    assert "matched nothing" in capsys.readouterr().out
+    rep = json.loads(_text(f"{out}/takedown.json"))
+    assert rep["counts"]["samples_removed"] == 0 and rep["counts"]["shards_rewritten"] == 0 and rep["removed"] == []
     m_old, m_new = read_manifest(f"{L['new']}/pool.manifest.json"), read_manifest(f"{out}/pool.manifest.json")
     assert _sha(f"{out}/pool.uids.npy") == _sha(f"{L['new']}/pool.uids.npy")
     assert [s["sha256"] for s in m_new["shards"]] == [s["sha256"] for s in m_old["shards"]]
