@@ -394,10 +394,13 @@ def failure_kind(msg: str | None) -> str:
     return "other"
 
 
-def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], prep: dict[str, Any], wall: float) -> dict[str, Any]:
+def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], prep: dict[str, Any], wall: float,
+                 by_status: dict[str, int] | None = None) -> dict[str, Any]:
+    """report.json's content from the catalog `cat`; `by_status` (rows per status) if already counted."""
     from pyspark.sql import functions as F
 
-    by_status = {r[C.STATUS]: int(r["count"]) for r in cat.groupBy(C.STATUS).count().collect()}
+    if by_status is None:
+        by_status = {r[C.STATUS]: int(r["count"]) for r in cat.groupBy(C.STATUS).count().collect()}
     kind_of = F.udf(lambda msg: failure_kind(msg), "string")
     # Failed rows with their kind and host, grouped in Spark (error messages are nearly unique, so
     # grouping by them would ship every failed row's text to the driver at scale).
@@ -536,14 +539,20 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
     cat = spark_read_parquet(spark, cat_dir)
     succ = cat.where(F.col(C.STATUS) == C.STATUS_SUCCESS)
     [(uid_sha, n_uids)] = save_uids_spark(succ, C.UID, [join(cfg.output, layout.POOL_UIDS)])
-    per_shard = {r[C.SHARD]: int(r["count"]) for r in succ.groupBy(C.SHARD).count().collect()}
+    # rows per status and successes per shard in one job (a shard is set on success rows only)
+    by_status: dict[str, int] = {}
+    per_shard: dict[str, int] = {}
+    for r in cat.groupBy(C.STATUS, C.SHARD).count().collect():
+        by_status[r[C.STATUS]] = by_status.get(r[C.STATUS], 0) + int(r["count"])
+        if r[C.STATUS] == C.STATUS_SUCCESS:
+            per_shard[r[C.SHARD]] = int(r["count"])
     listed = []
     for s in shards:
         # a shard entirely superseded by a retry pass still lists its samples that were not retried
         n = per_shard.get(s["id"], 0)
         listed.append({"path": s["path"], "num_samples": n, "bytes": s["bytes"], "sha256": s["sha256"],
                        "tar_samples": s["num_samples"]})
-    rep = build_report(cfg, cat, shards, prep, wall)
+    rep = build_report(cfg, cat, shards, prep, wall, by_status)
     rep["spark"] = {"shuffle_partitions": n_shuffle}
     manifest = new_manifest(
         name=cfg.name, kind="pool", num_samples=n_uids, target_samples=rep["requested"],
