@@ -162,6 +162,8 @@ def test_takedown_removes_exactly_the_listed_samples(lineage, pool):
     assert len(marked) == len(changed)
     assert set(marked["uid"]) == {u for u, _ in changed}
     assert marked["error_message"].str.contains("line").all()
+    span_cols = [c for c in ("tar_offset", "tar_length", "tar_sha256") if c in new_cat.columns]
+    assert marked[span_cols].isna().all().all()  # removed: no bytes left to point at
     kept = new_cat[new_cat["status"] != STATUS].set_index(key).sort_index()
     ok = o.loc[kept.index]
     rewritten = {L["stored"][u][0] for u in L["expect_removed"]}
@@ -190,6 +192,8 @@ def test_takedown_removes_exactly_the_listed_samples(lineage, pool):
         with open(new_file, "rb") as f:
             data = f.read()
         for r in rows[rows["status"] == "success"].itertuples():
+            if "tar_sha256" in rows.columns:  # the span's bytes are the ones download hashed
+                assert hashlib.sha256(data[int(r.tar_offset):int(r.tar_offset + r.tar_length)]).hexdigest() == r.tar_sha256
             span = data[int(r.tar_offset):int(r.tar_offset + r.tar_length)] + bytes(1024)
             with tarfile.open(fileobj=io.BytesIO(span)) as tf:
                 assert [ti.name.partition(".")[0] for ti in tf] == [r.key] * 3

@@ -11,8 +11,9 @@ writes a pool folder that every later stage reads like a download's (DESIGN.md "
     <new>/pool.uids.npy          the old uid file minus the removed samples
     <new>/catalog/               every catalog row of the old pool; rows of removed samples (and catalog rows
                                  with no stored sample that the list names) get status ``removed_<reason>``
-                                 and an error_message naming the list line; the byte spans (tar_offset,
-                                 tar_length) of the samples kept in a rewritten shard are those of the new tar;
+                                 and an error_message naming the list line (their tar_offset, tar_length and
+                                 tar_sha256 become null); the byte spans of the samples kept in a rewritten
+                                 shard are those of the new tar (same bytes, so the same tar_sha256);
                                  every other cell is unchanged
     <new>/shards/<id>.tar        only the shards holding a match, rewritten without the matched samples
     <new>/shards/<id>.tar.done   + <id>_stats.json + <id>.parquet, as download writes them (marker last)
@@ -433,6 +434,10 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         moved = F.col("_ssid").isNotNull()
         repl[C.TAR_OFFSET] = F.when(hit, F.lit(None)).when(moved, F.col("_soff")).otherwise(F.col(C.TAR_OFFSET))
         repl[C.TAR_LENGTH] = F.when(hit, F.lit(None)).when(moved, F.col("_slen")).otherwise(F.col(C.TAR_LENGTH))
+    if C.TAR_SHA256 in order:
+        # a kept sample's span holds the same bytes in the rewritten tar (members copied verbatim): same hash;
+        # a removed one has no span any more, so no span hash (the schema: null where tar_offset is)
+        repl[C.TAR_SHA256] = F.when(hit, F.lit(None)).otherwise(F.col(C.TAR_SHA256))
     types = dict(full.dtypes)
     newcat = j.select(*[(repl[c].cast(types[c]) if c in repl else F.col(f"`{c}`")).alias(c) for c in order])
     n_rows = pool.manifest.get("catalog", {}).get("num_rows") or full.count()
