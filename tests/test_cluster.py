@@ -9,44 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
-from typing import Self
 
 import pandas as pd
-import pyspark
 import pytest
 
 from laiontools.contracts import layout
 from laiontools.core.spark import BYTES_PER_SHUFFLE_PARTITION, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
 from laiontools.synthetic import write_source
-from laiontools.testing.net import free_port, wait_port
-
-REPO = Path(__file__).resolve().parents[1]
-SPARK_HOME = Path(pyspark.__file__).parent
-SUBMIT_TIMEOUT = 600  # seconds; one small job on a shared 2-core machine takes ~30 s
-
-
-def submit_env() -> dict[str, str]:
-    """Environment for a spark-submit child: this venv's Python for driver and executors, repo importable."""
-    env = dict(os.environ)
-    env.update(SPARK_HOME=str(SPARK_HOME), PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
-               NO_ALBUMENTATIONS_UPDATE="1", SPARK_LOCAL_IP="127.0.0.1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    # a test session's own gateway must not leak into the child (it would think it runs under spark-submit)
-    env.pop("PYSPARK_GATEWAY_PORT", None)
-    env.pop("PYSPARK_GATEWAY_SECRET", None)
-    return env
-
-
-def spark_submit(args: list[str], *, cwd: Path | str, timeout: int = SUBMIT_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run ``spark-submit <args>``; on failure the assertion shows the tail of its output."""
-    cmd = [str(SPARK_HOME / "bin" / "spark-submit"), *args]
-    res = subprocess.run(cmd, cwd=cwd, env=submit_env(), capture_output=True, text=True, timeout=timeout,
-                         check=False)
-    assert res.returncode == 0, f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
-    return res
+from laiontools.testing.cluster import REPO, SPARK_HOME, StandaloneCluster, spark_submit, submit_env
 
 
 def _source(tmp_path: Path, n: int = 120) -> str:
@@ -102,73 +76,11 @@ def test_shuffle_partitions_derived_from_input_size(spark):
     assert shuffle_partitions(spark, rows=ROWS_PER_SHUFFLE_PARTITION * 3, nbytes=1) == max(3, par)
 
 
-class StandaloneCluster:
-    """A Spark standalone master and `workers` workers (1 core, 1 GB each) on 127.0.0.1, stopped on exit
-    (their whole process groups, also when the test fails)."""
-
-    def __init__(self, root: Path, workers: int = 2):
-        self.root, self.n, self.procs = root, workers, []
-        self.port = free_port()
-        self.url = f"spark://127.0.0.1:{self.port}"
-
-    def _start(self, args: list[str], log: str) -> None:
-        env = {**submit_env(), "SPARK_LOG_DIR": str(self.root / "logs")}
-        out = open(self.root / log, "wb")  # noqa: SIM115 - closed with the process in __exit__
-        self.procs.append((subprocess.Popen([str(SPARK_HOME / "bin" / "spark-class"), *args], env=env,
-                                            start_new_session=True, stdout=out, stderr=subprocess.STDOUT), out))
-
-    def __enter__(self) -> Self:
-        import time
-
-        try:
-            self._start(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(self.port),
-                         "--webui-port", str(free_port())], "master.log")
-            wait_port(self.port, time.time() + 120)
-            for i in range(self.n):
-                work = self.root / f"worker{i}"
-                work.mkdir()
-                self._start(["org.apache.spark.deploy.worker.Worker", self.url, "--cores", "1", "--memory", "1g",
-                             "--host", "127.0.0.1", "--webui-port", str(free_port()), "--work-dir", str(work)],
-                            f"worker{i}.log")
-            deadline = time.time() + 120
-            while time.time() < deadline:  # both workers registered with the master
-                if (self.root / "master.log").read_text(errors="replace").count("Registering worker") >= self.n:
-                    break
-                time.sleep(0.5)
-            else:
-                raise TimeoutError(f"workers did not register:\n{(self.root / 'master.log').read_text()[-3000:]}")
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import signal
-
-        for p, out in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(timeout=30)
-            out.close()
-
-    def tasks_per_worker(self) -> list[int]:
-        """Tasks each worker's executors ran (their stderr logs 'Running task' per task)."""
-        counts = []
-        for i in range(self.n):
-            logs = list((self.root / f"worker{i}").glob("app-*/*/stderr"))
-            counts.append(sum(f.read_text(errors="replace").count("Running task") for f in logs))
-        return counts
-
-
 @pytest.mark.slow
 def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp_path):
     """spark-submit jobs/download.py and jobs/verify.py on a master + 2 workers: tasks run on both
-    workers, and the pool equals the same download run in a local session."""
-    from laiontools.contracts.manifest import read_manifest
+    workers, and the pool equals the same download run in a local session; a download killed mid-run on
+    the same cluster and started again resumes to that same pool."""
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -194,13 +106,57 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
             assert all(n > 0 for n in ran), f"tasks per worker {ran}: a worker ran nothing"
             res = spark_submit([*conf, str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"], cwd=tmp_path)
             assert f"OK   {out}/{layout.POOL_MANIFEST}" in res.stdout
-    m_c = read_manifest(f"{out}/{layout.POOL_MANIFEST}")
+
+            # The same download killed mid-run (spark-submit's whole process group: driver and its JVM;
+            # the master then ends the app's executors) once its first shard is written, and started
+            # again with the same command on the same cluster: it resumes to the same pool.
+            killed = str(tmp_path / "killed")
+            kill_args = [*args[:args.index("--output") + 1], killed, *args[args.index("--output") + 2:]]
+            phase = _kill_submit([*conf, str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path,
+                                 ready=lambda: len(list(Path(killed, "shards").glob("*_stats.json"))) >= 1,
+                                 done=Path(killed, layout.POOL_MANIFEST))
+            assert phase["killed_before_manifest"], phase
+            spark_submit([*conf, str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path)
+    for pool in (out, killed):
+        _assert_same_pool(pool, local)
+
+
+def _kill_submit(args: list[str], *, cwd: Path, ready, done: Path, deadline_s: float = 600) -> dict:
+    """Start ``spark-submit <args>``, SIGKILL its process group as soon as `ready()` holds, and say
+    whether `done` (the stage's final output) was still absent then (the kill fell mid-run)."""
+    cmd = [str(SPARK_HOME / "bin" / "spark-submit"), *args]
+    with open(cwd / "killed-submit.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=submit_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + deadline_s
+            while not ready():
+                if proc.poll() is not None:
+                    raise AssertionError(f"spark-submit ended ({proc.returncode}) before the kill point:\n"
+                                         f"{(cwd / 'killed-submit.log').read_text(errors='replace')[-3000:]}")
+                if time.time() > deadline:
+                    raise TimeoutError("the kill point was never reached")
+                time.sleep(0.05)
+            before = not done.exists()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+    return {"killed_before_manifest": before, "returncode": proc.returncode}
+
+
+def _assert_same_pool(pool: str, local: str) -> None:
+    """The pool equals the local run's: uids, shard names/counts/sizes, and catalog rows."""
+    from laiontools.contracts.manifest import read_manifest
+
+    m_c = read_manifest(f"{pool}/{layout.POOL_MANIFEST}")
     m_l = read_manifest(f"{local}/{layout.POOL_MANIFEST}")
     assert m_c["num_samples"] == m_l["num_samples"] > 0
     assert m_c["uids"] == m_l["uids"]
     key = ("path", "num_samples", "bytes")
     assert [tuple(x[k] for k in key) for x in m_c["shards"]] == [tuple(x[k] for k in key) for x in m_l["shards"]]
     cols = ["uid", "status", "shard", "key", "width", "height", "sha256"]
-    a = pd.read_parquet(f"{out}/{layout.CATALOG_DIR}", columns=cols).sort_values(["uid", "status"]).reset_index(drop=True)
+    a = pd.read_parquet(f"{pool}/{layout.CATALOG_DIR}", columns=cols).sort_values(["uid", "status"]).reset_index(drop=True)
     b = pd.read_parquet(f"{local}/{layout.CATALOG_DIR}", columns=cols).sort_values(["uid", "status"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
