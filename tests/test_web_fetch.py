@@ -8,6 +8,7 @@ reason and that the private server saw no request.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import time
@@ -438,7 +439,7 @@ def test_crawl_delay_spaces_every_request_to_the_host(fresh_host):
     assert errs == [None] * 5
     times = sorted(t for t, _, _ in fresh_host.request_log)
     assert len(times) == 6  # robots.txt once, then the 5 images
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 0.3 * 0.9, [round(g, 3) for g in gaps]
     assert gate.interval(fresh_host.host, 10.0) == 0.3
     assert gate.interval(fresh_host.host, 1.0) == 1.0  # a stricter user limit wins over the crawl delay
@@ -477,7 +478,7 @@ def test_scheduler_starts_an_idle_hosts_rows_instead_of_waiting_on_a_busy_one(im
     assert lb[0][0] < la[1][0]  # B's first row did not wait behind A's rate slots
     for log in (la, lb):
         ts = [t for t, _ in log]
-        assert min(y - x for x, y in zip(ts, ts[1:], strict=False)) >= 0.9
+        assert min(y - x for x, y in itertools.pairwise(ts)) >= 0.9
 
 
 def test_scheduler_hands_out_the_rest_at_once_after_the_shard_deadline():
