@@ -1011,7 +1011,12 @@ class PolicyDownloader(Downloader):
         at = time.monotonic() + pol.shard_deadline if pol.shard_deadline else None
         # The shard's rows go to a HostScheduler; img2dataset's pool still calls the fetch once per row
         # (its row is only a ticket), so its writer, keys, stats and memory bound stay as they are.
-        sched = HostScheduler(self._shard_rows(row[1]), HOSTS, pol.max_host_rps, pol.max_host_concurrency, at)
+        try:
+            sched: HostScheduler | None = HostScheduler(self._shard_rows(row[1]), HOSTS, pol.max_host_rps,
+                                                        pol.max_host_concurrency, at)
+        except Exception:  # an unreadable shard file: img2dataset's own read fails next and marks the shard failed
+            logging.getLogger(__name__).warning("shard %s: rows not readable for the host scheduler", row[0], exc_info=True)
+            sched = None
         # img2dataset calls the module-level name inside download_shard; a Spark Python worker runs
         # one task at a time, so setting it per shard is safe.
         d.download_image_with_retry = functools.partial(fetch_with_retry, policy=pol, shard_deadline_at=at,
