@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from laiontools.contracts import layout
 from laiontools.core.config import StageConfig, add_config_args, config_from_args
-from laiontools.core.errors import UserError
+from laiontools.core.errors import UserError, environment_error
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,18 @@ def stage_entry(
             t0 = time.time()
             path = getattr(cfg, output, None) if output else None
             with claimed_output(path, name, owners, output_kind) if path else nullcontext():
-                result = fn(cfg, spark)
+                try:
+                    result = fn(cfg, spark)
+                except UserError:
+                    raise
+                except Exception as e:
+                    # A full disk / quota / read-only file system that surfaced without a file name (a
+                    # child process's log, torch.save's writer) is named by this stage's output, which
+                    # the CLI cannot know when it came from a --config file.
+                    fault = environment_error(e, path) if path else None
+                    if fault is None:
+                        raise
+                    raise fault from e
             result.stage = name
             result.timings.setdefault("total", round(time.time() - t0, 3))
             return result

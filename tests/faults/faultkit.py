@@ -251,3 +251,50 @@ def download_comparable(pool_dir: str, skip_uids: set[str]) -> tuple[object, dic
                     data = {k: v for k, v in json.loads(data).items() if k not in ("error_message",)}
                 members[(s["path"], ti.name)] = data
     return cat, keep, members
+
+
+# ------------------------------------------------------------------------------ study (kill, disk full)
+
+STUDY_RUNS = (("lt-tiny__16__16", 2), ("lt-tiny__16__96", 12))  # run id, optimizer steps
+
+
+def study_args(root: str, out: str) -> list[str]:
+    """The smallest study grid with two runs (one scale of 16 samples; budgets 16 and 96 samples seen,
+    batch 8: 2 and 12 steps), its inputs written under `root`; the CLI argv writing into `out`."""
+    import yaml
+
+    from laiontools.testing.train_pool import write_color_evalset, write_resharded_subset
+
+    data = os.path.join(root, "data")
+    subset = write_resharded_subset(os.path.join(data, "s16"), n_shards=1, per_shard=16, name="s16")
+    ev = write_color_evalset(os.path.join(data, "colors"), per_class=2)["path"]
+    cfg = os.path.join(root, "study.yaml")
+    with open(cfg, "w") as f:
+        yaml.safe_dump({
+            "output": out, "scales": {"16": subset}, "samples_seen": [16, 96], "models": ["lt-tiny"], "batch_size": 8,
+            "nproc": 1, "evalset": [f"colors={ev}:wds"], "train": {"workers": 0, "log_every": 1},
+            "evaluate": {"batch_size": 16}}, f)
+    return ["study", "--config", cfg]
+
+
+def assert_same_study(out: str, keep: str) -> None:
+    """A study that was killed or ran out of space, then re-run, against an uninterrupted one.
+
+    The weights (hence losses and metrics) of two uninterrupted runs already differ (see the train kill
+    test), so the study is compared by what a fault must not change: the same files, the same grid rows
+    with the same steps, samples and compute, every step of every run trained and logged once, the
+    settings and compute cache byte for byte."""
+    import pandas as pd
+
+    got_files, want_files = digests(out, RUN_VARYING), digests(keep, RUN_VARYING)
+    assert sorted(got_files) == sorted(want_files), tree_diff(got_files, want_files)
+    for rel in ("settings.json", "gmacs.json"):
+        assert got_files[rel] == want_files[rel], rel
+    fixed = ["run_id", "model", "scale", "samples_seen", "steps", "dataset_samples", "gmacs_per_sample", "compute_gmacs"]
+    got, want = pd.read_csv(os.path.join(out, "results.csv"))[fixed], pd.read_csv(os.path.join(keep, "results.csv"))[fixed]
+    pd.testing.assert_frame_equal(got, want)
+    assert list(got["steps"]) == [steps for _, steps in STUDY_RUNS]
+    for rid, steps in STUDY_RUNS:
+        with open(os.path.join(out, "runs", rid, "train", "metrics.jsonl")) as f:
+            assert [json.loads(x)["step"] for x in f] == list(range(1, steps + 1)), rid
+    assert set(load_json(os.path.join(out, "fits.json"))["fits"]) == set(load_json(os.path.join(keep, "fits.json"))["fits"])

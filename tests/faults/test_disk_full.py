@@ -175,3 +175,33 @@ def test_train_disk_full(chain, tmp_path, monkeypatch, capfd):
                                      "--batch-size", "8", "--nproc", "1", "--workers", "0", "--checkpoint-every", "16",
                                      "--log-every", "1", "--resume", "--output", out],
                tmp_path, monkeypatch, capfd, compare=same_run)
+
+
+def test_prepare_disk_full(chain, tmp_path, monkeypatch, capfd):
+    """prepare's Spark writes (rejected rows, accepted shard files, stats, the folder's marker) on a full
+    disk. Spark names the rejected rows' part files after its write job (a random uuid per run), so that
+    folder is compared by its rows; every other file byte for byte."""
+
+    def same_prepared(out: str, keep: str) -> None:
+        import pandas as pd
+
+        ignore = RUN_VARYING + ("prepared/rejected/*",)
+        diff = tree_diff(digests(out, ignore), digests(keep, ignore))
+        assert not diff, f"prepare: output after a full disk and a re-run differs from the uninterrupted run:\n{diff}"
+        rows = [pd.read_parquet(os.path.join(d, "prepared", "rejected")).sort_values("uid").reset_index(drop=True)
+                for d in (out, keep)]
+        assert len(rows[1]) > 0
+        pd.testing.assert_frame_equal(rows[0], rows[1])
+
+    _disk_full("prepare", lambda out: ["prepare", "--input", chain.source, "--output", out, "--allow-networks", "127.0.0.0/8",
+                                       "--number-sample-per-shard", "4", "--shards-per-file", "1"],
+               tmp_path, monkeypatch, capfd, compare=same_prepared)
+
+
+def test_study_disk_full(tmp_path, monkeypatch, capfd):
+    """study (two trainings, their evaluations, results, fits, plots, report) on a full disk; compared
+    by what a fault must not change (weights differ between two uninterrupted runs: see test_kill)."""
+    from faultkit import assert_same_study, study_args
+
+    _disk_full("study", lambda out: study_args(str(tmp_path), out), tmp_path, monkeypatch, capfd,
+               compare=assert_same_study)

@@ -345,21 +345,12 @@ def test_study_survives_kills(monkeypatch, tmp_path):
     """The smallest grid with two runs (one scale; budgets 16 and 96 samples, batch 8: 2 and 12 steps).
     Kill once the first run is evaluated (the second not started), mid-way through the second run's
     training, and when every run is done but fits/plots/report are not written (a failpoint holds it)."""
-    import pandas as pd
-    import yaml
+    from faultkit import assert_same_study, study_args
 
     from laiontools.core.storage import is_done
-    from laiontools.testing.train_pool import write_color_evalset, write_resharded_subset
 
-    data = tmp_path / "data"
-    subset = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")
-    ev = write_color_evalset(str(data / "colors"), per_class=2)["path"]
     out = str(tmp_path / "study")
-    cfg = tmp_path / "study.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "output": out, "scales": {"16": subset}, "samples_seen": [16, 96], "models": ["lt-tiny"], "batch_size": 8,
-        "nproc": 1, "evalset": [f"colors={ev}:wds"], "train": {"workers": 0, "log_every": 1}, "evaluate": {"batch_size": 16}}))
-    args = ["study", "--config", str(cfg)]
+    args = study_args(str(tmp_path), out)
     keep = str(tmp_path / "study.uninterrupted")
     _baseline(monkeypatch, args, out, keep)
     first, second = (os.path.join(out, "runs", f"lt-tiny__16__{n}") for n in (16, 96))
@@ -370,19 +361,6 @@ def test_study_survives_kills(monkeypatch, tmp_path):
         ("mid second run", lambda: 2 <= _lines(metrics2) < 12),
         ("final write", lambda: _lines(results) == 3 and not os.path.exists(fits), "study.final-write"),
     ])
-    # As in train: the weights (hence losses and metrics) of two uninterrupted runs already differ, so
-    # results are compared by what a kill must not change: the same files, the same grid rows with the
-    # same steps, samples and compute, every step of every run trained and logged once, the settings
-    # and compute cache byte for byte.
-    assert sorted(digests(out, RUN_VARYING)) == sorted(digests(keep, RUN_VARYING))
-    for rel in ("settings.json", "gmacs.json"):
-        assert digests(out, RUN_VARYING)[rel] == digests(keep, RUN_VARYING)[rel], rel
-    fixed = ["run_id", "model", "scale", "samples_seen", "steps", "dataset_samples", "gmacs_per_sample", "compute_gmacs"]
-    got, want = pd.read_csv(results)[fixed], pd.read_csv(os.path.join(keep, "results.csv"))[fixed]
-    pd.testing.assert_frame_equal(got, want)
-    assert list(got["steps"]) == [2, 12]
-    for rid, steps in (("lt-tiny__16__16", 2), ("lt-tiny__16__96", 12)):
-        assert [s for s, _ in _losses(os.path.join(out, "runs", rid, "train", "metrics.jsonl"))] == list(range(1, steps + 1))
-    assert set(load_json(os.path.join(out, "fits.json"))["fits"]) == set(load_json(os.path.join(keep, "fits.json"))["fits"])
+    assert_same_study(out, keep)
     record({"kind": "compare", "stage": "study", "files": len(digests(keep, RUN_VARYING)), "identical": False,
             "content": "same files, grid rows (steps, samples, compute), steps once each, settings + gmacs bytes"})
