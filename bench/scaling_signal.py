@@ -33,14 +33,15 @@ def render(ids: list[int], seed: int, preprocess) -> tuple:
     import torch
 
     from laiontools.synthetic import SHAPES, render_item
-    from laiontools.synthetic.images import COLOURS
+    from laiontools.synthetic.images import COLOURS, TEXTURES
 
     ims, caps, labels = [], [], []
     for i in ids:
         im, cap, attrs = render_item(i, seed=seed)
         ims.append(preprocess(im.convert("RGB")))
         caps.append(cap)
-        labels.append((SHAPES.index(attrs["shape"]), list(COLOURS).index(attrs["colour"])))
+        labels.append((SHAPES.index(attrs["shape"]), list(COLOURS).index(attrs["colour"]),
+                       list(COLOURS).index(attrs["background"]), TEXTURES.index(attrs["texture"])))
     return torch.stack(ims), caps, labels
 
 
@@ -69,22 +70,29 @@ def evaluate(model, tokenizer, images, captions, labels) -> dict[str, float]:
                                                "photo of a {c} and the text", "{c} drawn on a gradient background"))
         # prompt ensemble over the nuisance factors: each shape's classifier averages captions that name it with
         # every colour and background texture (the world's own caption templates), as ImageNet's 80 prompts do
-        from laiontools.synthetic.images import _CAPTION_TEMPLATES, _TEXTURE_PHRASE
+        from laiontools.synthetic.images import _CAPTION_TEMPLATES, TEXTURE_PHRASES
 
         ens = []
         for c in SHAPES:
-            texts = [t.format(size="medium", colour=col, shape=c, word="", texture=_TEXTURE_PHRASE[tx].format(bg="grey"))
-                     for t in _CAPTION_TEMPLATES for col in COLOURS for tx in _TEXTURE_PHRASE]
+            texts = [t.format(size="medium", colour=col, shape=c, word="", texture=TEXTURE_PHRASES[tx].format(bg="grey"))
+                     for t in _CAPTION_TEMPLATES for col in COLOURS for tx in TEXTURE_PHRASES]
             e = model.encode_text(tokenizer(texts), normalize=True).mean(0)
             ens.append(e / e.norm())
         shapes_ens = torch.stack(ens, dim=1)
+        # background colour and texture: the largest areas of every image, named in every caption
+        bg = classifier(list(COLOURS), tuple(ph.format(bg="{c}") for ph in TEXTURE_PHRASES.values()))
+        from laiontools.synthetic.images import TEXTURES
+
+        tex = classifier([TEXTURE_PHRASES[t].format(bg="").replace("  ", " ") for t in TEXTURES], ("{c}",))
     model.train()
+    zb = classification_metrics((img @ bg).numpy(), [lab[2] for lab in labels], k=5)
+    zt = classification_metrics((img @ tex).numpy(), [lab[3] for lab in labels], k=2)
     ze = classification_metrics((img @ shapes_ens).numpy(), [lab[0] for lab in labels], k=5)
     z = classification_metrics((img @ shapes).numpy(), [lab[0] for lab in labels], k=5)
     zc = classification_metrics((img @ colours).numpy(), [lab[1] for lab in labels], k=5)
     zs = classification_metrics((img @ shapes_cap).numpy(), [lab[0] for lab in labels], k=5)
     r = retrieval_metrics(img.numpy(), txt.numpy(), captions, ks=(1, 5))
-    return {"top1": z["top1"], "top1_caption_prompts": zs["top1"], "top1_ensemble": ze["top1"], "colour_top1": zc["top1"], "R@5": r["image_to_text_R@5"], "t2i_R@5": r["text_to_image_R@5"]}
+    return {"top1": z["top1"], "top1_caption_prompts": zs["top1"], "top1_ensemble": ze["top1"], "colour_top1": zc["top1"], "bg_top1": zb["top1"], "texture_top1": zt["top1"], "R@5": r["image_to_text_R@5"], "t2i_R@5": r["text_to_image_R@5"]}
 
 
 def train_one(model_name: str, pool: tuple, n: int, budget: int, batch: int, lr: float, seed: int, heldout: tuple) -> dict:
@@ -173,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         pd.DataFrame([{
             "run_id": f"{a.model}__{r['n']}__{r['budget']}__seed{r['seed']}", "model": a.model, "scale": str(r["n"]),
             "dataset_samples": r["n"], "samples_seen": r["budget"], "seed": r["seed"], "gmacs_per_sample": g,
-            "compute_gmacs": g * r["budget"], "final_loss": r["final_loss"], "heldout/zeroshot_top1": r["top1"],
+            "compute_gmacs": g * r["budget"], "final_loss": r["final_loss"], "heldout/zeroshot_top1": r["top1"], "heldout/bg_top1": r["bg_top1"],
             "heldout/image_to_text_R@5": r["R@5"], "heldout/text_to_image_R@5": r["t2i_R@5"],
         } for r in rows]).to_csv(a.results_csv, index=False)  # fmt: skip
     print(f"chance: shape top-1 {1 / 8:.3f}, colour top-1 {1 / 12:.3f}, R@5 {5 / a.heldout:.3f}")
     for r in rows:
         print(f"N={r['n']:>6} budget={r['budget']:>7} seed={r['seed']} epochs={r['epochs']:>7.1f} loss={r['final_loss']:.3f} "
-              f"top1={r['top1']:.3f} top1_caption_prompts={r['top1_caption_prompts']:.3f} top1_ensemble={r['top1_ensemble']:.3f} colour_top1={r['colour_top1']:.3f} R@5={r['R@5']:.3f} t2i_R@5={r['t2i_R@5']:.3f} ({r['samples_per_s']} samples/s)")
+              f"top1={r['top1']:.3f} top1_caption_prompts={r['top1_caption_prompts']:.3f} top1_ensemble={r['top1_ensemble']:.3f} colour_top1={r['colour_top1']:.3f} bg_top1={r['bg_top1']:.3f} texture_top1={r['texture_top1']:.3f} R@5={r['R@5']:.3f} t2i_R@5={r['t2i_R@5']:.3f} ({r['samples_per_s']} samples/s)")
     return 0
 
 

@@ -37,7 +37,7 @@ WORDS = (
     "apple", "river", "cloud", "tiger", "piano", "rocket", "garden", "silver", "coffee", "winter",
     "ocean", "forest", "candle", "desert", "violin", "marble", "sunset", "planet", "lemon", "harbor",
 )
-_TEXTURE_PHRASE = {
+TEXTURE_PHRASES = {
     "plain": "a plain {bg} background",
     "noise": "a noisy {bg} background",
     "gradient": "a {bg} gradient background",
@@ -213,7 +213,7 @@ def render_item(i: int, seed: int = 0, realistic: bool = False) -> tuple[Image.I
     template = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
     caption = template.format(
         size=size, colour=colour, shape=shape, word=word,
-        texture=_TEXTURE_PHRASE[texture].format(bg=background),
+        texture=TEXTURE_PHRASES[texture].format(bg=background),
     )
     return img, caption, attrs
 
