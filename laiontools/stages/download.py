@@ -77,7 +77,7 @@ class DownloadConfig(PrepareConfig):
     respect_optouts: bool = dataclasses.field(default=True, metadata={"help": "honour X-Robots-Tag noai/noimageai/noindex/noimageindex"})
     respect_tdm_reservation: bool = dataclasses.field(default=True, metadata={"help": "honour the TDM Reservation Protocol header tdm-reservation: 1"})
     user_agent_token: str | None = dataclasses.field(default=None, metadata={"help": "token in the User-Agent, matched by X-Robots-Tag"})
-    respect_robots: bool = dataclasses.field(default=True, metadata={"help": "fetch each host's robots.txt once per executor (cached 1 h) and skip what it disallows for --user-agent-token (or *); 4xx robots.txt: all allowed, 5xx/timeout: host skipped for now (retried by --retry-failed)"})
+    respect_robots: bool = dataclasses.field(default=True, metadata={"help": "fetch each host's robots.txt once per executor (cached 1 h) and skip what it disallows for --user-agent-token (or *), keeping its Crawl-delay between requests to the host (the stricter of it and --max-host-rps); 4xx robots.txt: all allowed, 5xx/timeout: host skipped for now (retried by --retry-failed)"})
     max_host_rps: float | None = dataclasses.field(default=None, metadata={"help": "requests per second per host, per executor (a 429/503 Retry-After pauses the host for the whole executor either way)"})
     max_host_concurrency: int | None = dataclasses.field(default=None, metadata={"help": "requests in flight per host, per executor"})
     request_deadline: float = dataclasses.field(default=60.0, metadata={"help": "seconds one request may take in all (redirects, headers and body); --timeout bounds each socket operation"})
