@@ -208,7 +208,8 @@ def _data_stages(cfg: DemoConfig, spark: Any) -> dict[str, Any]:
     from laiontools.contracts.manifest import download_settings
     from laiontools.web.resize import PoolGeometry
 
-    geometry = PoolGeometry(download_settings(dl["manifest"]))
+    settings = download_settings(dl["manifest"])  # the demo's own download records them
+    geometry = PoolGeometry(settings) if settings else None
     heldout = f"heldout={write_heldout_evalset(p('web', 'heldout'), HELDOUT_ITEMS, cfg.seed + 7, geometry)}:parquet"
     # 1. the paper's method first: perceptual-hash matches (within 8 of 64 bits) are surely copies;
     # 2. calibrate the embedding threshold with those known copies left out of the negatives (a pool
@@ -359,14 +360,14 @@ def write_report(res: dict[str, Any], path: str) -> str:
             n_points = f.get("n_points", len(f.get("frontier", [])))
             rows.append({"metric": metric, "frontier points": n_points,
                          "alpha": fmt(fit.get("alpha"), fit.get("alpha_se")), "beta": fmt(fit.get("beta"), fit.get("beta_se")),
-                         "finding 1 (4+ points, &alpha; + 2&middot;se &lt; 0)": finding_1(n_points, fit),
+                         "finding 1 (4+ points, α + 2·se < 0)": finding_1(n_points, fit),
                          "r2": fmt(fit.get("r2"), None), "predicted metric at larger compute": preds or f.get("why_no_fit", "")})
         if rows:
             import pandas as pd
 
             parts.append("<p>E = 1 - metric fitted as E = &beta;&middot;C<sup>&alpha;</sup> on the Pareto frontier "
                          "(log-log least squares, standard errors from the fit):</p>")
-            parts.append(pd.DataFrame(rows).to_html(index=False, escape=False))
+            parts.append(pd.DataFrame(rows).to_html(index=False))
         from laiontools.scaling import effect_html
 
         parts.append(effect_html(read_json(fits_path).get("data_scale_effect") or []))
