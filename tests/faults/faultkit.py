@@ -298,3 +298,26 @@ def assert_same_study(out: str, keep: str) -> None:
         with open(os.path.join(out, "runs", rid, "train", "metrics.jsonl")) as f:
             assert [json.loads(x)["step"] for x in f] == list(range(1, steps + 1)), rid
     assert set(load_json(os.path.join(out, "fits.json"))["fits"]) == set(load_json(os.path.join(keep, "fits.json"))["fits"])
+
+
+# --------------------------------------------------------------------------- prepare (kill, disk full)
+
+
+def prepare_args(source: str, out: str) -> list[str]:
+    """prepare of the session's synthetic source with small shards (4 rows: ~20 accepted files)."""
+    return ["prepare", "--input", source, "--output", out, "--allow-networks", "127.0.0.0/8",
+            "--number-sample-per-shard", "4", "--shards-per-file", "1"]
+
+
+def assert_same_prepared(out: str, keep: str) -> None:
+    """Spark names the rejected rows' part files after its write job (a random uuid per run), so that
+    folder is compared by its rows; every other file byte for byte."""
+    import pandas as pd
+
+    ignore = RUN_VARYING + ("prepared/rejected/*",)
+    diff = tree_diff(digests(out, ignore), digests(keep, ignore))
+    assert not diff, f"prepare: output differs from the uninterrupted run:\n{diff}"
+    rows = [pd.read_parquet(os.path.join(d, "prepared", "rejected")).sort_values("uid").reset_index(drop=True)
+            for d in (out, keep)]
+    assert len(rows[1]) > 0
+    pd.testing.assert_frame_equal(rows[0], rows[1])

@@ -179,23 +179,11 @@ def test_train_disk_full(chain, tmp_path, monkeypatch, capfd):
 
 def test_prepare_disk_full(chain, tmp_path, monkeypatch, capfd):
     """prepare's Spark writes (rejected rows, accepted shard files, stats, the folder's marker) on a full
-    disk. Spark names the rejected rows' part files after its write job (a random uuid per run), so that
-    folder is compared by its rows; every other file byte for byte."""
+    disk; compared as in the kill test (faultkit.assert_same_prepared)."""
+    from faultkit import assert_same_prepared, prepare_args
 
-    def same_prepared(out: str, keep: str) -> None:
-        import pandas as pd
-
-        ignore = RUN_VARYING + ("prepared/rejected/*",)
-        diff = tree_diff(digests(out, ignore), digests(keep, ignore))
-        assert not diff, f"prepare: output after a full disk and a re-run differs from the uninterrupted run:\n{diff}"
-        rows = [pd.read_parquet(os.path.join(d, "prepared", "rejected")).sort_values("uid").reset_index(drop=True)
-                for d in (out, keep)]
-        assert len(rows[1]) > 0
-        pd.testing.assert_frame_equal(rows[0], rows[1])
-
-    _disk_full("prepare", lambda out: ["prepare", "--input", chain.source, "--output", out, "--allow-networks", "127.0.0.0/8",
-                                       "--number-sample-per-shard", "4", "--shards-per-file", "1"],
-               tmp_path, monkeypatch, capfd, compare=same_prepared)
+    _disk_full("prepare", lambda out: prepare_args(chain.source, out), tmp_path, monkeypatch, capfd,
+               compare=assert_same_prepared)
 
 
 def test_study_disk_full(tmp_path, monkeypatch, capfd):
