@@ -85,7 +85,7 @@ class SparkStageConfig(StageConfig):
 
 
 # Settings that choose where a stage runs, not what it writes: never part of an output's identity.
-RUNTIME_SETTINGS = frozenset({"master", "spark_conf"})
+RUNTIME_SETTINGS = frozenset({"master", "spark_conf", "spark_above"})
 
 
 @contextmanager
@@ -101,6 +101,72 @@ def stage_spark(cfg: StageConfig, spark: Any = None, app_name: str = "laiontools
     conf = dict(getattr(cfg, "spark_conf", None) or {}) or None
     with spark_session(master, app_name=app_name, conf=conf) as s:
         yield s
+
+
+class Tasks:
+    """Where a stage's tasks run: Spark (``mapPartitions`` over the items) or, with no session, one after
+    another in this process. The task functions are the same either way (they write their files and
+    their completion markers themselves), so the outputs and the resume points do not depend on it."""
+
+    def __init__(self, spark: Any = None, workers: int = 0) -> None:
+        self.spark = spark
+        self.workers = workers or max(1, os.cpu_count() or 1)  # in-process: tasks at once
+
+    @property
+    def local(self) -> bool:
+        return self.spark is None
+
+    def threads(self, requested: int = 0, items: int = 1) -> int:
+        """BLAS/faiss threads per task: in process, the cores shared by the tasks that run at once (a
+        map over `items`); on Spark, :func:`core.spark.threads_per_task`."""
+        if requested > 0:
+            return requested
+        if self.spark is None:
+            return max(1, (os.cpu_count() or 1) // max(1, min(self.workers, items)))
+        from laiontools.core.spark import threads_per_task
+
+        return threads_per_task(self.spark, 0)
+
+    def map(self, fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], partitions: int = 0,
+            description: str | None = None) -> list[Any]:
+        """``fn(items of one partition) -> results``, over every item; the results in a list."""
+        if self.spark is None:
+            if len(items) < 2 or self.workers < 2:
+                return list(fn(iter(items))) if items else []
+            # numpy, faiss, pyarrow and file I/O release the GIL: a few threads keep the cores busy
+            # between one task's BLAS calls (each task writes its own files and marker, as on Spark)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(self.workers, len(items)), thread_name_prefix="laiontools-task") as ex:
+                return [r for part in ex.map(lambda it: list(fn(iter([it]))), items) for r in part]
+        sc = self.spark.sparkContext
+        if description:
+            sc.setJobDescription(description)
+        n = partitions or min(len(items), 4 * max(1, sc.defaultParallelism))
+        return sc.parallelize(items, max(1, min(n, len(items)))).mapPartitions(fn).collect()
+
+
+def wants_spark(master: str | None, size: int, above: int) -> bool:
+    """Spark when a master is named (``--master``, ``$LAIONTOOLS_SPARK_MASTER``), under spark-submit, or
+    when ``size`` is over ``above`` (``above`` 0: always; -1: only when a master is named). Below it,
+    Spark's fixed cost (JVM, Python workers, a job per step: seconds) exceeds the work it spreads."""
+    from laiontools.core.spark import under_spark_submit
+
+    if master or os.environ.get("LAIONTOOLS_SPARK_MASTER") or under_spark_submit():
+        return True
+    return above >= 0 and size > above
+
+
+@contextmanager
+def stage_tasks(cfg: StageConfig, spark: Any = None, app_name: str = "laiontools", size: int = 0,
+                spark_above: int = 0) -> Iterator[Tasks]:
+    """:class:`Tasks` for a stage: on ``spark`` if given, else on :func:`stage_spark`'s session when
+    :func:`wants_spark` says so, else in this process (no JVM started)."""
+    if spark is None and not wants_spark(getattr(cfg, "master", None), size, spark_above):
+        yield Tasks(None)
+        return
+    with stage_spark(cfg, spark, app_name=app_name) as sp:
+        yield Tasks(sp)
 
 
 def stage_entry(
