@@ -1,6 +1,6 @@
 """Benchmark `laiontools semdedup` against bare faiss on the same vectors, at 1x and 10x pool size.
 
-    .venv/bin/python bench/bench_semdedup.py [--rows 100000] [--dim 128] [--per-cluster 500] [--scales 1,10]
+    .venv/bin/python bench/bench_semdedup.py [--rows 100000] [--dim 128] [--per-cluster 500] [--scales 1,10] [--repeats 3] [--no-spark]
 
 Input: an embeddings folder in the layout `laiontools embed` writes (``img_emb/<shard>.npy`` float16,
 ``meta/<shard>.parquet`` + completion marker, ``model.json``), filled with clustered unit vectors in
@@ -9,16 +9,20 @@ measures semdedup, not the model.
 
 Per scale (rows x scale vectors, clusters = rows x scale / per-cluster so clusters keep their size):
 
-* **stage**: ``semdedup.run`` on Spark local[2] (k-means task, assign job, group job, exclusion lists);
+* **stage**: ``semdedup.run`` as ``laiontools semdedup`` runs it with its defaults (in process below
+  ``--spark-above``, 2M samples: k-means task, assign tasks, group tasks, exclusion lists), alternating
+  with the baseline ``--repeats`` times (median ratio); then once on Spark local[2] (``spark_above=0``,
+  session started and warmed before timing) for the engine's own figure;
 * **baseline**: the same work as bare faiss in one process with the vectors in memory: faiss
   spherical k-means on the same sample (same seed, same size), assignment of every vector with
   ``IndexFlatIP.search``, and, per cluster, ``IndexFlatIP.range_search`` at the tightest eps plus
   scipy-free connected components (the pairs a SemDeDup run needs). No I/O, no Spark, no report.
 
 Printed: seconds of each and their ratio (baseline / stage: the share of bare-faiss throughput the
-stage keeps; target >= 0.8), and the stage's peak resident memory per Spark task (max over tasks,
-from the markers) at each scale: flat from 1x to 10x means memory per task is bounded by the
-settings, not by the pool. Each scale runs in a fresh Python process so peaks don't carry over.
+stage keeps; target >= 0.8), and the stage's peak resident memory (in process: the process's, which
+runs two tasks at once on 2 cores; on Spark: the largest Python worker's, from the markers) at each
+scale: flat from 1x to 10x means memory is bounded by the settings, not by the pool. Each scale runs
+in a fresh Python process, the stage before the baseline, so peaks don't carry over.
 """
 
 from __future__ import annotations
@@ -109,29 +113,48 @@ def baseline(emb: str, k: int, train_rows: int, eps: float, seed: int) -> tuple[
     return time.time() - t0, removed
 
 
-def one_scale(rows: int, dim: int, per_cluster: int, eps: float, work: str) -> dict:
-    from laiontools.core.spark import spark_session
+def _stage(emb: str, out: str, k: int, eps: float, spark: object = None, spark_above: int | None = None) -> tuple[float, dict]:
     from laiontools.stages import semdedup
 
+    kw = {} if spark_above is None else {"spark_above": spark_above}
+    t0 = time.time()
+    res = semdedup.run(semdedup.SemDedupConfig(embeddings=emb, output=out, clusters=k, eps=[eps], gallery_groups=0, **kw), spark)
+    return time.time() - t0, res.details
+
+
+def one_scale(rows: int, dim: int, per_cluster: int, eps: float, work: str, repeats: int, spark_engine: bool) -> dict:
     emb = os.path.join(work, "emb")
     t0 = time.time()
     write_embeddings(emb, rows, dim, per_shard=20_000)
     t_write = time.time() - t0
     k = max(1, rows // per_cluster)
     train_rows = min(rows, 256 * k)
-    with spark_session("local[2]", app_name="bench-semdedup", conf={"spark.driver.memory": "2g"}) as sp:
-        # warm the session (JVM + Python workers) so the stage timing is the stage's own
-        sp.sparkContext.parallelize(range(4), 2).map(lambda v: v).collect()
-        t0 = time.time()
-        res = semdedup.run(semdedup.SemDedupConfig(embeddings=emb, output=os.path.join(work, "out"), clusters=k, eps=[eps],
-                                                   gallery_groups=0), sp)
-        t_stage = time.time() - t0
-    t_base, removed_base = baseline(emb, k, train_rows, eps, 0)
-    d = res.details
-    return {"rows": rows, "dim": dim, "clusters": k, "write_s": round(t_write, 1), "stage_s": round(t_stage, 2),
-            "baseline_s": round(t_base, 2), "ratio": round(t_base / t_stage, 3), "removed": d["eps"][0]["removed"],
-            "removed_baseline": int(removed_base), "peak_rss_mb_per_task": d["worker_peak_rss_mb"],
-            "largest_cluster": d["cluster_size"]["max"], "timings": d["timings"]}
+    # as users run it (`laiontools semdedup`, defaults: in process below --spark-above), alternating with
+    # the baseline; every repeat writes a fresh output folder
+    # The stage runs first: its peak memory (ru_maxrss of this process, recorded by its tasks) is then
+    # its own, not the baseline's, which holds every vector in float32.
+    stage_s, base_s, d, peak = [], [], {}, None
+    for r in range(repeats):
+        t, d = _stage(emb, os.path.join(work, f"out{r}"), k, eps)
+        stage_s.append(t)
+        peak = d["worker_peak_rss_mb"] if peak is None else peak
+        t_base, removed_base = baseline(emb, k, train_rows, eps, 0)
+        base_s.append(t_base)
+    out = {"rows": rows, "dim": dim, "clusters": k, "write_s": round(t_write, 1), "engine": d["engine"],
+           "stage_s": [round(v, 2) for v in stage_s], "baseline_s": [round(v, 2) for v in base_s],
+           "ratio": round(float(np.median(np.array(base_s) / np.array(stage_s))), 3),
+           "removed": d["eps"][0]["removed"], "removed_baseline": int(removed_base),
+           "peak_rss_mb_per_task": peak, "largest_cluster": d["cluster_size"]["max"], "timings": d["timings"]}
+    if spark_engine:  # the same on Spark local[2] (session started and warmed before timing)
+        from laiontools.core.spark import spark_session
+
+        with spark_session("local[2]", app_name="bench-semdedup", conf={"spark.driver.memory": "2g"}) as sp:
+            sp.sparkContext.parallelize(range(4), 2).map(lambda v: v).collect()
+            t, ds = _stage(emb, os.path.join(work, "out-spark"), k, eps, sp, spark_above=0)
+        out.update({"spark_stage_s": round(t, 2), "spark_ratio": round(float(np.median(base_s)) / t, 3),
+                    "spark_peak_rss_mb_per_task": ds["worker_peak_rss_mb"], "spark_timings": ds["timings"],
+                    "spark_removed": ds["eps"][0]["removed"]})
+    return out
 
 
 def main() -> None:
@@ -141,25 +164,30 @@ def main() -> None:
     ap.add_argument("--per-cluster", type=int, default=500)
     ap.add_argument("--eps", type=float, default=0.02)
     ap.add_argument("--scales", default="1,10")
+    ap.add_argument("--repeats", type=int, default=3, help="stage/baseline pairs per scale, alternating (median ratio)")
+    ap.add_argument("--no-spark", action="store_true", help="skip the Spark local[2] engine's run")
     ap.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child process: run one scale
     a = ap.parse_args()
     if a.one:
         with tempfile.TemporaryDirectory(prefix="bench-semdedup-") as work:
-            print(json.dumps(one_scale(a.one, a.dim, a.per_cluster, a.eps, work)))
+            print(json.dumps(one_scale(a.one, a.dim, a.per_cluster, a.eps, work, a.repeats, not a.no_spark)))
         return
     results = []
     for sc in [int(v) for v in a.scales.split(",")]:
         out = subprocess.run([sys.executable, __file__, "--one", str(a.rows * sc), "--dim", str(a.dim),
-                              "--per-cluster", str(a.per_cluster), "--eps", str(a.eps)],
-                             capture_output=True, text=True, check=True)
+                              "--per-cluster", str(a.per_cluster), "--eps", str(a.eps), "--repeats", str(a.repeats)]
+                             + (["--no-spark"] if a.no_spark else []), capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["scale"] = sc
         results.append(r)
         print(json.dumps(r), flush=True)
-    print("\nscale  rows      clusters  stage s  bare faiss s  ratio  removed (bare)  peak RSS/task MB")
+    print(f"\nload average {os.getloadavg()[0]:.1f}")
+    print("scale  rows      clusters  engine      stage s (each)        bare faiss s (each)   ratio  removed (bare)  peak RSS MB"
+          "  | Spark local[2]: s  ratio  peak RSS/task MB")
     for r in results:
-        print(f"{r['scale']:>4}x  {r['rows']:>8}  {r['clusters']:>8}  {r['stage_s']:>7}  {r['baseline_s']:>12}  {r['ratio']:>5}  "
-              f"{r['removed']:>7} ({r['removed_baseline']})  {r['peak_rss_mb_per_task']:>8}")
+        print(f"{r['scale']:>4}x  {r['rows']:>8}  {r['clusters']:>8}  {r['engine']:<10}  {r['stage_s']!s:<20}  "
+              f"{r['baseline_s']!s:<20}  {r['ratio']:>5}  {r['removed']:>7} ({r['removed_baseline']})  {r['peak_rss_mb_per_task']:>8}"
+              + (f"  | {r['spark_stage_s']:>6}  {r['spark_ratio']:>5}  {r['spark_peak_rss_mb_per_task']:>8}" if "spark_stage_s" in r else ""))
 
 
 if __name__ == "__main__":

@@ -230,6 +230,31 @@ def test_deterministic_and_resumes_after_kill(planted, sd_run, spark, tmp_path):
     assert os.path.getmtime(kept) == kept_mtime  # finished units are not redone
 
 
+def test_in_process_engine_writes_the_same_bytes(planted, sd_run, tmp_path, monkeypatch):
+    """Below --spark-above (and with no master named) the same tasks run in this process: same files,
+    byte for byte, as the Spark run; a run left half done by Spark finishes in process."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    first = _files(sd_run["out"])
+    local = str(tmp_path / "local")
+    res = semdedup.run(_cfg(planted["emb"], local))
+    assert res.details["engine"] == "in-process"
+    assert sd_run["result"].details["engine"].startswith("spark ")
+    assert _files(local) == first
+    # Spark's half: copy the Spark run's output, drop half the unit markers and one shard's
+    mixed = str(tmp_path / "mixed")
+    shutil.copytree(sd_run["out"], mixed)
+    units = sorted(os.listdir(os.path.join(mixed, "done", "units")))
+    for u in units[: len(units) // 2]:
+        os.remove(os.path.join(mixed, "done", "units", u))
+    os.remove(os.path.join(mixed, "done", "assign", min(os.listdir(os.path.join(mixed, "done", "assign")))))
+    os.remove(os.path.join(mixed, "exclude.uids.npy"))
+    kept = os.path.join(mixed, "done", "units", units[-1])
+    kept_mtime = os.path.getmtime(kept)
+    assert semdedup.run(_cfg(planted["emb"], mixed, spark_above=-1)).details["engine"] == "in-process"
+    assert _files(mixed) == first
+    assert os.path.getmtime(kept) == kept_mtime
+
+
 def test_bad_input(planted, spark, tmp_path):
     with pytest.raises(SemDedupError, match="--clusters 500 is more than the 90 embedded samples"):
         semdedup.run(_cfg(planted["emb"], str(tmp_path / "a"), clusters=500), spark)
@@ -251,8 +276,10 @@ def test_bad_input(planted, spark, tmp_path):
     assert sorted(os.listdir(other)) == ["data.txt"]
 
 
-def test_cli(planted, spark, tmp_path):
+def test_cli(planted, spark, tmp_path, monkeypatch):
     from laiontools.cli import main
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
 
     out = str(tmp_path / "cli")
     rc = main(["semdedup", "--embeddings", planted["emb"], "--output", out, "--clusters", "3", "--eps", "0.005", "0.01",
@@ -261,6 +288,7 @@ def test_cli(planted, spark, tmp_path):
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
     assert [e["eps"] for e in s["eps"]] == [0.005, 0.01] and s["keep"] == "random" and s["clusters"] == 3
+    assert s["engine"] == "in-process"  # 90 samples, no master named: no JVM started for them
     assert not os.path.exists(os.path.join(out, "gallery.html"))
 
 

@@ -31,6 +31,12 @@ the same settings key):
    removed per eps: the curve to choose from) and ``gallery.html`` (largest groups with captions).
 
 The driver holds centroids and per-cluster counts, never vectors. Same inputs + seed give the same bytes.
+
+Where the tasks run: on Spark when a master is named (``--master``, ``$LAIONTOOLS_SPARK_MASTER``),
+under spark-submit, or above ``--spark-above`` embedded samples (default 2M); otherwise the same task
+functions run one after another in the CLI's process (each with every core for faiss/BLAS), which
+then holds what one task holds, never the pool. Their files and markers are the same, so the bytes do
+not depend on the engine and a run killed on one resumes on the other.
 """
 
 from __future__ import annotations
@@ -54,8 +60,7 @@ from laiontools.contracts.uids import UID_DTYPE
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.logs import peak_rss_mb
-from laiontools.core.spark import threads_per_task
-from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
+from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_tasks
 from laiontools.core.storage import (
     atomic_write_bytes,
     canonical_json,
@@ -86,6 +91,10 @@ GALLERY_HTML = "gallery.html"
 RUNS_DIR = "removed_runs"
 META_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8"), ("csim", "<f4")])
 _GALLERY_MEMBERS = 6
+# Below this many embedded samples (and with no master named), the tasks run in the CLI's process:
+# Spark's fixed cost (JVM, Python workers, three jobs) is seconds, more than the work it would spread
+# (bench/bench_semdedup.py, BENCHMARKS.md).
+SPARK_ABOVE_ROWS = 2_000_000
 
 
 class SemDedupError(UserError, ValueError):
@@ -107,6 +116,7 @@ class SemDedupConfig(SparkStageConfig):
     block_rows: int = dataclasses.field(default=4096, metadata={"help": "rows per similarity block (memory ~ block_rows^2 x 4 bytes)"})
     threads: int = dataclasses.field(default=0, metadata={"help": "BLAS/faiss threads per Spark task (0: cores / concurrent tasks)"})
     partitions: int = dataclasses.field(default=0, metadata={"help": "Spark partitions (0: min(units, 4 x parallelism))"})
+    spark_above: int = dataclasses.field(default=SPARK_ABOVE_ROWS, metadata={"help": "pools with more embedded samples than this run on Spark; smaller ones run the same tasks one after another in this process, unless a master is named or under spark-submit (0: always Spark, -1: only then)"})
     gallery_groups: int = dataclasses.field(default=24, metadata={"help": "duplicate groups shown in gallery.html (0: none)"})
 
     def validate(self) -> None:
@@ -183,21 +193,32 @@ def _set_threads(n: int) -> None:
         faiss.omp_set_num_threads(n)
 
 
-def _valid_rows(emb: np.ndarray, meta: Any) -> np.ndarray:
-    """Rows embed processed: status ok (or no status column) and a finite, non-zero vector."""
+def _status_ok(meta: Any, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) whose embed status is ok (all rows when there is no status column)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    n = emb.shape[0]
-    ok = np.ones(n, dtype=bool)
     col = next((c for c in ("embed_status", "status") if c in meta.column_names), None)
-    if col is not None:
-        st = meta.column(col)
-        good = pc.fill_null(pc.is_in(st, value_set=pa.array(["ok", "success"])), True)
-        ok &= good.to_numpy(zero_copy_only=False)
-    for lo in range(0, n, 65536):
-        x = np.asarray(emb[lo:lo + 65536], dtype=np.float32)
-        ok[lo:lo + len(x)] &= np.isfinite(x).all(axis=1) & (np.einsum("ij,ij->i", x, x) > 0.25)
+    if col is None:
+        return np.ones(hi - lo, dtype=bool)
+    good = pc.fill_null(pc.is_in(meta.column(col).slice(lo, hi - lo), value_set=pa.array(["ok", "success"])), True)
+    return good.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+
+
+def _vector_ok(x: np.ndarray) -> np.ndarray:
+    """float32 rows that are finite and not (near) zero."""
+    return np.isfinite(x).all(axis=1) & (np.einsum("ij,ij->i", x, x) > 0.25)
+
+
+def _valid_rows(emb: np.ndarray, meta: Any, lo: int = 0, hi: int | None = None,
+                x: np.ndarray | None = None) -> np.ndarray:
+    """Rows [lo, hi) embed processed: status ok (or no status column) and a finite, non-zero vector
+    (`x`: those rows already in float32, to skip a second conversion)."""
+    hi = emb.shape[0] if hi is None else hi
+    ok = _status_ok(meta, lo, hi)
+    for a in range(lo, hi, 65536):
+        xa = x[a - lo:a - lo + 65536] if x is not None else np.asarray(emb[a:min(hi, a + 65536)], dtype=np.float32)
+        ok[a - lo:a - lo + len(xa)] &= _vector_ok(xa)
     return ok
 
 
@@ -221,13 +242,16 @@ def _train_task(ctx: dict[str, Any], _: Any) -> Iterator[bytes]:
     parts = []
     for i, sid in enumerate(ctx["shards"]):
         emb, meta = read_embedding_shard(ctx["emb_dir"], sid)
-        valid = np.flatnonzero(_valid_rows(emb, meta))
-        take = min(len(valid), math.ceil(want * emb.shape[0] / max(1, total)))
+        # sample among the rows embed processed, then drop the few whose vector is unusable: only the
+        # sample is converted and checked, not the shard
+        cand = np.flatnonzero(_status_ok(meta, 0, emb.shape[0]))
+        take = min(len(cand), math.ceil(want * emb.shape[0] / max(1, total)))
         if not take:
             continue
         rng = np.random.default_rng([ctx["seed"], i])
-        pick = np.sort(rng.choice(valid, size=take, replace=False))
-        parts.append(neardup.normalize(np.asarray(emb[pick], dtype=np.float32)))
+        pick = np.sort(rng.choice(cand, size=take, replace=False))
+        x = np.asarray(emb[pick], dtype=np.float32)
+        parts.append(neardup.normalize(x[_vector_ok(x)]))
     x = np.concatenate(parts) if parts else np.zeros((0, ctx["dim"]), np.float32)
     if x.shape[0] < ctx["k"]:
         raise SemDedupError(f"{ctx['emb_dir']}: {x.shape[0]} valid vectors sampled for k-means but --clusters is {ctx['k']}; "
@@ -286,17 +310,21 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
     index = _centroid_index(ctx["centroids_path"], ctx["centroids_sha"])
     emb, meta = read_embedding_shard(ctx["emb_dir"], sid)
     n = emb.shape[0]
-    valid = _valid_rows(emb, meta)
+    valid = np.zeros(n, dtype=bool)
     cluster = np.full(n, -1, dtype=np.int32)
     csim = np.full(n, np.nan, dtype=np.float32)
-    vrows = np.flatnonzero(valid)
     # Everything downstream (centroid similarity, pairs) uses the vectors as stored here: unit norm,
     # rounded to float16, so a number in the report can be recomputed from the stored vectors.
-    vec16 = np.empty((n, emb.shape[1]), dtype=np.float16)
-    for lo in range(0, len(vrows), 65536):
-        r = vrows[lo:lo + 65536]
-        vec16[r] = neardup.normalize(np.asarray(emb[r], dtype=np.float32)).astype(np.float16)
-        cluster[r], csim[r] = neardup.assign(vec16[r].astype(np.float32), None, index)
+    vec16 = np.zeros((n, emb.shape[1]), dtype=np.float16)
+    for lo in range(0, n, 65536):  # each block converted to float32 once (validity, norm, search)
+        x = np.asarray(emb[lo:lo + 65536], dtype=np.float32)
+        ok = _valid_rows(emb, meta, lo, lo + len(x), x)
+        valid[lo:lo + len(x)] = ok
+        r = np.flatnonzero(ok)
+        v16 = neardup.normalize(x[r]).astype(np.float16)
+        vec16[lo + r] = v16
+        cluster[lo + r], csim[lo + r] = neardup.assign(v16.astype(np.float32), None, index)
+    vrows = np.flatnonzero(valid)
     uids = _uid_array(meta)
     order = vrows[np.argsort(cluster[vrows], kind="stable")]  # by cluster, then row: contiguous per cluster
     vec = vec16[order]
@@ -570,11 +598,6 @@ def _key(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj))[:16]
 
 
-def _parallelize(sc: Any, items: list[Any], partitions: int) -> Any:
-    n = partitions or min(len(items), 4 * max(1, sc.defaultParallelism))
-    return sc.parallelize(items, max(1, min(n, len(items))))
-
-
 @stage_entry(STAGE)
 def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
     """Semantic dedup of a pool's image embeddings; details = summary.json's content.
@@ -597,14 +620,14 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
     write_json(join(cfg.output, "settings.json"), {"stage": STAGE, **cfg.to_dict(), "clusters_used": k})
     base = {"model": ident, "pool": pool.fingerprint, "shards": shards, "rows": rows, "emb": os.path.abspath(cfg.embeddings)
             if "://" not in cfg.embeddings else cfg.embeddings}
-    kmeans_key = _key({**base, "k": k, "seed": cfg.seed, "train_rows": train_rows, "niter": cfg.niter, "v": 1})
+    kmeans_key = _key({**base, "k": k, "seed": cfg.seed, "train_rows": train_rows, "niter": cfg.niter, "v": 2})
     timings: dict[str, float] = {}
-    with stage_spark(cfg, spark, app_name="laiontools-semdedup") as sp:
-        sc = sp.sparkContext
-        threads = threads_per_task(sp, cfg.threads)
+    with stage_tasks(cfg, spark, app_name="laiontools-semdedup", size=total, spark_above=cfg.spark_above) as tasks:
+        threads = tasks.threads(cfg.threads)
         ctx: dict[str, Any] = {"output": cfg.output, "emb_dir": cfg.embeddings, "shards": shards, "k": k, "seed": cfg.seed,
                                "dim": int(ident["embed_dim"]), "threads": threads, "niter": cfg.niter,
-                               "total_rows": total, "train_rows": train_rows}
+                               "total_rows": total, "train_rows": train_rows,
+                               "engine": "in-process" if tasks.local else f"spark {tasks.spark.sparkContext.master}"}
         # 1. k-means
         t0 = time.time()
         kjson = join(cfg.output, KMEANS_DIR, "kmeans.json")
@@ -612,8 +635,8 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         kfs, kp = url_to_fs(kjson)
         km = read_json(kjson) if kfs.exists(kp) else None
         if km is None or km.get("key") != kmeans_key:
-            sc.setJobDescription(f"laiontools semdedup: k-means, {k} clusters on {train_rows} vectors")
-            (data,) = sc.parallelize([0], 1).mapPartitions(functools.partial(_train_task, ctx)).collect()
+            (data,) = tasks.map(functools.partial(_train_task, ctx), [0], 1,
+                                f"laiontools semdedup: k-means, {k} clusters on {train_rows} vectors")
             atomic_write_bytes(cpath, data)
             km = {"key": kmeans_key, "clusters": k, "train_rows": train_rows, "niter": cfg.niter, "seed": cfg.seed,
                   "dim": ctx["dim"], "centroids_sha256": sha256_bytes(data), "spherical": True}
@@ -622,8 +645,9 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         ctx.update(centroids_path=cpath, centroids_sha=km["centroids_sha256"], assign_key=_key({"c": km["centroids_sha256"], "v": 1}))
         # 2. assign
         t0 = time.time()
-        sc.setJobDescription(f"laiontools semdedup: assign {len(shards)} shard(s) to {k} clusters")
-        assigned = _parallelize(sc, shards, cfg.partitions).mapPartitions(functools.partial(_assign_partition, ctx)).collect()
+        ctx["threads"] = tasks.threads(cfg.threads, len(shards))
+        assigned = tasks.map(functools.partial(_assign_partition, ctx), shards, cfg.partitions,
+                             f"laiontools semdedup: assign {len(shards)} shard(s) to {k} clusters")
         timings["assign"] = round(time.time() - t0, 3)
         counts = np.zeros(k, dtype=np.int64)
         for sid in shards:  # one offsets file at a time: the driver holds K counts, never vectors
@@ -638,9 +662,10 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
                    unit_key=_key({"a": ctx["assign_key"], "eps": cfg.eps, "keep": cfg.keep, "seed": cfg.seed,
                                   "units": units, "v": 2}))
         t0 = time.time()
-        sc.setJobDescription(f"laiontools semdedup: duplicate groups in {len(units)} unit(s) of clusters")
         big_first = sorted(units, key=lambda u: -int(counts[u[0]:u[1]].sum()))  # long tasks start first
-        _parallelize(sc, big_first, cfg.partitions).mapPartitions(functools.partial(_group_partition, ctx)).collect()
+        ctx["threads"] = tasks.threads(cfg.threads, len(units))
+        tasks.map(functools.partial(_group_partition, ctx), big_first, cfg.partitions,
+                  f"laiontools semdedup: duplicate groups in {len(units)} unit(s) of clusters")
         timings["groups"] = round(time.time() - t0, 3)
         _drop_stale_units(cfg.output, {_unit_id(u) for u in units}, [eps_label(e) for e in cfg.eps])
         # 4. outputs
@@ -712,7 +737,7 @@ def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], c
         "clusters_empty": int((counts == 0).sum()), "cluster_size": {"min": int(nz.min()), "median": float(np.median(nz)),
                                                                       "max": int(nz.max())},
         "keep": cfg.keep, "seed": cfg.seed, "train_rows": km["train_rows"], "units": len(units),
-        "model": DI.describe_model(pool.model), "eps": per_eps, "worker_peak_rss_mb": peak, "timings": dict(timings),
+        "model": DI.describe_model(pool.model), "eps": per_eps, "worker_peak_rss_mb": peak, "engine": ctx["engine"], "timings": dict(timings),
         "pool": pool_info,
     }
     write_json(join(cfg.output, SUMMARY_JSON), summary)
