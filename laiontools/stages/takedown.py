@@ -54,8 +54,10 @@ bytes, same catalog rows, every shard referenced), says so, and still appends an
 
 Re-running the same command gives the same pool (shards whose marker names the same source shard and
 list are kept, the rest rewritten; catalog, uid file and manifest rebuilt identically); the audit log
-grows by one line per run. Order of writes: shards (each marker last), catalog, uid file, manifest,
-audit line, then takedown.json. The audit records who (user@host), when (UTC), the list (path without
+grows by one line per completed run. Order of writes: shards (each marker last), catalog (written aside,
+then swapped in; what a killed run left aside is removed), uid file, manifest, takedown.json/.txt, and the
+audit line last: a run killed before it added no line, so its re-run adds one, as an uninterrupted run
+does (tests/faults/test_kill.py). The audit records who (user@host), when (UTC), the list (path without
 any user:password@ or query string, sha256), the reason, counts per kind and per shard, and the uids.
 """
 
@@ -78,6 +80,7 @@ from laiontools.contracts import schema as C
 from laiontools.contracts.manifest import new_manifest, resolve, write_manifest
 from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
 from laiontools.contracts.removal import RemovalList, content_hashes, read_removal_list
+from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
@@ -243,6 +246,7 @@ def rewrite_shard(src: str, dst: str, remove: list[str], status: str, note: dict
                 "status_dict": stats.get("status_dict", {}), "source": note["source"], "source_sha256": src_sha,
                 "source_bytes": src_bytes, "list_sha256": note["list_sha256"], "removed_keys": sorted(remove)}
         mark_done(dst, done)
+        failpoints.pause("takedown.shard")  # fault tests: a shard rewritten (marker written), others not yet
     fs, p = url_to_fs(dst)
     with fs.open(p, "rb") as f:
         spans = sample_spans(tar_members(f, fs.size(p)))
@@ -487,8 +491,10 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
             m[k] = pool.manifest[k]
     m_path = join(out, layout.POOL_MANIFEST)
     m_sha = write_manifest(m_path, m)
+    failpoints.pause("takedown.final-write")  # fault tests: manifest written, report and audit line not yet
 
-    # 4. audit line (after the manifest it describes), then this run's report
+    # 4. this run's report, then the audit line, last (after the manifest it describes): a run killed
+    # before it left no line, so its re-run adds exactly one, as an uninterrupted run does
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": _who(), "tool": f"laiontools {__version__}",
         "parent": {"name": pool.manifest["name"], "path": pool.path, "sha256": pool.sha256},
@@ -497,13 +503,15 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         "catalog_rows_without_sample": [{"uid": r["uid"], "status": r["status"]} for r in other],
         "matched_nothing": not matched,
     }
-    n_audit = _append_audit(out, pool, entry)
+    old_audit = _read_audit(out, pool)
+    n_audit = old_audit.count(b"\n") + 1
     text = _text(entry, pool, m_path, n_audit)
     rep = {**entry, "removed": removed, "catalog_rows": other, "audit_entries": n_audit,
            "timings": {"catalog": round(t_catalog, 3), "content": round(t_content, 3), "shards": round(t_shards, 3)}}
     write_json(join(out, layout.TAKEDOWN_JSON), rep)
     with atomic_open(join(out, layout.TAKEDOWN_TXT)) as f:
         f.write((text + "\n").encode())
+    _write_audit(out, old_audit, entry)
     rep["text"] = text
     return rep
 
@@ -519,10 +527,15 @@ def _write_catalog(cat: Any, out: str, n_rows: int) -> str:
     import uuid
 
     final = join(out, layout.CATALOG_DIR)
+    fs, fp = url_to_fs(final)
+    # what a killed run left mid-way (a half-written catalog, the one it was replacing): the catalog
+    # is rebuilt from the parent's whole, so neither is needed
+    for stale in fs.glob(fp.rpartition("/")[0] + "/.catalog-tmp-*") + fs.glob(fp + ".old-*"):
+        fs.rm(stale, recursive=True)
     tmp = join(out, f".catalog-tmp-{uuid.uuid4().hex[:8]}")
     n_parts = max(1, math.ceil(n_rows / 2_000_000))
     spark_write_parquet(cat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS), tmp)
-    fs, fp = url_to_fs(final)
+    failpoints.pause("takedown.catalog")  # fault tests: the new catalog written aside, not swapped in
     old = final + f".old-{uuid.uuid4().hex[:8]}"
     if fs.exists(fp):
         move_tree(final, old)
@@ -532,10 +545,9 @@ def _write_catalog(cat: Any, out: str, n_rows: int) -> str:
     return final
 
 
-def _append_audit(out: str, pool: PoolInfo, entry: dict[str, Any]) -> int:
-    """Append `entry` to <out>/takedown.audit.jsonl, starting it from the parent pool's log when this folder
-    has none yet. Rewritten whole through atomic_open (object stores have no append), after checking that
-    what is there is only added to. Returns the number of entries."""
+def _read_audit(out: str, pool: PoolInfo) -> bytes:
+    """The audit log this run appends to: <out>/takedown.audit.jsonl, or the parent pool's log when this
+    folder has none yet (b"" when neither exists); refused when it does not end with a newline."""
     path = join(out, layout.TAKEDOWN_AUDIT)
     fs, p = url_to_fs(path)
     if fs.exists(p):
@@ -550,10 +562,15 @@ def _append_audit(out: str, pool: PoolInfo, entry: dict[str, Any]) -> int:
                 old = f.read()
     if old and not old.endswith(b"\n"):
         raise TakedownError(f"audit log {path} does not end with a newline (cut short?); it was not changed: repair it by hand")
+    return old
+
+
+def _write_audit(out: str, old: bytes, entry: dict[str, Any]) -> None:
+    """<out>/takedown.audit.jsonl = `old` + `entry` as one line, rewritten whole through atomic_open
+    (object stores have no append): the log is only ever added to."""
     line = json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n"
-    with atomic_open(path) as f:
+    with atomic_open(join(out, layout.TAKEDOWN_AUDIT)) as f:
         f.write(old + line.encode())
-    return old.count(b"\n") + 1
 
 
 def _text(entry: dict[str, Any], pool: PoolInfo, m_path: str, n_audit: int) -> str:

@@ -302,6 +302,65 @@ def test_prepare_survives_kills(chain, monkeypatch, tmp_path):
     assert_same_prepared(out, keep)  # and the rejected rows, by rows
 
 
+# ----------------------------------------------------------------------------------------- takedown
+
+
+def test_takedown_survives_kills(chain, monkeypatch, tmp_path):
+    """A removal list hitting three shards of the pool. Kill once a shard is rewritten (a failpoint holds
+    each rewrite task after its marker), once the new catalog is written aside but not swapped in, and
+    after the manifest before the report and the audit line. The finished re-run must hold the
+    uninterrupted run's files (catalog by rows: Spark names its part files) and exactly one audit line,
+    equal to the uninterrupted one but for the time."""
+    import pandas as pd
+    from faultkit import failpoint_reached
+
+    cat = pd.read_parquet(os.path.join(chain.pool_dir, "catalog"))
+    succ = cat[cat["status"] == "success"].sort_values("uid")
+    shards = sorted(succ["shard"].unique())
+    assert len(shards) >= 3, shards
+    first = [succ[succ["shard"] == s]["uid"].iloc[0] for s in shards[:3]]
+    url = succ[succ["shard"] == shards[0]]["url"].iloc[1]
+    listfile = tmp_path / "list.txt"
+    listfile.write_text("".join(f"uid {u}\n" for u in first) + f"url {url}\n")
+    out = str(tmp_path / "pool1")
+    args = ["takedown", "--pool", chain.pool, "--list", str(listfile), "--reason", "court order 7", "--output", out]
+    keep = str(tmp_path / "pool1.uninterrupted")
+    _baseline(monkeypatch, args, out, keep)
+    n = count(keep, "shards/*.tar.done")
+    assert n == 3, n
+    marks = _markers(out, "shards/*.tar.done")
+    manifest, report = os.path.join(out, "pool.manifest.json"), os.path.join(out, "takedown.json")
+    err = str(tmp_path / "takedown.stderr")
+    points = [("a shard rewritten", lambda: marks() >= 1, "takedown.shard"),
+              ("catalog written aside", lambda: failpoint_reached(err, "takedown.catalog"), "takedown.catalog"),
+              ("final write", lambda: os.path.exists(manifest) and not os.path.exists(report), "takedown.final-write")]
+    for name, when, fp in points:
+        if os.path.exists(err):
+            os.remove(err)
+        k = run_and_kill(args, str(tmp_path), out, name, when, env={**ENV, failpoints.ENV: f"{fp}=30"}, stderr=err)
+        record({"kind": "kill", "stage": "takedown", "point": name, "killed": k.killed, "seconds": k.seconds,
+                "files_at_kill": len(k.state)})
+        assert k.killed, f"takedown ended (exit {k.returncode}) before {name}; files: {k.state}"
+        if name == "catalog written aside":
+            assert any(".catalog-tmp-" in f for f in k.state) and not any(f.startswith("catalog/") for f in k.state), k.state
+        if name == "final write":
+            assert not os.path.exists(os.path.join(out, "takedown.audit.jsonl"))  # the audit line is the last write
+    r = run(args, str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [f for f in os.listdir(out) if f.startswith((".catalog-tmp-", "catalog.old-"))]
+    _check_identical("takedown", out, keep, ("catalog/*", "takedown.json", "takedown.txt", "takedown.audit.jsonl"))
+    by_rows = [pd.read_parquet(os.path.join(d, "catalog")).sort_values(["uid", "status"]).reset_index(drop=True)
+               for d in (out, keep)]
+    pd.testing.assert_frame_equal(by_rows[0], by_rows[1])
+    assert (by_rows[0]["status"] == "removed_court_order_7").sum() >= 4
+    json_equal_except(out, keep, "takedown.json", ("time", "timings"))
+    audits = []
+    for d in (out, keep):
+        with open(os.path.join(d, "takedown.audit.jsonl")) as f:
+            audits.append([{k: v for k, v in json.loads(line).items() if k != "time"} for line in f])
+    assert len(audits[0]) == 1 and audits[0] == audits[1]
+
+
 # ------------------------------------------------------------------------------------------- verify
 
 
