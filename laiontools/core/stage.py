@@ -29,6 +29,7 @@ import functools
 import importlib
 import json
 import logging
+import multiprocessing
 import os
 import socket
 import time
@@ -103,6 +104,14 @@ def stage_spark(cfg: StageConfig, spark: Any = None, app_name: str = "laiontools
         yield s
 
 
+# What a forked task process runs (Tasks.map(processes=True)): set before the fork, read by the child.
+_FORKED: dict[str, Any] = {}
+
+
+def _forked_task(k: int) -> list[Any]:
+    return list(_FORKED["fn"](iter([_FORKED["items"][k]])))
+
+
 class Tasks:
     """Where a stage's tasks run: Spark (``mapPartitions`` over the items) or, with no session, one after
     another in this process. The task functions are the same either way (they write their files and
@@ -128,11 +137,24 @@ class Tasks:
         return threads_per_task(self.spark, 0)
 
     def map(self, fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], partitions: int = 0,
-            description: str | None = None) -> list[Any]:
-        """``fn(items of one partition) -> results``, over every item; the results in a list."""
+            description: str | None = None, processes: bool = False) -> list[Any]:
+        """``fn(items of one partition) -> results``, over every item; the results in a list.
+
+        In process, `processes`: tasks whose work is mostly Python (parsing and writing tar members)
+        run in forked worker processes, since threads would share one interpreter lock; `fn` and the
+        items reach them by the fork, only results travel back. Otherwise threads."""
         if self.spark is None:
             if len(items) < 2 or self.workers < 2:
                 return list(fn(iter(items))) if items else []
+            if processes and "fork" in multiprocessing.get_all_start_methods():
+                from concurrent.futures import ProcessPoolExecutor
+
+                _FORKED.update(fn=fn, items=items)
+                try:
+                    with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=multiprocessing.get_context("fork")) as ex:
+                        return [r for part in ex.map(_forked_task, range(len(items))) for r in part]
+                finally:
+                    _FORKED.clear()
             # numpy, faiss, pyarrow and file I/O release the GIL: a few threads keep the cores busy
             # between one task's BLAS calls (each task writes its own files and marker, as on Spark)
             from concurrent.futures import ThreadPoolExecutor

@@ -1,0 +1,66 @@
+"""core.stage.Tasks in process: the engine semdedup and reshard use below --spark-above."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from laiontools.core.errors import InputError, task_error, user_error_from
+from laiontools.core.stage import Tasks, wants_spark
+
+
+def _squares(items):
+    for x in items:
+        yield (x, x * x, os.getpid())
+
+
+def _fails_on_three(items):
+    for x in items:
+        if x == 3:
+            raise task_error(f"shard {x}: damaged, run `laiontools verify`")
+        yield x
+
+
+@pytest.mark.parametrize("processes", [False, True])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_map_keeps_item_order_and_runs_every_item_once(processes, workers):
+    got = Tasks(None, workers).map(_squares, list(range(7)), processes=processes)
+    assert [(x, y) for x, y, _ in got] == [(x, x * x) for x in range(7)]
+    pids = {p for _, _, p in got}
+    if processes and workers > 1:
+        assert os.getpid() not in pids  # forked task processes did the work
+    else:
+        assert pids == {os.getpid()}
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_task_error_reaches_the_caller_as_the_same_user_error(processes):
+    with pytest.raises(Exception) as e:
+        Tasks(None, 2).map(_fails_on_three, list(range(6)), processes=processes)
+    err = user_error_from(e.value, InputError)
+    assert isinstance(err, InputError) and str(err) == "shard 3: damaged, run `laiontools verify`"
+
+
+def test_threads_share_the_cores_among_tasks_at_once():
+    cores = os.cpu_count() or 1
+    t = Tasks(None, 2)
+    assert t.threads(0, items=1) == cores
+    assert t.threads(0, items=10) == max(1, cores // 2)
+    assert t.threads(5, items=10) == 5
+    assert Tasks(None, 1).map(_squares, []) == []
+
+
+def test_wants_spark(monkeypatch):
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    assert not wants_spark(None, 100, 1000)
+    assert wants_spark(None, 1001, 1000)
+    assert wants_spark(None, 1, 0)  # 0: always
+    assert not wants_spark(None, 10**12, -1)  # -1: only when a master is named
+    assert wants_spark("local[2]", 1, -1)
+    monkeypatch.setenv("LAIONTOOLS_SPARK_MASTER", "spark://h:7077")
+    assert wants_spark(None, 1, -1)
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER")
+    monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "1")  # under spark-submit
+    assert wants_spark(None, 1, -1)
