@@ -10,7 +10,8 @@ catalog and a manifest), selects a subset holding every sample, then times, alte
 * direct copy: the same with O_DIRECT writes from an aligned buffer, as reshard writes by default
            (a stricter baseline: what part of the ratio is bypassing the page cache);
 * reshard: `reshard.run` on Spark local[2] (session already started), which plans from the
-           catalog, indexes the tars, and writes shuffled, evenly sized shards.
+           catalog, indexes the tars, and writes shuffled, evenly sized shards (nested mode:
+           ``--engine default``, as the CLI runs it, in process for pools under 5M catalog rows).
 
 MB/s = source bytes / seconds. The ratio reshard/copy is the figure (target >= 0.5). Spark's fixed
 cost per run (planning jobs) weighs heavily on small inputs, so the run is repeated at two pool
@@ -206,8 +207,11 @@ class _PhaseTimes:
         logging.getLogger("laiontools.stages.reshard").removeHandler(self.handler)
 
 
-def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: list[float], repeats: int) -> dict:
-    """Reshard subsets holding `fractions` of one pool against a plain copy of the same bytes."""
+def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: list[float], repeats: int,
+           engine: str = "default") -> dict:
+    """Reshard subsets holding `fractions` of one pool against a plain copy of the same bytes.
+    `engine`: "default" runs reshard as the CLI does (in process below --spark-above catalog rows),
+    "spark" on the bench's Spark session."""
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages import subsets as subsets_stage
@@ -235,7 +239,8 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
             shutil.rmtree(dst, ignore_errors=True)
             with _PhaseTimes() as ph:
                 t = time.perf_counter()
-                res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size), spark).details
+                res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size),
+                                        spark if engine == "spark" else None).details
                 reshards.append(time.perf_counter() - t)
             phases.append(dict(ph))
             if touched is None:  # how scattered the reads are: source tars the subset's samples come from
@@ -254,7 +259,7 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
         write_s = med([p.get("write_s", float("nan")) for p in phases])
         mb = res["bytes"] / 1e6
         out["subsets"].append({
-            "fraction": f, "samples": m["num_samples"], "mb": round(mb, 1), "output_shards": res["num_shards"],
+            "fraction": f, "engine": res["engine"], "samples": m["num_samples"], "mb": round(mb, 1), "output_shards": res["num_shards"],
             "source_tars_read": touched, "copy_s": [round(x, 3) for x in copies], "reshard_s": [round(x, 2) for x in reshards],
             "phases_s": phases, "copy_mb_s": round(mb / copy_s, 1), "reshard_mb_s": round(mb / reshard_s, 1),
             "ratio": round(copy_s / reshard_s, 3), "write_phase_mb_s": round(mb / write_s, 1) if write_s > 0 else None,
@@ -315,6 +320,8 @@ def main() -> int:
                     help="record sample byte spans in the catalog as download does (--no-catalog-spans: reshard indexes the tars)")
     ap.add_argument("--subset-fractions", default=None,
                     help="nested mode: reshard subsets holding these fractions of one pool (e.g. 0.02,0.2) vs a copy of the same bytes")
+    ap.add_argument("--engine", choices=["default", "spark"], default="default",
+                    help="nested mode: reshard as the CLI runs it (default: in process below --spark-above catalog rows) or on Spark local[2]")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()
@@ -401,11 +408,11 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
     fractions = [float(x) for x in a.subset_fractions.split(",")]
     with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
         one_size(spark, work, 1, 50, 4, 10, 1)  # warm-up (JVM JIT, Python workers): not reported
-        out = nested(spark, work, a.shards, a.per_shard, a.kb, fractions, a.repeats)
+        out = nested(spark, work, a.shards, a.per_shard, a.kb, fractions, a.repeats, a.engine)
         if a.scale_up:
             # The same fractions of a pool scale_up times larger: the extra bytes over the extra seconds
             # is the throughput with Spark's fixed cost per run (plan jobs, task start) taken out.
-            big = nested(spark, work, a.shards * a.scale_up, a.per_shard, a.kb, fractions, a.repeats)
+            big = nested(spark, work, a.shards * a.scale_up, a.per_shard, a.kb, fractions, a.repeats, a.engine)
             out["larger_pool"] = big
             out["marginal"] = []
             for s1, s2 in zip(out["subsets"], big["subsets"]):
@@ -424,7 +431,7 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "reshard_nested.json"), "w") as f:
         json.dump(out, f, indent=2)
-    print(f"\npool {out['pool_samples']} samples, {out['pool_mb']} MB in {out['pool_shards']} tars")
+    print(f"\nengine {out['subsets'][0]['engine'] if out['subsets'] else '?'}; pool {out['pool_samples']} samples, {out['pool_mb']} MB in {out['pool_shards']} tars")
     print(f"{'fraction':>8} {'samples':>8} {'MB':>7} {'tars read':>9} {'copy MB/s':>10} {'reshard MB/s':>13} {'ratio':>6} {'write-phase ratio':>18}")
     for r in out["subsets"]:
         print(f"{r['fraction']:>8} {r['samples']:>8} {r['mb']:>7.1f} {r['source_tars_read']:>9} {r['copy_mb_s']:>10.1f} "

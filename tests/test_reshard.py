@@ -292,9 +292,41 @@ def test_catalog_spans_and_the_tar_index_give_the_same_shards(spark, subset, res
     _same_output(resharded, str(tmp_path / "b"))
 
 
-def test_catalog_span_that_misses_its_sample_is_named(spark, subset, tmp_path):
+def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_path, monkeypatch):
+    """Below --spark-above with no master named, the plan and the write run in this process: the same
+    shards and manifest, byte for byte, as on Spark, for the large subset and for a scattered half;
+    a run whose first shards were written on Spark finishes in process with the same bytes."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    a = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "a"), shard_size=8)).details
+    assert a["engine"] == "in-process" and a["sample_spans"] == "catalog"
+    _same_output(resharded, str(tmp_path / "a"))
+    half = os.path.join(os.path.dirname(subset), "..")
+    small = sorted((os.path.join(r, f) for r, _, fs in os.walk(half) for f in fs if f.endswith(".manifest.json")),
+                   key=lambda p: read_manifest(p)["num_samples"])[0]
+    assert read_manifest(small)["num_samples"] < read_manifest(subset)["num_samples"]
+    on_spark = reshard_stage.run(ReshardConfig(manifest=small, output=str(tmp_path / "s"), shard_size=5), spark).details
+    assert on_spark["engine"].startswith("spark ")
+    here = reshard_stage.run(ReshardConfig(manifest=small, output=str(tmp_path / "l"), shard_size=5)).details
+    assert here["engine"] == "in-process"
+    _same_output(str(tmp_path / "s"), str(tmp_path / "l"))
+    # resume across engines: drop half the Spark run's shards (tar and marker), finish in process
+    mixed = str(tmp_path / "m")
+    shutil.copytree(str(tmp_path / "s"), mixed)
+    tars = sorted(f for f in os.listdir(os.path.join(mixed, "shards")) if f.endswith(".tar"))
+    for t in tars[: len(tars) // 2]:
+        os.remove(os.path.join(mixed, "shards", t))
+        os.remove(os.path.join(mixed, "shards", t + ".done"))
+    os.remove(os.path.join(mixed, layout.RESHARD_MANIFEST))
+    assert reshard_stage.run(ReshardConfig(manifest=small, output=mixed, shard_size=5)).details["engine"] == "in-process"
+    _same_output(str(tmp_path / "s"), mixed)
+
+
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_catalog_span_that_misses_its_sample_is_named(spark, subset, tmp_path, monkeypatch, engine):
     """A catalog span that does not hold its sample's members (a shard rewritten after download)
-    stops the reshard with an error naming the shard and the sample, not a damaged output."""
+    stops the reshard with an error naming the shard and the sample, not a damaged output; raised in
+    a Spark task or in a forked task process, it reaches the user as the same one-line error."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -312,7 +344,8 @@ def test_catalog_span_that_misses_its_sample_is_named(spark, subset, tmp_path):
         pq.write_table(cat.set_column(cat.column_names.index(C.TAR_OFFSET), C.TAR_OFFSET, pa.array(off, pa.int64())),
                        os.path.join(cat_dir, "part-00000.parquet"))
         with pytest.raises(ReshardError, match=r"catalog gives for sample .* run `laiontools verify`"):
-            reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "c"), shard_size=8), spark)
+            reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "c"), shard_size=8),
+                              spark if engine == "spark" else None)
     finally:
         shutil.rmtree(cat_dir)
         os.rename(saved, cat_dir)
