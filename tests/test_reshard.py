@@ -300,9 +300,9 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
     a = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "a"), shard_size=8)).details
     assert a["engine"] == "in-process" and a["sample_spans"] == "catalog"
     _same_output(resharded, str(tmp_path / "a"))
-    half = os.path.join(os.path.dirname(subset), "..")
-    small = sorted((os.path.join(r, f) for r, _, fs in os.walk(half) for f in fs if f.endswith(".manifest.json")),
-                   key=lambda p: read_manifest(p)["num_samples"])[0]
+    half = os.path.dirname(subset)  # the subsets output: both scales
+    small = min((os.path.join(r, f) for r, _, fs in os.walk(half) for f in fs if f.endswith(".manifest.json")),
+                key=lambda p: read_manifest(p)["num_samples"])
     assert read_manifest(small)["num_samples"] < read_manifest(subset)["num_samples"]
     on_spark = reshard_stage.run(ReshardConfig(manifest=small, output=str(tmp_path / "s"), shard_size=5), spark).details
     assert on_spark["engine"].startswith("spark ")

@@ -78,7 +78,14 @@ from laiontools.contracts.uids import member_series
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError, task_error, user_error_from
 from laiontools.core.report import table
-from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark, stage_tasks
+from laiontools.core.stage import (
+    SparkStageConfig,
+    StageResult,
+    config_parser,
+    stage_entry,
+    stage_spark,
+    stage_tasks,
+)
 from laiontools.core.storage import (
     atomic_open,
     ensure_output_dir,
