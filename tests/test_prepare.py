@@ -327,6 +327,11 @@ def test_host_layout_plan_bounds_and_reports_what_it_could_not_bound():
     for host, r in host_rows:
         assert touched[host] <= (min(r, 8) if r <= 8 * 50 else r // 50 + min(8, r % 50)), (host, r, touched[host])
     assert max(touched.values()) <= summary["max_shards_per_host_bound"]
+    # the hosts the download must share out: every host that touched more than H shards is listed, with
+    # a count at least what it touched (counted row by row above), and no host within the bound
+    over = summary["hosts_over_bound"]
+    assert over and {h for h, t in touched.items() if t > 8} <= set(over)
+    assert all(touched[h] <= m and m > 8 for h, m in over.items())
 
     tight = [(f"t{i}", 399) for i in range(30)] + [("x", 7)]  # groups of 400 rows, 30 hosts of 399
     summary, touched = _check_plan(tight, 50, 8, seed=2)

@@ -483,6 +483,43 @@ def test_scheduler_starts_an_idle_hosts_rows_instead_of_waiting_on_a_busy_one(im
         assert all(t >= t0 + i * 1.0 - 1e-3 for i, (t, _) in enumerate(log)), [round(t - t0, 3) for t, _ in log]
 
 
+def test_host_shares_divide_one_executors_limits_at_that_host_only():
+    """download.host_shares: a host fetched by d times more tasks than the bound allows keeps 1/d of
+    the per-executor limits, in the gate (rate spacing, concurrency) and in the scheduler (rows in
+    flight); other hosts keep theirs; the next shard's shares replace the last ones."""
+    from laiontools.web.fetch import HostGate, HostScheduler
+
+    gate = HostGate()
+    gate.set_shares({"big.example.org": 3, "one.example.org": 1})
+    assert gate.limits("big.example.org", 12.0, 6) == (4.0, 2)
+    assert gate.limits("big.example.org", 12.0, 2) == (4.0, 1)  # a task keeps one request in flight
+    assert gate.limits("small.example.org", 12.0, 6) == (12.0, 6)
+    assert gate.limits("one.example.org", 12.0, 6) == (12.0, 6)
+    assert gate.interval("big.example.org", 12.0) == pytest.approx(0.25)
+    assert gate.interval("small.example.org", 12.0) == pytest.approx(1 / 12)
+    rows = [(k, f"http://big.example.org/{k}.jpg") for k in range(6)] + [(k, f"http://small.example.org/{k}.jpg")
+                                                                        for k in range(6, 12)]
+    sched = HostScheduler(rows, gate, None, 6)  # concurrency only: no waiting for rate slots
+    taken = [sched.take()[1].split("/")[2] for _ in range(8)]  # none done: big stops at 6 // 3 = 2 in flight
+    assert taken.count("big.example.org") == 2 and taken.count("small.example.org") == 6
+    sched.done(0)
+    assert sched.take()[1].split("/")[2] == "big.example.org"  # a freed slot: the next big row
+    gate.set_shares({})
+    assert gate.limits("big.example.org", 12.0, 6) == (12.0, 6)
+
+
+def test_download_host_shares_arithmetic(tmp_path):
+    from laiontools.stages.download import DownloadConfig, host_shares
+
+    cfg = DownloadConfig(input="x", output=str(tmp_path), max_host_shards=4)
+    stats = {"host_layout": {"hosts_over_bound": {"a.org": 40, "b.org": 6, "c.org": 5}}}
+    # d = ceil(min(m, tasks at once) / H)
+    assert host_shares(stats, cfg, 100) == (("a.org", 10), ("b.org", 2), ("c.org", 2))
+    assert host_shares(stats, cfg, 8) == (("a.org", 2), ("b.org", 2), ("c.org", 2))
+    assert host_shares(stats, cfg, 4) == ()  # 4 tasks at once never exceed the bound of 4
+    assert host_shares({"host_layout": {"bounded": False}}, cfg, 100) == ()
+
+
 def test_scheduler_hands_out_the_rest_at_once_after_the_shard_deadline():
     from laiontools.web.fetch import HostGate, HostScheduler
 

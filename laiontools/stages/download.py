@@ -176,6 +176,24 @@ def _clean_incomplete_shards(shard_dir: str) -> None:
             fs.rm(f)
 
 
+def host_shares(prep_stats: dict[str, Any], cfg: DownloadConfig, tasks_at_once: int) -> tuple[tuple[str, int], ...]:
+    """(host, d) for the hosts whose rows prepare had to put in more than H = ``--max-host-shards``
+    shards (m of them): up to min(m, tasks_at_once) download tasks fetch such a host at once, so each
+    keeps 1/d of the per-executor limits, d = ceil(min(m, tasks_at_once) / H). Every host then sees at
+    most H × ``--max-host-rps`` requests per second (and about H × ``--max-host-concurrency`` in
+    flight: a task keeps at least one) across the cluster, as the hosts inside the bound do.
+    `tasks_at_once`: Spark's default parallelism (the cores of the executors it knows now; with
+    dynamic allocation, set ``spark.default.parallelism`` to the most it may run)."""
+    over = (prep_stats.get("host_layout") or {}).get("hosts_over_bound") or {}
+    h = max(1, int(cfg.max_host_shards or 1))
+    out = []
+    for host, m in sorted(over.items()):
+        d = -(-min(int(m), max(1, int(tasks_at_once))) // h)
+        if d > 1:
+            out.append((host, d))
+    return tuple(out)
+
+
 def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: Any) -> None:
     """Download the prepared rows in `input_dir` into `shard_dir` with img2dataset's components."""
     import os
@@ -208,7 +226,9 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
                          request_deadline=float(cfg.request_deadline), shard_deadline=cfg.shard_deadline or None,
                          respect_tdm=cfg.respect_tdm_reservation, respect_robots=cfg.respect_robots,
                          robots_user_agent=cfg.user_agent_token, max_host_rps=cfg.max_host_rps,
-                         max_host_concurrency=cfg.max_host_concurrency, blocklist=cfg.blocklist)
+                         max_host_concurrency=cfg.max_host_concurrency, blocklist=cfg.blocklist,
+                         host_shares=host_shares(prep_stats, cfg, spark.sparkContext.defaultParallelism)
+                         if (cfg.max_host_rps or cfg.max_host_concurrency) else ())
     directives = ["noai", "noimageai", "noindex", "noimageindex"] if cfg.respect_optouts else None
     downloader = PolicyDownloader(
         sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.thread_count, save_caption=True,

@@ -488,23 +488,31 @@ class HostLayout:
         size = tail if shard == k - 1 else s
         return first + shard * s + (slot * _coprime_step(size)) % size
 
+    def host_shards_bound(self, host: str) -> int:
+        """Upper bound, from the plan, of the shards a planned host's rows land in."""
+        tot = 0
+        for _, cnt, g, _start in self.pieces[host]:
+            if g < 0:
+                tot += -(-cnt // self.shard_size)
+            else:
+                tot += min(cnt, -(-self.groups[g][1] // self.shard_size))
+        return tot
+
     def max_shards_bound(self) -> int:
         """Upper bound, from the plan, of the shards any planned host touches (fillers: ≤ H)."""
-        worst = self.max_host_shards
-        for pcs in self.pieces.values():
-            tot = 0
-            for _, cnt, g, _start in pcs:
-                if g < 0:
-                    tot += -(-cnt // self.shard_size)
-                else:
-                    tot += min(cnt, -(-self.groups[g][1] // self.shard_size))
-            worst = max(worst, tot)
-        return worst
+        return max([self.max_host_shards, *(self.host_shards_bound(h) for h in self.pieces)])
+
+    def hosts_over_bound(self) -> dict[str, int]:
+        """{host: shards} for the hosts whose rows land in more than H shards (those with more than
+        H × shard_size rows, and split ones): the download divides their per-executor limits so that
+        the tasks fetching them at once stay within H × the limits together (download.host_shares)."""
+        out = {h: self.host_shards_bound(h) for h in sorted(self.pieces)}
+        return {h: m for h, m in out.items() if m > self.max_host_shards}
 
     def summary(self) -> dict[str, Any]:
         return {"max_host_shards": self.max_host_shards, "groups": len(self.groups), "planned_hosts": len(self.pieces),
                 "exclusive_hosts": self.exclusive_hosts, "split_hosts": self.split_hosts,
-                "max_shards_per_host_bound": self.max_shards_bound()}
+                "max_shards_per_host_bound": self.max_shards_bound(), "hosts_over_bound": self.hosts_over_bound()}
 
 
 def plan_host_layout(big_hosts: list[tuple[str, int]], n: int, shard_size: int, max_host_shards: int) -> HostLayout:

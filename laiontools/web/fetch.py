@@ -112,6 +112,7 @@ class FetchPolicy:
     max_host_rps: float | None = None  # requests per second per host, per executor (None: no limit)
     max_host_concurrency: int | None = None  # requests in flight per host, per executor (None: no limit)
     max_host_backoff: float = 60.0  # cap on how long a 429/503 (its Retry-After) pauses a host
+    host_shares: tuple[tuple[str, int], ...] = ()  # (host, d): this executor's limits at host are divided by d
     blocklist: str | None = None  # path of a --blocklist file (URLs, domains, content hashes)
 
 
@@ -258,6 +259,7 @@ class HostGate:
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._hosts: dict[str, _Host] = {}
+        self._shares: dict[str, int] = {}
 
     def _host(self, host: str) -> _Host:
         h = self._hosts.get(host)
@@ -282,9 +284,25 @@ class HostGate:
                 h.next_slot = max(h.next_slot, h.last_start + seconds)
             h.crawl_delay = max(0.0, seconds)
 
+    def set_shares(self, shares: dict[str, int]) -> None:
+        """From now on, divide the per-executor limits of these hosts by their share, and no other
+        host's (download.host_shares: a host whose rows lie in many shards is fetched by many tasks at
+        once; each keeps its share). Replaces the shares set before (a Python worker serves many jobs)."""
+        with self._cv:
+            self._shares = {h: max(1, int(d)) for h, d in shares.items() if int(d) > 1}
+
+    def limits(self, host: str, max_rps: float | None, max_concurrency: int | None) -> tuple[float | None, int | None]:
+        """This executor's limits at `host`: the user's, divided by the host's share (concurrency at
+        least 1)."""
+        d = self._shares.get(host, 1)  # replaced whole, never mutated: read without the lock
+        if d == 1:
+            return max_rps, max_concurrency
+        return (max_rps / d if max_rps else max_rps), (max(1, max_concurrency // d) if max_concurrency else max_concurrency)
+
     def interval(self, host: str, max_rps: float | None) -> float:
         """Minimum seconds between two request starts at `host`: the stricter of the user's rate limit
-        and the host's Crawl-delay (0: no spacing)."""
+        (divided by the host's share) and the host's Crawl-delay (0: no spacing)."""
+        max_rps = self.limits(host, max_rps, None)[0]
         with self._cv:
             h = self._hosts.get(host)
             delay = h.crawl_delay if h is not None else 0.0
@@ -311,6 +329,7 @@ class HostGate:
         bounds the wait, past which a ``deadline:`` FetchError is raised.
         """
         t0 = time.monotonic()
+        max_rps, max_concurrency = self.limits(host, max_rps, max_concurrency)
         with self._cv:
             spaced = bool(max_rps) or self._host(host).crawl_delay > 0
         if not spaced and not max_concurrency:
@@ -449,9 +468,13 @@ class HostScheduler:
         self._left -= 1
         self._inflight[host] += 1
         self._next[host] = max(now, self._next[host]) + self._gate.interval(host, self._rps)
-        if q and (not self._conc or self._inflight[host] < self._conc):
+        if q and self._below_cap(host):
             self._push(host)
         return row
+
+    def _below_cap(self, host: str) -> bool:
+        conc = self._gate.limits(host, None, self._conc)[1]
+        return not conc or self._inflight[host] < conc
 
     def _push(self, host: str) -> None:
         if host not in self._in_heap:
@@ -464,7 +487,7 @@ class HostScheduler:
             host = self._host_of_key[key]
             self._inflight[host] -= 1
             q = self._queues[host]
-            if q and (not self._conc or self._inflight[host] < self._conc):  # was capped: back in the heap
+            if q and self._below_cap(host):  # was capped: back in the heap
                 self._push(host)
             self._cv.notify_all()
 
@@ -1008,6 +1031,7 @@ class PolicyDownloader(Downloader):
 
         pol = FetchPolicy(**{**self.policy_dict, "allow_networks": tuple(self.policy_dict["allow_networks"])})
         DNS.ttl = pol.dns_ttl
+        HOSTS.set_shares({h: int(d) for h, d in pol.host_shares})
         at = time.monotonic() + pol.shard_deadline if pol.shard_deadline else None
         # The shard's rows go to a HostScheduler; img2dataset's pool still calls the fetch once per row
         # (its row is only a ticket), so its writer, keys, stats and memory bound stay as they are.
