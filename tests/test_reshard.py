@@ -414,6 +414,39 @@ def test_bad_inputs(spark, subset, tmp_path):
     assert cli(["reshard", "--manifest", subset, "--output", str(tmp_path / "y"), "--seed", "1.5"]) == 2
 
 
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_a_subset_uid_the_pool_never_downloaded_is_refused(spark, subset, tmp_path, monkeypatch, engine):
+    """A subset whose uid file names a sample the pool's catalog has no download of (the pool changed
+    since selection): refused before any shard is written, on either engine, naming what to do."""
+    from laiontools.contracts.uids import save_uids
+    from laiontools.core.storage import sha256_file
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    m = read_manifest(subset)
+    uids = _uids_of(resolve(subset, m["uids"]["path"]))
+    forged = sorted(uids + ["f" * 32])
+    save_uids(str(tmp_path / "forged.uids.npy"), forged)
+    sha, _ = sha256_file(str(tmp_path / "forged.uids.npy"))
+    m["uids"] = {"path": str(tmp_path / "forged.uids.npy"), "sha256": sha, "count": len(forged)}
+    m["num_samples"] = len(forged)
+    m["pool"]["path"] = resolve(subset, m["pool"]["path"])
+    with open(tmp_path / "forged.manifest.json", "w") as f:
+        json.dump(m, f)
+    out = tmp_path / "out"
+    with pytest.raises(ReshardError, match="cannot reshard: 1 subset uids are not downloaded samples"):
+        reshard_stage.run(ReshardConfig(manifest=str(tmp_path / "forged.manifest.json"), output=str(out), shard_size=8),
+                          spark if engine == "spark" else None)
+    assert not glob.glob(str(out / "shards" / "*.tar"))
+
+
+def _uids_of(path: str) -> list[str]:
+    import numpy as np
+
+    from laiontools.contracts.uids import array_to_uids, load_uids
+
+    return array_to_uids(np.asarray(load_uids(path, mmap=False)))
+
+
 def test_damaged_source_shard_is_named_before_writing(spark, tmp_path):
     # A source tar that lost a sample the catalog lists must stop the run before any shard is
     # written (the check runs on the joined plan, ahead of the write tasks).

@@ -614,6 +614,16 @@ def _reshard(cfg: ReshardConfig, tasks: Any) -> dict[str, Any]:
             "sample_spans": spans_from, "engine": engine}
 
 
+def _not_in_catalog(missing: int) -> ReshardError:
+    return ReshardError(f"cannot reshard: {missing} subset uids are not downloaded samples in the pool catalog; "
+                        "the pool changed since selection: re-run subsets on it")
+
+
+def _incomplete_shards(pool: Any, unknown: list[str]) -> ReshardError:
+    return ReshardError(f"cannot reshard: samples in shards not listed as complete in {pool.path}: {unknown[:5]}; "
+                        "the pool changed since selection: re-run subsets on it")
+
+
 def _run_local(
     tasks: Any, pool: Any, uid_path: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str,
     plan_id: str, width: int, direct: bool,
@@ -662,16 +672,10 @@ def _run_local(
     rows = rows.sort_values([C.UID, "_sid", C.KEY, C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256], na_position="first", kind="stable")
     rows = rows.drop_duplicates(C.UID, keep="first")
     if len(rows) != n:
-        raise ReshardError(
-            f"cannot reshard: {n - len(rows)} subset uids are not downloaded samples in the pool catalog; "
-            "the pool changed since selection: re-run subsets on it"
-        )
+        raise _not_in_catalog(n - len(rows))
     unknown = sorted(set(rows["_sid"]) - set(urls))
     if unknown:
-        raise ReshardError(
-            f"cannot reshard: samples in shards not listed as complete in {pool.path}: {unknown[:5]}; "
-            "the pool changed since selection: re-run subsets on it"
-        )
+        raise _incomplete_shards(pool, unknown)
     rows["h"] = score_series(rows[C.UID].reset_index(drop=True), seed, person=SHUFFLE_PERSON).to_numpy()
     rows = rows.sort_values(["h", C.UID], kind="stable").reset_index(drop=True)
     pos = np.arange(n, dtype=np.int64)
@@ -747,10 +751,7 @@ def _run_spark(
         got = sum(c for _, c in counts)
         log.info("reshard: planned %d samples in %.1f s", got, time.perf_counter() - t0)
         if got != n:
-            raise ReshardError(
-                f"cannot reshard: {n - got} subset uids are not downloaded samples in the pool catalog; "
-                "the pool changed since selection: re-run subsets on it"
-            )
+            raise _not_in_catalog(n - got)
         offsets, acc = [], 0
         for pid, c in counts:
             offsets.append((pid, acc))
@@ -775,10 +776,7 @@ def _run_spark(
             # does not list as complete are still refused.
             unknown = [x["_sid"] for x in plan.join(F.broadcast(known), "_sid", "left_anti").select("_sid").distinct().limit(5).collect()]
             if unknown:
-                raise ReshardError(
-                    f"cannot reshard: samples in shards not listed as complete in {pool.path}: {sorted(unknown)}; "
-                    "the pool changed since selection: re-run subsets on it"
-                )
+                raise _incomplete_shards(pool, sorted(unknown))
             joined, cols = plan, ["j", "i", C.UID, "_sid", C.KEY, *span_names]
             log.info("reshard: sample byte spans come from the catalog (no tar indexed): %.1f s", time.perf_counter() - t1)
         else:
@@ -797,10 +795,7 @@ def _run_spark(
             if missing:
                 unknown = sorted({x["_sid"] for x in missing if x["_sid"] not in urls})
                 if unknown:
-                    raise ReshardError(
-                        f"cannot reshard: samples in shards not listed as complete in {pool.path}: {unknown[:5]}; "
-                        "the pool changed since selection: re-run subsets on it"
-                    )
+                    raise _incomplete_shards(pool, unknown)
                 raise ReshardError(
                     f"source shards lack samples the catalog lists, e.g. {[(x['_sid'], x[C.KEY]) for x in missing]}; "
                     "the pool is damaged: run `laiontools verify` on it"

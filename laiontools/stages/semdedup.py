@@ -210,16 +210,10 @@ def _vector_ok(x: np.ndarray) -> np.ndarray:
     return np.isfinite(x).all(axis=1) & (np.einsum("ij,ij->i", x, x) > 0.25)
 
 
-def _valid_rows(emb: np.ndarray, meta: Any, lo: int = 0, hi: int | None = None,
-                x: np.ndarray | None = None) -> np.ndarray:
-    """Rows [lo, hi) embed processed: status ok (or no status column) and a finite, non-zero vector
-    (`x`: those rows already in float32, to skip a second conversion)."""
-    hi = emb.shape[0] if hi is None else hi
-    ok = _status_ok(meta, lo, hi)
-    for a in range(lo, hi, 65536):
-        xa = x[a - lo:a - lo + 65536] if x is not None else np.asarray(emb[a:min(hi, a + 65536)], dtype=np.float32)
-        ok[a - lo:a - lo + len(xa)] &= _vector_ok(xa)
-    return ok
+def _valid_rows(meta: Any, lo: int, x: np.ndarray) -> np.ndarray:
+    """Rows [lo, lo + len(x)) embed processed: status ok (or no status column) and a finite, non-zero
+    vector (`x`: those rows in float32)."""
+    return _status_ok(meta, lo, lo + len(x)) & _vector_ok(x)
 
 
 def _uid_array(meta: Any) -> np.ndarray:
@@ -318,7 +312,7 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
     vec16 = np.zeros((n, emb.shape[1]), dtype=np.float16)
     for lo in range(0, n, 65536):  # each block converted to float32 once (validity, norm, search)
         x = np.asarray(emb[lo:lo + 65536], dtype=np.float32)
-        ok = _valid_rows(emb, meta, lo, lo + len(x), x)
+        ok = _valid_rows(meta, lo, x)
         valid[lo:lo + len(x)] = ok
         r = np.flatnonzero(ok)
         v16 = neardup.normalize(x[r]).astype(np.float16)
