@@ -325,6 +325,7 @@ def resharded(spark, pools, tmp_path_factory) -> dict[str, tuple[dict, dict, str
         big = rows[0]["manifest"]
         reshard_stage.run(ReshardConfig(manifest=big, output=f"{base}/resharded", shard_size=max(2, n // 4)), spark)
         out[where] = (read_manifest(big), read_manifest(f"{base}/resharded/{layout.RESHARD_MANIFEST}"), f"{base}/resharded")
+        out[f"{where}_subset"] = big
     return out
 
 
@@ -340,6 +341,29 @@ def test_subsets_and_reshard_on_s3_equal_the_local_run(resharded, s3):
     assert rs_s3["uids"]["path"].startswith("s3://") and rs_s3["uids"]["sha256"] == sub_s3["uids"]["sha256"]
     assert sha256_file(rs_s3["uids"]["path"])[0] == rs_s3["uids"]["sha256"]
     assert not s3.exists(f"{dir_s3.split('://')[1]}/uids.npy")
+
+
+@pytest.mark.slow
+def test_reshard_in_process_on_s3_writes_the_spark_runs_bytes(resharded, s3, monkeypatch):
+    """Below --spark-above with no master named, reshard plans from the s3 catalog and writes into s3://
+    from forked task processes (each opens its own s3fs client): the same shards, byte for byte (their
+    sha256 in the manifest), as the Spark run."""
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages.reshard import ReshardConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    _, rs_s3, dir_s3 = resharded["s3"]
+    out = dir_s3 + "-in-process"
+    res = reshard_stage.run(ReshardConfig(manifest=resharded["s3_subset"], output=out,
+                                          shard_size=rs_s3["reshard"]["shard_size"])).details
+    assert res["engine"] == "in-process" and res["sample_spans"] == "catalog"
+    got = read_manifest(f"{out}/{layout.RESHARD_MANIFEST}")
+    assert [(s["path"], s["num_samples"], s["sha256"]) for s in got["shards"]] == \
+        [(s["path"], s["num_samples"], s["sha256"]) for s in rs_s3["shards"]]
+    for sh in got["shards"]:
+        assert sha256_file(f"{out}/{sh['path']}")[0] == sh["sha256"]
 
 
 @pytest.mark.slow
