@@ -34,8 +34,8 @@ The driver holds centroids and per-cluster counts, never vectors. Same inputs + 
 
 Where the tasks run: on Spark when a master is named (``--master``, ``$LAIONTOOLS_SPARK_MASTER``),
 under spark-submit, or above ``--spark-above`` embedded samples (default 2M); otherwise the same task
-functions run one after another in the CLI's process (each with every core for faiss/BLAS), which
-then holds what one task holds, never the pool. Their files and markers are the same, so the bytes do
+functions run in the CLI's process, a few at once on threads sharing the cores (faiss/BLAS), which
+then holds what those tasks hold (one shard or one unit of clusters each), never the pool. Their files and markers are the same, so the bytes do
 not depend on the engine and a run killed on one resumes on the other.
 """
 
@@ -116,7 +116,7 @@ class SemDedupConfig(SparkStageConfig):
     block_rows: int = dataclasses.field(default=4096, metadata={"help": "rows per similarity block (memory ~ block_rows^2 x 4 bytes)"})
     threads: int = dataclasses.field(default=0, metadata={"help": "BLAS/faiss threads per Spark task (0: cores / concurrent tasks)"})
     partitions: int = dataclasses.field(default=0, metadata={"help": "Spark partitions (0: min(units, 4 x parallelism))"})
-    spark_above: int = dataclasses.field(default=SPARK_ABOVE_ROWS, metadata={"help": "pools with more embedded samples than this run on Spark; smaller ones run the same tasks one after another in this process, unless a master is named or under spark-submit (0: always Spark, -1: only then)"})
+    spark_above: int = dataclasses.field(default=SPARK_ABOVE_ROWS, metadata={"help": "pools with more embedded samples than this run on Spark; smaller ones run the same tasks in this process (a few at once, on threads), unless a master is named or under spark-submit (0: always Spark, -1: only then)"})
     gallery_groups: int = dataclasses.field(default=24, metadata={"help": "duplicate groups shown in gallery.html (0: none)"})
 
     def validate(self) -> None:
