@@ -56,7 +56,7 @@ def test_wants_spark(monkeypatch):
     monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
     assert not wants_spark(None, 100, 1000)
     assert wants_spark(None, 1001, 1000)
-    assert wants_spark(None, 1, 0)  # 0: always
+    assert wants_spark(None, 1, 0) and wants_spark(None, 0, 0)  # 0: always, even for nothing
     assert not wants_spark(None, 10**12, -1)  # -1: only when a master is named
     assert wants_spark("local[2]", 1, -1)
     monkeypatch.setenv("LAIONTOOLS_SPARK_MASTER", "spark://h:7077")

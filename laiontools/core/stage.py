@@ -113,8 +113,8 @@ def _forked_task(k: int) -> list[Any]:
 
 
 class Tasks:
-    """Where a stage's tasks run: Spark (``mapPartitions`` over the items) or, with no session, one after
-    another in this process. The task functions are the same either way (they write their files and
+    """Where a stage's tasks run: Spark (``mapPartitions`` over the items) or, with no session, in this
+    process, a few at a time (threads, or forked processes for Python-bound tasks). The task functions are the same either way (they write their files and
     their completion markers themselves), so the outputs and the resume points do not depend on it."""
 
     def __init__(self, spark: Any = None, workers: int = 0) -> None:
@@ -176,7 +176,7 @@ def wants_spark(master: str | None, size: int, above: int) -> bool:
 
     if master or os.environ.get("LAIONTOOLS_SPARK_MASTER") or under_spark_submit():
         return True
-    return above >= 0 and size > above
+    return above == 0 or (above > 0 and size > above)
 
 
 @contextmanager
