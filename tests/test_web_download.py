@@ -183,6 +183,19 @@ def test_politeness_blocklist_and_numeric_hosts_in_one_pool(spark, web, tmp_path
         text = f.read()
     assert "robots.txt refusals 1 (hosts 1)" in text and "hosts with the most failures" in text
     assert "429/503 pauses 1 on 1 host(s)" in text
+    # the report came from one grouped table collected to the driver; the Spark groupings used above
+    # REPORT_AGGREGATE_ROWS give the same figures on this catalog
+    from laiontools.core.storage import spark_read_parquet
+    from laiontools.stages.download import build_report, complete_shards, report_aggregate
+
+    cat_df = spark_read_parquet(spark, os.path.join(out, layout.CATALOG_DIR))
+    agg = report_aggregate(cat_df)
+    assert agg is not None and report_aggregate(cat_df, cap=1) is None
+    shards, prep = complete_shards(cfg), {"rows_in": rep["rows_in"]}
+    small, big = (build_report(cfg, cat_df, shards, prep, 0.0, aggregate=a) for a in (agg, None))
+    for k in ("by_status", "failures_by_kind", "hosts", "requested", "obtained", "rejected"):
+        assert small[k] == big[k], k
+    assert small["hosts"]["most_failures"] == rep["hosts"]["most_failures"]
 
 
 def test_max_host_shards_keeps_each_host_in_one_task(spark, web, tmp_path):

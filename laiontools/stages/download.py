@@ -414,25 +414,88 @@ def failure_kind(msg: str | None) -> str:
     return "other"
 
 
-def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], prep: dict[str, Any], wall: float,
-                 by_status: dict[str, int] | None = None) -> dict[str, Any]:
-    """report.json's content from the catalog `cat`; `by_status` (rows per status) if already counted."""
+def _failed_kind_host(cat: Any) -> tuple[Any, Any, Any]:
+    """Column expressions: is the row a failed download/resize, its failure kind, its host."""
     from pyspark.sql import functions as F
 
-    if by_status is None:
-        by_status = {r[C.STATUS]: int(r["count"]) for r in cat.groupBy(C.STATUS).count().collect()}
     kind_of = F.udf(lambda msg: failure_kind(msg), "string")
-    # Failed rows with their kind and host, grouped in Spark (error messages are nearly unique, so
-    # grouping by them would ship every failed row's text to the driver at scale).
-    fails = (cat.where(F.col(C.STATUS).isin(C.STATUS_FAILED_DOWNLOAD, C.STATUS_FAILED_RESIZE))
-             .select(C.STATUS, kind_of(F.col(C.ERROR)).alias("_kind"),
-                     F.coalesce(F.expr(f"parse_url(`{C.URL}`, 'HOST')"), F.lit("(no host)")).alias("_host"))
-             .persist())
+    failed = F.col(C.STATUS).isin(C.STATUS_FAILED_DOWNLOAD, C.STATUS_FAILED_RESIZE)
+    return failed, kind_of(F.col(C.ERROR)), F.coalesce(F.expr(f"parse_url(`{C.URL}`, 'HOST')"), F.lit("(no host)"))
+
+
+# The report's counts come from one grouped table (status, shard of successes, failure kind and host of
+# failures) collected to the driver when it has at most this many rows: one Spark job instead of a
+# dozen. Larger (a cluster-scale pool with many failing hosts): grouped in Spark as before.
+REPORT_AGGREGATE_ROWS = 200_000
+
+
+def report_aggregate(cat: Any, cap: int = REPORT_AGGREGATE_ROWS) -> list[tuple[str, str | None, str | None, str | None, int]] | None:
+    """[(status, shard (successes), kind (failures), host (failures), rows)] of the catalog, or None when
+    that table has more than `cap` rows."""
+    from pyspark.sql import functions as F
+
+    if cap <= 0:
+        return None
+    failed, kind, host = _failed_kind_host(cat)
+    agg = (cat.select(F.col(C.STATUS).alias("_s"),
+                      F.when(F.col(C.STATUS) == C.STATUS_SUCCESS, F.col(C.SHARD)).alias("_sh"),
+                      F.when(failed, kind).alias("_kind"), F.when(failed, host).alias("_host"))
+           .groupBy("_s", "_sh", "_kind", "_host").count().limit(cap + 1).collect())
+    if len(agg) > cap:
+        return None
+    return [(r["_s"], r["_sh"], r["_kind"], r["_host"], int(r["count"])) for r in agg]
+
+
+def _views_from_aggregate(agg: list[tuple[str, str | None, str | None, str | None, int]]) -> tuple[
+        dict[str, int], dict[str, int], dict[str, int], dict[str, Any]]:
+    """(rows per status, successes per shard, failures per status:kind, host view) from
+    :func:`report_aggregate`'s table: the same figures :func:`build_report`'s Spark path computes."""
+    by_status: dict[str, int] = {}
+    per_shard: dict[str, int] = {}
     kinds: dict[str, int] = {}
-    for r in fails.groupBy(C.STATUS, "_kind").count().collect():
-        kinds[f"{r[C.STATUS]}:{r['_kind']}"] = int(r["count"])
-    hosts = host_view(fails)
-    fails.unpersist()
+    per_host: dict[str, dict[str, int]] = {}
+    watched_rows: dict[str, int] = {}
+    watched_hosts: dict[str, set[str]] = {}
+    for status, shard, kind, host, n in agg:
+        by_status[status] = by_status.get(status, 0) + n
+        if status == C.STATUS_SUCCESS and shard is not None:
+            per_shard[shard] = per_shard.get(shard, 0) + n
+        if kind is not None:  # a failed row
+            kinds[f"{status}:{kind}"] = kinds.get(f"{status}:{kind}", 0) + n
+            per_host.setdefault(host, {})[kind] = per_host.get(host, {}).get(kind, 0) + n
+            if kind in HOST_WATCH_KINDS:
+                watched_rows[kind] = watched_rows.get(kind, 0) + n
+                watched_hosts.setdefault(kind, set()).add(host)
+    totals = sorted(((h, sum(k.values())) for h, k in per_host.items()), key=lambda hn: (-hn[1], hn[0]))[:TOP_HOSTS]
+    hosts = {
+        "most_failures": [{"host": h, "failed": n, "by_kind": dict(sorted(per_host[h].items(), key=lambda kv: (-kv[1], kv[0])))}
+                          for h, n in totals],
+        "watched": {k: {"rows": watched_rows.get(k, 0), "hosts": len(watched_hosts.get(k, ()))} for k in HOST_WATCH_KINDS},
+    }
+    return by_status, per_shard, kinds, hosts
+
+
+def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], prep: dict[str, Any], wall: float,
+                 by_status: dict[str, int] | None = None,
+                 aggregate: list[tuple[str, str | None, str | None, str | None, int]] | None = None) -> dict[str, Any]:
+    """report.json's content from the catalog `cat`; `by_status` (rows per status) if already counted;
+    `aggregate` (:func:`report_aggregate`) when it fitted in the driver: then no Spark job runs here."""
+    if aggregate is not None:
+        by_status, _, kinds, hosts = _views_from_aggregate(aggregate)
+    else:
+        from pyspark.sql import functions as F
+
+        if by_status is None:
+            by_status = {r[C.STATUS]: int(r["count"]) for r in cat.groupBy(C.STATUS).count().collect()}
+        # Failed rows with their kind and host, grouped in Spark (error messages are nearly unique, so
+        # grouping by them would ship every failed row's text to the driver at scale).
+        failed, kind, host = _failed_kind_host(cat)
+        fails = cat.where(failed).select(C.STATUS, kind.alias("_kind"), host.alias("_host")).persist()
+        kinds = {}
+        for r in fails.groupBy(C.STATUS, "_kind").count().collect():
+            kinds[f"{r[C.STATUS]}:{r['_kind']}"] = int(r["count"])
+        hosts = host_view(fails)
+        fails.unpersist()
     hosts["executors"] = executor_view(shards)
     success = by_status.get(C.STATUS_SUCCESS, 0)
     attempted = success + by_status.get(C.STATUS_FAILED_DOWNLOAD, 0) + by_status.get(C.STATUS_FAILED_RESIZE, 0)
@@ -445,7 +508,7 @@ def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], pr
         "obtained": success,
         "success_rate": round(success / attempted, 4) if attempted else 0.0,
         "by_status": dict(sorted(by_status.items())),
-        "failures_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "failures_by_kind": dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
         "hosts": hosts,
         "shards": len(shards),
         "bytes": int(sum(s["bytes"] for s in shards)),
@@ -477,7 +540,7 @@ def host_view(fails: Any) -> dict[str, Any]:
                fails.where(F.col("_kind").isin(list(HOST_WATCH_KINDS)))
                .groupBy("_kind").agg(F.count("*").alias("rows"), F.countDistinct("_host").alias("hosts")).collect()}
     return {
-        "most_failures": [{"host": h, "failed": n, "by_kind": dict(sorted(per[h].items(), key=lambda kv: -kv[1]))}
+        "most_failures": [{"host": h, "failed": n, "by_kind": dict(sorted(per[h].items(), key=lambda kv: (-kv[1], kv[0])))}
                           for h, n in top],
         "watched": {k: {"rows": watched.get(k, (0, 0))[0], "hosts": watched.get(k, (0, 0))[1]} for k in HOST_WATCH_KINDS},
     }
@@ -559,20 +622,26 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
     cat = spark_read_parquet(spark, cat_dir)
     succ = cat.where(F.col(C.STATUS) == C.STATUS_SUCCESS)
     [(uid_sha, n_uids)] = save_uids_spark(succ, C.UID, [join(cfg.output, layout.POOL_UIDS)])
-    # rows per status and successes per shard in one job (a shard is set on success rows only)
+    # rows per status, successes per shard and the report's failure counts: one grouped table when it
+    # fits the driver, else rows per status and successes per shard in one job (a shard is set on
+    # success rows only) and the report's groupings in Spark
+    agg = report_aggregate(cat)
     by_status: dict[str, int] = {}
     per_shard: dict[str, int] = {}
-    for r in cat.groupBy(C.STATUS, C.SHARD).count().collect():
-        by_status[r[C.STATUS]] = by_status.get(r[C.STATUS], 0) + int(r["count"])
-        if r[C.STATUS] == C.STATUS_SUCCESS:
-            per_shard[r[C.SHARD]] = int(r["count"])
+    if agg is not None:
+        by_status, per_shard, _, _ = _views_from_aggregate(agg)
+    else:
+        for r in cat.groupBy(C.STATUS, C.SHARD).count().collect():
+            by_status[r[C.STATUS]] = by_status.get(r[C.STATUS], 0) + int(r["count"])
+            if r[C.STATUS] == C.STATUS_SUCCESS:
+                per_shard[r[C.SHARD]] = int(r["count"])
     listed = []
     for s in shards:
         # a shard entirely superseded by a retry pass still lists its samples that were not retried
         n = per_shard.get(s["id"], 0)
         listed.append({"path": s["path"], "num_samples": n, "bytes": s["bytes"], "sha256": s["sha256"],
                        "tar_samples": s["num_samples"]})
-    rep = build_report(cfg, cat, shards, prep, wall, by_status)
+    rep = build_report(cfg, cat, shards, prep, wall, by_status, aggregate=agg)
     rep["spark"] = {"shuffle_partitions": n_shuffle}
     manifest = new_manifest(
         name=cfg.name, kind="pool", num_samples=n_uids, target_samples=rep["requested"],
