@@ -483,8 +483,6 @@ def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], pr
     if aggregate is not None:
         by_status, _, kinds, hosts = _views_from_aggregate(aggregate)
     else:
-        from pyspark.sql import functions as F
-
         if by_status is None:
             by_status = {r[C.STATUS]: int(r["count"]) for r in cat.groupBy(C.STATUS).count().collect()}
         # Failed rows with their kind and host, grouped in Spark (error messages are nearly unique, so
