@@ -456,6 +456,22 @@ def test_embed_and_dedup_on_s3_equal_the_local_run(spark, pools, s3, tmp_path):
     assert counts["s3"] == counts["local"] and counts["s3"]["pool_samples"] > 0, counts
     assert excluded["s3"] == excluded["local"]
 
+    # semdedup of the s3 embeddings into s3://, in process (threads, each task reading and writing the
+    # bucket through fsspec) and on Spark: the same exclusion list and report, byte for byte
+    from laiontools.stages import semdedup as semdedup_stage
+    from laiontools.stages.semdedup import SemDedupConfig
+
+    got = {}
+    for engine, sp in (("in-process", None), ("spark", spark)):
+        out = f"{outs['s3']}-semdedup-{engine}"
+        res = semdedup_stage.run(SemDedupConfig(embeddings=outs["s3"], output=out, clusters=2, eps=[0.01, 0.05],
+                                                gallery_groups=0, spark_above=-1 if sp is None else 0), sp)
+        assert res.details["engine"].startswith(engine.split("-")[0] if sp is not None else "in-process")
+        got[engine] = (sha256_file(res.outputs["exclude"])[0], res.counts,
+                       sorted(s3.find(f"{out.split('://')[1]}/report")))
+    assert got["in-process"][0] == got["spark"][0] and got["in-process"][1] == got["spark"][1], got
+    assert [p.rsplit("/", 1)[-1] for p in got["in-process"][2]] == [p.rsplit("/", 1)[-1] for p in got["spark"][2]]
+
 
 @pytest.mark.slow
 def test_embed_spark_and_torchrun_engines_on_s3_equal_the_local_engine(spark, pools, s3, tmp_path):

@@ -177,7 +177,9 @@ def _read_npy_rows(path: str, lo: int, hi: int) -> np.ndarray:
         return np.asarray(np.load(p, mmap_mode="r", allow_pickle=False)[lo:hi])
     with fs.open(p, "rb") as f:
         version = npformat.read_magic(f)
-        shape, fortran, dtype = npformat._read_array_header(f, version)  # numpy's own header reader
+        # numpy's public header readers (1.0 and 2.0; 3.0 only adds utf-8 field names, which we never write)
+        read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
         if fortran:
             raise UserError(f"{path} is Fortran-ordered; semdedup writes C order only (file replaced?)")
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
