@@ -511,3 +511,42 @@ def test_embed_spark_and_torchrun_engines_on_s3_equal_the_local_engine(spark, po
             got_meta = pd.read_parquet(io.BytesIO(s3.cat(f"{key}/{layout.EMB_META_DIR}/{sid}.parquet")))
             want_meta = pd.read_parquet(f"{ref}/{layout.EMB_META_DIR}/{sid}.parquet")
             assert list(got_meta["uid"]) == list(want_meta["uid"]), (engine, sid)
+
+
+@pytest.mark.slow
+def test_takedown_of_an_s3_pool_into_s3_equals_the_local_run(spark, pools, s3, tmp_path):
+    """takedown of the s3 pool into s3:// and of the local pool into a folder, with the same list (two
+    uids in different shards and a url): the same removed samples, counts, and rewritten shards'
+    members; untouched shards are referenced in the parent bucket; the audit log lands in the bucket."""
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest, resolve
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    cat = pd.read_parquet(f"{pools.local}/catalog")
+    succ = cat[cat["status"] == "success"].sort_values("uid")
+    shards = sorted(succ["shard"].unique())
+    assert len(shards) >= 2, shards
+    picks = [succ[succ["shard"] == s]["uid"].iloc[0] for s in shards[:2]]
+    url = succ[succ["shard"] == shards[0]]["url"].iloc[1]
+    listfile = tmp_path / "list.txt"
+    listfile.write_text("".join(f"uid {u}\n" for u in picks) + f"url {url}\n")
+    got = {}
+    for where, pool_dir, out in (("s3", pools.s3, pools.s3.rsplit("/", 1)[0] + "/pool-takedown"),
+                                 ("local", pools.local, str(tmp_path / "pool-takedown"))):
+        res = takedown_stage.run(TakedownConfig(pool=f"{pool_dir}/{layout.POOL_MANIFEST}", list_file=str(listfile),
+                                                reason="court order 7", output=out), spark)
+        m = read_manifest(f"{out}/{layout.POOL_MANIFEST}")
+        rewritten = [s for s in m["shards"] if "parent_sha256" in s]
+        got[where] = {"removed": sorted(r["uid"] for r in res.details["removed"]), "counts": res.counts,
+                      "num_samples": m["num_samples"],
+                      "rewritten": [(s["path"], s["num_samples"], sorted(_members(resolve(f"{out}/{layout.POOL_MANIFEST}", s["path"]))))
+                                    for s in rewritten],
+                      "referenced": [s["path"] for s in m["shards"] if "parent_sha256" not in s]}
+        if where == "s3":
+            assert all(p.startswith("s3://") for p in got[where]["referenced"])
+            assert s3.exists(f"{out.split('://')[1]}/{layout.TAKEDOWN_AUDIT}")
+    assert got["s3"]["removed"] == got["local"]["removed"] and len(got["s3"]["removed"]) == 3
+    assert got["s3"]["counts"] == got["local"]["counts"] and got["s3"]["num_samples"] == got["local"]["num_samples"]
+    assert [r[1:] for r in got["s3"]["rewritten"]] == [r[1:] for r in got["local"]["rewritten"]]
+    assert len(got["s3"]["rewritten"]) == 2
