@@ -11,7 +11,7 @@ catalog and a manifest), selects a subset holding every sample, then times, alte
            (a stricter baseline: what part of the ratio is bypassing the page cache);
 * reshard: `reshard.run` on Spark local[2] (session already started), which plans from the
            catalog, indexes the tars, and writes shuffled, evenly sized shards (nested mode:
-           ``--engine default``, as the CLI runs it, in process for pools under 5M catalog rows).
+           ``--engine default``, as the CLI runs it, in process for pools under 2M catalog rows).
 
 MB/s = source bytes / seconds. The ratio reshard/copy is the figure (target >= 0.5). Spark's fixed
 cost per run (planning jobs) weighs heavily on small inputs, so the run is repeated at two pool
