@@ -522,15 +522,10 @@ def test_takedown_of_an_s3_pool_into_s3_equals_the_local_run(spark, pools, s3, t
     from laiontools.contracts.manifest import read_manifest, resolve
     from laiontools.stages import takedown as takedown_stage
     from laiontools.stages.takedown import TakedownConfig
+    from laiontools.testing.removal import removal_list_for
 
-    cat = pd.read_parquet(f"{pools.local}/catalog")
-    succ = cat[cat["status"] == "success"].sort_values("uid")
-    shards = sorted(succ["shard"].unique())
-    assert len(shards) >= 2, shards
-    picks = [succ[succ["shard"] == s]["uid"].iloc[0] for s in shards[:2]]
-    url = succ[succ["shard"] == shards[0]]["url"].iloc[1]
     listfile = tmp_path / "list.txt"
-    listfile.write_text("".join(f"uid {u}\n" for u in picks) + f"url {url}\n")
+    removal_list_for(f"{pools.local}/catalog", 2, str(listfile))
     got = {}
     for where, pool_dir, out in (("s3", pools.s3, pools.s3.rsplit("/", 1)[0] + "/pool-takedown"),
                                  ("local", pools.local, str(tmp_path / "pool-takedown"))):

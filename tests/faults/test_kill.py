@@ -314,14 +314,10 @@ def test_takedown_survives_kills(chain, monkeypatch, tmp_path):
     import pandas as pd
     from faultkit import failpoint_reached
 
-    cat = pd.read_parquet(os.path.join(chain.pool_dir, "catalog"))
-    succ = cat[cat["status"] == "success"].sort_values("uid")
-    shards = sorted(succ["shard"].unique())
-    assert len(shards) >= 3, shards
-    first = [succ[succ["shard"] == s]["uid"].iloc[0] for s in shards[:3]]
-    url = succ[succ["shard"] == shards[0]]["url"].iloc[1]
+    from laiontools.testing.removal import removal_list_for
+
     listfile = tmp_path / "list.txt"
-    listfile.write_text("".join(f"uid {u}\n" for u in first) + f"url {url}\n")
+    removal_list_for(os.path.join(chain.pool_dir, "catalog"), 3, str(listfile))
     out = str(tmp_path / "pool1")
     args = ["takedown", "--pool", chain.pool, "--list", str(listfile), "--reason", "court order 7", "--output", out]
     keep = str(tmp_path / "pool1.uninterrupted")
