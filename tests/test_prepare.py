@@ -23,6 +23,16 @@ def _items(n: int) -> list[dict]:
     return [{"id": i, "file": f"{i:07d}.jpg", "caption": f"a red circle on a striped background, number {i}"} for i in range(n)]
 
 
+@pytest.fixture(params=["spark", "in-process"])
+def engine(request, monkeypatch):
+    """What prepare runs on: the shared local[2] session, or None (small sources then run in this
+    process: no master named, not under spark-submit)."""
+    if request.param == "spark":
+        return request.getfixturevalue("spark")
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    return None
+
+
 def _prepare(spark, src: str, out: str, **kw) -> dict:
     cfg = PrepareConfig(input=src, output=out, allow_networks=["127.0.0.0/8"], number_sample_per_shard=10,
                         shards_per_file=1, **kw)
@@ -37,10 +47,10 @@ def _all_rows(out: str) -> pd.DataFrame:
 
 @pytest.mark.parametrize("profile,fmt", [("laion400m", "parquet"), ("laion2b-en", "csv.gz"),
                                          ("datacomp", "jsonl.gz"), ("generic", "tsv"), ("laion400m", "jsonl")])
-def test_profiles_and_formats_map_to_canonical_columns(spark, tmp_path, profile, fmt):
+def test_profiles_and_formats_map_to_canonical_columns(engine, tmp_path, profile, fmt):
     exp = write_source(str(tmp_path / "src"), BASE, _items(30), profile=profile, fmt=fmt, n_files=2, seed=3)
     out = str(tmp_path / "out")
-    stats = _prepare(spark, str(tmp_path / "src"), out)
+    stats = _prepare(engine, str(tmp_path / "src"), out)
     assert stats["profile"] == profile
     assert stats["rows_in"] == len(exp)
     rows = _all_rows(out)
@@ -120,11 +130,11 @@ def test_missing_and_empty_inputs(spark, tmp_path):
         _prepare(spark, str(tmp_path / "dir"), str(tmp_path / "o"))
 
 
-def test_unreadable_parquet_names_the_file(spark, tmp_path):
+def test_unreadable_parquet_names_the_file(engine, tmp_path):
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 this is not parquet at all")
     with pytest.raises(InputError, match="bad.parquet.*cannot read as parquet"):
-        _prepare(spark, str(bad), str(tmp_path / "o"))
+        _prepare(engine, str(bad), str(tmp_path / "o"))
 
 
 def test_no_url_column_lists_columns_and_profiles(spark, tmp_path):
@@ -136,26 +146,34 @@ def test_no_url_column_lists_columns_and_profiles(spark, tmp_path):
     assert "link" in msg and "words" in msg and "laion400m" in msg and "datacomp" in msg and "--columns" in msg
 
 
-def test_non_utf8_text_names_the_file(spark, tmp_path):
+def test_non_utf8_text_names_the_file(engine, tmp_path):
+    """Found inside a task (the header is valid UTF-8): the same InputError from either engine."""
     src = tmp_path / "latin1.csv"
     src.write_bytes(b"url,caption\n" + f"{BASE}/a.jpg,caf\xe9 au lait\n".encode("latin-1"))
-    with pytest.raises(InputError, match="latin1.csv.*UTF-8"):
-        _prepare(spark, str(src), str(tmp_path / "o"))
+    with pytest.raises(InputError, match="latin1.csv.*UTF-8") as e:
+        _prepare(engine, str(src), str(tmp_path / "o"))
+    assert "LAIONTOOLS-USER-ERROR" not in str(e.value) and "Traceback" not in str(e.value)
     src2 = tmp_path / "latin1.jsonl.gz"
     with gzip.open(src2, "wb") as f:
         f.write(json.dumps({"url": f"{BASE}/a.jpg", "caption": "ok"}).encode() + b"\n")
         f.write(b'{"url": "http://127.0.0.1:9/b.jpg", "caption": "caf\xe9"}\n')
     with pytest.raises(InputError, match="latin1.jsonl.gz.*UTF-8"):
-        _prepare(spark, str(src2), str(tmp_path / "o2"))
+        _prepare(engine, str(src2), str(tmp_path / "o2"))
+    # past the lines read for the columns: found by the task reading the file
+    src3 = tmp_path / "late.jsonl"
+    src3.write_bytes(b"".join(json.dumps({"url": f"{BASE}/{i}.jpg", "caption": "ok"}).encode() + b"\n"
+                              for i in range(250)) + b'{"url": "http://127.0.0.1:9/b.jpg", "caption": "caf\xe9"}\n')
+    with pytest.raises(InputError, match="late.jsonl: line 251 is not valid UTF-8"):
+        _prepare(engine, str(src3), str(tmp_path / "o3"))
 
 
-def test_wrong_types_become_nulls_not_crashes(spark, tmp_path):
+def test_wrong_types_become_nulls_not_crashes(engine, tmp_path):
     src = tmp_path / "types.jsonl"
     rows = [{"url": f"{BASE}/{i}.jpg", "caption": f"c {i}", "similarity": v, "punsafe": [1]}
             for i, v in enumerate([0.3, "high", None, {"a": 1}])]
     rows.append({"url": 12345, "caption": 7})  # a number where a URL belongs: rejected with a reason
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    stats = _prepare(spark, str(src), str(tmp_path / "o"), columns="similarity=similarity,punsafe=punsafe")
+    stats = _prepare(engine, str(src), str(tmp_path / "o"), columns="similarity=similarity,punsafe=punsafe")
     rows_out = _all_rows(str(tmp_path / "o"))
     assert stats["rows_in"] == 6 and len(rows_out) == 6
     acc = rows_out[rows_out["status"] == "accepted"].sort_values("url")
@@ -344,3 +362,160 @@ def test_max_host_shards_must_not_be_negative(tmp_path):
 
     with pytest.raises(ConfigError, match="max_host_shards"):
         PrepareConfig(input="x", output=str(tmp_path), max_host_shards=-1).validate()
+
+
+# ----------------------------------------------------------------------------- the in-process engine
+
+
+def _mixed_source(path) -> str:
+    """One laion400m source in three files (parquet, csv, jsonl.gz): repeats within and across files
+    (some re-spelled to the same uid, some of rejected rows), rejects of several reasons (bad scheme,
+    private address, missing caption, blocklisted, malformed lines), extra columns only some files have,
+    numbers as text and nulls. Returns the blocklist's path."""
+    import random
+
+    rng = random.Random(11)
+    rows = []
+    for i in range(300):
+        url, cap = f"http://h{i % 23}.example.com/img/{i}.jpg", f"a photo, number {i}"
+        kind = rng.random()
+        if kind < 0.05:
+            url = f"ftp://h1.example.com/{i}.jpg"
+        elif kind < 0.1:
+            url = f"http://10.0.{i % 250}.1/{i}.jpg"
+        elif kind < 0.15:
+            cap = ""
+        elif kind < 0.2:
+            url = f"http://cdn.blocked.example.net/{i}.jpg"
+        rows.append({"SAMPLE_ID": str(i), "URL": url, "TEXT": cap, "WIDTH": rng.choice([None, 640, 1024]),
+                     "HEIGHT": 480, "LICENSE": rng.choice([None, "cc-by"]), "NSFW": rng.choice(["UNLIKELY", None]),
+                     "similarity": rng.choice([None, round(rng.random(), 3)])})
+    for j in rng.sample(range(300), 40):  # repeats anywhere: a later copy or an earlier one
+        copy = {**rows[j], "SAMPLE_ID": f"copy-{j}"}
+        if j % 2:
+            copy["URL"] = copy["URL"].replace("http://", "HTTP://").replace(".com/", ".com:80/")
+        rows.insert(rng.randrange(len(rows) + 1), copy)
+    os.makedirs(path, exist_ok=True)
+    pq_part = pd.DataFrame(rows[:130]).assign(camera=[f"cam{i % 3}" for i in range(130)])
+    pq_part.to_parquet(os.path.join(path, "a.parquet"), row_group_size=50)
+    pd.DataFrame(rows[130:250]).assign(lens="50mm").to_csv(os.path.join(path, "b.csv"), index=False)
+    with gzip.open(os.path.join(path, "c.jsonl.gz"), "wt", encoding="utf-8") as f:
+        for k, r in enumerate(rows[250:]):
+            f.write(json.dumps({**r, **({"camera": "jsoncam"} if k % 4 == 0 else {})}) + "\n")
+            if k == 10:
+                f.write("not json\n[1, 2]\n\n")
+    blocklist = os.path.join(os.path.dirname(path), "blocklist.txt")
+    with open(blocklist, "w") as f:
+        f.write("# test list\nblocked.example.net\nhttp://h3.example.com/img/3.jpg\n")
+    return blocklist
+
+
+def _prepared(out: str, part: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(os.path.join(out, layout.PREPARED_DIR, part))
+
+
+def _assert_same_prepared(a: str, b: str) -> tuple[dict, dict]:
+    """The prepared folders `a` (Spark) and `b` (in process) hold the same rows: accepted files equal
+    file by file (rows, order, schema; the very bytes), rejected rows equal as a set with the same
+    schema, stats equal but for where they ran. Returns both stats."""
+    import pyarrow.parquet as pq
+
+    from laiontools.core.storage import read_json
+
+    acc_a, acc_b = (os.path.join(o, layout.PREPARED_DIR, "accepted") for o in (a, b))
+    assert sorted(os.listdir(acc_a)) == sorted(os.listdir(acc_b))
+    for name in sorted(os.listdir(acc_a)):
+        ta, tb = pq.read_table(os.path.join(acc_a, name)), pq.read_table(os.path.join(acc_b, name))
+        assert ta.schema.equals(tb.schema, check_metadata=True), name
+        assert ta.equals(tb), name
+        with open(os.path.join(acc_a, name), "rb") as fa, open(os.path.join(acc_b, name), "rb") as fb:
+            assert fa.read() == fb.read(), name
+    ra, rb = _prepared(a, "rejected"), _prepared(b, "rejected")
+    assert ra.schema.equals(rb.schema), (ra.schema, rb.schema)  # Spark's own metadata aside
+    key = lambda r: (r["file_idx"], r["row_idx"])
+    assert sorted(ra.to_pylist(), key=key) == sorted(rb.to_pylist(), key=key)
+    # the in-process engine writes them in input order, as one file
+    assert [key(r) for r in rb.to_pylist()] == sorted(key(r) for r in rb.to_pylist())
+    rej_b = os.path.join(b, layout.PREPARED_DIR, "rejected")
+    assert sorted(os.listdir(rej_b)) == ["_SUCCESS", "part-00000.parquet"]
+    sa, sb = (read_json(os.path.join(o, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON)) for o in (a, b))
+    assert sa["engine"].startswith("spark ") and sa["spark"]["shuffle_partitions"] >= 1
+    assert sb["engine"] == "in-process" and sb["spark"] == {"shuffle_partitions": None}
+    drop = lambda s: {k: v for k, v in s.items() if k not in ("engine", "spark")}
+    assert drop(sa) == drop(sb)
+    return sa, sb
+
+
+@pytest.mark.parametrize("max_host_shards", [0, 3])
+def test_in_process_engine_writes_what_spark_writes(spark, tmp_path, monkeypatch, max_host_shards):
+    """A mixed source (three formats, repeats, rejects of every kind, extra columns, a blocklist) gives
+    the same prepared folder on Spark and in process, in input order and in the host layout; the
+    in-process run replaces what a killed run left (here: all of Spark's files but the marker)."""
+    import shutil
+
+    from laiontools.core.storage import marker_path
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    src = str(tmp_path / "src")
+    blocklist = _mixed_source(src)
+
+    def cfg(out: str) -> PrepareConfig:
+        return PrepareConfig(input=src, output=str(tmp_path / out), profile="laion400m", blocklist=blocklist,
+                             number_sample_per_shard=10, shards_per_file=3, max_host_shards=max_host_shards)
+
+    on_spark = prepare_stage.run(cfg("a"), spark).details
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    os.remove(marker_path(str(tmp_path / "b" / layout.PREPARED_DIR)))
+    here = prepare_stage.run(cfg("b")).details
+    _assert_same_prepared(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert here["host_layout"]["bounded"] == (max_host_shards > 0)
+    assert set(here["rejected"]) == {f"rejected_{r}" for r in ("bad_scheme", "private_address", "missing_caption",
+                                                               "blocklisted", "malformed_row", "duplicate_uid")}
+    assert set(here["extra_columns"]) == {"camera", "lens"}
+    assert on_spark["rows_in"] == here["rows_in"] == 343
+    # which copy of a repeated row is kept is decided by input order, the same on both engines
+    acc = _prepared(str(tmp_path / "b"), "accepted").to_pandas()
+    assert acc["uid"].is_unique and acc["source_id"].str.startswith("copy-").any()
+
+
+def test_in_process_engine_bounded_host_layout(spark, tmp_path, monkeypatch):
+    """Many rows of a few hosts, small shards and a tight bound (exclusive shards, groups, fillers):
+    the same layout, file by file, on Spark and in process."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    src = str(tmp_path / "src")
+    _host_source(src, seed=7)
+    cfg = lambda out: PrepareConfig(input=src, output=str(tmp_path / out), number_sample_per_shard=7,
+                                    shards_per_file=2, max_host_shards=2)
+    prepare_stage.run(cfg("a"), spark)
+    prepare_stage.run(cfg("b"))
+    sa, _ = _assert_same_prepared(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert sa["host_layout"]["bounded"] and sa["host_layout"]["exclusive_hosts"] >= 2
+
+
+def test_engine_choice_from_the_estimated_rows(tmp_path, monkeypatch):
+    """Parquet rows are counted from the footers, text rows estimated from bytes; --spark-above picks the
+    engine (0: always Spark, -1: only with a master), a named master always means Spark; spark_above
+    is where it runs, not what it writes: never part of a pool's settings."""
+    from laiontools.stages.download import DownloadConfig
+    from laiontools.stages.prepare import SourceFile, estimated_rows, wants_spark_for
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    files = [SourceFile(0, "a.parquet", "parquet", None, ["url"], 5_000, [300, 200]),
+             SourceFile(1, "b.csv", "csv", None, ["url"], 10_000, None),
+             SourceFile(2, "c.jsonl.gz", "jsonl", "gzip", ["url"], 10_000, None)]
+    assert estimated_rows(files) == 500 + 100 + 400
+    assert estimated_rows(files[:1]) == 500
+    cfg = lambda **kw: PrepareConfig(input="x", output=str(tmp_path), **kw)
+    assert not wants_spark_for(cfg(), files)  # default bound: 1M rows
+    assert not wants_spark_for(cfg(spark_above=1000), files) and wants_spark_for(cfg(spark_above=999), files)
+    assert wants_spark_for(cfg(spark_above=0), files) and not wants_spark_for(cfg(spark_above=-1), files)
+    assert wants_spark_for(cfg(spark_above=-1, master="local[1]"), files)
+    monkeypatch.setenv("LAIONTOOLS_SPARK_MASTER", "local[1]")
+    assert wants_spark_for(cfg(spark_above=10**9), files)
+    from laiontools.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="spark_above"):
+        cfg(spark_above=-2)
+    assert "spark_above" not in DownloadConfig(input="x", output=str(tmp_path), spark_above=5).semantic()

@@ -433,10 +433,24 @@ def spark_write_parquet(df: Any, path: str) -> None:
     arrow_schema = to_arrow_schema(df.schema)
     written = df.mapInArrow(_parquet_writer(path, arrow_schema), "rows long").collect()
     if sum(r["rows"] for r in written) == 0 or not written:
-        import pyarrow.parquet as pq
+        write_parquet_dir(arrow_schema.empty_table(), path)  # no task wrote a file: one typed empty file
+        return
+    atomic_write_bytes(join(path, "_SUCCESS"), b"")
 
-        with atomic_open(join(path, "part-00000.parquet")) as f:
-            pq.write_table(arrow_schema.empty_table(), f)
+
+def write_parquet_dir(table: Any, path: str) -> None:
+    """Write the Arrow `table` as a parquet dataset folder at `path` (replacing it): one
+    ``part-00000.parquet`` (atomic), then ``_SUCCESS``. The in-process counterpart of
+    :func:`spark_write_parquet`, read back the same way (an empty table still leaves a typed file)."""
+    import pyarrow.parquet as pq
+
+    fs, p = url_to_fs(path)
+    with store_errors(path):
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    out = join(path, "part-00000.parquet")
+    with store_errors(out), atomic_open(out) as f:
+        pq.write_table(table, f)
     atomic_write_bytes(join(path, "_SUCCESS"), b"")
 
 

@@ -1,4 +1,5 @@
-"""prepare: source metadata -> normalized, uid-keyed, policy-checked download work units (Spark).
+"""prepare: source metadata -> normalized, uid-keyed, policy-checked download work units (Spark, or in
+this process for small sources).
 
 Every input row ends in exactly one place: ``prepared/accepted/part-NNNNN.parquet`` (rows img2dataset
 will fetch, each file a whole number of download shards; in input order when the pool has at most
@@ -7,6 +8,11 @@ will fetch, each file a whole number of download shards; in input order when the
 files and reads their footers/headers; rows are read, normalized and checked inside Spark tasks, so
 driver memory does not grow with the input, except for the host layout: one (host, count) entry per
 host with more than ``max_host_shards`` rows.
+
+Sources of at most ``spark_above`` rows (estimated, :func:`estimated_rows`) run the same tasks in this
+process instead (:func:`_prepare_local`), when no master is named and not under spark-submit: the same
+files and stats, without Spark's fixed cost (a JVM and ~8 jobs, ~7 s even for 100 rows). That engine
+holds every row in memory: ~1.6 KB a row at peak (a 200k-row source: 0.5 GB, 7 s on one core).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, TaskError, UserError, task_error, user_error_from
 from laiontools.core.spark import shuffle_partitions
-from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
+from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
     is_done,
     join,
@@ -46,6 +52,7 @@ from laiontools.core.storage import (
     spark_write_parquet,
     url_to_fs,
     write_json,
+    write_parquet_dir,
 )
 from laiontools.web.blocklist import load_blocklist
 from laiontools.web.policy import check_url
@@ -58,8 +65,14 @@ FORMATS = {
     ".tsv": "tsv", ".tsv.gz": "tsv",
     ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl",
 }
-# Marker in exception text so that an input error raised inside a Spark task reaches the user as
-# itself, not as a Java stack trace.
+# Sources with more rows than this (estimated) run on Spark by default; below it the in-process engine
+# holds every row (~1.6 KB each at peak: ~1.6 GB at the bound) and is faster than Spark's fixed cost.
+SPARK_ABOVE_ROWS = 1_000_000
+# Rows per byte of a text source, whose rows are not counted before it is read (parquet footers give
+# exact counts): a LAION-like row (URL + caption + scores) is 150-300 bytes of text, so 100 bytes a row
+# over-counts, erring toward Spark; gzip packs such text ~4x.
+TEXT_BYTES_PER_ROW = 100
+GZIP_TEXT_BYTES_PER_ROW = 25
 
 # Columns of the prepared rows, before extra source columns.
 PREPARED_FIELDS: list[tuple[str, str]] = [
@@ -96,6 +109,7 @@ class PrepareConfig(SparkStageConfig):
     number_sample_per_shard: int = dataclasses.field(default=10000, metadata={"help": "rows per download shard"})
     shards_per_file: int = dataclasses.field(default=10, metadata={"help": "download shards per prepared input file"})
     max_host_shards: int = dataclasses.field(default=8, metadata={"help": "place each host's rows in at most this many download shards (a host with more than this × number_sample_per_shard rows: in the full shards it needs, plus up to this many), so that at most this many download tasks fetch from one host at once and the per-executor --max-host-* limits bound the host globally; 0: input order, no bound"})
+    spark_above: int = dataclasses.field(default=SPARK_ABOVE_ROWS, metadata={"help": "sources with more rows than this (estimated: parquet footers, text at ~100 bytes a row, ~25 gzipped) run on Spark; smaller ones in this process (the same files), unless a master is named or under spark-submit (0: always Spark, -1: only then)"})
 
     def validate(self) -> None:
         if not self.input or not self.output:
@@ -111,6 +125,8 @@ class PrepareConfig(SparkStageConfig):
                 raise ConfigError(f"allow_networks entry {net!r} is not an IP network (e.g. 127.0.0.0/8): {e}") from e
         if self.max_url_length < 10 or self.max_caption_length < 1:
             raise ConfigError("max_url_length must be >= 10 and max_caption_length >= 1")
+        if self.spark_above < -1:
+            raise ConfigError("spark_above must be >= 0, or -1 for Spark only when a master is named")
 
 
 # ----------------------------------------------------------------------------- input discovery (driver)
@@ -236,6 +252,25 @@ def discover(cfg: PrepareConfig) -> tuple[list[SourceFile], dict[str, str], list
                                                   "original_width", "original_height", "exif", "sha256", "shard"}
     extra_cols = [c for c in extras if c not in reserved]
     return files, mapping, extra_cols, profile_name
+
+
+def estimated_rows(files: list[SourceFile]) -> int:
+    """Rows of the source, for the choice of engine: exact for parquet (its footers' row groups), else
+    the bytes on disk over :data:`TEXT_BYTES_PER_ROW` (:data:`GZIP_TEXT_BYTES_PER_ROW` when gzipped) —
+    text rows are not counted before they are read, and the estimate errs high (toward Spark)."""
+    total = 0
+    for f in files:
+        if f.fmt == "parquet":
+            total += sum(f.row_groups or [])
+        else:
+            total += f.size // (GZIP_TEXT_BYTES_PER_ROW if f.compression == "gzip" else TEXT_BYTES_PER_ROW)
+    return total
+
+
+def wants_spark_for(cfg: PrepareConfig, files: list[SourceFile]) -> bool:
+    """Whether prepare of `files` runs on Spark when no session is given (see ``core.stage.wants_spark``):
+    a master is named, under spark-submit, or more than ``cfg.spark_above`` estimated rows."""
+    return wants_spark(cfg.master, estimated_rows(files), cfg.spark_above)
 
 
 def source_fingerprint(files: list[SourceFile], profile: str, mapping: dict[str, str], policy: dict[str, Any]) -> str:
@@ -579,14 +614,33 @@ def plan_host_layout(big_hosts: list[tuple[str, int]], n: int, shard_size: int, 
                       n_planned=n_planned, filler_pieces=fillers, exclusive_hosts=n_excl, split_hosts=split)
 
 
-# ----------------------------------------------------------------------------- the Spark job
+# ----------------------------------------------------------------------------- the job: shared by both engines
+
+# The error of a row that repeats an earlier row's uid (its own error, if it had one, is kept).
+DUPLICATE_ERROR = "same normalized URL and caption as an earlier row"
+
+
+def _arrow_schema(names: list[str]) -> Any:
+    """Arrow schema of the prepared columns `names` (types from PREPARED_FIELDS, extras text): the types
+    Spark writes for them, given explicitly so that an all-null column is still typed and every file agrees."""
+    import pyarrow as pa
+
+    arrow = {"string": pa.string(), "double": pa.float64(), "bigint": pa.int64(), "int": pa.int32()}
+    return pa.schema([(n, arrow[prepared_type(n)]) for n in names])
+
+
+def _arrow_table(names: list[str], rows: list[tuple]) -> Any:
+    """Rows (tuples in the order of `names`) as an Arrow table of :func:`_arrow_schema`."""
+    import pyarrow as pa
+
+    cols = list(zip(*rows)) if rows else [()] * len(names)
+    return pa.table({n: list(c) for n, c in zip(names, cols)}, schema=_arrow_schema(names))
 
 
 def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_dir: str, names: list[str],
                               per_file: int) -> Iterator[int]:
     """Write file `pid`: rows keyed by their global position, which must be exactly
     pid × per_file, pid × per_file + 1, ... (a gap or a repeat would shift every later row's shard)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from laiontools.core.storage import atomic_open
@@ -599,18 +653,113 @@ def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_d
             len({r[0] for r in rows_sorted}) != len(rows_sorted):
         raise RuntimeError(f"prepare: accepted file {pid} got positions {rows_sorted[0][0]}..{rows_sorted[-1][0]} "
                            f"for {len(rows_sorted)} rows, not {first}.. without gaps; re-run prepare")
-    cols = list(zip(*(r[1] for r in rows_sorted)))
-    # Explicit types: an all-null column must still be typed, or shard parquets disagree later.
-    types = dict(PREPARED_FIELDS)
-    arrow = {"string": pa.string(), "double": pa.float64(), "bigint": pa.int64(), "int": pa.int32()}
-    schema = pa.schema([(n, arrow[types.get(n, "string")]) for n in names])
-    table = pa.table({n: list(c) for n, c in zip(names, cols)}, schema=schema)
+    table = _arrow_table(names, [r[1] for r in rows_sorted])
     with atomic_open(join(out_dir, f"part-{pid:05d}.parquet")) as f:
         pq.write_table(table, f)
     # Fault tests: hold this task after its file is in place, mid-write of the accepted folder (a few
     # small files are written in milliseconds: too short a phase to kill in by watching the folder).
     failpoints.pause("prepare.accepted-part")
     return iter([len(rows_sorted)])
+
+
+def _accepted_names(extras: list[str]) -> list[str]:
+    """Columns of the accepted files: what img2dataset reads (url, caption) and carries along."""
+    return [C.URL, C.CAPTION, *DOWNLOAD_COLUMNS, *extras]
+
+
+def _host_bounded(cfg: PrepareConfig, n_acc: int) -> bool:
+    """Whether the `n_acc` accepted rows are laid out by host (:class:`HostLayout`): the bound is on and
+    they fill more download shards than it; else they stay in input order."""
+    return bool(n_acc and cfg.max_host_shards and -(-n_acc // cfg.number_sample_per_shard) > cfg.max_host_shards)
+
+
+def _layout_key(row: tuple, host_start: dict[str, int]) -> tuple:
+    """Sort key of an accepted row ``(file_idx, row_idx, url, ...)`` in the host layout: the planned
+    hosts' rows first, by (host, file_idx, row_idx), so that a row's index in key order minus
+    ``host_start[host]`` is its rank in its host; then every other row (the fillers) in input order."""
+    host = host_of(row[2])
+    return (0, host, row[0], row[1]) if host in host_start else (1, "", row[0], row[1])
+
+
+def _layout_position(key: tuple, index: int, plan: HostLayout) -> int:
+    """Global position of the row with layout key `key`, the `index`-th row in key order."""
+    if key[0] == 0:
+        return plan.position(key[1], index - plan.host_start[key[1]])
+    return plan.position(None, index - plan.n_planned)
+
+
+def _unbounded_layout(cfg: PrepareConfig) -> dict[str, Any]:
+    """The stats' ``host_layout`` of accepted rows left in input order."""
+    return {"max_host_shards": cfg.max_host_shards, "bounded": False}
+
+
+def _fresh_dir(path: str) -> None:
+    """An empty folder at `path` (a killed run's files in it are removed)."""
+    fs, p = url_to_fs(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+    fs.makedirs(p, exist_ok=True)
+
+
+def _check_written(written: int, n_acc: int) -> None:
+    """Refuse accepted files that do not hold exactly the counted rows (their shards would be wrong)."""
+    if written != n_acc:
+        raise RuntimeError(f"prepare wrote {written} accepted rows but counted {n_acc}; re-run prepare")
+
+
+def _begin(cfg: PrepareConfig, found: tuple[Any, ...]) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """The row policy, the source fingerprint and the tasks of a prepare of `found` (:func:`discover`).
+
+    The policy decides the uid set, so it is part of the fingerprint; a blocklist is loaded here (a
+    bad line fails now, naming the file, before any task runs) and fingerprinted by its content.
+    """
+    files, mapping, extras, profile = found
+    policy = {"allow_private_network": cfg.allow_private_network, "allow_networks": list(cfg.allow_networks),
+              "resolve_hosts": cfg.resolve_hosts,
+              "max_url_length": cfg.max_url_length, "max_caption_length": cfg.max_caption_length,
+              "require_caption": cfg.require_caption, "blocklist": cfg.blocklist}
+    if cfg.blocklist:
+        bl = load_blocklist(cfg.blocklist)
+        fs_b, p_b = url_to_fs(cfg.blocklist)
+        with fs_b.open(p_b, "rb") as f:
+            policy["blocklist_sha256"] = sha256_bytes(f.read())
+        log.info("prepare: blocklist %s with %d entries", cfg.blocklist, len(bl))
+    log.info("prepare: %d file(s), profile %s, %d extra column(s)", len(files), profile, len(extras))
+    return policy, source_fingerprint(files, profile, mapping, policy), _tasks(files, mapping, extras, policy)
+
+
+def _finish(cfg: PrepareConfig, found: tuple[Any, ...], policy: dict[str, Any], fingerprint: str,
+            counts: dict[str, int], rows_per_file: dict[int, int], host_layout: dict[str, Any], engine: str,
+            shuffle: int | None) -> dict[str, Any]:
+    """Write stats.json, then the completion marker (last: a prepare is done only once both exist);
+    return the stats. `counts`: rows per status ("accepted" for null); `engine` and the Spark shuffle
+    partitions (None in process) say where it ran."""
+    files, mapping, extras, profile = found
+    prep_dir = join(cfg.output, layout.PREPARED_DIR)
+    stats = {
+        "profile": profile,
+        "mapping": mapping,
+        "extra_columns": extras,
+        "source_fingerprint": fingerprint,
+        "files": [{"path": f.path, "format": f.fmt, "bytes": f.size, "rows": rows_per_file.get(f.idx, 0)} for f in files],
+        "rows_in": int(sum(rows_per_file.values())),
+        "accepted": int(counts.get("accepted", 0)),
+        "rejected": {k: int(v) for k, v in sorted(counts.items()) if k != "accepted"},
+        "download_columns": _accepted_names(extras),
+        "policy": policy,
+        # what decides which rows share a download shard (a resumed download must see the same)
+        "layout": {"number_sample_per_shard": cfg.number_sample_per_shard, "shards_per_file": cfg.shards_per_file,
+                   "max_host_shards": cfg.max_host_shards},
+        "host_layout": host_layout,
+        "engine": engine,
+        "spark": {"shuffle_partitions": shuffle},
+    }
+    write_json(join(prep_dir, layout.PREPARED_STATS_JSON), stats)
+    failpoints.pause("prepare.final-write")  # fault tests: stats written, marker not yet
+    mark_done(prep_dir, {"stats_sha256": sha256_bytes(json.dumps(stats, sort_keys=True).encode())})
+    log.info("prepare: %d rows in, %d accepted, rejected %s (%s)", stats["rows_in"], stats["accepted"],
+             stats["rejected"], engine)
+    return stats
 
 
 STAGE = "prepare"
@@ -640,8 +789,10 @@ def _check_layout(stats: dict[str, Any], cfg: PrepareConfig, prep_dir: str) -> N
 def run(cfg: PrepareConfig, spark: Any = None) -> StageResult:
     """Run prepare into ``<output>/prepared`` unless already complete; details = its stats.json.
 
-    Raises InputError for missing/empty/unreadable inputs, unknown columns or non-UTF-8 text (checked
-    before a Spark session is started).
+    On `spark` when given; else in this process when :func:`wants_spark_for` says the source is small
+    (same files), else on :func:`~laiontools.core.stage.stage_spark`'s session. Raises InputError for
+    missing/empty/unreadable inputs, unknown columns or non-UTF-8 text (the first checked before a
+    Spark session is started), the same on either engine.
     """
     from laiontools.core.storage import ensure_output_dir
 
@@ -653,8 +804,11 @@ def run(cfg: PrepareConfig, spark: Any = None) -> StageResult:
         _check_layout(stats, cfg, prep_dir)
     else:
         found = discover(cfg)  # bad input fails before Spark starts
-        with stage_spark(cfg, spark, app_name="laiontools-prepare") as sp:
-            stats = _prepare(cfg, sp, found)
+        if spark is None and not wants_spark_for(cfg, found[0]):
+            stats = _prepare_local(cfg, found)
+        else:
+            with stage_spark(cfg, spark, app_name="laiontools-prepare") as sp:
+                stats = _prepare(cfg, sp, found)
     return StageResult(
         outputs={"prepared": prep_dir, "accepted": join(prep_dir, "accepted"), "rejected": join(prep_dir, "rejected")},
         counts={"rows_in": int(stats["rows_in"]), "accepted": int(stats["accepted"]),
@@ -671,20 +825,8 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
     from pyspark.sql.types import StructType
 
     prep_dir = join(cfg.output, layout.PREPARED_DIR)
-    files, mapping, extras, profile = found
-    policy = {"allow_private_network": cfg.allow_private_network, "allow_networks": list(cfg.allow_networks),
-              "resolve_hosts": cfg.resolve_hosts,
-              "max_url_length": cfg.max_url_length, "max_caption_length": cfg.max_caption_length,
-              "require_caption": cfg.require_caption, "blocklist": cfg.blocklist}
-    if cfg.blocklist:
-        bl = load_blocklist(cfg.blocklist)  # a bad line fails here, naming the file, before any task runs
-        fs_b, p_b = url_to_fs(cfg.blocklist)
-        with fs_b.open(p_b, "rb") as f:
-            policy["blocklist_sha256"] = sha256_bytes(f.read())  # the list decides the uid set: fingerprint it
-        log.info("prepare: blocklist %s with %d entries", cfg.blocklist, len(bl))
-    log.info("prepare: %d file(s), profile %s, %d extra column(s)", len(files), profile, len(extras))
-    fingerprint = source_fingerprint(files, profile, mapping, policy)
-    tasks = _tasks(files, mapping, extras, policy)
+    files, _mapping, extras, _profile = found
+    policy, fingerprint, tasks = _begin(cfg, found)
     ddl = ", ".join(f"`{n}` {t}" for n, t in PREPARED_FIELDS) + "".join(f", `{c}` string" for c in extras)
     schema = StructType.fromDDL(ddl)
     sc = spark.sparkContext
@@ -700,7 +842,7 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
         df = df.withColumn(C.STATUS, F.when(F.col(C.STATUS).isNull() & (F.col("_occ") > 1), F.lit(C.rejected("duplicate_uid")))
                            .otherwise(F.col(C.STATUS)))
         df = df.withColumn(C.ERROR, F.when((F.col(C.STATUS) == C.rejected("duplicate_uid")) & F.col(C.ERROR).isNull(),
-                                           F.lit("same normalized URL and caption as an earlier row"))
+                                           F.lit(DUPLICATE_ERROR))
                            .otherwise(F.col(C.ERROR))).drop("_occ")
         df = df.persist()
 
@@ -717,17 +859,14 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
         spark_write_parquet(rej, rejected_dir)
 
         accepted_dir = join(prep_dir, "accepted")
-        fs, p = url_to_fs(accepted_dir)
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
-        fs.makedirs(p, exist_ok=True)
-        names = [C.URL, C.CAPTION, *DOWNLOAD_COLUMNS, *extras]
+        _fresh_dir(accepted_dir)
+        names = _accepted_names(extras)
         n_acc = counts.get("accepted", 0)
         per_file = cfg.number_sample_per_shard * cfg.shards_per_file
         n_files = max(1, -(-n_acc // per_file))
         h_max, shard_size = cfg.max_host_shards, cfg.number_sample_per_shard
-        host_layout: dict[str, Any] = {"max_host_shards": h_max, "bounded": False}
-        if n_acc and h_max and -(-n_acc // shard_size) > h_max:
+        host_layout = _unbounded_layout(cfg)
+        if _host_bounded(cfg, n_acc):
             # More shards than the bound: place rows by host (see HostLayout). Only hosts with more
             # than H rows reach the driver; the others cannot touch more than H shards anyway.
             acc = df.where(F.col(C.STATUS).isNull()).select("file_idx", "row_idx", *names).rdd.map(tuple)
@@ -737,21 +876,13 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
             host_layout = {**plan.summary(), "bounded": True}
             bplan = sc.broadcast(plan)
 
-            def sort_key(t: tuple) -> tuple:
-                host = host_of(t[2])
-                return (0, host, t[0], t[1]) if host in bplan.value.host_start else (1, "", t[0], t[1])
-
             def place(kr: tuple[tuple[tuple, tuple], int]) -> tuple[int, tuple[int, tuple]]:
                 (key, row), i = kr
-                pl = bplan.value
-                if key[0] == 0:
-                    pos = pl.position(key[1], i - pl.host_start[key[1]])
-                else:
-                    pos = pl.position(None, i - pl.n_planned)
+                pos = _layout_position(key, i, bplan.value)
                 return pos // per_file, (pos, row)
 
-            indexed = (acc.map(lambda t: (sort_key(t), t[2:])).sortByKey(numPartitions=n_shuffle)
-                       .zipWithIndex().map(place))
+            indexed = (acc.map(lambda t: (_layout_key(t, bplan.value.host_start), t[2:]))
+                       .sortByKey(numPartitions=n_shuffle).zipWithIndex().map(place))
         elif n_acc:
             acc = df.where(F.col(C.STATUS).isNull()).orderBy("file_idx", "row_idx").select(*names)
             indexed = acc.rdd.map(tuple).zipWithIndex().map(lambda ri: (ri[1] // per_file, (ri[1], ri[0])))
@@ -761,34 +892,74 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
                        .map(lambda kv: kv[1])
                        .mapPartitionsWithIndex(lambda pid, it: _write_accepted_partition(pid, it, out, names, per_file))
                        .sum())
-            if written != n_acc:
-                raise RuntimeError(f"prepare wrote {written} accepted rows but counted {n_acc}; re-run prepare")
+            _check_written(written, n_acc)
         df.unpersist()
     except Exception as e:
         raise (user_error_from(e) or e) from e
+    return _finish(cfg, found, policy, fingerprint, counts, rows_per_file, host_layout,
+                   f"spark {sc.master}", n_shuffle)
 
-    stats = {
-        "profile": profile,
-        "mapping": mapping,
-        "extra_columns": extras,
-        "source_fingerprint": fingerprint,
-        "files": [{"path": f.path, "format": f.fmt, "bytes": f.size, "rows": rows_per_file.get(f.idx, 0)} for f in files],
-        "rows_in": int(sum(rows_per_file.values())),
-        "accepted": int(counts.get("accepted", 0)),
-        "rejected": {k: int(v) for k, v in sorted(counts.items()) if k != "accepted"},
-        "download_columns": names,
-        "policy": policy,
-        # what decides which rows share a download shard (a resumed download must see the same)
-        "layout": {"number_sample_per_shard": cfg.number_sample_per_shard, "shards_per_file": cfg.shards_per_file,
-                   "max_host_shards": cfg.max_host_shards},
-        "host_layout": host_layout,
-        "spark": {"shuffle_partitions": n_shuffle},
-    }
-    write_json(join(prep_dir, layout.PREPARED_STATS_JSON), stats)
-    failpoints.pause("prepare.final-write")  # fault tests: stats written, marker not yet
-    mark_done(prep_dir, {"stats_sha256": sha256_bytes(json.dumps(stats, sort_keys=True).encode())})
-    log.info("prepare: %d rows in, %d accepted, rejected %s", stats["rows_in"], stats["accepted"], stats["rejected"])
-    return stats
+
+def _prepare_local(cfg: PrepareConfig, found: tuple[Any, ...]) -> dict[str, Any]:
+    """prepare in this process, for small sources (see :func:`wants_spark_for`): the tasks of
+    :func:`_prepare` run here one after another, and the same duplicate rule, counts and layout give
+    the same files (accepted ones byte for byte; the rejected rows in one file, in input order). Every
+    row is held in memory (~1.6 KB each at peak)."""
+    from collections import Counter, defaultdict
+
+    prep_dir = join(cfg.output, layout.PREPARED_DIR)
+    _files, _mapping, extras, _profile = found
+    policy, fingerprint, tasks = _begin(cfg, found)
+    try:
+        rows = [row for task in tasks for row in prepare_task(task)]
+    except TaskError as e:  # tagged for the trip through Spark; here it is already the user's error
+        raise (user_error_from(e) or e) from e
+    fields = [n for n, _ in PREPARED_FIELDS] + extras
+    at = {n: i for i, n in enumerate(fields)}
+    i_uid, i_status, i_err = at[C.UID], at[C.STATUS], at[C.ERROR]
+
+    # Collapse repeats as Spark's uid window does: the first occurrence in (file_idx, row_idx) order
+    # keeps its status; a later one still accepted becomes a duplicate.
+    rows.sort(key=lambda r: (r[0], r[1]))
+    dup = C.rejected("duplicate_uid")
+    seen: set[str] = set()
+    for j, r in enumerate(rows):
+        if r[i_uid] not in seen:
+            seen.add(r[i_uid])
+        elif r[i_status] is None:
+            row = list(r)
+            row[i_status] = dup
+            row[i_err] = DUPLICATE_ERROR if row[i_err] is None else row[i_err]
+            rows[j] = tuple(row)
+    counts = Counter(r[i_status] or "accepted" for r in rows)
+    rows_per_file = Counter(r[0] for r in rows)
+
+    write_parquet_dir(_arrow_table(fields, [r for r in rows if r[i_status] is not None]), join(prep_dir, "rejected"))
+
+    accepted_dir = join(prep_dir, "accepted")
+    _fresh_dir(accepted_dir)
+    names = _accepted_names(extras)
+    pick = [at[n] for n in names]
+    acc = [(r[0], r[1], *(r[k] for k in pick)) for r in rows if r[i_status] is None]  # as Spark's acc rows
+    del rows
+    per_file = cfg.number_sample_per_shard * cfg.shards_per_file
+    host_layout = _unbounded_layout(cfg)
+    if _host_bounded(cfg, len(acc)):
+        hosts = Counter(host_of(t[2]) for t in acc)
+        plan = plan_host_layout([(h, c) for h, c in hosts.items() if c > cfg.max_host_shards], len(acc),
+                                cfg.number_sample_per_shard, cfg.max_host_shards)
+        host_layout = {**plan.summary(), "bounded": True}
+        keyed = sorted(((_layout_key(t, plan.host_start), t[2:]) for t in acc), key=lambda kr: kr[0])
+        placed = [(_layout_position(key, i, plan), row) for i, (key, row) in enumerate(keyed)]
+    else:
+        placed = [(i, t[2:]) for i, t in enumerate(acc)]
+    by_file: dict[int, list[tuple[int, tuple]]] = defaultdict(list)
+    for pos, row in placed:
+        by_file[pos // per_file].append((pos, row))
+    written = sum(n for pid in sorted(by_file)
+                  for n in _write_accepted_partition(pid, iter(by_file[pid]), accepted_dir, names, per_file))
+    _check_written(written, len(acc))
+    return _finish(cfg, found, policy, fingerprint, counts, rows_per_file, host_layout, "in-process", None)
 
 
 CONFIG = PrepareConfig
