@@ -42,6 +42,22 @@ def test_a_task_error_reaches_the_caller_as_the_same_user_error(processes):
     assert isinstance(err, InputError) and str(err) == "shard 3: damaged, run `laiontools verify`"
 
 
+def _dies_on_two(items):
+    import signal
+
+    for x in items:
+        if x == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+        yield x
+
+
+def test_a_task_process_that_dies_gives_one_clear_error():
+    from laiontools.core.errors import UserError
+
+    with pytest.raises(UserError, match="died abruptly.*re-run the same command"):
+        Tasks(None, 2).map(_dies_on_two, list(range(5)), processes=True, description="download")
+
+
 def test_threads_share_the_cores_among_tasks_at_once():
     cores = os.cpu_count() or 1
     t = Tasks(None, 2)

@@ -149,10 +149,18 @@ class Tasks:
             if processes and "fork" in multiprocessing.get_all_start_methods():
                 from concurrent.futures import ProcessPoolExecutor
 
+                from concurrent.futures.process import BrokenProcessPool
+
                 _FORKED.update(fn=fn, items=items)
                 try:
                     with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=multiprocessing.get_context("fork")) as ex:
                         return [r for part in ex.map(_forked_task, range(len(items))) for r in part]
+                except BrokenProcessPool as e:
+                    # a task process died without raising (killed, out of memory): what the finished tasks
+                    # wrote is kept behind their markers, so a re-run resumes
+                    raise UserError(f"a task process of {description or 'this stage'} died abruptly (killed, or out "
+                                    f"of memory?); re-run the same command to resume, or give fewer tasks at once "
+                                    f"or a Spark master") from e
                 finally:
                     _FORKED.clear()
             # numpy, faiss, pyarrow and file I/O release the GIL: a few threads keep the cores busy
