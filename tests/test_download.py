@@ -116,10 +116,17 @@ def _comparable(pool_dir: str, skip_uids: set[str] = frozenset()) -> tuple[pd.Da
     return cat, keep
 
 
-def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path):
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path, engine):
+    """Killed once a shard is done (the in-process engine: the CLI and its forked download processes),
+    the same command finishes the pool: the Spark run's rows, statuses and manifest."""
     out = str(tmp_path / "pool")
-    env = {**os.environ, "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR"}
-    proc = subprocess.Popen(_cli(_download_args(pool.source, out)), env=env, start_new_session=True,
+    env = {k: v for k, v in os.environ.items() if k != "LAIONTOOLS_SPARK_MASTER"}
+    env["LAIONTOOLS_SPARK_LOG_LEVEL"] = "ERROR"
+    args = _download_args(pool.source, out)
+    if engine == "in-process":
+        args = args[:args.index("--master")]
+    proc = subprocess.Popen(_cli(args), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     shard_dir = os.path.join(out, layout.SHARDS_DIR)
@@ -135,8 +142,9 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert not os.path.exists(os.path.join(out, layout.POOL_MANIFEST)), "killed before the manifest"
-    done = subprocess.run(_cli(_download_args(pool.source, out)), env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cli(args), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert json.load(open(os.path.join(out, layout.REPORT_JSON)))["engine"].startswith(engine.split("-")[0])
     assert "obtained" in done.stdout
     # The session's server already served the "flaky" row's one failure to the first run, so that
     # row now succeeds: it is the server's state, not the pipeline's; compare everything else.
@@ -153,6 +161,53 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path):
     assert tars == listed
 
 
+def test_in_process_engine_gives_the_spark_pool(pool, tmp_path, monkeypatch):
+    """A source under --spark-above rows with no master named: prepare, the download shards and
+    finalize run in this process (Arrow, forked download processes), no Spark. The pool is the Spark
+    run's: the same catalog rows (statuses, shards, keys, sizes, image hashes) and column types, the
+    same manifest fields and report counts, and every span it records holds the bytes its sha256 names."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = str(tmp_path / "p")
+    rep = download_stage.run(DownloadConfig(input=pool.source, output=out, **TEST_DOWNLOAD_SETTINGS)).details
+    assert rep["engine"] == "in-process" and "spark" not in rep
+    prep = json.load(open(os.path.join(out, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON)))
+    assert prep["engine"] == "in-process"
+    # the session server failed each "flaky" URL once, for the fixture's run: compare everything else
+    flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])
+    got_cat, got_m = _comparable(out, flaky)
+    want_cat, want_m = _comparable(pool.dir, flaky)
+    pd.testing.assert_frame_equal(got_cat, want_cat)
+    assert got_m == want_m
+
+    def schema(d: str) -> list[tuple[str, str]]:
+        files = sorted(f for f in os.listdir(os.path.join(d, layout.CATALOG_DIR)) if f.endswith(".parquet"))
+        return [(f.name, str(f.type)) for f in pq.read_schema(os.path.join(d, layout.CATALOG_DIR, files[0]))]
+
+    assert schema(out) == schema(pool.dir)
+    want_rep = json.load(open(os.path.join(pool.dir, layout.REPORT_JSON)))
+    assert rep["rejected"] == want_rep["rejected"] and rep["rows_in"] == want_rep["rows_in"]
+    assert rep["hosts"]["watched"] == want_rep["hosts"]["watched"]
+    # every success row's span, read straight from its tar, hashes to what the catalog says
+    cat = _catalog(out)
+    ok = cat[cat["status"] == "success"]
+    assert len(ok) and ok["tar_offset"].notna().all()
+    m = read_manifest(os.path.join(out, layout.POOL_MANIFEST))
+    tars = {layout.shard_id(s["path"]): os.path.join(out, s["path"]) for s in m["shards"]}
+    for r in ok.itertuples():
+        with open(tars[r.shard], "rb") as f:
+            f.seek(int(r.tar_offset))
+            assert hashlib.sha256(f.read(int(r.tar_length))).hexdigest() == r.tar_sha256
+    # the uid file holds exactly the successes
+    assert sorted(array_to_uids(load_uids(os.path.join(out, layout.POOL_UIDS)))) == sorted(ok["uid"])
+
+
 def test_other_settings_into_the_same_folder_are_refused(pool, tmp_path):
     out = str(tmp_path / "p")
     shutil.copytree(pool.dir, out)
@@ -164,15 +219,18 @@ def test_other_settings_into_the_same_folder_are_refused(pool, tmp_path):
     assert _comparable(out)[0].equals(_comparable(pool.dir)[0]), "nothing may be touched"
 
 
-def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path):
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path, monkeypatch, engine):
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
 
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
     out = str(tmp_path / "p")
     shutil.copytree(pool.dir, out)
     before = _by_row(out, pool.expected)
     cfg = DownloadConfig(input=pool.source, output=out, retry_failed=True, **TEST_DOWNLOAD_SETTINGS)
-    rep = download_stage.run(cfg, spark).details
+    rep = download_stage.run(cfg, spark if engine == "spark" else None).details
+    assert rep["engine"].startswith("spark" if engine == "spark" else "in-process")
     after = _by_row(out, pool.expected)
     # the flaky route failed once (503) and succeeds when retried
     flaky = after[after["route"] == "flaky"]

@@ -5,6 +5,14 @@ Reader / Resizer / Downloader under its pyspark distributor (HTTP, decoding, res
 writing), then builds the catalog, the uid file, the manifest and the report from what
 img2dataset wrote. ``spark-submit jobs/download.py ...`` runs the same function on a cluster.
 
+Engines: a source of at most ``--spark-above`` rows (estimated from the files; default 1M) with no
+master named and not under spark-submit runs without Spark: prepare and the catalog on Arrow in this
+process, the download shards in forked processes (one per core, :func:`local_distributor`) with the
+same downloader, politeness and limits. The files, their completion markers and so the resume points
+are the same on both engines (tests/test_download.py compares them); only the report's ``engine``
+field says which ran. Spark's fixed cost (JVM, Python workers, a dozen jobs) was 15-25 s a run,
+longer than the whole download of 10,000 images on 2 cores (BENCHMARKS.md).
+
 Resume: every step is restartable. prepare is done when its marker exists; a download shard is
 done when img2dataset's ``<shard>_stats.json`` (written after the tar and parquet are closed) is
 present and parses — anything else of a shard is deleted and redone; the catalog, uid file and
@@ -21,6 +29,7 @@ import math
 import re
 import sys
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from laiontools.contracts import layout
@@ -28,7 +37,7 @@ from laiontools.contracts import schema as C
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.spark import shuffle_partitions
-from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, stage_entry, stage_spark
+from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
     ensure_output_dir,
     is_done,
@@ -194,8 +203,39 @@ def host_shares(prep_stats: dict[str, Any], cfg: DownloadConfig, tasks_at_once: 
     return tuple(out)
 
 
+def local_distributor(processes: int, downloader: Any, reader: Any, _subjob_size: int, max_shard_retry: int) -> None:
+    """img2dataset's distributor contract, in this process's forked children: each download shard runs
+    ``downloader`` in one of `processes` processes (forked, so nothing is imported again or pickled on
+    the way in), as a Spark task would; failed shards are re-run up to `max_shard_retry` times.
+    What a shard writes and when it counts as done are the downloader's, as on Spark."""
+    from laiontools.core.stage import Tasks
+
+    def run(shards: list[Any]) -> list[Any]:
+        results = Tasks(None, workers=processes).map(lambda it: [downloader(row) for row in it], shards, processes=True,
+                                                            description="download")
+        return [row for ok, row in results if ok is False]
+
+    failed = run(list(reader))
+    for i in range(max_shard_retry):
+        if not failed:
+            break
+        log.info("retrying %d failed download shard(s), try %d", len(failed), i + 1)
+        failed = run(failed)
+    if failed:
+        log.warning("%d download shard(s) still failed after %d retries; re-run the same command to retry them",
+                    len(failed), max_shard_retry)
+
+
+def download_processes() -> int:
+    """Download tasks at once in this process's engine: one per core, as Spark's local[*] runs."""
+    import os
+
+    return max(1, os.cpu_count() or 1)
+
+
 def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: Any) -> None:
-    """Download the prepared rows in `input_dir` into `shard_dir` with img2dataset's components."""
+    """Download the prepared rows in `input_dir` into `shard_dir` with img2dataset's components: its
+    pyspark distributor on `spark`, or :func:`local_distributor` when `spark` is None."""
     import os
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -218,6 +258,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     extra_cols = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION)]
     tmp_path = shard_dir.rstrip("/") + "/_tmp"
     fs.makedirs(url_to_fs(tmp_path)[1], exist_ok=True)
+    tasks_at_once = spark.sparkContext.defaultParallelism if spark is not None else download_processes()
     reader = Reader(input_dir, "parquet", C.URL, C.CAPTION, None, None, extra_cols, cfg.number_sample_per_shard,
                     done_shards, tmp_path, 0)
     resizer = make_resizer(**resize_params(cfg.to_dict()))  # img2dataset's Resizer, or FastResizer with --fast-decode (default)
@@ -227,7 +268,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
                          respect_tdm=cfg.respect_tdm_reservation, respect_robots=cfg.respect_robots,
                          robots_user_agent=cfg.user_agent_token, max_host_rps=cfg.max_host_rps,
                          max_host_concurrency=cfg.max_host_concurrency, blocklist=cfg.blocklist,
-                         host_shares=host_shares(prep_stats, cfg, spark.sparkContext.defaultParallelism)
+                         host_shares=host_shares(prep_stats, cfg, tasks_at_once)
                          if (cfg.max_host_rps or cfg.max_host_concurrency) else ())
     directives = ["noai", "noimageai", "noindex", "noimageindex"] if cfg.respect_optouts else None
     downloader = PolicyDownloader(
@@ -240,7 +281,8 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     n_todo = sum(1 for _ in fsi.glob(ip + "/*.parquet"))
     log.info("downloading from %s into %s (%d shard(s) already done)", input_dir, shard_dir, len(done_shards))
     t0 = time.time()
-    pyspark_distributor(spark.sparkContext.defaultParallelism, downloader, reader, cfg.subjob_size, cfg.max_shard_retry)
+    distributor = pyspark_distributor if spark is not None else local_distributor
+    distributor(tasks_at_once, downloader, reader, cfg.subjob_size, cfg.max_shard_retry)
     log.info("img2dataset pass over %d input file(s) took %.1fs", n_todo, time.time() - t0)
     if fs.exists(url_to_fs(tmp_path)[1]):
         fs.rm(url_to_fs(tmp_path)[1], recursive=True)
@@ -317,22 +359,25 @@ def shard_spans(batches: Any) -> Any:
             )
 
 
+def catalog_columns(cfg: DownloadConfig) -> list[tuple[str, str]]:
+    """(name, Spark SQL type) of the pool's catalog: the catalog schema's columns, then the source's
+    extra columns with their prepared types. Both engines write exactly these."""
+    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
+    extras = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION, *C.SCORE_COLUMNS, C.UID, C.SOURCE_ID)]
+    types = {c["name"]: {"string": "string", "int64": "bigint", "double": "double"}[c["type"]]
+             for c in C.catalog_schema_doc()["columns"]}
+    return [(c, types.get(c) or prepared_type(c)) for c in C.catalog_columns() + extras]
+
+
 def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any) -> Any:
     """Catalog DataFrame: prepared rejects + the latest attempt of every downloaded row."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
-    extras = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION, *C.SCORE_COLUMNS, C.UID, C.SOURCE_ID)]
-    cat_cols = C.catalog_columns()
-    types = {c["name"]: {"string": "string", "int64": "bigint", "double": "double"}[c["type"]]
-             for c in C.catalog_schema_doc()["columns"]}
+    columns = catalog_columns(cfg)
 
     def conform(df: Any) -> Any:
-        cols = []
-        for c in cat_cols + extras:
-            t = types.get(c) or prepared_type(c)
-            cols.append((F.col(f"`{c}`") if c in df.columns else F.lit(None)).cast(t).alias(c))
+        cols = [(F.col(f"`{c}`") if c in df.columns else F.lit(None)).cast(t).alias(c) for c, t in columns]
         return df.select(*cols, "_attempt")
 
     parts = []
@@ -374,17 +419,31 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
     return cat.drop("_attempt")
 
 
+# ~2M rows (~0.5 GB) per catalog file, uncapped: a 2B-row catalog is ~1000 range partitions, each
+# sorted by one task, rather than a few that would each sort tens of millions of rows.
+CATALOG_ROWS_PER_FILE = 2_000_000
+
+
+def _catalog_tmp(cfg: DownloadConfig) -> str:
+    import uuid
+
+    return join(cfg.output, f".catalog-tmp-{uuid.uuid4().hex[:8]}")
+
+
 def write_catalog(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
     """Write the catalog sorted by uid; swap it in atomically (old copy removed after)."""
+    tmp = _catalog_tmp(cfg)
+    n_rows = cat.count()
+    n_parts = max(1, math.ceil(n_rows / CATALOG_ROWS_PER_FILE))
+    spark_write_parquet(cat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS), tmp)
+    return _swap_catalog(cfg, tmp), n_rows
+
+
+def _swap_catalog(cfg: DownloadConfig, tmp: str) -> str:
+    """Put the catalog written at `tmp` in place (the old one moved aside first, removed after)."""
     import uuid
 
     final = join(cfg.output, layout.CATALOG_DIR)
-    tmp = join(cfg.output, f".catalog-tmp-{uuid.uuid4().hex[:8]}")
-    n_rows = cat.count()
-    # ~2M rows (~0.5 GB) per file, uncapped: a 2B-row catalog is ~1000 range partitions, each sorted by
-    # one task, rather than a few that would each sort tens of millions of rows.
-    n_parts = max(1, math.ceil(n_rows / 2_000_000))
-    spark_write_parquet(cat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS), tmp)
     fs, fp = url_to_fs(final)
     old = final + f".old-{uuid.uuid4().hex[:8]}"
     if fs.exists(fp):
@@ -392,7 +451,117 @@ def write_catalog(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
     move_tree(tmp, final)
     if fs.exists(url_to_fs(old)[1]):
         fs.rm(url_to_fs(old)[1], recursive=True)
-    return final, n_rows
+    return final
+
+
+# ----------------------------------------------------------------------------- catalog in this process
+
+
+def _read_table(path: str) -> Any:
+    import pyarrow.parquet as pq
+
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f)
+
+
+def _conform_table(t: Any, columns: list[tuple[str, str]], attempt: int | None = None) -> Any:
+    """`t` with exactly `columns` (name, Spark SQL type) in that order and type, absent ones null, plus
+    ``_attempt`` unless None: what :func:`build_catalog`'s ``conform`` does in Spark."""
+    import pyarrow as pa
+
+    arrays = []
+    for name, typ in columns:
+        at = prepare.arrow_type(typ)
+        arrays.append(t.column(name).cast(at) if name in t.column_names else pa.nulls(t.num_rows, at))
+    names = [c for c, _ in columns]
+    if attempt is not None:
+        arrays.append(pa.array([attempt] * t.num_rows, pa.int32()))
+        names.append("_attempt")
+    return pa.table(arrays, names=names)
+
+
+def _spans_task(items: Any) -> Any:
+    """Tasks.map function: (shard id, tar url) items -> :func:`shard_spans` record batches."""
+    import pyarrow as pa
+
+    for sid, tar in items:
+        yield from shard_spans(iter([pa.RecordBatch.from_pydict({"_sid": [sid], "_tar": [tar]})]))
+
+
+def build_catalog_local(cfg: DownloadConfig, shards: list[dict[str, Any]], tasks: Any) -> Any:
+    """The catalog as one Arrow table sorted by (uid, status): :func:`build_catalog`'s rows, computed in
+    this process (prepared rejects + the latest attempt of every downloaded row, spans from the tars,
+    read by `tasks` a few shards at once). For pools small enough to skip Spark (``--spark-above``)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from laiontools.core.storage import list_data_files
+
+    columns = catalog_columns(cfg)
+    rej_dir = join(cfg.output, layout.PREPARED_DIR, "rejected")
+    rej_files = list_data_files(rej_dir) if url_to_fs(rej_dir)[0].exists(url_to_fs(rej_dir)[1]) else []
+    parts = [_conform_table(_read_table(f), columns, -1) for f in rej_files]
+    if shards:
+        dl_parts = []
+        for s in shards:
+            t = _read_table(s["parquet"])
+            status = pa.array([IMG2DATASET_STATUS.get(x, x) for x in t.column(C.STATUS).to_pylist()], pa.string())
+            ok = pc.equal(status, C.STATUS_SUCCESS)
+            t = t.set_column(t.column_names.index(C.STATUS), C.STATUS, status)
+            t = t.set_column(t.column_names.index(C.KEY), C.KEY, pc.if_else(ok, t.column(C.KEY), pa.scalar(None, pa.string())))
+            t = t.append_column(C.SHARD, pc.if_else(ok, pa.scalar(s["id"]), pa.scalar(None, pa.string())))
+            dl_parts.append(_conform_table(t, columns, s["attempt"]))
+        dl = pa.concat_tables(dl_parts)
+        span_batches = tasks.map(_spans_task, [(s["id"], s["tar"]) for s in shards])
+        span_schema = pa.schema([("_sid", pa.string()), ("_skey", pa.string()), (C.TAR_OFFSET, pa.int64()),
+                                 (C.TAR_LENGTH, pa.int64()), (C.TAR_SHA256, pa.string())])
+        spans = pa.Table.from_batches([b.rename_columns(span_schema.names) for b in span_batches], schema=span_schema)
+        dl = dl.drop_columns([C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256]).join(
+            spans, keys=[C.SHARD, C.KEY], right_keys=["_sid", "_skey"], join_type="left outer")
+        dl = dl.select([c for c, _ in columns] + ["_attempt"])
+        # the latest attempt of each uid (prepare made uids unique within an attempt)
+        dl = dl.sort_by([(C.UID, "ascending"), ("_attempt", "descending")])
+        uids = dl.column(C.UID).to_numpy(zero_copy_only=False)
+        first = np.ones(len(uids), dtype=bool)
+        first[1:] = uids[1:] != uids[:-1]
+        parts.append(dl.filter(pa.array(first)))
+    if not parts:
+        parts.append(_conform_table(pa.table({}), columns, -1))
+    cat = pa.concat_tables(parts).drop_columns(["_attempt"])
+    return cat.sort_by([(C.UID, "ascending"), (C.STATUS, "ascending")])
+
+
+def write_catalog_local(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
+    """:func:`write_catalog` for an Arrow table already sorted: the same file split, swapped in the same way."""
+    import pyarrow.parquet as pq
+
+    from laiontools.core.storage import atomic_open
+
+    tmp = _catalog_tmp(cfg)
+    url_to_fs(tmp)[0].makedirs(url_to_fs(tmp)[1], exist_ok=True)
+    n_parts = max(1, math.ceil(cat.num_rows / CATALOG_ROWS_PER_FILE))
+    for i in range(n_parts):
+        with atomic_open(join(tmp, f"part-{i:05d}.parquet")) as f:
+            pq.write_table(cat.slice(i * CATALOG_ROWS_PER_FILE, CATALOG_ROWS_PER_FILE), f)
+    return _swap_catalog(cfg, tmp), cat.num_rows
+
+
+def report_aggregate_local(cat: Any) -> list[tuple[str, str | None, str | None, str | None, int]]:
+    """:func:`report_aggregate`'s table from an Arrow catalog (every size: it is already in memory)."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    cols = [cat.column(c).to_pylist() for c in (C.STATUS, C.SHARD, C.ERROR, C.URL)]
+    for status, shard, err, url in zip(*cols):
+        if status == C.STATUS_SUCCESS:
+            counts[(status, shard, None, None)] += 1
+        elif status in FAILED_STATUSES:
+            counts[(status, None, failure_kind(err), report_host(url))] += 1
+        else:
+            counts[(status, None, None, None)] += 1
+    return [(*k, n) for k, n in counts.items()]
 
 
 def failure_kind(msg: str | None) -> str:
@@ -419,8 +588,18 @@ def _failed_kind_host(cat: Any) -> tuple[Any, Any, Any]:
     from pyspark.sql import functions as F
 
     kind_of = F.udf(lambda msg: failure_kind(msg), "string")
-    failed = F.col(C.STATUS).isin(C.STATUS_FAILED_DOWNLOAD, C.STATUS_FAILED_RESIZE)
-    return failed, kind_of(F.col(C.ERROR)), F.coalesce(F.expr(f"parse_url(`{C.URL}`, 'HOST')"), F.lit("(no host)"))
+    host = F.udf(lambda url: report_host(url), "string")
+    failed = F.col(C.STATUS).isin(*FAILED_STATUSES)
+    return failed, kind_of(F.col(C.ERROR)), host(F.col(C.URL))
+
+
+FAILED_STATUSES = (C.STATUS_FAILED_DOWNLOAD, C.STATUS_FAILED_RESIZE)
+
+
+def report_host(url: str | None) -> str:
+    """The host a failed row is counted under in the report: the key of the per-host limits
+    (lower-cased host name), or "(no host)". One Python function for both engines, so their reports agree."""
+    return prepare.host_of(url) or "(no host)"
 
 
 # The report's counts come from one grouped table (status, shard of successes, failure kind and host of
@@ -599,13 +778,65 @@ def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
 
 
 def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float) -> dict[str, Any]:
-    """Catalog, uid file, manifest, report from the complete shards. Idempotent."""
-    from pyspark.sql import functions as F
-
+    """Catalog, uid file, manifest, report from the complete shards. Idempotent. ``spark`` None: in
+    this process (a pool under ``--spark-above`` rows), with the same files as a result."""
     from laiontools.contracts.manifest import new_manifest, write_manifest
-    from laiontools.contracts.uids import save_uids_spark
 
     shards = complete_shards(cfg)
+    fin = _finalize_local(cfg, shards) if spark is None else _finalize_spark(cfg, spark, shards, prep)
+    per_shard = fin["per_shard"]
+    listed = []
+    for s in shards:
+        # a shard entirely superseded by a retry pass still lists its samples that were not retried
+        n = per_shard.get(s["id"], 0)
+        listed.append({"path": s["path"], "num_samples": n, "bytes": s["bytes"], "sha256": s["sha256"],
+                       "tar_samples": s["num_samples"]})
+    rep = build_report(cfg, fin["catalog"], shards, prep, wall, fin["by_status"], aggregate=fin["aggregate"])
+    rep.update(fin["engine"])
+    manifest = new_manifest(
+        name=cfg.name, kind="pool", num_samples=fin["uids"], target_samples=rep["requested"],
+        uids={"path": layout.POOL_UIDS, "sha256": fin["uids_sha256"], "count": fin["uids"]},
+        shards=listed, source_fingerprint=prep["source_fingerprint"],
+        catalog={"path": layout.CATALOG_DIR, "num_rows": fin["rows"]},
+        download={"profile": prep["profile"], "settings": cfg.semantic()},
+    )
+    manifest["short"] = False  # link rot is the norm for a pool; requested vs obtained is in the report
+    m_path = join(cfg.output, layout.POOL_MANIFEST)
+    write_manifest(m_path, manifest)
+    write_json(join(cfg.output, layout.REPORT_JSON), rep)
+    text = report_text(rep, cfg)
+    with url_to_fs(join(cfg.output, layout.REPORT_TXT))[0].open(url_to_fs(join(cfg.output, layout.REPORT_TXT))[1], "w") as f:
+        f.write(text + "\n")
+    rep["text"] = text
+    rep["manifest"] = m_path
+    return rep
+
+
+def _finalize_local(cfg: DownloadConfig, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """finalize's catalog and uid file in this process; what :func:`_finalize_spark` returns."""
+    import pyarrow.compute as pc
+
+    from laiontools.contracts.uids import save_uids
+    from laiontools.core.stage import Tasks
+
+    cat = build_catalog_local(cfg, shards, Tasks(None))
+    _, n_rows = write_catalog_local(cat, cfg)
+    succ = cat.filter(pc.equal(cat.column(C.STATUS), C.STATUS_SUCCESS)).column(C.UID).to_pylist()
+    uid_sha, n_uids = save_uids(join(cfg.output, layout.POOL_UIDS), succ)
+    agg = report_aggregate_local(cat)
+    by_status, per_shard, _, _ = _views_from_aggregate(agg)
+    return {"rows": n_rows, "uids_sha256": uid_sha, "uids": n_uids, "aggregate": agg, "by_status": by_status,
+            "per_shard": per_shard, "catalog": None, "engine": {"engine": "in-process"}}
+
+
+def _finalize_spark(cfg: DownloadConfig, spark: Any, shards: list[dict[str, Any]], prep: dict[str, Any]) -> dict[str, Any]:
+    """finalize's catalog and uid file on Spark: {rows, uids_sha256, uids, aggregate (None when too big
+    for the driver), by_status, per_shard, catalog (the written one, for the report's Spark groupings),
+    engine (the report's engine fields)}."""
+    from pyspark.sql import functions as F
+
+    from laiontools.contracts.uids import save_uids_spark
+
     # the catalog's latest-attempt window and the counts shuffle every row: sized from the row count
     # unless the user set spark.sql.shuffle.partitions
     n_shuffle = shuffle_partitions(spark, rows=int(prep["rows_in"]))
@@ -633,31 +864,9 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
             by_status[r[C.STATUS]] = by_status.get(r[C.STATUS], 0) + int(r["count"])
             if r[C.STATUS] == C.STATUS_SUCCESS:
                 per_shard[r[C.SHARD]] = int(r["count"])
-    listed = []
-    for s in shards:
-        # a shard entirely superseded by a retry pass still lists its samples that were not retried
-        n = per_shard.get(s["id"], 0)
-        listed.append({"path": s["path"], "num_samples": n, "bytes": s["bytes"], "sha256": s["sha256"],
-                       "tar_samples": s["num_samples"]})
-    rep = build_report(cfg, cat, shards, prep, wall, by_status, aggregate=agg)
-    rep["spark"] = {"shuffle_partitions": n_shuffle}
-    manifest = new_manifest(
-        name=cfg.name, kind="pool", num_samples=n_uids, target_samples=rep["requested"],
-        uids={"path": layout.POOL_UIDS, "sha256": uid_sha, "count": n_uids},
-        shards=listed, source_fingerprint=prep["source_fingerprint"],
-        catalog={"path": layout.CATALOG_DIR, "num_rows": n_rows},
-        download={"profile": prep["profile"], "settings": cfg.semantic()},
-    )
-    manifest["short"] = False  # link rot is the norm for a pool; requested vs obtained is in the report
-    m_path = join(cfg.output, layout.POOL_MANIFEST)
-    write_manifest(m_path, manifest)
-    write_json(join(cfg.output, layout.REPORT_JSON), rep)
-    text = report_text(rep, cfg)
-    with url_to_fs(join(cfg.output, layout.REPORT_TXT))[0].open(url_to_fs(join(cfg.output, layout.REPORT_TXT))[1], "w") as f:
-        f.write(text + "\n")
-    rep["text"] = text
-    rep["manifest"] = m_path
-    return rep
+    return {"rows": n_rows, "uids_sha256": uid_sha, "uids": n_uids, "aggregate": agg, "by_status": by_status,
+            "per_shard": per_shard, "catalog": cat,
+            "engine": {"engine": f"spark {spark.sparkContext.master}", "spark": {"shuffle_partitions": n_shuffle}}}
 
 
 def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
@@ -673,13 +882,15 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
         raise UserError(f"{cfg.output}: no finished pool to retry; run the download without --retry-failed first")
     prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
     names = prep_stats["download_columns"]
+    out = join(cfg.output, layout.PREPARED_DIR, f"retry-{n:02d}")
+    if spark is None:
+        return _prepare_retry_local(cfg, names, out)
     transient = F.udf(lambda msg: is_transient(msg), BooleanType())
     cat = spark_read_parquet(spark, join(cfg.output, layout.CATALOG_DIR))
     todo = cat.where((F.col(C.STATUS) == C.STATUS_FAILED_DOWNLOAD) & transient(F.col(C.ERROR)))
     count = todo.count()
     if count == 0:
         return None
-    out = join(cfg.output, layout.PREPARED_DIR, f"retry-{n:02d}")
     log.info("retry pass %d: %d row(s) failed with transient errors", n, count)
     # same column types as the first pass's prepared input, so all shard parquets share one schema
     cols = [(F.col(c) if c in cat.columns else F.lit(None)).cast(prepared_type(c)).alias(c) for c in names]
@@ -691,6 +902,35 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     for i, f in enumerate(files):
         fs.mv(f, url_to_fs(out)[1] + f"/part-{i:05d}.parquet")
     fs.rm(tp, recursive=True)
+    return out
+
+
+def _prepare_retry_local(cfg: DownloadConfig, names: list[str], out: str) -> str | None:
+    """:func:`prepare_retry` in this process: the same rows (failed downloads with a transient error,
+    by uid), columns and types, in one file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from laiontools.core.storage import atomic_open, list_data_files
+    from laiontools.web.fetch import is_transient
+
+    cat = pa.concat_tables([_read_table(f) for f in list_data_files(join(cfg.output, layout.CATALOG_DIR))])
+    cat = cat.filter(pc.equal(cat.column(C.STATUS), C.STATUS_FAILED_DOWNLOAD))
+    cat = cat.filter(pa.array([is_transient(m) for m in cat.column(C.ERROR).to_pylist()], pa.bool_()))
+    if cat.num_rows == 0:
+        return None
+    log.info("retry pass into %s: %d row(s) failed with transient errors", out, cat.num_rows)
+    todo = _conform_table(cat.sort_by(C.UID), [(c, prepared_type(c)) for c in names])
+    # written aside, then moved: a folder named retry-NN is a whole retry input (see _attempt_dirs)
+    tmp = out.rstrip("/") + ".tmp"
+    fs, tp = url_to_fs(tmp)
+    if fs.exists(tp):
+        fs.rm(tp, recursive=True)
+    fs.makedirs(tp, exist_ok=True)
+    with atomic_open(join(tmp, "part-00000.parquet")) as f:
+        pq.write_table(todo, f)
+    move_tree(tmp, out)
     return out
 
 
@@ -707,10 +947,18 @@ def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
     """
     t0 = time.time()
     check_output(cfg)
-    if not is_done(join(cfg.output, layout.PREPARED_DIR)):
-        prepare.discover(cfg)  # cheap checks before Spark starts (tens of seconds): bad input fails at once
+    prep_dir = join(cfg.output, layout.PREPARED_DIR)
+    if not is_done(prep_dir):
+        # cheap checks before Spark starts (tens of seconds): bad input fails at once
+        rows = prepare.estimated_rows(prepare.discover(cfg)[0])
+    else:
+        rows = int(read_json(join(prep_dir, layout.PREPARED_STATS_JSON))["rows_in"])
     write_json(join(cfg.output, layout.SETTINGS_JSON), cfg.semantic())
-    with stage_spark(cfg, spark, app_name="laiontools-download") as sp:
+    # A source under --spark-above rows (and no master named, not under spark-submit) runs every step in
+    # this process: prepare and finalize on Arrow, the download shards in forked processes. Spark's
+    # fixed cost (JVM, Python workers, a dozen jobs: 15-25 s) would otherwise outweigh the work.
+    on_spark = spark is not None or wants_spark(cfg.master, rows, cfg.spark_above)
+    with stage_spark(cfg, spark, app_name="laiontools-download") if on_spark else nullcontext() as sp:
         prep = prepare.run(cfg, sp).details
         if cfg.retry_failed:
             # A retry pass whose shards were interrupted is finished first, before a new one is planned.

@@ -620,13 +620,19 @@ def plan_host_layout(big_hosts: list[tuple[str, int]], n: int, shard_size: int, 
 DUPLICATE_ERROR = "same normalized URL and caption as an earlier row"
 
 
+def arrow_type(sql_type: str) -> Any:
+    """The Arrow type Spark writes for a column of Spark SQL type `sql_type` (string, double, bigint, int)."""
+    import pyarrow as pa
+
+    return {"string": pa.string(), "double": pa.float64(), "bigint": pa.int64(), "int": pa.int32()}[sql_type]
+
+
 def _arrow_schema(names: list[str]) -> Any:
     """Arrow schema of the prepared columns `names` (types from PREPARED_FIELDS, extras text): the types
     Spark writes for them, given explicitly so that an all-null column is still typed and every file agrees."""
     import pyarrow as pa
 
-    arrow = {"string": pa.string(), "double": pa.float64(), "bigint": pa.int64(), "int": pa.int32()}
-    return pa.schema([(n, arrow[prepared_type(n)]) for n in names])
+    return pa.schema([(n, arrow_type(prepared_type(n))) for n in names])
 
 
 def _arrow_table(names: list[str], rows: list[tuple]) -> Any:
