@@ -2,9 +2,12 @@
 
 Issue 15's yardstick: whole-process wall time of ``laiontools download`` against plain
 ``img2dataset.download`` (pyspark distributor on ``local[2]``) on the same source, same threads,
-image size, resize mode, encoding and shard size, runs alternating (ours, plain, ours, plain, ...),
-ratio = median plain wall / median ours wall (target >= 1.3 at 10,000 samples). The fixed cost of a
-run (a 100-row source) is measured the same way and reported separately.
+image size, resize mode, encoding and shard size, runs alternating, ratio = median plain wall /
+median ours wall (target >= 1.3 at 10,000 samples). The fixed cost of a run (a 100-row source) is
+measured the same way and reported separately. ``--kinds`` (all four by default, in this order each
+repeat): ``ours`` (default engine: in process below ``--spark-above`` rows), ``ours-spark``
+(``--master local[2]``: everything on Spark), ``plain`` (pyspark distributor) and ``plain-mp``
+(img2dataset's multiprocessing distributor: like for like with an engine that skips Spark).
 
 The source: ``--n`` realistic JPEGs (cycled over ``--distinct`` rendered images, 512-800 px) served by
 ``--hosts`` synthetic servers on 127.0.0.2 .. 127.0.0.<1+hosts> (one host per address, rows spread over
@@ -67,6 +70,10 @@ def main() -> None:
     p.add_argument("--fixed-repeats", type=int, default=1)
     p.add_argument("--max-host-rps", type=float, default=200.0)
     p.add_argument("--max-host-concurrency", type=int, default=16)
+    p.add_argument("--kinds", default="ours,ours-spark,plain,plain-mp",
+                   help="runs per repeat, alternating: ours (default engine: in process below --spark-above rows), "
+                        "ours-spark (--master local[2]: prepare, download and finalize on Spark), plain (img2dataset, "
+                        "pyspark distributor: the issue's yardstick), plain-mp (img2dataset, multiprocessing distributor)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
     args = p.parse_args()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -104,18 +111,22 @@ def main() -> None:
         def run(kind: str, src: str, n: int, label: str) -> dict:
             per_shard = args.shard or max(50, n // 12)
             out = os.path.join(work, f"{kind}-{label}")
-            if kind == "ours":
+            if kind.startswith("ours"):
                 cmd = [sys.executable, "-m", "laiontools", "download", "--input", src, "--output", out,
                        "--image-size", str(args.image_size), "--resize-mode", args.resize_mode,
                        "--thread-count", str(args.threads), "--number-sample-per-shard", str(per_shard),
-                       "--allow-networks", "127.0.0.0/8", "--retries", "0", "--master", f"local[{WORKERS}]",
+                       "--allow-networks", "127.0.0.0/8", "--retries", "0",
                        "--blocklist", blocklist, "--max-host-rps", str(args.max_host_rps),
                        "--max-host-concurrency", str(args.max_host_concurrency)]
+                if kind == "ours-spark":
+                    cmd += ["--master", f"local[{WORKERS}]"]
                 shard_dir = os.path.join(out, "shards")
             else:
                 settings = {"url_list": src, "input_format": "parquet", "url_col": "url", "caption_col": "caption",
                                 "output_folder": out, "output_format": "webdataset", "processes_count": WORKERS,
-                                "thread_count": args.threads, "distributor": "pyspark", "number_sample_per_shard": per_shard,
+                                "thread_count": args.threads,
+                                "distributor": "multiprocessing" if kind == "plain-mp" else "pyspark",
+                                "number_sample_per_shard": per_shard,
                                 "timeout": cfg.timeout, "retries": 0, "image_size": args.image_size,
                                 "resize_mode": args.resize_mode, "encode_quality": cfg.encode_quality,
                                 "encode_format": cfg.encode_format, "extract_exif": cfg.extract_exif,
@@ -131,10 +142,11 @@ def main() -> None:
                    "download_s": round(st["download_seconds"] or 0, 2), "e2e_sps": round(st["successes"] / wall, 1),
                    "outside_download_s": round(wall - (st["download_seconds"] or 0), 2),
                    "load_before": lb, "load_after": loadavg()}
-            if kind == "ours":
+            if kind.startswith("ours"):
                 with open(os.path.join(out, "report.json")) as f:
                     rep = json.load(f)
                 row["report_failures"] = rep.get("failures_by_kind", {})
+                row["engine"] = rep.get("engine")
             print(f"[{kind}-{label}] wall {wall:6.1f} s  ok {st['successes']}/{n}  download phase "
                   f"{row['download_s']:.1f} s  outside it {row['outside_download_s']:.1f} s  "
                   f"load {row['load_after'][0]:.1f}", flush=True)
@@ -143,12 +155,13 @@ def main() -> None:
 
         small = source("src-fixed", args.fixed_n)
         big = source("src-big", args.n)
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
         for r in range(args.fixed_repeats):
-            run("ours", small, args.fixed_n, f"fixed{r}")
-            run("plain", small, args.fixed_n, f"fixed{r}")
+            for kind in kinds:
+                run(kind, small, args.fixed_n, f"fixed{r}")
         for r in range(args.repeats):
-            run("ours", big, args.n, f"big{r}")
-            run("plain", big, args.n, f"big{r}")
+            for kind in kinds:
+                run(kind, big, args.n, f"big{r}")
     finally:
         for s in servers:
             s.stop()
@@ -160,18 +173,20 @@ def main() -> None:
     def walls(kind: str, tag: str) -> list[float]:
         return [r["wall_s"] for r in results["runs"] if r["kind"] == kind and r["label"].startswith(tag)]
 
-    o, pl = med(walls("ours", "big")), med(walls("plain", "big"))
-    fo, fp = med(walls("ours", "fixed")), med(walls("plain", "fixed"))
-    results.update(ours_wall_median=o, plain_wall_median=pl, ratio_plain_over_ours=round(pl / o, 3),
-                   fixed_ours_median=fo, fixed_plain_median=fp,
+    meds = {k: med(walls(k, "big")) for k in kinds if walls(k, "big")}
+    fixed = {k: med(walls(k, "fixed")) for k in kinds if walls(k, "fixed")}
+    ratios = {f"{p}/{o}": round(meds[p] / meds[o], 3) for o in kinds if o.startswith("ours") and o in meds
+              for p in kinds if p.startswith("plain") and p in meds}
+    results.update(wall_medians=meds, fixed_medians=fixed, ratios_plain_over_ours=ratios,
                    uptime_end=uptime(), bench_seconds=round(time.time() - t_start, 1),
                    command=" ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/bench_download_e2e.py",
                                                              *sys.argv[1:]]))
     with open(os.path.join(args.out, "download-e2e.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(f"\n{args.n} samples, {args.hosts} hosts: ours {walls('ours', 'big')} s, plain img2dataset "
-          f"{walls('plain', 'big')} s; end to end plain / ours (medians) = {pl / o:.3f}  (target >= 1.3)")
-    print(f"fixed cost ({args.fixed_n} rows): ours {walls('ours', 'fixed')} s, plain {walls('plain', 'fixed')} s")
+    print(f"\n{args.n} samples, {args.hosts} hosts, walls: " + "; ".join(f"{k} {walls(k, 'big')} s" for k in kinds))
+    print("end to end, plain / ours (medians; target: plain / ours >= 1.3): "
+          + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()))
+    print(f"fixed cost ({args.fixed_n} rows): " + ", ".join(f"{k} {walls(k, 'fixed')} s" for k in kinds))
     print(f"uptime at start: {results['uptime_start']}\nuptime at end:   {results['uptime_end']}\n"
           f"{results['bench_seconds']:.0f} s in all; wrote {os.path.join(args.out, 'download-e2e.json')}")
 
