@@ -213,6 +213,7 @@ class Pools:
     local: str
     s3: str
     source_s3: str
+    s3_in_process: str  # the same download into s3:// by the in-process engine (no master named)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +236,15 @@ def pools(spark, s3, tmp_path_factory) -> Pools:
         download_stage.run(DownloadConfig(input=src["source"], output=local, **TEST_DOWNLOAD_SETTINGS), spark)
         out = f"s3://{name}/pool"
         download_stage.run(DownloadConfig(input=source_s3, output=out, **TEST_DOWNLOAD_SETTINGS), spark)
-    return Pools(local, out, source_s3)
+        in_process = f"s3://{name}/pool-in-process"
+        master = os.environ.pop("LAIONTOOLS_SPARK_MASTER", None)
+        try:
+            rep = download_stage.run(DownloadConfig(input=source_s3, output=in_process, **TEST_DOWNLOAD_SETTINGS)).details
+        finally:
+            if master is not None:
+                os.environ["LAIONTOOLS_SPARK_MASTER"] = master
+        assert rep["engine"] == "in-process"
+    return Pools(local, out, source_s3, in_process)
 
 
 @pytest.mark.slow
@@ -280,6 +289,26 @@ def test_download_from_and_to_s3_equals_the_local_run(spark, pools):
     recorded = json.dumps(read_json(f"{pools.s3}/{layout.SETTINGS_JSON}")) + json.dumps(m_s3)
     for secret in (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]):
         assert secret not in recorded
+
+
+@pytest.mark.slow
+def test_download_in_process_on_s3_equals_the_spark_run(spark, pools):
+    """The in-process engine reads the source from the bucket and writes the pool into it (its forked
+    download processes each open their own s3fs client): the Spark run's uid file, shards, members and
+    catalog rows, the catalog readable by Spark."""
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+
+    got = read_manifest(f"{pools.s3_in_process}/{layout.POOL_MANIFEST}")
+    want = read_manifest(f"{pools.s3}/{layout.POOL_MANIFEST}")
+    assert got["uids"] == want["uids"] and got["num_samples"] == want["num_samples"] > 0
+    key = ("path", "num_samples", "bytes")
+    assert [tuple(s[k] for k in key) for s in got["shards"]] == [tuple(s[k] for k in key) for s in want["shards"]]
+    for sh in got["shards"]:
+        assert sorted(_members(f"{pools.s3_in_process}/{sh['path']}")) == sorted(_members(f"{pools.s3}/{sh['path']}"))
+    span = ["tar_offset", "tar_length"]  # where a sample sits in its tar follows the fetch order
+    pd.testing.assert_frame_equal(_catalog_rows(f"{pools.s3_in_process}/{layout.CATALOG_DIR}", spark).drop(columns=span),
+                                  _catalog_rows(f"{pools.s3}/{layout.CATALOG_DIR}", spark).drop(columns=span))
 
 
 @pytest.mark.slow
