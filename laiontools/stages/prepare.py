@@ -25,7 +25,6 @@ import logging
 import math
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
@@ -55,7 +54,7 @@ from laiontools.core.storage import (
     write_parquet_dir,
 )
 from laiontools.web.blocklist import load_blocklist
-from laiontools.web.policy import check_url
+from laiontools.web.policy import check_url, host_of
 
 log = logging.getLogger(__name__)
 
@@ -440,14 +439,6 @@ def _tasks(files: list[SourceFile], mapping: dict[str, str], extras: list[str], 
 
 
 # ----------------------------------------------------------------------------- host-bounded shard layout (driver plan, executor positions)
-
-
-def host_of(url: str | None) -> str:
-    """The key of fetch's per-host limits (``HostGate``): the URL's lower-cased host name, '' if none."""
-    try:
-        return (urlsplit(url or "").hostname or "").lower()
-    except ValueError:
-        return ""
 
 
 def _coprime_step(size: int) -> int:

@@ -62,6 +62,7 @@ from laiontools.web.policy import (
     PRIVATE_NAMES,
     PRIVATE_SUFFIXES,
     host_ip,
+    host_of,
     is_blocked_ip,
     resolve_all,
 )
@@ -381,14 +382,6 @@ def _sleep_until(t: float, wait_deadline: float | None, host: str) -> None:
 
 
 HOSTS = HostGate()
-
-
-def host_of(url: str) -> str:
-    """The key of the per-host limits: the URL's lower-cased host name ('' if it has none or cannot be parsed)."""
-    try:
-        return (urlsplit(url).hostname or "").lower()
-    except ValueError:
-        return ""
 
 
 class HostScheduler:

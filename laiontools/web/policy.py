@@ -201,3 +201,12 @@ def check_url(url: str | None, policy: Mapping[str, Any], dns_cache: dict[str, A
         if any(is_blocked_ip(ipaddress.ip_address(a), nets) for a in res):
             return "private_address", f"host {host} resolves to a non-global address"
     return None
+
+
+def host_of(url: str | None) -> str:
+    """The key of the per-host limits (fetch's ``HostGate`` / ``HostScheduler``) and of prepare's host
+    layout: the URL's lower-cased host name, '' if it has none or cannot be parsed."""
+    try:
+        return (urlsplit(url or "").hostname or "").lower()
+    except ValueError:
+        return ""
