@@ -489,9 +489,9 @@ def run(cfg: ReshardConfig, spark: Any = None) -> StageResult:
     uid file changed since selection, source shard missing from the pool, output of another plan).
     """
     m = read_manifest(abs_path(cfg.manifest))  # a missing or invalid manifest fails before Spark starts
-    size = _catalog_rows(abs_path(cfg.manifest), m)
+    pool, size = _pool_and_rows(abs_path(cfg.manifest), m)
     with stage_tasks(cfg, spark, app_name="laiontools-reshard", size=size, spark_above=cfg.spark_above) as tasks:
-        res = _reshard(cfg, tasks)
+        res = _reshard(cfg, tasks, m, pool)
     return StageResult(
         outputs={"manifest": res["manifest"], "shards": join(abs_path(cfg.output), layout.RESHARD_SHARDS_DIR)},
         counts={"shards": int(res["num_shards"]), "samples": int(res["num_samples"]), "bytes": int(res["bytes"])},
@@ -501,8 +501,10 @@ def run(cfg: ReshardConfig, spark: Any = None) -> StageResult:
     )
 
 
-def _catalog_rows(mpath: str, m: dict[str, Any]) -> int:
-    """Rows of the pool catalog a subset's plan scans (the engine's size); unknown: as large as can be."""
+def _pool_and_rows(mpath: str, m: dict[str, Any]) -> tuple[Any, int]:
+    """The subset's pool (None if it cannot be loaded: :func:`_reshard` then names what is wrong) and
+    the rows of its catalog a plan scans (the engine's size; unknown: as large as can be)."""
+    pool = None
     try:
         pool = load_pool(_find_pool(mpath, m))
         rows = (pool.manifest.get("catalog") or {}).get("num_rows")
@@ -516,14 +518,15 @@ def _catalog_rows(mpath: str, m: dict[str, Any]) -> int:
                 fs, p = url_to_fs(path)
                 with fs.open(p, "rb") as f:
                     rows += pq.ParquetFile(f).metadata.num_rows
-        return int(rows)
+        return pool, int(rows)
     except (UserError, OSError, KeyError, TypeError, ValueError):
-        return 1 << 62  # _reshard reports what is wrong with the pool; the engine choice does not matter then
+        return pool, 1 << 62  # _reshard reports what is wrong with the pool; the engine choice does not matter then
 
 
-def _reshard(cfg: ReshardConfig, tasks: Any) -> dict[str, Any]:
+def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None) -> dict[str, Any]:
+    """`m`: the subset manifest at ``cfg.manifest``, read once by :func:`run`; `pool`: its pool, if
+    :func:`_pool_and_rows` could load it (else loaded here, to raise the error that names the fault)."""
     mpath = abs_path(cfg.manifest)
-    m = read_manifest(mpath)
     if m["kind"] != "subset":
         raise InputError(f"{mpath} is a {m['kind']} manifest; reshard takes a subset manifest from `laiontools subsets`")
     uid_path = resolve(mpath, m["uids"]["path"])
@@ -532,7 +535,7 @@ def _reshard(cfg: ReshardConfig, tasks: Any) -> dict[str, Any]:
         raise ReshardError(f"{uid_path}: sha256 {sha} differs from the manifest's {m['uids']['sha256']}; the uid file changed, re-run subsets")
     n = int(m["uids"]["count"])
     seed = cfg.seed if cfg.seed is not None else int((m.get("selection") or {}).get("seed", 0))
-    pool = load_pool(_find_pool(mpath, m))
+    pool = pool or load_pool(_find_pool(mpath, m))
     urls = {sid: resolve(pool.path, s["path"]) for sid, s in zip(pool.shard_ids, pool.manifest["shards"])}
     k, q, r = shard_layout(n, cfg.shard_size)
     width = max(6, len(str(q + 1)))
