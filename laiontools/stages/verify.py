@@ -289,9 +289,11 @@ def verify_main(argv: list[str] | None = None) -> int:
     p.add_argument("--removal-list", default=None, help="also prove that no item of this removal list (urls, domains, "
                    "uids, sha256/md5, pHashes; see laiontools.contracts.removal) remains in the manifest's shards")
     p.add_argument("--master", default=None, help="read the shards in Spark tasks on this master (local[4], "
-                   "spark://host:7077); default: in this process, except under spark-submit or above --spark-above shards")
+                   "spark://host:7077); default: $LAIONTOOLS_SPARK_MASTER if set, else in this process, except under "
+                   "spark-submit or above --spark-above shards")
     p.add_argument("--spark-above", type=int, default=SPARK_ABOVE_SHARDS, help="manifests with more shards than "
-                   "this are read on Spark (local[*] unless --master); 0 = always, -1 = never")
+                   "this are read on Spark (local[*] unless --master); 0 = always, -1 = only when a master is named or "
+                   "under spark-submit")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     rl = None
     if args.removal_list:
@@ -317,17 +319,15 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 
 def _wants_spark(mp: str, master: str | None, above: int) -> bool:
+    """The rule every stage follows (``core.stage.wants_spark``), sized by the manifest's shards."""
     from laiontools.contracts.schema import ManifestError
-    from laiontools.core.spark import under_spark_submit
+    from laiontools.core.stage import wants_spark
 
-    if master or under_spark_submit():
-        return True
-    if above < 0:
-        return False
     try:
-        return len(read_manifest(mp)["shards"]) > above
+        shards = len(read_manifest(mp)["shards"])
     except (ManifestError, OSError, ValueError):
-        return False  # verify_manifest reports the manifest's own problem
+        shards = 0  # verify_manifest reports the manifest's own problem
+    return wants_spark(master, shards, above)
 
 
 def _verify_one(mp: str, args: argparse.Namespace, rl: Any, spark: Any | None) -> int:
