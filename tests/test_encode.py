@@ -289,3 +289,47 @@ def test_download_shard_spans_skip_an_unreadable_tar(tmp_path):
     rows = pa.Table.from_batches(list(shard_spans([batch]))).to_pydict()
     assert rows["_sid"] == ["good", "good"] and rows["_skey"] == ["k1", "k2"]
     assert rows["_toff"] == [0, 4096] and rows["_tlen"] == [4096, 4096]  # 2 × (pax header + records + header + data)
+
+
+def test_parse_span_gives_the_scanners_members_on_valid_and_damaged_spans():
+    """parse_span (reshard's per-sample parser) against the general header scanner in span mode, on
+    every sample span of a pax tar (img2dataset's format) and of a plain ustar one, and on the same spans
+    cut, shifted, extended, with the magic, type flag or size of a header damaged: the same members,
+    or None on both sides."""
+    import io
+    import tarfile
+
+    from laiontools.wds.tarscan import _scan, parse_span, sample_spans, tar_members
+
+    def reference(b: bytes):
+        m = _scan(io.BytesIO(b), len(b), verify=False, span=True)
+        return None if m is None else [(name, off, size, mt) for name, _, off, size, mt in m]
+
+    rng = np.random.default_rng(11)
+    checked = 0
+    for fmt in (tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+            for i in range(20):
+                for ext in ("jpg", "json", "txt"):
+                    data = rng.bytes(int(rng.integers(0, 3000)))
+                    ti = tarfile.TarInfo(f"{i:07d}.{ext}")
+                    # a float mtime is what makes tarfile (so webdataset) write a pax header per member
+                    ti.size, ti.mtime = len(data), 1_796_014_623 + i + (0.25 if fmt == tarfile.PAX_FORMAT else 0)
+                    tf.addfile(ti, io.BytesIO(data))
+        data = buf.getvalue()
+        assert (data[156:157] == b"x") == (fmt == tarfile.PAX_FORMAT)
+        for off, n in sample_spans(tar_members(io.BytesIO(data), len(data))).values():
+            span = data[off : off + n]
+            assert parse_span(span) == reference(span) and parse_span(span)
+            assert parse_span(memoryview(span)) == reference(span)
+            variants = [span[512:], span[:-512], span + data[off + n : off + n + 1024], span[:-1], b"\0" * 512 + span]
+            for at, val in ((257, b"x"), (156, b"7"), (124, b"9"), (130, b"\xff")):  # magic, flag, size digits
+                for h in (0, 512, 1024):  # first header (pax or plain), the next ones
+                    d = bytearray(span)
+                    d[h + at : h + at + 1] = val
+                    variants.append(bytes(d))
+            for v in variants:
+                assert parse_span(v) == reference(v), (fmt, off, len(v))
+                checked += 1
+    assert checked > 500
