@@ -22,6 +22,7 @@ with the same catalog and manifest as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,7 +30,6 @@ import math
 import re
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any
 
 from laiontools.contracts import layout
@@ -282,7 +282,10 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     log.info("downloading from %s into %s (%d shard(s) already done)", input_dir, shard_dir, len(done_shards))
     t0 = time.time()
     distributor = pyspark_distributor if spark is not None else local_distributor
-    distributor(tasks_at_once, downloader, reader, cfg.subjob_size, cfg.max_shard_retry)
+    # img2dataset prints its progress ("Sharding file number ...") to stdout, where the CLI prints
+    # the pool's summary: send it to stderr with the logs (forked download processes inherit it)
+    with contextlib.redirect_stdout(sys.stderr):
+        distributor(tasks_at_once, downloader, reader, cfg.subjob_size, cfg.max_shard_retry)
     log.info("img2dataset pass over %d input file(s) took %.1fs", n_todo, time.time() - t0)
     if fs.exists(url_to_fs(tmp_path)[1]):
         fs.rm(url_to_fs(tmp_path)[1], recursive=True)
@@ -758,6 +761,7 @@ def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
         f"  requested:     {rep['requested']} (rows sent to download)",
         f"  obtained:      {rep['obtained']} samples ({100 * rep['success_rate']:.1f}% success) in {rep['shards']} shard(s), {rep['bytes'] / 1e6:.1f} MB",
         f"  speed:         {rep['samples_per_second']} samples/s over the download phase",
+        f"  engine:        {rep.get('engine', 'spark')}",
     ]
     if rep["failures_by_kind"]:
         lines += ["  failures by kind:", "    " + table([{"kind": k, "rows": v} for k, v in rep["failures_by_kind"].items()]).replace("\n", "\n    ")]
@@ -958,7 +962,7 @@ def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
     # this process: prepare and finalize on Arrow, the download shards in forked processes. Spark's
     # fixed cost (JVM, Python workers, a dozen jobs: 15-25 s) would otherwise outweigh the work.
     on_spark = spark is not None or wants_spark(cfg.master, rows, cfg.spark_above)
-    with stage_spark(cfg, spark, app_name="laiontools-download") if on_spark else nullcontext() as sp:
+    with stage_spark(cfg, spark, app_name="laiontools-download") if on_spark else contextlib.nullcontext() as sp:
         prep = prepare.run(cfg, sp).details
         if cfg.retry_failed:
             # A retry pass whose shards were interrupted is finished first, before a new one is planned.
