@@ -208,6 +208,34 @@ def test_in_process_engine_gives_the_spark_pool(pool, tmp_path, monkeypatch):
     assert sorted(array_to_uids(load_uids(os.path.join(out, layout.POOL_UIDS)))) == sorted(ok["uid"])
 
 
+def test_a_stats_file_cut_short_is_a_clear_error_and_the_rerun_downloads_the_shard_again(pool, tmp_path, monkeypatch):
+    """A shard's img2dataset stats cut short in the run that wrote it (a full disk) is refused with one
+    clear error, not listed nor silently left out; the same command then downloads that shard again."""
+    from laiontools.core.errors import UserError
+    from laiontools.core.storage import marker_path
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = str(tmp_path / "p")
+    shutil.copytree(pool.dir, out)
+    stats = os.path.join(out, layout.SHARDS_DIR, "00001_stats.json")
+    with open(stats, "rb") as f:
+        data = f.read()
+    with open(stats, "wb") as f:
+        f.write(data[: len(data) // 2])
+    os.remove(marker_path(os.path.join(out, layout.SHARDS_DIR, "00001.tar")))
+    cfg = DownloadConfig(input=pool.source, output=out, **TEST_DOWNLOAD_SETTINGS)
+    with pytest.raises(UserError, match="00001_stats.json: the shard's stats file is damaged.*re-run"):
+        download_stage.complete_shards(cfg)
+    rep = download_stage.run(cfg).details
+    assert json.load(open(stats))["count"] == json.loads(data)["count"]  # downloaded again, whole
+    m = read_manifest(rep["manifest"])
+    assert "shards/00001.tar" in {s["path"] for s in m["shards"]}
+    flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])
+    pd.testing.assert_frame_equal(_comparable(out, flaky)[0], _comparable(pool.dir, flaky)[0])
+
+
 def test_other_settings_into_the_same_folder_are_refused(pool, tmp_path):
     out = str(tmp_path / "p")
     shutil.copytree(pool.dir, out)

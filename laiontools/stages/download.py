@@ -211,8 +211,8 @@ def local_distributor(processes: int, downloader: Any, reader: Any, _subjob_size
     from laiontools.core.stage import Tasks
 
     def run(shards: list[Any]) -> list[Any]:
-        results = Tasks(None, workers=processes).map(lambda it: [downloader(row) for row in it], shards, processes=True,
-                                                            description="download")
+        results = Tasks(None, workers=processes).map(lambda it: [_shard_quietly(downloader, row) for row in it], shards,
+                                                     processes=True, description="download")
         return [row for ok, row in results if ok is False]
 
     failed = run(list(reader))
@@ -224,6 +224,48 @@ def local_distributor(processes: int, downloader: Any, reader: Any, _subjob_size
     if failed:
         log.warning("%d download shard(s) still failed after %d retries; re-run the same command to retry them",
                     len(failed), max_shard_retry)
+
+
+def _shard_quietly(downloader: Any, row: Any) -> tuple[bool, Any]:
+    """``downloader(row)`` in a download process with its stderr (file descriptor 2: img2dataset's
+    ``traceback.print_exc`` for every failed sample and shard, and the logs) kept in a temporary file,
+    as a Spark executor keeps it in its own log: the CLI's stderr then holds one line per failed shard,
+    and every failed row's reason is in the catalog anyway. The whole text goes to the DEBUG log."""
+    import io
+    import os
+    import tempfile
+
+    try:
+        tmp = tempfile.TemporaryFile()
+    except OSError:
+        return downloader(row)
+    with tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        # Python-level writes too (sys.stderr need not be descriptor 2, e.g. under a capturing harness)
+        text_err = io.TextIOWrapper(os.fdopen(os.dup(tmp.fileno()), "wb"), encoding="utf-8", errors="replace",
+                                    line_buffering=True)
+        try:
+            with contextlib.redirect_stderr(text_err):
+                ok, out = downloader(row)
+        finally:
+            try:
+                text_err.flush()
+                sys.stderr.flush()
+            except OSError:
+                pass
+            text_err.close()
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode("utf-8", "replace")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if ok is False:
+        log.warning("download shard %s failed: %s", row[0], lines[-1] if lines else "no message")
+    if lines:
+        log.debug("img2dataset's output for download shard %s:\n%s", row[0], text)
+    return ok, out
 
 
 def download_processes() -> int:
@@ -304,8 +346,15 @@ def complete_shards(cfg: DownloadConfig) -> list[dict[str, Any]]:
             rel = tar[len(cfg.output.rstrip("/")) + 1:]
             info = read_marker(tar)
             if info is None:
-                with fs.open(stats_file, "rb") as f:
-                    stats = json.loads(f.read())
+                try:
+                    with fs.open(stats_file, "rb") as f:
+                        stats = json.loads(f.read())
+                    int(stats["successes"]), int(stats["count"])
+                except (ValueError, KeyError, TypeError) as e:
+                    # written in this run and cut short (a full disk): the next run's cleanup removes the
+                    # shard and downloads it again; listing it, or leaving it out, would be wrong now
+                    raise UserError(f"{stats_file}: the shard's stats file is damaged ({type(e).__name__}: {e}); "
+                                    f"re-run the same command: the shard will be downloaded again") from e
                 sha, nbytes = sha256_file(tar)
                 info = {"sha256": sha, "bytes": nbytes, "num_samples": int(stats["successes"]), "count": int(stats["count"]),
                         "start_time": stats.get("start_time"), "end_time": stats.get("end_time"),

@@ -1045,6 +1045,7 @@ class PolicyDownloader(Downloader):
 
             name = f"{row[0]:0{self.oom_shard_count}d}{WEB_STATS_SUFFIX}"
             write_json(join(self.output_folder, name), counters_delta(before, executor_counters()))
-        except Exception:  # counters are a report's extra; never fail a written shard for them
-            logging.getLogger(__name__).warning("could not write the web counters of shard %s", row[0], exc_info=True)
+        except Exception as e:  # counters are a report's extra; never fail a written shard for them
+            logging.getLogger(__name__).warning("could not write the web counters of shard %s: %s: %s", row[0],
+                                                type(e).__name__, e)
         return result
