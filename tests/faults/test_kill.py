@@ -287,6 +287,8 @@ def test_prepare_survives_kills(chain, monkeypatch, tmp_path):
 
     args = prepare_args(chain.source, out)
     keep = str(tmp_path / "prep.uninterrupted")
+    # on the killed runs' engine (their environment names a master): stats.json records which engine ran
+    monkeypatch.setenv("LAIONTOOLS_SPARK_MASTER", ENV["LAIONTOOLS_SPARK_MASTER"])
     _baseline(monkeypatch, args, out, keep)
     n = count(keep, "prepared/accepted/part-*.parquet")
     assert n >= 8, n
