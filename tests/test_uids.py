@@ -11,7 +11,10 @@ import pytest
 
 from laiontools.contracts.uids import (
     UID_DTYPE,
+    UidSet,
     array_to_uids,
+    arrow_to_array,
+    contains,
     load_uids,
     npy_header,
     save_uids,
@@ -36,6 +39,45 @@ def test_uids_to_array_is_the_integer_split():
     for bad in (["ab"], [uids[0], "z" * 32], [uids[0], None], [uids[0] + "0"]):
         with pytest.raises(InputError, match="not 32 hex chars"):
             uids_to_array(bad)
+
+
+def test_arrow_to_array_equals_the_python_split():
+    import pyarrow as pa
+
+    rng = random.Random(2)
+    uids = [_hex(rng) for _ in range(300)] + ["0" * 32, "F" * 16 + "a" * 16]
+    want = [(int(u[:16], 16), int(u[16:], 16)) for u in uids]
+    for col in (pa.array(uids), pa.array(uids, pa.large_string()), pa.array(["x" * 32] + uids).slice(1)):
+        arr = arrow_to_array(col)
+        assert arr.dtype == UID_DTYPE and [(int(h), int(lo)) for h, lo in zip(arr["hi"], arr["lo"])] == want
+    assert len(arrow_to_array(pa.array([], pa.string()))) == 0
+    for bad in (["ab"], [uids[0], "z" * 32], [uids[0], None], [uids[0] + "0"]):
+        with pytest.raises(InputError):
+            arrow_to_array(pa.array(bad, pa.string()))
+
+
+@pytest.mark.parametrize("case", ["hash", "shared-high-words", "over-hash-max", "empty"])
+def test_uid_set_contains_is_set_membership(case, monkeypatch):
+    # UidSet answers through a hash index over the high 64 bits, or by binary search where those are
+    # not unique or the set is large; each answer must be plain set membership of the hex strings.
+    rng = random.Random(3)
+    members = [_hex(rng) for _ in range(2000)]
+    if case == "shared-high-words":  # uids that differ only in their low word: the index cannot tell them apart
+        members += [members[0][:16] + f"{k:016x}" for k in range(5)]
+    if case == "over-hash-max":
+        monkeypatch.setattr(UidSet, "HASH_MAX", 100)
+    if case == "empty":
+        members = []
+    others = [_hex(rng) for _ in range(3000)]
+    near = [u[:16] + f"{int(u[16:], 16) ^ 1:016x}" for u in members[:200]]  # same high word, another low word
+    query = others + members[::3] + near + members[:1]
+    rng.shuffle(query)
+    s = UidSet(np.unique(uids_to_array(members)))
+    assert (s.index is not None) == (case == "hash")
+    got = s.contains(uids_to_array(query))
+    want = set(members)
+    assert got.tolist() == [u in want for u in query]
+    assert got.tolist() == contains(s.arr, uids_to_array(query)).tolist()
 
 
 def test_npy_header_is_what_numpy_writes(tmp_path):

