@@ -77,11 +77,12 @@ def build_pool(root: str, shards: int, per_shard: int, kb: int, tar_format: str 
                     tf.addfile(ti, io.BytesIO(data))
                 rows.append({C.UID: uid, C.STATUS: C.STATUS_SUCCESS, C.SHARD: sid, C.KEY: key, C.CAPTION: cap})
                 uids.append(uid)
-        if spans:
+        if spans:  # as download records them: each sample's span and the span's sha256
             with open(path, "rb") as f:
                 sp = sample_spans(tar_members(f, os.path.getsize(path)))
-            for r in rows[first_row:]:
-                r[C.TAR_OFFSET], r[C.TAR_LENGTH] = sp[r[C.KEY]]
+                for r in rows[first_row:]:
+                    r[C.TAR_OFFSET], r[C.TAR_LENGTH] = sp[r[C.KEY]]
+                    r[C.TAR_SHA256] = hashlib.sha256(os.pread(f.fileno(), r[C.TAR_LENGTH], r[C.TAR_OFFSET])).hexdigest()
         sha, nbytes = sha256_file(path)
         total += nbytes
         entries.append({"path": f"shards/{sid}.tar", "num_samples": per_shard, "bytes": nbytes, "sha256": sha})

@@ -141,6 +141,42 @@ def test_shard_writer_matches_tarfile(tmp_path):
     assert direct_used or fs_type == "tmpfs", fs_type
 
 
+def test_shard_writer_raises_its_thread_error_and_the_buffer_serves_the_next_shard(tmp_path):
+    # The buffers are hashed and written by a writer thread; a write that fails there (here: a descriptor
+    # opened read-only, as a full disk fails a write) is raised in the caller, at a later hand-over or at
+    # hexdigest, never lost; close() returns; the same buffer pair then writes a correct shard.
+    import errno
+    import hashlib
+    import io
+
+    buffer = WriteBuffer(64 << 10)
+    payload = bytes(range(256)) * 1000  # 256 kB: several hand-overs per sample
+    bad = tmp_path / "readonly.tar"
+    bad.write_bytes(b"")
+    with open(bad, "rb") as f:
+        out = ShardWriter(f, f.fileno(), direct=False, buffer=buffer)
+        with pytest.raises(OSError) as err:
+            for k in range(3):
+                out.add_sample(f"{k:06d}".encode(), [(b".bin", memoryview(payload), 0)])
+            out.end_archive()
+            out.hexdigest()
+        out.close()
+    assert err.value.errno == errno.EBADF
+    good = tmp_path / "good.tar"
+    with open(good, "wb") as f:
+        out = ShardWriter(f, f.fileno(), direct=False, buffer=buffer)
+        for k in range(3):
+            out.add_sample(f"{k:06d}".encode(), [(b".bin", memoryview(payload), 0)])
+        out.end_archive()
+        digest = out.hexdigest()
+        out.close()
+    buffer.close()
+    data = good.read_bytes()
+    assert digest == hashlib.sha256(data).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert [(m.name, tf.extractfile(m).read() == payload) for m in tf] == [(f"{k:06d}.bin", True) for k in range(3)]
+
+
 def test_reshard_output(subset, resharded):
     sm = read_manifest(subset)
     m = read_manifest(os.path.join(resharded, layout.RESHARD_MANIFEST))

@@ -41,8 +41,9 @@ How it works on Spark (the driver sees only source shard ids and one small row p
 3. Write: tasks over contiguous ranges of output shards get their plan rows as Arrow batches in
    (shard, index) order, read the byte ranges of each sample (its adjacent members as one range,
    in batches sorted by source offset), and write them under new keys ``<shard:05d><position:06d>``
-   in shuffled order with hand-built ustar headers through one aligned 8 MB buffer, each full
-   buffer hashed and written (O_DIRECT where the file system takes it); then fsync, rename the tar
+   in shuffled order with hand-built ustar headers through a pair of aligned 2 MB buffers, each full
+   buffer hashed and written by a writer thread (O_DIRECT where the file system takes it) while the
+   other is filled; then fsync, rename the tar
    into place and write its marker last. The json member keeps the uid and gains ``key`` (new),
    ``source_shard`` and ``source_key``. Bytes never travel through Spark.
 
@@ -210,6 +211,11 @@ class _Sources:
 
     def read(self, sid: str, offset: int, size: int) -> bytes:
         f = self.open.get(sid)
+        if f is not None and f.__class__ is io.FileIO:  # the common case, a local file: one pread
+            self.open.move_to_end(sid)
+            data = os.pread(f.fileno(), size, offset)
+            if len(data) == size:
+                return data
         if f is None:
             fs, p = url_to_fs(self.urls[sid])
             f = fs.open(p, "rb", block_size=1 << 22) if not _is_local(fs) else open(p, "rb", buffering=0)
@@ -306,14 +312,14 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
     from laiontools.wds.keys import base_plus_ext
     from laiontools.wds.tarscan import parse_span
 
-    buf = memoryview(sources.read(e.sid, e.lo, e.hi - e.lo))
-    if e.sha is not None and hashlib.sha256(buf).hexdigest() != e.sha:
+    raw = sources.read(e.sid, e.lo, e.hi - e.lo)
+    if e.sha is not None and hashlib.sha256(raw).hexdigest() != e.sha:
         raise task_error(
             f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} have "
             "another sha256 than the catalog recorded at download; the shard changed since download: run "
             "`laiontools verify` on the pool and re-download the shards it names"
         )
-    members = parse_span(buf)
+    members = parse_span(raw)  # bytes, not a view: parse_span would copy a view
     out = []
     for name, off, size, mtime in members or ():
         key, ext = base_plus_ext(name)
@@ -326,6 +332,7 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
             f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} are not "
             "its tar members; the shard changed since download: run `laiontools verify` on the pool"
         )
+    buf = memoryview(raw)
     return [(ext, buf[off : off + size], mtime) for ext, off, size, mtime in sorted(out)]
 
 
@@ -338,8 +345,15 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
     under a temporary name, renamed, and marked. The output bytes depend only on the rows (members
     in (ext, ...) order, samples in index order), not on how the reads are batched.
     """
+    import sys
+
     sources = _Sources(urls)
     buffer = WriteBuffer()
+    # The shard writer's thread hashes and writes each full buffer while this one packs the next: it
+    # needs the interpreter lock for a moment before and after each, and this thread, busy in Python,
+    # gives it up only every switch interval (5 ms by default, longer than packing a 2 MB buffer takes).
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, 0.0005))
     try:
         for j, entries in rows:
             path = join(out_dir, shard_name(j))
@@ -385,6 +399,7 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
             mark_done(path, info)
             yield j, info
     finally:
+        sys.setswitchinterval(switch)
         sources.close()
         buffer.close()
 
@@ -639,9 +654,11 @@ def _run_local(
     The catalog is read one batch at a time; only the subset's rows are kept."""
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from laiontools.contracts.uids import UidSet, arrow_to_array, load_uids
     from laiontools.core.storage import list_data_files
 
     t0 = time.perf_counter()
@@ -654,6 +671,10 @@ def _run_local(
     if not {C.TAR_OFFSET, C.TAR_LENGTH} <= names:
         return None
     cols = [C.UID, C.STATUS, C.SHARD, C.KEY, C.TAR_OFFSET, C.TAR_LENGTH] + ([C.TAR_SHA256] if C.TAR_SHA256 in names else [])
+    # The subset's uids as a hash set (read here, not from a per-process cache: the file may have been
+    # rewritten since an earlier run in this process); each catalog batch is cut to the subset's rows on
+    # Arrow before any Python object is made, so the scan costs ~0.1 us a pool row, not one per column.
+    subset = UidSet(np.asarray(load_uids(uid_path, mmap=False)))
     parts = []
     for path in files:
         fs, p = url_to_fs(path)
@@ -662,10 +683,9 @@ def _run_local(
                 batch = batch.filter(pc.equal(batch.column(C.STATUS), C.STATUS_SUCCESS))
                 if batch.num_rows == 0:
                     continue
-                df = batch.to_pandas()
-                df = df[member_series(df[C.UID], uid_path).to_numpy()]
-                if len(df):
-                    parts.append(df)
+                batch = batch.filter(pa.array(subset.contains(arrow_to_array(batch.column(C.UID)))))
+                if batch.num_rows:
+                    parts.append(batch.to_pandas())
     rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
     if C.TAR_SHA256 not in rows.columns:
         rows[C.TAR_SHA256] = None
@@ -687,7 +707,7 @@ def _run_local(
     big = r * (q + 1)
     j = np.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1)).astype(np.int64)
     i = np.where(pos < big, pos % (q + 1), (pos - big) % max(q, 1)).astype(np.int64)
-    log.info("reshard: planned %d samples in %.1f s (in process; spans from the catalog)", n, time.perf_counter() - t0)
+    log.info("reshard: planned %d samples in %.3f s (in process; spans from the catalog)", n, time.perf_counter() - t0)
     shas = rows[C.TAR_SHA256].where(rows[C.TAR_SHA256].notna(), None).tolist()
     offs, lens = rows[C.TAR_OFFSET].astype("int64").tolist(), rows[C.TAR_LENGTH].astype("int64").tolist()
     per_shard: list[list[_Entry]] = [[] for _ in range(k)]
@@ -699,7 +719,7 @@ def _run_local(
     # threads would serialize (measured: 1.4-1.7x faster on 2 cores than 2 threads)
     out = tasks.map(lambda part: write_output_shards(part, out_dir, urls, plan_id, width, direct),
                     [(jj, entries) for jj, entries in enumerate(per_shard)], processes=True)
-    log.info("reshard: wrote %d output shards in %.1f s", len(out), time.perf_counter() - t1)
+    log.info("reshard: wrote %d output shards in %.3f s", len(out), time.perf_counter() - t1)
     results = {int(jj): {"num_samples": int(info["num_samples"]), "bytes": int(info["bytes"]), "sha256": info["sha256"]}
                for jj, info in out}
     if sorted(results) != list(range(k)):
@@ -754,7 +774,7 @@ def _run_spark(
         counts = sorted((int(x["pid"]), int(x["count"])) for x in per_part)
         use_spans = has_spans and sum(int(x["nulls"] or 0) for x in per_part) == 0
         got = sum(c for _, c in counts)
-        log.info("reshard: planned %d samples in %.1f s", got, time.perf_counter() - t0)
+        log.info("reshard: planned %d samples in %.3f s", got, time.perf_counter() - t0)
         if got != n:
             raise _not_in_catalog(n - got)
         offsets, acc = [], 0
@@ -783,7 +803,7 @@ def _run_spark(
             if unknown:
                 raise _incomplete_shards(pool, sorted(unknown))
             joined, cols = plan, ["j", "i", C.UID, "_sid", C.KEY, *span_names]
-            log.info("reshard: sample byte spans come from the catalog (no tar indexed): %.1f s", time.perf_counter() - t1)
+            log.info("reshard: sample byte spans come from the catalog (no tar indexed): %.3f s", time.perf_counter() - t1)
         else:
             # Source tar headers -> one row per sample with its members as parallel arrays, built as Arrow
             # batches in the tasks (no per-member Python rows). Only the needed shards that the pool lists
@@ -807,7 +827,7 @@ def _run_spark(
                 )
             ordered.unpersist()
             cols = ["j", "i", C.UID, "_sid", C.KEY, "exts", "offs", "sizes", "mtimes"]
-            log.info("reshard: indexed the source shards and joined in %.1f s", time.perf_counter() - t1)
+            log.info("reshard: indexed the source shards and joined in %.3f s", time.perf_counter() - t1)
         t1 = time.perf_counter()
         # Contiguous ranges of output shards per task, rows in (shard, index) order, handed to Python
         # as Arrow batches; each task reads the source byte ranges and writes its shards itself.
@@ -819,7 +839,7 @@ def _run_spark(
             .mapInArrow(lambda it: _write_batches(it, out_dir, urls, plan_id, width, direct), _RESULT_SCHEMA)
             .collect()
         )
-        log.info("reshard: wrote %d output shards in %.1f s", len(out), time.perf_counter() - t1)
+        log.info("reshard: wrote %d output shards in %.3f s", len(out), time.perf_counter() - t1)
     finally:
         ordered.unpersist()
         if joined is not None:

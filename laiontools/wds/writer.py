@@ -18,11 +18,16 @@ TAR_MODE = 0o644
 
 
 class ShardWriter:
-    """The output tar being written, through one page-aligned 8 MB buffer.
+    """The output tar being written, through a pair of page-aligned 2 MB buffers.
 
     Headers, padding and small payloads are packed in a bytearray, large payloads are copied into the
-    buffer from the read buffers; each full buffer is hashed (sha256, for the manifest) and written
-    in one call.
+    buffer from the read buffers. Each full buffer is handed to the buffer pair's writer thread, which
+    hashes it (sha256, for the manifest) and writes it in one call while this thread fills the other
+    buffer: sha256 and ``os.write`` release the interpreter lock, so the hash and the device wait of a
+    synchronous O_DIRECT write overlap the parsing and packing of the next samples (measured: each of
+    two forked writers waited ~0.09 s of 0.27 s on its writes before). One writer thread per pair
+    keeps the hash and the writes in order; its errors (a full disk) are raised here, at the next
+    hand-over or at :meth:`hexdigest`.
 
     Local files are written with ``O_DIRECT`` when the file system takes it (``direct=True``): data
     goes from the buffer to the device with no page-cache pages to allocate, copy into and reclaim
@@ -30,8 +35,7 @@ class ShardWriter:
     it had to reclaim, and 0.07 CPU-s with O_DIRECT). An unaligned tail goes through the
     page cache (the flag is cleared), and the caller's fsync covers both. Where ``O_DIRECT`` is
     refused the same buffer is written buffered; files without a descriptor (object stores) get
-    each buffer as bytes. (A writer thread overlapping hash + write with the next samples measured
-    no faster on Spark's 2 task slots here: the other task already fills the device waits.)
+    each buffer as bytes.
     """
 
     BIG = 4096  # payloads at least this large are copied straight into the buffer
@@ -41,7 +45,9 @@ class ShardWriter:
         self.f, self.fd, self.h = f, fd, hashlib.sha256()
         self._own_buffer = buffer is None
         self.b = buffer or WriteBuffer()
-        self.cap, self.mv = self.b.cap, self.b.mv
+        self.b.wait()  # a shard abandoned mid-write (its error raised) may have left a write in flight
+        self.cap, self.side = self.b.cap, 0
+        self.mv = self.b.mvs[0]
         self.n = 0  # bytes moved into the buffer so far (written or not)
         self.small = bytearray()
         self.fill = 0
@@ -93,8 +99,17 @@ class ShardWriter:
                 self._drain()
 
     def _drain(self) -> None:
-        """Hash and write the filled part of the buffer."""
-        chunk = self.mv[: self.fill]
+        """Hand the filled part of the buffer to the writer thread (after the one before it is done:
+        its buffer is the one filled next) and go on in the other buffer."""
+        self.b.wait(check=True)
+        self.b.submit(self._flush, self.mv, self.fill)
+        self.side ^= 1
+        self.mv = self.b.mvs[self.side]
+        self.fill = 0
+
+    def _flush(self, mv: memoryview, fill: int) -> None:
+        """In the writer thread: hash and write `fill` bytes of `mv`."""
+        chunk = mv[:fill]
         try:
             self.h.update(chunk)
             if self.fd is None:
@@ -108,7 +123,6 @@ class ShardWriter:
                     self._write_all(chunk[aligned:])
         finally:
             chunk.release()
-        self.fill = 0
 
     def _write_all(self, chunk: memoryview) -> None:
         while chunk:
@@ -142,10 +156,14 @@ class ShardWriter:
             self._put(self.small)
             self.small.clear()
         self._drain()
+        self.b.wait(check=True)
         return self.h.hexdigest()
 
     def close(self) -> None:
-        """Close the O_DIRECT descriptor (the file itself belongs to the caller)."""
+        """Wait for the writer thread, close the O_DIRECT descriptor (the file itself belongs to the
+        caller). After an error the write in flight is awaited, not raised: the error on its way up
+        says what went wrong."""
+        self.b.wait()
         if self._own_fd:
             os.close(self.fd)
             self._own_fd = False
@@ -154,24 +172,50 @@ class ShardWriter:
 
 
 class WriteBuffer:
-    """A page-aligned buffer (as O_DIRECT needs), kept for all the shards a task writes: a fresh
-    8 MB mapping per shard costs page faults and zeroing every time."""
+    """Two page-aligned buffers (as O_DIRECT needs) and the thread that writes them, kept for all the
+    shards a task writes: a fresh mapping per shard costs page faults and zeroing every time. 2 MB:
+    several hand-overs per shard even for small shards (measured against 1, 4 and 8 MB: the fastest).
+    At most one write is in flight: :meth:`submit` follows a :meth:`wait`."""
 
-    def __init__(self, cap: int = 8 << 20) -> None:
+    def __init__(self, cap: int = 2 << 20) -> None:
         import mmap
 
         if cap % ShardWriter.ALIGN:
             raise ValueError(f"buffer size {cap} is not a multiple of {ShardWriter.ALIGN}")
         self.cap = cap
-        self.buf = mmap.mmap(-1, cap)
-        self.mv = memoryview(self.buf)
+        self.bufs = [mmap.mmap(-1, cap), mmap.mmap(-1, cap)]
+        self.mvs = [memoryview(b) for b in self.bufs]
+        self._pool = None
+        self._pending = None
+
+    def submit(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # created in the process that writes (a forked task process gets its own)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="laiontools-shard-writer")
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self, check: bool = False) -> None:
+        """Wait for the write in flight; `check`: raise its error."""
+        fut, self._pending = self._pending, None
+        if fut is None:
+            return
+        err = fut.exception()
+        if err is not None and check:
+            raise err
 
     def close(self) -> None:
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         try:
-            self.mv.release()
-            self.buf.close()
+            for mv, buf in zip(self.mvs, self.bufs):
+                mv.release()
+                buf.close()
         except BufferError:
-            # A slice of the buffer is still referenced, by the frames of an exception on its way up
+            # A slice of a buffer is still referenced, by the frames of an exception on its way up
             # (a write that failed: disk full). The mapping is freed with its last reference; raising
             # here would replace that exception, the one that says what went wrong.
             pass
