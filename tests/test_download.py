@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from laiontools.contracts import layout
+from laiontools.contracts import schema as C
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.contracts.uids import array_to_uids, contains, load_uids, uids_to_array
 from laiontools.core.storage import sha256_file
@@ -142,6 +143,12 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path, engine
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert not os.path.exists(os.path.join(out, layout.POOL_MANIFEST)), "killed before the manifest"
+    # what a finalize killed mid-swap leaves (its half-written catalog, the one it was replacing): the
+    # re-run rebuilds the catalog and removes both
+    for stale in (".catalog-tmp-0badc0de", "catalog.old-0badc0de"):
+        os.makedirs(os.path.join(out, stale))
+        with open(os.path.join(out, stale, "part-00000.parquet"), "wb") as f:
+            f.write(b"half")
     done = subprocess.run(_cli(args), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.load(open(os.path.join(out, layout.REPORT_JSON)))["engine"].startswith(engine.split("-")[0])
@@ -159,6 +166,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path, engine
     listed = {s["path"] for s in m["shards"]}
     tars = {f"shards/{f}" for f in os.listdir(shard_dir) if f.endswith(".tar")}
     assert tars == listed
+    assert not [f for f in os.listdir(out) if f.startswith((".catalog-tmp-", "catalog.old-"))], os.listdir(out)
 
 
 def test_in_process_engine_gives_the_spark_pool(pool, tmp_path, monkeypatch):
@@ -323,3 +331,32 @@ def test_spark_submit_on_a_standalone_cluster(tmp_path):
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_report_aggregate_local_counts_as_a_plain_loop():
+    """The in-process report's table (Arrow counts; Python only for failed rows) equals a row-by-row
+    count, null statuses, shards, errors and URLs included."""
+    import random
+    from collections import Counter
+
+    import pyarrow as pa
+
+    from laiontools.stages.download import FAILED_STATUSES, failure_kind, report_aggregate_local, report_host
+
+    rng = random.Random(0)
+    statuses = [C.STATUS_SUCCESS, C.STATUS_FAILED_DOWNLOAD, C.STATUS_FAILED_RESIZE, "rejected_duplicate", None]
+    rows = [{C.STATUS: rng.choice(statuses), C.SHARD: rng.choice(["00000", "00001", None]),
+             C.ERROR: rng.choice([None, "HTTP Error 404: Not Found", "timed out", "blocked: 10.0.0.1 is private", "?"]),
+             C.URL: rng.choice([None, "http://a.example/x", "https://B.Example.org/y", "not a url"])} for _ in range(3000)]
+    cat = pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.string()) for c in (C.STATUS, C.SHARD, C.ERROR, C.URL)]))
+    want: Counter = Counter()
+    for r in rows:
+        if r[C.STATUS] == C.STATUS_SUCCESS:
+            want[(r[C.STATUS], r[C.SHARD], None, None)] += 1
+        elif r[C.STATUS] in FAILED_STATUSES:
+            want[(r[C.STATUS], None, failure_kind(r[C.ERROR]), report_host(r[C.URL]))] += 1
+        else:
+            want[(r[C.STATUS], None, None, None)] += 1
+    got = report_aggregate_local(cat)
+    assert len(got) == len({g[:4] for g in got})  # one row per group
+    assert {g[:4]: g[4] for g in got} == dict(want)

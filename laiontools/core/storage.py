@@ -315,6 +315,33 @@ def check_store(path: str) -> None:
             raise StorageError(f"{path}: bucket {bucket!r} does not exist; create it or fix the path")
 
 
+def swap_temp(final: str) -> str:
+    """A new temp folder name next to the folder `final` (``<parent>/.<name>-tmp-<8 hex>``), for a
+    rebuild of it that :func:`swap_in` puts in place. First removes what a killed rebuild left there
+    (its temp folders, the copy of `final` it was replacing): callers rebuild `final` whole, so neither
+    is needed, and they would only stay."""
+    fs, fp = url_to_fs(final)
+    parent, _, name = fp.rstrip("/").rpartition("/")
+    for stale in fs.glob(f"{parent}/.{name}-tmp-*") + fs.glob(f"{fp.rstrip('/')}.old-*"):
+        fs.rm(stale, recursive=True)
+    head = final.rstrip("/").rpartition("/")[0]
+    return f"{head}/.{name}-tmp-{uuid.uuid4().hex[:8]}"
+
+
+def swap_in(tmp: str, final: str) -> str:
+    """Put the folder written at `tmp` in place of `final` (the old one moved aside first, removed
+    after); returns `final`."""
+    fs, fp = url_to_fs(final)
+    old = final.rstrip("/") + f".old-{uuid.uuid4().hex[:8]}"
+    if fs.exists(fp):
+        move_tree(final, old)
+    move_tree(tmp, final)
+    _, op = url_to_fs(old)
+    if fs.exists(op):
+        fs.rm(op, recursive=True)
+    return final
+
+
 def move_tree(src: str, dst: str) -> None:
     """Move the folder `src` to `dst` (which must not exist). Local: one rename. Object stores have no
     folders (s3fs's recursive mv trips over the prefix itself): every key is copied, then `src` removed,

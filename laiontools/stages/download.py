@@ -37,7 +37,7 @@ from laiontools.contracts import schema as C
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.spark import shuffle_partitions
-from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, stage_entry, stage_spark, wants_spark
+from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, Tasks, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
     ensure_output_dir,
     is_done,
@@ -50,6 +50,8 @@ from laiontools.core.storage import (
     sha256_file,
     spark_read_parquet,
     spark_write_parquet,
+    swap_in,
+    swap_temp,
     url_to_fs,
     write_json,
 )
@@ -208,7 +210,6 @@ def local_distributor(processes: int, downloader: Any, reader: Any, _subjob_size
     ``downloader`` in one of `processes` processes (forked, so nothing is imported again or pickled on
     the way in), as a Spark task would; failed shards are re-run up to `max_shard_retry` times.
     What a shard writes and when it counts as done are the downloader's, as on Spark."""
-    from laiontools.core.stage import Tasks
 
     def run(shards: list[Any]) -> list[Any]:
         results = Tasks(None, workers=processes).map(lambda it: [_shard_quietly(downloader, row) for row in it], shards,
@@ -268,13 +269,6 @@ def _shard_quietly(downloader: Any, row: Any) -> tuple[bool, Any]:
     return ok, out
 
 
-def download_processes() -> int:
-    """Download tasks at once in this process's engine: one per core, as Spark's local[*] runs."""
-    import os
-
-    return max(1, os.cpu_count() or 1)
-
-
 def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: Any) -> None:
     """Download the prepared rows in `input_dir` into `shard_dir` with img2dataset's components: its
     pyspark distributor on `spark`, or :func:`local_distributor` when `spark` is None."""
@@ -300,7 +294,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     extra_cols = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION)]
     tmp_path = shard_dir.rstrip("/") + "/_tmp"
     fs.makedirs(url_to_fs(tmp_path)[1], exist_ok=True)
-    tasks_at_once = spark.sparkContext.defaultParallelism if spark is not None else download_processes()
+    tasks_at_once = spark.sparkContext.defaultParallelism if spark is not None else Tasks(None).workers
     reader = Reader(input_dir, "parquet", C.URL, C.CAPTION, None, None, extra_cols, cfg.number_sample_per_shard,
                     done_shards, tmp_path, 0)
     resizer = make_resizer(**resize_params(cfg.to_dict()))  # img2dataset's Resizer, or FastResizer with --fast-decode (default)
@@ -477,9 +471,9 @@ CATALOG_ROWS_PER_FILE = 2_000_000
 
 
 def _catalog_tmp(cfg: DownloadConfig) -> str:
-    import uuid
-
-    return join(cfg.output, f".catalog-tmp-{uuid.uuid4().hex[:8]}")
+    """Where the catalog is written before :func:`_swap_catalog` (a killed finalize's leftovers removed:
+    every finalize rebuilds the catalog whole)."""
+    return swap_temp(join(cfg.output, layout.CATALOG_DIR))
 
 
 def write_catalog(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
@@ -493,17 +487,7 @@ def write_catalog(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
 
 def _swap_catalog(cfg: DownloadConfig, tmp: str) -> str:
     """Put the catalog written at `tmp` in place (the old one moved aside first, removed after)."""
-    import uuid
-
-    final = join(cfg.output, layout.CATALOG_DIR)
-    fs, fp = url_to_fs(final)
-    old = final + f".old-{uuid.uuid4().hex[:8]}"
-    if fs.exists(fp):
-        move_tree(final, old)
-    move_tree(tmp, final)
-    if fs.exists(url_to_fs(old)[1]):
-        fs.rm(url_to_fs(old)[1], recursive=True)
-    return final
+    return swap_in(tmp, join(cfg.output, layout.CATALOG_DIR))
 
 
 # ----------------------------------------------------------------------------- catalog in this process
@@ -601,19 +585,30 @@ def write_catalog_local(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
 
 
 def report_aggregate_local(cat: Any) -> list[tuple[str, str | None, str | None, str | None, int]]:
-    """:func:`report_aggregate`'s table from an Arrow catalog (every size: it is already in memory)."""
+    """:func:`report_aggregate`'s table from an Arrow catalog (every size: it is already in memory).
+    Successes and other statuses are counted on Arrow; only failed rows pass through Python, for
+    their failure kind (one call per distinct message) and host."""
     from collections import Counter
 
-    counts: Counter = Counter()
-    cols = [cat.column(c).to_pylist() for c in (C.STATUS, C.SHARD, C.ERROR, C.URL)]
-    for status, shard, err, url in zip(*cols):
-        if status == C.STATUS_SUCCESS:
-            counts[(status, shard, None, None)] += 1
-        elif status in FAILED_STATUSES:
-            counts[(status, None, failure_kind(err), report_host(url))] += 1
-        else:
-            counts[(status, None, None, None)] += 1
-    return [(*k, n) for k, n in counts.items()]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    status = cat.column(C.STATUS)
+    ok = pc.fill_null(pc.equal(status, C.STATUS_SUCCESS), False)
+    failed = pc.fill_null(pc.is_in(status, value_set=pa.array(FAILED_STATUSES, pa.string())), False)
+    out: list[tuple[str, str | None, str | None, str | None, int]] = [
+        (C.STATUS_SUCCESS, vc["values"], None, None, int(vc["counts"]))
+        for vc in pc.value_counts(cat.filter(ok).column(C.SHARD)).to_pylist()
+    ]
+    bad = cat.filter(failed)
+    errors = bad.column(C.ERROR).to_pylist()
+    kind_of = {m: failure_kind(m) for m in set(errors)}
+    counts = Counter(zip(bad.column(C.STATUS).to_pylist(), (kind_of[m] for m in errors),
+                         map(report_host, bad.column(C.URL).to_pylist())))
+    out += [(st, None, kind, host, n) for (st, kind, host), n in counts.items()]
+    rest = cat.filter(pc.invert(pc.or_(ok, failed)))
+    out += [(vc["values"], None, None, None, int(vc["counts"])) for vc in pc.value_counts(rest.column(C.STATUS)).to_pylist()]
+    return out
 
 
 def failure_kind(msg: str | None) -> str:
@@ -870,7 +865,6 @@ def _finalize_local(cfg: DownloadConfig, shards: list[dict[str, Any]]) -> dict[s
     import pyarrow.compute as pc
 
     from laiontools.contracts.uids import save_uids
-    from laiontools.core.stage import Tasks
 
     cat = build_catalog_local(cfg, shards, Tasks(None))
     _, n_rows = write_catalog_local(cat, cfg)
@@ -1001,9 +995,11 @@ def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
     t0 = time.time()
     check_output(cfg)
     prep_dir = join(cfg.output, layout.PREPARED_DIR)
+    found = None
     if not is_done(prep_dir):
         # cheap checks before Spark starts (tens of seconds): bad input fails at once
-        rows = prepare.estimated_rows(prepare.discover(cfg)[0])
+        found = prepare.discover(cfg)
+        rows = prepare.estimated_rows(found[0])
     else:
         rows = int(read_json(join(prep_dir, layout.PREPARED_STATS_JSON))["rows_in"])
     write_json(join(cfg.output, layout.SETTINGS_JSON), cfg.semantic())
@@ -1012,7 +1008,7 @@ def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
     # fixed cost (JVM, Python workers, a dozen jobs: 15-25 s) would otherwise outweigh the work.
     on_spark = spark is not None or wants_spark(cfg.master, rows, cfg.spark_above)
     with stage_spark(cfg, spark, app_name="laiontools-download") if on_spark else contextlib.nullcontext() as sp:
-        prep = prepare.run(cfg, sp).details
+        prep = prepare.prepare_stats(cfg, sp, found)  # the source's files listed and probed once
         if cfg.retry_failed:
             # A retry pass whose shards were interrupted is finished first, before a new one is planned.
             attempts = _attempt_dirs(cfg)

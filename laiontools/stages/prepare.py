@@ -791,6 +791,21 @@ def run(cfg: PrepareConfig, spark: Any = None) -> StageResult:
     missing/empty/unreadable inputs, unknown columns or non-UTF-8 text (the first checked before a
     Spark session is started), the same on either engine.
     """
+    stats = prepare_stats(cfg, spark)
+    prep_dir = join(cfg.output, layout.PREPARED_DIR)
+    return StageResult(
+        outputs={"prepared": prep_dir, "accepted": join(prep_dir, "accepted"), "rejected": join(prep_dir, "rejected")},
+        counts={"rows_in": int(stats["rows_in"]), "accepted": int(stats["accepted"]),
+                "rejected": int(sum(stats["rejected"].values()))},
+        details=stats,
+        summary=f"prepare: {stats['rows_in']} rows in, {stats['accepted']} accepted, rejected: {stats['rejected']}",
+    )
+
+
+def prepare_stats(cfg: PrepareConfig, spark: Any = None, found: tuple[Any, ...] | None = None) -> dict[str, Any]:
+    """:func:`run`'s work, for a caller that holds the output already (download): the prepared
+    folder's stats.json, written now unless complete. `found`: :func:`discover`'s answer for `cfg`
+    if the caller has it (the source's files are then listed and probed once)."""
     from laiontools.core.storage import ensure_output_dir
 
     ensure_output_dir(cfg.output)
@@ -799,20 +814,13 @@ def run(cfg: PrepareConfig, spark: Any = None) -> StageResult:
         log.info("prepare already complete in %s; reusing it", prep_dir)
         stats = read_json(join(prep_dir, layout.PREPARED_STATS_JSON))
         _check_layout(stats, cfg, prep_dir)
-    else:
+        return stats
+    if found is None:
         found = discover(cfg)  # bad input fails before Spark starts
-        if spark is None and not wants_spark_for(cfg, found[0]):
-            stats = _prepare_local(cfg, found)
-        else:
-            with stage_spark(cfg, spark, app_name="laiontools-prepare") as sp:
-                stats = _prepare(cfg, sp, found)
-    return StageResult(
-        outputs={"prepared": prep_dir, "accepted": join(prep_dir, "accepted"), "rejected": join(prep_dir, "rejected")},
-        counts={"rows_in": int(stats["rows_in"]), "accepted": int(stats["accepted"]),
-                "rejected": int(sum(stats["rejected"].values()))},
-        details=stats,
-        summary=f"prepare: {stats['rows_in']} rows in, {stats['accepted']} accepted, rejected: {stats['rejected']}",
-    )
+    if spark is None and not wants_spark_for(cfg, found[0]):
+        return _prepare_local(cfg, found)
+    with stage_spark(cfg, spark, app_name="laiontools-prepare") as sp:
+        return _prepare(cfg, sp, found)
 
 
 def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str, Any]:

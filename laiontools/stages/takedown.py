@@ -90,12 +90,13 @@ from laiontools.core.storage import (
     ensure_output_dir,
     join,
     mark_done,
-    move_tree,
     read_json,
     read_marker,
     sha256_file,
     spark_read_parquet,
     spark_write_parquet,
+    swap_in,
+    swap_temp,
     url_to_fs,
     write_json,
 )
@@ -524,25 +525,14 @@ def _tail(shard_path: str) -> str:
 
 def _write_catalog(cat: Any, out: str, n_rows: int) -> str:
     """Write the catalog sorted by (uid, status) as download does; swap it in atomically."""
-    import uuid
-
     final = join(out, layout.CATALOG_DIR)
-    fs, fp = url_to_fs(final)
-    # what a killed run left mid-way (a half-written catalog, the one it was replacing): the catalog
-    # is rebuilt from the parent's whole, so neither is needed
-    for stale in fs.glob(fp.rpartition("/")[0] + "/.catalog-tmp-*") + fs.glob(fp + ".old-*"):
-        fs.rm(stale, recursive=True)
-    tmp = join(out, f".catalog-tmp-{uuid.uuid4().hex[:8]}")
+    # a killed run's half-written catalog and the one it was replacing are removed: the catalog is
+    # rebuilt from the parent's whole
+    tmp = swap_temp(final)
     n_parts = max(1, math.ceil(n_rows / 2_000_000))
     spark_write_parquet(cat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS), tmp)
     failpoints.pause("takedown.catalog")  # fault tests: the new catalog written aside, not swapped in
-    old = final + f".old-{uuid.uuid4().hex[:8]}"
-    if fs.exists(fp):
-        move_tree(final, old)
-    move_tree(tmp, final)
-    if fs.exists(url_to_fs(old)[1]):
-        fs.rm(url_to_fs(old)[1], recursive=True)
-    return final
+    return swap_in(tmp, final)
 
 
 def _read_audit(out: str, pool: PoolInfo) -> bytes:

@@ -323,6 +323,8 @@ def _wants_spark(mp: str, master: str | None, above: int) -> bool:
     from laiontools.contracts.schema import ManifestError
     from laiontools.core.stage import wants_spark
 
+    if wants_spark(master, 0, -1):  # a master named or under spark-submit: Spark, whatever the size
+        return True
     try:
         shards = len(read_manifest(mp)["shards"])
     except (ManifestError, OSError, ValueError):
