@@ -273,6 +273,9 @@ def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path, mo
     assert (flaky["status"] == "success").all() and flaky["shard"].str.startswith("retry01").all()
     # nothing else changed status, and permanent failures were not re-attempted
     retried_rows = pd.read_parquet(os.path.join(out, layout.PREPARED_DIR, "retry-01"))
+    # the retry input is put in place whole, named alike on both engines, and nothing is left beside it
+    assert sorted(os.listdir(os.path.join(out, layout.PREPARED_DIR, "retry-01"))) == ["part-00000.parquet"]
+    assert not [d for d in os.listdir(os.path.join(out, layout.PREPARED_DIR)) if d.endswith(".tmp")]
     routes = set(before.set_index("uid").loc[retried_rows["uid"], "route"])
     assert routes <= {"flaky", "status_500", "status_503", "status_429", "slow"}
     assert "status_404" not in routes and "noai" not in routes

@@ -941,14 +941,20 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     log.info("retry pass %d: %d row(s) failed with transient errors", n, count)
     # same column types as the first pass's prepared input, so all shard parquets share one schema
     cols = [(F.col(c) if c in cat.columns else F.lit(None)).cast(prepared_type(c)).alias(c) for c in names]
-    tmp = out + ".tmp"
+    tmp = out.rstrip("/") + ".tmp"
     spark_write_parquet(todo.orderBy(C.UID).select(*cols).coalesce(1), tmp)
     fs, tp = url_to_fs(tmp)
-    files = sorted(f for f in fs.glob(tp + "/*.parquet"))
-    fs.makedirs(url_to_fs(out)[1], exist_ok=True)
+    # Named as the in-process engine names them, inside the temp folder, which is then moved whole: a
+    # folder named retry-NN is a whole retry input (see _attempt_dirs), even if this run is killed here.
+    files = sorted(fs.glob(tp + "/*.parquet"))
     for i, f in enumerate(files):
-        fs.mv(f, url_to_fs(out)[1] + f"/part-{i:05d}.parquet")
-    fs.rm(tp, recursive=True)
+        fs.mv(f, f"{tp}/part-{i:05d}.parquet.part")
+    for f in fs.ls(tp, detail=False):
+        if not f.endswith(".parquet.part"):
+            fs.rm(f, recursive=True)  # _SUCCESS, checksums
+    for i in range(len(files)):
+        fs.mv(f"{tp}/part-{i:05d}.parquet.part", f"{tp}/part-{i:05d}.parquet")
+    move_tree(tmp, out)
     return out
 
 
