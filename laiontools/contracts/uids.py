@@ -354,7 +354,7 @@ class UidSet:
     the low word (measured: 320k queries against 6.4k uids in 6 ms, against 106 ms by binary search
     on the (hi, lo) records, which miss the cache on every step). Otherwise :func:`contains`."""
 
-    HASH_MAX = 1 << 24  # the index costs ~32 bytes a uid: at most ~0.5 GB
+    HASH_MAX = 1 << 24  # the index: measured ~6 bytes and ~0.2 us to build a uid (4M uids: 23 MB, 0.76 s)
 
     def __init__(self, sorted_set: np.ndarray) -> None:
         self.arr = sorted_set
