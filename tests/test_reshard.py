@@ -177,6 +177,25 @@ def test_shard_writer_raises_its_thread_error_and_the_buffer_serves_the_next_sha
         assert [(m.name, tf.extractfile(m).read() == payload) for m in tf] == [(f"{k:06d}.bin", True) for k in range(3)]
 
 
+def test_write_output_shards_restores_the_switch_interval(tmp_path):
+    # The write lowers the interpreter's switch interval for its writer thread, in whatever process runs
+    # it (a reused Spark worker, the CLI itself for a one-shard reshard): it is restored after a run and
+    # after a failed one (here: a source shard that does not exist).
+    import sys
+
+    from laiontools.stages.reshard import _Entry, write_output_shards
+
+    before = sys.getswitchinterval()
+    out = tmp_path / "shards"
+    out.mkdir()
+    assert [j for j, _ in write_output_shards(iter([(0, [])]), str(out), {}, "plan", 6, True)] == [0]
+    assert (out / "shard-00000.tar").stat().st_size == tarfile.RECORDSIZE and sys.getswitchinterval() == before
+    missing = [_Entry(0, "0" * 32, "00000", "k", None, 0, 1536, 1536, None)]
+    with pytest.raises(FileNotFoundError):
+        list(write_output_shards(iter([(1, missing)]), str(out), {"00000": str(tmp_path / "nope.tar")}, "plan", 6, True))
+    assert sys.getswitchinterval() == before and not (out / "shard-00001.tar").exists()
+
+
 def test_reshard_output(subset, resharded):
     sm = read_manifest(subset)
     m = read_manifest(os.path.join(resharded, layout.RESHARD_MANIFEST))
