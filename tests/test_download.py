@@ -265,6 +265,16 @@ def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path, mo
     shutil.copytree(pool.dir, out)
     before = _by_row(out, pool.expected)
     cfg = DownloadConfig(input=pool.source, output=out, retry_failed=True, **TEST_DOWNLOAD_SETTINGS)
+    # A run that dies as its retry input is put in place leaves no retry-NN folder (one would be taken
+    # as a whole input by the next run): the input appears whole or not at all, on both engines.
+    with monkeypatch.context() as m:
+        def crash(src: str, dst: str) -> None:
+            raise RuntimeError("killed while the retry input is moved into place")
+
+        m.setattr(download_stage, "move_tree", crash)
+        with pytest.raises(RuntimeError, match="killed while"):
+            download_stage.run(cfg, spark if engine == "spark" else None)
+    assert not [d for d in os.listdir(os.path.join(out, layout.PREPARED_DIR)) if d.startswith("retry-") and not d.endswith(".tmp")]
     rep = download_stage.run(cfg, spark if engine == "spark" else None).details
     assert rep["engine"].startswith("spark" if engine == "spark" else "in-process")
     after = _by_row(out, pool.expected)

@@ -75,9 +75,8 @@ def uids_to_array(uids: Iterable[str]) -> np.ndarray:
 
     seq = list(uids)
     n = len(seq)
-    out = np.empty(n, dtype=UID_DTYPE)
     if n == 0:
-        return out
+        return np.empty(0, dtype=UID_DTYPE)
     bad = next((i for i, u in enumerate(seq) if not isinstance(u, str) or len(u) != 32), None)
     if bad is None:
         try:
@@ -86,7 +85,13 @@ def uids_to_array(uids: Iterable[str]) -> np.ndarray:
             bad = next(i for i, u in enumerate(seq) if not _is_hex(u))
     if bad is not None:
         raise InputError(f"uid {seq[bad]!r} at position {bad} is not 32 hex chars; the catalog or uid list is corrupt")
-    both = np.frombuffer(raw, dtype=">u8").reshape(n, 2)
+    return _raw_to_array(raw)
+
+
+def _raw_to_array(raw: bytes) -> np.ndarray:
+    """16 raw big-endian bytes per uid -> ``UID_DTYPE`` array."""
+    both = np.frombuffer(raw, dtype=">u8").reshape(-1, 2)
+    out = np.empty(len(both), dtype=UID_DTYPE)
     out["hi"] = both[:, 0]
     out["lo"] = both[:, 1]
     return out
@@ -124,11 +129,7 @@ def hex_column_to_keys(col: Any) -> np.ndarray:
 def arrow_to_array(col: Any) -> np.ndarray:
     """Arrow string column of 32-char hex uids -> ``UID_DTYPE`` array, same order, without a Python
     string per uid (:func:`hex_column_to_keys`); the errors of that function."""
-    keys = hex_column_to_keys(col)
-    both = np.frombuffer(keys.tobytes(), dtype=">u8").reshape(len(keys), 2)
-    out = np.empty(len(keys), dtype=UID_DTYPE)
-    out["hi"], out["lo"] = both[:, 0], both[:, 1]
-    return out
+    return _raw_to_array(hex_column_to_keys(col).tobytes())
 
 
 def keys_to_file_bytes(keys: np.ndarray) -> bytes:
@@ -365,9 +366,6 @@ class UidSet:
             hi = pd.Index(np.ascontiguousarray(sorted_set["hi"]))
             if hi.is_unique:
                 self.index = hi
-
-    def __len__(self) -> int:
-        return len(self.arr)
 
     def contains(self, query: np.ndarray) -> np.ndarray:
         """Boolean mask: which `query` uids (UID_DTYPE) are in the set; the same as :func:`contains`."""

@@ -60,6 +60,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tarfile
 import time
 from collections import OrderedDict
@@ -211,11 +212,6 @@ class _Sources:
 
     def read(self, sid: str, offset: int, size: int) -> bytes:
         f = self.open.get(sid)
-        if f is not None and f.__class__ is io.FileIO:  # the common case, a local file: one pread
-            self.open.move_to_end(sid)
-            data = os.pread(f.fileno(), size, offset)
-            if len(data) == size:
-                return data
         if f is None:
             fs, p = url_to_fs(self.urls[sid])
             f = fs.open(p, "rb", block_size=1 << 22) if not _is_local(fs) else open(p, "rb", buffering=0)
@@ -345,8 +341,6 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
     under a temporary name, renamed, and marked. The output bytes depend only on the rows (members
     in (ext, ...) order, samples in index order), not on how the reads are batched.
     """
-    import sys
-
     sources = _Sources(urls)
     buffer = WriteBuffer()
     # The shard writer's thread hashes and writes each full buffer while this one packs the next: it
