@@ -333,3 +333,67 @@ def test_parse_span_gives_the_scanners_members_on_valid_and_damaged_spans():
                 assert parse_span(v) == reference(v), (fmt, off, len(v))
                 checked += 1
     assert checked > 500
+
+
+def _pax_tar(members) -> bytes:
+    """A pax tar of (name, data, pax records) members, as webdataset writes them."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, pax in members:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.pax_headers = len(data), 1_700_000_000.5, pax
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mtime", ["inf", "-inf", "1e400", "nan"])
+def test_a_pax_mtime_that_is_no_finite_number_is_a_read_error(tmp_path, mtime):
+    """A pax header's mtime is a decimal that Python's float() reads as infinity or NaN: every reader
+    (the header index, the sample reader, reshard's tar index and its span parser) names the member in
+    a tarfile.ReadError or a task error; none fails with an OverflowError from int()."""
+    import io
+    import tarfile
+
+    from laiontools.stages.reshard import index_source_shard
+    from laiontools.wds.samples import iter_samples
+    from laiontools.wds.tarscan import parse_span, sample_spans, tar_index, tar_members
+
+    good = _pax_tar([("k1.jpg", b"abc", {}), ("k1.txt", b"t", {})])
+    data = _pax_tar([("k1.jpg", b"abc", {}), ("k1.txt", b"t", {}), ("k2.jpg", b"xyz", {"mtime": mtime}), ("k2.txt", b"u", {})])
+    with pytest.raises(tarfile.ReadError, match=rf"member k2.jpg at offset \d+: mtime .* is not a finite number"):
+        tar_index(io.BytesIO(data), len(data))
+    with pytest.raises(tarfile.ReadError, match="k2.jpg"):
+        list(iter_samples(io.BytesIO(data), len(data)))
+    with pytest.raises(tarfile.ReadError, match="k2.jpg"):
+        list(iter_samples(data))
+    p = tmp_path / "s.tar"
+    p.write_bytes(data)
+    with pytest.raises(RuntimeError, match=r"s.tar is truncated or unreadable \(member k2.jpg .* not a finite number"):
+        index_source_shard(("s", str(p)))
+    # the span parser steps aside (None: reshard then names the span as not the sample's members);
+    # a sample alone in a tar is its span: 2 members x (pax header, its records, header, data) blocks
+    alone = _pax_tar([("k2.jpg", b"xyz", {"mtime": mtime}), ("k2.txt", b"u", {})])
+    fine = _pax_tar([("k2.jpg", b"xyz", {"mtime": "12.5"}), ("k2.txt", b"u", {})])
+    assert parse_span(fine[:4096]) == [("k2.jpg", 1536, 3, 12), ("k2.txt", 3584, 1, 1_700_000_000)]
+    assert parse_span(alone[:4096]) is None
+
+
+def test_ustar_header_clamps_an_mtime_it_cannot_hold_and_refuses_a_size():
+    """reshard writes ustar headers: an mtime before 1970 or from 2242 on (a pax or GNU header can carry
+    one) is clamped into ustar's range, as tarfile reads the result back; a size of 8 GiB or more is a
+    ValueError naming the member, not tarfile's bare "overflow in number field"."""
+    import io
+    import tarfile
+
+    from laiontools.wds.writer import ustar_header
+
+    for mtime, want in ((-5, 0), (8**11 + 7, 8**11 - 1), (1_700_000_000, 1_700_000_000)):
+        block = ustar_header(b"k.jpg", 3, mtime) + b"abc".ljust(512, b"\0") + bytes(1024)
+        with tarfile.open(fileobj=io.BytesIO(block)) as tf:
+            (ti,) = tf.getmembers()
+        assert (ti.name, ti.size, ti.mtime) == ("k.jpg", 3, want)
+    with pytest.raises(ValueError, match=r"member k.jpg has 8589934592 bytes, which a ustar header cannot hold"):
+        ustar_header(b"k.jpg", 8**11, 0)

@@ -196,6 +196,30 @@ def test_write_output_shards_restores_the_switch_interval(tmp_path):
     assert sys.getswitchinterval() == before and not (out / "shard-00001.tar").exists()
 
 
+def test_a_member_ustar_cannot_hold_is_a_task_error_naming_the_sample(tmp_path):
+    # A source member whose new name (key + its extension) is too long for a ustar header, which the
+    # pax source could hold: a task error naming the source shard and sample, no shard left behind.
+    import io
+
+    from laiontools.stages.reshard import write_output_shards
+    from laiontools.wds.tarscan import tar_index
+
+    ext = "e" * 120
+    src = tmp_path / "src.tar"
+    with tarfile.open(src, "w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo(f"k.{ext}")
+        ti.size = 3
+        tf.addfile(ti, io.BytesIO(b"abc"))
+    with open(src, "rb") as f:
+        ((_, off, size, mtime),) = tar_index(f, src.stat().st_size)
+    out = tmp_path / "shards"
+    out.mkdir()
+    rows = iter([(0, [(0, "0" * 32, "s", "k", [(ext, off, size, mtime)])])])
+    with pytest.raises(RuntimeError, match=rf"source shard {src}: sample k cannot be resharded: .*name is too long"):
+        list(write_output_shards(rows, str(out), {"s": str(src)}, "plan", 6, True))
+    assert list(out.iterdir()) == []
+
+
 def test_reshard_output(subset, resharded):
     sm = read_manifest(subset)
     m = read_manifest(os.path.join(resharded, layout.RESHARD_MANIFEST))

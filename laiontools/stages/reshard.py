@@ -383,7 +383,10 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
                                 if extb is None:
                                     extb = dots[ext] = ("." + ext).encode("utf-8", "surrogateescape")
                                 members.append((extb, blob, mtime))
-                            out.add_sample(key.encode(), members)
+                            try:
+                                out.add_sample(key.encode(), members)
+                            except ValueError as err:  # a member ustar cannot hold (a name or size too long)
+                                raise task_error(f"source shard {urls[e.sid]}: sample {e.skey} cannot be resharded: {err}") from None
                         start = stop
                     out.end_archive()
                     digest = out.hexdigest()

@@ -83,7 +83,7 @@ def _tarfile_members(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, i
     """[(name, header offset, data offset, size, mtime)] by tarfile; errors as :func:`tarfile_index`."""
     f.seek(0)
     with tarfile.open(fileobj=f, mode="r:") as tf:
-        out = [(ti.name, int(ti.offset), int(ti.offset_data), int(ti.size), int(ti.mtime)) for ti in tf if ti.isfile()]
+        out = [(ti.name, int(ti.offset), int(ti.offset_data), int(ti.size), _whole_mtime(ti)) for ti in tf if ti.isfile()]
         end = tf.offset
     if end < file_size:
         f.seek(end)
@@ -91,6 +91,15 @@ def _tarfile_members(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, i
         if rest.strip(b"\0"):
             raise tarfile.ReadError(f"unreadable tar header at offset {end} (of {file_size} bytes)")
     return out
+
+
+def _whole_mtime(ti: tarfile.TarInfo) -> int:
+    """A member's mtime as a whole number; a pax mtime of "inf" or "nan" (which tarfile takes as a
+    float) is a ``tarfile.ReadError`` naming the member, not an OverflowError from deep inside a stage."""
+    try:
+        return int(ti.mtime)
+    except (OverflowError, ValueError):
+        raise tarfile.ReadError(f"member {ti.name} at offset {ti.offset}: mtime {ti.mtime!r} is not a finite number") from None
 
 
 def tar_index(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]]:
@@ -204,7 +213,7 @@ def _scan(f: BinaryIO, file_size: int, verify: bool = True, span: bool = False) 
                 name = pax.get("path", name)
                 size = int(pax["size"]) if "size" in pax else size
                 mtime = int(float(pax["mtime"])) if "mtime" in pax else mtime
-            except ValueError:
+            except (ValueError, OverflowError):  # not a number, or "inf" / "1e400": tarfile decides
                 return None
             pax, start_of = None, None
         start = pos + BLOCK
@@ -306,8 +315,8 @@ def parse_span(buf: bytes | memoryview) -> list[tuple[str, int, int, int]] | Non
                     return None
                 out.append((text, start, size, mtime))
             pos = start + -(-size // BLOCK) * BLOCK
-    except ValueError:  # a number field that is not octal (base-256, garbage), a bad pax number
-        return None
+    except (ValueError, OverflowError):  # a number field that is not octal (base-256, garbage), a bad pax number
+        return None  # ("nan": ValueError; "inf", "1e400": OverflowError)
     if pos != n or pax is not None:
         return None
     return out

@@ -249,9 +249,18 @@ def tar_header(name: str, size: int, mtime: int) -> bytes:
 
 
 def ustar_header(nb: bytes, size: int, mtime: int) -> bytes:
-    """:func:`tar_header` of an encoded name. Names over 100 bytes or numbers out of octal range go
-    through tarfile itself (it splits the name into prefix / raises)."""
-    if len(nb) > 100 or not 0 <= size < _OCT11 or not 0 <= mtime < _OCT11:
+    """:func:`tar_header` of an encoded name. Names over 100 bytes go through tarfile itself (it splits
+    the name into prefix and name, or raises ValueError when it cannot).
+
+    An mtime that a ustar header cannot hold (before 1970, or from 2242 on: a source tar's pax header
+    or GNU base-256 field can carry one) is clamped to its range: the member's time is metadata that
+    no reader uses, and the output stays a function of the input. A size of 8 GiB or more, which ustar
+    cannot hold either, is a ValueError."""
+    if not 0 <= size < _OCT11:
+        raise ValueError(f"member {nb.decode('utf-8', 'replace')} has {size} bytes, which a ustar header cannot hold (8 GiB and over)")
+    if not 0 <= mtime < _OCT11:
+        mtime = min(max(mtime, 0), _OCT11 - 1)
+    if len(nb) > 100:
         ti = tarfile.TarInfo(nb.decode("utf-8", "surrogateescape"))
         ti.size, ti.mtime, ti.mode = size, mtime, TAR_MODE
         ti.uname = ti.gname = ""
