@@ -266,3 +266,21 @@ def test_every_command_prints_its_help(capsys):
             main([*name.split(), "--help"])
         assert e.value.code == 0, name
         assert f"laiontools {name}" in capsys.readouterr().out, name
+
+
+def test_a_file_outputs_killed_temps_go_and_its_neighbours_stay(tmp_path):
+    """A stage whose output is one file (evaluate): the temps a killed run left of that file, of its
+    completion marker and of its ownership marker are removed when the next run claims the output;
+    the temps of other files in the folder (other outputs, maybe with live writers) are not."""
+    from laiontools.core.stage import claimed_output
+    from laiontools.core.storage import write_json
+
+    out = tmp_path / "eval.json"
+    mine = [".eval.json.tmp-0123abcd", ".eval.json.done.tmp-89abcdef", "..eval.json.laiontools-output.json.tmp-deadbeef"]
+    others = [".eval.json2.tmp-0123abcd", ".other.json.tmp-0123abcd", ".eval.json.tmp-notahex1", "eval.json.tmp-0123abcd"]
+    for name in mine + others:
+        (tmp_path / name).write_bytes(b"half")
+    with claimed_output(str(out), "evaluate", kind="file"):
+        assert sorted(os.listdir(tmp_path)) == sorted(others + [".eval.json.laiontools-output.json", ".eval.json.laiontools.lock"])
+        write_json(str(out), {"ok": 1})
+    assert sorted(os.listdir(tmp_path)) == sorted(others + [".eval.json.laiontools-output.json", "eval.json"])

@@ -493,12 +493,11 @@ def claimed_output(path: str, stage: str, owners: Iterable[str] = (), kind: str 
     try:
         with output_lock(path, stage, kind):
             check_output(path, stage, owners, kind)  # again under the lock: a run that finished meanwhile
-            if kind == "dir":
-                from laiontools.core.storage import remove_stale_temps
+            from laiontools.core.storage import remove_stale_file_temps, remove_stale_temps
 
-                # a killed run's half-written temp files (never taken as output: they would only stay)
-                if n := remove_stale_temps(path):
-                    log.info("%s: removed %d temp file(s) a killed run left", path, n)
+            # a killed run's half-written temp files (never taken as output: they would only stay)
+            if n := (remove_stale_temps(path) if kind == "dir" else remove_stale_file_temps(path)):
+                log.info("%s: removed %d temp file(s) a killed run left", path, n)
             if _read_json_or_none(marker) is None:
                 from laiontools.core.storage import write_json
 

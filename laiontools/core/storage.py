@@ -80,6 +80,28 @@ def remove_stale_temps(root: str) -> int:
     return n
 
 
+def remove_stale_file_temps(path: str) -> int:
+    """:func:`remove_stale_temps` for a stage whose output is one file: the temps of that file, of its
+    completion marker and of its hidden ownership marker, beside it (not the folder's other files,
+    which may be other outputs with live writers); returns how many. Local files only, as there."""
+    from laiontools.contracts.layout import OUTPUT_MARKER
+
+    fs, p = url_to_fs(path)
+    if not is_local(fs):
+        return 0
+    folder, name = os.path.split(os.path.abspath(p))
+    own = re.compile(rf"^\.(?:{re.escape(name)}(?:\.done)?|\.{re.escape(name + OUTPUT_MARKER)})\.tmp-[0-9a-f]{{8}}$")
+    n = 0
+    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+        if own.match(entry):
+            try:
+                os.remove(os.path.join(folder, entry))
+                n += 1
+            except FileNotFoundError:
+                pass
+    return n
+
+
 @contextmanager
 def atomic_open(path: str) -> Iterator[BinaryIO]:
     """Open `path` for binary writing; the data appears at `path` only if the block succeeds.
