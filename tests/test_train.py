@@ -62,6 +62,28 @@ def test_plan_exact_budget_for_any_subset_size() -> None:
     assert (p.steps, p.samples_seen, p.samples_seen_requested) == (3, 96, 100)
 
 
+def test_resume_drops_metric_lines_past_the_checkpoint_and_a_torn_line(tmp_path) -> None:
+    """Before a resumed worker appends to metrics.jsonl: records past the checkpoint go (they are
+    trained again), and so does a line cut short by a full disk, which would otherwise swallow the
+    worker's first record; the records kept stay byte for byte."""
+    from laiontools.stages.train import _read_metrics, _truncate_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    lines = [b'{"step": %d, "loss": 1.5}\n' % s for s in (1, 2, 3, 4, 5)]
+    p.write_bytes(b"".join(lines) + b'{"step": 6, "lo')  # step 6 torn mid-line
+    assert _truncate_metrics(str(p), 4) == 1  # step 5; the torn line goes too
+    assert p.read_bytes() == b"".join(lines[:4])
+    p.write_bytes(b"".join(lines[:4]) + b'{"step": 5, "lo')  # torn right after the checkpoint
+    assert _truncate_metrics(str(p), 4) == 0
+    assert p.read_bytes() == b"".join(lines[:4])
+    with open(p, "ab") as f:  # what the resumed worker appends
+        f.write(b'{"step": 5, "loss": 1.4}\n{"step": 6, "loss": 1.3}\n')
+    assert [r["step"] for r in _read_metrics(str(p))] == [1, 2, 3, 4, 5, 6]
+    before = p.read_bytes()
+    assert _truncate_metrics(str(p), 6) == 0 and p.read_bytes() == before  # nothing to drop: untouched
+    assert _truncate_metrics(str(tmp_path / "none.jsonl"), 3) == 0
+
+
 def test_bad_input_errors(subset: str, tmp_path) -> None:
     with pytest.raises(ConfigError, match="smaller than one global batch"):
         TrainConfig(manifest=subset, model="lt-tiny", samples_seen=8, batch_size=16, output=str(tmp_path / "r"))

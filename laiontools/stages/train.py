@@ -372,14 +372,30 @@ def _read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def _truncate_metrics(path: str, last_step: int) -> int:
-    """Drop metric lines past the checkpoint being resumed from (they will be trained again)."""
+    """Drop metric lines past the checkpoint being resumed from (they will be trained again), and a
+    torn line (a write cut short by a full disk): the resumed worker appends after what is left, so a
+    fragment left in place would swallow its first record. Returns the records dropped."""
     from laiontools.core.storage import atomic_write_bytes
 
-    recs = _read_metrics(path)
-    keep = [r for r in recs if int(r["step"]) <= last_step]
-    if len(keep) != len(recs):
-        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-    return len(recs) - len(keep)
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        raw = f.read()
+    keep, dropped = [], 0
+    for line in raw.splitlines():
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except ValueError:
+            rec = None
+            log.warning("%s: dropping a torn line (the run was killed while writing it)", path)
+        if rec is not None and int(rec["step"]) <= last_step:
+            keep.append(line + b"\n")
+        elif rec is not None:
+            dropped += 1
+    text = b"".join(keep)
+    if text != raw:
+        atomic_write_bytes(path, text)
+    return dropped
 
 
 def _check_same_run(run_dir: str, settings: dict[str, Any]) -> None:
