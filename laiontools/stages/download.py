@@ -39,6 +39,7 @@ from laiontools.core.errors import UserError
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, Tasks, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
+    atomic_write_bytes,
     ensure_output_dir,
     is_done,
     join,
@@ -853,8 +854,7 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
     write_manifest(m_path, manifest)
     write_json(join(cfg.output, layout.REPORT_JSON), rep)
     text = report_text(rep, cfg)
-    with url_to_fs(join(cfg.output, layout.REPORT_TXT))[0].open(url_to_fs(join(cfg.output, layout.REPORT_TXT))[1], "w") as f:
-        f.write(text + "\n")
+    atomic_write_bytes(join(cfg.output, layout.REPORT_TXT), (text + "\n").encode())
     rep["text"] = text
     rep["manifest"] = m_path
     return rep

@@ -61,6 +61,7 @@ from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
 from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import (
+    atomic_write_bytes,
     ensure_output_dir,
     join,
     read_json,
@@ -545,8 +546,7 @@ def write_update_report(cfg: SubsetsConfig, results: list[dict[str, Any]]) -> di
                     for s in report["scales"]])]
     report["text"] = "\n".join(lines)
     write_json(join(out, layout.SUBSETS_UPDATE_JSON), report)
-    with url_to_fs(join(out, layout.SUBSETS_UPDATE_TXT))[0].open(url_to_fs(join(out, layout.SUBSETS_UPDATE_TXT))[1], "w") as f:
-        f.write(report["text"] + "\n")
+    atomic_write_bytes(join(out, layout.SUBSETS_UPDATE_TXT), (report["text"] + "\n").encode())
     return report
 
 
