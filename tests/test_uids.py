@@ -80,6 +80,26 @@ def test_uid_set_contains_is_set_membership(case, monkeypatch):
     assert got.tolist() == contains(s.arr, uids_to_array(query)).tolist()
 
 
+@pytest.mark.parametrize("arrow", [True, False])
+def test_member_column_on_spark_is_set_membership(spark, tmp_path, arrow):
+    """The Spark membership column (Arrow UDF on pyspark 4.1+, pandas UDF before) against plain set
+    membership of the hex strings, over several Arrow batches and partitions."""
+    from pyspark.sql import functions as F
+
+    from laiontools.contracts.uids import member_column, save_uids
+
+    if arrow and not hasattr(F, "arrow_udf"):
+        pytest.skip("this pyspark has no Arrow UDFs")
+    rng = random.Random(7)
+    uids = [f"{rng.getrandbits(128):032x}" for _ in range(5000)]
+    inside = set(rng.sample(uids, 1234))
+    save_uids(str(tmp_path / "u.npy"), sorted(inside))
+    df = spark.createDataFrame([(u,) for u in uids], "uid string").repartition(3)
+    rows = df.select("uid", member_column(F.col("uid"), str(tmp_path / "u.npy"), arrow=arrow).alias("m")).collect()
+    assert len(rows) == len(uids) and all(r.m == (r.uid in inside) for r in rows)
+    assert sum(r.m for r in rows) == 1234
+
+
 def test_npy_header_is_what_numpy_writes(tmp_path):
     for n in (0, 1, 7, 123_456_789):
         arr = np.zeros(min(n, 7), dtype=UID_DTYPE)

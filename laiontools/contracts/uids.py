@@ -347,6 +347,36 @@ def member_series(uids: Any, path: str) -> Any:
     return pd.Series(uid_set_cached(path).contains(uids_to_array(uids)), index=uids.index)
 
 
+def member_arrow(uids: Any, path: str) -> Any:
+    """:func:`member_series` on an Arrow string array, with no Python string per uid: an Arrow UDF body."""
+    import pyarrow as pa
+
+    return pa.array(uid_set_cached(path).contains(arrow_to_array(uids)), type=pa.bool_())
+
+
+def member_column(col: Any, path: str, arrow: bool | None = None) -> Any:
+    """Spark column: whether each hex uid of the string column `col` is in the uid file at `path`
+    (subsets' exclusions, reshard's plan: a pass over every catalog row, 2B at LAION-2B).
+
+    An Arrow UDF where pyspark has them (4.1+): the batch's uid strings are read straight from the
+    Arrow buffer (measured ~0.06 us a uid, against ~0.4 us through pandas, which makes a Python string
+    per row); a pandas UDF on older pyspark. `arrow`: force one or the other (tests compare them)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    if arrow is None:
+        arrow = hasattr(F, "arrow_udf")
+    if arrow:
+        import pyarrow as pa
+
+        def member(s):  # type: ignore[no-untyped-def]
+            return member_arrow(s, path)
+
+        member.__annotations__ = {"s": pa.Array, "return": pa.Array}  # what pyspark reads the UDF's kind from
+        return F.arrow_udf(member, T.BooleanType())(col)
+    return F.pandas_udf(lambda s: member_series(s, path), T.BooleanType())(col)
+
+
 class UidSet:
     """A sorted, unique uid array with a fast membership test for many queries.
 

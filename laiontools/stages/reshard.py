@@ -78,7 +78,7 @@ from laiontools.contracts.manifest import (
 )
 from laiontools.contracts.pool import abs_path, load_pool
 from laiontools.contracts.selection import parse_seed, score_series
-from laiontools.contracts.uids import member_series
+from laiontools.contracts.uids import member_column
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError, task_error, user_error_from
 from laiontools.core.report import table
@@ -744,12 +744,11 @@ def _run_spark(
     cat = cat.select(C.UID, C.STATUS, C.SHARD, C.KEY, *(spans if has_spans else []))
     span_cols = [F.col(C.TAR_OFFSET).alias("_toff"), F.col(C.TAR_LENGTH).alias("_tlen")] if has_spans else []
     span_cols += [F.col(C.TAR_SHA256).alias("_tsha")] if has_sha else []
-    member = F.pandas_udf(lambda s: member_series(s, uid_path), T.BooleanType())
     shuffle = F.pandas_udf(lambda s: score_series(s, seed, person=SHUFFLE_PERSON), T.LongType())
     rows = (
         cat.filter(F.col(C.STATUS) == C.STATUS_SUCCESS)
         .withColumn("_sid", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))
-        .filter(member(F.col(C.UID)))
+        .filter(member_column(F.col(C.UID), uid_path))
         # One row per uid even if the catalog lists a sample twice: the smallest (shard, key) wins.
         .groupBy(C.UID)
         .agg(F.min(F.struct("_sid", C.KEY, *span_cols)).alias("s"))

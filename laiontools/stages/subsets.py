@@ -55,7 +55,7 @@ from laiontools.contracts.manifest import (
 )
 from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
 from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
-from laiontools.contracts.uids import UID_DTYPE, member_series, save_uids_spark
+from laiontools.contracts.uids import UID_DTYPE, member_column, save_uids_spark
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
@@ -574,8 +574,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
         else:
             cat = cat.join(sdf, on=C.UID, how="left")
     for i, ex in enumerate(exclusions):
-        udf = F.pandas_udf(lambda s, _p=ex.path: member_series(s, _p), T.BooleanType())
-        cat = cat.withColumn(f"_excluded_{i}", udf(F.col(C.UID)))
+        cat = cat.withColumn(f"_excluded_{i}", member_column(F.col(C.UID), ex.path))
 
     steps = _filter_steps(cfg, scores_record is not None, exclusions)
     # Funnel in one pass: removed by step k = passed steps 1..k-1 and failed step k.
