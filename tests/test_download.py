@@ -275,7 +275,19 @@ def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path, mo
         with pytest.raises(RuntimeError, match="killed while"):
             download_stage.run(cfg, spark if engine == "spark" else None)
     assert not [d for d in os.listdir(os.path.join(out, layout.PREPARED_DIR)) if d.startswith("retry-") and not d.endswith(".tmp")]
+    # A run killed after its retry pass, while the catalog is rebuilt: the next run only finalizes that
+    # pass (a new pass planned from the catalog without its results would fetch the same rows again).
+    with monkeypatch.context() as m:
+        def killed(*a: object, **k: object) -> None:
+            raise RuntimeError("killed in finalize")
+
+        m.setattr(download_stage, "finalize", killed)
+        with pytest.raises(RuntimeError, match="killed in finalize"):
+            download_stage.run(cfg, spark if engine == "spark" else None)
+    assert os.path.exists(os.path.join(out, layout.SHARDS_DIR, "retry01", "_pass.done"))
     rep = download_stage.run(cfg, spark if engine == "spark" else None).details
+    assert sorted(d for d in os.listdir(os.path.join(out, layout.PREPARED_DIR)) if d.startswith("retry")) == ["retry-01"]
+    assert sorted(d for d in os.listdir(os.path.join(out, layout.SHARDS_DIR)) if d.startswith("retry")) == ["retry01"]
     assert rep["engine"].startswith("spark" if engine == "spark" else "in-process")
     after = _by_row(out, pool.expected)
     # the flaky route failed once (503) and succeeds when retried

@@ -159,6 +159,17 @@ def _attempt_dirs(cfg: DownloadConfig) -> list[tuple[int, str, str]]:
     return out
 
 
+def _unfolded_passes(attempts: list[tuple[int, str, str]]) -> list[str]:
+    """Shard folders of the retry passes that are complete but not yet in the catalog: their ``_pass``
+    marker says ``folded: false`` until a finalize after them has finished (markers from before this
+    field: folded)."""
+    out = []
+    for a, shard_dir, _ in attempts:
+        if a > 0 and (read_marker(join(shard_dir, "_pass")) or {}).get("folded") is False:
+            out.append(shard_dir)
+    return out
+
+
 def _clean_incomplete_shards(shard_dir: str) -> None:
     """Delete every shard file that lacks a valid ``_stats.json`` and stats that don't parse.
 
@@ -1016,10 +1027,13 @@ def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
     with stage_spark(cfg, spark, app_name="laiontools-download") if on_spark else contextlib.nullcontext() as sp:
         prep = prepare.prepare_stats(cfg, sp, found)  # the source's files listed and probed once
         if cfg.retry_failed:
-            # A retry pass whose shards were interrupted is finished first, before a new one is planned.
+            # A retry pass whose shards were interrupted is finished first, before a new one is planned;
+            # so is one whose shards are done but that no finalize has folded into the catalog yet (a
+            # kill during finalize): a new pass planned from a catalog without its results would fetch
+            # the same rows again, a pass an uninterrupted run never makes.
             attempts = _attempt_dirs(cfg)
             pending = [(a, s, i) for a, s, i in attempts if a > 0 and not is_done(join(s, "_pass"))]
-            if not pending:
+            if not pending and not _unfolded_passes(attempts):
                 new_input = prepare_retry(cfg, sp)
                 if new_input is None:
                     log.info("retry pass: no row failed with a transient error; nothing to do")
@@ -1027,11 +1041,13 @@ def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
                 pending = [(a, s, i) for a, s, i in attempts if a > 0 and not is_done(join(s, "_pass"))]
             for _, shard_dir, input_dir in pending:
                 run_img2dataset(cfg, input_dir, shard_dir, sp)
-                mark_done(join(shard_dir, "_pass"))
+                mark_done(join(shard_dir, "_pass"), {"folded": False})
         else:
             for attempt, shard_dir, input_dir in _attempt_dirs(cfg):
                 run_img2dataset(cfg, input_dir, shard_dir, sp)
         rep = finalize(cfg, sp, prep, time.time() - t0)
+        for shard_dir in _unfolded_passes(_attempt_dirs(cfg)):  # in the catalog now: the next retry plans anew
+            mark_done(join(shard_dir, "_pass"), {"folded": True})
     outputs = {"manifest": rep["manifest"], "catalog": join(cfg.output, layout.CATALOG_DIR),
                "shards": join(cfg.output, layout.SHARDS_DIR), "report": join(cfg.output, layout.REPORT_TXT)}
     summary = rep["text"] + "\n\nwritten:\n" + "\n".join(f"  {k:<9} {v}" for k, v in outputs.items())
