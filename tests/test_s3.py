@@ -574,3 +574,103 @@ def test_takedown_of_an_s3_pool_into_s3_equals_the_local_run(spark, pools, s3, t
     assert got["s3"]["counts"] == got["local"]["counts"] and got["s3"]["num_samples"] == got["local"]["num_samples"]
     assert [r[1:] for r in got["s3"]["rewritten"]] == [r[1:] for r in got["local"]["rewritten"]]
     assert len(got["s3"]["rewritten"]) == 2
+
+
+class _Killed(Exception):
+    pass
+
+
+def _tree(root: str) -> dict[str, bytes]:
+    fs, p = url_to_fs(root)
+    p = p.rstrip("/")
+    fs.invalidate_cache()
+    return {f[len(p) + 1:]: fs.cat_file(f) for f in fs.find(p)} if fs.exists(p) else {}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_catalog_swap_killed_at_any_step_comes_back_whole(where, tmp_path, request):
+    """swap_in (download's and takedown's catalog swap) killed at every step, a move cut halfway on
+    the object store (one key of several copied, or removed): readers refuse the folder while its
+    journal is there, and the next rebuild's swap_temp leaves exactly the old folder (killed before the
+    new one was whole in place) or the new one (after), and nothing beside it."""
+    from laiontools.core import storage
+
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
+    fs, _ = url_to_fs(base + "/x")
+    old = {"part-0.parquet": b"old 0", "part-1.parquet": b"old 1", "sub/part-2.parquet": b"old 2"}
+    new = {"part-0.parquet": b"new 0", "part-9.parquet": b"new 9"}
+
+    def setup(k: int) -> tuple[str, str]:
+        final = f"{base}/pool{k}/catalog"
+        for name, data in old.items():
+            storage.atomic_write_bytes(f"{final}/{name}", data)
+        tmp = storage.swap_temp(final)
+        for name, data in new.items():
+            storage.atomic_write_bytes(f"{tmp}/{name}", data)
+        return final, tmp
+
+    real = {name: getattr(storage, name) for name in ("write_json", "_put_tree", "_drop_tree")}
+    steps: list[str] = []
+
+    def cut(name: str, at: int):
+        def step(*args):  # noqa: ANN202
+            steps.append(name)
+            if len(steps) - 1 != at:
+                return real[name](*args)
+            if name != "write_json" and where == "s3":  # a move cut halfway: one key of several
+                sfs, sp = url_to_fs(args[0])
+                files = sorted(sfs.find(sp.rstrip("/")))
+                if name == "_put_tree":
+                    _, dp = url_to_fs(args[1])
+                    sfs.copy(files[:1], [dp.rstrip("/") + f[len(sp.rstrip("/")):] for f in files[:1]])
+                elif files:
+                    sfs.rm(files[:1])
+            raise _Killed(f"killed at step {at} ({name})")
+        return step
+
+    outcomes, refused = [], 0
+    for at in range(20):
+        final, tmp = setup(at)
+        steps.clear()
+        patched = {name: cut(name, at) for name in real}
+        for name, fn in patched.items():
+            setattr(storage, name, fn)
+        try:
+            storage.swap_in(tmp, final)
+            killed = False
+        except _Killed:
+            killed = True
+        finally:
+            for name, fn in real.items():
+                setattr(storage, name, fn)
+        if not killed:
+            assert _tree(final) == new and not storage.swap_pending(final)
+            break
+        # readers refuse the folder while its journal is there; a folder they are not refused is whole
+        pending = storage.swap_pending(final)
+        refused += pending
+        assert pending or _tree(final) in (old, new), at
+        storage.swap_temp(final)
+        got = _tree(final)
+        assert got in (old, new), (at, sorted(got))
+        assert sorted(fs.ls(url_to_fs(f"{base}/pool{at}")[1], detail=False)) == [url_to_fs(final)[1]], at
+        assert not storage.swap_pending(final)
+        outcomes.append("new" if got == new else "old")
+    # every step was reached, and a kill goes back until the new folder is whole in place, forward after
+    assert len(outcomes) >= 6 and outcomes == sorted(outcomes, key=lambda o: o == "new") and outcomes[0] == "old"
+    assert "new" in outcomes and refused >= len(outcomes) - 2
+
+
+def test_a_pool_whose_catalog_swap_was_interrupted_is_refused(tmp_path):
+    from laiontools.contracts.pool import load_pool
+    from laiontools.core import storage
+    from laiontools.core.errors import InputError
+
+    from laiontools.testing.embed_pool import write_pool
+
+    manifest = write_pool(str(tmp_path / "pool"), n_shards=1, per_shard=2, image_size=32, realistic=False)
+    storage.atomic_write_bytes(str(tmp_path / "pool" / "catalog" / "part-0.parquet"), b"rows")
+    pool = load_pool(manifest)
+    storage.write_json(storage._swap_journal(pool.catalog), {"phase": "old-whole", "old": None, "tmp": None})
+    with pytest.raises(InputError, match="is being rebuilt, or a rebuild was killed midway; re-run"):
+        load_pool(manifest)

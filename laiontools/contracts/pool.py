@@ -9,7 +9,7 @@ from typing import Any
 from laiontools.contracts import layout
 from laiontools.contracts.manifest import manifest_sha256, read_manifest, resolve
 from laiontools.core.errors import InputError
-from laiontools.core.storage import url_to_fs
+from laiontools.core.storage import swap_pending, url_to_fs
 
 
 @dataclass
@@ -42,6 +42,9 @@ def load_pool(path: str) -> PoolInfo:
     cat = (m.get("catalog") or {}).get("path") or layout.CATALOG_DIR
     catalog = resolve(path, cat)
     fs, p = url_to_fs(catalog)
+    if swap_pending(catalog):
+        raise InputError(f"{path}: its catalog {catalog} is being rebuilt, or a rebuild was killed midway; re-run the "
+                         "command that was writing it (download, or takedown for a takedown's output) to finish it")
     if not fs.exists(p):
         raise InputError(f"{path}: its catalog {catalog} does not exist; the pool folder is incomplete (re-run download)")
     shard_ids = [layout.shard_id(s["path"]) for s in m["shards"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -21,7 +22,9 @@ from urllib.parse import unquote
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from laiontools.core.errors import UserError
+from laiontools.core.errors import InputError, UserError
+
+log = logging.getLogger(__name__)
 
 DONE_SUFFIX = ".done"
 
@@ -339,10 +342,11 @@ def check_store(path: str) -> None:
 
 def swap_temp(final: str) -> str:
     """A new temp folder name next to the folder `final` (``<parent>/.<name>-tmp-<8 hex>``), for a
-    rebuild of it that :func:`swap_in` puts in place. First removes what a killed rebuild left there
-    (its temp folders, the copy of `final` it was replacing): callers rebuild `final` whole, so neither
-    is needed, and they would only stay."""
+    rebuild of it that :func:`swap_in` puts in place. First finishes or undoes a swap a kill
+    interrupted (:func:`repair_swap`), then removes what a killed rebuild left (its temp folders, a
+    copy of `final` it was replacing): callers rebuild `final` whole, so neither is needed."""
     fs, fp = url_to_fs(final)
+    repair_swap(final)
     parent, _, name = fp.rstrip("/").rpartition("/")
     for stale in fs.glob(f"{parent}/.{name}-tmp-*") + fs.glob(f"{fp.rstrip('/')}.old-*"):
         fs.rm(stale, recursive=True)
@@ -350,18 +354,103 @@ def swap_temp(final: str) -> str:
     return f"{head}/.{name}-tmp-{uuid.uuid4().hex[:8]}"
 
 
+def _swap_journal(final: str) -> str:
+    head, _, name = final.rstrip("/").rpartition("/")
+    return f"{head}/.{name}.swap.json"
+
+
+def swap_pending(final: str) -> bool:
+    """Whether a :func:`swap_in` of the folder `final` is under way or was interrupted: `final` may
+    then be missing or half moved, and readers refuse it (the next rebuild repairs it)."""
+    fs, p = url_to_fs(_swap_journal(final))
+    return fs.exists(p)
+
+
+def _put_tree(src: str, dst: str) -> None:
+    """The first half of :func:`move_tree`: local, the rename (all of it); object stores, the copy of
+    every key (`src` is removed by :func:`_drop_tree` after the journal records the copy whole)."""
+    fs, sp = url_to_fs(src)
+    if is_local(fs):
+        move_tree(src, dst)
+        return
+    _, dp = url_to_fs(dst)
+    with store_errors(src):
+        sp = sp.rstrip("/")
+        files = fs.find(sp)
+        if not files:
+            raise FileNotFoundError(f"{src}: nothing to move")
+        fs.copy(files, [dp.rstrip("/") + f[len(sp):] for f in files])
+
+
+def _drop_tree(path: str) -> None:
+    fs, p = url_to_fs(path)
+    if fs.exists(p):
+        with store_errors(path):
+            fs.rm(p, recursive=True)
+
+
 def swap_in(tmp: str, final: str) -> str:
-    """Put the folder written at `tmp` in place of `final` (the old one moved aside first, removed
-    after); returns `final`."""
+    """Put the folder written at `tmp` in place of `final`; returns `final`.
+
+    A journal beside `final` (``.<name>.swap.json``) says how far the swap got, so that a kill at any
+    point leaves a state that the next rebuild (:func:`swap_temp`, :func:`repair_swap`) takes back to
+    the old folder while the new one is not whole in place, or forward to the new one after. On local
+    disks each move is one rename; on object stores a move copies every key and then removes the
+    source, so the journal records each copy whole before its source goes (a kill mid-removal left a
+    half-deleted catalog and its whole copy aside, and the next run deleted the copy)."""
     fs, fp = url_to_fs(final)
+    journal = _swap_journal(final)
     old = final.rstrip("/") + f".old-{uuid.uuid4().hex[:8]}"
+    rec: dict[str, Any] = {"tmp": tmp, "old": None}
     if fs.exists(fp):
-        move_tree(final, old)
-    move_tree(tmp, final)
-    _, op = url_to_fs(old)
-    if fs.exists(op):
-        fs.rm(op, recursive=True)
+        rec["old"] = old
+        write_json(journal, {**rec, "phase": "aside"})  # `final` whole; `old` being copied
+        _put_tree(final, old)
+        write_json(journal, {**rec, "phase": "old-whole"})  # `old` whole; `final` being removed, then replaced
+        _drop_tree(final)
+    else:
+        write_json(journal, {**rec, "phase": "old-whole"})
+    _put_tree(tmp, final)
+    write_json(journal, {**rec, "phase": "new-whole"})  # `final` is the new folder; the rest is cleanup
+    _drop_tree(tmp)
+    if rec["old"]:
+        _drop_tree(old)
+    _drop_tree(journal)
     return final
+
+
+def repair_swap(final: str) -> str | None:
+    """Finish or undo an interrupted :func:`swap_in` of `final` from its journal; returns what was done
+    ("kept", "restored" or "completed"; None: no swap was pending). Only a writer holding the output
+    calls it (every rebuild does, through :func:`swap_temp`)."""
+    journal = _swap_journal(final)
+    fs, jp = url_to_fs(journal)
+    if not fs.exists(jp):
+        return None
+    j = read_json(journal)
+    phase, old, tmp = j.get("phase"), j.get("old"), j.get("tmp")
+    if phase == "aside" and fs.exists(url_to_fs(final)[1]):
+        done = "kept"  # killed while `final` was copied aside: `final` is whole, its copy is not
+    elif phase in ("aside", "old-whole"):
+        # `final` half removed, missing, or partly (even wholly) new; `old` is whole (a local "aside"
+        # without `final`: the rename to `old` was done): back to `old`
+        _drop_tree(final)
+        if old:
+            _put_tree(old, final)
+            write_json(journal, {**j, "phase": "restored"})
+        done = "restored"
+    elif phase in ("restored", "new-whole"):  # `final` is whole; only cleanup was left
+        done = "restored" if phase == "restored" else "completed"
+    else:
+        raise InputError(f"{journal}: unknown swap phase {phase!r}; move `{final}` aside by hand and re-run")
+    if old:
+        _drop_tree(old)
+    if tmp:
+        _drop_tree(tmp)
+    _drop_tree(journal)
+    log.warning("%s: a swap interrupted by a kill was %s", final, {"kept": "undone (old folder kept)",
+                "restored": "undone (old folder put back)", "completed": "completed"}[done])
+    return done
 
 
 def move_tree(src: str, dst: str) -> None:
