@@ -308,6 +308,38 @@ def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path, mo
     assert m["num_samples"] == int((after["status"] == "success").sum()) == rep["obtained"]
 
 
+def test_a_catalog_swap_killed_midway_is_undone_before_a_retry_pass_reads_it(pool, tmp_path, monkeypatch):
+    """A re-run of download killed midway through its catalog swap (old catalog moved aside, the new one
+    not yet in place): readers refuse the pool, and the next run, a retry pass, first puts the old
+    catalog back, so it plans the same retry pass as on the untouched pool."""
+    from laiontools.contracts.pool import load_pool
+    from laiontools.core import storage
+    from laiontools.core.errors import InputError
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    killed, plain = str(tmp_path / "killed"), str(tmp_path / "plain")
+    shutil.copytree(pool.dir, killed)
+    shutil.copytree(pool.dir, plain)
+    with monkeypatch.context() as m:
+        def crash(path: str) -> None:
+            raise RuntimeError("killed during the catalog swap")
+
+        m.setattr(storage, "_drop_tree", crash)
+        with pytest.raises(RuntimeError, match="killed during the catalog swap"):
+            download_stage.run(DownloadConfig(input=pool.source, output=killed, **TEST_DOWNLOAD_SETTINGS))
+    assert not os.path.exists(os.path.join(killed, layout.CATALOG_DIR))  # moved aside, the new one not in
+    with pytest.raises(InputError, match="is being rebuilt, or a rebuild was killed midway"):
+        load_pool(os.path.join(killed, layout.POOL_MANIFEST))
+    for out in (killed, plain):
+        download_stage.run(DownloadConfig(input=pool.source, output=out, retry_failed=True, **TEST_DOWNLOAD_SETTINGS))
+    retried = [pd.read_parquet(os.path.join(out, layout.PREPARED_DIR, "retry-01")).sort_values("uid") for out in (killed, plain)]
+    assert len(retried[0]) > 0 and retried[0]["uid"].tolist() == retried[1]["uid"].tolist()
+    assert _comparable(killed)[0].equals(_comparable(plain)[0])
+    assert not [n for n in os.listdir(killed) if "catalog" in n and n != layout.CATALOG_DIR]
+
+
 @pytest.mark.slow
 def test_spark_submit_on_a_standalone_cluster(tmp_path):
     """spark-submit jobs/download.py against a Spark master + worker started on 127.0.0.1."""

@@ -48,6 +48,7 @@ from laiontools.core.storage import (
     path_key,
     read_json,
     read_marker,
+    repair_swap,
     sha256_file,
     spark_read_parquet,
     spark_write_parquet,
@@ -1011,6 +1012,9 @@ def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
     """
     t0 = time.time()
     check_output(cfg)
+    # a catalog swap a kill interrupted is finished or undone before anything reads the catalog (a retry
+    # pass is planned from it)
+    repair_swap(join(cfg.output, layout.CATALOG_DIR))
     prep_dir = join(cfg.output, layout.PREPARED_DIR)
     found = None
     if not is_done(prep_dir):
