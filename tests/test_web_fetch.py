@@ -8,9 +8,14 @@ reason and that the private server saw no request.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import ssl
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from PIL import Image
@@ -65,6 +70,84 @@ class Rebinding:
     def __call__(self, host: str, port: int) -> list[str]:
         self.calls += 1
         return [self.first] if self.calls == 1 else ["127.0.0.1"]
+
+
+class RawServer:
+    """A TCP server on a loopback address whose answers are written by hand, for what http.server
+    never sends: odd header values, reason phrases, chunked bodies with a Content-Length, dripped TLS.
+
+    `routes` maps a request path to the raw response bytes or to a function(conn) writing it;
+    `on_accept(conn) -> conn | None` runs on each connection before its request is read (a TLS wrap,
+    or a handshake that never ends: None, the connection is done). `paths` lists the request paths received, in order.
+    """
+
+    NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+    def __init__(self, routes: dict[str, bytes | Callable[[socket.socket], None]], host: str = PUBLIC,
+                 on_accept: Callable[[socket.socket], socket.socket | None] | None = None) -> None:
+        self.routes, self.on_accept, self.paths = routes, on_accept, []
+        self.sock = socket.create_server((host, 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def url(self, path: str, host: str = "h.example.org", scheme: str = "http") -> str:
+        return f"{scheme}://{host}:{self.port}{path}"
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # the accept timeout, or the listener closed
+                continue
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with contextlib.closing(conn), contextlib.suppress(OSError):
+            conn.settimeout(10)
+            if self.on_accept is not None:
+                conn = self.on_accept(conn)
+            if conn is None:
+                return
+            req = b""
+            while b"\r\n\r\n" not in req:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                req += data
+            path = req.split(b" ", 2)[1].decode("latin-1")
+            self.paths.append(path)
+            answer = self.routes.get(path, self.NOT_FOUND)
+            answer(conn) if callable(answer) else conn.sendall(answer)
+            conn.close()
+
+    def drip(self, first: bytes, rest: bytes, every: float = 0.1) -> Callable[[socket.socket], None]:
+        """A route answer: `first` at once, then `rest` one byte per `every` seconds (until stopped)."""
+        def answer(conn: socket.socket) -> None:
+            conn.sendall(first)
+            for i in range(len(rest)):
+                if self.stopping.wait(every):
+                    return
+                conn.sendall(rest[i:i + 1])
+        return answer
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.sock.close()
+
+
+def _bounded(fn: Callable[[], object], limit: float = 30.0) -> object:
+    """fn() in a daemon thread, failing the test (instead of hanging the suite) if it runs past `limit`."""
+    box: dict[str, object] = {}
+    t = threading.Thread(target=lambda: box.setdefault("result", fn()), daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"still running after {limit} s: no deadline ended it"
+    return box["result"]
 
 
 def test_a_plain_fetch_works_and_sends_the_host_name(public):
@@ -230,6 +313,46 @@ def test_https_connects_to_the_checked_address_with_sni_and_a_verified_certifica
         # and without the test CA the system trust store refuses the self-signed certificate
         _, err, _ = fetch_one(url, 3, None, None, _policy(), resolver=lambda h, p: [PUBLIC])
         assert err.startswith("TLS certificate of images.example.org rejected"), err
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory) -> tuple[str, str]:
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    return _self_signed(tmp_path_factory.mktemp("tls"), "images.example.org")
+
+
+@pytest.mark.parametrize("stage", ["handshake", "headers", "body"])
+def test_an_https_request_ends_at_its_deadline_wherever_the_server_drips(images, tls_cert, stage):
+    """A server dripping a byte every 0.1 s for 100 s (no recv ever waits for the 2 s timeout) in the TLS
+    handshake, in the headers or in the body: the request ends with the deadline, as over http.
+    (The watchdog's socket is wrapped by ssl, which takes its descriptor over. The handshake is also
+    bounded by ssl's own timeout over the whole handshake; the headers and the body are not.)"""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(*tls_cert)
+    with contextlib.ExitStack() as stack:
+        if stage == "handshake":  # a TLS record header announcing 16 KiB, then its bytes one by one
+            raw = stack.enter_context(RawServer({}))
+            raw.on_accept = lambda c: raw.drip(b"\x16\x03\x03\x40\x00", bytes(1000))(c)
+            url = raw.url("/a.jpg", host="images.example.org", scheme="https")
+        elif stage == "headers":
+            raw = stack.enter_context(RawServer({}, on_accept=lambda c: server_ctx.wrap_socket(c, server_side=True)))
+            raw.routes["/a.jpg"] = raw.drip(b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"a" * 1000 + b"\r\n\r\n")
+            url = raw.url("/a.jpg", host="images.example.org", scheme="https")
+        else:
+            tls = stack.enter_context(SyntheticWebServer(images, host=PUBLIC, tls=tls_cert))
+            url = f"https://images.example.org:{_port(tls)}/drip/0.1/a.jpg"
+        pol = _policy(ca_file=tls_cert[0], request_deadline=1.0)
+        data, err, _ = _bounded(lambda: fetch_one(url, 2, None, None, pol, resolver=lambda h, p: [PUBLIC]))
+        assert data is None and err.startswith(DEADLINE_PREFIX), err
+        if stage == "body":  # the shard deadline is the same watchdog's
+            pol = _policy(ca_file=tls_cert[0], request_deadline=60, shard_deadline=1.0)
+            _, data, err = _bounded(lambda: fetch_with_retry((0, url), 2, 2, None, None, policy=pol,
+                                                              shard_deadline_at=time.monotonic() + 1.0,
+                                                              resolver=lambda h, p: [PUBLIC]))
+            assert data is None and err.startswith(DEADLINE_PREFIX) and "request" in err, err
 
 
 # ----------------------------------------------------------------------------- robots.txt

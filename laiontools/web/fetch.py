@@ -181,6 +181,12 @@ class _Watchdog:
     A socket timeout bounds one recv, not a response: a server sending a byte every few seconds
     never trips it. Shutting the socket down wakes the blocked reader (it sees EOF), and the
     fetch reports the deadline.
+
+    The watchdog shuts down its own duplicate of the socket's descriptor: https wraps the watched
+    socket in an SSLSocket, which takes over its descriptor and leaves the original object detached
+    (fileno -1, shutdown fails with EBADF), while shutdown(2) on any descriptor of the connection
+    ends it for all of them. Owning the duplicate (closed by whoever takes it off the watch list)
+    also means a descriptor number the owner closed and the process reused is never shut down.
     """
 
     def __init__(self) -> None:
@@ -192,21 +198,27 @@ class _Watchdog:
         self._pid = 0
 
     def watch(self, sock: socket.socket, deadline: float) -> int:
+        """Shut `sock`'s connection down at `deadline` (time.monotonic()) unless :meth:`unwatch`ed first."""
+        dup = sock.dup()
         with self._cv:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 # (re)start after a fork: Spark forks Python workers from a daemon process
+                for inherited in self._socks.values():
+                    inherited.close()
                 self._heap, self._socks, self._pid = [], {}, os.getpid()
                 self._thread = threading.Thread(target=self._run, name="laiontools-fetch-watchdog", daemon=True)
                 self._thread.start()
             token = next(self._ids)
-            self._socks[token] = sock
+            self._socks[token] = dup
             heapq.heappush(self._heap, (deadline, token))
             self._cv.notify()
             return token
 
     def unwatch(self, token: int) -> None:
         with self._cv:
-            self._socks.pop(token, None)
+            dup = self._socks.pop(token, None)
+        if dup is not None:
+            dup.close()
 
     def _run(self) -> None:
         while True:
@@ -224,7 +236,9 @@ class _Watchdog:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
-                    pass  # already closed by its owner
+                    pass  # the peer already closed the connection
+                finally:
+                    sock.close()
 
 
 _WATCHDOG = _Watchdog()
@@ -789,7 +803,11 @@ def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: 
             except OSError as e:
                 last = e
                 continue
-            tokens.append(_WATCHDOG.watch(sock, deadline))
+            try:
+                tokens.append(_WATCHDOG.watch(sock, deadline))
+            except OSError:  # no descriptor left for the watchdog's duplicate: no unbounded request
+                sock.close()
+                raise
             return sock
         raise last or TimeoutError("request deadline passed while connecting")
 
