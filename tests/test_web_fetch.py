@@ -315,6 +315,44 @@ def test_https_connects_to_the_checked_address_with_sni_and_a_verified_certifica
         assert err.startswith("TLS certificate of images.example.org rejected"), err
 
 
+def _png() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_header_numbers_in_other_digits_are_read_as_absent():
+    """Superscript digits (latin-1 on the wire) pass str.isdigit() but not int(): a Retry-After or a
+    Content-Length spelled with them counts as absent, not as a ValueError; a robots.txt 503 with one
+    is cached as unavailable like any other (it was re-fetched for every row)."""
+    from laiontools.web.fetch import HostGate, RobotsCache
+
+    png = _png()
+    with RawServer({
+        "/503.png": b"HTTP/1.1 503 Busy\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n",
+        "/429.png": b"HTTP/1.1 429 Slow down\r\nRetry-After: \xb9\xb2\r\nContent-Length: 0\r\n\r\n",
+        "/cl.png": b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\nConnection: close\r\n\r\n" + png,
+        "/robots.txt": b"HTTP/1.1 503 Busy\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n",
+        "/img.png": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png,
+    }) as raw:
+        res = lambda h, p: [PUBLIC]
+        for path, code in (("/503.png", 503), ("/429.png", 429)):
+            gate = HostGate()
+            _, err, retry_after = fetch_one(raw.url(path), 2, None, None, _policy(), resolver=res, gate=gate)
+            assert err.startswith(f"HTTP Error {code}") and retry_after is None, err
+            assert gate.stats()["h.example.org"]["throttled"] == 1  # the host was paused (the default pause)
+        data, err, _ = fetch_one(raw.url("/cl.png"), 2, None, None, _policy(), resolver=res, gate=HostGate())
+        assert err is None and data.getvalue() == png
+        robots = RobotsCache()
+        for _ in range(3):
+            _, err, _ = fetch_one(raw.url("/img.png", host="r.example.org"), 2, None, None, _policy(respect_robots=True),
+                                  resolver=res, gate=HostGate(), robots=robots)
+            assert err.startswith("robots.txt unavailable (HTTP Error 503"), err
+        assert raw.paths.count("/robots.txt") == 1 and "/img.png" not in raw.paths
+
+
 @pytest.fixture(scope="module")
 def tls_cert(tmp_path_factory) -> tuple[str, str]:
     import shutil

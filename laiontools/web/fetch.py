@@ -711,6 +711,17 @@ def _checked_addresses(host: str, port: int, policy: FetchPolicy, resolver: Reso
     return addrs
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _header_int(value: str | None) -> int | None:
+    """A header's non-negative integer (Content-Length, Retry-After seconds), None when absent or
+    unreadable. ASCII digits only: str.isdigit() also passes superscripts ('²', latin-1 from the
+    wire) that int() refuses."""
+    v = (value or "").strip()
+    return int(v) if _DIGITS.fullmatch(v) else None
+
+
 def _request_target(parts: Any) -> str:
     # Quote what a browser would (spaces, non-ASCII); keep existing escapes and reserved characters.
     path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
@@ -823,15 +834,15 @@ def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: 
             if r.status in REDIRECT_CODES and r.getheader("Location"):
                 return r.getheader("Location")
             if r.status >= 400:
-                ra = (r.getheader("Retry-After") or "").strip()
-                raise FetchError(f"HTTP Error {r.status}: {r.reason}", float(ra) if ra.isdigit() else None)
+                ra = _header_int(r.getheader("Retry-After"))
+                raise FetchError(f"HTTP Error {r.status}: {r.reason}", None if ra is None else float(ra))
             if check_headers is not None:
                 refusal = check_headers(r)
                 if refusal:
                     raise FetchError(refusal)
-            length = r.getheader("Content-Length")
-            if length and length.strip().isdigit() and int(length) > max_bytes and not truncate:
-                raise FetchError(f"response of {length.strip()} bytes is over the limit of {max_bytes} bytes")
+            length = _header_int(r.getheader("Content-Length"))
+            if length is not None and length > max_bytes and not truncate:
+                raise FetchError(f"response of {length} bytes is over the limit of {max_bytes} bytes")
             chunks, total = [], 0
             while True:
                 chunk = r.read1(65536)
@@ -846,8 +857,8 @@ def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: 
                 chunks.append(chunk)
             if time.monotonic() >= deadline:
                 raise FetchError(f"{DEADLINE_PREFIX} request took longer than its deadline ({host}, {total} bytes read)")
-            if length and length.strip().isdigit() and total < int(length):
-                raise FetchError(f"IncompleteRead: {total} of {length.strip()} bytes")
+            if length is not None and total < length:
+                raise FetchError(f"IncompleteRead: {total} of {length} bytes")
             return Response(r.status, r.headers, b"".join(chunks), "")
         except FetchError:
             raise
