@@ -353,6 +353,22 @@ def test_header_numbers_in_other_digits_are_read_as_absent():
         assert raw.paths.count("/robots.txt") == 1 and "/img.png" not in raw.paths
 
 
+def test_a_chunked_body_is_judged_by_its_chunks_not_its_content_length():
+    """Transfer-Encoding: chunked with a Content-Length too: the length is the chunks' (RFC 9112), so
+    a complete body is neither an IncompleteRead nor over the limit; the limit still holds on the
+    bytes read."""
+    png = _png()
+    chunked = b"%x\r\n" % len(png) + png + b"\r\n0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: %d\r\n\r\n"
+    with RawServer({"/small.png": head % 5000 + chunked, "/big.png": head % 99999999999 + chunked}) as raw:
+        for path in ("/small.png", "/big.png"):
+            data, err, _ = fetch_one(raw.url(path), 2, None, None, _policy(), resolver=lambda h, p: [PUBLIC])
+            assert err is None and data.getvalue() == png, (path, err)
+        _, err, _ = fetch_one(raw.url("/small.png"), 2, None, None, _policy(max_bytes=len(png) - 1),
+                              resolver=lambda h, p: [PUBLIC])
+        assert err == f"response is over the limit of {len(png) - 1} bytes"
+
+
 @pytest.fixture(scope="module")
 def tls_cert(tmp_path_factory) -> tuple[str, str]:
     import shutil

@@ -840,7 +840,9 @@ def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: 
                 refusal = check_headers(r)
                 if refusal:
                     raise FetchError(refusal)
-            length = _header_int(r.getheader("Content-Length"))
+            # a chunked body's length is its chunks': Content-Length beside it is ignored (RFC 9112 6.3),
+            # as http.client reads it; the byte limit still holds on the bytes read
+            length = None if r.chunked else _header_int(r.getheader("Content-Length"))
             if length is not None and length > max_bytes and not truncate:
                 raise FetchError(f"response of {length} bytes is over the limit of {max_bytes} bytes")
             chunks, total = [], 0
