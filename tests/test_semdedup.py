@@ -197,6 +197,29 @@ def _files(out: str) -> dict[str, bytes]:
     return got
 
 
+def _scratch_leftovers() -> tuple[str, str, str]:
+    """Scratch folders as storage.scratch_dir names them, in the temp dir: one of a process of this host
+    that has exited, one of a live process (this one), one of another host sharing the temp dir."""
+    import re
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]  # as scratch_dir spells it
+    base = tempfile.gettempdir()
+    out = []
+    for name in (f"laiontools-semdedup-{host}-{proc.pid}-abc_12", f"laiontools-semdedup-{host}-{os.getpid()}-def_34",
+                 f"laiontools-semdedup-elsewhere-{proc.pid}-ghi_56"):
+        os.makedirs(os.path.join(base, name))
+        with open(os.path.join(base, name, "vec.npy"), "wb") as f:
+            f.write(b"\0" * 1024)
+        out.append(os.path.join(base, name))
+    return out[0], out[1], out[2]
+
+
 def test_deterministic_and_resumes_after_kill(planted, sd_run, spark, tmp_path):
     first = _files(sd_run["out"])
     assert any(k.startswith("report/") for k in first) and "kmeans/centroids.npy" in first
@@ -223,8 +246,13 @@ def test_deterministic_and_resumes_after_kill(planted, sd_run, spark, tmp_path):
         os.remove(os.path.join(again, f))
     shutil.copy(os.path.join(again, "report", units[2][: -len(".done")] + ".parquet"),
                 os.path.join(again, "report", "9999990-9999999.parquet"))  # a unit of an earlier, other plan
+    # the local scratch folder of a unit task that was killed (its process is gone; its `finally` never ran)
+    dead, alive, other_host = _scratch_leftovers()
     semdedup.run(_cfg(planted["emb"], again), spark)
     assert not os.path.exists(os.path.join(again, "report", "9999990-9999999.parquet"))
+    assert not os.path.exists(dead) and os.path.exists(alive) and os.path.exists(other_host)
+    for d in (alive, other_host):
+        shutil.rmtree(d)
     third = {k: v for k, v in _files(again).items() if not os.path.basename(k).startswith(".")}
     assert third == first
     assert os.path.getmtime(kept) == kept_mtime  # finished units are not redone

@@ -106,6 +106,41 @@ def remove_stale_file_temps(path: str) -> int:
 
 
 @contextmanager
+def scratch_dir(prefix: str) -> Iterator[str]:
+    """A local scratch folder for one task (memory-mapped arrays too large for memory), in the temp
+    dir, removed after. Its name holds the host and the process id; the folders of processes on this
+    host that no longer run (killed tasks: their ``finally`` never ran) are removed first, so a killed
+    task's hundreds of MB do not stay on an executor's disk for good. A folder of a live process, or of
+    another host sharing the temp dir, is never touched."""
+    import shutil
+    import socket
+    import tempfile
+
+    base = tempfile.gettempdir()
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+    mine = re.compile(rf"^{re.escape(prefix)}-{re.escape(host)}-(\d+)-[A-Za-z0-9_]+$")
+    for name in os.listdir(base):
+        m = mine.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=f"{prefix}-{host}-{os.getpid()}-", dir=base)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextmanager
 def atomic_open(path: str) -> Iterator[BinaryIO]:
     """Open `path` for binary writing; the data appears at `path` only if the block succeeds.
 

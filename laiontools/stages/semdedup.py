@@ -48,8 +48,6 @@ import io
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -68,6 +66,7 @@ from laiontools.core.storage import (
     mark_done,
     read_json,
     read_marker,
+    scratch_dir,
     sha256_bytes,
     url_to_fs,
     write_json,
@@ -441,8 +440,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
                              "eps": {lab: {"removed": 0, "groups": 0, "in_groups": 0, "pairs": 0} for lab in labels_}}
     gallery: list[tuple] = []
     removed_runs: dict[str, list[np.ndarray]] = {lab: [] for lab in labels_}
-    tmpdir = tempfile.mkdtemp(prefix="semdedup-")
-    try:
+    with scratch_dir("laiontools-semdedup") as tmpdir:
         vec, meta, shard_of, starts = _gather(ctx, unit[0], unit[1], tmpdir)
         for c in range(unit[0], unit[1]):
             s, e = int(starts[c - unit[0]]), int(starts[c - unit[0] + 1])
@@ -489,8 +487,6 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
                 cols["similarity"] += sim.tolist()
                 if k == 0 and ctx["gallery_groups"]:
                     _gallery_candidates(gallery, ctx, c, labels[0], members, keeper, removed, sim, uids, shard_of[s:e], m)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     table = pa.Table.from_pydict(cols, schema=_report_schema())
     buf = io.BytesIO()
     pq.write_table(table, buf)
