@@ -369,6 +369,29 @@ def test_a_chunked_body_is_judged_by_its_chunks_not_its_content_length():
         assert err == f"response is over the limit of {len(png) - 1} bytes"
 
 
+def test_the_status_code_alone_makes_an_http_error_transient_and_the_reason_is_tamed():
+    """A 404 whose reason phrase reads 'Connection reset by peer (timed out)' is permanent: fetched
+    once, not retried (it was, 3 times, and again on every --retry-failed pass). A reason phrase goes
+    into error_message without control characters and cut to MAX_REASON_CHARS."""
+    from laiontools.web.fetch import MAX_REASON_CHARS, is_transient
+
+    long_reason = b"\x1b[31mNot\x00 Found\x9b " + b"x" * 5000
+    with RawServer({
+        "/gone.jpg": b"HTTP/1.1 404 Connection reset by peer (timed out)\r\nContent-Length: 0\r\n\r\n",
+        "/long.jpg": b"HTTP/1.1 404 " + long_reason + b"\r\nContent-Length: 0\r\n\r\n",
+    }) as raw:
+        pol = _policy(backoff_base=0.01)
+        key, data, err = fetch_with_retry((0, raw.url("/gone.jpg")), 2, 3, None, None, policy=pol,
+                                          resolver=lambda h, p: [PUBLIC])
+        assert err == "HTTP Error 404: Connection reset by peer (timed out)" and not is_transient(err)
+        assert raw.paths.count("/gone.jpg") == 1
+        _, err, _ = fetch_one(raw.url("/long.jpg"), 2, None, None, pol, resolver=lambda h, p: [PUBLIC])
+        assert err == "HTTP Error 404: " + ("[31mNot Found " + "x" * 5000)[:MAX_REASON_CHARS], err
+    assert not any(is_transient(f"HTTP Error {c}: Service Unavailable (timed out)") for c in (400, 403, 404, 410, 451))
+    assert all(is_transient(f"HTTP Error {c}: OK") for c in (408, 429, 500, 503, 599))
+    assert is_transient("timed out (read)") and is_transient("robots.txt unavailable (HTTP Error 404: x)")
+
+
 @pytest.fixture(scope="module")
 def tls_cert(tmp_path_factory) -> tuple[str, str]:
     import shutil

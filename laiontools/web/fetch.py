@@ -71,13 +71,18 @@ USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 
 # Error messages that mark a failure as transient (worth a retry pass). Matched against the
-# error_message img2dataset records, so they must match what fetch_one returns.
+# error_message img2dataset records, so they must match what fetch_one returns. An HTTP error
+# ("HTTP Error <code>: <reason>") is judged by its status code alone (TRANSIENT_HTTP_CODES): its
+# reason phrase is the server's free text and must not make a 404 "timed out".
 TRANSIENT_PATTERNS = (
     r"timed out", r"timeout", r"Connection reset", r"Connection aborted", r"Remote end closed",
-    r"HTTP Error 429", r"HTTP Error 5\d\d", r"Temporary failure", r"IncompleteRead", r"^deadline:",
-    r"^robots.txt unavailable",
+    r"Temporary failure", r"IncompleteRead", r"^deadline:", r"^robots.txt unavailable",
 )
 _TRANSIENT = re.compile("|".join(TRANSIENT_PATTERNS), re.IGNORECASE)
+_HTTP_ERROR = re.compile(r"HTTP Error (\d{3})\b")
+TRANSIENT_HTTP_CODES = frozenset({408, 429, *range(500, 600)})
+MAX_REASON_CHARS = 200  # of a server's reason phrase kept in error_message
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DEADLINE_PREFIX = "deadline:"
 ROBOTS_DISALLOWS = "robots.txt disallows"
 ROBOTS_UNAVAILABLE = "robots.txt unavailable"
@@ -88,7 +93,20 @@ UNREADABLE_HEADER = "image size cannot be read from its header"
 
 
 def is_transient(error_message: str | None) -> bool:
-    return bool(error_message) and bool(_TRANSIENT.search(error_message or ""))
+    """True for a failure worth another try: an HTTP 408, 429 or 5xx, or a transient network or
+    deadline error (TRANSIENT_PATTERNS); every other HTTP error is permanent, whatever its reason says."""
+    if not error_message:
+        return False
+    m = _HTTP_ERROR.match(error_message)
+    if m:
+        return int(m.group(1)) in TRANSIENT_HTTP_CODES
+    return bool(_TRANSIENT.search(error_message))
+
+
+def _reason(phrase: str | None) -> str:
+    """A server's reason phrase fit for error_message: control characters dropped, at most
+    MAX_REASON_CHARS characters."""
+    return _CONTROL.sub("", phrase or "")[:MAX_REASON_CHARS]
 
 
 @dataclass(frozen=True)
@@ -835,7 +853,7 @@ def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: 
                 return r.getheader("Location")
             if r.status >= 400:
                 ra = _header_int(r.getheader("Retry-After"))
-                raise FetchError(f"HTTP Error {r.status}: {r.reason}", None if ra is None else float(ra))
+                raise FetchError(f"HTTP Error {r.status}: {_reason(r.reason)}", None if ra is None else float(ra))
             if check_headers is not None:
                 refusal = check_headers(r)
                 if refusal:
