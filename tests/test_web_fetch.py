@@ -492,6 +492,32 @@ def test_robots_txt_conventions_for_missing_and_unavailable(fresh_host):
     assert fresh_host.requests_served - served == 2
 
 
+def test_a_refused_robots_txt_redirect_makes_robots_txt_unavailable_not_the_rows_blocked():
+    """robots.txt redirecting to a non-global address, to another scheme or to a name that does not
+    resolve: robots.txt is unavailable (transient, cached briefly), not every row of the host
+    'blocked:' for robots_ttl (the image URL itself is allowed). A refusal of the robots.txt URL
+    itself — the image's own host — still carries the refusal."""
+    from laiontools.web.fetch import ROBOTS_UNAVAILABLE, FetchError, HostGate, RobotsCache, is_transient
+
+    def resolver(host: str, port: int) -> list[str]:
+        if host == "gone.example.org":
+            raise OSError("Name or service not known")
+        return [PUBLIC]
+
+    png = _png()
+    for loc in (b"http://127.0.0.1/robots.txt", b"ftp://files.example.org/robots.txt", b"http://gone.example.org/r.txt"):
+        with RawServer({"/robots.txt": b"HTTP/1.1 301 Moved\r\nLocation: " + loc + b"\r\nContent-Length: 0\r\n\r\n",
+                        "/img.png": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png}) as raw:
+            _, err, _ = fetch_one(raw.url("/img.png"), 2, None, None, _policy(respect_robots=True), resolver=resolver,
+                                  gate=HostGate(), robots=RobotsCache())
+            assert err.startswith(ROBOTS_UNAVAILABLE) and is_transient(err), (loc, err)
+            assert raw.paths == ["/robots.txt"]
+    robots = RobotsCache()
+    with pytest.raises(FetchError, match="^blocked: host 127.0.0.1 is a non-global address"):
+        robots.check("http://127.0.0.1:9/img.png", policy=_policy(respect_robots=True), timeout=2,
+                     deadline=time.monotonic() + 5, resolver=resolver, gate=None)
+
+
 # ----------------------------------------------------------------------------- per-host limits
 
 

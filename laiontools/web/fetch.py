@@ -136,11 +136,14 @@ class FetchPolicy:
 
 
 class FetchError(Exception):
-    """A refused or failed request: `message` is the row's error_message; `retry_after` from 429/503."""
+    """A refused or failed request: `message` is the row's error_message; `retry_after` from 429/503;
+    `hop`: for a URL refused before any request (scheme, address, DNS, blocklist), which one (0: the
+    URL asked for, n: its n-th redirect)."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.hop = 0
 
 
 # ----------------------------------------------------------------------------- DNS cache
@@ -530,7 +533,9 @@ class RobotsCache:
       its rows end failed_download ``robots.txt unavailable (...)``, which ``--retry-failed`` retries,
       and the answer is cached for only ``UNAVAILABLE_TTL`` seconds;
     - a robots.txt host that does not resolve or is blocked by the address policy: the rows carry
-      that error (``DNS: ...`` / ``blocked: ...``), the same the image request would get.
+      that error (``DNS: ...`` / ``blocked: ...``), the same the image request would get. A refused
+      *redirect* of robots.txt (to a non-global address, another scheme, a name that does not
+      resolve) says nothing about the image URL: robots.txt is unavailable, as for any other failure.
     Concurrent threads asking for the same new host wait for one fetch.
     """
 
@@ -608,7 +613,7 @@ class RobotsCache:
                             gate=gate, robots=None, truncate=True, hard_deadline=hard_deadline)
         except FetchError as e:
             msg = str(e)
-            if msg.startswith(("DNS:", "blocked:")):
+            if msg.startswith(("DNS:", "blocked:")) and e.hop == 0:  # the image's own host and scheme
                 return FetchError(msg), policy.robots_ttl
             m = re.match(r"HTTP Error (\d{3})", msg)
             if m and 400 <= int(m.group(1)) < 500 and m.group(1) != "429":
@@ -767,22 +772,12 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
 
     resolver = resolver or DNS
     blocklist = load_blocklist(policy.blocklist)
-    for _hop in range(policy.max_redirects + 1):
+    for hop in range(policy.max_redirects + 1):
         try:
-            parts = urlsplit(url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as e:
-            raise FetchError(f"blocked: URL cannot be parsed ({e})") from e
-        if parts.scheme not in ("http", "https"):
-            raise FetchError(f"blocked: scheme {parts.scheme}: is not http or https ({url[:100]})")
-        host = (parts.hostname or "").lower()
-        if not host:
-            raise FetchError(f"blocked: URL has no host ({url[:100]})")
-        if blocklist is not None:
-            why = blocklist.url_reason(url)
-            if why:
-                raise FetchError(f"blocklisted: {why}")
-        addrs = _checked_addresses(host, port, policy, resolver)
+            parts, host, port, addrs = _checked_url(url, policy, blocklist, resolver)
+        except FetchError as e:
+            e.hop = hop
+            raise
         if robots is not None:
             robots.check(url, policy=policy, timeout=timeout, deadline=deadline, resolver=resolver, gate=gate,
                          hard_deadline=hard_deadline)
@@ -808,6 +803,26 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
         resp.url = url
         return resp
     raise FetchError(f"too many redirects (more than {policy.max_redirects})")
+
+
+def _checked_url(url: str, policy: FetchPolicy, blocklist: Any, resolver: Resolver) -> tuple[Any, str, int, list[str]]:
+    """(parts, host, port, addresses) of one hop's URL once its scheme, blocklist entry and addresses
+    have passed; raises FetchError (``blocked: ...``, ``blocklisted: ...``, ``DNS: ...``) otherwise."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise FetchError(f"blocked: URL cannot be parsed ({e})") from e
+    if parts.scheme not in ("http", "https"):
+        raise FetchError(f"blocked: scheme {parts.scheme}: is not http or https ({url[:100]})")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise FetchError(f"blocked: URL has no host ({url[:100]})")
+    if blocklist is not None:
+        why = blocklist.url_reason(url)
+        if why:
+            raise FetchError(f"blocklisted: {why}")
+    return parts, host, port, _checked_addresses(host, port, policy, resolver)
 
 
 def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: str, policy: FetchPolicy,
