@@ -212,3 +212,37 @@ def test_spark_path_finds_what_the_single_process_path_finds(chain, spark, tmp_p
     assert capsys.readouterr().out == out_local
     assert cli(["verify", "--master", "local[2]", m]) == 1
     assert capsys.readouterr().out == out_local
+
+
+def test_a_pools_catalog_is_checked(chain, tmp_path):
+    """verify on a pool also checks its catalog: present, not left mid-swap by a killed rebuild, and
+    its success rows are the manifest's samples (counted here with pandas, independently)."""
+    import shutil
+
+    import pandas as pd
+
+    from laiontools.contracts import schema as C
+    from laiontools.core.storage import _swap_journal, write_json
+
+    src = os.path.dirname(chain["pool"])
+    pool = str(tmp_path / "pool")
+    shutil.copytree(src, pool, ignore=shutil.ignore_patterns("*.tar"))
+    mp = os.path.join(pool, os.path.basename(chain["pool"]))
+    cat = os.path.join(pool, layout.CATALOG_DIR)
+    n = int((pd.read_parquet(cat)[C.STATUS] == C.STATUS_SUCCESS).sum())
+    assert n == read_manifest(mp)["num_samples"] > 0
+    res = verify_manifest(mp, check_shards=False)
+    assert res.ok and any(f"catalog {cat}: {n} success rows" in c for c in res.checked), res.problems
+    # one success row fewer (a catalog from another run)
+    df = pd.read_parquet(cat)
+    first = df.index[df[C.STATUS] == C.STATUS_SUCCESS][0]
+    df.loc[first, C.STATUS] = "failed_download"
+    shutil.rmtree(cat)
+    os.makedirs(cat)
+    df.to_parquet(os.path.join(cat, "part-00000.parquet"))
+    assert verify_manifest(mp, check_shards=False).problems == [f"catalog {cat}: {n - 1} success rows, the manifest has {n} samples"]
+    write_json(_swap_journal(cat), {"phase": "old-whole", "old": None, "tmp": None})
+    assert "a rebuild of it is under way or was killed midway" in verify_manifest(mp, check_shards=False).problems[0]
+    os.remove(_swap_journal(cat))
+    shutil.rmtree(cat)
+    assert verify_manifest(mp, check_shards=False).problems == [f"catalog {cat}: missing"]

@@ -169,6 +169,8 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
     failpoints.pause("verify.uid-file")
     if m["uids"]["count"] != m["num_samples"]:
         res.problems.append(f"manifest {path}: num_samples {m['num_samples']} but the uid file count is {m['uids']['count']}")
+    if m["kind"] == "pool" and m.get("catalog"):
+        _check_catalog(path, m, res)
 
     if check_shards and m["shards"]:
         seen: list[np.ndarray] = []
@@ -234,6 +236,36 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
 
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _check_catalog(path: str, m: dict[str, Any], res: VerifyResult) -> None:
+    """A pool's catalog: present, not left mid-swap by a killed rebuild, readable, and its success
+    rows are the manifest's samples (one status column read; the rows themselves stay on disk)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from laiontools.contracts import schema as C
+    from laiontools.core.storage import swap_pending
+
+    cat = resolve(path, m["catalog"]["path"])
+    if swap_pending(cat):
+        res.problems.append(f"catalog {cat}: a rebuild of it is under way or was killed midway; re-run the command that "
+                            "wrote it (download, or takedown) to finish it")
+        return
+    if not _exists(cat):
+        res.problems.append(f"catalog {cat}: missing")
+        return
+    try:
+        fs, p = url_to_fs(cat)
+        data = ds.dataset(p, filesystem=fs, format="parquet")
+        ok = data.count_rows(filter=pc.field(C.STATUS) == C.STATUS_SUCCESS)
+    except (OSError, ValueError, TypeError) as e:  # not parquet, no status column, unreadable
+        res.problems.append(f"catalog {cat}: unreadable ({type(e).__name__}: {e})")
+        return
+    if ok != m["num_samples"]:
+        res.problems.append(f"catalog {cat}: {ok} success rows, the manifest has {m['num_samples']} samples")
+    else:
+        res.checked.append(f"catalog {cat}: {ok} success rows, as the manifest")
 
 
 def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
