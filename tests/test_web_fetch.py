@@ -607,6 +607,42 @@ def test_blocklist_refuses_listed_content_and_redirect_targets(public, tmp_path)
         parse_blocklist("ok.example.org\nnot a valid entry/at all\n", where="bl.txt")
 
 
+def test_blocklist_compares_hosts_as_the_connection_reaches_them(public, private, tmp_path):
+    """Entries 'localhost' and '127.0.0.1' (and a URL entry spelled with fullwidth letters) refuse the
+    fullwidth, numeric, IDNA and trailing-dot spellings of those hosts, in a row and on a redirect
+    hop; the private server sees no request. Without the blocklist the same URLs do reach it."""
+    from urllib.parse import quote
+
+    from laiontools.web.blocklist import parse_blocklist
+
+    p = _port(private)
+    bl = tmp_path / "blocklist.txt"
+    bl.write_text(f"LOCALHOST\n0x7f000001\nhttp://ｉｍａｇｅｓ.example.org:{p}/img/a.jpg\n")
+    allow_lo = (f"{PUBLIC}/32", "127.0.0.1/32")  # only the blocklist stands between the rows and loopback
+    resolver = lambda h, port: ["127.0.0.1"]
+    spellings = [f"http://ｌｏｃａｌｈｏｓｔ:{p}/img/a.jpg", f"http://localhost.:{p}/img/a.jpg",
+                 f"http://0x7f000001:{p}/img/a.jpg", f"http://2130706433:{p}/img/a.jpg", f"http://127.1:{p}/img/a.jpg",
+                 f"http://[::ffff:127.0.0.1]:{p}/img/a.jpg"]
+    before = private.requests_served
+    for url in spellings:
+        _, err, _ = fetch_one(url, 2, None, None, _policy(allow_networks=allow_lo, blocklist=str(bl)), resolver=resolver)
+        assert err is not None and err.startswith("blocklisted: domain "), (url, err)
+        if not url.isascii():
+            continue  # a Location header is latin-1: a redirect spells its host in ASCII
+        _, err, _ = fetch_one(f"{public.base_url}/redirect-to/{quote(url, safe='')}", 2, None, None,
+                              _policy(allow_networks=allow_lo, blocklist=str(bl)), resolver=resolver)
+        assert err is not None and err.startswith("blocklisted: domain "), (url, err)
+    _, err, _ = fetch_one(f"http://images.example.org:{p}/img/a.jpg", 2, None, None,
+                          _policy(allow_networks=allow_lo, blocklist=str(bl)), resolver=resolver)
+    assert err == "blocklisted: URL is on the blocklist"
+    assert private.requests_served == before
+    data, err, _ = fetch_one(spellings[2], 2, None, None, _policy(allow_networks=allow_lo), resolver=resolver)
+    assert err is None and private.requests_served == before + 1  # the control: reachable without the list
+    b = parse_blocklist("Bücher.de\n")
+    assert b.url_reason("http://XN--BCHER-KVA.DE./a.jpg") == "domain xn--bcher-kva.de is on the blocklist"
+    assert b.url_reason("http://img.ｂüｃｈｅｒ.de/a.jpg") == "domain xn--bcher-kva.de is on the blocklist"
+
+
 def test_waiting_for_a_host_slot_does_not_spend_the_request_deadline(fresh_host):
     """6 requests at 2 per second take ~2.5 s of waiting; each request's own 1 s deadline starts
     when its slot comes, so none fails. Only the shard deadline bounds the wait."""

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from laiontools.contracts.uids import normalize_url
-from laiontools.web.policy import check_url, embedded_ipv4, host_ip, is_blocked_ip, parse_numeric_ipv4
+from laiontools.web.policy import canonical_host, check_url, embedded_ipv4, host_ip, is_blocked_ip, parse_numeric_ipv4
 
 STRICT = {"allow_private_network": False, "allow_networks": [], "resolve_hosts": False, "max_url_length": 2048}
 
@@ -85,3 +85,17 @@ def test_check_url_rejects_numeric_spellings_as_private():
     lo = {**STRICT, "allow_networks": ["127.0.0.0/8"]}
     assert check_url("http://2130706433:8000/a.jpg", lo) is None
     assert check_url("http://0xa000001/a.jpg", lo)[0] == "private_address"
+
+
+def test_canonical_host_is_the_host_the_connection_reaches():
+    import socket
+
+    for spelling in ("2130706433", "0x7f000001", "0177.0.0.1", "127.1", "１２７．０．０．１", "０ｘ７ｆ０００００１"):
+        # independent reference: getaddrinfo (inet_aton after IDNA) reaches the same address
+        assert canonical_host(spelling) == socket.getaddrinfo(spelling, 80, socket.AF_INET)[0][4][0] == "127.0.0.1", spelling
+    assert canonical_host("127.0.0.1.") == "127.0.0.1"  # as the fetch's host_ip reads it
+    assert canonical_host("ｌｏｃａｌｈｏｓｔ") == canonical_host("LOCALHOST.") == "localhost"
+    assert canonical_host("Bücher.DE") == canonical_host("xn--bcher-kva.de.") == "xn--bcher-kva.de"
+    assert canonical_host("[2001:DB8:0:0::1]") == canonical_host("2001:db8::1") == "2001:db8::1"
+    assert canonical_host("fe80::1%eth0") == "fe80::1"
+    assert canonical_host("a..Example.org") == "a..example.org"  # IDNA refuses it: kept, lower-cased

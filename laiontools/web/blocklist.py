@@ -14,6 +14,10 @@ prepare refuses listed URLs and domains (``rejected_blocklisted``); the fetch re
 them and refuses bytes whose hash is listed before they are handed to img2dataset, so they are never
 written to a shard. Executors read the file themselves (a path every executor can reach: local on
 one machine, shared storage or an object store on a cluster), once per process.
+
+Hosts are compared as the connection reaches them (:func:`laiontools.web.policy.canonical_host`), in
+the entries and in the URLs: ``http://ｌｏｃａｌｈｏｓｔ/``, ``http://0x7f000001/`` and ``http://2130706433/``
+are refused by the entries ``localhost`` and ``127.0.0.1``.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import hashlib
 import re
 import threading
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from laiontools.contracts.uids import normalize_url
 from laiontools.core.errors import InputError
+from laiontools.web.policy import canonical_host, host_ip
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -44,13 +49,18 @@ class Blocklist:
         """Why `url` is blocklisted (its URL or a domain above its host), or None."""
         if not url or not (self.urls or self.domains):
             return None
-        norm = normalize_url(url)
+        norm = canonical_url(url)
         if norm in self.urls:
             return "URL is on the blocklist"
         try:
-            host = (urlsplit(norm or "").hostname or "").rstrip(".")
+            host = urlsplit(norm or "").hostname or ""
         except ValueError:
             return None
+        ip = host_ip(host) if host else None  # canonical: an address parses, a name is no number
+        if ip is not None:  # an address matches itself only (and the IPv4 it maps, which it reaches)
+            mapped = getattr(ip, "ipv4_mapped", None)
+            hits = [h for h in (host, mapped and str(mapped)) if h in self.domains]
+            return f"domain {hits[0]} is on the blocklist" if hits else None
         labels = host.split(".")
         for i in range(len(labels)):
             d = ".".join(labels[i:])
@@ -71,6 +81,23 @@ class Blocklist:
         return None
 
 
+def canonical_url(url: str | None) -> str | None:
+    """:func:`normalize_url`, with an http(s) URL's host as the connection reaches it
+    (:func:`canonical_host`): the form URL entries and URLs are compared in."""
+    norm = normalize_url(url)
+    try:
+        parts = urlsplit(norm or "")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return norm
+    if not host or parts.scheme not in ("http", "https"):
+        return norm
+    h = canonical_host(host)
+    userinfo = parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else ""
+    netloc = userinfo + (f"[{h}]" if ":" in h else h) + (f":{port}" if port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def parse_blocklist(text: str, where: str = "blocklist") -> Blocklist:
     """Parse the file format above. Raises InputError naming the line for an entry of no known kind."""
     bl = Blocklist()
@@ -80,7 +107,7 @@ def parse_blocklist(text: str, where: str = "blocklist") -> Blocklist:
             continue
         low = line.lower()
         if low.startswith(("http://", "https://")):
-            bl.urls.add(normalize_url(line))
+            bl.urls.add(canonical_url(line))
             continue
         kind, _, value = low.partition(":")
         if value and kind in ("sha256", "md5"):
@@ -93,7 +120,7 @@ def parse_blocklist(text: str, where: str = "blocklist") -> Blocklist:
         dom = low.removeprefix("*.").strip(".")
         if not dom or "/" in dom or " " in dom:
             raise InputError(f"{where}: line {n}: {line!r} is neither a URL, a sha256/md5 hex digest nor a domain")
-        bl.domains.add(dom)
+        bl.domains.add(canonical_host(dom))
     return bl
 
 

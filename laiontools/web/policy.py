@@ -19,6 +19,7 @@ names, so prepare rejects them as private instead of leaving them to connect tim
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
@@ -143,6 +144,29 @@ def host_ip(host: str) -> IPAddress | None:
     except ValueError:
         pass
     return parse_numeric_ipv4(h)
+
+
+def canonical_host(host: str) -> str:
+    """`host` as the connection reaches it, for comparing hosts (the blocklist): an address in its
+    standard form (every numeric IPv4 spelling inet_aton / getaddrinfo accept as a dotted quad, IPv6
+    compressed, brackets and zone dropped), a name IDNA-encoded as getaddrinfo and http.client encode
+    it (``ｌｏｃａｌｈｏｓｔ`` is ``localhost``, ``bücher.de`` is ``xn--bcher-kva.de``), lower-cased,
+    without a trailing dot. A name the IDNA codec refuses is kept as written (lower-cased): no
+    connection can be made to it either."""
+    h = host.strip("[]")
+    try:
+        ip = host_ip(h)
+    except ValueError:
+        ip = None
+    if ip is None:
+        with contextlib.suppress(UnicodeError):
+            h = h.encode("idna").decode("ascii")
+        h = h.lower().rstrip(".")
+        try:
+            ip = host_ip(h)  # fullwidth digits are digits after IDNA: "１２７．０．０．１" is 127.0.0.1
+        except ValueError:
+            ip = None
+    return h if ip is None else str(ip)
 
 
 def resolve_all(host: str, port: int | None = None) -> list[str]:
