@@ -397,3 +397,56 @@ def test_ustar_header_clamps_an_mtime_it_cannot_hold_and_refuses_a_size():
         assert (ti.name, ti.size, ti.mtime) == ("k.jpg", 3, want)
     with pytest.raises(ValueError, match=r"member k.jpg has 8589934592 bytes, which a ustar header cannot hold"):
         ustar_header(b"k.jpg", 8**11, 0)
+
+
+@pytest.mark.parametrize("where", ["ustar", "pax"])
+@pytest.mark.parametrize("size", ["-1", "-512", "-1000", "-2048", "1_0", "+5"])
+def test_a_size_that_is_no_plain_number_is_a_read_error_not_a_hang(where, size):
+    """A member size field that Python's int() takes but a tar cannot mean: a negative size (octal
+    "-0000001750" in a ustar header, or a pax record) made the header scanner step back onto the same
+    header forever, and tarfile yield the member again or seek before the start. Every reader raises
+    tarfile.ReadError naming the member (or, for "+5" / "1_0" in a pax record, reads what tarfile
+    reads); the span parser steps aside. Bounded by an alarm: the old code never returned."""
+    import gzip
+    import io
+    import signal
+    import tarfile
+
+    from laiontools.wds.samples import iter_samples
+    from laiontools.wds.tarscan import parse_span, tar_index
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT if where == "pax" else tarfile.USTAR_FORMAT) as tf:
+        for k in ("000000", "000001"):
+            ti = tarfile.TarInfo(f"{k}.txt")
+            ti.size = 5
+            if where == "pax" and k == "000000":
+                ti.pax_headers = {"size": size}
+            tf.addfile(ti, io.BytesIO(b"hello"))
+    data = bytearray(buf.getvalue())
+    if where == "ustar":  # the first header's size field, in octal, checksum made valid again
+        field = size if not size.lstrip("-").isdigit() else ("-" if size[0] == "-" else "") + f"{abs(int(size)):o}"
+        data[124:136] = field.encode().rjust(11, b" ") + b"\0"
+        data[148:156] = b" " * 8
+        data[148:156] = b"%06o\0 " % sum(data[:512])
+    data = bytes(data)
+
+    def timeout(*_: object) -> None:
+        raise TimeoutError("the tar reader did not return")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    try:
+        if size in ("+5", "1_0"):  # tarfile's int() reads them (5, and 10 or octal 8 bytes): so does tar_index
+            got = tar_index(io.BytesIO(data), len(data))
+            assert [(n, s) for n, _, s, _ in got] == [("000000.txt", int(size, 8 if where == "ustar" else 10)), ("000001.txt", 5)]
+        else:
+            for read in (lambda: tar_index(io.BytesIO(data), len(data)), lambda: list(iter_samples(data)),
+                         lambda: list(iter_samples(io.BytesIO(data), len(data))),
+                         lambda: list(iter_samples(gzip.compress(data)))):
+                with pytest.raises(tarfile.ReadError, match=r"000000\.txt|offset 0"):
+                    read()
+        assert parse_span(data[: 2048 if where == "pax" else 1024]) is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -52,6 +52,8 @@ def tarfile_members(tf: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
     """(name, payload) of the regular files of an open ``tarfile.TarFile`` (stream modes included), in
     order. Raises ``tarfile.ReadError`` when a member's data is cut short (tarfile returns it short)."""
     for m in tf:
+        if m.size < 0:  # a pax size of "-1000", which tarfile takes as it is
+            raise tarfile.ReadError(f"member {m.name}: negative size {m.size}")
         if not m.isfile():
             continue
         fh = tf.extractfile(m)

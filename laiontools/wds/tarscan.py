@@ -29,7 +29,22 @@ _DIR = object()
 
 
 def _octal(field: bytes) -> int:
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    """A header's octal number field: octal digits, padded with NULs or spaces. Anything else (a sign,
+    an underscore, which Python's int() would take; base-256; garbage) is a ValueError: a negative
+    size would not move the scan forward (it looped forever)."""
+    digits = field.split(b"\0", 1)[0].strip()
+    if not digits:
+        return 0
+    if not digits.isdigit():  # ASCII digits only; 8 and 9 are refused by int(, 8)
+        raise ValueError(f"not an octal number field: {bytes(field)!r}")
+    return int(digits, 8)
+
+
+def _pax_size(value: str) -> int:
+    """A pax "size" record: decimal digits only (not "-5", "+3" or "1_0", which int() takes)."""
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"pax size {value!r} is not a whole number of bytes")
+    return int(value)
 
 
 def _fields(h: bytes) -> tuple[object, str, int, int, int] | None:
@@ -82,9 +97,19 @@ def tarfile_index(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int]
 def _tarfile_members(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, int, int]]:
     """[(name, header offset, data offset, size, mtime)] by tarfile; errors as :func:`tarfile_index`."""
     f.seek(0)
-    with tarfile.open(fileobj=f, mode="r:") as tf:
-        out = [(ti.name, int(ti.offset), int(ti.offset_data), int(ti.size), _whole_mtime(ti)) for ti in tf if ti.isfile()]
-        end = tf.offset
+    out = []
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tf:
+            for ti in tf:
+                # tarfile takes a pax size of "-1000" as it is, then steps back by it (yielding the same
+                # header again, or seeking before the start): refused before it takes the next step
+                if ti.size < 0:
+                    raise tarfile.ReadError(f"member {ti.name} at offset {ti.offset}: negative size {ti.size}")
+                if ti.isfile():
+                    out.append((ti.name, int(ti.offset), int(ti.offset_data), int(ti.size), _whole_mtime(ti)))
+            end = tf.offset
+    except ValueError as e:  # tarfile's own arithmetic on a damaged header ("negative seek value")
+        raise tarfile.ReadError(f"damaged tar header ({e})") from e
     if end < file_size:
         f.seek(end)
         rest = f.read(BLOCK)
@@ -211,7 +236,7 @@ def _scan(f: BinaryIO, file_size: int, verify: bool = True, span: bool = False) 
         if pax is not None:
             try:
                 name = pax.get("path", name)
-                size = int(pax["size"]) if "size" in pax else size
+                size = _pax_size(pax["size"]) if "size" in pax else size
                 mtime = int(float(pax["mtime"])) if "mtime" in pax else mtime
             except (ValueError, OverflowError):  # not a number, or "inf" / "1e400": tarfile decides
                 return None
@@ -306,7 +331,7 @@ def parse_span(buf: bytes | memoryview) -> list[tuple[str, int, int, int]] | Non
                 size, mtime = _octal(b[pos + 124 : pos + 136]), _octal(b[pos + 136 : pos + 148])
             else:
                 text = pax.get("path", text)
-                size = int(pax["size"]) if "size" in pax else _octal(b[pos + 124 : pos + 136])
+                size = _pax_size(pax["size"]) if "size" in pax else _octal(b[pos + 124 : pos + 136])
                 mtime = int(float(pax["mtime"])) if "mtime" in pax else _octal(b[pos + 136 : pos + 148])
                 pax = None
             start = pos + BLOCK
