@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 import pytest
 from PIL import Image
@@ -132,7 +133,7 @@ class RawServer:
                 conn.sendall(rest[i:i + 1])
         return answer
 
-    def __enter__(self) -> RawServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -381,8 +382,8 @@ def test_the_status_code_alone_makes_an_http_error_transient_and_the_reason_is_t
         "/long.jpg": b"HTTP/1.1 404 " + long_reason + b"\r\nContent-Length: 0\r\n\r\n",
     }) as raw:
         pol = _policy(backoff_base=0.01)
-        key, data, err = fetch_with_retry((0, raw.url("/gone.jpg")), 2, 3, None, None, policy=pol,
-                                          resolver=lambda h, p: [PUBLIC])
+        _, _, err = fetch_with_retry((0, raw.url("/gone.jpg")), 2, 3, None, None, policy=pol,
+                                     resolver=lambda h, p: [PUBLIC])
         assert err == "HTTP Error 404: Connection reset by peer (timed out)" and not is_transient(err)
         assert raw.paths.count("/gone.jpg") == 1
         _, err, _ = fetch_one(raw.url("/long.jpg"), 2, None, None, pol, resolver=lambda h, p: [PUBLIC])
@@ -636,7 +637,7 @@ def test_blocklist_compares_hosts_as_the_connection_reaches_them(public, private
                           _policy(allow_networks=allow_lo, blocklist=str(bl)), resolver=resolver)
     assert err == "blocklisted: URL is on the blocklist"
     assert private.requests_served == before
-    data, err, _ = fetch_one(spellings[2], 2, None, None, _policy(allow_networks=allow_lo), resolver=resolver)
+    _, err, _ = fetch_one(spellings[2], 2, None, None, _policy(allow_networks=allow_lo), resolver=resolver)
     assert err is None and private.requests_served == before + 1  # the control: reachable without the list
     b = parse_blocklist("Bücher.de\n")
     assert b.url_reason("http://XN--BCHER-KVA.DE./a.jpg") == "domain xn--bcher-kva.de is on the blocklist"

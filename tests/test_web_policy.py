@@ -7,7 +7,14 @@ import ipaddress
 import pytest
 
 from laiontools.contracts.uids import normalize_url
-from laiontools.web.policy import canonical_host, check_url, embedded_ipv4, host_ip, is_blocked_ip, parse_numeric_ipv4
+from laiontools.web.policy import (
+    canonical_host,
+    check_url,
+    embedded_ipv4,
+    host_ip,
+    is_blocked_ip,
+    parse_numeric_ipv4,
+)
 
 STRICT = {"allow_private_network": False, "allow_networks": [], "resolve_hosts": False, "max_url_length": 2048}
 
