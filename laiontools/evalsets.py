@@ -224,14 +224,40 @@ def load_evalsets(specs: list[str] | None = None, yaml_path: str | None = None) 
     return sets
 
 
+def _read_text(path: str) -> str:
+    """The UTF-8 text of a file that the user brings (a leading BOM is dropped).
+
+    Raises EvalSetError naming `path` when it is a folder or not UTF-8 (a classnames file saved as
+    Latin-1 would otherwise crash, or with ``errors="replace"`` silently rename classes).
+    """
+    fs, p = url_to_fs(path)
+    if fs.isdir(p):
+        raise EvalSetError(f"{path} is a folder; expected a file")
+    with fs.open(p, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise EvalSetError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8"
+        ) from e
+
+
 def _load_yaml(yaml_path: str) -> list[EvalSet]:
     import yaml
 
     fs, p = url_to_fs(yaml_path)
     if not fs.exists(p):
         raise EvalSetError(f"evaluation sets file {yaml_path} does not exist")
-    with fs.open(p, "r") as f:
-        doc = yaml.safe_load(f)
+    text = _read_text(yaml_path)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise EvalSetError(f"evaluation sets file {yaml_path} is not valid YAML: {what}{where}") from e
     if isinstance(doc, dict) and "evalsets" in doc:
         doc = doc["evalsets"]
     if not isinstance(doc, list) or not doc:
@@ -308,8 +334,7 @@ def _folder_labels(fs: Any, root: str) -> dict[str, int]:
     path = root.rstrip("/") + "/" + LABELS_FILE
     if not fs.exists(path):
         return {}
-    with fs.open(path, "r") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     if rows and not {"path", "label"} <= set(rows[0]):
         raise EvalSetError(f"{path}: expected columns 'path' and 'label', got {sorted(rows[0])}")
     try:
@@ -515,9 +540,7 @@ def _aux_file(es: EvalSet, name: str) -> str | None:
 
 
 def _read_lines(path: str) -> list[str]:
-    fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        return [ln.strip() for ln in f.read().decode("utf-8").splitlines() if ln.strip()]
+    return [ln.strip() for ln in _read_text(path).splitlines() if ln.strip()]
 
 
 def classnames(es: EvalSet) -> list[str] | None:

@@ -153,3 +153,41 @@ def test_declarations_and_bad_input(tmp_path):
     assert sets[0].path == root
     with pytest.raises(E.EvalSetError, match="declared twice"):
         E.load_evalsets([f"other={root}"], yaml_path=str(y))
+
+
+# ---------------------------------------------------------------------------------------------
+# text files the user brings: encoding, YAML syntax, a folder where a file belongs
+
+
+def test_text_files_not_utf8_are_refused_naming_the_file(tmp_path):
+    root = tmp_path / "ifold"
+    es = E.parse_evalset_spec(f"toy={_imagefolder(str(root))}")
+    (root / "classnames.txt").write_bytes("caf\xe9\ndog\n".encode("latin-1"))
+    with pytest.raises(E.EvalSetError, match=r"classnames\.txt is not UTF-8 text \(byte 0xe9 on line 1\)"):
+        E.classnames(es)
+    # a BOM (Windows editors) is not part of the first class name
+    (root / "classnames.txt").write_bytes("\ufeffcat\ndog\n".encode("utf-8"))
+    assert E.classnames(es) == ["cat", "dog"]
+    (root / E.TEMPLATES_FILE).write_bytes("a {c}\ncaf\xe9 {c}\n".encode("latin-1"))
+    with pytest.raises(E.EvalSetError, match=rf"{E.TEMPLATES_FILE} is not UTF-8 text \(byte 0xe9 on line 2\)"):
+        E.templates(es)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.jpg").write_bytes(_jpeg(1))
+    (flat / "labels.csv").write_bytes(b"path,label\n\xe9.jpg,1\n")
+    with pytest.raises(E.EvalSetError, match=r"labels\.csv is not UTF-8 text"):
+        list(E.iter_items(E.parse_evalset_spec(f"flat={flat}")))
+
+
+def test_evalsets_yaml_not_utf8_invalid_or_a_folder(tmp_path):
+    y = tmp_path / "sets.yaml"
+    y.write_bytes(b"- name: caf\xe9\n  path: x\n")
+    with pytest.raises(E.EvalSetError, match=r"sets\.yaml is not UTF-8 text"):
+        E.load_evalsets(yaml_path=str(y))
+    y.write_text("- {name: a, path: [\n")
+    with pytest.raises(E.EvalSetError, match=r"sets\.yaml is not valid YAML: .* at line 2, column 1"):
+        E.load_evalsets(yaml_path=str(y))
+    d = tmp_path / "dir.yaml"
+    d.mkdir()
+    with pytest.raises(E.EvalSetError, match=r"dir\.yaml is a folder; expected a file"):
+        E.load_evalsets(yaml_path=str(d))
