@@ -284,3 +284,52 @@ def test_a_file_outputs_killed_temps_go_and_its_neighbours_stay(tmp_path):
         assert sorted(os.listdir(tmp_path)) == sorted(others + [".eval.json.laiontools-output.json", ".eval.json.laiontools.lock"])
         write_json(str(out), {"ok": 1})
     assert sorted(os.listdir(tmp_path)) == sorted(others + [".eval.json.laiontools-output.json", "eval.json"])
+
+
+@pytest.mark.parametrize("text, says", [
+    ('allow_private_network: "false"\n', "allow_private_network must be true or false (unquoted), got 'false'"),
+    ("require_caption: 'no'\n", "require_caption must be true or false (unquoted), got 'no'"),
+    ("shards_per_file: true\n", "shards_per_file must be a whole number, got True"),
+    ("number_sample_per_shard: 2.5\n", "number_sample_per_shard must be a whole number, got 2.5"),
+    ("max_caption_length: .nan\n", "max_caption_length must be a whole number, got nan"),
+    ("allow_networks: 10.0.0.0/8\n", "allow_networks must be a list of text, got '10.0.0.0/8'"),
+    ("spark_conf: abc\n", "spark_conf must be a mapping of text to text, got 'abc'"),
+    ("number_sample_per_shard: ten\n", "a setting has the wrong type"),
+    ("1: 2\n", "setting names must be text, got 1"),
+    ("on: true\n", "setting names must be text, got True"),
+])
+def test_a_config_file_value_of_the_wrong_type_is_refused(tmp_path, capsys, text, says):
+    """--config YAML is not typed by argparse: a quoted "false" is a non-empty string, which made
+    allow_private_network (the SSRF guard's opt-out) true. Every value of the wrong type is refused
+    by name, before anything is written; the CLI prints one line and exits 2."""
+    from laiontools.cli import main as cli_main
+
+    src = tmp_path / "src.jsonl"
+    src.write_text('{"url": "http://127.0.0.1/a.jpg", "caption": "a"}\n')
+    conf = tmp_path / "c.yaml"
+    conf.write_text(text)
+    out = tmp_path / "out"
+    assert cli_main(["prepare", "--input", str(src), "--output", str(out), "--config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and not out.exists()
+
+
+def test_a_config_file_with_typed_values_and_numbers_as_text_is_taken(tmp_path):
+    """The same settings written with their types are taken (allow_private_network false: the loopback
+    row is refused), and a number given as text is left to the stage to parse (study: "3e9", which YAML
+    reads as text)."""
+    import pandas as pd
+
+    from laiontools.cli import main as cli_main
+    from laiontools.stages.study import StudyConfig
+
+    src = tmp_path / "src.jsonl"
+    src.write_text('{"url": "http://127.0.0.1/a.jpg", "caption": "a"}\n{"url": "http://example.org/b.jpg", "caption": "b"}\n')
+    conf = tmp_path / "c.yaml"
+    conf.write_text("allow_private_network: false\nrequire_caption: true\nallow_networks: []\n")
+    out = tmp_path / "out"
+    assert cli_main(["prepare", "--input", str(src), "--output", str(out), "--config", str(conf)]) == 0
+    rejected = pd.read_parquet(out / "prepared" / "rejected")
+    assert rejected["url"].tolist() == ["http://127.0.0.1/a.jpg"] and rejected["status"].tolist() == ["rejected_private_address"]
+    assert len(pd.read_parquet(out / "prepared" / "accepted")) == 1
+    StudyConfig.check_types({"samples_seen": ["3e9", 13_000_000_000, 3.4e10], "train": {"lr": 0.001}}, "study.yaml")

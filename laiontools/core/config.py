@@ -37,10 +37,69 @@ class StageConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> Self:
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=str)
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as e:  # a validate() comparing text it did not parse with a number
+            raise ConfigError(f"{where}: a setting has the wrong type ({e}); see `--help` for each setting's type") from None
+
+    @classmethod
+    def check_types(cls, data: dict[str, Any], where: str) -> None:
+        """Raise ConfigError unless every known setting in `data` (read from YAML: never typed by argparse)
+        is of its field's type: a quoted "false" is a non-empty string, so a safety switch such as
+        allow_private_network would be on. (Flags are typed by argparse or parsed by validate().)"""
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            if name in hints and not _of_type(value, hints[name]):
+                raise ConfigError(f"{where}: {name} must be {_describe(hints[name])}, got {value!r} ({type(value).__name__})")
+
+
+def _of_type(value: Any, tp: Any) -> bool:
+    """Whether `value` (from YAML) may go to a field annotated `tp`. Strict where a wrong type would
+    pass silently: a bool field takes only true/false (a quoted "false" or "no" is a non-empty string,
+    so true), and a list or mapping where a scalar belongs (or the reverse) is refused. Numbers also come
+    as text that the stage's validate() parses ("80M", "3e9", which YAML leaves a string), so a number
+    field takes text; it refuses a bool, a NaN, and a fraction where a whole number belongs."""
+    if tp is Any:
+        return True
+    tp, optional = _base_type(tp)
+    if value is None:
+        return optional or tp is Any
+    if tp is Any:
+        return True
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):
+        if isinstance(value, str):
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return False
+        return tp is float or float(value).is_integer()
+    if tp is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and (not args or all(_of_type(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_of_type(k, args[0]) and _of_type(v, args[1]) for k, v in value.items()))
+    return True  # a type this check does not know: the stage's validate() decides
+
+
+def _describe(tp: Any) -> str:
+    tp, optional = _base_type(tp)
+    names = {bool: "true or false (unquoted)", int: "a whole number", float: "a number", str: "text"}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in names:
+        text = names[tp]
+    elif origin in (list, tuple) and args:
+        text = f"a list of {_describe(args[0]).removeprefix('a ')}s" if args[0] in (int, float) else f"a list of {_describe(args[0])}"
+    elif origin is dict:
+        text = "a mapping" + (f" of {_describe(args[0])} to {_describe(args[1])}" if args and args[1] is not Any else "")
+    else:
+        text = str(tp)
+    return text + (" (or null)" if optional else "")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -103,7 +162,11 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
             raise ConfigError(f"config file {cfg_file} is not UTF-8 text (byte {e.start}); it is damaged or not a YAML file") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {cfg_file}: expected a mapping of setting: value, got {type(loaded).__name__}")
+        odd = [k for k in loaded if not isinstance(k, str)]
+        if odd:  # `1: 2`, or YAML 1.1's `on:` / `yes:`, which a YAML parser reads as true
+            raise ConfigError(f"config file {cfg_file}: setting names must be text, got {odd[0]!r}; quote it if it is one")
         data.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        cls.check_types(data, cfg_file)
     names = {f.name for f in dataclasses.fields(cls)}
     data.update({k: v for k, v in vars(args).items() if k in names})
     return cls.from_dict(data, where=cfg_file or "flags")
