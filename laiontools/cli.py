@@ -84,7 +84,8 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
             return stage_main(module.__name__, argv)
         return int(getattr(module, _ENTRY.get(stage, "main"))(argv) or 0)
-    except (UserError, FileNotFoundError, NotADirectoryError) as e:
+    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        # (IsADirectoryError: a folder given where a file is read: --config, --blocklist, a manifest's path)
         print(f"laiontools {stage}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

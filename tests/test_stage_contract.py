@@ -333,3 +333,15 @@ def test_a_config_file_with_typed_values_and_numbers_as_text_is_taken(tmp_path):
     assert rejected["url"].tolist() == ["http://127.0.0.1/a.jpg"] and rejected["status"].tolist() == ["rejected_private_address"]
     assert len(pd.read_parquet(out / "prepared" / "accepted")) == 1
     StudyConfig.check_types({"samples_seen": ["3e9", 13_000_000_000, 3.4e10], "train": {"lr": 0.001}}, "study.yaml")
+
+
+def test_a_folder_given_where_a_file_is_read_is_one_line(tmp_path, capsys):
+    """--config, --blocklist (and a manifest path) naming a folder: IsADirectoryError, printed as one line."""
+    from laiontools.cli import main as cli_main
+
+    src = tmp_path / "src.jsonl"
+    src.write_text('{"url": "http://example.org/a.jpg", "caption": "a"}\n')
+    for flag in ("--config", "--blocklist"):
+        assert cli_main(["prepare", "--input", str(src), "--output", str(tmp_path / "out"), flag, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"laiontools prepare: error: [Errno 21] Is a directory: '{tmp_path}'" in err and "Traceback" not in err
