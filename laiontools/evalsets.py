@@ -36,6 +36,7 @@ import io
 import logging
 import os
 import re
+import string
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -543,6 +544,29 @@ def _read_lines(path: str) -> list[str]:
     return [ln.strip() for ln in _read_text(path).splitlines() if ln.strip()]
 
 
+def _template_problem(t: str) -> str | None:
+    """Why `t` cannot be filled with ``t.format(c=classname)``, or None if it can.
+
+    As in clip_benchmark, a template is a Python format string whose only field is ``{c}``; other
+    fields (``{place}``, ``{}``, ``{c.x}``) and stray braces would fail when evaluate formats it.
+    """
+    brace = "write a literal brace as '{{' or '}}'"
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+    except ValueError as e:
+        return f"not a valid format string ({e}); {brace}"
+    other = sorted({f or "{}" for f in fields if f != "c"})
+    if other:
+        return f"only {{c}} may appear in braces, found {', '.join(other)}; {brace}"
+    if not fields:
+        return "no {c} placeholder for the class name"
+    try:
+        t.format(c="x")  # a conversion or format spec of {c} that str cannot take, e.g. {c:d}
+    except (ValueError, TypeError) as e:
+        return f"{{c}} cannot be formatted ({e})"
+    return None
+
+
 def classnames(es: EvalSet) -> list[str] | None:
     """Class names in label order, or None for a set without classes.
 
@@ -568,10 +592,15 @@ def templates(es: EvalSet) -> list[str]:
     """Zero-shot prompt templates (each with ``{c}``): the set's templates file, else :data:`DEFAULT_TEMPLATES`."""
     aux = _aux_file(es, TEMPLATES_FILE)
     if aux:
-        lines = _read_lines(aux)
-        bad = [t for t in lines if "{c}" not in t]
-        if bad:
-            raise EvalSetError(f"{aux}: template(s) without a '{{c}}' placeholder: {bad[:3]}")
+        lines = []
+        for n, raw in enumerate(_read_text(aux).splitlines(), 1):
+            t = raw.strip()
+            if not t:
+                continue
+            problem = _template_problem(t)
+            if problem:
+                raise EvalSetError(f"{aux} line {n}: template {t!r}: {problem}")
+            lines.append(t)
         if lines:
             return lines
     return list(DEFAULT_TEMPLATES)

@@ -191,3 +191,30 @@ def test_evalsets_yaml_not_utf8_invalid_or_a_folder(tmp_path):
     d.mkdir()
     with pytest.raises(E.EvalSetError, match=r"dir\.yaml is a folder; expected a file"):
         E.load_evalsets(yaml_path=str(d))
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("a photo of a {c} in {place}.", r"only \{c\} may appear in braces, found place"),
+        ("a photo of a {c} {}.", r"only \{c\} may appear in braces, found \{\}"),
+        ("a {c.upper} photo", r"only \{c\} may appear in braces, found c\.upper"),
+        ("a {c} photo }", "not a valid format string"),
+        ("a {{c}} photo", r"no \{c\} placeholder"),  # an escaped brace is literal text, not the class name
+        ("a {c:d} photo", r"\{c\} cannot be formatted"),
+    ],
+)
+def test_templates_other_than_c_are_refused_naming_file_and_line(tmp_path, bad, why):
+    root = tmp_path / "ifold"
+    es = E.parse_evalset_spec(f"toy={_imagefolder(str(root))}")
+    (root / E.TEMPLATES_FILE).write_text(f"a photo of a {{c}}.\n\n{bad}\n")
+    with pytest.raises(E.EvalSetError, match=rf"{E.TEMPLATES_FILE} line 3: template .*: {why}"):
+        E.templates(es)
+
+
+def test_templates_with_escaped_braces_format_with_c_only(tmp_path):
+    root = tmp_path / "ifold"
+    es = E.parse_evalset_spec(f"toy={_imagefolder(str(root))}")
+    (root / E.TEMPLATES_FILE).write_text("a {{set}} of {c}.\n{c!s}\n")
+    ts = E.templates(es)
+    assert [t.format(c="cat") for t in ts] == ["a {set} of cat.", "cat"]

@@ -94,6 +94,18 @@ def test_evalset_without_classnames(sets: dict[str, str], tmp_path) -> None:
     assert res["evalsets"]["caps"]["retrieval"]["image_to_text_R@10"] == 1.0  # 4 candidates: top-10 always hits
 
 
+def test_template_with_another_field_is_refused_naming_the_file(sets: dict[str, str], tmp_path) -> None:
+    import shutil
+
+    colors = tmp_path / "colors"
+    shutil.copytree(sets["colors"], colors)
+    (colors / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na photo of a {c} in {place}.\n")
+    cfg = EvaluateConfig(checkpoint=sets["ckpt"], model="lt-tiny", evalset=[f"c={colors}:wds"], output=str(tmp_path / "e.json"))
+    with pytest.raises(UserError, match=r"zeroshot_classification_templates\.txt line 2: .*found place"):
+        evaluate_stage.run(cfg)
+    assert not os.path.exists(tmp_path / "e.json")
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics on small fixed numbers; every expected value below is worked out by hand in the comments
 

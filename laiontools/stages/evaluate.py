@@ -263,6 +263,8 @@ def evaluate_set(bundle: Any, es: Any, tasks: list[str], device: str, batch_size
     from laiontools import evalsets
 
     names = require_classnames(es) if "zeroshot" in tasks else None
+    # read (and check) the templates before the images are encoded, so a bad templates file fails fast
+    prompts = evalsets.templates(es) if "zeroshot" in tasks else None
     images, labels, captions, ids = [], [], [], []
     n_errors, error_items = 0, []
     for item in evalsets.iter_items(es):
@@ -284,7 +286,7 @@ def evaluate_set(bundle: Any, es: Any, tasks: list[str], device: str, batch_size
         keep = [i for i, lab in enumerate(labels) if lab is not None and 0 <= lab < len(names)]
         if not keep:
             raise UserError(f"evaluation set {es.name!r} has class names but no item has a label in range 0..{len(names) - 1}")
-        res["zeroshot"] = zero_shot(bundle, feats[keep], [labels[i] for i in keep], names, evalsets.templates(es), device)
+        res["zeroshot"] = zero_shot(bundle, feats[keep], [labels[i] for i in keep], names, prompts, device)
         res["zeroshot"]["n_unlabeled"] = len(labels) - len(keep)
     if "retrieval" in tasks:
         keep = [i for i, c in enumerate(captions) if c]
