@@ -31,6 +31,7 @@ Unreadable images are not dropped: :func:`iter_items` yields them with ``error``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -335,13 +336,22 @@ def _folder_labels(fs: Any, root: str) -> dict[str, int]:
     path = root.rstrip("/") + "/" + LABELS_FILE
     if not fs.exists(path):
         return {}
-    rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
-    if rows and not {"path", "label"} <= set(rows[0]):
-        raise EvalSetError(f"{path}: expected columns 'path' and 'label', got {sorted(rows[0])}")
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    out: dict[str, int] = {}
     try:
-        return {r["path"]: int(r["label"]) for r in rows}
-    except ValueError as e:
-        raise EvalSetError(f"{path}: a label is not an integer ({e})") from e
+        if reader.fieldnames and not {"path", "label"} <= set(reader.fieldnames):
+            raise EvalSetError(f"{path}: expected columns 'path' and 'label', got {sorted(reader.fieldnames)}")
+        for r in reader:
+            # DictReader fills the fields a short row lacks with None
+            if r["path"] is None or r["label"] is None:
+                raise EvalSetError(f"{path} line {reader.line_num}: the row has fewer fields than the header")
+            try:
+                out[r["path"]] = int(r["label"])
+            except ValueError as e:
+                raise EvalSetError(f"{path} line {reader.line_num}: label {r['label']!r} is not an integer") from e
+    except csv.Error as e:
+        raise EvalSetError(f"{path} line {reader.line_num}: not readable as CSV ({e})") from e
+    return out
 
 
 def _iter_folder(es: EvalSet) -> Iterator[EvalItem]:
@@ -428,7 +438,7 @@ def _iter_parquet(es: EvalSet) -> Iterator[EvalItem]:
 
     fs, files = _parquet_files(es)
     for fpath in files:
-        with fs.open(fpath, "rb") as fh:
+        with fs.open(fpath, "rb") as fh, _parquet_errors(es, fpath):
             pf = pq.ParquetFile(fh)
             names = pf.schema_arrow.names
             img_col, path_col = _pick(names, _PQ_IMAGE_COLS), _pick(names, _PQ_PATH_COLS)
@@ -452,6 +462,25 @@ def _iter_parquet(es: EvalSet) -> Iterator[EvalItem]:
                     yield _parquet_item(es, fs, parent, item_id, rec, img_col, path_col, label, caption)
 
 
+@contextlib.contextmanager
+def _parquet_errors(es: EvalSet, fpath: str) -> Iterator[None]:
+    """Turn pyarrow's errors on a damaged or non-parquet file into an EvalSetError naming the file."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except pa.ArrowException as e:
+        raise EvalSetError(f"evaluation set {es.name!r}: {fpath} is not a readable parquet file ({e}); re-create it") from e
+
+
+def _int_label(v: Any) -> int:
+    """A label as an int; raises ValueError/TypeError/OverflowError unless it is integral (0.7 is not 0)."""
+    n = int(v)
+    if not isinstance(v, (str, bytes)) and n != v:
+        raise ValueError(f"{v!r} is not integral")
+    return n
+
+
 def _parquet_item(
     es: EvalSet, fs: Any, parent: str, item_id: str, rec: dict, img_col: str | None, path_col: str | None,
     label: Any, caption: Any,
@@ -463,8 +492,8 @@ def _parquet_item(
     if data is None and path_col:
         img_path = rec.get(path_col) or img_path
     try:
-        label = None if label is None else int(label)
-    except (TypeError, ValueError):
+        label = None if label is None else _int_label(label)
+    except (TypeError, ValueError, OverflowError):
         return _item(es, item_id, None, None, caption, f"label {label!r} is not an integer")
     caption = None if caption is None else str(caption)
     if data is not None:
@@ -472,6 +501,8 @@ def _parquet_item(
             return _item(es, item_id, decode_image(bytes(data)), label, caption, None)
         except Exception as e:
             return _item(es, item_id, None, label, caption, f"{type(e).__name__}: {e}")
+    if img_path is not None and not isinstance(img_path, str):
+        return _item(es, item_id, None, label, caption, f"image path {img_path!r} is not a string")
     if img_path:
         full = img_path if ("://" in img_path or img_path.startswith("/")) else parent + "/" + img_path
         image, err = _read_image(fs, full)
@@ -510,7 +541,7 @@ def _check_not_empty(es: EvalSet) -> None:
 
         ok = False
         for f in _parquet_files(es)[1]:
-            with fs.open(f, "rb") as fh:
+            with fs.open(f, "rb") as fh, _parquet_errors(es, f):
                 if pq.ParquetFile(fh).metadata.num_rows > 0:
                     ok = True
                     break

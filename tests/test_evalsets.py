@@ -218,3 +218,65 @@ def test_templates_with_escaped_braces_format_with_c_only(tmp_path):
     (root / E.TEMPLATES_FILE).write_text("a {{set}} of {c}.\n{c!s}\n")
     ts = E.templates(es)
     assert [t.format(c="cat") for t in ts] == ["a {set} of cat.", "cat"]
+
+
+# ---------------------------------------------------------------------------------------------
+# labels and parquet columns of the wrong shape or type, damaged parquet files
+
+
+def test_labels_csv_short_row_is_refused_naming_the_line(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(2):
+        (flat / f"{i}.jpg").write_bytes(_jpeg(i))
+    (flat / "labels.csv").write_text("path,label\n0.jpg,0\n1.jpg\n")
+    es = E.parse_evalset_spec(f"flat={flat}")
+    with pytest.raises(E.EvalSetError, match=r"labels\.csv line 3: the row has fewer fields than the header"):
+        list(E.iter_items(es))
+    (flat / "labels.csv").write_text("path,label\n0.jpg,0\n1.jpg,0.7\n")
+    with pytest.raises(E.EvalSetError, match=r"labels\.csv line 3: label '0\.7' is not an integer"):
+        list(E.iter_items(es))
+
+
+def test_parquet_labels_must_be_integral_and_paths_strings(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    img = _jpeg(3)
+    pq.write_table(pa.table({"image": [img] * 4, "label": [float("inf"), 0.7, 2.0, None]}), d / "a.parquet")
+    items = list(E.iter_items(E.parse_evalset_spec(f"lab={d}:parquet")))
+    assert [it.error for it in items] == ["label inf is not an integer", "label 0.7 is not an integer", None, None]
+    assert [it.label for it in items] == [None, None, 2, None]
+    assert items[2].image is not None
+
+    d2 = tmp_path / "pq2"
+    d2.mkdir()
+    pq.write_table(pa.table({"path": [1, 2], "label": [0, 1]}), d2 / "a.parquet")
+    pq.write_table(pa.table({"image": [{"bytes": None, "path": 5}], "label": [0]}), d2 / "b.parquet")
+    items = list(E.iter_items(E.parse_evalset_spec(f"paths={d2}:parquet")))
+    assert [(it.item_id, it.error) for it in items] == [
+        ("a/0", "image path 1 is not a string"), ("a/1", "image path 2 is not a string"), ("b/0", "image path 5 is not a string"),
+    ]
+    assert all(it.image is None for it in items)
+
+
+def test_damaged_parquet_is_refused_naming_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    (d / "a.parquet").write_bytes(b"hello world")
+    with pytest.raises(E.EvalSetError, match=r"a\.parquet is not a readable parquet file"):
+        E.parse_evalset_spec(f"x={d}")  # detected as parquet by its name
+    (d / "a.parquet").write_bytes(b"PAR1garbagegarbagePAR1")
+    with pytest.raises(E.EvalSetError, match=r"a\.parquet is not a readable parquet file"):
+        E.parse_evalset_spec(f"x={d}:parquet")
+    # damaged after it was declared: the reader names it too
+    pq.write_table(pa.table({"image": [_jpeg(1)]}), d / "a.parquet")
+    es = E.parse_evalset_spec(f"x={d}:parquet")
+    (d / "a.parquet").write_bytes(b"PAR1garbagegarbagePAR1")
+    with pytest.raises(E.EvalSetError, match=r"a\.parquet is not a readable parquet file"):
+        list(E.iter_items(es))
