@@ -280,3 +280,14 @@ def test_damaged_parquet_is_refused_naming_the_file(tmp_path):
     (d / "a.parquet").write_bytes(b"PAR1garbagegarbagePAR1")
     with pytest.raises(E.EvalSetError, match=r"a\.parquet is not a readable parquet file"):
         list(E.iter_items(es))
+
+
+def test_labels_csv_unclosed_quote_is_refused_naming_the_file(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "0.jpg").write_bytes(_jpeg(0))
+    # an unclosed quote swallows the rest of the file into one field; past csv's field limit
+    # (128 KiB) the csv module raises csv.Error
+    (flat / "labels.csv").write_text('path,label\n"0.jpg,0\n' + "1.jpg,1\n" * 20000)
+    with pytest.raises(E.EvalSetError, match=r"labels\.csv line \d+: not readable as CSV \(field larger than field limit"):
+        list(E.iter_items(E.parse_evalset_spec(f"flat={flat}")))
