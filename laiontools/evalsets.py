@@ -130,7 +130,15 @@ def parse_evalset_spec(spec: str) -> EvalSet:
     head, sep, tail = rest.rpartition(":")
     if sep and tail in FORMATS:
         rest, fmt = head, tail
+    elif sep and head and re.fullmatch(r"\w+", tail) and not _exists(rest) and _exists(head):
+        # "path:bogus" where path exists is a mistyped format, not a missing path "path:bogus"
+        raise EvalSetError(f"evaluation set {name!r}: unknown format {tail!r}; known: {', '.join(FORMATS)}")
     return make_evalset(name, rest, fmt)
+
+
+def _exists(path: str) -> bool:
+    fs, p = url_to_fs(path)
+    return bool(fs.exists(p))
 
 
 def make_evalset(name: str, path: str, fmt: str | None = None, where: str = "") -> EvalSet:

@@ -291,3 +291,11 @@ def test_labels_csv_unclosed_quote_is_refused_naming_the_file(tmp_path):
     (flat / "labels.csv").write_text('path,label\n"0.jpg,0\n' + "1.jpg,1\n" * 20000)
     with pytest.raises(E.EvalSetError, match=r"labels\.csv line \d+: not readable as CSV \(field larger than field limit"):
         list(E.iter_items(E.parse_evalset_spec(f"flat={flat}")))
+
+
+def test_spec_with_unknown_format_says_so(tmp_path):
+    root = _imagefolder(str(tmp_path / "a"))
+    with pytest.raises(E.EvalSetError, match="unknown format 'bogus'; known: imagefolder"):
+        E.parse_evalset_spec(f"x={root}:bogus")
+    with pytest.raises(E.EvalSetError, match="does not exist"):
+        E.parse_evalset_spec(f"x={tmp_path / 'nope'}:bogus")
