@@ -519,3 +519,111 @@ def test_engine_choice_from_the_estimated_rows(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="spark_above"):
         cfg(spark_above=-2)
     assert "spark_above" not in DownloadConfig(input="x", output=str(tmp_path), spark_above=5).semantic()
+
+
+# ----------------------------------------------------------------------------- odd text and column names
+
+
+def _both_engines(spark, tmp_path, monkeypatch, src: str) -> tuple[dict, dict]:
+    """prepare `src` on Spark (into a) and in process (into b); assert they wrote the same; their stats."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    cfg = lambda out: PrepareConfig(input=src, output=str(tmp_path / out), allow_networks=["127.0.0.0/8"],
+                                    number_sample_per_shard=10, shards_per_file=1)
+    prepare_stage.run(cfg("a"), spark)
+    prepare_stage.run(cfg("b"))
+    return _assert_same_prepared(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+def test_lone_surrogates_in_jsonl_are_replaced_before_the_uid(spark, tmp_path, monkeypatch):
+    """A JSON escape of half a surrogate pair is no text UTF-8 can hold: it becomes U+FFFD (as bytes that
+    are not UTF-8 in a parquet column do) before the uid is computed, so uid and caption agree, the same
+    on both engines (the in-process engine crashed writing it; Spark stored U+FFFD but hashed the
+    surrogate)."""
+    src = tmp_path / "sur.jsonl"
+    lines = [json.dumps({"url": f"http://h.example.com/{i}.jpg", "caption": f"c {i}", "note": "n"}) for i in range(3)]
+    lines += ['{"url": "http://h.example.com/x.jpg", "caption": "bad \\ud800 here", "note": "n"}',
+              '{"url": "http://h.example.com/\\udc80.jpg", "caption": "c", "note": "\\ud83d"}',
+              '{"url": "http://h.example.com/p.jpg", "caption": "pair \\ud83d\\ude00 ok", "note": "\\\\ud800"}',
+              '{"url": "ftp://h.example.com/r.jpg", "caption": "rejected \\udfff"}']
+    src.write_text("\n".join(lines) + "\n")
+    sa, _ = _both_engines(spark, tmp_path, monkeypatch, str(src))
+    assert sa["rows_in"] == 7 and sa["accepted"] == 6
+    rows = {r["url"]: r for r in _all_rows(str(tmp_path / "b")).to_dict("records")}
+    bad = rows["http://h.example.com/x.jpg"]
+    assert bad["caption"] == "bad \ufffd here" and bad["uid"] == uid_of(bad["url"], "bad \ufffd here")
+    assert rows["http://h.example.com/\ufffd.jpg"]["note"] == "\ufffd"
+    ok = rows["http://h.example.com/p.jpg"]  # a whole pair, and an escaped backslash, are left alone
+    assert ok["caption"] == "pair \U0001F600 ok" and ok["note"] == "\\ud800"
+    assert rows["ftp://h.example.com/r.jpg"]["caption"] == "rejected \ufffd"
+
+
+def test_jsonl_line_nested_too_deeply_is_a_malformed_row(engine, tmp_path):
+    """A line nested past the parser's recursion limit, among the lines read for the column names:
+    that row is rejected as malformed with the reason (it crashed the column probe with RecursionError)."""
+    src = tmp_path / "deep.jsonl"
+    good = [json.dumps({"url": f"{BASE}/{i}.jpg", "caption": f"c {i}"}) for i in range(2)]
+    deep = '{"url": "http://127.0.0.1:9/d.jpg", "caption": "c", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    src.write_text("\n".join([good[0], deep, good[1]]) + "\n")
+    stats = _prepare(engine, str(src), str(tmp_path / "o"))
+    assert stats["rows_in"] == 3 and stats["accepted"] == 2 and stats["rejected"] == {"rejected_malformed_row": 1}
+    rej = _prepared(str(tmp_path / "o"), "rejected").to_pylist()
+    assert len(rej) == 1 and rej[0]["row_idx"] == 1
+    assert "deep.jsonl: line 2 nests JSON arrays/objects too deeply" in rej[0]["error_message"]
+
+
+def test_csv_with_cr_line_endings_is_read(engine, tmp_path):
+    """Old Mac line endings (a lone CR) are line ends to the rows' reader: the header is read the same
+    way (the column probe crashed with `_csv.Error: new-line character seen in unquoted field`)."""
+    src = tmp_path / "cr.csv"
+    src.write_bytes(b'url,caption,note\r' + f'{BASE}/1.jpg,a,x\r{BASE}/2.jpg,"two\rlines",y\r'.encode())
+    stats = _prepare(engine, str(src), str(tmp_path / "o"))
+    assert stats["rows_in"] == 2 and stats["accepted"] == 2 and stats["extra_columns"] == ["note"]
+    acc = _prepared(str(tmp_path / "o"), "accepted").to_pylist()
+    assert [(r["caption"], r["note"]) for r in acc] == [("a", "x"), ("two lines", "y")]
+
+
+def test_extra_column_names_spark_would_parse(spark, tmp_path, monkeypatch):
+    """Source column names with a backtick, a dot, a space or a comma are carried as they are on both
+    engines (Spark failed parsing them as DDL / attribute names); one named like a prepared column in
+    another case (`Status`) is not carried, on either engine."""
+    src = tmp_path / "names.csv"
+    src.write_text('url,caption,we`ird,a.b,"x, y",Status\n'
+                   + "".join(f"{BASE}/{i}.jpg,c {i},w{i},d{i},s{i},st\n" for i in range(3)) + "ftp://x/y.jpg,c,w,d,s,st\n")
+    sa, _ = _both_engines(spark, tmp_path, monkeypatch, str(src))
+    assert sa["extra_columns"] == ["we`ird", "a.b", "x, y"] and sa["accepted"] == 3
+    acc = _prepared(str(tmp_path / "a"), "accepted").to_pylist()
+    assert [(r["we`ird"], r["a.b"], r["x, y"]) for r in acc] == [(f"w{i}", f"d{i}", f"s{i}") for i in range(3)]
+    assert "Status" not in acc[0]
+
+
+def test_extra_columns_differing_only_in_case_are_refused(engine, tmp_path):
+    """`Foo` and `foo` (in one file or across two): a clear error naming the file(s) on both engines
+    (Spark failed with COLUMN_ALREADY_EXISTS; the in-process engine wrote both, which Spark cannot read)."""
+    src = tmp_path / "case.csv"
+    src.write_text(f"url,caption,Foo,foo\n{BASE}/1.jpg,a,x,y\n")
+    with pytest.raises(InputError, match=r"case.csv: columns 'Foo' and 'foo' differ only in case"):
+        _prepare(engine, str(src), str(tmp_path / "o"))
+    d = tmp_path / "two"
+    d.mkdir()
+    (d / "a.csv").write_text(f"url,caption,Foo\n{BASE}/1.jpg,a,x\n")
+    (d / "b.jsonl").write_text(json.dumps({"url": f"{BASE}/2.jpg", "caption": "b", "FOO": "y"}) + "\n")
+    with pytest.raises(InputError, match=r"a.csv and .*b.jsonl: columns 'Foo' and 'FOO' differ only in case"):
+        _prepare(engine, str(d), str(tmp_path / "o2"))
+    assert not os.path.exists(tmp_path / "o2" / layout.PREPARED_DIR / "accepted")
+
+
+def test_repeated_column_names_are_refused(engine, tmp_path):
+    """A header that names a column twice (csv, or a parquet schema): a clear error naming the file and
+    the column (the csv reader kept one of them silently)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "dup.csv"
+    src.write_text(f"url,caption,caption\n{BASE}/1.jpg,a,b\n")
+    with pytest.raises(InputError, match=r"dup.csv: column name\(s\) 'caption' appear more than once"):
+        _prepare(engine, str(src), str(tmp_path / "o"))
+    pq_src = tmp_path / "dup.parquet"
+    pq.write_table(pa.table([pa.array([f"{BASE}/1.jpg"]), pa.array(["a"]), pa.array(["x"]), pa.array(["y"])],
+                            names=["url", "caption", "note", "note"]), pq_src)
+    with pytest.raises(InputError, match=r"dup.parquet: column name\(s\) 'note' appear more than once"):
+        _prepare(engine, str(pq_src), str(tmp_path / "o2"))

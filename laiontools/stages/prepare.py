@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,6 +186,40 @@ def _open_text(path: str, compression: str | None):
     return fsspec.open(path, "rb", compression=compression)
 
 
+def _duplicate_names(path: str, names: list[str]) -> list[str]:
+    """`names`, refused (InputError naming the file) if one repeats: the readers key columns by name,
+    so a repeated one would silently lose all but one of its columns."""
+    seen: set[str] = set()
+    dups = list(dict.fromkeys(n for n in names if n in seen or seen.add(n)))
+    if dups:
+        raise InputError(f"{path}: column name(s) {', '.join(map(repr, dups))} appear more than once in its header; "
+                         f"rename the repeats so that every column has its own name")
+    return names
+
+
+def _json_line(text: str) -> Any:
+    """One JSONL line parsed, lone UTF-16 surrogates (a ``\\ud800`` escape with no pair: not text, so no
+    UTF-8 can hold it) replaced by U+FFFD as invalid UTF-8 in other sources is (:func:`_to_str`), so
+    the uid is computed from the text that is stored. Raises JSONDecodeError, or RecursionError for a
+    line nested deeper than the parser's recursion limit."""
+    obj = json.loads(text)
+    return _fix_surrogates(obj) if _SURROGATE_ESCAPE.search(text) else obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # may also match an escaped backslash: then nothing changes
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _fix_surrogates(v: Any) -> Any:
+    if isinstance(v, str):
+        return _SURROGATE.sub("\ufffd", v)
+    if isinstance(v, dict):
+        return {_fix_surrogates(k): _fix_surrogates(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_fix_surrogates(x) for x in v]
+    return v
+
+
 def probe_columns(path: str, fmt: str, compression: str | None) -> tuple[list[str], list[int] | None]:
     """Column names (and parquet row-group sizes) from the file's footer or first lines."""
     import pyarrow.parquet as pq
@@ -193,21 +228,32 @@ def probe_columns(path: str, fmt: str, compression: str | None) -> tuple[list[st
         try:
             with _open_text(path, None) as f:
                 md = pq.ParquetFile(f).metadata
-                names = [md.schema.column(i).name for i in range(md.num_columns)]
-                names = list(dict.fromkeys(md.schema.to_arrow_schema().names))
-                return names, [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+                names = list(md.schema.to_arrow_schema().names)
+                rgs = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         except Exception as e:
             raise InputError(f"{path}: cannot read as parquet ({type(e).__name__}: {e}); is the file truncated or another format?") from e
+        return _duplicate_names(path, names), rgs
     with _open_text(path, compression) as f:
         try:
             if fmt in ("csv", "tsv"):
-                head = f.readline()
-                if not head.strip():
-                    raise InputError(f"{path}: no header line; a {fmt} source needs a header row with column names")
                 import csv as _csv
+                import io
 
-                line = head.decode("utf-8").rstrip("\r\n")
-                return next(_csv.reader([line], delimiter="\t" if fmt == "tsv" else ",")), None
+                # Any line ending (\n, \r\n or a lone \r), as Arrow's reader in the tasks takes them. Bytes that are
+                # not UTF-8 become lone surrogates: refused below in the header, left to the tasks in the rows.
+                text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+                try:
+                    head = next(_csv.reader(text, delimiter="\t" if fmt == "tsv" else ","), None)
+                except _csv.Error as e:
+                    raise InputError(f"{path}: cannot read its header line as {fmt} ({e})") from e
+                finally:
+                    text.detach()
+                if not head or not any(c.strip() for c in head):
+                    raise InputError(f"{path}: no header line; a {fmt} source needs a header row with column names")
+                if any(_SURROGATE.search(c) for c in head):
+                    raise InputError(f"{path}: its header line is not valid UTF-8; re-encode the file as UTF-8, "
+                                     f"e.g. `iconv -f latin1 -t utf-8`")
+                return _duplicate_names(path, head), None
             cols: dict[str, None] = {}
             for i, raw in enumerate(f):
                 if i >= 200:
@@ -216,9 +262,9 @@ def probe_columns(path: str, fmt: str, compression: str | None) -> tuple[list[st
                 if not raw:
                     continue
                 try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except json.JSONDecodeError:
-                    continue
+                    obj = _json_line(raw.decode("utf-8"))
+                except (json.JSONDecodeError, RecursionError):
+                    continue  # the task reading the file records this line as malformed
                 if isinstance(obj, dict):
                     cols.update(dict.fromkeys(obj))
             if not cols:
@@ -236,7 +282,7 @@ def discover(cfg: PrepareConfig) -> tuple[list[SourceFile], dict[str, str], list
     files: list[SourceFile] = []
     mapping: dict[str, str] | None = None
     profile_name = None
-    extras: dict[str, None] = {}
+    extras: dict[str, str] = {}  # extra column -> the first file that has it
     for i, (path, fmt, comp, size) in enumerate(list_source_files(cfg.input)):
         cols, rgs = probe_columns(path, fmt, comp)
         prof = resolve_profile(cols, cfg.profile, overrides, where=path)
@@ -244,12 +290,29 @@ def discover(cfg: PrepareConfig) -> tuple[list[SourceFile], dict[str, str], list
             mapping, profile_name = prof.columns, prof.name
         elif prof.name != profile_name:
             raise InputError(f"{path}: detected profile {prof.name!r} but earlier files are {profile_name!r}; pass --profile")
-        extras.update(dict.fromkeys(c for c in cols if c not in prof.columns.values()))
+        for c in cols:
+            if c not in prof.columns.values():
+                extras.setdefault(c, path)
         files.append(SourceFile(i, path, fmt, comp, cols, size, rgs))
     assert mapping is not None and profile_name is not None
+    # Spark (which runs big sources, and reads the prepared files downstream) tells column names apart
+    # without case: an extra column named like a prepared/catalog one in any case is not carried, and
+    # two extra columns that differ only in case are refused, on either engine.
     reserved = {n for n, _ in PREPARED_FIELDS} | {"key", "status", "error_message", "width", "height",
                                                   "original_width", "original_height", "exif", "sha256", "shard"}
-    extra_cols = [c for c in extras if c not in reserved]
+    reserved_ci = {n.lower() for n in reserved}
+    dropped = [c for c in extras if c.lower() in reserved_ci]
+    if dropped:
+        log.warning("prepare: source column(s) %s are named like prepared/catalog columns and are not carried",
+                    ", ".join(map(repr, dropped)))
+    extra_cols = [c for c in extras if c.lower() not in reserved_ci]
+    by_case: dict[str, str] = {}
+    for c in extra_cols:
+        first = by_case.setdefault(c.lower(), c)
+        if first != c:
+            where = extras[c] if extras[c] == extras[first] else f"{extras[first]} and {extras[c]}"
+            raise InputError(f"{where}: columns {first!r} and {c!r} differ only in case, which Spark does not tell "
+                             f"apart; rename one of them")
     return files, mapping, extra_cols, profile_name
 
 
@@ -362,9 +425,12 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
                 yield row, "empty line"
                 continue
             try:
-                obj = json.loads(text)
+                obj = _json_line(text)
             except json.JSONDecodeError as e:
                 yield row, f"line {row + 1} is not valid JSON: {e.msg}"
+                continue
+            except RecursionError:
+                yield row, f"line {row + 1} nests JSON arrays/objects too deeply to parse"
                 continue
             if not isinstance(obj, dict):
                 yield row, f"line {row + 1} is a JSON {type(obj).__name__}, not an object"
@@ -827,13 +893,14 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
     """The Spark job of prepare: `found` is what :func:`discover` returned for `cfg`."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-    from pyspark.sql.types import StructType
+    from pyspark.sql.types import DoubleType, IntegerType, LongType, StringType, StructField, StructType
 
     prep_dir = join(cfg.output, layout.PREPARED_DIR)
     files, _mapping, extras, _profile = found
     policy, fingerprint, tasks = _begin(cfg, found)
-    ddl = ", ".join(f"`{n}` {t}" for n, t in PREPARED_FIELDS) + "".join(f", `{c}` string" for c in extras)
-    schema = StructType.fromDDL(ddl)
+    # built field by field, not parsed from DDL: a source column's name may hold any character
+    types = {"string": StringType(), "double": DoubleType(), "bigint": LongType(), "int": IntegerType()}
+    schema = StructType([StructField(n, types[prepared_type(n)]) for n in [*(n for n, _ in PREPARED_FIELDS), *extras]])
     sc = spark.sparkContext
     # The uid window and the counts shuffle every row: size the shuffle from the input (or take the
     # user's spark.sql.shuffle.partitions), and record what was used with the stats.
@@ -866,6 +933,7 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
         accepted_dir = join(prep_dir, "accepted")
         _fresh_dir(accepted_dir)
         names = _accepted_names(extras)
+        cols = [F.col("`" + n.replace("`", "``") + "`") for n in names]  # quoted: a source's name may hold . or `
         n_acc = counts.get("accepted", 0)
         per_file = cfg.number_sample_per_shard * cfg.shards_per_file
         n_files = max(1, -(-n_acc // per_file))
@@ -874,7 +942,7 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
         if _host_bounded(cfg, n_acc):
             # More shards than the bound: place rows by host (see HostLayout). Only hosts with more
             # than H rows reach the driver; the others cannot touch more than H shards anyway.
-            acc = df.where(F.col(C.STATUS).isNull()).select("file_idx", "row_idx", *names).rdd.map(tuple)
+            acc = df.where(F.col(C.STATUS).isNull()).select("file_idx", "row_idx", *cols).rdd.map(tuple)
             big = (acc.map(lambda t: (host_of(t[2]), 1)).reduceByKey(lambda a, b: a + b, n_shuffle)
                    .filter(lambda kv: kv[1] > h_max).collect())
             plan = plan_host_layout(big, n_acc, shard_size, h_max)
@@ -889,7 +957,7 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
             indexed = (acc.map(lambda t: (_layout_key(t, bplan.value.host_start), t[2:]))
                        .sortByKey(numPartitions=n_shuffle).zipWithIndex().map(place))
         elif n_acc:
-            acc = df.where(F.col(C.STATUS).isNull()).orderBy("file_idx", "row_idx").select(*names)
+            acc = df.where(F.col(C.STATUS).isNull()).orderBy("file_idx", "row_idx").select(*cols)
             indexed = acc.rdd.map(tuple).zipWithIndex().map(lambda ri: (ri[1] // per_file, (ri[1], ri[0])))
         if n_acc:
             out = accepted_dir
