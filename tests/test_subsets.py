@@ -237,6 +237,21 @@ def test_dedup_exclusion_and_dedup_from_another_pool(spark, scratch, tmp_path):
     man = read_manifest(res[0]["manifest"])
     assert man["selection"]["exclusions"][0]["count"] == len(excluded)
     assert any(f["step"].startswith("excluded by dedup") and f["removed"] == len(excluded) for f in man["selection"]["funnel"])
+    # A bare uid file not written by save_uids: the same uids shuffled, one of them twice (two lists
+    # concatenated). Binary search on it missed most of them; it is taken as the set it holds.
+    import random
+
+    import numpy as np
+
+    from laiontools.contracts.uids import uids_to_array
+
+    shuffled = excluded[:]
+    random.Random(3).shuffle(shuffled)
+    loose = str(tmp_path / "loose.uids.npy")
+    np.save(loose, uids_to_array(shuffled + shuffled[:1]))
+    res = subsets_stage.run(_cfg(scratch, tmp_path / "o5", scales=str(60 - len(excluded)), exclude=[loose]), spark).details
+    assert _uids(res[0]["manifest"].replace("manifest.json", "uids.npy")) == set(samples) - set(excluded)
+    assert read_manifest(res[0]["manifest"])["selection"]["exclusions"][0]["count"] == len(excluded)
     # Fingerprint of another pool.
     d2 = str(tmp_path / "dedup_other")
     _write_dedup(d2, excluded, "f" * 64)

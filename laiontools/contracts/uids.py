@@ -149,6 +149,19 @@ def _as_u128(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return arr["hi"], arr["lo"]
 
 
+def is_sorted_unique(arr: np.ndarray) -> bool:
+    """Whether the uids are strictly increasing: what a uid file holds, and what membership needs."""
+    hi, lo = arr["hi"], arr["lo"]
+    return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))))
+
+
+def as_sorted_set(arr: np.ndarray) -> np.ndarray:
+    """`arr` as a sorted, unique uid array: itself when it is one already (every file save_uids wrote),
+    else sorted and deduplicated. A uid file from elsewhere (two exclusion lists concatenated) is a set
+    all the same; binary search on an unsorted one silently misses members."""
+    return arr if is_sorted_unique(arr) else np.unique(np.asarray(arr, dtype=UID_DTYPE))
+
+
 def contains(sorted_set: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Boolean mask: which `query` uids are in the sorted, unique `sorted_set` (both UID_DTYPE)."""
     if len(sorted_set) == 0:
@@ -334,7 +347,7 @@ def load_uids_cached(path: str) -> np.ndarray:
     """:func:`load_uids` read whole, once per process (a Spark worker reuses it for every batch)."""
     arr = _UID_FILE_CACHE.get(path)
     if arr is None:
-        arr = np.asarray(load_uids(path, mmap=False))
+        arr = as_sorted_set(np.asarray(load_uids(path, mmap=False)))
         _UID_FILE_CACHE[path] = arr
     return arr
 
@@ -388,7 +401,7 @@ class UidSet:
     HASH_MAX = 1 << 24  # the index: measured ~6 bytes and ~0.2 us to build a uid (4M uids: 23 MB, 0.76 s)
 
     def __init__(self, sorted_set: np.ndarray) -> None:
-        self.arr = sorted_set
+        self.arr = sorted_set = as_sorted_set(sorted_set)  # (a check, O(n): files we wrote are sorted)
         self.index = None
         if 0 < len(sorted_set) <= self.HASH_MAX:
             import pandas as pd

@@ -253,7 +253,7 @@ class Exclusion:
 
 def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
     """A dedup output folder (exclude.uids.npy + dedup.json) or a bare uid .npy file; checked against the pool."""
-    from laiontools.contracts.uids import contains, load_uids
+    from laiontools.contracts.uids import as_sorted_set, contains, is_sorted_unique, load_uids
     from laiontools.core.storage import sha256_file
 
     given = abs_path(given)
@@ -278,6 +278,10 @@ def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
         arr = load_uids(uid_file)
     except ValueError as e:
         raise InputError(f"--exclude {uid_file}: {e}") from e
+    if not is_sorted_unique(arr):  # not written by save_uids (two lists concatenated): a set all the same
+        arr = as_sorted_set(arr)
+        log.warning("--exclude %s: its uids are not sorted and unique; taken as the set of its %d distinct uids",
+                    uid_file, len(arr))
     if kind == "dedup" and len(arr):
         # After a takedown the dedup output of the original pool still applies: its uids are samples of the
         # pool the takedowns started from (an excluded uid that was taken down is simply gone).

@@ -56,13 +56,8 @@ def _exists(path: str) -> bool:
     return fs.exists(p)
 
 
-def _strictly_increasing(arr: np.ndarray) -> bool:
-    hi, lo = arr["hi"], arr["lo"]
-    return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))))
-
-
 def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: VerifyResult) -> np.ndarray | None:
-    from laiontools.contracts.uids import load_uids
+    from laiontools.contracts.uids import is_sorted_unique, load_uids
 
     if not _exists(path):
         res.problems.append(f"{what} {path}: missing")
@@ -77,7 +72,7 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
         return None
     if count is not None and len(arr) != count:
         res.problems.append(f"{what} {path}: holds {len(arr)} uids, manifest says {count}")
-    if len(arr) > 1 and not _strictly_increasing(arr):
+    if len(arr) > 1 and not is_sorted_unique(arr):
         res.problems.append(f"{what} {path}: uids are not sorted and unique")
     res.checked.append(f"{what} {path}: {len(arr)} uids, sha256 ok" if sha == sha256 else f"{what} {path}")
     return arr
