@@ -228,3 +228,20 @@ def test_gpu_index_search_matches_cpu():
     gpu = DI.deserialize(DI.serialize(index), use_gpu=True)
     assert not isinstance(gpu, faiss.IndexFlatIP)
     np.testing.assert_array_equal(index.search(x, 1)[1], gpu.search(x, 1)[1])
+
+
+def test_calibrate_refuses_an_exclude_uids_that_is_no_uid_file_before_embedding(pool, emb, tmp_path):
+    """dedup calibrate --exclude-uids: a .npy of another dtype, of pickled objects, or a text file is
+    refused naming the file, before the planted copies are embedded (it crashed after them)."""
+    from laiontools.core.errors import InputError
+
+    bad = {"f64.npy": lambda p: np.save(p, np.zeros(3)), "obj.npy": lambda p: np.save(p, np.array([{"a": 1}], dtype=object)),
+           "text.npy": lambda p: open(p, "w").write("0123abcd\n")}
+    for name, write in bad.items():
+        path = str(tmp_path / name)
+        write(path)
+        out = tmp_path / f"out-{name}"
+        with pytest.raises(InputError, match=rf"--exclude-uids {path}: not a uid file"):
+            dedup_calibrate.run(CalibrateConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=str(out),
+                                                plant_items=5, pool_sample=50, exclude_uids=path))
+        assert not out.exists()

@@ -204,6 +204,17 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     from laiontools.evalsets import iter_items, load_evalsets
     from laiontools.stages.dedup import DedupConfig, eval_geometry, make_embedder, prepare_index, read_pool
 
+    # the uid file is read (and refused if it is not one) before any image is embedded
+    excl = None
+    if cfg.exclude_uids:
+        from laiontools.contracts.uids import as_sorted_set
+        from laiontools.core.errors import InputError
+
+        try:
+            excl = as_sorted_set(np.asarray(load_uids(cfg.exclude_uids, mmap=False)))
+        except (ValueError, OSError) as e:  # another dtype, pickled objects, not a .npy, a folder
+            raise InputError(f"--exclude-uids {cfg.exclude_uids}: not a uid file ({e}); give a .npy written by "
+                             "laiontools (dedup's exclude.uids.npy, a subset's uid file)") from None
     ensure_output_dir(cfg.output)
     write_json(join(cfg.output, layout.CALIBRATE_SETTINGS_JSON), {"stage": STAGE, **cfg.to_dict()})
     sets = load_evalsets(cfg.evalset, cfg.evalsets_yaml)
@@ -250,7 +261,6 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
         row_item = _row_items(paths["items"])
         attributed[tname] = float(np.mean([row_item.get(int(i)) == (s, it) for (s, it, _), i in zip(chosen, _I[:, 0])]))
     embed_s = time.time() - t0
-    excl = load_uids(cfg.exclude_uids) if cfg.exclude_uids else None
     negv, neg_uids = _sample_negatives(cfg.embeddings, cfg.pool_sample, cfg.seed, excl)
     neg = index.search(negv, 1)[0][:, 0].astype(np.float64) if len(negv) else np.zeros(0)
 
