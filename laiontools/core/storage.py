@@ -71,15 +71,18 @@ def remove_stale_temps(root: str) -> int:
     fs, p = url_to_fs(root)
     if not is_local(fs) or not os.path.isdir(p):
         return 0
+    return _remove_files(os.path.join(d, name) for d, _, names in os.walk(p) for name in names if _TMP_RE.match(name))
+
+
+def _remove_files(paths: Iterator[str]) -> int:
+    """Delete the local files; returns how many (one already gone is not counted)."""
     n = 0
-    for d, _, names in os.walk(p):
-        for name in names:
-            if _TMP_RE.match(name):
-                try:
-                    os.remove(os.path.join(d, name))
-                    n += 1
-                except FileNotFoundError:
-                    pass
+    for path in paths:
+        try:
+            os.remove(path)
+            n += 1
+        except FileNotFoundError:
+            pass
     return n
 
 
@@ -94,15 +97,8 @@ def remove_stale_file_temps(path: str) -> int:
         return 0
     folder, name = os.path.split(os.path.abspath(p))
     own = re.compile(rf"^\.(?:{re.escape(name)}(?:\.done)?|\.{re.escape(name + OUTPUT_MARKER)})\.tmp-[0-9a-f]{{8}}$")
-    n = 0
-    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
-        if own.match(entry):
-            try:
-                os.remove(os.path.join(folder, entry))
-                n += 1
-            except FileNotFoundError:
-                pass
-    return n
+    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    return _remove_files(os.path.join(folder, e) for e in entries if own.match(e))
 
 
 @contextmanager
