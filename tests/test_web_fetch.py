@@ -799,3 +799,23 @@ def test_scheduler_hands_out_the_rest_at_once_after_the_shard_deadline():
     key, data, err = fetch_with_retry((-1, "ticket"), 3, 0, None, None, policy=_policy(shard_deadline=1.0),
                                       shard_deadline_at=past, scheduler=sched)
     assert (key, data) == (0, None) and err.startswith(DEADLINE_PREFIX)
+
+
+def test_a_status_line_that_is_not_one_is_shown_short_and_cannot_claim_to_be_transient():
+    """http.client quotes a bad status line (server bytes, up to 64 KiB) in its exception: it goes into
+    error_message as a short repr after SERVER_SENT, without control characters, and what it says
+    ("timed out") does not make the failure transient; http.client's own RemoteDisconnected still is."""
+    from laiontools.web.fetch import MAX_REASON_CHARS, SERVER_SENT, _exception_message, is_transient
+
+    line = b"SPAM timed out, Connection reset \x1b[31m" + b"y" * 20000 + b"\r\n\r\n"
+    with RawServer({"/bad.jpg": line}) as raw:
+        pol = _policy(backoff_base=0.01)
+        _, _, err = fetch_with_retry((0, raw.url("/bad.jpg")), 2, 3, None, None, policy=pol, resolver=lambda h, p: [PUBLIC])
+        assert err.startswith("BadStatusLine" + SERVER_SENT + "'SPAM timed out, Connection reset [31myyy"), err
+        assert len(err) < MAX_REASON_CHARS + 60 and "\x1b" not in err
+        assert not is_transient(err) and raw.paths.count("/bad.jpg") == 1  # not retried
+    import http.client
+
+    gone = _exception_message(http.client.RemoteDisconnected("Remote end closed connection without response"))
+    assert is_transient(gone) and SERVER_SENT not in gone
+    assert len(_exception_message(ValueError("z" * 100_000))) < 520

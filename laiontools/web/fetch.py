@@ -82,6 +82,8 @@ _TRANSIENT = re.compile("|".join(TRANSIENT_PATTERNS), re.IGNORECASE)
 _HTTP_ERROR = re.compile(r"HTTP Error (\d{3})\b")
 TRANSIENT_HTTP_CODES = frozenset({408, 429, *range(500, 600)})
 MAX_REASON_CHARS = 200  # of a server's reason phrase kept in error_message
+MAX_ERROR_CHARS = 500  # of any other failure's message
+SERVER_SENT = ": the server sent "  # what follows in an error_message is the server's text (not read by is_transient)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DEADLINE_PREFIX = "deadline:"
 ROBOTS_DISALLOWS = "robots.txt disallows"
@@ -97,10 +99,24 @@ def is_transient(error_message: str | None) -> bool:
     deadline error (TRANSIENT_PATTERNS); every other HTTP error is permanent, whatever its reason says."""
     if not error_message:
         return False
+    error_message = error_message.split(SERVER_SENT, 1)[0]  # not the server's own words
     m = _HTTP_ERROR.match(error_message)
     if m:
         return int(m.group(1)) in TRANSIENT_HTTP_CODES
     return bool(_TRANSIENT.search(error_message))
+
+
+def _exception_message(e: BaseException) -> str:
+    """``Type: message`` of a failed fetch for error_message, without control characters and capped.
+    A protocol error that quotes the server's bytes (a status line that is not one, an unknown
+    protocol: up to 64 KiB) shows them as a short repr after SERVER_SENT, where :func:`is_transient`
+    stops reading: a server cannot make its failure look transient (retried in the shard and on every
+    --retry-failed pass) by writing "timed out" there."""
+    import http.client
+
+    if isinstance(e, (http.client.BadStatusLine, http.client.UnknownProtocol)) and not isinstance(e, http.client.RemoteDisconnected):
+        return f"{type(e).__name__}{SERVER_SENT}{_reason(str(e))!r}"
+    return f"{type(e).__name__}: {_CONTROL.sub('', str(e))[:MAX_ERROR_CHARS]}"
 
 
 def _reason(phrase: str | None) -> str:
@@ -904,7 +920,7 @@ def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: 
                 raise FetchError(f"{DEADLINE_PREFIX} request took longer than its deadline ({host})") from e
             if isinstance(e, TimeoutError | socket.timeout):
                 raise FetchError(f"timed out ({e})") from e
-            raise FetchError(f"{type(e).__name__}: {e}") from e
+            raise FetchError(_exception_message(e)) from e
     finally:
         for t in tokens:
             _WATCHDOG.unwatch(t)
@@ -986,7 +1002,7 @@ def fetch_one(url: str, timeout: float, user_agent_token: str | None, disallowed
     except FetchError as e:
         return None, str(e), e.retry_after
     except Exception as e:  # noqa: BLE001 - a per-sample failure becomes a status row, never a crash
-        return None, f"{type(e).__name__}: {e}", None
+        return None, _exception_message(e), None
 
 
 def fetch_with_retry(row: tuple[int, str], timeout: float, retries: int, user_agent_token: str | None,
