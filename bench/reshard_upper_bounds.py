@@ -1,0 +1,160 @@
+"""What would a faster per-sample reshard path give at most? Upper bounds, measured by taking parts away.
+
+    .venv/bin/python bench/reshard_upper_bounds.py [--shards 32] [--per-shard 1000] [--kb 16] [--fraction 0.2] [--rounds 5]
+
+Reshards one nested subset of a synthetic pool (as bench_reshard.py builds it: pax tars, catalog spans
+with their sha256) in this process and times the write phase (reshard's own log line) with the
+whole per-sample path, then with one part of it made free:
+
+* ``parse free``: the span parser's answer is looked up, not computed (what a compiled parser could
+  reach at best);
+* ``parse + pack free``: also no tar headers built: each member's bytes are copied as they are (what
+  a compiled parse-and-pack path could reach at best; the output is then not a valid tar);
+* ``no span check``: the span's sha256 against the catalog skipped (a contract check reshard keeps).
+
+Each variant runs ``--rounds`` times in 1 worker, the full path alternated with it; reported: median
+write seconds, and the variant's time as a fraction of the full path's. Nothing here is a mode of
+reshard: the parts are replaced in this process only, to size what is worth building. Figures go to
+``<out>/reshard_upper_bounds.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+class _WriteTimes(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("reshard: wrote"):
+            self.times.append(float(record.args[-1]))
+
+
+@contextmanager
+def _variant(name: str):
+    """Make one part of the per-sample path free, in this process, for the block."""
+    from laiontools.stages import reshard
+    from laiontools.wds import tarscan, writer
+
+    saved = []
+
+    def patch(obj, attr, value):  # noqa: ANN001, ANN202
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    if name in ("parse free", "parse + pack free"):
+        real, answers = tarscan.parse_span, {}
+
+        def looked_up(raw):  # noqa: ANN001, ANN202
+            key = bytes(raw[:1536])  # the first member's headers name the sample: unique per span
+            got = answers.get(key)
+            if got is None:
+                got = answers[key] = real(raw)
+            return got
+
+        patch(tarscan, "parse_span", looked_up)
+    if name == "parse + pack free":
+        def copy_only(self, kb, members):  # noqa: ANN001, ANN202
+            for _, data, _ in members:
+                self._put(data)
+
+        patch(writer.ShardWriter, "add_sample", copy_only)
+    if name == "no span check":
+        real_members = reshard._span_members
+
+        def unchecked(sources, e):  # noqa: ANN001, ANN202
+            e.sha = None
+            return real_members(sources, e)
+
+        patch(reshard, "_span_members", unchecked)
+    try:
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shards", type=int, default=32)
+    p.add_argument("--per-shard", type=int, default=1000)
+    p.add_argument("--kb", type=int, default=16)
+    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed after)")
+    a = p.parse_args()
+
+    from bench_reshard import build_pool
+
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.core.stage import Tasks
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+
+    work = a.work or tempfile.mkdtemp(prefix="laiontools-bench-")
+    handler = _WriteTimes()
+    log = logging.getLogger("laiontools.stages.reshard")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        root = os.path.join(work, "pool")
+        shutil.rmtree(root, ignore_errors=True)
+        mp, _ = build_pool(root, a.shards, a.per_shard, a.kb)
+        target = max(1, round(a.fraction * a.shards * a.per_shard))
+        rows = subsets_stage.run(subsets_stage.SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"),
+                                                             scales=str(target), seed=0), None).details
+        sub = rows[0]["manifest"]
+        m = read_manifest(sub)
+        shard_size = max(100, target // 16)
+
+        def one(name: str) -> float:
+            dst = os.path.join(work, "out")
+            shutil.rmtree(dst, ignore_errors=True)
+            with _variant(name):
+                reshard_stage._reshard(reshard_stage.ReshardConfig(manifest=sub, output=dst, shard_size=shard_size),
+                                       Tasks(None, workers=1), m)
+            return handler.times[-1]
+
+        one("full")  # warm-up: page cache, imports
+        variants = ["parse free", "parse + pack free", "no span check"]
+        times: dict[str, list[float]] = {"full": [], **{v: [] for v in variants}}
+        for _ in range(a.rounds):
+            for v in variants:
+                times["full"].append(one("full"))
+                times[v].append(one(v))
+    finally:
+        log.removeHandler(handler)
+        if a.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    out = {
+        "benchmark": "reshard write phase, 1 worker: the full per-sample path against it with one part made free",
+        "samples": target, "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "median_s": {k: round(v, 3) for k, v in med.items()},
+        "fraction_of_full": {k: round(v / med["full"], 3) for k, v in med.items() if k != "full"},
+        "machine": f"{os.cpu_count()} cpus", "loadavg_1": round(os.getloadavg()[0], 1),
+        "command": ("python bench/reshard_upper_bounds.py " + " ".join(sys.argv[1:])).strip(),
+    }
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "reshard_upper_bounds.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
