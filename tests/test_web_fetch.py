@@ -819,3 +819,18 @@ def test_a_status_line_that_is_not_one_is_shown_short_and_cannot_claim_to_be_tra
     gone = _exception_message(http.client.RemoteDisconnected("Remote end closed connection without response"))
     assert is_transient(gone) and SERVER_SENT not in gone
     assert len(_exception_message(ValueError("z" * 100_000))) < 520
+
+
+def test_a_host_name_idna_cannot_encode_is_a_cached_dns_failure():
+    """A label that is empty ("a..b") or over 63 characters: getaddrinfo raises UnicodeError (IDNA),
+    not OSError. It is a `DNS:` failure of the row, counted and cached like any failed lookup (it was
+    a bare UnicodeError, looked up again for every row of the host). No name server is asked."""
+    from laiontools.web.fetch import DnsCache
+
+    dns = DnsCache(resolve=lambda h, p: [ai[4][0] for ai in socket.getaddrinfo(h, p)])
+    pol = _policy()
+    for host in ("a..example.org", "x" * 70 + ".example.org"):
+        for _ in range(2):
+            _, err, _ = fetch_one(f"http://{host}/img.jpg", 2, None, None, pol, resolver=dns)
+            assert err.startswith(f"DNS: host {host} does not resolve (not a valid host name"), err
+    assert dns.lookups == 2 and dns.failures == 2

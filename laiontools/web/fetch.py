@@ -195,6 +195,8 @@ class DnsCache:
                 expiry = now + self.ttl
             except OSError as e:
                 res, expiry = e, now + min(self.ttl, self.NEGATIVE_TTL)
+            except UnicodeError as e:  # a label IDNA cannot encode (empty: "a..b", over 63 characters)
+                res, expiry = OSError(f"not a valid host name ({e})"), now + min(self.ttl, self.NEGATIVE_TTL)
             with self._lock:
                 self.lookups += 1
                 self.failures += isinstance(res, OSError)
