@@ -627,3 +627,14 @@ def test_repeated_column_names_are_refused(engine, tmp_path):
                             names=["url", "caption", "note", "note"]), pq_src)
     with pytest.raises(InputError, match=r"dup.parquet: column name\(s\) 'note' appear more than once"):
         _prepare(engine, str(pq_src), str(tmp_path / "o2"))
+
+
+def test_csv_with_a_byte_order_mark_is_read(engine, tmp_path):
+    """A CSV saved by Excel starts with a UTF-8 byte-order mark: the header's first column is `url`, as
+    Arrow's and Spark's readers read it (the probe saw '\\ufeffurl' and found no URL column)."""
+    src = tmp_path / "bom.csv"
+    src.write_bytes(b"\xef\xbb\xbfurl,caption\n" + f"{BASE}/1.jpg,a\n{BASE}/2.jpg,b\n".encode())
+    stats = _prepare(engine, str(src), str(tmp_path / "o"))
+    assert stats["rows_in"] == 2 and stats["accepted"] == 2 and stats["extra_columns"] == []
+    acc = _prepared(str(tmp_path / "o"), "accepted").to_pylist()
+    assert [(r["url"], r["caption"]) for r in acc] == [(f"{BASE}/1.jpg", "a"), (f"{BASE}/2.jpg", "b")]

@@ -239,9 +239,10 @@ def probe_columns(path: str, fmt: str, compression: str | None) -> tuple[list[st
                 import csv as _csv
                 import io
 
-                # Any line ending (\n, \r\n or a lone \r), as Arrow's reader in the tasks takes them. Bytes that are
-                # not UTF-8 become lone surrogates: refused below in the header, left to the tasks in the rows.
-                text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+                # Any line ending (\n, \r\n or a lone \r), and a UTF-8 byte-order mark (Excel writes one) dropped, as
+                # Arrow's reader in the tasks (and Spark's) take them. Bytes that are not UTF-8 become lone surrogates:
+                # refused below in the header, left to the tasks in the rows.
+                text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
                 try:
                     head = next(_csv.reader(text, delimiter="\t" if fmt == "tsv" else ","), None)
                 except _csv.Error as e:
