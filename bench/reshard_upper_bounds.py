@@ -27,7 +27,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,14 +53,14 @@ def _variant(name: str):
 
     saved = []
 
-    def patch(obj, attr, value):  # noqa: ANN001, ANN202
+    def patch(obj, attr, value):
         saved.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
 
     if name in ("parse free", "parse + pack free"):
         real, answers = tarscan.parse_span, _PARSED  # kept across runs: filled by the first one
 
-        def looked_up(raw):  # noqa: ANN001, ANN202
+        def looked_up(raw):
             key = bytes(raw[:1536])  # the first member's headers name the sample: unique per span
             got = answers.get(key)
             if got is None:
@@ -70,7 +69,7 @@ def _variant(name: str):
 
         patch(tarscan, "parse_span", looked_up)
     if name == "parse + pack free":
-        def copy_only(self, kb, members):  # noqa: ANN001, ANN202
+        def copy_only(self, kb, members):
             small = self.small  # add_sample without the headers and the padding
             for _, data, _ in members:
                 if len(data) >= self.BIG:
@@ -85,7 +84,7 @@ def _variant(name: str):
     if name == "no span check":
         real_members = reshard._span_members
 
-        def unchecked(sources, e):  # noqa: ANN001, ANN202
+        def unchecked(sources, e):
             e.sha = None
             return real_members(sources, e)
 

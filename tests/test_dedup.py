@@ -233,10 +233,12 @@ def test_gpu_index_search_matches_cpu():
 def test_calibrate_refuses_an_exclude_uids_that_is_no_uid_file_before_embedding(pool, emb, tmp_path):
     """dedup calibrate --exclude-uids: a .npy of another dtype, of pickled objects, or a text file is
     refused naming the file, before the planted copies are embedded (it crashed after them)."""
+    from pathlib import Path
+
     from laiontools.core.errors import InputError
 
     bad = {"f64.npy": lambda p: np.save(p, np.zeros(3)), "obj.npy": lambda p: np.save(p, np.array([{"a": 1}], dtype=object)),
-           "text.npy": lambda p: open(p, "w").write("0123abcd\n")}
+           "text.npy": lambda p: Path(p).write_text("0123abcd\n")}
     for name, write in bad.items():
         path = str(tmp_path / name)
         write(path)

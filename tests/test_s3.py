@@ -613,7 +613,7 @@ def test_catalog_swap_killed_at_any_step_comes_back_whole(where, tmp_path, reque
     steps: list[str] = []
 
     def cut(name: str, at: int):
-        def step(*args):  # noqa: ANN202
+        def step(*args):
             steps.append(name)
             if len(steps) - 1 != at:
                 return real[name](*args)
@@ -665,7 +665,6 @@ def test_a_pool_whose_catalog_swap_was_interrupted_is_refused(tmp_path):
     from laiontools.contracts.pool import load_pool
     from laiontools.core import storage
     from laiontools.core.errors import InputError
-
     from laiontools.testing.embed_pool import write_pool
 
     manifest = write_pool(str(tmp_path / "pool"), n_shards=1, per_shard=2, image_size=32, realistic=False)

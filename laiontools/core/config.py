@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Self, TypeVar
@@ -74,7 +75,7 @@ def _of_type(value: Any, tp: Any) -> bool:
     if tp in (int, float):
         if isinstance(value, str):
             return True
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             return False
         return tp is float or float(value).is_integer()
     if tp is str:
