@@ -241,3 +241,26 @@ def test_unfinished_run_folder_is_refused_naming_it(tmp_path) -> None:
     mark_done(str(run / layout.TRAIN_RESULT_JSON), {})
     assert read_result(str(run)) == {"model": "lt-tiny"}
     assert resolve_checkpoint(str(run), None) == (str(run / layout.TRAIN_MODEL_FILE), "lt-tiny", str(run))
+
+
+def test_weights_with_nan_are_refused_not_scored(sets, tmp_path) -> None:
+    """A checkpoint with one NaN weight (a diverged run) gives NaN features: evaluate refuses it naming
+    the file and writes nothing. (NaN scores compared false with everything, so every query ranked
+    first: 100 % on every metric, exit 0.) The ranking itself treats a NaN score as the lowest."""
+    import numpy as np
+    import torch
+
+    from laiontools.stages.evaluate import NonFiniteFeatures, _hit_ranks
+
+    sd = load_model("lt-tiny").model.state_dict()
+    sd["visual.class_embedding"] = sd["visual.class_embedding"].clone()
+    sd["visual.class_embedding"][0] = float("nan")
+    bad = str(tmp_path / "nan.pt")
+    torch.save(sd, bad)
+    out = tmp_path / "ev.json"
+    with pytest.raises(NonFiniteFeatures, match=rf"{bad}: the model's image features are not finite for \d+ of \d+ items"):
+        evaluate_stage.run(EvaluateConfig(checkpoint=bad, model="lt-tiny", evalset=[f"colors={sets['colors']}"], output=str(out)))
+    assert not out.exists() and not is_done(str(out))
+    correct = np.eye(3, dtype=bool)
+    assert _hit_ranks(np.full((3, 3), np.nan), correct).tolist() == [2, 2, 2]  # no hit: ties with every wrong one
+    assert _hit_ranks(np.array([[np.nan, 0.5, 0.1]]), correct[:1]).tolist() == [2]

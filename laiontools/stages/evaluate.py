@@ -125,7 +125,7 @@ def _encode_images(bundle: Any, images: list[Any], device: str, batch_size: int)
         for i in range(0, len(images), batch_size):
             x = torch.stack([bundle.preprocess(im) for im in images[i : i + batch_size]]).to(device)
             feats.append(bundle.model.encode_image(x, normalize=True).float().cpu())
-    return torch.cat(feats) if feats else torch.empty(0)
+    return _finite(torch.cat(feats) if feats else torch.empty(0), "image")
 
 
 def _encode_texts(bundle: Any, texts: list[str], device: str, batch_size: int) -> Any:
@@ -136,7 +136,24 @@ def _encode_texts(bundle: Any, texts: list[str], device: str, batch_size: int) -
         for i in range(0, len(texts), batch_size):
             t = bundle.tokenizer(texts[i : i + batch_size]).to(device)
             feats.append(bundle.model.encode_text(t, normalize=True).float().cpu())
-    return torch.cat(feats) if feats else torch.empty(0)
+    return _finite(torch.cat(feats) if feats else torch.empty(0), "text")
+
+
+class NonFiniteFeatures(ModelError):
+    """The model's features hold NaN or infinity: damaged weights, or a training that diverged."""
+
+
+def _finite(feats: Any, what: str) -> Any:
+    """`feats`, or NonFiniteFeatures when any value is NaN or infinite (no metric of such features means
+    anything, and NaN scores would count as hits)."""
+    import torch
+
+    bad = ~torch.isfinite(feats)
+    if bool(bad.any()):
+        rows = int(bad.reshape(len(feats), -1).any(dim=1).sum()) if feats.ndim > 1 else int(bad.sum())
+        raise NonFiniteFeatures(f"the model's {what} features are not finite for {rows} of {len(feats)} items: "
+                                "its weights are damaged, or its training diverged")
+    return feats
 
 
 def _hit_ranks(scores: Any, correct: Any) -> Any:
@@ -150,6 +167,9 @@ def _hit_ranks(scores: Any, correct: Any) -> Any:
     import numpy as np
 
     scores = np.asarray(scores, dtype=np.float64)
+    # A NaN score compares false with everything, so a correct NaN candidate beat every wrong one: a
+    # model whose features are NaN scored 100 %. As -inf it ties with everything and never hits.
+    scores = np.where(np.isnan(scores), -np.inf, scores)
     best = np.where(correct, scores, -np.inf).max(axis=1)
     return ((scores >= best[:, None]) & ~correct).sum(axis=1)
 
@@ -230,7 +250,7 @@ def zero_shot(bundle: Any, image_features: Any, labels: list[int], names: list[s
         classifier = open_clip.build_zero_shot_classifier(
             bundle.model, tokenizer=bundle.tokenizer, classnames=names, templates=fns, num_classes_per_batch=10, device=device
         ).float().cpu()
-    out = classification_metrics((image_features @ classifier).numpy(), labels, k=5)
+    out = classification_metrics((image_features @ _finite(classifier.T, "class text").T).numpy(), labels, k=5)
     out.update({"n_classes": len(names), "n_templates": len(templates), "n_items": len(labels), "chance_top1": 1.0 / len(names)})
     return out
 
@@ -352,7 +372,10 @@ def run(cfg: EvaluateConfig, spark: Any = None) -> StageResult:
             ) from e
         raise
     t0 = time.time()
-    results = {es.name: evaluate_set(bundle, es, cfg.tasks, device, cfg.batch_size) for es in sets}
+    try:
+        results = {es.name: evaluate_set(bundle, es, cfg.tasks, device, cfg.batch_size) for es in sets}
+    except NonFiniteFeatures as e:
+        raise NonFiniteFeatures(f"{weights or model_name + ' (random init)'}: {e}; nothing was written") from None
     out = {
         "settings": cfg.to_dict(),
         "model": {k: v for k, v in bundle.info.items() if k != "preprocess"},
