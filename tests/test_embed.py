@@ -211,6 +211,27 @@ def test_unknown_model_lists_close_names(small_pool, tmp_path):
     assert not os.path.exists(tmp_path / "e" / layout.EMB_MODEL_JSON)
 
 
+@pytest.mark.parametrize("kind", ["empty", "tensor", "safetensors"])
+def test_pretrained_file_that_is_no_state_dict_exits_2_naming_it(small_pool, tmp_path, capsys, kind):
+    import torch
+
+    from laiontools.cli import main as cli_main
+
+    path = tmp_path / ("w.safetensors" if kind == "safetensors" else "w.pt")
+    if kind == "empty":
+        torch.save({}, path)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_bytes(b"garbage not safetensors")
+    out = tmp_path / "e"
+    assert cli_main(["embed", "--manifest", small_pool, "--output", str(out), "--model", MODEL,
+                     "--pretrained", str(path), "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
+    assert not os.path.exists(out / layout.EMB_MODEL_JSON)
+
+
 def test_other_model_refused_names_both(embedded, pool_manifest):
     with pytest.raises(EmbedMismatchError) as e:
         main(["--manifest", pool_manifest, "--output", embedded, "--model", "lt-small"])

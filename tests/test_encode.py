@@ -449,3 +449,52 @@ def test_a_size_that_is_no_plain_number_is_a_read_error_not_a_hang(where, size):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry: checkpoints that are not a model's weights are refused by name, never a traceback
+
+
+def _save_weird(path, kind: str) -> None:
+    if kind == "empty_dict":
+        torch.save({}, path)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "list":
+        torch.save([1, 2], path)
+    elif kind == "non_tensor_values":
+        torch.save({"epoch": 3, "lr": 0.1}, path)
+    elif kind == "garbage_safetensors":
+        path.write_bytes(b"garbage not safetensors")
+    elif kind == "cut_safetensors":
+        from safetensors.torch import save_file
+
+        save_file(load_model("lt-tiny").model.state_dict(), str(path))
+        path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("kind,name", [("empty_dict", "w.pt"), ("tensor", "w.pt"), ("list", "w.pt"),
+                                       ("non_tensor_values", "w.pt"), ("garbage_safetensors", "w.safetensors"),
+                                       ("cut_safetensors", "w.safetensors")])
+def test_checkpoint_that_is_no_state_dict_is_a_model_error_naming_it(tmp_path, kind, name):
+    from laiontools.models.registry import ModelError
+
+    path = tmp_path / name
+    _save_weird(path, kind)
+    with pytest.raises(ModelError, match=str(path)):
+        load_model("lt-tiny", str(path))
+
+
+def test_real_state_dict_and_safetensors_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.clone() for k, v in load_model("lt-tiny").model.state_dict().items()}
+    with torch.no_grad():
+        next(iter(sd.values())).add_(1.0)
+    torch.save(sd, tmp_path / "w.pt")
+    torch.save({"state_dict": sd, "epoch": 1}, tmp_path / "wrapped.pt")
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    for f in ("w.pt", "wrapped.pt", "w.safetensors"):
+        got = load_model("lt-tiny", str(tmp_path / f)).model.state_dict()
+        k = next(iter(sd))
+        assert torch.equal(got[k], sd[k]), f

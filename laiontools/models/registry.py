@@ -146,17 +146,38 @@ def _create_pretrained(name: str, pretrained: str, device: str, precision: str) 
 
 
 def _assert_weights_only(path: str) -> None:
+    """Raise ModelError naming `path` unless it loads without unpickling objects (torch weights_only, or
+    safetensors) into what open_clip takes: a non-empty {name: tensor} mapping, possibly under 'state_dict'."""
     import torch
 
     if path.endswith(".safetensors"):
-        return
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        from safetensors.torch import load_file
+
+        try:
+            ckpt: Any = load_file(path, device="cpu")
+        except Exception as e:  # SafetensorError, OSError: a damaged or cut file
+            raise ModelError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__}: "
+                             f"{str(e)[:200]}); re-save or re-download it") from e
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelError(
+                f"checkpoint {path} cannot be loaded with weights_only=True ({type(e).__name__}); "
+                f"laiontools never unpickles arbitrary objects: re-save it as a plain state_dict or safetensors"
+            ) from e
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    if not (isinstance(sd, dict) and sd and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
         raise ModelError(
-            f"checkpoint {path} cannot be loaded with weights_only=True ({type(e).__name__}); "
-            f"laiontools never unpickles arbitrary objects: re-save it as a plain state_dict or safetensors"
-        ) from e
+            f"checkpoint {path} is not a model state_dict (it holds {_describe_obj(sd)}, not a non-empty mapping of "
+            f"parameter names to tensors); pass the weights file written by training (a plain state_dict or safetensors)"
+        )
+
+
+def _describe_obj(obj: Any) -> str:
+    if isinstance(obj, dict):
+        return "an empty dict" if not obj else f"a dict of {len(obj)} entries with non-tensor values or keys"
+    return f"a {type(obj).__name__}"
 
 
 def _image_size(preprocess: Any) -> tuple[int, int]:
