@@ -60,6 +60,64 @@ def test_bad_study_config(tmp_path) -> None:
                     evalset=["e=x"], train={"seed": 3}, extra_seeds=[1, 3])  # fmt: skip
 
 
+def test_study_config_refuses_repeated_grid_values(tmp_path) -> None:
+    base = dict(output=str(tmp_path), scales={"a": "x"}, models=["lt-tiny"], batch_size=16, evalset=["e=x"])
+    with pytest.raises(ConfigError, match=r"`samples_seen` lists \[32\] more than once"):
+        StudyConfig(**{**base, "samples_seen": [32, "32", 64]})
+    with pytest.raises(ConfigError, match=r"`models` lists \['lt-tiny'\] more than once"):
+        StudyConfig(**{**base, "samples_seen": [32], "models": ["lt-tiny", "lt-small", "lt-tiny"]})
+    assert StudyConfig(**{**base, "samples_seen": [32, 64]}).samples_seen == [32, 64]
+
+
+def _fake_finished_point(cfg: StudyConfig, scale: str, samples_seen: int) -> str:
+    """The run and evaluation `study` leaves for one grid point (settings, result, eval.json + markers), without training."""
+    from laiontools.core.storage import mark_done, write_json
+    from laiontools.stages import train
+    from laiontools.stages.evaluate import EvaluateConfig
+
+    base = os.path.join(cfg.output, "runs", f"{cfg.models[0]}__{scale}__{samples_seen}")
+    run_dir = os.path.join(base, "train")
+    tcfg = train.TrainConfig(manifest=cfg.scales[scale], model=cfg.models[0], samples_seen=samples_seen,
+                             batch_size=cfg.batch_size, nproc=cfg.nproc, output=run_dir, **cfg.train)  # fmt: skip
+    manifest = train.check_trainable_manifest(tcfg.manifest)
+    plan = train.plan_schedule(samples_seen, cfg.batch_size, cfg.nproc, int(manifest["num_samples"]), tcfg.workers)
+    settings = train.build_settings(tcfg, manifest, plan, "cpu", run_dir)
+    from laiontools.contracts import layout
+
+    write_json(os.path.join(run_dir, layout.OUTPUT_MARKER), {"stage": "train", "created": 0})
+    write_json(os.path.join(run_dir, "settings.json"), settings)
+    result = {"manifest_sha256": settings["manifest_sha256"], "samples_seen": samples_seen, "steps": plan.steps, "final_loss": 1.5}
+    write_json(os.path.join(run_dir, "result.json"), result)
+    mark_done(os.path.join(run_dir, "result.json"))
+    eval_path = os.path.join(base, "eval.json")
+    ev = EvaluateConfig(checkpoint=run_dir, evalset=list(cfg.evalset), evalsets_yaml=cfg.evalsets_yaml, output=eval_path, **cfg.evaluate)
+    write_json(eval_path, {"settings": ev.to_dict(), "metrics": {"colors/zeroshot_top1": 0.25}})
+    mark_done(eval_path)
+    return base
+
+
+def test_study_refuses_to_reuse_a_point_made_with_other_settings(tmp_path) -> None:
+    """Editing train.lr (or the evaluation) after a point finished must not mix old and new runs in results.csv."""
+    manifest = write_resharded_subset(str(tmp_path / "data" / "s16"), n_shards=1, per_shard=16, name="s16")
+    out = str(tmp_path / "study")
+    cfg = dict(output=out, scales={"16": manifest}, samples_seen=[16], models=["lt-tiny"], batch_size=8,
+               evalset=["colors=/nowhere:wds"], train={"workers": 0, "lr": 0.001, "device": "cpu"})  # fmt: skip
+    base = _fake_finished_point(StudyConfig(**cfg), "16", 16)
+    # the same settings: reused as it is, nothing trained or evaluated
+    row = study_stage.run_point(StudyConfig(**cfg), "lt-tiny", "16", 16, 1.0)
+    assert row["final_loss"] == 1.5 and row["colors/zeroshot_top1"] == 0.25 and row["run_id"] == "lt-tiny__16__16"
+    assert not os.path.exists(os.path.join(base, "train", "launches.jsonl"))
+    # another learning rate: refused, naming the run and the setting
+    edited = {**cfg, "train": {**cfg["train"], "lr": 0.01}}
+    with pytest.raises(ConfigError, match=r"run lt-tiny__16__16: .*lr: 0\.001 -> 0\.01"):
+        study_stage.run_point(StudyConfig(**edited), "lt-tiny", "16", 16, 1.0)
+    assert not os.path.exists(os.path.join(base, "train", "launches.jsonl"))
+    # other evaluation tasks: the old eval.json is not reused
+    edited = {**cfg, "evaluate": {"tasks": ["zeroshot"]}}
+    with pytest.raises(ConfigError, match=r"run lt-tiny__16__16: .*eval\.json was evaluated with other settings: tasks"):
+        study_stage.run_point(StudyConfig(**edited), "lt-tiny", "16", 16, 1.0)
+
+
 @pytest.mark.slow
 def test_study_grid_killed_and_resumed(tmp_path) -> None:
     data = tmp_path / "data"

@@ -114,6 +114,10 @@ class StudyConfig(StageConfig):
             raise ConfigError(f"study: `samples_seen` must list positive budgets, got {self.samples_seen}")
         if not self.models:
             raise ConfigError("study: `models` must list at least one open_clip model")
+        for what, values in (("samples_seen", self.samples_seen), ("models", self.models)):
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:  # each would train (or reuse) the same run twice and list it twice in results.csv
+                raise ConfigError(f"study: `{what}` lists {repeated} more than once; give each value once")
         if not self.evalset and not self.evalsets_yaml:
             raise ConfigError("study: give `evalset` (name=path[:format] list) or `evalsets_yaml`")
         for n in self.samples_seen:
@@ -172,6 +176,9 @@ def _write_results(path: str, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
+_EVAL_IDENTITY_KEYS = ("checkpoint", "model", "evalset", "evalsets_yaml", "tasks")  # what an evaluation's numbers depend on
+
+
 def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs: float,
               seed: int | None = None) -> dict[str, Any]:
     """Train (or resume, or skip) and evaluate (or skip) one grid point; return its results row.
@@ -188,8 +195,9 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
     base = os.path.join(cfg.output, layout.STUDY_RUNS_DIR, rid)
     run_dir = os.path.join(base, "train")
     eval_path = os.path.join(base, layout.STUDY_EVAL_JSON)
-    if not is_finished(run_dir):
-        log.info("study: training %s", rid)
+    finished = is_finished(run_dir)
+    log.info("study: %s %s", rid, "already trained; checking its settings" if finished else "training")
+    try:  # train.run refuses a run (finished or half-trained) whose identity settings differ, and skips a finished one
         res = train.run(
             TrainConfig(
                 manifest=cfg.scales[scale], model=model, samples_seen=int(samples_seen), batch_size=cfg.batch_size,
@@ -197,13 +205,22 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
                 **train_settings,
             )
         )  # fmt: skip
+    except ConfigError as e:
+        raise ConfigError(f"study: run {rid}: {e}") from e
+    if not finished:
         emit(res.summary)  # progress of a grid that runs for hours
+    ev_cfg = EvaluateConfig(checkpoint=run_dir, evalset=list(cfg.evalset), evalsets_yaml=cfg.evalsets_yaml, output=eval_path, **cfg.evaluate)
+    if is_done(eval_path):  # reuse an evaluation only of the same sets and tasks
+        old, new = read_json(eval_path).get("settings", {}), ev_cfg.to_dict()
+        diff = {k: (old.get(k), new.get(k)) for k in _EVAL_IDENTITY_KEYS if old.get(k) != new.get(k)}
+        if diff:
+            raise ConfigError(
+                f"study: run {rid}: {eval_path} was evaluated with other settings: "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                + "; use the original settings, or delete that file (and its .done marker) to evaluate again"
+            )
     else:
-        log.info("study: %s already trained", rid)
-    if not is_done(eval_path):
-        res = evaluate.run(
-            EvaluateConfig(checkpoint=run_dir, evalset=list(cfg.evalset), evalsets_yaml=cfg.evalsets_yaml, output=eval_path, **cfg.evaluate)
-        )
+        res = evaluate.run(ev_cfg)
         emit(res.summary)
     result, ev = read_result(run_dir), read_json(eval_path)
     row: dict[str, Any] = {
