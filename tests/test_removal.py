@@ -127,3 +127,24 @@ def test_verify_cli_refuses_a_malformed_list(small_pool, tmp_path, capsys):
     bad.write_text("url http://127.0.0.2/p/0.jpg\nsha256 nothex\n")
     assert main(["verify", small_pool["manifest"], "--removal-list", str(bad)]) == 2
     assert "bad.txt:2: sha256 must be 64 hex" in capsys.readouterr().err
+
+
+def test_hosts_meet_in_one_spelling_idna_fullwidth_and_case():
+    # a punycode entry matches the Unicode host and back; fullwidth letters and a trailing dot fold too
+    rl = parse_removal_list("domain xn--bcher-kva.example\ndomain example.com\ndomain BÜCHER2.example.\n"
+                            "url http://ＥＸＡＭＰＬＥ.org:80/a.jpg\n", "list.txt")
+    assert "xn--bcher2-3ya.example" in rl.domains
+    assert str(rl.match(url="http://bücher.example/x.jpg")) == "domain xn--bcher-kva.example (line 1)"
+    assert rl.match(url="http://ＥＸＡＭＰＬＥ.com/y.jpg").line == 2
+    assert rl.match(url="http://img.xn--bcher2-3ya.example/z.jpg").line == 3
+    assert rl.match(url="http://example.org/a.jpg").kind == "url"
+    assert rl.match(url="http://example.org/A.jpg") is None  # the path stays case-sensitive
+
+
+def test_an_unparsable_catalog_url_matches_no_domain():
+    rl = parse_removal_list("domain example.com\n", "list.txt")
+    assert rl.match(url="http://[::1/x.jpg") is None
+    assert rl.match(url="http://example.com:abc/x").kind == "domain"  # a bad port still has a plain host
+    assert rl.match(url="http://example.com/x").kind == "domain"
+    with pytest.raises(RemovalListError, match="list.txt:1: .*not an http"):
+        parse_removal_list("url http://[::1/x.jpg\n", "list.txt")

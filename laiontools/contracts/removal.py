@@ -9,6 +9,10 @@ A removal list is a UTF-8 text file, one entry per line; blank lines and ``#`` c
     md5 <32 hex>                           # content hash of the stored image bytes
     phash <16 hex> [max_distance]          # perceptual hash (imagehash.phash), Hamming distance <= max (default 0)
 
+Hosts (of domain entries, url entries and the catalog URLs matched) are compared in one spelling,
+:func:`laiontools.web.policy.canonical_host` (IDNA, lower case, no trailing dot, numeric IPv4 as a dotted
+quad): ``domain bücher.de`` and ``domain xn--bcher-kva.de`` are the same entry.
+
 The kind comes first so a 32-hex md5 and a 32-hex uid are never confused. A malformed line raises
 :class:`RemovalListError` naming the file and line number, and nothing is matched against a list that
 failed to parse. :meth:`RemovalList.match` says which entry (kind + line) a sample hits, so every removal
@@ -20,18 +24,42 @@ from __future__ import annotations
 import dataclasses
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from laiontools.contracts.uids import UID_DTYPE, normalize_url
 from laiontools.core.errors import UserError
 from laiontools.core.storage import sha256_bytes, url_to_fs
+from laiontools.web.policy import canonical_host
 
 KINDS = ("url", "domain", "uid", "sha256", "md5", "phash")
 _HEX = {"uid": 32, "sha256": 64, "md5": 32, "phash": 16}
 _HOST = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 MAX_PHASH_DISTANCE = 32
+
+
+def _canonical_url(url: str | None) -> tuple[str | None, str]:
+    """(`url` normalized with its host in canonical_host spelling, that host) -- the one spelling both a
+    list entry and a catalog URL are compared in (``ＥＸＡＭＰＬＥ.com`` and ``bücher.de`` meet
+    ``example.com`` and ``xn--bcher-kva.de``). A URL urlsplit cannot parse (``http://[::1/x``, which
+    prepare keeps as rejected_invalid_url) keeps its normalized text and has no host: it matches no domain."""
+    n = normalize_url(url)
+    try:
+        parts = urlsplit(n or "")
+        host = parts.hostname or ""
+    except ValueError:
+        return n, ""
+    if not host:
+        return n, ""
+    host = canonical_host(host)
+    try:
+        port = parts.port
+    except ValueError:  # a bad port: the host is still plain, the URL keeps its text
+        return n, host
+    netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    netloc += (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host
 
 
 class RemovalListError(UserError, ValueError):
@@ -55,7 +83,7 @@ class RemovalList:
     path: str
     sha256: str  # of the file's bytes
     urls: dict[str, int]  # normalized URL -> line
-    domains: dict[str, int]  # lowercase host -> line
+    domains: dict[str, int]  # canonical_host -> line
     uids: dict[str, int]  # 32 hex -> line
     sha256s: dict[str, int]
     md5s: dict[str, int]
@@ -78,11 +106,10 @@ class RemovalList:
         if uid and uid.lower() in self.uids:
             return Match("uid", uid.lower(), self.uids[uid.lower()])
         if url:
-            n = normalize_url(url)
+            n, host = _canonical_url(url)
             if n in self.urls:
                 return Match("url", n, self.urls[n])
             if self.domains:
-                host = (urlsplit(n or "").hostname or "").lower().rstrip(".")
                 while host:
                     if host in self.domains:
                         return Match("domain", host, self.domains[host])
@@ -119,13 +146,12 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
             raise RemovalListError(f"{where}: {kind} without a value")
         if kind == "url":
             value = rest.split()[0]  # a URL has no spaces; anything after it is a comment
-            u = normalize_url(value)
-            parts = urlsplit(u or "")
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            u, host = _canonical_url(value)
+            if not host or urlsplit(u or "").scheme not in ("http", "https"):
                 raise RemovalListError(f"{where}: {value!r} is not an http(s) URL")
             urls.setdefault(u, lineno)
         elif kind == "domain":
-            host = rest.split()[0].lower().rstrip(".")
+            host = canonical_host(rest.split()[0])
             if not _HOST.match(host):
                 raise RemovalListError(f"{where}: {rest!r} is not a host name (give e.g. 'domain example.com', no scheme or path)")
             domains.setdefault(host, lineno)
