@@ -366,3 +366,83 @@ def test_fast_decode_close_to_exact(tmp_path):
     assert (mf["embed_status"] == STATUS_OK).all()
     cos = (ie * if_).sum(1)
     assert cos.min() > 0.95 and not np.array_equal(ie, if_)  # draft decode really ran, and changed little
+
+
+# ---------------------------------------------------------------------------------------------
+# weights that give NaN, bad uids (pools edited in place: shard 00000 rewritten, manifest updated)
+
+
+def _pool_with_shard0(small_pool: str, tmp_path, edit) -> str:
+    """A copy of the pool whose shard 00000 holds edit([(key, {ext: bytes})]); returns its manifest."""
+    import hashlib
+    import json
+
+    pool = str(tmp_path / "pool_edit")
+    shutil.copytree(os.path.dirname(small_pool), pool)
+    manifest = os.path.join(pool, layout.POOL_MANIFEST)
+    tar = os.path.join(pool, "shards", "00000.tar")
+    samples = edit(read_shard_samples(tar, None))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    with open(tar, "wb") as f:
+        f.write(data)
+    with open(manifest) as f:
+        m = json.load(f)
+    m["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), num_samples=len(samples))
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+    return manifest
+
+
+def test_nan_weights_refused_before_anything_is_written(small_pool, tmp_path, capsys):
+    import torch
+
+    from laiontools.cli import main as cli_main
+    from laiontools.models.registry import load_model
+
+    sd = load_model(MODEL).model.state_dict()
+    sd["visual.proj"] = torch.full_like(sd["visual.proj"], float("nan"))
+    ckpt = tmp_path / "nan.pt"
+    torch.save(sd, ckpt)
+    out = tmp_path / "e"
+    assert cli_main(["embed", "--manifest", small_pool, "--output", str(out), "--model", MODEL,
+                     "--pretrained", str(ckpt), "--num-workers", "0", "--batch-size", "5"]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "non-finite" in err and "Traceback" not in err
+    assert not os.path.exists(out / layout.EMB_META_DIR) and not os.path.exists(out / layout.EMB_IMG_DIR)
+
+
+def test_nan_after_the_first_batch_is_refused_before_the_shard_is_written(small_pool, tmp_path):
+    """Weights NaN only for one token: the first batch is finite, a later row is NaN; the shard is not written."""
+    import torch
+
+    from laiontools.models.registry import load_model
+
+    word = "qzxwvkj"
+
+    def edit(samples):
+        samples[6][1]["txt"] = f"a photo of {word}".encode()  # batch 2 of shard 00000 (batch size 5)
+        return samples
+
+    manifest = _pool_with_shard0(small_pool, tmp_path, edit)
+    bundle = load_model(MODEL)
+    others = {int(t) for k, p in read_shard_samples(os.path.join(os.path.dirname(manifest), "shards", "00000.tar"), None)
+              if word not in p["txt"].decode() for t in bundle.tokenizer([p["txt"].decode()])[0]}
+    only = [int(t) for t in bundle.tokenizer([f"a photo of {word}"])[0] if int(t) not in others]
+    assert only
+    sd = bundle.model.state_dict()
+    sd["token_embedding.weight"][only[0]] = float("nan")
+    ckpt = tmp_path / "tok_nan.pt"
+    torch.save(sd, ckpt)
+    out = str(tmp_path / "e")
+    with pytest.raises(ModelError, match="non-finite.*shard 00000") as e:
+        _run(manifest, out, "--pretrained", str(ckpt))
+    assert str(ckpt) in str(e.value)
+    assert not os.path.exists(os.path.join(out, layout.EMB_IMG_DIR, "00000.npy"))
+    assert not os.path.exists(os.path.join(out, layout.EMB_META_DIR, "00000.parquet.done"))

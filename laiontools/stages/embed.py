@@ -378,6 +378,7 @@ def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConf
     pending: dict[str, list[dict[str, Any]]] = {}
     started: dict[str, float] = {}
     stats: list[dict[str, Any]] = []
+    checked_first = False
     for batch in loader:
         sid = batch["shard"]
         started.setdefault(sid, time.time())
@@ -391,6 +392,9 @@ def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConf
         if n:
             img, txt = embedder.encode(batch["images"], batch["tokens"])
             part["img"], part["txt"] = img.cpu().numpy(), txt.cpu().numpy()
+            if not checked_first:  # cheap early refusal, before a whole shard is embedded
+                _check_finite(cfg, embedder, sid, part["img"], part["txt"])
+                checked_first = True
         for key, err in zip(batch["keys"], batch["errors"]):
             if err:
                 _sample_log.warn(STATUS_FAILED_DECODE, "shard %s sample %s: %s", sid, key, err)
@@ -411,10 +415,25 @@ def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConf
                 "model": _signature(embedder.info),
                 "seconds": round(time.time() - started.pop(sid), 3),
             }
+            _check_finite(cfg, embedder, sid, img, txt)  # never write a shard with NaN / inf
             _write_shard(cfg.output, sid, img, txt, meta, st)
             log.info("shard %s: %d rows (%d failed decode) in %.1fs", sid, st["rows"], failed, st["seconds"])
             stats.append(st)
     return stats
+
+
+def _check_finite(cfg: EmbedConfig, embedder: Embedder, sid: str, img: np.ndarray, txt: np.ndarray) -> None:
+    """Raise ModelError naming the weights if any embedding of shard `sid` is NaN or infinite."""
+    if np.isfinite(img).all() and np.isfinite(txt).all():
+        return
+    from laiontools.models.registry import ModelError
+
+    weights = cfg.pretrained or f"random init (seed {embedder.info.get('random_init_seed')})"
+    raise ModelError(
+        f"model {cfg.model!r} with weights {weights} produces non-finite embeddings (NaN/inf in shard {sid}, "
+        f"precision {embedder.precision}): the weights are damaged or the training diverged; that shard was not written "
+        f"(shards finished before it are valid)"
+    )
 
 
 def _signature(info: dict[str, Any]) -> str:
