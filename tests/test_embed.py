@@ -446,3 +446,30 @@ def test_nan_after_the_first_batch_is_refused_before_the_shard_is_written(small_
     assert str(ckpt) in str(e.value)
     assert not os.path.exists(os.path.join(out, layout.EMB_IMG_DIR, "00000.npy"))
     assert not os.path.exists(os.path.join(out, layout.EMB_META_DIR, "00000.parquet.done"))
+
+
+def test_bad_and_repeated_uids_are_failed_rows_not_ok(small_pool, tmp_path):
+    import json
+
+    bad = [12345, "", ["x"], "hello world", "0123456789ABCDEF0123456789ABCDEF", "0123456789abcdef0123456789abcde"]
+
+    def edit(samples):
+        for (key, parts), uid in zip(samples, bad):
+            parts["json"] = json.dumps({"uid": uid}).encode()
+        samples[7][1]["json"] = samples[6][1]["json"]  # sample 7 repeats sample 6's (valid) uid
+        return samples
+
+    manifest = _pool_with_shard0(small_pool, tmp_path, edit)
+    out = str(tmp_path / "e")
+    assert _run(manifest, out) == 0
+    sid, img, _, meta = next(read_embeddings(out))
+    assert sid == "00000" and len(meta) == 8
+    for i, uid in enumerate(bad):
+        row = meta.iloc[i]
+        assert row["embed_status"] == STATUS_FAILED_DECODE and pd.isna(row["uid"]), (i, uid)
+        assert "not 32 lowercase hex" in row["embed_error"] and not img[i].any()
+    first, rep = meta.iloc[6], meta.iloc[7]
+    assert first["embed_status"] == STATUS_OK and len(first["uid"]) == 32
+    assert rep["embed_status"] == STATUS_FAILED_DECODE and pd.isna(rep["uid"]) and not img[7].any()
+    assert first["uid"] in rep["embed_error"] and "repeats" in rep["embed_error"] and first["key"] in rep["embed_error"]
+    assert meta["uid"].dropna().is_unique

@@ -17,7 +17,9 @@ read it directly.
 Row alignment: every sample (key) of a shard's tar gets exactly one row, in tar order. A sample whose
 image cannot be decoded keeps its row with a zero image vector, ``clip_score`` null,
 ``embed_status='failed_decode'`` and the reason in ``embed_error``; it is counted and logged (rate
-limited), and the shard still finishes. Its caption is still embedded.
+limited), and the shard still finishes. Its caption is still embedded. A sample without a valid uid
+(none, or not 32 lowercase hex chars) or whose uid repeats an earlier sample of the shard gets the
+same failed row (status ``failed_decode``, uid null, the reason and the raw uid in ``embed_error``).
 
 Bad shards (file missing, sha256 not the manifest's, unreadable tar) are reported by name and skipped;
 the other shards finish, the run lists the failed shards in ``embed_report.json`` and
@@ -49,6 +51,7 @@ import json
 import logging
 import math
 import os
+import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -87,6 +90,7 @@ log = logging.getLogger(__name__)
 _sample_log = RateLimitedLogger(log)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_UID_RE = re.compile(r"[0-9a-f]{32}")  # the uid contract (DESIGN.md): 32 lowercase hex chars
 ENGINES = ("local", "torchrun", "spark")
 
 
@@ -206,6 +210,8 @@ def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
             err = f"unreadable {key}.json ({type(e).__name__})"
     if uid is None and err is None:
         err = f"no uid in {key}.json" if meta_raw is not None else f"no {key}.json member"
+    elif err is None and not (isinstance(uid, str) and _UID_RE.fullmatch(uid)):
+        err, uid = f"uid {str(json.dumps(uid))[:80]} in {key}.json is not 32 lowercase hex chars", None
     caption = parts.get("txt", b"").decode("utf-8", errors="replace")
     img_bytes = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
     if img_bytes is None:
@@ -327,15 +333,28 @@ def _assemble(sid: str, parts: list[dict[str, Any]], dim: int) -> tuple[np.ndarr
     img = np.concatenate([p["img"] for p in parts]) if rows else np.zeros((0, dim), np.float32)
     txt = np.concatenate([p["txt"] for p in parts]) if rows else np.zeros((0, dim), np.float32)
     ok = np.concatenate([p["ok"] for p in parts]) if rows else np.zeros(0, bool)
+    keys = [k for p in parts for k in p["keys"]]
+    uids = [u for p in parts for u in p["uids"]]
+    errors = [e for p in parts for e in p["errors"]]
+    first: dict[str, str] = {}
+    for i, u in enumerate(uids):  # a uid names one sample: a repeat is a failed row, not a second "ok" one
+        if u is None:
+            continue
+        if u in first:
+            ok[i], uids[i] = False, None
+            errors[i] = f"uid {u} repeats sample {first[u]} of this shard"
+            _sample_log.warn(STATUS_FAILED_DECODE, "shard %s sample %s: %s", sid, keys[i], errors[i])
+        else:
+            first[u] = keys[i]
     score = np.where(ok, (img * txt).sum(axis=1), np.nan).astype(np.float32)
     img[~ok] = 0.0
     meta = pd.DataFrame(
         {
-            "uid": pd.array([u for p in parts for u in p["uids"]], dtype="string"),
-            "key": pd.array([k for p in parts for k in p["keys"]], dtype="string"),
+            "uid": pd.array(uids, dtype="string"),
+            "key": pd.array(keys, dtype="string"),
             "clip_score": pd.array(score, dtype="Float32"),
             "embed_status": pd.array(np.where(ok, STATUS_OK, STATUS_FAILED_DECODE), dtype="string"),
-            "embed_error": pd.array([e for p in parts for e in p["errors"]], dtype="string"),
+            "embed_error": pd.array(errors, dtype="string"),
         }
     )
     return img, txt, meta, int((~ok).sum())
