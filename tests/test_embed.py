@@ -473,3 +473,30 @@ def test_bad_and_repeated_uids_are_failed_rows_not_ok(small_pool, tmp_path):
     assert rep["embed_status"] == STATUS_FAILED_DECODE and pd.isna(rep["uid"]) and not img[7].any()
     assert first["uid"] in rep["embed_error"] and "repeats" in rep["embed_error"] and first["key"] in rep["embed_error"]
     assert meta["uid"].dropna().is_unique
+
+
+def test_resume_with_other_precision_or_decode_settings_is_refused(small_pool, tmp_path):
+    import json
+
+    out = str(tmp_path / "e")
+    assert _run(small_pool, out) == 0
+    info = load_model_json(out)
+    assert info["precision"] == "auto" and info["jpeg_draft_decode"] is False
+    os.remove(os.path.join(out, layout.EMB_META_DIR, "00001.parquet.done"))  # one shard left to do
+    with pytest.raises(EmbedMismatchError, match="precision: 'auto' there, 'bf16' now") as e:
+        _run(small_pool, out, "--precision", "bf16")
+    assert out in str(e.value)
+    with pytest.raises(EmbedMismatchError, match="jpeg_draft_decode: False there, True now"):
+        _run(small_pool, out, "--fast-decode")
+    assert not os.path.exists(os.path.join(out, layout.EMB_META_DIR, "00001.parquet.done"))
+    # A folder written before these settings were recorded: resumable with the defaults it was made with.
+    path = os.path.join(out, layout.EMB_MODEL_JSON)
+    with open(path) as f:
+        doc = json.load(f)
+    del doc["precision"], doc["jpeg_draft_decode"]
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(EmbedMismatchError, match="jpeg_draft_decode"):
+        _run(small_pool, out, "--fast-decode")
+    res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0)).details
+    assert res.ok and res.shards_embedded == ["00001"]

@@ -44,10 +44,27 @@ META_COLUMNS = ("uid", "key", "clip_score", "embed_status", "embed_error")
 SCORE_COLUMNS = ("uid", "clip_score")
 # Fields that define an embedding space: two folders are compatible only if all of them match.
 IDENTITY_FIELDS = ("model", "pretrained", "checkpoint_sha256", "random_init_seed", "embed_dim")
+# Settings embed records in model.json that change the stored vectors without changing the embedding space
+# (a dedup may embed its queries with other ones): a resumed folder must keep them, or its shards would mix.
+# The value is what a folder written before the field was recorded was made with (the default then).
+RUN_SETTING_FIELDS = {"precision": "auto", "jpeg_draft_decode": False}
 
 
 class EmbedMismatchError(UserError, ValueError):
     """The output folder holds embeddings of another model, dimension or pool."""
+
+
+def check_same_run_settings(existing: dict[str, Any], new: dict[str, Any], where: str) -> None:
+    """Raise EmbedMismatchError naming each differing :data:`RUN_SETTING_FIELDS` setting (existing vs new)
+    if a run with `new` settings would add shards to the folder `where` made with `existing` ones."""
+    diff = {f: (existing.get(f, d), new.get(f, d)) for f, d in RUN_SETTING_FIELDS.items()
+            if existing.get(f, d) != new.get(f, d)}
+    if diff:
+        shown = ", ".join(f"{f}: {old!r} there, {now!r} now" for f, (old, now) in diff.items())
+        raise EmbedMismatchError(
+            f"{where} was embedded with other settings ({shown}); resuming would mix shards embedded two ways: "
+            f"re-run with the folder's settings, use another --output folder, or delete that one to re-embed"
+        )
 
 
 def check_compatible(existing: dict[str, Any], new: dict[str, Any], where: str) -> None:

@@ -67,6 +67,7 @@ from laiontools.contracts.embeddings import (
     STATUS_OK,
     EmbedMismatchError,
     check_compatible,
+    check_same_run_settings,
     shard_files,
 )
 from laiontools.core.config import ConfigError
@@ -479,17 +480,20 @@ def pool_identity(manifest_path: str, manifest: dict[str, Any]) -> dict[str, Any
 def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
     """Create the output folder and its model.json, or check an existing one; returns model.json content.
 
-    Refuses (EmbedMismatchError) a folder of another model/dimension or another source pool. A newer
+    Refuses (EmbedMismatchError) a folder of another model/dimension, other precision / JPEG decode
+    settings (RUN_SETTING_FIELDS; missing in older folders: their defaults) or another source pool. A newer
     manifest of the same pool (download resumed, more shards) updates the recorded manifest sha256.
     """
     ensure_output_dir(cfg.output)
     path = join(cfg.output, layout.EMB_MODEL_JSON)
-    doc = {**model_info, "pool": pool, "jpeg_draft_decode": bool(cfg.fast_decode), "layout": {"img": layout.EMB_IMG_DIR, "text": layout.EMB_TEXT_DIR,
+    settings = {"precision": cfg.precision, "jpeg_draft_decode": bool(cfg.fast_decode)}
+    doc = {**model_info, "pool": pool, **settings, "layout": {"img": layout.EMB_IMG_DIR, "text": layout.EMB_TEXT_DIR,
                                                    "meta": layout.EMB_META_DIR, "scores": layout.EMB_SCORES_DIR}}
     fs, p = url_to_fs(path)
     if fs.exists(p):
         existing = read_json(path)
         check_compatible(existing, model_info, where=cfg.output)
+        check_same_run_settings(existing, settings, where=cfg.output)
         old_pool = existing.get("pool") or {}
         if old_pool.get("source_fingerprint") != pool["source_fingerprint"]:
             raise EmbedMismatchError(
