@@ -166,28 +166,43 @@ def _number(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _why_not_a_value(v: Any) -> str:
+    """Why a metric cell is no finite number (for the runs a fit leaves out)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return f"not a number ({v!r})"
+    return "empty or NaN" if math.isnan(f) else f"not finite ({f})"
+
+
 def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequence[float] = (),
             kind: str = "accuracy") -> dict[str, Any]:
     """Frontier + power-law fit + predictions for each metric over all rows.
 
     Rows need ``compute_gmacs``, ``run_id`` and the metric columns; a row without a finite value for
-    a metric is left out of that metric, and a row with zero error is listed in
-    ``perfect_runs_excluded`` (log 0 is undefined). A metric whose frontier cannot be fitted gets
+    a metric is left out of that metric and listed, with the reason, in ``runs_excluded`` (logged as a
+    warning), and a row with zero error is listed in ``perfect_runs_excluded`` (log 0 is undefined). A metric whose frontier cannot be fitted gets
     ``fit: None`` and ``why_no_fit``. Predictions default to 10x and 100x the largest compute.
     """
     fits: dict[str, Any] = {}
     compute_all = [float(r["compute_gmacs"]) for r in rows]
     targets = list(predict_at) or ([10 * max(compute_all), 100 * max(compute_all)] if compute_all else [])
     for m in metrics:
-        pts = []
+        pts, excluded = [], []
         for r in rows:
             v = _number(r.get(m))
             if v is not None:
                 pts.append((float(r["compute_gmacs"]), to_error(v, kind), r["run_id"]))
+            else:
+                excluded.append({"run_id": r["run_id"], "reason": _why_not_a_value(r.get(m))})
+        if excluded:
+            log.warning("%s: %d run(s) left out, no finite value: %s", m, len(excluded),
+                        "; ".join(f"{x['run_id']} ({x['reason']})" for x in excluded))
         dropped = [p[2] for p in pts if p[1] <= 0]
         pts = [p for p in pts if p[1] > 0]
         entry: dict[str, Any] = {"metric": m, "kind": kind, "error": f"1 - {m}" if kind == "accuracy" else m,
-                                 "n_runs": len(pts), "perfect_runs_excluded": dropped}
+                                 "n_runs": len(pts), "runs_excluded": excluded,
+                                 "perfect_runs_excluded": dropped}
         front = pareto_frontier([p[0] for p in pts], [p[1] for p in pts])
         entry["frontier"] = [pts[i][2] for i in front]
         try:
@@ -280,6 +295,37 @@ def _id_part(v: Any) -> str:
     return str(int(f)) if f is not None and f == int(f) else str(v)
 
 
+def _count_cell(path: str, col: str, v: Any) -> Any:
+    """A count cell as an int (``3B`` -> 3000000000); an empty cell stays empty; anything else is refused."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return v
+    try:
+        return parse_count(v)
+    except ValueError as e:
+        raise UserError(f"results table {path}: column {col!r}: {e}") from e
+
+
+def _refuse_repeated_runs(path: str, df: Any) -> None:
+    """Raise UserError when rows repeat a run: the same ``run_id``; with a ``seed`` column, the same model, scale,
+    samples seen, seed and compute (those of them the table has); in a table with neither, two identical rows.
+    Seed replicates are rows with distinct ``seed`` values (or run ids): a run counted twice would pass for two
+    seeds that agree exactly. (Rows that differ elsewhere, e.g. one per downstream set, are no repeats.)"""
+    keys = [c for c in ("model", "scale", "samples_seen", "seed", "compute_gmacs") if c in df.columns]
+    if "run_id" in df.columns:
+        checks = [("run_id", ["run_id"])] + ([(", ".join(keys), keys)] if "seed" in df.columns else [])
+    else:
+        checks = [(", ".join(keys), keys)] if "seed" in df.columns else [("every column", list(df.columns))]
+    for what, cols in checks:
+        seen: dict[tuple[str, ...], Any] = {}
+        for i, r in zip(df.index, df[cols].itertuples(index=False)):
+            key = tuple(_id_part(v) for v in r)
+            if key in seen:
+                raise UserError(
+                    f"results table {path}: rows {seen[key]} and {i} repeat the run ({what} = {', '.join(key)}); list each "
+                    f"run once (seed replicates need distinct values in a `seed` column)")
+            seen[key] = i
+
+
 def load_results_table(path: str, columns: Sequence[str] = (), where: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Rows of a results table (CSV; TSV by suffix) in this module's column names.
 
@@ -303,6 +349,9 @@ def load_results_table(path: str, columns: Sequence[str] = (), where: Sequence[s
         if theirs not in df.columns:
             raise UserError(f"results table {path}: --columns {ours}={theirs}: no column {theirs!r}; columns: {have}")
         df[ours] = df[theirs]
+    for col in ("samples_seen", "dataset_samples"):  # counts may be written 3B, 13e9, 400M
+        if col in df.columns:
+            df[col] = df[col].map(lambda v, col=col: _count_cell(path, col, v))
     for col, op, value in _split_pairs(where, "--where"):
         if col not in df.columns:
             raise UserError(f"results table {path}: --where {col}{op}{value}: no column {col!r}; columns: {list(df.columns)}")
@@ -321,9 +370,10 @@ def load_results_table(path: str, columns: Sequence[str] = (), where: Sequence[s
     bad = df["compute_gmacs"].map(lambda v: (_number(v) or 0) <= 0)
     if bad.any():
         raise UserError(f"results table {path}: compute_gmacs must be a positive number; rows {list(df.index[bad])[:10]} are not")
+    _refuse_repeated_runs(path, df)
     rows = df.to_dict("records")
     if "run_id" not in df.columns:
-        parts = [c for c in ("model", "scale", "samples_seen") if c in df.columns]
+        parts = [c for c in ("model", "scale", "samples_seen", "seed") if c in df.columns]
         for i, r in enumerate(rows):
             r["run_id"] = "__".join(_id_part(r[c]) for c in parts) if parts else f"row{i}"
     seen: dict[str, int] = {}
@@ -437,7 +487,10 @@ def fit_rows(fits: dict[str, Any]) -> list[dict[str, str]]:
     out = []
     for m, e in fits.items():
         f = e.get("fit")
-        row = {"metric": m, "frontier_points": str(len(e.get("frontier", [])))}
+        row = {"metric": m, "frontier_points": str(len(e.get("frontier", []))),
+               "runs_left_out": "; ".join(f"{x['run_id']} ({x['reason']})" for x in e.get("runs_excluded", []))
+               + ("; " if e.get("runs_excluded") and e.get("perfect_runs_excluded") else "")
+               + "; ".join(f"{r} (zero error)" for r in e.get("perfect_runs_excluded", []))}
         if f:
             row["alpha"] = f"{fmt(f['alpha'])} ± {fmt(f['alpha_se'])}"
             row["beta"] = f"{fmt(f['beta'])} ± {fmt(f['beta_se'])}"
@@ -453,7 +506,7 @@ def fit_rows(fits: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-FIT_COLUMNS = ["metric", "frontier_points", "alpha", "beta", "prediction"]
+FIT_COLUMNS = ["metric", "frontier_points", "alpha", "beta", "prediction", "runs_left_out"]
 
 
 def effect_html(effects: Sequence[dict[str, Any]]) -> str:

@@ -267,3 +267,60 @@ def test_data_scale_effect_on_a_hand_made_table() -> None:
     (e,) = data_scale_effect([row("small", 10, 400, 0, 0.1), row("large", 100, 400, 0, 0.9)], ["acc"])
     assert e["gap"] == pytest.approx(0.8) and e["spread"] == 0 and e["signal"] is False
     assert data_scale_effect([{"run_id": "x", "compute_gmacs": 1, "acc": 0.5}], ["acc"]) == []  # no scale column
+
+
+def test_load_results_table_refuses_repeated_runs_and_keeps_seed_replicates(tmp_path) -> None:
+    import pandas as pd
+
+    def table(name: str, **cols) -> str:
+        path = str(tmp_path / name)
+        pd.DataFrame(cols).to_csv(path, index=False)
+        return path
+
+    base = {"model": ["m", "m"], "scale": ["s", "s"], "samples_seen": [1000, 1000], "compute_gmacs": [10, 10], "acc": [0.2, 0.2]}
+    # a run listed twice under its id (it would count as two seeds that agree exactly)
+    with pytest.raises(UserError, match=r"dup_id\.csv: rows 0 and 1 repeat the run \(run_id = a\)"):
+        load_results_table(table("dup_id.csv", run_id=["a", "a"], **base))
+    # the same model, scale, budget and seed under two ids
+    with pytest.raises(UserError, match=r"dup_seed\.csv: rows 0 and 1 repeat the run \(model, scale, samples_seen, seed, compute_gmacs = m, s, 1000, 0, 10\)"):
+        load_results_table(table("dup_seed.csv", run_id=["a", "b"], seed=[0, 0], **base))
+    # no id and no seed: identical rows are the same run (3e9 and 3B are one budget) ...
+    with pytest.raises(UserError, match=r"dup_row\.csv: rows 0 and 1 repeat the run \(every column = m, s, 3000000000, 10"):
+        load_results_table(table("dup_row.csv", **{**base, "samples_seen": ["3e9", "3B"]}))
+    # ... while rows that differ elsewhere (one per downstream set) are not
+    assert len(load_results_table(table("long.csv", dataset=["in1k", "cifar"], **base))) == 2
+    # seed replicates: distinct seeds (ids made with the seed), or distinct run ids, stay
+    rows = load_results_table(table("seeds.csv", seed=[0, 1], **base))
+    assert [r["run_id"] for r in rows] == ["m__s__1000__0", "m__s__1000__1"]
+    assert len(load_results_table(table("ids.csv", run_id=["a__seed0", "a__seed1"], **base))) == 2
+
+
+def test_load_results_table_reads_counts_with_suffixes(tmp_path) -> None:
+    import pandas as pd
+
+    path = str(tmp_path / "b.csv")
+    pd.DataFrame({"model": ["m", "m"], "gmacs_per_sample": [4.0, 4.0], "samples_seen": ["3B", "13e9"],
+                  "dataset_samples": ["400M", 80_000_000], "acc": [0.2, 0.3]}).to_csv(path, index=False)
+    rows = load_results_table(path)
+    assert [r["samples_seen"] for r in rows] == [3 * 10**9, 13 * 10**9]
+    assert [r["compute_gmacs"] for r in rows] == [12e9, 52e9] and [r["dataset_samples"] for r in rows] == [4 * 10**8, 8 * 10**7]
+    assert rows[0]["run_id"] == "m__3000000000"
+    rows = load_results_table(path, where=["samples_seen=3e9"])  # a filter compares with the parsed count
+    assert len(rows) == 1
+    pd.DataFrame({"model": ["m"], "compute_gmacs": [1.0], "samples_seen": ["lots"], "acc": [0.2]}).to_csv(path, index=False)
+    with pytest.raises(UserError, match=r"b\.csv: column 'samples_seen': 'lots' is not a sample count"):
+        load_results_table(path)
+
+
+def test_fit_all_lists_the_runs_it_leaves_out(caplog) -> None:
+    rows = [{"run_id": f"r{i}", "compute_gmacs": c, "acc": 1 - BETA * c**ALPHA} for i, c in enumerate(CS)]
+    rows += [{"run_id": "inf", "compute_gmacs": 2e7, "acc": float("inf")},
+             {"run_id": "text", "compute_gmacs": 3e7, "acc": "abc"},
+             {"run_id": "empty", "compute_gmacs": 4e7, "acc": float("nan")}]
+    with caplog.at_level("WARNING", logger="laiontools.scaling"):
+        e = fit_all(rows, ["acc"])["acc"]
+    assert e["n_runs"] == 5 and e["fit"]["alpha"] == pytest.approx(ALPHA, abs=1e-9)
+    assert e["runs_excluded"] == [{"run_id": "inf", "reason": "not finite (inf)"},
+                                  {"run_id": "text", "reason": "not a number ('abc')"},
+                                  {"run_id": "empty", "reason": "empty or NaN"}]
+    assert "3 run(s) left out" in caplog.text and "text (not a number ('abc'))" in caplog.text

@@ -295,6 +295,26 @@ def test_study_fit_on_another_studys_table(tmp_path) -> None:
         study_stage.main(["fit", "--results", csv, "--output", out, "--metric-kind", "loss"])
 
 
+def test_study_fit_names_the_runs_it_leaves_out_and_refuses_repeated_runs(tmp_path) -> None:
+    rows = [{"run_id": r, "model": "m", "compute_gmacs": c, "imagenet/zeroshot_top1": v}
+            for r, c, v in (("a", 10, 0.2), ("b", 100, 0.3), ("c", 1000, "inf"), ("d", 10000, 0.5), ("e", 100000, "abc"))]
+    csv = str(tmp_path / "nan.csv")
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    out = str(tmp_path / "fit")
+    res = study_stage.run_fit(study_stage.FitConfig(results=csv, output=out))
+    e = _json(os.path.join(out, "fits.json"))["fits"]["imagenet/zeroshot_top1"]
+    assert e["n_runs"] == 3 and [x["run_id"] for x in e["runs_excluded"]] == ["c", "e"]
+    for text in (_text(res.details["report"]), res.summary):
+        assert "c (not finite (inf))" in text and "e (not a number (&#x27;abc&#x27;))" in text.replace("'", "&#x27;")
+    # each run listed twice: refused, not read as two seeds that agree exactly (spread 0, a false signal)
+    dup = str(tmp_path / "dup.csv")
+    pd.DataFrame([{"run_id": r, "model": "m", "scale": s, "dataset_samples": n, "samples_seen": 1000, "compute_gmacs": 10,
+                   "imagenet/zeroshot_top1": v} for r, s, n, v in (("a", "small", 100, 0.2), ("b", "large", 1000, 0.21))
+                  for _ in range(2)]).to_csv(dup, index=False)  # fmt: skip
+    with pytest.raises(UserError, match=r"dup\.csv: rows 0 and 1 repeat the run \(run_id = a\)"):
+        study_stage.main(["fit", "--results", dup, "--output", str(tmp_path / "fit_dup")])
+
+
 # ---------------------------------------------------------------------------------------------
 # `laiontools study plan`
 
