@@ -17,6 +17,7 @@ from laiontools.core.config import ConfigError
 from laiontools.stages import train as train_stage
 from laiontools.stages.train import (
     TrainConfig,
+    check_trainable_manifest,
     checkpoint_epoch,
     main,
     plan_schedule,
@@ -222,3 +223,47 @@ def test_pool_to_subset_to_reshard_to_train_to_evaluate(pool, spark, tmp_path) -
     z = ev["evalsets"]["synth"]["zeroshot"]
     assert z["n_classes"] == 5 and z["n_items"] == 20 and 0 <= z["top1"] <= z["top5"] <= 1
     assert ev["run_dir"] == os.path.abspath(run_dir)
+
+
+def test_shards_that_are_not_tars_are_refused_before_training(subset: str, tmp_path) -> None:
+    """open_clip's loader skips a tar it cannot read and draws again: with shards that are not tars it
+    looped forever, its log growing by the second. Each shard's first header block is checked first."""
+    import shutil
+
+    bad = tmp_path / "sub"
+    shutil.copytree(os.path.dirname(subset), bad)
+    mp = str(bad / os.path.basename(subset))
+    shards = sorted(p for p in bad.rglob("*.tar"))
+    assert shards and check_trainable_manifest(mp)["shards"]
+    shards[0].write_bytes(os.urandom(20_000))
+    with pytest.raises(ManifestError, match=rf"shard file\(s\) \['{shards[0]}'\] do not start with a tar header"):
+        check_trainable_manifest(mp)
+
+
+def test_a_damaged_checkpoint_and_non_finite_weights_are_train_errors(tmp_path) -> None:
+    """A resume checkpoint cut short is a TrainError naming it (a torch RuntimeError traceback before);
+    a run whose last checkpoint holds NaN weights is refused before model.pt is written (it was written,
+    then refused for its loss, and evaluate scored the NaN model)."""
+    import types
+
+    import torch
+
+    from laiontools.contracts import layout
+    from laiontools.stages.train import TrainError, _finalize, checkpoint_epoch, plan_schedule
+
+    plan = plan_schedule(16, 8, 1, 16, 0)
+    run = tmp_path / "run"
+    (run / layout.TRAIN_CHECKPOINT_DIR).mkdir(parents=True)
+    ckpt = run / layout.TRAIN_CHECKPOINT_DIR / "epoch_latest.pt"
+    torch.save({"epoch": plan.epochs, "state_dict": {"module.w": torch.tensor([1.0, float("nan")])}}, ckpt)
+    assert checkpoint_epoch(str(ckpt)) == plan.epochs
+    with open(run / layout.TRAIN_METRICS_JSONL, "w") as f:
+        for s in range(1, plan.steps + 1):
+            f.write(json.dumps({"step": s, "samples_seen": s * plan.global_batch, "loss": 1.0, "samples_per_s": 5.0}) + "\n")
+    with pytest.raises(TrainError, match=r"ended with non-finite weights \(1 tensors, e.g. w\)"):
+        _finalize(types.SimpleNamespace(output=str(run)), {"model": "lt-tiny"}, plan, 1.0)
+    assert not (run / layout.TRAIN_MODEL_FILE).exists()
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TrainError, match=rf"{ckpt} is not a readable training checkpoint"):
+        checkpoint_epoch(str(ckpt))

@@ -220,15 +220,26 @@ def check_trainable_manifest(path: str) -> dict[str, Any]:
         raise ManifestError(f"manifest {path}: shard(s) {empty[:5]} have num_samples 0; re-run `laiontools reshard`")
     from laiontools.core.storage import url_to_fs
 
-    missing = []
+    # Every shard's first header block (one 512-byte read each, as cheap as the existence check it
+    # replaces): open_clip's loader skips any tar it cannot read, with a warning, and draws again, so a
+    # subset whose shards are not tars made it loop forever, its log growing by the second.
+    missing, not_tars = [], []
     for url in shard_urls(path, m):
         fs, p = url_to_fs(url)
-        if not fs.exists(p):
+        try:
+            head = fs.cat_file(p, start=0, end=512)
+        except FileNotFoundError:
             missing.append(url)
-            if len(missing) >= 5:
-                break
+        else:
+            if len(head) < 512 or head[257:262] != b"ustar":
+                not_tars.append(url)
+        if len(missing) + len(not_tars) >= 5:
+            break
     if missing:
-        raise ManifestError(f"manifest {path}: shard file(s) missing: {missing}; run `laiontools verify --manifest {path}`")
+        raise ManifestError(f"manifest {path}: shard file(s) missing: {missing}; run `laiontools verify {path}`")
+    if not_tars:
+        raise ManifestError(f"manifest {path}: shard file(s) {not_tars} do not start with a tar header; they are damaged "
+                            f"or not webdataset shards: run `laiontools verify {path}` and reshard again")
     return m
 
 
@@ -349,11 +360,20 @@ def open_clip_argv(s: dict[str, Any], plan: Plan, run_dir: str, cfg: TrainConfig
 
 
 def checkpoint_epoch(path: str) -> int:
-    """Completed virtual epochs stored in an open_clip training checkpoint (loaded weights-only)."""
+    """Completed virtual epochs stored in an open_clip training checkpoint (loaded weights-only).
+    Raises TrainError naming the file when it is not one (cut short by a kill or a full disk)."""
+    import pickle
+
     import torch
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return int(ckpt["epoch"])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return int(ckpt["epoch"])
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+        raise TrainError(
+            f"{path} is not a readable training checkpoint ({type(e).__name__}: {str(e)[:200]}); it is damaged: remove it "
+            "to train that run from the start, or give a new --output"
+        ) from None
 
 
 def _read_metrics(path: str) -> list[dict[str, Any]]:
@@ -481,8 +501,14 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
     if steps_logged != sorted(set(steps_logged)):
         raise TrainError(f"{run_dir}/metrics.jsonl has repeated or unordered steps: {steps_logged[:20]}")
     final_loss = float(last["loss"])
+    if not math.isfinite(final_loss):  # before model.pt is written: a diverged run leaves no model to evaluate
+        raise TrainError(f"training in {run_dir} ended with a non-finite loss ({final_loss}); lower --lr or check the data")
     ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=True)
     sd = {(k.removeprefix("module.")): v for k, v in ckpt_data["state_dict"].items()}
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainError(f"training in {run_dir} ended with non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
+                         "lower --lr or check the data")
     with atomic_open(os.path.join(run_dir, layout.TRAIN_MODEL_FILE)) as f:
         torch.save(sd, f)
     # The final-write phase: model.pt is there, result.json and its marker are not (kill tests widen it).
@@ -506,8 +532,6 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
         "checkpoint": layout.TRAIN_MODEL_FILE,
         "training_checkpoint": f"{layout.TRAIN_CHECKPOINT_DIR}/{LATEST_CHECKPOINT}",
     }
-    if not result["loss_finite"]:
-        raise TrainError(f"training in {run_dir} ended with a non-finite loss ({final_loss}); lower --lr or check the data")
     result_path = os.path.join(run_dir, layout.TRAIN_RESULT_JSON)
     write_json(result_path, result)
     mark_done(result_path, {"samples_seen": plan.samples_seen, "steps": plan.steps})
