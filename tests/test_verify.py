@@ -246,3 +246,28 @@ def test_a_pools_catalog_is_checked(chain, tmp_path):
     os.remove(_swap_journal(cat))
     shutil.rmtree(cat)
     assert verify_manifest(mp, check_shards=False).problems == [f"catalog {cat}: missing"]
+
+
+def _copy_pool(chain: dict[str, str], dest) -> str:
+    """A copy of the pool folder (shards included), safe to damage; returns its manifest path."""
+    shutil.copytree(os.path.dirname(chain["pool"]), str(dest))
+    return os.path.join(str(dest), os.path.basename(chain["pool"]))
+
+
+def test_a_pool_with_a_shard_dropped_from_its_list_is_named(chain, tmp_path):
+    """A pool's uid file lists its samples (download writes the success uids): uids found in no shard are a problem."""
+    from laiontools.contracts.uids import array_to_uids, load_uids
+
+    mp = _copy_pool(chain, tmp_path / "pool")
+    assert verify_manifest(mp, check_parent=False).ok
+    doc = read_manifest(mp)
+    dropped = doc["shards"].pop(0)
+    write_manifest(mp, doc)
+    res = verify_manifest(mp, check_parent=False)
+    gone = [ln for ln in res.problems if "are in no shard" in ln]
+    assert gone and gone[0].startswith(f"{dropped['num_samples']} uids of the uid file "), res.problems
+    example = gone[0].split("(e.g. ")[1].rstrip(")")
+    assert example in set(array_to_uids(load_uids(os.path.join(os.path.dirname(mp), doc["uids"]["path"]), mmap=False)))
+    doc["shards"] = []  # no shard listed at all: every uid is missing
+    write_manifest(mp, doc)
+    assert any(ln.startswith(f"{doc['num_samples']} uids of the uid file") for ln in verify_manifest(mp, check_parent=False).problems)

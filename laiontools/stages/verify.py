@@ -4,7 +4,7 @@ verify re-checks every file a manifest names and exits non-zero naming what diff
 
 * the manifest itself against schemas/manifest.schema.json (unknown schema versions included);
 * the uid file: present, sha256, count, dtype, sorted and unique, count == num_samples;
-* every shard: present, byte size, sha256, readable to the end as a tar (a truncated shard is named),
+* every shard: present, a regular file, byte size, sha256, readable to the end as a tar (a truncated shard is named),
   number of samples (distinct keys), no repeated key, every sample's uid (from its .json) in the uid file
   and no uid twice; across shards, the uids found equal the uid file (none missing);
 * nesting: the parent manifest exists, its sha256 is the one recorded, its own uid file matches it,
@@ -167,11 +167,13 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
     if m["kind"] == "pool" and m.get("catalog"):
         _check_catalog(path, m, res)
 
-    if check_shards and m["shards"]:
+    # A pool's uid file lists exactly the samples of its shards (download writes the success uids), so a
+    # pool is checked even with no shard listed; a subset without shards (not resharded) has none to check.
+    if check_shards and (m["shards"] or m["kind"] == "pool"):
         seen: list[np.ndarray] = []
         total = 0
         entries = [(resolve(path, s["path"]), s) for s in m["shards"]]
-        for sp, (bad, n_keys, good, size) in zip([e[0] for e in entries], _shard_checks(entries, spark)):
+        for sp, (bad, n_keys, good, size) in zip([e[0] for e in entries], _shard_checks(entries, spark) if entries else []):
             if bad is None:
                 res.problems.append(f"shard {sp}: missing")
                 continue
@@ -187,15 +189,16 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
                 res.problems.append(f"shard {sp}: " + "; ".join(bad))
             else:
                 res.checked.append(f"shard {sp}: {n_keys} samples, {size} bytes, sha256 ok")
-        if arr is not None and seen:
-            found = np.concatenate(seen)
+        if arr is not None:
+            found = np.concatenate(seen) if seen else arr[:0]
             uniq = np.unique(found)
             if len(uniq) != len(found):
                 res.problems.append(f"{len(found) - len(uniq)} uids appear in more than one sample across the shards")
-            if m["kind"] == "subset":
-                absent = int((~contains(uniq, arr)).sum())
-                if absent:
-                    res.problems.append(f"{absent} uids of the uid file are in no shard")
+            absent = ~contains(uniq, arr)
+            if absent.any():
+                first = arr[int(np.argmax(absent))]
+                res.problems.append(f"{int(absent.sum())} uids of the uid file {uid_path} are in no shard "
+                                    f"(e.g. {int(first['hi']):016x}{int(first['lo']):016x})")
         if m["kind"] == "subset" and total != m["num_samples"]:
             res.problems.append(f"shards hold {total} samples, manifest num_samples is {m['num_samples']}")
 
