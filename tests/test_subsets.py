@@ -324,3 +324,29 @@ def test_real_pool_if_available(spark, request, tmp_path):
     s10, s5 = (_uids(r["manifest"].replace("manifest.json", "uids.npy")) for r in res)
     assert s5 <= s10 and len(s5) == min(5, m["num_samples"])
     assert s10 <= _uids(os.path.join(os.path.dirname(pool.manifest), m["uids"]["path"]))
+
+
+def test_update_refuses_its_own_folder_and_an_edited_old_run_before_writing(spark, scratch, tmp_path, capsys):
+    import shutil
+
+    from laiontools.cli import main as cli
+
+    old = tmp_path / "old"
+    subsets_stage.run(_cfg(scratch, old, scales="5,10", seed=3), spark)
+    before = {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()}
+    # --output the --update folder (spelled differently): the report would read what the run just overwrote
+    assert cli(["subsets", "--pool", scratch, "--update", str(old), "--output", f"{tmp_path}/./old/"]) == 2
+    assert "is the --update folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
+    # an old manifest edited: selection null, or no selection.eligible -> refused naming it, nothing written
+    for i, edit in enumerate([lambda m: m.update(selection=None), lambda m: m["selection"].pop("eligible")]):
+        ed = tmp_path / f"edited{i}"
+        shutil.copytree(old, ed)
+        m = json.loads((ed / "10.manifest.json").read_text())
+        edit(m)
+        (ed / "10.manifest.json").write_text(json.dumps(m))
+        out = tmp_path / f"out{i}"
+        assert cli(["subsets", "--pool", scratch, "--update", str(ed), "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{ed}/10.manifest.json has no selection.eligible" in err and "Traceback" not in err, err
+        assert not out.exists()

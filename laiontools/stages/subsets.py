@@ -496,6 +496,10 @@ def updated_config(cfg: SubsetsConfig) -> SubsetsConfig:
     from laiontools.contracts.lineage import pool_chain
 
     old_dir = abs_path(cfg.update)
+    if _same_dir(old_dir, abs_path(cfg.output)):
+        # the report compares against the old run's settings.json and uid files: writing over them first
+        # would report 0 taken down and check nothing
+        raise InputError(f"--output {cfg.output} is the --update folder {old_dir}; write the updated subsets to a new folder")
     path = join(old_dir, layout.SETTINGS_JSON)
     fs, p = url_to_fs(path)
     if not fs.exists(p):
@@ -510,7 +514,26 @@ def updated_config(cfg: SubsetsConfig) -> SubsetsConfig:
     if old_pool.sha256 not in [sha for _, _, sha in pool_chain(new.pool)]:
         raise SubsetError(f"--pool {new.pool} does not descend from {old['pool']} (the pool --update's subsets were cut from, "
                           f"sha256 {old_pool.sha256}); give the pool that `laiontools takedown` made from it")
+    for label, _ in new.targets():  # what write_update_report reads of the old run, checked before anything is written
+        mpath = join(old_dir, layout.subset_manifest(label))
+        sel = read_manifest(mpath).get("selection")
+        if not isinstance(sel, dict) or isinstance(sel.get("eligible"), bool) or not isinstance(sel.get("eligible"), int):
+            raise SubsetError(f"--update {old_dir}: {mpath} has no selection.eligible count (edited, or not written by "
+                              "`laiontools subsets`); give an unedited subsets output folder")
+        upath = join(old_dir, layout.subset_uids(label))
+        fs, p = url_to_fs(upath)
+        if not fs.exists(p):
+            raise InputError(f"--update {old_dir}: its uid file {upath} is missing; give an unedited subsets output folder")
     return new
+
+
+def _same_dir(a: str, b: str) -> bool:
+    """True when two absolute paths (or URLs) name the same folder: normalized, symlinks resolved for local ones."""
+    import os
+
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def write_update_report(cfg: SubsetsConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
