@@ -271,3 +271,42 @@ def test_a_pool_with_a_shard_dropped_from_its_list_is_named(chain, tmp_path):
     doc["shards"] = []  # no shard listed at all: every uid is missing
     write_manifest(mp, doc)
     assert any(ln.startswith(f"{doc['num_samples']} uids of the uid file") for ln in verify_manifest(mp, check_parent=False).problems)
+
+
+def test_a_damaged_or_odd_shard_is_one_problem_and_the_rest_is_checked(chain, tmp_path):
+    """A shard that is not a regular file (/dev/zero would hang, a folder aborted) or a damaged tar is named
+    once; verify and --removal-list go on with the other shards."""
+    from laiontools.contracts.removal import parse_removal_list
+    from laiontools.stages.verify import check_removal_list
+
+    mp = _copy_pool(chain, tmp_path / "pool")
+    doc = read_manifest(mp)
+    assert len(doc["shards"]) >= 3
+    s2 = os.path.join(os.path.dirname(mp), doc["shards"][2]["path"])
+    with open(s2, "wb") as f:
+        f.write(b"hello" * 10)
+    doc["shards"][0]["path"] = "/dev/zero"
+    doc["shards"][1]["path"] = os.path.dirname(s2)  # a folder
+    write_manifest(mp, doc)
+    res = verify_manifest(mp, check_parent=False)
+    shard_lines = [ln for ln in res.problems if ln.startswith("shard ")]
+    assert shard_lines[:2] == [f"shard /dev/zero: not a regular file", f"shard {os.path.dirname(s2)}: not a regular file"], res.problems
+    assert any(ln.startswith(f"shard {s2}: ") and "unreadable" in ln for ln in shard_lines), res.problems
+    assert len(shard_lines) == 3 and len(res.checked) > 1, res.problems  # the other shards were checked
+    rl = parse_removal_list("md5 " + "0" * 32 + "\n", "list.txt")
+    res = verify_manifest(mp, check_shards=False, check_parent=False)
+    check_removal_list(mp, rl, res)
+    lines = [ln for ln in res.problems if ln.startswith("removal list check")]
+    assert len(lines) == 3 and "could not be checked against the list: unreadable" in lines[2], lines
+
+
+def test_inspect_prints_odd_values_of_an_edited_manifest(chain, tmp_path):
+    mp = str(tmp_path / "m.json")
+    doc = read_manifest(chain["pool"])
+    doc.update(selection={"seed": 1, "funnel": [{"step": "x", "removed": "5", "remaining": 3}], "exclusions": ["dedup/x"]},
+               reshard=[1, 2])
+    with open(mp, "w") as f:
+        json.dump(doc, f)
+    text = inspect_text(mp)
+    assert "exclude             dedup/x" in text and "reshard: [1, 2]" in text
+    assert any(ln.split()[:3] == ["x", "5", "3"] for ln in text.splitlines()), text

@@ -56,11 +56,19 @@ def _exists(path: str) -> bool:
     return fs.exists(p)
 
 
+def _is_file(path: str) -> bool:
+    fs, p = url_to_fs(path)
+    return fs.isfile(p)
+
+
 def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: VerifyResult) -> np.ndarray | None:
     from laiontools.contracts.uids import is_sorted_unique, load_uids
 
     if not _exists(path):
         res.problems.append(f"{what} {path}: missing")
+        return None
+    if not _is_file(path):
+        res.problems.append(f"{what} {path}: not a regular file")
         return None
     sha, _ = sha256_file(path)
     if sha != sha256:
@@ -115,6 +123,8 @@ def check_shard(sp: str, entry: dict) -> tuple[list[str] | None, int, list[str],
     needs nothing but the shard and its manifest entry, so both paths find the same problems."""
     if not _exists(sp):
         return None, 0, [], 0
+    if not _is_file(sp):  # /dev/zero would be read forever, a folder cannot be read at all
+        return ["not a regular file"], 0, [], 0
     sha, size = sha256_file(sp)
     bad = []
     if size != entry["bytes"]:
@@ -289,22 +299,31 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
         if not _exists(url):
             res.problems.append(f"removal list check: shard {url} is missing, its samples could not be checked")
             continue
+        if not _is_file(url):
+            res.problems.append(f"removal list check: shard {url} is not a regular file, its samples could not be checked")
+            continue
         fs, p = url_to_fs(url)
-        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            for key, parts in group_by_keys(tarfile_members(tf), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
-                meta = {}
-                if "json" in parts:
-                    try:
-                        meta = json.loads(parts["json"])
-                    except ValueError:
+        try:
+            with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+                for key, parts in group_by_keys(tarfile_members(tf), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
+                    meta = {}
+                    if "json" in parts:
+                        try:
+                            meta = json.loads(parts["json"])
+                        except ValueError:
+                            meta = {}
+                    if not isinstance(meta, dict):
                         meta = {}
-                img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
-                h = content_hashes(img, bool(rl.phashes)) if img is not None and rl.needs_content else {}
-                hit = rl.match(url=meta.get("url"), uid=meta.get("uid"), sha256=h.get("sha256"), md5=h.get("md5"),
-                               phash=h.get("phash"))
-                if hit is not None:
-                    found += 1
-                    res.problems.append(f"removal list {rl.path}: shard {s['path']} sample {key} matches {hit}")
+                    img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
+                    h = content_hashes(img, bool(rl.phashes)) if img is not None and rl.needs_content else {}
+                    hit = rl.match(url=meta.get("url"), uid=meta.get("uid"), sha256=h.get("sha256"), md5=h.get("md5"),
+                                   phash=h.get("phash"))
+                    if hit is not None:
+                        found += 1
+                        res.problems.append(f"removal list {rl.path}: shard {s['path']} sample {key} matches {hit}")
+        except (tarfile.TarError, OSError, EOFError) as e:  # a damaged shard: named, and the others still checked
+            res.problems.append(f"removal list check: shard {url} could not be checked against the list: unreadable "
+                                f"({type(e).__name__}: {e})")
     if not found and not any("removal list" in p for p in res.problems):
         res.checked.append(f"removal list {rl.path} (sha256 {rl.sha256[:12]}..., {rl.entries} entries): no listed item "
                            f"in the uid file or in the {len(m['shards'])} shard(s)")
@@ -375,6 +394,11 @@ def _verify_one(mp: str, args: argparse.Namespace, rl: Any, spark: Any | None) -
     return int(not res.ok)
 
 
+def _count(v: Any) -> str:
+    """A count with thousands separators; anything else (an edited manifest's "5") as written."""
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
 def inspect_text(path: str) -> str:
     """A readable summary of a manifest (raises ManifestError if it is invalid)."""
     m = read_manifest(path)
@@ -391,21 +415,25 @@ def inspect_text(path: str) -> str:
     prov = m["provenance"]
     lines.append(f"  made by       {prov['tool']} {prov['version']}: {' '.join(prov.get('command', []))}")
     sel = m.get("selection") or {}
-    if sel:
+    if isinstance(sel, dict) and sel:
         lines.append("")
         lines.append(f"recipe: scale {sel.get('scale')}, seed {sel.get('seed')}, scale factor {sel.get('scale_factor')}")
-        filters = {k: v for k, v in (sel.get("filters") or {}).items() if v is not None}
+        filters = sel.get("filters") if isinstance(sel.get("filters"), dict) else {}
         for k, v in filters.items():
-            lines.append(f"  {k:20s}{v if not isinstance(v, dict) else json.dumps(v, sort_keys=True)}")
+            if v is not None:
+                lines.append(f"  {k:20s}{v if not isinstance(v, dict) else json.dumps(v, sort_keys=True)}")
         for e in sel.get("exclusions") or []:
-            lines.append(f"  exclude             {e.get('kind')} {e.get('given')} ({e.get('count')} uids)")
+            lines.append(f"  exclude             {e.get('kind')} {e.get('given')} ({e.get('count')} uids)" if isinstance(e, dict)
+                         else f"  exclude             {e}")
         if sel.get("funnel"):
             lines.append("")
             lines.append("funnel")
-            lines.append(table([{"step": f["step"], "removed": f"{f['removed']:,}", "remaining": f"{f['remaining']:,}"} for f in sel["funnel"]]))
+            steps = [f if isinstance(f, dict) else {"step": f} for f in sel["funnel"]] if isinstance(sel["funnel"], list) else [{"step": sel["funnel"]}]
+            lines.append(table([{"step": f.get("step"), "removed": _count(f.get("removed")), "remaining": _count(f.get("remaining"))} for f in steps]))
     if m.get("reshard"):
         lines.append("")
-        lines.append("reshard: " + ", ".join(f"{k} {v}" for k, v in sorted(m["reshard"].items())))
+        r = m["reshard"]
+        lines.append("reshard: " + (", ".join(f"{k} {v}" for k, v in sorted(r.items(), key=str)) if isinstance(r, dict) else str(r)))
     shards = m["shards"]
     lines.append("")
     if shards:
