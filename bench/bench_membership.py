@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_figures
 
 
 def bodies(rows: int = 1 << 18) -> dict[str, float]:
@@ -86,11 +88,7 @@ def main() -> int:
         "loadavg_1_5_15": {"before": load_before, "after": [round(x, 1) for x in os.getloadavg()]},
         "command": ("python bench/bench_membership.py " + " ".join(sys.argv[1:])).strip(),
     }
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "membership.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    print(json.dumps(out, indent=2))
-    return 0
+    return write_figures(a.out, "membership.json", out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ reshard: the parts are replaced in this process only, to size what is worth buil
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ import tempfile
 from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_figures
 
 
 class _WriteTimes(logging.Handler):
@@ -161,11 +161,7 @@ def main() -> int:
         "machine": f"{os.cpu_count()} cpus", "loadavg_1": round(os.getloadavg()[0], 1),
         "command": ("python bench/reshard_upper_bounds.py " + " ".join(sys.argv[1:])).strip(),
     }
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "reshard_upper_bounds.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    print(json.dumps(out, indent=2))
-    return 0
+    return write_figures(a.out, "reshard_upper_bounds.json", out)
 
 
 if __name__ == "__main__":

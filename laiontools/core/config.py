@@ -103,6 +103,12 @@ def _describe(tp: Any) -> str:
     return text + (" (or null)" if optional else "")
 
 
+def changed_settings(old: dict[str, Any], new: dict[str, Any], keys: Any) -> str:
+    """``"key: old -> new, ..."`` for the `keys` whose values differ between two settings dicts ("" when
+    none): what a stage refusing to continue another run's output says."""
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(underlying type, optional?) of an annotation like `int | None`."""
     origin = typing.get_origin(tp)

@@ -50,7 +50,7 @@ from typing import Any
 
 from laiontools.contracts import layout
 from laiontools.core import failpoints
-from laiontools.core.config import ConfigError, StageConfig
+from laiontools.core.config import ConfigError, StageConfig, changed_settings
 from laiontools.core.errors import UserError
 from laiontools.core.report import emit, table
 from laiontools.core.stage import StageResult, stage_entry
@@ -211,14 +211,10 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
         emit(res.summary)  # progress of a grid that runs for hours
     ev_cfg = EvaluateConfig(checkpoint=run_dir, evalset=list(cfg.evalset), evalsets_yaml=cfg.evalsets_yaml, output=eval_path, **cfg.evaluate)
     if is_done(eval_path):  # reuse an evaluation only of the same sets and tasks
-        old, new = read_json(eval_path).get("settings", {}), ev_cfg.to_dict()
-        diff = {k: (old.get(k), new.get(k)) for k in _EVAL_IDENTITY_KEYS if old.get(k) != new.get(k)}
+        diff = changed_settings(read_json(eval_path).get("settings", {}), ev_cfg.to_dict(), _EVAL_IDENTITY_KEYS)
         if diff:
-            raise ConfigError(
-                f"study: run {rid}: {eval_path} was evaluated with other settings: "
-                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                + "; use the original settings, or delete that file (and its .done marker) to evaluate again"
-            )
+            raise ConfigError(f"study: run {rid}: {eval_path} was evaluated with other settings: {diff}; use the original "
+                              "settings, or delete that file (and its .done marker) to evaluate again")
     else:
         res = evaluate.run(ev_cfg)
         emit(res.summary)

@@ -420,14 +420,12 @@ def _truncate_metrics(path: str, last_step: int) -> int:
 
 def _check_same_run(run_dir: str, settings: dict[str, Any]) -> None:
     """Raise ConfigError if the run in `run_dir` trains something else than `settings` (identity keys)."""
-    old = read_json(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON))
-    diff = {k: (old.get(k), settings.get(k)) for k in IDENTITY_KEYS if old.get(k) != settings.get(k)}
+    from laiontools.core.config import changed_settings
+
+    diff = changed_settings(read_json(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON)), settings, IDENTITY_KEYS)
     if diff:
-        raise ConfigError(
-            f"train: {run_dir} holds a run with other settings: "
-            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            + "; use the original settings to resume or reuse it, or give a new --output"
-        )
+        raise ConfigError(f"train: {run_dir} holds a run with other settings: {diff}; use the original settings to resume "
+                          "or reuse it, or give a new --output")
 
 
 def _prepare_run_dir(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
