@@ -149,6 +149,14 @@ def _as_u128(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return arr["hi"], arr["lo"]
 
 
+def is_uid(value: Any) -> bool:
+    """Whether `value` is a uid as the contract writes it: 32 lowercase hex chars (DESIGN.md)."""
+    return isinstance(value, str) and _UID_RE.fullmatch(value) is not None
+
+
+_UID_RE = re.compile(r"[0-9a-f]{32}")
+
+
 def is_sorted_unique(arr: np.ndarray) -> bool:
     """Whether the uids are strictly increasing: what a uid file holds, and what membership needs."""
     hi, lo = arr["hi"], arr["lo"]
@@ -340,18 +348,6 @@ def save_uids_spark(
 # ------------------------------------------------------------------------------------------------
 # membership inside Spark tasks (subsets' exclusions, reshard's plan)
 
-_UID_FILE_CACHE: dict[str, np.ndarray] = {}
-
-
-def load_uids_cached(path: str) -> np.ndarray:
-    """:func:`load_uids` read whole, once per process (a Spark worker reuses it for every batch)."""
-    arr = _UID_FILE_CACHE.get(path)
-    if arr is None:
-        arr = as_sorted_set(np.asarray(load_uids(path, mmap=False)))
-        _UID_FILE_CACHE[path] = arr
-    return arr
-
-
 def member_series(uids: Any, path: str) -> Any:
     """pandas Series of hex uids -> boolean Series (same index): which are in the uid file at `path`.
     A pandas_udf body; the uid file is loaded once per worker process."""
@@ -428,5 +424,5 @@ def uid_set_cached(path: str) -> UidSet:
     """:class:`UidSet` of the uid file at `path`, built once per process."""
     got = _UID_SET_CACHE.get(path)
     if got is None:
-        got = _UID_SET_CACHE[path] = UidSet(load_uids_cached(path))
+        got = _UID_SET_CACHE[path] = UidSet(np.asarray(load_uids(path, mmap=False)))  # read whole, sorted once
     return got

@@ -51,7 +51,6 @@ import json
 import logging
 import math
 import os
-import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -70,6 +69,7 @@ from laiontools.contracts.embeddings import (
     check_same_run_settings,
     shard_files,
 )
+from laiontools.contracts.uids import is_uid
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.logs import RateLimitedLogger
@@ -91,7 +91,6 @@ log = logging.getLogger(__name__)
 _sample_log = RateLimitedLogger(log)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_UID_RE = re.compile(r"[0-9a-f]{32}")  # the uid contract (DESIGN.md): 32 lowercase hex chars
 ENGINES = ("local", "torchrun", "spark")
 
 
@@ -211,7 +210,7 @@ def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
             err = f"unreadable {key}.json ({type(e).__name__})"
     if uid is None and err is None:
         err = f"no uid in {key}.json" if meta_raw is not None else f"no {key}.json member"
-    elif err is None and not (isinstance(uid, str) and _UID_RE.fullmatch(uid)):
+    elif err is None and not is_uid(uid):
         err, uid = f"uid {str(json.dumps(uid))[:80]} in {key}.json is not 32 lowercase hex chars", None
     caption = parts.get("txt", b"").decode("utf-8", errors="replace")
     img_bytes = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
