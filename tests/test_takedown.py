@@ -279,6 +279,25 @@ def test_a_list_that_matches_nothing_changes_nothing(lineage, pool, spark, capsy
     assert not os.path.exists(f"{out}/shards")
 
 
+def test_a_second_takedown_keeps_the_first_ones_removal_stamps(lineage, spark):
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    # the same list on the pool it made: every row it names was removed (or marked) by the first run, so
+    # the second removes nothing and re-stamps nothing; the rows keep the first run's status and message
+    L = lineage
+    out = f"{L['root']}/pool_again"
+    res = takedown_stage.run(TakedownConfig(pool=f"{L['new']}/pool.manifest.json", list_file=L["listfile"], reason="second",
+                                            output=out), spark)
+    assert res.counts["removed"] == 0 and res.counts["catalog_rows_marked"] == 0
+    a = pd.read_parquet(f"{L['new']}/catalog").sort_values(["uid", "status"]).reset_index(drop=True)
+    b = pd.read_parquet(f"{out}/catalog").sort_values(["uid", "status"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert not b["status"].eq("removed_second").any()
+    last = json.loads(_text(f"{out}/takedown.audit.jsonl").splitlines()[-1])
+    assert last["matched_nothing"] and last["uids"] == [] and last["catalog_rows_without_sample"] == []
+
+
 def test_subsets_update_reshard_and_verify(lineage, pool, spark, capsys):
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages import subsets as subsets_stage

@@ -14,7 +14,8 @@ writes a pool folder that every later stage reads like a download's (DESIGN.md "
                                  and an error_message naming the list line (their tar_offset, tar_length and
                                  tar_sha256 become null); the byte spans of the samples kept in a rewritten
                                  shard are those of the new tar (same bytes, so the same tar_sha256);
-                                 every other cell is unchanged
+                                 every other cell is unchanged (a row an earlier takedown removed keeps
+                                 its status and message: it is not matched or counted again)
     <new>/shards/<id>.tar        only the shards holding a match, rewritten without the matched samples
     <new>/shards/<id>.tar.done   + <id>_stats.json + <id>.parquet, as download writes them (marker last)
     <new>/takedown.audit.jsonl   append-only: the parent's log (if any), then one line per run
@@ -142,7 +143,9 @@ CONFIG = TakedownConfig
 
 
 def _catalog_match_fn(rl: RemovalList) -> Any:
-    """mapInPandas body: catalog rows (uid, status, url, shard, key, sha256) -> the rows the list names."""
+    """mapInPandas body: catalog rows (uid, status, url, shard, key, sha256) -> the rows the list names.
+    A row an earlier takedown removed (status ``removed_*``) is never matched: it keeps that takedown's
+    status and message (the audit log names it there), and this run does not count it again."""
 
     def fn(frames: Any) -> Any:
         import pandas as pd
@@ -151,6 +154,8 @@ def _catalog_match_fn(rl: RemovalList) -> Any:
         for df in frames:
             out = []
             for uid, status, url, shard, key, sha in zip(df[C.UID], df[C.STATUS], df[C.URL], df[C.SHARD], df[C.KEY], df[C.SHA256]):
+                if isinstance(status, str) and status.startswith(C.REMOVED_PREFIX):
+                    continue
                 hit = rl.match(uid=uid, url=url, sha256=sha if isinstance(sha, str) else None)
                 if hit is not None:
                     out.append((uid, status, shard, key, hit.kind, hit.value, hit.line))
