@@ -148,3 +148,11 @@ def test_an_unparsable_catalog_url_matches_no_domain():
     assert rl.match(url="http://example.com/x").kind == "domain"
     with pytest.raises(RemovalListError, match="list.txt:1: .*not an http"):
         parse_removal_list("url http://[::1/x.jpg\n", "list.txt")
+
+
+def test_a_url_entry_keeps_its_spaces():
+    # LAION URLs hold literal spaces: the entry is the rest of the line (a " #" starts a comment)
+    rl = parse_removal_list("url http://example.com/my photo 1.jpg\nurl http://example.com/b  c.jpg   # batch 3\n", "list.txt")
+    assert str(rl.match(url="http://example.com/my photo 1.jpg")) == "url http://example.com/my photo 1.jpg (line 1)"
+    assert rl.match(url="http://example.com/my") is None  # not a prefix of the listed URL
+    assert rl.match(url="http://example.com/b  c.jpg").line == 2 and rl.match(url="http://example.com/b c.jpg") is None

@@ -2,7 +2,8 @@
 
 A removal list is a UTF-8 text file, one entry per line; blank lines and ``#`` comments are ignored::
 
-    url https://example.com/a.jpg          # a URL, compared after normalize_url (scheme/host case, ports)
+    url https://example.com/a b.jpg        # a URL (the rest of the line: it may hold spaces), compared
+                                           # after normalize_url (scheme/host case, ports)
     domain example.org                     # every URL on that host or any subdomain of it
     uid 0123456789abcdef0123456789abcdef   # a laiontools uid (32 hex)
     sha256 <64 hex>                        # content hash of the stored image bytes
@@ -145,7 +146,10 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
         if not rest:
             raise RemovalListError(f"{where}: {kind} without a value")
         if kind == "url":
-            value = rest.split()[0]  # a URL has no spaces; anything after it is a comment
+            # the rest of the line, inner spaces kept (LAION URLs hold literal spaces, and the entry must
+            # meet the catalog's URL as written); a " #" starts a comment: a '#' in a URL begins its
+            # fragment, which the comparison drops anyway
+            value = re.split(r"\s#", rest, maxsplit=1)[0].strip()
             u, host = _canonical_url(value)
             if not host or urlsplit(u or "").scheme not in ("http", "https"):
                 raise RemovalListError(f"{where}: {value!r} is not an http(s) URL")
