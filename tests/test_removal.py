@@ -156,3 +156,14 @@ def test_a_url_entry_keeps_its_spaces():
     assert str(rl.match(url="http://example.com/my photo 1.jpg")) == "url http://example.com/my photo 1.jpg (line 1)"
     assert rl.match(url="http://example.com/my") is None  # not a prefix of the listed URL
     assert rl.match(url="http://example.com/b  c.jpg").line == 2 and rl.match(url="http://example.com/b c.jpg") is None
+
+
+def test_a_domain_entry_matches_names_by_label_and_an_address_only_itself():
+    rl = parse_removal_list("domain 10.0.0.2\ndomain example.com\n", "list.txt")
+    assert rl.match(url="http://10.0.0.2:8080/a.jpg").line == 1 and rl.match(url="http://0xa000002/a.jpg").line == 1
+    assert rl.match(url="http://[::ffff:10.0.0.2]/a.jpg").line == 1  # the same address
+    assert rl.match(url="http://img.10.0.0.2/a.jpg") is None and rl.match(url="http://1.10.0.0.2/a.jpg") is None
+    assert rl.match(url="http://img.example.com/a.jpg").line == 2 and rl.match(url="http://badexample.com/") is None
+    two = parse_removal_list("domain 2\n", "list.txt")  # the address 0.0.0.2, not a suffix of every IPv4 host
+    assert two.match(url="http://0.0.0.2/a.jpg").line == 1
+    assert [two.match(url=f"http://{h}/a.jpg") for h in ("10.0.0.2", "192.168.1.2", "img.example.2", "2.2")] == [None] * 4

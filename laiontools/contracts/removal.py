@@ -4,7 +4,8 @@ A removal list is a UTF-8 text file, one entry per line; blank lines and ``#`` c
 
     url https://example.com/a b.jpg        # a URL (the rest of the line: it may hold spaces), compared
                                            # after normalize_url (scheme/host case, ports)
-    domain example.org                     # every URL on that host or any subdomain of it
+    domain example.org                     # every URL on that host or any subdomain of it (by label);
+                                           # an address (domain 10.0.0.2) matches that address only
     uid 0123456789abcdef0123456789abcdef   # a laiontools uid (32 hex)
     sha256 <64 hex>                        # content hash of the stored image bytes
     md5 <32 hex>                           # content hash of the stored image bytes
@@ -32,7 +33,7 @@ import numpy as np
 from laiontools.contracts.uids import UID_DTYPE, normalize_url
 from laiontools.core.errors import UserError
 from laiontools.core.storage import sha256_bytes, url_to_fs
-from laiontools.web.policy import canonical_host
+from laiontools.web.policy import canonical_host, host_ip
 
 KINDS = ("url", "domain", "uid", "sha256", "md5", "phash")
 _HEX = {"uid": 32, "sha256": 64, "md5": 32, "phash": 16}
@@ -61,6 +62,21 @@ def _canonical_url(url: str | None) -> tuple[str | None, str]:
     netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
     netloc += (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host
+
+
+def _domains_of(host: str) -> list[str]:
+    """The domain entries a canonical host falls under: a name and each domain above it, label by label
+    (``img.example.com``, ``example.com``, ``com``); an address itself only (and the IPv4 an IPv4-mapped
+    IPv6 reaches), never by suffix: ``domain 2`` is the address 0.0.0.2, not every host ending in ``.2``."""
+    try:
+        ip = host_ip(host)
+    except ValueError:  # a numeric spelling of no address (img.10.0.0.2, 1.2.3.4.5): no name either
+        return [host]
+    if ip is not None:
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return [host] + ([str(mapped)] if mapped else [])
+    labels = host.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels))]
 
 
 class RemovalListError(UserError, ValueError):
@@ -110,11 +126,10 @@ class RemovalList:
             n, host = _canonical_url(url)
             if n in self.urls:
                 return Match("url", n, self.urls[n])
-            if self.domains:
-                while host:
-                    if host in self.domains:
-                        return Match("domain", host, self.domains[host])
-                    host = host.partition(".")[2]
+            if self.domains and host:
+                for d in _domains_of(host):
+                    if d in self.domains:
+                        return Match("domain", d, self.domains[d])
         if sha256 and sha256.lower() in self.sha256s:
             return Match("sha256", sha256.lower(), self.sha256s[sha256.lower()])
         if md5 and md5.lower() in self.md5s:
