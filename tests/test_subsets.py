@@ -350,3 +350,15 @@ def test_update_refuses_its_own_folder_and_an_edited_old_run_before_writing(spar
         err = capsys.readouterr().err
         assert f"{ed}/10.manifest.json has no selection.eligible" in err and "Traceback" not in err, err
         assert not out.exists()
+
+
+def test_update_refuses_an_old_uid_file_edited_after_its_run(spark, scratch, tmp_path):
+    old = tmp_path / "old"
+    subsets_stage.run(_cfg(scratch, old, scales="5,10", seed=3), spark)
+    edited = sorted(_uids(str(old / "10.uids.npy")))[1:]  # one uid taken out by hand
+    save_uids(str(old / "10.uids.npy"), edited)
+    # the new subsets would be right: the old folder is what changed, and the error says so before writing
+    out = tmp_path / "out"
+    with pytest.raises(SubsetError, match=rf"uid file {old}/10\.uids\.npy changed after that run"):
+        subsets_stage.run(SubsetsConfig(pool=scratch, output=str(out), update=str(old)), spark)
+    assert not out.exists()

@@ -65,6 +65,7 @@ from laiontools.core.storage import (
     ensure_output_dir,
     join,
     read_json,
+    sha256_file,
     spark_read_parquet,
     url_to_fs,
     write_json,
@@ -516,7 +517,8 @@ def updated_config(cfg: SubsetsConfig) -> SubsetsConfig:
                           f"sha256 {old_pool.sha256}); give the pool that `laiontools takedown` made from it")
     for label, _ in new.targets():  # what write_update_report reads of the old run, checked before anything is written
         mpath = join(old_dir, layout.subset_manifest(label))
-        sel = read_manifest(mpath).get("selection")
+        old_m = read_manifest(mpath)
+        sel = old_m.get("selection")
         if not isinstance(sel, dict) or isinstance(sel.get("eligible"), bool) or not isinstance(sel.get("eligible"), int):
             raise SubsetError(f"--update {old_dir}: {mpath} has no selection.eligible count (edited, or not written by "
                               "`laiontools subsets`); give an unedited subsets output folder")
@@ -524,6 +526,13 @@ def updated_config(cfg: SubsetsConfig) -> SubsetsConfig:
         fs, p = url_to_fs(upath)
         if not fs.exists(p):
             raise InputError(f"--update {old_dir}: its uid file {upath} is missing; give an unedited subsets output folder")
+        # an old uid file changed by hand would fail the report's checks, which then blame the new subsets
+        recorded = (old_m.get("uids") or {}).get("sha256")
+        sha, _ = sha256_file(upath)
+        if sha != recorded:
+            raise SubsetError(f"--update {old_dir}: its uid file {upath} changed after that run (sha256 {sha}, {mpath} "
+                              f"records {recorded}); the old subsets cannot be compared against: give an unedited subsets "
+                              "output folder")
     return new
 
 
