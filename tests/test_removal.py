@@ -167,3 +167,29 @@ def test_a_domain_entry_matches_names_by_label_and_an_address_only_itself():
     two = parse_removal_list("domain 2\n", "list.txt")  # the address 0.0.0.2, not a suffix of every IPv4 host
     assert two.match(url="http://0.0.0.2/a.jpg").line == 1
     assert [two.match(url=f"http://{h}/a.jpg") for h in ("10.0.0.2", "192.168.1.2", "img.example.2", "2.2")] == [None] * 4
+
+
+def test_verify_removal_list_reports_a_sample_uid_that_is_no_string(small_pool, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(os.path.join(small_pool["base"], "pool"), tmp_path / "pool")
+    manifest = str(tmp_path / "pool" / os.path.relpath(small_pool["manifest"], os.path.join(small_pool["base"], "pool")))
+    with open(manifest) as f:
+        tar = os.path.join(os.path.dirname(manifest), json.load(f)["shards"][0]["path"])
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    names = [m.name for m, _ in members if m.name.endswith(".json")]
+    odd = {names[0]: 123, names[1]: None}  # a number and a null where the uid string belongs
+    with tarfile.open(tar, "w") as tf:
+        for m, data in members:
+            if m.name in odd:
+                data = json.dumps({**json.loads(data), "uid": odd[m.name]}).encode()
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"uid {'f' * 32}\n")
+    rc, out = _verify(capsys, manifest, str(lst))
+    assert rc == 1, out
+    k0, k1 = (n.removesuffix(".json") for n in names[:2])
+    assert f"sample {k0}: its .json uid is 123 (int), not a string" in out
+    assert f"sample {k1}: its .json uid is null or missing, not a string" in out

@@ -318,10 +318,17 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                             meta = {}
                     if not isinstance(meta, dict):
                         meta = {}
+                    uid, url = meta.get("uid"), meta.get("url")
+                    if not isinstance(uid, str):  # a finding; the sample's url and bytes are still checked
+                        res.problems.append(f"removal list check: shard {s['path']} sample {key}: its .json uid is "
+                                            f"{'null or missing' if uid is None else f'{uid!r} ({type(uid).__name__})'}, not a "
+                                            "string; the sample does not follow the layout and no uid entry can be "
+                                            "checked against it")
+                        uid = None
                     img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
                     h = content_hashes(img, bool(rl.phashes)) if img is not None and rl.needs_content else {}
-                    hit = rl.match(url=meta.get("url"), uid=meta.get("uid"), sha256=h.get("sha256"), md5=h.get("md5"),
-                                   phash=h.get("phash"))
+                    hit = rl.match(url=url if isinstance(url, str) else None, uid=uid, sha256=h.get("sha256"),
+                                   md5=h.get("md5"), phash=h.get("phash"))
                     if hit is not None:
                         found += 1
                         res.problems.append(f"removal list {rl.path}: shard {s['path']} sample {key} matches {hit}")
