@@ -218,10 +218,24 @@ def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequ
     return fits
 
 
+def scale_sizes(rows: list[dict[str, Any]], scales: Sequence[str]) -> dict[str, float | None]:
+    """Each scale's dataset size, to order scales by: the smallest ``dataset_samples`` of its rows, else its
+    name read as a sample count (``100``, ``80M``, ``2B``; never as text, where "100" < "20"), else None."""
+    out: dict[str, float | None] = {}
+    for s in scales:
+        sizes = [n for r in rows if str(r.get("scale", "")) == s and (n := _number(r.get("dataset_samples"))) is not None]
+        try:
+            out[s] = min(sizes) if sizes else float(parse_count(s))
+        except ValueError:
+            out[s] = None
+    return out
+
+
 def data_scale_effect(rows: list[dict[str, Any]], metrics: Sequence[str], kind: str = "accuracy") -> list[dict[str, Any]]:
     """Does data scale matter at a fixed budget? Per metric and model, at the largest samples seen that 2+ scales share.
 
-    Groups the runs at that budget by scale (ordered by ``dataset_samples``, else by name) and
+    Groups the runs at that budget by scale (ordered by :func:`scale_sizes`: ``dataset_samples``, else
+    the scale's name as a count; raises UserError naming the scales that have neither) and
     reports each scale's mean, min and max error over its runs (seeds). ``gap`` = mean error of the
     smallest scale - mean error of the largest; ``spread`` = the larger of the two scales' max - min
     over seeds. ``signal`` is True when both scales have 2+ runs and gap > spread: the largest scale
@@ -242,14 +256,17 @@ def data_scale_effect(rows: list[dict[str, Any]], metrics: Sequence[str], kind: 
                 continue
             top = shared[0]
             by_scale: dict[str, list[float]] = {}
-            size: dict[str, float] = {}
             for r in mine:
                 if float(r["samples_seen"]) == top:
-                    s = str(r["scale"])
-                    by_scale.setdefault(s, []).append(to_error(float(r[m]), kind))
-                    size[s] = _number(r.get("dataset_samples")) or math.inf
+                    by_scale.setdefault(str(r["scale"]), []).append(to_error(float(r[m]), kind))
+            size = scale_sizes(rows, list(by_scale))
+            unsized = sorted(s for s, n in size.items() if n is None)
+            if unsized:
+                raise UserError(f"scales {unsized} have no dataset_samples and their names are no sample counts (100, "
+                                "80M, 2B): which is the smallest data scale is unknown; give a dataset_samples column "
+                                "(--columns dataset_samples=<column>) or name the scales by their sizes")
             order = sorted(by_scale, key=lambda s: (size[s], s))
-            scales = [{"scale": s, "dataset_samples": None if size[s] == math.inf else size[s], "n_runs": len(by_scale[s]),
+            scales = [{"scale": s, "dataset_samples": size[s], "n_runs": len(by_scale[s]),
                        "mean_error": sum(by_scale[s]) / len(by_scale[s]), "min_error": min(by_scale[s]),
                        "max_error": max(by_scale[s])} for s in order]
             small, large = scales[0], scales[-1]
@@ -433,8 +450,8 @@ def plot_metric(rows: list[dict[str, Any]], entry: dict[str, Any], path: str) ->
     m, kind = entry["metric"], entry.get("kind", "accuracy")
     pts = [(r, to_error(v, kind)) for r in rows if (v := _number(r.get(m))) is not None]
     pts = [(r, e) for r, e in pts if e > 0]
-    size_of = lambda s: min((_number(r.get("dataset_samples")) or math.inf) for r in rows if str(r.get("scale", "")) == s)
-    scales = sorted({str(r.get("scale", "")) for r, _ in pts}, key=lambda s: (size_of(s), s))
+    size = scale_sizes(rows, sorted({str(r.get("scale", "")) for r, _ in pts}))
+    scales = sorted(size, key=lambda s: (math.inf if size[s] is None else size[s], s))  # colours only: unsized last
     models = sorted({str(r.get("model", "")) for r, _ in pts})
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
     colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(1, len(scales))))

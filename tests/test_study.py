@@ -315,6 +315,22 @@ def test_study_fit_names_the_runs_it_leaves_out_and_refuses_repeated_runs(tmp_pa
         study_stage.main(["fit", "--results", dup, "--output", str(tmp_path / "fit_dup")])
 
 
+def test_study_fit_orders_scales_without_dataset_samples_by_their_names_as_counts(tmp_path) -> None:
+    # no dataset_samples column: scale "100" is the larger one, not the smaller ("100" < "20" as text)
+    rows = [{"model": "m", "scale": s, "samples_seen": 1000, "seed": seed, "compute_gmacs": 10 * (seed + 1),
+             "imagenet/zeroshot_top1": acc + 0.01 * seed} for s, acc in (("20", 0.2), ("100", 0.4)) for seed in (0, 1)]
+    csv = str(tmp_path / "named.csv")
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    res = study_stage.run_fit(study_stage.FitConfig(results=csv, output=str(tmp_path / "fit")))
+    (e,) = res.details["data_scale_effect"]
+    assert [s["scale"] for s in e["scales"]] == ["20", "100"] and e["smallest"] == "20" and e["largest"] == "100"
+    assert e["gap"] == pytest.approx(0.2)  # the larger scale's error is the lower one
+    # names that are no counts and no dataset_samples: which scale is smaller is unknown, and the error says so
+    pd.DataFrame([{**r, "scale": {"20": "small", "100": "large"}[r["scale"]]} for r in rows]).to_csv(csv, index=False)
+    with pytest.raises(UserError, match=r"scales \['large', 'small'\] have no dataset_samples"):
+        study_stage.run_fit(study_stage.FitConfig(results=csv, output=str(tmp_path / "fit2")))
+
+
 # ---------------------------------------------------------------------------------------------
 # `laiontools study plan`
 
