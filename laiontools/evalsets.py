@@ -281,6 +281,10 @@ def _load_yaml(yaml_path: str) -> list[EvalSet]:
         unknown = sorted(set(entry) - {"name", "path", "format"})
         if unknown:
             raise EvalSetError(f"{where}: unknown key(s) {unknown}; allowed: name, path, format")
+        if entry["path"] is None or isinstance(entry["path"], (dict, list, bool)) or not str(entry["path"]).strip():
+            # str() would make a null path the folder "None" (then "…/None does not exist")
+            raise EvalSetError(f"{where}: evaluation set {entry['name']!r} has no path (path: {entry['path']!r}); "
+                               "give its folder or file")
         path = str(entry["path"])
         if "://" not in path and not os.path.isabs(path):
             path = os.path.normpath(os.path.join(base, path))

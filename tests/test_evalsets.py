@@ -299,3 +299,11 @@ def test_spec_with_unknown_format_says_so(tmp_path):
         E.parse_evalset_spec(f"x={root}:bogus")
     with pytest.raises(E.EvalSetError, match="does not exist"):
         E.parse_evalset_spec(f"x={tmp_path / 'nope'}:bogus")
+
+
+@pytest.mark.parametrize("path", ["null", "''", "[a, b]"])
+def test_evalsets_yaml_entry_without_a_path_names_the_entry(tmp_path, path):
+    y = tmp_path / "sets.yaml"
+    y.write_text(f"- {{name: cifar, path: {path}}}\n")  # null read as the folder "None", '' as the YAML's own
+    with pytest.raises(E.EvalSetError, match=r"sets\.yaml entry 0: evaluation set 'cifar' has no path \(path: "):
+        E.load_evalsets(yaml_path=str(y))
