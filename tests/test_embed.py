@@ -484,7 +484,7 @@ def test_resume_with_other_precision_or_decode_settings_is_refused(small_pool, t
     info = load_model_json(out)
     assert info["precision"] == "auto" and info["jpeg_draft_decode"] is False
     os.remove(os.path.join(out, layout.EMB_META_DIR, "00001.parquet.done"))  # one shard left to do
-    with pytest.raises(EmbedMismatchError, match="precision: 'auto' there, 'bf16' now") as e:
+    with pytest.raises(EmbedMismatchError, match=r"precision: 'auto' \(= \w+\) there, 'bf16' now") as e:
         _run(small_pool, out, "--precision", "bf16")
     assert out in str(e.value)
     with pytest.raises(EmbedMismatchError, match="jpeg_draft_decode: False there, True now"):
@@ -501,3 +501,18 @@ def test_resume_with_other_precision_or_decode_settings_is_refused(small_pool, t
         _run(small_pool, out, "--fast-decode")
     res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0)).details
     assert res.ok and res.shards_embedded == ["00001"]
+
+
+def test_resume_compares_the_precision_used_not_the_one_asked(small_pool, tmp_path):
+    out = str(tmp_path / "e")
+    done = os.path.join(out, layout.EMB_META_DIR, "00001.parquet.done")
+    assert _run(small_pool, out, "--device", "cpu") == 0
+    os.remove(done)  # one shard left to do
+    assert _run(small_pool, out, "--device", "cpu", "--precision", "fp32") == 0  # what auto is on the CPU
+    assert os.path.exists(done)
+    info = load_model_json(out)
+    assert info["precision"] == "auto" and info["precision_used"] == "fp32"
+    os.remove(done)
+    with pytest.raises(EmbedMismatchError, match=r"precision: 'auto' \(= fp32\) there, 'bf16' now"):
+        _run(small_pool, out, "--device", "cpu", "--precision", "bf16")  # a real change: still refused
+    assert not os.path.exists(done)

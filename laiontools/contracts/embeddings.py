@@ -48,19 +48,45 @@ IDENTITY_FIELDS = ("model", "pretrained", "checkpoint_sha256", "random_init_seed
 # (a dedup may embed its queries with other ones): a resumed folder must keep them, or its shards would mix.
 # The value is what a folder written before the field was recorded was made with (the default then).
 RUN_SETTING_FIELDS = {"precision": "auto", "jpeg_draft_decode": False}
+# "auto" is a request, not a precision (amp_bf16 on a GPU, fp32 on the CPU): model.json also records the
+# precision the vectors were computed in, and a resume compares that one when both runs know it.
+PRECISION_USED = "precision_used"
 
 
 class EmbedMismatchError(UserError, ValueError):
     """The output folder holds embeddings of another model, dimension or pool."""
 
 
+def precision_used(settings: dict[str, Any]) -> str | None:
+    """The precision vectors were (or will be) computed in: :data:`PRECISION_USED`, else the precision
+    asked for unless it is "auto" (what that became depends on the device: a folder written before the
+    field was recorded does not say), else None."""
+    used = settings.get(PRECISION_USED)
+    if isinstance(used, str):
+        return used
+    asked = settings.get("precision", RUN_SETTING_FIELDS["precision"])
+    return None if asked == "auto" else asked
+
+
+def _asked_used(asked: str, used: str) -> str:
+    return repr(asked) if asked == used else f"{asked!r} (= {used})"
+
+
 def check_same_run_settings(existing: dict[str, Any], new: dict[str, Any], where: str) -> None:
     """Raise EmbedMismatchError naming each differing :data:`RUN_SETTING_FIELDS` setting (existing vs new)
-    if a run with `new` settings would add shards to the folder `where` made with `existing` ones."""
-    diff = {f: (existing.get(f, d), new.get(f, d)) for f, d in RUN_SETTING_FIELDS.items()
-            if existing.get(f, d) != new.get(f, d)}
+    if a run with `new` settings would add shards to the folder `where` made with `existing` ones. The
+    precision compared is the one used (:func:`precision_used`) when both sides know it, else the one asked."""
+    diff: dict[str, tuple[str, str]] = {}
+    used_old, used_now = precision_used(existing), precision_used(new)
+    for f, d in RUN_SETTING_FIELDS.items():
+        old, now = existing.get(f, d), new.get(f, d)
+        if f == "precision" and used_old is not None and used_now is not None:
+            if used_old != used_now:
+                diff[f] = (_asked_used(old, used_old), _asked_used(now, used_now))
+        elif old != now:
+            diff[f] = (repr(old), repr(now))
     if diff:
-        shown = ", ".join(f"{f}: {old!r} there, {now!r} now" for f, (old, now) in diff.items())
+        shown = ", ".join(f"{f}: {old} there, {now} now" for f, (old, now) in diff.items())
         raise EmbedMismatchError(
             f"{where} was embedded with other settings ({shown}); resuming would mix shards embedded two ways: "
             f"re-run with the folder's settings, use another --output folder, or delete that one to re-embed"

@@ -61,6 +61,7 @@ import numpy as np
 from laiontools.contracts import layout
 from laiontools.contracts.embeddings import (
     MARKER_SHA256,
+    PRECISION_USED,
     SCORE_COLUMNS,
     STATUS_FAILED_DECODE,
     STATUS_OK,
@@ -476,16 +477,22 @@ def pool_identity(manifest_path: str, manifest: dict[str, Any]) -> dict[str, Any
     }
 
 
-def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
+def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str, Any],
+                   used_precision: str | None = None) -> dict[str, Any]:
     """Create the output folder and its model.json, or check an existing one; returns model.json content.
 
-    Refuses (EmbedMismatchError) a folder of another model/dimension, other precision / JPEG decode
-    settings (RUN_SETTING_FIELDS; missing in older folders: their defaults) or another source pool. A newer
-    manifest of the same pool (download resumed, more shards) updates the recorded manifest sha256.
+    `used_precision`: what cfg.precision resolved to on this run's device (None when unknown: Spark tasks
+    pick their device), recorded as ``precision_used``. Refuses (EmbedMismatchError) a folder of another
+    model/dimension, other precision (the one used when both runs record it: "auto" and "fp32" are one
+    precision on the CPU) / JPEG decode settings (RUN_SETTING_FIELDS; missing in older folders: their
+    defaults) or another source pool. A newer manifest of the same pool (download resumed, more shards)
+    updates the recorded manifest sha256.
     """
     ensure_output_dir(cfg.output)
     path = join(cfg.output, layout.EMB_MODEL_JSON)
     settings = {"precision": cfg.precision, "jpeg_draft_decode": bool(cfg.fast_decode)}
+    if used_precision is not None:
+        settings[PRECISION_USED] = used_precision
     doc = {**model_info, "pool": pool, **settings, "layout": {"img": layout.EMB_IMG_DIR, "text": layout.EMB_TEXT_DIR,
                                                    "meta": layout.EMB_META_DIR, "scores": layout.EMB_SCORES_DIR}}
     fs, p = url_to_fs(path)
@@ -628,12 +635,13 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
     else:
         model_info = probe.info
     pool = pool_identity(cfg.manifest, manifest)
+    used = probe.precision if probe is not None else None
     if rank == 0:
-        prepare_output(cfg, model_info, pool)
+        prepare_output(cfg, model_info, pool, used)
     if distributed:
         _barrier()
         if rank != 0:
-            prepare_output(cfg, model_info, pool)  # re-check what rank 0 wrote (and raise the same way)
+            prepare_output(cfg, model_info, pool, used)  # re-check what rank 0 wrote (and raise the same way)
     write_json(join(cfg.output, f"settings.rank{rank}.json" if distributed and rank else layout.SETTINGS_JSON),
                {**cfg.to_dict(), "world_size": world})
     _, skipped = _todo(cfg, tasks[rank::world] if distributed else tasks)
