@@ -191,7 +191,7 @@ def test_write_output_shards_restores_the_switch_interval(tmp_path):
     assert [j for j, _ in write_output_shards(iter([(0, [])]), str(out), {}, "plan", 6, True)] == [0]
     assert (out / "shard-00000.tar").stat().st_size == tarfile.RECORDSIZE and sys.getswitchinterval() == before
     missing = [_Entry(0, "0" * 32, "00000", "k", None, 0, 1536, 1536, None)]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(Exception, match=r"source shard .*nope\.tar is missing .* run `laiontools verify`"):
         list(write_output_shards(iter([(1, missing)]), str(out), {"00000": str(tmp_path / "nope.tar")}, "plan", 6, True))
     assert sys.getswitchinterval() == before and not (out / "shard-00001.tar").exists()
 

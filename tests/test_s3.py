@@ -34,9 +34,12 @@ s3fs = pytest.importorskip("s3fs", reason="object-store tests need s3fs (the tes
 
 
 @pytest.fixture(scope="session")
-def s3():
-    """A real S3 API server on 127.0.0.1 for the session; yields an s3fs file system talking to it."""
+def s3_server():
+    """A real S3 API server (moto's server mode) on 127.0.0.1 for the session, which counts the GETs
+    under a prefix it is told to watch (laiontools.testing.s3server)."""
     import fsspec
+
+    from laiontools.testing.s3server import S3Server
 
     port = os.environ["LAIONTOOLS_TEST_S3_PORT"]  # reserved by conftest.py
     endpoint = os.environ["FSSPEC_S3_ENDPOINT_URL"]
@@ -44,13 +47,14 @@ def s3():
         pytest.skip(f"FSSPEC_S3_ENDPOINT_URL was set outside the tests ({endpoint}); not starting a test server there")
     # fsspec reads FSSPEC_* variables when it is imported; make sure this process uses them too.
     fsspec.config.conf.setdefault("s3", {}).setdefault("endpoint_url", endpoint)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=int(port), verbose=False)
-    server.start()
-    try:
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-        yield fs
-    finally:
-        server.stop()
+    with S3Server(port=int(port)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server):
+    """An s3fs file system talking to the test server."""
+    return s3fs.S3FileSystem(endpoint_url=s3_server.endpoint)
 
 
 @pytest.fixture()
@@ -355,6 +359,7 @@ def resharded(spark, pools, tmp_path_factory) -> dict[str, tuple[dict, dict, str
         reshard_stage.run(ReshardConfig(manifest=big, output=f"{base}/resharded", shard_size=max(2, n // 4)), spark)
         out[where] = (read_manifest(big), read_manifest(f"{base}/resharded/{layout.RESHARD_MANIFEST}"), f"{base}/resharded")
         out[f"{where}_subset"] = big
+        out[f"{where}_half"] = rows[1]["manifest"]
     return out
 
 
@@ -393,6 +398,77 @@ def test_reshard_in_process_on_s3_writes_the_spark_runs_bytes(resharded, s3, mon
         [(s["path"], s["num_samples"], s["sha256"]) for s in rs_s3["shards"]]
     for sh in got["shards"]:
         assert sha256_file(f"{out}/{sh['path']}")[0] == sh["sha256"]
+
+
+@pytest.mark.slow
+def test_reshard_from_s3_asks_the_store_for_the_subsets_bytes_once(resharded, s3, s3_server, monkeypatch):
+    """A subset's samples are scattered over the source tars, and every output shard reads from each of
+    them. The store must send about the subset's bytes: each sample's span from the catalog, fetched
+    together (neighbours merged when the gap is small: at most twice the bytes), one GET per sample at
+    most. Before, a file object's 4 MB read-ahead fetched the rest of a source tar at every backward
+    jump: 60-70x the subset's bytes on bench/bench_reshard_s3.py's pool. Counted by the server."""
+    import pyarrow.dataset as ds
+
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.contracts.uids import array_to_uids, load_uids
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages.reshard import ReshardConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    half = resharded["s3_half"]
+    sub = read_manifest(half)
+    pool_dir = resharded["s3_subset"].rsplit("/", 2)[0] + "/pool"
+    # the subset's span bytes, from the pool's catalog and the subset's uid file
+    uids = set(array_to_uids(load_uids(f"{half.rsplit('/', 1)[0]}/{sub['uids']['path']}", mmap=False)))
+    cat = ds.dataset(f"{pool_dir}/catalog".split("://")[1], filesystem=s3, format="parquet").to_table(
+        columns=["uid", "status", "tar_length"]).to_pandas()
+    rows = cat[(cat["status"] == "success") & cat["uid"].isin(uids)]
+    assert len(rows) == sub["num_samples"] == len(uids) > 4
+    span_bytes = int(rows["tar_length"].sum())
+
+    s3_server.watch(f"/{pool_dir.split('://')[1]}/shards/")
+    out = f"{pool_dir}-half-resharded"
+    res = reshard_stage.run(ReshardConfig(manifest=half, output=out, shard_size=2)).details
+    assert res["engine"] == "in-process" and res["sample_spans"] == "catalog" and res["num_shards"] >= 3
+    assert span_bytes <= s3_server.bytes <= 2 * span_bytes, (s3_server.bytes, span_bytes)
+    assert 1 <= s3_server.gets <= len(rows)
+    got = read_manifest(f"{out}/{layout.RESHARD_MANIFEST}")
+    assert sum(s["num_samples"] for s in got["shards"]) == len(rows)
+    for sh in got["shards"]:
+        assert sha256_file(f"{out}/{sh['path']}")[0] == sh["sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_reshard_of_a_damaged_s3_source_shard_is_one_clear_error(resharded, s3, damage, tmp_path, monkeypatch):
+    """A source shard gone from the bucket, or cut short, after the subset was cut: one error naming the
+    shard's s3:// path, whether its ranges were fetched together or read one by one."""
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages.reshard import ReshardConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    half = resharded["s3_half"]
+    pool_dir = resharded["s3_subset"].rsplit("/", 2)[0] + "/pool"
+    pool = read_manifest(f"{pool_dir}/pool.manifest.json")
+    victim = f"{pool_dir}/{pool['shards'][0]['path']}"
+    saved = s3.cat_file(victim.split("://")[1])
+    try:
+        if damage == "missing":
+            s3.rm(victim.split("://")[1])
+        else:
+            s3.pipe_file(victim.split("://")[1], saved[: len(saved) // 3])
+        s3.invalidate_cache()
+        with pytest.raises(Exception) as err:
+            reshard_stage.run(ReshardConfig(manifest=half, output=f"{pool_dir}-damaged-{damage}", shard_size=2))
+        msg = str(err.value)
+        assert victim.split("://")[1] in msg and "Traceback" not in msg, msg
+        assert f"source shard {victim} is " + ("truncated" if damage == "truncated" else "missing") in msg, msg
+        assert "laiontools verify" in msg or "re-download" in msg, msg
+    finally:
+        s3.pipe_file(victim.split("://")[1], saved)
+        s3.invalidate_cache()
 
 
 @pytest.mark.slow
