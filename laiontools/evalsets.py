@@ -281,6 +281,9 @@ def _load_yaml(yaml_path: str) -> list[EvalSet]:
         unknown = sorted(set(entry) - {"name", "path", "format"})
         if unknown:
             raise EvalSetError(f"{where}: unknown key(s) {unknown}; allowed: name, path, format")
+        if entry["name"] is None or isinstance(entry["name"], (dict, list, bool)) or not str(entry["name"]).strip():
+            # str() would name the set "None"
+            raise EvalSetError(f"{where}: the evaluation set has no name (name: {entry['name']!r}); give it one")
         if entry["path"] is None or isinstance(entry["path"], (dict, list, bool)) or not str(entry["path"]).strip():
             # str() would make a null path the folder "None" (then "…/None does not exist")
             raise EvalSetError(f"{where}: evaluation set {entry['name']!r} has no path (path: {entry['path']!r}); "

@@ -307,3 +307,12 @@ def test_evalsets_yaml_entry_without_a_path_names_the_entry(tmp_path, path):
     y.write_text(f"- {{name: cifar, path: {path}}}\n")  # null read as the folder "None", '' as the YAML's own
     with pytest.raises(E.EvalSetError, match=r"sets\.yaml entry 0: evaluation set 'cifar' has no path \(path: "):
         E.load_evalsets(yaml_path=str(y))
+
+
+@pytest.mark.parametrize("name", ["null", "''", "[a]"])
+def test_evalsets_yaml_entry_without_a_name_is_refused_naming_the_entry(tmp_path, name):
+    (tmp_path / "cifar").mkdir()
+    y = tmp_path / "sets.yaml"
+    y.write_text(f"- {{name: {name}, path: cifar}}\n")  # null was the set "None"
+    with pytest.raises(E.EvalSetError, match=r"sets\.yaml entry 0: the evaluation set has no name \(name: "):
+        E.load_evalsets(yaml_path=str(y))

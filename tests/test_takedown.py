@@ -413,6 +413,26 @@ def test_rewrite_shard_refuses_a_key_the_tar_lacks(tmp_path):
     assert not (tmp_path / "out" / "00000.tar").exists()
 
 
+def test_content_scan_takes_a_sample_whose_json_is_no_object(tmp_path):
+    """A sample whose image matches a sha256 entry is found by its bytes, whatever its .json holds: a
+    list, a number uid, or text that is not JSON give no uid, not a crash."""
+    from laiontools.contracts.removal import parse_removal_list
+    from laiontools.stages.takedown import scan_content
+
+    path = str(tmp_path / "00000.tar")
+    imgs = {k: os.urandom(500) for k in ("k0", "k1", "k2", "k3")}
+    metas = {"k0": b"[1, 2]", "k1": b'{"uid": 7}', "k2": b"not json", "k3": json.dumps({"uid": "ab" * 16}).encode()}
+    with tarfile.open(path, "w") as tf:
+        for key in imgs:
+            for ext, data in (("jpg", imgs[key]), ("json", metas[key])):
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    rl = parse_removal_list("".join(f"sha256 {hashlib.sha256(b).hexdigest()}\n" for b in imgs.values()))
+    got = {key: uid for key, uid, kind, _, _ in scan_content(path, rl)}
+    assert got == {"k0": "", "k1": "", "k2": "", "k3": "ab" * 16}
+
+
 def test_reason_status_shard_ids_and_safe_paths():
     from laiontools.contracts import layout
     from laiontools.contracts.schema import removed

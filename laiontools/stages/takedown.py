@@ -184,9 +184,13 @@ def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, in
                 hit = rl.match(sha256=h["sha256"], md5=h["md5"], phash=h["phash"])
                 if hit is not None:
                     try:
-                        uid = str(json.loads(parts.get("json") or b"{}").get("uid") or "")
+                        meta = json.loads(parts.get("json") or b"{}")
                     except ValueError:
-                        uid = ""
+                        meta = None
+                    # a .json that is no object, or whose uid is no string, gives no uid (the key and the
+                    # content hash still name the sample)
+                    uid = meta.get("uid") if isinstance(meta, dict) else None
+                    uid = uid if isinstance(uid, str) else ""
                     out.append((key, uid, hit.kind, hit.value, hit.line))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise TakedownError(f"shard {url} cannot be read ({type(e).__name__}: {e}); run `laiontools verify` on the pool") from e
