@@ -11,7 +11,8 @@ nested subsets on the s3 pool and reshards each into the bucket (in process, as 
 --spark-above).
 
 Reported per subset: the subset's sample bytes, the source-shard bytes the store sent (and that over
-the subset's bytes: the read amplification), the GETs, reshard seconds, and a plain copy of the same
+the subset's bytes: the read amplification), the GETs, reshard seconds, the CPU seconds of reshard's
+task processes (the client: GETs, checks, packing, PUTs) and of this process (driver and server), and a plain copy of the same
 number of bytes on the same store (whole source objects read in name order, written back as as many
 objects as reshard writes). On a real store each GET also costs a first-byte latency (tens of ms) and
 bytes cost time and, across regions, money; this server on loopback has neither (``--first-byte-ms``
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -75,7 +77,6 @@ def main() -> int:
         os.environ[k] = v
     import fsspec
     import s3fs
-
     from bench_reshard import build_pool
 
     from laiontools.contracts.manifest import read_manifest
@@ -108,10 +109,16 @@ def main() -> int:
             for r in range(a.repeats):
                 dst = f"s3://{bucket}/reshard-{target}-{r}"
                 server.watch(f"/{bucket}/pool/shards/")
+                c0, s0 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
                 t = time.perf_counter()
                 res = reshard_stage.run(reshard_stage.ReshardConfig(manifest=sub, output=dst, shard_size=shard_size), None).details
                 secs = time.perf_counter() - t
-                runs.append({"s": round(secs, 2), "gets": server.gets, "bytes_sent": server.bytes})
+                c1, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+                # the task processes reshard forks are this process's children: their CPU is the client's
+                # (GETs, checks, packing, PUTs); this process's own is the driver's and the server's
+                runs.append({"s": round(secs, 2), "gets": server.gets, "bytes_sent": server.bytes,
+                             "tasks_cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 2),
+                             "driver_and_server_cpu_s": round(s1.ru_utime + s1.ru_stime - s0.ru_utime - s0.ru_stime, 2)})
                 fs.rm(dst.split("://")[1], recursive=True)
             m = read_manifest(sub)
             sample_bytes = res["bytes"]

@@ -52,8 +52,12 @@ class S3Server:
         self.port, self._first_byte_s = port, first_byte_s
         self._server: Any = None
 
-    def __enter__(self) -> S3Server:
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    def __enter__(self) -> S3Server:  # noqa: PYI034 (a final class; typing.Self needs 3.11)
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
         from werkzeug.serving import make_server
 
         class Quiet(MotoRequestHandler):
@@ -67,7 +71,7 @@ class S3Server:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
 
