@@ -174,6 +174,13 @@ def test_politeness_blocklist_and_numeric_hosts_in_one_pool(spark, web, tmp_path
     # the executors' counters, summed from every shard's _web.json
     ex = rep["hosts"]["executors"]
     assert ex["shards_counted"] == len([f for f in os.listdir(os.path.join(out, layout.SHARDS_DIR)) if f.endswith(".tar")])
+    # each shard's counters are written before its stats file (the marker): a kill between the two leaves
+    # an unfinished shard, never a finished one without its counters
+    sd = os.path.join(out, layout.SHARDS_DIR)
+    for f in os.listdir(sd):
+        if f.endswith("_stats.json"):
+            web = os.path.join(sd, f.replace("_stats.json", "_web.json"))
+            assert os.stat(web).st_mtime_ns <= os.stat(os.path.join(sd, f)).st_mtime_ns, f
     assert ex["robots_fetches"] == server.robots_requests - robots_before
     assert ex["dns_lookups"] == 0  # every host fetched was an address literal
     assert ex["throttle_pauses"] == 1 and ex["most_throttled"] == [{"host": "127.0.0.1", "pauses": 1}]

@@ -56,6 +56,7 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from img2dataset.downloader import Downloader, is_disallowed
+from img2dataset.logger import write_stats as _write_stats
 
 from laiontools.web.policy import (
     NEVER_RESOLVE,
@@ -1080,9 +1081,12 @@ WEB_STATS_SUFFIX = "_web.json"
 class PolicyDownloader(Downloader):
     """img2dataset's Downloader with :func:`fetch_with_retry` as its fetch function.
 
-    After a shard it writes ``<shard>_web.json`` beside img2dataset's ``<shard>_stats.json``: the
-    executor counters of that shard (:func:`counters_delta`; a Python worker runs one shard at a
-    time, so the difference is the shard's). The download report sums them.
+    At the end of a shard it writes ``<shard>_web.json`` beside img2dataset's ``<shard>_stats.json``:
+    the executor counters of that shard (:func:`counters_delta`; a Python worker runs one shard at a
+    time, so the difference is the shard's). The download report sums them. It is written just
+    before the stats file, the shard's completion marker: a kill between the two leaves a shard that
+    is not done, whose files the next run removes and downloads again, never a done shard without
+    its counters.
     """
 
     def __init__(self, *args: Any, policy: FetchPolicy, **kwargs: Any) -> None:
@@ -1121,13 +1125,18 @@ class PolicyDownloader(Downloader):
         d.download_image_with_retry = functools.partial(fetch_with_retry, policy=pol, shard_deadline_at=at,
                                                         scheduler=sched)
         before = executor_counters()
-        result = super().__call__(row)
-        try:
-            from laiontools.core.storage import join, write_json
 
-            name = f"{row[0]:0{self.oom_shard_count}d}{WEB_STATS_SUFFIX}"
-            write_json(join(self.output_folder, name), counters_delta(before, executor_counters()))
-        except Exception as e:  # counters are a report's extra; never fail a written shard for them
-            logging.getLogger(__name__).warning("could not write the web counters of shard %s: %s: %s", row[0],
-                                                type(e).__name__, e)
-        return result
+        def counters_then_stats(output_folder: str, shard_id: int, *args: Any) -> None:
+            try:
+                from laiontools.core.storage import join, write_json
+
+                name = f"{shard_id:0{self.oom_shard_count}d}{WEB_STATS_SUFFIX}"
+                write_json(join(output_folder, name), counters_delta(before, executor_counters()))
+            except Exception as e:  # counters are a report's extra; never fail a shard for them
+                logging.getLogger(__name__).warning("could not write the web counters of shard %s: %s: %s", shard_id,
+                                                    type(e).__name__, e)
+            _write_stats(output_folder, shard_id, *args)
+
+        # download_shard calls the module-level name to write the stats file; set per shard, as above
+        d.write_stats = counters_then_stats
+        return super().__call__(row)
