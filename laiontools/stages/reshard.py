@@ -206,9 +206,9 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
 class _Sources:
     """A few open source shards per task (LRU); local files are read with os.pread (one call per range).
 
-    Shards on a remote file system (an object store) are read through :meth:`prefetch`: a batch's
-    ranges are asked for at once (concurrent ranged GETs where the file system is async, as s3fs and
-    gcsfs are), each range exactly, or merged with its neighbour when the gap between them is small.
+    Shards on an object store (an async fsspec file system: s3fs, gcsfs) are read through
+    :meth:`prefetch`: a batch's ranges are asked for at once (concurrent ranged GETs), each range
+    exactly, or merged with its neighbour when the gap between them is small.
     A file object's read-ahead would fetch a 4 MB block at every range that is not in the last one:
     with a subset's samples scattered over every source tar, and each output shard reading from all
     of them, that was 60-70x the subset's bytes sent by the store (bench/bench_reshard_s3.py)."""
@@ -220,9 +220,13 @@ class _Sources:
         self.remote: dict[str, bool] = {}
 
     def is_remote(self, sid: str) -> bool:
+        """Whether `sid` lives on an async fsspec file system (s3fs, gcsfs, adlfs, http): those are read
+        through :meth:`prefetch`. Others (local disk; HDFS through pyarrow, whose streams read exact
+        ranges) keep one open file per shard."""
         r = self.remote.get(sid)
         if r is None:
-            r = self.remote[sid] = not _is_local(url_to_fs(self.urls[sid])[0])
+            fs = url_to_fs(self.urls[sid])[0]
+            r = self.remote[sid] = not _is_local(fs) and bool(getattr(fs, "async_impl", False))
         return r
 
     def prefetch(self, reads: list[tuple[str, int, int]]) -> None:
