@@ -358,7 +358,8 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
     shards are fetched together first."""
     got: list[list[tuple[str, memoryview, int]]] = [[] for _ in batch]
     order = sorted(range(len(batch)), key=lambda b: (batch[b].sid, batch[b].lo))
-    sources.prefetch([r for b in order for r in _reads(batch[b])])
+    if any(sources.is_remote(sid) for sid in {e.sid for e in batch}):
+        sources.prefetch([r for b in order for r in _reads(batch[b])])
     for b in order:
         e = batch[b]
         if e.members is None:
