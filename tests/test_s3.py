@@ -749,3 +749,43 @@ def test_a_pool_whose_catalog_swap_was_interrupted_is_refused(tmp_path):
     storage.write_json(storage._swap_journal(pool.catalog), {"phase": "old-whole", "old": None, "tmp": None})
     with pytest.raises(InputError, match="is being rebuilt, or a rebuild was killed midway; re-run"):
         load_pool(manifest)
+
+
+@pytest.fixture()
+def small_s3_pool(s3, bucket, tmp_path) -> str:
+    """A 2-shard pool (20 samples each, sample spans in its catalog) written by the reshard benchmark's
+    builder and uploaded to a fresh bucket; returns its s3:// folder."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    from bench_reshard import build_pool
+
+    build_pool(str(tmp_path / "pool"), shards=2, per_shard=20, kb=2)
+    s3.put(str(tmp_path / "pool") + "/", f"{bucket}/pool".split("://")[1], recursive=True)
+    s3.invalidate_cache()
+    return f"{bucket}/pool"
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty"])
+def test_takedown_of_a_damaged_s3_shard_is_one_clear_error(spark, s3, small_s3_pool, damage, tmp_path):
+    """A shard gone from the bucket, or 0 bytes, when takedown rewrites it (a Spark task): one
+    TakedownError naming its s3:// path, as raised in the task (was py4j's traceback of the task)."""
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig, TakedownError
+
+    pool = read_manifest(f"{small_s3_pool}/pool.manifest.json")
+    victim = f"{small_s3_pool}/{pool['shards'][0]['path']}"
+    if damage == "missing":
+        s3.rm(victim.split("://")[1])
+    else:
+        s3.pipe_file(victim.split("://")[1], b"")
+    s3.invalidate_cache()
+    uid = pd.read_parquet(str(tmp_path / "pool" / "catalog")).query("shard == '00000'")["uid"].iloc[0]
+    (tmp_path / "list.txt").write_text(f"uid {uid}\n")
+    with pytest.raises(TakedownError) as err:
+        takedown_stage.run(TakedownConfig(pool=f"{small_s3_pool}/pool.manifest.json", reason="test",
+                                          output=f"{small_s3_pool}-td", list_file=str(tmp_path / "list.txt")), spark)
+    msg = str(err.value)
+    assert msg.startswith(f"shard {victim} cannot be read") and "\n" not in msg, msg
+    assert "laiontools verify" in msg, msg

@@ -83,7 +83,7 @@ from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
 from laiontools.contracts.removal import RemovalList, content_hashes, read_removal_list
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
-from laiontools.core.errors import InputError, UserError
+from laiontools.core.errors import InputError, UserError, task_error, user_error_from
 from laiontools.core.report import table
 from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import (
@@ -113,6 +113,28 @@ _MATCH_SCHEMA = "uid string, status string, shard string, key string, kind strin
 
 class TakedownError(UserError, ValueError):
     """The pool and its shards disagree, or the output holds another takedown."""
+
+
+def _in_task(fn: Any, *args: Any) -> Any:
+    """`fn(*args)` inside a Spark task: a user error it raises (a shard that cannot be read, ...) is
+    tagged, so that the driver turns it back into one line (:func:`_collect`), not a py4j traceback."""
+    try:
+        return fn(*args)
+    except UserError as e:
+        raise task_error(str(e).split("\n", 1)[0]) from e
+
+
+def _collect(rdd: Any) -> list[Any]:
+    """`rdd.collect()`, a tagged task error raised as the TakedownError it was."""
+    try:
+        return rdd.collect()
+    except UserError:
+        raise
+    except Exception as e:  # errors raised inside tasks arrive wrapped by py4j
+        err = user_error_from(e, TakedownError)
+        if err is not None:
+            raise err from None
+        raise
 
 
 @dataclass
@@ -386,8 +408,8 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         ids = sorted(entries)
         urls = [resolve(pool.path, entries[i]["path"]) for i in ids]
         n = max(1, min(len(ids), spark.sparkContext.defaultParallelism * 4))
-        hits = (spark.sparkContext.parallelize(list(zip(ids, urls)), n)
-                .flatMap(lambda iu, _rl=rl: [(iu[0], *h) for h in scan_content(iu[1], _rl)]).collect())
+        hits = _collect(spark.sparkContext.parallelize(list(zip(ids, urls)), n)
+                        .flatMap(lambda iu, _rl=rl: [(iu[0], *h) for h in _in_task(scan_content, iu[1], _rl)]))
         content_scanned = len(ids)
         # which catalog row a stored sample is: its success row by uid (the sample's json) and shard/key
         by_sample = {(m["shard"], m["key"]) for m in matched.values() if m["status"] == C.STATUS_SUCCESS}
@@ -422,8 +444,8 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
     rewritten: dict[str, dict[str, Any]] = {}
     if jobs:
         n = max(1, min(len(jobs), spark.sparkContext.defaultParallelism * 4))
-        res = (spark.sparkContext.parallelize(jobs, n)
-               .map(lambda j, _st=status: (j[0], rewrite_shard(j[1], j[2], j[3], _st, j[4]))).collect())
+        res = _collect(spark.sparkContext.parallelize(jobs, n)
+                       .map(lambda j, _st=status: (j[0], _in_task(rewrite_shard, j[1], j[2], j[3], _st, j[4]))))
         rewritten = dict(res)
     t_shards = time.monotonic() - t2
 
