@@ -65,11 +65,18 @@ _TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")  # the names _tmp_name makes
 
 def remove_stale_temps(root: str) -> int:
     """Delete the temp files :func:`atomic_open` leaves when its process is killed mid-write, anywhere
-    under the local folder `root`; returns how many. Call it only while holding the folder's output
-    lock (no live writer then). Object stores: not scanned (a listing of a whole output there is
-    costly, and a killed PUT leaves no object)."""
+    under the folder `root`; returns how many. Call it only while holding the folder's output
+    lock (no live writer then). Object stores too: a killed PUT leaves no object, but atomic_open's
+    temp key is whole from its PUT until the move (a copy, then a delete) removes it, and a kill in
+    between left it for good (a re-run writes under a new temp name); one listing of the output."""
     fs, p = url_to_fs(root)
-    if not is_local(fs) or not os.path.isdir(p):
+    if not is_local(fs):
+        with store_errors(root):
+            stale = [f for f in fs.find(p) if _TMP_RE.match(f.rpartition("/")[2])]
+            if stale:
+                fs.rm(stale)
+        return len(stale)
+    if not os.path.isdir(p):
         return 0
     return _remove_files(os.path.join(d, name) for d, _, names in os.walk(p) for name in names if _TMP_RE.match(name))
 
