@@ -791,6 +791,31 @@ def test_takedown_of_a_damaged_s3_shard_is_one_clear_error(spark, s3, small_s3_p
     assert "laiontools verify" in msg, msg
 
 
+@pytest.fixture()
+def small_s3_subset(spark, small_s3_pool) -> str:
+    """A 30-sample subset of `small_s3_pool`, written into the same bucket; returns its manifest's URL."""
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.subsets import SubsetsConfig
+
+    return subsets_stage.run(SubsetsConfig(pool=f"{small_s3_pool}/pool.manifest.json", output=f"{small_s3_pool}-subsets",
+                                           scales="30", seed=1), spark).details[0]["manifest"]
+
+
+def test_reshard_of_a_subset_whose_s3_uid_file_is_gone_names_it(s3, small_s3_subset, monkeypatch):
+    """The subset's uid file deleted from the bucket: one ReshardError naming its s3:// URL and what to do
+    (was a bare FileNotFoundError whose message was the key alone: "error: <bucket>/<key>")."""
+    from laiontools.contracts.manifest import read_manifest, resolve
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages.reshard import ReshardConfig, ReshardError
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    uid_file = resolve(small_s3_subset, read_manifest(small_s3_subset)["uids"]["path"])
+    s3.rm(uid_file.split("://")[1])
+    s3.invalidate_cache()
+    with pytest.raises(ReshardError, match=rf"^{uid_file}: the subset's uid file is missing; restore it or re-run subsets$"):
+        reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=small_s3_subset.rsplit("/", 2)[0] + "/rs", shard_size=8))
+
+
 @pytest.mark.slow
 def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_keys(spark, s3, bucket, tmp_path, monkeypatch):
     """`laiontools reshard` (in process, forked task processes) into s3:// killed with its process group

@@ -615,7 +615,10 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
     if m["kind"] != "subset":
         raise InputError(f"{mpath} is a {m['kind']} manifest; reshard takes a subset manifest from `laiontools subsets`")
     uid_path = resolve(mpath, m["uids"]["path"])
-    sha, _ = sha256_file(uid_path)
+    try:
+        sha, _ = sha256_file(uid_path)
+    except FileNotFoundError as e:  # on an object store its message is the bare key
+        raise ReshardError(f"{uid_path}: the subset's uid file is missing; restore it or re-run subsets") from e
     if sha != m["uids"]["sha256"]:
         raise ReshardError(f"{uid_path}: sha256 {sha} differs from the manifest's {m['uids']['sha256']}; the uid file changed, re-run subsets")
     n = int(m["uids"]["count"])
