@@ -816,6 +816,20 @@ def test_reshard_of_a_subset_whose_s3_uid_file_is_gone_names_it(s3, small_s3_sub
         reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=small_s3_subset.rsplit("/", 2)[0] + "/rs", shard_size=8))
 
 
+def test_verify_of_an_empty_s3_uid_file_is_a_finding_not_a_crash(s3, small_s3_subset):
+    """A 0-byte uid file in the bucket: verify reports it unreadable, with the other findings (numpy's
+    EOFError escaped verify before: a traceback)."""
+    from laiontools.contracts.manifest import read_manifest, resolve
+    from laiontools.stages.verify import verify_manifest
+
+    uid_file = resolve(small_s3_subset, read_manifest(small_s3_subset)["uids"]["path"])
+    s3.pipe_file(uid_file.split("://")[1], b"")
+    s3.invalidate_cache()
+    res = verify_manifest(small_s3_subset)
+    assert not res.ok
+    assert any(p.startswith(f"uid file {uid_file}: unreadable") and "empty" in p for p in res.problems), res.problems
+
+
 @pytest.mark.slow
 def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_keys(spark, s3, bucket, tmp_path, monkeypatch):
     """`laiontools reshard` (in process, forked task processes) into s3:// killed with its process group

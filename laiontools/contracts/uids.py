@@ -197,13 +197,16 @@ def load_uids(path: str, mmap: bool = True) -> np.ndarray:
     fs, p = fsspec.core.url_to_fs(path)
     from laiontools.core.storage import is_local
 
-    if mmap and is_local(fs):
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
-    else:
-        import io
+    try:
+        if mmap and is_local(fs):
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        else:
+            import io
 
-        with fs.open(p, "rb") as f:
-            arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            with fs.open(p, "rb") as f:
+                arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except EOFError as e:  # numpy's answer to a 0-byte file
+        raise ValueError(f"{path}: uid file is empty ({e})") from e
     if arr.dtype != UID_DTYPE:
         raise ValueError(f"{path}: uid file has dtype {arr.dtype}, expected {UID_DTYPE} (u8,u8)")
     return arr
