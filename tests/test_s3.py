@@ -888,3 +888,17 @@ def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_k
     s3.invalidate_cache()
     assert [k for k in s3.find(f"{b}/killed") if ".tmp-" in k] == []
     assert s3.find(f"{b}/killed") == [k.replace("/clean/", "/killed/") for k in s3.find(f"{b}/clean")]
+
+
+def test_a_manifest_path_naming_an_s3_folder_is_refused_as_one(small_s3_pool):
+    """s3fs reads a prefix (or a bucket) as an empty object and drops a trailing '/': such a manifest path
+    was "not valid JSON ...; it may be truncated: regenerate it", and "<manifest>/" read the manifest and
+    looked for every file it names under "<manifest>/" (verify: all of them missing)."""
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.contracts.schema import ManifestError
+
+    bucket = small_s3_pool.rsplit("/", 1)[0]
+    for path in (f"{small_s3_pool}/pool.manifest.json/", small_s3_pool, f"{small_s3_pool}/", bucket):
+        with pytest.raises(ManifestError, match=rf"^manifest {path} names a folder; give the manifest file itself"):
+            read_manifest(path)
+    assert read_manifest(f"{small_s3_pool}/pool.manifest.json")["kind"] == "pool"

@@ -82,6 +82,11 @@ def read_manifest(path: str) -> dict[str, Any]:
     fs, p = url_to_fs(path)
     if not fs.exists(p):
         raise ManifestError(f"manifest {path} does not exist; give the pool.manifest.json written by download or a subset manifest")
+    # an object store reads a prefix as an empty object and drops a trailing '/' (the files the manifest
+    # names would then be looked for under "<manifest>/")
+    if path.endswith("/") or fs.isdir(p):
+        raise ManifestError(f"manifest {path} names a folder; give the manifest file itself (its pool.manifest.json or "
+                            "<scale>.manifest.json), without a trailing '/'")
     try:
         m = read_json(path)
     except ValueError as e:
