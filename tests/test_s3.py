@@ -830,6 +830,24 @@ def test_verify_of_an_empty_s3_uid_file_is_a_finding_not_a_crash(s3, small_s3_su
     assert any(p.startswith(f"uid file {uid_file}: unreadable") and "empty" in p for p in res.problems), res.problems
 
 
+def _s3_subset(spark, s3, bucket: str, tmp_path) -> str:
+    """A 2-shard pool (60 samples of ~40 KB each, spans in its catalog: reshard runs in process) by the
+    reshard benchmark's builder, uploaded to `bucket`, and a subset of 100 of its samples: its manifest."""
+    import sys
+
+    from laiontools.contracts import layout
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.subsets import SubsetsConfig
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    from bench_reshard import build_pool
+
+    build_pool(str(tmp_path / "pool"), shards=2, per_shard=60, kb=40)
+    s3.put(str(tmp_path / "pool") + "/", f"{bucket.split('://')[1]}/pool", recursive=True)
+    return subsets_stage.run(SubsetsConfig(pool=f"{bucket}/pool/{layout.POOL_MANIFEST}", output=f"{bucket}/subsets",
+                                           scales="100", seed=0), spark).details[0]["manifest"]
+
+
 @pytest.mark.slow
 def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_keys(spark, s3, bucket, tmp_path, monkeypatch):
     """`laiontools reshard` (in process, forked task processes) into s3:// killed with its process group
@@ -845,18 +863,10 @@ def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_k
     from laiontools.contracts import layout
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage
-    from laiontools.stages import subsets as subsets_stage
     from laiontools.stages.reshard import ReshardConfig
-    from laiontools.stages.subsets import SubsetsConfig
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
-    from bench_reshard import build_pool
 
     b = bucket.split("://")[1]
-    build_pool(str(tmp_path / "pool"), shards=2, per_shard=60, kb=40)
-    s3.put(str(tmp_path / "pool") + "/", f"{b}/pool", recursive=True)
-    sub = subsets_stage.run(SubsetsConfig(pool=f"{bucket}/pool/{layout.POOL_MANIFEST}", output=f"{bucket}/subsets",
-                                          scales="100", seed=0), spark).details[0]["manifest"]
+    sub = _s3_subset(spark, s3, bucket, tmp_path)
     monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)  # in process, as the CLI below
     reshard_stage.run(ReshardConfig(manifest=sub, output=f"{bucket}/clean", shard_size=10))
 
@@ -902,3 +912,33 @@ def test_a_manifest_path_naming_an_s3_folder_is_refused_as_one(small_s3_pool):
         with pytest.raises(ManifestError, match=rf"^manifest {path} names a folder; give the manifest file itself"):
             read_manifest(path)
     assert read_manifest(f"{small_s3_pool}/pool.manifest.json")["kind"] == "pool"
+
+
+@pytest.mark.slow
+def test_reshard_rerun_into_s3_aborts_the_multipart_upload_a_killed_write_left(spark, s3, bucket, tmp_path, monkeypatch):
+    """s3fs uploads a file larger than its block size (50 MiB: a reshard shard) in parts as it is written;
+    a SIGKILL leaves that multipart upload of the temp key open, its parts stored but in no listing (seen
+    killing a reshard of 75 MB shards). The re-run of the same command aborts it (was: kept for good)."""
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages.reshard import ReshardConfig
+
+    b = bucket.split("://")[1]
+    sub = _s3_subset(spark, s3, bucket, tmp_path)
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = f"{bucket}/out"
+    reshard_stage.run(ReshardConfig(manifest=sub, output=out, shard_size=10))
+    want = read_manifest(f"{out}/{layout.RESHARD_MANIFEST}")
+    # what a run killed while writing shard 1 leaves: its marker not written, the upload of its temp key open
+    s3.rm([f"{b}/out/shards/shard-00001.tar.done", f"{b}/out/{layout.RESHARD_MANIFEST}"])
+    key = "out/shards/.shard-00001.tar.tmp-deadbeef"
+    up = s3.call_s3("create_multipart_upload", Bucket=b, Key=key)["UploadId"]
+    s3.call_s3("upload_part", Bucket=b, Key=key, UploadId=up, PartNumber=1, Body=b"x" * (5 << 20))
+    assert s3.call_s3("list_multipart_uploads", Bucket=b).get("Uploads")
+
+    reshard_stage.run(ReshardConfig(manifest=sub, output=out, shard_size=10))
+    got = read_manifest(f"{out}/{layout.RESHARD_MANIFEST}")
+    assert [(s["path"], s["sha256"]) for s in got["shards"]] == [(s["path"], s["sha256"]) for s in want["shards"]]
+    assert not s3.call_s3("list_multipart_uploads", Bucket=b).get("Uploads")
+

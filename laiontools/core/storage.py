@@ -68,17 +68,42 @@ def remove_stale_temps(root: str) -> int:
     under the folder `root`; returns how many. Call it only while holding the folder's output
     lock (no live writer then). Object stores too: a killed PUT leaves no object, but atomic_open's
     temp key is whole from its PUT until the move (a copy, then a delete) removes it, and a kill in
-    between left it for good (a re-run writes under a new temp name); one listing of the output."""
+    between left it for good (a re-run writes under a new temp name); one listing of the output.
+    S3: the unfinished multipart uploads of temp keys too (:func:`_abort_stale_uploads`)."""
     fs, p = url_to_fs(root)
     if not is_local(fs):
         with store_errors(root):
             stale = [f for f in fs.find(p) if _TMP_RE.match(f.rpartition("/")[2])]
             if stale:
                 fs.rm(stale)
-        return len(stale)
+        return len(stale) + _abort_stale_uploads(fs, p)
     if not os.path.isdir(p):
         return 0
     return _remove_files(os.path.join(d, name) for d, _, names in os.walk(p) for name in names if _TMP_RE.match(name))
+
+
+def _abort_stale_uploads(fs: fsspec.AbstractFileSystem, p: str) -> int:
+    """S3 (s3fs): abort the multipart uploads of temp keys under `p` (``bucket/prefix``); returns how many.
+    s3fs uploads a file larger than its block size (50 MiB) in parts as it is written: a killed write
+    (a reshard shard) leaves its upload open, its parts stored and billed but in no listing, for good.
+    Best effort: a store that refuses the listing (no s3:ListBucketMultipartUploads) is logged, not fatal."""
+    if not hasattr(fs, "call_s3"):
+        return 0
+    bucket, _, key = p.strip("/").partition("/")
+    prefix, more, n = (key + "/" if key else ""), {}, 0
+    try:
+        while True:
+            out = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **more)
+            for u in out.get("Uploads") or []:
+                if _TMP_RE.match(u["Key"].rpartition("/")[2]):
+                    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    n += 1
+            if not out.get("IsTruncated"):
+                return n
+            more = {"KeyMarker": out["NextKeyMarker"], "UploadIdMarker": out["NextUploadIdMarker"]}
+    except OSError as e:
+        log.warning("s3://%s: could not abort the multipart uploads a killed run left (%s); they are kept", p, e)
+        return n
 
 
 def _remove_files(paths: Iterator[str]) -> int:
