@@ -942,3 +942,22 @@ def test_reshard_rerun_into_s3_aborts_the_multipart_upload_a_killed_write_left(s
     assert [(s["path"], s["sha256"]) for s in got["shards"]] == [(s["path"], s["sha256"]) for s in want["shards"]]
     assert not s3.call_s3("list_multipart_uploads", Bucket=b).get("Uploads")
 
+
+@pytest.mark.parametrize("stage", ["subsets", "embed"])
+def test_a_stage_into_a_missing_bucket_stops_and_creates_no_bucket(spark, s3, small_s3_pool, stage):
+    """Every stage's output claim made the output folder (s3fs's makedirs creates a missing bucket) before
+    any check of the bucket: a typo'd bucket was created and written into. Now one StorageError."""
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.embed import EmbedConfig
+    from laiontools.stages.subsets import SubsetsConfig
+
+    missing = f"lt-missing-{uuid.uuid4().hex[:8]}"
+    manifest, out = f"{small_s3_pool}/pool.manifest.json", f"s3://{missing}/out"
+    with pytest.raises(StorageError, match=rf"^{out}: bucket '{missing}' does not exist"):
+        if stage == "subsets":
+            subsets_stage.run(SubsetsConfig(pool=manifest, output=out, scales="10", seed=1), spark)
+        else:
+            embed_stage.run(EmbedConfig(manifest=manifest, output=out, model="lt-tiny", device="cpu", num_workers=0))
+    s3.invalidate_cache()
+    assert missing not in {b.rstrip("/") for b in s3.ls("")}, "a missing bucket must not be created"

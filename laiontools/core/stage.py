@@ -483,6 +483,9 @@ def claimed_output(path: str, stage: str, owners: Iterable[str] = (), kind: str 
         with output_lock(path, stage, kind):
             yield
         return
+    from laiontools.core.storage import check_store
+
+    check_store(path)  # a missing bucket is an error: the makedirs below (s3fs) would create it
     check_output(path, stage, owners, kind)
     fs, p = _fs(path)
     folder = p.rstrip("/").rpartition("/")[0] if kind == "file" else p
