@@ -961,3 +961,15 @@ def test_a_stage_into_a_missing_bucket_stops_and_creates_no_bucket(spark, s3, sm
             embed_stage.run(EmbedConfig(manifest=manifest, output=out, model="lt-tiny", device="cpu", num_workers=0))
     s3.invalidate_cache()
     assert missing not in {b.rstrip("/") for b in s3.ls("")}, "a missing bucket must not be created"
+
+
+def test_an_s3_output_with_an_empty_path_segment_is_refused_naming_it(s3, small_s3_pool):
+    """"s3://b//out": a store keeps the empty segment in its keys. The claim wrote its lock under it, and
+    s3fs then said the new output "exists and is a file". Now one StorageError saying what is wrong."""
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.embed import EmbedConfig
+
+    out = small_s3_pool.rsplit("/", 1)[0] + "//emb"
+    with pytest.raises(StorageError, match=rf"^{out}: an empty path segment \('//'\).*remove the extra '/'$"):
+        embed_stage.run(EmbedConfig(manifest=f"{small_s3_pool}/pool.manifest.json", output=out, model="lt-tiny",
+                                    device="cpu", num_workers=0))

@@ -393,6 +393,11 @@ def check_store(path: str) -> None:
     """
     if scheme_of(path) in ("file", "hdfs", "viewfs", "memory"):
         return
+    if "//" in path.split("://", 1)[-1].rstrip("/"):
+        # a local disk reads "a//b" as "a/b"; a store keeps the empty segment in the key, and s3fs then
+        # answers "is a file" for a prefix it just wrote under
+        raise StorageError(f"{path}: an empty path segment ('//'), which an object store keeps in its keys; "
+                           "remove the extra '/'")
     fs, p = url_to_fs(path)
     bucket = p.split("/", 1)[0]
     with store_errors(path):
