@@ -963,6 +963,66 @@ def test_a_stage_into_a_missing_bucket_stops_and_creates_no_bucket(spark, s3, sm
     assert missing not in {b.rstrip("/") for b in s3.ls("")}, "a missing bucket must not be created"
 
 
+@pytest.mark.slow
+def test_embed_killed_writing_into_s3_resumes_to_the_same_bytes(s3, bucket, tmp_path):
+    """`laiontools embed` (local engine, lt-tiny) into s3:// killed with its process group once the first
+    shard's marker is in the bucket, then the same command: every file the same bytes as an uninterrupted
+    run's, apart from the run-describing ones. The pool's images do not decode (the reshard benchmark's
+    random bytes): a failed decode's error carried PIL's "<_io.BytesIO object at 0x7f...>", an address
+    that differs run to run, so the meta files and markers of a resumed run differed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from laiontools.cli import main as cli_main
+    from laiontools.contracts import layout
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    from bench_reshard import build_pool
+
+    b = bucket.split("://")[1]
+    build_pool(str(tmp_path / "pool"), shards=3, per_shard=100, kb=2)
+    s3.put(str(tmp_path / "pool") + "/", f"{b}/pool", recursive=True)
+    args = ["embed", "--manifest", f"{bucket}/pool/{layout.POOL_MANIFEST}", "--model", "lt-tiny", "--device", "cpu",
+            "--num-workers", "0", "--engine", "local", "--batch-size", "16"]
+    assert cli_main(args + ["--output", f"{bucket}/clean"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "laiontools", *args, "--output", f"{bucket}/killed"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(20000):  # at most ~2 min: the run takes seconds
+            if proc.poll() is not None:
+                break
+            s3.invalidate_cache()
+            if s3.glob(f"{b}/killed/meta/*.done"):
+                break
+            time.sleep(0.003)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started
+        proc.wait()
+    s3.invalidate_cache()
+    assert s3.glob(f"{b}/killed/meta/*.done"), "the killed run never finished a shard"
+    assert not s3.exists(f"{b}/killed/embed_report.json"), "the kill landed after the run had finished"
+    assert cli_main(args + ["--output", f"{bucket}/killed"]) == 0
+    s3.invalidate_cache()
+
+    def files(d: str) -> dict[str, bytes]:  # without the run-describing files (RELIABILITY.md)
+        root = f"{b}/{d}/"
+        return {k[len(root):]: s3.cat_file(k) for k in s3.find(root)
+                if k[len(root):] not in {"embed_report.json", "settings.json", layout.OUTPUT_MARKER}}
+
+    def marker(data: bytes) -> dict:
+        return {k: v for k, v in json.loads(data).items() if k != "seconds"}
+
+    got, want = files("killed"), files("clean")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        if k.endswith(".done"):
+            assert marker(got[k]) == marker(want[k]), k
+        else:
+            assert got[k] == want[k], k
+
+
 def test_an_s3_output_with_an_empty_path_segment_is_refused_naming_it(s3, small_s3_pool):
     """"s3://b//out": a store keeps the empty segment in its keys. The claim wrote its lock under it, and
     s3fs then said the new output "exists and is a file". Now one StorageError saying what is wrong."""

@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -198,6 +199,9 @@ def load_image(data: bytes, preprocess: Any, draft_size: int | None = None) -> A
         return preprocess(im)
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
             draft_size: int | None = None) -> tuple[Any, str | None, str, str | None]:
     """(image tensor or None, uid, caption, error) of one sample."""
@@ -220,7 +224,9 @@ def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
     try:
         tensor = load_image(img_bytes, preprocess, draft_size)
     except Exception as e:  # any decoder failure is a per-sample failure, not a crash
-        return None, uid, caption, err or f"{type(e).__name__}: {str(e)[:200]}"
+        # without the object addresses reprs carry (PIL: "cannot identify image file <_io.BytesIO object at
+        # 0x7f...>"), which differ run to run: the meta file must be the same bytes after a resume
+        return None, uid, caption, err or f"{type(e).__name__}: {_ADDRESS.sub('', str(e))[:200]}"
     return (tensor if err is None else None), uid, caption, err
 
 
