@@ -1033,3 +1033,20 @@ def test_an_s3_output_with_an_empty_path_segment_is_refused_naming_it(s3, small_
     with pytest.raises(StorageError, match=rf"^{out}: an empty path segment \('//'\).*remove the extra '/'$"):
         embed_stage.run(EmbedConfig(manifest=f"{small_s3_pool}/pool.manifest.json", output=out, model="lt-tiny",
                                     device="cpu", num_workers=0))
+
+
+@pytest.mark.parametrize("part", ["part-00000", "part-00001"])
+def test_a_0_byte_catalog_file_on_s3_is_one_line_naming_it(spark, s3, small_s3_pool, part, capsys):
+    """A catalog parquet file of 0 bytes, read by pyarrow + fsspec (no Hadoop S3 connector): the first
+    file (its schema, read in the driver) or another (read in a task) is named as damaged, in one line,
+    exit 2, as Spark's own reader's failure is (was pyarrow's ArrowInvalid and its traceback)."""
+    from laiontools.cli import main as cli_main
+
+    s3.pipe_file(f"{small_s3_pool}/catalog/{part}.parquet".split("://")[1], b"")
+    s3.invalidate_cache()
+    rc = cli_main(["subsets", "--pool", f"{small_s3_pool}/pool.manifest.json", "--output", f"{small_s3_pool}-sub",
+                   "--scales", "10", "--seed", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    line = f"laiontools subsets: error: {small_s3_pool}/catalog/{part}.parquet is damaged or truncated ("
+    assert line in err and "Traceback" not in err, err[-3000:]

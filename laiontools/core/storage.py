@@ -22,7 +22,7 @@ from urllib.parse import unquote
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from laiontools.core.errors import InputError, UserError
+from laiontools.core.errors import InputError, UserError, task_error
 
 log = logging.getLogger(__name__)
 
@@ -592,7 +592,10 @@ def spark_read_parquet(spark: Any, paths: str | list[str], *, file_column: str |
         raise FileNotFoundError(f"{paths[0]}: no parquet files to read")
     fs0, p0 = url_to_fs(files[0])
     with store_errors(files[0]), fs0.open(p0, "rb") as f:
-        schema = pq.read_schema(f)
+        try:
+            schema = pq.read_schema(f)
+        except pa.ArrowException as e:
+            raise InputError(_damaged_parquet(files[0], e)) from e
     schema = pa.schema([fld.with_type(pa.string()) if pa.types.is_large_string(fld.type) else fld for fld in schema])
     if file_column:
         schema = schema.append(pa.field(file_column, pa.string()))
@@ -600,6 +603,12 @@ def spark_read_parquet(spark: Any, paths: str | list[str], *, file_column: str |
     n = max(1, min(len(files), spark.sparkContext.defaultParallelism * 4))
     listing = spark.createDataFrame([(f,) for f in files], "_file string").repartition(n, "_file")
     return listing.mapInArrow(_parquet_reader(schema, file_column), spark_schema)
+
+
+def _damaged_parquet(path: str, e: BaseException) -> str:
+    """What Spark's own reader says of such a file (errors.damaged_input_error), for pyarrow's reader."""
+    return (f"{path} is damaged or truncated ({type(e).__name__}: {str(e)[:200]}); regenerate it by re-running "
+            "the stage that wrote it")
 
 
 def _parquet_reader(schema: Any, file_column: str | None) -> Any:
@@ -612,7 +621,10 @@ def _parquet_reader(schema: Any, file_column: str | None) -> Any:
             for path in b.column("_file").to_pylist():
                 fs, p = url_to_fs(path)
                 with store_errors(path), fs.open(p, "rb") as f:
-                    t = pq.read_table(f).select(data_schema.names).cast(data_schema)
+                    try:
+                        t = pq.read_table(f).select(data_schema.names).cast(data_schema)
+                    except pa.ArrowException as e:  # pa.ArrowInvalid, ArrowIOError (an OSError)
+                        raise task_error(_damaged_parquet(path, e)) from e
                 if file_column:
                     t = t.append_column(file_column, pa.array([path_key(path)] * t.num_rows, pa.string()))
                 yield from t.to_batches()
