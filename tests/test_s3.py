@@ -1050,3 +1050,21 @@ def test_a_0_byte_catalog_file_on_s3_is_one_line_naming_it(spark, s3, small_s3_p
     assert rc == 2, err[-3000:]
     line = f"laiontools subsets: error: {small_s3_pool}/catalog/{part}.parquet is damaged or truncated ("
     assert line in err and "Traceback" not in err, err[-3000:]
+
+
+def test_train_names_a_0_byte_s3_shard_as_not_a_tar(s3, bucket, tmp_path):
+    """A resharded shard emptied in the bucket: train's check of every shard's first header block names
+    it, as on a local disk (s3 refuses a range of an empty object: s3fs's OSError "range not
+    satisfiable" and its traceback, before)."""
+    from laiontools.contracts.schema import ManifestError
+    from laiontools.stages.train import check_trainable_manifest
+    from laiontools.testing.train_pool import write_resharded_subset
+
+    write_resharded_subset(str(tmp_path / "rs"), n_shards=2, per_shard=4)
+    s3.put(str(tmp_path / "rs") + "/", f"{bucket}/rs".split("://")[1], recursive=True)
+    manifest = f"{bucket}/rs/subset.manifest.json"
+    shard = f"{bucket}/rs/{read_json(manifest)['shards'][0]['path']}"
+    s3.pipe_file(shard.split("://")[1], b"")
+    s3.invalidate_cache()
+    with pytest.raises(ManifestError, match=rf"shard file\(s\) \['{shard}'\] do not start with a tar header"):
+        check_trainable_manifest(manifest)

@@ -227,12 +227,17 @@ def check_trainable_manifest(path: str) -> dict[str, Any]:
     for url in shard_urls(path, m):
         fs, p = url_to_fs(url)
         try:
-            head = fs.cat_file(p, start=0, end=512)
+            head: bytes | None = fs.cat_file(p, start=0, end=512)
         except FileNotFoundError:
+            head = None
+        except OSError:  # s3fs: an object store refuses any range of an empty object (InvalidRange)
+            if fs.size(p):
+                raise
+            head = b""
+        if head is None:
             missing.append(url)
-        else:
-            if len(head) < 512 or head[257:262] != b"ustar":
-                not_tars.append(url)
+        elif len(head) < 512 or head[257:262] != b"ustar":
+            not_tars.append(url)
         if len(missing) + len(not_tars) >= 5:
             break
     if missing:
