@@ -423,8 +423,8 @@ def test_content_scan_takes_a_sample_whose_json_is_no_object(tmp_path):
     imgs = {k: os.urandom(500) for k in ("k0", "k1", "k2", "k3")}
     metas = {"k0": b"[1, 2]", "k1": b'{"uid": 7}', "k2": b"not json", "k3": json.dumps({"uid": "ab" * 16}).encode()}
     with tarfile.open(path, "w") as tf:
-        for key in imgs:
-            for ext, data in (("jpg", imgs[key]), ("json", metas[key])):
+        for key, img in imgs.items():
+            for ext, data in (("jpg", img), ("json", metas[key])):
                 ti = tarfile.TarInfo(f"{key}.{ext}")
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))
