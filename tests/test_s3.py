@@ -10,7 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -183,7 +188,6 @@ def test_a_launched_child_shares_the_hold_of_an_s3_output(bucket):
     the environment; on s3 their paths hold ':' (the old os.pathsep separator split "s3://…" apart, and
     the ranks were refused as "in use by another run")."""
     import subprocess
-    import sys
 
     from laiontools.core.stage import output_lock
 
@@ -656,6 +660,26 @@ class _Killed(Exception):
     pass
 
 
+def _kill_once(cmd: list[str], s3: Any, pattern: str) -> None:
+    """Run `cmd` in a process group of its own and SIGKILL the whole group (the CLI and its task
+    processes) once a key matches `pattern` in the bucket, or when the run ends first; ~2 min at most."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(20000):  # the run takes seconds
+            if proc.poll() is not None:
+                break
+            s3.invalidate_cache()
+            if s3.glob(pattern):
+                break
+            time.sleep(0.003)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group had ended
+            pass
+        proc.wait()
+
+
 def _tree(root: str) -> dict[str, bytes]:
     fs, p = url_to_fs(root)
     p = p.rstrip("/")
@@ -755,7 +779,6 @@ def test_a_pool_whose_catalog_swap_was_interrupted_is_refused(tmp_path):
 def small_s3_pool(s3, bucket, tmp_path) -> str:
     """A 2-shard pool (20 samples each, sample spans in its catalog) written by the reshard benchmark's
     builder and uploaded to a fresh bucket; returns its s3:// folder."""
-    import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
     from bench_reshard import build_pool
@@ -833,7 +856,6 @@ def test_verify_of_an_empty_s3_uid_file_is_a_finding_not_a_crash(s3, small_s3_su
 def _s3_subset(spark, s3, bucket: str, tmp_path) -> str:
     """A 2-shard pool (60 samples of ~40 KB each, spans in its catalog: reshard runs in process) by the
     reshard benchmark's builder, uploaded to `bucket`, and a subset of 100 of its samples: its manifest."""
-    import sys
 
     from laiontools.contracts import layout
     from laiontools.stages import subsets as subsets_stage
@@ -855,10 +877,6 @@ def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_k
     uninterrupted run (sha256 in the manifest) and no temp key left. A kill between atomic_open's
     PUT of a temp key and the move's delete leaves that key whole (seen in 2 of 3 kills by hand); the
     re-run writes under new temp names, so it stayed for good: the output's claim now removes it."""
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from laiontools.contracts import layout
     from laiontools.contracts.manifest import read_manifest
@@ -872,18 +890,7 @@ def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_k
 
     killed = f"{bucket}/killed"
     cmd = [sys.executable, "-m", "laiontools", "reshard", "--manifest", sub, "--output", killed, "--shard-size", "10"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(20000):  # at most ~2 min: the run takes seconds
-            if proc.poll() is not None:
-                break
-            s3.invalidate_cache()
-            if s3.glob(f"{b}/killed/shards/*.tar.done"):
-                break
-            time.sleep(0.003)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started (the CLI + its task processes)
-        proc.wait()
+    _kill_once(cmd, s3, f"{b}/killed/shards/*.tar.done")
     s3.invalidate_cache()
     assert s3.glob(f"{b}/killed/shards/*.tar.done"), "the killed run never finished a shard"
     assert not s3.exists(f"{b}/killed/{layout.RESHARD_MANIFEST}"), "the kill landed after the run had finished"
@@ -970,10 +977,6 @@ def test_embed_killed_writing_into_s3_resumes_to_the_same_bytes(s3, bucket, tmp_
     run's, apart from the run-describing ones. The pool's images do not decode (the reshard benchmark's
     random bytes): a failed decode's error carried PIL's "<_io.BytesIO object at 0x7f...>", an address
     that differs run to run, so the meta files and markers of a resumed run differed."""
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from laiontools.cli import main as cli_main
     from laiontools.contracts import layout
@@ -987,19 +990,7 @@ def test_embed_killed_writing_into_s3_resumes_to_the_same_bytes(s3, bucket, tmp_
     args = ["embed", "--manifest", f"{bucket}/pool/{layout.POOL_MANIFEST}", "--model", "lt-tiny", "--device", "cpu",
             "--num-workers", "0", "--engine", "local", "--batch-size", "16"]
     assert cli_main(args + ["--output", f"{bucket}/clean"]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "laiontools", *args, "--output", f"{bucket}/killed"],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(20000):  # at most ~2 min: the run takes seconds
-            if proc.poll() is not None:
-                break
-            s3.invalidate_cache()
-            if s3.glob(f"{b}/killed/meta/*.done"):
-                break
-            time.sleep(0.003)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started
-        proc.wait()
+    _kill_once([sys.executable, "-m", "laiontools", *args, "--output", f"{bucket}/killed"], s3, f"{b}/killed/meta/*.done")
     s3.invalidate_cache()
     assert s3.glob(f"{b}/killed/meta/*.done"), "the killed run never finished a shard"
     assert not s3.exists(f"{b}/killed/embed_report.json"), "the kill landed after the run had finished"

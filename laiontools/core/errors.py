@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -27,6 +29,22 @@ def task_error(msg: str) -> TaskError:
     """The exception a Spark task raises for a problem the user must fix (a damaged input file, ...):
     ``raise task_error(f"{path}: ...")``. The driver recovers it with :func:`user_error_from`."""
     return TaskError(TASK_ERROR_TAG + msg)
+
+
+@contextmanager
+def task_errors_as(cls: type[UserError]) -> Iterator[None]:
+    """``with task_errors_as(ReshardError): ...``: an error a Spark task raised with :func:`task_error`
+    (it arrives wrapped by py4j) is raised as `cls` with the task's message; a UserError passes as it is,
+    anything else too."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        err = user_error_from(e, cls)
+        if err is not None:
+            raise err from None
+        raise
 
 
 def user_error_from(e: BaseException, cls: type[UserError] = InputError) -> UserError | None:

@@ -80,7 +80,7 @@ from laiontools.contracts.pool import abs_path, load_pool
 from laiontools.contracts.selection import parse_seed, score_series
 from laiontools.contracts.uids import member_column
 from laiontools.core.config import ConfigError
-from laiontools.core.errors import InputError, UserError, task_error, user_error_from
+from laiontools.core.errors import InputError, UserError, task_error, task_errors_as
 from laiontools.core.report import table
 from laiontools.core.stage import (
     SparkStageConfig,
@@ -657,7 +657,7 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
     spans_from = None
     engine = "in-process"
     if n:
-        try:
+        with task_errors_as(ReshardError):
             local = None
             if tasks.local:  # pools without every span in the catalog are indexed on Spark
                 local = _run_local(tasks, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width, cfg.direct_io)
@@ -668,13 +668,6 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
                     engine = f"spark {spark.sparkContext.master}"
                     results, spans_from = _run_spark(spark, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width,
                                                      cfg.direct_io)
-        except UserError:
-            raise
-        except Exception as e:  # errors raised inside tasks arrive wrapped by py4j
-            err = user_error_from(e, ReshardError)
-            if err is not None:
-                raise err from None
-            raise
     sizes = {shard_name(j): results[j]["num_samples"] for j in range(k)}
     write_json(join(out_dir, layout.RESHARD_SIZES_JSON), sizes)
     total = sum(sizes.values())

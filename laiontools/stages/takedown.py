@@ -83,7 +83,7 @@ from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
 from laiontools.contracts.removal import RemovalList, content_hashes, read_removal_list
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
-from laiontools.core.errors import InputError, UserError, task_error, user_error_from
+from laiontools.core.errors import InputError, UserError, task_error, task_errors_as
 from laiontools.core.report import table
 from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import (
@@ -126,15 +126,8 @@ def _in_task(fn: Any, *args: Any) -> Any:
 
 def _collect(rdd: Any) -> list[Any]:
     """`rdd.collect()`, a tagged task error raised as the TakedownError it was."""
-    try:
+    with task_errors_as(TakedownError):
         return rdd.collect()
-    except UserError:
-        raise
-    except Exception as e:  # errors raised inside tasks arrive wrapped by py4j
-        err = user_error_from(e, TakedownError)
-        if err is not None:
-            raise err from None
-        raise
 
 
 @dataclass
