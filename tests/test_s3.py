@@ -1059,3 +1059,26 @@ def test_train_names_a_0_byte_s3_shard_as_not_a_tar(s3, bucket, tmp_path):
     s3.invalidate_cache()
     with pytest.raises(ManifestError, match=rf"shard file\(s\) \['{shard}'\] do not start with a tar header"):
         check_trainable_manifest(manifest)
+
+
+def test_a_file_outputs_killed_temp_keys_go_and_its_neighbours_stay_on_s3(s3, bucket):
+    """evaluate's output is one file: on an object store, the temp keys a killed run left of that file,
+    of its completion marker and of its ownership marker (a move killed between its copy and its delete
+    leaves them whole) are removed when the next run claims the output; other keys stay."""
+    from laiontools.core.stage import claimed_output
+    from laiontools.core.storage import write_json
+
+    b = bucket.split("://")[1]
+    mine = [".eval.json.tmp-0123abcd", ".eval.json.done.tmp-89abcdef", "..eval.json.laiontools-output.json.tmp-deadbeef"]
+    others = [".eval.json2.tmp-0123abcd", ".other.json.tmp-0123abcd", ".eval.json.tmp-notahex1", "eval.json.tmp-0123abcd"]
+    for name in mine + others:
+        s3.pipe_file(f"{b}/runs/{name}", b"half")
+    s3.invalidate_cache()
+    with claimed_output(f"{bucket}/runs/eval.json", "evaluate", kind="file"):
+        s3.invalidate_cache()
+        assert sorted(k.rpartition("/")[2] for k in s3.ls(f"{b}/runs")) == \
+            sorted(others + [".eval.json.laiontools-output.json", ".eval.json.laiontools.lock"])
+        write_json(f"{bucket}/runs/eval.json", {"ok": 1})
+    s3.invalidate_cache()
+    assert sorted(k.rpartition("/")[2] for k in s3.ls(f"{b}/runs")) == \
+        sorted(others + [".eval.json.laiontools-output.json", "eval.json"])

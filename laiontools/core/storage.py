@@ -121,14 +121,20 @@ def _remove_files(paths: Iterator[str]) -> int:
 def remove_stale_file_temps(path: str) -> int:
     """:func:`remove_stale_temps` for a stage whose output is one file: the temps of that file, of its
     completion marker and of its hidden ownership marker, beside it (not the folder's other files,
-    which may be other outputs with live writers); returns how many. Local files only, as there."""
+    which may be other outputs with live writers); returns how many. On an object store, one listing
+    of the file's prefix (a killed move between its copy and its delete leaves a whole temp key)."""
     from laiontools.contracts.layout import OUTPUT_MARKER
 
     fs, p = url_to_fs(path)
-    if not is_local(fs):
-        return 0
-    folder, name = os.path.split(os.path.abspath(p))
+    local = is_local(fs)
+    folder, _, name = (os.path.abspath(p) if local else p.rstrip("/")).rpartition("/")
     own = re.compile(rf"^\.(?:{re.escape(name)}(?:\.done)?|\.{re.escape(name + OUTPUT_MARKER)})\.tmp-[0-9a-f]{{8}}$")
+    if not local:
+        with store_errors(path):
+            stale = [f for f in (fs.ls(folder, detail=False) if fs.isdir(folder) else []) if own.match(f.rpartition("/")[2])]
+            if stale:
+                fs.rm(stale)
+        return len(stale)
     entries = os.listdir(folder) if os.path.isdir(folder) else []
     return _remove_files(os.path.join(folder, e) for e in entries if own.match(e))
 
