@@ -170,3 +170,14 @@ def test_error_tunnel_out_of_spark_tasks(spark):
         pass
 
     assert isinstance(user_error_from(info.value, MyError), MyError)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_a_file_that_is_no_npy_is_refused_as_no_uid_file(tmp_path, mmap):
+    # e.g. a text list of uids given to `subsets --exclude`: numpy called it "pickled (object) data"
+    from laiontools.contracts.uids import load_uids
+
+    p = tmp_path / "uids.txt"
+    p.write_text("0123456789abcdef0123456789abcdef\n")
+    with pytest.raises(ValueError, match=r"uids\.txt: not a uid file \(a \.npy array of 16-byte uids.*starts with b'0123"):
+        load_uids(str(p), mmap=mmap)

@@ -190,6 +190,16 @@ def save_uids(path: str, uids: Iterable[str] | np.ndarray) -> tuple[str, int]:
     return sha256_bytes(data), len(arr)
 
 
+def _check_npy_head(path: str, head: bytes) -> None:
+    """A uid file is a ``.npy``: anything else (a text list of uids, a parquet file) is refused by name
+    here, before numpy calls it "pickled (object) data"."""
+    if not head:
+        raise EOFError("No data left in file")
+    if not head.startswith(b"\x93NUMPY"):
+        raise ValueError(f"{path}: not a uid file (a .npy array of 16-byte uids, as laiontools writes them); it starts "
+                         f"with {head[:16]!r}")
+
+
 def load_uids(path: str, mmap: bool = True) -> np.ndarray:
     """Read a uid file written by save_uids (memory-mapped when local). Never unpickles."""
     import fsspec
@@ -199,12 +209,16 @@ def load_uids(path: str, mmap: bool = True) -> np.ndarray:
 
     try:
         if mmap and is_local(fs):
+            with open(p, "rb") as f:
+                _check_npy_head(path, f.read(16))
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
         else:
             import io
 
             with fs.open(p, "rb") as f:
-                arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
+                raw = f.read()
+            _check_npy_head(path, raw[:16])
+            arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except EOFError as e:  # numpy's answer to a 0-byte file
         raise ValueError(f"{path}: uid file is empty ({e})") from e
     if arr.dtype != UID_DTYPE:
