@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from laiontools.core.config import ConfigError
 from laiontools.stages import train as train_stage
 from laiontools.stages.train import (
     TrainConfig,
+    TrainError,
     check_trainable_manifest,
     checkpoint_epoch,
     main,
@@ -267,3 +269,16 @@ def test_a_damaged_checkpoint_and_non_finite_weights_are_train_errors(tmp_path) 
     ckpt.write_bytes(data[: len(data) // 2])
     with pytest.raises(TrainError, match=rf"{ckpt} is not a readable training checkpoint"):
         checkpoint_epoch(str(ckpt))
+
+
+@pytest.mark.slow
+def test_shards_whose_images_never_decode_stop_the_training(tmp_path) -> None:
+    """open_clip's loader skips a sample it cannot decode and draws again from resampled shards: with
+    no image that decodes it never yielded a batch and the run waited for good. Now the loader stops
+    after 1,000 failures without a success, and the stage says why in one line."""
+    mp = write_resharded_subset(str(tmp_path / "sub"), n_shards=2, per_shard=8, undecodable=True)
+    run_dir = str(tmp_path / "r")
+    with pytest.raises(TrainError, match=r"stopped: the first 1000 samples this data loader read all failed to load "
+                                         r"\(the last: .*\); the shards hold no image that decodes"):
+        train_stage.run(TrainConfig(manifest=mp, model="lt-tiny", samples_seen=64, batch_size=8, output=run_dir))
+    assert not glob.glob(os.path.join(run_dir, "logs", "rank*.stop"))  # said once, not left for a re-run

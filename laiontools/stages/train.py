@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -583,12 +584,21 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     # Weight shards by their sample counts so resampling draws every sample with equal probability.
     write_json(os.path.join(cfg.output, layout.TRAIN_SHARDS_JSON), {"urls": urls, "weights": [int(s["num_samples"]) for s in manifest["shards"]]})
     write_json(os.path.join(cfg.output, layout.TRAIN_ENVIRONMENT_JSON), environment(device, plan.world_size))
+    for p in glob.glob(os.path.join(cfg.output, layout.TRAIN_LOGS_DIR, "rank*.stop")):  # a killed run's
+        os.remove(p)
     t0 = time.time()
     rc = _launch(cfg, settings, plan)
     wall = time.time() - t0
     with open(os.path.join(cfg.output, layout.TRAIN_LAUNCHES_JSONL), "a") as f:
         f.write(json.dumps({"start": t0, "wall_s": round(wall, 3), "resumed_from_samples": resumed_from, "exit_code": rc, "world_size": plan.world_size}) + "\n")
     if rc != 0:
+        stops = sorted(glob.glob(os.path.join(cfg.output, layout.TRAIN_LOGS_DIR, "rank*.stop")))
+        if stops:  # a rank said why (train_worker: no sample decodes)
+            with open(stops[0]) as f:
+                reason = f.read().strip()
+            for p in stops:  # a re-run after the shards are fixed starts without it
+                os.remove(p)
+            raise TrainError(f"training in {cfg.output} stopped: {reason}")
         raise TrainError(
             f"training exited with code {rc}; see {cfg.output}/logs/launcher.log, {cfg.output}/out.log and "
             f"{cfg.output}/logs/rank*.log, "

@@ -133,6 +133,63 @@ def _no_shard_eof_marker() -> None:
         oc_data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)  # type: ignore[attr-defined]
 
 
+class NothingDecodes(RuntimeError):
+    """The first samples a loader read all failed to load: the shards hold nothing to train on."""
+
+
+# A loader process gives up when this many samples failed to load before any loaded.
+UNDECODABLE_LIMIT = 1000
+
+
+def _stop_when_nothing_decodes(limit: int = UNDECODABLE_LIMIT) -> None:
+    """Make open_clip's loader stop, not spin, when no sample it reads decodes.
+
+    open_clip skips a sample whose image fails to decode (``log_and_continue``) and draws the next from
+    resampled shards, which never end: with shards whose images all fail, it never yields a batch and
+    the run waits for good. Counting per loader process (dataloader workers are forked after this, each
+    with its own count): a sample that reaches the image transform loaded; when the first `limit`
+    samples all failed, the handler raises :class:`NothingDecodes`. A sample that loads ends the watch.
+    open_clip_train.data looks both names up when it builds the pipeline.
+    """
+    import open_clip_train.data as oc_data
+
+    state = {"loaded": 0, "failed": 0}
+    handler, get_wds_dataset = oc_data.log_and_continue, oc_data.get_wds_dataset
+
+    def counted_handler(exn: BaseException) -> bool:
+        state["failed"] += 1
+        if not state["loaded"] and state["failed"] >= limit:
+            raise NothingDecodes(
+                f"{LOADER_STOP_TAG}the first {limit} samples this data loader read all failed to load (the last: "
+                f"{type(exn).__name__}: {str(exn)[:200]}); the shards hold no image that decodes: check them with "
+                "`laiontools verify` on the manifest"
+            ) from exn
+        return handler(exn)
+
+    def counted_get_wds_dataset(args: Any, preprocess_img: Any, *a: Any, **k: Any) -> Any:
+        def loaded(image: Any) -> Any:
+            state["loaded"] += 1
+            return preprocess_img(image)
+
+        return get_wds_dataset(args, loaded, *a, **k)
+
+    oc_data.log_and_continue = counted_handler  # type: ignore[attr-defined]
+    oc_data.get_wds_dataset = counted_get_wds_dataset  # type: ignore[attr-defined]
+
+
+# The message of a loader stop starts with this; the train stage puts that line in its error.
+LOADER_STOP_TAG = "laiontools train: "
+
+
+def _stop_reason(e: BaseException) -> str | None:
+    """The loader stop's own line in `e` (torch re-raises a worker's error with its traceback as text)."""
+    for line in str(e).splitlines():
+        i = line.find(LOADER_STOP_TAG)
+        if i >= 0:
+            return line[i + len(LOADER_STOP_TAG) :]
+    return None
+
+
 # URL schemes whose shards open_clip's webdataset reader gets through fsspec (the same layer every other
 # stage reads object stores with): webdataset itself has no s3 reader and sends gs:// to a `gsutil` pipe.
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "hdfs", "abfs", "az")
@@ -186,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _no_shard_eof_marker()
     _object_store_shards()
+    _stop_when_nothing_decodes()
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
     sink = MetricsSink(os.path.join(run_dir, layout.TRAIN_METRICS_JSONL), _global_batch(oc_argv))
@@ -193,7 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     # calls to the metrics file.
     oc_main.wandb = sink  # type: ignore[attr-defined]
     oc_train.wandb = sink  # type: ignore[attr-defined]
-    rc = oc_main.main(_with_data_args(run_dir, oc_argv))
+    try:
+        rc = oc_main.main(_with_data_args(run_dir, oc_argv))
+    except Exception as e:
+        reason = _stop_reason(e)
+        if reason is None:
+            raise
+        # for the train stage's error line; the traceback goes to this rank's output as usual
+        with open(os.path.join(run_dir, layout.TRAIN_LOGS_DIR, f"rank{rank}.stop"), "w") as f:
+            f.write(reason + "\n")
+        raise
     # open_clip's setup_logging set every logger to INFO, torch's too; keep torch's exit-time
     # compile statistics out of the console.
     for name in list(logging.root.manager.loggerDict):

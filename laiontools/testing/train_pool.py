@@ -55,9 +55,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_resharded_subset(
-    out_dir: str, n_shards: int = 2, per_shard: int = 16, seed: int = 0, image_size: int = 64, name: str = "synthetic"
+    out_dir: str, n_shards: int = 2, per_shard: int = 16, seed: int = 0, image_size: int = 64, name: str = "synthetic",
+    undecodable: bool = False,
 ) -> str:
-    """Write ``n_shards`` webdataset tars of ``per_shard`` samples and a kind=subset manifest. Returns its path."""
+    """Write ``n_shards`` webdataset tars of ``per_shard`` samples and a kind=subset manifest. Returns its path.
+    `undecodable`: every ``.jpg`` is random bytes that no image decoder reads."""
     from laiontools.contracts.manifest import new_manifest, write_manifest
     from laiontools.contracts.uids import save_uids, uid_of
     from laiontools.core.storage import sha256_file, write_json
@@ -76,7 +78,7 @@ def write_resharded_subset(
                 uid = uid_of(url, caption)
                 uids.append(uid)
                 key = f"{s:05d}{i:04d}"
-                _add(tar, f"{key}.jpg", _image(color, shape, rng, image_size))
+                _add(tar, f"{key}.jpg", rng.randbytes(600) if undecodable else _image(color, shape, rng, image_size))
                 _add(tar, f"{key}.txt", caption.encode())
                 _add(tar, f"{key}.json", json.dumps({"uid": uid, "url": url, "caption": caption, "key": key}).encode())
         sha, nbytes = sha256_file(path)
