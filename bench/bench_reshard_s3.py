@@ -45,8 +45,9 @@ def copy_on_store(fs, pool: str, dst: str, nbytes: int, files: int) -> float:
     for src in srcs:
         if left <= 0:
             break
-        buf += fs.cat_file(src, start=0, end=min(fs.size(src), left))
-        left -= min(fs.size(src), left)
+        take = min(fs.size(src), left)
+        buf += fs.cat_file(src, start=0, end=take)
+        left -= take
         while len(buf) >= per_file or (left <= 0 and buf):
             fs.pipe_file(f"{dst}/copy-{k:05d}.tar", buf[:per_file])
             buf, k = buf[per_file:], k + 1

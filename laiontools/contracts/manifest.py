@@ -82,14 +82,19 @@ def read_manifest(path: str) -> dict[str, Any]:
     fs, p = url_to_fs(path)
     if not fs.exists(p):
         raise ManifestError(f"manifest {path} does not exist; give the pool.manifest.json written by download or a subset manifest")
-    # an object store reads a prefix as an empty object and drops a trailing '/' (the files the manifest
-    # names would then be looked for under "<manifest>/")
-    if path.endswith("/") or fs.isdir(p):
-        raise ManifestError(f"manifest {path} names a folder; give the manifest file itself (its pool.manifest.json or "
-                            "<scale>.manifest.json), without a trailing '/'")
+    folder = ManifestError(f"manifest {path} names a folder; give the manifest file itself (its pool.manifest.json or "
+                           "<scale>.manifest.json), without a trailing '/'")
+    # an object store drops a trailing '/' (the files the manifest names would then be looked for under
+    # "<manifest>/"), and reads a prefix as an empty object: asked only when the bytes are no JSON
+    if path.endswith("/"):
+        raise folder
     try:
         m = read_json(path)
+    except IsADirectoryError:
+        raise folder from None
     except ValueError as e:
+        if fs.isdir(p):
+            raise folder from None
         raise ManifestError(f"manifest {path} is not valid JSON ({e}); it may be truncated: regenerate it") from e
     validate_manifest(m, where=path)
     return m

@@ -73,10 +73,8 @@ def remove_stale_temps(root: str) -> int:
     fs, p = url_to_fs(root)
     if not is_local(fs):
         with store_errors(root):
-            stale = [f for f in fs.find(p) if _TMP_RE.match(f.rpartition("/")[2])]
-            if stale:
-                fs.rm(stale)
-        return len(stale) + _abort_stale_uploads(fs, p)
+            n = _remove_keys(fs, fs.find(p), _TMP_RE)
+        return n + _abort_stale_uploads(fs, p)
     if not os.path.isdir(p):
         return 0
     return _remove_files(os.path.join(d, name) for d, _, names in os.walk(p) for name in names if _TMP_RE.match(name))
@@ -106,6 +104,14 @@ def _abort_stale_uploads(fs: fsspec.AbstractFileSystem, p: str) -> int:
         return n
 
 
+def _remove_keys(fs: fsspec.AbstractFileSystem, keys: list[str], name: re.Pattern[str]) -> int:
+    """Delete the object-store keys whose last segment matches `name` (one request); returns how many."""
+    stale = [k for k in keys if name.match(k.rpartition("/")[2])]
+    if stale:
+        fs.rm(stale)
+    return len(stale)
+
+
 def _remove_files(paths: Iterator[str]) -> int:
     """Delete the local files; returns how many (one already gone is not counted)."""
     n = 0
@@ -131,10 +137,7 @@ def remove_stale_file_temps(path: str) -> int:
     own = re.compile(rf"^\.(?:{re.escape(name)}(?:\.done)?|\.{re.escape(name + OUTPUT_MARKER)})\.tmp-[0-9a-f]{{8}}$")
     if not local:
         with store_errors(path):
-            stale = [f for f in (fs.ls(folder, detail=False) if fs.isdir(folder) else []) if own.match(f.rpartition("/")[2])]
-            if stale:
-                fs.rm(stale)
-        return len(stale)
+            return _remove_keys(fs, fs.ls(folder, detail=False) if fs.isdir(folder) else [], own)
     entries = os.listdir(folder) if os.path.isdir(folder) else []
     return _remove_files(os.path.join(folder, e) for e in entries if own.match(e))
 
