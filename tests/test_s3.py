@@ -1082,3 +1082,16 @@ def test_a_file_outputs_killed_temp_keys_go_and_its_neighbours_stay_on_s3(s3, bu
     s3.invalidate_cache()
     assert sorted(k.rpartition("/")[2] for k in s3.ls(f"{b}/runs")) == \
         sorted(others + [".eval.json.laiontools-output.json", "eval.json"])
+
+
+def test_an_s3_output_with_three_slashes_is_refused_naming_it(s3, small_s3_pool):
+    """"s3:///b/emb": s3fs reads it as bucket b, so the run worked, but every manifest and report then
+    recorded "s3:///b/..." as typed. Now one StorageError before anything is written."""
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.embed import EmbedConfig
+
+    out = "s3:///" + small_s3_pool.split("://", 1)[1].rsplit("/", 1)[0] + "/emb3"
+    with pytest.raises(StorageError, match=rf"^{out}: no bucket after 's3://' \(three slashes\); write s3://<bucket>/\.\.\.$"):
+        embed_stage.run(EmbedConfig(manifest=f"{small_s3_pool}/pool.manifest.json", output=out, model="lt-tiny",
+                                    device="cpu", num_workers=0))
+    assert not s3.exists(out.split(":///", 1)[1]), "the refused output was written"

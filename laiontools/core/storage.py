@@ -402,6 +402,10 @@ def check_store(path: str) -> None:
     """
     if scheme_of(path) in ("file", "hdfs", "viewfs", "memory"):
         return
+    if path.split("://", 1)[-1].startswith("/"):
+        # "s3:///b/x": s3fs reads it as bucket "b", but every manifest would record the path as typed
+        scheme = path.split("://", 1)[0]
+        raise StorageError(f"{path}: no bucket after '{scheme}://' (three slashes); write {scheme}://<bucket>/...")
     if "//" in path.split("://", 1)[-1].rstrip("/"):
         # a local disk reads "a//b" as "a/b"; a store keeps the empty segment in the key, and s3fs then
         # answers "is a file" for a prefix it just wrote under
