@@ -66,6 +66,49 @@ def test_spark_submit_conf_wins_over_the_jobs_settings(tmp_path):
         pd.testing.assert_frame_equal(a, b)
 
 
+def test_spark_submit_conf_wins_in_subsets_and_reshard(spark, pool, tmp_path):
+    """subsets and reshard shuffle the pool's and the subset's rows. Under spark-submit with
+    `--conf spark.sql.shuffle.partitions=37` both used 37; in a session that sets none (the tests') they
+    derived the cluster's parallelism from the input (local[2], a small pool: 2), where Spark's default
+    of 200 gave ~200 tasks per shuffle. Each manifest's run sidecar records it; the bytes are the same."""
+    import filecmp
+
+    from laiontools.contracts.manifest import SIDECAR_SUFFIX, read_manifest
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
+
+    def used(manifest: str) -> dict:
+        return json.loads(Path(manifest + SIDECAR_SUFFIX).read_text())["spark"]
+
+    n = read_manifest(pool.manifest)["num_samples"]
+    scales = f"{n - 3},{n // 2}"
+    here = subsets_stage.run(SubsetsConfig(pool=pool.manifest, output=str(tmp_path / "sub"), scales=scales, seed=3),
+                             spark).details
+    big = here[0]["manifest"]
+    assert used(big) == {"shuffle_partitions": spark.sparkContext.defaultParallelism} == {"shuffle_partitions": 2}
+    reshard_stage.run(ReshardConfig(manifest=big, output=str(tmp_path / "rs"), shard_size=8), spark)
+    assert used(str(tmp_path / "rs" / layout.RESHARD_MANIFEST)) == {"shuffle_partitions": 2}
+
+    conf = ["--master", "local[2]", "--conf", "spark.sql.shuffle.partitions=37"]
+    spark_submit([*conf, str(REPO / "jobs" / "subsets.py"), "--pool", pool.manifest, "--output",
+                  str(tmp_path / "sub37"), "--scales", scales, "--seed", "3"], cwd=tmp_path)
+    spark_submit([*conf, str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", str(tmp_path / "rs37"),
+                  "--shard-size", "8"], cwd=tmp_path)
+    for row in here:
+        other = str(tmp_path / "sub37" / Path(row["manifest"]).name)
+        assert used(other) == {"shuffle_partitions": 37}
+        uids = read_manifest(row["manifest"])["uids"]["path"]
+        assert filecmp.cmp(tmp_path / "sub" / uids, tmp_path / "sub37" / uids, shallow=False), uids
+    rs37 = tmp_path / "rs37" / layout.RESHARD_MANIFEST
+    assert used(str(rs37)) == {"shuffle_partitions": 37}
+    assert json.loads(Path(str(rs37) + SIDECAR_SUFFIX).read_text())["engine"] == "spark local[2]"
+    assert rs37.read_bytes() == (tmp_path / "rs" / layout.RESHARD_MANIFEST).read_bytes()
+    for s in read_manifest(str(rs37))["shards"]:
+        assert filecmp.cmp(tmp_path / "rs" / s["path"], tmp_path / "rs37" / s["path"], shallow=False), s["path"]
+
+
 def test_shuffle_partitions_derived_from_input_size(spark):
     """Unset by the user (the shared test session sets no shuffle count): derived from rows or bytes."""
     par = spark.sparkContext.defaultParallelism

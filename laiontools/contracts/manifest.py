@@ -60,8 +60,11 @@ def new_manifest(
     return m
 
 
-def write_manifest(path: str, manifest: dict[str, Any]) -> str:
-    """Validate, write atomically as canonical JSON, write the run sidecar. Returns the manifest sha256."""
+def write_manifest(path: str, manifest: dict[str, Any], run: dict[str, Any] | None = None) -> str:
+    """Validate, write atomically as canonical JSON, write the run sidecar. Returns the manifest sha256.
+
+    `run`: more of what describes this run and not its result (the engine, the Spark settings it
+    used), added to the sidecar."""
     validate_manifest(manifest, where=path)
     data = write_json(path, manifest)
     write_json(
@@ -72,6 +75,7 @@ def write_manifest(path: str, manifest: dict[str, Any]) -> str:
             "user": getpass.getuser() if hasattr(os, "getuid") else None,
             "python": platform.python_version(),
             "pid": os.getpid(),
+            **(run or {}),
         },
     )
     return sha256_bytes(data)
