@@ -146,6 +146,10 @@ def test_takedown_removes_exactly_the_listed_samples(lineage, pool):
     assert old_uids - new_uids == L["expect_removed"] and new_uids <= old_uids
     assert new_m["num_samples"] == len(old_uids) - len(L["expect_removed"])
     assert L["res"].counts["removed"] == len(L["expect_removed"])
+    # its uid file's distinct + sort ran on as many partitions as the pool's size asks (local[2], a small
+    # pool: 2), not Spark's 200; the run sidecar says so
+    with open(f"{L['new']}/pool.manifest.json.run.json") as f:
+        assert json.load(f)["spark"] == {"shuffle_partitions": 2}
     tk = new_m["takedown"]
     assert tk["status"] == STATUS and tk["list"]["sha256"] == _sha(L["listfile"]) and tk["list"]["entries"] == 6
     assert set(tk["by_kind"]) >= {"uid", "url", "sha256", "phash", "domain"}

@@ -85,6 +85,7 @@ from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError, task_error, task_errors_as
 from laiontools.core.report import table
+from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import (
     atomic_open,
@@ -380,6 +381,10 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
 
     from laiontools.contracts.uids import save_uids_spark
 
+    # The new pool's uid file is a distinct + range sort of its success rows: partitions follow the
+    # pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 otherwise).
+    run_record = {"engine": f"spark {spark.sparkContext.master}",
+                  "spark": {"shuffle_partitions": shuffle_partitions(spark, rows=int(pool.manifest["num_samples"]))}}
     t0 = time.monotonic()
     cat = spark_read_parquet(spark, pool.catalog)
     cols = [C.UID, C.STATUS, C.URL, C.SHARD, C.KEY, C.SHA256]
@@ -515,7 +520,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         if k in pool.manifest:
             m[k] = pool.manifest[k]
     m_path = join(out, layout.POOL_MANIFEST)
-    m_sha = write_manifest(m_path, m)
+    m_sha = write_manifest(m_path, m, run=run_record)
     failpoints.pause("takedown.final-write")  # fault tests: manifest written, report and audit line not yet
 
     # 4. this run's report, then the audit line, last (after the manifest it describes): a run killed
