@@ -60,6 +60,8 @@ def main() -> int:
     ap.add_argument("--per-shard", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--pin-cores", action="store_true",
+                    help="worker i and its executors on core i only (taskset): 2 workers = 2 separate cores")
     ap.add_argument("--work", default=None, help="scratch folder (default: <out>/cluster-work)")
     a = ap.parse_args()
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -78,9 +80,10 @@ def main() -> int:
             for workers in (1, 2):  # alternated, so a change of load hits both sizes alike
                 root = work / f"run{r}-w{workers}"
                 root.mkdir()
-                with StandaloneCluster(root, workers=workers) as cluster:
+                with StandaloneCluster(root, workers=workers, pin=a.pin_cores) as cluster:
                     t = run_stages(cluster.url, src, root, settings)
                     t["tasks_per_worker"] = cluster.tasks_per_worker()
+                    t["worker_cores"] = cluster.worker_cores()
                 results[workers].append(t)
                 print(json.dumps({"workers": workers, "repeat": r, **t}), flush=True)
                 shutil.rmtree(root / "pool" / "shards", ignore_errors=True)
@@ -94,6 +97,7 @@ def main() -> int:
         table[st]["speedup"] = round(table[st]["1_worker_s"] / table[st]["2_workers_s"], 3)
     out = {"benchmark": "stages on a standalone cluster: 1 vs 2 workers (1 core each) on 127.0.0.1",
            "machine": f"{os.cpu_count()} cpus", "samples": a.samples, "per_shard": a.per_shard,
+           "pinned": a.pin_cores,
            "loadavg_1_5_15": {"before": load_before, "after": [round(x, 1) for x in os.getloadavg()]},
            "runs": results, "stages": table,
            "command": ("python bench/bench_cluster.py " + " ".join(sys.argv[1:])).strip()}

@@ -45,17 +45,24 @@ def spark_submit(args: list[str], *, cwd: Path | str, timeout: int = SUBMIT_TIME
 
 class StandaloneCluster:
     """A Spark standalone master and `workers` workers (1 core, 1 GB each) on 127.0.0.1, stopped on exit
-    (their whole process groups, also when the test fails)."""
+    (their whole process groups, also when the test fails).
 
-    def __init__(self, root: Path, workers: int = 2):
-        self.root, self.n, self.procs = root, workers, []
+    pin: worker i and the executors it starts run on CPU core i only (``taskset``), so that 1 vs 2
+    workers compares one core of executors with two separate ones, not two sets of processes sharing
+    whatever cores are free. The master and the driver are not pinned."""
+
+    def __init__(self, root: Path, workers: int = 2, pin: bool = False):
+        if pin and workers > len(os.sched_getaffinity(0)):
+            raise ValueError(f"pin: {workers} workers need {workers} cores, this process may use {len(os.sched_getaffinity(0))}")
+        self.root, self.n, self.procs, self.pin = root, workers, [], pin
         self.port = free_port()
         self.url = f"spark://127.0.0.1:{self.port}"
 
-    def _start(self, args: list[str], log: str) -> None:
+    def _start(self, args: list[str], log: str, core: int | None = None) -> None:
         env = {**submit_env(), "SPARK_LOG_DIR": str(self.root / "logs")}
         out = open(self.root / log, "wb")  # noqa: SIM115 - closed with the process in __exit__
-        self.procs.append((subprocess.Popen([str(SPARK_HOME / "bin" / "spark-class"), *args], env=env,
+        pin = [] if core is None else ["taskset", "-c", str(sorted(os.sched_getaffinity(0))[core])]
+        self.procs.append((subprocess.Popen([*pin, str(SPARK_HOME / "bin" / "spark-class"), *args], env=env,
                                             start_new_session=True, stdout=out, stderr=subprocess.STDOUT), out))
 
     def __enter__(self) -> Self:
@@ -70,7 +77,7 @@ class StandaloneCluster:
                 work.mkdir()
                 self._start(["org.apache.spark.deploy.worker.Worker", self.url, "--cores", "1", "--memory", "1g",
                              "--host", "127.0.0.1", "--webui-port", str(free_port()), "--work-dir", str(work)],
-                            f"worker{i}.log")
+                            f"worker{i}.log", core=i if self.pin else None)
             deadline = time.time() + 120
             while time.time() < deadline:  # both workers registered with the master
                 if (self.root / "master.log").read_text(errors="replace").count("Registering worker") >= self.n:
@@ -95,6 +102,16 @@ class StandaloneCluster:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait(timeout=30)
             out.close()
+
+    def worker_cores(self) -> list[list[int] | None]:
+        """The cores each worker process may run on now (None: it has exited)."""
+        got = []
+        for p, _ in self.procs[1:]:
+            try:
+                got.append(sorted(os.sched_getaffinity(p.pid)))
+            except OSError:
+                got.append(None)
+        return got
 
     def tasks_per_worker(self) -> list[int]:
         """Tasks each worker's executors ran (their stderr logs 'Running task' per task)."""
