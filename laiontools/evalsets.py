@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from laiontools.core.errors import UserError
 from laiontools.core.logs import RateLimitedLogger
-from laiontools.core.storage import url_to_fs
+from laiontools.core.storage import PARQUET_READ, url_to_fs
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -454,7 +454,7 @@ def _iter_parquet(es: EvalSet) -> Iterator[EvalItem]:
     fs, files = _parquet_files(es)
     for fpath in files:
         with fs.open(fpath, "rb") as fh, _parquet_errors(es, fpath):
-            pf = pq.ParquetFile(fh)
+            pf = pq.ParquetFile(fh, **PARQUET_READ)
             names = pf.schema_arrow.names
             img_col, path_col = _pick(names, _PQ_IMAGE_COLS), _pick(names, _PQ_PATH_COLS)
             if img_col is None and path_col is None:
@@ -480,11 +480,13 @@ def _iter_parquet(es: EvalSet) -> Iterator[EvalItem]:
 @contextlib.contextmanager
 def _parquet_errors(es: EvalSet, fpath: str) -> Iterator[None]:
     """Turn pyarrow's errors on a damaged or non-parquet file into an EvalSetError naming the file."""
-    import pyarrow as pa
+    from laiontools.core.storage import parquet_damaged
 
     try:
         yield
-    except pa.ArrowException as e:
+    except Exception as e:
+        if not parquet_damaged(e):
+            raise
         raise EvalSetError(f"evaluation set {es.name!r}: {fpath} is not a readable parquet file ({e}); re-create it") from e
 
 

@@ -401,6 +401,63 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
 
 
 @pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_a_bit_flip_in_a_catalog_page_is_named_not_read_as_a_wrong_value(spark, subset, tmp_path, monkeypatch, capsys, engine):
+    """One flipped bit inside a catalog page that still decodes (a hex digit of a subset sample's span
+    sha256) reads back as a wrong value unless the page's CRC is checked: the reshard then blamed the
+    source shard, "changed since download". Catalogs written here carry page CRCs and every reader
+    checks them, Spark's and pyarrow's (in process; inside tasks for object stores): one error line
+    naming the catalog file, exit 2."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from laiontools.cli import main as cli_main
+    from laiontools.contracts import schema as C
+    from laiontools.core.storage import write_parquet_dir
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    _, cat_dir = _pool_catalog(subset)
+    cat = pq.read_table(cat_dir)
+    in_subset = set(array_to_uids(load_uids(resolve(subset, read_manifest(subset)["uids"]["path"]))))
+    saved = cat_dir + ".saved"
+    os.rename(cat_dir, saved)
+    try:
+        write_parquet_dir(cat, cat_dir)  # as the in-process download writes a catalog
+        f = os.path.join(cat_dir, "part-00000.parquet")
+        raw = bytearray(open(f, "rb").read())
+        md = pq.ParquetFile(f).metadata
+        assert md.num_row_groups == 1
+        col = md.row_group(0).column(md.schema.to_arrow_schema().names.index(C.TAR_SHA256))
+        start = col.dictionary_page_offset or col.data_page_offset
+        want, uids = cat.column(C.TAR_SHA256).to_pylist(), cat.column(C.UID).to_pylist()
+        flipped = None
+        for pos in range(start + col.total_compressed_size // 2, start + col.total_compressed_size):
+            raw[pos] ^= 0x01
+            try:  # read without the CRC check, as every pyarrow reader did before
+                got = pq.read_table(io.BytesIO(bytes(raw)), columns=[C.TAR_SHA256]).column(0).to_pylist()
+            except Exception:  # noqa: BLE001 - this flip broke the page's structure: try the next byte
+                got = None
+            changed = [i for i, (a, b) in enumerate(zip(want, got or want)) if a != b]
+            if len(changed) == 1 and uids[changed[0]] in in_subset:
+                flipped = pos
+                break
+            raw[pos] ^= 0x01
+        assert flipped is not None, "no byte of the column's pages flips one subset sample's sha256"
+        with open(f, "wb") as fh:
+            fh.write(raw)
+        rc = cli_main(["reshard", "--manifest", subset, "--output", str(tmp_path / "c"), "--shard-size", "8",
+                       "--spark-above", "0" if engine == "spark" else "1000000000"])
+        out = capsys.readouterr().err
+        err = [ln for ln in out.splitlines() if ln.startswith("laiontools reshard:")]
+        assert rc == 2, out[-3000:]
+        assert len(err) == 1 and err[0].startswith("laiontools reshard: error: ") and "part-00000.parquet is damaged" in err[0], err
+        assert "changed since download" not in out and "Traceback" not in out
+    finally:
+        shutil.rmtree(cat_dir)
+        os.rename(saved, cat_dir)
+
+
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
 def test_catalog_span_that_misses_its_sample_is_named(spark, subset, tmp_path, monkeypatch, engine):
     """A catalog span that does not hold its sample's members (a shard rewritten after download)
     stops the reshard with an error naming the shard and the sample, not a damaged output; raised in

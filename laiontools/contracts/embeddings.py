@@ -32,7 +32,7 @@ import numpy as np
 
 from laiontools.contracts import layout
 from laiontools.core.errors import UserError
-from laiontools.core.storage import join, read_json, url_to_fs
+from laiontools.core.storage import PARQUET_READ, join, read_json, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def read_embeddings(
         rel, sha = shard_files(sid), recorded_sha256(emb_dir, sid)
         img = load_npy(join(emb_dir, rel["img"]), sha.get(rel["img"]))
         txt = load_npy(join(emb_dir, rel["text"]), sha.get(rel["text"]))
-        meta = pd.read_parquet(io.BytesIO(_read_checked(join(emb_dir, rel["meta"]), sha.get(rel["meta"]), sid)))
+        meta = pd.read_parquet(io.BytesIO(_read_checked(join(emb_dir, rel["meta"]), sha.get(rel["meta"]), sid)), **PARQUET_READ)
         if not (len(img) == len(txt) == len(meta)):
             raise UserError(
                 f"{emb_dir}: shard {sid} is not row-aligned (img {len(img)}, text {len(txt)}, meta {len(meta)} rows); "
@@ -351,7 +351,7 @@ def read_embedding_shard(emb_dir: str, sid: str) -> tuple[np.ndarray, Any]:
             raise _damaged_npy(npy, e) from e
     else:
         emb = load_npy(npy, sha.get(rel["img"]))
-    meta = pq.read_table(io.BytesIO(_read_checked(join(emb_dir, rel["meta"]), sha.get(rel["meta"]), sid)))
+    meta = pq.read_table(io.BytesIO(_read_checked(join(emb_dir, rel["meta"]), sha.get(rel["meta"]), sid)), **PARQUET_READ)
     if emb.ndim != 2 or emb.shape[0] != meta.num_rows:
         raise UserError(
             f"embedding shard {sid} in {emb_dir}: {layout.EMB_IMG_DIR}/{sid}.npy has shape {emb.shape} but "

@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 
 DONE_SUFFIX = ".done"
 
+# Parquet page CRCs. Every parquet file this package writes through pyarrow carries a CRC32 per page (as
+# Spark's writer, parquet-mr, does by default), and every read through pyarrow checks the CRCs a file has
+# (a file without them reads as before): a flipped bit in a page is then an error naming the file, where
+# it could read back as a wrong value (a sha256, an offset, a uid). Spark's own reader checks them
+# through core.spark's parquet.page.verify-checksum.enabled.
+PARQUET_WRITE = {"write_page_checksum": True}
+PARQUET_READ = {"page_checksum_verification": True}
+
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
@@ -604,11 +612,8 @@ def spark_read_parquet(spark: Any, paths: str | list[str], *, file_column: str |
     if not files:
         raise FileNotFoundError(f"{paths[0]}: no parquet files to read")
     fs0, p0 = url_to_fs(files[0])
-    with store_errors(files[0]), fs0.open(p0, "rb") as f:
-        try:
-            schema = pq.read_schema(f)
-        except pa.ArrowException as e:
-            raise InputError(_damaged_parquet(files[0], e)) from e
+    with store_errors(files[0]), fs0.open(p0, "rb") as f, parquet_read_errors(files[0]):
+        schema = pq.read_schema(f)
     schema = pa.schema([fld.with_type(pa.string()) if pa.types.is_large_string(fld.type) else fld for fld in schema])
     if file_column:
         schema = schema.append(pa.field(file_column, pa.string()))
@@ -616,6 +621,27 @@ def spark_read_parquet(spark: Any, paths: str | list[str], *, file_column: str |
     n = max(1, min(len(files), spark.sparkContext.defaultParallelism * 4))
     listing = spark.createDataFrame([(f,) for f in files], "_file string").repartition(n, "_file")
     return listing.mapInArrow(_parquet_reader(schema, file_column), spark_schema)
+
+
+def parquet_damaged(e: BaseException) -> bool:
+    """Whether pyarrow's read error says the file's bytes are bad: an Arrow error (not parquet, a bad
+    footer), or the plain OSError without errno that it raises for a page whose CRC or compressed data
+    does not check out. A store's or the OS's I/O error (a subclass, or with an errno) is not one."""
+    import pyarrow as pa
+
+    return isinstance(e, pa.ArrowException) or (type(e) is OSError and e.errno is None)
+
+
+@contextmanager
+def parquet_read_errors(path: str, task: bool = False) -> Iterator[None]:
+    """Turn pyarrow's error on a damaged parquet file into one error naming `path` (InputError; with
+    `task`, a task error that reaches the user as the same line from a Spark task or a forked process)."""
+    try:
+        yield
+    except Exception as e:
+        if not parquet_damaged(e):
+            raise
+        raise (task_error if task else InputError)(_damaged_parquet(path, e)) from e
 
 
 def _damaged_parquet(path: str, e: BaseException) -> str:
@@ -633,11 +659,8 @@ def _parquet_reader(schema: Any, file_column: str | None) -> Any:
         for b in batches:
             for path in b.column("_file").to_pylist():
                 fs, p = url_to_fs(path)
-                with store_errors(path), fs.open(p, "rb") as f:
-                    try:
-                        t = pq.read_table(f).select(data_schema.names).cast(data_schema)
-                    except pa.ArrowException as e:  # pa.ArrowInvalid, ArrowIOError (an OSError)
-                        raise task_error(_damaged_parquet(path, e)) from e
+                with store_errors(path), fs.open(p, "rb") as f, parquet_read_errors(path, task=True):
+                    t = pq.read_table(f, **PARQUET_READ).select(data_schema.names).cast(data_schema)
                 if file_column:
                     t = t.append_column(file_column, pa.array([path_key(path)] * t.num_rows, pa.string()))
                 yield from t.to_batches()
@@ -681,7 +704,7 @@ def write_parquet_dir(table: Any, path: str) -> None:
             fs.rm(p, recursive=True)
     out = join(path, "part-00000.parquet")
     with store_errors(out), atomic_open(out) as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, **PARQUET_WRITE)
     atomic_write_bytes(join(path, "_SUCCESS"), b"")
 
 
@@ -697,7 +720,7 @@ def _parquet_writer(path: str, schema: Any) -> Any:
         if rows:
             out = join(path, f"part-{pid:05d}.parquet")
             with store_errors(out), atomic_open(out) as f:
-                pq.write_table(pa.Table.from_batches(bs), f)  # the batches' own schema (nullability as Spark sends it)
+                pq.write_table(pa.Table.from_batches(bs), f, **PARQUET_WRITE)  # the batches' own schema (nullability as Spark sends it)
         yield pa.RecordBatch.from_pydict({"rows": [rows]}, schema=pa.schema([("rows", pa.int64())]))
 
     return write

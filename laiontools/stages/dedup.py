@@ -45,6 +45,8 @@ from laiontools.core.logs import peak_rss_mb
 from laiontools.core.spark import threads_per_task
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
+    PARQUET_READ,
+    PARQUET_WRITE,
     atomic_write_bytes,
     ensure_output_dir,
     join,
@@ -278,7 +280,7 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
     index, params = DI.build_index(vectors, cfg.index, cfg.nlist, cfg.nprobe)
     data = DI.serialize(index)
     buf = io.BytesIO()
-    pq.write_table(_items_table(rows), buf)
+    pq.write_table(_items_table(rows), buf, **PARQUET_WRITE)
     items_bytes = buf.getvalue()
     atomic_write_bytes(paths["index"], data)
     atomic_write_bytes(paths["items"], items_bytes)
@@ -382,7 +384,7 @@ def _lookups(items_path: str, sha: str, set_names: list[str]) -> _Lookups:
 
     fs, p = url_to_fs(items_path)
     with fs.open(p, "rb") as f:
-        t = pq.read_table(f, columns=["row", "evalset", "item_id", "phash"])
+        t = pq.read_table(f, columns=["row", "evalset", "item_id", "phash"], **PARQUET_READ)
     rows = t.column("row").to_numpy()
     pos_set, pos_item, ph = (t.column(c).to_pylist() for c in ("evalset", "item_id", "phash"))
     readable = np.flatnonzero(rows >= 0)
@@ -532,7 +534,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         "laiontools.dedup.index_type": ctx["index_type"], "laiontools.dedup.index_sha256": ctx["index_sha256"],
     })
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, **PARQUET_WRITE)
     atomic_write_bytes(out_path, buf.getvalue())
     mark_done(done_path, stats)  # last: the shard counts as done only now
     return stats
@@ -655,7 +657,7 @@ def _read_items(items_path: str) -> dict[str, list[Any]]:
 
     fs, p = url_to_fs(items_path)
     with fs.open(p, "rb") as f:
-        t = pq.read_table(f)
+        t = pq.read_table(f, **PARQUET_READ)
     return {c: t.column(c).to_pylist() for c in t.column_names}
 
 

@@ -37,7 +37,7 @@ from laiontools.contracts import layout
 from laiontools.core.config import ConfigError, StageConfig, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.stage import StageResult, stage_entry
-from laiontools.core.storage import atomic_write_bytes, ensure_output_dir, join, write_json
+from laiontools.core.storage import PARQUET_READ, atomic_write_bytes, ensure_output_dir, join, write_json
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def _row_items(items_path: str) -> dict[int, tuple[str, str]]:
 
         fs, p = url_to_fs(items_path)
         with fs.open(p, "rb") as f:
-            t = pq.read_table(f, columns=["row", "evalset", "item_id"]).to_pydict()
+            t = pq.read_table(f, columns=["row", "evalset", "item_id"], **PARQUET_READ).to_pydict()
         _ROW_ITEMS[items_path] = {r: (s, i) for r, s, i in zip(t["row"], t["evalset"], t["item_id"]) if r >= 0}
     return _ROW_ITEMS[items_path]
 

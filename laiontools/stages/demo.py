@@ -24,7 +24,7 @@ from laiontools.contracts import layout
 from laiontools.core.config import ConfigError
 from laiontools.core.report import emit, table
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
-from laiontools.core.storage import atomic_write_bytes, ensure_output_dir, read_json
+from laiontools.core.storage import PARQUET_WRITE, atomic_write_bytes, ensure_output_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def write_heldout_evalset(out_dir: str, n: int, seed: int, geometry: Any = None)
     templates = [phrase.format(bg="{c}") for phrase in TEXTURE_PHRASES.values()]
     atomic_write_bytes(os.path.join(out_dir, "zeroshot_classification_templates.txt"), ("\n".join(templates) + "\n").encode())
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(rows), sink)
+    pq.write_table(pa.table(rows), sink, **PARQUET_WRITE)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
     return path
 

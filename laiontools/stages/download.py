@@ -39,6 +39,8 @@ from laiontools.core.errors import UserError
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, Tasks, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
+    PARQUET_READ,
+    PARQUET_WRITE,
     atomic_write_bytes,
     ensure_output_dir,
     is_done,
@@ -509,9 +511,11 @@ def _swap_catalog(cfg: DownloadConfig, tmp: str) -> str:
 def _read_table(path: str) -> Any:
     import pyarrow.parquet as pq
 
+    from laiontools.core.storage import parquet_read_errors
+
     fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f)
+    with fs.open(p, "rb") as f, parquet_read_errors(path):
+        return pq.read_table(f, **PARQUET_READ)
 
 
 def _conform_table(t: Any, columns: list[tuple[str, str]], attempt: int | None = None) -> Any:
@@ -593,7 +597,7 @@ def write_catalog_local(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
     n_parts = max(1, math.ceil(cat.num_rows / CATALOG_ROWS_PER_FILE))
     for i in range(n_parts):
         with atomic_open(join(tmp, f"part-{i:05d}.parquet")) as f:
-            pq.write_table(cat.slice(i * CATALOG_ROWS_PER_FILE, CATALOG_ROWS_PER_FILE), f)
+            pq.write_table(cat.slice(i * CATALOG_ROWS_PER_FILE, CATALOG_ROWS_PER_FILE), f, **PARQUET_WRITE)
     return _swap_catalog(cfg, tmp), cat.num_rows
 
 
@@ -994,7 +998,7 @@ def _prepare_retry_local(cfg: DownloadConfig, names: list[str], out: str) -> str
         fs.rm(tp, recursive=True)
     fs.makedirs(tp, exist_ok=True)
     with atomic_open(join(tmp, "part-00000.parquet")) as f:
-        pq.write_table(todo, f)
+        pq.write_table(todo, f, **PARQUET_WRITE)
     move_tree(tmp, out)
     return out
 

@@ -77,6 +77,7 @@ from laiontools.core.errors import UserError
 from laiontools.core.logs import RateLimitedLogger
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
+    PARQUET_WRITE,
     atomic_open,
     ensure_output_dir,
     is_done,
@@ -320,8 +321,8 @@ def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any
     for kind, write in (
         ("img", lambda b: np.save(b, np.ascontiguousarray(img.astype(np.float16)), allow_pickle=False)),
         ("text", lambda b: np.save(b, np.ascontiguousarray(txt.astype(np.float16)), allow_pickle=False)),
-        ("meta", lambda b: meta.to_parquet(b, index=False)),
-        ("scores", lambda b: meta[list(SCORE_COLUMNS)].to_parquet(b, index=False)),
+        ("meta", lambda b: meta.to_parquet(b, index=False, **PARQUET_WRITE)),
+        ("scores", lambda b: meta[list(SCORE_COLUMNS)].to_parquet(b, index=False, **PARQUET_WRITE)),
     ):
         buf = io.BytesIO()
         write(buf)

@@ -44,6 +44,8 @@ from laiontools.core.errors import InputError, TaskError, UserError, task_error,
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
+    PARQUET_READ,
+    PARQUET_WRITE,
     is_done,
     join,
     mark_done,
@@ -387,7 +389,7 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
         import pyarrow.parquet as pq
 
         with _open_text(path, None) as f:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, **PARQUET_READ)
             present = [c for c in need if c in pf.schema_arrow.names]
             row = task["row_offset"]
             for rg in range(task["rg_start"], task["rg_end"]):
@@ -719,7 +721,7 @@ def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_d
                            f"for {len(rows_sorted)} rows, not {first}.. without gaps; re-run prepare")
     table = _arrow_table(names, [r[1] for r in rows_sorted])
     with atomic_open(join(out_dir, f"part-{pid:05d}.parquet")) as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, **PARQUET_WRITE)
     # Fault tests: hold this task after its file is in place, mid-write of the accepted folder (a few
     # small files are written in milliseconds: too short a phase to kill in by watching the folder).
     failpoints.pause("prepare.accepted-part")

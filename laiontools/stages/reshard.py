@@ -92,6 +92,7 @@ from laiontools.core.stage import (
     stage_tasks,
 )
 from laiontools.core.storage import (
+    PARQUET_READ,
     atomic_open,
     ensure_output_dir,
     is_done,
@@ -731,14 +732,14 @@ def _run_local(
     import pyarrow.parquet as pq
 
     from laiontools.contracts.uids import UidSet, arrow_to_array, load_uids
-    from laiontools.core.storage import list_data_files
+    from laiontools.core.storage import list_data_files, parquet_read_errors
 
     t0 = time.perf_counter()
     files = list_data_files(pool.catalog)
     if not files:
         return None
     fs0, p0 = url_to_fs(files[0])
-    with fs0.open(p0, "rb") as f:
+    with fs0.open(p0, "rb") as f, parquet_read_errors(files[0]):
         names = set(pq.ParquetFile(f).schema_arrow.names)
     if not {C.TAR_OFFSET, C.TAR_LENGTH} <= names:
         return None
@@ -750,8 +751,8 @@ def _run_local(
     parts = []
     for path in files:
         fs, p = url_to_fs(path)
-        with fs.open(p, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=1 << 18, columns=cols):
+        with fs.open(p, "rb") as f, parquet_read_errors(path):
+            for batch in pq.ParquetFile(f, **PARQUET_READ).iter_batches(batch_size=1 << 18, columns=cols):
                 batch = batch.filter(pc.equal(batch.column(C.STATUS), C.STATUS_SUCCESS))
                 if batch.num_rows == 0:
                     continue

@@ -60,6 +60,8 @@ from laiontools.core.errors import UserError
 from laiontools.core.logs import peak_rss_mb
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_tasks
 from laiontools.core.storage import (
+    PARQUET_READ,
+    PARQUET_WRITE,
     atomic_write_bytes,
     canonical_json,
     join,
@@ -331,7 +333,7 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
     table = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "uid": meta.column("uid").cast(pa.string()),
                       "key": key_col, "cluster": pa.array(cluster), "centroid_similarity": pa.array(csim, mask=~valid)})
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, **PARQUET_WRITE)
     atomic_write_bytes(paths["parquet"], buf.getvalue())
     atomic_write_bytes(paths["vec"], _npy_bytes(vec))
     atomic_write_bytes(paths["meta"], _npy_bytes(m))
@@ -489,7 +491,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
                     _gallery_candidates(gallery, ctx, c, labels[0], members, keeper, removed, sim, uids, shard_of[s:e], m)
     table = pa.Table.from_pydict(cols, schema=_report_schema())
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, **PARQUET_WRITE)
     atomic_write_bytes(out_path, buf.getvalue())
     for lab, runs in removed_runs.items():  # sorted runs, merged by uid range on the driver (_merge_runs)
         run_ = np.sort(np.concatenate(runs)) if runs else np.zeros(0, dtype=UID_DTYPE)
@@ -782,7 +784,7 @@ def _write_gallery(path: str, cfg: SemDedupConfig, pool: Any, groups: list[dict[
     for sid, rows in want.items():
         fs, p = url_to_fs(_assign_paths(cfg.output, sid)["parquet"])
         with fs.open(p, "rb") as f:
-            t = pq.read_table(f, columns=["row", "key"]).to_pydict()
+            t = pq.read_table(f, columns=["row", "key"], **PARQUET_READ).to_pydict()
         for r, key in zip(t["row"], t["key"]):
             if r in rows:
                 rows[r] = key or ""

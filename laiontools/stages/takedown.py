@@ -88,6 +88,8 @@ from laiontools.core.report import table
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import (
+    PARQUET_READ,
+    PARQUET_WRITE,
     atomic_open,
     ensure_output_dir,
     join,
@@ -293,13 +295,13 @@ def _rewrite_sidecars(src: str, dst: str, drop: set[str], status: str, kept: int
     sp = _sidecar(src, ".parquet")
     if fs.exists(url_to_fs(sp)[1]):
         with fs.open(url_to_fs(sp)[1], "rb") as f:
-            t = pq.read_table(f)
+            t = pq.read_table(f, **PARQUET_READ)
         if "key" in t.column_names and "status" in t.column_names:
             keys = t.column("key").to_pylist()
             st = [status if k in drop else s for k, s in zip(keys, t.column("status").to_pylist())]
             t = t.set_column(t.column_names.index("status"), "status", pa.array(st, pa.string()))
         with atomic_open(_sidecar(dst, ".parquet")) as f:
-            pq.write_table(t, f)
+            pq.write_table(t, f, **PARQUET_WRITE)
     stats: dict[str, Any] = {}
     ss = _sidecar(src, "_stats.json")
     if fs.exists(url_to_fs(ss)[1]):

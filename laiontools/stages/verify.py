@@ -29,7 +29,7 @@ import numpy as np
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.core import failpoints
 from laiontools.core.report import emit, table
-from laiontools.core.storage import sha256_file, url_to_fs
+from laiontools.core.storage import PARQUET_READ, sha256_file, url_to_fs
 from laiontools.wds.keys import group_by_keys
 from laiontools.wds.samples import tarfile_members
 
@@ -270,7 +270,8 @@ def _check_catalog(path: str, m: dict[str, Any], res: VerifyResult) -> None:
         return
     try:
         fs, p = url_to_fs(cat)
-        data = ds.dataset(p, filesystem=fs, format="parquet")
+        fmt = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(**PARQUET_READ))
+        data = ds.dataset(p, filesystem=fs, format=fmt)
         ok = data.count_rows(filter=pc.field(C.STATUS) == C.STATUS_SUCCESS)
     except (OSError, ValueError, TypeError) as e:  # not parquet, no status column, unreadable
         res.problems.append(f"catalog {cat}: unreadable ({type(e).__name__}: {e})")

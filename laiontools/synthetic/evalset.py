@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from laiontools.core.storage import atomic_write_bytes, write_json
+from laiontools.core.storage import PARQUET_READ, PARQUET_WRITE, atomic_write_bytes, write_json
 from laiontools.synthetic.images import COLOURS, encode_jpeg
 
 EVAL_SIZE = 128
@@ -214,7 +214,7 @@ def write_evalset(out_dir: str, n_classes: int = 5, per_class: int = 4, seed: in
             "item_id": pa.array([it["item_id"] for it in items], type=pa.string()),
         })
         sink = io.BytesIO()
-        pq.write_table(table, sink)
+        pq.write_table(table, sink, **PARQUET_WRITE)
         atomic_write_bytes(os.path.join(out_dir, "eval.parquet"), sink.getvalue())
 
     atomic_write_bytes(os.path.join(out_dir, "classnames.txt"), ("\n".join(classnames) + "\n").encode())
@@ -237,7 +237,7 @@ def read_eval_image_bytes(evalset: dict[str, Any], evalset_dir: str, item: dict[
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        t = pq.read_table(os.path.join(evalset_dir, "eval.parquet")).to_pydict()
+        t = pq.read_table(os.path.join(evalset_dir, "eval.parquet"), **PARQUET_READ).to_pydict()
         return t["image"][t["item_id"].index(item["item_id"])]
     raise ValueError(f"eval item {item.get('item_id')!r} has neither path nor a key in a known format ({fmt!r})")
 

@@ -247,14 +247,14 @@ def _write_frame(df: Any, path: str, fmt: str, malformed: Sequence[bool] | None 
     """Write one metadata file atomically in `fmt`; jsonl rows flagged `malformed` become MALFORMED_LINE."""
     import io
 
-    from laiontools.core.storage import atomic_write_bytes
+    from laiontools.core.storage import PARQUET_WRITE, atomic_write_bytes
 
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, **PARQUET_WRITE)
         atomic_write_bytes(path, buf.getvalue())
         return
     out = df.copy()
