@@ -335,6 +335,67 @@ def test_a_config_file_with_typed_values_and_numbers_as_text_is_taken(tmp_path):
     StudyConfig.check_types({"samples_seen": ["3e9", 13_000_000_000, 3.4e10], "train": {"lr": 0.001}}, "study.yaml")
 
 
+def test_a_list_flag_given_twice_keeps_both(tmp_path):
+    """`--exclude a --exclude b` (as the README writes it) is both lists, as `--exclude a b` is; argparse's
+    default kept only the last, so the eval-set dedup of the README's example was silently dropped."""
+    from laiontools.core.config import config_from_args
+    from laiontools.core.stage import config_parser
+    from laiontools.stages.subsets import SubsetsConfig
+
+    p = config_parser(SubsetsConfig, "subsets")
+    base = ["--pool", "p.json", "--output", str(tmp_path / "o"), "--scales", "10", "--seed", "0"]
+    for argv in (["--exclude", "/d/dedup", "--exclude", "/d/semdedup/eps/0.05"], ["--exclude", "/d/dedup", "/d/semdedup/eps/0.05"]):
+        assert config_from_args(SubsetsConfig, p.parse_args(base + argv)).exclude == ["/d/dedup", "/d/semdedup/eps/0.05"]
+    assert config_from_args(SubsetsConfig, p.parse_args(base)).exclude == []
+
+
+def test_a_stages_saved_settings_are_taken_back_with_config(tmp_path):
+    """settings.json beside an output, given back with --config and a new --output, reruns the same
+    settings: its `output: null` (download) is what --output overrides, and what it records
+    about the run (`stage`, `clusters_used`, `world_size`) is ignored. Was: "output must be text, got
+    None" and "unknown setting(s) ['stage']"."""
+    import pandas as pd
+
+    from laiontools.cli import main as cli_main
+    from laiontools.core.config import config_from_args
+    from laiontools.core.stage import config_parser
+    from laiontools.stages.semdedup import SemDedupConfig
+
+    src = tmp_path / "src.jsonl"  # loopback URLs, refused by the default network policy: nothing is fetched
+    src.write_text("".join(f'{{"url": "http://127.0.0.1/{i}.jpg", "caption": "c{i}"}}\n' for i in range(3)))
+    assert cli_main(["download", "--input", str(src), "--output", str(tmp_path / "a"), "--number-sample-per-shard", "7"]) == 0
+    saved = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert saved["output"] is None and saved["number_sample_per_shard"] == 7
+    assert cli_main(["download", "--config", str(tmp_path / "a" / "settings.json"), "--output", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "settings.json").read_text()) == saved  # the saved settings held
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / "catalog"), pd.read_parquet(tmp_path / "b" / "catalog"))
+
+    saved = tmp_path / "sd.json"  # as semdedup writes it
+    saved.write_text(json.dumps({"stage": "semdedup", "embeddings": "/e", "output": "/o", "clusters": 8, "clusters_used": 5,
+                                 "eps": [0.05]}))
+    cfg = config_from_args(SemDedupConfig, config_parser(SemDedupConfig, "semdedup").parse_args(
+        ["--config", str(saved), "--output", str(tmp_path / "sd")]))
+    assert (cfg.clusters, cfg.eps, cfg.output) == (8, [0.05], str(tmp_path / "sd"))
+
+
+@pytest.mark.parametrize("given, want", [("3e9", 3_000_000_000), ("3B", 3_000_000_000), ("12.8k", 12_800), ("4096", 4096),
+                                         ("3x", None), ("0", None), ("2.5", None)])
+def test_train_samples_seen_takes_a_count_as_other_stages_do(tmp_path, given, want):
+    """`train --samples-seen 3e9` (or 3B) as `subsets --scales` and `study` take counts; was argparse's
+    "invalid int value: '3e9'" with the usage block."""
+    from laiontools.core.config import ConfigError, config_from_args
+    from laiontools.core.stage import config_parser
+    from laiontools.stages.train import TrainConfig
+
+    args = config_parser(TrainConfig, "train").parse_args(
+        ["--manifest", "m.json", "--model", "lt-tiny", "--output", str(tmp_path / "r"), "--samples-seen", given])
+    if want is None:
+        with pytest.raises(ConfigError, match=r"^train: --samples-seen must be a positive number of samples: "):
+            config_from_args(TrainConfig, args)
+    else:
+        assert config_from_args(TrainConfig, args).samples_seen == want
+
+
 def test_a_folder_given_where_a_file_is_read_is_one_line(tmp_path, capsys):
     """--config, --blocklist (and a manifest path) naming a folder: IsADirectoryError, printed as one line."""
     from laiontools.cli import main as cli_main

@@ -118,6 +118,11 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+# Keys a stage's settings.json records beside its settings (which stage wrote it, what a run derived):
+# a config file may carry them, so that saved settings can be given back with --config; they are ignored.
+RECORD_ONLY = ("stage", "clusters_used", "world_size")
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type[StageConfig], skip: tuple[str, ...] = ()) -> None:
     """Add one flag per dataclass field (``--field-name``); unspecified flags stay absent."""
     hints = typing.get_type_hints(cls)
@@ -140,8 +145,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[StageConfig], ski
             (item,) = typing.get_args(tp)[:1]
             kw["nargs"] = "+"
             kw["type"] = item
+            # `--exclude a --exclude b` is both (the README writes list flags so), not the last one alone
+            kw["action"] = "extend"
         elif tp in (int, float, str):
-            kw["type"] = tp
+            # a sample count ("3e9", "13B") comes as text that the stage's validate() parses, as from YAML
+            kw["type"] = str if f.metadata.get("count") else tp
         elif typing.get_origin(tp) is dict:
             continue  # dicts only from YAML
         parser.add_argument(flag, **kw)
@@ -173,7 +181,12 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         if odd:  # `1: 2`, or YAML 1.1's `on:` / `yes:`, which a YAML parser reads as true
             raise ConfigError(f"config file {cfg_file}: setting names must be text, got {odd[0]!r}; quote it if it is one")
         data.update({k.replace("-", "_"): v for k, v in loaded.items()})
-        cls.check_types(data, cfg_file)
     names = {f.name for f in dataclasses.fields(cls)}
-    data.update({k: v for k, v in vars(args).items() if k in names})
+    for k in RECORD_ONLY:  # a stage's own settings.json fed back: what it records about the run is no setting
+        if k not in names:
+            data.pop(k, None)
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    if cfg_file:  # what a flag overrides is not checked (a saved `output: null` given with --output)
+        cls.check_types({k: v for k, v in data.items() if k not in flags}, cfg_file)
+    data.update(flags)
     return cls.from_dict(data, where=cfg_file or "flags")

@@ -818,7 +818,7 @@ def build_parser() -> Any:
 
     p = argparse.ArgumentParser(prog="laiontools semdedup", description=(__doc__ or "").strip().split("\n")[0])
     add_config_args(p, SemDedupConfig, skip=("eps",))
-    p.add_argument("--eps", dest="eps", type=float, nargs="+", default=argparse.SUPPRESS,
+    p.add_argument("--eps", dest="eps", type=float, nargs="+", action="extend", default=argparse.SUPPRESS,
                    help="duplicates: cosine > 1 - eps; several values, one exclusion list each (default 0.05)")
     return p
 

@@ -82,7 +82,8 @@ class TrainError(UserError, RuntimeError):
 class TrainConfig(StageConfig):
     manifest: str = dataclasses.field(default="", metadata={"help": "resharded subset manifest (from `laiontools reshard`)"})
     model: str = dataclasses.field(default="", metadata={"help": "open_clip model name, e.g. ViT-B-32 or lt-tiny"})
-    samples_seen: int = dataclasses.field(default=0, metadata={"help": "training budget in samples (the controlled variable)"})
+    samples_seen: int = dataclasses.field(default=0, metadata={
+        "help": "training budget in samples (the controlled variable): 3000000000, 3e9 or 3B", "count": True})
     batch_size: int = dataclasses.field(default=256, metadata={"help": "GLOBAL batch size (split evenly over --nproc processes)"})
     output: str = dataclasses.field(default="", metadata={"help": "run directory (local folder)"})
     nproc: int = dataclasses.field(default=1, metadata={"help": "processes (devices) on this node"})
@@ -112,8 +113,12 @@ class TrainConfig(StageConfig):
             raise ConfigError("train: --output (the run directory) is required")
         if not self.model:
             raise ConfigError("train: --model is required (an open_clip model name, e.g. ViT-B-32; lt-tiny for CPU tests)")
-        if self.samples_seen <= 0:
-            raise ConfigError(f"train: --samples-seen must be a positive number of samples, got {self.samples_seen}")
+        from laiontools.scaling import parse_count
+
+        try:
+            self.samples_seen = parse_count(self.samples_seen)
+        except ValueError as e:
+            raise ConfigError(f"train: --samples-seen must be a positive number of samples: {e}") from None
         if self.batch_size <= 0 or self.nproc <= 0:
             raise ConfigError(f"train: --batch-size ({self.batch_size}) and --nproc ({self.nproc}) must be positive")
         if self.batch_size % self.nproc:
