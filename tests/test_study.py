@@ -376,8 +376,16 @@ def test_study_plan_of_the_papers_grid(tmp_path, capsys) -> None:
     assert r["dataset_samples"] == 16 and r["epochs"] == 4 and r["steps"] == 8
     g_tiny = model_gmacs("lt-tiny")["gmacs_per_sample"]
     assert r["images_per_second"] == pytest.approx(1e12 / (6 * g_tiny * 1e9))  # 1 TFLOP/s / (6 x GMACs)
+    # a mistyped manifest path is an error naming it, also under a scale name that reads as a count (it
+    # planned 400M samples, 40,000 shards, 7 TB, exit 0)
+    from laiontools.contracts.schema import ManifestError
+
+    for name in ("big", "400M"):
+        with pytest.raises(ManifestError, match=r"^manifest .*/nope/subset\.manifest\.json does not exist"):
+            study_stage.run_plan(study_stage.PlanConfig(scales={name: str(tmp_path / "nope" / "subset.manifest.json")},
+                                                        samples_seen=[64], models=["lt-tiny"]))
     with pytest.raises(ConfigError, match="neither an existing manifest nor a sample count"):
-        study_stage.run_plan(study_stage.PlanConfig(scales={"big": "missing.json"}, samples_seen=[64], models=["lt-tiny"]))
+        study_stage.run_plan(study_stage.PlanConfig(scales={"big": "many"}, samples_seen=[64], models=["lt-tiny"]))
 
 
 def test_study_plan_measures_images_per_second_here() -> None:

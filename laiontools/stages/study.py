@@ -439,7 +439,9 @@ def _scale_sizes(scales: dict[str, Any]) -> tuple[dict[str, int], dict[str, floa
 
     sizes, bps = {}, {}
     for name, v in scales.items():
-        if isinstance(v, str) and v.endswith(".json") and os.path.exists(v):
+        if isinstance(v, str) and (v.endswith(".json") or "/" in v):
+            # a manifest path (local or a store's URL): a mistyped one is read_manifest's error naming it, not
+            # the scale's name taken as its count
             m = read_manifest(v)
             sizes[name] = int(m["num_samples"])
             nbytes = sum(int(s.get("bytes") or s.get("size") or 0) for s in m.get("shards", []))
