@@ -193,3 +193,44 @@ def test_verify_removal_list_reports_a_sample_uid_that_is_no_string(small_pool, 
     k0, k1 = (n.removesuffix(".json") for n in names[:2])
     assert f"sample {k0}: its .json uid is 123 (int), not a string" in out
     assert f"sample {k1}: its .json uid is null or missing, not a string" in out
+
+
+def test_verify_removal_list_on_a_subset_checks_its_samples_in_the_pool(spark, pool, tmp_path, capsys):
+    """A subset that is not resharded has no shards of its own. Its url, domain and hash entries were not
+    checked at all: "OK" with a listed sample in the subset. Now its samples (its uid file's) are read from
+    the pool's shards: a listed sample in the subset is named; one the subset does not hold is not."""
+    from laiontools.contracts.uids import array_to_uids, load_uids
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.subsets import SubsetsConfig
+
+    pm = json.loads(open(pool.manifest).read())
+    res = subsets_stage.run(SubsetsConfig(pool=pool.manifest, output=str(tmp_path / "sub"), scales=str(pm["num_samples"] // 2),
+                                          seed=0), spark).details
+    sub = res[0]["manifest"]
+    sm = json.loads(open(sub).read())
+    assert sm["shards"] == []
+    held = set(array_to_uids(load_uids(str(tmp_path / "sub" / sm["uids"]["path"]))))
+    samples = {}  # uid -> (url, key, image bytes), read from the pool's shards here
+    for s in pm["shards"]:
+        with tarfile.open(os.path.join(os.path.dirname(pool.manifest), s["path"])) as tf:
+            members = {mm.name: tf.extractfile(mm).read() for mm in tf.getmembers() if mm.isfile()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                samples[meta["uid"]] = (meta["url"], name[: -len(".json")], members[name[: -len(".json")] + ".jpg"])
+    inside = [samples[u] for u in sorted(held)]
+    outside = [v for u, v in sorted(samples.items()) if u not in held]
+    assert len(inside) >= 2 and len(outside) >= 2
+    lst = tmp_path / "takedown.txt"
+    lst.write_text(f"url {inside[0][0]}\nsha256 {hashlib.sha256(inside[1][2]).hexdigest()}\nurl {outside[0][0]}\n")
+    rc, out = _verify(capsys, sub, str(lst))
+    assert rc == 1 and "FAIL" in out
+    assert f"sample {inside[0][1]} matches url {inside[0][0]} (line 1)" in out
+    assert f"sample {inside[1][1]} matches sha256" in out and "(line 2)" in out
+    assert out.count("matches ") == 2 and "(line 3)" not in out
+
+    clean = tmp_path / "outside.txt"
+    clean.write_text(f"url {outside[0][0]}\nsha256 {hashlib.sha256(outside[1][2]).hexdigest()}\n")
+    rc, out = _verify(capsys, sub, str(clean))
+    assert rc == 0, out
+    assert f"no listed item in the uid file or in the subset's samples in the pool's {len(pm['shards'])} shard(s)" in out

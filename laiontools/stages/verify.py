@@ -285,14 +285,18 @@ def _check_catalog(path: str, m: dict[str, Any], res: VerifyResult) -> None:
 def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
     """Prove that no item of removal list `rl` remains in the manifest at `path`: its uid file, and every
     sample of every shard (uid and url from the sample's .json; sha256/md5 of the image bytes; pHash only
-    when the list holds pHashes). Each sample still matching is a problem naming shard, key and list line."""
+    when the list holds pHashes). Each sample still matching is a problem naming shard, key and list line.
+
+    A subset that is not resharded has no shards of its own: its samples are those of its uid file in
+    the pool's shards, and those are checked (url, domain and hash entries too, not only uids)."""
     from laiontools.contracts.removal import content_hashes
-    from laiontools.contracts.uids import contains, load_uids
+    from laiontools.contracts.uids import contains, is_uid, load_uids, uids_to_array
 
     m = read_manifest(path)
     listed = rl.uid_array()
+    upath = resolve(path, m["uids"]["path"])
+    arr = None
     if len(listed):
-        upath = resolve(path, m["uids"]["path"])
         if _exists(upath):
             arr = load_uids(upath)
             hit = contains(np.asarray(arr), listed) if len(arr) else np.zeros(len(listed), bool)
@@ -300,14 +304,25 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                 u = f"{int(listed[i]['hi']):016x}{int(listed[i]['lo']):016x}"
                 res.problems.append(f"removal list {rl.path}: uid {u} (line {rl.uids[u]}) is in the uid file {upath}")
     found = 0
-    for s in m["shards"]:
-        url = resolve(path, s["path"])
-        kind = _kind(url)
+    shards, base, members, where = m["shards"], path, None, f"{len(m['shards'])} shard(s)"
+    if not shards and m.get("pool"):
+        base = resolve(path, m["pool"]["path"])
+        shards = read_manifest(base)["shards"]
+        if not _exists(upath):
+            res.problems.append(f"removal list check: the subset's uid file {upath} is missing; its samples could not be checked")
+            shards = []
+        else:
+            members = np.asarray(arr if arr is not None else load_uids(upath))
+        where = f"the subset's samples in the pool's {len(shards)} shard(s)"
+    for s in shards:
+        shard_url = resolve(base, s["path"])
+        name = s["path"] if base == path else shard_url
+        kind = _kind(shard_url)
         if kind != "file":
-            res.problems.append(f"removal list check: shard {url} is {'missing' if kind == 'missing' else 'not a regular file'}, "
+            res.problems.append(f"removal list check: shard {shard_url} is {'missing' if kind == 'missing' else 'not a regular file'}, "
                                 "its samples could not be checked")
             continue
-        fs, p = url_to_fs(url)
+        fs, p = url_to_fs(shard_url)
         try:
             with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
                 for key, parts in group_by_keys(tarfile_members(tf), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
@@ -320,8 +335,11 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                     if not isinstance(meta, dict):
                         meta = {}
                     uid, url = meta.get("uid"), meta.get("url")
+                    if members is not None and isinstance(uid, str) and is_uid(uid) and not contains(
+                            members, uids_to_array([uid]))[0]:
+                        continue  # a pool sample the subset does not hold
                     if not isinstance(uid, str):  # a finding; the sample's url and bytes are still checked
-                        res.problems.append(f"removal list check: shard {s['path']} sample {key}: its .json uid is "
+                        res.problems.append(f"removal list check: shard {name} sample {key}: its .json uid is "
                                             f"{'null or missing' if uid is None else f'{uid!r} ({type(uid).__name__})'}, not a "
                                             "string; the sample does not follow the layout and no uid entry can be "
                                             "checked against it")
@@ -332,13 +350,13 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                                    md5=h.get("md5"), phash=h.get("phash"))
                     if hit is not None:
                         found += 1
-                        res.problems.append(f"removal list {rl.path}: shard {s['path']} sample {key} matches {hit}")
+                        res.problems.append(f"removal list {rl.path}: shard {name} sample {key} matches {hit}")
         except (tarfile.TarError, OSError, EOFError) as e:  # a damaged shard: named, and the others still checked
-            res.problems.append(f"removal list check: shard {url} could not be checked against the list: unreadable "
+            res.problems.append(f"removal list check: shard {shard_url} could not be checked against the list: unreadable "
                                 f"({type(e).__name__}: {e})")
     if not found and not any("removal list" in p for p in res.problems):
         res.checked.append(f"removal list {rl.path} (sha256 {rl.sha256[:12]}..., {rl.entries} entries): no listed item "
-                           f"in the uid file or in the {len(m['shards'])} shard(s)")
+                           f"in the uid file or in {where}")
 
 
 def verify_main(argv: list[str] | None = None) -> int:
