@@ -268,6 +268,10 @@ def test_dedup_exclusion_and_dedup_from_another_pool(spark, scratch, tmp_path):
 def test_short_subset_error_and_allow_short(spark, scratch, tmp_path):
     with pytest.raises(SubsetError, match=r"1000: requested 1,000, available 60"):
         subsets_stage.run(_cfg(scratch, tmp_path / "a", scales="10,1000"), spark)
+    # the error says which filter took the samples (on a pool without a punsafe column, --max-punsafe takes them
+    # all; the reason was shown only with --allow-short, in the funnel)
+    with pytest.raises(SubsetError, match=r"requested 1,000, available 30 \(of 69 catalog rows, removed: .*status != success\) 6; .*; punsafe >= 0\.5 or missing 30\)"):
+        subsets_stage.run(_cfg(scratch, tmp_path / "p", scales="1000", max_punsafe=0.5), spark)
     assert not (tmp_path / "a" / "10.manifest.json").exists()
     res = subsets_stage.run(_cfg(scratch, tmp_path / "b", scales="80M,400M", scale_factor=1e-6, allow_short=True), spark).details
     by = {r["scale"]: r for r in res}

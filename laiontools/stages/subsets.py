@@ -649,8 +649,11 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
         short = [(lab, t) for lab, t in targets if t > n_elig]
         if short and not cfg.allow_short:
             lines = ", ".join(f"{lab}: requested {t:,}, available {n_elig:,}" for lab, t in short)
+            # which filter took the samples (e.g. --max-punsafe on a pool whose profile has no punsafe column)
+            took = "; ".join(f"{f['step']} {f['removed']:,}" for f in funnel if f["removed"])
             raise SubsetError(
-                f"not enough eligible samples in {pool.path} for {lines}. Lower the scale (--scale-factor), relax the "
+                f"not enough eligible samples in {pool.path} for {lines} (of {int(counts['rows']):,} catalog rows, "
+                f"removed: {took or 'none'}). Lower the scale (--scale-factor), relax the "
                 "filters, or pass --allow-short to write short subsets (recorded as short in their manifests)"
             )
         obtained = {lab: min(t, n_elig) for lab, t in targets}
