@@ -417,3 +417,18 @@ def test_report_aggregate_local_counts_as_a_plain_loop():
     got = report_aggregate_local(cat)
     assert len(got) == len({g[:4] for g in got})  # one row per group
     assert {g[:4]: g[4] for g in got} == dict(want)
+
+
+@pytest.mark.parametrize("fmt, quality, ok", [("jpg", 95, True), ("jpg", 0, True), ("jpg", 200, False), ("jpg", -1, False),
+                                              ("webp", 100, True), ("webp", 0, False), ("png", 9, True), ("png", 95, True)])
+def test_encode_quality_out_of_range_is_refused(fmt, quality, ok):
+    """`--encode-quality 200` was accepted and recorded (the encoder clamps it): a jpg or webp quality
+    outside its range is refused naming both; png's value is a compression level, left to the encoder."""
+    from laiontools.core.config import ConfigError
+    from laiontools.stages.download import DownloadConfig
+
+    if ok:
+        assert DownloadConfig(input="in", output="out", encode_format=fmt, encode_quality=quality).encode_quality == quality
+    else:
+        with pytest.raises(ConfigError, match=rf"^encode_quality {quality} is out of range for {fmt} \(\d\.\.100\)$"):
+            DownloadConfig(input="in", output="out", encode_format=fmt, encode_quality=quality)

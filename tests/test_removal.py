@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -203,11 +204,11 @@ def test_verify_removal_list_on_a_subset_checks_its_samples_in_the_pool(spark, p
     from laiontools.stages import subsets as subsets_stage
     from laiontools.stages.subsets import SubsetsConfig
 
-    pm = json.loads(open(pool.manifest).read())
+    pm = json.loads(Path(pool.manifest).read_text())
     res = subsets_stage.run(SubsetsConfig(pool=pool.manifest, output=str(tmp_path / "sub"), scales=str(pm["num_samples"] // 2),
                                           seed=0), spark).details
     sub = res[0]["manifest"]
-    sm = json.loads(open(sub).read())
+    sm = json.loads(Path(sub).read_text())
     assert sm["shards"] == []
     held = set(array_to_uids(load_uids(str(tmp_path / "sub" / sm["uids"]["path"]))))
     samples = {}  # uid -> (url, key, image bytes), read from the pool's shards here

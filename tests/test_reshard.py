@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -424,7 +425,7 @@ def test_a_bit_flip_in_a_catalog_page_is_named_not_read_as_a_wrong_value(spark, 
     try:
         write_parquet_dir(cat, cat_dir)  # as the in-process download writes a catalog
         f = os.path.join(cat_dir, "part-00000.parquet")
-        raw = bytearray(open(f, "rb").read())
+        raw = bytearray(Path(f).read_bytes())
         md = pq.ParquetFile(f).metadata
         assert md.num_row_groups == 1
         col = md.row_group(0).column(md.schema.to_arrow_schema().names.index(C.TAR_SHA256))

@@ -366,6 +366,10 @@ def test_a_stages_saved_settings_are_taken_back_with_config(tmp_path):
     assert cli_main(["download", "--input", str(src), "--output", str(tmp_path / "a"), "--number-sample-per-shard", "7"]) == 0
     saved = json.loads((tmp_path / "a" / "settings.json").read_text())
     assert saved["output"] is None and saved["number_sample_per_shard"] == 7
+    # (and its report says why nothing was fetched, and how to allow a network of one's own)
+    report = (tmp_path / "a" / "report.txt").read_text()
+    assert "note: 3 row(s) point to non-global addresses" in report and "--allow-networks" in report
+    assert "speed:         - (nothing was downloaded)" in report
     assert cli_main(["download", "--config", str(tmp_path / "a" / "settings.json"), "--output", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "settings.json").read_text()) == saved  # the saved settings held
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / "catalog"), pd.read_parquet(tmp_path / "b" / "catalog"))

@@ -77,7 +77,7 @@ class DownloadConfig(PrepareConfig):
     resize_mode: str = dataclasses.field(default="border", metadata={"help": "no | border | keep_ratio | keep_ratio_largest | center_crop"})
     resize_only_if_bigger: bool = dataclasses.field(default=False, metadata={"help": "only downscale"})
     encode_format: str = dataclasses.field(default="jpg", metadata={"help": "jpg | png | webp"})
-    encode_quality: int = dataclasses.field(default=95, metadata={"help": "encoder quality"})
+    encode_quality: int = dataclasses.field(default=95, metadata={"help": "encoder quality: jpg 0..100, webp 1..100 (png: compression level)"})
     skip_reencode: bool = dataclasses.field(default=False, metadata={"help": "keep original bytes when no resize is needed"})
     timeout: int = dataclasses.field(default=10, metadata={"help": "per-request timeout in seconds"})
     retries: int = dataclasses.field(default=2, metadata={"help": "retries for transient failures (timeout, reset, 429, 5xx), with backoff"})
@@ -108,6 +108,9 @@ class DownloadConfig(PrepareConfig):
             raise ConfigError(f"unknown resize_mode {self.resize_mode!r}")
         if self.encode_format not in ("jpg", "png", "webp"):
             raise ConfigError(f"unknown encode_format {self.encode_format!r}")
+        lo = {"jpg": 0, "webp": 1}.get(self.encode_format)  # png's is a compression level, left to the encoder
+        if lo is not None and not lo <= self.encode_quality <= 100:
+            raise ConfigError(f"encode_quality {self.encode_quality} is out of range for {self.encode_format} ({lo}..100)")
         if self.timeout < 1 or self.retries < 0 or self.thread_count < 1:
             raise ConfigError("timeout must be >= 1, retries >= 0, thread_count >= 1")
         if self.request_deadline <= 0 or (self.shard_deadline is not None and self.shard_deadline < 0):
@@ -821,9 +824,14 @@ def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
         f"  rejected:      {sum(rep['rejected'].values())}  " + ", ".join(f"{k[len(C.REJECTED_PREFIX):]}={v}" for k, v in rep["rejected"].items()),
         f"  requested:     {rep['requested']} (rows sent to download)",
         f"  obtained:      {rep['obtained']} samples ({100 * rep['success_rate']:.1f}% success) in {rep['shards']} shard(s), {rep['bytes'] / 1e6:.1f} MB",
-        f"  speed:         {rep['samples_per_second']} samples/s over the download phase",
+        "  speed:         " + (f"{rep['samples_per_second']} samples/s over the download phase"
+                                 if rep["samples_per_second"] is not None else "- (nothing was downloaded)"),
         f"  engine:        {rep.get('engine', 'spark')}",
     ]
+    private = rep["rejected"].get(C.REJECTED_PREFIX + "private_address", 0)
+    if private:  # a loopback or LAN source (a local mirror, a test server) is refused unless allowed
+        lines.append(f"  note: {private} row(s) point to non-global addresses, refused by the network policy; allow a "
+                     "network with --allow-networks 10.0.0.0/8 (or --allow-private-network) if they are yours")
     if rep["failures_by_kind"]:
         lines += ["  failures by kind:", "    " + table([{"kind": k, "rows": v} for k, v in rep["failures_by_kind"].items()]).replace("\n", "\n    ")]
     hosts = rep.get("hosts") or {}

@@ -296,15 +296,14 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
     listed = rl.uid_array()
     upath = resolve(path, m["uids"]["path"])
     arr = None
-    if len(listed):
-        if _exists(upath):
-            arr = load_uids(upath)
-            hit = contains(np.asarray(arr), listed) if len(arr) else np.zeros(len(listed), bool)
-            for i in np.flatnonzero(hit)[:50]:
-                u = f"{int(listed[i]['hi']):016x}{int(listed[i]['lo']):016x}"
-                res.problems.append(f"removal list {rl.path}: uid {u} (line {rl.uids[u]}) is in the uid file {upath}")
+    if len(listed) and _exists(upath):
+        arr = load_uids(upath)
+        hit = contains(np.asarray(arr), listed) if len(arr) else np.zeros(len(listed), bool)
+        for i in np.flatnonzero(hit)[:50]:
+            u = f"{int(listed[i]['hi']):016x}{int(listed[i]['lo']):016x}"
+            res.problems.append(f"removal list {rl.path}: uid {u} (line {rl.uids[u]}) is in the uid file {upath}")
     found = 0
-    shards, base, members, where = m["shards"], path, None, f"{len(m['shards'])} shard(s)"
+    shards, base, members, where = m["shards"], path, None, f"the {len(m['shards'])} shard(s)"
     if not shards and m.get("pool"):
         base = resolve(path, m["pool"]["path"])
         shards = read_manifest(base)["shards"]
