@@ -551,6 +551,19 @@ def test_bad_inputs(spark, subset, tmp_path):
     assert cli(["reshard", "--manifest", subset, "--output", str(tmp_path / "y"), "--seed", "1.5"]) == 2
 
 
+def test_a_subset_of_no_samples_is_resharded_with_a_warning(spark, subset, tmp_path):
+    """A short subset of 0 samples (every sample filtered out, --allow-short) reshards to no shard; the
+    summary says so instead of a quiet exit 0 (a run of a study would then have nothing to train on)."""
+    pool = resolve(subset, read_manifest(subset)["pool"]["path"])
+    res = subsets_stage.run(SubsetsConfig(pool=pool, output=str(tmp_path / "s"), scales="5", seed=0, allow_short=True,
+                                          min_caption_length=10**6), spark).details
+    assert res[0]["obtained"] == 0
+    out = reshard_stage.run(ReshardConfig(manifest=res[0]["manifest"], output=str(tmp_path / "r"), shard_size=8))
+    assert out.counts["shards"] == 0 and read_manifest(out.outputs["manifest"])["num_samples"] == 0
+    assert out.summary.splitlines()[-1] == (f"warning: {res[0]['manifest']} holds no samples (a short subset of 0): no "
+                                            "shard was written, and training on this output has nothing to read")
+
+
 @pytest.mark.parametrize("engine", ["spark", "in-process"])
 def test_a_subset_uid_the_pool_never_downloaded_is_refused(spark, subset, tmp_path, monkeypatch, engine):
     """A subset whose uid file names a sample the pool's catalog has no download of (the pool changed

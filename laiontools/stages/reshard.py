@@ -584,7 +584,9 @@ def run(cfg: ReshardConfig, spark: Any = None) -> StageResult:
         counts={"shards": int(res["num_shards"]), "samples": int(res["num_samples"]), "bytes": int(res["bytes"])},
         details=res,
         summary=table([{"manifest": res["manifest"], "shards": res["num_shards"], "samples": f"{res['num_samples']:,}",
-                        "MB": f"{res['bytes'] / 1e6:.1f}"}]),
+                        "MB": f"{res['bytes'] / 1e6:.1f}"}])
+        + ("" if res["num_samples"] else f"\nwarning: {cfg.manifest} holds no samples (a short subset of 0): no shard "
+           "was written, and training on this output has nothing to read"),
     )
 
 
