@@ -94,6 +94,10 @@ def run_stage(stage: str, argv: list[str]) -> int:
         # and no stage turned back into a UserError: one line naming the path, wherever it was raised
         # (here or inside a Spark task), no traceback.
         fault = environment_error(e, _flag(argv, "--output")) or damaged_input_error(e) or user_error_from(e)
+        if fault is None:  # an object store's refusal outside the places that name their path: the first URL given
+            from laiontools.core.storage import store_error
+
+            fault = store_error(e, next((a for a in argv if "://" in a), "an object-store path"))
         if fault is None:
             raise
         print(f"laiontools {stage}: error: {fault}", file=sys.stderr)

@@ -183,6 +183,60 @@ def test_unreachable_endpoint_is_one_clear_error_naming_the_path(monkeypatch):
         check_store("s3://lt-any/pool")
 
 
+def _one_error_line(err: str, stage: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"laiontools {stage}:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def test_an_unreachable_endpoint_for_an_input_is_one_line(monkeypatch, capsys, tmp_path):
+    """Only the input on the store (the output is local, so no bucket check runs first): reading the
+    manifest through a dead endpoint was ~145 lines of chained tracebacks, exit 1."""
+    import socket
+
+    import fsspec
+
+    from laiontools.cli import main as cli_main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", dead)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": dead, "config_kwargs": {
+        "connect_timeout": 1, "retries": {"max_attempts": 1}}})
+    m = "s3://lt-any/pool/pool.manifest.json"
+    for stage, argv in (("verify", [m]), ("inspect", [m]),
+                        ("subsets", ["--pool", m, "--output", str(tmp_path / "sub"), "--scales", "4", "--seed", "0"])):
+        assert cli_main([stage, *argv]) == 2
+        line = _one_error_line(capsys.readouterr().err, stage)
+        assert line.startswith(f"laiontools {stage}: error: {m}: cannot reach the object store at {dead}"), line
+
+
+def test_missing_credentials_are_one_line_naming_the_path(s3, bucket, monkeypatch, capsys, tmp_path):
+    """No key, no profile, no instance role: botocore's NoCredentialsError was a 75-line traceback, exit
+    1, in every stage (the output's bucket check, or the manifest read). Now one line naming the path
+    and where credentials come from."""
+    import fsspec
+
+    from laiontools.cli import main as cli_main
+
+    m = f"{bucket}/nc/pool.manifest.json"
+    s3.pipe_file(m.split("://", 1)[1], b"{}")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role probe of 169.254.169.254
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "skip_instance_cache": True})
+    src = tmp_path / "src.jsonl"
+    src.write_text('{"url": "http://example.org/a.jpg", "caption": "a"}\n')
+    for stage, argv, path in (("verify", [m], m),  # an input on the store
+                              ("download", ["--input", str(src), "--output", f"{bucket}/nc-pool"], f"{bucket}/nc-pool")):
+        assert cli_main([stage, *argv]) == 2
+        line = _one_error_line(capsys.readouterr().err, stage)
+        assert line.startswith(f"laiontools {stage}: error: {path}: no credentials for the object store (NoCredentialsError)"), line
+
+
 def test_a_launched_child_shares_the_hold_of_an_s3_output(bucket):
     """embed --engine torchrun's ranks work on the output their launcher holds. The held locks travel in
     the environment; on s3 their paths hold ':' (the old os.pathsep separator split "s3://…" apart, and

@@ -17,7 +17,7 @@ from typing import Any
 
 from laiontools import __version__
 from laiontools.contracts.schema import MANIFEST_SCHEMA_VERSION, ManifestError, validate_manifest
-from laiontools.core.storage import read_json, sha256_bytes, url_to_fs, write_json
+from laiontools.core.storage import read_json, sha256_bytes, store_errors, url_to_fs, write_json
 
 SIDECAR_SUFFIX = ".run.json"
 
@@ -82,7 +82,13 @@ def write_manifest(path: str, manifest: dict[str, Any], run: dict[str, Any] | No
 
 
 def read_manifest(path: str) -> dict[str, Any]:
-    """Read and validate a manifest; raise ManifestError naming the file on any problem."""
+    """Read and validate a manifest; raise ManifestError naming the file on any problem (StorageError
+    when an object store refuses it: no credentials, access denied, an unreachable endpoint)."""
+    with store_errors(path):
+        return _read_manifest(path)
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
     fs, p = url_to_fs(path)
     if not fs.exists(p):
         raise ManifestError(f"manifest {path} does not exist; give the pool.manifest.json written by download or a subset manifest")

@@ -368,6 +368,10 @@ def store_error(e: BaseException, path: str) -> StorageError | None:
         endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
         return StorageError(f"{path}: cannot reach the object store at {endpoint} ({type(e).__name__}); check "
                             f"the endpoint setting (FSSPEC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL) and the network")
+    if names & {"NoCredentialsError", "PartialCredentialsError"} or "Unable to locate credentials" in text:
+        return StorageError(f"{path}: no credentials for the object store ({type(e).__name__}); set them in the "
+                            "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), an instance "
+                            "role, or fsspec's configuration, on the driver and every executor")
     if "NoSuchBucket" in text or (isinstance(e, FileNotFoundError) and bucket and "bucket" in text.lower()):
         return StorageError(f"{path}: bucket {bucket!r} does not exist (or is not visible with these "
                             f"credentials); create it or fix the path")
