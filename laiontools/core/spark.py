@@ -107,6 +107,12 @@ def shuffle_partitions(spark: Any, *, rows: int | None = None, nbytes: int | Non
     return n
 
 
+def spark_run_record(spark: Any, rows: int) -> dict[str, Any]:
+    """What a stage's manifest sidecar records of a Spark run over `rows` input rows: the engine, and the
+    shuffle partitions it uses (:func:`shuffle_partitions`: derived, and set, unless the user set them)."""
+    return {"engine": f"spark {spark.sparkContext.master}", "spark": {"shuffle_partitions": shuffle_partitions(spark, rows=rows)}}
+
+
 @contextmanager
 def spark_session(
     master: str | None = None, app_name: str = "laiontools", conf: dict[str, Any] | None = None

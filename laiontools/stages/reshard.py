@@ -82,7 +82,7 @@ from laiontools.contracts.uids import member_column
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError, task_error, task_errors_as
 from laiontools.core.report import table
-from laiontools.core.spark import shuffle_partitions
+from laiontools.core.spark import spark_run_record
 from laiontools.core.stage import (
     SparkStageConfig,
     StageResult,
@@ -659,8 +659,7 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
 
     results: dict[int, dict[str, Any]] = {}
     spans_from = None
-    engine = "in-process"
-    run_record: dict[str, Any] = {}
+    run_record: dict[str, Any] = {"engine": "in-process"}
     if n:
         with task_errors_as(ReshardError):
             local = None
@@ -670,11 +669,10 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
                 results, spans_from = local
             else:
                 with stage_spark(cfg, tasks.spark, app_name="laiontools-reshard") as spark:
-                    engine = f"spark {spark.sparkContext.master}"
                     # The plan's shuffles (one row per uid, the sort by position, the index join) move the
                     # subset's rows: their partition count follows n unless the user set it (Spark's 200
                     # was ~200 tasks per shuffle for a subset of 1,000 samples, and 10M rows each at 2B).
-                    run_record["spark"] = {"shuffle_partitions": shuffle_partitions(spark, rows=n)}
+                    run_record = spark_run_record(spark, n)
                     results, spans_from = _run_spark(spark, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width,
                                                      cfg.direct_io)
     sizes = {shard_name(j): results[j]["num_samples"] for j in range(k)}
@@ -704,9 +702,9 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
         reshard={k_: plan[k_] for k_ in ("seed", "shard_size", "num_shards", "key_format", "shuffle")},
     )
     out_path = join(output, layout.RESHARD_MANIFEST)
-    msha = write_manifest(out_path, out_m, run={"engine": engine, **run_record})
+    msha = write_manifest(out_path, out_m, run=run_record)
     return {"manifest": out_path, "sha256": msha, "num_shards": k, "num_samples": n, "bytes": sum(s["bytes"] for s in shards),
-            "sample_spans": spans_from, "engine": engine}
+            "sample_spans": spans_from, "engine": run_record["engine"]}
 
 
 def _not_in_catalog(missing: int) -> ReshardError:

@@ -59,7 +59,7 @@ from laiontools.contracts.uids import UID_DTYPE, member_column, save_uids_spark
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
-from laiontools.core.spark import shuffle_partitions
+from laiontools.core.spark import spark_run_record
 from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import (
     atomic_write_bytes,
@@ -602,8 +602,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
     # The shuffles below (scores per uid, distinct eligible uids) split the pool's rows: their partition
     # count follows the pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 was
     # ~200 tasks per shuffle for a pool of 1,000 samples, and 10M rows per task at 2B).
-    run_record = {"engine": f"spark {spark.sparkContext.master}",
-                  "spark": {"shuffle_partitions": shuffle_partitions(spark, rows=int(pool.manifest["num_samples"]))}}
+    run_record = spark_run_record(spark, int(pool.manifest["num_samples"]))
     cat = _catalog_df(spark, pool)
     shards = spark.createDataFrame([(s,) for s in pool.shard_ids], "_shard_id string").withColumn("_complete", F.lit(True))
     cat = cat.join(F.broadcast(shards), on="_shard_id", how="left")

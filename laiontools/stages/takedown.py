@@ -85,7 +85,7 @@ from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError, task_error, task_errors_as
 from laiontools.core.report import table
-from laiontools.core.spark import shuffle_partitions
+from laiontools.core.spark import spark_run_record
 from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
 from laiontools.core.storage import (
     PARQUET_READ,
@@ -385,8 +385,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
 
     # The new pool's uid file is a distinct + range sort of its success rows: partitions follow the
     # pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 otherwise).
-    run_record = {"engine": f"spark {spark.sparkContext.master}",
-                  "spark": {"shuffle_partitions": shuffle_partitions(spark, rows=int(pool.manifest["num_samples"]))}}
+    run_record = spark_run_record(spark, int(pool.manifest["num_samples"]))
     t0 = time.monotonic()
     cat = spark_read_parquet(spark, pool.catalog)
     cols = [C.UID, C.STATUS, C.URL, C.SHARD, C.KEY, C.SHA256]
