@@ -208,11 +208,26 @@ class _PhaseTimes:
         logging.getLogger("laiontools.stages.reshard").removeHandler(self.handler)
 
 
+def evict(root: str) -> None:
+    """Drop the pool's source tars and catalog from the page cache (fsync, then POSIX_FADV_DONTNEED: no
+    root needed), so that the next run reads them from the disk, as a pool of LAION size is read."""
+    for sub in ("shards", "catalog"):
+        d = os.path.join(root, sub)
+        for name in os.listdir(d):
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: list[float], repeats: int,
-           engine: str = "default") -> dict:
+           engine: str = "default", cold: bool = False) -> dict:
     """Reshard subsets holding `fractions` of one pool against a plain copy of the same bytes.
     `engine`: "default" runs reshard as the CLI does (in process below --spark-above catalog rows),
-    "spark" on the bench's Spark session."""
+    "spark" on the bench's Spark session. `cold`: the pool is dropped from the page cache before every
+    reshard and every copy (both read it from the disk); otherwise both read it from the page cache."""
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages import subsets as subsets_stage
@@ -228,7 +243,8 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
     targets = [max(1, round(f * n)) for f in fractions]
     rows = subsets_stage.run(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=",".join(map(str, targets)), seed=0), spark).details
     by_n = {int(r["target"]): r["manifest"] for r in rows}
-    out: dict = {"pool_samples": n, "pool_mb": round(total / 1e6, 1), "pool_shards": shards, "build_s": round(build_s, 1), "subsets": []}
+    out: dict = {"pool_samples": n, "pool_mb": round(total / 1e6, 1), "pool_shards": shards, "build_s": round(build_s, 1),
+                 "page_cache": "cold (dropped before each run)" if cold else "warm", "subsets": []}
     for f, target in zip(fractions, targets):
         sub = by_n[target]
         m = read_manifest(sub)
@@ -238,6 +254,8 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
         for r in range(repeats):
             dst = os.path.join(root, f"reshard-{target}")
             shutil.rmtree(dst, ignore_errors=True)
+            if cold:
+                evict(root)
             with _PhaseTimes() as ph:
                 t = time.perf_counter()
                 res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size),
@@ -250,6 +268,8 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
                 touched = len({s for sh in range(res["num_shards"])
                                for s in (read_marker(os.path.join(dst, "shards", f"shard-{sh:05d}.tar")) or {}).get("sources", [])})
             shutil.rmtree(dst, ignore_errors=True)
+            if cold:
+                evict(root)
             copies.append(copy_bytes(root, os.path.join(root, "copy"), res["bytes"], res["num_shards"]))
         shutil.rmtree(os.path.join(root, "copy"), ignore_errors=True)
 
@@ -323,6 +343,8 @@ def main() -> int:
                     help="nested mode: reshard subsets holding these fractions of one pool (e.g. 0.02,0.2) vs a copy of the same bytes")
     ap.add_argument("--engine", choices=["default", "spark"], default="default",
                     help="nested mode: reshard as the CLI runs it (default: in process below --spark-above catalog rows) or on Spark local[2]")
+    ap.add_argument("--cold", action="store_true",
+                    help="nested mode: drop the pool from the page cache before every reshard and copy (both read from disk)")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()
@@ -409,11 +431,11 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
     fractions = [float(x) for x in a.subset_fractions.split(",")]
     with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
         one_size(spark, work, 1, 50, 4, 10, 1)  # warm-up (JVM JIT, Python workers): not reported
-        out = nested(spark, work, a.shards, a.per_shard, a.kb, fractions, a.repeats, a.engine)
+        out = nested(spark, work, a.shards, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold)
         if a.scale_up:
             # The same fractions of a pool scale_up times larger: the extra bytes over the extra seconds
             # is the throughput with Spark's fixed cost per run (plan jobs, task start) taken out.
-            big = nested(spark, work, a.shards * a.scale_up, a.per_shard, a.kb, fractions, a.repeats, a.engine)
+            big = nested(spark, work, a.shards * a.scale_up, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold)
             out["larger_pool"] = big
             out["marginal"] = []
             for s1, s2 in zip(out["subsets"], big["subsets"]):
@@ -432,7 +454,7 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "reshard_nested.json"), "w") as f:
         json.dump(out, f, indent=2)
-    print(f"\nengine {out['subsets'][0]['engine'] if out['subsets'] else '?'}; pool {out['pool_samples']} samples, {out['pool_mb']} MB in {out['pool_shards']} tars")
+    print(f"\nengine {out['subsets'][0]['engine'] if out['subsets'] else '?'}; page cache {out['page_cache']}; pool {out['pool_samples']} samples, {out['pool_mb']} MB in {out['pool_shards']} tars")
     print(f"{'fraction':>8} {'samples':>8} {'MB':>7} {'tars read':>9} {'copy MB/s':>10} {'reshard MB/s':>13} {'ratio':>6} {'write-phase ratio':>18}")
     for r in out["subsets"]:
         print(f"{r['fraction']:>8} {r['samples']:>8} {r['mb']:>7.1f} {r['source_tars_read']:>9} {r['copy_mb_s']:>10.1f} "

@@ -197,6 +197,54 @@ def test_write_output_shards_restores_the_switch_interval(tmp_path):
     assert sys.getswitchinterval() == before and not (out / "shard-00001.tar").exists()
 
 
+def test_scattered_local_reads_are_announced_to_the_kernel_ahead_of_them(tmp_path):
+    # A nested subset's samples are scattered over the source tars; read one by one from a cold disk each
+    # pread waits for the device, so _read_batch tells the kernel (POSIX_FADV_WILLNEED) which ranges come
+    # next. Recorded here on the real _Sources, over two real files: every range is announced once, before
+    # it is read, with at least READ_AHEAD / 2 more ranges announced ahead of each read while any are left;
+    # the bytes read are the files' bytes at those ranges.
+    import random
+
+    from laiontools.stages.reshard import READ_AHEAD, _Entry, _read_batch, _Sources
+
+    files = {}
+    for sid in ("00000", "00001"):
+        files[sid] = os.urandom(1 << 20)
+        (tmp_path / f"{sid}.tar").write_bytes(files[sid])
+    rng = random.Random(0)
+    batch = []
+    for i in range(5 * READ_AHEAD):
+        sid = rng.choice(sorted(files))
+        off = rng.randrange(0, (1 << 20) - 2048)
+        batch.append(_Entry(i, "0" * 32, sid, f"k{i}", [("bin", off, 1000, 0)], off, off + 1000, 1000))
+
+    class Recorded(_Sources):
+        log: list = []
+
+        def advise(self, reads):
+            self.log.extend(("advise", r) for r in reads)
+            super().advise(reads)
+
+        def read(self, sid, offset, size):
+            self.log.append(("read", (sid, offset, size)))
+            return super().read(sid, offset, size)
+
+    sources = Recorded({sid: str(tmp_path / f"{sid}.tar") for sid in files})
+    got = _read_batch(sources, batch)
+    sources.close()
+    assert [bytes(m[0][1]) for m in got] == [files[e.sid][e.lo : e.hi] for e in batch]
+    advised = [r for what, r in sources.log if what == "advise"]
+    reads = [r for what, r in sources.log if what == "read"]
+    assert sorted(advised) == sorted(reads) == sorted((e.sid, e.lo, 1000) for e in batch)
+    assert reads == sorted(reads)  # in (source shard, offset) order
+    for p, (what, r) in enumerate(sources.log):
+        if what == "read":
+            before = [x for w, x in sources.log[:p] if w == "advise"]
+            done = reads.index(r)
+            assert r in before
+            assert len(before) - (done + 1) >= min(READ_AHEAD // 2, len(reads) - done - 1)
+
+
 def test_a_member_ustar_cannot_hold_is_a_task_error_naming_the_sample(tmp_path):
     # A source member whose new name (key + its extension) is too long for a ustar header, which the
     # pax source could hold: a task error naming the source shard and sample, no shard left behind.

@@ -80,7 +80,7 @@ from laiontools.contracts.pool import abs_path, load_pool
 from laiontools.contracts.selection import parse_seed, score_series
 from laiontools.contracts.uids import member_column
 from laiontools.core.config import ConfigError
-from laiontools.core.errors import InputError, UserError, task_error, task_errors_as
+from laiontools.core.errors import InputError, TaskError, UserError, task_error, task_errors_as
 from laiontools.core.report import table
 from laiontools.core.spark import spark_run_record
 from laiontools.core.stage import (
@@ -261,10 +261,40 @@ class _Sources:
                 for off, size in m[3]:
                     self.fetched[(m[0], off, size)] = data if len(m[3]) == 1 else data[off - m[1] : off - m[1] + size]
 
+    def advise(self, reads: list[tuple[str, int, int]]) -> None:
+        """Tell the kernel that these (source shard, offset, size) ranges of local shards are read next
+        (``POSIX_FADV_WILLNEED``): it starts reading them from the device at once, without waiting, so
+        that the preads that follow find them in the page cache. A nested subset's samples are scattered
+        over the source tars; read one at a time from a cold disk, each pread waits for the device
+        (measured: 6,400 scattered 22 KB spans took 0.65 s one by one, 0.24 s with 8 or more asked for
+        ahead; a warm page cache: no difference). Advice only: a range it cannot give is left to read()."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for sid, off, size in reads:
+            if self.is_remote(sid):
+                continue
+            try:
+                f = self._file(sid)
+                if isinstance(f, io.FileIO):
+                    os.posix_fadvise(f.fileno(), off, size, os.POSIX_FADV_WILLNEED)
+            except (OSError, TaskError):
+                pass  # a missing or odd file: read() says what is wrong with it
+
     def read(self, sid: str, offset: int, size: int) -> bytes:
         data = self.fetched.pop((sid, offset, size), None)
         if data is not None:
             return data
+        f = self._file(sid)
+        data = b""
+        while len(data) < size:  # a read may return short; finish it before calling the shard truncated
+            more = _read_at(f, offset + len(data), size - len(data))
+            if not more:
+                raise task_error(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
+            data = more if not data else data + more
+        return data
+
+    def _file(self, sid: str) -> Any:
+        """The open file of source shard `sid` (opened now if it is not)."""
         f = self.open.get(sid)
         if f is None:
             fs, p = url_to_fs(self.urls[sid])
@@ -278,13 +308,7 @@ class _Sources:
                 self.open.popitem(last=False)[1].close()
         else:
             self.open.move_to_end(sid)
-        data = b""
-        while len(data) < size:  # a read may return short; finish it before calling the shard truncated
-            more = _read_at(f, offset + len(data), size - len(data))
-            if not more:
-                raise task_error(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
-            data = more if not data else data + more
-        return data
+        return f
 
     def close(self) -> None:
         for f in self.open.values():
@@ -311,6 +335,10 @@ def _is_local(fs: Any) -> bool:
 # (shard, offset) order, so reads move forward through every source tar instead of jumping around
 # in shuffled order; memory per task stays bounded by the batch, not by the shard size.
 READ_BATCH_BYTES = 64 << 20
+# Local source ranges asked of the kernel ahead of the reads (see _Sources.advise), in entries: the
+# window is refilled when the reads reach its end. 8 to 512 read a cold 20% subset equally fast here
+# (one virtio disk); deeper queues serve devices with more parallelism (NVMe, RAID).
+READ_AHEAD = 64
 # Ranges of a remote source shard closer than this are fetched as one (see _Sources.prefetch).
 PREFETCH_MAX_GAP = 64 << 10
 # The members of a sample are adjacent in the source tar (header, data, padding); they are read as
@@ -362,7 +390,11 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
     order = sorted(range(len(batch)), key=lambda b: (batch[b].sid, batch[b].lo))
     if any(sources.is_remote(sid) for sid in {e.sid for e in batch}):
         sources.prefetch([r for b in order for r in _reads(batch[b])])
-    for b in order:
+    advised = 0  # entries (in read order) whose local ranges the kernel was told are read next
+    for p, b in enumerate(order):
+        if p + READ_AHEAD // 2 >= advised:  # refilled every READ_AHEAD / 2 entries: never fewer ahead
+            sources.advise([r for a in order[advised : p + READ_AHEAD] for r in _reads(batch[a])])
+            advised = p + READ_AHEAD
         e = batch[b]
         if e.members is None:
             got[b] = _span_members(sources, e)
