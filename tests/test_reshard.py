@@ -219,7 +219,9 @@ def test_scattered_local_reads_are_announced_to_the_kernel_ahead_of_them(tmp_pat
         batch.append(_Entry(i, "0" * 32, sid, f"k{i}", [("bin", off, 1000, 0)], off, off + 1000, 1000))
 
     class Recorded(_Sources):
-        log: list = []
+        def __init__(self, urls):
+            super().__init__(urls)
+            self.log = []
 
         def advise(self, reads):
             self.log.extend(("advise", r) for r in reads)
