@@ -131,3 +131,61 @@ def test_stages_import_only_the_stages_they_run():
             if b.startswith(STAGES) and "*" not in allowed and b[len(STAGES):] not in allowed:
                 bad.append((a, b))
     assert sorted(bad) == []
+
+
+# pyarrow has no global default for parquet page checksums: every call that writes or reads parquet pages
+# passes core.storage's options (a call without them writes no CRCs, or reads without checking them, and
+# nothing else would notice). Calls that read only a file's footer (its metadata or schema) read no page.
+_PARQUET_WRITERS = {"write_table", "ParquetWriter", "to_parquet", "write_dataset"}
+_PARQUET_READERS = {"read_table", "read_parquet", "ParquetFile", "ParquetDataset", "read_pandas"}
+_FOOTER_ONLY = {"metadata", "schema_arrow", "schema", "num_row_groups"}
+
+
+def _parquet_calls_without_crc_options(tree: ast.AST) -> list[tuple[int, str]]:
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    bad = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        if name in _PARQUET_WRITERS:
+            want = "PARQUET_WRITE"
+        elif name in _PARQUET_READERS:
+            parent = parents.get(node)
+            if isinstance(parent, ast.Attribute) and parent.attr in _FOOTER_ONLY:
+                continue
+            want = "PARQUET_READ"
+        else:
+            continue
+        passed = {k.value.id for k in node.keywords if k.arg is None and isinstance(k.value, ast.Name)}
+        if want not in passed:
+            bad.append((node.lineno, f"{name}(...) without **{want}"))
+    return bad
+
+
+def test_every_parquet_page_read_and_write_passes_the_checksum_options():
+    found = []
+    for path in sorted([*(ROOT / "laiontools").rglob("*.py"), *(ROOT / "jobs").glob("*.py")]):
+        if "testing" in path.parts:
+            continue  # test helpers read what the tests wrote
+        for line, what in _parquet_calls_without_crc_options(ast.parse(path.read_text())):
+            found.append(f"{path.relative_to(ROOT)}:{line}: {what}")
+    assert found == []
+
+
+def test_the_parquet_checksum_check_finds_a_call_without_the_options():
+    src = (
+        "import pyarrow.parquet as pq\n"
+        "pq.write_table(t, p)\n"
+        "pq.write_table(t, p, **PARQUET_WRITE)\n"
+        "df.to_parquet(b, index=False)\n"
+        "pq.ParquetFile(f, **PARQUET_READ).iter_batches()\n"
+        "n = pq.ParquetFile(f).metadata.num_rows\n"
+        "t = pq.read_table(p, columns=['a'])\n"
+    )
+    assert _parquet_calls_without_crc_options(ast.parse(src)) == [
+        (2, "write_table(...) without **PARQUET_WRITE"),
+        (4, "to_parquet(...) without **PARQUET_WRITE"),
+        (7, "read_table(...) without **PARQUET_READ"),
+    ]
