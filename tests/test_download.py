@@ -420,15 +420,22 @@ def test_report_aggregate_local_counts_as_a_plain_loop():
 
 
 @pytest.mark.parametrize("fmt, quality, ok", [("jpg", 95, True), ("jpg", 0, True), ("jpg", 200, False), ("jpg", -1, False),
-                                              ("webp", 100, True), ("webp", 0, False), ("png", 9, True), ("png", 95, True)])
+                                              ("webp", 100, True), ("webp", 0, False), ("png", 9, True), ("png", 0, True),
+                                              ("png", 95, False), ("png", 10, False), ("png", None, True), ("jpg", None, True)])
 def test_encode_quality_out_of_range_is_refused(fmt, quality, ok):
-    """`--encode-quality 200` was accepted and recorded (the encoder clamps it): a jpg or webp quality
-    outside its range is refused naming both; png's value is a compression level, left to the encoder."""
+    """`--encode-quality 200` was accepted and recorded (the encoder clamps it): a quality outside its
+    format's range is refused naming both. png's value is a zlib compression level: `--encode-format png`
+    with jpg's default of 95 was accepted, then img2dataset's resizer refused it in every task; the
+    default now follows the format (95; png 6). What is accepted, img2dataset's own resizer takes."""
     from laiontools.core.config import ConfigError
     from laiontools.stages.download import DownloadConfig
+    from laiontools.web.resize import make_resizer, resize_params
 
     if ok:
-        assert DownloadConfig(input="in", output="out", encode_format=fmt, encode_quality=quality).encode_quality == quality
+        cfg = DownloadConfig(input="in", output="out", encode_format=fmt, encode_quality=quality)
+        assert cfg.encode_quality == (quality if quality is not None else 6 if fmt == "png" else 95)
+        make_resizer(**{**resize_params(cfg.to_dict()), "fast_decode": False})  # img2dataset's own checks pass
     else:
-        with pytest.raises(ConfigError, match=rf"^encode_quality {quality} is out of range for {fmt} \(\d\.\.100\)$"):
+        hi = 9 if fmt == "png" else 100
+        with pytest.raises(ConfigError, match=rf"^encode_quality {quality} is out of range for {fmt} \(\d\.\.{hi}\)"):
             DownloadConfig(input="in", output="out", encode_format=fmt, encode_quality=quality)

@@ -77,7 +77,7 @@ class DownloadConfig(PrepareConfig):
     resize_mode: str = dataclasses.field(default="border", metadata={"help": "no | border | keep_ratio | keep_ratio_largest | center_crop"})
     resize_only_if_bigger: bool = dataclasses.field(default=False, metadata={"help": "only downscale"})
     encode_format: str = dataclasses.field(default="jpg", metadata={"help": "jpg | png | webp"})
-    encode_quality: int = dataclasses.field(default=95, metadata={"help": "encoder quality: jpg 0..100, webp 1..100 (png: compression level)"})
+    encode_quality: int | None = dataclasses.field(default=None, metadata={"help": "encoder quality: jpg 0..100, webp 1..100 (default 95); png: zlib compression level 0..9 (default 6)"})
     skip_reencode: bool = dataclasses.field(default=False, metadata={"help": "keep original bytes when no resize is needed"})
     timeout: int = dataclasses.field(default=10, metadata={"help": "per-request timeout in seconds"})
     retries: int = dataclasses.field(default=2, metadata={"help": "retries for transient failures (timeout, reset, 429, 5xx), with backoff"})
@@ -108,9 +108,14 @@ class DownloadConfig(PrepareConfig):
             raise ConfigError(f"unknown resize_mode {self.resize_mode!r}")
         if self.encode_format not in ("jpg", "png", "webp"):
             raise ConfigError(f"unknown encode_format {self.encode_format!r}")
-        lo = {"jpg": 0, "webp": 1}.get(self.encode_format)  # png's is a compression level, left to the encoder
-        if lo is not None and not lo <= self.encode_quality <= 100:
-            raise ConfigError(f"encode_quality {self.encode_quality} is out of range for {self.encode_format} ({lo}..100)")
+        # png's value is a compression level (img2dataset's resizer refuses anything outside 0..9, in every
+        # task: with jpg's default of 95 a png download failed there); the default follows the format.
+        if self.encode_quality is None:
+            self.encode_quality = 6 if self.encode_format == "png" else 95
+        lo, hi = {"jpg": (0, 100), "webp": (1, 100), "png": (0, 9)}[self.encode_format]
+        if not lo <= self.encode_quality <= hi:
+            what = " (the zlib compression level)" if self.encode_format == "png" else ""
+            raise ConfigError(f"encode_quality {self.encode_quality} is out of range for {self.encode_format} ({lo}..{hi}){what}")
         if self.timeout < 1 or self.retries < 0 or self.thread_count < 1:
             raise ConfigError("timeout must be >= 1, retries >= 0, thread_count >= 1")
         if self.request_deadline <= 0 or (self.shard_deadline is not None and self.shard_deadline < 0):
