@@ -349,6 +349,37 @@ def test_a_list_flag_given_twice_keeps_both(tmp_path):
     assert config_from_args(SubsetsConfig, p.parse_args(base)).exclude == []
 
 
+def test_a_studys_scales_are_given_as_name_value_flags(tmp_path, capsys):
+    """`study` and `study plan` took their scales (and the plan its images/s per model) only from a YAML
+    file; `--scales 80M=a.json 400M=b.json` now gives the same mapping, a flag replaces the YAML's, and an
+    item without `=`, a name given twice or a rate that is not a number is refused naming the flag."""
+    from laiontools.cli import main as cli_main
+    from laiontools.core.config import ConfigError, config_from_args
+    from laiontools.core.stage import config_parser
+    from laiontools.stages.study import PlanConfig
+
+    p = config_parser(PlanConfig, "study plan")
+    base = ["--samples-seen", "3e9", "--models", "ViT-B-32"]
+    cfg = config_from_args(PlanConfig, p.parse_args(
+        base + ["--scales", "80M=/d/80M/subset.manifest.json", "--scales", "2B=2B", "--images-per-second", "ViT-B-32=2400"]))
+    assert cfg.scales == {"80M": "/d/80M/subset.manifest.json", "2B": "2B"} and cfg.images_per_second == {"ViT-B-32": 2400.0}
+    yml = tmp_path / "study.yaml"
+    yml.write_text("scales: {1M: 1M}\nsamples_seen: [1e6]\nmodels: [RN50]\n")
+    assert config_from_args(PlanConfig, p.parse_args(["--config", str(yml)])).scales == {"1M": "1M"}
+    assert config_from_args(PlanConfig, p.parse_args(["--config", str(yml), "--scales", "5M=5M"])).scales == {"5M": "5M"}
+    with pytest.raises(ConfigError, match=r"^--scales: 80M given twice$"):
+        config_from_args(PlanConfig, p.parse_args(base + ["--scales", "80M=1", "80M=2"]))
+    for bad, msg in ((["--scales", "80M"], "argument --scales: expected NAME=VALUE, got '80M'"),
+                     (["--scales", "8=8", "--images-per-second", "ViT-B-32=fast"], "'fast' is not a float")):
+        with pytest.raises(SystemExit) as exited:  # argparse's usage error
+            cli_main(["study", "plan", *base, *bad])
+        assert exited.value.code == 2 and msg in capsys.readouterr().err
+    # the whole CLI: a plan of two scales given as flags, its counts from the names
+    assert cli_main(["study", "plan", *base, "--scales", "80M=80M", "400M=400M", "--images-per-second", "ViT-B-32=2400"]) == 0
+    out = capsys.readouterr().out
+    assert "ViT-B-32__80M__3000000000" in out and "400M   400000000  40000" in out
+
+
 def test_a_stages_saved_settings_are_taken_back_with_config(tmp_path):
     """settings.json beside an output, given back with --config and a new --output, reruns the same
     settings: its `output: null` (download) is what --output overrides, and what it records

@@ -123,6 +123,23 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 RECORD_ONLY = ("stage", "clusters_used", "world_size")
 
 
+class _Pair(tuple):
+    """One NAME=VALUE item of a mapping flag (see :func:`add_config_args`)."""
+
+
+def _pair(value_type: type) -> Any:
+    def parse(text: str) -> _Pair:
+        name, eq, value = text.partition("=")
+        if not eq or not name.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+        try:
+            return _Pair((name.strip(), value_type(value.strip())))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {value.strip()!r} is not a {value_type.__name__}") from None
+
+    return parse
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type[StageConfig], skip: tuple[str, ...] = ()) -> None:
     """Add one flag per dataclass field (``--field-name``); unspecified flags stay absent."""
     hints = typing.get_type_hints(cls)
@@ -150,8 +167,12 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[StageConfig], ski
         elif tp in (int, float, str):
             # a sample count ("3e9", "13B") comes as text that the stage's validate() parses, as from YAML
             kw["type"] = str if f.metadata.get("count") else tp
+        elif typing.get_origin(tp) is dict and f.metadata.get("pairs"):
+            # a flat mapping (study's scales: name -> manifest) also as `--scales 80M=a.json 400M=b.json`
+            value_type = typing.get_args(tp)[1] if typing.get_args(tp)[1] in (int, float, str) else str
+            kw.update(nargs="+", action="extend", metavar="NAME=VALUE", type=_pair(value_type))
         elif typing.get_origin(tp) is dict:
-            continue  # dicts only from YAML
+            continue  # other mappings only from YAML
         parser.add_argument(flag, **kw)
     parser.add_argument("--config", dest="config_file", default=None, help="YAML file with settings; flags override it")
 
@@ -186,6 +207,12 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         if k not in names:
             data.pop(k, None)
     flags = {k: v for k, v in vars(args).items() if k in names}
+    for k, v in flags.items():
+        if isinstance(v, list) and v and all(isinstance(x, _Pair) for x in v):  # NAME=VALUE items of a mapping flag
+            twice = sorted({a for a, _ in v if [b for b, _ in v].count(a) > 1})
+            if twice:
+                raise ConfigError(f"--{k.replace('_', '-')}: {', '.join(twice)} given twice")
+            flags[k] = {a: b for a, b in v}
     if cfg_file:  # what a flag overrides is not checked (a saved `output: null` given with --output)
         cls.check_types({k: v for k, v in data.items() if k not in flags}, cfg_file)
     data.update(flags)

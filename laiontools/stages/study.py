@@ -82,7 +82,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class StudyConfig(StageConfig):
     output: str = dataclasses.field(default="", metadata={"help": "study folder"})
-    scales: dict[str, str] = dataclasses.field(default_factory=dict, metadata={"help": "scale name -> resharded manifest (YAML)"})
+    scales: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
+        "help": "scale name -> resharded manifest, as 80M=/data/80M/subset.manifest.json ... (or in the YAML)", "pairs": True})
     samples_seen: list[int] = dataclasses.field(default_factory=list, metadata={"help": "training budgets (samples seen)"})
     models: list[str] = dataclasses.field(default_factory=list, metadata={"help": "open_clip model names"})
     batch_size: int = dataclasses.field(default=256, metadata={"help": "global batch size of every run"})
@@ -396,13 +397,15 @@ class PlanConfig(StageConfig):
 
     output: str = dataclasses.field(default="", metadata={"help": "study folder; the plan is written to <output>/plan.json when given"})
     scales: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
-        "help": "scale name -> resharded manifest (its num_samples is read), or a sample count (80000000, 80M); YAML"})
+        "help": "scale name -> resharded manifest (its num_samples is read) or a sample count, as 80M=/data/80M/subset.manifest.json "
+                "2B=2B ... (or in the YAML)", "pairs": True})
     samples_seen: list[str] = dataclasses.field(default_factory=list, metadata={"help": "training budgets (3e9, 13B, ...)"})
     models: list[str] = dataclasses.field(default_factory=list, metadata={"help": "open_clip model names"})
     batch_size: int = dataclasses.field(default=256, metadata={"help": "global batch size of every run (for steps)"})
     nproc: int = dataclasses.field(default=1, metadata={"help": "GPUs per run (wall-clock hours = GPU-hours / nproc)"})
     images_per_second: dict[str, float] = dataclasses.field(default_factory=dict, metadata={
-        "help": "model -> training images/s per GPU (YAML); stated rates win over gpu_tflops and --measure"})
+        "help": "model -> training images/s per GPU, as ViT-B-32=2400 ... (or in the YAML); stated rates win over gpu_tflops and --measure",
+        "pairs": True})
     gpu_tflops: float | None = dataclasses.field(default=None, metadata={
         "help": "sustained TFLOP/s per GPU, to derive images/s as TFLOP/s / (6 x GMACs per sample)"})
     measure: bool = dataclasses.field(default=False, metadata={
