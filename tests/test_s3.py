@@ -1149,3 +1149,24 @@ def test_an_s3_output_with_three_slashes_is_refused_naming_it(s3, small_s3_pool)
         embed_stage.run(EmbedConfig(manifest=f"{small_s3_pool}/pool.manifest.json", output=out, model="lt-tiny",
                                     device="cpu", num_workers=0))
     assert not s3.exists(out.split(":///", 1)[1]), "the refused output was written"
+
+
+def test_the_clis_last_resort_names_the_url_the_store_error_names():
+    # An object store's refusal that no stage turned into an error naming its path is named by the CLI's
+    # last resort: the URL on the command line whose key or bucket the error chain names (s3fs names the
+    # key in FileNotFoundError / PermissionError; botocore the bucket), else the first URL given.
+    from laiontools.cli import _failed_url
+
+    argv = ["subsets", "--pool", "s3://in-bkt/p/pool.manifest.json", "--output=s3://out-bkt/o"]
+    try:
+        try:
+            raise FileNotFoundError("The specified bucket does not exist: out-bkt")
+        except FileNotFoundError as inner:
+            raise RuntimeError("task failed") from inner
+    except RuntimeError as e:
+        assert _failed_url(e, argv) == "s3://out-bkt/o"
+    assert _failed_url(PermissionError("in-bkt/p/pool.manifest.json"), argv) == "s3://in-bkt/p/pool.manifest.json"
+    # another bucket whose name starts with this one's is not this one: the first URL given
+    assert _failed_url(PermissionError("in-bkt-2/x"), ["verify", "s3://out-bkt/m.json", "s3://in-bkt/n.json"]) == "s3://out-bkt/m.json"
+    assert _failed_url(ValueError("no path here"), argv) == "s3://in-bkt/p/pool.manifest.json"
+    assert _failed_url(ValueError("x"), ["verify", "local.json"]) == "an object-store path"
