@@ -80,3 +80,63 @@ def test_wants_spark(monkeypatch):
     monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER")
     monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "1")  # under spark-submit
     assert wants_spark(None, 1, -1)
+
+
+_CHILD = """
+import os, sys, time
+from laiontools.core.stage import Tasks
+
+def slow(items):
+    for x in items:
+        open(os.path.join(sys.argv[1], f"task-{x}.pid"), "w").write(str(os.getpid()))
+        for _ in range(600):  # bounded: 60 s at most, far beyond the test's wait
+            time.sleep(0.1)
+        yield x
+
+Tasks(None, 2).map(slow, [0, 1], processes=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a container's init may not reap an orphan at once)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
+def test_forked_task_processes_die_with_a_killed_stage(tmp_path):
+    # `kill -9` of the CLI left its forked task processes running: they went on writing into the output and
+    # held its lock (inherited), so the re-run to resume was refused as "in use" by the killed pid. Here a
+    # real process maps two slow tasks onto forked processes and is killed with SIGKILL once both started.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)])
+    try:
+        pids = []
+        for _ in range(300):  # up to 30 s for both tasks to start
+            pids = [int(p.read_text()) for p in tmp_path.glob("task-*.pid") if p.read_text()]
+            if len(pids) == 2:
+                break
+            time.sleep(0.1)
+        assert len(pids) == 2 and child.pid not in pids and all(_alive(p) for p in pids)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        for _ in range(100):  # up to 10 s
+            if not any(_alive(p) for p in pids):
+                break
+            time.sleep(0.1)
+        assert [p for p in pids if _alive(p)] == []
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        for p in tmp_path.glob("task-*.pid"):
+            try:
+                os.kill(int(p.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass

@@ -112,6 +112,18 @@ def _forked_task(k: int) -> list[Any]:
     return list(_FORKED["fn"](iter([_FORKED["items"][k]])))
 
 
+def _forked_init(parent: int) -> None:
+    """In each forked task process, first: die with the stage's process. A `kill -9` of the CLI otherwise
+    left its task processes running: writing into the output and holding its lock (inherited), so that the
+    same command, re-run to resume, was refused as "in use" by the pid just killed. If the parent is already
+    gone (killed between fork and here), exit now."""
+    from laiontools.core.launch import die_with_parent
+
+    die_with_parent(9)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 class Tasks:
     """Where a stage's tasks run: Spark (``mapPartitions`` over the items) or, with no session, in this
     process, a few at a time (threads, or forked processes for Python-bound tasks). The task functions are the same either way (they write their files and
@@ -153,7 +165,8 @@ class Tasks:
 
                 _FORKED.update(fn=fn, items=items)
                 try:
-                    with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=multiprocessing.get_context("fork")) as ex:
+                    with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_forked_init, initargs=(os.getpid(),)) as ex:
                         return [r for part in ex.map(_forked_task, range(len(items))) for r in part]
                 except BrokenProcessPool as e:
                     # a task process died without raising (killed, out of memory): what the finished tasks
