@@ -710,6 +710,34 @@ def test_crawl_delay_spaces_every_request_to_the_host(fresh_host):
     assert gate.interval(fresh_host.host, 1.0) == 1.0  # a stricter user limit wins over the crawl delay
 
 
+def test_a_crawl_delay_over_the_limit_skips_the_host_without_a_request(fresh_host):
+    """A robots.txt asking `Crawl-delay: 99999` held the shard until its deadline (30 min by default) for
+    one image per delay, and every --retry-failed pass again (found by a hostile-web walk). Over
+    max_crawl_delay the host's rows now fail at once, naming the delay, permanent, and the server sees the
+    robots.txt request only; with no limit (None) the delay is kept, as asked."""
+    from laiontools.web.fetch import HostGate, RobotsCache, is_transient
+
+    fresh_host.set_robots("User-agent: *\nCrawl-delay: 99999\n")
+    fresh_host.log_requests()
+    fresh_host.reset_counters()
+    gate, robots = HostGate(), RobotsCache()
+    pol = _pol3(max_crawl_delay=30.0)
+    errs = [fetch_one(f"{fresh_host.base_url}/img/a.jpg?c{i}", 5, None, None, pol, gate=gate, robots=robots)[1]
+            for i in range(3)]
+    want = ("robots.txt asks a Crawl-delay of 99999 s between requests, over --max-crawl-delay 30 s; the host "
+            "is skipped (raise --max-crawl-delay to wait for it)")
+    assert errs == [want] * 3 and not is_transient(want)
+    from laiontools.stages.download import failure_kind
+
+    assert failure_kind(want) == "robots_crawl_delay"  # its own line in the download report
+    assert [p for _, _, p in fresh_host.request_log] == ["/robots.txt"]
+    assert gate.interval(fresh_host.host, None) == 0.0  # no delay was set for the host
+    # no limit: the delay is the host's interval (checked on the gate, without waiting for it)
+    robots.check(f"{fresh_host.base_url}/img/a.jpg", policy=_pol3(max_crawl_delay=None), timeout=5, deadline=10,
+                 resolver=None, gate=gate)
+    assert gate.interval(fresh_host.host, None) == 99999.0
+
+
 # ----------------------------------------------------------------------------- the shard's row scheduler
 
 

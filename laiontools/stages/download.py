@@ -93,6 +93,7 @@ class DownloadConfig(PrepareConfig):
     respect_tdm_reservation: bool = dataclasses.field(default=True, metadata={"help": "honour the TDM Reservation Protocol header tdm-reservation: 1"})
     user_agent_token: str | None = dataclasses.field(default=None, metadata={"help": "token in the User-Agent, matched by X-Robots-Tag"})
     respect_robots: bool = dataclasses.field(default=True, metadata={"help": "fetch each host's robots.txt once per executor (cached 1 h) and skip what it disallows for --user-agent-token (or *), keeping its Crawl-delay between requests to the host (the stricter of it and --max-host-rps); 4xx robots.txt: all allowed, 5xx/timeout: host skipped for now (retried by --retry-failed)"})
+    max_crawl_delay: float = dataclasses.field(default=30.0, metadata={"help": "a host whose robots.txt asks a longer Crawl-delay (seconds) than this is skipped: its rows end failed_download naming the delay, with no request sent (0: keep any delay, however long)"})
     max_host_rps: float | None = dataclasses.field(default=None, metadata={"help": "requests per second per host, per executor (a 429/503 Retry-After pauses the host for the whole executor either way)"})
     max_host_concurrency: int | None = dataclasses.field(default=None, metadata={"help": "requests in flight per host, per executor"})
     request_deadline: float = dataclasses.field(default=60.0, metadata={"help": "seconds one request may take in all (redirects, headers and body); --timeout bounds each socket operation"})
@@ -120,6 +121,8 @@ class DownloadConfig(PrepareConfig):
             raise ConfigError("timeout must be >= 1, retries >= 0, thread_count >= 1")
         if self.request_deadline <= 0 or (self.shard_deadline is not None and self.shard_deadline < 0):
             raise ConfigError("request_deadline must be > 0 and shard_deadline >= 0 (0: no shard deadline)")
+        if not self.max_crawl_delay >= 0:
+            raise ConfigError(f"max_crawl_delay must be >= 0 (0: no limit), got {self.max_crawl_delay}")
         if (self.max_host_rps is not None and self.max_host_rps <= 0) or (
                 self.max_host_concurrency is not None and self.max_host_concurrency < 1):
             raise ConfigError("max_host_rps must be > 0 and max_host_concurrency >= 1 (leave them unset for no limit)")
@@ -325,7 +328,8 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
                          max_bytes=cfg.max_bytes, max_image_pixels=cfg.max_image_pixels,
                          request_deadline=float(cfg.request_deadline), shard_deadline=cfg.shard_deadline or None,
                          respect_tdm=cfg.respect_tdm_reservation, respect_robots=cfg.respect_robots,
-                         robots_user_agent=cfg.user_agent_token, max_host_rps=cfg.max_host_rps,
+                         robots_user_agent=cfg.user_agent_token, max_crawl_delay=cfg.max_crawl_delay or None,
+                         max_host_rps=cfg.max_host_rps,
                          max_host_concurrency=cfg.max_host_concurrency, blocklist=cfg.blocklist,
                          host_shares=host_shares(prep_stats, cfg, tasks_at_once)
                          if (cfg.max_host_rps or cfg.max_host_concurrency) else ())
@@ -645,6 +649,7 @@ def failure_kind(msg: str | None) -> str:
         return f"http_{m.group(1)}"
     low = msg.lower()
     for needle, kind in (("deadline:", "deadline"), ("robots.txt disallows", "robots_txt"),
+                         ("robots.txt asks a crawl-delay", "robots_crawl_delay"),
                          ("x-robots-tag", "opted_out_x_robots_tag"), ("tdm-reservation", "opted_out_tdm_reservation"),
                          ("timed out", "timeout"), ("blocked:", "blocked_target"), ("blocklist", "blocklisted"),
                          ("over the limit", "size_limit"), ("cannot be read from its header", "unreadable_header"),

@@ -89,6 +89,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DEADLINE_PREFIX = "deadline:"
 ROBOTS_DISALLOWS = "robots.txt disallows"
 ROBOTS_UNAVAILABLE = "robots.txt unavailable"
+ROBOTS_CRAWL_DELAY = "robots.txt asks a Crawl-delay of"
 # Failures a retry inside the shard would only repeat (the cause is cached or the time is spent);
 # they stay transient for a later --retry-failed pass.
 _NO_RETRY_IN_SHARD = (DEADLINE_PREFIX, ROBOTS_UNAVAILABLE)
@@ -148,6 +149,7 @@ class FetchPolicy:
     max_host_rps: float | None = None  # requests per second per host, per executor (None: no limit)
     max_host_concurrency: int | None = None  # requests in flight per host, per executor (None: no limit)
     max_host_backoff: float = 60.0  # cap on how long a 429/503 (its Retry-After) pauses a host
+    max_crawl_delay: float | None = 30.0  # a robots.txt Crawl-delay over this skips the host (None: kept, however long)
     host_shares: tuple[tuple[str, int], ...] = ()  # (host, d): this executor's limits at host are divided by d
     blocklist: str | None = None  # path of a --blocklist file (URLs, domains, content hashes)
 
@@ -585,6 +587,11 @@ class RobotsCache:
         token = policy.robots_user_agent or "*"
         delays = getattr(entry, "laiontools_crawl_delay", {})
         delay = delays[token.lower()] if token.lower() in delays else delays.get("*")
+        if delay and policy.max_crawl_delay is not None and delay > policy.max_crawl_delay:
+            # Kept, a Crawl-delay of hours held the shard until its deadline for one image per delay, and
+            # every --retry-failed pass again (as Nutch's fetcher.max.crawl.delay: the host is skipped).
+            raise FetchError(f"{ROBOTS_CRAWL_DELAY} {delay:g} s between requests, over --max-crawl-delay "
+                             f"{policy.max_crawl_delay:g} s; the host is skipped (raise --max-crawl-delay to wait for it)")
         if delay and gate is not None:
             gate.set_crawl_delay((parts.hostname or "").lower(), delay)
         path = parts.path or "/"
