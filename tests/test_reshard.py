@@ -197,31 +197,36 @@ def test_write_output_shards_restores_the_switch_interval(tmp_path):
     assert sys.getswitchinterval() == before and not (out / "shard-00001.tar").exists()
 
 
-def test_scattered_local_reads_are_announced_to_the_kernel_ahead_of_them(tmp_path):
+def test_scattered_local_reads_are_announced_to_the_kernel_ahead_of_them(tmp_path, monkeypatch):
     # A nested subset's samples are scattered over the source tars; read one by one from a cold disk each
-    # pread waits for the device, so _read_batch tells the kernel (POSIX_FADV_WILLNEED) which ranges come
-    # next. Recorded here on the real _Sources, over two real files: every range is announced once, before
-    # it is read, with at least READ_AHEAD / 2 more ranges announced ahead of each read while any are left;
-    # the bytes read are the files' bytes at those ranges.
+    # pread waits for the device, so a shard with local sources is read in small batches (the samples stay
+    # in the CPU's cache until packed) and each batch's ranges are told to the kernel (POSIX_FADV_WILLNEED)
+    # while the batch before it is read. Recorded here on the real _Sources, writing a real shard from two
+    # real files: every range is announced once, before it is read, with at least READ_AHEAD_MIN more
+    # announced ahead of each read while any are left; the shard holds the files' bytes at those ranges.
     import random
 
-    from laiontools.stages.reshard import READ_AHEAD, _Entry, _read_batch, _Sources
+    from laiontools.stages import reshard
+    from laiontools.stages.reshard import LOCAL_READ_BATCH_BYTES, READ_AHEAD_MIN, _batches, _Entry, _Sources
 
     files = {}
     for sid in ("00000", "00001"):
-        files[sid] = os.urandom(1 << 20)
+        files[sid] = os.urandom(4 << 20)
         (tmp_path / f"{sid}.tar").write_bytes(files[sid])
     rng = random.Random(0)
-    batch = []
-    for i in range(5 * READ_AHEAD):
+    entries, size = [], 40_000
+    for i in range(4 * READ_AHEAD_MIN + 5):
         sid = rng.choice(sorted(files))
-        off = rng.randrange(0, (1 << 20) - 2048)
-        batch.append(_Entry(i, "0" * 32, sid, f"k{i}", [("bin", off, 1000, 0)], off, off + 1000, 1000))
+        off = rng.randrange(0, (4 << 20) - size)
+        entries.append(_Entry(i, "0" * 32, sid, f"k{i}", [("bin", off, size, 0)], off, off + size, size))
+
+    logs = []
 
     class Recorded(_Sources):
         def __init__(self, urls):
             super().__init__(urls)
             self.log = []
+            logs.append(self.log)
 
         def advise(self, reads):
             self.log.extend(("advise", r) for r in reads)
@@ -231,20 +236,27 @@ def test_scattered_local_reads_are_announced_to_the_kernel_ahead_of_them(tmp_pat
             self.log.append(("read", (sid, offset, size)))
             return super().read(sid, offset, size)
 
-    sources = Recorded({sid: str(tmp_path / f"{sid}.tar") for sid in files})
-    got = _read_batch(sources, batch)
-    sources.close()
-    assert [bytes(m[0][1]) for m in got] == [files[e.sid][e.lo : e.hi] for e in batch]
-    advised = [r for what, r in sources.log if what == "advise"]
-    reads = [r for what, r in sources.log if what == "read"]
-    assert sorted(advised) == sorted(reads) == sorted((e.sid, e.lo, 1000) for e in batch)
-    assert reads == sorted(reads)  # in (source shard, offset) order
-    for p, (what, r) in enumerate(sources.log):
+    urls = {sid: str(tmp_path / f"{sid}.tar") for sid in files}
+    batches = _batches(entries, _Sources(urls))
+    assert len(batches) > 2 and [e for b in batches for e in b] == entries
+    assert all(len(b) >= READ_AHEAD_MIN and sum(e.nbytes for e in b[:-1]) < LOCAL_READ_BATCH_BYTES for b in batches[:-1])
+    monkeypatch.setattr(reshard, "_Sources", Recorded)
+    out = tmp_path / "shards"
+    out.mkdir()
+    assert [j for j, _ in reshard.write_output_shards(iter([(0, entries)]), str(out), urls, "plan", 6, True)] == [0]
+    with tarfile.open(out / "shard-00000.tar") as tf:
+        assert [tf.extractfile(m).read() for m in tf] == [files[e.sid][e.lo : e.hi] for e in entries]
+    (log,) = logs
+    advised = [r for what, r in log if what == "advise"]
+    reads = [r for what, r in log if what == "read"]
+    assert sorted(advised) == sorted(reads) == sorted((e.sid, e.lo, size) for e in entries)
+    done = 0
+    for p, (what, r) in enumerate(log):
         if what == "read":
-            before = [x for w, x in sources.log[:p] if w == "advise"]
-            done = reads.index(r)
-            assert r in before
-            assert len(before) - (done + 1) >= min(READ_AHEAD // 2, len(reads) - done - 1)
+            ahead = sum(1 for w, _ in log[:p] if w == "advise") - done
+            assert r in [x for w, x in log[:p] if w == "advise"]
+            done += 1
+            assert ahead - 1 >= min(READ_AHEAD_MIN, len(reads) - done), (p, ahead, done)
 
 
 def test_a_member_ustar_cannot_hold_is_a_task_error_naming_the_sample(tmp_path):
