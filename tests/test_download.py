@@ -255,6 +255,25 @@ def test_other_settings_into_the_same_folder_are_refused(pool, tmp_path):
     assert _comparable(out)[0].equals(_comparable(pool.dir)[0]), "nothing may be touched"
 
 
+def test_a_pool_from_before_max_crawl_delay_is_continued_under_its_default(pool, tmp_path):
+    # settings.json of a pool written before the setting existed has no max_crawl_delay: a re-run (resume,
+    # retry pass) with the defaults continues it; another value is refused naming the setting.
+    from laiontools.core.errors import UserError
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    out = str(tmp_path / "p")
+    shutil.copytree(pool.dir, out)
+    path = os.path.join(out, layout.SETTINGS_JSON)
+    saved = json.load(open(path))
+    assert saved.pop("max_crawl_delay") == 30.0
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    download_stage.check_output(DownloadConfig(input=pool.source, output=out, **TEST_DOWNLOAD_SETTINGS))
+    with pytest.raises(UserError, match=r"other settings \(max_crawl_delay: 30\.0 -> 5\.0\)"):
+        download_stage.check_output(DownloadConfig(input=pool.source, output=out, max_crawl_delay=5.0, **TEST_DOWNLOAD_SETTINGS))
+
+
 @pytest.mark.parametrize("engine", ["spark", "in-process"])
 def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path, monkeypatch, engine):
     from laiontools.stages import download as download_stage

@@ -145,6 +145,9 @@ def check_output(cfg: DownloadConfig) -> None:
         return  # a run stopped before it wrote its settings: nothing to compare
     old = read_json(settings_path)
     old.setdefault("max_host_shards", 0)  # pools from before the setting: rows in input order, no host bound
+    # Pools from before --max-crawl-delay are continued (or retried) under its default: it changes only how a
+    # host asking a Crawl-delay over 30 s ends (at once, naming the delay; before: at the shard deadline).
+    old.setdefault("max_crawl_delay", DownloadConfig.max_crawl_delay)
     new = cfg.semantic()
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
