@@ -265,7 +265,8 @@ def test_a_pool_from_before_max_crawl_delay_is_continued_under_its_default(pool,
     out = str(tmp_path / "p")
     shutil.copytree(pool.dir, out)
     path = os.path.join(out, layout.SETTINGS_JSON)
-    saved = json.load(open(path))
+    with open(path) as f:
+        saved = json.load(f)
     assert saved.pop("max_crawl_delay") == 30.0
     with open(path, "w") as f:
         json.dump(saved, f)
