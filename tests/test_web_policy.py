@@ -94,6 +94,20 @@ def test_check_url_rejects_numeric_spellings_as_private():
     assert check_url("http://0xa000001/a.jpg", lo)[0] == "private_address"
 
 
+def test_check_url_reads_a_unicode_spelled_host_as_the_connection_does():
+    # Fullwidth digits, an ideographic full stop or fullwidth letters spell 127.0.0.1 or localhost once
+    # IDNA-encoded, as getaddrinfo encodes a name: prepare passed them and only the fetch refused them (as
+    # failed_download "blocked"); they are rejected_private_address like every other spelling (found by a
+    # hostile-web walk). A real IDN stays allowed.
+    reason = lambda u: (check_url(normalize_url(u), STRICT) or (None, None))
+    for spelling, means in (("１２７.０.０.１", "127.0.0.1"), ("127。0。0。1", "127.0.0.1"), ("１２７．０．０．１", "127.0.0.1"),
+                            ("ｌｏｃａｌｈｏｓｔ", "localhost"), ("foo.ｌｏｃａｌｈｏｓｔ", "foo.localhost")):
+        r, msg = reason(f"http://{spelling}/a.jpg")
+        assert r == "private_address" and f"(= {means})" in msg, (spelling, r, msg)
+    assert reason("http://bücher.de/a.jpg") == (None, None)
+    assert reason("http://ｅｘａｍｐｌｅ/a.jpg")[0] == "unresolvable_host"  # RFC 6761's, spelled in fullwidth
+
+
 def test_canonical_host_is_the_host_the_connection_reaches():
     import socket
 

@@ -195,12 +195,18 @@ def check_url(url: str | None, policy: Mapping[str, Any], dns_cache: dict[str, A
         return "bad_scheme", f"scheme {parts.scheme + ':' if parts.scheme else '(none)'} is not http or https"
     if not host:
         return "invalid_url", "URL has no host"
-    if host.rstrip(".").endswith(NEVER_RESOLVE) or host.rstrip(".") in ("invalid", "test", "example"):
-        return "unresolvable_host", f"host {host} is a special-use name that never resolves (RFC 6761)"
     try:
         ip = host_ip(host)
     except ValueError as e:
         return "invalid_url", f"host is a malformed numeric address ({e})"
+    # The host as the connection reaches it (IDNA, as getaddrinfo encodes it): "ｌｏｃａｌｈｏｓｔ" is
+    # localhost and "１２７．０．０．１" is 127.0.0.1, refused here as private, not only at connect time.
+    canon = str(ip) if ip is not None else canonical_host(host)
+    if ip is None:
+        with contextlib.suppress(ValueError):
+            ip = host_ip(canon)
+    if canon.endswith(NEVER_RESOLVE) or canon in ("invalid", "test", "example"):
+        return "unresolvable_host", f"host {host} is a special-use name that never resolves (RFC 6761)"
     if policy["allow_private_network"]:
         return None
     nets = policy.get("allow_networks") or ()
@@ -209,9 +215,10 @@ def check_url(url: str | None, policy: Mapping[str, Any], dns_cache: dict[str, A
             spelled = "" if str(ip) == host.strip("[]") else f" (= {ip})"
             return "private_address", f"host {host}{spelled} is not a global address (private, loopback, link-local, shared or reserved)"
         return None
-    name = host.rstrip(".")
+    name = canon
+    spelled = "" if name == host.rstrip(".") else f" (= {name})"
     if name in PRIVATE_NAMES or name.endswith(PRIVATE_SUFFIXES):
-        return "private_address", f"host {host} names a local or internal machine"
+        return "private_address", f"host {host}{spelled} names a local or internal machine"
     if policy.get("resolve_hosts"):
         cache = dns_cache if dns_cache is not None else {}
         if name not in cache:
