@@ -95,38 +95,13 @@ def run_stage(stage: str, argv: list[str]) -> int:
         # (here or inside a Spark task), no traceback.
         fault = environment_error(e, _flag(argv, "--output")) or damaged_input_error(e) or user_error_from(e)
         if fault is None:  # an object store's refusal outside the places that name their path: the URL it names
-            from laiontools.core.storage import store_error
+            from laiontools.core.storage import failing_url, store_error
 
-            fault = store_error(e, _failed_url(e, argv))
+            fault = store_error(e, failing_url(e, [a.split("=", 1)[-1] for a in argv if "://" in a]))
         if fault is None:
             raise
         print(f"laiontools {stage}: error: {fault}", file=sys.stderr)
         return 2
-
-
-def _failed_url(e: BaseException, argv: list[str]) -> str:
-    """Of the URLs on the command line, the one an object store's error names: the longest whose path
-    (bucket/key) or bucket appears in the error chain's text; else the first URL given."""
-    import re
-
-    urls = [a.split("=", 1)[-1] for a in argv if "://" in a]
-    text, err, seen = "", e, set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text += " " + str(err)
-        err = err.__cause__ or err.__context__
-
-    def named(url: str) -> int:
-        path = url.split("://", 1)[1].rstrip("/")
-        bucket = path.split("/", 1)[0]
-        if path in text:
-            return 2
-        return 1 if bucket and re.search(rf"(?<![\w.-]){re.escape(bucket)}(?![\w.-])", text) else 0
-
-    ranked = sorted(urls, key=lambda u: (-named(u), -len(u)))
-    if ranked and named(ranked[0]):
-        return ranked[0]
-    return urls[0] if urls else "an object-store path"
 
 
 def _flag(argv: list[str], name: str) -> str | None:

@@ -1155,7 +1155,10 @@ def test_the_clis_last_resort_names_the_url_the_store_error_names():
     # An object store's refusal that no stage turned into an error naming its path is named by the CLI's
     # last resort: the URL on the command line whose key or bucket the error chain names (s3fs names the
     # key in FileNotFoundError / PermissionError; botocore the bucket), else the first URL given.
-    from laiontools.cli import _failed_url
+    from laiontools.core.storage import failing_url
+
+    def _failed_url(e, argv):  # what the CLI passes: the URLs on its command line
+        return failing_url(e, [a.split("=", 1)[-1] for a in argv if "://" in a])
 
     argv = ["subsets", "--pool", "s3://in-bkt/p/pool.manifest.json", "--output=s3://out-bkt/o"]
     try:

@@ -383,6 +383,27 @@ def store_error(e: BaseException, path: str) -> StorageError | None:
     return None
 
 
+def failing_url(e: BaseException, urls: list[str]) -> str:
+    """Of `urls` (those given on a command line), the one an object store's error names: the longest
+    whose path (bucket/key) or, failing that, whose exact bucket name appears in the error chain's text;
+    else the first URL."""
+    import re
+
+    text = " ".join(str(x) for x in _chain(e))
+
+    def named(url: str) -> int:
+        path = url.split("://", 1)[-1].rstrip("/")
+        bucket = path.split("/", 1)[0]
+        if path in text:
+            return 2
+        return 1 if bucket and re.search(rf"(?<![\w.-]){re.escape(bucket)}(?![\w.-])", text) else 0
+
+    best = max(urls, key=lambda u: (named(u), len(u)), default=None)
+    if best is not None and named(best):
+        return best
+    return urls[0] if urls else "an object-store path"
+
+
 def _chain(e: BaseException) -> list[BaseException]:
     out: list[BaseException] = []
     err: BaseException | None = e

