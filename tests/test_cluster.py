@@ -19,51 +19,11 @@ import pytest
 
 from laiontools.contracts import layout
 from laiontools.core.spark import BYTES_PER_SHUFFLE_PARTITION, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
-from laiontools.synthetic import write_source
 from laiontools.testing.cluster import REPO, SPARK_HOME, StandaloneCluster, spark_submit, submit_env
-
-
-def _source(tmp_path: Path, n: int = 120) -> str:
-    items = [{"id": i, "file": f"{i:07d}.jpg", "caption": f"a blue square on a dotted background, number {i}"} for i in range(n)]
-    src = str(tmp_path / "src")
-    write_source(src, "http://127.0.0.1:9", items, n_files=2)
-    return src
-
-
-def _prepare_args(src: str, out: str) -> list[str]:
-    return ["--input", src, "--output", out, "--allow-networks", "127.0.0.0/8", "--number-sample-per-shard", "10",
-            "--shards-per-file", "1"]
 
 
 def _stats(out: str) -> dict:
     return json.loads(Path(out, layout.PREPARED_DIR, "stats.json").read_text())
-
-
-def test_spark_submit_conf_wins_over_the_jobs_settings(tmp_path):
-    """`--conf spark.sql.shuffle.partitions=37` is what the job used; without it the job derives its own."""
-    src = _source(tmp_path)
-    out_user = str(tmp_path / "user")
-    spark_submit(["--master", "local[2]", "--conf", "spark.sql.shuffle.partitions=37",
-                  "--conf", "spark.sql.adaptive.enabled=false",
-                  str(REPO / "jobs" / "prepare.py"), *_prepare_args(src, out_user)], cwd=tmp_path)
-    assert _stats(out_user)["spark"] == {"shuffle_partitions": 37}
-
-    # AQE off, so the shuffle's real partition count shows in the written rejected parquet (one file per
-    # non-empty shuffle partition): ~30 rejected rows hashed over 37 partitions land in more files than the
-    # 8 partitions the job used to force, and never more than 37.
-    rej = list(Path(out_user, layout.PREPARED_DIR, "rejected").glob("part-*.parquet"))
-    assert 8 < len(rej) <= 37, len(rej)
-
-    out_default = str(tmp_path / "default")
-    spark_submit(["--master", "local[2]", str(REPO / "jobs" / "prepare.py"), *_prepare_args(src, out_default)],
-                 cwd=tmp_path)
-    # a few KB of input: the derived count is the cluster's default parallelism (local[2] -> 2)
-    assert _stats(out_default)["spark"] == {"shuffle_partitions": 2}
-    # the setting changes how the work is split, never the result
-    for part in ("accepted", "rejected"):
-        a = pd.read_parquet(Path(out_user, layout.PREPARED_DIR, part)).sort_values("uid").reset_index(drop=True)
-        b = pd.read_parquet(Path(out_default, layout.PREPARED_DIR, part)).sort_values("uid").reset_index(drop=True)
-        pd.testing.assert_frame_equal(a, b)
 
 
 def test_spark_submit_conf_wins_in_subsets_and_reshard(spark, pool, tmp_path):
@@ -123,7 +83,8 @@ def test_shuffle_partitions_derived_from_input_size(spark):
 def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp_path):
     """spark-submit jobs/download.py and jobs/verify.py on a master + 2 workers: tasks run on both
     workers, and the pool equals the same download run in a local session; a download killed mid-run on
-    the same cluster and started again resumes to that same pool."""
+    the same cluster and started again resumes to that same pool. The first download is given
+    `--conf spark.sql.shuffle.partitions=37` and used it; the killed one, given none, derived its own."""
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -131,7 +92,8 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
 
     s = TEST_DOWNLOAD_SETTINGS
     with SyntheticWebServer(str(tmp_path / "web/images")) as web:
-        src = make_source(str(tmp_path / "web"), 40, web.base_url, broken={"status_404": 0.1, "bad_scheme": 0.05})
+        # rows prepare rejects (bad scheme, no URL): enough to show how many shuffle partitions it used
+        src = make_source(str(tmp_path / "web"), 60, web.base_url, broken={"status_404": 0.1, "bad_scheme": 0.2, "null_url": 0.1})
         local = str(tmp_path / "local")
         download_stage.run(DownloadConfig(input=src["source"], output=local, **s), spark)
         out = str(tmp_path / "cluster")
@@ -144,7 +106,15 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
         with StandaloneCluster(root, workers=2) as cluster:
             conf = ["--master", cluster.url, "--total-executor-cores", "2", "--executor-cores", "1",
                     "--conf", "spark.executor.memory=512m", "--driver-memory", "1g"]
-            spark_submit([*conf, str(REPO / "jobs" / "download.py"), *args], cwd=tmp_path)
+            # A user's --conf wins over the job's settings: prepare's shuffle used the 37 partitions given
+            # (AQE off, so the real count shows in the written rejected parquet, one file per non-empty
+            # shuffle partition: the few rejected rows hashed over 37 land in more files than the 8 the job
+            # used to force, never more than 37). The pool still equals the local run's (below).
+            spark_submit([*conf, "--conf", "spark.sql.shuffle.partitions=37", "--conf", "spark.sql.adaptive.enabled=false",
+                          str(REPO / "jobs" / "download.py"), *args], cwd=tmp_path)
+            assert _stats(out)["spark"] == {"shuffle_partitions": 37}
+            rejected = list(Path(out, layout.PREPARED_DIR, "rejected").glob("part-*.parquet"))
+            assert 8 < len(rejected) <= 37, len(rejected)
             ran = cluster.tasks_per_worker()
             assert all(n > 0 for n in ran), f"tasks per worker {ran}: a worker ran nothing"
             res = spark_submit([*conf, str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"], cwd=tmp_path)
@@ -160,6 +130,9 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
                                  done=Path(killed, layout.POOL_MANIFEST))
             assert phase["killed_before_manifest"], phase
             spark_submit([*conf, str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path)
+            # without the user's setting the job derives its own: a few KB of input, the cluster's
+            # default parallelism (2 executor cores)
+            assert _stats(killed)["spark"] == {"shuffle_partitions": 2}
     for pool in (out, killed):
         _assert_same_pool(pool, local)
 

@@ -25,7 +25,6 @@ from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.contracts.uids import array_to_uids, contains, load_uids, uids_to_array
 from laiontools.core.storage import sha256_file
 from laiontools.testing import TEST_DOWNLOAD_SETTINGS
-from laiontools.testing.net import free_port, wait_port
 
 
 def _catalog(pool_dir: str) -> pd.DataFrame:
@@ -117,16 +116,15 @@ def _comparable(pool_dir: str, skip_uids: set[str] = frozenset()) -> tuple[pd.Da
     return cat, keep
 
 
-@pytest.mark.parametrize("engine", ["spark", "in-process"])
-def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path, engine):
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path):
     """Killed once a shard is done (the in-process engine: the CLI and its forked download processes),
-    the same command finishes the pool: the Spark run's rows, statuses and manifest."""
+    the same command finishes the pool: the Spark run's rows, statuses and manifest. (The Spark engine
+    killed at three points: tests/faults/test_kill.py::test_download_survives_kills.)"""
     out = str(tmp_path / "pool")
     env = {k: v for k, v in os.environ.items() if k != "LAIONTOOLS_SPARK_MASTER"}
     env["LAIONTOOLS_SPARK_LOG_LEVEL"] = "ERROR"
     args = _download_args(pool.source, out)
-    if engine == "in-process":
-        args = args[:args.index("--master")]
+    args = args[:args.index("--master")]
     proc = subprocess.Popen(_cli(args), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -151,7 +149,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path, engine
             f.write(b"half")
     done = subprocess.run(_cli(args), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.load(open(os.path.join(out, layout.REPORT_JSON)))["engine"].startswith(engine.split("-")[0])
+    assert json.load(open(os.path.join(out, layout.REPORT_JSON)))["engine"] == "in-process"
     assert "obtained" in done.stdout
     # The session's server already served the "flaky" row's one failure to the first run, so that
     # row now succeeds: it is the server's state, not the pipeline's; compare everything else.
@@ -358,56 +356,6 @@ def test_a_catalog_swap_killed_midway_is_undone_before_a_retry_pass_reads_it(poo
     assert len(retried[0]) > 0 and retried[0]["uid"].tolist() == retried[1]["uid"].tolist()
     assert _comparable(killed)[0].equals(_comparable(plain)[0])
     assert not [n for n in os.listdir(killed) if "catalog" in n and n != layout.CATALOG_DIR]
-
-
-@pytest.mark.slow
-def test_spark_submit_on_a_standalone_cluster(tmp_path):
-    """spark-submit jobs/download.py against a Spark master + worker started on 127.0.0.1."""
-    import pyspark
-
-    from laiontools.synthetic import SyntheticWebServer, make_source
-
-    spark_home = os.path.dirname(pyspark.__file__)
-    env = {**os.environ, "SPARK_HOME": spark_home, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1",
-           "PYSPARK_DRIVER_PYTHON": sys.executable, "NO_ALBUMENTATIONS_UPDATE": "1", "SPARK_LOG_DIR": str(tmp_path / "logs")}
-    port, ui, wui = free_port(), free_port(), free_port()
-    master = subprocess.Popen([f"{spark_home}/bin/spark-class", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                               "--port", str(port), "--webui-port", str(ui)], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = None
-    try:
-        wait_port(port, time.time() + 120)
-        worker = subprocess.Popen([f"{spark_home}/bin/spark-class", "org.apache.spark.deploy.worker.Worker",
-                                   f"spark://127.0.0.1:{port}", "--cores", "2", "--memory", "2g", "--host", "127.0.0.1",
-                                   "--webui-port", str(wui), "--work-dir", str(tmp_path / "work")],
-                                  env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with SyntheticWebServer(str(tmp_path / "web/images")) as web:
-            src = make_source(str(tmp_path / "web"), 30, web.base_url, broken={"status_404": 0.1, "bad_scheme": 0.05})
-            out = str(tmp_path / "pool")
-            args = _download_args(src["source"], out)
-            i = args.index("--master")
-            del args[i:i + 2]
-            job = os.path.join(os.path.dirname(__file__), "..", "jobs", "download.py")
-            r = subprocess.run([f"{spark_home}/bin/spark-submit", "--master", f"spark://127.0.0.1:{port}",
-                                "--conf", "spark.executor.memory=1g", "--conf", "spark.driver.memory=1g",
-                                job, *args[1:]], env=env, capture_output=True, text=True, timeout=540)
-            assert r.returncode == 0, r.stderr[-4000:]
-            m = read_manifest(os.path.join(out, layout.POOL_MANIFEST))
-            exp = src["expected"]
-            assert m["num_samples"] == int((exp["expected"] == "success").sum())
-            cat = _catalog(out)
-            assert len(cat) == len(exp)
-            # the executors ran on the standalone worker, not in a local session
-            apps = os.listdir(tmp_path / "work")
-            assert any(a.startswith("app-") for a in apps), apps
-    finally:
-        for p in (worker, master):
-            if p is not None and p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
 
 
 def test_report_aggregate_local_counts_as_a_plain_loop():

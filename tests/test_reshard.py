@@ -8,11 +8,9 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -570,32 +568,6 @@ def test_resume_after_partial_run_is_identical(spark, subset, resharded, tmp_pat
     # Same folder, another plan: refused rather than mixed.
     with pytest.raises(ReshardError, match="another plan"):
         reshard_stage.run(ReshardConfig(manifest=subset, output=b, shard_size=8, seed=99), spark)
-
-
-def test_kill_and_resume_identical(spark, subset, tmp_path):
-    """SIGKILL a real `laiontools reshard` process after its first shard, resume, compare with a clean run."""
-    killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
-    env = {**os.environ, "LAIONTOOLS_SPARK_MASTER": "local[1]"}
-    cmd = [sys.executable, "-m", "laiontools", "reshard", "--manifest", subset, "--output", killed, "--shard-size", "2"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if glob.glob(os.path.join(killed, "shards", "*.done")):
-                break
-            time.sleep(0.01)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started (python + its JVM)
-        proc.wait(timeout=60)
-    assert glob.glob(os.path.join(killed, "shards", "*.done")), "the killed run never finished a shard"
-    assert not os.path.exists(os.path.join(killed, layout.RESHARD_MANIFEST)), "the kill landed after the run had finished"
-    reshard_stage.run(ReshardConfig(manifest=subset, output=killed, shard_size=2), spark)
-    reshard_stage.run(ReshardConfig(manifest=subset, output=clean, shard_size=2), spark)
-    mk, mc = read_manifest(os.path.join(killed, layout.RESHARD_MANIFEST)), read_manifest(os.path.join(clean, layout.RESHARD_MANIFEST))
-    assert mk["shards"] == mc["shards"]
-    for s in mc["shards"]:
-        assert filecmp.cmp(os.path.join(killed, s["path"]), os.path.join(clean, s["path"]), shallow=False)
 
 
 def test_bad_inputs(spark, subset, tmp_path):
