@@ -26,49 +26,6 @@ def _stats(out: str) -> dict:
     return json.loads(Path(out, layout.PREPARED_DIR, "stats.json").read_text())
 
 
-def test_spark_submit_conf_wins_in_subsets_and_reshard(spark, pool, tmp_path):
-    """subsets and reshard shuffle the pool's and the subset's rows. Under spark-submit with
-    `--conf spark.sql.shuffle.partitions=37` both used 37; in a session that sets none (the tests') they
-    derived the cluster's parallelism from the input (local[2], a small pool: 2), where Spark's default
-    of 200 gave ~200 tasks per shuffle. Each manifest's run sidecar records it; the bytes are the same."""
-    import filecmp
-
-    from laiontools.contracts.manifest import SIDECAR_SUFFIX, read_manifest
-    from laiontools.stages import reshard as reshard_stage
-    from laiontools.stages import subsets as subsets_stage
-    from laiontools.stages.reshard import ReshardConfig
-    from laiontools.stages.subsets import SubsetsConfig
-
-    def used(manifest: str) -> dict:
-        return json.loads(Path(manifest + SIDECAR_SUFFIX).read_text())["spark"]
-
-    n = read_manifest(pool.manifest)["num_samples"]
-    scales = f"{n - 3},{n // 2}"
-    here = subsets_stage.run(SubsetsConfig(pool=pool.manifest, output=str(tmp_path / "sub"), scales=scales, seed=3),
-                             spark).details
-    big = here[0]["manifest"]
-    assert used(big) == {"shuffle_partitions": spark.sparkContext.defaultParallelism} == {"shuffle_partitions": 2}
-    reshard_stage.run(ReshardConfig(manifest=big, output=str(tmp_path / "rs"), shard_size=8), spark)
-    assert used(str(tmp_path / "rs" / layout.RESHARD_MANIFEST)) == {"shuffle_partitions": 2}
-
-    conf = ["--master", "local[2]", "--conf", "spark.sql.shuffle.partitions=37"]
-    spark_submit([*conf, str(REPO / "jobs" / "subsets.py"), "--pool", pool.manifest, "--output",
-                  str(tmp_path / "sub37"), "--scales", scales, "--seed", "3"], cwd=tmp_path)
-    spark_submit([*conf, str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", str(tmp_path / "rs37"),
-                  "--shard-size", "8"], cwd=tmp_path)
-    for row in here:
-        other = str(tmp_path / "sub37" / Path(row["manifest"]).name)
-        assert used(other) == {"shuffle_partitions": 37}
-        uids = read_manifest(row["manifest"])["uids"]["path"]
-        assert filecmp.cmp(tmp_path / "sub" / uids, tmp_path / "sub37" / uids, shallow=False), uids
-    rs37 = tmp_path / "rs37" / layout.RESHARD_MANIFEST
-    assert used(str(rs37)) == {"shuffle_partitions": 37}
-    assert json.loads(Path(str(rs37) + SIDECAR_SUFFIX).read_text())["engine"] == "spark local[2]"
-    assert rs37.read_bytes() == (tmp_path / "rs" / layout.RESHARD_MANIFEST).read_bytes()
-    for s in read_manifest(str(rs37))["shards"]:
-        assert filecmp.cmp(tmp_path / "rs" / s["path"], tmp_path / "rs37" / s["path"], shallow=False), s["path"]
-
-
 def test_shuffle_partitions_derived_from_input_size(spark):
     """Unset by the user (the shared test session sets no shuffle count): derived from rows or bytes."""
     par = spark.sparkContext.defaultParallelism
@@ -81,10 +38,11 @@ def test_shuffle_partitions_derived_from_input_size(spark):
 
 @pytest.mark.slow
 def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp_path):
-    """spark-submit jobs/download.py and jobs/verify.py on a master + 2 workers: tasks run on both
-    workers, and the pool equals the same download run in a local session; a download killed mid-run on
-    the same cluster and started again resumes to that same pool. The first download is given
-    `--conf spark.sql.shuffle.partitions=37` and used it; the killed one, given none, derived its own."""
+    """spark-submit jobs/download.py, verify.py, subsets.py and reshard.py on a master + 2 workers: tasks
+    run on both workers, and each output equals the same stage run in the test's local session; a
+    download killed mid-run on the same cluster and started again resumes to that same pool. The
+    download, subsets and reshard given `--conf spark.sql.shuffle.partitions=37` used it (a user's
+    setting wins over the job's); the killed download, given none, derived its own."""
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -119,6 +77,7 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
             assert all(n > 0 for n in ran), f"tasks per worker {ran}: a worker ran nothing"
             res = spark_submit([*conf, str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"], cwd=tmp_path)
             assert f"OK   {out}/{layout.POOL_MANIFEST}" in res.stdout
+            _subsets_and_reshard_like_local(spark, cluster, conf, f"{local}/{layout.POOL_MANIFEST}", tmp_path)
 
             # The same download killed mid-run (spark-submit's whole process group: driver and its JVM;
             # the master then ends the app's executors) once its first shard is written, and started
@@ -135,6 +94,55 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
             assert _stats(killed)["spark"] == {"shuffle_partitions": 2}
     for pool in (out, killed):
         _assert_same_pool(pool, local)
+
+
+def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: list[str], pool: str, tmp_path: Path) -> None:
+    """subsets and reshard of the same pool in the test's session and through spark-submit on the cluster.
+
+    Both shuffle rows (the pool's, the subset's). In the session, which sets no shuffle count, they derive
+    one from the input (local[2], a small pool: 2; Spark's default of 200 gave ~200 tasks per shuffle);
+    on the cluster they are given `--conf spark.sql.shuffle.partitions=37` and use 37. Each manifest's run
+    sidecar records it. The uid files, the resharded manifest and every shard are the same bytes, and
+    the cluster's executors ran each stage's tasks."""
+    import filecmp
+
+    from laiontools.contracts.manifest import SIDECAR_SUFFIX, read_manifest
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
+
+    def sidecar(manifest: str | Path) -> dict:
+        return json.loads(Path(str(manifest) + SIDECAR_SUFFIX).read_text())
+
+    n = read_manifest(pool)["num_samples"]
+    scales = f"{n - 3},{n // 2}"
+    here = subsets_stage.run(SubsetsConfig(pool=pool, output=str(tmp_path / "sub"), scales=scales, seed=3), spark).details
+    big = here[0]["manifest"]
+    assert sidecar(big)["spark"] == {"shuffle_partitions": spark.sparkContext.defaultParallelism} == {"shuffle_partitions": 2}
+    reshard_stage.run(ReshardConfig(manifest=big, output=str(tmp_path / "rs"), shard_size=8, spark_above=0), spark)
+    assert sidecar(tmp_path / "rs" / layout.RESHARD_MANIFEST)["spark"] == {"shuffle_partitions": 2}
+
+    c37 = [*conf, "--conf", "spark.sql.shuffle.partitions=37"]
+    before = sum(cluster.tasks_per_worker())
+    spark_submit([*c37, str(REPO / "jobs" / "subsets.py"), "--pool", pool, "--output", str(tmp_path / "sub37"),
+                  "--scales", scales, "--seed", "3"], cwd=tmp_path)
+    after_subsets = sum(cluster.tasks_per_worker())
+    assert after_subsets > before, "subsets ran no task on the cluster's workers"
+    spark_submit([*c37, str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", str(tmp_path / "rs37"),
+                  "--shard-size", "8"], cwd=tmp_path)
+    assert sum(cluster.tasks_per_worker()) > after_subsets, "reshard ran no task on the cluster's workers"
+    for row in here:
+        other = tmp_path / "sub37" / Path(row["manifest"]).name
+        assert sidecar(other)["spark"] == {"shuffle_partitions": 37}
+        uids = read_manifest(row["manifest"])["uids"]["path"]
+        assert filecmp.cmp(tmp_path / "sub" / uids, tmp_path / "sub37" / uids, shallow=False), uids
+    rs37 = tmp_path / "rs37" / layout.RESHARD_MANIFEST
+    assert sidecar(rs37)["spark"] == {"shuffle_partitions": 37}
+    assert sidecar(rs37)["engine"] == f"spark {cluster.url}"
+    assert rs37.read_bytes() == (tmp_path / "rs" / layout.RESHARD_MANIFEST).read_bytes()
+    for s in read_manifest(str(rs37))["shards"]:
+        assert filecmp.cmp(tmp_path / "rs" / s["path"], tmp_path / "rs37" / s["path"], shallow=False), s["path"]
 
 
 def _kill_submit(args: list[str], *, cwd: Path, ready, done: Path, deadline_s: float = 600) -> dict:
