@@ -119,7 +119,9 @@ _NEEDS_BG = {"crescent", "smiley face", "house", "key"}
 
 
 def render_eval_item(label: int, k: int, seed: int = 1, size: int = EVAL_SIZE) -> Image.Image:
-    """Eval image `k` of class `label`: the class glyph drawn large, position/colour/rotation varied."""
+    """Eval image `k` of the class whose glyph is ``list(GLYPHS)[label]``: the glyph drawn large,
+    position/colour/rotation varied. (:func:`write_evalset` numbers its classes by sorted folder name
+    and passes each class's glyph index here.)"""
     name = list(GLYPHS)[label]
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 7919, label, k])
     names = list(COLOURS)
@@ -163,12 +165,16 @@ def write_evalset(out_dir: str, n_classes: int = 5, per_class: int = 4, seed: in
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     os.makedirs(out_dir, exist_ok=True)
-    classnames = list(GLYPHS)[:n_classes]
+    # Labels number the classes in the order of their folder names, sorted: what an ImageFolder reader
+    # (torchvision's, ours) assigns, so classnames.txt, the labels and the folders agree in every format.
+    # Each class keeps its glyph's drawing (render_eval_item takes the glyph's index).
+    glyphs = list(GLYPHS)
+    classnames = sorted(glyphs[:n_classes], key=_folder_name)
     items: list[dict[str, Any]] = []
     images: list[bytes] = []
     for label, cname in enumerate(classnames):
         for k in range(per_class):
-            img = render_eval_item(label, k, seed=seed)
+            img = render_eval_item(glyphs.index(cname), k, seed=seed)
             item: dict[str, Any] = {"item_id": f"{_folder_name(cname)}/{k:04d}", "label": label, "classname": cname}
             if fmt == "wds":
                 buf = io.BytesIO()
