@@ -632,8 +632,11 @@ TRAIN_FLOPS_PER_FORWARD_MAC = 6
 
 def plan_grid(models: Sequence[str], scales: dict[str, int], samples_seen: Sequence[int], gmacs: dict[str, float], *,
               batch_size: int, images_per_second: dict[str, float] | None = None, gpu_tflops: float | None = None,
-              shard_size: int = 10_000, bytes_per_sample: float = 0.0) -> dict[str, Any]:
+              shard_size: int = 10_000, bytes_per_sample: float = 0.0, extra_seeds: Sequence[int] = ()) -> dict[str, Any]:
     """Per run and in total: compute, steps, epochs, GPU-hours; per scale: shards, disk, the runs that share it.
+
+    ``extra_seeds``: as the study's, one more run of every model and scale at the largest budget per
+    seed (run id ``<model>__<scale>__<budget>__seed<k>``).
 
     ``gmacs``: GMACs per sample of each model (:func:`model_gmacs`). GPU-hours of a run = samples seen
     / images per second per GPU / 3600 (a GPU-hour is one GPU busy one hour, whatever the number of
@@ -653,12 +656,14 @@ def plan_grid(models: Sequence[str], scales: dict[str, int], samples_seen: Seque
         else:
             rate_of[m] = (None, "unknown: state images_per_second or gpu_tflops")
     runs = []
+    top = max(samples_seen, default=0)
     for m in models:
         for s, n in scales.items():
-            for seen in samples_seen:
+            for seen, seed in [*((b, None) for b in samples_seen), *((top, k) for k in extra_seeds)]:
                 rate, how = rate_of[m]
                 runs.append({
-                    "run_id": slug(f"{m}__{s}__{seen}"), "model": m, "scale": s, "dataset_samples": n,
+                    "run_id": slug(f"{m}__{s}__{seen}") + (f"__seed{seed}" if seed is not None else ""), "model": m, "scale": s,
+                    "dataset_samples": n,
                     "samples_seen": int(seen), "epochs": seen / n, "steps": math.ceil(seen / batch_size),
                     "gmacs_per_sample": gmacs[m], "compute_gmacs": gmacs[m] * seen,
                     "images_per_second": rate, "rate_source": how,

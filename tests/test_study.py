@@ -399,3 +399,36 @@ def test_study_plan_measures_images_per_second_here() -> None:
     assert tiny["gpu_hours"] == pytest.approx(2000 / tiny["images_per_second"] / 3600)
     assert small["rate_source"] == "stated" and small["gpu_hours"] == pytest.approx(2000 / 10 / 3600)
     assert "lt-small" not in plan["measured"]  # a stated rate is not re-measured
+
+
+def test_one_study_yaml_for_plan_then_study(tmp_path) -> None:
+    """The README's order: `study plan --config study.yaml`, then `study --config study.yaml`, into the
+    same folder. The plan wrote plan.json there and the study refused the folder as not its own; the
+    study refused the plan's keys (images_per_second) in the shared YAML; and the plan left the
+    extra seeds' runs out of its count."""
+    from laiontools.cli import main as cli
+
+    data = tmp_path / "data"
+    subset = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")
+    ev = write_color_evalset(str(data / "colors"), per_class=2)["path"]
+    out = tmp_path / "study"
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output": str(out), "scales": {"16": subset}, "samples_seen": [8, 16], "models": ["lt-tiny"], "batch_size": 8,
+        "nproc": 1, "evalset": [f"colors={ev}:wds"], "train": {"workers": 0, "log_every": 1},
+        "evaluate": {"batch_size": 16}, "extra_seeds": [1], "images_per_second": {"lt-tiny": 100}}))
+    assert cli(["study", "plan", "--config", str(cfg)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    # 1 model x 1 scale x 2 budgets, + 1 extra seed at the largest budget (16): 3 runs, 40 samples seen
+    assert [r["run_id"] for r in plan["runs"]] == ["lt-tiny__16__8", "lt-tiny__16__16", "lt-tiny__16__16__seed1"]
+    assert plan["total"]["samples_seen"] == 40 and plan["total"]["gpu_hours"] == pytest.approx(40 / 100 / 3600)
+    assert cli(["study", "--config", str(cfg)]) == 0
+    df = pd.read_csv(out / "results.csv")
+    assert sorted(df["run_id"]) == sorted(r["run_id"] for r in plan["runs"])  # the plan counted the runs the study made
+    assert (out / "plan.json").exists()
+    # and a plan written into a folder that holds another stage's output is refused, as any stage's would be
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("not a study")
+    assert cli(["study", "plan", "--config", str(cfg), "--output", str(other)]) == 2
+    assert sorted(os.listdir(other)) == ["x.txt"]

@@ -97,6 +97,14 @@ class StudyConfig(StageConfig):
     extra_seeds: list[int] = dataclasses.field(default_factory=list, metadata={
         "help": "more training seeds for every model and scale at the largest samples-seen budget (the grid's runs use "
                 "train.seed): the report compares data scales at that budget against the spread between seeds"})
+    # `study plan` settings that one study.yaml carries for both commands (README): read by the plan only
+    images_per_second: dict[str, float] = dataclasses.field(default_factory=dict, metadata={
+        "help": "(`study plan` setting, unused by the study)", "pairs": True})
+    gpu_tflops: float | None = dataclasses.field(default=None, metadata={"help": "(`study plan` setting, unused by the study)"})
+    measure: bool = dataclasses.field(default=False, metadata={"help": "(`study plan` setting, unused by the study)"})
+    measure_batch_size: int = dataclasses.field(default=32, metadata={"help": "(`study plan` setting, unused by the study)"})
+    shard_size: int = dataclasses.field(default=10_000, metadata={"help": "(`study plan` setting, unused by the study)"})
+    bytes_per_sample: float = dataclasses.field(default=0.0, metadata={"help": "(`study plan` setting, unused by the study)"})
 
     def validate(self) -> None:
         if not self.output:
@@ -257,10 +265,11 @@ def _grid_html(cfg: StudyConfig) -> str:
 
 
 STAGE = "study"
+PLAN_STAGE = "study plan"
 CONFIG = StudyConfig
 
 
-@stage_entry(STAGE)
+@stage_entry(STAGE, accepts=(PLAN_STAGE,))  # a folder `study plan` wrote plan.json into is the study's to run
 def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
     """Run the whole grid (skipping finished points), then collect, fit, plot and report.
 
@@ -421,6 +430,8 @@ class PlanConfig(StageConfig):
     evaluate: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "(study setting, unused by plan)"})
     metrics: list[str] = dataclasses.field(default_factory=list, metadata={"help": "(study setting, unused by plan)"})
     predict_at: list[float] = dataclasses.field(default_factory=list, metadata={"help": "(study setting, unused by plan)"})
+    extra_seeds: list[int] = dataclasses.field(default_factory=list, metadata={
+        "help": "the study's extra seeds: one more run of every model and scale at the largest budget per seed, counted"})
 
     def validate(self) -> None:
         if not self.scales or not self.samples_seen or not self.models:
@@ -470,7 +481,8 @@ def _human_bytes(n: float) -> str:
     return f"{n:.3g} PB"
 
 
-def run_plan(cfg: PlanConfig) -> StageResult:
+@stage_entry(PLAN_STAGE, accepts=(STAGE,))
+def run_plan(cfg: PlanConfig, spark: Any = None) -> StageResult:
     """Compute (the study's FLOP counter), steps, epochs, GPU-hours, shards, disk and shared data of a planned grid.
 
     Nothing is trained. GMACs per sample come from :func:`laiontools.scaling.model_gmacs` (meta device,
@@ -487,7 +499,8 @@ def run_plan(cfg: PlanConfig) -> StageResult:
                 rates[m] = measured[m]["images_per_second"]
     bps = cfg.bytes_per_sample or max(manifest_bps.values(), default=0.0)
     plan = plan_grid(cfg.models, sizes, list(cfg.samples_seen), gm, batch_size=cfg.batch_size, images_per_second=rates,
-                     gpu_tflops=cfg.gpu_tflops, shard_size=cfg.shard_size, bytes_per_sample=bps)
+                     gpu_tflops=cfg.gpu_tflops, shard_size=cfg.shard_size, bytes_per_sample=bps,
+                     extra_seeds=[int(k) for k in cfg.extra_seeds])
     for r in plan["runs"]:
         if r["model"] in measured:
             r["rate_source"] = f"measured on {measured[r['model']]['device']} (batch {cfg.measure_batch_size})"
@@ -505,7 +518,8 @@ def run_plan(cfg: PlanConfig) -> StageResult:
     t = plan["total"]
     sources = sorted({r["rate_source"] for r in plan["runs"]})
     summary = "\n".join([
-        f"study plan: {t['runs']} runs ({len(cfg.models)} model(s) x {len(sizes)} scale(s) x {len(cfg.samples_seen)} budget(s))",
+        f"study plan: {t['runs']} runs ({len(cfg.models)} model(s) x {len(sizes)} scale(s) x {len(cfg.samples_seen)} budget(s)"
+        + (f", + {len(cfg.extra_seeds)} extra seed(s) of each model and scale at the largest budget" if cfg.extra_seeds else "") + ")",
         table(run_rows), "", table(scale_rows), "",
         (f"total: {g(t['compute_gmacs'])} GMACs, {g(t['samples_seen'], '.4g')} samples seen, {g(t['gpu_hours'])} GPU-hours "
          f"({g(t['gpu_hours'] / cfg.nproc if t['gpu_hours'] is not None else None)} h wall-clock at {cfg.nproc} GPU(s) per run, "
