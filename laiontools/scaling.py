@@ -621,7 +621,7 @@ def parse_count(v: Any) -> int:
         if not m:
             raise ValueError(f"{v!r} is not a sample count (a number, or a number with k / M / B / T)")
         n = float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1)
-    if n <= 0 or n != int(n):
+    if not math.isfinite(n) or n <= 0 or n != int(n):
         raise ValueError(f"{v!r} is not a positive whole number of samples")
     return int(n)
 

@@ -247,3 +247,19 @@ def test_calibrate_refuses_an_exclude_uids_that_is_no_uid_file_before_embedding(
             dedup_calibrate.run(CalibrateConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=str(out),
                                                 plant_items=5, pool_sample=50, exclude_uids=path))
         assert not out.exists()
+
+
+def test_calibrate_refuses_to_recommend_without_pool_negatives(pool, emb, tmp_path):
+    """--pool-sample 0 gave no negatives and recommended --threshold 0.0 ("no negative flagged"), a
+    threshold that flags nearly the whole pool; now refused. So is a run whose exclusions leave no pool
+    sample to compare with."""
+    from laiontools.core.config import ConfigError
+    from laiontools.core.errors import InputError
+
+    with pytest.raises(ConfigError, match="pool_sample must be >= 1"):
+        CalibrateConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=str(tmp_path / "a"), pool_sample=0)
+    every = str(tmp_path / "every.uids.npy")
+    save_uids(every, pd.read_parquet(os.path.join(pool.dir, "catalog"), columns=["uid"])["uid"].dropna().tolist())
+    with pytest.raises(InputError, match="no pool sample is left to calibrate against"):
+        dedup_calibrate.run(CalibrateConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=str(tmp_path / "b"),
+                                            plant_items=5, pool_sample=50, exclude_uids=every))

@@ -148,7 +148,7 @@ def test_load_results_table_mapping_and_filters(tmp_path) -> None:
 def test_parse_count() -> None:
     assert parse_count("80M") == 80_000_000 and parse_count("2B") == 2_000_000_000 and parse_count("12.8k") == 12_800
     assert parse_count("3e9") == 3_000_000_000 and parse_count(400) == 400 and parse_count("34B") == 34 * 10**9
-    for bad in ("lots", "0", "-5M", "1.5"):
+    for bad in ("lots", "0", "-5M", "1.5", "1e400", float("inf"), float("nan")):  # 1e400: inf, an OverflowError before
         with pytest.raises(ValueError):
             parse_count(bad)
 

@@ -289,6 +289,9 @@ def test_parse_scales_and_seed():
             parse_scales(bad)
     with pytest.raises(ConfigError, match="whole number"):
         parse_scales("80M", 1e-9)
+    for bad, factor in (("1e400", 1.0), ("2B", 1e300)):  # inf samples: an OverflowError traceback before
+        with pytest.raises(ConfigError, match="not a finite number of samples"):
+            parse_scales(bad, factor)
     assert parse_seed("42") == 42
     for bad in ("abc", "1.5", "-1", "", str(2**64)):
         with pytest.raises(ConfigError):

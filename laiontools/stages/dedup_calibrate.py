@@ -74,8 +74,9 @@ class CalibrateConfig(StageConfig):
         bad = [t for t in self.transforms if t not in TRANSFORMS]
         if bad:
             raise ConfigError(f"unknown transform(s) {bad}; known: {TRANSFORMS}")
-        if self.plant_items < 1 or self.pool_sample < 0:
-            raise ConfigError("plant_items must be >= 1 and pool_sample >= 0")
+        if self.plant_items < 1 or self.pool_sample < 1:
+            raise ConfigError("plant_items and pool_sample must be >= 1 (the threshold is chosen between the planted "
+                              "copies and pool samples that are not copies: without pool samples any threshold flags none)")
 
     def check_required(self) -> None:
         """Required settings (called from validate, so a config without them cannot be built)."""
@@ -262,6 +263,11 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
         attributed[tname] = float(np.mean([row_item.get(int(i)) == (s, it) for (s, it, _), i in zip(chosen, _I[:, 0])]))
     embed_s = time.time() - t0
     negv, neg_uids = _sample_negatives(cfg.embeddings, cfg.pool_sample, cfg.seed, excl)
+    if not len(negv):
+        from laiontools.core.errors import InputError
+
+        raise InputError(f"{cfg.embeddings}: no pool sample is left to calibrate against (every one excluded, or none "
+                         "embedded); a threshold chosen without negatives would flag the whole pool")
     neg = index.search(negv, 1)[0][:, 0].astype(np.float64) if len(negv) else np.zeros(0)
 
     all_s = np.concatenate([*pos.values(), neg])

@@ -115,7 +115,7 @@ class StudyConfig(StageConfig):
         try:  # YAML reads 1e9 as a string and 1.0e+9 as a float
             self.samples_seen = [int(float(n)) for n in self.samples_seen]
             self.predict_at = [float(c) for c in self.predict_at]
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: 1e400 reads as inf
             raise ConfigError(f"study: samples_seen / predict_at must be numbers ({e})") from e
         if not self.scales:
             raise ConfigError("study: `scales` (name -> resharded subset manifest) must list at least one scale")
