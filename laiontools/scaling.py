@@ -401,6 +401,27 @@ def load_results_table(path: str, columns: Sequence[str] = (), where: Sequence[s
     return rows
 
 
+def mixed_run_columns(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, list[str]]:
+    """Text columns whose value differs between rows of the same run (same model, scale, samples seen,
+    seed and compute, those of them the rows have): {column: its values there, sorted}. Such rows are
+    usually one table holding several things to fit apart (one row per downstream dataset, or per
+    training set when no ``scale`` is mapped); fitted together they make one frontier of unlike rows."""
+    keys = [c for c in ("model", "scale", "samples_seen", "seed", "compute_gmacs") if any(c in r for r in rows)]
+    skip = {"run_id", *keys, *metrics}
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(_id_part(r.get(c)) for c in keys), []).append(r)
+    mixed: dict[str, set[str]] = {}
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        for col in {k for r in group for k in r} - skip:
+            vals = {v for r in group if isinstance(v := r.get(col), str)}
+            if len(vals) > 1:
+                mixed.setdefault(col, set()).update(vals)
+    return {c: sorted(v) for c, v in sorted(mixed.items())}
+
+
 def check_metric_values(rows: list[dict[str, Any]], metrics: Sequence[str], kind: str, where: str) -> None:
     """Raise UserError when a metric column is missing or holds values outside [0, 1] (e.g. percentages)."""
     cols = sorted({k for r in rows for k in r})

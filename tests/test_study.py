@@ -275,6 +275,15 @@ def test_study_fit_on_another_studys_table(tmp_path) -> None:
     e = _json(os.path.join(out, "fits.json"))["fits"]["acc1"]
     assert e["n_runs"] == 5  # the cifar10 rows were filtered out (they would pull alpha towards -0.05)
     assert e["fit"]["alpha"] == pytest.approx(ALPHA, abs=1e-9) and e["fit"]["beta"] == pytest.approx(BETA, rel=1e-9)
+    assert "warning" not in p.stdout and _json(os.path.join(out, "fits.json"))["warnings"] == []
+    # without --where both downstream sets were fitted as one frontier, silently (alpha -0.18 for -0.1 and
+    # -0.05): the fit now says which column mixes them and how to fit each apart
+    mixed = study_stage.run_fit(study_stage.FitConfig(results=csv, output=str(tmp_path / "mixed"), metrics=["acc1"],
+                                                      columns=["compute_gmacs=gmacs_total", "model=model_name"],
+                                                      metric_scale=100))  # fmt: skip
+    want = "rows of the same run differ in 'downstream_dataset' (downstream_dataset: cifar10, imagenet1k)"
+    assert want in mixed.summary and "--where downstream_dataset=<value>" in mixed.summary
+    assert _json(os.path.join(tmp_path, "mixed", "fits.json"))["warnings"] == [mixed.summary.splitlines()[1]]
 
     # the same law given as an error column
     pd.DataFrame({"gmacs_total": COMPUTE, "top1_error": [BETA * c**ALPHA for c in COMPUTE]}).to_csv(tmp_path / "err.csv", index=False)

@@ -376,6 +376,16 @@ def run_fit(cfg: FitConfig) -> StageResult:
                 if isinstance(v, (int, float)):
                     r[m] = v / cfg.metric_scale
     check_metric_values(rows, metrics, cfg.metric_kind, f"results table {cfg.results}")
+    from laiontools.scaling import mixed_run_columns
+
+    mixed = mixed_run_columns(rows, metrics)
+    warning = ""
+    if mixed:
+        col, vals = next(iter(mixed.items()))
+        warning = (f"warning: rows of the same run differ in {', '.join(repr(c) for c in mixed)} ({col}: "
+                   f"{', '.join(vals[:5])}{', ...' if len(vals) > 5 else ''}): they are fitted as one frontier; fit "
+                   f"each apart with --where {col}=<value>")
+        log.warning("study fit: %s", warning)
     os.makedirs(cfg.output, exist_ok=True)
     write_json(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
     _write_results(os.path.join(cfg.output, layout.STUDY_FIT_INPUT_CSV), rows)
@@ -384,11 +394,12 @@ def run_fit(cfg: FitConfig) -> StageResult:
              + (f" passing {esc(' and '.join(cfg.where))}" if cfg.where else "")
              + (f"; columns mapped {esc(', '.join(cfg.columns))}" if cfg.columns else "")
              + f"; metrics read as {esc(cfg.metric_kind)}" + (f" / {cfg.metric_scale:g}" if cfg.metric_scale != 1 else "")
-             + ". Compute C = <code>compute_gmacs</code> (GMACs per run).</p>")
+             + ". Compute C = <code>compute_gmacs</code> (GMACs per run).</p>"
+             + (f"<p><b>{esc(warning)}</b></p>" if warning else ""))
     out = fit_and_report(rows, metrics, cfg.output, kind=cfg.metric_kind, predict_at=cfg.predict_at,
                          title="Scaling fit", intro_html=intro, columns=["run_id", "model", "scale", "samples_seen", "compute_gmacs"],
-                         extra_json={"results": os.path.abspath(cfg.results), "n_rows": len(rows)})
-    summary = (f"study fit: {len(rows)} row(s) of {cfg.results}, {len(metrics)} metric(s)\n"
+                         extra_json={"results": os.path.abspath(cfg.results), "n_rows": len(rows), "warnings": [warning] if warning else []})
+    summary = (f"study fit: {len(rows)} row(s) of {cfg.results}, {len(metrics)} metric(s)\n" + (f"{warning}\n" if warning else "") +
                f"{table(fit_rows(out['fits']), FIT_COLUMNS)}\nfits:   {out['fits_json']}\nreport: {out['report']}")
     return StageResult(stage="study fit", outputs={"fits": out["fits_json"], "report": out["report"]},
                        counts={"rows": len(rows), "metrics": len(metrics),
