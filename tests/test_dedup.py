@@ -263,3 +263,23 @@ def test_calibrate_refuses_to_recommend_without_pool_negatives(pool, emb, tmp_pa
     with pytest.raises(InputError, match="no pool sample is left to calibrate against"):
         dedup_calibrate.run(CalibrateConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=str(tmp_path / "b"),
                                             plant_items=5, pool_sample=50, exclude_uids=every))
+
+
+def test_a_threshold_that_excludes_most_of_the_pool_is_called_out(pool, emb, dedup_run, spark, tmp_path):
+    """The calibrated threshold excludes the planted copies and no warning is given; -1 (every pair
+    similar enough) excludes the whole pool, which dedup now says in its summary and summary.json
+    instead of a quiet 100 %. --phash-max-distance without --phash was ignored: refused."""
+    from laiontools.core.config import ConfigError
+
+    assert dedup_run["summary"]["warnings"] == []
+    assert dedup_run["summary"]["excluded"] < dedup_stage.FLAGGED_SHARE_WARNING * dedup_run["summary"]["pool_samples"]
+    res = dedup_stage.run(DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=str(tmp_path / "loose"),
+                                      threshold=-1.0), spark)
+    n = res.counts["pool_samples"]
+    assert res.counts["excluded"] == n > 0
+    want = f"warning: {n} of {n} pool samples (100%) are excluded: threshold -1.0 is too loose"
+    assert want in res.summary and res.details["warnings"][0].startswith(want)
+    with open(os.path.join(str(tmp_path / "loose"), "summary.json")) as f:
+        assert json.load(f)["warnings"] == res.details["warnings"]
+    with pytest.raises(ConfigError, match="--phash-max-distance 4 without --phash"):
+        DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=str(tmp_path / "p"), phash_max_distance=4)

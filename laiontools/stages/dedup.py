@@ -111,6 +111,9 @@ class DedupConfig(SparkStageConfig):
             raise ConfigError("batch_size and chunk_rows must be >= 1, gallery_pairs >= 0")
         if not 0 <= self.phash_max_distance <= 32:
             raise ConfigError(f"phash_max_distance must be in [0, 32] bits of 64, got {self.phash_max_distance}")
+        if self.phash_max_distance and not self.phash:
+            raise ConfigError(f"--phash-max-distance {self.phash_max_distance} without --phash: no pHash is computed; "
+                              "add --phash (or drop the distance)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
@@ -652,6 +655,9 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     )
 
 
+FLAGGED_SHARE_WARNING = 0.5  # dedup warns when it excludes more than this share of the pool
+
+
 def _read_items(items_path: str) -> dict[str, list[Any]]:
     import pyarrow.parquet as pq
 
@@ -753,6 +759,14 @@ def _write_outputs(
         "pool_duplicates": agg.duplicates, "excluded": n_ex, "phash": cfg.phash, "evalsets": per_set,
         "search_seconds": round(search_s, 3), "worker_peak_rss_mb": agg.peak_rss_mb,
     }
+    # Copies of evaluation sets are a small share of any pool (a few per thousand in LAION): most of it
+    # flagged means a threshold too loose for this model (a random-init one makes everything similar).
+    warnings = []
+    if agg.rows and n_ex > FLAGGED_SHARE_WARNING * agg.rows:
+        warnings.append(f"warning: {n_ex} of {agg.rows} pool samples ({100 * n_ex / agg.rows:.0f}%) are excluded: threshold "
+                        f"{cfg.threshold} is too loose for this model, which finds the pool, not copies of the evaluation "
+                        "sets; choose one with `laiontools dedup calibrate`")
+    summary["warnings"] = warnings
     if cfg.phash:
         summary.update({"phash_pool_matches": agg.phash_matches, "phash_only_matches": len(set(agg.phash_only_uids)),
                         "phash_unreadable_pool_images": agg.phash_missing})
@@ -766,6 +780,7 @@ def _write_outputs(
         f"duplicates: {agg.duplicates} pool samples; excluded uids: {n_ex}"
         + (f" (incl. {len(set(agg.phash_only_uids))} pHash-only)" if cfg.phash else "")
         + (f"; {agg.not_embedded} pool samples had no embedding" if agg.not_embedded else "")
+        + "".join(f"\n{w}" for w in warnings)
         + "\n\n" + table(per_set, cols) + "\n"
     )
     atomic_write_bytes(join(cfg.output, layout.DEDUP_SUMMARY_TXT), txt.encode())
