@@ -653,10 +653,12 @@ TRAIN_FLOPS_PER_FORWARD_MAC = 6
 
 def plan_grid(models: Sequence[str], scales: dict[str, int], samples_seen: Sequence[int], gmacs: dict[str, float], *,
               batch_size: int, images_per_second: dict[str, float] | None = None, gpu_tflops: float | None = None,
-              shard_size: int = 10_000, bytes_per_sample: float = 0.0, extra_seeds: Sequence[int] = ()) -> dict[str, Any]:
+              shard_size: int = 10_000, bytes_per_sample: float = 0.0, extra_seeds: Sequence[int] = (),
+              shards: dict[str, int] | None = None) -> dict[str, Any]:
     """Per run and in total: compute, steps, epochs, GPU-hours; per scale: shards, disk, the runs that share it.
 
-    ``extra_seeds``: as the study's, one more run of every model and scale at the largest budget per
+    ``shards``: a scale's shard count where known (a resharded manifest lists them), else derived from
+    ``shard_size``. ``extra_seeds``: as the study's, one more run of every model and scale at the largest budget per
     seed (run id ``<model>__<scale>__<budget>__seed<k>``).
 
     ``gmacs``: GMACs per sample of each model (:func:`model_gmacs`). GPU-hours of a run = samples seen
@@ -695,7 +697,7 @@ def plan_grid(models: Sequence[str], scales: dict[str, int], samples_seen: Seque
         mine = [r for r in runs if r["scale"] == s]
         hours = [r["gpu_hours"] for r in mine]
         per_scale.append({
-            "scale": s, "samples": n, "shards": math.ceil(n / shard_size), "disk_bytes": n * bytes_per_sample,
+            "scale": s, "samples": n, "shards": (shards or {}).get(s, math.ceil(n / shard_size)), "disk_bytes": n * bytes_per_sample,
             "runs_sharing": [r["run_id"] for r in mine], "n_runs": len(mine),
             "compute_gmacs": sum(r["compute_gmacs"] for r in mine),
             "gpu_hours": sum(hours) if all(h is not None for h in hours) else None,

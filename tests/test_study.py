@@ -383,6 +383,10 @@ def test_study_plan_of_the_papers_grid(tmp_path, capsys) -> None:
                                                       batch_size=8, gpu_tflops=1.0))  # fmt: skip
     r = res.details["runs"][0]
     assert r["dataset_samples"] == 16 and r["epochs"] == 4 and r["steps"] == 8
+    # the shards the manifest lists, not 16 samples / the 10,000 of --shard-size (1 shard, right by chance here)
+    two = write_resharded_subset(str(tmp_path / "m32"), n_shards=2, per_shard=16, seed=1, name="s32")
+    res2 = study_stage.run_plan(study_stage.PlanConfig(scales={"s32": two}, samples_seen=[64], models=["lt-tiny"]))
+    assert res2.details["scales"][0]["shards"] == 2 and res2.details["total"]["shards"] == 2
     g_tiny = model_gmacs("lt-tiny")["gmacs_per_sample"]
     assert r["images_per_second"] == pytest.approx(1e12 / (6 * g_tiny * 1e9))  # 1 TFLOP/s / (6 x GMACs)
     # a mistyped manifest path is an error naming it, also under a scale name that reads as a count (it

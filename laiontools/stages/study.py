@@ -458,11 +458,12 @@ class PlanConfig(StageConfig):
             raise ConfigError(f"study plan: images_per_second and gpu_tflops must be positive ({bad or self.gpu_tflops})")
 
 
-def _scale_sizes(scales: dict[str, Any]) -> tuple[dict[str, int], dict[str, float]]:
-    """(samples, stored bytes per sample or 0) per scale: from a manifest file, else the value or the name as a count."""
+def _scale_sizes(scales: dict[str, Any]) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
+    """(samples, stored bytes per sample or 0, shards) per scale: from a manifest file (shards: those it
+    lists, when resharded), else the value or the name as a count (no shards: the plan derives them)."""
     from laiontools.contracts.manifest import read_manifest
 
-    sizes, bps = {}, {}
+    sizes, bps, shards = {}, {}, {}
     for name, v in scales.items():
         if isinstance(v, str) and (v.endswith(".json") or "/" in v):
             # a manifest path (local or a store's URL): a mistyped one is read_manifest's error naming it, not
@@ -471,6 +472,8 @@ def _scale_sizes(scales: dict[str, Any]) -> tuple[dict[str, int], dict[str, floa
             sizes[name] = int(m["num_samples"])
             nbytes = sum(int(s.get("bytes") or s.get("size") or 0) for s in m.get("shards", []))
             bps[name] = nbytes / sizes[name] if nbytes and sizes[name] else 0.0
+            if m.get("shards"):
+                shards[name] = len(m["shards"])
             continue
         try:
             sizes[name] = parse_count(v if v not in (None, "") else name)
@@ -481,7 +484,7 @@ def _scale_sizes(scales: dict[str, Any]) -> tuple[dict[str, int], dict[str, floa
                 raise ConfigError(f"study plan: scale {name!r}: {v!r} is neither an existing manifest nor a sample count, "
                                   f"and the name is no count either ({e})") from e
         bps[name] = 0.0
-    return sizes, bps
+    return sizes, bps, shards
 
 
 def _human_bytes(n: float) -> str:
@@ -499,7 +502,7 @@ def run_plan(cfg: PlanConfig, spark: Any = None) -> StageResult:
     Nothing is trained. GMACs per sample come from :func:`laiontools.scaling.model_gmacs` (meta device,
     no weights), the same counter ``study`` uses. details = the plan dict (also ``<output>/plan.json``).
     """
-    sizes, manifest_bps = _scale_sizes(cfg.scales)
+    sizes, manifest_bps, manifest_shards = _scale_sizes(cfg.scales)
     gm = {m: model_gmacs(m)["gmacs_per_sample"] for m in cfg.models}
     rates = {m: float(v) for m, v in cfg.images_per_second.items()}
     measured = {}
@@ -511,7 +514,7 @@ def run_plan(cfg: PlanConfig, spark: Any = None) -> StageResult:
     bps = cfg.bytes_per_sample or max(manifest_bps.values(), default=0.0)
     plan = plan_grid(cfg.models, sizes, list(cfg.samples_seen), gm, batch_size=cfg.batch_size, images_per_second=rates,
                      gpu_tflops=cfg.gpu_tflops, shard_size=cfg.shard_size, bytes_per_sample=bps,
-                     extra_seeds=[int(k) for k in cfg.extra_seeds])
+                     extra_seeds=[int(k) for k in cfg.extra_seeds], shards=manifest_shards)
     for r in plan["runs"]:
         if r["model"] in measured:
             r["rate_source"] = f"measured on {measured[r['model']]['device']} (batch {cfg.measure_batch_size})"
