@@ -101,7 +101,10 @@ class TrainConfig(StageConfig):
     workers: int = dataclasses.field(default=2, metadata={"help": "data loader worker processes per process"})
     precision: str | None = dataclasses.field(default=None, metadata={"help": "open_clip precision; default amp on GPU, fp32 on CPU"})
     device: str | None = dataclasses.field(default=None, metadata={"help": "cuda or cpu; default cuda when available"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "random seed"})
+    seed: int = dataclasses.field(default=0, metadata={
+        "help": "random seed (open_clip_train's --seed: model init and the per-worker data order); two runs of one "
+                "command still differ in their weights (its resampled shard stream is not seeded per run), so compare "
+                "seeds by their spread, as study's extra_seeds does"})
     log_every: int = dataclasses.field(default=10, metadata={"help": "write a metrics line every N steps"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --output from its latest checkpoint"})
     open_clip_args: list[str] = dataclasses.field(
