@@ -67,6 +67,7 @@ from laiontools.scaling import (  # noqa: F401  (fit maths also importable from 
     json_safe,
     load_results_table,
     measure_images_per_second,
+    mixed_run_columns,
     model_gmacs,
     pareto_frontier,
     parse_count,
@@ -376,8 +377,6 @@ def run_fit(cfg: FitConfig) -> StageResult:
                 if isinstance(v, (int, float)):
                     r[m] = v / cfg.metric_scale
     check_metric_values(rows, metrics, cfg.metric_kind, f"results table {cfg.results}")
-    from laiontools.scaling import mixed_run_columns
-
     mixed = mixed_run_columns(rows, metrics)
     warning = ""
     if mixed:
