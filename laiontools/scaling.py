@@ -322,12 +322,16 @@ def _count_cell(path: str, col: str, v: Any) -> Any:
         raise UserError(f"results table {path}: column {col!r}: {e}") from e
 
 
+# The columns that identify one training run in a results table (those of them a table has).
+RUN_KEY_COLUMNS = ("model", "scale", "samples_seen", "seed", "compute_gmacs")
+
+
 def _refuse_repeated_runs(path: str, df: Any) -> None:
     """Raise UserError when rows repeat a run: the same ``run_id``; with a ``seed`` column, the same model, scale,
     samples seen, seed and compute (those of them the table has); in a table with neither, two identical rows.
     Seed replicates are rows with distinct ``seed`` values (or run ids): a run counted twice would pass for two
     seeds that agree exactly. (Rows that differ elsewhere, e.g. one per downstream set, are no repeats.)"""
-    keys = [c for c in ("model", "scale", "samples_seen", "seed", "compute_gmacs") if c in df.columns]
+    keys = [c for c in RUN_KEY_COLUMNS if c in df.columns]
     if "run_id" in df.columns:
         checks = [("run_id", ["run_id"])] + ([(", ".join(keys), keys)] if "seed" in df.columns else [])
     else:
@@ -406,7 +410,7 @@ def mixed_run_columns(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dic
     seed and compute, those of them the rows have): {column: its values there, sorted}. Such rows are
     usually one table holding several things to fit apart (one row per downstream dataset, or per
     training set when no ``scale`` is mapped); fitted together they make one frontier of unlike rows."""
-    keys = [c for c in ("model", "scale", "samples_seen", "seed", "compute_gmacs") if any(c in r for r in rows)]
+    keys = [c for c in RUN_KEY_COLUMNS if any(c in r for r in rows)]
     skip = {"run_id", *keys, *metrics}
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in rows:

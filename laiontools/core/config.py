@@ -26,6 +26,10 @@ class ConfigError(UserError, ValueError):
 
 @dataclasses.dataclass
 class StageConfig:
+    # Settings of another command that one config file may carry for both (``study`` and ``study plan``
+    # read one study.yaml): dropped from a --config file, never flags or fields of this one.
+    SHARED_FILE_KEYS: typing.ClassVar[frozenset[str]] = frozenset()
+
     def validate(self) -> None:  # overridden by stages
         """Raise ConfigError if a setting is invalid."""
 
@@ -203,8 +207,8 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
             raise ConfigError(f"config file {cfg_file}: setting names must be text, got {odd[0]!r}; quote it if it is one")
         data.update({k.replace("-", "_"): v for k, v in loaded.items()})
     names = {f.name for f in dataclasses.fields(cls)}
-    for k in RECORD_ONLY:  # a stage's own settings.json fed back: what it records about the run is no setting
-        if k not in names:
+    for k in (*RECORD_ONLY, *cls.SHARED_FILE_KEYS):  # a stage's own settings.json fed back: what it records
+        if k not in names:                              # about the run is no setting; nor another command's keys
             data.pop(k, None)
     flags = {k: v for k, v in vars(args).items() if k in names}
     for k, v in flags.items():

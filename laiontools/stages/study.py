@@ -98,14 +98,6 @@ class StudyConfig(StageConfig):
     extra_seeds: list[int] = dataclasses.field(default_factory=list, metadata={
         "help": "more training seeds for every model and scale at the largest samples-seen budget (the grid's runs use "
                 "train.seed): the report compares data scales at that budget against the spread between seeds"})
-    # `study plan` settings that one study.yaml carries for both commands (README): read by the plan only
-    images_per_second: dict[str, float] = dataclasses.field(default_factory=dict, metadata={
-        "help": "(`study plan` setting, unused by the study)", "pairs": True})
-    gpu_tflops: float | None = dataclasses.field(default=None, metadata={"help": "(`study plan` setting, unused by the study)"})
-    measure: bool = dataclasses.field(default=False, metadata={"help": "(`study plan` setting, unused by the study)"})
-    measure_batch_size: int = dataclasses.field(default=32, metadata={"help": "(`study plan` setting, unused by the study)"})
-    shard_size: int = dataclasses.field(default=10_000, metadata={"help": "(`study plan` setting, unused by the study)"})
-    bytes_per_sample: float = dataclasses.field(default=0.0, metadata={"help": "(`study plan` setting, unused by the study)"})
 
     def validate(self) -> None:
         if not self.output:
@@ -433,13 +425,6 @@ class PlanConfig(StageConfig):
     shard_size: int = dataclasses.field(default=10_000, metadata={"help": "samples per resharded shard"})
     bytes_per_sample: float = dataclasses.field(default=0.0, metadata={
         "help": "mean stored bytes per sample (image + caption + json) for disk sizes; 0 = read from manifests"})
-    # study settings that a study.yaml carries and a plan does not need
-    evalset: list[str] = dataclasses.field(default_factory=list, metadata={"help": "(study setting, unused by plan)"})
-    evalsets_yaml: str | None = dataclasses.field(default=None, metadata={"help": "(study setting, unused by plan)"})
-    train: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "(study setting, unused by plan)"})
-    evaluate: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "(study setting, unused by plan)"})
-    metrics: list[str] = dataclasses.field(default_factory=list, metadata={"help": "(study setting, unused by plan)"})
-    predict_at: list[float] = dataclasses.field(default_factory=list, metadata={"help": "(study setting, unused by plan)"})
     extra_seeds: list[int] = dataclasses.field(default_factory=list, metadata={
         "help": "the study's extra seeds: one more run of every model and scale at the largest budget per seed, counted"})
 
@@ -455,6 +440,13 @@ class PlanConfig(StageConfig):
         bad = {m: v for m, v in self.images_per_second.items() if not float(v) > 0}
         if bad or (self.gpu_tflops is not None and not self.gpu_tflops > 0):
             raise ConfigError(f"study plan: images_per_second and gpu_tflops must be positive ({bad or self.gpu_tflops})")
+
+
+# One study.yaml serves `study` and `study plan` (README): each ignores the other's settings in it.
+_STUDY_FIELDS = {f.name for f in dataclasses.fields(StudyConfig)}
+_PLAN_FIELDS = {f.name for f in dataclasses.fields(PlanConfig)}
+StudyConfig.SHARED_FILE_KEYS = frozenset(_PLAN_FIELDS - _STUDY_FIELDS)
+PlanConfig.SHARED_FILE_KEYS = frozenset(_STUDY_FIELDS - _PLAN_FIELDS)
 
 
 def _scale_sizes(scales: dict[str, Any]) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
