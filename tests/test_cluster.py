@@ -38,8 +38,9 @@ def test_shuffle_partitions_derived_from_input_size(spark):
 
 @pytest.mark.slow
 def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp_path):
-    """spark-submit jobs/download.py, verify.py, subsets.py and reshard.py on a master + 2 workers: tasks
-    run on both workers, and each output equals the same stage run in the test's local session; a
+    """spark-submit jobs/<stage>.py of every Spark stage (download with prepare, verify, subsets, reshard,
+    embed, dedup, semdedup, takedown) on a master + 2 workers: tasks run on both workers and on the
+    cluster for every stage, and each output equals the same stage run in the test's process; a
     download killed mid-run on the same cluster and started again resumes to that same pool. The
     download, subsets and reshard given `--conf spark.sql.shuffle.partitions=37` used it (a user's
     setting wins over the job's); the killed download, given none, derived its own."""
@@ -51,7 +52,9 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
     s = TEST_DOWNLOAD_SETTINGS
     with SyntheticWebServer(str(tmp_path / "web/images")) as web:
         # rows prepare rejects (bad scheme, no URL): enough to show how many shuffle partitions it used
-        src = make_source(str(tmp_path / "web"), 60, web.base_url, broken={"status_404": 0.1, "bad_scheme": 0.2, "null_url": 0.1})
+        # (+ copies of an eval set planted in the pool, for dedup to find)
+        src = make_source(str(tmp_path / "web"), 60, web.base_url, broken={"status_404": 0.1, "bad_scheme": 0.2, "null_url": 0.1},
+                          evalset=True)
         local = str(tmp_path / "local")
         download_stage.run(DownloadConfig(input=src["source"], output=local, **s), spark)
         out = str(tmp_path / "cluster")
@@ -78,6 +81,7 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
             res = spark_submit([*conf, str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"], cwd=tmp_path)
             assert f"OK   {out}/{layout.POOL_MANIFEST}" in res.stdout
             _subsets_and_reshard_like_local(spark, cluster, conf, f"{local}/{layout.POOL_MANIFEST}", tmp_path)
+            _embed_dedup_semdedup_takedown_like_local(spark, cluster, conf, local, src["evalset"], tmp_path)
 
             # The same download killed mid-run (spark-submit's whole process group: driver and its JVM;
             # the master then ends the app's executors) once its first shard is written, and started
@@ -143,6 +147,104 @@ def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: lis
     assert rs37.read_bytes() == (tmp_path / "rs" / layout.RESHARD_MANIFEST).read_bytes()
     for s in read_manifest(str(rs37))["shards"]:
         assert filecmp.cmp(tmp_path / "rs" / s["path"], tmp_path / "rs37" / s["path"], shallow=False), s["path"]
+
+
+def _embed_dedup_semdedup_takedown_like_local(spark, cluster: StandaloneCluster, conf: list[str], pool_dir: str,
+                                              evalset: str, tmp_path: Path) -> None:
+    """embed, dedup, semdedup and takedown through spark-submit on the cluster, each on the same input as
+    the same stage run in this process (embed's local engine, dedup in the test's session, semdedup's
+    in-process tasks, takedown in the test's session): the same outputs, and every stage ran tasks on
+    the cluster's executors.
+
+    embed is given no --engine: under spark-submit it runs one Spark task per shard (settings.json
+    records the engine it resolved to). Its vectors equal the local engine's up to one fp16 unit (other
+    batch mates); dedup and semdedup of the one set of embeddings must then write the same bytes."""
+    import numpy as np
+
+    from laiontools.contracts.manifest import read_manifest, resolve
+    from laiontools.stages import dedup as dedup_stage
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages import semdedup as semdedup_stage
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.dedup import DedupConfig
+    from laiontools.stages.embed import EmbedConfig
+    from laiontools.stages.semdedup import SemDedupConfig
+    from laiontools.stages.takedown import TakedownConfig
+    from laiontools.testing.removal import removal_list_for
+
+    jobs = REPO / "jobs"
+    pool = f"{pool_dir}/{layout.POOL_MANIFEST}"
+    ran = [sum(cluster.tasks_per_worker())]
+
+    def submit(stage: str, *args: str) -> None:
+        spark_submit([*conf, str(jobs / f"{stage}.py"), *args], cwd=tmp_path)
+        ran.append(sum(cluster.tasks_per_worker()))
+        assert ran[-1] > ran[-2], f"{stage} ran no task on the cluster's workers"
+
+    emb, emb_c = str(tmp_path / "emb"), str(tmp_path / "emb-cluster")
+    embed_stage.run(EmbedConfig(manifest=pool, output=emb, model="lt-tiny", batch_size=8, num_workers=0, device="cpu"))
+    submit("embed", "--manifest", pool, "--output", emb_c, "--model", "lt-tiny", "--batch-size", "8", "--num-workers", "0")
+    assert json.loads(Path(emb, layout.SETTINGS_JSON).read_text())["engine"] == "local"
+    assert json.loads(Path(emb_c, layout.SETTINGS_JSON).read_text())["engine"] == "spark"
+    shards = [layout.shard_id(sh["path"]) for sh in read_manifest(pool)["shards"]]
+    assert len(shards) >= 2
+    for sid in shards:
+        for d in (layout.EMB_IMG_DIR, layout.EMB_TEXT_DIR):
+            got, want = np.load(f"{emb_c}/{d}/{sid}.npy"), np.load(f"{emb}/{d}/{sid}.npy")
+            assert got.shape == want.shape and got.shape[0] > 0, (d, sid)
+            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=0, atol=2e-3)
+        got_meta = pd.read_parquet(f"{emb_c}/{layout.EMB_META_DIR}/{sid}.parquet")
+        want_meta = pd.read_parquet(f"{emb}/{layout.EMB_META_DIR}/{sid}.parquet")
+        pd.testing.assert_frame_equal(got_meta.drop(columns="clip_score"), want_meta.drop(columns="clip_score"))
+
+    def report(out: str, folder: str) -> pd.DataFrame:
+        df = pd.read_parquet(Path(out, folder))
+        return df.sort_values(list(df.columns[:2])).reset_index(drop=True)
+
+    # dedup of the planted eval-set copies
+    dd, dd_c = str(tmp_path / "dedup"), str(tmp_path / "dedup-cluster")
+    res = dedup_stage.run(DedupConfig(embeddings=emb, evalset=[f"glyphs={evalset}"], output=dd, device="cpu",
+                                      threshold=0.5), spark)
+    assert res.counts["pool_duplicates"] > 0, res.summary
+    submit("dedup", "--embeddings", emb, "--evalset", f"glyphs={evalset}", "--output", dd_c, "--device", "cpu",
+           "--threshold", "0.5")
+    assert Path(dd_c, layout.DEDUP_EXCLUDE_UIDS).read_bytes() == Path(dd, layout.DEDUP_EXCLUDE_UIDS).read_bytes()
+    pd.testing.assert_frame_equal(report(dd_c, layout.DEDUP_REPORT_DIR), report(dd, layout.DEDUP_REPORT_DIR))
+
+    sd, sd_c = str(tmp_path / "semdedup"), str(tmp_path / "semdedup-cluster")
+    res = semdedup_stage.run(SemDedupConfig(embeddings=emb, output=sd, clusters=2, eps=[0.01, 0.05], gallery_groups=0,
+                                            spark_above=-1))
+    assert res.details["engine"] == "in-process"
+    submit("semdedup", "--embeddings", emb, "--output", sd_c, "--clusters", "2", "--eps", "0.01", "0.05",
+           "--gallery-groups", "0")
+    summary_c = json.loads(Path(sd_c, "summary.json").read_text())
+    assert summary_c["engine"] == f"spark {cluster.url}"
+    assert Path(sd_c, "exclude.uids.npy").read_bytes() == Path(sd, "exclude.uids.npy").read_bytes()
+    pd.testing.assert_frame_equal(report(sd_c, "report"), report(sd, "report"))
+
+    listfile = str(tmp_path / "takedown.txt")
+    removal_list_for(f"{pool_dir}/{layout.CATALOG_DIR}", 2, listfile)
+    td, td_c = str(tmp_path / "takedown"), str(tmp_path / "takedown-cluster")
+    takedown_stage.run(TakedownConfig(pool=pool, list_file=listfile, reason="court order 7", output=td), spark)
+    submit("takedown", "--pool", pool, "--list", listfile, "--reason", "court order 7", "--output", td_c)
+    got = {}
+    for out in (td, td_c):
+        m = read_manifest(f"{out}/{layout.POOL_MANIFEST}")
+        rewritten = [s for s in m["shards"] if "parent_sha256" in s]
+        # a rewritten shard by its members (name, bytes), a referenced one (the parent's) by path and sha256
+        got[out] = {"num_samples": m["num_samples"], "uids": m["uids"]["sha256"],
+                    "shards": [(s["path"], s["num_samples"], _members(resolve(f"{out}/{layout.POOL_MANIFEST}", s["path"]))
+                                if "parent_sha256" in s else s["sha256"]) for s in m["shards"]],
+                    "removed": json.loads(Path(out, layout.TAKEDOWN_JSON).read_text())["counts"]}
+        assert len(rewritten) == 2, [s["path"] for s in rewritten]
+    assert got[td_c] == got[td] and got[td]["removed"]["samples_removed"] == 3, got
+
+
+def _members(path: str) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    with tarfile.open(path, mode="r:") as tf:
+        return sorted((m.name, tf.extractfile(m).read()) for m in tf if m.isfile())
 
 
 def _kill_submit(args: list[str], *, cwd: Path, ready, done: Path, deadline_s: float = 600) -> dict:

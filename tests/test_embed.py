@@ -289,6 +289,30 @@ def test_spark_one_task_per_shard(spark, small_pool, tmp_path):
     _assert_same_output(local, out)
 
 
+def test_auto_engine_is_spark_where_the_other_spark_stages_run(embedded, monkeypatch):
+    """--engine auto (the default): spark under spark-submit or with a master named (flag or
+    $LAIONTOOLS_SPARK_MASTER), as the Spark stages decide; local otherwise and in a torchrun rank."""
+    import dataclasses
+
+    from laiontools.core.storage import read_json
+    from laiontools.stages.embed import resolve_engine
+
+    # the module's run without --engine embedded in this process, and said so
+    assert read_json(os.path.join(embedded, layout.SETTINGS_JSON))["engine"] == "local"
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    cfg = EmbedConfig(manifest="m", output="o", model=MODEL)
+    assert cfg.engine == "auto" and resolve_engine(cfg, 1) == "local"
+    named = dataclasses.replace(cfg, master="spark://10.0.0.1:7077")
+    assert resolve_engine(named, 1) == "spark"
+    assert resolve_engine(named, 2) == "local"  # a rank torchrun started
+    monkeypatch.setenv("LAIONTOOLS_SPARK_MASTER", "spark://10.0.0.1:7077")
+    assert resolve_engine(cfg, 1) == "spark"
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER")
+    monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "40000")  # what spark-submit hands its driver
+    assert resolve_engine(cfg, 1) == "spark"
+
+
 def test_worker_count_does_not_change_order(small_pool, tmp_path):
     """Decode workers interleave batches; the output must not depend on how many there are."""
     a, b = str(tmp_path / "w0"), str(tmp_path / "w3")

@@ -27,7 +27,9 @@ the other shards finish, the run lists the failed shards in ``embed_report.json`
 
 Engines, one code path (:func:`_embed_tasks`) for all of them:
 
-* ``local`` (default): one process; a torch DataLoader whose workers read the tars, decode and
+``auto`` (default) is ``spark`` under spark-submit or when a Spark master is named, else ``local``.
+
+* ``local``: one process; a torch DataLoader whose workers read the tars, decode and
   preprocess, so the model never waits on JPEG decode. Workers apply open_clip's resize / crop and
   hand over uint8 batches; scaling + normalization run once per batch on the model's device, and
   captions skip their padding (:mod:`laiontools.models.encode`: exact equivalents of open_clip's calls). Under ``torchrun`` (``WORLD_SIZE`` > 1) each
@@ -94,7 +96,7 @@ log = logging.getLogger(__name__)
 _sample_log = RateLimitedLogger(log)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-ENGINES = ("local", "torchrun", "spark")
+ENGINES = ("auto", "local", "torchrun", "spark")
 
 
 class ShardError(UserError, IOError):
@@ -120,9 +122,10 @@ class EmbedConfig(SparkStageConfig):
     )
     precision: str = dataclasses.field(default="auto", metadata={"help": f"one of {PRECISIONS}; auto = amp_bf16 on GPU, fp32 on CPU"})
     engine: str = dataclasses.field(
-        default="local",
-        metadata={"help": "local (one process; one per GPU when started under torchrun) | torchrun (launch --nproc "
-                          "processes with torch.distributed.run) | spark (one task per shard)"},
+        default="auto",
+        metadata={"help": "auto (spark under spark-submit or when a Spark master is named, else local) | local (one "
+                          "process; one per GPU when started under torchrun) | torchrun (launch --nproc processes with "
+                          "torch.distributed.run) | spark (one task per shard)"},
     )
     nproc: int = dataclasses.field(
         default=0, metadata={"help": "processes for --engine torchrun (0: one per visible GPU, at least 1)"}
@@ -625,6 +628,8 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
     manifest = read_manifest(cfg.manifest)
     tasks = _shard_tasks(cfg.manifest, manifest)
     rank, world = _dist_env()
+    if cfg.engine == "auto":
+        cfg = dataclasses.replace(cfg, engine=resolve_engine(cfg, world))
     if cfg.engine == "torchrun" and world == 1:
         return _launch_torchrun(cfg, len(tasks))
     distributed = world > 1 and cfg.engine in ("local", "torchrun")
@@ -669,6 +674,18 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
                 "shards_failed": len(result.failed_shards), "rows": result.rows, "failed_decode": result.failed_decode},
         timings={"embed": result.seconds}, details=result, summary=text, ok=result.ok,
     )
+
+
+def resolve_engine(cfg: EmbedConfig, world: int) -> str:
+    """What ``--engine auto`` means: spark when this process runs under spark-submit or a Spark master
+    is named (``--master``, ``$LAIONTOOLS_SPARK_MASTER``), as the other Spark stages decide; local
+    otherwise (a session handed in by a caller, as the demo's, does not count), and always in a rank
+    that torchrun started."""
+    from laiontools.core.stage import wants_spark
+
+    if world > 1:
+        return "local"
+    return "spark" if wants_spark(cfg.master, 0, -1) else "local"
 
 
 def _launch_torchrun(cfg: EmbedConfig, n_shards: int) -> StageResult:
