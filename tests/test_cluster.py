@@ -38,12 +38,13 @@ def test_shuffle_partitions_derived_from_input_size(spark):
 
 @pytest.mark.slow
 def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp_path):
-    """spark-submit jobs/<stage>.py of every Spark stage (download with prepare, verify, subsets, reshard,
-    embed, dedup, semdedup, takedown) on a master + 2 workers: tasks run on both workers and on the
-    cluster for every stage, and each output equals the same stage run in the test's process; a
-    download killed mid-run on the same cluster and started again resumes to that same pool. The
-    download, subsets and reshard given `--conf spark.sql.shuffle.partitions=37` used it (a user's
-    setting wins over the job's); the killed download, given none, derived its own."""
+    """spark-submit jobs/<stage>.py of every Spark stage (download with its prepare, verify, subsets,
+    reshard, embed, dedup, semdedup, takedown, and prepare on its own) on a master + 2 workers: tasks run
+    on both workers and on the cluster for every stage, and each output equals the same stage run in the
+    test's process. A download into the folder of a prepare run on its own, killed mid-run on the same
+    cluster and started again, resumes to that same pool. The download, subsets and reshard given
+    `--conf spark.sql.shuffle.partitions=37` used it (a user's setting wins over the job's); the
+    prepare, given none, derived its own."""
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -83,18 +84,27 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
             _subsets_and_reshard_like_local(spark, cluster, conf, f"{local}/{layout.POOL_MANIFEST}", tmp_path)
             _embed_dedup_semdedup_takedown_like_local(spark, cluster, conf, local, src["evalset"], tmp_path)
 
-            # The same download killed mid-run (spark-submit's whole process group: driver and its JVM;
-            # the master then ends the app's executors) once its first shard is written, and started
-            # again with the same command on the same cluster: it resumes to the same pool.
+            # jobs/prepare.py on its own (as a user does to look at the rejects first), then the same
+            # download into its folder, killed mid-run (spark-submit's whole process group: driver and
+            # its JVM; the master then ends the app's executors) once its first shard is written, and
+            # started again with the same command on the same cluster: it resumes to the same pool.
             killed = str(tmp_path / "killed")
             kill_args = [*args[:args.index("--output") + 1], killed, *args[args.index("--output") + 2:]]
+            before = sum(cluster.tasks_per_worker())
+            spark_submit([*conf, str(REPO / "jobs" / "prepare.py"), "--input", src["source"], "--output", killed,
+                          "--allow-networks", *s["allow_networks"], "--number-sample-per-shard",
+                          str(s["number_sample_per_shard"]), "--shards-per-file", str(s["shards_per_file"])], cwd=tmp_path)
+            assert sum(cluster.tasks_per_worker()) > before, "prepare ran no task on the cluster's workers"
+            prepared = Path(killed, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON).read_bytes()
+            assert json.loads(prepared)["rejected"] == _stats(out)["rejected"]
             phase = _kill_submit([*conf, str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path,
                                  ready=lambda: len(list(Path(killed, "shards").glob("*_stats.json"))) >= 1,
                                  done=Path(killed, layout.POOL_MANIFEST))
             assert phase["killed_before_manifest"], phase
             spark_submit([*conf, str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path)
-            # without the user's setting the job derives its own: a few KB of input, the cluster's
-            # default parallelism (2 executor cores)
+            # the download took prepare's rows as they were; without the user's setting prepare derived
+            # its own shuffle count: a few KB of input, the cluster's default parallelism (2 executor cores)
+            assert Path(killed, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON).read_bytes() == prepared
             assert _stats(killed)["spark"] == {"shuffle_partitions": 2}
     for pool in (out, killed):
         _assert_same_pool(pool, local)

@@ -638,3 +638,35 @@ def test_csv_with_a_byte_order_mark_is_read(engine, tmp_path):
     assert stats["rows_in"] == 2 and stats["accepted"] == 2 and stats["extra_columns"] == []
     acc = _prepared(str(tmp_path / "o"), "accepted").to_pylist()
     assert [(r["url"], r["caption"]) for r in acc] == [(f"{BASE}/1.jpg", "a"), (f"{BASE}/2.jpg", "b")]
+
+
+def test_a_prepared_folder_is_reused_only_for_the_same_input_and_row_settings(tmp_path, monkeypatch):
+    """A done prepared/ is reused by a re-run and by a download into the same folder (`laiontools
+    prepare` first, to look at the rejects, then `download`), but only for the same source and row
+    policy: other settings would otherwise download the old run's rows under the new run's flags."""
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    src, out = str(tmp_path / "src"), str(tmp_path / "pool")
+    write_source(src, BASE, _items(12), broken={})
+    first = _prepare(None, src, out)
+    stats_file = os.path.join(out, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON)
+    before = open(stats_file, "rb").read()
+    assert _prepare(None, src, out) == first  # the same settings: reused
+    with pytest.raises(UserError, match=r"other row settings \(max_url_length: 2048 -> 100\).*give a new output folder"):
+        _prepare(None, src, out, max_url_length=100)
+    with pytest.raises(UserError, match=r"allow_networks: \['127.0.0.0/8'\] -> \[\]"):
+        prepare_stage.run(PrepareConfig(input=src, output=out, number_sample_per_shard=10, shards_per_file=1))
+    # download into the folder prepare made: it takes the prepared rows as they are (port 9 refuses
+    # every connection, so each accepted row is a failed download in the catalog)
+    dl = DownloadConfig(input=src, output=out, allow_networks=["127.0.0.0/8"], number_sample_per_shard=10,
+                        shards_per_file=1, timeout=1, retries=0)
+    rep = download_stage.run(dl).details
+    assert open(stats_file, "rb").read() == before
+    cat = pd.read_parquet(os.path.join(out, layout.CATALOG_DIR))
+    assert len(cat) == first["rows_in"] == 12 and (cat["status"] == "failed_download").sum() == first["accepted"] > 0, rep
+    # the same items under other captions: another source, refused by name
+    write_source(src, BASE, [{**it, "caption": it["caption"] + " (edited)"} for it in _items(12)], broken={})
+    with pytest.raises(UserError, match=r"other input .*the source files \(.*src\) differ"):
+        download_stage.run(dl)

@@ -1028,7 +1028,7 @@ STAGE = "download"
 CONFIG = DownloadConfig
 
 
-@stage_entry(STAGE)
+@stage_entry(STAGE, accepts=("prepare",))  # a pool whose prepare ran on its own (`laiontools prepare`)
 def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
     """prepare + img2dataset + catalog, uid file, manifest and report into cfg.output.
 

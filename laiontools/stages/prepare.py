@@ -780,6 +780,13 @@ def _begin(cfg: PrepareConfig, found: tuple[Any, ...]) -> tuple[dict[str, Any], 
     bad line fails now, naming the file, before any task runs) and fingerprinted by its content.
     """
     files, mapping, extras, profile = found
+    policy = _row_policy(cfg)
+    log.info("prepare: %d file(s), profile %s, %d extra column(s)", len(files), profile, len(extras))
+    return policy, source_fingerprint(files, profile, mapping, policy), _tasks(files, mapping, extras, policy)
+
+
+def _row_policy(cfg: PrepareConfig) -> dict[str, Any]:
+    """The settings that decide which rows are accepted (and so the uid set); a blocklist by its content."""
     policy = {"allow_private_network": cfg.allow_private_network, "allow_networks": list(cfg.allow_networks),
               "resolve_hosts": cfg.resolve_hosts,
               "max_url_length": cfg.max_url_length, "max_caption_length": cfg.max_caption_length,
@@ -790,8 +797,7 @@ def _begin(cfg: PrepareConfig, found: tuple[Any, ...]) -> tuple[dict[str, Any], 
         with fs_b.open(p_b, "rb") as f:
             policy["blocklist_sha256"] = sha256_bytes(f.read())
         log.info("prepare: blocklist %s with %d entries", cfg.blocklist, len(bl))
-    log.info("prepare: %d file(s), profile %s, %d extra column(s)", len(files), profile, len(extras))
-    return policy, source_fingerprint(files, profile, mapping, policy), _tasks(files, mapping, extras, policy)
+    return policy
 
 
 def _finish(cfg: PrepareConfig, found: tuple[Any, ...], policy: dict[str, Any], fingerprint: str,
@@ -851,6 +857,23 @@ def _check_layout(stats: dict[str, Any], cfg: PrepareConfig, prep_dir: str) -> N
                         f"settings to reuse it, or give a new output folder")
 
 
+def _check_source(stats: dict[str, Any], cfg: PrepareConfig, prep_dir: str, found: tuple[Any, ...]) -> None:
+    """Refuse to reuse prepared rows of another source or row policy: a re-run (a resumed download, or
+    a download after `laiontools prepare`) with other --allow-networks, limits, blocklist or input
+    files would otherwise download the old run's rows under the new run's settings."""
+    files, mapping, _extras, profile = found
+    policy = _row_policy(cfg)
+    if stats.get("source_fingerprint") == source_fingerprint(files, profile, mapping, policy):
+        return
+    old = stats.get("policy", {})
+    diff = [f"{k}: {old.get(k)!r} -> {policy.get(k)!r}" for k in sorted(set(old) | set(policy)) if old.get(k) != policy.get(k)]
+    if stats.get("profile") != profile or stats.get("mapping") != mapping:
+        diff.append("the source's columns")
+    what = ", ".join(diff) if diff else f"the source files ({cfg.input}) differ"
+    raise UserError(f"{prep_dir} was prepared from other input or with other row settings ({what}); re-run "
+                    f"with the same input and settings to reuse it, or give a new output folder")
+
+
 @stage_entry(STAGE, accepts=("download",))  # prepare also runs inside a download's pool
 def run(cfg: PrepareConfig, spark: Any = None) -> StageResult:
     """Run prepare into ``<output>/prepared`` unless already complete; details = its stats.json.
@@ -879,13 +902,14 @@ def prepare_stats(cfg: PrepareConfig, spark: Any = None, found: tuple[Any, ...] 
 
     ensure_output_dir(cfg.output)
     prep_dir = join(cfg.output, layout.PREPARED_DIR)
+    if found is None:
+        found = discover(cfg)  # bad input fails before Spark starts
     if is_done(prep_dir):
         log.info("prepare already complete in %s; reusing it", prep_dir)
         stats = read_json(join(prep_dir, layout.PREPARED_STATS_JSON))
         _check_layout(stats, cfg, prep_dir)
+        _check_source(stats, cfg, prep_dir, found)
         return stats
-    if found is None:
-        found = discover(cfg)  # bad input fails before Spark starts
     if spark is None and not wants_spark_for(cfg, found[0]):
         return _prepare_local(cfg, found)
     with stage_spark(cfg, spark, app_name="laiontools-prepare") as sp:
