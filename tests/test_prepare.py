@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -652,7 +653,7 @@ def test_a_prepared_folder_is_reused_only_for_the_same_input_and_row_settings(tm
     write_source(src, BASE, _items(12), broken={})
     first = _prepare(None, src, out)
     stats_file = os.path.join(out, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON)
-    before = open(stats_file, "rb").read()
+    before = Path(stats_file).read_bytes()
     assert _prepare(None, src, out) == first  # the same settings: reused
     with pytest.raises(UserError, match=r"other row settings \(max_url_length: 2048 -> 100\).*give a new output folder"):
         _prepare(None, src, out, max_url_length=100)
@@ -663,7 +664,7 @@ def test_a_prepared_folder_is_reused_only_for_the_same_input_and_row_settings(tm
     dl = DownloadConfig(input=src, output=out, allow_networks=["127.0.0.0/8"], number_sample_per_shard=10,
                         shards_per_file=1, timeout=1, retries=0)
     rep = download_stage.run(dl).details
-    assert open(stats_file, "rb").read() == before
+    assert Path(stats_file).read_bytes() == before
     cat = pd.read_parquet(os.path.join(out, layout.CATALOG_DIR))
     assert len(cat) == first["rows_in"] == 12 and (cat["status"] == "failed_download").sum() == first["accepted"] > 0, rep
     # the same items under other captions: another source, refused by name
