@@ -212,7 +212,14 @@ def test_recommend_rule():
     # 5 easy copies and recall 0.95 needs all 5: the interval is (0.97, 0.997]; its midpoint is recommended
     assert rec["highest_for_recall"] == pytest.approx(0.997) and rec["lowest_safe"] == pytest.approx(0.9701)
     assert rec["threshold"] == pytest.approx((0.9701 + 0.997) / 2, abs=1e-4)
-    assert recommend(pos, np.array([0.998]))["threshold"] is None  # negatives above the easy copies
+    # negatives above the easy copies: a few among many are more likely copies already in the pool
+    # than a weak model (the reason says which); many mean the model does not separate them
+    few = recommend(pos, np.array([0.998, *np.linspace(0.5, 0.9, 39)]))
+    assert few["threshold"] is None and few["negatives_at_recall"] == 1
+    assert "only 1 of 40 pool negatives reach it" in few["reason"] and "--exclude-uids" in few["reason"]
+    many = recommend(pos, np.array([0.998, 0.999, *np.linspace(0.5, 0.9, 18)]))
+    assert many["threshold"] is None and many["negatives_at_recall"] == 2
+    assert many["reason"].endswith("this model does not separate copies from unrelated images")
 
 
 @pytest.mark.gpu
@@ -283,3 +290,17 @@ def test_a_threshold_that_excludes_most_of_the_pool_is_called_out(pool, emb, ded
         assert json.load(f)["warnings"] == res.details["warnings"]
     with pytest.raises(ConfigError, match="--phash-max-distance 4 without --phash"):
         DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=str(tmp_path / "p"), phash_max_distance=4)
+
+
+def test_calibrate_on_a_pool_holding_copies_points_at_them_not_at_the_model(pool, emb, tmp_path):
+    """Without --exclude-uids the pool's planted copies of the eval set are among the negatives, as
+    close to it as the planted ones: no threshold, and the report says the negatives may be copies in
+    the pool (naming them), not that the model cannot separate copies."""
+    res = dedup_calibrate.run(CalibrateConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"],
+                                              output=str(tmp_path / "cal"), plant_items=20, pool_sample=1000)).details
+    rec = res["recommendation"]
+    assert rec["threshold"] is None and 0 < rec["negatives_at_recall"] <= len(pool.planted)
+    assert "may be copies of the evaluation set already in the pool" in rec["reason"]
+    top = {h["uid"] for h in res["highest_negatives"][: rec["negatives_at_recall"]]}
+    assert top <= set(pool.planted["uid"])  # the negatives it points at are the planted copies
+    assert "may be copies of the evaluation set" in (tmp_path / "cal" / "calibrate.txt").read_text()

@@ -165,6 +165,11 @@ def _rates(pos: dict[str, np.ndarray], neg: np.ndarray, t: float) -> dict[str, d
     return out
 
 
+# No recommendation, and at most 1 in this many pool negatives as close as the planted copies: the
+# report says they may be copies already in the pool, not that the model cannot separate copies.
+COPIES_IN_POOL_SHARE = 20
+
+
 def recommend(pos: dict[str, np.ndarray], neg: np.ndarray, easy: tuple[str, ...] = EASY_TRANSFORMS) -> dict[str, Any]:
     """Apply the rule in the module docstring; exact, not limited to the reported grid."""
     easy_s = np.concatenate([pos[t] for t in easy if t in pos]) if any(t in pos for t in easy) else np.zeros(0)
@@ -176,9 +181,18 @@ def recommend(pos: dict[str, np.ndarray], neg: np.ndarray, easy: tuple[str, ...]
     out: dict[str, Any] = {"max_negative_similarity": max_neg, "highest_for_recall": t_rec,
                            "rule": f"midpoint of the thresholds with recall >= {RECALL_TARGET} on {list(easy)} and no negative flagged"}
     if t_rec <= max_neg:
-        out.update({"threshold": None, "lowest_safe": None, "reason": (
+        close = int((neg >= t_rec).sum())
+        why = "this model does not separate copies from unrelated images"
+        if close <= max(1, len(neg) // COPIES_IN_POOL_SHARE):
+            # A few negatives as close as the planted copies: more likely copies of the eval set already in
+            # the pool (what dedup is for) than a model that cannot tell images apart.
+            why = (f"only {close} of {len(neg)} pool negatives reach it: they may be copies of the evaluation set "
+                   "already in the pool (calibrate.json's highest_negatives names them) rather than a weak model; "
+                   "leave known copies out with --exclude-uids (e.g. a strict dedup run's exclude.uids.npy) and "
+                   "calibrate again")
+        out.update({"threshold": None, "lowest_safe": None, "negatives_at_recall": close, "reason": (
             f"no threshold reaches recall {RECALL_TARGET} on the easy transforms (needs <= {t_rec:.5f}) without flagging "
-            f"pool negatives (highest negative {max_neg:.5f}): this model does not separate copies from unrelated images")})
+            f"pool negatives (highest negative {max_neg:.5f}): {why}")})
         return out
     # Smallest 4-decimal threshold strictly above the highest negative (flagging is similarity >= threshold).
     safe_r = math.ceil(max_neg * 1e4) / 1e4
