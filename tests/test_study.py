@@ -60,6 +60,17 @@ def test_bad_study_config(tmp_path) -> None:
                     evalset=["e=x"], train={"seed": 3}, extra_seeds=[1, 3])  # fmt: skip
 
 
+def test_study_config_given_sample_counts_as_scales_says_they_are_for_study_plan(tmp_path) -> None:
+    """`study plan` takes counts or manifests; the study trains on resharded subsets: a count named as a
+    missing manifest ("manifest 2B does not exist"); now one error saying what to give."""
+    for scales in ({"80M": 80_000_000}, {"80M": "8e7"}, {"2B": "2B", "small": "/data/s/subset.manifest.json"}):
+        with pytest.raises(ConfigError, match=r"give sample counts; .*subset.manifest.json .*`laiontools study plan`"):
+            StudyConfig(output=str(tmp_path), scales=scales, samples_seen=[32], models=["lt-tiny"], batch_size=16,
+                        evalset=["e=x"])
+    StudyConfig(output=str(tmp_path), scales={"2B": "2B/subset.manifest.json", "80M": "s3://b/80M.manifest.json"},
+                samples_seen=[32], models=["lt-tiny"], batch_size=16, evalset=["e=x"])
+
+
 def test_study_config_refuses_repeated_grid_values(tmp_path) -> None:
     base = dict(output=str(tmp_path), scales={"a": "x"}, models=["lt-tiny"], batch_size=16, evalset=["e=x"])
     with pytest.raises(ConfigError, match=r"`samples_seen` lists \[32\] more than once"):

@@ -46,6 +46,7 @@ import html
 import io
 import logging
 import os
+import re
 from typing import Any
 
 from laiontools.contracts import layout
@@ -112,6 +113,11 @@ class StudyConfig(StageConfig):
             raise ConfigError(f"study: samples_seen / predict_at must be numbers ({e})") from e
         if not self.scales:
             raise ConfigError("study: `scales` (name -> resharded subset manifest) must list at least one scale")
+        counts = [f"{k}={v}" for k, v in self.scales.items() if _is_count(v)]
+        if counts:  # what `study plan` takes, given to the study that trains
+            raise ConfigError(f"study: scales {', '.join(counts)} give sample counts; the study trains on resharded "
+                              "subsets: give each scale's subset.manifest.json (written by `laiontools reshard`). "
+                              "Counts are for `laiontools study plan`")
         if not self.samples_seen or any(int(n) <= 0 for n in self.samples_seen):
             raise ConfigError(f"study: `samples_seen` must list positive budgets, got {self.samples_seen}")
         if not self.models:
@@ -447,6 +453,13 @@ _STUDY_FIELDS = {f.name for f in dataclasses.fields(StudyConfig)}
 _PLAN_FIELDS = {f.name for f in dataclasses.fields(PlanConfig)}
 StudyConfig.SHARED_FILE_KEYS = frozenset(_PLAN_FIELDS - _STUDY_FIELDS)
 PlanConfig.SHARED_FILE_KEYS = frozenset(_STUDY_FIELDS - _PLAN_FIELDS)
+
+
+def _is_count(v: Any) -> bool:
+    """A scale given as a number (80000000, 8e7, 80M) rather than a manifest path."""
+    if isinstance(v, int | float):
+        return True
+    return isinstance(v, str) and bool(re.fullmatch(r"\s*[0-9][0-9_.,]*(e[0-9]+)?\s*[kKmMbB]?\s*", v))
 
 
 def _scale_sizes(scales: dict[str, Any]) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
