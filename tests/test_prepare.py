@@ -583,6 +583,33 @@ def test_csv_with_cr_line_endings_is_read(engine, tmp_path):
     assert [(r["caption"], r["note"]) for r in acc] == [("a", "x"), ("two lines", "y")]
 
 
+def test_csv_rows_with_another_number_of_fields_are_malformed_rows(engine, tmp_path):
+    """A row with more or fewer fields than the header is rejected as malformed_row, its text in the
+    reason, and the file's other rows are prepared (one such row stopped the whole file). The reader's
+    blocks are 4 MB: the rows sit in three, so some ragged rows are found a block ahead of the rows
+    handed out, and every row still gets one row number."""
+    sep = ","
+    src = tmp_path / "ragged.csv"
+    n, caption = 3000, "a long caption " * 250  # ~3.8 KB a row: ~11 MB, three reader blocks
+    lines, bad = [], {}
+    for i in range(n):
+        if i % 211 == 5:  # 15 ragged rows, spread over the blocks: too many fields, then too few
+            bad[i] = f"{BASE}/{i}.jpg{sep}c{sep}extra" if len(bad) % 2 == 0 else f"{BASE}/{i}.jpg"
+            lines.append(bad[i])
+        else:
+            lines.append(f"{BASE}/{i}.jpg{sep}{caption}{i}")
+    src.write_text(f"url{sep}caption\n" + "\n".join(lines) + "\n")
+    stats = _prepare(engine, str(src), str(tmp_path / "o"), max_caption_length=10_000)
+    assert len(bad) == 15 and stats["rows_in"] == n and stats["accepted"] == n - len(bad)
+    assert stats["rejected"] == {"rejected_malformed_row": len(bad)}
+    rej = _prepared(str(tmp_path / "o"), "rejected").to_pylist()
+    want = sorted(f"{src}: a row has {3 if t.count(sep) == 2 else 1} fields, the header 2: {t!r}" for t in bad.values())
+    assert sorted(r["error_message"] for r in rej) == want
+    assert len({r["row_idx"] for r in rej}) == len(bad) and all(0 <= r["row_idx"] < n for r in rej)
+    acc = _prepared(str(tmp_path / "o"), "accepted").to_pylist()
+    assert sorted(int(r["url"].rsplit("/", 1)[1][:-4]) for r in acc) == [i for i in range(n) if i not in bad]
+
+
 def test_extra_column_names_spark_would_parse(spark, tmp_path, monkeypatch):
     """Source column names with a backtick, a dot, a space or a comma are carried as they are on both
     engines (Spark failed parsing them as DDL / attribute names); one named like a prepared column in

@@ -403,20 +403,39 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
         import pyarrow as pa
         import pyarrow.csv as pacsv
 
+        # A row with another number of fields than the header is a malformed row, as a bad JSONL line is
+        # (it stopped the whole file). The parser reports it when it parses that row's block, which on
+        # one thread is at most a block ahead of the rows handed out: such rows take the next row
+        # numbers when seen, in the same order on every run and engine (the file's line is unknown).
+        ragged: list[str] = []
+
+        def skip_ragged(bad: Any) -> str:
+            text = bad.text if len(bad.text) <= 200 else bad.text[:200] + "..."
+            ragged.append(f"a row has {bad.actual_columns} fields, the header {bad.expected_columns}: {text!r}")
+            return "skip"
+
         with _open_text(path, comp) as f:
             reader = pacsv.open_csv(
                 f,
-                read_options=pacsv.ReadOptions(block_size=1 << 22),
-                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
+                read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=False),
+                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True,
+                                                 invalid_row_handler=skip_ragged),
                 convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in task["columns"]},
                                                      include_columns=[c for c in need if c in task["columns"]]),
             )
             row = 0
             for batch in reader:
+                for msg in ragged:
+                    yield row, msg
+                    row += 1
+                ragged.clear()
                 cols = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
                 for i in range(batch.num_rows):
                     yield row, {c: v[i] for c, v in cols.items()}
                     row += 1
+            for msg in ragged:
+                yield row, msg
+                row += 1
         return
     with _open_text(path, comp) as f:
         for row, raw in enumerate(f):
