@@ -5,7 +5,9 @@
 One synthetic source served by the synthetic web server on 127.0.0.1; for each cluster size (a master
 and 1 or 2 workers of 1 core each, started fresh) the stages run through ``spark-submit jobs/<stage>.py``
 exactly as a cluster user types it: download (source -> pool), subsets (two nested scales) and reshard
-(the larger subset), then verify on Spark. Reported: each stage's wall time (spark-submit start to exit,
+(the larger subset), verify, embed (lt-tiny, random init, one Spark task per shard on CPU), dedup
+against the source's eval set (planted in the pool), semdedup and takedown (two uids and a url).
+Reported: each stage's wall time (spark-submit start to exit,
 JVM and Python start included), the speed-up 1 -> 2 workers, the machine's cores and load average.
 
 Caveat: both workers run on this machine. Where it has 2 cores shared with other work (as where this
@@ -23,9 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+STAGES = ["download", "subsets", "reshard", "verify", "embed", "dedup", "semdedup", "takedown"]
 
-def run_stages(cluster_url: str, src: str, work: Path, settings: dict) -> dict[str, float]:
-    """spark-submit download, subsets, reshard and verify on `cluster_url`; return seconds per stage."""
+
+def run_stages(cluster_url: str, src: str, evalset: str, work: Path, settings: dict) -> dict[str, float]:
+    """spark-submit every Spark stage (STAGES) on `cluster_url`; return seconds per stage."""
     from laiontools.contracts import layout
     from laiontools.testing.cluster import REPO, spark_submit
 
@@ -51,6 +55,18 @@ def run_stages(cluster_url: str, src: str, work: Path, settings: dict) -> dict[s
     big = max((work / "subsets").glob("*.manifest.json"), key=lambda m: read_manifest(str(m))["num_samples"])
     timed("reshard", ["--manifest", str(big), "--output", str(work / "resharded"), "--shard-size", str(max(10, got // 8))])
     timed("verify", [str(pool / layout.POOL_MANIFEST)])  # under spark-submit verify runs on the cluster
+    emb = str(work / "emb")
+    timed("embed", ["--manifest", str(pool / layout.POOL_MANIFEST), "--output", emb, "--model", "lt-tiny",
+                    "--batch-size", "32", "--num-workers", "0"])  # the Spark engine: the default under spark-submit
+    timed("dedup", ["--embeddings", emb, "--evalset", f"glyphs={evalset}", "--output", str(work / "dedup"),
+                    "--device", "cpu", "--threshold", "0.5"])
+    timed("semdedup", ["--embeddings", emb, "--output", str(work / "semdedup"), "--clusters", "4", "--eps", "0.01",
+                       "--gallery-groups", "0"])
+    from laiontools.testing.removal import removal_list_for
+
+    removal_list_for(str(pool / layout.CATALOG_DIR), 2, str(work / "takedown.txt"))
+    timed("takedown", ["--pool", str(pool / layout.POOL_MANIFEST), "--list", str(work / "takedown.txt"),
+                       "--reason", "bench", "--output", str(work / "takedown")])
     return times
 
 
@@ -75,19 +91,20 @@ def main() -> int:
     load_before = [round(x, 1) for x in os.getloadavg()]
     results: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     with SyntheticWebServer(str(work / "web" / "images")) as web:
-        src = make_source(str(work / "web"), a.samples, web.base_url)["source"]
+        made = make_source(str(work / "web"), a.samples, web.base_url, evalset=True)
+        src = made["source"]
         for r in range(a.repeats):
             for workers in (1, 2):  # alternated, so a change of load hits both sizes alike
                 root = work / f"run{r}-w{workers}"
                 root.mkdir()
                 with StandaloneCluster(root, workers=workers, pin=a.pin_cores) as cluster:
-                    t = run_stages(cluster.url, src, root, settings)
+                    t = run_stages(cluster.url, src, made["evalset"], root, settings)
                     t["tasks_per_worker"] = cluster.tasks_per_worker()
                     t["worker_cores"] = cluster.worker_cores()
                 results[workers].append(t)
                 print(json.dumps({"workers": workers, "repeat": r, **t}), flush=True)
                 shutil.rmtree(root / "pool" / "shards", ignore_errors=True)
-    stages = ["download", "subsets", "reshard", "verify"]
+    stages = STAGES
 
     def med(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2]
