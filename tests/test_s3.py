@@ -31,6 +31,7 @@ from laiontools.core.storage import (
     sha256_file,
     spark_read_parquet,
     spark_write_parquet,
+    store_error,
     url_to_fs,
 )
 
@@ -210,6 +211,109 @@ def test_an_unreachable_endpoint_for_an_input_is_one_line(monkeypatch, capsys, t
         assert cli_main([stage, *argv]) == 2
         line = _one_error_line(capsys.readouterr().err, stage)
         assert line.startswith(f"laiontools {stage}: error: {m}: cannot reach the object store at {dead}"), line
+
+
+def test_an_endpoint_that_never_answers_is_one_line_not_a_hang(monkeypatch, capsys):
+    """A store that accepts connections and never answers held `verify s3://...` silent for the 5 minutes
+    a walk gave it (botocore's 60 s reads, several attempts, each call retried 5 times by s3fs). Every S3 client
+    now has bounded timeouts (storage.S3_CLIENT_DEFAULTS, under the user's own fsspec settings, which
+    win key by key); here the user's 1 s read timeout and single attempt keep the test short. One line names the endpoint."""
+    import socket
+    import threading
+
+    import fsspec
+
+    from laiontools.cli import main as cli_main
+    from laiontools.core.storage import S3_CLIENT_DEFAULTS, bound_object_store_clients, url_to_fs
+
+    assert S3_CLIENT_DEFAULTS == {"connect_timeout": 10, "read_timeout": 20, "retries": {"total_max_attempts": 2, "mode": "standard"}}
+    for k, v in S3_CLIENT_DEFAULTS.items():  # in effect where the user set nothing
+        assert url_to_fs("s3://lt-any/x")[0].config_kwargs[k] == v
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def accept_and_say_nothing() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept_and_say_nothing, daemon=True)
+    t.start()
+    silent = f"http://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", silent)
+        mine = {"read_timeout": 1, "retries": {"total_max_attempts": 1}}
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": silent, "config_kwargs": dict(mine)})
+        bound_object_store_clients()  # as on import: the defaults fill in what the user left out
+        assert fsspec.config.conf["s3"]["config_kwargs"] == {**S3_CLIENT_DEFAULTS, **mine}
+        m = "s3://lt-any/pool/pool.manifest.json"
+        assert cli_main(["verify", m]) == 2
+        line = _one_error_line(capsys.readouterr().err, "verify")
+        assert line.startswith(f"laiontools verify: error: {m}: the object store at {silent} accepted the connection "
+                               "but did not answer in time (ReadTimeoutError)"), line
+        assert held, "the client never connected"
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        for c in held:
+            c.close()
+        server.close()
+
+
+def test_a_refusal_met_in_a_spark_task_says_so_and_reaches_the_driver_as_the_tasks_line(spark):
+    """A cluster user's first mistake: credentials or endpoint on the driver only. Met inside a task the
+    error says an executor met it, and the driver recovers that message, naming the object the task
+    could not read (embed and reshard named the manifest the driver had read, with a cut traceback)."""
+    from laiontools.core.errors import user_error_from
+
+    def refuse(_):
+        raise store_error(PermissionError("Forbidden"), "s3://lt-b/pool/catalog/part-00000.parquet")
+
+    assert "executor" not in str(store_error(PermissionError("Forbidden"), "s3://lt-b/x"))  # on the driver
+    with pytest.raises(Exception) as info:
+        spark.sparkContext.parallelize([0], 1).map(refuse).collect()
+    got = user_error_from(info.value)
+    assert got is not None and "Traceback" not in str(got) and "\n" not in str(got)
+    assert str(got).startswith("s3://lt-b/pool/catalog/part-00000.parquet: access denied by the object store (PermissionError: Forbidden)")
+    assert str(got).endswith("[met on a Spark executor: executors need the driver's credentials and endpoint too, e.g. "
+                             "--conf spark.executorEnv.AWS_ACCESS_KEY_ID=... (docs/scale.md)]")
+
+
+def test_prepare_refused_by_the_store_blames_the_store_not_the_file(s3, bucket, tmp_path):
+    """A source file the store refuses to a prepare task is an access error naming it, not "cannot read
+    it as parquet ...; check the file"."""
+    import urllib.request
+
+    from laiontools.stages import prepare as prepare_stage
+    from laiontools.stages.prepare import PrepareConfig
+    from laiontools.synthetic import write_source
+
+    write_source(str(tmp_path / "src"), "http://127.0.0.1:9", [{"id": 0, "file": "0.jpg", "caption": "c"}], broken={})
+    s3.put(str(tmp_path / "src" / "part-00000.parquet"), f"{bucket.split('://')[1]}/src/part-00000.parquet")
+    cfg = PrepareConfig(input=f"{bucket}/src", output=str(tmp_path / "out"))
+    files, mapping, extras, _ = prepare_stage.discover(cfg)
+    task = prepare_stage._tasks(files, mapping, extras, prepare_stage._row_policy(cfg))[0]
+
+    def reset_auth(count: bytes) -> None:
+        url = os.environ["FSSPEC_S3_ENDPOINT_URL"] + "/moto-api/reset-auth"
+        req = urllib.request.Request(url, data=count, method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(req, timeout=10).read()
+
+    reset_auth(b"0")
+    try:
+        s3.invalidate_cache()
+        with pytest.raises(Exception, match=rf"{bucket}/src/part-00000.parquet: access denied by the object store") as info:
+            list(prepare_stage.prepare_task(task))
+        assert "cannot read it as parquet" not in str(info.value)
+    finally:
+        reset_auth(b"inf")
+        s3.invalidate_cache()
 
 
 def test_missing_credentials_are_one_line_naming_the_path(s3, bucket, monkeypatch, capsys, tmp_path):

@@ -47,13 +47,20 @@ def task_errors_as(cls: type[UserError]) -> Iterator[None]:
         raise
 
 
+# An object store's refusal inside a task (core.storage.StorageError, which names the object and what to
+# do) reaches the driver as the last line of the worker's traceback.
+_REMOTE_STORAGE_ERROR = re.compile(r"^laiontools\.core\.storage\.StorageError: (?P<msg>.+)$", re.MULTILINE)
+
+
 def user_error_from(e: BaseException, cls: type[UserError] = InputError) -> UserError | None:
-    """The user error a Spark task raised with :func:`task_error`, as `cls` with the task's message
-    (first line only, without the traceback), or None when `e` does not carry one."""
+    """The user error a Spark task raised with :func:`task_error` (or an object store's refusal it
+    met), as `cls` with the task's message (first line only, without the traceback), or None when `e`
+    does not carry one."""
     text = str(e)
     i = text.find(TASK_ERROR_TAG)
     if i < 0:
-        return None
+        m = _REMOTE_STORAGE_ERROR.search(text)
+        return cls(m.group("msg")) if m else None
     return cls(text[i + len(TASK_ERROR_TAG) :].split("\n", 1)[0])
 
 

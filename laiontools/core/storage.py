@@ -7,6 +7,7 @@ is done because its data file exists: half-written files exist too.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -35,6 +36,29 @@ DONE_SUFFIX = ".done"
 # through core.spark's parquet.page.verify-checksum.enabled.
 PARQUET_WRITE = {"write_page_checksum": True}
 PARQUET_READ = {"page_checksum_verification": True}
+
+
+# An object store that accepts connections and never answers must not hold a stage: botocore's own
+# defaults (60 s per read, 3 attempts in its standard mode, each call retried 5 times by s3fs) kept
+# `verify s3://...` silent for over 5 minutes. These bound every S3 client in the process (ours,
+# img2dataset's writer, the training reader, all through fsspec): 20 s per read, 2 attempts per request,
+# so a store that never answers ends in one error naming the endpoint after ~3.5 minutes; a setting the
+# user gives in fsspec's configuration (FSSPEC_S3 JSON's "config_kwargs") wins, key by key.
+S3_CLIENT_DEFAULTS: dict[str, Any] = {"connect_timeout": 10, "read_timeout": 20,
+                                      "retries": {"total_max_attempts": 2, "mode": "standard"}}
+
+
+def bound_object_store_clients() -> None:
+    """Put :data:`S3_CLIENT_DEFAULTS` under the user's fsspec configuration for s3. (s3fs serves s3a too
+    and reads the s3 settings for both; settings under s3a, if any, replace them whole, as fsspec does.)"""
+    conf = fsspec.config.conf.setdefault("s3", {})
+    kwargs = conf.setdefault("config_kwargs", {})
+    if isinstance(kwargs, dict):  # (a string from FSSPEC_S3_CONFIG_KWARGS: left as the user gave it)
+        for k, v in S3_CLIENT_DEFAULTS.items():
+            kwargs.setdefault(k, copy.deepcopy(v))  # (botocore rewrites a retries dict in place)
+
+
+bound_object_store_clients()
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -356,9 +380,34 @@ def _hadoop_path(path: str) -> str:
     return path
 
 
+def _on_executor() -> str:
+    """A note for errors met inside a Spark task: the executors' environment is not the driver's."""
+    import sys
+
+    if "pyspark" not in sys.modules:
+        return ""
+    try:
+        from pyspark import TaskContext
+
+        if TaskContext.get() is None:
+            return ""
+    except Exception:  # noqa: BLE001 (no usable pyspark: not in a task)
+        return ""
+    return (" [met on a Spark executor: executors need the driver's credentials and endpoint too, e.g. "
+            "--conf spark.executorEnv.AWS_ACCESS_KEY_ID=... (docs/scale.md)]")
+
+
 def store_error(e: BaseException, path: str) -> StorageError | None:
     """`e` as a StorageError naming `path` when it is an object store's refusal or an unreachable
-    endpoint (missing bucket, access denied, connection failure); None for anything else."""
+    endpoint (missing bucket, access denied, connection failure); None for anything else. Inside a
+    Spark task the message also says that an executor met it (its credentials, endpoint)."""
+    err = _store_error(e, path)
+    if err is not None and (note := _on_executor()) and not isinstance(e, StorageError):
+        err = StorageError(str(err) + note)
+    return err
+
+
+def _store_error(e: BaseException, path: str) -> StorageError | None:
     names = {type(x).__name__ for x in _chain(e)}
     text = " ".join(str(x) for x in _chain(e))
     where = path.split("://", 1)
@@ -368,6 +417,11 @@ def store_error(e: BaseException, path: str) -> StorageError | None:
         endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
         return StorageError(f"{path}: cannot reach the object store at {endpoint} ({type(e).__name__}); check "
                             f"the endpoint setting (FSSPEC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL) and the network")
+    if names & {"ReadTimeoutError", "FSTimeoutError"} or "Read timeout on endpoint" in text:
+        endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
+        return StorageError(f"{path}: the object store at {endpoint} accepted the connection but did not answer in "
+                            f"time ({type(e).__name__}); check the endpoint setting (FSSPEC_S3_ENDPOINT_URL / "
+                            "AWS_ENDPOINT_URL) and the store's health")
     if names & {"NoCredentialsError", "PartialCredentialsError"} or "Unable to locate credentials" in text:
         return StorageError(f"{path}: no credentials for the object store ({type(e).__name__}); set them in the "
                             "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), an instance "

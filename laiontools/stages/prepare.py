@@ -52,6 +52,7 @@ from laiontools.core.storage import (
     read_json,
     sha256_bytes,
     spark_write_parquet,
+    store_error,
     url_to_fs,
     write_json,
     write_parquet_dir,
@@ -498,6 +499,9 @@ def prepare_task(task: dict[str, Any]) -> Iterator[tuple]:
     except (InputError, TaskError):
         raise
     except Exception as e:
+        refused = store_error(e, task["path"])  # credentials, endpoint, permission: not the file's fault
+        if refused is not None:
+            raise task_error(str(refused)) from e
         msg = str(e)
         if "UTF8" in msg or "UTF-8" in msg or isinstance(e, UnicodeDecodeError):
             raise task_error(f"{task['path']}: text is not valid UTF-8 ({msg[:200]}); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from e
