@@ -6,7 +6,9 @@ Steps, each resumable (a unit counts as done only when its completion marker, wr
 the same settings key):
 
 1. **k-means** (one Spark task): spherical faiss k-means with K clusters, trained on a seeded sample
-   of the valid image embeddings (``--train-sample``, default 256 per cluster, faiss's own cap);
+   of the valid image embeddings (``--train-sample``, default 256 per cluster, faiss's own cap), chosen
+   per shard by a seeded key of each uid and taken in uid order, so that a pool holding the same
+   samples in another order (a re-download) gets the same centroids;
    ``kmeans/centroids.npy`` + ``kmeans/kmeans.json`` (written last).
 2. **assign** (Spark, one task per embedding shard): every valid vector goes to its nearest centroid.
    Per shard: ``assign/<shard>.parquet`` (row, uid, key, cluster, centroid_similarity; cluster -1 for
@@ -54,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from laiontools.contracts.uids import UID_DTYPE
+from laiontools.contracts.uids import UID_DTYPE, uids_to_array
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.logs import peak_rss_mb
@@ -229,6 +231,21 @@ def _uid_array(meta: Any) -> np.ndarray:
 # step 1: k-means (one task)
 
 
+def sample_key(uids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random uint64 per uid (``UID_DTYPE``; splitmix64 over its two halves),
+    vectorized and independent of order."""
+
+    def mix(z: np.ndarray) -> np.ndarray:
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    salt = np.uint64((int(seed) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        return mix(mix(uids["hi"] ^ salt) ^ uids["lo"])
+
+
 def _train_task(ctx: dict[str, Any], _: Any) -> Iterator[bytes]:
     """Seeded sample of valid vectors from every shard -> spherical k-means -> centroids as .npy bytes."""
     from laiontools import neardup
@@ -237,7 +254,7 @@ def _train_task(ctx: dict[str, Any], _: Any) -> Iterator[bytes]:
     _set_threads(ctx["threads"])
     total, want = ctx["total_rows"], ctx["train_rows"]
     parts = []
-    for i, sid in enumerate(ctx["shards"]):
+    for sid in ctx["shards"]:
         emb, meta = read_embedding_shard(ctx["emb_dir"], sid)
         # sample among the rows embed processed, then drop the few whose vector is unusable: only the
         # sample is converted and checked, not the shard
@@ -245,9 +262,15 @@ def _train_task(ctx: dict[str, Any], _: Any) -> Iterator[bytes]:
         take = min(len(cand), math.ceil(want * emb.shape[0] / max(1, total)))
         if not take:
             continue
-        rng = np.random.default_rng([ctx["seed"], i])
-        pick = np.sort(rng.choice(cand, size=take, replace=False))
-        x = np.asarray(emb[pick], dtype=np.float32)
+        # Chosen by a seeded key of each uid and taken in uid order: the sample and so the centroids
+        # depend on which samples a shard holds, not on where they sit in it (a re-download writes the
+        # same samples in the order their fetches ended).
+        u = uids_to_array(meta.column("uid").take(cand).to_pylist())
+        chosen = np.argsort(sample_key(u, ctx["seed"]), kind="stable")[:take]
+        chosen = chosen[np.lexsort((u["lo"][chosen], u["hi"][chosen]))]
+        pick = cand[chosen]
+        rows = np.sort(pick)  # read in file order, then put in the sample's order
+        x = np.asarray(emb[rows], dtype=np.float32)[np.searchsorted(rows, pick)]
         parts.append(neardup.normalize(x[_vector_ok(x)]))
     x = np.concatenate(parts) if parts else np.zeros((0, ctx["dim"]), np.float32)
     if x.shape[0] < ctx["k"]:
