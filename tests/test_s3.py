@@ -148,15 +148,18 @@ def test_missing_bucket_is_one_clear_error_naming_the_path(s3):
         read_json(f"{path}/x.json")
 
 
-def test_permission_error_is_one_clear_error_naming_the_path(s3, bucket):
-    """The server starts checking credentials (moto's IAM auth): ours are unknown to it -> 403 on every call."""
+def reset_auth(count: bytes) -> None:
+    """moto's IAM auth: b"0" makes the server check credentials on every call (ours are unknown to it:
+    403), b"inf" turns the check off again."""
     import urllib.request
 
-    def reset_auth(count: bytes) -> None:
-        url = os.environ["FSSPEC_S3_ENDPOINT_URL"] + "/moto-api/reset-auth"
-        req = urllib.request.Request(url, data=count, method="POST", headers={"Content-Type": "text/plain"})
-        urllib.request.urlopen(req, timeout=10).read()
+    url = os.environ["FSSPEC_S3_ENDPOINT_URL"] + "/moto-api/reset-auth"
+    req = urllib.request.Request(url, data=count, method="POST", headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(req, timeout=10).read()
 
+
+def test_permission_error_is_one_clear_error_naming_the_path(s3, bucket):
+    """The server starts checking credentials (moto's IAM auth): ours are unknown to it -> 403 on every call."""
     reset_auth(b"0")
     try:
         s3.invalidate_cache()
@@ -288,8 +291,6 @@ def test_a_refusal_met_in_a_spark_task_says_so_and_reaches_the_driver_as_the_tas
 def test_prepare_refused_by_the_store_blames_the_store_not_the_file(s3, bucket, tmp_path):
     """A source file the store refuses to a prepare task is an access error naming it, not "cannot read
     it as parquet ...; check the file"."""
-    import urllib.request
-
     from laiontools.stages import prepare as prepare_stage
     from laiontools.stages.prepare import PrepareConfig
     from laiontools.synthetic import write_source
@@ -299,12 +300,6 @@ def test_prepare_refused_by_the_store_blames_the_store_not_the_file(s3, bucket, 
     cfg = PrepareConfig(input=f"{bucket}/src", output=str(tmp_path / "out"))
     files, mapping, extras, _ = prepare_stage.discover(cfg)
     task = prepare_stage._tasks(files, mapping, extras, prepare_stage._row_policy(cfg))[0]
-
-    def reset_auth(count: bytes) -> None:
-        url = os.environ["FSSPEC_S3_ENDPOINT_URL"] + "/moto-api/reset-auth"
-        req = urllib.request.Request(url, data=count, method="POST", headers={"Content-Type": "text/plain"})
-        urllib.request.urlopen(req, timeout=10).read()
-
     reset_auth(b"0")
     try:
         s3.invalidate_cache()
