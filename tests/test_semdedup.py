@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -301,7 +302,7 @@ def test_the_same_samples_in_another_order_give_the_same_exclusions(planted, tmp
         # otherwise move a value by one unit now and then)
         embed_stage.run(embed_stage.EmbedConfig(manifest=manifest, output=emb, model="lt-tiny", num_workers=0, batch_size=1))
         res = semdedup.run(_cfg(emb, str(tmp_path / f"{name}-sd"), spark_above=-1, train_sample=40))
-        outs[name] = (open(res.outputs["exclude"], "rb").read(), res.counts)
+        outs[name] = (Path(res.outputs["exclude"]).read_bytes(), res.counts)
     assert outs["as-is"][1]["removed"] > 0, outs["as-is"][1]
     assert outs["reversed"] == outs["as-is"]
 

@@ -125,8 +125,10 @@ def _embed_report_totals(path: str) -> dict:
 
 def test_embed_survives_kills(chain, monkeypatch, tmp_path):
     out = str(tmp_path / "emb")
+    # the one-process engine, named: the killed runs' environment names a Spark master (faultkit.ENV),
+    # where --engine auto would pick the Spark engine and the uninterrupted run here the local one
     args = ["embed", "--manifest", chain.pool, "--output", out, "--model", "lt-tiny", "--batch-size", "8",
-            "--num-workers", "0", "--device", "cpu"]
+            "--num-workers", "0", "--device", "cpu", "--engine", "local"]
     keep = str(tmp_path / "emb.uninterrupted")
     _baseline(monkeypatch, args, out, keep)
     n = count(keep, "meta/*.parquet.done")
