@@ -144,6 +144,23 @@ def cluster_groups(x: np.ndarray, eps: Sequence[float], block: int = 4096) -> tu
     return labels, pairs
 
 
+def sample_key(uids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random uint64 per uid (``UID_DTYPE``; splitmix64 over its two halves),
+    vectorized and independent of order: semdedup's k-means sample. (The ``random`` keep policy's
+    :func:`_random_key` is the same idea, one blake2b per group member; it stays, as its choices are
+    recorded in existing reports.)"""
+
+    def mix(z: np.ndarray) -> np.ndarray:
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    salt = np.uint64((int(seed) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        return mix(mix(uids["hi"] ^ salt) ^ uids["lo"])
+
+
 def _random_key(uids: np.ndarray, seed: int) -> np.ndarray:
     """A seeded pseudo-random uint64 per uid (u8,u8), independent of order."""
     out = np.empty(len(uids), dtype=np.uint64)

@@ -251,10 +251,9 @@ def _embed_dedup_semdedup_takedown_like_local(spark, cluster: StandaloneCluster,
 
 
 def _members(path: str) -> list[tuple[str, bytes]]:
-    import tarfile
+    from laiontools.wds.tarscan import tarfile_payloads
 
-    with tarfile.open(path, mode="r:") as tf:
-        return sorted((m.name, tf.extractfile(m).read()) for m in tf if m.isfile())
+    return sorted(tarfile_payloads(Path(path).read_bytes()))
 
 
 def _kill_submit(args: list[str], *, cwd: Path, ready, done: Path, deadline_s: float = 600) -> dict:

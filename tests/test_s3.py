@@ -362,11 +362,10 @@ def _catalog_rows(path: str, spark) -> pd.DataFrame:
 
 
 def _members(path: str) -> list[tuple[str, bytes]]:
-    import tarfile
+    from laiontools.wds.tarscan import tarfile_payloads
 
     fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        return [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
+    return tarfile_payloads(fs.cat_file(p))
 
 
 @dataclasses.dataclass

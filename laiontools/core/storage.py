@@ -407,6 +407,10 @@ def store_error(e: BaseException, path: str) -> StorageError | None:
     return err
 
 
+def _endpoint() -> str:
+    return os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
+
+
 def _store_error(e: BaseException, path: str) -> StorageError | None:
     names = {type(x).__name__ for x in _chain(e)}
     text = " ".join(str(x) for x in _chain(e))
@@ -414,12 +418,10 @@ def _store_error(e: BaseException, path: str) -> StorageError | None:
     bucket = where[1].split("/", 1)[0] if len(where) == 2 else None
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
                 "ConnectionRefusedError", "ServerDisconnectedError"} or "Could not connect to the endpoint" in text:
-        endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
-        return StorageError(f"{path}: cannot reach the object store at {endpoint} ({type(e).__name__}); check "
+        return StorageError(f"{path}: cannot reach the object store at {_endpoint()} ({type(e).__name__}); check "
                             f"the endpoint setting (FSSPEC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL) and the network")
     if names & {"ReadTimeoutError", "FSTimeoutError"} or "Read timeout on endpoint" in text:
-        endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
-        return StorageError(f"{path}: the object store at {endpoint} accepted the connection but did not answer in "
+        return StorageError(f"{path}: the object store at {_endpoint()} accepted the connection but did not answer in "
                             f"time ({type(e).__name__}); check the endpoint setting (FSSPEC_S3_ENDPOINT_URL / "
                             "AWS_ENDPOINT_URL) and the store's health")
     if names & {"NoCredentialsError", "PartialCredentialsError"} or "Unable to locate credentials" in text:

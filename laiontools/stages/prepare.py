@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -425,18 +426,17 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
                                                      include_columns=[c for c in need if c in task["columns"]]),
             )
             row = 0
-            for batch in reader:
+            for batch in itertools.chain(reader, [None]):  # None: the ragged rows of the last block
                 for msg in ragged:
                     yield row, msg
                     row += 1
                 ragged.clear()
+                if batch is None:
+                    break
                 cols = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
                 for i in range(batch.num_rows):
                     yield row, {c: v[i] for c, v in cols.items()}
                     row += 1
-            for msg in ragged:
-                yield row, msg
-                row += 1
         return
     with _open_text(path, comp) as f:
         for row, raw in enumerate(f):

@@ -231,21 +231,6 @@ def _uid_array(meta: Any) -> np.ndarray:
 # step 1: k-means (one task)
 
 
-def sample_key(uids: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded pseudo-random uint64 per uid (``UID_DTYPE``; splitmix64 over its two halves),
-    vectorized and independent of order."""
-
-    def mix(z: np.ndarray) -> np.ndarray:
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-    salt = np.uint64((int(seed) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
-    with np.errstate(over="ignore"):
-        return mix(mix(uids["hi"] ^ salt) ^ uids["lo"])
-
-
 def _train_task(ctx: dict[str, Any], _: Any) -> Iterator[bytes]:
     """Seeded sample of valid vectors from every shard -> spherical k-means -> centroids as .npy bytes."""
     from laiontools import neardup
@@ -266,7 +251,7 @@ def _train_task(ctx: dict[str, Any], _: Any) -> Iterator[bytes]:
         # depend on which samples a shard holds, not on where they sit in it (a re-download writes the
         # same samples in the order their fetches ended).
         u = uids_to_array(meta.column("uid").take(cand).to_pylist())
-        chosen = np.argsort(sample_key(u, ctx["seed"]), kind="stable")[:take]
+        chosen = np.argsort(neardup.sample_key(u, ctx["seed"]), kind="stable")[:take]
         chosen = chosen[np.lexsort((u["lo"][chosen], u["hi"][chosen]))]
         pick = cand[chosen]
         rows = np.sort(pick)  # read in file order, then put in the sample's order
