@@ -461,6 +461,48 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
     _same_output(str(tmp_path / "s"), mixed)
 
 
+def test_in_process_plan_takes_a_sample_listed_twice_once_and_breaks_score_ties_by_uid(subset, resharded, tmp_path, monkeypatch):
+    """The in-process plan sorts by uid and drops repeats only when the catalog lists some sample twice,
+    and orders by score alone only when no two scores are equal. Both other branches are reached here: a
+    catalog that lists every subset sample twice reshards to the Spark run's bytes (`resharded`, from the
+    catalog as downloaded); with every score equal and the catalog's rows in reverse order, positions
+    follow the uids (the shards hold the subset's uids in sorted order)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools.core.storage import write_parquet_dir
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    _, cat_dir = _pool_catalog(subset)
+    cat = pq.read_table(cat_dir)
+
+    def with_catalog(table, out, **patch):
+        saved = cat_dir + ".saved"
+        os.rename(cat_dir, saved)
+        try:
+            write_parquet_dir(table, cat_dir)
+            with monkeypatch.context() as mp:
+                for name, value in patch.items():
+                    mp.setattr(reshard_stage, name, value)
+                return reshard_stage.run(ReshardConfig(manifest=subset, output=str(out), shard_size=8)).details
+        finally:
+            shutil.rmtree(cat_dir, ignore_errors=True)
+            os.rename(saved, cat_dir)
+
+    assert with_catalog(pa.concat_tables([cat, cat]), tmp_path / "twice")["engine"] == "in-process"
+    _same_output(resharded, str(tmp_path / "twice"))
+
+    out = tmp_path / "ties"
+    with_catalog(cat.take(pa.array(range(cat.num_rows - 1, -1, -1))), out,
+                 score_series=lambda uids, seed, person=None: pd.Series(0, index=uids.index, dtype="int64"))
+    got = []
+    for sh in read_manifest(str(out / layout.RESHARD_MANIFEST))["shards"]:
+        with tarfile.open(out / sh["path"]) as tf:
+            got += [json.loads(tf.extractfile(ti).read())["uid"] for ti in tf if ti.name.endswith(".json")]
+    assert got == sorted(_uids_of(resolve(subset, read_manifest(subset)["uids"]["path"])))
+
+
 def test_a_task_opens_each_local_source_shard_once(tmp_path, monkeypatch):
     """A nested subset's output shard reads from every shard of its pool, in no order. A task kept 32
     source files open and reopened the others at each read (2 % of a 128-shard pool: ~4,300 opens for

@@ -832,29 +832,43 @@ def _run_local(
         rows[C.TAR_SHA256] = None
     if rows[C.TAR_OFFSET].isna().any() or rows[C.TAR_LENGTH].isna().any():
         return None  # some sample has no span: the tar index (Spark) serves them
-    rows["_sid"] = rows[C.SHARD].str.replace(r"\.tar$", "", regex=True).str.replace("/", "-", regex=False)
+    # The shard id of each of the pool's few shard paths, not of every row.
+    sids = {sh: sh.removesuffix(".tar").replace("/", "-") for sh in rows[C.SHARD].unique() if isinstance(sh, str)}
+    rows["_sid"] = rows[C.SHARD].map(sids)
     # One row per uid even if the catalog lists a sample twice: the smallest (shard, key, span) wins, as
-    # Spark's min(struct) picks it.
-    rows = rows.sort_values([C.UID, "_sid", C.KEY, C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256], na_position="first", kind="stable")
-    rows = rows.drop_duplicates(C.UID, keep="first")
+    # Spark's min(struct) picks it. (Sorted only when some uid is listed twice: the sort by six columns,
+    # strings among them, was a third of the plan's time at 25k rows, and the order below is total.)
+    if rows[C.UID].duplicated().any():
+        rows = rows.sort_values([C.UID, "_sid", C.KEY, C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256], na_position="first", kind="stable")
+        rows = rows.drop_duplicates(C.UID, keep="first")
     if len(rows) != n:
         raise _not_in_catalog(n - len(rows))
     unknown = sorted(set(rows["_sid"]) - set(urls))
     if unknown:
         raise _incomplete_shards(pool, unknown)
-    rows["h"] = score_series(rows[C.UID].reset_index(drop=True), seed, person=SHUFFLE_PERSON).to_numpy()
-    rows = rows.sort_values(["h", C.UID], kind="stable").reset_index(drop=True)
+    # Positions by (score, uid): the scores alone when no two are equal (64-bit; the uid breaks a tie).
+    h = score_series(rows[C.UID].reset_index(drop=True), seed, person=SHUFFLE_PERSON).to_numpy()
+    order = np.argsort(h, kind="stable")
+    if n > 1 and bool((h[order][1:] == h[order][:-1]).any()):
+        rows["h"] = h
+        rows = rows.sort_values(["h", C.UID], kind="stable").reset_index(drop=True)
+    else:
+        rows = rows.iloc[order].reset_index(drop=True)
     pos = np.arange(n, dtype=np.int64)
     big = r * (q + 1)
     j = np.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1)).astype(np.int64)
     i = np.where(pos < big, pos % (q + 1), (pos - big) % max(q, 1)).astype(np.int64)
     log.info("reshard: planned %d samples in %.3f s (in process; spans from the catalog)", n, time.perf_counter() - t0)
-    shas = rows[C.TAR_SHA256].where(rows[C.TAR_SHA256].notna(), None).tolist()
-    offs, lens = rows[C.TAR_OFFSET].astype("int64").tolist(), rows[C.TAR_LENGTH].astype("int64").tolist()
-    per_shard: list[list[_Entry]] = [[] for _ in range(k)]
-    for jj, ii, uid, sid, key, off, ln, sha in zip(j.tolist(), i.tolist(), rows[C.UID].tolist(), rows["_sid"].tolist(),
-                                                     rows[C.KEY].tolist(), offs, lens, shas):
-        per_shard[jj].append(_Entry(ii, uid, sid, key, None, off, off + ln, ln, sha))
+    cols_ = (i.tolist(), rows[C.UID].tolist(), rows["_sid"].tolist(), rows[C.KEY].tolist(), rows[C.TAR_OFFSET].astype("int64").tolist(),
+             rows[C.TAR_LENGTH].astype("int64").tolist(), rows[C.TAR_SHA256].where(rows[C.TAR_SHA256].notna(), None).tolist())
+    # Positions are in shard order (j does not decrease), so shard jj is rows bounds[jj]:bounds[jj + 1];
+    # each task process makes the entries of its own shards.
+    bounds = np.searchsorted(j, np.arange(k + 1)).tolist()
+
+    def entries(jj: int) -> list[_Entry]:
+        return [_Entry(ii, uid, sid, key, None, off, off + ln, ln, sha)
+                for ii, uid, sid, key, off, ln, sha in zip(*(c[bounds[jj]:bounds[jj + 1]] for c in cols_))]
+
     t1 = time.perf_counter()
     # One task per worker, in forked processes: parsing and writing tar members is Python, which threads
     # would serialize (measured: 1.4-1.7x faster on 2 cores than 2 threads). Each task writes every
@@ -862,9 +876,9 @@ def _run_local(
     # open source files: a task per shard opened them again for every shard (20% subset, 16 shards, 2
     # processes: 0.35-0.39 s a task per shard, 0.33-0.34 s a task per worker).
     groups = max(1, min(k, tasks.workers))
-    out = tasks.map(lambda part: write_output_shards((row for group in part for row in group), out_dir, urls, plan_id,
-                                                     width, direct),
-                    [[(jj, per_shard[jj]) for jj in range(g, k, groups)] for g in range(groups)], processes=True)
+    out = tasks.map(lambda part: write_output_shards(((jj, entries(jj)) for group in part for jj in group), out_dir, urls,
+                                                     plan_id, width, direct),
+                    [list(range(g, k, groups)) for g in range(groups)], processes=True)
     log.info("reshard: wrote %d output shards in %.3f s", len(out), time.perf_counter() - t1)
     results = {int(jj): {"num_samples": int(info["num_samples"]), "bytes": int(info["bytes"]), "sha256": info["sha256"]}
                for jj, info in out}
