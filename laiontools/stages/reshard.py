@@ -821,12 +821,16 @@ def _run_local(
         fs, p = url_to_fs(path)
         with fs.open(p, "rb") as f, parquet_read_errors(path):
             for batch in pq.ParquetFile(f, **PARQUET_READ).iter_batches(batch_size=1 << 16, columns=cols):
-                batch = batch.filter(pc.equal(batch.column(C.STATUS), C.STATUS_SUCCESS))
-                if batch.num_rows == 0:
-                    continue
-                batch = batch.filter(pa.array(subset.contains(arrow_to_array(batch.column(C.UID)))))
-                if batch.num_rows:
-                    parts.append(batch.to_pandas())
+                # One filter of the batch, by (success and in the subset): filtering by status first copied
+                # every column of nearly every row (~110 bytes each) only to drop 80-98 % of them next.
+                ok = pc.fill_null(pc.equal(batch.column(C.STATUS), C.STATUS_SUCCESS), False).to_numpy(zero_copy_only=False)
+                keep = np.zeros(batch.num_rows, dtype=bool)
+                if ok.all():
+                    keep = subset.contains(arrow_to_array(batch.column(C.UID)))
+                elif ok.any():  # failed rows' uids are not read (they may be null)
+                    keep[ok] = subset.contains(arrow_to_array(pc.filter(batch.column(C.UID), pa.array(ok))))
+                if keep.any():
+                    parts.append(batch.filter(pa.array(keep)).to_pandas())
     rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
     if C.TAR_SHA256 not in rows.columns:
         rows[C.TAR_SHA256] = None
