@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,39 @@ import pytest
 from laiontools.contracts import layout
 from laiontools.core.spark import BYTES_PER_SHUFFLE_PARTITION, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
 from laiontools.testing.cluster import REPO, SPARK_HOME, StandaloneCluster, spark_submit, submit_env
+
+
+def _changed_copy(folder: Path, missing_dependency: bool = False) -> Path:
+    """A copy of the laiontools package under `folder` with one line added to one file, or (`missing_dependency`)
+    whose import fails as in an environment that lacks one of its dependencies."""
+    shutil.copytree(REPO / "laiontools", folder / "laiontools", ignore=shutil.ignore_patterns("__pycache__"))
+    if missing_dependency:
+        init = folder / "laiontools" / "__init__.py"
+        init.write_text("import laiontools_dependency_not_installed  # noqa: F401\n" + init.read_text())
+    else:
+        with open(folder / "laiontools" / "core" / "stage.py", "a") as f:
+            f.write("\n# another version of this file\n")
+    return folder
+
+
+def test_code_fingerprint_is_the_same_for_the_same_code_and_differs_for_changed_code(tmp_path):
+    """What check_executors compares: equal for a copy of the package imported from elsewhere, different
+    once one file of it changes (each computed in a fresh interpreter that imports that copy)."""
+    from laiontools.core.spark import code_fingerprint
+
+    def of(folder: Path) -> dict:
+        code = "import json; from laiontools.core.spark import code_fingerprint as f; print(json.dumps(f()))"
+        res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(folder)}, cwd=tmp_path,
+                             capture_output=True, text=True, check=True)
+        return json.loads(res.stdout)
+
+    mine = code_fingerprint()
+    same = tmp_path / "same"
+    shutil.copytree(REPO / "laiontools", same / "laiontools", ignore=shutil.ignore_patterns("__pycache__"))
+    a, b = of(same), of(_changed_copy(tmp_path / "changed"))
+    assert a["path"] == str(same / "laiontools") and b["path"] == str(tmp_path / "changed" / "laiontools")
+    assert a["sha256"] == mine["sha256"] and a["version"] == mine["version"]
+    assert b["sha256"] != mine["sha256"]
 
 
 def _stats(out: str) -> dict:
@@ -81,6 +116,20 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
             assert all(n > 0 for n in ran), f"tasks per worker {ran}: a worker ran nothing"
             res = spark_submit([*conf, str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"], cwd=tmp_path)
             assert f"OK   {out}/{layout.POOL_MANIFEST}" in res.stdout
+            # Executors that import other laiontools code than the driver (first on their PYTHONPATH: a copy
+            # with one changed line), or cannot import it (a copy whose import fails), are refused before any of
+            # the stage's tasks, in one line naming where they import from / what failed there.
+            changed, broken = _changed_copy(tmp_path / "other-code"), _changed_copy(tmp_path / "broken", missing_dependency=True)
+            for other, says in ((changed, ["the executors run other laiontools code than this driver", f"from {changed / 'laiontools'})"]),
+                                (broken, ["the executors cannot import laiontools (", "No module named 'laiontools_dependency_not_installed'"])):
+                res = subprocess.run([str(SPARK_HOME / "bin" / "spark-submit"), *conf, "--conf", f"spark.executorEnv.PYTHONPATH={other}",
+                                      str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"],
+                                     cwd=tmp_path, env=submit_env(), capture_output=True, text=True, timeout=300, check=False)
+                said = res.stdout + res.stderr  # (spark-submit passes the driver's stderr to its stdout)
+                err = [ln for ln in said.splitlines() if ln.startswith("laiontools verify: error: ")]
+                assert res.returncode == 2 and len(err) == 1, said[-3000:]
+                assert all(x in err[0] for x in says), err
+                assert "Traceback" not in said, said[-3000:]
             _subsets_and_reshard_like_local(spark, cluster, conf, f"{local}/{layout.POOL_MANIFEST}", tmp_path)
             _embed_dedup_semdedup_takedown_like_local(spark, cluster, conf, local, src["evalset"], tmp_path)
 

@@ -132,6 +132,7 @@ def spark_session(
 
     active = SparkSession.getActiveSession()
     if active is not None:
+        check_executors(active)
         yield active
         return
     builder = SparkSession.builder.appName(app_name)
@@ -154,6 +155,7 @@ def spark_session(
             if not user_set(spark, k):
                 spark.conf.set(k, v)
     try:
+        check_executors(spark)
         yield spark
     finally:
         # Release Python-side handles to JVM objects while the gateway is still up; otherwise their
@@ -162,6 +164,94 @@ def spark_session(
 
         gc.collect()
         spark.stop()
+
+
+# Spark applications whose executors were found to run this driver's laiontools (checked once each).
+_CHECKED_APPS: set[str] = set()
+_FINGERPRINT: dict[str, str] = {}
+
+
+def _fingerprint_probe() -> Any:
+    """The function that says which laiontools a process imports: ``probe(anything)`` yields one
+    (host, version, code sha256, folder), or (host, "", "", the import error) when laiontools cannot be
+    imported there. Made inside this factory, so that cloudpickle ships its code by value: an executor
+    runs it whatever laiontools it has (an older release, another checkout) or lacks."""
+
+    def probe(_: Any) -> Iterator[tuple[str, str, str, str]]:
+        import hashlib
+        import os
+        import socket
+
+        host = socket.gethostname()
+        try:
+            import laiontools
+        except Exception as e:  # noqa: BLE001 - whatever stops the import is what the driver reports
+            yield host, "", "", f"{type(e).__name__}: {e}"
+            return
+        root = os.path.dirname(os.path.realpath(laiontools.__file__))
+        files = []
+        for d, dirs, names in os.walk(root, followlinks=True):  # schemas/ is a link in a checkout, a folder when installed
+            dirs[:] = [x for x in dirs if x != "__pycache__"]
+            files += [os.path.join(d, x) for x in names if x.endswith((".py", ".json"))]  # what a wheel installs
+        h = hashlib.sha256()
+        for name, path in sorted((os.path.relpath(f, root).replace(os.sep, "/"), f) for f in files):
+            with open(path, "rb") as fh:
+                data = fh.read()
+            h.update(b"%d:%s%d:" % (len(name.encode()), name.encode(), len(data)))
+            h.update(data)
+        yield host, str(getattr(laiontools, "__version__", "?")), h.hexdigest(), root
+
+    return probe
+
+
+def code_fingerprint() -> dict[str, str]:
+    """What this process runs of laiontools: its version, the sha256 of its package's code and data
+    (each ``.py`` and ``.json`` file: name and bytes, the files a wheel installs) and the folder it was
+    imported from. A checkout and an install of the same commit give the same sha256; one changed file
+    changes it."""
+    if not _FINGERPRINT:
+        _, version, sha, path = next(_fingerprint_probe()(None))
+        _FINGERPRINT.update(version=version, sha256=sha, path=path)
+    return dict(_FINGERPRINT)
+
+
+def check_executors(spark: Any) -> None:
+    """Refuse to run a stage on executors that import other laiontools code than this driver, or none:
+    a task function pickled here and run there against other code fails in the middle of a stage with a
+    bare TypeError (an unexpected keyword argument) or, worse, writes what the other version writes.
+
+    Runs once per Spark application, one small job over the executors there are (not for local
+    masters, whose workers are this machine's Python). Raises UserError naming each host's version,
+    code sha256 and folder, or the error that stopped the import there. ``LAIONTOOLS_EXECUTOR_CHECK=0``
+    turns it off (e.g. executors that carry a deliberate patch)."""
+    sc = spark.sparkContext
+    if sc.master.startswith("local") or os.environ.get("LAIONTOOLS_EXECUTOR_CHECK", "1") == "0":
+        return
+    if sc.applicationId in _CHECKED_APPS:
+        return
+    from laiontools.core.errors import UserError
+
+    mine = code_fingerprint()
+    n = max(2, sc.defaultParallelism)
+    sc.setJobDescription("laiontools: do the executors run this driver's code?")
+    try:
+        seen = sorted(set(sc.parallelize(range(n), n).mapPartitions(_fingerprint_probe()).collect()))
+    finally:
+        sc.setJobDescription(None)
+    fix = (f"install laiontools {mine['version']} (this driver's, from {mine['path']}, code sha256 {mine['sha256'][:12]}) in the "
+           "Python environment every executor runs (spark.pyspark.python / PYSPARK_PYTHON): docs/scale.md, 'What a cluster run needs'")
+    broken = [s for s in seen if not s[2]]
+    if broken:
+        hosts = "; ".join(f"{host}: {err}" for host, _, _, err in broken[:5])
+        raise UserError(f"the executors cannot import laiontools ({hosts}): {fix}")
+    other = [s for s in seen if s[2] != mine["sha256"]]
+    if other:
+        hosts = "; ".join(f"{host}: laiontools {ver}, code sha256 {sha[:12]}, from {path}" for host, ver, sha, path in other[:5])
+        raise UserError(f"the executors run other laiontools code than this driver ({hosts}). Every node must run the same code: "
+                        f"{fix}; LAIONTOOLS_EXECUTOR_CHECK=0 skips this check")
+    log.info("executors run this driver's laiontools (%s, code sha256 %s) on %d host(s)", mine["version"], mine["sha256"][:12],
+             len({s[0] for s in seen}))
+    _CHECKED_APPS.add(sc.applicationId)
 
 
 def threads_per_task(spark: Any, requested: int) -> int:
