@@ -461,6 +461,30 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
     _same_output(str(tmp_path / "s"), mixed)
 
 
+def test_a_task_keeps_few_files_of_a_store_open(tmp_path):
+    """Local source shards stay open by the hundred, but a file of another file system (an object store's
+    holds a 4 MB block) is kept open only REMOTE_MAX_OPEN at a time. fsspec's memory file system stands
+    for the store here: 40 of its files read in turn, every range right, never more than the cap open."""
+    import fsspec
+
+    from laiontools.stages.reshard import REMOTE_MAX_OPEN, _Sources
+
+    mem = fsspec.filesystem("memory")
+    datas = {f"{k:05d}": os.urandom(4096) for k in range(REMOTE_MAX_OPEN + 8)}
+    for sid, data in datas.items():
+        mem.pipe(f"/walk-{tmp_path.name}/{sid}.tar", data)
+    src = _Sources({sid: f"memory:///walk-{tmp_path.name}/{sid}.tar" for sid in datas})
+    assert src.max_open > REMOTE_MAX_OPEN
+    try:
+        for rnd in range(2):
+            for sid, data in datas.items():
+                assert src.read(sid, 100 + rnd, 1000) == data[100 + rnd : 1100 + rnd]
+                assert len(src.open) <= REMOTE_MAX_OPEN
+    finally:
+        src.close()
+        mem.rm(f"/walk-{tmp_path.name}", recursive=True)
+
+
 def test_in_process_plan_takes_a_sample_listed_twice_once_and_breaks_score_ties_by_uid(subset, resharded, tmp_path, monkeypatch):
     """The in-process plan sorts by uid and drops repeats only when the catalog lists some sample twice,
     and orders by score alone only when no two scores are equal. Both other branches are reached here: a

@@ -313,6 +313,10 @@ class _Sources:
             self.open[sid] = f
             if len(self.open) > self.max_open:
                 self.open.popitem(last=False)[1].close()
+            elif not local:  # an object-store file holds a 4 MB block: at most REMOTE_MAX_OPEN of those
+                remote = [s for s in self.open if not self._where(s)[2]]
+                if len(remote) > REMOTE_MAX_OPEN:
+                    self.open.pop(remote[0]).close()
         else:
             self.open.move_to_end(sid)
         return f
@@ -322,6 +326,11 @@ class _Sources:
             f.close()
         self.open.clear()
         self.fetched.clear()
+
+
+# Object-store files a task keeps open (each with a 4 MB read-ahead block; they serve only the ranges a
+# prefetch could not fetch, see _Sources.prefetch).
+REMOTE_MAX_OPEN = 32
 
 
 def _max_open_files() -> int:
