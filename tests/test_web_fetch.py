@@ -390,7 +390,11 @@ def test_the_status_code_alone_makes_an_http_error_transient_and_the_reason_is_t
         assert err == "HTTP Error 404: " + ("[31mNot Found " + "x" * 5000)[:MAX_REASON_CHARS], err
     assert not any(is_transient(f"HTTP Error {c}: Service Unavailable (timed out)") for c in (400, 403, 404, 410, 451))
     assert all(is_transient(f"HTTP Error {c}: OK") for c in (408, 429, 500, 503, 599))
-    assert is_transient("timed out (read)") and is_transient("robots.txt unavailable (HTTP Error 404: x)")
+    assert is_transient("timed out (read)")
+    # robots.txt unavailable: judged by what stopped the read, as an image request would be
+    assert is_transient("robots.txt unavailable (HTTP Error 503: x); the host is skipped for now")
+    assert is_transient("robots.txt unavailable (timed out (read)); the host is skipped for now")
+    assert not is_transient("robots.txt unavailable (ConnectionRefusedError: [Errno 111] Connection refused); the host is skipped for now")
 
 
 @pytest.fixture(scope="module")
@@ -493,11 +497,60 @@ def test_robots_txt_conventions_for_missing_and_unavailable(fresh_host):
     assert fresh_host.requests_served - served == 2
 
 
+def test_a_redirect_status_without_a_location_is_a_failure_not_the_image():
+    """A 3xx answer with no Location (or an empty one), and 300/304 (never asked for), is not the image,
+    whatever its body holds: it was stored as a success, the body in the shard (a hostile-web walk).
+    Now an HTTP error, permanent, asked once. A robots.txt host that refuses the connection (or a TLS
+    error) leaves its rows robots.txt unavailable, no longer retried by every --retry-failed pass."""
+    from laiontools.web.fetch import ROBOTS_UNAVAILABLE, HostGate, RobotsCache, is_transient
+
+    png = _png()
+    routes = {f"/{code}-{k}.png": (f"HTTP/1.1 {code} Moved\r\n{how}Content-Length: {len(png)}\r\n\r\n".encode() + png)
+              for k, (code, how) in enumerate(((302, ""), (301, "Location: \r\n"), (300, ""), (304, ""), (307, "")))}
+    with RawServer({**routes, "/ok.png": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png}) as raw:
+        _, err, _ = fetch_one(raw.url("/ok.png"), 2, None, None, _policy(), resolver=lambda h, p: [PUBLIC])
+        assert err is None  # the control: the same body with a 200 is the image
+        for path in routes:
+            data, err, _ = fetch_one(raw.url(path), 2, None, None, _policy(), resolver=lambda h, p: [PUBLIC])
+            code = path[1:4]
+            assert data is None and err.startswith(f"HTTP Error {code}: ") and "no Location to follow" in err, (path, err)
+            assert not is_transient(err) and raw.paths.count(path) == 1
+    # robots.txt on a port where nothing listens: the connection is refused, permanently
+    with socket.socket() as closed:
+        closed.bind((PUBLIC, 0))
+        port = closed.getsockname()[1]
+        _, err, _ = fetch_one(f"http://h.example.org:{port}/a.png", 2, None, None, _policy(respect_robots=True),
+                              resolver=lambda h, p: [PUBLIC], gate=HostGate(), robots=RobotsCache())
+    assert err.startswith(ROBOTS_UNAVAILABLE + " (") and "refused" in err.lower() and not is_transient(err), err
+
+
+def test_port_zero_is_an_invalid_url_not_the_default_port():
+    """http://host:0/x named port 0: normalizing dropped it, so the uid and the request were of
+    http://host/x, on port 80 (a hostile-web walk). prepare now rejects it as invalid_url, and a redirect
+    to port 0 is refused rather than followed to the default port."""
+    from laiontools.contracts.uids import normalize_url
+    from laiontools.web.policy import check_url
+
+    pol = {"max_url_length": 2048, "allow_private_network": False, "allow_networks": [f"{PUBLIC}/32"]}
+    for url in ("http://example.org:0/x", "https://example.org:0/x"):
+        assert normalize_url(url) == url
+        reason, msg = check_url(normalize_url(url), pol)
+        assert reason == "invalid_url" and "port 0" in msg, msg
+    assert normalize_url("http://example.org:80/x") == "http://example.org/x"  # the default port still goes
+    png = _png()
+    with RawServer({"/r.png": b"HTTP/1.1 302 Found\r\nLocation: http://h.example.org:0/ok.png\r\nContent-Length: 0\r\n\r\n",
+                    "/ok.png": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png}) as raw:
+        _, err, _ = fetch_one(raw.url("/r.png"), 2, None, None, _policy(), resolver=lambda h, p: [PUBLIC])
+        assert err.startswith("blocked: URL names port 0"), err
+        assert raw.paths == ["/r.png"]
+
+
 def test_a_refused_robots_txt_redirect_makes_robots_txt_unavailable_not_the_rows_blocked():
     """robots.txt redirecting to a non-global address, to another scheme or to a name that does not
-    resolve: robots.txt is unavailable (transient, cached briefly), not every row of the host
-    'blocked:' for robots_ttl (the image URL itself is allowed). A refusal of the robots.txt URL
-    itself — the image's own host — still carries the refusal."""
+    resolve: robots.txt is unavailable (cached briefly), not every row of the host 'blocked:' for
+    robots_ttl (the image URL itself is allowed). Not transient: the next --retry-failed pass would
+    meet the same refusal (it was retried on every pass). A refusal of the robots.txt URL itself — the
+    image's own host — still carries the refusal."""
     from laiontools.web.fetch import ROBOTS_UNAVAILABLE, FetchError, HostGate, RobotsCache, is_transient
 
     def resolver(host: str, port: int) -> list[str]:
@@ -511,7 +564,7 @@ def test_a_refused_robots_txt_redirect_makes_robots_txt_unavailable_not_the_rows
                         "/img.png": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png}) as raw:
             _, err, _ = fetch_one(raw.url("/img.png"), 2, None, None, _policy(respect_robots=True), resolver=resolver,
                                   gate=HostGate(), robots=RobotsCache())
-            assert err.startswith(ROBOTS_UNAVAILABLE) and is_transient(err), (loc, err)
+            assert err.startswith(ROBOTS_UNAVAILABLE) and not is_transient(err), (loc, err)
             assert raw.paths == ["/robots.txt"]
     robots = RobotsCache()
     with pytest.raises(FetchError, match="^blocked: host 127.0.0.1 is a non-global address"):

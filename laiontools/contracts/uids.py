@@ -40,7 +40,8 @@ def normalize_url(url: str | None) -> str | None:
             port = parts.port
             userinfo = netloc.rsplit("@", 1)[0] + "@" if "@" in netloc else ""
             h = f"[{host}]" if ":" in host else host
-            netloc = userinfo + h + (f":{port}" if port and port != _DEFAULT_PORTS[scheme] else "")
+            # (port 0 is kept: it is no port a server listens on, and the policy rejects the URL for it)
+            netloc = userinfo + h + (f":{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else "")
         return urlunsplit((scheme, netloc, parts.path or ("/" if host else ""), parts.query, ""))
     except ValueError:  # e.g. an invalid port; keep the text so the policy can reject it with a reason
         return url

@@ -77,7 +77,7 @@ REDIRECT_CODES = (301, 302, 303, 307, 308)
 # reason phrase is the server's free text and must not make a 404 "timed out".
 TRANSIENT_PATTERNS = (
     r"timed out", r"timeout", r"Connection reset", r"Connection aborted", r"Remote end closed",
-    r"Temporary failure", r"IncompleteRead", r"^deadline:", r"^robots.txt unavailable",
+    r"Temporary failure", r"IncompleteRead", r"^deadline:",
 )
 _TRANSIENT = re.compile("|".join(TRANSIENT_PATTERNS), re.IGNORECASE)
 _HTTP_ERROR = re.compile(r"HTTP Error (\d{3})\b")
@@ -89,6 +89,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DEADLINE_PREFIX = "deadline:"
 ROBOTS_DISALLOWS = "robots.txt disallows"
 ROBOTS_UNAVAILABLE = "robots.txt unavailable"
+ROBOTS_SKIPPED = "); the host is skipped for now"  # ends a ROBOTS_UNAVAILABLE message, after its cause
 ROBOTS_CRAWL_DELAY = "robots.txt asks a Crawl-delay of"
 # Failures a retry inside the shard would only repeat (the cause is cached or the time is spent);
 # they stay transient for a later --retry-failed pass.
@@ -102,6 +103,12 @@ def is_transient(error_message: str | None) -> bool:
     if not error_message:
         return False
     error_message = error_message.split(SERVER_SENT, 1)[0]  # not the server's own words
+    if error_message.startswith(ROBOTS_UNAVAILABLE + " ("):
+        # robots.txt could not be read: the host is skipped for now, and worth another pass when what
+        # stopped the read is (a 5xx, a timeout), not when it would stop the image too (a TLS error, a
+        # refused connection: as permanent here as for the image request itself)
+        cause = error_message[len(ROBOTS_UNAVAILABLE) + 2 :].rsplit(ROBOTS_SKIPPED, 1)[0]
+        return is_transient(cause)
     m = _HTTP_ERROR.match(error_message)
     if m:
         return int(m.group(1)) in TRANSIENT_HTTP_CODES
@@ -551,8 +558,10 @@ class RobotsCache:
     - 2xx: the rules apply, for the group naming our token (``robots_user_agent``) or else ``*``;
     - 4xx other than 429 (no robots.txt, or forbidden): everything is allowed;
     - 429, 5xx, a timeout or a connection failure: the host is treated as fully disallowed *for now*:
-      its rows end failed_download ``robots.txt unavailable (...)``, which ``--retry-failed`` retries,
-      and the answer is cached for only ``UNAVAILABLE_TTL`` seconds;
+      its rows end failed_download ``robots.txt unavailable (<cause>)``, which ``--retry-failed``
+      retries when the cause is transient for an image request too (:func:`is_transient`: a 429 or
+      5xx, a timeout; not a refused connection or a TLS error), and the answer is cached for only
+      ``UNAVAILABLE_TTL`` seconds;
     - a robots.txt host that does not resolve or is blocked by the address policy: the rows carry
       that error (``DNS: ...`` / ``blocked: ...``), the same the image request would get. A refused
       *redirect* of robots.txt (to a non-global address, another scheme, a name that does not
@@ -644,7 +653,7 @@ class RobotsCache:
             m = re.match(r"HTTP Error (\d{3})", msg)
             if m and 400 <= int(m.group(1)) < 500 and m.group(1) != "429":
                 return None, policy.robots_ttl  # no robots.txt: everything allowed
-            return FetchError(f"{ROBOTS_UNAVAILABLE} ({msg}); the host is skipped for now"), self.UNAVAILABLE_TTL
+            return FetchError(f"{ROBOTS_UNAVAILABLE} ({msg}{ROBOTS_SKIPPED}"), self.UNAVAILABLE_TTL
         rp = RobotFileParser()
         lines = resp.body.decode("utf-8", "replace").splitlines()
         rp.parse(lines)
@@ -836,9 +845,12 @@ def _checked_url(url: str, policy: FetchPolicy, blocklist: Any, resolver: Resolv
     have passed; raises FetchError (``blocked: ...``, ``blocklisted: ...``, ``DNS: ...``) otherwise."""
     try:
         parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port
     except ValueError as e:
         raise FetchError(f"blocked: URL cannot be parsed ({e})") from e
+    if port == 0:  # (not "no port": the default one would be reached instead of the URL's)
+        raise FetchError(f"blocked: URL names port 0, where no server listens ({url[:100]})")
+    port = port or (443 if parts.scheme == "https" else 80)
     if parts.scheme not in ("http", "https"):
         raise FetchError(f"blocked: scheme {parts.scheme}: is not http or https ({url[:100]})")
     host = (parts.hostname or "").lower()
@@ -892,6 +904,8 @@ def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: 
             r = conn.getresponse()
             if r.status in REDIRECT_CODES and r.getheader("Location"):
                 return r.getheader("Location")
+            if 300 <= r.status < 400:  # a redirect to nowhere (no or an empty Location), 300, 304, 305: not the image
+                raise FetchError(f"HTTP Error {r.status}: {_reason(r.reason)} (no Location to follow)")
             if r.status >= 400:
                 ra = _header_int(r.getheader("Retry-After"))
                 raise FetchError(f"HTTP Error {r.status}: {_reason(r.reason)}", None if ra is None else float(ra))

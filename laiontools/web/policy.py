@@ -188,9 +188,11 @@ def check_url(url: str | None, policy: Mapping[str, Any], dns_cache: dict[str, A
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
-        _ = parts.port  # raises ValueError on a bad port
+        port = parts.port  # raises ValueError on a bad port
     except ValueError as e:
         return "invalid_url", f"URL cannot be parsed: {e}"
+    if port == 0:
+        return "invalid_url", "URL names port 0, where no server listens"
     if parts.scheme not in ("http", "https"):
         return "bad_scheme", f"scheme {parts.scheme + ':' if parts.scheme else '(none)'} is not http or https"
     if not host:
