@@ -524,6 +524,38 @@ def test_a_redirect_status_without_a_location_is_a_failure_not_the_image():
     assert err.startswith(ROBOTS_UNAVAILABLE + " (") and "refused" in err.lower() and not is_transient(err), err
 
 
+def test_a_host_that_keeps_answering_429_gets_its_rows_skipped_not_waited_for(monkeypatch):
+    """Each 429/503 pauses its host (its Retry-After, at most max_host_backoff). A host that answered 429
+    to every request held a shard ~60 s per row and attempt (a hostile-web walk: 12 rows, 4 threads, 184 s).
+    Its pauses now add up per episode; once they reach max_host_pause, a request that would wait for
+    the host gets "host throttled" at once (transient: --retry-failed tries it later; no request sent).
+    When the pause is over the host is asked again; an episode ends after PAUSE_EPISODE_GAP quiet seconds."""
+    from laiontools.stages.download import failure_kind
+    from laiontools.web.fetch import HOST_THROTTLED, HostGate, is_transient
+
+    png = _png()
+    slow = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 99999\r\nContent-Length: 0\r\n\r\n"
+    pol = _policy(max_host_backoff=1.0, max_host_pause=1.5)
+    gate = HostGate()
+    with RawServer({**{f"/t{k}.png": slow for k in range(4)},
+                    "/ok.png": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png}) as raw:
+        def get(path):
+            return fetch_one(raw.url(path), 2, None, None, pol, resolver=lambda h, p: [PUBLIC], gate=gate)[1]
+
+        assert get("/t0.png").startswith("HTTP Error 429")  # paused 1 s (Retry-After capped)
+        assert get("/t1.png").startswith("HTTP Error 429")  # waited for the pause, then asked: 2 s in all
+        err = get("/t2.png")  # the host is paused again and its pauses reached 1.5 s: no wait, no request
+        assert err.startswith(f"{HOST_THROTTLED} h.example.org answered 429/503 2 times") and is_transient(err), err
+        assert failure_kind(err) == "host_throttled"  # its own line in the download report
+        assert raw.paths == ["/t0.png", "/t1.png"]
+        time.sleep(1.05)  # the pause is over: the host is asked again
+        assert get("/ok.png") is None and raw.paths[-1] == "/ok.png"
+        monkeypatch.setattr(HostGate, "PAUSE_EPISODE_GAP", 0.0)
+        assert get("/t3.png").startswith("HTTP Error 429")  # a new episode: 1 s of pause counted
+        assert get("/ok.png") is None  # under the limit: waited for the pause, then fetched
+    assert raw.paths[-2:] == ["/t3.png", "/ok.png"]
+
+
 def test_port_zero_is_an_invalid_url_not_the_default_port():
     """http://host:0/x named port 0: normalizing dropped it, so the uid and the request were of
     http://host/x, on port 80 (a hostile-web walk). prepare now rejects it as invalid_url, and a redirect

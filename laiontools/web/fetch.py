@@ -77,7 +77,7 @@ REDIRECT_CODES = (301, 302, 303, 307, 308)
 # reason phrase is the server's free text and must not make a 404 "timed out".
 TRANSIENT_PATTERNS = (
     r"timed out", r"timeout", r"Connection reset", r"Connection aborted", r"Remote end closed",
-    r"Temporary failure", r"IncompleteRead", r"^deadline:",
+    r"Temporary failure", r"IncompleteRead", r"^deadline:", r"^host throttled:",
 )
 _TRANSIENT = re.compile("|".join(TRANSIENT_PATTERNS), re.IGNORECASE)
 _HTTP_ERROR = re.compile(r"HTTP Error (\d{3})\b")
@@ -91,9 +91,10 @@ ROBOTS_DISALLOWS = "robots.txt disallows"
 ROBOTS_UNAVAILABLE = "robots.txt unavailable"
 ROBOTS_SKIPPED = "); the host is skipped for now"  # ends a ROBOTS_UNAVAILABLE message, after its cause
 ROBOTS_CRAWL_DELAY = "robots.txt asks a Crawl-delay of"
+HOST_THROTTLED = "host throttled:"
 # Failures a retry inside the shard would only repeat (the cause is cached or the time is spent);
 # they stay transient for a later --retry-failed pass.
-_NO_RETRY_IN_SHARD = (DEADLINE_PREFIX, ROBOTS_UNAVAILABLE)
+_NO_RETRY_IN_SHARD = (DEADLINE_PREFIX, ROBOTS_UNAVAILABLE, HOST_THROTTLED)
 UNREADABLE_HEADER = "image size cannot be read from its header"
 
 
@@ -156,6 +157,10 @@ class FetchPolicy:
     max_host_rps: float | None = None  # requests per second per host, per executor (None: no limit)
     max_host_concurrency: int | None = None  # requests in flight per host, per executor (None: no limit)
     max_host_backoff: float = 60.0  # cap on how long a 429/503 (its Retry-After) pauses a host
+    # a host's 429/503 pauses, added up over an episode (HostGate.PAUSE_EPISODE_GAP), past which its rows
+    # end "host throttled" (transient) instead of waiting: a host answering 429 with Retry-After held a
+    # shard ~60 s per row and attempt (~180 s for one row with 2 retries, minutes for a few dozen rows)
+    max_host_pause: float = 120.0
     max_crawl_delay: float | None = 30.0  # a robots.txt Crawl-delay over this skips the host (None: kept, however long)
     host_shares: tuple[tuple[str, int], ...] = ()  # (host, d): this executor's limits at host are divided by d
     blocklist: str | None = None  # path of a --blocklist file (URLs, domains, content hashes)
@@ -297,7 +302,7 @@ _WATCHDOG = _Watchdog()
 
 
 class _Host:
-    __slots__ = ("active", "crawl_delay", "last_start", "next_slot", "paused_until", "requests", "throttled")
+    __slots__ = ("active", "crawl_delay", "last_start", "next_slot", "paused_total", "paused_until", "requests", "throttled")
 
     def __init__(self) -> None:
         self.active = 0
@@ -305,6 +310,7 @@ class _Host:
         self.last_start = -1e18  # time.monotonic() of the last request start
         self.next_slot = 0.0
         self.paused_until = 0.0
+        self.paused_total = 0.0  # seconds of 429/503 pauses in the current episode
         self.requests = 0
         self.throttled = 0
 
@@ -331,12 +337,29 @@ class HostGate:
             h = self._hosts[host] = _Host()
         return h
 
+    # A host not paused for this long starts a new episode: its pauses are counted from zero again.
+    PAUSE_EPISODE_GAP = 600.0
+
     def pause(self, host: str, seconds: float) -> None:
-        """No request to `host` starts in the next `seconds` (a 429/503 said so), from any thread."""
+        """No request to `host` starts in the next `seconds` (a 429/503 said so), from any thread. The
+        pause's added length counts toward the host's `max_pause` (see :meth:`slot`)."""
         with self._cv:
             h = self._host(host)
-            h.paused_until = max(h.paused_until, time.monotonic() + seconds)
+            now = time.monotonic()
+            if now > h.paused_until + self.PAUSE_EPISODE_GAP:
+                h.paused_total = 0.0
+            until = max(h.paused_until, now + seconds)
+            h.paused_total += until - max(h.paused_until, now)
+            h.paused_until = until
             h.throttled += 1
+
+    @staticmethod
+    def _throttled(h: _Host, host: str, now: float, max_pause: float | None) -> None:
+        """A paused host whose pauses this episode reach `max_pause`: its request does not wait."""
+        if max_pause is not None and h.paused_until > now and h.paused_total >= max_pause:
+            raise FetchError(f"{HOST_THROTTLED} {host} answered 429/503 {h.throttled} times, pausing its requests for "
+                             f"{h.paused_total:.0f} s in all (the limit is {max_pause:g} s); skipped for now, "
+                             "for a --retry-failed pass")
 
     def set_crawl_delay(self, host: str, seconds: float) -> None:
         """The host's robots.txt asked for `seconds` between requests: from now on its requests start at
@@ -385,12 +408,14 @@ class HostGate:
 
     @contextlib.contextmanager
     def slot(self, host: str, max_rps: float | None, max_concurrency: int | None,
-             wait_deadline: float | None = None) -> Iterator[float]:
+             wait_deadline: float | None = None, max_pause: float | None = None) -> Iterator[float]:
         """Hold one request slot at `host`; yields the seconds spent waiting for it.
 
         Waiting for politeness is not the request's time: the caller's request deadline starts
         after the wait. Only `wait_deadline` (time.monotonic(); the shard deadline, None: none)
-        bounds the wait, past which a ``deadline:`` FetchError is raised.
+        bounds the wait, past which a ``deadline:`` FetchError is raised. A host that is paused and
+        whose 429/503 pauses of this episode add up to `max_pause` seconds gets no wait: a
+        ``host throttled:`` FetchError (transient) instead.
         """
         t0 = time.monotonic()
         max_rps, max_concurrency = self.limits(host, max_rps, max_concurrency)
@@ -401,6 +426,7 @@ class HostGate:
                 h = self._host(host)
                 h.requests += 1
                 until = h.paused_until
+                self._throttled(h, host, time.monotonic(), max_pause)
             if until > time.monotonic():
                 _sleep_until(until, wait_deadline, host)
             with self._cv:
@@ -416,6 +442,7 @@ class HostGate:
                 free = not max_concurrency or h.active < max_concurrency
                 if free and now >= h.paused_until:
                     break
+                self._throttled(h, host, now, max_pause)
                 # a full host waits for a release (notify); a paused one for the pause's end; both at
                 # most until the wait deadline
                 ends = [t for t in ((h.paused_until if free else None), wait_deadline) if t is not None]
@@ -822,7 +849,8 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
             if gate is None:
                 resp = _one_hop(parts, host, port, addrs, **hop_kw)
             else:
-                with gate.slot(host, policy.max_host_rps, policy.max_host_concurrency, hard_deadline) as waited:
+                with gate.slot(host, policy.max_host_rps, policy.max_host_concurrency, hard_deadline,
+                               policy.max_host_pause) as waited:
                     if waited > 0:  # the request's own time starts now, within the shard deadline
                         deadline = deadline + waited if hard_deadline is None else min(deadline + waited, hard_deadline)
                         hop_kw["deadline"] = deadline
