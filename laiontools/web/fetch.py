@@ -395,12 +395,17 @@ class HostGate:
             delay = h.crawl_delay if h is not None else 0.0
         return max(1.0 / max_rps if max_rps else 0.0, delay)
 
-    def not_before(self, host: str) -> float:
+    def not_before(self, host: str, max_pause: float | None = None) -> float:
         """time.monotonic() before which no request to `host` may start (its 429/503 pause and its next
-        rate slot); what :class:`HostScheduler` waits for instead of blocking a thread on the host."""
+        rate slot); what :class:`HostScheduler` waits for instead of blocking a thread on the host. A
+        host whose pauses reached `max_pause`: 0, its rows are handed out to end "host throttled"."""
         with self._cv:
             h = self._hosts.get(host)
-            return 0.0 if h is None else max(h.paused_until, h.next_slot)
+            if h is None:
+                return 0.0
+            if max_pause is not None and h.paused_until > time.monotonic() and h.paused_total >= max_pause:
+                return 0.0
+            return max(h.paused_until, h.next_slot)
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._cv:
@@ -495,10 +500,11 @@ class HostScheduler:
     """
 
     def __init__(self, rows: list[tuple[int, str]], gate: HostGate, max_rps: float | None,
-                 max_concurrency: int | None, deadline: float | None = None) -> None:
+                 max_concurrency: int | None, deadline: float | None = None, max_pause: float | None = None) -> None:
         from collections import deque
 
         self._gate, self._rps, self._conc, self._deadline = gate, max_rps, max_concurrency, deadline
+        self._max_pause = max_pause  # a host throttled past it is not waited for (HostGate.slot refuses its rows)
         self._queues: dict[str, Any] = {}
         for key, url in rows:
             self._queues.setdefault(host_of(url), deque()).append((key, url))
@@ -532,7 +538,7 @@ class HostScheduler:
                         self._cv.wait(None if self._deadline is None else self._deadline - now)
                         continue
                     ready, first, host = self._heap[0]
-                    actual = max(ready, self._gate.not_before(host))
+                    actual = max(ready, self._gate.not_before(host, self._max_pause))
                     if actual > ready + 1e-6:  # paused by a 429/503, or slots taken outside the scheduler
                         heapq.heapreplace(self._heap, (actual, first, host))
                         continue
@@ -1165,7 +1171,7 @@ class PolicyDownloader(Downloader):
         # (its row is only a ticket), so its writer, keys, stats and memory bound stay as they are.
         try:
             sched: HostScheduler | None = HostScheduler(self._shard_rows(row[1]), HOSTS, pol.max_host_rps,
-                                                        pol.max_host_concurrency, at)
+                                                        pol.max_host_concurrency, at, pol.max_host_pause)
         except Exception:  # an unreadable shard file: img2dataset's own read fails next and marks the shard failed
             logging.getLogger(__name__).warning("shard %s: rows not readable for the host scheduler", row[0], exc_info=True)
             sched = None
