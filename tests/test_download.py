@@ -407,3 +407,14 @@ def test_encode_quality_out_of_range_is_refused(fmt, quality, ok):
         hi = 9 if fmt == "png" else 100
         with pytest.raises(ConfigError, match=rf"^encode_quality {quality} is out of range for {fmt} \(\d\.\.{hi}\)"):
             DownloadConfig(input="in", output="out", encode_format=fmt, encode_quality=quality)
+
+
+def test_download_seconds_count_the_time_shards_ran_not_the_gaps_between_runs():
+    """report.json's download phase over shards of several runs (a resumed kill, a --retry-failed pass
+    10 minutes later) counted the gap between them: 577.77 s and 0.01 samples/s for a 2.3 s retry pass
+    (a hostile-web walk). It is the time some shard was running: overlapping spans once, gaps not."""
+    from laiontools.stages.download import busy_seconds
+
+    assert busy_seconds([]) == 0.0
+    assert busy_seconds([(100.0, 103.0), (0.0, 10.0), (5.0, 12.0), (11.0, 11.5)]) == 12.0 + 3.0
+    assert busy_seconds([(0.0, 10.0), (10.0, 20.0)]) == 20.0

@@ -735,6 +735,20 @@ def _views_from_aggregate(agg: list[tuple[str, str | None, str | None, str | Non
     return by_status, per_shard, kinds, hosts
 
 
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one of these (start, end) spans ran: the download phase of shards
+    written by several runs (a resumed kill, --retry-failed passes) without the hours between them."""
+    total, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
 def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], prep: dict[str, Any], wall: float,
                  by_status: dict[str, int] | None = None,
                  aggregate: list[tuple[str, str | None, str | None, str | None, int]] | None = None) -> dict[str, Any]:
@@ -757,8 +771,7 @@ def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], pr
     hosts["executors"] = executor_view(shards)
     success = by_status.get(C.STATUS_SUCCESS, 0)
     attempted = success + by_status.get(C.STATUS_FAILED_DOWNLOAD, 0) + by_status.get(C.STATUS_FAILED_RESIZE, 0)
-    times = [(s["start_time"], s["end_time"]) for s in shards if s.get("start_time")]
-    dl_time = (max(e for _, e in times) - min(s for s, _ in times)) if times else 0.0
+    dl_time = busy_seconds([(s["start_time"], s["end_time"]) for s in shards if s.get("start_time")])
     return {
         "rows_in": prep["rows_in"],
         "rejected": {k: v for k, v in sorted(by_status.items()) if k.startswith(C.REJECTED_PREFIX)},
