@@ -418,3 +418,15 @@ def test_download_seconds_count_the_time_shards_ran_not_the_gaps_between_runs():
     assert busy_seconds([]) == 0.0
     assert busy_seconds([(100.0, 103.0), (0.0, 10.0), (5.0, 12.0), (11.0, 11.5)]) == 12.0 + 3.0
     assert busy_seconds([(0.0, 10.0), (10.0, 20.0)]) == 20.0
+
+
+@pytest.mark.parametrize("field", ["max_bytes", "max_image_pixels"])
+def test_a_zero_size_limit_is_refused_before_any_request(field):
+    """--max-bytes 0 was accepted and then refused every image "over the limit" (a hostile-web walk);
+    the other limits were checked. 1 is the least."""
+    from laiontools.core.config import ConfigError
+    from laiontools.stages.download import DownloadConfig
+
+    with pytest.raises(ConfigError, match="^max_bytes and max_image_pixels must be >= 1"):
+        DownloadConfig(input="in", output="out", **{field: 0})
+    assert getattr(DownloadConfig(input="in", output="out", **{field: 1}), field) == 1

@@ -123,6 +123,8 @@ class DownloadConfig(PrepareConfig):
             raise ConfigError("request_deadline must be > 0 and shard_deadline >= 0 (0: no shard deadline)")
         if not self.max_crawl_delay >= 0:
             raise ConfigError(f"max_crawl_delay must be >= 0 (0: no limit), got {self.max_crawl_delay}")
+        if self.max_bytes < 1 or self.max_image_pixels < 1:  # 0 refused every image, as "over the limit"
+            raise ConfigError(f"max_bytes and max_image_pixels must be >= 1, got {self.max_bytes} and {self.max_image_pixels}")
         if (self.max_host_rps is not None and self.max_host_rps <= 0) or (
                 self.max_host_concurrency is not None and self.max_host_concurrency < 1):
             raise ConfigError("max_host_rps must be > 0 and max_host_concurrency >= 1 (leave them unset for no limit)")
