@@ -472,8 +472,8 @@ def test_a_task_keeps_few_files_of_a_store_open(tmp_path):
     mem = fsspec.filesystem("memory")
     datas = {f"{k:05d}": os.urandom(4096) for k in range(REMOTE_MAX_OPEN + 8)}
     for sid, data in datas.items():
-        mem.pipe(f"/walk-{tmp_path.name}/{sid}.tar", data)
-    src = _Sources({sid: f"memory:///walk-{tmp_path.name}/{sid}.tar" for sid in datas})
+        mem.pipe(f"/reshard-sources-{tmp_path.name}/{sid}.tar", data)
+    src = _Sources({sid: f"memory:///reshard-sources-{tmp_path.name}/{sid}.tar" for sid in datas})
     assert src.max_open > REMOTE_MAX_OPEN
     try:
         for rnd in range(2):
@@ -482,7 +482,7 @@ def test_a_task_keeps_few_files_of_a_store_open(tmp_path):
                 assert len(src.open) <= REMOTE_MAX_OPEN
     finally:
         src.close()
-        mem.rm(f"/walk-{tmp_path.name}", recursive=True)
+        mem.rm(f"/reshard-sources-{tmp_path.name}", recursive=True)
 
 
 def test_in_process_plan_takes_a_sample_listed_twice_once_and_breaks_score_ties_by_uid(subset, resharded, tmp_path, monkeypatch):

@@ -354,9 +354,13 @@ class HostGate:
             h.throttled += 1
 
     @staticmethod
-    def _throttled(h: _Host, host: str, now: float, max_pause: float | None) -> None:
+    def _over_budget(h: _Host, now: float, max_pause: float | None) -> bool:
+        """Whether `h` is paused and its pauses this episode reach `max_pause` (then nothing waits for it)."""
+        return max_pause is not None and h.paused_until > now and h.paused_total >= max_pause
+
+    def _throttled(self, h: _Host, host: str, now: float, max_pause: float | None) -> None:
         """A paused host whose pauses this episode reach `max_pause`: its request does not wait."""
-        if max_pause is not None and h.paused_until > now and h.paused_total >= max_pause:
+        if self._over_budget(h, now, max_pause):
             raise FetchError(f"{HOST_THROTTLED} {host} answered 429/503 {h.throttled} times, pausing its requests for "
                              f"{h.paused_total:.0f} s in all (the limit is {max_pause:g} s); skipped for now, "
                              "for a --retry-failed pass")
@@ -401,9 +405,7 @@ class HostGate:
         host whose pauses reached `max_pause`: 0, its rows are handed out to end "host throttled"."""
         with self._cv:
             h = self._hosts.get(host)
-            if h is None:
-                return 0.0
-            if max_pause is not None and h.paused_until > time.monotonic() and h.paused_total >= max_pause:
+            if h is None or self._over_budget(h, time.monotonic(), max_pause):
                 return 0.0
             return max(h.paused_until, h.next_slot)
 
