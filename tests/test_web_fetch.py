@@ -576,6 +576,28 @@ def test_the_shard_scheduler_hands_out_a_throttled_hosts_rows_instead_of_waiting
     assert sched.take() == (0, "http://s.example.org/a.jpg") and time.monotonic() >= short.not_before("s.example.org")
 
 
+def test_an_empty_or_content_encoded_body_says_so():
+    """A 204 (or a 200 with no body) and a JPEG sent gzip-encoded (never asked for: no Accept-Encoding is
+    sent, and it is not decoded) were refused as "not an image"; the message now names why. Same
+    refusal, same failure kind in the report."""
+    import gzip
+
+    from laiontools.stages.download import failure_kind
+
+    png = _png()
+    packed = gzip.compress(png)
+    with RawServer({"/204.png": b"HTTP/1.1 204 No Content\r\n\r\n",
+                    "/0.png": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                    "/gz.png": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(packed) + packed,
+                    "/junk.png": b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\njunk"}) as raw:
+        errs = {p: fetch_one(raw.url(p), 2, None, None, _policy(), resolver=lambda h, q: [PUBLIC])[1]
+                for p in ("/204.png", "/0.png", "/gz.png", "/junk.png")}
+    assert "(an empty body, HTTP 204)" in errs["/204.png"] and "(an empty body, HTTP 200)" in errs["/0.png"], errs
+    assert "(the body is Content-Encoding: gzip, never asked for nor decoded)" in errs["/gz.png"], errs
+    assert "(not an image, or a format PIL cannot parse)" in errs["/junk.png"], errs
+    assert {failure_kind(e) for e in errs.values()} == {"unreadable_header"}
+
+
 def test_port_zero_is_an_invalid_url_not_the_default_port():
     """http://host:0/x named port 0: normalizing dropped it, so the uid and the request were of
     http://host/x, on port 80 (a hostile-web walk). prepare now rejects it as invalid_url, and a redirect

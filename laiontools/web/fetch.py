@@ -1055,7 +1055,11 @@ def fetch_one(url: str, timeout: float, user_agent_token: str | None, disallowed
                 return None, f"blocklisted: {why}", None
         pixels = image_pixels(resp.body)
         if pixels is None:
-            return None, f"{UNREADABLE_HEADER} (not an image, or a format PIL cannot parse); refused rather than decoded without a pixel limit", None
+            enc = (resp.headers.get("Content-Encoding") or "").strip().lower()
+            why = (f"an empty body, HTTP {resp.status}" if not resp.body
+                   else f"the body is Content-Encoding: {_reason(enc)[:40]}, never asked for nor decoded" if enc not in ("", "identity")
+                   else "not an image, or a format PIL cannot parse")
+            return None, f"{UNREADABLE_HEADER} ({why}); refused rather than decoded without a pixel limit", None
         if pixels > policy.max_image_pixels:
             return None, f"image of {pixels} pixels is over the limit of {policy.max_image_pixels} pixels", None
         return io.BytesIO(resp.body), None, None
