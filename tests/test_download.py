@@ -326,6 +326,42 @@ def test_retry_pass_reattempts_only_transient_failures(pool, spark, tmp_path, mo
     assert m["num_samples"] == int((after["status"] == "success").sum()) == rep["obtained"]
 
 
+def test_a_retry_pass_that_obtains_nothing_adds_no_shard(pool, tmp_path, monkeypatch):
+    """A --retry-failed pass whose rows all fail again wrote a tar with no samples into the pool: listed
+    in the manifest (num_samples 0) for embed and verify to read. Now such a shard stays beside its
+    pass (its rows' statuses go into the catalog) but is not listed; the pass is done and the report
+    says it obtained nothing. Two passes: the first obtains the flaky rows, the second nothing."""
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = str(tmp_path / "p")
+    shutil.copytree(pool.dir, out)
+    cfg = DownloadConfig(input=pool.source, output=out, retry_failed=True, **TEST_DOWNLOAD_SETTINGS)
+    download_stage.run(cfg)
+    first = _catalog(out).set_index("uid")
+    rep = download_stage.run(cfg).details
+    assert os.path.exists(os.path.join(out, layout.SHARDS_DIR, "retry02", "_pass.done"))
+    retried = pd.read_parquet(os.path.join(out, layout.PREPARED_DIR, "retry-02"))["uid"]
+    assert len(retried) > 0
+    m = read_manifest(rep["manifest"])
+    assert not [s["path"] for s in m["shards"] if s["path"].startswith("shards/retry02/")]
+    assert all(s["num_samples"] > 0 for s in m["shards"] if s["path"].startswith("shards/retry"))
+    assert rep["shards"] == len(m["shards"]) and rep["bytes"] == sum(s["bytes"] for s in m["shards"])
+    assert rep["retry_passes"][-1] == {"pass": 2, "rows": len(retried), "obtained": 0, "shards": 0}
+    assert f"retry pass 2: 0 of {len(retried)} row(s) obtained; no shard added" in rep["text"]
+    # the retried rows carry this pass's outcome, with its error, and nothing else changed
+    cat = _catalog(out).set_index("uid")
+    assert (cat.loc[retried, "status"] == "failed_download").all() and cat.loc[retried, "error_message"].notna().all()
+    assert cat.drop(columns=["error_message"]).equals(first.drop(columns=["error_message"]))
+    # a re-run without --retry-failed repeats no pass and lists the same shards
+    again = download_stage.run(DownloadConfig(input=pool.source, output=out, **TEST_DOWNLOAD_SETTINGS)).details
+    assert read_manifest(again["manifest"])["shards"] == m["shards"]
+    from laiontools.stages.verify import verify_manifest
+
+    assert not verify_manifest(rep["manifest"]).problems
+
+
 def test_a_catalog_swap_killed_midway_is_undone_before_a_retry_pass_reads_it(pool, tmp_path, monkeypatch):
     """A re-run of download killed midway through its catalog swap (old catalog moved aside, the new one
     not yet in place): readers refuse the pool, and the next run, a retry pass, first puts the old

@@ -774,6 +774,7 @@ def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], pr
     success = by_status.get(C.STATUS_SUCCESS, 0)
     attempted = success + by_status.get(C.STATUS_FAILED_DOWNLOAD, 0) + by_status.get(C.STATUS_FAILED_RESIZE, 0)
     dl_time = busy_seconds([(s["start_time"], s["end_time"]) for s in shards if s.get("start_time")])
+    listed = pool_shards(shards)
     return {
         "rows_in": prep["rows_in"],
         "rejected": {k: v for k, v in sorted(by_status.items()) if k.startswith(C.REJECTED_PREFIX)},
@@ -783,8 +784,9 @@ def build_report(cfg: DownloadConfig, cat: Any, shards: list[dict[str, Any]], pr
         "by_status": dict(sorted(by_status.items())),
         "failures_by_kind": dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
         "hosts": hosts,
-        "shards": len(shards),
-        "bytes": int(sum(s["bytes"] for s in shards)),
+        "shards": len(listed),
+        "bytes": int(sum(s["bytes"] for s in listed)),
+        "retry_passes": retry_pass_view(shards),
         "download_seconds": round(dl_time, 2),
         "samples_per_second": round(success / dl_time, 2) if dl_time > 0 else None,
         "wall_seconds_this_run": round(wall, 2),
@@ -857,6 +859,9 @@ def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
                                  if rep["samples_per_second"] is not None else "- (nothing was downloaded)"),
         f"  engine:        {rep.get('engine', 'spark')}",
     ]
+    for p in rep.get("retry_passes") or []:
+        lines.append(f"  retry pass {p['pass']}: {p['obtained']} of {p['rows']} row(s) obtained"
+                     + (f" in {p['shards']} shard(s)" if p["shards"] else "; no shard added"))
     private = rep["rejected"].get(C.REJECTED_PREFIX + "private_address", 0)
     if private:  # a loopback or LAN source (a local mirror, a test server) is refused unless allowed
         lines.append(f"  note: {private} row(s) point to non-global addresses, refused by the network policy; allow a "
@@ -879,6 +884,27 @@ def report_text(rep: dict[str, Any], cfg: DownloadConfig) -> str:
     return "\n".join(lines)
 
 
+def pool_shards(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The shards the pool lists, of :func:`complete_shards`: all but a retry pass's shards whose tar
+    holds no sample (every row it retried failed again). Such a shard stays in its pass's folder, as
+    img2dataset's record that the pass is done and of its rows' statuses (the catalog takes them from
+    its parquet), but is not part of the pool: a pass that obtains nothing adds no shard for embed,
+    verify or a takedown to read."""
+    return [s for s in shards if s["attempt"] == 0 or int(s["num_samples"]) > 0]
+
+
+def retry_pass_view(shards: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """Per retry pass, from its shards' stats: rows it attempted, samples obtained, shards the pool lists."""
+    out: dict[int, dict[str, int]] = {}
+    for s in shards:
+        if s["attempt"] > 0:
+            p = out.setdefault(s["attempt"], {"pass": s["attempt"], "rows": 0, "obtained": 0, "shards": 0})
+            p["rows"] += int(s.get("count") or 0)
+            p["obtained"] += int(s["num_samples"])
+            p["shards"] += int(int(s["num_samples"]) > 0)
+    return [out[a] for a in sorted(out)]
+
+
 def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float) -> dict[str, Any]:
     """Catalog, uid file, manifest, report from the complete shards. Idempotent. ``spark`` None: in
     this process (a pool under ``--spark-above`` rows), with the same files as a result."""
@@ -888,7 +914,7 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
     fin = _finalize_local(cfg, shards) if spark is None else _finalize_spark(cfg, spark, shards, prep)
     per_shard = fin["per_shard"]
     listed = []
-    for s in shards:
+    for s in pool_shards(shards):
         # a shard entirely superseded by a retry pass still lists its samples that were not retried
         n = per_shard.get(s["id"], 0)
         listed.append({"path": s["path"], "num_samples": n, "bytes": s["bytes"], "sha256": s["sha256"],
