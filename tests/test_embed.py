@@ -169,6 +169,68 @@ def test_resume_skips_done_and_redoes_interrupted(small_pool, tmp_path):
         pd.testing.assert_frame_equal(before[sid][1], after[sid][1])
 
 
+def test_resume_redoes_a_shard_whose_files_changed_after_its_marker(small_pool, tmp_path, caplog):
+    """A shard file emptied (or otherwise resized) after its marker was written was trusted on resume:
+    embed skipped the shard and only a later reader refused it. Resume now compares each done shard's
+    file sizes with those its marker recorded (one listing per folder), embeds a changed shard again
+    with one warning naming the file, and gives what an untouched run gave. A marker from before sizes
+    were recorded has its files hashed once, then gets their sizes."""
+    import json
+
+    out = str(tmp_path / "emb")
+    assert _run(small_pool, out) == 0
+    before = {sid: (i.copy(), t.copy(), m.copy()) for sid, i, t, m in read_embeddings(out)}
+
+    def same_as_before() -> None:
+        after = {sid: (i, t, m) for sid, i, t, m in read_embeddings(out)}  # checks every file's sha256
+        assert sorted(after) == sorted(before)
+        for sid in before:
+            assert np.array_equal(before[sid][0], after[sid][0]) and np.array_equal(before[sid][1], after[sid][1])
+            pd.testing.assert_frame_equal(before[sid][2], after[sid][2])
+
+    emptied = os.path.join(out, layout.EMB_IMG_DIR, "00001.npy")
+    open(emptied, "wb").close()
+    grown = os.path.join(out, layout.EMB_SCORES_DIR, "00002.parquet")
+    with open(grown, "ab") as f:
+        f.write(b"\0")
+    with caplog.at_level("WARNING", logger="laiontools.stages.embed"):
+        res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0)).details
+    assert res.shards_embedded == ["00001", "00002"] and res.shards_skipped == ["00000"] and res.ok
+    warned = [r.getMessage() for r in caplog.records if "embedding the shard again" in r.getMessage()]
+    assert len(warned) == 2
+    assert f"{emptied} is 0 bytes, its marker recorded" in warned[0] and f"{grown} is " in warned[1]
+    same_as_before()
+
+    # an older marker (sha256 only) of an intact shard: hashed, kept, and its sizes recorded
+    from laiontools.contracts.embeddings import MARKER_BYTES
+
+    old_marker = os.path.join(out, layout.EMB_META_DIR, "00000.parquet.done")
+    with open(old_marker) as f:
+        marker = json.load(f)
+    sizes = marker.pop(MARKER_BYTES)
+    with open(old_marker, "w") as f:
+        json.dump(marker, f)
+    res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0)).details
+    assert res.shards_embedded == [] and res.shards_skipped == ["00000", "00001", "00002"]
+    with open(old_marker) as f:
+        assert json.load(f)[MARKER_BYTES] == sizes
+    # ... and a changed file under an older marker is found by its sha256
+    with open(old_marker, "w") as f:
+        json.dump(marker, f)
+    text = os.path.join(out, layout.EMB_TEXT_DIR, "00000.npy")
+    with open(text, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last ^ 1]))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="laiontools.stages.embed"):
+        res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0)).details
+    assert res.shards_embedded == ["00000"]
+    assert any(f"{text} has sha256" in r.getMessage() for r in caplog.records)
+    same_as_before()
+
+
 def test_bad_shards_reported_others_finish(small_pool, tmp_path):
     pool = str(tmp_path / "pool")
     shutil.copytree(os.path.dirname(small_pool), pool)

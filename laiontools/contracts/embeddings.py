@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # The completion marker's field holding {path relative to the embeddings folder: sha256} of a shard's files.
 MARKER_SHA256 = "files_sha256"
+# ... and {path: size in bytes}: what a resume compares (one listing per folder) before it trusts a marker.
+MARKER_BYTES = "files_bytes"
 STATUS_OK = "ok"
 STATUS_FAILED_DECODE = "failed_decode"
 META_COLUMNS = ("uid", "key", "clip_score", "embed_status", "embed_error")

@@ -63,6 +63,7 @@ import numpy as np
 
 from laiontools.contracts import layout
 from laiontools.contracts.embeddings import (
+    MARKER_BYTES,
     MARKER_SHA256,
     PRECISION_USED,
     SCORE_COLUMNS,
@@ -85,8 +86,10 @@ from laiontools.core.storage import (
     is_done,
     join,
     mark_done,
+    marker_path,
     read_json,
     read_marker,
+    sha256_file,
     url_to_fs,
     write_json,
 )
@@ -321,6 +324,7 @@ def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any
         raise RuntimeError(f"shard {sid}: misaligned rows (img {len(img)}, text {len(txt)}, meta {len(meta)})")
     paths, rel = _shard_paths(out, sid), shard_files(sid)
     sha: dict[str, str] = {}
+    size: dict[str, int] = {}
     for kind, write in (
         ("img", lambda b: np.save(b, np.ascontiguousarray(img.astype(np.float16)), allow_pickle=False)),
         ("text", lambda b: np.save(b, np.ascontiguousarray(txt.astype(np.float16)), allow_pickle=False)),
@@ -331,10 +335,11 @@ def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any
         write(buf)
         view = buf.getbuffer()
         sha[rel[kind]] = hashlib.sha256(view).hexdigest()
+        size[rel[kind]] = len(view)
         with atomic_open(paths[kind]) as f:
             f.write(view)
         del view
-    mark_done(paths["meta"], {**marker, MARKER_SHA256: sha})
+    mark_done(paths["meta"], {**marker, MARKER_SHA256: sha, MARKER_BYTES: size})
 
 
 def _assemble(sid: str, parts: list[dict[str, Any]], dim: int) -> tuple[np.ndarray, np.ndarray, Any, int]:
@@ -535,17 +540,68 @@ def _shard_tasks(manifest_path: str, manifest: dict[str, Any]) -> list[dict[str,
 
 
 def _todo(cfg: EmbedConfig, tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Split tasks into (to embed, already done). A shard is done only if its marker exists and was
-    written for the same shard bytes (sha256) — a re-downloaded shard is embedded again."""
+    """Split tasks into (to embed, already done). A shard is done only if its marker exists, was
+    written for the same shard bytes (sha256) — a re-downloaded shard is embedded again — and its four
+    files are still what the marker recorded (:func:`_changed_file`): a file emptied or replaced after
+    its marker was written is embedded again, with one warning naming it, rather than left for a
+    reader to refuse. The marker of such a shard is removed first, so the folder never claims it."""
     todo, skipped = [], []
+    sizes: dict[str, int] | None = None
     for t in tasks:
         meta = join(cfg.output, layout.EMB_META_DIR, t["id"] + ".parquet")
         marker = read_marker(meta) if is_done(meta) else None
         if marker is not None and marker.get("shard_sha256") == t["sha256"]:
-            skipped.append(t["id"])
-        else:
-            todo.append(t)
+            if sizes is None:
+                sizes = _listed_sizes(cfg.output)
+            changed = _changed_file(cfg.output, t["id"], marker, sizes)
+            if changed is None:
+                skipped.append(t["id"])
+                continue
+            log.warning("shard %s: %s (changed after the shard was done); embedding the shard again", t["id"], changed)
+            fs, p = url_to_fs(marker_path(meta))
+            fs.rm(p)
+        todo.append(t)
     return todo, skipped
+
+
+def _listed_sizes(out: str) -> dict[str, int]:
+    """{path relative to `out`: size} of the files in the four shard folders: one listing per folder
+    (on an object store, one request per thousand files rather than one per file)."""
+    sizes: dict[str, int] = {}
+    for d in (layout.EMB_IMG_DIR, layout.EMB_TEXT_DIR, layout.EMB_META_DIR, layout.EMB_SCORES_DIR):
+        fs, p = url_to_fs(join(out, d))
+        if not fs.exists(p):
+            continue
+        for e in fs.ls(p, detail=True):
+            if e.get("type") == "file":
+                sizes[f"{d}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}"] = int(e["size"])
+    return sizes
+
+
+def _changed_file(out: str, sid: str, marker: dict[str, Any], sizes: dict[str, int]) -> str | None:
+    """How one of shard `sid`'s files differs from what its completion marker recorded ("<out>/img_emb/x.npy
+    is 0 bytes, ..."), or None when all four match. Sizes are compared (from `sizes`: no read);
+    a marker written before sizes were recorded has its files hashed once against its sha256 and,
+    when they match, gets their sizes added, so later resumes compare sizes only. A file of 0 bytes
+    is never a shard file (npy and parquet both have headers), whatever the marker holds."""
+    want_bytes = marker.get(MARKER_BYTES) or {}
+    want_sha = marker.get(MARKER_SHA256) or {}
+    for rel in shard_files(sid).values():
+        got, path = sizes.get(rel), join(out, rel)
+        if got is None:
+            return f"{path} is missing"
+        if rel in want_bytes:
+            if got != want_bytes[rel]:
+                return f"{path} is {got} bytes, its marker recorded {want_bytes[rel]}"
+        elif got == 0:
+            return f"{path} is 0 bytes"
+        elif rel in want_sha:
+            sha, _ = sha256_file(path)
+            if sha != want_sha[rel]:
+                return f"{path} has sha256 {sha[:16]}…, its marker recorded {want_sha[rel][:16]}…"
+    if want_sha and not want_bytes:
+        mark_done(join(out, shard_files(sid)["meta"]), {**marker, MARKER_BYTES: {rel: sizes[rel] for rel in want_sha}})
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -596,8 +652,8 @@ def _spark_embed_partition(rows: Iterator[str], cfg_json: str) -> Iterator[str]:
     return iter([json.dumps(s) for s in _embed_tasks(tasks, embedder, cfg)])
 
 
-def _run_spark(cfg: EmbedConfig, tasks: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
-    todo, _ = _todo(cfg, tasks)
+def _run_spark(cfg: EmbedConfig, todo: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
+    """Embed the shards `todo` (what :func:`_todo` left), one Spark task each; their stats dicts."""
     if not todo:
         return []
     cfg_json = json.dumps(cfg.to_dict())
@@ -656,12 +712,11 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
             prepare_output(cfg, model_info, pool, used)  # re-check what rank 0 wrote (and raise the same way)
     write_json(join(cfg.output, f"settings.rank{rank}.json" if distributed and rank else layout.SETTINGS_JSON),
                {**cfg.to_dict(), "world_size": world})
-    _, skipped = _todo(cfg, tasks[rank::world] if distributed else tasks)
+    todo, skipped = _todo(cfg, tasks[rank::world] if distributed else tasks)
 
     if cfg.engine == "spark":
-        stats = _spark_stats(cfg, tasks, spark)
+        stats = _spark_stats(cfg, todo, spark)
     else:
-        todo, _ = _todo(cfg, tasks[rank::world] if distributed else tasks)
         stats = _embed_tasks(todo, probe, cfg) if todo else []
     del probe
 
@@ -731,9 +786,9 @@ def _launch_torchrun(cfg: EmbedConfig, n_shards: int) -> StageResult:
     )
 
 
-def _spark_stats(cfg: EmbedConfig, tasks: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
+def _spark_stats(cfg: EmbedConfig, todo: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
     with stage_spark(cfg, spark, app_name="laiontools-embed") as s:
-        return _run_spark(cfg, tasks, s)
+        return _run_spark(cfg, todo, s)
 
 
 def _init_dist() -> None:
