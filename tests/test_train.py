@@ -271,6 +271,61 @@ def test_a_damaged_checkpoint_and_non_finite_weights_are_train_errors(tmp_path) 
         checkpoint_epoch(str(ckpt))
 
 
+def test_open_clip_train_checkpoints_are_written_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    """open_clip_train wrote epoch_<N>.pt with torch.save straight to its path: a write that failed
+    midway (a kill, a full disk) left a truncated checkpoint under the final name. In the worker,
+    torch.save to a path (the name open_clip_train looks up) now writes a temp file, fsyncs and renames
+    it: a failed save leaves the previous file or none, and a normal one loads with weights_only."""
+    import open_clip
+    import open_clip_train.main as oc_main
+    import torch
+
+    from laiontools.models.registry import register_tiny_models
+    from laiontools.stages.train_worker import _atomic_checkpoints
+
+    monkeypatch.setattr(torch, "save", torch.save)  # the wrap is process-wide: undone after the test
+    _atomic_checkpoints()
+    register_tiny_models()
+    model = open_clip.create_model("lt-tiny")
+    ckpt = tmp_path / "checkpoints" / "epoch_1.pt"
+    ckpt.parent.mkdir()
+    state = {"epoch": 1, "name": "r", "state_dict": model.state_dict(),
+             "optimizer": torch.optim.AdamW(model.parameters()).state_dict()}
+    oc_main.torch.save(state, str(ckpt))
+    loaded = torch.load(ckpt, weights_only=True)
+    assert loaded["epoch"] == 1 and loaded["state_dict"].keys() == state["state_dict"].keys()
+    assert all(torch.equal(loaded["state_dict"][k], v) for k, v in state["state_dict"].items())
+    good = ckpt.read_bytes()
+
+    class FailsToPickle:
+        def __reduce__(self) -> tuple:
+            raise RuntimeError("pickling failed partway")
+
+    for path in (ckpt, ckpt.with_name("epoch_2.pt")):  # over a checkpoint, and a new one
+        with pytest.raises(RuntimeError, match="pickling failed partway"):
+            oc_main.torch.save({**state, "epoch": 2, "extra": FailsToPickle()}, path)
+    assert ckpt.read_bytes() == good and sorted(os.listdir(ckpt.parent)) == ["epoch_1.pt"]
+
+    # the bytes themselves fail midway (the file size limit: EFBIG after 64 kB, as a full disk would)
+    script = (
+        "import resource, signal, sys, torch\n"
+        "import open_clip_train.main as oc_main\n"
+        "from laiontools.stages.train_worker import _atomic_checkpoints\n"
+        "_atomic_checkpoints()\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    oc_main.torch.save({'state_dict': {'w': torch.arange(1 << 20, dtype=torch.float32)}}, sys.argv[1])\n"
+        "except Exception as e:\n"
+        "    sys.exit(f'save failed: {type(e).__name__}: {e}')\n"
+    )
+    for name in ("epoch_1.pt", "epoch_3.pt"):
+        r = subprocess.run([sys.executable, "-c", script, str(ckpt.parent / name)], check=False,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "save failed" in r.stderr, r.stderr[-2000:]
+    assert ckpt.read_bytes() == good and sorted(os.listdir(ckpt.parent)) == ["epoch_1.pt"]
+
+
 @pytest.mark.slow
 def test_shards_whose_images_never_decode_stop_the_training(tmp_path) -> None:
     """open_clip's loader skips a sample it cannot decode and draws again from resampled shards: with

@@ -9,6 +9,7 @@ laiontools needs in every rank, without copying the trainer:
   command-line length limit, and torchrun's own parser never sees them), passing the shards as
   ``--train-data`` and ``--train-data-upsampling-factors``;
 * writes every rank's log to ``<run_dir>/logs/rank<R>.log``;
+* makes every checkpoint open_clip_train writes atomic (:func:`_atomic_checkpoints`);
 * receives open_clip's per-step training logs through its experiment-tracker interface (the calls it
   makes on ``wandb`` when ``--report-to wandb`` is given) and writes them as JSON lines to
   ``<run_dir>/metrics.jsonl``. No tracker is contacted; the real ``wandb`` is never called.
@@ -133,6 +134,37 @@ def _no_shard_eof_marker() -> None:
         oc_data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)  # type: ignore[attr-defined]
 
 
+def _atomic_checkpoints() -> None:
+    """Make ``torch.save`` to a path in this process write a temp file in the same folder, fsync it
+    and rename it over the path (:func:`laiontools.core.storage.atomic_open`).
+
+    open_clip_train saves ``epoch_<N>.pt`` (``--save-frequency``, and the last epoch) straight to its
+    path, so a kill or a full disk during the write left a truncated checkpoint under the final name,
+    for a user, evaluate or a later ``--resume`` to pick up; its ``epoch_latest.pt`` goes through
+    ``tmp.pt`` and a rename, but without an fsync. Wrapping the one function open_clip_train calls
+    (it looks ``torch.save`` up at call time) covers both without copying its code. A file object
+    destination is the caller's to manage and is written as before. The worker process runs
+    nothing but the trainer, so the wrap is process-wide.
+    """
+    import torch
+
+    save = torch.save
+    if getattr(save, "laiontools_atomic", False):
+        return
+
+    def atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(f, (str, os.PathLike)):
+            return save(obj, f, *args, **kwargs)
+        from laiontools.core.storage import atomic_open
+
+        with atomic_open(os.fspath(f)) as fh:
+            save(obj, fh, *args, **kwargs)
+        return None
+
+    atomic_save.laiontools_atomic = True  # type: ignore[attr-defined]
+    torch.save = atomic_save  # type: ignore[assignment]
+
+
 class NothingDecodes(RuntimeError):
     """The first samples a loader read all failed to load: the shards hold nothing to train on."""
 
@@ -243,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _no_shard_eof_marker()
     _object_store_shards()
+    _atomic_checkpoints()
     _stop_when_nothing_decodes()
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
