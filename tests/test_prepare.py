@@ -12,6 +12,7 @@ import pytest
 
 from laiontools.contracts import layout
 from laiontools.contracts.uids import normalize_caption, normalize_url, uid_of
+from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError
 from laiontools.stages import prepare as prepare_stage
 from laiontools.stages.prepare import PrepareConfig, check_url
@@ -698,3 +699,33 @@ def test_a_prepared_folder_is_reused_only_for_the_same_input_and_row_settings(tm
     write_source(src, BASE, [{**it, "caption": it["caption"] + " (edited)"} for it in _items(12)], broken={})
     with pytest.raises(UserError, match=r"other input .*the source files \(.*src\) differ"):
         download_stage.run(dl)
+
+
+def test_one_network_spelled_two_ways_is_one_setting(tmp_path, monkeypatch):
+    """`--allow-networks 127.0.0.1/8` names the network 127.0.0.0/8: a resume that spells it the other way
+    (or as a duplicate) reuses the prepared rows and continues the pool instead of refusing them as
+    other settings; a pool whose settings were saved as typed (before entries were canonical) too."""
+    from laiontools.core.storage import write_json
+    from laiontools.stages.download import DownloadConfig, check_output
+    from laiontools.stages.prepare import canonical_networks
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    assert canonical_networks(["127.0.0.1/8", "10.1.2.3", " 127.0.0.0/8", "::1"]) == ["127.0.0.0/8", "10.1.2.3/32", "::1/128"]
+    with pytest.raises(ConfigError, match=r"allow_networks entry '127.0.0.300/8' is not an IP network"):
+        canonical_networks(["127.0.0.300/8"])
+    src, out = str(tmp_path / "src"), str(tmp_path / "pool")
+    write_source(src, BASE, _items(12), broken={})
+    first = prepare_stage.run(PrepareConfig(input=src, output=out, allow_networks=["127.0.0.1/8"], number_sample_per_shard=10,
+                                            shards_per_file=1)).details
+    assert first["policy"]["allow_networks"] == ["127.0.0.0/8"]
+    stats_file = os.path.join(out, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON)
+    before = Path(stats_file).read_bytes()
+    assert _prepare(None, src, out) == first  # 127.0.0.0/8: the same network, reused
+    assert Path(stats_file).read_bytes() == before
+    # A pool's settings.json saved with the entry as typed: the same network is the same setting ...
+    dl = DownloadConfig(input=src, output=out, allow_networks=["127.0.0.0/8"], number_sample_per_shard=10, shards_per_file=1)
+    write_json(os.path.join(out, layout.SETTINGS_JSON), {**dl.semantic(), "allow_networks": ["127.0.0.1/8"]})
+    check_output(dl)
+    # ... and another network is still another setting
+    with pytest.raises(UserError, match=r"other settings \(allow_networks: \['127.0.0.0/8'\] -> \['10.0.0.0/8'\]\)"):
+        check_output(DownloadConfig(input=src, output=out, allow_networks=["10.0.0.0/8"], number_sample_per_shard=10, shards_per_file=1))

@@ -150,6 +150,9 @@ def check_output(cfg: DownloadConfig) -> None:
     # Pools from before --max-crawl-delay are continued (or retried) under its default: it changes only how a
     # host asking a Crawl-delay over 30 s ends (at once, naming the delay; before: at the shard deadline).
     old.setdefault("max_crawl_delay", DownloadConfig.max_crawl_delay)
+    if isinstance(old.get("allow_networks"), list):  # pools from before entries were canonical: 127.0.0.1/8 as typed
+        with contextlib.suppress(ConfigError):
+            old["allow_networks"] = prepare.canonical_networks(old["allow_networks"])
     new = cfg.semantic()
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:

@@ -122,11 +122,7 @@ class PrepareConfig(SparkStageConfig):
             raise ConfigError("number_sample_per_shard and shards_per_file must be >= 1")
         if self.max_host_shards < 0:
             raise ConfigError("max_host_shards must be >= 1, or 0 for no bound (input order)")
-        for net in self.allow_networks:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError as e:
-                raise ConfigError(f"allow_networks entry {net!r} is not an IP network (e.g. 127.0.0.0/8): {e}") from e
+        self.allow_networks = canonical_networks(self.allow_networks)
         if self.max_url_length < 10 or self.max_caption_length < 1:
             raise ConfigError("max_url_length must be >= 10 and max_caption_length >= 1")
         if self.spark_above < -1:
@@ -880,6 +876,21 @@ def _check_layout(stats: dict[str, Any], cfg: PrepareConfig, prep_dir: str) -> N
                         f"settings to reuse it, or give a new output folder")
 
 
+def canonical_networks(nets: Any) -> list[str]:
+    """--allow-networks entries as the networks they name, each once, in the order given: ``127.0.0.1/8``
+    is ``127.0.0.0/8`` and ``10.1.2.3`` is ``10.1.2.3/32``, so one network spelled two ways is one
+    setting (a resume compares them). ConfigError naming an entry that is no IP network."""
+    out: list[str] = []
+    for net in nets:
+        try:
+            canon = str(ipaddress.ip_network(str(net).strip(), strict=False))
+        except ValueError as e:
+            raise ConfigError(f"allow_networks entry {net!r} is not an IP network (e.g. 127.0.0.0/8): {e}") from e
+        if canon not in out:
+            out.append(canon)
+    return out
+
+
 def _check_source(stats: dict[str, Any], cfg: PrepareConfig, prep_dir: str, found: tuple[Any, ...]) -> None:
     """Refuse to reuse prepared rows of another source or row policy: a re-run (a resumed download, or
     a download after `laiontools prepare`) with other --allow-networks, limits, blocklist or input
@@ -889,6 +900,15 @@ def _check_source(stats: dict[str, Any], cfg: PrepareConfig, prep_dir: str, foun
     if stats.get("source_fingerprint") == source_fingerprint(files, profile, mapping, policy):
         return
     old = stats.get("policy", {})
+    old_nets = old.get("allow_networks")
+    if isinstance(old_nets, list) and old_nets != policy["allow_networks"]:
+        # prepared before the entries were canonical (as typed: 127.0.0.1/8): the same networks are the same policy
+        try:
+            same = canonical_networks(old_nets) == policy["allow_networks"]
+        except ConfigError:
+            same = False
+        if same and stats.get("source_fingerprint") == source_fingerprint(files, profile, mapping, {**policy, "allow_networks": old_nets}):
+            return
     diff = [f"{k}: {old.get(k)!r} -> {policy.get(k)!r}" for k in sorted(set(old) | set(policy)) if old.get(k) != policy.get(k)]
     if stats.get("profile") != profile or stats.get("mapping") != mapping:
         diff.append("the source's columns")
