@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-BENCHES = ["download", "prepare_memory", "embed", "dedup", "subsets", "reshard", "reshard_s3", "train"]
+BENCHES = ["download", "prepare_memory", "embed", "dedup", "subsets", "reshard", "reshard_s3", "train", "manifest"]
 
 
 def main(argv: list[str] | None = None) -> int:

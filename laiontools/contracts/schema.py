@@ -7,6 +7,7 @@ string literals of its own.
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -106,6 +107,21 @@ def catalog_arrow_schema():
     return pa.schema(fields)
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _plain_shard_entry(e: Any) -> bool:
+    """Whether a manifest's shard entry is valid by the schema's "shards" items in the plain way every
+    writer writes it: a dict with a string path, non-negative int counts (not bools) and a lowercase hex
+    sha256. False leaves the entry to the schema itself (which also takes, e.g., 3.0 as an integer, and
+    names the offending field)."""
+    if type(e) is not dict:
+        return False
+    n, b, h = e.get("num_samples"), e.get("bytes"), e.get("sha256")
+    return (type(e.get("path")) is str and type(n) is int and n >= 0 and type(b) is int and b >= 0
+            and type(h) is str and _SHA256_HEX.fullmatch(h) is not None)
+
+
 class ManifestError(UserError, ValueError):
     """A manifest is missing, unreadable, or fails schemas/manifest.schema.json."""
 
@@ -121,6 +137,11 @@ def validate_manifest(obj: dict[str, Any], where: str = "<manifest>") -> None:
             f"knows ({MANIFEST_SCHEMA_VERSION!r}); upgrade laiontools or regenerate the manifest"
         )
     validator = jsonschema.Draft202012Validator(manifest_schema_doc())
+    shards = obj.get("shards") if isinstance(obj, dict) else None
+    if isinstance(shards, list) and all(_plain_shard_entry(s) for s in shards):
+        # Every shard entry is plainly valid (checked here, ~0.3 us each): the schema checks the rest. Its
+        # own walk costs ~30 us an entry: 6 s for each read of a 2B pool's manifest (~200k shards).
+        obj = {**obj, "shards": []}
     errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
