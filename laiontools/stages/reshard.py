@@ -93,7 +93,7 @@ from laiontools.core.stage import (
 )
 from laiontools.core.storage import (
     PARQUET_READ,
-    AtomicFile,
+    atomic_open,
     ensure_output_dir,
     is_done,
     join,
@@ -494,122 +494,61 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
     A shard whose marker exists for this plan is skipped (resume); otherwise it is written whole
     under a temporary name, renamed, and marked. The output bytes depend only on the rows (members
     in (ext, ...) order, samples in index order), not on how the reads are batched.
-
-    Two device waits are kept off this thread, which parses and packs (the work is Python): the reads
-    of the next batch are announced to the kernel while this one is packed, across the end of a shard
-    too (the next shard's first batch), and a written shard's fsync, rename and marker are done by a
-    second thread, in shard order, while the next shard is packed. A shard's (j, info) is yielded
-    once its marker exists.
     """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     sources = _Sources(urls)
     buffer = WriteBuffer()
-    finisher = ThreadPoolExecutor(1, thread_name_prefix="laiontools-reshard-commit")
-    pending: deque[tuple[int, dict[str, Any], Any]] = deque()
     # The shard writer's thread hashes and writes each full buffer while this one packs the next: it
     # needs the interpreter lock for a moment before and after each, and this thread, busy in Python,
     # gives it up only every switch interval (5 ms by default, longer than packing a 2 MB buffer takes).
     switch = sys.getswitchinterval()
     sys.setswitchinterval(min(switch, 0.0005))
     try:
-        for j, done, entries, batches, ahead in _shards_ahead(rows, out_dir, plan_id, sources):
-            if done is not None:
-                pending.append((j, done, None))
-            else:
-                path = join(out_dir, shard_name(j))
-                af, info = _write_shard(j, entries, batches, ahead, path, sources, buffer, urls, plan_id, width, direct)
-                pending.append((j, info, finisher.submit(_commit_shard, af, path, info)))
-            while pending and (pending[0][2] is None or pending[0][2].done()):
-                jj, info, fut = pending.popleft()
-                if fut is not None:
-                    fut.result()
-                yield jj, info
-        while pending:
-            jj, info, fut = pending.popleft()
-            if fut is not None:
-                fut.result()
-            yield jj, info
+        for j, entries in rows:
+            path = join(out_dir, shard_name(j))
+            if is_done(path):
+                info = read_marker(path) or {}
+                if info.get("plan") == plan_id:
+                    yield j, info
+                    continue
+            entries = sorted((e if isinstance(e, _Entry) else _entry(*e) for e in entries), key=lambda e: e.i)
+            used: set[str] = set()
+            dots: dict[str, bytes] = {}
+            fs, _ = url_to_fs(path)
+            local = _is_local(fs)
+            with atomic_open(path) as raw:
+                out = ShardWriter(raw, raw.fileno() if local else None, direct=direct, buffer=buffer)
+                try:
+                    batches = _batches(entries, sources)
+                    for k, batch in enumerate(batches):
+                        # local ranges are announced to the kernel a batch ahead of their reads
+                        for ahead in (batches[:2] if k == 0 else batches[k + 1 : k + 2]):
+                            sources.advise(sorted(r for e in ahead for r in _reads(e)))
+                        for e, data in zip(batch, _read_batch(sources, batch)):
+                            used.add(e.sid)
+                            key = new_key(j, e.i, width)
+                            members = []
+                            for ext, blob, mtime in data:
+                                if ext == "json":
+                                    blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, urls[e.sid])
+                                extb = dots.get(ext)
+                                if extb is None:
+                                    extb = dots[ext] = ("." + ext).encode("utf-8", "surrogateescape")
+                                members.append((extb, blob, mtime))
+                            try:
+                                out.add_sample(key.encode(), members)
+                            except ValueError as err:  # a member ustar cannot hold (a name or size too long)
+                                raise task_error(f"source shard {urls[e.sid]}: sample {e.skey} cannot be resharded: {err}") from None
+                    out.end_archive()
+                    digest = out.hexdigest()
+                finally:
+                    out.close()
+            info = {"num_samples": len(entries), "bytes": out.n, "sha256": digest, "plan": plan_id, "sources": sorted(used)}
+            mark_done(path, info)
+            yield j, info
     finally:
-        # shards handed to the finisher are committed (their bytes are whole) even if this task fails
-        finisher.shutdown(wait=True)
         sys.setswitchinterval(switch)
         sources.close()
         buffer.close()
-
-
-def _shards_ahead(rows: Any, out_dir: str, plan_id: str, sources: _Sources) -> Any:
-    """(j, marker info if done for this plan else None, entries, read batches, the next shard's first
-    batch or None) for each row, looking one shard ahead so that its first reads can be announced
-    while this shard's last batch is packed."""
-
-    def prepared(row: Any) -> tuple[int, dict[str, Any] | None, list[_Entry], list[list[_Entry]]]:
-        j, entries = row
-        path = join(out_dir, shard_name(j))
-        if is_done(path):
-            info = read_marker(path) or {}
-            if info.get("plan") == plan_id:
-                return j, info, [], []
-        entries = sorted((e if isinstance(e, _Entry) else _entry(*e) for e in entries), key=lambda e: e.i)
-        return j, None, entries, _batches(entries, sources)
-
-    it = iter(rows)
-    cur = next(it, None)
-    cur = prepared(cur) if cur is not None else None
-    while cur is not None:
-        nxt = next(it, None)
-        nxt = prepared(nxt) if nxt is not None else None
-        ahead = nxt[3][0] if nxt is not None and nxt[3] else None
-        yield (*cur, ahead)
-        cur = nxt
-
-
-def _write_shard(j: int, entries: list[_Entry], batches: list[list[_Entry]], ahead: list[_Entry] | None, path: str,
-                 sources: _Sources, buffer: WriteBuffer, urls: dict[str, str], plan_id: str, width: int,
-                 direct: bool) -> tuple[AtomicFile, dict[str, Any]]:
-    """Write output shard j's tar under its temporary name; return it (uncommitted) and its marker info."""
-    used: set[str] = set()
-    dots: dict[str, bytes] = {}
-    af = AtomicFile(path)
-    try:
-        out = ShardWriter(af.f, af.f.fileno() if af.local else None, direct=direct, buffer=buffer)
-        try:
-            for k, batch in enumerate(batches):
-                # local ranges are announced to the kernel a batch ahead of their reads (the last
-                # batch announces the next shard's first)
-                nbs = batches[:2] if k == 0 else batches[k + 1 : k + 2]
-                for nb in nbs + [ahead] if ahead and k == len(batches) - 1 else nbs:
-                    sources.advise(sorted(r for e in nb for r in _reads(e)))
-                for e, data in zip(batch, _read_batch(sources, batch)):
-                    used.add(e.sid)
-                    key = new_key(j, e.i, width)
-                    members = []
-                    for ext, blob, mtime in data:
-                        if ext == "json":
-                            blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, urls[e.sid])
-                        extb = dots.get(ext)
-                        if extb is None:
-                            extb = dots[ext] = ("." + ext).encode("utf-8", "surrogateescape")
-                        members.append((extb, blob, mtime))
-                    try:
-                        out.add_sample(key.encode(), members)
-                    except ValueError as err:  # a member ustar cannot hold (a name or size too long)
-                        raise task_error(f"source shard {urls[e.sid]}: sample {e.skey} cannot be resharded: {err}") from None
-            out.end_archive()
-            digest = out.hexdigest()
-        finally:
-            out.close()
-    except BaseException:
-        af.abort()
-        raise
-    return af, {"num_samples": len(entries), "bytes": out.n, "sha256": digest, "plan": plan_id, "sources": sorted(used)}
-
-
-def _commit_shard(af: AtomicFile, path: str, info: dict[str, Any]) -> None:
-    """fsync and rename a written shard, then write its marker (last)."""
-    af.commit()
-    mark_done(path, info)
 
 
 def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: str, url: str) -> bytes:
