@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO
 from urllib.parse import unquote
 
 import fsspec
@@ -209,74 +209,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class AtomicFile:
-    """`path` opened for binary writing under a hidden temporary name in its folder (:attr:`f`); the
-    data appears at `path` only at :meth:`commit`, and :meth:`abort` removes it. Local files are
-    fsync'd, then os.replace'd; on an object store (whose single PUT is already atomic) the temporary
-    key is moved. :func:`atomic_open` is the usual way; a writer that wants the commit's device wait
-    off its own thread (reshard: the fsync of one shard while it packs the next) hands the open file
-    to another thread and commits it there."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fs, self.p = url_to_fs(path)
-        self.local = is_local(self.fs)
-        parent = self.p.rpartition("/")[0]
-        if parent:
-            self.fs.makedirs(parent, exist_ok=True)
-        self.tmp = _tmp_name(self.p)
-        try:
-            self.f = self.fs.open(self.tmp, "wb")
-        except BaseException as e:
-            self._remove_tmp()
-            _raise_named(e, path)
-
-    def commit(self) -> None:
-        try:
-            if self.local:
-                self.f.flush()
-                os.fsync(self.f.fileno())
-            self.f.close()  # an object store's upload happens here
-            if self.local:
-                os.replace(self.tmp, self.p)
-            else:
-                self.fs.mv(self.tmp, self.p)
-        except BaseException as e:
-            self.abort()
-            _raise_named(e, self.path)
-
-    def abort(self) -> None:
-        """Drop the temporary file (after an error: the one on its way up says what went wrong)."""
-        try:
-            self.f.close()  # (an object store's temporary key is uploaded, then removed below)
-        except Exception:
-            pass
-        self._remove_tmp()
-
-    def _remove_tmp(self) -> None:
-        if self.fs.exists(self.tmp):
-            self.fs.rm(self.tmp)
-
-
-def _raise_named(e: BaseException, path: str) -> NoReturn:
-    """Raise `e`; a failed write()/fsync (disk full, quota) names no file: then an OSError naming `path`."""
-    if isinstance(e, OSError) and e.errno is not None and not e.filename:
-        raise OSError(e.errno, e.strerror, path) from e
-    raise e
-
-
 @contextmanager
 def atomic_open(path: str) -> Iterator[BinaryIO]:
-    """Open `path` for binary writing; the data appears at `path` only if the block succeeds
-    (:class:`AtomicFile`: a hidden temporary file in the same folder, fsync'd and renamed; on an object
-    store, a temporary key moved into place)."""
-    af = AtomicFile(path)
+    """Open `path` for binary writing; the data appears at `path` only if the block succeeds.
+
+    Local files: write to a hidden temp file in the same folder, fsync, os.replace. Object stores:
+    their single PUT is already atomic, so write through to a temp key and move it.
+    """
+    fs, p = url_to_fs(path)
+    parent = p.rpartition("/")[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = _tmp_name(p)
     try:
-        yield af.f
+        with fs.open(tmp, "wb") as f:
+            yield f
+            if is_local(fs):
+                f.flush()
+                os.fsync(f.fileno())
+        if is_local(fs):
+            os.replace(tmp, p)
+        else:
+            fs.mv(tmp, p)
     except BaseException as e:
-        af.abort()
-        _raise_named(e, path)
-    af.commit()
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        finally:
+            if isinstance(e, OSError) and e.errno is not None and not e.filename:
+                # a failed write()/fsync (disk full, quota) names no file: name the one being written
+                raise OSError(e.errno, e.strerror, path) from e
+            raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
