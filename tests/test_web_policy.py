@@ -120,3 +120,26 @@ def test_canonical_host_is_the_host_the_connection_reaches():
     assert canonical_host("[2001:DB8:0:0::1]") == canonical_host("2001:db8::1") == "2001:db8::1"
     assert canonical_host("fe80::1%eth0") == "fe80::1"
     assert canonical_host("a..Example.org") == "a..example.org"  # IDNA refuses it: kept, lower-cased
+
+
+def test_a_host_name_no_lookup_can_take_is_an_invalid_url_in_prepare():
+    """An empty label, a label over 63 characters, a name IDNA cannot encode, a control character or a
+    space: no connection can be made to such a host, so prepare rejects the row as invalid_url instead of
+    accepting it for the fetch to fail with `DNS:` (found by a hostile-web walk). The reference for the
+    labels is Python's IDNA codec, which getaddrinfo's callers use; names it takes stay accepted."""
+    reason = lambda u: (check_url(normalize_url(u), STRICT) or (None, None))
+    names = ["a..example.org", "x" * 64 + ".example.org", "x" * 63 + ".example.org", "example.org.", "a.b-c.d", "bücher..de",
+             "é" * 70 + ".de", "bücher.de", ".example.org", "y" * 63]
+    for name in names:
+        try:
+            name.encode("idna")
+            codec_takes = True
+        except UnicodeError:
+            codec_takes = False
+        r, msg = reason(f"http://{name}/a.jpg")
+        assert (r != "invalid_url") == codec_takes, (name, r, msg)
+        if not codec_takes:
+            assert "is not a valid host name" in msg, msg
+    for name in ("exa\x00mple.org", "exa mple.org", "exa\x7fmple.org"):  # (a tab is dropped by the URL parser, as browsers do)
+        r, msg = reason(f"http://{name}/a.jpg")
+        assert r == "invalid_url" and "a control character or a space" in msg, (name, r, msg)

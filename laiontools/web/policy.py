@@ -146,6 +146,21 @@ def host_ip(host: str) -> IPAddress | None:
     return parse_numeric_ipv4(h)
 
 
+def bad_host_name(name: str) -> str | None:
+    """Why the ASCII host name `name` (no trailing dot) cannot be looked up, or None: an empty label
+    (``a..b``), a label over 63 characters (what the IDNA codec, and so getaddrinfo, refuses), or a
+    control character or space (http.client refuses those only after the address check). Checked
+    directly: the codec costs more than the rest of a URL's check."""
+    if not name.isprintable() or " " in name:
+        return "a control character or a space"
+    for label in name.split("."):
+        if not label:
+            return "an empty label"
+        if len(label) > 63:
+            return f"a label of {len(label)} characters, over 63"
+    return None
+
+
 def canonical_host(host: str) -> str:
     """`host` as the connection reaches it, for comparing hosts (the blocklist): an address in its
     standard form (every numeric IPv4 spelling inet_aton / getaddrinfo accept as a dotted quad, IPv6
@@ -207,10 +222,16 @@ def check_url(url: str | None, policy: Mapping[str, Any], dns_cache: dict[str, A
     # prepare passes here: 8 us a URL with it for non-ASCII names only, 20 us with it for every name).
     if ip is None and not host.isascii():
         canon = canonical_host(host)
+        if not canon.isascii():  # the IDNA codec refused it: no connection can be made to it
+            return "invalid_url", f"host {host!r} is not a valid host name (IDNA cannot encode it)"
         with contextlib.suppress(ValueError):
             ip = host_ip(canon)
     else:
         canon = str(ip) if ip is not None else host.rstrip(".")
+    if ip is None:
+        bad = bad_host_name(canon)
+        if bad:
+            return "invalid_url", f"host {host!r} is not a valid host name ({bad})"
     if canon.endswith(NEVER_RESOLVE) or canon in ("invalid", "test", "example"):
         return "unresolvable_host", f"host {host} is a special-use name that never resolves (RFC 6761)"
     if policy["allow_private_network"]:
