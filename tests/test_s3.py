@@ -1271,3 +1271,78 @@ def test_the_clis_last_resort_names_the_url_the_store_error_names():
     assert _failed_url(PermissionError("in-bkt-2/x"), ["verify", "s3://out-bkt/m.json", "s3://in-bkt/n.json"]) == "s3://out-bkt/m.json"
     assert _failed_url(ValueError("no path here"), argv) == "s3://in-bkt/p/pool.manifest.json"
     assert _failed_url(ValueError("x"), ["verify", "local.json"]) == "an object-store path"
+
+
+def test_a_gcs_endpoint_that_never_answers_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    """gs:// goes through gcsfs, which sends each request through aiohttp with no timeout of its own
+    (aiohttp's session default: 300 s) and tries it 6 times: `verify gs://...` against an endpoint that
+    accepts connections and never answers was still silent after 20 minutes (measured by hand). Every
+    gcsfs client is now bounded per socket read (storage.GCS_REQUESTS_TIMEOUT, unless the user sets a
+    requests_timeout); here the user's own (1 s a request, which gcsfs does not try again) keeps it short.
+    In a child process: gcsfs picks its file system class at import, and its zonal-bucket lookup (a
+    gRPC call of 30 s, tried twice) is turned off there as a user would (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT)."""
+    import socket
+    import threading
+
+    import aiohttp
+    import fsspec
+
+    from laiontools.core.storage import GCS_REQUESTS_TIMEOUT, url_to_fs
+
+    # where the user set nothing (no credentials looked up: anonymous, as below)
+    monkeypatch.setitem(fsspec.config.conf.setdefault("gs", {}), "token", "anon")
+    assert url_to_fs("gs://lt-any/x")[0].requests_timeout == aiohttp.ClientTimeout(**GCS_REQUESTS_TIMEOUT)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def accept_and_say_nothing() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept_and_say_nothing, daemon=True)
+    t.start()
+    silent = f"http://127.0.0.1:{server.getsockname()[1]}"
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": silent, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+           "FSSPEC_GS": json.dumps({"requests_timeout": 1, "token": "anon"}), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    try:
+        m = "gs://lt-any/pool/pool.manifest.json"
+        r = subprocess.run([sys.executable, "-m", "laiontools", "verify", m], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=str(tmp_path))
+        assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        line = _one_error_line(r.stderr, "verify")
+        assert line.startswith(f"laiontools verify: error: {m}: the object store at {silent} accepted the connection "
+                               "but did not answer in time"), line
+        assert "STORAGE_EMULATOR_HOST" in line and "AWS" not in line, line
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]  # gcsfs's own give-up log keeps to its line
+        assert held, "the client never connected"
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        for c in held:
+            c.close()
+        server.close()
+
+
+def test_an_object_store_clients_give_up_log_keeps_to_its_line(capsys):
+    """gcsfs logs its last failed try with logger.exception: 20 lines of aiohttp frames on stderr before the
+    stage's own one line for an endpoint that never answers (seen by hand against a silent gs:// endpoint).
+    A client's error keeps its message line; laiontools' own loggers keep their tracebacks."""
+    import logging
+
+    from laiontools.core.logs import setup_logging
+
+    setup_logging("INFO")
+    for name in ("gcsfs", "s3fs", "laiontools.stages.verify"):
+        try:
+            raise TimeoutError("Timeout on reading data from socket")
+        except TimeoutError:
+            logging.getLogger(name).exception("_request out of retries on exception: Timeout on reading data from socket")
+        err = capsys.readouterr().err
+        assert f"ERROR {name}: _request out of retries on exception" in err, err
+        assert ("Traceback" in err) == name.startswith("laiontools"), (name, err)

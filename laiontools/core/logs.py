@@ -19,6 +19,7 @@ def setup_logging(level: str | int = "INFO", log_file: str | None = None) -> Non
         handlers.append(logging.NullHandler())
     for h in handlers:
         h.addFilter(_quiet_root_info)
+        h.addFilter(_client_errors_in_one_line)
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s",
@@ -33,6 +34,19 @@ def _quiet_root_info(record: logging.LogRecord) -> bool:
     """Drop INFO chatter that libraries send to the root logger (open_clip logs every model it builds);
     laiontools logs through named loggers, and warnings from anyone still pass."""
     return record.name != "root" or record.levelno >= logging.WARNING
+
+
+# Object-store clients that log a traceback (logger.exception) when they give up on a request; the stage
+# then ends with its own line naming the path, so theirs is kept to its message.
+_CLIENT_LOGGERS = ("gcsfs", "s3fs", "aiobotocore", "botocore")
+
+
+def _client_errors_in_one_line(record: logging.LogRecord) -> bool:
+    """Keep an object-store client's error as its message line, without the traceback it attaches (gcsfs:
+    20 lines of aiohttp frames before `laiontools <stage>: error: ...` for an endpoint that never answers)."""
+    if record.exc_info and record.name.split(".", 1)[0] in _CLIENT_LOGGERS:
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 class RateLimitedLogger:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -48,14 +49,30 @@ S3_CLIENT_DEFAULTS: dict[str, Any] = {"connect_timeout": 10, "read_timeout": 20,
                                       "retries": {"total_max_attempts": 2, "mode": "standard"}}
 
 
+# The same for gcsfs, which sends every request through aiohttp with no timeout of its own (aiohttp's
+# session default: 300 s a request) and tries each one 6 times: `verify gs://...` against an endpoint that
+# accepts connections and never answers was still silent after 20 minutes. Bounded per socket read, not
+# per request (a large object read whole takes as long as it takes while bytes arrive): one error naming
+# the path after ~2.5 minutes. A requests_timeout the user gives (FSSPEC_GS_REQUESTS_TIMEOUT, fsspec's
+# configuration, under gs or gcs) wins.
+GCS_REQUESTS_TIMEOUT: dict[str, float] = {"sock_connect": 10, "sock_read": 20}
+
+
 def bound_object_store_clients() -> None:
     """Put :data:`S3_CLIENT_DEFAULTS` under the user's fsspec configuration for s3. (s3fs serves s3a too
-    and reads the s3 settings for both; settings under s3a, if any, replace them whole, as fsspec does.)"""
+    and reads the s3 settings for both; settings under s3a, if any, replace them whole, as fsspec does.)
+    Where gcsfs is installed, :data:`GCS_REQUESTS_TIMEOUT` too, unless the user set a requests_timeout."""
     conf = fsspec.config.conf.setdefault("s3", {})
     kwargs = conf.setdefault("config_kwargs", {})
     if isinstance(kwargs, dict):  # (a string from FSSPEC_S3_CONFIG_KWARGS: left as the user gave it)
         for k, v in S3_CLIENT_DEFAULTS.items():
             kwargs.setdefault(k, copy.deepcopy(v))  # (botocore rewrites a retries dict in place)
+    gcs = [fsspec.config.conf.get(p) or {} for p in ("gs", "gcs")]
+    if not any("requests_timeout" in c for c in gcs) and importlib.util.find_spec("gcsfs") is not None:
+        import aiohttp  # (gcsfs's own dependency)
+
+        # under "gs": gcsfs reads gs, then gcs, so a user's gcs settings still come after it
+        fsspec.config.conf.setdefault("gs", {})["requests_timeout"] = aiohttp.ClientTimeout(**GCS_REQUESTS_TIMEOUT)
 
 
 bound_object_store_clients()
@@ -407,8 +424,22 @@ def store_error(e: BaseException, path: str) -> StorageError | None:
     return err
 
 
-def _endpoint() -> str:
-    return os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
+# Per store: (environment variables that name its endpoint, what to say about credentials)
+_GCS_SETTINGS = ("STORAGE_EMULATOR_HOST", "FSSPEC_GS_ENDPOINT_URL")
+_S3_SETTINGS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+
+
+def _is_gcs(path: str) -> bool:
+    return scheme_of(path) == "gs"
+
+
+def _endpoint(path: str = "") -> str:
+    names = _GCS_SETTINGS if _is_gcs(path) else _S3_SETTINGS
+    return next((os.environ[n] for n in names if os.environ.get(n)), "the default endpoint")
+
+
+def _endpoint_settings(path: str) -> str:
+    return " / ".join(_GCS_SETTINGS if _is_gcs(path) else _S3_SETTINGS)
 
 
 def _store_error(e: BaseException, path: str) -> StorageError | None:
@@ -418,24 +449,26 @@ def _store_error(e: BaseException, path: str) -> StorageError | None:
     bucket = where[1].split("/", 1)[0] if len(where) == 2 else None
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
                 "ConnectionRefusedError", "ServerDisconnectedError"} or "Could not connect to the endpoint" in text:
-        return StorageError(f"{path}: cannot reach the object store at {_endpoint()} ({type(e).__name__}); check "
-                            f"the endpoint setting (FSSPEC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL) and the network")
-    if names & {"ReadTimeoutError", "FSTimeoutError"} or "Read timeout on endpoint" in text:
-        return StorageError(f"{path}: the object store at {_endpoint()} accepted the connection but did not answer in "
-                            f"time ({type(e).__name__}); check the endpoint setting (FSSPEC_S3_ENDPOINT_URL / "
-                            "AWS_ENDPOINT_URL) and the store's health")
-    if names & {"NoCredentialsError", "PartialCredentialsError"} or "Unable to locate credentials" in text:
+        return StorageError(f"{path}: cannot reach the object store at {_endpoint(path)} ({type(e).__name__}); check "
+                            f"the endpoint setting ({_endpoint_settings(path)}) and the network")
+    if names & {"ReadTimeoutError", "FSTimeoutError", "SocketTimeoutError"} or "Read timeout on endpoint" in text:
+        return StorageError(f"{path}: the object store at {_endpoint(path)} accepted the connection but did not answer in "
+                            f"time ({type(e).__name__}); check the endpoint setting ({_endpoint_settings(path)}) and "
+                            "the store's health")
+    if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"} or "Unable to locate credentials" in text:
+        creds = ("GOOGLE_APPLICATION_CREDENTIALS), `gcloud auth application-default login`, the machine's service "
+                 "account" if _is_gcs(path) else
+                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), an instance role")
         return StorageError(f"{path}: no credentials for the object store ({type(e).__name__}); set them in the "
-                            "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), an instance "
-                            "role, or fsspec's configuration, on the driver and every executor")
+                            f"environment ({creds}, or fsspec's configuration, on the driver and every executor")
     if "NoSuchBucket" in text or (isinstance(e, FileNotFoundError) and bucket and "bucket" in text.lower()):
         return StorageError(f"{path}: bucket {bucket!r} does not exist (or is not visible with these "
                             f"credentials); create it or fix the path")
     if isinstance(e, PermissionError) or names & {"AccessDenied"} or "AccessDenied" in text or "Forbidden" in text \
             or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        creds = "GOOGLE_APPLICATION_CREDENTIALS / fsspec config" if _is_gcs(path) else "AWS_ACCESS_KEY_ID / AWS_PROFILE / fsspec config"
         return StorageError(f"{path}: access denied by the object store ({type(e).__name__}: {str(e)[:200]}); "
-                            f"check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / fsspec config) and "
-                            f"the bucket policy")
+                            f"check the credentials ({creds}) and the bucket policy")
     return None
 
 
