@@ -437,6 +437,36 @@ def test_content_scan_takes_a_sample_whose_json_is_no_object(tmp_path):
     assert got == {"k0": "", "k1": "", "k2": "", "k3": "ab" * 16}
 
 
+
+def test_a_content_scan_names_the_samples_it_could_not_check(tmp_path):
+    """A sample with no image member cannot match a sha256/md5/pHash entry, nor an image that does not decode
+    a pHash entry: the scan names them (walk F12: "matched nothing" said nothing of the 5 hostile samples
+    it had skipped), so that takedown.json counts them and the text says so."""
+    from PIL import Image
+
+    from laiontools.contracts.removal import parse_removal_list
+    from laiontools.stages.takedown import UNCHECKED_NO_IMAGE, UNCHECKED_NO_PHASH, _text, scan_content
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(png, format="PNG")
+    members = {"good": [("png", png.getvalue())], "noimg": [("txt", b"a caption")], "broken": [("jpg", b"not an image")]}
+    path = str(tmp_path / "00000.tar")
+    with tarfile.open(path, "w") as tf:
+        for key, parts in members.items():
+            for ext, data in parts + [("json", json.dumps({"uid": key.ljust(32, "0")}).encode())]:
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    unchecked = lambda rl: {key: why for key, _, kind, why, _ in scan_content(path, rl) if kind == "unchecked"}
+    assert unchecked(parse_removal_list(f"phash {'0' * 16}\n")) == {"noimg": UNCHECKED_NO_IMAGE, "broken": UNCHECKED_NO_PHASH}
+    assert unchecked(parse_removal_list(f"sha256 {'0' * 64}\n")) == {"noimg": UNCHECKED_NO_IMAGE}  # bytes hash without decoding
+    entry = {"matched_nothing": True, "list": {"path": "l.txt", "entries": 1}, "per_shard": {},
+             "not_content_checked": ["00000/broken: " + UNCHECKED_NO_PHASH, "00000/noimg: " + UNCHECKED_NO_IMAGE],
+             "counts": {"samples_after": 3, "by_kind": {}, "samples_not_content_checked": {UNCHECKED_NO_PHASH: 1, UNCHECKED_NO_IMAGE: 1}}}
+    text = _text(entry, type("P", (), {"path": "p/pool.manifest.json"})(), "o/pool.manifest.json", 1)
+    assert "matched nothing" in text and "note: 2 sample(s) could not be checked against the list's content entries" in text, text
+    assert "e.g. 00000/broken, 00000/noimg" in text, text
+
 def test_reason_status_shard_ids_and_safe_paths():
     from laiontools.contracts import layout
     from laiontools.contracts.schema import removed

@@ -183,9 +183,16 @@ def _catalog_match_fn(rl: RemovalList) -> Any:
     return fn
 
 
+# what a content scan could not check a sample for (counted in takedown.json and named in the text)
+UNCHECKED_NO_IMAGE = "no image member"
+UNCHECKED_NO_PHASH = "image not decodable: no pHash to compare"
+
+
 def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, int]]:
     """(key, uid, kind, value, line) of every sample of the tar at `url` whose stored image bytes match a
-    sha256/md5/phash entry of `rl`. Raises TakedownError naming the shard when it cannot be read."""
+    sha256/md5/phash entry of `rl`; and, as (key, "", "unchecked", reason, -1), every sample it could not
+    check: no image member, or (for pHash entries) an image that does not decode. Raises TakedownError
+    naming the shard when it cannot be read."""
     import tarfile
 
     from laiontools.wds.samples import iter_samples
@@ -197,8 +204,11 @@ def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, in
             for key, parts in iter_samples(f, fs.size(p), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
                 img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
                 if img is None:
+                    out.append((key, "", "unchecked", UNCHECKED_NO_IMAGE, -1))
                     continue
                 h = content_hashes(img, bool(rl.phashes))
+                if rl.phashes and h["phash"] is None:
+                    out.append((key, "", "unchecked", UNCHECKED_NO_PHASH, -1))
                 hit = rl.match(sha256=h["sha256"], md5=h["md5"], phash=h["phash"])
                 if hit is not None:
                     try:
@@ -403,6 +413,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
     entries = {layout.shard_id(s["path"]): s for s in pool.manifest["shards"]}
     t1 = time.monotonic()
     content_scanned = 0
+    unchecked: list[tuple[str, str, str]] = []  # (shard, key, reason): samples the content entries could not be checked on
     if rl.sha256s or rl.md5s or rl.phashes:
         ids = sorted(entries)
         urls = [resolve(pool.path, entries[i]["path"]) for i in ids]
@@ -413,6 +424,9 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         # which catalog row a stored sample is: its success row by uid (the sample's json) and shard/key
         by_sample = {(m["shard"], m["key"]) for m in matched.values() if m["status"] == C.STATUS_SUCCESS}
         for sid, key, uid, kind, value, line in hits:
+            if kind == "unchecked":
+                unchecked.append((sid, key, value))
+                continue
             if (sid, key) in by_sample:
                 continue
             if not uid:
@@ -506,6 +520,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         "shards_referenced": len(listed) - len(rewritten), "shards_content_scanned": content_scanned,
         "by_kind": {k: sum(1 for m in matched.values() if m["kind"] == k) for k in sorted({m["kind"] for m in matched.values()})},
         "samples_before": pool.manifest["num_samples"], "samples_after": n_uids,
+        "samples_not_content_checked": {r: sum(1 for u in unchecked if u[2] == r) for r in sorted({u[2] for u in unchecked})},
     }
     listing = {"path": _safe_path(cfg.list_file), "sha256": rl.sha256, "entries": rl.entries}
     m = new_manifest(
@@ -514,7 +529,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         source_fingerprint=pool.fingerprint, parent={"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path},
         command=canonical_command(cfg), catalog={"path": layout.CATALOG_DIR, "num_rows": int(n_rows)},
         takedown={"list": listing, "reason": cfg.reason, "status": status,
-                  **{k: v for k, v in counts.items() if k != "shards_content_scanned"}},
+                  **{k: v for k, v in counts.items() if k not in ("shards_content_scanned", "samples_not_content_checked")}},
     )
     m["short"] = pool.manifest.get("short", False)
     for k in ("download",):  # the images are the parent's: its download settings still describe them
@@ -533,6 +548,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         "counts": counts, "per_shard": dict(sorted(per_shard_removed.items())), "uids": [r["uid"] for r in removed],
         "catalog_rows_without_sample": [{"uid": r["uid"], "status": r["status"]} for r in other],
         "matched_nothing": not matched,
+        "not_content_checked": [f"{sid}/{key}: {why}" for sid, key, why in sorted(unchecked)[:20]],
     }
     old_audit = _read_audit(out, pool)
     n_audit = old_audit.count(b"\n") + 1
@@ -606,6 +622,12 @@ def _text(entry: dict[str, Any], pool: PoolInfo, m_path: str, n_audit: int) -> s
     rows = [{"kind": k, "matched": f"{v:,}"} for k, v in c["by_kind"].items()]
     shards = [{"shard": s, "removed": n} for s, n in entry["per_shard"].items()]
     parts = [head]
+    missed = c.get("samples_not_content_checked") or {}
+    if missed:  # a "matched nothing" says nothing about the samples the content entries could not be compared with
+        parts.append(f"note: {sum(missed.values()):,} sample(s) could not be checked against the list's content entries ("
+                     + "; ".join(f"{why}: {n:,}" for why, n in missed.items()) + "), e.g. "
+                     + ", ".join(x.split(":", 1)[0] for x in entry["not_content_checked"][:5])
+                     + f"; all in {layout.TAKEDOWN_JSON}")
     if rows:
         parts.append("by kind\n" + table(rows))
     if shards:
