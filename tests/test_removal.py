@@ -61,6 +61,28 @@ def test_read_errors(tmp_path):
     p.write_bytes(b"uid " + b"0" * 32 + b"\ndomain caf\xe9.com\n")
     with pytest.raises(RemovalListError, match=r"latin\.txt:2: not UTF-8"):
         read_removal_list(str(p))
+    with pytest.raises(RemovalListError, match=r"is a folder; give the list's file"):
+        read_removal_list(str(tmp_path))
+
+
+def test_a_list_given_through_a_pipe_is_read(tmp_path):
+    """`--list <(grep ... list.txt)`: the shell gives a pipe (/dev/fd/N), which cannot seek; it was a
+    traceback ("File or stream is not seekable", walk F21). Here a real FIFO with a writer thread."""
+    import threading
+
+    fifo = str(tmp_path / "list.fifo")
+    os.mkfifo(fifo)
+    text = f"uid {'0' * 32}\ndomain example.org\n"
+
+    def write() -> None:
+        with open(fifo, "w") as f:
+            f.write(text)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    rl = read_removal_list(fifo)
+    t.join(timeout=10)
+    assert rl.entries == 2 and rl.sha256 == hashlib.sha256(text.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")

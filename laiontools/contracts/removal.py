@@ -32,7 +32,7 @@ import numpy as np
 
 from laiontools.contracts.uids import UID_DTYPE, normalize_url
 from laiontools.core.errors import UserError
-from laiontools.core.storage import sha256_bytes, url_to_fs
+from laiontools.core.storage import is_local, sha256_bytes, url_to_fs
 from laiontools.web.policy import canonical_host, host_ip
 
 KINDS = ("url", "domain", "uid", "sha256", "md5", "phash")
@@ -205,8 +205,16 @@ def read_removal_list(path: str) -> RemovalList:
     fs, p = url_to_fs(path)
     if not fs.exists(p):
         raise RemovalListError(f"removal list {path} does not exist")
-    with fs.open(p, "rb") as f:
-        data = f.read()
+    if fs.isdir(p):
+        raise RemovalListError(f"removal list {path} is a folder; give the list's file")
+    if is_local(fs):
+        # read as a stream, not through fsspec's local file (which seeks): a pipe or a shell's process
+        # substitution (`--list <(grep ... list.txt)`) is a list too (walk F21: "File or stream is not seekable")
+        with open(p, "rb") as f:
+            data = f.read()
+    else:
+        with fs.open(p, "rb") as f:
+            data = f.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
