@@ -424,7 +424,7 @@ def store_error(e: BaseException, path: str) -> StorageError | None:
     return err
 
 
-# Per store: (environment variables that name its endpoint, what to say about credentials)
+# The environment variables that name an endpoint other than the default, per store (for the error messages)
 _GCS_SETTINGS = ("STORAGE_EMULATOR_HOST", "FSSPEC_GS_ENDPOINT_URL")
 _S3_SETTINGS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 
