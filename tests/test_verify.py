@@ -349,3 +349,52 @@ def test_shard_entries_checked_apart_from_the_schema_get_the_schemas_verdict():
     m["shards"][2] = ["not", "an", "entry"]
     with pytest.raises(ManifestError, match=r"at shards/2: \['not', 'an', 'entry'\] is not of type 'object'"):
         validate_manifest(m)
+
+
+def _tar(path, members: list[tuple[str, bytes]], gz: bool = False) -> str:
+    """A tar (gzip-compressed with `gz`) holding `members` as written, in order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz" if gz else "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return str(path)
+
+
+def _uid(i: int) -> str:
+    return f"{i:032x}"
+
+
+@pytest.mark.parametrize("doc, kind", [(b"[1,2,3]", "array"), (b'"s"', "string"), (b"null", "null"), (b"3", "number")])
+def test_a_json_that_is_not_an_object_is_a_finding_not_a_crash(tmp_path, doc, kind):
+    # (walk F1) valid JSON that is not an object: verify crashed with AttributeError on .get
+    from laiontools.stages.verify import scan_shard
+
+    path = _tar(tmp_path / "00000.tar", [("a.jpg", b"x"), ("a.json", json.dumps({"uid": _uid(1)}).encode()),
+                                         ("b.jpg", b"x"), ("b.json", doc)])
+    keys, uids, problems = scan_shard(path)
+    assert keys == ["a", "b"] and uids == [_uid(1), ""]
+    assert problems == [f"b.json is not an object (a JSON {kind})"]
+
+
+def test_a_sample_with_two_members_of_one_extension_is_a_finding(tmp_path):
+    # (walk F18) reshard refuses a second 0000107.jpg in a sample and embed takes the last copy; verify said nothing
+    from laiontools.stages.verify import scan_shard
+
+    j = json.dumps({"uid": _uid(1)}).encode()
+    path = _tar(tmp_path / "00000.tar", [("a.jpg", b"x"), ("a.JPG", b"y"), ("a.json", j)])
+    keys, _, problems = scan_shard(path)
+    assert keys == ["a"] and len(problems) == 1 and "a second a.JPG" in problems[0], problems
+    ok = _tar(tmp_path / "00001.tar", [("a.jpg", b"x"), ("a.json", j), ("b.jpg", b"y"), ("b.json", json.dumps({"uid": _uid(2)}).encode())])
+    assert scan_shard(ok)[2] == []
+
+
+def test_a_gzip_compressed_shard_is_named_as_such_not_as_truncated(tmp_path):
+    # (walk F17) a whole gzip tar under a .tar name was "truncated or unreadable tar (ReadError: invalid header)"
+    from laiontools.stages.verify import scan_shard
+
+    path = _tar(tmp_path / "00000.tar", [("a.jpg", b"x"), ("a.json", json.dumps({"uid": _uid(1)}).encode())], gz=True)
+    assert scan_shard(path) == ([], [], ["is a gzip-compressed tar; webdataset pool shards must be plain tars (decompress it)"])

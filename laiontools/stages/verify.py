@@ -30,8 +30,8 @@ from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.core import failpoints
 from laiontools.core.report import emit, table
 from laiontools.core.storage import PARQUET_READ, sha256_file, url_to_fs
-from laiontools.wds.keys import group_by_keys
-from laiontools.wds.samples import tarfile_members
+from laiontools.wds.keys import base_plus_ext, group_by_keys
+from laiontools.wds.samples import compressed_tar_problem, tarfile_members
 
 log = logging.getLogger(__name__)
 
@@ -96,29 +96,63 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
     keys: list[str] = []
     uids: dict[str, str] = {}
     problems: list[str] = []
+    # A sample with one extension twice (two 000123.jpg): reshard refuses it and embed takes the last
+    # copy, so it is a finding. The key rule is observed member by member, in the grouping's own
+    # (adjacent) runs: a key that comes back later is already "appears in two places".
+    run: dict[str, object] = {"key": None, "exts": set()}
+    repeated: list[str] = []
+
+    def observed_rule(name: str) -> tuple[str, str] | tuple[None, None]:
+        key, ext = base_plus_ext(name)
+        if key is not None and ext is not None:
+            if key != run["key"]:
+                run["key"], run["exts"] = key, set()
+            exts: set[str] = run["exts"]  # type: ignore[assignment]
+            if ext.lower() in exts:
+                repeated.append(name)
+            exts.add(ext.lower())
+        return key, ext
+
     try:
-        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            # Samples as webdataset (so the trainer) groups them: a key that comes back after another
-            # key's members is a second sample, which is a problem here. tarfile reads every member to
-            # its end (a cut-short one raises); the end-of-archive check follows.
-            for key, parts in group_by_keys(tarfile_members(tf), suffixes=("json",), on_duplicate="last"):
-                if key in uids:
-                    problems.append(f"key {key} appears in two places")
-                keys.append(key)
-                uids[key] = ""
-                if "json" in parts:
-                    try:
-                        uids[key] = str(json.loads(parts["json"]).get("uid") or "")
-                    except ValueError:
-                        problems.append(f"{key}.json is not valid JSON")
-            # tarfile stops quietly at EOF on a header boundary; a complete tar ends with two zero blocks.
-            f.seek(tf.offset)
-            trailer = f.read(1024)
-            if len(trailer) < 1024 or trailer.count(0) != 1024:
-                raise tarfile.ReadError(f"no end-of-archive marker after the last member (offset {tf.offset})")
+        with fs.open(p, "rb") as f:
+            reason = compressed_tar_problem(f.read(6))
+            if reason is not None:
+                return keys, [], [reason]
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                # Samples as webdataset (so the trainer) groups them: a key that comes back after another
+                # key's members is a second sample, which is a problem here. tarfile reads every member to
+                # its end (a cut-short one raises); the end-of-archive check follows.
+                for key, parts in group_by_keys(tarfile_members(tf), keys=observed_rule, suffixes=("json",), on_duplicate="last"):
+                    if key in uids:
+                        problems.append(f"key {key} appears in two places")
+                    keys.append(key)
+                    uids[key] = ""
+                    if "json" in parts:
+                        try:
+                            meta = json.loads(parts["json"])
+                        except ValueError:
+                            problems.append(f"{key}.json is not valid JSON")
+                            continue
+                        if not isinstance(meta, dict):  # valid JSON, but a list / string / number / null
+                            problems.append(f"{key}.json is not an object (a JSON {_json_type(meta)})")
+                            continue
+                        uids[key] = str(meta.get("uid") or "")
+                # tarfile stops quietly at EOF on a header boundary; a complete tar ends with two zero blocks.
+                f.seek(tf.offset)
+                trailer = f.read(1024)
+                if len(trailer) < 1024 or trailer.count(0) != 1024:
+                    raise tarfile.ReadError(f"no end-of-archive marker after the last member (offset {tf.offset})")
     except (tarfile.TarError, OSError, EOFError) as e:
         problems.append(f"truncated or unreadable tar ({type(e).__name__}: {e})")
+    if repeated:
+        problems.append(f"{len(repeated)} members repeat an extension within their sample (e.g. a second {repeated[0]}); "
+                        "reshard refuses such a sample and embed reads only the last copy")
     return keys, [uids[k] for k in keys], problems
+
+
+def _json_type(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def check_shard(sp: str, entry: dict) -> tuple[list[str] | None, int, list[str], int]:

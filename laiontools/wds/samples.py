@@ -83,3 +83,17 @@ def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, **group: A
             raise TypeError("iter_samples: give file_size with a file object")
         members = iter_members(src, file_size)
     yield from group_by_keys(members, **group)
+
+
+def compressed_tar_problem(head: bytes) -> str | None:
+    """Why a pool shard whose first bytes are `head` cannot be a pool shard, or None.
+
+    A pool shard (download's output, what verify, embed and reshard read) is a plain tar: reshard
+    copies members by their byte offsets and verify checks the end-of-archive marker, neither of which
+    exists inside a compressed stream. A gzip / bzip2 / xz tar under a ``.tar`` name is whole, not
+    damaged, so it gets this reason instead of "truncated or unreadable" (and "re-download it").
+    The evaluation-set reader still opens compressed tars (:func:`iter_members`)."""
+    for magic, name in zip(_COMPRESSED_MAGIC, ("gzip", "bzip2", "xz")):
+        if head.startswith(magic):
+            return f"is a {name}-compressed tar; webdataset pool shards must be plain tars (decompress it)"
+    return None
