@@ -754,3 +754,89 @@ def test_damaged_source_shard_is_named_before_writing(spark, tmp_path):
     with pytest.raises(ReshardError, match="lack samples the catalog lists"):
         reshard_stage.run(ReshardConfig(manifest=sub, output=str(out), shard_size=8), spark)
     assert not glob.glob(str(out / "shards" / "*.tar"))
+
+
+def _span_source(path, samples: dict[str, list[tuple[str, bytes]]]) -> list:
+    """Write a ustar source shard of `samples` (key -> [(ext, bytes)]) and return one catalog-span entry
+    per sample (what the in-process plan hands write_output_shards), uid i as 32 hex chars."""
+    import io
+
+    from laiontools.stages.reshard import _Entry
+    from laiontools.wds.tarscan import sample_spans, tar_members
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, members in samples.items():
+            for ext, data in members:
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    with open(path, "rb") as f:
+        spans = sample_spans(tar_members(f, os.path.getsize(path)))
+    return [_Entry(i, f"{i:032x}", "s", key, None, lo, lo + n, n, None) for i, (key, (lo, n)) in enumerate(spans.items())]
+
+
+def _write(tmp_path, src, entries):
+    from laiontools.stages.reshard import write_output_shards
+
+    out = tmp_path / "shards"
+    out.mkdir(exist_ok=True)
+    return list(write_output_shards(iter([(0, entries)]), str(out), {"s": str(src)}, "plan", 6, True))
+
+
+@pytest.mark.parametrize("doc", [b"[1,2,3]", b'"s"', b"null", b"3"])
+def test_a_source_json_that_is_not_an_object_is_the_one_line_of_invalid_json(tmp_path, doc):
+    # (walk F2) valid JSON that is not an object crashed _rewrite_json with AttributeError on .get
+    src = tmp_path / "src.tar"
+    entries = _span_source(src, {"a": [("jpg", b"x"), ("json", doc)]})
+    with pytest.raises(RuntimeError, match=rf"source shard {src}: a\.json is not valid JSON; the shard is damaged, re-download it"):
+        _write(tmp_path, src, entries)
+    assert not (tmp_path / "shards" / "shard-00000.tar").exists()
+
+
+@pytest.mark.parametrize("members, says", [
+    ([("jpg", b"x"), ("txt", b"c")], r"sample b has no \.json member, so its uid cannot be checked against the catalog"),
+    ([("json", json.dumps({"uid": f"{1:032x}"}).encode()), ("txt", b"c")], r"sample b has no image member \(jpg, jpeg, png, webp; it holds json, txt\)"),
+])
+def test_a_source_sample_without_json_or_image_is_refused(tmp_path, members, says):
+    # (walk F14) reshard copied such a sample: one without a uid, or one train skips unnamed
+    src = tmp_path / "src.tar"
+    good = [("jpg", b"x"), ("json", json.dumps({"uid": f"{0:032x}"}).encode())]
+    entries = _span_source(src, {"a": good, "b": members})
+    with pytest.raises(RuntimeError, match=rf"source shard {src}: {says}; the shard is damaged: run `laiontools verify`"):
+        _write(tmp_path, src, entries)
+    assert not (tmp_path / "shards" / "shard-00000.tar").exists()
+    # the tar-index plan (Spark engine) refuses it the same way, before a write task starts
+    import pyarrow as pa
+
+    from laiontools.contracts import schema as C
+    from laiontools.stages.reshard import _plan_rows
+    from laiontools.wds.tarscan import tar_index
+
+    with open(src, "rb") as f:
+        idx = tar_index(f, src.stat().st_size)
+    b = [(off, size, mt) for name, off, size, mt in idx if name.startswith("b.")]
+    batch = pa.RecordBatch.from_pydict({"j": [0], "i": [0], C.UID: [f"{1:032x}"], "_sid": ["s"], C.KEY: ["b"],
+                                        "exts": [[ext for ext, _ in members]], "offs": [[x[0] for x in b]],
+                                        "sizes": [[x[1] for x in b]], "mtimes": [[x[2] for x in b]]})
+    with pytest.raises(RuntimeError, match=says):
+        list(_plan_rows([batch], {"s": str(src)}))
+    # a whole sample still goes through
+    (tmp_path / "shards").rmdir()
+    src2 = tmp_path / "src2.tar"
+    assert [j for j, _ in _write(tmp_path, src2, _span_source(src2, {"a": good}))] == [0]
+
+
+def test_a_gzip_source_shard_is_named_as_such_not_as_truncated(tmp_path):
+    # (walk F17) a whole gzip tar under a .tar name was "truncated or unreadable ...; re-download it"
+    import io
+
+    from laiontools.stages.reshard import index_source_shard
+
+    src = tmp_path / "00004.tar"
+    with tarfile.open(src, "w:gz") as tf:
+        ti = tarfile.TarInfo("a.jpg")
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+    with pytest.raises(RuntimeError) as ei:
+        index_source_shard(("00004", str(src)))
+    assert str(ei.value).endswith(f"source shard {src} is a gzip-compressed tar; webdataset pool shards must be plain tars (decompress it)")

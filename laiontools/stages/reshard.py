@@ -189,11 +189,17 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
     from laiontools.wds.keys import DuplicateMemberError, group_by_keys
     from laiontools.wds.tarscan import tar_index
 
+    from laiontools.wds.samples import compressed_tar_problem
+
     sid, url = item
     fs, p = url_to_fs(url)
     out = []
     try:
         with fs.open(p, "rb") as f:
+            reason = compressed_tar_problem(f.read(6))
+            if reason is not None:  # whole, not damaged: "re-download it" would not help
+                raise task_error(f"source shard {url} {reason}")
+            f.seek(0)
             members = tar_index(f, fs.size(p))
         entries = ((name, (off, size, mtime)) for name, off, size, mtime in members)
         for key, parts in group_by_keys(entries, lcase=False, adjacent=False):
@@ -466,6 +472,7 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
             f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} are not "
             "its tar members; the shard changed since download: run `laiontools verify` on the pool"
         )
+    _check_members({m[0] for m in out}, e.skey, sources.urls[e.sid])
     buf = memoryview(raw)
     return [(ext, buf[off : off + size], mtime) for ext, off, size, mtime in sorted(out)]
 
@@ -551,10 +558,31 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
         buffer.close()
 
 
+# The image members embed and train take (embed.IMAGE_EXTS, webdataset's decoders), compared lower-cased.
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _check_members(exts: set[str], skey: str, url: str) -> None:
+    """Refuse a source sample that cannot be a training sample: without a .json its uid can be checked
+    against the catalog's and the output sample would carry none (verify then fails the resharded
+    manifest); without an image member train would skip it unnamed. Both mean the pool shard differs
+    from what download wrote, so the answer is the same as for a damaged .json. Checked where a sample's
+    members become known: the catalog span as it is read (:func:`_span_members`), or the tar index as
+    the plan is made (:func:`_plan_rows`), so no output shard is written with such a sample."""
+    if "json" not in exts:
+        raise task_error(f"source shard {url}: sample {skey} has no .json member, so its uid cannot be checked against "
+                         "the catalog; the shard is damaged: run `laiontools verify` on the pool and re-download it")
+    if not any(ext.lower() in _IMAGE_EXTS for ext in exts):
+        raise task_error(f"source shard {url}: sample {skey} has no image member ({', '.join(_IMAGE_EXTS)}; it holds "
+                         f"{', '.join(sorted(exts))}); the shard is damaged: run `laiontools verify` on the pool and re-download it")
+
+
 def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: str, url: str) -> bytes:
     try:
         meta = json.loads(bytes(data))
     except ValueError:
+        meta = None
+    if not isinstance(meta, dict):  # invalid JSON, or valid JSON that is not an object ([1,2,3], "s", null, 3)
         raise task_error(f"source shard {url}: {skey}.json is not valid JSON; the shard is damaged, re-download it")
     if meta.get("uid", uid) != uid:
         raise task_error(f"source shard {url}: {skey}.json has uid {meta.get('uid')} but the catalog says {uid}; the catalog and shard disagree")
@@ -587,9 +615,10 @@ def _index_batches(batches: Any) -> Any:
             )
 
 
-def _plan_rows(batches: Any) -> Any:
+def _plan_rows(batches: Any, urls: dict[str, str]) -> Any:
     """Arrow batches of plan rows sorted by (j, i) -> (j, entries) per output shard for
-    :func:`write_output_shards`; a shard's rows may span batches."""
+    :func:`write_output_shards`; a shard's rows may span batches. A sample of the tar index without a
+    .json or an image member is refused here (:func:`_check_members`)."""
     cur, entries = None, []
     for batch in batches:
         d = batch.to_pydict()
@@ -601,6 +630,8 @@ def _plan_rows(batches: Any) -> Any:
             made = (_entry(i, uid, sid, key, list(zip(exts, offs, sizes, mtimes)))
                     for i, uid, sid, key, exts, offs, sizes, mtimes in zip(d["i"], d[C.UID], d["_sid"], d[C.KEY], d["exts"], d["offs"], d["sizes"], d["mtimes"]))
         for j, e in zip(d["j"], made):
+            if e.members is not None:
+                _check_members({m[0] for m in e.members}, e.skey, urls[e.sid])
             if j != cur:
                 if cur is not None:
                     yield cur, entries
@@ -615,7 +646,7 @@ def _write_batches(batches: Any, out_dir: str, urls: dict[str, str], plan_id: st
     import pyarrow as pa
 
     schema = pa.schema([("j", pa.int32()), ("num_samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
-    for j, info in write_output_shards(_plan_rows(batches), out_dir, urls, plan_id, width, direct):
+    for j, info in write_output_shards(_plan_rows(batches, urls), out_dir, urls, plan_id, width, direct):
         yield pa.RecordBatch.from_pydict({"j": [j], "num_samples": [info["num_samples"]], "bytes": [info["bytes"]], "sha256": [info["sha256"]]}, schema=schema)
 
 
