@@ -441,3 +441,59 @@ def test_merge_runs_equals_one_sort(tmp_path):
         assert (sha, got_n) == (want_sha, n)
     with pytest.raises(RuntimeError, match="hold 5000 uids, the unit markers say 4999"):
         semdedup.merge_runs(paths, str(tmp_path / "bad.npy"), 4999)
+
+
+def make_hostile_pool(base: str) -> dict:
+    """12 photos in 2 shards, embedded, with what a real pool can hold: sample 00000005's .json has no uid
+    (embed records its row failed, uid null), 00000004's image does not decode (failed, uid kept), and
+    sample 00000000 is in shard 00001 again under key 00019999 (one uid on two rows). Manifest entries
+    are re-hashed so the shards are the manifest's."""
+    import io
+    import tarfile
+
+    from laiontools.contracts.manifest import read_manifest, resolve, write_manifest
+    from laiontools.core.storage import sha256_file
+    from laiontools.stages import embed as embed_stage
+    from laiontools.testing.planted_pool import download_settings, jpeg, photo, write_resized_pool
+
+    samples = [{"bytes": jpeg(photo(i)), "caption": f"photo {i}", "url": f"http://127.0.0.2/{i}.jpg"} for i in range(12)]
+    manifest, uids = write_resized_pool(os.path.join(base, "pool"), samples, download_settings("border", 64), per_shard=6)
+    doc = read_manifest(manifest)
+    paths = [resolve(manifest, s["path"]) for s in doc["shards"]]
+    members = []
+    for p in paths:
+        with tarfile.open(p) as tf:
+            members.append([(ti.name, tf.extractfile(ti).read()) for ti in tf])
+    members[0] = [(n, b"not an image" if n == "000000004.jpg" else
+                   json.dumps({"key": "000000005"}).encode() if n == "000000005.json" else d) for n, d in members[0]]
+    members[1] += [(n.replace("000000000", "000019999"), d) for n, d in members[0] if n.startswith("000000000.")]
+    for p, ms, entry in zip(paths, members, doc["shards"]):
+        with tarfile.open(p, "w", format=tarfile.PAX_FORMAT) as tf:
+            for n, d in ms:
+                ti = tarfile.TarInfo(n)
+                ti.size = len(d)
+                tf.addfile(ti, io.BytesIO(d))
+        entry["sha256"], entry["bytes"] = sha256_file(p)
+        entry["num_samples"] = len({n.split(".")[0] for n, _ in ms})
+    write_manifest(manifest, doc)
+    emb = os.path.join(base, "emb")
+    embed_stage.run(embed_stage.EmbedConfig(manifest=manifest, output=emb, model="lt-tiny", num_workers=0, batch_size=16))
+    return {"manifest": manifest, "emb": emb, "uids": uids}
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> dict:
+    return make_hostile_pool(str(tmp_path_factory.mktemp("hostile")))
+
+
+def test_a_row_embed_recorded_without_uid_is_left_out_and_a_uid_on_two_rows_is_clustered_once(hostile, tmp_path):
+    # (walk F4) a null uid (embed's failed row) stopped semdedup: "uid None ... the catalog or uid list is corrupt".
+    # (walk F7) one uid on two rows: the report kept it through one row and the exclusion list (by uid) held it
+    # through the other, so the sample the report says it kept was excluded from every subset.
+    res = semdedup.run(_cfg(hostile["emb"], str(tmp_path / "sd"), clusters=2, eps=[0.001], spark_above=-1, gallery_groups=0))
+    s = res.details
+    assert (s["pool_samples"], s["not_embedded"], s["duplicate_uid_rows"], s["clustered"]) == (13, 2, 1, 10), s
+    assert "WARNING: 1 embedding rows repeat a uid" in res.summary
+    excluded = set(_uid_hex(load_uids(res.outputs["exclude"])))
+    report = pd.read_parquet(res.outputs["report"])
+    assert not excluded & set(report.loc[~report["removed"], "uid"]) and hostile["uids"][0] not in excluded

@@ -199,15 +199,18 @@ def _set_threads(n: int) -> None:
 
 
 def _status_ok(meta: Any, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) whose embed status is ok (all rows when there is no status column)."""
+    """Rows [lo, hi) whose embed status is ok (all rows when there is no status column) and that carry a
+    uid. embed records a sample whose uid it could not read as failed with a null uid: such a row is not
+    a sample of the pool by uid, so it is left out like any failed row (counted as not embedded)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    has_uid = pc.is_valid(meta.column("uid").slice(lo, hi - lo)).to_numpy(zero_copy_only=False).astype(bool, copy=False)
     col = next((c for c in ("embed_status", "status") if c in meta.column_names), None)
     if col is None:
-        return np.ones(hi - lo, dtype=bool)
+        return has_uid
     good = pc.fill_null(pc.is_in(meta.column(col).slice(lo, hi - lo), value_set=pa.array(["ok", "success"])), True)
-    return good.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+    return good.to_numpy(zero_copy_only=False).astype(bool, copy=False) & has_uid
 
 
 def _vector_ok(x: np.ndarray) -> np.ndarray:
@@ -222,9 +225,12 @@ def _valid_rows(meta: Any, lo: int, x: np.ndarray) -> np.ndarray:
 
 
 def _uid_array(meta: Any) -> np.ndarray:
+    """The uid column as UID_DTYPE; a null uid (a row embed recorded as failed, never valid) is all zeros."""
+    import pyarrow.compute as pc
+
     from laiontools.contracts.uids import uids_to_array
 
-    return uids_to_array(meta.column("uid").to_pylist())
+    return uids_to_array(pc.fill_null(meta.column("uid"), "0" * 32).to_pylist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +434,20 @@ def _hex(hi: np.ndarray, lo: np.ndarray) -> list[str]:
     return [f"{int(a):016x}{int(b):016x}" for a, b in zip(hi.tolist(), lo.tolist())]
 
 
+def _first_of_each_uid(meta: np.ndarray, shard_of: np.ndarray) -> np.ndarray:
+    """Mask of the unit's rows that stand for their uid: of rows sharing a uid, the one of the smallest
+    (shard, row). The exclusion list is by uid while groups are of rows, so two rows of one uid could
+    make the uid a group's kept member and, through its other row, a removed one; the report would say
+    kept a sample the list excludes. (Rows of one uid with the same image share a cluster, so a unit.)"""
+    keep = np.ones(len(meta), dtype=bool)
+    if len(meta) > 1:
+        order = np.lexsort((meta["row"], shard_of, meta["lo"], meta["hi"]))
+        h, lo = meta["hi"][order], meta["lo"][order]
+        same = (h[1:] == h[:-1]) & (lo[1:] == lo[:-1])
+        keep[order[1:][same]] = False
+    return keep
+
+
 def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
     """Find the duplicate groups of one unit of clusters; write its report, then its marker (last)."""
     import pyarrow as pa
@@ -452,17 +472,24 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
     removed_runs: dict[str, list[np.ndarray]] = {lab: [] for lab in labels_}
     with scratch_dir("laiontools-semdedup") as tmpdir:
         vec, meta, shard_of, starts = _gather(ctx, unit[0], unit[1], tmpdir)
+        first = _first_of_each_uid(meta, shard_of)
+        stats["duplicate_uid_rows"] = int(len(first) - first.sum())
         for c in range(unit[0], unit[1]):
             s, e = int(starts[c - unit[0]]), int(starts[c - unit[0] + 1])
-            n = e - s
-            if n == 0:
+            if e == s:
                 continue
+            keep_rows = first[s:e]
+            if keep_rows.all():
+                # In memory up to memory_rows; a larger cluster stays in the memory-mapped file (read by blocks).
+                x = np.asarray(vec[s:e], dtype=np.float32) if e - s <= ctx["memory_rows"] else vec[s:e]
+                m, so = meta[s:e], shard_of[s:e]
+            else:  # a uid on two rows (a pool holding one sample twice): one row stands for it (rare, so in memory)
+                idx = s + np.flatnonzero(keep_rows)
+                x, m, so = np.asarray(vec[idx], dtype=np.float32), meta[idx], shard_of[idx]
+            n = len(m)
             stats["rows"] += n
             stats["clusters"] += 1
             stats["largest_cluster"] = max(stats["largest_cluster"], n)
-            # In memory up to memory_rows; a larger cluster stays in the memory-mapped file (read by blocks).
-            x = np.asarray(vec[s:e], dtype=np.float32) if n <= ctx["memory_rows"] else vec[s:e]
-            m = meta[s:e]
             labels, pairs = neardup.cluster_groups(x, eps, ctx["block_rows"])
             for k, lab in enumerate(labels_):
                 st = stats["eps"][lab]
@@ -484,7 +511,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
                 uids = _hex(m["hi"][members], m["lo"][members])
                 kept = _hex(m["hi"][keeper[members]], m["lo"][keeper[members]])
                 cols["uid"] += uids
-                cols["shard"] += [ctx["shards"][i] for i in shard_of[s:e][members].tolist()]
+                cols["shard"] += [ctx["shards"][i] for i in so[members].tolist()]
                 cols["row"] += m["row"][members].tolist()
                 cols["cluster"] += [c] * len(members)
                 cols["centroid_similarity"] += m["csim"][members].tolist()
@@ -496,7 +523,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
                 cols["kept_uid"] += kept
                 cols["similarity"] += sim.tolist()
                 if k == 0 and ctx["gallery_groups"]:
-                    _gallery_candidates(gallery, ctx, c, labels[0], members, keeper, removed, sim, uids, shard_of[s:e], m)
+                    _gallery_candidates(gallery, ctx, c, labels[0], members, keeper, removed, sim, uids, so, m)
     table = pa.Table.from_pydict(cols, schema=_report_schema())
     buf = io.BytesIO()
     pq.write_table(table, buf, **PARQUET_WRITE)
@@ -662,7 +689,7 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         ctx.update(eps=cfg.eps, keep=cfg.keep, memory_rows=cfg.memory_rows, block_rows=cfg.block_rows,
                    gallery_groups=cfg.gallery_groups,
                    unit_key=_key({"a": ctx["assign_key"], "eps": cfg.eps, "keep": cfg.keep, "seed": cfg.seed,
-                                  "units": units, "v": 2}))
+                                  "units": units, "v": 3}))
         t0 = time.time()
         big_first = sorted(units, key=lambda u: -int(counts[u[0]:u[1]].sum()))  # long tasks start first
         ctx["threads"] = tasks.threads(cfg.threads, len(units))
@@ -695,6 +722,7 @@ def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], c
     peak = max([float(a.get("peak_rss_mb", 0)) for a in assigned] or [0.0])
     gallery: list[tuple] = []
     largest = 0
+    dup_rows = 0
     for u in units:
         st = read_marker(join(cfg.output, DONE_DIR, "units", _unit_id(u)))
         if st is None or st.get("key") != ctx["unit_key"]:
@@ -704,6 +732,7 @@ def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], c
                 agg[lab][f] += v[f]
         peak = max(peak, float(st.get("peak_rss_mb", 0)))
         largest = max(largest, st["largest_cluster"])
+        dup_rows += int(st.get("duplicate_uid_rows", 0))
         for g in st["gallery"]:
             item = (g["size"], -g["cluster"], g["group"], g)
             if len(gallery) < cfg.gallery_groups:
@@ -735,7 +764,8 @@ def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], c
                         "exclude": f"{EPS_DIR}/{lab}/{EXCLUDE_UIDS}", "exclude_sha256": sha})
     nz = counts[counts > 0]
     summary = {
-        "pool_samples": pool_rows, "clustered": valid, "not_embedded": pool_rows - valid, "clusters": k,
+        "pool_samples": pool_rows, "clustered": valid - dup_rows, "not_embedded": pool_rows - valid,
+        "duplicate_uid_rows": dup_rows, "clusters": k,
         "clusters_empty": int((counts == 0).sum()), "cluster_size": {"min": int(nz.min()), "median": float(np.median(nz)),
                                                                       "max": int(nz.max())},
         "keep": cfg.keep, "seed": cfg.seed, "train_rows": km["train_rows"], "units": len(units),
@@ -743,7 +773,12 @@ def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], c
         "pool": pool_info,
     }
     write_json(join(cfg.output, SUMMARY_JSON), summary)
-    txt = (f"semdedup of {pool_rows} pool samples ({valid} embedded) in {k} clusters "
+    dup_line = ""
+    if dup_rows:
+        dup_line = (f"WARNING: {dup_rows} embedding rows repeat a uid of another row (the pool holds those samples twice: "
+                    f"`laiontools verify` names them); each uid was clustered once, from its row of the smallest (shard, row)\n")
+        log.warning(dup_line.strip())
+    txt = (dup_line + f"semdedup of {pool_rows} pool samples ({valid} embedded) in {k} clusters "
            f"(sizes {summary['cluster_size']['min']}-{summary['cluster_size']['max']}), keep {cfg.keep}, seed {cfg.seed}\n"
            f"model {summary['model']}\n\n"
            + table([{"eps": p["eps"], "cosine >": p["threshold"], "groups": p["groups"], "removed": p["removed"],
