@@ -475,6 +475,20 @@ def make_hostile_pool(base: str) -> dict:
                 tf.addfile(ti, io.BytesIO(d))
         entry["sha256"], entry["bytes"] = sha256_file(p)
         entry["num_samples"] = len({n.split(".")[0] for n, _ in ms})
+    # a catalog as download writes it (subsets reads it): one success row per sample written
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools.contracts import layout
+    from laiontools.contracts import schema as C
+
+    rows = [{**{c: None for c in C.catalog_columns()}, C.UID: u, C.URL: smp["url"], C.CAPTION: smp["caption"],
+             C.STATUS: C.STATUS_SUCCESS, C.SHARD: f"{i // 6:05d}", C.KEY: f"{i // 6:05d}{i % 6:04d}"}
+            for i, (u, smp) in enumerate(zip(uids, samples))]
+    os.makedirs(os.path.join(base, "pool", layout.CATALOG_DIR))
+    pq.write_table(pa.Table.from_pylist(rows, schema=C.catalog_arrow_schema()),
+                   os.path.join(base, "pool", layout.CATALOG_DIR, "part-00000.parquet"))
+    doc["catalog"] = {"path": layout.CATALOG_DIR}
     write_manifest(manifest, doc)
     emb = os.path.join(base, "emb")
     embed_stage.run(embed_stage.EmbedConfig(manifest=manifest, output=emb, model="lt-tiny", num_workers=0, batch_size=16))

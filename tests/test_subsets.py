@@ -369,3 +369,28 @@ def test_update_refuses_an_old_uid_file_edited_after_its_run(spark, scratch, tmp
     with pytest.raises(SubsetError, match=rf"uid file {old}/10\.uids\.npy changed after that run"):
         subsets_stage.run(SubsetsConfig(pool=scratch, output=str(out), update=str(old)), spark)
     assert not out.exists()
+
+
+def test_scores_leave_out_rows_without_uid_and_samples_embed_could_not_decode(spark, tmp_path):
+    # (walk F4) a row embed recorded failed with a null uid made subsets refuse the scores as "from another
+    # pool: run embed on this pool", which re-running embed cannot fix. (walk F13) with --scores but no score
+    # filter, samples embed could not decode were selected; the funnel now leaves them out by name.
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_semdedup import make_hostile_pool
+
+    h = make_hostile_pool(str(tmp_path / "h"))
+    res = subsets_stage.run(_cfg(h["manifest"], tmp_path / "o", scales="8,4", scores=h["emb"]), spark).details
+    m = read_manifest(res[0]["manifest"])
+    steps = {f["step"]: f["removed"] for f in m["selection"]["funnel"]}
+    assert steps["undecodable at embed (failed_decode)"] == 1, m["selection"]["funnel"]
+    assert m["selection"]["filters"]["clip_score_source"]["rows_without_uid"] == 1
+    assert h["uids"][4] not in _uids(resolve_uids(res[0]["manifest"]))
+    assert _uids(resolve_uids(res[1]["manifest"])) <= _uids(resolve_uids(res[0]["manifest"]))  # still nested
+
+
+def resolve_uids(manifest: str) -> str:
+    from laiontools.contracts.manifest import resolve
+
+    return resolve(manifest, read_manifest(manifest)["uids"]["path"])

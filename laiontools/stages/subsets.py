@@ -343,11 +343,21 @@ def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[s
     for c in (C.UID, "clip_score"):
         if c not in sdf.columns:
             raise InputError(f"--scores {scores_dir}: {layout.EMB_SCORES_DIR}/*.parquet lack column {c!r}")
-    # One score per uid (max is deterministic if a uid were embedded twice).
-    sdf = sdf.groupBy(C.UID).agg(F.max("clip_score").alias("clip_score"))
+    # A row embed recorded as failed because it could not read the sample's uid has a null uid: it is not
+    # a sample of the pool by uid (nor a foreign one), so it is left out and counted, not taken for
+    # another pool's score (walk F4).
+    no_uid = sdf.filter(F.col(C.UID).isNull()).count()
+    if no_uid:
+        log.warning("--scores %s: %d rows without a uid (samples whose uid embed could not read; it recorded them "
+                    "failed) are left out; `laiontools verify` on the pool names those samples", scores_dir, no_uid)
+    # One score per uid (max is deterministic if a uid were embedded twice). `_scored`: the uid has a row,
+    # so a null score there means embed could not decode the sample (failed_decode), not "not embedded".
+    sdf = (sdf.filter(F.col(C.UID).isNotNull()).groupBy(C.UID)
+           .agg(F.max("clip_score").alias("clip_score")).withColumn("_scored", F.lit(True)))
     record = {
         "path": scores_dir,
         "files": len(urls),
+        "rows_without_uid": int(no_uid),
         "model": {k: model_info.get(k) for k in ("model", "name", "pretrained", "checkpoint_sha256") if k in model_info},
         **{k: v for k, v in checked.items() if v is not None},
     }
@@ -382,6 +392,10 @@ def _filter_steps(cfg: SubsetsConfig, have_scores: bool, exclusions: list[Exclus
     ]
     for i, ex in enumerate(exclusions):
         steps.append((f"excluded by {ex.kind} {ex.given}", ~F.col(f"_excluded_{i}")))
+    if have_scores:
+        # A sample embed could not decode is not trainable (train skips it): with its status at hand, a
+        # subset's size means samples train can use. A sample with no score row is left to the score filter.
+        steps.append(("undecodable at embed (failed_decode)", ~(F.coalesce(F.col("_scored"), F.lit(False)) & F.col("clip_score").isNull())))
     if cfg.min_clip_score is not None and have_scores:
         steps.append((f"clip_score < {cfg.min_clip_score:g} or missing", F.col("clip_score") >= F.lit(cfg.min_clip_score)))
     if cfg.max_punsafe is not None:
@@ -613,9 +627,8 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
         sdf, scores_record = _scores_df(spark, cfg.scores, pool)
         scores_record["scored_uids"] = _check_score_uids(cat, sdf, cfg.scores, pool)
         if cfg.min_clip_score is None:
-            log.warning("--scores given without --min-clip-score: scores checked but not used to filter")
-        else:
-            cat = cat.join(sdf, on=C.UID, how="left")
+            log.warning("--scores given without --min-clip-score: scores used only to leave out samples embed could not decode")
+        cat = cat.join(sdf, on=C.UID, how="left")
     for i, ex in enumerate(exclusions):
         cat = cat.withColumn(f"_excluded_{i}", member_column(F.col(C.UID), ex.path))
 
