@@ -602,3 +602,27 @@ def test_resume_compares_the_precision_used_not_the_one_asked(small_pool, tmp_pa
     with pytest.raises(EmbedMismatchError, match=r"precision: 'auto' \(= fp32\) there, 'bf16' now"):
         _run(small_pool, out, "--device", "cpu", "--precision", "bf16")  # a real change: still refused
     assert not os.path.exists(done)
+
+
+def test_a_fifo_or_gzip_shard_is_a_shard_error_not_a_hang(tmp_path):
+    # (walk F8) a FIFO shard hung embed (verify says "not a regular file"); (walk F17) a gzip tar under a
+    # .tar name was read by embed while verify and reshard cannot read it: one rule across the stages.
+    import gzip
+    import io
+    import tarfile
+
+    from laiontools.stages.embed import ShardError, read_shard_samples
+
+    fifo = tmp_path / "00000.tar"
+    os.mkfifo(fifo)
+    with pytest.raises(ShardError, match=r"shard .*00000\.tar is not a regular file"):
+        read_shard_samples(str(fifo), None)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("a.jpg")
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+    gz = tmp_path / "00001.tar"
+    gz.write_bytes(gzip.compress(buf.getvalue()))
+    with pytest.raises(ShardError, match=r"00001\.tar is a gzip-compressed tar; webdataset pool shards must be plain tars \(decompress it\)"):
+        read_shard_samples(str(gz), None)

@@ -171,10 +171,19 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
 
     fs, p = url_to_fs(url)
     try:
+        # A FIFO would block this read forever and /dev/zero fill memory: only a regular file is read
+        # (one stat; verify refuses the same shards with the same words).
+        if fs.info(p).get("type") != "file":
+            raise ShardError(f"shard {url} is not a regular file; fix the manifest or restore the shard")
         with fs.open(p, "rb") as f:
             data = f.read()
     except FileNotFoundError as e:
         raise ShardError(f"shard {url} is missing; re-run download (it resumes) or fix the manifest") from e
+    from laiontools.wds.samples import compressed_tar_problem
+
+    reason = compressed_tar_problem(data[:6])
+    if reason is not None:  # one rule with verify and reshard, which cannot read such a shard
+        raise ShardError(f"shard {url} {reason}")
     if expected_sha256:
         got = hashlib.sha256(data).hexdigest()
         if got != expected_sha256:
