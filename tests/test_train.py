@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import json
 import math
 import os
@@ -337,3 +338,35 @@ def test_shards_whose_images_never_decode_stop_the_training(tmp_path) -> None:
                                          r"\(the last: .*\); the shards hold no image that decodes"):
         train_stage.run(TrainConfig(manifest=mp, model="lt-tiny", samples_seen=64, batch_size=8, output=run_dir))
     assert not glob.glob(os.path.join(run_dir, "logs", "rank*.stop"))  # said once, not left for a re-run
+
+
+def test_a_sample_the_loader_skips_is_named(monkeypatch, caplog) -> None:
+    """open_clip's loader skips a sample that does not load with "Handling webdataset error
+    (DecodingError()). Ignoring.": no sample, shard or cause (walk F14). The worker's handler names the
+    sample's key, member and shard and the decoder's error, for webdataset's own DecodingError."""
+    import logging
+
+    import open_clip_train.data as oc_data
+    from PIL import Image, UnidentifiedImageError
+    from webdataset.autodecode import DecodingError
+
+    from laiontools.stages import train_worker
+
+    monkeypatch.setattr(oc_data, "log_and_continue", oc_data.log_and_continue)  # restored after the test
+    monkeypatch.setattr(oc_data, "get_wds_dataset", oc_data.get_wds_dataset)
+    train_worker._stop_when_nothing_decodes(limit=3)
+    try:
+        try:
+            Image.open(io.BytesIO(b"not an image"))
+        except UnidentifiedImageError as cause:
+            raise DecodingError(url="/data/train/shards/shard-00001.tar", key="00001000042", k="jpg") from cause
+    except DecodingError as e:
+        exn = e
+    with caplog.at_level(logging.WARNING):
+        assert oc_data.log_and_continue(exn) is True
+    line = next(r.getMessage() for r in caplog.records if "skipped a sample" in r.getMessage())
+    assert "00001000042 (jpg) of /data/train/shards/shard-00001.tar: UnidentifiedImageError: cannot identify image file" in line
+    assert " at 0x" not in line, line
+    oc_data.log_and_continue(exn)
+    with pytest.raises(train_worker.NothingDecodes, match=r"\(the last: 00001000042 \(jpg\) of .*shard-00001.tar: Unidentified"):
+        oc_data.log_and_continue(exn)  # the third failure with nothing loaded: the loader stops, naming the sample

@@ -20,11 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
 
 from laiontools.contracts import layout
+from laiontools.core.logs import RateLimitedLogger
+
+log = logging.getLogger(__name__)
 
 
 class MetricsSink:
@@ -187,16 +191,22 @@ def _stop_when_nothing_decodes(limit: int = UNDECODABLE_LIMIT) -> None:
 
     state = {"loaded": 0, "failed": 0}
     handler, get_wds_dataset = oc_data.log_and_continue, oc_data.get_wds_dataset
+    skipped = RateLimitedLogger(log)
 
     def counted_handler(exn: BaseException) -> bool:
         state["failed"] += 1
+        what = skipped_sample(exn)
         if not state["loaded"] and state["failed"] >= limit:
             raise NothingDecodes(
                 f"{LOADER_STOP_TAG}the first {limit} samples this data loader read all failed to load (the last: "
-                f"{type(exn).__name__}: {str(exn)[:200]}); the shards hold no image that decodes: check them with "
-                "`laiontools verify` on the manifest"
+                f"{what or type(exn).__name__ + ': ' + str(exn)[:200]}); the shards hold no image that decodes: check "
+                "them with `laiontools verify` on the manifest"
             ) from exn
-        return handler(exn)
+        if what is None:
+            return handler(exn)
+        # open_clip's own line says "Handling webdataset error (DecodingError()). Ignoring.": no sample, no cause
+        skipped.warn("skipped", "skipped a sample that does not load: %s", what)
+        return True
 
     def counted_get_wds_dataset(args: Any, preprocess_img: Any, *a: Any, **k: Any) -> Any:
         def loaded(image: Any) -> Any:
@@ -207,6 +217,20 @@ def _stop_when_nothing_decodes(limit: int = UNDECODABLE_LIMIT) -> None:
 
     oc_data.log_and_continue = counted_handler  # type: ignore[attr-defined]
     oc_data.get_wds_dataset = counted_get_wds_dataset  # type: ignore[attr-defined]
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def skipped_sample(exn: BaseException) -> str | None:
+    """``<key> (<member>) of <shard>: <cause>`` for webdataset's DecodingError (it carries the sample's key,
+    member and shard, and the decoder's error as its cause), None for any other error."""
+    key, url = getattr(exn, "key", None), getattr(exn, "url", None)
+    if key is None or url is None:
+        return None
+    cause = exn.__cause__ or exn.__context__
+    why = f"{type(cause).__name__}: {_ADDRESS.sub('', str(cause))[:200]}" if cause is not None else type(exn).__name__
+    return f"{key} ({getattr(exn, 'k', None) or '?'}) of {url}: {why}"
 
 
 # The message of a loader stop starts with this; the train stage puts that line in its error.
