@@ -439,13 +439,14 @@ def test_content_scan_takes_a_sample_whose_json_is_no_object(tmp_path):
 
 
 def test_a_content_scan_names_the_samples_it_could_not_check(tmp_path):
-    """A sample with no image member cannot match a sha256/md5/pHash entry, nor an image that does not decode
-    a pHash entry: the scan names them (walk F12: "matched nothing" said nothing of the 5 hostile samples
-    it had skipped), so that takedown.json counts them and the text says so."""
+    """An image that does not decode cannot be compared with a pHash entry: the scan names such samples
+    (walk F12: "matched nothing" said nothing of the hostile samples it had skipped), so that takedown.json
+    counts them and the text says so. Its bytes still meet sha256/md5 entries; a sample without an image
+    holds no listed image."""
     from PIL import Image
 
     from laiontools.contracts.removal import parse_removal_list
-    from laiontools.stages.takedown import UNCHECKED_NO_IMAGE, UNCHECKED_NO_PHASH, _text, scan_content
+    from laiontools.stages.takedown import UNCHECKED_NO_PHASH, _text, scan_content
 
     png = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 10, 10)).save(png, format="PNG")
@@ -458,14 +459,14 @@ def test_a_content_scan_names_the_samples_it_could_not_check(tmp_path):
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))
     unchecked = lambda rl: {key: why for key, _, kind, why, _ in scan_content(path, rl) if kind == "unchecked"}
-    assert unchecked(parse_removal_list(f"phash {'0' * 16}\n")) == {"noimg": UNCHECKED_NO_IMAGE, "broken": UNCHECKED_NO_PHASH}
-    assert unchecked(parse_removal_list(f"sha256 {'0' * 64}\n")) == {"noimg": UNCHECKED_NO_IMAGE}  # bytes hash without decoding
+    assert unchecked(parse_removal_list(f"phash {'0' * 16}\n")) == {"broken": UNCHECKED_NO_PHASH}
+    assert unchecked(parse_removal_list(f"sha256 {'0' * 64}\n")) == {}  # bytes are hashed without decoding
     entry = {"matched_nothing": True, "list": {"path": "l.txt", "entries": 1}, "per_shard": {},
-             "not_content_checked": ["00000/broken: " + UNCHECKED_NO_PHASH, "00000/noimg: " + UNCHECKED_NO_IMAGE],
-             "counts": {"samples_after": 3, "by_kind": {}, "samples_not_content_checked": {UNCHECKED_NO_PHASH: 1, UNCHECKED_NO_IMAGE: 1}}}
+             "not_content_checked": ["00000/broken: " + UNCHECKED_NO_PHASH, "00001/bad: " + UNCHECKED_NO_PHASH],
+             "counts": {"samples_after": 3, "by_kind": {}, "samples_not_content_checked": {UNCHECKED_NO_PHASH: 2}}}
     text = _text(entry, type("P", (), {"path": "p/pool.manifest.json"})(), "o/pool.manifest.json", 1)
     assert "matched nothing" in text and "note: 2 sample(s) could not be checked against the list's content entries" in text, text
-    assert "e.g. 00000/broken, 00000/noimg" in text, text
+    assert "e.g. 00000/broken, 00001/bad" in text, text
 
 def test_reason_status_shard_ids_and_safe_paths():
     from laiontools.contracts import layout

@@ -183,16 +183,16 @@ def _catalog_match_fn(rl: RemovalList) -> Any:
     return fn
 
 
-# what a content scan could not check a sample for (counted in takedown.json and named in the text)
-UNCHECKED_NO_IMAGE = "no image member"
+# why a content scan could not check a sample (counted in takedown.json and named in the text). A sample
+# without an image member is not one: no listed image can be in it.
 UNCHECKED_NO_PHASH = "image not decodable: no pHash to compare"
 
 
 def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, int]]:
     """(key, uid, kind, value, line) of every sample of the tar at `url` whose stored image bytes match a
-    sha256/md5/phash entry of `rl`; and, as (key, "", "unchecked", reason, -1), every sample it could not
-    check: no image member, or (for pHash entries) an image that does not decode. Raises TakedownError
-    naming the shard when it cannot be read."""
+    sha256/md5/phash entry of `rl`; and, as (key, "", "unchecked", reason, -1), every sample whose image
+    does not decode when the list has pHash entries (its bytes still meet the sha256/md5 entries). Raises
+    TakedownError naming the shard when it cannot be read."""
     import tarfile
 
     from laiontools.wds.samples import iter_samples
@@ -204,7 +204,6 @@ def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, in
             for key, parts in iter_samples(f, fs.size(p), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
                 img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
                 if img is None:
-                    out.append((key, "", "unchecked", UNCHECKED_NO_IMAGE, -1))
                     continue
                 h = content_hashes(img, bool(rl.phashes))
                 if rl.phashes and h["phash"] is None:
