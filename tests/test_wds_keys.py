@@ -87,3 +87,24 @@ def test_iter_members_names_a_damaged_tar():
     for bad in (gz[: len(gz) // 2], gz[:12] + bytes(64) + gz[76:]):  # cut short; damaged deflate data
         with pytest.raises(tarfile.TarError):
             list(iter_members(io.BytesIO(bad), len(bad)))
+
+
+def test_members_over_the_byte_limit_are_not_read_on_every_path(tmp_path):
+    """tarfile_members read any member whole (a 2 MB gzip tar held 2 GiB; walk F9). Over the limit, a
+    member comes out unread as an OversizeMember whose reason the image decoders raise; the limit
+    holds alike for a tar in memory, a plain tar file and a gzip tar, so readers judge it the same."""
+    from laiontools.core.images import ImageLimitError, OversizeMember, open_image
+
+    members = [("s1.jpg", b"j" * 700), ("s1.txt", b"ok"), ("s2.jpg", b"k")]
+    plain, gz = _tar(members), _tar(members, "w:gz")
+    results = [list(iter_samples(plain, max_member_bytes=100))]
+    for data in (plain, gz):
+        with io.BytesIO(data) as f:
+            results.append(list(iter_samples(f, len(data), max_member_bytes=100)))
+    for got in results:
+        assert [k for k, _ in got] == ["s1", "s2"]
+        big = got[0][1]["jpg"]
+        assert isinstance(big, OversizeMember) and big == b""
+        assert got[0][1]["txt"] == b"ok" and got[1][1]["jpg"] == b"k"
+        with pytest.raises(ImageLimitError, match="tar member s1.jpg of 700 bytes is over the 100 byte limit"):
+            open_image(big)

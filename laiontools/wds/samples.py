@@ -4,6 +4,11 @@ Every stage that reads samples out of a tar (embed, dedup, the dedup gallery, th
 reader, verify) goes through :func:`iter_samples`: members come from :mod:`laiontools.wds.tarscan`
 (headers read directly, tarfile as the fallback, a damaged header an error rather than a silent
 stop) and are grouped by :func:`laiontools.wds.keys.group_by_keys`, whose options are passed through.
+
+A member over the byte limit (``max_member_bytes``, default
+:data:`laiontools.core.images.MAX_FILE_BYTES`) is not read: it comes out as an
+:class:`laiontools.core.images.OversizeMember`, an empty stand-in whose ``reason`` the image decoders
+raise, so it lands as a per-sample error (a 2 MB gzip tar can hold a 2 GiB member).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from laiontools.core.images import MAX_FILE_BYTES, OversizeMember
 from laiontools.wds.keys import group_by_keys
 from laiontools.wds.tarscan import tar_index, tar_payloads
 
@@ -23,12 +29,19 @@ from laiontools.wds.tarscan import tar_index, tar_payloads
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
-def iter_members(f: BinaryIO, file_size: int) -> Iterator[tuple[str, bytes]]:
+def meta_key(key: str) -> str:
+    """The key embed stores for a sample in its meta (and dedup, the galleries look samples up by): the
+    webdataset key's last path part, so ``sub/0000007`` (a member ``sub/0000007.jpg``) is ``0000007``."""
+    return key.rpartition("/")[2]
+
+
+def iter_members(f: BinaryIO, file_size: int, max_member_bytes: int | None = MAX_FILE_BYTES) -> Iterator[tuple[str, bytes]]:
     """(name, payload) of the regular files of a tar file, in tar order, one member in memory at a time.
 
     Uncompressed tars: the header index of :func:`laiontools.wds.tarscan.tar_index`, then one read per
     member. gzip / bzip2 / xz tars: tarfile's streaming reader. Raises ``tarfile.TarError`` for a damaged,
-    truncated or non-tar file (also when a member's data is cut short).
+    truncated or non-tar file (also when a member's data is cut short). A member over `max_member_bytes`
+    (None: no limit) is skipped unread and yielded as an :class:`OversizeMember`.
     """
     f.seek(0)
     head = f.read(6)
@@ -36,11 +49,14 @@ def iter_members(f: BinaryIO, file_size: int) -> Iterator[tuple[str, bytes]]:
         f.seek(0)
         try:
             with tarfile.open(fileobj=f, mode="r|*") as tf:
-                yield from tarfile_members(tf)
+                yield from tarfile_members(tf, max_member_bytes)
         except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:  # a cut or damaged compressed stream
             raise tarfile.ReadError(f"compressed tar is truncated or damaged ({type(e).__name__}: {e})") from e
         return
     for name, off, size, _ in tar_index(f, file_size):
+        if max_member_bytes is not None and size > max_member_bytes:
+            yield name, OversizeMember(name, size, max_member_bytes)
+            continue
         f.seek(off)
         data = f.read(size)
         if len(data) != size:
@@ -48,13 +64,18 @@ def iter_members(f: BinaryIO, file_size: int) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
-def tarfile_members(tf: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
+def tarfile_members(tf: tarfile.TarFile, max_member_bytes: int | None = MAX_FILE_BYTES) -> Iterator[tuple[str, bytes]]:
     """(name, payload) of the regular files of an open ``tarfile.TarFile`` (stream modes included), in
-    order. Raises ``tarfile.ReadError`` when a member's data is cut short (tarfile returns it short)."""
+    order. Raises ``tarfile.ReadError`` when a member's data is cut short (tarfile returns it short).
+    A member over `max_member_bytes` (None: no limit) is not read (tarfile skips its data in blocks)
+    and is yielded as an :class:`OversizeMember`."""
     for m in tf:
         if m.size < 0:  # a pax size of "-1000", which tarfile takes as it is
             raise tarfile.ReadError(f"member {m.name}: negative size {m.size}")
         if not m.isfile():
+            continue
+        if max_member_bytes is not None and m.size > max_member_bytes:
+            yield m.name, OversizeMember(m.name, m.size, max_member_bytes)
             continue
         fh = tf.extractfile(m)
         data = fh.read() if fh is not None else b""
@@ -63,7 +84,8 @@ def tarfile_members(tf: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
         yield m.name, data
 
 
-def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, **group: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, max_member_bytes: int | None = MAX_FILE_BYTES,
+                 **group: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {extension: payload})`` of every sample of a tar, in tar order.
 
     `src`: the whole tar in memory (bytes), or a seekable binary file with its `file_size`. `group`:
@@ -75,13 +97,14 @@ def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, **group: A
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         if data.startswith(_COMPRESSED_MAGIC):
-            members: Any = iter_members(io.BytesIO(data), len(data))
-        else:
-            members = tar_payloads(data)
+            members: Any = iter_members(io.BytesIO(data), len(data), max_member_bytes)
+        else:  # already in memory: the limit still applies, so every reader judges a member alike
+            members = ((n, OversizeMember(n, len(d), max_member_bytes) if max_member_bytes is not None and len(d) > max_member_bytes else d)
+                       for n, d in tar_payloads(data))
     else:
         if file_size is None:
             raise TypeError("iter_samples: give file_size with a file object")
-        members = iter_members(src, file_size)
+        members = iter_members(src, file_size, max_member_bytes)
     yield from group_by_keys(members, **group)
 
 
