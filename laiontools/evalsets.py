@@ -42,8 +42,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from laiontools.core.errors import UserError
+from laiontools.core.images import error_text, open_image, read_regular_file
 from laiontools.core.logs import RateLimitedLogger
 from laiontools.core.storage import PARQUET_READ, url_to_fs
+from laiontools.wds.keys import is_hidden
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -173,7 +175,7 @@ def detect_format(path: str) -> str:
         raise EvalSetError(f"evaluation set {path}: a single file must be .parquet or .tar; give a folder otherwise")
     entries = fs.ls(p, detail=True)
     files = [e["name"] for e in entries if e["type"] == "file"]
-    dirs = [e["name"] for e in entries if e["type"] == "directory"]
+    dirs = _subdirs(fs, p)
     if any(f.endswith(".parquet") for f in files):
         return "parquet"
     if any(f.endswith(".tar") for f in files):
@@ -308,37 +310,70 @@ def _is_image(p: str) -> bool:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded image bytes -> a loaded RGB PIL image (PIL raises for bytes it cannot decode)."""
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data))
+    """Encoded image bytes -> a loaded RGB PIL image. PIL raises for bytes it cannot decode, and
+    :func:`laiontools.core.images.open_image` for an image over the pixel limit (checked from the
+    header, before decoding) or a tar member that was over the byte limit."""
+    im = open_image(data)
     im.load()
     return im.convert("RGB")
 
 
 def _read_image(fs: Any, path: str) -> tuple[Image.Image | None, str | None]:
     try:
-        with fs.open(path, "rb") as f:
-            return decode_image(f.read()), None
-    except Exception as e:  # any decoder failure is a per-item error, not a crash
-        return None, f"{type(e).__name__}: {e}"
+        # only a regular file, and a bounded read: a FIFO named x.jpg would block, /dev/zero never end
+        return decode_image(read_regular_file(fs, path)), None
+    except Exception as e:  # any read or decoder failure is a per-item error, not a crash
+        return None, error_text(e)
+
+
+def printable_id(item_id: str) -> str:
+    """`item_id` as valid UTF-8 text: a file name that is not UTF-8 (Python keeps its bytes as surrogate
+    escapes) gets them as ``\\xff`` escapes, so parquet and JSON outputs can store it."""
+    try:
+        raw = item_id.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+        return item_id.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _item(es: EvalSet, item_id: str, image: Any, label: int | None, caption: str | None, error: str | None) -> EvalItem:
+    item_id = printable_id(item_id)
     if error is not None:
+        error = printable_id(error)
         _failures.warn("unreadable_eval_image", "evaluation set %s: item %s unreadable: %s", es.name, item_id, error)
     return EvalItem(item_id=item_id, image=image, label=label, caption=caption, error=error)
 
 
+def _subdirs(fs: Any, root: str) -> list[str]:
+    """Full paths of the folders in `root`, a symlink to a folder included (ImageNet symlink farms:
+    fsspec lists it as type 'other'). Hidden names (a leading '.') are skipped, as the tar readers do."""
+    out = []
+    for e in fs.ls(root, detail=True):
+        if is_hidden(e["name"].rstrip("/")):
+            continue
+        if e["type"] == "directory" or (e.get("islink") and fs.isdir(e["name"])):
+            out.append(e["name"])
+    return out
+
+
 def _imagefolder_classes(fs: Any, root: str) -> list[str]:
-    return sorted(_base(e["name"]) for e in fs.ls(root, detail=True) if e["type"] == "directory" and not _base(e["name"]).startswith("."))
+    return sorted(_base(d) for d in _subdirs(fs, root))
+
+
+def _class_files(fs: Any, root: str, cls: str) -> list[str]:
+    """Image files under one class folder, sorted; hidden files and folders (``._x.jpg``) left out.
+
+    ``find`` follows the class folder itself when it is a symlink, but not symlinked folders inside
+    it, so a symlink loop cannot make it run forever."""
+    base = root.rstrip("/") + "/" + cls
+    return sorted(f for f in fs.find(base) if _is_image(f)
+                  and not any(part.startswith(".") for part in f[len(base) + 1 :].split("/")))
 
 
 def _iter_imagefolder(es: EvalSet) -> Iterator[EvalItem]:
     fs, root = url_to_fs(es.path)
     for label, cls in enumerate(_imagefolder_classes(fs, root)):
-        files = sorted(f for f in fs.find(root.rstrip("/") + "/" + cls) if _is_image(f))
-        for f in files:
+        for f in _class_files(fs, root, cls):
             rel = f[len(root.rstrip("/")) + 1 :]
             image, err = _read_image(fs, f)
             yield _item(es, rel, image, label, None, err)
@@ -375,7 +410,7 @@ def _iter_folder(es: EvalSet) -> Iterator[EvalItem]:
     present = set(names)
     labels = _folder_labels(fs, root)
     for f in names:
-        if not _is_image(f):
+        if not _is_image(f) or is_hidden(f):
             continue
         cap_path = f.rpartition(".")[0] + ".txt"
         caption = None
@@ -432,7 +467,7 @@ def _wds_item(es: EvalSet, stem: str, key: str, files: dict[str, bytes]) -> Eval
         try:
             image = decode_image(files[ext])
         except Exception as e:
-            err = f"{type(e).__name__}: {e}"
+            err = error_text(e)
     return _item(es, item_id, image, label, caption, err)
 
 
@@ -517,7 +552,7 @@ def _parquet_item(
         try:
             return _item(es, item_id, decode_image(bytes(data)), label, caption, None)
         except Exception as e:
-            return _item(es, item_id, None, label, caption, f"{type(e).__name__}: {e}")
+            return _item(es, item_id, None, label, caption, error_text(e))
     if img_path is not None and not isinstance(img_path, str):
         return _item(es, item_id, None, label, caption, f"image path {img_path!r} is not a string")
     if img_path:
@@ -548,7 +583,7 @@ def _check_not_empty(es: EvalSet) -> None:
     """Cheap emptiness check by listing (no decoding), so a bad declaration fails before any work."""
     fs, p = url_to_fs(es.path)
     if es.format == "imagefolder":
-        ok = any(_is_image(f) for f in (fs.find(p) if fs.isdir(p) else []))
+        ok = fs.isdir(p) and any(_class_files(fs, p, c) for c in _imagefolder_classes(fs, p))
     elif es.format == "folder":
         ok = fs.isdir(p) and any(_is_image(f) for f in fs.ls(p, detail=False))
     elif es.format == "wds":

@@ -316,3 +316,102 @@ def test_evalsets_yaml_entry_without_a_name_is_refused_naming_the_entry(tmp_path
     y.write_text(f"- {{name: {name}, path: cifar}}\n")  # null was the set "None"
     with pytest.raises(E.EvalSetError, match=r"sets\.yaml entry 0: the evaluation set has no name \(name: "):
         E.load_evalsets(yaml_path=str(y))
+
+
+def test_imagefolder_reads_a_symlinked_class_folder_and_skips_hidden_files(tmp_path):
+    """A class folder that is a symlink to a folder (ImageNet symlink farms) was dropped without a
+    word: a decontamination miss (walk F5). A symlink loop inside a class is not followed. Hidden
+    files (macOS ``._x.jpg``) are skipped, as the tar readers skip hidden members (walk F19)."""
+    src = _imagefolder(str(tmp_path / "real"), classes=2)
+    root = tmp_path / "farm"
+    root.mkdir()
+    os.symlink(os.path.join(src, "class0"), root / "class0")
+    os.symlink(os.path.join(src, "class1"), root / "class1")
+    os.symlink("..", os.path.join(src, "class1", "loop"))  # class1/loop -> real/ (a loop)
+    with open(os.path.join(src, "class0", "._00.jpg"), "wb") as f:
+        f.write(_jpeg(7))
+    es = E.parse_evalset_spec(f"farm={root}")
+    assert es.format == "imagefolder"
+    items = list(E.iter_items(es))
+    assert [it.item_id for it in items] == [f"class{c}/{i:02d}.jpg" for c in range(2) for i in range(3)]
+    assert [it.label for it in items] == [0, 0, 0, 1, 1, 1] and not any(it.error for it in items)
+    assert E.classnames(es) == ["class0", "class1"]
+
+
+def test_eval_images_that_are_not_regular_files_are_per_item_errors(tmp_path):
+    """A FIFO named x.jpg hung the reader, /dev/zero behind a symlink read until memory ran out
+    (walk F8). Only regular files are read: anything else is an item error naming its kind."""
+    import threading
+
+    root = _imagefolder(str(tmp_path / "ifold"), classes=1, per=2)
+    fifo = os.path.join(root, "class0", "pipe.jpg")
+    os.mkfifo(fifo)
+    os.symlink(os.devnull, os.path.join(root, "class0", "null.jpg"))
+
+    def writer() -> None:  # serves a reader that opens the FIFO (the old code did), so the test cannot hang
+        with open(fifo, "wb") as w:
+            w.write(b"junk")
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        items = {it.item_id: it for it in E.iter_items(E.make_evalset("f", root, "imagefolder"))}
+    finally:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # releases the writer if nobody opened the FIFO
+        t.join()
+        os.close(fd)
+    assert items["class0/pipe.jpg"].image is None
+    assert items["class0/pipe.jpg"].error == "ImageLimitError: not a regular file (a FIFO); not read"
+    assert items["class0/null.jpg"].error == "ImageLimitError: not a regular file (a character device); not read"
+    assert items["class0/00.jpg"].error is None
+
+
+def test_eval_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
+    """A 100 Mpx PNG of a few KB was decoded whole (walk F10): the header's size is checked first."""
+    root = _imagefolder(str(tmp_path / "ifold"), classes=1, per=1)
+    Image.new("1", (10_000, 10_000)).save(os.path.join(root, "class0", "bomb.png"))
+    items = {it.item_id: it for it in E.iter_items(E.make_evalset("b", root, "imagefolder"))}
+    assert items["class0/bomb.png"].image is None
+    assert items["class0/bomb.png"].error == (
+        "ImageLimitError: image of 10000x10000 = 100 Mpx is over the 89 Mpx limit; not decoded")
+
+
+def test_wds_member_over_the_byte_limit_is_not_read(tmp_path):
+    """A gzip tar of a few hundred KB holding a member of more than 64 MiB was read whole into memory
+    (walk F9): the member is skipped unread and its item records why."""
+    import gzip
+
+    from laiontools.core.images import MAX_FILE_BYTES
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        _add(tf, "a.jpg", b"\0" * (MAX_FILE_BYTES + 1))
+        _add(tf, "a.cls", b"0")
+        _add(tf, "b.jpg", _jpeg(1))
+        _add(tf, "b.cls", b"0")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "0.tar").write_bytes(gzip.compress(buf.getvalue(), compresslevel=1))
+    items = list(E.iter_items(E.make_evalset("w", str(tmp_path / "w"), "wds")))
+    assert [it.item_id for it in items] == ["0/a", "0/b"]
+    assert items[0].image is None
+    assert items[0].error == (f"ImageLimitError: tar member a.jpg of {MAX_FILE_BYTES + 1} bytes is over the "
+                              f"{MAX_FILE_BYTES} byte limit; not read")
+    assert items[1].error is None and items[1].label == 0
+
+
+def test_item_ids_of_non_utf8_names_are_escaped_and_errors_carry_no_address(tmp_path):
+    """A file name that is not UTF-8 crashed dedup's items.parquet (walk F11); the id now keeps the
+    byte as an escape. Item errors carried a memory address, so index files differed run to run (walk F16)."""
+    import pyarrow as pa
+
+    root = _imagefolder(str(tmp_path / "ifold"), classes=1, per=1)
+    d = os.path.join(os.fsencode(root), b"class0")
+    with open(os.path.join(d, b"\xff\xfe.jpg"), "wb") as f:
+        f.write(_jpeg(3))
+    with open(os.path.join(d, b"zz.jpg"), "wb") as f:
+        f.write(b"not an image")
+    items = {it.item_id: it for it in E.iter_items(E.make_evalset("u", root, "imagefolder"))}
+    assert sorted(items) == ["class0/00.jpg", "class0/\\xff\\xfe.jpg", "class0/zz.jpg"]
+    assert items["class0/\\xff\\xfe.jpg"].error is None
+    pa.array(list(items), pa.string())  # what dedup's items table does
+    assert items["class0/zz.jpg"].error == "UnidentifiedImageError: cannot identify image file <_io.BytesIO object>"
