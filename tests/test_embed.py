@@ -626,3 +626,16 @@ def test_a_fifo_or_gzip_shard_is_a_shard_error_not_a_hang(tmp_path):
     gz.write_bytes(gzip.compress(buf.getvalue()))
     with pytest.raises(ShardError, match=r"00001\.tar is a gzip-compressed tar; webdataset pool shards must be plain tars \(decompress it\)"):
         read_shard_samples(str(gz), None)
+
+
+def test_load_image_refuses_an_image_over_the_pixel_limit_before_decoding():
+    """A 100 Mpx PNG of a few KB was decoded whole after the download (walk F10); the header is
+    checked against the download's --max-image-pixels default first, and _decode records it."""
+    from PIL import Image
+
+    from laiontools.core.images import ImageLimitError
+
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, format="PNG")
+    with pytest.raises(ImageLimitError, match="image of 10000x10000 = 100 Mpx is over the 89 Mpx limit"):
+        embed_stage.load_image(buf.getvalue(), lambda im: im)

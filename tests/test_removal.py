@@ -257,3 +257,18 @@ def test_verify_removal_list_on_a_subset_checks_its_samples_in_the_pool(spark, p
     rc, out = _verify(capsys, sub, str(clean))
     assert rc == 0, out
     assert f"no listed item in the uid file or in the subset's samples in the pool's {len(pm['shards'])} shard(s)" in out
+
+
+def test_content_hashes_pixel_limit_and_unread_member():
+    """An image over the pixel limit gets no pHash, checked from its header before decoding (walk F10);
+    a tar member over the byte limit was never read, so it gets no hash of empty bytes either."""
+    from PIL import Image
+
+    from laiontools.contracts.removal import content_hashes
+    from laiontools.core.images import OversizeMember
+
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, format="PNG")
+    h = content_hashes(buf.getvalue(), want_phash=True)
+    assert h["phash"] is None and h["sha256"] == hashlib.sha256(buf.getvalue()).hexdigest()
+    assert content_hashes(OversizeMember("k.jpg", 10, 5), want_phash=True) == {"sha256": None, "md5": None, "phash": None}

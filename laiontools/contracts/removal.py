@@ -229,16 +229,19 @@ def content_hashes(data: bytes, want_phash: bool) -> dict[str, Any]:
     """sha256 / md5 of stored image bytes, and its pHash when `want_phash` (None if undecodable)."""
     import hashlib
 
+    from laiontools.core.images import OversizeMember
+
+    if isinstance(data, OversizeMember):  # a tar member over the byte limit was not read: no hash of b""
+        return {"sha256": None, "md5": None, "phash": None}
     out: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
                            "phash": None}
     if want_phash:
-        import io
-
         import imagehash
-        from PIL import Image
 
-        try:
-            with Image.open(io.BytesIO(data)) as im:
+        from laiontools.core.images import open_image
+
+        try:  # over the pixel limit (from the header): no pHash, as for an undecodable image
+            with open_image(data) as im:
                 out["phash"] = str(imagehash.phash(im.convert("RGB")))
         except Exception:  # noqa: BLE001 - an undecodable image has no pHash; the hashes above still apply
             out["phash"] = None

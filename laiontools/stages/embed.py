@@ -53,7 +53,6 @@ import json
 import logging
 import math
 import os
-import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -77,6 +76,7 @@ from laiontools.contracts.embeddings import (
 from laiontools.contracts.uids import is_uid
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
+from laiontools.core.images import error_text
 from laiontools.core.logs import RateLimitedLogger
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
@@ -205,17 +205,15 @@ def load_image(data: bytes, preprocess: Any, draft_size: int | None = None) -> A
     """Encoded image bytes -> `preprocess(image)` (a tensor, or a uint8 array from BatchPreprocess).
 
     With `draft_size`, a JPEG at least twice that size is decoded at reduced scale by libjpeg (never
-    below `draft_size` on its short side) before `preprocess`."""
-    from PIL import Image
+    below `draft_size` on its short side) before `preprocess`. An image over the pixel limit (read from
+    its header) raises before it is decoded (:func:`laiontools.core.images.open_image`)."""
+    from laiontools.core.images import open_image
 
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(data) as im:
         if draft_size and im.format == "JPEG":
             im.draft("RGB", (draft_size, draft_size))
         im.load()
         return preprocess(im)
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
@@ -242,7 +240,7 @@ def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
     except Exception as e:  # any decoder failure is a per-sample failure, not a crash
         # without the object addresses reprs carry (PIL: "cannot identify image file <_io.BytesIO object at
         # 0x7f...>"), which differ run to run: the meta file must be the same bytes after a resume
-        return None, uid, caption, err or f"{type(e).__name__}: {_ADDRESS.sub('', str(e))[:200]}"
+        return None, uid, caption, err or error_text(e)
     return (tensor if err is None else None), uid, caption, err
 
 
