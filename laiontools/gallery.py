@@ -29,14 +29,14 @@ def thumbnail_b64(image: Any, size: int = THUMB) -> str:
 
 def pool_images(tar_url: str, keys: set[str]) -> dict[str, tuple[Any, str | None]]:
     """key -> (PIL image, caption) for the wanted keys of one pool tar (stops once all are found)."""
-    from PIL import Image
-
-    from laiontools.wds.samples import iter_samples
+    from laiontools.core.images import error_text, open_image
+    from laiontools.wds.samples import iter_samples, meta_key
 
     found: dict[str, dict[str, bytes]] = {}
     fs, p = url_to_fs(tar_url)
     with fs.open(p, "rb") as raw:
         for key, parts in iter_samples(raw, fs.size(p), suffixes=_GALLERY_EXTS, on_duplicate="last"):
+            key = meta_key(key)  # the key as embed stored it, which `keys` come from
             if key not in keys:
                 continue
             got = found.setdefault(key, {})
@@ -47,10 +47,10 @@ def pool_images(tar_url: str, keys: set[str]) -> dict[str, tuple[Any, str | None
     out = {}
     for key, parts in found.items():
         try:
-            im = Image.open(io.BytesIO(parts["img"]))
+            im = open_image(parts["img"])
             im.load()
         except Exception as e:  # shown as missing in the gallery rather than failing the run
-            log.warning("gallery: %s key %s unreadable: %s", tar_url, key, e)
+            log.warning("gallery: %s key %s unreadable: %s", tar_url, key, error_text(e))
             continue
         cap = parts.get("txt")
         out[key] = (im, cap.decode("utf-8", "replace") if cap is not None else None)

@@ -304,3 +304,54 @@ def test_calibrate_on_a_pool_holding_copies_points_at_them_not_at_the_model(pool
     top = {h["uid"] for h in res["highest_negatives"][: rec["negatives_at_recall"]]}
     assert top <= set(pool.planted["uid"])  # the negatives it points at are the planted copies
     assert "may be copies of the evaluation set" in (tmp_path / "cal" / "calibrate.txt").read_text()
+
+
+def _rewrite_tar(path: str, change) -> dict[str, bytes]:
+    """Rewrite a tar's members through `change(name, data) -> (name, data) | None`; returns the old payloads."""
+    import io
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        old = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in old.items():
+            new = change(name, data)
+            if new is None:
+                continue
+            ti = tarfile.TarInfo(new[0])
+            ti.size = len(new[1])
+            tf.addfile(ti, io.BytesIO(new[1]))
+    return old
+
+
+def test_phash_keys_agree_with_embed_for_folder_prefixed_members(tmp_path):
+    """Members ``sub/0000007.jpg`` (a valid webdataset key) were pHashed under ``sub/0000007`` while embed
+    stores ``0000007``: the search found none of the shard and called them unreadable (walk F6)."""
+    from laiontools.gallery import pool_images
+    from laiontools.testing.embed_pool import write_pool
+
+    shard = os.path.join(os.path.dirname(write_pool(str(tmp_path / "p"), 1, 2, image_size=32)), "shards", "00000.tar")
+    _rewrite_tar(shard, lambda name, data: ("sub/" + name, data))
+    assert sorted(dedup_stage._pool_phashes(shard)) == ["000000000", "000000001"]
+    assert sorted(pool_images(shard, {"000000000", "000000001"})) == ["000000000", "000000001"]
+
+
+def test_phash_match_on_a_pool_row_without_uid_is_skipped_and_counted(spark, tmp_path):
+    """A pool sample whose .json is unreadable is embedded as failed with a null uid; when its image was a
+    pHash copy of an evaluation item, dedup --phash crashed sorting the exclusion list (walk F3)."""
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.embed import EmbedConfig
+    from laiontools.testing.embed_pool import write_pool
+
+    manifest = write_pool(str(tmp_path / "p"), 1, 4, image_size=32)
+    shard = os.path.join(os.path.dirname(manifest), "shards", "00000.tar")
+    old = _rewrite_tar(shard, lambda name, data: (name, b"[1, 2, 3]" if name == "000000001.json" else data))
+    ev = tmp_path / "ev" / "c0"
+    ev.mkdir(parents=True)
+    (ev / "copy.jpg").write_bytes(old["000000001.jpg"])  # the uid-less sample's image, byte for byte
+    emb = str(tmp_path / "emb")
+    embed_stage.run(EmbedConfig(manifest=manifest, output=emb, model="lt-tiny", num_workers=0, verify_shards=False))
+    summary = dedup_stage.run(DedupConfig(embeddings=emb, evalset=[f"ev={tmp_path / 'ev'}:imagefolder"],
+                                          output=str(tmp_path / "d"), threshold=0.999, phash=True, k=1), spark).details
+    assert summary["phash_skipped_rows_without_uid"] == 1
+    assert summary["phash_pool_matches"] == 0 and summary["phash_unreadable_pool_images"] == 0

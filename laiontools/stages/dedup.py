@@ -320,7 +320,7 @@ def _settings_key(index_desc: dict[str, Any], cfg: DedupConfig) -> str:
 
     return sha256_bytes(canonical_json({
         "index": index_desc["index_sha256"], "items": index_desc["items_sha256"], "threshold": cfg.threshold,
-        "k": cfg.k, "phash": cfg.phash, "phash_d": cfg.phash_max_distance, "v": 1,
+        "k": cfg.k, "phash": cfg.phash, "phash_d": cfg.phash_max_distance, "v": 2,  # 2: pHash keys as embed stores them
     }))[:16]
 
 
@@ -338,25 +338,36 @@ POOL_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 def _pool_phashes(tar_url: str) -> dict[str, str]:
     """key -> pHash of every image in a pool tar (unreadable images are left out and logged). A tar
-    that cannot be read raises ``tarfile.TarError``."""
-    from PIL import Image
+    that cannot be read raises ``tarfile.TarError``.
 
+    Keys are as embed stores them in meta (:func:`laiontools.wds.samples.meta_key`: a member
+    ``sub/0000007.jpg`` is key ``0000007``), so the search finds them. Two samples whose keys differ
+    only in their folder are left out (logged): a pHash could not be told apart between them."""
+    from laiontools.core.images import error_text, open_image
     from laiontools.core.logs import RateLimitedLogger
-    from laiontools.wds.samples import iter_samples
+    from laiontools.wds.samples import iter_samples, meta_key
 
     rl = RateLimitedLogger(log)
     out: dict[str, str] = {}
+    full: dict[str, str] = {}  # meta key -> the webdataset key it came from
+    ambiguous: set[str] = set()
     fs, p = url_to_fs(tar_url)
     with fs.open(p, "rb") as raw:
         # One sample's image members in memory at a time (webdataset's adjacent grouping).
-        for key, parts in iter_samples(raw, fs.size(p), suffixes=POOL_IMAGE_EXTS, on_duplicate="last"):
+        for wkey, parts in iter_samples(raw, fs.size(p), suffixes=POOL_IMAGE_EXTS, on_duplicate="last"):
+            key = meta_key(wkey)
+            if full.setdefault(key, wkey) != wkey:
+                ambiguous.add(key)
             for ext, data in parts.items():
                 try:
-                    im = Image.open(io.BytesIO(data))
+                    im = open_image(data)
                     im.load()
                     out[key] = _phash_image(im.convert("RGB"))
                 except Exception as e:
-                    rl.warn("pool_phash", "%s: %s.%s unreadable for pHash: %s", tar_url, key, ext, e)
+                    rl.warn("pool_phash", "%s: %s.%s unreadable for pHash: %s", tar_url, wkey, ext, error_text(e))
+    for key in ambiguous:
+        rl.warn("pool_phash_key", "%s: key %s names samples in two folders; no pHash for it", tar_url, key)
+        out.pop(key, None)
     return out
 
 
@@ -514,7 +525,10 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         ph_item: list[str | None] = []
         ph_by_set = dict.fromkeys(set_names, 0)
         ph_pos: set[int] = set()
-        ph_list = [pool_ph.get(key) for key in keys]
+        # A row without a uid (embed recorded it failed: its .json was unreadable) cannot be excluded by
+        # uid: it is left out of the pHash pass and counted.
+        no_uid = [u is None for u in uids]
+        ph_list = [None if nu else pool_ph.get(key) for key, nu in zip(keys, no_uid)]
         for pos in _phash_matches(lk, ph_list, int(ctx.get("phash_max_distance", 0))):
             ph_set.append(item_set[pos[0]] if pos else None)
             ph_item.append(item_id[pos[0]] if pos else None)
@@ -525,7 +539,8 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         cols["phash_evalset"] = pa.array(ph_set, pa.string())
         cols["phash_item_id"] = pa.array(ph_item, pa.string())
         ph_match = np.array([s is not None for s in ph_set], dtype=bool)
-        stats["phash_missing_images"] = int(sum(1 for kk in keys if kk not in pool_ph)) if tar else n
+        stats["phash_missing_images"] = int(sum(1 for kk, nu in zip(keys, no_uid) if kk not in pool_ph and not nu)) if tar else n
+        stats["phash_no_uid_rows"] = int(sum(no_uid))
         stats["phash_matched_by_set"] = ph_by_set
         stats["phash_matched_pos"] = sorted(ph_pos)
         stats["phash_only_uids"] = [uids[i] for i in np.flatnonzero(ph_match & ~is_dup)]
@@ -673,6 +688,7 @@ class _Aggregate:
     def __init__(self, sets: list[Any], index_desc: dict[str, Any], items: dict[str, list[Any]], cfg: DedupConfig) -> None:
         self.names = [es.name for es in sets]
         self.rows = self.not_embedded = self.duplicates = self.shards = self.phash_matches = self.phash_missing = 0
+        self.phash_no_uid = 0
         self.matched_by_set = dict.fromkeys(self.names, 0)
         self.phash_by_set = dict.fromkeys(self.names, 0)
         self.matched_rows = np.zeros(index_desc["ntotal"], dtype=bool)
@@ -697,6 +713,7 @@ class _Aggregate:
         if "phash_matches" in s:
             self.phash_matches += s["phash_matches"]
             self.phash_missing += s["phash_missing_images"]
+            self.phash_no_uid += s.get("phash_no_uid_rows", 0)
             for k, v in s["phash_matched_by_set"].items():
                 self.phash_by_set[k] += v
             self.phash_pos[np.asarray(s["phash_matched_pos"], dtype=np.int64)] = True
@@ -769,7 +786,7 @@ def _write_outputs(
     summary["warnings"] = warnings
     if cfg.phash:
         summary.update({"phash_pool_matches": agg.phash_matches, "phash_only_matches": len(set(agg.phash_only_uids)),
-                        "phash_unreadable_pool_images": agg.phash_missing})
+                        "phash_unreadable_pool_images": agg.phash_missing, "phash_skipped_rows_without_uid": agg.phash_no_uid})
     write_json(join(cfg.output, layout.DEDUP_SUMMARY_JSON), summary)
     cols = ["evalset", "items", "unreadable_items", "pool_samples_matched", "eval_items_matched", "overlap_percent"]
     if cfg.phash:
@@ -780,6 +797,7 @@ def _write_outputs(
         f"duplicates: {agg.duplicates} pool samples; excluded uids: {n_ex}"
         + (f" (incl. {len(set(agg.phash_only_uids))} pHash-only)" if cfg.phash else "")
         + (f"; {agg.not_embedded} pool samples had no embedding" if agg.not_embedded else "")
+        + (f"; {agg.phash_no_uid} pool samples without a uid were not pHash-checked" if cfg.phash and agg.phash_no_uid else "")
         + "".join(f"\n{w}" for w in warnings)
         + "\n\n" + table(per_set, cols) + "\n"
     )
