@@ -264,3 +264,34 @@ def test_weights_with_nan_are_refused_not_scored(sets, tmp_path) -> None:
     correct = np.eye(3, dtype=bool)
     assert _hit_ranks(np.full((3, 3), np.nan), correct).tolist() == [2, 2, 2]  # no hit: ties with every wrong one
     assert _hit_ranks(np.array([[np.nan, 0.5, 0.1]]), correct[:1]).tolist() == [2]
+
+
+def test_out_of_range_labels_are_named_not_counted_as_unlabeled(sets: dict[str, str], tmp_path) -> None:
+    """.cls values 99 and -3 with two class names were only counted in n_unlabeled, together with a
+    missing .cls (walk F20): they are named in error_items and counted apart."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from laiontools.evalsets import make_evalset
+    from laiontools.stages.evaluate import evaluate_set
+
+    root = tmp_path / "w"
+    root.mkdir()
+    (root / "classnames.txt").write_text("red\nblue\n")
+    with tarfile.open(root / "0.tar", "w") as tf:
+        for key, cls in (("a", b"0"), ("b", b"1"), ("c", b"99"), ("d", b"-3"), ("e", None)):
+            buf = io.BytesIO()
+            Image.new("RGB", (24, 24), (200, 20, 20)).save(buf, format="JPEG")
+            for name, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.cls", cls)):
+                if data is not None:
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+    res = evaluate_set(load_model("lt-tiny", pretrained=sets["ckpt"]), make_evalset("w", str(root), "wds"), ["zeroshot"], "cpu", 8)
+    assert res["zeroshot"]["n_unlabeled"] == 1 and res["zeroshot"]["n_label_out_of_range"] == 2
+    assert res["error_items"] == [
+        {"item_id": "0/c", "error": "label 99 is out of range 0..1 (2 class names); left out of zero-shot"},
+        {"item_id": "0/d", "error": "label -3 is out of range 0..1 (2 class names); left out of zero-shot"},
+    ]

@@ -307,7 +307,13 @@ def evaluate_set(bundle: Any, es: Any, tasks: list[str], device: str, batch_size
         if not keep:
             raise UserError(f"evaluation set {es.name!r} has class names but no item has a label in range 0..{len(names) - 1}")
         res["zeroshot"] = zero_shot(bundle, feats[keep], [labels[i] for i in keep], names, prompts, device)
-        res["zeroshot"]["n_unlabeled"] = len(labels) - len(keep)
+        # a label outside the class names is a broken item, not a missing label: named in error_items
+        bad = [i for i, lab in enumerate(labels) if lab is not None and not 0 <= lab < len(names)]
+        for i in bad[: max(0, 100 - len(error_items))]:
+            error_items.append({"item_id": ids[i], "error": f"label {labels[i]} is out of range 0..{len(names) - 1} "
+                                                             f"({len(names)} class names); left out of zero-shot"})
+        res["zeroshot"]["n_unlabeled"] = len(labels) - len(keep) - len(bad)
+        res["zeroshot"]["n_label_out_of_range"] = len(bad)
     if "retrieval" in tasks:
         keep = [i for i, c in enumerate(captions) if c]
         if not keep:
