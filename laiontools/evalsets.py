@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from laiontools.core.errors import UserError
-from laiontools.core.images import error_text, open_image, read_regular_file
+from laiontools.core.images import ImageLimitError, OversizeMember, error_text, open_image, read_regular_file
 from laiontools.core.logs import RateLimitedLogger
 from laiontools.core.storage import PARQUET_READ, url_to_fs
 from laiontools.wds.keys import is_hidden
@@ -413,11 +413,15 @@ def _iter_folder(es: EvalSet) -> Iterator[EvalItem]:
         if not _is_image(f) or is_hidden(f):
             continue
         cap_path = f.rpartition(".")[0] + ".txt"
-        caption = None
+        caption = cap_err = None
         if cap_path in present:
-            with fs.open(cap_path, "rb") as cf:
-                caption = cf.read().decode("utf-8", "replace").strip()
+            try:  # the same rule as for images: a FIFO named x.txt must not block the reader
+                caption = read_regular_file(fs, cap_path).decode("utf-8", "replace").strip()
+            except ImageLimitError as e:
+                cap_err = f"caption {_base(cap_path)}: {e}"
         image, err = _read_image(fs, f)
+        if cap_err is not None:
+            image, err = None, err or cap_err
         yield _item(es, _base(f), image, labels.get(_base(f)), caption, err)
 
 
@@ -451,12 +455,13 @@ def _iter_wds(es: EvalSet) -> Iterator[EvalItem]:
 def _wds_item(es: EvalSet, stem: str, key: str, files: dict[str, bytes]) -> EvalItem:
     item_id = f"{stem}/{key}"
     label = caption = None
-    err = None
+    # a member over the byte limit was not read: its item records why rather than parsing b""
+    err = next((error_text(ImageLimitError(v.reason)) for v in files.values() if isinstance(v, OversizeMember)), None)
     try:
         if "cls" in files:
             label = int(files["cls"].decode().strip())
     except ValueError:
-        err = f"{key}.cls is not an integer: {files['cls'][:20]!r}"
+        err = err or f"{key}.cls is not an integer: {files['cls'][:20]!r}"
     if "txt" in files:
         caption = files["txt"].decode("utf-8", "replace").strip()
     ext = next((e for e in WDS_IMAGE_EXTS if e in files), None)

@@ -364,6 +364,13 @@ def test_eval_images_that_are_not_regular_files_are_per_item_errors(tmp_path):
     assert items["class0/pipe.jpg"].error == "ImageLimitError: not a regular file (a FIFO); not read"
     assert items["class0/null.jpg"].error == "ImageLimitError: not a regular file (a character device); not read"
     assert items["class0/00.jpg"].error is None
+    # the same rule for a caption beside an image in a flat folder
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.jpg").write_bytes(_jpeg(1))
+    os.symlink(os.devnull, flat / "a.txt")
+    (item,) = E.iter_items(E.make_evalset("c", str(flat), "folder"))
+    assert item.image is None and item.error == "caption a.txt: not a regular file (a character device); not read"
 
 
 def test_eval_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
@@ -389,14 +396,18 @@ def test_wds_member_over_the_byte_limit_is_not_read(tmp_path):
         _add(tf, "a.cls", b"0")
         _add(tf, "b.jpg", _jpeg(1))
         _add(tf, "b.cls", b"0")
+        _add(tf, "c.jpg", _jpeg(2))
+        _add(tf, "c.cls", b"0" * (MAX_FILE_BYTES + 1))  # not parsed as a label of b""
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "0.tar").write_bytes(gzip.compress(buf.getvalue(), compresslevel=1))
     items = list(E.iter_items(E.make_evalset("w", str(tmp_path / "w"), "wds")))
-    assert [it.item_id for it in items] == ["0/a", "0/b"]
+    assert [it.item_id for it in items] == ["0/a", "0/b", "0/c"]
     assert items[0].image is None
     assert items[0].error == (f"ImageLimitError: tar member a.jpg of {MAX_FILE_BYTES + 1} bytes is over the "
                               f"{MAX_FILE_BYTES} byte limit; not read")
     assert items[1].error is None and items[1].label == 0
+    assert items[2].error == (f"ImageLimitError: tar member c.cls of {MAX_FILE_BYTES + 1} bytes is over the {MAX_FILE_BYTES} byte limit; "
+                              "not read") and items[2].label is None
 
 
 def test_item_ids_of_non_utf8_names_are_escaped_and_errors_carry_no_address(tmp_path):
