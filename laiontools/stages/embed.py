@@ -94,6 +94,7 @@ from laiontools.core.storage import (
     write_json,
 )
 from laiontools.models.embedder import PRECISIONS, Embedder, resolve_device
+from laiontools.wds.samples import meta_key
 
 log = logging.getLogger(__name__)
 _sample_log = RateLimitedLogger(log)
@@ -300,7 +301,7 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
                 if tensor is not None:
                     images[i] = tensor
                     ok[i] = True
-                keys.append(key.rpartition("/")[2])
+                keys.append(meta_key(key))
                 uids.append(uid)
                 captions.append(caption)
                 errors.append(err)

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any
 
 from laiontools.contracts import layout
+from laiontools.core.images import error_text
 from laiontools.core.logs import RateLimitedLogger
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,6 @@ def _stop_when_nothing_decodes(limit: int = UNDECODABLE_LIMIT) -> None:
     oc_data.get_wds_dataset = counted_get_wds_dataset  # type: ignore[attr-defined]
 
 
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
 def skipped_sample(exn: BaseException) -> str | None:
     """``<key> (<member>) of <shard>: <cause>`` for webdataset's DecodingError (it carries the sample's key,
     member and shard, and the decoder's error as its cause), None for any other error."""
@@ -229,7 +226,7 @@ def skipped_sample(exn: BaseException) -> str | None:
     if key is None or url is None:
         return None
     cause = exn.__cause__ or exn.__context__
-    why = f"{type(cause).__name__}: {_ADDRESS.sub('', str(cause))[:200]}" if cause is not None else type(exn).__name__
+    why = error_text(cause) if cause is not None else type(exn).__name__
     return f"{key} ({getattr(exn, 'k', None) or '?'}) of {url}: {why}"
 
 
