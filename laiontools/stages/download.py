@@ -35,6 +35,7 @@ from typing import Any
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.core.config import ConfigError
+from laiontools.core.images import MAX_IMAGE_PIXELS
 from laiontools.core.errors import UserError
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, Tasks, stage_entry, stage_spark, wants_spark
@@ -87,7 +88,7 @@ class DownloadConfig(PrepareConfig):
     extract_exif: bool = dataclasses.field(default=True, metadata={"help": "store EXIF in the metadata"})
     min_image_size: int = dataclasses.field(default=0, metadata={"help": "reject images with a smaller side"})
     max_aspect_ratio: float | None = dataclasses.field(default=None, metadata={"help": "reject images with a larger aspect ratio (default: no limit)"})
-    max_image_pixels: int = dataclasses.field(default=89_478_485, metadata={"help": "reject images with more pixels (read from the header, before decoding)"})
+    max_image_pixels: int = dataclasses.field(default=MAX_IMAGE_PIXELS, metadata={"help": "reject images with more pixels (read from the header, before decoding)"})
     max_bytes: int = dataclasses.field(default=20 * 1024 * 1024, metadata={"help": "reject responses larger than this"})
     respect_optouts: bool = dataclasses.field(default=True, metadata={"help": "honour X-Robots-Tag noai/noimageai/noindex/noimageindex"})
     respect_tdm_reservation: bool = dataclasses.field(default=True, metadata={"help": "honour the TDM Reservation Protocol header tdm-reservation: 1"})

@@ -58,6 +58,7 @@ from urllib.parse import quote, urljoin, urlsplit
 from img2dataset.downloader import Downloader, is_disallowed
 from img2dataset.logger import write_stats as _write_stats
 
+from laiontools.core.images import MAX_IMAGE_PIXELS
 from laiontools.web.policy import (
     NEVER_RESOLVE,
     PRIVATE_NAMES,
@@ -142,7 +143,7 @@ class FetchPolicy:
     allow_private_network: bool = False
     allow_networks: tuple[str, ...] = ()
     max_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 89_478_485  # PIL's default decompression-bomb limit
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # PIL's default decompression-bomb limit
     backoff_base: float = 0.5
     max_retry_after: float = 10.0
     request_deadline: float = 60.0  # seconds for a whole request: every hop, headers and body
