@@ -7,6 +7,7 @@ file's location (storage.path_key) for Spark's and fsspec's paths.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -216,28 +217,18 @@ def test_an_unreachable_endpoint_for_an_input_is_one_line(monkeypatch, capsys, t
         assert line.startswith(f"laiontools {stage}: error: {m}: cannot reach the object store at {dead}"), line
 
 
-def test_an_endpoint_that_never_answers_is_one_line_not_a_hang(monkeypatch, capsys):
-    """A store that accepts connections and never answers held `verify s3://...` silent for the 5 minutes
-    a walk gave it (botocore's 60 s reads, several attempts, each call retried 5 times by s3fs). Every S3 client
-    now has bounded timeouts (storage.S3_CLIENT_DEFAULTS, under the user's own fsspec settings, which
-    win key by key); here the user's 1 s read timeout and single attempt keep the test short. One line names the endpoint."""
+@contextlib.contextmanager
+def silent_endpoint() -> Any:
+    """(URL, accepted connections) of a server on 127.0.0.1 that accepts connections and never answers."""
     import socket
     import threading
-
-    import fsspec
-
-    from laiontools.cli import main as cli_main
-    from laiontools.core.storage import S3_CLIENT_DEFAULTS, bound_object_store_clients, url_to_fs
-
-    assert S3_CLIENT_DEFAULTS == {"connect_timeout": 10, "read_timeout": 20, "retries": {"total_max_attempts": 2, "mode": "standard"}}
-    for k, v in S3_CLIENT_DEFAULTS.items():  # in effect where the user set nothing
-        assert url_to_fs("s3://lt-any/x")[0].config_kwargs[k] == v
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
     server.settimeout(0.2)
-    held, stop = [], threading.Event()
+    held: list[Any] = []
+    stop = threading.Event()
 
     def accept_and_say_nothing() -> None:
         while not stop.is_set():
@@ -248,8 +239,31 @@ def test_an_endpoint_that_never_answers_is_one_line_not_a_hang(monkeypatch, caps
 
     t = threading.Thread(target=accept_and_say_nothing, daemon=True)
     t.start()
-    silent = f"http://127.0.0.1:{server.getsockname()[1]}"
     try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", held
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        for c in held:
+            c.close()
+        server.close()
+
+
+def test_an_endpoint_that_never_answers_is_one_line_not_a_hang(monkeypatch, capsys):
+    """A store that accepts connections and never answers held `verify s3://...` silent for the 5 minutes
+    a walk gave it (botocore's 60 s reads, several attempts, each call retried 5 times by s3fs). Every S3 client
+    now has bounded timeouts (storage.S3_CLIENT_DEFAULTS, under the user's own fsspec settings, which
+    win key by key); here the user's 1 s read timeout and single attempt keep the test short. One line names the endpoint."""
+    import fsspec
+
+    from laiontools.cli import main as cli_main
+    from laiontools.core.storage import S3_CLIENT_DEFAULTS, bound_object_store_clients, url_to_fs
+
+    assert S3_CLIENT_DEFAULTS == {"connect_timeout": 10, "read_timeout": 20, "retries": {"total_max_attempts": 2, "mode": "standard"}}
+    for k, v in S3_CLIENT_DEFAULTS.items():  # in effect where the user set nothing
+        assert url_to_fs("s3://lt-any/x")[0].config_kwargs[k] == v
+
+    with silent_endpoint() as (silent, held):
         monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", silent)
         mine = {"read_timeout": 1, "retries": {"total_max_attempts": 1}}
         monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": silent, "config_kwargs": dict(mine)})
@@ -261,12 +275,6 @@ def test_an_endpoint_that_never_answers_is_one_line_not_a_hang(monkeypatch, caps
         assert line.startswith(f"laiontools verify: error: {m}: the object store at {silent} accepted the connection "
                                "but did not answer in time (ReadTimeoutError)"), line
         assert held, "the client never connected"
-    finally:
-        stop.set()
-        t.join(timeout=10)
-        for c in held:
-            c.close()
-        server.close()
 
 
 def test_a_refusal_met_in_a_spark_task_says_so_and_reaches_the_driver_as_the_tasks_line(spark):
@@ -1281,9 +1289,6 @@ def test_a_gcs_endpoint_that_never_answers_is_one_line_not_a_hang(tmp_path, monk
     requests_timeout); here the user's own (1 s a request, which gcsfs does not try again) keeps it short.
     In a child process: gcsfs picks its file system class at import, and its zonal-bucket lookup (a
     gRPC call of 30 s, tried twice) is turned off there as a user would (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT)."""
-    import socket
-    import threading
-
     import aiohttp
     import fsspec
 
@@ -1292,27 +1297,11 @@ def test_a_gcs_endpoint_that_never_answers_is_one_line_not_a_hang(tmp_path, monk
     # where the user set nothing (no credentials looked up: anonymous, as below)
     monkeypatch.setitem(fsspec.config.conf.setdefault("gs", {}), "token", "anon")
     assert url_to_fs("gs://lt-any/x")[0].requests_timeout == aiohttp.ClientTimeout(**GCS_REQUESTS_TIMEOUT)
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    server.settimeout(0.2)
-    held, stop = [], threading.Event()
-
-    def accept_and_say_nothing() -> None:
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                pass
-
-    t = threading.Thread(target=accept_and_say_nothing, daemon=True)
-    t.start()
-    silent = f"http://127.0.0.1:{server.getsockname()[1]}"
-    env = {**os.environ, "STORAGE_EMULATOR_HOST": silent, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-           "FSSPEC_GS": json.dumps({"requests_timeout": 1, "token": "anon"}), "NO_ALBUMENTATIONS_UPDATE": "1"}
-    try:
+    with silent_endpoint() as (silent, held):
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": silent, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+               "FSSPEC_GS": json.dumps({"requests_timeout": 1, "token": "anon"}), "NO_ALBUMENTATIONS_UPDATE": "1"}
         m = "gs://lt-any/pool/pool.manifest.json"
-        r = subprocess.run([sys.executable, "-m", "laiontools", "verify", m], env=env, capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "laiontools", "verify", m], env=env, capture_output=True, text=True, check=False,
                            timeout=300, cwd=str(tmp_path))
         assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
         line = _one_error_line(r.stderr, "verify")
@@ -1321,12 +1310,6 @@ def test_a_gcs_endpoint_that_never_answers_is_one_line_not_a_hang(tmp_path, monk
         assert "STORAGE_EMULATOR_HOST" in line and "AWS" not in line, line
         assert "Traceback" not in r.stderr, r.stderr[-3000:]  # gcsfs's own give-up log keeps to its line
         assert held, "the client never connected"
-    finally:
-        stop.set()
-        t.join(timeout=10)
-        for c in held:
-            c.close()
-        server.close()
 
 
 def test_an_object_store_clients_give_up_log_keeps_to_its_line(capsys):

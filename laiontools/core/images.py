@@ -22,7 +22,7 @@ import os
 import re
 import stat
 import warnings
-from typing import Any
+from typing import Any, Self
 
 # The download's --max-image-pixels default (PIL's own decompression-bomb warning limit).
 MAX_IMAGE_PIXELS = 89_478_485
@@ -44,7 +44,7 @@ class OversizeMember(bytes):
 
     reason: str
 
-    def __new__(cls, name: str, size: int, limit: int) -> OversizeMember:
+    def __new__(cls, name: str, size: int, limit: int) -> Self:
         obj = super().__new__(cls, b"")
         obj.reason = f"tar member {name.rpartition('/')[2]} of {size} bytes is over the {limit} byte limit; not read"
         return obj

@@ -35,8 +35,8 @@ from typing import Any
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.core.config import ConfigError
-from laiontools.core.images import MAX_IMAGE_PIXELS
 from laiontools.core.errors import UserError
+from laiontools.core.images import MAX_IMAGE_PIXELS
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, Tasks, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (

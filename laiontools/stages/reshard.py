@@ -187,9 +187,8 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
     Members are grouped by webdataset's key rule (:mod:`laiontools.wds.keys`), extensions kept as written
     (they become the output members' names); a sample's members come out together, in tar order."""
     from laiontools.wds.keys import DuplicateMemberError, group_by_keys
-    from laiontools.wds.tarscan import tar_index
-
     from laiontools.wds.samples import compressed_tar_problem
+    from laiontools.wds.tarscan import tar_index
 
     sid, url = item
     fs, p = url_to_fs(url)
