@@ -218,6 +218,35 @@ def test_verify_removal_list_reports_a_sample_uid_that_is_no_string(small_pool, 
     assert f"sample {k1}: its .json uid is null or missing, not a string" in out
 
 
+
+def test_verify_removal_list_names_images_it_could_not_compare_with_phash_entries(small_pool, tmp_path, capsys):
+    """An image that does not decode has no pHash: a pHash entry cannot be proved absent from it, so the proof
+    names those samples instead of passing them over (walk F12; takedown counts them the same way). Its bytes
+    still meet sha256/md5 entries, so a list without pHashes does not mention them."""
+    import shutil
+
+    shutil.copytree(os.path.join(small_pool["base"], "pool"), tmp_path / "pool")
+    manifest = str(tmp_path / "pool" / os.path.relpath(small_pool["manifest"], os.path.join(small_pool["base"], "pool")))
+    with open(manifest) as f:
+        tar = os.path.join(os.path.dirname(manifest), json.load(f)["shards"][0]["path"])
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    broken = next(m.name for m, _ in members if m.name.endswith(".jpg"))
+    with tarfile.open(tar, "w") as tf:
+        for m, data in members:
+            if m.name == broken:
+                data = b"not an image at all"
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    key = broken.removesuffix(".jpg")
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"phash {'0' * 16}\n")
+    rc, out = _verify(capsys, manifest, str(lst))
+    assert rc == 1 and f"1 sample(s) whose image does not decode could not be compared with the list's pHash entries (e.g. {key})" in out, out
+    lst.write_text(f"sha256 {'0' * 64}\n")
+    _, out = _verify(capsys, manifest, str(lst))
+    assert "could not be compared" not in out, out
+
 def test_verify_removal_list_on_a_subset_checks_its_samples_in_the_pool(spark, pool, tmp_path, capsys):
     """A subset that is not resharded has no shards of its own. Its url, domain and hash entries were not
     checked at all: "OK" with a listed sample in the subset. Now its samples (its uid file's) are read from

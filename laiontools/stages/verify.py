@@ -356,6 +356,7 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                                 "its samples could not be checked")
             continue
         fs, p = url_to_fs(shard_url)
+        undecodable: list[str] = []
         try:
             with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
                 for key, parts in group_by_keys(tarfile_members(tf), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
@@ -379,6 +380,8 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                         uid = None
                     img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
                     h = content_hashes(img, bool(rl.phashes)) if img is not None and rl.needs_content else {}
+                    if img is not None and rl.phashes and h.get("phash") is None:
+                        undecodable.append(key)  # its bytes met the sha256/md5 entries; no pHash to compare
                     hit = rl.match(url=url if isinstance(url, str) else None, uid=uid, sha256=h.get("sha256"),
                                    md5=h.get("md5"), phash=h.get("phash"))
                     if hit is not None:
@@ -387,6 +390,9 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
         except (tarfile.TarError, OSError, EOFError) as e:  # a damaged shard: named, and the others still checked
             res.problems.append(f"removal list check: shard {shard_url} could not be checked against the list: unreadable "
                                 f"({type(e).__name__}: {e})")
+        if undecodable:  # the proof does not reach these: a pHash entry could still be one of them
+            res.problems.append(f"removal list check: shard {name}: {len(undecodable)} sample(s) whose image does not decode "
+                                f"could not be compared with the list's pHash entries (e.g. {', '.join(undecodable[:5])})")
     if not found and not any("removal list" in p for p in res.problems):
         res.checked.append(f"removal list {rl.path} (sha256 {rl.sha256[:12]}..., {rl.entries} entries): no listed item "
                            f"in the uid file or in {where}")
