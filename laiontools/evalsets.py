@@ -242,11 +242,15 @@ def _read_text(path: str) -> str:
     Raises EvalSetError naming `path` when it is a folder or not UTF-8 (a classnames file saved as
     Latin-1 would otherwise crash, or with ``errors="replace"`` silently rename classes).
     """
+    from laiontools.core.images import ImageLimitError, read_regular_file
+
     fs, p = url_to_fs(path)
     if fs.isdir(p):
         raise EvalSetError(f"{path} is a folder; expected a file")
-    with fs.open(p, "rb") as f:
-        data = f.read()
+    try:  # a FIFO named classnames.txt would block the read for good, /dev/zero never end
+        data = read_regular_file(fs, p)
+    except ImageLimitError as e:
+        raise EvalSetError(f"{path}: {e}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -191,6 +191,12 @@ def test_evalsets_yaml_not_utf8_invalid_or_a_folder(tmp_path):
     d.mkdir()
     with pytest.raises(E.EvalSetError, match=r"dir\.yaml is a folder; expected a file"):
         E.load_evalsets(yaml_path=str(d))
+    # a FIFO (or a link to /dev/zero) where a text file belongs: refused before it is opened, not a read that
+    # waits for a writer for good (walk F8's classnames.txt / labels.csv / templates case)
+    f = tmp_path / "fifo.yaml"
+    os.mkfifo(f)
+    with pytest.raises(E.EvalSetError, match=r"fifo\.yaml: not a regular file \(a FIFO\); not read"):
+        E.load_evalsets(yaml_path=str(f))
 
 
 @pytest.mark.parametrize(
