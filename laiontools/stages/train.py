@@ -46,7 +46,7 @@ from laiontools.contracts.manifest import manifest_sha256, read_manifest, shard_
 from laiontools.contracts.runs import is_finished, read_result
 from laiontools.contracts.schema import ManifestError
 from laiontools.core.config import ConfigError, StageConfig
-from laiontools.core.errors import UserError
+from laiontools.core.errors import UserError, environment_error
 from laiontools.core.stage import StageResult, config_parser, stage_entry
 from laiontools.core.storage import mark_done, read_json, write_json
 
@@ -72,6 +72,25 @@ IDENTITY_KEYS = (
     "precision",
     "open_clip_args",
 )
+
+
+def _run_logs(run_dir: str) -> dict[str, int]:
+    """{path: size} of the launcher's and the ranks' logs (they are appended to, launch after launch)."""
+    paths = [os.path.join(run_dir, "logs", "launcher.log"), *glob.glob(os.path.join(run_dir, layout.TRAIN_LOGS_DIR, "rank*.log"))]
+    return {p: os.path.getsize(p) for p in paths if os.path.isfile(p)}
+
+
+def _logged_environment_fault(run_dir: str, before: dict[str, int]) -> UserError | None:
+    """A disk-full / quota / read-only fault that ended a rank, read from what this launch added to the
+    launcher's and the ranks' logs (`before`: their sizes at its start; the rank's exception does not reach
+    this process), as the one line the CLI gives any stage for it; None when they show none."""
+    tails = []
+    for path, size in sorted(_run_logs(run_dir).items()):
+        start = max(before.get(path, 0), size - (64 << 10))
+        with open(path, "rb") as f:
+            f.seek(start)
+            tails.append(f.read().decode("utf-8", "replace"))
+    return environment_error(RuntimeError("\n".join(tails)), run_dir)
 
 
 class TrainError(UserError, RuntimeError):
@@ -595,6 +614,7 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     for p in glob.glob(os.path.join(cfg.output, layout.TRAIN_LOGS_DIR, "rank*.stop")):  # a killed run's
         os.remove(p)
     t0 = time.time()
+    logs_before = _run_logs(cfg.output)
     rc = _launch(cfg, settings, plan)
     wall = time.time() - t0
     with open(os.path.join(cfg.output, layout.TRAIN_LAUNCHES_JSONL), "a") as f:
@@ -607,6 +627,9 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
             for p in stops:  # a re-run after the shards are fixed starts without it
                 os.remove(p)
             raise TrainError(f"training in {cfg.output} stopped: {reason}")
+        fault = _logged_environment_fault(cfg.output, logs_before)
+        if fault is not None:  # a full disk met inside a rank (a checkpoint it saved): one line naming it
+            raise fault
         raise TrainError(
             f"training exited with code {rc}; see {cfg.output}/logs/launcher.log, {cfg.output}/out.log and "
             f"{cfg.output}/logs/rank*.log, "
