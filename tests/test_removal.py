@@ -290,7 +290,8 @@ def test_verify_removal_list_on_a_subset_checks_its_samples_in_the_pool(spark, p
 
 def test_content_hashes_pixel_limit_and_unread_member():
     """An image over the pixel limit gets no pHash, checked from its header before decoding (walk F10);
-    a tar member over the byte limit was never read, so it gets no hash of empty bytes either."""
+    a tar member over the byte limit whose bytes were not streamed through (a short read) gets no hash of
+    empty bytes either (the readers' streamed hashes: tests/test_wds_keys.py)."""
     from PIL import Image
 
     from laiontools.contracts.removal import content_hashes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 
@@ -93,6 +94,7 @@ def test_members_over_the_byte_limit_are_not_read_on_every_path(tmp_path):
     """tarfile_members read any member whole (a 2 MB gzip tar held 2 GiB; walk F9). Over the limit, a
     member comes out unread as an OversizeMember whose reason the image decoders raise; the limit
     holds alike for a tar in memory, a plain tar file and a gzip tar, so readers judge it the same."""
+    from laiontools.contracts.removal import content_hashes
     from laiontools.core.images import ImageLimitError, OversizeMember, open_image
 
     members = [("s1.jpg", b"j" * 700), ("s1.txt", b"ok"), ("s2.jpg", b"k")]
@@ -108,3 +110,6 @@ def test_members_over_the_byte_limit_are_not_read_on_every_path(tmp_path):
         assert got[0][1]["txt"] == b"ok" and got[1][1]["jpg"] == b"k"
         with pytest.raises(ImageLimitError, match="tar member s1.jpg of 700 bytes is over the 100 byte limit"):
             open_image(big)
+        # streamed through its hashes, so a takedown's or a removal proof's hash entries still meet it
+        assert (big.sha256, big.md5) == (hashlib.sha256(b"j" * 700).hexdigest(), hashlib.md5(b"j" * 700).hexdigest())
+        assert content_hashes(big, True) == {"sha256": big.sha256, "md5": big.md5, "phash": None}

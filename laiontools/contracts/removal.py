@@ -231,8 +231,8 @@ def content_hashes(data: bytes, want_phash: bool) -> dict[str, Any]:
 
     from laiontools.core.images import OversizeMember
 
-    if isinstance(data, OversizeMember):  # a tar member over the byte limit was not read: no hash of b""
-        return {"sha256": None, "md5": None, "phash": None}
+    if isinstance(data, OversizeMember):  # over the byte limit: hashed as it streamed by, never decoded
+        return {"sha256": data.sha256, "md5": data.md5, "phash": None}
     out: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
                            "phash": None}
     if want_phash:

@@ -40,14 +40,34 @@ class ImageLimitError(ValueError):
 
 
 class OversizeMember(bytes):
-    """Stands in for a tar member over the byte limit: empty, never read; `reason` says why."""
+    """Stands in for a tar member over the byte limit: empty, never held in memory; `reason` says why.
+    The tar readers stream its bytes through sha256 and md5 (`sha256`, `md5`), so a takedown or a removal
+    proof still compares it with hash entries; nothing decodes it."""
 
     reason: str
+    sha256: str | None
+    md5: str | None
 
     def __new__(cls, name: str, size: int, limit: int) -> Self:
         obj = super().__new__(cls, b"")
         obj.reason = f"tar member {name.rpartition('/')[2]} of {size} bytes is over the {limit} byte limit; not read"
+        obj.sha256 = obj.md5 = None
         return obj
+
+    def hash_stream(self, f: Any, size: int, chunk: int = 4 << 20) -> Self:
+        """Fill `sha256` and `md5` from `size` bytes read from `f` in chunks (a short read leaves them None)."""
+        import hashlib
+
+        h, m, left = hashlib.sha256(), hashlib.md5(usedforsecurity=False), size
+        while left > 0:
+            b = f.read(min(chunk, left))
+            if not b:
+                return self
+            h.update(b)
+            m.update(b)
+            left -= len(b)
+        self.sha256, self.md5 = h.hexdigest(), m.hexdigest()
+        return self
 
 
 def scrub_addresses(text: str) -> str:

@@ -6,9 +6,10 @@ reader, verify) goes through :func:`iter_samples`: members come from :mod:`laion
 stop) and are grouped by :func:`laiontools.wds.keys.group_by_keys`, whose options are passed through.
 
 A member over the byte limit (``max_member_bytes``, default
-:data:`laiontools.core.images.MAX_FILE_BYTES`) is not read: it comes out as an
+:data:`laiontools.core.images.MAX_FILE_BYTES`) is not held in memory: it comes out as an
 :class:`laiontools.core.images.OversizeMember`, an empty stand-in whose ``reason`` the image decoders
-raise, so it lands as a per-sample error (a 2 MB gzip tar can hold a 2 GiB member).
+raise, so it lands as a per-sample error (a 2 MB gzip tar can hold a 2 GiB member); its bytes are
+streamed through sha256 and md5 as they pass, so hash entries (takedown, removal proofs) still meet it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def iter_members(f: BinaryIO, file_size: int, max_member_bytes: int | None = MAX
     Uncompressed tars: the header index of :func:`laiontools.wds.tarscan.tar_index`, then one read per
     member. gzip / bzip2 / xz tars: tarfile's streaming reader. Raises ``tarfile.TarError`` for a damaged,
     truncated or non-tar file (also when a member's data is cut short). A member over `max_member_bytes`
-    (None: no limit) is skipped unread and yielded as an :class:`OversizeMember`.
+    (None: no limit) is not held: its bytes are streamed through sha256 and md5, and it is yielded as an
+    :class:`OversizeMember`.
     """
     f.seek(0)
     head = f.read(6)
@@ -55,7 +57,8 @@ def iter_members(f: BinaryIO, file_size: int, max_member_bytes: int | None = MAX
         return
     for name, off, size, _ in tar_index(f, file_size):
         if max_member_bytes is not None and size > max_member_bytes:
-            yield name, OversizeMember(name, size, max_member_bytes)
+            f.seek(off)
+            yield name, OversizeMember(name, size, max_member_bytes).hash_stream(f, size)
             continue
         f.seek(off)
         data = f.read(size)
@@ -67,15 +70,17 @@ def iter_members(f: BinaryIO, file_size: int, max_member_bytes: int | None = MAX
 def tarfile_members(tf: tarfile.TarFile, max_member_bytes: int | None = MAX_FILE_BYTES) -> Iterator[tuple[str, bytes]]:
     """(name, payload) of the regular files of an open ``tarfile.TarFile`` (stream modes included), in
     order. Raises ``tarfile.ReadError`` when a member's data is cut short (tarfile returns it short).
-    A member over `max_member_bytes` (None: no limit) is not read (tarfile skips its data in blocks)
-    and is yielded as an :class:`OversizeMember`."""
+    A member over `max_member_bytes` (None: no limit) is not held (its bytes are streamed through sha256
+    and md5) and is yielded as an :class:`OversizeMember`."""
     for m in tf:
         if m.size < 0:  # a pax size of "-1000", which tarfile takes as it is
             raise tarfile.ReadError(f"member {m.name}: negative size {m.size}")
         if not m.isfile():
             continue
         if max_member_bytes is not None and m.size > max_member_bytes:
-            yield m.name, OversizeMember(m.name, m.size, max_member_bytes)
+            fh = tf.extractfile(m)  # (streamed through its hashes, never held)
+            big = OversizeMember(m.name, m.size, max_member_bytes)
+            yield m.name, big.hash_stream(fh, m.size) if fh is not None else big
             continue
         fh = tf.extractfile(m)
         data = fh.read() if fh is not None else b""
@@ -99,7 +104,8 @@ def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, max_member
         if data.startswith(_COMPRESSED_MAGIC):
             members: Any = iter_members(io.BytesIO(data), len(data), max_member_bytes)
         else:  # already in memory: the limit still applies, so every reader judges a member alike
-            members = ((n, OversizeMember(n, len(d), max_member_bytes) if max_member_bytes is not None and len(d) > max_member_bytes else d)
+            members = ((n, OversizeMember(n, len(d), max_member_bytes).hash_stream(io.BytesIO(d), len(d))
+                        if max_member_bytes is not None and len(d) > max_member_bytes else d)
                        for n, d in tar_payloads(data))
     else:
         if file_size is None:
