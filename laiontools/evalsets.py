@@ -242,8 +242,6 @@ def _read_text(path: str) -> str:
     Raises EvalSetError naming `path` when it is a folder or not UTF-8 (a classnames file saved as
     Latin-1 would otherwise crash, or with ``errors="replace"`` silently rename classes).
     """
-    from laiontools.core.images import ImageLimitError, read_regular_file
-
     fs, p = url_to_fs(path)
     if fs.isdir(p):
         raise EvalSetError(f"{path} is a folder; expected a file")
