@@ -192,7 +192,8 @@ def test_a_domain_entry_matches_names_by_label_and_an_address_only_itself():
     assert [two.match(url=f"http://{h}/a.jpg") for h in ("10.0.0.2", "192.168.1.2", "img.example.2", "2.2")] == [None] * 4
 
 
-def test_verify_removal_list_reports_a_sample_uid_that_is_no_string(small_pool, tmp_path, capsys):
+def _pool_copy(small_pool: dict, tmp_path) -> tuple[str, str, list]:
+    """A copy of the small pool to damage: (its manifest, its first shard's tar, [(TarInfo, bytes)] of that tar)."""
     import shutil
 
     shutil.copytree(os.path.join(small_pool["base"], "pool"), tmp_path / "pool")
@@ -201,6 +202,11 @@ def test_verify_removal_list_reports_a_sample_uid_that_is_no_string(small_pool, 
         tar = os.path.join(os.path.dirname(manifest), json.load(f)["shards"][0]["path"])
     with tarfile.open(tar) as tf:
         members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    return manifest, tar, members
+
+
+def test_verify_removal_list_reports_a_sample_uid_that_is_no_string(small_pool, tmp_path, capsys):
+    manifest, tar, members = _pool_copy(small_pool, tmp_path)
     names = [m.name for m, _ in members if m.name.endswith(".json")]
     odd = {names[0]: 123, names[1]: None}  # a number and a null where the uid string belongs
     with tarfile.open(tar, "w") as tf:
@@ -218,19 +224,11 @@ def test_verify_removal_list_reports_a_sample_uid_that_is_no_string(small_pool, 
     assert f"sample {k1}: its .json uid is null or missing, not a string" in out
 
 
-
 def test_verify_removal_list_names_images_it_could_not_compare_with_phash_entries(small_pool, tmp_path, capsys):
     """An image that does not decode has no pHash: a pHash entry cannot be proved absent from it, so the proof
     names those samples instead of passing them over (walk F12; takedown counts them the same way). Its bytes
     still meet sha256/md5 entries, so a list without pHashes does not mention them."""
-    import shutil
-
-    shutil.copytree(os.path.join(small_pool["base"], "pool"), tmp_path / "pool")
-    manifest = str(tmp_path / "pool" / os.path.relpath(small_pool["manifest"], os.path.join(small_pool["base"], "pool")))
-    with open(manifest) as f:
-        tar = os.path.join(os.path.dirname(manifest), json.load(f)["shards"][0]["path"])
-    with tarfile.open(tar) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    manifest, tar, members = _pool_copy(small_pool, tmp_path)
     broken = next(m.name for m, _ in members if m.name.endswith(".jpg"))
     with tarfile.open(tar, "w") as tf:
         for m, data in members:
