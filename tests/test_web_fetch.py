@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from typing import Self
+from typing import Any, Self
 
 import pytest
 from PIL import Image
@@ -989,3 +989,36 @@ def test_a_host_name_idna_cannot_encode_is_a_cached_dns_failure():
             _, err, _ = fetch_one(f"http://{host}/img.jpg", 2, None, None, pol, resolver=dns)
             assert err.startswith(f"DNS: host {host} does not resolve (not a valid host name"), err
     assert dns.lookups == 2 and dns.failures == 2
+
+
+def test_a_full_disk_writing_a_sample_stops_the_shard_instead_of_failing_the_sample():
+    """img2dataset catches every Exception around a sample's write and records the sample as failed to
+    download: on a full disk a shard ended with its rows "failed" ([Errno 28]) and the stage with exit 0
+    (tests/faults/test_disk_full.py::test_download_disk_full, when the disk filled during a sample's
+    write). The download's writer lets a fault of the machine pass that catch; any other error of one
+    sample stays that sample's."""
+    import errno as errno_
+
+    from laiontools.web.fetch import _machine_faults_pass, _MachineFault
+
+    def writer(err: OSError) -> Any:
+        class W:
+            def write(self, *args: Any) -> None:
+                raise err
+
+        return _machine_faults_pass(W)()
+
+    for code in (errno_.ENOSPC, errno_.EDQUOT, errno_.EROFS):
+        per_sample = []
+        with pytest.raises(_MachineFault) as fault:
+            try:  # img2dataset's per-sample catch
+                writer(OSError(code, os.strerror(code))).write("img", "key")
+            except Exception as e:  # noqa: BLE001
+                per_sample.append(e)
+        assert not per_sample and fault.value.error.errno == code
+    per_sample = []
+    try:
+        writer(OSError(errno_.EIO, "I/O error")).write("img", "key")
+    except Exception as e:  # noqa: BLE001
+        per_sample.append(e)
+    assert [getattr(e, "errno", None) for e in per_sample] == [errno_.EIO]

@@ -35,6 +35,7 @@ What it adds:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import heapq
 import http.client
@@ -1201,4 +1202,40 @@ class PolicyDownloader(Downloader):
 
         # download_shard calls the module-level name to write the stats file; set per shard, as above
         d.write_stats = counters_then_stats
-        return super().__call__(row)
+        writer_class = self.sample_writer_class
+        self.sample_writer_class = _machine_faults_pass(writer_class)
+        try:
+            return super().__call__(row)
+        except _MachineFault as fault:  # a full disk stops the shard and the stage, not just one sample
+            raise fault.error from None
+        finally:
+            self.sample_writer_class = writer_class
+
+
+class _MachineFault(BaseException):
+    """A fault of the machine (disk full, quota, read-only file system) met writing a sample. img2dataset
+    catches every Exception around a sample's write and records the sample as failed to download: on a
+    full disk a shard then ended with its rows "failed" ([Errno 28]) and the stage with exit 0. As a
+    BaseException it passes that loop; :meth:`PolicyDownloader.__call__` raises the OSError again."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _machine_faults_pass(writer_class: Any) -> Any:
+    """`writer_class` whose write() lets a fault of the machine out of img2dataset's per-sample catch."""
+
+    class Writer(writer_class):  # type: ignore[misc, valid-type]
+        def write(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().write(*args, **kwargs)
+            except OSError as e:
+                if e.errno in _MACHINE_ERRNOS:
+                    raise _MachineFault(e) from e
+                raise
+
+    return Writer
