@@ -48,26 +48,23 @@ class OversizeMember(bytes):
     sha256: str | None
     md5: str | None
 
-    def __new__(cls, name: str, size: int, limit: int) -> Self:
+    def __new__(cls, name: str, size: int, limit: int, stream: Any = None) -> Self:
+        """`stream`, when given, is read for the member's `size` bytes (in chunks) to fill the hashes; a
+        short read leaves them None."""
+        import hashlib
+
         obj = super().__new__(cls, b"")
         obj.reason = f"tar member {name.rpartition('/')[2]} of {size} bytes is over the {limit} byte limit; not read"
         obj.sha256 = obj.md5 = None
+        if stream is not None:
+            h, m, left = hashlib.sha256(), hashlib.md5(usedforsecurity=False), size
+            while left > 0 and (b := stream.read(min(4 << 20, left))):
+                h.update(b)
+                m.update(b)
+                left -= len(b)
+            if left == 0:
+                obj.sha256, obj.md5 = h.hexdigest(), m.hexdigest()
         return obj
-
-    def hash_stream(self, f: Any, size: int, chunk: int = 4 << 20) -> Self:
-        """Fill `sha256` and `md5` from `size` bytes read from `f` in chunks (a short read leaves them None)."""
-        import hashlib
-
-        h, m, left = hashlib.sha256(), hashlib.md5(usedforsecurity=False), size
-        while left > 0:
-            b = f.read(min(chunk, left))
-            if not b:
-                return self
-            h.update(b)
-            m.update(b)
-            left -= len(b)
-        self.sha256, self.md5 = h.hexdigest(), m.hexdigest()
-        return self
 
 
 def scrub_addresses(text: str) -> str:

@@ -333,9 +333,6 @@ def _done_path(out: str, sid: str) -> str:
     return join(out, layout.DEDUP_DONE_DIR, sid)
 
 
-POOL_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
 def _pool_phashes(tar_url: str) -> dict[str, str]:
     """key -> pHash of every image in a pool tar (unreadable images are left out and logged). A tar
     that cannot be read raises ``tarfile.TarError``.
@@ -345,7 +342,7 @@ def _pool_phashes(tar_url: str) -> dict[str, str]:
     only in their folder are left out (logged): a pHash could not be told apart between them."""
     from laiontools.core.images import error_text, open_image
     from laiontools.core.logs import RateLimitedLogger
-    from laiontools.wds.samples import iter_samples, meta_key
+    from laiontools.wds.samples import POOL_IMAGE_EXTS, iter_samples, meta_key
 
     rl = RateLimitedLogger(log)
     out: dict[str, str] = {}

@@ -94,12 +94,11 @@ from laiontools.core.storage import (
     write_json,
 )
 from laiontools.models.embedder import PRECISIONS, Embedder, resolve_device
-from laiontools.wds.samples import meta_key
+from laiontools.wds.samples import POOL_IMAGE_EXTS, meta_key
 
 log = logging.getLogger(__name__)
 _sample_log = RateLimitedLogger(log)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ENGINES = ("auto", "local", "torchrun", "spark")
 
 
@@ -233,9 +232,9 @@ def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
     elif err is None and not is_uid(uid):
         err, uid = f"uid {str(json.dumps(uid))[:80]} in {key}.json is not 32 lowercase hex chars", None
     caption = parts.get("txt", b"").decode("utf-8", errors="replace")
-    img_bytes = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    img_bytes = next((parts[e] for e in POOL_IMAGE_EXTS if e in parts), None)
     if img_bytes is None:
-        return None, uid, caption, err or f"no image member for {key} (looked for {IMAGE_EXTS})"
+        return None, uid, caption, err or f"no image member for {key} (looked for {POOL_IMAGE_EXTS})"
     try:
         tensor = load_image(img_bytes, preprocess, draft_size)
     except Exception as e:  # any decoder failure is a per-sample failure, not a crash

@@ -105,6 +105,7 @@ from laiontools.core.storage import (
     url_to_fs,
     write_json,
 )
+from laiontools.wds.samples import POOL_IMAGE_EXTS
 from laiontools.wds.writer import ShardWriter, WriteBuffer
 
 log = logging.getLogger(__name__)
@@ -557,10 +558,6 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
         buffer.close()
 
 
-# The image members embed and train take (embed.IMAGE_EXTS, webdataset's decoders), compared lower-cased.
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
 def _check_members(exts: set[str], skey: str, url: str) -> None:
     """Refuse a source sample that cannot be a training sample: without a .json its uid can be checked
     against the catalog's and the output sample would carry none (verify then fails the resharded
@@ -571,8 +568,8 @@ def _check_members(exts: set[str], skey: str, url: str) -> None:
     if "json" not in exts:
         raise task_error(f"source shard {url}: sample {skey} has no .json member, so its uid cannot be checked against "
                          "the catalog; the shard is damaged: run `laiontools verify` on the pool and re-download it")
-    if not any(ext.lower() in _IMAGE_EXTS for ext in exts):
-        raise task_error(f"source shard {url}: sample {skey} has no image member ({', '.join(_IMAGE_EXTS)}; it holds "
+    if not any(ext.lower() in POOL_IMAGE_EXTS for ext in exts):
+        raise task_error(f"source shard {url}: sample {skey} has no image member ({', '.join(POOL_IMAGE_EXTS)}; it holds "
                          f"{', '.join(sorted(exts))}); the shard is damaged: run `laiontools verify` on the pool and re-download it")
 
 

@@ -108,7 +108,6 @@ from laiontools.core.storage import (
 log = logging.getLogger(__name__)
 
 STAGE = "takedown"
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Spans of the kept samples of rewritten shards come to the driver (one small row each); the uids and
 # match lines of removed samples too (they go into takedown.json and the audit log).
 _MATCH_SCHEMA = "uid string, status string, shard string, key string, kind string, value string, line int"
@@ -186,6 +185,7 @@ def _catalog_match_fn(rl: RemovalList) -> Any:
 # why a content scan could not check a sample (counted in takedown.json and named in the text). A sample
 # without an image member is not one: no listed image can be in it.
 UNCHECKED_NO_PHASH = "image not decodable: no pHash to compare"
+NOT_CHECKED_LISTED = 20  # of them, named in takedown.json (all are counted)
 
 
 def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, int]]:
@@ -195,14 +195,14 @@ def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, in
     TakedownError naming the shard when it cannot be read."""
     import tarfile
 
-    from laiontools.wds.samples import iter_samples
+    from laiontools.wds.samples import POOL_IMAGE_EXTS, iter_samples
 
     fs, p = url_to_fs(url)
     out = []
     try:
         with fs.open(p, "rb") as f:
-            for key, parts in iter_samples(f, fs.size(p), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
-                img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
+            for key, parts in iter_samples(f, fs.size(p), suffixes=("json", *POOL_IMAGE_EXTS), on_duplicate="last"):
+                img = next((parts[e] for e in POOL_IMAGE_EXTS if e in parts), None)
                 if img is None:
                     continue
                 h = content_hashes(img, bool(rl.phashes))
@@ -547,7 +547,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         "counts": counts, "per_shard": dict(sorted(per_shard_removed.items())), "uids": [r["uid"] for r in removed],
         "catalog_rows_without_sample": [{"uid": r["uid"], "status": r["status"]} for r in other],
         "matched_nothing": not matched,
-        "not_content_checked": [f"{sid}/{key}: {why}" for sid, key, why in sorted(unchecked)[:20]],
+        "not_content_checked": [f"{sid}/{key}: {why}" for sid, key, why in sorted(unchecked)[:NOT_CHECKED_LISTED]],
     }
     old_audit = _read_audit(out, pool)
     n_audit = old_audit.count(b"\n") + 1
@@ -626,7 +626,7 @@ def _text(entry: dict[str, Any], pool: PoolInfo, m_path: str, n_audit: int) -> s
         parts.append(f"note: {sum(missed.values()):,} sample(s) could not be checked against the list's content entries ("
                      + "; ".join(f"{why}: {n:,}" for why, n in missed.items()) + "), e.g. "
                      + ", ".join(x.split(":", 1)[0] for x in entry["not_content_checked"][:5])
-                     + f"; all in {layout.TAKEDOWN_JSON}")
+                     + f"; up to {NOT_CHECKED_LISTED} listed in {layout.TAKEDOWN_JSON}")
     if rows:
         parts.append("by kind\n" + table(rows))
     if shards:

@@ -76,7 +76,8 @@ IDENTITY_KEYS = (
 
 def _run_logs(run_dir: str) -> dict[str, int]:
     """{path: size} of the launcher's and the ranks' logs (they are appended to, launch after launch)."""
-    paths = [os.path.join(run_dir, "logs", "launcher.log"), *glob.glob(os.path.join(run_dir, layout.TRAIN_LOGS_DIR, "rank*.log"))]
+    logs = os.path.join(run_dir, layout.TRAIN_LOGS_DIR)
+    paths = [os.path.join(logs, "launcher.log"), *glob.glob(os.path.join(logs, "rank*.log"))]
     return {p: os.path.getsize(p) for p in paths if os.path.isfile(p)}
 
 

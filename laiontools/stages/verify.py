@@ -30,8 +30,8 @@ from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.core import failpoints
 from laiontools.core.report import emit, table
 from laiontools.core.storage import PARQUET_READ, sha256_file, url_to_fs
-from laiontools.wds.keys import base_plus_ext, group_by_keys
-from laiontools.wds.samples import compressed_tar_problem, tarfile_members
+from laiontools.wds.keys import group_by_keys
+from laiontools.wds.samples import POOL_IMAGE_EXTS, compressed_tar_problem, tarfile_members
 
 log = logging.getLogger(__name__)
 
@@ -97,21 +97,8 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
     uids: dict[str, str] = {}
     problems: list[str] = []
     # A sample with one extension twice (two 000123.jpg): reshard refuses it and embed takes the last
-    # copy, so it is a finding. The key rule is observed member by member, in the grouping's own
-    # (adjacent) runs: a key that comes back later is already "appears in two places".
-    run: dict[str, object] = {"key": None, "exts": set()}
+    # copy, so it is a finding (every member is kept in the grouping, so that a repeat is seen).
     repeated: list[str] = []
-
-    def observed_rule(name: str) -> tuple[str, str] | tuple[None, None]:
-        key, ext = base_plus_ext(name)
-        if key is not None and ext is not None:
-            if key != run["key"]:
-                run["key"], run["exts"] = key, set()
-            exts: set[str] = run["exts"]  # type: ignore[assignment]
-            if ext.lower() in exts:
-                repeated.append(name)
-            exts.add(ext.lower())
-        return key, ext
 
     try:
         with fs.open(p, "rb") as f:
@@ -123,7 +110,7 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
                 # Samples as webdataset (so the trainer) groups them: a key that comes back after another
                 # key's members is a second sample, which is a problem here. tarfile reads every member to
                 # its end (a cut-short one raises); the end-of-archive check follows.
-                for key, parts in group_by_keys(tarfile_members(tf), keys=observed_rule, suffixes=("json",), on_duplicate="last"):
+                for key, parts in group_by_keys(tarfile_members(tf), on_duplicate=repeated.append):
                     if key in uids:
                         problems.append(f"key {key} appears in two places")
                     keys.append(key)
@@ -282,9 +269,6 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
     return res
 
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
 def _check_catalog(path: str, m: dict[str, Any], res: VerifyResult) -> None:
     """A pool's catalog: present, not left mid-swap by a killed rebuild, readable, and its success
     rows are the manifest's samples (one status column read; the rows themselves stay on disk)."""
@@ -359,7 +343,7 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
         undecodable: list[str] = []
         try:
             with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-                for key, parts in group_by_keys(tarfile_members(tf), suffixes=("json", *_IMAGE_EXTS), on_duplicate="last"):
+                for key, parts in group_by_keys(tarfile_members(tf), suffixes=("json", *POOL_IMAGE_EXTS), on_duplicate="last"):
                     meta = {}
                     if "json" in parts:
                         try:
@@ -378,7 +362,7 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                                             "string; the sample does not follow the layout and no uid entry can be "
                                             "checked against it")
                         uid = None
-                    img = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
+                    img = next((parts[e] for e in POOL_IMAGE_EXTS if e in parts), None)
                     h = content_hashes(img, bool(rl.phashes)) if img is not None and rl.needs_content else {}
                     if img is not None and rl.phashes and h.get("phash") is None:
                         undecodable.append(key)  # its bytes met the sha256/md5 entries; no pHash to compare

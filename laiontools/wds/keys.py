@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 V = TypeVar("V")
 
@@ -62,7 +62,7 @@ def group_by_keys(
     suffixes: Iterable[str] | None = None,
     adjacent: bool = True,
     skip_hidden: bool = True,
-    on_duplicate: Literal["error", "last"] = "error",
+    on_duplicate: Literal["error", "last"] | Callable[[str], object] = "error",
 ) -> Iterator[tuple[str, dict[str, V]]]:
     """Group ``(member name, value)`` pairs, in tar order, into ``(key, {extension: value})`` samples.
 
@@ -77,7 +77,8 @@ def group_by_keys(
       every member of a key into one sample, in order of each key's first member.
     - `skip_hidden`: leave out members whose base name starts with a dot (:func:`is_hidden`).
     - `on_duplicate`: a sample that gets the same extension twice raises :class:`DuplicateMemberError`
-      ("error", webdataset's behaviour) or keeps the last value ("last").
+      ("error", webdataset's behaviour) or keeps the last value ("last"; a callable: called with the
+      repeated member's name, then the last value is kept). Extensions left out by `suffixes` are not seen.
     """
     keep = None if suffixes is None else set(suffixes)
     if adjacent:
@@ -113,9 +114,12 @@ def _split(name: str, keys: KeyRule, lcase: bool, skip_hidden: bool) -> tuple[st
     return key, (ext.lower() if lcase else ext)
 
 
-def _put(sample: dict[str, V], name: str, ext: str, value: V, keep: set[str] | None, on_duplicate: str) -> None:
+def _put(sample: dict[str, V], name: str, ext: str, value: V, keep: set[str] | None, on_duplicate: Any) -> None:
     if keep is not None and ext not in keep:
         return
-    if ext in sample and on_duplicate == "error":
-        raise DuplicateMemberError(f"{name}: a second .{ext} member in one sample (members so far: {sorted(sample)})")
+    if ext in sample:
+        if on_duplicate == "error":
+            raise DuplicateMemberError(f"{name}: a second .{ext} member in one sample (members so far: {sorted(sample)})")
+        if callable(on_duplicate):
+            on_duplicate(name)
     sample[ext] = value

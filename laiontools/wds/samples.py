@@ -30,6 +30,11 @@ from laiontools.wds.tarscan import tar_index, tar_payloads
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
+# The image members of a pool sample (what download writes and embed, train, dedup's pHash, reshard,
+# verify and takedown read), as extensions compared lower-cased.
+POOL_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
 def meta_key(key: str) -> str:
     """The key embed stores for a sample in its meta (and dedup, the galleries look samples up by): the
     webdataset key's last path part, so ``sub/0000007`` (a member ``sub/0000007.jpg``) is ``0000007``."""
@@ -58,7 +63,7 @@ def iter_members(f: BinaryIO, file_size: int, max_member_bytes: int | None = MAX
     for name, off, size, _ in tar_index(f, file_size):
         if max_member_bytes is not None and size > max_member_bytes:
             f.seek(off)
-            yield name, OversizeMember(name, size, max_member_bytes).hash_stream(f, size)
+            yield name, OversizeMember(name, size, max_member_bytes, f)
             continue
         f.seek(off)
         data = f.read(size)
@@ -78,9 +83,7 @@ def tarfile_members(tf: tarfile.TarFile, max_member_bytes: int | None = MAX_FILE
         if not m.isfile():
             continue
         if max_member_bytes is not None and m.size > max_member_bytes:
-            fh = tf.extractfile(m)  # (streamed through its hashes, never held)
-            big = OversizeMember(m.name, m.size, max_member_bytes)
-            yield m.name, big.hash_stream(fh, m.size) if fh is not None else big
+            yield m.name, OversizeMember(m.name, m.size, max_member_bytes, tf.extractfile(m))  # hashed, never held
             continue
         fh = tf.extractfile(m)
         data = fh.read() if fh is not None else b""
@@ -104,7 +107,7 @@ def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, max_member
         if data.startswith(_COMPRESSED_MAGIC):
             members: Any = iter_members(io.BytesIO(data), len(data), max_member_bytes)
         else:  # already in memory: the limit still applies, so every reader judges a member alike
-            members = ((n, OversizeMember(n, len(d), max_member_bytes).hash_stream(io.BytesIO(d), len(d))
+            members = ((n, OversizeMember(n, len(d), max_member_bytes, io.BytesIO(d))
                         if max_member_bytes is not None and len(d) > max_member_bytes else d)
                        for n, d in tar_payloads(data))
     else:

@@ -35,7 +35,6 @@ What it adds:
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import heapq
 import http.client
@@ -59,6 +58,7 @@ from urllib.parse import quote, urljoin, urlsplit
 from img2dataset.downloader import Downloader, is_disallowed
 from img2dataset.logger import write_stats as _write_stats
 
+from laiontools.core.errors import environment_error
 from laiontools.core.images import MAX_IMAGE_PIXELS
 from laiontools.web.policy import (
     NEVER_RESOLVE,
@@ -1223,9 +1223,6 @@ class _MachineFault(BaseException):
         self.error = error
 
 
-_MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
 def _machine_faults_pass(writer_class: Any) -> Any:
     """`writer_class` whose write() lets a fault of the machine out of img2dataset's per-sample catch."""
 
@@ -1234,7 +1231,7 @@ def _machine_faults_pass(writer_class: Any) -> Any:
             try:
                 return super().write(*args, **kwargs)
             except OSError as e:
-                if e.errno in _MACHINE_ERRNOS:
+                if environment_error(e) is not None:  # the machine's faults, as every stage judges them
                     raise _MachineFault(e) from e
                 raise
 
