@@ -97,16 +97,25 @@ def lineage(pool, spark, tmp_path_factory):
     small, large = set(_uids(f"{old_sub}/10.uids.npy")), set(_uids(f"{old_sub}/30.uids.npy"))
     assert not (small | large) & excluded
 
-    # Entries in three shards (the fourth stays untouched) and in both scales:
-    a = min(u for u in small if stored[u][0] == shards[0])  # uid, in 10 and 30
-    b = min(u for u in large - small if stored[u][0] == shards[1])  # url, in 30 only
+    # Entries in shards other than the fourth (which stays untouched) and in both scales. Which samples the
+    # session pool holds can vary with the machine's load (2 s timeout, no retries), and with it which shards
+    # the 10 and 30 selections reach: the shards are picked from what is there, not assumed.
+    def first_in(uids, avoid):
+        for sh in shards:
+            hits = [u for u in uids if stored[u][0] == sh]
+            if sh not in avoid and hits:
+                return min(hits)
+        raise AssertionError(f"no shard outside {sorted(avoid)} holds one of {sorted(uids)}")
+
+    a = first_in(small, {shards[3]})  # uid, in 10 and 30
+    b = first_in(large - small, {shards[3], stored[a][0]})  # url, in 30 only
     ph = {u: v[2]["phash"] for u, v in stored.items()}
 
     def near(u, dist):
         return [w for w in ph if (ph[u] ^ ph[w]).bit_count() <= dist]
 
-    # a pHash entry (max distance 1) for a sample of shard 0 with no other image that close
-    d = next(u for u in sorted(stored) if stored[u][0] == shards[0] and u != a and near(u, 1) == [u])
+    # a pHash entry (max distance 1) for another sample of a's shard with no other image that close
+    d = next(u for u in sorted(stored) if stored[u][0] == stored[a][0] and u != a and near(u, 1) == [u])
     rejected = cat[cat["url"].fillna("").str.contains(".invalid/", regex=False)]
     host = urlsplit(rejected["url"].iloc[0]).hostname  # a catalog row without a stored sample
     url_b = succ.loc[b, "url"]
