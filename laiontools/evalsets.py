@@ -42,7 +42,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from laiontools.core.errors import UserError
-from laiontools.core.images import ImageLimitError, OversizeMember, error_text, open_image, read_regular_file
+from laiontools.core.images import (
+    ImageLimitError,
+    OversizeMember,
+    error_text,
+    open_image,
+    read_regular_file,
+    to_rgb,
+)
 from laiontools.core.logs import RateLimitedLogger
 from laiontools.core.storage import PARQUET_READ, url_to_fs
 from laiontools.wds.keys import is_hidden
@@ -317,7 +324,7 @@ def decode_image(data: bytes) -> Image.Image:
     header, before decoding) or a tar member that was over the byte limit."""
     im = open_image(data)
     im.load()
-    return im.convert("RGB")
+    return to_rgb(im)
 
 
 def _read_image(fs: Any, path: str) -> tuple[Image.Image | None, str | None]:

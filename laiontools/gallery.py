@@ -20,7 +20,9 @@ _GALLERY_EXTS = ("jpg", "jpeg", "png", "webp", "txt")
 
 def thumbnail_b64(image: Any, size: int = THUMB) -> str:
     """data: URI of a JPEG thumbnail of a PIL image (longest side `size`)."""
-    im = image.convert("RGB").copy()
+    from laiontools.core.images import to_rgb
+
+    im = to_rgb(image).copy()
     im.thumbnail((size, size))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85)

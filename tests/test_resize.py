@@ -22,11 +22,13 @@ from PIL import Image
 from laiontools.stages.download import DownloadConfig
 from laiontools.synthetic import render_item
 from laiontools.web.resize import (
+    DepthSafeResizer,
     FastResizer,
     jpeg_header,
     make_resizer,
     reduction_factor,
     resize_params,
+    resizer_kwargs,
     target_size,
 )
 
@@ -173,8 +175,23 @@ def test_pickles_and_make_resizer(realistic):
     before = r(io.BytesIO(realistic[0]))
     shipped = pickle.loads(pickle.dumps(r))  # as Spark ships it inside the Downloader
     assert shipped(io.BytesIO(realistic[0])) == before
-    cfg.fast_decode = False
-    assert type(make_resizer(**resize_params(cfg.to_dict()))) is Resizer
+    cfg.fast_decode = False  # img2dataset's own decode, only 16-bit images handed over as 8-bit
+    assert type(make_resizer(**resize_params(cfg.to_dict()))) is DepthSafeResizer
     # built from its own parameters only: a whole config is not accepted
     with pytest.raises(TypeError):
         make_resizer(cfg)
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_16_bit_images_resize_as_their_8_bit_twins(fast_decode):
+    """Both resizers store a 16-bit PNG or TIFF as its 8-bit twin (img2dataset alone made it white); with
+    all re-encoding disabled the bytes stay as they came."""
+    from laiontools.testing.wide_images import TWINS, wide_and_narrow
+
+    images = wide_and_narrow()
+    r = make_resizer(fast_decode=fast_decode, image_size=48, resize_mode="border")
+    for wide, narrow in TWINS.items():
+        got, want = r(io.BytesIO(images[wide])), r(io.BytesIO(images[narrow]))
+        assert got[-1] is None and got == want, wide
+    raw = DepthSafeResizer(**{**resizer_kwargs(image_size=48, resize_mode="border"), "disable_all_reencoding": True})
+    assert raw(io.BytesIO(images["grey16.png"]))[0] == images["grey16.png"]

@@ -238,3 +238,40 @@ def test_max_host_shards_keeps_each_host_in_one_task(spark, web, tmp_path):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_16_bit_images_are_stored_as_their_8_bit_twins(spark, tmp_path):
+    """img2dataset decodes with IMREAD_UNCHANGED and encodes the uint16 array as 8-bit: a 16-bit PNG was
+    stored as a white JPEG with status success. Downloaded from a real server by the download stage, each
+    16-bit image is now stored byte-identical to its 8-bit twin (same high bytes), and none is white."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from laiontools.stages.download import DownloadConfig
+    from laiontools.testing.wide_images import TWINS, wide_and_narrow
+
+    d = str(tmp_path / "images")
+    os.makedirs(d)
+    names = sorted(wide_and_narrow(d))
+    with SyntheticWebServer(d) as server:
+        out = str(tmp_path / "pool")
+        cfg = DownloadConfig(input=_source(str(tmp_path / "src"), [f"{server.base_url}/img/{n}" for n in names]),
+                             output=out, **TEST_DOWNLOAD_SETTINGS)
+        rep = _run_download(cfg, spark)
+    assert rep["obtained"] == 6
+    stored: dict[str, bytes] = {}
+    for root, _, files in os.walk(out):
+        for fn in files:
+            if fn.endswith(".tar"):
+                with tarfile.open(os.path.join(root, fn)) as tf:
+                    members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+                for name, data in members.items():
+                    if name.endswith(".json"):
+                        url = json.loads(data)["url"]
+                        stored[url.rsplit("/", 1)[1]] = members[name.removesuffix(".json") + ".jpg"]
+    assert sorted(stored) == sorted(names)
+    for wide, narrow in TWINS.items():
+        assert stored[wide] == stored[narrow], wide
+        assert np.asarray(Image.open(io.BytesIO(stored[wide]))).mean() < 200, wide  # not white

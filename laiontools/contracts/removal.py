@@ -238,11 +238,11 @@ def content_hashes(data: bytes, want_phash: bool) -> dict[str, Any]:
     if want_phash:
         import imagehash
 
-        from laiontools.core.images import open_image
+        from laiontools.core.images import open_image, to_rgb
 
         try:  # over the pixel limit (from the header): no pHash, as for an undecodable image
             with open_image(data) as im:
-                out["phash"] = str(imagehash.phash(im.convert("RGB")))
+                out["phash"] = str(imagehash.phash(to_rgb(im)))
         except Exception:  # noqa: BLE001 - an undecodable image has no pHash; the hashes above still apply
             out["phash"] = None
     return out

@@ -14,6 +14,12 @@ in a pool shard or an evaluation set costs a recorded per-item error, not a hang
 
 Error messages carry no memory addresses (:func:`error_text`), so outputs that record them are the same
 bytes from run to run.
+
+Images of more than 8 bits per channel (16-bit PNG and TIFF, 32-bit integer or float TIFF) are brought
+to 8 bits by one rule everywhere (:func:`to_8bit`, :func:`to_rgb`; the download's resizer in
+:mod:`laiontools.web.resize` does the same on its arrays): the high byte of a 16-bit value, as PIL
+already does for 16-bit RGB PNGs. PIL's own ``convert("RGB")`` clips a 16-bit grey value at 255, so
+such an image came out white (99.6 % of pixels in a photo), and open_clip's loader converts the same way.
 """
 
 from __future__ import annotations
@@ -84,6 +90,63 @@ def check_pixels(width: int, height: int, max_pixels: int | None = MAX_IMAGE_PIX
             f"image of {width}x{height} = {width * height / 1e6:.0f} Mpx is over the "
             f"{max_pixels / 1e6:.0f} Mpx limit; not decoded"
         )
+
+
+# PIL modes of single-channel images wider than 8 bits (PIL opens 16-bit RGB PNGs as 8-bit RGB itself).
+WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def wide_to_uint8(a: Any) -> Any:
+    """A uint8 array of an image array wider than 8 bits: a 16-bit value's high byte (``v >> 8``, as
+    PIL reads 16-bit RGB PNGs). A 32-bit integer array is read as 16-bit when a value is over 255, as
+    8-bit otherwise; a float array as 0..1 when no value is over 1, as 0..255 otherwise (clipped)."""
+    import numpy as np
+
+    a = np.asarray(a)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.uint16:  # the common case, without a wider copy
+        return (a >> 8).astype(np.uint8)
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if a.dtype.itemsize == 2 or (a.size and a.max() > 255):
+        return (np.clip(a, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def to_8bit(im: Any) -> Any:
+    """`im` itself unless its mode is one of :data:`WIDE_MODES`; then an ``L`` image of its 8-bit values
+    (:func:`wide_to_uint8`). Loads the image."""
+    if im.mode not in WIDE_MODES:
+        return im
+    from PIL import Image
+
+    return Image.fromarray(wide_to_uint8(im))  # 2-D uint8: mode L
+
+
+def to_rgb(im: Any) -> Any:
+    """An RGB image of `im`, 16-bit and wider images brought to 8 bits first (:func:`to_8bit`)."""
+    return to_8bit(im).convert("RGB")
+
+
+def wide_image_as_png(data: bytes) -> bytes | None:
+    """An 8-bit PNG of encoded PNG or TIFF bytes that PIL opens in one of :data:`WIDE_MODES` (a 16-bit grey
+    PNG, say); None for anything else, without decoding it (only PNG and TIFF signatures are opened, and
+    then only their header). For decoders that take bytes and call PIL's ``convert("RGB")`` themselves
+    (webdataset's, in open_clip's loader)."""
+    if not data.startswith((b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*")):
+        return None
+    import io
+
+    with open_image(data) as im:
+        if im.mode not in WIDE_MODES:
+            return None
+        buf = io.BytesIO()
+        to_8bit(im).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def open_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Any:

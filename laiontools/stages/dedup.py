@@ -340,7 +340,7 @@ def _pool_phashes(tar_url: str) -> dict[str, str]:
     Keys are as embed stores them in meta (:func:`laiontools.wds.samples.meta_key`: a member
     ``sub/0000007.jpg`` is key ``0000007``), so the search finds them. Two samples whose keys differ
     only in their folder are left out (logged): a pHash could not be told apart between them."""
-    from laiontools.core.images import error_text, open_image
+    from laiontools.core.images import error_text, open_image, to_rgb
     from laiontools.core.logs import RateLimitedLogger
     from laiontools.wds.samples import POOL_IMAGE_EXTS, iter_samples, meta_key
 
@@ -359,7 +359,7 @@ def _pool_phashes(tar_url: str) -> dict[str, str]:
                 try:
                     im = open_image(data)
                     im.load()
-                    out[key] = _phash_image(im.convert("RGB"))
+                    out[key] = _phash_image(to_rgb(im))
                 except Exception as e:
                     rl.warn("pool_phash", "%s: %s.%s unreadable for pHash: %s", tar_url, wkey, ext, error_text(e))
     for key in ambiguous:

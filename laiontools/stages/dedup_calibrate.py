@@ -90,7 +90,9 @@ def apply_transform(image: Any, transform: str, rng: np.random.Generator) -> Any
     """A transformed copy of a PIL image, as near-duplicates occur on the web."""
     from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-    img = image.convert("RGB")
+    from laiontools.core.images import to_rgb
+
+    img = to_rgb(image)
     w, h = img.size
     if transform == "exact":
         return img

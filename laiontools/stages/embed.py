@@ -207,13 +207,13 @@ def load_image(data: bytes, preprocess: Any, draft_size: int | None = None) -> A
     With `draft_size`, a JPEG at least twice that size is decoded at reduced scale by libjpeg (never
     below `draft_size` on its short side) before `preprocess`. An image over the pixel limit (read from
     its header) raises before it is decoded (:func:`laiontools.core.images.open_image`)."""
-    from laiontools.core.images import open_image
+    from laiontools.core.images import open_image, to_8bit
 
     with open_image(data) as im:
         if draft_size and im.format == "JPEG":
             im.draft("RGB", (draft_size, draft_size))
         im.load()
-        return preprocess(im)
+        return preprocess(to_8bit(im))
 
 
 def _decode(key: str, parts: dict[str, bytes], preprocess: Any,

@@ -219,6 +219,32 @@ def _stop_when_nothing_decodes(limit: int = UNDECODABLE_LIMIT) -> None:
     oc_data.get_wds_dataset = counted_get_wds_dataset  # type: ignore[attr-defined]
 
 
+def _decode_wide_images() -> None:
+    """Give webdataset's image decoder an 8-bit copy of a 16-bit grey PNG or TIFF.
+
+    open_clip decodes with ``wds.decode("pilrgb")``, whose ``convert("RGB")`` clips a 16-bit value at
+    255: such an image trains as a white one. The copy's values follow the rule every other reader
+    uses (:func:`laiontools.core.images.wide_image_as_png`); other images go through untouched (only PNG
+    and TIFF headers are looked at)."""
+    from webdataset import autodecode
+
+    from laiontools.core.images import wide_image_as_png
+
+    decode = autodecode.ImageHandler.__call__
+    if getattr(decode, "_laiontools_wide", False):
+        return
+
+    def call(self: Any, key: str, data: bytes) -> Any:
+        try:
+            eight = wide_image_as_png(data)
+        except Exception:  # noqa: BLE001 - the decoder below raises its own error for these bytes
+            eight = None
+        return decode(self, key, data if eight is None else eight)
+
+    call._laiontools_wide = True  # type: ignore[attr-defined]
+    autodecode.ImageHandler.__call__ = call  # type: ignore[method-assign]
+
+
 def skipped_sample(exn: BaseException) -> str | None:
     """``<key> (<member>) of <shard>: <cause>`` for webdataset's DecodingError (it carries the sample's key,
     member and shard, and the decoder's error as its cause), None for any other error."""
@@ -298,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     _object_store_shards()
     _atomic_checkpoints()
     _stop_when_nothing_decodes()
+    _decode_wide_images()
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
     sink = MetricsSink(os.path.join(run_dir, layout.TRAIN_METRICS_JSONL), _global_batch(oc_argv))

@@ -41,6 +41,8 @@ import numpy as np
 from albumentations.augmentations.geometric import functional as fgeometric
 from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
 
+from laiontools.core.images import to_rgb, wide_to_uint8
+
 _JPEG_SOI = b"\xff\xd8\xff"
 _REDUCTIONS = (8, 4, 2)  # largest first: the cheapest decode that is still big enough wins
 # libjpeg DCT-domain scaled decode, per PIL mode and scale denominator; IGNORE_ORIENTATION because
@@ -87,10 +89,55 @@ def resizer_kwargs(
 
 
 def make_resizer(fast_decode: bool = True, **params: Any) -> Resizer:
-    """The resizer a download uses: :class:`FastResizer` when `fast_decode`, else img2dataset's;
-    `params` are :func:`resizer_kwargs`' (``make_resizer(**resize_params(settings))``)."""
-    cls = FastResizer if fast_decode else Resizer
+    """The resizer a download uses: :class:`FastResizer` when `fast_decode`, else img2dataset's own
+    (:class:`DepthSafeResizer`: with 16-bit images brought to 8 bits first); `params` are
+    :func:`resizer_kwargs`' (``make_resizer(**resize_params(settings))``)."""
+    cls = FastResizer if fast_decode else DepthSafeResizer
     return cls(**resizer_kwargs(**params))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
+
+
+def eight_bit_png(data: bytes) -> bytes | None:
+    """A lossless 8-bit PNG of a 16-bit PNG or a TIFF wider than 8 bits; None for anything else.
+
+    img2dataset decodes with ``IMREAD_UNCHANGED`` and encodes the uint16 array it gets as if it were
+    8-bit: a 16-bit PNG (grey or colour) was stored as a white image, with status success. The values
+    are brought to 8 bits by the rule every later reader uses (:func:`laiontools.core.images.wide_to_uint8`).
+    Only a PNG whose header says 16 bits, or a TIFF, is decoded here; alpha stays for img2dataset's
+    matting."""
+    if data.startswith(_PNG_SIGNATURE):
+        if data[12:16] != b"IHDR" or len(data) < 25 or data[24] != 16:
+            return None
+    elif not data.startswith(_TIFF_SIGNATURES):
+        return None
+    with SuppressStdoutStderr():
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.dtype == np.uint8:
+        return None  # img2dataset decodes it as it is, or reports its own error
+    ok, buf = cv2.imencode(".png", wide_to_uint8(img), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    return buf.tobytes() if ok else None
+
+
+class DepthSafeResizer(Resizer):
+    """img2dataset's Resizer, given an 8-bit copy of a 16-bit PNG or TIFF (:func:`eight_bit_png`).
+
+    With all re-encoding disabled the bytes are stored as they came (the user's choice); the readers
+    after the download bring them to 8 bits the same way (:func:`laiontools.core.images.to_8bit`)."""
+
+    def __call__(self, img_stream: Any, blurring_bbox_list: Any = None) -> tuple:
+        if not self.disable_all_reencoding:
+            img_stream.seek(0)
+            head = img_stream.read(32)
+            if head.startswith(_PNG_SIGNATURE) or head.startswith(_TIFF_SIGNATURES):
+                img_stream.seek(0)
+                eight = eight_bit_png(img_stream.read())
+                if eight is not None:
+                    img_stream = io.BytesIO(eight)
+            img_stream.seek(0)
+        return super().__call__(img_stream, blurring_bbox_list)
 
 
 # The download settings that decide what a stored pool image looks like (size, padding, crop, codec).
@@ -130,7 +177,7 @@ class PoolGeometry:
             # no size filters: an evaluation image is reshaped, never rejected
             self._resizer = make_resizer(**resize_params(self.settings))
         buf = io.BytesIO()
-        image.convert("RGB").save(buf, format="PNG", compress_level=1)
+        to_rgb(image).save(buf, format="PNG", compress_level=1)
         buf.seek(0)
         out, _w, _h, _ow, _oh, err = self._resizer(buf)
         if err is not None or out is None:
@@ -187,8 +234,9 @@ def reduction_factor(width: int, height: int, target: tuple[int, int]) -> int:
     return 1
 
 
-class FastResizer(Resizer):
-    """img2dataset's Resizer; JPEGs larger than needed are decoded at reduced scale (see module doc).
+class FastResizer(DepthSafeResizer):
+    """img2dataset's Resizer; JPEGs larger than needed are decoded at reduced scale (see module doc),
+    16-bit PNGs and TIFFs brought to 8 bits first (:class:`DepthSafeResizer`).
 
     Same constructor, same call contract, same error strings (every rejection and every failure
     is produced by img2dataset's own ``__call__``). Picklable like its parent (Spark ships it).
