@@ -14,6 +14,7 @@ import json
 import os
 import random
 import tarfile
+from collections.abc import Collection
 from typing import Any
 
 COLORS = {
@@ -56,10 +57,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_resharded_subset(
     out_dir: str, n_shards: int = 2, per_shard: int = 16, seed: int = 0, image_size: int = 64, name: str = "synthetic",
-    undecodable: bool = False,
+    undecodable: bool | Collection[str] = False,
 ) -> str:
     """Write ``n_shards`` webdataset tars of ``per_shard`` samples and a kind=subset manifest. Returns its path.
-    `undecodable`: every ``.jpg`` is random bytes that no image decoder reads."""
+    Sample ``i`` of shard ``s`` has the key ``f"{s:05d}{i:04d}"``. `undecodable`: True: every ``.jpg`` is
+    random bytes that no image decoder reads; a collection of keys: those samples' ``.jpg`` only."""
     from laiontools.contracts.manifest import new_manifest, write_manifest
     from laiontools.contracts.uids import save_uids, uid_of
     from laiontools.core.storage import sha256_file, write_json
@@ -78,7 +80,8 @@ def write_resharded_subset(
                 uid = uid_of(url, caption)
                 uids.append(uid)
                 key = f"{s:05d}{i:04d}"
-                _add(tar, f"{key}.jpg", rng.randbytes(600) if undecodable else _image(color, shape, rng, image_size))
+                bad = undecodable is True or (not isinstance(undecodable, bool) and key in undecodable)
+                _add(tar, f"{key}.jpg", rng.randbytes(600) if bad else _image(color, shape, rng, image_size))
                 _add(tar, f"{key}.txt", caption.encode())
                 _add(tar, f"{key}.json", json.dumps({"uid": uid, "url": url, "caption": caption, "key": key}).encode())
         sha, nbytes = sha256_file(path)
