@@ -7,10 +7,12 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
@@ -29,9 +31,14 @@ from laiontools.stages.train import (
 from laiontools.testing.train_pool import write_resharded_subset
 
 
+# One sample per shard of `subset` whose image does not decode: the loader skips it each time it is drawn.
+SUBSET_UNDECODABLE = {"000000003", "000010007", "000020011"}
+
+
 @pytest.fixture(scope="module")
 def subset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return write_resharded_subset(str(tmp_path_factory.mktemp("subset")), n_shards=3, per_shard=12)
+    return write_resharded_subset(str(tmp_path_factory.mktemp("subset")), n_shards=3, per_shard=12,
+                                  undecodable=SUBSET_UNDECODABLE)
 
 
 def _rank_pids(run_dir: str) -> list[int]:
@@ -159,6 +166,22 @@ def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
     assert math.isfinite(result["final_loss"])
     assert read_result(run_dir) == result
     assert checkpoint_epoch(ckpt) == 6
+    # The planted samples that did not decode, each time a loader of either launch drew one, read back from
+    # the rank logs: each loader process (one per rank and launch here, one after another) numbers its skips
+    # from 1 ("[skipped #n] skipped a sample ...") and logs its first 10, so a 1 starts the next process.
+    logged = [re.fullmatch(r".*\[skipped #(\d+)\] skipped a sample that does not load: (.*)\n", line).groups()
+              for p in sorted(glob.glob(os.path.join(run_dir, "logs", "rank*.log"))) for line in open(p)
+              if "skipped a sample that does not load: " in line]
+    per_process = [int(n) for i, (n, _) in enumerate(logged) if i + 1 == len(logged) or logged[i + 1][0] == "1"]
+    if all(n < 10 for n in per_process):  # no process reached the log's limit: the logs hold every skip
+        assert result["skipped_sample_events"] == sum(per_process) == len(logged)
+        assert Counter(result["skipped_sample_examples"]) <= Counter(name for _, name in logged)
+    else:
+        assert result["skipped_sample_events"] >= sum(per_process)
+    assert {name.split(" ")[0] for _, name in logged} <= SUBSET_UNDECODABLE
+    assert {name.split(" ")[0] for name in result["skipped_sample_examples"]} <= SUBSET_UNDECODABLE
+    assert len(result["skipped_sample_examples"]) == min(20, result["skipped_sample_events"])
+    assert "every launch of this run" in result["skipped_sample_events_note"]
 
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     # every step logged exactly once across the kill and the resume; samples seen add up to the budget
@@ -222,6 +245,7 @@ def test_pool_to_subset_to_reshard_to_train_to_evaluate(pool, spark, tmp_path) -
     ).details
     assert (result["samples_seen"], result["steps"], result["epochs"]) == (32, 4, 2)
     assert math.isfinite(result["final_loss"])
+    assert (result["skipped_sample_events"], result["skipped_sample_examples"]) == (0, [])  # every image decodes
     ev = evaluate_stage.run(EvaluateConfig(checkpoint=run_dir, evalset=[f"synth={pool.evalset_dir}"], output=str(tmp_path / "eval.json"))).details
     z = ev["evalsets"]["synth"]["zeroshot"]
     assert z["n_classes"] == 5 and z["n_items"] == 20 and 0 <= z["top1"] <= z["top5"] <= 1
@@ -338,23 +362,29 @@ def test_shards_whose_images_never_decode_stop_the_training(tmp_path) -> None:
                                          r"\(the last: .*\); the shards hold no image that decodes"):
         train_stage.run(TrainConfig(manifest=mp, model="lt-tiny", samples_seen=64, batch_size=8, output=run_dir))
     assert not glob.glob(os.path.join(run_dir, "logs", "rank*.stop"))  # said once, not left for a re-run
+    # the loader that stopped counted its 1000 skips, the last too; they stay for a resume's result
+    from laiontools.stages.train_worker import skipped_samples_of_run
+
+    assert skipped_samples_of_run(run_dir)[0] >= 1000
 
 
-def test_a_sample_the_loader_skips_is_named(monkeypatch, caplog) -> None:
+def test_a_sample_the_loader_skips_is_named(monkeypatch, caplog, tmp_path) -> None:
     """open_clip's loader skips a sample that does not load with "Handling webdataset error
     (DecodingError()). Ignoring.": no sample, shard or cause (walk F14). The worker's handler names the
-    sample's key, member and shard and the decoder's error, for webdataset's own DecodingError."""
+    sample's key, member and shard and the decoder's error, for webdataset's own DecodingError, and
+    counts it for result.json (the failure that stops the loader too)."""
     import logging
 
     import open_clip_train.data as oc_data
     from PIL import Image, UnidentifiedImageError
     from webdataset.autodecode import DecodingError
 
+    from laiontools.contracts import layout
     from laiontools.stages import train_worker
 
     monkeypatch.setattr(oc_data, "log_and_continue", oc_data.log_and_continue)  # restored after the test
     monkeypatch.setattr(oc_data, "get_wds_dataset", oc_data.get_wds_dataset)
-    train_worker._stop_when_nothing_decodes(limit=3)
+    train_worker._stop_when_nothing_decodes(str(tmp_path / layout.TRAIN_SKIPPED_DIR), limit=3)
     try:
         try:
             Image.open(io.BytesIO(b"not an image"))
@@ -370,3 +400,53 @@ def test_a_sample_the_loader_skips_is_named(monkeypatch, caplog) -> None:
     oc_data.log_and_continue(exn)
     with pytest.raises(train_worker.NothingDecodes, match=r"\(the last: 00001000042 \(jpg\) of .*shard-00001.tar: Unidentified"):
         oc_data.log_and_continue(exn)  # the third failure with nothing loaded: the loader stops, naming the sample
+    named = line[line.index("00001000042"):]
+    assert train_worker.skipped_samples_of_run(str(tmp_path)) == (3, [named] * 3)
+
+
+def _skip_bad_samples_in_a_child(shard: str, rank: int, die: bool) -> None:
+    """A forked data loader process: decode every sample of `shard` through open_clip's handler name (the
+    one the worker replaced), as its pipeline does; `die`: then SIGKILL itself (a launch killed mid-run)."""
+    import open_clip_train.data as oc_data
+    import webdataset as wds
+
+    os.environ["RANK"] = str(rank)
+    for _ in wds.WebDataset(shard, shardshuffle=False).decode("pilrgb", handler=oc_data.log_and_continue):
+        pass
+    if die:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_skipped_samples_are_counted_over_loader_processes_and_launches(monkeypatch, tmp_path) -> None:
+    """result.json counts the samples the loaders skipped: the handler runs in dataloader worker processes
+    forked from each rank, and a run can be killed and resumed, so each process keeps its own record in
+    the run folder and the train stage sums every record there. Three forked loaders (two ranks, one of
+    them killed the way a preempted launch is) each read a shard with planted undecodable samples once."""
+    import multiprocessing
+
+    import open_clip_train.data as oc_data
+
+    from laiontools.contracts import layout
+    from laiontools.stages import train_worker
+
+    planted = {"000000002", "000000005", "000000009"}
+    mp = write_resharded_subset(str(tmp_path / "sub"), n_shards=1, per_shard=12, undecodable=planted)
+    shard = os.path.join(os.path.dirname(mp), "shards", "00000.tar")
+    run_dir = str(tmp_path / "run")
+    assert train_worker.skipped_samples_of_run(run_dir) == (0, [])  # no record: nothing skipped
+    monkeypatch.setattr(oc_data, "log_and_continue", oc_data.log_and_continue)  # restored after the test
+    monkeypatch.setattr(oc_data, "get_wds_dataset", oc_data.get_wds_dataset)
+    train_worker._stop_when_nothing_decodes(os.path.join(run_dir, layout.TRAIN_SKIPPED_DIR))
+    fork = multiprocessing.get_context("fork")  # as torch's DataLoader starts its workers on Linux
+    for rank, die in ((0, True), (0, False), (1, False)):  # launch 1 killed; launch 2's loaders of ranks 0 and 1
+        child = fork.Process(target=_skip_bad_samples_in_a_child, args=(shard, rank, die))
+        child.start()
+        child.join(120)
+        assert child.exitcode == (-signal.SIGKILL if die else 0)
+    events, examples = train_worker.skipped_samples_of_run(run_dir)
+    assert events == 3 * len(planted)
+    assert len(examples) == 3 * len(planted) and {e.split(" ")[0] for e in examples} == planted
+    assert all(f" (jpg) of {shard}: UnidentifiedImageError" in e for e in examples), examples
+    assert len(os.listdir(os.path.join(run_dir, layout.TRAIN_SKIPPED_DIR))) == 3  # one record per process
+    monkeypatch.setattr(train_worker, "SKIPPED_EXAMPLES", 5)
+    assert train_worker.skipped_samples_of_run(run_dir) == (events, examples[:5])  # the first names only

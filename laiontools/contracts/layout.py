@@ -104,6 +104,7 @@ TRAIN_RESULT_JSON = "result.json"
 TRAIN_MODEL_FILE = "model.pt"
 TRAIN_CHECKPOINT_DIR = "checkpoints"
 TRAIN_LOGS_DIR = "logs"
+TRAIN_SKIPPED_DIR = "logs/skipped"  # one record per data loader process that skipped a sample
 
 # study (the grid's folder; `study fit` / `study plan` write into theirs); scaling writes fits/report/plots
 STUDY_RESULTS_CSV = "results.csv"

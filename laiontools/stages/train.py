@@ -21,6 +21,8 @@ Run directory (``--output``, a local folder)::
     shards.json         shard URLs and sampling weights given to the trainer
     metrics.jsonl       step, samples_seen, loss, samples_per_s, samples_per_s_per_device, lr, ...
     out.log, params.txt open_clip's log and parameter dump;  logs/rank<R>.log every rank's log
+    logs/skipped/*.json the samples each data loader process skipped (their image did not decode), kept
+                        over every launch; result.json sums them (skipped_sample_events, _examples)
     checkpoints/epoch_latest.pt   resume state (written atomically by open_clip at every virtual epoch)
     checkpoints/epoch_<E>.pt      the final training checkpoint (model + optimizer)
     model.pt            final model weights (plain state_dict, loadable with weights_only)
@@ -49,6 +51,7 @@ from laiontools.core.config import ConfigError, StageConfig
 from laiontools.core.errors import UserError, environment_error
 from laiontools.core.stage import StageResult, config_parser, stage_entry
 from laiontools.core.storage import mark_done, read_json, write_json
+from laiontools.stages.train_worker import skipped_samples_of_run
 
 log = logging.getLogger(__name__)
 
@@ -546,6 +549,11 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
     # The final-write phase: model.pt is there, result.json and its marker are not (kill tests widen it).
     failpoints.pause("train.final-write")
     sps = [r["samples_per_s"] for r in metrics[1:] if math.isfinite(r.get("samples_per_s", math.nan))]
+    try:
+        skip_events, skip_examples = skipped_samples_of_run(run_dir)
+    except ValueError as e:
+        raise TrainError(f"{e}; it is damaged: remove it (its skips go uncounted) and re-run with --resume") \
+            from None
     result = {
         "run_dir": os.path.abspath(run_dir),
         "model": settings["model"],
@@ -561,6 +569,9 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
         "loss_finite": math.isfinite(final_loss),
         "median_samples_per_s": sorted(sps)[len(sps) // 2] if sps else None,
         "last_launch_wall_s": round(wall_s, 3),
+        "skipped_sample_events": skip_events,
+        "skipped_sample_events_note": SKIPPED_NOTE,
+        "skipped_sample_examples": skip_examples,
         "checkpoint": layout.TRAIN_MODEL_FILE,
         "training_checkpoint": f"{layout.TRAIN_CHECKPOINT_DIR}/{LATEST_CHECKPOINT}",
     }
@@ -569,6 +580,14 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
     mark_done(result_path, {"samples_seen": plan.samples_seen, "steps": plan.steps})
     return result
 
+
+# What result.json's skipped_sample_events counts (it goes into the result beside the count).
+SKIPPED_NOTE = (
+    "times the data loaders skipped a sample whose image did not decode, over every launch of this run "
+    "(a killed launch's too, and samples read ahead for batches that were never trained); a sample drawn "
+    "again and skipped again counts each time; the examples are the first names, by the time of each "
+    "loader's first skip"
+)
 
 STAGE = "train"
 CONFIG = TrainConfig
@@ -640,7 +659,10 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     return _result(cfg, result, (
         f"trained {cfg.model} on {manifest['name']} ({manifest['num_samples']} samples): {plan.samples_seen} samples seen, "
         f"{plan.steps} steps of {plan.global_batch}, final loss {result['final_loss']:.4f}\n"
-        f"run directory: {os.path.abspath(cfg.output)}  (model: {layout.TRAIN_MODEL_FILE}, metrics: metrics.jsonl)"
+        + (f"the data loaders skipped a sample whose image did not decode "
+           f"{result['skipped_sample_events']} times (result.json: skipped_sample_events, "
+           f"skipped_sample_examples; logs/rank*.log names them)\n" if result["skipped_sample_events"] else "")
+        + f"run directory: {os.path.abspath(cfg.output)}  (model: {layout.TRAIN_MODEL_FILE}, metrics: metrics.jsonl)"
     ))
 
 
@@ -648,7 +670,8 @@ def _result(cfg: TrainConfig, result: dict[str, Any], summary: str) -> StageResu
     out = os.path.abspath(cfg.output)
     return StageResult(
         outputs={"run": out, "model": os.path.join(out, layout.TRAIN_MODEL_FILE), "result": os.path.join(out, layout.TRAIN_RESULT_JSON)},
-        counts={k: int(result[k]) for k in ("samples_seen", "steps") if isinstance(result.get(k), int)},
+        counts={k: int(result[k]) for k in ("samples_seen", "steps", "skipped_sample_events")
+                if isinstance(result.get(k), int)},
         details=result, summary=summary,
     )
 

@@ -10,6 +10,9 @@ laiontools needs in every rank, without copying the trainer:
   ``--train-data`` and ``--train-data-upsampling-factors``;
 * writes every rank's log to ``<run_dir>/logs/rank<R>.log``;
 * makes every checkpoint open_clip_train writes atomic (:func:`_atomic_checkpoints`);
+* names every sample the loader skips in the rank's log and counts it in ``<run_dir>/logs/skipped/``
+  (:class:`SkipRecord`; the train stage sums them into result.json), and stops a loader that reads
+  nothing that decodes (:func:`_stop_when_nothing_decodes`);
 * receives open_clip's per-step training logs through its experiment-tracker interface (the calls it
   makes on ``wandb`` when ``--report-to wandb`` is given) and writes them as JSON lines to
   ``<run_dir>/metrics.jsonl``. No tracker is contacted; the real ``wandb`` is never called.
@@ -175,27 +178,95 @@ class NothingDecodes(RuntimeError):
 
 # A loader process gives up when this many samples failed to load before any loaded.
 UNDECODABLE_LIMIT = 1000
+# Sample names a skip record keeps (the result keeps as many, over all records).
+SKIPPED_EXAMPLES = 20
 
 
-def _stop_when_nothing_decodes(limit: int = UNDECODABLE_LIMIT) -> None:
-    """Make open_clip's loader stop, not spin, when no sample it reads decodes.
+class SkipRecord:
+    """This process's skipped samples, kept in ``<run_dir>/logs/skipped/<t>-rank<R>-pid<P>.json``.
+
+    The loader's handler runs in dataloader worker processes (forked from each rank, or the rank itself
+    with ``--workers 0``), which share nothing with the train stage: each process writes its own record
+    ``{"rank", "pid", "events", "examples"}`` (``events``: the skips so far; ``examples``: the first
+    :data:`SKIPPED_EXAMPLES` names, the text of the log line) and rewrites it whole at every skip, through
+    a temp file and a rename, so the file always holds a complete count. ``<t>`` (nanoseconds at the
+    process's first skip, zero-padded) orders the records by time. A process started by fork gets a
+    record of its own: the parent's state it inherits is dropped at its first skip. No fsync: a killed
+    process's last rename is in the page cache, and a whole bad shard can skip thousands of samples.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.pid: int | None = None
+        self.path = ""
+        self.events = 0
+        self.examples: list[str] = []
+
+    def add(self, what: str) -> None:
+        """Count one skipped sample named `what` and rewrite this process's record. Raises OSError when
+        the record cannot be written (the count would be wrong; a full disk ends the run anyway)."""
+        pid = os.getpid()
+        if self.pid != pid:  # first skip in this process
+            self.pid, self.events, self.examples = pid, 0, []
+            rank = int(os.environ.get("RANK", "0"))
+            self.path = os.path.join(self.folder, f"{time.time_ns():020d}-rank{rank}-pid{pid}.json")
+            os.makedirs(self.folder, exist_ok=True)
+        self.events += 1
+        if len(self.examples) < SKIPPED_EXAMPLES:
+            self.examples.append(what)
+        rec = {"rank": int(os.environ.get("RANK", "0")), "pid": pid, "events": self.events,
+               "examples": self.examples}  # fmt: skip
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(rec) + "\n")
+        os.replace(tmp, self.path)
+
+
+def skipped_samples_of_run(run_dir: str) -> tuple[int, list[str]]:
+    """(skip events, the first :data:`SKIPPED_EXAMPLES` sample names) summed over every record in
+    ``<run_dir>/logs/skipped``: every loader process of every rank of every launch of the run (a killed
+    launch's records stay). Records are read in name order (by the time of their first skip), so the
+    result depends only on the files. Raises ValueError naming a record that is not one."""
+    folder = os.path.join(run_dir, layout.TRAIN_SKIPPED_DIR)
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".json")) if os.path.isdir(folder) else []
+    events = 0
+    examples: list[str] = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            n, ex = int(rec["events"]), [str(e) for e in rec["examples"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a skipped-sample record ({type(e).__name__}: {e})") from None
+        events += n
+        examples.extend(ex[: SKIPPED_EXAMPLES - len(examples)])
+    return events, examples
+
+
+def _stop_when_nothing_decodes(record_dir: str, limit: int = UNDECODABLE_LIMIT) -> None:
+    """Make open_clip's loader count every sample it skips, and stop, not spin, when none decodes.
 
     open_clip skips a sample whose image fails to decode (``log_and_continue``) and draws the next from
     resampled shards, which never end: with shards whose images all fail, it never yields a batch and
     the run waits for good. Counting per loader process (dataloader workers are forked after this, each
     with its own count): a sample that reaches the image transform loaded; when the first `limit`
     samples all failed, the handler raises :class:`NothingDecodes`. A sample that loads ends the watch.
-    open_clip_train.data looks both names up when it builds the pipeline.
+    Every skip is logged by name (rate-limited) and counted in a :class:`SkipRecord` under `record_dir`,
+    the failure that stops the loader too. open_clip_train.data looks both names up when it builds the
+    pipeline.
     """
     import open_clip_train.data as oc_data
 
     state = {"loaded": 0, "failed": 0}
     handler, get_wds_dataset = oc_data.log_and_continue, oc_data.get_wds_dataset
     skipped = RateLimitedLogger(log)
+    record = SkipRecord(record_dir)
 
     def counted_handler(exn: BaseException) -> bool:
         state["failed"] += 1
         what = skipped_sample(exn)
+        record.add(what or f"{type(exn).__name__}: {str(exn)[:200]}")
         if not state["loaded"] and state["failed"] >= limit:
             raise NothingDecodes(
                 f"{LOADER_STOP_TAG}the first {limit} samples this data loader read all failed to load (the last: "
@@ -323,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     _no_shard_eof_marker()
     _object_store_shards()
     _atomic_checkpoints()
-    _stop_when_nothing_decodes()
+    _stop_when_nothing_decodes(os.path.join(run_dir, layout.TRAIN_SKIPPED_DIR))
     _decode_wide_images()
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
