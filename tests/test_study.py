@@ -19,7 +19,7 @@ import yaml
 
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
-from laiontools.core.storage import is_done
+from laiontools.core.storage import is_done, write_json
 from laiontools.stages import study as study_stage
 from laiontools.stages.study import StudyConfig, model_gmacs
 from laiontools.testing.train_pool import write_color_evalset, write_resharded_subset
@@ -118,6 +118,10 @@ def test_study_refuses_to_reuse_a_point_made_with_other_settings(tmp_path) -> No
     row = study_stage.run_point(StudyConfig(**cfg), "lt-tiny", "16", 16, 1.0)
     assert row["final_loss"] == 1.5 and row["colors/zeroshot_top1"] == 0.25 and row["run_id"] == "lt-tiny__16__16"
     assert not os.path.exists(os.path.join(base, "train", "launches.jsonl"))
+    assert row["skipped_sample_events"] is None  # a result.json from before the count: unknown, not 0
+    res_path = os.path.join(base, "train", "result.json")
+    write_json(res_path, {**_json(res_path), "skipped_sample_events": 7})
+    assert study_stage.run_point(StudyConfig(**cfg), "lt-tiny", "16", 16, 1.0)["skipped_sample_events"] == 7
     # another learning rate: refused, naming the run and the setting
     edited = {**cfg, "train": {**cfg["train"], "lr": 0.01}}
     with pytest.raises(ConfigError, match=r"run lt-tiny__16__16: .*lr: 0\.001 -> 0\.01"):
@@ -181,6 +185,7 @@ def test_study_grid_killed_and_resumed(tmp_path) -> None:
     assert (seeded["samples_seen"] == 32).all() and (df[df["seed"] == 0]["run_id"].str.count("seed") == 0).all()
     assert (df["compute_gmacs"] == df["gmacs_per_sample"] * df["samples_seen"]).all()
     assert df["final_loss"].map(math.isfinite).all()
+    assert (df["skipped_sample_events"] == 0).all()  # every sample of these subsets decodes
     # same budget -> same steps whatever the subset size
     assert df.groupby("samples_seen")["steps"].nunique().eq(1).all()
     assert "colors/zeroshot_top1" in df.columns and "colors/image_to_text_R@5" in df.columns

@@ -240,6 +240,8 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
         "compute_gmacs": gmacs * result["samples_seen"],
         "final_loss": result["final_loss"],
         "seed": int(train_settings.get("seed", 0)),
+        # times the run's loaders skipped a sample that did not decode (None: a run from before the count)
+        "skipped_sample_events": result.get("skipped_sample_events"),
     }
     row.update(ev["metrics"])
     return row
@@ -310,7 +312,14 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
         extra_json={"gmacs": gm},
     )  # fmt: skip
     fits, plots, report = out["fits"], out["plots"], out["report"]
-    summary = (
+    skipping = [r["run_id"] for r in rows if r.get("skipped_sample_events")]
+    skip_line = ""
+    if skipping:  # a scale whose samples do not all decode trains on fewer distinct samples than it names
+        skip_line = (f"WARNING: {len(skipping)} run(s) skipped samples whose image did not decode "
+                     f"({', '.join(skipping[:5])}{', ...' if len(skipping) > 5 else ''}; results.csv: "
+                     "skipped_sample_events): `laiontools verify` their subsets' manifests\n")
+        log.warning(skip_line.strip())
+    summary = skip_line + (
         f"scaling study: {len(rows)} runs ({len(cfg.models)} model(s) x {len(cfg.scales)} scale(s) x {len(cfg.samples_seen)} budget(s))\n"
         f"{table(fit_rows(fits), FIT_COLUMNS)}\n"
         f"results: {results_csv}\nreport:  {report}"
