@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from laiontools import index as DI
-from laiontools.contracts.uids import load_uids, save_uids
+from laiontools.contracts.uids import array_to_uids, load_uids, save_uids
 from laiontools.evalsets import EvalSetError
 from laiontools.stages import dedup as dedup_stage
 from laiontools.stages import dedup_calibrate
@@ -355,3 +355,101 @@ def test_phash_match_on_a_pool_row_without_uid_is_skipped_and_counted(spark, tmp
                                           output=str(tmp_path / "d"), threshold=0.999, phash=True, k=1), spark).details
     assert summary["phash_skipped_rows_without_uid"] == 1
     assert summary["phash_pool_matches"] == 0 and summary["phash_unreadable_pool_images"] == 0
+
+
+def _bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _json_file(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def reembedded(pool, emb, dedup_run, spark, tmp_path_factory) -> dict:
+    """The pool with one sample dedup flagged taken down, and `emb` copied and then updated by embed for
+    the new pool (embed embeds the rewritten shard again, nothing else): the user's way to a new pool."""
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.embed import EmbedConfig
+    from laiontools.stages.takedown import TakedownConfig
+
+    root = tmp_path_factory.mktemp("reembedded")
+    victim = min(array_to_uids(load_uids(os.path.join(dedup_run["out"], "exclude.uids.npy"))))
+    listfile = str(root / "list.txt")
+    with open(listfile, "w") as f:
+        f.write(f"uid {victim}\n")
+    new_pool = str(root / "pool")
+    takedown_stage.run(TakedownConfig(pool=pool.manifest, list_file=listfile, reason="test", output=new_pool), spark)
+    before = str(root / "emb-before")
+    shutil.copytree(emb, before)
+    after = str(root / "emb-after")
+    shutil.copytree(emb, after)
+    manifest = os.path.join(new_pool, "pool.manifest.json")
+    embed_stage.run(EmbedConfig(manifest=manifest, output=after, model="lt-tiny", num_workers=0, batch_size=32))
+    return {"victim": victim, "manifest": manifest, "before": before, "after": after, "root": root}
+
+
+def test_dedup_into_an_old_output_searches_shards_embedded_again(pool, dedup_run, reembedded, spark, tmp_path):
+    """dedup's shard markers were keyed on its settings only: after a takedown and embed into the same
+    folder, a re-run into the old output reused the rewritten shard's result (the taken-down sample still
+    excluded, pool_samples one too many), exit 0. Now a shard's result is for its embeddings (the sha256
+    embed recorded): the re-run equals a fresh run, and only the rewritten shard is searched again."""
+    from laiontools.contracts.manifest import read_manifest
+
+    cfg = {"evalset": [f"glyphs={pool.evalset_dir}"], "threshold": dedup_run["threshold"], "phash": True, "k": 3}
+    stale = str(tmp_path / "stale")
+    shutil.copytree(dedup_run["out"], stale)
+    old_done = {n: os.path.getmtime(os.path.join(stale, "done", n)) for n in os.listdir(os.path.join(stale, "done"))}
+    res = dedup_stage.run(DedupConfig(embeddings=reembedded["after"], output=stale, **cfg), spark).details
+    fresh = str(tmp_path / "fresh")
+    dedup_stage.run(DedupConfig(embeddings=reembedded["after"], output=fresh, **cfg), spark)
+    assert reembedded["victim"] not in set(array_to_uids(load_uids(os.path.join(stale, "exclude.uids.npy"))))
+    assert res["pool_samples"] == read_manifest(reembedded["manifest"])["num_samples"]
+    assert _bytes(os.path.join(stale, "exclude.uids.npy")) == _bytes(os.path.join(fresh, "exclude.uids.npy"))
+    pd.testing.assert_frame_equal(_report(stale).sort_values("uid").reset_index(drop=True),
+                                  _report(fresh).sort_values("uid").reset_index(drop=True))
+    redone = sorted(n for n, t in old_done.items() if os.path.getmtime(os.path.join(stale, "done", n)) != t)
+    assert len(redone) == 1, redone  # the one rewritten shard; the others are reused
+
+
+def test_semdedup_into_an_old_output_assigns_shards_embedded_again(reembedded, tmp_path):
+    """semdedup's assignments were keyed on the centroids only, and k-means may give the same centroids
+    after one sample is taken down: the rewritten shard's old assignment was reused (the taken-down sample
+    kept as a group's representative, exit 0). A re-run into the old output, with other --eps too, equals a
+    fresh run: every assignment is of its shard's current embeddings, no eps folder of the old run is left."""
+    from laiontools.contracts.embeddings import shard_identity
+    from laiontools.stages import semdedup
+
+    def run(emb_dir, out, eps):
+        return semdedup.run(semdedup.SemDedupConfig(embeddings=emb_dir, output=out, clusters=2, train_sample=40,
+                                                    eps=eps, gallery_groups=0)).details
+
+    emb_dir = str(tmp_path / "emb")
+    shutil.copytree(reembedded["before"], emb_dir)
+    stale, fresh = str(tmp_path / "stale"), str(tmp_path / "fresh")
+    run(emb_dir, stale, [0.3, 0.5])
+    shutil.rmtree(emb_dir)
+    shutil.copytree(reembedded["after"], emb_dir)  # the same folder, updated by embed for the new pool
+    # The assign step with the old run's centroids (as when k-means gives them again): each shard's
+    # marker is reused only for the embeddings it was made of; the rewritten shard is assigned again.
+    km = _json_file(os.path.join(stale, semdedup.KMEANS_DIR, "kmeans.json"))
+    done = os.path.join(stale, semdedup.DONE_DIR, semdedup.ASSIGN_DIR)
+    sids = sorted(n.removesuffix(".done") for n in os.listdir(done))
+    ctx = {"output": stale, "emb_dir": emb_dir, "centroids_path": os.path.join(stale, semdedup.KMEANS_DIR, "centroids.npy"),
+           "centroids_sha": km["centroids_sha256"], "k": km["clusters"], "threads": 1,
+           "assign_key": _json_file(os.path.join(done, sids[0] + ".done"))["key"]}
+    old = {sid: _json_file(os.path.join(done, sid + ".done")) for sid in sids}
+    new = {sid: semdedup.assign_shard(ctx, sid) for sid in sids}
+    assert all(new[sid]["embedding"] == shard_identity(emb_dir, sid) for sid in sids)
+    again = [sid for sid in sids if new[sid] != old[sid]]
+    assert len(again) == 1 and new[again[0]]["rows"] == old[again[0]]["rows"] - 1, again  # the taken-down sample's shard
+    got, want = run(emb_dir, stale, [0.4]), run(emb_dir, fresh, [0.4])
+    assert sorted(os.listdir(os.path.join(stale, "eps"))) == sorted(os.listdir(os.path.join(fresh, "eps"))) == ["0.4"]
+    for name in ("exclude.uids.npy", os.path.join("eps", "0.4", "exclude.uids.npy")):
+        assert _bytes(os.path.join(stale, name)) == _bytes(os.path.join(fresh, name)), name
+    assert got["pool_samples"] == want["pool_samples"] and got["eps"] == want["eps"]
+    pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(stale, "report")).sort_values(["uid", "eps"]).reset_index(drop=True),
+                                  pd.read_parquet(os.path.join(fresh, "report")).sort_values(["uid", "eps"]).reset_index(drop=True))

@@ -138,6 +138,18 @@ def recorded_sha256(emb_dir: str, sid: str) -> dict[str, str]:
     return got
 
 
+def shard_identity(emb_dir: str, sid: str) -> str:
+    """What a result computed from embedding shard `sid` is valid for: a short hash of the files' sha256
+    that embed recorded in the shard's marker (of the whole marker for a folder written before hashes
+    were recorded). A shard embedded again (a takedown's rewritten shard, another pool in the same folder)
+    gets another identity, so dedup's and semdedup's per-shard results made from the old one are redone;
+    the same files copied elsewhere keep theirs."""
+    from laiontools.core.storage import canonical_json, read_marker, sha256_bytes
+
+    marker = read_marker(join(emb_dir, shard_files(sid)["meta"])) or {}
+    return sha256_bytes(canonical_json(marker.get(MARKER_SHA256) or marker))[:16]
+
+
 def check_sha256(path: str, data: Any, want: str | None, sid: str) -> None:
     """Raise :func:`~laiontools.core.errors.task_error` naming `path` if sha256(`data`) is not `want`
     (no check when `want` is None). `data` is any buffer (bytes, an mmap)."""

@@ -38,16 +38,24 @@ import numpy as np
 from laiontools.contracts import layout
 
 # The pool side (model.json, manifest, embedding shards) is a contract every consumer of embeddings shares.
-from laiontools.contracts.embeddings import MissingEmbeddingsError, PoolInfo, read_embedding_shard, read_pool  # noqa: F401
+from laiontools.contracts.embeddings import (  # noqa: F401
+    MissingEmbeddingsError,
+    PoolInfo,
+    read_embedding_shard,
+    read_pool,
+    shard_identity,
+)
 from laiontools.core.config import ConfigError, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.logs import peak_rss_mb
 from laiontools.core.spark import threads_per_task
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
+    DONE_SUFFIX,
     PARQUET_READ,
     PARQUET_WRITE,
     atomic_write_bytes,
+    drop_stale_files,
     ensure_output_dir,
     join,
     mark_done,
@@ -432,7 +440,10 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     out_path = _report_path(ctx["output"], sid)
     done_path = _done_path(ctx["output"], sid)
     marker = read_marker(done_path)
-    if marker is not None and marker.get("settings_key") == ctx["settings_key"]:
+    # done for these settings AND these embeddings: a shard embedded again since (a takedown's rewritten
+    # shard, another pool's embeddings in the same --embeddings folder) is searched again
+    emb_id = shard_identity(ctx["emb_dir"], sid)
+    if marker is not None and marker.get("settings_key") == ctx["settings_key"] and marker.get("embedding") == emb_id:
         return marker
     t_start = time.time()
     if ctx.get("threads", 0) > 0:
@@ -494,7 +505,8 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     }
     dup_idx = np.flatnonzero(is_dup)
     stats: dict[str, Any] = {
-        "settings_key": ctx["settings_key"], "shard": sid, "rows": int(n), "not_embedded": int((~valid).sum()),
+        "settings_key": ctx["settings_key"], "embedding": emb_id, "shard": sid, "rows": int(n),
+        "not_embedded": int((~valid).sum()),
         "duplicates": int(is_dup.sum()),
         "matched_by_set": {name: int((hit & (codes[np.maximum(ids, 0)] == j)).any(axis=1).sum()) for j, name in enumerate(set_names)},
         "matched_rows": np.unique(ids[hit]).astype(int).tolist(),
@@ -650,6 +662,10 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
         ctx["threads"] = threads_per_task(sp, cfg.search_threads)
         done = run_search(sp, ctx, units, cfg.partitions)
     search_s = time.time() - t0
+    # report/ is read as one dataset: no file of a shard an earlier run into this folder had and this pool has not
+    current = set(pool.shard_ids)
+    drop_stale_files(join(cfg.output, layout.DEDUP_REPORT_DIR), ".parquet", current, "a shard not in this run's pool")
+    drop_stale_files(join(cfg.output, layout.DEDUP_DONE_DIR), DONE_SUFFIX, current, "a shard not in this run's pool")
     agg = _Aggregate(sets, index_desc, items, cfg)
     for sid, _, _ in done:
         stats = read_marker(_done_path(cfg.output, sid))

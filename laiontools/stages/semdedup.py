@@ -66,6 +66,7 @@ from laiontools.core.storage import (
     PARQUET_WRITE,
     atomic_write_bytes,
     canonical_json,
+    drop_stale_files,
     join,
     mark_done,
     read_json,
@@ -310,11 +311,14 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from laiontools import neardup
-    from laiontools.contracts.embeddings import read_embedding_shard
+    from laiontools.contracts.embeddings import read_embedding_shard, shard_identity
 
     paths = _assign_paths(ctx["output"], sid)
     marker = read_marker(paths["done"])
-    if marker is not None and marker.get("key") == ctx["assign_key"]:
+    # done for these centroids AND these embeddings: k-means can give the same centroids after a shard
+    # was embedded again (a takedown's rewritten shard), whose assignment must then be made again
+    emb_id = shard_identity(ctx["emb_dir"], sid)
+    if marker is not None and marker.get("key") == ctx["assign_key"] and marker.get("embedding") == emb_id:
         return marker
     t0 = time.time()
     _set_threads(ctx["threads"])
@@ -352,7 +356,7 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
     atomic_write_bytes(paths["vec"], _npy_bytes(vec))
     atomic_write_bytes(paths["meta"], _npy_bytes(m))
     atomic_write_bytes(paths["offsets"], _npy_bytes(offsets))
-    stats = {"key": ctx["assign_key"], "shard": sid, "rows": int(n), "valid": int(valid.sum()),
+    stats = {"key": ctx["assign_key"], "embedding": emb_id, "shard": sid, "rows": int(n), "valid": int(valid.sum()),
              "seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb()}
     mark_done(paths["done"], stats)  # last
     return stats
@@ -689,7 +693,8 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         ctx.update(eps=cfg.eps, keep=cfg.keep, memory_rows=cfg.memory_rows, block_rows=cfg.block_rows,
                    gallery_groups=cfg.gallery_groups,
                    unit_key=_key({"a": ctx["assign_key"], "eps": cfg.eps, "keep": cfg.keep, "seed": cfg.seed,
-                                  "units": units, "v": 3}))
+                                  "units": units, "v": 4,  # 4: and the embeddings each shard's assignment is of
+                                  "emb": _key(sorted((a["shard"], a.get("embedding")) for a in assigned))}))
         t0 = time.time()
         big_first = sorted(units, key=lambda u: -int(counts[u[0]:u[1]].sum()))  # long tasks start first
         ctx["threads"] = tasks.threads(cfg.threads, len(units))
@@ -794,16 +799,18 @@ def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], c
 
 def _drop_stale_units(out: str, current: set[str], labels: list[str]) -> None:
     """Remove reports and runs of units a previous run planned differently (other counts, --unit-rows,
-    --eps): whoever reads ``report/`` as one dataset must see only this run's units."""
+    --eps), and the eps/ folders of eps values this run does not have: whoever reads ``report/`` as one
+    dataset, or gives ``--exclude <out>/eps/<eps>``, must see only this run's outputs."""
     for folder, suffix in [(join(out, REPORT_DIR), ".parquet"), *[(join(out, RUNS_DIR, lab), ".npy") for lab in labels]]:
-        fs, p = url_to_fs(folder)
-        if not fs.exists(p):
-            continue
-        for f in fs.ls(p, detail=False):
-            name = f.rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith(suffix) and not name.startswith(".") and name[: -len(suffix)] not in current:
-                log.info("removing %s: a unit of an earlier run's plan", f)
-                fs.rm(f)
+        drop_stale_files(folder, suffix, current, "a unit of an earlier run's plan")
+    for parent in (EPS_DIR, RUNS_DIR):
+        fs, p = url_to_fs(join(out, parent))
+        if fs.exists(p):
+            for f in fs.ls(p, detail=False):
+                name = f.rstrip("/").rsplit("/", 1)[-1]
+                if not name.startswith(".") and name not in labels and fs.isdir(f):
+                    log.info("removing %s: the outputs of an eps this run does not have", f)
+                    fs.rm(f, recursive=True)
 
 
 def _read_bytes(path: str) -> bytes:
