@@ -394,3 +394,26 @@ def resolve_uids(manifest: str) -> str:
     from laiontools.contracts.manifest import resolve
 
     return resolve(manifest, read_manifest(manifest)["uids"]["path"])
+
+
+def test_a_folder_of_subsets_made_with_other_settings_is_refused(spark, scratch, tmp_path):
+    """A re-run into a subsets folder with other scales or another seed rewrote only its own scales' files and
+    left the others beside them (of another seed: no longer nested in the new ones), exit 0. Now it is refused
+    naming what differs, before anything is written; the same settings (scales spelled otherwise, the pool by
+    another path to the same file) re-run into it, and a folder whose run was refused as short is reused."""
+    out = tmp_path / "s"
+    subsets_stage.run(_cfg(scratch, out, scales="10,20"), spark)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(SubsetError, match=r"holds subsets made with other settings \(scales: \[\['20', 20\], \['10', 10\]\] -> \[\['40', 40\], \['20', 20\]\]\)"):
+        subsets_stage.run(_cfg(scratch, out, scales="20,40"), spark)
+    with pytest.raises(SubsetError, match=r"other settings \(seed: 7 -> 8\)"):
+        subsets_stage.run(_cfg(scratch, out, scales="10,20", seed=8), spark)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing written
+    rel = os.path.relpath(scratch)  # the same pool by a relative path, the same scales spelled otherwise
+    subsets_stage.run(_cfg(rel, out, scales=" 20 , 10"), spark)
+    assert (out / "10.uids.npy").read_bytes() == before["10.uids.npy"]
+    short = tmp_path / "short"
+    with pytest.raises(SubsetError, match="available 60"):
+        subsets_stage.run(_cfg(scratch, short, scales="1000"), spark)
+    subsets_stage.run(_cfg(scratch, short, scales="1000", allow_short=True), spark)
+    assert (short / "1000.uids.npy").exists()

@@ -56,7 +56,7 @@ from laiontools.contracts.manifest import (
 from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
 from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
 from laiontools.contracts.uids import UID_DTYPE, member_column, save_uids_spark
-from laiontools.core.config import ConfigError
+from laiontools.core.config import ConfigError, changed_settings
 from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
 from laiontools.core.spark import spark_run_record
@@ -242,7 +242,10 @@ def check_provenance(info: dict[str, Any], pool: PoolInfo, what: str, fix: str) 
     if sha is not None and sha != pool.sha256:
         if fp is None:
             raise SubsetError(f"{what} was made from pool manifest sha256 {sha}, not {pool.path} ({pool.sha256}); {fix}")
-        log.warning("%s was made from an earlier version of %s (same source); samples added since have no entry", what, pool.path)
+        # which of the two is newer is not known here (a retry pass adds samples, a takedown removes some)
+        log.warning("%s was made from another version of %s (same source; manifest sha256 %s, this one %s: before or "
+                    "after a --retry-failed pass or a takedown); samples only this pool holds have no entry there",
+                    what, pool.path, sha[:12], pool.sha256[:12])
     return {"source_fingerprint": fp, "pool_manifest_sha256": sha}
 
 
@@ -603,6 +606,50 @@ def write_update_report(cfg: SubsetsConfig, results: list[dict[str, Any]]) -> di
     return report
 
 
+# The settings that decide what a subsets folder holds (not how it is computed: master, partitions, ...).
+_FILTER_KEYS = ("min_clip_score", "max_punsafe", "max_pwatermark", "min_image_side", "max_aspect_ratio",
+                "min_caption_length", "max_caption_length")
+
+
+def _selection_identity(d: dict[str, Any]) -> dict[str, Any]:
+    """The selection a subsets settings dict (settings.json, or a config's ``to_dict()``) asks for: paths
+    made absolute, scales as the (label, count) targets they give."""
+    def path(v: Any) -> Any:
+        return abs_path(v) if isinstance(v, str) and v else v
+
+    try:
+        targets: Any = [list(t) for t in parse_scales(d.get("scales") or "", float(d.get("scale_factor") or 1.0))]
+    except (ConfigError, TypeError, ValueError):
+        targets = d.get("scales")
+    exclude = d.get("exclude") or []
+    return {"pool": path(d.get("pool")), "scales": targets, "seed": d.get("seed"), "allow_short": bool(d.get("allow_short")),
+            "scores": path(d.get("scores")), "exclude": [path(e) for e in ([exclude] if isinstance(exclude, str) else exclude)],
+            "update": path(d.get("update")), **{k: d.get(k) for k in _FILTER_KEYS}}
+
+
+def _check_same_selection(cfg: SubsetsConfig, output: str) -> None:
+    """Refuse an output folder that holds subsets (manifests or uid files) made with other selection settings:
+    this run would rewrite only its own scales' files, leaving the others (of another seed: no longer nested
+    in the new ones) beside them, under a settings.json that describes only the new run. A folder whose
+    earlier run stopped before writing any subset (e.g. refused as short) is reused."""
+    prev_path = join(output, layout.SETTINGS_JSON)
+    fs, p = url_to_fs(prev_path)
+    if not fs.exists(p):
+        return
+    held = [f for f in fs.ls(url_to_fs(output)[1], detail=False) if f.endswith((".manifest.json", ".uids.npy"))]
+    if not held:
+        return
+    prev = read_json(prev_path)
+    old, new = _selection_identity(prev), _selection_identity(cfg.to_dict())
+    diff = changed_settings(old, new, list(new))
+    if prev.get("stage") == "subsets" and diff:
+        raise SubsetError(
+            f"{output} holds subsets made with other settings ({diff}); a run into it would leave them beside "
+            "the new ones: give a new --output (or delete the folder to replace them; `subsets --update` re-derives "
+            "old subsets on a new pool)"
+        )
+
+
 def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -612,6 +659,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
     targets = cfg.targets()
     output = abs_path(cfg.output)
     ensure_output_dir(output)
+    _check_same_selection(cfg, output)
     write_json(join(output, layout.SETTINGS_JSON), {"stage": "subsets", **cfg.to_dict()})
     exclusions = [load_exclusion(e, pool) for e in cfg.exclude]
 
