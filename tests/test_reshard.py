@@ -673,7 +673,7 @@ def test_resume_after_partial_run_is_identical(spark, subset, resharded, tmp_pat
     assert filecmp.cmp(os.path.join(resharded, layout.RESHARD_MANIFEST), os.path.join(b, layout.RESHARD_MANIFEST), shallow=False)
     assert filecmp.cmp(os.path.join(resharded, "shards", "sizes.json"), os.path.join(b, "shards", "sizes.json"), shallow=False)
     # Same folder, another plan: refused rather than mixed.
-    with pytest.raises(ReshardError, match="another plan"):
+    with pytest.raises(ReshardError, match=r"another plan \(seed: 5 -> 99\)"):
         reshard_stage.run(ReshardConfig(manifest=subset, output=b, shard_size=8, seed=99), spark)
 
 

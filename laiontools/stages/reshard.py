@@ -753,9 +753,13 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
     if fs.exists(pp):
         old = read_json(plan_path)
         if old.get("plan_id") != plan_id:
+            from laiontools.core.config import changed_settings
+
+            # what differs, where the command is the same: the subset manifest (or its uids, its pool) changed
+            diff = changed_settings(old, plan, [k for k in plan if k not in ("key_format", "shuffle")])
             raise ReshardError(
-                f"{output} already holds a reshard of another plan ({old.get('subset_manifest')}, seed {old.get('seed')}, "
-                f"shard size {old.get('shard_size')}); give a new --output folder"
+                f"{output} already holds a reshard of another plan ({diff or 'its plan file differs'}); give a new "
+                "--output folder"
             )
     write_json(plan_path, {**plan, "plan_id": plan_id})
 
