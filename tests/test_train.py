@@ -30,7 +30,6 @@ from laiontools.stages.train import (
 )
 from laiontools.testing.train_pool import write_resharded_subset
 
-
 # One sample per shard of `subset` whose image does not decode: the loader skips it each time it is drawn.
 SUBSET_UNDECODABLE = {"000000003", "000010007", "000020011"}
 
@@ -169,9 +168,12 @@ def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
     # The planted samples that did not decode, each time a loader of either launch drew one, read back from
     # the rank logs: each loader process (one per rank and launch here, one after another) numbers its skips
     # from 1 ("[skipped #n] skipped a sample ...") and logs its first 10, so a 1 starts the next process.
+    lines = []
+    for p in sorted(glob.glob(os.path.join(run_dir, "logs", "rank*.log"))):
+        with open(p) as f:
+            lines += f.readlines()
     logged = [re.fullmatch(r".*\[skipped #(\d+)\] skipped a sample that does not load: (.*)\n", line).groups()
-              for p in sorted(glob.glob(os.path.join(run_dir, "logs", "rank*.log"))) for line in open(p)
-              if "skipped a sample that does not load: " in line]
+              for line in lines if "skipped a sample that does not load: " in line]
     per_process = [int(n) for i, (n, _) in enumerate(logged) if i + 1 == len(logged) or logged[i + 1][0] == "1"]
     if all(n < 10 for n in per_process):  # no process reached the log's limit: the logs hold every skip
         assert result["skipped_sample_events"] == sum(per_process) == len(logged)
