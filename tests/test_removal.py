@@ -300,3 +300,19 @@ def test_content_hashes_pixel_limit_and_unread_member():
     h = content_hashes(buf.getvalue(), want_phash=True)
     assert h["phash"] is None and h["sha256"] == hashlib.sha256(buf.getvalue()).hexdigest()
     assert content_hashes(OversizeMember("k.jpg", 10, 5), want_phash=True) == {"sha256": None, "md5": None, "phash": None}
+
+
+def test_verify_removal_list_matches_the_sha256_of_the_bytes_as_downloaded(small_pool, tmp_path, capsys):
+    """A sha256 entry from a published hash list hashes the image as downloaded (the catalog's sha256, kept in
+    the sample's .json), not the resized bytes the shard stores. takedown matched it through the catalog;
+    verify compared only the stored bytes and said OK of a pool or resharded subset still holding the image."""
+    from laiontools.testing.planted_pool import jpeg, photo
+
+    original = jpeg(photo(7, (80, 60)))  # sample 7 as the server sent it (the fixture's own recipe)
+    _, key, stored = small_pool["stored"]["http://127.0.0.3/p/7.jpg"]
+    assert hashlib.sha256(original).digest() != hashlib.sha256(stored).digest()
+    lst = tmp_path / "hashes.txt"
+    lst.write_text(f"# a published list\nsha256 {hashlib.sha256(original).hexdigest()}\n")
+    rc, out = _verify(capsys, small_pool["manifest"], str(lst))
+    assert rc == 1 and f"sample {key} matches sha256" in out and "(line 2)" in out
+    assert out.count("matches ") == 1

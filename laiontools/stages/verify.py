@@ -302,8 +302,9 @@ def _check_catalog(path: str, m: dict[str, Any], res: VerifyResult) -> None:
 
 def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
     """Prove that no item of removal list `rl` remains in the manifest at `path`: its uid file, and every
-    sample of every shard (uid and url from the sample's .json; sha256/md5 of the image bytes; pHash only
-    when the list holds pHashes). Each sample still matching is a problem naming shard, key and list line.
+    sample of every shard (uid and url from the sample's .json; sha256/md5 of the image bytes as stored, and
+    the sha256 of the bytes as downloaded that the .json keeps, which is the catalog's and what published hash
+    lists hold; pHash only when the list holds pHashes). Each sample still matching is a problem naming shard, key and list line.
 
     A subset that is not resharded has no shards of its own: its samples are those of its uid file in
     the pool's shards, and those are checked (url, domain and hash entries too, not only uids)."""
@@ -368,6 +369,9 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                         undecodable.append(key)  # its bytes met the sha256/md5 entries; no pHash to compare
                     hit = rl.match(url=url if isinstance(url, str) else None, uid=uid, sha256=h.get("sha256"),
                                    md5=h.get("md5"), phash=h.get("phash"))
+                    downloaded = meta.get("sha256")  # of the bytes as downloaded (the catalog's sha256), kept in the .json
+                    if hit is None and isinstance(downloaded, str):
+                        hit = rl.match(sha256=downloaded)
                     if hit is not None:
                         found += 1
                         res.problems.append(f"removal list {rl.path}: shard {name} sample {key} matches {hit}")

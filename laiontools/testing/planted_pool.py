@@ -14,6 +14,7 @@ images and measure what a stage finds.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -115,7 +116,8 @@ def write_resized_pool(out_dir: str, samples: Sequence[dict[str, Any]], settings
                 _add(tf, f"{key}.txt", smp["caption"].encode())
                 _add(tf, f"{key}.json", json.dumps({
                     "uid": uid, "key": key, "url": smp["url"], "caption": smp["caption"], "status": "success",
-                    "width": w, "height": h, "original_width": ow, "original_height": oh}).encode())
+                    "width": w, "height": h, "original_width": ow, "original_height": oh,
+                    "sha256": hashlib.sha256(smp["bytes"]).hexdigest()}).encode())  # of the bytes as downloaded, as img2dataset
         sha, size = sha256_file(path)
         shards.append({"path": rel, "num_samples": len(chunk), "bytes": size, "sha256": sha})
     uid_sha, count = save_uids(os.path.join(out_dir, layout.POOL_UIDS), uids)
