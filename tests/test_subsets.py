@@ -371,6 +371,35 @@ def test_update_refuses_an_old_uid_file_edited_after_its_run(spark, scratch, tmp
     assert not out.exists()
 
 
+def test_update_refuses_selection_flags_and_an_exclusion_list_rewritten_since(spark, scratch, tmp_path):
+    """(lineage walk) --update dropped the selection flags given with it (--seed 5 gave seed 3's subsets,
+    --allow-short was ignored, so a scale a takedown left short had no way forward), and re-read --exclude by
+    path: an exclusion list rewritten since (dedup run again into its folder) changed the selection while every
+    check of the update report passed. Now a differing flag is refused naming the old value, --allow-short is
+    honoured, and a changed exclusion list is refused naming both sha256."""
+    from laiontools.core.config import ConfigError
+
+    pool_uids = sorted(_uids(os.path.join(os.path.dirname(scratch), layout.POOL_UIDS)))
+    excl = tmp_path / "excl.uids.npy"
+    save_uids(str(excl), pool_uids[:2])
+    old = tmp_path / "old"
+    subsets_stage.run(_cfg(scratch, old, scales="5,10", seed=3, exclude=[str(excl)]), spark)
+    for flags, msg in [({"seed": 5}, r"--seed 5 \(that run: 3\)"), ({"scales": "5,20"}, r"--scales '5,20' \(that run: '5,10'\)"),
+                       ({"min_caption_length": 3}, r"--min-caption-length 3 \(that run: None\)")]:
+        with pytest.raises(ConfigError, match=msg):
+            subsets_stage.run(SubsetsConfig(pool=scratch, output=str(tmp_path / "x"), update=str(old), **flags), spark)
+        assert not (tmp_path / "x").exists()
+    # the old run's own values, and --allow-short, may be given
+    subsets_stage.run(SubsetsConfig(pool=scratch, output=str(tmp_path / "same"), update=str(old), seed=3,
+                                    allow_short=True), spark)
+    assert json.loads((tmp_path / "same" / layout.SETTINGS_JSON).read_text())["allow_short"] is True
+    assert (tmp_path / "same" / "10.uids.npy").read_bytes() == (old / "10.uids.npy").read_bytes()
+    save_uids(str(excl), pool_uids[2:4])  # the list rewritten in place
+    with pytest.raises(SubsetError, match=rf"exclusion list {excl} changed since that run"):
+        subsets_stage.run(SubsetsConfig(pool=scratch, output=str(tmp_path / "y"), update=str(old)), spark)
+    assert not (tmp_path / "y").exists()
+
+
 def test_scores_leave_out_rows_without_uid_and_samples_embed_could_not_decode(spark, tmp_path):
     # (walk F4) a row embed recorded failed with a null uid made subsets refuse the scores as "from another
     # pool: run embed on this pool", which re-running embed cannot fix. (walk F13) with --scores but no score

@@ -529,7 +529,10 @@ def updated_config(cfg: SubsetsConfig) -> SubsetsConfig:
     if old.get("stage") != "subsets":
         raise SubsetError(f"--update {old_dir}: its settings.json is not that of a subsets run; give a `laiontools subsets` output folder")
     settings = {k: v for k, v in old.items() if k in {f.name for f in dataclasses.fields(SubsetsConfig)}}
+    _refuse_selection_flags(cfg, old, old_dir)
     settings.update(pool=abs_path(cfg.pool), output=cfg.output, update=old_dir, master=cfg.master, spark_conf=cfg.spark_conf)
+    if cfg.allow_short:  # a takedown can leave a scale short of its target; the report then shows its size
+        settings["allow_short"] = True
     new = SubsetsConfig.from_dict(settings, where=path)
     old_pool = load_pool(old["pool"])
     if old_pool.sha256 not in [sha for _, _, sha in pool_chain(new.pool)]:
@@ -546,6 +549,19 @@ def updated_config(cfg: SubsetsConfig) -> SubsetsConfig:
         fs, p = url_to_fs(upath)
         if not fs.exists(p):
             raise InputError(f"--update {old_dir}: its uid file {upath} is missing; give an unedited subsets output folder")
+        # an exclusion list rewritten since (dedup run again into its folder) would change the selection while
+        # every check still passes: the new subsets must exclude what the old ones did
+        for ex in sel.get("exclusions") or []:
+            if not isinstance(ex, dict) or not ex.get("path") or not ex.get("sha256"):
+                continue
+            efs, ep = url_to_fs(ex["path"])
+            now = sha256_file(ex["path"])[0] if efs.exists(ep) else None
+            if now != ex["sha256"]:
+                raise SubsetError(
+                    f"--update {old_dir}: the exclusion list {ex['path']} {'is gone' if now is None else 'changed'} since "
+                    f"that run ({mpath} records sha256 {ex['sha256']}{'' if now is None else f', it is now {now}'}); "
+                    "the old selection cannot be re-derived with it: restore it, or cut new subsets without --update"
+                )
         # an old uid file changed by hand would fail the report's checks, which then blame the new subsets
         recorded = (old_m.get("uids") or {}).get("sha256")
         sha, _ = sha256_file(upath)
@@ -554,6 +570,25 @@ def updated_config(cfg: SubsetsConfig) -> SubsetsConfig:
                               f"records {recorded}); the old subsets cannot be compared against: give an unedited subsets "
                               "output folder")
     return new
+
+
+def _refuse_selection_flags(cfg: SubsetsConfig, old: dict[str, Any], old_dir: str) -> None:
+    """--update re-derives the old run's selection: a selection flag given with it that differs from the old
+    run's value would be dropped (a --seed 5 gave seed 0's subsets, exit 0). --allow-short is honoured."""
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(SubsetsConfig)}
+
+    def same(a: Any, b: Any) -> bool:
+        return a == b or str(a) == str(b)
+
+    flags = ("scales", "seed", "scale_factor", "scores", "exclude", *_FILTER_KEYS)
+    given = [n for n in flags if not same(getattr(cfg, n), defaults[n]) and not same(getattr(cfg, n), old.get(n))]
+    if given:
+        raise ConfigError(
+            f"--update re-derives {old_dir}'s subsets with that run's own selection; "
+            + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)!r} (that run: {old.get(n)!r})" for n in given)
+            + " cannot be given with it: leave them out (--allow-short may be), or cut new subsets without --update"
+        )
 
 
 def _same_dir(a: str, b: str) -> bool:
