@@ -519,3 +519,29 @@ def test_subset_diff_proves_what_it_can_and_says_what_it_skipped():
     big = subset_diff(arr(old), arr(rest[:50]), arr(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]),
                       rank_check_max=10)
     assert big["skipped"] == ["added_rank_after_old_cut", "new_is_lowest_ranked_of_larger"] and big["ok"]
+
+
+def test_a_takedown_pool_without_its_audit_line_is_a_verify_finding_and_not_built_on(lineage, spark, tmp_path, capsys):
+    """(lineage walk) takedown writes its audit line last, after the manifest: a run killed in between left a
+    pool that verify called OK, and a second takedown on it started the audit history over (one line: the
+    earlier takedowns' entries gone). Now verify names the missing entry, and takedown refuses to build on it."""
+    import shutil
+
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig, TakedownError
+    from laiontools.stages.verify import verify_main
+
+    L = lineage
+    cut = str(tmp_path / "cut")
+    shutil.copytree(L["new"], cut)
+    assert verify_main([f"{cut}/pool.manifest.json", "--no-parent"]) == 0  # a copy with its log is whole
+    capsys.readouterr()
+    os.remove(os.path.join(cut, "takedown.audit.jsonl"))  # as a run killed before its last step leaves it
+    assert verify_main([f"{cut}/pool.manifest.json", "--no-parent"]) == 1
+    out = capsys.readouterr().out
+    assert "takedown.audit.jsonl is missing" in out and "run the same takedown command again" in out
+    lst = tmp_path / "list.txt"
+    lst.write_text("domain never-in-this-pool.example\n")
+    with pytest.raises(TakedownError, match=r"was made by a takedown, but .*takedown\.audit\.jsonl is missing"):
+        takedown_stage.run(TakedownConfig(pool=f"{cut}/pool.manifest.json", list_file=str(lst), reason=REASON,
+                                          output=str(tmp_path / "next")), spark)

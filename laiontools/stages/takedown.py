@@ -595,6 +595,13 @@ def _read_audit(out: str, pool: PoolInfo) -> bytes:
         if pfs.exists(pp):
             with pfs.open(pp, "rb") as f:
                 old = f.read()
+        elif pool.manifest.get("takedown"):
+            # a takedown pool without its log: its run stopped before the audit line; going on would start the
+            # pool's audit history over with this run's line alone
+            raise TakedownError(
+                f"the pool {pool.path} was made by a takedown, but {parent} is missing (that takedown run stopped "
+                "before its last step): run that takedown command again to finish it, then this one"
+            )
     if old and not old.endswith(b"\n"):
         raise TakedownError(f"audit log {path} does not end with a newline (cut short?); it was not changed: repair it by hand")
     return old

@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from laiontools.contracts import layout
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.core import failpoints
 from laiontools.core.report import emit, table
-from laiontools.core.storage import PARQUET_READ, sha256_file, url_to_fs
+from laiontools.core.storage import PARQUET_READ, join, sha256_file, url_to_fs
 from laiontools.wds.keys import group_by_keys
 from laiontools.wds.samples import POOL_IMAGE_EXTS, compressed_tar_problem, tarfile_members
 
@@ -266,7 +267,33 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
                             res.problems.append(f"nesting: {outside} of {len(arr)} uids are not in parent {pp}")
                         else:
                             res.checked.append(f"nesting: all {len(arr)} uids are in parent {pp}")
+    if m.get("takedown"):
+        _check_takedown_audit(path, res)
     return res
+
+
+def _check_takedown_audit(path: str, res: VerifyResult) -> None:
+    """A pool made by takedown must have its audit line: takedown writes it last, after the manifest, so a
+    run killed in between leaves a pool that is complete but unaccounted for, and a later takedown on it
+    would start the audit history over."""
+    audit = join(path.rpartition("/")[0] or ".", layout.TAKEDOWN_AUDIT)
+    sha, _ = sha256_file(path)
+    entries: list[Any] = []
+    if _exists(audit):
+        fs, p = url_to_fs(audit)
+        with fs.open(p, "rb") as f:
+            for line in f.read().splitlines():
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    entries.append(None)
+    if any(isinstance(e, dict) and (e.get("pool") or {}).get("sha256") == sha for e in entries):
+        res.checked.append(f"takedown audit log {audit}: holds this pool's entry")
+        return
+    res.problems.append(
+        f"takedown pool {path}: its audit log {audit} {'holds no entry for it' if entries else 'is missing'} (the takedown "
+        "run that made it stopped before its last step): run the same takedown command again to finish it"
+    )
 
 
 def _check_catalog(path: str, m: dict[str, Any], res: VerifyResult) -> None:
