@@ -316,3 +316,15 @@ def test_verify_removal_list_matches_the_sha256_of_the_bytes_as_downloaded(small
     rc, out = _verify(capsys, small_pool["manifest"], str(lst))
     assert rc == 1 and f"sample {key} matches sha256" in out and "(line 2)" in out
     assert out.count("matches ") == 1
+
+
+def test_a_byte_order_mark_and_tabs_are_read_and_a_list_of_comments_only_is_refused():
+    """(lineage walk) a list saved with a UTF-8 BOM failed as "unknown kind '\\ufeffuid'", `uid<TAB>hex` was an
+    unknown kind while `url<TAB>...` passed, and a file of comments only parsed to 0 entries (a takedown would
+    go ahead and change nothing)."""
+    u = "0123456789abcdef" * 2
+    rl = parse_removal_list(f"\ufeffuid {u}\nsha256\t{'a' * 64}\ndomain\texample.com\n", "l.txt")
+    assert rl.uids == {u: 1} and rl.sha256s == {"a" * 64: 2} and rl.domains == {"example.com": 3} and rl.entries == 3
+    for text in ("", "# takedown batch 7\n\n   # nothing yet\n"):
+        with pytest.raises(RemovalListError, match=r"l\.txt: no entry \(only blank lines and comments\)"):
+            parse_removal_list(text, "l.txt")

@@ -149,11 +149,12 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
     hexes: dict[str, dict[str, int]] = {"uid": {}, "sha256": {}, "md5": {}}
     phashes: list[tuple[int, int, int]] = []
     n = 0
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # a byte-order mark (lists saved by Windows tools) is no part of the first line's kind
+    for lineno, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
         line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith(("url ", "url\t")) else raw.strip()
         if not line or line.startswith("#"):
             continue
-        kind, _, rest = line.partition(" ")
+        kind, rest = (line.split(None, 1) + [""])[:2]  # a tab separates kind and value as a space does
         kind, rest = kind.lower(), rest.strip()
         where = f"{path}:{lineno}"
         if kind not in KINDS:
@@ -196,6 +197,8 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
                     raise RemovalListError(f"{where}: {kind} takes one value, got {rest!r}")
                 hexes[kind].setdefault(value, lineno)
         n += 1
+    if not n:  # comments only, or an empty file: most likely the wrong file; a takedown would change nothing
+        raise RemovalListError(f"{path}: no entry (only blank lines and comments); give the list that names what to remove")
     return RemovalList(path=path, sha256=sha256_bytes(text.encode()), urls=urls, domains=domains, uids=hexes["uid"],
                        sha256s=hexes["sha256"], md5s=hexes["md5"], phashes=phashes, entries=n)
 
