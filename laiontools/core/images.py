@@ -132,21 +132,36 @@ def to_rgb(im: Any) -> Any:
     return to_8bit(im).convert("RGB")
 
 
-def wide_image_as_png(data: bytes) -> bytes | None:
-    """An 8-bit PNG of encoded PNG or TIFF bytes that PIL opens in one of :data:`WIDE_MODES` (a 16-bit grey
-    PNG, say); None for anything else, without decoding it (only PNG and TIFF signatures are opened, and
-    then only their header). For decoders that take bytes and call PIL's ``convert("RGB")`` themselves
-    (webdataset's, in open_clip's loader)."""
-    if not data.startswith((b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*")):
-        return None
-    import io
+# Encoded images that may be wider than 8 bits: PNG (bit depth in its header) and TIFF (decoded to tell).
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
 
-    with open_image(data) as im:
-        if im.mode not in WIDE_MODES:
+
+def may_be_wide(head: bytes) -> bool:
+    """Whether encoded bytes starting with `head` (32 bytes are enough) can be an image wider than 8 bits."""
+    return head.startswith((PNG_SIGNATURE, *TIFF_SIGNATURES))
+
+
+def eight_bit_png(data: bytes) -> bytes | None:
+    """A lossless 8-bit PNG of a 16-bit PNG or of a TIFF wider than 8 bits; None for anything else.
+
+    For decoders that take bytes and would get such an image wrong: img2dataset's resizer (``cv2.imdecode``
+    with ``IMREAD_UNCHANGED``, then the uint16 array encoded as if it were 8-bit: white) and webdataset's
+    ``pilrgb`` in open_clip's loader (``convert("RGB")``, which clips 16-bit grey at 255). Values by the one
+    rule (:func:`wide_to_uint8`); alpha is kept. Only a PNG whose header says 16 bits, or a TIFF, is decoded."""
+    if data.startswith(PNG_SIGNATURE):
+        if data[12:16] != b"IHDR" or len(data) < 25 or data[24] != 16:
             return None
-        buf = io.BytesIO()
-        to_8bit(im).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    elif not data.startswith(TIFF_SIGNATURES):
+        return None
+    import cv2
+    import numpy as np
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.dtype == np.uint8:
+        return None  # the caller's decoder reads it as it is, or reports its own error
+    ok, buf = cv2.imencode(".png", wide_to_uint8(img), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    return buf.tobytes() if ok else None
 
 
 def open_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Any:

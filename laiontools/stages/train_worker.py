@@ -295,11 +295,11 @@ def _decode_wide_images() -> None:
 
     open_clip decodes with ``wds.decode("pilrgb")``, whose ``convert("RGB")`` clips a 16-bit value at
     255: such an image trains as a white one. The copy's values follow the rule every other reader
-    uses (:func:`laiontools.core.images.wide_image_as_png`); other images go through untouched (only PNG
+    uses (:func:`laiontools.core.images.eight_bit_png`); other images go through untouched (only PNG
     and TIFF headers are looked at)."""
     from webdataset import autodecode
 
-    from laiontools.core.images import wide_image_as_png
+    from laiontools.core.images import eight_bit_png
 
     decode = autodecode.ImageHandler.__call__
     if getattr(decode, "_laiontools_wide", False):
@@ -307,7 +307,7 @@ def _decode_wide_images() -> None:
 
     def call(self: Any, key: str, data: bytes) -> Any:
         try:
-            eight = wide_image_as_png(data)
+            eight = eight_bit_png(data)
         except Exception:  # noqa: BLE001 - the decoder below raises its own error for these bytes
             eight = None
         return decode(self, key, data if eight is None else eight)

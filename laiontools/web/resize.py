@@ -41,7 +41,7 @@ import numpy as np
 from albumentations.augmentations.geometric import functional as fgeometric
 from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
 
-from laiontools.core.images import to_rgb, wide_to_uint8
+from laiontools.core.images import eight_bit_png, may_be_wide, to_rgb
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _REDUCTIONS = (8, 4, 2)  # largest first: the cheapest decode that is still big enough wins
@@ -96,33 +96,9 @@ def make_resizer(fast_decode: bool = True, **params: Any) -> Resizer:
     return cls(**resizer_kwargs(**params))
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
-
-
-def eight_bit_png(data: bytes) -> bytes | None:
-    """A lossless 8-bit PNG of a 16-bit PNG or a TIFF wider than 8 bits; None for anything else.
-
-    img2dataset decodes with ``IMREAD_UNCHANGED`` and encodes the uint16 array it gets as if it were
-    8-bit: a 16-bit PNG (grey or colour) was stored as a white image, with status success. The values
-    are brought to 8 bits by the rule every later reader uses (:func:`laiontools.core.images.wide_to_uint8`).
-    Only a PNG whose header says 16 bits, or a TIFF, is decoded here; alpha stays for img2dataset's
-    matting."""
-    if data.startswith(_PNG_SIGNATURE):
-        if data[12:16] != b"IHDR" or len(data) < 25 or data[24] != 16:
-            return None
-    elif not data.startswith(_TIFF_SIGNATURES):
-        return None
-    with SuppressStdoutStderr():
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.dtype == np.uint8:
-        return None  # img2dataset decodes it as it is, or reports its own error
-    ok, buf = cv2.imencode(".png", wide_to_uint8(img), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    return buf.tobytes() if ok else None
-
-
 class DepthSafeResizer(Resizer):
-    """img2dataset's Resizer, given an 8-bit copy of a 16-bit PNG or TIFF (:func:`eight_bit_png`).
+    """img2dataset's Resizer, given an 8-bit copy of a 16-bit PNG or TIFF
+    (:func:`laiontools.core.images.eight_bit_png`): img2dataset alone stored such an image white.
 
     With all re-encoding disabled the bytes are stored as they came (the user's choice); the readers
     after the download bring them to 8 bits the same way (:func:`laiontools.core.images.to_8bit`)."""
@@ -130,10 +106,10 @@ class DepthSafeResizer(Resizer):
     def __call__(self, img_stream: Any, blurring_bbox_list: Any = None) -> tuple:
         if not self.disable_all_reencoding:
             img_stream.seek(0)
-            head = img_stream.read(32)
-            if head.startswith(_PNG_SIGNATURE) or head.startswith(_TIFF_SIGNATURES):
+            if may_be_wide(img_stream.read(32)):
                 img_stream.seek(0)
-                eight = eight_bit_png(img_stream.read())
+                with SuppressStdoutStderr():  # libpng/libtiff warnings, as img2dataset silences them
+                    eight = eight_bit_png(img_stream.read())
                 if eight is not None:
                     img_stream = io.BytesIO(eight)
             img_stream.seek(0)
