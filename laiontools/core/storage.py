@@ -316,19 +316,23 @@ def read_marker(path: str) -> dict[str, Any] | None:
     return read_json(marker_path(path)) if is_done(path) else None
 
 
-def drop_stale_files(folder: str, suffix: str, current: set[str], why: str) -> None:
-    """Remove the files ``<name><suffix>`` in `folder` whose name is not in `current` (hidden files and
-    other suffixes are left alone): a stage's per-unit outputs that an earlier run into the same output
-    planned and this run does not (other shards, other units), so that whoever reads the folder as one
-    dataset sees only this run's. `why` ends the log line (e.g. "a shard no longer in the pool")."""
+def drop_stale_files(folder: str, suffix: str, current: set[str], why: str, folders: bool = False) -> None:
+    """Remove the files ``<name><suffix>`` in `folder` whose name is not in `current` (hidden entries and
+    other suffixes are left alone; with `folders`, the sub-folders instead, whole): a stage's per-unit
+    outputs that an earlier run into the same output planned and this run does not (other shards, other
+    units, other eps), so that whoever reads the folder as one dataset sees only this run's. `why` ends the
+    log line (e.g. "a shard no longer in the pool")."""
     fs, p = url_to_fs(folder)
     if not fs.exists(p):
         return
-    for f in fs.ls(p, detail=False):
+    for entry in fs.ls(p, detail=True):
+        f = entry["name"]
         name = f.rstrip("/").rsplit("/", 1)[-1]
-        if name.endswith(suffix) and not name.startswith(".") and name[: len(name) - len(suffix)] not in current:
-            log.info("removing %s: %s", f, why)
-            fs.rm(f)
+        if (name.startswith(".") or not name.endswith(suffix) or name[: len(name) - len(suffix)] in current
+                or (entry.get("type") == "directory") != folders):
+            continue
+        log.info("removing %s: %s", f, why)
+        fs.rm(f, recursive=folders)
 
 
 def ensure_output_dir(path: str) -> None:

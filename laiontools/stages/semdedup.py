@@ -804,13 +804,7 @@ def _drop_stale_units(out: str, current: set[str], labels: list[str]) -> None:
     for folder, suffix in [(join(out, REPORT_DIR), ".parquet"), *[(join(out, RUNS_DIR, lab), ".npy") for lab in labels]]:
         drop_stale_files(folder, suffix, current, "a unit of an earlier run's plan")
     for parent in (EPS_DIR, RUNS_DIR):
-        fs, p = url_to_fs(join(out, parent))
-        if fs.exists(p):
-            for f in fs.ls(p, detail=False):
-                name = f.rstrip("/").rsplit("/", 1)[-1]
-                if not name.startswith(".") and name not in labels and fs.isdir(f):
-                    log.info("removing %s: the outputs of an eps this run does not have", f)
-                    fs.rm(f, recursive=True)
+        drop_stale_files(join(out, parent), "", set(labels), "the outputs of an eps this run does not have", folders=True)
 
 
 def _read_bytes(path: str) -> bytes:
