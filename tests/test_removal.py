@@ -38,6 +38,23 @@ def test_parse_and_match_every_kind():
     assert rl.needs_content and list(rl.uid_array()["hi"]) == [0x0123456789ABCDEF]
 
 
+def test_every_line_a_sample_hits_and_repeated_values_point_at_their_first_line():
+    """match() gives the first entry; match_all() every entry, so that a takedown can name the lines that
+    matched nothing. A repeated value (in another spelling too) is the line that first gave it."""
+    text = ("url http://a.example/x.jpg\n"
+            "domain a.example\n"
+            "domain example\n"
+            "url HTTP://A.EXAMPLE:80/x.jpg   # the same URL again\n"
+            "phash 00000000000000ff 2\n"
+            "phash 00000000000000fe 0\n")
+    rl = parse_removal_list(text)
+    assert [(h.kind, h.line) for h in rl.match_all(url="http://a.example/x.jpg")] == [("url", 1), ("domain", 2), ("domain", 3)]
+    assert rl.match(url="http://a.example/x.jpg").line == 1
+    assert [h.line for h in rl.match_all(phash="00000000000000fe")] == [5, 6]
+    assert rl.lines == {1: ("url http://a.example/x.jpg", 1), 2: ("domain a.example", 2), 3: ("domain example", 3),
+                        4: ("url http://a.example/x.jpg", 1), 5: ("phash 00000000000000ff 2", 5), 6: ("phash 00000000000000fe 0", 6)}
+
+
 @pytest.mark.parametrize("line, msg", [
     ("sha1 abcd", "unknown kind 'sha1'"),
     ("url ftp://x.org/a", "not an http"),

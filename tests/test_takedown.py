@@ -163,6 +163,11 @@ def test_takedown_removes_exactly_the_listed_samples(lineage, pool):
     tk = new_m["takedown"]
     assert tk["status"] == STATUS and tk["list"]["sha256"] == _sha(L["listfile"]) and tk["list"]["entries"] == 6
     assert set(tk["by_kind"]) >= {"uid", "url", "sha256", "phash", "domain"}
+    # the one line that names nothing in the pool is named (line 7 of the list: line 1 is a comment)
+    rep = json.loads(_text(f"{L['new']}/takedown.json"))
+    assert rep["lines_matching_nothing"] == [{"line": 7, "entry": "domain never-in-this-pool.example"}]
+    assert rep["counts"]["lines_matching_nothing"] == 1 and rep["lines_already_removed"] == []
+    assert "1 line(s) of the list matched nothing in this pool: line 7: domain never-in-this-pool.example" in _text(f"{L['new']}/takedown.txt")
 
     # catalog: same rows; removed ones get the status; nothing else changes but the spans of rewritten shards
     new_cat = pd.read_parquet(f"{L['new']}/catalog")
@@ -277,8 +282,11 @@ def test_a_list_that_matches_nothing_changes_nothing(lineage, pool, spark, capsy
     # through the CLI (it finds the test's Spark session): exit 0 and a clear message
     assert main(["takedown", "--pool", f"{L['new']}/pool.manifest.json", "--list", nothing, "--reason", "none",
                  "--output", out]) == 0
-    assert "matched nothing" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "matched nothing" in printed and "3 line(s) of the list matched nothing in this pool" in printed, printed
     rep = json.loads(_text(f"{out}/takedown.json"))
+    assert rep["lines_matching_nothing"] == [{"line": 1, "entry": f"uid {'f' * 32}"}, {"line": 2, "entry": "domain never.example"},
+                                             {"line": 3, "entry": "url http://127.0.0.9/none.jpg"}]
     assert rep["counts"]["samples_removed"] == 0 and rep["counts"]["shards_rewritten"] == 0 and rep["removed"] == []
     m_old, m_new = read_manifest(f"{L['new']}/pool.manifest.json"), read_manifest(f"{out}/pool.manifest.json")
     assert _sha(f"{out}/pool.uids.npy") == _sha(f"{L['new']}/pool.uids.npy")
@@ -310,6 +318,11 @@ def test_a_second_takedown_keeps_the_first_ones_removal_stamps(lineage, spark):
     assert not b["status"].eq("removed_second").any()
     last = json.loads(_text(f"{out}/takedown.audit.jsonl").splitlines()[-1])
     assert last["matched_nothing"] and last["uids"] == [] and last["catalog_rows_without_sample"] == []
+    # the report says which lines named only what the first run removed (the pHash line too, though the
+    # catalog holds no pHash: the removed row's message names its entry) and which named nothing at all
+    assert [x["line"] for x in last["lines_already_removed"]] == [2, 3, 4, 5, 6]
+    assert last["lines_matching_nothing"] == [{"line": 7, "entry": "domain never-in-this-pool.example"}]
+    assert "5 line(s) of the list named only samples an earlier takedown removed" in _text(f"{out}/takedown.txt")
 
 
 def test_subsets_update_reshard_and_verify(lineage, pool, spark, capsys):
@@ -443,7 +456,7 @@ def test_content_scan_takes_a_sample_whose_json_is_no_object(tmp_path):
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))
     rl = parse_removal_list("".join(f"sha256 {hashlib.sha256(b).hexdigest()}\n" for b in imgs.values()))
-    got = {key: uid for key, uid, kind, _, _ in scan_content(path, rl)}
+    got = {key: uid for key, uid, kind, _, _, _ in scan_content(path, rl)}
     assert got == {"k0": "", "k1": "", "k2": "", "k3": "ab" * 16}
 
 
@@ -468,7 +481,7 @@ def test_a_content_scan_names_the_samples_it_could_not_check(tmp_path):
                 ti = tarfile.TarInfo(f"{key}.{ext}")
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))
-    unchecked = lambda rl: {key: why for key, _, kind, why, _ in scan_content(path, rl) if kind == "unchecked"}
+    unchecked = lambda rl: {key: why for key, _, kind, why, _, _ in scan_content(path, rl) if kind == "unchecked"}
     assert unchecked(parse_removal_list(f"phash {'0' * 16}\n")) == {"broken": UNCHECKED_NO_PHASH}
     assert unchecked(parse_removal_list(f"sha256 {'0' * 64}\n")) == {}  # bytes are hashed without decoding
     entry = {"matched_nothing": True, "list": {"path": "l.txt", "entries": 1}, "per_shard": {},

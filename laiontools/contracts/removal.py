@@ -18,7 +18,9 @@ quad): ``domain bücher.de`` and ``domain xn--bcher-kva.de`` are the same entry.
 The kind comes first so a 32-hex md5 and a 32-hex uid are never confused. A malformed line raises
 :class:`RemovalListError` naming the file and line number, and nothing is matched against a list that
 failed to parse. :meth:`RemovalList.match` says which entry (kind + line) a sample hits, so every removal
-can be traced to the line that asked for it; :attr:`RemovalList.sha256` identifies the list in audit logs.
+can be traced to the line that asked for it; :meth:`RemovalList.match_all` says every entry it hits, so
+that a run can name the lines that matched nothing (:attr:`RemovalList.lines`: every entry's line, a
+repeated value pointing at its first line); :attr:`RemovalList.sha256` identifies the list in audit logs.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ class RemovalList:
     md5s: dict[str, int]
     phashes: list[tuple[int, int, int]]  # (hash as int, max distance, line)
     entries: int
+    # every entry line -> (its entry as "kind value", the line whose entry it is: itself, or the first line
+    # that gave the same value; a match of that line is a match of this one)
+    lines: dict[int, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def needs_content(self) -> bool:
@@ -120,26 +125,45 @@ class RemovalList:
     def match(self, *, url: str | None = None, uid: str | None = None, sha256: str | None = None,
               md5: str | None = None, phash: str | None = None) -> Match | None:
         """The first entry the sample hits (uid, url, domain, sha256, md5, phash order), or None."""
+        hits = self.match_all(url=url, uid=uid, sha256=sha256, md5=md5, phash=phash, first=True)
+        return hits[0] if hits else None
+
+    def match_all(self, *, url: str | None = None, uid: str | None = None, sha256: str | None = None,
+                  md5: str | None = None, phash: str | None = None, first: bool = False) -> list[Match]:
+        """Every entry the sample hits, in :meth:`match`'s order (only the first when `first`)."""
+        hits: list[Match] = []
         if uid and uid.lower() in self.uids:
-            return Match("uid", uid.lower(), self.uids[uid.lower()])
+            hits.append(Match("uid", uid.lower(), self.uids[uid.lower()]))
+            if first:
+                return hits
         if url:
             n, host = _canonical_url(url)
             if n in self.urls:
-                return Match("url", n, self.urls[n])
+                hits.append(Match("url", n, self.urls[n]))
+                if first:
+                    return hits
             if self.domains and host:
                 for d in _domains_of(host):
                     if d in self.domains:
-                        return Match("domain", d, self.domains[d])
+                        hits.append(Match("domain", d, self.domains[d]))
+                        if first:
+                            return hits
         if sha256 and sha256.lower() in self.sha256s:
-            return Match("sha256", sha256.lower(), self.sha256s[sha256.lower()])
+            hits.append(Match("sha256", sha256.lower(), self.sha256s[sha256.lower()]))
+            if first:
+                return hits
         if md5 and md5.lower() in self.md5s:
-            return Match("md5", md5.lower(), self.md5s[md5.lower()])
+            hits.append(Match("md5", md5.lower(), self.md5s[md5.lower()]))
+            if first:
+                return hits
         if phash and self.phashes:
             h = int(phash, 16)
             for v, d, line in self.phashes:
                 if (h ^ v).bit_count() <= d:
-                    return Match("phash", f"{v:016x}", line)
-        return None
+                    hits.append(Match("phash", f"{v:016x}", line))
+                    if first:
+                        return hits
+        return hits
 
 
 def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
@@ -148,6 +172,7 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
     domains: dict[str, int] = {}
     hexes: dict[str, dict[str, int]] = {"uid": {}, "sha256": {}, "md5": {}}
     phashes: list[tuple[int, int, int]] = []
+    lines: dict[int, tuple[str, int]] = {}
     n = 0
     # a byte-order mark (lists saved by Windows tools) is no part of the first line's kind
     for lineno, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
@@ -169,12 +194,12 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
             u, host = _canonical_url(value)
             if not host or urlsplit(u or "").scheme not in ("http", "https"):
                 raise RemovalListError(f"{where}: {value!r} is not an http(s) URL")
-            urls.setdefault(u, lineno)
+            lines[lineno] = (f"url {u}", urls.setdefault(u, lineno))
         elif kind == "domain":
             host = canonical_host(rest.split()[0])
             if not _HOST.match(host):
                 raise RemovalListError(f"{where}: {rest!r} is not a host name (give e.g. 'domain example.com', no scheme or path)")
-            domains.setdefault(host, lineno)
+            lines[lineno] = (f"domain {host}", domains.setdefault(host, lineno))
         else:
             fields = rest.split()
             value = fields[0].lower()
@@ -192,15 +217,16 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
                 if len(fields) > 2:
                     raise RemovalListError(f"{where}: phash takes '<16 hex> [max_distance]', got {rest!r}")
                 phashes.append((int(value, 16), d, lineno))
+                lines[lineno] = (f"phash {value} {d}", lineno)
             else:
                 if len(fields) > 1:
                     raise RemovalListError(f"{where}: {kind} takes one value, got {rest!r}")
-                hexes[kind].setdefault(value, lineno)
+                lines[lineno] = (f"{kind} {value}", hexes[kind].setdefault(value, lineno))
         n += 1
     if not n:  # comments only, or an empty file: most likely the wrong file; a takedown would change nothing
         raise RemovalListError(f"{path}: no entry (only blank lines and comments); give the list that names what to remove")
     return RemovalList(path=path, sha256=sha256_bytes(text.encode()), urls=urls, domains=domains, uids=hexes["uid"],
-                       sha256s=hexes["sha256"], md5s=hexes["md5"], phashes=phashes, entries=n)
+                       sha256s=hexes["sha256"], md5s=hexes["md5"], phashes=phashes, entries=n, lines=lines)
 
 
 def read_removal_list(path: str) -> RemovalList:

@@ -69,6 +69,7 @@ import getpass
 import json
 import logging
 import math
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ log = logging.getLogger(__name__)
 STAGE = "takedown"
 # Spans of the kept samples of rewritten shards come to the driver (one small row each); the uids and
 # match lines of removed samples too (they go into takedown.json and the audit log).
-_MATCH_SCHEMA = "uid string, status string, shard string, key string, kind string, value string, line int"
+_MATCH_SCHEMA = "uid string, status string, shard string, key string, kind string, value string, line int, lines string"
 
 
 class TakedownError(UserError, ValueError):
@@ -160,37 +161,63 @@ CONFIG = TakedownConfig
 
 
 def _catalog_match_fn(rl: RemovalList) -> Any:
-    """mapInPandas body: catalog rows (uid, status, url, shard, key, sha256) -> the rows the list names.
+    """mapInPandas body: catalog rows (uid, status, url, shard, key, sha256) -> the rows the list names,
+    with the first entry each hits (kind, value, line) and every line it hits (`lines`, comma-separated).
     A row an earlier takedown removed (status ``removed_*``) is never matched: it keeps that takedown's
-    status and message (the audit log names it there), and this run does not count it again."""
+    status and message (the audit log names it there), and this run does not count it again; it comes
+    back with an empty kind, so that the lines naming it can be reported as already removed."""
+
+    # an earlier removal's message names the entry that removed the row ("... (phash <hex>)"): a content
+    # entry of this list is known to name that row even though the catalog holds no pHash or md5
+    by_entry: dict[tuple[str, str], int] = {}
+    for text, first in rl.lines.values():
+        kind, rest = text.split(" ", 1)
+        by_entry.setdefault((kind, rest if kind == "url" else rest.split(" ")[0]), first)
 
     def fn(frames: Any) -> Any:
         import pandas as pd
 
-        cols = ["uid", "status", "shard", "key", "kind", "value", "line"]
+        cols = ["uid", "status", "shard", "key", "kind", "value", "line", "lines"]
         for df in frames:
             out = []
-            for uid, status, url, shard, key, sha in zip(df[C.UID], df[C.STATUS], df[C.URL], df[C.SHARD], df[C.KEY], df[C.SHA256]):
+            for uid, status, url, shard, key, sha, err in zip(df[C.UID], df[C.STATUS], df[C.URL], df[C.SHARD], df[C.KEY], df[C.SHA256],
+                                                              df[C.ERROR]):
+                hits = rl.match_all(uid=uid, url=url, sha256=sha if isinstance(sha, str) else None)
                 if isinstance(status, str) and status.startswith(C.REMOVED_PREFIX):
+                    m = _REMOVED_BY.match(err) if isinstance(err, str) else None
+                    earlier = {h.line for h in hits} | ({by_entry[m.groups()]} if m and m.groups() in by_entry else set())
+                    if earlier:
+                        out.append((uid, status, shard, key, "", "", -1, ",".join(map(str, sorted(earlier)))))
                     continue
-                hit = rl.match(uid=uid, url=url, sha256=sha if isinstance(sha, str) else None)
-                if hit is not None:
-                    out.append((uid, status, shard, key, hit.kind, hit.value, hit.line))
+                if not hits:
+                    continue
+                lines = ",".join(str(h.line) for h in hits)
+                out.append((uid, status, shard, key, hits[0].kind, hits[0].value, hits[0].line, lines))
             yield pd.DataFrame(out, columns=cols).astype({"line": "int32"}) if out else pd.DataFrame(
                 {c: pd.Series([], dtype="int32" if c == "line" else "object") for c in cols})
 
     return fn
 
 
+# the message a takedown writes on a row it removes (see _takedown: "removed by takedown list ... line N (kind value)")
+_REMOVED_BY = re.compile(r"^removed by takedown list [0-9a-f]+ line \d+ \((\w+) (.*)\)$")
+
+
+def _lines_of(lines: str) -> set[int]:
+    return {int(x) for x in lines.split(",") if x}
+
+
 # why a content scan could not check a sample (counted in takedown.json and named in the text). A sample
 # without an image member is not one: no listed image can be in it.
 UNCHECKED_NO_PHASH = "image not decodable: no pHash to compare"
 NOT_CHECKED_LISTED = 20  # of them, named in takedown.json (all are counted)
+LINES_LISTED = 1000  # list lines that matched nothing (or only rows removed before), named in takedown.json (all are counted)
 
 
-def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, int]]:
-    """(key, uid, kind, value, line) of every sample of the tar at `url` whose stored image bytes match a
-    sha256/md5/phash entry of `rl`; and, as (key, "", "unchecked", reason, -1), every sample whose image
+def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, int, str]]:
+    """(key, uid, kind, value, line, lines) of every sample of the tar at `url` whose stored image bytes
+    match a sha256/md5/phash entry of `rl` (the first entry it hits, and every line it hits, comma-separated);
+    and, as (key, "", "unchecked", reason, -1, ""), every sample whose image
     does not decode when the list has pHash entries (its bytes still meet the sha256/md5 entries). Raises
     TakedownError naming the shard when it cannot be read."""
     import tarfile
@@ -207,9 +234,10 @@ def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, in
                     continue
                 h = content_hashes(img, bool(rl.phashes))
                 if rl.phashes and h["phash"] is None:
-                    out.append((key, "", "unchecked", UNCHECKED_NO_PHASH, -1))
-                hit = rl.match(sha256=h["sha256"], md5=h["md5"], phash=h["phash"])
-                if hit is not None:
+                    out.append((key, "", "unchecked", UNCHECKED_NO_PHASH, -1, ""))
+                hits = rl.match_all(sha256=h["sha256"], md5=h["md5"], phash=h["phash"])
+                if hits:
+                    hit = hits[0]
                     try:
                         meta = json.loads(parts.get("json") or b"{}")
                     except ValueError:
@@ -218,7 +246,7 @@ def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, in
                     # content hash still name the sample)
                     uid = meta.get("uid") if isinstance(meta, dict) else None
                     uid = uid if isinstance(uid, str) else ""
-                    out.append((key, uid, hit.kind, hit.value, hit.line))
+                    out.append((key, uid, hit.kind, hit.value, hit.line, ",".join(str(x.line) for x in hits)))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise TakedownError(f"shard {url} cannot be read ({type(e).__name__}: {e}); run `laiontools verify` on the pool") from e
     return out
@@ -397,14 +425,21 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
     run_record = spark_run_record(spark, int(pool.manifest["num_samples"]))
     t0 = time.monotonic()
     cat = spark_read_parquet(spark, pool.catalog)
-    cols = [C.UID, C.STATUS, C.URL, C.SHARD, C.KEY, C.SHA256]
+    cols = [C.UID, C.STATUS, C.URL, C.SHARD, C.KEY, C.SHA256, C.ERROR]
     missing = [c for c in cols if c not in cat.columns]
     if missing:
         raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow schemas/catalog.schema.json")
     rows = cat.select(*cols).mapInPandas(_catalog_match_fn(rl), _MATCH_SCHEMA).collect()
-    # one match per (uid, status) row: the first entry the row hits
+    # one match per (uid, status) row: the first entry the row hits; every line hit is kept, to name the
+    # lines that matched nothing (and those that named only rows an earlier takedown removed)
     matched: dict[tuple[str, str], dict[str, Any]] = {}
+    lines_hit: set[int] = set()
+    lines_earlier: set[int] = set()
     for r in rows:
+        if not r["kind"]:
+            lines_earlier |= _lines_of(r["lines"])
+            continue
+        lines_hit |= _lines_of(r["lines"])
         matched.setdefault((r["uid"], r["status"]), {"uid": r["uid"], "status": r["status"], "shard": r["shard"], "key": r["key"],
                                                      "kind": r["kind"], "value": r["value"], "line": int(r["line"])})
     t_catalog = time.monotonic() - t0
@@ -422,10 +457,11 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         content_scanned = len(ids)
         # which catalog row a stored sample is: its success row by uid (the sample's json) and shard/key
         by_sample = {(m["shard"], m["key"]) for m in matched.values() if m["status"] == C.STATUS_SUCCESS}
-        for sid, key, uid, kind, value, line in hits:
+        for sid, key, uid, kind, value, line, lines in hits:
             if kind == "unchecked":
                 unchecked.append((sid, key, value))
                 continue
+            lines_hit |= _lines_of(lines)
             if (sid, key) in by_sample:
                 continue
             if not uid:
@@ -434,6 +470,10 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
             matched.setdefault((uid, C.STATUS_SUCCESS), {"uid": uid, "status": C.STATUS_SUCCESS, "shard": sid, "key": key,
                                                          "kind": kind, "value": value, "line": int(line)})
     t_content = time.monotonic() - t1
+    # the list's lines that matched no row of this pool (a repeated value counts as its first line)
+    unmatched = [(ln, text) for ln, (text, first) in sorted(rl.lines.items()) if first not in lines_hit]
+    already = [(ln, text) for ln, text in unmatched if rl.lines[ln][1] in lines_earlier]
+    unmatched = [(ln, text) for ln, text in unmatched if rl.lines[ln][1] not in lines_earlier]
 
     removed = sorted((m for m in matched.values() if m["status"] == C.STATUS_SUCCESS), key=lambda m: m["uid"])
     other = sorted((m for m in matched.values() if m["status"] != C.STATUS_SUCCESS), key=lambda m: (m["uid"], m["status"]))
@@ -520,6 +560,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         "by_kind": {k: sum(1 for m in matched.values() if m["kind"] == k) for k in sorted({m["kind"] for m in matched.values()})},
         "samples_before": pool.manifest["num_samples"], "samples_after": n_uids,
         "samples_not_content_checked": {r: sum(1 for u in unchecked if u[2] == r) for r in sorted({u[2] for u in unchecked})},
+        "lines_matching_nothing": len(unmatched), "lines_already_removed": len(already),
     }
     listing = {"path": _safe_path(cfg.list_file), "sha256": rl.sha256, "entries": rl.entries}
     m = new_manifest(
@@ -528,7 +569,8 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         source_fingerprint=pool.fingerprint, parent={"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path},
         command=canonical_command(cfg), catalog={"path": layout.CATALOG_DIR, "num_rows": int(n_rows)},
         takedown={"list": listing, "reason": cfg.reason, "status": status,
-                  **{k: v for k, v in counts.items() if k not in ("shards_content_scanned", "samples_not_content_checked")}},
+                  **{k: v for k, v in counts.items() if k not in ("shards_content_scanned", "samples_not_content_checked", "lines_matching_nothing",
+                                                                  "lines_already_removed")}},
     )
     m["short"] = pool.manifest.get("short", False)
     for k in ("download",):  # the images are the parent's: its download settings still describe them
@@ -547,6 +589,9 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         "counts": counts, "per_shard": dict(sorted(per_shard_removed.items())), "uids": [r["uid"] for r in removed],
         "catalog_rows_without_sample": [{"uid": r["uid"], "status": r["status"]} for r in other],
         "matched_nothing": not matched,
+        # a line that named nothing here: the pool never held it (or a content entry met no stored image)
+        "lines_matching_nothing": [{"line": ln, "entry": text} for ln, text in unmatched[:LINES_LISTED]],
+        "lines_already_removed": [{"line": ln, "entry": text} for ln, text in already[:LINES_LISTED]],
         "not_content_checked": [f"{sid}/{key}: {why}" for sid, key, why in sorted(unchecked)[:NOT_CHECKED_LISTED]],
     }
     old_audit = _read_audit(out, pool)
@@ -634,6 +679,14 @@ def _text(entry: dict[str, Any], pool: PoolInfo, m_path: str, n_audit: int) -> s
                      + "; ".join(f"{why}: {n:,}" for why, n in missed.items()) + "), e.g. "
                      + ", ".join(x.split(":", 1)[0] for x in entry["not_content_checked"][:5])
                      + f"; up to {NOT_CHECKED_LISTED} listed in {layout.TAKEDOWN_JSON}")
+    for what, key in (("matched nothing in this pool", "lines_matching_nothing"),
+                      ("named only samples an earlier takedown removed (see the audit log)", "lines_already_removed")):
+        n = c.get(key) or 0
+        if n:
+            named = entry[key]
+            parts.append(f"note: {n:,} line(s) of the list {what}: "
+                         + "; ".join(f"line {x['line']}: {x['entry']}" for x in named[:5]) + ("; ..." if n > 5 else "")
+                         + f" (up to {LINES_LISTED} named in {layout.TAKEDOWN_JSON})")
     if rows:
         parts.append("by kind\n" + table(rows))
     if shards:
