@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from urllib.parse import urlsplit
 
@@ -167,6 +168,14 @@ def test_takedown_removes_exactly_the_listed_samples(lineage, pool):
     rep = json.loads(_text(f"{L['new']}/takedown.json"))
     assert rep["lines_matching_nothing"] == [{"line": 7, "entry": "domain never-in-this-pool.example"}]
     assert rep["counts"]["lines_matching_nothing"] == 1 and rep["lines_already_removed"] == []
+    # inspect shows the takedown: list, counts, and the audit log beside the manifest
+    from laiontools.stages.verify import inspect_text
+
+    shown = inspect_text(f"{L['new']}/pool.manifest.json")
+    n_log = len(_text(f"{L['new']}/takedown.audit.jsonl").splitlines())
+    assert f"takedown: reason {REASON}, status {STATUS}" in shown and f"sha256 {_sha(L['listfile'])[:16]}" in shown, shown
+    assert f"removed       {len(L['expect_removed'])} sample(s); {len(L['expect_rows_without'])} more catalog row(s)" in shown, shown
+    assert f"({n_log} entr{'y' if n_log == 1 else 'ies'};" in shown and "MISSING" not in shown, shown
     assert "1 line(s) of the list matched nothing in this pool: line 7: domain never-in-this-pool.example" in _text(f"{L['new']}/takedown.txt")
 
     # catalog: same rows; removed ones get the status; nothing else changes but the spans of rewritten shards
@@ -389,6 +398,22 @@ def test_update_refuses_a_pool_not_descending_from_the_old_one(lineage, pool, tm
     with pytest.raises(SubsetError, match="does not descend from"):
         subsets_stage.run(SubsetsConfig(pool=str(other / "pool.manifest.json"), output=str(tmp_path / "o"), update=lineage["old_sub"]))
 
+    # a takedown pool whose parent is gone: the error names the missing parent as its parent, not as the
+    # --pool given (it said "give the pool.manifest.json written by download"), and the pool that records it
+    from laiontools.contracts.schema import ManifestError
+
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    m = read_manifest(f"{lineage['new']}/pool.manifest.json")
+    gone = str(tmp_path / "moved" / "pool.manifest.json")
+    m["parent"]["path"] = gone
+    write_manifest(str(orphan / "pool.manifest.json"), m)
+    for name in ("catalog", "pool.uids.npy"):
+        os.symlink(f"{lineage['new']}/{name}", orphan / name)
+    with pytest.raises(ManifestError, match=rf"orphan/pool\.manifest\.json: its parent pool {re.escape(gone)} \(recorded by the "
+                                            "takedown that made it\) cannot be read: manifest .* does not exist"):
+        subsets_stage.run(SubsetsConfig(pool=str(orphan / "pool.manifest.json"), output=str(tmp_path / "o2"), update=lineage["old_sub"]))
+
 
 # ---------------------------------------------------------------------------------------------- small parts, no Spark
 
@@ -553,6 +578,9 @@ def test_a_takedown_pool_without_its_audit_line_is_a_verify_finding_and_not_buil
     assert verify_main([f"{cut}/pool.manifest.json", "--no-parent"]) == 1
     out = capsys.readouterr().out
     assert "takedown.audit.jsonl is missing" in out and "run the same takedown command again" in out
+    from laiontools.stages.verify import inspect_text
+
+    assert f"audit log     {cut}/takedown.audit.jsonl  ** MISSING **" in inspect_text(f"{cut}/pool.manifest.json")
     lst = tmp_path / "list.txt"
     lst.write_text("domain never-in-this-pool.example\n")
     with pytest.raises(TakedownError, match=r"was made by a takedown, but .*takedown\.audit\.jsonl is missing"):

@@ -134,6 +134,12 @@ def subset_diff(label: str) -> str:
     return f"{label}.diff.json"
 
 
+def takedown_audit_of(pool_manifest: str) -> str:
+    """The takedown audit log beside a pool manifest (its folder's `takedown.audit.jsonl`)."""
+    folder, sep, _ = pool_manifest.rpartition("/")
+    return f"{folder}/{TAKEDOWN_AUDIT}" if sep else TAKEDOWN_AUDIT
+
+
 def shard_id(shard_path: str) -> str:
     """Stable id of a pool shard from its manifest path: 'shards/retry01/00003.tar' -> 'retry01-00003'.
 

@@ -42,7 +42,12 @@ def pool_chain(path: str, manifest: dict[str, Any] | None = None) -> list[tuple[
         if m.get("kind") != "pool" or not parent.get("path"):
             break
         pp = resolve(path, parent["path"])
-        pm = read_manifest(pp)
+        try:
+            pm = read_manifest(pp)
+        except ManifestError as e:  # named as this pool's parent, not as the pool the user gave
+            raise ManifestError(f"{path}: its parent pool {pp} (recorded by the takedown that made it) cannot be read: {e}. "
+                                "A takedown pool references its parent's unchanged shards and lineage: keep the parent "
+                                "where it was, or give the pool a takedown made before it was moved") from e
         if pm.get("kind") != "pool":
             break
         sha = manifest_sha256(pp)

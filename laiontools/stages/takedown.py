@@ -634,7 +634,7 @@ def _read_audit(out: str, pool: PoolInfo) -> bytes:
         with fs.open(p, "rb") as f:
             old = f.read()
     else:
-        parent = join(pool.path.rpartition("/")[0], layout.TAKEDOWN_AUDIT)
+        parent = layout.takedown_audit_of(pool.path)
         pfs, pp = url_to_fs(parent)
         old = b""
         if pfs.exists(pp):
@@ -692,7 +692,7 @@ def _text(entry: dict[str, Any], pool: PoolInfo, m_path: str, n_audit: int) -> s
     if shards:
         parts.append("by shard\n" + table(shards))
     parts.append(f"new pool: {m_path}\naudit log: {n_audit} entr{'y' if n_audit == 1 else 'ies'} "
-                 f"({join(m_path.rpartition('/')[0], layout.TAKEDOWN_AUDIT)})")
+                 f"({layout.takedown_audit_of(m_path)})")
     return "\n\n".join(parts)
 
 

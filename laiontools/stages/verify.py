@@ -276,7 +276,7 @@ def _check_takedown_audit(path: str, res: VerifyResult) -> None:
     """A pool made by takedown must have its audit line: takedown writes it last, after the manifest, so a
     run killed in between leaves a pool that is complete but unaccounted for, and a later takedown on it
     would start the audit history over."""
-    audit = join(path.rpartition("/")[0] or ".", layout.TAKEDOWN_AUDIT)
+    audit = layout.takedown_audit_of(path)
     sha, _ = sha256_file(path)
     entries: list[Any] = []
     if _exists(audit):
@@ -514,6 +514,10 @@ def inspect_text(path: str) -> str:
             lines.append("funnel")
             steps = [f if isinstance(f, dict) else {"step": f} for f in sel["funnel"]] if isinstance(sel["funnel"], list) else [{"step": sel["funnel"]}]
             lines.append(table([{"step": f.get("step"), "removed": _count(f.get("removed")), "remaining": _count(f.get("remaining"))} for f in steps]))
+    tk = m.get("takedown")
+    if isinstance(tk, dict):
+        lines.append("")
+        lines.extend(_takedown_lines(path, tk))
     if m.get("reshard"):
         lines.append("")
         r = m["reshard"]
@@ -531,6 +535,30 @@ def inspect_text(path: str) -> str:
     else:
         lines.append("shards: none (run `laiontools reshard` to write training shards)")
     return "\n".join(lines)
+
+
+def _takedown_lines(path: str, tk: dict[str, Any]) -> list[str]:
+    """inspect's takedown section: what the run that made this pool removed, and the audit log's length."""
+    lst = tk.get("list") if isinstance(tk.get("list"), dict) else {}
+    out = [
+        f"takedown: reason {tk.get('reason')}, status {tk.get('status')}",
+        f"  list          {lst.get('path')}  ({lst.get('entries')} entries, sha256 {str(lst.get('sha256'))[:16]}...)",
+        f"  removed       {_count(tk.get('samples_removed'))} sample(s); {_count(tk.get('catalog_rows_without_sample'))} more catalog "
+        f"row(s) marked without a stored sample",
+        f"  shards        {_count(tk.get('shards_rewritten'))} rewritten, {_count(tk.get('shards_referenced'))} referenced in the parent",
+    ]
+    by_kind = tk.get("by_kind") if isinstance(tk.get("by_kind"), dict) else {}
+    if by_kind:
+        out.append("  by kind       " + ", ".join(f"{k} {_count(v)}" for k, v in sorted(by_kind.items())))
+    audit = layout.takedown_audit_of(path)
+    try:
+        fs, p = url_to_fs(audit)
+        with fs.open(p, "rb") as f:
+            n = f.read().count(b"\n")
+        out.append(f"  audit log     {audit}  ({n} entr{'y' if n == 1 else 'ies'}; `laiontools verify` checks this run's)")
+    except FileNotFoundError:
+        out.append(f"  audit log     {audit}  ** MISSING ** (run `laiontools verify`)")
+    return out
 
 
 def inspect_main(argv: list[str] | None = None) -> int:
