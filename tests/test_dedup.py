@@ -415,6 +415,27 @@ def test_dedup_into_an_old_output_searches_shards_embedded_again(pool, dedup_run
     assert len(redone) == 1, redone  # the one rewritten shard; the others are reused
 
 
+def test_a_shard_is_read_and_identified_by_one_reading_of_its_marker(reembedded):
+    """dedup and semdedup read an embedding shard's marker once and take both its identity and the hashes
+    its files are checked against from it (they read it twice: an embed run between the two reads gave a
+    result recorded for other embeddings than it was made of). With the marker of the shard before embed
+    ran again, the current files are refused, naming the file; with its own, they are read."""
+    from laiontools.contracts.embeddings import read_embedding_shard, shard_identity, shard_marker
+    from laiontools.core.errors import TaskError
+
+    after, before = reembedded["after"], reembedded["before"]
+    sids = sorted(n.removesuffix(".parquet") for n in os.listdir(os.path.join(after, "meta")) if n.endswith(".parquet"))
+    changed = [sid for sid in sids if shard_marker(after, sid) != shard_marker(before, sid)]
+    assert len(changed) == 1, changed  # the shard the takedown rewrote, embedded again
+    sid = changed[0]
+    now, old = shard_marker(after, sid), shard_marker(before, sid)
+    assert shard_identity(after, sid, now) == shard_identity(after, sid) != shard_identity(after, sid, old)
+    emb, meta = read_embedding_shard(after, sid, now)
+    assert emb.shape[0] == meta.num_rows == read_embedding_shard(after, sid)[1].num_rows
+    with pytest.raises(TaskError, match=rf"{sid}\.(npy|parquet)"):
+        read_embedding_shard(after, sid, old)
+
+
 def test_semdedup_into_an_old_output_assigns_shards_embedded_again(reembedded, tmp_path):
     """semdedup's assignments were keyed on the centroids only, and k-means may give the same centroids
     after one sample is taken down: the rewritten shard's old assignment was reused (the taken-down sample

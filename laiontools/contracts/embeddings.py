@@ -126,27 +126,32 @@ def shard_files(sid: str) -> dict[str, str]:
     }
 
 
-def recorded_sha256(emb_dir: str, sid: str) -> dict[str, str]:
-    """{relative path: sha256} embed recorded in shard `sid`'s completion marker; {} for a folder written
-    before hashes were recorded (its files are then read unchecked)."""
+def shard_marker(emb_dir: str, sid: str) -> dict[str, Any]:
+    """Embedding shard `sid`'s completion marker ({} if it has none). A reader that needs both the shard's
+    identity and its hashes reads it once and passes it on: both then describe the same embed run."""
     from laiontools.core.storage import read_marker
 
-    marker = read_marker(join(emb_dir, shard_files(sid)["meta"])) or {}
-    got = marker.get(MARKER_SHA256) or {}
+    return read_marker(join(emb_dir, shard_files(sid)["meta"])) or {}
+
+
+def recorded_sha256(emb_dir: str, sid: str, marker: dict[str, Any] | None = None) -> dict[str, str]:
+    """{relative path: sha256} embed recorded in shard `sid`'s completion marker (`marker`, read here if
+    not given); {} for a folder written before hashes were recorded (its files are then read unchecked)."""
+    got = (marker if marker is not None else shard_marker(emb_dir, sid)).get(MARKER_SHA256) or {}
     if not got:
         log.debug("%s: shard %s's marker records no file hashes (written by an older embed): not checked", emb_dir, sid)
     return got
 
 
-def shard_identity(emb_dir: str, sid: str) -> str:
+def shard_identity(emb_dir: str, sid: str, marker: dict[str, Any] | None = None) -> str:
     """What a result computed from embedding shard `sid` is valid for: a short hash of the files' sha256
-    that embed recorded in the shard's marker (of the whole marker for a folder written before hashes
-    were recorded). A shard embedded again (a takedown's rewritten shard, another pool in the same folder)
-    gets another identity, so dedup's and semdedup's per-shard results made from the old one are redone;
-    the same files copied elsewhere keep theirs."""
-    from laiontools.core.storage import canonical_json, read_marker, sha256_bytes
+    that embed recorded in the shard's marker (`marker`, read here if not given; of the whole marker for a
+    folder written before hashes were recorded). A shard embedded again (a takedown's rewritten shard,
+    another pool in the same folder) gets another identity, so dedup's and semdedup's per-shard results
+    made from the old one are redone; the same files copied elsewhere keep theirs."""
+    from laiontools.core.storage import canonical_json, sha256_bytes
 
-    marker = read_marker(join(emb_dir, shard_files(sid)["meta"])) or {}
+    marker = marker if marker is not None else shard_marker(emb_dir, sid)
     return sha256_bytes(canonical_json(marker.get(MARKER_SHA256) or marker))[:16]
 
 
@@ -348,13 +353,14 @@ def _check_mapped(path: str, local: str, sha256: str | None, sid: str) -> None:
             check_sha256(path, m, sha256, sid)
 
 
-def read_embedding_shard(emb_dir: str, sid: str) -> tuple[np.ndarray, Any]:
-    """(float16/32 image embeddings (n, d), meta table) of one shard; raises if they are not row-aligned."""
+def read_embedding_shard(emb_dir: str, sid: str, marker: dict[str, Any] | None = None) -> tuple[np.ndarray, Any]:
+    """(float16/32 image embeddings (n, d), meta table) of one shard, checked against the sha256 its marker
+    records (`marker`, :func:`shard_marker`, read here if not given); raises if they are not row-aligned."""
     import pyarrow.parquet as pq
 
     from laiontools.core.storage import is_local
 
-    rel, sha = shard_files(sid), recorded_sha256(emb_dir, sid)
+    rel, sha = shard_files(sid), recorded_sha256(emb_dir, sid, marker)
     npy = join(emb_dir, rel["img"])
     fs, p = url_to_fs(npy)
     if is_local(fs):

@@ -44,6 +44,7 @@ from laiontools.contracts.embeddings import (  # noqa: F401
     read_embedding_shard,
     read_pool,
     shard_identity,
+    shard_marker,
 )
 from laiontools.core.config import ConfigError, add_config_args
 from laiontools.core.errors import UserError
@@ -442,7 +443,8 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     marker = read_marker(done_path)
     # done for these settings AND these embeddings: a shard embedded again since (a takedown's rewritten
     # shard, another pool's embeddings in the same --embeddings folder) is searched again
-    emb_id = shard_identity(ctx["emb_dir"], sid)
+    emb_marker = shard_marker(ctx["emb_dir"], sid)  # read once: the identity and the checked hashes are one embed run's
+    emb_id = shard_identity(ctx["emb_dir"], sid, emb_marker)
     if marker is not None and marker.get("settings_key") == ctx["settings_key"] and marker.get("embedding") == emb_id:
         return marker
     t_start = time.time()
@@ -452,7 +454,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     set_names: list[str] = ctx["evalset_names"]
     lk = _lookups(ctx["items_path"], ctx["items_sha256"], set_names)
     row_set, row_item, codes = lk.row_set, lk.row_item, lk.row_code
-    emb, meta = read_embedding_shard(ctx["emb_dir"], sid)
+    emb, meta = read_embedding_shard(ctx["emb_dir"], sid, emb_marker)
     n, d = emb.shape
     if d != ctx["dim"]:
         raise DI.ModelMismatchError(f"embedding shard {sid} has dim {d} but the evaluation index has dim {ctx['dim']} ({ctx['model_desc']})")

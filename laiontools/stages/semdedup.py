@@ -311,19 +311,20 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from laiontools import neardup
-    from laiontools.contracts.embeddings import read_embedding_shard, shard_identity
+    from laiontools.contracts.embeddings import read_embedding_shard, shard_identity, shard_marker
 
     paths = _assign_paths(ctx["output"], sid)
     marker = read_marker(paths["done"])
     # done for these centroids AND these embeddings: k-means can give the same centroids after a shard
     # was embedded again (a takedown's rewritten shard), whose assignment must then be made again
-    emb_id = shard_identity(ctx["emb_dir"], sid)
+    emb_marker = shard_marker(ctx["emb_dir"], sid)  # read once: the identity and the checked hashes are one embed run's
+    emb_id = shard_identity(ctx["emb_dir"], sid, emb_marker)
     if marker is not None and marker.get("key") == ctx["assign_key"] and marker.get("embedding") == emb_id:
         return marker
     t0 = time.time()
     _set_threads(ctx["threads"])
     index = _centroid_index(ctx["centroids_path"], ctx["centroids_sha"])
-    emb, meta = read_embedding_shard(ctx["emb_dir"], sid)
+    emb, meta = read_embedding_shard(ctx["emb_dir"], sid, emb_marker)
     n = emb.shape[0]
     valid = np.zeros(n, dtype=bool)
     cluster = np.full(n, -1, dtype=np.int32)
