@@ -195,31 +195,6 @@ def test_write_output_shards_restores_the_switch_interval(tmp_path):
     assert sys.getswitchinterval() == before and not (out / "shard-00001.tar").exists()
 
 
-def test_a_shard_whose_commit_fails_is_named_and_the_shards_before_it_stay_committed(tmp_path):
-    # A local shard is committed (fsync, rename, marker) by a background thread while the next is written:
-    # a commit that fails there (here: the shard's name is taken by a folder, so the rename fails) is
-    # raised by the task, naming the shard; the shard has no marker and no temporary file is left; the
-    # shard before it is whole and marked, so a re-run resumes after it.
-    import errno
-    import os
-
-    from laiontools.core.storage import read_marker
-    from laiontools.stages.reshard import write_output_shards
-
-    out = tmp_path / "shards"
-    (out / "shard-00001.tar").mkdir(parents=True)
-    (out / "shard-00001.tar" / "x").write_text("in the way")
-    with pytest.raises(OSError) as err:
-        list(write_output_shards(iter([(0, []), (1, []), (2, [])]), str(out), {}, "plan", 6, True))
-    assert err.value.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) and "shard-00001.tar" in str(err.value), err.value
-    assert (out / "shard-00000.tar").stat().st_size == tarfile.RECORDSIZE
-    assert read_marker(str(out / "shard-00000.tar"))["plan"] == "plan"
-    assert not (out / "shard-00001.tar.done").exists() and (out / "shard-00001.tar" / "x").read_text() == "in the way"
-    assert not [n for n in os.listdir(out) if n.startswith(".")], os.listdir(out)  # no temporary file left
-    # a shard after it was either not begun or committed whole: never a marker without its tar
-    assert (out / "shard-00002.tar.done").exists() == (out / "shard-00002.tar").exists()
-
-
 def test_scattered_local_reads_are_announced_to_the_kernel_ahead_of_them(tmp_path, monkeypatch):
     # A nested subset's samples are scattered over the source tars; read one by one from a cold disk each
     # pread waits for the device, so a shard with local sources is read in small batches (the samples stay

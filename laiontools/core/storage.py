@@ -224,72 +224,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _renamed(e: BaseException, path: str) -> OSError | None:
-    """A failed write()/fsync (disk full, quota) names no file: the same error naming the one being
-    written (None when `e` needs no other name)."""
-    if isinstance(e, OSError) and e.errno is not None and not e.filename:
-        return OSError(e.errno, e.strerror, path)
-    return None
-
-
-class LocalAtomicFile:
-    """A local file written under a hidden temporary name in its folder: :meth:`commit` fsyncs it and
-    renames it to its path (it appears whole or not at all), :meth:`abort` removes it. The local case of
-    :func:`atomic_open`; reshard commits its shards in a background thread, so that the next shard's
-    reads and packing overlap the journal commit of the last."""
-
-    def __init__(self, path: str, name: str | None = None) -> None:
-        """`path`: protocol-less local path; `name`: how errors name it (default `path`)."""
-        self.path, self.name, self.tmp = path, name or path, _tmp_name(path)
-        parent = path.rpartition("/")[0]
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        self.f: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 (closed by commit or abort)
-
-    def commit(self) -> None:
-        try:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.tmp, self.path)
-        except BaseException as e:
-            self.abort()
-            renamed = _renamed(e, self.name)
-            if renamed is None:
-                raise
-            raise renamed from e
-
-    def abort(self) -> None:
-        try:
-            self.f.close()
-        finally:
-            try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
-
-
 @contextmanager
 def atomic_open(path: str) -> Iterator[BinaryIO]:
     """Open `path` for binary writing; the data appears at `path` only if the block succeeds.
 
-    Local files: write to a hidden temp file in the same folder, fsync, os.replace
-    (:class:`LocalAtomicFile`). Object stores: their single PUT is already atomic, so write through to a
-    temp key and move it.
+    Local files: write to a hidden temp file in the same folder, fsync, os.replace. Object stores:
+    their single PUT is already atomic, so write through to a temp key and move it.
     """
     fs, p = url_to_fs(path)
-    if is_local(fs):
-        w = LocalAtomicFile(p, path)
-        try:
-            yield w.f
-        except BaseException as e:
-            w.abort()
-            renamed = _renamed(e, path)
-            if renamed is None:
-                raise
-            raise renamed from e
-        w.commit()
-        return
     parent = p.rpartition("/")[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -297,16 +239,22 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
     try:
         with fs.open(tmp, "wb") as f:
             yield f
-        fs.mv(tmp, p)
+            if is_local(fs):
+                f.flush()
+                os.fsync(f.fileno())
+        if is_local(fs):
+            os.replace(tmp, p)
+        else:
+            fs.mv(tmp, p)
     except BaseException as e:
         try:
             if fs.exists(tmp):
                 fs.rm(tmp)
         finally:
-            renamed = _renamed(e, path)
-            if renamed is not None:
-                raise renamed from e
-        raise
+            if isinstance(e, OSError) and e.errno is not None and not e.filename:
+                # a failed write()/fsync (disk full, quota) names no file: name the one being written
+                raise OSError(e.errno, e.strerror, path) from e
+            raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -63,9 +63,7 @@ import os
 import sys
 import tarfile
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +93,6 @@ from laiontools.core.stage import (
 )
 from laiontools.core.storage import (
     PARQUET_READ,
-    LocalAtomicFile,
     atomic_open,
     ensure_output_dir,
     is_done,
@@ -507,20 +504,6 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
     """
     sources = _Sources(urls)
     buffer = WriteBuffer()
-    # A local shard is committed (fsync, rename, then its marker) by a background thread while this one
-    # reads and packs the next: each fsync waits for a journal commit (~4-8 ms here), which was a third of
-    # a task's wall time at a 2 % subset (16 shards and 16 markers per 2,560 samples). The order per shard
-    # is unchanged: the marker is written after the tar is durable under its name.
-    local_out = _is_local(url_to_fs(out_dir)[0])
-    committer = ThreadPoolExecutor(1, thread_name_prefix="laiontools-commit") if local_out else None
-    pending: deque[tuple[Future, int, dict[str, Any]]] = deque()
-
-    def committed(wait: bool) -> Iterator[tuple[int, dict[str, Any]]]:
-        while pending and (wait or pending[0][0].done()):
-            fut, jj, info = pending.popleft()
-            fut.result()  # its error (a full disk) is raised here
-            yield jj, info
-
     # The shard writer's thread hashes and writes each full buffer while this one packs the next: it
     # needs the interpreter lock for a moment before and after each, and this thread, busy in Python,
     # gives it up only every switch interval (5 ms by default, longer than packing a 2 MB buffer takes).
@@ -535,70 +518,44 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
                     yield j, info
                     continue
             entries = sorted((e if isinstance(e, _Entry) else _entry(*e) for e in entries), key=lambda e: e.i)
-            if committer is not None:
-                w = LocalAtomicFile(url_to_fs(path)[1], path)
-                try:
-                    used, n, digest = _write_shard(w.f, True, j, entries, sources, urls, width, direct, buffer)
-                except BaseException:
-                    w.abort()
-                    raise
-                info = {"num_samples": len(entries), "bytes": n, "sha256": digest, "plan": plan_id, "sources": sorted(used)}
-                pending.append((committer.submit(_commit_shard, w, path, info), j, info))
-                yield from committed(False)
-                continue
+            used: set[str] = set()
+            dots: dict[str, bytes] = {}
+            fs, _ = url_to_fs(path)
+            local = _is_local(fs)
             with atomic_open(path) as raw:
-                used, n, digest = _write_shard(raw, False, j, entries, sources, urls, width, direct, buffer)
-            info = {"num_samples": len(entries), "bytes": n, "sha256": digest, "plan": plan_id, "sources": sorted(used)}
+                out = ShardWriter(raw, raw.fileno() if local else None, direct=direct, buffer=buffer)
+                try:
+                    batches = _batches(entries, sources)
+                    for k, batch in enumerate(batches):
+                        # local ranges are announced to the kernel a batch ahead of their reads
+                        for ahead in (batches[:2] if k == 0 else batches[k + 1 : k + 2]):
+                            sources.advise(sorted(r for e in ahead for r in _reads(e)))
+                        for e, data in zip(batch, _read_batch(sources, batch)):
+                            used.add(e.sid)
+                            key = new_key(j, e.i, width)
+                            members = []
+                            for ext, blob, mtime in data:
+                                if ext == "json":
+                                    blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, urls[e.sid])
+                                extb = dots.get(ext)
+                                if extb is None:
+                                    extb = dots[ext] = ("." + ext).encode("utf-8", "surrogateescape")
+                                members.append((extb, blob, mtime))
+                            try:
+                                out.add_sample(key.encode(), members)
+                            except ValueError as err:  # a member ustar cannot hold (a name or size too long)
+                                raise task_error(f"source shard {urls[e.sid]}: sample {e.skey} cannot be resharded: {err}") from None
+                    out.end_archive()
+                    digest = out.hexdigest()
+                finally:
+                    out.close()
+            info = {"num_samples": len(entries), "bytes": out.n, "sha256": digest, "plan": plan_id, "sources": sorted(used)}
             mark_done(path, info)
             yield j, info
-        yield from committed(True)
     finally:
-        if committer is not None:
-            committer.shutdown(wait=True)  # the shards written so far are committed, even when a later one failed
         sys.setswitchinterval(switch)
         sources.close()
         buffer.close()
-
-
-def _commit_shard(w: LocalAtomicFile, path: str, info: dict[str, Any]) -> None:
-    """The tar durable under its name, then its marker (written last)."""
-    w.commit()
-    mark_done(path, info)
-
-
-def _write_shard(raw: Any, local: bool, j: int, entries: list[_Entry], sources: _Sources, urls: dict[str, str], width: int,
-                 direct: bool, buffer: WriteBuffer) -> tuple[set[str], int, str]:
-    """Write output shard `j` (its entries in index order) into the open file `raw`; (source shards used,
-    bytes, sha256)."""
-    used: set[str] = set()
-    dots: dict[str, bytes] = {}
-    out = ShardWriter(raw, raw.fileno() if local else None, direct=direct, buffer=buffer)
-    try:
-        batches = _batches(entries, sources)
-        for k, batch in enumerate(batches):
-            # local ranges are announced to the kernel a batch ahead of their reads
-            for ahead in (batches[:2] if k == 0 else batches[k + 1 : k + 2]):
-                sources.advise(sorted(r for e in ahead for r in _reads(e)))
-            for e, data in zip(batch, _read_batch(sources, batch)):
-                used.add(e.sid)
-                key = new_key(j, e.i, width)
-                members = []
-                for ext, blob, mtime in data:
-                    if ext == "json":
-                        blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, urls[e.sid])
-                    extb = dots.get(ext)
-                    if extb is None:
-                        extb = dots[ext] = ("." + ext).encode("utf-8", "surrogateescape")
-                    members.append((extb, blob, mtime))
-                try:
-                    out.add_sample(key.encode(), members)
-                except ValueError as err:  # a member ustar cannot hold (a name or size too long)
-                    raise task_error(f"source shard {urls[e.sid]}: sample {e.skey} cannot be resharded: {err}") from None
-        out.end_archive()
-        digest = out.hexdigest()
-    finally:
-        out.close()
-    return used, out.n, digest
 
 
 def _check_members(exts: set[str], skey: str, url: str) -> None:
