@@ -411,7 +411,7 @@ def test_update_refuses_a_pool_not_descending_from_the_old_one(lineage, pool, tm
     for name in ("catalog", "pool.uids.npy"):
         os.symlink(f"{lineage['new']}/{name}", orphan / name)
     with pytest.raises(ManifestError, match=rf"orphan/pool\.manifest\.json: its parent pool {re.escape(gone)} \(recorded by the "
-                                            "takedown that made it\) cannot be read: manifest .* does not exist"):
+                                            r"takedown that made it\) cannot be read: manifest .* does not exist"):
         subsets_stage.run(SubsetsConfig(pool=str(orphan / "pool.manifest.json"), output=str(tmp_path / "o2"), update=lineage["old_sub"]))
 
 

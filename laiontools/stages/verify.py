@@ -30,7 +30,7 @@ from laiontools.contracts import layout
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.core import failpoints
 from laiontools.core.report import emit, table
-from laiontools.core.storage import PARQUET_READ, join, sha256_file, url_to_fs
+from laiontools.core.storage import PARQUET_READ, sha256_file, url_to_fs
 from laiontools.wds.keys import group_by_keys
 from laiontools.wds.samples import POOL_IMAGE_EXTS, compressed_tar_problem, tarfile_members
 
@@ -543,8 +543,8 @@ def _takedown_lines(path: str, tk: dict[str, Any]) -> list[str]:
     out = [
         f"takedown: reason {tk.get('reason')}, status {tk.get('status')}",
         f"  list          {lst.get('path')}  ({lst.get('entries')} entries, sha256 {str(lst.get('sha256'))[:16]}...)",
-        f"  removed       {_count(tk.get('samples_removed'))} sample(s); {_count(tk.get('catalog_rows_without_sample'))} more catalog "
-        f"row(s) marked without a stored sample",
+        (f"  removed       {_count(tk.get('samples_removed'))} sample(s); {_count(tk.get('catalog_rows_without_sample'))} more "
+         "catalog row(s) marked without a stored sample"),
         f"  shards        {_count(tk.get('shards_rewritten'))} rewritten, {_count(tk.get('shards_referenced'))} referenced in the parent",
     ]
     by_kind = tk.get("by_kind") if isinstance(tk.get("by_kind"), dict) else {}
