@@ -99,7 +99,7 @@ def lineage(pool, spark, tmp_path_factory):
     assert not (small | large) & excluded
 
     # Entries in shards other than the fourth (which stays untouched) and in both scales. Which samples the
-    # session pool holds can vary with the machine's load (a 5 s timeout, no retries), and with it which shards
+    # session pool holds can vary with the machine's load (a 2 s timeout, no retries), and with it which shards
     # the 10 and 30 selections reach: the shards are picked from what is there, not assumed.
     def first_in(uids, avoid):
         for sh in shards:
