@@ -516,6 +516,28 @@ def test_a_content_scan_names_the_samples_it_could_not_check(tmp_path):
     assert "matched nothing" in text and "note: 2 sample(s) could not be checked against the list's content entries" in text, text
     assert "e.g. 00000/broken, 00001/bad" in text, text
 
+def test_catalog_match_names_every_line_a_row_hits_and_folds_rows_removed_before():
+    """The catalog scan gives each row the list names with its first entry and every line it hits; rows an
+    earlier takedown removed are not matched again, and the lines naming them (by value, or by the entry the
+    removal message names, as for a pHash the catalog does not hold) come back as one row per partition, not
+    one per removed row (a repeated domain takedown would otherwise bring every removed row to the driver)."""
+    from laiontools.contracts.removal import parse_removal_list
+    from laiontools.stages.takedown import _catalog_match_fn
+
+    ph = "00000000000000ff"
+    rl = parse_removal_list(f"domain a.example\nurl http://a.example/1.jpg\nphash {ph}\ndomain b.example\n")
+    rows = [("u1", "success", "http://a.example/1.jpg", None), ("u2", "success", "http://c.example/2.jpg", None)]
+    rows += [(f"r{i}", "removed_x", "http://b.example/x.jpg", "removed by takedown list abc line 4 (domain b.example)") for i in range(50)]
+    rows += [("r_ph", "removed_x", "http://c.example/3.jpg", f"removed by takedown list abc line 9 (phash {ph})")]
+    df = pd.DataFrame({"uid": [r[0] for r in rows], "status": [r[1] for r in rows], "url": [r[2] for r in rows],
+                       "shard": "00000", "key": "k", "sha256": None, "error_message": [r[3] for r in rows]})
+    out = pd.concat(list(_catalog_match_fn(rl)(iter([df.iloc[:30], df.iloc[30:]]))), ignore_index=True)
+    hits = out[out["kind"] != ""]
+    assert hits[["uid", "kind", "line", "lines"]].values.tolist() == [["u1", "url", 2, "2,1"]]
+    folded = out[out["kind"] == ""]
+    assert folded["lines"].tolist() == ["3,4"] and len(out) == 2, out
+
+
 def test_reason_status_shard_ids_and_safe_paths():
     from laiontools.contracts import layout
     from laiontools.contracts.schema import removed

@@ -164,8 +164,8 @@ def _catalog_match_fn(rl: RemovalList) -> Any:
     """mapInPandas body: catalog rows (uid, status, url, shard, key, sha256) -> the rows the list names,
     with the first entry each hits (kind, value, line) and every line it hits (`lines`, comma-separated).
     A row an earlier takedown removed (status ``removed_*``) is never matched: it keeps that takedown's
-    status and message (the audit log names it there), and this run does not count it again; it comes
-    back with an empty kind, so that the lines naming it can be reported as already removed."""
+    status and message (the audit log names it there), and this run does not count it again; the lines
+    naming such rows come back in one row per partition with an empty kind (reported as already removed)."""
 
     # an earlier removal's message names the entry that removed the row ("... (phash <hex>)"): a content
     # entry of this list is known to name that row even though the catalog holds no pHash or md5
@@ -178,23 +178,30 @@ def _catalog_match_fn(rl: RemovalList) -> Any:
         import pandas as pd
 
         cols = ["uid", "status", "shard", "key", "kind", "value", "line", "lines"]
+
+        def frame(out: list[tuple[Any, ...]]) -> Any:
+            return pd.DataFrame(out, columns=cols).astype({"line": "int32"}) if out else pd.DataFrame(
+                {c: pd.Series([], dtype="int32" if c == "line" else "object") for c in cols})
+
+        earlier: set[int] = set()  # lines naming rows removed before: one row per partition says them all
         for df in frames:
             out = []
             for uid, status, url, shard, key, sha, err in zip(df[C.UID], df[C.STATUS], df[C.URL], df[C.SHARD], df[C.KEY], df[C.SHA256],
                                                               df[C.ERROR]):
                 hits = rl.match_all(uid=uid, url=url, sha256=sha if isinstance(sha, str) else None)
                 if isinstance(status, str) and status.startswith(C.REMOVED_PREFIX):
+                    earlier.update(h.line for h in hits)
                     m = _REMOVED_BY.match(err) if isinstance(err, str) else None
-                    earlier = {h.line for h in hits} | ({by_entry[m.groups()]} if m and m.groups() in by_entry else set())
-                    if earlier:
-                        out.append((uid, status, shard, key, "", "", -1, ",".join(map(str, sorted(earlier)))))
+                    if m and m.groups() in by_entry:
+                        earlier.add(by_entry[m.groups()])
                     continue
                 if not hits:
                     continue
                 lines = ",".join(str(h.line) for h in hits)
                 out.append((uid, status, shard, key, hits[0].kind, hits[0].value, hits[0].line, lines))
-            yield pd.DataFrame(out, columns=cols).astype({"line": "int32"}) if out else pd.DataFrame(
-                {c: pd.Series([], dtype="int32" if c == "line" else "object") for c in cols})
+            yield frame(out)
+        if earlier:
+            yield frame([(None, None, None, None, "", "", -1, ",".join(map(str, sorted(earlier))))])
 
     return fn
 
