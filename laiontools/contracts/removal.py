@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -125,45 +126,33 @@ class RemovalList:
     def match(self, *, url: str | None = None, uid: str | None = None, sha256: str | None = None,
               md5: str | None = None, phash: str | None = None) -> Match | None:
         """The first entry the sample hits (uid, url, domain, sha256, md5, phash order), or None."""
-        hits = self.match_all(url=url, uid=uid, sha256=sha256, md5=md5, phash=phash, first=True)
-        return hits[0] if hits else None
+        return next(self._hits(url, uid, sha256, md5, phash), None)
 
     def match_all(self, *, url: str | None = None, uid: str | None = None, sha256: str | None = None,
-                  md5: str | None = None, phash: str | None = None, first: bool = False) -> list[Match]:
-        """Every entry the sample hits, in :meth:`match`'s order (only the first when `first`)."""
-        hits: list[Match] = []
+                  md5: str | None = None, phash: str | None = None) -> list[Match]:
+        """Every entry the sample hits, in :meth:`match`'s order."""
+        return list(self._hits(url, uid, sha256, md5, phash))
+
+    def _hits(self, url: str | None, uid: str | None, sha256: str | None, md5: str | None, phash: str | None) -> Iterator[Match]:
         if uid and uid.lower() in self.uids:
-            hits.append(Match("uid", uid.lower(), self.uids[uid.lower()]))
-            if first:
-                return hits
+            yield Match("uid", uid.lower(), self.uids[uid.lower()])
         if url:
             n, host = _canonical_url(url)
             if n in self.urls:
-                hits.append(Match("url", n, self.urls[n]))
-                if first:
-                    return hits
+                yield Match("url", n, self.urls[n])
             if self.domains and host:
                 for d in _domains_of(host):
                     if d in self.domains:
-                        hits.append(Match("domain", d, self.domains[d]))
-                        if first:
-                            return hits
+                        yield Match("domain", d, self.domains[d])
         if sha256 and sha256.lower() in self.sha256s:
-            hits.append(Match("sha256", sha256.lower(), self.sha256s[sha256.lower()]))
-            if first:
-                return hits
+            yield Match("sha256", sha256.lower(), self.sha256s[sha256.lower()])
         if md5 and md5.lower() in self.md5s:
-            hits.append(Match("md5", md5.lower(), self.md5s[md5.lower()]))
-            if first:
-                return hits
+            yield Match("md5", md5.lower(), self.md5s[md5.lower()])
         if phash and self.phashes:
             h = int(phash, 16)
             for v, d, line in self.phashes:
                 if (h ^ v).bit_count() <= d:
-                    hits.append(Match("phash", f"{v:016x}", line))
-                    if first:
-                        return hits
-        return hits
+                    yield Match("phash", f"{v:016x}", line)
 
 
 def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
