@@ -37,6 +37,11 @@ S3_PORT = _reserve_port()
 os.environ["LAIONTOOLS_TEST_S3_PORT"] = str(S3_PORT)
 os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
 os.environ.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
+# The gs:// tests (test_gcs.py) talk to a GCS API server (gcp-storage-emulator) on 127.0.0.1 at this port,
+# named the way users of an emulator name theirs (gcsfs reads STORAGE_EMULATOR_HOST), for the same reason.
+GCS_PORT = _reserve_port()
+os.environ["LAIONTOOLS_TEST_GCS_PORT"] = str(GCS_PORT)
+os.environ.setdefault("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{GCS_PORT}")
 for _k, _v in {"AWS_ACCESS_KEY_ID": "laiontools-test", "AWS_SECRET_ACCESS_KEY": "laiontools-test",
                "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)

@@ -35,6 +35,7 @@ from laiontools.core.storage import (
     store_error,
     url_to_fs,
 )
+from laiontools.testing.stores import catalog_rows, members
 
 moto_server = pytest.importorskip("moto.server", reason="object-store tests need moto[server] (the test extra)")
 s3fs = pytest.importorskip("s3fs", reason="object-store tests need s3fs (the test extra)")
@@ -363,19 +364,6 @@ def test_a_launched_child_shares_the_hold_of_an_s3_output(bucket):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def _catalog_rows(path: str, spark) -> pd.DataFrame:
-    cols = ["uid", "status", "shard", "key", "width", "height", "sha256", "tar_offset", "tar_length"]
-    df = spark_read_parquet(spark, path).select(*cols).toPandas()
-    return df.sort_values(["uid", "status"]).reset_index(drop=True)
-
-
-def _members(path: str) -> list[tuple[str, bytes]]:
-    from laiontools.wds.tarscan import tarfile_payloads
-
-    fs, p = url_to_fs(path)
-    return tarfile_payloads(fs.cat_file(p))
-
-
 @dataclasses.dataclass
 class Pools:
     local: str
@@ -430,11 +418,11 @@ def test_download_from_and_to_s3_equals_the_local_run(spark, pools):
     key = ("path", "num_samples", "bytes")
     assert [tuple(s[k] for k in key) for s in m_s3["shards"]] == [tuple(s[k] for k in key) for s in m_local["shards"]]
     for sh in m_s3["shards"]:
-        assert sorted(_members(f"{pools.s3}/{sh['path']}")) == sorted(_members(f"{pools.local}/{sh['path']}"))
+        assert sorted(members(f"{pools.s3}/{sh['path']}")) == sorted(members(f"{pools.local}/{sh['path']}"))
         assert sha256_file(f"{pools.s3}/{sh['path']}")[0] == sh["sha256"]
     # every success row names its shard and byte span (the catalog's shard mapping works on s3 paths)
-    s3_cat = _catalog_rows(f"{pools.s3}/{layout.CATALOG_DIR}", spark)
-    local_cat = _catalog_rows(f"{pools.local}/{layout.CATALOG_DIR}", spark)
+    s3_cat = catalog_rows(f"{pools.s3}/{layout.CATALOG_DIR}", spark)
+    local_cat = catalog_rows(f"{pools.local}/{layout.CATALOG_DIR}", spark)
     ok = s3_cat[s3_cat["status"] == "success"]
     assert len(ok) == m_s3["num_samples"]
     assert ok["shard"].notna().all() and ok["tar_offset"].notna().all()
@@ -473,10 +461,10 @@ def test_download_in_process_on_s3_equals_the_spark_run(spark, pools):
     key = ("path", "num_samples", "bytes")
     assert [tuple(s[k] for k in key) for s in got["shards"]] == [tuple(s[k] for k in key) for s in want["shards"]]
     for sh in got["shards"]:
-        assert sorted(_members(f"{pools.s3_in_process}/{sh['path']}")) == sorted(_members(f"{pools.s3}/{sh['path']}"))
+        assert sorted(members(f"{pools.s3_in_process}/{sh['path']}")) == sorted(members(f"{pools.s3}/{sh['path']}"))
     span = ["tar_offset", "tar_length"]  # where a sample sits in its tar follows the fetch order
-    pd.testing.assert_frame_equal(_catalog_rows(f"{pools.s3_in_process}/{layout.CATALOG_DIR}", spark).drop(columns=span),
-                                  _catalog_rows(f"{pools.s3}/{layout.CATALOG_DIR}", spark).drop(columns=span))
+    pd.testing.assert_frame_equal(catalog_rows(f"{pools.s3_in_process}/{layout.CATALOG_DIR}", spark).drop(columns=span),
+                                  catalog_rows(f"{pools.s3}/{layout.CATALOG_DIR}", spark).drop(columns=span))
 
 
 @pytest.mark.slow
@@ -534,7 +522,7 @@ def test_subsets_and_reshard_on_s3_equal_the_local_run(resharded, s3):
     assert sub_s3["uids"] == sub_l["uids"] and sub_s3["num_samples"] == sub_l["num_samples"] > 0
     assert [(s["path"], s["num_samples"]) for s in rs_s3["shards"]] == [(s["path"], s["num_samples"]) for s in rs_l["shards"]]
     for sh in rs_s3["shards"]:
-        assert sorted(_members(f"{dir_s3}/{sh['path']}")) == sorted(_members(f"{dir_l}/{sh['path']}"))
+        assert sorted(members(f"{dir_s3}/{sh['path']}")) == sorted(members(f"{dir_l}/{sh['path']}"))
     # the resharded folder on s3 references the subset's uid file in the bucket (nothing copied)
     assert rs_s3["uids"]["path"].startswith("s3://") and rs_s3["uids"]["sha256"] == sub_s3["uids"]["sha256"]
     assert sha256_file(rs_s3["uids"]["path"])[0] == rs_s3["uids"]["sha256"]
@@ -804,7 +792,7 @@ def test_takedown_of_an_s3_pool_into_s3_equals_the_local_run(spark, pools, s3, t
         rewritten = [s for s in m["shards"] if "parent_sha256" in s]
         got[where] = {"removed": sorted(r["uid"] for r in res.details["removed"]), "counts": res.counts,
                       "num_samples": m["num_samples"],
-                      "rewritten": [(s["path"], s["num_samples"], sorted(_members(resolve(f"{out}/{layout.POOL_MANIFEST}", s["path"]))))
+                      "rewritten": [(s["path"], s["num_samples"], sorted(members(resolve(f"{out}/{layout.POOL_MANIFEST}", s["path"]))))
                                     for s in rewritten],
                       "referenced": [s["path"] for s in m["shards"] if "parent_sha256" not in s]}
         if where == "s3":
@@ -1287,8 +1275,8 @@ def test_a_gcs_endpoint_that_never_answers_is_one_line_not_a_hang(tmp_path, monk
     accepts connections and never answers was still silent after 20 minutes (measured by hand). Every
     gcsfs client is now bounded per socket read (storage.GCS_REQUESTS_TIMEOUT, unless the user sets a
     requests_timeout); here the user's own (1 s a request, which gcsfs does not try again) keeps it short.
-    In a child process: gcsfs picks its file system class at import, and its zonal-bucket lookup (a
-    gRPC call of 30 s, tried twice) is turned off there as a user would (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT)."""
+    In a child process, with gcsfs's extended file system as gcsfs picks it at import: its bucket-layout
+    lookup (gRPC, 60 s of retries before each operation) is not made at an emulator (laiontools.core.gcs)."""
     import aiohttp
     import fsspec
 
@@ -1298,7 +1286,7 @@ def test_a_gcs_endpoint_that_never_answers_is_one_line_not_a_hang(tmp_path, monk
     monkeypatch.setitem(fsspec.config.conf.setdefault("gs", {}), "token", "anon")
     assert url_to_fs("gs://lt-any/x")[0].requests_timeout == aiohttp.ClientTimeout(**GCS_REQUESTS_TIMEOUT)
     with silent_endpoint() as (silent, held):
-        env = {**os.environ, "STORAGE_EMULATOR_HOST": silent, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": silent,
                "FSSPEC_GS": json.dumps({"requests_timeout": 1, "token": "anon"}), "NO_ALBUMENTATIONS_UPDATE": "1"}
         m = "gs://lt-any/pool/pool.manifest.json"
         r = subprocess.run([sys.executable, "-m", "laiontools", "verify", m], env=env, capture_output=True, text=True, check=False,
