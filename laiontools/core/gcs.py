@@ -17,6 +17,9 @@ one, a single ``exists`` took 130 s and each write ~2 minutes, every gs:// stage
 emulator this file system answers that lookup itself (a flat bucket, what gcsfs falls back to anyway)
 and moves an object by copy and delete (gcsfs tries the JSON API's moveTo first, which emulators lack,
 6 times); against Google's endpoint gcsfs does as it would.
+
+Files opened for reading get fsspec's read-ahead cache, as s3fs's do: gcsfs's default prefetcher sent a
+GET per read call, so a shard read member by member cost a request for each header and body.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from fsspec.asyn import sync_wrapper
 from laiontools.core.storage import GCS_REQUESTS_TIMEOUT
 
 
+# How a file opened for reading caches what it fetched, unless the caller says otherwise (see _open).
+READ_CACHE_TYPE = "readahead"
+
+
 class BoundedGCSFileSystem(gcsfs.GCSFileSystem):
     """gcsfs's file system (its extended one where gcsfs picks that) with a default per-read timeout."""
 
@@ -38,6 +45,15 @@ class BoundedGCSFileSystem(gcsfs.GCSFileSystem):
         if requests_timeout is None:
             requests_timeout = aiohttp.ClientTimeout(**GCS_REQUESTS_TIMEOUT)
         super().__init__(*args, requests_timeout=requests_timeout, **kwargs)
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        """A file of the bucket; read with fsspec's read-ahead cache (one ranged GET per block, as s3fs
+        reads) unless the caller names a cache_type. gcsfs's own default (its "adaptive" prefetcher, 2026.x)
+        sent one GET for every read call: a 160 KB shard read member by member through tarfile took 324
+        GETs and 4.4 s at an emulator, against 1 GET and 0.01 s read ahead."""
+        if "r" in mode and kwargs.get("cache_type") is None:
+            kwargs["cache_type"] = READ_CACHE_TYPE
+        return super()._open(path, mode, **kwargs)
 
     def at_emulator(self) -> bool:
         """True where this client talks to an emulator or another endpoint than Google's (an
