@@ -33,7 +33,6 @@ from fsspec.asyn import sync_wrapper
 
 from laiontools.core.storage import GCS_REQUESTS_TIMEOUT
 
-
 # How a file opened for reading caches what it fetched, unless the caller says otherwise (see _open).
 READ_CACHE_TYPE = "readahead"
 
