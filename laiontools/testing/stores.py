@@ -22,3 +22,24 @@ def members(path: str) -> list[tuple[str, bytes]]:
 
     fs, p = url_to_fs(path)
     return tarfile_payloads(fs.cat_file(p))
+
+
+def check_verify_names_a_flipped_byte(manifest: str, spark: Any) -> None:
+    """verify, in this process and in Spark tasks, finds the same problems once a byte of the manifest's
+    first shard is flipped in the store, and names that shard's sha256; the byte is put back after."""
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.core.storage import url_to_fs
+    from laiontools.stages.verify import verify_manifest
+
+    first = read_manifest(manifest)["shards"][0]["path"]
+    fs, key = url_to_fs(f"{manifest.rsplit('/', 1)[0]}/{first}")
+    data = bytearray(fs.cat(key))
+    data[600] ^= 0xFF
+    fs.pipe(key, bytes(data))
+    try:
+        local, on_spark = verify_manifest(manifest), verify_manifest(manifest, spark=spark)
+        assert local.problems == on_spark.problems
+        assert any(first in p and "sha256" in p for p in local.problems), local.problems
+    finally:
+        data[600] ^= 0xFF
+        fs.pipe(key, bytes(data))
