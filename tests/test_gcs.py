@@ -198,3 +198,22 @@ def test_train_reads_resharded_shards_from_gcs_like_local(runs, tmp_path):
     assert shards["weights"] == read_json(os.path.join(out["local"], layout.TRAIN_SHARDS_JSON))["weights"]
     with open(os.path.join(out["gs"], layout.TRAIN_METRICS_JSONL)) as f:
         assert [json.loads(x)["step"] for x in f] == [1, 2]
+
+
+def test_a_missing_gcs_bucket_is_one_clear_error_and_is_not_created(gcs):
+    """A stage's output in a bucket that does not exist stops with one line naming the path and the
+    bucket (gcsfs's own error said only "b/<bucket>/o"); no bucket is created (gcsfs's makedirs would)."""
+    from laiontools.core.storage import StorageError, ensure_output_dir
+
+    missing = f"lt-missing-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(StorageError, match=rf"^gs://{missing}/out: bucket '{missing}' does not exist"):
+        ensure_output_dir(f"gs://{missing}/out")
+    with pytest.raises(StorageError, match=rf"gs://{missing}/pool/x.json.*does not exist"):
+        read_json(f"gs://{missing}/pool/x.json")
+    gcs.invalidate_cache()
+    assert missing not in {b.rstrip("/") for b in gcs.ls("")}, "a missing bucket must not be created"
+    there = f"lt-there-{uuid.uuid4().hex[:8]}"
+    gcs.mkdir(there)
+    with pytest.raises(FileNotFoundError) as e:  # a missing object of a bucket that exists is no missing bucket
+        read_json(f"gs://{there}/pool/x.json")
+    assert not isinstance(e.value, StorageError)

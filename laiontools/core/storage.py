@@ -478,7 +478,9 @@ def _store_error(e: BaseException, path: str) -> StorageError | None:
                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), an instance role")
         return StorageError(f"{path}: no credentials for the object store ({type(e).__name__}); set them in the "
                             f"environment ({creds}, or fsspec's configuration, on the driver and every executor")
-    if "NoSuchBucket" in text or (isinstance(e, FileNotFoundError) and bucket and "bucket" in text.lower()):
+    # (gcsfs says only "b/<bucket>/o" for a missing bucket, the path of the bucket's listing it asked for)
+    if "NoSuchBucket" in text or (isinstance(e, FileNotFoundError) and bucket and
+                                  ("bucket" in text.lower() or f"b/{bucket}/o" in {str(x) for x in _chain(e)})):
         return StorageError(f"{path}: bucket {bucket!r} does not exist (or is not visible with these "
                             f"credentials); create it or fix the path")
     if isinstance(e, PermissionError) or names & {"AccessDenied"} or "AccessDenied" in text or "Forbidden" in text \
