@@ -217,3 +217,53 @@ def test_a_missing_gcs_bucket_is_one_clear_error_and_is_not_created(gcs):
     with pytest.raises(FileNotFoundError) as e:  # a missing object of a bucket that exists is no missing bucket
         read_json(f"gs://{there}/pool/x.json")
     assert not isinstance(e.value, StorageError)
+
+
+@pytest.mark.slow
+def test_embed_and_dedup_on_gcs_equal_the_local_run(spark, runs, tmp_path):
+    """embed (tiny random-init model) of the gs:// pool into gs://, then dedup of those embeddings into
+    gs:// against a local eval set: the same vectors, findings and exclusion list as the local run."""
+    from laiontools.contracts import layout
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import dedup as dedup_stage
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.dedup import DedupConfig
+    from laiontools.stages.embed import EmbedConfig
+    from laiontools.synthetic import write_evalset
+    from laiontools.testing.stores import check_same_embeddings
+
+    ev = str(tmp_path / "evalset")
+    write_evalset(ev, seed=5)
+    outs, counts, excluded = {"gs": f"{runs.gs}/emb", "local": f"{runs.local}/emb"}, {}, {}
+    for where, root in (("gs", runs.gs), ("local", runs.local)):
+        embed_stage.run(EmbedConfig(manifest=f"{root}/pool/{layout.POOL_MANIFEST}", output=outs[where], model="lt-tiny",
+                                    batch_size=8, num_workers=0, device="cpu"))
+        res = dedup_stage.run(DedupConfig(embeddings=outs[where], evalset=[f"glyphs={ev}"], output=f"{root}/dedup",
+                                          device="cpu", threshold=0.5), spark)
+        counts[where], excluded[where] = res.counts, sha256_file(res.outputs["exclude"])[0]
+        assert res.outputs["exclude"].startswith("gs://") == (where == "gs")
+    pool = read_manifest(f"{runs.gs}/pool/{layout.POOL_MANIFEST}")
+    check_same_embeddings(outs["gs"], outs["local"], [sh["path"].rsplit("/", 1)[-1].removesuffix(".tar") for sh in pool["shards"]])
+    assert counts["gs"] == counts["local"] and counts["gs"]["pool_samples"] == pool["num_samples"] > 0, counts
+    assert excluded["gs"] == excluded["local"]
+
+
+def test_gs_opened_before_laiontools_was_imported_still_gets_its_bounded_client():
+    """In a Spark task img2dataset's writer opens gs:// before laiontools' storage layer is imported:
+    fsspec then keeps gcsfs's own class and ignored the name laiontools registered later, so the
+    laiontools files written in that process (each shard's web counters) went through plain gcsfs: no
+    bound on a silent endpoint, and moveTo tried 6 times at an emulator (45 s of a 30-row download).
+    Both orders now give laiontools' client; in a child process, whose imports are its own."""
+    import subprocess
+    import sys
+
+    code = ("import fsspec; fsspec.get_filesystem_class('gs'); import gcsfs\n"
+            "assert fsspec.get_filesystem_class('gs') is gcsfs.GCSFileSystem\n"  # what img2dataset got
+            "from laiontools.core.gcs import BoundedGCSFileSystem\n"
+            "from laiontools.core.storage import url_to_fs\n"
+            "for url in ('gs://b/x', 'gcs://b/x'):\n"
+            "    assert isinstance(url_to_fs(url)[0], BoundedGCSFileSystem), type(url_to_fs(url)[0])\n"
+            "    assert fsspec.get_filesystem_class(url.split(':')[0]) is BoundedGCSFileSystem\n")
+    env = {**os.environ, "FSSPEC_GS": '{"token": "anon"}'}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -35,7 +35,12 @@ from laiontools.core.storage import (
     store_error,
     url_to_fs,
 )
-from laiontools.testing.stores import catalog_rows, check_verify_names_a_flipped_byte, members
+from laiontools.testing.stores import (
+    catalog_rows,
+    check_same_embeddings,
+    check_verify_names_a_flipped_byte,
+    members,
+)
 
 moto_server = pytest.importorskip("moto.server", reason="object-store tests need moto[server] (the test extra)")
 s3fs = pytest.importorskip("s3fs", reason="object-store tests need s3fs (the test extra)")
@@ -659,10 +664,6 @@ def test_train_reads_resharded_shards_from_s3_like_local(resharded, tmp_path, mo
 @pytest.mark.slow
 def test_embed_and_dedup_on_s3_equal_the_local_run(spark, pools, s3, tmp_path):
     """embed (tiny random-init model, one process) of the s3 pool into s3://: the same vectors as on disk."""
-    import io
-
-    import numpy as np
-
     from laiontools.contracts import layout
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import embed as embed_stage
@@ -673,17 +674,7 @@ def test_embed_and_dedup_on_s3_equal_the_local_run(spark, pools, s3, tmp_path):
         embed_stage.run(EmbedConfig(manifest=f"{pool_dir}/{layout.POOL_MANIFEST}", output=outs[where], model="lt-tiny",
                                     batch_size=8, num_workers=0, device="cpu"))
     shards = [sh["path"].rsplit("/", 1)[-1].removesuffix(".tar") for sh in read_manifest(f"{pools.s3}/{layout.POOL_MANIFEST}")["shards"]]
-    assert shards
-    for sid in shards:
-        a = np.load(io.BytesIO(s3.cat(f"{outs['s3'].split('://')[1]}/{layout.EMB_IMG_DIR}/{sid}.npy")))
-        b = np.load(f"{outs['local']}/{layout.EMB_IMG_DIR}/{sid}.npy")
-        assert a.shape == b.shape and a.shape[0] > 0
-        # rows follow each tar's sample order, which follows the order the fetches ended: align by uid.
-        # Other batches around a sample can move its fp16 vector by one unit in the last place.
-        ua = pd.read_parquet(io.BytesIO(s3.cat(f"{outs['s3'].split('://')[1]}/{layout.EMB_META_DIR}/{sid}.parquet")))["uid"]
-        ub = pd.read_parquet(f"{outs['local']}/{layout.EMB_META_DIR}/{sid}.parquet")["uid"]
-        assert sorted(ua) == sorted(ub)
-        np.testing.assert_allclose(a[np.argsort(ua.to_numpy())], b[np.argsort(ub.to_numpy())], rtol=0, atol=1e-4)
+    check_same_embeddings(outs["s3"], outs["local"], shards)
 
     # dedup of those embeddings (s3 in, s3 out) against a small local eval set: the same findings
     from laiontools.stages import dedup as dedup_stage

@@ -31,8 +31,6 @@ import aiohttp
 import gcsfs
 from fsspec.asyn import sync_wrapper
 
-from laiontools.core.storage import GCS_REQUESTS_TIMEOUT
-
 # How a file opened for reading caches what it fetched, unless the caller says otherwise (see _open).
 READ_CACHE_TYPE = "readahead"
 
@@ -42,6 +40,9 @@ class BoundedGCSFileSystem(gcsfs.GCSFileSystem):
 
     def __init__(self, *args: Any, requests_timeout: Any = None, **kwargs: Any) -> None:
         if requests_timeout is None:
+            # (imported here: storage imports this module when gs:// was opened before it was imported)
+            from laiontools.core.storage import GCS_REQUESTS_TIMEOUT
+
             requests_timeout = aiohttp.ClientTimeout(**GCS_REQUESTS_TIMEOUT)
         super().__init__(*args, requests_timeout=requests_timeout, **kwargs)
 

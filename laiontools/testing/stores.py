@@ -43,3 +43,29 @@ def check_verify_names_a_flipped_byte(manifest: str, spark: Any) -> None:
     finally:
         data[600] ^= 0xFF
         fs.pipe(key, bytes(data))
+
+
+def check_same_embeddings(got: str, want: str, shard_ids: list[str]) -> None:
+    """The embeddings folders `got` and `want` (local or a store's URL) hold the same vectors for each of
+    `shard_ids`. Rows follow each tar's sample order, which follows the order the fetches ended: aligned
+    by uid. Other batches around a sample can move its fp16 vector by one unit in the last place."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+
+    from laiontools.contracts import layout
+    from laiontools.core.storage import url_to_fs
+
+    def read(root: str, sid: str) -> tuple[Any, Any]:
+        fs, p = url_to_fs(root)
+        vecs = np.load(io.BytesIO(fs.cat_file(f"{p}/{layout.EMB_IMG_DIR}/{sid}.npy")))
+        uids = pd.read_parquet(io.BytesIO(fs.cat_file(f"{p}/{layout.EMB_META_DIR}/{sid}.parquet")))["uid"].to_numpy()
+        return vecs, uids
+
+    assert shard_ids
+    for sid in shard_ids:
+        (a, ua), (b, ub) = read(got, sid), read(want, sid)
+        assert a.shape == b.shape and a.shape[0] > 0, (sid, a.shape, b.shape)
+        assert sorted(ua) == sorted(ub), sid
+        np.testing.assert_allclose(a[np.argsort(ua)], b[np.argsort(ub)], rtol=0, atol=1e-4)

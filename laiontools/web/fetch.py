@@ -60,6 +60,9 @@ from img2dataset.logger import write_stats as _write_stats
 
 from laiontools.core.errors import environment_error
 from laiontools.core.images import MAX_IMAGE_PIXELS
+
+# (imported with this module, before img2dataset's writer opens the output: storage bounds the store clients)
+from laiontools.core.storage import url_to_fs
 from laiontools.web.policy import (
     NEVER_RESOLVE,
     PRIVATE_NAMES,
@@ -1160,10 +1163,9 @@ class PolicyDownloader(Downloader):
     def _shard_rows(shard_file: str) -> list[tuple[int, str]]:
         """(key, url) of every row of img2dataset's shard input file, keyed as download_shard keys them
         (the row's index in the file)."""
-        import fsspec
         import pyarrow as pa
 
-        fs, path = fsspec.core.url_to_fs(shard_file)
+        fs, path = url_to_fs(shard_file)
         with fs.open(path, "rb") as f:
             urls = pa.ipc.open_file(f).read_all().column("url").to_pylist()
         return list(enumerate(urls))
