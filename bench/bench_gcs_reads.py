@@ -21,7 +21,7 @@ import tarfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_figures  # noqa: E402
+from common import write_figures
 
 
 def make_shard(samples: int, kb: int) -> bytes:
