@@ -7,7 +7,8 @@ and never answers was still silent after 20 minutes. This subclass only fills in
 request, so a large object read whole takes as long as it takes while bytes arrive) where none is given:
 a ``requests_timeout`` in the user's fsspec configuration (``FSSPEC_GS_REQUESTS_TIMEOUT``) wins.
 :func:`laiontools.core.storage.bound_object_store_clients` registers it, by name, so this module, gcsfs
-and aiohttp are imported only when a ``gs://`` path is used.
+and aiohttp are imported only when a ``gs://`` path is used (by class where something in the process
+opened ``gs://`` before laiontools was imported: fsspec keeps a class it imported and ignores a later name).
 
 gcsfs (2025.x on) hands out its extended file system unless ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``:
 before most operations it asks the bucket's storage layout over gRPC (Storage Control API, 30 s a call,
