@@ -1252,14 +1252,15 @@ def test_a_gcs_endpoint_that_never_answers_is_one_line_not_a_hang(tmp_path, monk
     """gs:// goes through gcsfs, which sends each request through aiohttp with no timeout of its own
     (aiohttp's session default: 300 s) and tries it 6 times: `verify gs://...` against an endpoint that
     accepts connections and never answers was still silent after 20 minutes (measured by hand). Every
-    gcsfs client is now bounded per socket read (storage.GCS_REQUESTS_TIMEOUT, unless the user sets a
+    gcsfs client is now bounded per socket read (gcs.GCS_REQUESTS_TIMEOUT, unless the user sets a
     requests_timeout); here the user's own (1 s a request, which gcsfs does not try again) keeps it short.
     In a child process, with gcsfs's extended file system as gcsfs picks it at import: its bucket-layout
     lookup (gRPC, 60 s of retries before each operation) is not made at an emulator (laiontools.core.gcs)."""
     import aiohttp
     import fsspec
 
-    from laiontools.core.storage import GCS_REQUESTS_TIMEOUT, url_to_fs
+    from laiontools.core.gcs import GCS_REQUESTS_TIMEOUT
+    from laiontools.core.storage import url_to_fs
 
     # where the user set nothing (no credentials looked up: anonymous, as below)
     monkeypatch.setitem(fsspec.config.conf.setdefault("gs", {}), "token", "anon")

@@ -3,7 +3,7 @@
 gcsfs sets no timeout of its own: every request goes through aiohttp with its session default (300 s a
 request), and each is tried 6 times, so ``verify gs://...`` against an endpoint that accepts connections
 and never answers was still silent after 20 minutes. This subclass only fills in a ``requests_timeout``
-(:data:`laiontools.core.storage.GCS_REQUESTS_TIMEOUT`: 10 s to connect, 20 s per socket read, not per
+(:data:`GCS_REQUESTS_TIMEOUT`: 10 s to connect, 20 s per socket read, not per
 request, so a large object read whole takes as long as it takes while bytes arrive) where none is given:
 a ``requests_timeout`` in the user's fsspec configuration (``FSSPEC_GS_REQUESTS_TIMEOUT``) wins.
 :func:`laiontools.core.storage.bound_object_store_clients` registers it, by name, so this module, gcsfs
@@ -32,6 +32,14 @@ import aiohttp
 import gcsfs
 from fsspec.asyn import sync_wrapper
 
+# gcsfs sends every request through aiohttp with no timeout of its own (aiohttp's
+# session default: 300 s a request) and tries each one 6 times: `verify gs://...` against an endpoint that
+# accepts connections and never answers was still silent after 20 minutes. Bounded per socket read, not
+# per request (a large object read whole takes as long as it takes while bytes arrive): one error naming
+# the path after ~2.5 minutes (BoundedGCSFileSystem). A requests_timeout the user gives
+# (FSSPEC_GS_REQUESTS_TIMEOUT, fsspec's configuration, under gs or gcs) wins.
+GCS_REQUESTS_TIMEOUT: dict[str, float] = {"sock_connect": 10, "sock_read": 20}
+
 # How a file opened for reading caches what it fetched, unless the caller says otherwise (see _open).
 READ_CACHE_TYPE = "readahead"
 
@@ -41,9 +49,6 @@ class BoundedGCSFileSystem(gcsfs.GCSFileSystem):
 
     def __init__(self, *args: Any, requests_timeout: Any = None, **kwargs: Any) -> None:
         if requests_timeout is None:
-            # (imported here: storage imports this module when gs:// was opened before it was imported)
-            from laiontools.core.storage import GCS_REQUESTS_TIMEOUT
-
             requests_timeout = aiohttp.ClientTimeout(**GCS_REQUESTS_TIMEOUT)
         super().__init__(*args, requests_timeout=requests_timeout, **kwargs)
 

@@ -49,20 +49,11 @@ S3_CLIENT_DEFAULTS: dict[str, Any] = {"connect_timeout": 10, "read_timeout": 20,
                                       "retries": {"total_max_attempts": 2, "mode": "standard"}}
 
 
-# The same for gcsfs, which sends every request through aiohttp with no timeout of its own (aiohttp's
-# session default: 300 s a request) and tries each one 6 times: `verify gs://...` against an endpoint that
-# accepts connections and never answers was still silent after 20 minutes. Bounded per socket read, not
-# per request (a large object read whole takes as long as it takes while bytes arrive): one error naming
-# the path after ~2.5 minutes (laiontools.core.gcs). A requests_timeout the user gives
-# (FSSPEC_GS_REQUESTS_TIMEOUT, fsspec's configuration, under gs or gcs) wins.
-GCS_REQUESTS_TIMEOUT: dict[str, float] = {"sock_connect": 10, "sock_read": 20}
-
-
 def bound_object_store_clients() -> None:
     """Put :data:`S3_CLIENT_DEFAULTS` under the user's fsspec configuration for s3. (s3fs serves s3a too
     and reads the s3 settings for both; settings under s3a, if any, replace them whole, as fsspec does.)
     Where gcsfs is installed, gs:// and gcs:// get :class:`laiontools.core.gcs.BoundedGCSFileSystem`
-    (:data:`GCS_REQUESTS_TIMEOUT` unless the user set a requests_timeout)."""
+    (its :data:`~laiontools.core.gcs.GCS_REQUESTS_TIMEOUT` unless the user set a requests_timeout)."""
     conf = fsspec.config.conf.setdefault("s3", {})
     kwargs = conf.setdefault("config_kwargs", {})
     if isinstance(kwargs, dict):  # (a string from FSSPEC_S3_CONFIG_KWARGS: left as the user gave it)
