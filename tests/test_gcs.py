@@ -4,7 +4,9 @@ conftest.py names the server in the environment (STORAGE_EMULATOR_HOST, as users
 before Spark starts; the stages get nothing but ``gs://`` paths, through gcsfs, the client users install.
 The s3:// tests (test_s3.py) cover every stage and the store's faults; these show that the same layer
 serves Google's protocol: download (source and pool in the bucket, the catalog mapped to its shards),
-verify on both paths, subsets and reshard, each equal to the same run on local disk.
+verify on both paths, subsets, reshard, embed and dedup, each equal to the same run on local disk, and
+train reading the resharded shards from the bucket; and what gcsfs itself gets wrong against an emulator
+or in a process that opened gs:// before laiontools was imported.
 """
 
 from __future__ import annotations
