@@ -608,3 +608,46 @@ def test_a_takedown_pool_without_its_audit_line_is_a_verify_finding_and_not_buil
     with pytest.raises(TakedownError, match=r"was made by a takedown, but .*takedown\.audit\.jsonl is missing"):
         takedown_stage.run(TakedownConfig(pool=f"{cut}/pool.manifest.json", list_file=str(lst), reason=REASON,
                                           output=str(tmp_path / "next")), spark)
+
+
+@pytest.mark.parametrize("kind", ["sha256", "phash"])
+def test_a_content_entry_marks_every_catalog_row_of_the_sample_it_removes(pool, spark, tmp_path, kind):
+    """A sha256 or pHash entry names a stored image, so it hits the sample's success row (sha256: through the
+    catalog's image hash; pHash: through the content scan only); the uid's other catalog rows (a
+    `rejected_duplicate_uid` row: the same URL + caption) are the same item and are marked with it, as a uid
+    or url entry marks them. Expected rows come from the tars (hashlib / imagehash) and the old catalog by
+    uid, not from the matching code."""
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    m = read_manifest(pool.manifest)
+    stored = {}
+    for s in m["shards"]:
+        for d in _samples(resolve(pool.manifest, s["path"])).values():
+            stored[d["uid"]] = d
+    cat = pd.read_parquet(f"{pool.dir}/catalog")
+    dup_uids = set(cat.loc[cat["status"] == "rejected_duplicate_uid", "uid"])
+    assert dup_uids & set(stored), "the session pool should hold a sample that has a rejected_duplicate_uid row"
+    u = min(dup_uids & set(stored))
+    value = stored[u]["sha256"] if kind == "sha256" else f"{stored[u]['phash']:016x} 0"
+    listfile = tmp_path / "list.txt"
+    listfile.write_text(f"{kind} {value}\n")
+    gone = {w for w, d in stored.items() if (d["sha256"] == stored[u]["sha256"] if kind == "sha256" else d["phash"] == stored[u]["phash"])}
+
+    out = str(tmp_path / "pool1")
+    res = takedown_stage.run(TakedownConfig(pool=pool.manifest, list_file=str(listfile), reason="content", output=out), spark)
+    new_cat = pd.read_parquet(f"{out}/catalog")
+    marked = new_cat[new_cat["status"] == "removed_content"]
+    want = cat[cat["uid"].isin(gone)]
+    assert len(want) > len(gone) and res.counts["removed"] == len(gone)
+    assert sorted(marked["uid"]) == sorted(want["uid"]) and marked["error_message"].str.contains(f"line 1 ({kind} ", regex=False).all()
+    assert res.counts["catalog_rows_marked"] == len(want)
+    rep = json.loads(_text(f"{out}/takedown.json"))
+    assert sorted((r["uid"], r["status"]) for r in rep["catalog_rows_without_sample"]) == \
+        sorted((r.uid, r.status) for r in want.itertuples() if r.status != "success")
+    assert rep["lines_matching_nothing"] == []
+    # every other row is as it was
+    rest = new_cat[~new_cat["uid"].isin(gone)].sort_values(["uid", "status"]).reset_index(drop=True)
+    old_rest = cat[~cat["uid"].isin(gone)].sort_values(["uid", "status"]).reset_index(drop=True)
+    same = [c for c in cat.columns if c not in ("tar_offset", "tar_length")]
+    pd.testing.assert_frame_equal(rest[same], old_rest[same])

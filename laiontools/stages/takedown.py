@@ -476,6 +476,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
                                     f"(line {line}) but has no uid in its .json; the pool does not follow the layout")
             matched.setdefault((uid, C.STATUS_SUCCESS), {"uid": uid, "status": C.STATUS_SUCCESS, "shard": sid, "key": key,
                                                          "kind": kind, "value": value, "line": int(line)})
+    _mark_rows_of_content_matches(spark, cat, matched)
     t_content = time.monotonic() - t1
     # the list's lines that matched no row of this pool (a repeated value counts as its first line)
     unmatched = [(ln, text) for ln, (text, first) in sorted(rl.lines.items()) if first not in lines_hit]
@@ -612,6 +613,33 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
     _write_audit(out, old_audit, entry)
     rep["text"] = text
     return rep
+
+
+_CONTENT_KINDS = ("sha256", "md5", "phash")
+
+
+def _mark_rows_of_content_matches(spark: Any, cat: Any, matched: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Add to `matched` the other catalog rows of every uid whose stored sample a content entry
+    (sha256 / md5 / pHash) removed, with that sample's entry and line.
+
+    A content entry names a stored image, so it hits the sample's success row only; the uid's other
+    rows (a `rejected_duplicate_uid` row: the same URL + caption) hold no image to compare. A uid or
+    url entry marks them (they share both), so without this a takedown by content left the same item
+    unmarked in the catalog that the same takedown by uid marks. Rows an earlier takedown removed
+    keep their stamp, as in the catalog match."""
+    from pyspark.sql import functions as F
+
+    by_uid = {m["uid"]: m for m in matched.values() if m["status"] == C.STATUS_SUCCESS and m["kind"] in _CONTENT_KINDS}
+    if not by_uid:
+        return
+    u_df = spark.createDataFrame([(u,) for u in sorted(by_uid)], "_cuid string")
+    rows = (cat.select(C.UID, C.STATUS, C.SHARD, C.KEY).join(F.broadcast(u_df), F.col(C.UID) == u_df["_cuid"])
+            .where((F.col(C.STATUS) != C.STATUS_SUCCESS) & ~F.col(C.STATUS).startswith(C.REMOVED_PREFIX))
+            .select(C.UID, C.STATUS, C.SHARD, C.KEY).collect())
+    for uid, st, shard, key in rows:
+        m = by_uid[uid]
+        matched.setdefault((uid, st), {"uid": uid, "status": st, "shard": shard, "key": key,
+                                       "kind": m["kind"], "value": m["value"], "line": m["line"]})
 
 
 def _tail(shard_path: str) -> str:
