@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import uuid
 
 import pandas as pd
@@ -269,3 +270,39 @@ def test_gs_opened_before_laiontools_was_imported_still_gets_its_bounded_client(
     env = {**os.environ, "FSSPEC_GS": '{"token": "anon"}'}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_permission_error_is_one_clear_line_naming_the_path(gcs, gcs_server, tmp_path, capsys):
+    """The emulator checks no credentials: the test server refuses one bucket (403 with the body Google's
+    JSON API gives a caller without the permission). Reading from it, writing into it and a stage run on
+    it each stop with one line naming the path and the access refusal (gcsfs's own error spans two lines
+    and names only "b/<bucket>/o")."""
+    from laiontools.cli import main
+    from laiontools.core.storage import StorageError, ensure_output_dir
+
+    bucket = f"lt-denied-{uuid.uuid4().hex[:8]}"
+    gcs.mkdir(bucket)
+    gcs.pipe(f"{bucket}/pool/pool.manifest.json", b"{}")
+    gcs_server.denied.add(bucket)
+    gcs.invalidate_cache()
+    try:
+        with pytest.raises(StorageError, match=rf"^gs://{bucket}/out: access denied by the object store \(.*Forbidden") as e:
+            ensure_output_dir(f"gs://{bucket}/out")
+        assert "\n" not in str(e.value) and "GOOGLE_APPLICATION_CREDENTIALS" in str(e.value)
+        with pytest.raises(StorageError, match=rf"^gs://{bucket}/pool/pool.manifest.json: access denied"):
+            read_json(f"gs://{bucket}/pool/pool.manifest.json")
+        capsys.readouterr()
+        assert main(["verify", f"gs://{bucket}/pool/pool.manifest.json"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"laiontools verify: error: gs://{bucket}/pool/pool.manifest.json: access denied by the object store")
+        assert "\n" not in err and "Traceback" not in err, err
+        assert main(["subsets", "--pool", f"gs://{bucket}/pool/pool.manifest.json", "--output", f"gs://{bucket}/sub",
+                     "--scales", "10", "--seed", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.match(rf"^laiontools subsets: error: gs://{bucket}/(sub|pool/pool.manifest.json): access denied by the object store", err), err
+        assert "\n" not in err, err
+    finally:
+        gcs_server.denied.discard(bucket)
+        gcs.invalidate_cache()
+    assert read_json(f"gs://{bucket}/pool/pool.manifest.json") == {}  # refused by the server, not damaged
+

@@ -484,7 +484,8 @@ def _store_error(e: BaseException, path: str) -> StorageError | None:
     if isinstance(e, PermissionError) or names & {"AccessDenied"} or "AccessDenied" in text or "Forbidden" in text \
             or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
         creds = "GOOGLE_APPLICATION_CREDENTIALS / fsspec config" if _is_gcs(path) else "AWS_ACCESS_KEY_ID / AWS_PROFILE / fsspec config"
-        return StorageError(f"{path}: access denied by the object store ({type(e).__name__}: {str(e)[:200]}); "
+        said = " ".join(str(e).split())  # gcsfs's message spans lines ("Forbidden: <path>\n<Google's message>")
+        return StorageError(f"{path}: access denied by the object store ({type(e).__name__}: {said[:200]}); "
                             f"check the credentials ({creds}) and the bucket policy")
     return None
 

@@ -2,22 +2,31 @@
 in memory, started and stopped in the test's process as moto's server is for s3:// (``s3server``).
 Clients find it through ``STORAGE_EMULATOR_HOST``, which gcsfs reads, as users of an emulator do.
 It counts the object reads (GETs of an object's bytes) it answers, where the bytes leave the store.
+The emulator checks no credentials; buckets named in ``denied`` answer every request 403 with the body
+Google's JSON API gives a caller without the permission, so the permission path is reached.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
 from typing import Any
+
+# the bucket a JSON API request names: /storage/v1/b/<bucket>..., /upload/storage/v1/b/<bucket>..., /download/...
+_BUCKET = re.compile(r"^/(?:upload/|download/)?storage/v1/b/([^/?]+)")
 
 
 class GCSServer:
     """``with GCSServer(port) as s:`` a GCS API server on 127.0.0.1 (``s.endpoint``), buckets in memory;
-    ``s.media_gets`` is the number of object reads it has answered."""
+    ``s.media_gets`` is the number of object reads it has answered; ``s.denied`` the buckets it refuses
+    (403) to every caller."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.media_gets = 0
+        self.denied: set[str] = set()
         self._lock = threading.Lock()
         self._server: Any = None
         self._handler: Any = None
@@ -28,7 +37,39 @@ class GCSServer:
         counts = self
 
         class Handler(gse.RequestHandler):
+            def _refused(self) -> bool:
+                m = _BUCKET.match(self.path)
+                if not m or m.group(1) not in counts.denied:
+                    return False
+                msg = ("caller does not have storage.objects.list access to the Google Cloud Storage bucket. "
+                       "Permission 'storage.objects.list' denied on resource (or it may not exist).")
+                body = json.dumps({"error": {"code": 403, "message": msg,
+                                             "errors": [{"message": msg, "domain": "global", "reason": "forbidden"}]}}).encode()
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)  # the request's body, so the connection stays in step
+                self.send_response(403)
+                self.send_header("Content-Type", "application/json; charset=UTF-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return True
+
+            def do_POST(self) -> None:
+                if not self._refused():
+                    super().do_POST()
+
+            def do_PUT(self) -> None:
+                if not self._refused():
+                    super().do_PUT()
+
+            def do_DELETE(self) -> None:
+                if not self._refused():
+                    super().do_DELETE()
+
             def do_GET(self) -> None:
+                if self._refused():
+                    return
                 if "alt=media" in self.path:
                     with counts._lock:
                         counts.media_gets += 1
