@@ -306,3 +306,38 @@ def test_a_permission_error_is_one_clear_line_naming_the_path(gcs, gcs_server, t
         gcs.invalidate_cache()
     assert read_json(f"gs://{bucket}/pool/pool.manifest.json") == {}  # refused by the server, not damaged
 
+
+def test_an_emulator_named_by_endpoint_url_is_one_and_googles_own_endpoints_are_not(gcs_server, monkeypatch, caplog):
+    """An emulator can be named by an ``endpoint_url`` (fsspec's configuration) instead of
+    STORAGE_EMULATOR_HOST: that client too skips the gRPC layout lookup and moves by copy and delete,
+    here against the test server with the variable unset. An endpoint_url of Google's own (a Private
+    Service Connect name, storage.googleapis.com) and STORAGE_EMULATOR_HOST=default (gcsfs: Google) are
+    Google: gcsfs's own lookup and moveTo stay (only checked by name: no Google here)."""
+    from gcsfs.extended_gcsfs import BucketType, ExtendedGcsFileSystem
+
+    from laiontools.core.gcs import BoundedGCSFileSystem
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+
+    def client(**kw):
+        return BoundedGCSFileSystem(token="anon", skip_instance_cache=True, **kw)
+
+    fs = client(endpoint_url=gcs_server.endpoint)
+    assert fs.at_emulator()
+    bucket = f"lt-endpoint-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    fs.pipe(f"{bucket}/a.tmp", b"x" * 10)
+    fs.mv(f"{bucket}/a.tmp", f"{bucket}/a")
+    assert fs.cat(f"{bucket}/a") == b"x" * 10 and not fs.exists(f"{bucket}/a.tmp")
+    assert "moveTo" not in caplog.text
+    if isinstance(fs, ExtendedGcsFileSystem):
+        assert fs._sync_lookup_bucket_type(bucket) is BucketType.NON_HIERARCHICAL and fs._storage_control_client is None
+    for google in ("https://storage.googleapis.com", "https://storage-lt1.p.googleapis.com", "https://STORAGE.googleapis.com:443"):
+        assert not client(endpoint_url=google).at_emulator(), google
+    assert not client().at_emulator()  # no endpoint, no emulator variable: Google
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "default")
+    assert not client().at_emulator()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint.removeprefix("http://"))  # host:port, as gcsfs takes it
+    assert client().at_emulator()
+    monkeypatch.setenv("GOOGLE_CLOUD_UNIVERSE_DOMAIN", "sovereign.example")
+    assert not client(endpoint_url="https://storage.sovereign.example").at_emulator()

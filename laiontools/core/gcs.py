@@ -13,7 +13,7 @@ opened ``gs://`` before laiontools was imported: fsspec keeps a class it importe
 gcsfs (2025.x on) hands out its extended file system unless ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``:
 before most operations it asks the bucket's storage layout over gRPC (Storage Control API, 30 s a call,
 retried for 60 s), and a failed answer is not kept, so it asks again on the next operation. An emulator
-(``STORAGE_EMULATOR_HOST``, or an ``endpoint_url`` the user gives) serves the JSON API only: against
+(``STORAGE_EMULATOR_HOST``, or an ``endpoint_url`` the user gives, not under googleapis.com) serves the JSON API only: against
 one, a single ``exists`` took 130 s and each write ~2 minutes, every gs:// stage a near-hang. At an
 emulator this file system answers that lookup itself (a flat bucket, what gcsfs falls back to anyway)
 and moves an object by copy and delete (gcsfs tries the JSON API's moveTo first, which emulators lack,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import gcsfs
@@ -62,9 +63,18 @@ class BoundedGCSFileSystem(gcsfs.GCSFileSystem):
         return super()._open(path, mode, **kwargs)
 
     def at_emulator(self) -> bool:
-        """True where this client talks to an emulator or another endpoint than Google's (an
-        ``endpoint_url`` given, or ``STORAGE_EMULATOR_HOST``, as gcsfs itself reads it)."""
-        return bool(getattr(self, "_endpoint", None) or os.environ.get("STORAGE_EMULATOR_HOST"))
+        """True where this client talks to another endpoint than Google's: an ``endpoint_url`` given, or
+        ``STORAGE_EMULATOR_HOST`` as gcsfs reads it ("default" or empty: Google), whose host is not under
+        googleapis.com (nor the ``GOOGLE_CLOUD_UNIVERSE_DOMAIN`` gcsfs honours). An endpoint_url of Google's
+        own (a Private Service Connect name, storage.googleapis.com itself) keeps gcsfs's lookup and moves."""
+        where = getattr(self, "_endpoint", None)
+        if not where:
+            where = os.environ.get("STORAGE_EMULATOR_HOST", "")
+            if where in ("", "default"):
+                return False
+        host = (urlsplit(where if "://" in where else f"http://{where}").hostname or "").lower()
+        google = {"googleapis.com", os.environ.get("GOOGLE_CLOUD_UNIVERSE_DOMAIN", "googleapis.com").lower()}
+        return not any(host == d or host.endswith("." + d) for d in google)
 
     async def _lookup_bucket_type(self, bucket: str) -> Any:
         """The bucket's layout, without a gRPC call where there is no Storage Control API to ask (an
