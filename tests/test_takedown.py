@@ -651,3 +651,6 @@ def test_a_content_entry_marks_every_catalog_row_of_the_sample_it_removes(pool, 
     old_rest = cat[~cat["uid"].isin(gone)].sort_values(["uid", "status"]).reset_index(drop=True)
     same = [c for c in cat.columns if c not in ("tar_offset", "tar_length")]
     pd.testing.assert_frame_equal(rest[same], old_rest[same])
+    from laiontools.stages.verify import verify_main
+
+    assert verify_main([f"{out}/pool.manifest.json", "--removal-list", str(listfile)]) == 0
