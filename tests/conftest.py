@@ -48,6 +48,32 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "laiontools-test", "AWS_SECRET_ACCESS_KEY": 
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto's server mode) on 127.0.0.1 for the session, which counts the GETs
+    under a prefix it is told to watch (laiontools.testing.s3server)."""
+    pytest.importorskip("moto.server", reason="object-store tests need moto[server] (the test extra)")
+    import fsspec
+
+    from laiontools.testing.s3server import S3Server
+
+    port = os.environ["LAIONTOOLS_TEST_S3_PORT"]  # reserved above
+    endpoint = os.environ["FSSPEC_S3_ENDPOINT_URL"]
+    if endpoint != f"http://127.0.0.1:{port}":
+        pytest.skip(f"FSSPEC_S3_ENDPOINT_URL was set outside the tests ({endpoint}); not starting a test server there")
+    # fsspec reads FSSPEC_* variables when it is imported; make sure this process uses them too.
+    fsspec.config.conf.setdefault("s3", {}).setdefault("endpoint_url", endpoint)
+    with S3Server(port=int(port)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server):
+    """An s3fs file system talking to the test server."""
+    s3fs = pytest.importorskip("s3fs", reason="object-store tests need s3fs (the test extra)")
+    return s3fs.S3FileSystem(endpoint_url=s3_server.endpoint)
+
+
+@pytest.fixture(scope="session")
 def spark():
     """A local[2] SparkSession shared by the whole test session (stage code finds it as the active one)."""
     from laiontools.core.spark import spark_session

@@ -22,6 +22,7 @@ import pytest
 from laiontools.contracts import layout
 from laiontools.core.spark import BYTES_PER_SHUFFLE_PARTITION, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
 from laiontools.testing.cluster import REPO, SPARK_HOME, StandaloneCluster, spark_submit, submit_env
+from laiontools.testing.s3server import S3_ENV
 
 
 def _changed_copy(folder: Path, missing_dependency: bool = False) -> Path:
@@ -72,14 +73,16 @@ def test_shuffle_partitions_derived_from_input_size(spark):
 
 
 @pytest.mark.slow
-def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp_path):
+def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3, tmp_path):
     """spark-submit jobs/<stage>.py of every Spark stage (download with its prepare, verify, subsets,
     reshard, embed, dedup, semdedup, takedown, and prepare on its own) on a master + 2 workers: tasks run
     on both workers and on the cluster for every stage, and each output equals the same stage run in the
     test's process. A download into the folder of a prepare run on its own, killed mid-run on the same
     cluster and started again, resumes to that same pool. The download, subsets and reshard given
     `--conf spark.sql.shuffle.partitions=37` used it (a user's setting wins over the job's); the
-    prepare, given none, derived its own."""
+    prepare, given none, derived its own. The workers know nothing of the test's S3 server: a reshard
+    of the pool copied into a bucket reads and writes s3:// on the executors with the settings
+    docs/scale.md has a user pass (spark.executorEnv.*), and without them stops with one line."""
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -100,7 +103,7 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
                 "--image-size", str(s["image_size"]), "--thread-count", str(s["thread_count"])]
         root = tmp_path / "spark"
         root.mkdir()
-        with StandaloneCluster(root, workers=2) as cluster:
+        with StandaloneCluster(root, workers=2, drop_env=S3_ENV) as cluster:
             conf = ["--master", cluster.url, "--total-executor-cores", "2", "--executor-cores", "1",
                     "--conf", "spark.executor.memory=512m", "--driver-memory", "1g"]
             # A user's --conf wins over the job's settings: prepare's shuffle used the 37 partitions given
@@ -130,7 +133,8 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
                 assert res.returncode == 2 and len(err) == 1, said[-3000:]
                 assert all(x in err[0] for x in says), err
                 assert "Traceback" not in said, said[-3000:]
-            _subsets_and_reshard_like_local(spark, cluster, conf, f"{local}/{layout.POOL_MANIFEST}", tmp_path)
+            scales = _subsets_and_reshard_like_local(spark, cluster, conf, f"{local}/{layout.POOL_MANIFEST}", tmp_path)
+            _reshard_on_s3_like_local(spark, s3, cluster, conf, local, scales, tmp_path)
             _embed_dedup_semdedup_takedown_like_local(spark, cluster, conf, local, src["evalset"], tmp_path)
 
             # jobs/prepare.py on its own (as a user does to look at the rejects first), then the same
@@ -159,14 +163,14 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, tmp
         _assert_same_pool(pool, local)
 
 
-def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: list[str], pool: str, tmp_path: Path) -> None:
+def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: list[str], pool: str, tmp_path: Path) -> str:
     """subsets and reshard of the same pool in the test's session and through spark-submit on the cluster.
 
     Both shuffle rows (the pool's, the subset's). In the session, which sets no shuffle count, they derive
     one from the input (local[2], a small pool: 2; Spark's default of 200 gave ~200 tasks per shuffle);
     on the cluster they are given `--conf spark.sql.shuffle.partitions=37` and use 37. Each manifest's run
     sidecar records it. The uid files, the resharded manifest and every shard are the same bytes, and
-    the cluster's executors ran each stage's tasks."""
+    the cluster's executors ran each stage's tasks. Returns the scales cut."""
     import filecmp
 
     from laiontools.contracts.manifest import SIDECAR_SUFFIX, read_manifest
@@ -206,6 +210,53 @@ def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: lis
     assert rs37.read_bytes() == (tmp_path / "rs" / layout.RESHARD_MANIFEST).read_bytes()
     for s in read_manifest(str(rs37))["shards"]:
         assert filecmp.cmp(tmp_path / "rs" / s["path"], tmp_path / "rs37" / s["path"], shallow=False), s["path"]
+    return scales
+
+
+def _reshard_on_s3_like_local(spark, s3, cluster: StandaloneCluster, conf: list[str], local: str, scales: str, tmp_path: Path) -> None:
+    """The local pool copied into a bucket of the test's S3 server, its subsets cut there (in the test's
+    session), and the larger resharded from s3:// into s3:// through spark-submit. The cluster's workers
+    were started without the server's endpoint and credentials (a node has none of the submitting
+    machine's settings): given them as docs/scale.md says (spark.executorEnv.AWS_*), the executors read
+    and write the bucket and the shards are the local reshard's bytes; without them the run stops with
+    one line naming the path and the executors' settings, no traceback."""
+    import uuid
+
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.subsets import SubsetsConfig
+
+    bucket = f"lt-cluster-{uuid.uuid4().hex[:8]}"
+    s3.mkdir(bucket)
+    s3.put(f"{local}/", f"{bucket}/pool", recursive=True)
+    s3.invalidate_cache()
+    sub = subsets_stage.run(SubsetsConfig(pool=f"s3://{bucket}/pool/{layout.POOL_MANIFEST}", output=f"s3://{bucket}/sub",
+                                          scales=scales, seed=3), spark).details
+    big = sub[0]["manifest"]
+    assert s3.cat(f"{bucket}/sub/{read_manifest(big)['uids']['path']}") == \
+        (tmp_path / "sub" / read_manifest(big)["uids"]["path"]).read_bytes()
+    store = [x for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+             for x in ("--conf", f"spark.executorEnv.{k}={os.environ[k]}")]
+    before = sum(cluster.tasks_per_worker())
+    spark_submit([*conf, *store, str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", f"s3://{bucket}/rs",
+                  "--shard-size", "8", "--spark-above", "0"], cwd=tmp_path)
+    assert sum(cluster.tasks_per_worker()) > before, "the s3:// reshard ran no task on the cluster's workers"
+    got, want = read_manifest(f"s3://{bucket}/rs/{layout.RESHARD_MANIFEST}"), read_manifest(str(tmp_path / "rs" / layout.RESHARD_MANIFEST))
+    assert [(x["path"], x["sha256"], x["num_samples"]) for x in got["shards"]] == \
+        [(x["path"], x["sha256"], x["num_samples"]) for x in want["shards"]]
+    for x in got["shards"]:
+        assert s3.cat(f"{bucket}/rs/{x['path']}") == (tmp_path / "rs" / x["path"]).read_bytes(), x["path"]
+
+    res = subprocess.run([str(SPARK_HOME / "bin" / "spark-submit"), *conf, "--conf", "spark.task.maxFailures=1",
+                          str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", f"s3://{bucket}/rs-bare",
+                          "--shard-size", "8", "--spark-above", "0"],
+                         cwd=tmp_path, env=submit_env(), capture_output=True, text=True, timeout=300, check=False)
+    said = res.stdout + res.stderr
+    err = [ln for ln in said.splitlines() if ln.startswith("laiontools reshard: error: ")]
+    assert res.returncode == 2 and len(err) == 1, said[-3000:]
+    assert f"s3://{bucket}/" in err[0] and "met on a Spark executor" in err[0] and "spark.executorEnv" in err[0], err[0]
+    # (the executor's traceback shows only in Spark's own record of the lost task, a WARN line of its scheduler)
+    assert all("WARN TaskSetManager: Lost task" in ln for ln in said.splitlines() if "Traceback" in ln), said[-3000:]
 
 
 def _embed_dedup_semdedup_takedown_like_local(spark, cluster: StandaloneCluster, conf: list[str], pool_dir: str,

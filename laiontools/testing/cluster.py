@@ -49,17 +49,21 @@ class StandaloneCluster:
 
     pin: worker i and the executors it starts run on CPU core i only (``taskset``), so that 1 vs 2
     workers compares one core of executors with two separate ones, not two sets of processes sharing
-    whatever cores are free. The master and the driver are not pinned."""
+    whatever cores are free. The master and the driver are not pinned.
 
-    def __init__(self, root: Path, workers: int = 2, pin: bool = False):
+    drop_env: variables the master and workers (so their executors) are started without, as a cluster
+    node lacks what was set on the machine that submits (object-store endpoint, credentials); a job
+    then hands them to its executors itself (``--conf spark.executorEnv.NAME=value``)."""
+
+    def __init__(self, root: Path, workers: int = 2, pin: bool = False, drop_env: tuple[str, ...] = ()):
         if pin and workers > len(os.sched_getaffinity(0)):
             raise ValueError(f"pin: {workers} workers need {workers} cores, this process may use {len(os.sched_getaffinity(0))}")
-        self.root, self.n, self.procs, self.pin = root, workers, [], pin
+        self.root, self.n, self.procs, self.pin, self.drop_env = root, workers, [], pin, drop_env
         self.port = free_port()
         self.url = f"spark://127.0.0.1:{self.port}"
 
     def _start(self, args: list[str], log: str, core: int | None = None) -> None:
-        env = {**submit_env(), "SPARK_LOG_DIR": str(self.root / "logs")}
+        env = {k: v for k, v in {**submit_env(), "SPARK_LOG_DIR": str(self.root / "logs")}.items() if k not in self.drop_env}
         out = open(self.root / log, "wb")  # noqa: SIM115 - closed with the process in __exit__
         pin = [] if core is None else ["taskset", "-c", str(sorted(os.sched_getaffinity(0))[core])]
         self.procs.append((subprocess.Popen([*pin, str(SPARK_HOME / "bin" / "spark-class"), *args], env=env,

@@ -9,6 +9,11 @@ import threading
 import time
 from typing import Any
 
+# What names the test S3 server and its credentials in the tests' environment (tests/conftest.py sets them).
+# The two-worker cluster test starts its workers without them, as a cluster node has none of the submitting
+# machine's settings, and hands them to the executors the way docs/scale.md says a user does.
+S3_ENV = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
 
 class _Counting:
     """WSGI layer over moto's app: GETs whose path holds `prefix`, and the bytes of their bodies."""
