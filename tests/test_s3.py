@@ -11,10 +11,8 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from typing import Any
 
@@ -36,9 +34,11 @@ from laiontools.core.storage import (
     url_to_fs,
 )
 from laiontools.testing.stores import (
+    bench_subset,
     catalog_rows,
     check_same_embeddings,
     check_verify_names_a_flipped_byte,
+    kill_when,
     members,
 )
 
@@ -763,26 +763,6 @@ class _Killed(Exception):
     pass
 
 
-def _kill_once(cmd: list[str], s3: Any, pattern: str) -> None:
-    """Run `cmd` in a process group of its own and SIGKILL the whole group (the CLI and its task
-    processes) once a key matches `pattern` in the bucket, or when the run ends first; ~2 min at most."""
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(20000):  # the run takes seconds
-            if proc.poll() is not None:
-                break
-            s3.invalidate_cache()
-            if s3.glob(pattern):
-                break
-            time.sleep(0.003)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # the group had ended
-            pass
-        proc.wait()
-
-
 def _tree(root: str) -> dict[str, bytes]:
     fs, p = url_to_fs(root)
     p = p.rstrip("/")
@@ -956,23 +936,6 @@ def test_verify_of_an_empty_s3_uid_file_is_a_finding_not_a_crash(s3, small_s3_su
     assert any(p.startswith(f"uid file {uid_file}: unreadable") and "empty" in p for p in res.problems), res.problems
 
 
-def _s3_subset(spark, s3, bucket: str, tmp_path) -> str:
-    """A 2-shard pool (60 samples of ~40 KB each, spans in its catalog: reshard runs in process) by the
-    reshard benchmark's builder, uploaded to `bucket`, and a subset of 100 of its samples: its manifest."""
-
-    from laiontools.contracts import layout
-    from laiontools.stages import subsets as subsets_stage
-    from laiontools.stages.subsets import SubsetsConfig
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
-    from bench_reshard import build_pool
-
-    build_pool(str(tmp_path / "pool"), shards=2, per_shard=60, kb=40)
-    s3.put(str(tmp_path / "pool") + "/", f"{bucket.split('://')[1]}/pool", recursive=True)
-    return subsets_stage.run(SubsetsConfig(pool=f"{bucket}/pool/{layout.POOL_MANIFEST}", output=f"{bucket}/subsets",
-                                           scales="100", seed=0), spark).details[0]["manifest"]
-
-
 @pytest.mark.slow
 def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_keys(spark, s3, bucket, tmp_path, monkeypatch):
     """`laiontools reshard` (in process, forked task processes) into s3:// killed with its process group
@@ -987,13 +950,13 @@ def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_k
     from laiontools.stages.reshard import ReshardConfig
 
     b = bucket.split("://")[1]
-    sub = _s3_subset(spark, s3, bucket, tmp_path)
+    sub = bench_subset(spark, s3, bucket, tmp_path)
     monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)  # in process, as the CLI below
     reshard_stage.run(ReshardConfig(manifest=sub, output=f"{bucket}/clean", shard_size=10))
 
     killed = f"{bucket}/killed"
     cmd = [sys.executable, "-m", "laiontools", "reshard", "--manifest", sub, "--output", killed, "--shard-size", "10"]
-    _kill_once(cmd, s3, f"{b}/killed/shards/*.tar.done")
+    kill_when(cmd, s3, f"{b}/killed/shards/*.tar.done")
     s3.invalidate_cache()
     assert s3.glob(f"{b}/killed/shards/*.tar.done"), "the killed run never finished a shard"
     assert not s3.exists(f"{b}/killed/{layout.RESHARD_MANIFEST}"), "the kill landed after the run had finished"
@@ -1035,7 +998,7 @@ def test_reshard_rerun_into_s3_aborts_the_multipart_upload_a_killed_write_left(s
     from laiontools.stages.reshard import ReshardConfig
 
     b = bucket.split("://")[1]
-    sub = _s3_subset(spark, s3, bucket, tmp_path)
+    sub = bench_subset(spark, s3, bucket, tmp_path)
     monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
     out = f"{bucket}/out"
     reshard_stage.run(ReshardConfig(manifest=sub, output=out, shard_size=10))
@@ -1093,7 +1056,7 @@ def test_embed_killed_writing_into_s3_resumes_to_the_same_bytes(s3, bucket, tmp_
     args = ["embed", "--manifest", f"{bucket}/pool/{layout.POOL_MANIFEST}", "--model", "lt-tiny", "--device", "cpu",
             "--num-workers", "0", "--engine", "local", "--batch-size", "16"]
     assert cli_main(args + ["--output", f"{bucket}/clean"]) == 0
-    _kill_once([sys.executable, "-m", "laiontools", *args, "--output", f"{bucket}/killed"], s3, f"{b}/killed/meta/*.done")
+    kill_when([sys.executable, "-m", "laiontools", *args, "--output", f"{bucket}/killed"], s3, f"{b}/killed/meta/*.done")
     s3.invalidate_cache()
     assert s3.glob(f"{b}/killed/meta/*.done"), "the killed run never finished a shard"
     assert not s3.exists(f"{b}/killed/embed_report.json"), "the kill landed after the run had finished"

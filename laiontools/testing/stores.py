@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
 CATALOG_COLUMNS = ["uid", "status", "shard", "key", "width", "height", "sha256", "tar_offset", "tar_length"]
@@ -69,3 +74,42 @@ def check_same_embeddings(got: str, want: str, shard_ids: list[str]) -> None:
         assert a.shape == b.shape and a.shape[0] > 0, (sid, a.shape, b.shape)
         assert sorted(ua) == sorted(ub), sid
         np.testing.assert_allclose(a[np.argsort(ua)], b[np.argsort(ub)], rtol=0, atol=1e-4)
+
+
+def bench_subset(spark: Any, fs: Any, root: str, tmp_path: Any) -> str:
+    """A 2-shard pool (60 samples of ~40 KB each, spans in its catalog: reshard runs in process) by the
+    reshard benchmark's builder, uploaded under `root` (``s3://bucket`` or ``gs://bucket``) through the
+    file system `fs`, and a subset of 100 of its samples: its manifest's URL."""
+    from laiontools.contracts import layout
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.subsets import SubsetsConfig
+    from laiontools.testing.cluster import REPO
+
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    from bench_reshard import build_pool
+
+    build_pool(str(tmp_path / "pool"), shards=2, per_shard=60, kb=40)
+    fs.put(str(tmp_path / "pool") + "/", f"{root.split('://')[1]}/pool", recursive=True)
+    return subsets_stage.run(SubsetsConfig(pool=f"{root}/pool/{layout.POOL_MANIFEST}", output=f"{root}/subsets",
+                                           scales="100", seed=0), spark).details[0]["manifest"]
+
+
+def kill_when(cmd: list[str], fs: Any, pattern: str) -> None:
+    """Run `cmd` in a process group of its own and SIGKILL the whole group (the CLI and its task
+    processes) once a key matches `pattern` in the store `fs`, or when the run ends first; ~2 min at most."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(20000):  # the run takes seconds
+            if proc.poll() is not None:
+                break
+            fs.invalidate_cache()
+            if fs.glob(pattern):
+                break
+            time.sleep(0.003)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group had ended
+            pass
+        proc.wait()
