@@ -259,7 +259,6 @@ def test_gs_opened_before_laiontools_was_imported_still_gets_its_bounded_client(
     bound on a silent endpoint, and moveTo tried 6 times at an emulator (45 s of a 30-row download).
     Both orders now give laiontools' client; in a child process, whose imports are its own."""
     import subprocess
-    import sys
 
     code = ("import fsspec; fsspec.get_filesystem_class('gs'); import gcsfs\n"
             "assert fsspec.get_filesystem_class('gs') is gcsfs.GCSFileSystem\n"  # what img2dataset got
@@ -351,31 +350,9 @@ def test_reshard_killed_writing_into_gcs_resumes_to_the_same_shards_and_no_temp_
     the same keys, no temp key left. At an emulator every write is a temp object copied to its name and
     deleted, so a kill between the copy and the delete leaves the temp object whole (left here by hand,
     as the kill may not land there): the re-run's output claim removes it, as on s3://."""
-    from laiontools.contracts import layout
-    from laiontools.contracts.manifest import read_manifest
-    from laiontools.stages import reshard as reshard_stage
-    from laiontools.stages.reshard import ReshardConfig
-    from laiontools.testing.stores import bench_subset, kill_when
+    from laiontools.testing.stores import check_reshard_killed_resumes
 
     bucket = f"lt-kill-{uuid.uuid4().hex[:8]}"
     gcs.mkdir(bucket)
-    sub = bench_subset(spark, gcs, f"gs://{bucket}", tmp_path)
-    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)  # in process, as the CLI below
-    reshard_stage.run(ReshardConfig(manifest=sub, output=f"gs://{bucket}/clean", shard_size=10))
-
-    killed = f"gs://{bucket}/killed"
-    kill_when([sys.executable, "-m", "laiontools", "reshard", "--manifest", sub, "--output", killed, "--shard-size", "10"],
-              gcs, f"{bucket}/killed/shards/*.tar.done")
-    gcs.invalidate_cache()
-    assert gcs.glob(f"{bucket}/killed/shards/*.tar.done"), "the killed run never finished a shard"
-    assert not gcs.exists(f"{bucket}/killed/{layout.RESHARD_MANIFEST}"), "the kill landed after the run had finished"
-    gcs.pipe(f"{bucket}/killed/shards/.shard-00001.tar.done.tmp-deadbeef", b"{}\n")
-
-    reshard_stage.run(ReshardConfig(manifest=sub, output=killed, shard_size=10))
-    got, want = (read_manifest(f"{d}/{layout.RESHARD_MANIFEST}") for d in (killed, f"gs://{bucket}/clean"))
-    assert [(s["path"], s["sha256"]) for s in got["shards"]] == [(s["path"], s["sha256"]) for s in want["shards"]]
-    for sh in got["shards"]:
-        assert sha256_file(f"{killed}/{sh['path']}")[0] == sh["sha256"]
-    gcs.invalidate_cache()
-    assert [k for k in gcs.find(f"{bucket}/killed") if ".tmp-" in k] == []
-    assert gcs.find(f"{bucket}/killed") == [k.replace("/clean/", "/killed/") for k in gcs.find(f"{bucket}/clean")]
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)  # in process, as the CLI the check kills
+    check_reshard_killed_resumes(spark, gcs, f"gs://{bucket}", tmp_path)

@@ -36,6 +36,7 @@ from laiontools.core.storage import (
 from laiontools.testing.stores import (
     bench_subset,
     catalog_rows,
+    check_reshard_killed_resumes,
     check_same_embeddings,
     check_verify_names_a_flipped_byte,
     kill_when,
@@ -943,34 +944,8 @@ def test_reshard_killed_writing_into_s3_resumes_to_the_same_shards_and_no_temp_k
     uninterrupted run (sha256 in the manifest) and no temp key left. A kill between atomic_open's
     PUT of a temp key and the move's delete leaves that key whole (seen in 2 of 3 kills by hand); the
     re-run writes under new temp names, so it stayed for good: the output's claim now removes it."""
-
-    from laiontools.contracts import layout
-    from laiontools.contracts.manifest import read_manifest
-    from laiontools.stages import reshard as reshard_stage
-    from laiontools.stages.reshard import ReshardConfig
-
-    b = bucket.split("://")[1]
-    sub = bench_subset(spark, s3, bucket, tmp_path)
-    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)  # in process, as the CLI below
-    reshard_stage.run(ReshardConfig(manifest=sub, output=f"{bucket}/clean", shard_size=10))
-
-    killed = f"{bucket}/killed"
-    cmd = [sys.executable, "-m", "laiontools", "reshard", "--manifest", sub, "--output", killed, "--shard-size", "10"]
-    kill_when(cmd, s3, f"{b}/killed/shards/*.tar.done")
-    s3.invalidate_cache()
-    assert s3.glob(f"{b}/killed/shards/*.tar.done"), "the killed run never finished a shard"
-    assert not s3.exists(f"{b}/killed/{layout.RESHARD_MANIFEST}"), "the kill landed after the run had finished"
-    # Whether this kill fell between a PUT and its delete is chance: leave a marker's temp key as such a kill does.
-    s3.pipe(f"{b}/killed/shards/.shard-00001.tar.done.tmp-deadbeef", b"{}\n")
-
-    reshard_stage.run(ReshardConfig(manifest=sub, output=killed, shard_size=10))
-    got, want = (read_manifest(f"{d}/{layout.RESHARD_MANIFEST}") for d in (killed, f"{bucket}/clean"))
-    assert [(s["path"], s["sha256"]) for s in got["shards"]] == [(s["path"], s["sha256"]) for s in want["shards"]]
-    for sh in got["shards"]:
-        assert sha256_file(f"{killed}/{sh['path']}")[0] == sh["sha256"]
-    s3.invalidate_cache()
-    assert [k for k in s3.find(f"{b}/killed") if ".tmp-" in k] == []
-    assert s3.find(f"{b}/killed") == [k.replace("/clean/", "/killed/") for k in s3.find(f"{b}/clean")]
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)  # in process, as the CLI the check kills
+    check_reshard_killed_resumes(spark, s3, bucket, tmp_path)
 
 
 def test_a_manifest_path_naming_an_s3_folder_is_refused_as_one(small_s3_pool):
