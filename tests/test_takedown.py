@@ -362,6 +362,9 @@ def test_subsets_update_reshard_and_verify(lineage, pool, spark, capsys):
         assert got == (old - gone) | set(nxt)
         d = json.loads(_text(f"{new_sub}/{label}.diff.json"))
         assert set(d["removed"]) == gone and set(d["added"]) == set(nxt) and d["ok"] and not d["skipped"]
+        # the largest: the added are every eligible uid between the cuts (counted by the run); the smaller: ranked in it
+        assert ("added_are_every_eligible_between_cuts" in d["checks"]) == (label == "30") and \
+            ("new_is_lowest_ranked_of_larger" in d["checks"]) == (label == "10")
         last = max(old, key=lambda u: (score[u], u))  # the old run's cut, recorded in its manifest and used
         assert d["old_cut"] == {"score": f"{score[last]:016x}", "uid": last}
         assert json.loads(_text(f"{L['old_sub']}/{label}.manifest.json"))["selection"]["cut"] == d["old_cut"]
@@ -579,6 +582,30 @@ def test_subset_diff_proves_what_it_can_and_says_what_it_skipped():
     big = subset_diff(arr(old), arr(rest[:50]), arr(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]),
                       rank_check_max=10)
     assert big["skipped"] == ["added_rank_after_old_cut", "new_is_lowest_ranked_of_larger"] and big["ok"]
+    # the largest subset has no larger one to be ranked in: the run counts its eligible uids ranking after the
+    # old cut and up to the new cut, and the added ones must be those (here every pool uid but the taken-down
+    # is eligible, so the count is taken from the ranking above, not from the code under test)
+    from laiontools.contracts.lineage import cut_record
+
+    def cut(u):
+        return cut_record(s[u], u)
+
+    def between(lo, hi):  # eligible uids ranking after lo and up to hi
+        return sum(1 for u in rest if (s[lo], lo) < (s[u], u) <= (s[hi], hi))
+
+    new = rest[:50]
+    d = subset_diff(arr(old), arr(new), arr(gone), 5, target=50, eligible=195, old_cut=cut(old[-1]),
+                    between_cuts=(cut(new[-1]), between(old[-1], new[-1])))
+    assert d["checks"]["added_are_every_eligible_between_cuts"] is True and d["ok"] and between(old[-1], new[-1]) == 5
+    # the largest subset took a later item instead of the next one: ranked after the old cut, the right size,
+    # so only the count of eligible uids between the cuts catches it (this check did not exist: it passed)
+    late = rest[:49] + [rest[60]]
+    bad = subset_diff(arr(old), arr(late), arr(gone), 5, target=50, eligible=195, old_cut=cut(old[-1]),
+                      between_cuts=(cut(rest[60]), between(old[-1], rest[60])))
+    assert [k for k, v in bad["checks"].items() if v is False] == ["added_are_every_eligible_between_cuts"] and not bad["ok"]
+    # a count the run could not make is reported as skipped, not passed
+    assert subset_diff(arr(old), arr(new), arr(gone), 5, target=50, eligible=195, old_cut=cut(old[-1]),
+                       between_cuts=(cut(new[-1]), None))["skipped"] == ["added_are_every_eligible_between_cuts"]
 
 
 def test_a_takedown_pool_without_its_audit_line_is_a_verify_finding_and_not_built_on(lineage, spark, tmp_path, capsys):

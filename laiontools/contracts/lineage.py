@@ -95,6 +95,11 @@ def _key(arr: np.ndarray, scores: np.ndarray, i: int) -> tuple[int, int, int]:
     return int(scores[i]), int(arr["hi"][i]), int(arr["lo"][i])
 
 
+def _cut_key(cut: dict[str, str]) -> tuple[int, int, int]:
+    """A recorded cut (:func:`cut_record`) as the rank key :func:`_key` gives."""
+    return int(cut["score"], 16), int(cut["uid"][:16], 16), int(cut["uid"][16:], 16)
+
+
 def cut_record(score: int, uid: str, *, signed: bool = False) -> dict[str, str]:
     """How a subset manifest records its last selected (score, uid): the uint64 score as 16 hex. `signed`:
     `score` is the Spark-sortable int64 of :func:`laiontools.contracts.selection.to_signed_order`."""
@@ -105,12 +110,17 @@ def cut_record(score: int, uid: str, *, signed: bool = False) -> dict[str, str]:
 
 def subset_diff(old: np.ndarray, new: np.ndarray, removed_from_pool: np.ndarray, seed: int, *, target: int,
                 eligible: int, larger_new: np.ndarray | None = None, old_cut: dict[str, str] | None = None,
+                between_cuts: tuple[dict[str, str] | None, int | None] | None = None,
                 rank_check_max: int = RANK_CHECK_MAX) -> dict[str, Any]:
     """What changed between subset uid arrays `old` and `new` (sorted UID_DTYPE) given the uids taken out
     of the pool, and the checks that nothing else moved. `target` and `eligible` (the new run's eligible
     count) give the size it must have; `larger_new`: the next larger new subset (None for the largest);
     `old_cut`: the old run's recorded last (score, uid) (:func:`cut_record`), else it is computed by ranking
-    `old`. Returns counts, the removed and added uids (hex, in rank order), the cuts, ``checks`` (name ->
+    `old`. `between_cuts`, for the largest subset (the others are ranked in the next larger): (the new
+    run's recorded last (score, uid), the run's count of eligible uids ranking after `old_cut` and up to
+    it); the added uids must rank in that range and be as many, so none was skipped (a count of None: the
+    run could not count it, reported as skipped).
+    Returns counts, the removed and added uids (hex, in rank order), the cuts, ``checks`` (name ->
     True/False, or None when skipped because a subset to rank has more than `rank_check_max` uids) and
     ``ok`` = no check False.
 
@@ -124,7 +134,7 @@ def subset_diff(old: np.ndarray, new: np.ndarray, removed_from_pool: np.ndarray,
     came_r, came_s = _ranked(came, seed)
     cut: tuple[int, int, int] | None = None
     if old_cut is not None:
-        cut = (int(old_cut["score"], 16), int(old_cut["uid"][:16], 16), int(old_cut["uid"][16:], 16))
+        cut = _cut_key(old_cut)
     elif 0 < len(old) <= rank_check_max:
         old_r, old_s = _ranked(old, seed)
         cut = _key(old_r, old_s, len(old_r) - 1)
@@ -136,6 +146,11 @@ def subset_diff(old: np.ndarray, new: np.ndarray, removed_from_pool: np.ndarray,
         "size_is_target_or_all_eligible": bool(len(new) == min(target, eligible)),
         "no_taken_down_uid_in_new": bool(not len(removed_from_pool) or not contains(removed_from_pool, new).any()),
     }
+    if between_cuts is not None:
+        new_cut, n_between = between_cuts
+        top = _key(came_r, came_s, len(came_r) - 1) if len(came) else None
+        in_range = top is None or (new_cut is not None and top <= _cut_key(new_cut))
+        checks["added_are_every_eligible_between_cuts"] = None if n_between is None else bool(in_range and len(came) == n_between)
     if larger_new is not None:
         if len(larger_new) <= rank_check_max:
             lower = np.sort(_ranked(larger_new, seed)[0][: len(new)])

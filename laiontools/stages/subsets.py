@@ -454,6 +454,26 @@ def _bucket_cuts(spark: Any, elig: Any, targets: list[int]) -> dict[int, tuple[i
     return {n: by_bucket[b][k - 1] for n, (b, k) in where.items()}
 
 
+def _eligible_after_old_cut(cfg: SubsetsConfig, elig: Any, label: str, up_to_new_cut: Any) -> int | None:
+    """(subsets --update) How many eligible uids rank after the old run's largest subset's recorded cut and
+    up to the new cut (`up_to_new_cut`, a Column): the uids the update must have added, counted over the
+    eligible rows by rank range, apart from the selection's cut search and sort (:func:`write_update_report`
+    compares it with what was added). None when the old manifest records no cut for a non-empty subset."""
+    from pyspark.sql import functions as F
+
+    old = read_manifest(join(abs_path(cfg.update or ""), layout.subset_manifest(label)))
+    cut = (old.get("selection") or {}).get("cut")
+    if not cut:
+        if int(old.get("num_samples") or 0) > 0:
+            return None
+        after = F.lit(True)
+    else:
+        h = int(cut["score"], 16) ^ (1 << 63)  # uint64 -> the Spark-sortable int64 (selection.to_signed_order)
+        h = h - (1 << 64) if h >= 1 << 63 else h
+        after = (F.col("h") > F.lit(h)) | ((F.col("h") == F.lit(h)) & (F.col(C.UID) > F.lit(cut["uid"])))
+    return int(elig.filter(after & up_to_new_cut).count())
+
+
 # ----------------------------------------------------------------------------------------------
 # the stage
 
@@ -500,6 +520,8 @@ def run(cfg: SubsetsConfig, spark: Any = None) -> StageResult:
     if cfg.update:
         update = write_update_report(cfg, results)
         summary, ok = summary + "\n\n" + update["text"], update["ok"]
+        for r in results:
+            r.pop("eligible_between_cuts", None)
     return StageResult(
         outputs={r["scale"]: r["manifest"] for r in results},
         counts={r["scale"]: int(r["obtained"]) for r in results},
@@ -619,7 +641,8 @@ def write_update_report(cfg: SubsetsConfig, results: list[dict[str, Any]]) -> di
         new_u = np.asarray(load_uids(join(out, layout.subset_uids(label)), mmap=False))
         d = subset_diff(old_u, new_u, gone, int(cfg.seed or 0), target=int(r["target"]),
                         eligible=int(new_m["selection"]["eligible"]), larger_new=larger,
-                        old_cut=old_m["selection"].get("cut"))
+                        old_cut=old_m["selection"].get("cut"),
+                        between_cuts=(new_m["selection"].get("cut"), r.get("eligible_between_cuts")) if larger is None else None)
         larger = new_u
         d = {"scale": label, "old": {"manifest": join(old_dir, layout.subset_manifest(label)), "sha256": old_m["uids"]["sha256"],
                                      "eligible": old_m["selection"]["eligible"]},
@@ -771,6 +794,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
         parent: dict[str, Any] = {"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path}
         # One sort for all scales: each selected row carries the index of the smallest scale it is in.
         live = [(s, lab) for s, (lab, _) in enumerate(targets) if obtained[lab] > 0]
+        between: int | None = None  # (subsets --update) eligible uids ranking after the old largest cut, up to the new one
         sha_count: dict[str, tuple[str, int]] = {}
         if live:
             def within(n: int) -> Any:
@@ -781,6 +805,8 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
             for pos, (_, lab) in enumerate(live[1:], start=1):
                 tier = F.when(within(obtained[lab]), F.lit(pos)).otherwise(tier)
             sel = elig.filter(within(obtained[live[0][1]])).select(C.UID, tier.cast("int").alias("tier"))
+            if cfg.update and live[0][1] == targets[0][0]:
+                between = _eligible_after_old_cut(cfg, elig, targets[0][0], within(obtained[targets[0][0]]))
             t0 = time.monotonic()
             written = save_uids_spark(sel, C.UID, [join(output, layout.subset_uids(lab)) for _, lab in live], tier_col="tier",
                                       expected=[obtained[lab] for _, lab in live], distinct=False)
@@ -816,6 +842,8 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
             results.append(
                 {"scale": label, "target": target, "obtained": count, "short": count < target, "manifest": mpath, "sha256": msha}
             )
+            if cfg.update and label == targets[0][0]:
+                results[-1]["eligible_between_cuts"] = between
     finally:
         elig.unpersist()
     return results
