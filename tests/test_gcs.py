@@ -21,7 +21,13 @@ import pandas as pd
 import pytest
 
 from laiontools.core.storage import read_json, sha256_file, url_to_fs, write_json
-from laiontools.testing.stores import catalog_rows, check_verify_names_a_flipped_byte, members
+from laiontools.testing.stores import (
+    catalog_rows,
+    check_reshard_killed_resumes,
+    check_same_embeddings,
+    check_verify_names_a_flipped_byte,
+    members,
+)
 
 pytest.importorskip("gcp_storage_emulator.server", reason="gs:// tests need gcp-storage-emulator (the test extra)")
 pytest.importorskip("gcsfs", reason="gs:// tests need gcsfs (the test extra)")
@@ -234,7 +240,6 @@ def test_embed_and_dedup_on_gcs_equal_the_local_run(spark, runs, tmp_path):
     from laiontools.stages.dedup import DedupConfig
     from laiontools.stages.embed import EmbedConfig
     from laiontools.synthetic import write_evalset
-    from laiontools.testing.stores import check_same_embeddings
 
     ev = str(tmp_path / "evalset")
     write_evalset(ev, seed=5)
@@ -350,8 +355,6 @@ def test_reshard_killed_writing_into_gcs_resumes_to_the_same_shards_and_no_temp_
     the same keys, no temp key left. At an emulator every write is a temp object copied to its name and
     deleted, so a kill between the copy and the delete leaves the temp object whole (left here by hand,
     as the kill may not land there): the re-run's output claim removes it, as on s3://."""
-    from laiontools.testing.stores import check_reshard_killed_resumes
-
     bucket = f"lt-kill-{uuid.uuid4().hex[:8]}"
     gcs.mkdir(bucket)
     monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)  # in process, as the CLI the check kills

@@ -108,6 +108,13 @@ def cut_record(score: int, uid: str, *, signed: bool = False) -> dict[str, str]:
     return {"score": f"{score:016x}", "uid": uid}
 
 
+def signed_cut(cut: dict[str, str]) -> tuple[int, str]:
+    """A recorded cut as (the Spark-sortable int64 score the selection ranks by, uid): the inverse of
+    ``cut_record(..., signed=True)``."""
+    h = int(cut["score"], 16) ^ (1 << 63)
+    return (h - (1 << 64) if h >= 1 << 63 else h), cut["uid"]
+
+
 def subset_diff(old: np.ndarray, new: np.ndarray, removed_from_pool: np.ndarray, seed: int, *, target: int,
                 eligible: int, larger_new: np.ndarray | None = None, old_cut: dict[str, str] | None = None,
                 between_cuts: tuple[dict[str, str] | None, int | None] | None = None,

@@ -61,14 +61,12 @@ def bound_object_store_clients() -> None:
             kwargs.setdefault(k, copy.deepcopy(v))  # (botocore rewrites a retries dict in place)
     if importlib.util.find_spec("gcsfs") is not None:  # by name: gcsfs and aiohttp load only when gs:// is used
         for scheme in ("gs", "gcs"):
+            target: Any = "laiontools.core.gcs.BoundedGCSFileSystem"
             if scheme in fsspec.registry:
                 # gs:// was opened in this process before laiontools was imported (img2dataset's writer in a
                 # Spark task): fsspec keeps the class it imported then and ignores a name registered later
-                from laiontools.core.gcs import BoundedGCSFileSystem
-
-                fsspec.register_implementation(scheme, BoundedGCSFileSystem, clobber=True)
-            else:
-                fsspec.register_implementation(scheme, "laiontools.core.gcs.BoundedGCSFileSystem", clobber=True)
+                from laiontools.core.gcs import BoundedGCSFileSystem as target
+            fsspec.register_implementation(scheme, target, clobber=True)
 
 
 bound_object_store_clients()

@@ -46,7 +46,7 @@ import numpy as np
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.contracts.embeddings import check_shard_files_spark
-from laiontools.contracts.lineage import cut_record, lineage_root
+from laiontools.contracts.lineage import cut_record, lineage_root, signed_cut
 from laiontools.contracts.manifest import (
     new_manifest,
     read_manifest,
@@ -468,9 +468,8 @@ def _eligible_after_old_cut(cfg: SubsetsConfig, elig: Any, label: str, up_to_new
             return None
         after = F.lit(True)
     else:
-        h = int(cut["score"], 16) ^ (1 << 63)  # uint64 -> the Spark-sortable int64 (selection.to_signed_order)
-        h = h - (1 << 64) if h >= 1 << 63 else h
-        after = (F.col("h") > F.lit(h)) | ((F.col("h") == F.lit(h)) & (F.col(C.UID) > F.lit(cut["uid"])))
+        h, uid = signed_cut(cut)
+        after = (F.col("h") > F.lit(h)) | ((F.col("h") == F.lit(h)) & (F.col(C.UID) > F.lit(uid)))
     return int(elig.filter(after & up_to_new_cut).count())
 
 
