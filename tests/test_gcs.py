@@ -359,3 +359,37 @@ def test_reshard_killed_writing_into_gcs_resumes_to_the_same_shards_and_no_temp_
     gcs.mkdir(bucket)
     monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)  # in process, as the CLI the check kills
     check_reshard_killed_resumes(spark, gcs, f"gs://{bucket}", tmp_path)
+
+
+def test_a_write_refused_to_read_only_credentials_is_one_clear_line_naming_the_file(gcs, gcs_server, capsys, tmp_path):
+    """Read-only credentials on the output bucket: listing it passes the output check, and the first
+    write is refused (403 to every write of that bucket, from the test server). In the library the write
+    is one StorageError naming the file being written (it was gcsfs's two-line OSError naming its upload
+    URL), and a stage from the CLI ends in one line; nothing is left in the bucket."""
+    from laiontools.cli import main
+    from laiontools.core.storage import StorageError, ensure_output_dir
+    from laiontools.testing.cluster import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_reshard import build_pool
+
+    build_pool(str(tmp_path / "pool"), shards=2, per_shard=10, kb=2)  # a local pool to cut subsets of
+    bucket = f"lt-readonly-{uuid.uuid4().hex[:8]}"
+    gcs.mkdir(bucket)
+    gcs_server.read_only.add(bucket)
+    gcs.invalidate_cache()
+    try:
+        ensure_output_dir(f"gs://{bucket}/out")  # listing is allowed
+        with pytest.raises(StorageError, match=rf"^gs://{bucket}/out/x.json: access denied by the object store \(.*Forbidden") as e:
+            write_json(f"gs://{bucket}/out/x.json", {"k": 1})
+        assert "\n" not in str(e.value)
+        capsys.readouterr()
+        assert main(["subsets", "--pool", str(tmp_path / "pool" / "pool.manifest.json"), "--output", f"gs://{bucket}/sub",
+                     "--scales", "10", "--seed", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.match(rf"^laiontools subsets: error: gs://{bucket}/sub\S*: access denied by the object store", err), err
+        assert "\n" not in err, err
+    finally:
+        gcs_server.read_only.discard(bucket)
+        gcs.invalidate_cache()
+    assert gcs.find(bucket) == []

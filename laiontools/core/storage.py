@@ -7,6 +7,7 @@ is done because its data file exists: half-written files exist too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -225,32 +226,35 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
     """Open `path` for binary writing; the data appears at `path` only if the block succeeds.
 
     Local files: write to a hidden temp file in the same folder, fsync, os.replace. Object stores:
-    their single PUT is already atomic, so write through to a temp key and move it.
+    their single PUT is already atomic, so write through to a temp key and move it; a refusal of the
+    store's (a write denied to read-only credentials, a missing bucket) is one StorageError naming `path`.
     """
     fs, p = url_to_fs(path)
-    parent = p.rpartition("/")[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = _tmp_name(p)
-    try:
-        with fs.open(tmp, "wb") as f:
-            yield f
-            if is_local(fs):
-                f.flush()
-                os.fsync(f.fileno())
-        if is_local(fs):
-            os.replace(tmp, p)
-        else:
-            fs.mv(tmp, p)
-    except BaseException as e:
+    local = is_local(fs)
+    with contextlib.nullcontext() if local else store_errors(path):
+        parent = p.rpartition("/")[0]
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        tmp = _tmp_name(p)
         try:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        finally:
-            if isinstance(e, OSError) and e.errno is not None and not e.filename:
-                # a failed write()/fsync (disk full, quota) names no file: name the one being written
-                raise OSError(e.errno, e.strerror, path) from e
-            raise
+            with fs.open(tmp, "wb") as f:
+                yield f
+                if local:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if local:
+                os.replace(tmp, p)
+            else:
+                fs.mv(tmp, p)
+        except BaseException as e:
+            try:
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+            finally:
+                if isinstance(e, OSError) and e.errno is not None and not e.filename:
+                    # a failed write()/fsync (disk full, quota) names no file: name the one being written
+                    raise OSError(e.errno, e.strerror, path) from e
+                raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

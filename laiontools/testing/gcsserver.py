@@ -3,7 +3,8 @@ in memory, started and stopped in the test's process as moto's server is for s3:
 Clients find it through ``STORAGE_EMULATOR_HOST``, which gcsfs reads, as users of an emulator do.
 It counts the object reads (GETs of an object's bytes) it answers, where the bytes leave the store.
 The emulator checks no credentials; buckets named in ``denied`` answer every request 403 with the body
-Google's JSON API gives a caller without the permission, so the permission path is reached.
+Google's JSON API gives a caller without the permission, and those in ``read_only`` every write (POST,
+PUT, PATCH, DELETE: read-only credentials), so the permission paths are reached.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ _BUCKET = re.compile(r"^/(?:upload/|download/)?storage/v1/b/([^/?]+)")
 class GCSServer:
     """``with GCSServer(port) as s:`` a GCS API server on 127.0.0.1 (``s.endpoint``), buckets in memory;
     ``s.media_gets`` is the number of object reads it has answered; ``s.denied`` the buckets it refuses
-    (403) to every caller."""
+    (403) to every caller, ``s.read_only`` those it refuses writes to."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.media_gets = 0
         self.denied: set[str] = set()
+        self.read_only: set[str] = set()
         self._lock = threading.Lock()
         self._server: Any = None
         self._handler: Any = None
@@ -37,12 +39,13 @@ class GCSServer:
         counts = self
 
         class Handler(gse.RequestHandler):
-            def _refused(self) -> bool:
+            def _refused(self, write: bool = True) -> bool:
                 m = _BUCKET.match(self.path)
-                if not m or m.group(1) not in counts.denied:
+                if not m or not (m.group(1) in counts.denied or (write and m.group(1) in counts.read_only)):
                     return False
-                msg = ("caller does not have storage.objects.list access to the Google Cloud Storage bucket. "
-                       "Permission 'storage.objects.list' denied on resource (or it may not exist).")
+                perm = "storage.objects.create" if write else "storage.objects.list"
+                msg = (f"caller does not have {perm} access to the Google Cloud Storage bucket. "
+                       f"Permission '{perm}' denied on resource (or it may not exist).")
                 body = json.dumps({"error": {"code": 403, "message": msg,
                                              "errors": [{"message": msg, "domain": "global", "reason": "forbidden"}]}}).encode()
                 length = int(self.headers.get("Content-Length") or 0)
@@ -67,8 +70,12 @@ class GCSServer:
                 if not self._refused():
                     super().do_DELETE()
 
+            def do_PATCH(self) -> None:
+                if not self._refused():
+                    super().do_PATCH()
+
             def do_GET(self) -> None:
-                if self._refused():
+                if self._refused(write=False):
                     return
                 if "alt=media" in self.path:
                     with counts._lock:
