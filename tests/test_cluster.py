@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -59,7 +60,10 @@ def test_code_fingerprint_is_the_same_for_the_same_code_and_differs_for_changed_
 
 
 def _stats(out: str) -> dict:
-    return json.loads(Path(out, layout.PREPARED_DIR, "stats.json").read_text())
+    from laiontools.core.storage import url_to_fs
+
+    fs, p = url_to_fs(f"{out}/{layout.PREPARED_DIR}/{layout.PREPARED_STATS_JSON}")
+    return json.loads(fs.cat_file(p))
 
 
 def test_shuffle_partitions_derived_from_input_size(spark):
@@ -82,7 +86,9 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
     `--conf spark.sql.shuffle.partitions=37` used it (a user's setting wins over the job's); the
     prepare, given none, derived its own. The workers know nothing of the test's S3 server: a reshard
     of the pool copied into a bucket reads and writes s3:// on the executors with the settings
-    docs/scale.md has a user pass (spark.executorEnv.*), and without them stops with one line."""
+    docs/scale.md has a user pass (spark.executorEnv.*), and without them stops with one line. The
+    prepare on its own and the killed and resumed download write into a bucket the same way: a cluster
+    download into an object store, killed mid-run, resumes to the local run's pool."""
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -140,27 +146,39 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
             # jobs/prepare.py on its own (as a user does to look at the rejects first), then the same
             # download into its folder, killed mid-run (spark-submit's whole process group: driver and
             # its JVM; the master then ends the app's executors) once its first shard is written, and
-            # started again with the same command on the same cluster: it resumes to the same pool.
-            killed = str(tmp_path / "killed")
+            # started again with the same command on the same cluster: it resumes to the same pool. All
+            # three write into a bucket of the test's S3 server, the executors given its settings as
+            # docs/scale.md says (the workers started without them).
+            bucket = f"lt-killed-{uuid.uuid4().hex[:8]}"
+            s3.mkdir(bucket)
+            killed = f"s3://{bucket}/killed"
             kill_args = [*args[:args.index("--output") + 1], killed, *args[args.index("--output") + 2:]]
             before = sum(cluster.tasks_per_worker())
-            spark_submit([*conf, str(REPO / "jobs" / "prepare.py"), "--input", src["source"], "--output", killed,
+            spark_submit([*conf, *_store_conf(), str(REPO / "jobs" / "prepare.py"), "--input", src["source"], "--output", killed,
                           "--allow-networks", *s["allow_networks"], "--number-sample-per-shard",
                           str(s["number_sample_per_shard"]), "--shards-per-file", str(s["shards_per_file"])], cwd=tmp_path)
             assert sum(cluster.tasks_per_worker()) > before, "prepare ran no task on the cluster's workers"
-            prepared = Path(killed, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON).read_bytes()
+            stats_key = f"{bucket}/killed/{layout.PREPARED_DIR}/{layout.PREPARED_STATS_JSON}"
+            prepared = s3.cat(stats_key)
             assert json.loads(prepared)["rejected"] == _stats(out)["rejected"]
-            phase = _kill_submit([*conf, str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path,
-                                 ready=lambda: len(list(Path(killed, "shards").glob("*_stats.json"))) >= 1,
-                                 done=Path(killed, layout.POOL_MANIFEST))
+
+            def listed(pattern: str) -> list[str]:
+                s3.invalidate_cache()
+                return s3.glob(pattern)
+
+            phase = _kill_submit([*conf, *_store_conf(), str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path,
+                                 ready=lambda: len(listed(f"{bucket}/killed/shards/*_stats.json")) >= 1,
+                                 done=lambda: bool(listed(f"{bucket}/killed/{layout.POOL_MANIFEST}")))
             assert phase["killed_before_manifest"], phase
-            spark_submit([*conf, str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path)
+            spark_submit([*conf, *_store_conf(), str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path)
             # the download took prepare's rows as they were; without the user's setting prepare derived
             # its own shuffle count: a few KB of input, the cluster's default parallelism (2 executor cores)
-            assert Path(killed, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON).read_bytes() == prepared
+            assert s3.cat(stats_key) == prepared
             assert _stats(killed)["spark"] == {"shuffle_partitions": 2}
+            # no temp key of the killed run's writes is left in the pool
+            assert not [k for k in s3.find(f"{bucket}/killed") if ".tmp-" in k or "-tmp-" in k], s3.find(f"{bucket}/killed")
     for pool in (out, killed):
-        _assert_same_pool(pool, local)
+        _assert_same_pool(pool, local, spark)
 
 
 def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: list[str], pool: str, tmp_path: Path) -> str:
@@ -213,6 +231,13 @@ def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: lis
     return scales
 
 
+def _store_conf() -> list[str]:
+    """The test S3 server's endpoint and credentials handed to the executors, as docs/scale.md has a user
+    pass them (``--conf spark.executorEnv.*``): the cluster's workers were started without them."""
+    return [x for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+            for x in ("--conf", f"spark.executorEnv.{k}={os.environ[k]}")]
+
+
 def _reshard_on_s3_like_local(spark, s3, cluster: StandaloneCluster, conf: list[str], local: str, scales: str, tmp_path: Path) -> None:
     """The local pool copied into a bucket of the test's S3 server, its subsets cut there (in the test's
     session), and the larger resharded from s3:// into s3:// through spark-submit. The cluster's workers
@@ -220,8 +245,6 @@ def _reshard_on_s3_like_local(spark, s3, cluster: StandaloneCluster, conf: list[
     machine's settings): given them as docs/scale.md says (spark.executorEnv.AWS_*), the executors read
     and write the bucket and the shards are the local reshard's bytes; without them the run stops with
     one line naming the path and the executors' settings, no traceback."""
-    import uuid
-
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import subsets as subsets_stage
     from laiontools.stages.subsets import SubsetsConfig
@@ -235,10 +258,8 @@ def _reshard_on_s3_like_local(spark, s3, cluster: StandaloneCluster, conf: list[
     big = sub[0]["manifest"]
     assert s3.cat(f"{bucket}/sub/{read_manifest(big)['uids']['path']}") == \
         (tmp_path / "sub" / read_manifest(big)["uids"]["path"]).read_bytes()
-    store = [x for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
-             for x in ("--conf", f"spark.executorEnv.{k}={os.environ[k]}")]
     before = sum(cluster.tasks_per_worker())
-    spark_submit([*conf, *store, str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", f"s3://{bucket}/rs",
+    spark_submit([*conf, *_store_conf(), str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", f"s3://{bucket}/rs",
                   "--shard-size", "8", "--spark-above", "0"], cwd=tmp_path)
     assert sum(cluster.tasks_per_worker()) > before, "the s3:// reshard ran no task on the cluster's workers"
     got, want = read_manifest(f"s3://{bucket}/rs/{layout.RESHARD_MANIFEST}"), read_manifest(str(tmp_path / "rs" / layout.RESHARD_MANIFEST))
@@ -356,9 +377,9 @@ def _members(path: str) -> list[tuple[str, bytes]]:
     return sorted(tarfile_payloads(Path(path).read_bytes()))
 
 
-def _kill_submit(args: list[str], *, cwd: Path, ready, done: Path, deadline_s: float = 600) -> dict:
+def _kill_submit(args: list[str], *, cwd: Path, ready, done, deadline_s: float = 600) -> dict:
     """Start ``spark-submit <args>``, SIGKILL its process group as soon as `ready()` holds, and say
-    whether `done` (the stage's final output) was still absent then (the kill fell mid-run)."""
+    whether `done()` (the stage's final output is there) was still false then (the kill fell mid-run)."""
     cmd = [str(SPARK_HOME / "bin" / "spark-submit"), *args]
     with open(cwd / "killed-submit.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=submit_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -371,7 +392,7 @@ def _kill_submit(args: list[str], *, cwd: Path, ready, done: Path, deadline_s: f
                 if time.time() > deadline:
                     raise TimeoutError("the kill point was never reached")
                 time.sleep(0.05)
-            before = not done.exists()
+            before = not done()
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
         finally:
@@ -381,9 +402,11 @@ def _kill_submit(args: list[str], *, cwd: Path, ready, done: Path, deadline_s: f
     return {"killed_before_manifest": before, "returncode": proc.returncode}
 
 
-def _assert_same_pool(pool: str, local: str) -> None:
-    """The pool equals the local run's: uids, shard names/counts/sizes, and catalog rows."""
+def _assert_same_pool(pool: str, local: str, spark) -> None:
+    """The pool (local or a store's URL) equals the local run's: uids, shard names/counts/sizes,
+    and catalog rows."""
     from laiontools.contracts.manifest import read_manifest
+    from laiontools.core.storage import spark_read_parquet
 
     m_c = read_manifest(f"{pool}/{layout.POOL_MANIFEST}")
     m_l = read_manifest(f"{local}/{layout.POOL_MANIFEST}")
@@ -391,7 +414,10 @@ def _assert_same_pool(pool: str, local: str) -> None:
     assert m_c["uids"] == m_l["uids"]
     key = ("path", "num_samples", "bytes")
     assert [tuple(x[k] for k in key) for x in m_c["shards"]] == [tuple(x[k] for k in key) for x in m_l["shards"]]
-    cols = ["uid", "status", "shard", "key", "width", "height", "sha256"]
-    a = pd.read_parquet(f"{pool}/{layout.CATALOG_DIR}", columns=cols).sort_values(["uid", "status"]).reset_index(drop=True)
-    b = pd.read_parquet(f"{local}/{layout.CATALOG_DIR}", columns=cols).sort_values(["uid", "status"]).reset_index(drop=True)
-    pd.testing.assert_frame_equal(a, b)
+    cols = ["uid", "status", "shard", "key", "width", "height", "sha256"]  # (spans follow the order fetches ended)
+
+    def rows(p: str) -> pd.DataFrame:
+        return spark_read_parquet(spark, f"{p}/{layout.CATALOG_DIR}").select(*cols).toPandas() \
+            .sort_values(["uid", "status"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(rows(pool), rows(local))
