@@ -81,18 +81,22 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
     """spark-submit jobs/<stage>.py of every Spark stage (download with its prepare, verify, subsets,
     reshard, embed, dedup, semdedup, takedown, and prepare on its own) on a master + 2 workers: tasks run
     on both workers and on the cluster for every stage, and each output equals the same stage run in the
-    test's process. A download into the folder of a prepare run on its own, killed mid-run on the same
-    cluster and started again, resumes to that same pool. The download, subsets and reshard given
-    `--conf spark.sql.shuffle.partitions=37` used it (a user's setting wins over the job's); the
-    prepare, given none, derived its own. The workers know nothing of the test's S3 server: a reshard
-    of the pool copied into a bucket reads and writes s3:// on the executors with the settings
-    docs/scale.md has a user pass (spark.executorEnv.*), and without them stops with one line. The
-    prepare on its own and the killed and resumed download write into a bucket the same way: a cluster
-    download into an object store, killed mid-run, resumes to the local run's pool."""
+    test's process. The workers know nothing of the test's S3 server, as a node knows nothing of the
+    submitting machine's settings. The download writes into a bucket, its executors given the server's
+    settings as docs/scale.md has a user pass them (spark.executorEnv.*); it is killed mid-run (the whole
+    spark-submit process group) and the same command submitted again resumes to the local run's pool,
+    which verify on the cluster, reading the bucket, passes. A reshard of the pool copied into a bucket
+    reads and writes s3:// on the executors with those settings, and without them stops with one line.
+    The download, subsets and reshard given `--conf spark.sql.shuffle.partitions=37` used it (a user's
+    setting wins over the job's); the prepare on its own, given none, derived its own."""
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
     from laiontools.testing import TEST_DOWNLOAD_SETTINGS
+
+    def listed(pattern: str) -> list[str]:
+        s3.invalidate_cache()
+        return s3.glob(pattern)
 
     s = TEST_DOWNLOAD_SETTINGS
     with SyntheticWebServer(str(tmp_path / "web/images")) as web:
@@ -102,11 +106,13 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
                           evalset=True)
         local = str(tmp_path / "local")
         download_stage.run(DownloadConfig(input=src["source"], output=local, **s), spark)
-        out = str(tmp_path / "cluster")
-        args = ["--input", src["source"], "--output", out, "--allow-networks", *s["allow_networks"],
-                "--number-sample-per-shard", str(s["number_sample_per_shard"]), "--shards-per-file",
-                str(s["shards_per_file"]), "--timeout", str(s["timeout"]), "--retries", str(s["retries"]),
-                "--image-size", str(s["image_size"]), "--thread-count", str(s["thread_count"])]
+        rows = ["--input", src["source"], "--allow-networks", *s["allow_networks"], "--number-sample-per-shard",
+                str(s["number_sample_per_shard"]), "--shards-per-file", str(s["shards_per_file"])]
+        fetch = ["--timeout", str(s["timeout"]), "--retries", str(s["retries"]), "--image-size", str(s["image_size"]),
+                 "--thread-count", str(s["thread_count"])]
+        bucket = f"lt-cluster-pool-{uuid.uuid4().hex[:8]}"
+        s3.mkdir(bucket)
+        out = f"s3://{bucket}/pool"
         root = tmp_path / "spark"
         root.mkdir()
         with StandaloneCluster(root, workers=2, drop_env=S3_ENV) as cluster:
@@ -115,16 +121,28 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
             # A user's --conf wins over the job's settings: prepare's shuffle used the 37 partitions given
             # (AQE off, so the real count shows in the written rejected parquet, one file per non-empty
             # shuffle partition: the few rejected rows hashed over 37 land in more files than the 8 the job
-            # used to force, never more than 37). The pool still equals the local run's (below).
-            spark_submit([*conf, "--conf", "spark.sql.shuffle.partitions=37", "--conf", "spark.sql.adaptive.enabled=false",
-                          str(REPO / "jobs" / "download.py"), *args], cwd=tmp_path)
+            # used to force, never more than 37). The download is killed once its first shard is in the
+            # bucket (its prepare done), before its manifest; the same command again resumes it.
+            download = [*conf, *_store_conf(), "--conf", "spark.sql.shuffle.partitions=37", "--conf",
+                        "spark.sql.adaptive.enabled=false", str(REPO / "jobs" / "download.py"), *rows, *fetch, "--output", out]
+            phase = _kill_submit(download, cwd=tmp_path, ready=lambda: len(listed(f"{bucket}/pool/shards/*_stats.json")) >= 1,
+                                 done=lambda: bool(listed(f"{bucket}/pool/{layout.POOL_MANIFEST}")))
+            assert phase["killed_before_manifest"], phase
+            lock = f"{bucket}/pool/{layout.OUTPUT_LOCK}"
+            assert listed(lock), "the killed driver left no lock (an object naming its host and pid)"
+            spark_submit(download, cwd=tmp_path)
+            assert not listed(lock), "the resumed run did not take the killed run's lock over and release it"
+            assert not [k for k in s3.find(f"{bucket}/pool") if ".tmp-" in k or "-tmp-" in k], s3.find(f"{bucket}/pool")
             assert _stats(out)["spark"] == {"shuffle_partitions": 37}
-            rejected = list(Path(out, layout.PREPARED_DIR, "rejected").glob("part-*.parquet"))
+            rejected = listed(f"{bucket}/pool/{layout.PREPARED_DIR}/rejected/part-*.parquet")
             assert 8 < len(rejected) <= 37, len(rejected)
             ran = cluster.tasks_per_worker()
             assert all(n > 0 for n in ran), f"tasks per worker {ran}: a worker ran nothing"
-            res = spark_submit([*conf, str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"], cwd=tmp_path)
-            assert f"OK   {out}/{layout.POOL_MANIFEST}" in res.stdout
+            # verify of the resumed pool on the cluster: its tasks read every shard from the bucket
+            res = spark_submit([*conf, *_store_conf(), str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"],
+                               cwd=tmp_path)
+            assert f"OK   {out}/{layout.POOL_MANIFEST}" in res.stdout, res.stdout[-3000:]
+            assert sum(cluster.tasks_per_worker()) > sum(ran), "verify ran no task on the cluster's workers"
             # Executors that import other laiontools code than the driver (first on their PYTHONPATH: a copy
             # with one changed line), or cannot import it (a copy whose import fails), are refused before any of
             # the stage's tasks, in one line naming where they import from / what failed there.
@@ -132,7 +150,7 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
             for other, says in ((changed, ["the executors run other laiontools code than this driver", f"from {changed / 'laiontools'})"]),
                                 (broken, ["the executors cannot import laiontools (", "No module named 'laiontools_dependency_not_installed'"])):
                 res = subprocess.run([str(SPARK_HOME / "bin" / "spark-submit"), *conf, "--conf", f"spark.executorEnv.PYTHONPATH={other}",
-                                      str(REPO / "jobs" / "verify.py"), f"{out}/{layout.POOL_MANIFEST}"],
+                                      str(REPO / "jobs" / "verify.py"), f"{local}/{layout.POOL_MANIFEST}"],
                                      cwd=tmp_path, env=submit_env(), capture_output=True, text=True, timeout=300, check=False)
                 said = res.stdout + res.stderr  # (spark-submit passes the driver's stderr to its stdout)
                 err = [ln for ln in said.splitlines() if ln.startswith("laiontools verify: error: ")]
@@ -143,42 +161,16 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
             _reshard_on_s3_like_local(spark, s3, cluster, conf, local, scales, tmp_path)
             _embed_dedup_semdedup_takedown_like_local(spark, cluster, conf, local, src["evalset"], tmp_path)
 
-            # jobs/prepare.py on its own (as a user does to look at the rejects first), then the same
-            # download into its folder, killed mid-run (spark-submit's whole process group: driver and
-            # its JVM; the master then ends the app's executors) once its first shard is written, and
-            # started again with the same command on the same cluster: it resumes to the same pool. All
-            # three write into a bucket of the test's S3 server, the executors given its settings as
-            # docs/scale.md says (the workers started without them).
-            bucket = f"lt-killed-{uuid.uuid4().hex[:8]}"
-            s3.mkdir(bucket)
-            killed = f"s3://{bucket}/killed"
-            kill_args = [*args[:args.index("--output") + 1], killed, *args[args.index("--output") + 2:]]
+            # jobs/prepare.py on its own (as a user does to look at the rejects first; a download into its
+            # folder then takes its rows: tests/test_prepare.py), given no shuffle setting: it derives its
+            # own from a few KB of input, the cluster's default parallelism (2 executor cores)
+            prepared = str(tmp_path / "prepared")
             before = sum(cluster.tasks_per_worker())
-            spark_submit([*conf, *_store_conf(), str(REPO / "jobs" / "prepare.py"), "--input", src["source"], "--output", killed,
-                          "--allow-networks", *s["allow_networks"], "--number-sample-per-shard",
-                          str(s["number_sample_per_shard"]), "--shards-per-file", str(s["shards_per_file"])], cwd=tmp_path)
+            spark_submit([*conf, str(REPO / "jobs" / "prepare.py"), *rows, "--output", prepared], cwd=tmp_path)
             assert sum(cluster.tasks_per_worker()) > before, "prepare ran no task on the cluster's workers"
-            stats_key = f"{bucket}/killed/{layout.PREPARED_DIR}/{layout.PREPARED_STATS_JSON}"
-            prepared = s3.cat(stats_key)
-            assert json.loads(prepared)["rejected"] == _stats(out)["rejected"]
-
-            def listed(pattern: str) -> list[str]:
-                s3.invalidate_cache()
-                return s3.glob(pattern)
-
-            phase = _kill_submit([*conf, *_store_conf(), str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path,
-                                 ready=lambda: len(listed(f"{bucket}/killed/shards/*_stats.json")) >= 1,
-                                 done=lambda: bool(listed(f"{bucket}/killed/{layout.POOL_MANIFEST}")))
-            assert phase["killed_before_manifest"], phase
-            spark_submit([*conf, *_store_conf(), str(REPO / "jobs" / "download.py"), *kill_args], cwd=tmp_path)
-            # the download took prepare's rows as they were; without the user's setting prepare derived
-            # its own shuffle count: a few KB of input, the cluster's default parallelism (2 executor cores)
-            assert s3.cat(stats_key) == prepared
-            assert _stats(killed)["spark"] == {"shuffle_partitions": 2}
-            # no temp key of the killed run's writes is left in the pool
-            assert not [k for k in s3.find(f"{bucket}/killed") if ".tmp-" in k or "-tmp-" in k], s3.find(f"{bucket}/killed")
-    for pool in (out, killed):
-        _assert_same_pool(pool, local, spark)
+            assert _stats(prepared)["spark"] == {"shuffle_partitions": 2}
+            assert _stats(prepared)["rejected"] == _stats(out)["rejected"]
+    _assert_same_pool(out, local, spark)
 
 
 def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: list[str], pool: str, tmp_path: Path) -> str:
