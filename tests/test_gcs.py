@@ -393,3 +393,26 @@ def test_a_write_refused_to_read_only_credentials_is_one_clear_line_naming_the_f
         gcs_server.read_only.discard(bucket)
         gcs.invalidate_cache()
     assert gcs.find(bucket) == []
+
+
+def test_a_refused_read_inside_an_atomic_write_is_not_blamed_on_the_file_being_written(gcs, gcs_server):
+    """atomic_open names its own file only for its own store calls (open, upload, move): a store's refusal
+    met by the caller's block (reshard and takedown read source shards while they write) keeps naming
+    what was read, not the output."""
+    from laiontools.core.storage import atomic_open
+
+    src, dst = f"lt-src-{uuid.uuid4().hex[:8]}", f"lt-dst-{uuid.uuid4().hex[:8]}"
+    gcs.mkdir(src)
+    gcs.mkdir(dst)
+    gcs.pipe(f"{src}/in.json", b"{}")
+    gcs_server.denied.add(src)
+    gcs.invalidate_cache()
+    try:
+        with pytest.raises(Exception) as e, atomic_open(f"gs://{dst}/out.bin") as f:
+            f.write(b"x")
+            gcs.cat(f"{src}/in.json")  # a raw read, as reshard's and takedown's of their source shards
+    finally:
+        gcs_server.denied.discard(src)
+        gcs.invalidate_cache()
+    assert f"{dst}/out.bin" not in str(e.value), str(e.value)
+    assert gcs.find(dst) == []  # the temp key removed, nothing written

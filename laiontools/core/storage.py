@@ -227,34 +227,47 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
 
     Local files: write to a hidden temp file in the same folder, fsync, os.replace. Object stores:
     their single PUT is already atomic, so write through to a temp key and move it; a refusal of the
-    store's (a write denied to read-only credentials, a missing bucket) is one StorageError naming `path`.
+    store's met by this function's own calls (the open, the upload at close, the move: a write denied to
+    read-only credentials, a missing bucket) is one StorageError naming `path`. The caller's block is not
+    wrapped: it may read other objects (reshard and takedown read source shards), whose refusals must
+    not be blamed on `path`; a part uploaded by a large write inside the block raises the store's error.
     """
     fs, p = url_to_fs(path)
     local = is_local(fs)
-    with contextlib.nullcontext() if local else store_errors(path):
-        parent = p.rpartition("/")[0]
+
+    def own() -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if local else store_errors(path)
+
+    parent = p.rpartition("/")[0]
+    with own():
         if parent:
             fs.makedirs(parent, exist_ok=True)
-        tmp = _tmp_name(p)
-        try:
-            with fs.open(tmp, "wb") as f:
-                yield f
-                if local:
-                    f.flush()
-                    os.fsync(f.fileno())
+    tmp = _tmp_name(p)
+    try:
+        with own():
+            f = fs.open(tmp, "wb")
+        with f:
+            yield f
+            if local:
+                f.flush()
+                os.fsync(f.fileno())
+            else:
+                with own():
+                    f.close()
+        with own():
             if local:
                 os.replace(tmp, p)
             else:
                 fs.mv(tmp, p)
-        except BaseException as e:
-            try:
-                if fs.exists(tmp):
-                    fs.rm(tmp)
-            finally:
-                if isinstance(e, OSError) and e.errno is not None and not e.filename:
-                    # a failed write()/fsync (disk full, quota) names no file: name the one being written
-                    raise OSError(e.errno, e.strerror, path) from e
-                raise
+    except BaseException as e:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        finally:
+            if isinstance(e, OSError) and e.errno is not None and not e.filename:
+                # a failed write()/fsync (disk full, quota) names no file: name the one being written
+                raise OSError(e.errno, e.strerror, path) from e
+            raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
