@@ -395,6 +395,32 @@ def test_a_write_refused_to_read_only_credentials_is_one_clear_line_naming_the_f
     assert gcs.find(bucket) == []
 
 
+def test_a_large_write_refused_part_by_part_is_one_clear_error_naming_the_file(gcs, gcs_server):
+    """A write larger than the store's block size uploads its first part inside the caller's block
+    (gcsfs: 5 MiB), before the close: refused there (read-only credentials), it is the same one
+    StorageError naming the file as a refusal at the close, and no key is left behind."""
+    from laiontools.core.storage import StorageError, atomic_open
+
+    bucket = f"lt-readonly-{uuid.uuid4().hex[:8]}"
+    gcs.mkdir(bucket)
+    gcs_server.read_only.add(bucket)
+    gcs.invalidate_cache()
+    written = []
+    try:
+        with pytest.raises(StorageError, match=rf"^gs://{bucket}/big.bin: access denied by the object store") as e, \
+                atomic_open(f"gs://{bucket}/big.bin") as f:
+            block = f.blocksize  # the store file's part size
+            for _ in range(8):
+                written.append(f.write(b"\0" * (1 << 20)))
+    finally:
+        gcs_server.read_only.discard(bucket)
+        gcs.invalidate_cache()
+    assert "\n" not in str(e.value)
+    # refused by the write that filled the first block, not at the close after all 8 MiB
+    assert len(written) == block // (1 << 20) - 1 < 8, (len(written), block)
+    assert gcs.find(bucket) == []
+
+
 def test_a_refused_read_inside_an_atomic_write_is_not_blamed_on_the_file_being_written(gcs, gcs_server):
     """atomic_open names its own file only for its own store calls (open, upload, move): a store's refusal
     met by the caller's block (reshard and takedown read source shards while they write) keeps naming

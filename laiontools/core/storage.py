@@ -17,7 +17,7 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 from urllib.parse import unquote
@@ -227,10 +227,10 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
 
     Local files: write to a hidden temp file in the same folder, fsync, os.replace. Object stores:
     their single PUT is already atomic, so write through to a temp key and move it; a refusal of the
-    store's met by this function's own calls (the open, the upload at close, the move: a write denied to
-    read-only credentials, a missing bucket) is one StorageError naming `path`. The caller's block is not
-    wrapped: it may read other objects (reshard and takedown read source shards), whose refusals must
-    not be blamed on `path`; a part uploaded by a large write inside the block raises the store's error.
+    store's met by this function's own calls (the open, the parts a large write uploads as it goes, the
+    upload at close, the move: a write denied to read-only credentials, a missing bucket) is one
+    StorageError naming `path`. The rest of the caller's block is not wrapped: it may read other objects
+    (reshard and takedown read source shards), whose refusals must not be blamed on `path`.
     """
     fs, p = url_to_fs(path)
     local = is_local(fs)
@@ -247,7 +247,7 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
         with own():
             f = fs.open(tmp, "wb")
         with f:
-            yield f
+            yield f if local else _OwnWrites(f, own)
             if local:
                 f.flush()
                 os.fsync(f.fileno())
@@ -268,6 +268,25 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
                 # a failed write()/fsync (disk full, quota) names no file: name the one being written
                 raise OSError(e.errno, e.strerror, path) from e
             raise
+
+
+class _OwnWrites:
+    """A store file whose write() and flush() (where a large write uploads its parts) run under `own`,
+    so that a refusal names the file being written; everything else is the file's own."""
+
+    def __init__(self, f: Any, own: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self._f, self._own = f, own
+
+    def write(self, data: Any) -> int:
+        with self._own():
+            return self._f.write(data)
+
+    def flush(self) -> None:
+        with self._own():
+            self._f.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
