@@ -25,6 +25,14 @@ from laiontools.core.spark import BYTES_PER_SHUFFLE_PARTITION, ROWS_PER_SHUFFLE_
 from laiontools.testing.cluster import REPO, SPARK_HOME, StandaloneCluster, spark_submit, submit_env
 from laiontools.testing.s3server import S3_ENV
 
+# The test submits ~14 applications, each starting a driver and two executors: for them only, the JVM
+# options the suite gives its own drivers (conftest.py: the quick compiler tier and the class-data
+# archive) and no web UI, which make a small job's spark-submit here ~12 s instead of ~20 s. A user's
+# runs keep the JVM's defaults; these are settings any user may pass the same way.
+QUICK_JVMS = ["--driver-java-options", os.environ["LAIONTOOLS_TEST_JAVA_OPTIONS"],
+              "--conf", f"spark.executor.extraJavaOptions={os.environ['LAIONTOOLS_TEST_JAVA_OPTIONS']}",
+              "--conf", "spark.ui.enabled=false"]
+
 
 def _changed_copy(folder: Path, missing_dependency: bool = False) -> Path:
     """A copy of the laiontools package under `folder` with one line added to one file, or (`missing_dependency`)
@@ -117,7 +125,7 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
         root.mkdir()
         with StandaloneCluster(root, workers=2, drop_env=S3_ENV) as cluster:
             conf = ["--master", cluster.url, "--total-executor-cores", "2", "--executor-cores", "1",
-                    "--conf", "spark.executor.memory=512m", "--driver-memory", "1g"]
+                    "--conf", "spark.executor.memory=512m", "--driver-memory", "1g", *QUICK_JVMS]
             # A user's --conf wins over the job's settings: prepare's shuffle used the 37 partitions given
             # (AQE off, so the real count shows in the written rejected parquet, one file per non-empty
             # shuffle partition: the few rejected rows hashed over 37 land in more files than the 8 the job
