@@ -22,8 +22,9 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 # like a user would). For them only: no web UI (no test reads it), the JVM's quick compiler tier and a
 # class-data archive of Spark's classes (laiontools/testing/jvm.py; made by the `spark` fixture the first
 # time, kept in .pytest_cache), which start a driver and run its first jobs in ~7 s instead of ~12 s with
-# the quick tier alone (~14 s with neither) here. pyspark reads this variable when a Python process starts its own driver; users' runs never see
-# it, and the cluster test passes the same options to its spark-submits (LAIONTOOLS_TEST_JAVA_OPTIONS).
+# the quick tier alone (~14 s with neither) here. pyspark reads this variable when a Python process starts
+# its own driver; users' runs never see it, and the cluster test passes the same options to its
+# spark-submits (LAIONTOOLS_TEST_JAVA_OPTIONS).
 JVM_ARCHIVE = archive_path(Path(__file__).resolve().parents[1] / ".pytest_cache" / "laiontools-jvm")
 os.environ.setdefault("LAIONTOOLS_TEST_JAVA_OPTIONS", quick_java_options(JVM_ARCHIVE))
 os.environ.setdefault("PYSPARK_SUBMIT_ARGS", f"--driver-java-options '{os.environ['LAIONTOOLS_TEST_JAVA_OPTIONS']}' "

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pyspark
 
-SPARK_HOME = Path(pyspark.__file__).parent
+from laiontools.testing.cluster import SPARK_HOME
+
 QUICK_TIER = "-XX:TieredStopAtLevel=1"
 
 # The run whose loaded classes are archived: a session, a DataFrame shuffle, a window, parquet written

@@ -1,0 +1,38 @@
+"""The test suite's class-data archive (laiontools/testing/jvm.py) can only change how fast a JVM starts:
+a JVM given a damaged or missing archive starts all the same, and a failed attempt to make one leaves
+nothing behind."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from laiontools.testing.jvm import QUICK_TIER, archive_path, make_archive, quick_java_options
+
+
+@pytest.mark.parametrize("content", [None, b"not a class-data archive\n"], ids=["missing", "damaged"])
+def test_a_jvm_given_a_missing_or_damaged_archive_starts_without_it(tmp_path, content):
+    java = shutil.which("java")
+    if java is None:
+        pytest.skip("no java on PATH")
+    archive = tmp_path / "spark.jsa"
+    if content is not None:
+        archive.write_bytes(content)
+    res = subprocess.run([java, *quick_java_options(archive).split(), "-version"], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "version" in res.stderr and "cds" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+
+
+def test_a_failed_archive_run_makes_nothing(tmp_path):
+    path = archive_path(tmp_path / "cache")
+    assert path.is_absolute() and path == archive_path(tmp_path / "cache")
+    assert make_archive(path, python="/bin/false") is False
+    assert list((tmp_path / "cache").iterdir()) == []  # no archive, temp file or work folder left
+
+
+def test_an_archive_path_with_a_space_is_left_out_of_the_options(tmp_path):
+    assert quick_java_options(tmp_path / "a b" / "x.jsa") == QUICK_TIER
+    assert quick_java_options(tmp_path / "x.jsa").split() == [QUICK_TIER, f"-XX:SharedArchiveFile={tmp_path / 'x.jsa'}"]
