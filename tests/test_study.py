@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -19,7 +17,7 @@ import yaml
 
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
-from laiontools.core.storage import is_done, write_json
+from laiontools.core.storage import write_json
 from laiontools.stages import study as study_stage
 from laiontools.stages.study import StudyConfig, model_gmacs
 from laiontools.testing.train_pool import write_color_evalset, write_resharded_subset
@@ -134,7 +132,10 @@ def test_study_refuses_to_reuse_a_point_made_with_other_settings(tmp_path) -> No
 
 
 @pytest.mark.slow
-def test_study_grid_killed_and_resumed(tmp_path) -> None:
+def test_study_grid_results_fits_and_a_rerun_skips_finished_points(tmp_path) -> None:
+    """A 2-scale x 2-budget grid plus a second seed at the largest budget: results.csv, fits, report and
+    plots. A second run of the finished study trains and evaluates nothing again. (A study killed
+    mid-grid resumes to the same grid: tests/faults/test_kill.py::test_study_survives_kills.)"""
     data = tmp_path / "data"
     small = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")
     large = write_resharded_subset(str(data / "s32"), n_shards=2, per_shard=16, seed=1, name="s32")
@@ -152,30 +153,15 @@ def test_study_grid_killed_and_resumed(tmp_path) -> None:
         "evaluate": {"batch_size": 16},
         "extra_seeds": [1],  # a second seed of both scales at the largest budget (32)
     }
-    cfg_path = tmp_path / "study.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
 
-    first = os.path.join(out, "runs", "lt-tiny__16__16")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "laiontools", "study", "--config", str(cfg_path)],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 400
-    try:
-        while not is_done(os.path.join(first, "eval.json")):
-            assert proc.poll() is None, f"study exited early with {proc.returncode}"
-            assert time.time() < deadline, "first grid point not finished within 400 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # kill the study we started (and its training, if any)
-        proc.wait()
-    eval_mtime = os.path.getmtime(os.path.join(first, "eval.json"))
-    time.sleep(2)  # let ranks of a killed training exit (they die with their parent)
-
+    study_stage.run(StudyConfig(**cfg))
+    runs = os.path.join(out, "runs")
+    evals = {rid: os.path.getmtime(os.path.join(runs, rid, "eval.json")) for rid in sorted(os.listdir(runs))}
+    assert len(evals) == 6
     res = study_stage.run(StudyConfig(**cfg)).details
-    # the finished point was skipped: trained once, evaluated once
-    assert len(_text(os.path.join(first, "train", "launches.jsonl")).splitlines()) == 1
-    assert os.path.getmtime(os.path.join(first, "eval.json")) == eval_mtime
+    for rid, mtime in evals.items():  # every finished point was skipped: trained once, evaluated once
+        assert len(_text(os.path.join(runs, rid, "train", "launches.jsonl")).splitlines()) == 1, rid
+        assert os.path.getmtime(os.path.join(runs, rid, "eval.json")) == mtime, rid
 
     df = pd.read_csv(os.path.join(out, "results.csv"))
     assert len(df) == 6 and set(df["scale"].astype(str)) == {"16", "32"}

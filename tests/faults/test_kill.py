@@ -431,5 +431,8 @@ def test_study_survives_kills(monkeypatch, tmp_path):
         ("final write", lambda: _lines(results) == 3 and not os.path.exists(fits), "study.final-write"),
     ])
     assert_same_study(out, keep)
+    # the run finished before the first kill was skipped by every later run: its one launch is the first
+    # run's (a launch's line is written when it ends: a killed one leaves none)
+    assert _lines(os.path.join(first, "train", "launches.jsonl")) == 1
     record({"kind": "compare", "stage": "study", "files": len(digests(keep, RUN_VARYING)), "identical": False,
             "content": "same files, grid rows (steps, samples, compute), steps once each, settings + gmacs bytes"})
