@@ -95,8 +95,8 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
     spark-submit process group) and the same command submitted again resumes to the local run's pool,
     which verify on the cluster, reading the bucket, passes. A reshard of the pool copied into a bucket
     reads and writes s3:// on the executors with those settings, and without them stops with one line.
-    The download, subsets and reshard given `--conf spark.sql.shuffle.partitions=37` used it (a user's
-    setting wins over the job's); the prepare on its own, given none, derived its own."""
+    The download given `--conf spark.sql.shuffle.partitions=37`, subsets and reshard given 5, used them
+    (a user's setting wins over the job's); the prepare on its own, given none, derived its own."""
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -186,9 +186,10 @@ def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: lis
 
     Both shuffle rows (the pool's, the subset's). In the session, which sets no shuffle count, they derive
     one from the input (local[2], a small pool: 2; Spark's default of 200 gave ~200 tasks per shuffle);
-    on the cluster they are given `--conf spark.sql.shuffle.partitions=37` and use 37. Each manifest's run
-    sidecar records it. The uid files, the resharded manifest and every shard are the same bytes, and
-    the cluster's executors ran each stage's tasks. Returns the scales cut."""
+    on the cluster they are given `--conf spark.sql.shuffle.partitions=5` and use 5 (the download showed 37
+    used; few partitions here keep each submit short). Each manifest's run sidecar records it. The uid
+    files, the resharded manifest and every shard are the same bytes, and the cluster's executors ran
+    each stage's tasks. Returns the scales cut."""
     import filecmp
 
     from laiontools.contracts.manifest import SIDECAR_SUFFIX, read_manifest
@@ -208,26 +209,26 @@ def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: lis
     reshard_stage.run(ReshardConfig(manifest=big, output=str(tmp_path / "rs"), shard_size=8, spark_above=0), spark)
     assert sidecar(tmp_path / "rs" / layout.RESHARD_MANIFEST)["spark"] == {"shuffle_partitions": 2}
 
-    c37 = [*conf, "--conf", "spark.sql.shuffle.partitions=37"]
+    c5 = [*conf, "--conf", "spark.sql.shuffle.partitions=5"]
     before = sum(cluster.tasks_per_worker())
-    spark_submit([*c37, str(REPO / "jobs" / "subsets.py"), "--pool", pool, "--output", str(tmp_path / "sub37"),
+    spark_submit([*c5, str(REPO / "jobs" / "subsets.py"), "--pool", pool, "--output", str(tmp_path / "sub5"),
                   "--scales", scales, "--seed", "3"], cwd=tmp_path)
     after_subsets = sum(cluster.tasks_per_worker())
     assert after_subsets > before, "subsets ran no task on the cluster's workers"
-    spark_submit([*c37, str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", str(tmp_path / "rs37"),
+    spark_submit([*c5, str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", str(tmp_path / "rs5"),
                   "--shard-size", "8"], cwd=tmp_path)
     assert sum(cluster.tasks_per_worker()) > after_subsets, "reshard ran no task on the cluster's workers"
     for row in here:
-        other = tmp_path / "sub37" / Path(row["manifest"]).name
-        assert sidecar(other)["spark"] == {"shuffle_partitions": 37}
+        other = tmp_path / "sub5" / Path(row["manifest"]).name
+        assert sidecar(other)["spark"] == {"shuffle_partitions": 5}
         uids = read_manifest(row["manifest"])["uids"]["path"]
-        assert filecmp.cmp(tmp_path / "sub" / uids, tmp_path / "sub37" / uids, shallow=False), uids
-    rs37 = tmp_path / "rs37" / layout.RESHARD_MANIFEST
-    assert sidecar(rs37)["spark"] == {"shuffle_partitions": 37}
-    assert sidecar(rs37)["engine"] == f"spark {cluster.url}"
-    assert rs37.read_bytes() == (tmp_path / "rs" / layout.RESHARD_MANIFEST).read_bytes()
-    for s in read_manifest(str(rs37))["shards"]:
-        assert filecmp.cmp(tmp_path / "rs" / s["path"], tmp_path / "rs37" / s["path"], shallow=False), s["path"]
+        assert filecmp.cmp(tmp_path / "sub" / uids, tmp_path / "sub5" / uids, shallow=False), uids
+    rs5 = tmp_path / "rs5" / layout.RESHARD_MANIFEST
+    assert sidecar(rs5)["spark"] == {"shuffle_partitions": 5}
+    assert sidecar(rs5)["engine"] == f"spark {cluster.url}"
+    assert rs5.read_bytes() == (tmp_path / "rs" / layout.RESHARD_MANIFEST).read_bytes()
+    for s in read_manifest(str(rs5))["shards"]:
+        assert filecmp.cmp(tmp_path / "rs" / s["path"], tmp_path / "rs5" / s["path"], shallow=False), s["path"]
     return scales
 
 
