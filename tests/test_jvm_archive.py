@@ -4,6 +4,7 @@ nothing behind."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import subprocess
 
@@ -30,7 +31,28 @@ def test_a_failed_archive_run_makes_nothing(tmp_path):
     path = archive_path(tmp_path / "cache")
     assert path.is_absolute() and path == archive_path(tmp_path / "cache")
     assert make_archive(path, python="/bin/false") is False
-    assert list((tmp_path / "cache").iterdir()) == []  # no archive, temp file or work folder left
+    left = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert left == [".make.lock"]  # no archive, temp file or work folder left (the lock file is empty)
+
+
+def test_processes_side_by_side_make_the_archive_once(tmp_path):
+    """Two makers at once (as pytest-xdist's workers start): one archive run, both given the archive.
+    The "python" here is a script that does what the archive run's JVM does at exit: writes the file
+    named by -XX:ArchiveClassesAtExit (after a pause, so the two would overlap without the lock)."""
+    runs = tmp_path / "runs.log"
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\n"
+                    f"echo run >> {runs}\n"
+                    "sleep 1\n"
+                    'out=$(printf %s "$PYSPARK_SUBMIT_ARGS" | sed -n "s/.*ArchiveClassesAtExit=\\([^ \']*\\).*/\\1/p")\n'
+                    'printf archive > "$out"\n')
+    fake.chmod(0o755)
+    path = archive_path(tmp_path / "cache")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        made = list(pool.map(lambda _: make_archive(path, python=str(fake)), range(2)))
+    assert made == [True, True]
+    assert runs.read_text().splitlines() == ["run"]
+    assert path.read_bytes() == b"archive"
 
 
 def test_an_archive_path_with_a_space_is_left_out_of_the_options(tmp_path):
