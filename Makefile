@@ -18,8 +18,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/laiontools demo --output demo-out
 
+# The suite in TEST_WORKERS processes (pytest-xdist), a whole test file at a time in each, so that a
+# file's fixtures are made once (tests/conftest.py orders and groups the files). Its time is mostly JVMs
+# and Python processes starting: run in one process it left ~37 % of this 2-core machine's CPU idle.
+# TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff && $(BIN)/ruff check laiontools jobs tests bench

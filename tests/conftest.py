@@ -39,21 +39,64 @@ def _reserve_port() -> int:
         return s.getsockname()[1]
 
 
+def _set_test_endpoint(port_var: str, port: int, urls: tuple[str, ...]) -> None:
+    """Reserve `port` for a test server under `port_var` and name it in `urls`, unless the user set those
+    already. Where this session's pytest was started by another that did it before (an xdist worker), the
+    values it inherited are that one's, for that one's port: replaced, each worker running its own server."""
+    inherited = os.environ.get(port_var)
+    for var in urls:
+        if inherited is not None and os.environ.get(var) == f"http://127.0.0.1:{inherited}":
+            del os.environ[var]
+        os.environ.setdefault(var, f"http://127.0.0.1:{port}")
+    os.environ[port_var] = str(port)
+
+
 # Object-store tests (test_s3.py) talk to an S3 API server (moto) on 127.0.0.1 at this port. Its endpoint
 # and fake credentials go into the environment now, before the Spark JVM starts: Spark's Python workers
 # inherit the JVM's environment, not later changes to this process's. No real bucket is reachable with them.
-S3_PORT = _reserve_port()
-os.environ["LAIONTOOLS_TEST_S3_PORT"] = str(S3_PORT)
-os.environ.setdefault("FSSPEC_S3_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
-os.environ.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
+_set_test_endpoint("LAIONTOOLS_TEST_S3_PORT", _reserve_port(), ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"))
 # The gs:// tests (test_gcs.py) talk to a GCS API server (gcp-storage-emulator) on 127.0.0.1 at this port,
 # named the way users of an emulator name theirs (gcsfs reads STORAGE_EMULATOR_HOST), for the same reason.
-GCS_PORT = _reserve_port()
-os.environ["LAIONTOOLS_TEST_GCS_PORT"] = str(GCS_PORT)
-os.environ.setdefault("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{GCS_PORT}")
+_set_test_endpoint("LAIONTOOLS_TEST_GCS_PORT", _reserve_port(), ("STORAGE_EMULATOR_HOST",))
 for _k, _v in {"AWS_ACCESS_KEY_ID": "laiontools-test", "AWS_SECRET_ACCESS_KEY": "laiontools-test",
                "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_k, _v)
+
+
+# `make test` runs the suite in 2 processes (pytest-xdist, --dist loadfile): a test file at a time each, so
+# that a file's fixtures are made once. Two changes to that, for a suite whose time is a few long tests:
+# - the fault-injection files are one unit of work, so one process makes their chain of inputs
+#   (tests/faults/conftest.py, ~1.5 min) instead of both;
+# - the longest units go first (xdist would order them by their number of tests): the cluster test
+#   (~6-8 min alone), the fault files (~15 min together), the demo; the rest fills in behind them.
+_FIRST = ("tests/test_cluster.py", "tests/faults/", "tests/test_demo.py")
+
+
+def _unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return "tests/faults/" if path.startswith("tests/faults/") else path
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        unit = _unit(item.nodeid)
+        return _FIRST.index(unit) if unit in _FIRST else len(_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LongestFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection's order (above)
+    return LongestFirst(config, log)
 
 
 @pytest.fixture(scope="session")
