@@ -423,4 +423,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything this rank writes is written and closed by now (checkpoints atomically, metrics line by
+    # line; the log handlers flushed here). The interpreter's own teardown of torch, open_clip and the
+    # run's objects took ~2.3 s of CPU per rank here (a 2-step run: 9.5 s of CPU in all, 7.2 s without
+    # it), which every point of a study grid paid: the rank leaves without it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
