@@ -129,10 +129,11 @@ def s3(s3_server):
 def spark():
     """A local[2] SparkSession shared by the whole test session (stage code finds it as the active one).
     Its JVM, and every later one of the suite's, starts from the class-data archive, made first if
-    there is none yet (~45 s, once per checkout and pyspark/java)."""
+    there is none yet (~45 s, once per checkout and pyspark/java); where another xdist worker is making
+    it now, this session starts without it rather than wait."""
     from laiontools.core.spark import spark_session
 
-    make_archive(JVM_ARCHIVE)
+    make_archive(JVM_ARCHIVE, wait=False)
 
     with spark_session("local[2]", app_name="laiontools-tests", conf={"spark.driver.memory": "1g"}) as s:
         yield s

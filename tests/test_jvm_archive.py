@@ -55,6 +55,26 @@ def test_processes_side_by_side_make_the_archive_once(tmp_path):
     assert path.read_bytes() == b"archive"
 
 
+def test_a_process_that_does_not_wait_goes_on_without_the_archive_another_is_making(tmp_path):
+    """make_archive(wait=False) while another process holds the maker's lock: False at once, no run of
+    its own; once the other is done, the archive is there for everyone (and for it)."""
+    import fcntl
+
+    runs = tmp_path / "runs.log"
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/bin/sh\necho run >> {runs}\nexit 1\n")
+    fake.chmod(0o755)
+    path = archive_path(tmp_path / "cache")
+    path.parent.mkdir(parents=True)
+    with open(path.parent / ".make.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another maker at work
+        assert make_archive(path, python=str(fake), wait=False) is False
+        assert not runs.exists()  # it did not start a run of its own
+        path.write_bytes(b"archive")  # the other maker is done
+    assert make_archive(path, python=str(fake), wait=False) is True
+    assert not runs.exists()
+
+
 def test_an_archive_path_with_a_space_is_left_out_of_the_options(tmp_path):
     assert quick_java_options(tmp_path / "a b" / "x.jsa") == QUICK_TIER
     assert quick_java_options(tmp_path / "x.jsa").split() == [QUICK_TIER, f"-XX:SharedArchiveFile={tmp_path / 'x.jsa'}"]

@@ -70,15 +70,22 @@ def archive_path(cache: Path) -> Path:
     return cache.absolute() / f"spark-{_key()}.jsa"
 
 
-def make_archive(path: Path, python: str = sys.executable, timeout: float = 300) -> bool:
+def make_archive(path: Path, python: str = sys.executable, timeout: float = 300, wait: bool = True) -> bool:
     """Make the archive at `path` unless it is there: one small Spark run (~45 s here). False if it
-    cannot be made (JVMs given the path then start as they would without it)."""
+    cannot be made (JVMs given the path then start as they would without it).
+
+    Test processes running side by side (pytest-xdist's workers) make it once: while one makes it, the
+    others wait here, or with ``wait=False`` return False at once and go on without it (their JVMs
+    started later find it made: a test process that would idle ~45 s to save its one session ~4 s
+    of class loading goes on with its tests instead)."""
     if path.exists():
         return True
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Test processes running side by side (pytest-xdist's workers) make it once: the others wait here.
     with open(path.parent / ".make.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # (only without wait) another process is making it now
+            return False
         return path.exists() or _make_archive(path, python, timeout)
 
 
