@@ -132,10 +132,14 @@ def test_study_refuses_to_reuse_a_point_made_with_other_settings(tmp_path) -> No
 
 
 @pytest.mark.slow
-def test_study_grid_results_fits_and_a_rerun_skips_finished_points(tmp_path) -> None:
+def test_study_grid_results_fits_and_a_rerun_skips_finished_points(tmp_path, caplog) -> None:
     """A 2-scale x 2-budget grid plus a second seed at the largest budget: results.csv, fits, report and
-    plots. A second run of the finished study trains and evaluates nothing again. (A study killed
-    mid-grid resumes to the same grid: tests/faults/test_kill.py::test_study_survives_kills.)"""
+    plots; each point's trainer forked from the study's zygote (laiontools/core/zygote.py). A second run
+    of the finished study trains and evaluates nothing again. (A study killed mid-grid resumes to the
+    same grid: tests/faults/test_kill.py::test_study_survives_kills.)"""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="laiontools.core.zygote")
     data = tmp_path / "data"
     small = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")
     large = write_resharded_subset(str(data / "s32"), n_shards=2, per_shard=16, seed=1, name="s32")
@@ -158,6 +162,8 @@ def test_study_grid_results_fits_and_a_rerun_skips_finished_points(tmp_path) -> 
     runs = os.path.join(out, "runs")
     evals = {rid: os.path.getmtime(os.path.join(runs, rid, "eval.json")) for rid in sorted(os.listdir(runs))}
     assert len(evals) == 6
+    forked = [r.getMessage() for r in caplog.records if "(forked, pid" in r.getMessage()]
+    assert len(forked) == 6 and len({m.split("pid ")[1] for m in forked}) == 6, forked  # 6 runs, 6 processes
     res = study_stage.run(StudyConfig(**cfg)).details
     for rid, mtime in evals.items():  # every finished point was skipped: trained once, evaluated once
         assert len(_text(os.path.join(runs, rid, "train", "launches.jsonl")).splitlines()) == 1, rid

@@ -277,7 +277,11 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
     details = ``{"rows", "fits", "results_csv", "report", "plots"}``. Safe to re-run after a kill: finished
     points are skipped, an interrupted training resumes from its checkpoint. ``spark`` is unused.
     """
+    import contextlib
+
     from laiontools import evalsets
+    from laiontools.core.zygote import forked_runs
+    from laiontools.stages import train_worker
 
     os.makedirs(cfg.output, exist_ok=True)
     write_json(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
@@ -289,16 +293,20 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
     gm = _gmacs_cached(cfg.output, list(cfg.models))
     rows: list[dict[str, Any]] = []
     results_csv = os.path.join(cfg.output, layout.STUDY_RESULTS_CSV)
-    for model in cfg.models:
-        for scale in cfg.scales:
-            for n in cfg.samples_seen:
-                rows.append(run_point(cfg, model, scale, int(n), gm[model]["gmacs_per_sample"]))
-                _write_results(results_csv, rows)  # partial results survive a kill
-    for model in cfg.models:  # seed replicates at the largest budget: is a scale's lead bigger than seed noise?
-        for scale in cfg.scales:
-            for seed in cfg.extra_seeds:
-                rows.append(run_point(cfg, model, scale, max(int(n) for n in cfg.samples_seen), gm[model]["gmacs_per_sample"], seed))
-                _write_results(results_csv, rows)
+    # One process per device (nproc 1): each point's trainer is forked from one that imported it once
+    # (~10 s of CPU per point on 2 cores, the whole training of a small point), a fresh process all the same.
+    with forked_runs([f"{train_worker.__name__}:preload"]) if cfg.nproc == 1 else contextlib.nullcontext():
+        for model in cfg.models:
+            for scale in cfg.scales:
+                for n in cfg.samples_seen:
+                    rows.append(run_point(cfg, model, scale, int(n), gm[model]["gmacs_per_sample"]))
+                    _write_results(results_csv, rows)  # partial results survive a kill
+        for model in cfg.models:  # seed replicates at the largest budget: is a scale's lead bigger than seed noise?
+            for scale in cfg.scales:
+                for seed in cfg.extra_seeds:
+                    rows.append(run_point(cfg, model, scale, max(int(n) for n in cfg.samples_seen), gm[model]["gmacs_per_sample"],
+                                          seed))
+                    _write_results(results_csv, rows)
     # Fault tests: every point is done and results.csv complete; fits, plots and report not yet written.
     failpoints.pause("study.final-write")
     metric_cols = sorted({k for r in rows for k in r if "/" in k})

@@ -506,6 +506,12 @@ def _launch(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:
     # The trainer's own console output (its settings, the model, per-step lines) goes to a file: the
     # console gets our one-line summary, metrics.jsonl the numbers.
     console = os.path.join(cfg.output, "logs", "launcher.log")
+    if plan.world_size == 1:  # a study's point: forked from a process that imported the trainer (core/zygote.py)
+        from laiontools.core.zygote import run_module
+
+        rc = run_module(worker[1], worker[2:], console, worker_env(1))
+        if rc is not None:
+            return rc
     return run_logged(torchrun_command(plan.world_size, worker), console, worker_env(plan.world_size))
 
 

@@ -367,6 +367,14 @@ def _object_store_shards() -> None:
         wds_gopen.gopen_schemes[scheme] = gopen_fsspec
 
 
+def preload() -> None:
+    """Import what a rank imports before it trains (a study's zygote runs this once: core/zygote.py)."""
+    # open_clip_train imports wandb if installed (slow, and never used: MetricsSink replaces it).
+    sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
+    import open_clip_train.main
+    import open_clip_train.train  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run open_clip's trainer for one rank. Returns 0 on success, 1 if open_clip reported an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -383,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     fh.setFormatter(logging.Formatter(f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s"))
     logging.root.addHandler(fh)
 
-    # open_clip_train imports wandb if installed (slow, and never used: MetricsSink replaces it).
-    sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
+    preload()
     from laiontools.models.registry import register_tiny_models
 
     register_tiny_models()

@@ -239,12 +239,30 @@ def _wait_gone(out: str, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def _reap_group(pgid: int) -> None:
-    """SIGKILL whatever is left of the group (a JVM or worker the kill raced with)."""
+def _reap_group(pgid: int, timeout: float = 60) -> None:
+    """SIGKILL whatever is left of the group (a JVM or worker the kill raced with) and wait until none of
+    it is alive (a study's trainer forked from its zygote names no output on its command line)."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and _group_alive(pgid):
+        time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """A process of group `pgid` that is not a zombie (one whose parent died waits for its reaper)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != b"Z":
+                return True
+    return False
 
 
 def digests(root: str, ignore: Iterable[str] = RUN_VARYING) -> dict[str, str]:
