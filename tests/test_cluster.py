@@ -33,6 +33,10 @@ QUICK_JVMS = ["--driver-java-options", os.environ["LAIONTOOLS_TEST_JAVA_OPTIONS"
               "--conf", f"spark.executor.extraJavaOptions={os.environ['LAIONTOOLS_TEST_JAVA_OPTIONS']}",
               "--conf", "spark.ui.enabled=false"]
 
+# The refusals (executors that run other code, or lack the store's settings) stop at an executor's first
+# task: one executor shows them (spark-submit's last --total-executor-cores wins), one JVM fewer each.
+ONE_EXECUTOR = ["--total-executor-cores", "1"]
+
 
 def _changed_copy(folder: Path, missing_dependency: bool = False) -> Path:
     """A copy of the laiontools package under `folder` with one line added to one file, or (`missing_dependency`)
@@ -157,7 +161,8 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
             changed, broken = _changed_copy(tmp_path / "other-code"), _changed_copy(tmp_path / "broken", missing_dependency=True)
             for other, says in ((changed, ["the executors run other laiontools code than this driver", f"from {changed / 'laiontools'})"]),
                                 (broken, ["the executors cannot import laiontools (", "No module named 'laiontools_dependency_not_installed'"])):
-                res = subprocess.run([str(SPARK_HOME / "bin" / "spark-submit"), *conf, "--conf", f"spark.executorEnv.PYTHONPATH={other}",
+                res = subprocess.run([str(SPARK_HOME / "bin" / "spark-submit"), *conf, *ONE_EXECUTOR,
+                                      "--conf", f"spark.executorEnv.PYTHONPATH={other}",
                                       str(REPO / "jobs" / "verify.py"), f"{local}/{layout.POOL_MANIFEST}"],
                                      cwd=tmp_path, env=submit_env(), capture_output=True, text=True, timeout=300, check=False)
                 said = res.stdout + res.stderr  # (spark-submit passes the driver's stderr to its stdout)
@@ -269,7 +274,7 @@ def _reshard_on_s3_like_local(spark, s3, cluster: StandaloneCluster, conf: list[
     for x in got["shards"]:
         assert s3.cat(f"{bucket}/rs/{x['path']}") == (tmp_path / "rs" / x["path"]).read_bytes(), x["path"]
 
-    res = subprocess.run([str(SPARK_HOME / "bin" / "spark-submit"), *conf, "--conf", "spark.task.maxFailures=1",
+    res = subprocess.run([str(SPARK_HOME / "bin" / "spark-submit"), *conf, *ONE_EXECUTOR, "--conf", "spark.task.maxFailures=1",
                           str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", f"s3://{bucket}/rs-bare",
                           "--shard-size", "8", "--spark-above", "0"],
                          cwd=tmp_path, env=submit_env(), capture_output=True, text=True, timeout=300, check=False)
