@@ -8,6 +8,7 @@ import pytest
 
 from laiontools.core.errors import InputError, task_error, user_error_from
 from laiontools.core.stage import Tasks, wants_spark
+from laiontools.testing.procs import alive
 
 
 def _squares(items):
@@ -97,15 +98,6 @@ Tasks(None, 2).map(slow, [0, 1], processes=True)
 """
 
 
-def _alive(pid: int) -> bool:
-    """The process exists and is not a zombie (a container's init may not reap an orphan at once)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
 def test_forked_task_processes_die_with_a_killed_stage(tmp_path):
     # `kill -9` of the CLI left its forked task processes running: they went on writing into the output and
@@ -124,14 +116,14 @@ def test_forked_task_processes_die_with_a_killed_stage(tmp_path):
             if len(pids) == 2:
                 break
             time.sleep(0.1)
-        assert len(pids) == 2 and child.pid not in pids and all(_alive(p) for p in pids)
+        assert len(pids) == 2 and child.pid not in pids and all(alive(p) for p in pids)
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
         for _ in range(100):  # up to 10 s
-            if not any(_alive(p) for p in pids):
+            if not any(alive(p) for p in pids):
                 break
             time.sleep(0.1)
-        assert [p for p in pids if _alive(p)] == []
+        assert [p for p in pids if alive(p)] == []
     finally:
         child.kill()
         child.wait(timeout=10)

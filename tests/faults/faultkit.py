@@ -29,6 +29,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
+from laiontools.testing.procs import group_alive
+
 # The venv's console script when present (what a user runs), else `python -m laiontools`.
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "laiontools")
 CLI = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "laiontools"]
@@ -247,22 +249,8 @@ def _reap_group(pgid: int, timeout: float = 60) -> None:
     except ProcessLookupError:
         return
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout and _group_alive(pgid):
+    while time.monotonic() - t0 < timeout and group_alive(pgid):
         time.sleep(0.05)
-
-
-def _group_alive(pgid: int) -> bool:
-    """A process of group `pgid` that is not a zombie (one whose parent died waits for its reaper)."""
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != b"Z":
-                return True
-    return False
 
 
 def digests(root: str, ignore: Iterable[str] = RUN_VARYING) -> dict[str, str]:
