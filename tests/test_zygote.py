@@ -5,6 +5,7 @@ its exit code (negative for a signal), the launcher's per-run variables; and die
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 import pytest
 
 from laiontools.core import zygote
+from laiontools.testing.procs import alive, stat
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and PR_SET_PDEATHSIG are Linux's")
 
@@ -36,6 +38,12 @@ _MODULES = {
         if what == "sleep":
             open(sys.argv[2], "w").write(str(os.getpid()))
             time.sleep(120)
+        if what == "stubborn":  # answers SIGTERM with a line and sleeps on
+            import signal
+            signal.signal(signal.SIGTERM, lambda *_: print("got SIGTERM, staying", flush=True))
+            open(sys.argv[2], "w").write(str(os.getpid()))
+            for _ in range(1200):
+                time.sleep(0.1)
         if what == "raise":
             raise ValueError("the run's own failure")
         if what == "kill":
@@ -54,7 +62,7 @@ def modules(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_runs_are_forked_with_their_argv_output_exit_code_and_own_variables(modules, monkeypatch):
+def test_runs_are_forked_with_their_argv_output_exit_code_and_own_variables(modules, monkeypatch, caplog):
     logs = modules / "logs"
     with zygote.forked_runs(["lt_preloaded:ready"]) as z:
         assert zygote.run_module("lt_target", ["exit", "3"], str(logs / "a.log"), dict(os.environ)) == 3
@@ -63,7 +71,10 @@ def test_runs_are_forked_with_their_argv_output_exit_code_and_own_variables(modu
         assert zygote.run_module("lt_target", ["raise"], str(logs / "c.log"), dict(os.environ)) == 1
         assert zygote.run_module("lt_target", ["kill"], str(logs / "d.log"), dict(os.environ)) == -signal.SIGKILL
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # another variable: not what the zygote imported under
-        assert zygote.run_module("lt_target", ["exit", "0"], str(logs / "e.log"), dict(os.environ)) is None
+        with caplog.at_level(logging.INFO, logger=zygote.__name__):
+            assert zygote.run_module("lt_target", ["exit", "0"], str(logs / "e.log"), dict(os.environ)) is None
+        assert "lt_target runs in a plain subprocess: the environment differs from the zygote's in OMP_NUM_THREADS" \
+            in caplog.text, caplog.text
         assert not (logs / "e.log").exists()
         zygote_pid = z.proc.pid
     a = (logs / "a.log").read_text()
@@ -93,13 +104,13 @@ def test_a_killed_launcher_takes_its_zygote_and_run_with_it(modules, tmp_path):
             time.sleep(0.05)
         assert pidfile.exists(), (tmp_path / "g.log").read_text() if (tmp_path / "g.log").exists() else "no run"
         run_pid = int(pidfile.read_text())
-        assert _ppid(_ppid(run_pid)) == launcher.pid  # run <- zygote <- launcher
+        assert stat(stat(run_pid).ppid).ppid == launcher.pid  # run <- zygote <- launcher
         launcher.kill()
         launcher.wait(timeout=60)
         deadline = time.monotonic() + 60
-        while _alive(run_pid) and time.monotonic() < deadline:
+        while alive(run_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(run_pid)
+        assert not alive(run_pid)
     finally:
         try:
             os.killpg(launcher.pid, signal.SIGKILL)
@@ -107,14 +118,39 @@ def test_a_killed_launcher_takes_its_zygote_and_run_with_it(modules, tmp_path):
             pass
 
 
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[1])
-
-
-def _alive(pid: int) -> bool:
+@pytest.mark.parametrize("what", ["sleep", "stubborn"])
+def test_an_interrupted_launcher_stops_its_run_then_its_zygote(modules, tmp_path, what):
+    """Ctrl-C (SIGINT to the launcher alone) while a forked run trains: the launcher sends the run SIGTERM,
+    SIGKILL after its grace if the run stays (a "stubborn" run answers SIGTERM with a line and sleeps on),
+    closes its zygote, and the interrupt reaches the caller; nothing of the three is left."""
+    pidfile, console = tmp_path / "run.pid", tmp_path / "run.log"
+    launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys
+        from laiontools.core import zygote
+        zygote.Zygote.stop_grace = 1.0
+        try:
+            with zygote.forked_runs(["lt_preloaded"]):
+                zygote.run_module("lt_target", [{what!r}, {str(pidfile)!r}], {str(console)!r}, dict(os.environ))
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(5)
+    """)], env=os.environ, start_new_session=True, stdout=subprocess.PIPE, text=True)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text()) and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pidfile.exists(), console.read_text() if console.exists() else "no run"
+        run_pid = int(pidfile.read_text())
+        zygote_pid = stat(run_pid).ppid
+        assert stat(zygote_pid).ppid == launcher.pid
+        os.kill(launcher.pid, signal.SIGINT)
+        out, _ = launcher.communicate(timeout=60)
+        assert launcher.returncode == 5 and out == "interrupted\n", (launcher.returncode, out)
+        assert not alive(run_pid) and not alive(zygote_pid)
+        said = console.read_text()
+        assert ("got SIGTERM, staying" in said) == (what == "stubborn"), said
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

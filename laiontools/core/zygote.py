@@ -47,6 +47,8 @@ class Zygote:
     and stderr appended to `console`, forked from the zygote; its exit code (negative: killed by that
     signal, as subprocess reports it)."""
 
+    stop_grace = 30.0  # seconds an interrupted launcher's run has between SIGTERM and SIGKILL
+
     def __init__(self, preload: list[str]):
         self.preload = list(preload)
         self.proc: subprocess.Popen | None = None  # started by the first run (a re-run of a finished grid starts none)
@@ -62,7 +64,12 @@ class Zygote:
         if self.proc is None:
             self._start()
         changed = {k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k)}
-        if any(not k.startswith(OWN_ENV) for k in changed) or os.getcwd() != self.cwd or self.proc.poll() is not None:
+        other = sorted(k for k in changed if not k.startswith(OWN_ENV))
+        why = (f"the environment differs from the zygote's in {', '.join(other)}" if other  # (names only: no values)
+               else "the working directory changed" if os.getcwd() != self.cwd
+               else f"its zygote exited ({self.proc.returncode})" if self.proc.poll() is not None else None)
+        if why:
+            log.info("%s runs in a plain subprocess: %s", module, why)
             return None
         os.makedirs(os.path.dirname(console) or ".", exist_ok=True)
         try:
@@ -72,8 +79,9 @@ class Zygote:
             pid = self.proc.stdout.readline()
         except OSError:
             pid = b""
-        if not pid.strip():
-            return None  # the zygote is gone: started nothing
+        if not pid.strip():  # the zygote is gone: started nothing
+            log.info("%s runs in a plain subprocess: its zygote exited", module)
+            return None
         pid = int(pid)
         log.info("launching: python -m %s %s ... (forked, pid %d; output in %s)", module, " ".join(args[:4]), pid, console)
         try:
@@ -87,10 +95,11 @@ class Zygote:
         return int(line)
 
     def _stop(self, pid: int) -> None:
-        """An interrupted launcher stops its run as it would a subprocess: SIGTERM, SIGKILL after 30 s."""
+        """An interrupted launcher stops its run as it would a subprocess: SIGTERM, SIGKILL after
+        `stop_grace` seconds."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        if not select.select([self.proc.stdout], [], [], 30)[0]:
+        if not select.select([self.proc.stdout], [], [], self.stop_grace)[0]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.close()  # its reply is not read: this zygote serves no other run
