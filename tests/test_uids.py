@@ -181,3 +181,57 @@ def test_a_file_that_is_no_npy_is_refused_as_no_uid_file(tmp_path, mmap):
     p.write_text("0123456789abcdef0123456789abcdef\n")
     with pytest.raises(ValueError, match=r"uids\.txt: not a uid file \(a \.npy array of 16-byte uids.*starts with b'0123"):
         load_uids(str(p), mmap=mmap)
+
+
+def test_uid_file_frame_reads_the_file_in_pieces_on_spark(spark, tmp_path):
+    """uid_file_frame: Spark tasks read a uid file in ranges of rows (3 here: 7 tasks, the last short);
+    its rows are the file's uids as hex strings (made here with Python's own formatting) at their
+    positions. uid_file_layout reads the header alone and refuses a file whose length disagrees with it."""
+    from laiontools.contracts.uids import hex_arrow, uid_file_frame, uid_file_layout
+
+    rng = random.Random(5)
+    want = sorted({f"{rng.getrandbits(128):032x}" for _ in range(20)} | {"f" * 32, "0" * 32})
+    path = str(tmp_path / "u.npy")
+    save_uids(path, want)
+    raw = open(path, "rb").read()
+    offset, count = uid_file_layout(path)
+    assert count == len(want) and len(raw) - offset == 16 * count and raw[offset:] == load_uids(path).tobytes()
+    assert hex_arrow(load_uids(path)).to_pylist() == want
+    df = uid_file_frame(spark, path, rows_per_task=3)
+    assert df.rdd.getNumPartitions() == -(-len(want) // 3)
+    assert [(r["idx"], r["uid"]) for r in df.orderBy("idx").collect()] == list(enumerate(want))
+    open(path, "wb").write(raw[:-8])  # a uid cut in half
+    with pytest.raises(ValueError, match=r"holds 344 bytes of uids, its header says 22 uids \(352 bytes\)"):
+        uid_file_layout(path)
+
+
+def test_a_streamed_uid_file_check_finds_what_the_loaded_one_finds(tmp_path, monkeypatch):
+    """verify's uid file check on the Spark path streams the file (pieces of 2 uids here) instead of
+    loading it: the same findings for a sound file, one out of order exactly across two pieces, one out
+    of order inside a piece, and a file cut short (which it hands to the loading reader to name)."""
+    from laiontools.stages import verify as verify_mod
+    from laiontools.stages.verify import VerifyResult, _check_uid_file, _UidFile
+
+    monkeypatch.setattr(verify_mod, "UID_SCAN_BYTES", 32)
+    ordered = [f"{i:032x}" for i in range(1, 8)]
+    cases = {"sound": ordered, "across pieces": ordered[:2] + [ordered[0]] + ordered[3:],
+             "inside a piece": [ordered[1], ordered[0]] + ordered[2:]}
+    for name, uids in cases.items():
+        path = str(tmp_path / f"{name}.npy")
+        arr = np.zeros(len(uids), dtype=UID_DTYPE)
+        arr["lo"] = [int(u, 16) for u in uids]
+        open(path, "wb").write(npy_header(len(arr)) + arr.tobytes())  # as written, not sorted by save_uids
+        sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        for s in (sha, "0" * 64):
+            loaded, streamed = VerifyResult(manifest="m"), VerifyResult(manifest="m")
+            got = _check_uid_file(path, s, len(uids), "uid file", loaded)
+            ref = _check_uid_file(path, s, len(uids), "uid file", streamed, load=False)
+            assert isinstance(got, np.ndarray) and ref == _UidFile(path, len(uids))
+            assert (streamed.problems, streamed.checked) == (loaded.problems, loaded.checked), name
+            assert any("not sorted and unique" in p for p in loaded.problems) == (name != "sound"), (name, loaded.problems)
+    cut = str(tmp_path / "cut.npy")
+    open(cut, "wb").write(open(str(tmp_path / "sound.npy"), "rb").read()[:-8])
+    loaded, streamed = VerifyResult(manifest="m"), VerifyResult(manifest="m")
+    assert _check_uid_file(cut, "0" * 64, 7, "uid file", loaded) is None
+    assert _check_uid_file(cut, "0" * 64, 7, "uid file", streamed, load=False) is None
+    assert streamed.problems == loaded.problems and "unreadable" in loaded.problems[-1], loaded.problems

@@ -11,7 +11,7 @@ import pytest
 
 from laiontools.cli import main as cli
 from laiontools.contracts import layout
-from laiontools.contracts.manifest import new_manifest, read_manifest, write_manifest
+from laiontools.contracts.manifest import new_manifest, read_manifest, resolve, write_manifest
 from laiontools.stages import reshard as reshard_stage
 from laiontools.stages import subsets as subsets_stage
 from laiontools.stages.reshard import ReshardConfig
@@ -126,7 +126,7 @@ def test_resharded_folder_with_a_copied_uid_file_stays_readable(chain, tmp_path)
     assert any("sample uids not in the uid file" in p for p in probs)
 
 
-def test_uid_file_parent_and_nesting(chain, tmp_path):
+def test_uid_file_parent_and_nesting(chain, spark, tmp_path):
     # uid file swapped for another subset's: sha256 and count differ, and shard uids are missing from it
     m, uids = _resharded_on_copied_subset(chain, tmp_path)
     small_uids = os.path.join(os.path.dirname(chain["small"]), read_manifest(chain["small"])["uids"]["path"])
@@ -156,7 +156,72 @@ def test_uid_file_parent_and_nesting(chain, tmp_path):
     )
     write_manifest(str(sub / "bad.manifest.json"), bad)
     n_out = bm["num_samples"] - sm["num_samples"]
-    assert any(f"nesting: {n_out} of {bm['num_samples']} uids are not in parent" in p for p in verify_manifest(str(sub / "bad.manifest.json")).problems)
+    local = verify_manifest(str(sub / "bad.manifest.json"))
+    assert any(f"nesting: {n_out} of {bm['num_samples']} uids are not in parent" in p for p in local.problems)
+    # on Spark: the two uid files streamed for their checks, the nesting a join of the two read by tasks
+    on_spark = verify_manifest(str(sub / "bad.manifest.json"), spark=spark)
+    assert (on_spark.problems, on_spark.checked) == (local.problems, local.checked)
+    assert verify_manifest(small, spark=spark).problems == verify_manifest(small).problems
+
+
+def _shard_uids(path: str) -> list[str]:
+    """The .json uid of every sample of a tar, in order, read with tarfile (not verify's reader)."""
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        return [json.loads(tf.extractfile(ti).read())["uid"] for ti in tf.getmembers() if ti.name.endswith(".json")]
+
+
+def test_uid_checks_across_shards_find_the_same_on_spark(chain, spark, tmp_path, monkeypatch):
+    """The checks of the shards' uids against the uid file (none outside it, none twice, none of it in no
+    shard), made in process and as Spark joins of the shards' uids with the uid file read by tasks in
+    several pieces (4 uids each here) and streamed by the driver in pieces of 4 uids: the same findings,
+    each the one planted (counts and first uids computed here from the tars, not by verify)."""
+    from laiontools.contracts import uids as uids_mod
+    from laiontools.contracts.uids import save_uids
+    from laiontools.core.storage import sha256_file
+    from laiontools.stages import verify as verify_mod
+
+    monkeypatch.setattr(uids_mod, "UID_ROWS_PER_TASK", 4)
+    monkeypatch.setattr(verify_mod, "UID_SCAN_BYTES", 64)
+    m, uid_path = _resharded_on_copied_subset(chain, tmp_path)
+    root = os.path.dirname(m)
+    doc = read_manifest(m)
+    per_shard = [_shard_uids(os.path.join(root, s["path"])) for s in doc["shards"]]
+    assert len(per_shard) >= 3 and all(len(u) >= 2 for u in per_shard)
+    dropped = [per_shard[1][0], per_shard[2][-1]]  # in the shards, not in the file: "not in the uid file"
+    planted = [_uid(3), _uid(1), _uid(2)]  # in the file, in no shard (they sort first: the first is _uid(1))
+    # a copy of shard 0 listed as one more shard: each of its uids in two samples
+    shutil.copyfile(os.path.join(root, doc["shards"][0]["path"]), os.path.join(root, "shards", "copy.tar"))
+    # a shard whose one .json uid is not lowercase hex, and one uid the file does not hold
+    odd, outside = per_shard[0][0].upper(), "f" * 32
+    _tar(os.path.join(root, "shards", "odd.tar"), [("a.jpg", b"x"), ("a.json", json.dumps({"uid": odd}).encode()),
+                                                   ("b.jpg", b"x"), ("b.json", json.dumps({"uid": outside}).encode())])
+    for name, n in (("copy.tar", len(per_shard[0])), ("odd.tar", 2)):
+        sha, size = sha256_file(os.path.join(root, "shards", name))
+        doc["shards"].append({"path": f"shards/{name}", "num_samples": n, "bytes": size, "sha256": sha})
+    file_uids = sorted({u for s in per_shard for u in s} - set(dropped)) + planted
+    sha, count = save_uids(uid_path, file_uids)
+    doc["uids"].update(sha256=sha, count=count)
+    write_manifest(m, doc)
+
+    local, on_spark = verify_manifest(m), verify_manifest(m, spark=spark)
+    assert (on_spark.problems, on_spark.checked) == (local.problems, local.checked)
+    sp = [os.path.join(root, s["path"]) for s in doc["shards"]]
+    want = [
+        f"shard {sp[1]}: 1 sample uids not in the uid file (e.g. {dropped[0]})",
+        f"shard {sp[2]}: 1 sample uids not in the uid file (e.g. {dropped[1]})",
+        f"shard {sp[-1]}: 1 samples whose .json uid is not a uid of 32 lowercase hex chars (e.g. a: {odd!r}); "
+        f"1 sample uids not in the uid file (e.g. {outside})",
+        f"{len(per_shard[0])} uids appear in more than one sample across the shards",
+        f"3 uids of the uid file {uid_path} are in no shard (e.g. {_uid(1)})",
+    ]
+    n = len(file_uids)
+    assert local.problems == [f"manifest {m}: num_samples {doc['num_samples']} but the uid file count is {n}", *want,
+                              f"shards hold {doc['num_samples'] + len(per_shard[0]) + 2} samples, manifest num_samples is "
+                              f"{doc['num_samples']}",
+                              # (the parent's uid file, read the same way, lacks the planted uids)
+                              f"nesting: 3 of {n} uids are not in parent {resolve(m, doc['parent']['path'])}"], local.problems
 
 
 def test_unknown_schema_version_and_missing_files(chain, tmp_path, capsys):

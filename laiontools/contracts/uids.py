@@ -364,6 +364,88 @@ def save_uids_spark(
 
 
 # ------------------------------------------------------------------------------------------------
+# uid files read in pieces: by a driver that must not hold them (verify at 2B: 32 GB), by Spark tasks
+
+
+def uid_file_layout(path: str) -> tuple[int, int]:
+    """(offset of the first uid, number of uids) of the uid file at `path`, from its ``.npy`` header
+    alone. Raises ValueError for anything :func:`load_uids` would refuse in the header (not a
+    ``.npy``, another dtype or shape) and for a data part that is not `count` uids long."""
+    import io
+
+    from numpy.lib import format as npformat
+
+    from laiontools.core.storage import url_to_fs
+
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        head = f.read(1 << 16)
+        size = fs.size(p)
+    _check_npy_head(path, head[:16])
+    buf = io.BytesIO(head)
+    version = npformat.read_magic(buf)
+    shape, fortran, dtype = (npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0)(buf)
+    if dtype != UID_DTYPE or fortran or len(shape) != 1:
+        raise ValueError(f"{path}: uid file has dtype {dtype} and shape {shape}, expected a 1-D {UID_DTYPE} (u8,u8) array")
+    offset, count = buf.tell(), int(shape[0])
+    if size - offset != count * UID_DTYPE.itemsize:
+        raise ValueError(f"{path}: uid file holds {size - offset} bytes of uids, its header says {count} uids "
+                         f"({count * UID_DTYPE.itemsize} bytes)")
+    return offset, count
+
+
+def hex_arrow(arr: np.ndarray) -> Any:
+    """``UID_DTYPE`` array -> Arrow string array of the uids as the contract writes them (32 lowercase
+    hex chars), without a Python string per uid (one hexlify over all of them)."""
+    import binascii
+
+    import pyarrow as pa
+
+    be = np.empty((len(arr), 2), dtype=">u8")
+    be[:, 0], be[:, 1] = arr["hi"], arr["lo"]
+    data = binascii.hexlify(be.tobytes())
+    large = 32 * len(arr) >= 1 << 31  # string offsets are int32
+    offsets = np.arange(0, 32 * (len(arr) + 1), 32, dtype=np.int64 if large else np.int32)
+    return pa.Array.from_buffers(pa.large_string() if large else pa.string(), len(arr),
+                                 [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
+
+
+# Rows of a uid file one Spark task reads (16 MB; 32 MB of hex strings): 2,000 tasks for a 2B pool's.
+UID_ROWS_PER_TASK = 1 << 20
+
+
+def uid_file_frame(spark: Any, path: str, rows_per_task: int | None = None) -> Any:
+    """Spark DataFrame (idx long, uid string) of the uid file at `path`: its position in the file and
+    the uid as 32 hex chars, read by Spark tasks, each a range of `rows_per_task` rows (default
+    :data:`UID_ROWS_PER_TASK`; the executors
+    read `path` as they read shards: it must be where they can reach it). Nothing of the file passes
+    through the driver, which reads only the header (:func:`uid_file_layout`)."""
+    offset, count = uid_file_layout(path)
+    rows_per_task = rows_per_task or UID_ROWS_PER_TASK
+    tasks = max(1, -(-count // rows_per_task))
+
+    def read(batches: Any) -> Any:
+        import pyarrow as pa
+
+        from laiontools.core.storage import url_to_fs
+
+        fs, p = url_to_fs(path)
+        with fs.open(p, "rb") as f:
+            for b in batches:
+                for t in b.column(0).to_pylist():
+                    lo, hi = t * rows_per_task, min(count, (t + 1) * rows_per_task)
+                    f.seek(offset + lo * UID_DTYPE.itemsize)
+                    raw = f.read((hi - lo) * UID_DTYPE.itemsize)
+                    if len(raw) != (hi - lo) * UID_DTYPE.itemsize:
+                        raise ValueError(f"{path}: uid file ends at uid {lo + len(raw) // UID_DTYPE.itemsize}, its header says {count} uids")
+                    arr = np.frombuffer(raw, dtype=UID_DTYPE)
+                    yield pa.RecordBatch.from_arrays([pa.array(np.arange(lo, hi, dtype=np.int64)), hex_arrow(arr)],
+                                                     ["idx", "uid"])
+
+    return spark.range(0, tasks, 1, tasks).mapInArrow(read, "idx long, uid string")
+
+
+# ------------------------------------------------------------------------------------------------
 # membership inside Spark tasks (subsets' exclusions, reshard's plan)
 
 def member_series(uids: Any, path: str) -> Any:

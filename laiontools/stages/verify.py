@@ -28,6 +28,7 @@ import numpy as np
 
 from laiontools.contracts import layout
 from laiontools.contracts.manifest import read_manifest, resolve
+from laiontools.contracts.uids import is_uid
 from laiontools.core import failpoints
 from laiontools.core.report import emit, table
 from laiontools.core.storage import PARQUET_READ, sha256_file, url_to_fs
@@ -68,27 +69,77 @@ def _kind(path: str) -> str:
     return "file" if info.get("type") == "file" else "other"
 
 
-def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: VerifyResult) -> np.ndarray | None:
+@dataclass(frozen=True)
+class _UidFile:
+    """A uid file checked by streaming it (the Spark path: a 2B pool's is 32 GB, which no driver should
+    hold): its uids stay on disk and Spark tasks read them (:func:`laiontools.contracts.uids.uid_file_frame`)."""
+
+    path: str
+    count: int
+
+
+def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: VerifyResult,
+                    load: bool = True) -> np.ndarray | _UidFile | None:
+    """Present, sha256, count, sorted and unique. `load`: return the uids (in process); else stream the
+    file once (sha256 and order in one pass) and return a :class:`_UidFile`. A file whose header or
+    length is off is loaded whole either way, so both paths name its fault in the same words."""
     from laiontools.contracts.uids import is_sorted_unique, load_uids
 
     kind = _kind(path)
     if kind != "file":
         res.problems.append(f"{what} {path}: " + ("missing" if kind == "missing" else "not a regular file"))
         return None
-    sha, _ = sha256_file(path)
+    scanned = None if load else _scan_uid_file(path)
+    if scanned is not None:
+        sha, n, ordered = scanned
+        got: np.ndarray | _UidFile = _UidFile(path, n)
+    else:
+        sha, _ = sha256_file(path)
     if sha != sha256:
         res.problems.append(f"{what} {path}: sha256 {sha} differs from the manifest's {sha256} (file changed or damaged)")
-    try:
-        arr = np.asarray(load_uids(path, mmap=False))
-    except ValueError as e:
-        res.problems.append(f"{what} {path}: unreadable ({e})")
-        return None
-    if count is not None and len(arr) != count:
-        res.problems.append(f"{what} {path}: holds {len(arr)} uids, manifest says {count}")
-    if len(arr) > 1 and not is_sorted_unique(arr):
+    if scanned is None:
+        try:
+            got = np.asarray(load_uids(path, mmap=False))
+        except ValueError as e:
+            res.problems.append(f"{what} {path}: unreadable ({e})")
+            return None
+        n, ordered = len(got), len(got) <= 1 or is_sorted_unique(got)
+    if count is not None and n != count:
+        res.problems.append(f"{what} {path}: holds {n} uids, manifest says {count}")
+    if not ordered:
         res.problems.append(f"{what} {path}: uids are not sorted and unique")
-    res.checked.append(f"{what} {path}: {len(arr)} uids, sha256 ok" if sha == sha256 else f"{what} {path}")
-    return arr
+    res.checked.append(f"{what} {path}: {n} uids, sha256 ok" if sha == sha256 else f"{what} {path}")
+    return got
+
+
+# Bytes of a uid file read at a time when it is streamed (a multiple of 16: whole uids).
+UID_SCAN_BYTES = 16 << 20
+
+
+def _scan_uid_file(path: str) -> tuple[str, int, bool] | None:
+    """(sha256, number of uids, sorted and unique) of a well-formed uid file in one pass, holding one
+    piece of it at a time; None if its header or length is off (the caller loads it to say why)."""
+    import hashlib
+
+    from laiontools.contracts.uids import UID_DTYPE, is_sorted_unique, uid_file_layout
+
+    try:
+        offset, count = uid_file_layout(path)
+    except (ValueError, EOFError, OSError):
+        return None
+    h, n, ordered, last = hashlib.sha256(), 0, True, None
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        h.update(f.read(offset))
+        while chunk := f.read(UID_SCAN_BYTES):
+            h.update(chunk)
+            arr = np.frombuffer(chunk[: len(chunk) - len(chunk) % UID_DTYPE.itemsize], dtype=UID_DTYPE)
+            if ordered and len(arr):
+                first = (int(arr[0]["hi"]), int(arr[0]["lo"]))
+                ordered = (last is None or last < first) and is_sorted_unique(arr)
+                last = (int(arr[-1]["hi"]), int(arr[-1]["lo"]))
+            n += len(arr)
+    return (h.hexdigest(), n, ordered) if n == count else None
 
 
 def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
@@ -145,7 +196,7 @@ def _json_type(value: Any) -> str:
 
 def check_shard(sp: str, entry: dict) -> tuple[list[str] | None, int, list[str], int]:
     """The checks of one shard that need its bytes: (problems, or None when the shard is missing; number of
-    samples; the well-formed uids its samples carry; size). Runs in the driver or in a Spark task: it
+    samples; the uids its samples carry, those that are uids; size). Runs in the driver or in a Spark task: it
     needs nothing but the shard and its manifest entry, so both paths find the same problems."""
     kind = _kind(sp)
     if kind == "missing":
@@ -165,27 +216,107 @@ def check_shard(sp: str, entry: dict) -> tuple[list[str] | None, int, list[str],
     no_uid = [k for k, u in zip(keys, uids) if not u]
     if no_uid:
         bad.append(f"{len(no_uid)} samples without a uid in their .json (e.g. {no_uid[0]})")
+    odd = [(k, u) for k, u in zip(keys, uids) if u and not is_uid(u)]
+    if odd:
+        bad.append(f"{len(odd)} samples whose .json uid is not a uid of 32 lowercase hex chars (e.g. {odd[0][0]}: {odd[0][1]!r})")
     failpoints.pause("verify.shard")
-    return bad, len(keys), [u for u in uids if len(u) == 32], size
+    return bad, len(keys), [u for u in uids if is_uid(u)], size
 
 
-def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None) -> list[tuple[list[str] | None, int, list[str], int]]:
-    """check_shard for every (path, entry), in order: in this process, or one Spark task per shard group."""
+@dataclass
+class _UidFindings:
+    """The checks across shards against the uid file: per shard index, (how many of its uids the file
+    lacks, the first of them); uids found in more than one sample; uid file rows found in no sample
+    (how many, the first in file order)."""
+
+    outside: dict[int, tuple[int, str]] = field(default_factory=dict)
+    repeated: int = 0
+    absent: tuple[int, str | None] = (0, None)
+
+
+def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None,
+                  uids: np.ndarray | _UidFile | None) -> tuple[list[tuple[list[str] | None, int, list[str], int]], _UidFindings | None]:
+    """check_shard for every (path, entry), in order, and the uid checks across shards (None without a
+    readable uid file): in this process, or on Spark, where the uid checks are joins of the shards'
+    uids with the uid file read by tasks, so that no uid passes through the driver (a 2B pool's would be
+    ~32 GB there as numbers, several times that as strings). The findings are the same either way."""
     if spark is None:
-        return [check_shard(sp, e) for sp, e in entries]
+        checks = [check_shard(sp, e) for sp, e in entries]
+        return checks, (_uid_findings_here(uids, checks) if uids is not None else None)
+    from pyspark import StorageLevel
+
     n = max(1, min(len(entries), spark.sparkContext.defaultParallelism * 4))
-    rdd = spark.sparkContext.parallelize(list(enumerate(entries)), n)
-    out = dict(rdd.map(lambda ie: (ie[0], check_shard(*ie[1]))).collect())
-    return [out[i] for i in range(len(entries))]
+    rdd = spark.sparkContext.parallelize(list(enumerate(entries)), n).map(lambda ie: (ie[0], check_shard(*ie[1])))
+    if not isinstance(uids, _UidFile):  # no uid file to join with, or one only the whole-file reader could read
+        out = dict(rdd.collect())
+        checks = [out[i] for i in range(len(entries))]
+        return checks, (_uid_findings_here(uids, checks) if uids is not None else None)
+    rdd = rdd.persist(StorageLevel.MEMORY_AND_DISK)  # each shard read once, for its findings and its uids
+    try:
+        out = dict(rdd.map(lambda r: (r[0], (r[1][0], r[1][1], [], r[1][3]))).collect())
+        return [out[i] for i in range(len(entries))], _uid_findings_spark(spark, rdd, uids)
+    finally:
+        rdd.unpersist()
+
+
+def _uid_findings_here(arr: np.ndarray, checks: list[tuple[list[str] | None, int, list[str], int]]) -> _UidFindings:
+    from laiontools.contracts.uids import as_sorted_set, contains, uids_to_array
+
+    res, seen = _UidFindings(), []
+    members = as_sorted_set(arr)  # (a file that is not sorted is a finding of its own; membership stays exact)
+    for i, (bad, _, good, _) in enumerate(checks):
+        if bad is None or not good:
+            continue
+        ua = uids_to_array(good)
+        outside = ~contains(members, ua)
+        if outside.any():
+            res.outside[i] = (int(outside.sum()), good[int(np.argmax(outside))])
+        seen.append(ua)
+    found = np.concatenate(seen) if seen else arr[:0]
+    uniq = np.unique(found)
+    res.repeated = len(found) - len(uniq)
+    absent = ~contains(uniq, arr)
+    if absent.any():
+        first = arr[int(np.argmax(absent))]
+        res.absent = (int(absent.sum()), f"{int(first['hi']):016x}{int(first['lo']):016x}")
+    return res
+
+
+def _uid_findings_spark(spark: Any, rdd: Any, uids: _UidFile) -> _UidFindings:
+    """:func:`_uid_findings_here` as Spark joins: the shards' uids (one row each, with its shard and
+    position) against the uid file's rows (:func:`uid_file_frame`)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from laiontools.contracts.uids import uid_file_frame
+
+    found = (spark.createDataFrame(rdd.map(lambda r: (r[0], r[1][2])), "shard int, uids array<string>")
+             .select("shard", F.posexplode("uids").alias("pos", "uid"))
+             .persist(StorageLevel.MEMORY_AND_DISK))
+    try:
+        file_rows = uid_file_frame(spark, uids.path)
+        res = _UidFindings()
+        for r in (found.join(file_rows.select("uid"), "uid", "left_anti").groupBy("shard")
+                  .agg(F.count(F.lit(1)).alias("n"), F.min(F.struct("pos", "uid")).alias("first")).collect()):
+            res.outside[int(r["shard"])] = (int(r["n"]), r["first"]["uid"])
+        res.repeated = int(found.groupBy("uid").count().where("count > 1").agg(F.sum(F.col("count") - 1)).first()[0] or 0)
+        a = file_rows.join(found.select("uid"), "uid", "left_anti").agg(
+            F.count(F.lit(1)).alias("n"), F.min(F.struct("idx", "uid")).alias("first")).first()
+        if a["n"]:
+            res.absent = (int(a["n"]), a["first"]["uid"])
+        return res
+    finally:
+        found.unpersist()
 
 
 def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = True, spark: Any | None = None) -> VerifyResult:
     """Check everything `path` names; problems are collected (never raised) so all are reported at once.
 
-    `spark`: read the shards (sha256, tar scan) in Spark tasks; the findings are the same as without it
-    (one check_shard for both paths; uid-set checks stay in the driver)."""
+    `spark`: read the shards (sha256, tar scan) in Spark tasks and check their uids against the uid file
+    (and the uid file against its parent's) as Spark joins; the driver streams the uid files once for
+    their sha256 and order and holds none of them. The findings are the same as without it (one
+    check_shard for both paths, the same checks across shards)."""
     from laiontools.contracts.schema import ManifestError
-    from laiontools.contracts.uids import contains, uids_to_array
 
     res = VerifyResult(manifest=path)
     try:
@@ -195,7 +326,7 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
         return res
     res.checked.append(f"manifest {path}: schema {m['schema_version']} ok")
     uid_path = resolve(path, m["uids"]["path"])
-    arr = _check_uid_file(uid_path, m["uids"]["sha256"], m["uids"]["count"], "uid file", res)
+    arr = _check_uid_file(uid_path, m["uids"]["sha256"], m["uids"]["count"], "uid file", res, load=spark is None)
     # Fault tests (kill points of a read-only run, each too short to hit by watching): after the uid
     # file, after each shard (check_shard), before the parent's nesting check.
     failpoints.pause("verify.uid-file")
@@ -207,35 +338,29 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
     # A pool's uid file lists exactly the samples of its shards (download writes the success uids), so a
     # pool is checked even with no shard listed; a subset without shards (not resharded) has none to check.
     if check_shards and (m["shards"] or m["kind"] == "pool"):
-        seen: list[np.ndarray] = []
         total = 0
         entries = [(resolve(path, s["path"]), s) for s in m["shards"]]
-        for sp, (bad, n_keys, good, size) in zip([e[0] for e in entries], _shard_checks(entries, spark) if entries else []):
+        checks, across = _shard_checks(entries, spark, arr) if entries else ([], None)
+        if across is None and arr is not None:  # no shard listed: every uid of the file is absent
+            across = _uid_findings_here(arr, []) if not isinstance(arr, _UidFile) else \
+                _UidFindings(absent=(arr.count, _first_uid(arr.path)) if arr.count else (0, None))
+        for i, (sp, (bad, n_keys, _, size)) in enumerate(zip([e[0] for e in entries], checks)):
             if bad is None:
                 res.problems.append(f"shard {sp}: missing")
                 continue
-            if arr is not None and good:
-                ua = uids_to_array(good)
-                outside = ~contains(arr, ua)
-                if outside.any():
-                    first = good[int(np.argmax(outside))]
-                    bad.append(f"{int(outside.sum())} sample uids not in the uid file (e.g. {first})")
-                seen.append(ua)
+            if across is not None and i in across.outside:
+                n_out, first = across.outside[i]
+                bad.append(f"{n_out} sample uids not in the uid file (e.g. {first})")
             total += n_keys
             if bad:
                 res.problems.append(f"shard {sp}: " + "; ".join(bad))
             else:
                 res.checked.append(f"shard {sp}: {n_keys} samples, {size} bytes, sha256 ok")
-        if arr is not None:
-            found = np.concatenate(seen) if seen else arr[:0]
-            uniq = np.unique(found)
-            if len(uniq) != len(found):
-                res.problems.append(f"{len(found) - len(uniq)} uids appear in more than one sample across the shards")
-            absent = ~contains(uniq, arr)
-            if absent.any():
-                first = arr[int(np.argmax(absent))]
-                res.problems.append(f"{int(absent.sum())} uids of the uid file {uid_path} are in no shard "
-                                    f"(e.g. {int(first['hi']):016x}{int(first['lo']):016x})")
+        if across is not None:
+            if across.repeated:
+                res.problems.append(f"{across.repeated} uids appear in more than one sample across the shards")
+            if across.absent[0]:
+                res.problems.append(f"{across.absent[0]} uids of the uid file {uid_path} are in no shard (e.g. {across.absent[1]})")
         if m["kind"] == "subset" and total != m["num_samples"]:
             res.problems.append(f"shards hold {total} samples, manifest num_samples is {m['num_samples']}")
 
@@ -260,16 +385,40 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
                     res.problems.append(str(e))
                     pm = None
                 if pm is not None:
-                    parr = _check_uid_file(resolve(pp, pm["uids"]["path"]), pm["uids"]["sha256"], pm["uids"]["count"], "parent uid file", res)
+                    parr = _check_uid_file(resolve(pp, pm["uids"]["path"]), pm["uids"]["sha256"], pm["uids"]["count"],
+                                           "parent uid file", res, load=spark is None)
                     if parr is not None and arr is not None:
-                        outside = int((~contains(parr, arr)).sum())
+                        n, outside = _not_nested(spark, arr, parr)
                         if outside:
-                            res.problems.append(f"nesting: {outside} of {len(arr)} uids are not in parent {pp}")
+                            res.problems.append(f"nesting: {outside} of {n} uids are not in parent {pp}")
                         else:
-                            res.checked.append(f"nesting: all {len(arr)} uids are in parent {pp}")
+                            res.checked.append(f"nesting: all {n} uids are in parent {pp}")
     if m.get("takedown"):
         _check_takedown_audit(path, res)
     return res
+
+
+def _first_uid(path: str) -> str:
+    from laiontools.contracts.uids import UID_DTYPE, uid_file_layout
+
+    offset, _ = uid_file_layout(path)
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        f.seek(offset)
+        u = np.frombuffer(f.read(UID_DTYPE.itemsize), dtype=UID_DTYPE)[0]
+    return f"{int(u['hi']):016x}{int(u['lo']):016x}"
+
+
+def _not_nested(spark: Any, arr: np.ndarray | _UidFile, parr: np.ndarray | _UidFile) -> tuple[int, int]:
+    """(uids in the child's file, how many of them its parent's file lacks): in this process, or as a
+    Spark join of the two files read by tasks when both were streamed."""
+    from laiontools.contracts.uids import as_sorted_set, contains, load_uids, uid_file_frame
+
+    if isinstance(arr, _UidFile) and isinstance(parr, _UidFile):
+        outside = uid_file_frame(spark, arr.path).join(uid_file_frame(spark, parr.path), "uid", "left_anti").count()
+        return arr.count, int(outside)
+    a, pa_ = (np.asarray(load_uids(x.path)) if isinstance(x, _UidFile) else x for x in (arr, parr))
+    return len(a), int((~contains(as_sorted_set(pa_), a)).sum())
 
 
 def _check_takedown_audit(path: str, res: VerifyResult) -> None:
