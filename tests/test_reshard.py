@@ -432,6 +432,28 @@ def test_catalog_spans_and_the_tar_index_give_the_same_shards(spark, subset, res
     _same_output(resharded, str(tmp_path / "b"))
 
 
+def test_a_subset_too_large_for_a_membership_udf_is_planned_by_a_join(spark, subset, resharded, tmp_path, monkeypatch):
+    """Above MEMBER_UDF_MAX_UIDS reshard's Spark plan picks the subset's rows out of the catalog by a left
+    semi join with the subset's uid file read by Spark tasks (4 uids each here), not by a UDF that loads
+    the file into every worker (a 400M subset's is 6.4 GB): the same shards, byte for byte."""
+    from laiontools.contracts import uids as uids_mod
+
+    monkeypatch.setattr(uids_mod, "MEMBER_UDF_MAX_UIDS", 0)
+    monkeypatch.setattr(uids_mod, "UID_ROWS_PER_TASK", 4)
+    plans = []
+
+    def keep_members(df, col, path):
+        out = uids_mod.keep_members(df, col, path)
+        plans.append(out._jdf.queryExecution().optimizedPlan().toString())
+        return out
+
+    monkeypatch.setattr(reshard_stage, "keep_members", keep_members)
+    a = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "a"), shard_size=8, spark_above=0), spark).details
+    assert a["engine"].startswith("spark ") and len(plans) == 1
+    assert "LeftSemi" in plans[0] and "member" not in plans[0], plans[0]
+    _same_output(resharded, str(tmp_path / "a"))
+
+
 def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_path, monkeypatch):
     """Below --spark-above with no master named, the plan and the write run in this process: the same
     shards and manifest, byte for byte, as on Spark, for the large subset and for a scattered half;

@@ -265,6 +265,43 @@ def test_dedup_exclusion_and_dedup_from_another_pool(spark, scratch, tmp_path):
         subsets_stage.run(_cfg(scratch, tmp_path / "o4", scales="5", exclude=[d3]), spark)
 
 
+def test_an_exclusion_list_too_large_for_a_membership_udf_is_joined(spark, scratch, tmp_path, monkeypatch):
+    """Above MEMBER_UDF_MAX_UIDS an exclusion list is matched to the catalog by a join with the file read
+    by Spark tasks (no worker loads it whole): the same subsets, funnel and manifest counts as the UDF
+    path, for a list written by dedup and for a bare file listing a uid twice (one catalog row each)."""
+    import numpy as np
+
+    from laiontools.contracts import uids as uids_mod
+    from laiontools.contracts.uids import uids_to_array
+
+    samples = sorted(u for u, r in pool_samples(scratch).items() if r[C.SHARD] != "00004")
+    excluded = samples[::4]
+    d = str(tmp_path / "dedup")
+    _write_dedup(d, excluded, read_manifest(scratch)["source"]["fingerprint"])
+    loose = str(tmp_path / "loose.uids.npy")
+    np.save(loose, uids_to_array(excluded[::-1] + excluded[:1]))
+    runs = {}
+    for how in ("udf", "join"):
+        if how == "join":
+            monkeypatch.setattr(uids_mod, "MEMBER_UDF_MAX_UIDS", 0)
+            monkeypatch.setattr(uids_mod, "UID_ROWS_PER_TASK", 4)
+        for name, ex in (("dedup", d), ("loose", loose)):
+            res = subsets_stage.run(_cfg(scratch, tmp_path / f"{how}-{name}", scales=f"{60 - len(excluded)},10", exclude=[ex]), spark).details
+            runs[how, name] = [(open(r["manifest"].replace("manifest.json", "uids.npy"), "rb").read(),
+                                read_manifest(r["manifest"])["selection"]["funnel"]) for r in res]
+    for name in ("dedup", "loose"):
+        assert runs["join", name] == runs["udf", name], name
+        assert _uids_of_bytes(runs["join", name][0][0]) == set(samples) - set(excluded)
+
+
+def _uids_of_bytes(raw: bytes) -> set[str]:
+    import io
+
+    import numpy as np
+
+    return set(array_to_uids(np.load(io.BytesIO(raw))))
+
+
 def test_short_subset_error_and_allow_short(spark, scratch, tmp_path):
     with pytest.raises(SubsetError, match=r"1000: requested 1,000, available 60"):
         subsets_stage.run(_cfg(scratch, tmp_path / "a", scales="10,1000"), spark)

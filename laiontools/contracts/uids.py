@@ -486,6 +486,46 @@ def member_column(col: Any, path: str, arrow: bool | None = None) -> Any:
     return F.pandas_udf(lambda s: member_series(s, path), T.BooleanType())(col)
 
 
+# Above this many uids, membership in a uid file is not tested by a UDF that loads the whole file into
+# every Spark worker process (member_column: 16 bytes a uid plus its hash index, in each of a node's
+# ~16 Python workers; a 400M subset's file is 6.4 GB, a 2B pool's 32 GB): the rows are matched by a
+# join with the file read by tasks (uid_file_frame), which holds no file anywhere whole.
+MEMBER_UDF_MAX_UIDS = 1 << 24
+
+
+def _frame_for_membership(df: Any, col: str, path: str) -> Any | None:
+    """The uid file's rows as a one-column frame named `col` when it is too large for member_column."""
+    from pyspark.sql import functions as F
+
+    _, count = uid_file_layout(path)
+    if count <= MEMBER_UDF_MAX_UIDS:
+        return None
+    return uid_file_frame(df.sparkSession, path).select(F.col("uid").alias(col))
+
+
+def keep_members(df: Any, col: str, path: str) -> Any:
+    """The rows of `df` whose hex uid column `col` is in the uid file at `path` (reshard's plan: the
+    subset's uids among the pool's catalog rows): a member_column filter for a file of up to
+    :data:`MEMBER_UDF_MAX_UIDS` uids, a left semi join above. The same rows either way (tests)."""
+    from pyspark.sql import functions as F
+
+    frame = _frame_for_membership(df, col, path)
+    return df.filter(member_column(F.col(col), path)) if frame is None else df.join(frame, col, "left_semi")
+
+
+def with_member_flag(df: Any, col: str, path: str, name: str) -> Any:
+    """`df` with a boolean column `name`: whether its hex uid `col` is in the uid file at `path`
+    (subsets' exclusion lists), as :func:`keep_members` decides how."""
+    from pyspark.sql import functions as F
+
+    frame = _frame_for_membership(df, col, path)
+    if frame is None:
+        return df.withColumn(name, member_column(F.col(col), path))
+    # (an exclusion file from elsewhere may list a uid twice: one row per uid, so no catalog row is doubled)
+    flags = frame.distinct().withColumn(name, F.lit(True))
+    return df.join(flags, col, "left").withColumn(name, F.coalesce(F.col(name), F.lit(False)))
+
+
 class UidSet:
     """A sorted, unique uid array with a fast membership test for many queries.
 

@@ -78,7 +78,7 @@ from laiontools.contracts.manifest import (
 )
 from laiontools.contracts.pool import abs_path, load_pool
 from laiontools.contracts.selection import parse_seed, score_series
-from laiontools.contracts.uids import member_column
+from laiontools.contracts.uids import keep_members
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, TaskError, UserError, task_error, task_errors_as
 from laiontools.core.report import table
@@ -953,9 +953,8 @@ def _run_spark(
     span_cols += [F.col(C.TAR_SHA256).alias("_tsha")] if has_sha else []
     shuffle = F.pandas_udf(lambda s: score_series(s, seed, person=SHUFFLE_PERSON), T.LongType())
     rows = (
-        cat.filter(F.col(C.STATUS) == C.STATUS_SUCCESS)
+        keep_members(cat.filter(F.col(C.STATUS) == C.STATUS_SUCCESS), C.UID, uid_path)
         .withColumn("_sid", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))
-        .filter(member_column(F.col(C.UID), uid_path))
         # One row per uid even if the catalog lists a sample twice: the smallest (shard, key) wins.
         .groupBy(C.UID)
         .agg(F.min(F.struct("_sid", C.KEY, *span_cols)).alias("s"))

@@ -55,7 +55,7 @@ from laiontools.contracts.manifest import (
 )
 from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
 from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
-from laiontools.contracts.uids import UID_DTYPE, member_column, save_uids_spark
+from laiontools.contracts.uids import UID_DTYPE, save_uids_spark, with_member_flag
 from laiontools.core.config import ConfigError, changed_settings
 from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
@@ -735,7 +735,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
             log.warning("--scores given without --min-clip-score: scores used only to leave out samples embed could not decode")
         cat = cat.join(sdf, on=C.UID, how="left")
     for i, ex in enumerate(exclusions):
-        cat = cat.withColumn(f"_excluded_{i}", member_column(F.col(C.UID), ex.path))
+        cat = with_member_flag(cat, C.UID, ex.path, f"_excluded_{i}")
 
     steps = _filter_steps(cfg, scores_record is not None, exclusions)
     # Funnel in one pass: removed by step k = passed steps 1..k-1 and failed step k.
