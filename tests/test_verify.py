@@ -172,11 +172,14 @@ def _shard_uids(path: str) -> list[str]:
         return [json.loads(tf.extractfile(ti).read())["uid"] for ti in tf.getmembers() if ti.name.endswith(".json")]
 
 
-def test_uid_checks_across_shards_find_the_same_on_spark(chain, spark, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["joins", "driver"])
+def test_uid_checks_across_shards_find_the_same_on_spark(chain, spark, tmp_path, monkeypatch, how):
     """The checks of the shards' uids against the uid file (none outside it, none twice, none of it in no
-    shard), made in process and as Spark joins of the shards' uids with the uid file read by tasks in
-    several pieces (4 uids each here) and streamed by the driver in pieces of 4 uids: the same findings,
-    each the one planted (counts and first uids computed here from the tars, not by verify)."""
+    shard) and against the parent's, made in process and with the shards read on Spark: there, above
+    SPARK_JOIN_ABOVE_UIDS (forced here), as Spark joins with the uid files read by tasks in pieces of 4
+    uids; up to it, in the driver from the tasks' packed uids. Both stream the uid files (pieces of 4
+    uids). The same findings every way, each the one planted (counts and first uids computed here from
+    the tars, not by verify)."""
     from laiontools.contracts import uids as uids_mod
     from laiontools.contracts.uids import save_uids
     from laiontools.core.storage import sha256_file
@@ -184,6 +187,10 @@ def test_uid_checks_across_shards_find_the_same_on_spark(chain, spark, tmp_path,
 
     monkeypatch.setattr(uids_mod, "UID_ROWS_PER_TASK", 4)
     monkeypatch.setattr(verify_mod, "UID_SCAN_BYTES", 64)
+    if how == "joins":
+        monkeypatch.setattr(verify_mod, "SPARK_JOIN_ABOVE_UIDS", 0)
+    joins, frame = [], uids_mod.uid_file_frame
+    monkeypatch.setattr(uids_mod, "uid_file_frame", lambda *a: joins.append(a[1]) or frame(*a))  # the files read by tasks
     m, uid_path = _resharded_on_copied_subset(chain, tmp_path)
     root = os.path.dirname(m)
     doc = read_manifest(m)
@@ -207,6 +214,9 @@ def test_uid_checks_across_shards_find_the_same_on_spark(chain, spark, tmp_path,
 
     local, on_spark = verify_manifest(m), verify_manifest(m, spark=spark)
     assert (on_spark.problems, on_spark.checked) == (local.problems, local.checked)
+    pp = resolve(m, doc["parent"]["path"])
+    parent_uids = resolve(pp, read_manifest(pp)["uids"]["path"])
+    assert joins == ([uid_path, uid_path, parent_uids] if how == "joins" else [])
     sp = [os.path.join(root, s["path"]) for s in doc["shards"]]
     want = [
         f"shard {sp[1]}: 1 sample uids not in the uid file (e.g. {dropped[0]})",

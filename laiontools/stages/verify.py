@@ -234,47 +234,64 @@ class _UidFindings:
     absent: tuple[int, str | None] = (0, None)
 
 
+# Above this many uids in the uid file, verify on Spark checks the shards' uids against it by joins on
+# the executors (the driver holds none of them); up to it, the tasks send each shard's uids to the driver
+# packed (16 bytes each: 256 MB at this size) and the driver checks them as in process, which costs no
+# Spark job (the joins' fixed cost is seconds, the whole verify of a small manifest's).
+SPARK_JOIN_ABOVE_UIDS = 1 << 24
+
+
 def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None,
                   uids: np.ndarray | _UidFile | None) -> tuple[list[tuple[list[str] | None, int, list[str], int]], _UidFindings | None]:
-    """check_shard for every (path, entry), in order, and the uid checks across shards (None without a
-    readable uid file): in this process, or on Spark, where the uid checks are joins of the shards'
-    uids with the uid file read by tasks, so that no uid passes through the driver (a 2B pool's would be
-    ~32 GB there as numbers, several times that as strings). The findings are the same either way."""
+    """check_shard for every (path, entry), in order (the uids each found left out), and the uid checks
+    across shards (None without a readable uid file): in this process, or with the shards read on
+    Spark; there, above SPARK_JOIN_ABOVE_UIDS, the uid checks are joins of the shards' uids with the
+    uid file read by tasks, so that no uid passes through the driver (a 2B pool's would be 32 GB as
+    numbers, several times that as strings). The findings are the same every way."""
+    from laiontools.contracts.uids import UID_DTYPE, load_uids, uids_to_array
+
     if spark is None:
         checks = [check_shard(sp, e) for sp, e in entries]
-        return checks, (_uid_findings_here(uids, checks) if uids is not None else None)
-    from pyspark import StorageLevel
+        found = [uids_to_array(c[2]) for c in checks]
+    else:
+        from pyspark import StorageLevel
 
-    n = max(1, min(len(entries), spark.sparkContext.defaultParallelism * 4))
-    rdd = spark.sparkContext.parallelize(list(enumerate(entries)), n).map(lambda ie: (ie[0], check_shard(*ie[1])))
-    if not isinstance(uids, _UidFile):  # no uid file to join with, or one only the whole-file reader could read
-        out = dict(rdd.collect())
-        checks = [out[i] for i in range(len(entries))]
-        return checks, (_uid_findings_here(uids, checks) if uids is not None else None)
-    rdd = rdd.persist(StorageLevel.MEMORY_AND_DISK)  # each shard read once, for its findings and its uids
-    try:
-        out = dict(rdd.map(lambda r: (r[0], (r[1][0], r[1][1], [], r[1][3]))).collect())
-        return [out[i] for i in range(len(entries))], _uid_findings_spark(spark, rdd, uids)
-    finally:
-        rdd.unpersist()
+        n = max(1, min(len(entries), spark.sparkContext.defaultParallelism * 4))
+        rdd = spark.sparkContext.parallelize(list(enumerate(entries)), n).map(lambda ie: (ie[0], check_shard(*ie[1])))
+        if isinstance(uids, _UidFile) and uids.count > SPARK_JOIN_ABOVE_UIDS:
+            rdd = rdd.persist(StorageLevel.MEMORY_AND_DISK)  # each shard read once, for its findings and its uids
+            try:
+                out = dict(rdd.map(lambda r: (r[0], (r[1][0], r[1][1], [], r[1][3]))).collect())
+                return [out[i] for i in range(len(entries))], _uid_findings_spark(spark, rdd, uids)
+            finally:
+                rdd.unpersist()
+        out = dict(rdd.map(lambda r: (r[0], (r[1][0], r[1][1], uids_to_array(r[1][2]).tobytes(), r[1][3]))).collect())
+        checks = [(b, k, [], size) for b, k, _, size in (out[i] for i in range(len(entries)))]
+        found = [np.frombuffer(out[i][2], dtype=UID_DTYPE) for i in range(len(entries))]
+    if uids is None:
+        return checks, None
+    arr = np.asarray(load_uids(uids.path)) if isinstance(uids, _UidFile) else uids
+    return checks, _uid_findings_here(arr, [f if c[0] is not None else None for f, c in zip(found, checks)])
 
 
-def _uid_findings_here(arr: np.ndarray, checks: list[tuple[list[str] | None, int, list[str], int]]) -> _UidFindings:
-    from laiontools.contracts.uids import as_sorted_set, contains, uids_to_array
+def _uid_findings_here(arr: np.ndarray, found: list[np.ndarray | None]) -> _UidFindings:
+    """The checks across shards in this process: `arr` the uid file's uids, `found` each shard's (None:
+    the shard is missing)."""
+    from laiontools.contracts.uids import as_sorted_set, contains
 
     res, seen = _UidFindings(), []
     members = as_sorted_set(arr)  # (a file that is not sorted is a finding of its own; membership stays exact)
-    for i, (bad, _, good, _) in enumerate(checks):
-        if bad is None or not good:
+    for i, ua in enumerate(found):
+        if ua is None or not len(ua):
             continue
-        ua = uids_to_array(good)
         outside = ~contains(members, ua)
         if outside.any():
-            res.outside[i] = (int(outside.sum()), good[int(np.argmax(outside))])
+            first = ua[int(np.argmax(outside))]
+            res.outside[i] = (int(outside.sum()), f"{int(first['hi']):016x}{int(first['lo']):016x}")
         seen.append(ua)
-    found = np.concatenate(seen) if seen else arr[:0]
-    uniq = np.unique(found)
-    res.repeated = len(found) - len(uniq)
+    found_all = np.concatenate(seen) if seen else arr[:0]
+    uniq = np.unique(found_all)
+    res.repeated = len(found_all) - len(uniq)
     absent = ~contains(uniq, arr)
     if absent.any():
         first = arr[int(np.argmax(absent))]
@@ -289,7 +306,9 @@ def _uid_findings_spark(spark: Any, rdd: Any, uids: _UidFile) -> _UidFindings:
     from pyspark.sql import functions as F
 
     from laiontools.contracts.uids import uid_file_frame
+    from laiontools.core.spark import shuffle_partitions
 
+    shuffle_partitions(spark, rows=uids.count)
     found = (spark.createDataFrame(rdd.map(lambda r: (r[0], r[1][2])), "shard int, uids array<string>")
              .select("shard", F.posexplode("uids").alias("pos", "uid"))
              .persist(StorageLevel.MEMORY_AND_DISK))
@@ -342,8 +361,7 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
         entries = [(resolve(path, s["path"]), s) for s in m["shards"]]
         checks, across = _shard_checks(entries, spark, arr) if entries else ([], None)
         if across is None and arr is not None:  # no shard listed: every uid of the file is absent
-            across = _uid_findings_here(arr, []) if not isinstance(arr, _UidFile) else \
-                _UidFindings(absent=(arr.count, _first_uid(arr.path)) if arr.count else (0, None))
+            across = _UidFindings(absent=(_uid_count(arr), _first_uid(arr)) if _uid_count(arr) else (0, None))
         for i, (sp, (bad, n_keys, _, size)) in enumerate(zip([e[0] for e in entries], checks)):
             if bad is None:
                 res.problems.append(f"shard {sp}: missing")
@@ -398,23 +416,32 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
     return res
 
 
-def _first_uid(path: str) -> str:
+def _uid_count(uids: np.ndarray | _UidFile) -> int:
+    return uids.count if isinstance(uids, _UidFile) else len(uids)
+
+
+def _first_uid(uids: np.ndarray | _UidFile) -> str:
+    """The uid file's first uid, as 32 hex chars (read alone from a streamed file)."""
     from laiontools.contracts.uids import UID_DTYPE, uid_file_layout
 
-    offset, _ = uid_file_layout(path)
-    fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        f.seek(offset)
-        u = np.frombuffer(f.read(UID_DTYPE.itemsize), dtype=UID_DTYPE)[0]
-    return f"{int(u['hi']):016x}{int(u['lo']):016x}"
+    if isinstance(uids, _UidFile):
+        offset, _ = uid_file_layout(uids.path)
+        fs, p = url_to_fs(uids.path)
+        with fs.open(p, "rb") as f:
+            f.seek(offset)
+            uids = np.frombuffer(f.read(UID_DTYPE.itemsize), dtype=UID_DTYPE)
+    return f"{int(uids[0]['hi']):016x}{int(uids[0]['lo']):016x}"
 
 
 def _not_nested(spark: Any, arr: np.ndarray | _UidFile, parr: np.ndarray | _UidFile) -> tuple[int, int]:
-    """(uids in the child's file, how many of them its parent's file lacks): in this process, or as a
-    Spark join of the two files read by tasks when both were streamed."""
+    """(uids in the child's file, how many of them its parent's file lacks): in this process, or, above
+    SPARK_JOIN_ABOVE_UIDS, as a Spark join of the two files read by tasks (both were streamed)."""
     from laiontools.contracts.uids import as_sorted_set, contains, load_uids, uid_file_frame
 
-    if isinstance(arr, _UidFile) and isinstance(parr, _UidFile):
+    if isinstance(arr, _UidFile) and isinstance(parr, _UidFile) and max(arr.count, parr.count) > SPARK_JOIN_ABOVE_UIDS:
+        from laiontools.core.spark import shuffle_partitions
+
+        shuffle_partitions(spark, rows=arr.count + parr.count)
         outside = uid_file_frame(spark, arr.path).join(uid_file_frame(spark, parr.path), "uid", "left_anti").count()
         return arr.count, int(outside)
     a, pa_ = (np.asarray(load_uids(x.path)) if isinstance(x, _UidFile) else x for x in (arr, parr))
