@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -287,7 +288,7 @@ def test_an_exclusion_list_too_large_for_a_membership_udf_is_joined(spark, scrat
             monkeypatch.setattr(uids_mod, "UID_ROWS_PER_TASK", 4)
         for name, ex in (("dedup", d), ("loose", loose)):
             res = subsets_stage.run(_cfg(scratch, tmp_path / f"{how}-{name}", scales=f"{60 - len(excluded)},10", exclude=[ex]), spark).details
-            runs[how, name] = [(open(r["manifest"].replace("manifest.json", "uids.npy"), "rb").read(),
+            runs[how, name] = [(Path(r["manifest"].replace("manifest.json", "uids.npy")).read_bytes(),
                                 read_manifest(r["manifest"])["selection"]["funnel"]) for r in res]
     for name in ("dedup", "loose"):
         assert runs["join", name] == runs["udf", name], name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,14 +194,14 @@ def test_uid_file_frame_reads_the_file_in_pieces_on_spark(spark, tmp_path):
     want = sorted({f"{rng.getrandbits(128):032x}" for _ in range(20)} | {"f" * 32, "0" * 32})
     path = str(tmp_path / "u.npy")
     save_uids(path, want)
-    raw = open(path, "rb").read()
+    raw = Path(path).read_bytes()
     offset, count = uid_file_layout(path)
     assert count == len(want) and len(raw) - offset == 16 * count and raw[offset:] == load_uids(path).tobytes()
     assert hex_arrow(load_uids(path)).to_pylist() == want
     df = uid_file_frame(spark, path, rows_per_task=3)
     assert df.rdd.getNumPartitions() == -(-len(want) // 3)
     assert [(r["idx"], r["uid"]) for r in df.orderBy("idx").collect()] == list(enumerate(want))
-    open(path, "wb").write(raw[:-8])  # a uid cut in half
+    Path(path).write_bytes(raw[:-8])  # a uid cut in half
     with pytest.raises(ValueError, match=r"holds 344 bytes of uids, its header says 22 uids \(352 bytes\)"):
         uid_file_layout(path)
 
@@ -220,8 +221,8 @@ def test_a_streamed_uid_file_check_finds_what_the_loaded_one_finds(tmp_path, mon
         path = str(tmp_path / f"{name}.npy")
         arr = np.zeros(len(uids), dtype=UID_DTYPE)
         arr["lo"] = [int(u, 16) for u in uids]
-        open(path, "wb").write(npy_header(len(arr)) + arr.tobytes())  # as written, not sorted by save_uids
-        sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        Path(path).write_bytes(npy_header(len(arr)) + arr.tobytes())  # as written, not sorted by save_uids
+        sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         for s in (sha, "0" * 64):
             loaded, streamed = VerifyResult(manifest="m"), VerifyResult(manifest="m")
             got = _check_uid_file(path, s, len(uids), "uid file", loaded)
@@ -230,7 +231,7 @@ def test_a_streamed_uid_file_check_finds_what_the_loaded_one_finds(tmp_path, mon
             assert (streamed.problems, streamed.checked) == (loaded.problems, loaded.checked), name
             assert any("not sorted and unique" in p for p in loaded.problems) == (name != "sound"), (name, loaded.problems)
     cut = str(tmp_path / "cut.npy")
-    open(cut, "wb").write(open(str(tmp_path / "sound.npy"), "rb").read()[:-8])
+    Path(cut).write_bytes((tmp_path / "sound.npy").read_bytes()[:-8])
     loaded, streamed = VerifyResult(manifest="m"), VerifyResult(manifest="m")
     assert _check_uid_file(cut, "0" * 64, 7, "uid file", loaded) is None
     assert _check_uid_file(cut, "0" * 64, 7, "uid file", streamed, load=False) is None

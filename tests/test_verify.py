@@ -221,15 +221,15 @@ def test_uid_checks_across_shards_find_the_same_on_spark(chain, spark, tmp_path,
     want = [
         f"shard {sp[1]}: 1 sample uids not in the uid file (e.g. {dropped[0]})",
         f"shard {sp[2]}: 1 sample uids not in the uid file (e.g. {dropped[1]})",
-        f"shard {sp[-1]}: 1 samples whose .json uid is not a uid of 32 lowercase hex chars (e.g. a: {odd!r}); "
-        f"1 sample uids not in the uid file (e.g. {outside})",
+        (f"shard {sp[-1]}: 1 samples whose .json uid is not a uid of 32 lowercase hex chars (e.g. a: {odd!r}); "
+         f"1 sample uids not in the uid file (e.g. {outside})"),
         f"{len(per_shard[0])} uids appear in more than one sample across the shards",
         f"3 uids of the uid file {uid_path} are in no shard (e.g. {_uid(1)})",
     ]
     n = len(file_uids)
     assert local.problems == [f"manifest {m}: num_samples {doc['num_samples']} but the uid file count is {n}", *want,
-                              f"shards hold {doc['num_samples'] + len(per_shard[0]) + 2} samples, manifest num_samples is "
-                              f"{doc['num_samples']}",
+                              (f"shards hold {doc['num_samples'] + len(per_shard[0]) + 2} samples, manifest num_samples is "
+                               f"{doc['num_samples']}"),
                               # (the parent's uid file, read the same way, lacks the planted uids)
                               f"nesting: 3 of {n} uids are not in parent {resolve(m, doc['parent']['path'])}"], local.problems
 
