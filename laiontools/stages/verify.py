@@ -331,10 +331,11 @@ def _uid_findings_spark(spark: Any, rdd: Any, uids: _UidFile) -> _UidFindings:
 def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = True, spark: Any | None = None) -> VerifyResult:
     """Check everything `path` names; problems are collected (never raised) so all are reported at once.
 
-    `spark`: read the shards (sha256, tar scan) in Spark tasks and check their uids against the uid file
-    (and the uid file against its parent's) as Spark joins; the driver streams the uid files once for
-    their sha256 and order and holds none of them. The findings are the same as without it (one
-    check_shard for both paths, the same checks across shards)."""
+    `spark`: read the shards (sha256, tar scan) in Spark tasks; the driver streams the uid files once
+    for their sha256 and order. Above SPARK_JOIN_ABOVE_UIDS the shards' uids are checked against the
+    uid file (and it against its parent's) by Spark joins, and the driver holds none of them; below,
+    the tasks send them packed and the driver checks them. The findings are the same as without
+    Spark (one check_shard for both paths, the same checks across shards)."""
     from laiontools.contracts.schema import ManifestError
 
     res = VerifyResult(manifest=path)
