@@ -201,6 +201,8 @@ def test_uid_file_frame_reads_the_file_in_pieces_on_spark(spark, tmp_path):
     df = uid_file_frame(spark, path, rows_per_task=3)
     assert df.rdd.getNumPartitions() == -(-len(want) // 3)
     assert [(r["idx"], r["uid"]) for r in df.orderBy("idx").collect()] == list(enumerate(want))
+    keys = uid_file_frame(spark, path, rows_per_task=3, binary=True)  # the same uids as 16 big-endian bytes
+    assert [(r["idx"], bytes(r["uid"])) for r in keys.orderBy("idx").collect()] == [(i, bytes.fromhex(u)) for i, u in enumerate(want)]
     Path(path).write_bytes(raw[:-8])  # a uid cut in half
     with pytest.raises(ValueError, match=r"holds 344 bytes of uids, its header says 22 uids \(352 bytes\)"):
         uid_file_layout(path)

@@ -190,7 +190,7 @@ def test_uid_checks_across_shards_find_the_same_on_spark(chain, spark, tmp_path,
     if how == "joins":
         monkeypatch.setattr(verify_mod, "SPARK_JOIN_ABOVE_UIDS", 0)
     joins, frame = [], uids_mod.uid_file_frame
-    monkeypatch.setattr(uids_mod, "uid_file_frame", lambda *a: joins.append(a[1]) or frame(*a))  # the files read by tasks
+    monkeypatch.setattr(uids_mod, "uid_file_frame", lambda *a, **k: joins.append(a[1]) or frame(*a, **k))  # the files read by tasks
     m, uid_path = _resharded_on_copied_subset(chain, tmp_path)
     root = os.path.dirname(m)
     doc = read_manifest(m)

@@ -401,25 +401,46 @@ def hex_arrow(arr: np.ndarray) -> Any:
 
     import pyarrow as pa
 
+    return _fixed_width_arrow(binascii.hexlify(uid_keys(arr)), 32, pa.string(), pa.large_string())
+
+
+def uid_keys(arr: np.ndarray) -> bytes:
+    """``UID_DTYPE`` array -> its uids as 16 big-endian bytes each, concatenated (byte order is uid
+    order, and the hex of a key is the uid's hex)."""
     be = np.empty((len(arr), 2), dtype=">u8")
     be[:, 0], be[:, 1] = arr["hi"], arr["lo"]
-    data = binascii.hexlify(be.tobytes())
-    large = 32 * len(arr) >= 1 << 31  # string offsets are int32
-    offsets = np.arange(0, 32 * (len(arr) + 1), 32, dtype=np.int64 if large else np.int32)
-    return pa.Array.from_buffers(pa.large_string() if large else pa.string(), len(arr),
-                                 [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
+    return be.tobytes()
+
+
+def binary_arrow(keys: bytes) -> Any:
+    """16-byte uid keys, concatenated (:func:`uid_keys`) -> Arrow binary array, one value per uid."""
+    import pyarrow as pa
+
+    return _fixed_width_arrow(keys, 16, pa.binary(), pa.large_binary())
+
+
+def _fixed_width_arrow(data: bytes, width: int, small: Any, large: Any) -> Any:
+    """Arrow array of the `width`-byte values that `data` holds back to back, built on its buffer."""
+    import pyarrow as pa
+
+    n = len(data) // width
+    wide = width * n >= 1 << 31  # offsets of string and binary arrays are int32
+    offsets = np.arange(0, width * (n + 1), width, dtype=np.int64 if wide else np.int32)
+    return pa.Array.from_buffers(large if wide else small, n, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
 
 
 # Rows of a uid file one Spark task reads (16 MB; 32 MB of hex strings): 2,000 tasks for a 2B pool's.
 UID_ROWS_PER_TASK = 1 << 20
 
 
-def uid_file_frame(spark: Any, path: str, rows_per_task: int | None = None) -> Any:
+def uid_file_frame(spark: Any, path: str, rows_per_task: int | None = None, binary: bool = False) -> Any:
     """Spark DataFrame (idx long, uid string) of the uid file at `path`: its position in the file and
     the uid as 32 hex chars, read by Spark tasks, each a range of `rows_per_task` rows (default
     :data:`UID_ROWS_PER_TASK`; the executors
     read `path` as they read shards: it must be where they can reach it). Nothing of the file passes
-    through the driver, which reads only the header (:func:`uid_file_layout`)."""
+    through the driver, which reads only the header (:func:`uid_file_layout`). `binary`: the uid as
+    its 16 big-endian bytes instead (:func:`uid_keys`): half the bytes to shuffle in a join of uids
+    with uids; a join with a catalog's hex uid column needs the strings."""
     offset, count = uid_file_layout(path)
     rows_per_task = rows_per_task or UID_ROWS_PER_TASK
     tasks = max(1, -(-count // rows_per_task))
@@ -439,10 +460,10 @@ def uid_file_frame(spark: Any, path: str, rows_per_task: int | None = None) -> A
                     if len(raw) != (hi - lo) * UID_DTYPE.itemsize:
                         raise ValueError(f"{path}: uid file ends at uid {lo + len(raw) // UID_DTYPE.itemsize}, its header says {count} uids")
                     arr = np.frombuffer(raw, dtype=UID_DTYPE)
-                    yield pa.RecordBatch.from_arrays([pa.array(np.arange(lo, hi, dtype=np.int64)), hex_arrow(arr)],
-                                                     ["idx", "uid"])
+                    uid = binary_arrow(uid_keys(arr)) if binary else hex_arrow(arr)
+                    yield pa.RecordBatch.from_arrays([pa.array(np.arange(lo, hi, dtype=np.int64)), uid], ["idx", "uid"])
 
-    return spark.range(0, tasks, 1, tasks).mapInArrow(read, "idx long, uid string")
+    return spark.range(0, tasks, 1, tasks).mapInArrow(read, f"idx long, uid {'binary' if binary else 'string'}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -309,23 +309,38 @@ def _uid_findings_spark(spark: Any, rdd: Any, uids: _UidFile) -> _UidFindings:
     from laiontools.core.spark import shuffle_partitions
 
     shuffle_partitions(spark, rows=uids.count)
-    found = (spark.createDataFrame(rdd.map(lambda r: (r[0], r[1][2])), "shard int, uids array<string>")
-             .select("shard", F.posexplode("uids").alias("pos", "uid"))
+    # One row per uid found, as its 16 big-endian bytes (half the shuffle of its hex), made on Arrow from
+    # each shard's packed keys: (shard, position among the shard's uids, uid).
+    keys = rdd.map(lambda r: (r[0], bytes.fromhex("".join(r[1][2]))))
+    found = (spark.createDataFrame(keys, "shard int, keys binary").mapInArrow(_explode_keys, "shard int, pos int, uid binary")
              .persist(StorageLevel.MEMORY_AND_DISK))
     try:
-        file_rows = uid_file_frame(spark, uids.path)
+        file_rows = uid_file_frame(spark, uids.path, binary=True)
         res = _UidFindings()
         for r in (found.join(file_rows.select("uid"), "uid", "left_anti").groupBy("shard")
                   .agg(F.count(F.lit(1)).alias("n"), F.min(F.struct("pos", "uid")).alias("first")).collect()):
-            res.outside[int(r["shard"])] = (int(r["n"]), r["first"]["uid"])
+            res.outside[int(r["shard"])] = (int(r["n"]), bytes(r["first"]["uid"]).hex())
         res.repeated = int(found.groupBy("uid").count().where("count > 1").agg(F.sum(F.col("count") - 1)).first()[0] or 0)
         a = file_rows.join(found.select("uid"), "uid", "left_anti").agg(
             F.count(F.lit(1)).alias("n"), F.min(F.struct("idx", "uid")).alias("first")).first()
         if a["n"]:
-            res.absent = (int(a["n"]), a["first"]["uid"])
+            res.absent = (int(a["n"]), bytes(a["first"]["uid"]).hex())
         return res
     finally:
         found.unpersist()
+
+
+def _explode_keys(batches: Any) -> Any:
+    """mapInArrow: rows (shard, its uids' packed 16-byte keys) -> one row per uid (shard, pos, uid)."""
+    import pyarrow as pa
+
+    from laiontools.contracts.uids import binary_arrow
+
+    for b in batches:
+        for shard, keys in zip(b.column("shard").to_pylist(), b.column("keys").to_pylist()):
+            n = len(keys) // 16
+            yield pa.RecordBatch.from_arrays([pa.array(np.full(n, shard, dtype=np.int32)), pa.array(np.arange(n, dtype=np.int32)),
+                                              binary_arrow(keys)], ["shard", "pos", "uid"])
 
 
 def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = True, spark: Any | None = None) -> VerifyResult:
@@ -443,7 +458,8 @@ def _not_nested(spark: Any, arr: np.ndarray | _UidFile, parr: np.ndarray | _UidF
         from laiontools.core.spark import shuffle_partitions
 
         shuffle_partitions(spark, rows=arr.count + parr.count)
-        outside = uid_file_frame(spark, arr.path).join(uid_file_frame(spark, parr.path), "uid", "left_anti").count()
+        outside = uid_file_frame(spark, arr.path, binary=True).join(uid_file_frame(spark, parr.path, binary=True), "uid",
+                                                                    "left_anti").count()
         return arr.count, int(outside)
     a, pa_ = (np.asarray(load_uids(x.path)) if isinstance(x, _UidFile) else x for x in (arr, parr))
     return len(a), int((~contains(as_sorted_set(pa_), a)).sum())
