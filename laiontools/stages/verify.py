@@ -277,7 +277,7 @@ def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None,
 def _uid_findings_here(arr: np.ndarray, found: list[np.ndarray | None]) -> _UidFindings:
     """The checks across shards in this process: `arr` the uid file's uids, `found` each shard's (None:
     the shard is missing)."""
-    from laiontools.contracts.uids import as_sorted_set, contains
+    from laiontools.contracts.uids import array_to_uids, as_sorted_set, contains
 
     res, seen = _UidFindings(), []
     members = as_sorted_set(arr)  # (a file that is not sorted is a finding of its own; membership stays exact)
@@ -286,16 +286,16 @@ def _uid_findings_here(arr: np.ndarray, found: list[np.ndarray | None]) -> _UidF
             continue
         outside = ~contains(members, ua)
         if outside.any():
-            first = ua[int(np.argmax(outside))]
-            res.outside[i] = (int(outside.sum()), f"{int(first['hi']):016x}{int(first['lo']):016x}")
+            at = int(np.argmax(outside))
+            res.outside[i] = (int(outside.sum()), array_to_uids(ua[at : at + 1])[0])
         seen.append(ua)
     found_all = np.concatenate(seen) if seen else arr[:0]
     uniq = np.unique(found_all)
     res.repeated = len(found_all) - len(uniq)
     absent = ~contains(uniq, arr)
     if absent.any():
-        first = arr[int(np.argmax(absent))]
-        res.absent = (int(absent.sum()), f"{int(first['hi']):016x}{int(first['lo']):016x}")
+        at = int(np.argmax(absent))
+        res.absent = (int(absent.sum()), array_to_uids(arr[at : at + 1])[0])
     return res
 
 
@@ -438,7 +438,7 @@ def _uid_count(uids: np.ndarray | _UidFile) -> int:
 
 def _first_uid(uids: np.ndarray | _UidFile) -> str:
     """The uid file's first uid, as 32 hex chars (read alone from a streamed file)."""
-    from laiontools.contracts.uids import UID_DTYPE, uid_file_layout
+    from laiontools.contracts.uids import UID_DTYPE, array_to_uids, uid_file_layout
 
     if isinstance(uids, _UidFile):
         offset, _ = uid_file_layout(uids.path)
@@ -446,7 +446,7 @@ def _first_uid(uids: np.ndarray | _UidFile) -> str:
         with fs.open(p, "rb") as f:
             f.seek(offset)
             uids = np.frombuffer(f.read(UID_DTYPE.itemsize), dtype=UID_DTYPE)
-    return f"{int(uids[0]['hi']):016x}{int(uids[0]['lo']):016x}"
+    return array_to_uids(uids[:1])[0]
 
 
 def _not_nested(spark: Any, arr: np.ndarray | _UidFile, parr: np.ndarray | _UidFile) -> tuple[int, int]:
