@@ -184,6 +184,30 @@ def test_a_file_that_is_no_npy_is_refused_as_no_uid_file(tmp_path, mmap):
         load_uids(str(p), mmap=mmap)
 
 
+@pytest.mark.parametrize("how", ["udf", "join"])
+def test_membership_by_udf_and_by_join_match_the_same_rows(spark, tmp_path, monkeypatch, how):
+    """keep_members and with_member_flag (reshard's plan, subsets' exclusions) by the UDF and, above
+    MEMBER_UDF_MAX_UIDS, by a join with the file read by tasks: the rows Python's own set membership of
+    the lowercased strings picks, for a uid column that holds upper-case hex too (the UDF parses either
+    case, so the join must not compare the strings as they are) and rows listed twice."""
+    from laiontools.contracts import uids as uids_mod
+
+    if how == "join":
+        monkeypatch.setattr(uids_mod, "MEMBER_UDF_MAX_UIDS", 0)
+        monkeypatch.setattr(uids_mod, "UID_ROWS_PER_TASK", 5)
+    rng = random.Random(11)
+    uids = [_hex(rng) for _ in range(60)]
+    inside = set(rng.sample(uids, 25))
+    save_uids(str(tmp_path / "u.npy"), sorted(inside))
+    column = [u.upper() if i % 3 == 0 else u for i, u in enumerate(uids)] + [uids[1], uids[2].upper()]
+    df = spark.createDataFrame(list(enumerate(column)), "row int, uid string").repartition(3)
+    kept = sorted(r["row"] for r in uids_mod.keep_members(df, "uid", str(tmp_path / "u.npy")).collect())
+    assert kept == [i for i, u in enumerate(column) if u.lower() in inside]
+    flagged = uids_mod.with_member_flag(df, "uid", str(tmp_path / "u.npy"), "m")
+    assert flagged.columns == ["row", "uid", "m"]
+    assert sorted((r["row"], r["m"]) for r in flagged.collect()) == [(i, u.lower() in inside) for i, u in enumerate(column)]
+
+
 def test_uid_file_frame_reads_the_file_in_pieces_on_spark(spark, tmp_path):
     """uid_file_frame: Spark tasks read a uid file in ranges of rows (3 here: 7 tasks, the last short);
     its rows are the file's uids as hex strings (made here with Python's own formatting) at their

@@ -514,14 +514,27 @@ def member_column(col: Any, path: str, arrow: bool | None = None) -> Any:
 MEMBER_UDF_MAX_UIDS = 1 << 24
 
 
-def _frame_for_membership(df: Any, col: str, path: str) -> Any | None:
-    """The uid file's rows as a one-column frame named `col` when it is too large for member_column."""
+_MEMBER_KEY = "_uid_in_file"
+
+
+def _frame_for_membership(df: Any, path: str) -> Any | None:
+    """The uid file's rows as a one-column frame of lowercase hex uids named :data:`_MEMBER_KEY` when
+    it is too large for member_column."""
     from pyspark.sql import functions as F
 
     _, count = uid_file_layout(path)
     if count <= MEMBER_UDF_MAX_UIDS:
         return None
-    return uid_file_frame(df.sparkSession, path).select(F.col("uid").alias(col))
+    return uid_file_frame(df.sparkSession, path).select(F.col("uid").alias(_MEMBER_KEY))
+
+
+def _join_key(df: Any, col: str) -> Any:
+    """`df`'s hex uid column as the joins compare it: lowercased, as member_column parses hex digits of
+    either case (the contract's uids are lowercase; a catalog from elsewhere may not be), so that both
+    ways match the same rows."""
+    from pyspark.sql import functions as F
+
+    return F.lower(df[col])
 
 
 def keep_members(df: Any, col: str, path: str) -> Any:
@@ -530,8 +543,10 @@ def keep_members(df: Any, col: str, path: str) -> Any:
     :data:`MEMBER_UDF_MAX_UIDS` uids, a left semi join above. The same rows either way (tests)."""
     from pyspark.sql import functions as F
 
-    frame = _frame_for_membership(df, col, path)
-    return df.filter(member_column(F.col(col), path)) if frame is None else df.join(frame, col, "left_semi")
+    frame = _frame_for_membership(df, path)
+    if frame is None:
+        return df.filter(member_column(F.col(col), path))
+    return df.join(frame, _join_key(df, col) == frame[_MEMBER_KEY], "left_semi")
 
 
 def with_member_flag(df: Any, col: str, path: str, name: str) -> Any:
@@ -539,12 +554,13 @@ def with_member_flag(df: Any, col: str, path: str, name: str) -> Any:
     (subsets' exclusion lists), as :func:`keep_members` decides how."""
     from pyspark.sql import functions as F
 
-    frame = _frame_for_membership(df, col, path)
+    frame = _frame_for_membership(df, path)
     if frame is None:
         return df.withColumn(name, member_column(F.col(col), path))
     # (an exclusion file from elsewhere may list a uid twice: one row per uid, so no catalog row is doubled)
     flags = frame.distinct().withColumn(name, F.lit(True))
-    return df.join(flags, col, "left").withColumn(name, F.coalesce(F.col(name), F.lit(False)))
+    joined = df.join(flags, _join_key(df, col) == flags[_MEMBER_KEY], "left").drop(_MEMBER_KEY)
+    return joined.withColumn(name, F.coalesce(F.col(name), F.lit(False)))
 
 
 class UidSet:
