@@ -69,13 +69,23 @@ def _kind(path: str) -> str:
     return "file" if info.get("type") == "file" else "other"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _UidFile:
     """A uid file checked by streaming it (the Spark path: a 2B pool's is 32 GB, which no driver should
-    hold): its uids stay on disk and Spark tasks read them (:func:`laiontools.contracts.uids.uid_file_frame`)."""
+    hold): above SPARK_JOIN_ABOVE_UIDS its uids stay on disk and Spark tasks read them
+    (:func:`laiontools.contracts.uids.uid_file_frame`); up to it, `held` keeps what the scan read, for
+    the checks in the driver. `offset`: where the uids start (after the .npy header)."""
 
     path: str
     count: int
+    offset: int
+    held: np.ndarray | None = None
+
+    def uids(self) -> np.ndarray:
+        """The uids, from the scan or (a file too large to hold) read now."""
+        from laiontools.contracts.uids import load_uids
+
+        return self.held if self.held is not None else np.asarray(load_uids(self.path))
 
 
 def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: VerifyResult,
@@ -91,8 +101,8 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
         return None
     scanned = None if load else _scan_uid_file(path)
     if scanned is not None:
-        sha, n, ordered = scanned
-        got: np.ndarray | _UidFile = _UidFile(path, n)
+        sha, ordered, got = scanned
+        n = got.count
     else:
         sha, _ = sha256_file(path)
     if sha != sha256:
@@ -116,9 +126,11 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
 UID_SCAN_BYTES = 16 << 20
 
 
-def _scan_uid_file(path: str) -> tuple[str, int, bool] | None:
-    """(sha256, number of uids, sorted and unique) of a well-formed uid file in one pass, holding one
-    piece of it at a time; None if its header or length is off (the caller loads it to say why)."""
+def _scan_uid_file(path: str) -> tuple[str, bool, _UidFile] | None:
+    """(sha256, sorted and unique, the file and its count) of a well-formed uid file in one pass, holding one
+    piece of it at a time (every piece if it has no more than SPARK_JOIN_ABOVE_UIDS uids: the driver
+    checks those itself, so the file is not read twice); None if its header or length is off (the
+    caller loads it to say why)."""
     import hashlib
 
     from laiontools.contracts.uids import UID_DTYPE, is_sorted_unique, uid_file_layout
@@ -128,6 +140,7 @@ def _scan_uid_file(path: str) -> tuple[str, int, bool] | None:
     except (ValueError, EOFError, OSError):
         return None
     h, n, ordered, last = hashlib.sha256(), 0, True, None
+    held: list[np.ndarray] | None = [] if count <= SPARK_JOIN_ABOVE_UIDS else None
     fs, p = url_to_fs(path)
     with fs.open(p, "rb") as f:
         h.update(f.read(offset))
@@ -138,8 +151,12 @@ def _scan_uid_file(path: str) -> tuple[str, int, bool] | None:
                 first = (int(arr[0]["hi"]), int(arr[0]["lo"]))
                 ordered = (last is None or last < first) and is_sorted_unique(arr)
                 last = (int(arr[-1]["hi"]), int(arr[-1]["lo"]))
+            if held is not None:
+                held.append(arr)
             n += len(arr)
-    return (h.hexdigest(), n, ordered) if n == count else None
+    if n != count:
+        return None
+    return h.hexdigest(), ordered, _UidFile(path, count, offset, None if held is None else np.concatenate(held or [np.empty(0, UID_DTYPE)]))
 
 
 def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
@@ -248,7 +265,7 @@ def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None,
     Spark; there, above SPARK_JOIN_ABOVE_UIDS, the uid checks are joins of the shards' uids with the
     uid file read by tasks, so that no uid passes through the driver (a 2B pool's would be 32 GB as
     numbers, several times that as strings). The findings are the same every way."""
-    from laiontools.contracts.uids import UID_DTYPE, load_uids, uids_to_array
+    from laiontools.contracts.uids import UID_DTYPE, uids_to_array
 
     if spark is None:
         checks = [check_shard(sp, e) for sp, e in entries]
@@ -270,7 +287,7 @@ def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None,
         found = [np.frombuffer(out[i][2], dtype=UID_DTYPE) for i in range(len(entries))]
     if uids is None:
         return checks, None
-    arr = np.asarray(load_uids(uids.path)) if isinstance(uids, _UidFile) else uids
+    arr = uids.uids() if isinstance(uids, _UidFile) else uids
     return checks, _uid_findings_here(arr, [f if c[0] is not None else None for f, c in zip(found, checks)])
 
 
@@ -438,13 +455,14 @@ def _uid_count(uids: np.ndarray | _UidFile) -> int:
 
 def _first_uid(uids: np.ndarray | _UidFile) -> str:
     """The uid file's first uid, as 32 hex chars (read alone from a streamed file)."""
-    from laiontools.contracts.uids import UID_DTYPE, array_to_uids, uid_file_layout
+    from laiontools.contracts.uids import UID_DTYPE, array_to_uids
 
-    if isinstance(uids, _UidFile):
-        offset, _ = uid_file_layout(uids.path)
+    if isinstance(uids, _UidFile) and uids.held is not None:
+        uids = uids.held
+    elif isinstance(uids, _UidFile):
         fs, p = url_to_fs(uids.path)
         with fs.open(p, "rb") as f:
-            f.seek(offset)
+            f.seek(uids.offset)
             uids = np.frombuffer(f.read(UID_DTYPE.itemsize), dtype=UID_DTYPE)
     return array_to_uids(uids[:1])[0]
 
@@ -452,7 +470,7 @@ def _first_uid(uids: np.ndarray | _UidFile) -> str:
 def _not_nested(spark: Any, arr: np.ndarray | _UidFile, parr: np.ndarray | _UidFile) -> tuple[int, int]:
     """(uids in the child's file, how many of them its parent's file lacks): in this process, or, above
     SPARK_JOIN_ABOVE_UIDS, as a Spark join of the two files read by tasks (both were streamed)."""
-    from laiontools.contracts.uids import as_sorted_set, contains, load_uids, uid_file_frame
+    from laiontools.contracts.uids import as_sorted_set, contains, uid_file_frame
 
     if isinstance(arr, _UidFile) and isinstance(parr, _UidFile) and max(arr.count, parr.count) > SPARK_JOIN_ABOVE_UIDS:
         from laiontools.core.spark import shuffle_partitions
@@ -461,7 +479,7 @@ def _not_nested(spark: Any, arr: np.ndarray | _UidFile, parr: np.ndarray | _UidF
         outside = uid_file_frame(spark, arr.path, binary=True).join(uid_file_frame(spark, parr.path, binary=True), "uid",
                                                                     "left_anti").count()
         return arr.count, int(outside)
-    a, pa_ = (np.asarray(load_uids(x.path)) if isinstance(x, _UidFile) else x for x in (arr, parr))
+    a, pa_ = (x.uids() if isinstance(x, _UidFile) else x for x in (arr, parr))
     return len(a), int((~contains(as_sorted_set(pa_), a)).sum())
 
 
