@@ -38,6 +38,11 @@ _MODULES = {
         if what == "sleep":
             open(sys.argv[2], "w").write(str(os.getpid()))
             time.sleep(120)
+        if what == "polite":  # answers SIGTERM with a line and leaves, as a trainer saving its state would
+            import signal
+            signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM, leaving", flush=True), sys.exit(143)))
+            open(sys.argv[2], "w").write(str(os.getpid()))
+            time.sleep(120)
         if what == "stubborn":  # answers SIGTERM with a line and sleeps on
             import signal
             signal.signal(signal.SIGTERM, lambda *_: print("got SIGTERM, staying", flush=True))
@@ -118,10 +123,11 @@ def test_a_killed_launcher_takes_its_zygote_and_run_with_it(modules, tmp_path):
             pass
 
 
-@pytest.mark.parametrize("what", ["sleep", "stubborn"])
+@pytest.mark.parametrize("what", ["polite", "stubborn"])
 def test_an_interrupted_launcher_stops_its_run_then_its_zygote(modules, tmp_path, what):
     """Ctrl-C (SIGINT to the launcher alone) while a forked run trains: the launcher sends the run SIGTERM,
-    SIGKILL after its grace if the run stays (a "stubborn" run answers SIGTERM with a line and sleeps on),
+    SIGKILL after its grace if the run stays (a "polite" run answers SIGTERM with a line and leaves; a
+    "stubborn" one answers with a line and sleeps on),
     closes its zygote, and the interrupt reaches the caller; nothing of the three is left."""
     pidfile, console = tmp_path / "run.pid", tmp_path / "run.log"
     launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -148,6 +154,7 @@ def test_an_interrupted_launcher_stops_its_run_then_its_zygote(modules, tmp_path
         assert launcher.returncode == 5 and out == "interrupted\n", (launcher.returncode, out)
         assert not alive(run_pid) and not alive(zygote_pid)
         said = console.read_text()
+        assert ("got SIGTERM, leaving" in said) == (what == "polite"), said  # SIGTERM came first: the run left by itself
         assert ("got SIGTERM, staying" in said) == (what == "stubborn"), said
     finally:
         try:
