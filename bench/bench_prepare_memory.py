@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from laiontools.testing import procs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FILE_ROWS = 1_000_000
@@ -77,41 +79,6 @@ def make_input(out_dir: str, rows: int) -> str:
     return d
 
 
-def _status(pid: int) -> dict[str, str]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                out[k] = v.strip()
-    except OSError:
-        pass
-    return out
-
-
-def _kb(v: str | None) -> int:
-    return int(v.split()[0]) if v else 0
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                with open(f"/proc/{e}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(e))
-            except (OSError, IndexError, ValueError):
-                continue
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        for c in children.get(p, []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def measure(rows: int, input_dir: str, out_dir: str) -> dict:
     """Run prepare on `input_dir` in a fresh process; poll peak RSS of the driver, the JVM and the workers."""
     output = os.path.join(out_dir, f"prepare-mem-out-{rows}")
@@ -125,14 +92,14 @@ def measure(rows: int, input_dir: str, out_dir: str) -> dict:
         py_hwm = jvm_hwm = worker_rss = 0
         jvm_pid = None
         while proc.poll() is None:
-            py_hwm = max(py_hwm, _kb(_status(proc.pid).get("VmHWM")))
-            for pid in _descendants(proc.pid):
-                st = _status(pid)
+            py_hwm = max(py_hwm, procs.memory_kb(proc.pid, "VmHWM"))
+            for pid in procs.descendants(proc.pid):
+                st = procs.status(pid)
                 if st.get("Name") == "java":
                     jvm_pid = pid
-                    jvm_hwm = max(jvm_hwm, _kb(st.get("VmHWM")))
+                    jvm_hwm = max(jvm_hwm, procs.memory_kb(pid, "VmHWM"))
                 elif st.get("Name", "").startswith("python"):
-                    worker_rss = max(worker_rss, _kb(st.get("VmRSS")))
+                    worker_rss = max(worker_rss, procs.memory_kb(pid, "VmRSS"))
             time.sleep(0.25)
     wall = time.time() - t
     if proc.returncode != 0:

@@ -24,34 +24,18 @@ import subprocess
 import sys
 import time
 
+from laiontools.testing import procs
+
 ROWS_PER_FILE = 1_000_000
 NUM_SHARDS = 100
 
 
 def _hwm_kb(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+    return procs.memory_kb(pid, "VmHWM")
 
 
 def _java_children() -> list[int]:
-    me = os.getpid()
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid == me:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if b"java" in f.read():
-                        out.append(int(d))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
+    return [c for c in procs.children(os.getpid()) if procs.status(c).get("Name") == "java"]
 
 
 def write_catalog(root: str, rows: int) -> str:

@@ -72,26 +72,18 @@ import json, os, sys, time
 from laiontools.core.logs import setup_logging
 from laiontools.core.spark import spark_session
 from laiontools.stages.verify import verify_manifest
+from laiontools.testing import procs
 import laiontools
 
 setup_logging("WARNING")
 
 def rss():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+    return procs.memory_kb("self", "VmRSS") * 1024
 
 def jvm_rss():
     # this process's java child: in local mode the driver JVM runs the executors' tasks too
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                st = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-                if int(st[1]) == os.getpid() and "java" in open(f"/proc/{pid}/cmdline").read():
-                    with open(f"/proc/{pid}/status") as f:
-                        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
-            except (OSError, StopIteration):
-                pass
-    return 0
+    java = [c for c in procs.children(os.getpid()) if procs.status(c).get("Name") == "java"]
+    return procs.memory_kb(java[0], "VmRSS") * 1024 if java else 0
 
 class Peak:
     # samples the RSS of the driver (and of its JVM) every 20 ms while the verify runs

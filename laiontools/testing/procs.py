@@ -1,4 +1,5 @@
-"""What /proc says of a process (Linux): the tests' one reader of ``/proc/<pid>/stat``.
+"""What /proc says of a process (Linux): the tests' and benchmarks' one reader of ``/proc/<pid>/stat``
+and ``/proc/<pid>/status`` (state, parent, group, children, memory).
 
 A killed process whose parent died stays a zombie until a reaper (a container's init may be slow) waits
 for it: it is gone for every purpose of a test, so ``alive`` counts it as dead."""
@@ -35,9 +36,50 @@ def alive(pid: int) -> bool:
 
 def group_alive(pgid: int) -> bool:
     """A process of group `pgid` exists that is not a zombie."""
+    return any(s.pgrp == pgid and s.state != "Z" for s in _all_stats().values())
+
+
+def status(pid: int | str = "self") -> dict[str, str]:
+    """The fields of ``/proc/<pid>/status`` as text ("Name" -> "java", "VmRSS" -> "1234 kB"); {} when
+    there is no such process."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def memory_kb(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """A memory field of ``/proc/<pid>/status`` in kB (VmRSS: resident now, VmHWM: its peak); 0 when
+    the process is gone or has no such field (a zombie has none)."""
+    v = status(pid).get(field)
+    return int(v.split()[0]) if v else 0
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, in pid order."""
+    return sorted(c for c, s in _all_stats().items() if s.ppid == pid)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), from one pass over /proc."""
+    below: dict[int, list[int]] = {}
+    for c, s in _all_stats().items():
+        below.setdefault(s.ppid, []).append(c)
+    out, todo = [], [pid]
+    while todo:
+        for c in below.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return sorted(out)
+
+
+def _all_stats() -> dict[int, Stat]:
+    out = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             s = stat(int(name))
-            if s is not None and s.pgrp == pgid and s.state != "Z":
-                return True
-    return False
+            if s is not None:
+                out[int(name)] = s
+    return out
