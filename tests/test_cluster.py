@@ -274,6 +274,8 @@ def _reshard_on_s3_like_local(spark, s3, cluster: StandaloneCluster, conf: list[
     for x in got["shards"]:
         assert s3.cat(f"{bucket}/rs/{x['path']}") == (tmp_path / "rs" / x["path"]).read_bytes(), x["path"]
 
+    _joins_on_the_cluster(spark, s3, cluster, conf, bucket, big, tmp_path)
+
     res = subprocess.run([str(SPARK_HOME / "bin" / "spark-submit"), *conf, *ONE_EXECUTOR, "--conf", "spark.task.maxFailures=1",
                           str(REPO / "jobs" / "reshard.py"), "--manifest", big, "--output", f"s3://{bucket}/rs-bare",
                           "--shard-size", "8", "--spark-above", "0"],
@@ -284,6 +286,61 @@ def _reshard_on_s3_like_local(spark, s3, cluster: StandaloneCluster, conf: list[
     assert f"s3://{bucket}/" in err[0] and "met on a Spark executor" in err[0] and "spark.executorEnv" in err[0], err[0]
     # (the executor's traceback shows only in Spark's own record of the lost task, a WARN line of its scheduler)
     assert all("WARN TaskSetManager: Lost task" in ln for ln in said.splitlines() if "Traceback" in ln), said[-3000:]
+
+
+# A spark-submit entry that runs a job of jobs/ with the uid checks and membership tests on their joins, as
+# above 16M uids (verify.SPARK_JOIN_ABOVE_UIDS, uids.MEMBER_UDF_MAX_UIDS), uid files read by tasks in pieces
+# of 4 uids; it prints a line for each uid file read that way.
+_FORCED_JOINS = """
+import runpy, sys
+from laiontools.contracts import uids
+from laiontools.stages import verify
+verify.SPARK_JOIN_ABOVE_UIDS = uids.MEMBER_UDF_MAX_UIDS = 0
+uids.UID_ROWS_PER_TASK = 4
+frame = uids.uid_file_frame
+def read_by_tasks(spark, path, *a, **k):
+    print("uid file read by tasks:", path, flush=True)
+    return frame(spark, path, *a, **k)
+uids.uid_file_frame = read_by_tasks
+job = sys.argv.pop(1)
+sys.argv[0] = job
+runpy.run_path(job, run_name="__main__")
+"""
+
+
+def _joins_on_the_cluster(spark, s3, cluster: StandaloneCluster, conf: list[str], bucket: str, big: str, tmp_path: Path) -> None:
+    """The paths that a 400M-2B run takes, on the cluster's executors reading the bucket: reshard's plan
+    picks the subset's rows by a join with its uid file (the same shards as the local reshard), and
+    verify checks the uids across shards and the nesting by joins. With a shard deleted from the bucket,
+    verify on the cluster finds what verify in the test's session finds by its in-driver checks."""
+    from laiontools.contracts.manifest import read_manifest, resolve
+    from laiontools.stages.verify import verify_manifest
+
+    entry = tmp_path / "forced_joins.py"
+    entry.write_text(_FORCED_JOINS)
+    before = sum(cluster.tasks_per_worker())
+    res = spark_submit([*conf, *_store_conf(), str(entry), str(REPO / "jobs" / "reshard.py"), "--manifest", big,
+                        "--output", f"s3://{bucket}/rs-joins", "--shard-size", "8", "--spark-above", "0"], cwd=tmp_path)
+    sub_uids = resolve(big, read_manifest(big)["uids"]["path"])
+    assert f"uid file read by tasks: {sub_uids}" in res.stdout, res.stdout[-3000:]
+    assert sum(cluster.tasks_per_worker()) > before, "the joined reshard ran no task on the cluster's workers"
+    m = f"s3://{bucket}/rs-joins/{layout.RESHARD_MANIFEST}"
+    got = read_manifest(m)
+    assert [(x["path"], x["sha256"]) for x in got["shards"]] == \
+        [(x["path"], x["sha256"]) for x in read_manifest(str(tmp_path / "rs" / layout.RESHARD_MANIFEST))["shards"]]
+    for x in got["shards"]:
+        assert s3.cat(f"{bucket}/rs-joins/{x['path']}") == (tmp_path / "rs" / x["path"]).read_bytes(), x["path"]
+    s3.rm(f"{bucket}/rs-joins/{got['shards'][1]['path']}")
+    s3.invalidate_cache()
+    here = verify_manifest(m, spark=spark)  # few uids: checked in the driver
+    uid_path, parent = resolve(m, got["uids"]["path"]), resolve(m, got["parent"]["path"])
+    assert any(f"uids of the uid file {uid_path} are in no shard" in p for p in here.problems), here.problems
+    res = subprocess.run([str(SPARK_HOME / "bin" / "spark-submit"), *conf, *_store_conf(), str(entry), str(REPO / "jobs" / "verify.py"), m],
+                         cwd=tmp_path, env=submit_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    read = [ln.split(": ", 1)[1] for ln in res.stdout.splitlines() if ln.startswith("uid file read by tasks: ")]
+    assert read == [uid_path, uid_path, resolve(parent, read_manifest(parent)["uids"]["path"])], read
+    assert [ln.removeprefix("  DIFFERS: ") for ln in res.stdout.splitlines() if ln.startswith("  DIFFERS: ")] == here.problems
 
 
 def _embed_dedup_semdedup_takedown_like_local(spark, cluster: StandaloneCluster, conf: list[str], pool_dir: str,
