@@ -187,9 +187,11 @@ def test_a_file_that_is_no_npy_is_refused_as_no_uid_file(tmp_path, mmap):
 @pytest.mark.parametrize("how", ["udf", "join"])
 def test_membership_by_udf_and_by_join_match_the_same_rows(spark, tmp_path, monkeypatch, how):
     """keep_members and with_member_flag (reshard's plan, subsets' exclusions) by the UDF and, above
-    MEMBER_UDF_MAX_UIDS, by a join with the file read by tasks: the rows Python's own set membership of
-    the lowercased strings picks, for a uid column that holds upper-case hex too (the UDF parses either
-    case, so the join must not compare the strings as they are) and rows listed twice."""
+    MEMBER_UDF_MAX_UIDS, by a join with the file read by tasks: the rows Python's own set membership
+    picks, rows listed twice included. The join keeps the rows partitioned by uid, so a group-by uid after
+    it (reshard's plan) shuffles nothing more: one exchange per side of the join, none after."""
+    from pyspark.sql import functions as F
+
     from laiontools.contracts import uids as uids_mod
 
     if how == "join":
@@ -198,14 +200,24 @@ def test_membership_by_udf_and_by_join_match_the_same_rows(spark, tmp_path, monk
     rng = random.Random(11)
     uids = [_hex(rng) for _ in range(60)]
     inside = set(rng.sample(uids, 25))
-    save_uids(str(tmp_path / "u.npy"), sorted(inside))
-    column = [u.upper() if i % 3 == 0 else u for i, u in enumerate(uids)] + [uids[1], uids[2].upper()]
-    df = spark.createDataFrame(list(enumerate(column)), "row int, uid string").repartition(3)
-    kept = sorted(r["row"] for r in uids_mod.keep_members(df, "uid", str(tmp_path / "u.npy")).collect())
-    assert kept == [i for i, u in enumerate(column) if u.lower() in inside]
-    flagged = uids_mod.with_member_flag(df, "uid", str(tmp_path / "u.npy"), "m")
-    assert flagged.columns == ["row", "uid", "m"]
-    assert sorted((r["row"], r["m"]) for r in flagged.collect()) == [(i, u.lower() in inside) for i, u in enumerate(column)]
+    path = str(tmp_path / "u.npy")
+    save_uids(path, sorted(inside))
+    column = [*uids, uids[1], uids[2]]
+    df = spark.createDataFrame(spark.sparkContext.parallelize(list(enumerate(column)), 3), "row int, uid string")
+    kept = uids_mod.keep_members(df, "uid", path)
+    assert sorted(r["row"] for r in kept.collect()) == [i for i, u in enumerate(column) if u in inside]
+    flagged = uids_mod.with_member_flag(df, "uid", path, "m")
+    assert sorted(flagged.columns) == ["m", "row", "uid"]
+    assert sorted((r["row"], r["m"]) for r in flagged.collect()) == [(i, u in inside) for i, u in enumerate(column)]
+    if how == "join":
+        # Sort-merge joins, never a broadcast of the file (Spark sizes the frame by its task range: a few
+        # bytes), and the rows stay partitioned by uid: one exchange per side of the join, none after it.
+        grouped = kept.groupBy("uid").agg(F.min("row"))
+        for plan in (grouped._jdf.queryExecution().executedPlan().toString(),
+                     flagged._jdf.queryExecution().executedPlan().toString()):
+            assert "SortMergeJoin" in plan and "Broadcast" not in plan, plan
+        assert grouped._jdf.queryExecution().executedPlan().toString().count("Exchange hashpartitioning") == 2
+        assert sorted(r[1] for r in grouped.collect()) == sorted(column.index(u) for u in inside)
 
 
 def test_uid_file_frame_reads_the_file_in_pieces_on_spark(spark, tmp_path):

@@ -440,7 +440,12 @@ def uid_file_frame(spark: Any, path: str, rows_per_task: int | None = None, bina
     read `path` as they read shards: it must be where they can reach it). Nothing of the file passes
     through the driver, which reads only the header (:func:`uid_file_layout`). `binary`: the uid as
     its 16 big-endian bytes instead (:func:`uid_keys`): half the bytes to shuffle in a join of uids
-    with uids; a join with a catalog's hex uid column needs the strings."""
+    with uids; a join with a catalog's hex uid column needs the strings.
+
+    The frame carries a sort-merge join hint. Spark sizes it by the range of task numbers it is made
+    from (8 bytes a task: 3 KB for a 400M-uid file), so without the hint every join with it broadcast
+    the whole file: collected into the driver, then shipped to every executor, which is what reading it
+    by tasks is for avoiding."""
     offset, count = uid_file_layout(path)
     rows_per_task = rows_per_task or UID_ROWS_PER_TASK
     tasks = max(1, -(-count // rows_per_task))
@@ -463,7 +468,7 @@ def uid_file_frame(spark: Any, path: str, rows_per_task: int | None = None, bina
                     uid = binary_arrow(uid_keys(arr)) if binary else hex_arrow(arr)
                     yield pa.RecordBatch.from_arrays([pa.array(np.arange(lo, hi, dtype=np.int64)), uid], ["idx", "uid"])
 
-    return spark.range(0, tasks, 1, tasks).mapInArrow(read, f"idx long, uid {'binary' if binary else 'string'}")
+    return spark.range(0, tasks, 1, tasks).mapInArrow(read, f"idx long, uid {'binary' if binary else 'string'}").hint("merge")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,27 +519,21 @@ def member_column(col: Any, path: str, arrow: bool | None = None) -> Any:
 MEMBER_UDF_MAX_UIDS = 1 << 24
 
 
-_MEMBER_KEY = "_uid_in_file"
+def _frame_for_membership(df: Any, col: str, path: str) -> Any | None:
+    """The uid file's rows as a one-column frame named `col` when it is too large for member_column.
 
-
-def _frame_for_membership(df: Any, path: str) -> Any | None:
-    """The uid file's rows as a one-column frame of lowercase hex uids named :data:`_MEMBER_KEY` when
-    it is too large for member_column."""
+    The joins compare `df`'s uid strings with the file's as the contract writes them (32 lowercase hex
+    chars: download, prepare and takedown write no other), on the uid column itself, so that the rows
+    stay partitioned by uid for what follows (reshard's group-by, subsets' distinct uids). member_column
+    parses hex digits of either case; lowercasing in the join to match it would cost a second shuffle
+    (the rows partitioned by lower(uid), not by uid). A catalog with upper-case uids is off the
+    contract; verify names such .json uids as findings."""
     from pyspark.sql import functions as F
 
     _, count = uid_file_layout(path)
     if count <= MEMBER_UDF_MAX_UIDS:
         return None
-    return uid_file_frame(df.sparkSession, path).select(F.col("uid").alias(_MEMBER_KEY))
-
-
-def _join_key(df: Any, col: str) -> Any:
-    """`df`'s hex uid column as the joins compare it: lowercased, as member_column parses hex digits of
-    either case (the contract's uids are lowercase; a catalog from elsewhere may not be), so that both
-    ways match the same rows."""
-    from pyspark.sql import functions as F
-
-    return F.lower(df[col])
+    return uid_file_frame(df.sparkSession, path).select(F.col("uid").alias(col))
 
 
 def keep_members(df: Any, col: str, path: str) -> Any:
@@ -543,10 +542,8 @@ def keep_members(df: Any, col: str, path: str) -> Any:
     :data:`MEMBER_UDF_MAX_UIDS` uids, a left semi join above. The same rows either way (tests)."""
     from pyspark.sql import functions as F
 
-    frame = _frame_for_membership(df, path)
-    if frame is None:
-        return df.filter(member_column(F.col(col), path))
-    return df.join(frame, _join_key(df, col) == frame[_MEMBER_KEY], "left_semi")
+    frame = _frame_for_membership(df, col, path)
+    return df.filter(member_column(F.col(col), path)) if frame is None else df.join(frame, col, "left_semi")
 
 
 def with_member_flag(df: Any, col: str, path: str, name: str) -> Any:
@@ -554,13 +551,12 @@ def with_member_flag(df: Any, col: str, path: str, name: str) -> Any:
     (subsets' exclusion lists), as :func:`keep_members` decides how."""
     from pyspark.sql import functions as F
 
-    frame = _frame_for_membership(df, path)
+    frame = _frame_for_membership(df, col, path)
     if frame is None:
         return df.withColumn(name, member_column(F.col(col), path))
     # (an exclusion file from elsewhere may list a uid twice: one row per uid, so no catalog row is doubled)
     flags = frame.distinct().withColumn(name, F.lit(True))
-    joined = df.join(flags, _join_key(df, col) == flags[_MEMBER_KEY], "left").drop(_MEMBER_KEY)
-    return joined.withColumn(name, F.coalesce(F.col(name), F.lit(False)))
+    return df.join(flags, col, "left").withColumn(name, F.coalesce(F.col(name), F.lit(False)))
 
 
 class UidSet:
