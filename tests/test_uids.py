@@ -244,14 +244,31 @@ def test_uid_file_frame_reads_the_file_in_pieces_on_spark(spark, tmp_path):
         uid_file_layout(path)
 
 
+def test_count_not_in_is_set_difference_of_two_files_read_by_tasks(spark, tmp_path):
+    """count_not_in: the uids of one file that another lacks, by a join of the two files read by Spark
+    tasks, against Python's set difference; a file listing a uid twice (not written by save_uids) counts
+    it twice, or once with `distinct`."""
+    from laiontools.contracts.uids import count_not_in
+
+    rng = random.Random(8)
+    pool = sorted({_hex(rng) for _ in range(300)})
+    child = rng.sample(pool, 40) + [_hex(rng) for _ in range(7)]
+    save_uids(str(tmp_path / "pool.npy"), pool)
+    np.save(str(tmp_path / "child.npy"), uids_to_array(child + child[-2:]))  # unsorted, 2 outsiders twice
+    assert count_not_in(spark, str(tmp_path / "child.npy"), str(tmp_path / "pool.npy")) == 9
+    assert count_not_in(spark, str(tmp_path / "child.npy"), str(tmp_path / "pool.npy"), distinct=True) == len(set(child) - set(pool)) == 7
+    assert count_not_in(spark, str(tmp_path / "pool.npy"), str(tmp_path / "child.npy")) == len(set(pool) - set(child)) == 260
+
+
 def test_a_streamed_uid_file_check_finds_what_the_loaded_one_finds(tmp_path, monkeypatch):
     """verify's uid file check on the Spark path streams the file (pieces of 2 uids here) instead of
     loading it: the same findings for a sound file, one out of order exactly across two pieces, one out
     of order inside a piece, and a file cut short (which it hands to the loading reader to name)."""
-    from laiontools.stages import verify as verify_mod
-    from laiontools.stages.verify import VerifyResult, _check_uid_file, _UidFile
+    from laiontools.contracts import uids as uids_mod
+    from laiontools.contracts.uids import StreamedUids, scan_uid_file
+    from laiontools.stages.verify import VerifyResult, _check_uid_file
 
-    monkeypatch.setattr(verify_mod, "UID_SCAN_BYTES", 32)
+    monkeypatch.setattr(uids_mod, "UID_SCAN_BYTES", 32)
     ordered = [f"{i:032x}" for i in range(1, 8)]
     cases = {"sound": ordered, "across pieces": ordered[:2] + [ordered[0]] + ordered[3:],
              "inside a piece": [ordered[1], ordered[0]] + ordered[2:]}
@@ -265,8 +282,12 @@ def test_a_streamed_uid_file_check_finds_what_the_loaded_one_finds(tmp_path, mon
             loaded, streamed = VerifyResult(manifest="m"), VerifyResult(manifest="m")
             got = _check_uid_file(path, s, len(uids), "uid file", loaded)
             ref = _check_uid_file(path, s, len(uids), "uid file", streamed, load=False)
-            assert isinstance(got, np.ndarray) and isinstance(ref, _UidFile) and ref.count == len(uids)
+            assert isinstance(got, np.ndarray) and isinstance(ref, StreamedUids) and ref.count == len(uids)
             assert ref.held is not None and ref.held.tobytes() == got.tobytes()  # kept from the scan: few uids
+            # a file above what may be held: the same sha256 and order, no uid kept, the first read alone
+            big_sha, big_ordered, big = scan_uid_file(path, hold_up_to=len(uids) - 1)
+            assert (big_sha, big_ordered) == (sha, name == "sound") and big.held is None and big.count == len(uids)
+            assert big.first().tobytes() == got[:1].tobytes() and big.uids().tobytes() == got.tobytes()
             assert (streamed.problems, streamed.checked) == (loaded.problems, loaded.checked), name
             assert any("not sorted and unique" in p for p in loaded.problems) == (name != "sound"), (name, loaded.problems)
     cut = str(tmp_path / "cut.npy")

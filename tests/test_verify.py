@@ -186,7 +186,7 @@ def test_uid_checks_across_shards_find_the_same_on_spark(chain, spark, tmp_path,
     from laiontools.stages import verify as verify_mod
 
     monkeypatch.setattr(uids_mod, "UID_ROWS_PER_TASK", 4)
-    monkeypatch.setattr(verify_mod, "UID_SCAN_BYTES", 64)
+    monkeypatch.setattr(uids_mod, "UID_SCAN_BYTES", 64)
     if how == "joins":
         monkeypatch.setattr(verify_mod, "SPARK_JOIN_ABOVE_UIDS", 0)
     joins, frame = [], uids_mod.uid_file_frame

@@ -10,6 +10,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -392,6 +393,84 @@ def uid_file_layout(path: str) -> tuple[int, int]:
         raise ValueError(f"{path}: uid file holds {size - offset} bytes of uids, its header says {count} uids "
                          f"({count * UID_DTYPE.itemsize} bytes)")
     return offset, count
+
+
+# Bytes of a uid file read at a time when it is streamed (a multiple of 16: whole uids).
+UID_SCAN_BYTES = 16 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class StreamedUids:
+    """A uid file read once, in pieces, by a process that must not hold it whole (a driver: a 2B pool's
+    file is 32 GB): its path, number of uids and where they start after the ``.npy`` header. `held`: the
+    uids, kept when the file was small enough to hold (:func:`scan_uid_file`); otherwise Spark tasks
+    read them (:func:`uid_file_frame`)."""
+
+    path: str
+    count: int
+    offset: int
+    held: np.ndarray | None = None
+
+    def uids(self) -> np.ndarray:
+        """The uids, from the scan or (a file too large to hold) read now."""
+        return self.held if self.held is not None else np.asarray(load_uids(self.path))
+
+    def first(self) -> np.ndarray:
+        """The first uid alone (a 1-item array; empty for an empty file), without reading the rest."""
+        if self.held is not None:
+            return self.held[:1]
+        from laiontools.core.storage import url_to_fs
+
+        fs, p = url_to_fs(self.path)
+        with fs.open(p, "rb") as f:
+            f.seek(self.offset)
+            return np.frombuffer(f.read(UID_DTYPE.itemsize if self.count else 0), dtype=UID_DTYPE)
+
+
+def scan_uid_file(path: str, hold_up_to: int) -> tuple[str, bool, StreamedUids] | None:
+    """(sha256 of the file, whether its uids are sorted and unique, the file) from one pass over it,
+    holding one piece of :data:`UID_SCAN_BYTES` at a time, or every piece when the file has no more than
+    `hold_up_to` uids (kept in ``held``, so that whoever checks them in this process does not read the
+    file twice). None if its header or length is off: :func:`load_uids` then names what is wrong."""
+    from laiontools.core.storage import url_to_fs
+
+    try:
+        offset, count = uid_file_layout(path)
+    except (ValueError, EOFError, OSError):
+        return None
+    h, n, ordered, last = hashlib.sha256(), 0, True, None
+    held: list[np.ndarray] | None = [] if count <= hold_up_to else None
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        h.update(f.read(offset))
+        while chunk := f.read(UID_SCAN_BYTES):
+            h.update(chunk)
+            arr = np.frombuffer(chunk[: len(chunk) - len(chunk) % UID_DTYPE.itemsize], dtype=UID_DTYPE)
+            if ordered and len(arr):
+                first = (int(arr[0]["hi"]), int(arr[0]["lo"]))
+                ordered = (last is None or last < first) and is_sorted_unique(arr)
+                last = (int(arr[-1]["hi"]), int(arr[-1]["lo"]))
+            if held is not None:
+                held.append(arr)
+            n += len(arr)
+    if n != count:
+        return None
+    kept = None if held is None else np.concatenate(held) if held else np.empty(0, dtype=UID_DTYPE)
+    return h.hexdigest(), ordered, StreamedUids(path, count, offset, kept)
+
+
+def count_not_in(spark: Any, path: str, other: str, distinct: bool = False) -> int:
+    """How many uids of the uid file at `path` the file at `other` lacks (`distinct`: counting a uid
+    listed twice once), as a Spark join of the two files read by tasks as 16-byte keys: neither file
+    passes through the driver (verify's nesting check, subsets' check of an exclusion list against
+    its pool, above what a driver should hold)."""
+    from laiontools.core.spark import shuffle_partitions
+
+    shuffle_partitions(spark, rows=uid_file_layout(path)[1] + uid_file_layout(other)[1])
+    rows = uid_file_frame(spark, path, binary=True).select("uid")
+    if distinct:
+        rows = rows.distinct()
+    return int(rows.join(uid_file_frame(spark, other, binary=True).select("uid"), "uid", "left_anti").count())
 
 
 def hex_arrow(arr: np.ndarray) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 
 from laiontools.contracts import layout
 from laiontools.contracts.manifest import read_manifest, resolve
-from laiontools.contracts.uids import is_uid
+from laiontools.contracts.uids import StreamedUids, is_uid, scan_uid_file
 from laiontools.core import failpoints
 from laiontools.core.report import emit, table
 from laiontools.core.storage import PARQUET_READ, sha256_file, url_to_fs
@@ -69,29 +69,12 @@ def _kind(path: str) -> str:
     return "file" if info.get("type") == "file" else "other"
 
 
-@dataclass(frozen=True, eq=False)
-class _UidFile:
-    """A uid file checked by streaming it (the Spark path: a 2B pool's is 32 GB, which no driver should
-    hold): above SPARK_JOIN_ABOVE_UIDS its uids stay on disk and Spark tasks read them
-    (:func:`laiontools.contracts.uids.uid_file_frame`); up to it, `held` keeps what the scan read, for
-    the checks in the driver. `offset`: where the uids start (after the .npy header)."""
-
-    path: str
-    count: int
-    offset: int
-    held: np.ndarray | None = None
-
-    def uids(self) -> np.ndarray:
-        """The uids, from the scan or (a file too large to hold) read now."""
-        from laiontools.contracts.uids import load_uids
-
-        return self.held if self.held is not None else np.asarray(load_uids(self.path))
-
-
 def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: VerifyResult,
-                    load: bool = True) -> np.ndarray | _UidFile | None:
+                    load: bool = True) -> np.ndarray | StreamedUids | None:
     """Present, sha256, count, sorted and unique. `load`: return the uids (in process); else stream the
-    file once (sha256 and order in one pass) and return a :class:`_UidFile`. A file whose header or
+    file once (sha256 and order in one pass; the Spark path, where a 2B pool's 32 GB file must not be
+    held by the driver) and return a :class:`StreamedUids`, which holds the uids up to
+    SPARK_JOIN_ABOVE_UIDS (the driver checks those itself) and none above (Spark tasks read them). A file whose header or
     length is off is loaded whole either way, so both paths name its fault in the same words."""
     from laiontools.contracts.uids import is_sorted_unique, load_uids
 
@@ -99,7 +82,7 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
     if kind != "file":
         res.problems.append(f"{what} {path}: " + ("missing" if kind == "missing" else "not a regular file"))
         return None
-    scanned = None if load else _scan_uid_file(path)
+    scanned = None if load else scan_uid_file(path, hold_up_to=SPARK_JOIN_ABOVE_UIDS)
     if scanned is not None:
         sha, ordered, got = scanned
         n = got.count
@@ -120,43 +103,6 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
         res.problems.append(f"{what} {path}: uids are not sorted and unique")
     res.checked.append(f"{what} {path}: {n} uids, sha256 ok" if sha == sha256 else f"{what} {path}")
     return got
-
-
-# Bytes of a uid file read at a time when it is streamed (a multiple of 16: whole uids).
-UID_SCAN_BYTES = 16 << 20
-
-
-def _scan_uid_file(path: str) -> tuple[str, bool, _UidFile] | None:
-    """(sha256, sorted and unique, the file and its count) of a well-formed uid file in one pass, holding one
-    piece of it at a time (every piece if it has no more than SPARK_JOIN_ABOVE_UIDS uids: the driver
-    checks those itself, so the file is not read twice); None if its header or length is off (the
-    caller loads it to say why)."""
-    import hashlib
-
-    from laiontools.contracts.uids import UID_DTYPE, is_sorted_unique, uid_file_layout
-
-    try:
-        offset, count = uid_file_layout(path)
-    except (ValueError, EOFError, OSError):
-        return None
-    h, n, ordered, last = hashlib.sha256(), 0, True, None
-    held: list[np.ndarray] | None = [] if count <= SPARK_JOIN_ABOVE_UIDS else None
-    fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        h.update(f.read(offset))
-        while chunk := f.read(UID_SCAN_BYTES):
-            h.update(chunk)
-            arr = np.frombuffer(chunk[: len(chunk) - len(chunk) % UID_DTYPE.itemsize], dtype=UID_DTYPE)
-            if ordered and len(arr):
-                first = (int(arr[0]["hi"]), int(arr[0]["lo"]))
-                ordered = (last is None or last < first) and is_sorted_unique(arr)
-                last = (int(arr[-1]["hi"]), int(arr[-1]["lo"]))
-            if held is not None:
-                held.append(arr)
-            n += len(arr)
-    if n != count:
-        return None
-    return h.hexdigest(), ordered, _UidFile(path, count, offset, None if held is None else np.concatenate(held or [np.empty(0, UID_DTYPE)]))
 
 
 def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
@@ -259,7 +205,7 @@ SPARK_JOIN_ABOVE_UIDS = 1 << 24
 
 
 def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None,
-                  uids: np.ndarray | _UidFile | None) -> tuple[list[tuple[list[str] | None, int, list[str], int]], _UidFindings | None]:
+                  uids: np.ndarray | StreamedUids | None) -> tuple[list[tuple[list[str] | None, int, list[str], int]], _UidFindings | None]:
     """check_shard for every (path, entry), in order (the uids each found left out), and the uid checks
     across shards (None without a readable uid file): in this process, or with the shards read on
     Spark; there, above SPARK_JOIN_ABOVE_UIDS, the uid checks are joins of the shards' uids with the
@@ -275,7 +221,7 @@ def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None,
 
         n = max(1, min(len(entries), spark.sparkContext.defaultParallelism * 4))
         rdd = spark.sparkContext.parallelize(list(enumerate(entries)), n).map(lambda ie: (ie[0], check_shard(*ie[1])))
-        if isinstance(uids, _UidFile) and uids.count > SPARK_JOIN_ABOVE_UIDS:
+        if isinstance(uids, StreamedUids) and uids.count > SPARK_JOIN_ABOVE_UIDS:
             rdd = rdd.persist(StorageLevel.MEMORY_AND_DISK)  # each shard read once, for its findings and its uids
             try:
                 out = dict(rdd.map(lambda r: (r[0], (r[1][0], r[1][1], [], r[1][3]))).collect())
@@ -287,7 +233,7 @@ def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None,
         found = [np.frombuffer(out[i][2], dtype=UID_DTYPE) for i in range(len(entries))]
     if uids is None:
         return checks, None
-    arr = uids.uids() if isinstance(uids, _UidFile) else uids
+    arr = uids.uids() if isinstance(uids, StreamedUids) else uids
     return checks, _uid_findings_here(arr, [f if c[0] is not None else None for f, c in zip(found, checks)])
 
 
@@ -316,7 +262,7 @@ def _uid_findings_here(arr: np.ndarray, found: list[np.ndarray | None]) -> _UidF
     return res
 
 
-def _uid_findings_spark(spark: Any, rdd: Any, uids: _UidFile) -> _UidFindings:
+def _uid_findings_spark(spark: Any, rdd: Any, uids: StreamedUids) -> _UidFindings:
     """:func:`_uid_findings_here` as Spark joins: the shards' uids (one row each, with its shard and
     position) against the uid file's rows (:func:`uid_file_frame`)."""
     from pyspark import StorageLevel
@@ -449,37 +395,25 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
     return res
 
 
-def _uid_count(uids: np.ndarray | _UidFile) -> int:
-    return uids.count if isinstance(uids, _UidFile) else len(uids)
+def _uid_count(uids: np.ndarray | StreamedUids) -> int:
+    return uids.count if isinstance(uids, StreamedUids) else len(uids)
 
 
-def _first_uid(uids: np.ndarray | _UidFile) -> str:
+def _first_uid(uids: np.ndarray | StreamedUids) -> str:
     """The uid file's first uid, as 32 hex chars (read alone from a streamed file)."""
-    from laiontools.contracts.uids import UID_DTYPE, array_to_uids
+    from laiontools.contracts.uids import array_to_uids
 
-    if isinstance(uids, _UidFile) and uids.held is not None:
-        uids = uids.held
-    elif isinstance(uids, _UidFile):
-        fs, p = url_to_fs(uids.path)
-        with fs.open(p, "rb") as f:
-            f.seek(uids.offset)
-            uids = np.frombuffer(f.read(UID_DTYPE.itemsize), dtype=UID_DTYPE)
-    return array_to_uids(uids[:1])[0]
+    return array_to_uids(uids.first() if isinstance(uids, StreamedUids) else uids[:1])[0]
 
 
-def _not_nested(spark: Any, arr: np.ndarray | _UidFile, parr: np.ndarray | _UidFile) -> tuple[int, int]:
+def _not_nested(spark: Any, arr: np.ndarray | StreamedUids, parr: np.ndarray | StreamedUids) -> tuple[int, int]:
     """(uids in the child's file, how many of them its parent's file lacks): in this process, or, above
     SPARK_JOIN_ABOVE_UIDS, as a Spark join of the two files read by tasks (both were streamed)."""
-    from laiontools.contracts.uids import as_sorted_set, contains, uid_file_frame
+    from laiontools.contracts.uids import as_sorted_set, contains, count_not_in
 
-    if isinstance(arr, _UidFile) and isinstance(parr, _UidFile) and max(arr.count, parr.count) > SPARK_JOIN_ABOVE_UIDS:
-        from laiontools.core.spark import shuffle_partitions
-
-        shuffle_partitions(spark, rows=arr.count + parr.count)
-        outside = uid_file_frame(spark, arr.path, binary=True).join(uid_file_frame(spark, parr.path, binary=True), "uid",
-                                                                    "left_anti").count()
-        return arr.count, int(outside)
-    a, pa_ = (x.uids() if isinstance(x, _UidFile) else x for x in (arr, parr))
+    if isinstance(arr, StreamedUids) and isinstance(parr, StreamedUids) and max(arr.count, parr.count) > SPARK_JOIN_ABOVE_UIDS:
+        return arr.count, count_not_in(spark, arr.path, parr.path)
+    a, pa_ = (x.uids() if isinstance(x, StreamedUids) else x for x in (arr, parr))
     return len(a), int((~contains(as_sorted_set(pa_), a)).sum())
 
 
