@@ -289,10 +289,18 @@ def test_an_exclusion_list_too_large_for_a_membership_udf_is_joined(spark, scrat
         for name, ex in (("dedup", d), ("loose", loose)):
             res = subsets_stage.run(_cfg(scratch, tmp_path / f"{how}-{name}", scales=f"{60 - len(excluded)},10", exclude=[ex]), spark).details
             runs[how, name] = [(Path(r["manifest"].replace("manifest.json", "uids.npy")).read_bytes(),
-                                read_manifest(r["manifest"])["selection"]["funnel"]) for r in res]
+                                read_manifest(r["manifest"])["selection"]["funnel"],
+                                read_manifest(r["manifest"])["selection"]["exclusions"]) for r in res]
     for name in ("dedup", "loose"):
         assert runs["join", name] == runs["udf", name], name
         assert _uids_of_bytes(runs["join", name][0][0]) == set(samples) - set(excluded)
+        assert runs["join", name][0][2][0]["count"] == len(excluded)  # the loose file's repeat counted once
+    # A dedup output of another pool's uids: found by a join of the two uid files (neither loaded here).
+    other = make_scratch_pool(str(tmp_path / "pool_c"), n=10, failures=0, tag="c")
+    alien = str(tmp_path / "dedup_alien")
+    _write_dedup(alien, list(pool_samples(other))[:6] + excluded[:2], read_manifest(scratch)["source"]["fingerprint"])
+    with pytest.raises(SubsetError, match="6 of 8 excluded uids are not samples"):
+        subsets_stage.run(_cfg(scratch, tmp_path / "alien", scales="5", exclude=[alien]), spark)
 
 
 def _uids_of_bytes(raw: bytes) -> set[str]:

@@ -258,10 +258,23 @@ class Exclusion:
     count: int
 
 
-def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
-    """A dedup output folder (exclude.uids.npy + dedup.json) or a bare uid .npy file; checked against the pool."""
-    from laiontools.contracts.uids import as_sorted_set, contains, is_sorted_unique, load_uids
-    from laiontools.core.storage import sha256_file
+def load_exclusion(given: str, pool: PoolInfo, spark: Any) -> Exclusion:
+    """A dedup output folder (exclude.uids.npy + dedup.json) or a bare uid .npy file; checked against the pool.
+
+    The file is read once, in pieces (its sha256, count and order); this process holds its uids only up to
+    MEMBER_UDF_MAX_UIDS, and the pool's only when both are that small. Above, the check that a dedup
+    output's uids are samples of the pool is a Spark join of the two files read by tasks (`spark`): at 2B
+    the pool's file is 32 GB, and a semantic dedup's list can be hundreds of millions of uids."""
+    from laiontools.contracts import uids as uids_mod
+    from laiontools.contracts.uids import (
+        as_sorted_set,
+        contains,
+        count_not_in,
+        load_uids,
+        scan_uid_file,
+        uid_file_frame,
+        uid_file_layout,
+    )
 
     given = abs_path(given)
     fs, p = url_to_fs(given)
@@ -281,27 +294,39 @@ def load_exclusion(given: str, pool: PoolInfo) -> Exclusion:
             log.warning("%s has no dedup.json; checking only that its uids are samples of the pool", given)
     else:
         uid_file, kind = given, "uids"
-    try:
-        arr = load_uids(uid_file)
-    except ValueError as e:
-        raise InputError(f"--exclude {uid_file}: {e}") from e
-    if not is_sorted_unique(arr):  # not written by save_uids (two lists concatenated): a set all the same
-        arr = as_sorted_set(arr)
-        log.warning("--exclude %s: its uids are not sorted and unique; taken as the set of its %d distinct uids",
-                    uid_file, len(arr))
-    if kind == "dedup" and len(arr):
+    limit = uids_mod.MEMBER_UDF_MAX_UIDS
+    scanned = scan_uid_file(uid_file, hold_up_to=limit)
+    if scanned is None:  # its header or length is off (or it changed while read): name what
+        try:
+            load_uids(uid_file)
+            uid_file_layout(uid_file)
+        except (ValueError, EOFError) as e:
+            raise InputError(f"--exclude {uid_file}: {e}") from e
+        raise InputError(f"--exclude {uid_file}: the file changed while it was read; give it again once it is written")
+    sha, ordered, ex = scanned
+    arr, count = ex.held, ex.count
+    if not ordered:  # not written by save_uids (two lists concatenated): a set all the same
+        if arr is not None:
+            arr = as_sorted_set(arr)
+            count = len(arr)
+        else:
+            count = int(uid_file_frame(spark, uid_file, binary=True).select("uid").distinct().count())
+        log.warning("--exclude %s: its uids are not sorted and unique; taken as the set of its %d distinct uids", uid_file, count)
+    if kind == "dedup" and count:
         # After a takedown the dedup output of the original pool still applies: its uids are samples of the
         # pool the takedowns started from (an excluded uid that was taken down is simply gone).
         root, root_m = lineage_root(pool.path, pool.manifest)
-        pool_uids = load_uids(resolve(root, root_m["uids"]["path"]))
-        missing = int((~contains(pool_uids, np.asarray(arr))).sum())
+        pool_file = resolve(root, root_m["uids"]["path"])
+        if arr is not None and int(root_m["uids"]["count"]) <= limit:
+            missing = int((~contains(load_uids(pool_file), np.asarray(arr))).sum())
+        else:
+            missing = count_not_in(spark, uid_file, pool_file, distinct=not ordered)
         if missing:
             raise SubsetError(
-                f"dedup output {given}: {missing} of {len(arr)} excluded uids are not samples of pool {pool.path}; "
+                f"dedup output {given}: {missing} of {count} excluded uids are not samples of pool {pool.path}; "
                 "it was made from another pool: run dedup on this pool's embeddings"
             )
-    sha, _ = sha256_file(uid_file)
-    return Exclusion(path=uid_file, given=given, kind=kind, sha256=sha, count=len(arr))
+    return Exclusion(path=uid_file, given=given, kind=kind, sha256=sha, count=count)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,7 +743,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
     ensure_output_dir(output)
     _check_same_selection(cfg, output)
     write_json(join(output, layout.SETTINGS_JSON), {"stage": "subsets", **cfg.to_dict()})
-    exclusions = [load_exclusion(e, pool) for e in cfg.exclude]
+    exclusions = [load_exclusion(e, pool, spark) for e in cfg.exclude]
 
     # The shuffles below (scores per uid, distinct eligible uids) split the pool's rows: their partition
     # count follows the pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 was
