@@ -143,6 +143,10 @@ def array_to_uids(arr: np.ndarray) -> list[str]:
     return [f"{int(hi):016x}{int(lo):016x}" for hi, lo in zip(arr["hi"], arr["lo"])]
 
 
+def empty_uids() -> np.ndarray:
+    return np.empty(0, dtype=UID_DTYPE)
+
+
 def sort_unique(arr: np.ndarray) -> np.ndarray:
     return np.unique(arr.astype(UID_DTYPE, copy=False))
 
@@ -455,7 +459,7 @@ def scan_uid_file(path: str, hold_up_to: int) -> tuple[str, bool, StreamedUids] 
             n += len(arr)
     if n != count:
         return None
-    kept = None if held is None else np.concatenate(held) if held else np.empty(0, dtype=UID_DTYPE)
+    kept = None if held is None else np.concatenate([empty_uids(), *held])
     return h.hexdigest(), ordered, StreamedUids(path, count, offset, kept)
 
 
