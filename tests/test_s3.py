@@ -279,6 +279,26 @@ def test_a_refusal_met_in_a_spark_task_says_so_and_reaches_the_driver_as_the_tas
                              "--conf spark.executorEnv.AWS_ACCESS_KEY_ID=... (docs/scale.md)]")
 
 
+def test_a_uid_file_read_by_tasks_from_a_bucket_gone_since_is_one_line(spark, s3, bucket):
+    """The joins at 2B read uid files in Spark tasks (contracts.uids.uid_file_frame): a bucket removed after
+    the driver read the file's header (as a node without the driver's access meets it) is one StorageError
+    naming the file, recovered by the driver as the tasks' line, not a worker traceback."""
+    from laiontools.contracts.uids import save_uids, uid_file_frame
+    from laiontools.core.errors import user_error_from
+
+    path = f"{bucket}/sub/uids.npy"
+    save_uids(path, [f"{i:032x}" for i in range(10)])
+    frame = uid_file_frame(spark, path, rows_per_task=4)
+    assert frame.count() == 10
+    s3.rm(bucket.removeprefix("s3://"), recursive=True)
+    s3.invalidate_cache()
+    with pytest.raises(Exception) as info:
+        frame.count()
+    got = user_error_from(info.value)
+    assert got is not None and "\n" not in str(got), str(info.value)[-2000:]
+    assert str(got).startswith(f"{path}: bucket {bucket.removeprefix('s3://')!r} does not exist"), got
+
+
 def test_prepare_refused_by_the_store_blames_the_store_not_the_file(s3, bucket, tmp_path):
     """A source file the store refuses to a prepare task is an access error naming it, not "cannot read
     it as parquet ...; check the file"."""

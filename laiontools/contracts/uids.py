@@ -536,17 +536,21 @@ def uid_file_frame(spark: Any, path: str, rows_per_task: int | None = None, bina
     def read(batches: Any) -> Any:
         import pyarrow as pa
 
-        from laiontools.core.storage import url_to_fs
+        from laiontools.core.errors import task_error
+        from laiontools.core.storage import store_errors, url_to_fs
 
         fs, p = url_to_fs(path)
-        with fs.open(p, "rb") as f:
+        # (a store's refusal here, e.g. executors without the driver's credentials, is one StorageError
+        # naming the file; the driver read its header, so a short file changed since)
+        with store_errors(path), fs.open(p, "rb") as f:
             for b in batches:
                 for t in b.column(0).to_pylist():
                     lo, hi = t * rows_per_task, min(count, (t + 1) * rows_per_task)
                     f.seek(offset + lo * UID_DTYPE.itemsize)
                     raw = f.read((hi - lo) * UID_DTYPE.itemsize)
                     if len(raw) != (hi - lo) * UID_DTYPE.itemsize:
-                        raise ValueError(f"{path}: uid file ends at uid {lo + len(raw) // UID_DTYPE.itemsize}, its header says {count} uids")
+                        raise task_error(f"{path}: uid file ends at uid {lo + len(raw) // UID_DTYPE.itemsize}, its header "
+                                         f"says {count} uids; it changed while this run read it")
                     arr = np.frombuffer(raw, dtype=UID_DTYPE)
                     uid = binary_arrow(uid_keys(arr)) if binary else hex_arrow(arr)
                     yield pa.RecordBatch.from_arrays([pa.array(np.arange(lo, hi, dtype=np.int64)), uid], ["idx", "uid"])
