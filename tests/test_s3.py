@@ -280,23 +280,30 @@ def test_a_refusal_met_in_a_spark_task_says_so_and_reaches_the_driver_as_the_tas
 
 
 def test_a_uid_file_read_by_tasks_from_a_bucket_gone_since_is_one_line(spark, s3, bucket):
-    """The joins at 2B read uid files in Spark tasks (contracts.uids.uid_file_frame): a bucket removed after
-    the driver read the file's header (as a node without the driver's access meets it) is one StorageError
-    naming the file, recovered by the driver as the tasks' line, not a worker traceback."""
-    from laiontools.contracts.uids import save_uids, uid_file_frame
+    """Spark tasks read uid files: the joins above 16M uids in pieces (contracts.uids.uid_file_frame), the
+    membership UDF below whole. A bucket removed after the driver read the file's header (as a node without
+    the driver's access meets it) is, both ways, one StorageError naming the file, recovered by the driver
+    as the tasks' line, not a worker traceback."""
+    from pyspark.sql import functions as F
+
+    from laiontools.contracts.uids import member_column, save_uids, uid_file_frame
     from laiontools.core.errors import user_error_from
 
     path = f"{bucket}/sub/uids.npy"
     save_uids(path, [f"{i:032x}" for i in range(10)])
     frame = uid_file_frame(spark, path, rows_per_task=4)
     assert frame.count() == 10
+    # the same file tested by the membership UDF (below 16M uids), not run before: no worker holds its set
+    rows = spark.createDataFrame([(f"{i:032x}",) for i in range(5, 15)], "uid string").repartition(1)
+    member = rows.select(member_column(F.col("uid"), path).alias("m"))
     s3.rm(bucket.removeprefix("s3://"), recursive=True)
     s3.invalidate_cache()
-    with pytest.raises(Exception) as info:
-        frame.count()
-    got = user_error_from(info.value)
-    assert got is not None and "\n" not in str(got), str(info.value)[-2000:]
-    assert str(got).startswith(f"{path}: bucket {bucket.removeprefix('s3://')!r} does not exist"), got
+    for query in (frame, member):
+        with pytest.raises(Exception) as info:
+            query.count() if query is frame else query.collect()
+        got = user_error_from(info.value)
+        assert got is not None and "\n" not in str(got), str(info.value)[-2000:]
+        assert str(got).startswith(f"{path}: bucket {bucket.removeprefix('s3://')!r} does not exist"), got
 
 
 def test_prepare_refused_by_the_store_blames_the_store_not_the_file(s3, bucket, tmp_path):

@@ -682,7 +682,10 @@ _UID_SET_CACHE: dict[str, UidSet] = {}
 
 def uid_set_cached(path: str) -> UidSet:
     """:class:`UidSet` of the uid file at `path`, built once per process."""
+    from laiontools.core.storage import store_errors
+
     got = _UID_SET_CACHE.get(path)
     if got is None:
-        got = _UID_SET_CACHE[path] = UidSet(np.asarray(load_uids(path, mmap=False)))  # read whole, sorted once
+        with store_errors(path):  # (in a Spark task: a refusal is one line naming the file, as the joins' reads)
+            got = _UID_SET_CACHE[path] = UidSet(np.asarray(load_uids(path, mmap=False)))  # read whole, sorted once
     return got
