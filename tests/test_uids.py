@@ -260,6 +260,36 @@ def test_count_not_in_is_set_difference_of_two_files_read_by_tasks(spark, tmp_pa
     assert count_not_in(spark, str(tmp_path / "pool.npy"), str(tmp_path / "child.npy")) == len(set(pool) - set(child)) == 260
 
 
+@pytest.mark.parametrize("piece", [1, 3, 64])
+def test_file_difference_merges_two_sorted_files_in_pieces(tmp_path, piece):
+    """file_difference (subsets --update: what a takedown removed from a pool) against Python's set
+    difference, reading pieces of 1, 3 and 64 uids: overlapping files, one far denser than the other, one
+    wholly below or above the other, empty ones; a file that is not sorted is refused, not merged wrongly."""
+    from laiontools.contracts.uids import file_difference
+
+    rng = random.Random(piece)
+    pool = sorted({_hex(rng) for _ in range(200)})
+    cases = {
+        "takedown": (pool, [u for u in pool if rng.random() > 0.05]),
+        "denser other": (pool[::10], pool),
+        "sparser other": (pool, pool[::10]),
+        "other below": (pool[100:], pool[:100]),
+        "other above": (pool[:100], pool[100:]),
+        "empty other": (pool, []),
+        "empty": ([], pool),
+        "disjoint interleaved": (pool[::2], pool[1::2]),
+    }
+    for name, (a, b) in cases.items():
+        save_uids(str(tmp_path / "a.npy"), a)
+        save_uids(str(tmp_path / "b.npy"), b)
+        got = array_to_uids(file_difference(str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), uids_per_piece=piece))
+        assert got == sorted(set(a) - set(b)), name
+    unsorted = uids_to_array(pool[:50] + pool[40:60])  # a run that goes back: two lists concatenated
+    np.save(str(tmp_path / "c.npy"), unsorted)
+    with pytest.raises(ValueError, match="not sorted and unique"):
+        file_difference(str(tmp_path / "c.npy"), str(tmp_path / "b.npy"), uids_per_piece=piece)
+
+
 def test_a_streamed_uid_file_check_finds_what_the_loaded_one_finds(tmp_path, monkeypatch):
     """verify's uid file check on the Spark path streams the file (pieces of 2 uids here) instead of
     loading it: the same findings for a sound file, one out of order exactly across two pieces, one out

@@ -463,6 +463,52 @@ def scan_uid_file(path: str, hold_up_to: int) -> tuple[str, bool, StreamedUids] 
     return h.hexdigest(), ordered, StreamedUids(path, count, offset, kept)
 
 
+def _file_pieces(path: str, uids_per_piece: int) -> Iterable[np.ndarray]:
+    """The uids of a sorted uid file, `uids_per_piece` at a time; ValueError if they are not sorted and
+    unique (a merge over them would be silently wrong)."""
+    from laiontools.core.storage import url_to_fs
+
+    offset, count = uid_file_layout(path)
+    fs, p = url_to_fs(path)
+    last = None
+    with fs.open(p, "rb") as f:
+        f.seek(offset)
+        for _ in range(0, count, uids_per_piece):
+            arr = np.frombuffer(f.read(uids_per_piece * UID_DTYPE.itemsize), dtype=UID_DTYPE)
+            if not len(arr):
+                break
+            if not is_sorted_unique(arr) or (last is not None and not _key(last) < _key(arr[0])):
+                raise ValueError(f"{path}: uids are not sorted and unique (a uid file written by laiontools is)")
+            last = arr[-1]
+            yield arr
+
+
+def _key(u: Any) -> tuple[int, int]:
+    return int(u["hi"]), int(u["lo"])
+
+
+def file_difference(path: str, other: str, uids_per_piece: int | None = None) -> np.ndarray:
+    """The uids of the sorted uid file at `path` that the sorted uid file at `other` lacks, sorted, by a
+    merge of the two read in pieces (:data:`UID_SCAN_BYTES`): this process holds a piece of each and the
+    difference, not the files (two 2B pools' files are 64 GB). Meant for files of similar density (a pool
+    and the pool a takedown made of it): the piece of `other` held spans the uids of one piece of `path`."""
+    n = uids_per_piece or UID_SCAN_BYTES // UID_DTYPE.itemsize
+    out = [empty_uids()]
+    pieces = iter(_file_pieces(other, n))
+    window, done = empty_uids(), False
+    for piece in _file_pieces(path, n):
+        while not done and (not len(window) or _key(window[-1]) < _key(piece[-1])):
+            nxt = next(pieces, None)
+            if nxt is None:
+                done = True
+            else:  # (what lies below this piece can match nothing: both files are sorted)
+                window = np.concatenate([window, nxt])
+                window = window[int(np.searchsorted(window, piece[:1])[0]):]
+        out.append(piece[~contains(window, piece)])
+        window = window[int(np.searchsorted(window, piece[-1:])[0]):]
+    return np.concatenate(out)
+
+
 def count_not_in(spark: Any, path: str, other: str, distinct: bool = False) -> int:
     """How many uids of the uid file at `path` the file at `other` lacks (`distinct`: counting a uid
     listed twice once), as a Spark join of the two files read by tasks as 16-byte keys: neither file
