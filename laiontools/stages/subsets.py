@@ -661,8 +661,9 @@ def write_update_report(cfg: SubsetsConfig, results: list[dict[str, Any]]) -> di
         label = r["scale"]
         old_m = read_manifest(join(old_dir, layout.subset_manifest(label)))
         new_m = read_manifest(r["manifest"])
-        old_u = np.asarray(load_uids(join(old_dir, layout.subset_uids(label)), mmap=False))
-        new_u = np.asarray(load_uids(join(out, layout.subset_uids(label)), mmap=False))
+        # (memory-mapped when local: the OS pages them in and out; from an object store, read whole)
+        old_u = np.asarray(load_uids(join(old_dir, layout.subset_uids(label))))
+        new_u = np.asarray(load_uids(join(out, layout.subset_uids(label))))
         d = subset_diff(old_u, new_u, gone, int(cfg.seed or 0), target=int(r["target"]),
                         eligible=int(new_m["selection"]["eligible"]), larger_new=larger,
                         old_cut=old_m["selection"].get("cut"),
