@@ -555,31 +555,45 @@ def test_reason_status_shard_ids_and_safe_paths():
     assert _safe_path("s3://key:secret@bucket/l.txt?X-Amz-Signature=abc") == "s3://bucket/l.txt"
 
 
-def test_subset_diff_proves_what_it_can_and_says_what_it_skipped():
+@pytest.mark.parametrize("given", ["arrays", "files"])
+def test_subset_diff_proves_what_it_can_and_says_what_it_skipped(given, tmp_path, monkeypatch):
+    """The same findings for subsets given as arrays and as uid files (what `subsets --update` passes: read in
+    pieces, here of 3 uids, so that no 2B subset is held whole)."""
+    from laiontools.contracts import uids as uids_mod
     from laiontools.contracts.lineage import subset_diff
     from laiontools.contracts.selection import selection_scores
-    from laiontools.contracts.uids import uids_to_array
+    from laiontools.contracts.uids import save_uids, uids_to_array
+
+    monkeypatch.setattr(uids_mod, "UID_SCAN_BYTES", 3 * 16)
+    files = iter(range(10**6))
+
+    def few(x):  # the uids taken down: an array either way
+        return np.sort(uids_to_array(x))
 
     def arr(x):
-        return np.sort(uids_to_array(x))
+        if given == "arrays":
+            return few(x)
+        path = str(tmp_path / f"{next(files)}.npy")
+        save_uids(path, x)
+        return path
 
     pool = [f"{i * 7919 + 13:032x}" for i in range(200)]
     s = dict(zip(pool, (int(x) for x in selection_scores(pool, 5))))
     ranked = sorted(pool, key=lambda u: (s[u], u))
     old, gone = ranked[:50], ranked[:10:2]  # 5 of the old subset taken down
     rest = [u for u in ranked if u not in gone]
-    d = subset_diff(arr(old), arr(rest[:50]), arr(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]))
+    d = subset_diff(arr(old), arr(rest[:50]), few(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]))
     assert d["ok"] and d["added"] == ranked[50:55] and d["removed"] == gone and d["counts"]["kept"] == 45
     # a subset that took a later item instead of the next one: caught by the ranking against the larger subset
     wrong = arr(rest[:49] + [rest[60]])
-    bad = subset_diff(arr(old), wrong, arr(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]))
+    bad = subset_diff(arr(old), wrong, few(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]))
     assert not bad["ok"] and [k for k, v in bad["checks"].items() if v is False] == ["new_is_lowest_ranked_of_larger"]
     # one that kept a taken-down uid, or lost one that was not taken down
-    assert subset_diff(arr(old), arr(old), arr(gone), 5, target=50, eligible=195)["checks"]["no_taken_down_uid_in_new"] is False
-    lost = subset_diff(arr(old), arr(old[1:] + [ranked[50]]), arr([]), 5, target=50, eligible=200)
+    assert subset_diff(arr(old), arr(old), few(gone), 5, target=50, eligible=195)["checks"]["no_taken_down_uid_in_new"] is False
+    lost = subset_diff(arr(old), arr(old[1:] + [ranked[50]]), few([]), 5, target=50, eligible=200)
     assert lost["checks"]["removed_equals_old_and_taken_down"] is False and not lost["ok"]
     # above the ranking bound the rank checks are reported as skipped, not passed
-    big = subset_diff(arr(old), arr(rest[:50]), arr(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]),
+    big = subset_diff(arr(old), arr(rest[:50]), few(gone), 5, target=50, eligible=195, larger_new=arr(rest[:100]),
                       rank_check_max=10)
     assert big["skipped"] == ["added_rank_after_old_cut", "new_is_lowest_ranked_of_larger"] and big["ok"]
     # the largest subset has no larger one to be ranked in: the run counts its eligible uids ranking after the
@@ -594,17 +608,17 @@ def test_subset_diff_proves_what_it_can_and_says_what_it_skipped():
         return sum(1 for u in rest if (s[lo], lo) < (s[u], u) <= (s[hi], hi))
 
     new = rest[:50]
-    d = subset_diff(arr(old), arr(new), arr(gone), 5, target=50, eligible=195, old_cut=cut(old[-1]),
+    d = subset_diff(arr(old), arr(new), few(gone), 5, target=50, eligible=195, old_cut=cut(old[-1]),
                     between_cuts=(cut(new[-1]), between(old[-1], new[-1])))
     assert d["checks"]["added_are_every_eligible_between_cuts"] is True and d["ok"] and between(old[-1], new[-1]) == 5
     # the largest subset took a later item instead of the next one: ranked after the old cut, the right size,
     # so only the count of eligible uids between the cuts catches it (this check did not exist: it passed)
     late = rest[:49] + [rest[60]]
-    bad = subset_diff(arr(old), arr(late), arr(gone), 5, target=50, eligible=195, old_cut=cut(old[-1]),
+    bad = subset_diff(arr(old), arr(late), few(gone), 5, target=50, eligible=195, old_cut=cut(old[-1]),
                       between_cuts=(cut(rest[60]), between(old[-1], rest[60])))
     assert [k for k, v in bad["checks"].items() if v is False] == ["added_are_every_eligible_between_cuts"] and not bad["ok"]
     # a count the run could not make is reported as skipped, not passed
-    assert subset_diff(arr(old), arr(new), arr(gone), 5, target=50, eligible=195, old_cut=cut(old[-1]),
+    assert subset_diff(arr(old), arr(new), few(gone), 5, target=50, eligible=195, old_cut=cut(old[-1]),
                        between_cuts=(cut(new[-1]), None))["skipped"] == ["added_are_every_eligible_between_cuts"]
 
 

@@ -118,18 +118,63 @@ def signed_cut(cut: dict[str, str]) -> tuple[int, str]:
     return (h - (1 << 64) if h >= 1 << 63 else h), cut["uid"]
 
 
-def subset_diff(old: np.ndarray, new: np.ndarray, removed_from_pool: np.ndarray, seed: int, *, target: int,
-                eligible: int, larger_new: np.ndarray | None = None, old_cut: dict[str, str] | None = None,
+class _Held:
+    """A sorted uid set held as an array."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr, self.count = arr, len(arr)
+
+    def minus(self, other: _Held | _OnDisk) -> np.ndarray:
+        return self.arr[~contains(other.load(), self.arr)] if self.count else self.arr
+
+    def among(self, few: np.ndarray) -> np.ndarray:
+        """The uids of this set that the sorted array `few` holds, sorted."""
+        return self.arr[contains(few, self.arr)] if len(few) and self.count else self.arr[:0]
+
+    def load(self) -> np.ndarray:
+        return self.arr
+
+
+class _OnDisk:
+    """A sorted uid file, read in pieces for the set operations (a 2B subset's is 32 GB) and loaded whole
+    only for the rank checks, which RANK_CHECK_MAX bounds."""
+
+    def __init__(self, path: str) -> None:
+        from laiontools.contracts.uids import uid_file_layout
+
+        self.path, self.count = path, uid_file_layout(path)[1]
+
+    def minus(self, other: _Held | _OnDisk) -> np.ndarray:
+        from laiontools.contracts.uids import file_difference
+
+        return file_difference(self.path, other.path) if isinstance(other, _OnDisk) else _Held(self.load()).minus(other)
+
+    def among(self, few: np.ndarray) -> np.ndarray:
+        from laiontools.contracts.uids import file_members
+
+        return file_members(self.path, few)
+
+    def load(self) -> np.ndarray:
+        return np.asarray(load_uids(self.path))
+
+
+def _uids(x: np.ndarray | str) -> _Held | _OnDisk:
+    return _OnDisk(x) if isinstance(x, str) else _Held(x)
+
+
+def subset_diff(old: np.ndarray | str, new: np.ndarray | str, removed_from_pool: np.ndarray, seed: int, *, target: int,
+                eligible: int, larger_new: np.ndarray | str | None = None, old_cut: dict[str, str] | None = None,
                 between_cuts: tuple[dict[str, str] | None, int | None] | None = None,
                 rank_check_max: int = RANK_CHECK_MAX) -> dict[str, Any]:
-    """What changed between subset uid arrays `old` and `new` (sorted UID_DTYPE) given the uids taken out
-    of the pool, and the checks that nothing else moved. `target` and `eligible` (the new run's eligible
-    count) give the size it must have; `larger_new`: the next larger new subset (None for the largest);
-    `old_cut`: the old run's recorded last (score, uid) (:func:`cut_record`), else it is computed by ranking
-    `old`. `between_cuts`, for the largest subset (the others are ranked in the next larger): (the new
-    run's recorded last (score, uid), the run's count of eligible uids ranking after `old_cut` and up to
-    it); the added uids must rank in that range and be as many, so none was skipped (a count of None: the
-    run could not count it, reported as skipped).
+    """What changed between subset uid sets `old` and `new` (sorted UID_DTYPE arrays, or the paths of
+    their uid files: then read in pieces, never held whole, but for the bounded rank checks) given the
+    uids taken out of the pool, and the checks that nothing else moved. `target` and `eligible` (the new
+    run's eligible count) give the size it must have; `larger_new`: the next larger new subset (None for
+    the largest); `old_cut`: the old run's recorded last (score, uid) (:func:`cut_record`), else it is
+    computed by ranking `old`. `between_cuts`, for the largest subset (the others are ranked in the next
+    larger): (the new run's recorded last (score, uid), the run's count of eligible uids ranking after
+    `old_cut` and up to it); the added uids must rank in that range and be as many, so none was skipped (a
+    count of None: the run could not count it, reported as skipped).
     Returns counts, the removed and added uids (hex, in rank order), the cuts, ``checks`` (name ->
     True/False, or None when skipped because a subset to rank has more than `rank_check_max` uids) and
     ``ok`` = no check False.
@@ -137,24 +182,26 @@ def subset_diff(old: np.ndarray, new: np.ndarray, removed_from_pool: np.ndarray,
     Only the changed uids are always scored; ranking `old` (when its cut is not recorded) and
     `larger_new` is bounded by `rank_check_max`.
     """
-    gone = old[~contains(new, old)] if len(old) else old
-    came = new[~contains(old, new)] if len(new) else new
-    hit = old[contains(removed_from_pool, old)] if len(removed_from_pool) and len(old) else old[:0]
+    old_set, new_set = _uids(old), _uids(new)
+    n_old, n_new = old_set.count, new_set.count
+    gone = old_set.minus(new_set)
+    came = new_set.minus(old_set)
+    hit = old_set.among(removed_from_pool)
     gone_r, _ = _ranked(gone, seed)
     came_r, came_s = _ranked(came, seed)
     cut: tuple[int, int, int] | None = None
     if old_cut is not None:
         cut = _cut_key(old_cut)
-    elif 0 < len(old) <= rank_check_max:
-        old_r, old_s = _ranked(old, seed)
-        cut = _key(old_r, old_s, len(old_r) - 1)
+    elif 0 < n_old <= rank_check_max:
+        old_r, old_scores = _ranked(old_set.load(), seed)
+        cut = _key(old_r, old_scores, len(old_r) - 1)
         old_cut = cut_record(cut[0], array_to_uids(old_r[-1:])[0])
     checks: dict[str, bool | None] = {
         "removed_equals_old_and_taken_down": bool(len(gone) == len(hit) and (len(gone) == 0 or bool(np.all(gone == hit)))),
-        "added_not_in_old": bool(not len(came) or not contains(old, came).any()),
-        "added_rank_after_old_cut": None if cut is None and len(old) else bool(not len(came) or _key(came_r, came_s, 0) > (cut or (-1, 0, 0))),
-        "size_is_target_or_all_eligible": bool(len(new) == min(target, eligible)),
-        "no_taken_down_uid_in_new": bool(not len(removed_from_pool) or not contains(removed_from_pool, new).any()),
+        "added_not_in_old": bool(not len(came) or not len(old_set.among(came))),
+        "added_rank_after_old_cut": None if cut is None and n_old else bool(not len(came) or _key(came_r, came_s, 0) > (cut or (-1, 0, 0))),
+        "size_is_target_or_all_eligible": bool(n_new == min(target, eligible)),
+        "no_taken_down_uid_in_new": bool(not len(removed_from_pool) or not len(new_set.among(removed_from_pool))),
     }
     if between_cuts is not None:
         new_cut, n_between = between_cuts
@@ -162,14 +209,15 @@ def subset_diff(old: np.ndarray, new: np.ndarray, removed_from_pool: np.ndarray,
         in_range = top is None or (new_cut is not None and top <= _cut_key(new_cut))
         checks["added_are_every_eligible_between_cuts"] = None if n_between is None else bool(in_range and len(came) == n_between)
     if larger_new is not None:
-        if len(larger_new) <= rank_check_max:
-            lower = np.sort(_ranked(larger_new, seed)[0][: len(new)])
-            checks["new_is_lowest_ranked_of_larger"] = bool(len(lower) == len(new) and np.array_equal(lower, new))
+        larger = _uids(larger_new)
+        if larger.count <= rank_check_max:
+            lower = np.sort(_ranked(larger.load(), seed)[0][:n_new])
+            checks["new_is_lowest_ranked_of_larger"] = bool(len(lower) == n_new and np.array_equal(lower, new_set.load()))
         else:
             checks["new_is_lowest_ranked_of_larger"] = None
     return {
-        "counts": {"old": len(old), "new": len(new), "removed": len(gone), "added": len(came),
-                   "kept": len(old) - len(gone), "target": int(target)},
+        "counts": {"old": n_old, "new": n_new, "removed": len(gone), "added": len(came),
+                   "kept": n_old - len(gone), "target": int(target)},
         "removed": array_to_uids(gone_r),
         "added": array_to_uids(came_r),
         "old_cut": old_cut,

@@ -509,6 +509,15 @@ def file_difference(path: str, other: str, uids_per_piece: int | None = None) ->
     return np.concatenate(out)
 
 
+def file_members(path: str, few: np.ndarray, uids_per_piece: int | None = None) -> np.ndarray:
+    """The uids of the sorted uid file at `path` that the sorted array `few` holds, sorted, reading the
+    file in pieces: what a takedown removed among a subset's uids, without holding the subset."""
+    n = uids_per_piece or UID_SCAN_BYTES // UID_DTYPE.itemsize
+    if not len(few):
+        return empty_uids()
+    return np.concatenate([empty_uids(), *(piece[contains(few, piece)] for piece in _file_pieces(path, n))])
+
+
 def count_not_in(spark: Any, path: str, other: str, distinct: bool = False) -> int:
     """How many uids of the uid file at `path` the file at `other` lacks (`distinct`: counting a uid
     listed twice once), as a Spark join of the two files read by tasks as 16-byte keys: neither file

@@ -650,7 +650,6 @@ def write_update_report(cfg: SubsetsConfig, results: list[dict[str, Any]]) -> di
     """<output>/<L>.diff.json per scale and update.json / update.txt: what changed against the old run and
     the checks of :func:`laiontools.contracts.lineage.subset_diff`; ``ok`` is False when one fails."""
     from laiontools.contracts.lineage import subset_diff, taken_down
-    from laiontools.contracts.uids import load_uids
 
     old_dir, out = abs_path(cfg.update or ""), abs_path(cfg.output)
     old_settings = read_json(join(old_dir, layout.SETTINGS_JSON))
@@ -661,9 +660,8 @@ def write_update_report(cfg: SubsetsConfig, results: list[dict[str, Any]]) -> di
         label = r["scale"]
         old_m = read_manifest(join(old_dir, layout.subset_manifest(label)))
         new_m = read_manifest(r["manifest"])
-        # (memory-mapped when local: the OS pages them in and out; from an object store, read whole)
-        old_u = np.asarray(load_uids(join(old_dir, layout.subset_uids(label))))
-        new_u = np.asarray(load_uids(join(out, layout.subset_uids(label))))
+        # (the uid files by path: read in pieces, not held, but for the rank checks RANK_CHECK_MAX bounds)
+        old_u, new_u = join(old_dir, layout.subset_uids(label)), join(out, layout.subset_uids(label))
         d = subset_diff(old_u, new_u, gone, int(cfg.seed or 0), target=int(r["target"]),
                         eligible=int(new_m["selection"]["eligible"]), larger_new=larger,
                         old_cut=old_m["selection"].get("cut"),
