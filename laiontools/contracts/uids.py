@@ -431,6 +431,10 @@ class StreamedUids:
             return np.frombuffer(f.read(UID_DTYPE.itemsize if self.count else 0), dtype=UID_DTYPE)
 
 
+def _key(u: Any) -> tuple[int, int]:
+    return int(u["hi"]), int(u["lo"])
+
+
 def scan_uid_file(path: str, hold_up_to: int) -> tuple[str, bool, StreamedUids] | None:
     """(sha256 of the file, whether its uids are sorted and unique, the file) from one pass over it,
     holding one piece of :data:`UID_SCAN_BYTES` at a time, or every piece when the file has no more than
@@ -451,9 +455,8 @@ def scan_uid_file(path: str, hold_up_to: int) -> tuple[str, bool, StreamedUids] 
             h.update(chunk)
             arr = np.frombuffer(chunk[: len(chunk) - len(chunk) % UID_DTYPE.itemsize], dtype=UID_DTYPE)
             if ordered and len(arr):
-                first = (int(arr[0]["hi"]), int(arr[0]["lo"]))
-                ordered = (last is None or last < first) and is_sorted_unique(arr)
-                last = (int(arr[-1]["hi"]), int(arr[-1]["lo"]))
+                ordered = (last is None or last < _key(arr[0])) and is_sorted_unique(arr)
+                last = _key(arr[-1])
             if held is not None:
                 held.append(arr)
             n += len(arr)
@@ -481,10 +484,6 @@ def _file_pieces(path: str, uids_per_piece: int) -> Iterable[np.ndarray]:
                 raise ValueError(f"{path}: uids are not sorted and unique (a uid file written by laiontools is)")
             last = arr[-1]
             yield arr
-
-
-def _key(u: Any) -> tuple[int, int]:
-    return int(u["hi"]), int(u["lo"])
 
 
 def file_difference(path: str, other: str, uids_per_piece: int | None = None) -> np.ndarray:
