@@ -69,10 +69,6 @@ def lineage_root(path: str, manifest: dict[str, Any] | None = None) -> tuple[str
     return chain[-1][0], chain[-1][1]
 
 
-def uid_file(path: str, manifest: dict[str, Any]) -> np.ndarray:
-    return np.asarray(load_uids(resolve(path, manifest["uids"]["path"])))
-
-
 def taken_down(ancestor: tuple[str, dict[str, Any]], pool: tuple[str, dict[str, Any]]) -> np.ndarray:
     """Sorted uids that are samples of `ancestor` but not of `pool` (each a (path, manifest) pair), by a
     merge of the two uid files read in pieces (at 2B each is 32 GB; what a takedown removed is small)."""
@@ -124,8 +120,8 @@ class _Held:
     def __init__(self, arr: np.ndarray) -> None:
         self.arr, self.count = arr, len(arr)
 
-    def minus(self, other: _Held | _OnDisk) -> np.ndarray:
-        return self.arr[~contains(other.load(), self.arr)] if self.count else self.arr
+    def minus(self, other: _Held) -> np.ndarray:
+        return self.arr[~contains(other.arr, self.arr)] if self.count else self.arr
 
     def among(self, few: np.ndarray) -> np.ndarray:
         """The uids of this set that the sorted array `few` holds, sorted."""
@@ -144,10 +140,10 @@ class _OnDisk:
 
         self.path, self.count = path, uid_file_layout(path)[1]
 
-    def minus(self, other: _Held | _OnDisk) -> np.ndarray:
+    def minus(self, other: _OnDisk) -> np.ndarray:
         from laiontools.contracts.uids import file_difference
 
-        return file_difference(self.path, other.path) if isinstance(other, _OnDisk) else _Held(self.load()).minus(other)
+        return file_difference(self.path, other.path)
 
     def among(self, few: np.ndarray) -> np.ndarray:
         from laiontools.contracts.uids import file_members
@@ -166,8 +162,8 @@ def subset_diff(old: np.ndarray | str, new: np.ndarray | str, removed_from_pool:
                 eligible: int, larger_new: np.ndarray | str | None = None, old_cut: dict[str, str] | None = None,
                 between_cuts: tuple[dict[str, str] | None, int | None] | None = None,
                 rank_check_max: int = RANK_CHECK_MAX) -> dict[str, Any]:
-    """What changed between subset uid sets `old` and `new` (sorted UID_DTYPE arrays, or the paths of
-    their uid files: then read in pieces, never held whole, but for the bounded rank checks) given the
+    """What changed between subset uid sets `old` and `new` (both sorted UID_DTYPE arrays, or both the
+    paths of their uid files: then read in pieces, never held whole, but for the bounded rank checks) given the
     uids taken out of the pool, and the checks that nothing else moved. `target` and `eligible` (the new
     run's eligible count) give the size it must have; `larger_new`: the next larger new subset (None for
     the largest); `old_cut`: the old run's recorded last (score, uid) (:func:`cut_record`), else it is
@@ -182,6 +178,8 @@ def subset_diff(old: np.ndarray | str, new: np.ndarray | str, removed_from_pool:
     Only the changed uids are always scored; ranking `old` (when its cut is not recorded) and
     `larger_new` is bounded by `rank_check_max`.
     """
+    if isinstance(old, str) != isinstance(new, str):
+        raise TypeError("subset_diff: old and new are both arrays or both uid-file paths")
     old_set, new_set = _uids(old), _uids(new)
     n_old, n_new = old_set.count, new_set.count
     gone = old_set.minus(new_set)
