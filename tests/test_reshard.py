@@ -195,6 +195,34 @@ def test_write_output_shards_restores_the_switch_interval(tmp_path):
     assert sys.getswitchinterval() == before and not (out / "shard-00001.tar").exists()
 
 
+def test_a_shard_is_reported_only_once_it_and_its_marker_are_in_place(tmp_path):
+    # A shard's finish (fsync, rename, marker) runs on a thread of its own while the next shard is
+    # packed; the caller (a task's results, the resume) must still hear of a shard only once it is
+    # finished. At every shard yielded: its file is in place with the sha256 reported (hashed here from
+    # the file), its marker holds what was reported, and no temp file of it is left.
+    import hashlib
+
+    from laiontools.core.storage import read_marker
+    from laiontools.stages.reshard import _Entry, write_output_shards
+
+    data = os.urandom(1 << 20)
+    (tmp_path / "s.tar").write_bytes(data)
+    shards = [(j, [_Entry(i, "0" * 32, "s", f"k{i}", [("bin", (j * 7 + i) * 9000, 9000, 0)], (j * 7 + i) * 9000,
+                          (j * 7 + i + 1) * 9000, 9000) for i in range(7)]) for j in range(5)]
+    out = tmp_path / "shards"
+    out.mkdir()
+    seen = []
+    for j, info in write_output_shards(iter(shards), str(out), {"s": str(tmp_path / "s.tar")}, "plan", 6, True):
+        path = out / f"shard-{j:05d}.tar"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"] and path.stat().st_size == info["bytes"]
+        assert read_marker(str(path)) == info and info["num_samples"] == 7
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".") and f"{j:05d}" in p.name]
+        seen.append(j)
+    assert seen == list(range(5))
+    with tarfile.open(out / "shard-00003.tar") as tf:
+        assert [tf.extractfile(m).read() for m in tf] == [data[(21 + i) * 9000 : (22 + i) * 9000] for i in range(7)]
+
+
 def test_scattered_local_reads_are_announced_to_the_kernel_ahead_of_them(tmp_path, monkeypatch):
     # A nested subset's samples are scattered over the source tars; read one by one from a cold disk each
     # pread waits for the device, so a shard with local sources is read in small batches (the samples stay

@@ -54,6 +54,7 @@ and started again skips the shards whose markers exist and rewrites the rest byt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -63,7 +64,7 @@ import os
 import sys
 import tarfile
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -502,8 +503,16 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
     under a temporary name, renamed, and marked. The output bytes depend only on the rows (members
     in (ext, ...) order, samples in index order), not on how the reads are batched.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     sources = _Sources(urls)
     buffer = WriteBuffer()
+    # A shard's finish (fsync, rename, then its marker: written, fsync'd, renamed) runs on this thread
+    # while the next shard is read and packed: each fsync waits for the device (~5 ms here, two a
+    # shard), time in which this process would otherwise do nothing. One thread keeps the shards'
+    # finishes in order; a shard is yielded (reported done) only once its marker is written.
+    finisher = ThreadPoolExecutor(1, thread_name_prefix="laiontools-finish")
+    pending: deque[tuple[int, dict[str, Any], Any]] = deque()
     # The shard writer's thread hashes and writes each full buffer while this one packs the next: it
     # needs the interpreter lock for a moment before and after each, and this thread, busy in Python,
     # gives it up only every switch interval (5 ms by default, longer than packing a 2 MB buffer takes).
@@ -511,6 +520,10 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
     sys.setswitchinterval(min(switch, 0.0005))
     try:
         for j, entries in rows:
+            while pending and pending[0][2].done():
+                jj, info, done = pending.popleft()
+                done.result()
+                yield jj, info
             path = join(out_dir, shard_name(j))
             if is_done(path):
                 info = read_marker(path) or {}
@@ -522,7 +535,8 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
             dots: dict[str, bytes] = {}
             fs, _ = url_to_fs(path)
             local = _is_local(fs)
-            with atomic_open(path) as raw:
+            with contextlib.ExitStack() as stack:
+                raw = stack.enter_context(atomic_open(path))
                 out = ShardWriter(raw, raw.fileno() if local else None, direct=direct, buffer=buffer)
                 try:
                     batches = _batches(entries, sources)
@@ -549,13 +563,25 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
                     digest = out.hexdigest()
                 finally:
                     out.close()
-            info = {"num_samples": len(entries), "bytes": out.n, "sha256": digest, "plan": plan_id, "sources": sorted(used)}
-            mark_done(path, info)
-            yield j, info
+                info = {"num_samples": len(entries), "bytes": out.n, "sha256": digest, "plan": plan_id, "sources": sorted(used)}
+                # From here the open temp file (atomic_open's fsync and rename) and the marker are the
+                # finisher's; an error before this line leaves the stack to remove the temp file.
+                pending.append((j, info, finisher.submit(_finish_shard, stack.pop_all(), path, info)))
+        while pending:
+            jj, info, done = pending.popleft()
+            done.result()
+            yield jj, info
     finally:
+        finisher.shutdown(wait=True)  # a shard's finish is never left half done behind an error
         sys.setswitchinterval(switch)
         sources.close()
         buffer.close()
+
+
+def _finish_shard(stack: contextlib.ExitStack, path: str, info: dict[str, Any]) -> None:
+    """Close an output shard's atomic write (fsync, rename), then write its marker."""
+    stack.close()
+    mark_done(path, info)
 
 
 def _check_members(exts: set[str], skey: str, url: str) -> None:
