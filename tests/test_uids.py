@@ -261,14 +261,16 @@ def test_count_not_in_is_set_difference_of_two_files_read_by_tasks(spark, tmp_pa
 
 
 @pytest.mark.parametrize("piece", [1, 3, 64])
-def test_file_difference_merges_two_sorted_files_in_pieces(tmp_path, piece):
-    """file_difference (subsets --update: what a takedown removed from a pool) against Python's set
-    difference, reading pieces of 1, 3 and 64 uids: overlapping files, one far denser than the other, one
-    wholly below or above the other, empty ones; a file that is not sorted is refused, not merged wrongly."""
-    from laiontools.contracts.uids import file_difference
+def test_compare_sorted_merges_two_sorted_files_in_pieces(tmp_path, piece):
+    """compare_sorted (subsets --update: what a takedown removed from a pool, and what changed between an
+    old and a new subset, in one merge) against Python's sets, reading pieces of 1, 3 and 64 uids, with the
+    inputs as files, as arrays and one of each: overlapping inputs, one far denser than the other, one wholly
+    below or above the other, empty ones; a file that is not sorted is refused, not merged wrongly."""
+    from laiontools.contracts.uids import compare_sorted, load_uids
 
     rng = random.Random(piece)
     pool = sorted({_hex(rng) for _ in range(200)})
+    few = sorted(rng.sample(pool, 30) + [_hex(rng) for _ in range(5)])  # some in neither input
     cases = {
         "takedown": (pool, [u for u in pool if rng.random() > 0.05]),
         "denser other": (pool[::10], pool),
@@ -277,17 +279,25 @@ def test_file_difference_merges_two_sorted_files_in_pieces(tmp_path, piece):
         "other above": (pool[:100], pool[100:]),
         "empty other": (pool, []),
         "empty": ([], pool),
+        "both empty": ([], []),
         "disjoint interleaved": (pool[::2], pool[1::2]),
+        "shifted": (pool[:150], pool[50:]),
     }
     for name, (a, b) in cases.items():
         save_uids(str(tmp_path / "a.npy"), a)
         save_uids(str(tmp_path / "b.npy"), b)
-        got = array_to_uids(file_difference(str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), uids_per_piece=piece))
-        assert got == sorted(set(a) - set(b)), name
+        files = (str(tmp_path / "a.npy"), str(tmp_path / "b.npy"))
+        arrays = tuple(np.asarray(load_uids(f)) for f in files)
+        want = (sorted(set(a) - set(b)), sorted(set(b) - set(a)), sorted(set(a) & set(few)), sorted(set(b) & set(few)))
+        for given in (files, arrays, (files[0], arrays[1]), (arrays[0], files[1])):
+            got = compare_sorted(*given, few=np.sort(uids_to_array(few)), uids_per_piece=piece)
+            assert tuple(array_to_uids(x) for x in got) == want, (name, [type(g).__name__ for g in given])
+        assert array_to_uids(compare_sorted(*files, uids_per_piece=piece).a_in_few) == []
     unsorted = uids_to_array(pool[:50] + pool[40:60])  # a run that goes back: two lists concatenated
     np.save(str(tmp_path / "c.npy"), unsorted)
-    with pytest.raises(ValueError, match="not sorted and unique"):
-        file_difference(str(tmp_path / "c.npy"), str(tmp_path / "b.npy"), uids_per_piece=piece)
+    for args in ((str(tmp_path / "c.npy"), str(tmp_path / "b.npy")), (str(tmp_path / "b.npy"), str(tmp_path / "c.npy"))):
+        with pytest.raises(ValueError, match="not sorted and unique"):
+            compare_sorted(*args, uids_per_piece=piece)
 
 
 def test_a_streamed_uid_file_check_finds_what_the_loaded_one_finds(tmp_path, monkeypatch):

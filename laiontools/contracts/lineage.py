@@ -24,7 +24,7 @@ import numpy as np
 
 from laiontools.contracts.manifest import manifest_sha256, read_manifest, resolve
 from laiontools.contracts.selection import selection_scores
-from laiontools.contracts.uids import array_to_uids, contains, load_uids
+from laiontools.contracts.uids import array_to_uids, load_uids
 
 MAX_HOPS = 64
 
@@ -72,10 +72,10 @@ def lineage_root(path: str, manifest: dict[str, Any] | None = None) -> tuple[str
 def taken_down(ancestor: tuple[str, dict[str, Any]], pool: tuple[str, dict[str, Any]]) -> np.ndarray:
     """Sorted uids that are samples of `ancestor` but not of `pool` (each a (path, manifest) pair), by a
     merge of the two uid files read in pieces (at 2B each is 32 GB; what a takedown removed is small)."""
-    from laiontools.contracts.uids import file_difference
+    from laiontools.contracts.uids import compare_sorted
 
     (a, am), (p, pm) = ancestor, pool
-    return file_difference(resolve(a, am["uids"]["path"]), resolve(p, pm["uids"]["path"]))
+    return compare_sorted(resolve(a, am["uids"]["path"]), resolve(p, pm["uids"]["path"])).a_only
 
 
 # Above this many uids a subset is not ranked in the driver (one blake2b per uid in Python, ~1 us, and
@@ -114,56 +114,24 @@ def signed_cut(cut: dict[str, str]) -> tuple[int, str]:
     return (h - (1 << 64) if h >= 1 << 63 else h), cut["uid"]
 
 
-class _Held:
-    """A sorted uid set held as an array."""
+def _count(x: np.ndarray | str) -> int:
+    from laiontools.contracts.uids import uid_file_layout
 
-    def __init__(self, arr: np.ndarray) -> None:
-        self.arr, self.count = arr, len(arr)
-
-    def minus(self, other: _Held) -> np.ndarray:
-        return self.arr[~contains(other.arr, self.arr)] if self.count else self.arr
-
-    def among(self, few: np.ndarray) -> np.ndarray:
-        """The uids of this set that the sorted array `few` holds, sorted."""
-        return self.arr[contains(few, self.arr)] if len(few) and self.count else self.arr[:0]
-
-    def load(self) -> np.ndarray:
-        return self.arr
+    return uid_file_layout(x)[1] if isinstance(x, str) else len(x)
 
 
-class _OnDisk:
-    """A sorted uid file, read in pieces for the set operations (a 2B subset's is 32 GB) and loaded whole
-    only for the rank checks, which RANK_CHECK_MAX bounds."""
-
-    def __init__(self, path: str) -> None:
-        from laiontools.contracts.uids import uid_file_layout
-
-        self.path, self.count = path, uid_file_layout(path)[1]
-
-    def minus(self, other: _OnDisk) -> np.ndarray:
-        from laiontools.contracts.uids import file_difference
-
-        return file_difference(self.path, other.path)
-
-    def among(self, few: np.ndarray) -> np.ndarray:
-        from laiontools.contracts.uids import file_members
-
-        return file_members(self.path, few)
-
-    def load(self) -> np.ndarray:
-        return np.asarray(load_uids(self.path))
-
-
-def _uids(x: np.ndarray | str) -> _Held | _OnDisk:
-    return _OnDisk(x) if isinstance(x, str) else _Held(x)
+def _load(x: np.ndarray | str) -> np.ndarray:
+    """A subset's uids, held: only for the rank checks, which RANK_CHECK_MAX bounds (a 2B subset's file is 32 GB)."""
+    return np.asarray(load_uids(x)) if isinstance(x, str) else x
 
 
 def subset_diff(old: np.ndarray | str, new: np.ndarray | str, removed_from_pool: np.ndarray, seed: int, *, target: int,
                 eligible: int, larger_new: np.ndarray | str | None = None, old_cut: dict[str, str] | None = None,
                 between_cuts: tuple[dict[str, str] | None, int | None] | None = None,
                 rank_check_max: int = RANK_CHECK_MAX) -> dict[str, Any]:
-    """What changed between subset uid sets `old` and `new` (both sorted UID_DTYPE arrays, or both the
-    paths of their uid files: then read in pieces, never held whole, but for the bounded rank checks) given the
+    """What changed between subset uid sets `old` and `new` (each a sorted UID_DTYPE array or the path of
+    its uid file: a file is read in pieces, in one merge of the two, never held whole but for the bounded
+    rank checks) given the
     uids taken out of the pool, and the checks that nothing else moved. `target` and `eligible` (the new
     run's eligible count) give the size it must have; `larger_new`: the next larger new subset (None for
     the largest); `old_cut`: the old run's recorded last (score, uid) (:func:`cut_record`), else it is
@@ -178,28 +146,26 @@ def subset_diff(old: np.ndarray | str, new: np.ndarray | str, removed_from_pool:
     Only the changed uids are always scored; ranking `old` (when its cut is not recorded) and
     `larger_new` is bounded by `rank_check_max`.
     """
-    if isinstance(old, str) != isinstance(new, str):
-        raise TypeError("subset_diff: old and new are both arrays or both uid-file paths")
-    old_set, new_set = _uids(old), _uids(new)
-    n_old, n_new = old_set.count, new_set.count
-    gone = old_set.minus(new_set)
-    came = new_set.minus(old_set)
-    hit = old_set.among(removed_from_pool)
+    from laiontools.contracts.uids import compare_sorted
+
+    n_old, n_new = _count(old), _count(new)
+    # One merge of the two (in pieces when they are files) gives every set the checks need.
+    gone, came, hit, new_hit = compare_sorted(old, new, removed_from_pool)
     gone_r, _ = _ranked(gone, seed)
     came_r, came_s = _ranked(came, seed)
     cut: tuple[int, int, int] | None = None
     if old_cut is not None:
         cut = _cut_key(old_cut)
     elif 0 < n_old <= rank_check_max:
-        old_r, old_scores = _ranked(old_set.load(), seed)
+        old_r, old_scores = _ranked(_load(old), seed)
         cut = _key(old_r, old_scores, len(old_r) - 1)
         old_cut = cut_record(cut[0], array_to_uids(old_r[-1:])[0])
     checks: dict[str, bool | None] = {
         "removed_equals_old_and_taken_down": bool(len(gone) == len(hit) and (len(gone) == 0 or bool(np.all(gone == hit)))),
-        "added_not_in_old": bool(not len(came) or not len(old_set.among(came))),
+        "counts_add_up": bool(n_old - len(gone) + len(came) == n_new),
         "added_rank_after_old_cut": None if cut is None and n_old else bool(not len(came) or _key(came_r, came_s, 0) > (cut or (-1, 0, 0))),
         "size_is_target_or_all_eligible": bool(n_new == min(target, eligible)),
-        "no_taken_down_uid_in_new": bool(not len(removed_from_pool) or not len(new_set.among(removed_from_pool))),
+        "no_taken_down_uid_in_new": bool(not len(new_hit)),
     }
     if between_cuts is not None:
         new_cut, n_between = between_cuts
@@ -207,10 +173,9 @@ def subset_diff(old: np.ndarray | str, new: np.ndarray | str, removed_from_pool:
         in_range = top is None or (new_cut is not None and top <= _cut_key(new_cut))
         checks["added_are_every_eligible_between_cuts"] = None if n_between is None else bool(in_range and len(came) == n_between)
     if larger_new is not None:
-        larger = _uids(larger_new)
-        if larger.count <= rank_check_max:
-            lower = np.sort(_ranked(larger.load(), seed)[0][:n_new])
-            checks["new_is_lowest_ranked_of_larger"] = bool(len(lower) == n_new and np.array_equal(lower, new_set.load()))
+        if _count(larger_new) <= rank_check_max:
+            lower = np.sort(_ranked(_load(larger_new), seed)[0][:n_new])
+            checks["new_is_lowest_ranked_of_larger"] = bool(len(lower) == n_new and np.array_equal(lower, _load(new)))
         else:
             checks["new_is_lowest_ranked_of_larger"] = None
     return {

@@ -11,7 +11,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -486,35 +486,61 @@ def _file_pieces(path: str, uids_per_piece: int) -> Iterable[np.ndarray]:
             yield arr
 
 
-def file_difference(path: str, other: str, uids_per_piece: int | None = None) -> np.ndarray:
-    """The uids of the sorted uid file at `path` that the sorted uid file at `other` lacks, sorted, by a
-    merge of the two read in pieces (:data:`UID_SCAN_BYTES`): this process holds a piece of each and the
-    difference, not the files (two 2B pools' files are 64 GB). Meant for files of similar density (a pool
-    and the pool a takedown made of it): the piece of `other` held spans the uids of one piece of `path`."""
-    n = uids_per_piece or UID_SCAN_BYTES // UID_DTYPE.itemsize
-    out = [empty_uids()]
-    pieces = iter(_file_pieces(other, n))
-    window, done = empty_uids(), False
-    for piece in _file_pieces(path, n):
-        while not done and (not len(window) or _key(window[-1]) < _key(piece[-1])):
-            nxt = next(pieces, None)
-            if nxt is None:
-                done = True
-            else:  # (what lies below this piece can match nothing: both files are sorted)
-                window = np.concatenate([window, nxt])
-                window = window[int(np.searchsorted(window, piece[:1])[0]):]
-        out.append(piece[~contains(window, piece)])
-        window = window[int(np.searchsorted(window, piece[-1:])[0]):]
-    return np.concatenate(out)
+class Compared(NamedTuple):
+    """What :func:`compare_sorted` finds, each sorted: uids only in `a`, only in `b`, and those of `a` and
+    of `b` that `few` holds."""
+
+    a_only: np.ndarray
+    b_only: np.ndarray
+    a_in_few: np.ndarray
+    b_in_few: np.ndarray
 
 
-def file_members(path: str, few: np.ndarray, uids_per_piece: int | None = None) -> np.ndarray:
-    """The uids of the sorted uid file at `path` that the sorted array `few` holds, sorted, reading the
-    file in pieces: what a takedown removed among a subset's uids, without holding the subset."""
+def _sorted_pieces(x: np.ndarray | str, uids_per_piece: int) -> Iterable[np.ndarray]:
+    """A sorted uid array as one piece, or a sorted uid file's pieces (:func:`_file_pieces`)."""
+    if isinstance(x, str):
+        return _file_pieces(x, uids_per_piece)
+    return [x] if len(x) else []
+
+
+def compare_sorted(a: np.ndarray | str, b: np.ndarray | str, few: np.ndarray | None = None,
+                   uids_per_piece: int | None = None) -> Compared:
+    """``a - b``, ``b - a``, ``a & few`` and ``b & few`` from one merge of `a` and `b`: each a sorted, unique
+    uid array or the path of a sorted uid file, read in pieces of :data:`UID_SCAN_BYTES` (a file that is
+    not sorted and unique is a ValueError, not a wrong answer). `few`: a sorted, unique array (uids taken
+    down), held. This process holds a piece of each input and the results, never a whole file: two 2B
+    subsets' files are 64 GB, and what tells them apart (a takedown, the next ranked uids) is small.
+
+    Each step takes, from both inputs, the uids up to the smaller of their two last held keys: no later
+    piece of either holds a uid at or below it (both are sorted), so that part of each is compared in full;
+    the input whose held part is used up reads its next piece. Files of any densities, one ending long
+    before the other, or empty, merge the same way."""
     n = uids_per_piece or UID_SCAN_BYTES // UID_DTYPE.itemsize
-    if not len(few):
-        return empty_uids()
-    return np.concatenate([empty_uids(), *(piece[contains(few, piece)] for piece in _file_pieces(path, n))])
+    few = empty_uids() if few is None else few
+    ia, ib = iter(_sorted_pieces(a, n)), iter(_sorted_pieces(b, n))
+    held_a, held_b, more_a, more_b = empty_uids(), empty_uids(), True, True
+    out: tuple[list[np.ndarray], ...] = ([empty_uids()], [empty_uids()], [empty_uids()], [empty_uids()])
+    while True:
+        if more_a and not len(held_a):
+            nxt = next(ia, None)
+            more_a, held_a = nxt is not None, held_a if nxt is None else nxt
+        if more_b and not len(held_b):
+            nxt = next(ib, None)
+            more_b, held_b = nxt is not None, held_b if nxt is None else nxt
+        if not len(held_a) and not len(held_b):
+            break
+        if len(held_a) and len(held_b):
+            cut = min(held_a[-1:], held_b[-1:], key=lambda u: _key(u[0]))
+            na, nb = int(np.searchsorted(held_a, cut, side="right")[0]), int(np.searchsorted(held_b, cut, side="right")[0])
+        else:  # one input is used up: the rest of the other is its own
+            na, nb = len(held_a), len(held_b)
+        pa, pb, held_a, held_b = held_a[:na], held_b[:nb], held_a[na:], held_b[nb:]
+        out[0].append(pa[~contains(pb, pa)])
+        out[1].append(pb[~contains(pa, pb)])
+        if len(few):
+            out[2].append(pa[contains(few, pa)])
+            out[3].append(pb[contains(few, pb)])
+    return Compared(*(np.concatenate(o) for o in out))
 
 
 def count_not_in(spark: Any, path: str, other: str, distinct: bool = False) -> int:
