@@ -81,6 +81,27 @@ def test_uid_set_contains_is_set_membership(case, monkeypatch):
     assert got.tolist() == contains(s.arr, uids_to_array(query)).tolist()
 
 
+def test_word_wise_sorts_and_membership_equal_python_sets():
+    # sort_uids / sort_unique sort on the two 64-bit words and contains searches the high word first; uids
+    # drawn from a few high and low words (so that many share a high word, at the ends of the set too)
+    # must give Python's sorted set and set membership, on (hi, lo) tuples.
+    from laiontools.contracts.uids import sort_uids, sort_unique
+
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n, m, k = int(rng.integers(0, 60)), int(rng.integers(0, 60)), int(rng.integers(1, 6))
+        arr = np.empty(n, UID_DTYPE)
+        arr["hi"], arr["lo"] = rng.integers(0, k, n), rng.integers(0, 8, n)
+        query = np.empty(m, UID_DTYPE)
+        query["hi"], query["lo"] = rng.integers(0, k + 1, m), rng.integers(0, 9, m)
+        pairs = list(zip(arr["hi"].tolist(), arr["lo"].tolist()))
+        assert list(zip(*(sort_uids(arr)[f].tolist() for f in ("hi", "lo")))) == sorted(pairs) or not n
+        uniq = sort_unique(arr)
+        assert list(zip(uniq["hi"].tolist(), uniq["lo"].tolist())) == sorted(set(pairs)), trial
+        want = set(pairs)
+        assert contains(uniq, query).tolist() == [(h, lo) in want for h, lo in zip(query["hi"].tolist(), query["lo"].tolist())], trial
+
+
 @pytest.mark.parametrize("arrow", [True, False])
 def test_member_column_on_spark_is_set_membership(spark, tmp_path, arrow):
     """The Spark membership column (Arrow UDF on pyspark 4.1+, pandas UDF before) against plain set

@@ -24,7 +24,7 @@ import numpy as np
 
 from laiontools.contracts.manifest import manifest_sha256, read_manifest, resolve
 from laiontools.contracts.selection import selection_scores
-from laiontools.contracts.uids import array_to_uids, load_uids
+from laiontools.contracts.uids import array_to_uids, load_uids, sort_uids
 
 MAX_HOPS = 64
 
@@ -174,7 +174,7 @@ def subset_diff(old: np.ndarray | str, new: np.ndarray | str, removed_from_pool:
         checks["added_are_every_eligible_between_cuts"] = None if n_between is None else bool(in_range and len(came) == n_between)
     if larger_new is not None:
         if _count(larger_new) <= rank_check_max:
-            lower = np.sort(_ranked(_load(larger_new), seed)[0][:n_new])
+            lower = sort_uids(_ranked(_load(larger_new), seed)[0][:n_new])
             checks["new_is_lowest_ranked_of_larger"] = bool(len(lower) == n_new and np.array_equal(lower, _load(new)))
         else:
             checks["new_is_lowest_ranked_of_larger"] = None

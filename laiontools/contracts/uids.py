@@ -147,8 +147,24 @@ def empty_uids() -> np.ndarray:
     return np.empty(0, dtype=UID_DTYPE)
 
 
+def sort_uids(arr: np.ndarray) -> np.ndarray:
+    """The uids in uid order (repeats kept), by a sort of the two 64-bit words: np.sort compares
+    structured records field by field in a generic loop, ~4x slower."""
+    arr = np.asarray(arr).astype(UID_DTYPE, copy=False)
+    return arr[np.lexsort((arr["lo"], arr["hi"]))] if len(arr) > 1 else arr.copy()
+
+
 def sort_unique(arr: np.ndarray) -> np.ndarray:
-    return np.unique(arr.astype(UID_DTYPE, copy=False))
+    """The uids sorted, each once. By a sort of the two 64-bit words (numpy compares structured records
+    field by field in a generic loop: np.unique on them took 0.74 s a million uids, this ~0.1 s)."""
+    out = sort_uids(arr)
+    if len(out) < 2:
+        return out
+    hi, lo = out["hi"], out["lo"]
+    keep = np.empty(len(out), dtype=bool)
+    keep[0] = True
+    keep[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+    return out if keep.all() else out[keep]
 
 
 def _as_u128(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,16 +189,34 @@ def as_sorted_set(arr: np.ndarray) -> np.ndarray:
     """`arr` as a sorted, unique uid array: itself when it is one already (every file save_uids wrote),
     else sorted and deduplicated. A uid file from elsewhere (two exclusion lists concatenated) is a set
     all the same; binary search on an unsorted one silently misses members."""
-    return arr if is_sorted_unique(arr) else np.unique(np.asarray(arr, dtype=UID_DTYPE))
+    return arr if is_sorted_unique(arr) else sort_unique(arr)
 
 
 def contains(sorted_set: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Boolean mask: which `query` uids are in the sorted, unique `sorted_set` (both UID_DTYPE)."""
-    if len(sorted_set) == 0:
-        return np.zeros(len(query), dtype=bool)
-    idx = np.searchsorted(sorted_set, query)
-    idx_clipped = np.minimum(idx, len(sorted_set) - 1)
-    return (idx < len(sorted_set)) & (sorted_set[idx_clipped] == query)
+    """Boolean mask: which `query` uids are in the sorted, unique `sorted_set` (both UID_DTYPE).
+
+    Searched on the high 64-bit words as plain integers, then the low words compared: a binary search on
+    the (hi, lo) records compares them field by field in numpy's generic loop, ~20x slower (1M queries
+    against 1M uids: 0.76 s against 0.04 s). Uids whose high word the set holds more than once (two
+    hashes agreeing in 64 bits: about one pair in a 4B-uid set) are searched on the records."""
+    out = np.zeros(len(query), dtype=bool)
+    if len(sorted_set) == 0 or len(query) == 0:
+        return out
+    hi, qh = np.ascontiguousarray(sorted_set["hi"]), np.ascontiguousarray(query["hi"])
+    left = np.searchsorted(hi, qh, side="left")
+    cand = np.flatnonzero(left < len(hi))
+    cand = cand[hi[left[cand]] == qh[cand]]
+    if not len(cand):
+        return out
+    at = left[cand]
+    single = (at + 1 >= len(hi)) | (hi[np.minimum(at + 1, len(hi) - 1)] != qh[cand])
+    out[cand[single]] = sorted_set["lo"][at[single]] == query["lo"][cand[single]]
+    multi = cand[~single]
+    if len(multi):
+        idx = np.searchsorted(sorted_set, query[multi])
+        clipped = np.minimum(idx, len(sorted_set) - 1)
+        out[multi] = (idx < len(sorted_set)) & (sorted_set[clipped] == query[multi])
+    return out
 
 
 def save_uids(path: str, uids: Iterable[str] | np.ndarray) -> tuple[str, int]:

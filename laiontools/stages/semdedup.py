@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from laiontools.contracts.uids import UID_DTYPE, uids_to_array
+from laiontools.contracts.uids import UID_DTYPE, sort_uids, uids_to_array
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.logs import peak_rss_mb
@@ -534,7 +534,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
     pq.write_table(table, buf, **PARQUET_WRITE)
     atomic_write_bytes(out_path, buf.getvalue())
     for lab, runs in removed_runs.items():  # sorted runs, merged by uid range on the driver (_merge_runs)
-        run_ = np.sort(np.concatenate(runs)) if runs else np.zeros(0, dtype=UID_DTYPE)
+        run_ = sort_uids(np.concatenate(runs)) if runs else np.zeros(0, dtype=UID_DTYPE)
         atomic_write_bytes(_run_path(ctx["output"], lab, uid_), _npy_bytes(run_))
     stats.update({"gallery": [g[-1] for g in sorted(gallery, reverse=True)], "seconds": round(time.time() - t0, 3),
                   "peak_rss_mb": peak_rss_mb()})
@@ -578,7 +578,7 @@ def merge_runs(paths: list[str], out_path: str, total: int, bucket_rows: int = 4
                 if hi > lo:
                     parts.append(np.asarray(r[lo:hi]))
             if parts:
-                data = np.sort(np.concatenate(parts)).tobytes()
+                data = sort_uids(np.concatenate(parts)).tobytes()
                 f.write(data)
                 h.update(data)
     return h.hexdigest(), n

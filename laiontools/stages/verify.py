@@ -240,7 +240,7 @@ def _shard_checks(entries: list[tuple[str, dict]], spark: Any | None,
 def _uid_findings_here(arr: np.ndarray, found: list[np.ndarray | None]) -> _UidFindings:
     """The checks across shards in this process: `arr` the uid file's uids, `found` each shard's (None:
     the shard is missing)."""
-    from laiontools.contracts.uids import array_to_uids, as_sorted_set, contains
+    from laiontools.contracts.uids import array_to_uids, as_sorted_set, contains, sort_unique
 
     res, seen = _UidFindings(), []
     members = as_sorted_set(arr)  # (a file that is not sorted is a finding of its own; membership stays exact)
@@ -253,7 +253,7 @@ def _uid_findings_here(arr: np.ndarray, found: list[np.ndarray | None]) -> _UidF
             res.outside[i] = (int(outside.sum()), array_to_uids(ua[at : at + 1])[0])
         seen.append(ua)
     found_all = np.concatenate(seen) if seen else arr[:0]
-    uniq = np.unique(found_all)
+    uniq = sort_unique(found_all)
     res.repeated = len(found_all) - len(uniq)
     absent = ~contains(uniq, arr)
     if absent.any():
