@@ -473,3 +473,35 @@ def test_a_gzip_compressed_shard_is_named_as_such_not_as_truncated(tmp_path):
 
     path = _tar(tmp_path / "00000.tar", [("a.jpg", b"x"), ("a.json", json.dumps({"uid": _uid(1)}).encode())], gz=True)
     assert scan_shard(path) == ([], [], ["is a gzip-compressed tar; webdataset pool shards must be plain tars (decompress it)"])
+
+
+def test_a_cut_uid_file_is_named_from_its_header_not_read_whole(tmp_path, monkeypatch):
+    # A uid file cut short (a copy that stopped) or emptied: both paths of the check (in process, and the
+    # streamed one of the Spark path) name it in the same words, from the file's header and size; neither
+    # reads it whole for that (a cut 2B uid file is 32 GB). Reads of whole uid files are counted on the real
+    # load_uids.
+    import re
+
+    import numpy as np
+
+    from laiontools.contracts import uids as uids_mod
+    from laiontools.contracts.uids import save_uids, uids_to_array
+    from laiontools.stages.verify import VerifyResult, _check_uid_file
+
+    path = str(tmp_path / "cut.uids.npy")
+    sha, _ = save_uids(path, np.sort(uids_to_array([f"{i * 7919:032x}" for i in range(22)])))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 8)  # 21.5 uids left
+    empty = str(tmp_path / "empty.uids.npy")
+    open(empty, "wb").close()
+    loads = []
+    real = uids_mod.load_uids
+    monkeypatch.setattr(uids_mod, "load_uids", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    for f, words in ((path, r"holds 344 bytes of uids, its header says 22 uids \(352 bytes\)"), (empty, "uid file is empty")):
+        found = []
+        for load in (True, False):
+            res = VerifyResult(f)
+            assert _check_uid_file(f, sha, 22, "uid file", res, load=load) is None
+            found.append([p for p in res.problems if "unreadable" in p])
+        assert found[0] == found[1] and len(found[0]) == 1 and re.search(words, found[0][0]), found
+    assert loads == []

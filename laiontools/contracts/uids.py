@@ -420,6 +420,8 @@ def uid_file_layout(path: str) -> tuple[int, int]:
     with fs.open(p, "rb") as f:
         head = f.read(1 << 16)
         size = fs.size(p)
+    if not head:
+        raise ValueError(f"{path}: uid file is empty")
     _check_npy_head(path, head[:16])
     buf = io.BytesIO(head)
     version = npformat.read_magic(buf)

@@ -75,8 +75,9 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
     file once (sha256 and order in one pass; the Spark path, where a 2B pool's 32 GB file must not be
     held by the driver) and return a :class:`StreamedUids`, which holds the uids up to
     SPARK_JOIN_ABOVE_UIDS (the driver checks those itself) and none above (Spark tasks read them). A file whose header or
-    length is off is loaded whole either way, so both paths name its fault in the same words."""
-    from laiontools.contracts.uids import is_sorted_unique, load_uids
+    length is off is named from its header and size on both paths, in the same words, never read whole for it
+    (a cut 2B uid file is 32 GB)."""
+    from laiontools.contracts.uids import is_sorted_unique, load_uids, uid_file_layout
 
     kind = _kind(path)
     if kind != "file":
@@ -92,8 +93,9 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
         res.problems.append(f"{what} {path}: sha256 {sha} differs from the manifest's {sha256} (file changed or damaged)")
     if scanned is None:
         try:
+            uid_file_layout(path)
             got = np.asarray(load_uids(path, mmap=False))
-        except ValueError as e:
+        except (ValueError, EOFError) as e:
             res.problems.append(f"{what} {path}: unreadable ({e})")
             return None
         n, ordered = len(got), len(got) <= 1 or is_sorted_unique(got)
