@@ -156,7 +156,7 @@ def sort_uids(arr: np.ndarray) -> np.ndarray:
 
 def sort_unique(arr: np.ndarray) -> np.ndarray:
     """The uids sorted, each once. By a sort of the two 64-bit words (numpy compares structured records
-    field by field in a generic loop: np.unique on them took 0.74 s a million uids, this ~0.1 s)."""
+    field by field in a generic loop: np.unique on them took 1.3 s a million uids, this 0.3 s)."""
     out = sort_uids(arr)
     if len(out) < 2:
         return out
