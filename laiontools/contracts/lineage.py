@@ -131,8 +131,8 @@ def subset_diff(old: np.ndarray | str, new: np.ndarray | str, removed_from_pool:
                 rank_check_max: int = RANK_CHECK_MAX) -> dict[str, Any]:
     """What changed between subset uid sets `old` and `new` (each a sorted UID_DTYPE array or the path of
     its uid file: a file is read in pieces, in one merge of the two, never held whole but for the bounded
-    rank checks) given the uids taken out of the pool, and the checks that nothing else moved. `target` and `eligible` (the new
-    run's eligible count) give the size it must have; `larger_new`: the next larger new subset (None for
+    rank checks) given the uids taken out of the pool, and the checks that nothing else moved. `target`
+    and `eligible` (the new run's eligible count) give the size it must have; `larger_new`: the next larger new subset (None for
     the largest); `old_cut`: the old run's recorded last (score, uid) (:func:`cut_record`), else it is
     computed by ranking `old`. `between_cuts`, for the largest subset (the others are ranked in the next
     larger): (the new run's recorded last (score, uid), the run's count of eligible uids ranking after
