@@ -213,10 +213,19 @@ def contains(sorted_set: np.ndarray, query: np.ndarray) -> np.ndarray:
     out[cand[single]] = sorted_set["lo"][at[single]] == query["lo"][cand[single]]
     multi = cand[~single]
     if len(multi):
-        idx = np.searchsorted(sorted_set, query[multi])
-        clipped = np.minimum(idx, len(sorted_set) - 1)
-        out[multi] = (idx < len(sorted_set)) & (sorted_set[clipped] == query[multi])
+        out[multi] = contains_by_records(sorted_set, query[multi])
     return out
+
+
+def contains_by_records(sorted_set: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """:func:`contains` by a binary search on the (hi, lo) records themselves: exact whatever the high
+    words, and slow (numpy compares the records field by field); contains' answer for queries whose high
+    word the set holds more than once, and bench/bench_uid_merge.py's baseline."""
+    if len(sorted_set) == 0:
+        return np.zeros(len(query), dtype=bool)
+    idx = np.searchsorted(sorted_set, query)
+    clipped = np.minimum(idx, len(sorted_set) - 1)
+    return (idx < len(sorted_set)) & (sorted_set[clipped] == query)
 
 
 def save_uids(path: str, uids: Iterable[str] | np.ndarray) -> tuple[str, int]:

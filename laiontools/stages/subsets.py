@@ -299,7 +299,6 @@ def load_exclusion(given: str, pool: PoolInfo, spark: Any) -> Exclusion:
     if scanned is None:  # its header or length is off (or it changed while read): name what, from the
         try:              # header and the file's size (a 2B list is 32 GB: not read whole to say it is cut)
             uid_file_layout(uid_file)
-            load_uids(uid_file)
         except (ValueError, EOFError) as e:
             raise InputError(f"--exclude {uid_file}: {e}") from e
         raise InputError(f"--exclude {uid_file}: the file changed while it was read; give it again once it is written")

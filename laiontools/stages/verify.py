@@ -69,10 +69,13 @@ def _kind(path: str) -> str:
     return "file" if info.get("type") == "file" else "other"
 
 
+_HOLD_ALL = 1 << 62  # scan_uid_file's hold_up_to for the in-process check: keep every uid it reads
+
+
 def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: VerifyResult,
                     load: bool = True) -> np.ndarray | StreamedUids | None:
-    """Present, sha256, count, sorted and unique. `load`: return the uids (in process); else stream the
-    file once (sha256 and order in one pass; the Spark path, where a 2B pool's 32 GB file must not be
+    """Present, sha256, count, sorted and unique, from one pass over the file. `load`: return the uids
+    (in process); else stream the file once (sha256 and order in one pass; the Spark path, where a 2B pool's 32 GB file must not be
     held by the driver) and return a :class:`StreamedUids`, which holds the uids up to
     SPARK_JOIN_ABOVE_UIDS (the driver checks those itself) and none above (Spark tasks read them). A file whose header or
     length is off is named from its header and size on both paths, in the same words, never read whole for it
@@ -83,15 +86,16 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
     if kind != "file":
         res.problems.append(f"{what} {path}: " + ("missing" if kind == "missing" else "not a regular file"))
         return None
-    scanned = None if load else scan_uid_file(path, hold_up_to=SPARK_JOIN_ABOVE_UIDS)
+    # One pass: sha256, order, and the uids themselves when they are held (every one in process).
+    scanned = scan_uid_file(path, hold_up_to=_HOLD_ALL if load else SPARK_JOIN_ABOVE_UIDS)
     if scanned is not None:
-        sha, ordered, got = scanned
-        n = got.count
+        sha, ordered, streamed = scanned
+        n, got = streamed.count, (streamed.held if load else streamed)
     else:
         sha, _ = sha256_file(path)
     if sha != sha256:
         res.problems.append(f"{what} {path}: sha256 {sha} differs from the manifest's {sha256} (file changed or damaged)")
-    if scanned is None:
+    if scanned is None:  # its header or length is off (named from those), or it changed while it was read
         try:
             uid_file_layout(path)
             got = np.asarray(load_uids(path, mmap=False))
