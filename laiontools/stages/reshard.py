@@ -175,9 +175,11 @@ def shard_name(j: int) -> str:
     return f"shard-{j:05d}.tar"
 
 
-def new_key(j: int, i: int, width: int) -> str:
-    """Unique webdataset key: shard number then index, fixed widths (no dots: webdataset splits on them)."""
-    return f"{j:05d}{i:0{width}d}"
+def key_format(j: int, width: int) -> tuple[str, str]:
+    """(prefix, format spec) of output shard j's sample keys: ``prefix + format(i, spec)`` is sample i's
+    unique webdataset key, the shard number then the index, fixed widths (no dots: webdataset splits on
+    them). Made once a shard: a call and a nested format per sample were ~1.5 % of the write."""
+    return f"{j:05d}", f"0{width}d"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,7 +534,7 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
             entries = sorted((e if isinstance(e, _Entry) else _entry(*e) for e in entries), key=lambda e: e.i)
             used: set[str] = set()
             dots: dict[str, bytes] = {}
-            prefix, ifmt = f"{j:05d}", f"0{width}d"  # new_key(j, i, width) without a call and a format per sample
+            prefix, ifmt = key_format(j, width)
             fs, _ = url_to_fs(path)
             local = _is_local(fs)
             with contextlib.ExitStack() as stack:
