@@ -59,15 +59,14 @@ def count(manifest: str, shard_size: int) -> tuple[int, collections.Counter, col
                 sys.settrace(None)
             yield item
 
-    out = tempfile.mkdtemp(prefix="laiontools-bytecodes-")
+    work = tempfile.mkdtemp(prefix="laiontools-bytecodes-")
     cpus = os.cpu_count
     reshard.write_output_shards, os.cpu_count = traced, lambda: 1  # type: ignore[assignment]
     try:
-        shutil.rmtree(out)
-        reshard.run(reshard.ReshardConfig(manifest=manifest, output=out, shard_size=shard_size))
+        reshard.run(reshard.ReshardConfig(manifest=manifest, output=os.path.join(work, "out"), shard_size=shard_size))
     finally:
         reshard.write_output_shards, os.cpu_count = write, cpus  # type: ignore[assignment]
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return int(read_manifest(manifest)["num_samples"]), ops, calls
 
 
