@@ -33,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from laiontools.contracts.uids import UID_DTYPE, normalize_url, sort_uids
+from laiontools.contracts.uids import normalize_url, sort_uids, uids_to_array
 from laiontools.core.errors import UserError
 from laiontools.core.storage import is_local, sha256_bytes, url_to_fs
 from laiontools.web.policy import canonical_host, host_ip
@@ -120,8 +120,7 @@ class RemovalList:
 
     def uid_array(self) -> np.ndarray:
         """The listed uids as a sorted UID_DTYPE array (for searchsorted against uid files)."""
-        arr = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in self.uids], dtype=UID_DTYPE)
-        return sort_uids(arr)
+        return sort_uids(uids_to_array(self.uids))  # (the keys: 32 hex chars each, checked as the list was read)
 
     def match(self, *, url: str | None = None, uid: str | None = None, sha256: str | None = None,
               md5: str | None = None, phash: str | None = None) -> Match | None:
