@@ -511,6 +511,36 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
     _same_output(str(tmp_path / "s"), mixed)
 
 
+def test_the_compiled_per_sample_path_and_the_python_one_write_the_same_shards(subset, resharded, tmp_path, monkeypatch):
+    """In process, with laiontools.wds._tarfast (counted: it must answer for every sample, or this
+    compares the Python path with itself) and with it turned off: both write, byte for byte, the
+    shards and manifest of the fixture's Spark run."""
+    from laiontools.wds import writer
+
+    if reshard_stage._native_members is None:
+        pytest.skip("laiontools.wds._tarfast is not built (tests/test_tarfast.py says why)")
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    calls = str(tmp_path / "answered")
+    native = reshard_stage._native_members
+
+    def counted(raw, skey):  # the tasks run in forked processes: each answer is one byte appended to a file
+        got = native(raw, skey)
+        if got is not None:
+            fd = os.open(calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.write(fd, b".")
+            os.close(fd)
+        return got
+
+    monkeypatch.setattr(reshard_stage, "_native_members", counted)
+    fast = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "fast"), shard_size=8)).details
+    assert fast["engine"] == "in-process" and os.path.getsize(calls) == fast["num_samples"] > 0
+    _same_output(resharded, str(tmp_path / "fast"))
+    monkeypatch.setattr(reshard_stage, "_native_members", None)
+    monkeypatch.setattr(writer, "_pack_members", None)
+    reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "python"), shard_size=8))
+    _same_output(resharded, str(tmp_path / "python"))
+
+
 def test_a_task_keeps_few_files_of_a_store_open(tmp_path):
     """Local source shards stay open by the hundred, but a file of another file system (an object store's
     holds a 4 MB block) is kept open only REMOTE_MAX_OPEN at a time. fsspec's memory file system stands

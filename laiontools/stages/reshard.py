@@ -108,7 +108,7 @@ from laiontools.core.storage import (
 )
 from laiontools.wds.keys import base_plus_ext
 from laiontools.wds.samples import POOL_IMAGE_EXTS
-from laiontools.wds.tarscan import parse_span
+from laiontools.wds.tarscan import parse_span, span_members_native
 from laiontools.wds.writer import ShardWriter, WriteBuffer
 
 log = logging.getLogger(__name__)
@@ -451,6 +451,10 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
     return got
 
 
+# tarscan's compiled span parse (None: not built or turned off); a name here so tests can compare both.
+_native_members = span_members_native
+
+
 def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, int]]:
     """Read a sample's span (from the catalog) and return its members sorted by ext, checking that
     the bytes are that sample's tar members and nothing else."""
@@ -461,19 +465,23 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
             "another sha256 than the catalog recorded at download; the shard changed since download: run "
             "`laiontools verify` on the pool and re-download the shards it names"
         )
-    members = parse_span(raw)  # bytes, not a view: parse_span would copy a view
-    out = []
-    for name, off, size, mtime in members or ():
-        key, ext = base_plus_ext(name)
-        if key != e.skey or not ext:
-            members = None
-            break
-        out.append((ext, off, size, mtime))
-    if not members:
-        raise task_error(
-            f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} are not "
-            "its tar members; the shard changed since download: run `laiontools verify` on the pool"
-        )
+    # The compiled parse takes the plain form of a span (what download, webdataset and img2dataset write)
+    # and answers None for anything else, which the Python code below then reads or refuses.
+    out = _native_members(raw, e.skey) if _native_members is not None else None
+    if out is None:
+        members = parse_span(raw)  # bytes, not a view: parse_span would copy a view
+        out = []
+        for name, off, size, mtime in members or ():
+            key, ext = base_plus_ext(name)
+            if key != e.skey or not ext:
+                members = None
+                break
+            out.append((ext, off, size, mtime))
+        if not members:
+            raise task_error(
+                f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} are not "
+                "its tar members; the shard changed since download: run `laiontools verify` on the pool"
+            )
     _check_members({m[0] for m in out}, e.skey, sources.urls[e.sid])
     buf = memoryview(raw)
     return [(ext, buf[off : off + size], mtime) for ext, off, size, mtime in sorted(out)]

@@ -20,6 +20,11 @@ import tarfile
 from typing import BinaryIO
 
 from laiontools.wds.keys import base_plus_ext
+from laiontools.wds.native import native
+
+# :func:`parse_span` plus webdataset's key rule for the plain form of a span, compiled (None when the
+# extension is not built or is turned off; see laiontools/wds/native.py).
+span_members_native = getattr(native, "span_members", None)
 
 BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(BLOCK)

@@ -13,6 +13,8 @@ import os
 import tarfile
 from typing import BinaryIO
 
+from laiontools.wds.native import native
+
 # Fixed tar header fields so a rewritten shard is byte-identical.
 TAR_MODE = 0o644
 
@@ -39,6 +41,7 @@ class ShardWriter:
     """
 
     BIG = 4096  # payloads at least this large are copied straight into the buffer
+    SMALL_PUT = 256 << 10  # the compiled packing hands its small buffer on from this size
     ALIGN = 4096
 
     def __init__(self, f: BinaryIO, fd: int | None, direct: bool = False, buffer: WriteBuffer | None = None) -> None:
@@ -72,8 +75,15 @@ class ShardWriter:
     def add_sample(self, kb: bytes, members: list[tuple[bytes, bytes | memoryview, int]]) -> None:
         """The members [(b".ext", data, mtime)] of one sample under key `kb`, each as its
         :func:`tar_header`, data and zero padding to 512 bytes (small pieces packed together, large
-        payloads copied straight into the buffer)."""
+        payloads copied straight into the buffer). The compiled :func:`pack_members` packs the plain
+        case (every name up to 100 bytes) the same way, all into the small buffer, handed on in pieces
+        of SMALL_PUT bytes or more: the same bytes in the same order."""
         small = self.small
+        if _pack_members is not None and _pack_members(small, kb, members, _TMPL):
+            if len(small) >= self.SMALL_PUT:
+                self._put(small)
+                small.clear()
+            return
         for extb, data, mtime in members:
             size = len(data)
             small += ustar_header(kb + extb, size, mtime)
@@ -232,6 +242,8 @@ def _header_template() -> bytes:
 
 
 _TMPL = _header_template()
+# ShardWriter.add_sample's compiled fast path (None: not built, or turned off; see laiontools/wds/native.py).
+_pack_members = getattr(native, "pack_members", None)
 _TMPL_MID = _TMPL[100:124]  # mode, uid, gid
 _TMPL_TAIL = _TMPL[156:]  # type flag .. end of block
 ZEROS = bytes(tarfile.RECORDSIZE)
