@@ -30,6 +30,7 @@ bench-out/reshard_nested.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -208,6 +209,23 @@ class _PhaseTimes:
         logging.getLogger("laiontools.stages.reshard").removeHandler(self.handler)
 
 
+@contextlib.contextmanager
+def _compiled_off(off: bool):
+    """Reshard's per-sample parse and packing in Python (as without a C compiler) while `off`: the
+    module attributes the stage reads, set before its task processes fork (Spark's workers, in other
+    processes, keep the compiled path)."""
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.wds import writer
+
+    saved = reshard_stage._native_members, writer._pack_members
+    if off:
+        reshard_stage._native_members = writer._pack_members = None
+    try:
+        yield
+    finally:
+        reshard_stage._native_members, writer._pack_members = saved
+
+
 def evict(root: str) -> None:
     """Drop the pool's source tars and catalog from the page cache (fsync, then POSIX_FADV_DONTNEED: no
     root needed), so that the next run reads them from the disk, as a pool of LAION size is read."""
@@ -223,11 +241,13 @@ def evict(root: str) -> None:
 
 
 def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: list[float], repeats: int,
-           engine: str = "default", cold: bool = False) -> dict:
+           engine: str = "default", cold: bool = False, compare_python: bool = False) -> dict:
     """Reshard subsets holding `fractions` of one pool against a plain copy of the same bytes.
     `engine`: "default" runs reshard as the CLI does (in process below --spark-above catalog rows),
     "spark" on the bench's Spark session. `cold`: the pool is dropped from the page cache before every
-    reshard and every copy (both read it from the disk); otherwise both read it from the page cache."""
+    reshard and every copy (both read it from the disk); otherwise both read it from the page cache.
+    `compare_python`: also reshard each subset with the compiled per-sample path off (laiontools.wds._tarfast),
+    alternated with the default run, and report both."""
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages import subsets as subsets_stage
@@ -250,18 +270,26 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
         m = read_manifest(sub)
         shard_size = max(100, target // 16)  # >= 16 output shards: both task slots busy
         copies, reshards, phases, touched = [], [], [], None
+        pure_s, pure_phases = [], []
         res = None
         for r in range(repeats):
             dst = os.path.join(root, f"reshard-{target}")
-            shutil.rmtree(dst, ignore_errors=True)
-            if cold:
-                evict(root)
-            with _PhaseTimes() as ph:
-                t = time.perf_counter()
-                res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size),
-                                        spark if engine == "spark" else None).details
-                reshards.append(time.perf_counter() - t)
-            phases.append(dict(ph))
+            # --compare-python: the same reshard with the compiled per-sample path off, before or after
+            # the default one by turns (the machine's speed drifts), the same output checked
+            written = {}
+            for pure in ([r % 2 == 0, r % 2 == 1] if compare_python else [False]):
+                shutil.rmtree(dst, ignore_errors=True)
+                if cold:
+                    evict(root)
+                with _PhaseTimes() as ph, _compiled_off(pure):
+                    t = time.perf_counter()
+                    res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size),
+                                            spark if engine == "spark" else None).details
+                    (pure_s if pure else reshards).append(time.perf_counter() - t)
+                (pure_phases if pure else phases).append(dict(ph))
+                written[pure] = read_manifest(os.path.join(dst, "subset.manifest.json"))["shards"]  # names, sizes, sha256
+            if len(set(map(json.dumps, written.values()))) > 1:
+                raise AssertionError("the compiled and the Python per-sample paths wrote different shards")
             if touched is None:  # how scattered the reads are: source tars the subset's samples come from
                 from laiontools.core.storage import read_marker
 
@@ -286,6 +314,12 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
             "ratio": round(copy_s / reshard_s, 3), "write_phase_mb_s": round(mb / write_s, 1) if write_s > 0 else None,
             "ratio_write_phase": round(copy_s / write_s, 3) if write_s > 0 else None,
         })
+        if compare_python:
+            py_s = med(pure_s)
+            py_write = med([p.get("write_s", float("nan")) for p in pure_phases])
+            out["subsets"][-1].update({"python_reshard_s": [round(x, 2) for x in pure_s], "python_phases_s": pure_phases,
+                                       "python_ratio": round(copy_s / py_s, 3), "python_ratio_write_phase": round(copy_s / py_write, 3),
+                                       "compiled_speedup": round(py_s / reshard_s, 3), "compiled_speedup_write_phase": round(py_write / write_s, 3)})
         print(json.dumps(out["subsets"][-1]), flush=True)
     return out
 
@@ -345,6 +379,8 @@ def main() -> int:
                     help="nested mode: reshard as the CLI runs it (default: in process below --spark-above catalog rows) or on Spark local[2]")
     ap.add_argument("--cold", action="store_true",
                     help="nested mode: drop the pool from the page cache before every reshard and copy (both read from disk)")
+    ap.add_argument("--compare-python", action="store_true",
+                    help="nested mode: also reshard with the compiled per-sample path off (as without a C compiler), alternated, and report both")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()
@@ -431,11 +467,11 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
     fractions = [float(x) for x in a.subset_fractions.split(",")]
     with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
         one_size(spark, work, 1, 50, 4, 10, 1)  # warm-up (JVM JIT, Python workers): not reported
-        out = nested(spark, work, a.shards, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold)
+        out = nested(spark, work, a.shards, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold, a.compare_python)
         if a.scale_up:
             # The same fractions of a pool scale_up times larger: the extra bytes over the extra seconds
             # is the throughput with Spark's fixed cost per run (plan jobs, task start) taken out.
-            big = nested(spark, work, a.shards * a.scale_up, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold)
+            big = nested(spark, work, a.shards * a.scale_up, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold, a.compare_python)
             out["larger_pool"] = big
             out["marginal"] = []
             for s1, s2 in zip(out["subsets"], big["subsets"]):
@@ -459,6 +495,9 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
     for r in out["subsets"]:
         print(f"{r['fraction']:>8} {r['samples']:>8} {r['mb']:>7.1f} {r['source_tars_read']:>9} {r['copy_mb_s']:>10.1f} "
               f"{r['reshard_mb_s']:>13.1f} {r['ratio']:>6.3f} {r['ratio_write_phase'] or float('nan'):>18.3f}")
+        if "compiled_speedup" in r:
+            print(f"{'':>8} Python per-sample path (compiled off): ratio {r['python_ratio']:.3f}, write phase {r['python_ratio_write_phase']:.3f}; "
+                  f"compiled {r['compiled_speedup']:.2f}x faster end to end, {r['compiled_speedup_write_phase']:.2f}x in the write phase")
     for r in out.get("larger_pool", {}).get("subsets", []):
         print(f"{r['fraction']:>8} {r['samples']:>8} {r['mb']:>7.1f} {r['source_tars_read']:>9} {r['copy_mb_s']:>10.1f} "
               f"{r['reshard_mb_s']:>13.1f} {r['ratio']:>6.3f} {r['ratio_write_phase'] or float('nan'):>18.3f}")
