@@ -192,7 +192,7 @@ def _fingerprint_probe() -> Any:
         files = []
         for d, dirs, names in os.walk(root, followlinks=True):  # schemas/ is a link in a checkout, a folder when installed
             dirs[:] = [x for x in dirs if x != "__pycache__"]
-            files += [os.path.join(d, x) for x in names if x.endswith((".py", ".json"))]  # what a wheel installs
+            files += [os.path.join(d, x) for x in names if x.endswith((".py", ".json", ".c"))]  # what a wheel installs
         h = hashlib.sha256()
         for name, path in sorted((os.path.relpath(f, root).replace(os.sep, "/"), f) for f in files):
             with open(path, "rb") as fh:
@@ -206,9 +206,10 @@ def _fingerprint_probe() -> Any:
 
 def code_fingerprint() -> dict[str, str]:
     """What this process runs of laiontools: its version, the sha256 of its package's code and data
-    (each ``.py`` and ``.json`` file: name and bytes, the files a wheel installs) and the folder it was
-    imported from. A checkout and an install of the same commit give the same sha256; one changed file
-    changes it."""
+    (each ``.py``, ``.json`` and ``.c`` file: name and bytes, the files a wheel installs) and the folder it
+    was imported from. A checkout and an install of the same commit give the same sha256; one changed file
+    changes it. Whether the optional compiled module was built is not part of it: built or not, the stages
+    write the same bytes (laiontools/wds/native.py)."""
     if not _FINGERPRINT:
         _, version, sha, path = next(_fingerprint_probe()(None))
         _FINGERPRINT.update(version=version, sha256=sha, path=path)
