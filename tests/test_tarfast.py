@@ -100,6 +100,7 @@ def test_span_members_answers_as_python_on_every_flavour_and_is_used_on_the_plai
             assert native.span_members(span, key) == want, (flavour, key)
             assert native.span_members(memoryview(span), key) == want
             assert native.span_members(span, key + "0") is None and native.span_members(span, key[:-1]) is None
+            assert native.span_members(span, key + "\udcff") is None  # a key UTF-8 cannot encode: handed back
 
 
 def _odd_pax_spans():

@@ -84,9 +84,16 @@ static int plain_name(const unsigned char *s, Py_ssize_t len) {
  * outside plain ASCII, a number in another form, damage): the caller then runs the Python code. */
 static PyObject *span_members(PyObject *self, PyObject *args) {
     Py_buffer view;
-    const char *skey;
+    PyObject *skey_obj;
     Py_ssize_t skey_len;
-    if (!PyArg_ParseTuple(args, "y*s#", &view, &skey, &skey_len)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*U", &view, &skey_obj)) return NULL;
+    /* a key that UTF-8 cannot encode (lone surrogates) cannot be a plain name: Python's */
+    const char *skey = PyUnicode_AsUTF8AndSize(skey_obj, &skey_len);
+    if (skey == NULL) {
+        PyErr_Clear();
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
     const unsigned char *b = (const unsigned char *)view.buf;
     Py_ssize_t n = view.len, pos = 0;
     PyObject *out = PyList_New(0);
