@@ -235,3 +235,58 @@ def test_shard_writer_bytes_are_the_same_with_and_without_the_extension(monkeypa
             with tarfile.open(fileobj=io.BytesIO(fast[0])) as tf:
                 names = tf.getnames()
             assert names == [(kb + ext).decode() for kb, ms in samples for ext, _, _ in ms]
+
+
+_FUZZ = r"""
+import os, random, sys
+sys.path.insert(0, sys.argv[1])
+import laiontools.wds._tarfast as t
+import test_tarfast as T
+print(t.__file__)
+T.test_span_members_answers_as_python_on_every_flavour_and_is_used_on_the_plain_ones()
+T.test_span_members_hands_back_what_python_reads_otherwise()
+T.test_span_members_never_answers_otherwise_than_python_on_damaged_spans()
+T.test_pack_members_writes_the_python_bytes_and_hands_back_the_rest()
+rng = random.Random(1)
+for i in range(20000):  # header scaffolds over random bytes, whole blocks and a cut last one
+    n = rng.choice([0, 1, 511, 512, 513, 1024, 1536, 2048, rng.randrange(0, 3073)])
+    b = bytearray(rng.randbytes(n))
+    for h in range(0, n, 512):
+        if rng.random() < 0.8 and h + 262 <= n:
+            b[h + 257 : h + 262] = b"ustar"
+            b[h + 156] = rng.choice(b"x0\x005")
+            b[h + 124 : h + 136] = rng.choice([b"00000000000\0", b"%011o\0" % rng.randrange(0, 4000), b"77777777777\0", b"1\0"])
+            if b[h + 156] == 0x78 and h + 1024 <= n and rng.random() < 0.5:
+                rec = rng.choice([b"30 mtime=1700000000.000000001\n", b"12 path=k.jpg\n", b"9 size=5\n", b"99 path=x\n"])
+                b[h + 512 : h + 512 + len(rec)] = rec
+    t.span_members(bytes(b), rng.choice(["k", "", "000001"]))
+print("fuzzed")
+"""
+
+
+def test_the_parser_reads_no_byte_outside_its_input_under_address_sanitizer(tmp_path):
+    """The compiled parser reads tar bytes from any pool: built here with AddressSanitizer and UBSan, it
+    runs the comparisons above and 20k random header scaffolds with no out-of-bounds access or undefined
+    behaviour (either aborts the process)."""
+    import subprocess
+    import sys
+
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc}) here")
+    libs = [subprocess.run([cc, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip() for lib in ("libasan.so", "libubsan.so")]
+    if not all(os.path.isabs(p) and os.path.exists(p) for p in libs):
+        pytest.skip(f"{cc} has no AddressSanitizer / UBSan runtime here")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copytree(os.path.join(root, "laiontools"), tmp_path / "laiontools", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    so = tmp_path / "laiontools" / "wds" / ("_tarfast" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run([cc, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+                    "-fPIC", "-shared", f"-I{sysconfig.get_paths()['include']}", str(tmp_path / "laiontools" / "wds" / "_tarfast.c"),
+                    "-o", str(so)], check=True, capture_output=True)
+    # PYTHONMALLOC=malloc: every bytes object its own allocation, with ASan's red zones around it
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LD_PRELOAD": ":".join(libs), "ASAN_OPTIONS": "detect_leaks=0", "PYTHONMALLOC": "malloc",
+           "UBSAN_OPTIONS": "print_stacktrace=1"}
+    env.pop(native_mod.PURE_PYTHON_ENV, None)
+    res = subprocess.run([sys.executable, "-c", _FUZZ, os.path.join(root, "tests")], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.split() == [str(so), "fuzzed"], (res.stdout[-2000:], res.stderr[-4000:])
