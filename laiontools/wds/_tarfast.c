@@ -194,15 +194,17 @@ fail:
 static PyObject *pack_members(PyObject *self, PyObject *args) {
     PyObject *small, *members;
     Py_buffer kb, tmpl;
-    if (!PyArg_ParseTuple(args, "Yy*O!y*", &small, &kb, &PyList_Type, &members, &tmpl)) return NULL;
+    if (!PyArg_ParseTuple(args, "Yy*Oy*", &small, &kb, &members, &tmpl)) return NULL;
     PyObject *result = NULL;
-    Py_ssize_t k = PyList_GET_SIZE(members), total = 0;
+    Py_ssize_t k = 0, total = 0;
     Py_buffer *data = NULL;
     Py_ssize_t got = 0;
     if (tmpl.len != BLOCK) {
         PyErr_SetString(PyExc_ValueError, "template is not one 512-byte block");
         goto done;
     }
+    if (!PyList_Check(members)) goto not_fast; /* a tuple or any other iterable: the Python packing */
+    k = PyList_GET_SIZE(members);
     data = PyMem_Calloc(k ? k : 1, sizeof(Py_buffer));
     if (data == NULL) {
         PyErr_NoMemory();
