@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: demo test lint bench install clean
 
-$(STAMP): pyproject.toml setup.py laiontools/wds/_tarfast.c
+$(STAMP): pyproject.toml setup.py laiontools/wds/tarfast.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $(STAMP)

@@ -246,7 +246,7 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
     `engine`: "default" runs reshard as the CLI does (in process below --spark-above catalog rows),
     "spark" on the bench's Spark session. `cold`: the pool is dropped from the page cache before every
     reshard and every copy (both read it from the disk); otherwise both read it from the page cache.
-    `compare_python`: also reshard each subset with the compiled per-sample path off (laiontools.wds._tarfast),
+    `compare_python`: also reshard each subset with the compiled per-sample path off (laiontools.wds.tarfast),
     alternated with the default run, and report both."""
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage

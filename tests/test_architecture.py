@@ -107,14 +107,9 @@ def test_no_import_cycles():
     assert _cycles(graph) == []
 
 
-# A compiled module (no .py source) and the one module that wraps it, which alone may import it.
-COMPILED_WRAPPERS = {("laiontools.wds", "_tarfast"): "laiontools.wds.native"}
-
-
 def test_no_private_imports_across_modules():
     _, private = _graph()
-    assert [p for p in private if COMPILED_WRAPPERS.get(p[1:]) != p[0]] == []
-    assert all(ROOT.joinpath(*mod.split("."), name + ".c").exists() for mod, name in COMPILED_WRAPPERS)
+    assert private == []
 
 
 def test_library_modules_do_not_import_stages():

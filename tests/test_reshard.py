@@ -512,13 +512,13 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
 
 
 def test_the_compiled_per_sample_path_and_the_python_one_write_the_same_shards(subset, resharded, tmp_path, monkeypatch):
-    """In process, with laiontools.wds._tarfast (counted: it must answer for every sample, or this
+    """In process, with laiontools.wds.tarfast (counted: it must answer for every sample, or this
     compares the Python path with itself) and with it turned off: both write, byte for byte, the
     shards and manifest of the fixture's Spark run."""
     from laiontools.wds import writer
 
     if reshard_stage._native_members is None:
-        pytest.skip("laiontools.wds._tarfast is not built (tests/test_tarfast.py says why)")
+        pytest.skip("laiontools.wds.tarfast is not built (tests/test_tarfast.py says why)")
     monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
     calls = str(tmp_path / "answered")
     native = reshard_stage._native_members

@@ -1,4 +1,4 @@
-"""The compiled fast paths (laiontools/wds/_tarfast.c) against the Python code they shadow.
+"""The compiled fast paths (laiontools/wds/tarfast.c) against the Python code they shadow.
 
 Each compiled function takes only the plain form of its input and answers None / False for the rest;
 the invariant checked here is that it never answers otherwise than the Python code: on valid spans
@@ -24,7 +24,7 @@ from laiontools.wds.keys import base_plus_ext
 from laiontools.wds.tarscan import parse_span, sample_spans, tar_members
 
 native = native_mod.native
-needs_native = pytest.mark.skipif(native is None, reason="laiontools.wds._tarfast is not built (no C compiler at install, "
+needs_native = pytest.mark.skipif(native is None, reason="laiontools.wds.tarfast is not built (no C compiler at install, "
                                                           f"or {native_mod.PURE_PYTHON_ENV}=1)")
 
 
@@ -36,7 +36,7 @@ def test_the_extension_is_built_where_a_compiler_is():
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc}) here")
-    assert native is not None, "laiontools.wds._tarfast did not build: run `pip install -e .` and read its compiler output"
+    assert native is not None, "laiontools.wds.tarfast did not build: run `pip install -e .` and read its compiler output"
 
 
 def python_members(span: bytes, skey: str):
@@ -240,7 +240,7 @@ def test_shard_writer_bytes_are_the_same_with_and_without_the_extension(monkeypa
 _FUZZ = r"""
 import os, random, sys
 sys.path.insert(0, sys.argv[1])
-import laiontools.wds._tarfast as t
+import laiontools.wds.tarfast as t
 import test_tarfast as T
 print(t.__file__)
 T.test_span_members_answers_as_python_on_every_flavour_and_is_used_on_the_plain_ones()
@@ -279,9 +279,9 @@ def test_the_parser_reads_no_byte_outside_its_input_under_address_sanitizer(tmp_
         pytest.skip(f"{cc} has no AddressSanitizer / UBSan runtime here")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shutil.copytree(os.path.join(root, "laiontools"), tmp_path / "laiontools", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    so = tmp_path / "laiontools" / "wds" / ("_tarfast" + sysconfig.get_config_var("EXT_SUFFIX"))
+    so = tmp_path / "laiontools" / "wds" / ("tarfast" + sysconfig.get_config_var("EXT_SUFFIX"))
     subprocess.run([cc, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
-                    "-fPIC", "-shared", f"-I{sysconfig.get_paths()['include']}", str(tmp_path / "laiontools" / "wds" / "_tarfast.c"),
+                    "-fPIC", "-shared", f"-I{sysconfig.get_paths()['include']}", str(tmp_path / "laiontools" / "wds" / "tarfast.c"),
                     "-o", str(so)], check=True, capture_output=True)
     # PYTHONMALLOC=malloc: every bytes object its own allocation, with ASan's red zones around it
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "LD_PRELOAD": ":".join(libs), "ASAN_OPTIONS": "detect_leaks=0", "PYTHONMALLOC": "malloc",

@@ -1,4 +1,4 @@
-"""The optional compiled module (laiontools/wds/_tarfast.c): reshard's per-sample parsing and packing.
+"""The optional compiled module (laiontools/wds/tarfast.c): reshard's per-sample parsing and packing.
 
 `native` is the module, or None when it was not built (no C compiler at install) or when
 ``LAIONTOOLS_PURE_PYTHON=1`` turns it off (to compare, or to rule it out). Either way the output is
@@ -18,10 +18,10 @@ def _load() -> ModuleType | None:
     if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
         return None
     try:
-        from laiontools.wds import _tarfast
+        from laiontools.wds import tarfast
     except ImportError:
         return None
-    return _tarfast
+    return tarfast
 
 
 native = _load()

@@ -278,6 +278,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tarfast", "Compiled fast paths of reshard's per-sample work.", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "tarfast", "Compiled fast paths of reshard's per-sample work.", -1, methods};
 
-PyMODINIT_FUNC PyInit__tarfast(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit_tarfast(void) { return PyModule_Create(&module); }
