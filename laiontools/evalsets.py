@@ -331,7 +331,7 @@ def _read_image(fs: Any, path: str) -> tuple[Image.Image | None, str | None]:
     try:
         # only a regular file, and a bounded read: a FIFO named x.jpg would block, /dev/zero never end
         return decode_image(read_regular_file(fs, path)), None
-    except Exception as e:  # any read or decoder failure is a per-item error, not a crash
+    except Exception as e:  # noqa: BLE001 - any read or decoder failure is a per-item error, not a crash
         return None, error_text(e)
 
 
@@ -480,7 +480,7 @@ def _wds_item(es: EvalSet, stem: str, key: str, files: dict[str, bytes]) -> Eval
     elif err is None:
         try:
             image = decode_image(files[ext])
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a decoder's failure is the item's error
             err = error_text(e)
     return _item(es, item_id, image, label, caption, err)
 
@@ -565,7 +565,7 @@ def _parquet_item(
     if data is not None:
         try:
             return _item(es, item_id, decode_image(bytes(data)), label, caption, None)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a decoder's failure is the item's error
             return _item(es, item_id, None, label, caption, error_text(e))
     if img_path is not None and not isinstance(img_path, str):
         return _item(es, item_id, None, label, caption, f"image path {img_path!r} is not a string")

@@ -51,7 +51,7 @@ def pool_images(tar_url: str, keys: set[str]) -> dict[str, tuple[Any, str | None
         try:
             im = open_image(parts["img"])
             im.load()
-        except Exception as e:  # shown as missing in the gallery rather than failing the run
+        except Exception as e:  # noqa: BLE001 - shown as missing in the gallery rather than failing the run
             log.warning("gallery: %s key %s unreadable: %s", tar_url, key, error_text(e))
             continue
         cap = parts.get("txt")

@@ -56,7 +56,7 @@ def run_logged(cmd: list[str], console: str, env: dict[str, str] | None = None) 
     log.info("launching: %s ... (output in %s)", " ".join(cmd[:8]), console)
     with open(console, "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=functools.partial(die_with_parent, 15))
+                                preexec_fn=functools.partial(die_with_parent, 15))  # noqa: PLW1509 (only prctl)
     try:
         return proc.wait()
     except BaseException:

@@ -160,7 +160,6 @@ class Tasks:
                 return list(fn(iter(items))) if items else []
             if processes and "fork" in multiprocessing.get_all_start_methods():
                 from concurrent.futures import ProcessPoolExecutor
-
                 from concurrent.futures.process import BrokenProcessPool
 
                 _FORKED.update(fn=fn, items=items)

@@ -259,7 +259,7 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
                 os.replace(tmp, p)
             else:
                 fs.mv(tmp, p)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - the temporary file removed, then re-raised
         try:
             if fs.exists(tmp):
                 fs.rm(tmp)

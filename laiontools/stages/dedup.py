@@ -190,26 +190,27 @@ def embed_evalsets(
     rows: list[dict[str, Any]] = []
     counts: list[dict[str, Any]] = []
     next_row = 0
+    # images waiting to be embedded, and their rows (emptied by flush(), at the latest at each set's end)
+    batch: list[Any] = []
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal next_row
+        if not batch:
+            return
+        e = np.asarray(embedder.embed_images(batch), dtype=np.float32)
+        if e.shape[0] != len(batch):
+            raise RuntimeError(f"Embedder returned {e.shape[0]} vectors for {len(batch)} images")
+        vecs.append(e)
+        for r in pending:
+            r["row"] = next_row
+            next_row += 1
+        batch.clear()
+        pending.clear()
+
     for es in sets:
         n_items = n_bad = 0
         bad_ids: list[str] = []
-        batch: list[Any] = []
-        pending: list[dict[str, Any]] = []
-
-        def flush() -> None:
-            nonlocal next_row
-            if not batch:
-                return
-            e = np.asarray(embedder.embed_images(batch), dtype=np.float32)
-            if e.shape[0] != len(batch):
-                raise RuntimeError(f"Embedder returned {e.shape[0]} vectors for {len(batch)} images")
-            vecs.append(e)
-            for r in pending:
-                r["row"] = next_row
-                next_row += 1
-            batch.clear()
-            pending.clear()
-
         for item in iter_items(es):
             n_items += 1
             row = {"row": -1, "evalset": es.name, "item_id": item.item_id, "label": item.label,
@@ -370,7 +371,7 @@ def _pool_phashes(tar_url: str) -> dict[str, str]:
                     im = open_image(data)
                     im.load()
                     out[key] = _phash_image(to_rgb(im))
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - a decoder's failure: counted, no pHash for the sample
                     rl.warn("pool_phash", "%s: %s.%s unreadable for pHash: %s", tar_url, wkey, ext, error_text(e))
     for key in ambiguous:
         rl.warn("pool_phash_key", "%s: key %s names samples in two folders; no pHash for it", tar_url, key)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from laiontools.contracts import layout
@@ -149,7 +150,7 @@ def run(cfg: DemoConfig, spark: Any = None) -> StageResult:
     }
     summary = "\n".join([
         "",
-        "laiontools demo finished in %.0fs" % res["timings"]["total"],
+        f"laiontools demo finished in {res['timings']['total']:.0f}s",
         "  " + "\n  ".join(f"{k:<24} {v:>7.1f}s" for k, v in res["timings"].items() if k != "total"),
         "",
         "written:",
@@ -306,12 +307,12 @@ def write_report(res: dict[str, Any], path: str) -> str:
     rel = lambda p: os.path.relpath(p, out)
     dl = res["download"]
     parts = ["<!doctype html><meta charset='utf-8'><title>laiontools demo</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}</style>",
+             ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}</style>"),
              "<h1>laiontools demo</h1>",
-             f"<p>Synthetic LAION source served on 127.0.0.1, downloaded with Spark + img2dataset, embedded with "
-             f"a tiny random-init open_clip model, decontaminated, cut into nested subsets and trained on. "
-             f"Timings (s): {html.escape(json.dumps(res['timings']))}</p>",
+             ("<p>Synthetic LAION source served on 127.0.0.1, downloaded with Spark + img2dataset, embedded with "
+              "a tiny random-init open_clip model, decontaminated, cut into nested subsets and trained on. "
+              f"Timings (s): {html.escape(json.dumps(res['timings']))}</p>"),
              "<h2>1. Download</h2>", f"<pre>{html.escape(dl.get('text', ''))}</pre>",
              f"<p>Manifest: <code>{html.escape(rel(dl['manifest']))}</code></p>"]
 
@@ -321,7 +322,7 @@ def write_report(res: dict[str, Any], path: str) -> str:
                  f"images were planted in the source.</p>")
     summary_txt = os.path.join(ded_dir, layout.DEDUP_SUMMARY_TXT)
     if os.path.exists(summary_txt):
-        parts.append(f"<pre>{html.escape(open(summary_txt).read())}</pre>")
+        parts.append(f"<pre>{html.escape(Path(summary_txt).read_text())}</pre>")
     for name in (layout.DEDUP_GALLERY_HTML,):
         if os.path.exists(os.path.join(ded_dir, name)):
             parts.append(f"<p><a href='dedup/{name}'>Top matches, side by side</a></p>")

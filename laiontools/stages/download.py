@@ -272,7 +272,7 @@ def _shard_quietly(downloader: Any, row: Any) -> tuple[bool, Any]:
     import tempfile
 
     try:
-        tmp = tempfile.TemporaryFile()
+        tmp = tempfile.TemporaryFile()  # noqa: SIM115 - the `with tmp:` below closes it
     except OSError:
         return downloader(row)
     with tmp:

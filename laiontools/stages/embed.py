@@ -237,7 +237,7 @@ def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
         return None, uid, caption, err or f"no image member for {key} (looked for {POOL_IMAGE_EXTS})"
     try:
         tensor = load_image(img_bytes, preprocess, draft_size)
-    except Exception as e:  # any decoder failure is a per-sample failure, not a crash
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a per-sample failure, not a crash
         # without the object addresses reprs carry (PIL: "cannot identify image file <_io.BytesIO object at
         # 0x7f...>"), which differ run to run: the meta file must be the same bytes after a resume
         return None, uid, caption, err or error_text(e)
@@ -849,12 +849,12 @@ def _finish(cfg: EmbedConfig, tasks: list[dict[str, Any]], stats: list[dict[str,
                          "rows_per_second": round(rows / seconds, 2) if seconds > 0 else None},
         })
         lines = [
-            f"embed: {len(embedded)} shard(s) embedded, {len(skipped)} already done, {len(failed)} failed "
-            f"(of {len(tasks)}) -> {cfg.output}",
+            (f"embed: {len(embedded)} shard(s) embedded, {len(skipped)} already done, {len(failed)} failed "
+             f"(of {len(tasks)}) -> {cfg.output}"),
             f"  this run: {rows} rows, {fdec} failed decode, {seconds:.1f}s"
             + (f" ({rows / seconds:.1f} samples/s)" if seconds > 0 and rows else ""),
-            f"  folder: {totals['shards_done']}/{len(tasks)} shards, {totals['rows']} rows, "
-            f"{totals['failed_decode']} failed decode",
+            (f"  folder: {totals['shards_done']}/{len(tasks)} shards, {totals['rows']} rows, "
+             f"{totals['failed_decode']} failed decode"),
         ]
         lines += [f"  FAILED shard {k}: {v}" for k, v in sorted(failed.items())]
         return result, "\n".join(lines)

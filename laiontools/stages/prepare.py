@@ -362,7 +362,7 @@ def _to_num(v: Any, kind: str) -> Any:
         x = float(v)
     except (TypeError, ValueError):
         return None
-    if x != x:  # NaN
+    if math.isnan(x):
         return None
     if kind == "bigint":
         return int(x) if abs(x) < 2**62 else None
@@ -468,7 +468,7 @@ def prepare_task(task: dict[str, Any]) -> Iterator[tuple]:
                 yield (task["file_idx"], row_idx, uid, None, None, None, None, None, None, None, None, None, None, None,
                        C.rejected("malformed_row"), f"{task['path']}: {rec}", *([None] * len(extras)))
                 continue
-            get = lambda field: rec.get(mapping[field]) if field in mapping else None
+            get = lambda field, rec=rec: rec.get(mapping[field]) if field in mapping else None
             url = normalize_url(_to_str(get(C.URL)))
             caption = normalize_caption(_to_str(get(C.CAPTION)))
             uid = compute_uid(url, caption)

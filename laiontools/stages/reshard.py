@@ -317,7 +317,7 @@ class _Sources:
         if f is None:
             fs, p, local = self._where(sid)
             try:
-                f = fs.open(p, "rb", block_size=1 << 22) if not local else open(p, "rb", buffering=0)
+                f = fs.open(p, "rb", block_size=1 << 22) if not local else open(p, "rb", buffering=0)  # noqa: SIM115 - closed in close()
             except FileNotFoundError:
                 raise task_error(f"source shard {self.urls[sid]} is missing (the pool's manifest lists it); run "
                                  "`laiontools verify` on the pool and re-download the shards it names") from None

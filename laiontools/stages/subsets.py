@@ -122,7 +122,7 @@ def parse_scales(text: str, scale_factor: float = 1.0) -> list[tuple[str, int]]:
         target_f = base * float(scale_factor)
         if not math.isfinite(target_f):  # 1e400, or 2B x 1e300
             raise ConfigError(f"scale {label!r} x scale factor {scale_factor:g} is not a finite number of samples")
-        target = int(round(target_f))
+        target = round(target_f)
         if target < 1 or abs(target_f - target) > 1e-6 * max(1.0, target_f):
             raise ConfigError(
                 f"scale {label!r} x scale factor {scale_factor:g} = {target_f:g} is not a whole number of samples >= 1; "

@@ -33,12 +33,13 @@ import hashlib
 import logging
 import os
 import struct
+import sys
 import threading
 import time
 import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # a client that drops the connection or rejects our test certificate is a normal event here
-        log.debug("request from %s ended with an error", client_address, exc_info=True)
+        # (socketserver calls this inside its except block: sys.exc_info() holds the error)
+        log.debug("request from %s ended with an error", client_address, exc_info=sys.exc_info())
 
     def read_file(self, name: str) -> bytes | None:
         """Bytes of `name` in the served folder (cached), or None if it is not a plain file there."""
@@ -390,7 +392,7 @@ class SyntheticWebServer:
             self._thread.join(timeout=2)
             self._thread = None
 
-    def __enter__(self) -> SyntheticWebServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -175,14 +175,14 @@ def _allocate(n: int, broken: dict[str, float], rng: np.random.Generator, n_prot
         raise ValueError(f"broken fractions must be in [0, 1]: {bad}")
     avail = n - n_protected
     names = [r for r in sorted(broken) if broken[r] > 0 and r != "ok"]
-    counts = {r: int(math.floor(broken[r] * n)) for r in names}
+    counts = {r: math.floor(broken[r] * n) for r in names}
     if sum(max(1, c) for c in counts.values()) <= avail // 2:
         # Small sources still exercise every requested route, while half the rows stay good.
         counts = {r: max(1, c) for r, c in counts.items()}
     else:
         # Too small for one row per route: keep the requested share of broken rows, handing the
         # rounding leftovers to the largest remainders (seeded tie-break), capped at half the rows.
-        target = min(avail // 2, int(round(sum(broken[r] for r in names) * n)))
+        target = min(avail // 2, round(sum(broken[r] for r in names) * n))
         rema = sorted(names, key=lambda r: (-(broken[r] * n - counts[r]), float(rng.random())))
         for r in rema[: max(0, target - sum(counts.values()))]:
             counts[r] += 1

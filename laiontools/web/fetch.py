@@ -1197,7 +1197,7 @@ class PolicyDownloader(Downloader):
 
                 name = f"{shard_id:0{self.oom_shard_count}d}{WEB_STATS_SUFFIX}"
                 write_json(join(output_folder, name), counters_delta(before, executor_counters()))
-            except Exception as e:  # counters are a report's extra; never fail a shard for them
+            except Exception as e:  # noqa: BLE001 - counters are a report's extra; never fail a shard for them
                 logging.getLogger(__name__).warning("could not write the web counters of shard %s: %s: %s", shard_id,
                                                     type(e).__name__, e)
             _write_stats(output_folder, shard_id, *args)
