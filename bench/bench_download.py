@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -70,7 +71,7 @@ def images(out_dir: str, n: int) -> tuple[str, list[dict]]:
 def shard_stats(shard_dir: str) -> dict:
     """successes, count and download-phase seconds from img2dataset's per-shard stats files."""
     files = sorted(glob.glob(os.path.join(shard_dir, "*_stats.json")))
-    stats = [json.load(open(f)) for f in files]
+    stats = [json.loads(Path(f).read_text()) for f in files]
     if not stats:
         return {"shards": 0, "successes": 0, "count": 0, "download_seconds": None}
     start = min(s["start_time"] for s in stats)
@@ -92,7 +93,7 @@ def run_timed(name: str, cmd: list[str], log_path: str) -> float:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wall = time.perf_counter() - t
     if rc != 0:
-        tail = open(log_path).read()[-3000:]
+        tail = Path(log_path).read_text()[-3000:]
         raise SystemExit(f"[{name}] failed with exit code {rc}; log {log_path}:\n{tail}")
     return wall
 
@@ -140,7 +141,7 @@ def _cpu_worker(files: list[str], resizer_name: str, kwargs: dict, barrier, q) -
 
     from laiontools.web.resize import FastResizer
 
-    datas = [open(f, "rb").read() for f in files]
+    datas = [Path(f).read_bytes() for f in files]
     r = (FastResizer if resizer_name == "fast" else Resizer)(**kwargs)
     ok = 0
     barrier.wait()  # both processes start timing with their bytes already in memory

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from laiontools.testing import procs
 
@@ -104,7 +105,7 @@ def measure(rows: int, input_dir: str, out_dir: str) -> dict:
     wall = time.time() - t
     if proc.returncode != 0:
         raise SystemExit(f"prepare on {rows} rows failed ({proc.returncode}); log {log_path}:\n"
-                         + open(log_path).read()[-3000:])
+                         + Path(log_path).read_text()[-3000:])
     with open(os.path.join(output, "prepared", "stats.json")) as f:
         stats = json.load(f)
     row = {"rows": rows, "rows_in": stats["rows_in"], "accepted": stats["accepted"], "rejected": stats["rejected"],

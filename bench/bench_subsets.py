@@ -142,7 +142,8 @@ def main() -> int:
     results = []
     for n in sizes:
         env = {**os.environ, "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
-        p = subprocess.run([sys.executable, __file__, "--worker", str(n), "--work", work], capture_output=True, text=True, env=env)
+        p = subprocess.run([sys.executable, __file__, "--worker", str(n), "--work", work], capture_output=True, text=True, env=env,
+                           check=False)
         with open(os.path.join(a.out, f"subsets-{n}.log"), "w") as f:
             f.write(p.stderr)
         if p.returncode != 0:

@@ -25,13 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 _STEP = re.compile(r"Train Epoch: \d+ \[\s*\d+/\d+ .*?Batch \(t\): ([0-9.]+)")
 
 
 def _throughput(log_path: str, global_batch: int, skip: int) -> dict:
-    times = [float(m.group(1)) for m in _STEP.finditer(open(log_path).read())]
+    times = [float(m.group(1)) for m in _STEP.finditer(Path(log_path).read_text())]
     used = times[skip:]
     return {
         "steps_logged": len(times),
@@ -130,12 +131,12 @@ def main() -> int:
                 manifest=manifest, model=a.model, samples_seen=a.samples_seen, batch_size=a.batch_size, nproc=a.nproc,
                 workers=a.workers, log_every=1, output=run_dir, checkpoint_every=a.samples_seen,
             )
-        ).details  # fmt: skip
+        )  # fmt: skip
         lt = _throughput(os.path.join(run_dir, "out.log"), a.batch_size, skip)
         lt["wall_s"] = time.time() - t0
         results["laiontools"].append(lt)
-        settings = json.load(open(os.path.join(run_dir, "settings.json")))
-        shards = json.load(open(os.path.join(run_dir, "shards.json")))
+        settings = json.loads(Path(run_dir, "settings.json").read_text())
+        shards = json.loads(Path(run_dir, "shards.json").read_text())
 
     def run_direct(r: int) -> None:
         wall_d = _run_direct(settings["open_clip_argv"], shards, tmp, f"direct{r}")

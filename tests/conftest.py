@@ -10,10 +10,14 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from laiontools.testing.jvm import archive_path, make_archive, quick_java_options
+
+if TYPE_CHECKING:
+    import pandas
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -154,7 +158,7 @@ class Pool:
     server: object
 
 
-from laiontools.testing import TEST_DOWNLOAD_SETTINGS  # noqa: E402  (also imported by test modules)
+from laiontools.testing import TEST_DOWNLOAD_SETTINGS
 
 
 @pytest.fixture(scope="session")

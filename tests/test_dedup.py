@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -73,7 +74,7 @@ def test_calibrate_outputs_and_recommendation(calibrated):
     sims = res["similarity"]
     assert sims["exact"]["min"] >= rec["threshold"] and sims["negatives"]["max"] < rec["threshold"]
     assert {r["transform"] for r in res["grid"]} == set(res["transforms"])
-    assert "recommended --threshold" in open(os.path.join(out, "calibrate.txt")).read()
+    assert "recommended --threshold" in Path(out, "calibrate.txt").read_text()
 
 
 def test_planted_copies_found_and_nothing_else(pool, dedup_run):
@@ -91,7 +92,7 @@ def test_planted_copies_found_and_nothing_else(pool, dedup_run):
     unrelated = m[m["transform"].isna() & m["is_duplicate"]]
     assert unrelated.empty, f"unrelated pool images flagged:\n{unrelated[['uid', 'similarity', 'nearest_item_id']]}"
     # exclusion list = flagged samples (plus pHash-only matches), sorted uid file
-    excl = set(f"{int(h):016x}{int(lo):016x}" for h, lo in load_uids(os.path.join(dedup_run["out"], "exclude.uids.npy")))
+    excl = {f"{int(h):016x}{int(lo):016x}" for h, lo in load_uids(os.path.join(dedup_run["out"], "exclude.uids.npy"))}
     assert set(rep.loc[rep["is_duplicate"], "uid"]) <= excl
     assert excl <= set(m.loc[m["transform"].notna(), "uid"])
     # pHash: the exact copy matches its source's hash exactly (img2dataset resized it, so others may not)
@@ -108,7 +109,7 @@ def test_summary_dedup_json_and_gallery(pool, dedup_run):
     assert g["pool_samples_matched"] == int(rep["is_duplicate"].sum()) == s["pool_duplicates"]
     assert g["overlap_percent"] == pytest.approx(100.0 * g["eval_items_matched"] / 20)
     assert s["pool_samples"] == len(rep) == sum(1 for _ in rep["uid"])
-    txt = open(os.path.join(out, "summary.txt")).read()
+    txt = Path(out, "summary.txt").read_text()
     assert "glyphs" in txt and str(dedup_run["threshold"]) in txt
     with open(os.path.join(out, "dedup.json")) as f:
         dj = json.load(f)
@@ -118,9 +119,9 @@ def test_summary_dedup_json_and_gallery(pool, dedup_run):
     assert dj["exclude"]["count"] == len(load_uids(os.path.join(out, "exclude.uids.npy")))
     import pyarrow.parquet as pq
 
-    meta = pq.read_schema(os.path.join(out, "report", sorted(os.listdir(os.path.join(out, "report")))[0])).metadata
+    meta = pq.read_schema(os.path.join(out, "report", min(os.listdir(os.path.join(out, "report"))))).metadata
     assert float(meta[b"laiontools.dedup.threshold"]) == dedup_run["threshold"]
-    html = open(os.path.join(out, "gallery.html")).read()
+    html = Path(out, "gallery.html").read_text()
     assert html.count("data:image/jpeg;base64,") >= 2 * min(s["pool_duplicates"], 24)
     assert "Just under the threshold" in html and "image unavailable" not in html
 
@@ -140,10 +141,10 @@ def test_resume_after_kill_gives_same_result(pool, emb, dedup_run, spark, tmp_pa
     os.remove(os.path.join(out, "report", f"{other}.parquet"))
     kept = os.path.join(out, "done", done[2]) if len(done) > 2 else None
     kept_mtime = os.path.getmtime(kept) if kept else None
-    before = open(os.path.join(dedup_run["out"], "exclude.uids.npy"), "rb").read()
+    before = Path(dedup_run["out"], "exclude.uids.npy").read_bytes()
     dedup_stage.run(DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
                           threshold=dedup_run["threshold"], phash=True, k=3), spark)
-    assert open(os.path.join(out, "exclude.uids.npy"), "rb").read() == before
+    assert Path(out, "exclude.uids.npy").read_bytes() == before
     pd.testing.assert_frame_equal(_report(out).sort_values("uid").reset_index(drop=True),
                                   _report(dedup_run["out"]).sort_values("uid").reset_index(drop=True))
     if kept:

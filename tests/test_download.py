@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -74,7 +75,7 @@ def test_manifest_lists_complete_shards_with_counts_and_hashes(pool):
     as_hex = array_to_uids(uids)
     assert as_hex == sorted(set(as_hex)) == sorted(ok["uid"]), "uid file must be sorted, unique, and the successes"
     # requested vs obtained is recorded
-    rep = json.load(open(os.path.join(pool.dir, layout.REPORT_JSON)))
+    rep = json.loads(Path(pool.dir, layout.REPORT_JSON).read_text())
     assert rep["obtained"] == len(ok) and rep["requested"] > rep["obtained"]
     assert sum(rep["rejected"].values()) == int(cat["status"].str.startswith("rejected_").sum())
     assert rep["failures_by_kind"]
@@ -109,7 +110,7 @@ def _download_args(src: str, out: str) -> list[str]:
 def _comparable(pool_dir: str, skip_uids: set[str] = frozenset()) -> tuple[pd.DataFrame, dict]:
     cat = _catalog(pool_dir)[["uid", "source_id", "status", "shard", "key", "width", "height", "sha256"]]
     cat = cat[~cat["uid"].isin(skip_uids)].sort_values("source_id").reset_index(drop=True)
-    m = json.load(open(os.path.join(pool_dir, layout.POOL_MANIFEST)))
+    m = json.loads(Path(pool_dir, layout.POOL_MANIFEST).read_text())
     keep = {k: m[k] for k in ("target_samples", "source", "catalog", "download", "kind", "name")}
     if not skip_uids:
         keep.update(num_samples=m["num_samples"], uids=m["uids"], shards=[(s["path"], s["num_samples"]) for s in m["shards"]])
@@ -147,9 +148,9 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(pool, tmp_path):
         os.makedirs(os.path.join(out, stale))
         with open(os.path.join(out, stale, "part-00000.parquet"), "wb") as f:
             f.write(b"half")
-    done = subprocess.run(_cli(args), env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cli(args), env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.load(open(os.path.join(out, layout.REPORT_JSON)))["engine"] == "in-process"
+    assert json.loads(Path(out, layout.REPORT_JSON).read_text())["engine"] == "in-process"
     assert "obtained" in done.stdout
     # The session's server already served the "flaky" row's one failure to the first run, so that
     # row now succeeds: it is the server's state, not the pipeline's; compare everything else.
@@ -183,7 +184,7 @@ def test_in_process_engine_gives_the_spark_pool(pool, tmp_path, monkeypatch):
     out = str(tmp_path / "p")
     rep = download_stage.run(DownloadConfig(input=pool.source, output=out, **TEST_DOWNLOAD_SETTINGS)).details
     assert rep["engine"] == "in-process" and "spark" not in rep
-    prep = json.load(open(os.path.join(out, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON)))
+    prep = json.loads(Path(out, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON).read_text())
     assert prep["engine"] == "in-process"
     # the session server failed each "flaky" URL once, for the fixture's run: compare everything else
     flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])
@@ -197,7 +198,7 @@ def test_in_process_engine_gives_the_spark_pool(pool, tmp_path, monkeypatch):
         return [(f.name, str(f.type)) for f in pq.read_schema(os.path.join(d, layout.CATALOG_DIR, files[0]))]
 
     assert schema(out) == schema(pool.dir)
-    want_rep = json.load(open(os.path.join(pool.dir, layout.REPORT_JSON)))
+    want_rep = json.loads(Path(pool.dir, layout.REPORT_JSON).read_text())
     assert rep["rejected"] == want_rep["rejected"] and rep["rows_in"] == want_rep["rows_in"]
     assert rep["hosts"]["watched"] == want_rep["hosts"]["watched"]
     # every success row's span, read straight from its tar, hashes to what the catalog says
@@ -235,7 +236,7 @@ def test_a_stats_file_cut_short_is_a_clear_error_and_the_rerun_downloads_the_sha
     with pytest.raises(UserError, match="00001_stats.json: the shard's stats file is damaged.*re-run"):
         download_stage.complete_shards(cfg)
     rep = download_stage.run(cfg).details
-    assert json.load(open(stats))["count"] == json.loads(data)["count"]  # downloaded again, whole
+    assert json.loads(Path(stats).read_text())["count"] == json.loads(data)["count"]  # downloaded again, whole
     m = read_manifest(rep["manifest"])
     assert "shards/00001.tar" in {s["path"] for s in m["shards"]}
     flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])
@@ -247,7 +248,7 @@ def test_other_settings_into_the_same_folder_are_refused(pool, tmp_path):
     shutil.copytree(pool.dir, out)
     args = _download_args(pool.source, out)
     args[args.index("--image-size") + 1] = "128"
-    r = subprocess.run(_cli(args), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(_cli(args), capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2
     assert "other settings" in r.stderr and "image_size" in r.stderr
     assert _comparable(out)[0].equals(_comparable(pool.dir)[0]), "nothing may be touched"

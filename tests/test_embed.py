@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -323,7 +324,7 @@ def test_torchrun_two_processes(small_pool, tmp_path):
     out = str(tmp_path / "ddp")
     res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0,
                                       engine="torchrun", nproc=2))
-    log = open(os.path.join(out, "logs", "launcher.log")).read()
+    log = Path(out, "logs", "launcher.log").read_text()
     assert res.ok and res.counts["processes"] == 2, log[-3000:]
     assert sorted(res.details.shards_embedded) == ["00000", "00001", "00002"] and res.details.rows == 24
     from laiontools.core.storage import read_json
@@ -449,7 +450,7 @@ def test_fast_decode_close_to_exact(tmp_path):
     assert _run(manifest, exact) == 0
     assert _run(manifest, fast, "--fast-decode") == 0
     assert load_model_json(fast)["jpeg_draft_decode"] is True and load_model_json(exact)["jpeg_draft_decode"] is False
-    (_, ie, _, me), (_, if_, _, mf) = next(read_embeddings(exact)), next(read_embeddings(fast))
+    (_, ie, _, _), (_, if_, _, mf) = next(read_embeddings(exact)), next(read_embeddings(fast))
     assert (mf["embed_status"] == STATUS_OK).all()
     cos = (ie * if_).sum(1)
     assert cos.min() > 0.95 and not np.array_equal(ie, if_)  # draft decode really ran, and changed little

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_zeroshot_and_retrieval(sets: dict[str, str], tmp_path) -> None:
         "--output", out, "--batch-size", "8",
     ])  # fmt: skip
     assert rc == 0 and is_done(out)
-    res = json.load(open(out))
+    res = json.loads(Path(out).read_text())
     colors, pets = res["evalsets"]["colors"], res["evalsets"]["pets"]
     assert colors["n_items"] == 18 and colors["n_errors"] == 0
     z = colors["zeroshot"]

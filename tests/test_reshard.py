@@ -398,7 +398,7 @@ def test_webdataset_and_open_clip_loader(resharded):
     n = m["num_samples"]
     batch = next(b for b in range(5, 0, -1) if n % b == 0)
     args = argparse.Namespace(
-        train_data=os.path.join(resharded, "shards", "shard-{00000..%05d}.tar" % (len(urls) - 1)),
+        train_data=os.path.join(resharded, "shards", f"shard-{{00000..{len(urls) - 1:05d}}}.tar"),
         val_data=None, dataset_resampled=False, train_num_samples=None, train_data_upsampling_factors=None,
         seed=0, batch_size=batch, workers=1, world_size=1,
     )
@@ -744,7 +744,7 @@ def test_resume_after_partial_run_is_identical(spark, subset, resharded, tmp_pat
     os.remove(shards[2] + ".done")  # data without a marker: not done, must be rewritten
     with open(shards[2], "r+b") as f:
         f.truncate(1000)
-    open(os.path.join(b, "shards", ".shard-00003.tar.tmp-deadbeef"), "wb").write(b"half")  # a killed write
+    Path(b, "shards", ".shard-00003.tar.tmp-deadbeef").write_bytes(b"half")  # a killed write
     os.remove(os.path.join(b, layout.RESHARD_MANIFEST))
     # The first run wrote with O_DIRECT (the default); the resume writes through the page cache.
     reshard_stage.run(ReshardConfig(manifest=subset, output=b, shard_size=8, direct_io=False), spark)

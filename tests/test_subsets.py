@@ -129,7 +129,7 @@ def test_nested_deterministic_and_matches_reference(spark, scratch, tmp_path):
             assert fa.read() == fb.read(), f"manifests differ between runs: {a['manifest']} {b['manifest']}"
         for suffix in ("uids.npy",):
             pa_, pb_ = a["manifest"].replace("manifest.json", suffix), b["manifest"].replace("manifest.json", suffix)
-            assert open(pa_, "rb").read() == open(pb_, "rb").read()
+            assert Path(pa_).read_bytes() == Path(pb_).read_bytes()
     s40, s20, s10 = (_uids(str(tmp_path / "r1" / f"{k}.uids.npy")) for k in ("40", "20", "10"))
     assert (len(s10), len(s20), len(s40)) == (10, 20, 40)
     assert s10 < s20 < s40
@@ -143,7 +143,7 @@ def test_nested_deterministic_and_matches_reference(spark, scratch, tmp_path):
     # The stored uid file is exactly what save_uids writes for that set.
     ref = tmp_path / "ref.npy"
     save_uids(str(ref), sorted(s20))
-    assert open(ref, "rb").read() == open(tmp_path / "r1" / "20.uids.npy", "rb").read()
+    assert Path(ref).read_bytes() == (tmp_path / "r1" / "20.uids.npy").read_bytes()
     # Manifest chain: 10 -> 20 -> 40 -> pool, sha256 of each parent file.
     m10, m20, m40 = (read_manifest(str(tmp_path / "r1" / f"{k}.manifest.json")) for k in ("10", "20", "40"))
     assert m10["parent"]["sha256"] == sha256_file(str(tmp_path / "r1" / "20.manifest.json"))[0]
@@ -354,7 +354,7 @@ def test_cli_bad_inputs(spark, scratch, tmp_path, capsys):
     assert cli(["subsets", "--pool", scratch, "--scales", "10", "--output", str(tmp_path)]) == 2
     assert "give --seed" in capsys.readouterr().err
     # A manifest with a schema version we don't know.
-    m = json.load(open(scratch))
+    m = json.loads(Path(scratch).read_text())
     m["schema_version"] = "9.9"
     future = tmp_path / "future.manifest.json"
     future.write_text(json.dumps(m))

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -92,7 +93,7 @@ def test_realistic_images_are_photo_sized():
 def test_every_route_answers_as_documented(web):
     server, items, image_dir = web
     base, f = server.base_url, items[0]["file"]
-    raw = open(os.path.join(image_dir, f), "rb").read()
+    raw = Path(image_dir, f).read_bytes()
 
     code, h, body = _get(f"{base}/img/{f}")
     assert (code, h["Content-Type"], body) == (200, "image/jpeg", raw)
@@ -113,7 +114,7 @@ def test_every_route_answers_as_documented(web):
     assert code == 200 and h["Content-Type"].startswith("text/html") and body.startswith(b"<!doctype html>")
     code, h, body = _get(f"{base}/corrupt/{f}")
     assert code == 200 and h["Content-Type"] == "image/jpeg" and len(body) == len(raw) and body != raw
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - PIL raises OSError, SyntaxError or ValueError, by where the bytes break
         Image.open(io.BytesIO(body)).load()
     code, _, body = _get(f"{base}/truncated/{f}")
     assert code == 200 and raw.startswith(body) and len(body) == int(len(raw) * 0.3)
@@ -173,7 +174,7 @@ def test_slow_serves_late_and_stop_is_prompt_with_slow_requests_in_flight(tmp_pa
     def client() -> None:
         try:
             results.append(_get(f"{base}/slow/120/0000000.jpg", timeout=60)[0])
-        except Exception as e:  # the server drops the connection on stop
+        except Exception as e:  # noqa: BLE001 - the server drops the connection on stop
             results.append(e)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
@@ -371,7 +372,7 @@ def test_source_rows_hit_the_server_as_expected(tmp_path):
             decodable = True
             try:
                 Image.open(io.BytesIO(body)).load()
-            except Exception:
+            except Exception:  # noqa: BLE001 - any decoder failure: not decodable
                 decodable = False
             expected = ROUTES[route]
             if expected == "failed_resize":
@@ -388,7 +389,7 @@ def test_source_rows_hit_the_server_as_expected(tmp_path):
 def test_evalset_formats_and_planted_copies(tmp_path, fmt):
     ev_dir = str(tmp_path / "ev")
     ev = write_evalset(ev_dir, n_classes=3, per_class=2, fmt=fmt)
-    assert ev["classnames"] == open(os.path.join(ev_dir, "classnames.txt")).read().split("\n")[:3]
+    assert ev["classnames"] == Path(ev_dir, "classnames.txt").read_text().split("\n")[:3]
     assert len(ev["items"]) == 6 and {it["label"] for it in ev["items"]} == {0, 1, 2}
     if fmt == "imagefolder":
         for it in ev["items"]:
@@ -416,7 +417,7 @@ def test_evalset_formats_and_planted_copies(tmp_path, fmt):
     src_item = next(it for it in ev["items"] if it["item_id"] == exact["eval_item"])
     from laiontools.synthetic.evalset import read_eval_image_bytes
 
-    assert open(os.path.join(pool, exact["file"]), "rb").read() == read_eval_image_bytes(ev, ev_dir, src_item)
+    assert Path(pool, exact["file"]).read_bytes() == read_eval_image_bytes(ev, ev_dir, src_item)
 
 
 def test_make_source_with_evalset_keeps_planted_rows_good(tmp_path):
@@ -432,8 +433,7 @@ def test_make_source_with_evalset_keeps_planted_rows_good(tmp_path):
     again = make_source(str(tmp_path / "again"), 50, "http://127.0.0.1:9", evalset=True, n_files=2, profile="datacomp")
     pd.testing.assert_frame_equal(exp, again["expected"])
     for name in os.listdir(src["source"]):
-        assert open(os.path.join(src["source"], name), "rb").read() == \
-            open(os.path.join(again["source"], name), "rb").read()
+        assert Path(src["source"], name).read_bytes() == Path(again["source"], name).read_bytes()
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def test_cli_writes_and_serves(tmp_path, capsys):
                  "--evalset"]) == 0
     printed = capsys.readouterr().out
     assert "serving" in printed and "http://127.0.0.1:" in printed
-    settings = json.load(open(os.path.join(out, "synth.settings.json")))
+    settings = json.loads(Path(out, "synth.settings.json").read_text())
     assert settings["base_url"].startswith("http://127.0.0.1:") and settings["n"] == 20
     rows = _jsonl_records(os.path.join(out, "source", "part-00000.jsonl.gz"))
     assert len(rows) == 20 + len(PLANT_TRANSFORMS)

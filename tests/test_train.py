@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -185,17 +186,17 @@ def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
     assert len(result["skipped_sample_examples"]) == min(20, result["skipped_sample_events"])
     assert "every launch of this run" in result["skipped_sample_events_note"]
 
-    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    metrics = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
     # every step logged exactly once across the kill and the resume; samples seen add up to the budget
     assert [m["step"] for m in metrics] == list(range(1, 13))
     assert [m["samples_seen"] for m in metrics] == [batch * s for s in range(1, 13)]
     assert all(math.isfinite(m["loss"]) and m["samples_per_s"] > 0 for m in metrics)
     assert all(abs(m["samples_per_s_per_device"] * 2 - m["samples_per_s"]) < 1e-6 * m["samples_per_s"] for m in metrics)
 
-    launches = [json.loads(line) for line in open(os.path.join(run_dir, "launches.jsonl"))]
+    launches = [json.loads(line) for line in Path(run_dir, "launches.jsonl").read_text().splitlines()]
     assert launches[-1]["resumed_from_samples"] == killed_at_epoch * 16
-    settings = json.load(open(os.path.join(run_dir, "settings.json")))
-    env_info = json.load(open(os.path.join(run_dir, "environment.json")))
+    settings = json.loads(Path(run_dir, "settings.json").read_text())
+    env_info = json.loads(Path(run_dir, "environment.json").read_text())
     from laiontools.contracts.manifest import manifest_sha256
 
     assert settings["manifest_sha256"] == manifest_sha256(subset)
@@ -287,8 +288,8 @@ def test_a_damaged_checkpoint_and_non_finite_weights_are_train_errors(tmp_path) 
     torch.save({"epoch": plan.epochs, "state_dict": {"module.w": torch.tensor([1.0, float("nan")])}}, ckpt)
     assert checkpoint_epoch(str(ckpt)) == plan.epochs
     with open(run / layout.TRAIN_METRICS_JSONL, "w") as f:
-        for s in range(1, plan.steps + 1):
-            f.write(json.dumps({"step": s, "samples_seen": s * plan.global_batch, "loss": 1.0, "samples_per_s": 5.0}) + "\n")
+        f.writelines(json.dumps({"step": s, "samples_seen": s * plan.global_batch, "loss": 1.0, "samples_per_s": 5.0}) + "\n"
+                     for s in range(1, plan.steps + 1))
     with pytest.raises(TrainError, match=r"ended with non-finite weights \(1 tensors, e.g. w\)"):
         _finalize(types.SimpleNamespace(output=str(run)), {"model": "lt-tiny"}, plan, 1.0)
     assert not (run / layout.TRAIN_MODEL_FILE).exists()

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,7 +140,7 @@ def test_uid_file_parent_and_nesting(chain, spark, tmp_path):
     sub = tmp_path / "sub"
     shutil.copytree(os.path.dirname(chain["big"]), sub)
     small, big = str(sub / os.path.basename(chain["small"])), str(sub / os.path.basename(chain["big"]))
-    doc = json.load(open(big))
+    doc = json.loads(Path(big).read_text())
     doc["selection"]["seed"] = 12345
     write_manifest(big, doc)
     assert any("parent manifest" in p and "differs from the recorded" in p for p in verify_manifest(small).problems)
@@ -235,7 +236,7 @@ def test_uid_checks_across_shards_find_the_same_on_spark(chain, spark, tmp_path,
 
 
 def test_unknown_schema_version_and_missing_files(chain, tmp_path, capsys):
-    doc = json.load(open(chain["small"]))
+    doc = json.loads(Path(chain["small"]).read_text())
     doc["schema_version"] = "2.0"
     p = tmp_path / "future.manifest.json"
     p.write_text(json.dumps(doc))
@@ -365,7 +366,7 @@ def test_a_damaged_or_odd_shard_is_one_problem_and_the_rest_is_checked(chain, tm
     write_manifest(mp, doc)
     res = verify_manifest(mp, check_parent=False)
     shard_lines = [ln for ln in res.problems if ln.startswith("shard ")]
-    assert shard_lines[:2] == [f"shard /dev/zero: not a regular file", f"shard {os.path.dirname(s2)}: not a regular file"], res.problems
+    assert shard_lines[:2] == ["shard /dev/zero: not a regular file", f"shard {os.path.dirname(s2)}: not a regular file"], res.problems
     assert any(ln.startswith(f"shard {s2}: ") and "unreadable" in ln for ln in shard_lines), res.problems
     assert len(shard_lines) == 3 and len(res.checked) > 1, res.problems  # the other shards were checked
     rl = parse_removal_list("md5 " + "0" * 32 + "\n", "list.txt")

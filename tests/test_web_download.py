@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -233,7 +234,7 @@ def test_max_host_shards_keeps_each_host_in_one_task(spark, web, tmp_path):
         assert len(shards) == 8 and (shards == 1).all(), shards.to_dict()
         assert cat["shard"].value_counts().tolist() == [10] * 8
         assert all(1 <= s.max_in_flight <= 2 for s in servers), [s.max_in_flight for s in servers]
-        prep = json.load(open(os.path.join(out, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON)))
+        prep = json.loads(Path(out, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON).read_text())
         assert prep["host_layout"]["bounded"] and prep["host_layout"]["max_shards_per_host_bound"] == 1
     finally:
         for s in servers:

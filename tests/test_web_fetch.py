@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Self
 
 import pytest
@@ -488,7 +489,7 @@ def test_robots_txt_conventions_for_missing_and_unavailable(fresh_host):
     fresh_host.set_robots("User-agent: *\nDisallow: /\n", status=503)  # unavailable: skip for now
     robots = RobotsCache()
     served = fresh_host.requests_served
-    key, data, err = fetch_with_retry((0, f"{b}/img/a.jpg"), 3, 3, None, None, policy=_pol3(), resolver=None)
+    _, data, err = fetch_with_retry((0, f"{b}/img/a.jpg"), 3, 3, None, None, policy=_pol3(), resolver=None)
     # (the module-level cache is used by fetch_with_retry: check it alone gives the same answer)
     _, err2, _ = fetch_one(f"{b}/img/a.jpg", 3, None, None, _pol3(), robots=robots)
     assert err.startswith(ROBOTS_UNAVAILABLE) and err2.startswith(ROBOTS_UNAVAILABLE), (err, err2)
@@ -694,7 +695,7 @@ def test_a_429_pauses_the_host_for_every_thread(fresh_host):
     _, err, ra = fetch_one(f"{fresh_host.base_url}/status/429/a.jpg", 3, None, None, pol, gate=gate)
     assert err.startswith("HTTP Error 429") and ra == 1.0
     # another caller (another thread of the executor) now waits for the Retry-After
-    data, err, _ = fetch_one(f"{fresh_host.base_url}/img/a.jpg", 3, None, None, pol, gate=gate)
+    _, err, _ = fetch_one(f"{fresh_host.base_url}/img/a.jpg", 3, None, None, pol, gate=gate)
     assert err is None
     (t429, _, _), (t_ok, _, _) = fresh_host.request_log
     assert t_ok - t429 >= 0.95
@@ -709,7 +710,7 @@ def test_blocklist_refuses_listed_content_and_redirect_targets(public, tmp_path)
 
     from laiontools.web.blocklist import parse_blocklist
 
-    body = open(os.path.join(public.image_dir, "a.jpg"), "rb").read()
+    body = Path(public.image_dir, "a.jpg").read_bytes()
     bl = tmp_path / "blocklist.txt"
     bl.write_text(f"# partners' list\n{hashlib.sha256(body).hexdigest()}\nbad.example.org\n")
     pol = _policy(blocklist=str(bl))
