@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(STAMP)
-	$(BIN)/pip install -q ruff && $(BIN)/ruff check laiontools jobs tests bench
+	$(BIN)/ruff check laiontools jobs tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
