@@ -241,13 +241,14 @@ def evict(root: str) -> None:
 
 
 def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: list[float], repeats: int,
-           engine: str = "default", cold: bool = False, compare_python: bool = False) -> dict:
+           engine: str = "default", cold: bool = False, compare: str | None = None) -> dict:
     """Reshard subsets holding `fractions` of one pool against a plain copy of the same bytes.
     `engine`: "default" runs reshard as the CLI does (in process below --spark-above catalog rows),
     "spark" on the bench's Spark session. `cold`: the pool is dropped from the page cache before every
     reshard and every copy (both read it from the disk); otherwise both read it from the page cache.
-    `compare_python`: also reshard each subset with the compiled per-sample path off (laiontools.wds.tarfast),
-    alternated with the default run, and report both."""
+    `compare`: also reshard each subset another way, alternated with the default run, and report both:
+    "python", with the compiled per-sample path off (laiontools.wds.tarfast); "direct-io", with the
+    output written with O_DIRECT whatever its size (reshard --direct-io)."""
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages import subsets as subsets_stage
@@ -269,27 +270,30 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
         sub = by_n[target]
         m = read_manifest(sub)
         shard_size = max(100, target // 16)  # >= 16 output shards: both task slots busy
-        copies, reshards, phases, touched = [], [], [], None
+        copies, reshards, phases, touched, direct_used = [], [], [], None, None
         pure_s, pure_phases = [], []
         res = None
         for r in range(repeats):
             dst = os.path.join(root, f"reshard-{target}")
-            # --compare-python: the same reshard with the compiled per-sample path off, before or after
-            # the default one by turns (the machine's speed drifts), the same output checked
+            # --compare: the same reshard the other way, before or after the default one by turns (the
+            # machine's speed drifts), the same output checked
             written = {}
-            for pure in ([r % 2 == 0, r % 2 == 1] if compare_python else [False]):
+            for pure in ([r % 2 == 0, r % 2 == 1] if compare else [False]):
                 shutil.rmtree(dst, ignore_errors=True)
                 if cold:
                     evict(root)
-                with _PhaseTimes() as ph, _compiled_off(pure):
+                with _PhaseTimes() as ph, _compiled_off(pure and compare == "python"):
                     t = time.perf_counter()
-                    res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size),
+                    res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size,
+                                                          direct_io=True if pure and compare == "direct-io" else None),
                                             spark if engine == "spark" else None).details
                     (pure_s if pure else reshards).append(time.perf_counter() - t)
                 (pure_phases if pure else phases).append(dict(ph))
+                if not pure:
+                    direct_used = res.get("direct_io")
                 written[pure] = read_manifest(os.path.join(dst, "subset.manifest.json"))["shards"]  # names, sizes, sha256
             if len(set(map(json.dumps, written.values()))) > 1:
-                raise AssertionError("the compiled and the Python per-sample paths wrote different shards")
+                raise AssertionError(f"the default run and the {compare} run wrote different shards")
             if touched is None:  # how scattered the reads are: source tars the subset's samples come from
                 from laiontools.core.storage import read_marker
 
@@ -313,8 +317,15 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
             "phases_s": phases, "copy_mb_s": round(mb / copy_s, 1), "reshard_mb_s": round(mb / reshard_s, 1),
             "ratio": round(copy_s / reshard_s, 3), "write_phase_mb_s": round(mb / write_s, 1) if write_s > 0 else None,
             "ratio_write_phase": round(copy_s / write_s, 3) if write_s > 0 else None,
+            "output_written": "with O_DIRECT" if direct_used else "through the page cache",
         })
-        if compare_python:
+        if compare == "direct-io":
+            d_s = med(pure_s)
+            d_write = med([p.get("write_s", float("nan")) for p in pure_phases])
+            out["subsets"][-1].update({"direct_io_reshard_s": [round(x, 2) for x in pure_s], "direct_io_phases_s": pure_phases,
+                                       "direct_io_ratio": round(copy_s / d_s, 3), "direct_io_ratio_write_phase": round(copy_s / d_write, 3),
+                                       "default_speedup_over_direct_io": round(d_s / reshard_s, 3)})
+        if compare == "python":
             py_s = med(pure_s)
             py_write = med([p.get("write_s", float("nan")) for p in pure_phases])
             out["subsets"][-1].update({"python_reshard_s": [round(x, 2) for x in pure_s], "python_phases_s": pure_phases,
@@ -379,8 +390,10 @@ def main() -> int:
                     help="nested mode: reshard as the CLI runs it (default: in process below --spark-above catalog rows) or on Spark local[2]")
     ap.add_argument("--cold", action="store_true",
                     help="nested mode: drop the pool from the page cache before every reshard and copy (both read from disk)")
-    ap.add_argument("--compare-python", action="store_true",
+    ap.add_argument("--compare-python", dest="compare", action="store_const", const="python",
                     help="nested mode: also reshard with the compiled per-sample path off (as without a C compiler), alternated, and report both")
+    ap.add_argument("--compare-direct-io", dest="compare", action="store_const", const="direct-io",
+                    help="nested mode: also reshard with the output written with O_DIRECT whatever its size (--direct-io), alternated, and report both")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()
@@ -467,11 +480,11 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
     fractions = [float(x) for x in a.subset_fractions.split(",")]
     with spark_session("local[2]", app_name="bench-reshard", conf={"spark.ui.showConsoleProgress": "false"}) as spark:
         one_size(spark, work, 1, 50, 4, 10, 1)  # warm-up (JVM JIT, Python workers): not reported
-        out = nested(spark, work, a.shards, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold, a.compare_python)
+        out = nested(spark, work, a.shards, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold, a.compare)
         if a.scale_up:
             # The same fractions of a pool scale_up times larger: the extra bytes over the extra seconds
             # is the throughput with Spark's fixed cost per run (plan jobs, task start) taken out.
-            big = nested(spark, work, a.shards * a.scale_up, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold, a.compare_python)
+            big = nested(spark, work, a.shards * a.scale_up, a.per_shard, a.kb, fractions, a.repeats, a.engine, a.cold, a.compare)
             out["larger_pool"] = big
             out["marginal"] = []
             for s1, s2 in zip(out["subsets"], big["subsets"]):
@@ -498,6 +511,9 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
         if "compiled_speedup" in r:
             print(f"{'':>8} Python per-sample path (compiled off): ratio {r['python_ratio']:.3f}, write phase {r['python_ratio_write_phase']:.3f}; "
                   f"compiled {r['compiled_speedup']:.2f}x faster end to end, {r['compiled_speedup_write_phase']:.2f}x in the write phase")
+        if "direct_io_ratio" in r:
+            print(f"{'':>8} output {r['output_written']}; with O_DIRECT (--direct-io): ratio {r['direct_io_ratio']:.3f}, write phase "
+                  f"{r['direct_io_ratio_write_phase']:.3f}; the default {r['default_speedup_over_direct_io']:.2f}x faster end to end")
     for r in out.get("larger_pool", {}).get("subsets", []):
         print(f"{r['fraction']:>8} {r['samples']:>8} {r['mb']:>7.1f} {r['source_tars_read']:>9} {r['copy_mb_s']:>10.1f} "
               f"{r['reshard_mb_s']:>13.1f} {r['ratio']:>6.3f} {r['ratio_write_phase'] or float('nan'):>18.3f}")

@@ -84,6 +84,30 @@ def test_layout_math():
         assert max(counts) - min(counts) <= 1 and max(counts) <= size
 
 
+def test_output_written_with_o_direct_unless_free_memory_holds_it_eight_times():
+    wd = reshard_stage.write_direct
+    assert wd(True, 1, 1 << 40) is True and wd(False, 1 << 40, 1) is False  # the user's --[no-]direct-io wins
+    assert wd(None, 100, 800) is False and wd(None, 101, 800) is True  # DIRECT_IO_FREE_FACTOR = 8
+    assert wd(None, 1, None) is True  # free memory unknown: O_DIRECT
+    assert reshard_stage.DIRECT_IO_FREE_FACTOR == 8
+
+
+def test_free_memory_is_the_kernels_free_pages():
+    """/proc/meminfo's MemFree (within a cgroup v2 limit, where there is one) against the free pages
+    the C library reports (sysconf), read around it: memory moves between the reads, by little."""
+    before = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    got = reshard_stage.free_memory()
+    after = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert got is not None and got > 0
+    group = Path("/proc/self/cgroup").read_text().splitlines()
+    v2 = next((ln.split(":", 2)[2] for ln in group if ln.startswith("0::")), None)
+    limit = Path(f"/sys/fs/cgroup{v2.rstrip('/')}/memory.max") if v2 is not None else None
+    if limit is not None and limit.exists() and limit.read_text().strip() != "max":
+        assert got <= min(before, after) + (256 << 20)
+    else:
+        assert min(before, after) - (256 << 20) <= got <= max(before, after) + (256 << 20), (before, got, after)
+
+
 def test_fast_tar_header_matches_tarfile():
     # The writer builds ustar headers itself (tarfile's tobuf is a large share of the per-member cost);
     # they must be the very bytes tarfile writes, or resharded output would change between versions.
@@ -490,6 +514,12 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
     a = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "a"), shard_size=8)).details
     assert a["engine"] == "in-process" and a["sample_spans"] == "catalog"
     _same_output(resharded, str(tmp_path / "a"))
+    # a few hundred KB: written through the page cache unless --direct-io is given; the same bytes
+    # either way (the Spark run above, on a pool of any size, wrote with O_DIRECT)
+    assert a["direct_io"] is False and reshard_stage.free_memory() > 8 * a["bytes"]
+    d = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "d"), shard_size=8, direct_io=True)).details
+    assert d["direct_io"] is True and d["engine"] == "in-process"
+    _same_output(resharded, str(tmp_path / "d"))
     half = os.path.dirname(subset)  # the subsets output: both scales
     small = min((os.path.join(r, f) for r, _, fs in os.walk(half) for f in fs if f.endswith(".manifest.json")),
                 key=lambda p: read_manifest(p)["num_samples"])
