@@ -59,6 +59,74 @@ def test_a_task_process_that_dies_gives_one_clear_error():
         Tasks(None, 2).map(_dies_on_two, list(range(5)), processes=True, description="download")
 
 
+def _stateful(items):
+    # one call per worker in pull mode: the id of this call tags every item it draws
+    call = os.urandom(8).hex()
+    for x in items:
+        yield (x, call, os.getpid())
+
+
+@pytest.mark.parametrize("processes", [False, True])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_pull_runs_every_item_once_with_one_call_per_worker(processes, workers):
+    got = Tasks(None, workers).map(_stateful, list(range(11)), processes=processes, pull=True)
+    assert sorted(x for x, _, _ in got) == list(range(11))  # each item once, whatever the order
+    calls = {c for _, c, _ in got}
+    assert 1 <= len(calls) <= workers  # state (the call) lasts across the items a worker draws
+    if processes and workers > 1:
+        assert os.getpid() not in {p for _, _, p in got}
+
+
+def _slow_first(items):
+    import time
+
+    for x in items:
+        if x == 0:
+            time.sleep(1.0)  # one long item: the other process draws the rest meanwhile
+        yield (x, os.getpid())
+
+
+def test_pull_gives_the_items_to_whichever_process_is_free():
+    got = Tasks(None, 2).map(_slow_first, list(range(9)), processes=True, pull=True)
+    by_pid: dict[int, list[int]] = {}
+    for x, pid in got:
+        by_pid.setdefault(pid, []).append(x)
+    slow = next(v for v in by_pid.values() if 0 in v)
+    # 1 item here (the other process draws the 8 others in that second; a loaded machine may start it
+    # late): never the fixed share of every other item (5)
+    assert sorted(x for v in by_pid.values() for x in v) == list(range(9)) and len(slow) <= 3
+
+
+@pytest.mark.parametrize("pull", [False, True])
+def test_a_task_error_in_a_forked_process_keeps_its_traceback(pull):
+    from laiontools.core.forkmap import RemoteTraceback
+
+    with pytest.raises(Exception) as e:
+        Tasks(None, 2).map(_fails_on_three, list(range(6)), processes=True, pull=pull)
+    assert str(user_error_from(e.value, InputError)) == "shard 3: damaged, run `laiontools verify`"
+    assert isinstance(e.value.__cause__, RemoteTraceback) and "_fails_on_three" in str(e.value.__cause__)
+
+
+def _unpicklable(items):
+    import threading
+
+    for x in items:
+        yield threading.Lock() if x == 1 else x
+
+
+def test_a_result_that_cannot_travel_back_is_that_items_error():
+    with pytest.raises(Exception, match="pickle"):
+        Tasks(None, 2).map(_unpicklable, list(range(4)), processes=True)
+
+
+@pytest.mark.parametrize("pull", [False, True])
+def test_a_task_process_that_dies_gives_one_clear_error_also_when_pulling(pull):
+    from laiontools.core.errors import UserError
+
+    with pytest.raises(UserError, match="died abruptly"):
+        Tasks(None, 2).map(_dies_on_two, list(range(5)), processes=True, pull=pull, description="reshard")
+
+
 def test_threads_share_the_cores_among_tasks_at_once():
     cores = os.cpu_count() or 1
     t = Tasks(None, 2)

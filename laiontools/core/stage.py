@@ -29,7 +29,6 @@ import functools
 import importlib
 import json
 import logging
-import multiprocessing
 import os
 import socket
 import time
@@ -104,24 +103,20 @@ def stage_spark(cfg: StageConfig, spark: Any = None, app_name: str = "laiontools
         yield s
 
 
-# What a forked task process runs (Tasks.map(processes=True)): set before the fork, read by the child.
-_FORKED: dict[str, Any] = {}
+class _Drawn:
+    """An iterator over `items` that threads share: each item goes to one of them."""
 
+    def __init__(self, items: list[Any]) -> None:
+        import threading
 
-def _forked_task(k: int) -> list[Any]:
-    return list(_FORKED["fn"](iter([_FORKED["items"][k]])))
+        self.it, self.lock = iter(items), threading.Lock()
 
+    def __iter__(self) -> _Drawn:
+        return self
 
-def _forked_init(parent: int) -> None:
-    """In each forked task process, first: die with the stage's process. A `kill -9` of the CLI otherwise
-    left its task processes running: writing into the output and holding its lock (inherited), so that the
-    same command, re-run to resume, was refused as "in use" by the pid just killed. If the parent is already
-    gone (killed between fork and here), exit now."""
-    from laiontools.core.launch import die_with_parent
-
-    die_with_parent(9)
-    if os.getppid() != parent:
-        os._exit(1)
+    def __next__(self) -> Any:
+        with self.lock:
+            return next(self.it)
 
 
 class Tasks:
@@ -149,37 +144,37 @@ class Tasks:
         return threads_per_task(self.spark, 0)
 
     def map(self, fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], partitions: int = 0,
-            description: str | None = None, processes: bool = False) -> list[Any]:
+            description: str | None = None, processes: bool = False, pull: bool = False) -> list[Any]:
         """``fn(items of one partition) -> results``, over every item; the results in a list.
 
         In process, `processes`: tasks whose work is mostly Python (parsing and writing tar members)
-        run in forked worker processes, since threads would share one interpreter lock; `fn` and the
-        items reach them by the fork, only results travel back. Otherwise threads."""
+        run in forked worker processes (:mod:`laiontools.core.forkmap`), since threads would share one
+        interpreter lock; `fn` and the items reach them by the fork, only results travel back. Otherwise
+        threads. `pull`: in process, ``fn`` runs once per worker over the items it draws one at a time (state
+        kept across items; results in the order they were made, not item order); on Spark, as without."""
         if self.spark is None:
             if len(items) < 2 or self.workers < 2:
                 return list(fn(iter(items))) if items else []
-            if processes and "fork" in multiprocessing.get_all_start_methods():
-                from concurrent.futures import ProcessPoolExecutor
-                from concurrent.futures.process import BrokenProcessPool
+            if processes and hasattr(os, "fork"):
+                from laiontools.core.forkmap import TaskProcessDied, fork_map
 
-                _FORKED.update(fn=fn, items=items)
                 try:
-                    with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_forked_init, initargs=(os.getpid(),)) as ex:
-                        return [r for part in ex.map(_forked_task, range(len(items))) for r in part]
-                except BrokenProcessPool as e:
+                    return fork_map(fn, items, self.workers, pull=pull)
+                except TaskProcessDied as e:
                     # a task process died without raising (killed, out of memory): what the finished tasks
                     # wrote is kept behind their markers, so a re-run resumes
                     raise UserError(f"a task process of {description or 'this stage'} died abruptly (killed, or out "
                                     f"of memory?); re-run the same command to resume, or give fewer tasks at once "
                                     f"or a Spark master") from e
-                finally:
-                    _FORKED.clear()
             # numpy, faiss, pyarrow and file I/O release the GIL: a few threads keep the cores busy
             # between one task's BLAS calls (each task writes its own files and marker, as on Spark)
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(min(self.workers, len(items)), thread_name_prefix="laiontools-task") as ex:
+            n = min(self.workers, len(items))
+            with ThreadPoolExecutor(n, thread_name_prefix="laiontools-task") as ex:
+                if pull:
+                    shared = _Drawn(items)
+                    return [r for part in ex.map(lambda _: list(fn(shared)), range(n)) for r in part]
                 return [r for part in ex.map(lambda it: list(fn(iter([it]))), items) for r in part]
         sc = self.spark.sparkContext
         if description:
