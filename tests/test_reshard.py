@@ -903,6 +903,27 @@ def test_a_source_json_that_is_not_an_object_is_the_one_line_of_invalid_json(tmp
     assert not (tmp_path / "shards" / "shard-00000.tar").exists()
 
 
+def test_a_source_json_in_any_encoding_json_reads_is_rewritten_as_json_dumps_writes_it(tmp_path):
+    # the rewrite decodes UTF-8 itself and hands anything else (a BOM, UTF-16) to json.loads, and encodes
+    # with the compiled encoder directly: the output must be what json.loads + json.dumps make of it
+    meta = {"uid": f"{0:032x}", "caption": "caf\u00e9 \u2028 \"q\" \\ \n\t", "nested": {"z": [1, 2.5, None, True], "a": {}},
+            "big": 10**30, "neg": -0.0, "exp": 1e-300, "tiny": 5e-324, "emoji": "\U0001f600"}
+    text = json.dumps(meta, indent=1)  # another layout than the output's
+    docs = {"a": text.encode(), "b": b"\xef\xbb\xbf" + text.encode(), "c": text.encode("utf-16"), "d": text.encode("utf-32-le")}
+    src = tmp_path / "src.tar"
+    entries = _span_source(src, {k: [("jpg", b"x"), ("json", d)] for k, d in docs.items()})
+    for e in entries:
+        e.uid = meta["uid"]
+    _write(tmp_path, src, entries)
+    with tarfile.open(tmp_path / "shards" / "shard-00000.tar") as tf:
+        got = {m.name: tf.extractfile(m).read() for m in tf if m.name.endswith(".json")}
+    assert len(got) == 4
+    for (name, data), skey in zip(sorted(got.items()), sorted(docs)):
+        key = name.removesuffix(".json")
+        want = dict(meta, key=key, source_shard="s", source_key=skey)
+        assert data == json.dumps(want, sort_keys=True, ensure_ascii=False).encode(), skey
+
+
 @pytest.mark.parametrize("members, says", [
     ([("jpg", b"x"), ("txt", b"c")], r"sample b has no \.json member, so its uid cannot be checked against the catalog"),
     ([("json", json.dumps({"uid": f"{1:032x}"}).encode()), ("txt", b"c")], r"sample b has no image member \(jpg, jpeg, png, webp; it holds json, txt\)"),
