@@ -520,6 +520,12 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
     d = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "d"), shard_size=8, direct_io=True)).details
     assert d["direct_io"] is True and d["engine"] == "in-process"
     _same_output(resharded, str(tmp_path / "d"))
+    # the catalog matched by the uid set's hash index (large subsets) instead of Arrow's is_in: the same
+    monkeypatch.setattr(reshard_stage, "IS_IN_MAX_UIDS", 0)
+    reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "u"), shard_size=8))
+    _same_output(resharded, str(tmp_path / "u"))
+    monkeypatch.undo()
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
     half = os.path.dirname(subset)  # the subsets output: both scales
     small = min((os.path.join(r, f) for r, _, fs in os.walk(half) for f in fs if f.endswith(".manifest.json")),
                 key=lambda p: read_manifest(p)["num_samples"])
