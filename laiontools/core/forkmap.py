@@ -133,6 +133,11 @@ def _feed_and_collect(work_w: int, n: int, fds: list[int]) -> dict[int, bytearra
     todo = memoryview(b"".join(k.to_bytes(_REC, "little") for k in range(n)))
     os.set_blocking(work_w, False)
     got = {fd: bytearray() for fd in fds}
+    # poll, not select: a stage may hold more than FD_SETSIZE (1024) files open, and the pipes then get
+    # descriptor numbers select cannot take
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
     live = set(fds)
     try:
         while live:
@@ -143,16 +148,21 @@ def _feed_and_collect(work_w: int, n: int, fds: list[int]) -> dict[int, bytearra
                     pass  # full: the processes are busy
                 except BrokenPipeError:  # every process is gone: what they did not take is reported lost
                     todo = todo[:0]
-                if not todo:
+                if todo:
+                    poller.register(work_w, select.POLLOUT)
+                else:
                     os.close(work_w)
                     work_w = -1
-            ready, _, _ = select.select(list(live), [work_w] if todo else [], [])
-            for fd in ready:
+            for fd, _ in poller.poll():
+                if fd == work_w:
+                    poller.unregister(work_w)  # writable again: the loop writes and registers it if needed
+                    continue
                 chunk = os.read(fd, 1 << 16)
                 if chunk:
                     got[fd] += chunk
                 else:
                     live.discard(fd)
+                    poller.unregister(fd)
     finally:
         if work_w >= 0:
             os.close(work_w)

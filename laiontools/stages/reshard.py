@@ -416,46 +416,29 @@ def _read_at(f: Any, offset: int, size: int) -> bytes:
     return f.read(size) or b""
 
 
-def _advise_in_order(urls: dict[str, str], reads: list[tuple[str, int, int]]) -> Any:
+def _advise_in_order(urls: dict[str, str], reads: list[tuple[str, int, int]]) -> tuple[Any, Any] | None:
     """Start a thread that announces these (source shard, offset, size) reads of local shards to the kernel
     in this order (``POSIX_FADV_WILLNEED``: it reads them from the device without waiting); (the thread,
     an event that stops it), or None where there is nothing to announce. Advice only: a range it cannot
-    give is read as usual."""
+    give is read as usual. It holds as many source shards open as a task does (:func:`_max_open_files`;
+    the task processes inherit them, and need descriptors of their own)."""
     import threading
 
-    if not hasattr(os, "posix_fadvise"):
+    if not hasattr(os, "posix_fadvise") or not reads:
         return None
-    fds: dict[str, int] = {}
-    try:
-        for sid in dict.fromkeys(r[0] for r in reads):
-            fs, p = url_to_fs(urls[sid])
-            if _is_local(fs):
-                try:
-                    fds[sid] = os.open(p, os.O_RDONLY)
-                except OSError:
-                    pass  # a missing or odd file: the task that reads it says what is wrong with it
-    except BaseException:
-        for fd in fds.values():
-            os.close(fd)
-        raise
-    if not fds:
-        return None
-
     stop = threading.Event()
 
     def advise() -> None:
+        sources = _Sources(urls)
         try:
-            for sid, off, size in reads:
+            for r in reads:
                 if stop.is_set():
                     break
-                fd = fds.get(sid)
-                if fd is not None:
-                    os.posix_fadvise(fd, off, size, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
+                sources.advise([r])
+        except Exception as e:  # noqa: BLE001 - advice only: the tasks read every range and say what is wrong
+            log.debug("reshard: read-ahead stopped: %s", e)
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            sources.close()
 
     t = threading.Thread(target=advise, name="laiontools-advise", daemon=True)
     t.start()
