@@ -977,3 +977,32 @@ def test_a_gzip_source_shard_is_named_as_such_not_as_truncated(tmp_path):
     with pytest.raises(RuntimeError) as ei:
         index_source_shard(("00004", str(src)))
     assert str(ei.value).endswith(f"source shard {src} is a gzip-compressed tar; webdataset pool shards must be plain tars (decompress it)")
+
+
+def test_read_ahead_holds_few_files_and_skips_what_it_cannot_open(tmp_path, monkeypatch):
+    # the parent's read-ahead (advice to the kernel while the task processes write) over more source
+    # shards than it may hold open: it finishes, closes every file it opened, and a missing shard is
+    # left to the task that reads it (which names it)
+    srcs = {}
+    for s_ in range(5):
+        p = tmp_path / f"{s_}.tar"
+        p.write_bytes(os.urandom(1 << 16))
+        srcs[str(s_)] = str(p)
+    srcs["gone"] = str(tmp_path / "gone.tar")
+    opened: list[int] = []
+    real_file = reshard_stage._Sources._file
+
+    def counting(self, sid):
+        f = real_file(self, sid)
+        opened.append(len(self.open))
+        return f
+
+    monkeypatch.setattr(reshard_stage, "_max_open_files", lambda: 2)
+    monkeypatch.setattr(reshard_stage._Sources, "_file", counting)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    reads = [(sid, off, 4096) for off in (0, 8192, 32768) for sid in srcs]
+    t, stop = reshard_stage._advise_in_order(srcs, reads)
+    t.join(timeout=30)
+    assert not t.is_alive() and not stop.is_set()
+    assert opened and max(opened) <= 2  # never more than the limit at once (the LRU closed the others)
+    assert len(os.listdir("/proc/self/fd")) == fds_before

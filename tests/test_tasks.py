@@ -200,3 +200,50 @@ def test_forked_task_processes_die_with_a_killed_stage(tmp_path):
                 os.kill(int(p.read_text()), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+def test_forked_tasks_run_while_the_stage_holds_more_than_1024_files():
+    # select() cannot take a descriptor numbered 1024 or above: the pipes to the task processes get such
+    # numbers when a stage already holds many files open (reshard's read-ahead over a large pool)
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"this process may open only {hard} files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert max(held) >= 1024
+        got = Tasks(None, 2).map(_squares, list(range(5)), processes=True)
+        assert [(x, y) for x, y, _ in got] == [(x, x * x) for x in range(5)]
+    finally:
+        for fd in held:
+            os.close(fd)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("processes", [False, True])
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("fails", [False, True])
+def test_meanwhile_is_held_once_while_the_tasks_run(processes, workers, fails):
+    import contextlib
+
+    log: list[str] = []
+
+    @contextlib.contextmanager
+    def held():
+        log.append("enter")
+        try:
+            yield
+        finally:
+            log.append("exit")
+
+    fn = _fails_on_three if fails else _squares
+    if fails:
+        with pytest.raises(Exception, match="shard 3"):
+            Tasks(None, workers).map(fn, list(range(5)), processes=processes, meanwhile=held)
+    else:
+        assert len(Tasks(None, workers).map(fn, list(range(5)), processes=processes, meanwhile=held)) == 5
+    assert log == ["enter", "exit"]

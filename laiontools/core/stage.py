@@ -144,34 +144,39 @@ class Tasks:
         return threads_per_task(self.spark, 0)
 
     def map(self, fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], partitions: int = 0,
-            description: str | None = None, processes: bool = False, pull: bool = False) -> list[Any]:
+            description: str | None = None, processes: bool = False, pull: bool = False,
+            meanwhile: Callable[[], Any] | None = None) -> list[Any]:
         """``fn(items of one partition) -> results``, over every item; the results in a list.
 
         In process, `processes`: tasks whose work is mostly Python (parsing and writing tar members)
         run in forked worker processes (:mod:`laiontools.core.forkmap`), since threads would share one
         interpreter lock; `fn` and the items reach them by the fork, only results travel back. Otherwise
         threads. `pull`: in process, ``fn`` runs once per worker over the items it draws one at a time (state
-        kept across items; results in the order they were made, not item order); on Spark, as without."""
+        kept across items; results in the order they were made, not item order); on Spark, as without.
+        `meanwhile`: in process, a context manager factory; this process holds its context while the
+        tasks run (e.g. a thread reading ahead for them)."""
         if self.spark is None:
-            if len(items) < 2 or self.workers < 2:
-                return list(fn(iter(items))) if items else []
-            if processes and hasattr(os, "fork"):
+            if processes and hasattr(os, "fork") and len(items) >= 2 and self.workers >= 2:
                 from laiontools.core.forkmap import TaskProcessDied, fork_map
 
                 try:
-                    return fork_map(fn, items, self.workers, pull=pull)
+                    return fork_map(fn, items, self.workers, pull=pull, meanwhile=meanwhile)
                 except TaskProcessDied as e:
                     # a task process died without raising (killed, out of memory): what the finished tasks
                     # wrote is kept behind their markers, so a re-run resumes
                     raise UserError(f"a task process of {description or 'this stage'} died abruptly (killed, or out "
                                     f"of memory?); re-run the same command to resume, or give fewer tasks at once "
                                     f"or a Spark master") from e
+            if len(items) < 2 or self.workers < 2:
+                with meanwhile() if meanwhile is not None else nullcontext():
+                    return list(fn(iter(items))) if items else []
             # numpy, faiss, pyarrow and file I/O release the GIL: a few threads keep the cores busy
             # between one task's BLAS calls (each task writes its own files and marker, as on Spark)
             from concurrent.futures import ThreadPoolExecutor
 
             n = min(self.workers, len(items))
-            with ThreadPoolExecutor(n, thread_name_prefix="laiontools-task") as ex:
+            with meanwhile() if meanwhile is not None else nullcontext(), \
+                    ThreadPoolExecutor(n, thread_name_prefix="laiontools-task") as ex:
                 if pull:
                     shared = _Drawn(items)
                     return [r for part in ex.map(lambda _: list(fn(shared)), range(n)) for r in part]
