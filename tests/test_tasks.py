@@ -77,24 +77,34 @@ def test_pull_runs_every_item_once_with_one_call_per_worker(processes, workers):
         assert os.getpid() not in {p for _, _, p in got}
 
 
-def _slow_first(items):
+def _slow_first(done_dir, items):
     import time
 
     for x in items:
         if x == 0:
-            time.sleep(1.0)  # one long item: the other process draws the rest meanwhile
+            # one long item: it ends once the other process has run the 8 others (bounded: a test that
+            # waits in vain fails on its count rather than hanging)
+            for _ in range(3000):
+                if len(os.listdir(done_dir)) >= 8:
+                    break
+                time.sleep(0.01)
+        else:
+            open(os.path.join(done_dir, str(x)), "w").close()
         yield (x, os.getpid())
 
 
-def test_pull_gives_the_items_to_whichever_process_is_free():
-    got = Tasks(None, 2).map(_slow_first, list(range(9)), processes=True, pull=True)
+def test_pull_gives_the_items_to_whichever_process_is_free(tmp_path):
+    import functools
+
+    got = Tasks(None, 2).map(functools.partial(_slow_first, str(tmp_path)), list(range(9)), processes=True,
+                             pull=True)
     by_pid: dict[int, list[int]] = {}
     for x, pid in got:
         by_pid.setdefault(pid, []).append(x)
-    slow = next(v for v in by_pid.values() if 0 in v)
-    # 1 item here (the other process draws the 8 others in that second; a loaded machine may start it
-    # late): never the fixed share of every other item (5)
-    assert sorted(x for v in by_pid.values() for x in v) == list(range(9)) and len(slow) <= 3
+    # the process held by item 0 ran nothing else: the other drew all 8 while it was busy (with a fixed
+    # share each, it would have had every other item, 5)
+    assert sorted(x for v in by_pid.values() for x in v) == list(range(9))
+    assert sorted(sorted(v) for v in by_pid.values()) == [[0], list(range(1, 9))]
 
 
 @pytest.mark.parametrize("pull", [False, True])
@@ -247,3 +257,22 @@ def test_meanwhile_is_held_once_while_the_tasks_run(processes, workers, fails):
     else:
         assert len(Tasks(None, workers).map(fn, list(range(5)), processes=processes, meanwhile=held)) == 5
     assert log == ["enter", "exit"]
+
+
+def _stops_after_one(items):
+    for x in items:
+        yield x
+        return  # a bug: the items this call did not draw would never run
+
+
+@pytest.mark.parametrize("processes", [False, True])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_task_function_that_returns_early_in_pull_mode_is_an_error_not_a_silent_drop(processes, workers):
+    from laiontools.core.forkmap import NotAllDrawn
+
+    with pytest.raises(NotAllDrawn, match=f"{min(workers, 2)} of 6 ran"):
+        Tasks(None, workers).map(_stops_after_one, list(range(6)), processes=processes, pull=True)
+    # a function that stops early but leaves nothing behind is fine: the other calls drew the rest
+    assert sorted(Tasks(None, 2).map(_stops_after_one, [7, 8], processes=processes, pull=True)) == [7, 8]
+    # without pull, a task's function may ignore its items (semdedup's k-means task takes one dummy item)
+    assert Tasks(None, workers).map(lambda _: iter(["k-means"]), [0], processes=processes) == ["k-means"]

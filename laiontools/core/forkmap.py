@@ -31,7 +31,7 @@ from typing import Any
 _REC = 4
 _WRITE_MAX = 4096  # POSIX's least PIPE_BUF; a multiple of _REC
 
-OK, ERR = "ok", "err"
+OK, ERR, DRAWN = "ok", "err", "drawn"
 
 
 class TaskProcessDied(RuntimeError):
@@ -49,7 +49,8 @@ def fork_map(fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], pro
 
     Every item is run even when one fails (as a process pool's map): the error raised is the first
     item's error (in item order; ``pull``: the first one reported), after all processes ended. A
-    process that died without reporting raises :class:`TaskProcessDied`.
+    process that died without reporting raises :class:`TaskProcessDied`; in ``pull`` mode, calls of
+    ``fn`` that together left items undrawn raise :class:`NotAllDrawn`.
 
     ``meanwhile``: a context this process holds while the task processes run, entered once they are
     forked (a thread started before the forks would compete with them for the interpreter lock).
@@ -119,11 +120,14 @@ def _child(fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], pull:
                 out.write(data)
                 out.flush()
 
+            count = [0]
+
             def drawn() -> Iterator[int]:
                 while True:
                     b = os.read(work_r, _REC)
                     if len(b) != _REC:  # end of the pipe: no items left
                         return
+                    count[0] += 1
                     yield int.from_bytes(b, "little")
 
             if pull:
@@ -132,6 +136,9 @@ def _child(fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], pull:
                         send((None, OK, r))
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     send((None, ERR, _portable(e)))
+                # how many items this process took: a `fn` that returned before its iterator ended left
+                # items in the pipe that no process ran, which the caller must hear of
+                send((None, DRAWN, count[0]))
             else:
                 for k in drawn():
                     try:
@@ -204,6 +211,7 @@ def _results(got: dict[int, bytearray], n: int, pull: bool, died: bool) -> list[
     by_item: list[Any] = [None] * n
     flat: list[Any] = []
     errors: list[tuple[int, BaseException]] = []
+    drawn = 0
     for buf in got.values():
         f = io.BytesIO(buf)
         while f.tell() < len(buf):
@@ -212,7 +220,9 @@ def _results(got: dict[int, bytearray], n: int, pull: bool, died: bool) -> list[
             except Exception:  # noqa: BLE001 - a record cut short: its process died while sending it
                 died = True
                 break
-            if status == ERR:
+            if status == DRAWN:
+                drawn += value
+            elif status == ERR:
                 err, tb = value
                 err.__cause__ = RemoteTraceback(tb)  # where it was raised, as a process pool gives it
                 errors.append((k if k is not None else -1, err))
@@ -224,7 +234,14 @@ def _results(got: dict[int, bytearray], n: int, pull: bool, died: bool) -> list[
         raise min(errors, key=lambda e: e[0])[1]
     if died or (not pull and any(r is None for r in by_item)):
         raise TaskProcessDied("a task process died without finishing its items")
+    if pull and drawn != n:
+        raise NotAllDrawn(f"the task function returned before drawing every item: {drawn} of {n} ran")
     return flat if pull else [r for rs in by_item for r in rs]
+
+
+class NotAllDrawn(RuntimeError):
+    """In pull mode, every call of the task function returned while items were left (a bug in it: the
+    items it never drew would be silently missing from the results)."""
 
 
 class RemoteTraceback(Exception):

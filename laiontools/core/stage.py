@@ -109,14 +109,23 @@ class _Drawn:
     def __init__(self, items: list[Any]) -> None:
         import threading
 
-        self.it, self.lock = iter(items), threading.Lock()
+        self.it, self.lock, self.n, self.drawn = iter(items), threading.Lock(), len(items), 0
 
     def __iter__(self) -> _Drawn:
         return self
 
     def __next__(self) -> Any:
         with self.lock:
-            return next(self.it)
+            item = next(self.it)
+            self.drawn += 1
+            return item
+
+    def check(self) -> None:
+        """Every item was drawn (else the task function returned early and items were never run)."""
+        if self.drawn != self.n:
+            from laiontools.core.forkmap import NotAllDrawn
+
+            raise NotAllDrawn(f"the task function returned before drawing every item: {self.drawn} of {self.n} ran")
 
 
 class Tasks:
@@ -168,8 +177,14 @@ class Tasks:
                                     f"of memory?); re-run the same command to resume, or give fewer tasks at once "
                                     f"or a Spark master") from e
             if len(items) < 2 or self.workers < 2:
+                if not items:
+                    return []
                 with meanwhile() if meanwhile is not None else nullcontext():
-                    return list(fn(iter(items))) if items else []
+                    one = _Drawn(items)
+                    out = list(fn(one))
+                    if pull:  # (a partition's function may ignore its items, as semdedup's k-means task does)
+                        one.check()
+                    return out
             # numpy, faiss, pyarrow and file I/O release the GIL: a few threads keep the cores busy
             # between one task's BLAS calls (each task writes its own files and marker, as on Spark)
             from concurrent.futures import ThreadPoolExecutor
@@ -179,7 +194,9 @@ class Tasks:
                     ThreadPoolExecutor(n, thread_name_prefix="laiontools-task") as ex:
                 if pull:
                     shared = _Drawn(items)
-                    return [r for part in ex.map(lambda _: list(fn(shared)), range(n)) for r in part]
+                    out = [r for part in ex.map(lambda _: list(fn(shared)), range(n)) for r in part]
+                    shared.check()
+                    return out
                 return [r for part in ex.map(lambda it: list(fn(iter([it]))), items) for r in part]
         sc = self.spark.sparkContext
         if description:
