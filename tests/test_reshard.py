@@ -1001,8 +1001,8 @@ def test_read_ahead_holds_few_files_and_skips_what_it_cannot_open(tmp_path, monk
     monkeypatch.setattr(reshard_stage._Sources, "_file", counting)
     fds_before = len(os.listdir("/proc/self/fd"))
     reads = [(sid, off, 4096) for off in (0, 8192, 32768) for sid in srcs]
-    t, stop = reshard_stage._advise_in_order(srcs, reads)
-    t.join(timeout=30)
-    assert not t.is_alive() and not stop.is_set()
+    with reshard_stage._read_ahead(srcs, reads) as t:
+        t.join(timeout=30)
+        assert not t.is_alive()  # done by itself, before the block's end stopped it
     assert opened and max(opened) <= 2  # never more than the limit at once (the LRU closed the others)
     assert len(os.listdir("/proc/self/fd")) == fds_before

@@ -416,16 +416,18 @@ def _read_at(f: Any, offset: int, size: int) -> bytes:
     return f.read(size) or b""
 
 
-def _advise_in_order(urls: dict[str, str], reads: list[tuple[str, int, int]]) -> tuple[Any, Any] | None:
-    """Start a thread that announces these (source shard, offset, size) reads of local shards to the kernel
-    in this order (``POSIX_FADV_WILLNEED``: it reads them from the device without waiting); (the thread,
-    an event that stops it), or None where there is nothing to announce. Advice only: a range it cannot
-    give is read as usual. It holds as many source shards open as a task does (:func:`_max_open_files`;
-    the task processes inherit them, and need descriptors of their own)."""
+@contextlib.contextmanager
+def _read_ahead(urls: dict[str, str], reads: list[tuple[str, int, int]]) -> Any:
+    """While the block runs, a thread announces these (source shard, offset, size) reads of local shards
+    to the kernel in this order (``POSIX_FADV_WILLNEED``: it reads them from the device without waiting);
+    the block gets the thread, or None where there is nothing to announce, and the thread is stopped at
+    its end if not done. Advice only: a range it cannot give is read as usual. It holds as many source
+    shards open as a task does (:func:`_max_open_files`; the task processes need descriptors of their own)."""
     import threading
 
     if not hasattr(os, "posix_fadvise") or not reads:
-        return None
+        yield None
+        return
     stop = threading.Event()
 
     def advise() -> None:
@@ -442,19 +444,11 @@ def _advise_in_order(urls: dict[str, str], reads: list[tuple[str, int, int]]) ->
 
     t = threading.Thread(target=advise, name="laiontools-advise", daemon=True)
     t.start()
-    return t, stop
-
-
-@contextlib.contextmanager
-def _read_ahead(urls: dict[str, str], reads: list[tuple[str, int, int]]) -> Any:
-    """:func:`_advise_in_order` for as long as the block runs (stopped at its end if not done)."""
-    started = _advise_in_order(urls, reads)
     try:
-        yield
+        yield t
     finally:
-        if started is not None:
-            started[1].set()
-            started[0].join()
+        stop.set()
+        t.join()
 
 
 def _is_local(fs: Any) -> bool:
