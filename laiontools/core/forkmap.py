@@ -234,14 +234,20 @@ def _results(got: dict[int, bytearray], n: int, pull: bool, died: bool) -> list[
         raise min(errors, key=lambda e: e[0])[1]
     if died or (not pull and any(r is None for r in by_item)):
         raise TaskProcessDied("a task process died without finishing its items")
-    if pull and drawn != n:
-        raise NotAllDrawn(f"the task function returned before drawing every item: {drawn} of {n} ran")
+    if pull:
+        check_drawn(drawn, n)
     return flat if pull else [r for rs in by_item for r in rs]
 
 
 class NotAllDrawn(RuntimeError):
     """In pull mode, every call of the task function returned while items were left (a bug in it: the
     items it never drew would be silently missing from the results)."""
+
+
+def check_drawn(drawn: int, n: int) -> None:
+    """Raise :class:`NotAllDrawn` unless the pull-mode calls drew all `n` items (in processes or threads)."""
+    if drawn != n:
+        raise NotAllDrawn(f"the task function returned before drawing every item: {drawn} of {n} ran")
 
 
 class RemoteTraceback(Exception):

@@ -122,10 +122,9 @@ class _Drawn:
 
     def check(self) -> None:
         """Every item was drawn (else the task function returned early and items were never run)."""
-        if self.drawn != self.n:
-            from laiontools.core.forkmap import NotAllDrawn
+        from laiontools.core.forkmap import check_drawn
 
-            raise NotAllDrawn(f"the task function returned before drawing every item: {self.drawn} of {self.n} ran")
+        check_drawn(self.drawn, self.n)
 
 
 class Tasks:
