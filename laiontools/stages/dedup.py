@@ -47,6 +47,7 @@ from laiontools.contracts.embeddings import (  # noqa: F401
     shard_marker,
 )
 from laiontools.contracts.uids import uids_to_array
+from laiontools.core import failpoints
 from laiontools.core.config import ConfigError, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.logs import peak_rss_mb
@@ -676,6 +677,8 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
         if stats is None or stats.get("settings_key") != ctx["settings_key"]:
             raise RuntimeError(f"shard {sid} reported done but its marker is missing or stale")  # a bug, not bad input
         agg.add(stats)
+    # The final-write phase: every shard's marker is there, dedup.json and the summary are not (kill tests widen it).
+    failpoints.pause("dedup.final-write")
     summary, text = _write_outputs(cfg, pool, sets, index_desc, items, agg, search_s)
     return StageResult(
         outputs={"exclude": join(cfg.output, layout.DEDUP_EXCLUDE_UIDS), "dedup": join(cfg.output, layout.DEDUP_JSON),

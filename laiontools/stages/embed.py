@@ -74,6 +74,7 @@ from laiontools.contracts.embeddings import (
     shard_files,
 )
 from laiontools.contracts.uids import is_uid
+from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.images import error_text
@@ -838,6 +839,8 @@ def _finish(cfg: EmbedConfig, tasks: list[dict[str, Any]], stats: list[dict[str,
     report_path = join(cfg.output, layout.EMB_REPORT_JSON)
     result = EmbedResult(embedded, sorted(skipped), failed, rows, fdec, round(seconds, 3), report_path)
     if rank == 0:
+        # The final-write phase: every shard's marker is there, the report is not (kill tests widen it).
+        failpoints.pause("embed.final-write")
         write_json(report_path, {
             "manifest": cfg.manifest,
             "model": cfg.model,

@@ -80,6 +80,7 @@ from laiontools.contracts.manifest import (
 from laiontools.contracts.pool import abs_path, load_pool
 from laiontools.contracts.selection import parse_seed, score_series
 from laiontools.contracts.uids import keep_members
+from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, TaskError, UserError, task_error, task_errors_as
 from laiontools.core.report import table
@@ -940,6 +941,8 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
                     results, spans_from = _run_spark(spark, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width,
                                                      direct)
     sizes = {shard_name(j): results[j]["num_samples"] for j in range(k)}
+    # The final-write phase: every output shard's marker is there, the manifest is not (kill tests widen it).
+    failpoints.pause("reshard.final-write")
     write_json(join(out_dir, layout.RESHARD_SIZES_JSON), sizes)
     total = sum(sizes.values())
     if total != n:

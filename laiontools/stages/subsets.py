@@ -56,6 +56,7 @@ from laiontools.contracts.manifest import (
 from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
 from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
 from laiontools.contracts.uids import UID_DTYPE, save_uids_spark, with_member_flag
+from laiontools.core import failpoints
 from laiontools.core.config import ConfigError, changed_settings
 from laiontools.core.errors import InputError, UserError
 from laiontools.core.report import table
@@ -860,6 +861,8 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
             )
             mpath = join(output, layout.subset_manifest(label))
             msha = write_manifest(mpath, m, run=run_record)
+            # Between two scales' manifests: this one written, the next not yet (kill tests widen it).
+            failpoints.pause("subsets.manifest")
             parent = {"name": m["name"], "sha256": msha, "path": layout.subset_manifest(label)}
             results.append(
                 {"scale": label, "target": target, "obtained": count, "short": count < target, "manifest": mpath, "sha256": msha}

@@ -30,6 +30,7 @@ from faultkit import (
     count,
     digests,
     download_comparable,
+    failpoint_reached,
     json_equal_except,
     load_json,
     record,
@@ -65,9 +66,18 @@ def _kill_chain(stage: str, args: list[str], out: str, cwd: str, points: list[tu
     out_records = []
     for name, when, *failpoint in points:
         # A third element names a failpoint (laiontools.core.failpoints) that holds the run inside a
-        # phase too short to be hit by polling the folder; the run is killed in that phase all the same.
-        env = {**ENV, failpoints.ENV: f"{failpoint[0]}=30"} if failpoint else None
-        k = run_and_kill(args, cwd, out, name, when, env=env)
+        # phase too short to be hit by polling the folder (on a loaded machine a poll missed embed's
+        # few-millisecond final write): the run is killed once it is in the folder state *and* has
+        # logged that it is paused there, so a failpoint that no code reaches fails the test.
+        env, err = None, None
+        if failpoint:
+            env, err = {**ENV, failpoints.ENV: f"{failpoint[0]}=30"}, os.path.join(cwd, f"{stage}.stderr")
+            if os.path.exists(err):
+                os.remove(err)
+
+            def when(folder=when, fp=failpoint[0], err=err) -> bool:
+                return folder() and failpoint_reached(err, fp)
+        k = run_and_kill(args, cwd, out, name, when, env=env, stderr=err)
         lock = [f for f in k.state if "lock" in os.path.basename(f)]
         rec = {"stage": stage, "point": name, "killed": k.killed, "seconds": k.seconds, "files_at_kill": len(k.state),
                "lock_left": lock}
@@ -110,7 +120,7 @@ def test_reshard_survives_kills(chain, monkeypatch, tmp_path):
     final = os.path.join(out, "subset.manifest.json")
     _kill_chain("reshard", args, out, str(tmp_path), [
         ("first marker", lambda: marks() >= 1),
-        ("final write", lambda: marks() == n and not os.path.exists(final)),
+        ("final write", lambda: marks() == n and not os.path.exists(final), "reshard.final-write"),
     ])
     _check_identical("reshard", out, keep, ())
 
@@ -137,7 +147,7 @@ def test_embed_survives_kills(chain, monkeypatch, tmp_path):
     final = os.path.join(out, "embed_report.json")
     _kill_chain("embed", args, out, str(tmp_path), [
         ("first marker", lambda: marks() >= 1),
-        ("final write", lambda: marks() == n and not os.path.exists(final)),
+        ("final write", lambda: marks() == n and not os.path.exists(final), "embed.final-write"),
     ])
     # embed_report.json describes the last run (its seconds, rows/s, which shards it embedded and which
     # it found done) and each shard's marker records how long that shard took: they differ by design.
@@ -165,7 +175,7 @@ def test_subsets_survive_kills(chain, monkeypatch, tmp_path):
     _kill_chain("subsets", args, out, str(tmp_path), [
         ("settings written", lambda: os.path.exists(os.path.join(out, "settings.json"))),
         ("uid files being written", lambda: count(out, "*.uids.npy") + count(out, ".*.tmp-*") >= 1 and manifests() == 0),
-        ("first manifest", lambda: 1 <= manifests() < k),
+        ("first manifest", lambda: 1 <= manifests() < k, "subsets.manifest"),
     ])
     _check_identical("subsets", out, keep, ())
 
@@ -185,7 +195,7 @@ def test_dedup_survives_kills(chain, monkeypatch, tmp_path):
     _kill_chain("dedup", args, out, str(tmp_path), [
         ("index written", lambda: os.path.exists(os.path.join(out, "index", "index.json"))),
         ("first marker", lambda: marks() >= 1),
-        ("final write", lambda: marks() == n and not os.path.exists(final)),
+        ("final write", lambda: marks() == n and not os.path.exists(final), "dedup.final-write"),
     ])
     # Step times and task peak memory (markers, index description, summary) describe the run.
     _check_identical("dedup", out, keep, DEDUP_VARYING)
@@ -328,7 +338,6 @@ def test_takedown_survives_kills(chain, monkeypatch, tmp_path):
     uninterrupted run's files (catalog by rows: Spark names its part files) and exactly one audit line,
     equal to the uninterrupted one but for the time."""
     import pandas as pd
-    from faultkit import failpoint_reached
 
     from laiontools.testing.removal import removal_list_for
 
@@ -380,8 +389,6 @@ def test_verify_survives_kills(chain, tmp_path):
     """verify writes nothing: a kill must leave its inputs as they were and no file anywhere, and the
     re-run must report exactly what an uninterrupted run does. Kill points are failpoints (the whole
     run takes about a second): the uid file checked, the first shard read, before the nesting check."""
-    from faultkit import failpoint_reached
-
     inputs = [chain.pool_dir, chain.subsets, os.path.dirname(chain.resharded)]
     before = {p: digests(p, ()) for p in inputs}
     cwd = tmp_path / "cwd"
