@@ -72,7 +72,7 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "laiontools-test", "AWS_SECRET_ACCESS_KEY": 
 # - the fault-injection files are one unit of work, so one process makes their chain of inputs
 #   (tests/faults/conftest.py, ~1.5 min) instead of both;
 # - the longest units go first (xdist would order them by their number of tests): the cluster test
-#   (~6-8 min alone), the fault files (~15 min together), the demo; the rest fills in behind them.
+#   (~14 min alone on 2026-12-05), the fault files (~15 min together), the demo; the rest fills in behind them.
 _FIRST = ("tests/test_cluster.py", "tests/faults/", "tests/test_demo.py")
 
 
