@@ -26,6 +26,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 
@@ -168,15 +169,32 @@ class _Changes:
 
 
 def run_and_kill(args: list[str], cwd: str, out: str, point: str, when: Callable[[], bool],
-                 timeout: float = 600, env: dict | None = None, poll: float = 0.003, stderr: str | None = None) -> Kill:
+                 timeout: float = 600, env: dict | None = None, poll: float = 0.003, stderr: str | None = None,
+                 failpoint: str | None = None) -> Kill:
     """Start `laiontools <args>` in its own process group; SIGKILL the group as soon as `when()` holds.
 
     `when` is evaluated whenever something under `out` changed (at most every `poll` seconds) and at
     least every 50 ms; a false positive cannot happen (it reads the folder), a miss can (a state that
     lasts less than one evaluation), which is why the state at the kill is returned.
-    `stderr`: a file the run's stderr goes to (for :func:`failpoint_reached`), else discarded.
+    `failpoint`: a phase too short to be hit by polling (laiontools.core.failpoints), held open for 30 s
+    in this run; the kill then also waits for the run's own line saying it is paused there, so a
+    failpoint that no code reaches lets the run end unkilled (killed False) instead of passing by luck.
+    `stderr`: a file the run's stderr goes to (with a failpoint: a temporary file if not given), else discarded.
     """
     t0 = time.monotonic()
+    tmp_err = None
+    if failpoint:
+        from laiontools.core import failpoints
+
+        env = {**(env or ENV), failpoints.ENV: f"{failpoint}=30"}
+        if not stderr:
+            fd, stderr = tempfile.mkstemp(prefix="faultkit-", suffix=".stderr")
+            os.close(fd)
+            tmp_err = stderr
+        folder_state = when
+
+        def when() -> bool:
+            return folder_state() and failpoint_reached(stderr, failpoint)
     changes = _Changes(out)
     err = open(stderr, "wb") if stderr else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     try:
@@ -207,6 +225,8 @@ def run_and_kill(args: list[str], cwd: str, out: str, point: str, when: Callable
             proc.wait(timeout=60)
         _reap_group(proc.pid)
         _wait_gone(out)
+        if tmp_err:
+            os.remove(tmp_err)
     return k
 
 

@@ -39,3 +39,17 @@ def test_the_watch_sees_a_folder_made_later_and_a_file_deep_in_it(tmp_path):
     finally:
         changes.close()
 
+
+
+def test_a_kill_at_a_failpoint_no_code_reaches_does_not_happen(tmp_path):
+    """run_and_kill with a failpoint kills only once the run says it is paused there: a run that never
+    reaches it (here `laiontools --help`) ends by itself, unkilled, though the folder state (always true
+    here) holds from the start; without the failpoint the same state kills it."""
+    from faultkit import run_and_kill
+
+    out = str(tmp_path / "out")
+    k = run_and_kill(["--help"], str(tmp_path), out, "never", lambda: True, failpoint="nowhere.never")
+    assert not k.killed and k.returncode == 0, k
+    assert [p.name for p in tmp_path.iterdir()] == []  # its stderr went to a temporary file, removed after
+    k = run_and_kill(["--help"], str(tmp_path), out, "at once", lambda: True)
+    assert k.killed, k

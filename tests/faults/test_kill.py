@@ -30,7 +30,6 @@ from faultkit import (
     count,
     digests,
     download_comparable,
-    failpoint_reached,
     json_equal_except,
     load_json,
     record,
@@ -38,8 +37,6 @@ from faultkit import (
     run_and_kill,
     tree_diff,
 )
-
-from laiontools.core import failpoints
 
 pytestmark = pytest.mark.slow
 
@@ -67,17 +64,8 @@ def _kill_chain(stage: str, args: list[str], out: str, cwd: str, points: list[tu
     for name, when, *failpoint in points:
         # A third element names a failpoint (laiontools.core.failpoints) that holds the run inside a
         # phase too short to be hit by polling the folder (on a loaded machine a poll missed embed's
-        # few-millisecond final write): the run is killed once it is in the folder state *and* has
-        # logged that it is paused there, so a failpoint that no code reaches fails the test.
-        env, err = None, None
-        if failpoint:
-            env, err = {**ENV, failpoints.ENV: f"{failpoint[0]}=30"}, os.path.join(cwd, f"{stage}.stderr")
-            if os.path.exists(err):
-                os.remove(err)
-
-            def when(folder=when, fp=failpoint[0], err=err) -> bool:
-                return folder() and failpoint_reached(err, fp)
-        k = run_and_kill(args, cwd, out, name, when, env=env, stderr=err)
+        # few-millisecond final write); run_and_kill kills in it once the run says it is paused there.
+        k = run_and_kill(args, cwd, out, name, when, failpoint=failpoint[0] if failpoint else None)
         lock = [f for f in k.state if "lock" in os.path.basename(f)]
         rec = {"stage": stage, "point": name, "killed": k.killed, "seconds": k.seconds, "files_at_kill": len(k.state),
                "lock_left": lock}
@@ -351,14 +339,11 @@ def test_takedown_survives_kills(chain, monkeypatch, tmp_path):
     assert n == 3, n
     marks = _markers(out, "shards/*.tar.done")
     manifest, report = os.path.join(out, "pool.manifest.json"), os.path.join(out, "takedown.json")
-    err = str(tmp_path / "takedown.stderr")
     points = [("a shard rewritten", lambda: marks() >= 1, "takedown.shard"),
-              ("catalog written aside", lambda: failpoint_reached(err, "takedown.catalog"), "takedown.catalog"),
+              ("catalog written aside", lambda: True, "takedown.catalog"),  # (the failpoint's own line is the state)
               ("final write", lambda: os.path.exists(manifest) and not os.path.exists(report), "takedown.final-write")]
     for name, when, fp in points:
-        if os.path.exists(err):
-            os.remove(err)
-        k = run_and_kill(args, str(tmp_path), out, name, when, env={**ENV, failpoints.ENV: f"{fp}=30"}, stderr=err)
+        k = run_and_kill(args, str(tmp_path), out, name, when, failpoint=fp)
         record({"kind": "kill", "stage": "takedown", "point": name, "killed": k.killed, "seconds": k.seconds,
                 "files_at_kill": len(k.state)})
         assert k.killed, f"takedown ended (exit {k.returncode}) before {name}; files: {k.state}"
@@ -401,9 +386,7 @@ def test_verify_survives_kills(chain, tmp_path):
     assert want.returncode == 0 and "nesting: all" in want.stdout, want.stdout + want.stderr[-3000:]
     for name, fp in (("uid file checked", "verify.uid-file"), ("first shard read", "verify.shard"),
                      ("before the nesting check", "verify.parent")):
-        err = str(tmp_path / f"{fp}.stderr")
-        k = run_and_kill(args, str(cwd), os.path.dirname(chain.resharded), name, lambda err=err, fp=fp: failpoint_reached(err, fp),
-                         env={**env, failpoints.ENV: f"{fp}=30"}, stderr=err)
+        k = run_and_kill(args, str(cwd), os.path.dirname(chain.resharded), name, lambda: True, env=env, failpoint=fp)
         record({"kind": "kill", "stage": "verify", "point": name, "killed": k.killed, "seconds": k.seconds})
         assert k.killed, f"verify ended (exit {k.returncode}) before {name}"
     got = run(args, str(cwd), env=env)
