@@ -861,7 +861,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
             )
             mpath = join(output, layout.subset_manifest(label))
             msha = write_manifest(mpath, m, run=run_record)
-            # Between two scales' manifests: this one written, the next not yet (kill tests widen it).
+            # After each scale's manifest: this one written, the next scale's (if any) not yet (kill tests widen it).
             failpoints.pause("subsets.manifest")
             parent = {"name": m["name"], "sha256": msha, "path": layout.subset_manifest(label)}
             results.append(
