@@ -183,6 +183,34 @@ def test_each_filter_and_funnel(spark, scratch, tmp_path):
     assert sum(f["removed"] for f in m["selection"]["funnel"]) == 69 - len(expect)
 
 
+def test_an_image_with_one_side_unknown_does_not_pass_the_size_filters(spark, scratch, tmp_path):
+    """A sample whose height is unknown (original and stored) is removed by --min-image-side and
+    --max-aspect-ratio as the funnel says ('or unknown'), however large its width: Spark's least() and
+    greatest() skip a NULL and would take it for a square of its width."""
+    import shutil
+
+    pool_dir = tmp_path / "pool"
+    shutil.copytree(os.path.dirname(scratch), pool_dir)
+    cat_file = pool_dir / layout.CATALOG_DIR / "part-00000.parquet"
+    rows = pq.read_table(cat_file).to_pylist()
+    complete = [r for r in rows if r[C.STATUS] == C.STATUS_SUCCESS and r[C.SHARD] != "00004"]
+    unknown = {complete[3][C.UID], complete[11][C.UID]}
+    for r in rows:
+        if r[C.UID] in unknown:
+            r[C.ORIGINAL_HEIGHT] = r[C.HEIGHT] = None
+            r[C.ORIGINAL_WIDTH] = 4000  # would pass any shorter-side bound if the unknown side were skipped
+    pq.write_table(pa.Table.from_pylist(rows, schema=C.catalog_arrow_schema()), cat_file)
+    pool = str(pool_dir / layout.POOL_MANIFEST)
+    # Every known sample passes both bounds (shorter side >= 64 px, aspect ratio <= 100), so only the
+    # unknown ones go, at the size step.
+    for label, kw in (("shorter image side", {"min_image_side": 64}), ("aspect ratio", {"max_aspect_ratio": 100.0})):
+        res = subsets_stage.run(_cfg(pool, tmp_path / label.replace(" ", "-"), scales="3", **kw), spark).details
+        m = read_manifest(res[0]["manifest"])
+        assert m["selection"]["eligible"] == len(complete) - 2
+        removed = {f["step"]: f["removed"] for f in m["selection"]["funnel"]}
+        assert [n for step, n in removed.items() if step.startswith(label)] == [2]
+
+
 def _write_scores(emb: str, uid_scores: dict[str, float], model_json: dict | None) -> None:
     os.makedirs(os.path.join(emb, layout.EMB_SCORES_DIR), exist_ok=True)
     items = sorted(uid_scores.items())

@@ -433,12 +433,17 @@ def _filter_steps(cfg: SubsetsConfig, have_scores: bool, exclusions: list[Exclus
     # Size filters look at the image as published (original_*); fall back to the stored size.
     w = F.coalesce(F.col(C.ORIGINAL_WIDTH), F.col(C.WIDTH))
     h = F.coalesce(F.col(C.ORIGINAL_HEIGHT), F.col(C.HEIGHT))
+    # Spark's least/greatest skip a NULL argument: with one side unknown they would return the other,
+    # and a 1000 x unknown image would pass as 1000 px on its shorter side and of aspect ratio 1. Both
+    # sides known, or NULL (does not pass).
+    known = w.isNotNull() & h.isNotNull()
+    short, long_ = F.when(known, F.least(w, h)), F.when(known, F.greatest(w, h))
     if cfg.min_image_side is not None:
-        steps.append((f"shorter image side < {cfg.min_image_side} px or unknown", F.least(w, h) >= F.lit(cfg.min_image_side)))
+        steps.append((f"shorter image side < {cfg.min_image_side} px or unknown", short >= F.lit(cfg.min_image_side)))
     if cfg.max_aspect_ratio is not None:
-        ratio = F.greatest(w, h).cast("double") / F.least(w, h).cast("double")
+        ratio = long_.cast("double") / short.cast("double")
         steps.append(
-            (f"aspect ratio > {cfg.max_aspect_ratio:g} or unknown", (F.least(w, h) > 0) & (ratio <= F.lit(cfg.max_aspect_ratio)))
+            (f"aspect ratio > {cfg.max_aspect_ratio:g} or unknown", (short > 0) & (ratio <= F.lit(cfg.max_aspect_ratio)))
         )
     clen = F.length(F.coalesce(F.col(C.CAPTION), F.lit("")))
     if cfg.min_caption_length is not None:
