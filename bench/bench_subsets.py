@@ -1,13 +1,18 @@
-"""Subset selection over synthetic catalogs: wall time and peak driver memory as the catalog grows.
+"""Subset selection over synthetic catalogs: wall time and peak driver memory as the catalog grows,
+on Spark and in process.
 
-    .venv/bin/python bench/bench_subsets.py [--rows 1000000,10000000] [--out bench-out]
+    .venv/bin/python bench/bench_subsets.py [--rows 1000000,10000000] [--engines spark,in-process] [--out bench-out]
 
 For each size, a fresh process (so peak memory is its own) writes nothing but reads a synthetic
 catalog (uid, status, shard, caption, sizes, punsafe, pwatermark; 1M rows per parquet file) and runs
 `subsets.run` with punsafe < 0.5 and pwatermark < 0.8 filters and three nested scales (80M/400M/2B
 times a factor proportional to the catalog, so output grows with the input too) on Spark local[2].
 
-Reported per size: wall time of the selection (Spark session start excluded, reported apart), peak
+The in-process engine (the default below ``--spark-above`` catalog rows) runs the same
+selection in the worker process with no JVM; its wall time is end to end (what a user waits for), and
+the Spark engine's end to end is its session's start plus its selection. Both write the same files.
+
+Reported per size and engine: wall time of the selection (Spark session start excluded, reported apart), peak
 RSS (VmHWM) of the Python driver, and of the JVM. In local mode the JVM holds the executors too, so
 its figure is driver + executors and is capped by spark.driver.memory; the Python driver's figure
 is the one the design promises stays flat. Ratios are against the smallest size in the same run.
@@ -85,8 +90,11 @@ def write_catalog(root: str, rows: int) -> str:
     return path
 
 
-def worker(rows: int, work: str) -> dict:
-    """Run in a fresh process: start Spark, time the selection of three nested scales."""
+def worker(rows: int, work: str, engine: str = "spark") -> dict:
+    """Run in a fresh process: start Spark (engine "spark") or not ("in-process"), time the selection of
+    three nested scales."""
+    import shutil
+
     from laiontools.core.logs import setup_logging
 
     setup_logging()
@@ -95,24 +103,37 @@ def worker(rows: int, work: str) -> dict:
     from laiontools.stages.subsets import SubsetsConfig
 
     manifest = os.path.join(work, f"pool-{rows}", "pool.manifest.json")
+    out = os.path.join(work, f"out-{rows}-{engine}")
+    shutil.rmtree(out, ignore_errors=True)
+    factor = 1.5e-4 * rows / 1_000_000  # 1M rows -> 12k / 60k / 300k; grows with the catalog
+    cfg = SubsetsConfig(pool=manifest, output=out, scales="80M,400M,2B", scale_factor=factor, seed=0, max_punsafe=0.5,
+                        max_pwatermark=0.8, spark_above=rows)  # in process at every size asked for
     hwm_before = _hwm_kb()
+    jvm: list[int] = []
     t0 = time.time()
-    conf = {"spark.driver.memory": "2g", "spark.ui.showConsoleProgress": "false"}
-    with spark_session("local[2]", app_name="bench-subsets", conf=conf) as spark:
-        t1 = time.time()
-        factor = 1.5e-4 * rows / 1_000_000  # 1M rows -> 12k / 60k / 300k; grows with the catalog
-        cfg = SubsetsConfig(
-            pool=manifest, output=os.path.join(work, f"out-{rows}"), scales="80M,400M,2B", scale_factor=factor,
-            seed=0, max_punsafe=0.5, max_pwatermark=0.8,
-        )
-        res = subsets_stage.run(cfg, spark).details
+    if engine == "in-process":
+        t1 = t0
+        res = subsets_stage.run(cfg).details
         t2 = time.time()
-        jvm = [_hwm_kb(p) for p in _java_children()]
+    else:
+        conf = {"spark.driver.memory": "2g", "spark.ui.showConsoleProgress": "false"}
+        with spark_session("local[2]", app_name="bench-subsets", conf=conf) as spark:
+            t1 = time.time()
+            res = subsets_stage.run(cfg, spark).details
+            t2 = time.time()
+            jvm = [_hwm_kb(p) for p in _java_children()]
+    digest = hashlib.sha256()
+    for r in res:
+        with open(r["manifest"].replace("manifest.json", "uids.npy"), "rb") as f:
+            digest.update(f.read())
     return {
         "rows": rows,
+        "engine": engine,
         "selected": {r["scale"]: r["obtained"] for r in res},
+        "uid_files_sha256": digest.hexdigest(),
         "spark_start_s": round(t1 - t0, 2),
         "selection_s": round(t2 - t1, 2),
+        "end_to_end_s": round(t2 - t0, 2),
         "driver_python_peak_mb": round(_hwm_kb() / 1024, 1),
         "driver_python_peak_before_spark_mb": round(hwm_before / 1024, 1),
         "jvm_peak_mb": round(max(jvm) / 1024, 1) if jvm else None,
@@ -124,13 +145,15 @@ def main() -> int:
     ap.add_argument("--rows", default="1000000,10000000", help="comma-separated catalog sizes")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the synthetic catalogs (default: <out>/subsets-work)")
+    ap.add_argument("--engines", default="spark,in-process", help="comma-separated: spark, in-process")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="spark", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = a.work or os.path.join(a.out, "subsets-work")
     os.makedirs(work, exist_ok=True)
     os.makedirs(a.out, exist_ok=True)
     if a.worker is not None:
-        print(json.dumps(worker(a.worker, work)))
+        print(json.dumps(worker(a.worker, work, a.engine)))
         return 0
     sizes = [int(float(x)) for x in a.rows.split(",")]
     for n in sizes:  # catalogs are written by this process, so the timed workers start clean
@@ -139,32 +162,43 @@ def main() -> int:
             t = time.time()
             write_catalog(root, n)
             print(f"wrote {n:,}-row catalog in {time.time() - t:.1f}s", flush=True)
+    engines = a.engines.split(",")
     results = []
     for n in sizes:
-        env = {**os.environ, "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
-        p = subprocess.run([sys.executable, __file__, "--worker", str(n), "--work", work], capture_output=True, text=True, env=env,
-                           check=False)
-        with open(os.path.join(a.out, f"subsets-{n}.log"), "w") as f:
-            f.write(p.stderr)
-        if p.returncode != 0:
-            print(p.stderr[-3000:], file=sys.stderr)
-            return 1
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        results.append(r)
-        print(json.dumps(r), flush=True)
-    base = results[0]
-    for r in results:
-        r["rows_ratio"] = r["rows"] / base["rows"]
-        r["time_ratio"] = round(r["selection_s"] / base["selection_s"], 2)
-        r["driver_mem_ratio"] = round(r["driver_python_peak_mb"] / base["driver_python_peak_mb"], 2)
-    cmd = "python bench/bench_subsets.py --rows " + a.rows
+        for engine in engines:
+            env = {**os.environ, "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+            p = subprocess.run([sys.executable, __file__, "--worker", str(n), "--work", work, "--engine", engine],
+                               capture_output=True, text=True, env=env, check=False)
+            with open(os.path.join(a.out, f"subsets-{n}-{engine}.log"), "w") as f:
+                f.write(p.stderr)
+            if p.returncode != 0:
+                print(p.stderr[-3000:], file=sys.stderr)
+                return 1
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    for engine in engines:
+        mine = [r for r in results if r["engine"] == engine]
+        for r in mine:
+            r["rows_ratio"] = r["rows"] / mine[0]["rows"]
+            r["time_ratio"] = round(r["selection_s"] / mine[0]["selection_s"], 2)
+            r["driver_mem_ratio"] = round(r["driver_python_peak_mb"] / mine[0]["driver_python_peak_mb"], 2)
+    for n in sizes:
+        by = {r["engine"]: r for r in results if r["rows"] == n}
+        if len(by) == 2:
+            by["in-process"]["spark_end_to_end_over_in_process"] = round(by["spark"]["end_to_end_s"] / by["in-process"]["end_to_end_s"], 2)
+            by["in-process"]["same_uid_files_as_spark"] = by["spark"]["uid_files_sha256"] == by["in-process"]["uid_files_sha256"]
+    cmd = "python bench/bench_subsets.py --rows " + a.rows + " --engines " + a.engines
     out = {"benchmark": "subsets selection", "command": cmd, "machine": f"{os.cpu_count()} cpus, Spark local[2]", "results": results}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "subsets.json"), "w") as f:
         json.dump(out, f, indent=2)
-    print(f"\n{'rows':>12} {'select s':>9} {'x time':>7} {'py peak MB':>11} {'x mem':>6} {'JVM peak MB':>12}")
+    print(f"\n{'rows':>12} {'engine':>10} {'end to end s':>12} {'select s':>9} {'x time':>7} {'py peak MB':>11} {'x mem':>6} "
+          f"{'JVM peak MB':>12} {'same files':>10}")
     for r in results:
-        print(f"{r['rows']:>12,} {r['selection_s']:>9.1f} {r['time_ratio']:>7.2f} {r['driver_python_peak_mb']:>11.0f} {r['driver_mem_ratio']:>6.2f} {r['jvm_peak_mb']!s:>12}")
+        print(f"{r['rows']:>12,} {r['engine']:>10} {r['end_to_end_s']:>12.1f} {r['selection_s']:>9.1f} {r['time_ratio']:>7.2f} "
+              f"{r['driver_python_peak_mb']:>11.0f} {r['driver_mem_ratio']:>6.2f} {r['jvm_peak_mb']!s:>12} "
+              f"{r.get('same_uid_files_as_spark', '')!s:>10}")
     print(f"\ncommand: {cmd}   (figures in {os.path.join(a.out, 'subsets.json')})")
     return 0
 

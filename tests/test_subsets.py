@@ -185,8 +185,8 @@ def test_each_filter_and_funnel(spark, scratch, tmp_path):
 
 def test_an_image_with_one_side_unknown_does_not_pass_the_size_filters(spark, scratch, tmp_path):
     """A sample whose height is unknown (original and stored) is removed by --min-image-side and
-    --max-aspect-ratio as the funnel says ('or unknown'), however large its width: Spark's least() and
-    greatest() skip a NULL and would take it for a square of its width."""
+    --max-aspect-ratio as the funnel says ('or unknown'), however large its width, on either engine:
+    Spark's least() and greatest() skip a NULL and would take it for a square of its width."""
     import shutil
 
     pool_dir = tmp_path / "pool"
@@ -203,12 +203,15 @@ def test_an_image_with_one_side_unknown_does_not_pass_the_size_filters(spark, sc
     pool = str(pool_dir / layout.POOL_MANIFEST)
     # Every known sample passes both bounds (shorter side >= 64 px, aspect ratio <= 100), so only the
     # unknown ones go, at the size step.
-    for label, kw in (("shorter image side", {"min_image_side": 64}), ("aspect ratio", {"max_aspect_ratio": 100.0})):
-        res = subsets_stage.run(_cfg(pool, tmp_path / label.replace(" ", "-"), scales="3", **kw), spark).details
+    cases = [(engine, label, kw) for engine in ("spark", "in-process")
+             for label, kw in (("shorter image side", {"min_image_side": 64}), ("aspect ratio", {"max_aspect_ratio": 100.0}))]
+    for engine, label, kw in cases:
+        res = subsets_stage.run(_cfg(pool, tmp_path / engine / label.replace(" ", "-"), scales="3", **kw),
+                                spark if engine == "spark" else None).details
         m = read_manifest(res[0]["manifest"])
-        assert m["selection"]["eligible"] == len(complete) - 2
+        assert m["selection"]["eligible"] == len(complete) - 2, (engine, label)
         removed = {f["step"]: f["removed"] for f in m["selection"]["funnel"]}
-        assert [n for step, n in removed.items() if step.startswith(label)] == [2]
+        assert [n for step, n in removed.items() if step.startswith(label)] == [2], (engine, label)
 
 
 def _write_scores(emb: str, uid_scores: dict[str, float], model_json: dict | None) -> None:
@@ -520,3 +523,129 @@ def test_a_folder_of_subsets_made_with_other_settings_is_refused(spark, scratch,
         subsets_stage.run(_cfg(scratch, short, scales="1000"), spark)
     subsets_stage.run(_cfg(scratch, short, scales="1000", allow_short=True), spark)
     assert (short / "1000.uids.npy").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The two engines: Spark (given a session, a master, or above --spark-above) and in process
+
+
+def _engine_case(name: str, scratch: str, root: Path) -> dict:
+    """Settings of one comparison case, with the inputs it needs written under `root`."""
+    import random
+
+    import numpy as np
+
+    from laiontools.contracts.uids import uids_to_array
+
+    samples = sorted(u for u, r in pool_samples(scratch).items() if r[C.SHARD] != "00004")
+    fp = read_manifest(scratch)["source"]["fingerprint"]
+    if name == "filters":
+        return {"scales": "10,20,40", "max_punsafe": 0.8, "max_pwatermark": 0.9, "min_image_side": 70,
+                "max_aspect_ratio": 1.8, "min_caption_length": 14, "max_caption_length": 34, "allow_short": True}
+    if name == "scores":
+        # Two files: a uid scored twice (its largest score counts), one with a NaN among its scores (Spark
+        # ranks NaN above every number), samples embed could not decode (null score), a row without a uid.
+        emb = root / "emb"
+        (emb / layout.EMB_SCORES_DIR).mkdir(parents=True)
+        write_json(str(emb / layout.EMB_MODEL_JSON), {"model": "lt-tiny", "source_fingerprint": fp})
+        scores = {u: (int(u[:4], 16) % 100) / 100 for u in samples}
+        a, b = samples[:30], samples[30:]
+        low = next(u for i, u in enumerate(b) if i % 9 and scores[u] < 0.3)  # NaN and a low score: NaN is its max
+        rows_a = [(u, scores[u]) for u in a] + [(None, 0.9), (b[0], 0.95), (low, float("nan"))]
+        rows_b = [(u, None if i % 9 == 0 else scores[u]) for i, u in enumerate(b)]
+        for k, rows in enumerate((rows_a, rows_b)):
+            pq.write_table(pa.table({"uid": pa.array([u for u, _ in rows], pa.string()),
+                                     "clip_score": pa.array([s for _, s in rows], pa.float32())}),
+                           str(emb / layout.EMB_SCORES_DIR / f"0000{k}.parquet"))
+        return {"scales": "12,5", "scores": str(emb), "min_clip_score": 0.3}
+    if name == "scores-no-bound":
+        out = _engine_case("scores", scratch, root)
+        return {**out, "min_clip_score": None, "scales": "40"}
+    if name == "exclusions":
+        d = str(root / "dedup")
+        _write_dedup(d, samples[::4], fp)
+        shuffled = samples[1::5]
+        random.Random(3).shuffle(shuffled)
+        loose = str(root / "loose.uids.npy")
+        np.save(loose, uids_to_array(shuffled + shuffled[:2]))  # unsorted, two uids twice
+        return {"scales": "30,7", "exclude": [d, loose]}
+    if name == "short":
+        return {"scales": "100,60,3", "allow_short": True, "min_image_side": 65}
+    if name == "update":
+        old = root / "old"
+        subsets_stage.run(_cfg(scratch, old, scales="25,9", seed=3, max_punsafe=0.7))
+        return {"update": str(old)}
+    raise AssertionError(name)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """The files of a subsets output as bytes, the folder's own path written as OUT (the update report
+    names it), without settings.json (it names the output and the engine's settings), the run sidecars and
+    the hidden files that claim the folder (their time)."""
+    return {p.name: p.read_bytes().replace(str(folder).encode(), b"OUT") for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != layout.SETTINGS_JSON and not p.name.endswith(".run.json") and not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("case", ["filters", "scores", "scores-no-bound", "exclusions", "short", "update"])
+def test_the_in_process_engine_writes_what_the_spark_engine_writes(spark, scratch, tmp_path, case):
+    """Each case run on the test's Spark session and in process (no session given, a pool far below
+    --spark-above): the same manifests, uid files and update reports, byte for byte. The Spark engine's
+    choices are checked against plain-Python references by the tests above."""
+    kw = _engine_case(case, scratch, tmp_path)
+    seed = {} if "update" in kw else {"seed": 7}
+    out = {}
+    for engine in ("spark", "in-process"):
+        folder = tmp_path / engine
+        cfg = SubsetsConfig(pool=scratch, output=str(folder), **seed, **kw)
+        res = subsets_stage.run(cfg, spark if engine == "spark" else None)
+        assert res.ok
+        out[engine] = _tree(folder)
+        runs = {json.loads(p.read_text())["engine"] for p in folder.glob("*.manifest.json.run.json")}
+        assert runs == ({"in-process"} if engine == "in-process" else {f"spark {spark.sparkContext.master}"})
+    assert sorted(out["in-process"]) == sorted(out["spark"]) and len(out["spark"]) >= 2
+    for name, data in out["spark"].items():
+        assert out["in-process"][name] == data, name
+
+
+@pytest.mark.parametrize("case", ["another pool's scores", "another pool's dedup", "too few eligible"])
+def test_the_in_process_engine_refuses_what_the_spark_engine_refuses(spark, scratch, tmp_path, case):
+    if case == "another pool's scores":
+        other = make_scratch_pool(str(tmp_path / "pool_b"), n=20, failures=0, tag="b")
+        alien = str(tmp_path / "emb_alien")
+        _write_scores(alien, {u: 0.5 for u in pool_samples(other)}, None)
+        kw = {"scores": alien, "min_clip_score": 0.3}
+    elif case == "another pool's dedup":
+        other = make_scratch_pool(str(tmp_path / "pool_c"), n=10, failures=0, tag="c")
+        d = str(tmp_path / "dedup_alien")
+        _write_dedup(d, list(pool_samples(other)), read_manifest(scratch)["source"]["fingerprint"])
+        kw = {"exclude": [d]}
+    else:
+        kw = {"scales": "61", "min_caption_length": 10}
+    errors = []
+    for engine in ("spark", "in-process"):
+        cfg = _cfg(scratch, tmp_path / engine, **{"scales": "5", **kw})
+        with pytest.raises(SubsetError) as e:
+            subsets_stage.run(cfg, spark if engine == "spark" else None)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+
+
+def test_the_engines_rank_and_count_between_cuts_alike(spark, scratch):
+    """The engines' parts that --update and the cuts use, compared directly on cuts at several ranks."""
+    from laiontools.stages.subsets import _filter_steps, _LocalSelection, _SparkSelection
+
+    cfg = _cfg(scratch, "/unused", max_punsafe=0.9)
+    pool = subsets_stage.load_pool(scratch)
+    steps = _filter_steps(cfg, False, [])
+    sp, lo = _SparkSelection(cfg, spark, pool, []), _LocalSelection(cfg, pool, [])
+    try:
+        assert sp.funnel(steps) == lo.funnel(steps)
+        ranks = [1, 2, 17, 33, 54]
+        cuts = lo.cuts(ranks)
+        assert sp.cuts(ranks) == cuts
+        for old in (True, cuts[1], cuts[17], cuts[54]):
+            for new in (cuts[2], cuts[33], cuts[54]):
+                assert sp.between(old, new) == lo.between(old, new), (old, new)
+        assert lo.between(cuts[17], cuts[33]) == 16 and lo.between(True, cuts[33]) == 33
+    finally:
+        sp.close()

@@ -49,3 +49,20 @@ def load_pool(path: str) -> PoolInfo:
         raise InputError(f"{path}: its catalog {catalog} does not exist; the pool folder is incomplete (re-run download)")
     shard_ids = [layout.shard_id(s["path"]) for s in m["shards"]]
     return PoolInfo(path=path, manifest=m, sha256=manifest_sha256(path), catalog=catalog, shard_ids=shard_ids)
+
+
+def catalog_rows(pool: PoolInfo) -> int:
+    """How many rows the pool's catalog holds: its manifest's count, else the parquet footers' (what a
+    stage reads to choose its engine)."""
+    rows = (pool.manifest.get("catalog") or {}).get("num_rows")
+    if rows is None:
+        import pyarrow.parquet as pq
+
+        from laiontools.core.storage import list_data_files
+
+        rows = 0
+        for path in list_data_files(pool.catalog):
+            fs, p = url_to_fs(path)
+            with fs.open(p, "rb") as f:
+                rows += pq.ParquetFile(f).metadata.num_rows
+    return int(rows)

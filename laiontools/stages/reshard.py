@@ -77,7 +77,7 @@ from laiontools.contracts.manifest import (
     resolve,
     write_manifest,
 )
-from laiontools.contracts.pool import abs_path, load_pool
+from laiontools.contracts.pool import abs_path, catalog_rows, load_pool
 from laiontools.contracts.selection import parse_seed, score_series
 from laiontools.contracts.uids import keep_members
 from laiontools.core import failpoints
@@ -854,18 +854,7 @@ def _pool_and_rows(mpath: str, m: dict[str, Any]) -> tuple[Any, int]:
     pool = None
     try:
         pool = load_pool(_find_pool(mpath, m))
-        rows = (pool.manifest.get("catalog") or {}).get("num_rows")
-        if rows is None:  # a pool manifest without the count: the parquet footers have it
-            import pyarrow.parquet as pq
-
-            from laiontools.core.storage import list_data_files
-
-            rows = 0
-            for path in list_data_files(pool.catalog):
-                fs, p = url_to_fs(path)
-                with fs.open(p, "rb") as f:
-                    rows += pq.ParquetFile(f).metadata.num_rows
-        return pool, int(rows)
+        return pool, catalog_rows(pool)
     except (UserError, OSError, KeyError, TypeError, ValueError):
         return pool, 1 << 62  # _reshard reports what is wrong with the pool; the engine choice does not matter then
 

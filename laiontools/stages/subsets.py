@@ -19,11 +19,14 @@ A subset of size N is the N lowest (score, uid) pairs. So every smaller subset i
 larger one, adding a scale never changes another, and the choice depends only on the eligible uid
 set and the seed.
 
-It runs as one Spark job over the catalog; the catalog never comes to the driver. The driver sees
-a 65,536-bucket histogram of the scores, the few rows of the bucket where each cut falls, and then
-concatenates the sorted uid runs that Spark tasks wrote for every scale into the ``.npy`` files
+On Spark the catalog never comes to the driver. The driver sees a 65,536-bucket histogram of the
+scores, the few rows of the bucket where each cut falls, and then concatenates the sorted uid runs that
+Spark tasks wrote for every scale into the ``.npy`` files
 (:func:`laiontools.contracts.uids.save_uids_spark`, the pool's uid file's writer too), so driver
-memory does not grow with the pool or the subset.
+memory does not grow with the pool or the subset. Pools whose catalog has at most ``--spark-above``
+rows (2M) are selected in this process instead, with no JVM (:class:`_LocalSelection`: the catalog's
+few columns read with pyarrow, the same steps on its arrays), unless a master is named or under
+spark-submit; both engines write the same bytes (tests/test_subsets.py).
 
 Same inputs and seed give byte-identical manifests and uid files: paths of inputs are recorded as
 absolute paths, the provenance command is rebuilt from the settings (without the output folder),
@@ -53,15 +56,22 @@ from laiontools.contracts.manifest import (
     resolve,
     write_manifest,
 )
-from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
+from laiontools.contracts.pool import PoolInfo, abs_path, catalog_rows, load_pool
 from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
 from laiontools.contracts.uids import UID_DTYPE, save_uids_spark, with_member_flag
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError, changed_settings
-from laiontools.core.errors import InputError, UserError
+from laiontools.core.errors import InputError, UserError, task_errors_as
 from laiontools.core.report import table
 from laiontools.core.spark import spark_run_record
-from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
+from laiontools.core.stage import (
+    SparkStageConfig,
+    StageResult,
+    config_parser,
+    stage_entry,
+    stage_spark,
+    wants_spark,
+)
 from laiontools.core.storage import (
     atomic_write_bytes,
     ensure_output_dir,
@@ -160,6 +170,9 @@ class SubsetsConfig(SparkStageConfig):
     update: str | None = field(default=None, metadata={"help": "an earlier subsets output: re-derive its subsets with its own settings "
                                                        "(seed, scales, filters, exclusions) on --pool, a pool made from its pool by "
                                                        "takedown, and write a diff report per scale"})
+    spark_above: int = field(default=2_000_000, metadata={
+        "help": "pools whose catalog has more rows than this are selected on Spark; smaller ones in this process, with the "
+                "same result, unless a master is named or under spark-submit (0: always Spark)"})
 
     def validate(self) -> None:
         if not self.pool:
@@ -333,21 +346,28 @@ def load_exclusion(given: str, pool: PoolInfo, spark: Any) -> Exclusion:
 # Spark plan
 
 
+# The catalog columns a selection reads.
+_CATALOG_COLUMNS = (C.UID, C.STATUS, C.SHARD, C.CAPTION, C.WIDTH, C.HEIGHT, C.ORIGINAL_WIDTH, C.ORIGINAL_HEIGHT, C.PUNSAFE,
+                    C.PWATERMARK)
+
+
+def _missing_columns(pool: PoolInfo, have: Any) -> None:
+    missing = [c for c in _CATALOG_COLUMNS if c not in have]
+    if missing:
+        raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow schemas/catalog.schema.json")
+
+
 def _catalog_df(spark: Any, pool: PoolInfo) -> Any:
     from pyspark.sql import functions as F
 
     df = spark_read_parquet(spark, pool.catalog)
-    needed = [C.UID, C.STATUS, C.SHARD, C.CAPTION, C.WIDTH, C.HEIGHT, C.ORIGINAL_WIDTH, C.ORIGINAL_HEIGHT, C.PUNSAFE, C.PWATERMARK]
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow schemas/catalog.schema.json")
-    return df.select(*needed).withColumn("_shard_id", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))
+    _missing_columns(pool, df.columns)
+    return df.select(*_CATALOG_COLUMNS).withColumn("_shard_id", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))
 
 
-def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[str, Any]]:
-    """Read <embed out>/scores/*.parquet (uid, clip_score), after checking model.json's pool."""
-    from pyspark.sql import functions as F
-
+def _score_files(scores_dir: str, pool: PoolInfo) -> tuple[list[str], dict[str, Any]]:
+    """<embed out>/scores/*.parquet after checking model.json's pool: (their URLs, the manifest's record of
+    where the scores come from, without the counts the reader adds)."""
     scores_dir = abs_path(scores_dir)
     fs, p = url_to_fs(scores_dir)
     if not fs.isdir(p):
@@ -364,6 +384,27 @@ def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[s
     else:
         log.warning("%s has no model.json; checking only that its uids are samples of the pool", scores_dir)
     urls = [join(scores_dir, layout.EMB_SCORES_DIR, f.rsplit("/", 1)[-1]) for f in files]
+    record = {
+        "path": scores_dir,
+        "files": len(urls),
+        "model": {k: model_info.get(k) for k in ("model", "name", "pretrained", "checkpoint_sha256") if k in model_info},
+        **{k: v for k, v in checked.items() if v is not None},
+    }
+    return urls, record
+
+
+def _log_rows_without_uid(scores_dir: str, no_uid: int) -> None:
+    if no_uid:
+        log.warning("--scores %s: %d rows without a uid (samples whose uid embed could not read; it recorded them "
+                    "failed) are left out; `laiontools verify` on the pool names those samples", scores_dir, no_uid)
+
+
+def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[str, Any]]:
+    """Read <embed out>/scores/*.parquet (uid, clip_score), after checking model.json's pool."""
+    from pyspark.sql import functions as F
+
+    scores_dir = abs_path(scores_dir)
+    urls, record = _score_files(scores_dir, pool)
     # Spark's parquet reader would decode a flipped bit in a plain page as another score: check each
     # file against the sha256 embed recorded in its shard's marker first (an error naming the file).
     check_shard_files_spark(spark, scores_dir, "scores")
@@ -375,21 +416,12 @@ def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[s
     # a sample of the pool by uid (nor a foreign one), so it is left out and counted, not taken for
     # another pool's score (walk F4).
     no_uid = sdf.filter(F.col(C.UID).isNull()).count()
-    if no_uid:
-        log.warning("--scores %s: %d rows without a uid (samples whose uid embed could not read; it recorded them "
-                    "failed) are left out; `laiontools verify` on the pool names those samples", scores_dir, no_uid)
+    _log_rows_without_uid(scores_dir, no_uid)
     # One score per uid (max is deterministic if a uid were embedded twice). `_scored`: the uid has a row,
     # so a null score there means embed could not decode the sample (failed_decode), not "not embedded".
     sdf = (sdf.filter(F.col(C.UID).isNotNull()).groupBy(C.UID)
            .agg(F.max("clip_score").alias("clip_score")).withColumn("_scored", F.lit(True)))
-    record = {
-        "path": scores_dir,
-        "files": len(urls),
-        "rows_without_uid": int(no_uid),
-        "model": {k: model_info.get(k) for k in ("model", "name", "pretrained", "checkpoint_sha256") if k in model_info},
-        **{k: v for k, v in checked.items() if v is not None},
-    }
-    return sdf, record
+    return sdf, {**record, "rows_without_uid": int(no_uid)}
 
 
 def _check_score_uids(cat: Any, sdf: Any, scores_dir: str, pool: PoolInfo) -> int:
@@ -410,97 +442,379 @@ def _check_score_uids(cat: Any, sdf: Any, scores_dir: str, pool: PoolInfo) -> in
     return total
 
 
-def _filter_steps(cfg: SubsetsConfig, have_scores: bool, exclusions: list[Exclusion]) -> list[tuple[str, Any]]:
-    """(step name, column that is True when the row passes), in funnel order."""
-    from pyspark.sql import functions as F
-
-    steps: list[tuple[str, Any]] = [
-        ("not a downloaded sample (status != success)", F.col(C.STATUS) == C.STATUS_SUCCESS),
-        ("shard not complete in the pool manifest", F.col("_complete")),
+def _filter_steps(cfg: SubsetsConfig, have_scores: bool, exclusions: list[Exclusion]) -> list[tuple[str, str, Any]]:
+    """(step name, test, its argument) in funnel order; each engine evaluates the tests
+    (:meth:`_SparkSelection.passes`, :meth:`_LocalSelection.passes`). A row passes a step only when its
+    test is true: an unknown value (NULL) does not pass."""
+    steps: list[tuple[str, str, Any]] = [
+        ("not a downloaded sample (status != success)", "success", None),
+        ("shard not complete in the pool manifest", "complete", None),
     ]
     for i, ex in enumerate(exclusions):
-        steps.append((f"excluded by {ex.kind} {ex.given}", ~F.col(f"_excluded_{i}")))
+        steps.append((f"excluded by {ex.kind} {ex.given}", "not_excluded", i))
     if have_scores:
         # A sample embed could not decode is not trainable (train skips it): with its status at hand, a
         # subset's size means samples train can use. A sample with no score row is left to the score filter.
-        steps.append(("undecodable at embed (failed_decode)", ~(F.coalesce(F.col("_scored"), F.lit(False)) & F.col("clip_score").isNull())))
+        steps.append(("undecodable at embed (failed_decode)", "decodable", None))
     if cfg.min_clip_score is not None and have_scores:
-        steps.append((f"clip_score < {cfg.min_clip_score:g} or missing", F.col("clip_score") >= F.lit(cfg.min_clip_score)))
+        steps.append((f"clip_score < {cfg.min_clip_score:g} or missing", "at_least", ("clip_score", cfg.min_clip_score)))
     if cfg.max_punsafe is not None:
-        steps.append((f"punsafe >= {cfg.max_punsafe:g} or missing", F.col(C.PUNSAFE) < F.lit(cfg.max_punsafe)))
+        steps.append((f"punsafe >= {cfg.max_punsafe:g} or missing", "below", (C.PUNSAFE, cfg.max_punsafe)))
     if cfg.max_pwatermark is not None:
-        steps.append((f"pwatermark >= {cfg.max_pwatermark:g} or missing", F.col(C.PWATERMARK) < F.lit(cfg.max_pwatermark)))
-    # Size filters look at the image as published (original_*); fall back to the stored size.
-    w = F.coalesce(F.col(C.ORIGINAL_WIDTH), F.col(C.WIDTH))
-    h = F.coalesce(F.col(C.ORIGINAL_HEIGHT), F.col(C.HEIGHT))
-    # Spark's least/greatest skip a NULL argument: with one side unknown they would return the other,
-    # and a 1000 x unknown image would pass as 1000 px on its shorter side and of aspect ratio 1. Both
-    # sides known, or NULL (does not pass).
-    known = w.isNotNull() & h.isNotNull()
-    short, long_ = F.when(known, F.least(w, h)), F.when(known, F.greatest(w, h))
+        steps.append((f"pwatermark >= {cfg.max_pwatermark:g} or missing", "below", (C.PWATERMARK, cfg.max_pwatermark)))
+    # Size filters look at the image as published (original_*), else the stored size; both sides known.
     if cfg.min_image_side is not None:
-        steps.append((f"shorter image side < {cfg.min_image_side} px or unknown", short >= F.lit(cfg.min_image_side)))
+        steps.append((f"shorter image side < {cfg.min_image_side} px or unknown", "min_side", cfg.min_image_side))
     if cfg.max_aspect_ratio is not None:
-        ratio = long_.cast("double") / short.cast("double")
-        steps.append(
-            (f"aspect ratio > {cfg.max_aspect_ratio:g} or unknown", (short > 0) & (ratio <= F.lit(cfg.max_aspect_ratio)))
-        )
-    clen = F.length(F.coalesce(F.col(C.CAPTION), F.lit("")))
+        steps.append((f"aspect ratio > {cfg.max_aspect_ratio:g} or unknown", "max_aspect", cfg.max_aspect_ratio))
     if cfg.min_caption_length is not None:
-        steps.append((f"caption shorter than {cfg.min_caption_length} chars", clen >= F.lit(cfg.min_caption_length)))
+        steps.append((f"caption shorter than {cfg.min_caption_length} chars", "min_caption", cfg.min_caption_length))
     if cfg.max_caption_length is not None:
-        steps.append((f"caption longer than {cfg.max_caption_length} chars", clen <= F.lit(cfg.max_caption_length)))
-    # A NULL comparison means "unknown": the row does not pass.
-    return [(name, F.coalesce(expr, F.lit(False))) for name, expr in steps]
+        steps.append((f"caption longer than {cfg.max_caption_length} chars", "max_caption", cfg.max_caption_length))
+    return steps
 
 
-def _bucket_cuts(spark: Any, elig: Any, targets: list[int]) -> dict[int, tuple[int, str]]:
-    """Exact (score, uid) of the N-th lowest eligible row for each N, without collecting the rows.
-
-    A histogram over the top 16 bits of the score finds the bucket each cut falls in; only those
-    buckets' rows come to the driver and are sorted there.
-    """
-    from pyspark.sql import functions as F
-
-    hist = sorted((int(r["b"]), int(r["n"])) for r in elig.groupBy(F.shiftright("h", _BUCKET_SHIFT).alias("b")).agg(F.count(F.lit(1)).alias("n")).collect())
-    where: dict[int, tuple[int, int]] = {}  # N -> (bucket, rank within bucket, 1-based)
-    cum = 0
-    pending = sorted(targets)
-    ti = 0
-    for b, n in hist:
-        while ti < len(pending) and pending[ti] <= cum + n:
-            where[pending[ti]] = (b, pending[ti] - cum)
-            ti += 1
-        cum += n
-    buckets = sorted({b for b, _ in where.values()})
-    if not buckets:
-        return {}
-    rows = elig.filter(F.shiftright("h", _BUCKET_SHIFT).isin(buckets)).select("h", C.UID).collect()
-    by_bucket: dict[int, list[tuple[int, str]]] = {}
-    for r in rows:
-        by_bucket.setdefault(int(r["h"]) >> _BUCKET_SHIFT, []).append((int(r["h"]), r[C.UID]))
-    for v in by_bucket.values():
-        v.sort()
-    return {n: by_bucket[b][k - 1] for n, (b, k) in where.items()}
-
-
-def _eligible_after_old_cut(cfg: SubsetsConfig, elig: Any, label: str, up_to_new_cut: Any) -> int | None:
-    """(subsets --update) How many eligible uids rank after the old run's largest subset's recorded cut and
-    up to the new cut (`up_to_new_cut`, a Column): the uids the update must have added, counted over the
-    eligible rows by rank range, apart from the selection's cut search and sort (:func:`write_update_report`
-    compares it with what was added). None when the old manifest records no cut for a non-empty subset."""
-    from pyspark.sql import functions as F
-
+def _old_cut(cfg: SubsetsConfig, label: str) -> tuple[int, str] | bool | None:
+    """(subsets --update) The old run's largest subset's recorded cut (score, uid); True when that subset
+    was empty (every eligible uid ranks after it); None when a non-empty one records no cut."""
     old = read_manifest(join(abs_path(cfg.update or ""), layout.subset_manifest(label)))
     cut = (old.get("selection") or {}).get("cut")
     if not cut:
-        if int(old.get("num_samples") or 0) > 0:
-            return None
-        after = F.lit(True)
-    else:
-        h, uid = signed_cut(cut)
-        after = (F.col("h") > F.lit(h)) | ((F.col("h") == F.lit(h)) & (F.col(C.UID) > F.lit(uid)))
-    return int(elig.filter(after & up_to_new_cut).count())
+        return None if int(old.get("num_samples") or 0) > 0 else True
+    return signed_cut(cut)
+
+
+class _SparkSelection:
+    """The selection's steps on Spark: the catalog read by Spark's reader, the eligible uids scored by a
+    pandas UDF and persisted, the cuts from a histogram, the uid files written by tasks."""
+
+    def __init__(self, cfg: SubsetsConfig, spark: Any, pool: PoolInfo, exclusions: list[Exclusion]) -> None:
+        from pyspark.sql import functions as F
+
+        self.cfg, self.spark, self.elig = cfg, spark, None
+        # The shuffles below (scores per uid, distinct eligible uids) split the pool's rows: their partition
+        # count follows the pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 was
+        # ~200 tasks per shuffle for a pool of 1,000 samples, and 10M rows per task at 2B).
+        self.run_record = spark_run_record(spark, int(pool.manifest["num_samples"]))
+        cat = _catalog_df(spark, pool)
+        shards = spark.createDataFrame([(s,) for s in pool.shard_ids], "_shard_id string").withColumn("_complete", F.lit(True))
+        cat = cat.join(F.broadcast(shards), on="_shard_id", how="left")
+        self.scores_record: dict[str, Any] | None = None
+        if cfg.scores:
+            sdf, self.scores_record = _scores_df(spark, cfg.scores, pool)
+            self.scores_record["scored_uids"] = _check_score_uids(cat, sdf, cfg.scores, pool)
+            cat = cat.join(sdf, on=C.UID, how="left")
+        for i, ex in enumerate(exclusions):
+            cat = with_member_flag(cat, C.UID, ex.path, f"_excluded_{i}")
+        self.cat = cat
+
+    @staticmethod
+    def passes(test: str, arg: Any) -> Any:
+        """The Column that is True where a row passes the step (:func:`_filter_steps`)."""
+        from pyspark.sql import functions as F
+
+        w = F.coalesce(F.col(C.ORIGINAL_WIDTH), F.col(C.WIDTH))
+        h = F.coalesce(F.col(C.ORIGINAL_HEIGHT), F.col(C.HEIGHT))
+        # Spark's least/greatest skip a NULL argument: with one side unknown they would return the other,
+        # and a 1000 x unknown image would pass as 1000 px on its shorter side and of aspect ratio 1.
+        known = w.isNotNull() & h.isNotNull()
+        short, long_ = F.when(known, F.least(w, h)), F.when(known, F.greatest(w, h))
+        clen = F.length(F.coalesce(F.col(C.CAPTION), F.lit("")))
+        if test == "success":
+            expr = F.col(C.STATUS) == C.STATUS_SUCCESS
+        elif test == "complete":
+            expr = F.col("_complete")
+        elif test == "not_excluded":
+            expr = ~F.col(f"_excluded_{arg}")
+        elif test == "decodable":
+            expr = ~(F.coalesce(F.col("_scored"), F.lit(False)) & F.col("clip_score").isNull())
+        elif test == "at_least":
+            expr = F.col(arg[0]) >= F.lit(arg[1])
+        elif test == "below":
+            expr = F.col(arg[0]) < F.lit(arg[1])
+        elif test == "min_side":
+            expr = short >= F.lit(arg)
+        elif test == "max_aspect":
+            expr = (short > 0) & (long_.cast("double") / short.cast("double") <= F.lit(arg))
+        elif test == "min_caption":
+            expr = clen >= F.lit(arg)
+        elif test == "max_caption":
+            expr = clen <= F.lit(arg)
+        else:  # pragma: no cover - _filter_steps names no other
+            raise ValueError(test)
+        return F.coalesce(expr, F.lit(False))
+
+    def funnel(self, steps: list[tuple[str, str, Any]]) -> tuple[int, list[int], int]:
+        """(catalog rows, rows each step removed, eligible uids): the funnel in one pass (removed by step k
+        = passed steps 1..k-1 and failed step k), then the distinct eligible uids scored and persisted."""
+        from pyspark import StorageLevel
+        from pyspark.sql import functions as F
+        from pyspark.sql import types as T
+
+        aggs = [F.count(F.lit(1)).alias("rows")]
+        passed = F.lit(True)
+        for k, (_, test, arg) in enumerate(steps):
+            ok = self.passes(test, arg)
+            aggs.append(F.sum(F.when(passed & ~ok, 1).otherwise(0)).alias(f"r{k}"))
+            passed = passed & ok
+        t0 = time.monotonic()
+        counts = self.cat.agg(*aggs).collect()[0]
+        log.info("subsets: funnel over %d catalog rows in %.1fs", counts["rows"], time.monotonic() - t0)
+        seed = self.cfg.seed
+        score_udf = F.pandas_udf(lambda s: score_series(s, seed), T.LongType())
+        self.elig = (self.cat.filter(passed).select(C.UID).distinct().withColumn("h", score_udf(F.col(C.UID)))
+                     .persist(StorageLevel.MEMORY_AND_DISK))
+        t0 = time.monotonic()
+        n_elig = self.elig.count()
+        log.info("subsets: %d eligible uids scored in %.1fs", n_elig, time.monotonic() - t0)
+        return int(counts["rows"]), [int(counts[f"r{k}"] or 0) for k in range(len(steps))], int(n_elig)
+
+    def cuts(self, targets: list[int]) -> dict[int, tuple[int, str]]:
+        """Exact (score, uid) of the N-th lowest eligible row for each N, without collecting the rows.
+
+        A histogram over the top 16 bits of the score finds the bucket each cut falls in; only those
+        buckets' rows come to the driver and are sorted there.
+        """
+        from pyspark.sql import functions as F
+
+        elig = self.elig
+        hist = sorted((int(r["b"]), int(r["n"])) for r in elig.groupBy(F.shiftright("h", _BUCKET_SHIFT).alias("b")).agg(F.count(F.lit(1)).alias("n")).collect())
+        where: dict[int, tuple[int, int]] = {}  # N -> (bucket, rank within bucket, 1-based)
+        cum = 0
+        pending = sorted(targets)
+        ti = 0
+        for b, n in hist:
+            while ti < len(pending) and pending[ti] <= cum + n:
+                where[pending[ti]] = (b, pending[ti] - cum)
+                ti += 1
+            cum += n
+        buckets = sorted({b for b, _ in where.values()})
+        if not buckets:
+            return {}
+        rows = elig.filter(F.shiftright("h", _BUCKET_SHIFT).isin(buckets)).select("h", C.UID).collect()
+        by_bucket: dict[int, list[tuple[int, str]]] = {}
+        for r in rows:
+            by_bucket.setdefault(int(r["h"]) >> _BUCKET_SHIFT, []).append((int(r["h"]), r[C.UID]))
+        for v in by_bucket.values():
+            v.sort()
+        return {n: by_bucket[b][k - 1] for n, (b, k) in where.items()}
+
+    @staticmethod
+    def _up_to(cut: tuple[int, str]) -> Any:
+        from pyspark.sql import functions as F
+
+        hc, uc = cut
+        return (F.col("h") < F.lit(hc)) | ((F.col("h") == F.lit(hc)) & (F.col(C.UID) <= F.lit(uc)))
+
+    def write_uids(self, paths: list[str], cuts: list[tuple[int, str]], expected: list[int]) -> list[tuple[str, int]]:
+        """The uid file of each nested subset (largest first; `cuts` its last (score, uid)), in one sort:
+        each selected row carries the index of the smallest subset it is in. [(sha256, count)]."""
+        from pyspark.sql import functions as F
+
+        tier = F.lit(0)  # position in `paths` of the smallest subset holding the row
+        for pos, cut in enumerate(cuts[1:], start=1):
+            tier = F.when(self._up_to(cut), F.lit(pos)).otherwise(tier)
+        sel = self.elig.filter(self._up_to(cuts[0])).select(C.UID, tier.cast("int").alias("tier"))
+        return save_uids_spark(sel, C.UID, paths, tier_col="tier", expected=expected, distinct=False)
+
+    def between(self, old: tuple[int, str] | bool, new: tuple[int, str]) -> int:
+        """How many eligible uids rank after the `old` cut (True: all) and up to the `new` one."""
+        from pyspark.sql import functions as F
+
+        if old is True:
+            after = F.lit(True)
+        else:
+            h, uid = old
+            after = (F.col("h") > F.lit(h)) | ((F.col("h") == F.lit(h)) & (F.col(C.UID) > F.lit(uid)))
+        return int(self.elig.filter(after & self._up_to(new)).count())
+
+    def close(self) -> None:
+        if self.elig is not None:
+            self.elig.unpersist()
+
+
+class _LocalSelection:
+    """The selection's steps in this process, for pools of up to ``--spark-above`` catalog rows: the
+    catalog's few columns read with pyarrow (pages checked against their CRC, as Spark's reader is
+    set to), each step's test on its arrays with Spark's meaning (a NULL does not pass; a NaN score
+    ranks above every number, as Spark orders it), the cuts and uid files from one sort of the eligible
+    uids by (score, uid). The same funnel, cuts and files as :class:`_SparkSelection` (tests)."""
+
+    def __init__(self, cfg: SubsetsConfig, pool: PoolInfo, exclusions: list[Exclusion]) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from laiontools.contracts.uids import UidSet, arrow_to_array, load_uids
+        from laiontools.core.storage import PARQUET_READ, list_data_files, parquet_read_errors, store_errors
+
+        self.cfg = cfg
+        self.run_record: dict[str, Any] = {"engine": "in-process"}
+        tables = []
+        for path in list_data_files(pool.catalog):
+            fs, p = url_to_fs(path)
+            with store_errors(path), fs.open(p, "rb") as f, parquet_read_errors(path):
+                pf = pq.ParquetFile(f, **PARQUET_READ)
+                _missing_columns(pool, pf.schema_arrow.names)
+                tables.append(pf.read(columns=list(_CATALOG_COLUMNS)))
+        if not tables:
+            raise InputError(f"catalog {pool.catalog} has no parquet files; the pool folder is incomplete (re-run download)")
+        cat = pa.concat_tables(tables, promote_options="permissive")
+        self.n = cat.num_rows
+        self.cols: dict[str, Any] = {c: cat.column(c).combine_chunks() for c in _CATALOG_COLUMNS}
+        uid = self.cols[C.UID]
+        # Membership tests take the uid strings as 16-byte keys; a row without a uid (off the contract) is
+        # no member of anything.
+        shard_ids = pc.replace_substring(pc.replace_substring_regex(self.cols[C.SHARD], r"\.tar$", ""), "/", "-")
+        self.cols["_complete"] = pc.is_in(shard_ids, value_set=pa.array(pool.shard_ids, pa.string()))
+        self.scores_record: dict[str, Any] | None = None
+        if cfg.scores:
+            score_uids, score_max, self.scores_record = _local_scores(cfg.scores, pool)
+            samples = pc.or_(pc.equal(self.cols[C.STATUS], C.STATUS_SUCCESS),
+                             pc.starts_with(self.cols[C.STATUS], C.REMOVED_PREFIX))
+            sample_uids = pc.filter(uid, pc.fill_null(samples, False))
+            foreign = int((~pc.is_in(score_uids, value_set=sample_uids).to_numpy(zero_copy_only=False)).sum())
+            if len(score_uids) == 0:
+                raise InputError(f"--scores {cfg.scores}: the score files are empty; re-run embed")
+            if foreign:
+                raise SubsetError(
+                    f"--scores {abs_path(cfg.scores)}: {foreign} of {len(score_uids)} scored uids are not samples of pool "
+                    f"{pool.path}; these scores come from another pool (or an older download): run embed on this pool"
+                )
+            self.scores_record["scored_uids"] = len(score_uids)
+            at = pc.index_in(uid, value_set=score_uids)
+            self.cols["_scored"] = pc.is_valid(at)
+            self.cols["clip_score"] = pc.take(score_max, at)
+        if exclusions and self.n:
+            valid = pc.is_valid(uid).to_numpy(zero_copy_only=False)
+            keys = arrow_to_array(pc.fill_null(uid, "0" * 32))
+        for i, ex in enumerate(exclusions):
+            flag = UidSet(np.asarray(load_uids(ex.path, mmap=False))).contains(keys) & valid if self.n else np.zeros(0, bool)
+            self.cols[f"_excluded_{i}"] = pa.array(flag)
+        self.order: np.ndarray | None = None
+
+    def passes(self, test: str, arg: Any) -> np.ndarray:
+        """Where a row passes the step (:func:`_filter_steps`), as Spark's Column for it decides."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col = self.cols
+        if test == "success":
+            got = pc.equal(col[C.STATUS], C.STATUS_SUCCESS)
+        elif test == "complete":
+            got = col["_complete"]
+        elif test == "not_excluded":
+            got = pc.invert(col[f"_excluded_{arg}"])
+        elif test == "decodable":
+            got = pc.invert(pc.and_(col["_scored"], pc.is_null(col["clip_score"])))
+        elif test in ("at_least", "below"):
+            values = pc.cast(col[arg[0]], pa.float64())
+            if test == "at_least":  # Spark ranks NaN above every number: NaN >= x holds there
+                got = pc.or_(pc.greater_equal(values, arg[1]), pc.is_nan(values))
+            else:  # ... and NaN < x does not
+                got = pc.and_(pc.less(values, arg[1]), pc.invert(pc.is_nan(values)))
+        elif test in ("min_side", "max_aspect"):
+            def side(original: str, stored: str) -> Any:
+                return pc.coalesce(pc.cast(col[original], pa.float64()), pc.cast(col[stored], pa.float64()))
+
+            w, h = side(C.ORIGINAL_WIDTH, C.WIDTH), side(C.ORIGINAL_HEIGHT, C.HEIGHT)
+            short, long_ = pc.min_element_wise(w, h, skip_nulls=False), pc.max_element_wise(w, h, skip_nulls=False)
+            if test == "min_side":
+                got = pc.greater_equal(short, float(arg))
+            else:
+                got = pc.and_(pc.greater(short, 0.0), pc.less_equal(pc.divide(long_, short), float(arg)))
+        elif test in ("min_caption", "max_caption"):
+            clen = pc.utf8_length(pc.coalesce(col[C.CAPTION], ""))
+            got = pc.greater_equal(clen, arg) if test == "min_caption" else pc.less_equal(clen, arg)
+        else:  # pragma: no cover - _filter_steps names no other
+            raise ValueError(test)
+        return pc.fill_null(got, False).to_numpy(zero_copy_only=False).astype(bool)
+
+    def funnel(self, steps: list[tuple[str, str, Any]]) -> tuple[int, list[int], int]:
+        """:meth:`_SparkSelection.funnel` on the arrays; the eligible uids, scored, kept sorted by (score, uid)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from laiontools.contracts.selection import selection_scores, to_signed_order
+
+        passed = np.ones(self.n, dtype=bool)
+        removed = []
+        for _, test, arg in steps:
+            ok = self.passes(test, arg)
+            removed.append(int((passed & ~ok).sum()))
+            passed &= ok
+        uids = pc.unique(pc.filter(self.cols[C.UID], pa.array(passed))).to_pylist()
+        h = to_signed_order(selection_scores(uids, self.cfg.seed))
+        # By (score, uid), as the Spark engine orders them: the scores alone when no two are equal.
+        order = np.argsort(h, kind="stable")
+        if len(h) > 1 and bool((h[order][1:] == h[order][:-1]).any()):
+            order = np.array(sorted(range(len(uids)), key=lambda i: (int(h[i]), uids[i])), dtype=np.int64)
+        self.uids, self.h, self.order = uids, h, order
+        return self.n, removed, len(uids)
+
+    def cuts(self, targets: list[int]) -> dict[int, tuple[int, str]]:
+        return {n: (int(self.h[self.order[n - 1]]), self.uids[self.order[n - 1]]) for n in targets}
+
+    def write_uids(self, paths: list[str], cuts: list[tuple[int, str]], expected: list[int]) -> list[tuple[str, int]]:
+        from laiontools.contracts.uids import save_uids
+
+        ranked = [self.uids[i] for i in self.order]
+        return [save_uids(path, ranked[:n]) for path, n in zip(paths, expected)]
+
+    def _rank(self, cut: tuple[int, str]) -> int:
+        """How many eligible uids rank at or before (score, uid) `cut`."""
+        hs = self.h[self.order]
+        lo, hi = np.searchsorted(hs, cut[0], "left"), np.searchsorted(hs, cut[0], "right")
+        return int(lo) + sum(1 for i in self.order[lo:hi] if self.uids[i] <= cut[1])
+
+    def between(self, old: tuple[int, str] | bool, new: tuple[int, str]) -> int:
+        upto = self._rank(new)
+        return upto if old is True else max(0, upto - self._rank(old))
+
+    def close(self) -> None:
+        pass
+
+
+def _local_scores(scores_dir: str, pool: PoolInfo) -> tuple[Any, Any, dict[str, Any]]:
+    """:func:`_scores_df` in this process: (distinct scored uids, each one's largest score, the record). Each file embed recorded a sha256 for is
+    checked against it as it is read (a flipped bit in a plain page would read as another score)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from laiontools.contracts.embeddings import _read_checked, done_shards, recorded_sha256, shard_files
+    from laiontools.core.storage import PARQUET_READ, parquet_read_errors
+
+    scores_dir = abs_path(scores_dir)
+    urls, record = _score_files(scores_dir, pool)
+    want = {}
+    for sid in done_shards(scores_dir):
+        rel = shard_files(sid)["scores"]
+        want[join(scores_dir, rel)] = (sid, recorded_sha256(scores_dir, sid).get(rel))
+    parts = []
+    for url in urls:
+        sid, sha = want.get(url, (url.rsplit("/", 1)[-1].split(".", 1)[0], None))
+        with task_errors_as(InputError):
+            data = _read_checked(url, sha, sid)
+        with parquet_read_errors(url):
+            t = pq.read_table(io.BytesIO(data), **PARQUET_READ)
+        for c in (C.UID, "clip_score"):
+            if c not in t.column_names:
+                raise InputError(f"--scores {scores_dir}: {layout.EMB_SCORES_DIR}/*.parquet lack column {c!r}")
+        parts.append(t.select([C.UID, "clip_score"]).cast(pa.schema([(C.UID, pa.string()), ("clip_score", pa.float64())])))
+    t = pa.concat_tables(parts)
+    no_uid = int(t.column(C.UID).null_count)
+    _log_rows_without_uid(scores_dir, no_uid)
+    t = t.filter(pc.is_valid(t.column(C.UID)))
+    score = t.column("clip_score")
+    nan = pc.fill_null(pc.is_nan(score), False)
+    # Spark's max ranks NaN above every number; as +inf it does here, and the steps that read the score
+    # (>= a bound; null or not) take +inf and NaN alike.
+    t = t.set_column(1, "clip_score", pc.if_else(nan, float("inf"), score))
+    g = t.group_by(C.UID).aggregate([("clip_score", "max")])
+    return g.column(C.UID).combine_chunks(), g.column("clip_score_max").combine_chunks(), {**record, "rows_without_uid": no_uid}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,11 +853,14 @@ def run(cfg: SubsetsConfig, spark: Any = None) -> StageResult:
     Raises SubsetError when a target exceeds the eligible pool (unless allow_short) or an input
     comes from another pool; InputError/ManifestError for unreadable inputs.
     """
-    load_pool(cfg.pool)  # a missing or invalid pool manifest fails before Spark starts
+    pool = load_pool(cfg.pool)  # a missing or invalid pool manifest fails before Spark starts
     if cfg.update:
         cfg = updated_config(cfg)
-    with stage_spark(cfg, spark, app_name="laiontools-subsets") as sp:
-        results = _select(cfg, sp)
+    if spark is None and not wants_spark(cfg.master, _engine_size(cfg, pool), cfg.spark_above):
+        results = _select(cfg, None)
+    else:
+        with stage_spark(cfg, spark, app_name="laiontools-subsets") as sp:
+            results = _select(cfg, sp)
     funnel = read_manifest(results[-1]["manifest"])["selection"]["funnel"] if results else []
     summary, ok = summary_text(results, funnel), True
     if cfg.update:
@@ -556,6 +873,25 @@ def run(cfg: SubsetsConfig, spark: Any = None) -> StageResult:
         counts={r["scale"]: int(r["obtained"]) for r in results},
         details=results, summary=summary, ok=ok,
     )
+
+
+def _engine_size(cfg: SubsetsConfig, pool: PoolInfo) -> int:
+    """What chooses the engine (:func:`~laiontools.core.stage.wants_spark`): the catalog's rows, or as
+    many as can be when an input needs Spark's joins (an exclusion list, or the first pool of the
+    lineage its dedup outputs are checked against, of more than MEMBER_UDF_MAX_UIDS uids)."""
+    from laiontools.contracts.uids import MEMBER_UDF_MAX_UIDS, uid_file_layout
+
+    try:
+        rows = catalog_rows(pool)
+        counts = []
+        for given in map(abs_path, cfg.exclude):
+            fs, p = url_to_fs(given)
+            counts.append(uid_file_layout(join(given, layout.DEDUP_EXCLUDE_UIDS) if fs.isdir(p) else given)[1])
+        if cfg.exclude:
+            counts.append(int(lineage_root(pool.path, pool.manifest)[1]["uids"]["count"]))
+    except (UserError, OSError, KeyError, TypeError, ValueError, EOFError):
+        return 0  # an input that cannot be read: the in-process run names it, with no JVM started first
+    return rows if all(c <= MEMBER_UDF_MAX_UIDS for c in counts) else 1 << 62
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,7 +917,8 @@ def updated_config(cfg: SubsetsConfig) -> SubsetsConfig:
         raise SubsetError(f"--update {old_dir}: its settings.json is not that of a subsets run; give a `laiontools subsets` output folder")
     settings = {k: v for k, v in old.items() if k in {f.name for f in dataclasses.fields(SubsetsConfig)}}
     _refuse_selection_flags(cfg, old, old_dir)
-    settings.update(pool=abs_path(cfg.pool), output=cfg.output, update=old_dir, master=cfg.master, spark_conf=cfg.spark_conf)
+    settings.update(pool=abs_path(cfg.pool), output=cfg.output, update=old_dir, master=cfg.master, spark_conf=cfg.spark_conf,
+                    spark_above=cfg.spark_above)
     if cfg.allow_short:  # a takedown can leave a scale short of its target; the report then shows its size
         settings["allow_short"] = True
     new = SubsetsConfig.from_dict(settings, where=path)
@@ -737,10 +1074,8 @@ def _check_same_selection(cfg: SubsetsConfig, output: str) -> None:
 
 
 def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
-
+    """The subsets, on `spark` (:class:`_SparkSelection`) or, when None, in this process
+    (:class:`_LocalSelection`); one summary row per scale, largest first."""
     pool = load_pool(cfg.pool)
     targets = cfg.targets()
     output = abs_path(cfg.output)
@@ -748,46 +1083,16 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
     _check_same_selection(cfg, output)
     write_json(join(output, layout.SETTINGS_JSON), {"stage": "subsets", **cfg.to_dict()})
     exclusions = [load_exclusion(e, pool, spark) for e in cfg.exclude]
-
-    # The shuffles below (scores per uid, distinct eligible uids) split the pool's rows: their partition
-    # count follows the pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 was
-    # ~200 tasks per shuffle for a pool of 1,000 samples, and 10M rows per task at 2B).
-    run_record = spark_run_record(spark, int(pool.manifest["num_samples"]))
-    cat = _catalog_df(spark, pool)
-    shards = spark.createDataFrame([(s,) for s in pool.shard_ids], "_shard_id string").withColumn("_complete", F.lit(True))
-    cat = cat.join(F.broadcast(shards), on="_shard_id", how="left")
-    scores_record: dict[str, Any] | None = None
-    if cfg.scores:
-        sdf, scores_record = _scores_df(spark, cfg.scores, pool)
-        scores_record["scored_uids"] = _check_score_uids(cat, sdf, cfg.scores, pool)
-        if cfg.min_clip_score is None:
-            log.warning("--scores given without --min-clip-score: scores used only to leave out samples embed could not decode")
-        cat = cat.join(sdf, on=C.UID, how="left")
-    for i, ex in enumerate(exclusions):
-        cat = with_member_flag(cat, C.UID, ex.path, f"_excluded_{i}")
-
-    steps = _filter_steps(cfg, scores_record is not None, exclusions)
-    # Funnel in one pass: removed by step k = passed steps 1..k-1 and failed step k.
-    aggs = [F.count(F.lit(1)).alias("rows")]
-    passed = F.lit(True)
-    for k, (_, ok) in enumerate(steps):
-        aggs.append(F.sum(F.when(passed & ~ok, 1).otherwise(0)).alias(f"r{k}"))
-        passed = passed & ok
-    t0 = time.monotonic()
-    counts = cat.agg(*aggs).collect()[0]
-    log.info("subsets: funnel over %d catalog rows in %.1fs", counts["rows"], time.monotonic() - t0)
-    eligible_rows = cat.filter(passed).select(C.UID)
-    seed = cfg.seed
-    score_udf = F.pandas_udf(lambda s: score_series(s, seed), T.LongType())
-    elig = eligible_rows.distinct().withColumn("h", score_udf(F.col(C.UID))).persist(StorageLevel.MEMORY_AND_DISK)
+    eng: Any = _SparkSelection(cfg, spark, pool, exclusions) if spark is not None else _LocalSelection(cfg, pool, exclusions)
     try:
-        t0 = time.monotonic()
-        n_elig = elig.count()
-        log.info("subsets: %d eligible uids scored in %.1fs", n_elig, time.monotonic() - t0)
-        funnel: list[dict[str, Any]] = [{"step": "catalog rows", "removed": 0, "remaining": int(counts["rows"])}]
-        remaining = int(counts["rows"])
-        for k, (name, _) in enumerate(steps):
-            removed = int(counts[f"r{k}"] or 0)
+        scores_record = eng.scores_record
+        if cfg.scores and cfg.min_clip_score is None:
+            log.warning("--scores given without --min-clip-score: scores used only to leave out samples embed could not decode")
+        steps = _filter_steps(cfg, scores_record is not None, exclusions)
+        rows, removed_by_step, n_elig = eng.funnel(steps)
+        funnel: list[dict[str, Any]] = [{"step": "catalog rows", "removed": 0, "remaining": rows}]
+        remaining = rows
+        for (name, _, _), removed in zip(steps, removed_by_step):
             remaining -= removed
             funnel.append({"step": name, "removed": removed, "remaining": remaining})
         if remaining != n_elig:
@@ -800,17 +1105,17 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
             # which filter took the samples (e.g. --max-punsafe on a pool whose profile has no punsafe column)
             took = "; ".join(f"{f['step']} {f['removed']:,}" for f in funnel if f["removed"])
             raise SubsetError(
-                f"not enough eligible samples in {pool.path} for {lines} (of {int(counts['rows']):,} catalog rows, "
+                f"not enough eligible samples in {pool.path} for {lines} (of {rows:,} catalog rows, "
                 f"removed: {took or 'none'}). Lower the scale (--scale-factor), relax the "
                 "filters, or pass --allow-short to write short subsets (recorded as short in their manifests)"
             )
         obtained = {lab: min(t, n_elig) for lab, t in targets}
         t0 = time.monotonic()
-        cuts = _bucket_cuts(spark, elig, sorted({n for n in obtained.values() if n > 0}))
+        cuts = eng.cuts(sorted({n for n in obtained.values() if n > 0}))
         log.info("subsets: cuts found in %.1fs", time.monotonic() - t0)
 
         selection_base = {
-            "seed": seed,
+            "seed": cfg.seed,
             "scale_factor": float(cfg.scale_factor),
             "method": HASH_SPEC,
             "filters": {**cfg.filters(), "clip_score_source": scores_record},
@@ -820,27 +1125,18 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
         }
         results: list[dict[str, Any]] = []
         parent: dict[str, Any] = {"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path}
-        # One sort for all scales: each selected row carries the index of the smallest scale it is in.
-        live = [(s, lab) for s, (lab, _) in enumerate(targets) if obtained[lab] > 0]
+        live = [lab for lab, _ in targets if obtained[lab] > 0]
         between: int | None = None  # (subsets --update) eligible uids ranking after the old largest cut, up to the new one
         sha_count: dict[str, tuple[str, int]] = {}
         if live:
-            def within(n: int) -> Any:
-                hc, uc = cuts[n]
-                return (F.col("h") < F.lit(hc)) | ((F.col("h") == F.lit(hc)) & (F.col(C.UID) <= F.lit(uc)))
-
-            tier = F.lit(0)  # position in `live` of the smallest subset holding the row
-            for pos, (_, lab) in enumerate(live[1:], start=1):
-                tier = F.when(within(obtained[lab]), F.lit(pos)).otherwise(tier)
-            sel = elig.filter(within(obtained[live[0][1]])).select(C.UID, tier.cast("int").alias("tier"))
-            if cfg.update and live[0][1] == targets[0][0]:
-                between = _eligible_after_old_cut(cfg, elig, targets[0][0], within(obtained[targets[0][0]]))
+            if cfg.update and live[0] == targets[0][0]:
+                old = _old_cut(cfg, live[0])
+                between = None if old is None else eng.between(old, cuts[obtained[live[0]]])
             t0 = time.monotonic()
-            written = save_uids_spark(sel, C.UID, [join(output, layout.subset_uids(lab)) for _, lab in live], tier_col="tier",
-                                      expected=[obtained[lab] for _, lab in live], distinct=False)
-            for (_, lab), sc in zip(live, written):
-                sha_count[lab] = sc
-            log.info("subsets: %d selected uids sorted and written in %.1fs", obtained[live[0][1]], time.monotonic() - t0)
+            written = eng.write_uids([join(output, layout.subset_uids(lab)) for lab in live],
+                                     [cuts[obtained[lab]] for lab in live], [obtained[lab] for lab in live])
+            sha_count = dict(zip(live, written))
+            log.info("subsets: %d selected uids sorted and written in %.1fs", obtained[live[0]], time.monotonic() - t0)
         for label, target in targets:  # largest first: each smaller one's parent is the one before it
             uid_name = layout.subset_uids(label)
             if label in sha_count:
@@ -865,7 +1161,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
                 pool={"name": pool.manifest["name"], "sha256": pool.sha256, "path": pool.path},
             )
             mpath = join(output, layout.subset_manifest(label))
-            msha = write_manifest(mpath, m, run=run_record)
+            msha = write_manifest(mpath, m, run=eng.run_record)
             # After each scale's manifest: this one written, the next scale's (if any) not yet (kill tests widen it).
             failpoints.pause("subsets.manifest")
             parent = {"name": m["name"], "sha256": msha, "path": layout.subset_manifest(label)}
@@ -875,7 +1171,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
             if cfg.update and label == targets[0][0]:
                 results[-1]["eligible_between_cuts"] = between
     finally:
-        elig.unpersist()
+        eng.close()
     return results
 
 

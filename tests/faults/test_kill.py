@@ -52,7 +52,7 @@ def _baseline(monkeypatch, args: list[str], out: str, keep: str) -> None:
 
 
 def _kill_chain(stage: str, args: list[str], out: str, cwd: str, points: list[tuple[str, object]],
-                before_finish=None) -> list[dict]:
+                before_finish=None, env: dict | None = None) -> list[dict]:
     """Kill a run of `args` at each point in turn (each run resuming the last), then finish it.
 
     `points`: (name, when[, failpoint]) with `when()` a predicate over the output folder. Returns one record per
@@ -65,7 +65,7 @@ def _kill_chain(stage: str, args: list[str], out: str, cwd: str, points: list[tu
         # A third element names a failpoint (laiontools.core.failpoints) that holds the run inside a
         # phase too short to be hit by polling the folder (on a loaded machine a poll missed embed's
         # few-millisecond final write); run_and_kill kills in it once the run says it is paused there.
-        k = run_and_kill(args, cwd, out, name, when, failpoint=failpoint[0] if failpoint else None)
+        k = run_and_kill(args, cwd, out, name, when, env=env, failpoint=failpoint[0] if failpoint else None)
         lock = [f for f in k.state if "lock" in os.path.basename(f)]
         rec = {"stage": stage, "point": name, "killed": k.killed, "seconds": k.seconds, "files_at_kill": len(k.state),
                "lock_left": lock}
@@ -74,7 +74,7 @@ def _kill_chain(stage: str, args: list[str], out: str, cwd: str, points: list[tu
         assert k.killed, f"{stage}: the run ended (exit {k.returncode}) before kill point {name!r}; files: {k.state}"
     if before_finish is not None:
         before_finish()
-    r = run(args, cwd)
+    r = run(args, cwd, env=env)
     assert r.returncode == 0, f"{stage} re-run after kills failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return out_records
 
@@ -88,6 +88,10 @@ def _check_identical(stage: str, out: str, keep: str, varying: tuple[str, ...]) 
     record({"kind": "compare", "stage": stage, "files": len(want), "bytes": sum(os.path.getsize(os.path.join(keep, p)) for p in want),
             "identical": not diff, "ignored": list(varying)})
     assert not diff, f"{stage}: killed-and-resumed output differs from the uninterrupted run:\n{diff}"
+
+
+def _manifest_runs(root: str) -> list[str]:
+    return [os.path.join(root, f) for f in os.listdir(root) if f.endswith(".manifest.json.run.json")]
 
 
 def _markers(root: str, pattern: str):
@@ -149,7 +153,11 @@ def test_embed_survives_kills(chain, monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------------------ subsets
 
 
-def test_subsets_survive_kills(chain, monkeypatch, tmp_path):
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_subsets_survive_kills(chain, monkeypatch, tmp_path, engine):
+    """On Spark (a master named, as the other kill tests' runs) and in process (the default for a pool
+    this small); the uninterrupted run is in process either way, so the Spark runs' files are also
+    compared with the other engine's."""
     out = str(tmp_path / "sub")
     n = load_json(chain.pool)["num_samples"]
     scales = [n - 4, n // 2, n // 4]
@@ -160,12 +168,18 @@ def test_subsets_survive_kills(chain, monkeypatch, tmp_path):
     k = count(keep, "*.manifest.json")
     assert k == len(scales), os.listdir(keep)
     manifests = _markers(out, "*.manifest.json")
-    _kill_chain("subsets", args, out, str(tmp_path), [
-        ("settings written", lambda: os.path.exists(os.path.join(out, "settings.json"))),
-        ("uid files being written", lambda: count(out, "*.uids.npy") + count(out, ".*.tmp-*") >= 1 and manifests() == 0),
-        ("first manifest", lambda: 1 <= manifests() < k, "subsets.manifest"),
-    ])
+    settings = ("settings written", lambda: os.path.exists(os.path.join(out, "settings.json")))
+    first = ("first manifest", lambda: 1 <= manifests() < k, "subsets.manifest")
+    if engine == "spark":
+        _kill_chain("subsets", args, out, str(tmp_path), [
+            settings, ("uid files being written", lambda: count(out, "*.uids.npy") + count(out, ".*.tmp-*") >= 1 and manifests() == 0),
+            first])
+    else:  # (its uid files are written in milliseconds: no point there is held open long enough to poll for)
+        _kill_chain("subsets", args, out, str(tmp_path), [settings, first],
+                    env={k_: v for k_, v in ENV.items() if k_ != "LAIONTOOLS_SPARK_MASTER"})
     _check_identical("subsets", out, keep, ())
+    runs = {load_json(p)["engine"] for p in _manifest_runs(out)}
+    assert runs == ({"in-process"} if engine == "in-process" else {"spark local[2]"}), runs
 
 
 # -------------------------------------------------------------------------------------------- dedup
