@@ -935,6 +935,26 @@ def small_s3_subset(spark, small_s3_pool) -> str:
                                            scales="30", seed=1), spark).details[0]["manifest"]
 
 
+def test_subsets_in_process_read_and_write_s3_like_spark(spark, s3, small_s3_pool):
+    """subsets without a session (in process: the pool is far below --spark-above) reads the catalog from
+    the bucket and writes its uid files and manifests there: the same bytes as the Spark engine's run."""
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.subsets import SubsetsConfig
+
+    files = {}
+    for engine in ("spark", "in-process"):
+        out = f"{small_s3_pool}-subsets-{engine}"
+        res = subsets_stage.run(SubsetsConfig(pool=f"{small_s3_pool}/pool.manifest.json", output=out, scales="30,10", seed=1,
+                                              min_caption_length=1), spark if engine == "spark" else None)
+        assert [r["obtained"] for r in res.details] == [30, 10]
+        s3.invalidate_cache()
+        names = sorted(f.rsplit("/", 1)[1] for f in s3.ls(out.split("://")[1]) if f.endswith((".manifest.json", ".uids.npy")))
+        files[engine] = {n: s3.cat(f"{out}/{n}") for n in names}
+        run = json.loads(s3.cat(f"{out}/30.manifest.json.run.json"))
+        assert run["engine"] == ("in-process" if engine == "in-process" else f"spark {spark.sparkContext.master}")
+    assert len(files["spark"]) == 4 and files["in-process"] == files["spark"]
+
+
 def test_reshard_of_a_subset_whose_s3_uid_file_is_gone_names_it(s3, small_s3_subset, monkeypatch):
     """The subset's uid file deleted from the bucket: one ReshardError naming its s3:// URL and what to do
     (was a bare FileNotFoundError whose message was the key alone: "error: <bucket>/<key>")."""

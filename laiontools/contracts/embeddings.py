@@ -185,7 +185,7 @@ def check_shard_files_spark(spark: Any, emb_dir: str, kind: str) -> int:
         rel = shard_files(sid)[kind]
         want = recorded_sha256(emb_dir, sid).get(rel)
         if want:
-            _read_checked(join(emb_dir, rel), want, sid)
+            read_checked(join(emb_dir, rel), want, sid)
         return int(bool(want))
 
     return int(spark.sparkContext.parallelize(sids, slices).map(check).sum())
@@ -219,7 +219,7 @@ def read_embeddings(
         rel, sha = shard_files(sid), recorded_sha256(emb_dir, sid)
         img = load_npy(join(emb_dir, rel["img"]), sha.get(rel["img"]))
         txt = load_npy(join(emb_dir, rel["text"]), sha.get(rel["text"]))
-        meta = pd.read_parquet(io.BytesIO(_read_checked(join(emb_dir, rel["meta"]), sha.get(rel["meta"]), sid)), **PARQUET_READ)
+        meta = pd.read_parquet(io.BytesIO(read_checked(join(emb_dir, rel["meta"]), sha.get(rel["meta"]), sid)), **PARQUET_READ)
         if not (len(img) == len(txt) == len(meta)):
             raise UserError(
                 f"{emb_dir}: shard {sid} is not row-aligned (img {len(img)}, text {len(txt)}, meta {len(meta)} rows); "
@@ -228,7 +228,7 @@ def read_embeddings(
         yield sid, img.astype(dtype, copy=False), txt.astype(dtype, copy=False), meta
 
 
-def _read_checked(path: str, sha256: str | None, sid: str) -> bytes:
+def read_checked(path: str, sha256: str | None, sid: str) -> bytes:
     """The whole file at `path`, checked against `sha256` (embed's record; None: unchecked)."""
     fs, p = url_to_fs(path)
     with fs.open(p, "rb") as f:
@@ -241,7 +241,7 @@ def load_npy(path: str, sha256: str | None = None) -> np.ndarray:
     """A .npy file at any fsspec path (read whole, never unpickled), checked against `sha256` when given
     (embed's record, :func:`recorded_sha256`); a cut, damaged or changed file raises
     :func:`~laiontools.core.errors.task_error` naming it (this runs in Spark tasks too)."""
-    data = _read_checked(path, sha256, _shard_id_of(path))
+    data = read_checked(path, sha256, _shard_id_of(path))
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, EOFError) as e:
@@ -371,7 +371,7 @@ def read_embedding_shard(emb_dir: str, sid: str, marker: dict[str, Any] | None =
             raise _damaged_npy(npy, e) from e
     else:
         emb = load_npy(npy, sha.get(rel["img"]))
-    meta = pq.read_table(io.BytesIO(_read_checked(join(emb_dir, rel["meta"]), sha.get(rel["meta"]), sid)), **PARQUET_READ)
+    meta = pq.read_table(io.BytesIO(read_checked(join(emb_dir, rel["meta"]), sha.get(rel["meta"]), sid)), **PARQUET_READ)
     if emb.ndim != 2 or emb.shape[0] != meta.num_rows:
         raise UserError(
             f"embedding shard {sid} in {emb_dir}: {layout.EMB_IMG_DIR}/{sid}.npy has shape {emb.shape} but "

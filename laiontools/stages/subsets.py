@@ -784,7 +784,7 @@ def _local_scores(scores_dir: str, pool: PoolInfo) -> tuple[Any, Any, dict[str, 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from laiontools.contracts.embeddings import _read_checked, done_shards, recorded_sha256, shard_files
+    from laiontools.contracts.embeddings import done_shards, read_checked, recorded_sha256, shard_files
     from laiontools.core.storage import PARQUET_READ, parquet_read_errors
 
     scores_dir = abs_path(scores_dir)
@@ -797,7 +797,7 @@ def _local_scores(scores_dir: str, pool: PoolInfo) -> tuple[Any, Any, dict[str, 
     for url in urls:
         sid, sha = want.get(url, (url.rsplit("/", 1)[-1].split(".", 1)[0], None))
         with task_errors_as(InputError):
-            data = _read_checked(url, sha, sid)
+            data = read_checked(url, sha, sid)
         with parquet_read_errors(url):
             t = pq.read_table(io.BytesIO(data), **PARQUET_READ)
         for c in (C.UID, "clip_score"):
