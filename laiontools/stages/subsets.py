@@ -1193,7 +1193,8 @@ def summary_text(results: list[dict[str, Any]], funnel: list[dict[str, Any]]) ->
 def build_parser() -> argparse.ArgumentParser:
     p = config_parser(
         SubsetsConfig, prog="laiontools subsets", skip=("seed", "scale_factor"),
-        description="Filters + dedup exclusions + seeded nested subsets (80M ⊂ 400M ⊂ 2B) with manifests (Spark).",
+        description="Filters + dedup exclusions + seeded nested subsets (80M ⊂ 400M ⊂ 2B) with manifests (Spark; in "
+                    "this process for catalogs of up to --spark-above rows).",
     )
     # Parsed by the config, not argparse, so a bad value gets the same clear message as from YAML.
     p.add_argument("--seed", dest="seed", default=argparse.SUPPRESS, help="selection seed, a whole number (required)")
