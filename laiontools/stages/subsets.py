@@ -663,8 +663,6 @@ class _LocalSelection:
         self.n = cat.num_rows
         self.cols: dict[str, Any] = {c: cat.column(c).combine_chunks() for c in _CATALOG_COLUMNS}
         uid = self.cols[C.UID]
-        # Membership tests take the uid strings as 16-byte keys; a row without a uid (off the contract) is
-        # no member of anything.
         shard_ids = pc.replace_substring(pc.replace_substring_regex(self.cols[C.SHARD], r"\.tar$", ""), "/", "-")
         self.cols["_complete"] = pc.is_in(shard_ids, value_set=pa.array(pool.shard_ids, pa.string()))
         self.scores_record: dict[str, Any] | None = None
@@ -678,7 +676,7 @@ class _LocalSelection:
                 raise InputError(f"--scores {cfg.scores}: the score files are empty; re-run embed")
             if foreign:
                 raise SubsetError(
-                    f"--scores {abs_path(cfg.scores)}: {foreign} of {len(score_uids)} scored uids are not samples of pool "
+                    f"--scores {cfg.scores}: {foreign} of {len(score_uids)} scored uids are not samples of pool "
                     f"{pool.path}; these scores come from another pool (or an older download): run embed on this pool"
                 )
             self.scores_record["scored_uids"] = len(score_uids)
@@ -686,6 +684,8 @@ class _LocalSelection:
             self.cols["_scored"] = pc.is_valid(at)
             self.cols["clip_score"] = pc.take(score_max, at)
         if exclusions and self.n:
+            # Membership tests take the uid strings as 16-byte keys; a row without a uid (off the contract)
+            # is no member of anything.
             valid = pc.is_valid(uid).to_numpy(zero_copy_only=False)
             keys = arrow_to_array(pc.fill_null(uid, "0" * 32))
         for i, ex in enumerate(exclusions):
