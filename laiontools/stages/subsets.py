@@ -409,9 +409,7 @@ def _scores_df(spark: Any, scores_dir: str, pool: PoolInfo) -> tuple[Any, dict[s
     # file against the sha256 embed recorded in its shard's marker first (an error naming the file).
     check_shard_files_spark(spark, scores_dir, "scores")
     sdf = spark_read_parquet(spark, urls)
-    for c in (C.UID, "clip_score"):
-        if c not in sdf.columns:
-            raise InputError(f"--scores {scores_dir}: {layout.EMB_SCORES_DIR}/*.parquet lack column {c!r}")
+    _check_score_columns(scores_dir, sdf.columns)
     # A row embed recorded as failed because it could not read the sample's uid has a null uid: it is not
     # a sample of the pool by uid (nor a foreign one), so it is left out and counted, not taken for
     # another pool's score (walk F4).
@@ -431,15 +429,26 @@ def _check_score_uids(cat: Any, sdf: Any, scores_dir: str, pool: PoolInfo) -> in
     # rows a takedown removed were samples when embed ran: their scores are from this pool's lineage
     samples = cat.filter((F.col(C.STATUS) == C.STATUS_SUCCESS) | F.col(C.STATUS).startswith(C.REMOVED_PREFIX)).select(C.UID)
     row = sdf.join(samples, on=C.UID, how="left_anti").agg(F.count(F.lit(1)).alias("n")).collect()[0]
-    total = sdf.count()
+    return _scored_uids(scores_dir, pool, int(row["n"]), sdf.count())
+
+
+def _scored_uids(scores_dir: str, pool: PoolInfo, foreign: int, total: int) -> int:
+    """`total` distinct scored uids, `foreign` of them not samples of `pool`: refused unless none is and
+    there are some (both engines); returns `total`."""
     if total == 0:
         raise InputError(f"--scores {scores_dir}: the score files are empty; re-run embed")
-    if row["n"]:
+    if foreign:
         raise SubsetError(
-            f"--scores {scores_dir}: {row['n']} of {total} scored uids are not samples of pool {pool.path}; "
+            f"--scores {scores_dir}: {foreign} of {total} scored uids are not samples of pool {pool.path}; "
             "these scores come from another pool (or an older download): run embed on this pool"
         )
     return total
+
+
+def _check_score_columns(scores_dir: str, have: Any) -> None:
+    for c in (C.UID, "clip_score"):
+        if c not in have:
+            raise InputError(f"--scores {scores_dir}: {layout.EMB_SCORES_DIR}/*.parquet lack column {c!r}")
 
 
 def _filter_steps(cfg: SubsetsConfig, have_scores: bool, exclusions: list[Exclusion]) -> list[tuple[str, str, Any]]:
@@ -672,14 +681,7 @@ class _LocalSelection:
                              pc.starts_with(self.cols[C.STATUS], C.REMOVED_PREFIX))
             sample_uids = pc.filter(uid, pc.fill_null(samples, False))
             foreign = int((~pc.is_in(score_uids, value_set=sample_uids).to_numpy(zero_copy_only=False)).sum())
-            if len(score_uids) == 0:
-                raise InputError(f"--scores {cfg.scores}: the score files are empty; re-run embed")
-            if foreign:
-                raise SubsetError(
-                    f"--scores {cfg.scores}: {foreign} of {len(score_uids)} scored uids are not samples of pool "
-                    f"{pool.path}; these scores come from another pool (or an older download): run embed on this pool"
-                )
-            self.scores_record["scored_uids"] = len(score_uids)
+            self.scores_record["scored_uids"] = _scored_uids(cfg.scores, pool, foreign, len(score_uids))
             at = pc.index_in(uid, value_set=score_uids)
             self.cols["_scored"] = pc.is_valid(at)
             self.cols["clip_score"] = pc.take(score_max, at)
@@ -800,9 +802,7 @@ def _local_scores(scores_dir: str, pool: PoolInfo) -> tuple[Any, Any, dict[str, 
             data = read_checked(url, sha, sid)
         with parquet_read_errors(url):
             t = pq.read_table(io.BytesIO(data), **PARQUET_READ)
-        for c in (C.UID, "clip_score"):
-            if c not in t.column_names:
-                raise InputError(f"--scores {scores_dir}: {layout.EMB_SCORES_DIR}/*.parquet lack column {c!r}")
+        _check_score_columns(scores_dir, t.column_names)
         parts.append(t.select([C.UID, "clip_score"]).cast(pa.schema([(C.UID, pa.string()), ("clip_score", pa.float64())])))
     t = pa.concat_tables(parts)
     no_uid = int(t.column(C.UID).null_count)
