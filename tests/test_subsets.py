@@ -607,9 +607,21 @@ def test_the_in_process_engine_writes_what_the_spark_engine_writes(spark, scratc
         assert out["in-process"][name] == data, name
 
 
-@pytest.mark.parametrize("case", ["another pool's scores", "another pool's dedup", "too few eligible"])
+@pytest.mark.parametrize("case", ["another pool's scores", "another pool's dedup", "too few eligible", "scores without a score column",
+                                  "empty score files"])
 def test_the_in_process_engine_refuses_what_the_spark_engine_refuses(spark, scratch, tmp_path, case):
-    if case == "another pool's scores":
+    from laiontools.core.errors import UserError
+
+    if case in ("scores without a score column", "empty score files"):
+        emb = tmp_path / "emb"
+        (emb / layout.EMB_SCORES_DIR).mkdir(parents=True)
+        uids = [] if case == "empty score files" else sorted(pool_samples(scratch))[:5]
+        cols = {"uid": pa.array(uids, pa.string())}
+        if case == "empty score files":
+            cols["clip_score"] = pa.array([], pa.float32())
+        pq.write_table(pa.table(cols), str(emb / layout.EMB_SCORES_DIR / "00000.parquet"))
+        kw = {"scores": str(emb)}
+    elif case == "another pool's scores":
         other = make_scratch_pool(str(tmp_path / "pool_b"), n=20, failures=0, tag="b")
         alien = str(tmp_path / "emb_alien")
         _write_scores(alien, {u: 0.5 for u in pool_samples(other)}, None)
@@ -624,10 +636,14 @@ def test_the_in_process_engine_refuses_what_the_spark_engine_refuses(spark, scra
     errors = []
     for engine in ("spark", "in-process"):
         cfg = _cfg(scratch, tmp_path / engine, **{"scales": "5", **kw})
-        with pytest.raises(SubsetError) as e:
+        with pytest.raises(UserError) as e:
             subsets_stage.run(cfg, spark if engine == "spark" else None)
-        errors.append(str(e.value))
+        errors.append((type(e.value), str(e.value)))
     assert errors[0] == errors[1]
+    want = {"scores without a score column": "lack column 'clip_score'", "empty score files": "the score files are empty",
+            "another pool's scores": "scored uids are not samples", "another pool's dedup": "excluded uids are not samples",
+            "too few eligible": "not enough eligible samples"}[case]
+    assert want in errors[0][1], errors[0]
 
 
 def test_the_engines_rank_and_count_between_cuts_alike(spark, scratch):
