@@ -760,7 +760,9 @@ class _LocalSelection:
     def write_uids(self, paths: list[str], cuts: list[tuple[int, str]], expected: list[int]) -> list[tuple[str, int]]:
         from laiontools.contracts.uids import save_uids
 
-        ranked = [self.uids[i] for i in self.order]
+        # (`cuts` is the Spark engine's way to the same rows: here the first n of the sorted order.) Only
+        # the largest subset's uids are listed, not every eligible one's.
+        ranked = [self.uids[i] for i in self.order[:max(expected, default=0)]]
         return [save_uids(path, ranked[:n]) for path, n in zip(paths, expected)]
 
     def _rank(self, cut: tuple[int, str]) -> int:
