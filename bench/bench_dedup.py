@@ -8,6 +8,8 @@ Writes random L2-normalized float16 pool vectors in the embed layout (img_emb/<i
 * ours: :func:`laiontools.stages.dedup.run_search` (Spark local[N], one task per partition, index loaded once
   per worker), end to end (a new index in each worker, job scheduling, report parquet + markers
   written) and steady state (same job again with warm workers and cached index, markers cleared);
+* ours in process (what the stage runs below ``--spark-above``): the same search on threads sharing one
+  index, no JVM;
 * peak worker memory (max RSS over the search tasks) with a pool 1x and 10x larger.
 
     .venv/bin/python bench/bench_dedup.py [--pool 1000000] [--eval 2000] [--dim 512] [--shard 50000]
@@ -119,17 +121,20 @@ def bare_faiss(emb_dir: str, ids: list[str], index_path: str, k: int, chunk: int
 
 
 def spark_search(spark, emb_dir: str, ids: list[str], out: str, desc: dict, k: int, chunk: int, partitions: int) -> dict:
+    """The stage's search on `spark`, or in this process (threads sharing one index) when `spark` is None."""
     from laiontools.contracts import layout
+    from laiontools.core.stage import Tasks
     from laiontools.core.storage import read_marker
     from laiontools.stages import dedup
 
     cfg = dedup.DedupConfig(embeddings=emb_dir, output=out, evalset=["x=y"], threshold=0.5, k=k, chunk_rows=chunk,
                             gallery_pairs=0, partitions=partitions)
+    tasks = Tasks(spark)
     ctx = dedup.search_context(cfg, desc)
-    ctx["threads"] = dedup._threads_per_task(spark, 0)
+    ctx["threads"] = tasks.threads(0, len(ids))
     shutil.rmtree(os.path.join(out, layout.DEDUP_DONE_DIR), ignore_errors=True)
     t0 = time.time()
-    done = dedup.run_search(spark, ctx, [(sid, None) for sid in ids], partitions)
+    done = dedup.run_search(tasks, ctx, [(sid, None) for sid in ids], partitions)
     wall = time.time() - t0
     n = sum(r for _, r, _ in done)
     stats = [read_marker(dedup._done_path(out, sid)) for sid in ids]
@@ -182,16 +187,24 @@ def main() -> None:
         print(f"spark steady state (warm workers): {res['spark_steady']['vectors_per_s']:,.0f} vectors/s "
               f"({res['spark_steady']['wall_s']:.1f}s)", flush=True)
         res["spark_session_plus_jobs_s"] = time.time() - t_s
+    # In process (what the stage runs below --spark-above): threads sharing one index, no JVM.
+    out_local = os.path.join(work, "out-local")
+    shutil.copytree(os.path.join(out, "index"), os.path.join(out_local, "index"))
+    res["in_process"] = spark_search(None, big, ids_big, out_local, desc, args.k, args.chunk, 0)
+    print(f"in process (threads, one index): {res['in_process']['vectors_per_s']:,.0f} vectors/s "
+          f"({res['in_process']['wall_s']:.1f}s)", flush=True)
     bare2 = bare_faiss(big, ids_big, os.path.join(out, "index", "evalsets.faiss"), args.k, args.chunk)
     res["bare_repeat"] = bare2
     base = (bare["vectors_per_s"] + bare2["vectors_per_s"]) / 2  # before and after: the machine is shared
     res["ratio_end_to_end"] = res["spark_end_to_end"]["vectors_per_s"] / base
     res["ratio_steady"] = res["spark_steady"]["vectors_per_s"] / base
+    res["ratio_in_process"] = res["in_process"]["vectors_per_s"] / base
     res["peak_rss_mb_1x"] = res["spark_1x"]["worker_peak_rss_mb"]
     res["peak_rss_mb_10x"] = res["spark_steady"]["worker_peak_rss_mb"]
     res["params"] = {**vars(args), "parallelism": par, "cpus": os.cpu_count(), "python": platform.python_version()}
     res["command"] = "python " + " ".join(sys.argv)
-    print(f"\nratio ours/bare faiss: end-to-end {res['ratio_end_to_end']:.2f}, steady state {res['ratio_steady']:.2f} "
+    print(f"\nratio ours/bare faiss: Spark end-to-end {res['ratio_end_to_end']:.2f}, Spark steady state {res['ratio_steady']:.2f}, "
+          f"in process {res['ratio_in_process']:.2f} "
           f"(bare {base:,.0f} vectors/s mean of before/after)")
     print(f"peak worker RSS: pool {args.pool // 10:,} -> {res['peak_rss_mb_1x']} MiB, pool {args.pool:,} -> {res['peak_rss_mb_10x']} MiB")
     os.makedirs("bench-out", exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -141,16 +142,18 @@ def read_bytes(path: str) -> bytes:
 # Loaded once per Python worker process (Spark reuses workers): every task of a job and every
 # shard of a task share one index, keyed by the index file's sha256.
 _CACHE: dict[str, Any] = {}
+_CACHE_LOCK = threading.Lock()
 
 
 def load_cached(index_path: str, sha: str, use_gpu: bool = True) -> Any:
     """The index at `index_path` (checked against `sha`), loaded once per process."""
-    hit = _CACHE.get(sha)
-    if hit is not None:
+    with _CACHE_LOCK:  # in process, search tasks are threads: one of them loads it, the others wait
+        hit = _CACHE.get(sha)
+        if hit is not None:
+            return hit
+        data = read_bytes(index_path)
+        if sha256_bytes(data) != sha:
+            raise UserError(f"{index_path} changed since the job started (sha256 mismatch); re-run dedup")
+        _CACHE.clear()  # one index per process: a new job's index replaces the last
+        hit = _CACHE[sha] = deserialize(data, use_gpu=use_gpu)
         return hit
-    data = read_bytes(index_path)
-    if sha256_bytes(data) != sha:
-        raise UserError(f"{index_path} changed since the job started (sha256 mismatch); re-run dedup")
-    _CACHE.clear()  # one index per process: a new job's index replaces the last
-    _CACHE[sha] = deserialize(data, use_gpu=use_gpu)
-    return _CACHE[sha]

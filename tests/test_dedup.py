@@ -126,6 +126,31 @@ def test_summary_dedup_json_and_gallery(pool, dedup_run):
     assert "Just under the threshold" in html and "image unavailable" not in html
 
 
+def test_the_in_process_search_writes_what_the_spark_search_writes(pool, emb, dedup_run, monkeypatch, tmp_path):
+    """Below --spark-above, with no session given and no master named, the shards are searched on threads
+    in this process (several at once, one index and one lookup table shared by them): the same report,
+    exclusion list, dedup.json, summary and shard markers as the Spark run of `dedup_run`."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = str(tmp_path / "local")
+    shards = sorted(os.listdir(os.path.join(dedup_run["out"], "done")))
+    assert len(shards) >= 3  # so that two threads search at once
+    s = dedup_stage.run(DedupConfig(embeddings=emb, evalset=[f"glyphs={pool.evalset_dir}"], output=out,
+                                    threshold=dedup_run["threshold"], phash=True, k=3)).details
+    assert s["search_engine"] == "in-process"
+    assert dedup_run["summary"]["search_engine"].startswith("spark ")
+    assert Path(out, "exclude.uids.npy").read_bytes() == Path(dedup_run["out"], "exclude.uids.npy").read_bytes()
+    pd.testing.assert_frame_equal(_report(out).sort_values("uid").reset_index(drop=True),
+                                  _report(dedup_run["out"]).sort_values("uid").reset_index(drop=True))
+    assert Path(out, "dedup.json").read_text() == Path(dedup_run["out"], "dedup.json").read_text()
+    runtime = ("search_seconds", "search_engine", "worker_peak_rss_mb", "peak_rss_mb")
+    same = lambda d: {k: v for k, v in d.items() if k not in runtime}
+    assert same(s) == same(dedup_run["summary"])
+    assert sorted(os.listdir(os.path.join(out, "done"))) == shards
+    for name in shards:
+        local, on_spark = (json.loads(Path(o, "done", name).read_text()) for o in (out, dedup_run["out"]))
+        assert same(local) == same(on_spark), name
+
+
 def test_resume_after_kill_gives_same_result(pool, emb, dedup_run, spark, tmp_path):
     out = str(tmp_path / "dd")
     shutil.copytree(dedup_run["out"], out)

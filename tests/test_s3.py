@@ -666,8 +666,9 @@ def test_train_reads_resharded_shards_from_s3_like_local(resharded, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_embed_and_dedup_on_s3_equal_the_local_run(spark, pools, s3, tmp_path):
+def test_embed_and_dedup_on_s3_equal_the_local_run(spark, pools, s3, monkeypatch, tmp_path):
     """embed (tiny random-init model, one process) of the s3 pool into s3://: the same vectors as on disk."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
     from laiontools.contracts import layout
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import embed as embed_stage
@@ -687,14 +688,19 @@ def test_embed_and_dedup_on_s3_equal_the_local_run(spark, pools, s3, tmp_path):
 
     ev = str(tmp_path / "evalset")
     write_evalset(ev, seed=5)
+    # On Spark (the session given) and in process (none given, no master named, a pool under --spark-above:
+    # threads reading and writing the bucket through fsspec).
     counts, excluded = {}, {}
-    for where in ("s3", "local"):
-        res = dedup_stage.run(DedupConfig(embeddings=outs[where], evalset=[f"glyphs={ev}"], output=outs[where] + "-dedup",
-                                          device="cpu", threshold=0.5), spark)
-        counts[where] = res.counts
-        excluded[where] = sha256_file(res.outputs["exclude"])[0]
-    assert counts["s3"] == counts["local"] and counts["s3"]["pool_samples"] > 0, counts
-    assert excluded["s3"] == excluded["local"]
+    for where, engine, session in (("s3", "spark", spark), ("s3", "in-process", None), ("local", "spark", spark)):
+        res = dedup_stage.run(DedupConfig(embeddings=outs[where], evalset=[f"glyphs={ev}"], device="cpu", threshold=0.5,
+                                          output=f"{outs[where]}-dedup-{engine}"), session)
+        assert res.details["search_engine"].startswith(engine), res.details["search_engine"]
+        assert res.outputs["exclude"].startswith("s3://") == (where == "s3")
+        counts[where, engine] = res.counts
+        excluded[where, engine] = sha256_file(res.outputs["exclude"])[0]
+    assert counts["s3", "spark"] == counts["s3", "in-process"] == counts["local", "spark"], counts
+    assert counts["s3", "spark"]["pool_samples"] > 0, counts
+    assert excluded["s3", "spark"] == excluded["s3", "in-process"] == excluded["local", "spark"]
 
     # semdedup of the s3 embeddings into s3://, in process (threads, each task reading and writing the
     # bucket through fsspec) and on Spark: the same exclusion list and report, byte for byte

@@ -228,6 +228,18 @@ def read_embeddings(
         yield sid, img.astype(dtype, copy=False), txt.astype(dtype, copy=False), meta
 
 
+def shard_rows(emb_dir: str, shards: list[str]) -> list[int]:
+    """Row count of every embedding shard from its parquet footer (no vectors read)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for sid in shards:
+        fs, p = url_to_fs(join(emb_dir, layout.EMB_META_DIR, f"{sid}.parquet"))
+        with fs.open(p, "rb") as f:
+            out.append(pq.ParquetFile(f).metadata.num_rows)
+    return out
+
+
 def read_checked(path: str, sha256: str | None, sid: str) -> bytes:
     """The whole file at `path`, checked against `sha256` (embed's record; None: unchecked)."""
     fs, p = url_to_fs(path)

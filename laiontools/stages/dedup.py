@@ -6,9 +6,11 @@ Steps (each resumable):
    :class:`laiontools.models.embedder.Embedder`, using the model named in the pool embeddings' ``model.json``,
    so pool and evaluation vectors live in one space. The index (:mod:`laiontools.index`) is
    saved in ``<out>/index/`` with that model's description and reused on a re-run.
-2. A Spark job searches every pool embedding shard: one task streams its shards through the index
-   (loaded once per worker process) and writes ``<out>/report/<shard>.parquet`` atomically, then its
-   completion marker, whose content is the shard's statistics. A re-run skips shards whose marker
+2. Search tasks stream every pool embedding shard through the index: Spark tasks above
+   ``--spark-above`` pool samples (or with a master named, or under spark-submit; the index loaded once
+   per worker process), else a few threads in this process sharing one loaded index (no JVM started;
+   the same task function, files and markers). Each shard's task writes ``<out>/report/<shard>.parquet``
+   atomically, then its completion marker, whose content is the shard's statistics. A re-run skips shards whose marker
    holds the same settings key (index sha256, threshold, k, pHash). The driver only folds small
    per-shard statistics, so its memory does not grow with the pool.
 3. Optionally (``--phash``) the study's own method runs beside it: perceptual-hash exact matches
@@ -29,6 +31,7 @@ import functools
 import heapq
 import io
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -45,14 +48,14 @@ from laiontools.contracts.embeddings import (  # noqa: F401
     read_pool,
     shard_identity,
     shard_marker,
+    shard_rows,
 )
 from laiontools.contracts.uids import uids_to_array
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.logs import peak_rss_mb
-from laiontools.core.spark import threads_per_task
-from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
+from laiontools.core.stage import SparkStageConfig, StageResult, Tasks, stage_entry, stage_tasks
 from laiontools.core.storage import (
     DONE_SUFFIX,
     PARQUET_READ,
@@ -77,6 +80,9 @@ STATUS_OK = "ok"
 STATUS_NOT_EMBEDDED = "not_embedded"
 EVAL_GEOMETRY_POOL = "pool"
 EVAL_GEOMETRIES = (EVAL_GEOMETRY_POOL, "none")
+# Below this many pool samples the search runs in this process: Spark's start and its Python workers
+# (~20-40 s here) cost more than searching 2M vectors against an evaluation index on a few threads.
+SPARK_ABOVE_ROWS = 2_000_000
 
 
 @dataclasses.dataclass
@@ -97,8 +103,9 @@ class DedupConfig(SparkStageConfig):
     batch_size: int = dataclasses.field(default=64, metadata={"help": "evaluation images per embedding batch"})
     gpu: bool = dataclasses.field(default=True, metadata={"help": "use faiss GPU indexes when faiss sees a GPU"})
     chunk_rows: int = dataclasses.field(default=65536, metadata={"help": "pool vectors per faiss search call (bounds task memory)"})
-    search_threads: int = dataclasses.field(default=0, metadata={"help": "faiss threads per Spark task (0: cores / concurrent tasks)"})
+    search_threads: int = dataclasses.field(default=0, metadata={"help": "faiss threads per search task (0: cores / concurrent tasks)"})
     partitions: int = dataclasses.field(default=0, metadata={"help": "Spark partitions for the search (0: min(shards, 4 x parallelism))"})
+    spark_above: int = dataclasses.field(default=SPARK_ABOVE_ROWS, metadata={"help": "pools with more samples than this (the manifest's count) are searched on Spark; smaller ones in this process (a few shards at once, on threads, one index loaded), unless a master is named or under spark-submit (0: always Spark, -1: only then)"})
     gallery_pairs: int = dataclasses.field(default=24, metadata={"help": "pairs shown per gallery section"})
     eval_geometry: str = dataclasses.field(default=EVAL_GEOMETRY_POOL, metadata={"help": "pool: evaluation images go through the pool's own download resize (image size + resize mode recorded in its manifest) before they are embedded and pHashed, as pool copies of them did; none: compared as read (unlike pool copies when the pool letterboxed or cropped them)"})
 
@@ -120,6 +127,8 @@ class DedupConfig(SparkStageConfig):
             raise ConfigError("nlist and nprobe must be >= 1")
         if self.batch_size < 1 or self.chunk_rows < 1 or self.gallery_pairs < 0:
             raise ConfigError("batch_size and chunk_rows must be >= 1, gallery_pairs >= 0")
+        if self.spark_above < -1:
+            raise ConfigError("spark_above must be >= 0, or -1 for Spark only when a master is named")
         if not 0 <= self.phash_max_distance <= 32:
             raise ConfigError(f"phash_max_distance must be in [0, 32] bits of 64, got {self.phash_max_distance}")
         if self.phash_max_distance and not self.phash:
@@ -324,7 +333,7 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------
-# the Spark search
+# the search (Spark tasks, or threads in this process)
 
 
 def _settings_key(index_desc: dict[str, Any], cfg: DedupConfig) -> str:
@@ -397,12 +406,20 @@ class _Lookups:
 
 
 _LOOKUPS: dict[str, _Lookups] = {}
+_LOOKUPS_LOCK = threading.Lock()  # in process, search tasks are threads: the lookups are built once
 
 
 def _lookups(items_path: str, sha: str, set_names: list[str]) -> _Lookups:
-    hit = _LOOKUPS.get(sha)
-    if hit is not None:
+    with _LOOKUPS_LOCK:
+        hit = _LOOKUPS.get(sha)
+        if hit is None:
+            built = _build_lookups(items_path, set_names)
+            _LOOKUPS.clear()  # one set per process: a new job's replaces the last
+            hit = _LOOKUPS[sha] = built
         return hit
+
+
+def _build_lookups(items_path: str, set_names: list[str]) -> _Lookups:
     import pyarrow.parquet as pq
 
     fs, p = url_to_fs(items_path)
@@ -420,12 +437,10 @@ def _lookups(items_path: str, sha: str, set_names: list[str]) -> _Lookups:
     for pos, h in enumerate(ph):
         if h:
             phash.setdefault(h, []).append(pos)
-    _LOOKUPS.clear()
     import pyarrow as pa
 
-    _LOOKUPS[sha] = _Lookups(row_set, row_item, row_code, pa.array(row_set, pa.string()), pa.array(row_item, pa.string()),
-                             pos_set, pos_item, phash)
-    return _LOOKUPS[sha]
+    return _Lookups(row_set, row_item, row_code, pa.array(row_set, pa.string()), pa.array(row_item, pa.string()),
+                    pos_set, pos_item, phash)
 
 
 def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> dict[str, Any]:
@@ -583,11 +598,12 @@ def _phash_matches(lk: _Lookups, hashes: list[str | None], max_distance: int) ->
     have = [i for i, h in enumerate(hashes) if h]
     if not have or not lk.phash:
         return out
-    if lk.phash_index is None:
-        keys = list(lk.phash)
-        lk.phash_index = faiss.IndexBinaryFlat(64)
-        lk.phash_index.add(np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(-1, 8))
-        lk.phash_keys = keys
+    with _LOOKUPS_LOCK:  # built once, whole, before any thread's search uses it
+        if lk.phash_index is None:
+            keys = list(lk.phash)
+            index = faiss.IndexBinaryFlat(64)
+            index.add(np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(-1, 8))
+            lk.phash_keys, lk.phash_index = keys, index
     q = np.frombuffer(b"".join(bytes.fromhex(hashes[i]) for i in have), dtype=np.uint8).reshape(-1, 8)
     D, I = lk.phash_index.search(q, 1)
     for j, i in enumerate(have):
@@ -619,17 +635,25 @@ def search_context(cfg: DedupConfig, index_desc: dict[str, Any]) -> dict[str, An
     }
 
 
-def run_search(spark: Any, ctx: dict[str, Any], units: list[tuple[str, str | None]], partitions: int) -> list[tuple[str, int, int]]:
-    """Run the search job over (shard id, pool tar URL or None) units, all partitions in parallel.
+def run_search(tasks: Tasks, ctx: dict[str, Any], units: list[tuple[str, str | None]], partitions: int = 0) -> list[tuple[str, int, int]]:
+    """Run the search over (shard id, pool tar URL or None) units: on Spark, all partitions in parallel; in
+    process (:class:`Tasks` without a session), a few shards at once on threads (faiss and arrow release the
+    interpreter lock), sharing one loaded index.
 
     Returns (shard, rows, duplicates) per shard, a few bytes each; the driver then folds the shard
     markers one at a time (:class:`_Aggregate`), so its memory does not grow with the pool.
     """
-    sc = spark.sparkContext
-    n_parts = partitions or min(len(units), 4 * max(1, sc.defaultParallelism))
-    n_parts = max(1, min(n_parts, len(units)))
-    sc.setJobDescription(f"laiontools dedup: search {len(units)} shard(s)")
-    return sc.parallelize(units, n_parts).mapPartitions(functools.partial(_search_partition, ctx)).collect()
+    return tasks.map(functools.partial(_search_partition, ctx), units, partitions,
+                     f"laiontools dedup: search {len(units)} shard(s)")
+
+
+def embedded_rows(pool: PoolInfo) -> int:
+    """The pool's size for choosing an engine: the manifest's sample count, else the embedding shards'
+    parquet footers (no vectors read)."""
+    n = (pool.manifest or {}).get("num_samples")
+    if isinstance(n, int) and n >= 0:
+        return n
+    return sum(shard_rows(pool.emb_dir, pool.shard_ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,9 +687,12 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     ctx = search_context(cfg, index_desc)
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
     t0 = time.time()
-    with stage_spark(cfg, spark, app_name="laiontools-dedup") as sp:
-        ctx["threads"] = threads_per_task(sp, cfg.search_threads)
-        done = run_search(sp, ctx, units, cfg.partitions)
+    with stage_tasks(cfg, spark, app_name="laiontools-dedup", size=embedded_rows(pool), spark_above=cfg.spark_above) as tasks:
+        if tasks.local and cfg.gpu and DI.gpu_count() > 0:
+            tasks.workers = 1  # a faiss GPU index is not to be searched from two threads at once
+        ctx["threads"] = tasks.threads(cfg.search_threads, len(units))
+        engine = "in-process" if tasks.local else f"spark {tasks.spark.sparkContext.master}"
+        done = run_search(tasks, ctx, units, cfg.partitions)
     search_s = time.time() - t0
     # report/ is read as one dataset: no file of a shard an earlier run into this folder had and this pool has not
     current = set(pool.shard_ids)
@@ -679,7 +706,7 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
         agg.add(stats)
     # The final-write phase: every shard's marker is there, dedup.json and the summary are not (kill tests widen it).
     failpoints.pause("dedup.final-write")
-    summary, text = _write_outputs(cfg, pool, sets, index_desc, items, agg, search_s)
+    summary, text = _write_outputs(cfg, pool, sets, index_desc, items, agg, search_s, engine)
     return StageResult(
         outputs={"exclude": join(cfg.output, layout.DEDUP_EXCLUDE_UIDS), "dedup": join(cfg.output, layout.DEDUP_JSON),
                  "summary": join(cfg.output, layout.DEDUP_SUMMARY_TXT), "report": join(cfg.output, layout.DEDUP_REPORT_DIR),
@@ -751,7 +778,7 @@ class _Aggregate:
 
 def _write_outputs(
     cfg: DedupConfig, pool: PoolInfo, sets: list[Any], index_desc: dict[str, Any], items: dict[str, list[Any]],
-    agg: _Aggregate, search_s: float,
+    agg: _Aggregate, search_s: float, engine: str,
 ) -> tuple[dict[str, Any], str]:
     """Write summary, exclusion uids, dedup.json and gallery; return (summary.json's content, summary text)."""
     from laiontools import index as DI
@@ -796,7 +823,7 @@ def _write_outputs(
         "index_type": index_desc["index_type"], "nlist": index_desc.get("nlist"), "nprobe": index_desc.get("nprobe"),
         "eval_geometry": index_desc.get("eval_geometry"), "pool_samples": agg.rows, "pool_shards": agg.shards, "not_embedded": agg.not_embedded,
         "pool_duplicates": agg.duplicates, "excluded": n_ex, "phash": cfg.phash, "evalsets": per_set,
-        "search_seconds": round(search_s, 3), "worker_peak_rss_mb": agg.peak_rss_mb,
+        "search_seconds": round(search_s, 3), "search_engine": engine, "worker_peak_rss_mb": agg.peak_rss_mb,
     }
     # Copies of evaluation sets are a small share of any pool (a few per thousand in LAION): most of it
     # flagged means a threshold too loose for this model (a random-init one makes everything similar).

@@ -614,20 +614,6 @@ def _group_partition(ctx: dict[str, Any], units: Iterable[tuple[int, int]]) -> I
 # driver
 
 
-def _shard_rows(emb_dir: str, shards: list[str]) -> list[int]:
-    """Row count of every embedding shard from its parquet footer (no vectors read)."""
-    import pyarrow.parquet as pq
-
-    from laiontools.contracts import layout
-
-    out = []
-    for sid in shards:
-        fs, p = url_to_fs(join(emb_dir, layout.EMB_META_DIR, f"{sid}.parquet"))
-        with fs.open(p, "rb") as f:
-            out.append(pq.ParquetFile(f).metadata.num_rows)
-    return out
-
-
 def _key(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj))[:16]
 
@@ -640,11 +626,11 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
     manifest, fewer valid vectors than clusters.
     """
     from laiontools import index as DI
-    from laiontools.contracts.embeddings import read_pool
+    from laiontools.contracts.embeddings import read_pool, shard_rows
 
     pool = read_pool(cfg.embeddings)
     shards = pool.shard_ids
-    rows = _shard_rows(cfg.embeddings, shards)
+    rows = shard_rows(cfg.embeddings, shards)
     total = int(sum(rows))
     k = cfg.clusters or max(1, min(100_000, total // 1000))
     if k > total:

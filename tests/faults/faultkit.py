@@ -54,7 +54,7 @@ RUN_VARYING = ("*.run.json", ".laiontools-output.json", ".laiontools.lock", ".*.
 DEDUP_VARYING = ("done/*.done", "index/index.json", "summary.json")
 DEDUP_JSON_EXCEPT = (("done/*.done", ("search_seconds", "peak_rss_mb")),
                      ("index/index.json", ("build_seconds", "embed_seconds")),
-                     ("summary.json", ("search_seconds", "worker_peak_rss_mb")))
+                     ("summary.json", ("search_seconds", "search_engine", "worker_peak_rss_mb")))
 
 
 
