@@ -228,6 +228,37 @@ def test_takedown_removes_exactly_the_listed_samples(lineage, pool):
     assert len(rewritten) < len(old_m["shards"])  # at least one shard stayed untouched
 
 
+def test_the_in_process_engine_writes_what_the_spark_engine_writes(lineage, pool, monkeypatch):
+    """Below --spark-above catalog rows, with no session given and no master named, the takedown runs in this
+    process (the catalog read whole with pyarrow, the content scan and the shard rewrites on threads): the
+    same rows matched, the same new pool as the Spark run of `lineage` (uid file and rewritten shards byte
+    for byte, the same catalog rows and manifest entries, the same report), and its run sidecar says so."""
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    L = lineage
+    local = f"{L['root']}/pool1-in-process"
+    res = takedown_stage.run(TakedownConfig(pool=pool.manifest, list_file=L["listfile"], reason=REASON, output=local))
+    assert res.counts == L["res"].counts and res.counts["removed"] == len(L["expect_removed"])
+    runs = {w: json.loads(_text(f"{d}/pool.manifest.json.run.json"))["engine"] for w, d in (("local", local), ("spark", L["new"]))}
+    assert runs["local"] == "in-process" and runs["spark"].startswith("spark "), runs
+    assert _sha(f"{local}/pool.uids.npy") == _sha(f"{L['new']}/pool.uids.npy")
+    a, b = read_manifest(f"{local}/pool.manifest.json"), read_manifest(f"{L['new']}/pool.manifest.json")
+    for k in ("num_samples", "uids", "shards", "parent", "catalog", "takedown", "source"):
+        assert a[k] == b[k], k
+    rewritten = [s["path"] for s in a["shards"] if s["path"].startswith("shards/")]
+    assert rewritten and all(_sha(f"{local}/{p}") == _sha(f"{L['new']}/{p}") for p in rewritten)
+    order = ["uid", "status", "shard", "key", "url"]
+    cats = [pd.read_parquet(f"{d}/catalog").sort_values(order).reset_index(drop=True) for d in (local, L["new"])]
+    pd.testing.assert_frame_equal(*cats)
+    assert (cats[0]["status"] == STATUS).sum() == len(L["expect_removed"]) + len(L["expect_rows_without"])
+    reports = [json.loads(_text(f"{d}/takedown.json")) for d in (local, L["new"])]
+    for k in ("counts", "per_shard", "uids", "removed", "catalog_rows", "catalog_rows_without_sample",
+              "lines_matching_nothing", "lines_already_removed", "not_content_checked"):
+        assert reports[0][k] == reports[1][k], k
+
+
 def test_audit_log_and_rerun_give_the_same_pool(lineage, pool, spark):
     from laiontools.stages import takedown as takedown_stage
     from laiontools.stages.takedown import TakedownConfig

@@ -66,3 +66,45 @@ def catalog_rows(pool: PoolInfo) -> int:
             with fs.open(p, "rb") as f:
                 rows += pq.ParquetFile(f).metadata.num_rows
     return int(rows)
+
+
+# A catalog is written as parquet files of ~2M rows (~0.5 GB) each, sorted by (uid, status) across them,
+# uncapped: a 2B-row catalog is ~1000 range partitions, each sorted by one task, rather than a few that
+# would each sort tens of millions of rows.
+CATALOG_ROWS_PER_FILE = 2_000_000
+
+
+def write_catalog_files(cat: Any, folder: str) -> None:
+    """Write `cat`, an Arrow table already sorted by (uid, status), into `folder` as
+    ``part-NNNNN.parquet`` files of :data:`CATALOG_ROWS_PER_FILE` rows (each written atomically): what the
+    Spark writers' range partitioning writes, for a catalog built in this process."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    from laiontools.core.storage import PARQUET_WRITE, atomic_open, join
+
+    fs, p = url_to_fs(folder)
+    fs.makedirs(p, exist_ok=True)
+    for i in range(max(1, math.ceil(cat.num_rows / CATALOG_ROWS_PER_FILE))):
+        with atomic_open(join(folder, f"part-{i:05d}.parquet")) as f:
+            pq.write_table(cat.slice(i * CATALOG_ROWS_PER_FILE, CATALOG_ROWS_PER_FILE), f, **PARQUET_WRITE)
+
+
+def read_catalog(pool: PoolInfo, columns: list[str] | None = None) -> Any:
+    """The pool's catalog (or `columns` of it) as one Arrow table, every file of it read (for pools small
+    enough to hold in memory: a stage's in-process engine)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools.core.storage import PARQUET_READ, list_data_files, parquet_read_errors
+
+    parts = []
+    for path in list_data_files(pool.catalog):
+        fs, p = url_to_fs(path)
+        with fs.open(p, "rb") as f, parquet_read_errors(path):
+            parts.append(pq.read_table(f, columns=columns, **PARQUET_READ))
+    if not parts:
+        raise InputError(f"{pool.path}: its catalog {pool.catalog} holds no parquet file")
+    return pa.concat_tables(parts)
+

@@ -34,6 +34,7 @@ from typing import Any
 
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
+from laiontools.contracts.pool import CATALOG_ROWS_PER_FILE
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.images import MAX_IMAGE_PIXELS
@@ -501,11 +502,6 @@ def build_catalog(cfg: DownloadConfig, shards: list[dict[str, Any]], spark: Any)
     return cat.drop("_attempt")
 
 
-# ~2M rows (~0.5 GB) per catalog file, uncapped: a 2B-row catalog is ~1000 range partitions, each
-# sorted by one task, rather than a few that would each sort tens of millions of rows.
-CATALOG_ROWS_PER_FILE = 2_000_000
-
-
 def _catalog_tmp(cfg: DownloadConfig) -> str:
     """Where the catalog is written before :func:`_swap_catalog` (a killed finalize's leftovers removed:
     every finalize rebuilds the catalog whole)."""
@@ -609,16 +605,10 @@ def build_catalog_local(cfg: DownloadConfig, shards: list[dict[str, Any]], tasks
 
 def write_catalog_local(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
     """:func:`write_catalog` for an Arrow table already sorted: the same file split, swapped in the same way."""
-    import pyarrow.parquet as pq
-
-    from laiontools.core.storage import atomic_open
+    from laiontools.contracts.pool import write_catalog_files
 
     tmp = _catalog_tmp(cfg)
-    url_to_fs(tmp)[0].makedirs(url_to_fs(tmp)[1], exist_ok=True)
-    n_parts = max(1, math.ceil(cat.num_rows / CATALOG_ROWS_PER_FILE))
-    for i in range(n_parts):
-        with atomic_open(join(tmp, f"part-{i:05d}.parquet")) as f:
-            pq.write_table(cat.slice(i * CATALOG_ROWS_PER_FILE, CATALOG_ROWS_PER_FILE), f, **PARQUET_WRITE)
+    write_catalog_files(cat, tmp)
     return _swap_catalog(cfg, tmp), cat.num_rows
 
 

@@ -25,11 +25,11 @@ writes a pool folder that every later stage reads like a download's (DESIGN.md "
 What is matched, and what it costs:
 
 * ``uid``, ``url`` (after normalize_url) and ``domain`` (the host and its subdomains) entries are matched
-  against the catalog alone: one Spark pass over its uid/url/status/shard/key columns, no tar is read.
+  against the catalog alone: one pass over its uid/url/status/shard/key columns, no tar is read.
 * ``sha256`` entries are matched against the catalog's sha256 column (img2dataset's hash of the bytes as
   downloaded, before resizing: what published hash lists hold) *and* the stored image bytes.
 * ``sha256`` / ``md5`` / ``phash`` entries need the stored bytes: every shard of the pool is read once (one
-  Spark task per shard; sha256 + md5 of each image, ~1 GB/s per core) and, only when the list holds pHashes,
+  task per shard; sha256 + md5 of each image, ~1 GB/s per core) and, only when the list holds pHashes,
   every image is decoded and hashed too (~1-3 ms per image per core: about 1 core-hour per million images).
   A list of uids/urls/domains alone reads no shard at all except the ones it rewrites.
 
@@ -46,6 +46,12 @@ What reaches the driver: one small row per matched catalog row (uid, shard, key,
 takedown.json and the audit log anyway) and one per sample kept in a rewritten shard (its new byte span,
 joined back into the catalog); never the catalog or any image bytes. Every other step is a Spark job (the
 catalog match, the content scan, one task per rewritten shard, the catalog write, the uid file).
+
+Engines: pools of more than ``--spark-above`` catalog rows (1M), or any pool with a master named or under
+spark-submit, run on Spark as above. Smaller ones run in this process (:class:`_LocalCatalog`): the catalog
+read whole with pyarrow (every column, ~0.5 KB a row), the same match function over its batches, the content
+scan and the shard rewrites as the same task functions on threads, the new catalog written as download's
+in-process engine writes one. The same pool either way (tests/test_takedown.py compares them).
 
 The reason is lowercased and every run of other characters than [a-z0-9_] becomes one ``_``
 (``"DMCA #12"`` -> ``removed_dmca_12``; :func:`laiontools.contracts.schema.removed`), so the status stays
@@ -65,6 +71,7 @@ any user:password@ or query string, sha256), the reason, counts per kind and per
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
 import logging
@@ -80,14 +87,21 @@ from laiontools import __version__
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.contracts.manifest import new_manifest, resolve, write_manifest
-from laiontools.contracts.pool import PoolInfo, abs_path, load_pool
+from laiontools.contracts.pool import CATALOG_ROWS_PER_FILE, PoolInfo, abs_path, catalog_rows, load_pool
 from laiontools.contracts.removal import RemovalList, content_hashes, read_removal_list
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError, task_error, task_errors_as
 from laiontools.core.report import table
 from laiontools.core.spark import spark_run_record
-from laiontools.core.stage import SparkStageConfig, StageResult, config_parser, stage_entry, stage_spark
+from laiontools.core.stage import (
+    SparkStageConfig,
+    StageResult,
+    Tasks,
+    config_parser,
+    stage_entry,
+    stage_tasks,
+)
 from laiontools.core.storage import (
     PARQUET_READ,
     PARQUET_WRITE,
@@ -109,6 +123,9 @@ from laiontools.core.storage import (
 log = logging.getLogger(__name__)
 
 STAGE = "takedown"
+# Below this many catalog rows a takedown runs in this process: it holds the whole catalog (every column,
+# ~0.5 KB a row) to rewrite it, where Spark's start and jobs (~30-45 s) would cost more than the work.
+SPARK_ABOVE_ROWS = 1_000_000
 # Spans of the kept samples of rewritten shards come to the driver (one small row each); the uids and
 # match lines of removed samples too (they go into takedown.json and the audit log).
 _MATCH_SCHEMA = "uid string, status string, shard string, key string, kind string, value string, line int, lines string"
@@ -120,17 +137,12 @@ class TakedownError(UserError, ValueError):
 
 def _in_task(fn: Any, *args: Any) -> Any:
     """`fn(*args)` inside a Spark task: a user error it raises (a shard that cannot be read, ...) is
-    tagged, so that the driver turns it back into one line (:func:`_collect`), not a py4j traceback."""
+    tagged, so that the driver turns it back into one line (``task_errors_as(TakedownError)``), not a py4j
+    traceback. (In process the tagged error reaches the caller as it is, and is turned back the same way.)"""
     try:
         return fn(*args)
     except UserError as e:
         raise task_error(str(e).split("\n", 1)[0]) from e
-
-
-def _collect(rdd: Any) -> list[Any]:
-    """`rdd.collect()`, a tagged task error raised as the TakedownError it was."""
-    with task_errors_as(TakedownError):
-        return rdd.collect()
 
 
 @dataclass
@@ -139,8 +151,11 @@ class TakedownConfig(SparkStageConfig):
     list_file: str = field(default="", metadata={"help": "removal list (url/domain/uid/sha256/md5/phash lines)"})
     reason: str = field(default="", metadata={"help": "why (e.g. dmca_2026_11); the catalog status becomes removed_<reason>"})
     output: str = field(default="", metadata={"help": "folder of the new pool"})
+    spark_above: int = field(default=SPARK_ABOVE_ROWS, metadata={"help": "pools with more catalog rows than this run on Spark; smaller ones in this process (the catalog read whole with pyarrow, shards on threads; the same files), unless a master is named or under spark-submit (0: always Spark, -1: only then)"})
 
     def validate(self) -> None:
+        if self.spark_above < -1:
+            raise ConfigError("spark_above must be >= 0, or -1 for Spark only when a master is named")
         if not self.pool:
             raise ConfigError("give --pool <pool.manifest.json> (the pool to take items out of)")
         if not self.list_file:
@@ -412,8 +427,9 @@ def run(cfg: TakedownConfig, spark: Any = None) -> StageResult:
         raise TakedownError(f"--output {out} is the pool's own folder; a takedown writes a new pool next to the old one")
     ensure_output_dir(out)
     _check_settings(cfg, pool, rl, status)
-    with stage_spark(cfg, spark, app_name="laiontools-takedown") as sp:
-        rep = _takedown(cfg, sp, pool, rl, status, out)
+    with stage_tasks(cfg, spark, app_name="laiontools-takedown", size=catalog_rows(pool), spark_above=cfg.spark_above) as tasks:
+        eng = _LocalCatalog(pool) if tasks.local else _SparkCatalog(tasks, pool)
+        rep = _takedown(cfg, eng, pool, rl, status, out)
     return StageResult(
         outputs={"manifest": rep["pool"]["path"], "audit": join(out, layout.TAKEDOWN_AUDIT)},
         counts={"removed": rep["counts"]["samples_removed"], "catalog_rows_marked": rep["counts"]["catalog_rows_marked"],
@@ -422,21 +438,14 @@ def run(cfg: TakedownConfig, spark: Any = None) -> StageResult:
     )
 
 
-def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, status: str, out: str) -> dict[str, Any]:
-    from pyspark.sql import functions as F
-
-    from laiontools.contracts.uids import save_uids_spark
-
-    # The new pool's uid file is a distinct + range sort of its success rows: partitions follow the
-    # pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 otherwise).
-    run_record = spark_run_record(spark, int(pool.manifest["num_samples"]))
+def _takedown(cfg: TakedownConfig, eng: _SparkCatalog | _LocalCatalog, pool: PoolInfo, rl: RemovalList, status: str,
+              out: str) -> dict[str, Any]:
     t0 = time.monotonic()
-    cat = spark_read_parquet(spark, pool.catalog)
     cols = [C.UID, C.STATUS, C.URL, C.SHARD, C.KEY, C.SHA256, C.ERROR]
-    missing = [c for c in cols if c not in cat.columns]
+    missing = [c for c in cols if c not in eng.columns]
     if missing:
         raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow schemas/catalog.schema.json")
-    rows = cat.select(*cols).mapInPandas(_catalog_match_fn(rl), _MATCH_SCHEMA).collect()
+    rows = eng.match(rl, cols)
     # one match per (uid, status) row: the first entry the row hits; every line hit is kept, to name the
     # lines that matched nothing (and those that named only rows an earlier takedown removed)
     matched: dict[tuple[str, str], dict[str, Any]] = {}
@@ -458,9 +467,9 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
     if rl.sha256s or rl.md5s or rl.phashes:
         ids = sorted(entries)
         urls = [resolve(pool.path, entries[i]["path"]) for i in ids]
-        n = max(1, min(len(ids), spark.sparkContext.defaultParallelism * 4))
-        hits = _collect(spark.sparkContext.parallelize(list(zip(ids, urls)), n)
-                        .flatMap(lambda iu, _rl=rl: [(iu[0], *h) for h in _in_task(scan_content, iu[1], _rl)]))
+        with task_errors_as(TakedownError):
+            hits = eng.tasks.map(functools.partial(_scan_partition, rl), list(zip(ids, urls)),
+                                 description=f"laiontools takedown: scan {len(ids)} shard(s) for content entries")
         content_scanned = len(ids)
         # which catalog row a stored sample is: its success row by uid (the sample's json) and shard/key
         by_sample = {(m["shard"], m["key"]) for m in matched.values() if m["status"] == C.STATUS_SUCCESS}
@@ -476,7 +485,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
                                     f"(line {line}) but has no uid in its .json; the pool does not follow the layout")
             matched.setdefault((uid, C.STATUS_SUCCESS), {"uid": uid, "status": C.STATUS_SUCCESS, "shard": sid, "key": key,
                                                          "kind": kind, "value": value, "line": int(line)})
-    _mark_rows_of_content_matches(spark, cat, matched)
+    _mark_rows_of_content_matches(eng, matched)
     t_content = time.monotonic() - t1
     # the list's lines that matched no row of this pool (a repeated value counts as its first line)
     unmatched = [(ln, text) for ln, (text, first) in sorted(rl.lines.items()) if first not in lines_hit]
@@ -503,44 +512,25 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
                                              "list_sha256": rl.sha256}))
     rewritten: dict[str, dict[str, Any]] = {}
     if jobs:
-        n = max(1, min(len(jobs), spark.sparkContext.defaultParallelism * 4))
-        res = _collect(spark.sparkContext.parallelize(jobs, n)
-                       .map(lambda j, _st=status: (j[0], _in_task(rewrite_shard, j[1], j[2], j[3], _st, j[4]))))
-        rewritten = dict(res)
+        with task_errors_as(TakedownError):
+            rewritten = dict(eng.tasks.map(functools.partial(_rewrite_partition, status), jobs,
+                                           description=f"laiontools takedown: rewrite {len(jobs)} shard(s)"))
     t_shards = time.monotonic() - t2
 
     # 2. catalog: statuses of matched rows, spans of rewritten shards, everything else as it was
     t3 = time.monotonic()
     note = {(m["uid"], m["status"]): f"removed by takedown list {rl.sha256[:12]} line {m['line']} ({m['kind']} {m['value']})"
             for m in matched.values()}
-    rm_df = spark.createDataFrame([(u, s, msg) for (u, s), msg in sorted(note.items())] or [("", "", "")],
-                                  "_ruid string, _rstatus string, _rmsg string")
-    spans = [(sid, k, int(o), int(n_)) for sid, info in rewritten.items() for k, (o, n_) in info["spans"].items()]
-    sp_df = spark.createDataFrame(spans or [("", "", 0, 0)], "_ssid string, _skey string, _soff long, _slen long")
-    full = spark_read_parquet(spark, pool.catalog)
-    order = full.columns
-    j = (full.join(F.broadcast(rm_df), (full[C.UID] == rm_df["_ruid"]) & (full[C.STATUS] == rm_df["_rstatus"]), "left")
-         .join(F.broadcast(sp_df), (F.col(C.SHARD) == sp_df["_ssid"]) & (F.col(C.KEY) == sp_df["_skey"]), "left"))
-    hit = F.col("_ruid").isNotNull()
-    repl = {
-        C.STATUS: F.when(hit, F.lit(status)).otherwise(F.col(C.STATUS)),
-        C.ERROR: F.when(hit, F.col("_rmsg")).otherwise(F.col(C.ERROR)),
-    }
-    if C.TAR_OFFSET in order and C.TAR_LENGTH in order:
-        moved = F.col("_ssid").isNotNull()
-        repl[C.TAR_OFFSET] = F.when(hit, F.lit(None)).when(moved, F.col("_soff")).otherwise(F.col(C.TAR_OFFSET))
-        repl[C.TAR_LENGTH] = F.when(hit, F.lit(None)).when(moved, F.col("_slen")).otherwise(F.col(C.TAR_LENGTH))
-    if C.TAR_SHA256 in order:
-        # a kept sample's span holds the same bytes in the rewritten tar (members copied verbatim): same hash;
-        # a removed one has no span any more, so no span hash (the schema: null where tar_offset is)
-        repl[C.TAR_SHA256] = F.when(hit, F.lit(None)).otherwise(F.col(C.TAR_SHA256))
-    types = dict(full.dtypes)
-    newcat = j.select(*[(repl[c].cast(types[c]) if c in repl else F.col(f"`{c}`")).alias(c) for c in order])
-    n_rows = pool.manifest.get("catalog", {}).get("num_rows") or full.count()
-    cat_dir = _write_catalog(newcat, out, n_rows)
-    newcat = spark_read_parquet(spark, cat_dir)
-    succ = newcat.where(F.col(C.STATUS) == C.STATUS_SUCCESS)
-    [(uid_sha, n_uids)] = save_uids_spark(succ, C.UID, [join(out, layout.POOL_UIDS)])
+    spans = {(sid, k): (int(o), int(n_)) for sid, info in rewritten.items() for k, (o, n_) in info["spans"].items()}
+    n_rows = pool.manifest.get("catalog", {}).get("num_rows") or eng.count()
+    final = join(out, layout.CATALOG_DIR)
+    # a killed run's half-written catalog and the one it was replacing are removed: the catalog is
+    # rebuilt from the parent's whole
+    tmp = swap_temp(final)
+    eng.write_catalog(tmp, note, spans, status, n_rows)
+    failpoints.pause("takedown.catalog")  # fault tests: the new catalog written aside, not swapped in
+    swap_in(tmp, final)
+    uid_sha, n_uids = eng.save_uids(final, join(out, layout.POOL_UIDS))
     t_catalog += time.monotonic() - t3
     expected = pool.manifest["num_samples"] - len(removed)
     if n_uids != expected:
@@ -585,7 +575,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
         if k in pool.manifest:
             m[k] = pool.manifest[k]
     m_path = join(out, layout.POOL_MANIFEST)
-    m_sha = write_manifest(m_path, m, run=run_record)
+    m_sha = write_manifest(m_path, m, run=eng.run_record)
     failpoints.pause("takedown.final-write")  # fault tests: manifest written, report and audit line not yet
 
     # 4. this run's report, then the audit line, last (after the manifest it describes): a run killed
@@ -618,7 +608,7 @@ def _takedown(cfg: TakedownConfig, spark: Any, pool: PoolInfo, rl: RemovalList, 
 _CONTENT_KINDS = ("sha256", "md5", "phash")
 
 
-def _mark_rows_of_content_matches(spark: Any, cat: Any, matched: dict[tuple[str, str], dict[str, Any]]) -> None:
+def _mark_rows_of_content_matches(eng: _SparkCatalog | _LocalCatalog, matched: dict[tuple[str, str], dict[str, Any]]) -> None:
     """Add to `matched` the other catalog rows of every uid whose stored sample a content entry
     (sha256 / md5 / pHash) removed, with that sample's entry and line.
 
@@ -627,37 +617,194 @@ def _mark_rows_of_content_matches(spark: Any, cat: Any, matched: dict[tuple[str,
     url entry marks them (they share both), so without this a takedown by content left the same item
     unmarked in the catalog that the same takedown by uid marks. Rows an earlier takedown removed
     keep their stamp, as in the catalog match."""
-    from pyspark.sql import functions as F
-
     by_uid = {m["uid"]: m for m in matched.values() if m["status"] == C.STATUS_SUCCESS and m["kind"] in _CONTENT_KINDS}
     if not by_uid:
         return
-    u_df = spark.createDataFrame([(u,) for u in sorted(by_uid)], "_cuid string")
-    rows = (cat.select(C.UID, C.STATUS, C.SHARD, C.KEY).join(F.broadcast(u_df), F.col(C.UID) == u_df["_cuid"])
-            .where((F.col(C.STATUS) != C.STATUS_SUCCESS) & ~F.col(C.STATUS).startswith(C.REMOVED_PREFIX))
-            .select(C.UID, C.STATUS, C.SHARD, C.KEY).collect())
-    for uid, st, shard, key in rows:
+    for uid, st, shard, key in eng.other_rows(sorted(by_uid)):
         m = by_uid[uid]
         matched.setdefault((uid, st), {"uid": uid, "status": st, "shard": shard, "key": key,
                                        "kind": m["kind"], "value": m["value"], "line": m["line"]})
+
+
+def _scan_partition(rl: RemovalList, items: Any) -> Any:
+    """Task function: (shard id, tar url) items -> (shard id, *a :func:`scan_content` hit) rows."""
+    for sid, url in items:
+        for h in _in_task(scan_content, url, rl):
+            yield (sid, *h)
+
+
+def _rewrite_partition(status: str, items: Any) -> Any:
+    """Task function: rewrite jobs (shard id, source, destination, keys removed, note) -> (shard id, info)."""
+    for sid, src, dst, keys, note in items:
+        yield sid, _in_task(rewrite_shard, src, dst, keys, status, note)
+
+
+# ----------------------------------------------------------------------------------------------
+# the catalog: on Spark, or read whole in this process (pools under --spark-above catalog rows)
+
+
+def _removed_note(note: dict[tuple[str, str], str]) -> list[tuple[str, str, str]]:
+    return [(u, st, msg) for (u, st), msg in sorted(note.items())]
+
+
+class _SparkCatalog:
+    """The catalog steps of a takedown as Spark jobs: the match (``mapInPandas``), the other rows of
+    content-matched uids (a broadcast join), the new catalog (two broadcast joins, range-partitioned
+    and sorted by (uid, status)) and its uid file."""
+
+    def __init__(self, tasks: Tasks, pool: PoolInfo) -> None:
+        self.tasks, self.spark = tasks, tasks.spark
+        # The new pool's uid file is a distinct + range sort of its success rows: partitions follow the
+        # pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 otherwise).
+        self.run_record = spark_run_record(self.spark, int(pool.manifest["num_samples"]))
+        self.cat = spark_read_parquet(self.spark, pool.catalog)
+        self.columns = list(self.cat.columns)
+
+    def match(self, rl: RemovalList, cols: list[str]) -> list[Any]:
+        return self.cat.select(*cols).mapInPandas(_catalog_match_fn(rl), _MATCH_SCHEMA).collect()
+
+    def count(self) -> int:
+        return int(self.cat.count())
+
+    def other_rows(self, uids: list[str]) -> list[tuple[str, str, str | None, str | None]]:
+        """(uid, status, shard, key) of every row of `uids` that is neither a success nor removed before."""
+        from pyspark.sql import functions as F
+
+        u_df = self.spark.createDataFrame([(u,) for u in uids], "_cuid string")
+        return [tuple(r) for r in (
+            self.cat.select(C.UID, C.STATUS, C.SHARD, C.KEY).join(F.broadcast(u_df), F.col(C.UID) == u_df["_cuid"])
+            .where((F.col(C.STATUS) != C.STATUS_SUCCESS) & ~F.col(C.STATUS).startswith(C.REMOVED_PREFIX))
+            .select(C.UID, C.STATUS, C.SHARD, C.KEY).collect())]
+
+    def write_catalog(self, folder: str, note: dict[tuple[str, str], str], spans: dict[tuple[str, str], tuple[int, int]],
+                      status: str, n_rows: int) -> None:
+        """The parent's catalog with the matched rows' status and message, and the rewritten shards' spans,
+        written into `folder` sorted by (uid, status), as download writes it."""
+        from pyspark.sql import functions as F
+
+        spark = self.spark
+        rm_df = spark.createDataFrame(_removed_note(note) or [("", "", "")], "_ruid string, _rstatus string, _rmsg string")
+        sp_df = spark.createDataFrame([(sid, k, o, n) for (sid, k), (o, n) in spans.items()] or [("", "", 0, 0)],
+                                      "_ssid string, _skey string, _soff long, _slen long")
+        full = self.cat
+        order = full.columns
+        j = (full.join(F.broadcast(rm_df), (full[C.UID] == rm_df["_ruid"]) & (full[C.STATUS] == rm_df["_rstatus"]), "left")
+             .join(F.broadcast(sp_df), (F.col(C.SHARD) == sp_df["_ssid"]) & (F.col(C.KEY) == sp_df["_skey"]), "left"))
+        hit = F.col("_ruid").isNotNull()
+        repl = {
+            C.STATUS: F.when(hit, F.lit(status)).otherwise(F.col(C.STATUS)),
+            C.ERROR: F.when(hit, F.col("_rmsg")).otherwise(F.col(C.ERROR)),
+        }
+        if C.TAR_OFFSET in order and C.TAR_LENGTH in order:
+            moved = F.col("_ssid").isNotNull()
+            repl[C.TAR_OFFSET] = F.when(hit, F.lit(None)).when(moved, F.col("_soff")).otherwise(F.col(C.TAR_OFFSET))
+            repl[C.TAR_LENGTH] = F.when(hit, F.lit(None)).when(moved, F.col("_slen")).otherwise(F.col(C.TAR_LENGTH))
+        if C.TAR_SHA256 in order:
+            # a kept sample's span holds the same bytes in the rewritten tar (members copied verbatim): same hash;
+            # a removed one has no span any more, so no span hash (the schema: null where tar_offset is)
+            repl[C.TAR_SHA256] = F.when(hit, F.lit(None)).otherwise(F.col(C.TAR_SHA256))
+        types = dict(full.dtypes)
+        newcat = j.select(*[(repl[c].cast(types[c]) if c in repl else F.col(f"`{c}`")).alias(c) for c in order])
+        n_parts = max(1, math.ceil(n_rows / CATALOG_ROWS_PER_FILE))
+        spark_write_parquet(newcat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS), folder)
+
+    def save_uids(self, catalog: str, path: str) -> tuple[str, int]:
+        """The uid file of the success rows of the catalog at `catalog`: (sha256, count)."""
+        from pyspark.sql import functions as F
+
+        from laiontools.contracts.uids import save_uids_spark
+
+        newcat = spark_read_parquet(self.spark, catalog)
+        [(sha, n)] = save_uids_spark(newcat.where(F.col(C.STATUS) == C.STATUS_SUCCESS), C.UID, [path])
+        return sha, n
+
+
+class _LocalCatalog:
+    """:class:`_SparkCatalog`'s steps on the catalog read whole with pyarrow (pools under --spark-above
+    catalog rows): the same rows matched, the same new catalog and uid file; shards on threads."""
+
+    def __init__(self, pool: PoolInfo) -> None:
+        from laiontools.contracts.pool import read_catalog
+
+        self.tasks = Tasks(None)
+        self.run_record: dict[str, Any] = {"engine": "in-process"}
+        self.cat = read_catalog(pool)
+        self.columns = list(self.cat.column_names)
+        self.new: Any = None  # the catalog written, kept for its uid file
+
+    def match(self, rl: RemovalList, cols: list[str]) -> list[dict[str, Any]]:
+        frames = (b.to_pandas() for b in self.cat.select(cols).to_batches(max_chunksize=65_536))
+        return [r for df in _catalog_match_fn(rl)(frames) for r in df.to_dict("records")]
+
+    def count(self) -> int:
+        return int(self.cat.num_rows)
+
+    def other_rows(self, uids: list[str]) -> list[tuple[str, str, str | None, str | None]]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        t = self.cat.select([C.UID, C.STATUS, C.SHARD, C.KEY])
+        t = t.filter(pc.is_in(t[C.UID], value_set=pa.array(uids, pa.string())))
+        st = t[C.STATUS]
+        t = t.filter(pc.and_(pc.not_equal(st, C.STATUS_SUCCESS), pc.invert(pc.starts_with(st, C.REMOVED_PREFIX))))
+        return list(zip(*(t[c].to_pylist() for c in (C.UID, C.STATUS, C.SHARD, C.KEY))))
+
+    def write_catalog(self, folder: str, note: dict[tuple[str, str], str], spans: dict[tuple[str, str], tuple[int, int]],
+                      status: str, n_rows: int) -> None:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from laiontools.contracts.pool import write_catalog_files
+
+        cat = self.cat
+
+        def rows_in(col: str, values: set[str]) -> np.ndarray:
+            return np.flatnonzero(pc.fill_null(pc.is_in(cat[col], value_set=pa.array(sorted(values), pa.string())),
+                                               False).to_numpy(zero_copy_only=False))
+
+        def keyed(col_a: str, col_b: str, wanted: dict[tuple[str, str], Any]) -> dict[int, Any]:
+            """row -> wanted[(a, b)] for the rows whose (a, b) is wanted: looked for among the few rows whose
+            `col_a` is named at all (the left joins of :meth:`_SparkCatalog.write_catalog`)."""
+            rows = rows_in(col_a, {a for a, _ in wanted})
+            pairs = zip(cat[col_a].take(rows).to_pylist(), cat[col_b].take(rows).to_pylist())
+            return {int(i): wanted[k] for i, k in zip(rows, pairs) if k in wanted}
+
+        hit = keyed(C.UID, C.STATUS, note)
+        moved = {i: v for i, v in keyed(C.SHARD, C.KEY, spans).items() if i not in hit}
+
+        def replaced(col: str, values: dict[int, Any]) -> Any:
+            cells = cat[col].to_pylist()
+            for i, v in values.items():
+                cells[i] = v
+            return pa.array(cells, cat.schema.field(col).type)
+
+        repl = {C.STATUS: dict.fromkeys(hit, status), C.ERROR: hit}
+        if C.TAR_OFFSET in self.columns and C.TAR_LENGTH in self.columns:
+            repl[C.TAR_OFFSET] = {**dict.fromkeys(hit), **{i: v[0] for i, v in moved.items()}}
+            repl[C.TAR_LENGTH] = {**dict.fromkeys(hit), **{i: v[1] for i, v in moved.items()}}
+        if C.TAR_SHA256 in self.columns:
+            repl[C.TAR_SHA256] = dict.fromkeys(hit)  # the kept samples' bytes are the same in the new tar
+        new = cat
+        for col, values in repl.items():
+            if values:
+                new = new.set_column(self.columns.index(col), cat.schema.field(col), replaced(col, values))
+        self.new = new.sort_by([(C.UID, "ascending"), (C.STATUS, "ascending")])
+        write_catalog_files(self.new, folder)
+
+    def save_uids(self, catalog: str, path: str) -> tuple[str, int]:
+        import pyarrow.compute as pc
+
+        from laiontools.contracts.uids import arrow_to_array, save_uids
+
+        ok = self.new.filter(pc.equal(self.new[C.STATUS], C.STATUS_SUCCESS))[C.UID].combine_chunks()
+        return save_uids(path, arrow_to_array(ok))
 
 
 def _tail(shard_path: str) -> str:
     """A shard's path under shards/ (kept by its rewritten copy, so its id stays): '.../shards/retry01/3.tar' -> 'retry01/3.tar'."""
     sid_path = shard_path.removeprefix(layout.SHARDS_DIR + "/")
     return sid_path.rpartition("/" + layout.SHARDS_DIR + "/")[2] if "/" + layout.SHARDS_DIR + "/" in sid_path else sid_path
-
-
-def _write_catalog(cat: Any, out: str, n_rows: int) -> str:
-    """Write the catalog sorted by (uid, status) as download does; swap it in atomically."""
-    final = join(out, layout.CATALOG_DIR)
-    # a killed run's half-written catalog and the one it was replacing are removed: the catalog is
-    # rebuilt from the parent's whole
-    tmp = swap_temp(final)
-    n_parts = max(1, math.ceil(n_rows / 2_000_000))
-    spark_write_parquet(cat.repartitionByRange(n_parts, C.UID, C.STATUS).sortWithinPartitions(C.UID, C.STATUS), tmp)
-    failpoints.pause("takedown.catalog")  # fault tests: the new catalog written aside, not swapped in
-    return swap_in(tmp, final)
 
 
 def _read_audit(out: str, pool: PoolInfo) -> bytes:
