@@ -760,8 +760,9 @@ def test_embed_spark_and_torchrun_engines_on_s3_equal_the_local_engine(spark, po
 
 
 @pytest.mark.slow
-def test_takedown_of_an_s3_pool_into_s3_equals_the_local_run(spark, pools, s3, tmp_path):
-    """takedown of the s3 pool into s3:// and of the local pool into a folder, with the same list (two
+def test_takedown_of_an_s3_pool_into_s3_equals_the_local_run(spark, pools, s3, monkeypatch, tmp_path):
+    """takedown of the s3 pool into s3:// (on Spark, and in process: the catalog read from the bucket with
+    pyarrow, the new one written into it) and of the local pool into a folder, with the same list (two
     uids in different shards and a url): the same removed samples, counts, and rewritten shards'
     members; untouched shards are referenced in the parent bucket; the audit log lands in the bucket."""
     from laiontools.contracts import layout
@@ -770,13 +771,18 @@ def test_takedown_of_an_s3_pool_into_s3_equals_the_local_run(spark, pools, s3, t
     from laiontools.stages.takedown import TakedownConfig
     from laiontools.testing.removal import removal_list_for
 
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
     listfile = tmp_path / "list.txt"
     removal_list_for(f"{pools.local}/catalog", 2, str(listfile))
     got = {}
-    for where, pool_dir, out in (("s3", pools.s3, pools.s3.rsplit("/", 1)[0] + "/pool-takedown"),
-                                 ("local", pools.local, str(tmp_path / "pool-takedown"))):
+    bucket = pools.s3.rsplit("/", 1)[0]
+    for where, session, pool_dir, out in (("s3", spark, pools.s3, bucket + "/pool-takedown"),
+                                          ("s3 in process", None, pools.s3, bucket + "/pool-takedown-in-process"),
+                                          ("local", spark, pools.local, str(tmp_path / "pool-takedown"))):
         res = takedown_stage.run(TakedownConfig(pool=f"{pool_dir}/{layout.POOL_MANIFEST}", list_file=str(listfile),
-                                                reason="court order 7", output=out), spark)
+                                                reason="court order 7", output=out), session)
+        engine = read_json(f"{out}/{layout.POOL_MANIFEST}.run.json")["engine"]
+        assert engine == "in-process" if session is None else engine.startswith("spark "), (where, engine)
         m = read_manifest(f"{out}/{layout.POOL_MANIFEST}")
         rewritten = [s for s in m["shards"] if "parent_sha256" in s]
         got[where] = {"removed": sorted(r["uid"] for r in res.details["removed"]), "counts": res.counts,
@@ -784,9 +790,10 @@ def test_takedown_of_an_s3_pool_into_s3_equals_the_local_run(spark, pools, s3, t
                       "rewritten": [(s["path"], s["num_samples"], sorted(members(resolve(f"{out}/{layout.POOL_MANIFEST}", s["path"]))))
                                     for s in rewritten],
                       "referenced": [s["path"] for s in m["shards"] if "parent_sha256" not in s]}
-        if where == "s3":
+        if where.startswith("s3"):
             assert all(p.startswith("s3://") for p in got[where]["referenced"])
             assert s3.exists(f"{out.split('://')[1]}/{layout.TAKEDOWN_AUDIT}")
+    assert got["s3 in process"] == got["s3"]
     assert got["s3"]["removed"] == got["local"]["removed"] and len(got["s3"]["removed"]) == 3
     assert got["s3"]["counts"] == got["local"]["counts"] and got["s3"]["num_samples"] == got["local"]["num_samples"]
     assert [r[1:] for r in got["s3"]["rewritten"]] == [r[1:] for r in got["local"]["rewritten"]]

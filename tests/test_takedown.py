@@ -726,3 +726,24 @@ def test_a_content_entry_marks_every_catalog_row_of_the_sample_it_removes(pool, 
     from laiontools.stages.verify import verify_main
 
     assert verify_main([f"{out}/pool.manifest.json", "--removal-list", str(listfile)]) == 0
+
+
+def test_the_in_process_catalog_is_sorted_again_only_when_a_new_status_breaks_the_order():
+    """The in-process engine keeps the parent's row order when it still holds and sorts otherwise: its check
+    against Python's own ordering of (uid, status) pairs, on orders that hold and orders that a new status
+    breaks (a success row of a uid whose other row an earlier takedown stamped with a later reason)."""
+    import random
+
+    import pyarrow as pa
+
+    from laiontools.stages.takedown import _in_uid_status_order
+
+    rng = random.Random(0)
+    statuses = ["failed_download", "rejected_duplicate_uid", "removed_aaa", "removed_zzz", "success"]
+    cases = [[("u1", "removed_zzz"), ("u1", "removed_bbb")], [("u1", "success"), ("u2", "failed_download")], [("u1", "x")], []]
+    for _ in range(200):
+        rows = [(f"u{rng.randrange(6)}", rng.choice(statuses)) for _ in range(rng.randrange(2, 8))]
+        cases.append(sorted(rows) if rng.random() < 0.5 else rows)
+    for rows in cases:
+        t = pa.table({"uid": pa.array([u for u, _ in rows], pa.string()), "status": pa.array([s for _, s in rows], pa.string())})
+        assert _in_uid_status_order(t) == (rows == sorted(rows)), rows

@@ -26,6 +26,7 @@ repeated value pointing at its first line); :attr:`RemovalList.sha256` identifie
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -57,7 +58,7 @@ def _canonical_url(url: str | None) -> tuple[str | None, str]:
         return n, ""
     if not host:
         return n, ""
-    host = canonical_host(host)
+    host = _canonical_host(host)
     try:
         port = parts.port
     except ValueError:  # a bad port: the host is still plain, the URL keeps its text
@@ -67,19 +68,25 @@ def _canonical_url(url: str | None) -> tuple[str | None, str]:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host
 
 
-def _domains_of(host: str) -> list[str]:
+# A catalog names each host many times (a LAION host: thousands of images): its canonical spelling (IDNA,
+# address parsing: ~40 us) and the domains above it are worked out once per host, per process.
+_canonical_host = functools.lru_cache(maxsize=1 << 16)(canonical_host)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _domains_of(host: str) -> tuple[str, ...]:
     """The domain entries a canonical host falls under: a name and each domain above it, label by label
     (``img.example.com``, ``example.com``, ``com``); an address itself only (and the IPv4 an IPv4-mapped
     IPv6 reaches), never by suffix: ``domain 2`` is the address 0.0.0.2, not every host ending in ``.2``."""
     try:
         ip = host_ip(host)
     except ValueError:  # a numeric spelling of no address (img.10.0.0.2, 1.2.3.4.5): no name either
-        return [host]
+        return (host,)
     if ip is not None:
         mapped = getattr(ip, "ipv4_mapped", None)
-        return [host] + ([str(mapped)] if mapped else [])
+        return (host, str(mapped)) if mapped else (host,)
     labels = host.split(".")
-    return [".".join(labels[i:]) for i in range(len(labels))]
+    return tuple(".".join(labels[i:]) for i in range(len(labels)))
 
 
 class RemovalListError(UserError, ValueError):

@@ -468,7 +468,7 @@ def _takedown(cfg: TakedownConfig, eng: _SparkCatalog | _LocalCatalog, pool: Poo
         ids = sorted(entries)
         urls = [resolve(pool.path, entries[i]["path"]) for i in ids]
         with task_errors_as(TakedownError):
-            hits = eng.tasks.map(functools.partial(_scan_partition, rl), list(zip(ids, urls)),
+            hits = eng.tasks.map(functools.partial(_scan_partition, rl), list(zip(ids, urls)), processes=True,
                                  description=f"laiontools takedown: scan {len(ids)} shard(s) for content entries")
         content_scanned = len(ids)
         # which catalog row a stored sample is: its success row by uid (the sample's json) and shard/key
@@ -719,9 +719,22 @@ class _SparkCatalog:
         return sha, n
 
 
+def _in_uid_status_order(t: Any) -> bool:
+    """Whether the rows of `t` are in (uid, status) order (both columns hold no null: the catalog schema)."""
+    import pyarrow.compute as pc
+
+    if t.num_rows < 2:
+        return True
+    uid, st = t[C.UID].combine_chunks(), t[C.STATUS].combine_chunks()
+    u0, u1, s0, s1 = uid.slice(0, len(uid) - 1), uid.slice(1), st.slice(0, len(st) - 1), st.slice(1)
+    ok = pc.or_(pc.less(u0, u1), pc.and_(pc.equal(u0, u1), pc.less_equal(s0, s1)))
+    return bool(pc.all(ok).as_py())
+
+
 class _LocalCatalog:
     """:class:`_SparkCatalog`'s steps on the catalog read whole with pyarrow (pools under --spark-above
-    catalog rows): the same rows matched, the same new catalog and uid file; shards on threads."""
+    catalog rows): the same rows matched, the same new catalog and uid file. The match and the content
+    scan (Python per row, per image) run in forked processes, the shard rewrites on threads."""
 
     def __init__(self, pool: PoolInfo) -> None:
         from laiontools.contracts.pool import read_catalog
@@ -733,8 +746,17 @@ class _LocalCatalog:
         self.new: Any = None  # the catalog written, kept for its uid file
 
     def match(self, rl: RemovalList, cols: list[str]) -> list[dict[str, Any]]:
-        frames = (b.to_pandas() for b in self.cat.select(cols).to_batches(max_chunksize=65_536))
-        return [r for df in _catalog_match_fn(rl)(frames) for r in df.to_dict("records")]
+        """The match function over slices of the catalog, in forked processes (one per core: it is
+        Python per row, URL parsing mostly), as Spark runs it over partitions."""
+        t, step, fn = self.cat.select(cols), 65_536, _catalog_match_fn(rl)
+
+        def part(starts: Any) -> Any:
+            for lo in starts:
+                for df in fn(iter([t.slice(lo, step).to_pandas()])):
+                    yield from df.to_dict("records")
+
+        return self.tasks.map(part, list(range(0, max(1, t.num_rows), step)), processes=True,
+                              description="laiontools takedown: match the catalog")
 
     def count(self) -> int:
         return int(self.cat.num_rows)
@@ -774,10 +796,11 @@ class _LocalCatalog:
         moved = {i: v for i, v in keyed(C.SHARD, C.KEY, spans).items() if i not in hit}
 
         def replaced(col: str, values: dict[int, Any]) -> Any:
-            cells = cat[col].to_pylist()
-            for i, v in values.items():
-                cells[i] = v
-            return pa.array(cells, cat.schema.field(col).type)
+            rows = sorted(values)
+            mask = np.zeros(cat.num_rows, dtype=bool)
+            mask[rows] = True
+            return pc.replace_with_mask(cat[col].combine_chunks(), pa.array(mask),
+                                        pa.array([values[i] for i in rows], cat.schema.field(col).type))
 
         repl = {C.STATUS: dict.fromkeys(hit, status), C.ERROR: hit}
         if C.TAR_OFFSET in self.columns and C.TAR_LENGTH in self.columns:
@@ -789,7 +812,10 @@ class _LocalCatalog:
         for col, values in repl.items():
             if values:
                 new = new.set_column(self.columns.index(col), cat.schema.field(col), replaced(col, values))
-        self.new = new.sort_by([(C.UID, "ascending"), (C.STATUS, "ascending")])
+        self.cat = None  # (its columns are shared with `new`; nothing else needs it)
+        # The parent's catalog is sorted by (uid, status) and a new status seldom moves a row among its uid's
+        # rows: sorted again (a copy of every column) only when the order no longer holds.
+        self.new = new if _in_uid_status_order(new) else new.sort_by([(C.UID, "ascending"), (C.STATUS, "ascending")])
         write_catalog_files(self.new, folder)
 
     def save_uids(self, catalog: str, path: str) -> tuple[str, int]:
