@@ -140,6 +140,29 @@ def worker(rows: int, work: str, engine: str = "spark") -> dict:
     }
 
 
+def run_workers(script: str, sizes: list[int], engines: list[str], work: str, out: str, name: str) -> list[dict] | None:
+    """``script --worker <size> --work <work> --engine <engine>`` in a fresh process for every size and engine
+    (so each one's peak memory is its own, and no master named: the engine is the worker's choice); the JSON
+    line each prints last, in order, or None after printing the first failure's log (each run's stderr is
+    kept as <out>/<name>-<size>-<engine>.log)."""
+    results = []
+    for n in sizes:
+        for engine in engines:
+            env = {**os.environ, "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+            env.pop("LAIONTOOLS_SPARK_MASTER", None)
+            p = subprocess.run([sys.executable, script, "--worker", str(n), "--work", work, "--engine", engine],
+                               capture_output=True, text=True, env=env, check=False)
+            with open(os.path.join(out, f"{name}-{n}-{engine}.log"), "w") as f:
+                f.write(p.stderr)
+            if p.returncode != 0:
+                print(p.stderr[-3000:], file=sys.stderr)
+                return None
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1000000,10000000", help="comma-separated catalog sizes")
@@ -163,20 +186,9 @@ def main() -> int:
             write_catalog(root, n)
             print(f"wrote {n:,}-row catalog in {time.time() - t:.1f}s", flush=True)
     engines = a.engines.split(",")
-    results = []
-    for n in sizes:
-        for engine in engines:
-            env = {**os.environ, "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
-            p = subprocess.run([sys.executable, __file__, "--worker", str(n), "--work", work, "--engine", engine],
-                               capture_output=True, text=True, env=env, check=False)
-            with open(os.path.join(a.out, f"subsets-{n}-{engine}.log"), "w") as f:
-                f.write(p.stderr)
-            if p.returncode != 0:
-                print(p.stderr[-3000:], file=sys.stderr)
-                return 1
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            results.append(r)
-            print(json.dumps(r), flush=True)
+    results = run_workers(__file__, sizes, engines, work, a.out, "subsets")
+    if results is None:
+        return 1
     for engine in engines:
         mine = [r for r in results if r["engine"] == engine]
         for r in mine:

@@ -21,12 +21,11 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_subsets import _hwm_kb, _java_children
+from bench_subsets import _hwm_kb, _java_children, run_workers
 
 ROWS_PER_FILE = 1_000_000
 NUM_SHARDS = 100
@@ -169,21 +168,10 @@ def main() -> int:
             write_pool(root, n)
             print(f"wrote a {n:,}-row pool in {time.time() - t:.1f}s", flush=True)
     engines = a.engines.split(",")
-    results = []
+    results = run_workers(__file__, sizes, engines, work, a.out, "takedown-engines")
+    if results is None:
+        return 1
     for n in sizes:
-        for engine in engines:
-            env = {**os.environ, "LAIONTOOLS_SPARK_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
-            env.pop("LAIONTOOLS_SPARK_MASTER", None)
-            p = subprocess.run([sys.executable, __file__, "--worker", str(n), "--work", work, "--engine", engine],
-                               capture_output=True, text=True, env=env, check=False)
-            with open(os.path.join(a.out, f"takedown-engines-{n}-{engine}.log"), "w") as f:
-                f.write(p.stderr)
-            if p.returncode != 0:
-                print(p.stderr[-3000:], file=sys.stderr)
-                return 1
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            results.append(r)
-            print(json.dumps(r), flush=True)
         by = {r["engine"]: r for r in results if r["rows"] == n}
         if len(by) == 2:
             by["in-process"]["spark_end_to_end_over_in_process"] = round(by["spark"]["end_to_end_s"] / by["in-process"]["end_to_end_s"], 2)
@@ -200,7 +188,7 @@ def main() -> int:
         same = r.get("same_uid_file_as_spark", "") and r.get("same_catalog_as_spark", "")
         print(f"{r['rows']:>10,} {r['engine']:>10} {r['end_to_end_s']:>12.2f} {r['spark_start_s']:>13.2f} {r['python_peak_mb']:>10.0f} "
               f"{r['jvm_peak_mb']!s:>11} {r['catalog_rows_marked']:>11} {r.get('spark_end_to_end_over_in_process', '')!s:>18} {same!s:>10}")
-    print(f"\ncommand: {cmd}   (figures in {os.path.join(a.out, 'takedown.json')})")
+    print(f"\ncommand: {cmd}   (figures in {os.path.join(a.out, 'takedown_engines.json')})")
     return 0
 
 
