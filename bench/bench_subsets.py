@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 from laiontools.testing import procs
 
@@ -140,11 +141,39 @@ def worker(rows: int, work: str, engine: str = "spark") -> dict:
     }
 
 
-def run_workers(script: str, sizes: list[int], engines: list[str], work: str, out: str, name: str) -> list[dict] | None:
-    """``script --worker <size> --work <work> --engine <engine>`` in a fresh process for every size and engine
-    (so each one's peak memory is its own, and no master named: the engine is the worker's choice); the JSON
-    line each prints last, in order, or None after printing the first failure's log (each run's stderr is
-    kept as <out>/<name>-<size>-<engine>.log)."""
+def engine_args(rows: str, name: str, worker: Any) -> tuple[argparse.Namespace, str]:
+    """The command line of an engine bench (--rows, --out, --work, --engines) and its work folder; in a
+    worker process (--worker SIZE --engine E) runs ``worker(size, work, engine)``, prints its JSON, exits."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default=rows, help="comma-separated catalog sizes")
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--work", default=None, help=f"folder for the synthetic pools (default: <out>/{name}-work)")
+    ap.add_argument("--engines", default="spark,in-process", help="comma-separated: spark, in-process")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="spark", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    work = a.work or os.path.join(a.out, f"{name}-work")
+    os.makedirs(work, exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+    if a.worker is not None:
+        print(json.dumps(worker(a.worker, work, a.engine)))
+        sys.exit(0)
+    return a, work
+
+
+def run_workers(script: str, sizes: list[int], engines: list[str], work: str, out: str, name: str,
+                make_pool: Any) -> list[dict] | None:
+    """``make_pool(<work>/pool-<size>, size)`` for each size without one (in this process, so that the timed
+    workers start clean), then ``script --worker <size> --work <work> --engine <engine>`` in a fresh process
+    for every size and engine (so each one's peak memory is its own, and no master named: the engine is the
+    worker's choice); the JSON line each prints last, in order, or None after printing the first failure's
+    log (each run's stderr is kept as <out>/<name>-<size>-<engine>.log)."""
+    for n in sizes:
+        root = os.path.join(work, f"pool-{n}")
+        if not os.path.exists(os.path.join(root, "pool.manifest.json")):
+            t = time.time()
+            make_pool(root, n)
+            print(f"wrote a {n:,}-row pool in {time.time() - t:.1f}s", flush=True)
     results = []
     for n in sizes:
         for engine in engines:
@@ -164,29 +193,9 @@ def run_workers(script: str, sizes: list[int], engines: list[str], work: str, ou
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="1000000,10000000", help="comma-separated catalog sizes")
-    ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--work", default=None, help="folder for the synthetic catalogs (default: <out>/subsets-work)")
-    ap.add_argument("--engines", default="spark,in-process", help="comma-separated: spark, in-process")
-    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--engine", default="spark", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    work = a.work or os.path.join(a.out, "subsets-work")
-    os.makedirs(work, exist_ok=True)
-    os.makedirs(a.out, exist_ok=True)
-    if a.worker is not None:
-        print(json.dumps(worker(a.worker, work, a.engine)))
-        return 0
-    sizes = [int(float(x)) for x in a.rows.split(",")]
-    for n in sizes:  # catalogs are written by this process, so the timed workers start clean
-        root = os.path.join(work, f"pool-{n}")
-        if not os.path.exists(os.path.join(root, "pool.manifest.json")):
-            t = time.time()
-            write_catalog(root, n)
-            print(f"wrote {n:,}-row catalog in {time.time() - t:.1f}s", flush=True)
-    engines = a.engines.split(",")
-    results = run_workers(__file__, sizes, engines, work, a.out, "subsets")
+    a, work = engine_args("1000000,10000000", "subsets", worker)
+    sizes, engines = [int(float(x)) for x in a.rows.split(",")], a.engines.split(",")
+    results = run_workers(__file__, sizes, engines, work, a.out, "subsets", write_catalog)
     if results is None:
         return 1
     for engine in engines:

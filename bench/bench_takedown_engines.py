@@ -17,7 +17,6 @@ uid files byte for byte, the catalogs row for row. Figures go to <out>/takedown_
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_subsets import _hwm_kb, _java_children, run_workers
+from bench_subsets import _hwm_kb, _java_children, engine_args, run_workers
 
 ROWS_PER_FILE = 1_000_000
 NUM_SHARDS = 100
@@ -146,29 +145,9 @@ def same_catalogs(a: str, b: str) -> bool:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="100000,1000000", help="comma-separated catalog sizes")
-    ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--work", default=None, help="folder for the synthetic pools (default: <out>/takedown-work)")
-    ap.add_argument("--engines", default="spark,in-process", help="comma-separated: spark, in-process")
-    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--engine", default="spark", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    work = a.work or os.path.join(a.out, "takedown-work")
-    os.makedirs(work, exist_ok=True)
-    os.makedirs(a.out, exist_ok=True)
-    if a.worker is not None:
-        print(json.dumps(worker(a.worker, work, a.engine)))
-        return 0
-    sizes = [int(float(x)) for x in a.rows.split(",")]
-    for n in sizes:  # written by this process, so the timed workers start clean
-        root = os.path.join(work, f"pool-{n}")
-        if not os.path.exists(os.path.join(root, "pool.manifest.json")):
-            t = time.time()
-            write_pool(root, n)
-            print(f"wrote a {n:,}-row pool in {time.time() - t:.1f}s", flush=True)
-    engines = a.engines.split(",")
-    results = run_workers(__file__, sizes, engines, work, a.out, "takedown-engines")
+    a, work = engine_args("100000,1000000", "takedown", worker)
+    sizes, engines = [int(float(x)) for x in a.rows.split(",")], a.engines.split(",")
+    results = run_workers(__file__, sizes, engines, work, a.out, "takedown-engines", write_pool)
     if results is None:
         return 1
     for n in sizes:
