@@ -584,6 +584,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     pq.write_table(table, buf, **PARQUET_WRITE)
     atomic_write_bytes(out_path, buf.getvalue())
     mark_done(done_path, stats)  # last: the shard counts as done only now
+    failpoints.pause("dedup.shard")  # fault tests: a shard searched (marker written), others maybe not yet
     return stats
 
 

@@ -185,7 +185,10 @@ def test_subsets_survive_kills(chain, monkeypatch, tmp_path, engine):
 # -------------------------------------------------------------------------------------------- dedup
 
 
-def test_dedup_survives_kills(chain, monkeypatch, tmp_path):
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_dedup_survives_kills(chain, monkeypatch, tmp_path, engine):
+    """On Spark (a master named) and in process (the default for a pool this small: the search on threads);
+    the uninterrupted run is in process either way, so the Spark runs' files are also compared with it."""
     out = str(tmp_path / "dd")
     args = ["dedup", "--embeddings", chain.emb, "--evalset", f"glyphs={chain.evalset}:imagefolder", "--output", out]
     keep = str(tmp_path / "dd.uninterrupted")
@@ -196,9 +199,11 @@ def test_dedup_survives_kills(chain, monkeypatch, tmp_path):
     final = os.path.join(out, "dedup.json")
     _kill_chain("dedup", args, out, str(tmp_path), [
         ("index written", lambda: os.path.exists(os.path.join(out, "index", "index.json"))),
-        ("first marker", lambda: marks() >= 1),
+        ("first marker", lambda: marks() >= 1, "dedup.shard"),
         ("final write", lambda: marks() == n and not os.path.exists(final), "dedup.final-write"),
-    ])
+    ], env=None if engine == "spark" else {k: v for k, v in ENV.items() if k != "LAIONTOOLS_SPARK_MASTER"})
+    engines = {load_json(os.path.join(d, "summary.json"))["search_engine"] for d in (out, keep)}
+    assert engines == ({"in-process"} if engine == "in-process" else {"in-process", "spark local[2]"}), engines
     # Step times and task peak memory (markers, index description, summary) describe the run.
     _check_identical("dedup", out, keep, DEDUP_VARYING)
     for pattern, keys in DEDUP_JSON_EXCEPT:
@@ -333,12 +338,14 @@ def test_prepare_survives_kills(chain, monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------------------- takedown
 
 
-def test_takedown_survives_kills(chain, monkeypatch, tmp_path):
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_takedown_survives_kills(chain, monkeypatch, tmp_path, engine):
     """A removal list hitting three shards of the pool. Kill once a shard is rewritten (a failpoint holds
     each rewrite task after its marker), once the new catalog is written aside but not swapped in, and
     after the manifest before the report and the audit line. The finished re-run must hold the
     uninterrupted run's files (catalog by rows: Spark names its part files) and exactly one audit line,
-    equal to the uninterrupted one but for the time."""
+    equal to the uninterrupted one but for the time. On Spark (a master named) and in process (the default
+    for a pool this small); the uninterrupted run is in process either way."""
     import pandas as pd
 
     from laiontools.testing.removal import removal_list_for
@@ -356,17 +363,20 @@ def test_takedown_survives_kills(chain, monkeypatch, tmp_path):
     points = [("a shard rewritten", lambda: marks() >= 1, "takedown.shard"),
               ("catalog written aside", lambda: True, "takedown.catalog"),  # (the failpoint's own line is the state)
               ("final write", lambda: os.path.exists(manifest) and not os.path.exists(report), "takedown.final-write")]
+    env = None if engine == "spark" else {k_: v for k_, v in ENV.items() if k_ != "LAIONTOOLS_SPARK_MASTER"}
     for name, when, fp in points:
-        k = run_and_kill(args, str(tmp_path), out, name, when, failpoint=fp)
-        record({"kind": "kill", "stage": "takedown", "point": name, "killed": k.killed, "seconds": k.seconds,
-                "files_at_kill": len(k.state)})
+        k = run_and_kill(args, str(tmp_path), out, name, when, failpoint=fp, env=env)
+        record({"kind": "kill", "stage": "takedown", "engine": engine, "point": name, "killed": k.killed,
+                "seconds": k.seconds, "files_at_kill": len(k.state)})
         assert k.killed, f"takedown ended (exit {k.returncode}) before {name}; files: {k.state}"
         if name == "catalog written aside":
             assert any(".catalog-tmp-" in f for f in k.state) and not any(f.startswith("catalog/") for f in k.state), k.state
         if name == "final write":
             assert not os.path.exists(os.path.join(out, "takedown.audit.jsonl"))  # the audit line is the last write
-    r = run(args, str(tmp_path))
+    r = run(args, str(tmp_path), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert load_json(os.path.join(out, "pool.manifest.json.run.json"))["engine"] == (
+        "in-process" if engine == "in-process" else "spark local[2]")
     assert not [f for f in os.listdir(out) if f.startswith((".catalog-tmp-", "catalog.old-"))]
     _check_identical("takedown", out, keep, ("catalog/*", "takedown.json", "takedown.txt", "takedown.audit.jsonl"))
     by_rows = [pd.read_parquet(os.path.join(d, "catalog")).sort_values(["uid", "status"]).reset_index(drop=True)
