@@ -747,3 +747,24 @@ def test_the_in_process_catalog_is_sorted_again_only_when_a_new_status_breaks_th
     for rows in cases:
         t = pa.table({"uid": pa.array([u for u, _ in rows], pa.string()), "status": pa.array([s for _, s in rows], pa.string())})
         assert _in_uid_status_order(t) == (rows == sorted(rows)), rows
+
+
+def test_the_in_process_catalog_reader_merges_null_columns_and_names_disagreeing_files(tmp_path):
+    """read_catalog (the in-process engines' whole-catalog read): a column all null in one file takes the
+    other file's type; two files whose columns disagree are one InputError naming the catalog."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools.contracts.pool import PoolInfo, read_catalog
+    from laiontools.core.errors import InputError
+
+    cat = tmp_path / "catalog"
+    cat.mkdir()
+    pq.write_table(pa.table({"uid": ["a" * 32], "error_message": pa.array([None], pa.null())}), cat / "part-00000.parquet")
+    pq.write_table(pa.table({"uid": ["b" * 32], "error_message": ["HTTP 404"]}), cat / "part-00001.parquet")
+    info = PoolInfo(path=str(tmp_path / "pool.manifest.json"), manifest={}, sha256="0" * 64, catalog=str(cat), shard_ids=[])
+    t = read_catalog(info)
+    assert t.schema.field("error_message").type == pa.string() and t["error_message"].to_pylist() == [None, "HTTP 404"]
+    pq.write_table(pa.table({"uid": ["c" * 32], "error_message": [7]}), cat / "part-00002.parquet")
+    with pytest.raises(InputError, match=r"catalog .*catalog disagree on their columns"):
+        read_catalog(info)

@@ -106,5 +106,9 @@ def read_catalog(pool: PoolInfo, columns: list[str] | None = None) -> Any:
             parts.append(pq.read_table(f, columns=columns, **PARQUET_READ))
     if not parts:
         raise InputError(f"{pool.path}: its catalog {pool.catalog} holds no parquet file")
-    return pa.concat_tables(parts)
+    try:  # a column all null in one file (typed null there) takes the other files' type
+        return pa.concat_tables(parts, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"{pool.path}: the parquet files of its catalog {pool.catalog} disagree on their columns "
+                         f"({str(e).splitlines()[0]}); it does not follow schemas/catalog.schema.json") from None
 
