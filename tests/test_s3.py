@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -913,10 +914,13 @@ def small_s3_pool(s3, bucket, tmp_path) -> str:
     return f"{bucket}/pool"
 
 
+@pytest.mark.parametrize("engine,entry", [("spark", "uid"), ("in-process", "uid"), ("in-process", "sha256")])
 @pytest.mark.parametrize("damage", ["missing", "empty"])
-def test_takedown_of_a_damaged_s3_shard_is_one_clear_error(spark, s3, small_s3_pool, damage, tmp_path):
-    """A shard gone from the bucket, or 0 bytes, when takedown rewrites it (a Spark task): one
-    TakedownError naming its s3:// path, as raised in the task (was py4j's traceback of the task)."""
+def test_takedown_of_a_damaged_s3_shard_is_one_clear_error(spark, s3, small_s3_pool, damage, engine, entry, monkeypatch,
+                                                           tmp_path):
+    """A shard gone from the bucket, or 0 bytes, when takedown rewrites it (a Spark task, or a thread in
+    process) or scans it for a content entry (in process: a forked process): one TakedownError naming its
+    s3:// path, as raised in the task (was py4j's traceback of the task)."""
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import takedown as takedown_stage
     from laiontools.stages.takedown import TakedownConfig, TakedownError
@@ -928,11 +932,15 @@ def test_takedown_of_a_damaged_s3_shard_is_one_clear_error(spark, s3, small_s3_p
     else:
         s3.pipe_file(victim.split("://")[1], b"")
     s3.invalidate_cache()
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
     uid = pd.read_parquet(str(tmp_path / "pool" / "catalog")).query("shard == '00000'")["uid"].iloc[0]
-    (tmp_path / "list.txt").write_text(f"uid {uid}\n")
+    # a content entry (any hash: every shard is read to look for it) or the uid of a sample in the shard
+    value = hashlib.sha256(b"an image of no pool").hexdigest() if entry == "sha256" else uid
+    (tmp_path / "list.txt").write_text(f"{entry} {value}\n")
     with pytest.raises(TakedownError) as err:
         takedown_stage.run(TakedownConfig(pool=f"{small_s3_pool}/pool.manifest.json", reason="test",
-                                          output=f"{small_s3_pool}-td", list_file=str(tmp_path / "list.txt")), spark)
+                                          output=f"{small_s3_pool}-td", list_file=str(tmp_path / "list.txt")),
+                           spark if engine == "spark" else None)
     msg = str(err.value)
     assert msg.startswith(f"shard {victim} cannot be read") and "\n" not in msg, msg
     assert "laiontools verify" in msg, msg
