@@ -49,9 +49,10 @@ catalog match, the content scan, one task per rewritten shard, the catalog write
 
 Engines: pools of more than ``--spark-above`` catalog rows (1M), or any pool with a master named or under
 spark-submit, run on Spark as above. Smaller ones run in this process (:class:`_LocalCatalog`): the catalog
-read whole with pyarrow (every column, ~0.5 KB a row), the same match function over its batches, the content
-scan and the shard rewrites as the same task functions on threads, the new catalog written as download's
-in-process engine writes one. The same pool either way (tests/test_takedown.py compares them).
+read whole with pyarrow (every column; ~1.2 GB at 1M rows), the same match function over its slices and
+the same content-scan task in forked processes, the shard rewrites as the same task function on threads,
+the new catalog written as download's in-process engine writes one. The same pool either way
+(tests/test_takedown.py compares them).
 
 The reason is lowercased and every run of other characters than [a-z0-9_] becomes one ``_``
 (``"DMCA #12"`` -> ``removed_dmca_12``; :func:`laiontools.contracts.schema.removed`), so the status stays
@@ -123,8 +124,9 @@ from laiontools.core.storage import (
 log = logging.getLogger(__name__)
 
 STAGE = "takedown"
-# Below this many catalog rows a takedown runs in this process: it holds the whole catalog (every column,
-# ~0.5 KB a row) to rewrite it, where Spark's start and jobs (~30-45 s) would cost more than the work.
+# Below this many catalog rows a takedown runs in this process: it holds the whole catalog (every column:
+# ~1.2 GB at 1M rows, BENCHMARKS.md) to rewrite it, where Spark's start and jobs cost more than the work
+# (18 s against 0.8 s for a 2,000-row pool; 55 s against 10-12 s at 1M rows, with a 2.1 GB JVM).
 SPARK_ABOVE_ROWS = 1_000_000
 # Spans of the kept samples of rewritten shards come to the driver (one small row each); the uids and
 # match lines of removed samples too (they go into takedown.json and the audit log).
@@ -151,7 +153,7 @@ class TakedownConfig(SparkStageConfig):
     list_file: str = field(default="", metadata={"help": "removal list (url/domain/uid/sha256/md5/phash lines)"})
     reason: str = field(default="", metadata={"help": "why (e.g. dmca_2026_11); the catalog status becomes removed_<reason>"})
     output: str = field(default="", metadata={"help": "folder of the new pool"})
-    spark_above: int = field(default=SPARK_ABOVE_ROWS, metadata={"help": "pools with more catalog rows than this run on Spark; smaller ones in this process (the catalog read whole with pyarrow, shards on threads; the same files), unless a master is named or under spark-submit (0: always Spark, -1: only then)"})
+    spark_above: int = field(default=SPARK_ABOVE_ROWS, metadata={"help": "pools with more catalog rows than this run on Spark; smaller ones in this process (the catalog read whole with pyarrow, the match and content scan in forked processes, shard rewrites on threads; the same files), unless a master is named or under spark-submit (0: always Spark, -1: only then)"})
 
     def validate(self) -> None:
         if self.spark_above < -1:
