@@ -161,6 +161,23 @@ def test_wants_spark(monkeypatch):
     assert wants_spark(None, 1, -1)
 
 
+def test_wants_spark_counts_a_pool_only_when_the_answer_depends_on_it(monkeypatch):
+    """A size given as a function (dedup and takedown count a pool's rows, maybe from parquet footers in an
+    object store) is called only when no master decides and the bound is a size."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    calls = []
+
+    def size(n):
+        return lambda: calls.append(n) or n
+
+    assert wants_spark("local[2]", size(10**9), 1000) and wants_spark(None, size(10**9), 0)
+    assert not wants_spark(None, size(10**9), -1)
+    assert calls == []
+    assert not wants_spark(None, size(999), 1000) and wants_spark(None, size(1001), 1000)
+    assert calls == [999, 1001]
+
+
 _CHILD = """
 import os, sys, time
 from laiontools.core.stage import Tasks

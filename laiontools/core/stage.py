@@ -204,19 +204,23 @@ class Tasks:
         return sc.parallelize(items, max(1, min(n, len(items)))).mapPartitions(fn).collect()
 
 
-def wants_spark(master: str | None, size: int, above: int) -> bool:
+def wants_spark(master: str | None, size: int | Callable[[], int], above: int) -> bool:
     """Spark when a master is named (``--master``, ``$LAIONTOOLS_SPARK_MASTER``), under spark-submit, or
     when ``size`` is over ``above`` (``above`` 0: always; -1: only when a master is named). Below it,
-    Spark's fixed cost (JVM, Python workers, a job per step: seconds) exceeds the work it spreads."""
+    Spark's fixed cost (JVM, Python workers, a job per step: seconds) exceeds the work it spreads.
+    ``size`` may be a function, called only when the answer depends on it (counting a pool's rows can
+    mean reading parquet footers from an object store)."""
     from laiontools.core.spark import under_spark_submit
 
     if master or os.environ.get("LAIONTOOLS_SPARK_MASTER") or under_spark_submit():
         return True
-    return above == 0 or (above > 0 and size > above)
+    if above <= 0:
+        return above == 0
+    return (size() if callable(size) else size) > above
 
 
 @contextmanager
-def stage_tasks(cfg: StageConfig, spark: Any = None, app_name: str = "laiontools", size: int = 0,
+def stage_tasks(cfg: StageConfig, spark: Any = None, app_name: str = "laiontools", size: int | Callable[[], int] = 0,
                 spark_above: int = 0) -> Iterator[Tasks]:
     """:class:`Tasks` for a stage: on ``spark`` if given, else on :func:`stage_spark`'s session when
     :func:`wants_spark` says so, else in this process (no JVM started)."""

@@ -688,7 +688,8 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     ctx = search_context(cfg, index_desc)
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
     t0 = time.time()
-    with stage_tasks(cfg, spark, app_name="laiontools-dedup", size=embedded_rows(pool), spark_above=cfg.spark_above) as tasks:
+    with stage_tasks(cfg, spark, app_name="laiontools-dedup", size=lambda: embedded_rows(pool),
+                     spark_above=cfg.spark_above) as tasks:
         if tasks.local and cfg.gpu and DI.gpu_count() > 0:
             tasks.workers = 1  # a faiss GPU index is not to be searched from two threads at once
         ctx["threads"] = tasks.threads(cfg.search_threads, len(units))

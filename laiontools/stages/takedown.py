@@ -429,7 +429,8 @@ def run(cfg: TakedownConfig, spark: Any = None) -> StageResult:
         raise TakedownError(f"--output {out} is the pool's own folder; a takedown writes a new pool next to the old one")
     ensure_output_dir(out)
     _check_settings(cfg, pool, rl, status)
-    with stage_tasks(cfg, spark, app_name="laiontools-takedown", size=catalog_rows(pool), spark_above=cfg.spark_above) as tasks:
+    with stage_tasks(cfg, spark, app_name="laiontools-takedown", size=lambda: catalog_rows(pool),
+                     spark_above=cfg.spark_above) as tasks:
         eng = _LocalCatalog(pool) if tasks.local else _SparkCatalog(tasks, pool)
         rep = _takedown(cfg, eng, pool, rl, status, out)
     return StageResult(
