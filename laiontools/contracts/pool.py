@@ -74,41 +74,30 @@ def catalog_rows(pool: PoolInfo) -> int:
 CATALOG_ROWS_PER_FILE = 2_000_000
 
 
-def write_catalog_files(cat: Any, folder: str) -> None:
-    """Write `cat`, an Arrow table already sorted by (uid, status), into `folder` as
-    ``part-NNNNN.parquet`` files of :data:`CATALOG_ROWS_PER_FILE` rows (each written atomically): what the
-    Spark writers' range partitioning writes, for a catalog built in this process."""
-    import math
-
-    import pyarrow.parquet as pq
-
-    from laiontools.core.storage import PARQUET_WRITE, atomic_open, join
-
-    fs, p = url_to_fs(folder)
-    fs.makedirs(p, exist_ok=True)
-    for i in range(max(1, math.ceil(cat.num_rows / CATALOG_ROWS_PER_FILE))):
-        with atomic_open(join(folder, f"part-{i:05d}.parquet")) as f:
-            pq.write_table(cat.slice(i * CATALOG_ROWS_PER_FILE, CATALOG_ROWS_PER_FILE), f, **PARQUET_WRITE)
-
-
-def read_catalog(pool: PoolInfo, columns: list[str] | None = None) -> Any:
+def read_catalog(pool: PoolInfo, columns: list[str] | None = None, required: tuple[str, ...] = ()) -> Any:
     """The pool's catalog (or `columns` of it) as one Arrow table, every file of it read (for pools small
-    enough to hold in memory: a stage's in-process engine)."""
+    enough to hold in memory: a stage's in-process engine). A file without one of the `required` columns,
+    an object store's refusal, a damaged file, or files that disagree on their columns: one InputError
+    (or StorageError) naming the catalog or the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from laiontools.core.storage import PARQUET_READ, list_data_files, parquet_read_errors
+    from laiontools.core.storage import PARQUET_READ, list_data_files, parquet_read_errors, store_errors
 
     parts = []
     for path in list_data_files(pool.catalog):
         fs, p = url_to_fs(path)
-        with fs.open(p, "rb") as f, parquet_read_errors(path):
-            parts.append(pq.read_table(f, columns=columns, **PARQUET_READ))
+        with store_errors(path), fs.open(p, "rb") as f, parquet_read_errors(path):
+            pf = pq.ParquetFile(f, **PARQUET_READ)
+            missing = [c for c in required if c not in pf.schema_arrow.names]
+            if missing:
+                raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow "
+                                 "schemas/catalog.schema.json")
+            parts.append(pf.read(columns=columns))
     if not parts:
-        raise InputError(f"{pool.path}: its catalog {pool.catalog} holds no parquet file")
+        raise InputError(f"catalog {pool.catalog} has no parquet files; the pool folder is incomplete (re-run download)")
     try:  # a column all null in one file (typed null there) takes the other files' type
-        return pa.concat_tables(parts, promote_options="default")
+        return pa.concat_tables(parts, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise InputError(f"{pool.path}: the parquet files of its catalog {pool.catalog} disagree on their columns "
                          f"({str(e).splitlines()[0]}); it does not follow schemas/catalog.schema.json") from None
-

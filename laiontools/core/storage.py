@@ -869,19 +869,25 @@ def spark_write_parquet(df: Any, path: str) -> None:
     atomic_write_bytes(join(path, "_SUCCESS"), b"")
 
 
-def write_parquet_dir(table: Any, path: str) -> None:
-    """Write the Arrow `table` as a parquet dataset folder at `path` (replacing it): one
-    ``part-00000.parquet`` (atomic), then ``_SUCCESS``. The in-process counterpart of
-    :func:`spark_write_parquet`, read back the same way (an empty table still leaves a typed file)."""
+def write_parquet_dir(table: Any, path: str, rows_per_file: int | None = None) -> None:
+    """Write the Arrow `table` as a parquet dataset folder at `path` (replacing it): ``part-00000.parquet``
+    and on, each of at most `rows_per_file` rows (None: one file) and written atomically, then ``_SUCCESS``.
+    The in-process counterpart of :func:`spark_write_parquet`, read back the same way (an empty table
+    still leaves a typed file); a table sorted across its rows stays sorted across the files, as Spark's
+    range-partitioned writes are."""
+    import math
+
     import pyarrow.parquet as pq
 
     fs, p = url_to_fs(path)
     with store_errors(path):
         if fs.exists(p):
             fs.rm(p, recursive=True)
-    out = join(path, "part-00000.parquet")
-    with store_errors(out), atomic_open(out) as f:
-        pq.write_table(table, f, **PARQUET_WRITE)
+    step = rows_per_file or max(1, table.num_rows)
+    for i in range(max(1, math.ceil(table.num_rows / step))):
+        out = join(path, f"part-{i:05d}.parquet")
+        with store_errors(out), atomic_open(out) as f:
+            pq.write_table(table.slice(i * step, step), f, **PARQUET_WRITE)
     atomic_write_bytes(join(path, "_SUCCESS"), b"")
 
 

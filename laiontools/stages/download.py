@@ -60,6 +60,7 @@ from laiontools.core.storage import (
     swap_temp,
     url_to_fs,
     write_json,
+    write_parquet_dir,
 )
 from laiontools.stages import prepare
 from laiontools.stages.prepare import PrepareConfig, prepared_type
@@ -605,10 +606,8 @@ def build_catalog_local(cfg: DownloadConfig, shards: list[dict[str, Any]], tasks
 
 def write_catalog_local(cat: Any, cfg: DownloadConfig) -> tuple[str, int]:
     """:func:`write_catalog` for an Arrow table already sorted: the same file split, swapped in the same way."""
-    from laiontools.contracts.pool import write_catalog_files
-
     tmp = _catalog_tmp(cfg)
-    write_catalog_files(cat, tmp)
+    write_parquet_dir(cat, tmp, rows_per_file=CATALOG_ROWS_PER_FILE)
     return _swap_catalog(cfg, tmp), cat.num_rows
 
 

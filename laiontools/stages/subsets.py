@@ -652,23 +652,13 @@ class _LocalSelection:
     def __init__(self, cfg: SubsetsConfig, pool: PoolInfo, exclusions: list[Exclusion]) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
+        from laiontools.contracts.pool import read_catalog
         from laiontools.contracts.uids import UidSet, arrow_to_array, load_uids
-        from laiontools.core.storage import PARQUET_READ, list_data_files, parquet_read_errors, store_errors
 
         self.cfg = cfg
         self.run_record: dict[str, Any] = {"engine": "in-process"}
-        tables = []
-        for path in list_data_files(pool.catalog):
-            fs, p = url_to_fs(path)
-            with store_errors(path), fs.open(p, "rb") as f, parquet_read_errors(path):
-                pf = pq.ParquetFile(f, **PARQUET_READ)
-                _missing_columns(pool, pf.schema_arrow.names)
-                tables.append(pf.read(columns=list(_CATALOG_COLUMNS)))
-        if not tables:
-            raise InputError(f"catalog {pool.catalog} has no parquet files; the pool folder is incomplete (re-run download)")
-        cat = pa.concat_tables(tables, promote_options="permissive")
+        cat = read_catalog(pool, list(_CATALOG_COLUMNS), required=_CATALOG_COLUMNS)
         self.n = cat.num_rows
         self.cols: dict[str, Any] = {c: cat.column(c).combine_chunks() for c in _CATALOG_COLUMNS}
         uid = self.cols[C.UID]

@@ -646,10 +646,6 @@ def _rewrite_partition(status: str, items: Any) -> Any:
 # the catalog: on Spark, or read whole in this process (pools under --spark-above catalog rows)
 
 
-def _removed_note(note: dict[tuple[str, str], str]) -> list[tuple[str, str, str]]:
-    return [(u, st, msg) for (u, st), msg in sorted(note.items())]
-
-
 class _SparkCatalog:
     """The catalog steps of a takedown as Spark jobs: the match (``mapInPandas``), the other rows of
     content-matched uids (a broadcast join), the new catalog (two broadcast joins, range-partitioned
@@ -686,7 +682,7 @@ class _SparkCatalog:
         from pyspark.sql import functions as F
 
         spark = self.spark
-        rm_df = spark.createDataFrame(_removed_note(note) or [("", "", "")], "_ruid string, _rstatus string, _rmsg string")
+        rm_df = spark.createDataFrame([(u, st, msg) for (u, st), msg in sorted(note.items())] or [("", "", "")], "_ruid string, _rstatus string, _rmsg string")
         sp_df = spark.createDataFrame([(sid, k, o, n) for (sid, k), (o, n) in spans.items()] or [("", "", 0, 0)],
                                       "_ssid string, _skey string, _soff long, _slen long")
         full = self.cat
@@ -780,7 +776,7 @@ class _LocalCatalog:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        from laiontools.contracts.pool import write_catalog_files
+        from laiontools.core.storage import write_parquet_dir
 
         cat = self.cat
 
@@ -819,7 +815,7 @@ class _LocalCatalog:
         # The parent's catalog is sorted by (uid, status) and a new status seldom moves a row among its uid's
         # rows: sorted again (a copy of every column) only when the order no longer holds.
         self.new = new if _in_uid_status_order(new) else new.sort_by([(C.UID, "ascending"), (C.STATUS, "ascending")])
-        write_catalog_files(self.new, folder)
+        write_parquet_dir(self.new, folder, rows_per_file=CATALOG_ROWS_PER_FILE)
 
     def save_uids(self, catalog: str, path: str) -> tuple[str, int]:
         import pyarrow.compute as pc
