@@ -33,6 +33,7 @@ def write_catalog(root: str, rows: int, fraction: float) -> tuple[str, str, int]
 
     from laiontools.contracts import schema as C
     from laiontools.contracts.uids import save_uids, uids_to_array
+    from laiontools.core.storage import PARQUET_WRITE
 
     cat = os.path.join(root, "catalog")
     os.makedirs(cat, exist_ok=True)
@@ -52,7 +53,7 @@ def write_catalog(root: str, rows: int, fraction: float) -> tuple[str, str, int]
             C.TAR_OFFSET: pa.array(rng.integers(0, 1 << 30, n)), C.TAR_LENGTH: pa.array(rng.integers(20_000, 60_000, n)),
             C.TAR_SHA256: pa.array([sha[i * 64 : (i + 1) * 64] for i in range(n)]),
         })
-        pq.write_table(t, os.path.join(cat, f"part-{part:05d}.parquet"))
+        pq.write_table(t, os.path.join(cat, f"part-{part:05d}.parquet"), **PARQUET_WRITE)  # as download writes it
         pick = ok & (rng.random(n) < fraction / 0.9)
         chosen.append(uids_to_array([u for u, p in zip(uids, pick) if p]))
     uid_path = os.path.join(root, "subset.uids.npy")

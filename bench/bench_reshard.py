@@ -54,7 +54,7 @@ def build_pool(root: str, shards: int, per_shard: int, kb: int, tar_format: str 
     from laiontools.contracts import schema as C
     from laiontools.contracts.manifest import new_manifest, write_manifest
     from laiontools.contracts.uids import save_uids, uid_of
-    from laiontools.core.storage import sha256_file
+    from laiontools.core.storage import PARQUET_WRITE, sha256_file
     from laiontools.wds.tarscan import sample_spans, tar_members
 
     rng = np.random.default_rng(0)
@@ -89,7 +89,8 @@ def build_pool(root: str, shards: int, per_shard: int, kb: int, tar_format: str 
         entries.append({"path": f"shards/{sid}.tar", "num_samples": per_shard, "bytes": nbytes, "sha256": sha})
     os.makedirs(os.path.join(root, "catalog"), exist_ok=True)
     full = [{**{c: None for c in C.catalog_columns()}, **r} for r in rows]
-    pq.write_table(pa.Table.from_pylist(full, schema=C.catalog_arrow_schema()), os.path.join(root, "catalog", "part-00000.parquet"))
+    pq.write_table(pa.Table.from_pylist(full, schema=C.catalog_arrow_schema()), os.path.join(root, "catalog", "part-00000.parquet"),
+                   **PARQUET_WRITE)  # as download writes it
     usha, n = save_uids(os.path.join(root, "pool.uids.npy"), uids)
     m = new_manifest(
         name=f"bench-{shards}x{per_shard}", kind="pool", num_samples=n, target_samples=None,

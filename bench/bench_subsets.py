@@ -52,6 +52,7 @@ def write_catalog(root: str, rows: int) -> str:
 
     from laiontools.contracts import schema as C
     from laiontools.contracts.manifest import new_manifest, write_manifest
+    from laiontools.core.storage import PARQUET_WRITE
 
     cat = os.path.join(root, "catalog")
     os.makedirs(cat, exist_ok=True)
@@ -77,7 +78,7 @@ def write_catalog(root: str, rows: int) -> str:
                 C.PUNSAFE: pa.array(rng.random(n)), C.PWATERMARK: pa.array(rng.random(n)),
             }
         )
-        pq.write_table(t, os.path.join(cat, f"part-{part:05d}.parquet"))
+        pq.write_table(t, os.path.join(cat, f"part-{part:05d}.parquet"), **PARQUET_WRITE)  # as download writes it
         done += n
         part += 1
     shards = [{"path": f"shards/{s:05d}.tar", "num_samples": 0, "bytes": 0, "sha256": "0" * 64} for s in range(NUM_SHARDS)]

@@ -40,6 +40,7 @@ def write_pool(root: str, rows: int) -> None:
     from laiontools.contracts import schema as C
     from laiontools.contracts.manifest import new_manifest, write_manifest
     from laiontools.contracts.uids import arrow_to_array, save_uids
+    from laiontools.core.storage import PARQUET_WRITE
 
     cat = os.path.join(root, "catalog")
     os.makedirs(cat, exist_ok=True)
@@ -80,7 +81,7 @@ def write_pool(root: str, rows: int) -> None:
             "similarity": pa.array(rng.random(n)), C.PUNSAFE: pa.array(rng.random(n)), C.PWATERMARK: pa.array(rng.random(n)),
             "license": pa.array([None] * n, pa.string()), "nsfw": pa.array(["UNLIKELY"] * n),
         })
-        pq.write_table(t, os.path.join(cat, f"part-{part:05d}.parquet"))
+        pq.write_table(t, os.path.join(cat, f"part-{part:05d}.parquet"), **PARQUET_WRITE)  # as download writes it
         success_uids.append(arrow_to_array(t.filter(pa.array(o))[C.UID].combine_chunks()))
     usha, count = save_uids(os.path.join(root, "pool.uids.npy"), np.concatenate(success_uids))
     assert count == n_ok

@@ -198,6 +198,11 @@ def test_in_process_engine_gives_the_spark_pool(pool, tmp_path, monkeypatch):
         return [(f.name, str(f.type)) for f in pq.read_schema(os.path.join(d, layout.CATALOG_DIR, files[0]))]
 
     assert schema(out) == schema(pool.dir)
+    # both engines write the catalog with zstd (core.storage.PARQUET_CODEC)
+    for d in (out, pool.dir):
+        folder = os.path.join(d, layout.CATALOG_DIR)
+        meta = [pq.ParquetFile(os.path.join(folder, f)).metadata for f in os.listdir(folder) if f.endswith(".parquet")]
+        assert {m.row_group(g).column(c).compression for m in meta for g in range(m.num_row_groups) for c in range(m.num_columns)} == {"ZSTD"}
     want_rep = json.loads(Path(pool.dir, layout.REPORT_JSON).read_text())
     assert rep["rejected"] == want_rep["rejected"] and rep["rows_in"] == want_rep["rows_in"]
     assert rep["hosts"]["watched"] == want_rep["hosts"]["watched"]

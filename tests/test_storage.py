@@ -1,4 +1,5 @@
-"""core.storage.url_to_fs: its shortcut for plain local paths answers what fsspec answers."""
+"""core.storage: url_to_fs's shortcut for plain local paths answers what fsspec answers; the parquet
+codec of the files Spark writes, by its own writer or through pyarrow in its tasks."""
 
 from __future__ import annotations
 
@@ -34,3 +35,36 @@ def test_url_to_fs_gives_a_forked_process_its_own_local_file_system():
     finally:
         os.close(r)
         os.waitpid(pid, 0)
+
+
+def _codecs(folder) -> set[str]:
+    import pyarrow.parquet as pq
+
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet")]
+    assert files
+    return {pq.ParquetFile(f).metadata.row_group(0).column(c).compression
+            for f in files for c in range(pq.ParquetFile(f).metadata.num_columns)}
+
+
+@pytest.mark.parametrize("route", ["spark", "pyarrow"])
+def test_spark_writes_parquet_with_zstd_unless_the_user_set_a_codec(spark, tmp_path, monkeypatch, route):
+    """Both routes of spark_write_parquet (Spark's own writer; pyarrow in the tasks, as for an object
+    store Spark cannot reach) write zstd by default, and a user's spark.sql.parquet.compression.codec
+    instead; one pyarrow cannot write (lzo) falls back to zstd on the pyarrow route."""
+    from laiontools.core import storage
+
+    if route == "pyarrow":
+        monkeypatch.setattr(storage, "spark_native", lambda path: False)
+    df = spark.createDataFrame([(f"{i:032x}", i) for i in range(200)], "uid string, n long").repartition(2)
+    key = "spark.sql.parquet.compression.codec"
+    assert spark.conf.get(key) == "zstd"  # the session default (core.spark.RUNTIME_DEFAULTS)
+    storage.spark_write_parquet(df, str(tmp_path / "default"))
+    assert _codecs(tmp_path / "default") == {"ZSTD"}
+    try:
+        for codec, want in [("gzip", "GZIP"), ("uncompressed", "UNCOMPRESSED")] + ([("lzo", "ZSTD")] if route == "pyarrow" else []):
+            spark.conf.set(key, codec)
+            storage.spark_write_parquet(df, str(tmp_path / codec))
+            assert _codecs(tmp_path / codec) == {want}, codec
+            assert sorted(spark.read.parquet(str(tmp_path / codec)).collect()) == sorted(df.collect())
+    finally:
+        spark.conf.set(key, "zstd")

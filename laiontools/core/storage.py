@@ -36,7 +36,17 @@ DONE_SUFFIX = ".done"
 # (a file without them reads as before): a flipped bit in a page is then an error naming the file, where
 # it could read back as a wrong value (a sha256, an offset, a uid). Spark's own reader checks them
 # through core.spark's parquet.page.verify-checksum.enabled.
-PARQUET_WRITE = {"write_page_checksum": True}
+#
+# zstd, not Arrow's and Spark's default snappy: a catalog's uid and sha256 columns are random hex, which
+# snappy leaves as it is (4 bits of information in every byte) and zstd's entropy coder halves, and its
+# urls and captions shrink more too. Measured on the demo's catalog: 242 -> 149 bytes a row; the plan
+# columns of a 128k-row catalog 14.6 -> 7.5 MB and read no slower (BENCHMARKS "catalog compression").
+# At 2.3B rows that is ~200 GB less catalog to store and to read for each subsets, reshard and takedown
+# scan. Spark's own writer gets the same codec as a session default (core.spark.RUNTIME_DEFAULTS); a
+# user's spark.sql.parquet.compression.codec wins there and in the files Spark's tasks write through
+# pyarrow (spark_write_parquet).
+PARQUET_CODEC = "zstd"
+PARQUET_WRITE = {"write_page_checksum": True, "compression": PARQUET_CODEC}
 PARQUET_READ = {"page_checksum_verification": True}
 
 
@@ -862,7 +872,7 @@ def spark_write_parquet(df: Any, path: str) -> None:
         if fs.exists(p):
             fs.rm(p, recursive=True)
     arrow_schema = to_arrow_schema(df.schema)
-    written = df.mapInArrow(_parquet_writer(path, arrow_schema), "rows long").collect()
+    written = df.mapInArrow(_parquet_writer(path, arrow_schema, _spark_codec(df.sparkSession)), "rows long").collect()
     if sum(r["rows"] for r in written) == 0 or not written:
         write_parquet_dir(arrow_schema.empty_table(), path)  # no task wrote a file: one typed empty file
         return
@@ -891,7 +901,21 @@ def write_parquet_dir(table: Any, path: str, rows_per_file: int | None = None) -
     atomic_write_bytes(join(path, "_SUCCESS"), b"")
 
 
-def _parquet_writer(path: str, schema: Any) -> Any:
+# Spark's parquet codec names -> pyarrow's (Spark's "lz4" is the Hadoop framing, which pyarrow writes as "lz4").
+_SPARK_CODECS = {"none": "none", "uncompressed": "none", "snappy": "snappy", "gzip": "gzip", "zstd": "zstd", "lz4": "lz4",
+                 "lz4_raw": "lz4", "brotli": "brotli"}
+
+
+def _spark_codec(spark: Any) -> str:
+    """The session's parquet codec (the user's spark.sql.parquet.compression.codec, else ours) as pyarrow
+    names it; one pyarrow cannot write (lzo) gives our default, with a warning."""
+    name = str(spark.conf.get("spark.sql.parquet.compression.codec", PARQUET_CODEC)).lower()
+    if name not in _SPARK_CODECS:
+        log.warning("parquet codec %s cannot be written through pyarrow; the files written by tasks use %s", name, PARQUET_CODEC)
+    return _SPARK_CODECS.get(name, PARQUET_CODEC)
+
+
+def _parquet_writer(path: str, schema: Any, codec: str = PARQUET_CODEC) -> Any:
     def write(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -903,7 +927,8 @@ def _parquet_writer(path: str, schema: Any) -> Any:
         if rows:
             out = join(path, f"part-{pid:05d}.parquet")
             with store_errors(out), atomic_open(out) as f:
-                pq.write_table(pa.Table.from_batches(bs), f, **PARQUET_WRITE)  # the batches' own schema (nullability as Spark sends it)
+                # the batches' own schema (nullability as Spark sends it)
+                pq.write_table(pa.Table.from_batches(bs), f, **{**PARQUET_WRITE, "compression": codec})
         yield pa.RecordBatch.from_pydict({"rows": [rows]}, schema=pa.schema([("rows", pa.int64())]))
 
     return write
