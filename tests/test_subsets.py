@@ -587,18 +587,28 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("case", ["filters", "scores", "scores-no-bound", "exclusions", "short", "update"])
-def test_the_in_process_engine_writes_what_the_spark_engine_writes(spark, scratch, tmp_path, case):
+def test_the_in_process_engine_writes_what_the_spark_engine_writes(spark, scratch, tmp_path, case, monkeypatch):
     """Each case run on the test's Spark session and in process (no session given, a pool far below
     --spark-above): the same manifests, uid files and update reports, byte for byte. The Spark engine's
-    choices are checked against plain-Python references by the tests above."""
+    choices are checked against plain-Python references by the tests above. In process, an exclusion
+    list is read once: the uids its check held (the bytes its recorded sha256 names) flag the catalog."""
+    from laiontools.contracts import uids as uids_mod
+
     kw = _engine_case(case, scratch, tmp_path)
     seed = {} if "update" in kw else {"seed": 7}
     out = {}
     for engine in ("spark", "in-process"):
         folder = tmp_path / engine
         cfg = SubsetsConfig(pool=scratch, output=str(folder), **seed, **kw)
+        loaded: list[str] = []
+        if engine == "in-process":
+            load = uids_mod.load_uids
+            monkeypatch.setattr(uids_mod, "load_uids", lambda path, *a, **k: loaded.append(os.path.basename(str(path))) or load(path, *a, **k))
         res = subsets_stage.run(cfg, spark if engine == "spark" else None)
         assert res.ok
+        if engine == "in-process":
+            read_again = {os.path.basename(e) for e in kw.get("exclude", [])} | {layout.DEDUP_EXCLUDE_UIDS}
+            assert not read_again & set(loaded), loaded
         out[engine] = _tree(folder)
         runs = {json.loads(p.read_text())["engine"] for p in folder.glob("*.manifest.json.run.json")}
         assert runs == ({"in-process"} if engine == "in-process" else {f"spark {spark.sparkContext.master}"})

@@ -270,6 +270,13 @@ class Exclusion:
     kind: str  # "dedup" or "uids"
     sha256: str
     count: int
+    # The uids as load_exclusion read them (the bytes `sha256` names), when it held them (up to
+    # MEMBER_UDF_MAX_UIDS): the in-process selection flags the catalog with these instead of reading
+    # the file a second time. Not part of the subsets' record.
+    held: Any = field(default=None, repr=False, compare=False)
+
+    def record(self) -> dict[str, Any]:
+        return {"path": self.path, "given": self.given, "kind": self.kind, "sha256": self.sha256, "count": self.count}
 
 
 def load_exclusion(given: str, pool: PoolInfo, spark: Any) -> Exclusion:
@@ -339,7 +346,7 @@ def load_exclusion(given: str, pool: PoolInfo, spark: Any) -> Exclusion:
                 f"dedup output {given}: {missing} of {count} excluded uids are not samples of pool {pool.path}; "
                 "it was made from another pool: run dedup on this pool's embeddings"
             )
-    return Exclusion(path=uid_file, given=given, kind=kind, sha256=sha, count=count)
+    return Exclusion(path=uid_file, given=given, kind=kind, sha256=sha, count=count, held=arr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -681,7 +688,8 @@ class _LocalSelection:
             valid = pc.is_valid(uid).to_numpy(zero_copy_only=False)
             keys = arrow_to_array(pc.fill_null(uid, "0" * 32))
         for i, ex in enumerate(exclusions):
-            flag = UidSet(np.asarray(load_uids(ex.path, mmap=False))).contains(keys) & valid if self.n else np.zeros(0, bool)
+            held = ex.held if ex.held is not None else load_uids(ex.path, mmap=False)
+            flag = UidSet(np.asarray(held)).contains(keys) & valid if self.n else np.zeros(0, bool)
             self.cols[f"_excluded_{i}"] = pa.array(flag)
         self.order: np.ndarray | None = None
 
@@ -1076,6 +1084,8 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
     write_json(join(output, layout.SETTINGS_JSON), {"stage": "subsets", **cfg.to_dict()})
     exclusions = [load_exclusion(e, pool, spark) for e in cfg.exclude]
     eng: Any = _SparkSelection(cfg, spark, pool, exclusions) if spark is not None else _LocalSelection(cfg, pool, exclusions)
+    for ex in exclusions:
+        ex.held = None  # flagged (in process) or read by Spark's tasks: not held for the rest of the run
     try:
         scores_record = eng.scores_record
         if cfg.scores and cfg.min_clip_score is None:
@@ -1112,7 +1122,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
             "method": HASH_SPEC,
             "filters": {**cfg.filters(), "clip_score_source": scores_record},
             "funnel": funnel,
-            "exclusions": [dataclasses.asdict(e) for e in exclusions],
+            "exclusions": [e.record() for e in exclusions],
             "eligible": n_elig,
         }
         results: list[dict[str, Any]] = []
