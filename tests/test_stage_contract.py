@@ -8,6 +8,7 @@ output resumes. The configs are cheap: the rule applies before a stage reads its
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib
 import json
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -217,19 +219,46 @@ def test_object_store_lock_object(tmp_path):
     fs = fsspec.filesystem("memory")
     _, lock = output_paths(out)
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    try:
-        fs.pipe(lock, json.dumps({"host": socket.gethostname(), "pid": live.pid, "stage": "reshard",
-                                  "started": "2026-01-01T00:00:00+00:00"}).encode())
-        with pytest.raises(OutputLocked, match=f"pid {live.pid}"):
+    now = datetime.datetime.now(datetime.UTC)
+
+    def lock_of(pid: int, started: datetime.datetime | None) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": pid, "stage": "reshard",
+                           **({"started": started.isoformat(timespec="seconds")} if started else {})}).encode()
+
+    def taken_over() -> None:
+        with pytest.raises(UserError) as e:
             _run("reshard", _cfg("reshard", out))
-        assert fs.exists(lock)
+        assert not isinstance(e.value, OutputLocked) and not fs.exists(lock)
+
+    try:
+        for started in (now, None):  # the lock's owner, as far as this host can tell
+            fs.pipe(lock, lock_of(live.pid, started))
+            with pytest.raises(OutputLocked, match=f"pid {live.pid}"):
+                _run("reshard", _cfg("reshard", out))
+            assert fs.exists(lock)
+        # the same pid, but a process started an hour after the lock was taken: the owner is gone and its
+        # pid was given again (a reboot, pids wrapped around)
+        fs.pipe(lock, lock_of(live.pid, now - datetime.timedelta(hours=1)))
+        taken_over()
     finally:
         live.kill()
         live.wait(timeout=60)
-    fs.pipe(lock, json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "stage": "reshard"}).encode())
-    with pytest.raises(UserError) as e:
-        _run("reshard", _cfg("reshard", out))
-    assert not isinstance(e.value, OutputLocked) and not fs.exists(lock)
+    fs.pipe(lock, lock_of(_dead_pid(), now))
+    taken_over()
+    # killed but not yet reaped (its parent died with it; init reaps orphans only every second or two)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        for _ in range(600):
+            with open(f"/proc/{zombie.pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the child never exited")
+        fs.pipe(lock, lock_of(zombie.pid, now))
+        taken_over()
+    finally:
+        zombie.wait(timeout=60)
     # another host's lock cannot be checked from here: refused, with the way out in the message
     fs.pipe(lock, json.dumps({"host": "some-other-host", "pid": 1, "stage": "embed"}).encode())
     with pytest.raises(OutputLocked, match="some-other-host.*delete the lock file"):

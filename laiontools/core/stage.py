@@ -363,16 +363,6 @@ def check_output(path: str, stage: str, owners: Iterable[str] = (), kind: str = 
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
 def _lock_info(stage: str) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC)
     return {"host": _HOST, "pid": os.getpid(), "stage": stage, "started": now.isoformat(timespec="seconds"),
@@ -389,8 +379,12 @@ def _locked_error(output: str, lock: str, info: dict[str, Any] | None) -> Output
 
 
 def _stale(info: dict[str, Any] | None) -> bool:
-    """A lock left by a dead process of this host (killed run): safe to take over."""
-    return bool(info) and info.get("host") == _HOST and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"])
+    """A lock left by a dead process of this host (killed run; its pid now free, a zombie, or another
+    process's): safe to take over."""
+    from laiontools.core.storage import pid_alive
+
+    return (bool(info) and info.get("host") == _HOST and isinstance(info.get("pid"), int)
+            and not pid_alive(info["pid"], info.get("started") if isinstance(info.get("started"), str) else None))
 
 
 @contextmanager

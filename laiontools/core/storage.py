@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import importlib.util
 import json
@@ -223,7 +224,7 @@ def scratch_dir(prefix: str) -> Iterator[str]:
     mine = re.compile(rf"^{re.escape(prefix)}-{re.escape(host)}-(\d+)-[A-Za-z0-9_]+$")
     for name in os.listdir(base):
         m = mine.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
     path = tempfile.mkdtemp(prefix=f"{prefix}-{host}-{os.getpid()}-", dir=base)
     try:
@@ -232,13 +233,39 @@ def scratch_dir(prefix: str) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+# A process whose start is this many seconds after the time a lock or folder names as its owner's start
+# is another process that was given the owner's pid again (a reboot, or pids wrapped around).
+PID_REUSE_SLACK_S = 5.0
+
+
+def pid_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` of this host is alive and, when `started` (an ISO time, as our locks record)
+    is given, could be the process that started then. A process killed but not yet reaped (a zombie:
+    its parent died with it and init reaps orphans only every second or two) is not alive: it holds no
+    file and no lock. Without /proc (not Linux) only the first test is made."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces or ")"
+    except (OSError, IndexError):
         return True
+    if fields[0] in (b"Z", b"X"):
+        return False
+    if started:
+        try:
+            since = datetime.datetime.fromisoformat(started).timestamp()
+            with open("/proc/stat", "rb") as f:
+                boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+            began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        except (ValueError, TypeError, OSError, StopIteration, IndexError):
+            return True
+        if began > since + PID_REUSE_SLACK_S:
+            return False
     return True
 
 
