@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from laiontools.contracts import layout
@@ -104,8 +105,9 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
     spark-submit process group) and the same command submitted again resumes to the local run's pool,
     which verify on the cluster, reading the bucket, passes. A reshard of the pool copied into a bucket
     reads and writes s3:// on the executors with those settings, and without them stops with one line.
-    The download given `--conf spark.sql.shuffle.partitions=37`, subsets and reshard given 5, used them
-    (a user's setting wins over the job's); the prepare on its own, given none, derived its own."""
+    The download given `--conf spark.sql.shuffle.partitions=37` and a gzip parquet codec, subsets and reshard
+    given 5 partitions, used them (a user's setting wins over the job's); the prepare on its own, given none,
+    derived its own."""
     from laiontools.stages import download as download_stage
     from laiontools.stages.download import DownloadConfig
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -140,8 +142,11 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
             # shuffle partition: the few rejected rows hashed over 37 land in more files than the 8 the job
             # used to force, never more than 37). The download is killed once its first shard is in the
             # bucket (its prepare done), before its manifest; the same command again resumes it.
+            # ... and so does a parquet codec other than the job's default (zstd): gzip, in the catalog the
+            # tasks write into the bucket through pyarrow.
             download = [*conf, *_store_conf(), "--conf", "spark.sql.shuffle.partitions=37", "--conf",
-                        "spark.sql.adaptive.enabled=false", str(REPO / "jobs" / "download.py"), *rows, *fetch, "--output", out]
+                        "spark.sql.adaptive.enabled=false", "--conf", "spark.sql.parquet.compression.codec=gzip",
+                        str(REPO / "jobs" / "download.py"), *rows, *fetch, "--output", out]
             phase = _kill_submit(download, cwd=tmp_path, ready=lambda: len(listed(f"{bucket}/pool/shards/*_stats.json")) >= 1,
                                  done=lambda: bool(listed(f"{bucket}/pool/{layout.POOL_MANIFEST}")))
             assert phase["killed_before_manifest"], phase
@@ -153,6 +158,12 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
             assert _stats(out)["spark"] == {"shuffle_partitions": 37}
             rejected = listed(f"{bucket}/pool/{layout.PREPARED_DIR}/rejected/part-*.parquet")
             assert 8 < len(rejected) <= 37, len(rejected)
+            codecs = set()
+            for key in listed(f"{bucket}/pool/{layout.CATALOG_DIR}/part-*.parquet") + rejected:
+                with s3.open(key, "rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+                codecs |= {meta.row_group(g).column(c).compression for g in range(meta.num_row_groups) for c in range(meta.num_columns)}
+            assert codecs == {"GZIP"}, codecs
             ran = cluster.tasks_per_worker()
             assert all(n > 0 for n in ran), f"tasks per worker {ran}: a worker ran nothing"
             # verify of the resumed pool on the cluster: its tasks read every shard from the bucket
