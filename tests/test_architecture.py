@@ -158,7 +158,10 @@ def _parquet_calls_without_crc_options(tree: ast.AST) -> list[tuple[int, str]]:
             want = "PARQUET_READ"
         else:
             continue
-        passed = {k.value.id for k in node.keywords if k.arg is None and isinstance(k.value, ast.Name)}
+        # **PARQUET_WRITE, or the options merged into a dict that is unpacked: **{**PARQUET_WRITE, "compression": c}
+        given = [k.value for k in node.keywords if k.arg is None]
+        given += [v for d in given if isinstance(d, ast.Dict) for key, v in zip(d.keys, d.values) if key is None]
+        passed = {v.id for v in given if isinstance(v, ast.Name)}
         if want not in passed:
             bad.append((node.lineno, f"{name}(...) without **{want}"))
     return bad
@@ -183,9 +186,12 @@ def test_the_parquet_checksum_check_finds_a_call_without_the_options():
         "pq.ParquetFile(f, **PARQUET_READ).iter_batches()\n"
         "n = pq.ParquetFile(f).metadata.num_rows\n"
         "t = pq.read_table(p, columns=['a'])\n"
+        "pq.write_table(t, p, **{**PARQUET_WRITE, 'compression': 'gzip'})\n"
+        "pq.write_table(t, p, **{'compression': 'gzip'})\n"
     )
     assert _parquet_calls_without_crc_options(ast.parse(src)) == [
         (2, "write_table(...) without **PARQUET_WRITE"),
         (4, "to_parquet(...) without **PARQUET_WRITE"),
         (7, "read_table(...) without **PARQUET_READ"),
+        (9, "write_table(...) without **PARQUET_WRITE"),
     ]

@@ -7,6 +7,7 @@ downloaded pool from conftest's ``pool`` fixture when it exists.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -586,6 +587,12 @@ def _tree(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != layout.SETTINGS_JSON and not p.name.endswith(".run.json") and not p.name.startswith(".")}
 
 
+def _recorded(load, names: list[str], path, *a, **k):
+    """`load` (contracts.uids.load_uids) that notes the name of each file it reads in `names`."""
+    names.append(os.path.basename(str(path)))
+    return load(path, *a, **k)
+
+
 @pytest.mark.parametrize("case", ["filters", "scores", "scores-no-bound", "exclusions", "short", "update"])
 def test_the_in_process_engine_writes_what_the_spark_engine_writes(spark, scratch, tmp_path, case, monkeypatch):
     """Each case run on the test's Spark session and in process (no session given, a pool far below
@@ -600,10 +607,8 @@ def test_the_in_process_engine_writes_what_the_spark_engine_writes(spark, scratc
     for engine in ("spark", "in-process"):
         folder = tmp_path / engine
         cfg = SubsetsConfig(pool=scratch, output=str(folder), **seed, **kw)
-        loaded: list[str] = []
         if engine == "in-process":
-            load = uids_mod.load_uids
-            monkeypatch.setattr(uids_mod, "load_uids", lambda path, *a, **k: loaded.append(os.path.basename(str(path))) or load(path, *a, **k))
+            monkeypatch.setattr(uids_mod, "load_uids", functools.partial(_recorded, uids_mod.load_uids, loaded := []))
         res = subsets_stage.run(cfg, spark if engine == "spark" else None)
         assert res.ok
         if engine == "in-process":
