@@ -768,3 +768,128 @@ def test_the_in_process_catalog_reader_merges_null_columns_and_names_disagreeing
     pq.write_table(pa.table({"uid": ["c" * 32], "error_message": [7]}), cat / "part-00002.parquet")
     with pytest.raises(InputError, match=r"catalog .*catalog disagree on their columns"):
         read_catalog(info)
+
+
+# ----------------------------------------------------------------------------------------------
+# catalogs off the beaten path (found by a review of the in-process engine): small pools in download's
+# layout (tests/test_subsets.py), each taken down on both engines
+
+
+def _scratch_takedown(spark, engine: str, manifest: str, list_text: str, out, tmp_path):
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    lst = tmp_path / f"list-{engine}.txt"
+    lst.write_text(list_text)
+    return takedown_stage.run(TakedownConfig(pool=manifest, list_file=str(lst), reason="x", output=str(out)),
+                              spark if engine == "spark" else None)
+
+
+@pytest.fixture
+def no_master(monkeypatch):
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+
+
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+@pytest.mark.parametrize("lacking", [0, 1])
+def test_a_catalog_file_without_a_match_column_is_refused_naming_it(spark, no_master, tmp_path, engine, lacking):
+    """Two catalog files, one without `url`. Read as nulls there (Spark takes its columns from one file;
+    pyarrow's concat fills a missing column), a url entry would silently pass that file's rows by: the listed
+    sample kept, the line reported as matching nothing. Both engines refuse, naming the file."""
+    import pyarrow.parquet as pq
+    from test_subsets import make_scratch_pool
+
+    from laiontools.core.errors import InputError
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=40, per_shard=16, failures=0)
+    f = tmp_path / "pool" / "catalog" / "part-00000.parquet"
+    t = pq.read_table(f)
+    parts = [t.slice(0, 20), t.slice(20)]
+    parts[lacking] = parts[lacking].drop_columns(["url"])
+    names = ["part-00000.parquet", "part-00001.parquet"]
+    for part, name in zip(parts, names):
+        pq.write_table(part, tmp_path / "pool" / "catalog" / name)
+    target = t.slice(0 if lacking == 0 else 39, 1).to_pylist()[0]
+    with pytest.raises(InputError, match=rf"{names[lacking]} lacks column\(s\) \['url'\]"):
+        _scratch_takedown(spark, engine, m, f"url {target['url']}\n", tmp_path / "out", tmp_path)
+
+
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_a_catalog_whose_message_column_is_all_null_takes_a_takedown(spark, no_master, tmp_path, engine):
+    """A pool whose every row succeeded, its catalog rewritten by pandas (read_parquet + to_parquet): the
+    all-None error_message column is stored with Arrow's null type (Spark reads it as integers). The
+    takedown wrote the shards, then failed on the catalog (pyarrow's "Invalid null value"; Spark's
+    CAST_INVALID_INPUT). Now the column takes the catalog's type and the removed row its message."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_subsets import make_scratch_pool, pool_samples
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=40, per_shard=16, failures=0)
+    f = tmp_path / "pool" / "catalog" / "part-00000.parquet"
+    pd.read_parquet(f).to_parquet(f)
+    assert pq.read_schema(f).field("error_message").type == pa.null()
+    uid = min(pool_samples(m))
+    res = _scratch_takedown(spark, engine, m, f"uid {uid}\n", tmp_path / "out", tmp_path)
+    assert res.counts["removed"] == 1
+    cat = pd.read_parquet(tmp_path / "out" / "catalog")
+    row = cat[cat["uid"] == uid].iloc[0]
+    assert row["status"] == "removed_x" and "line 1 (uid" in row["error_message"]
+    assert cat["error_message"].notna().sum() == 1
+
+
+@pytest.mark.parametrize("damage", ["empty", "not parquet", "cut short"])
+def test_a_damaged_catalog_file_is_one_error_when_the_manifest_has_no_row_count(no_master, tmp_path, damage, capsys):
+    """A pool manifest without catalog.num_rows (optional; pools from before it was written): takedown
+    counts the catalog's rows from the parquet footers to choose its engine. A damaged file there was
+    pyarrow's traceback; now one line naming the file, exit 2, as with the count in the manifest."""
+    from test_subsets import make_scratch_pool
+
+    from laiontools.cli import main
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=40, per_shard=16, failures=0)
+    assert "num_rows" not in read_manifest(m)["catalog"]
+    f = tmp_path / "pool" / "catalog" / "part-00000.parquet"
+    data = f.read_bytes()
+    f.write_bytes({"empty": b"", "not parquet": b"uid,status\n", "cut short": data[: len(data) // 2]}[damage])
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"uid {'0' * 32}\n")
+    rc = main(["takedown", "--pool", m, "--list", str(lst), "--reason", "x", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "part-00000.parquet is damaged or truncated" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+@pytest.mark.parametrize("entry", ["uid", "sha256"])
+def test_catalog_rows_marked_counts_every_row_the_takedown_marks(spark, no_master, tmp_path, engine, entry):
+    """A URL + caption three times in the source leaves one success row and two rejected_duplicate_uid rows
+    of the same uid. A uid entry (or a content entry, through the sample's other rows) marks all three;
+    the counts were of distinct (uid, status) pairs: 2 marked, "1 more catalog row without a stored sample"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_subsets import make_scratch_pool
+
+    from laiontools.contracts import schema as C
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=40, per_shard=16, failures=0)
+    f = tmp_path / "pool" / "catalog" / "part-00000.parquet"
+    t = pq.read_table(f)
+    rows = t.to_pylist()
+    s = next(r for r in rows if r["status"] == C.STATUS_SUCCESS)
+    dup = {**s, "status": "rejected_duplicate_uid", "shard": None, "key": None, "width": None, "height": None,
+           "error_message": "duplicate of an earlier row (same URL and caption)"}
+    rows = sorted(rows + [dup, dict(dup)], key=lambda r: (r["uid"], r["status"]))
+    pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), f)
+    if entry == "uid":
+        line = f"uid {s['uid']}\n"
+    else:  # the stored image's sha256, as the shard holds it
+        from laiontools.contracts import layout
+
+        path = next(e["path"] for e in read_manifest(m)["shards"] if layout.shard_id(e["path"]) == s["shard"])
+        line = f"sha256 {_samples(os.path.join(tmp_path / 'pool', path))[s['key']]['sha256']}\n"
+    res = _scratch_takedown(spark, engine, m, line, tmp_path / "out", tmp_path)
+    cat = pd.read_parquet(tmp_path / "out" / "catalog")
+    marked = int((cat["status"] == "removed_x").sum())
+    assert marked == 3 and res.counts["removed"] == 1
+    assert res.counts["catalog_rows_marked"] == marked, res.summary
+    assert res.details["counts"]["catalog_rows_without_sample"] == marked - 1
+    assert "marked 2 more catalog row(s)" in res.summary

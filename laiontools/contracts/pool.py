@@ -51,21 +51,58 @@ def load_pool(path: str) -> PoolInfo:
     return PoolInfo(path=path, manifest=m, sha256=manifest_sha256(path), catalog=catalog, shard_ids=shard_ids)
 
 
+def catalog_footers(pool: PoolInfo) -> list[tuple[str, int, Any]]:
+    """(file, rows, Arrow schema) of every parquet file of the pool's catalog, from their footers alone,
+    read 16 at a time (a 2B-row catalog is ~1,200 files, each footer a round trip to an object store).
+    An object store's refusal or a damaged file: one error naming the file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from laiontools.core.storage import list_data_files, parquet_read_errors, store_errors
+
+    def footer(path: str) -> tuple[str, int, Any]:
+        fs, p = url_to_fs(path)
+        with store_errors(path), fs.open(p, "rb") as f, parquet_read_errors(path):
+            meta = pq.ParquetFile(f).metadata
+            return path, meta.num_rows, meta.schema.to_arrow_schema()
+
+    with store_errors(pool.catalog):
+        files = list_data_files(pool.catalog)
+    with ThreadPoolExecutor(min(16, max(1, len(files))), thread_name_prefix="laiontools-footers") as ex:
+        return list(ex.map(footer, files))
+
+
 def catalog_rows(pool: PoolInfo) -> int:
     """How many rows the pool's catalog holds: its manifest's count, else the parquet footers' (what a
     stage reads to choose its engine)."""
     rows = (pool.manifest.get("catalog") or {}).get("num_rows")
     if rows is None:
-        import pyarrow.parquet as pq
-
-        from laiontools.core.storage import list_data_files
-
-        rows = 0
-        for path in list_data_files(pool.catalog):
-            fs, p = url_to_fs(path)
-            with fs.open(p, "rb") as f:
-                rows += pq.ParquetFile(f).metadata.num_rows
+        rows = sum(n for _, n, _ in catalog_footers(pool))
     return int(rows)
+
+
+def lacking_columns(pool: PoolInfo, required: tuple[str, ...], footers: list[tuple[str, int, Any]] | None = None) -> None:
+    """Refuse (InputError naming the file) a catalog one of whose files lacks a `required` column: a
+    reader of several files (Spark's, or pyarrow's concat) would read that file's rows as nulls there,
+    and a stage that matches on the column would silently pass them by."""
+    for path, _, schema in catalog_footers(pool) if footers is None else footers:
+        missing = [c for c in required if c not in schema.names]
+        if missing:
+            raise InputError(f"catalog {pool.catalog}: {path} lacks column(s) {missing}; it does not follow "
+                             "schemas/catalog.schema.json")
+
+
+def null_typed_everywhere(footers: list[tuple[str, int, Any]]) -> list[str]:
+    """The catalog's canonical columns that every file stores with Arrow's null type (a column all None
+    written by pandas): Spark reads them as integers, which a stage writing a string there cannot use."""
+    import pyarrow as pa
+
+    from laiontools.contracts.schema import catalog_arrow_schema
+
+    schemas = [s for _, _, s in footers]
+    return [c for c in catalog_arrow_schema().names
+            if schemas and all(c in s.names and pa.types.is_null(s.field(c).type) for s in schemas)]
 
 
 # A catalog is written as parquet files of ~2M rows (~0.5 GB) each, sorted by (uid, status) across them,
@@ -91,13 +128,23 @@ def read_catalog(pool: PoolInfo, columns: list[str] | None = None, required: tup
             pf = pq.ParquetFile(f, **PARQUET_READ)
             missing = [c for c in required if c not in pf.schema_arrow.names]
             if missing:
-                raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow "
+                raise InputError(f"catalog {pool.catalog}: {path} lacks column(s) {missing}; it does not follow "
                                  "schemas/catalog.schema.json")
             parts.append(pf.read(columns=columns))
     if not parts:
         raise InputError(f"catalog {pool.catalog} has no parquet files; the pool folder is incomplete (re-run download)")
     try:  # a column all null in one file (typed null there) takes the other files' type
-        return pa.concat_tables(parts, promote_options="permissive")
+        t = pa.concat_tables(parts, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise InputError(f"{pool.path}: the parquet files of its catalog {pool.catalog} disagree on their columns "
                          f"({str(e).splitlines()[0]}); it does not follow schemas/catalog.schema.json") from None
+    # ... and one null in every file (pandas writes a column all None so) takes the catalog's own type:
+    # a stage that writes values there (takedown's messages) needs a column that can hold them
+    from laiontools.contracts.schema import catalog_arrow_schema
+
+    canon = catalog_arrow_schema()
+    for i, fld in enumerate(t.schema):
+        if pa.types.is_null(fld.type) and fld.name in canon.names:
+            typ = canon.field(fld.name).type
+            t = t.set_column(i, pa.field(fld.name, typ), t.column(i).cast(typ))
+    return t

@@ -88,7 +88,16 @@ from laiontools import __version__
 from laiontools.contracts import layout
 from laiontools.contracts import schema as C
 from laiontools.contracts.manifest import new_manifest, resolve, write_manifest
-from laiontools.contracts.pool import CATALOG_ROWS_PER_FILE, PoolInfo, abs_path, catalog_rows, load_pool
+from laiontools.contracts.pool import (
+    CATALOG_ROWS_PER_FILE,
+    PoolInfo,
+    abs_path,
+    catalog_footers,
+    catalog_rows,
+    lacking_columns,
+    load_pool,
+    null_typed_everywhere,
+)
 from laiontools.contracts.removal import RemovalList, content_hashes, read_removal_list
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
@@ -130,6 +139,8 @@ STAGE = "takedown"
 SPARK_ABOVE_ROWS = 1_000_000
 # Spans of the kept samples of rewritten shards come to the driver (one small row each); the uids and
 # match lines of removed samples too (they go into takedown.json and the audit log).
+# The catalog columns the match reads; every file of the catalog must hold them.
+MATCH_COLUMNS = (C.UID, C.STATUS, C.URL, C.SHARD, C.KEY, C.SHA256, C.ERROR)
 _MATCH_SCHEMA = "uid string, status string, shard string, key string, kind string, value string, line int, lines string"
 
 
@@ -444,7 +455,7 @@ def run(cfg: TakedownConfig, spark: Any = None) -> StageResult:
 def _takedown(cfg: TakedownConfig, eng: _SparkCatalog | _LocalCatalog, pool: PoolInfo, rl: RemovalList, status: str,
               out: str) -> dict[str, Any]:
     t0 = time.monotonic()
-    cols = [C.UID, C.STATUS, C.URL, C.SHARD, C.KEY, C.SHA256, C.ERROR]
+    cols = list(MATCH_COLUMNS)
     missing = [c for c in cols if c not in eng.columns]
     if missing:
         raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow schemas/catalog.schema.json")
@@ -452,6 +463,9 @@ def _takedown(cfg: TakedownConfig, eng: _SparkCatalog | _LocalCatalog, pool: Poo
     # one match per (uid, status) row: the first entry the row hits; every line hit is kept, to name the
     # lines that matched nothing (and those that named only rows an earlier takedown removed)
     matched: dict[tuple[str, str], dict[str, Any]] = {}
+    # catalog rows per matched (uid, status): a URL + caption repeated in the source leaves one success
+    # row and a rejected_duplicate_uid row for each repeat, all of them marked by the catalog's rewrite
+    rows_of: dict[tuple[str, str], int] = {}
     lines_hit: set[int] = set()
     lines_earlier: set[int] = set()
     for r in rows:
@@ -459,6 +473,7 @@ def _takedown(cfg: TakedownConfig, eng: _SparkCatalog | _LocalCatalog, pool: Poo
             lines_earlier |= _lines_of(r["lines"])
             continue
         lines_hit |= _lines_of(r["lines"])
+        rows_of[(r["uid"], r["status"])] = rows_of.get((r["uid"], r["status"]), 0) + 1
         matched.setdefault((r["uid"], r["status"]), {"uid": r["uid"], "status": r["status"], "shard": r["shard"], "key": r["key"],
                                                      "kind": r["kind"], "value": r["value"], "line": int(r["line"])})
     t_catalog = time.monotonic() - t0
@@ -488,7 +503,7 @@ def _takedown(cfg: TakedownConfig, eng: _SparkCatalog | _LocalCatalog, pool: Poo
                                     f"(line {line}) but has no uid in its .json; the pool does not follow the layout")
             matched.setdefault((uid, C.STATUS_SUCCESS), {"uid": uid, "status": C.STATUS_SUCCESS, "shard": sid, "key": key,
                                                          "kind": kind, "value": value, "line": int(line)})
-    _mark_rows_of_content_matches(eng, matched)
+    _mark_rows_of_content_matches(eng, matched, rows_of)
     t_content = time.monotonic() - t1
     # the list's lines that matched no row of this pool (a repeated value counts as its first line)
     unmatched = [(ln, text) for ln, (text, first) in sorted(rl.lines.items()) if first not in lines_hit]
@@ -555,8 +570,8 @@ def _takedown(cfg: TakedownConfig, eng: _SparkCatalog | _LocalCatalog, pool: Poo
         else:
             listed.append({**s, "path": abs_path(resolve(pool.path, s["path"]))})
     counts = {
-        "samples_removed": len(removed), "catalog_rows_marked": len(removed) + len(other),
-        "catalog_rows_without_sample": len(other), "shards_rewritten": len(rewritten),
+        "samples_removed": len(removed), "catalog_rows_marked": sum(rows_of.get((m["uid"], m["status"]), 1) for m in matched.values()),
+        "catalog_rows_without_sample": sum(rows_of.get((m["uid"], m["status"]), 1) for m in other), "shards_rewritten": len(rewritten),
         "shards_referenced": len(listed) - len(rewritten), "shards_content_scanned": content_scanned,
         "by_kind": {k: sum(1 for m in matched.values() if m["kind"] == k) for k in sorted({m["kind"] for m in matched.values()})},
         "samples_before": pool.manifest["num_samples"], "samples_after": n_uids,
@@ -611,9 +626,11 @@ def _takedown(cfg: TakedownConfig, eng: _SparkCatalog | _LocalCatalog, pool: Poo
 _CONTENT_KINDS = ("sha256", "md5", "phash")
 
 
-def _mark_rows_of_content_matches(eng: _SparkCatalog | _LocalCatalog, matched: dict[tuple[str, str], dict[str, Any]]) -> None:
+def _mark_rows_of_content_matches(eng: _SparkCatalog | _LocalCatalog, matched: dict[tuple[str, str], dict[str, Any]],
+                                  rows_of: dict[tuple[str, str], int]) -> None:
     """Add to `matched` the other catalog rows of every uid whose stored sample a content entry
-    (sha256 / md5 / pHash) removed, with that sample's entry and line.
+    (sha256 / md5 / pHash) removed, with that sample's entry and line, counting them in `rows_of`
+    (rows per (uid, status)) unless the catalog match had already counted that (uid, status).
 
     A content entry names a stored image, so it hits the sample's success row only; the uid's other
     rows (a `rejected_duplicate_uid` row: the same URL + caption) hold no image to compare. A uid or
@@ -623,8 +640,11 @@ def _mark_rows_of_content_matches(eng: _SparkCatalog | _LocalCatalog, matched: d
     by_uid = {m["uid"]: m for m in matched.values() if m["status"] == C.STATUS_SUCCESS and m["kind"] in _CONTENT_KINDS}
     if not by_uid:
         return
+    known = set(matched)
     for uid, st, shard, key in eng.other_rows(sorted(by_uid)):
         m = by_uid[uid]
+        if (uid, st) not in known:
+            rows_of[(uid, st)] = rows_of.get((uid, st), 0) + 1
         matched.setdefault((uid, st), {"uid": uid, "status": st, "shard": shard, "key": key,
                                        "kind": m["kind"], "value": m["value"], "line": m["line"]})
 
@@ -656,7 +676,21 @@ class _SparkCatalog:
         # The new pool's uid file is a distinct + range sort of its success rows: partitions follow the
         # pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 otherwise).
         self.run_record = spark_run_record(self.spark, int(pool.manifest["num_samples"]))
-        self.cat = spark_read_parquet(self.spark, pool.catalog)
+        # Every file holds the columns the match reads (Spark takes its columns from one file and reads
+        # another's missing column as nulls: a url entry would silently pass that file's rows by), and a
+        # column every file stores with Arrow's null type (Spark reads it as integers) gets its own type.
+        footers = catalog_footers(pool)
+        lacking_columns(pool, MATCH_COLUMNS, footers)
+        cat = spark_read_parquet(self.spark, pool.catalog)
+        nulls = set(null_typed_everywhere(footers))
+        if nulls:
+            from pyspark.sql import functions as F
+            from pyspark.sql.pandas.types import from_arrow_type
+
+            canon = C.catalog_arrow_schema()
+            cat = cat.select(*[F.col(c).cast(from_arrow_type(canon.field(c).type)).alias(c) if c in nulls else F.col(c)
+                               for c in cat.columns])
+        self.cat = cat
         self.columns = list(self.cat.columns)
 
     def match(self, rl: RemovalList, cols: list[str]) -> list[Any]:
@@ -740,7 +774,7 @@ class _LocalCatalog:
 
         self.tasks = Tasks(None)
         self.run_record: dict[str, Any] = {"engine": "in-process"}
-        self.cat = read_catalog(pool)
+        self.cat = read_catalog(pool, required=MATCH_COLUMNS)
         self.columns = list(self.cat.column_names)
         self.new: Any = None  # the catalog written, kept for its uid file
 
