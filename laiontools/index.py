@@ -140,20 +140,23 @@ def read_bytes(path: str) -> bytes:
 
 
 # Loaded once per Python worker process (Spark reuses workers): every task of a job and every
-# shard of a task share one index, keyed by the index file's sha256.
-_CACHE: dict[str, Any] = {}
+# shard of a task share one index, keyed by the index file's sha256 and whether it was put on a GPU
+# (a run with --no-gpu after one with a GPU, in one process, must not get the GPU index: its search
+# is serialized only when the run asked for the GPU).
+_CACHE: dict[tuple[str, bool], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def load_cached(index_path: str, sha: str, use_gpu: bool = True) -> Any:
     """The index at `index_path` (checked against `sha`), loaded once per process."""
+    key = (sha, bool(use_gpu))
     with _CACHE_LOCK:  # in process, search tasks are threads: one of them loads it, the others wait
-        hit = _CACHE.get(sha)
+        hit = _CACHE.get(key)
         if hit is not None:
             return hit
         data = read_bytes(index_path)
         if sha256_bytes(data) != sha:
             raise UserError(f"{index_path} changed since the job started (sha256 mismatch); re-run dedup")
         _CACHE.clear()  # one index per process: a new job's index replaces the last
-        hit = _CACHE[sha] = deserialize(data, use_gpu=use_gpu)
+        hit = _CACHE[key] = deserialize(data, use_gpu=use_gpu)
         return hit

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -500,3 +501,216 @@ def test_semdedup_into_an_old_output_assigns_shards_embedded_again(reembedded, t
     assert got["pool_samples"] == want["pool_samples"] and got["eps"] == want["eps"]
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(stale, "report")).sort_values(["uid", "eps"]).reset_index(drop=True),
                                   pd.read_parquet(os.path.join(fresh, "report")).sort_values(["uid", "eps"]).reset_index(drop=True))
+
+# ----------------------------------------------------------------------------------------------
+# Found by a review of the in-process search: a damaged index reused for ever, errors from a Spark
+# task printed as tracebacks, a damaged footer met while choosing the engine, a gallery that did not
+# follow --gallery-pairs on a re-run, and a GPU run that put its pHash pass on one thread.
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """For the review's cases below: a 3-shard pool written without download, embedded in process (lt-tiny), and an evaluation set of
+    two of its images."""
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.embed import EmbedConfig
+    from laiontools.testing.embed_pool import write_pool
+
+    root = tmp_path_factory.mktemp("dedup-tiny")
+    manifest = write_pool(str(root / "p"), 3, 6, image_size=32)
+    emb = str(root / "emb")
+    embed_stage.run(EmbedConfig(manifest=manifest, output=emb, model="lt-tiny", num_workers=0))
+    ev = root / "ev" / "c0"
+    ev.mkdir(parents=True)
+    with tarfile.open(os.path.join(root, "p", "shards", "00000.tar")) as tf:
+        for m in [m for m in tf if m.name.endswith(".jpg")][:2]:
+            (ev / m.name).write_bytes(tf.extractfile(m).read())
+    return {"root": root, "manifest": manifest, "emb": emb, "evalset": f"ev={root / 'ev'}:imagefolder"}
+
+
+def _tiny_cfg(tiny, out, **kw) -> DedupConfig:
+    return DedupConfig(embeddings=tiny["emb"], evalset=[tiny["evalset"]], output=str(out), threshold=0.99, k=2, **kw)
+
+
+def _new_process_and_unfinished_shards(out) -> None:
+    """As a new process sees a run killed during its search: no index loaded yet, shards left to search."""
+    from laiontools import index as DI
+
+    DI._CACHE.clear()
+    dedup_stage._LOOKUPS.clear()
+    shutil.rmtree(out / "done")
+
+
+def test_a_damaged_index_file_is_rebuilt_by_the_re_run_its_error_asks_for(tiny, tmp_path, monkeypatch):
+    """The index file changed after index.json recorded its sha256 (a bit flip, a partial copy, an edit):
+    the search refuses it saying "re-run dedup", but a re-run reuses index.json as it is (prepare_index never
+    checks the files it describes) and fails the same way, forever."""
+    from laiontools import index as DI
+    from laiontools.core.errors import UserError
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = tmp_path / "d"
+    first = dedup_stage.run(_tiny_cfg(tiny, out)).details
+    idx = out / "index" / "evalsets.faiss"
+    data = bytearray(idx.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last vector
+    idx.write_bytes(bytes(data))
+    _new_process_and_unfinished_shards(out)
+    try:
+        dedup_stage.run(_tiny_cfg(tiny, out))
+    except UserError as e:
+        assert "re-run dedup" in str(e)
+        DI._CACHE.clear()  # the user re-runs dedup as told (a new process)
+    again = dedup_stage.run(_tiny_cfg(tiny, out)).details
+    assert again["pool_duplicates"] == first["pool_duplicates"]
+
+
+def test_a_missing_index_file_is_one_clear_error_or_rebuilt(tiny, tmp_path, monkeypatch):
+    """evalsets.faiss gone (deleted to save space, a partial copy of the output folder) while index.json
+    stays: every re-run fails with a bare FileNotFoundError from a search thread."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = tmp_path / "d"
+    first = dedup_stage.run(_tiny_cfg(tiny, out)).details
+    os.remove(out / "index" / "evalsets.faiss")
+    _new_process_and_unfinished_shards(out)
+    again = dedup_stage.run(_tiny_cfg(tiny, out)).details
+    assert again["pool_duplicates"] == first["pool_duplicates"]
+
+
+def _no_manifest_copy(tiny, dst) -> str:
+    """The embeddings folder as embed writes it for a folder of tars with no pool manifest recorded in model.json
+    (pool.manifest absent): the engine is chosen from the shards' parquet footers."""
+    emb = str(dst)
+    shutil.copytree(tiny["emb"], emb)
+    with open(os.path.join(emb, "model.json")) as f:
+        mj = json.load(f)
+    mj.pop("pool", None)
+    with open(os.path.join(emb, "model.json"), "w") as f:
+        json.dump(mj, f)
+    return emb
+
+
+def test_a_damaged_meta_footer_is_one_clear_error_when_the_pool_is_counted(tiny, tmp_path, monkeypatch):
+    """With no manifest count, the engine choice reads every meta/<shard>.parquet footer (shard_rows) before
+    any shard is checked against embed's recorded sha256: a cut meta file escapes as pyarrow's ArrowInvalid
+    traceback from the CLI (exit 1), instead of the one line naming the file that the search's own read gives."""
+    from laiontools.cli import main
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    emb = _no_manifest_copy(tiny, tmp_path / "emb")
+    meta = os.path.join(emb, "meta", "00001.parquet")
+    with open(meta, "rb") as f:
+        data = f.read()
+    with open(meta, "wb") as f:
+        f.write(data[: len(data) // 2])  # cut: no footer
+    rc = main(["dedup", "--embeddings", emb, "--evalset", tiny["evalset"], "--output", str(tmp_path / "d"),
+               "--threshold", "0.99"])
+    assert rc == 2
+
+
+def _shard_of_another_dim(tiny, dst) -> str:
+    """The embeddings folder with shard 00001 replaced by one of a 32-dim model, its marker recording the new
+    file's sha256 (as when a shard's files and marker are copied in from another embed run)."""
+    import hashlib
+
+    emb = str(dst)
+    shutil.copytree(tiny["emb"], emb)
+    rel = "img_emb/00001.npy"
+    x = np.random.default_rng(0).standard_normal((6, 32)).astype(np.float32)
+    np.save(os.path.join(emb, rel), (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+    mpath = os.path.join(emb, "meta", "00001.parquet.done")
+    with open(mpath) as f:
+        marker = json.load(f)
+    with open(os.path.join(emb, rel), "rb") as f:
+        data = f.read()
+    marker["files_sha256"][rel] = hashlib.sha256(data).hexdigest()
+    marker["files_bytes"][rel] = len(data)
+    with open(mpath, "w") as f:
+        json.dump(marker, f)
+    return emb
+
+
+@pytest.mark.parametrize("engine", ["in-process", "spark"])
+def test_a_shard_of_another_dimension_is_one_clear_error_on_either_engine(tiny, tmp_path, monkeypatch, engine, request):
+    """search_shard raises ModelMismatchError (a UserError: one line, exit 2) for a shard whose vectors have
+    another dimension than the index. In process it arrives as such; in a Spark task it is not tagged with
+    task_error, so it reaches the driver as a py4j error with the worker's traceback and the CLI prints a
+    traceback (exit 1). The same bad input must give the same clear error on both engines."""
+    from laiontools.cli import main
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    emb = _shard_of_another_dim(tiny, tmp_path / "emb")
+    argv = ["dedup", "--embeddings", emb, "--evalset", tiny["evalset"], "--output", str(tmp_path / "d"),
+            "--threshold", "0.99"]
+    if engine == "spark":
+        request.getfixturevalue("spark")  # the session's local[2] SparkSession, found as the active one
+        argv += ["--spark-above", "0"]
+    assert main(argv) == 2
+
+
+def test_a_re_run_with_more_gallery_pairs_shows_what_a_fresh_run_shows(tiny, tmp_path, monkeypatch):
+    """Each shard's marker holds its best `gallery_pairs` candidates, but gallery_pairs is not in the
+    settings key: a re-run into the same output with a larger --gallery-pairs reuses every shard and
+    its gallery keeps the first run's few pairs (a fresh run shows more)."""
+    import re
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    dedup_stage.run(_tiny_cfg(tiny, stale, gallery_pairs=1))
+    dedup_stage.run(_tiny_cfg(tiny, stale, gallery_pairs=6))
+    dedup_stage.run(_tiny_cfg(tiny, fresh, gallery_pairs=6))
+    pairs = lambda out: len(re.findall(r"data:image/jpeg;base64,|image unavailable", (out / "gallery.html").read_text()))
+    assert pairs(stale) == pairs(fresh)
+
+
+def test_with_a_gpu_the_in_process_phash_pass_still_uses_the_cores(tiny, tmp_path, monkeypatch):
+    """With a GPU (faiss-gpu) the in-process run sets tasks.workers = 1 so that the GPU index is never
+    searched from two threads. That serializes the whole shard task, including the pHash pass, which
+    decodes every pool image on the CPU (~4 ms an image here: a 2M-sample pool is ~2 h on one core instead of
+    minutes on 16). Only index.search needs serializing. (faiss-cpu here: gpu_count is faked; the index stays
+    a CPU one.)"""
+    import threading
+    import time
+
+    from laiontools import index as DI
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    monkeypatch.setattr(DI, "gpu_count", lambda: 1)
+    real = dedup_stage._pool_phashes
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def counted(tar):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            time.sleep(0.5)  # a shard's decoding takes a while: overlapping shards would show
+            return real(tar)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(dedup_stage, "_pool_phashes", counted)
+    dedup_stage.run(_tiny_cfg(tiny, tmp_path / "d", phash=True))
+    assert peak[0] >= 2, f"pHash of 3 shards on {os.cpu_count()} cores: at most {peak[0]} at once"
+
+
+def test_the_index_cache_keeps_a_gpu_load_apart_from_a_cpu_one(tmp_path):
+    """One process, two runs on one index: --no-gpu after a GPU run must not get the GPU index back (its
+    search would then go unserialized, from several threads). The cache's key holds the GPU flag: the same
+    flag gives the loaded index again, the other loads it anew. (faiss-cpu here: both loads are CPU indexes,
+    the key is what is checked.)"""
+    import hashlib
+
+    x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    index, _ = DI.build_index(x / np.linalg.norm(x, axis=1, keepdims=True))
+    path = tmp_path / "i.faiss"
+    path.write_bytes(DI.serialize(index))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    DI._CACHE.clear()
+    cpu = DI.load_cached(str(path), sha, use_gpu=False)
+    assert DI.load_cached(str(path), sha, use_gpu=False) is cpu
+    gpu = DI.load_cached(str(path), sha, use_gpu=True)
+    assert gpu is not cpu and DI.load_cached(str(path), sha, use_gpu=True) is gpu
+    assert DI.load_cached(str(path), sha, use_gpu=False) is not cpu  # one index per process: the last load replaced it
+    DI._CACHE.clear()

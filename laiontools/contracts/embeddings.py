@@ -229,14 +229,24 @@ def read_embeddings(
 
 
 def shard_rows(emb_dir: str, shards: list[str]) -> list[int]:
-    """Row count of every embedding shard from its parquet footer (no vectors read)."""
+    """Row count of every embedding shard from its parquet footer (no vectors read). A damaged footer or
+    an object store's refusal: one error naming the file."""
     import pyarrow.parquet as pq
+
+    from laiontools.core.storage import parquet_damaged, store_errors
 
     out = []
     for sid in shards:
-        fs, p = url_to_fs(join(emb_dir, layout.EMB_META_DIR, f"{sid}.parquet"))
-        with fs.open(p, "rb") as f:
-            out.append(pq.ParquetFile(f).metadata.num_rows)
+        path = join(emb_dir, layout.EMB_META_DIR, f"{sid}.parquet")
+        fs, p = url_to_fs(path)
+        with store_errors(path), fs.open(p, "rb") as f:
+            try:
+                out.append(pq.ParquetFile(f).metadata.num_rows)
+            except Exception as e:
+                if not parquet_damaged(e):
+                    raise
+                raise UserError(f"{path} is damaged or truncated ({type(e).__name__}: {str(e)[:200]}); delete "
+                                f"{layout.EMB_META_DIR}/{sid}.parquet.done and re-run embed to rebuild it") from None
     return out
 
 

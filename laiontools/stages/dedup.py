@@ -26,6 +26,7 @@ A pool sample is a duplicate when its cosine similarity to some evaluation image
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import heapq
@@ -53,7 +54,7 @@ from laiontools.contracts.embeddings import (  # noqa: F401
 from laiontools.contracts.uids import uids_to_array
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError, add_config_args
-from laiontools.core.errors import UserError
+from laiontools.core.errors import InputError, UserError, task_errors_as
 from laiontools.core.logs import peak_rss_mb
 from laiontools.core.stage import SparkStageConfig, StageResult, Tasks, stage_entry, stage_tasks
 from laiontools.core.storage import (
@@ -260,6 +261,13 @@ def _items_table(rows: list[dict[str, Any]]) -> Any:
     ]))
 
 
+def _file_sha256(path: str) -> str | None:
+    from laiontools.core.storage import sha256_file
+
+    fs, p = url_to_fs(path)
+    return sha256_file(path)[0] if fs.exists(p) else None
+
+
 def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str, Any]:
     """Build (or reuse) the evaluation index in ``<out>/index``; returns its index.json.
 
@@ -284,9 +292,13 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
             and existing["request"] == want_params
             and (existing["phash"] or not cfg.phash)
         )
-        if same:
+        intact = same and all(_file_sha256(paths[f]) == existing[f"{f}_sha256"] for f in ("index", "items"))
+        if intact:
             log.info("reusing the evaluation index in %s (%d vectors)", paths["index"], existing["ntotal"])
             return existing
+        if same:
+            log.warning("%s or %s is missing or differs from %s (damaged, or a run killed while it rebuilt them): "
+                        "rebuilding the index", paths["index"], paths["items"], paths["json"])
         log.info("evaluation sets or index settings changed: rebuilding %s", paths["index"])
 
     embedder = make_embedder(pool.emb_dir, cfg.pretrained, cfg.device, cfg.batch_size)
@@ -405,6 +417,7 @@ class _Lookups:
     phash_keys: list[str] | None = None
 
 
+_SEARCH_LOCK = threading.Lock()  # in process with a GPU index: one search at a time
 _LOOKUPS: dict[str, _Lookups] = {}
 _LOOKUPS_LOCK = threading.Lock()  # in process, search tasks are threads: the lookups are built once
 
@@ -463,7 +476,8 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     # shard, another pool's embeddings in the same --embeddings folder) is searched again
     emb_marker = shard_marker(ctx["emb_dir"], sid)  # read once: the identity and the checked hashes are one embed run's
     emb_id = shard_identity(ctx["emb_dir"], sid, emb_marker)
-    if marker is not None and marker.get("settings_key") == ctx["settings_key"] and marker.get("embedding") == emb_id:
+    if (marker is not None and marker.get("settings_key") == ctx["settings_key"] and marker.get("embedding") == emb_id
+            and marker.get("gallery_pairs", -1) >= ctx["gallery_pairs"]):
         return marker
     t_start = time.time()
     if ctx.get("threads", 0) > 0:
@@ -493,7 +507,8 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         ok = np.isfinite(x).all(axis=1) & (np.einsum("ij,ij->i", x, x) > 0.25)
         valid[lo:hi] &= ok
         x[~ok] = 0
-        D, I = index.search(x, k)
+        with _SEARCH_LOCK if ctx.get("serialize_search") else contextlib.nullcontext():
+            D, I = index.search(x, k)
         sims[lo:hi], ids[lo:hi] = D, I
     sims[~valid] = np.nan
     ids[~valid] = -1
@@ -524,8 +539,9 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         "topk_similarity": pa.ListArray.from_arrays(offsets, pa.array(sims[ids >= 0], pa.float32())),
     }
     dup_idx = np.flatnonzero(is_dup)
+    g = ctx["gallery_pairs"]
     stats: dict[str, Any] = {
-        "settings_key": ctx["settings_key"], "embedding": emb_id, "shard": sid, "rows": int(n),
+        "settings_key": ctx["settings_key"], "embedding": emb_id, "shard": sid, "rows": int(n), "gallery_pairs": g,
         "not_embedded": int((~valid).sum()),
         "duplicates": int(is_dup.sum()),
         "matched_by_set": {name: int((hit & (codes[np.maximum(ids, 0)] == j)).any(axis=1).sum()) for j, name in enumerate(set_names)},
@@ -533,7 +549,6 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         "dup_uids": uid_col.take(pa.array(dup_idx, pa.int64())).to_pylist(),
     }
     # Gallery candidates: the best duplicates and the closest pairs under the threshold.
-    g = ctx["gallery_pairs"]
     score = np.where(valid, top_sim, -np.inf)
     above = np.flatnonzero(valid & (score >= thr))
     below = np.flatnonzero(valid & (score < thr))
@@ -615,8 +630,13 @@ def _phash_matches(lk: _Lookups, hashes: list[str | None], max_distance: int) ->
 
 def _search_partition(ctx: dict[str, Any], units: Iterable[tuple[str, str | None]]) -> Iterator[tuple[str, int, int]]:
     # Only (shard, rows, duplicates) travel back: the full statistics are in each shard's marker.
+    from laiontools.core.errors import task_error
+
     for sid, tar_url in units:
-        st = search_shard(ctx, sid, tar_url)
+        try:
+            st = search_shard(ctx, sid, tar_url)
+        except UserError as e:  # tagged, so that it reaches the driver from a Spark task as one line too
+            raise task_error(str(e).split("\n", 1)[0]) from e
         yield sid, st["rows"], st["duplicates"]
 
 
@@ -648,13 +668,18 @@ def run_search(tasks: Tasks, ctx: dict[str, Any], units: list[tuple[str, str | N
                      f"laiontools dedup: search {len(units)} shard(s)")
 
 
-def embedded_rows(pool: PoolInfo) -> int:
+def embedded_rows(pool: PoolInfo, above: int | None = None) -> int:
     """The pool's size for choosing an engine: the manifest's sample count, else the embedding shards'
-    parquet footers (no vectors read)."""
+    parquet footers (no vectors read), read only until the count passes `above`."""
     n = (pool.manifest or {}).get("num_samples")
     if isinstance(n, int) and n >= 0:
         return n
-    return sum(shard_rows(pool.emb_dir, pool.shard_ids))
+    total = 0
+    for sid in pool.shard_ids:
+        total += shard_rows(pool.emb_dir, [sid])[0]
+        if above is not None and total > above:
+            break
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,13 +713,14 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     ctx = search_context(cfg, index_desc)
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
     t0 = time.time()
-    with stage_tasks(cfg, spark, app_name="laiontools-dedup", size=lambda: embedded_rows(pool),
+    with stage_tasks(cfg, spark, app_name="laiontools-dedup", size=lambda: embedded_rows(pool, cfg.spark_above),
                      spark_above=cfg.spark_above) as tasks:
-        if tasks.local and cfg.gpu and DI.gpu_count() > 0:
-            tasks.workers = 1  # a faiss GPU index is not to be searched from two threads at once
+        # a faiss GPU index is not to be searched from two threads at once: only its search is serialized
+        ctx["serialize_search"] = tasks.local and cfg.gpu and DI.gpu_count() > 0
         ctx["threads"] = tasks.threads(cfg.search_threads, len(units))
         engine = "in-process" if tasks.local else f"spark {tasks.spark.sparkContext.master}"
-        done = run_search(tasks, ctx, units, cfg.partitions)
+        with task_errors_as(InputError):
+            done = run_search(tasks, ctx, units, cfg.partitions)
     search_s = time.time() - t0
     # report/ is read as one dataset: no file of a shard an earlier run into this folder had and this pool has not
     current = set(pool.shard_ids)
