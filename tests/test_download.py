@@ -472,3 +472,37 @@ def test_a_zero_size_limit_is_refused_before_any_request(field):
     with pytest.raises(ConfigError, match="^max_bytes and max_image_pixels must be >= 1"):
         DownloadConfig(input="in", output="out", **{field: 0})
     assert getattr(DownloadConfig(input="in", output="out", **{field: 1}), field) == 1
+
+
+# Found by a review of the download engines: a source carrying the catalog's span columns.
+
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_a_source_carrying_catalog_span_columns_is_downloaded(synthetic_web, spark, tmp_path, monkeypatch, engine):
+    """A source that has columns named like the catalog's span columns (a pool's own catalog given back as
+    the source, to fetch it again at another size: generic profile, its uid/status/... columns are
+    reserved and dropped, but tar_offset, tar_length and tar_sha256 were carried as extra columns): the
+    whole download ran, then finalize crashed building the catalog (a duplicate column: ArrowInvalid /
+    KeyError in process, AnalysisException AMBIGUOUS_REFERENCE on Spark), with every shard already fetched."""
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    web, src = synthetic_web
+    files = sorted(f for f in os.listdir(src["images"]) if f.endswith(".jpg"))[:6]
+    old_catalog = pd.DataFrame({
+        "uid": [f"{i:032x}" for i in range(len(files))], "url": [f"{web.base_url}/img/{f}" for f in files],
+        "caption": [f"caption {i}" for i in range(len(files))], "status": "success",
+        "tar_offset": pd.array([0, 1536, None, 4608, None, 7680], dtype="Int64"),
+        "tar_length": pd.array([1536, 1536, None, 1536, None, 1536], dtype="Int64"),
+        "tar_sha256": ["ab" * 32, "cd" * 32, None, "ef" * 32, None, "01" * 32],
+    })
+    os.makedirs(tmp_path / "src")
+    old_catalog.to_parquet(tmp_path / "src" / "catalog.parquet")
+    out = str(tmp_path / "p")
+    cfg = DownloadConfig(input=str(tmp_path / "src"), output=out, **TEST_DOWNLOAD_SETTINGS)
+    rep = download_stage.run(cfg, spark if engine == "spark" else None).details
+    assert rep["rows_in"] == len(files)
+    cat = _catalog(out)
+    assert len(cat) == len(files) and list(cat.columns).count("tar_offset") == 1
+    ok = cat[cat["status"] == "success"]
+    assert len(ok) and ok["tar_offset"].notna().all()  # the new pool's spans, not the old catalog's

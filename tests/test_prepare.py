@@ -729,3 +729,92 @@ def test_one_network_spelled_two_ways_is_one_setting(tmp_path, monkeypatch):
     # ... and another network is still another setting
     with pytest.raises(UserError, match=r"other settings \(allow_networks: \['127.0.0.0/8'\] -> \['10.0.0.0/8'\]\)"):
         check_output(DownloadConfig(input=src, output=out, allow_networks=["10.0.0.0/8"], number_sample_per_shard=10, shards_per_file=1))
+
+
+# Found by a review of the download engines: hostile source files (a damaged gzip, nested values JSON has
+# no type for, a quote that never closes, a column named like a helper column).
+
+def _gz_jsonl_cut_in_half() -> bytes:
+    data = gzip.compress(b"".join(json.dumps({"url": f"{BASE}/{i}.jpg", "caption": f"c {i}"}).encode() + b"\n"
+                                  for i in range(50)))
+    return data[: len(data) // 2]
+
+
+def _gz_csv_cut_after_its_header() -> bytes:
+    return gzip.compress(b"url,caption\n" + b"".join(f"{BASE}/{i}.jpg,c {i}\n".encode() for i in range(50)))[:12]
+
+
+def _gz_jsonl_bit_flipped() -> bytes:
+    data = bytearray(gzip.compress(b"".join(json.dumps({"url": f"{BASE}/{i}.jpg", "caption": f"c {i}"}).encode()
+                                            + b"\n" for i in range(50))))
+    data[20] ^= 0xFF  # corrupt deflate data: zlib.error
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, make", [("cut.jsonl.gz", _gz_jsonl_cut_in_half), ("cut.csv.gz", _gz_csv_cut_after_its_header),
+                                        ("flipped.jsonl.gz", _gz_jsonl_bit_flipped)])
+def test_a_damaged_gzip_source_is_one_input_error_naming_it(engine, tmp_path, name, make):
+    """A .gz source cut short (a partial copy) or with corrupt deflate data, damaged within the lines the
+    column probe reads: one InputError naming the file, as a parquet file cut short is, not EOFError /
+    zlib.error with a traceback (the same file damaged further in already gives the InputError)."""
+    src = tmp_path / name
+    src.write_bytes(make())
+    with pytest.raises(InputError, match=name.replace(".", r"\.")):
+        _prepare(engine, str(src), str(tmp_path / "o"))
+
+
+def test_a_parquet_extra_column_holding_nested_dates_or_bytes_is_carried(engine, tmp_path):
+    """An extra parquet column whose values nest a timestamp, a decimal or bytes (a struct or a list of
+    them) is carried as JSON text, as nested strings and numbers are: the valid file was refused whole
+    as 'cannot read it as parquet (TypeError: Object of type datetime is not JSON serializable)'."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({
+        "url": [f"{BASE}/1.jpg", f"{BASE}/2.jpg"], "caption": ["a", "b"],
+        "meta": pa.array([{"fetched": datetime.datetime(2020, 1, 1), "score": decimal.Decimal("0.50")}, None],
+                         pa.struct([("fetched", pa.timestamp("us")), ("score", pa.decimal128(5, 2))])),
+        "tags": pa.array([[b"x"], None], pa.list_(pa.binary())),
+    }), src)
+    stats = _prepare(engine, str(src), str(tmp_path / "o"))
+    assert stats["rows_in"] == 2 and stats["accepted"] == 2
+    acc = _prepared(str(tmp_path / "o"), "accepted").to_pylist()
+    assert acc[0]["meta"] is not None and "2020-01-01" in acc[0]["meta"] and acc[1]["meta"] is None
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv"])
+def test_a_quoted_multi_line_caption_in_the_last_row_is_read_as_it_is(engine, tmp_path, ext):
+    """The check for a quote that never closes runs when the file's last row holds a line break; a
+    well-quoted multi-line caption there (and a quote doubled inside it) is no such quote: read as written."""
+    sep = "\t" if ext == "tsv" else ","
+    src = tmp_path / f"multi.{ext}"
+    src.write_text(f'url{sep}caption\n{BASE}/1.jpg{sep}one\n{BASE}/2.jpg{sep}"two\nlines, a ""quote"""\n')
+    stats = _prepare(engine, str(src), str(tmp_path / "o"))
+    assert stats["rows_in"] == 2 and stats["accepted"] == 2
+    caps = sorted(r["caption"] for r in _prepared(str(tmp_path / "o"), "accepted").to_pylist())
+    assert caps == ["one", 'two lines, a "quote"']  # (prepare writes a caption's line breaks as spaces)
+
+
+def test_an_unterminated_quote_does_not_swallow_the_rows_after_it(engine, tmp_path):
+    """A caption that opens a quote and never closes it (a stray `"` in a LAION/CC-style text export): the
+    rows after it were read as that caption's text, silently: rows_in 1 for a file of 3 rows, no rejected
+    row, and the swallowed rows never reach the catalog (pandas: 'EOF inside string', Python's csv with
+    strict=True: 'unexpected end of data'). Either a clear error naming the file or every line a row."""
+    src = tmp_path / "stray.csv"
+    src.write_text(f'url,caption\n{BASE}/1.jpg,"a stray quote\n{BASE}/2.jpg,two\n{BASE}/3.jpg,three\n')
+    with pytest.raises(InputError, match=r"stray\.csv: line \d+: unexpected end of data: a quoted field never closes"):
+        _prepare(engine, str(src), str(tmp_path / "o"))
+
+
+def test_a_source_column_named_like_a_helper_column_is_prepared_alike_on_both_engines(engine, tmp_path):
+    """A source column named `_occ` (the helper column of Spark's duplicate window): the in-process engine
+    carried it, Spark's plan replaced it with the helper and then failed to find it (AnalysisException
+    UNRESOLVED_COLUMN, a traceback): the same input must give the same result on either engine."""
+    src = tmp_path / "helper.parquet"
+    pd.DataFrame({"url": [f"{BASE}/1.jpg", f"{BASE}/2.jpg"], "caption": ["a", "b"], "_occ": ["x", "y"]}).to_parquet(src)
+    stats = _prepare(engine, str(src), str(tmp_path / "o"))
+    assert stats["rows_in"] == 2 and stats["accepted"] == 2

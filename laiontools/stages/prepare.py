@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import re
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,6 +86,12 @@ PREPARED_FIELDS: list[tuple[str, str]] = [
     (C.PWATERMARK, "double"), (C.LICENSE, "string"), (C.NSFW, "string"), (SOURCE_WIDTH, "bigint"),
     (SOURCE_HEIGHT, "bigint"), (SOURCE_SHA256, "string"), (C.STATUS, "string"), (C.ERROR, "string"),
 ]
+
+
+# Helper columns prepare's and download's Spark plans (and the in-process catalog) add beside the source's
+# columns: a source column of one of these names would be replaced by, or clash with, the helper.
+INTERNAL_COLUMNS = frozenset({"_occ", "_attempt", "_r", "_f", "_fsid", "_fatt", "_sid", "_skey", "_tar", "_toff",
+                              "_tlen", "_tsha"})
 
 
 def prepared_type(name: str) -> str:
@@ -273,6 +280,9 @@ def probe_columns(path: str, fmt: str, compression: str | None) -> tuple[list[st
             return list(cols), None
         except UnicodeDecodeError as e:
             raise InputError(f"{path}: text is not valid UTF-8 ({e}); re-encode it, e.g. `iconv -f latin1 -t utf-8`") from e
+        except (EOFError, zlib.error) as e:  # a gzip stream cut short, or corrupt deflate data
+            raise InputError(f"{path}: its {compression or 'compressed'} data is cut short or damaged ({type(e).__name__}: "
+                             f"{e}); copy or regenerate the file") from e
         except OSError as e:
             raise InputError(f"{path}: cannot read ({e}); is it really {compression or 'uncompressed'}?") from e
 
@@ -299,8 +309,10 @@ def discover(cfg: PrepareConfig) -> tuple[list[SourceFile], dict[str, str], list
     # Spark (which runs big sources, and reads the prepared files downstream) tells column names apart
     # without case: an extra column named like a prepared/catalog one in any case is not carried, and
     # two extra columns that differ only in case are refused, on either engine.
-    reserved = {n for n, _ in PREPARED_FIELDS} | {"key", "status", "error_message", "width", "height",
-                                                  "original_width", "original_height", "exif", "sha256", "shard"}
+    # (every catalog column: a pool's own catalog given back as a source carries tar_offset/tar_length/
+    # tar_sha256, which the catalog then held twice; and the helper columns the engines add on the way)
+    reserved = {n for n, _ in PREPARED_FIELDS} | set(C.catalog_columns()) | INTERNAL_COLUMNS | {
+        "key", "status", "error_message", "width", "height", "original_width", "original_height", "exif", "sha256", "shard"}
     reserved_ci = {n.lower() for n in reserved}
     dropped = [c for c in extras if c.lower() in reserved_ci]
     if dropped:
@@ -375,8 +387,14 @@ def _to_str(v: Any) -> str | None:
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     if isinstance(v, (dict, list)):
-        return json.dumps(v, ensure_ascii=False)
+        return json.dumps(v, ensure_ascii=False, default=_json_default)
     return str(v)
+
+
+def _json_default(v: Any) -> Any:
+    """A nested value JSON has no type for (a parquet struct/list holding a timestamp, date, decimal or
+    bytes): its text, as :func:`_to_str` gives for the same value at the top level."""
+    return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
 def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -421,7 +439,7 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
                 convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in task["columns"]},
                                                      include_columns=[c for c in need if c in task["columns"]]),
             )
-            row = 0
+            row, last = 0, None
             for batch in itertools.chain(reader, [None]):  # None: the ragged rows of the last block
                 for msg in ragged:
                     yield row, msg
@@ -431,8 +449,14 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
                     break
                 cols = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
                 for i in range(batch.num_rows):
-                    yield row, {c: v[i] for c, v in cols.items()}
+                    last = {c: v[i] for c, v in cols.items()}
+                    yield row, last
                     row += 1
+        # A quote that opens a field and never closes makes Arrow read every line after it, to the end of
+        # the file, as that field's text (no error): the file's last row then holds line breaks. Only
+        # then is the file parsed again, strictly, to tell a quoted multi-line caption from a stray quote.
+        if last and any(isinstance(v, str) and ("\n" in v or "\r" in v) for v in last.values()):
+            _check_quotes(path, comp, fmt)
         return
     with _open_text(path, comp) as f:
         for row, raw in enumerate(f):
@@ -455,6 +479,26 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
                 yield row, f"line {row + 1} is a JSON {type(obj).__name__}, not an object"
                 continue
             yield row, obj
+
+
+def _check_quotes(path: str, comp: str | None, fmt: str) -> None:
+    """Raise a task error naming `path` and the line when a quoted field of the csv/tsv file never closes
+    (Python's csv reader, strict, with Arrow's dialect: ``"`` quotes, doubled inside a quoted field)."""
+    import csv
+    import io
+
+    with _open_text(path, comp) as f:
+        reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline=""),
+                            delimiter="\t" if fmt == "tsv" else ",", quotechar='"', doublequote=True, strict=True)
+        try:
+            for _ in reader:
+                pass
+        except csv.Error as e:
+            if "end of data" not in str(e):  # another quirk, which Arrow reads leniently: the check cannot go on
+                log.warning("%s: line %d: %s; not checked for a quote that never closes", path, reader.line_num, e)
+                return
+            raise task_error(f"{path}: line {reader.line_num}: {e}: a quoted field never closes, so every row after it "
+                             "would be read as its text; close the quote (a quote inside a quoted field is written \"\")") from None
 
 
 def prepare_task(task: dict[str, Any]) -> Iterator[tuple]:
