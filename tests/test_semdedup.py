@@ -511,3 +511,107 @@ def test_a_row_embed_recorded_without_uid_is_left_out_and_a_uid_on_two_rows_is_c
     excluded = set(_uid_hex(load_uids(res.outputs["exclude"])))
     report = pd.read_parquet(res.outputs["report"])
     assert not excluded & set(report.loc[~report["removed"], "uid"]) and hostile["uids"][0] not in excluded
+
+
+def test_a_rerun_with_more_gallery_groups_shows_them(planted, tmp_path, monkeypatch):
+    """--gallery-groups decides which groups each unit task keeps for the gallery, but it is not in the
+    unit's resume key: a re-run into the same output with more gallery groups reuses the units' markers
+    (made with none) and writes an empty gallery.html, unlike a fresh run with the same settings."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    fresh = str(tmp_path / "fresh")
+    semdedup.run(_cfg(planted["emb"], fresh, spark_above=-1))
+    again = str(tmp_path / "again")
+    semdedup.run(_cfg(planted["emb"], again, spark_above=-1, gallery_groups=0))
+    semdedup.run(_cfg(planted["emb"], again, spark_above=-1))
+    fresh_html = Path(fresh, "gallery.html").read_text()
+    assert fresh_html.count("<h3>group ") == 6
+    assert Path(again, "gallery.html").read_text().count("<h3>group ") == fresh_html.count("<h3>group ")
+
+
+def test_the_driver_writes_the_top_level_exclusion_list_without_holding_it(tmp_path, monkeypatch):
+    """merge_runs writes each exclusion list holding one bucket of uids (the runs memory-mapped), but the
+    top-level copy of the first eps's list is then read whole into the driver (`_read_bytes`): at a 2B
+    pool with a third removed, ~10 GB. Here: 1M removed uids (16 MB), buckets of 50k (0.8 MB)."""
+    import functools
+    import tracemalloc
+
+    from laiontools import index as DI
+    from laiontools.contracts.embeddings import PoolInfo
+    from laiontools.core.storage import mark_done
+
+    out = str(tmp_path / "out")
+    n = 1_000_000
+    rng = np.random.default_rng(0)
+    run_ = np.zeros(n, dtype=semdedup.UID_DTYPE)
+    run_["hi"], run_["lo"] = rng.integers(0, 2**63, n, dtype=np.uint64), rng.integers(0, 2**63, n, dtype=np.uint64)
+    run_ = semdedup.sort_uids(run_)
+    unit = (0, 4)
+    uid_ = semdedup._unit_id(unit)
+    os.makedirs(os.path.join(out, "removed_runs", "0.05"))
+    np.save(os.path.join(out, "removed_runs", "0.05", f"{uid_}.npy"), run_)
+    mark_done(os.path.join(out, "done", "units", uid_),
+              {"key": "K", "unit": uid_, "largest_cluster": n + 1, "gallery": [], "peak_rss_mb": 0,
+               "eps": {"0.05": {"removed": n, "groups": 1, "in_groups": n + 1, "pairs": n}}})
+    del run_
+    monkeypatch.setattr(DI, "model_identity", lambda m: {"name": "x"})
+    monkeypatch.setattr(DI, "describe_model", lambda m: "x")
+    monkeypatch.setattr(semdedup, "merge_runs", functools.partial(semdedup.merge_runs, bucket_rows=50_000))
+    pool = PoolInfo(emb_dir=str(tmp_path / "emb"), model={}, manifest_path=None, manifest=None, shard_ids=["00000"],
+                    tar_by_shard={})
+    cfg = SemDedupConfig(embeddings=str(tmp_path / "emb"), output=out, clusters=4, eps=[0.05], gallery_groups=0)
+    tracemalloc.start()
+    try:
+        semdedup._write_outputs(cfg, pool, 4, {"train_rows": 1024}, np.array([n + 1, 0, 0, 0]), [unit],
+                                [{"rows": n + 1}], {"unit_key": "K", "engine": "in-process"}, {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(load_uids(os.path.join(out, "exclude.uids.npy"))) == n
+    assert peak < 8 * 2**20, f"driver peak {peak / 2**20:.1f} MiB for a {16 * n / 2**20:.1f} MiB exclusion list"
+
+
+def test_merge_runs_from_an_object_store_holds_one_bucket(tmp_path):
+    """merge_runs promises "Memory: one bucket, whatever the total", but runs on an object store are not
+    memory-mapped: `_load_npy` reads every unit's run whole, all at once, so the driver holds the whole
+    exclusion list (memory:// stands for s3:// here: not a local file system either)."""
+    import tracemalloc
+
+    import fsspec
+
+    n, parts = 1_000_000, 4
+    rng = np.random.default_rng(1)
+    allu = np.zeros(n, dtype=semdedup.UID_DTYPE)
+    allu["hi"], allu["lo"] = rng.integers(0, 2**63, n, dtype=np.uint64), rng.integers(0, 2**63, n, dtype=np.uint64)
+    fs = fsspec.filesystem("memory")
+    paths = []
+    for i in range(parts):
+        p = f"memory://rv-merge/{i}.npy"
+        with fs.open(p, "wb") as f:
+            np.save(f, semdedup.sort_uids(allu[i::parts]))
+        paths.append(p)
+    want = semdedup.sort_uids(allu)
+    del allu
+    tracemalloc.start()
+    try:
+        _, got_n = semdedup.merge_runs(paths, str(tmp_path / "ex.npy"), n, bucket_rows=50_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        fs.rm("memory://rv-merge", recursive=True)
+    assert got_n == n and np.array_equal(np.load(tmp_path / "ex.npy"), want)
+    assert peak < 8 * 2**20, f"merge peak {peak / 2**20:.1f} MiB for {16 * n / 2**20:.1f} MiB of runs, buckets of 0.8 MiB"
+
+
+def test_a_rerun_on_another_pool_leaves_no_assignment_of_the_old_one(planted, hostile, tmp_path, monkeypatch):
+    """Reports and runs of an earlier plan are removed (`_drop_stale_units`), but the per-shard outputs are
+    not: after a run on a 4-shard pool, a run on a 2-shard pool into the same output leaves assign/00002,
+    00003 (the old pool's uids and clusters, read with the new ones by whoever reads assign/ as one dataset)
+    and bycluster/00002, 00003 (a float16 copy of the old pool's vectors) in place."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = str(tmp_path / "out")
+    semdedup.run(_cfg(planted["emb"], out, spark_above=-1, gallery_groups=0))
+    assert sorted(os.listdir(os.path.join(out, "assign"))) == [f"0000{i}.parquet" for i in range(4)]
+    semdedup.run(_cfg(hostile["emb"], out, clusters=2, eps=[0.001], spark_above=-1, gallery_groups=0))
+    assert sorted(os.listdir(os.path.join(out, "assign"))) == ["00000.parquet", "00001.parquet"]
+    assert len(pd.read_parquet(os.path.join(out, "assign"))) == 13  # the new pool's rows only
+    assert not [n for n in os.listdir(os.path.join(out, "bycluster")) if n.startswith(("00002", "00003"))]

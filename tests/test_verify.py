@@ -506,3 +506,31 @@ def test_a_cut_uid_file_is_named_from_its_header_not_read_whole(tmp_path, monkey
             found.append([p for p in res.problems if "unreadable" in p])
         assert found[0] == found[1] and len(found[0]) == 1 and re.search(words, found[0][0]), found
     assert loads == []
+
+
+def test_a_shard_that_cannot_be_opened_is_one_problem_and_the_rest_is_checked(chain, tmp_path, monkeypatch, capsys):
+    """A shard verify may not read (mode 0600, another owner, on a shared dataset; or EIO from a failing
+    disk) is a finding like a damaged tar (scan_shard catches OSError), but check_shard's sha256_file
+    comes first, outside any handler: verify_manifest raises, the other shards are never checked, and
+    `laiontools verify` ends in a PermissionError traceback instead of exit 1 naming the shard."""
+    import builtins
+    import errno
+
+    m = _copy_resharded(chain, tmp_path / "rs")
+    shards = read_manifest(m)["shards"]
+    bad = os.path.realpath(os.path.join(str(tmp_path / "rs"), shards[0]["path"]))
+    real_open = builtins.open
+
+    def guarded_open(file, *a, **kw):  # what open() does on a file this user may not read
+        if isinstance(file, str) and os.path.realpath(file) == bad:
+            raise PermissionError(errno.EACCES, "Permission denied", file)
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    res = verify_manifest(m, check_parent=False)
+    shard_lines = [p for p in res.problems if p.startswith("shard ")]
+    assert len(shard_lines) == 1 and shards[0]["path"] in shard_lines[0], res.problems
+    assert sum(c.startswith("shard ") for c in res.checked) == len(shards) - 1
+    capsys.readouterr()
+    assert cli(["verify", "--no-parent", m]) == 1
+    assert shards[0]["path"] in capsys.readouterr().out

@@ -464,14 +464,18 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
     out_path = join(ctx["output"], REPORT_DIR, f"{uid_}.parquet")
     done_path = join(ctx["output"], DONE_DIR, "units", uid_)
     marker = read_marker(done_path)
-    if marker is not None and marker.get("key") == ctx["unit_key"]:
+    # done for these settings, and with at least as many gallery candidates as this run shows (the
+    # driver keeps the largest --gallery-groups of all units' candidates: more per unit give the same)
+    if (marker is not None and marker.get("key") == ctx["unit_key"]
+            and marker.get("gallery_groups", -1) >= ctx["gallery_groups"]):
         return marker
     t0 = time.time()
     _set_threads(ctx["threads"])
     eps = ctx["eps"]
     labels_ = [eps_label(e) for e in eps]
     cols: dict[str, list[Any]] = {f.name: [] for f in _report_schema()}
-    stats: dict[str, Any] = {"key": ctx["unit_key"], "unit": uid_, "rows": 0, "clusters": 0, "largest_cluster": 0,
+    stats: dict[str, Any] = {"key": ctx["unit_key"], "unit": uid_, "gallery_groups": ctx["gallery_groups"],
+                             "rows": 0, "clusters": 0, "largest_cluster": 0,
                              "eps": {lab: {"removed": 0, "groups": 0, "in_groups": 0, "pairs": 0} for lab in labels_}}
     gallery: list[tuple] = []
     removed_runs: dict[str, list[np.ndarray]] = {lab: [] for lab in labels_}
@@ -554,12 +558,29 @@ def merge_runs(paths: list[str], out_path: str, total: int, bucket_rows: int = 4
     memory-mapped when local), sorted and appended. Memory: one bucket, whatever the total. Returns
     (sha256 of the file, count); raises RuntimeError if the runs hold another count than `total`.
     """
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        return _merge_runs(paths, out_path, total, bucket_rows, stack)
+
+
+def _merge_runs(paths: list[str], out_path: str, total: int, bucket_rows: int, stack: Any) -> tuple[str, int]:
     import hashlib
 
     from laiontools.contracts.uids import npy_header
-    from laiontools.core.storage import atomic_open
+    from laiontools.core.storage import atomic_open, is_local
 
-    runs = [_load_npy(p) for p in paths]
+    local_dir: str | None = None
+    runs = []
+    for p in paths:
+        fs, fp = url_to_fs(p)
+        if not is_local(fs):  # an object store's run is copied to local scratch and memory-mapped, never held
+            if local_dir is None:
+                local_dir = stack.enter_context(scratch_dir("laiontools-semdedup-merge"))
+            dest = os.path.join(local_dir, f"{len(runs)}.npy")
+            fs.get(fp, dest)
+            p = dest
+        runs.append(_load_npy(p))
     n = int(sum(len(r) for r in runs))
     if n != total:
         raise RuntimeError(f"{out_path}: the unit runs hold {n} uids, the unit markers say {total}")
@@ -669,6 +690,7 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         assigned = tasks.map(functools.partial(_assign_partition, ctx), shards, cfg.partitions,
                              f"laiontools semdedup: assign {len(shards)} shard(s) to {k} clusters")
         timings["assign"] = round(time.time() - t0, 3)
+        _drop_stale_shards(cfg.output, set(shards))
         counts = np.zeros(k, dtype=np.int64)
         for sid in shards:  # one offsets file at a time: the driver holds K counts, never vectors
             counts += np.diff(_load_npy(_assign_paths(cfg.output, sid)["offsets"], mmap=False))
@@ -747,7 +769,7 @@ def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], c
                             "rule": f"in a group of samples linked by cosine > {1.0 - e:g} within a k-means cluster, not the member kept ({cfg.keep})"}}
         write_json(join(folder, DEDUP_JSON), info)
         if i == 0:  # the first eps is the output folder's own exclusion list: `subsets --exclude <out>`
-            atomic_write_bytes(join(cfg.output, EXCLUDE_UIDS), _read_bytes(join(folder, EXCLUDE_UIDS)))
+            _copy_file(join(folder, EXCLUDE_UIDS), join(cfg.output, EXCLUDE_UIDS))
             write_json(join(cfg.output, DEDUP_JSON), {**info, "exclude": {**info["exclude"], "eps_folder": f"{EPS_DIR}/{lab}"},
                                                      "summary": SUMMARY_JSON, "report": REPORT_DIR})
         per_eps.append({"eps": e, "threshold": round(1.0 - e, 10), "removed": n_ex,
@@ -794,10 +816,31 @@ def _drop_stale_units(out: str, current: set[str], labels: list[str]) -> None:
         drop_stale_files(join(out, parent), "", set(labels), "the outputs of an eps this run does not have", folders=True)
 
 
-def _read_bytes(path: str) -> bytes:
-    fs, p = url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        return f.read()
+def _drop_stale_shards(out: str, current: set[str]) -> None:
+    """Remove the per-shard outputs (assignment, vectors by cluster, marker) of shards an earlier run into
+    this output had and this run's pool does not: whoever reads ``assign/`` as one dataset must see only
+    this pool's rows, and ``bycluster/`` is a copy of every vector."""
+    from laiontools.core.storage import DONE_SUFFIX
+
+    why = "a shard of an earlier run's pool, not in this one"
+    drop_stale_files(join(out, ASSIGN_DIR), ".parquet", current, why)
+    for suffix in (".vec.npy", ".meta.npy", ".offsets.npy"):
+        drop_stale_files(join(out, BYCLUSTER_DIR), suffix, current, why)
+    drop_stale_files(join(out, DONE_DIR, ASSIGN_DIR), DONE_SUFFIX, current, why)
+
+
+def _copy_file(src: str, dst: str, chunk: int = 1 << 20) -> None:
+    """Copy `src` to `dst` (atomically) through a buffer of `chunk` bytes: an exclusion list can be
+    gigabytes, which the driver must not hold."""
+    from laiontools.core.storage import atomic_open
+
+    fs, p = url_to_fs(src)
+    with fs.open(p, "rb") as f, atomic_open(dst) as g:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            g.write(b)
 
 
 def _write_gallery(path: str, cfg: SemDedupConfig, pool: Any, groups: list[dict[str, Any]]) -> None:

@@ -167,12 +167,17 @@ def check_shard(sp: str, entry: dict) -> tuple[list[str] | None, int, list[str],
     """The checks of one shard that need its bytes: (problems, or None when the shard is missing; number of
     samples; the uids its samples carry, those that are uids; size). Runs in the driver or in a Spark task: it
     needs nothing but the shard and its manifest entry, so both paths find the same problems."""
-    kind = _kind(sp)
-    if kind == "missing":
-        return None, 0, [], 0
-    if kind != "file":  # /dev/zero would be read forever, a folder cannot be read at all
-        return ["not a regular file"], 0, [], 0
-    sha, size = sha256_file(sp)
+    try:
+        kind = _kind(sp)
+        if kind == "missing":
+            return None, 0, [], 0
+        if kind != "file":  # /dev/zero would be read forever, a folder cannot be read at all
+            return ["not a regular file"], 0, [], 0
+        sha, size = sha256_file(sp)
+    except OSError as e:  # not readable by this user, an I/O error: a finding like a damaged tar, the rest is checked
+        if "://" in sp and not sp.startswith("file://"):
+            raise  # an object store's refusal or an endpoint gone: one error for the store (core.storage.store_errors)
+        return [f"unreadable ({type(e).__name__}: {e})"], 0, [], 0
     bad = []
     if size != entry["bytes"]:
         bad.append(f"{size} bytes, manifest says {entry['bytes']}")
