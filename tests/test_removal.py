@@ -198,6 +198,23 @@ def test_a_url_entry_keeps_its_spaces():
     assert rl.match(url="http://example.com/b  c.jpg").line == 2 and rl.match(url="http://example.com/b c.jpg") is None
 
 
+def test_a_url_entry_matches_every_spelling_of_the_same_request():
+    """As the download's blocklist compares URLs (web.blocklist.canonical_url): a catalog URL with userinfo
+    (no request carries it), percent-encoded unreserved characters or dot segments is the same request to
+    the same host, so the entry takes it down; the entry is shown as written, without credentials."""
+    rl = parse_removal_list("url http://Example.com/img/my photo.jpg?a=1\n", "list.txt")
+    for url in ("http://example.com/img/my photo.jpg?a=1", "http://user:pw@example.com/img/my photo.jpg?a=1",
+                "http://example.com/img/%6Dy%20photo.jpg?a=1", "http://example.com/x/../img/./my photo.jpg?a=1",
+                "HTTP://EXAMPLE.COM:80/img/my%20photo.jpg?a=1"):
+        m = rl.match(url=url)
+        assert m is not None and str(m) == "url http://example.com/img/my photo.jpg?a=1 (line 1)", url
+    for url in ("http://example.com/img/my  photo.jpg?a=1", "http://example.com/img/my photo.jpg?a=2",
+                "http://example.com/IMG/my photo.jpg?a=1", "http://other.com/img/my photo.jpg?a=1"):
+        assert rl.match(url=url) is None, url
+    creds = parse_removal_list("url http://u:secret@example.com/a.jpg\n", "list.txt")
+    assert "secret" not in str(creds.match(url="http://example.com/a.jpg")) and "secret" not in creds.lines[1][0]
+
+
 def test_a_domain_entry_matches_names_by_label_and_an_address_only_itself():
     rl = parse_removal_list("domain 10.0.0.2\ndomain example.com\n", "list.txt")
     assert rl.match(url="http://10.0.0.2:8080/a.jpg").line == 1 and rl.match(url="http://0xa000002/a.jpg").line == 1

@@ -1023,3 +1023,50 @@ def test_a_full_disk_writing_a_sample_stops_the_shard_instead_of_failing_the_sam
     except Exception as e:  # noqa: BLE001
         per_sample.append(e)
     assert [getattr(e, "errno", None) for e in per_sample] == [errno_.EIO]
+
+
+def test_a_blocklisted_url_is_refused_however_its_userinfo_or_path_is_spelled(public, tmp_path):
+    """A URL entry must refuse every spelling that sends the listed request: http.client never sends
+    userinfo (user@ reaches the same Host and path), and a server reads /img/%61.jpg and /img/./a.jpg as
+    /img/a.jpg (RFC 3986 6.2.2: percent-encoded unreserved characters and dot segments). Checked in a row,
+    on a redirect hop, and as prepare checks a row."""
+    from urllib.parse import quote
+
+    from laiontools.web.blocklist import parse_blocklist
+
+    p = _port(public)
+    listed = f"http://images.example.org:{p}/img/a.jpg"
+    bl = tmp_path / "blocklist.txt"
+    bl.write_text(listed + "\n")
+    pol, res = _policy(blocklist=str(bl)), (lambda h, port: [PUBLIC])
+    _, err, _ = fetch_one(listed, 3, None, None, pol, resolver=res)
+    assert err == "blocklisted: URL is on the blocklist"
+    public.log_requests()
+    n = len(public.request_log)
+    for url in (f"http://anyone@images.example.org:{p}/img/a.jpg", f"http://u:pw@images.example.org:{p}/img/a.jpg"):
+        data, err, _ = fetch_one(url, 3, None, None, pol, resolver=res)
+        assert data is None and err == "blocklisted: URL is on the blocklist", (url, err)
+        data, err, _ = fetch_one(f"{public.base_url}/redirect-to/{quote(url, safe='')}", 3, None, None, pol, resolver=res)
+        assert data is None and err == "blocklisted: URL is on the blocklist", (url, err)
+    assert [(h, path) for _, h, path in public.request_log[n:] if path == "/img/a.jpg"] == []
+    b = parse_blocklist(listed + "\n")
+    for url in (f"http://x@images.example.org:{p}/img/a.jpg", f"http://images.example.org:{p}/img/%61.jpg",
+                f"http://images.example.org:{p}/img/./a.jpg", f"http://images.example.org:{p}/x/../img/a.jpg"):
+        assert b.url_reason(url) == "URL is on the blocklist", url
+
+
+def test_a_slow_name_server_cannot_hold_a_request_past_its_deadline():
+    """getaddrinfo has no timeout of ours: a host's name server that answers late (or only after the
+    system resolver's retries, 5 s x 2 attempts x each nameserver by default) held the row that long,
+    past its request deadline and past the shard deadline, where the watchdog cannot reach (no socket).
+    The resolver hook stands for getaddrinfo meeting such a name server."""
+    def slow(host: str, port: int) -> list[str]:
+        time.sleep(4.0)
+        return [PUBLIC]
+
+    t0 = time.monotonic()
+    _, err, _ = _bounded(lambda: fetch_one("http://slow-ns.example.org/img/a.jpg", 2, None, None,
+                                           _policy(request_deadline=1.0), resolver=slow))
+    took = time.monotonic() - t0
+    assert err is not None and err.startswith(DEADLINE_PREFIX), err
+    assert took < 2.5, f"the request took {took:.1f} s against a 1 s deadline: DNS is outside the deadline"

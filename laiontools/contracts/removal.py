@@ -37,6 +37,7 @@ import numpy as np
 from laiontools.contracts.uids import normalize_url, sort_uids, uids_to_array
 from laiontools.core.errors import UserError
 from laiontools.core.storage import is_local, sha256_bytes, url_to_fs
+from laiontools.web.blocklist import request_target
 from laiontools.web.policy import canonical_host, host_ip
 
 KINDS = ("url", "domain", "uid", "sha256", "md5", "phash")
@@ -45,11 +46,15 @@ _HOST = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-
 MAX_PHASH_DISTANCE = 32
 
 
-def _canonical_url(url: str | None) -> tuple[str | None, str]:
+def _canonical_url(url: str | None, as_requested: bool = True) -> tuple[str | None, str]:
     """(`url` normalized with its host in canonical_host spelling, that host) -- the one spelling both a
     list entry and a catalog URL are compared in (``ＥＸＡＭＰＬＥ.com`` and ``bücher.de`` meet
-    ``example.com`` and ``xn--bcher-kva.de``). A URL urlsplit cannot parse (``http://[::1/x``, which
-    prepare keeps as rejected_invalid_url) keeps its normalized text and has no host: it matches no domain."""
+    ``example.com`` and ``xn--bcher-kva.de``). As the download's blocklist compares them
+    (web.blocklist.canonical_url), an http(s) URL drops its userinfo (no request carries it) and its path
+    and query are the request target a server reads (``/img/%61.jpg`` and ``/x/../img/a.jpg`` are
+    ``/img/a.jpg``). A URL urlsplit cannot parse (``http://[::1/x``, which prepare keeps as
+    rejected_invalid_url) keeps its normalized text and has no host: it matches no domain.
+    `as_requested` False: the path and query as written (how an entry is shown in reports and messages)."""
     n = normalize_url(url)
     try:
         parts = urlsplit(n or "")
@@ -63,9 +68,10 @@ def _canonical_url(url: str | None) -> tuple[str | None, str]:
         port = parts.port
     except ValueError:  # a bad port: the host is still plain, the URL keeps its text
         return n, host
-    netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-    netloc += (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+    path, query = (request_target(parts.path, parts.query) if as_requested and parts.scheme in ("http", "https")
+                   else (parts.path, parts.query))
+    return urlunsplit((parts.scheme, netloc, path, query, "")), host
 
 
 # A catalog names each host many times (a LAION host: thousands of images): its canonical spelling (IDNA,
@@ -109,7 +115,7 @@ class Match:
 class RemovalList:
     path: str
     sha256: str  # of the file's bytes
-    urls: dict[str, int]  # normalized URL -> line
+    urls: dict[str, int]  # normalized URL (as requested: _canonical_url) -> line
     domains: dict[str, int]  # canonical_host -> line
     uids: dict[str, int]  # 32 hex -> line
     sha256s: dict[str, int]
@@ -119,6 +125,8 @@ class RemovalList:
     # every entry line -> (its entry as "kind value", the line whose entry it is: itself, or the first line
     # that gave the same value; a match of that line is a match of this one)
     lines: dict[int, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    # a URL entry's key -> the entry as reports and catalog messages show it (its path as written)
+    url_shown: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def needs_content(self) -> bool:
@@ -145,7 +153,7 @@ class RemovalList:
         if url:
             n, host = _canonical_url(url)
             if n in self.urls:
-                yield Match("url", n, self.urls[n])
+                yield Match("url", self.url_shown.get(n, n), self.urls[n])
             if self.domains and host:
                 for d in _domains_of(host):
                     if d in self.domains:
@@ -168,6 +176,7 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
     hexes: dict[str, dict[str, int]] = {"uid": {}, "sha256": {}, "md5": {}}
     phashes: list[tuple[int, int, int]] = []
     lines: dict[int, tuple[str, int]] = {}
+    url_shown: dict[str, str] = {}
     n = 0
     # a byte-order mark (lists saved by Windows tools) is no part of the first line's kind
     for lineno, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
@@ -189,7 +198,8 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
             u, host = _canonical_url(value)
             if not host or urlsplit(u or "").scheme not in ("http", "https"):
                 raise RemovalListError(f"{where}: {value!r} is not an http(s) URL")
-            lines[lineno] = (f"url {u}", urls.setdefault(u, lineno))
+            shown = url_shown.setdefault(u, _canonical_url(value, as_requested=False)[0] or value)
+            lines[lineno] = (f"url {shown}", urls.setdefault(u, lineno))
         elif kind == "domain":
             host = canonical_host(rest.split()[0])
             if not _HOST.match(host):
@@ -221,7 +231,8 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
     if not n:  # comments only, or an empty file: most likely the wrong file; a takedown would change nothing
         raise RemovalListError(f"{path}: no entry (only blank lines and comments); give the list that names what to remove")
     return RemovalList(path=path, sha256=sha256_bytes(text.encode()), urls=urls, domains=domains, uids=hexes["uid"],
-                       sha256s=hexes["sha256"], md5s=hexes["md5"], phashes=phashes, entries=n, lines=lines)
+                       sha256s=hexes["sha256"], md5s=hexes["md5"], phashes=phashes, entries=n, lines=lines,
+                       url_shown=url_shown)
 
 
 def read_removal_list(path: str) -> RemovalList:

@@ -26,13 +26,16 @@ import hashlib
 import re
 import threading
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from laiontools.contracts.uids import normalize_url
 from laiontools.core.errors import InputError
 from laiontools.web.policy import canonical_host, host_ip
 
 _HEX = re.compile(r"^[0-9a-f]+$")
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_TARGET_SAFE = "/%:@!$&'()*+,;=-._~"  # what the fetch leaves unquoted in a request target (fetch._request_target)
 
 
 @dataclass
@@ -81,9 +84,39 @@ class Blocklist:
         return None
 
 
+def _pct(m: re.Match[str]) -> str:
+    c = chr(int(m.group(1), 16))
+    return c if c in _UNRESERVED else "%" + m.group(1).upper()
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 for an absolute path: what a server reads ``/a/./b/../c`` as (``/a/c``)."""
+    segs = path.split("/")[1:]
+    out: list[str] = []
+    for s in segs:
+        if s == "..":
+            if out:
+                out.pop()
+        elif s != ".":
+            out.append(s)
+    res = "/" + "/".join(out)
+    return res + "/" if segs and segs[-1] in (".", "..") and not res.endswith("/") else res
+
+
+def request_target(path: str, query: str) -> tuple[str, str]:
+    """(path, query) of a URL as a server reads the request the fetch sends for it: quoted as
+    ``fetch._request_target`` quotes them, percent-encoded unreserved characters decoded, the other
+    escapes upper-cased, dot segments removed (RFC 3986 6.2.2, 5.2.4). Two spellings that give the same
+    pair name the same resource on the same host."""
+    p = _remove_dot_segments(_PCT.sub(_pct, quote(path or "/", safe=_TARGET_SAFE)))
+    return p, (_PCT.sub(_pct, quote(query, safe=_TARGET_SAFE + "?")) if query else "")
+
+
 def canonical_url(url: str | None) -> str | None:
-    """:func:`normalize_url`, with an http(s) URL's host as the connection reaches it
-    (:func:`canonical_host`): the form URL entries and URLs are compared in."""
+    """:func:`normalize_url`, with an http(s) URL as the connection reaches it: its host as
+    :func:`canonical_host` spells it, no userinfo (a request never carries it), and its path and query as
+    the request target the fetch sends, percent-encoded unreserved characters decoded and dot segments
+    removed (RFC 3986 6.2.2, as a server reads them): the form URL entries and URLs are compared in."""
     norm = normalize_url(url)
     try:
         parts = urlsplit(norm or "")
@@ -93,9 +126,9 @@ def canonical_url(url: str | None) -> str | None:
     if not host or parts.scheme not in ("http", "https"):
         return norm
     h = canonical_host(host)
-    userinfo = parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else ""
-    netloc = userinfo + (f"[{h}]" if ":" in h else h) + (f":{port}" if port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = (f"[{h}]" if ":" in h else h) + (f":{port}" if port else "")
+    path, query = request_target(parts.path, parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, path=path, query=query))
 
 
 def parse_blocklist(text: str, where: str = "blocklist") -> Blocklist:

@@ -205,6 +205,12 @@ class DnsCache:
         self.lookups = 0
         self.failures = 0
 
+    def fresh(self, host: str) -> bool:
+        """Whether `host` has an unexpired answer (or failure) cached: a call returns at once."""
+        with self._lock:
+            hit = self._cache.get(host)
+        return hit is not None and hit[0] >= time.monotonic()
+
     def __call__(self, host: str, port: int) -> list[str]:
         now = time.monotonic()
         with self._lock:
@@ -786,8 +792,35 @@ def _check_host(host: str, policy: FetchPolicy) -> None:
         raise FetchError(f"DNS: host {host} does not resolve (special-use name, RFC 6761)")
 
 
-def _checked_addresses(host: str, port: int, policy: FetchPolicy, resolver: Resolver) -> list[str]:
-    """The addresses to connect to for `host`: resolved once, every one checked. Raises FetchError."""
+def _resolve_by(resolver: Resolver, host: str, port: int, deadline: float | None) -> list[str]:
+    """resolver(host, port), waited for until `deadline` at most: getaddrinfo has no timeout of ours and
+    cannot be interrupted, so an uncached lookup runs in a daemon thread that a late answer ends by itself
+    (it still fills the executor's DNS cache); the row ends ``deadline:`` instead of waiting for it."""
+    if deadline is None or (isinstance(resolver, DnsCache) and resolver.fresh(host)):
+        return resolver(host, port)
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["ok"] = resolver(host, port)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+            box["err"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="laiontools-dns", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        raise FetchError(f"{DEADLINE_PREFIX} request deadline passed resolving {host}")
+    if "err" in box:
+        raise box["err"]
+    return box["ok"]
+
+
+def _checked_addresses(host: str, port: int, policy: FetchPolicy, resolver: Resolver,
+                       deadline: float | None = None) -> list[str]:
+    """The addresses to connect to for `host`: resolved once (before `deadline`), every one checked.
+    Raises FetchError."""
     _check_host(host, policy)
     try:
         ip = host_ip(host)
@@ -796,7 +829,7 @@ def _checked_addresses(host: str, port: int, policy: FetchPolicy, resolver: Reso
     if ip is not None:
         return [str(ip)]
     try:
-        addrs = resolver(host, port)
+        addrs = _resolve_by(resolver, host, port, deadline)
     except OSError as e:
         raise FetchError(f"DNS: host {host} does not resolve ({e})") from e
     if not addrs:
@@ -849,7 +882,7 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
     blocklist = load_blocklist(policy.blocklist)
     for hop in range(policy.max_redirects + 1):
         try:
-            parts, host, port, addrs = _checked_url(url, policy, blocklist, resolver)
+            parts, host, port, addrs = _checked_url(url, policy, blocklist, resolver, deadline)
         except FetchError as e:
             e.hop = hop
             raise
@@ -881,7 +914,8 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
     raise FetchError(f"too many redirects (more than {policy.max_redirects})")
 
 
-def _checked_url(url: str, policy: FetchPolicy, blocklist: Any, resolver: Resolver) -> tuple[Any, str, int, list[str]]:
+def _checked_url(url: str, policy: FetchPolicy, blocklist: Any, resolver: Resolver,
+                 deadline: float | None = None) -> tuple[Any, str, int, list[str]]:
     """(parts, host, port, addresses) of one hop's URL once its scheme, blocklist entry and addresses
     have passed; raises FetchError (``blocked: ...``, ``blocklisted: ...``, ``DNS: ...``) otherwise."""
     try:
@@ -901,7 +935,7 @@ def _checked_url(url: str, policy: FetchPolicy, blocklist: Any, resolver: Resolv
         why = blocklist.url_reason(url)
         if why:
             raise FetchError(f"blocklisted: {why}")
-    return parts, host, port, _checked_addresses(host, port, policy, resolver)
+    return parts, host, port, _checked_addresses(host, port, policy, resolver, deadline)
 
 
 def _one_hop(parts: Any, host: str, port: int, addrs: list[str], *, user_agent: str, policy: FetchPolicy,
