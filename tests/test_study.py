@@ -453,3 +453,17 @@ def test_one_study_yaml_for_plan_then_study(tmp_path) -> None:
     (other / "x.txt").write_text("not a study")
     assert cli(["study", "plan", "--config", str(cfg), "--output", str(other)]) == 2
     assert sorted(os.listdir(other)) == ["x.txt"]
+
+
+def test_a_finished_point_is_reused_when_the_output_is_given_as_an_absolute_path(tmp_path, monkeypatch) -> None:
+    """A study killed after `--output study` and run again with `--output $PWD/study` is the same study: its
+    finished evaluation is reused (the checkpoint path it records, the run folder as --output spelled it, is
+    no part of its identity), not refused as made with other settings."""
+    manifest = write_resharded_subset(str(tmp_path / "data" / "s16"), n_shards=1, per_shard=16, name="s16")
+    monkeypatch.chdir(tmp_path)
+    cfg = dict(output="study", scales={"16": manifest}, samples_seen=[16], models=["lt-tiny"], batch_size=8,
+               evalset=["colors=/nowhere:wds"], train={"workers": 0, "lr": 0.001, "device": "cpu"})
+    _fake_finished_point(StudyConfig(**cfg), "16", 16)
+    again = {**cfg, "output": str(tmp_path / "study")}  # the same folder
+    row = study_stage.run_point(StudyConfig(**again), "lt-tiny", "16", 16, 1.0)
+    assert row["colors/zeroshot_top1"] == 0.25

@@ -387,6 +387,8 @@ def test_a_sample_the_loader_skips_is_named(monkeypatch, caplog, tmp_path) -> No
 
     monkeypatch.setattr(oc_data, "log_and_continue", oc_data.log_and_continue)  # restored after the test
     monkeypatch.setattr(oc_data, "get_wds_dataset", oc_data.get_wds_dataset)
+    monkeypatch.setattr(oc_data, "tarfile_to_samples_nothrow", oc_data.tarfile_to_samples_nothrow)
+    monkeypatch.setattr(oc_data, "filter_no_caption_or_no_image", oc_data.filter_no_caption_or_no_image)
     train_worker._stop_when_nothing_decodes(str(tmp_path / layout.TRAIN_SKIPPED_DIR), limit=3)
     try:
         try:
@@ -439,6 +441,8 @@ def test_skipped_samples_are_counted_over_loader_processes_and_launches(monkeypa
     assert train_worker.skipped_samples_of_run(run_dir) == (0, [])  # no record: nothing skipped
     monkeypatch.setattr(oc_data, "log_and_continue", oc_data.log_and_continue)  # restored after the test
     monkeypatch.setattr(oc_data, "get_wds_dataset", oc_data.get_wds_dataset)
+    monkeypatch.setattr(oc_data, "tarfile_to_samples_nothrow", oc_data.tarfile_to_samples_nothrow)
+    monkeypatch.setattr(oc_data, "filter_no_caption_or_no_image", oc_data.filter_no_caption_or_no_image)
     train_worker._stop_when_nothing_decodes(os.path.join(run_dir, layout.TRAIN_SKIPPED_DIR))
     fork = multiprocessing.get_context("fork")  # as torch's DataLoader starts its workers on Linux
     for rank, die in ((0, True), (0, False), (1, False)):  # launch 1 killed; launch 2's loaders of ranks 0 and 1
@@ -453,3 +457,68 @@ def test_skipped_samples_are_counted_over_loader_processes_and_launches(monkeypa
     assert len(os.listdir(os.path.join(run_dir, layout.TRAIN_SKIPPED_DIR))) == 3  # one record per process
     monkeypatch.setattr(train_worker, "SKIPPED_EXAMPLES", 5)
     assert train_worker.skipped_samples_of_run(run_dir) == (events, examples[:5])  # the first names only
+
+# ----------------------------------------------------------------------------------------------
+# Found by a review of train: shards that open_clip's reader cannot read, or samples its filter drops,
+# never reached laiontools' counting handler, so a run on such shards waited (or logged) forever.
+
+
+@pytest.mark.slow
+def test_train_on_truncated_shards_stops_with_an_error_not_a_hang(tmp_path) -> None:
+    """Every shard starts with a valid tar header (check_trainable_manifest passes) but is cut short in
+    its first member's data. open_clip's tar reader hands that error to the *original* log_and_continue
+    (bound as a default argument of tarfile_to_samples_nothrow), not to laiontools' counting handler,
+    so no sample is ever read, the NothingDecodes stop never fires, and the run loops forever."""
+    mp = write_resharded_subset(str(tmp_path / "sub"), n_shards=2, per_shard=8)
+    for name in ("00000.tar", "00001.tar"):
+        p = tmp_path / "sub" / "shards" / name
+        p.write_bytes(p.read_bytes()[:1024])  # header block + half of the first .jpg
+    run_dir = str(tmp_path / "r")
+    cmd = [sys.executable, "-m", "laiontools.cli", "train", "--manifest", mp, "--model", "lt-tiny",
+           "--samples-seen", "16", "--batch-size", "8", "--workers", "0", "--output", run_dir]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        log = os.path.join(run_dir, "logs", "rank0.log")
+        size = os.path.getsize(log) if os.path.exists(log) else 0
+        pytest.fail(f"train did not end within 240 s on truncated shards (hang); rank0.log is {size} bytes")
+    assert proc.returncode != 0, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
+
+
+def _run_train_cli(mp: str, run_dir: str, timeout: int) -> tuple[int | None, str]:
+    cmd = [sys.executable, "-m", "laiontools.cli", "train", "--manifest", mp, "--model", "lt-tiny",
+           "--samples-seen", "16", "--batch-size", "8", "--workers", "0", "--output", run_dir]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, ""
+
+
+@pytest.mark.slow
+def test_train_on_samples_without_a_caption_stops_with_an_error_not_a_hang(tmp_path) -> None:
+    """Samples with an image and a .json but no .txt (embed takes them: caption ""): open_clip's
+    filter_no_caption_or_no_image drops every one silently (no handler is called, nothing is logged or
+    counted), the resampled stream never yields a batch, and the run waits forever."""
+    import io
+    import tarfile
+
+    mp = write_resharded_subset(str(tmp_path / "sub"), n_shards=2, per_shard=8)
+    for name in ("00000.tar", "00001.tar"):
+        p = tmp_path / "sub" / "shards" / name
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=io.BytesIO(p.read_bytes())) as src, tarfile.open(fileobj=buf, mode="w") as dst:
+            for m in src.getmembers():
+                if not m.name.endswith(".txt"):
+                    dst.addfile(m, src.extractfile(m))
+        p.write_bytes(buf.getvalue())
+    rc, out = _run_train_cli(mp, str(tmp_path / "r"), timeout=150)
+    assert rc is not None, "train did not end within 150 s on samples without .txt (silent hang)"
+    assert rc != 0 and "Traceback" not in out, out[-2000:]

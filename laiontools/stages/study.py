@@ -184,7 +184,10 @@ def _write_results(path: str, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-_EVAL_IDENTITY_KEYS = ("checkpoint", "model", "evalset", "evalsets_yaml", "tasks")  # what an evaluation's numbers depend on
+# What an evaluation's numbers depend on. Not `checkpoint`: a point's eval.json always scores the run beside it
+# (<point>/train), and the recorded path is that folder as the study's --output spelled it (study, ./study,
+# /abs/study): an equivalent spelling on a re-run is the same run, not "other settings".
+_EVAL_IDENTITY_KEYS = ("model", "evalset", "evalsets_yaml", "tasks")
 
 
 def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs: float,
@@ -323,7 +326,7 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
     skipping = [r["run_id"] for r in rows if r.get("skipped_sample_events")]
     skip_line = ""
     if skipping:  # a scale whose samples do not all decode trains on fewer distinct samples than it names
-        skip_line = (f"WARNING: {len(skipping)} run(s) skipped samples whose image did not decode "
+        skip_line = (f"WARNING: {len(skipping)} run(s) skipped samples that did not load "
                      f"({', '.join(skipping[:5])}{', ...' if len(skipping) > 5 else ''}; results.csv: "
                      "skipped_sample_events): `laiontools verify` their subsets' manifests\n")
         log.warning(skip_line.strip())

@@ -21,7 +21,7 @@ Run directory (``--output``, a local folder)::
     shards.json         shard URLs and sampling weights given to the trainer
     metrics.jsonl       step, samples_seen, loss, samples_per_s, samples_per_s_per_device, lr, ...
     out.log, params.txt open_clip's log and parameter dump;  logs/rank<R>.log every rank's log
-    logs/skipped/*.json the samples each data loader process skipped (their image did not decode), kept
+    logs/skipped/*.json the samples each data loader process skipped (they did not load: an image that does not decode, a missing member, an unreadable part of a tar), kept
                         over every launch; result.json sums them (skipped_sample_events, _examples)
     checkpoints/epoch_latest.pt   resume state (written atomically by open_clip at every virtual epoch)
     checkpoints/epoch_<E>.pt      the final training checkpoint (model + optimizer)
@@ -589,7 +589,7 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
 
 # What result.json's skipped_sample_events counts (it goes into the result beside the count).
 SKIPPED_NOTE = (
-    "times the data loaders skipped a sample whose image did not decode, over every launch of this run "
+    "times the data loaders skipped a sample that did not load (its image did not decode, a member was missing, its tar could not be read), over every launch of this run "
     "(a killed launch's too, and samples read ahead for batches that were never trained); a sample drawn "
     "again and skipped again counts each time; the examples are the first names, by the time of each "
     "loader's first skip"
@@ -665,7 +665,7 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     return _result(cfg, result, (
         f"trained {cfg.model} on {manifest['name']} ({manifest['num_samples']} samples): {plan.samples_seen} samples seen, "
         f"{plan.steps} steps of {plan.global_batch}, final loss {result['final_loss']:.4f}\n"
-        + (f"the data loaders skipped a sample whose image did not decode "
+        + (f"the data loaders skipped a sample that did not load "
            f"{result['skipped_sample_events']} times (result.json: skipped_sample_events, "
            f"skipped_sample_examples; logs/rank*.log names them)\n" if result["skipped_sample_events"] else "")
         + f"run directory: {os.path.abspath(cfg.output)}  (model: {layout.TRAIN_MODEL_FILE}, metrics: metrics.jsonl)"

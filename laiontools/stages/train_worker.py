@@ -173,7 +173,17 @@ def _atomic_checkpoints() -> None:
 
 
 class NothingDecodes(RuntimeError):
-    """The first samples a loader read all failed to load: the shards hold nothing to train on."""
+    """The first samples a loader read all failed to load: the shards hold nothing to train on.
+
+    ``str()`` is the message whatever webdataset appends to ``args`` on the way up (its tar expander
+    adds the stream and the URL to an exception that passes through it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # A loader process gives up when this many samples failed to load before any loaded.
@@ -260,24 +270,46 @@ def _stop_when_nothing_decodes(record_dir: str, limit: int = UNDECODABLE_LIMIT) 
 
     state = {"loaded": 0, "failed": 0}
     handler, get_wds_dataset = oc_data.log_and_continue, oc_data.get_wds_dataset
+    tarfile_to_samples, keep_sample = oc_data.tarfile_to_samples_nothrow, oc_data.filter_no_caption_or_no_image
     skipped = RateLimitedLogger(log)
     record = SkipRecord(record_dir)
 
-    def counted_handler(exn: BaseException) -> bool:
+    def count_failure(what: str, exn: BaseException | None) -> None:
         state["failed"] += 1
-        what = skipped_sample(exn)
-        record.add(what or f"{type(exn).__name__}: {str(exn)[:200]}")
+        record.add(what)
         if not state["loaded"] and state["failed"] >= limit:
             raise NothingDecodes(
                 f"{LOADER_STOP_TAG}the first {limit} samples this data loader read all failed to load (the last: "
-                f"{what or type(exn).__name__ + ': ' + str(exn)[:200]}); the shards hold no image that decodes: check "
-                "them with `laiontools verify` on the manifest"
+                f"{what}); the shards hold no image that decodes: check them with `laiontools verify` on the manifest"
             ) from exn
+
+    def counted_handler(exn: BaseException) -> bool:
+        if isinstance(exn, NothingDecodes):  # the stop, passing through webdataset's tar expander: not a new failure
+            raise exn
+        what = skipped_sample(exn)
+        count_failure(what or f"{type(exn).__name__}: {str(exn)[:200]}", exn)
         if what is None:
             return handler(exn)
         # open_clip's own line says "Handling webdataset error (DecodingError()). Ignoring.": no sample, no cause
         skipped.warn("skipped", "skipped a sample that does not load: %s", what)
         return True
+
+    def counted_tarfile_to_samples(src: Any, handler: Any = counted_handler) -> Any:
+        # open_clip binds its log_and_continue as this function's default when the module is defined: a shard
+        # that cannot be read (cut short, damaged) went to that handler, uncounted, and shards that all fail so
+        # looped forever
+        return tarfile_to_samples(src, handler=handler)
+
+    def counted_filter(sample: dict[str, Any]) -> bool:
+        # open_clip drops a sample without a caption or an image without a word: shards of such samples only
+        # never yielded a batch, and the run waited forever
+        if keep_sample(sample):
+            return True
+        missing = "caption (.txt)" if "txt" not in sample else "image (.jpg/.jpeg/.png/.webp)"
+        what = f"{sample.get('__key__')} of {sample.get('__url__')}: no {missing} member"
+        count_failure(what, None)
+        skipped.warn("skipped", "skipped a sample that does not load: %s", what)
+        return False
 
     def counted_get_wds_dataset(args: Any, preprocess_img: Any, *a: Any, **k: Any) -> Any:
         def loaded(image: Any) -> Any:
@@ -288,6 +320,8 @@ def _stop_when_nothing_decodes(record_dir: str, limit: int = UNDECODABLE_LIMIT) 
 
     oc_data.log_and_continue = counted_handler  # type: ignore[attr-defined]
     oc_data.get_wds_dataset = counted_get_wds_dataset  # type: ignore[attr-defined]
+    oc_data.tarfile_to_samples_nothrow = counted_tarfile_to_samples  # type: ignore[attr-defined]
+    oc_data.filter_no_caption_or_no_image = counted_filter  # type: ignore[attr-defined]
 
 
 def _decode_wide_images() -> None:
