@@ -467,3 +467,41 @@ def test_a_finished_point_is_reused_when_the_output_is_given_as_an_absolute_path
     again = {**cfg, "output": str(tmp_path / "study")}  # the same folder
     row = study_stage.run_point(StudyConfig(**again), "lt-tiny", "16", 16, 1.0)
     assert row["colors/zeroshot_top1"] == 0.25
+
+
+def test_a_finished_point_is_evaluated_again_when_its_model_file_changed(tmp_path) -> None:
+    """eval.json records the sha256 of the model file it scored. A point whose train/ was deleted and trained
+    again may hold other weights: its old numbers are not reused for them, the point is evaluated again. The
+    evaluation of the file the run holds is reused as it is."""
+    import torch
+
+    from laiontools.core.storage import sha256_file, write_json
+    from laiontools.models.registry import load_model
+
+    data = tmp_path / "data"
+    manifest = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")
+    ev = write_color_evalset(str(data / "colors"), per_class=2)["path"]
+    cfg = dict(output=str(tmp_path / "study"), scales={"16": manifest}, samples_seen=[16], models=["lt-tiny"], batch_size=8,
+               evalset=[f"colors={ev}:wds"], train={"workers": 0, "lr": 0.001, "device": "cpu"})
+    base = _fake_finished_point(StudyConfig(**cfg), "16", 16)
+    run_dir, eval_path = os.path.join(base, "train"), os.path.join(base, "eval.json")
+    res_path = os.path.join(run_dir, "result.json")
+    write_json(res_path, {**_json(res_path), "model": "lt-tiny"})
+    weights = os.path.join(run_dir, "model.pt")
+    torch.save(load_model("lt-tiny").model.state_dict(), weights)
+    sha = sha256_file(weights)[0]
+
+    def scored(model_sha: str) -> None:  # an evaluation of the model file with this sha256
+        write_json(eval_path, {**_json(eval_path), "model": {"checkpoint_sha256": model_sha}, "metrics": {"colors/zeroshot_top1": 0.99}})
+
+    from laiontools.core.stage import output_paths
+
+    write_json(output_paths(eval_path, "file")[0], {"stage": "evaluate", "created": 0})  # as evaluate claims its file
+    scored(sha)
+    assert study_stage.run_point(StudyConfig(**cfg), "lt-tiny", "16", 16, 1.0)["colors/zeroshot_top1"] == 0.99
+    assert "wall_s" not in _json(eval_path)  # reused, not evaluated
+    scored("0" * 64)
+    row = study_stage.run_point(StudyConfig(**cfg), "lt-tiny", "16", 16, 1.0)
+    got = _json(eval_path)
+    assert got["model"]["checkpoint_sha256"] == sha and "wall_s" in got
+    assert row["colors/zeroshot_top1"] == got["metrics"]["colors/zeroshot_top1"]

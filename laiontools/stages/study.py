@@ -55,7 +55,7 @@ from laiontools.core.config import ConfigError, StageConfig, changed_settings
 from laiontools.core.errors import UserError
 from laiontools.core.report import emit, table
 from laiontools.core.stage import StageResult, stage_entry
-from laiontools.core.storage import atomic_write_bytes, is_done, read_json, write_json
+from laiontools.core.storage import atomic_write_bytes, is_done, read_json, sha256_file, write_json
 from laiontools.scaling import (  # noqa: F401  (fit maths also importable from here, as before)
     FIT_COLUMNS,
     METRIC_KINDS,
@@ -221,12 +221,22 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
     if not finished:
         emit(res.summary)  # progress of a grid that runs for hours
     ev_cfg = EvaluateConfig(checkpoint=run_dir, evalset=list(cfg.evalset), evalsets_yaml=cfg.evalsets_yaml, output=eval_path, **cfg.evaluate)
-    if is_done(eval_path):  # reuse an evaluation only of the same sets and tasks
-        diff = changed_settings(read_json(eval_path).get("settings", {}), ev_cfg.to_dict(), _EVAL_IDENTITY_KEYS)
+    evaluated = is_done(eval_path)
+    if evaluated:  # reuse an evaluation only of the same sets and tasks
+        old = read_json(eval_path)
+        diff = changed_settings(old.get("settings", {}), ev_cfg.to_dict(), _EVAL_IDENTITY_KEYS)
         if diff:
             raise ConfigError(f"study: run {rid}: {eval_path} was evaluated with other settings: {diff}; use the original "
                               "settings, or delete that file (and its .done marker) to evaluate again")
-    else:
+        # ... and of the model file the run holds now: a point whose train/ was deleted and trained again may
+        # hold other weights, which the old numbers do not describe
+        had = (old.get("model") or {}).get("checkpoint_sha256")
+        weights = os.path.join(run_dir, layout.TRAIN_MODEL_FILE)
+        if had and os.path.exists(weights) and sha256_file(weights)[0] != had:
+            log.warning("study: %s: %s scored another model file than %s holds now (the run was trained again): "
+                        "evaluating it again", rid, eval_path, weights)
+            evaluated = False
+    if not evaluated:
         res = evaluate.run(ev_cfg)
         emit(res.summary)
     result, ev = read_result(run_dir), read_json(eval_path)
