@@ -1006,3 +1006,23 @@ def test_read_ahead_holds_few_files_and_skips_what_it_cannot_open(tmp_path, monk
         assert not t.is_alive()  # done by itself, before the block's end stopped it
     assert opened and max(opened) <= 2  # never more than the limit at once (the LRU closed the others)
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_reshard_of_a_subset_whose_pool_moved_names_the_pool_without_starting_spark(tmp_path, monkeypatch):
+    """A subset whose pool was moved: the pool's size could not be counted, which chose Spark, so a JVM
+    started (or failed to start, without Java) before the error named the pool. The pool is read first."""
+    from laiontools.core import spark as spark_mod
+    from laiontools.core.errors import UserError
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=8, failures=0)
+    res = subsets_stage.run(SubsetsConfig(pool=pool, output=str(tmp_path / "s"), scales="10", seed=1)).details
+    shutil.move(str(tmp_path / "pool"), str(tmp_path / "pool_moved"))
+
+    def no_spark(*a, **k):
+        raise AssertionError("a Spark session was started for a subset whose pool cannot be read")
+
+    monkeypatch.setattr(spark_mod, "spark_session", no_spark)
+    with pytest.raises(UserError) as e:
+        reshard_stage.run(ReshardConfig(manifest=res[0]["manifest"], output=str(tmp_path / "r"), shard_size=4))
+    assert str(tmp_path / "pool") in str(e.value)

@@ -680,3 +680,19 @@ def test_the_engines_rank_and_count_between_cuts_alike(spark, scratch):
         assert lo.between(cuts[17], cuts[33]) == 16 and lo.between(True, cuts[33]) == 33
     finally:
         sp.close()
+
+
+def test_a_cut_pool_uid_file_is_one_line_naming_it_when_a_dedup_list_is_checked(tmp_path, capsys, monkeypatch):
+    """A dedup output's uids are checked against the pool's uid file: one cut short (a partial copy) was
+    numpy's "mmap length is greater than file size" traceback, naming no file."""
+    from laiontools.cli import main as cli
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=8, failures=0)
+    d = str(tmp_path / "dedup")
+    _write_dedup(d, sorted(pool_samples(pool))[:3], read_manifest(pool)["source"]["fingerprint"])
+    uf = tmp_path / "pool" / layout.POOL_UIDS
+    uf.write_bytes(uf.read_bytes()[:-16])  # the pool's uid file loses its last uid
+    rc = cli(["subsets", "--pool", pool, "--exclude", d, "--scales", "5", "--seed", "1", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and str(uf) in err, err[-1500:]

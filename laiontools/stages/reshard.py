@@ -835,6 +835,8 @@ def run(cfg: ReshardConfig, spark: Any = None) -> StageResult:
     """
     m = read_manifest(abs_path(cfg.manifest))  # a missing or invalid manifest fails before Spark starts
     pool, size = _pool_and_rows(abs_path(cfg.manifest), m)
+    if pool is None and m.get("kind") == "subset":
+        load_pool(_find_pool(abs_path(cfg.manifest), m))  # names the missing or unreadable pool before any JVM starts
     with stage_tasks(cfg, spark, app_name="laiontools-reshard", size=size, spark_above=cfg.spark_above) as tasks:
         res = _reshard(cfg, tasks, m, pool)
     return StageResult(

@@ -337,6 +337,11 @@ def load_exclusion(given: str, pool: PoolInfo, spark: Any) -> Exclusion:
         # pool the takedowns started from (an excluded uid that was taken down is simply gone).
         root, root_m = lineage_root(pool.path, pool.manifest)
         pool_file = resolve(root, root_m["uids"]["path"])
+        try:  # a pool uid file cut short or not a uid file: one line naming it, not numpy's mmap error
+            uid_file_layout(pool_file)
+        except (ValueError, EOFError, OSError) as e:
+            raise InputError(f"--exclude {given} is checked against the pool's uid file, which cannot be read: {e}; "
+                             f"run `laiontools verify` on {root}") from e
         if arr is not None and int(root_m["uids"]["count"]) <= limit:
             missing = int((~contains(load_uids(pool_file), np.asarray(arr))).sum())
         else:
