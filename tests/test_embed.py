@@ -6,7 +6,9 @@ a real torchrun launch of 2 CPU processes, Spark local[2].
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -21,8 +23,10 @@ from laiontools.contracts.embeddings import (
     STATUS_FAILED_DECODE,
     STATUS_OK,
     EmbedMismatchError,
+    MissingEmbeddingsError,
     load_model_json,
     read_embeddings,
+    read_pool,
 )
 from laiontools.contracts.schema import ManifestError
 from laiontools.models.embedder import Embedder, embedder_for
@@ -640,3 +644,103 @@ def test_load_image_refuses_an_image_over_the_pixel_limit_before_decoding():
     Image.new("1", (10_000, 10_000)).save(buf, format="PNG")
     with pytest.raises(ImageLimitError, match="image of 10000x10000 = 100 Mpx is over the 89 Mpx limit"):
         embed_stage.load_image(buf.getvalue(), lambda im: im)
+
+# ----------------------------------------------------------------------------------------------
+# Found by a review of embed: a killed re-embed of a rewritten shard, a torchrun run refused by its ranks,
+# a Spark resume whose precision cannot be known.
+
+
+def _rewrite_shard0(src_manifest, dst_dir, edit):
+    """A copy of the pool whose shard 00000 holds edit(samples) (as a takedown writes: same source fingerprint)."""
+    shutil.copytree(os.path.dirname(src_manifest), dst_dir)
+    manifest = os.path.join(dst_dir, layout.POOL_MANIFEST)
+    tar = os.path.join(dst_dir, "shards", "00000.tar")
+    samples = edit(read_shard_samples(tar, None))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    with open(tar, "wb") as f:
+        f.write(data)
+    with open(manifest) as f:
+        m = json.load(f)
+    m["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), num_samples=len(samples))
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+    return manifest
+
+
+def test_a_killed_reembed_of_a_rewritten_shard_leaves_no_stale_embeddings_that_readers_trust(tmp_path, monkeypatch):
+    """Pool rewritten (takedown removed sample 2 of shard 00000); embed of the new pool into the same folder
+    is killed before shard 00000 is written. The folder's model.json now names the new pool, and shard
+    00000's OLD marker is still there: read_pool must not hand the old rows (the removed sample) to dedup."""
+    pool = write_pool(str(tmp_path / "p"), n_shards=2, per_shard=4, image_size=64, realistic=False)
+    out = str(tmp_path / "e")
+    assert _run(pool, out) == 0
+    removed = {}
+
+    def edit(samples):
+        removed["uid"] = json.loads(samples[2][1]["json"])["uid"]
+        return samples[:2] + samples[3:]
+
+    pool2 = _rewrite_shard0(pool, str(tmp_path / "p2"), edit)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the run is killed while embedding shard 00000
+
+    monkeypatch.setattr(embed_stage, "_write_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(pool2, out)
+    monkeypatch.undo()
+    try:
+        info = read_pool(out)
+    except MissingEmbeddingsError:
+        return  # fine: the shard is reported as not embedded
+    from laiontools.contracts.embeddings import read_embedding_shard
+
+    assert info.manifest_path == pool2
+    _, meta = read_embedding_shard(out, "00000")
+    assert removed["uid"] not in meta.column("uid").to_pylist(), "taken-down sample still searchable"
+
+
+def test_a_torchrun_resume_with_another_model_is_refused_not_reported_from_the_old_report(tmp_path):
+    """A finished folder, then `--engine torchrun --nproc 2` with another model into it: the ranks refuse
+    (EmbedMismatchError), torchrun exits 1, and the launcher must not read the earlier run's report."""
+    from laiontools.core.errors import UserError
+
+    pool = write_pool(str(tmp_path / "p"), n_shards=2, per_shard=3, image_size=64, realistic=False)
+    out = str(tmp_path / "e")
+    assert _run(pool, out) == 0
+    with pytest.raises(UserError) as e:
+        res = embed_stage.run(EmbedConfig(manifest=pool, output=out, model="lt-small", batch_size=5, num_workers=0,
+                                          engine="torchrun", nproc=2))
+        pytest.fail(f"torchrun run with another model returned ok={res.ok}: {res.summary!r}")
+    assert "lt-small" in str(e.value) or "launcher.log" in str(e.value)
+
+
+def test_a_spark_resume_of_a_gpu_auto_folder_is_refused_not_mixed(tmp_path):
+    """A folder embedded on a GPU with --precision auto records precision_used amp_bf16. A resume with
+    --engine spark (tasks on the CPU without GPU scheduling: fp32) passes used_precision=None
+    (embed.py run(): `used = probe.precision if probe is not None else None`), and the check falls back
+    to comparing the asked precisions, 'auto' == 'auto': the remaining shards are embedded in fp32."""
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.models.embedder import Embedder
+    from laiontools.stages.embed import pool_identity, prepare_output
+
+    pool = write_pool(str(tmp_path / "p"), n_shards=1, per_shard=2, image_size=64, realistic=False)
+    out = str(tmp_path / "e")
+    assert _run(pool, out) == 0
+    path = os.path.join(out, layout.EMB_MODEL_JSON)
+    with open(path) as f:
+        doc = json.load(f)
+    doc["precision_used"] = "amp_bf16"  # what the same run records on a GPU (resolve_precision('auto', 'cuda'))
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    cfg = EmbedConfig(manifest=pool, output=out, model=MODEL, engine="spark")
+    info = Embedder(MODEL, None, "cpu").info
+    with pytest.raises(EmbedMismatchError):
+        prepare_output(cfg, info, pool_identity(pool, read_manifest(pool)), None)  # what run() passes for spark

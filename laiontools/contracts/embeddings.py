@@ -85,6 +85,10 @@ def check_same_run_settings(existing: dict[str, Any], new: dict[str, Any], where
         if f == "precision" and used_old is not None and used_now is not None:
             if used_old != used_now:
                 diff[f] = (_asked_used(old, used_old), _asked_used(now, used_now))
+        elif f == "precision" and used_old is not None and used_now is None:
+            # "auto" where the device is not known here (Spark tasks pick theirs): it may become another
+            # precision than the folder's; the folder's one must be asked for explicitly
+            diff[f] = (_asked_used(old, used_old), f"{now!r} (device not known: pass --precision {used_old})")
         elif old != now:
             diff[f] = (repr(old), repr(now))
     if diff:

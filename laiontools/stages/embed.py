@@ -568,6 +568,11 @@ def _todo(cfg: EmbedConfig, tasks: list[dict[str, Any]]) -> tuple[list[dict[str,
             log.warning("shard %s: %s (changed after the shard was done); embedding the shard again", t["id"], changed)
             fs, p = url_to_fs(marker_path(meta))
             fs.rm(p)
+        elif marker is not None:  # done for other shard bytes (re-downloaded, rewritten by a takedown): its marker
+            # goes before any shard is embedded, so that a run killed on the way leaves the folder claiming no rows
+            # of the old shard (readers such as dedup count a shard with a marker as embedded)
+            fs, p = url_to_fs(marker_path(meta))
+            fs.rm(p)
         todo.append(t)
     return todo, skipped
 
@@ -773,11 +778,16 @@ def _launch_torchrun(cfg: EmbedConfig, n_shards: int) -> StageResult:
     logs = os.path.join(cfg.output, "logs") if "://" not in cfg.output else tempfile.mkdtemp(prefix="laiontools-embed-")
     console = os.path.join(logs, "launcher.log")
     t0 = time.time()
+    report_path = join(cfg.output, layout.EMB_REPORT_JSON)
+    rfs, rp = url_to_fs(report_path)
+    if rfs.exists(rp):  # an earlier run's report must never be read as this run's
+        rfs.rm(rp)
     cmd = torchrun_command(nproc, ["-m", "laiontools.cli", "embed", "--config", cfg_path])
     rc = run_logged(cmd, console, worker_env(nproc))
-    report_path = join(cfg.output, layout.EMB_REPORT_JSON)
-    if rc not in (0, 1):  # 1: the ranks finished with failed shards, listed in the report
-        raise UserError(f"embed: torchrun exited with code {rc}; see {console}")
+    # 1: the ranks finished with failed shards, listed in the report; but torchrun also exits 1 when a
+    # rank stopped on an error (exit 2), and then no report was written by this run.
+    if rc not in (0, 1) or not rfs.exists(rp):
+        raise UserError(_rank_error(console) or f"embed: torchrun exited with code {rc}; see {console}")
     rep = read_json(report_path)
     run = rep["this_run"]
     result = EmbedResult(run["shards_embedded"], run["shards_skipped"], run["failed_shards"], run["rows"],
@@ -792,6 +802,16 @@ def _launch_torchrun(cfg: EmbedConfig, n_shards: int) -> StageResult:
                 "processes": nproc},
         timings={"embed": result.seconds}, details=result, summary=text, ok=result.ok,
     )
+
+
+def _rank_error(console: str) -> str | None:
+    """The last one-line error a rank printed ("laiontools embed: error: ...") in the launcher's log."""
+    try:
+        with open(console, encoding="utf-8", errors="replace") as f:
+            lines = [ln.strip() for ln in f if "laiontools embed: error:" in ln]
+    except OSError:
+        return None
+    return lines[-1].split("laiontools embed: error:", 1)[1].strip() if lines else None
 
 
 def _spark_stats(cfg: EmbedConfig, todo: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
