@@ -6,7 +6,6 @@ a real torchrun launch of 2 CPU processes, Spark local[2].
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -650,30 +649,6 @@ def test_load_image_refuses_an_image_over_the_pixel_limit_before_decoding():
 # a Spark resume whose precision cannot be known.
 
 
-def _rewrite_shard0(src_manifest, dst_dir, edit):
-    """A copy of the pool whose shard 00000 holds edit(samples) (as a takedown writes: same source fingerprint)."""
-    shutil.copytree(os.path.dirname(src_manifest), dst_dir)
-    manifest = os.path.join(dst_dir, layout.POOL_MANIFEST)
-    tar = os.path.join(dst_dir, "shards", "00000.tar")
-    samples = edit(read_shard_samples(tar, None))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    with open(tar, "wb") as f:
-        f.write(data)
-    with open(manifest) as f:
-        m = json.load(f)
-    m["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), num_samples=len(samples))
-    with open(manifest, "w") as f:
-        json.dump(m, f)
-    return manifest
-
-
 def test_a_killed_reembed_of_a_rewritten_shard_leaves_no_stale_embeddings_that_readers_trust(tmp_path, monkeypatch):
     """Pool rewritten (takedown removed sample 2 of shard 00000); embed of the new pool into the same folder
     is killed before shard 00000 is written. The folder's model.json now names the new pool, and shard
@@ -687,7 +662,7 @@ def test_a_killed_reembed_of_a_rewritten_shard_leaves_no_stale_embeddings_that_r
         removed["uid"] = json.loads(samples[2][1]["json"])["uid"]
         return samples[:2] + samples[3:]
 
-    pool2 = _rewrite_shard0(pool, str(tmp_path / "p2"), edit)
+    pool2 = _pool_with_shard0(pool, tmp_path, edit)
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # the run is killed while embedding shard 00000
