@@ -82,15 +82,14 @@ def catalog_rows(pool: PoolInfo) -> int:
     return int(rows)
 
 
-def lacking_columns(pool: PoolInfo, required: tuple[str, ...], footers: list[tuple[str, int, Any]] | None = None) -> None:
-    """Refuse (InputError naming the file) a catalog one of whose files lacks a `required` column: a
-    reader of several files (Spark's, or pyarrow's concat) would read that file's rows as nulls there,
-    and a stage that matches on the column would silently pass them by."""
-    for path, _, schema in catalog_footers(pool) if footers is None else footers:
-        missing = [c for c in required if c not in schema.names]
-        if missing:
-            raise InputError(f"catalog {pool.catalog}: {path} lacks column(s) {missing}; it does not follow "
-                             "schemas/catalog.schema.json")
+def refuse_lacking_columns(pool: PoolInfo, path: str, names: list[str], required: tuple[str, ...]) -> None:
+    """Refuse (InputError naming the file) a catalog file `path` whose columns `names` lack a `required`
+    one: a reader of several files (Spark's, or pyarrow's concat) would read that file's rows as nulls
+    there, and a stage that matches on the column would silently pass them by."""
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise InputError(f"catalog {pool.catalog}: {path} lacks column(s) {missing}; it does not follow "
+                         "schemas/catalog.schema.json")
 
 
 def null_typed_everywhere(footers: list[tuple[str, int, Any]]) -> list[str]:
@@ -126,10 +125,7 @@ def read_catalog(pool: PoolInfo, columns: list[str] | None = None, required: tup
         fs, p = url_to_fs(path)
         with store_errors(path), fs.open(p, "rb") as f, parquet_read_errors(path):
             pf = pq.ParquetFile(f, **PARQUET_READ)
-            missing = [c for c in required if c not in pf.schema_arrow.names]
-            if missing:
-                raise InputError(f"catalog {pool.catalog}: {path} lacks column(s) {missing}; it does not follow "
-                                 "schemas/catalog.schema.json")
+            refuse_lacking_columns(pool, path, pf.schema_arrow.names, required)
             parts.append(pf.read(columns=columns))
     if not parts:
         raise InputError(f"catalog {pool.catalog} has no parquet files; the pool folder is incomplete (re-run download)")

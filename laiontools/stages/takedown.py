@@ -94,9 +94,9 @@ from laiontools.contracts.pool import (
     abs_path,
     catalog_footers,
     catalog_rows,
-    lacking_columns,
     load_pool,
     null_typed_everywhere,
+    refuse_lacking_columns,
 )
 from laiontools.contracts.removal import RemovalList, content_hashes, read_removal_list
 from laiontools.core import failpoints
@@ -680,7 +680,8 @@ class _SparkCatalog:
         # another's missing column as nulls: a url entry would silently pass that file's rows by), and a
         # column every file stores with Arrow's null type (Spark reads it as integers) gets its own type.
         footers = catalog_footers(pool)
-        lacking_columns(pool, MATCH_COLUMNS, footers)
+        for path, _, schema in footers:
+            refuse_lacking_columns(pool, path, schema.names, MATCH_COLUMNS)
         cat = spark_read_parquet(self.spark, pool.catalog)
         nulls = set(null_typed_everywhere(footers))
         if nulls:
