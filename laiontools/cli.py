@@ -75,6 +75,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
     """
     from laiontools.core.errors import UserError, damaged_input_error, environment_error, user_error_from
     from laiontools.core.logs import setup_logging
+    from laiontools.core.redact import redact_text
 
     setup_logging()
     module = importlib.import_module(STAGES[stage][0])
@@ -86,7 +87,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
         return int(getattr(module, _ENTRY.get(stage, "main"))(argv) or 0)
     except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         # (IsADirectoryError: a folder given where a file is read: --config, --blocklist, a manifest's path)
-        print(f"laiontools {stage}: error: {e}", file=sys.stderr)
+        print(redact_text(f"laiontools {stage}: error: {e}"), file=sys.stderr)
         return 2
     except Exception as e:
         # A full disk, a quota or a read-only file system is the machine's fault, not the code's, and a
@@ -100,7 +101,7 @@ def run_stage(stage: str, argv: list[str]) -> int:
             fault = store_error(e, failing_url(e, [a.split("=", 1)[-1] for a in argv if "://" in a]))
         if fault is None:
             raise
-        print(f"laiontools {stage}: error: {fault}", file=sys.stderr)
+        print(redact_text(f"laiontools {stage}: error: {fault}"), file=sys.stderr)
         return 2
 
 

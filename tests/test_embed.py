@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -325,9 +326,15 @@ def test_torchrun_two_processes(small_pool, tmp_path):
     local = str(tmp_path / "local")
     assert _run(small_pool, local) == 0
     out = str(tmp_path / "ddp")
+    # a secret typed into a setting reaches the ranks' config but no file of the output (their settings
+    # files are records: redacted), and the ranks' config file is gone after the launch
+    secret = {"spark.hadoop.fs.s3a.secret.key": "wJalr-embed-s3cr3t"}
+    tmp_before = set(os.listdir(tempfile.gettempdir()))
     res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=0,
-                                      engine="torchrun", nproc=2))
+                                      engine="torchrun", nproc=2, spark_conf=secret))
     log = Path(out, "logs", "launcher.log").read_text()
+    assert not [p for p in Path(out).rglob("*") if p.is_file() and b"wJalr-embed-s3cr3t" in p.read_bytes()]
+    assert not [f for f in set(os.listdir(tempfile.gettempdir())) - tmp_before if f.startswith("laiontools-embed-") and f.endswith(".json")]
     assert res.ok and res.counts["processes"] == 2, log[-3000:]
     assert sorted(res.details.shards_embedded) == ["00000", "00001", "00002"] and res.details.rows == 24
     from laiontools.core.storage import read_json
@@ -336,6 +343,7 @@ def test_torchrun_two_processes(small_pool, tmp_path):
     assert sorted(rep["this_run"]["shards_embedded"]) == ["00000", "00001", "00002"]
     # two ranks ran: rank 1 wrote its own settings with the group's size
     assert read_json(os.path.join(out, "settings.rank1.json"))["world_size"] == 2
+    assert read_json(os.path.join(out, "settings.rank1.json"))["spark_conf"] == {"spark.hadoop.fs.s3a.secret.key": "***"}
     assert not os.path.exists(os.path.join(out, ".laiontools.lock"))  # the launcher released the output
     _assert_same_output(local, out)
     # through the CLI, a re-run of the finished output skips every shard

@@ -276,3 +276,73 @@ def test_16_bit_images_are_stored_as_their_8_bit_twins(spark, tmp_path):
     for wide, narrow in TWINS.items():
         assert stored[wide] == stored[narrow], wide
         assert np.asarray(Image.open(io.BytesIO(stored[wide]))).mean() < 200, wide  # not white
+
+
+def test_a_password_in_a_flag_is_used_and_never_recorded(spark, web, tmp_path, capfd, monkeypatch):
+    """`--blocklist http://user:password@host/...` behind HTTP basic auth: the run reads the list with the
+    password (the listed URL is refused), and no record of the run holds it: settings.json, the manifest
+    (its command and settings), the sidecar, the log lines, every file of the pool. A re-run
+    of the same command compares the recorded settings with its own as recorded, and resumes."""
+    import base64
+    import http.server
+    import threading
+
+    from laiontools.cli import main
+
+    server, names = web
+    urls = [f"{server.base_url}/img/{n}" for n in names[:4]]
+    secret = "hunter2-s3cr3t"
+    want = "Basic " + base64.b64encode(f"alice:{secret}".encode()).decode()
+    seen: list[str | None] = []
+
+    class Auth(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != want:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="lists"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = f"{urls[2]}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Auth)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        bl = f"http://alice:{secret}@127.0.0.1:{httpd.server_address[1]}/blocklist.txt"
+        out = str(tmp_path / "pool")
+        conf = tmp_path / "download.yaml"
+        conf.write_text(json.dumps(TEST_DOWNLOAD_SETTINGS))  # JSON is YAML
+        argv = ["download", "--config", str(conf), "--input", _source(str(tmp_path / "src"), urls), "--output", out,
+                "--blocklist", bl]
+        monkeypatch.setattr("sys.argv", ["laiontools", *argv])
+        rc = main(argv)
+        console = capfd.readouterr()
+        assert rc == 0, console.err[-3000:]
+        assert want in seen  # the list was read with the password
+        cat = _catalog(out).set_index("url")
+        assert cat.loc[urls[2], "status"] == "rejected_blocklisted"
+        assert (cat.drop(index=[urls[2]])["status"] == "success").all()
+        settings = json.loads(Path(out, layout.SETTINGS_JSON).read_text())
+        assert settings["blocklist"] == f"http://alice:***@127.0.0.1:{httpd.server_address[1]}/blocklist.txt"
+        manifest = json.loads(Path(out, layout.POOL_MANIFEST).read_text())
+        assert manifest["download"]["settings"]["blocklist"] == settings["blocklist"]
+        assert settings["blocklist"] in manifest["provenance"]["command"]
+        leaked = [str(p) for p in Path(out).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        leaked += [name for name, text in (("stdout", console.out), ("stderr", console.err)) if secret in text]
+        assert not leaked, leaked
+        # the same command again: the recorded settings are this run's, redacted the same way
+        assert main(argv) == 0, capfd.readouterr().err[-3000:]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

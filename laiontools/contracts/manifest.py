@@ -17,7 +17,7 @@ from typing import Any
 
 from laiontools import __version__
 from laiontools.contracts.schema import MANIFEST_SCHEMA_VERSION, ManifestError, validate_manifest
-from laiontools.core.storage import read_json, sha256_bytes, store_errors, url_to_fs, write_json
+from laiontools.core.storage import read_json, sha256_bytes, store_errors, url_to_fs, write_record
 
 SIDECAR_SUFFIX = ".run.json"
 
@@ -66,8 +66,8 @@ def write_manifest(path: str, manifest: dict[str, Any], run: dict[str, Any] | No
     `run`: more of what describes this run and not its result (the engine, the Spark settings it
     used), added to the sidecar."""
     validate_manifest(manifest, where=path)
-    data = write_json(path, manifest)
-    write_json(
+    data = write_record(path, manifest)  # a manifest records the command and settings: without credentials
+    write_record(
         path + SIDECAR_SUFFIX,
         {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -109,7 +109,12 @@ def _describe(tp: Any) -> str:
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any], keys: Any) -> str:
     """``"key: old -> new, ..."`` for the `keys` whose values differ between two settings dicts ("" when
-    none): what a stage refusing to continue another run's output says."""
+    none): what a stage refusing to continue another run's output says. Both are compared as recorded
+    (:func:`laiontools.core.redact.redact`): a record holds no credentials, and the same settings with a
+    new token are the same run."""
+    from laiontools.core.redact import redact
+
+    old, new = redact(old), redact(new)
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 

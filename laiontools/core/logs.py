@@ -20,6 +20,7 @@ def setup_logging(level: str | int = "INFO", log_file: str | None = None) -> Non
     for h in handlers:
         h.addFilter(_quiet_root_info)
         h.addFilter(_client_errors_in_one_line)
+        h.addFilter(_without_credentials)
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s",
@@ -46,6 +47,24 @@ def _client_errors_in_one_line(record: logging.LogRecord) -> bool:
     20 lines of aiohttp frames before `laiontools <stage>: error: ...` for an endpoint that never answers)."""
     if record.exc_info and record.name.split(".", 1)[0] in _CLIENT_LOGGERS:
         record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _without_credentials(record: logging.LogRecord) -> bool:
+    """Log a line with the credentials a URL or setting in it carries replaced (core/redact.py): a log
+    is a record, and a user may type a token into a flag that a stage then names in a message."""
+    from laiontools.core.redact import redact_text
+
+    msg = record.getMessage()
+    clean = redact_text(msg)
+    if clean != msg:
+        record.msg, record.args = clean, None
+    if record.exc_info and record.exc_info[1] is not None:
+        text = logging.Formatter().formatException(record.exc_info)
+        clean = redact_text(text)
+        if clean != text:  # the traceback's own text, redacted, stands for it
+            record.exc_info, record.exc_text = None, None
+            record.msg = f"{record.msg}\n{clean}"
     return True
 
 

@@ -27,6 +27,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from laiontools.core.errors import InputError, UserError, task_error
+from laiontools.core.redact import REDACTED, is_redacted, redact, redacted_path_error
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ def url_to_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
             _LOCAL_FS.clear()
             fs = _LOCAL_FS[os.getpid()] = fsspec.filesystem("file")
         return fs, fs._strip_protocol(path)
+    if REDACTED in path and is_redacted(path):
+        raise StorageError(redacted_path_error(path))
     scheme = path.split("://", 1)[0].lower() if "://" in path else ""
     if scheme in _NO_LISTINGS_CACHE:
         return fsspec.core.url_to_fs(path, use_listings_cache=False)
@@ -351,6 +354,12 @@ def write_json(path: str, obj: Any) -> bytes:
     data = canonical_json(obj)
     atomic_write_bytes(path, data)
     return data
+
+
+def write_record(path: str, obj: Any) -> bytes:
+    """Write a record of a run (settings.json, a manifest and its sidecar, a result naming the settings
+    and paths it used) without the credentials a flag may carry (:func:`laiontools.core.redact.redact`)."""
+    return write_json(path, redact(obj))
 
 
 def read_json(path: str) -> Any:

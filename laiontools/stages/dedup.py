@@ -70,6 +70,7 @@ from laiontools.core.storage import (
     sha256_bytes,
     url_to_fs,
     write_json,
+    write_record,
 )
 
 log = logging.getLogger(__name__)
@@ -708,7 +709,7 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     from laiontools import index as DI
 
     paths = DI.index_paths(cfg.output)
-    write_json(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
+    write_record(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
     items = _read_items(paths["items"])
     ctx = search_context(cfg, index_desc)
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
@@ -879,7 +880,7 @@ def _write_outputs(
         + "\n\n" + table(per_set, cols) + "\n"
     )
     atomic_write_bytes(join(cfg.output, layout.DEDUP_SUMMARY_TXT), txt.encode())
-    write_json(join(cfg.output, layout.DEDUP_JSON), {
+    write_record(join(cfg.output, layout.DEDUP_JSON), {
         "kind": "dedup", "threshold": cfg.threshold, "k": cfg.k, "model": index_desc["model"],
         "index_type": index_desc["index_type"], "index_sha256": index_desc["index_sha256"],
         "pool": {"manifest": pool.manifest_path, "fingerprint": pool.fingerprint, "embeddings": pool.emb_dir,

@@ -37,7 +37,14 @@ from laiontools.contracts import layout
 from laiontools.core.config import ConfigError, StageConfig, add_config_args
 from laiontools.core.errors import UserError
 from laiontools.core.stage import StageResult, stage_entry
-from laiontools.core.storage import PARQUET_READ, atomic_write_bytes, ensure_output_dir, join, write_json
+from laiontools.core.storage import (
+    PARQUET_READ,
+    atomic_write_bytes,
+    ensure_output_dir,
+    join,
+    write_json,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +240,7 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
             raise InputError(f"--exclude-uids {cfg.exclude_uids}: not a uid file ({e}); give a .npy written by "
                              "laiontools (dedup's exclude.uids.npy, a subset's uid file)") from None
     ensure_output_dir(cfg.output)
-    write_json(join(cfg.output, layout.CALIBRATE_SETTINGS_JSON), {"stage": STAGE, **cfg.to_dict()})
+    write_record(join(cfg.output, layout.CALIBRATE_SETTINGS_JSON), {"stage": STAGE, **cfg.to_dict()})
     sets = load_evalsets(cfg.evalset, cfg.evalsets_yaml)
     pool = read_pool(cfg.embeddings)
     dcfg = DedupConfig(embeddings=cfg.embeddings, evalset=cfg.evalset, evalsets_yaml=cfg.evalsets_yaml, output=cfg.output,

@@ -38,6 +38,7 @@ from laiontools.contracts.pool import CATALOG_ROWS_PER_FILE
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.images import MAX_IMAGE_PIXELS
+from laiontools.core.redact import redact
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, Tasks, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
@@ -61,6 +62,7 @@ from laiontools.core.storage import (
     url_to_fs,
     write_json,
     write_parquet_dir,
+    write_record,
 )
 from laiontools.stages import prepare
 from laiontools.stages.prepare import PrepareConfig, prepared_type
@@ -156,7 +158,7 @@ def check_output(cfg: DownloadConfig) -> None:
     if isinstance(old.get("allow_networks"), list):  # pools from before entries were canonical: 127.0.0.1/8 as typed
         with contextlib.suppress(ConfigError):
             old["allow_networks"] = prepare.canonical_networks(old["allow_networks"])
-    new = cfg.semantic()
+    new = redact(cfg.semantic())  # as recorded: without credentials
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
@@ -1083,7 +1085,7 @@ def run(cfg: DownloadConfig, spark: Any = None) -> StageResult:
         rows = prepare.estimated_rows(found[0])
     else:
         rows = int(read_json(join(prep_dir, layout.PREPARED_STATS_JSON))["rows_in"])
-    write_json(join(cfg.output, layout.SETTINGS_JSON), cfg.semantic())
+    write_record(join(cfg.output, layout.SETTINGS_JSON), cfg.semantic())
     # A source under --spark-above rows (and no master named, not under spark-submit) runs every step in
     # this process: prepare and finalize on Arrow, the download shards in forked processes. Spark's
     # fixed cost (JVM, Python workers, a dozen jobs: 15-25 s) would otherwise outweigh the work.

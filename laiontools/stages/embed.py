@@ -83,6 +83,7 @@ from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, st
 from laiontools.core.storage import (
     PARQUET_WRITE,
     atomic_open,
+    canonical_json,
     ensure_output_dir,
     is_done,
     join,
@@ -93,6 +94,7 @@ from laiontools.core.storage import (
     sha256_file,
     url_to_fs,
     write_json,
+    write_record,
 )
 from laiontools.models.embedder import PRECISIONS, Embedder, resolve_device
 from laiontools.wds.samples import POOL_IMAGE_EXTS, meta_key
@@ -723,7 +725,7 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
         _barrier()
         if rank != 0:
             prepare_output(cfg, model_info, pool, used)  # re-check what rank 0 wrote (and raise the same way)
-    write_json(join(cfg.output, f"settings.rank{rank}.json" if distributed and rank else layout.SETTINGS_JSON),
+    write_record(join(cfg.output, f"settings.rank{rank}.json" if distributed and rank else layout.SETTINGS_JSON),
                {**cfg.to_dict(), "world_size": world})
     todo, skipped = _todo(cfg, tasks[rank::world] if distributed else tasks)
 
@@ -768,12 +770,24 @@ def _launch_torchrun(cfg: EmbedConfig, n_shards: int) -> StageResult:
 
     import torch
 
-    from laiontools.core.launch import run_logged, torchrun_command, worker_env
-
     nproc = cfg.nproc or max(1, torch.cuda.device_count())
     nproc = min(nproc, max(1, n_shards))  # a rank without a shard would only wait at the barrier
-    cfg_path = join(cfg.output, "logs", "torchrun-config.json")
-    write_json(cfg_path, {**cfg.to_dict(), "engine": "local", "nproc": 0})
+    # The ranks' settings, credentials included where a flag carried them: so not a record in the output
+    # (settings.json is written redacted) but a file only this user can read, removed after the launch.
+    fd, cfg_path = tempfile.mkstemp(prefix="laiontools-embed-", suffix=".json")
+    with os.fdopen(fd, "wb") as f:
+        f.write(canonical_json({**cfg.to_dict(), "engine": "local", "nproc": 0}))
+    try:
+        return _run_torchrun(cfg, cfg_path, nproc, n_shards)
+    finally:
+        os.unlink(cfg_path)
+
+
+def _run_torchrun(cfg: EmbedConfig, cfg_path: str, nproc: int, n_shards: int) -> StageResult:
+    import tempfile
+
+    from laiontools.core.launch import run_logged, torchrun_command, worker_env
+
     # the launcher's console log is a local file, also when the output is on an object store
     logs = os.path.join(cfg.output, "logs") if "://" not in cfg.output else tempfile.mkdtemp(prefix="laiontools-embed-")
     console = os.path.join(logs, "launcher.log")

@@ -36,7 +36,7 @@ from laiontools.core.errors import UserError
 from laiontools.core.logs import RateLimitedLogger
 from laiontools.core.report import table
 from laiontools.core.stage import StageResult, stage_entry
-from laiontools.core.storage import mark_done, read_json, write_json
+from laiontools.core.storage import mark_done, read_json, write_record
 from laiontools.models.registry import ModelError
 
 log = logging.getLogger(__name__)
@@ -391,7 +391,7 @@ def run(cfg: EvaluateConfig, spark: Any = None) -> StageResult:
         "metrics": flat_metrics(results),
         "wall_s": round(time.time() - t0, 3),
     }
-    write_json(cfg.output, out)
+    write_record(cfg.output, out)
     mark_done(cfg.output, {"metrics": len(out["metrics"])})
     rows = [{"metric": k, "value": f"{v:.4f}"} for k, v in out["metrics"].items()]
     return StageResult(

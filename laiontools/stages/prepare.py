@@ -43,6 +43,7 @@ from laiontools.contracts.uids import compute_uid, normalize_caption, normalize_
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, TaskError, UserError, task_error, user_error_from
+from laiontools.core.redact import redact
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
@@ -361,7 +362,8 @@ def source_fingerprint(files: list[SourceFile], profile: str, mapping: dict[str,
             if f.size > (2 << 20):
                 fh.seek(f.size - (1 << 20))
                 h.update(fh.read(1 << 20))
-    h.update(json.dumps({"profile": profile, "mapping": mapping, "policy": policy}, sort_keys=True).encode())
+    # the policy as recorded (a blocklist URL without its password): another password is the same list
+    h.update(json.dumps({"profile": profile, "mapping": mapping, "policy": redact(policy)}, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -889,6 +891,7 @@ def _finish(cfg: PrepareConfig, found: tuple[Any, ...], policy: dict[str, Any], 
         "engine": engine,
         "spark": {"shuffle_partitions": shuffle},
     }
+    stats = redact(stats)  # a record: the policy's blocklist URL without its password
     write_json(join(prep_dir, layout.PREPARED_STATS_JSON), stats)
     failpoints.pause("prepare.final-write")  # fault tests: stats written, marker not yet
     mark_done(prep_dir, {"stats_sha256": sha256_bytes(json.dumps(stats, sort_keys=True).encode())})
@@ -943,7 +946,7 @@ def _check_source(stats: dict[str, Any], cfg: PrepareConfig, prep_dir: str, foun
     policy = _row_policy(cfg)
     if stats.get("source_fingerprint") == source_fingerprint(files, profile, mapping, policy):
         return
-    old = stats.get("policy", {})
+    old, policy = stats.get("policy", {}), redact(policy)  # compared as recorded
     old_nets = old.get("allow_networks")
     if isinstance(old_nets, list) and old_nets != policy["allow_networks"]:
         # prepared before the entries were canonical (as typed: 127.0.0.1/8): the same networks are the same policy

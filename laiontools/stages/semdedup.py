@@ -75,6 +75,7 @@ from laiontools.core.storage import (
     sha256_bytes,
     url_to_fs,
     write_json,
+    write_record,
 )
 from laiontools.neardup import KEEP_POLICIES
 
@@ -658,7 +659,7 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         raise SemDedupError(f"--clusters {k} is more than the {total} embedded samples in {cfg.embeddings}")
     train_rows = min(total, cfg.train_sample or 256 * k)
     ident = DI.model_identity(pool.model)
-    write_json(join(cfg.output, "settings.json"), {"stage": STAGE, **cfg.to_dict(), "clusters_used": k})
+    write_record(join(cfg.output, "settings.json"), {"stage": STAGE, **cfg.to_dict(), "clusters_used": k})
     base = {"model": ident, "pool": pool.fingerprint, "shards": shards, "rows": rows, "emb": os.path.abspath(cfg.embeddings)
             if "://" not in cfg.embeddings else cfg.embeddings}
     kmeans_key = _key({**base, "k": k, "seed": cfg.seed, "train_rows": train_rows, "niter": cfg.niter, "v": 2})
@@ -767,10 +768,10 @@ def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], c
                 "model": DI.model_identity(pool.model), "pool": pool_info,
                 "exclude": {"path": EXCLUDE_UIDS, "sha256": sha, "count": n_ex,
                             "rule": f"in a group of samples linked by cosine > {1.0 - e:g} within a k-means cluster, not the member kept ({cfg.keep})"}}
-        write_json(join(folder, DEDUP_JSON), info)
+        write_record(join(folder, DEDUP_JSON), info)
         if i == 0:  # the first eps is the output folder's own exclusion list: `subsets --exclude <out>`
             _copy_file(join(folder, EXCLUDE_UIDS), join(cfg.output, EXCLUDE_UIDS))
-            write_json(join(cfg.output, DEDUP_JSON), {**info, "exclude": {**info["exclude"], "eps_folder": f"{EPS_DIR}/{lab}"},
+            write_record(join(cfg.output, DEDUP_JSON), {**info, "exclude": {**info["exclude"], "eps_folder": f"{EPS_DIR}/{lab}"},
                                                      "summary": SUMMARY_JSON, "report": REPORT_DIR})
         per_eps.append({"eps": e, "threshold": round(1.0 - e, 10), "removed": n_ex,
                         "removed_fraction": round(n_ex / max(1, valid), 6), "groups": agg[lab]["groups"],

@@ -55,7 +55,14 @@ from laiontools.core.config import ConfigError, StageConfig, changed_settings
 from laiontools.core.errors import UserError
 from laiontools.core.report import emit, table
 from laiontools.core.stage import StageResult, stage_entry
-from laiontools.core.storage import atomic_write_bytes, is_done, read_json, sha256_file, write_json
+from laiontools.core.storage import (
+    atomic_write_bytes,
+    is_done,
+    read_json,
+    sha256_file,
+    write_json,
+    write_record,
+)
 from laiontools.scaling import (  # noqa: F401  (fit maths also importable from here, as before)
     FIT_COLUMNS,
     METRIC_KINDS,
@@ -297,7 +304,7 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
     from laiontools.stages import train_worker
 
     os.makedirs(cfg.output, exist_ok=True)
-    write_json(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
+    write_record(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
     evalsets.load_evalsets(cfg.evalset or None, cfg.evalsets_yaml)  # bad declarations fail before any training
     from laiontools.stages.train import check_trainable_manifest
 
@@ -414,7 +421,7 @@ def run_fit(cfg: FitConfig) -> StageResult:
                    f"each apart with --where {col}=<value>")
         log.warning("study fit: %s", warning)
     os.makedirs(cfg.output, exist_ok=True)
-    write_json(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
+    write_record(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
     _write_results(os.path.join(cfg.output, layout.STUDY_FIT_INPUT_CSV), rows)
     esc = html.escape
     intro = (f"<p>Results table <code>{esc(os.path.abspath(cfg.results))}</code>: {len(rows)} row(s)"

@@ -81,6 +81,7 @@ from laiontools.core.storage import (
     spark_read_parquet,
     url_to_fs,
     write_json,
+    write_record,
 )
 
 log = logging.getLogger(__name__)
@@ -1086,7 +1087,7 @@ def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
     output = abs_path(cfg.output)
     ensure_output_dir(output)
     _check_same_selection(cfg, output)
-    write_json(join(output, layout.SETTINGS_JSON), {"stage": "subsets", **cfg.to_dict()})
+    write_record(join(output, layout.SETTINGS_JSON), {"stage": "subsets", **cfg.to_dict()})
     exclusions = [load_exclusion(e, pool, spark) for e in cfg.exclude]
     eng: Any = _SparkSelection(cfg, spark, pool, exclusions) if spark is not None else _LocalSelection(cfg, pool, exclusions)
     for ex in exclusions:

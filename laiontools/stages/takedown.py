@@ -102,6 +102,7 @@ from laiontools.contracts.removal import RemovalList, content_hashes, read_remov
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
 from laiontools.core.errors import InputError, UserError, task_error, task_errors_as
+from laiontools.core.redact import redact
 from laiontools.core.report import table
 from laiontools.core.spark import spark_run_record
 from laiontools.core.stage import (
@@ -414,7 +415,7 @@ def canonical_command(cfg: TakedownConfig) -> list[str]:
 def _check_settings(cfg: TakedownConfig, pool: PoolInfo, rl: RemovalList, status: str) -> None:
     """Refuse an output that holds the takedown of another pool, list or reason; record ours."""
     path = join(abs_path(cfg.output), layout.SETTINGS_JSON)
-    ours = {"stage": STAGE, "pool": pool.path, "pool_sha256": pool.sha256, "list_sha256": rl.sha256, "status": status}
+    ours = redact({"stage": STAGE, "pool": pool.path, "pool_sha256": pool.sha256, "list_sha256": rl.sha256, "status": status})
     fs, p = url_to_fs(path)
     if fs.exists(p):
         old = read_json(path)

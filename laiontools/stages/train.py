@@ -50,7 +50,7 @@ from laiontools.contracts.schema import ManifestError
 from laiontools.core.config import ConfigError, StageConfig
 from laiontools.core.errors import UserError, environment_error
 from laiontools.core.stage import StageResult, config_parser, stage_entry
-from laiontools.core.storage import mark_done, read_json, write_json
+from laiontools.core.storage import mark_done, read_json, write_json, write_record
 from laiontools.stages.train_worker import skipped_samples_of_run
 
 log = logging.getLogger(__name__)
@@ -476,7 +476,7 @@ def _prepare_run_dir(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> 
                 f"or give a new --output"
             )
         _check_same_run(run_dir, settings)
-    write_json(settings_path, settings)
+    write_record(settings_path, settings)
     ckpt = os.path.join(run_dir, layout.TRAIN_CHECKPOINT_DIR, LATEST_CHECKPOINT)
     done_steps = 0
     if os.path.exists(ckpt):
