@@ -314,17 +314,20 @@ def test_an_exclusion_list_too_large_for_a_membership_udf_is_joined(spark, scrat
     loose = str(tmp_path / "loose.uids.npy")
     np.save(loose, uids_to_array(excluded[::-1] + excluded[:1]))
     runs = {}
-    for how in ("udf", "join"):
+    for how in ("udf", "join", "in_process"):
         if how == "join":
             monkeypatch.setattr(uids_mod, "MEMBER_UDF_MAX_UIDS", 0)
             monkeypatch.setattr(uids_mod, "UID_ROWS_PER_TASK", 4)
         for name, ex in (("dedup", d), ("loose", loose)):
-            res = subsets_stage.run(_cfg(scratch, tmp_path / f"{how}-{name}", scales=f"{60 - len(excluded)},10", exclude=[ex]), spark).details
+            # in_process: `--spark-above -1` keeps a list over the limit in this process (no session to join on)
+            res = subsets_stage.run(_cfg(scratch, tmp_path / f"{how}-{name}", scales=f"{60 - len(excluded)},10", exclude=[ex],
+                                         **({"spark_above": -1} if how == "in_process" else {})),
+                                    None if how == "in_process" else spark).details
             runs[how, name] = [(Path(r["manifest"].replace("manifest.json", "uids.npy")).read_bytes(),
                                 read_manifest(r["manifest"])["selection"]["funnel"],
                                 read_manifest(r["manifest"])["selection"]["exclusions"]) for r in res]
     for name in ("dedup", "loose"):
-        assert runs["join", name] == runs["udf", name], name
+        assert runs["join", name] == runs["udf", name] == runs["in_process", name], name
         assert _uids_of_bytes(runs["join", name][0][0]) == set(samples) - set(excluded)
         assert runs["join", name][0][2][0]["count"] == len(excluded)  # the loose file's repeat counted once
     # A dedup output of another pool's uids: found by a join of the two uid files (neither loaded here).
@@ -333,6 +336,8 @@ def test_an_exclusion_list_too_large_for_a_membership_udf_is_joined(spark, scrat
     _write_dedup(alien, list(pool_samples(other))[:6] + excluded[:2], read_manifest(scratch)["source"]["fingerprint"])
     with pytest.raises(SubsetError, match="6 of 8 excluded uids are not samples"):
         subsets_stage.run(_cfg(scratch, tmp_path / "alien", scales="5", exclude=[alien]), spark)
+    with pytest.raises(SubsetError, match="6 of 8 excluded uids are not samples"):
+        subsets_stage.run(_cfg(scratch, tmp_path / "alien_in_process", scales="5", exclude=[alien], spark_above=-1))
 
 
 def _uids_of_bytes(raw: bytes) -> set[str]:

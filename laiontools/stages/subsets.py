@@ -317,7 +317,9 @@ def load_exclusion(given: str, pool: PoolInfo, spark: Any) -> Exclusion:
     else:
         uid_file, kind = given, "uids"
     limit = uids_mod.MEMBER_UDF_MAX_UIDS
-    scanned = scan_uid_file(uid_file, hold_up_to=limit)
+    # With no Spark session (in process, which `--spark-above -1` keeps to whatever the size) the list is
+    # held whole: the in-process selection flags the catalog with it anyway, and nothing here could join.
+    scanned = scan_uid_file(uid_file, hold_up_to=limit if spark is not None else 1 << 62)
     if scanned is None:  # its header or length is off (or it changed while read): name what, from the
         try:              # header and the file's size (a 2B list is 32 GB: not read whole to say it is cut)
             uid_file_layout(uid_file)
@@ -343,7 +345,7 @@ def load_exclusion(given: str, pool: PoolInfo, spark: Any) -> Exclusion:
         except (ValueError, EOFError, OSError) as e:
             raise InputError(f"--exclude {given} is checked against the pool's uid file, which cannot be read: {e}; "
                              f"run `laiontools verify` on {root}") from e
-        if arr is not None and int(root_m["uids"]["count"]) <= limit:
+        if arr is not None and (spark is None or int(root_m["uids"]["count"]) <= limit):
             missing = int((~contains(load_uids(pool_file), np.asarray(arr))).sum())
         else:
             missing = count_not_in(spark, uid_file, pool_file, distinct=not ordered)
