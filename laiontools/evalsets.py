@@ -23,7 +23,11 @@ Formats (``EvalSet.format``):
     one parquet file or a folder of them; an image column holding bytes (``image``/``jpg``/``img``/
     ``image_bytes``, or a Hugging Face ``{bytes, path}`` struct) or a path column (``image_path``/
     ``path``/``filepath``, relative to the parquet file), and optional ``label``, ``caption`` and
-    ``item_id`` columns. Item id: the ``item_id`` column, else ``<file stem>/<row>``.
+    ``item_id`` columns (a caption cell may be a list of captions). Item id: the ``item_id`` column,
+    else ``<file stem>/<row>``.
+
+An item's ``caption`` may hold several captions of its image, one per line, as clip_benchmark's
+retrieval tars (``wds_mscoco_captions``, ``wds_flickr30k``) store them; :func:`caption_lines` splits them.
 
 Unreadable images are not dropped: :func:`iter_items` yields them with ``error`` set and
 ``image=None``, so callers count them and report them by item id.
@@ -116,7 +120,7 @@ class EvalItem:
     item_id: str
     image: Image.Image | None
     label: int | None
-    caption: str | None
+    caption: str | None  # one caption per line (several for an image with several)
     error: str | None
 
 
@@ -539,6 +543,22 @@ def _parquet_errors(es: EvalSet, fpath: str) -> Iterator[None]:
         raise EvalSetError(f"evaluation set {es.name!r}: {fpath} is not a readable parquet file ({e}); re-create it") from e
 
 
+def caption_lines(caption: str | None) -> list[str]:
+    """The captions of an item: one per non-empty line of its caption text (clip_benchmark's retrieval
+    tars hold an image's captions that way, and :func:`iter_items` writes a list column so)."""
+    return [ln.strip() for ln in caption.splitlines() if ln.strip()] if caption else []
+
+
+def _caption_text(v: Any) -> str | None:
+    """A parquet caption cell as caption text: a list of captions (Hugging Face's flickr30k / COCO
+    layout) one per line, not the list's Python repr."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return "\n".join(str(c).strip() for c in v if c is not None and str(c).strip())
+    return str(v)
+
+
 def _int_label(v: Any) -> int:
     """A label as an int; raises ValueError/TypeError/OverflowError unless it is integral (0.7 is not 0)."""
     n = int(v)
@@ -561,7 +581,7 @@ def _parquet_item(
         label = None if label is None else _int_label(label)
     except (TypeError, ValueError, OverflowError):
         return _item(es, item_id, None, None, caption, f"label {label!r} is not an integer")
-    caption = None if caption is None else str(caption)
+    caption = _caption_text(caption)
     if data is not None:
         try:
             return _item(es, item_id, decode_image(bytes(data)), label, caption, None)

@@ -272,10 +272,15 @@ def data_scale_effect(rows: list[dict[str, Any]], metrics: Sequence[str], kind: 
             small, large = scales[0], scales[-1]
             gap = small["mean_error"] - large["mean_error"]
             spread = max(small["max_error"] - small["min_error"], large["max_error"] - large["min_error"])
+            # Scales of one size (a pool smaller than both targets: nested subsets of the same samples)
+            # have no smaller and larger one: their gap is no effect of data scale.
+            same = small["dataset_samples"] == large["dataset_samples"]
             out.append({
                 "metric": m, "model": model, "samples_seen": top, "scales": scales,
                 "smallest": small["scale"], "largest": large["scale"], "gap": gap, "spread": spread,
-                "signal": small["n_runs"] >= 2 and large["n_runs"] >= 2 and gap > spread,
+                "signal": not same and small["n_runs"] >= 2 and large["n_runs"] >= 2 and gap > spread,
+                **({"note": f"every scale here has the same dataset size ({small['dataset_samples']:g} samples): "
+                            "no data-scale effect to measure"} if same else {}),
             })  # fmt: skip
     return out
 
@@ -560,8 +565,8 @@ def effect_html(effects: Sequence[dict[str, Any]]) -> str:
     for e in effects:
         per = "; ".join(f"{s['scale']}: {s['mean_error']:.3f} ({s['min_error']:.3f}..{s['max_error']:.3f}, {s['n_runs']} run(s))"
                         for s in e["scales"])
-        verdict = "yes" if e["signal"] else ("no" if min(s["n_runs"] for s in (e["scales"][0], e["scales"][-1])) >= 2
-                                             else "needs 2+ seeds per scale")
+        verdict = ("n/a: same size" if e.get("note") else "yes" if e["signal"]
+                   else "no" if min(s["n_runs"] for s in (e["scales"][0], e["scales"][-1])) >= 2 else "needs 2+ seeds per scale")
         trs.append(f"<tr><td>{esc(e['metric'])}</td><td>{esc(e['model'])}</td><td>{e['samples_seen']:.4g}</td><td>{esc(per)}</td>"
                    f"<td>{e['gap']:.3f}</td><td>{e['spread']:.3f}</td><td>{verdict}</td></tr>")
     return ("<h2>Data scale at a fixed budget</h2><p>At the largest samples seen that 2+ scales share: error per scale, mean "

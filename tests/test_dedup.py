@@ -714,3 +714,20 @@ def test_the_index_cache_keeps_a_gpu_load_apart_from_a_cpu_one(tmp_path):
     assert gpu is not cpu and DI.load_cached(str(path), sha, use_gpu=True) is gpu
     assert DI.load_cached(str(path), sha, use_gpu=False) is not cpu  # one index per process: the last load replaced it
     DI._CACHE.clear()
+
+
+def test_calibrate_again_after_the_index_was_rebuilt_attributes_copies_to_the_new_items(tiny, tmp_path):
+    """top1_attributed_to_source read the index's row -> item table through a per-process cache keyed by
+    its path: a second calibration into the same folder, after the evaluation sets changed and the index was
+    rebuilt, matched the copies against the first run's items (0 % attributed for exact copies)."""
+    ev2 = tmp_path / "ev2" / "renamed"
+    shutil.copytree(tiny["root"] / "ev" / "c0", ev2)
+    out = tmp_path / "cal"
+    kw = {"embeddings": tiny["emb"], "output": str(out), "plant_items": 2, "pool_sample": 10, "transforms": ["exact"]}
+    first = dedup_calibrate.run(CalibrateConfig(evalset=[tiny["evalset"]], **kw)).details
+    assert first["top1_attributed_to_source"] == {"exact": 1.0}
+    second = dedup_calibrate.run(CalibrateConfig(evalset=[f"ev2={tmp_path / 'ev2'}:imagefolder"], **kw)).details
+    items = pd.read_parquet(os.path.join(str(out), "index", "items.parquet"))
+    assert set(items["evalset"]) == {"ev2"}  # the index was rebuilt for the new set
+    # an exact copy's nearest evaluation image is its source, as in the first run
+    assert second["top1_attributed_to_source"] == {"exact": 1.0}

@@ -432,3 +432,20 @@ def test_item_ids_of_non_utf8_names_are_escaped_and_errors_carry_no_address(tmp_
     assert items["class0/\\xff\\xfe.jpg"].error is None
     pa.array(list(items), pa.string())  # what dedup's items table does
     assert items["class0/zz.jpg"].error == "UnidentifiedImageError: cannot identify image file <_io.BytesIO object>"
+
+
+def test_parquet_caption_lists_are_captions_not_their_python_repr(tmp_path):
+    """Hugging Face retrieval sets (flickr30k, COCO captions) store an image's captions as a list column.
+    str() of that list was taken as the caption: "['a dog runs', 'a brown dog']", brackets and quotes
+    included, scored as one text. The captions come out one per line (as clip_benchmark's .txt holds
+    them), and evaluate scores each (see test_evaluate's several-captions test)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(pa.table({"image": [_jpeg(1), _jpeg(2)],
+                             "caption": [["a dog runs ", "a brown dog"], ["one cat"]]}), d / "part0.parquet")
+    items = list(E.iter_items(E.parse_evalset_spec(f"pq={d}:parquet")))
+    assert [it.caption for it in items] == ["a dog runs\na brown dog", "one cat"]
+    assert [E.caption_lines(it.caption) for it in items] == [["a dog runs", "a brown dog"], ["one cat"]]

@@ -296,3 +296,79 @@ def test_out_of_range_labels_are_named_not_counted_as_unlabeled(sets: dict[str, 
         {"item_id": "0/c", "error": "label 99 is out of range 0..1 (2 class names); left out of zero-shot"},
         {"item_id": "0/d", "error": "label -3 is out of range 0..1 (2 class names); left out of zero-shot"},
     ]
+
+
+def _retrieval_by_hand(img, txt, owner):
+    """Recall@1 both ways from raw similarities, written out: image i is found by a text of its own when
+    its best own text scores strictly above every other image's text; text t when its own image scores
+    strictly above every other image."""
+    import numpy as np
+
+    sims = np.asarray(img, dtype=np.float64) @ np.asarray(txt, dtype=np.float64).T  # (images, texts)
+    owner = np.asarray(owner)
+    i2t = [sims[i, owner == i].max() > sims[i, owner != i].max() for i in range(len(sims))]
+    t2i = [sims[owner[t], t] > np.delete(sims[:, t], owner[t]).max() for t in range(sims.shape[1])]
+    return float(np.mean(i2t)), float(np.mean(t2i))
+
+
+def test_retrieval_with_several_captions_per_image_scores_each_caption(sets: dict[str, str], tmp_path) -> None:
+    """clip_benchmark's retrieval tars (wds_mscoco_captions, wds_flickr30k) hold several captions per image
+    in one .txt, one per line (its reader splits them with str.splitlines). They were scored as ONE caption,
+    the lines joined (and cut at the context length): image->text and text->image recall were those of
+    another task. Each line is a caption of its image: R@k is computed over all of them, as clip_benchmark does."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from laiontools.evalsets import make_evalset
+    from laiontools.stages.evaluate import evaluate_set
+
+    caps = {
+        (200, 30, 30): ["a red square", "a crimson block on white"],
+        (30, 30, 200): ["a blue square", "navy tile"],
+        (30, 200, 30): ["a green square", "an emerald patch", "grass coloured box"],
+        (220, 220, 30): ["a yellow square", "a lemon coloured shape"],
+    }
+    root = tmp_path / "wds_retrieval"
+    (root / "test").mkdir(parents=True)
+    images = []
+    with tarfile.open(root / "test" / "0.tar", "w") as tf:
+        for k, (rgb, lines) in enumerate(caps.items()):
+            im = Image.new("RGB", (48, 48), (250, 250, 250))
+            im.paste(Image.new("RGB", (24 + 4 * k, 24), rgb), (8, 10 + k))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            images.append(im)
+            for name, data in ((f"{k:04d}.png", buf.getvalue()), (f"{k:04d}.txt", "\n".join(lines).encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    bundle = load_model("lt-tiny", pretrained=sets["ckpt"])
+    res = evaluate_set(bundle, make_evalset("r", str(root), "wds"), ["retrieval"], "cpu", 64)["retrieval"]
+    # independently: every caption line encoded on its own, the images by the model's own transform
+    texts = [t for lines in caps.values() for t in lines]
+    owner = [i for i, lines in enumerate(caps.values()) for _ in lines]
+    with torch.no_grad():
+        img = bundle.model.encode_image(torch.stack([bundle.preprocess(im) for im in images]), normalize=True).numpy()
+        txt = bundle.model.encode_text(bundle.tokenizer(texts), normalize=True).numpy()
+    want_i2t, want_t2i = _retrieval_by_hand(img, txt, owner)
+    assert res["text_to_image_R@1"] == pytest.approx(want_t2i, abs=1e-9)
+    assert res["image_to_text_R@1"] == pytest.approx(want_i2t, abs=1e-9)
+    assert res["n_items"] == 4 and res["n_texts"] == len(texts) == 9
+    assert np.isclose(res["text_to_image_R@10"], 1.0)  # 4 images: always found within 10
+
+
+def test_a_cuda_device_torch_cannot_see_is_named_not_blamed_on_the_checkpoint(sets: dict[str, str], tmp_path) -> None:
+    """--device cuda on a node without a visible GPU (or cuda:N past the last one) failed inside load_model,
+    and evaluate reported it as "checkpoint ... does not fit model 'lt-tiny' ... pass the model it was
+    trained with": a wrong diagnosis of a good checkpoint. The device is checked first, as train does."""
+    from laiontools.core.config import ConfigError
+
+    out = tmp_path / "e.json"
+    cfg = EvaluateConfig(checkpoint=sets["ckpt"], model="lt-tiny", evalset=[f"c={sets['colors']}"], output=str(out), device="cuda:99")
+    with pytest.raises(ConfigError, match=r"--device cuda:99: torch sees \d+ CUDA device"):
+        evaluate_stage.run(cfg)
+    assert not out.exists()

@@ -324,3 +324,38 @@ def test_fit_all_lists_the_runs_it_leaves_out(caplog) -> None:
                                   {"run_id": "text", "reason": "not a number ('abc')"},
                                   {"run_id": "empty", "reason": "empty or NaN"}]
     assert "3 run(s) left out" in caplog.text and "text (not a number ('abc'))" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [0, -1e12, "nan", "inf"])
+def test_predict_at_must_be_positive_finite_compute_before_anything_runs(tmp_path, bad) -> None:
+    """`study` took predict_at: [0] (or a negative) without a word, trained the whole grid, then died in
+    the fit with a bare `ValueError: math domain error` (log10 of it) and no fits.json or report. And
+    `study fit --predict-at inf` predicted accuracy 1.0 (error 10^-inf = 0). Refused when the settings are read."""
+    from laiontools.core.config import ConfigError
+    from laiontools.stages.study import FitConfig, StudyConfig
+
+    rows = [{"run_id": str(i), "compute_gmacs": c, "m": a} for i, (c, a) in enumerate([(1e3, 0.1), (1e4, 0.2), (1e5, 0.3)])]
+    assert fit_all(rows, ["m"])["m"]["fit"] is not None  # the fit itself is fine; only the prediction point is bad
+    with pytest.raises(ConfigError, match="predict_at must be positive, finite"):
+        StudyConfig(output=str(tmp_path), scales={"a": "x"}, samples_seen=[32], models=["lt-tiny"], batch_size=16,
+                    evalset=["e=x"], predict_at=[1e12, bad])
+    with pytest.raises(ConfigError, match="--predict-at must be positive, finite"):
+        FitConfig(results=str(tmp_path / "r.csv"), output=str(tmp_path / "o"), predict_at=[bad])
+
+
+def test_data_scale_effect_of_scales_of_the_same_size_is_no_signal() -> None:
+    """Link rot makes a pool smaller than its targets: subsets "400" and "2000" of a 350-sample pool both hold
+    the same 350 samples (nested selection). data_scale_effect ordered them by name, called "2000" the
+    smallest and "400" the largest, and reported a data-scale signal ("the largest scale wins beyond seed
+    noise") between two datasets of one size. Same size: no data-scale comparison, and it says so."""
+    from laiontools.scaling import data_scale_effect, effect_html
+
+    def row(scale: str, seed: int, acc: float) -> dict:
+        return {"run_id": f"{scale}_{seed}", "model": "m", "scale": scale, "dataset_samples": 350,
+                "samples_seen": 1000, "acc": acc}
+
+    # errors: "2000" 0.70, 0.72 (mean 0.71); "400" 0.50, 0.52 (mean 0.51): gap 0.20 > spread 0.02
+    (e,) = data_scale_effect([row("2000", 0, 0.30), row("2000", 1, 0.28), row("400", 0, 0.50), row("400", 1, 0.48)], ["acc"])
+    assert [s["dataset_samples"] for s in e["scales"]] == [350, 350]
+    assert e["signal"] is False
+    assert "same dataset size" in e["note"] and "same size" in effect_html([e])

@@ -273,6 +273,9 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     t0 = time.time()
     pos: dict[str, np.ndarray] = {}
     attributed: dict[str, float] = {}
+    # Which evaluation item each index row is, as this run's index holds it (read once per run: a cache
+    # across runs kept a rebuilt index's old rows).
+    row_item = _row_items(paths["items"])
     for tname in cfg.transforms:
         trng = np.random.default_rng([cfg.seed, TRANSFORMS.index(tname)])
         imgs = [apply_transform(im, tname, trng) for _, _, im in chosen]
@@ -282,7 +285,6 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
         D, _I = index.search(q, 1)
         pos[tname] = D[:, 0].astype(np.float64)
         # Which evaluation item the copy lands on: flagged-but-misattributed copies still get removed.
-        row_item = _row_items(paths["items"])
         attributed[tname] = float(np.mean([row_item.get(int(i)) == (s, it) for (s, it, _), i in zip(chosen, _I[:, 0])]))
     embed_s = time.time() - t0
     negv, neg_uids = _sample_negatives(cfg.embeddings, cfg.pool_sample, cfg.seed, excl)
@@ -325,20 +327,15 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     )
 
 
-_ROW_ITEMS: dict[str, dict[int, tuple[str, str]]] = {}
-
-
 def _row_items(items_path: str) -> dict[int, tuple[str, str]]:
-    if items_path not in _ROW_ITEMS:
-        import pyarrow.parquet as pq
+    import pyarrow.parquet as pq
 
-        from laiontools.core.storage import url_to_fs
+    from laiontools.core.storage import url_to_fs
 
-        fs, p = url_to_fs(items_path)
-        with fs.open(p, "rb") as f:
-            t = pq.read_table(f, columns=["row", "evalset", "item_id"], **PARQUET_READ).to_pydict()
-        _ROW_ITEMS[items_path] = {r: (s, i) for r, s, i in zip(t["row"], t["evalset"], t["item_id"]) if r >= 0}
-    return _ROW_ITEMS[items_path]
+    fs, p = url_to_fs(items_path)
+    with fs.open(p, "rb") as f:
+        t = pq.read_table(f, columns=["row", "evalset", "item_id"], **PARQUET_READ).to_pydict()
+    return {r: (s, i) for r, s, i in zip(t["row"], t["evalset"], t["item_id"]) if r >= 0}
 
 
 def _quantiles(s: np.ndarray) -> dict[str, float] | None:

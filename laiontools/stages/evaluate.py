@@ -9,8 +9,9 @@ only), or an open_clip pretrained tag.
 * Zero-shot classification: a classifier from the class names and prompt templates with open_clip's
   ``build_zero_shot_classifier``; top-1 / top-5 accuracy and mean per-class recall
   (:func:`classification_metrics`). Needs class names.
-* Retrieval: image->text and text->image recall@1/5/10 over the items that have a caption (one
-  caption per image; items sharing a caption string count as matches of each other), see
+* Retrieval: image->text and text->image recall@1/5/10 over the items that have a caption (an item's
+  caption text holds one caption per line, several for COCO/Flickr-style sets; items sharing a caption
+  string count as matches of each other), see
   :func:`retrieval_metrics`.
 
 Ties are counted against the query in both tasks, so a model that scores everything alike gets no
@@ -113,6 +114,13 @@ def _device(device: str | None) -> str:
     import torch
 
     if device:
+        if device.startswith("cuda"):
+            # else load_model fails inside open_clip, and a checkpoint file is blamed for it ("does not fit model")
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            ordinal = device.partition(":")[2]
+            if n == 0 or (ordinal and not (ordinal.isdigit() and int(ordinal) < n)):
+                raise ConfigError(f"evaluate: --device {device}: torch sees {n} CUDA device(s); "
+                                  f"use --device cpu{'' if n == 0 else ' or cuda:0..' + str(n - 1)}")
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -203,35 +211,49 @@ def classification_metrics(logits: Any, labels: list[int] | Any, k: int = 5) -> 
 
 
 def retrieval_metrics(image_features: Any, text_features: Any, captions: list[str] | None = None,
-                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+                      ks: tuple[int, ...] = (1, 5, 10), text_image: list[int] | None = None) -> dict[str, float]:
     """Image->text and text->image recall@k, mean and median rank (1-based) from paired features.
 
-    Item i's image and text are a pair. A caption string that several items share names all of
-    their images, so a query counts as found when any candidate with the same caption ranks high
-    enough: identical captions have identical text features, and which of them the sort put first
-    must not decide a hit (open_clip_train's ``get_clip_metrics`` recognises only the pair's own
-    index and breaks such ties by sort order). Ties with wrong candidates count against the query.
-    Features need not be normalised: ranking by dot product is what CLIP scores with.
+    Text row t is a caption of image ``text_image[t]`` (default: row i of image i, one caption per
+    image); an image may have several (COCO, Flickr30k), and an image->text query is found when any
+    of them ranks high enough, as in clip_benchmark. ``captions`` holds each text row's string. A
+    caption string that several images share names all of them, so a query counts as found when any
+    candidate with the same caption ranks high enough: identical captions have identical text
+    features, and which of them the sort put first must not decide a hit (open_clip_train's
+    ``get_clip_metrics`` recognises only the pair's own index and breaks such ties by sort order).
+    Ties with wrong candidates count against the query. Features need not be normalised: ranking by
+    dot product is what CLIP scores with.
     """
     import numpy as np
 
     img = np.asarray(image_features, dtype=np.float64)
     txt = np.asarray(text_features, dtype=np.float64)
-    if img.shape != txt.shape or img.ndim != 2 or len(img) == 0:
-        raise ValueError(f"retrieval_metrics: image features {img.shape} and text features {txt.shape} must be the same (n, d)")
     n = len(img)
-    if captions is None:
-        same = np.eye(n, dtype=bool)
+    if text_image is None:
+        if img.shape != txt.shape or img.ndim != 2 or n == 0:
+            raise ValueError(f"retrieval_metrics: image features {img.shape} and text features {txt.shape} must be the same (n, d)")
+        owner = np.arange(n)
     else:
-        if len(captions) != n:
-            raise ValueError(f"retrieval_metrics: {len(captions)} captions for {n} items")
+        owner = np.asarray(text_image, dtype=np.int64)
+        if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1] or n == 0 or len(owner) != len(txt):
+            raise ValueError(f"retrieval_metrics: image features {img.shape}, text features {txt.shape} and "
+                             f"{len(owner)} text owners do not fit")
+        if len(owner) and (owner.min() < 0 or owner.max() >= n) or len(set(owner.tolist())) != n:
+            raise ValueError("retrieval_metrics: every image needs at least one text and every text an image")
+    if captions is None:
+        same = owner[None, :] == np.arange(n)[:, None]
+    else:
+        if len(captions) != len(txt):
+            raise ValueError(f"retrieval_metrics: {len(captions)} captions for {len(txt)} texts")
         codes = {c: j for j, c in enumerate(dict.fromkeys(captions))}
         ids = np.array([codes[c] for c in captions])
-        same = ids[:, None] == ids[None, :]
+        has = np.zeros((n, len(codes)), dtype=bool)  # image i has a caption with code c
+        has[owner, ids] = True
+        same = has[:, ids]  # (images, texts): text t's string is one of image i's captions
     sims = img @ txt.T
     out: dict[str, float] = {}
-    for name, scores in (("image_to_text", sims), ("text_to_image", sims.T)):
-        rank = _hit_ranks(scores, same)
+    for name, scores, correct in (("image_to_text", sims, same), ("text_to_image", sims.T, same.T)):
+        rank = _hit_ranks(scores, correct)
         out[f"{name}_mean_rank"] = float(rank.mean() + 1)
         out[f"{name}_median_rank"] = float(np.floor(np.median(rank)) + 1)
         for k in ks:
@@ -256,11 +278,22 @@ def zero_shot(bundle: Any, image_features: Any, labels: list[int], names: list[s
 
 
 def retrieval(bundle: Any, image_features: Any, captions: list[str], device: str, batch_size: int) -> dict[str, Any]:
-    """Image->text and text->image recall@1/5/10 of the model's features (see :func:`retrieval_metrics`)."""
-    text_features = _encode_texts(bundle, captions, device, batch_size)
-    out: dict[str, Any] = retrieval_metrics(image_features.numpy(), text_features.numpy(), captions)
+    """Image->text and text->image recall@1/5/10 of the model's features (see :func:`retrieval_metrics`).
+
+    ``captions[i]`` is image i's caption text: one caption per line (:func:`laiontools.evalsets.caption_lines`).
+    """
+    from laiontools.evalsets import caption_lines
+
+    texts, owner = [], []
+    for i, c in enumerate(captions):
+        for line in caption_lines(c):
+            texts.append(line)
+            owner.append(i)
+    text_features = _encode_texts(bundle, texts, device, batch_size)
+    out: dict[str, Any] = retrieval_metrics(image_features.numpy(), text_features.numpy(), texts, text_image=owner)
     out["n_items"] = len(captions)
-    out["n_distinct_captions"] = len(set(captions))
+    out["n_texts"] = len(texts)
+    out["n_distinct_captions"] = len(set(texts))
     return out
 
 
@@ -315,7 +348,9 @@ def evaluate_set(bundle: Any, es: Any, tasks: list[str], device: str, batch_size
         res["zeroshot"]["n_unlabeled"] = len(labels) - len(keep) - len(bad)
         res["zeroshot"]["n_label_out_of_range"] = len(bad)
     if "retrieval" in tasks:
-        keep = [i for i, c in enumerate(captions) if c]
+        from laiontools.evalsets import caption_lines
+
+        keep = [i for i, c in enumerate(captions) if caption_lines(c)]
         if not keep:
             if tasks == ["retrieval"]:
                 raise UserError(f"evaluation set {es.name!r} has no captions, which retrieval needs (<key>.txt or a caption column)")

@@ -45,6 +45,7 @@ import dataclasses
 import html
 import io
 import logging
+import math
 import os
 import re
 from typing import Any
@@ -118,6 +119,8 @@ class StudyConfig(StageConfig):
             self.predict_at = [float(c) for c in self.predict_at]
         except (TypeError, ValueError, OverflowError) as e:  # OverflowError: 1e400 reads as inf
             raise ConfigError(f"study: samples_seen / predict_at must be numbers ({e})") from e
+        if not all(math.isfinite(c) and c > 0 for c in self.predict_at):  # checked before the grid trains, not at its fit
+            raise ConfigError(f"study: predict_at must be positive, finite compute (GMACs), got {self.predict_at}")
         if not self.scales:
             raise ConfigError("study: `scales` (name -> resharded subset manifest) must list at least one scale")
         counts = [f"{k}={v}" for k, v in self.scales.items() if _is_count(v)]
@@ -388,8 +391,8 @@ class FitConfig(StageConfig):
         if not self.metric_scale > 0:
             raise ConfigError(f"study fit: --metric-scale must be positive, got {self.metric_scale}")
         self.predict_at = [float(c) for c in self.predict_at]
-        if any(c <= 0 for c in self.predict_at):
-            raise ConfigError(f"study fit: --predict-at must be positive compute (GMACs), got {self.predict_at}")
+        if not all(math.isfinite(c) and c > 0 for c in self.predict_at):  # nan/inf predicted nonsense (inf: accuracy 1.0)
+            raise ConfigError(f"study fit: --predict-at must be positive, finite compute (GMACs), got {self.predict_at}")
 
 
 def run_fit(cfg: FitConfig) -> StageResult:
