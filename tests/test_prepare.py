@@ -806,7 +806,23 @@ def test_an_unterminated_quote_does_not_swallow_the_rows_after_it(engine, tmp_pa
     strict=True: 'unexpected end of data'). Either a clear error naming the file or every line a row."""
     src = tmp_path / "stray.csv"
     src.write_text(f'url,caption\n{BASE}/1.jpg,"a stray quote\n{BASE}/2.jpg,two\n{BASE}/3.jpg,three\n')
-    with pytest.raises(InputError, match=r"stray\.csv: line \d+: unexpected end of data: a quoted field never closes"):
+    with pytest.raises(InputError, match=r"stray\.csv: line 2: unexpected end of data: a quoted field .*never closes"):
+        _prepare(engine, str(src), str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("case", ["large", "after_a_quirk"])
+def test_an_unterminated_quote_is_found_in_a_large_file_and_after_a_quirk(engine, tmp_path, case):
+    """The check above stopped at the first thing Python's strict csv reader refused that was not the end
+    of the data, with only a warning, and the rows after the stray quote were silently swallowed as before:
+    a field over csv's 128 KB limit (every file with more than ~128 KB after the stray quote: any real
+    export), and a quirk Arrow reads leniently (`"a"b`) earlier in the file. Both are now the error, naming
+    the line where the unclosed field's row starts."""
+    src = tmp_path / f"{case}.csv"
+    head = f'{BASE}/0.jpg,"a"b quirk\n' if case == "after_a_quirk" else ""
+    tail = "".join(f"{BASE}/{i}.jpg,caption number {i} of a long export\n" for i in range(2, 6000 if case == "large" else 4))
+    src.write_text(f'url,caption\n{head}{BASE}/1.jpg,"a stray quote\n{tail}')
+    line = 3 if case == "after_a_quirk" else 2
+    with pytest.raises(InputError, match=rf"{case}\.csv: line {line}: .*a quote that never closes|{case}\.csv: line {line}: unexpected end of data"):
         _prepare(engine, str(src), str(tmp_path / "o"))
 
 

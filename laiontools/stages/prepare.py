@@ -483,24 +483,42 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
             yield row, obj
 
 
+# The longest quoted field _check_quotes reads (a caption is never this long): more is a quote left open.
+QUOTED_FIELD_MAX_BYTES = 64 << 20
+
+
 def _check_quotes(path: str, comp: str | None, fmt: str) -> None:
-    """Raise a task error naming `path` and the line when a quoted field of the csv/tsv file never closes
-    (Python's csv reader, strict, with Arrow's dialect: ``"`` quotes, doubled inside a quoted field)."""
+    """Raise a task error naming `path` and the line when a quoted field of the csv/tsv file never closes.
+
+    Python's csv reader in Arrow's dialect (``"`` quotes, doubled inside a quoted field) and, like Arrow,
+    lenient with a quirk such as ``"a"b`` (the field goes on unquoted), so a quirk earlier in the file does
+    not stop the check. A line that cannot be data is read after the file's last line: at a row boundary it
+    is a row of its own; inside a quoted field that never closed it becomes that field's text."""
     import csv
     import io
+    import itertools
 
+    end = "\x00laiontools: end of file\x00"
     with _open_text(path, comp) as f:
-        reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline=""),
-                            delimiter="\t" if fmt == "tsv" else ",", quotechar='"', doublequote=True, strict=True)
+        lines = itertools.chain(io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline=""), [end + "\n"])
+        reader = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",", quotechar='"', doublequote=True, strict=False)
+        start, limit = 1, csv.field_size_limit(QUOTED_FIELD_MAX_BYTES)
         try:
-            for _ in reader:
-                pass
-        except csv.Error as e:
-            if "end of data" not in str(e):  # another quirk, which Arrow reads leniently: the check cannot go on
-                log.warning("%s: line %d: %s; not checked for a quote that never closes", path, reader.line_num, e)
-                return
-            raise task_error(f"{path}: line {reader.line_num}: {e}: a quoted field never closes, so every row after it "
-                             "would be read as its text; close the quote (a quote inside a quoted field is written \"\")") from None
+            for row in reader:
+                if row == [end]:
+                    return
+                if row and end in row[-1]:
+                    break
+                start = reader.line_num + 1
+        except csv.Error as e:  # a field longer than any caption: a quote left open this long is one that never closes
+            raise task_error(f"{path}: line {start}: a quoted field in the row that starts on this line runs on for more "
+                             f"than {QUOTED_FIELD_MAX_BYTES >> 20} MB ({e}): a quote that never closes; close the quote (a "
+                             "quote inside a quoted field is written \"\")") from None
+        finally:
+            csv.field_size_limit(limit)
+        raise task_error(f"{path}: line {start}: unexpected end of data: a quoted field in the row that starts on this line "
+                         "never closes, so every row after it would be read as its text; close the quote (a quote inside "
+                         "a quoted field is written \"\")")
 
 
 def prepare_task(task: dict[str, Any]) -> Iterator[tuple]:
