@@ -502,7 +502,9 @@ def _check_quotes(path: str, comp: str | None, fmt: str) -> None:
     with _open_text(path, comp) as f:
         lines = itertools.chain(io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline=""), [end + "\n"])
         reader = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",", quotechar='"', doublequote=True, strict=False)
-        start, limit = 1, csv.field_size_limit(QUOTED_FIELD_MAX_BYTES)
+        # csv's limit is the process's: raised and left so (threads may check files at once), never lowered
+        csv.field_size_limit(max(csv.field_size_limit(), QUOTED_FIELD_MAX_BYTES))
+        start = 1
         try:
             for row in reader:
                 if row == [end]:
@@ -512,10 +514,8 @@ def _check_quotes(path: str, comp: str | None, fmt: str) -> None:
                 start = reader.line_num + 1
         except csv.Error as e:  # a field longer than any caption: a quote left open this long is one that never closes
             raise task_error(f"{path}: line {start}: a quoted field in the row that starts on this line runs on for more "
-                             f"than {QUOTED_FIELD_MAX_BYTES >> 20} MB ({e}): a quote that never closes; close the quote (a "
+                             f"than {csv.field_size_limit() >> 20} MB ({e}): a quote that never closes; close the quote (a "
                              "quote inside a quoted field is written \"\")") from None
-        finally:
-            csv.field_size_limit(limit)
         raise task_error(f"{path}: line {start}: unexpected end of data: a quoted field in the row that starts on this line "
                          "never closes, so every row after it would be read as its text; close the quote (a quote inside "
                          "a quoted field is written \"\")")
