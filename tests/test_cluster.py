@@ -500,3 +500,44 @@ def _assert_same_pool(pool: str, local: str, spark) -> None:
             .sort_values(["uid", "status"]).reset_index(drop=True)
 
     pd.testing.assert_frame_equal(rows(pool), rows(local))
+
+
+_SESSION_PROBE = """
+from laiontools.core.spark import spark_session
+with spark_session(app_name="laiontools-probe") as s:
+    c = s.sparkContext.getConf()
+    print("PROBE", s.sparkContext.appName, c.get("spark.driver.host"), flush=True)
+"""
+
+
+def test_under_spark_submit_the_users_app_name_wins(tmp_path):
+    """`spark-submit --name nightly-dedup jobs/dedup.py`: the job set its own app name on the builder, which
+    overrides what spark-submit's JVM holds, so the run showed as "laiontools" in the master's, YARN's and
+    the history server's lists (DESIGN: under spark-submit the user's --conf wins over anything the job sets)."""
+    (tmp_path / "probe.py").write_text(_SESSION_PROBE)
+    res = spark_submit(["--master", "local[1]", "--name", "nightly-dedup", *QUICK_JVMS, str(tmp_path / "probe.py")], cwd=tmp_path,
+                       timeout=300)
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("PROBE "))
+    assert line.split()[1] == "nightly-dedup", line
+
+
+def test_only_a_local_master_keeps_the_driver_on_loopback(monkeypatch):
+    """`laiontools download --master spark://head:7077` (README: naming a master runs the stage on Spark) started
+    its driver with SPARK_LOCAL_IP=127.0.0.1, meant for the embedded local[*] session: the driver told the
+    master it listens on 127.0.0.1, which on any other host is that host, so no executor could reach it and
+    the job waited for resources for good. Only a local master keeps the driver on loopback; a user's own
+    SPARK_LOCAL_IP is kept either way. (The environment a session is started with is checked here: a
+    driver on this machine's other addresses would break the tests' rule of talking to 127.0.0.0/8 only.)"""
+    from laiontools.core import spark as S
+
+    for master, want in (("local[2]", "127.0.0.1"), ("local", "127.0.0.1"), ("spark://head:7077", None), ("yarn", None),
+                         ("k8s://https://api:6443", None)):
+        monkeypatch.delenv("SPARK_LOCAL_IP", raising=False)
+        S._python_env(local=S.driver_on_loopback(master))
+        assert os.environ.get("SPARK_LOCAL_IP") == want, master
+    monkeypatch.setenv("SPARK_LOCAL_IP", "10.1.2.3")
+    S._python_env(local=S.driver_on_loopback("local[2]"))
+    assert os.environ["SPARK_LOCAL_IP"] == "10.1.2.3"
+    monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "1")  # under spark-submit: its own launch decided
+    monkeypatch.delenv("SPARK_LOCAL_IP")
+    assert not S.driver_on_loopback("local[2]")

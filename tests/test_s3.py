@@ -1279,3 +1279,139 @@ def test_an_object_store_clients_give_up_log_keeps_to_its_line(capsys):
         err = capsys.readouterr().err
         assert f"ERROR {name}: _request out of retries on exception" in err, err
         assert ("Traceback" in err) == name.startswith("laiontools"), (name, err)
+
+
+@contextlib.contextmanager
+def busy_endpoint(status: str = "503 Slow Down", code: str = "SlowDown", message: str = "Please reduce your request rate.") -> Any:
+    """URL of an S3 API server on 127.0.0.1 that answers every request as a throttling (or failing) S3
+    does: `status` with S3's XML error body (none for a HEAD, as S3 sends none)."""
+    import threading
+
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_request(self, *args: Any) -> None:
+            pass
+
+    def app(environ: dict, start_response: Any) -> list[bytes]:
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+                "<RequestId>lt</RequestId></Error>").encode()
+        if environ["REQUEST_METHOD"] == "HEAD":
+            body = b""
+        start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status, code, message", [("503 Slow Down", "SlowDown", "Please reduce your request rate."),
+                                                   ("500 Internal Server Error", "InternalError", "We encountered an internal error.")])
+def test_a_throttling_or_failing_store_is_one_line_naming_the_path(monkeypatch, capsys, tmp_path, status, code, message):
+    """S3 answers a burst of requests with 503 SlowDown (and, now and then, 500 InternalError): after
+    botocore's and s3fs's retries, s3fs raises OSError(EBUSY / EREMOTEIO), which no check recognised: a
+    50-line traceback, exit 1, for reading a manifest (verify) or checking an output's bucket (subsets).
+    Now one line naming the path, saying the store is busy and that a re-run resumes."""
+    import fsspec
+
+    from laiontools.cli import main as cli_main
+
+    with busy_endpoint(status, code, message) as busy:
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", busy)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": busy, "config_kwargs": {
+            "connect_timeout": 2, "read_timeout": 2, "retries": {"total_max_attempts": 1}}})
+        m = "s3://lt-any/pool/pool.manifest.json"
+        for stage, argv, path in (("verify", [m], m),  # a HEAD (no body: botocore names the status)
+                                  ("subsets", ["--pool", str(tmp_path / "p.json"), "--output", "s3://lt-any/sub",
+                                               "--scales", "4", "--seed", "0"], "s3://lt-any/sub")):  # a listing (the code)
+            assert cli_main([stage, *argv]) == 2
+            line = _one_error_line(capsys.readouterr().err, stage)
+            assert line.startswith(f"laiontools {stage}: error: {path}: the object store at {busy} is throttling requests "
+                                   "or unavailable ("), line
+            assert "re-run the same command later" in line, line
+
+
+@pytest.mark.parametrize("folder", ["run[1]", "pool-a*b", "why?"])
+def test_an_atomic_write_into_an_s3_folder_with_glob_characters_lands_under_its_name(s3, bucket, folder):
+    """atomic_open moved its temp key into place with fsspec's mv, which reads '[', '*' and '?' in a path as a
+    glob: under `run[1]` every write failed naming its temp key (and left it), and under `pool-a*b` the write
+    said nothing while the object landed at `<name>/.<name>.tmp-…`, the final name missing. A local folder of
+    the same name takes the same write."""
+    from laiontools.core.storage import write_json
+
+    path = f"{bucket}/{folder}/x.json"
+    write_json(path, {"a": 1})
+    key = path.split("://", 1)[1]
+    s3.invalidate_cache()
+    assert s3.find(key.rpartition("/")[0]) == [key], "the object is not under its name, or a temp key stayed"
+    assert read_json(path) == {"a": 1}
+
+
+_LOCK_HOLDER = """
+import sys
+from laiontools.core.stage import output_lock
+with output_lock(sys.argv[1], "reshard"):
+    print("locked", flush=True)
+    sys.stdin.read()  # hold until the test closes stdin (or kills us)
+"""
+
+
+@pytest.mark.parametrize("before", ["no lock", "a killed run's lock"])
+def test_two_runs_starting_together_into_an_s3_output_do_not_both_hold_it(s3, bucket, monkeypatch, before):
+    """The lock object on a store was read, then written, then read back for its token: a run that found the
+    output free (or its lock stale) and wrote its lock after another run had taken it overwrote that run's
+    lock, read back its own token and went on, as did the other: two runs writing one output. The window is
+    widened here by starting the other run (a real process) between this run's look and its write."""
+    import datetime
+    import socket
+
+    from laiontools.core import stage
+    from laiontools.core.stage import OutputLocked, output_paths
+
+    out = f"{bucket}/race"
+    _, lock = output_paths(out)
+    if before != "no lock":
+        p = subprocess.Popen([sys.executable, "-c", "pass"])
+        p.wait(timeout=60)
+        s3.pipe(lock.split("://", 1)[1], json.dumps({
+            "host": socket.gethostname(), "pid": p.pid, "stage": "reshard", "token": "dead",
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}).encode())
+    other: list[subprocess.Popen] = []
+    real = stage._lock_info
+
+    def the_other_run_takes_it_meanwhile(name: str) -> dict:
+        if not other:  # this run has looked at the lock and is about to write its own
+            other.append(subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, out], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, text=True))
+            assert other[0].stdout.readline().strip() == "locked"
+        return real(name)
+
+    monkeypatch.setattr(stage, "_lock_info", the_other_run_takes_it_meanwhile)
+    try:
+        with pytest.raises(OutputLocked, match=r"pid \d+"), stage.output_lock(out, "reshard"):
+            pass
+        assert json.loads(s3.cat(lock.split("://", 1)[1]))["pid"] == other[0].pid, "the other run's lock was overwritten"
+    finally:
+        for p in other:
+            p.kill()
+            p.wait(timeout=60)
+
+
+def test_a_url_whose_scheme_is_upper_case_or_unknown_is_read_or_one_line(s3, bucket, capsys):
+    """"S3://b/k" (a scheme typed in upper case, which URLs allow and path_key already reads as s3) and a
+    mistyped scheme ("s4://") each ended in fsspec's ValueError("Protocol not known: ...") as a traceback,
+    exit 1, from every stage. The first is the same object; the second one line naming the path."""
+    from laiontools.cli import main as cli_main
+
+    key = f"{bucket}/up/x.json".split("://", 1)[1]
+    s3.pipe(key, b'{"a": 1}')
+    assert read_json(f"S3://{key}") == {"a": 1}
+    m = f"s4://{key}"
+    assert cli_main(["verify", m]) == 2
+    line = _one_error_line(capsys.readouterr().err, "verify")
+    assert line.startswith(f"laiontools verify: error: {m}: unknown storage scheme 's4://'"), line

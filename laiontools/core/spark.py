@@ -49,7 +49,7 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def _python_env() -> None:
+def _python_env(local: bool = True) -> None:
     # Executors must run the driver's interpreter (same venv, same packages). PySpark reads
     # PYSPARK_PYTHON when the SparkContext is created, also under spark-submit (unless the user set
     # spark.pyspark.python, which wins).
@@ -57,8 +57,17 @@ def _python_env() -> None:
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     # img2dataset imports albumentations, which otherwise phones home at import time.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    # An embedded session stays on loopback unless told otherwise (no surprise binding to eth0).
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    # An embedded local session stays on loopback unless told otherwise (no surprise binding to eth0). Not
+    # a driver on a cluster master: its executors on other hosts must reach it at an address of this one.
+    if local:
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+
+def driver_on_loopback(master: str) -> bool:
+    """Whether a session this process starts on `master` keeps its driver on 127.0.0.1: a local master
+    only. A cluster's executors on other hosts must reach the driver at an address of this host (and
+    under spark-submit its own launch already decided)."""
+    return not under_spark_submit() and master.startswith("local")
 
 
 def embedded_defaults(master: str) -> dict[str, str]:
@@ -125,7 +134,8 @@ def spark_session(
     configure the session (`master` and `conf` are ignored with a warning) and only RUNTIME_DEFAULTS
     the user left unset are added. Otherwise `conf` overrides :func:`embedded_defaults`.
     """
-    _python_env()
+    where = master or os.environ.get("LAIONTOOLS_SPARK_MASTER") or DEFAULT_MASTER
+    _python_env(local=driver_on_loopback(where))
     try:
         from pyspark.sql import SparkSession
     except ImportError as e:  # pragma: no cover - dependency of the package
@@ -136,15 +146,14 @@ def spark_session(
         check_executors(active)
         yield active
         return
-    builder = SparkSession.builder.appName(app_name)
-    if under_spark_submit():
+    builder = SparkSession.builder
+    if under_spark_submit():  # (no appName either: spark-submit's --name / spark.app.name, or its default, stays)
         if master or conf:
             log.warning("under spark-submit: ignoring master=%s / conf=%s; spark-submit's settings apply",
                         master, sorted(conf or {}))
         where = "(spark-submit)"
     else:
-        where = master or os.environ.get("LAIONTOOLS_SPARK_MASTER") or DEFAULT_MASTER
-        builder = builder.master(where)
+        builder = builder.appName(app_name).master(where)
         for k, v in {**embedded_defaults(where), **(conf or {})}.items():
             builder = builder.config(k, v)
     log.info("starting Spark session on %s", where)

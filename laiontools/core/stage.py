@@ -438,14 +438,16 @@ def _content_lock(lock: str, output: str, stage: str) -> Iterator[None]:
     """Object stores (and file systems without flock): a lock object naming host and pid. Best effort:
     create-if-absent is not atomic on every store, so the token is read back to detect a lost race."""
     fs, p = _fs(lock)
-    old = _read_json_or_none(lock) if fs.exists(p) else None
+    seen = fs.info(p) if fs.exists(p) else None
+    old = _read_json_or_none(lock) if seen is not None else None
     if old is not None:
         if not _stale(old):
             raise _locked_error(output, lock, old)
         log.warning("%s: taking over the lock of a run that is gone (%s pid %s, started %s)",
                     output, old.get("host"), old.get("pid"), old.get("started"))
     info = _lock_info(stage)
-    fs.pipe(p, json.dumps(info).encode())
+    if not _put_lock(fs, p, json.dumps(info).encode(), seen):
+        raise _locked_error(output, lock, _read_json_or_none(lock))  # another run wrote it since we looked
     now = _read_json_or_none(lock)
     if not now or now.get("token") != info["token"]:
         raise _locked_error(output, lock, now)
@@ -455,6 +457,43 @@ def _content_lock(lock: str, output: str, stage: str) -> Iterator[None]:
         now = _read_json_or_none(lock)
         if now and now.get("token") == info["token"]:
             fs.rm(p)
+
+
+def _put_lock(fs: Any, p: str, data: bytes, seen: dict[str, Any] | None) -> bool:
+    """Write the lock object only if it is still as this run saw it: absent (a create that fails where the
+    object exists: S3's If-None-Match, GCS's ifGenerationMatch=0), or, taking over a stale lock on S3, the
+    same object (If-Match its ETag). False: another run wrote the lock in between. Where a store offers
+    no such condition, a plain write (the token read back after catches some of those races)."""
+    etag = (seen or {}).get("ETag")
+    kwargs: dict[str, Any] = {"mode": "create"} if seen is None else ({"IfMatch": etag} if etag and hasattr(fs, "call_s3") else {})
+    try:
+        fs.pipe_file(p, data, **kwargs)
+    except FileExistsError:  # If-None-Match / ifGenerationMatch=0: the object exists now
+        return False
+    except (OSError, TypeError, NotImplementedError) as e:
+        if kwargs and isinstance(e, OSError) and _precondition_failed(e):
+            return False
+        if not kwargs:
+            raise
+        # A store or client without the condition (an S3-compatible server answering 501 or 400 to the
+        # header, an fsspec file system without `mode`): the plain write of before; a real refusal
+        # (access denied, no bucket) is raised by it.
+        log.debug("conditional write of %s refused (%s); writing the lock without a condition", p, e)
+        fs.pipe_file(p, data)
+    return True
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """Whether a store refused a conditional write because the object changed (412, or S3's 409 for a
+    conditional write that raced another)."""
+    err: BaseException | None = e
+    while err is not None:
+        resp = getattr(err, "response", None)
+        if (isinstance(resp, dict) and isinstance(resp.get("Error"), dict)
+                and str(resp["Error"].get("Code")) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _held_by_ancestor(lock: str) -> bool:

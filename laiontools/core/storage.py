@@ -111,9 +111,19 @@ def url_to_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if REDACTED in path and is_redacted(path):
         raise StorageError(redacted_path_error(path))
     scheme = path.split("://", 1)[0].lower() if "://" in path else ""
-    if scheme in _NO_LISTINGS_CACHE:
-        return fsspec.core.url_to_fs(path, use_listings_cache=False)
-    return fsspec.core.url_to_fs(path)
+    # URL schemes are case-insensitive (path_key reads "S3://" as s3); fsspec's registry is lowercase
+    url = scheme + path[len(scheme):] if scheme else path
+    try:
+        if scheme in _NO_LISTINGS_CACHE:
+            return fsspec.core.url_to_fs(url, use_listings_cache=False)
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # a known scheme whose client is not installed (fsspec: "Install adlfs to access ...")
+        raise InputError(f"{path}: {e}") from e
+    except ValueError as e:
+        if "Protocol not known" not in str(e):
+            raise
+        raise InputError(f"{path}: unknown storage scheme {scheme + '://'!r}; give a local path or a URL fsspec "
+                         "reaches (s3://, gs://, hdfs://, ...)") from e
 
 
 def join(base: str, *parts: str) -> str:
@@ -309,16 +319,30 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
             if local:
                 os.replace(tmp, p)
             else:
-                fs.mv(tmp, p)
+                _move_file(fs, tmp, p)
     except BaseException as e:  # noqa: BLE001 - the temporary file removed, then re-raised
         try:
             if fs.exists(tmp):
-                fs.rm(tmp)
+                fs.rm_file(tmp)
         finally:
             if isinstance(e, OSError) and e.errno is not None and not e.filename:
                 # a failed write()/fsync (disk full, quota) names no file: name the one being written
                 raise OSError(e.errno, e.strerror, path) from e
             raise
+
+
+def _move_file(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move the one object `src` to `dst` on an object store. Not ``fs.mv``: fsspec reads a path holding
+    ``[``, ``*`` or ``?`` as a glob there, so a key such as ``run[1]/.x.tmp-…`` matched nothing (the write
+    failed naming its temp key) and ``a*b/.x.tmp-…`` made ``dst`` a folder (the object landed at
+    ``dst/.x.tmp-…``, and the write said nothing). A store's own single-object move where it has one
+    (gcsfs), else a copy and a delete of that key."""
+    move = getattr(fs, "mv_file", None)
+    if move is not None:
+        move(src, dst)
+    else:
+        fs.cp_file(src, dst)
+        fs.rm_file(src)
 
 
 class _OwnWrites:
@@ -561,6 +585,11 @@ def _store_error(e: BaseException, path: str) -> StorageError | None:
         return StorageError(f"{path}: the object store at {_endpoint(path)} accepted the connection but did not answer in "
                             f"time ({type(e).__name__}); check the endpoint setting ({_endpoint_settings(path)}) and "
                             "the store's health")
+    busy = _busy_answer(e)
+    if busy:
+        return StorageError(f"{path}: the object store at {_endpoint(path)} is throttling requests or unavailable ({busy}) "
+                            "after its client's retries; re-run the same command later (finished work is kept), or "
+                            "with fewer tasks at once")
     if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"} or "Unable to locate credentials" in text:
         creds = ("GOOGLE_APPLICATION_CREDENTIALS), `gcloud auth application-default login`, the machine's service "
                  "account" if _is_gcs(path) else
@@ -578,6 +607,29 @@ def _store_error(e: BaseException, path: str) -> StorageError | None:
         said = " ".join(str(e).split())  # gcsfs's message spans lines ("Forbidden: <path>\n<Google's message>")
         return StorageError(f"{path}: access denied by the object store ({type(e).__name__}: {said[:200]}); "
                             f"check the credentials ({creds}) and the bucket policy")
+    return None
+
+
+# A store's answers that say "not now" (throttling, an overloaded or failing server) rather than "no":
+# botocore's error codes and HTTP statuses, and gcsfs's HttpError codes, once the clients gave up retrying.
+_BUSY_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestLimitExceeded", "Throttling",
+               "ThrottlingException", "TooManyRequests", "TooManyRequestsException", "RequestThrottled", "BandwidthLimitExceeded"}
+_BUSY_STATUS = {429, 500, 502, 503, 504}
+
+
+def _busy_answer(e: BaseException) -> str | None:
+    """What a store said when its error in `e`'s chain is throttling or a server fault (e.g.
+    "SlowDown: Please reduce your request rate.", "503: Service Unavailable"); None otherwise."""
+    for x in _chain(e):
+        resp = getattr(x, "response", None)
+        if isinstance(resp, dict) and isinstance(resp.get("Error"), dict):  # botocore's ClientError
+            code = str(resp["Error"].get("Code", ""))
+            status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in _BUSY_CODES or (code.isdigit() and int(code) in _BUSY_STATUS) or status in _BUSY_STATUS:
+                said = resp["Error"].get("Message") or ""
+                return f"{code}: {' '.join(str(said).split())[:200]}" if said else code
+        if type(x).__name__ == "HttpError" and getattr(x, "code", None) in _BUSY_STATUS:  # gcsfs
+            return f"HTTP {x.code}: {' '.join(str(x).split())[:200]}"
     return None
 
 
