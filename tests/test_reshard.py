@@ -1026,3 +1026,48 @@ def test_reshard_of_a_subset_whose_pool_moved_names_the_pool_without_starting_sp
     with pytest.raises(UserError) as e:
         reshard_stage.run(ReshardConfig(manifest=res[0]["manifest"], output=str(tmp_path / "r"), shard_size=4))
     assert str(tmp_path / "pool") in str(e.value)
+
+
+@pytest.mark.parametrize("twice", [("jpg", "jpg"), ("jpg", "JPG")])
+def test_a_source_sample_with_an_extension_twice_is_refused_not_written_for_webdataset_to_reject(tmp_path, twice):
+    # A sample holding two .jpg members (or .jpg and .JPG, which webdataset lower-cases to one) was
+    # copied as it is: the output shard then made webdataset's group_by_keys raise "duplicate file
+    # name" in training, and verify flag the shard reshard had just written.
+    import pyarrow as pa
+
+    from laiontools.contracts import schema as C
+    from laiontools.stages.reshard import _plan_rows
+    from laiontools.wds.tarscan import tar_index
+
+    src = tmp_path / "src.tar"
+    meta = json.dumps({"uid": f"{0:032x}"}).encode()
+    entries = _span_source(src, {"a": [(twice[0], b"x"), (twice[1], b"y"), ("json", meta)]})
+    says = rf"source shard {src}: sample a has two \.jpg members \(a\.(jpg|JPG) and a\.(jpg|JPG)\), which webdataset cannot read"
+    with pytest.raises(RuntimeError, match=says):
+        _write(tmp_path, src, entries)
+    assert not (tmp_path / "shards" / "shard-00000.tar").exists()
+    if twice[0] == twice[1]:
+        return  # the tar index refuses an exact repeat itself (DuplicateMemberError)
+    # the tar-index plan (Spark engine) refuses it the same way
+    with open(src, "rb") as f:
+        idx = tar_index(f, src.stat().st_size)
+    batch = pa.RecordBatch.from_pydict({"j": [0], "i": [0], C.UID: [f"{0:032x}"], "_sid": ["s"], C.KEY: ["a"],
+                                        "exts": [[n.split(".", 1)[1] for n, *_ in idx]], "offs": [[x[1] for x in idx]],
+                                        "sizes": [[x[2] for x in idx]], "mtimes": [[x[3] for x in idx]]})
+    with pytest.raises(RuntimeError, match=says):
+        list(_plan_rows([batch], {"s": str(src)}))
+
+
+def test_a_source_json_with_a_lone_surrogate_escape_is_rewritten_not_a_crash(tmp_path):
+    # "\ud800" is valid JSON (json.loads and webdataset read it; a caption cut inside an emoji by a
+    # UTF-16 tool holds one), but the rewrite encoded json.dumps(ensure_ascii=False) as UTF-8 and
+    # crashed with an unnamed UnicodeEncodeError.
+    src = tmp_path / "src.tar"
+    doc = b'{"uid": "%032x", "caption": "cut \\ud83d here"}' % 0
+    entries = _span_source(src, {"a": [("jpg", b"x"), ("json", doc)]})
+    for e in entries:
+        e.uid = f"{0:032x}"
+    _write(tmp_path, src, entries)
+    with tarfile.open(tmp_path / "shards" / "shard-00000.tar") as tf:
+        got = json.loads(tf.extractfile("00000000000.json").read())
+    assert got["caption"] == "cut \ud83d here" and got["source_key"] == "a"

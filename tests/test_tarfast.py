@@ -115,6 +115,7 @@ def _odd_pax_spans():
         ({"path": "k.jpg"}, True), ({"path": "k.seg.jpg"}, True), ({"path": "d/k.jpg"}, False), ({"path": "k.jpg\n"}, False),
         ({"path": "kö.jpg"}, False), ({"path": ".jpg"}, False), ({"path": "k."}, False), ({"path": "j.jpg"}, False),
         ({"comment": "anything = at all", "mtime": "7"}, True),
+        ({"GNU.sparse.name": "k.jpg"}, False), ({"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}, False),  # tarfile's sparse members
     ]
     for records, expect in cases:
         buf = io.BytesIO()

@@ -570,7 +570,7 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
     out.sort()
     exts = tuple([m[0] for m in out])
     if exts not in _CHECKED_EXTS:  # the check depends on the exts alone: once per combination a process meets
-        _check_members(set(exts), e.skey, sources.urls[e.sid])
+        _check_members(exts, e.skey, sources.urls[e.sid])
         if len(_CHECKED_EXTS) < 256:
             _CHECKED_EXTS.add(exts)
     buf = memoryview(raw)
@@ -688,13 +688,25 @@ def _finish_shard(stack: contextlib.ExitStack, path: str, info: dict[str, Any]) 
     mark_done(path, info)
 
 
-def _check_members(exts: set[str], skey: str, url: str) -> None:
+def _check_members(exts: Any, skey: str, url: str) -> None:
     """Refuse a source sample that cannot be a training sample: without a .json its uid can be checked
     against the catalog's and the output sample would carry none (verify then fails the resharded
     manifest); without an image member train would skip it unnamed. Both mean the pool shard differs
     from what download wrote, so the answer is the same as for a damaged .json. Checked where a sample's
     members become known: the catalog span as it is read (:func:`_span_members`), or the tar index as
-    the plan is made (:func:`_plan_rows`), so no output shard is written with such a sample."""
+    the plan is made (:func:`_plan_rows`), so no output shard is written with such a sample.
+
+    `exts`: every member's extension, repeats included: an extension that comes twice, also in another case
+    (``jpg`` and ``JPG``: webdataset lower-cases them), would be two members that webdataset refuses to group
+    ("duplicate file name") when it trains on the output."""
+    seen: dict[str, str] = {}
+    for ext in exts:
+        if ext.lower() in seen:
+            raise task_error(f"source shard {url}: sample {skey} has two .{ext.lower()} members ({skey}.{seen[ext.lower()]} and "
+                             f"{skey}.{ext}), which webdataset cannot read as one sample; the shard is damaged: run "
+                             "`laiontools verify` on the pool and re-download it")
+        seen[ext.lower()] = ext
+    exts = set(exts)
     if "json" not in exts:
         raise task_error(f"source shard {url}: sample {skey} has no .json member, so its uid cannot be checked against "
                          "the catalog; the shard is damaged: run `laiontools verify` on the pool and re-download it")
@@ -718,9 +730,11 @@ def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: 
     if meta.get("uid", uid) != uid:
         raise task_error(f"source shard {url}: {skey}.json has uid {meta.get('uid')} but the catalog says {uid}; the catalog and shard disagree")
     meta.update({"uid": uid, "key": key, "source_shard": sid, "source_key": skey})
-    if _JSON_C is not None:
-        return "".join(_JSON_C(meta, 0)).encode()
-    return _JSON_OUT.encode(meta).encode()
+    text = "".join(_JSON_C(meta, 0)) if _JSON_C is not None else _JSON_OUT.encode(meta)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON holds as an escape ("\ud800") and UTF-8 cannot
+        return json.dumps(meta, sort_keys=True).encode()  # kept as that escape
 
 
 # What json.dumps(meta, sort_keys=True, ensure_ascii=False) builds on every call (~3 us of a sample's
@@ -783,7 +797,7 @@ def _plan_rows(batches: Any, urls: dict[str, str]) -> Any:
                     for i, uid, sid, key, exts, offs, sizes, mtimes in zip(d["i"], d[C.UID], d["_sid"], d[C.KEY], d["exts"], d["offs"], d["sizes"], d["mtimes"]))
         for j, e in zip(d["j"], made):
             if e.members is not None:
-                _check_members({m[0] for m in e.members}, e.skey, urls[e.sid])
+                _check_members([m[0] for m in e.members], e.skey, urls[e.sid])
             if j != cur:
                 if cur is not None:
                     yield cur, entries

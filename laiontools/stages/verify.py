@@ -151,7 +151,7 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
                 trailer = f.read(1024)
                 if len(trailer) < 1024 or trailer.count(0) != 1024:
                     raise tarfile.ReadError(f"no end-of-archive marker after the last member (offset {tf.offset})")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, OverflowError) as e:  # OverflowError: tarfile reading by a base-256 size past 2**63
         problems.append(f"truncated or unreadable tar ({type(e).__name__}: {e})")
     if repeated:
         problems.append(f"{len(repeated)} members repeat an extension within their sample (e.g. a second {repeated[0]}); "
@@ -558,7 +558,7 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                     if hit is not None:
                         found += 1
                         res.problems.append(f"removal list {rl.path}: shard {name} sample {key} matches {hit}")
-        except (tarfile.TarError, OSError, EOFError) as e:  # a damaged shard: named, and the others still checked
+        except (tarfile.TarError, OSError, EOFError, OverflowError) as e:  # a damaged shard: named, and the others still checked
             res.problems.append(f"removal list check: shard {shard_url} could not be checked against the list: unreadable "
                                 f"({type(e).__name__}: {e})")
         if undecodable:  # the proof does not reach these: a pHash entry could still be one of them

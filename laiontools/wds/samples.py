@@ -57,7 +57,8 @@ def iter_members(f: BinaryIO, file_size: int, max_member_bytes: int | None = MAX
         try:
             with tarfile.open(fileobj=f, mode="r|*") as tf:
                 yield from tarfile_members(tf, max_member_bytes)
-        except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:  # a cut or damaged compressed stream
+        except (EOFError, OSError, OverflowError, zlib.error, lzma.LZMAError) as e:  # a cut or damaged compressed stream
+            # (OverflowError: a header's base-256 size past 2**63, which tarfile reads by)
             raise tarfile.ReadError(f"compressed tar is truncated or damaged ({type(e).__name__}: {e})") from e
         return
     for name, off, size, _ in tar_index(f, file_size):

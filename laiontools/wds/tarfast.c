@@ -132,6 +132,8 @@ static PyObject *span_members(PyObject *self, PyObject *args) {
                     if (!decimal(v, vlen, &pax_size)) goto not_fast;
                 } else if (klen == 5 && memcmp(k, "mtime", 5) == 0) {
                     if (!pax_mtime(v, vlen, &pax_mtime_v)) goto not_fast;
+                } else if (klen >= 11 && memcmp(k, "GNU.sparse.", 11) == 0) {
+                    goto not_fast; /* a sparse member: tarfile reads its name and bytes otherwise */
                 }
                 p = end;
             }

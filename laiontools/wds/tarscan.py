@@ -52,6 +52,13 @@ def _pax_size(value: str) -> int:
     return int(value)
 
 
+def _pax_not_plain(pax: dict[str, str], is_file: bool) -> bool:
+    """A per-file pax header that tarfile (so webdataset) applies otherwise than its path/size/mtime: GNU
+    sparse records (the member's name and bytes are elsewhere) or a file's path with a trailing slash
+    (which tarfile strips)."""
+    return (is_file and pax.get("path", "").endswith("/")) or any(k.startswith("GNU.sparse.") for k in pax)
+
+
 def _fields(h: bytes) -> tuple[object, str, int, int, int] | None:
     """(kind, name, size, mtime, stored checksum) of a plain file/dir header, checksum not checked."""
     try:
@@ -111,9 +118,13 @@ def _tarfile_members(f: BinaryIO, file_size: int) -> list[tuple[str, int, int, i
                 if ti.size < 0:
                     raise tarfile.ReadError(f"member {ti.name} at offset {ti.offset}: negative size {ti.size}")
                 if ti.isfile():
+                    if ti.issparse():  # its bytes are pieces of the stored data, not size bytes at offset_data
+                        raise tarfile.ReadError(f"member {ti.name} at offset {ti.offset} is a sparse file, which a webdataset "
+                                                "shard cannot hold (its stored bytes are not its content)")
                     out.append((ti.name, int(ti.offset), int(ti.offset_data), int(ti.size), _whole_mtime(ti)))
             end = tf.offset
-    except ValueError as e:  # tarfile's own arithmetic on a damaged header ("negative seek value")
+    except (ValueError, OverflowError) as e:  # tarfile's own arithmetic on a damaged header ("negative seek value";
+        # a base-256 size past 2**63, which tarfile reads and then seeks or reads by)
         raise tarfile.ReadError(f"damaged tar header ({e})") from e
     if end < file_size:
         f.seek(end)
@@ -239,6 +250,8 @@ def _scan(f: BinaryIO, file_size: int, verify: bool = True, span: bool = False) 
         chks.append(chk)
         header_at = pos if start_of is None else start_of
         if pax is not None:
+            if _pax_not_plain(pax, kind is _FILE):
+                return None  # a sparse member, or a path tarfile rewrites: tarfile decides
             try:
                 name = pax.get("path", name)
                 size = _pax_size(pax["size"]) if "size" in pax else size
@@ -251,7 +264,9 @@ def _scan(f: BinaryIO, file_size: int, verify: bool = True, span: bool = False) 
             if start + size > file_size:
                 return None
             out.append((name, header_at, start, size, mtime))
-        pos = start + -(-size // BLOCK) * BLOCK
+            pos = start + -(-size // BLOCK) * BLOCK
+        else:  # a directory has no data, whatever its size field says: tarfile and GNU tar read the next block as a header
+            pos = start
     if pos != file_size or pax is not None:
         return None
     return out if not verify or _checksums_ok(heads, chks) else None
@@ -335,6 +350,8 @@ def parse_span(buf: bytes | memoryview) -> list[tuple[str, int, int, int]] | Non
             if pax is None:
                 size, mtime = _octal(b[pos + 124 : pos + 136]), _octal(b[pos + 136 : pos + 148])
             else:
+                if _pax_not_plain(pax, is_file):
+                    return None
                 text = pax.get("path", text)
                 size = _pax_size(pax["size"]) if "size" in pax else _octal(b[pos + 124 : pos + 136])
                 mtime = int(float(pax["mtime"])) if "mtime" in pax else _octal(b[pos + 136 : pos + 148])
@@ -344,7 +361,9 @@ def parse_span(buf: bytes | memoryview) -> list[tuple[str, int, int, int]] | Non
                 if start + size > n:
                     return None
                 out.append((text, start, size, mtime))
-            pos = start + -(-size // BLOCK) * BLOCK
+                pos = start + -(-size // BLOCK) * BLOCK
+            else:  # a directory has no data (tarfile, GNU tar)
+                pos = start
     except (ValueError, OverflowError):  # a number field that is not octal (base-256, garbage), a bad pax number
         return None  # ("nan": ValueError; "inf", "1e400": OverflowError)
     if pos != n or pax is not None:
