@@ -731,3 +731,125 @@ def test_calibrate_again_after_the_index_was_rebuilt_attributes_copies_to_the_ne
     assert set(items["evalset"]) == {"ev2"}  # the index was rebuilt for the new set
     # an exact copy's nearest evaluation image is its source, as in the first run
     assert second["top1_attributed_to_source"] == {"exact": 1.0}
+
+# ----------------------------------------------------------------------------------------------
+# Found by a review of the index, the search rule and the gallery.
+
+
+def test_a_re_run_after_the_evaluation_set_changed_searches_its_new_items(tiny, tmp_path, monkeypatch):
+    """The index was reused when index.json named the same evaluation sets by name, path and format, whatever
+    the files now there: an image added to the set (a set first copied in half, completed, dedup run again
+    into its output) was never embedded, its pool copy never excluded, and the summary still counted the old
+    items. A re-run must give what a fresh run gives."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    ev = tmp_path / "ev"
+    shutil.copytree(tiny["root"] / "ev", ev)
+    spec = [f"ev={ev}:imagefolder"]
+    cfg = lambda out: DedupConfig(embeddings=tiny["emb"], evalset=spec, output=str(out), threshold=0.99, k=2)
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    first = dedup_stage.run(cfg(stale)).details
+    assert first["evalsets"][0]["items"] == 2
+    with tarfile.open(os.path.join(tiny["root"], "p", "shards", "00001.tar")) as tf:
+        m = next(m for m in tf if m.name.endswith(".jpg"))
+        (ev / "c0" / f"added-{m.name}").write_bytes(tf.extractfile(m).read())  # a pool image, now in the set
+    want = dedup_stage.run(cfg(fresh)).details
+    assert want["evalsets"][0]["items"] == 3 and want["pool_duplicates"] > first["pool_duplicates"]
+    got = dedup_stage.run(cfg(stale)).details
+    assert got["evalsets"][0]["items"] == 3, got["evalsets"][0]
+    assert got["pool_duplicates"] == want["pool_duplicates"]
+    assert Path(stale, "exclude.uids.npy").read_bytes() == Path(fresh, "exclude.uids.npy").read_bytes()
+
+
+def _brute_force_matches(out, emb_dir, thr) -> dict:
+    """Per evaluation set, from the index's own vectors and the pool's .npy files with numpy: the pool rows at
+    or above `thr` to some item of the set, and the set's items with such a pool row (the summary's figures)."""
+    import faiss
+
+    index = faiss.read_index(os.path.join(out, "index", "evalsets.faiss"))
+    ev = index.reconstruct_n(0, index.ntotal).astype(np.float64)
+    items = pd.read_parquet(os.path.join(out, "index", "items.parquet"))
+    items = items[items["row"] >= 0].sort_values("row")
+    pool = np.concatenate([np.load(os.path.join(emb_dir, "img_emb", f)).astype(np.float64)
+                           for f in sorted(os.listdir(os.path.join(emb_dir, "img_emb"))) if f.endswith(".npy")])
+    sims = pool @ ev.T
+    assert not (np.abs(sims - thr) < 1e-4).any(), "a similarity too close to the threshold to compare"
+    got = {}
+    for name in items["evalset"].unique():
+        cols = (items["evalset"] == name).to_numpy()
+        hit = sims[:, cols] >= thr
+        got[name] = {"pool_samples_matched": int(hit.any(axis=1).sum()), "eval_items_matched": int(hit.any(axis=0).sum())}
+    return got
+
+
+def test_a_pool_copy_counts_for_every_evaluation_item_and_set_it_duplicates_beyond_k(tiny, tmp_path, monkeypatch):
+    """The per-set figures (pool_samples_matched, eval_items_matched, overlap_percent: the paper's overlap
+    table) were counted from the k nearest evaluation items of each pool sample only. A pool image with more
+    than k copies among the evaluation items (an image in two sets, a set holding it several times, as
+    ImageNet val and CIFAR do) credited only k of them: the other items were counted as not found in the
+    pool, and a second set holding the image got 0 % overlap. Compared with numpy brute force."""
+    import io
+
+    from PIL import Image
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    with tarfile.open(os.path.join(tiny["root"], "p", "shards", "00002.tar")) as tf:
+        jpg = tf.extractfile(next(m for m in tf if m.name.endswith(".jpg"))).read()
+    for i in range(3):  # the pool image three times in set a
+        (tmp_path / "a" / "c0").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "a" / "c0" / f"copy{i}.jpg").write_bytes(jpg)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpg)).convert("RGB").save(buf, format="PNG")  # and once in set b, as a PNG
+    (tmp_path / "b" / "c0").mkdir(parents=True)
+    (tmp_path / "b" / "c0" / "same.png").write_bytes(buf.getvalue())
+    out = tmp_path / "d"
+    thr = 0.99
+    s = dedup_stage.run(DedupConfig(embeddings=tiny["emb"], output=str(out), threshold=thr, k=2,
+                                    evalset=[f"a={tmp_path / 'a'}:imagefolder", f"b={tmp_path / 'b'}:imagefolder"])).details
+    want = _brute_force_matches(str(out), tiny["emb"], thr)
+    assert want["a"]["eval_items_matched"] == 3 and want["b"]["eval_items_matched"] == 1  # the case is as built
+    got = {e["evalset"]: {k: e[k] for k in ("pool_samples_matched", "eval_items_matched")} for e in s["evalsets"]}
+    assert got == want
+
+
+def test_a_phash_match_within_the_distance_counts_for_every_item_and_set_in_reach(tiny, tmp_path, monkeypatch):
+    """--phash-max-distance: each pool hash was matched to its one nearest evaluation hash only, so an item of
+    another set within the distance (the same photo, recompressed, in a second set) was never counted: its
+    set's phash_overlap_percent said 0. Compared with imagehash Hamming distances computed here."""
+    import io
+
+    import imagehash
+    from PIL import Image
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    d = 4
+    with tarfile.open(os.path.join(tiny["root"], "p", "shards", "00002.tar")) as tf:
+        pool_imgs = {m.name: tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")}
+    jpg = pool_imgs[min(pool_imgs)]
+    (tmp_path / "a" / "c0").mkdir(parents=True)
+    (tmp_path / "a" / "c0" / "copy.jpg").write_bytes(jpg)  # the pool image, byte for byte
+    src = Image.open(io.BytesIO(jpg)).convert("RGB")
+    near = None
+    for q in range(90, 4, -5):  # the same image recompressed until its pHash is a few bits off
+        buf = io.BytesIO()
+        src.save(buf, format="JPEG", quality=q)
+        if 1 <= imagehash.phash(Image.open(io.BytesIO(buf.getvalue()))) - imagehash.phash(src) <= d:
+            near = buf.getvalue()
+            break
+    assert near is not None
+    (tmp_path / "b" / "c0").mkdir(parents=True)
+    (tmp_path / "b" / "c0" / "recompressed.jpg").write_bytes(near)
+    s = dedup_stage.run(DedupConfig(embeddings=tiny["emb"], output=str(tmp_path / "d"), threshold=0.999, k=2, phash=True,
+                                    phash_max_distance=d, eval_geometry="none", gallery_pairs=0,
+                                    evalset=[f"a={tmp_path / 'a'}:imagefolder", f"b={tmp_path / 'b'}:imagefolder"])).details
+    pool_h = []
+    for tar in sorted(os.listdir(os.path.join(tiny["root"], "p", "shards"))):
+        with tarfile.open(os.path.join(tiny["root"], "p", "shards", tar)) as tf:
+            pool_h += [imagehash.phash(Image.open(tf.extractfile(m)).convert("RGB")) for m in tf if m.name.endswith(".jpg")]
+    want = {}
+    for name in ("a", "b"):
+        ev_h = [imagehash.phash(Image.open(p).convert("RGB")) for p in sorted((tmp_path / name / "c0").iterdir())]
+        within = np.array([[ph - eh <= d for eh in ev_h] for ph in pool_h])
+        want[name] = {"phash_pool_samples_matched": int(within.any(axis=1).sum()), "phash_eval_items_matched": int(within.any(axis=0).sum())}
+    assert want["a"]["phash_eval_items_matched"] == want["b"]["phash_eval_items_matched"] == 1  # the case is as built
+    got = {e["evalset"]: {k: e[k] for k in ("phash_pool_samples_matched", "phash_eval_items_matched")} for e in s["evalsets"]}
+    assert got == want

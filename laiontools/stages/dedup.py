@@ -269,6 +269,30 @@ def _file_sha256(path: str) -> str | None:
     return sha256_file(path)[0] if fs.exists(p) else None
 
 
+_STAMP_KEYS = ("mtime", "ETag", "etag", "md5Hash", "LastModified", "last_modified", "updated", "mtime_ns")
+
+
+def evalset_fingerprint(es: Any) -> str:
+    """sha256 over the listing of an evaluation set's files (relative name, size, modification stamp), so
+    an index built from other files is not reused: files added, removed or replaced under the same path.
+    Listing only (no file is read): cheap for a 50k-image folder, an over-eager rebuild after a plain copy."""
+    import hashlib
+
+    fs, p = url_to_fs(es.path)
+    root = p.rstrip("/")
+    if fs.isfile(p):
+        found = {p: fs.info(p)}
+    else:
+        found = fs.find(root, detail=True, withdirs=False)
+    h = hashlib.sha256(f"{es.format}\0".encode())
+    for name in sorted(found):
+        info = found[name]
+        stamp = next((str(info[k]) for k in _STAMP_KEYS if info.get(k) is not None), "")
+        rel = name[len(root) + 1:] if name.startswith(root + "/") else name.rsplit("/", 1)[-1]
+        h.update(f"{rel}\0{info.get('size')}\0{stamp}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
 def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str, Any]:
     """Build (or reuse) the evaluation index in ``<out>/index``; returns its index.json.
 
@@ -281,6 +305,8 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
 
     paths = DI.index_paths(cfg.output)
     want_sets = [es.to_dict() for es in sets]
+    # what the sets hold now: the same name and path with other files is another index
+    fingerprints = [evalset_fingerprint(es) for es in sets]
     geometry, geometry_desc = eval_geometry(pool, cfg.eval_geometry)
     # The geometry is part of what the index holds: another pool resize means other vectors and hashes.
     want_params = {"index_type": cfg.index, "nlist": cfg.nlist, "nprobe": cfg.nprobe if cfg.index == "ivf" else None,
@@ -290,6 +316,7 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
         DI.check_model(pool.model, existing["model"], pool.emb_dir, paths["json"])
         same = (
             [{k: s[k] for k in ("name", "path", "format")} for s in existing["evalsets"]] == want_sets
+            and [s.get("fingerprint") for s in existing["evalsets"]] == fingerprints
             and existing["request"] == want_params
             and (existing["phash"] or not cfg.phash)
         )
@@ -308,6 +335,8 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
     DI.check_model(pool.model, embedder.info, pool.emb_dir, f"the Embedder built for {cfg.output}")
     t0 = time.time()
     vectors, rows, counts = embed_evalsets(sets, embedder, cfg.batch_size, cfg.phash, geometry)
+    for c, fp in zip(counts, fingerprints):
+        c["fingerprint"] = fp  # as listed before embedding: a change during it makes the next run rebuild
     t_embed = time.time() - t0
     if vectors.shape[1] != DI.model_identity(pool.model)["embed_dim"]:
         raise DI.ModelMismatchError(
@@ -354,7 +383,7 @@ def _settings_key(index_desc: dict[str, Any], cfg: DedupConfig) -> str:
 
     return sha256_bytes(canonical_json({
         "index": index_desc["index_sha256"], "items": index_desc["items_sha256"], "threshold": cfg.threshold,
-        "k": cfg.k, "phash": cfg.phash, "phash_d": cfg.phash_max_distance, "v": 2,  # 2: pHash keys as embed stores them
+        "k": cfg.k, "phash": cfg.phash, "phash_d": cfg.phash_max_distance, "v": 3,  # 2: pHash keys as embed stores them; 3: per-set counts beyond k and every pHash in reach
     }))[:16]
 
 
@@ -491,7 +520,14 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     n, d = emb.shape
     if d != ctx["dim"]:
         raise DI.ModelMismatchError(f"embedding shard {sid} has dim {d} but the evaluation index has dim {ctx['dim']} ({ctx['model_desc']})")
-    k = min(ctx["k"], int(index.ntotal))
+    ntotal = int(index.ntotal)
+    k = min(ctx["k"], ntotal)
+    # for samples with more than k evaluation rows at or above the threshold (searched deeper, up to DEEP_K
+    # neighbours: a GPU index answers at most 2048, and a low --threshold must not make every sample a
+    # search of the whole index): O(shard rows x sets + evaluation rows) of memory, whatever the threshold
+    deep_sets = np.zeros((n, len(ctx["evalset_names"])), dtype=bool)  # sample -> sets it duplicates, beyond k
+    deep_rows = np.zeros(ntotal, dtype=bool)  # evaluation rows duplicated, found beyond k
+    deep_cap = min(DEEP_K, ntotal)
     thr = float(ctx["threshold"])
     sims = np.full((n, k), np.nan, dtype=np.float32)
     ids = np.full((n, k), -1, dtype=np.int64)
@@ -511,6 +547,12 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         with _SEARCH_LOCK if ctx.get("serialize_search") else contextlib.nullcontext():
             D, I = index.search(x, k)
         sims[lo:hi], ids[lo:hi] = D, I
+        # A sample whose k-th neighbour is still at or above the threshold may duplicate more evaluation
+        # items than k (an image held twice by a set, or by two sets): searched deeper, so that every
+        # item and set it duplicates is counted (the report's top-k columns keep k).
+        deep = np.flatnonzero(valid[lo:hi] & (I[:, -1] >= 0) & (D[:, -1] >= thr))
+        if len(deep) and k < ntotal:
+            _search_deeper(index, x, deep, lo, k, thr, deep_cap, deep_sets, deep_rows, codes, ctx, sid)
     sims[~valid] = np.nan
     ids[~valid] = -1
     hit = (ids >= 0) & (sims >= thr)
@@ -545,8 +587,9 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         "settings_key": ctx["settings_key"], "embedding": emb_id, "shard": sid, "rows": int(n), "gallery_pairs": g,
         "not_embedded": int((~valid).sum()),
         "duplicates": int(is_dup.sum()),
-        "matched_by_set": {name: int((hit & (codes[np.maximum(ids, 0)] == j)).any(axis=1).sum()) for j, name in enumerate(set_names)},
-        "matched_rows": np.unique(ids[hit]).astype(int).tolist(),
+        "matched_by_set": {name: int(((hit & (codes[np.maximum(ids, 0)] == j)).any(axis=1) | deep_sets[:, j]).sum())
+                           for j, name in enumerate(set_names)},
+        "matched_rows": np.union1d(ids[hit], np.flatnonzero(deep_rows)).astype(int).tolist(),
         "dup_uids": uid_col.take(pa.array(dup_idx, pa.int64())).to_pylist(),
     }
     # Gallery candidates: the best duplicates and the closest pairs under the threshold.
@@ -604,9 +647,40 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     return stats
 
 
+# The most evaluation neighbours a pool sample's per-set counts look at (faiss's GPU k limit): a sample
+# that duplicates more evaluation items than this is counted for its DEEP_K nearest, with a warning.
+DEEP_K = 2048
+
+
+def _search_deeper(index: Any, x: np.ndarray, rows: np.ndarray, lo: int, k: int, thr: float, cap: int,
+                   deep_sets: np.ndarray, deep_rows: np.ndarray, codes: np.ndarray, ctx: dict[str, Any], sid: str) -> None:
+    """Every evaluation row at or above `thr` for the chunk rows `rows` of `x` (whose k nearest all are):
+    k grows fourfold until the last neighbour is under the threshold, in batches of at most 4M results;
+    the sets each sample duplicates go to `deep_sets` (row ``lo + r``), the evaluation rows to `deep_rows`."""
+    ntotal = int(index.ntotal)
+    kk = k
+    while len(rows) and kk < min(ntotal, cap):
+        kk = min(4 * kk, ntotal, cap)
+        step = max(1, (1 << 22) // kk)
+        left = []
+        for b in range(0, len(rows), step):
+            r = rows[b:b + step]
+            with _SEARCH_LOCK if ctx.get("serialize_search") else contextlib.nullcontext():
+                D, I = index.search(np.ascontiguousarray(x[r]), kk)
+            m = (I >= 0) & (D >= thr)
+            deep_rows[I[m]] = True
+            for j in range(deep_sets.shape[1]):
+                deep_sets[lo + r, j] |= (m & (codes[np.maximum(I, 0)] == j)).any(axis=1)
+            left.append(r[m[:, -1]])
+        rows = np.concatenate(left)
+    if len(rows) and kk < ntotal:
+        log.warning("shard %s: %d sample(s) duplicate more than %d evaluation items; the per-set counts hold "
+                    "their %d nearest", sid, len(rows), kk, kk)
+
+
 def _phash_matches(lk: _Lookups, hashes: list[str | None], max_distance: int) -> list[list[int]]:
-    """items.parquet positions each pool hash matches: exact lookup, or within `max_distance` bits
-    of the nearest evaluation hash (faiss binary index, Hamming distance)."""
+    """items.parquet positions each pool hash matches: exact lookup, or every evaluation hash within
+    `max_distance` bits (faiss binary range search, Hamming distance), nearest first."""
     if max_distance == 0:
         return [lk.phash.get(h, []) if h else [] for h in hashes]
     import faiss
@@ -622,10 +696,11 @@ def _phash_matches(lk: _Lookups, hashes: list[str | None], max_distance: int) ->
             index.add(np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(-1, 8))
             lk.phash_keys, lk.phash_index = keys, index
     q = np.frombuffer(b"".join(bytes.fromhex(hashes[i]) for i in have), dtype=np.uint8).reshape(-1, 8)
-    D, I = lk.phash_index.search(q, 1)
+    lims, D, I = lk.phash_index.range_search(q, max_distance + 1)  # distances < radius
     for j, i in enumerate(have):
-        if D[j, 0] <= max_distance:
-            out[i] = lk.phash[lk.phash_keys[int(I[j, 0])]]
+        a, b = int(lims[j]), int(lims[j + 1])
+        order = np.lexsort((I[a:b], D[a:b]))  # nearest first, then index order: the same on every run
+        out[i] = [pos for t in order for pos in lk.phash[lk.phash_keys[int(I[a + t])]]]
     return out
 
 
