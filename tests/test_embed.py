@@ -351,6 +351,51 @@ def test_torchrun_two_processes(small_pool, tmp_path):
     assert read_json(os.path.join(out, "embed_report.json"))["this_run"]["shards_skipped"] == ["00000", "00001", "00002"]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
+def test_torchrun_ranks_die_with_a_killed_launcher(small_pool, tmp_path):
+    """`kill -9` of an `--engine torchrun` run's process group (the CLI and torchrun together, as a kill
+    test or `kill -9 -PGID` does) while rank 0 is about to write the report: torchrun starts every rank in
+    a session of its own, so a rank that does not ask to die with its parent went on running, and wrote
+    into an output whose lock had gone with the launcher (a re-run resuming it would be writing too)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from laiontools.testing.procs import alive, descendants
+
+    out = str(tmp_path / "ddp")
+    console = Path(out, "logs", "launcher.log")
+    env = {**os.environ, "LAIONTOOLS_FAILPOINTS": "embed.final-write=60"}  # rank 0 waits before the report
+    launcher = subprocess.Popen([sys.executable, "-m", "laiontools.cli", "embed", "--manifest", small_pool, "--output", out,
+                                 "--model", MODEL, "--batch-size", "5", "--num-workers", "0", "--engine", "torchrun",
+                                 "--nproc", "2"], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 150
+        while launcher.poll() is None and time.monotonic() < deadline:
+            if console.exists() and "failpoint embed.final-write" in console.read_text(errors="replace"):
+                break
+            time.sleep(0.1)
+        tree = descendants(launcher.pid)
+        ranks = [p for p in tree if b"--config" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert ranks, (launcher.poll(), console.read_text()[-2000:] if console.exists() else "no console")
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p for p in ranks if alive(p)] == [], "a rank outlived its killed launcher and torchrun"
+    finally:
+        for p in [launcher.pid, *ranks]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.wait(timeout=10)
+
+
 def test_spark_one_task_per_shard(spark, small_pool, tmp_path):
     local = str(tmp_path / "local")
     assert _run(small_pool, local) == 0

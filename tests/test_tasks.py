@@ -229,6 +229,53 @@ def test_forked_task_processes_die_with_a_killed_stage(tmp_path):
                 pass
 
 
+_CHILD_WITH_HELPER = """
+import os, signal, sys, time
+from laiontools.core.stage import Tasks
+
+def task(items):
+    for x in items:
+        if x == 1:
+            if os.fork() == 0:  # a helper process the task started (a library's own, forked without exec)
+                open(os.path.join(sys.argv[1], "helper.pid"), "w").write(str(os.getpid()))
+                time.sleep(60)  # outlives the task process: bounded, far beyond the test's wait
+                os._exit(0)
+            os.kill(os.getpid(), signal.SIGKILL)  # the task process is killed (the OOM killer)
+        yield x
+
+try:
+    Tasks(None, 2).map(task, list(range(4)), processes=True, description="download")
+except Exception as e:
+    print(type(e).__name__, e, flush=True)
+"""
+
+
+def test_a_task_process_that_dies_leaving_a_child_of_its_own_is_reported_not_waited_on(tmp_path):
+    # The map read each task process's result pipe to its end; a process the task had forked (a
+    # library's helper) holds that pipe's write end too, so when the task process was killed the pipe
+    # never ended while the helper lived, and the stage waited for the helper instead of reporting.
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.txt"
+    try:
+        with open(out, "w") as f:  # (a file, not a pipe: the helper holds this process's output too)
+            r = subprocess.run([sys.executable, "-c", _CHILD_WITH_HELPER, str(tmp_path)], stdout=f, stderr=subprocess.STDOUT,
+                               timeout=20, start_new_session=True, check=False)
+    except subprocess.TimeoutExpired:
+        r = None
+    finally:
+        helper = tmp_path / "helper.pid"
+        if helper.exists() and helper.read_text():
+            try:
+                os.kill(int(helper.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert r is not None, "the map waited for the dead task process's helper (still waiting after 20 s)"
+    assert "died abruptly" in out.read_text(), out.read_text()[-3000:]
+
+
 def test_forked_tasks_run_while_the_stage_holds_more_than_1024_files():
     # select() cannot take a descriptor numbered 1024 or above: the pipes to the task processes get such
     # numbers when a stage already holds many files open (reshard's read-ahead over a large pool)

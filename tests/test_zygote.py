@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,13 @@ from laiontools.testing.procs import alive, stat
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and PR_SET_PDEATHSIG are Linux's")
 
 _MODULES = {
+    "lt_chatty.py": """
+        print("a preloaded module says hello", flush=True)  # as a library printing a notice on import
+    """,
+    "lt_slow.py": """
+        import time
+        time.sleep(4)  # as the trainer's imports (torch, open_clip) take seconds
+    """,
     "lt_preloaded.py": """
         import os
         LOADED_IN = os.getpid()
@@ -161,3 +169,63 @@ def test_an_interrupted_launcher_stops_its_run_then_its_zygote(modules, tmp_path
             os.killpg(launcher.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_an_interrupt_while_the_zygote_still_imports_stops_it_at_once(modules, tmp_path):
+    """Ctrl-C in a study's first seconds, while its zygote still imports the trainer: the launcher had
+    written the run's request and waited for the run's pid. The interrupt left the request in the pipe:
+    the zygote forked the run after the Ctrl-C, and the launcher waited 30 s in close() for a zygote busy
+    with that run, then killed both. The launcher must leave at once and start no run."""
+    pidfile, console = tmp_path / "run.pid", tmp_path / "run.log"
+    launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys
+        from laiontools.core import zygote
+        try:
+            with zygote.forked_runs(["lt_slow"]):
+                zygote.run_module("lt_target", ["sleep", {str(pidfile)!r}], {str(console)!r}, dict(os.environ))
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(5)
+    """)], env=os.environ, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    try:
+        from laiontools.testing.procs import children
+
+        zygote_pid, deadline = None, time.monotonic() + 60
+        while zygote_pid is None and launcher.poll() is None and time.monotonic() < deadline:
+            for p in children(launcher.pid):
+                try:
+                    if b"laiontools.core.zygote" in Path(f"/proc/{p}/cmdline").read_bytes():
+                        zygote_pid = p
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        assert zygote_pid is not None
+        time.sleep(0.5)  # the request is written; the zygote imports its preload for 4 s
+        assert not pidfile.exists()
+        os.kill(launcher.pid, signal.SIGINT)
+        try:
+            out, _ = launcher.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the interrupted launcher was still running 10 s after Ctrl-C")
+        assert launcher.returncode == 5 and out == "interrupted\n", (launcher.returncode, out)
+        deadline = time.monotonic() + 10
+        while alive(zygote_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(zygote_pid)
+        time.sleep(4)  # past the preload: a zygote left reading the request would fork the run now
+        assert not (pidfile.exists() and alive(int(pidfile.read_text() or 0))), "a run started after the Ctrl-C"
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_preloaded_module_that_prints_does_not_garble_the_zygotes_replies(modules, tmp_path):
+    """The zygote answered on its stdout, which is also where a preloaded module's print (a library's
+    notice on import) went: the launcher read that line as the run's pid (ValueError), where a fresh
+    process would have run. The print goes to the run's stream, not into the replies."""
+    with zygote.forked_runs(["lt_chatty"]):
+        assert zygote.run_module("lt_target", ["exit", "3"], str(tmp_path / "a.log"), dict(os.environ)) == 3
+        assert zygote.run_module("lt_target", ["exit", "0"], str(tmp_path / "b.log"), dict(os.environ)) == 0
+    assert "argv ['exit', '3']" in (tmp_path / "a.log").read_text()

@@ -28,11 +28,12 @@ def _parse(spec: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, value = part.partition("=")
+        name = name.strip()  # "a = 1" names "a": a point never matched would pause nothing, silently
         try:
             seconds = float(value) if sep else float("nan")
         except ValueError:
             seconds = float("nan")
-        if not name or not seconds >= 0:
+        if not name or not 0 <= seconds < float("inf"):
             raise ValueError(f"{ENV}: {part!r} is not <name>=<seconds ≥ 0>")
         out[name] = seconds
     return out

@@ -82,7 +82,7 @@ def fork_map(fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], pro
         os.close(work_r)
         work_r = -1
         with meanwhile() if meanwhile is not None else contextlib.nullcontext():
-            got = _feed_and_collect(work_w, len(items), list(kids))
+            got = _feed_and_collect(work_w, len(items), kids)
         work_w = -1  # (closed by _feed_and_collect)
         collected = True
     finally:
@@ -150,9 +150,11 @@ def _child(fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], pull:
         os._exit(code)
 
 
-def _feed_and_collect(work_w: int, n: int, fds: list[int]) -> dict[int, bytearray]:
+def _feed_and_collect(work_w: int, n: int, kids: dict[int, int]) -> dict[int, bytearray]:
     """Write the item numbers into the work pipe as the processes draw them (then close it: the end of the
-    items), and read every result pipe to its end; the bytes each process sent."""
+    items), and read every result pipe (`kids`: read end -> pid) to its end, or, once its process has
+    exited, to what it holds; the bytes each process sent."""
+    fds = list(kids)
     todo = memoryview(b"".join(k.to_bytes(_REC, "little") for k in range(n)))
     os.set_blocking(work_w, False)
     got = {fd: bytearray() for fd in fds}
@@ -162,7 +164,18 @@ def _feed_and_collect(work_w: int, n: int, fds: list[int]) -> dict[int, bytearra
     for fd in fds:
         poller.register(fd, select.POLLIN)
     live = set(fds)
+    # A result pipe ends when every holder of its write end has closed it: the task process, and any
+    # process it forked that lives on (a library's helper). So each task process's exit is watched too
+    # (a pidfd, readable once it has exited): then all it sent is in the pipe, read without waiting.
+    exits: dict[int, int] = {}  # pidfd -> the read end of its process's result pipe
     try:
+        for fd, pid in kids.items():
+            try:
+                exits[os.pidfd_open(pid)] = fd
+            except (AttributeError, OSError):  # (no pidfd: Linux before 5.3, other systems) the pipe's end alone
+                pass
+        for pfd in exits:
+            poller.register(pfd, select.POLLIN)
         while live:
             if todo:
                 try:
@@ -180,6 +193,20 @@ def _feed_and_collect(work_w: int, n: int, fds: list[int]) -> dict[int, bytearra
                 if fd == work_w:
                     poller.unregister(work_w)  # writable again: the loop writes and registers it if needed
                     continue
+                if fd in exits:  # the process exited: read what its pipe holds, without waiting for its end
+                    rfd = exits.pop(fd)
+                    poller.unregister(fd)
+                    os.close(fd)
+                    if rfd in live:
+                        os.set_blocking(rfd, False)
+                        with contextlib.suppress(BlockingIOError):
+                            while chunk := os.read(rfd, 1 << 16):
+                                got[rfd] += chunk
+                        live.discard(rfd)
+                        poller.unregister(rfd)
+                    continue
+                if fd not in live:
+                    continue
                 chunk = os.read(fd, 1 << 16)
                 if chunk:
                     got[fd] += chunk
@@ -189,6 +216,8 @@ def _feed_and_collect(work_w: int, n: int, fds: list[int]) -> dict[int, bytearra
     finally:
         if work_w >= 0:
             os.close(work_w)
+        for pfd in exits:
+            os.close(pfd)
     return got
 
 

@@ -79,6 +79,14 @@ class Zygote:
             pid = self.proc.stdout.readline()
         except OSError:
             pid = b""
+        except BaseException:
+            # Interrupted before the zygote named the run (it may still be importing its preload): the
+            # request is in its pipe, so it would fork the run after the interrupt and be busy with it
+            # when close() asks it to leave. Stop it now (a run it forked meanwhile dies with it).
+            self.proc.kill()
+            self.proc.wait()
+            self.close()
+            raise
         if not pid.strip():  # the zygote is gone: started nothing
             log.info("%s runs in a plain subprocess: its zygote exited", module)
             return None
@@ -142,13 +150,15 @@ def run_module(module: str, args: list[str], console: str, env: dict[str, str]) 
 # ------------------------------------------------------------------------------------- the zygote
 
 
-def _child(req: dict) -> None:
+def _child(req: dict, replies: int = -1) -> None:
     """In the forked child: output to the console file, then the module as ``__main__``; never returns."""
     import runpy
     import traceback
 
     code = 1
     try:
+        if replies >= 0:
+            os.close(replies)  # the zygote's channel to the launcher is not the run's
         from laiontools.core.launch import die_with_parent
 
         die_with_parent(signal.SIGKILL)
@@ -185,6 +195,11 @@ def serve(preload: list[str]) -> None:
     die_with_parent(signal.SIGKILL)
     # A terminal's Ctrl-C reaches the whole process group: the launcher stops the run, not this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The replies go on a descriptor of their own; descriptor 1 (what print and libraries write to) goes
+    # to stderr, so a preloaded module's output cannot be read by the launcher as a reply.
+    sys.stdout.flush()
+    replies = os.dup(1)
+    os.dup2(2, 1)
     for name in preload:  # a failed import is the run's to report (the child imports it again)
         module, _, fn = name.partition(":")
         try:
@@ -195,15 +210,16 @@ def serve(preload: list[str]) -> None:
             pass
     import gc
 
+    sys.stdout.flush()  # (what the preload printed: once, to stderr, not again from every run's copy)
     gc.freeze()  # the imported objects stay shared with the children (not copied as the collector touches them)
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    inp, out = sys.stdin.buffer, os.fdopen(replies, "wb")
     for line in inp:  # EOF: the launcher is done (or gone)
         if not line.strip():
             continue
         req = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            _child(req)
+            _child(req, replies)
         out.write(f"{pid}\n".encode())
         out.flush()
         _, status = os.waitpid(pid, 0)

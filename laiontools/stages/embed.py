@@ -705,6 +705,11 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
         return _launch_torchrun(cfg, len(tasks))
     distributed = world > 1 and cfg.engine in ("local", "torchrun")
     if distributed:
+        from laiontools.core.launch import die_with_parent
+
+        # torchrun starts each rank in a session of its own: a rank must ask to die with it (as
+        # train_worker's do), else a `kill -9` of the launcher's group left it writing into the output
+        die_with_parent()
         _init_dist()
 
     # Identity of the embedding space, checked against the folder before any shard is touched.
