@@ -118,6 +118,9 @@ def test_a_path_read_back_redacted_is_refused_with_why(capfd):
 
     with pytest.raises(UserError, match=r"was read back from a record .* fsspec's configuration"):
         url_to_fs("https://alice:***@lists.example.org/bl.txt")
+    with pytest.raises(UserError, match=r"was read back from a record"):
+        url_to_fs("https://b.example.org/k?X-Amz-Signature=***&X-Amz-Expires=60")
+    url_to_fs("memory://bucket/a***@b/c=***d")  # *** elsewhere in a key is a name like any other
     rc = main(["inspect", "http://alice:***@127.0.0.1:9/pool.manifest.json"])
     err = capfd.readouterr().err
     assert rc == 2 and "was read back from a record" in err, err

@@ -73,9 +73,13 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+_REDACTED_URL = re.compile(r"(?i)^[a-z][a-z0-9+.\-]*://(?:[^/?#@]*:)?\*\*\*@|[?&;][^=/?#&]+=\*\*\*(?:[&#;]|$)")
+
+
 def is_redacted(path: str) -> bool:
-    """Whether `path` is a URL whose credentials this module replaced (read back from a record)."""
-    return "://" in path and redact_text(path) == path and (f"{REDACTED}@" in path or f"={REDACTED}" in path)
+    """Whether `path` is a URL whose credentials this module replaced (read back from a record): ``***``
+    as its userinfo's secret or as a query parameter's value (a key's path may hold ``***`` otherwise)."""
+    return _REDACTED_URL.search(path) is not None
 
 
 def redacted_path_error(path: str) -> str:
