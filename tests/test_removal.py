@@ -362,3 +362,14 @@ def test_a_byte_order_mark_and_tabs_are_read_and_a_list_of_comments_only_is_refu
     for text in ("", "# takedown batch 7\n\n   # nothing yet\n"):
         with pytest.raises(RemovalListError, match=r"l\.txt: no entry \(only blank lines and comments\)"):
             parse_removal_list(text, "l.txt")
+
+
+def test_a_domain_line_with_a_second_host_is_refused_not_cut_to_its_first():
+    """Every other kind refuses a second value on its line; a domain line kept its first host and dropped
+    the rest without a word, so a takedown asked to remove b.example.org left all its images in."""
+    text = "domain a.example.com\ndomain b.example.org c.example.net\n"
+    with pytest.raises(RemovalListError, match=r"list\.txt:2: domain takes one value"):
+        parse_removal_list(text, "list.txt")
+    # one host and a comment stay one entry
+    rl = parse_removal_list("domain b.example.org   # whole host\n", "list.txt")
+    assert set(rl.domains) == {"b.example.org"}

@@ -357,3 +357,66 @@ def test_a_streamed_uid_file_check_finds_what_the_loaded_one_finds(tmp_path, mon
     assert _check_uid_file(cut, "0" * 64, 7, "uid file", loaded) is None
     assert _check_uid_file(cut, "0" * 64, 7, "uid file", streamed, load=False) is None
     assert streamed.problems == loaded.problems and "unreadable" in loaded.problems[-1], loaded.problems
+
+
+def test_uid_is_one_to_one_on_pairs_whose_url_holds_a_nul():
+    """The uid hashes url + NUL + caption: a URL holding a NUL made two different (url, caption) pairs one
+    uid, so prepare marked the second, a sound row, duplicate_uid (check_url accepts a NUL in a path)."""
+    from laiontools.contracts.uids import compute_uid, uid_of
+
+    a, b = ("http://example.com/a.jpg\x00b", "c"), ("http://example.com/a.jpg", "b\x00c")
+    assert uid_of(*a) != uid_of(*b)
+    assert len({compute_uid("x\x00", "y"), compute_uid("x", "\x00y"), compute_uid("x\x00y", ""), compute_uid("", "x\x00y"),
+                compute_uid("x\x00\x00", "y"), compute_uid("x\x00", "\x00y")}) == 6
+    # a URL without a NUL keeps the uid every pool downloaded so far holds
+    assert uid_of(*b) == hashlib.sha256(b"http://example.com/a.jpg\x00b\x00c").hexdigest()[:32]
+    assert compute_uid(None, None) == hashlib.sha256(b"\x00").hexdigest()[:32]
+
+
+def test_uids_holding_whitespace_are_refused_not_read_shifted():
+    """bytes.fromhex skips ASCII whitespace: 16 "uids" of 2 spaces + 30 hex digits (32 chars each) read as
+    15 wrong uids, with no error, and were written as a uid file so; one of them was a bare ValueError."""
+    import pyarrow as pa
+
+    from laiontools.contracts.selection import selection_scores
+
+    bad = ["  " + f"{i:030x}" for i in range(16)]
+    with pytest.raises(InputError, match="at position 0 is not 32 hex chars"):
+        uids_to_array(bad)
+    with pytest.raises(InputError, match="at position 1 is not 32 hex chars"):
+        uids_to_array(["0" * 32, "0" * 30 + "  "])
+    with pytest.raises(InputError, match="not 32 hex chars"):
+        arrow_to_array(pa.array(bad))
+    with pytest.raises(ValueError):
+        selection_scores(bad, 0)
+    assert array_to_uids(uids_to_array(["0" * 31 + "1", "A" * 32])) == ["0" * 31 + "1", "a" * 32]  # either case, as before
+
+
+def test_normalize_url_is_idempotent_so_a_catalog_row_gives_back_its_uid():
+    """The catalog holds the normalized URL; normalizing it again must change nothing, or the uid of a
+    catalog row recomputed from its own url and caption is another uid. A literal space before a dropped
+    fragment (or an empty query) ended the URL in a space that the next pass stripped."""
+    from laiontools.contracts.uids import normalize_url, uid_of
+
+    for raw in ("https://example.com/photo #1", "https://example.com/a b ?", "https://example.com/x\u3000#f",
+                "HTTP://Example.COM:80/A.jpg#frag", "http://example.com/a b.jpg", "http:/a.com/x", "http://[::1/x "):
+        url = normalize_url(raw)
+        assert normalize_url(url) == url, (raw, url)
+        assert uid_of(url, "a cat") == uid_of(raw, "a cat"), raw
+    # what a well-formed URL normalizes to is unchanged
+    assert normalize_url(" HTTP://Example.COM:80/A.jpg#frag ") == "http://example.com/A.jpg"
+    assert normalize_url("http://example.com/a b.jpg?q=1 2") == "http://example.com/a b.jpg?q=1 2"
+
+
+def test_save_uids_of_an_array_of_hex_strings_writes_those_uids(tmp_path):
+    """save_uids takes "Iterable[str] | np.ndarray": an ndarray of hex strings (a catalog column's
+    .to_numpy()) went to the record-array path, whose cast parsed each string as a *decimal* integer and
+    put it in both words: '000...05' was written as 0000000000000005 0000000000000005, without an error."""
+    uids = ["0" * 31 + "5", "0" * 31 + "1", "0" * 30 + "10"]
+    for arr in (np.array(uids), np.array(uids, dtype=object)):
+        path = str(tmp_path / "u.npy")
+        _, n = save_uids(path, arr)
+        assert (n, array_to_uids(load_uids(path))) == (3, sorted(uids))
+    rng = random.Random(2)
+    with pytest.raises(InputError, match="at position 1 is not 32 hex chars"):
+        save_uids(str(tmp_path / "v.npy"), np.array([_hex(rng), "z" * 32]))

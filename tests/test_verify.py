@@ -534,3 +534,21 @@ def test_a_shard_that_cannot_be_opened_is_one_problem_and_the_rest_is_checked(ch
     capsys.readouterr()
     assert cli(["verify", "--no-parent", m]) == 1
     assert shards[0]["path"] in capsys.readouterr().out
+
+
+def test_a_sha256_with_a_trailing_newline_is_not_a_sha256():
+    """The schema's sha256 is ^[0-9a-f]{64}$, and Python's $ (jsonschema matches with re.search) also
+    matches before a final newline: a manifest whose uid file or parent sha256 ends in "\\n" passed
+    validation, and verify then said the (sound) file "changed or damaged"."""
+    import hashlib
+
+    from laiontools.contracts.schema import ManifestError, validate_manifest
+
+    sha = hashlib.sha256(b"x").hexdigest()
+    m = new_manifest(name="p", kind="pool", num_samples=0, target_samples=None, uids={"path": "u.npy", "sha256": sha + "\n", "count": 0},
+                     shards=[], source_fingerprint=sha, command=["t"])
+    with pytest.raises(ManifestError, match="invalid manifest at uids/sha256"):
+        validate_manifest(m)
+    validate_manifest({**m, "uids": {**m["uids"], "sha256": sha}})
+    with pytest.raises(ManifestError, match="invalid manifest at parent/sha256"):
+        validate_manifest({**m, "uids": {**m["uids"], "sha256": sha}, "parent": {"name": "q", "sha256": sha + "\n"}})

@@ -201,7 +201,9 @@ def parse_removal_list(text: str, path: str = "<list>") -> RemovalList:
             shown = url_shown.setdefault(u, _canonical_url(value, as_requested=False)[0] or value)
             lines[lineno] = (f"url {shown}", urls.setdefault(u, lineno))
         elif kind == "domain":
-            host = canonical_host(rest.split()[0])
+            if len(rest.split()) > 1:  # as the hash kinds: one value a line, never the first of several kept alone
+                raise RemovalListError(f"{where}: domain takes one value, got {rest!r}; give each host on its own line")
+            host = canonical_host(rest)
             if not _HOST.match(host):
                 raise RemovalListError(f"{where}: {rest!r} is not a host name (give e.g. 'domain example.com', no scheme or path)")
             lines[lineno] = (f"domain {host}", domains.setdefault(host, lineno))

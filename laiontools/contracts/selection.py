@@ -50,6 +50,8 @@ def selection_scores(uids: Any, seed: int, person: bytes = SELECTION_PERSON) -> 
     if not seq:
         return np.zeros(0, dtype=np.uint64)
     raw = bytes.fromhex("".join(seq))
+    if len(raw) != 16 * len(seq):  # fromhex skips whitespace: scores of shifted bytes would be wrong silently
+        raise ValueError(f"{len(seq)} uids hold {len(raw)} bytes, not 16 each: a uid is not 32 hex chars")
     key = _seed_key(seed)
     b2 = hashlib.blake2b
     digests = b"".join(b2(raw[i : i + 16], digest_size=8, key=key, person=person).digest() for i in range(0, len(raw), 16))

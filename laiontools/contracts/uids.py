@@ -12,7 +12,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -43,9 +43,14 @@ def normalize_url(url: str | None) -> str | None:
             h = f"[{host}]" if ":" in host else host
             # (port 0 is kept: it is no port a server listens on, and the policy rejects the URL for it)
             netloc = userinfo + h + (f":{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else "")
-        return urlunsplit((scheme, netloc, parts.path or ("/" if host else ""), parts.query, ""))
+        out = urlunsplit((scheme, netloc, parts.path or ("/" if host else ""), parts.query, ""))
     except ValueError:  # e.g. an invalid port; keep the text so the policy can reject it with a reason
         return url
+    # Whitespace before a dropped fragment or empty query ("/a #1") ends the URL; as written it would be
+    # stripped by the next pass, and the catalog's URL would not give back its own uid. It is part of the
+    # path (a client sends it percent-encoded), so it is kept so: a URL ending otherwise is unchanged.
+    end = out.rstrip()
+    return out if len(end) == len(out) else end + quote(out[len(end):], safe="")
 
 
 def normalize_caption(caption: str | None) -> str | None:
@@ -56,11 +61,14 @@ def normalize_caption(caption: str | None) -> str | None:
 
 
 def compute_uid(url: str | None, caption: str | None) -> str:
-    """uid of an already-normalized (url, caption): first 128 bits of sha256, as 32 hex chars."""
-    h = hashlib.sha256()
-    h.update((url or "").encode("utf-8", "surrogatepass"))
-    h.update(b"\x00")
-    h.update((caption or "").encode("utf-8", "surrogatepass"))
+    """uid of an already-normalized (url, caption): first 128 bits of sha256, as 32 hex chars.
+
+    The bytes hashed are url, NUL, caption: one to one while the URL holds no NUL (every URL a server
+    serves). A URL holding a NUL would move the boundary ("a\\0b", "c" against "a", "b\\0c"): its pair is
+    hashed length-prefixed behind a 0xFF byte, which UTF-8 never holds, so it meets no other pair."""
+    u = (url or "").encode("utf-8", "surrogatepass")
+    c = (caption or "").encode("utf-8", "surrogatepass")
+    h = hashlib.sha256(b"\xff" + len(u).to_bytes(8, "big") + u + c if b"\x00" in u else u + b"\x00" + c)
     return h.hexdigest()[:32]
 
 
@@ -83,6 +91,8 @@ def uids_to_array(uids: Iterable[str]) -> np.ndarray:
     if bad is None:
         try:
             raw = bytes.fromhex("".join(seq))
+            if len(raw) != 16 * n:  # fromhex skips whitespace: a uid holding some is short of 16 bytes
+                raise ValueError("whitespace in a uid")
         except ValueError:
             bad = next(i for i, u in enumerate(seq) if not _is_hex(u))
     if bad is not None:
@@ -100,11 +110,11 @@ def _raw_to_array(raw: bytes) -> np.ndarray:
 
 
 def _is_hex(u: str) -> bool:
-    try:
-        bytes.fromhex(u)
-    except ValueError:
-        return False
-    return True
+    """Whether `u` is 32 hex digits of either case, nothing else (bytes.fromhex alone skips whitespace)."""
+    return _HEX32_RE.fullmatch(u) is not None
+
+
+_HEX32_RE = re.compile(r"[0-9a-fA-F]{32}")
 
 
 def hex_column_to_keys(col: Any) -> np.ndarray:
@@ -123,9 +133,12 @@ def hex_column_to_keys(col: Any) -> np.ndarray:
         raise InputError("a uid is not 32 hex chars; the catalog is corrupt")
     data = col.buffers()[2].to_pybytes()[offsets[0] : offsets[-1]] if len(col) else b""
     try:
-        return np.frombuffer(bytes.fromhex(data.decode("ascii")), dtype="S16")
+        raw = bytes.fromhex(data.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(f"a uid is not 32 hex chars; the catalog is corrupt ({e})") from e
+    if len(raw) != 16 * len(col):  # fromhex skips whitespace: a uid holding some is short of 16 bytes
+        raise InputError("a uid is not 32 hex chars (it holds whitespace); the catalog is corrupt")
+    return np.frombuffer(raw, dtype="S16")
 
 
 def arrow_to_array(col: Any) -> np.ndarray:
@@ -232,7 +245,8 @@ def save_uids(path: str, uids: Iterable[str] | np.ndarray) -> tuple[str, int]:
     """Write a sorted, unique uid file atomically. Returns (sha256 of the file, count)."""
     from laiontools.core.storage import atomic_write_bytes, sha256_bytes
 
-    arr = uids if isinstance(uids, np.ndarray) else uids_to_array(uids)
+    # (an ndarray of hex strings is hex uids too: cast to the records, numpy would read each as a decimal)
+    arr = uids if isinstance(uids, np.ndarray) and uids.dtype.names is not None else uids_to_array(uids)
     arr = sort_unique(arr)
     data = npy_header(len(arr)) + arr.tobytes()
     atomic_write_bytes(path, data)
