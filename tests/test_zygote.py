@@ -125,10 +125,7 @@ def test_a_killed_launcher_takes_its_zygote_and_run_with_it(modules, tmp_path):
             time.sleep(0.05)
         assert not alive(run_pid)
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(launcher.pid)
 
 
 @pytest.mark.parametrize("what", ["polite", "stubborn"])
@@ -165,10 +162,7 @@ def test_an_interrupted_launcher_stops_its_run_then_its_zygote(modules, tmp_path
         assert ("got SIGTERM, leaving" in said) == (what == "polite"), said  # SIGTERM came first: the run left by itself
         assert ("got SIGTERM, staying" in said) == (what == "stubborn"), said
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(launcher.pid)
 
 
 def test_an_interrupt_while_the_zygote_still_imports_stops_it_at_once(modules, tmp_path):
@@ -215,10 +209,7 @@ def test_an_interrupt_while_the_zygote_still_imports_stops_it_at_once(modules, t
         time.sleep(4)  # past the preload: a zygote left reading the request would fork the run now
         assert not (pidfile.exists() and alive(int(pidfile.read_text() or 0))), "a run started after the Ctrl-C"
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(launcher.pid)
 
 
 def test_a_preloaded_module_that_prints_does_not_garble_the_zygotes_replies(modules, tmp_path):
@@ -229,3 +220,11 @@ def test_a_preloaded_module_that_prints_does_not_garble_the_zygotes_replies(modu
         assert zygote.run_module("lt_target", ["exit", "3"], str(tmp_path / "a.log"), dict(os.environ)) == 3
         assert zygote.run_module("lt_target", ["exit", "0"], str(tmp_path / "b.log"), dict(os.environ)) == 0
     assert "argv ['exit', '3']" in (tmp_path / "a.log").read_text()
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a launcher's whole process group (its zygote and runs), if it is still there."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
