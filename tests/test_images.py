@@ -87,3 +87,55 @@ def test_wide_to_uint8_rules_for_32_bit_and_float_arrays():
     assert wide_to_uint8(np.array([[0.0, 0.5, 1.0, np.nan]], np.float32)).tolist() == [[0, 128, 255, 0]]
     assert wide_to_uint8(np.array([[-3.0, 2.0, 300.0]], np.float32)).tolist() == [[0, 2, 255]]
     assert wide_to_uint8(np.array([[0x1234, 0xFF00]], np.uint16)).tolist() == [[0x12, 0xFF]]
+
+
+def _transparent(mode: str) -> bytes:
+    """A red square on a transparent background whose hidden colour is black (as most encoders leave it);
+    the palette image also has an opaque black square."""
+    a = np.zeros((120, 160, 4), np.uint8)
+    a[30:90, 40:120] = (200, 30, 30, 255)
+    a[30:90, 20:40, 3] = 100  # half transparent too
+    im = Image.fromarray(a, "RGBA")
+    if mode == "LA":
+        im = im.convert("LA")
+    elif mode == "P":  # index 0: transparent black; 1: opaque black (a black square); 2: the red
+        idx = np.zeros((120, 160), np.uint8)
+        idx[30:90, 40:120] = 2
+        idx[100:110, 10:30] = 1
+        im = Image.fromarray(idx, "P")
+        im.putpalette([0, 0, 0, 0, 0, 0, 200, 30, 30])
+        im.info["transparency"] = 0
+    b = io.BytesIO()
+    im.save(b, "PNG", **({"transparency": im.info["transparency"]} if mode == "P" else {}))
+    return b.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("resize_mode", ["border", "center_crop"])
+def test_a_transparent_eval_image_in_the_pools_geometry_is_its_pool_copy(mode, resize_mode):
+    """Dedup puts evaluation images through the pool's resize "as pool copies of them did". The download
+    composites transparency on white (img2dataset's rule); the evaluation reader dropped the alpha (PIL's
+    convert("RGB")), so the transparent background was black and the eval image never met its pool copy; a
+    palette image kept its transparent colour as an RGB tRNS, so PoolGeometry's PNG turned every opaque
+    black pixel white as well."""
+    from laiontools.evalsets import decode_image
+    from laiontools.web.resize import PoolGeometry, make_resizer
+
+    data = _transparent(mode)
+    settings = {"image_size": 64, "resize_mode": resize_mode}
+    out = make_resizer(**settings)(io.BytesIO(data))
+    pool = np.asarray(Image.open(io.BytesIO(out[0])).convert("RGB")).astype(int)
+    ev = np.asarray(PoolGeometry(settings)(decode_image(data))).astype(int)
+    assert np.abs(pool - ev).max() == 0, f"max diff {np.abs(pool - ev).max()}, mean {np.abs(pool - ev).mean():.1f}"
+
+
+def test_readers_refuse_a_jpeg_of_thousands_of_scans():
+    """The evaluation reader, embed and every other reader (open_image) decode with PIL's libjpeg, which
+    decodes every scan: refused before decoding like the download's resizer refuses it."""
+    from laiontools.core.images import ImageLimitError
+    from laiontools.evalsets import decode_image
+    from tests.test_resize import _many_scans
+
+    with pytest.raises(ImageLimitError, match="scans"):
+        decode_image(_many_scans(1024, 3000))
+    assert decode_image(_many_scans(1024, 0)).size == (1024, 1024)

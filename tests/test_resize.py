@@ -195,3 +195,105 @@ def test_16_bit_images_resize_as_their_8_bit_twins(fast_decode):
         assert got[-1] is None and got == want, wide
     raw = DepthSafeResizer(**{**resizer_kwargs(image_size=48, resize_mode="border"), "disable_all_reencoding": True})
     assert raw(io.BytesIO(images["grey16.png"]))[0] == images["grey16.png"]
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment of a JPEG, a scan with its entropy-coded data (test's own parser)."""
+    out, i = [], 2
+    while data[i + 1] != 0xD9:
+        j = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if data[i + 1] == 0xDA:
+            while data[j] != 0xFF or data[j + 1] == 0 or 0xD0 <= data[j + 1] <= 0xD7:
+                j += 1
+        out.append((data[i + 1], i, j))
+        i = j
+    return out
+
+
+def _many_scans(side: int, extra: int) -> bytes:
+    """A progressive JPEG of a flat `side` px image with its smallest scan (a dozen bytes: one EOB run
+    over every block) repeated `extra` times before EOI. libjpeg warns and decodes every one of them."""
+    b = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 60, 200)).save(b, "JPEG", progressive=True, quality=90)
+    data = b.getvalue()
+    _, s, e = min((x for x in _jpeg_segments(data) if x[0] == 0xDA), key=lambda x: x[2] - x[1])
+    return data[:-2] + data[s:e] * extra + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(fast_decode):
+    """Decoding time is scans x pixels and no limit bounded the scans: 8000x8000 with 1000 repeated
+    12-byte scans (+31 kB) took +2.5 s here, so a 20 MB file (under --max-bytes, under the pixel limit)
+    held a download thread for ~30 minutes, past every fetch deadline. Refused as a failed resize."""
+    r = make_resizer(fast_decode=fast_decode, image_size=256, resize_mode="border")
+    bomb = _many_scans(1024, 3000)
+    assert len(bomb) < 100_000
+    out = r(io.BytesIO(bomb))
+    assert out[0] is None and "scans" in (out[5] or ""), out[1:]
+    ok = r(io.BytesIO(_many_scans(1024, 0)))  # the same image as its encoder wrote it (10 scans)
+    assert ok[5] is None and ok[1:5] == (256, 256, 1024, 1024)
+
+
+def test_jpeg_scan_count_reads_the_file_as_libjpeg_does():
+    """An EXIF thumbnail's scans (inside APP1) and what follows EOI (a motion photo's video, an MPO's next
+    image) are not the image's; an FF D9 inside a COM segment between scans does not hide later scans."""
+    from laiontools.core.images import jpeg_scan_count
+
+    base = _many_scans(64, 0)
+    assert jpeg_scan_count(base) == 10
+    thumb = _many_scans(16, 600)
+    im = Image.open(io.BytesIO(base))
+    with_thumb = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x010F] = "x"
+    im.save(with_thumb, "JPEG", progressive=True, exif=exif.tobytes() + thumb[:60000])
+    assert jpeg_scan_count(with_thumb.getvalue(), stop_above=500) < 20
+    assert jpeg_scan_count(base + thumb, stop_above=500) == 10
+    segs = _jpeg_segments(base)
+    first_scan_end = next(e for m, _, e in segs if m == 0xDA)
+    com = b"\xff\xfe\x00\x04\xff\xd9"
+    hidden = base[:first_scan_end] + com + base[first_scan_end:-2] + _many_scans(64, 600)[len(base) - 2:]
+    assert jpeg_scan_count(hidden, stop_above=500) > 500
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_a_transparent_png_is_composited_without_float64_copies(fast_decode):
+    """img2dataset composites alpha on white in float64: ~76 bytes per pixel (4 for the decoded image),
+    so a transparent PNG at the 89 Mpx limit (a few hundred kB) took ~6 GB per download thread. The
+    same output bytes as img2dataset's own Resizer, at a fraction of the memory."""
+    import tracemalloc
+
+    h, w = 1500, 2000
+    y, x = np.mgrid[0:h, 0:w]
+    rgba = np.stack([x % 256, y % 256, (x + y) % 256, (x * y) % 256], -1).astype(np.uint8)
+    b = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(b, "PNG", compress_level=1)
+    kw = resizer_kwargs(image_size=256, resize_mode="border")
+    want = Resizer(**kw)(io.BytesIO(b.getvalue()))
+    r = make_resizer(fast_decode=fast_decode, image_size=256, resize_mode="border")
+    tracemalloc.start()
+    try:
+        got = r(io.BytesIO(b.getvalue()))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got[5] is None and got == want
+    assert peak / (h * w) < 20, f"{peak / (h * w):.1f} bytes per pixel"
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_a_grey_png_with_a_transparent_value_is_composited_on_white(fast_decode):
+    """img2dataset composites an RGB or palette PNG's tRNS colour on white, but OpenCV's reading drops a
+    grey PNG's tRNS value: those pixels were stored as their grey value instead of white."""
+    _, x = np.mgrid[0:40, 0:50]
+    grey = ((x * 5) % 256).astype(np.uint8)
+    b = io.BytesIO()
+    Image.fromarray(grey, "L").save(b, "PNG", transparency=25)
+    with Image.open(io.BytesIO(b.getvalue())) as im:  # PIL's own reading of the tRNS value, plainly
+        a = np.asarray(im.convert("RGBA")).astype(np.float64)
+    want = np.rint(a[..., :3] * a[..., 3:] / 255 + 255 - a[..., 3:]).astype(np.uint8)
+    assert (want == 255).all(-1).sum() >= 40  # the x == 5 column (and nothing of it is 255 by itself)
+    r = make_resizer(fast_decode=fast_decode, image_size=64, resize_mode="no", encode_format="png", encode_quality=1)
+    out = r(io.BytesIO(b.getvalue()))
+    got = np.asarray(Image.open(io.BytesIO(out[0])).convert("RGB"))
+    assert np.abs(got.astype(int) - want).max() == 0, f"max diff {np.abs(got.astype(int) - want).max()}"

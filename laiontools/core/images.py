@@ -37,6 +37,12 @@ MAX_IMAGE_PIXELS = 89_478_485
 # PNG at the pixel limit can exceed 20 MiB); small enough that a decompression bomb in a gzip tar (2 MB
 # holding 2 GiB) costs at most this much memory per reader.
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# Scans of a JPEG. libjpeg decodes every scan of a progressive JPEG over the whole coefficient buffer,
+# and a scan of a flat image is a dozen bytes: a file that repeats one thousands of times costs
+# scans x pixels (8000x8000: +2.5 s per thousand scans, ~30 minutes for a 20 MB file) with every size
+# check passed. Real progressive JPEGs have ~10 scans; libjpeg-turbo offers the same guard
+# (TJPARAM_SCANLIMIT, djpeg -maxscans), which neither OpenCV nor PIL sets.
+MAX_JPEG_SCANS = 500
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -127,9 +133,22 @@ def to_8bit(im: Any) -> Any:
     return Image.fromarray(wide_to_uint8(im))  # 2-D uint8: mode L
 
 
+# PIL modes with an alpha channel; a P, L or RGB image may carry a transparent colour in info instead.
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
 def to_rgb(im: Any) -> Any:
-    """An RGB image of `im`, 16-bit and wider images brought to 8 bits first (:func:`to_8bit`)."""
-    return to_8bit(im).convert("RGB")
+    """An RGB image of `im`, 16-bit and wider images brought to 8 bits first (:func:`to_8bit`), and an
+    image with transparency composited on white (:func:`flatten_on_white`), as the download stored its
+    pool copy: PIL's ``convert("RGB")`` drops the alpha, so a transparent background came out black
+    (or whatever colour the transparent pixels hold) and an evaluation image no longer met its pool copy."""
+    im = to_8bit(im)
+    if im.mode in ALPHA_MODES or "transparency" in im.info:
+        import numpy as np
+        from PIL import Image
+
+        return Image.fromarray(flatten_on_white(np.asarray(im.convert("RGBA"))), "RGB")
+    return im.convert("RGB")
 
 
 # Encoded images that may be wider than 8 bits: PNG (bit depth in its header) and TIFF (decoded to tell).
@@ -164,6 +183,58 @@ def eight_bit_png(data: bytes) -> bytes | None:
     return buf.tobytes() if ok else None
 
 
+_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # FF 00 is a stuffed data byte, FF FF fill before a marker
+
+
+def jpeg_scan_count(data: bytes, stop_above: int | None = None) -> int:
+    """Scans (SOS markers) of JPEG bytes as libjpeg reads them: segments skipped by their lengths (an EXIF
+    thumbnail's scans are not counted), entropy-coded data to its next marker, up to EOI (a motion photo's
+    video or an MPO's second image after it are not read). Stops counting above `stop_above`."""
+    if stop_above is not None and data.count(b"\xff\xda") <= stop_above:
+        return data.count(b"\xff\xda")  # an upper bound already within the limit: no walk needed
+    i, n = 2, 0
+    while stop_above is None or n <= stop_above:
+        m = _JPEG_MARKER.search(data, i)
+        if m is None:
+            break
+        code, j = m.group(1)[0], m.end()
+        if code == 0xD9:  # EOI
+            break
+        if 0xD0 <= code <= 0xD8 or code == 0x01:  # RSTn, SOI, TEM: no length
+            i = j
+            continue
+        if j + 2 > len(data):
+            break
+        n += code == 0xDA
+        i = j + max(2, int.from_bytes(data[j:j + 2], "big"))
+    return n
+
+
+def check_jpeg_scans(data: bytes, max_scans: int = MAX_JPEG_SCANS) -> None:
+    """Raise :class:`ImageLimitError` when `data` is a JPEG of more than `max_scans` scans."""
+    if data[:2] == b"\xff\xd8":
+        n = jpeg_scan_count(data, stop_above=max_scans)
+        if n > max_scans:
+            raise ImageLimitError(f"JPEG of more than {max_scans} scans (a decoding-time bomb); not decoded")
+
+
+def flatten_on_white(a: Any) -> Any:
+    """A uint8 H x W x 3 array of a uint8 H x W x 4 one (alpha last), composited on white exactly as
+    img2dataset's resizer does (``rint(alpha / 255 * c + 255 - alpha)``), in 16-bit integers a band of
+    rows at a time: img2dataset's float64 temporaries cost ~70 bytes per pixel (6 GB for an image at the
+    pixel limit, from a PNG of a few hundred kB)."""
+    import numpy as np
+
+    out = np.empty(a.shape[:2] + (3,), np.uint8)
+    step = max(1, (1 << 20) // max(1, a.shape[1]))
+    for y in range(0, a.shape[0], step):
+        band = a[y:y + step]
+        alpha = band[..., 3:].astype(np.uint16)
+        # <= 255 * 255 + 127: fits; (v + 127) // 255 is rint's result (v / 255 is never exactly .5 off)
+        out[y:y + step] = (band[..., :3] * alpha + (255 - alpha) * 255 + 127) // 255
+    return out
+
+
 def open_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Any:
     """A lazily opened PIL image of encoded bytes whose header size is within `max_pixels`.
 
@@ -181,6 +252,8 @@ def open_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Any:
         im = Image.open(io.BytesIO(data))
     try:
         check_pixels(*im.size, max_pixels=max_pixels)
+        if im.format in ("JPEG", "MPO"):
+            check_jpeg_scans(data)
     except ImageLimitError:
         im.close()
         raise

@@ -17,6 +17,10 @@ only), or an open_clip pretrained tag.
 Ties are counted against the query in both tasks, so a model that scores everything alike gets no
 hit at any k below the number of candidates, rather than whatever the sort order gives.
 
+An image with transparency is composited on white (:func:`laiontools.core.images.to_rgb`), as download
+stored the pool images a model trained on; clip_benchmark's plain ``convert("RGB")`` keeps whatever
+colour the transparent pixels hold (often black). The standard sets hold JPEGs, where the two agree.
+
 Output: one JSON file (``--output``) with the settings, the model identity, per-set results and a
 flat ``metrics`` map (``<set>/zeroshot_top1``, ``<set>/image_to_text_R@5``, ...); ``<output>.done``
 is its completion marker.

@@ -27,6 +27,7 @@ albumentations' own rounding).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Mapping
@@ -41,7 +42,16 @@ import numpy as np
 from albumentations.augmentations.geometric import functional as fgeometric
 from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
 
-from laiontools.core.images import eight_bit_png, may_be_wide, to_rgb
+from laiontools.core.images import (
+    ALPHA_MODES,
+    PNG_SIGNATURE,
+    ImageLimitError,
+    check_jpeg_scans,
+    eight_bit_png,
+    flatten_on_white,
+    may_be_wide,
+    to_rgb,
+)
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _REDUCTIONS = (8, 4, 2)  # largest first: the cheapest decode that is still big enough wins
@@ -96,9 +106,47 @@ def make_resizer(fast_decode: bool = True, **params: Any) -> Resizer:
     return cls(**resizer_kwargs(**params))
 
 
+def flattened_bmp(data: bytes) -> bytes | None:
+    """A lossless BMP of an image with transparency composited on white, as img2dataset's resizer
+    composites it, or None for an image without (PIL's header says which: mode and tRNS, no decode).
+
+    img2dataset composites in float64 (~70 bytes per pixel: 6 GB for a transparent PNG at the pixel
+    limit, a file of a few hundred kB); :func:`flatten_on_white` gives the same bytes in 16-bit bands.
+    A grey PNG's transparent value, which OpenCV's libpng reading drops (it keeps an RGB or palette
+    one), is composited too."""
+    from PIL import Image
+
+    if data.startswith(_JPEG_SOI):  # no alpha in a JPEG: not even a header read
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            mode, trns = im.mode, im.info.get("transparency")
+    except Exception:  # noqa: BLE001 - img2dataset's decoder reports its own error
+        return None
+    if mode not in ALPHA_MODES and trns is None:
+        return None
+    with SuppressStdoutStderr():  # decoder warnings, as img2dataset silences them
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.dtype != np.uint8:
+        return None
+    if img.ndim == 3 and img.shape[2] == 4:
+        flat = flatten_on_white(img)
+    elif (img.ndim == 2 and mode == "L" and isinstance(trns, int) and data.startswith(PNG_SIGNATURE)
+          and data[24:26] == b"\x08\x00"):  # an 8-bit grey PNG with a transparent value
+        flat = cv2.cvtColor(np.where(img == trns, np.uint8(255), img), cv2.COLOR_GRAY2BGR)
+    else:
+        return None
+    del img
+    ok, buf = cv2.imencode(".bmp", flat)
+    return buf.tobytes() if ok else None
+
+
 class DepthSafeResizer(Resizer):
     """img2dataset's Resizer, given an 8-bit copy of a 16-bit PNG or TIFF
-    (:func:`laiontools.core.images.eight_bit_png`): img2dataset alone stored such an image white.
+    (:func:`laiontools.core.images.eight_bit_png`): img2dataset alone stored such an image white;
+    an image with transparency already composited on white (:func:`flattened_bmp`: the same pixels
+    without img2dataset's float64 copies); and a JPEG of more scans than
+    :data:`laiontools.core.images.MAX_JPEG_SCANS` refused before any decode.
 
     With all re-encoding disabled the bytes are stored as they came (the user's choice); the readers
     after the download bring them to 8 bits the same way (:func:`laiontools.core.images.to_8bit`)."""
@@ -106,13 +154,17 @@ class DepthSafeResizer(Resizer):
     def __call__(self, img_stream: Any, blurring_bbox_list: Any = None) -> tuple:
         if not self.disable_all_reencoding:
             img_stream.seek(0)
-            if may_be_wide(img_stream.read(32)):
-                img_stream.seek(0)
+            data = img_stream.read()
+            try:
+                check_jpeg_scans(data)
+            except ImageLimitError as e:
+                return None, None, None, None, None, str(e)
+            if may_be_wide(data[:32]):
                 with SuppressStdoutStderr():  # libpng/libtiff warnings, as img2dataset silences them
-                    eight = eight_bit_png(img_stream.read())
-                if eight is not None:
-                    img_stream = io.BytesIO(eight)
-            img_stream.seek(0)
+                    data = eight_bit_png(data) or data
+            with contextlib.suppress(Exception):  # img2dataset's path below reports its own error
+                data = flattened_bmp(data) or data
+            img_stream = io.BytesIO(data)
         return super().__call__(img_stream, blurring_bbox_list)
 
 
@@ -223,6 +275,11 @@ class FastResizer(DepthSafeResizer):
                 or self.resize_mode not in (ResizeMode.keep_ratio, ResizeMode.center_crop,
                                             ResizeMode.border, ResizeMode.keep_ratio_largest)):
             return super().__call__(img_stream, blurring_bbox_list)
+        img_stream.seek(0)
+        try:
+            check_jpeg_scans(img_stream.read())
+        except ImageLimitError as e:
+            return None, None, None, None, None, str(e)
         try:
             out = self._reduced(img_stream)
         except Exception:  # noqa: BLE001 - img2dataset's path below reports its own error
