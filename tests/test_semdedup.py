@@ -615,3 +615,24 @@ def test_a_rerun_on_another_pool_leaves_no_assignment_of_the_old_one(planted, ho
     assert sorted(os.listdir(os.path.join(out, "assign"))) == ["00000.parquet", "00001.parquet"]
     assert len(pd.read_parquet(os.path.join(out, "assign"))) == 13  # the new pool's rows only
     assert not [n for n in os.listdir(os.path.join(out, "bycluster")) if n.startswith(("00002", "00003"))]
+
+
+def test_a_seed_faiss_cannot_take_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """`--seed 2147483648` (any seed past a C int) passed validate(), wrote settings.json, then faiss's k-means
+    raised "OverflowError: in method 'ClusteringParameters_seed_set', argument 2 of type 'int'" as a
+    traceback. It is one line naming the setting now (exit 2), and the new folder is left as it was."""
+    from laiontools.cli import main
+    from laiontools.stages import embed as embed_stage
+    from laiontools.testing.planted_pool import download_settings, jpeg, photo, write_resized_pool
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    samples = [{"bytes": jpeg(photo(i)), "caption": f"photo {i}", "url": f"http://127.0.0.2/{i}.jpg"} for i in range(8)]
+    manifest, _ = write_resized_pool(str(tmp_path / "pool"), samples, download_settings("border", 64), per_shard=8)
+    emb = str(tmp_path / "emb")
+    embed_stage.run(embed_stage.EmbedConfig(manifest=manifest, output=emb, model="lt-tiny", num_workers=0, batch_size=8))
+    out = tmp_path / "sd"
+    assert main(["semdedup", "--embeddings", emb, "--output", str(out), "--clusters", "2", "--seed", str(2**31)]) == 2
+    err = capsys.readouterr().err
+    # (not "Traceback": a log handler an earlier test bound to its own, closed, stderr may print "Logging error")
+    assert "seed 2147483648 is out of range" in err and "OverflowError" not in err and not out.exists()
+    assert main(["semdedup", "--embeddings", emb, "--output", str(out), "--clusters", "2", "--seed", str(2**31 - 1)]) == 0

@@ -323,9 +323,14 @@ def test_a_file_outputs_killed_temps_go_and_its_neighbours_stay(tmp_path):
     ("max_caption_length: .nan\n", "max_caption_length must be a whole number, got nan"),
     ("allow_networks: 10.0.0.0/8\n", "allow_networks must be a list of text, got '10.0.0.0/8'"),
     ("spark_conf: abc\n", "spark_conf must be a mapping of text to text, got 'abc'"),
-    ("number_sample_per_shard: ten\n", "a setting has the wrong type"),
+    ("number_sample_per_shard: ten\n", "number_sample_per_shard must be a whole number, got 'ten' (str)"),
     ("1: 2\n", "setting names must be text, got 1"),
     ("on: true\n", "setting names must be text, got True"),
+    # a setting written twice: the parser kept the last one, silently (here: the loopback row allowed)
+    ("allow_private_network: false\nallow-private-network: true\n", "setting 'allow-private-network' is given twice (line 2)"),
+    # a file that holds no mapping was taken as no settings at all
+    ("[]\n", "expected a mapping of setting: value, got list"),
+    ("false\n", "expected a mapping of setting: value, got bool"),
 ])
 def test_a_config_file_value_of_the_wrong_type_is_refused(tmp_path, capsys, text, says):
     """--config YAML is not typed by argparse: a quoted "false" is a non-empty string, which made
@@ -470,3 +475,110 @@ def test_a_folder_given_where_a_file_is_read_is_one_line(tmp_path, capsys):
         assert cli_main(["prepare", "--input", str(src), "--output", str(tmp_path / "out"), flag, str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert f"laiontools prepare: error: [Errno 21] Is a directory: '{tmp_path}'" in err and "Traceback" not in err
+
+
+def test_a_config_file_number_with_an_exponent_is_a_number(tmp_path):
+    """YAML 1.1 reads `lr: 5e-4` (an exponent without a dot) as the string "5e-4". A number field took the
+    text as it was: train recorded "lr": "5e-4" and handed open_clip_train `--lr '5e-4'` (repr of a str),
+    which refused it in the rank's log after the run had started ("invalid float value: \"'5e-4'\"");
+    `spark_above: 1e7` was "a setting has the wrong type ('<' not supported ...)", naming no setting.
+    Now such text is the number it spells, recorded and passed on as a number; text that is no number is
+    refused naming its setting."""
+    from laiontools.cli import main as cli_main
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.core.config import ConfigError, config_from_args
+    from laiontools.core.stage import config_parser
+    from laiontools.stages.train import TrainConfig, build_settings, plan_schedule
+    from laiontools.testing.train_pool import write_resharded_subset
+
+    mp = write_resharded_subset(str(tmp_path / "sub"), n_shards=1, per_shard=8)
+    conf = tmp_path / "train.yaml"
+    conf.write_text("lr: 5e-4\nwd: 1e-1\neps: 1e-8\nseed: 400_000\n")
+    run_dir = str(tmp_path / "run")
+    p = config_parser(TrainConfig, "train")
+
+    def cfg_of(text: str) -> TrainConfig:
+        conf.write_text(text)
+        return config_from_args(TrainConfig, p.parse_args(["--manifest", mp, "--model", "lt-tiny", "--samples-seen", "16",
+                                                           "--batch-size", "8", "--output", run_dir, "--config", str(conf)]))
+
+    cfg = cfg_of("lr: 5e-4\nwd: 1e-1\neps: 1e-8\nseed: 400_000\n")
+    assert (cfg.lr, cfg.wd, cfg.eps, cfg.seed) == (5e-4, 0.1, 1e-8, 400_000)
+    plan = plan_schedule(samples_seen=16, global_batch=8, world_size=1, epoch_samples=8, workers=0)
+    argv = build_settings(cfg, read_manifest(mp), plan, "cpu", run_dir)["open_clip_argv"]
+    assert argv[argv.index("--lr") + 1] == "0.0005" and argv[argv.index("--eps") + 1] == "1e-08"
+    assert cfg_of("checkpoint_every: 8e0\n").checkpoint_every == 8  # was "a setting has the wrong type ('<=' ...)"
+    with pytest.raises(ConfigError, match=r"train.yaml: seed must be a whole number, got 'one' \(str\)$"):
+        cfg_of("seed: one\n")  # was taken, and open_clip_train refused `--seed one` in the rank's log
+    # the whole CLI: a source of one row into a new folder, Spark's threshold and the shard size written as 1e7 and 1e3
+    src = tmp_path / "src.jsonl"
+    src.write_text('{"url": "http://example.org/a.jpg", "caption": "a"}\n')
+    conf.write_text("spark_above: 1e7\nnumber_sample_per_shard: 1e3\n")
+    out = tmp_path / "prep"
+    assert cli_main(["prepare", "--input", str(src), "--output", str(out), "--config", str(conf)]) == 0
+    assert json.loads((out / "prepared" / "stats.json").read_text())["layout"]["number_sample_per_shard"] == 1000
+
+
+@pytest.mark.parametrize("stage, text, says", [
+    # was: AttributeError: 'int' object has no attribute 'startswith' (a traceback)
+    ("dedup", "device: 0\n", "device must be auto, cpu or cuda[:N], got '0'"),
+    # was: AttributeError: 'int' object has no attribute 'strip' (a traceback)
+    ("takedown", "reason: 2026\n", "removal list /nonexistent/laiontools-test-input does not exist"),
+    # was: "--scales is empty; give e.g. --scales 80M,400M,2B" for a scale that is given
+    ("subsets", "scales: 1000\nseed: 1\n", "manifest /nonexistent/laiontools-test-input does not exist"),
+])
+def test_a_config_file_number_where_text_belongs_is_that_text(tmp_path, capsys, stage, text, says):
+    """A YAML number in a text setting (`device: 0`, `reason: 2026`, `scales: 1000`) passed the type check
+    (text may be written as a number) but stayed a number: validate() or the run then called str methods
+    on it. It is the text now, as the flag `--device 0` gives: the setting is judged, then the input."""
+    from laiontools.cli import main as cli_main
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(text)
+    argv = {"dedup": ["--embeddings", MISSING, "--evalset", f"x={MISSING}"],
+            "takedown": ["--pool", MISSING, "--list", MISSING],
+            "subsets": ["--pool", MISSING]}[stage]
+    assert cli_main([stage, *argv, "--output", str(tmp_path / "out"), "--config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+def test_a_pool_named_by_a_yaml_number_is_downloaded_and_recorded_as_text(tmp_path):
+    """download with `name: 2024` in its --config ran the whole download, then failed writing the manifest
+    ("invalid manifest at name: 2024 is not of type 'string'"), leaving a pool without a manifest."""
+    from laiontools.cli import main as cli_main
+
+    src = tmp_path / "src.jsonl"  # a loopback URL, refused by the default network policy: nothing is fetched
+    src.write_text('{"url": "http://127.0.0.1/a.jpg", "caption": "a"}\n')
+    conf = tmp_path / "c.yaml"
+    conf.write_text("name: 2024\n")
+    out = tmp_path / "pool"
+    assert cli_main(["download", "--input", str(src), "--output", str(out), "--config", str(conf)]) == 0
+    assert json.loads((out / "settings.json").read_text())["name"] == "2024"
+    assert json.loads((out / "pool.manifest.json").read_text())["name"] == "2024"
+
+
+def test_study_takes_sample_counts_as_train_and_study_plan_do(tmp_path, capsys):
+    """One study.yaml serves `study plan` and `study` (README). `samples_seen: [3B, 13B]` planned, then
+    the study refused the same file ("could not convert string to float: '3B'"), and `study --samples-seen
+    3e9` was argparse's "invalid int value: '3e9'", where `train --samples-seen 3e9` (or 3B) is taken. The
+    settings under `train:` were not typed as train's own --config is: `seed: one` was a ValueError
+    traceback, `lr: 1e-3` reached open_clip_train as `--lr '1e-3'`."""
+    from laiontools.cli import main as cli_main
+    from laiontools.core.config import config_from_args
+    from laiontools.core.stage import config_parser
+    from laiontools.stages.study import StudyConfig
+
+    p = config_parser(StudyConfig, "study")
+    base = ["--output", str(tmp_path / "st"), "--scales", "80M=/d/80M/subset.manifest.json", "--models", "ViT-B-32",
+            "--evalset", f"x={MISSING}"]
+    assert config_from_args(StudyConfig, p.parse_args([*base, "--samples-seen", "3e9", "13B"])).samples_seen == [
+        3_000_000_000, 13_000_000_000]
+    yml = tmp_path / "study.yaml"
+    yml.write_text("samples_seen: [3B, 1.3e+10]\ntrain: {lr: 1e-3, warmup: 1e3}\n")
+    cfg = config_from_args(StudyConfig, p.parse_args([*base, "--config", str(yml)]))
+    assert cfg.samples_seen == [3_000_000_000, 13_000_000_000] and cfg.train == {"lr": 0.001, "warmup": 1000}
+    yml.write_text("samples_seen: [3e9]\ntrain: {seed: one}\n")
+    assert cli_main(["study", *base, "--config", str(yml)]) == 2
+    err = capsys.readouterr().err
+    assert "study: train: seed must be a whole number, got 'one' (str)" in err and "Traceback" not in err

@@ -60,6 +60,60 @@ class StageConfig:
             if name in hints and not _of_type(value, hints[name]):
                 raise ConfigError(f"{where}: {name} must be {_describe(hints[name])}, got {value!r} ({type(value).__name__})")
 
+    @classmethod
+    def typed(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+        """`data` (read from YAML) checked by :meth:`check_types` and given its fields' types, as argparse
+        gives a flag's: a number where text belongs is that text (``name: 2024``, ``device: 0``), and a
+        number YAML left as text (``lr: 5e-4``, ``spark_above: 1e7``: YAML 1.1 reads an exponent without a
+        dot as a string) is that number. Text that is no number, in a number field that does not parse
+        text of its own (a sample count's ``80M``: metadata ``count``), is refused naming the setting."""
+        cls.check_types(data, where)
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out = {}
+        for name, value in data.items():
+            if name not in hints:
+                out[name] = value
+                continue
+            try:
+                out[name] = _as_type(value, hints[name], bool(fields[name].metadata.get("count")) if name in fields else False)
+            except ValueError:
+                raise ConfigError(f"{where}: {name} must be {_describe(hints[name])}, got {value!r} ({type(value).__name__})") from None
+        return out
+
+
+def _as_type(value: Any, tp: Any, count: bool = False) -> Any:
+    """`value` (already passed by :func:`_of_type`) converted to `tp` where YAML gave it another type;
+    ValueError for text that is no number in a number field (unless `count`: the stage parses it)."""
+    tp, _ = _base_type(tp)
+    if value is None or tp is Any or tp is bool:
+        return value
+    if tp in (int, float):
+        if isinstance(value, str):
+            try:
+                n: Any = int(value.strip())
+            except ValueError:
+                try:
+                    n = float(value.strip())
+                except ValueError:
+                    if count:
+                        return value  # "80M", "3B": the stage's validate() parses it
+                    raise
+            if isinstance(n, float) and (math.isnan(n) or (tp is int and not n.is_integer())):
+                raise ValueError(value)
+            value = n
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return float(value) if tp is float and isinstance(value, int) else value
+    if tp is str:
+        return value if isinstance(value, str) else str(value)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple) and args and isinstance(value, (list, tuple)):
+        return [_as_type(v, args[0], count) for v in value]
+    if origin is dict and args and isinstance(value, dict):
+        return {_as_type(k, args[0]): _as_type(v, args[1]) for k, v in value.items()}
+    return value
+
 
 def _of_type(value: Any, tp: Any) -> bool:
     """Whether `value` (from YAML) may go to a field annotated `tp`. Strict where a wrong type would
@@ -132,6 +186,26 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 RECORD_ONLY = ("stage", "clusters_used", "world_size")
 
 
+def _unique_key_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load, but a setting written twice is an error (the parser keeps the last one silently)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and (key.replace("-", "_") in seen):
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"setting {key!r} is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                if isinstance(key, str):
+                    seen.add(key.replace("-", "_"))
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 class _Pair(tuple):
     """One NAME=VALUE item of a mapping flag (see :func:`add_config_args`)."""
 
@@ -170,7 +244,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[StageConfig], ski
         elif typing.get_origin(tp) in (list, tuple):
             (item,) = typing.get_args(tp)[:1]
             kw["nargs"] = "+"
-            kw["type"] = item
+            # sample counts ("3e9", "13B") as text that the stage's validate() parses, as for one count
+            kw["type"] = str if f.metadata.get("count") and item in (int, float) else item
             # `--exclude a --exclude b` is both (the README writes list flags so), not the last one alone
             kw["action"] = "extend"
         elif tp in (int, float, str):
@@ -200,7 +275,8 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
             raise ConfigError(f"config file {cfg_file} does not exist")
         try:
             with fs.open(p, "r", encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
+                loaded = yaml.load(f, Loader=_unique_key_loader())  # a SafeLoader
+            loaded = {} if loaded is None else loaded  # an empty file (or one of comments only): no settings
         except yaml.YAMLError as e:  # cut or damaged YAML: say where, not a parser traceback
             raise ConfigError(f"config file {cfg_file} is not valid YAML ({' '.join(str(e).split())}); fix or rewrite it") from e
         except UnicodeDecodeError as e:
@@ -223,6 +299,6 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
                 raise ConfigError(f"--{k.replace('_', '-')}: {', '.join(twice)} given twice")
             flags[k] = {a: b for a, b in v}
     if cfg_file:  # what a flag overrides is not checked (a saved `output: null` given with --output)
-        cls.check_types({k: v for k, v in data.items() if k not in flags}, cfg_file)
+        data = cls.typed({k: v for k, v in data.items() if k not in flags}, cfg_file)
     data.update(flags)
     return cls.from_dict(data, where=cfg_file or "flags")

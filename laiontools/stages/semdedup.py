@@ -137,6 +137,8 @@ class SemDedupConfig(SparkStageConfig):
             raise ConfigError(f"eps values repeat: {self.eps}")
         if self.keep not in KEEP_POLICIES:
             raise ConfigError(f"keep must be one of {KEEP_POLICIES}, got {self.keep!r}")
+        if not -(2**31) <= self.seed < 2**31:  # faiss's k-means takes a C int: a larger seed was an OverflowError traceback
+            raise ConfigError(f"seed {self.seed} is out of range; give {-(2**31)} <= seed <= {2**31 - 1}")
         if self.clusters < 0 or self.train_sample < 0 or self.niter < 1:
             raise ConfigError("clusters and train_sample must be >= 0, niter >= 1")
         if self.unit_rows < 1 or self.memory_rows < 1 or self.block_rows < 16 or self.gallery_groups < 0:

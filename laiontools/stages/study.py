@@ -94,7 +94,8 @@ class StudyConfig(StageConfig):
     output: str = dataclasses.field(default="", metadata={"help": "study folder"})
     scales: dict[str, str] = dataclasses.field(default_factory=dict, metadata={
         "help": "scale name -> resharded manifest, as 80M=/data/80M/subset.manifest.json ... (or in the YAML)", "pairs": True})
-    samples_seen: list[int] = dataclasses.field(default_factory=list, metadata={"help": "training budgets (samples seen)"})
+    samples_seen: list[int] = dataclasses.field(default_factory=list, metadata={
+        "help": "training budgets (samples seen): 3000000000, 3e9 or 3B", "count": True})
     models: list[str] = dataclasses.field(default_factory=list, metadata={"help": "open_clip model names"})
     batch_size: int = dataclasses.field(default=256, metadata={"help": "global batch size of every run"})
     nproc: int = dataclasses.field(default=1, metadata={"help": "processes (devices) per run"})
@@ -111,11 +112,19 @@ class StudyConfig(StageConfig):
     def validate(self) -> None:
         if not self.output:
             raise ConfigError("study: `output` (the study folder) is required")
-        base_seed = int(self.train.get("seed", 0))
+        from laiontools.stages.evaluate import EvaluateConfig
+        from laiontools.stages.train import TrainConfig
+
+        # YAML may spell settings with dashes, as the flags are written; typed as train's own --config file is
+        self.train = TrainConfig.typed({str(k).replace("-", "_"): v for k, v in self.train.items()}, "study: train")
+        self.evaluate = EvaluateConfig.typed({str(k).replace("-", "_"): v for k, v in self.evaluate.items()}, "study: evaluate")
+        base_seed = self.train.get("seed", 0)
+        if not isinstance(base_seed, int):
+            raise ConfigError(f"study: train.seed must be a whole number, got {base_seed!r}")
         if base_seed in [int(s) for s in self.extra_seeds] or len(set(self.extra_seeds)) != len(self.extra_seeds):
             raise ConfigError(f"study: extra_seeds {self.extra_seeds} must be distinct and differ from train.seed ({base_seed})")
-        try:  # YAML reads 1e9 as a string and 1.0e+9 as a float
-            self.samples_seen = [int(float(n)) for n in self.samples_seen]
+        try:  # YAML reads 1e9 as a string and 1.0e+9 as a float; 3B as train and `study plan` take it
+            self.samples_seen = [parse_count(n) for n in self.samples_seen]
             self.predict_at = [float(c) for c in self.predict_at]
         except (TypeError, ValueError, OverflowError) as e:  # OverflowError: 1e400 reads as inf
             raise ConfigError(f"study: samples_seen / predict_at must be numbers ({e})") from e
@@ -143,12 +152,6 @@ class StudyConfig(StageConfig):
                 raise ConfigError(f"study: samples seen {n} is smaller than one global batch ({self.batch_size})")
         if self.batch_size % max(1, self.nproc):
             raise ConfigError(f"study: batch size {self.batch_size} is not divisible by nproc {self.nproc}")
-        from laiontools.stages.evaluate import EvaluateConfig
-        from laiontools.stages.train import TrainConfig
-
-        # YAML may spell settings with dashes, as the flags are written
-        self.train = {str(k).replace("-", "_"): v for k, v in self.train.items()}
-        self.evaluate = {str(k).replace("-", "_"): v for k, v in self.evaluate.items()}
         for what, cls, given in (("train", TrainConfig, self.train), ("evaluate", EvaluateConfig, self.evaluate)):
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(given) - known)
