@@ -505,3 +505,15 @@ def test_a_finished_point_is_evaluated_again_when_its_model_file_changed(tmp_pat
     got = _json(eval_path)
     assert got["model"]["checkpoint_sha256"] == sha and "wall_s" in got
     assert row["colors/zeroshot_top1"] == got["metrics"]["colors/zeroshot_top1"]
+
+
+def test_a_study_with_a_missing_evaluation_set_records_no_settings(tmp_path) -> None:
+    """study wrote its settings.json before it checked its evaluation sets and manifests: a refused study
+    left a new output folder holding settings of a study that never ran. Inputs are checked first now."""
+    manifest = write_resharded_subset(str(tmp_path / "data" / "s16"), n_shards=1, per_shard=16, name="s16")
+    out = tmp_path / "study"
+    cfg = StudyConfig(output=str(out), scales={"s16": manifest}, samples_seen=[32], models=["lt-tiny"], batch_size=8,
+                      evalset=[f"c={tmp_path / 'no-such-set'}:imagefolder"])
+    with pytest.raises(UserError):
+        study_stage.run(cfg)
+    assert not (out / "settings.json").exists()

@@ -96,6 +96,9 @@ def test_resume_drops_metric_lines_past_the_checkpoint_and_a_torn_line(tmp_path)
 
 
 def test_bad_input_errors(subset: str, tmp_path) -> None:
+    # no --manifest: said so (it was "manifest  names a folder", the empty path read as the current folder)
+    with pytest.raises(ConfigError, match="--manifest is required"):
+        TrainConfig(model="lt-tiny", samples_seen=64, batch_size=8, output=str(tmp_path / "r"))
     with pytest.raises(ConfigError, match="smaller than one global batch"):
         TrainConfig(manifest=subset, model="lt-tiny", samples_seen=8, batch_size=16, output=str(tmp_path / "r"))
     with pytest.raises(ConfigError, match="not divisible by the world size"):

@@ -309,13 +309,13 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
     from laiontools.core.zygote import forked_runs
     from laiontools.stages import train_worker
 
-    os.makedirs(cfg.output, exist_ok=True)
-    write_record(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
     evalsets.load_evalsets(cfg.evalset or None, cfg.evalsets_yaml)  # bad declarations fail before any training
     from laiontools.stages.train import check_trainable_manifest
 
     for scale, manifest in cfg.scales.items():
         check_trainable_manifest(manifest)  # a never-resharded manifest fails now, not hours in
+    os.makedirs(cfg.output, exist_ok=True)  # (settings recorded once the inputs are known good)
+    write_record(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
     gm = _gmacs_cached(cfg.output, list(cfg.models))
     rows: list[dict[str, Any]] = []
     results_csv = os.path.join(cfg.output, layout.STUDY_RESULTS_CSV)

@@ -135,6 +135,8 @@ class TrainConfig(StageConfig):
     )
 
     def validate(self) -> None:
+        if not self.manifest:
+            raise ConfigError("train: --manifest is required (a resharded subset's manifest, from `laiontools reshard`)")
         if not self.output:
             raise ConfigError("train: --output (the run directory) is required")
         if not self.model:
