@@ -772,3 +772,63 @@ def test_a_spark_resume_of_a_gpu_auto_folder_is_refused_not_mixed(tmp_path):
     info = Embedder(MODEL, None, "cpu").info
     with pytest.raises(EmbedMismatchError):
         prepare_output(cfg, info, pool_identity(pool, read_manifest(pool)), None)  # what run() passes for spark
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a review of the embeddings readers: a pool shard rewritten after embed read as embedded.
+
+
+def _rewrite_shard0_in_place(manifest: str, edit) -> None:
+    """Shard 00000 of the pool at `manifest` rewritten in place as edit([(key, {ext: bytes})]), the manifest
+    updated in place (as a re-download of a damaged shard leaves the pool: same path, same source)."""
+    import hashlib
+
+    tar = os.path.join(os.path.dirname(manifest), "shards", "00000.tar")
+    samples = edit(read_shard_samples(tar, None))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    with open(tar, "wb") as f:
+        f.write(data)
+    with open(manifest) as f:
+        m = json.load(f)
+    m["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), num_samples=len(samples))
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+
+
+def test_a_pool_shard_rewritten_after_embed_is_not_read_as_embedded(tmp_path):
+    """The pool's shard 00000 is downloaded again after embed ran (a damaged shard deleted and re-fetched: a
+    sample that failed before now succeeds), and the manifest is rebuilt in place with the shard's new sha256.
+    Embed was not re-run. read_pool (dedup, semdedup, dedup calibrate) must not hand the old shard's rows
+    over as the pool's: the new sample has no embedding row, so dedup would never search it (a copy of an
+    evaluation image left in, silently), and --phash would join the new tar's keys to the old rows' uids."""
+    from laiontools.contracts.embeddings import read_embedding_shard
+
+    pool = write_pool(str(tmp_path / "p"), n_shards=2, per_shard=4, image_size=64, realistic=False)
+    out = str(tmp_path / "e")
+    assert _run(pool, out) == 0
+    new = {}
+
+    def edit(samples):
+        key, parts = samples[0]
+        meta = json.loads(parts["json"])
+        meta["uid"] = new["uid"] = "f" * 32
+        return samples + [("00000009", {**parts, "json": json.dumps(meta).encode()})]
+
+    _rewrite_shard0_in_place(pool, edit)
+    try:
+        info = read_pool(out)
+    except MissingEmbeddingsError as e:
+        assert "00000" in str(e)
+        return
+    assert "00000" in info.shard_ids
+    _, meta = read_embedding_shard(out, "00000")
+    assert new["uid"] in meta.column("uid").to_pylist(), (
+        "read_pool accepted shard 00000 as embedded, but its rows are of the shard's old bytes: the pool's "
+        f"sample {new['uid']} has no embedding row and would never be searched")

@@ -636,3 +636,23 @@ def test_a_seed_faiss_cannot_take_is_refused_before_anything_is_written(tmp_path
     # (not "Traceback": a log handler an earlier test bound to its own, closed, stderr may print "Logging error")
     assert "seed 2147483648 is out of range" in err and "OverflowError" not in err and not out.exists()
     assert main(["semdedup", "--embeddings", emb, "--output", str(out), "--clusters", "2", "--seed", str(2**31 - 1)]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a review of the embeddings readers: an error the user must fix, raised in a Spark task.
+
+
+def test_an_error_raised_in_a_spark_task_is_one_clear_error_as_in_process(planted, spark, tmp_path, monkeypatch, capsys):
+    """--train-sample below --clusters: k-means samples fewer valid vectors than clusters and raises
+    SemDedupError. In process that is one line and exit 2; in a Spark task (the k-means task, and as well
+    read_embedding_shard's refusal of a misaligned shard in an assign task) it was raised untagged, so it
+    reached the driver as a py4j error carrying the worker's traceback, and the CLI printed a traceback
+    (exit 1). The same bad input must give the same clear error on either engine (dedup tags its tasks')."""
+    from laiontools.cli import main
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    for engine, extra in (("in-process", ["--spark-above", "-1"]), ("spark", ["--spark-above", "0"])):
+        rc = main(["semdedup", "--embeddings", planted["emb"], "--output", str(tmp_path / engine), "--clusters", "8",
+                   "--train-sample", "4", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err and "--clusters is 8" in err, (engine, rc, err[-1500:])

@@ -701,3 +701,58 @@ def test_a_cut_pool_uid_file_is_one_line_naming_it_when_a_dedup_list_is_checked(
     rc = cli(["subsets", "--pool", pool, "--exclude", d, "--scales", "5", "--seed", "1", "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and str(uf) in err, err[-1500:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Found by a review of the embeddings readers: scores read from a shard embed had not finished.
+
+
+@pytest.mark.parametrize("engine", ["in-process", "spark"])
+def test_scores_of_a_shard_without_its_embed_marker_are_not_read(tmp_path, monkeypatch, engine, request):
+    """A pool shard is downloaded again in place (sample 0's URL now serves another image; same uid), and embed
+    is re-run into its folder and killed before that shard is written: embed removed the shard's completion
+    marker first, so the folder claims no rows of the old shard, but the old scores/00000.parquet (scores of
+    the old images) is still there. A shard is done only when its marker exists (DESIGN): --scores must not
+    give those samples the old images' clip scores."""
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.embed import EmbedConfig
+
+    pool = make_scratch_pool(str(tmp_path / "p"), n=16, per_shard=8, failures=0, tag="m")
+    emb = str(tmp_path / "emb")
+    cfg = EmbedConfig(manifest=pool, output=emb, model="lt-tiny", num_workers=0)
+    assert embed_stage.run(cfg).ok
+    tar = os.path.join(tmp_path / "p", layout.SHARDS_DIR, "00000.tar")
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            if m.name == "000000000.jpg":
+                data = _jpeg(99, 16, 16)
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    m = read_manifest(pool)
+    m["shards"][0]["sha256"], m["shards"][0]["bytes"] = sha256_file(tar)
+    write_manifest(pool, m)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the re-embed is killed while it embeds shard 00000
+
+    monkeypatch.setattr(embed_stage, "_write_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        embed_stage.run(cfg)
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(emb, layout.EMB_META_DIR, "00000.parquet.done"))
+    assert os.path.exists(os.path.join(emb, layout.EMB_SCORES_DIR, "00000.parquet"))  # the old shard's scores
+
+    spark = request.getfixturevalue("spark") if engine == "spark" else None
+    shard0 = {u for u, r in pool_samples(pool).items() if r[C.SHARD] == "00000"}
+    try:
+        res = subsets_stage.run(_cfg(pool, tmp_path / "o", scales="4", scores=emb, min_clip_score=-1.0,
+                                     allow_short=True), spark).details
+    except (SubsetError, subsets_stage.InputError) as e:  # refused: as good
+        assert "00000" in str(e)
+        return
+    picked = _uids(resolve_uids(res[0]["manifest"]))
+    funnel = {f["step"]: f["removed"] for f in read_manifest(res[0]["manifest"])["selection"]["funnel"]}
+    assert funnel.get("clip_score < -1 or missing") == len(shard0) and not picked & shard0, (
+        f"samples of shard 00000 were scored from its old scores file (no marker): funnel {funnel}")

@@ -1070,3 +1070,154 @@ def test_a_slow_name_server_cannot_hold_a_request_past_its_deadline():
     took = time.monotonic() - t0
     assert err is not None and err.startswith(DEADLINE_PREFIX), err
     assert took < 2.5, f"the request took {took:.1f} s against a 1 s deadline: DNS is outside the deadline"
+
+
+# ----------------------------------------------------------------------------- review: robots.txt, opt-outs, error rows
+
+
+def _robots_host(robots_txt: bytes, paths: list[str]) -> RawServer:
+    """A RawServer serving `robots_txt` (200) and a PNG at each of `paths`."""
+    png = _png()
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png
+    return RawServer({"/robots.txt": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n"
+                      % len(robots_txt) + robots_txt, **dict.fromkeys(paths, ok)})
+
+
+@pytest.mark.parametrize(("robots_txt", "allowed", "disallowed"), [
+    # RFC 9309 2.2.2: the most specific (longest) matching rule wins, whatever the order; Allow wins a tie
+    (b"User-agent: *\nDisallow: /\nAllow: /img/\n", ["/img/a.png"], ["/other/a.png"]),
+    (b"User-agent: *\nDisallow: /img/\nAllow: /img/public/\n", ["/img/public/a.png"], ["/img/a.png"]),
+    # RFC 9309 2.2.3: "*" matches any characters, "$" the end of the path
+    (b"User-agent: *\nDisallow: /*.png$\n", ["/a.png?x=1"], ["/a.png", "/deep/er/b.png"]),
+    (b"User-agent: *\nDisallow: /private*/\n", ["/public/a.png"], ["/private1/a.png"]),
+    # a UTF-8 byte order mark (as Windows editors save the file) does not hide the first group
+    (b"\xef\xbb\xbfUser-agent: *\nDisallow: /\n", [], ["/a.png"]),
+    # RFC 9309 2.2.1: groups naming the same agent are combined
+    (b"User-agent: *\nDisallow: /a/\n\nUser-agent: *\nDisallow: /b/\n", ["/c/x.png"], ["/a/x.png", "/b/x.png"]),
+])
+def test_robots_txt_rules_are_matched_as_rfc_9309_says(robots_txt, allowed, disallowed):
+    """robots.txt was parsed by urllib.robotparser, which predates RFC 9309: the first matching rule won
+    (an Allow exception after a broader Disallow was never seen), "*" and "$" were matched literally (a
+    site's "Disallow: /*.png$" let every PNG through), a byte order mark hid the first group (all
+    allowed) and only the first "*" group counted."""
+    from laiontools.web.fetch import ROBOTS_DISALLOWS, HostGate, RobotsCache
+
+    with _robots_host(robots_txt, allowed + disallowed) as raw:
+        robots = RobotsCache()
+        for path in allowed + disallowed:
+            _, err, _ = fetch_one(raw.url(path), 2, None, None, _policy(respect_robots=True), resolver=lambda h, p: [PUBLIC],
+                                  gate=HostGate(), robots=robots)
+            if path in allowed:
+                assert err is None, (path, err)
+            else:
+                assert err is not None and err.startswith(ROBOTS_DISALLOWS), (path, err)
+        assert robots.fetches == 1 and not set(disallowed) & set(raw.paths)
+
+
+def test_robots_txt_cut_at_its_size_limit_does_not_keep_a_cut_rule():
+    """robots.txt is read up to 512 KiB (RFC 9309's 500 KiB); the rest is ignored. The cut fell inside a
+    line and the line's head was kept as a rule: "Disallow: /private/..." cut after "Disallow: /" became
+    a Disallow of the whole site."""
+    from laiontools.web.fetch import HostGate, RobotsCache
+
+    head = b"User-agent: *\nDisallow: /private/\n"
+    pad = b"# " + b"x" * 1000 + b"\n"
+    cut_at = RobotsCache.MAX_BYTES - len(b"Disallow: /")  # where the last line starts: the cut falls after "Disallow: /"
+    body = head + pad * ((cut_at - len(head)) // len(pad) - 1)
+    body += b"#" * (cut_at - len(body) - 1) + b"\n"
+    body += b"Disallow: /private/cut/here/\n" + pad * 10
+    assert body[:RobotsCache.MAX_BYTES].endswith(b"\nDisallow: /")
+    with _robots_host(body, ["/img/a.png"]) as raw:
+        _, err, _ = fetch_one(raw.url("/img/a.png"), 2, None, None, _policy(respect_robots=True),
+                              resolver=lambda h, p: [PUBLIC], gate=HostGate(), robots=RobotsCache())
+    assert err is None, err
+
+
+def test_a_url_or_host_naming_a_timeout_does_not_make_a_permanent_refusal_transient():
+    """is_transient read the whole error message, and a permanent refusal quotes the URL's path or host:
+    a robots.txt refusal of /img/timeout.png (or a host timeout.example.org that does not resolve) was
+    "transient", retried with backoff in the shard and again by every --retry-failed pass."""
+    from laiontools.web.fetch import ROBOTS_DISALLOWS, is_transient
+
+    with _robots_host(b"User-agent: *\nDisallow: /img/\n", []) as raw:
+        t0 = time.monotonic()
+        _, data, err = fetch_with_retry((0, raw.url("/img/timeout.png")), 2, 2, None, None,
+                                        policy=_policy(respect_robots=True), resolver=lambda h, p: [PUBLIC])
+        took = time.monotonic() - t0
+    assert data is None and err.startswith(ROBOTS_DISALLOWS), err
+    assert not is_transient(err), err
+    assert took < 0.5, f"a permanent refusal was retried in the shard ({took:.1f} s of backoff)"
+
+    def nxdomain(host: str, port: int) -> list[str]:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    _, err, _ = fetch_one("http://timeout.example.org/a.png", 2, None, None, _policy(), resolver=nxdomain)
+    assert err.startswith("DNS: host timeout.example.org does not resolve") and not is_transient(err), err
+
+    def tempfail(host: str, port: int) -> list[str]:
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    _, err, _ = fetch_one("http://a.example.org/a.png", 2, None, None, _policy(), resolver=tempfail)
+    assert is_transient(err), err  # (the cause itself still decides)
+
+
+def test_the_report_counts_robots_txt_and_tls_failures_under_their_own_kind(fresh_host, images, tls_cert):
+    """failure_kind matched "HTTP Error <code>" anywhere and "image" in any message: a host whose
+    robots.txt answered 503 (no image request was sent) had its rows counted as http_503, one whose
+    robots.txt answered 429 in the report's "HTTP 429" watch, and a TLS rejection of images.example.org
+    as an image_error."""
+    from laiontools.stages.download import failure_kind
+    from laiontools.web.fetch import HostGate, RobotsCache
+
+    b = fresh_host.base_url
+    for status in (503, 429):
+        fresh_host.set_robots("User-agent: *\nDisallow:\n", status=status)
+        _, err, _ = fetch_one(f"{b}/img/a.jpg", 3, None, None, _pol3(), robots=RobotsCache(), gate=HostGate())
+        assert failure_kind(err) == "robots_unavailable", (failure_kind(err), err)
+    cert, key = tls_cert
+    with SyntheticWebServer(images, host=PUBLIC, tls=(cert, key)) as tls:
+        _, err, _ = fetch_one(f"https://images.example.org:{_port(tls)}/img/a.jpg", 3, None, None, _policy(),
+                              resolver=lambda h, p: [PUBLIC])
+    assert err.startswith("TLS certificate of images.example.org rejected"), err
+    assert failure_kind(err) == "tls_rejected", (failure_kind(err), err)
+
+
+@pytest.mark.parametrize("header", [
+    b"noindex, max-snippet:-1",  # a directive with a value after an opt-out (Google's documented syntax)
+    b"max-image-preview:large, noimageai",
+    b"noai, unavailable_after: 2030-01-01",
+    b"none",  # "none" is noindex, nofollow
+])
+def test_x_robots_tag_opt_outs_are_read_whatever_else_the_header_holds(header):
+    """The X-Robots-Tag check (img2dataset's is_disallowed) took everything before the header's first
+    ":" as a user-agent token: "noindex, max-snippet:-1" was read as directives for a robot named
+    "noindex, max-snippet", and the opt-out was ignored; "none" (noindex + nofollow) was not an opt-out."""
+    png = _png()
+    route = b"HTTP/1.1 200 OK\r\nX-Robots-Tag: " + header + b"\r\nContent-Length: %d\r\n\r\n" % len(png) + png
+    directives = {"noai", "noimageai", "noindex", "noimageindex"}
+    with RawServer({"/a.png": route}) as raw:
+        data, err, _ = fetch_one(raw.url("/a.png"), 2, "laionbot", directives, _policy(), resolver=lambda h, p: [PUBLIC])
+    assert data is None and err == "Use of image disallowed by X-Robots-Tag directive", (header, err)
+    # and a header for another robot, or without an opt-out, is not one
+    for other in (b"otherbot: noai", b"max-image-preview:large, max-snippet:-1", b"nofollow"):
+        route = b"HTTP/1.1 200 OK\r\nX-Robots-Tag: " + other + b"\r\nContent-Length: %d\r\n\r\n" % len(png) + png
+        with RawServer({"/a.png": route}) as raw:
+            _, err, _ = fetch_one(raw.url("/a.png"), 2, "laionbot", directives, _policy(), resolver=lambda h, p: [PUBLIC])
+        assert err is None, (other, err)
+
+
+def test_the_per_host_request_count_leaves_out_rows_that_sent_no_request():
+    """The executor counters (the report's hosts.executors.requests) counted a request for each row that
+    took a host slot: with no per-host limit set (the default) a row refused "host throttled" (no request
+    sent) was counted as one, so the report's requests to a throttled host grew with its skipped rows."""
+    from laiontools.web.fetch import HostGate
+
+    slow = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 99999\r\nContent-Length: 0\r\n\r\n"
+    for limits in ({}, {"max_host_concurrency": 4}):
+        gate = HostGate()
+        pol = _policy(max_host_backoff=1.0, max_host_pause=1.5, **limits)
+        with RawServer({f"/t{k}.png": slow for k in range(4)}) as raw:
+            errs = [fetch_one(raw.url(f"/t{k}.png"), 2, None, None, pol, resolver=lambda h, p: [PUBLIC], gate=gate)[1]
+                    for k in range(4)]
+        assert [e.split(":")[0] for e in errs] == ["HTTP Error 429"] * 2 + ["host throttled"] * 2, errs
+        assert gate.stats()["h.example.org"] == {"requests": len(raw.paths), "throttled": 2}, (limits, raw.paths)

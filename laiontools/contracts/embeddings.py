@@ -319,6 +319,23 @@ def _manifest_path_from_model(emb_dir: str, model: dict[str, Any]) -> str | None
     return join(emb_dir, v)
 
 
+def _stale_shards(emb_dir: str, model: dict[str, Any], mpath: str, expected: dict[str, Any],
+                  embedded: set[str]) -> list[str]:
+    """Embedded pool shards whose completion marker records other shard bytes (``shard_sha256``) than the
+    manifest's sha256 for them. Cheap when nothing changed: the markers are read only when the manifest is
+    not the one model.json records (one hash of the manifest), as after a shard was downloaded again."""
+    from laiontools.contracts.manifest import manifest_sha256
+
+    if (model.get("pool") or {}).get("manifest_sha256") == manifest_sha256(mpath):
+        return []
+    stale = []
+    for sid in sorted(set(expected) & embedded):
+        got = shard_marker(emb_dir, sid).get("shard_sha256")
+        if got and expected[sid].get("sha256") and got != expected[sid]["sha256"]:
+            stale.append(sid)
+    return stale
+
+
 def read_pool(emb_dir: str) -> PoolInfo:
     """Model, manifest and searchable shards of an embedding output.
 
@@ -349,6 +366,14 @@ def read_pool(emb_dir: str) -> PoolInfo:
             expected[sid] = s
             tar_by_shard[sid] = resolve(mpath, s["path"])
         missing = sorted(sid for sid, s in expected.items() if sid not in embedded and int(s.get("num_samples", 1)) > 0)
+        stale = _stale_shards(emb_dir, model, mpath, expected, embedded)
+        if stale:
+            shown = ", ".join(stale[:20]) + (f" ... ({len(stale)} in all)" if len(stale) > 20 else "")
+            raise MissingEmbeddingsError(
+                f"pool {mpath} has {len(stale)} shard(s) whose embeddings in {emb_dir} were made from other bytes of "
+                f"the shard (downloaded or rewritten again since embed ran): {shown}; run `laiontools embed` on this "
+                f"pool into {emb_dir} to embed them again (their rows are not this pool's samples)"
+            )
         if missing:
             shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
             raise MissingEmbeddingsError(

@@ -644,6 +644,10 @@ def failure_kind(msg: str | None) -> str:
     """Bucket an error message for the report (HTTP code, timeout, opt-out, decode, limit, ...)."""
     if not msg:
         return "unknown"
+    if msg.startswith("robots.txt unavailable"):  # whatever stopped the robots.txt read: no image request was sent
+        return "robots_unavailable"
+    if msg.startswith("TLS certificate of "):  # (names the host: "images.example.org" is not an image error)
+        return "tls_rejected"
     m = re.search(r"HTTP Error (\d{3})", msg)
     if m:
         return f"http_{m.group(1)}"

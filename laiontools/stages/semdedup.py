@@ -58,7 +58,7 @@ import numpy as np
 
 from laiontools.contracts.uids import UID_DTYPE, sort_uids, uids_to_array
 from laiontools.core.config import ConfigError
-from laiontools.core.errors import UserError
+from laiontools.core.errors import UserError, task_errors_as
 from laiontools.core.logs import peak_rss_mb
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_tasks
 from laiontools.core.storage import (
@@ -634,6 +634,18 @@ def _group_partition(ctx: dict[str, Any], units: Iterable[tuple[int, int]]) -> I
         yield st["unit"], st["rows"]
 
 
+def _tagged(fn: Any, ctx: dict[str, Any], items: Iterable[Any]) -> Iterator[Any]:
+    """`fn(ctx, items)`, its UserError (too few vectors for k-means, a misaligned embedding shard, ...)
+    tagged with task_error so that it reaches the driver from a Spark task as one line, as in process
+    (the driver turns it back into a SemDedupError with :func:`task_errors_as`)."""
+    from laiontools.core.errors import task_error
+
+    try:
+        yield from fn(ctx, items)
+    except UserError as e:
+        raise task_error(str(e).split("\n", 1)[0]) from e
+
+
 # ---------------------------------------------------------------------------------------------
 # driver
 
@@ -679,8 +691,9 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         kfs, kp = url_to_fs(kjson)
         km = read_json(kjson) if kfs.exists(kp) else None
         if km is None or km.get("key") != kmeans_key:
-            (data,) = tasks.map(functools.partial(_train_task, ctx), [0], 1,
-                                f"laiontools semdedup: k-means, {k} clusters on {train_rows} vectors")
+            with task_errors_as(SemDedupError):
+                (data,) = tasks.map(functools.partial(_tagged, _train_task, ctx), [0], 1,
+                                    f"laiontools semdedup: k-means, {k} clusters on {train_rows} vectors")
             atomic_write_bytes(cpath, data)
             km = {"key": kmeans_key, "clusters": k, "train_rows": train_rows, "niter": cfg.niter, "seed": cfg.seed,
                   "dim": ctx["dim"], "centroids_sha256": sha256_bytes(data), "spherical": True}
@@ -690,8 +703,9 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         # 2. assign
         t0 = time.time()
         ctx["threads"] = tasks.threads(cfg.threads, len(shards))
-        assigned = tasks.map(functools.partial(_assign_partition, ctx), shards, cfg.partitions,
-                             f"laiontools semdedup: assign {len(shards)} shard(s) to {k} clusters")
+        with task_errors_as(SemDedupError):
+            assigned = tasks.map(functools.partial(_tagged, _assign_partition, ctx), shards, cfg.partitions,
+                                 f"laiontools semdedup: assign {len(shards)} shard(s) to {k} clusters")
         timings["assign"] = round(time.time() - t0, 3)
         _drop_stale_shards(cfg.output, set(shards))
         counts = np.zeros(k, dtype=np.int64)
@@ -710,8 +724,9 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         t0 = time.time()
         big_first = sorted(units, key=lambda u: -int(counts[u[0]:u[1]].sum()))  # long tasks start first
         ctx["threads"] = tasks.threads(cfg.threads, len(units))
-        tasks.map(functools.partial(_group_partition, ctx), big_first, cfg.partitions,
-                  f"laiontools semdedup: duplicate groups in {len(units)} unit(s) of clusters")
+        with task_errors_as(SemDedupError):
+            tasks.map(functools.partial(_tagged, _group_partition, ctx), big_first, cfg.partitions,
+                      f"laiontools semdedup: duplicate groups in {len(units)} unit(s) of clusters")
         timings["groups"] = round(time.time() - t0, 3)
         _drop_stale_units(cfg.output, {_unit_id(u) for u in units}, [eps_label(e) for e in cfg.eps])
         # 4. outputs

@@ -399,6 +399,19 @@ def _score_files(scores_dir: str, pool: PoolInfo) -> tuple[list[str], dict[str, 
     else:
         log.warning("%s has no model.json; checking only that its uids are samples of the pool", scores_dir)
     urls = [join(scores_dir, layout.EMB_SCORES_DIR, f.rsplit("/", 1)[-1]) for f in files]
+    from laiontools.contracts.embeddings import done_shards
+
+    done = set(done_shards(scores_dir))
+    if done:  # an embed output: a shard is done only once its marker exists (a killed run, a shard being re-embedded)
+        unfinished = [u for u in urls if u.rsplit("/", 1)[-1][: -len(".parquet")] not in done]
+        if unfinished:
+            log.warning("--scores %s: %d score file(s) of shards embed has not finished (no %s/<shard>.parquet.done) are "
+                        "not read, their samples count as unscored: %s; finish embed to score them", scores_dir,
+                        len(unfinished), layout.EMB_META_DIR, ", ".join(u.rsplit("/", 1)[-1] for u in unfinished[:20]))
+            urls = [u for u in urls if u not in set(unfinished)]
+        if not urls:
+            raise InputError(f"--scores {scores_dir}: no shard is finished (no {layout.EMB_META_DIR}/*.parquet.done); "
+                             f"finish embed first")
     record = {
         "path": scores_dir,
         "files": len(urls),

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
-from img2dataset.downloader import Downloader, is_disallowed
+from img2dataset.downloader import Downloader
 from img2dataset.logger import write_stats as _write_stats
 
 from laiontools.core.errors import environment_error
@@ -101,6 +101,10 @@ HOST_THROTTLED = "host throttled:"
 # they stay transient for a later --retry-failed pass.
 _NO_RETRY_IN_SHARD = (DEADLINE_PREFIX, ROBOTS_UNAVAILABLE, HOST_THROTTLED)
 UNREADABLE_HEADER = "image size cannot be read from its header"
+# Refusals no retry changes; their messages quote the URL's path or host (is_transient must not read those)
+_PERMANENT = (ROBOTS_DISALLOWS, ROBOTS_CRAWL_DELAY, "blocked:", "blocklisted:", "TLS certificate of ",
+              "Use of image ", "too many redirects", UNREADABLE_HEADER)
+_DNS_CAUSE = " does not resolve ("
 
 
 def is_transient(error_message: str | None) -> bool:
@@ -118,6 +122,10 @@ def is_transient(error_message: str | None) -> bool:
     m = _HTTP_ERROR.match(error_message)
     if m:
         return int(m.group(1)) in TRANSIENT_HTTP_CODES
+    if error_message.startswith(_PERMANENT):
+        return False  # (they quote the URL's path or host, which may say "timeout")
+    if error_message.startswith("DNS: host ") and _DNS_CAUSE in error_message:
+        return bool(_TRANSIENT.search(error_message.split(_DNS_CAUSE, 1)[1]))  # the resolver's words, not the host name
     return bool(_TRANSIENT.search(error_message))
 
 
@@ -442,12 +450,12 @@ class HostGate:
         if not spaced and not max_concurrency:
             with self._cv:
                 h = self._host(host)
-                h.requests += 1
                 until = h.paused_until
                 self._throttled(h, host, time.monotonic(), max_pause)
             if until > time.monotonic():
                 _sleep_until(until, wait_deadline, host)
             with self._cv:
+                h.requests += 1  # (counted once it starts: not a row refused "host throttled" or at the deadline)
                 h.last_start = time.monotonic()
             yield time.monotonic() - t0
             return
@@ -466,7 +474,6 @@ class HostGate:
                 ends = [t for t in ((h.paused_until if free else None), wait_deadline) if t is not None]
                 self._cv.wait(min(ends) - now if ends else None)
             h.active += 1
-            h.requests += 1
             start = now
             if spaced:
                 start = max(now, h.next_slot)
@@ -475,6 +482,8 @@ class HostGate:
         try:
             if start > time.monotonic():
                 _sleep_until(start, wait_deadline, host)
+            with self._cv:
+                h.requests += 1
             yield time.monotonic() - t0
         finally:
             with self._cv:
@@ -686,8 +695,6 @@ class RobotsCache:
 
     def _fetch(self, origin: str, *, policy: FetchPolicy, timeout: float, deadline: float, resolver: Resolver | None,
                gate: HostGate | None, hard_deadline: float | None) -> tuple[Any, float]:
-        from urllib.robotparser import RobotFileParser
-
         try:
             resp = safe_get(origin + "/robots.txt", user_agent=user_agent_for(policy.robots_user_agent), policy=policy,
                             timeout=timeout, deadline=deadline, max_bytes=self.MAX_BYTES, resolver=resolver,
@@ -700,15 +707,99 @@ class RobotsCache:
             if m and 400 <= int(m.group(1)) < 500 and m.group(1) != "429":
                 return None, policy.robots_ttl  # no robots.txt: everything allowed
             return FetchError(f"{ROBOTS_UNAVAILABLE} ({msg}{ROBOTS_SKIPPED}"), self.UNAVAILABLE_TTL
-        rp = RobotFileParser()
-        lines = resp.body.decode("utf-8", "replace").splitlines()
-        rp.parse(lines)
+        body = resp.body
+        if len(body) >= self.MAX_BYTES:  # cut at the limit: a cut last line is not a rule ("Disallow: /" of "/private/")
+            body = body[: max(body.rfind(b"\n"), body.rfind(b"\r")) + 1]
+        lines = body.decode("utf-8-sig", "replace").splitlines()  # (-sig: a byte order mark does not hide line 1)
+        rp = RobotsRules(lines)
         token = (policy.robots_user_agent or "*").lower()
         rp.laiontools_crawl_delay = {"*": crawl_delay(lines, "*"), token: crawl_delay(lines, token)}
         return rp, policy.robots_ttl
 
 
 ROBOTS = RobotsCache()
+
+
+_ROBOTS_SAFE = "/:@!$&'()*+,;=-._~?"
+
+
+def _robots_norm(path: str) -> str:
+    """A path (or a rule's pattern) with its percent-encoding normalized, so that /a%2Eb and /a.b compare equal."""
+    from urllib.parse import unquote
+
+    return quote(unquote(path), safe=_ROBOTS_SAFE)
+
+
+def _robots_match(path: str, pattern: str) -> bool:
+    """Whether `pattern` (RFC 9309 2.2.3: ``*`` any characters, a final ``$`` the end) matches the start of
+    `path`. Leftmost matching of each piece: linear in the path, whatever the number of ``*``."""
+    anchored = pattern.endswith("$")
+    pieces = (pattern[:-1] if anchored else pattern).split("*")
+    if not path.startswith(pieces[0]):
+        return False
+    pos = len(pieces[0])
+    if len(pieces) == 1:
+        return pos == len(path) if anchored else True
+    for piece in pieces[1:-1]:
+        i = path.find(piece, pos)
+        if i < 0:
+            return False
+        pos = i + len(piece)
+    last = pieces[-1]
+    if anchored:
+        return len(path) - len(last) >= pos and path.endswith(last)
+    return path.find(last, pos) >= 0
+
+
+class RobotsRules:
+    """One robots.txt's rules, matched as RFC 9309 says (urllib.robotparser predates it: first match,
+    no wildcards, only the first ``*`` group).
+
+    - groups: the groups naming an agent contained in our token (as urllib.robotparser and
+      :func:`crawl_delay` match them) are combined, else every ``*`` group;
+    - the most specific rule wins: the longest matching pattern; an Allow wins a tie; no match: allowed;
+    - ``*`` in a pattern matches any characters, a final ``$`` the end of the path; an empty Disallow is no rule.
+    """
+
+    def __init__(self, lines: list[str]) -> None:
+        self.groups: list[tuple[list[str], list[tuple[bool, str]]]] = []
+        agents: list[str] = []
+        rules: list[tuple[bool, str]] = []
+        in_rules = False
+        for raw in lines:
+            line = raw.split("#", 1)[0].strip()
+            if ":" not in line:
+                continue
+            field, value = (x.strip() for x in line.split(":", 1))
+            field = field.lower()
+            if field == "user-agent":
+                if in_rules:  # a user-agent line after rules starts a new group
+                    self.groups.append((agents, rules))
+                    agents, rules, in_rules = [], [], False
+                agents.append(value.lower())
+            elif agents:
+                in_rules = True
+                if field in ("allow", "disallow") and value:
+                    rules.append((field == "allow", _robots_norm(value)))
+        if agents:
+            self.groups.append((agents, rules))
+
+    def rules_for(self, token: str) -> list[tuple[bool, str]]:
+        token = token.split("/")[0].lower()
+        named = [rules for names, rules in self.groups if token != "*" and any(a != "*" and a in token for a in names)]
+        chosen = named or [rules for names, rules in self.groups if "*" in names]
+        return [r for rules in chosen for r in rules]
+
+    def can_fetch(self, token: str, url: str) -> bool:
+        parts = urlsplit(url)
+        path = _robots_norm((parts.path or "/") + ("?" + parts.query if parts.query else ""))
+        best: tuple[int, bool] | None = None  # (pattern length, allow): longest wins, Allow on a tie
+        for allow, pattern in self.rules_for(token):
+            if _robots_match(path, pattern):
+                cand = (len(pattern), allow)
+                if best is None or cand > best:
+                    best = cand
+        return best is None or best[1]
 
 
 def crawl_delay(lines: list[str], token: str) -> float | None:
@@ -1050,6 +1141,32 @@ def image_pixels(data: bytes) -> int | None:
         return None
 
 
+# X-Robots-Tag directives written "name: value": the name before the colon is not a user-agent token
+_VALUED_DIRECTIVES = frozenset({"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"})
+_DIRECTIVE_MEANS = {"none": ("noindex", "nofollow")}
+
+
+def x_robots_disallowed(headers: Any, user_agent_token: str | None, disallowed: Any) -> bool:
+    """True if an X-Robots-Tag header for every robot or for `user_agent_token` holds one of the `disallowed`
+    directives (``none`` counts as ``noindex, nofollow``). A header's value is ``[token:] directive, ...``;
+    a colon inside a directive ("max-snippet: -1", "unavailable_after: <date>") does not make what
+    precedes it a token (img2dataset's is_disallowed read "noindex, max-snippet:-1" as rules for a robot
+    named "noindex, max-snippet", and ignored the opt-out)."""
+    mine = (user_agent_token or "").strip().lower()
+    for value in headers.get_all("X-Robots-Tag", []) or []:
+        value = str(value)
+        head, sep, rest = value.partition(":")
+        if sep and "," not in head and head.strip().lower() not in _VALUED_DIRECTIVES:
+            if head.strip().lower() != mine:
+                continue  # for another robot
+            value = rest
+        for directive in value.split(","):
+            name = directive.split(":", 1)[0].strip().lower()
+            if name in disallowed or any(x in disallowed for x in _DIRECTIVE_MEANS.get(name, ())):
+                return True
+    return False
+
+
 def tdm_reserved(headers: Any) -> bool:
     """True if the TDM Reservation Protocol header reserves text-and-data-mining rights."""
     return any(v.strip() == "1" for v in headers.get_all("tdm-reservation", []) or [])
@@ -1077,7 +1194,7 @@ def fetch_one(url: str, timeout: float, user_agent_token: str | None, disallowed
         req_deadline = min(req_deadline, deadline)
 
     def check_headers(r: http.client.HTTPResponse) -> str | None:
-        if disallowed and is_disallowed(r.headers, user_agent_token, disallowed):
+        if disallowed and x_robots_disallowed(r.headers, user_agent_token, disallowed):
             return "Use of image disallowed by X-Robots-Tag directive"
         if policy.respect_tdm and tdm_reserved(r.headers):
             return "Use of image reserved by tdm-reservation header (TDM Reservation Protocol)"
