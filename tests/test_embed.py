@@ -816,7 +816,7 @@ def test_a_pool_shard_rewritten_after_embed_is_not_read_as_embedded(tmp_path):
     new = {}
 
     def edit(samples):
-        key, parts = samples[0]
+        _, parts = samples[0]
         meta = json.loads(parts["json"])
         meta["uid"] = new["uid"] = "f" * 32
         return samples + [("00000009", {**parts, "json": json.dumps(meta).encode()})]
