@@ -518,13 +518,19 @@ def test_fast_decode_close_to_exact(tmp_path):
 
 def _pool_with_shard0(small_pool: str, tmp_path, edit) -> str:
     """A copy of the pool whose shard 00000 holds edit([(key, {ext: bytes})]); returns its manifest."""
-    import hashlib
-    import json
-
     pool = str(tmp_path / "pool_edit")
     shutil.copytree(os.path.dirname(small_pool), pool)
     manifest = os.path.join(pool, layout.POOL_MANIFEST)
-    tar = os.path.join(pool, "shards", "00000.tar")
+    _rewrite_shard0_in_place(manifest, edit)
+    return manifest
+
+
+def _rewrite_shard0_in_place(manifest: str, edit) -> None:
+    """Shard 00000 of the pool at `manifest` rewritten in place as edit([(key, {ext: bytes})]), the manifest
+    updated in place (as a re-download of a damaged shard leaves the pool: same path, same source)."""
+    import hashlib
+
+    tar = os.path.join(os.path.dirname(manifest), "shards", "00000.tar")
     samples = edit(read_shard_samples(tar, None))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
@@ -541,7 +547,6 @@ def _pool_with_shard0(small_pool: str, tmp_path, edit) -> str:
     m["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), num_samples=len(samples))
     with open(manifest, "w") as f:
         json.dump(m, f)
-    return manifest
 
 
 def test_nan_weights_refused_before_anything_is_written(small_pool, tmp_path, capsys):
@@ -776,30 +781,6 @@ def test_a_spark_resume_of_a_gpu_auto_folder_is_refused_not_mixed(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Found by a review of the embeddings readers: a pool shard rewritten after embed read as embedded.
-
-
-def _rewrite_shard0_in_place(manifest: str, edit) -> None:
-    """Shard 00000 of the pool at `manifest` rewritten in place as edit([(key, {ext: bytes})]), the manifest
-    updated in place (as a re-download of a damaged shard leaves the pool: same path, same source)."""
-    import hashlib
-
-    tar = os.path.join(os.path.dirname(manifest), "shards", "00000.tar")
-    samples = edit(read_shard_samples(tar, None))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    with open(tar, "wb") as f:
-        f.write(data)
-    with open(manifest) as f:
-        m = json.load(f)
-    m["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), num_samples=len(samples))
-    with open(manifest, "w") as f:
-        json.dump(m, f)
 
 
 def test_a_pool_shard_rewritten_after_embed_is_not_read_as_embedded(tmp_path):

@@ -751,6 +751,30 @@ def _robots_match(path: str, pattern: str) -> bool:
     return path.find(last, pos) >= 0
 
 
+def _robots_groups(lines: list[str]) -> list[tuple[list[str], list[tuple[str, str]]]]:
+    """robots.txt's groups: (user-agent names lower-cased, [(field lower-cased, value), ...] of the lines
+    after them), comments dropped; a user-agent line after a group's other lines starts a new group."""
+    groups: list[tuple[list[str], list[tuple[str, str]]]] = []
+    agents: list[str] = []
+    fields: list[tuple[str, str]] = []
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
+        if ":" not in line:
+            continue
+        field, value = (x.strip() for x in line.split(":", 1))
+        field = field.lower()
+        if field == "user-agent":
+            if fields:
+                groups.append((agents, fields))
+                agents, fields = [], []
+            agents.append(value.lower())
+        elif agents:
+            fields.append((field, value))
+    if agents:
+        groups.append((agents, fields))
+    return groups
+
+
 class RobotsRules:
     """One robots.txt's rules, matched as RFC 9309 says (urllib.robotparser predates it: first match,
     no wildcards, only the first ``*`` group).
@@ -762,27 +786,10 @@ class RobotsRules:
     """
 
     def __init__(self, lines: list[str]) -> None:
-        self.groups: list[tuple[list[str], list[tuple[bool, str]]]] = []
-        agents: list[str] = []
-        rules: list[tuple[bool, str]] = []
-        in_rules = False
-        for raw in lines:
-            line = raw.split("#", 1)[0].strip()
-            if ":" not in line:
-                continue
-            field, value = (x.strip() for x in line.split(":", 1))
-            field = field.lower()
-            if field == "user-agent":
-                if in_rules:  # a user-agent line after rules starts a new group
-                    self.groups.append((agents, rules))
-                    agents, rules, in_rules = [], [], False
-                agents.append(value.lower())
-            elif agents:
-                in_rules = True
-                if field in ("allow", "disallow") and value:
-                    rules.append((field == "allow", _robots_norm(value)))
-        if agents:
-            self.groups.append((agents, rules))
+        self.groups: list[tuple[list[str], list[tuple[bool, str]]]] = [
+            (agents, [(field == "allow", _robots_norm(value)) for field, value in fields if field in ("allow", "disallow") and value])
+            for agents, fields in _robots_groups(lines)
+        ]
 
     def rules_for(self, token: str) -> list[tuple[bool, str]]:
         token = token.split("/")[0].lower()
@@ -811,22 +818,9 @@ def crawl_delay(lines: list[str], token: str) -> float | None:
     """
     token = token.split("/")[0].lower()
     groups: list[tuple[list[str], float | None]] = []
-    agents: list[str] = []
-    delay: float | None = None
-    in_rules = False
-    for raw in lines:
-        line = raw.split("#", 1)[0].strip()
-        if ":" not in line:
-            continue
-        field, value = (x.strip() for x in line.split(":", 1))
-        field = field.lower()
-        if field == "user-agent":
-            if in_rules:  # a user-agent line after rules starts a new group
-                groups.append((agents, delay))
-                agents, delay, in_rules = [], None, False
-            agents.append(value.lower())
-        elif agents:
-            in_rules = True
+    for agents, fields in _robots_groups(lines):
+        delay: float | None = None
+        for field, value in fields:
             if field == "crawl-delay":
                 try:
                     d = float(value)
@@ -834,7 +828,6 @@ def crawl_delay(lines: list[str], token: str) -> float | None:
                     continue
                 if math.isfinite(d) and d >= 0:
                     delay = d
-    if agents:
         groups.append((agents, delay))
     star = None
     for names, d in groups:
