@@ -55,7 +55,7 @@ from laiontools.core.images import (
     to_rgb,
 )
 from laiontools.core.logs import RateLimitedLogger
-from laiontools.core.storage import PARQUET_READ, url_to_fs
+from laiontools.core.storage import PARQUET_READ, glob_literal, url_to_fs
 from laiontools.wds.keys import is_hidden
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -193,7 +193,7 @@ def detect_format(path: str) -> str:
         return "wds"
     if any(_is_image(f) for f in files):
         return "folder"
-    if any(_base(d) == "test" for d in dirs) and fs.glob(p.rstrip("/") + "/test/*.tar"):
+    if any(_base(d) == "test" for d in dirs) and fs.glob(glob_literal(p.rstrip("/")) + "/test/*.tar"):
         return "wds"
     for d in dirs:
         if any(_is_image(f) for f in fs.ls(d, detail=False)):
@@ -442,9 +442,9 @@ def _wds_tars(es: EvalSet) -> tuple[Any, list[str]]:
     fs, p = url_to_fs(es.path)
     if fs.isfile(p):
         return fs, [p]
-    tars = sorted(fs.glob(p.rstrip("/") + "/*.tar"))
+    tars = sorted(fs.glob(glob_literal(p.rstrip("/")) + "/*.tar"))
     if not tars:
-        tars = sorted(fs.glob(p.rstrip("/") + "/test/*.tar"))
+        tars = sorted(fs.glob(glob_literal(p.rstrip("/")) + "/test/*.tar"))
     return fs, tars
 
 

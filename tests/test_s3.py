@@ -1352,6 +1352,30 @@ def test_an_atomic_write_into_an_s3_folder_with_glob_characters_lands_under_its_
     assert read_json(path) == {"a": 1}
 
 
+def test_removals_and_moves_under_an_s3_folder_with_glob_characters_touch_only_that_folder(s3, bucket):
+    """fsspec expands the paths an object store's rm, copy and mv are given as glob patterns: a folder
+    `run[1]` named `run1` to them. Replacing a dataset folder under `run[1]` (write_parquet_dir), moving it
+    (move_tree) or removing a killed run's temp keys (remove_stale_temps) acted on `run1`, another run's
+    folder: its files deleted. Each acts on its own folder only now."""
+    import pyarrow as pa
+
+    from laiontools.core.storage import move_tree, remove_stale_temps, write_parquet_dir
+
+    root = bucket.split("://", 1)[1]
+    other = {f"{root}/run1/cat/part-00000.parquet": b"theirs", f"{root}/run1/.x.json.tmp-deadbeef": b"theirs"}
+    for k, v in other.items():
+        s3.pipe(k, v)
+    t = pa.table({"a": [1, 2, 3]})
+    write_parquet_dir(t, f"{bucket}/run[1]/cat")
+    write_parquet_dir(t, f"{bucket}/run[1]/cat")  # replaces its own folder (a recursive rm of it first)
+    s3.pipe(f"{root}/run[1]/.x.json.tmp-deadbeef", b"ours")
+    assert remove_stale_temps(f"{bucket}/run[1]") == 1
+    move_tree(f"{bucket}/run[1]/cat", f"{bucket}/run[1]/moved")
+    s3.invalidate_cache()
+    assert {k: s3.cat(k) for k in other if s3.exists(k)} == other, "another folder's files were removed"
+    assert sorted(s3.find(f"{root}/run[1]")) == [f"{root}/run[1]/moved/_SUCCESS", f"{root}/run[1]/moved/part-00000.parquet"]
+
+
 _LOCK_HOLDER = """
 import sys
 from laiontools.core.stage import output_lock

@@ -376,7 +376,7 @@ def save_uids_spark(
 
     from pyspark.sql import functions as F
 
-    from laiontools.core.storage import atomic_open, url_to_fs
+    from laiontools.core.storage import atomic_open, glob_literal, rm_path, url_to_fs
 
     cols = [uid_col] + ([tier_col] if tier_col else [])
     rows = df.select(*cols).where(F.col(uid_col).isNotNull())
@@ -387,8 +387,8 @@ def save_uids_spark(
     fs, tmp_p = url_to_fs(tmp_dir)
     # Runs of a killed earlier attempt (one run per output holds its lock, so none is live): they
     # would only take space, and on a full disk that space is what the re-run needs.
-    for stale in fs.glob(url_to_fs(paths[0])[1] + ".parts-*"):
-        fs.rm(stale, recursive=True)
+    for stale in fs.glob(glob_literal(url_to_fs(paths[0])[1]) + ".parts-*"):
+        rm_path(fs, stale, recursive=True)
     results = []
     try:
         runs = (
@@ -421,7 +421,7 @@ def save_uids_spark(
             results.append((h.hexdigest(), total))
     finally:
         if fs.exists(tmp_p):
-            fs.rm(tmp_p, recursive=True)
+            rm_path(fs, tmp_p, recursive=True)
     return results
 
 

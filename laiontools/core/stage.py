@@ -456,7 +456,9 @@ def _content_lock(lock: str, output: str, stage: str) -> Iterator[None]:
     finally:
         now = _read_json_or_none(lock)
         if now and now.get("token") == info["token"]:
-            fs.rm(p)
+            from laiontools.core.storage import rm_path
+
+            rm_path(fs, p)
 
 
 def _put_lock(fs: Any, p: str, data: bytes, seen: dict[str, Any] | None) -> bool:
@@ -580,14 +582,16 @@ def claimed_output(path: str, stage: str, owners: Iterable[str] = (), kind: str 
 
 
 def _undo_claim(fs: Any, created_folder: str | None, p: str, marker: str | None, kind: str) -> None:
+    from laiontools.core.storage import rm_path
+
     try:
         if marker is None:
             pass
         elif kind == "file":
             if not fs.exists(p):
-                fs.rm(_fs(marker)[1])
+                rm_path(fs, _fs(marker)[1])
         elif not [e for e in fs.ls(p, detail=False) if not e.rstrip("/").rsplit("/", 1)[-1].startswith(".")]:
-            fs.rm(_fs(marker)[1])
+            rm_path(fs, _fs(marker)[1])
         if created_folder and _is_local(fs) and not os.listdir(created_folder):
             os.rmdir(created_folder)
     except OSError as e:  # best effort: never hide the stage's own error

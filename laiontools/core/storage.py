@@ -187,7 +187,7 @@ def _remove_keys(fs: fsspec.AbstractFileSystem, keys: list[str], name: re.Patter
     """Delete the object-store keys whose last segment matches `name` (one request); returns how many."""
     stale = [k for k in keys if name.match(k.rpartition("/")[2])]
     if stale:
-        fs.rm(stale)
+        rm_path(fs, stale)
     return len(stale)
 
 
@@ -331,6 +331,37 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
             raise
 
 
+# Characters fsspec reads as a glob pattern in a path it is given (glob, and rm / mv on object stores; a
+# copy given a list of sources and a list of destinations takes them as written).
+_GLOB_MAGIC = re.compile(r"([*?\[])")
+
+
+def glob_literal(path: str) -> str:
+    """`path` spelled so that an fsspec glob pattern matches it as written: ``*``, ``?`` and ``[`` as
+    themselves (``[*]``, ``[?]``, ``[[]``). The same text for a path without them. Use for the literal
+    part of a pattern: ``fs.glob(glob_literal(folder) + "/*.parquet")``."""
+    return _GLOB_MAGIC.sub(r"[\1]", path)
+
+
+def _literal(fs: fsspec.AbstractFileSystem, paths: Any) -> Any:
+    """What an object store's rm / mv take as these exact paths: they expand what they are given as
+    glob patterns (``s3://b/run[1]/x`` would name ``run1/x``, and a delete would remove that other
+    object). Local file systems take paths as written."""
+    if is_local(fs):
+        return paths
+    return glob_literal(paths) if isinstance(paths, str) else [glob_literal(q) for q in paths]
+
+
+def rm_path(fs: fsspec.AbstractFileSystem, paths: Any, recursive: bool = False) -> None:
+    """``fs.rm`` of exactly `paths` (a path or a list), whatever characters they hold (:func:`_literal`)."""
+    fs.rm(_literal(fs, paths), recursive=recursive)
+
+
+def mv_path(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """``fs.mv`` of exactly the file `src` to `dst`, whatever characters it holds (:func:`_literal`)."""
+    fs.mv(_literal(fs, src), dst)
+
+
 def _move_file(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     """Move the one object `src` to `dst` on an object store. Not ``fs.mv``: fsspec reads a path holding
     ``[``, ``*`` or ``?`` as a glob there, so a key such as ``run[1]/.x.tmp-…`` matched nothing (the write
@@ -445,7 +476,7 @@ def drop_stale_files(folder: str, suffix: str, current: set[str], why: str, fold
                 or (entry.get("type") == "directory") != folders):
             continue
         log.info("removing %s: %s", f, why)
-        fs.rm(f, recursive=folders)
+        rm_path(fs, f, recursive=folders)
 
 
 def ensure_output_dir(path: str) -> None:
@@ -712,8 +743,8 @@ def swap_temp(final: str) -> str:
     fs, fp = url_to_fs(final)
     repair_swap(final)
     parent, _, name = fp.rstrip("/").rpartition("/")
-    for stale in fs.glob(f"{parent}/.{name}-tmp-*") + fs.glob(f"{fp.rstrip('/')}.old-*"):
-        fs.rm(stale, recursive=True)
+    for stale in fs.glob(f"{glob_literal(parent)}/.{glob_literal(name)}-tmp-*") + fs.glob(f"{glob_literal(fp.rstrip('/'))}.old-*"):
+        rm_path(fs, stale, recursive=True)
     head = final.rstrip("/").rpartition("/")[0]
     return f"{head}/.{name}-tmp-{uuid.uuid4().hex[:8]}"
 
@@ -743,14 +774,14 @@ def _put_tree(src: str, dst: str) -> None:
         files = fs.find(sp)
         if not files:
             raise FileNotFoundError(f"{src}: nothing to move")
-        fs.copy(files, [dp.rstrip("/") + f[len(sp):] for f in files])
+        fs.copy(files, [dp.rstrip("/") + f[len(sp):] for f in files])  # (lists: taken as written, no glob)
 
 
 def _drop_tree(path: str) -> None:
     fs, p = url_to_fs(path)
     if fs.exists(p):
         with store_errors(path):
-            fs.rm(p, recursive=True)
+            rm_path(fs, p, recursive=True)
 
 
 def swap_in(tmp: str, final: str) -> str:
@@ -831,8 +862,8 @@ def move_tree(src: str, dst: str) -> None:
         files = fs.find(sp)
         if not files:
             raise FileNotFoundError(f"{src}: nothing to move")
-        fs.copy(files, [dp.rstrip("/") + f[len(sp):] for f in files])
-        fs.rm(files)
+        fs.copy(files, [dp.rstrip("/") + f[len(sp):] for f in files])  # (lists: taken as written, no glob)
+        rm_path(fs, files)
 
 
 def list_data_files(path: str, suffix: str = ".parquet") -> list[str]:
@@ -958,7 +989,7 @@ def spark_write_parquet(df: Any, path: str) -> None:
     fs, p = url_to_fs(path)
     with store_errors(path):
         if fs.exists(p):
-            fs.rm(p, recursive=True)
+            rm_path(fs, p, recursive=True)
     arrow_schema = to_arrow_schema(df.schema)
     written = df.mapInArrow(_parquet_writer(path, arrow_schema, _spark_codec(df.sparkSession)), "rows long").collect()
     if sum(r["rows"] for r in written) == 0 or not written:
@@ -980,7 +1011,7 @@ def write_parquet_dir(table: Any, path: str, rows_per_file: int | None = None) -
     fs, p = url_to_fs(path)
     with store_errors(path):
         if fs.exists(p):
-            fs.rm(p, recursive=True)
+            rm_path(fs, p, recursive=True)
     step = rows_per_file or max(1, table.num_rows)
     for i in range(max(1, math.ceil(table.num_rows / step))):
         out = join(path, f"part-{i:05d}.parquet")

@@ -46,14 +46,17 @@ from laiontools.core.storage import (
     PARQUET_WRITE,
     atomic_write_bytes,
     ensure_output_dir,
+    glob_literal,
     is_done,
     join,
     mark_done,
     move_tree,
+    mv_path,
     path_key,
     read_json,
     read_marker,
     repair_swap,
+    rm_path,
     sha256_file,
     spark_read_parquet,
     spark_write_parquet,
@@ -206,7 +209,7 @@ def _clean_incomplete_shards(shard_dir: str) -> None:
     if not fs.exists(p):
         return
     done = set()
-    for f in fs.glob(p + "/*_stats.json"):
+    for f in fs.glob(glob_literal(p) + "/*_stats.json"):
         sid = f.rsplit("/", 1)[-1].split("_")[0]
         try:
             with fs.open(f, "rb") as fh:
@@ -217,13 +220,13 @@ def _clean_incomplete_shards(shard_dir: str) -> None:
         except ValueError:
             pass
         log.warning("shard %s/%s has a broken stats file; it will be downloaded again", shard_dir, sid)
-        fs.rm(f)
+        rm_path(fs, f)
     for f in fs.ls(p, detail=False):
         name = f.rsplit("/", 1)[-1]
         sid = name.split(".")[0].split("_")[0]
         if fs.isfile(f) and sid.isdigit() and sid not in done:
             log.info("removing incomplete shard file %s", f)
-            fs.rm(f)
+            rm_path(fs, f)
 
 
 def host_shares(prep_stats: dict[str, Any], cfg: DownloadConfig, tasks_at_once: int) -> tuple[tuple[str, int], ...]:
@@ -324,9 +327,9 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     fs, sp = url_to_fs(shard_dir)
     fs.makedirs(sp, exist_ok=True)
     _clean_incomplete_shards(shard_dir)
-    done_shards = {int(f.rsplit("/", 1)[-1].split("_")[0]) for f in fs.glob(sp + "/*_stats.json")}
+    done_shards = {int(f.rsplit("/", 1)[-1].split("_")[0]) for f in fs.glob(glob_literal(sp) + "/*_stats.json")}
     fsi, ip = url_to_fs(input_dir)
-    if not fsi.exists(ip) or not fsi.glob(ip + "/*.parquet"):
+    if not fsi.exists(ip) or not fsi.glob(glob_literal(ip) + "/*.parquet"):
         log.info("nothing to download in %s", input_dir)
         return
     prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
@@ -354,7 +357,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
         verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries,
         user_agent_token=cfg.user_agent_token, disallowed_header_directives=directives, policy=policy,
     )
-    n_todo = sum(1 for _ in fsi.glob(ip + "/*.parquet"))
+    n_todo = sum(1 for _ in fsi.glob(glob_literal(ip) + "/*.parquet"))
     log.info("downloading from %s into %s (%d shard(s) already done)", input_dir, shard_dir, len(done_shards))
     t0 = time.time()
     distributor = pyspark_distributor if spark is not None else local_distributor
@@ -364,7 +367,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
         distributor(tasks_at_once, downloader, reader, cfg.subjob_size, cfg.max_shard_retry)
     log.info("img2dataset pass over %d input file(s) took %.1fs", n_todo, time.time() - t0)
     if fs.exists(url_to_fs(tmp_path)[1]):
-        fs.rm(url_to_fs(tmp_path)[1], recursive=True)
+        rm_path(fs, url_to_fs(tmp_path)[1], recursive=True)
 
 
 def complete_shards(cfg: DownloadConfig) -> list[dict[str, Any]]:
@@ -374,7 +377,7 @@ def complete_shards(cfg: DownloadConfig) -> list[dict[str, Any]]:
         fs, sp = url_to_fs(shard_dir)
         if not fs.exists(sp):
             continue
-        for stats_file in sorted(fs.glob(sp + "/*_stats.json")):
+        for stats_file in sorted(fs.glob(glob_literal(sp) + "/*_stats.json")):
             num = stats_file.rsplit("/", 1)[-1].split("_")[0]
             tar = join(shard_dir, f"{num}.tar")
             rel = tar[len(cfg.output.rstrip("/")) + 1:]
@@ -1024,14 +1027,14 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     fs, tp = url_to_fs(tmp)
     # Named as the in-process engine names them, inside the temp folder, which is then moved whole: a
     # folder named retry-NN is a whole retry input (see _attempt_dirs), even if this run is killed here.
-    files = sorted(fs.glob(tp + "/*.parquet"))
+    files = sorted(fs.glob(glob_literal(tp) + "/*.parquet"))
     for i, f in enumerate(files):
-        fs.mv(f, f"{tp}/part-{i:05d}.parquet.part")
+        mv_path(fs, f, f"{tp}/part-{i:05d}.parquet.part")
     for f in fs.ls(tp, detail=False):
         if not f.endswith(".parquet.part"):
-            fs.rm(f, recursive=True)  # _SUCCESS, checksums
+            rm_path(fs, f, recursive=True)  # _SUCCESS, checksums
     for i in range(len(files)):
-        fs.mv(f"{tp}/part-{i:05d}.parquet.part", f"{tp}/part-{i:05d}.parquet")
+        mv_path(fs, f"{tp}/part-{i:05d}.parquet.part", f"{tp}/part-{i:05d}.parquet")
     move_tree(tmp, out)
     return out
 
@@ -1057,7 +1060,7 @@ def _prepare_retry_local(cfg: DownloadConfig, names: list[str], out: str) -> str
     tmp = out.rstrip("/") + ".tmp"
     fs, tp = url_to_fs(tmp)
     if fs.exists(tp):
-        fs.rm(tp, recursive=True)
+        rm_path(fs, tp, recursive=True)
     fs.makedirs(tp, exist_ok=True)
     with atomic_open(join(tmp, "part-00000.parquet")) as f:
         pq.write_table(todo, f, **PARQUET_WRITE)

@@ -91,6 +91,7 @@ from laiontools.core.storage import (
     marker_path,
     read_json,
     read_marker,
+    rm_path,
     sha256_file,
     url_to_fs,
     write_json,
@@ -569,12 +570,12 @@ def _todo(cfg: EmbedConfig, tasks: list[dict[str, Any]]) -> tuple[list[dict[str,
                 continue
             log.warning("shard %s: %s (changed after the shard was done); embedding the shard again", t["id"], changed)
             fs, p = url_to_fs(marker_path(meta))
-            fs.rm(p)
+            rm_path(fs, p)
         elif marker is not None:  # done for other shard bytes (re-downloaded, rewritten by a takedown): its marker
             # goes before any shard is embedded, so that a run killed on the way leaves the folder claiming no rows
             # of the old shard (readers such as dedup count a shard with a marker as embedded)
             fs, p = url_to_fs(marker_path(meta))
-            fs.rm(p)
+            rm_path(fs, p)
         todo.append(t)
     return todo, skipped
 
@@ -800,7 +801,7 @@ def _run_torchrun(cfg: EmbedConfig, cfg_path: str, nproc: int, n_shards: int) ->
     report_path = join(cfg.output, layout.EMB_REPORT_JSON)
     rfs, rp = url_to_fs(report_path)
     if rfs.exists(rp):  # an earlier run's report must never be read as this run's
-        rfs.rm(rp)
+        rm_path(rfs, rp)
     cmd = torchrun_command(nproc, ["-m", "laiontools.cli", "embed", "--config", cfg_path])
     rc = run_logged(cmd, console, worker_env(nproc))
     # 1: the ranks finished with failed shards, listed in the report; but torchrun also exits 1 when a

@@ -53,6 +53,7 @@ from laiontools.core.storage import (
     join,
     mark_done,
     read_json,
+    rm_path,
     sha256_bytes,
     spark_write_parquet,
     store_error,
@@ -846,7 +847,7 @@ def _fresh_dir(path: str) -> None:
     """An empty folder at `path` (a killed run's files in it are removed)."""
     fs, p = url_to_fs(path)
     if fs.exists(p):
-        fs.rm(p, recursive=True)
+        rm_path(fs, p, recursive=True)
     fs.makedirs(p, exist_ok=True)
 
 

@@ -75,6 +75,7 @@ from laiontools.core.stage import (
 from laiontools.core.storage import (
     atomic_write_bytes,
     ensure_output_dir,
+    glob_literal,
     join,
     read_json,
     sha256_file,
@@ -387,7 +388,7 @@ def _score_files(scores_dir: str, pool: PoolInfo) -> tuple[list[str], dict[str, 
     fs, p = url_to_fs(scores_dir)
     if not fs.isdir(p):
         raise InputError(f"--scores {scores_dir} is not a folder; give the embed output folder")
-    files = sorted(fs.glob(join(p, layout.EMB_SCORES_DIR, "*.parquet")))
+    files = sorted(fs.glob(join(glob_literal(p), layout.EMB_SCORES_DIR, "*.parquet")))
     if not files:
         raise InputError(f"--scores {scores_dir}: no {layout.EMB_SCORES_DIR}/*.parquet inside; is it an embed output? (re-run embed)")
     model_json = join(scores_dir, layout.EMB_MODEL_JSON)
