@@ -662,7 +662,7 @@ def failure_kind(msg: str | None) -> str:
                          ("over the limit", "size_limit"), ("cannot be read from its header", "unreadable_header"),
                          ("dns:", "dns"), ("does not resolve", "dns"), ("connection reset", "connection_reset"),
                          ("connection refused", "connection_refused"), ("decode", "undecodable"), ("image", "image_error"),
-                         ("host throttled:", "host_throttled"), ("robots.txt unavailable", "robots_unavailable")):
+                         ("host throttled:", "host_throttled")):
         if needle in low:
             return kind
     return "other"

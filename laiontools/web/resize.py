@@ -275,15 +275,10 @@ class FastResizer(DepthSafeResizer):
                 or self.resize_mode not in (ResizeMode.keep_ratio, ResizeMode.center_crop,
                                             ResizeMode.border, ResizeMode.keep_ratio_largest)):
             return super().__call__(img_stream, blurring_bbox_list)
-        img_stream.seek(0)
-        try:
-            check_jpeg_scans(img_stream.read())
-        except ImageLimitError as e:
-            return None, None, None, None, None, str(e)
         try:
             out = self._reduced(img_stream)
-        except Exception:  # noqa: BLE001 - img2dataset's path below reports its own error
-            out = None
+        except Exception:  # noqa: BLE001 - img2dataset's path below reports its own error (and the
+            out = None  # parent's scan check refuses a JPEG of too many scans, which _reduced raised for)
         if out is None:
             img_stream.seek(0)
             return super().__call__(img_stream, blurring_bbox_list)
@@ -296,6 +291,7 @@ class FastResizer(DepthSafeResizer):
         head = jpeg_header(data)
         if head is None or head[2] not in ("RGB", "L"):
             return None
+        check_jpeg_scans(data)  # before any decode (ImageLimitError: the parent's path refuses it by name)
         ow, oh, mode = head
         # img2dataset's checks, on the true size; a failing image goes to img2dataset for its error.
         if (min(ow, oh) < self.min_image_size or ow * oh > self.max_image_area
