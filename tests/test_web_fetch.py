@@ -647,6 +647,25 @@ def test_a_refused_robots_txt_redirect_makes_robots_txt_unavailable_not_the_rows
                      deadline=time.monotonic() + 5, resolver=resolver, gate=None)
 
 
+def test_a_robots_txt_redirect_loop_allows_the_host_as_no_robots_txt():
+    """robots.txt that redirects to itself for ever: no robots.txt is reached within five redirects, which
+    RFC 9309 2.3.1.2 lets a crawler take as unavailable, hence (2.3.1.3, as a 4xx) everything allowed, as
+    Google does. It failed every row of the host as 'robots.txt unavailable (too many redirects ...)',
+    which --retry-failed never retried. The loop is followed max_redirects times, then cached."""
+    from laiontools.web.fetch import HostGate, RobotsCache
+
+    png = _png()
+    with RawServer({"/robots.txt": b"HTTP/1.1 302 Found\r\nLocation: /robots.txt\r\nContent-Length: 0\r\n\r\n",
+                    "/img.png": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png}) as raw:
+        robots, pol = RobotsCache(), _policy(respect_robots=True)
+        for _ in range(2):
+            _, err, _ = fetch_one(raw.url("/img.png"), 2, None, None, pol, resolver=lambda h, p: [PUBLIC],
+                                  gate=HostGate(), robots=robots)
+            assert err is None
+        # one robots.txt request and max_redirects more, once for both images; each image fetched
+        assert raw.paths == ["/robots.txt"] * (pol.max_redirects + 1) + ["/img.png"] * 2
+
+
 # ----------------------------------------------------------------------------- per-host limits
 
 

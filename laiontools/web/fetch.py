@@ -97,13 +97,14 @@ ROBOTS_UNAVAILABLE = "robots.txt unavailable"
 ROBOTS_SKIPPED = "); the host is skipped for now"  # ends a ROBOTS_UNAVAILABLE message, after its cause
 ROBOTS_CRAWL_DELAY = "robots.txt asks a Crawl-delay of"
 HOST_THROTTLED = "host throttled:"
+TOO_MANY_REDIRECTS = "too many redirects"
 # Failures a retry inside the shard would only repeat (the cause is cached or the time is spent);
 # they stay transient for a later --retry-failed pass.
 _NO_RETRY_IN_SHARD = (DEADLINE_PREFIX, ROBOTS_UNAVAILABLE, HOST_THROTTLED)
 UNREADABLE_HEADER = "image size cannot be read from its header"
 # Refusals no retry changes; their messages quote the URL's path or host (is_transient must not read those)
 _PERMANENT = (ROBOTS_DISALLOWS, ROBOTS_CRAWL_DELAY, "blocked:", "blocklisted:", "TLS certificate of ",
-              "Use of image ", "too many redirects", UNREADABLE_HEADER)
+              "Use of image ", TOO_MANY_REDIRECTS, UNREADABLE_HEADER)
 _DNS_CAUSE = " does not resolve ("
 
 
@@ -611,7 +612,8 @@ class RobotsCache:
 
     Conventions (those of Google's robots.txt specification, RFC 9309):
     - 2xx: the rules apply, for the group naming our token (``robots_user_agent``) or else ``*``;
-    - 4xx other than 429 (no robots.txt, or forbidden): everything is allowed;
+    - 4xx other than 429 (no robots.txt, or forbidden): everything is allowed; so is a robots.txt not
+      reached within ``max_redirects`` redirects (a loop: RFC 9309 2.3.1.2 lets it count as unavailable);
     - 429, 5xx, a timeout or a connection failure: the host is treated as fully disallowed *for now*:
       its rows end failed_download ``robots.txt unavailable (<cause>)``, which ``--retry-failed``
       retries when the cause is transient for an image request too (:func:`is_transient`: a 429 or
@@ -706,6 +708,12 @@ class RobotsCache:
             m = re.match(r"HTTP Error (\d{3})", msg)
             if m and 400 <= int(m.group(1)) < 500 and m.group(1) != "429":
                 return None, policy.robots_ttl  # no robots.txt: everything allowed
+            if msg.startswith(TOO_MANY_REDIRECTS):
+                # RFC 9309 2.3.1.2: no robots.txt reached within five redirects MAY be taken as unavailable
+                # (2.3.1.3: as a 4xx, everything allowed), as Google does. Kept "unavailable for now", a
+                # robots.txt that redirects to itself failed every row of the host, and --retry-failed
+                # never retried them ("too many redirects" is permanent): a host lost for a server quirk.
+                return None, policy.robots_ttl
             return FetchError(f"{ROBOTS_UNAVAILABLE} ({msg}{ROBOTS_SKIPPED}"), self.UNAVAILABLE_TTL
         body = resp.body
         if len(body) >= self.MAX_BYTES:  # cut at the limit: a cut last line is not a rule ("Disallow: /" of "/private/")
@@ -995,7 +1003,7 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
             continue
         resp.url = url
         return resp
-    raise FetchError(f"too many redirects (more than {policy.max_redirects})")
+    raise FetchError(f"{TOO_MANY_REDIRECTS} (more than {policy.max_redirects})")
 
 
 def _checked_url(url: str, policy: FetchPolicy, blocklist: Any, resolver: Resolver,
