@@ -893,3 +893,71 @@ def test_catalog_rows_marked_counts_every_row_the_takedown_marks(spark, no_maste
     assert res.counts["catalog_rows_marked"] == marked, res.summary
     assert res.details["counts"]["catalog_rows_without_sample"] == marked - 1
     assert "marked 2 more catalog row(s)" in res.summary
+
+
+def test_verify_names_a_changed_pool_above_the_parent_as_subsets_does(no_master, tmp_path, capsys):
+    """Two takedowns (pool -> t1 -> t2), then the first pool's manifest edited. verify t2 checked t2's
+    parent (t1, unchanged) alone and passed, exit 0, while `subsets` on t2 (pool_chain, through
+    lineage_root) refuses the lineage: "the parent changed after the takedown". verify names it too."""
+    from test_subsets import make_scratch_pool, pool_samples
+
+    from laiontools.cli import main
+    from laiontools.contracts.lineage import lineage_root
+    from laiontools.contracts.manifest import manifest_sha256, write_manifest
+    from laiontools.contracts.schema import ManifestError
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+    from laiontools.stages.verify import verify_manifest
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=10, failures=0)
+    u = sorted(pool_samples(m))
+    pools = [m]
+    for i in range(2):
+        lst = tmp_path / f"list{i}.txt"
+        lst.write_text(f"uid {u[i]}\n")
+        res = takedown_stage.run(TakedownConfig(pool=pools[-1], list_file=str(lst), reason="x", output=str(tmp_path / f"t{i}")))
+        pools.append(res.outputs["manifest"])
+    t2 = pools[-1]
+    assert verify_manifest(t2).ok
+    before = manifest_sha256(m)
+    doc = read_manifest(m)
+    doc["name"] += "-edited"
+    write_manifest(m, doc)
+    assert manifest_sha256(m) != before
+    with pytest.raises(ManifestError, match="the parent changed after the takedown"):
+        lineage_root(t2)
+    res = verify_manifest(t2)
+    assert [p for p in res.problems if p.startswith("lineage: ")] == [p for p in res.problems], res.problems
+    assert len(res.problems) == 1 and m in res.problems[0] and before in res.problems[0]
+    assert main(["verify", t2]) == 1 and "DIFFERS: lineage:" in capsys.readouterr().out
+    assert verify_manifest(t2, check_parent=False).ok  # --no-parent: no lineage either
+
+
+def test_the_spark_engine_reads_the_catalog_footers_once(spark, no_master, tmp_path, monkeypatch):
+    """A pool manifest without catalog.num_rows, taken down on Spark that the stage chose by size: the
+    parquet footers (one round trip per file on an object store, ~1,200 files at 2B rows) were read once to
+    choose the engine and again for Spark's columns. Once now, and the rows counted from them."""
+    from test_subsets import make_scratch_pool, pool_samples
+
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=10, failures=3)
+    assert "num_rows" not in read_manifest(m)["catalog"]
+    from laiontools.contracts import pool as pool_contract
+
+    reads = []  # every read of the footers, by whichever name: the real function, counted
+    real = pool_contract.catalog_footers
+    for module in (pool_contract, takedown_stage):
+        monkeypatch.setattr(module, "catalog_footers", lambda pool: reads.append(pool.path) or real(pool))
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"uid {min(pool_samples(m))}\n")
+    res = takedown_stage.run(TakedownConfig(pool=m, list_file=str(lst), reason="x", output=str(tmp_path / "out"), spark_above=1))
+    assert res.details["counts"]["samples_removed"] == 1 and res.counts["removed"] == 1
+    assert len(reads) == 1, reads
+    from laiontools.contracts.manifest import SIDECAR_SUFFIX
+
+    with open(res.outputs["manifest"] + SIDECAR_SUFFIX) as f:
+        assert json.load(f)["engine"].startswith("spark ")
+    n_rows = len(pd.read_parquet(tmp_path / "pool" / "catalog"))
+    assert n_rows == 23 and read_manifest(res.outputs["manifest"])["catalog"]["num_rows"] == n_rows

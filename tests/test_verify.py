@@ -552,3 +552,38 @@ def test_a_sha256_with_a_trailing_newline_is_not_a_sha256():
     validate_manifest({**m, "uids": {**m["uids"], "sha256": sha}})
     with pytest.raises(ManifestError, match="invalid manifest at parent/sha256"):
         validate_manifest({**m, "uids": {**m["uids"], "sha256": sha}, "parent": {"name": "q", "sha256": sha + "\n"}})
+
+
+def test_a_catalog_row_count_the_manifest_misstates_is_named(tmp_path):
+    """catalog.num_rows chooses later stages' engines and catalog partitions (takedown, subsets): a manifest
+    whose count lied passed verify. The rows are counted here with pandas, independently."""
+    import pandas as pd
+    from test_subsets import make_scratch_pool
+
+    mp = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=10, failures=3)
+    cat = os.path.join(str(tmp_path / "pool"), layout.CATALOG_DIR)
+    n = len(pd.read_parquet(cat))
+    assert n == 23
+    doc = read_manifest(mp)
+    doc["catalog"]["num_rows"] = n
+    write_manifest(mp, doc)
+    assert verify_manifest(mp).ok, verify_manifest(mp).problems
+    doc["catalog"]["num_rows"] = n + 1000
+    write_manifest(mp, doc)
+    assert verify_manifest(mp).problems == [f"catalog {cat}: {n} rows, the manifest says {n + 1000}"]
+
+
+def test_a_removal_list_check_of_an_unreadable_manifest_is_a_finding_and_the_rest_is_checked(tmp_path, capsys):
+    """verify --removal-list re-read each manifest without the guard verify_manifest has: an unreadable one
+    was an error (exit 2) with no FAIL line, and the manifests after it were never checked."""
+    from test_subsets import make_scratch_pool
+
+    good = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=10, failures=0)
+    bad = tmp_path / "bad.manifest.json"
+    bad.write_text("{not json")
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"uid {'0' * 32}\n")
+    assert cli(["verify", "--removal-list", str(lst), str(bad), good]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {bad}" in out and "is not valid JSON" in out and f"OK   {good}" in out
+    assert out.count("DIFFERS") == 1

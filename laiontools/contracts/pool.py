@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,12 +74,13 @@ def catalog_footers(pool: PoolInfo) -> list[tuple[str, int, Any]]:
         return list(ex.map(footer, files))
 
 
-def catalog_rows(pool: PoolInfo) -> int:
+def catalog_rows(pool: PoolInfo, footers: Callable[[], list[tuple[str, int, Any]]] | None = None) -> int:
     """How many rows the pool's catalog holds: its manifest's count, else the parquet footers' (what a
-    stage reads to choose its engine)."""
+    stage reads to choose its engine). `footers`: where the caller reads them (a cached
+    :func:`catalog_footers`, so that a stage that needs them again does not read them twice)."""
     rows = (pool.manifest.get("catalog") or {}).get("num_rows")
     if rows is None:
-        rows = sum(n for _, n, _ in catalog_footers(pool))
+        rows = sum(n for _, n, _ in (footers() if footers is not None else catalog_footers(pool)))
     return int(rows)
 
 

@@ -441,9 +441,11 @@ def run(cfg: TakedownConfig, spark: Any = None) -> StageResult:
         raise TakedownError(f"--output {out} is the pool's own folder; a takedown writes a new pool next to the old one")
     ensure_output_dir(out)
     _check_settings(cfg, pool, rl, status)
-    with stage_tasks(cfg, spark, app_name="laiontools-takedown", size=lambda: catalog_rows(pool),
+    # read once: to choose the engine (a manifest without catalog.num_rows), then for Spark's columns
+    footers = functools.cache(functools.partial(catalog_footers, pool))
+    with stage_tasks(cfg, spark, app_name="laiontools-takedown", size=lambda: catalog_rows(pool, footers),
                      spark_above=cfg.spark_above) as tasks:
-        eng = _LocalCatalog(pool) if tasks.local else _SparkCatalog(tasks, pool)
+        eng = _LocalCatalog(pool) if tasks.local else _SparkCatalog(tasks, pool, footers())
         rep = _takedown(cfg, eng, pool, rl, status, out)
     return StageResult(
         outputs={"manifest": rep["pool"]["path"], "audit": join(out, layout.TAKEDOWN_AUDIT)},
@@ -672,7 +674,8 @@ class _SparkCatalog:
     content-matched uids (a broadcast join), the new catalog (two broadcast joins, range-partitioned
     and sorted by (uid, status)) and its uid file."""
 
-    def __init__(self, tasks: Tasks, pool: PoolInfo) -> None:
+    def __init__(self, tasks: Tasks, pool: PoolInfo, footers: list[tuple[str, int, Any]]) -> None:
+        """`footers`: :func:`catalog_footers` of the pool, read by the caller (once per run)."""
         self.tasks, self.spark = tasks, tasks.spark
         # The new pool's uid file is a distinct + range sort of its success rows: partitions follow the
         # pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 otherwise).
@@ -680,7 +683,7 @@ class _SparkCatalog:
         # Every file holds the columns the match reads (Spark takes its columns from one file and reads
         # another's missing column as nulls: a url entry would silently pass that file's rows by), and a
         # column every file stores with Arrow's null type (Spark reads it as integers) gets its own type.
-        footers = catalog_footers(pool)
+        self.rows = sum(n for _, n, _ in footers)  # the catalog's rows (count() reads them here, not by a job)
         for path, _, schema in footers:
             refuse_lacking_columns(pool, path, schema.names, MATCH_COLUMNS)
         cat = spark_read_parquet(self.spark, pool.catalog)
@@ -699,7 +702,7 @@ class _SparkCatalog:
         return self.cat.select(*cols).mapInPandas(_catalog_match_fn(rl), _MATCH_SCHEMA).collect()
 
     def count(self) -> int:
-        return int(self.cat.count())
+        return int(self.rows)
 
     def other_rows(self, uids: list[str]) -> list[tuple[str, str, str | None, str | None]]:
         """(uid, status, shard, key) of every row of `uids` that is neither a success nor removed before."""

@@ -7,8 +7,10 @@ verify re-checks every file a manifest names and exits non-zero naming what diff
 * every shard: present, a regular file, byte size, sha256, readable to the end as a tar (a truncated shard is named),
   number of samples (distinct keys), no repeated key, every sample's uid (from its .json) in the uid file
   and no uid twice; across shards, the uids found equal the uid file (none missing);
+* a pool's catalog: present, its rows as many as the manifest's ``catalog.num_rows``, its success rows the samples;
 * nesting: the parent manifest exists, its sha256 is the one recorded, its own uid file matches it,
-  and this manifest's uids are a subset of the parent's.
+  and this manifest's uids are a subset of the parent's; a parent pool's own lineage (the pools its
+  takedowns came from) is each of its recorded sha256.
 
 inspect prints a readable summary: counts, target vs obtained, recipe, funnel, shards.
 """
@@ -392,6 +394,8 @@ def verify_manifest(path: str, check_shards: bool = True, check_parent: bool = T
                 except ManifestError as e:
                     res.problems.append(str(e))
                     pm = None
+                if pm is not None and psha == parent["sha256"] and pm.get("kind") == "pool":
+                    _check_pool_lineage(pp, pm, res)
                 if pm is not None:
                     parr = _check_uid_file(resolve(pp, pm["uids"]["path"]), pm["uids"]["sha256"], pm["uids"]["count"],
                                            "parent uid file", res, load=spark is None)
@@ -426,6 +430,23 @@ def _not_nested(spark: Any, arr: np.ndarray | StreamedUids, parr: np.ndarray | S
         return arr.count, count_not_in(spark, arr.path, parr.path)
     a, pa_ = (x.uids() if isinstance(x, StreamedUids) else x for x in (arr, parr))
     return len(a), int((~contains(as_sorted_set(pa_), a)).sum())
+
+
+def _check_pool_lineage(path: str, m: dict[str, Any], res: VerifyResult) -> None:
+    """The takedown lineage above the parent pool at `path` (its parent, that one's, ...): every recorded
+    parent readable and still of the recorded sha256, as :func:`laiontools.contracts.lineage.pool_chain`
+    requires of it before ``subsets`` builds on the pool (checking the parent alone passed a pool whose
+    grandparent had changed, which ``subsets`` then refused)."""
+    from laiontools.contracts.lineage import pool_chain
+    from laiontools.contracts.schema import ManifestError
+
+    try:
+        chain = pool_chain(path, m)
+    except ManifestError as e:
+        res.problems.append(f"lineage: {e}")
+        return
+    if len(chain) > 1:
+        res.checked.append(f"lineage: {len(chain) - 1} pool(s) above parent {path}, each of its recorded sha256")
 
 
 def _check_takedown_audit(path: str, res: VerifyResult) -> None:
@@ -474,9 +495,14 @@ def _check_catalog(path: str, m: dict[str, Any], res: VerifyResult) -> None:
         fmt = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(**PARQUET_READ))
         data = ds.dataset(p, filesystem=fs, format=fmt)
         ok = data.count_rows(filter=pc.field(C.STATUS) == C.STATUS_SUCCESS)
+        rows = data.count_rows()  # from the footers alone
     except (OSError, ValueError, TypeError) as e:  # not parquet, no status column, unreadable
         res.problems.append(f"catalog {cat}: unreadable ({type(e).__name__}: {e})")
         return
+    # the recorded row count chooses later stages' engines and output partitions (takedown, subsets, reshard)
+    recorded = m["catalog"].get("num_rows")
+    if recorded is not None and rows != recorded:
+        res.problems.append(f"catalog {cat}: {rows} rows, the manifest says {recorded}")
     if ok != m["num_samples"]:
         res.problems.append(f"catalog {cat}: {ok} success rows, the manifest has {m['num_samples']} samples")
     else:
@@ -492,9 +518,15 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
     A subset that is not resharded has no shards of its own: its samples are those of its uid file in
     the pool's shards, and those are checked (url, domain and hash entries too, not only uids)."""
     from laiontools.contracts.removal import content_hashes
+    from laiontools.contracts.schema import ManifestError
     from laiontools.contracts.uids import contains, is_uid, load_uids, uids_to_array
 
-    m = read_manifest(path)
+    try:
+        m = read_manifest(path)
+    except ManifestError as e:  # a finding (verify_manifest names it), never an error that stops the other manifests
+        if str(e) not in res.problems:
+            res.problems.append(str(e))
+        return
     listed = rl.uid_array()
     upath = resolve(path, m["uids"]["path"])
     arr = None
@@ -508,7 +540,11 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
     shards, base, members, where = m["shards"], path, None, f"the {len(m['shards'])} shard(s)"
     if not shards and m.get("pool"):
         base = resolve(path, m["pool"]["path"])
-        shards = read_manifest(base)["shards"]
+        try:
+            shards = read_manifest(base)["shards"]
+        except ManifestError as e:
+            res.problems.append(f"removal list check: the subset's pool manifest cannot be read ({e}); its samples could not be checked")
+            shards = []
         if not _exists(upath):
             res.problems.append(f"removal list check: the subset's uid file {upath} is missing; its samples could not be checked")
             shards = []
