@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -506,3 +507,59 @@ def test_a_source_carrying_catalog_span_columns_is_downloaded(synthetic_web, spa
     assert len(cat) == len(files) and list(cat.columns).count("tar_offset") == 1
     ok = cat[cat["status"] == "success"]
     assert len(ok) and ok["tar_offset"].notna().all()  # the new pool's spans, not the old catalog's
+
+
+# Found by the review of paths holding [ * ? (RELIABILITY.md): img2dataset's reader and Spark's readers
+# glob the paths they are given.
+
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_a_pool_folder_named_with_glob_characters_downloads_its_own_rows_only(synthetic_web, tmp_path, monkeypatch,
+                                                                                request, engine):
+    """A pool folder ``run[1]`` beside ``run1`` (another pool, prepared from other rows): img2dataset's
+    reader globbed ``run[1]/prepared/accepted/*.parquet``, which names ``run1``'s files, and downloaded
+    that pool's rows into this one; Spark's reader read the catalog folder the same way. The pool now
+    holds its own rows, and ``run1`` is left as it was."""
+    from laiontools.stages import download as download_stage
+    from laiontools.stages import prepare as prepare_stage
+    from laiontools.stages.download import DownloadConfig
+    from laiontools.stages.prepare import PrepareConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    spark = request.getfixturevalue("spark") if engine == "spark" else None
+    web, src = synthetic_web
+    files = sorted(f for f in os.listdir(src["images"]) if f.endswith(".jpg"))[:12]
+    sources = {}
+    for name, part in (("a", files[:6]), ("b", files[6:])):
+        os.makedirs(tmp_path / f"src-{name}")
+        urls = [f"{web.base_url}/img/{f}" for f in part]
+        pd.DataFrame({"url": urls, "caption": [f"{name} {f}" for f in part]}).to_parquet(tmp_path / f"src-{name}" / "m.parquet")
+        sources[name] = urls
+    settings = {k: v for k, v in TEST_DOWNLOAD_SETTINGS.items() if k in {f.name for f in PrepareConfig.__dataclass_fields__.values()}}
+    other = tmp_path / "run1"
+    prepare_stage.run(PrepareConfig(input=str(tmp_path / "src-a"), output=str(other), **settings), None)
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    out = str(tmp_path / "run[1]")
+    download_stage.run(DownloadConfig(input=str(tmp_path / "src-b"), output=out, **TEST_DOWNLOAD_SETTINGS), spark)
+    cat = _catalog(out)
+    assert sorted(cat["url"]) == sorted(sources["b"])
+    assert (cat["status"] == "success").sum() > 0
+    with tarfile.open(os.path.join(out, layout.SHARDS_DIR, "00000.tar")) as tf:
+        captions = {tf.extractfile(m).read().decode() for m in tf.getmembers() if m.name.endswith(".txt")}
+    assert captions and all(c.startswith("b ") for c in captions)
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
+def test_a_pool_folder_on_an_object_store_named_with_glob_characters_is_refused_up_front():
+    """img2dataset's downloader removes each shard's temporary input file with fsspec's rm, which expands
+    ``[ * ?`` in an object store's path (``s3://b/run[1]/`` would name ``run1/``'s file): such a pool
+    folder is refused when the settings are read, naming the path and the character. prepare, which hands
+    no path to img2dataset or Spark's readers, and a local folder of that name are accepted."""
+    from laiontools.core.config import ConfigError
+    from laiontools.stages.download import DownloadConfig
+    from laiontools.stages.prepare import PrepareConfig
+
+    for out, ch in (("s3://bucket/run[1]", "["), ("gs://bucket/a*b/pool", "*"), ("s3://bucket/x?/p", "?")):
+        with pytest.raises(ConfigError, match=f"--output {re.escape(out)}: `{re.escape(ch)}` .*rename the folder"):
+            DownloadConfig(input="s3://bucket/src", output=out)
+    PrepareConfig(input="s3://bucket/src", output="s3://bucket/run[1]")
+    DownloadConfig(input="s3://bucket/src", output="/data/run[1]")

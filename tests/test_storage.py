@@ -68,3 +68,21 @@ def test_spark_writes_parquet_with_zstd_unless_the_user_set_a_codec(spark, tmp_p
             assert sorted(spark.read.parquet(str(tmp_path / codec)).collect()) == sorted(df.collect())
     finally:
         spark.conf.set(key, "zstd")
+
+
+def test_spark_reads_a_folder_named_with_glob_characters_as_that_folder_only(spark, tmp_path):
+    """Spark's own reader globs every path it is given (Hadoop's glob: * ? [..] {a,b}): handed
+    ``run[1]/cat`` as it is, it read ``run1/cat``, a sibling the pattern names, and said nothing.
+    spark_read_parquet hands it the path escaped: the folder, or a list of its files, reads that folder's
+    rows, and the file column names its files."""
+    from laiontools.core import storage
+
+    for name, n in (("run1", 1), ("run[1]", 2), ("run{1,2}", 3)):  # braces: Hadoop's alternation
+        storage.spark_write_parquet(spark.createDataFrame([(n,)], "n int").coalesce(1), str(tmp_path / name / "cat"))
+    assert sorted(os.listdir(tmp_path)) == ["run1", "run[1]", "run{1,2}"]  # Spark's writer: the path as written
+    for name, n in (("run[1]", 2), ("run{1,2}", 3)):
+        folder = str(tmp_path / name / "cat")
+        assert [r.n for r in storage.spark_read_parquet(spark, folder).collect()] == [n]
+        files = storage.list_data_files(folder)
+        rows = storage.spark_read_parquet(spark, files, file_column="_f").collect()
+        assert [(r.n, r._f) for r in rows] == [(n, storage.path_key(files[0]))]

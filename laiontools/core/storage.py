@@ -558,6 +558,20 @@ def _hadoop_path(path: str) -> str:
     return path
 
 
+# Characters Hadoop's glob (which Spark's readers apply to every path they are given) reads as a pattern:
+# * ? [...] {a,b}, and the backslash that escapes them. More than fsspec's (no braces, no escape there).
+_HADOOP_MAGIC = re.compile(r"([\\*?\[\]{}])")
+
+
+def hadoop_literal(path: str) -> str:
+    """`path` spelled so that Hadoop's glob matches it as written: each of ``\\ * ? [ ] { }`` escaped with a
+    backslash (``run[1]`` -> ``run\\[1\\]``). The same text for a path without them. For paths given to Spark's
+    readers (``spark.read.parquet``): given ``/data/run[1]/catalog`` as it is, Spark read ``/data/run1/catalog``
+    (another pool's catalog, without a word) or said the path does not exist. Not for writers: Spark's
+    writers take their path as written (an escaped path would name a folder holding backslashes)."""
+    return _HADOOP_MAGIC.sub(r"\\\1", path)
+
+
 def _on_executor() -> str:
     """A note for errors met inside a Spark task: the executors' environment is not the driver's."""
     import sys
@@ -908,7 +922,7 @@ def spark_read_parquet(spark: Any, paths: str | list[str], *, file_column: str |
     if not paths:
         raise ValueError("spark_read_parquet: no paths")
     if all(spark_native(p) for p in paths):
-        df = spark.read.parquet(*[_hadoop_path(p) for p in paths])
+        df = spark.read.parquet(*[hadoop_literal(_hadoop_path(p)) for p in paths])  # names, not patterns
         return df.withColumn(file_column, spark_path_key(F.input_file_name())) if file_column else df
     import pyarrow as pa
     import pyarrow.parquet as pq

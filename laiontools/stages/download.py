@@ -57,6 +57,7 @@ from laiontools.core.storage import (
     read_marker,
     repair_swap,
     rm_path,
+    scheme_of,
     sha256_file,
     spark_read_parquet,
     spark_write_parquet,
@@ -136,6 +137,7 @@ class DownloadConfig(PrepareConfig):
         if (self.max_host_rps is not None and self.max_host_rps <= 0) or (
                 self.max_host_concurrency is not None and self.max_host_concurrency < 1):
             raise ConfigError("max_host_rps must be > 0 and max_host_concurrency >= 1 (leave them unset for no limit)")
+        check_img2dataset_output(self.output)
 
     def semantic(self) -> dict[str, Any]:
         d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_ONLY}
@@ -144,6 +146,25 @@ class DownloadConfig(PrepareConfig):
 
 
 # ----------------------------------------------------------------------------- output folder checks
+
+
+def check_img2dataset_output(output: str) -> None:
+    """Refuse a pool folder off the local file system whose path holds ``[``, ``*`` or ``?``.
+
+    img2dataset's downloader ends each shard with ``fs.rm(<output>/shards/_tmp/<shard>.feather)``, and an
+    object store's fsspec ``rm`` expands a path holding those characters as a pattern: under
+    ``s3://b/run[1]/`` it would delete ``s3://b/run1/``'s file of that name (another run's pending shard
+    input), or find none and fail the shard after its files were written. That call is inside
+    img2dataset and cannot be given a literal path, so such a folder is refused before anything is
+    written. Local folders are fine (their ``rm`` takes the path as written; the rest of the download
+    lists and reads its files itself, see :func:`run_img2dataset`)."""
+    if scheme_of(output) == "file":
+        return
+    ch = next((c for c in output if c in "[*?"), None)
+    if ch is not None:
+        raise ConfigError(f"--output {output}: `{ch}` in a pool folder on an object store is read as a pattern by "
+                          "img2dataset's downloader (its removal of each shard's temporary input file would act "
+                          "on other folders' files); rename the folder without [ * ?")
 
 
 def check_output(cfg: DownloadConfig) -> None:
@@ -329,7 +350,8 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     _clean_incomplete_shards(shard_dir)
     done_shards = {int(f.rsplit("/", 1)[-1].split("_")[0]) for f in fs.glob(glob_literal(sp) + "/*_stats.json")}
     fsi, ip = url_to_fs(input_dir)
-    if not fsi.exists(ip) or not fsi.glob(glob_literal(ip) + "/*.parquet"):
+    in_files = sorted(fsi.glob(glob_literal(ip) + "/*.parquet")) if fsi.exists(ip) else []
+    if not in_files:
         log.info("nothing to download in %s", input_dir)
         return
     prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
@@ -337,8 +359,13 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     tmp_path = shard_dir.rstrip("/") + "/_tmp"
     fs.makedirs(url_to_fs(tmp_path)[1], exist_ok=True)
     tasks_at_once = spark.sparkContext.defaultParallelism if spark is not None else Tasks(None).workers
-    reader = Reader(input_dir, "parquet", C.URL, C.CAPTION, None, None, extra_cols, cfg.number_sample_per_shard,
-                    done_shards, tmp_path, 0)
+    # Given the folder, img2dataset's Reader globs "<folder>/*.parquet" with fsspec, which reads [ * ? in the
+    # folder's path as a pattern: under a pool folder run[1]/ it read run1/'s prepared rows (another pool's)
+    # into this pool's shards, or found no file. Given one file it takes the path as written; the files it
+    # iterates (in shard-id order, as its own sorted glob gives them) are then the ones listed here.
+    reader = Reader(join(input_dir, in_files[0].rsplit("/", 1)[-1]), "parquet", C.URL, C.CAPTION, None, None,
+                    extra_cols, cfg.number_sample_per_shard, done_shards, tmp_path, 0)
+    reader.input_files = in_files
     resizer = make_resizer(**resize_params(cfg.to_dict()))  # img2dataset's Resizer, or FastResizer with --fast-decode (default)
     policy = FetchPolicy(allow_private_network=cfg.allow_private_network, allow_networks=tuple(cfg.allow_networks),
                          max_bytes=cfg.max_bytes, max_image_pixels=cfg.max_image_pixels,
@@ -357,7 +384,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
         verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries,
         user_agent_token=cfg.user_agent_token, disallowed_header_directives=directives, policy=policy,
     )
-    n_todo = sum(1 for _ in fsi.glob(glob_literal(ip) + "/*.parquet"))
+    n_todo = len(in_files)
     log.info("downloading from %s into %s (%d shard(s) already done)", input_dir, shard_dir, len(done_shards))
     t0 = time.time()
     distributor = pyspark_distributor if spark is not None else local_distributor
