@@ -834,3 +834,87 @@ def test_a_source_column_named_like_a_helper_column_is_prepared_alike_on_both_en
     pd.DataFrame({"url": [f"{BASE}/1.jpg", f"{BASE}/2.jpg"], "caption": ["a", "b"], "_occ": ["x", "y"]}).to_parquet(src)
     stats = _prepare(engine, str(src), str(tmp_path / "o"))
     assert stats["rows_in"] == 2 and stats["accepted"] == 2
+
+
+def test_a_nan_from_json_dumps_is_a_missing_value_not_the_text_nan(tmp_path, monkeypatch):
+    """Python's json.dumps writes a missing (float NaN) value as NaN, which json reads back as a float: a
+    NaN caption was the caption "nan" (accepted, downloaded, trained on), a NaN URL "nan" (rejected as a
+    bad scheme), a NaN extra column the text "nan". Each is a missing value, as null is."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    nan = float("nan")
+    rows = [{"url": f"{BASE}/0.jpg", "caption": nan, "note": "a"},
+            {"url": nan, "caption": "a cat", "note": "b"},
+            {"url": f"{BASE}/2.jpg", "caption": "a dog", "note": nan}]
+    src = tmp_path / "nan.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "NaN" in src.read_text()
+    stats = _prepare(None, str(src), str(tmp_path / "o"))
+    assert stats["rows_in"] == 3 and stats["accepted"] == 1
+    assert stats["rejected"] == {"rejected_missing_caption": 1, "rejected_null_url": 1}
+    out = _all_rows(str(tmp_path / "o")).set_index("note", drop=False)
+    assert out.loc["a", "caption"] is None and out.loc["b", "url"] is None
+    acc = out[out["status"] == "accepted"]
+    assert acc["caption"].tolist() == ["a dog"] and acc["note"].tolist() == [None]
+
+
+def test_a_jsonl_integer_too_long_for_float_or_int_is_a_null_number_not_a_failed_prepare(tmp_path, monkeypatch):
+    """An integer of 401 digits in a score column (float() overflows) and one of 5,000 digits anywhere
+    (json's int() refuses over 4,300 digits with a plain ValueError, which escaped the source probe as a
+    traceback) stopped the whole prepare. They are numbers no column holds: null, the row kept."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    src = tmp_path / "big.jsonl"
+    lines = [f'{{"url": "{BASE}/0.jpg", "caption": "c0", "width": {"9" * 401}, "n": 1}}',
+             f'{{"url": "{BASE}/1.jpg", "caption": "c1", "width": 64, "n": {"7" * 5000}}}',
+             f'{{"url": "{BASE}/2.jpg", "caption": "c2", "width": 32, "n": 3}}']
+    src.write_text("\n".join(lines) + "\n")
+    stats = _prepare(None, str(src), str(tmp_path / "o"), columns="source_width=width")
+    assert stats["rows_in"] == 3 and stats["accepted"] == 3 and stats["rejected"] == {}
+    acc = pd.read_parquet(tmp_path / "o" / layout.PREPARED_DIR / "accepted").set_index("caption")
+    assert pd.isna(acc.loc["c0", "source_width"]) and acc.loc["c1", "source_width"] == 64
+    assert acc.loc["c1", "n"] == "7" * 5000 and acc.loc["c2", "n"] == "3"
+
+
+def test_a_profile_column_only_some_files_have_is_read_where_it_is(tmp_path, monkeypatch):
+    """The column mapping was the first file's: a LAION-2B part with punsafe/pwatermark after one without
+    lost its scores (neither mapped nor carried), and a generic file with a caption after one with none
+    had every row rejected as missing its caption. A field two files take from different columns is refused."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"URL": [f"{BASE}/0.jpg"], "TEXT": ["zero"], "similarity": [0.31]}).to_parquet(src / "a.parquet")
+    pd.DataFrame({"URL": [f"{BASE}/1.jpg"], "TEXT": ["one"], "similarity": [0.32], "punsafe": [0.9],
+                  "pwatermark": [0.8]}).to_parquet(src / "b.parquet")
+    stats = _prepare(None, str(src), str(tmp_path / "o"))
+    assert stats["profile"] == "laion2b-en" and stats["accepted"] == 2
+    acc = pd.read_parquet(tmp_path / "o" / layout.PREPARED_DIR / "accepted").set_index("caption")
+    assert acc.loc["one", "punsafe"] == 0.9 and acc.loc["one", "pwatermark"] == 0.8
+    assert pd.isna(acc.loc["zero", "punsafe"]) and acc["similarity"].tolist() == [0.31, 0.32]
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "a.csv").write_text(f"url\n{BASE}/0.jpg\n")
+    (gen / "b.csv").write_text(f"url,caption\n{BASE}/1.jpg,one\n")
+    stats = _prepare(None, str(gen), str(tmp_path / "o2"))
+    assert stats["accepted"] == 1 and stats["rejected"] == {"rejected_missing_caption": 1}
+    assert pd.read_parquet(tmp_path / "o2" / layout.PREPARED_DIR / "accepted")["caption"].tolist() == ["one"]
+
+    (gen / "c.csv").write_text(f"url,text\n{BASE}/2.jpg,two\n")
+    with pytest.raises(InputError, match=r"c\.csv: its caption is column 'text', but .*b\.csv's is 'caption'"):
+        _prepare(None, str(gen), str(tmp_path / "o3"))
+
+
+def test_jsonl_with_a_byte_order_mark_keeps_its_first_row(tmp_path, monkeypatch):
+    """A JSONL file saved as "UTF-8 with BOM" (Notepad, PowerShell), gzipped or not, and files joined by cat
+    (a mark at each one's first line): each such line was a malformed row ("Unexpected UTF-8 BOM"), its
+    sample lost. The mark is dropped, as a csv header's is."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [json.dumps({"url": f"{BASE}/{i}.jpg", "caption": f"c{i}"}) for i in range(4)]
+    bom = "\ufeff"
+    (src / "a.jsonl").write_bytes((bom + lines[0] + "\r\n" + lines[1] + "\r\n" + bom + lines[2] + "\n").encode())
+    (src / "b.jsonl.gz").write_bytes(gzip.compress((bom + lines[3] + "\n").encode()))
+    stats = _prepare(None, str(src), str(tmp_path / "o"))
+    assert stats["rows_in"] == 4 and stats["accepted"] == 4 and stats["rejected"] == {}
+    acc = pd.read_parquet(tmp_path / "o" / layout.PREPARED_DIR / "accepted")
+    assert acc["caption"].tolist() == ["c0", "c1", "c2", "c3"]

@@ -189,6 +189,11 @@ def list_source_files(path: str) -> list[tuple[str, str, str | None, int]]:
     return files
 
 
+# A UTF-8 byte-order mark (Notepad's and PowerShell's "UTF-8 with BOM"; one per file cat joined): dropped where
+# it starts a JSONL line, as csv's header drops it, not read as a JSON error that made the row malformed.
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _open_text(path: str, compression: str | None):
     import fsspec
 
@@ -209,9 +214,15 @@ def _duplicate_names(path: str, names: list[str]) -> list[str]:
 def _json_line(text: str) -> Any:
     """One JSONL line parsed, lone UTF-16 surrogates (a ``\\ud800`` escape with no pair: not text, so no
     UTF-8 can hold it) replaced by U+FFFD as invalid UTF-8 in other sources is (:func:`_to_str`), so
-    the uid is computed from the text that is stored. Raises JSONDecodeError, or RecursionError for a
-    line nested deeper than the parser's recursion limit."""
-    obj = json.loads(text)
+    the uid is computed from the text that is stored. An integer longer than Python's int() takes (4300
+    digits) is kept as its digits (text), as in a csv source: its row is read, not refused. Raises
+    JSONDecodeError, or RecursionError for a line nested deeper than the parser's recursion limit."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # json gives int() the digits, which refuses over 4300 (a ValueError, not a JSONDecodeError)
+        obj = json.loads(text, parse_int=str)
     return _fix_surrogates(obj) if _SURROGATE_ESCAPE.search(text) else obj
 
 
@@ -268,7 +279,7 @@ def probe_columns(path: str, fmt: str, compression: str | None) -> tuple[list[st
             for i, raw in enumerate(f):
                 if i >= 200:
                     break
-                raw = raw.strip()
+                raw = raw.strip().removeprefix(UTF8_BOM)
                 if not raw:
                     continue
                 try:
@@ -290,24 +301,35 @@ def probe_columns(path: str, fmt: str, compression: str | None) -> tuple[list[st
 
 
 def discover(cfg: PrepareConfig) -> tuple[list[SourceFile], dict[str, str], list[str], str]:
-    """Files, the column mapping, extra columns and the profile name. All files must share a profile."""
+    """Files, the column mapping, extra columns and the profile name. All files must share a profile.
+
+    The mapping is every file's together: a profile column that only some files have (a LAION part with
+    punsafe/pwatermark beside one without) is read where it is and null elsewhere. A field that files
+    take from different columns (one file's caption is `caption`, another's `text`) is refused."""
     overrides = parse_column_map(cfg.columns)
     files: list[SourceFile] = []
-    mapping: dict[str, str] | None = None
+    mapping: dict[str, str] = {}
+    mapped_in: dict[str, str] = {}  # canonical field -> the first file that maps it
     profile_name = None
-    extras: dict[str, str] = {}  # extra column -> the first file that has it
     for i, (path, fmt, comp, size) in enumerate(list_source_files(cfg.input)):
         cols, rgs = probe_columns(path, fmt, comp)
         prof = resolve_profile(cols, cfg.profile, overrides, where=path)
-        if mapping is None:
-            mapping, profile_name = prof.columns, prof.name
+        if profile_name is None:
+            profile_name = prof.name
         elif prof.name != profile_name:
             raise InputError(f"{path}: detected profile {prof.name!r} but earlier files are {profile_name!r}; pass --profile")
-        for c in cols:
-            if c not in prof.columns.values():
-                extras.setdefault(c, path)
+        for field, col in prof.columns.items():
+            if mapping.setdefault(field, col) != col:
+                raise InputError(f"{path}: its {field} is column {col!r}, but {mapped_in[field]}'s is {mapping[field]!r}; "
+                                 f"give every file the same column names")
+            mapped_in.setdefault(field, path)
         files.append(SourceFile(i, path, fmt, comp, cols, size, rgs))
-    assert mapping is not None and profile_name is not None
+    assert files and profile_name is not None
+    extras: dict[str, str] = {}  # extra column -> the first file that has it
+    for f in files:
+        for c in f.columns:
+            if c not in mapping.values():
+                extras.setdefault(c, f.path)
     # Spark (which runs big sources, and reads the prepared files downstream) tells column names apart
     # without case: an extra column named like a prepared/catalog one in any case is not carried, and
     # two extra columns that differ only in case are refused, on either engine.
@@ -375,7 +397,7 @@ def _to_num(v: Any, kind: str) -> Any:
         return None
     try:
         x = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range (JSON's 1 and 400 zeros)
         return None
     if math.isnan(x):
         return None
@@ -385,7 +407,9 @@ def _to_num(v: Any, kind: str) -> Any:
 
 
 def _to_str(v: Any) -> str | None:
-    if v is None:
+    """A source value as text; None for a missing one: null, or a float NaN (what Python's json.dumps writes
+    for pandas' missing values, and a NaN in a parquet float column), never the text "nan"."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
@@ -464,7 +488,7 @@ def _iter_raw(task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any] | str]
     with _open_text(path, comp) as f:
         for row, raw in enumerate(f):
             try:
-                text = raw.decode("utf-8")
+                text = raw.removeprefix(UTF8_BOM).decode("utf-8")
             except UnicodeDecodeError as e:
                 raise task_error(f"{path}: line {row + 1} is not valid UTF-8 ({e}); re-encode the file as UTF-8") from e
             if not text.strip():
