@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from laiontools.contracts.uids import normalize_url
-from laiontools.core.errors import InputError
+from laiontools.core.errors import InputError, UserError
 from laiontools.web.policy import canonical_host, host_ip
 
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -164,20 +164,32 @@ _LOCK = threading.Lock()
 def load_blocklist(path: str | None) -> Blocklist | None:
     """The blocklist at `path` (any fsspec URL), read once per process; None when `path` is None.
 
-    Raises InputError when the file is missing or has a line of no known kind.
+    Raises InputError when the file is missing, cannot be read or has a line of no known kind. Its
+    messages name `path` without the credentials a URL may carry (``https://user:token@host/list.txt``):
+    an executor's fetch records the message as each row's error_message, and Spark prints it.
     """
     if not path:
         return None
     with _LOCK:
         if path in _CACHE:
             return _CACHE[path]
+        from laiontools.core.redact import redact_text
         from laiontools.core.storage import url_to_fs
 
-        fs, p = url_to_fs(path)
-        if not fs.exists(p):
-            raise InputError(f"blocklist {path} does not exist (every executor must be able to read it)")
-        with fs.open(p, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-        bl = parse_blocklist(text, where=path)
+        shown = redact_text(path)
+        try:
+            fs, p = url_to_fs(path)
+            if not fs.exists(p):
+                raise InputError(f"blocklist {shown} does not exist or cannot be read (every executor must be able to read it)")
+            with fs.open(p, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+        except UserError:  # (with its own message: a missing optional dependency, a redacted path read back)
+            raise
+        except Exception as e:  # the store's own message may quote the URL with its credentials
+            if redact_text(str(e)) == str(e):
+                raise  # (nothing to hide: the error as the store gave it, a local path's OSError)
+            raise InputError(f"blocklist {shown} cannot be read ({redact_text(f'{type(e).__name__}: {e}')}); every "
+                             "executor must be able to read it") from None
+        bl = parse_blocklist(text, where=shown)
         _CACHE[path] = bl
         return bl
