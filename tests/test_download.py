@@ -249,6 +249,37 @@ def test_a_stats_file_cut_short_is_a_clear_error_and_the_rerun_downloads_the_sha
     pd.testing.assert_frame_equal(_comparable(out, flaky)[0], _comparable(pool.dir, flaky)[0])
 
 
+def test_a_shard_that_fails_every_retry_stops_the_run_and_the_rerun_completes_the_pool(pool, tmp_path, monkeypatch):
+    """A download shard that fails every retry (here its tar's path is taken by a folder: img2dataset's
+    writer cannot open it) was one printed line: the catalog was built without its rows and the run
+    ended with exit 0, a pool short of a shard. It now stops with one error naming the shard; once the
+    cause is gone, the same command downloads it and the pool is the uninterrupted run's."""
+    from laiontools.core.errors import UserError
+    from laiontools.core.storage import marker_path
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = str(tmp_path / "p")
+    shutil.copytree(pool.dir, out)
+    shards = os.path.join(out, layout.SHARDS_DIR)
+    for name in os.listdir(shards):
+        if name.startswith("00001"):
+            os.remove(os.path.join(shards, name))
+    assert not os.path.exists(marker_path(os.path.join(shards, "00001.tar")))
+    os.mkdir(os.path.join(shards, "00001.tar"))
+    cat_before = _catalog(out)
+    cfg = DownloadConfig(input=pool.source, output=out, **TEST_DOWNLOAD_SETTINGS)
+    with pytest.raises(UserError, match=r"^1 download shard\(s\) of .*shards failed after 1 retry \(ids 1;.*Re-run the same command"):
+        download_stage.run(cfg)
+    pd.testing.assert_frame_equal(_catalog(out), cat_before)  # no catalog written without shard 1's rows
+    os.rmdir(os.path.join(shards, "00001.tar"))
+    download_stage.run(cfg)
+    flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])
+    pd.testing.assert_frame_equal(_comparable(out, flaky)[0], _comparable(pool.dir, flaky)[0])
+    assert len(_catalog(out)) == len(pool.expected)
+
+
 def test_other_settings_into_the_same_folder_are_refused(pool, tmp_path):
     out = str(tmp_path / "p")
     shutil.copytree(pool.dir, out)

@@ -390,11 +390,36 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     distributor = pyspark_distributor if spark is not None else local_distributor
     # img2dataset prints its progress ("Sharding file number ...") to stdout, where the CLI prints
     # the pool's summary: send it to stderr with the logs (forked download processes inherit it)
+    handed = _HandedOut(reader)
     with contextlib.redirect_stdout(sys.stderr):
-        distributor(tasks_at_once, downloader, reader, cfg.subjob_size, cfg.max_shard_retry)
+        distributor(tasks_at_once, downloader, handed, cfg.subjob_size, cfg.max_shard_retry)
     log.info("img2dataset pass over %d input file(s) took %.1fs", n_todo, time.time() - t0)
     if fs.exists(url_to_fs(tmp_path)[1]):
         rm_path(fs, url_to_fs(tmp_path)[1], recursive=True)
+    # img2dataset's distributors end with a shard that failed every retry as a printed line only, and the
+    # catalog built next held none of its rows: a pool short of them, exit 0, every later stage building on
+    # it. A shard is done when its stats file (written last) exists; one handed out without it stops here.
+    done_now = {int(f.rsplit("/", 1)[-1].split("_")[0]) for f in fs.glob(glob_literal(sp) + "/*_stats.json")}
+    failed = sorted(set(handed.ids) - done_now)
+    if failed:
+        where = "the log above" if spark is None else "the Spark executors' logs"
+        raise UserError(f"{len(failed)} download shard(s) of {shard_dir} failed after {cfg.max_shard_retry} "
+                        f"retr{'y' if cfg.max_shard_retry == 1 else 'ies'} (ids {', '.join(map(str, failed[:10]))}"
+                        f"{', ...' if len(failed) > 10 else ''}; the cause is in {where}): no catalog or manifest is "
+                        "written without their rows. Re-run the same command to retry them (finished shards are kept)")
+
+
+class _HandedOut:
+    """img2dataset's reader, noting the id of every shard it hands to the distributor (which yields
+    them as it writes their inputs: the ids are known only as the pass goes)."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader, self.ids = reader, []
+
+    def __iter__(self) -> Any:
+        for row in self.reader:
+            self.ids.append(int(row[0]))
+            yield row
 
 
 def complete_shards(cfg: DownloadConfig) -> list[dict[str, Any]]:
