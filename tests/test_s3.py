@@ -1439,3 +1439,151 @@ def test_a_url_whose_scheme_is_upper_case_or_unknown_is_read_or_one_line(s3, buc
     assert cli_main(["verify", m]) == 2
     line = _one_error_line(capsys.readouterr().err, "verify")
     assert line.startswith(f"laiontools verify: error: {m}: unknown storage scheme 's4://'"), line
+
+
+# What S3-compatible stores without conditional writes answer a PUT carrying If-None-Match (or If-Match):
+# S3 itself before August 2024 and others 501 NotImplemented; some 400 with one of these codes.
+_NO_CONDITION_ANSWERS = {
+    "501 NotImplemented": (501, "NotImplemented", "A header you provided implies functionality that is not implemented"),
+    "400 InvalidArgument": (400, "InvalidArgument", "Unsupported header 'If-None-Match' received for this API call."),
+    "400 InvalidRequest": (400, "InvalidRequest", "Conditional writes are not supported."),
+    "400 NotImplemented": (400, "NotImplemented", "If-None-Match is not implemented."),
+}
+
+
+@contextlib.contextmanager
+def conditional_puts_answered(s3_server: Any, monkeypatch: Any, answer: tuple[int, str, str]) -> Any:
+    """The stages' object store is now an S3Proxy in front of the test server that answers every PUT carrying
+    If-None-Match or If-Match with `answer` and forwards everything else, named the way the tests name the
+    server (endpoint variables and fsspec's configuration). Yields the proxy (its log of requests)."""
+    import fsspec
+
+    from laiontools.core import stage
+    from laiontools.testing.s3server import S3Proxy
+
+    def refuse_conditions(method: str, path: str, headers: Any) -> tuple[int, str, str] | None:
+        return answer if method == "PUT" and ("If-None-Match" in headers or "If-Match" in headers) else None
+
+    with S3Proxy(s3_server.endpoint, refuse_conditions) as proxy:
+        for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):  # (also for a run this test starts)
+            monkeypatch.setenv(var, proxy.endpoint)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
+                                                       "config_kwargs": {"connect_timeout": 2, "read_timeout": 5,
+                                                                         "retries": {"total_max_attempts": 1}}})
+        monkeypatch.setattr(stage, "_NO_CONDITION_SAID", set(), raising=False)  # this store's refusal not said yet
+        yield proxy
+
+
+def _plan(output: str, monkeypatch: Any) -> Any:
+    """A cheap real stage into `output`: `study plan` (no data read; the plan written to <output>/plan.json),
+    its FLOP counter (torch and open_clip imported: seconds, and not what these tests are about) stated."""
+    from laiontools.stages import study
+    from laiontools.stages.study import PlanConfig, run_plan
+
+    monkeypatch.setattr(study, "model_gmacs", lambda name: {"gmacs_per_sample": 4.1})
+    return run_plan(PlanConfig(output=output, scales={"1M": "1000000"}, samples_seen=["1e6"], models=["RN50"],
+                               images_per_second={"RN50": 100.0}))
+
+
+def _lock_puts(proxy: Any, lock: str) -> list[tuple[str, int]]:
+    """(conditional header or "", status) of the writes of `lock` through the proxy."""
+    key = "/" + lock.split("://", 1)[1]
+    return [(c.split(":")[0], st) for m, path, c, st in proxy.requests if m == "PUT" and path.split("?")[0] == key]
+
+
+@pytest.mark.parametrize("style", list(_NO_CONDITION_ANSWERS))
+def test_a_store_that_refuses_conditional_writes_still_locks_a_stage_output(s3, s3_server, bucket, monkeypatch, caplog, style):
+    """The lock object is created with If-None-Match; a store without conditional writes refuses the header
+    (501, or 400 and a code). The stage then writes its lock without the condition, runs, and removes the
+    lock; the store's refusal is said once, not at every lock."""
+    from laiontools.core.stage import output_paths
+
+    out = f"{bucket}/plan"
+    _, lock = output_paths(out)
+    status = _NO_CONDITION_ANSWERS[style][0]
+    with conditional_puts_answered(s3_server, monkeypatch, _NO_CONDITION_ANSWERS[style]) as proxy, \
+            caplog.at_level("WARNING", logger="laiontools.core.stage"):
+        for run in (1, 2):  # a second run into its own output: the same fallback, said once
+            assert _plan(out, monkeypatch).counts == {"runs": 1}
+            # the conditional write refused, the plain one taken; the lock removed at the end
+            assert _lock_puts(proxy, lock) == [("If-None-Match", status), ("", 200)] * run
+            s3.invalidate_cache()
+            assert not s3.exists(lock.split("://", 1)[1]), "the lock stayed"
+            assert s3.exists(f"{out}/plan.json".split("://", 1)[1])
+    said = [r.getMessage() for r in caplog.records if "refused a conditional write" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{bucket}: the store refused a conditional write ({status} "), said
+
+
+def test_through_a_lock_written_without_a_condition_a_held_output_is_refused(s3, s3_server, bucket, monkeypatch):
+    """Without the condition the lock is still read before it is written: a run into an output whose lock
+    another live run took (through the same refusing store) is refused naming that run, and goes on once
+    that run has finished."""
+    from laiontools.core.stage import OutputLocked, output_paths
+
+    out = f"{bucket}/held"
+    _, lock = output_paths(out)
+    with conditional_puts_answered(s3_server, monkeypatch, _NO_CONDITION_ANSWERS["501 NotImplemented"]) as proxy:
+        holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, out], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            assert _lock_puts(proxy, lock) == [("If-None-Match", 501), ("", 200)], "not taken through the fallback"
+            with pytest.raises(OutputLocked, match=rf"output {out} is in use by another run: .* pid {holder.pid}, "):
+                _plan(out, monkeypatch)
+            assert json.loads(s3.cat(lock.split("://", 1)[1]))["pid"] == holder.pid, "the holder's lock was overwritten"
+            holder.stdin.close()
+            assert holder.wait(timeout=60) == 0
+        finally:
+            holder.kill()
+            holder.wait(timeout=60)
+        assert _plan(out, monkeypatch).counts == {"runs": 1}
+    s3.invalidate_cache()
+    assert not s3.exists(lock.split("://", 1)[1])
+
+
+def test_through_a_lock_written_without_a_condition_a_killed_runs_lock_is_taken_over(s3, s3_server, bucket, monkeypatch, caplog):
+    """A killed run's lock (its pid gone on this host) is replaced If-Match its ETag; a store without
+    conditional writes refuses that too, and the lock is then taken over by a plain write."""
+    import datetime
+    import socket
+
+    from laiontools.core.stage import output_paths
+
+    out = f"{bucket}/stale"
+    _, lock = output_paths(out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    s3.pipe(lock.split("://", 1)[1], json.dumps({
+        "host": socket.gethostname(), "pid": dead.pid, "stage": "study plan", "token": "dead",
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}).encode())
+    with conditional_puts_answered(s3_server, monkeypatch, _NO_CONDITION_ANSWERS["400 InvalidArgument"]) as proxy, \
+            caplog.at_level("WARNING", logger="laiontools.core.stage"):
+        assert _plan(out, monkeypatch).counts == {"runs": 1}
+        assert _lock_puts(proxy, lock) == [("If-Match", 400), ("", 200)]
+    assert any(f"taking over the lock of a run that is gone ({socket.gethostname()} pid {dead.pid}" in r.getMessage()
+               for r in caplog.records)
+    s3.invalidate_cache()
+    assert not s3.exists(lock.split("://", 1)[1])
+
+
+@pytest.mark.parametrize("answer, said", [
+    ((403, "AccessDenied", "Access Denied"), "access denied by the object store"),
+    ((503, "SlowDown", "Please reduce your request rate."), "is throttling requests or unavailable"),
+], ids=["403 AccessDenied", "503 SlowDown"])
+def test_a_conditional_lock_write_refused_for_another_reason_is_one_error_naming_the_lock(s3, s3_server, bucket, monkeypatch,
+                                                                                        answer, said):
+    """Only a refusal of the condition itself (501, or 400 and a code) lets the lock be written without it.
+    Access denied (a policy on conditional writes, or on the key) or a busy store were taken for one, and
+    the lock written by a plain PUT that went through: the stage ran. Now one StorageError naming the
+    lock; nothing was written, and the stage did not run."""
+    from laiontools.core.stage import output_paths
+
+    out = f"{bucket}/denied"
+    _, lock = output_paths(out)
+    with conditional_puts_answered(s3_server, monkeypatch, answer) as proxy:
+        with pytest.raises(StorageError, match=rf"^{lock}: .*{said}"):
+            _plan(out, monkeypatch)
+        puts = _lock_puts(proxy, lock)  # (the client's retries of a busy store's answer included)
+        assert puts and puts == [("If-None-Match", answer[0])] * len(puts), f"the lock was written without its condition: {puts}"
+    s3.invalidate_cache()
+    assert not s3.exists(lock.split("://", 1)[1]) and not s3.exists(f"{out}/plan.json".split("://", 1)[1])

@@ -446,7 +446,7 @@ def _content_lock(lock: str, output: str, stage: str) -> Iterator[None]:
         log.warning("%s: taking over the lock of a run that is gone (%s pid %s, started %s)",
                     output, old.get("host"), old.get("pid"), old.get("started"))
     info = _lock_info(stage)
-    if not _put_lock(fs, p, json.dumps(info).encode(), seen):
+    if not _put_lock(fs, p, lock, json.dumps(info).encode(), seen):
         raise _locked_error(output, lock, _read_json_or_none(lock))  # another run wrote it since we looked
     now = _read_json_or_none(lock)
     if not now or now.get("token") != info["token"]:
@@ -461,41 +461,86 @@ def _content_lock(lock: str, output: str, stage: str) -> Iterator[None]:
             rm_path(fs, p)
 
 
-def _put_lock(fs: Any, p: str, data: bytes, seen: dict[str, Any] | None) -> bool:
+def _put_lock(fs: Any, p: str, lock: str, data: bytes, seen: dict[str, Any] | None) -> bool:
     """Write the lock object only if it is still as this run saw it: absent (a create that fails where the
     object exists: S3's If-None-Match, GCS's ifGenerationMatch=0), or, taking over a stale lock on S3, the
-    same object (If-Match its ETag). False: another run wrote the lock in between. Where a store offers
-    no such condition, a plain write (the token read back after catches some of those races)."""
+    same object (If-Match its ETag). False: another run wrote the lock in between. Where a store refuses
+    the condition itself (:func:`_condition_refused`), a plain write (the token read back after catches some
+    of those races). Any other refusal (access denied, a busy store, no endpoint) is one StorageError
+    naming the lock, never a plain write instead."""
+    from laiontools.core.storage import store_error, store_errors
+
     etag = (seen or {}).get("ETag")
     kwargs: dict[str, Any] = {"mode": "create"} if seen is None else ({"IfMatch": etag} if etag and hasattr(fs, "call_s3") else {})
     try:
         fs.pipe_file(p, data, **kwargs)
     except FileExistsError:  # If-None-Match / ifGenerationMatch=0: the object exists now
         return False
-    except (OSError, TypeError, NotImplementedError) as e:
-        if kwargs and isinstance(e, OSError) and _precondition_failed(e):
+    except Exception as e:
+        if kwargs and _precondition_failed(e):
             return False
-        if not kwargs:
-            raise
-        # A store or client without the condition (an S3-compatible server answering 501 or 400 to the
-        # header, an fsspec file system without `mode`): the plain write of before; a real refusal
-        # (access denied, no bucket) is raised by it.
-        log.debug("conditional write of %s refused (%s); writing the lock without a condition", p, e)
-        fs.pipe_file(p, data)
+        refused = _condition_refused(e) if kwargs else None
+        if refused is None:
+            err = store_error(e, lock)
+            if err is None:
+                raise
+            raise err from e
+        _note_no_condition(lock, refused)
+        with store_errors(lock):
+            fs.pipe_file(p, data)
     return True
+
+
+def _store_answer(e: BaseException) -> tuple[int | None, str] | None:
+    """(HTTP status, error code) of the first store answer (botocore's ClientError) in `e`'s chain."""
+    err: BaseException | None = e
+    while err is not None:
+        resp = getattr(err, "response", None)
+        if isinstance(resp, dict) and isinstance(resp.get("Error"), dict):
+            return (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode"), str(resp["Error"].get("Code"))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _precondition_failed(e: BaseException) -> bool:
     """Whether a store refused a conditional write because the object changed (412, or S3's 409 for a
     conditional write that raced another)."""
-    err: BaseException | None = e
-    while err is not None:
-        resp = getattr(err, "response", None)
-        if (isinstance(resp, dict) and isinstance(resp.get("Error"), dict)
-                and str(resp["Error"].get("Code")) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    said = _store_answer(e)
+    return said is not None and said[1] in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+# What a store without conditional writes answers a PUT carrying If-None-Match / If-Match: 501 (S3 before
+# August 2024: NotImplemented, "A header you provided implies functionality that is not implemented"), or
+# 400 with one of these codes (S3-compatible stores). Anything else (403, 404, a busy store) is no refusal
+# of the condition: it would refuse the plain write as well, or, worse, let it through.
+_NO_CONDITION_CODES = ("NotImplemented", "InvalidArgument", "InvalidRequest")
+_NO_CONDITION_SAID: set[str] = set()  # stores (scheme://bucket) whose refusal was logged
+
+
+def _condition_refused(e: BaseException) -> str | None:
+    """What the store or client said when it refused the write's condition itself (e.g. "501 NotImplemented";
+    a file system whose pipe_file takes no condition: TypeError / NotImplementedError); None otherwise."""
+    said = _store_answer(e)
+    if said is not None:
+        status, code = said
+        if status == 501 or (status == 400 and code in _NO_CONDITION_CODES):
+            return f"{status} {code}"
+        return None
+    if isinstance(e, (TypeError, NotImplementedError)):
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _note_no_condition(lock: str, said: str) -> None:
+    """Say once per store (per process) that its locks are written without a condition; later, debug only."""
+    store = "/".join(lock.split("/")[:3])
+    if store in _NO_CONDITION_SAID:
+        log.debug("conditional write of %s refused (%s); writing the lock without a condition", lock, said)
+        return
+    _NO_CONDITION_SAID.add(store)
+    log.warning("%s: the store refused a conditional write (%s); output locks there are written without one: "
+                "a run that starts while another holds the lock is still refused, but two runs starting at the "
+                "same moment may both go on", store, said)
 
 
 def _held_by_ancestor(lock: str) -> bool:

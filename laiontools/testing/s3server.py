@@ -1,6 +1,7 @@
 """An S3 API server on 127.0.0.1 for the object-store tests and benchmarks: moto's server mode (the
 same WSGI app as ``moto.server.ThreadedMotoServer``, as s3fs's own tests use), with a layer that counts
-the GETs of keys under a prefix and the bytes their answers carried, where the bytes leave the store.
+the GETs of keys under a prefix and the bytes their answers carried, where the bytes leave the store;
+and a proxy in front of it that answers some requests as another store would (:class:`S3Proxy`).
 """
 
 from __future__ import annotations
@@ -96,3 +97,105 @@ class S3Server:
     @property
     def bytes(self) -> int:
         return self._app.bytes
+
+
+class S3Proxy:
+    """``with S3Proxy(upstream, answer) as p:`` a reverse proxy on 127.0.0.1 (``p.endpoint``) in front of an
+    S3 API server (an :class:`S3Server`'s endpoint): a store that behaves as another one does for some
+    requests. ``answer(method, path, headers)`` returns ``(status, code, message)`` for a request the proxy
+    answers itself with an S3 error body (e.g. an older store's ``501 NotImplemented`` to a PUT carrying
+    ``If-None-Match``), None for one it forwards to `upstream` as it came, answer included.
+    ``p.requests`` lists (method, path, conditional header or "", status) of every request, in order.
+    Every socket has a timeout, so a test cannot hang on it."""
+
+    TIMEOUT_S = 10.0
+
+    def __init__(self, upstream: str, answer: Any) -> None:
+        self.upstream, self.answer = upstream, answer
+        self.requests: list[tuple[str, str, str, int]] = []
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def __enter__(self) -> S3Proxy:  # noqa: PYI034 (a final class; typing.Self needs 3.11)
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        proxy = self
+        up = urlsplit(self.upstream)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the S3 clients expect (and 100-continue answered here)
+            timeout = proxy.TIMEOUT_S  # an idle keep-alive connection ends its thread
+
+            def log_message(self, *args: Any) -> None:  # a line per request would drown the output
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    out = b""
+                    while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                    while self.rfile.readline().strip():  # trailers, then the blank line
+                        pass
+                    return out
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _serve(self) -> None:
+                body = self._body()  # read whole first, so that a keep-alive connection stays in step
+                cond = next((f"{h}: {v}" for h, v in self.headers.items() if h.lower() in ("if-none-match", "if-match")), "")
+                said = proxy.answer(self.command, self.path, self.headers)
+                if said is not None:
+                    status, code, message = said
+                    err = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+                           f"<Resource>{self.path}</Resource><RequestId>laiontools-proxy</RequestId></Error>").encode()
+                    proxy._record(self.command, self.path, cond, status)
+                    self.send_response_only(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(err)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(err)
+                    return
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=proxy.TIMEOUT_S)
+                try:
+                    conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for h, v in self.headers.items():  # as they came (Host and the signature included)
+                        if h.lower() not in ("expect", "transfer-encoding", "content-length", "connection"):
+                            conn.putheader(h, v)
+                    conn.putheader("Content-Length", str(len(body)))
+                    conn.endheaders(body)
+                    resp = conn.getresponse()
+                    data = resp.read()  # (nothing for a HEAD: http.client knows the method)
+                    headers = resp.getheaders()
+                finally:
+                    conn.close()
+                proxy._record(self.command, self.path, cond, resp.status)
+                self.send_response_only(resp.status, resp.reason)
+                for h, v in headers:
+                    if h.lower() not in ("transfer-encoding", "connection"):
+                        self.send_header(h, v)
+                if not any(h.lower() == "content-length" for h, _ in headers):
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _serve
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _record(self, method: str, path: str, cond: str, status: int) -> None:
+        with self._lock:
+            self.requests.append((method, path, cond, status))
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
