@@ -132,6 +132,27 @@ def test_missing_and_empty_inputs(spark, tmp_path):
         _prepare(spark, str(tmp_path / "dir"), str(tmp_path / "o"))
 
 
+def test_files_of_no_known_format_beside_the_metadata_are_named_not_skipped_in_silence(tmp_path, caplog):
+    """A folder of csv parts with one saved as .csv.bz2 (and a part in a sub-folder as .jsonl.zst): those
+    rows never reach the catalog, and nothing said so. The files are read as before and the others
+    named in one warning; hidden and _-prefixed files (markers, checksums) are not named."""
+    import logging
+
+    from laiontools.stages.prepare import list_source_files
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "a.csv").write_text("url,caption\nhttp://example.org/a.jpg,a\n")
+    (tmp_path / "in" / "b.csv.bz2").write_bytes(b"BZh9 not read")
+    (tmp_path / "in" / "sub" / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd not read")
+    (tmp_path / "in" / "_SUCCESS").write_text("")
+    (tmp_path / "in" / ".a.csv.crc").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="laiontools.stages.prepare"):
+        files = list_source_files(str(tmp_path / "in"))
+    assert [f[0].rsplit("/", 1)[-1] for f in files] == ["a.csv"]
+    [msg] = [r.getMessage() for r in caplog.records if "no known metadata format" in r.getMessage()]
+    assert "2 file(s)" in msg and "b.csv.bz2" in msg and "sub/c.jsonl.zst" in msg and "_SUCCESS" not in msg and ".crc" not in msg
+
+
 def test_unreadable_parquet_names_the_file(engine, tmp_path):
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 this is not parquet at all")

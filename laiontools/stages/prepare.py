@@ -167,7 +167,7 @@ def list_source_files(path: str) -> list[tuple[str, str, str | None, int]]:
         raise InputError(f"input {path} does not exist; give a metadata file or a folder of them")
     proto = path.split("://", 1)[0] + "://" if "://" in path else ""
     if fs.isdir(p):
-        found = []
+        found, skipped = [], []
         for f in sorted(fs.find(p)):
             name = f.rsplit("/", 1)[-1]
             if name.startswith((".", "_")):
@@ -175,10 +175,17 @@ def list_source_files(path: str) -> list[tuple[str, str, str | None, int]]:
             try:
                 fmt, comp = _fmt_of(f)
             except InputError:
+                skipped.append(f[len(p.rstrip("/")) + 1:])
                 continue
             found.append((proto + f if proto and not f.startswith(proto) else f, fmt, comp, int(fs.size(f))))
         if not found:
             raise InputError(f"input folder {path} holds no metadata files ({', '.join(sorted(FORMATS))})")
+        if skipped:
+            # named, not passed over in silence: a part saved as .jsonl.zst or .csv.bz2 beside the others is
+            # rows that never reach the catalog
+            log.warning("input folder %s: %d file(s) of no known metadata format are not read (%s%s); convert "
+                        "them to one of %s if they hold rows", path, len(skipped), ", ".join(skipped[:5]),
+                        ", ..." if len(skipped) > 5 else "", ", ".join(sorted(FORMATS)))
         files = found
     else:
         fmt, comp = _fmt_of(p)
