@@ -10,8 +10,8 @@ Conventions (as in Cherti et al., CVPR 2023):
   ``FlopCounterMode``; MACs = FLOPs / 2) x samples seen;
 * error E = 1 - accuracy (metric kind "accuracy") or the metric itself (kind "error");
 * ``E = beta * C^alpha`` is fitted by least squares on ``log10 E = log10 beta + alpha log10 C`` over
-  the Pareto frontier (runs with lower error than every run of less or equal compute), with
-  standard errors from the fit's covariance.
+  the Pareto frontier (runs with lower error than every run of less or equal compute; seed
+  replicates of a run are one point, their mean), with standard errors from the fit's covariance.
 
 This module is a library: it imports no stage.
 """
@@ -183,16 +183,21 @@ def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequ
     a metric is left out of that metric and listed, with the reason, in ``runs_excluded`` (logged as a
     warning), and a row with zero error is listed in ``perfect_runs_excluded`` (log 0 is undefined). A metric whose frontier cannot be fitted gets
     ``fit: None`` and ``why_no_fit``. Predictions default to 10x and 100x the largest compute.
+
+    Seed replicates (rows with a ``seed`` that agree in model, scale, samples seen and compute) are one
+    point, their mean error: the frontier keeps the lowest error at a compute, and over replicates that
+    is the luckiest seed, a budget run with more seeds pulled down by chance alone. ``frontier`` names a
+    point by its first row's run id; ``seed_means`` lists, per such id, the runs averaged into it.
     """
     fits: dict[str, Any] = {}
     compute_all = [float(r["compute_gmacs"]) for r in rows]
     targets = list(predict_at) or ([10 * max(compute_all), 100 * max(compute_all)] if compute_all else [])
     for m in metrics:
         pts, excluded = [], []
-        for r in rows:
+        for i, r in enumerate(rows):
             v = _number(r.get(m))
             if v is not None:
-                pts.append((float(r["compute_gmacs"]), to_error(v, kind), r["run_id"]))
+                pts.append((float(r["compute_gmacs"]), to_error(v, kind), r["run_id"], _replicate_key(r, i), i))
             else:
                 excluded.append({"run_id": r["run_id"], "reason": _why_not_a_value(r.get(m))})
         if excluded:
@@ -203,6 +208,16 @@ def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequ
         entry: dict[str, Any] = {"metric": m, "kind": kind, "error": f"1 - {m}" if kind == "accuracy" else m,
                                  "n_runs": len(pts), "runs_excluded": excluded,
                                  "perfect_runs_excluded": dropped}
+        seeds: dict[Any, list[str]] = {}
+        for p in pts:
+            seeds.setdefault(p[3], []).append(_id_part(rows[p[4]].get("seed")))
+        # a seed twice under one key: rows of other things (one per downstream set, say), not replicates
+        apart = {k for k, v in seeds.items() if len(set(v)) < len(v)}
+        groups: dict[Any, list[tuple[float, float, Any, Any, int]]] = {}
+        for p in pts:
+            groups.setdefault(("row", p[4]) if p[3] in apart else p[3], []).append(p)
+        pts = [(g[0][0], sum(p[1] for p in g) / len(g), g[0][2]) for g in groups.values()]
+        entry["seed_means"] = {g[0][2]: [p[2] for p in g] for g in groups.values() if len(g) > 1}
         front = pareto_frontier([p[0] for p in pts], [p[1] for p in pts])
         entry["frontier"] = [pts[i][2] for i in front]
         try:
@@ -216,6 +231,15 @@ def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequ
             entry["predictions"] = [predict(fit, c, kind) for c in targets]
         fits[m] = entry
     return fits
+
+
+def _replicate_key(row: dict[str, Any], i: int) -> tuple[Any, ...]:
+    """What a row's seed replicates share: model, scale, samples seen and compute, when the row has a seed;
+    else the row alone (rows without seeds that agree there are other things, e.g. one per downstream set;
+    :func:`fit_all` also keeps apart a group in which a seed repeats)."""
+    if _number(row.get("seed")) is None:
+        return ("row", i)
+    return ("seeds", *(_id_part(row.get(c)) for c in RUN_KEY_COLUMNS if c != "seed"))
 
 
 def scale_sizes(rows: list[dict[str, Any]], scales: Sequence[str]) -> dict[str, float | None]:
@@ -486,7 +510,8 @@ def plot_metric(rows: list[dict[str, Any]], entry: dict[str, Any], path: str) ->
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
     colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(1, len(scales))))
     markers = "osD^v<>p*h"
-    front = set(entry.get("frontier", []))
+    means = entry.get("seed_means", {})
+    front = {rid for f in entry.get("frontier", []) for rid in means.get(f, [f])}
     for r, e in pts:
         ax.scatter(
             float(r["compute_gmacs"]), e,
@@ -600,7 +625,7 @@ code{{background:#f4f4f4}}</style></head><body>
 {intro_html}
 <p>Error E = 1 &minus; metric for accuracies, the metric itself for errors. <code>E = &beta; C<sup>&alpha;</sup></code>
 is fitted by least squares in log-log space on the Pareto frontier (runs with lower error than every run of less or
-equal compute; black-edged in the plots); &plusmn; is one standard error from the fit's covariance (n/a with fewer than
+equal compute; black-edged in the plots; seed replicates of one run count as one point, their mean error); &plusmn; is one standard error from the fit's covariance (n/a with fewer than
 3 frontier points). Red stars are predictions.</p>
 <h2>Fits</h2><table><tr>{fhead}</tr>{fbody}</table>
 {effect_html(effects)}

@@ -112,6 +112,27 @@ def test_fit_all_fits_the_frontier_only_and_fails_loudly() -> None:
     assert e["fit"] is None and "different compute" in e["why_no_fit"] and e["frontier"] == ["a"]  # error 0.5 < 0.6
 
 
+def test_seed_replicates_are_one_frontier_point_at_their_mean_error() -> None:
+    """A study's extra seeds at its largest budget (the same model, scale, samples seen and compute): the
+    frontier kept the lowest error there, the luckier seed, so adding a replicate to measure noise made the
+    law steeper by chance. Every run's mean error here lies on E = BETA C^ALPHA: the fit is that law."""
+    def row(c: float, seed: int, factor: float = 1.0) -> dict:
+        return {"run_id": f"m__s__{int(c)}" + (f"__seed{seed}" if seed else ""), "model": "m", "scale": "s",
+                "samples_seen": int(c), "seed": seed, "compute_gmacs": c, "acc": 1 - factor * BETA * c**ALPHA}
+
+    rows = [row(c, 0) for c in CS[:2]] + [row(CS[2], 0, 1.1), row(CS[2], 1, 0.9)]
+    e = fit_all(rows, ["acc"])["acc"]
+    assert e["frontier"] == ["m__s__1000", "m__s__10000", "m__s__100000"]
+    assert e["seed_means"] == {"m__s__100000": ["m__s__100000", "m__s__100000__seed1"]}
+    assert e["fit"]["alpha"] == pytest.approx(ALPHA, abs=1e-9) and e["fit"]["beta"] == pytest.approx(BETA, rel=1e-9)
+    # rows without a seed column are no replicates, whatever they share (one per downstream set, say), nor
+    # are rows under one seed twice
+    plain = [{k: v for k, v in r.items() if k != "seed"} for r in rows]
+    assert fit_all(plain, ["acc"])["acc"]["frontier"] == ["m__s__1000", "m__s__10000", "m__s__100000__seed1"]
+    twice = rows[:3] + [{**rows[3], "seed": 0}]
+    assert fit_all(twice, ["acc"])["acc"]["frontier"] == ["m__s__1000", "m__s__10000", "m__s__100000__seed1"]
+
+
 def test_load_results_table_mapping_and_filters(tmp_path) -> None:
     import pandas as pd
 

@@ -462,6 +462,39 @@ def test_skipped_samples_are_counted_over_loader_processes_and_launches(monkeypa
     assert train_worker.skipped_samples_of_run(run_dir) == (events, examples[:5])  # the first names only
 
 # ----------------------------------------------------------------------------------------------
+def test_a_shard_cut_short_after_its_header_is_refused_before_training(subset: str, tmp_path) -> None:
+    """A shard whose copy stopped part-way starts with a good tar header, so the header check passed and the
+    run trained, skipping the shard's lost tail at every draw, and said so only in its result. Its size
+    is not the manifest's `bytes`: refused before training, nothing written."""
+    import shutil
+
+    bad = tmp_path / "sub"
+    shutil.copytree(os.path.dirname(subset), bad)
+    mp = str(bad / os.path.basename(subset))
+    shard = sorted(bad.rglob("*.tar"))[1]
+    whole = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: whole // 2])
+    want = rf"shard file\(s\) \['{shard} \({whole // 2} bytes, the manifest says {whole}\)'\] are not the size"
+    with pytest.raises(ManifestError, match=want):
+        check_trainable_manifest(mp)
+    run_dir = tmp_path / "r"
+    with pytest.raises(ManifestError, match=want):
+        train_stage.run(TrainConfig(manifest=mp, model="lt-tiny", samples_seen=16, batch_size=8, workers=0,
+                                    output=str(run_dir)))
+    assert not run_dir.exists()
+
+
+def _record_shard_sizes(manifest: str) -> None:
+    """Write the shards' sizes now on disk into `manifest` (a test that damages shards on purpose, to reach
+    what the trainer does with them, past the size check)."""
+    from laiontools.contracts.manifest import read_manifest, write_manifest
+
+    m = read_manifest(manifest)
+    for s in m["shards"]:
+        s["bytes"] = os.path.getsize(os.path.join(os.path.dirname(manifest), s["path"]))
+    write_manifest(manifest, m)
+
+
 # Found by a review of train: shards that open_clip's reader cannot read, or samples its filter drops,
 # never reached laiontools' counting handler, so a run on such shards waited (or logged) forever.
 
@@ -476,6 +509,7 @@ def test_train_on_truncated_shards_stops_with_an_error_not_a_hang(tmp_path) -> N
     for name in ("00000.tar", "00001.tar"):
         p = tmp_path / "sub" / "shards" / name
         p.write_bytes(p.read_bytes()[:1024])  # header block + half of the first .jpg
+    _record_shard_sizes(mp)
     run_dir = str(tmp_path / "r")
     cmd = [sys.executable, "-m", "laiontools.cli", "train", "--manifest", mp, "--model", "lt-tiny",
            "--samples-seen", "16", "--batch-size", "8", "--workers", "0", "--output", run_dir]
@@ -522,6 +556,51 @@ def test_train_on_samples_without_a_caption_stops_with_an_error_not_a_hang(tmp_p
                 if not m.name.endswith(".txt"):
                     dst.addfile(m, src.extractfile(m))
         p.write_bytes(buf.getvalue())
+    _record_shard_sizes(mp)
     rc, out = _run_train_cli(mp, str(tmp_path / "r"), timeout=150)
     assert rc is not None, "train did not end within 150 s on samples without .txt (silent hang)"
     assert rc != 0 and "Traceback" not in out, out[-2000:]
+
+
+def _shards_opened(run_dir: str) -> list[str]:
+    """The shards the loaders opened, in order: webdataset's own GOPEN_VERBOSE lines in the launcher's log."""
+    with open(os.path.join(run_dir, "logs", "launcher.log")) as f:
+        return [os.path.basename(line.split()[1]) for line in f if line.startswith("GOPEN ")]
+
+
+@pytest.mark.slow
+def test_each_virtual_epoch_draws_other_shards_when_the_rank_reads_its_own_data(tmp_path, monkeypatch) -> None:
+    """`--workers 0`: open_clip reseeds its resampled shard stream at each epoch with webdataset's
+    `rank * 1000` outside a dataloader worker (no epoch, no --seed), so every virtual epoch opened the
+    same shards in the same order and the rest of the subset was never trained on. Here each epoch reads
+    about 1000 samples (open_clip's shuffle buffer fills first) = 4 of 12 shards of 300; over 4 epochs
+    16 draws with replacement from 12 shards reach 12 * (1 - (11/12)**16) = 9.8 of them on average."""
+    mp = write_resharded_subset(str(tmp_path / "sub"), n_shards=12, per_shard=300, image_size=16)
+    monkeypatch.setenv("GOPEN_VERBOSE", "1")  # webdataset prints every URL it opens
+    run_dir = str(tmp_path / "r")
+    train_stage.run(TrainConfig(manifest=mp, model="lt-tiny", samples_seen=64, batch_size=8, workers=0,
+                                checkpoint_every=16, lr=1e-3, output=run_dir))  # 4 virtual epochs of 2 steps
+    opened = _shards_opened(run_dir)
+    assert len(opened) >= 16, opened  # >= 1000 samples an epoch: 4 shards of 300 or more
+    per_epoch = len(opened) // 4
+    epochs = [opened[k * per_epoch : (k + 1) * per_epoch] for k in range(4)]
+    assert all(e != epochs[0] for e in epochs[1:]), opened
+    # the later epochs reach shards the first did not open (with the same draws every epoch, none)
+    assert set(opened) > set(epochs[0]), opened
+
+
+def test_open_clip_args_may_not_set_what_the_plan_sets(subset: str, tmp_path) -> None:
+    """open_clip_args (YAML, a study's `train`) reach open_clip's parser after the plan's flags, and the last
+    value wins, abbreviations included: `--accum-freq 2` halved the optimizer steps (metrics said 16 samples
+    seen per step of 32), `--epochs`/`--train-num-samples` moved the budget, `--seed` trained another seed
+    than settings.json and the study's results.csv record. Each trained to the end and then failed, or
+    passed with wrong records; refused now before anything is written."""
+    run_dir = tmp_path / "r"
+    for extra in (["--accum-freq", "2"], ["--epochs=3"], ["--train-num", "64"], ["--seed", "7"]):
+        with pytest.raises(ConfigError, match=r"open_clip_args .* set \['--"):
+            train_stage.run(TrainConfig(manifest=subset, model="lt-tiny", samples_seen=32, batch_size=8, workers=0,
+                                        open_clip_args=extra, output=str(run_dir)))
+    assert not run_dir.exists()
+    # what the plan leaves to open_clip passes
+    TrainConfig(manifest=subset, model="lt-tiny", samples_seen=32, batch_size=8, output=str(run_dir),
+                open_clip_args=["--lr-scheduler", "const-cooldown", "--epochs-cooldown", "1", "--grad-clip-norm", "1.0"])

@@ -97,6 +97,17 @@ def _logged_environment_fault(run_dir: str, before: dict[str, int]) -> UserError
     return environment_error(RuntimeError("\n".join(tails)), run_dir)
 
 
+# open_clip_train flags that open_clip_argv (and the worker) set from the plan and the config: given again in
+# open_clip_args, the last value wins in open_clip's parser, and the steps, the samples seen, the checkpoints
+# or the recorded settings would not be the run's. --accum-freq makes an optimizer step of several batches.
+PLANNED_FLAGS = (
+    "--dataset-type", "--dataset-resampled", "--train-data", "--train-data-upsampling-factors", "--train-num-samples",
+    "--batch-size", "--accum-freq", "--epochs", "--workers", "--model", "--precision", "--device", "--lr", "--wd",
+    "--beta1", "--beta2", "--eps", "--warmup", "--seed", "--logs", "--name", "--save-frequency", "--save-most-recent",
+    "--resume", "--report-to", "--log-every-n-steps",
+)
+
+
 class TrainError(UserError, RuntimeError):
     """Training failed or stopped early; the message says where the logs are and how to resume."""
 
@@ -165,6 +176,14 @@ class TrainConfig(StageConfig):
             raise ConfigError("train: --workers must be >= 0 and --log-every >= 1")
         if self.warmup is not None and self.warmup < 0:
             raise ConfigError(f"train: --warmup must be >= 0, got {self.warmup}")
+        owned = sorted({f for a in self.open_clip_args if (g := str(a).split("=", 1)[0]).startswith("--") and len(g) > 2
+                        for f in PLANNED_FLAGS if f.startswith(g)})
+        if owned:
+            raise ConfigError(
+                f"train: open_clip_args {self.open_clip_args} set {owned}, which laiontools sets from the plan and this "
+                "config (open_clip takes the last value given, abbreviations too): the samples-seen budget and the "
+                "recorded settings would not be what ran; set them with train's own settings, or leave them out"
+            )
         if self.output and "://" in self.output and not self.output.startswith("file://"):
             raise ConfigError(
                 f"train: --output {self.output} must be a local folder (open_clip writes checkpoints with the OS); "
@@ -257,8 +276,12 @@ def check_trainable_manifest(path: str) -> dict[str, Any]:
     # Every shard's first header block (one 512-byte read each, as cheap as the existence check it
     # replaces): open_clip's loader skips any tar it cannot read, with a warning, and draws again, so a
     # subset whose shards are not tars made it loop forever, its log growing by the second.
-    missing, not_tars = [], []
-    for url in shard_urls(path, m):
+    # And every shard's size against the manifest's `bytes` (a stat; on an object store one listing per folder,
+    # which fills the file system's cache that the size is then read from): a shard cut short by a copy or a
+    # download that stopped starts with a good header, and trained with its tail skipped, found out after the run.
+    missing, not_tars, wrong_size = [], [], []
+    listed: set[tuple[int, str]] = set()
+    for shard, url in zip(m["shards"], shard_urls(path, m)):
         fs, p = url_to_fs(url)
         try:
             head: bytes | None = fs.cat_file(p, start=0, end=512)
@@ -272,13 +295,24 @@ def check_trainable_manifest(path: str) -> dict[str, Any]:
             missing.append(url)
         elif len(head) < 512 or head[257:262] != b"ustar":
             not_tars.append(url)
-        if len(missing) + len(not_tars) >= 5:
+        elif shard.get("bytes") is not None:
+            parent = p.rsplit("/", 1)[0]
+            if "file" not in fs.protocol and (id(fs), parent) not in listed:
+                listed.add((id(fs), parent))
+                fs.ls(parent, detail=True)
+            size = fs.size(p)
+            if size != int(shard["bytes"]):
+                wrong_size.append(f"{url} ({size} bytes, the manifest says {int(shard['bytes'])})")
+        if len(missing) + len(not_tars) + len(wrong_size) >= 5:
             break
     if missing:
         raise ManifestError(f"manifest {path}: shard file(s) missing: {missing}; run `laiontools verify {path}`")
     if not_tars:
         raise ManifestError(f"manifest {path}: shard file(s) {not_tars} do not start with a tar header; they are damaged "
                             f"or not webdataset shards: run `laiontools verify {path}` and reshard again")
+    if wrong_size:
+        raise ManifestError(f"manifest {path}: shard file(s) {wrong_size} are not the size the manifest records: cut short "
+                            f"or changed since reshard wrote them; run `laiontools verify {path}` and copy or reshard again")
     return m
 
 

@@ -10,6 +10,8 @@ laiontools needs in every rank, without copying the trainer:
   ``--train-data`` and ``--train-data-upsampling-factors``;
 * writes every rank's log to ``<run_dir>/logs/rank<R>.log``;
 * makes every checkpoint open_clip_train writes atomic (:func:`_atomic_checkpoints`);
+* seeds the shard draws of a rank that reads its own data (``--workers 0``) by epoch and ``--seed``
+  (:func:`_seed_shard_draws_in_the_rank`);
 * names every sample the loader skips in the rank's log and counts it in ``<run_dir>/logs/skipped/``
   (:class:`SkipRecord`; the train stage sums them into result.json), and stops a loader that reads
   nothing that decodes (:func:`_stop_when_nothing_decodes`);
@@ -139,6 +141,32 @@ def _no_shard_eof_marker() -> None:
 
     if "eof_value" in tar_file_expander.__code__.co_varnames:
         oc_data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)  # type: ignore[attr-defined]
+
+
+def _seed_shard_draws_in_the_rank(seed: int) -> None:
+    """Draw each virtual epoch's shards afresh when the rank reads its own data (``--workers 0``).
+
+    open_clip's resampled shard stream reseeds itself at every epoch from ``pytorch_worker_seed(epoch)``,
+    which adds the epoch to a dataloader worker's seed but, outside a worker process, returns webdataset's
+    ``rank * 1000``: the epoch and ``--seed`` were ignored, every virtual epoch drew the same shards in the
+    same order, and a subset larger than what one epoch reads was never seen past the shards of the first.
+    In the rank the seed is made from (``--seed``, rank, epoch); a dataloader worker's is open_clip's own.
+    open_clip_train.data looks the name up at each epoch.
+    """
+    import hashlib
+
+    import open_clip_train.data as oc_data
+    from torch.utils.data import get_worker_info
+
+    worker_seed = oc_data.pytorch_worker_seed
+
+    def seeded(increment: int = 0) -> int:
+        if get_worker_info() is not None:
+            return worker_seed(increment)
+        rank = int(os.environ.get("RANK", "0"))
+        return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{increment}".encode()).digest()[:8], "big")
+
+    oc_data.pytorch_worker_seed = seeded  # type: ignore[attr-defined]
 
 
 def _atomic_checkpoints() -> None:
@@ -437,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     _atomic_checkpoints()
     _stop_when_nothing_decodes(os.path.join(run_dir, layout.TRAIN_SKIPPED_DIR))
     _decode_wide_images()
+    _seed_shard_draws_in_the_rank(int(oc_argv[oc_argv.index("--seed") + 1]))
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
     sink = MetricsSink(os.path.join(run_dir, layout.TRAIN_METRICS_JSONL), _global_batch(oc_argv))
