@@ -1,5 +1,4 @@
-"""prepare: source metadata -> normalized, uid-keyed, policy-checked download work units (Spark, or in
-this process for small sources).
+"""prepare: source metadata -> normalized, uid-keyed, policy-checked download units (Spark or in process).
 
 Every input row ends in exactly one place: ``prepared/accepted/part-NNNNN.parquet`` (rows img2dataset
 will fetch, each file a whole number of download shards; in input order when the pool has at most

@@ -33,10 +33,17 @@ Config (YAML, ``--config``)::
     batch_size: 32768
     nproc: 8
     evalset: ["imagenet=/data/imagenet/val:imagefolder", "mscoco=/data/coco_wds:wds"]
+    # evalsets_yaml: evalsets.yaml            # instead of evalset: a YAML list of {name, path, format}
+    extra_seeds: [1, 2]                       # one more run per model and scale at the largest budget, per seed
     train: {lr: 0.001, warmup: 2000}          # any `laiontools train` setting
     evaluate: {batch_size: 256}               # any `laiontools evaluate` setting
     metrics: [imagenet/zeroshot_top1, mscoco/image_to_text_R@5]   # default: every top-1 / R@5
     predict_at: [1.0e+12]                     # GMACs; default 10x and 100x the largest run
+    # read by `study plan` only (and ignored by `study`); scales may then also be counts (2B: 2B)
+    images_per_second: {ViT-B-32: 2000}       # training images/s per GPU; or gpu_tflops: 300, or measure: true
+    measure_batch_size: 32
+    shard_size: 10000                         # samples per resharded shard
+    bytes_per_sample: 0                       # 0: read from the manifests
 """
 
 from __future__ import annotations
