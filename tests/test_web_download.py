@@ -284,10 +284,9 @@ def test_a_password_in_a_flag_is_used_and_never_recorded(spark, web, tmp_path, c
     (its command and settings), the sidecar, the log lines, every file of the pool. A re-run
     of the same command compares the recorded settings with its own as recorded, and resumes."""
     import base64
-    import http.server
-    import threading
 
     from laiontools.cli import main
+    from laiontools.testing.net import answering
 
     server, names = web
     urls = [f"{server.base_url}/img/{n}" for n in names[:4]]
@@ -295,31 +294,14 @@ def test_a_password_in_a_flag_is_used_and_never_recorded(spark, web, tmp_path, c
     want = "Basic " + base64.b64encode(f"alice:{secret}".encode()).decode()
     seen: list[str | None] = []
 
-    class Auth(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append(self.headers.get("Authorization"))
-            if self.headers.get("Authorization") != want:
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Basic realm="lists"')
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            body = f"{urls[2]}\n".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command == "GET":
-                self.wfile.write(body)
+    def auth(path, headers):
+        seen.append(headers.get("Authorization"))
+        if headers.get("Authorization") != want:
+            return 401, {"WWW-Authenticate": 'Basic realm="lists"'}, b""
+        return 200, {}, f"{urls[2]}\n".encode()
 
-        do_HEAD = do_GET
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Auth)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        bl = f"http://alice:{secret}@127.0.0.1:{httpd.server_address[1]}/blocklist.txt"
+    with answering(auth) as base:
+        bl = base.replace("http://", f"http://alice:{secret}@") + "/blocklist.txt"
         out = str(tmp_path / "pool")
         conf = tmp_path / "download.yaml"
         conf.write_text(json.dumps(TEST_DOWNLOAD_SETTINGS))  # JSON is YAML
@@ -334,7 +316,7 @@ def test_a_password_in_a_flag_is_used_and_never_recorded(spark, web, tmp_path, c
         assert cat.loc[urls[2], "status"] == "rejected_blocklisted"
         assert (cat.drop(index=[urls[2]])["status"] == "success").all()
         settings = json.loads(Path(out, layout.SETTINGS_JSON).read_text())
-        assert settings["blocklist"] == f"http://alice:***@127.0.0.1:{httpd.server_address[1]}/blocklist.txt"
+        assert settings["blocklist"] == base.replace("http://", "http://alice:***@") + "/blocklist.txt"
         manifest = json.loads(Path(out, layout.POOL_MANIFEST).read_text())
         assert manifest["download"]["settings"]["blocklist"] == settings["blocklist"]
         assert settings["blocklist"] in manifest["provenance"]["command"]
@@ -343,6 +325,3 @@ def test_a_password_in_a_flag_is_used_and_never_recorded(spark, web, tmp_path, c
         assert not leaked, leaked
         # the same command again: the recorded settings are this run's, redacted the same way
         assert main(argv) == 0, capfd.readouterr().err[-3000:]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()

@@ -760,36 +760,23 @@ def test_a_blocklist_that_cannot_be_read_is_named_without_its_password():
     503, or fails the read after answering the existence check) or that holds a bad line: each row
     fails closed (no image request is sent), and its error_message, recorded in the catalog and the
     shard's stats, names the list without the password (it held the URL as typed)."""
-    import http.server
-
     from laiontools.core.errors import InputError
+    from laiontools.testing.net import answering
     from laiontools.web.blocklist import load_blocklist
 
     secret = "hunter2-s3cr3t"
 
     asked: list[str] = []
 
-    class Lists(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            asked.append(self.path)
-            body = (b"not a valid entry/at all\n" if self.path == "/bad.txt"
-                    else b"ok.example.org\n" if (self.path, asked.count(self.path)) == ("/flaky.txt", 1) else b"")
-            self.send_response(200 if body else 404 if self.path == "/flaky.txt" else 503)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command == "GET":
-                self.wfile.write(body)
-
-        do_HEAD = do_GET
-
-        def log_message(self, *args):
-            pass
+    def lists(path, headers):
+        asked.append(path)
+        body = (b"not a valid entry/at all\n" if path == "/bad.txt"
+                else b"ok.example.org\n" if (path, asked.count(path)) == ("/flaky.txt", 1) else b"")
+        return (200 if body else 404 if path == "/flaky.txt" else 503), {}, body
 
     png = _png()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Lists)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        base = f"http://alice:{secret}@127.0.0.1:{httpd.server_address[1]}"
+    with answering(lists) as url:
+        base = url.replace("http://", f"http://alice:{secret}@")
         with RawServer({"/a.png": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png}) as raw:
             _, err, _ = _bounded(lambda: fetch_one(raw.url("/a.png"), 2, None, None, _policy(blocklist=f"{base}/down.txt"),
                                                    resolver=lambda h, p: [PUBLIC]))
@@ -803,9 +790,6 @@ def test_a_blocklist_that_cannot_be_read_is_named_without_its_password():
         with pytest.raises(InputError, match="cannot be read") as info:
             load_blocklist(f"{base}/flaky.txt")
         assert secret not in str(info.value) and "alice:***@" in str(info.value)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_blocklist_compares_hosts_as_the_connection_reaches_them(public, private, tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 
 
 def free_port() -> int:
@@ -21,3 +24,35 @@ def wait_port(port: int, deadline: float) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def answering(answer: Callable[[str, Mapping[str, str]], tuple[int, Mapping[str, str], bytes]]) -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 that answers each GET ``answer(path, request headers)`` =
+    (status, response headers, body), and each HEAD the same without the body; yields its base URL
+    (``http://127.0.0.1:<port>``) and is shut down after."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, headers, body = answer(self.path, self.headers)
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
