@@ -666,6 +666,26 @@ def test_the_in_process_engine_refuses_what_the_spark_engine_refuses(spark, scra
     assert want in errors[0][1], errors[0]
 
 
+def test_a_catalog_file_without_a_filter_column_is_refused_by_both_engines(spark, tmp_path):
+    """A catalog of two files, the second without punsafe: Spark's reader (the schema of one file) read
+    that file's punsafe as null, and --max-punsafe dropped its rows as "punsafe missing" with exit 0,
+    a subset drawn from half the pool; the in-process engine refuses the file by name. Both refuse it."""
+    from laiontools.core.errors import InputError
+
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=40, failures=0, tag="m")
+    cat = tmp_path / "pool" / layout.CATALOG_DIR
+    t = pq.read_table(str(cat / "part-00000.parquet"))
+    pq.write_table(t.slice(0, 20), str(cat / "part-00000.parquet"))
+    pq.write_table(t.slice(20).drop_columns([C.PUNSAFE]), str(cat / "part-00001.parquet"))
+    errors = []
+    for engine in ("spark", "in-process"):
+        with pytest.raises(InputError) as e:
+            subsets_stage.run(_cfg(pool, tmp_path / engine, scales="5", max_punsafe=0.55), spark if engine == "spark" else None)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+    assert "part-00001.parquet lacks column(s) ['punsafe']" in errors[0], errors[0]
+
+
 def test_the_engines_rank_and_count_between_cuts_alike(spark, scratch):
     """The engines' parts that --update and the cuts use, compared directly on cuts at several ranks."""
     from laiontools.stages.subsets import _filter_steps, _LocalSelection, _SparkSelection

@@ -122,6 +122,20 @@ def test_member_column_on_spark_is_set_membership(spark, tmp_path, arrow):
     assert sum(r.m for r in rows) == 1234
 
 
+def test_a_uid_file_written_again_at_its_path_is_read_again_by_the_membership_udf(spark, tmp_path):
+    """Spark's Python workers outlive a job: a uid file rewritten at the same path (subsets cut again into
+    the same folder, then resharded in the same application) must not be answered from the set an earlier
+    job cached, or reshard's plan takes the old subset's samples under the new file's sha256."""
+    from laiontools.contracts.uids import keep_members
+
+    uids = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(40)]
+    df = spark.createDataFrame([(u,) for u in uids], "uid string").coalesce(1)
+    path = str(tmp_path / "80M.uids.npy")
+    for picked in (uids[:10], uids[20:30]):
+        save_uids(path, picked)
+        assert sorted(r["uid"] for r in keep_members(df, "uid", path).collect()) == sorted(picked)
+
+
 def test_npy_header_is_what_numpy_writes(tmp_path):
     for n in (0, 1, 7, 123_456_789):
         arr = np.zeros(min(n, 7), dtype=UID_DTYPE)

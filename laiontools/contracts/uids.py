@@ -700,19 +700,32 @@ def uid_file_frame(spark: Any, path: str, rows_per_task: int | None = None, bina
 # ------------------------------------------------------------------------------------------------
 # membership inside Spark tasks (subsets' exclusions, reshard's plan)
 
-def member_series(uids: Any, path: str) -> Any:
+def member_series(uids: Any, path: str, version: str | None = None) -> Any:
     """pandas Series of hex uids -> boolean Series (same index): which are in the uid file at `path`.
-    A pandas_udf body; the uid file is loaded once per worker process."""
+    A pandas_udf body; the uid file is loaded once per worker process and `version` (:func:`file_version`)."""
     import pandas as pd
 
-    return pd.Series(uid_set_cached(path).contains(uids_to_array(uids)), index=uids.index)
+    return pd.Series(uid_set_cached(path, version).contains(uids_to_array(uids)), index=uids.index)
 
 
-def member_arrow(uids: Any, path: str) -> Any:
+def member_arrow(uids: Any, path: str, version: str | None = None) -> Any:
     """:func:`member_series` on an Arrow string array, with no Python string per uid: an Arrow UDF body."""
     import pyarrow as pa
 
-    return pa.array(uid_set_cached(path).contains(arrow_to_array(uids)), type=pa.bool_())
+    return pa.array(uid_set_cached(path, version).contains(arrow_to_array(uids)), type=pa.bool_())
+
+
+def file_version(path: str) -> str:
+    """A token that changes when the file at `path` is written again (fsspec's ukey: a hash of its size,
+    mtime, inode or ETag), read once on the driver: Spark's Python workers outlive a job, so a uid set
+    cached by path alone would answer for the file as an earlier job in this application saw it (subsets
+    cut again into the same folder, then resharded: the old subset's samples, under the new uid file's
+    sha256)."""
+    from laiontools.core.storage import store_errors, url_to_fs
+
+    fs, p = url_to_fs(path)
+    with store_errors(path):
+        return str(fs.ukey(p))
 
 
 def member_column(col: Any, path: str, arrow: bool | None = None) -> Any:
@@ -727,15 +740,16 @@ def member_column(col: Any, path: str, arrow: bool | None = None) -> Any:
 
     if arrow is None:
         arrow = hasattr(F, "arrow_udf")
+    version = file_version(path)
     if arrow:
         import pyarrow as pa
 
         def member(s):  # type: ignore[no-untyped-def]
-            return member_arrow(s, path)
+            return member_arrow(s, path, version)
 
         member.__annotations__ = {"s": pa.Array, "return": pa.Array}  # what pyspark reads the UDF's kind from
         return F.arrow_udf(member, T.BooleanType())(col)
-    return F.pandas_udf(lambda s: member_series(s, path), T.BooleanType())(col)
+    return F.pandas_udf(lambda s: member_series(s, path, version), T.BooleanType())(col)
 
 
 # Above this many uids, membership in a uid file is not tested by a UDF that loads the whole file into
@@ -816,15 +830,16 @@ class UidSet:
         return out
 
 
-_UID_SET_CACHE: dict[str, UidSet] = {}
+_UID_SET_CACHE: dict[str, tuple[str | None, UidSet]] = {}
 
 
-def uid_set_cached(path: str) -> UidSet:
-    """:class:`UidSet` of the uid file at `path`, built once per process."""
+def uid_set_cached(path: str, version: str | None = None) -> UidSet:
+    """:class:`UidSet` of the uid file at `path`, built once per process and `version` of the file
+    (:func:`file_version`): a file written again at the same path is read again, not answered from memory."""
     from laiontools.core.storage import store_errors
 
     got = _UID_SET_CACHE.get(path)
-    if got is None:
+    if got is None or got[0] != version:
         with store_errors(path):  # (in a Spark task: a refusal is one line naming the file, as the joins' reads)
-            got = _UID_SET_CACHE[path] = UidSet(np.asarray(load_uids(path, mmap=False)))  # read whole, sorted once
-    return got
+            got = _UID_SET_CACHE[path] = (version, UidSet(np.asarray(load_uids(path, mmap=False))))  # read whole, sorted once
+    return got[1]

@@ -56,7 +56,14 @@ from laiontools.contracts.manifest import (
     resolve,
     write_manifest,
 )
-from laiontools.contracts.pool import PoolInfo, abs_path, catalog_rows, load_pool
+from laiontools.contracts.pool import (
+    PoolInfo,
+    abs_path,
+    catalog_footers,
+    catalog_rows,
+    load_pool,
+    refuse_lacking_columns,
+)
 from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
 from laiontools.contracts.uids import UID_DTYPE, save_uids_spark, with_member_flag
 from laiontools.core import failpoints
@@ -376,6 +383,11 @@ def _missing_columns(pool: PoolInfo, have: Any) -> None:
 def _catalog_df(spark: Any, pool: PoolInfo) -> Any:
     from pyspark.sql import functions as F
 
+    # Spark's reader takes the schema of one file and reads a column another file lacks as nulls: a
+    # --max-punsafe would then drop every row of that file as "punsafe missing", silently. Every file's
+    # footer is checked first, as the in-process engine's reader checks each file (the same error).
+    for path, _, schema in catalog_footers(pool):
+        refuse_lacking_columns(pool, path, schema.names, _CATALOG_COLUMNS)
     df = spark_read_parquet(spark, pool.catalog)
     _missing_columns(pool, df.columns)
     return df.select(*_CATALOG_COLUMNS).withColumn("_shard_id", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))
