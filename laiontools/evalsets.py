@@ -49,6 +49,7 @@ from laiontools.core.errors import UserError
 from laiontools.core.images import (
     ImageLimitError,
     OversizeMember,
+    check_resized_pixels,
     error_text,
     open_image,
     read_regular_file,
@@ -325,8 +326,14 @@ def _is_image(p: str) -> bool:
 def decode_image(data: bytes) -> Image.Image:
     """Encoded image bytes -> a loaded RGB PIL image. PIL raises for bytes it cannot decode, and
     :func:`laiontools.core.images.open_image` for an image over the pixel limit (checked from the
-    header, before decoding) or a tar member that was over the byte limit."""
+    header, before decoding) or a tar member that was over the byte limit, and for a strip that a model's
+    resize (short side to its input) would blow up past that limit (:func:`check_resized_pixels`)."""
     im = open_image(data)
+    try:
+        check_resized_pixels(*im.size)
+    except ImageLimitError:
+        im.close()
+        raise
     im.load()
     return to_rgb(im)
 

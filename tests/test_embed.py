@@ -813,3 +813,81 @@ def test_a_pool_shard_rewritten_after_embed_is_not_read_as_embedded(tmp_path):
     assert new["uid"] in meta.column("uid").to_pylist(), (
         "read_pool accepted shard 00000 as embedded, but its rows are of the shard's old bytes: the pool's "
         f"sample {new['uid']} has no embedding row and would never be searched")
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a review of embed and the models layer: a thin strip of an image blown up by open_clip's Resize.
+
+
+def test_a_thin_strip_image_is_a_failed_row_not_a_resize_to_gigabytes(tmp_path):
+    """A 1 x 22,000 PNG (22 Kpx, under the header's 89 Mpx limit, a few hundred bytes) is resized by open_clip's
+    eval transform short side -> 64 (lt-tiny), i.e. to 64 x 1,408,000 = 90 Mpx before the center crop
+    (224 models: 224 x 4.9M for the same strip; a 1 x 1,000,000 strip: 12 GB at 64, 150 GB at 224, in one
+    decode worker, killed, and the run with it on every resume). It must be a failed row with the reason,
+    the shard's other rows as open_clip embeds their images alone."""
+    from PIL import Image
+
+    pool = write_pool(str(tmp_path / "p"), n_shards=1, per_shard=4, image_size=64, realistic=False)
+    strip = io.BytesIO()
+    Image.new("RGB", (1, 22_000), (200, 30, 30)).save(strip, format="PNG")
+
+    def edit(samples):
+        samples[1][1]["jpg"] = strip.getvalue()
+        return samples
+
+    pool2 = _pool_with_shard0(pool, tmp_path, edit)
+    out = str(tmp_path / "e")
+    assert _run(pool2, out) == 0
+    [(_, img, _, meta)] = list(read_embeddings(out))
+    assert meta["embed_status"].tolist() == [STATUS_OK, STATUS_FAILED_DECODE, STATUS_OK, STATUS_OK]
+    assert "1x22000" in meta["embed_error"][1] and "aspect ratio 22000:1" in meta["embed_error"][1]
+    assert not img[1].any() and pd.isna(meta["clip_score"][1])
+    samples = _tar_samples(pool2)["00000"]
+    ref = Embedder(MODEL, None, "cpu", 8, "fp32").embed_images(
+        [Image.open(io.BytesIO(samples[i][1]["jpg"])) for i in (0, 2, 3)])
+    np.testing.assert_allclose(img[[0, 2, 3]], ref, atol=2e-3)
+
+
+def test_a_spark_run_from_a_checkpoint_is_reopened_by_dedup_as_a_local_run_is(spark, tmp_path):
+    """model.json of a Spark run from a checkpoint path lacked the checkpoint_path a local run records, so
+    embedder_for (dedup, dedup calibrate without --pretrained) built a random-init model and refused the
+    folder as 'embeddings of another model ... delete that one to re-embed'."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from laiontools.models.registry import register_tiny_models
+
+    register_tiny_models()
+    torch.manual_seed(7)  # weights of this test's own, not the shipped random init
+    ckpt = str(tmp_path / "ckpt.pt")
+    torch.save(open_clip.create_model(MODEL).state_dict(), ckpt)
+    pool = write_pool(str(tmp_path / "p"), n_shards=1, per_shard=3, image_size=64, realistic=False)
+    out = str(tmp_path / "spark")
+    res = embed_stage.run(EmbedConfig(manifest=pool, output=out, model=MODEL, pretrained=ckpt, batch_size=5,
+                                      num_workers=0, engine="spark"), spark=spark)
+    assert res.ok
+    emb = embedder_for(out, device="cpu", precision="fp32")
+    [(_, img, _, _)] = list(read_embeddings(out))
+    samples = _tar_samples(pool)["00000"]
+    got = emb.embed_images([Image.open(io.BytesIO(parts["jpg"])) for _, parts in samples])
+    np.testing.assert_allclose(got, img, atol=2e-3)
+    random_init = Embedder(MODEL, None, "cpu", 8, "fp32").embed_images([Image.open(io.BytesIO(samples[0][1]["jpg"]))])
+    assert np.abs(random_init[0] - img[0]).max() > 0.05  # the folder's vectors are the checkpoint's
+
+
+def test_a_relative_manifest_path_is_found_by_readers_run_from_elsewhere(tmp_path, monkeypatch):
+    """`laiontools embed --manifest pool/pool.manifest.json --output emb` recorded the path as typed; read_pool
+    (dedup, semdedup, dedup calibrate) looked it up under the embeddings folder or the reader's own working
+    directory: 'manifest <emb>/pool/pool.manifest.json does not exist' from anywhere but the embed's cwd."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pool = write_pool(str(work / "pool"), n_shards=2, per_shard=2, image_size=64, realistic=False)
+    monkeypatch.chdir(work)
+    assert _run(os.path.join("pool", layout.POOL_MANIFEST), "emb") == 0
+    monkeypatch.chdir(elsewhere)
+    info = read_pool(str(work / "emb"))
+    assert os.path.samefile(info.manifest_path, pool)
+    assert info.shard_ids == ["00000", "00001"]
+    assert {k: os.path.realpath(v) for k, v in info.tar_by_shard.items()} == {
+        f"0000{i}": os.path.realpath(str(work / "pool" / "shards" / f"0000{i}.tar")) for i in (0, 1)}

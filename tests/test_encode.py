@@ -6,6 +6,8 @@ transforms and tokenizers; the reference is always open_clip's own call.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -498,3 +500,24 @@ def test_real_state_dict_and_safetensors_still_load(tmp_path):
         got = load_model("lt-tiny", str(tmp_path / f)).model.state_dict()
         k = next(iter(sd))
         assert torch.equal(got[k], sd[k]), f
+
+
+@pytest.mark.parametrize("grown", ["image_size", "context_length"])
+def test_checkpoint_of_another_image_size_or_context_length_is_refused_not_interpolated(tmp_path, grown):
+    """open_clip loads strictly but resizes position embeddings to the model's: a checkpoint trained at 96 px
+    (or with 77 tokens) given as lt-tiny (64 px, 32 tokens) -- a ViT-L-14-336 checkpoint given as ViT-L-14 --
+    loaded and embedded at a resolution it never saw, with an INFO line only. Also DDP-saved ('module.')."""
+    import open_clip
+
+    from laiontools.models.registry import ModelError, register_tiny_models
+
+    register_tiny_models()
+    force = {"image_size": {"force_image_size": 96}, "context_length": {"force_context_length": 77}}[grown]
+    sd = open_clip.create_model("lt-tiny", **force).state_dict()
+    key = {"image_size": "visual.positional_embedding", "context_length": "positional_embedding"}[grown]
+    want = {"image_size": [(96 // 16) ** 2 + 1, 64], "context_length": [77, 64]}[grown]
+    assert list(sd[key].shape) == want
+    for name, obj in (("w.pt", sd), ("ddp.pt", {"state_dict": {f"module.{k}": v for k, v in sd.items()}})):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ModelError, match=re.escape(f"{tmp_path / name} does not fit model 'lt-tiny' ({key} {want}")):
+            load_model("lt-tiny", str(tmp_path / name))

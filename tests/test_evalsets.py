@@ -389,6 +389,24 @@ def test_eval_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
         "ImageLimitError: image of 10000x10000 = 100 Mpx is over the 89 Mpx limit; not decoded")
 
 
+def test_an_eval_image_strip_a_model_resize_would_blow_up_is_an_item_error(tmp_path):
+    """A 1 x 200,000 PNG (a few hundred bytes, 0.2 Mpx: under the header limit) was decoded, and the model's
+    Resize (short side to its input, 224: 224 x 44,800,000 RGB pixels, ~30 GB) then ran out of memory in
+    dedup or evaluate. It is an item error; a panorama of ordinary proportions is still read."""
+    from laiontools.core.images import MAX_IMAGE_PIXELS, MAX_MODEL_INPUT_SIDE
+
+    root = _imagefolder(str(tmp_path / "ifold"), classes=1, per=1)
+    Image.new("L", (200_000, 1)).save(os.path.join(root, "class0", "strip.png"))
+    Image.new("L", (3_000, 300)).save(os.path.join(root, "class0", "wide.png"))
+    items = {it.item_id: it for it in E.iter_items(E.make_evalset("b", root, "imagefolder"))}
+    assert items["class0/strip.png"].image is None
+    assert items["class0/strip.png"].error.startswith("ImageLimitError: image of 200000x1 (aspect ratio 200000:1)")
+    assert items["class0/wide.png"].image.size == (3_000, 300) and items["class0/wide.png"].error is None
+    # what the resize would make, computed here: short side to the input, the long side in proportion
+    assert MAX_MODEL_INPUT_SIDE * (200_000 * MAX_MODEL_INPUT_SIDE) > MAX_IMAGE_PIXELS
+    assert MAX_MODEL_INPUT_SIDE * (10 * MAX_MODEL_INPUT_SIDE) < MAX_IMAGE_PIXELS
+
+
 def test_wds_member_over_the_byte_limit_is_not_read(tmp_path):
     """A gzip tar of a few hundred KB holding a member of more than 64 MiB was read whole into memory
     (walk F9): the member is skipped unread and its item records why."""

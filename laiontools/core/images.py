@@ -98,6 +98,31 @@ def check_pixels(width: int, height: int, max_pixels: int | None = MAX_IMAGE_PIX
         )
 
 
+# The largest input side of the image models evaluation sets are embedded for (open_clip's ViT-H-14-378,
+# EVA's 448, SigLIP's 512, DINOv2's 518): where the model is not known when an image is decoded, the
+# resize check below assumes it (an image refused by it is over 333:1).
+MAX_MODEL_INPUT_SIDE = 518
+
+
+def check_resized_pixels(width: int, height: int, input_side: int = MAX_MODEL_INPUT_SIDE) -> None:
+    """Raise :class:`ImageLimitError` when open_clip's eval Resize, which scales the *short* side to
+    `input_side` before the center crop, would make a `width` x `height` image more than MAX_IMAGE_PIXELS.
+
+    A thin strip passes the header's pixel limit (a 1 x 1,000,000 PNG is 1 Mpx and a few KB) but is
+    upscaled to 64 x 64,000,000 (224: 224 x 224,000,000) RGB pixels, 12 GB (150 GB) in one process: the
+    worker is killed, the run dies, and every resume dies on the same sample."""
+    import math
+
+    short, long = min(width, height), max(width, height)
+    resized = input_side * math.ceil(long * input_side / max(1, short))
+    if resized > MAX_IMAGE_PIXELS:
+        raise ImageLimitError(
+            f"image of {width}x{height} (aspect ratio {long / max(1, short):.0f}:1) would be resized to "
+            f"{resized / 1e6:.0f} Mpx before a {input_side}px center crop, over the "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpx limit; not decoded"
+        )
+
+
 # PIL modes of single-channel images wider than 8 bits (PIL opens 16-bit RGB PNGs as 8-bit RGB itself).
 WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 

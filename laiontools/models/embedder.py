@@ -48,6 +48,19 @@ def resolve_precision(precision: str, device: str) -> str:
     return "fp32"
 
 
+def embedding_info(model_info: dict[str, Any], pretrained: str | None) -> dict[str, Any]:
+    """The model part of an embeddings folder's model.json: `model_info` (:func:`load_model`'s) + how vectors
+    are stored + the checkpoint's absolute path when `pretrained` is one (informative, the identity is its
+    sha256; :func:`embedder_for` loads it from there when dedup is given no --pretrained). Every engine
+    records this same document."""
+    info = dict(model_info)
+    if pretrained and os.path.exists(pretrained):
+        info["checkpoint_path"] = os.path.abspath(pretrained)
+    info["normalize"] = "l2"
+    info["storage_dtype"] = "float16"
+    return info
+
+
 class Embedder:
     """An open_clip model with the preprocessing and tokenizer open_clip pairs with it.
 
@@ -89,12 +102,7 @@ class Embedder:
             log.info("text tower: using open_clip's encode_text over the full context for %s", model)
         self._input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self._autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(self.precision)
-        info = dict(bundle.info)
-        if pretrained and os.path.exists(pretrained):
-            info["checkpoint_path"] = os.path.abspath(pretrained)  # informative; identity is the sha256
-        info["normalize"] = "l2"
-        info["storage_dtype"] = "float16"
-        self._info = info
+        self._info = embedding_info(bundle.info, pretrained)
         if self.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -91,9 +91,10 @@ def load_model(name: str, pretrained: str | None = None, device: str = "cpu", pr
                 f"{name!r} has no pretrained tag {pretrained!r} (known: {tags or 'none'}) and no file "
                 f"{pretrained!r} exists; pass a tag from that list or a local checkpoint path"
             )
+    shapes: dict[str, tuple[int, ...]] = {}
     if pretrained and os.path.exists(pretrained):
         # Refuse pickles: open_clip loads with torch.load; make sure only tensors are accepted.
-        _assert_weights_only(pretrained)
+        shapes = _assert_weights_only(pretrained)
     if not pretrained:
         # Random init must be the same weights in every process and stage (embed the pool, embed
         # the evaluation sets, train ranks): seed it, without disturbing the caller's RNG.
@@ -104,6 +105,7 @@ def load_model(name: str, pretrained: str | None = None, device: str = "cpu", pr
             )
     else:
         model, preprocess_train, preprocess = _create_pretrained(name, pretrained, device, precision)
+        _check_not_resized(name, pretrained, shapes, model)
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     cfg = open_clip.get_model_config(name) or {}
@@ -145,9 +147,25 @@ def _create_pretrained(name: str, pretrained: str, device: str, precision: str) 
         raise
 
 
-def _assert_weights_only(path: str) -> None:
+def _check_not_resized(name: str, path: str, shapes: dict[str, tuple[int, ...]], model: Any) -> None:
+    """Raise ModelError when open_clip fitted checkpoint `path` to model `name` by interpolating its weights.
+
+    open_clip loads strictly, except that it resizes the image grid's and the text's position embeddings
+    to the model's (an INFO log line): a ViT-L-14-336 checkpoint given as ViT-L-14, or one trained with
+    another context length, loads and embeds at another resolution than it was trained at, with no error.
+    `shapes`: the checkpoint's tensor shapes (:func:`_assert_weights_only`)."""
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    diff = {k: (shp, have[k]) for k, shp in shapes.items() if k in have and have[k] != shp}
+    if diff:
+        shown = ", ".join(f"{k} {list(a)} in the checkpoint, {list(b)} in the model" for k, (a, b) in sorted(diff.items()))
+        raise ModelError(f"checkpoint {path} does not fit model {name!r} ({shown}): it was trained at another image "
+                         f"size or context length; pass the model name it was trained with")
+
+
+def _assert_weights_only(path: str) -> dict[str, tuple[int, ...]]:
     """Raise ModelError naming `path` unless it loads without unpickling objects (torch weights_only, or
-    safetensors) into what open_clip takes: a non-empty {name: tensor} mapping, possibly under 'state_dict'."""
+    safetensors) into what open_clip takes: a non-empty {name: tensor} mapping, possibly under 'state_dict'.
+    Returns each tensor's shape by parameter name (without a DDP 'module.' prefix, as open_clip strips it)."""
     import torch
 
     if path.endswith(".safetensors"):
@@ -172,6 +190,8 @@ def _assert_weights_only(path: str) -> None:
             f"checkpoint {path} is not a model state_dict (it holds {_describe_obj(sd)}, not a non-empty mapping of "
             f"parameter names to tensors); pass the weights file written by training (a plain state_dict or safetensors)"
         )
+    ddp = next(iter(sd)).startswith("module.")  # open_clip's rule for a DDP-saved state_dict
+    return {(k.removeprefix("module.") if ddp else k): tuple(v.shape) for k, v in sd.items()}
 
 
 def _describe_obj(obj: Any) -> str:

@@ -97,7 +97,7 @@ from laiontools.core.storage import (
     write_json,
     write_record,
 )
-from laiontools.models.embedder import PRECISIONS, Embedder, resolve_device
+from laiontools.models.embedder import PRECISIONS, Embedder, embedding_info, resolve_device
 from laiontools.wds.samples import POOL_IMAGE_EXTS, meta_key
 
 log = logging.getLogger(__name__)
@@ -205,23 +205,27 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
         raise ShardError(f"shard {url} is not a readable tar ({e}); re-download it") from e
 
 
-def load_image(data: bytes, preprocess: Any, draft_size: int | None = None) -> Any:
+def load_image(data: bytes, preprocess: Any, draft_size: int | None = None, input_side: int | None = None) -> Any:
     """Encoded image bytes -> `preprocess(image)` (a tensor, or a uint8 array from BatchPreprocess).
 
     With `draft_size`, a JPEG at least twice that size is decoded at reduced scale by libjpeg (never
     below `draft_size` on its short side) before `preprocess`. An image over the pixel limit (read from
-    its header) raises before it is decoded (:func:`laiontools.core.images.open_image`)."""
-    from laiontools.core.images import open_image, to_8bit
+    its header) raises before it is decoded (:func:`laiontools.core.images.open_image`); with
+    `input_side` (the model's input side), so does one that open_clip's Resize (short side ->
+    `input_side`) would blow up past that limit (:func:`laiontools.core.images.check_resized_pixels`)."""
+    from laiontools.core.images import check_resized_pixels, open_image, to_8bit
 
     with open_image(data) as im:
+        if input_side:
+            check_resized_pixels(*im.size, input_side)
         if draft_size and im.format == "JPEG":
             im.draft("RGB", (draft_size, draft_size))
         im.load()
         return preprocess(to_8bit(im))
 
 
-def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
-            draft_size: int | None = None) -> tuple[Any, str | None, str, str | None]:
+def _decode(key: str, parts: dict[str, bytes], preprocess: Any, draft_size: int | None = None,
+            input_side: int | None = None) -> tuple[Any, str | None, str, str | None]:
     """(image tensor or None, uid, caption, error) of one sample."""
     uid = None
     err = None
@@ -240,7 +244,7 @@ def _decode(key: str, parts: dict[str, bytes], preprocess: Any,
     if img_bytes is None:
         return None, uid, caption, err or f"no image member for {key} (looked for {POOL_IMAGE_EXTS})"
     try:
-        tensor = load_image(img_bytes, preprocess, draft_size)
+        tensor = load_image(img_bytes, preprocess, draft_size, input_side)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a per-sample failure, not a crash
         # without the object addresses reprs carry (PIL: "cannot identify image file <_io.BytesIO object at
         # 0x7f...>"), which differ run to run: the meta file must be the same bytes after a resume
@@ -300,7 +304,8 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
             ok = torch.zeros(n, dtype=torch.bool)
             keys, uids, captions, errors = [], [], [], []
             for i, (key, parts) in enumerate(samples):
-                tensor, uid, caption, err = _decode(key, parts, self.preprocess, self.draft_size)
+                tensor, uid, caption, err = _decode(key, parts, self.preprocess, self.draft_size,
+                                                    max(self.image_size))
                 if tensor is not None:
                     images[i] = tensor
                     ok[i] = True
@@ -493,11 +498,14 @@ def _signature(info: dict[str, Any]) -> str:
 
 
 def pool_identity(manifest_path: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What model.json records of the pool. A local manifest path is recorded absolute: readers (dedup,
+    semdedup: contracts.embeddings.read_pool) run from other working directories, and a path as typed
+    (``pool/pool.manifest.json``) would be looked up relative to theirs, or to the embeddings folder."""
     from laiontools.contracts.manifest import manifest_sha256
 
     return {
         "name": manifest["name"],
-        "manifest": manifest_path,
+        "manifest": manifest_path if "://" in manifest_path else os.path.abspath(manifest_path),
         "manifest_sha256": manifest_sha256(manifest_path),
         "source_fingerprint": manifest["source"]["fingerprint"],
     }
@@ -719,7 +727,7 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
     probe = Embedder(cfg.model, cfg.pretrained, device, cfg.batch_size, cfg.precision) if cfg.engine != "spark" else None
     if probe is None:
         bundle = load_model(cfg.model, cfg.pretrained, device="cpu")
-        model_info = {**bundle.info, "normalize": "l2", "storage_dtype": "float16"}
+        model_info = embedding_info(bundle.info, cfg.pretrained)  # what a local run's Embedder records
         del bundle
     else:
         model_info = probe.info
