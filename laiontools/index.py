@@ -100,11 +100,20 @@ def serialize(index: Any) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
+# faiss GPU indexes answer at most this many neighbours per query and probe at most this many IVF lists
+# (GPU_MAX_SELECTION_K); asked for more, their search raises where the CPU index's answers.
+GPU_MAX_K = 2048
+
+
 def deserialize(data: bytes, use_gpu: bool = True) -> Any:
-    """Index from bytes; moved to all GPUs when faiss sees any (and `use_gpu`), IVF nprobe kept."""
+    """Index from bytes; moved to all GPUs when faiss sees any (and `use_gpu`), IVF nprobe kept. An IVF
+    index probing more than :data:`GPU_MAX_K` lists stays on the CPU (a GPU one could not search)."""
     import faiss
 
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    if use_gpu and (getattr(index, "nprobe", 0) or 0) > GPU_MAX_K:
+        log.warning("IVF nprobe %d is more than a faiss GPU index probes (%d): searching on the CPU", index.nprobe, GPU_MAX_K)
+        use_gpu = False
     if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         nprobe = getattr(index, "nprobe", None)
         index = faiss.index_cpu_to_all_gpus(index)

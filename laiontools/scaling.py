@@ -756,7 +756,7 @@ def measure_images_per_second(name: str, batch_size: int = 32, steps: int = 3, d
     """Training images/s of one device for ``name`` (random init): forward + CLIP loss + backward + AdamW step.
 
     One warm-up step, then ``steps`` timed steps on random images and captions of the model's sizes
-    (bf16 autocast on CUDA, as training there would run; fp32 on CPU). Returns ``{images_per_second,
+    (fp16 autocast on CUDA, as train's default ``--precision amp`` runs there; fp32 on CPU). Returns ``{images_per_second,
     device, batch_size, steps, seconds}``. A measured rate is for this device and this batch size only.
     """
     import time
@@ -777,7 +777,8 @@ def measure_images_per_second(name: str, batch_size: int = 32, steps: int = 3, d
     use_amp = device.startswith("cuda")
 
     def step() -> None:
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+        # float16 as open_clip's "amp" (train's default on a GPU): bf16 is emulated, and far slower, on pre-Ampere GPUs
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
             out = model(images, texts)
             if isinstance(out, dict):
                 out = (out["image_features"], out["text_features"], out["logit_scale"])
@@ -788,11 +789,11 @@ def measure_images_per_second(name: str, batch_size: int = 32, steps: int = 3, d
 
     step()  # warm-up: allocator, kernels
     if use_amp:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # the device the steps ran on (cuda:1 is not the current one)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     if use_amp:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
     return {"images_per_second": batch_size * steps / dt, "device": device, "batch_size": batch_size, "steps": steps, "seconds": dt}

@@ -264,6 +264,86 @@ def test_gpu_index_search_matches_cpu():
     np.testing.assert_array_equal(index.search(x, 1)[1], gpu.search(x, 1)[1])
 
 
+class _FakeGpuIndex:
+    """What faiss's GPU cloner gives, as far as the limits go: a search of more than GPU_MAX_K neighbours,
+    or an IVF probing more lists, raises (faiss: "GPU index only supports min/max-K selection up to 2048")."""
+
+    def __init__(self, cpu):
+        self.cpu, self.ntotal = cpu, cpu.ntotal
+
+    def search(self, x, k):
+        if k > DI.GPU_MAX_K or getattr(self.cpu, "nprobe", 0) > DI.GPU_MAX_K:
+            raise RuntimeError(f"GPU index only supports min/max-K selection up to {DI.GPU_MAX_K} (requested {k})")
+        return self.cpu.search(x, k)
+
+
+def _fake_gpu_faiss(monkeypatch):
+    import faiss
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", _FakeGpuIndex, raising=False)
+
+    class _Params:
+        def set_index_parameter(self, index, name, val):
+            setattr(index.cpu, name, val)
+
+    monkeypatch.setattr(faiss, "GpuParameterSpace", _Params, raising=False)
+
+
+def test_a_k_or_nprobe_past_the_faiss_gpu_limit_is_searched_on_the_cpu(monkeypatch):
+    """A faiss GPU index answers at most 2048 neighbours and probes at most 2048 IVF lists: --k 3000 over a
+    large evaluation set, or --nprobe 3000, was put on the GPU and every search task raised there (the
+    CPU run worked). Such searches stay on the CPU now. (faiss's GPU cloner faked, with its limits.)"""
+    import faiss
+
+    _fake_gpu_faiss(monkeypatch)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((DI.GPU_MAX_K + 100, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    flat, _ = DI.build_index(x)
+    desc = {"index_sha256": "0" * 64, "items_sha256": "1" * 64, "ntotal": len(x), "dim": 16, "index_type": "flat",
+            "model": {"model": "lt-tiny", "embed_dim": 16}, "evalsets": [{"name": "s"}]}
+    for k, on_gpu in ((5, True), (DI.GPU_MAX_K, True), (3000, False)):
+        ctx = dedup_stage.search_context(DedupConfig(embeddings="e", evalset=["s=x"], output="o", k=k), desc)
+        assert ctx["gpu"] is on_gpu
+        index = DI.deserialize(DI.serialize(flat), use_gpu=ctx["gpu"])
+        assert isinstance(index, _FakeGpuIndex) is on_gpu
+        kk = min(k, len(x))
+        np.testing.assert_array_equal(index.search(x[:3], kk)[1], flat.search(x[:3], kk)[1])
+    assert dedup_stage.search_context(DedupConfig(embeddings="e", evalset=["s=x"], output="o", k=3000, gpu=False), desc)["gpu"] is False
+    # an IVF index probing more lists than a GPU one can stays on the CPU, nprobe kept; fewer: the GPU
+    quantizer = faiss.IndexFlatIP(16)
+    ivf = faiss.IndexIVFFlat(quantizer, 16, DI.GPU_MAX_K + 50, faiss.METRIC_INNER_PRODUCT)
+    ivf.nprobe = DI.GPU_MAX_K + 50
+    cpu = DI.deserialize(DI.serialize(ivf), use_gpu=True)
+    assert isinstance(cpu, faiss.IndexIVFFlat) and cpu.nprobe == DI.GPU_MAX_K + 50
+    ivf.nprobe = 16
+    gpu = DI.deserialize(DI.serialize(ivf), use_gpu=True)
+    assert isinstance(gpu, _FakeGpuIndex) and gpu.cpu.nprobe == 16
+
+
+@pytest.mark.gpu
+def test_gpu_search_past_the_faiss_gpu_k_limit_matches_cpu():
+    """On a real faiss GPU build: --k 3000 and an IVF --nprobe 3000 search (on the CPU) instead of raising."""
+    import faiss
+
+    if DI.gpu_count() == 0:
+        pytest.skip("faiss sees no GPU (faiss-cpu build or no device)")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    flat, _ = DI.build_index(x)
+    desc = {"index_sha256": "0" * 64, "items_sha256": "1" * 64, "ntotal": len(x), "dim": 32, "index_type": "flat",
+            "model": {"model": "lt-tiny", "embed_dim": 32}, "evalsets": [{"name": "s"}]}
+    ctx = dedup_stage.search_context(DedupConfig(embeddings="e", evalset=["s=x"], output="o", k=3000), desc)
+    index = DI.deserialize(DI.serialize(flat), use_gpu=ctx["gpu"])
+    np.testing.assert_array_equal(index.search(x[:4], 3000)[1], flat.search(x[:4], 3000)[1])
+    ivf, _ = DI.build_index(x, "ivf", nlist=2500, nprobe=2500)
+    got = DI.deserialize(DI.serialize(ivf), use_gpu=True)
+    assert isinstance(got, faiss.IndexIVFFlat)
+    np.testing.assert_array_equal(got.search(x[:4], 5)[1], ivf.search(x[:4], 5)[1])
+
+
 def test_calibrate_refuses_an_exclude_uids_that_is_no_uid_file_before_embedding(pool, emb, tmp_path):
     """dedup calibrate --exclude-uids: a .npy of another dtype, of pickled objects, or a text file is
     refused naming the file, before the planted copies are embedded (it crashed after them)."""

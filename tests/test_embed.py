@@ -499,6 +499,47 @@ def test_gpu_matches_cpu(small_pool, tmp_path):
     assert rows == 24
 
 
+def test_device_cuda_in_a_torchrun_rank_is_that_ranks_gpu_and_a_missing_gpu_is_named(monkeypatch):
+    """`--device cuda` under torchrun gave every rank plain "cuda" (cuda:0): all ranks' models on GPU 0,
+    the others idle. It is the rank's GPU now (LOCAL_RANK, as the default device is); cuda:N past the
+    last GPU is a ConfigError naming the count, not an error inside open_clip. (torch faked to see 4 GPUs.)"""
+    import torch
+
+    from laiontools.core.config import ConfigError
+    from laiontools.models.embedder import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == "cuda" and resolve_device(None) == "cuda:0"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("cuda") == resolve_device(None) == "cuda:2"
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "5")  # one GPU per rank made visible by the launcher: 5 % 4
+    assert resolve_device("cuda") == "cuda:1"
+    for bad in ("cuda:4", "cuda:x"):
+        with pytest.raises(ConfigError, match=rf"device '{bad}' asked for but torch sees 4 CUDA device\(s\); use --device cpu or cuda:0..3"):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match=r"torch sees 0 CUDA device\(s\); use --device cpu$"):
+        resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_embedder_on_a_gpu_makes_it_the_current_device(monkeypatch):
+    """An Embedder on cuda:N (a torchrun rank's GPU) makes cuda:N the current device: the DataLoader's
+    pin-memory thread pins on the current device, which was cuda:0 in every rank (a context each there)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    last = torch.cuda.device_count() - 1
+    monkeypatch.setenv("LOCAL_RANK", str(last))
+    emb = Embedder(MODEL, device="cuda", batch_size=4, precision="fp32")
+    assert emb.device == f"cuda:{last}" and torch.cuda.current_device() == last
+    assert next(emb.model.parameters()).device == torch.device(emb.device)
+
+
 def test_fast_decode_close_to_exact(tmp_path):
     """--fast-decode (JPEG DCT-scaled decode of images >= 2x the model input) stays in the same space."""
     manifest = write_pool(str(tmp_path / "p"), n_shards=1, per_shard=4, image_size=256, realistic=False)

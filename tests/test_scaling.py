@@ -380,3 +380,32 @@ def test_data_scale_effect_of_scales_of_the_same_size_is_no_signal() -> None:
     assert [s["dataset_samples"] for s in e["scales"]] == [350, 350]
     assert e["signal"] is False
     assert "same dataset size" in e["note"] and "same size" in effect_html([e])
+
+
+@pytest.mark.gpu
+def test_measured_rate_waits_for_the_gpu_it_ran_on_in_trains_amp_dtype(monkeypatch) -> None:
+    """measure_images_per_second on cuda:N synchronized the current device (cuda:0), so the clock stopped
+    before cuda:N's steps finished; and it timed bf16 autocast where train's default ``amp`` runs fp16."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from laiontools.scaling import measure_images_per_second
+
+    synced, dtypes = [], []
+    real_sync, real_autocast = torch.cuda.synchronize, torch.autocast
+
+    def sync(device=None):
+        synced.append(None if device is None else torch.device(device))
+        real_sync(device)
+
+    def autocast(*a, **kw):
+        dtypes.append(kw.get("dtype"))
+        return real_autocast(*a, **kw)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    monkeypatch.setattr(torch, "autocast", autocast)
+    dev = f"cuda:{torch.cuda.device_count() - 1}"
+    got = measure_images_per_second("lt-tiny", batch_size=4, steps=1, device=dev)
+    assert got["images_per_second"] > 0 and got["device"] == dev
+    assert synced and all(d == torch.device(dev) for d in synced)
+    assert dtypes and set(dtypes) == {torch.float16}

@@ -604,3 +604,21 @@ def test_open_clip_args_may_not_set_what_the_plan_sets(subset: str, tmp_path) ->
     # what the plan leaves to open_clip passes
     TrainConfig(manifest=subset, model="lt-tiny", samples_seen=32, batch_size=8, output=str(run_dir),
                 open_clip_args=["--lr-scheduler", "const-cooldown", "--epochs-cooldown", "1", "--grad-clip-norm", "1.0"])
+
+
+def test_a_cuda_ordinal_past_the_last_gpu_is_refused_before_the_launch(monkeypatch, tmp_path) -> None:
+    """--device cuda:N with N past the last GPU was launched, and every rank failed inside open_clip
+    ("invalid device ordinal"); it is refused at once, naming the GPUs there are. (torch faked to see 2.)"""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def device(dev: str) -> str:
+        return train_stage._device(TrainConfig(manifest="m.json", model="lt-tiny", samples_seen=64, batch_size=8,
+                                               output=str(tmp_path / "r"), device=dev))
+
+    assert device("cuda:1") == "cuda:1" and device("cuda") == "cuda" and device("cpu") == "cpu"
+    for bad in ("cuda:2", "cuda:x"):
+        with pytest.raises(ConfigError, match=rf"--device {bad}: torch sees 2 CUDA device\(s\); use cuda:0..1 or cuda"):
+            device(bad)

@@ -23,13 +23,20 @@ PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16", "bf16", "fp16")
 
 
 def resolve_device(device: str | None) -> str:
-    """`device` as given (refused if it names CUDA and torch sees none), else cuda:LOCAL_RANK when there
-    is a GPU, else "cpu"."""
+    """`device` as given (refused if it names CUDA and torch sees none, or a cuda:N past the last one),
+    else cuda:LOCAL_RANK when there is a GPU, else "cpu". A bare "cuda" in a rank a launcher started
+    (LOCAL_RANK set: torchrun) is that rank's GPU too, not every rank's cuda:0."""
     import torch
 
     if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} asked for but torch sees no CUDA device; use --device cpu")
+        if device.startswith("cuda"):
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            ordinal = device.partition(":")[2]
+            if n == 0 or (ordinal and not (ordinal.isdigit() and int(ordinal) < n)):
+                raise ConfigError(f"device {device!r} asked for but torch sees {n} CUDA device(s); use --device cpu"
+                                  + ("" if n == 0 else f" or cuda:0..{n - 1}"))
+            if device == "cuda" and "LOCAL_RANK" in os.environ:
+                return f"cuda:{int(os.environ['LOCAL_RANK']) % n}"
         return device
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -104,6 +111,10 @@ class Embedder:
         self._autocast_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(self.precision)
         self._info = embedding_info(bundle.info, pretrained)
         if self.device.startswith("cuda"):
+            if torch.device(self.device).index is not None:
+                # the current device too: what runs on "the" GPU without naming one (the DataLoader's
+                # pin-memory thread, pinned buffers) otherwise opens a context on cuda:0 in every rank
+                torch.cuda.set_device(torch.device(self.device))
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 

@@ -649,7 +649,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
 
 # The most evaluation neighbours a pool sample's per-set counts look at (faiss's GPU k limit): a sample
 # that duplicates more evaluation items than this is counted for its DEEP_K nearest, with a warning.
-DEEP_K = 2048
+DEEP_K = 2048  # laiontools.index.GPU_MAX_K
 
 
 def _search_deeper(index: Any, x: np.ndarray, rows: np.ndarray, lo: int, k: int, thr: float, cap: int,
@@ -724,7 +724,9 @@ def search_context(cfg: DedupConfig, index_desc: dict[str, Any]) -> dict[str, An
     return {
         "output": cfg.output, "emb_dir": cfg.embeddings, "index_path": paths["index"], "items_path": paths["items"],
         "index_sha256": index_desc["index_sha256"], "settings_key": _settings_key(index_desc, cfg),
-        "threshold": cfg.threshold, "k": cfg.k, "chunk_rows": cfg.chunk_rows, "gpu": cfg.gpu,
+        "threshold": cfg.threshold, "k": cfg.k, "chunk_rows": cfg.chunk_rows,
+        # a faiss GPU index answers at most GPU_MAX_K neighbours: a larger k is searched on the CPU
+        "gpu": cfg.gpu and min(cfg.k, int(index_desc["ntotal"])) <= DI.GPU_MAX_K,
         "dim": index_desc["dim"], "model_desc": DI.describe_model(index_desc["model"]),
         "index_type": index_desc["index_type"], "evalset_names": [e["name"] for e in index_desc["evalsets"]],
         "items_sha256": index_desc["items_sha256"], "gallery_pairs": cfg.gallery_pairs, "phash": cfg.phash,
@@ -787,12 +789,14 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     write_record(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
     items = _read_items(paths["items"])
     ctx = search_context(cfg, index_desc)
+    if cfg.gpu and not ctx["gpu"] and DI.gpu_count() > 0:
+        log.warning("--k %d is more neighbours than a faiss GPU index answers (%d): searching on the CPU", cfg.k, DI.GPU_MAX_K)
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
     t0 = time.time()
     with stage_tasks(cfg, spark, app_name="laiontools-dedup", size=lambda: embedded_rows(pool, cfg.spark_above),
                      spark_above=cfg.spark_above) as tasks:
         # a faiss GPU index is not to be searched from two threads at once: only its search is serialized
-        ctx["serialize_search"] = tasks.local and cfg.gpu and DI.gpu_count() > 0
+        ctx["serialize_search"] = tasks.local and ctx["gpu"] and DI.gpu_count() > 0
         ctx["threads"] = tasks.threads(cfg.search_threads, len(units))
         engine = "in-process" if tasks.local else f"spark {tasks.spark.sparkContext.master}"
         with task_errors_as(InputError):

@@ -322,6 +322,11 @@ def _device(cfg: TrainConfig) -> str:
     if cfg.device:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("train: --device cuda was given but torch sees no CUDA device; use --device cpu")
+        ordinal = cfg.device.partition(":")[2] if cfg.device.startswith("cuda") else ""
+        if ordinal and not (ordinal.isdigit() and int(ordinal) < torch.cuda.device_count()):
+            # else every rank fails inside open_clip ("invalid device ordinal") after the launch
+            raise ConfigError(f"train: --device {cfg.device}: torch sees {torch.cuda.device_count()} CUDA device(s); "
+                              f"use cuda:0..{torch.cuda.device_count() - 1} or cuda")
         device = cfg.device
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
