@@ -249,15 +249,19 @@ def test_recommend_rule():
     assert many["reason"].endswith("this model does not separate copies from unrelated images")
 
 
+def _unit_rows(n: int, d: int) -> np.ndarray:
+    """n seeded random L2-normalized float32 vectors of dimension d."""
+    x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 @pytest.mark.gpu
 def test_gpu_index_search_matches_cpu():
     import faiss
 
     if DI.gpu_count() == 0:
         pytest.skip("faiss sees no GPU (faiss-cpu build or no device)")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1000, 64)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = _unit_rows(1000, 64)
     index, _ = DI.build_index(x[:200])
     gpu = DI.deserialize(DI.serialize(index), use_gpu=True)
     assert not isinstance(gpu, faiss.IndexFlatIP)
@@ -297,9 +301,7 @@ def test_a_k_or_nprobe_past_the_faiss_gpu_limit_is_searched_on_the_cpu(monkeypat
     import faiss
 
     _fake_gpu_faiss(monkeypatch)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((DI.GPU_MAX_K + 100, 16)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = _unit_rows(DI.GPU_MAX_K + 100, 16)
     flat, _ = DI.build_index(x)
     desc = {"index_sha256": "0" * 64, "items_sha256": "1" * 64, "ntotal": len(x), "dim": 16, "index_type": "flat",
             "model": {"model": "lt-tiny", "embed_dim": 16}, "evalsets": [{"name": "s"}]}
@@ -329,9 +331,7 @@ def test_gpu_search_past_the_faiss_gpu_k_limit_matches_cpu():
 
     if DI.gpu_count() == 0:
         pytest.skip("faiss sees no GPU (faiss-cpu build or no device)")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3000, 32)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = _unit_rows(3000, 32)
     flat, _ = DI.build_index(x)
     desc = {"index_sha256": "0" * 64, "items_sha256": "1" * 64, "ntotal": len(x), "dim": 32, "index_type": "flat",
             "model": {"model": "lt-tiny", "embed_dim": 32}, "evalsets": [{"name": "s"}]}
