@@ -1285,29 +1285,12 @@ def test_an_object_store_clients_give_up_log_keeps_to_its_line(capsys):
 def busy_endpoint(status: str = "503 Slow Down", code: str = "SlowDown", message: str = "Please reduce your request rate.") -> Any:
     """URL of an S3 API server on 127.0.0.1 that answers every request as a throttling (or failing) S3
     does: `status` with S3's XML error body (none for a HEAD, as S3 sends none)."""
-    import threading
+    from laiontools.testing.net import answering
 
-    from werkzeug.serving import WSGIRequestHandler, make_server
-
-    class Quiet(WSGIRequestHandler):
-        def log_request(self, *args: Any) -> None:
-            pass
-
-    def app(environ: dict, start_response: Any) -> list[bytes]:
-        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-                "<RequestId>lt</RequestId></Error>").encode()
-        if environ["REQUEST_METHOD"] == "HEAD":
-            body = b""
-        start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
-        return [body]
-
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+            "<RequestId>lt</RequestId></Error>").encode()
+    with answering(lambda path, headers: (int(status.split()[0]), {"Content-Type": "application/xml"}, body)) as url:
+        yield url
 
 
 @pytest.mark.parametrize("status, code, message", [("503 Slow Down", "SlowDown", "Please reduce your request rate."),

@@ -28,9 +28,9 @@ def wait_port(port: int, deadline: float) -> None:
 
 @contextlib.contextmanager
 def answering(answer: Callable[[str, Mapping[str, str]], tuple[int, Mapping[str, str], bytes]]) -> Iterator[str]:
-    """A threaded HTTP server on 127.0.0.1 that answers each GET ``answer(path, request headers)`` =
-    (status, response headers, body), and each HEAD the same without the body; yields its base URL
-    (``http://127.0.0.1:<port>``) and is shut down after."""
+    """A threaded HTTP server on 127.0.0.1 that answers each request ``answer(path, request headers)`` =
+    (status, response headers, body): GET, PUT, POST and DELETE (their bodies read and dropped) with the
+    body, HEAD without it; yields its base URL (``http://127.0.0.1:<port>``) and is shut down after."""
     import http.server
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -41,10 +41,15 @@ def answering(answer: Callable[[str, Mapping[str, str]], tuple[int, Mapping[str,
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if self.command == "GET":
+            if self.command != "HEAD":
                 self.wfile.write(body)
 
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.do_GET()
+
         do_HEAD = do_GET
+        do_POST = do_DELETE = do_PUT
 
         def log_message(self, *args: object) -> None:
             pass
