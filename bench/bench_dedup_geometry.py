@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import tarfile
 import tempfile
 
@@ -68,4 +67,10 @@ def main(modes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["border", "center_crop", "keep_ratio", "no"])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("modes", nargs="*", default=["border", "center_crop", "keep_ratio", "no"],
+                    choices=["border", "center_crop", "keep_ratio", "keep_ratio_largest", "no"],
+                    help="download resize modes to measure (default: border center_crop keep_ratio no)")
+    main(ap.parse_args().modes)

@@ -36,6 +36,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import sys
 import tarfile
 import time
@@ -274,8 +275,15 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
         copies, reshards, phases, touched, direct_used = [], [], [], None, None
         pure_s, pure_phases = [], []
         res = None
+        def timed_copy(copies: list[float], nbytes: int, files: int) -> None:
+            if cold:
+                evict(root)
+            copies.append(copy_bytes(root, os.path.join(root, "copy"), nbytes, files))
+
         for r in range(repeats):
             dst = os.path.join(root, f"reshard-{target}")
+            if r % 2 == 1:  # the copy before the reshard every other repeat: drift does not favour one side
+                timed_copy(copies, res["bytes"], res["num_shards"])
             # --compare: the same reshard the other way, before or after the default one by turns (the
             # machine's speed drifts), the same output checked
             written = {}
@@ -292,6 +300,8 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
                 (pure_phases if pure else phases).append(dict(ph))
                 if not pure:
                     direct_used = res.get("direct_io")
+                if res["num_samples"] != m["num_samples"]:
+                    raise AssertionError(f"reshard wrote {res['num_samples']} samples of the subset's {m['num_samples']}")
                 written[pure] = read_manifest(os.path.join(dst, "subset.manifest.json"))["shards"]  # names, sizes, sha256
             if len(set(map(json.dumps, written.values()))) > 1:
                 raise AssertionError(f"the default run and the {compare} run wrote different shards")
@@ -301,13 +311,11 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
                 touched = len({s for sh in range(res["num_shards"])
                                for s in (read_marker(os.path.join(dst, "shards", f"shard-{sh:05d}.tar")) or {}).get("sources", [])})
             shutil.rmtree(dst, ignore_errors=True)
-            if cold:
-                evict(root)
-            copies.append(copy_bytes(root, os.path.join(root, "copy"), res["bytes"], res["num_shards"]))
+            if r % 2 == 0:
+                timed_copy(copies, res["bytes"], res["num_shards"])
         shutil.rmtree(os.path.join(root, "copy"), ignore_errors=True)
 
-        def med(xs: list[float]) -> float:
-            return sorted(xs)[len(xs) // 2]
+        med = statistics.median  # of an even count: the mean of the middle two
 
         copy_s, reshard_s = med(copies), med(reshards)
         write_s = med([p.get("write_s", float("nan")) for p in phases])
@@ -348,21 +356,31 @@ def one_size(spark, work: str, shards: int, per_shard: int, kb: int, shard_size:
     n = shards * per_shard
     sub = subsets_stage.run(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=str(n), seed=0), spark).details[0]["manifest"]
     copies, direct_copies, reshards = [], [], []
-    for r in range(repeats):
-        copies.append(sequential_copy(root, os.path.join(root, "copy")))
-        direct_copies.append(sequential_copy(root, os.path.join(root, "copy"), direct=True))
+    res = None
+
+    def do_reshard(r: int) -> None:
+        nonlocal res
         out = os.path.join(root, f"reshard-{r}")
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
         res = reshard_stage.run(ReshardConfig(manifest=sub, output=out, shard_size=shard_size), spark).details
         assert res["sample_spans"] == ("catalog" if spans else "tar index"), res["sample_spans"]
         reshards.append(time.perf_counter() - t)
+        assert res["num_samples"] == n, (res["num_samples"], n)  # the whole subset written, not a fast partial one
         shutil.rmtree(out, ignore_errors=True)
-    copies.append(sequential_copy(root, os.path.join(root, "copy")))
+
+    for r in range(repeats):
+        # copy, O_DIRECT copy, reshard; reversed every other repeat (the machine's speed drifts), and as
+        # many runs of each: the medians compare like counts
+        steps = [lambda: copies.append(sequential_copy(root, os.path.join(root, "copy"))),
+                 lambda: direct_copies.append(sequential_copy(root, os.path.join(root, "copy"), direct=True)),
+                 lambda r=r: do_reshard(r)]
+        for step in (steps if r % 2 == 0 else steps[::-1]):
+            step()
     shutil.rmtree(os.path.join(root, "copy"), ignore_errors=True)
-    copy_s = sorted(copies)[len(copies) // 2]
-    dcopy_s = sorted(direct_copies)[len(direct_copies) // 2]
-    reshard_s = sorted(reshards)[len(reshards) // 2]
+    copy_s = statistics.median(copies)
+    dcopy_s = statistics.median(direct_copies)
+    reshard_s = statistics.median(reshards)
     mb = total / 1e6
     return {
         "samples": n, "source_mb": round(mb, 1), "output_mb": round(res["bytes"] / 1e6, 1), "output_shards": res["num_shards"],

@@ -11,18 +11,19 @@ Per scale (rows x scale vectors, clusters = rows x scale / per-cluster so cluste
 
 * **stage**: ``semdedup.run`` as ``laiontools semdedup`` runs it with its defaults (in process below
   ``--spark-above``, 2M samples: k-means task, assign tasks, group tasks, exclusion lists), alternating
-  with the baseline ``--repeats`` times (median ratio); then once on Spark local[2] (``spark_above=0``,
+  with the baseline ``--repeats`` times (median of the pairs' ratios; the stage first in even pairs); then once on Spark local[2] (``spark_above=0``,
   session started and warmed before timing) for the engine's own figure;
 * **baseline**: the same work as bare faiss in one process with the vectors in memory: faiss
   spherical k-means on the same sample (same seed, same size), assignment of every vector with
   ``IndexFlatIP.search``, and, per cluster, ``IndexFlatIP.range_search`` at the tightest eps plus
-  scipy-free connected components (the pairs a SemDeDup run needs). No I/O, no Spark, no report.
+  scipy-free connected components (the pairs a SemDeDup run needs). It reads the ``.npy`` files inside
+  its timed region (as the stage does) and then holds every vector in memory; no Spark, no report.
 
 Printed: seconds of each and their ratio (baseline / stage: the share of bare-faiss throughput the
 stage keeps; target >= 0.8), and the stage's peak resident memory (in process: the process's, which
 runs two tasks at once on 2 cores; on Spark: the largest Python worker's, from the markers) at each
 scale: flat from 1x to 10x means memory is bounded by the settings, not by the pool. Each scale runs
-in a fresh Python process, the stage before the baseline, so peaks don't carry over.
+in a fresh Python process, the first stage run before any baseline, so peaks don't carry over.
 """
 
 from __future__ import annotations
@@ -134,12 +135,18 @@ def one_scale(rows: int, dim: int, per_cluster: int, eps: float, work: str, repe
     # The stage runs first: its peak memory (ru_maxrss of this process, recorded by its tasks) is then
     # its own, not the baseline's, which holds every vector in float32.
     stage_s, base_s, d, peak = [], [], {}, None
+    # After the first pair the order alternates (baseline first on odd repeats): drift does not always
+    # fall on the same side. The peak is the first stage run's, before any baseline ran in this process.
     for r in range(repeats):
+        if r % 2 == 1:
+            t_base, removed_base = baseline(emb, k, train_rows, eps, 0)
+            base_s.append(t_base)
         t, d = _stage(emb, os.path.join(work, f"out{r}"), k, eps)
         stage_s.append(t)
         peak = d["worker_peak_rss_mb"] if peak is None else peak
-        t_base, removed_base = baseline(emb, k, train_rows, eps, 0)
-        base_s.append(t_base)
+        if r % 2 == 0:
+            t_base, removed_base = baseline(emb, k, train_rows, eps, 0)
+            base_s.append(t_base)
     out = {"rows": rows, "dim": dim, "clusters": k, "write_s": round(t_write, 1), "engine": d["engine"],
            "stage_s": [round(v, 2) for v in stage_s], "baseline_s": [round(v, 2) for v in base_s],
            "ratio": round(float(np.median(np.array(base_s) / np.array(stage_s))), 3),

@@ -152,6 +152,7 @@ def main() -> int:
         second(r)
     # median over repeats (best-of would reward whichever run met the quietest minute)
     best = {k: sorted(x["samples_per_s"] for x in v)[len(v) // 2] for k, v in results.items()}
+    pairs = [round(lt["samples_per_s"] / d["samples_per_s"], 3) for lt, d in zip(results["laiontools"], results["direct"])]
     model_rate = best["laiontools"]
     loader = _loader_rate(settings, shards, n_batches=max(8, a.samples_seen // a.batch_size))
     # the model consumes model_rate samples/s over all processes; one loader per process feeds its share
@@ -163,6 +164,9 @@ def main() -> int:
         "laiontools_samples_per_s": best["laiontools"],
         "direct_samples_per_s": best["direct"],
         "ratio_laiontools_vs_direct": best["laiontools"] / best["direct"],
+        # the runs are paired and alternated: the median of the pairs' ratios is the drift-robust figure
+        "pair_ratios": pairs,
+        "median_pair_ratio": sorted(pairs)[len(pairs) // 2] if len(pairs) % 2 else sum(sorted(pairs)[len(pairs) // 2 - 1:len(pairs) // 2 + 1]) / 2,
         "loader_samples_per_s_per_process": loader,
         "model_samples_per_s_per_process": per_process_need,
         "loader_headroom": loader / per_process_need,
@@ -173,7 +177,8 @@ def main() -> int:
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"laiontools train: {best['laiontools']:.1f} samples/s   open_clip direct: {best['direct']:.1f} samples/s   "
-          f"ratio {out['ratio_laiontools_vs_direct']:.3f} (target >= 0.95)")  # fmt: skip
+          f"ratio {out['ratio_laiontools_vs_direct']:.3f} (target >= 0.95); pairs {pairs}, median pair ratio "
+          f"{out['median_pair_ratio']:.3f}")  # fmt: skip
     print(f"loader alone: {loader:.1f} samples/s per process vs model {per_process_need:.1f} -> headroom "
           f"{out['loader_headroom']:.2f}x (target >= 3)")  # fmt: skip
     print(f"wall (incl. start-up): laiontools {[round(x['wall_s'], 1) for x in results['laiontools']]} s, "
