@@ -933,3 +933,70 @@ def test_a_phash_match_within_the_distance_counts_for_every_item_and_set_in_reac
     assert want["a"]["phash_eval_items_matched"] == want["b"]["phash_eval_items_matched"] == 1  # the case is as built
     got = {e["evalset"]: {k: e[k] for k in ("phash_pool_samples_matched", "phash_eval_items_matched")} for e in s["evalsets"]}
     assert got == want
+
+# ----------------------------------------------------------------------------------------------
+# Found by a review of what dedup reports and how a user picks its threshold.
+
+
+def test_is_duplicate_is_similarity_at_or_above_the_threshold_as_the_report_stores_it(tiny, tmp_path, monkeypatch):
+    """Similarities are float32 and were compared with the threshold in float32: a threshold is rounded to
+    the nearest float32 first (float32(0.9) = 0.8999999762 < 0.9), so a pool sample whose similarity is that
+    rounded value was is_duplicate (counted, excluded) though the report's similarity is under the threshold,
+    and calibrate (float64) counted the same negative as not flagged. Checked from the report parquet."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = tmp_path / "d"
+    dedup_stage.run(_tiny_cfg(tiny, out, gallery_pairs=0))
+    sims = np.sort(pd.read_parquet(out / "report")["similarity"].to_numpy(np.float32))
+    gaps = np.minimum(np.diff(sims, prepend=-2), np.diff(sims, append=2))
+    s32 = sims[np.argmax(gaps)]  # a similarity well apart from the others
+    thr = float(s32) + float(np.spacing(s32)) / 4  # just above it, yet the same float32
+    assert np.float32(thr) == s32 and thr > float(s32)
+    s = dedup_stage.run(DedupConfig(embeddings=tiny["emb"], evalset=[tiny["evalset"]], output=str(out), threshold=thr, k=2,
+                                    gallery_pairs=0)).details
+    rep = pd.read_parquet(out / "report")
+    want = rep["similarity"].astype("float64") >= thr
+    assert (rep["similarity"] == s32).sum() == 1  # the case is as built: one sample sits just under the threshold
+    assert (rep["is_duplicate"] == want).all(), rep.loc[rep["is_duplicate"] != want, ["uid", "similarity", "is_duplicate"]]
+    assert s["pool_duplicates"] == int(want.sum()) == s["evalsets"][0]["pool_samples_matched"]
+    assert s["excluded"] == len(load_uids(str(out / "exclude.uids.npy"))) == int(want.sum())
+
+
+def test_calibrate_excluding_known_copies_on_a_pool_with_a_uid_less_row(tmp_path):
+    """--exclude-uids looked up the uid of every row of a sampled shard, failed rows included: a pool sample
+    whose .json is unreadable (embed keeps it as a failed row with a null uid) made calibrate fail, after
+    embedding every planted copy, with "uid None ... is not 32 hex chars; the catalog or uid list is corrupt"."""
+    from laiontools.stages import embed as embed_stage
+    from laiontools.stages.embed import EmbedConfig
+    from laiontools.testing.embed_pool import write_pool
+
+    manifest = write_pool(str(tmp_path / "p"), 1, 6, image_size=32)
+    shard = os.path.join(os.path.dirname(manifest), "shards", "00000.tar")
+    old = _rewrite_tar(shard, lambda name, data: (name, b"[1, 2, 3]" if name == "000000001.json" else data))
+    (tmp_path / "ev" / "c0").mkdir(parents=True)
+    (tmp_path / "ev" / "c0" / "copy.jpg").write_bytes(old["000000002.jpg"])  # a pool image is in the evaluation set
+    emb = str(tmp_path / "emb")
+    embed_stage.run(EmbedConfig(manifest=manifest, output=emb, model="lt-tiny", num_workers=0, verify_shards=False))
+    copy_uid = json.loads(old["000000002.json"])["uid"]
+    known = str(tmp_path / "known.uids.npy")
+    save_uids(known, [copy_uid])
+    res = dedup_calibrate.run(CalibrateConfig(embeddings=emb, evalset=[f"ev={tmp_path / 'ev'}:imagefolder"],
+                                              output=str(tmp_path / "cal"), plant_items=1, pool_sample=10,
+                                              transforms=["exact"], exclude_uids=known)).details
+    meta = pd.read_parquet(os.path.join(emb, "meta", "00000.parquet"))
+    assert meta["uid"].isna().sum() == 1  # the case is as built
+    want = set(meta.loc[(meta["embed_status"] == "ok") & (meta["uid"] != copy_uid), "uid"])
+    assert res["negatives"] == len(want) == 4
+    assert {h["uid"] for h in res["highest_negatives"]} == want
+
+
+def test_a_re_run_without_a_gallery_leaves_no_gallery_of_another_threshold(tiny, tmp_path, monkeypatch):
+    """A re-run into the same output with --gallery-pairs 0 kept the earlier run's gallery.html: the file a person
+    opens to judge the threshold showed another threshold's pairs beside a summary of the new one."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = tmp_path / "d"
+    dedup_stage.run(_tiny_cfg(tiny, out, gallery_pairs=4))
+    assert (out / "gallery.html").exists()
+    res = dedup_stage.run(DedupConfig(embeddings=tiny["emb"], evalset=[tiny["evalset"]], output=str(out), threshold=0.95,
+                                      k=2, gallery_pairs=0))
+    assert not (out / "gallery.html").exists()
+    assert "gallery" not in res.outputs and "gallery.html" not in res.summary

@@ -67,6 +67,7 @@ from laiontools.core.storage import (
     join,
     mark_done,
     read_marker,
+    rm_path,
     sha256_bytes,
     url_to_fs,
     write_json,
@@ -387,6 +388,18 @@ def _settings_key(index_desc: dict[str, Any], cfg: DedupConfig) -> str:
     }))[:16]
 
 
+def float32_cutoff(threshold: float) -> np.float32:
+    """The smallest float32 at or above `threshold`: for a float32 similarity s, ``s >= cutoff`` exactly when
+    ``s >= threshold`` in real numbers. Comparing float32 with the threshold itself rounds the threshold to
+    float32 first (numpy compares a float32 array with a Python float in float32): float32(0.9) is
+    0.8999999762, so a pool sample at that similarity was a duplicate at --threshold 0.9 while its reported
+    similarity (and calibrate's float64 figures) are under 0.9."""
+    cut = np.float32(threshold)
+    if float(cut) < threshold:  # float(): np.float32 < float would compare in float32 again
+        cut = np.nextafter(cut, np.float32(np.inf))
+    return cut
+
+
 def _report_path(out: str, sid: str) -> str:
     return join(out, layout.DEDUP_REPORT_DIR, f"{sid}.parquet")
 
@@ -529,6 +542,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     deep_rows = np.zeros(ntotal, dtype=bool)  # evaluation rows duplicated, found beyond k
     deep_cap = min(DEEP_K, ntotal)
     thr = float(ctx["threshold"])
+    cut = float32_cutoff(thr)  # every comparison below: float32 similarities against it
     sims = np.full((n, k), np.nan, dtype=np.float32)
     ids = np.full((n, k), -1, dtype=np.int64)
     valid = np.ones(n, dtype=bool)
@@ -550,12 +564,12 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         # A sample whose k-th neighbour is still at or above the threshold may duplicate more evaluation
         # items than k (an image held twice by a set, or by two sets): searched deeper, so that every
         # item and set it duplicates is counted (the report's top-k columns keep k).
-        deep = np.flatnonzero(valid[lo:hi] & (I[:, -1] >= 0) & (D[:, -1] >= thr))
+        deep = np.flatnonzero(valid[lo:hi] & (I[:, -1] >= 0) & (D[:, -1] >= cut))
         if len(deep) and k < ntotal:
-            _search_deeper(index, x, deep, lo, k, thr, deep_cap, deep_sets, deep_rows, codes, ctx, sid)
+            _search_deeper(index, x, deep, lo, k, cut, deep_cap, deep_sets, deep_rows, codes, ctx, sid)
     sims[~valid] = np.nan
     ids[~valid] = -1
-    hit = (ids >= 0) & (sims >= thr)
+    hit = (ids >= 0) & (sims >= cut)
     is_dup = hit.any(axis=1)
     nearest = np.where(valid, ids[:, 0], -1)
     top_sim = sims[:, 0] if k else np.full(n, np.nan, np.float32)
@@ -594,8 +608,8 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     }
     # Gallery candidates: the best duplicates and the closest pairs under the threshold.
     score = np.where(valid, top_sim, -np.inf)
-    above = np.flatnonzero(valid & (score >= thr))
-    below = np.flatnonzero(valid & (score < thr))
+    above = np.flatnonzero(valid & (score >= cut))
+    below = np.flatnonzero(valid & (score < cut))
     above = above[np.argsort(-score[above], kind="stable")][:g]
     below = below[np.argsort(-score[below], kind="stable")][:g]
     stats["gallery"] = {
@@ -652,7 +666,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
 DEEP_K = 2048  # laiontools.index.GPU_MAX_K
 
 
-def _search_deeper(index: Any, x: np.ndarray, rows: np.ndarray, lo: int, k: int, thr: float, cap: int,
+def _search_deeper(index: Any, x: np.ndarray, rows: np.ndarray, lo: int, k: int, thr: np.float32, cap: int,
                    deep_sets: np.ndarray, deep_rows: np.ndarray, codes: np.ndarray, ctx: dict[str, Any], sid: str) -> None:
     """Every evaluation row at or above `thr` for the chunk rows `rows` of `x` (whose k nearest all are):
     k grows fourfold until the last neighbour is under the threshold, in batches of at most 4M results;
@@ -969,12 +983,19 @@ def _write_outputs(
                     "rule": "similarity >= threshold" + (" or pHash exact match" if cfg.phash else "")},
         "summary": layout.DEDUP_SUMMARY_JSON, "report": layout.DEDUP_REPORT_DIR,
     })
+    gallery = join(cfg.output, layout.DEDUP_GALLERY_HTML)
     if cfg.gallery_pairs:
         from laiontools.stages.dedup_gallery import write_gallery
 
-        write_gallery(join(cfg.output, layout.DEDUP_GALLERY_HTML), pool, sets, cfg.threshold, model_desc,
+        write_gallery(gallery, pool, sets, cfg.threshold, model_desc,
                       sorted(agg.above, reverse=True), sorted(agg.below, reverse=True))
-    return summary, txt + f"outputs in {cfg.output}: {layout.DEDUP_SUMMARY_TXT}, {layout.DEDUP_EXCLUDE_UIDS}, {layout.DEDUP_REPORT_DIR}/, {layout.DEDUP_GALLERY_HTML}"
+    else:
+        # --gallery-pairs 0 into an earlier run's output: its gallery shows another threshold's pairs
+        fs, gp = url_to_fs(gallery)
+        if fs.exists(gp):
+            rm_path(fs, gp)
+    return summary, txt + f"outputs in {cfg.output}: {layout.DEDUP_SUMMARY_TXT}, {layout.DEDUP_EXCLUDE_UIDS}, {layout.DEDUP_REPORT_DIR}/" + (
+        f", {layout.DEDUP_GALLERY_HTML}" if cfg.gallery_pairs else "")
 
 
 # ---------------------------------------------------------------------------------------------

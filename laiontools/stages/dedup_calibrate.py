@@ -152,7 +152,10 @@ def _sample_negatives(emb_dir: str, n: int, seed: int, exclude: np.ndarray | Non
         st = meta.column("embed_status").to_pylist() if "embed_status" in meta.column_names else ["ok"] * len(u)
         ok = np.array([s in (None, "ok", "success") for s in st], dtype=bool)
         if exclude is not None and len(exclude):
-            ok &= ~contains(exclude, uids_to_array(u))
+            # a row embed recorded as failed may have no uid (unreadable .json, a uid repeated in the shard):
+            # it is no negative anyway, and has no uid to look up
+            has = np.flatnonzero(ok & np.array([x is not None for x in u], dtype=bool))
+            ok[has] &= ~contains(exclude, uids_to_array([u[i] for i in has]))
         idx = np.flatnonzero(ok)
         pick = np.sort(rng.choice(idx, size=min(per, len(idx)), replace=False)) if len(idx) else idx
         vecs.append(np.asarray(emb[pick], dtype=np.float32))
