@@ -594,3 +594,67 @@ def test_a_pool_folder_on_an_object_store_named_with_glob_characters_is_refused_
             DownloadConfig(input="s3://bucket/src", output=out)
     PrepareConfig(input="s3://bucket/src", output="s3://bucket/run[1]")
     DownloadConfig(input="s3://bucket/src", output="/data/run[1]")
+
+
+def test_finalize_hashes_the_shards_in_tasks_not_in_the_driver(spark, tmp_path, monkeypatch):
+    """complete_shards read every shard's stats and hashed every tar in the driver, one after another:
+    a 2B pool's first finalize read its 35-70 TB through the driver, and every later one made two
+    requests a shard (~230k shards) in turn. On Spark the driver now only lists the stats files; the
+    per-shard reads are tasks. Same entries as in process, the sha256 of each tar's bytes."""
+    import types
+
+    from fsspec.implementations import local
+
+    from laiontools.core.stage import Tasks
+    from laiontools.core.storage import marker_path
+    from laiontools.stages import download as download_stage
+
+    out = tmp_path / "pool"
+    shards = out / layout.SHARDS_DIR
+    shards.mkdir(parents=True)
+    for i in range(6):
+        (shards / f"{i:05d}.tar").write_bytes(os.urandom(1000 + i))
+        (shards / f"{i:05d}.parquet").write_bytes(b"x")
+        (shards / f"{i:05d}_stats.json").write_text(json.dumps({"successes": i, "count": 10, "start_time": 1.0, "end_time": 2.0}))
+    cfg = types.SimpleNamespace(output=str(out))
+    opened = []
+    real_open = local.LocalFileSystem._open
+
+    def counting_open(self, path, *a, **k):
+        opened.append(path)  # this process only: Spark's Python workers are other processes
+        return real_open(self, path, *a, **k)
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", counting_open)
+    for _ in range(2):  # first: hashed and marked; second: from the markers
+        on_spark = download_stage.complete_shards(cfg, Tasks(spark))
+        assert opened == []
+    assert [(s["id"], s["num_samples"], s["count"]) for s in on_spark] == [(f"{i:05d}", i, 10) for i in range(6)]
+    assert all((s["sha256"], s["bytes"]) == sha256_file(s["tar"]) for s in on_spark)
+    for i in range(6):
+        os.remove(marker_path(str(shards / f"{i:05d}.tar")))
+    monkeypatch.setattr(local.LocalFileSystem, "_open", real_open)
+    assert download_stage.complete_shards(cfg) == on_spark
+
+
+def test_a_report_table_past_the_driver_cap_is_not_made_and_dropped(pool, spark, tmp_path, monkeypatch):
+    """finalize's one grouped report table has a row per (status, shard of a success) at least, so a
+    pool of more shards than REPORT_AGGREGATE_ROWS (a 2B pool: ~230k against 200k) always overflowed it:
+    the table was computed whole, with a Python failure kind and host for every catalog row, then
+    dropped. Such a pool now counts (status, shard) first and never makes it; the counts are the same."""
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    out = str(tmp_path / "p")
+    shutil.copytree(pool.dir, out)
+    cfg = DownloadConfig(input=pool.source, output=out, **TEST_DOWNLOAD_SETTINGS)
+    shards = download_stage.complete_shards(cfg)
+    prep = {"rows_in": len(pool.expected)}
+    ref = download_stage._finalize_spark(cfg, spark, shards, prep)
+    assert ref["aggregate"] is not None and len(shards) > 1
+    calls = []
+    real = download_stage.report_aggregate
+    monkeypatch.setattr(download_stage, "report_aggregate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(download_stage, "REPORT_AGGREGATE_ROWS", 1)
+    fin = download_stage._finalize_spark(cfg, spark, shards, prep)
+    assert calls == [] and fin["aggregate"] is None
+    assert (fin["by_status"], fin["per_shard"], fin["uids_sha256"]) == (ref["by_status"], ref["per_shard"], ref["uids_sha256"])

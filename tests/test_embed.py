@@ -932,3 +932,49 @@ def test_a_relative_manifest_path_is_found_by_readers_run_from_elsewhere(tmp_pat
     assert info.shard_ids == ["00000", "00001"]
     assert {k: os.path.realpath(v) for k, v in info.tar_by_shard.items()} == {
         f"0000{i}": os.path.realpath(str(work / "pool" / "shards" / f"0000{i}.tar")) for i in (0, 1)}
+
+
+def test_the_resume_check_reads_the_shard_markers_concurrently(tmp_path, monkeypatch):
+    """embed's resume check read each shard's marker in turn (an exists, then the read), as did its report
+    and dedup's and semdedup's summaries: ~230k shards of a 2B pool are 460k-690k round trips one after
+    another, hours against an object store. They are now read several at once; same answer."""
+    import threading
+    import time
+    import types
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    from laiontools.stages import embed as embed_stage
+
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    class SlowFS(LocalFileSystem):  # a store: each request takes a while
+        protocol = ("lt-slow-test",)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(path.split("://", 1)[-1] if path.startswith("lt-slow-test://") else path)
+
+        def _open(self, *a, **k):
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.02)
+            with lock:
+                state["now"] -= 1
+            return super()._open(*a, **k)
+
+    fsspec.register_implementation("lt-slow-test", SlowFS, clobber=True)
+    meta = tmp_path / layout.EMB_META_DIR
+    meta.mkdir()
+    for i in range(0, 16, 2):  # every other shard done, for these shard bytes or others
+        (meta / f"{i:05d}.parquet.done").write_text(json.dumps({"shard_sha256": "other" if i % 4 else "x"}))
+    tasks = [{"id": f"{i:05d}", "sha256": "x"} for i in range(16)]
+    cfg = types.SimpleNamespace(output="lt-slow-test://" + str(tmp_path))
+    monkeypatch.setattr(embed_stage, "_changed_file", lambda out, sid, marker, sizes: None)  # files unchanged
+    todo, skipped = embed_stage._todo(cfg, tasks)
+    assert skipped == ["00000", "00004", "00008", "00012"]
+    assert [t["id"] for t in todo] == [f"{i:05d}" for i in range(16) if i % 4]
+    assert state["most"] > 1

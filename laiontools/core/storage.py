@@ -460,6 +460,22 @@ def read_marker(path: str) -> dict[str, Any] | None:
     return read_json(marker_path(path)) if is_done(path) else None
 
 
+# Markers read at once by read_markers: a driver that reads one marker per shard in turn waits a round
+# trip each (two requests: exists, then the read), ~230k shards of a 2B pool: 460k round trips, 1-4 h
+# at 10-30 ms on an object store; 32 at once make it minutes (the threads wait on the network, not the GIL).
+MARKER_READS_AT_ONCE = 32
+
+
+def read_markers(paths: list[str]) -> list[dict[str, Any] | None]:
+    """:func:`read_marker` of each path, in order, up to MARKER_READS_AT_ONCE at once."""
+    if len(paths) < 2:
+        return [read_marker(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(MARKER_READS_AT_ONCE, len(paths)), thread_name_prefix="laiontools-markers") as ex:
+        return list(ex.map(read_marker, paths))
+
+
 def drop_stale_files(folder: str, suffix: str, current: set[str], why: str, folders: bool = False) -> None:
     """Remove the files ``<name><suffix>`` in `folder` whose name is not in `current` (hidden entries and
     other suffixes are left alone; with `folders`, the sub-folders instead, whole): a stage's per-unit

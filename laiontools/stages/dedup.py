@@ -67,6 +67,7 @@ from laiontools.core.storage import (
     join,
     mark_done,
     read_marker,
+    read_markers,
     rm_path,
     sha256_bytes,
     url_to_fs,
@@ -821,8 +822,7 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     drop_stale_files(join(cfg.output, layout.DEDUP_REPORT_DIR), ".parquet", current, "a shard not in this run's pool")
     drop_stale_files(join(cfg.output, layout.DEDUP_DONE_DIR), DONE_SUFFIX, current, "a shard not in this run's pool")
     agg = _Aggregate(sets, index_desc, items, cfg)
-    for sid, _, _ in done:
-        stats = read_marker(_done_path(cfg.output, sid))
+    for (sid, _, _), stats in zip(done, read_markers([_done_path(cfg.output, sid) for sid, _, _ in done])):
         if stats is None or stats.get("settings_key") != ctx["settings_key"]:
             raise RuntimeError(f"shard {sid} reported done but its marker is missing or stale")  # a bug, not bad input
         agg.add(stats)

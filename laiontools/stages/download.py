@@ -422,36 +422,57 @@ class _HandedOut:
             yield row
 
 
-def complete_shards(cfg: DownloadConfig) -> list[dict[str, Any]]:
-    """Every complete shard of every attempt: attempt, shard id, paths, stats (sha256 cached in a marker)."""
-    out = []
+def complete_shards(cfg: DownloadConfig, tasks: Tasks | None = None) -> list[dict[str, Any]]:
+    """Every complete shard of every attempt: attempt, shard id, paths, stats (sha256 cached in a marker).
+
+    The driver lists each attempt's stats files (one listing); each shard's marker read, or its stats
+    read and its tar hashed the first time, is a task on `tasks` (Spark executors; threads in process
+    when None). Done in this process shard by shard, a 2B pool's first finalize read and hashed every tar
+    (35-70 TB) through the driver, and every later one made two requests a shard (~230k shards) in turn."""
+    items = []
     for attempt, shard_dir, _ in _attempt_dirs(cfg):
         fs, sp = url_to_fs(shard_dir)
         if not fs.exists(sp):
             continue
         for stats_file in sorted(fs.glob(glob_literal(sp) + "/*_stats.json")):
             num = stats_file.rsplit("/", 1)[-1].split("_")[0]
-            tar = join(shard_dir, f"{num}.tar")
-            rel = tar[len(cfg.output.rstrip("/")) + 1:]
-            info = read_marker(tar)
-            if info is None:
-                try:
-                    with fs.open(stats_file, "rb") as f:
-                        stats = json.loads(f.read())
-                    int(stats["successes"]), int(stats["count"])
-                except (ValueError, KeyError, TypeError) as e:
-                    # written in this run and cut short (a full disk): the next run's cleanup removes the
-                    # shard and downloads it again; listing it, or leaving it out, would be wrong now
-                    raise UserError(f"{stats_file}: the shard's stats file is damaged ({type(e).__name__}: {e}); "
-                                    f"re-run the same command: the shard will be downloaded again") from e
-                sha, nbytes = sha256_file(tar)
-                info = {"sha256": sha, "bytes": nbytes, "num_samples": int(stats["successes"]), "count": int(stats["count"]),
-                        "start_time": stats.get("start_time"), "end_time": stats.get("end_time"),
-                        "status_dict": stats.get("status_dict", {})}
-                mark_done(tar, info)
-            out.append({"attempt": attempt, "path": rel, "id": layout.shard_id(rel), "tar": tar,
-                        "parquet": join(shard_dir, f"{num}.parquet"), **info})
+            items.append((attempt, shard_dir, num, cfg.output))
+    if not items:
+        return []
+    out = (tasks or Tasks(None)).map(_shard_info_task, items, description="laiontools download: shard sha256 and stats")
+    for s in out:
+        if "error" in s:
+            raise UserError(s["error"])
     return out
+
+
+def _shard_info_task(items: Any) -> Any:
+    """Tasks of :func:`complete_shards`: (attempt, shard folder, shard number, pool folder) -> the shard's
+    entry, or {"error": message} for a damaged stats file."""
+    for attempt, shard_dir, num, output in items:
+        tar = join(shard_dir, f"{num}.tar")
+        rel = tar[len(output.rstrip("/")) + 1:]
+        info = read_marker(tar)
+        if info is None:
+            stats_file = join(shard_dir, f"{num}_stats.json")
+            fs, sp = url_to_fs(stats_file)
+            try:
+                with fs.open(sp, "rb") as f:
+                    stats = json.loads(f.read())
+                int(stats["successes"]), int(stats["count"])
+            except (ValueError, KeyError, TypeError) as e:
+                # written in this run and cut short (a full disk): the next run's cleanup removes the
+                # shard and downloads it again; listing it, or leaving it out, would be wrong now
+                yield {"error": f"{sp}: the shard's stats file is damaged ({type(e).__name__}: {e}); "
+                                f"re-run the same command: the shard will be downloaded again"}
+                continue
+            sha, nbytes = sha256_file(tar)
+            info = {"sha256": sha, "bytes": nbytes, "num_samples": int(stats["successes"]), "count": int(stats["count"]),
+                    "start_time": stats.get("start_time"), "end_time": stats.get("end_time"),
+                    "status_dict": stats.get("status_dict", {})}
+            mark_done(tar, info)
+        yield {"attempt": attempt, "path": rel, "id": layout.shard_id(rel), "tar": tar,
+               "parquet": join(shard_dir, f"{num}.parquet"), **info}
 
 
 # ----------------------------------------------------------------------------- catalog, manifest, report
@@ -964,7 +985,7 @@ def finalize(cfg: DownloadConfig, spark: Any, prep: dict[str, Any], wall: float)
     this process (a pool under ``--spark-above`` rows), with the same files as a result."""
     from laiontools.contracts.manifest import new_manifest, write_manifest
 
-    shards = complete_shards(cfg)
+    shards = complete_shards(cfg, Tasks(spark))
     fin = _finalize_local(cfg, shards) if spark is None else _finalize_spark(cfg, spark, shards, prep)
     per_shard = fin["per_shard"]
     listed = []
@@ -1034,13 +1055,20 @@ def _finalize_spark(cfg: DownloadConfig, spark: Any, shards: list[dict[str, Any]
     # rows per status, successes per shard and the report's failure counts: one grouped table when it
     # fits the driver, else rows per status and successes per shard in one job (a shard is set on
     # success rows only) and the report's groupings in Spark
-    agg = report_aggregate(cat)
+    # That table has a row per (status, shard of a success) at least: above REPORT_AGGREGATE_ROWS shards
+    # (a 2B pool has ~230k) those counts come first, without the failure kind and host that the table
+    # asks of every catalog row in Python, and the table is made only if they leave it room. (It was
+    # made whole first and then dropped: a wasted pass, 19 s of local[2] per 2M rows against 1.1 s.)
+    counts = None
+    if len(shards) > REPORT_AGGREGATE_ROWS:
+        counts = cat.groupBy(C.STATUS, C.SHARD).count().collect()
+    agg = report_aggregate(cat, cap=REPORT_AGGREGATE_ROWS) if counts is None or len(counts) <= REPORT_AGGREGATE_ROWS else None
     by_status: dict[str, int] = {}
     per_shard: dict[str, int] = {}
     if agg is not None:
         by_status, per_shard, _, _ = _views_from_aggregate(agg)
     else:
-        for r in cat.groupBy(C.STATUS, C.SHARD).count().collect():
+        for r in counts if counts is not None else cat.groupBy(C.STATUS, C.SHARD).count().collect():
             by_status[r[C.STATUS]] = by_status.get(r[C.STATUS], 0) + int(r["count"])
             if r[C.STATUS] == C.STATUS_SUCCESS:
                 per_shard[r[C.SHARD]] = int(r["count"])

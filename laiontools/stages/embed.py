@@ -85,12 +85,11 @@ from laiontools.core.storage import (
     atomic_open,
     canonical_json,
     ensure_output_dir,
-    is_done,
     join,
     mark_done,
     marker_path,
     read_json,
-    read_marker,
+    read_markers,
     rm_path,
     sha256_file,
     url_to_fs,
@@ -566,9 +565,8 @@ def _todo(cfg: EmbedConfig, tasks: list[dict[str, Any]]) -> tuple[list[dict[str,
     reader to refuse. The marker of such a shard is removed first, so the folder never claims it."""
     todo, skipped = [], []
     sizes: dict[str, int] | None = None
-    for t in tasks:
-        meta = join(cfg.output, layout.EMB_META_DIR, t["id"] + ".parquet")
-        marker = read_marker(meta) if is_done(meta) else None
+    metas = [join(cfg.output, layout.EMB_META_DIR, t["id"] + ".parquet") for t in tasks]
+    for t, meta, marker in zip(tasks, metas, read_markers(metas)):
         if marker is not None and marker.get("shard_sha256") == t["sha256"]:
             if sizes is None:
                 sizes = _listed_sizes(cfg.output)
@@ -878,8 +876,7 @@ def _finish(cfg: EmbedConfig, tasks: list[dict[str, Any]], stats: list[dict[str,
     fdec = sum(s["failed_decode"] for s in stats if "error" not in s)
     # Totals over the whole folder (this run + earlier runs), from the markers.
     totals = {"rows": 0, "failed_decode": 0, "shards_done": 0}
-    for t in tasks:
-        m = read_marker(join(cfg.output, layout.EMB_META_DIR, t["id"] + ".parquet"))
+    for t, m in zip(tasks, read_markers([join(cfg.output, layout.EMB_META_DIR, t["id"] + ".parquet") for t in tasks])):
         if m and m.get("shard_sha256") == t["sha256"]:
             totals["rows"] += m["rows"]
             totals["failed_decode"] += m["failed_decode"]

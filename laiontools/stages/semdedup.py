@@ -71,6 +71,7 @@ from laiontools.core.storage import (
     mark_done,
     read_json,
     read_marker,
+    read_markers,
     scratch_dir,
     sha256_bytes,
     url_to_fs,
@@ -755,8 +756,7 @@ def _write_outputs(cfg: SemDedupConfig, pool: Any, k: int, km: dict[str, Any], c
     gallery: list[tuple] = []
     largest = 0
     dup_rows = 0
-    for u in units:
-        st = read_marker(join(cfg.output, DONE_DIR, "units", _unit_id(u)))
+    for u, st in zip(units, read_markers([join(cfg.output, DONE_DIR, "units", _unit_id(u)) for u in units])):
         if st is None or st.get("key") != ctx["unit_key"]:
             raise RuntimeError(f"unit {_unit_id(u)} reported done but its marker is missing or stale")  # a bug
         for lab, v in st["eps"].items():
