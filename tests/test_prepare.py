@@ -939,3 +939,36 @@ def test_jsonl_with_a_byte_order_mark_keeps_its_first_row(tmp_path, monkeypatch)
     assert stats["rows_in"] == 4 and stats["accepted"] == 4 and stats["rejected"] == {}
     acc = pd.read_parquet(tmp_path / "o" / layout.PREPARED_DIR / "accepted")
     assert acc["caption"].tolist() == ["c0", "c1", "c2", "c3"]
+
+
+def _late_key_jsonl(path, n: int = 400, first: int = 300) -> str:
+    """A laion2b-en JSONL source whose `punsafe` key (a profile column, which subsets filter on) first
+    appears on line `first` (1-based), past the 200 lines the column probe used to read."""
+    lines = [{"URL": f"{BASE}/{i}.jpg", "TEXT": f"c {i}", **({"punsafe": 0.25} if i >= first - 1 else {})}
+             for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return str(path)
+
+
+def test_jsonl_key_first_seen_on_line_300_is_read(engine, tmp_path):
+    """A small JSONL file is probed whole: a key first seen on line 300 is a column (it was dropped for the
+    whole file, silently: every row's punsafe null), the same on both engines."""
+    src = _late_key_jsonl(tmp_path / "late.jsonl")
+    stats = _prepare(engine, src, str(tmp_path / "o"))
+    assert stats["rows_in"] == 400 and stats["accepted"] == 400
+    rows = _all_rows(str(tmp_path / "o")).sort_values("row_idx")
+    assert rows["punsafe"].iloc[:299].isna().all() and (rows["punsafe"].iloc[299:] == 0.25).all()
+
+
+def test_jsonl_key_past_the_probe_stops_the_task_naming_line_and_key(engine, tmp_path, monkeypatch):
+    """Past the probe's budget (here: its 200-line minimum only), a key with a value that the probe did not
+    see stops prepare with an error naming the file, the line and the key, never dropped silently; a key
+    seen only with null values loses nothing and passes."""
+    monkeypatch.setattr(prepare_stage, "JSONL_PROBE_BYTES", 0)
+    src = _late_key_jsonl(tmp_path / "late.jsonl")
+    with pytest.raises(InputError, match=r"late.jsonl: line 300 has the key 'punsafe'.*would be lost"):
+        _prepare(engine, src, str(tmp_path / "o"))
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text("".join(json.dumps({"url": f"{BASE}/{i}.jpg", "caption": f"c {i}",
+                                         **({"extra": None} if i >= 299 else {})}) + "\n" for i in range(400)))
+    assert _prepare(engine, str(nulls), str(tmp_path / "o2"))["accepted"] == 400

@@ -325,3 +325,58 @@ def test_a_password_in_a_flag_is_used_and_never_recorded(spark, web, tmp_path, c
         assert not leaked, leaked
         # the same command again: the recorded settings are this run's, redacted the same way
         assert main(argv) == 0, capfd.readouterr().err[-3000:]
+
+
+@pytest.mark.parametrize("fault", ["stall", "503"])
+def test_a_blocklist_server_failing_after_prepare_fails_the_shards_naming_it(spark, web, tmp_path, fault):
+    """The --blocklist server answers prepare (in this process: the driver reads the list and keeps it)
+    and then, for the Spark executors' reads, accepts and never answers ("stall") or answers 503. Each
+    download shard stops before fetching any row, within --blocklist-timeout (1 s here), and the stage
+    ends with one error naming the list (its password removed) and the shards: no catalog, no row
+    recorded failed or "blocklisted". Before, every row read the list again, serially, each waiting up to
+    fsspec's 5 min, and ended failed_download with a non-transient message counted as blocklisted."""
+    import threading
+    import time
+
+    from laiontools.core.errors import UserError
+    from laiontools.stages import prepare
+    from laiontools.stages.download import DownloadConfig
+    from laiontools.testing.net import answering
+
+    server, names = web
+    urls = [f"{server.base_url}/img/{n}" for n in names[:6]]
+    release = threading.Event()
+    state = {"up": True, "refused": 0}
+
+    def answer(path, headers):
+        if state["up"]:
+            return 200, {}, f"{urls[1]}\n".encode()
+        state["refused"] += 1
+        if fault == "stall":
+            release.wait(60)  # accepted, never answered (until the test ends)
+        return 503, {}, b"down for maintenance"
+
+    with answering(answer) as base:
+        bl = base.replace("http://", "http://alice:s3cr3t@") + "/list.txt"
+        out = str(tmp_path / "pool")
+        settings = {**TEST_DOWNLOAD_SETTINGS, "number_sample_per_shard": 2}
+        cfg = DownloadConfig(input=_source(str(tmp_path / "src"), urls), output=out, blocklist=bl,
+                             blocklist_timeout=1.0, **settings)
+        cfg.validate()
+        res = prepare.run(cfg)  # a small source: in this process, which now holds the list
+        assert res.details["rejected"] == {"rejected_blocklisted": 1}, res.details["rejected"]
+        state["up"] = False  # from here on, only the executors (separate Python workers) read it
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(UserError) as err:
+                _run_download(cfg, spark)
+        finally:
+            release.set()
+        took = time.monotonic() - t0
+    msg = str(err.value)
+    assert took < 40, took
+    assert state["refused"] >= 1, msg  # the executors did ask, and were refused
+    assert "failed after 1 retry" in msg and "ids 0, 1, 2" in msg, msg
+    assert "the blocklist could not be read" in msg and "blocklist http://alice:***@127.0.0.1:" in msg, msg
+    assert "s3cr3t" not in msg
+    assert not os.path.exists(os.path.join(out, layout.CATALOG_DIR))

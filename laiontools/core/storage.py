@@ -96,9 +96,10 @@ _NO_LISTINGS_CACHE = ("s3", "s3a", "gs", "gcs", "az", "abfs")
 _LOCAL_FS: dict[int, LocalFileSystem] = {}
 
 
-def url_to_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def url_to_fs(path: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
     """(file system, protocol-less path) for `path`; credentials and endpoints come from the environment
-    and fsspec's configuration, never from our settings."""
+    and fsspec's configuration, never from our settings. `storage_options` go to the file system's
+    constructor (a caller's bound on one read, e.g. http's ``client_kwargs``); a local path takes none."""
     if isinstance(path, str) and "://" not in path and "::" not in path:
         # A plain local path: what fsspec answers (its local file system, the path made absolute and
         # posix), without its URL parsing and instance lookup (~33 us a call against ~4; reshard resolves
@@ -115,8 +116,8 @@ def url_to_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     url = scheme + path[len(scheme):] if scheme else path
     try:
         if scheme in _NO_LISTINGS_CACHE:
-            return fsspec.core.url_to_fs(url, use_listings_cache=False)
-        return fsspec.core.url_to_fs(url)
+            return fsspec.core.url_to_fs(url, use_listings_cache=False, **storage_options)
+        return fsspec.core.url_to_fs(url, **storage_options)
     except ImportError as e:  # a known scheme whose client is not installed (fsspec: "Install adlfs to access ...")
         raise InputError(f"{path}: {e}") from e
     except ValueError as e:

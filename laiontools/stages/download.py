@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 IMG2DATASET_STATUS = {"success": C.STATUS_SUCCESS, "failed_to_download": C.STATUS_FAILED_DOWNLOAD,
                       "failed_to_resize": C.STATUS_FAILED_RESIZE}
 # Settings that do not change the result: a re-run may differ in them.
-_RUNTIME_ONLY = {"retry_failed", "thread_count", "subjob_size", "max_shard_retry", *RUNTIME_SETTINGS}
+_RUNTIME_ONLY = {"retry_failed", "thread_count", "subjob_size", "max_shard_retry", "blocklist_timeout", *RUNTIME_SETTINGS}
 
 
 @dataclasses.dataclass
@@ -342,7 +342,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     from img2dataset.reader import Reader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from laiontools.web.fetch import FetchPolicy, PolicyDownloader
+    from laiontools.web.fetch import SHARD_ERROR_SUFFIX, FetchPolicy, PolicyDownloader
     from laiontools.web.resize import make_resizer, resize_params
 
     fs, sp = url_to_fs(shard_dir)
@@ -358,6 +358,8 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     extra_cols = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION)]
     tmp_path = shard_dir.rstrip("/") + "/_tmp"
     fs.makedirs(url_to_fs(tmp_path)[1], exist_ok=True)
+    for stale in fs.glob(glob_literal(url_to_fs(tmp_path)[1]) + "/*" + SHARD_ERROR_SUFFIX):  # a killed run's notes
+        rm_path(fs, stale)
     tasks_at_once = spark.sparkContext.defaultParallelism if spark is not None else Tasks(None).workers
     # Given the folder, img2dataset's Reader globs "<folder>/*.parquet" with fsspec, which reads [ * ? in the
     # folder's path as a pattern: under a pool folder run[1]/ it read run1/'s prepared rows (another pool's)
@@ -374,6 +376,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
                          robots_user_agent=cfg.user_agent_token, max_crawl_delay=cfg.max_crawl_delay or None,
                          max_host_rps=cfg.max_host_rps,
                          max_host_concurrency=cfg.max_host_concurrency, blocklist=cfg.blocklist,
+                         blocklist_timeout=cfg.blocklist_timeout,
                          host_shares=host_shares(prep_stats, cfg, tasks_at_once)
                          if (cfg.max_host_rps or cfg.max_host_concurrency) else ())
     directives = ["noai", "noimageai", "noindex", "noimageindex"] if cfg.respect_optouts else None
@@ -383,6 +386,7 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
         number_sample_per_shard=cfg.number_sample_per_shard, oom_shard_count=5, compute_hash="sha256",
         verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries,
         user_agent_token=cfg.user_agent_token, disallowed_header_directives=directives, policy=policy,
+        error_folder=tmp_path,
     )
     n_todo = len(in_files)
     log.info("downloading from %s into %s (%d shard(s) already done)", input_dir, shard_dir, len(done_shards))
@@ -394,19 +398,46 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     with contextlib.redirect_stdout(sys.stderr):
         distributor(tasks_at_once, downloader, handed, cfg.subjob_size, cfg.max_shard_retry)
     log.info("img2dataset pass over %d input file(s) took %.1fs", n_todo, time.time() - t0)
-    if fs.exists(url_to_fs(tmp_path)[1]):
-        rm_path(fs, url_to_fs(tmp_path)[1], recursive=True)
     # img2dataset's distributors end with a shard that failed every retry as a printed line only, and the
     # catalog built next held none of its rows: a pool short of them, exit 0, every later stage building on
     # it. A shard is done when its stats file (written last) exists; one handed out without it stops here.
     done_now = {int(f.rsplit("/", 1)[-1].split("_")[0]) for f in fs.glob(glob_literal(sp) + "/*_stats.json")}
     failed = sorted(set(handed.ids) - done_now)
+    causes = _shard_errors(tmp_path, failed, SHARD_ERROR_SUFFIX) if failed else []
+    if fs.exists(url_to_fs(tmp_path)[1]):
+        rm_path(fs, url_to_fs(tmp_path)[1], recursive=True)
     if failed:
         where = "the log above" if spark is None else "the Spark executors' logs"
+        cause = f"; the cause: {'; '.join(causes)}" if causes else f"; the cause is in {where}"
         raise UserError(f"{len(failed)} download shard(s) of {shard_dir} failed after {cfg.max_shard_retry} "
                         f"retr{'y' if cfg.max_shard_retry == 1 else 'ies'} (ids {', '.join(map(str, failed[:10]))}"
-                        f"{', ...' if len(failed) > 10 else ''}; the cause is in {where}): no catalog or manifest is "
+                        f"{', ...' if len(failed) > 10 else ''}{cause}): no catalog or manifest is "
                         "written without their rows. Re-run the same command to retry them (finished shards are kept)")
+
+
+def _shard_errors(tmp_path: str, failed: list[int], suffix: str, most: int = 3) -> list[str]:
+    """The distinct messages (at most `most`) that the downloader noted for the `failed` shards
+    (``PolicyDownloader._shard_failed``), each with the ids of the shards it stopped."""
+    fs, tp = url_to_fs(tmp_path)
+    by_msg: dict[str, list[int]] = {}
+    try:
+        noted = {f.rsplit("/", 1)[-1] for f in fs.glob(glob_literal(tp) + "/*" + suffix)}
+    except OSError:
+        return []
+    for i in failed:
+        name = f"{i}{suffix}"
+        if name not in noted:
+            continue
+        try:
+            with fs.open(f"{tp}/{name}", "rb") as f:
+                msg = f.read(4000).decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        if msg:
+            by_msg.setdefault(msg, []).append(i)
+    out = [f"shard(s) {', '.join(map(str, ids[:5]))}{', ...' if len(ids) > 5 else ''}: {msg}"
+           for msg, ids in list(by_msg.items())[:most]]
+    return out
 
 
 class _HandedOut:

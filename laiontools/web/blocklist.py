@@ -44,6 +44,7 @@ class Blocklist:
     domains: set[str] = field(default_factory=set)
     sha256: set[str] = field(default_factory=set)
     md5: set[str] = field(default_factory=set)
+    file_sha256: str = ""  # sha256 of the file as read (prepare's fingerprint of the list)
 
     def __len__(self) -> int:
         return len(self.urls) + len(self.domains) + len(self.sha256) + len(self.md5)
@@ -158,38 +159,91 @@ def parse_blocklist(text: str, where: str = "blocklist") -> Blocklist:
 
 
 _CACHE: dict[str, Blocklist] = {}
+_FAILED: dict[str, tuple[float, BaseException]] = {}  # path -> (time.monotonic() of the failure, the error)
 _LOCK = threading.Lock()
 
+# Seconds to connect to, and to wait for each read from, the server of an http(s) --blocklist (aiohttp's
+# sock_connect / sock_read; the whole read is not capped: a big list over a slow link still arrives).
+# Without them fsspec's http client waited up to 5 min per try. ``--blocklist-timeout`` sets it for a
+# run; the environment variable, the default of a call that names none.
+BLOCKLIST_TIMEOUT_ENV = "LAIONTOOLS_BLOCKLIST_TIMEOUT"
+DEFAULT_BLOCKLIST_TIMEOUT = 30.0
+# A read that failed is not tried again in this process for this long (seconds): the shards an executor
+# runs next fail at once with the same message instead of each waiting for the same server again.
+FAILED_READ_TTL = 60.0
 
-def load_blocklist(path: str | None) -> Blocklist | None:
+
+def blocklist_timeout(timeout: float | None = None) -> float:
+    """`timeout`, else ``$LAIONTOOLS_BLOCKLIST_TIMEOUT``, else :data:`DEFAULT_BLOCKLIST_TIMEOUT` (seconds)."""
+    if timeout is not None:
+        return float(timeout)
+    import os
+
+    env = os.environ.get(BLOCKLIST_TIMEOUT_ENV, "").strip()
+    try:
+        return float(env) if env and float(env) > 0 else DEFAULT_BLOCKLIST_TIMEOUT
+    except ValueError:
+        return DEFAULT_BLOCKLIST_TIMEOUT
+
+
+def _storage_options(path: str, timeout: float) -> dict:
+    """fsspec options bounding an http(s) read of the list in time (other stores keep their own bounds)."""
+    scheme = path.split("://", 1)[0].lower() if "://" in path else ""
+    if scheme not in ("http", "https"):
+        return {}
+    import aiohttp
+
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}}
+
+
+def load_blocklist(path: str | None, timeout: float | None = None) -> Blocklist | None:
     """The blocklist at `path` (any fsspec URL), read once per process; None when `path` is None.
 
     Raises InputError when the file is missing, cannot be read or has a line of no known kind. Its
     messages name `path` without the credentials a URL may carry (``https://user:token@host/list.txt``):
-    an executor's fetch records the message as each row's error_message, and Spark prints it.
+    an executor's download shard fails with the message, and Spark prints it.
+    `timeout` (:func:`blocklist_timeout`) bounds the connect and each read of an http(s) list; a failed
+    read is raised again, without a new try, for :data:`FAILED_READ_TTL` seconds.
     """
     if not path:
         return None
+    import time
+
     with _LOCK:
         if path in _CACHE:
             return _CACHE[path]
-        from laiontools.core.redact import redact_text
-        from laiontools.core.storage import url_to_fs
-
-        shown = redact_text(path)
+        failed = _FAILED.get(path)
+        if failed is not None and time.monotonic() - failed[0] < FAILED_READ_TTL:
+            raise failed[1]
         try:
-            fs, p = url_to_fs(path)
-            if not fs.exists(p):
-                raise InputError(f"blocklist {shown} does not exist or cannot be read (every executor must be able to read it)")
-            with fs.open(p, "rb") as f:
-                text = f.read().decode("utf-8", "replace")
-        except UserError:  # (with its own message: a missing optional dependency, a redacted path read back)
+            bl = _read(path, blocklist_timeout(timeout))
+        except Exception as e:
+            _FAILED[path] = (time.monotonic(), e)
             raise
-        except Exception as e:  # the store's own message may quote the URL with its credentials
-            if redact_text(str(e)) == str(e):
-                raise  # (nothing to hide: the error as the store gave it, a local path's OSError)
-            raise InputError(f"blocklist {shown} cannot be read ({redact_text(f'{type(e).__name__}: {e}')}); every "
-                             "executor must be able to read it") from None
-        bl = parse_blocklist(text, where=shown)
+        _FAILED.pop(path, None)
         _CACHE[path] = bl
         return bl
+
+
+def _read(path: str, timeout: float) -> Blocklist:
+    from laiontools.core.redact import redact_text
+    from laiontools.core.storage import url_to_fs
+
+    shown = redact_text(path)
+    try:
+        fs, p = url_to_fs(path, **_storage_options(path, timeout))
+        if not fs.exists(p):
+            raise InputError(f"blocklist {shown} does not exist or cannot be read within {timeout:g} s (every "
+                             "executor must be able to read it)")
+        with fs.open(p, "rb") as f:
+            raw = f.read()
+    except UserError:  # (with its own message: a missing optional dependency, a redacted path read back)
+        raise
+    except Exception as e:  # the store's own message may quote the URL with its credentials
+        if redact_text(str(e)) == str(e) and not isinstance(e, TimeoutError):
+            raise  # (nothing to hide: the error as the store gave it, a local path's OSError)
+        why = f"no answer within {timeout:g} s" if isinstance(e, TimeoutError) else redact_text(f"{type(e).__name__}: {e}")
+        raise InputError(f"blocklist {shown} cannot be read ({why}); every executor must be able to read it") from None
+    bl = parse_blocklist(raw.decode("utf-8", "replace"), where=shown)
+    bl.file_sha256 = hashlib.sha256(raw).hexdigest()
+    return bl

@@ -48,6 +48,7 @@ import random
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -178,6 +179,7 @@ class FetchPolicy:
     max_crawl_delay: float | None = 30.0  # a robots.txt Crawl-delay over this skips the host (None: kept, however long)
     host_shares: tuple[tuple[str, int], ...] = ()  # (host, d): this executor's limits at host are divided by d
     blocklist: str | None = None  # path of a --blocklist file (URLs, domains, content hashes)
+    blocklist_timeout: float | None = None  # seconds to connect / per read of an http(s) blocklist (None: blocklist_timeout())
 
 
 class FetchError(Exception):
@@ -971,7 +973,7 @@ def safe_get(url: str, *, user_agent: str, policy: FetchPolicy, timeout: float, 
     from laiontools.web.blocklist import load_blocklist
 
     resolver = resolver or DNS
-    blocklist = load_blocklist(policy.blocklist)
+    blocklist = load_blocklist(policy.blocklist, timeout=policy.blocklist_timeout)
     for hop in range(policy.max_redirects + 1):
         try:
             parts, host, port, addrs = _checked_url(url, policy, blocklist, resolver, deadline)
@@ -1205,7 +1207,7 @@ def fetch_one(url: str, timeout: float, user_agent_token: str | None, disallowed
         resp = safe_get(url, user_agent=user_agent_for(user_agent_token), policy=policy, timeout=timeout,
                         deadline=req_deadline, max_bytes=policy.max_bytes, resolver=resolver, check_headers=check_headers,
                         gate=gate, robots=robots, hard_deadline=deadline)
-        blocklist = load_blocklist(policy.blocklist)
+        blocklist = load_blocklist(policy.blocklist, timeout=policy.blocklist_timeout)
         if blocklist is not None:
             why = blocklist.content_reason(resp.body)
             if why:  # refused here, so the bytes never reach img2dataset's writer
@@ -1294,6 +1296,7 @@ def counters_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
 
 
 WEB_STATS_SUFFIX = "_web.json"
+SHARD_ERROR_SUFFIX = ".error.txt"  # PolicyDownloader's note of why a shard failed, in its error_folder
 
 
 class PolicyDownloader(Downloader):
@@ -1305,11 +1308,34 @@ class PolicyDownloader(Downloader):
     before the stats file, the shard's completion marker: a kill between the two leaves a shard that
     is not done, whose files the next run removes and downloads again, never a done shard without
     its counters.
+
+    The ``--blocklist`` is read before any row is fetched (once per process, bounded by
+    ``policy.blocklist_timeout``): a list that cannot be read fails the shard, not its rows one by one
+    (each waiting for the list's server, then recorded failed as if blocklisted). The message, credentials
+    removed, is printed and written to ``<error_folder>/<shard id>.error.txt`` (when `error_folder` is
+    given), where the driver reads it for the error naming the shards that failed every retry.
     """
 
-    def __init__(self, *args: Any, policy: FetchPolicy, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, policy: FetchPolicy, error_folder: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.policy_dict = asdict(policy)
+        self.error_folder = error_folder
+
+    def _shard_failed(self, row: Any, message: str) -> tuple[bool, Any]:
+        """img2dataset's answer for a failed shard, after noting why (see the class doc) for the driver."""
+        shard_id = row[0]
+        print(f"shard {shard_id} failed with error {message}", file=sys.stderr, flush=True)
+        if self.error_folder:
+            try:
+                from laiontools.core.storage import join
+
+                fs, p = url_to_fs(join(self.error_folder, f"{shard_id}{SHARD_ERROR_SUFFIX}"))
+                with fs.open(p, "wb") as f:
+                    f.write(message.encode("utf-8"))
+            except Exception as e:  # noqa: BLE001 - the shard fails either way; the note is the message's way out
+                logging.getLogger(__name__).warning("could not note why shard %s failed: %s: %s", shard_id,
+                                                    type(e).__name__, e)
+        return False, row
 
     @staticmethod
     def _shard_rows(shard_file: str) -> list[tuple[int, str]]:
@@ -1325,7 +1351,16 @@ class PolicyDownloader(Downloader):
     def __call__(self, row):
         import img2dataset.downloader as d
 
+        from laiontools.core.errors import UserError
+        from laiontools.core.redact import redact_text
+        from laiontools.web.blocklist import load_blocklist
+
         pol = FetchPolicy(**{**self.policy_dict, "allow_networks": tuple(self.policy_dict["allow_networks"])})
+        try:  # before any row: the fetch checks every row against it (a cache hit from here on)
+            load_blocklist(pol.blocklist, timeout=pol.blocklist_timeout)
+        except Exception as e:  # noqa: BLE001 - the shard fails, loudly, and is retried; never its rows one by one
+            why = str(e) if isinstance(e, UserError) else redact_text(f"{type(e).__name__}: {e}")
+            return self._shard_failed(row, f"the blocklist could not be read, so no row was fetched: {why}")
         DNS.ttl = pol.dns_ttl
         HOSTS.set_shares({h: int(d) for h, d in pol.host_shares})
         at = time.monotonic() + pol.shard_deadline if pol.shard_deadline else None
