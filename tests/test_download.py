@@ -658,3 +658,252 @@ def test_a_report_table_past_the_driver_cap_is_not_made_and_dropped(pool, spark,
     fin = download_stage._finalize_spark(cfg, spark, shards, prep)
     assert calls == [] and fin["aggregate"] is None
     assert (fin["by_status"], fin["per_shard"], fin["uids_sha256"]) == (ref["by_status"], ref["per_shard"], ref["uids_sha256"])
+
+
+_FS_CALLS: dict[str, int] = {}
+
+
+class _CountingFS(__import__("fsspec").implementations.local.LocalFileSystem):
+    """The local file system under ``countfile://``, counting the calls made to it from outside (its own
+    calls inside a call, such as ls's info per entry, are not requests of the caller's)."""
+
+    protocol = ("countfile",)
+    calls = _FS_CALLS
+    _depth = __import__("threading").local()
+
+    def __getattribute__(self, name):
+        attr = super().__getattribute__(name)
+        if name not in ("ls", "exists", "isfile", "isdir", "info", "glob", "find", "_open", "open", "cat_file", "cat", "rm", "rm_file"):
+            return attr
+
+        def counted(*a, **k):
+            d = getattr(_CountingFS._depth, "n", 0)
+            if d == 0:
+                _CountingFS.calls[name] = _CountingFS.calls.get(name, 0) + 1
+            _CountingFS._depth.n = d + 1
+            try:
+                return attr(*a, **k)
+            finally:
+                _CountingFS._depth.n = d
+
+        return counted
+
+
+def _old_clean_incomplete_shards(shard_dir: str) -> None:
+    """download._clean_incomplete_shards before it listed once (the reference for what it removes and says)."""
+    from laiontools.core.storage import glob_literal, rm_path, url_to_fs
+    from laiontools.stages.download import log
+
+    fs, p = url_to_fs(shard_dir)
+    if not fs.exists(p):
+        return
+    done = set()
+    for f in fs.glob(glob_literal(p) + "/*_stats.json"):
+        sid = f.rsplit("/", 1)[-1].split("_")[0]
+        try:
+            with fs.open(f, "rb") as fh:
+                json.loads(fh.read())
+            if fs.exists(f"{p}/{sid}.tar") and fs.exists(f"{p}/{sid}.parquet"):
+                done.add(sid)
+                continue
+        except ValueError:
+            pass
+        log.warning("shard %s/%s has a broken stats file; it will be downloaded again", shard_dir, sid)
+        rm_path(fs, f)
+    for f in fs.ls(p, detail=False):
+        name = f.rsplit("/", 1)[-1]
+        sid = name.split(".")[0].split("_")[0]
+        if fs.isfile(f) and sid.isdigit() and sid not in done:
+            log.info("removing incomplete shard file %s", f)
+            rm_path(fs, f)
+
+
+def _shard_folder(d: Path, marked: int) -> None:
+    """A download shard folder: `marked` finalized shards (tar, parquet, stats, web stats, marker), then
+    one finished but not finalized, one with its stats cut short, one killed mid-tar, one marked whose
+    parquet is gone, one whose tar path is a folder, one with an empty stats file, img2dataset's _tmp folder
+    and a hidden temp file."""
+    d.mkdir(parents=True)
+    stats = json.dumps({"successes": 3, "count": 4, "start_time": 1.0, "end_time": 2.0})
+
+    def shard(i: int, *, tar=True, parquet=True, st=stats, marker=False) -> None:
+        if tar:
+            (d / f"{i:05d}.tar").write_bytes(b"t" * 10)
+        if parquet:
+            (d / f"{i:05d}.parquet").write_bytes(b"p")
+        if st is not None:
+            (d / f"{i:05d}_stats.json").write_text(st)
+            (d / f"{i:05d}_web.json").write_text("{}")
+        if marker:
+            (d / f"{i:05d}.tar.done").write_text("{}")
+
+    for i in range(marked):
+        shard(i, marker=True)
+    shard(marked)  # done by img2dataset, not finalized yet: no marker
+    shard(marked + 1, st=stats[:9])  # a kill while its stats were written
+    shard(marked + 2, parquet=False, st=None)  # a kill mid-shard
+    shard(marked + 3, parquet=False, marker=True)  # its parquet lost: downloaded again, as before
+    shard(marked + 4, tar=False)
+    (d / f"{marked + 4:05d}.tar").mkdir()  # exists (a folder): counts as there, as fs.exists said
+    shard(marked + 5, st="")  # a kill as its stats file was opened
+    (d / "_tmp").mkdir()
+    (d / "_tmp" / f"{marked + 2}.feather").write_bytes(b"f")
+    (d / f".{marked + 6:05d}.tar.tmp-0badc0de").write_bytes(b"x")
+
+
+def test_cleaning_a_shard_folder_lists_it_once_and_reads_only_unmarked_stats(tmp_path, caplog):
+    """At the start of every download pass and resume the driver checked each shard in turn: the stats
+    file read, an exists for its tar and its parquet, then an isfile per listed file: ~1.6M requests in
+    turn for a 2B pool's ~230k shards (hours on an object store). Now one detailed listing answers
+    which files exist and what they are, and only stats files of shards without a completion marker are
+    read (a marker is written only after its stats parsed). What is removed and logged is unchanged."""
+    import logging
+
+    import fsspec
+
+    from laiontools.stages import download as download_stage
+
+    fsspec.register_implementation("countfile", _CountingFS, clobber=True)
+    marked = 40
+    ref, new = tmp_path / "ref" / "shards", tmp_path / "new" / "shards"
+    _shard_folder(ref, marked)
+    _shard_folder(new, marked)
+
+    def run(clean, folder: str) -> tuple[list[str], list[str]]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=download_stage.log.name):
+            clean(folder)
+        said = [r.getMessage().replace(str(ref), "D").replace(str(new), "D").replace("countfile://", "")
+                for r in caplog.records if r.name == download_stage.log.name]
+        return sorted(said), said
+
+    want_sorted, want = run(_old_clean_incomplete_shards, str(ref))
+    _CountingFS.calls.clear()
+    got_sorted, got = run(download_stage._clean_incomplete_shards, f"countfile://{new}")
+    calls = dict(_CountingFS.calls)
+    assert got_sorted == want_sorted
+    # the warnings, in shard order, as before
+    assert [m for m in got if "broken" in m] == [m for m in want if "broken" in m] == [
+        f"shard D/{i:05d} has a broken stats file; it will be downloaded again" for i in (marked + 1, marked + 3, marked + 5)]
+
+    def left(d: Path) -> list[str]:
+        return sorted(str(f.relative_to(d)) for f in d.rglob("*"))
+
+    assert left(new) == left(ref)
+    assert f"{marked:05d}.tar" in left(new) and f"{marked + 1:05d}.tar" not in left(new) and "_tmp/42.feather" in left(new)
+    # O(1) requests: the folder's existence, one listing, the three non-empty stats files of unmarked shards read,
+    # a removal of the broken stats then one of the other files; nothing asked per shard
+    assert calls.get("ls") == 1 and calls.get("exists", 0) <= 1, calls
+    assert calls.get("isfile", 0) + calls.get("isdir", 0) + calls.get("info", 0) + calls.get("glob", 0) + calls.get("find", 0) == 0, calls
+    assert calls.get("_open", 0) + calls.get("open", 0) + calls.get("cat_file", 0) + calls.get("cat", 0) == 3, calls
+    assert calls.get("rm", 0) + calls.get("rm_file", 0) <= 2, calls
+
+
+def _failed_pool(out: Path, n_transient: int) -> list[str]:
+    """A finished pool's files that prepare_retry reads (prepare's marker and stats, a manifest, a catalog
+    in two files), whose catalog holds `n_transient` transient failures among successes and permanent
+    failures, in no order; returns the transient rows' uids."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laiontools.core.storage import mark_done
+    from laiontools.stages.prepare import DOWNLOAD_COLUMNS
+
+    rnd = random.Random(7)
+    prep = out / layout.PREPARED_DIR
+    prep.mkdir(parents=True)
+    (prep / layout.PREPARED_STATS_JSON).write_text(json.dumps({"download_columns": [C.URL, C.CAPTION, *DOWNLOAD_COLUMNS, "extra"]}))
+    mark_done(str(prep))
+    (out / layout.POOL_MANIFEST).write_text("{}")
+    rows = []
+    for i in range(n_transient + 60):
+        kind = "transient" if i < n_transient else ("permanent" if i % 2 else "success")
+        rows.append({
+            C.UID: f"{rnd.getrandbits(128):032x}", C.URL: f"http://h{i % 7}.test/{i}.jpg", C.CAPTION: f"c {i}",
+            C.STATUS: C.STATUS_SUCCESS if kind == "success" else C.STATUS_FAILED_DOWNLOAD,
+            C.ERROR: {"transient": ["HTTP Error 503: Service Unavailable", "timeout: timed out"][i % 2],
+                      "permanent": "HTTP Error 404: Not Found", "success": None}[kind],
+            C.SIMILARITY: 0.25 + i / 1000 if i % 3 else None, C.SOURCE_ID: str(i), "extra": f"e{i}" if i % 4 else None,
+        })
+    rnd.shuffle(rows)
+    cat = out / layout.CATALOG_DIR
+    cat.mkdir()
+    for k in range(2):
+        pq.write_table(pa.Table.from_pylist(rows[k::2]), str(cat / f"part-{k:05d}.parquet"))
+    return [r[C.UID] for r in rows if r[C.STATUS] == C.STATUS_FAILED_DOWNLOAD and "404" not in r[C.ERROR]]
+
+
+def test_a_retry_input_is_files_of_whole_shards_written_alike_by_both_engines(spark, tmp_path):
+    """prepare_retry wrote every row to retry as one file from one Spark task (coalesce(1): ~100M rows
+    at 2B, then read whole into the driver by img2dataset's Reader). It now writes prepare's layout:
+    the rows by uid, F = --shards-per-file whole shards of n rows in each file but the last, one task a
+    file. img2dataset's Reader cuts each file into shards with ids continuing across files, so the
+    pass's shards are those of one file of all the rows; both engines write the same bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from img2dataset.reader import Reader
+
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    n, f = TEST_DOWNLOAD_SETTINGS["number_sample_per_shard"], TEST_DOWNLOAD_SETTINGS["shards_per_file"]
+    n_rows = 3 * n * f + n + 7  # three full files, then one of a full shard and a short one
+    folders = {}
+    for engine in ("spark", "in-process"):
+        out = tmp_path / engine
+        uids = _failed_pool(out, n_rows)
+        # a killed run's half-written temp folder is replaced
+        (out / layout.PREPARED_DIR / "retry-01.tmp").mkdir()
+        (out / layout.PREPARED_DIR / "retry-01.tmp" / "part-00009.parquet").write_bytes(b"half")
+        cfg = DownloadConfig(input=str(tmp_path / "src"), output=str(out), **TEST_DOWNLOAD_SETTINGS)
+        got = download_stage.prepare_retry(cfg, spark if engine == "spark" else None)
+        assert got == str(out / layout.PREPARED_DIR / "retry-01")
+        folders[engine] = Path(got)
+        assert not (out / layout.PREPARED_DIR / "retry-01.tmp").exists()
+    names = sorted(os.listdir(folders["spark"]))
+    assert names == sorted(os.listdir(folders["in-process"])) == [f"part-{i:05d}.parquet" for i in range(4)]
+    for name in names:
+        assert (folders["spark"] / name).read_bytes() == (folders["in-process"] / name).read_bytes(), name
+    tables = [pq.read_table(str(folders["spark"] / name)) for name in names]
+    assert [t.num_rows for t in tables] == [n * f] * 3 + [n + 7]
+    whole = pa.concat_tables(tables)
+    assert whole.column(C.UID).to_pylist() == sorted(uids)
+    assert whole.schema.field(C.SIMILARITY).type == pa.float64() and whole.column("extra").null_count > 0
+
+    def shards(files: list[str], tmp: Path) -> dict[int, list[str]]:
+        tmp.mkdir()
+        r = Reader(files[0], "parquet", C.URL, C.CAPTION, None, None, [C.UID], n, set(), str(tmp), 0)
+        r.input_files = files
+        return {int(sid): pa.ipc.open_file(str(path)).read_all().column(C.UID).to_pylist() for sid, path in r}
+
+    one = tmp_path / "one.parquet"
+    pq.write_table(whole, str(one))  # the old layout: every row in one file
+    got = shards([str(folders["spark"] / name) for name in names], tmp_path / "r-files")
+    assert got == shards([str(one)], tmp_path / "r-one")
+    assert sorted(got) == list(range(-(-n_rows // n))) and got[3 * f] == sorted(uids)[3 * f * n:(3 * f + 1) * n]
+
+
+def test_a_retry_pass_gives_the_same_input_and_pool_on_both_engines(pool, spark, tmp_path, monkeypatch):
+    """A --retry-failed pass from the same pool on Spark and in process: the same retry input files, byte
+    for byte, and then the same catalog rows (statuses, shards, keys) and manifest shard list."""
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    outs = {}
+    for engine in ("spark", "in-process"):
+        out = outs[engine] = str(tmp_path / engine)
+        shutil.copytree(pool.dir, out)
+        cfg = DownloadConfig(input=pool.source, output=out, retry_failed=True, **TEST_DOWNLOAD_SETTINGS)
+        rep = download_stage.run(cfg, spark if engine == "spark" else None).details
+        assert rep["engine"].startswith(engine)
+    inputs = [Path(outs[e], layout.PREPARED_DIR, "retry-01") for e in ("spark", "in-process")]
+    names = sorted(os.listdir(inputs[0]))
+    assert names and names == sorted(os.listdir(inputs[1]))
+    assert [(inputs[0] / n).read_bytes() for n in names] == [(inputs[1] / n).read_bytes() for n in names]
+    got, want = _comparable(outs["in-process"]), _comparable(outs["spark"])
+    pd.testing.assert_frame_equal(got[0], want[0])
+    assert got[1] == want[1]
+    assert any(s.startswith("shards/retry01/") for s, _ in got[1]["shards"])

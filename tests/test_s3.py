@@ -1570,3 +1570,51 @@ def test_a_conditional_lock_write_refused_for_another_reason_is_one_error_naming
         assert puts and puts == [("If-None-Match", answer[0])] * len(puts), f"the lock was written without its condition: {puts}"
     s3.invalidate_cache()
     assert not s3.exists(lock.split("://", 1)[1]) and not s3.exists(f"{out}/plan.json".split("://", 1)[1])
+
+
+def test_download_cleanup_of_a_shard_folder_on_s3_lists_it_once(bucket, tmp_path, caplog):
+    """download's clean-up of incomplete shards on s3://: the same keys removed and the same warnings as
+    the per-shard checks it replaced (run on a local copy), in O(1) requests: the folder's existence,
+    one listing (a page per 1000 keys), a GET of each stats file of a shard without a marker, and one
+    bulk delete for the broken shards' stats and one for their other files; nothing asked per shard
+    (before: a HEAD of each shard's tar and parquet, a GET of every stats file, a HEAD per key)."""
+    import logging
+
+    from test_download import _old_clean_incomplete_shards, _shard_folder
+
+    from laiontools.stages import download as download_stage
+
+    marked = 40
+    ref, up = tmp_path / "ref", tmp_path / "up"
+    _shard_folder(ref, marked)
+    _shard_folder(up, marked)
+    fs, root = url_to_fs(bucket)
+    for f in sorted(up.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{root}/pool/shards/{f.relative_to(up)}")
+    (ref / f"{marked + 4:05d}.tar").rmdir()  # an object store has no empty folder: no such tar there
+    caplog.set_level(logging.INFO, logger=download_stage.log.name)
+    _old_clean_incomplete_shards(str(ref))
+    want = sorted(r.getMessage().replace(str(ref), "D") for r in caplog.records if r.name == download_stage.log.name)
+    caplog.clear()
+    fs.connect()
+    requests: list[str] = []
+
+    def count(model: Any, **_: Any) -> None:
+        requests.append(model.name)
+
+    fs.s3.meta.events.register("before-call.s3", count)
+    try:
+        download_stage._clean_incomplete_shards(f"{bucket}/pool/shards")
+    finally:
+        fs.s3.meta.events.unregister("before-call.s3", count)
+    got = sorted(r.getMessage().replace(f"{bucket}/pool/shards", "D").replace(f"{root}/pool/shards", "D")
+                 for r in caplog.records if r.name == download_stage.log.name)
+    assert got == want
+    left = sorted(k[len(f"{root}/pool/shards/"):] for k in fs.find(f"{root}/pool/shards"))
+    assert left == sorted(str(f.relative_to(ref)) for f in ref.rglob("*") if f.is_file())
+    assert f"{marked + 1:05d}.tar" not in left and f"{marked + 5:05d}.tar" not in left and f"{marked:05d}.tar" in left
+    # unmarked stats read: the finished-but-not-finalized shard, the cut one, the one without a tar
+    assert requests.count("GetObject") == 3, requests
+    assert requests.count("ListObjectsV2") <= 2 and requests.count("DeleteObjects") <= 2, requests
+    assert len(requests) <= 2 + 1 + 3 + 2, requests  # exists (HEAD, LIST), the listing, the GETs, the deletes

@@ -42,16 +42,18 @@ from laiontools.core.redact import redact
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, Tasks, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
+    MARKER_READS_AT_ONCE,
     PARQUET_READ,
     PARQUET_WRITE,
     atomic_write_bytes,
     ensure_output_dir,
     glob_literal,
     is_done,
+    is_local,
     join,
     mark_done,
+    marker_path,
     move_tree,
-    mv_path,
     path_key,
     read_json,
     read_marker,
@@ -225,29 +227,68 @@ def _clean_incomplete_shards(shard_dir: str) -> None:
     """Delete every shard file that lacks a valid ``_stats.json`` and stats that don't parse.
 
     img2dataset treats any ``*_stats.json`` as done; a kill while writing one leaves it truncated.
-    """
+
+    One detailed listing of the folder gives every file's name and type: whether a shard's tar and
+    parquet exist is read from it, not asked per shard. The stats files are parsed, up to
+    MARKER_READS_AT_ONCE at once, only for shards without a completion marker (``<shard>.tar.done``):
+    :func:`_shard_info_task` writes a marker only after it parsed that shard's stats (and hashed its
+    tar), and a shard is never written again while its marker is there (this cleanup removes a
+    broken shard's stats file first and its marker with its other files; a shard whose stats file
+    exists is not handed to img2dataset again). Asked shard by shard (an exists for the tar and the
+    parquet, a read of the stats, then an isfile per listed file), a 2B pool's ~230k shards made
+    ~1.6M requests in turn at the start of every pass and resume: hours on an object store."""
     fs, p = url_to_fs(shard_dir)
     if not fs.exists(p):
         return
-    done = set()
-    for f in fs.glob(glob_literal(p) + "/*_stats.json"):
-        sid = f.rsplit("/", 1)[-1].split("_")[0]
-        try:
-            with fs.open(f, "rb") as fh:
-                json.loads(fh.read())
-            if fs.exists(f"{p}/{sid}.tar") and fs.exists(f"{p}/{sid}.parquet"):
-                done.add(sid)
-                continue
-        except ValueError:
-            pass
+    files, names, sizes = {}, set(), {}  # the files: name -> path, in listing order; every entry's name
+    for e in fs.ls(p, detail=True):
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        names.add(name)  # a tar or parquet counts as there as fs.exists said: whatever its type
+        if e.get("type") == "file":
+            files[name], sizes[name] = e["name"], e.get("size")
+    stats = sorted(n for n in files if n.endswith("_stats.json"))
+    sids = [n.split("_")[0] for n in stats]
+    to_parse = [(files[n], sizes[n]) for n, sid in zip(stats, sids) if marker_path(f"{sid}.tar") not in files]
+    parsed = dict(zip((f for f, _ in to_parse), _stats_parse(fs, to_parse)))
+    done, broken = set(), []
+    for n, sid in zip(stats, sids):
+        if parsed.get(files[n], True) and f"{sid}.tar" in names and f"{sid}.parquet" in names:
+            done.add(sid)
+            continue
         log.warning("shard %s/%s has a broken stats file; it will be downloaded again", shard_dir, sid)
-        rm_path(fs, f)
-    for f in fs.ls(p, detail=False):
-        name = f.rsplit("/", 1)[-1]
+        broken.append(n)
+    if broken:
+        rm_path(fs, [files.pop(n) for n in broken])  # the stats first: without them the shard is not done
+    drop = []
+    for name, f in files.items():
         sid = name.split(".")[0].split("_")[0]
-        if fs.isfile(f) and sid.isdigit() and sid not in done:
+        if sid.isdigit() and sid not in done:
             log.info("removing incomplete shard file %s", f)
-            rm_path(fs, f)
+            drop.append(f)
+    if drop:
+        rm_path(fs, drop)
+
+
+def _stats_parse(fs: Any, files: list[tuple[str, int | None]]) -> list[bool]:
+    """Whether each stats file (path, size from the listing) parses as JSON, in order, up to
+    MARKER_READS_AT_ONCE read at once. Each is one GET of its listed bytes (``open``, or ``cat_file``
+    without a range, first asks an object store for the object's size: two requests); an empty one
+    (a kill as it was opened) is not read (a range read of no bytes is refused by S3)."""
+
+    def ok(item: tuple[str, int | None]) -> bool:
+        path, size = item
+        try:
+            json.loads(fs.cat_file(path, start=0, end=size) if size != 0 else b"")
+            return True
+        except ValueError:
+            return False
+
+    if len(files) < 2 or is_local(fs):  # (a local read waits on no network: threads only add their cost)
+        return [ok(q) for q in files]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(MARKER_READS_AT_ONCE, len(files)), thread_name_prefix="laiontools-stats") as ex:
+        return list(ex.map(ok, files))
 
 
 def host_shares(prep_stats: dict[str, Any], cfg: DownloadConfig, tasks_at_once: int) -> tuple[tuple[str, int], ...]:
@@ -1109,7 +1150,16 @@ def _finalize_spark(cfg: DownloadConfig, spark: Any, shards: list[dict[str, Any]
 
 
 def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
-    """Write the rows that failed with transient errors as a new prepared input; None if there are none."""
+    """Write the rows that failed with transient errors as a new prepared input; None if there are none.
+
+    The input is laid out as prepare lays out the first pass's (:func:`retry_input_files`): the rows
+    sorted by uid, file i holding rows [i × F × n, (i + 1) × F × n) (n = ``--number-sample-per-shard``,
+    F = ``--shards-per-file``), so every file but the last holds F whole shards and img2dataset's Reader,
+    which cuts each file into shards of n rows with ids continuing across files, gives the shards that
+    one file of all the rows gave: shard j holds rows [j × n, (j + 1) × n) whatever the number of files.
+    On Spark each file is written by its own task (it was one file from one task, ``coalesce(1)``: ~100M
+    rows at 2B, and img2dataset's Reader then read that one file whole into the driver); both engines
+    write the same files, byte for byte."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import BooleanType
 
@@ -1122,42 +1172,83 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
     names = prep_stats["download_columns"]
     out = join(cfg.output, layout.PREPARED_DIR, f"retry-{n:02d}")
+    per_file = cfg.number_sample_per_shard * cfg.shards_per_file
     if spark is None:
-        return _prepare_retry_local(cfg, names, out)
+        return _prepare_retry_local(cfg, names, out, per_file)
     transient = F.udf(lambda msg: is_transient(msg), BooleanType())
     cat = spark_read_parquet(spark, join(cfg.output, layout.CATALOG_DIR))
-    todo = cat.where((F.col(C.STATUS) == C.STATUS_FAILED_DOWNLOAD) & transient(F.col(C.ERROR)))
-    count = todo.count()
-    if count == 0:
-        return None
-    log.info("retry pass %d: %d row(s) failed with transient errors", n, count)
-    # same column types as the first pass's prepared input, so all shard parquets share one schema
-    cols = [(F.col(c) if c in cat.columns else F.lit(None)).cast(prepared_type(c)).alias(c) for c in names]
-    tmp = out.rstrip("/") + ".tmp"
-    spark_write_parquet(todo.orderBy(C.UID).select(*cols).coalesce(1), tmp)
-    fs, tp = url_to_fs(tmp)
-    # Named as the in-process engine names them, inside the temp folder, which is then moved whole: a
-    # folder named retry-NN is a whole retry input (see _attempt_dirs), even if this run is killed here.
-    files = sorted(fs.glob(glob_literal(tp) + "/*.parquet"))
-    for i, f in enumerate(files):
-        mv_path(fs, f, f"{tp}/part-{i:05d}.parquet.part")
-    for f in fs.ls(tp, detail=False):
-        if not f.endswith(".parquet.part"):
-            rm_path(fs, f, recursive=True)  # _SUCCESS, checksums
-    for i in range(len(files)):
-        mv_path(fs, f"{tp}/part-{i:05d}.parquet.part", f"{tp}/part-{i:05d}.parquet")
+    # persisted: counted, then indexed (zipWithIndex counts each partition first) and written, which
+    # would each read the catalog and call the Python UDF again
+    todo = cat.where((F.col(C.STATUS) == C.STATUS_FAILED_DOWNLOAD) & transient(F.col(C.ERROR))).persist()
+    try:
+        count = todo.count()
+        if count == 0:
+            return None
+        log.info("retry pass %d: %d row(s) failed with transient errors", n, count)
+        # same column types as the first pass's prepared input, so all shard parquets share one schema
+        cols = [(F.col(c) if c in cat.columns else F.lit(None)).cast(prepared_type(c)).alias(c) for c in names]
+        tmp = _fresh_retry_tmp(out)
+        # rows by uid (unique in the catalog: a total order, the same on every run and engine), numbered,
+        # each sent to the task of its file
+        indexed = (todo.orderBy(C.UID).select(*cols).rdd.map(tuple).zipWithIndex()
+                   .map(lambda ri: (ri[1] // per_file, (ri[1], ri[0]))))
+        written = (indexed.partitionBy(retry_input_files(count, per_file), lambda k: int(k))
+                   .map(lambda kv: kv[1])
+                   .mapPartitionsWithIndex(lambda pid, it: _write_retry_file(pid, it, tmp, names, per_file))
+                   .sum())
+    finally:
+        todo.unpersist()
+    if written != count:
+        raise RuntimeError(f"retry pass {n}: wrote {written} rows but counted {count}; re-run the same command")
+    # Put in place whole: a folder named retry-NN is a whole retry input (see _attempt_dirs), even if
+    # this run is killed here.
     move_tree(tmp, out)
     return out
 
 
-def _prepare_retry_local(cfg: DownloadConfig, names: list[str], out: str) -> str | None:
-    """:func:`prepare_retry` in this process: the same rows (failed downloads with a transient error,
-    by uid), columns and types, in one file."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def retry_input_files(rows: int, per_file: int) -> int:
+    """Files of a retry input of `rows` rows, `per_file` (F whole shards of n rows) in each but the last."""
+    return max(1, -(-rows // per_file))
+
+
+def _fresh_retry_tmp(out: str) -> str:
+    """The empty folder a retry input is written in before it is moved to `out` (a killed run's removed)."""
+    tmp = out.rstrip("/") + ".tmp"
+    fs, tp = url_to_fs(tmp)
+    if fs.exists(tp):
+        rm_path(fs, tp, recursive=True)
+    fs.makedirs(tp, exist_ok=True)
+    return tmp
+
+
+def _write_retry_file(pid: int, rows: Any, out_dir: str, names: list[str], per_file: int) -> Any:
+    """Write ``part-<pid>.parquet`` of a retry input: rows (position, values in the order of `names`)
+    whose positions must be exactly pid × per_file, pid × per_file + 1, ... (a gap or a repeat would
+    shift every later row's shard). Yields the rows written. Both engines write each file here."""
     import pyarrow.parquet as pq
 
-    from laiontools.core.storage import atomic_open, list_data_files
+    from laiontools.core.storage import atomic_open
+
+    rows = sorted(rows, key=lambda r: r[0])
+    if not rows:
+        return iter([0])
+    first = pid * per_file
+    if rows[0][0] != first or rows[-1][0] != first + len(rows) - 1 or len({r[0] for r in rows}) != len(rows):
+        raise RuntimeError(f"retry input file {pid} got positions {rows[0][0]}..{rows[-1][0]} for {len(rows)} rows, "
+                           f"not {first}.. without gaps; re-run the same command")
+    table = prepare._arrow_table(names, [r[1] for r in rows])
+    with atomic_open(join(out_dir, f"part-{pid:05d}.parquet")) as f:
+        pq.write_table(table, f, **PARQUET_WRITE)
+    return iter([len(rows)])
+
+
+def _prepare_retry_local(cfg: DownloadConfig, names: list[str], out: str, per_file: int) -> str | None:
+    """:func:`prepare_retry` in this process: the same rows (failed downloads with a transient error,
+    by uid), columns and types, in the same files."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from laiontools.core.storage import list_data_files
     from laiontools.web.fetch import is_transient
 
     cat = pa.concat_tables([_read_table(f) for f in list_data_files(join(cfg.output, layout.CATALOG_DIR))])
@@ -1168,13 +1259,12 @@ def _prepare_retry_local(cfg: DownloadConfig, names: list[str], out: str) -> str
     log.info("retry pass into %s: %d row(s) failed with transient errors", out, cat.num_rows)
     todo = _conform_table(cat.sort_by(C.UID), [(c, prepared_type(c)) for c in names])
     # written aside, then moved: a folder named retry-NN is a whole retry input (see _attempt_dirs)
-    tmp = out.rstrip("/") + ".tmp"
-    fs, tp = url_to_fs(tmp)
-    if fs.exists(tp):
-        rm_path(fs, tp, recursive=True)
-    fs.makedirs(tp, exist_ok=True)
-    with atomic_open(join(tmp, "part-00000.parquet")) as f:
-        pq.write_table(todo, f, **PARQUET_WRITE)
+    tmp = _fresh_retry_tmp(out)
+    for i in range(retry_input_files(todo.num_rows, per_file)):
+        part = todo.slice(i * per_file, per_file)
+        rows = zip(*(part.column(c).to_pylist() for c in names))
+        for _ in _write_retry_file(i, zip(range(i * per_file, i * per_file + part.num_rows), rows), tmp, names, per_file):
+            pass
     move_tree(tmp, out)
     return out
 
