@@ -169,7 +169,7 @@ def test_no_url_column_lists_columns_and_profiles(spark, tmp_path):
     assert "link" in msg and "words" in msg and "laion400m" in msg and "datacomp" in msg and "--columns" in msg
 
 
-def test_non_utf8_text_names_the_file(engine, tmp_path):
+def test_non_utf8_text_names_the_file(engine, tmp_path, monkeypatch):
     """Found inside a task (the header is valid UTF-8): the same InputError from either engine."""
     src = tmp_path / "latin1.csv"
     src.write_bytes(b"url,caption\n" + f"{BASE}/a.jpg,caf\xe9 au lait\n".encode("latin-1"))
@@ -182,12 +182,16 @@ def test_non_utf8_text_names_the_file(engine, tmp_path):
         f.write(b'{"url": "http://127.0.0.1:9/b.jpg", "caption": "caf\xe9"}\n')
     with pytest.raises(InputError, match="latin1.jsonl.gz.*UTF-8"):
         _prepare(engine, str(src2), str(tmp_path / "o2"))
-    # past the lines read for the columns: found by the task reading the file
+    # line 251: within the lines read for the columns (the whole of a small file), found there
     src3 = tmp_path / "late.jsonl"
     src3.write_bytes(b"".join(json.dumps({"url": f"{BASE}/{i}.jpg", "caption": "ok"}).encode() + b"\n"
                               for i in range(250)) + b'{"url": "http://127.0.0.1:9/b.jpg", "caption": "caf\xe9"}\n')
-    with pytest.raises(InputError, match="late.jsonl: line 251 is not valid UTF-8"):
+    with pytest.raises(InputError, match="late.jsonl: text is not valid UTF-8"):
         _prepare(engine, str(src3), str(tmp_path / "o3"))
+    # past them (the probe cut to its 200-line minimum): found by the task reading the file, naming the line
+    monkeypatch.setattr(prepare_stage, "JSONL_PROBE_BYTES", 0)
+    with pytest.raises(InputError, match="late.jsonl: line 251 is not valid UTF-8"):
+        _prepare(engine, str(src3), str(tmp_path / "o4"))
 
 
 def test_wrong_types_become_nulls_not_crashes(engine, tmp_path):
