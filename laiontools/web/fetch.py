@@ -48,7 +48,6 @@ import random
 import re
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1324,7 +1323,7 @@ class PolicyDownloader(Downloader):
     def _shard_failed(self, row: Any, message: str) -> tuple[bool, Any]:
         """img2dataset's answer for a failed shard, after noting why (see the class doc) for the driver."""
         shard_id = row[0]
-        print(f"shard {shard_id} failed with error {message}", file=sys.stderr, flush=True)
+        logging.getLogger(__name__).warning("shard %s failed with error %s", shard_id, message)
         if self.error_folder:
             try:
                 from laiontools.core.storage import join
