@@ -20,7 +20,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import unquote
 
 import fsspec
@@ -465,16 +465,24 @@ def read_marker(path: str) -> dict[str, Any] | None:
 # trip each (two requests: exists, then the read), ~230k shards of a 2B pool: 460k round trips, 1-4 h
 # at 10-30 ms on an object store; 32 at once make it minutes (the threads wait on the network, not the GIL).
 MARKER_READS_AT_ONCE = 32
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_reads(read: Callable[[T], R], items: list[T], name: str = "reads") -> list[R]:
+    """``[read(x) for x in items]``, up to MARKER_READS_AT_ONCE at once on threads (small reads that
+    wait on the network, not the GIL: markers, stats files)."""
+    if len(items) < 2:
+        return [read(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(MARKER_READS_AT_ONCE, len(items)), thread_name_prefix=f"laiontools-{name}") as ex:
+        return list(ex.map(read, items))
 
 
 def read_markers(paths: list[str]) -> list[dict[str, Any] | None]:
     """:func:`read_marker` of each path, in order, up to MARKER_READS_AT_ONCE at once."""
-    if len(paths) < 2:
-        return [read_marker(p) for p in paths]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(MARKER_READS_AT_ONCE, len(paths)), thread_name_prefix="laiontools-markers") as ex:
-        return list(ex.map(read_marker, paths))
+    return map_reads(read_marker, paths, "markers")
 
 
 def drop_stale_files(folder: str, suffix: str, current: set[str], why: str, folders: bool = False) -> None:

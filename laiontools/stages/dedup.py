@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from laiontools import index as DI
 from laiontools.contracts import layout
 
 # The pool side (model.json, manifest, embedding shards) is a contract every consumer of embeddings shares.
@@ -303,7 +304,6 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
     """
     import pyarrow.parquet as pq
 
-    from laiontools import index as DI
 
     paths = DI.index_paths(cfg.output)
     want_sets = [es.to_dict() for es in sets]
@@ -511,7 +511,6 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from laiontools import index as DI
 
     out_path = _report_path(ctx["output"], sid)
     done_path = _done_path(ctx["output"], sid)
@@ -664,7 +663,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
 
 # The most evaluation neighbours a pool sample's per-set counts look at (faiss's GPU k limit): a sample
 # that duplicates more evaluation items than this is counted for its DEEP_K nearest, with a warning.
-DEEP_K = 2048  # laiontools.index.GPU_MAX_K
+DEEP_K = DI.GPU_MAX_K
 
 
 def _search_deeper(index: Any, x: np.ndarray, rows: np.ndarray, lo: int, k: int, thr: np.float32, cap: int,
@@ -733,7 +732,6 @@ def _search_partition(ctx: dict[str, Any], units: Iterable[tuple[str, str | None
 
 def search_context(cfg: DedupConfig, index_desc: dict[str, Any]) -> dict[str, Any]:
     """The small, picklable settings every search task receives (paths, not data)."""
-    from laiontools import index as DI
 
     paths = DI.index_paths(cfg.output)
     return {
@@ -798,7 +796,6 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     if cfg.phash and not pool.tar_by_shard:
         raise UserError(f"--phash reads pool images from the pool tars, but {cfg.embeddings}/model.json names no pool manifest")
     index_desc = prepare_index(cfg, pool, sets)
-    from laiontools import index as DI
 
     paths = DI.index_paths(cfg.output)
     write_record(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
@@ -903,7 +900,6 @@ def _write_outputs(
     agg: _Aggregate, search_s: float, engine: str,
 ) -> tuple[dict[str, Any], str]:
     """Write summary, exclusion uids, dedup.json and gallery; return (summary.json's content, summary text)."""
-    from laiontools import index as DI
     from laiontools.contracts.uids import empty_uids, save_uids, sort_unique
     from laiontools.core.report import table
 

@@ -42,7 +42,6 @@ from laiontools.core.redact import redact
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, Tasks, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
-    MARKER_READS_AT_ONCE,
     PARQUET_READ,
     PARQUET_WRITE,
     atomic_write_bytes,
@@ -51,6 +50,7 @@ from laiontools.core.storage import (
     is_done,
     is_local,
     join,
+    map_reads,
     mark_done,
     marker_path,
     move_tree,
@@ -283,12 +283,9 @@ def _stats_parse(fs: Any, files: list[tuple[str, int | None]]) -> list[bool]:
         except ValueError:
             return False
 
-    if len(files) < 2 or is_local(fs):  # (a local read waits on no network: threads only add their cost)
+    if is_local(fs):  # (a local read waits on no network: threads only add their cost)
         return [ok(q) for q in files]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(MARKER_READS_AT_ONCE, len(files)), thread_name_prefix="laiontools-stats") as ex:
-        return list(ex.map(ok, files))
+    return map_reads(ok, files, "stats")
 
 
 def host_shares(prep_stats: dict[str, Any], cfg: DownloadConfig, tasks_at_once: int) -> tuple[tuple[str, int], ...]:
