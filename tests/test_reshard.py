@@ -547,6 +547,70 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
     _same_output(str(tmp_path / "s"), mixed)
 
 
+def test_the_plan_asks_for_the_kept_samples_while_it_reads_the_catalog(subset, resharded, tmp_path, monkeypatch, caplog):
+    """In process, the plan's catalog scan announces each kept sample's span to the kernel as it finds it
+    (in the catalog's order), all of them before the plan ends (no thread of the planning process runs
+    when the task processes fork); where the free memory would not hold them, none; with that turned
+    off, the write phase announces them (in write order), as before. The same shards every way."""
+    import logging
+
+    import pyarrow.parquet as pq
+
+    from laiontools.contracts import schema as C
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    # the subset's spans in catalog order, read here from the catalog and the uid file
+    _, catalog = _pool_catalog(subset)
+    files = sorted(glob.glob(os.path.join(catalog, "**", "*.parquet"), recursive=True)) if os.path.isdir(catalog) else [catalog]
+    m = read_manifest(subset)
+    wanted = set(array_to_uids(load_uids(resolve(subset, m["uids"]["path"]))))
+    expected = []
+    for f in files:
+        t = pq.read_table(f, columns=[C.UID, C.STATUS, C.SHARD, C.TAR_OFFSET, C.TAR_LENGTH])
+        for uid, status, shard, off, ln in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+            if status == C.STATUS_SUCCESS and uid in wanted:
+                expected.append((shard.removesuffix(".tar").replace("/", "-"), off, ln))
+    assert len(expected) == m["num_samples"] and len(set(expected)) == len(expected)
+
+    events: list = []
+    real_advise = reshard_stage._Sources.advise
+
+    def advise(self, reads):  # the real advice, recorded (in this process only: task processes have their own list)
+        events.extend(("advise", r) for r in reads)
+        real_advise(self, reads)
+
+    class Phases(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith(("reshard: planned", "reshard: wrote")):
+                events.append(("log", record.getMessage().split()[1]))
+
+    monkeypatch.setattr(reshard_stage._Sources, "advise", advise)
+    caplog.set_level(logging.INFO, logger="laiontools.stages.reshard")
+    handler = Phases()
+    logging.getLogger("laiontools.stages.reshard").addHandler(handler)
+    try:
+        def run(name):
+            events.clear()
+            d = reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / name), shard_size=8)).details
+            assert d["engine"] == "in-process" and d["sample_spans"] == "catalog"
+            _same_output(resharded, str(tmp_path / name))
+            return [r for w, r in events if w == "advise"], [r for w, r in events if w == "log"], events.index(("log", "planned"))
+
+        advised, phases, planned = run("plan")
+        assert phases == ["planned", "wrote"]
+        assert advised == expected  # each once, in the catalog's order
+        assert all(w == "advise" for w, _ in events[:planned])  # every one before the plan ended
+        monkeypatch.setattr(reshard_stage, "PLAN_READ_AHEAD", False)
+        advised, _, planned = run("write")  # the write phase's read-ahead, in the order the shards are written
+        assert sorted(advised) == sorted(expected) and advised != expected
+        assert not any(w == "advise" for w, _ in events[:planned])
+        monkeypatch.setattr(reshard_stage, "PLAN_READ_AHEAD", True)
+        monkeypatch.setattr(reshard_stage, "free_memory", lambda: 7 * sum(x[2] for x in expected))  # would not hold them 8 times
+        assert run("tight")[0] == []
+    finally:
+        logging.getLogger("laiontools.stages.reshard").removeHandler(handler)
+
+
 def test_the_compiled_per_sample_path_and_the_python_one_write_the_same_shards(subset, resharded, tmp_path, monkeypatch):
     """In process, with laiontools.wds.tarfast (counted: it must answer for every sample, or this
     compares the Python path with itself) and with it turned off: both write, byte for byte, the
