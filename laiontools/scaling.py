@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from laiontools.contracts import layout
+from laiontools.core.config import ConfigError
 from laiontools.core.errors import UserError
 from laiontools.core.storage import atomic_write_bytes, write_json
 
@@ -175,13 +176,35 @@ def _why_not_a_value(v: Any) -> str:
     return "empty or NaN" if math.isnan(f) else f"not finite ({f})"
 
 
+# A run's outcome in a results table: "ok", or why it has no numbers ("diverged": its training loss or weights
+# became NaN / infinite). A table without the column (another study's) holds finished runs only.
+RUN_OK = "ok"
+
+
+def run_failure(row: dict[str, Any]) -> str | None:
+    """Why a results row is no finished run (``"diverged: <reason>"``), or None for a finished one (status ``ok``,
+    or no ``status`` in the row)."""
+    status = row.get("status")
+    if status is None or (isinstance(status, float) and math.isnan(status)) or str(status).strip() in ("", RUN_OK):
+        return None
+    reason = row.get("status_reason")
+    reason = "" if reason is None or (isinstance(reason, float) and math.isnan(reason)) else str(reason).strip()
+    return f"{status}: {reason}" if reason else str(status)
+
+
+def _metric_value(row: dict[str, Any], m: str) -> float | None:
+    """A row's finite value of metric ``m``; None when it has none or the row's run did not finish (:func:`run_failure`)."""
+    return None if run_failure(row) is not None else _number(row.get(m))
+
+
 def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequence[float] = (),
             kind: str = "accuracy") -> dict[str, Any]:
     """Frontier + power-law fit + predictions for each metric over all rows.
 
     Rows need ``compute_gmacs``, ``run_id`` and the metric columns; a row without a finite value for
-    a metric is left out of that metric and listed, with the reason, in ``runs_excluded`` (logged as a
-    warning), and a row with zero error is listed in ``perfect_runs_excluded`` (log 0 is undefined). A metric whose frontier cannot be fitted gets
+    a metric, or of a run that did not finish (``status`` other than ``ok``, e.g. ``diverged``: :func:`run_failure`),
+    is left out of that metric and listed, with the reason, in ``runs_excluded`` (logged as a warning; a metric
+    left without a fit names them in ``why_no_fit``), and a row with zero error is listed in ``perfect_runs_excluded`` (log 0 is undefined). A metric whose frontier cannot be fitted gets
     ``fit: None`` and ``why_no_fit``. Predictions default to 10x and 100x the largest compute.
 
     Seed replicates (rows with a ``seed`` that agree in model, scale, samples seen and compute) are one
@@ -195,11 +218,11 @@ def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequ
     for m in metrics:
         pts, excluded = [], []
         for i, r in enumerate(rows):
-            v = _number(r.get(m))
+            v = _metric_value(r, m)
             if v is not None:
                 pts.append((float(r["compute_gmacs"]), to_error(v, kind), r["run_id"], _replicate_key(r, i), i))
             else:
-                excluded.append({"run_id": r["run_id"], "reason": _why_not_a_value(r.get(m))})
+                excluded.append({"run_id": r["run_id"], "reason": run_failure(r) or _why_not_a_value(r.get(m))})
         if excluded:
             log.warning("%s: %d run(s) left out, no finite value: %s", m, len(excluded),
                         "; ".join(f"{x['run_id']} ({x['reason']})" for x in excluded))
@@ -224,7 +247,9 @@ def fit_all(rows: list[dict[str, Any]], metrics: Sequence[str], predict_at: Sequ
             fit = fit_power_law([pts[i][0] for i in front], [pts[i][1] for i in front])
         except ValueError as e:
             entry["fit"] = None
-            entry["why_no_fit"] = str(e)
+            # with the runs left out named: "got 1" of a 3-run grid whose 2 others diverged says why
+            entry["why_no_fit"] = str(e) + (f" ({len(excluded)} run(s) left out: {', '.join(x['run_id'] for x in excluded)})"
+                                            if excluded else "")
             log.warning("%s: no fit (%s)", m, e)
         else:
             entry["fit"] = fit
@@ -271,7 +296,7 @@ def data_scale_effect(rows: list[dict[str, Any]], metrics: Sequence[str], kind: 
         return out
     for m in metrics:
         for model in sorted({str(r.get("model", "")) for r in rows}):
-            mine = [r for r in rows if str(r.get("model", "")) == model and _number(r.get(m)) is not None]
+            mine = [r for r in rows if str(r.get("model", "")) == model and _metric_value(r, m) is not None]
             if not mine:
                 continue
             budgets = sorted({float(r["samples_seen"]) for r in mine}, reverse=True)
@@ -502,7 +527,7 @@ def plot_metric(rows: list[dict[str, Any]], entry: dict[str, Any], path: str) ->
     import numpy as np
 
     m, kind = entry["metric"], entry.get("kind", "accuracy")
-    pts = [(r, to_error(v, kind)) for r in rows if (v := _number(r.get(m))) is not None]
+    pts = [(r, to_error(v, kind)) for r in rows if (v := _metric_value(r, m)) is not None]
     pts = [(r, e) for r, e in pts if e > 0]
     size = scale_sizes(rows, sorted({str(r.get("scale", "")) for r, _ in pts}))
     scales = sorted(size, key=lambda s: (math.inf if size[s] is None else size[s], s))  # colours only: unsized last
@@ -681,6 +706,34 @@ def parse_count(v: Any) -> int:
     return int(n)
 
 
+def optimizer_steps(samples_seen: int, batch_size: int) -> int:
+    """The optimizer steps a run of budget ``samples_seen`` at global batch ``batch_size`` makes: ``samples_seen //
+    batch_size`` (``laiontools train`` makes exactly these and sees ``steps x batch_size`` samples)."""
+    return int(samples_seen) // int(batch_size)
+
+
+def check_budget_steps(samples_seen: Sequence[int], batch_size: int, what: str) -> None:
+    """Raise ConfigError when a budget is under one global batch, or when two budgets make the same number of
+    optimizer steps (:func:`optimizer_steps`): their runs would be one run trained twice under two names (and
+    ``study fit`` refuses the pair as a repeated run, after the training). Names both budgets, the batch, the
+    step count and what to do."""
+    by_steps: dict[int, int] = {}
+    for n in sorted(int(b) for b in samples_seen):
+        steps = optimizer_steps(n, batch_size)
+        if steps < 1:
+            raise ConfigError(f"{what}: samples seen {n} is smaller than one global batch ({batch_size})")
+        if steps in by_steps:
+            a = by_steps[steps]
+            if a == n:
+                raise ConfigError(f"{what}: `samples_seen` lists {n} more than once; give each value once")
+            raise ConfigError(
+                f"{what}: samples_seen budgets {a} and {n} both make {steps} optimizer steps of global batch {batch_size} "
+                f"(steps = samples seen // batch size; each run would see {steps * batch_size} samples): one run trained "
+                f"twice, which `study fit` refuses as a repeated run. Drop one of the two budgets, or use a global batch "
+                f"of at most {n - a} (budgets that far apart then differ in steps)")
+        by_steps[steps] = n
+
+
 # Training costs about 3 forward passes (the backward pass is about twice the forward's work) and a MAC is 2 FLOPs.
 TRAIN_FLOPS_PER_FORWARD_MAC = 6
 
@@ -695,6 +748,7 @@ def plan_grid(models: Sequence[str], scales: dict[str, int], samples_seen: Seque
     ``shard_size``. ``extra_seeds``: as the study's, one more run of every model and scale at the largest budget per
     seed (run id ``<model>__<scale>__<budget>__seed<k>``).
 
+    ``steps`` are the optimizer steps train makes (:func:`optimizer_steps`, rounded down).
     ``gmacs``: GMACs per sample of each model (:func:`model_gmacs`). GPU-hours of a run = samples seen
     / images per second per GPU / 3600 (a GPU-hour is one GPU busy one hour, whatever the number of
     GPUs); the rate is ``images_per_second[model]`` when stated, else derived from ``gpu_tflops``
@@ -721,7 +775,7 @@ def plan_grid(models: Sequence[str], scales: dict[str, int], samples_seen: Seque
                 runs.append({
                     "run_id": slug(f"{m}__{s}__{seen}") + (f"__seed{seed}" if seed is not None else ""), "model": m, "scale": s,
                     "dataset_samples": n,
-                    "samples_seen": int(seen), "epochs": seen / n, "steps": math.ceil(seen / batch_size),
+                    "samples_seen": int(seen), "epochs": seen / n, "steps": optimizer_steps(seen, batch_size),
                     "gmacs_per_sample": gmacs[m], "compute_gmacs": gmacs[m] * seen,
                     "images_per_second": rate, "rate_source": how,
                     "gpu_hours": seen / rate / 3600 if rate else None,

@@ -246,7 +246,7 @@ def test_plan_of_the_papers_grid_by_hand() -> None:
     # e.g. ViT-B/32 at 34B samples: 34e9 / 2000 / 3600 = 4722.2 GPU-hours
     b32 = next(r for r in plan["runs"] if r["run_id"] == "ViT-B-32__80M__34000000000")
     assert b32["gpu_hours"] == pytest.approx(4722.222222, rel=1e-9)
-    assert b32["epochs"] == pytest.approx(425.0) and b32["steps"] == 395_276  # ceil(34e9 / 86016)
+    assert b32["epochs"] == pytest.approx(425.0) and b32["steps"] == 395_275  # 34e9 // 86016, the steps train makes
     # shards: 80M / 10k = 8,000, 400M -> 40,000, 2B -> 200,000; disk at 25 kB per sample
     assert [s["shards"] for s in plan["scales"]] == [8_000, 40_000, 200_000] and t["shards"] == 248_000
     assert [s["disk_bytes"] for s in plan["scales"]] == [2e12, 10e12, 50e12]

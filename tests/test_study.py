@@ -78,6 +78,47 @@ def test_study_config_refuses_repeated_grid_values(tmp_path) -> None:
     assert StudyConfig(**{**base, "samples_seen": [32, 64]}).samples_seen == [32, 64]
 
 
+def test_budgets_that_make_the_same_number_of_steps_are_refused_up_front(tmp_path) -> None:
+    """train makes samples_seen // batch_size steps: 768 and 1000 at batch 256 are both 3 steps of 768 samples,
+    one run trained twice under two names. `study` trained both and `study fit` then refused results.csv as
+    repeated runs, after the training; `study plan` counted them as two runs, with ceil's 4 steps for 1000.
+    Now the study, its plan and `study plan` refuse the grid, naming both budgets, the batch and the steps."""
+    base = dict(output=str(tmp_path), scales={"a": "x.json", "b": "y.json"}, models=["lt-tiny"], evalset=["e=x"])
+    want = (r"budgets 768 and 1000 both make 3 optimizer steps of global batch 256 .*Drop one of the two budgets, "
+            r"or use a global batch of at most 232")
+    with pytest.raises(ConfigError, match=r"^study: samples_seen " + want):
+        StudyConfig(**base, samples_seen=[1000, 768], batch_size=256)
+    with pytest.raises(ConfigError, match=r"^study plan: samples_seen " + want):
+        study_stage.PlanConfig(scales={"a": 1000}, samples_seen=["1000", 768], models=["lt-tiny"], batch_size=256)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**base, "samples_seen": [768, 1000], "batch_size": 256}))
+    with pytest.raises(ConfigError, match=want):
+        study_stage.main(["plan", "--config", str(path)])
+    with pytest.raises(ConfigError, match=want):
+        study_stage.main(["--config", str(path)])
+    assert sorted(os.listdir(tmp_path)) == ["study.yaml"]  # refused before anything was written
+    # a budget under one batch: train refuses it, and the plan no longer counts it as a run of 1 step
+    with pytest.raises(ConfigError, match=r"^study plan: samples seen 64 is smaller than one global batch \(256\)"):
+        study_stage.PlanConfig(scales={"a": 1000}, samples_seen=[64], models=["lt-tiny"], batch_size=256)
+    # two scale names for one subset: every run trained twice as two data scales (`study fit` keeps them apart
+    # by scale name, so nothing refused them): refused before anything is written
+    manifest = write_resharded_subset(str(tmp_path / "data"), n_shards=1, per_shard=16, name="s16")
+    ev = write_color_evalset(str(tmp_path / "colors"), per_class=1)["path"]
+    with pytest.raises(ConfigError, match=r"^study: scales 'a' and 'b' name the same subset"):
+        study_stage.run(StudyConfig(**{**base, "output": str(tmp_path / "two"), "scales": {"a": manifest, "b": manifest},
+                                       "evalset": [f"colors={ev}:wds"]}, samples_seen=[16], batch_size=8))
+    assert not (tmp_path / "two" / "settings.json").exists()
+    # a smaller batch tells them apart; extra seeds run at the largest budget under their own seeds (no pair)
+    ok = StudyConfig(**base, samples_seen=[768, 1000], batch_size=232, extra_seeds=[1, 2])
+    assert ok.samples_seen == [768, 1000]
+    # the plan counts the steps train makes (floor, not ceil)
+    from laiontools.stages.train import plan_schedule
+
+    plan = study_stage.run_plan(study_stage.PlanConfig(scales={"a": 1000}, samples_seen=[1000], models=["lt-tiny"],
+                                                       batch_size=256)).details  # fmt: skip
+    assert plan["runs"][0]["steps"] == plan_schedule(1000, 256, 1, 1000, 0).steps == 3
+
+
 def _fake_finished_point(cfg: StudyConfig, scale: str, samples_seen: int) -> str:
     """The run and evaluation `study` leaves for one grid point (settings, result, eval.json + markers), without training."""
     from laiontools.core.storage import mark_done, write_json
@@ -396,7 +437,7 @@ def test_study_plan_of_the_papers_grid(tmp_path, capsys) -> None:
     assert r["dataset_samples"] == 16 and r["epochs"] == 4 and r["steps"] == 8
     # the shards the manifest lists, not 16 samples / the 10,000 of --shard-size (1 shard, right by chance here)
     two = write_resharded_subset(str(tmp_path / "m32"), n_shards=2, per_shard=16, seed=1, name="s32")
-    res2 = study_stage.run_plan(study_stage.PlanConfig(scales={"s32": two}, samples_seen=[64], models=["lt-tiny"]))
+    res2 = study_stage.run_plan(study_stage.PlanConfig(scales={"s32": two}, samples_seen=[64], models=["lt-tiny"], batch_size=8))
     assert res2.details["scales"][0]["shards"] == 2 and res2.details["total"]["shards"] == 2
     g_tiny = model_gmacs("lt-tiny")["gmacs_per_sample"]
     assert r["images_per_second"] == pytest.approx(1e12 / (6 * g_tiny * 1e9))  # 1 TFLOP/s / (6 x GMACs)
@@ -407,9 +448,9 @@ def test_study_plan_of_the_papers_grid(tmp_path, capsys) -> None:
     for name in ("big", "400M"):
         with pytest.raises(ManifestError, match=r"^manifest .*/nope/subset\.manifest\.json does not exist"):
             study_stage.run_plan(study_stage.PlanConfig(scales={name: str(tmp_path / "nope" / "subset.manifest.json")},
-                                                        samples_seen=[64], models=["lt-tiny"]))
+                                                        samples_seen=[64], models=["lt-tiny"], batch_size=8))
     with pytest.raises(ConfigError, match="neither an existing manifest nor a sample count"):
-        study_stage.run_plan(study_stage.PlanConfig(scales={"big": "many"}, samples_seen=[64], models=["lt-tiny"]))
+        study_stage.run_plan(study_stage.PlanConfig(scales={"big": "many"}, samples_seen=[64], models=["lt-tiny"], batch_size=8))
 
 
 def test_study_plan_measures_images_per_second_here() -> None:
@@ -520,3 +561,57 @@ def test_a_study_with_a_missing_evaluation_set_records_no_settings(tmp_path) -> 
     with pytest.raises(UserError):
         study_stage.run(cfg)
     assert not (out / "settings.json").exists()
+
+
+def test_a_diverged_run_is_recorded_left_out_of_the_fit_and_not_trained_again(tmp_path) -> None:
+    """A NaN loss in one run (a real one: lt-tiny at lr 1e10 gives NaN from its 2nd step) stopped the whole
+    study with a TrainError, and every re-run stopped at it again. Now it is a row of results.csv with status
+    `diverged` and the reason, the other points go on, each fit leaves it out and names it, a grid too small
+    without it is refused naming it, and a re-run reports it again without training it again."""
+    data = tmp_path / "data"
+    manifest = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")
+    ev = write_color_evalset(str(data / "colors"), per_class=1)["path"]
+    out = tmp_path / "study"
+    cfg = dict(output=str(out), scales={"16": manifest}, samples_seen=[8, 16], models=["lt-tiny"], batch_size=8,
+               evalset=[f"colors={ev}:wds"], train={"workers": 0, "lr": 1e10, "device": "cpu", "log_every": 1})
+    from laiontools.contracts import layout
+
+    write_json(str(out / layout.OUTPUT_MARKER), {"stage": "study", "created": 0})  # a study folder holding its points
+    for n, acc in ((8, 0.25), (24, 0.5)):  # two finished points around the one that trains (and diverges)
+        eval_path = os.path.join(_fake_finished_point(StudyConfig(**{**cfg, "samples_seen": [8, 16, 24]}), "16", n), "eval.json")
+        write_json(eval_path, {**_json(eval_path), "metrics": {"colors/zeroshot_top1": acc}})
+    # 8 and 16 (diverged): one point left, no fit: refused naming the run, after results.csv records it
+    with pytest.raises(UserError, match=r"^study: 1 run\(s\) diverged and were left out \(lt-tiny__16__16 \(diverged: "
+                                        r"training ended with a non-finite loss \(nan; not finite from step 2 of 2\)\)\)"):
+        study_stage.run(StudyConfig(**cfg))
+    run_dir = out / "runs" / "lt-tiny__16__16" / "train"
+    assert json.loads((run_dir / "diverged.json").read_text())["first_nonfinite_step"] == 2
+    assert not (run_dir / "model.pt").exists() and not (run_dir.parent / "eval.json").exists()
+    df = pd.read_csv(out / "results.csv")
+    assert list(df["status"]) == ["ok", "diverged"] and math.isnan(df["final_loss"][1])
+    # 8, 16, 24: the diverged point is reported again, not trained again, and the points after it go on
+    res = study_stage.run(StudyConfig(**{**cfg, "samples_seen": [8, 16, 24]}))
+    assert len((run_dir / "launches.jsonl").read_text().splitlines()) == 1
+    assert res.counts == {"runs": 3, "diverged": 1}
+    assert "WARNING: 1 run(s) diverged and are left out of the fits: lt-tiny__16__16 (diverged: " in res.summary
+    df = pd.read_csv(out / "results.csv")
+    assert list(df["status"]) == ["ok", "diverged", "ok"] and list(df["samples_seen"]) == [8, 16, 24]
+    assert "non-finite loss" in df["status_reason"][1] and df["status_reason"].isna()[[0, 2]].all()
+    fit = res.details["fits"]["colors/zeroshot_top1"]
+    assert fit["frontier"] == ["lt-tiny__16__8", "lt-tiny__16__24"] and fit["fit"] is not None
+    (left,) = fit["runs_excluded"]
+    assert left["run_id"] == "lt-tiny__16__16" and left["reason"].startswith("diverged: training ended with a non-finite loss")
+    assert "lt-tiny__16__16 (diverged: training ended" in _text(res.details["report"])
+    # `study fit` on the study's table leaves it out the same way
+    again = study_stage.run_fit(study_stage.FitConfig(results=str(out / "results.csv"), output=str(tmp_path / "refit")))
+    assert again.details["fits"]["colors/zeroshot_top1"]["runs_excluded"] == [left]
+    # evaluate (a reader of the run) says it diverged, rather than "run or resume `laiontools train`"
+    from laiontools.contracts.runs import RunNotFinishedError, read_result
+
+    with pytest.raises(RunNotFinishedError, match=r"is a training run that diverged \(ended with a non-finite loss"):
+        read_result(str(run_dir))
+    # a grid of the diverged point alone: refused as such, naming it
+    with pytest.raises(UserError, match=r"^study: every run of the grid diverged \(lt-tiny__16__16 \(diverged: .*nothing to fit"):
+        study_stage.run(StudyConfig(**{**cfg, "samples_seen": [16]}))
+    assert len((run_dir / "launches.jsonl").read_text().splitlines()) == 1
+    assert _json(out / "fits.json")["fits"] == {} and "lt-tiny__16__8" not in _text(out / "report.html")  # not the last grid's

@@ -101,6 +101,7 @@ TRAIN_LAUNCHES_JSONL = "launches.jsonl"
 TRAIN_SHARDS_JSON = "shards.json"
 TRAIN_METRICS_JSONL = "metrics.jsonl"
 TRAIN_RESULT_JSON = "result.json"
+TRAIN_DIVERGED_JSON = "diverged.json"  # a run that reached its budget with a NaN / infinite loss or weights: its result
 TRAIN_MODEL_FILE = "model.pt"
 TRAIN_CHECKPOINT_DIR = "checkpoints"
 TRAIN_LOGS_DIR = "logs"

@@ -3,10 +3,15 @@
 For every grid point the study trains (``laiontools train``) and evaluates (``laiontools evaluate``)
 into ``<output>/runs/<model>__<scale>__<samples>/``; a point is skipped when its evaluation's
 completion marker exists, and a half-trained point resumes from its checkpoint, so a killed study
-picks up where it stopped. Then it:
+picks up where it stopped. A point whose training diverged (its loss or weights NaN or infinite at the
+end of its budget: train's ``diverged.json``) is a result, not a failure of the study: it is recorded with
+``status`` ``diverged`` and a ``status_reason``, the other points go on, every fit leaves it out and names it,
+and a re-run reports it again without training it again (delete ``runs/<run>/`` to train it again). When
+the runs left give no fit (or every run diverged), the study ends with an error naming them, after
+``results.csv`` (and the report, when there is one) records them. Then it:
 
 * collects ``results.csv`` (one row per run: scale, model, samples seen, GMACs per sample, total
-  compute in GMACs, final loss, every metric);
+  compute in GMACs, final loss, ``status`` (``ok`` / ``diverged``) and ``status_reason``, every metric);
 * measures each model's GMACs per sample (image + text encoder forward, one sample) with torch's
   FLOP counter (``torch.utils.flop_counter.FlopCounterMode``; MACs = FLOPs / 2);
 * for each metric, fits ``E = beta * C^alpha`` (E = 1 - metric, C = compute in GMACs) by
@@ -28,8 +33,8 @@ Config (YAML, ``--config``)::
 
     output: study/
     scales: {80M: sub80/resharded/manifest.json, 400M: ..., 2B: ...}   # name -> resharded manifest
-    samples_seen: [3000000000, 13000000000, 34000000000]
-    models: [ViT-B-32, ViT-B-16]
+    samples_seen: [3000000000, 13000000000, 34000000000]   # each makes samples_seen // batch_size optimizer steps;
+    models: [ViT-B-32, ViT-B-16]                           # two budgets of one step count are refused up front
     batch_size: 32768
     nproc: 8
     evalset: ["imagenet=/data/imagenet/val:imagefolder", "mscoco=/data/coco_wds:wds"]
@@ -74,6 +79,8 @@ from laiontools.core.storage import (
 from laiontools.scaling import (  # noqa: F401  (fit maths also importable from here, as before)
     FIT_COLUMNS,
     METRIC_KINDS,
+    RUN_OK,
+    check_budget_steps,
     check_metric_values,
     default_metrics,
     fit_all,
@@ -89,6 +96,7 @@ from laiontools.scaling import (  # noqa: F401  (fit maths also importable from 
     parse_count,
     plan_grid,
     predict,
+    run_failure,
     slug,
 )
 
@@ -154,9 +162,11 @@ class StudyConfig(StageConfig):
                 raise ConfigError(f"study: `{what}` lists {repeated} more than once; give each value once")
         if not self.evalset and not self.evalsets_yaml:
             raise ConfigError("study: give `evalset` (name=path[:format] list) or `evalsets_yaml`")
-        for n in self.samples_seen:
-            if int(n) < self.batch_size:
-                raise ConfigError(f"study: samples seen {n} is smaller than one global batch ({self.batch_size})")
+        if self.batch_size <= 0:
+            raise ConfigError(f"study: batch_size must be positive, got {self.batch_size}")
+        # two budgets train rounds to one step count are one run twice: refused here, not by `study fit` after
+        # the training (the extra seeds run at the largest budget under their own seeds: no such pair)
+        check_budget_steps(self.samples_seen, self.batch_size, "study")
         if self.batch_size % max(1, self.nproc):
             raise ConfigError(f"study: batch size {self.batch_size} is not divisible by nproc {self.nproc}")
         for what, cls, given in (("train", TrainConfig, self.train), ("evaluate", EvaluateConfig, self.evaluate)):
@@ -216,10 +226,10 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
 
     ``seed`` None is the grid's run (``train.seed``); another seed is a replicate, run id ``...__seed<N>``.
     """
-    from laiontools.contracts.runs import is_finished, read_result
+    from laiontools.contracts.runs import is_finished, read_divergence, read_result
     from laiontools.stages import evaluate, train
     from laiontools.stages.evaluate import EvaluateConfig
-    from laiontools.stages.train import TrainConfig
+    from laiontools.stages.train import TrainConfig, TrainDiverged
 
     rid = run_id(model, scale, samples_seen) + (f"__seed{seed}" if seed is not None else "")
     train_settings = {**cfg.train, **({"seed": int(seed)} if seed is not None else {})}
@@ -227,7 +237,8 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
     run_dir = os.path.join(base, "train")
     eval_path = os.path.join(base, layout.STUDY_EVAL_JSON)
     finished = is_finished(run_dir)
-    log.info("study: %s %s", rid, "already trained; checking its settings" if finished else "training")
+    log.info("study: %s %s", rid, "already trained; checking its settings" if finished else
+             "diverged before; checking its settings" if read_divergence(run_dir) else "training")
     try:  # train.run refuses a run (finished or half-trained) whose identity settings differ, and skips a finished one
         res = train.run(
             TrainConfig(
@@ -238,6 +249,18 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
         )  # fmt: skip
     except ConfigError as e:
         raise ConfigError(f"study: run {rid}: {e}") from e
+    except TrainDiverged as e:  # a result of the grid, recorded as such: the other points go on
+        log.warning("study: %s diverged: %s; recorded in %s and left out of the fits", rid, e.record["reason"],
+                    layout.STUDY_RESULTS_CSV)
+        settings = read_json(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON))
+        return {
+            "run_id": rid, "model": model, "scale": scale, "manifest": cfg.scales[scale],
+            "manifest_sha256": settings["manifest_sha256"], "dataset_samples": settings["manifest_num_samples"],
+            "samples_seen": int(e.record["samples_seen"]), "steps": int(e.record["steps"]), "gmacs_per_sample": gmacs,
+            "compute_gmacs": gmacs * int(e.record["samples_seen"]), "final_loss": float(e.record["final_loss"]),
+            "seed": int(train_settings.get("seed", 0)), "skipped_sample_events": None,
+            "status": "diverged", "status_reason": f"training {e.record['reason']}",
+        }  # fmt: skip
     if not finished:
         emit(res.summary)  # progress of a grid that runs for hours
     ev_cfg = EvaluateConfig(checkpoint=run_dir, evalset=list(cfg.evalset), evalsets_yaml=cfg.evalsets_yaml, output=eval_path, **cfg.evaluate)
@@ -275,13 +298,15 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
         "seed": int(train_settings.get("seed", 0)),
         # times the run's loaders skipped a sample that did not decode (None: a run from before the count)
         "skipped_sample_events": result.get("skipped_sample_events"),
+        "status": RUN_OK,
+        "status_reason": "",
     }
     row.update(ev["metrics"])
     return row
 
 
 RUN_COLUMNS = ["run_id", "model", "scale", "dataset_samples", "samples_seen", "seed", "gmacs_per_sample", "compute_gmacs",
-               "final_loss"]
+               "final_loss", "status", "status_reason"]
 _FILES_HTML = (f"<p>Files: <code>{layout.STUDY_RESULTS_CSV}</code>, <code>{layout.STUDY_FITS_JSON}</code>, <code>{layout.STUDY_RUNS_DIR}/&lt;run&gt;/train</code> "
                f"(run directories), <code>{layout.STUDY_RUNS_DIR}/&lt;run&gt;/{layout.STUDY_EVAL_JSON}</code>.</p>")
 
@@ -313,14 +338,21 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
     import contextlib
 
     from laiontools import evalsets
+    from laiontools.contracts.manifest import manifest_sha256
     from laiontools.core.zygote import forked_runs
     from laiontools.stages import train_worker
-
-    evalsets.load_evalsets(cfg.evalset or None, cfg.evalsets_yaml)  # bad declarations fail before any training
     from laiontools.stages.train import check_trainable_manifest
 
+    evalsets.load_evalsets(cfg.evalset or None, cfg.evalsets_yaml)  # bad declarations fail before any training
+    by_sha: dict[str, str] = {}
     for scale, manifest in cfg.scales.items():
         check_trainable_manifest(manifest)  # a never-resharded manifest fails now, not hours in
+        sha = manifest_sha256(manifest)
+        if sha in by_sha:  # every run of one would be a run of the other, under another scale's name
+            raise ConfigError(f"study: scales {by_sha[sha]!r} and {scale!r} name the same subset ({manifest}, manifest sha256 "
+                              f"{sha[:12]}...): each of their runs would be trained twice as two data scales; give each "
+                              "scale its own resharded subset, or drop one")
+        by_sha[sha] = scale
     os.makedirs(cfg.output, exist_ok=True)  # (settings recorded once the inputs are known good)
     write_record(os.path.join(cfg.output, layout.STUDY_SETTINGS_JSON), cfg.to_dict())
     gm = _gmacs_cached(cfg.output, list(cfg.models))
@@ -342,8 +374,12 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
                     _write_results(results_csv, rows)
     # Fault tests: every point is done and results.csv complete; fits, plots and report not yet written.
     failpoints.pause("study.final-write")
+    failed = [(r["run_id"], run_failure(r)) for r in rows if run_failure(r) is not None]
+    failed_text = "; ".join(f"{rid} ({why})" for rid, why in failed[:5]) + ("; ..." if len(failed) > 5 else "")
+    every_run_failed = len(failed) == len(rows)
     metric_cols = sorted({k for r in rows for k in r if "/" in k})
-    metrics = list(cfg.metrics) or default_metrics(metric_cols)
+    # every run diverged: no metric to fit, but the report still lists the runs and why (then the error below)
+    metrics = [] if every_run_failed else list(cfg.metrics) or default_metrics(metric_cols)
     unknown = [m for m in metrics if m not in metric_cols]
     if unknown:
         raise ConfigError(f"study: metric(s) {unknown} not produced by the evaluation; available: {metric_cols}")
@@ -353,6 +389,13 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
         extra_json={"gmacs": gm},
     )  # fmt: skip
     fits, plots, report = out["fits"], out["plots"], out["report"]
+    if failed and not any(e.get("fit") for e in fits.values()):
+        # the grid is too small without them: a report with no law in it is no study result
+        what = ("every run of the grid diverged" if every_run_failed else f"{len(failed)} run(s) diverged and were left out")
+        left = ("nothing to fit" if every_run_failed else
+                f"the {len(rows) - len(failed)} left give no fit ({next(iter(fits.values()), {}).get('why_no_fit', 'no metric')})")
+        raise UserError(f"study: {what} ({failed_text}); {left}. {results_csv} and {report} record them: lower train.lr "
+                        "or lengthen train.warmup, into a new output folder")
     skipping = [r["run_id"] for r in rows if r.get("skipped_sample_events")]
     skip_line = ""
     if skipping:  # a scale whose samples do not all decode trains on fewer distinct samples than it names
@@ -360,14 +403,19 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
                      f"({', '.join(skipping[:5])}{', ...' if len(skipping) > 5 else ''}; results.csv: "
                      "skipped_sample_events): `laiontools verify` their subsets' manifests\n")
         log.warning(skip_line.strip())
-    summary = skip_line + (
+    failed_line = ""
+    if failed:  # recorded, left out of every fit, and said
+        failed_line = (f"WARNING: {len(failed)} run(s) diverged and are left out of the fits: {failed_text} "
+                       f"({layout.STUDY_RESULTS_CSV}: status, status_reason)\n")
+        log.warning(failed_line.strip())
+    summary = failed_line + skip_line + (
         f"scaling study: {len(rows)} runs ({len(cfg.models)} model(s) x {len(cfg.scales)} scale(s) x {len(cfg.samples_seen)} budget(s))\n"
         f"{table(fit_rows(fits), FIT_COLUMNS)}\n"
         f"results: {results_csv}\nreport:  {report}"
     )
     return StageResult(
         outputs={"results": results_csv, "report": report, "fits": os.path.join(cfg.output, layout.STUDY_FITS_JSON)},
-        counts={"runs": len(rows)},
+        counts={"runs": len(rows), "diverged": len(failed)},
         details={"rows": rows, "fits": fits, "results_csv": results_csv, "report": report, "plots": plots},
         summary=summary,
     )
@@ -493,6 +541,7 @@ class PlanConfig(StageConfig):
             raise ConfigError(f"study plan: samples_seen: {e}") from e
         if self.batch_size <= 0 or self.nproc <= 0 or self.shard_size <= 0 or self.bytes_per_sample < 0:
             raise ConfigError("study plan: batch_size, nproc and shard_size must be positive, bytes_per_sample >= 0")
+        check_budget_steps(self.samples_seen, self.batch_size, "study plan")  # as `study` refuses the grid
         bad = {m: v for m, v in self.images_per_second.items() if not float(v) > 0}
         if bad or (self.gpu_tflops is not None and not self.gpu_tflops > 0):
             raise ConfigError(f"study plan: images_per_second and gpu_tflops must be positive ({bad or self.gpu_tflops})")

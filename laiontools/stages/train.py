@@ -27,6 +27,9 @@ Run directory (``--output``, a local folder)::
     checkpoints/epoch_<E>.pt      the final training checkpoint (model + optimizer)
     model.pt            final model weights (plain state_dict, loadable with weights_only)
     result.json         summary; result.json.done is the completion marker (written last)
+    diverged.json       instead of model.pt and result.json: a run that reached its budget with a NaN or infinite
+                        loss or weights (reason, first non-finite step); the run's result, reported again by a
+                        re-run (TrainDiverged), never trained again: delete the folder to train it again
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from typing import Any
 
 from laiontools.contracts import layout
 from laiontools.contracts.manifest import manifest_sha256, read_manifest, shard_urls
-from laiontools.contracts.runs import is_finished, read_result
+from laiontools.contracts.runs import is_finished, read_divergence, read_result
 from laiontools.contracts.schema import ManifestError
 from laiontools.core.config import ConfigError, StageConfig
 from laiontools.core.errors import UserError, environment_error
@@ -110,6 +113,37 @@ PLANNED_FLAGS = (
 
 class TrainError(UserError, RuntimeError):
     """Training failed or stopped early; the message says where the logs are and how to resume."""
+
+
+class TrainDiverged(TrainError):
+    """The run reached its budget with a NaN / infinite loss or weights. That is its result, recorded in
+    ``diverged.json`` (``record``): a re-run reports it again, it does not train again."""
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def _diverged(run_dir: str, record: dict[str, Any]) -> TrainDiverged:
+    return TrainDiverged(
+        f"training in {run_dir} {record['reason']}: the run diverged; this is its result (recorded in "
+        f"{layout.TRAIN_DIVERGED_JSON}, no model written, not trained again by a re-run): lower --lr, lengthen --warmup "
+        f"or check the data, and train into a new --output (or delete {run_dir} to train it again)", record)
+
+
+def _record_divergence(run_dir: str, plan: Plan, metrics: list[dict[str, Any]], final_loss: float,
+                       bad_tensors: list[str]) -> TrainDiverged:
+    """Write ``diverged.json`` (atomically) for a run that ended with a non-finite loss or weights; return the error."""
+    first = next((int(r["step"]) for r in metrics if not math.isfinite(float(r["loss"]))), None)
+    if not math.isfinite(final_loss):
+        reason = f"ended with a non-finite loss ({final_loss}; not finite from step {first} of {plan.steps})"
+    else:
+        reason = f"ended with non-finite weights ({len(bad_tensors)} tensors, e.g. {bad_tensors[0]})"
+    record = {"reason": reason, "first_nonfinite_step": first, "final_loss": str(final_loss), "steps": plan.steps,
+              "samples_seen": plan.samples_seen, "nonfinite_tensors": bad_tensors[:20]}
+    write_json(os.path.join(run_dir, layout.TRAIN_DIVERGED_JSON), record)
+    log.warning("training in %s %s", run_dir, reason)
+    return _diverged(run_dir, record)
 
 
 @dataclasses.dataclass
@@ -233,7 +267,9 @@ def plan_schedule(samples_seen: int, global_batch: int, world_size: int, epoch_s
         raise ConfigError(f"global batch size {global_batch} is not divisible by the world size {world_size}")
     if samples_seen < global_batch:
         raise ConfigError(f"samples seen {samples_seen} is smaller than one global batch ({global_batch})")
-    steps = samples_seen // global_batch
+    from laiontools.scaling import optimizer_steps
+
+    steps = optimizer_steps(samples_seen, global_batch)  # the one rounding rule (`study plan` counts steps with it)
     target = max(1, min(steps, round(epoch_samples / global_batch)))
     divs = _divisors(steps)
     for w in range(max(workers, 1), 0, -1):
@@ -584,13 +620,12 @@ def _finalize(cfg: TrainConfig, settings: dict[str, Any], plan: Plan, wall_s: fl
         raise TrainError(f"{run_dir}/metrics.jsonl has repeated or unordered steps: {steps_logged[:20]}")
     final_loss = float(last["loss"])
     if not math.isfinite(final_loss):  # before model.pt is written: a diverged run leaves no model to evaluate
-        raise TrainError(f"training in {run_dir} ended with a non-finite loss ({final_loss}); lower --lr or check the data")
+        raise _record_divergence(run_dir, plan, metrics, final_loss, [])
     ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=True)
     sd = {(k.removeprefix("module.")): v for k, v in ckpt_data["state_dict"].items()}
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise TrainError(f"training in {run_dir} ended with non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
-                         "lower --lr or check the data")
+        raise _record_divergence(run_dir, plan, metrics, final_loss, bad)
     with atomic_open(os.path.join(run_dir, layout.TRAIN_MODEL_FILE)) as f:
         torch.save(sd, f)
     # The final-write phase: model.pt is there, result.json and its marker are not (kill tests widen it).
@@ -647,7 +682,8 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     details = the run's result dict (also in ``<output>/result.json``). A finished run is not trained
     again (its result is returned). With ``cfg.resume`` an interrupted run continues from its latest
     checkpoint with the exact samples-seen count. Raises ManifestError for a manifest without shards,
-    ConfigError for inconsistent settings, TrainError when training fails or stops short.
+    ConfigError for inconsistent settings, TrainError when training fails or stops short, TrainDiverged (a
+    TrainError) when it reached its budget with a non-finite loss or weights, or did so before (``diverged.json``).
     ``spark`` is unused (training runs on torch.distributed); it is accepted for a uniform stage API.
     """
     if cfg.output.startswith("file://"):
@@ -672,6 +708,10 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
         _check_same_run(cfg.output, settings)
         log.info("%s is already finished; not training again", cfg.output)
         return _result(cfg, read_result(cfg.output), f"{cfg.output} is already finished; not trained again")
+    diverged = read_divergence(cfg.output)
+    if diverged is not None:  # a result too: the same command again reports it, as the run that diverged did
+        _check_same_run(cfg.output, settings)
+        raise _diverged(cfg.output, diverged)
     os.makedirs(cfg.output, exist_ok=True)
     resumed_from = _prepare_run_dir(cfg, settings, plan)
     urls = shard_urls(cfg.manifest, manifest)
