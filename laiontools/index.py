@@ -156,16 +156,18 @@ _CACHE: dict[tuple[str, bool], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_cached(index_path: str, sha: str, use_gpu: bool = True) -> Any:
-    """The index at `index_path` (checked against `sha`), loaded once per process."""
+def load_cached(index_path: str, sha: str, use_gpu: bool = True, data: bytes | None = None) -> Any:
+    """The index at `index_path` (checked against `sha`), loaded once per process. `data`: the file's
+    bytes, already read and checked against `sha` by the caller (then the file is not read again)."""
     key = (sha, bool(use_gpu))
     with _CACHE_LOCK:  # in process, search tasks are threads: one of them loads it, the others wait
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
-        data = read_bytes(index_path)
-        if sha256_bytes(data) != sha:
-            raise UserError(f"{index_path} changed since the job started (sha256 mismatch); re-run dedup")
+        if data is None:
+            data = read_bytes(index_path)
+            if sha256_bytes(data) != sha:
+                raise UserError(f"{index_path} changed since the job started (sha256 mismatch); re-run dedup")
         _CACHE.clear()  # one index per process: a new job's index replaces the last
         hit = _CACHE[key] = deserialize(data, use_gpu=use_gpu)
         return hit

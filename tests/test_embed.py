@@ -978,3 +978,35 @@ def test_the_resume_check_reads_the_shard_markers_concurrently(tmp_path, monkeyp
     assert skipped == ["00000", "00004", "00008", "00012"]
     assert [t["id"] for t in todo] == [f"{i:05d}" for i in range(16) if i % 4]
     assert state["most"] > 1
+
+
+def test_read_pool_and_load_pool_read_the_pool_manifest_once(tmp_path, monkeypatch):
+    """read_pool (dedup, semdedup, calibrate) read the pool manifest to check it, then again to hash it
+    against model.json's record; load_pool (every stage after download) read it, then hashed it again.
+    On an object store each read is a round trip: now one read each, the same manifest and sha256."""
+    from fsspec.implementations import local
+
+    from laiontools.contracts.manifest import manifest_sha256
+    from laiontools.contracts.pool import load_pool
+
+    pool = write_pool(str(tmp_path / "p"), n_shards=1, per_shard=2, image_size=64, realistic=False)
+    out = str(tmp_path / "e")
+    assert _run(pool, out) == 0
+    opened = []
+    real_open = local.LocalFileSystem._open
+
+    def counting_open(self, path, *a, **k):  # the real local file system, its opens of the manifest counted
+        if os.path.basename(str(path)) == layout.POOL_MANIFEST:
+            opened.append(path)
+        return real_open(self, path, *a, **k)
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", counting_open)
+    info = read_pool(out)
+    assert len(opened) == 1, opened
+    assert info.manifest_path and os.path.samefile(info.manifest_path, pool) and info.shard_ids == ["00000"]
+    opened.clear()
+    os.makedirs(os.path.join(os.path.dirname(pool), layout.CATALOG_DIR), exist_ok=True)  # load_pool asks that it exists
+    p = load_pool(pool)
+    assert len(opened) == 1, opened
+    monkeypatch.setattr(local.LocalFileSystem, "_open", real_open)
+    assert p.sha256 == manifest_sha256(pool)

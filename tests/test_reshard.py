@@ -13,6 +13,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from laiontools.contracts import layout
@@ -1135,3 +1136,25 @@ def test_a_source_json_with_a_lone_surrogate_escape_is_rewritten_not_a_crash(tmp
     with tarfile.open(tmp_path / "shards" / "shard-00000.tar") as tf:
         got = json.loads(tf.extractfile("00000000000.json").read())
     assert got["caption"] == "cut \ud83d here" and got["source_key"] == "a"
+
+
+def test_a_catalog_file_storing_columns_as_null_type_is_resharded_on_spark(spark, tmp_path):
+    """A pool's catalog whose first file holds its failed rows alone, written by pandas: their all-None shard,
+    key and sha256 are stored with Arrow's null type (Spark reads them as int), their widths as double. Spark
+    took that file's types and failed on the next file's strings (FAILED_READ_FILE.PARQUET_COLUMN_DATA_TYPE_MISMATCH,
+    a Py4JJavaError traceback). Now the same shards as from the catalog as written."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from laiontools.contracts import schema as C
+
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=30, per_shard=12, failures=3, tag="nt")
+    sub = subsets_stage.run(SubsetsConfig(pool=pool, output=str(tmp_path / "sub"), scales="20", seed=5)).details[0]["manifest"]
+    reshard_stage.run(ReshardConfig(manifest=sub, output=str(tmp_path / "a"), shard_size=8), spark)
+    cat = tmp_path / "pool" / layout.CATALOG_DIR
+    t = pq.read_table(str(cat / "part-00000.parquet"))
+    t.filter(pc.not_equal(t[C.STATUS], C.STATUS_SUCCESS)).to_pandas().to_parquet(str(cat / "part-00000.parquet"))
+    pq.write_table(t.filter(pc.equal(t[C.STATUS], C.STATUS_SUCCESS)), str(cat / "part-00001.parquet"))
+    assert pq.read_schema(str(cat / "part-00000.parquet")).field(C.SHARD).type == pa.null()
+    reshard_stage.run(ReshardConfig(manifest=sub, output=str(tmp_path / "b"), shard_size=8), spark)
+    _same_output(str(tmp_path / "a"), str(tmp_path / "b"))

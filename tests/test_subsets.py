@@ -776,3 +776,40 @@ def test_scores_of_a_shard_without_its_embed_marker_are_not_read(tmp_path, monke
     funnel = {f["step"]: f["removed"] for f in read_manifest(res[0]["manifest"])["selection"]["funnel"]}
     assert funnel.get("clip_score < -1 or missing") == len(shard0) and not picked & shard0, (
         f"samples of shard 00000 were scored from its old scores file (no marker): funnel {funnel}")
+
+
+def _null_typed_catalog(pool_dir: Path) -> None:
+    """Rewrite a scratch pool's one catalog file as three: its failed rows alone through pandas (every
+    all-None column then stored with Arrow's null type, an integer column with a null as double), 16
+    success rows with punsafe all null (null type: a part whose score was never computed), the rest as written."""
+    import pyarrow.compute as pc
+
+    cat = pool_dir / layout.CATALOG_DIR
+    t = pq.read_table(str(cat / "part-00000.parquet"))
+    ok = t.filter(pc.equal(t[C.STATUS], C.STATUS_SUCCESS))
+    t.filter(pc.not_equal(t[C.STATUS], C.STATUS_SUCCESS)).to_pandas().to_parquet(str(cat / "part-00000.parquet"))
+    head = ok.slice(0, 16)
+    i = head.schema.get_field_index(C.PUNSAFE)
+    pq.write_table(head.set_column(i, pa.field(C.PUNSAFE, pa.null()), pa.nulls(head.num_rows)), str(cat / "part-00001.parquet"))
+    pq.write_table(ok.slice(16), str(cat / "part-00002.parquet"))
+    assert pq.read_schema(str(cat / "part-00000.parquet")).field(C.SHARD).type == pa.null()
+
+
+def test_a_catalog_file_storing_a_filter_column_as_null_type_gives_the_in_process_engines_subsets(spark, tmp_path):
+    """A catalog file whose punsafe is all null, stored with Arrow's null type (Spark reads it as int), and one
+    of failed rows alone written by pandas (shard, key... null-typed): Spark took one file's types and failed
+    on another's (FAILED_READ_FILE.PARQUET_COLUMN_DATA_TYPE_MISMATCH, a Py4JJavaError traceback) while the
+    in-process engine read the catalog. Now both write the same files; the null punsafe fails --max-punsafe."""
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=40, failures=4, tag="z")
+    _null_typed_catalog(tmp_path / "pool")
+    out = {}
+    for engine in ("spark", "in-process"):
+        res = subsets_stage.run(_cfg(pool, tmp_path / engine, scales="5,12", max_punsafe=0.55, allow_short=True),
+                                spark if engine == "spark" else None)
+        assert res.ok
+        out[engine] = _tree(tmp_path / engine)
+        funnel = {s["step"]: s["removed"] for s in read_manifest(str(tmp_path / engine / layout.subset_manifest("12")))["selection"]["funnel"]}
+        assert funnel["punsafe >= 0.55 or missing"] == 16 + sum(1 for i in range(16, 40) if i % 10 >= 6), funnel
+    assert sorted(out["spark"]) == sorted(out["in-process"]) and len(out["spark"]) >= 2
+    for name, data in out["spark"].items():
+        assert out["in-process"][name] == data, name

@@ -961,3 +961,32 @@ def test_the_spark_engine_reads_the_catalog_footers_once(spark, no_master, tmp_p
         assert json.load(f)["engine"].startswith("spark ")
     n_rows = len(pd.read_parquet(tmp_path / "pool" / "catalog"))
     assert n_rows == 23 and read_manifest(res.outputs["manifest"])["catalog"]["num_rows"] == n_rows
+
+
+@pytest.mark.parametrize("engine", ["spark", "in-process"])
+def test_a_catalog_file_storing_columns_as_null_type_beside_files_with_values_takes_a_takedown(spark, no_master, tmp_path, engine):
+    """The failed rows of a pool in a catalog file of their own, written by pandas: their all-None shard,
+    key, sha256 stored with Arrow's null type (Spark reads them as int), beside a file with values there.
+    Spark took the first file's types and failed on the other (FAILED_READ_FILE.PARQUET_COLUMN_DATA_TYPE_MISMATCH,
+    a Py4JJavaError traceback). Now both engines write the catalog the in-process engine reads, typed as the schema."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from test_subsets import make_scratch_pool, pool_samples
+
+    from laiontools.contracts import schema as C
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=40, per_shard=16, failures=3)
+    uid = min(pool_samples(m))
+    cat = tmp_path / "pool" / "catalog"
+    t = pq.read_table(cat / "part-00000.parquet")
+    t.filter(pc.not_equal(t[C.STATUS], C.STATUS_SUCCESS)).to_pandas().to_parquet(cat / "part-00000.parquet")
+    pq.write_table(t.filter(pc.equal(t[C.STATUS], C.STATUS_SUCCESS)), cat / "part-00001.parquet")
+    assert pq.read_schema(cat / "part-00000.parquet").field(C.SHARD).type == pa.null()
+    res = _scratch_takedown(spark, engine, m, f"uid {uid}\n", tmp_path / "out", tmp_path)
+    assert res.counts["removed"] == 1
+    new = pq.read_table(tmp_path / "out" / "catalog")
+    assert new.schema.field(C.SHARD).type == pa.string() and new.num_rows == t.num_rows
+    got = new.select([C.UID, C.STATUS, C.SHARD, C.KEY]).sort_by([(C.UID, "ascending"), (C.STATUS, "ascending")]).to_pylist()
+    want = t.select([C.UID, C.STATUS, C.SHARD, C.KEY]).sort_by([(C.UID, "ascending"), (C.STATUS, "ascending")]).to_pylist()
+    assert got == [{**r, C.STATUS: "removed_x"} if r[C.UID] == uid else r for r in want]

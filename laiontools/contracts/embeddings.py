@@ -319,14 +319,13 @@ def _manifest_path_from_model(emb_dir: str, model: dict[str, Any]) -> str | None
     return join(emb_dir, v)
 
 
-def _stale_shards(emb_dir: str, model: dict[str, Any], mpath: str, expected: dict[str, Any],
+def _stale_shards(emb_dir: str, model: dict[str, Any], manifest_sha: str, expected: dict[str, Any],
                   embedded: set[str]) -> list[str]:
     """Embedded pool shards whose completion marker records other shard bytes (``shard_sha256``) than the
-    manifest's sha256 for them. Cheap when nothing changed: the markers are read only when the manifest is
-    not the one model.json records (one hash of the manifest), as after a shard was downloaded again."""
-    from laiontools.contracts.manifest import manifest_sha256
-
-    if (model.get("pool") or {}).get("manifest_sha256") == manifest_sha256(mpath):
+    manifest's sha256 for them. Cheap when nothing changed: the markers are read only when the manifest
+    (`manifest_sha`: the sha256 of the bytes read) is not the one model.json records, as after a shard
+    was downloaded again."""
+    if (model.get("pool") or {}).get("manifest_sha256") == manifest_sha:
         return []
     stale = []
     for sid in sorted(set(expected) & embedded):
@@ -342,7 +341,7 @@ def read_pool(emb_dir: str) -> PoolInfo:
     Raises MissingEmbeddingsError listing every pool shard (from the pool manifest) that has no
     complete embeddings: a dedup that silently skipped them would leave contamination in.
     """
-    from laiontools.contracts.manifest import read_manifest, resolve
+    from laiontools.contracts.manifest import read_manifest_sha256, resolve
 
     fs, p = url_to_fs(emb_dir)
     if not fs.exists(p):
@@ -353,7 +352,7 @@ def read_pool(emb_dir: str) -> PoolInfo:
     manifest = None
     tar_by_shard: dict[str, str] = {}
     if mpath is not None:
-        manifest = read_manifest(mpath)
+        manifest, manifest_sha = read_manifest_sha256(mpath)  # one read: the manifest may be on an object store
         want_fp = (model.get("pool") or {}).get("source_fingerprint")
         if want_fp and manifest["source"]["fingerprint"] != want_fp:
             raise UserError(
@@ -366,7 +365,7 @@ def read_pool(emb_dir: str) -> PoolInfo:
             expected[sid] = s
             tar_by_shard[sid] = resolve(mpath, s["path"])
         missing = sorted(sid for sid, s in expected.items() if sid not in embedded and int(s.get("num_samples", 1)) > 0)
-        stale = _stale_shards(emb_dir, model, mpath, expected, embedded)
+        stale = _stale_shards(emb_dir, model, manifest_sha, expected, embedded)
         if stale:
             shown = ", ".join(stale[:20]) + (f" ... ({len(stale)} in all)" if len(stale) > 20 else "")
             raise MissingEmbeddingsError(

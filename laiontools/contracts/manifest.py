@@ -8,6 +8,7 @@ in the ``<manifest>.run.json`` sidecar, never in the manifest itself.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import platform
 import socket
@@ -17,7 +18,7 @@ from typing import Any
 
 from laiontools import __version__
 from laiontools.contracts.schema import MANIFEST_SCHEMA_VERSION, ManifestError, validate_manifest
-from laiontools.core.storage import read_json, sha256_bytes, store_errors, url_to_fs, write_record
+from laiontools.core.storage import sha256_bytes, store_errors, url_to_fs, write_record
 
 SIDECAR_SUFFIX = ".run.json"
 
@@ -84,11 +85,17 @@ def write_manifest(path: str, manifest: dict[str, Any], run: dict[str, Any] | No
 def read_manifest(path: str) -> dict[str, Any]:
     """Read and validate a manifest; raise ManifestError naming the file on any problem (StorageError
     when an object store refuses it: no credentials, access denied, an unreachable endpoint)."""
+    return read_manifest_sha256(path)[0]
+
+
+def read_manifest_sha256(path: str) -> tuple[dict[str, Any], str]:
+    """:func:`read_manifest` and the sha256 of the bytes it read (:func:`manifest_sha256`), from one read
+    of the file (on an object store, one round trip rather than two)."""
     with store_errors(path):
         return _read_manifest(path)
 
 
-def _read_manifest(path: str) -> dict[str, Any]:
+def _read_manifest(path: str) -> tuple[dict[str, Any], str]:
     fs, p = url_to_fs(path)
     if not fs.exists(p):
         raise ManifestError(f"manifest {path} does not exist; give the pool.manifest.json written by download or a subset manifest")
@@ -99,7 +106,9 @@ def _read_manifest(path: str) -> dict[str, Any]:
     if path.endswith("/"):
         raise folder
     try:
-        m = read_json(path)
+        with fs.open(p, "rb") as f:
+            data = f.read()
+        m = json.loads(data)
     except IsADirectoryError:
         raise folder from None
     except ValueError as e:
@@ -107,7 +116,7 @@ def _read_manifest(path: str) -> dict[str, Any]:
             raise folder from None
         raise ManifestError(f"manifest {path} is not valid JSON ({e}); it may be truncated: regenerate it") from e
     validate_manifest(m, where=path)
-    return m
+    return m, sha256_bytes(data)
 
 
 def manifest_sha256(path: str) -> str:

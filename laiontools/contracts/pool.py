@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from laiontools.contracts import layout
-from laiontools.contracts.manifest import manifest_sha256, read_manifest, resolve
+from laiontools.contracts.manifest import read_manifest_sha256, resolve
 from laiontools.core.errors import InputError
 from laiontools.core.storage import swap_pending, url_to_fs
 
@@ -37,7 +37,7 @@ def load_pool(path: str) -> PoolInfo:
     """Read the pool manifest at `path`. Raises ManifestError (missing / invalid) or InputError (not a
     pool manifest, or its catalog is missing)."""
     path = abs_path(path)
-    m = read_manifest(path)
+    m, sha = read_manifest_sha256(path)  # one read: the manifest may be on an object store
     if m["kind"] != "pool":
         raise InputError(f"{path} is a {m['kind']} manifest; --pool needs the pool.manifest.json written by download")
     cat = (m.get("catalog") or {}).get("path") or layout.CATALOG_DIR
@@ -49,7 +49,7 @@ def load_pool(path: str) -> PoolInfo:
     if not fs.exists(p):
         raise InputError(f"{path}: its catalog {catalog} does not exist; the pool folder is incomplete (re-run download)")
     shard_ids = [layout.shard_id(s["path"]) for s in m["shards"]]
-    return PoolInfo(path=path, manifest=m, sha256=manifest_sha256(path), catalog=catalog, shard_ids=shard_ids)
+    return PoolInfo(path=path, manifest=m, sha256=sha, catalog=catalog, shard_ids=shard_ids)
 
 
 def catalog_footers(pool: PoolInfo) -> list[tuple[str, int, Any]]:
@@ -94,16 +94,66 @@ def refuse_lacking_columns(pool: PoolInfo, path: str, names: list[str], required
                          "schemas/catalog.schema.json")
 
 
-def null_typed_everywhere(footers: list[tuple[str, int, Any]]) -> list[str]:
-    """The catalog's canonical columns that every file stores with Arrow's null type (a column all None
-    written by pandas): Spark reads them as integers, which a stage writing a string there cannot use."""
+def catalog_read_schema(pool: PoolInfo, footers: list[tuple[str, int, Any]]) -> Any:
+    """The Arrow schema the catalog's files (`footers`: :func:`catalog_footers`) are read with as one table,
+    as :func:`read_catalog` reads them: every column a file has, of the type their types promote to (a
+    column all null in one file, stored with Arrow's null type, takes the other files' type; an int64 and a
+    double column, a double); a column null-typed in every file takes the catalog schema's type, or
+    int32 (Spark's reading of such a column) where the catalog schema does not name it. Files whose types
+    cannot be promoted to one: InputError naming the catalog."""
     import pyarrow as pa
 
     from laiontools.contracts.schema import catalog_arrow_schema
 
-    schemas = [s for _, _, s in footers]
-    return [c for c in catalog_arrow_schema().names
-            if schemas and all(c in s.names and pa.types.is_null(s.field(c).type) for s in schemas)]
+    try:
+        unified = pa.unify_schemas([s.remove_metadata() for _, _, s in footers], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise _disagreeing_files(pool, e) from None
+    canon = catalog_arrow_schema()
+    return pa.schema([fld.with_type(canon.field(fld.name).type if fld.name in canon.names else pa.int32())
+                      if pa.types.is_null(fld.type) else fld for fld in unified])
+
+
+def _disagreeing_files(pool: PoolInfo, e: BaseException) -> InputError:
+    return InputError(f"{pool.path}: the parquet files of its catalog {pool.catalog} disagree on their columns "
+                      f"({str(e).splitlines()[0]}); it does not follow schemas/catalog.schema.json")
+
+
+def spark_read_catalog(spark: Any, pool: PoolInfo, footers: list[tuple[str, int, Any]]) -> Any:
+    """The pool's catalog as a Spark DataFrame of :func:`catalog_read_schema` (`footers`: its files'
+    :func:`catalog_footers`): the rows and types the in-process engines read (:func:`read_catalog`).
+
+    Spark's reader takes the types of one file's columns and fails on a file that stores another type
+    there (FAILED_READ_FILE.PARQUET_COLUMN_DATA_TYPE_MISMATCH, a Java traceback): a column all None that
+    pandas wrote with Arrow's null type (Spark reads it as int32) beside files with values there, or the
+    double pandas makes of an integer column with a null. So files are read in groups of one schema,
+    each with its own types (a null-typed column not read: nulls of its type), then cast to one."""
+    import functools
+
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_type
+
+    from laiontools.core.storage import spark_read_parquet
+
+    schema = catalog_read_schema(pool, footers)
+    groups: dict[Any, list[str]] = {}  # a file's own (non-null) columns -> its files
+    for path, _, s in footers:
+        own = pa.schema([f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f
+                         for f in s.remove_metadata() if not pa.types.is_null(f.type)])
+        groups.setdefault(own, []).append(path)
+    if len(groups) == 1 and [(f.name, f.type) for f in next(iter(groups))] == [(f.name, f.type) for f in schema]:
+        return spark_read_parquet(spark, pool.catalog, schema=schema)  # the usual catalog: Spark lists the folder
+
+    def column(fld: Any, own: Any) -> Any:
+        typ = from_arrow_type(fld.type)
+        if fld.name not in own.names:
+            return F.lit(None).cast(typ).alias(fld.name)
+        col = F.col(f"`{fld.name}`")
+        return (col if own.field(fld.name).type == fld.type else col.cast(typ)).alias(fld.name)
+
+    parts = [spark_read_parquet(spark, files, schema=own).select(*[column(f, own) for f in schema]) for own, files in groups.items()]
+    return functools.reduce(lambda a, b: a.unionByName(b), parts)
 
 
 # A catalog is written as parquet files of ~2M rows (~0.5 GB) each, sorted by (uid, status) across them,
@@ -134,8 +184,7 @@ def read_catalog(pool: PoolInfo, columns: list[str] | None = None, required: tup
     try:  # a column all null in one file (typed null there) takes the other files' type
         t = pa.concat_tables(parts, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise InputError(f"{pool.path}: the parquet files of its catalog {pool.catalog} disagree on their columns "
-                         f"({str(e).splitlines()[0]}); it does not follow schemas/catalog.schema.json") from None
+        raise _disagreeing_files(pool, e) from None
     # ... and one null in every file (pandas writes a column all None so) takes the catalog's own type:
     # a stage that writes values there (takedown's messages) needs a column that can hold them
     from laiontools.contracts.schema import catalog_arrow_schema

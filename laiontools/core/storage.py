@@ -934,38 +934,50 @@ def spark_path_key(col: Any) -> Any:
     return pandas_udf(key, "string")(col)
 
 
-def spark_read_parquet(spark: Any, paths: str | list[str], *, file_column: str | None = None) -> Any:
+def spark_read_parquet(spark: Any, paths: str | list[str], *, file_column: str | None = None, schema: Any = None) -> Any:
     """A DataFrame of the parquet files or dataset folders at `paths`, on any store fsspec reaches.
 
     Spark's own reader where it reaches the store (:func:`spark_native`); otherwise every file is read
     by pyarrow + fsspec inside a Spark task (one task per file), with the first file's schema.
     `file_column`: add a column holding :func:`path_key` of the file each row came from.
+    `schema`: the Arrow schema every file is read with, instead of one file's (Spark's reader then reads a
+    column of a file by this type, or as nulls where the file lacks it).
     """
     from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
 
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ValueError("spark_read_parquet: no paths")
+    if schema is not None:
+        schema = _spark_arrow_schema(schema)
     if all(spark_native(p) for p in paths):
-        df = spark.read.parquet(*[hadoop_literal(_hadoop_path(p)) for p in paths])  # names, not patterns
+        reader = spark.read if schema is None else spark.read.schema(from_arrow_schema(schema))
+        df = reader.parquet(*[hadoop_literal(_hadoop_path(p)) for p in paths])  # names, not patterns
         return df.withColumn(file_column, spark_path_key(F.input_file_name())) if file_column else df
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from pyspark.sql.pandas.types import from_arrow_schema
 
     files = [f for p in paths for f in list_data_files(p)]
     if not files:
         raise FileNotFoundError(f"{paths[0]}: no parquet files to read")
-    fs0, p0 = url_to_fs(files[0])
-    with store_errors(files[0]), fs0.open(p0, "rb") as f, parquet_read_errors(files[0]):
-        schema = pq.read_schema(f)
-    schema = pa.schema([fld.with_type(pa.string()) if pa.types.is_large_string(fld.type) else fld for fld in schema])
+    if schema is None:
+        fs0, p0 = url_to_fs(files[0])
+        with store_errors(files[0]), fs0.open(p0, "rb") as f, parquet_read_errors(files[0]):
+            schema = _spark_arrow_schema(pq.read_schema(f))
     if file_column:
         schema = schema.append(pa.field(file_column, pa.string()))
     spark_schema = from_arrow_schema(schema)
     n = max(1, min(len(files), spark.sparkContext.defaultParallelism * 4))
     listing = spark.createDataFrame([(f,) for f in files], "_file string").repartition(n, "_file")
     return listing.mapInArrow(_parquet_reader(schema, file_column), spark_schema)
+
+
+def _spark_arrow_schema(schema: Any) -> Any:
+    """`schema` with the Arrow types Spark has no type for made ones it has (large_string: string)."""
+    import pyarrow as pa
+
+    return pa.schema([fld.with_type(pa.string()) if pa.types.is_large_string(fld.type) else fld for fld in schema])
 
 
 def parquet_damaged(e: BaseException) -> bool:
@@ -1005,7 +1017,10 @@ def _parquet_reader(schema: Any, file_column: str | None) -> Any:
             for path in b.column("_file").to_pylist():
                 fs, p = url_to_fs(path)
                 with store_errors(path), fs.open(p, "rb") as f, parquet_read_errors(path, task=True):
-                    t = pq.read_table(f, **PARQUET_READ).select(data_schema.names).cast(data_schema)
+                    t = pq.read_table(f, **PARQUET_READ)
+                # a column the file lacks is read as nulls, as Spark's own reader does
+                t = pa.table({fld.name: t.column(fld.name) if fld.name in t.column_names else pa.nulls(t.num_rows, fld.type)
+                              for fld in data_schema}).cast(data_schema)
                 if file_column:
                     t = t.append_column(file_column, pa.array([path_key(path)] * t.num_rows, pa.string()))
                 yield from t.to_batches()

@@ -57,7 +57,7 @@ from laiontools.core import failpoints
 from laiontools.core.config import ConfigError, add_config_args
 from laiontools.core.errors import InputError, UserError, task_errors_as
 from laiontools.core.logs import peak_rss_mb
-from laiontools.core.stage import SparkStageConfig, StageResult, Tasks, stage_entry, stage_tasks
+from laiontools.core.stage import SparkStageConfig, StageResult, Tasks, stage_entry, stage_tasks, wants_spark
 from laiontools.core.storage import (
     DONE_SUFFIX,
     PARQUET_READ,
@@ -302,6 +302,14 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
     Reused when index.json exists for the same evaluation sets, index settings and pHash setting; an
     index of another model is refused naming both models (its vectors cannot be compared).
     """
+    return _prepare_index(cfg, pool, sets, keep_bytes=False)[0]
+
+
+def _prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes: bool) -> tuple[dict[str, Any], bytes | None]:
+    """:func:`prepare_index`, and with `keep_bytes` the index file's bytes as built, or as read and checked
+    against index.json's sha256 when reused, for a search in this process to load without reading and
+    hashing the file again (~3 s a pass for 1.5M evaluation images); without it, None (the file is hashed
+    as it streams by: a driver whose search runs in Spark tasks keeps no copy)."""
     import pyarrow.parquet as pq
 
 
@@ -322,10 +330,18 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
             and existing["request"] == want_params
             and (existing["phash"] or not cfg.phash)
         )
-        intact = same and all(_file_sha256(paths[f]) == existing[f"{f}_sha256"] for f in ("index", "items"))
+        index_bytes = None
+        if same and keep_bytes:
+            fs, p = url_to_fs(paths["index"])
+            index_bytes = DI.read_bytes(paths["index"]) if fs.exists(p) else None
+            intact = index_bytes is not None and sha256_bytes(index_bytes) == existing["index_sha256"]
+        else:
+            intact = same and _file_sha256(paths["index"]) == existing["index_sha256"]
+        intact = intact and _file_sha256(paths["items"]) == existing["items_sha256"]
         if intact:
             log.info("reusing the evaluation index in %s (%d vectors)", paths["index"], existing["ntotal"])
-            return existing
+            return existing, index_bytes
+        del index_bytes
         if same:
             log.warning("%s or %s is missing or differs from %s (damaged, or a run killed while it rebuilt them): "
                         "rebuilding the index", paths["index"], paths["items"], paths["json"])
@@ -373,7 +389,7 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
     }
     write_json(paths["json"], desc)  # written last: its presence means the index is complete
     log.info("evaluation index: %d vectors of dim %d (%s) in %s", index.ntotal, vectors.shape[1], params["index_type"], paths["index"])
-    return desc
+    return desc, (data if keep_bytes else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -795,18 +811,22 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     pool = read_pool(cfg.embeddings)
     if cfg.phash and not pool.tar_by_shard:
         raise UserError(f"--phash reads pool images from the pool tars, but {cfg.embeddings}/model.json names no pool manifest")
-    index_desc = prepare_index(cfg, pool, sets)
+    size = functools.cache(lambda: embedded_rows(pool, cfg.spark_above))
+    in_process = spark is None and not wants_spark(getattr(cfg, "master", None), size, cfg.spark_above)  # as stage_tasks chooses
+    index_desc, index_bytes = _prepare_index(cfg, pool, sets, keep_bytes=in_process)
 
     paths = DI.index_paths(cfg.output)
     write_record(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
     items = _read_items(paths["items"])
     ctx = search_context(cfg, index_desc)
+    if index_bytes is not None:  # the search runs here: it loads the index just built or checked, not the file again
+        DI.load_cached(ctx["index_path"], ctx["index_sha256"], ctx["gpu"], data=index_bytes)
+        del index_bytes
     if cfg.gpu and not ctx["gpu"] and DI.gpu_count() > 0:
         log.warning("--k %d is more neighbours than a faiss GPU index answers (%d): searching on the CPU", cfg.k, DI.GPU_MAX_K)
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
     t0 = time.time()
-    with stage_tasks(cfg, spark, app_name="laiontools-dedup", size=lambda: embedded_rows(pool, cfg.spark_above),
-                     spark_above=cfg.spark_above) as tasks:
+    with stage_tasks(cfg, spark, app_name="laiontools-dedup", size=size, spark_above=cfg.spark_above) as tasks:
         # a faiss GPU index is not to be searched from two threads at once: only its search is serialized
         ctx["serialize_search"] = tasks.local and ctx["gpu"] and DI.gpu_count() > 0
         ctx["threads"] = tasks.threads(cfg.search_threads, len(units))

@@ -79,7 +79,7 @@ from laiontools.contracts.manifest import (
     resolve,
     write_manifest,
 )
-from laiontools.contracts.pool import abs_path, catalog_rows, load_pool
+from laiontools.contracts.pool import abs_path, catalog_footers, catalog_rows, load_pool, spark_read_catalog
 from laiontools.contracts.selection import parse_seed, score_series
 from laiontools.contracts.uids import keep_members
 from laiontools.core import failpoints
@@ -105,7 +105,6 @@ from laiontools.core.storage import (
     read_json,
     read_marker,
     sha256_file,
-    spark_read_parquet,
     url_to_fs,
     write_json,
 )
@@ -1218,7 +1217,8 @@ def _run_spark(
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    cat = spark_read_parquet(spark, pool.catalog)
+    # (a catalog file that stores a column all null with Arrow's null type: read as nulls of its type)
+    cat = spark_read_catalog(spark, pool, catalog_footers(pool))
     # Pools downloaded by this version record each sample's byte span in its tar: then no tar is
     # indexed at all. Older pools (or samples without a span) go through the tar header index.
     spans = [c for c in (C.TAR_OFFSET, C.TAR_LENGTH) if c in cat.columns]

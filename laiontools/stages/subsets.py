@@ -63,6 +63,7 @@ from laiontools.contracts.pool import (
     catalog_rows,
     load_pool,
     refuse_lacking_columns,
+    spark_read_catalog,
 )
 from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
 from laiontools.contracts.uids import UID_DTYPE, save_uids_spark, with_member_flag
@@ -385,10 +386,12 @@ def _catalog_df(spark: Any, pool: PoolInfo) -> Any:
 
     # Spark's reader takes the schema of one file and reads a column another file lacks as nulls: a
     # --max-punsafe would then drop every row of that file as "punsafe missing", silently. Every file's
-    # footer is checked first, as the in-process engine's reader checks each file (the same error).
-    for path, _, schema in catalog_footers(pool):
+    # footer is checked first, as the in-process engine's reader checks each file (the same error). A
+    # column a file stores all null with Arrow's null type is read as nulls of its type (spark_read_catalog).
+    footers = catalog_footers(pool)
+    for path, _, schema in footers:
         refuse_lacking_columns(pool, path, schema.names, _CATALOG_COLUMNS)
-    df = spark_read_parquet(spark, pool.catalog)
+    df = spark_read_catalog(spark, pool, footers)
     _missing_columns(pool, df.columns)
     return df.select(*_CATALOG_COLUMNS).withColumn("_shard_id", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))
 

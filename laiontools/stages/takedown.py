@@ -95,8 +95,8 @@ from laiontools.contracts.pool import (
     catalog_footers,
     catalog_rows,
     load_pool,
-    null_typed_everywhere,
     refuse_lacking_columns,
+    spark_read_catalog,
 )
 from laiontools.contracts.removal import RemovalList, content_hashes, read_removal_list
 from laiontools.core import failpoints
@@ -682,20 +682,11 @@ class _SparkCatalog:
         self.run_record = spark_run_record(self.spark, int(pool.manifest["num_samples"]))
         # Every file holds the columns the match reads (Spark takes its columns from one file and reads
         # another's missing column as nulls: a url entry would silently pass that file's rows by), and a
-        # column every file stores with Arrow's null type (Spark reads it as integers) gets its own type.
+        # column a file stores with Arrow's null type is read as nulls of the catalog's type (spark_read_catalog).
         self.rows = sum(n for _, n, _ in footers)  # the catalog's rows (count() reads them here, not by a job)
         for path, _, schema in footers:
             refuse_lacking_columns(pool, path, schema.names, MATCH_COLUMNS)
-        cat = spark_read_parquet(self.spark, pool.catalog)
-        nulls = set(null_typed_everywhere(footers))
-        if nulls:
-            from pyspark.sql import functions as F
-            from pyspark.sql.pandas.types import from_arrow_type
-
-            canon = C.catalog_arrow_schema()
-            cat = cat.select(*[F.col(c).cast(from_arrow_type(canon.field(c).type)).alias(c) if c in nulls else F.col(c)
-                               for c in cat.columns])
-        self.cat = cat
+        self.cat = spark_read_catalog(self.spark, pool, footers)
         self.columns = list(self.cat.columns)
 
     def match(self, rl: RemovalList, cols: list[str]) -> list[Any]:
