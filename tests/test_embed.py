@@ -6,6 +6,7 @@ a real torchrun launch of 2 CPU processes, Spark local[2].
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -304,6 +305,18 @@ def test_other_model_refused_names_both(embedded, pool_manifest):
     with pytest.raises(EmbedMismatchError) as e:
         main(["--manifest", pool_manifest, "--output", embedded, "--model", "lt-small"])
     assert "lt-tiny" in str(e.value) and "lt-small" in str(e.value) and "dim 64" in str(e.value)
+
+
+def test_other_model_refused_on_spark_before_spark_starts(embedded, pool_manifest, monkeypatch):
+    """--engine spark into a folder of another model: the same refusal, before any Spark session (the
+    session and its probe task come only after the folder's model and pool are checked)."""
+    def no_spark(*a, **k):
+        raise AssertionError("a Spark session was started")
+
+    monkeypatch.setattr(embed_stage, "stage_spark", no_spark)
+    with pytest.raises(EmbedMismatchError) as e:
+        main(["--manifest", pool_manifest, "--output", embedded, "--model", "lt-small", "--engine", "spark"])
+    assert "lt-tiny" in str(e.value) and "lt-small" in str(e.value)
 
 
 def test_other_pool_refused(embedded, tmp_path):
@@ -797,10 +810,10 @@ def test_a_torchrun_resume_with_another_model_is_refused_not_reported_from_the_o
 
 
 def test_a_spark_resume_of_a_gpu_auto_folder_is_refused_not_mixed(tmp_path):
-    """A folder embedded on a GPU with --precision auto records precision_used amp_bf16. A resume with
-    --engine spark (tasks on the CPU without GPU scheduling: fp32) passes used_precision=None
-    (embed.py run(): `used = probe.precision if probe is not None else None`), and the check falls back
-    to comparing the asked precisions, 'auto' == 'auto': the remaining shards are embedded in fp32."""
+    """A folder embedded on a GPU with --precision auto records precision_used amp_bf16. A resume that
+    does not know the precision it will use (used_precision=None; Spark's run passed that before its probe
+    task resolved it) fell back to comparing the asked precisions, 'auto' == 'auto': the remaining shards
+    were embedded in fp32. (The Spark run itself: test_a_spark_run_records_the_precision_its_tasks_used...)"""
     from laiontools.contracts.manifest import read_manifest
     from laiontools.models.embedder import Embedder
     from laiontools.stages.embed import pool_identity, prepare_output
@@ -817,7 +830,7 @@ def test_a_spark_resume_of_a_gpu_auto_folder_is_refused_not_mixed(tmp_path):
     cfg = EmbedConfig(manifest=pool, output=out, model=MODEL, engine="spark")
     info = Embedder(MODEL, None, "cpu").info
     with pytest.raises(EmbedMismatchError):
-        prepare_output(cfg, info, pool_identity(pool, read_manifest(pool)), None)  # what run() passes for spark
+        prepare_output(cfg, info, pool_identity(pool, read_manifest(pool)), None)  # precision not known
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1010,3 +1023,167 @@ def test_read_pool_and_load_pool_read_the_pool_manifest_once(tmp_path, monkeypat
     assert len(opened) == 1, opened
     monkeypatch.setattr(local.LocalFileSystem, "_open", real_open)
     assert p.sha256 == manifest_sha256(pool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a review of embed's Spark path: --device cpu under GPU scheduling, GPU addresses, the precision
+# Spark tasks used.
+
+
+@pytest.mark.parametrize(("asked", "addresses", "cvd", "visible", "want"), [
+    # --device cpu is the CPU, whatever Spark assigned
+    ("cpu", ["3"], None, 8, "cpu"),
+    ("cpu", [], None, 0, "cpu"),
+    # no GPU scheduling: the CPU unless a GPU was asked for
+    (None, [], None, 8, "cpu"),
+    ("cuda", [], None, 8, "cuda"),
+    ("cuda:1", [], None, 8, "cuda:1"),
+    # the assigned GPU, as torch numbers it
+    (None, ["3"], None, 8, "cuda:3"),  # nothing hidden: the address is torch's ordinal
+    ("cuda", ["3"], None, 8, "cuda:3"),
+    (None, ["3"], "2,3", 2, "cuda:1"),  # the executor sees GPUs 2 and 3 as cuda:0, cuda:1
+    (None, ["3"], " 6, 3 ", 2, "cuda:1"),
+    (None, ["GPU-5e1f"], "GPU-aa01,GPU-5e1f", 2, "cuda:1"),  # discovery reporting UUIDs, as CUDA_VISIBLE_DEVICES lists them
+    (None, ["3"], "3", 1, "cuda:0"),
+    (None, ["3"], None, 1, "cuda:0"),  # a container given its own GPU only (host index 3)
+    (None, ["3"], "7", 1, "cuda:0"),  # ... whatever CUDA_VISIBLE_DEVICES says there
+    (None, ["1", "2"], None, 4, "cuda:1"),  # two GPUs a task: the first
+    # the clear errors
+    (None, ["3"], "0,1", 2, "CUDA_VISIBLE_DEVICES=0,1 does not list it and torch sees 2 GPU"),
+    (None, ["3"], None, 2, r"CUDA_VISIBLE_DEVICES=\(unset\) does not list it and torch sees 2 GPU"),
+    (None, ["3"], None, 0, "torch sees 0 GPU"),
+    (None, ["3"], "", 0, "torch sees 0 GPU"),
+    ("cuda:0", ["3"], None, 8, "--device cuda:0 with Spark GPU scheduling: Spark gave this task GPU '3'"),
+])
+def test_a_spark_task_device_is_the_gpu_spark_assigned_as_torch_numbers_it(asked, addresses, cvd, visible, want):
+    """A Spark task took the GPU Spark assigned even under --device cpu, and addressed it as
+    cuda:<Spark's address>: wrong where CUDA_VISIBLE_DEVICES renumbers the executor's GPUs."""
+    from laiontools.core.config import ConfigError
+    from laiontools.stages.embed import spark_task_device
+
+    if want.startswith(("cpu", "cuda")) and " " not in want:
+        assert spark_task_device(asked, addresses, cvd, visible) == want
+    else:
+        with pytest.raises(ConfigError, match=want):
+            spark_task_device(asked, addresses, cvd, visible)
+
+
+_GPU_CLUSTER = r"""
+import json, sys
+from laiontools.core.spark import spark_session
+from laiontools.stages import embed
+
+pool, out, script = sys.argv[1:4]
+conf = {"spark.task.resource.gpu.amount": "1", "spark.executor.resource.gpu.amount": "1",
+        "spark.worker.resource.gpu.amount": "1", "spark.executor.resource.gpu.discoveryScript": script,
+        "spark.worker.resource.gpu.discoveryScript": script, "spark.driver.memory": "1g"}
+res = {}
+# one worker with one core and one (discovered) GPU, as a GPU node; its executor is a process of its own
+with spark_session("local-cluster[1,1,1024]", conf=conf) as s:
+    res["assigned"] = s.sparkContext.parallelize([0], 1).map(
+        lambda _: __import__("pyspark").TaskContext.get().resources()["gpu"].addresses).collect()[0]
+    cfg = embed.EmbedConfig(manifest=pool, output=out, model="lt-tiny", batch_size=5, num_workers=0, engine="spark")
+    try:
+        embed.run(cfg)
+        res["default"] = "ran"
+    except Exception as e:
+        res["default"] = f"{type(e).__name__}: {e}"
+    r = embed.run(embed.EmbedConfig(**{**cfg.to_dict(), "device": "cpu"}))
+    res["cpu"] = {"ok": r.ok, "embedded": r.details.shards_embedded}
+print("RESULT " + json.dumps(res))
+"""
+
+
+@pytest.mark.slow
+def test_spark_tasks_given_a_gpu_embed_on_the_cpu_under_device_cpu(tmp_path):
+    """Spark GPU scheduling for real (a local-cluster whose worker's discovery script reports GPU 3, on this
+    machine without one): `--device cpu` took the GPU Spark assigned (cuda:3: every task failed); it is the
+    CPU in every task, and the folder equals a local CPU run's. Without --device, the address this executor
+    cannot use is refused by the probe task before anything is written, naming it."""
+    import subprocess
+    import sys
+
+    pool = write_pool(str(tmp_path / "p"), n_shards=2, per_shard=3, image_size=64, realistic=False)
+    script = tmp_path / "gpus.sh"
+    script.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["3"]}\'\n')
+    script.chmod(0o755)
+    out = str(tmp_path / "spark")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", _GPU_CLUSTER, pool, out, str(script)], check=False, env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert res["assigned"] == ["3"]
+    assert res["default"].startswith("ConfigError: embed on Spark: Spark gave this task GPU '3', which this "
+                                     "executor cannot address"), res["default"]
+    assert res["cpu"] == {"ok": True, "embedded": ["00000", "00001"]}
+    local = str(tmp_path / "local")
+    assert _run(pool, local, "--device", "cpu") == 0
+    _assert_same_output(local, out)
+    assert load_model_json(out)["precision_used"] == "fp32"
+
+
+def test_a_spark_run_records_the_precision_its_tasks_used_and_a_resume_must_match_it(spark, tmp_path):
+    """A Spark run with --precision auto recorded no precision_used (the driver did not know the tasks'
+    device): a later local resume on a GPU (auto = amp_bf16) passed the check ('auto' == 'auto') and mixed
+    amp_bf16 shards into a folder of fp32 ones. The probe task resolves it where the tasks run; model.json and
+    each shard's marker record it; a resume on either engine that resolves another one is refused."""
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages.embed import pool_identity, prepare_output
+
+    pool = write_pool(str(tmp_path / "p"), n_shards=2, per_shard=3, image_size=64, realistic=False)
+    out = str(tmp_path / "e")
+    model_json = os.path.join(out, layout.EMB_MODEL_JSON)
+    done = os.path.join(out, layout.EMB_META_DIR, "00001.parquet.done")
+    cfg = EmbedConfig(manifest=pool, output=out, model=MODEL, batch_size=5, num_workers=0, engine="spark")
+    assert embed_stage.run(cfg, spark=spark).ok
+    info = load_model_json(out)
+    assert info["precision"] == "auto" and info["precision_used"] == "fp32"  # local[2]: tasks on the CPU
+    with open(done) as f:
+        assert json.load(f)["precision_used"] == "fp32"
+    # a local resume that resolves the same precision agrees and embeds what is left
+    os.remove(done)
+    assert _run(pool, out, "--device", "cpu") == 0 and os.path.exists(done)
+    # ... one on a GPU (what run() passes there: the Embedder's amp_bf16) is refused
+    ident = pool_identity(pool, read_manifest(pool))
+    local_cfg = dataclasses.replace(cfg, engine="local")
+    with pytest.raises(EmbedMismatchError, match=r"precision: 'auto' \(= fp32\) there, 'auto' \(= amp_bf16\) now"):
+        prepare_output(local_cfg, info, ident, "amp_bf16")
+    # a folder a GPU run made (precision_used amp_bf16): a Spark resume whose tasks resolve fp32 is refused
+    # before any shard is embedded, with the words a local run's refusal has
+    with open(model_json) as f:
+        doc = json.load(f)
+    with open(model_json, "w") as f:
+        json.dump({**doc, "precision_used": "amp_bf16"}, f)
+    os.remove(done)
+    with pytest.raises(EmbedMismatchError, match=r"precision: 'auto' \(= amp_bf16\) there, 'auto' \(= fp32\) now"):
+        embed_stage.run(cfg, spark=spark)
+    with pytest.raises(EmbedMismatchError, match=r"precision: 'auto' \(= amp_bf16\) there, 'auto' \(= fp32\) now"):
+        _run(pool, out, "--device", "cpu")
+    assert not os.path.exists(done)
+    # a task whose executor resolves another precision than the folder's fails its shards, writing nothing
+    [task] = [t for t in embed_stage._shard_tasks(pool, read_manifest(pool)) if t["id"] == "00001"]
+    [st] = embed_stage._run_spark(cfg, [task], spark, "amp_bf16")
+    assert st["id"] == "00001" and "resolves --precision auto to fp32 on cpu, but the folder's shards are amp_bf16" in st["error"]
+    assert not os.path.exists(done)
+
+
+@pytest.mark.gpu
+def test_a_local_gpu_resume_of_a_spark_cpu_folder_is_refused(spark, tmp_path):
+    """The GPU half of the case above, for real: a Spark run on the CPU (fp32), then a local resume on a GPU
+    with --precision auto (amp_bf16 / amp_fp16) is refused, and embeds nothing."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pool = write_pool(str(tmp_path / "p"), n_shards=2, per_shard=3, image_size=64, realistic=False)
+    out = str(tmp_path / "e")
+    done = os.path.join(out, layout.EMB_META_DIR, "00001.parquet.done")
+    assert embed_stage.run(EmbedConfig(manifest=pool, output=out, model=MODEL, batch_size=5, num_workers=0,
+                                       engine="spark", device="cpu"), spark=spark).ok
+    os.remove(done)
+    with pytest.raises(EmbedMismatchError, match=r"precision: 'auto' \(= fp32\) there, 'auto' \(= amp_(bf|fp)16\) now"):
+        _run(pool, out, "--device", "cuda")
+    assert not os.path.exists(done)

@@ -37,7 +37,14 @@ Engines, one code path (:func:`_embed_tasks`) for all of them:
 * ``spark``: one Spark task per shard (clip-retrieval's layout of work). With GPU scheduling
   configured (``spark.executor.resource.gpu.amount``, ``spark.task.resource.gpu.amount=1`` and a
   discovery script) each task embeds on the GPU Spark assigned to it
-  (``TaskContext.get().resources()['gpu']``); without it, on the CPU.
+  (``TaskContext.get().resources()['gpu']``, mapped to torch's ordinal through the executor's
+  ``CUDA_VISIBLE_DEVICES``: :func:`spark_task_device`); without it, on the CPU. ``--device cpu`` is the
+  CPU in every task, GPU assigned or not; ``--device cuda:N`` is refused under GPU scheduling (Spark
+  picks each task's GPU) and pins every task to GPU N without it. One probe task first resolves
+  ``--precision`` (auto: amp_bf16 / amp_fp16 on a GPU, fp32 on the CPU) where the tasks run; model.json
+  records it as ``precision_used``, so a resume on another engine or device that would embed in another
+  precision is refused, and a task whose executor resolves another one fails its shards rather than
+  mix precisions in the folder.
 
 What other stages use lives in library modules, not here: the model side in
 :mod:`laiontools.models.embedder` (:class:`Embedder`, :func:`embedder_for`: dedup embeds the
@@ -47,6 +54,7 @@ evaluation sets with the pool's model), reading the folder back in :mod:`laionto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -55,7 +63,7 @@ import math
 import os
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,7 +104,7 @@ from laiontools.core.storage import (
     write_json,
     write_record,
 )
-from laiontools.models.embedder import PRECISIONS, Embedder, embedding_info, resolve_device
+from laiontools.models.embedder import PRECISIONS, Embedder, embedding_info, resolve_device, resolve_precision
 from laiontools.wds.samples import POOL_IMAGE_EXTS, meta_key
 
 log = logging.getLogger(__name__)
@@ -121,7 +129,9 @@ class EmbedConfig(SparkStageConfig):
     pretrained: str | None = dataclasses.field(
         default=None, metadata={"help": "open_clip pretrained tag or local checkpoint path; none = random init"}
     )
-    device: str | None = dataclasses.field(default=None, metadata={"help": "cuda, cuda:N or cpu (default: cuda if present)"})
+    device: str | None = dataclasses.field(
+        default=None, metadata={"help": "cuda, cuda:N or cpu (default: cuda if present; on Spark: the GPU Spark assigns "
+                                        "each task, else cpu; cpu there is the CPU in every task)"})
     batch_size: int = dataclasses.field(default=256, metadata={"help": "samples per forward pass"})
     num_workers: int = dataclasses.field(
         default=-1, metadata={"help": "DataLoader decode workers; -1 = auto (GPU: up to 8, CPU: 1), 0 = in-process"}
@@ -463,6 +473,7 @@ def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConf
                 "failed_decode": failed,
                 "shard_sha256": task["sha256"],
                 "model": _signature(embedder.info),
+                PRECISION_USED: embedder.precision,  # each shard says what it was computed in (every engine)
                 "seconds": round(time.time() - started.pop(sid), 3),
             }
             _check_finite(cfg, embedder, sid, img, txt)  # never write a shard with NaN / inf
@@ -514,12 +525,12 @@ def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str,
                    used_precision: str | None = None) -> dict[str, Any]:
     """Create the output folder and its model.json, or check an existing one; returns model.json content.
 
-    `used_precision`: what cfg.precision resolved to on this run's device (None when unknown: Spark tasks
-    pick their device), recorded as ``precision_used``. Refuses (EmbedMismatchError) a folder of another
-    model/dimension, other precision (the one used when both runs record it: "auto" and "fp32" are one
-    precision on the CPU) / JPEG decode settings (RUN_SETTING_FIELDS; missing in older folders: their
-    defaults) or another source pool. A newer manifest of the same pool (download resumed, more shards)
-    updates the recorded manifest sha256.
+    `used_precision`: what cfg.precision resolved to on this run's device (on Spark, in a probe task; None:
+    not known), recorded as ``precision_used``, also into an older folder that does not record it yet.
+    Refuses (EmbedMismatchError) a folder of another model/dimension, other precision (the one used when
+    both runs record it: "auto" and "fp32" are one precision on the CPU) / JPEG decode settings
+    (RUN_SETTING_FIELDS; missing in older folders: their defaults) or another source pool. A newer
+    manifest of the same pool (download resumed, more shards) updates the recorded manifest sha256.
     """
     ensure_output_dir(cfg.output)
     path = join(cfg.output, layout.EMB_MODEL_JSON)
@@ -540,9 +551,10 @@ def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str,
                 f"{str(old_pool.get('source_fingerprint'))[:12]}…), not of {pool['name']!r} "
                 f"({pool['source_fingerprint'][:12]}…); use another --output folder"
             )
-        if old_pool.get("manifest_sha256") == pool["manifest_sha256"]:
+        adds = {PRECISION_USED: used_precision} if used_precision is not None and PRECISION_USED not in existing else {}
+        if old_pool.get("manifest_sha256") == pool["manifest_sha256"] and not adds:
             return existing
-        doc = {**existing, "pool": pool}
+        doc = {**existing, "pool": pool, **adds}
     write_json(path, doc)
     return doc
 
@@ -649,39 +661,131 @@ def _dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _spark_embed_partition(rows: Iterator[str], cfg_json: str) -> Iterator[str]:
+def spark_task_device(asked: str | None, gpu_addresses: Sequence[str], cuda_visible_devices: str | None,
+                      visible_gpus: int) -> str:
+    """The torch device of a Spark embed task (pure: the caller reads the task's resources and environment).
+
+    `asked`: ``--device`` (None: not given); `gpu_addresses`: what Spark assigned this task
+    (``TaskContext.resources()['gpu'].addresses``, empty without GPU scheduling); `cuda_visible_devices`:
+    the executor's ``CUDA_VISIBLE_DEVICES`` (None: unset); `visible_gpus`: how many GPUs torch sees there.
+
+    * ``cpu`` is the CPU, whatever Spark assigned (the user asked for it).
+    * No GPU assigned: ``cuda`` / ``cuda:N`` as asked (every task of an executor then shares that GPU:
+      one task per executor, or GPU scheduling), and the CPU when nothing was asked (tasks sharing an
+      executor must not all take cuda:0).
+    * A GPU assigned, ``--device`` unset or ``cuda``: that GPU, as torch numbers it. Spark's address is what
+      the discovery script reported (usually the host's GPU index), torch's ordinal counts the GPUs
+      ``CUDA_VISIBLE_DEVICES`` leaves: so the index of the address in that list when it is one of its
+      entries; else ``cuda:0`` when torch sees exactly one GPU (a container given only its own GPU); else,
+      with ``CUDA_VISIBLE_DEVICES`` unset, the address itself when it is an ordinal torch sees.
+    * A GPU assigned and ``cuda:N`` asked: refused. One fixed GPU for every task would put tasks on GPUs
+      Spark gave to others; on a cluster Spark chooses each task's GPU.
+
+    Raises ConfigError (naming the address, ``CUDA_VISIBLE_DEVICES`` and the count) for an assigned GPU
+    this executor cannot address, and for ``cuda:N`` under GPU scheduling.
+    """
+    if asked == "cpu":
+        return "cpu"
+    if not gpu_addresses:
+        return asked or "cpu"
+    addr = str(gpu_addresses[0]).strip()
+    if asked not in (None, "cuda"):
+        raise ConfigError(
+            f"--device {asked} with Spark GPU scheduling: Spark gave this task GPU {addr!r}, and one fixed GPU for "
+            f"every task would take GPUs Spark gave to other tasks; leave --device out (or pass cuda) to use the GPU "
+            f"Spark assigns each task, or --device cpu"
+        )
+    visible = [e.strip() for e in (cuda_visible_devices or "").split(",") if e.strip()]
+    if addr in visible:
+        return f"cuda:{visible.index(addr)}"
+    if visible_gpus == 1:
+        return "cuda:0"
+    if cuda_visible_devices is None and addr.isdigit() and int(addr) < visible_gpus:
+        return f"cuda:{int(addr)}"
+    raise ConfigError(
+        f"Spark gave this task GPU {addr!r}, which this executor cannot address: CUDA_VISIBLE_DEVICES="
+        f"{cuda_visible_devices if cuda_visible_devices is not None else '(unset)'} does not list it and torch sees "
+        f"{visible_gpus} GPU(s); make the executors' GPU discovery script report the entries of CUDA_VISIBLE_DEVICES "
+        f"(or the ordinals torch sees), or run with --device cpu"
+    )
+
+
+def _spark_task_setup(cfg: EmbedConfig) -> tuple[str, str]:
+    """In a Spark task: (device, precision) this task embeds with (:func:`spark_task_device`, then what
+    cfg.precision resolves to there). Raises ConfigError where the device cannot be used."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    gpus = ctx.resources().get("gpu") if ctx is not None else None
+    addresses = list(gpus.addresses) if gpus is not None else []
+    visible = 0
+    if addresses and cfg.device != "cpu":  # torch asked about CUDA only where a GPU would be used
+        import torch
+
+        visible = torch.cuda.device_count()
+    device = spark_task_device(cfg.device, addresses, os.environ.get("CUDA_VISIBLE_DEVICES"), visible)
+    if addresses and device == "cpu":
+        log.info("Spark gave this task GPU %s; --device cpu: embedding on the CPU", addresses[0])
+    return device, resolve_precision(cfg.precision, device)
+
+
+def _spark_probe(cfg_json: str) -> str:
+    """Spark task (one, before the shards): the device and precision an embed task gets on this cluster,
+    as JSON {"device", "precision"} or {"error"}. No model is loaded."""
+    try:
+        device, precision = _spark_task_setup(EmbedConfig(**json.loads(cfg_json)))
+    except ConfigError as e:
+        return json.dumps({"error": str(e)})
+    return json.dumps({"device": device, "precision": precision})
+
+
+def _spark_embed_partition(rows: Iterator[str], cfg_json: str, precision: str) -> Iterator[str]:
     """Spark task: embed the shards of one partition (one shard per task by default), model loaded once.
 
-    Uses the GPU Spark assigned to this task when GPU scheduling is configured.
+    Device: :func:`spark_task_device` (the GPU Spark assigned, unless ``--device cpu``). `precision`: the
+    folder's (what the driver's probe task resolved, recorded in model.json); a task whose own resolution
+    differs (executors with other GPUs, or without one) embeds nothing and fails its shards naming both,
+    so that one folder never mixes precisions.
     """
     tasks = [json.loads(r) for r in rows]
     if not tasks:
         return iter(())
     cfg = EmbedConfig(**json.loads(cfg_json))
-    device = cfg.device
     try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        gpus = ctx.resources().get("gpu") if ctx is not None else None
-        if gpus is not None and gpus.addresses:
-            device = f"cuda:{gpus.addresses[0]}"
-    except ImportError:  # pragma: no cover - pyspark is a dependency
-        pass
-    if device is None:
-        device = "cpu"  # without GPU scheduling, tasks sharing an executor must not all grab cuda:0
-    embedder = Embedder(cfg.model, cfg.pretrained, device, cfg.batch_size, cfg.precision)
+        device, used = _spark_task_setup(cfg)
+    except ConfigError as e:
+        return iter([json.dumps({"id": t["id"], "error": str(e)}) for t in tasks])
+    if used != precision:
+        err = (f"this task's executor resolves --precision {cfg.precision} to {used} on {device}, but the folder's "
+               f"shards are {precision}: executors differ (GPU model, GPU scheduling); pass --precision {precision} "
+               f"or run on executors alike")
+        return iter([json.dumps({"id": t["id"], "error": err}) for t in tasks])
+    embedder = Embedder(cfg.model, cfg.pretrained, device, cfg.batch_size, used)
     return iter([json.dumps(s) for s in _embed_tasks(tasks, embedder, cfg)])
 
 
-def _run_spark(cfg: EmbedConfig, todo: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
-    """Embed the shards `todo` (what :func:`_todo` left), one Spark task each; their stats dicts."""
+def _spark_precision(cfg: EmbedConfig, spark: Any) -> str:
+    """What cfg.precision resolves to in a Spark task of this cluster: one probe task, which gets the
+    task resources an embed task gets. Raises ConfigError with the task's reason where its device
+    cannot be used, before anything is written."""
+    cfg_json = json.dumps(cfg.to_dict())
+    [got] = spark.sparkContext.parallelize([0], 1).map(lambda _: _spark_probe(cfg_json)).collect()
+    got = json.loads(got)
+    if "error" in got:
+        raise ConfigError(f"embed on Spark: {got['error']}")
+    log.info("Spark tasks embed on %s in %s (--device %s, --precision %s)", got["device"], got["precision"],
+             cfg.device or "(default)", cfg.precision)
+    return got["precision"]
+
+
+def _run_spark(cfg: EmbedConfig, todo: list[dict[str, Any]], spark: Any, precision: str) -> list[dict[str, Any]]:
+    """Embed the shards `todo` (what :func:`_todo` left), one Spark task each, in `precision`; their stats dicts."""
     if not todo:
         return []
     cfg_json = json.dumps(cfg.to_dict())
     sc = spark.sparkContext
     rdd = sc.parallelize([json.dumps(t) for t in todo], numSlices=len(todo))
-    out = rdd.mapPartitions(lambda it: _spark_embed_partition(it, cfg_json)).collect()
+    out = rdd.mapPartitions(lambda it: _spark_embed_partition(it, cfg_json, precision)).collect()
     return [json.loads(s) for s in out]
 
 
@@ -700,7 +804,6 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
     the result and the report, the others are embedded.
     """
     from laiontools.contracts.manifest import read_manifest
-    from laiontools.models.registry import load_model, register_tiny_models
 
     t0 = time.time()
     manifest = read_manifest(cfg.manifest)
@@ -719,34 +822,12 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
         die_with_parent()
         _init_dist()
 
-    # Identity of the embedding space, checked against the folder before any shard is touched.
-    register_tiny_models()
-    device = "cpu" if cfg.engine == "spark" else resolve_device(cfg.device)
-    probe = Embedder(cfg.model, cfg.pretrained, device, cfg.batch_size, cfg.precision) if cfg.engine != "spark" else None
-    if probe is None:
-        bundle = load_model(cfg.model, cfg.pretrained, device="cpu")
-        model_info = embedding_info(bundle.info, cfg.pretrained)  # what a local run's Embedder records
-        del bundle
-    else:
-        model_info = probe.info
-    pool = pool_identity(cfg.manifest, manifest)
-    used = probe.precision if probe is not None else None
-    if rank == 0:
-        prepare_output(cfg, model_info, pool, used)
-    if distributed:
-        _barrier()
-        if rank != 0:
-            prepare_output(cfg, model_info, pool, used)  # re-check what rank 0 wrote (and raise the same way)
-    write_record(join(cfg.output, f"settings.rank{rank}.json" if distributed and rank else layout.SETTINGS_JSON),
-               {**cfg.to_dict(), "world_size": world})
-    todo, skipped = _todo(cfg, tasks[rank::world] if distributed else tasks)
-
-    if cfg.engine == "spark":
-        stats = _spark_stats(cfg, todo, spark)
-    else:
-        stats = _embed_tasks(todo, probe, cfg) if todo else []
-    del probe
-
+    with contextlib.ExitStack() as stack:
+        # On Spark, the session once the folder's model and pool are checked (another model is refused
+        # without starting one): a probe task then tells what precision the tasks will embed in.
+        start = ((lambda: stack.enter_context(stage_spark(cfg, spark, app_name="laiontools-embed")))
+                 if cfg.engine == "spark" else None)
+        stats, skipped = _prepare_and_embed(cfg, manifest, tasks, rank, world, distributed, start)
     if distributed:
         stats, skipped = _gather(stats, skipped)
     result, text = _finish(cfg, tasks, stats, skipped, time.time() - t0, rank)
@@ -756,6 +837,46 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
                 "shards_failed": len(result.failed_shards), "rows": result.rows, "failed_decode": result.failed_decode},
         timings={"embed": result.seconds}, details=result, summary=text, ok=result.ok,
     )
+
+
+def _prepare_and_embed(cfg: EmbedConfig, manifest: dict[str, Any], tasks: list[dict[str, Any]], rank: int,
+                       world: int, distributed: bool, start_spark: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """Check (or create) the output folder for this run's model, pool and precision, then embed what is not
+    done: this rank's share, or every shard as Spark tasks on the session `start_spark()` returns (None:
+    not on Spark). Returns (stats, skipped ids)."""
+    from laiontools.models.registry import load_model, register_tiny_models
+
+    # Identity of the embedding space, checked against the folder before any shard is touched.
+    register_tiny_models()
+    pool = pool_identity(cfg.manifest, manifest)
+    session = None
+    if start_spark is None:
+        probe = Embedder(cfg.model, cfg.pretrained, resolve_device(cfg.device), cfg.batch_size, cfg.precision)
+        model_info, used = probe.info, probe.precision
+    else:
+        probe = None
+        bundle = load_model(cfg.model, cfg.pretrained, device="cpu")
+        model_info = embedding_info(bundle.info, cfg.pretrained)  # what a local run's Embedder records
+        del bundle
+        prepare_output(cfg, model_info, pool, None)  # another model or pool: refused before Spark starts
+        session = start_spark()
+        # what "auto" is depends on the tasks' device: one task resolves it, the folder records it (as a
+        # local run does), and every task embeds in it or fails its shards
+        used = _spark_precision(cfg, session)
+    if rank == 0:
+        prepare_output(cfg, model_info, pool, used)
+    if distributed:
+        _barrier()
+        if rank != 0:
+            prepare_output(cfg, model_info, pool, used)  # re-check what rank 0 wrote (and raise the same way)
+    write_record(join(cfg.output, f"settings.rank{rank}.json" if distributed and rank else layout.SETTINGS_JSON),
+                 {**cfg.to_dict(), "world_size": world})
+    todo, skipped = _todo(cfg, tasks[rank::world] if distributed else tasks)
+    if session is not None:
+        return _run_spark(cfg, todo, session, used), skipped
+    stats = _embed_tasks(todo, probe, cfg) if todo else []
+    del probe
+    return stats, skipped
 
 
 def resolve_engine(cfg: EmbedConfig, world: int) -> str:
@@ -838,11 +959,6 @@ def _rank_error(console: str) -> str | None:
     except OSError:
         return None
     return lines[-1].split("laiontools embed: error:", 1)[1].strip() if lines else None
-
-
-def _spark_stats(cfg: EmbedConfig, todo: list[dict[str, Any]], spark: Any) -> list[dict[str, Any]]:
-    with stage_spark(cfg, spark, app_name="laiontools-embed") as s:
-        return _run_spark(cfg, todo, s)
 
 
 def _init_dist() -> None:
