@@ -228,20 +228,6 @@ def _compiled_off(off: bool):
         reshard_stage._native_members, writer._pack_members = saved
 
 
-@contextlib.contextmanager
-def _plan_read_ahead_off(off: bool):
-    """Reshard's plan without its read-ahead of the kept samples (the write phase then asks for them, as
-    before the plan did)."""
-    from laiontools.stages import reshard as reshard_stage
-
-    saved = reshard_stage.PLAN_READ_AHEAD
-    reshard_stage.PLAN_READ_AHEAD = not off
-    try:
-        yield
-    finally:
-        reshard_stage.PLAN_READ_AHEAD = saved
-
-
 def evict(root: str) -> None:
     """Drop the pool's source tars and catalog from the page cache (fsync, then POSIX_FADV_DONTNEED: no
     root needed), so that the next run reads them from the disk, as a pool of LAION size is read."""
@@ -305,8 +291,7 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
                 shutil.rmtree(dst, ignore_errors=True)
                 if cold:
                     evict(root)
-                with _PhaseTimes() as ph, _compiled_off(pure and compare == "python"), \
-                        _plan_read_ahead_off(pure and compare == "no-plan-read-ahead"):
+                with _PhaseTimes() as ph, _compiled_off(pure and compare == "python"):
                     t = time.perf_counter()
                     res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size,
                                                           direct_io=True if pure and compare == "direct-io" else None),
@@ -355,16 +340,6 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
             out["subsets"][-1].update({"python_reshard_s": [round(x, 2) for x in pure_s], "python_phases_s": pure_phases,
                                        "python_ratio": round(copy_s / py_s, 3), "python_ratio_write_phase": round(copy_s / py_write, 3),
                                        "compiled_speedup": round(py_s / reshard_s, 3), "compiled_speedup_write_phase": round(py_write / write_s, 3)})
-        if compare == "no-plan-read-ahead":
-            o_s = med(pure_s)
-            o_write = med([p.get("write_s", float("nan")) for p in pure_phases])
-            o_plan = med([p.get("plan_s", float("nan")) for p in pure_phases])
-            out["subsets"][-1].update({"no_plan_read_ahead_reshard_s": [round(x, 2) for x in pure_s], "no_plan_read_ahead_phases_s": pure_phases,
-                                       "no_plan_read_ahead_ratio": round(copy_s / o_s, 3),
-                                       "plan_read_ahead_speedup": round(o_s / reshard_s, 3),
-                                       "plan_read_ahead_speedup_write_phase": round(o_write / write_s, 3),
-                                       "plan_s_median": round(med([p.get("plan_s", float("nan")) for p in phases]), 4),
-                                       "no_plan_read_ahead_plan_s_median": round(o_plan, 4)})
         print(json.dumps(out["subsets"][-1]), flush=True)
     return out
 
@@ -438,8 +413,6 @@ def main() -> int:
                     help="nested mode: also reshard with the compiled per-sample path off (as without a C compiler), alternated, and report both")
     ap.add_argument("--compare-direct-io", dest="compare", action="store_const", const="direct-io",
                     help="nested mode: also reshard with the output written with O_DIRECT whatever its size (--direct-io), alternated, and report both")
-    ap.add_argument("--compare-no-plan-read-ahead", dest="compare", action="store_const", const="no-plan-read-ahead",
-                    help="nested mode: also reshard without the plan's read-ahead of the kept samples (the write phase asks for them), alternated, and report both")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()

@@ -57,7 +57,6 @@ import argparse
 import contextlib
 import hashlib
 import io
-import itertools
 import json
 import logging
 import math
@@ -66,7 +65,6 @@ import sys
 import tarfile
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,18 +289,13 @@ class _Sources:
         ahead; a warm page cache: no difference). Advice only: a range it cannot give is left to read()."""
         if not hasattr(os, "posix_fadvise"):
             return
-        fadvise, need = os.posix_fadvise, os.POSIX_FADV_WILLNEED
-        # a run of reads of one shard looks its file up once (the plan's catalog order holds a shard's
-        # samples together: a few microseconds of Python a sample less, on the thread beside the scan)
-        for sid, run in itertools.groupby(reads, key=lambda r: r[0]):
+        for sid, off, size in reads:
+            if self.is_remote(sid):
+                continue
             try:
-                if self.is_remote(sid):
-                    continue
                 f = self.open.get(sid) or self._file(sid)
                 if isinstance(f, io.FileIO):
-                    fd = f.fileno()
-                    for _, off, size in run:
-                        fadvise(fd, off, size, need)
+                    os.posix_fadvise(f.fileno(), off, size, os.POSIX_FADV_WILLNEED)
             except (OSError, TaskError):
                 pass  # a missing or odd file: read() says what is wrong with it
 
@@ -355,9 +348,6 @@ REMOTE_MAX_OPEN = 32
 # Output shards go through the page cache only when free memory holds the whole output this many times
 # over (see write_direct).
 DIRECT_IO_FREE_FACTOR = 8
-# Whether the plan's catalog scan asks the kernel for the kept samples' bytes (:class:`_ReadAhead`);
-# bench/bench_reshard.py --compare-no-plan-read-ahead turns it off to measure what it gains.
-PLAN_READ_AHEAD = True
 
 
 def free_memory() -> int | None:
@@ -426,77 +416,39 @@ def _read_at(f: Any, offset: int, size: int) -> bytes:
     return f.read(size) or b""
 
 
-class _ReadAhead:
-    """A thread that announces (source shard, offset, size) reads of local shards to the kernel in the
-    order they are put (``POSIX_FADV_WILLNEED``: it reads them from the device without waiting), until
-    :meth:`close`. Advice only: a range it cannot give is read as usual. `budget`: the most bytes it
-    announces (the page cache must hold them until they are read). It holds as many source shards open
-    as a task does (:func:`_max_open_files`; the task processes need descriptors of their own)."""
+@contextlib.contextmanager
+def _read_ahead(urls: dict[str, str], reads: list[tuple[str, int, int]]) -> Any:
+    """While the block runs, a thread announces these (source shard, offset, size) reads of local shards
+    to the kernel in this order (``POSIX_FADV_WILLNEED``: it reads them from the device without waiting);
+    the block gets the thread, or None where there is nothing to announce, and the thread is stopped at
+    its end if not done. Advice only: a range it cannot give is read as usual. It holds as many source
+    shards open as a task does (:func:`_max_open_files`; the task processes need descriptors of their own)."""
+    import threading
 
-    def __init__(self, urls: dict[str, str], budget: int) -> None:
-        import queue
-        import threading
+    if not hasattr(os, "posix_fadvise") or not reads:
+        yield None
+        return
+    stop = threading.Event()
 
-        self.left, self.urls = budget, urls
-        self.q: Any = queue.SimpleQueue()
-        self.stop = threading.Event()
-        self.thread = None
-        if hasattr(os, "posix_fadvise") and budget > 0:
-            self.thread = threading.Thread(target=self._run, args=(urls,), name="laiontools-advise", daemon=True)
-            self.thread.start()
-
-    def put(self, reads: list[tuple[str, int, int]]) -> bool:
-        """Announce these reads (in this order) if the budget holds them all; whether it did."""
-        reads = [r for r in reads if r[0] in self.urls]  # (an unknown shard is the plan's error to name)
-        size = sum(r[2] for r in reads)
-        if self.thread is None or size > self.left:
-            self.left = -1  # what is put after a refusal would not be read next
-            return False
-        self.left -= size
-        self.q.put(reads)
-        return True
-
-    def _run(self, urls: dict[str, str]) -> None:
+    def advise() -> None:
         sources = _Sources(urls)
         try:
-            while not self.stop.is_set():
-                reads = self.q.get()
-                if reads is None:
+            for r in reads:
+                if stop.is_set():
                     break
-                for i in range(0, len(reads), 256):  # (stopped between pieces)
-                    if self.stop.is_set():
-                        break
-                    sources.advise(reads[i : i + 256])
+                sources.advise([r])
         except Exception as e:  # noqa: BLE001 - advice only: the tasks read every range and say what is wrong
             log.debug("reshard: read-ahead stopped: %s", e)
         finally:
             sources.close()
 
-    def end(self) -> None:
-        """Nothing more will be put: the thread ends once it has announced what was."""
-        self.q.put(None)
-
-    def close(self, finish: bool = False) -> None:
-        """Stop the thread (`finish`: once it has announced what was put) and wait for it."""
-        if self.thread is not None:
-            if not finish:
-                self.stop.set()
-            self.q.put(None)
-            self.thread.join()
-            self.thread = None
-
-
-@contextlib.contextmanager
-def _read_ahead(urls: dict[str, str], reads: list[tuple[str, int, int]]) -> Any:
-    """While the block runs, a :class:`_ReadAhead` announces these reads in this order; the block gets
-    its thread (None where there is nothing to announce), stopped at the block's end if not done."""
-    ahead = _ReadAhead(urls, sum(r[2] for r in reads))
-    ahead.put(reads)
-    ahead.end()
+    t = threading.Thread(target=advise, name="laiontools-advise", daemon=True)
+    t.start()
     try:
-        yield ahead.thread
+        yield t
     finally:
-        ahead.close()
+        stop.set()
+        t.join()
 
 
 def _is_local(fs: Any) -> bool:
@@ -1040,49 +992,6 @@ def _incomplete_shards(pool: Any, unknown: list[str]) -> ReshardError:
 IS_IN_MAX_UIDS = 1 << 14
 
 
-def _shard_id(shard: str) -> str:
-    """The pool shard id of a catalog ``shard`` path (``00012.tar`` -> ``00012``)."""
-    return shard.removesuffix(".tar").replace("/", "-")
-
-
-def _plan_scan(files: list[str], cols: list[str], members: Callable[[Any], Any], ahead: _ReadAhead) -> list[Any]:
-    """The catalog `files`' `cols` (pandas, a DataFrame a batch that keeps any) of the success rows whose
-    uid `members` keeps; each batch's kept spans are put to `ahead` as they are found."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from laiontools.core.storage import parquet_read_errors
-
-    # Batches of 64k rows: a 256k-row batch (~30 MB of Arrow buffers) took 0.07-0.42 s instead of 0.024 s
-    # in one read of 8 over a 128k-row catalog (fresh memory for every batch; 64k rows: 0.023-0.030 s).
-    parts = []
-    for path in files:
-        fs, p = url_to_fs(path)
-        with fs.open(p, "rb") as f, parquet_read_errors(path):
-            # (A row group decoded whole, its columns on threads, was no faster: 0.097 s against 0.101 s a
-            # plan with 128k-row groups, 13 alternated runs; 0.47-0.86 s against 0.47-0.64 s for a 1M-row
-            # group, as download writes them, holding ~8x the memory.)
-            for batch in pq.ParquetFile(f, **PARQUET_READ).iter_batches(batch_size=1 << 16, columns=cols):
-                # One filter of the batch, by (success and in the subset): filtering by status first copied
-                # every column of nearly every row (~110 bytes each) only to drop 80-98 % of them next.
-                ok = pc.fill_null(pc.equal(batch.column(C.STATUS), C.STATUS_SUCCESS), False).to_numpy(zero_copy_only=False)
-                keep = np.zeros(batch.num_rows, dtype=bool)
-                if ok.all():
-                    keep = members(batch.column(C.UID))
-                elif ok.any():  # failed rows' uids are not read (they may be null)
-                    keep[ok] = members(pc.filter(batch.column(C.UID), pa.array(ok)))
-                if keep.any():
-                    df = batch.filter(pa.array(keep)).to_pandas()
-                    parts.append(df)
-                    if ahead.left >= 0 and df[C.TAR_OFFSET].notna().all() and df[C.TAR_LENGTH].notna().all():
-                        sids = {sh: _shard_id(sh) for sh in df[C.SHARD].unique() if isinstance(sh, str)}
-                        ahead.put(list(zip(df[C.SHARD].map(sids).tolist(), df[C.TAR_OFFSET].astype("int64").tolist(),
-                                           df[C.TAR_LENGTH].astype("int64").tolist())))
-    return parts
-
-
 def _run_local(
     tasks: Any, pool: Any, uid_path: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str,
     plan_id: str, width: int, direct: bool | None,
@@ -1095,6 +1004,7 @@ def _run_local(
     The catalog is read one batch at a time; only the subset's rows are kept."""
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -1127,25 +1037,33 @@ def _run_local(
             return subset.contains(arrow_to_array(col))
         return pc.fill_null(pc.is_in(col, options=lookup), False).to_numpy(zero_copy_only=False)
 
-    # While the catalog is read, a thread asks the kernel for each kept sample's bytes (the catalog's
-    # order is the tars' order: ascending offsets, shard after shard), when the free memory holds them
-    # (as the write phase's O_DIRECT choice counts it): the task processes then find them read.
-    free = free_memory()
-    ahead = _ReadAhead(urls, free // DIRECT_IO_FREE_FACTOR if free is not None and PLAN_READ_AHEAD else 0)
-    try:
-        parts = _plan_scan(files, cols, members, ahead)
-    finally:
-        # done before the task processes fork (no thread of this process runs during a fork); the
-        # advice is a few syscalls a sample, long done by the end of the scan
-        ahead.close(finish=True)
-    advised = ahead.left >= 0  # every kept sample's span was announced
+    # Batches of 64k rows: a 256k-row batch (~30 MB of Arrow buffers) took 0.07-0.42 s instead of 0.024 s
+    # in one read of 8 over a 128k-row catalog (fresh memory for every batch; 64k rows: 0.023-0.030 s).
+    parts = []
+    for path in files:
+        fs, p = url_to_fs(path)
+        with fs.open(p, "rb") as f, parquet_read_errors(path):
+            # (A row group decoded whole, its columns on threads, was no faster: 0.097 s against 0.101 s a
+            # plan with 128k-row groups, 13 alternated runs; 0.47-0.86 s against 0.47-0.64 s for a 1M-row
+            # group, as download writes them, holding ~8x the memory.)
+            for batch in pq.ParquetFile(f, **PARQUET_READ).iter_batches(batch_size=1 << 16, columns=cols):
+                # One filter of the batch, by (success and in the subset): filtering by status first copied
+                # every column of nearly every row (~110 bytes each) only to drop 80-98 % of them next.
+                ok = pc.fill_null(pc.equal(batch.column(C.STATUS), C.STATUS_SUCCESS), False).to_numpy(zero_copy_only=False)
+                keep = np.zeros(batch.num_rows, dtype=bool)
+                if ok.all():
+                    keep = members(batch.column(C.UID))
+                elif ok.any():  # failed rows' uids are not read (they may be null)
+                    keep[ok] = members(pc.filter(batch.column(C.UID), pa.array(ok)))
+                if keep.any():
+                    parts.append(batch.filter(pa.array(keep)).to_pandas())
     rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
     if C.TAR_SHA256 not in rows.columns:
         rows[C.TAR_SHA256] = None
     if rows[C.TAR_OFFSET].isna().any() or rows[C.TAR_LENGTH].isna().any():
         return None  # some sample has no span: the tar index (Spark) serves them
     # The shard id of each of the pool's few shard paths, not of every row.
-    sids = {sh: _shard_id(sh) for sh in rows[C.SHARD].unique() if isinstance(sh, str)}
+    sids = {sh: sh.removesuffix(".tar").replace("/", "-") for sh in rows[C.SHARD].unique() if isinstance(sh, str)}
     rows["_sid"] = rows[C.SHARD].map(sids)
     # One row per uid even if the catalog lists a sample twice: the smallest (shard, key, span) wins, as
     # Spark's min(struct) picks it. (Sorted only when some uid is listed twice: the sort by six columns,
@@ -1172,6 +1090,7 @@ def _run_local(
     i = np.where(pos < big, pos % (q + 1), (pos - big) % max(q, 1)).astype(np.int64)
     log.info("reshard: planned %d samples in %.3f s (in process; spans from the catalog)", n, time.perf_counter() - t0)
     out_bytes = int(rows[C.TAR_LENGTH].sum())
+    free = free_memory()
     fits = free is not None and out_bytes * DIRECT_IO_FREE_FACTOR <= free
     direct = write_direct(direct, out_bytes, free)
     log.info("reshard: %.1f MB to write %s", out_bytes / 1e6, "with O_DIRECT" if direct else
@@ -1193,11 +1112,11 @@ def _run_local(
     # end, of ~0.3 s), and writes them all through one buffer pair and one set of open source files: a
     # task per shard opened them again for every shard (20% subset, 16 shards, 2 processes: 0.35-0.39 s
     # a task per shard, 0.33-0.34 s a task per worker).
-    # Where the plan's scan could not announce every sample's bytes and the free memory holds them now,
-    # this process (idle until the task processes are done) asks the kernel for them in the order they
-    # will be written: the processes find more of them read, and the disk has more reads queued
-    # (measured, 2 % subset, cold: write phase 0.301 s against 0.322 s without, 15 alternated runs each).
-    reads = list(zip(cols_[2], cols_[4], cols_[5])) if fits and not advised else []
+    # While the task processes work, this one (idle until they are done) asks the kernel for every
+    # sample's bytes in the order they will be written, when the free memory holds them: the processes
+    # find more of them read, and the disk has more reads queued (measured, 2 % subset, cold: write phase
+    # 0.301 s against 0.322 s without, 15 alternated runs each).
+    reads = list(zip(cols_[2], cols_[4], cols_[5])) if fits else []
     out = tasks.map(lambda part: write_output_shards(((jj, entries(jj)) for jj in part), out_dir, urls, plan_id, width, direct),
                     list(range(k)), processes=True, pull=True, meanwhile=lambda: _read_ahead(urls, reads))
     log.info("reshard: wrote %d output shards in %.3f s", len(out), time.perf_counter() - t1)
