@@ -1030,3 +1030,24 @@ def test_a_dedup_run_in_process_reads_and_hashes_its_index_file_once(tiny, tmp_p
     again = dedup_stage.run(_tiny_cfg(tiny, out)).details
     assert read["bytes"] == size > 0
     assert again["pool_duplicates"] == first["pool_duplicates"]
+
+
+def test_a_re_run_whose_shards_are_all_searched_loads_no_index(tiny, tmp_path, monkeypatch):
+    """In process, dedup loaded the index it had just checked before its search, whether or not a shard was
+    left to search: a re-run of a finished dedup (every shard marked) read the whole index file into memory
+    and loaded it (a GPU index onto the GPU), where the search of no shard loads none. Now it loads none; a
+    run with shards left still loads the index once, from the bytes it checked."""
+    from laiontools import index as DI
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    monkeypatch.setattr(DI, "_CACHE", {})
+    out = tmp_path / "d"
+    first = dedup_stage.run(_tiny_cfg(tiny, out)).details
+    DI._CACHE.clear()  # as a new process
+    dedup_stage._LOOKUPS.clear()
+    again = dedup_stage.run(_tiny_cfg(tiny, out)).details
+    assert not DI._CACHE, "a run with no shard to search loaded the index"
+    assert again["pool_duplicates"] == first["pool_duplicates"]
+    _new_process_and_unfinished_shards(out)
+    dedup_stage.run(_tiny_cfg(tiny, out))
+    assert len(DI._CACHE) == 1

@@ -1171,6 +1171,23 @@ def test_a_spark_run_records_the_precision_its_tasks_used_and_a_resume_must_matc
     assert not os.path.exists(done)
 
 
+def test_a_spark_resume_with_precision_auto_of_a_spark_folder_embeds_what_is_left(spark, tmp_path):
+    """Kill then re-run the same `embed --engine spark` (--precision auto): the folder records what auto became
+    (precision_used fp32) and the check made before the Spark session started compared it with 'auto' of a
+    device not yet known, refusing every Spark resume ("device not known"). The re-run embeds the shard left."""
+    pool = write_pool(str(tmp_path / "p"), n_shards=2, per_shard=3, image_size=64, realistic=False)
+    out = str(tmp_path / "e")
+    done = os.path.join(out, layout.EMB_META_DIR, "00001.parquet.done")
+    cfg = EmbedConfig(manifest=pool, output=out, model=MODEL, batch_size=5, num_workers=0, engine="spark")
+    assert embed_stage.run(cfg, spark=spark).ok
+    assert load_model_json(out)["precision_used"] == "fp32"
+    os.remove(done)  # what a run killed before this shard's marker leaves
+    res = embed_stage.run(cfg, spark=spark)
+    assert res.ok and res.counts["shards_embedded"] == 1 and os.path.exists(done)
+    with open(done) as f:
+        assert json.load(f)["precision_used"] == "fp32"
+
+
 @pytest.mark.gpu
 def test_a_local_gpu_resume_of_a_spark_cpu_folder_is_refused(spark, tmp_path):
     """The GPU half of the case above, for real: a Spark run on the CPU (fp32), then a local resume on a GPU

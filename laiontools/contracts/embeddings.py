@@ -74,14 +74,19 @@ def _asked_used(asked: str, used: str) -> str:
     return repr(asked) if asked == used else f"{asked!r} (= {used})"
 
 
-def check_same_run_settings(existing: dict[str, Any], new: dict[str, Any], where: str) -> None:
+def check_same_run_settings(existing: dict[str, Any], new: dict[str, Any], where: str,
+                            precision_pending: bool = False) -> None:
     """Raise EmbedMismatchError naming each differing :data:`RUN_SETTING_FIELDS` setting (existing vs new)
     if a run with `new` settings would add shards to the folder `where` made with `existing` ones. The
-    precision compared is the one used (:func:`precision_used`) when both sides know it, else the one asked."""
+    precision compared is the one used (:func:`precision_used`) when both sides know it, else the one asked.
+    `precision_pending`: what `new`'s "auto" becomes is resolved later and checked then (embed on Spark: a
+    probe task, after this check of the folder): not compared here."""
     diff: dict[str, tuple[str, str]] = {}
     used_old, used_now = precision_used(existing), precision_used(new)
     for f, d in RUN_SETTING_FIELDS.items():
         old, now = existing.get(f, d), new.get(f, d)
+        if f == "precision" and precision_pending and used_now is None:
+            continue
         if f == "precision" and used_old is not None and used_now is not None:
             if used_old != used_now:
                 diff[f] = (_asked_used(old, used_old), _asked_used(now, used_now))

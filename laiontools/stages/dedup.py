@@ -775,6 +775,16 @@ def run_search(tasks: Tasks, ctx: dict[str, Any], units: list[tuple[str, str | N
                      f"laiontools dedup: search {len(units)} shard(s)")
 
 
+def _every_shard_marked(output: str, shard_ids: list[str]) -> bool:
+    """Whether each of `shard_ids` has a search marker in `output` (one listing of its done/ folder); the
+    marker's settings are not read (search_shard decides whether it still holds)."""
+    fs, p = url_to_fs(join(output, layout.DEDUP_DONE_DIR))
+    if not fs.isdir(p):
+        return not shard_ids
+    names = {str(f).rstrip("/").rpartition("/")[2] for f in fs.ls(p, detail=False)}
+    return all(sid + DONE_SUFFIX in names for sid in shard_ids)
+
+
 def embedded_rows(pool: PoolInfo, above: int | None = None) -> int:
     """The pool's size for choosing an engine: the manifest's sample count, else the embedding shards'
     parquet footers (no vectors read), read only until the count passes `above`."""
@@ -813,7 +823,10 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
         raise UserError(f"--phash reads pool images from the pool tars, but {cfg.embeddings}/model.json names no pool manifest")
     size = functools.cache(lambda: embedded_rows(pool, cfg.spark_above))
     in_process = spark is None and not wants_spark(getattr(cfg, "master", None), size, cfg.spark_above)  # as stage_tasks chooses
-    index_desc, index_bytes = _prepare_index(cfg, pool, sets, keep_bytes=in_process)
+    # a re-run whose shards are all marked searches none of them (unless a marker is stale, when the search
+    # loads the file itself): no index bytes held and no index loaded for it, the file's check streamed
+    keep = in_process and not _every_shard_marked(cfg.output, pool.shard_ids)
+    index_desc, index_bytes = _prepare_index(cfg, pool, sets, keep_bytes=keep)
 
     paths = DI.index_paths(cfg.output)
     write_record(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})

@@ -522,7 +522,7 @@ def pool_identity(manifest_path: str, manifest: dict[str, Any]) -> dict[str, Any
 
 
 def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str, Any],
-                   used_precision: str | None = None) -> dict[str, Any]:
+                   used_precision: str | None = None, *, precision_pending: bool = False) -> dict[str, Any]:
     """Create the output folder and its model.json, or check an existing one; returns model.json content.
 
     `used_precision`: what cfg.precision resolved to on this run's device (on Spark, in a probe task; None:
@@ -531,6 +531,8 @@ def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str,
     both runs record it: "auto" and "fp32" are one precision on the CPU) / JPEG decode settings
     (RUN_SETTING_FIELDS; missing in older folders: their defaults) or another source pool. A newer
     manifest of the same pool (download resumed, more shards) updates the recorded manifest sha256.
+    `precision_pending` (with `used_precision` None): the precision is resolved later (on Spark, by the probe
+    task) and checked by a second call that knows it; this one checks the rest and does not compare it.
     """
     ensure_output_dir(cfg.output)
     path = join(cfg.output, layout.EMB_MODEL_JSON)
@@ -543,7 +545,8 @@ def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str,
     if fs.exists(p):
         existing = read_json(path)
         check_compatible(existing, model_info, where=cfg.output)
-        check_same_run_settings(existing, settings, where=cfg.output)
+        check_same_run_settings(existing, settings, where=cfg.output,
+                                precision_pending=precision_pending and used_precision is None)
         old_pool = existing.get("pool") or {}
         if old_pool.get("source_fingerprint") != pool["source_fingerprint"]:
             raise EmbedMismatchError(
@@ -858,7 +861,9 @@ def _prepare_and_embed(cfg: EmbedConfig, manifest: dict[str, Any], tasks: list[d
         bundle = load_model(cfg.model, cfg.pretrained, device="cpu")
         model_info = embedding_info(bundle.info, cfg.pretrained)  # what a local run's Embedder records
         del bundle
-        prepare_output(cfg, model_info, pool, None)  # another model or pool: refused before Spark starts
+        # another model or pool: refused before Spark starts (the precision: once the probe task resolved it;
+        # compared here, "auto" against a folder that records what it became refused every Spark resume)
+        prepare_output(cfg, model_info, pool, None, precision_pending=True)
         session = start_spark()
         # what "auto" is depends on the tasks' device: one task resolves it, the folder records it (as a
         # local run does), and every task embeds in it or fails its shards
