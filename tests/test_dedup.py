@@ -1051,3 +1051,83 @@ def test_a_re_run_whose_shards_are_all_searched_loads_no_index(tiny, tmp_path, m
     _new_process_and_unfinished_shards(out)
     dedup_stage.run(_tiny_cfg(tiny, out))
     assert len(DI._CACHE) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Found by a review of repeated reads (each a round trip on an object store).
+
+
+def _count_opens(monkeypatch, names: tuple[str, ...]) -> dict[str, int]:
+    """Opens of the files named `names` by this process, counted on the real local file system."""
+    from fsspec.implementations import local
+
+    opened = dict.fromkeys(names, 0)
+    real_open = local.LocalFileSystem._open
+
+    def counting_open(self, path, *a, **k):
+        name = os.path.basename(str(path))
+        if name in opened:
+            opened[name] += 1
+        return real_open(self, path, *a, **k)
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", counting_open)
+    return opened
+
+
+def test_a_dedup_run_in_process_reads_its_items_file_once(tiny, tmp_path, monkeypatch):
+    """The evaluation items file (index/items.parquet) was hashed when checked against index.json, read again
+    for the search's lookups, and a third time for the summary. Now a run that builds the index reads none
+    of it (its bytes are at hand), one that reuses it reads it once (checked, then parsed from those bytes);
+    the same outputs."""
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    monkeypatch.setattr(DI, "_CACHE", {})
+    monkeypatch.setattr(dedup_stage, "_LOOKUPS", {})  # as a new process: nothing loaded
+    opened = _count_opens(monkeypatch, ("items.parquet",))
+    out = tmp_path / "d"
+    first = dedup_stage.run(_tiny_cfg(tiny, out)).details
+    assert opened["items.parquet"] == 0
+    excluded = (out / "exclude.uids.npy").read_bytes()
+    _new_process_and_unfinished_shards(out)
+    again = dedup_stage.run(_tiny_cfg(tiny, out)).details
+    assert opened["items.parquet"] == 1
+    assert (out / "exclude.uids.npy").read_bytes() == excluded
+
+    def kept(d: dict) -> dict:  # without timings and memory
+        return {k: v for k, v in d.items() if not k.endswith(("seconds", "rss_mb"))}
+
+    assert kept(again) == kept(first) and first["evalsets"]
+
+
+def test_a_changed_items_file_is_refused_by_a_search_that_reads_it(tiny, tmp_path, monkeypatch):
+    """A search that reads the items file itself (a Spark worker) checks it against index.json's sha256, as it
+    checks the index file: the lookups were built from whatever bytes were there."""
+    from laiontools.core.errors import UserError
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = tmp_path / "d"
+    dedup_stage.run(_tiny_cfg(tiny, out))
+    idx = DI.read_index_json(str(out))
+    items = out / "index" / "items.parquet"
+    dedup_stage._LOOKUPS.clear()
+    lk = dedup_stage._lookups(str(items), idx["items_sha256"], [e["name"] for e in idx["evalsets"]])
+    assert len(lk.row_set) == idx["ntotal"]
+    t = pd.read_parquet(items)
+    t["item_id"] = t["item_id"].iloc[::-1].to_numpy()  # a valid items file of other items: used silently before
+    t.to_parquet(items)
+    dedup_stage._LOOKUPS.clear()
+    with pytest.raises(UserError, match="items.parquet changed since the job started"):
+        dedup_stage._lookups(str(items), idx["items_sha256"], [e["name"] for e in idx["evalsets"]])
+    dedup_stage._LOOKUPS.clear()
+
+
+def test_calibrate_reads_its_index_and_items_files_once(tiny, tmp_path, monkeypatch):
+    """dedup calibrate hashed the index and items files when it built or checked them, then read both again,
+    unchecked, to search and to attribute copies. Now it uses the bytes it built or checked: none read by a
+    run that builds them, each once by one that reuses them; the same result."""
+    opened = _count_opens(monkeypatch, ("evalsets.faiss", "items.parquet"))
+    kw = {"embeddings": tiny["emb"], "output": str(tmp_path / "cal"), "plant_items": 2, "pool_sample": 10, "transforms": ["exact"]}
+    first = dedup_calibrate.run(CalibrateConfig(evalset=[tiny["evalset"]], **kw)).details
+    assert opened == {"evalsets.faiss": 0, "items.parquet": 0}
+    again = dedup_calibrate.run(CalibrateConfig(evalset=[tiny["evalset"]], **kw)).details
+    assert opened == {"evalsets.faiss": 1, "items.parquet": 1}
+    assert again["top1_attributed_to_source"] == first["top1_attributed_to_source"] == {"exact": 1.0}

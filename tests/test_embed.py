@@ -1204,3 +1204,84 @@ def test_a_local_gpu_resume_of_a_spark_cpu_folder_is_refused(spark, tmp_path):
     with pytest.raises(EmbedMismatchError, match=r"precision: 'auto' \(= fp32\) there, 'auto' \(= amp_(bf|fp)16\) now"):
         _run(pool, out, "--device", "cuda")
     assert not os.path.exists(done)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a review of repeated reads (each a round trip on an object store).
+
+
+def test_a_folder_recording_no_manifest_sha_has_its_markers_read_at_once_until_embed_records_it(tmp_path, monkeypatch, caplog):
+    """An embeddings folder from before model.json recorded the pool manifest's sha256: read_pool (dedup,
+    semdedup, calibrate) read every shard's completion marker one after another on every call (~230k round
+    trips in turn at 2B). read_pool does not write into the folder (a reader: it may not own it, an embed run
+    may be writing model.json); it reads the markers several at once and says that `embed` records the sha256,
+    which embed's next run into the folder does (nothing embedded again); read_pool then reads no marker."""
+    import logging
+    import threading
+    import time
+
+    from fsspec.implementations import local
+
+    from laiontools.contracts.manifest import manifest_sha256
+
+    pool = write_pool(str(tmp_path / "p"), n_shards=6, per_shard=1, image_size=64, realistic=False)
+    out = tmp_path / "e"
+    assert _run(pool, str(out)) == 0
+    model_json = out / layout.EMB_MODEL_JSON
+    doc = json.loads(model_json.read_text())
+    doc["pool"].pop("manifest_sha256")  # as an older embed wrote it
+    model_json.write_text(json.dumps(doc))
+    state = {"now": 0, "most": 0, "opened": 0}
+    lock = threading.Lock()
+    real_open = local.LocalFileSystem._open
+
+    def slow_marker_open(self, path, *a, **k):  # a store: each marker read takes a while
+        if str(path).endswith(".done"):
+            with lock:
+                state["now"] += 1
+                state["opened"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.02)
+            with lock:
+                state["now"] -= 1
+        return real_open(self, path, *a, **k)
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", slow_marker_open)
+    with caplog.at_level(logging.INFO, logger="laiontools.contracts.embeddings"):
+        info = read_pool(str(out))
+    assert info.shard_ids == [f"{i:05d}" for i in range(6)]
+    assert state["opened"] == 6 and state["most"] > 1, state
+    assert "records no pool manifest sha256" in caplog.text and "`laiontools embed`" in caplog.text
+    assert json.loads(model_json.read_text()) == doc  # nothing written by the reader
+    monkeypatch.setattr(local.LocalFileSystem, "_open", real_open)
+    embedded = {p.name: p.read_bytes() for p in (out / layout.EMB_IMG_DIR).iterdir()}
+    assert _run(pool, str(out)) == 0
+    assert {p.name: p.read_bytes() for p in (out / layout.EMB_IMG_DIR).iterdir()} == embedded
+    assert json.loads(model_json.read_text())["pool"]["manifest_sha256"] == manifest_sha256(pool)
+    monkeypatch.setattr(local.LocalFileSystem, "_open", slow_marker_open)
+    state["opened"] = 0
+    assert read_pool(str(out)).shard_ids == info.shard_ids
+    assert state["opened"] == 0
+
+
+def test_an_embed_run_reads_the_pool_manifest_once(tmp_path, monkeypatch):
+    """embed read the pool manifest to parse it, then again to hash it for model.json's record (a round trip
+    each on an object store). Now once, parsed and hashed from the same bytes; the same sha256 recorded."""
+    from fsspec.implementations import local
+
+    from laiontools.contracts.manifest import manifest_sha256
+
+    pool = write_pool(str(tmp_path / "p"), n_shards=1, per_shard=2, image_size=64, realistic=False)
+    opened = []
+    real_open = local.LocalFileSystem._open
+
+    def counting_open(self, path, *a, **k):
+        if os.path.basename(str(path)) == layout.POOL_MANIFEST:
+            opened.append(path)
+        return real_open(self, path, *a, **k)
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", counting_open)
+    assert _run(pool, str(tmp_path / "e")) == 0
+    assert len(opened) == 1, opened
+    monkeypatch.setattr(local.LocalFileSystem, "_open", real_open)
+    assert load_model_json(str(tmp_path / "e"))["pool"]["manifest_sha256"] == manifest_sha256(pool)

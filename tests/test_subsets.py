@@ -813,3 +813,41 @@ def test_a_catalog_file_storing_a_filter_column_as_null_type_gives_the_in_proces
     assert sorted(out["spark"]) == sorted(out["in-process"]) and len(out["spark"]) >= 2
     for name, data in out["spark"].items():
         assert out["in-process"][name] == data, name
+
+
+# ----------------------------------------------------------------------------------------------
+# Found by a review of repeated reads (each a round trip on an object store).
+
+
+def test_a_run_on_spark_chosen_by_size_reads_each_catalog_footer_and_the_pool_manifest_once(spark, tmp_path, monkeypatch):
+    """A pool manifest without catalog.num_rows, Spark chosen by the catalog's size (no session given): every
+    catalog file's footer was read to count the rows, then again for Spark's columns (~1,150 round trips
+    each at 2B rows), and the pool manifest read once to check it, again to select. Now each once (opens
+    by this process counted on the real local file system; Spark's own reader is not this process's), and
+    the same files as a run on the session given."""
+    from fsspec.implementations import local
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=40, failures=4, tag="r")
+    _null_typed_catalog(tmp_path / "pool")  # three catalog files
+    assert "num_rows" not in read_manifest(pool)["catalog"]
+    kw = {"scales": "5,12", "max_punsafe": 0.55, "allow_short": True}
+    subsets_stage.run(_cfg(pool, tmp_path / "given", **kw), spark)
+    cat = str(tmp_path / "pool" / layout.CATALOG_DIR)
+    opened: list[str] = []
+    real_open = local.LocalFileSystem._open
+
+    def counting_open(self, path, *a, **k):
+        if str(path).startswith(cat) or os.path.basename(str(path)) == os.path.basename(pool):
+            opened.append(os.path.relpath(str(path), tmp_path / "pool"))
+        return real_open(self, path, *a, **k)
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", counting_open)
+    res = subsets_stage.run(_cfg(pool, tmp_path / "chosen", spark_above=1, **kw))
+    monkeypatch.setattr(local.LocalFileSystem, "_open", real_open)
+    assert res.ok
+    runs = {json.loads(p.read_text())["engine"] for p in (tmp_path / "chosen").glob("*.manifest.json.run.json")}
+    assert runs == {f"spark {spark.sparkContext.master}"}
+    files = sorted(os.listdir(cat))
+    assert len(files) == 3 and sorted(opened) == sorted([os.path.basename(pool)] + [f"{layout.CATALOG_DIR}/{f}" for f in files]), opened
+    assert _tree(tmp_path / "chosen") == _tree(tmp_path / "given")

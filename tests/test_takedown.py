@@ -990,3 +990,44 @@ def test_a_catalog_file_storing_columns_as_null_type_beside_files_with_values_ta
     got = new.select([C.UID, C.STATUS, C.SHARD, C.KEY]).sort_by([(C.UID, "ascending"), (C.STATUS, "ascending")]).to_pylist()
     want = t.select([C.UID, C.STATUS, C.SHARD, C.KEY]).sort_by([(C.UID, "ascending"), (C.STATUS, "ascending")]).to_pylist()
     assert got == [{**r, C.STATUS: "removed_x"} if r[C.UID] == uid else r for r in want]
+
+
+def test_the_lineage_reads_each_pool_manifest_once(no_master, tmp_path, monkeypatch):
+    """pool_chain (subsets' exclusion checks and engine choice, subsets --update, verify) read each pool
+    manifest of a takedown lineage twice: once to parse it, once to hash it (and the pool's own manifest
+    again when the caller had read it). Each is now read once, parsed and hashed from the same bytes, and
+    not at all when the caller gives it (opens counted on the real local file system); the same chain."""
+    from fsspec.implementations import local
+    from test_subsets import make_scratch_pool, pool_samples
+
+    from laiontools.contracts.lineage import pool_chain
+    from laiontools.contracts.manifest import manifest_sha256, read_manifest_sha256
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=10, failures=0)
+    u = sorted(pool_samples(m))
+    pools = [m]
+    for i in range(2):
+        lst = tmp_path / f"list{i}.txt"
+        lst.write_text(f"uid {u[i]}\n")
+        pools.append(takedown_stage.run(TakedownConfig(pool=pools[-1], list_file=str(lst), reason="x",
+                                                       output=str(tmp_path / f"t{i}"))).outputs["manifest"])
+    t2 = pools[-1]
+    opened: list[str] = []
+    real_open = local.LocalFileSystem._open
+
+    def counting_open(self, path, *a, **k):
+        if str(path).endswith(".manifest.json"):
+            opened.append(os.path.relpath(str(path), tmp_path))
+        return real_open(self, path, *a, **k)
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", counting_open)
+    chain = pool_chain(t2)
+    assert sorted(opened) == sorted(os.path.relpath(p, tmp_path) for p in pools), opened
+    doc, sha = read_manifest_sha256(t2)
+    opened.clear()
+    assert pool_chain(t2, doc, sha) == chain
+    assert sorted(opened) == sorted(os.path.relpath(p, tmp_path) for p in pools[:-1]), opened
+    monkeypatch.setattr(local.LocalFileSystem, "_open", real_open)
+    assert [(p, s) for p, _, s in chain] == [(p, manifest_sha256(p)) for p in reversed(pools)]

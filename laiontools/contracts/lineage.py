@@ -22,35 +22,40 @@ from typing import Any
 
 import numpy as np
 
-from laiontools.contracts.manifest import manifest_sha256, read_manifest, resolve
+from laiontools.contracts.manifest import manifest_sha256, read_manifest_sha256, resolve
 from laiontools.contracts.selection import selection_scores
 from laiontools.contracts.uids import array_to_uids, load_uids, sort_uids
 
 MAX_HOPS = 64
 
 
-def pool_chain(path: str, manifest: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any], str]]:
+def pool_chain(path: str, manifest: dict[str, Any] | None = None,
+               sha256: str | None = None) -> list[tuple[str, dict[str, Any], str]]:
     """[(path, manifest, sha256)] from the pool at `path` up through every parent pool (takedown lineage),
     nearest first. Stops at a pool without a parent or whose parent is not a pool. Raises ManifestError
-    when a recorded parent cannot be read or no longer has the recorded sha256 (the lineage was changed)."""
+    when a recorded parent cannot be read or no longer has the recorded sha256 (the lineage was changed).
+    `manifest` and `sha256`: the pool's, when the caller read them (the file is then not read again).
+    Each manifest is read once, parsed and hashed from the same bytes (a round trip each on an object store)."""
     from laiontools.contracts.schema import ManifestError
 
-    m = manifest if manifest is not None else read_manifest(path)
-    out = [(path, m, manifest_sha256(path))]
+    if manifest is None:
+        m, sha = read_manifest_sha256(path)
+    else:
+        m, sha = manifest, sha256 if sha256 is not None else manifest_sha256(path)
+    out = [(path, m, sha)]
     while len(out) < MAX_HOPS:
         parent = m.get("parent") or {}
         if m.get("kind") != "pool" or not parent.get("path"):
             break
         pp = resolve(path, parent["path"])
         try:
-            pm = read_manifest(pp)
+            pm, sha = read_manifest_sha256(pp)
         except ManifestError as e:  # named as this pool's parent, not as the pool the user gave
             raise ManifestError(f"{path}: its parent pool {pp} (recorded by the takedown that made it) cannot be read: {e}. "
                                 "A takedown pool references its parent's unchanged shards and lineage: keep the parent "
                                 "where it was, or give the pool a takedown made before it was moved") from e
         if pm.get("kind") != "pool":
             break
-        sha = manifest_sha256(pp)
         if sha != parent["sha256"]:
             raise ManifestError(f"{path}: its parent pool {pp} has sha256 {sha}, not the recorded {parent['sha256']}; "
                                 "the parent changed after the takedown")
@@ -59,10 +64,10 @@ def pool_chain(path: str, manifest: dict[str, Any] | None = None) -> list[tuple[
     return out
 
 
-def lineage_root(path: str, manifest: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+def lineage_root(path: str, manifest: dict[str, Any] | None = None, sha256: str | None = None) -> tuple[str, dict[str, Any]]:
     """The first pool up the chain that no takedown made (the download's pool): its samples include every
-    sample of `path`'s, and those of every pool between."""
-    chain = pool_chain(path, manifest)
+    sample of `path`'s, and those of every pool between (`manifest`, `sha256`: as :func:`pool_chain`)."""
+    chain = pool_chain(path, manifest, sha256)
     for p, m, _ in chain:
         if "takedown" not in m:
             return p, m

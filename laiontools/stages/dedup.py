@@ -302,14 +302,26 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
     Reused when index.json exists for the same evaluation sets, index settings and pHash setting; an
     index of another model is refused naming both models (its vectors cannot be compared).
     """
-    return _prepare_index(cfg, pool, sets, keep_bytes=False)[0]
+    return prepared_index(cfg, pool, sets, keep_bytes=False).desc
 
 
-def _prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes: bool) -> tuple[dict[str, Any], bytes | None]:
-    """:func:`prepare_index`, and with `keep_bytes` the index file's bytes as built, or as read and checked
-    against index.json's sha256 when reused, for a search in this process to load without reading and
-    hashing the file again (~3 s a pass for 1.5M evaluation images); without it, None (the file is hashed
-    as it streams by: a driver whose search runs in Spark tasks keeps no copy)."""
+@dataclasses.dataclass
+class PreparedIndex:
+    """What :func:`prepared_index` gives: index.json's content, and the bytes of the index and items files
+    as built, or as read and checked against index.json's sha256 when reused (None: not kept)."""
+
+    desc: dict[str, Any]
+    index_bytes: bytes | None
+    items_bytes: bytes
+
+
+def prepared_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes: bool) -> PreparedIndex:
+    """:func:`prepare_index`, with the items file's bytes (read once, checked, for the caller to read the
+    items from rather than the file again), and with `keep_bytes` the index file's, for a search in this
+    process to load without reading and hashing the file again (~3 s a pass for 1.5M evaluation images);
+    without it, None (the file is hashed as it streams by: a driver whose search runs in Spark tasks keeps
+    no copy). The items file is small beside the index (a few columns per evaluation image) and the
+    driver reads it whole for the summary anyway."""
     import pyarrow.parquet as pq
 
 
@@ -337,11 +349,15 @@ def _prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes
             intact = index_bytes is not None and sha256_bytes(index_bytes) == existing["index_sha256"]
         else:
             intact = same and _file_sha256(paths["index"]) == existing["index_sha256"]
-        intact = intact and _file_sha256(paths["items"]) == existing["items_sha256"]
+        items_bytes = None
         if intact:
+            fs, p = url_to_fs(paths["items"])
+            items_bytes = DI.read_bytes(paths["items"]) if fs.exists(p) else None
+            intact = items_bytes is not None and sha256_bytes(items_bytes) == existing["items_sha256"]
+        if intact and items_bytes is not None:
             log.info("reusing the evaluation index in %s (%d vectors)", paths["index"], existing["ntotal"])
-            return existing, index_bytes
-        del index_bytes
+            return PreparedIndex(existing, index_bytes, items_bytes)
+        del index_bytes, items_bytes
         if same:
             log.warning("%s or %s is missing or differs from %s (damaged, or a run killed while it rebuilt them): "
                         "rebuilding the index", paths["index"], paths["items"], paths["json"])
@@ -389,7 +405,7 @@ def _prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes
     }
     write_json(paths["json"], desc)  # written last: its presence means the index is complete
     log.info("evaluation index: %d vectors of dim %d (%s) in %s", index.ntotal, vectors.shape[1], params["index_type"], paths["index"])
-    return desc, (data if keep_bytes else None)
+    return PreparedIndex(desc, data if keep_bytes else None, items_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,22 +498,32 @@ _LOOKUPS: dict[str, _Lookups] = {}
 _LOOKUPS_LOCK = threading.Lock()  # in process, search tasks are threads: the lookups are built once
 
 
-def _lookups(items_path: str, sha: str, set_names: list[str]) -> _Lookups:
+def _lookups(items_path: str, sha: str, set_names: list[str], data: bytes | None = None) -> _Lookups:
+    """The lookups of the items file at `items_path` (checked against `sha`), built once per process.
+    `data`: the file's bytes, already read and checked against `sha` by the caller (then the file is not
+    read again)."""
     with _LOOKUPS_LOCK:
         hit = _LOOKUPS.get(sha)
         if hit is None:
-            built = _build_lookups(items_path, set_names)
+            if data is None:
+                data = DI.read_bytes(items_path)
+                if sha256_bytes(data) != sha:
+                    raise UserError(f"{items_path} changed since the job started (sha256 mismatch); re-run dedup")
+            built = _build_lookups(data, set_names)
             _LOOKUPS.clear()  # one set per process: a new job's replaces the last
             hit = _LOOKUPS[sha] = built
         return hit
 
 
-def _build_lookups(items_path: str, set_names: list[str]) -> _Lookups:
+def _items_table_of(data: bytes, columns: list[str] | None = None) -> Any:
+    """The items file's table from its bytes (read and checked once, by the caller)."""
     import pyarrow.parquet as pq
 
-    fs, p = url_to_fs(items_path)
-    with fs.open(p, "rb") as f:
-        t = pq.read_table(f, columns=["row", "evalset", "item_id", "phash"], **PARQUET_READ)
+    return pq.read_table(io.BytesIO(data), columns=columns, **PARQUET_READ)
+
+
+def _build_lookups(data: bytes, set_names: list[str]) -> _Lookups:
+    t = _items_table_of(data, ["row", "evalset", "item_id", "phash"])
     rows = t.column("row").to_numpy()
     pos_set, pos_item, ph = (t.column(c).to_pylist() for c in ("evalset", "item_id", "phash"))
     readable = np.flatnonzero(rows >= 0)
@@ -826,15 +852,18 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     # a re-run whose shards are all marked searches none of them (unless a marker is stale, when the search
     # loads the file itself): no index bytes held and no index loaded for it, the file's check streamed
     keep = in_process and not _every_shard_marked(cfg.output, pool.shard_ids)
-    index_desc, index_bytes = _prepare_index(cfg, pool, sets, keep_bytes=keep)
+    prepared = prepared_index(cfg, pool, sets, keep_bytes=keep)
+    index_desc, index_bytes = prepared.desc, prepared.index_bytes
 
-    paths = DI.index_paths(cfg.output)
     write_record(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
-    items = _read_items(paths["items"])
+    items = _read_items(prepared.items_bytes)  # the items file's bytes as built or checked: not read again
     ctx = search_context(cfg, index_desc)
     if index_bytes is not None:  # the search runs here: it loads the index just built or checked, not the file again
         DI.load_cached(ctx["index_path"], ctx["index_sha256"], ctx["gpu"], data=index_bytes)
         del index_bytes
+    if keep:  # ... and the items' lookups from the same bytes
+        _lookups(ctx["items_path"], ctx["items_sha256"], ctx["evalset_names"], data=prepared.items_bytes)
+    del prepared
     if cfg.gpu and not ctx["gpu"] and DI.gpu_count() > 0:
         log.warning("--k %d is more neighbours than a faiss GPU index answers (%d): searching on the CPU", cfg.k, DI.GPU_MAX_K)
     units = [(sid, pool.tar_by_shard.get(sid) if cfg.phash else None) for sid in pool.shard_ids]
@@ -872,12 +901,9 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
 FLAGGED_SHARE_WARNING = 0.5  # dedup warns when it excludes more than this share of the pool
 
 
-def _read_items(items_path: str) -> dict[str, list[Any]]:
-    import pyarrow.parquet as pq
-
-    fs, p = url_to_fs(items_path)
-    with fs.open(p, "rb") as f:
-        t = pq.read_table(f, **PARQUET_READ)
+def _read_items(data: bytes) -> dict[str, list[Any]]:
+    """The items file's columns as lists, from its bytes (:attr:`PreparedIndex.items_bytes`)."""
+    t = _items_table_of(data)
     return {c: t.column(c).to_pylist() for c in t.column_names}
 
 

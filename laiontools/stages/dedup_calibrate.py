@@ -229,7 +229,7 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     from laiontools import index as DI
     from laiontools.contracts.uids import load_uids
     from laiontools.evalsets import iter_items, load_evalsets
-    from laiontools.stages.dedup import DedupConfig, eval_geometry, make_embedder, prepare_index, read_pool
+    from laiontools.stages.dedup import DedupConfig, eval_geometry, make_embedder, prepared_index, read_pool
 
     # the uid file is read (and refused if it is not one) before any image is embedded
     excl = None
@@ -249,9 +249,11 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     dcfg = DedupConfig(embeddings=cfg.embeddings, evalset=cfg.evalset, evalsets_yaml=cfg.evalsets_yaml, output=cfg.output,
                        index=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, pretrained=cfg.pretrained, device=cfg.device,
                        batch_size=cfg.batch_size, gpu=True, eval_geometry=cfg.eval_geometry)
-    index_desc = prepare_index(dcfg, pool, sets)
-    paths = DI.index_paths(cfg.output)
-    index = DI.deserialize(DI.read_bytes(paths["index"]))
+    # the index and items files' bytes as built, or as read and checked against index.json: not read again
+    prepared = prepared_index(dcfg, pool, sets, keep_bytes=True)
+    index_desc, items_bytes = prepared.desc, prepared.items_bytes
+    index = DI.deserialize(prepared.index_bytes)
+    del prepared
     embedder = make_embedder(cfg.embeddings, cfg.pretrained, cfg.device, cfg.batch_size)
     DI.check_model(pool.model, embedder.info, cfg.embeddings, "the calibration Embedder")
 
@@ -278,7 +280,7 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     attributed: dict[str, float] = {}
     # Which evaluation item each index row is, as this run's index holds it (read once per run: a cache
     # across runs kept a rebuilt index's old rows).
-    row_item = _row_items(paths["items"])
+    row_item = _row_items(items_bytes)
     for tname in cfg.transforms:
         trng = np.random.default_rng([cfg.seed, TRANSFORMS.index(tname)])
         imgs = [apply_transform(im, tname, trng) for _, _, im in chosen]
@@ -330,14 +332,11 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     )
 
 
-def _row_items(items_path: str) -> dict[int, tuple[str, str]]:
+def _row_items(items_bytes: bytes) -> dict[int, tuple[str, str]]:
+    """index row -> (evaluation set, item id), from the items file's bytes (read and checked once)."""
     import pyarrow.parquet as pq
 
-    from laiontools.core.storage import url_to_fs
-
-    fs, p = url_to_fs(items_path)
-    with fs.open(p, "rb") as f:
-        t = pq.read_table(f, columns=["row", "evalset", "item_id"], **PARQUET_READ).to_pydict()
+    t = pq.read_table(io.BytesIO(items_bytes), columns=["row", "evalset", "item_id"], **PARQUET_READ).to_pydict()
     return {r: (s, i) for r, s, i in zip(t["row"], t["evalset"], t["item_id"]) if r >= 0}
 
 

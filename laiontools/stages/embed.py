@@ -507,16 +507,17 @@ def _signature(info: dict[str, Any]) -> str:
 # Output folder identity
 
 
-def pool_identity(manifest_path: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def pool_identity(manifest_path: str, manifest: dict[str, Any], sha256: str | None = None) -> dict[str, Any]:
     """What model.json records of the pool. A local manifest path is recorded absolute: readers (dedup,
     semdedup: contracts.embeddings.read_pool) run from other working directories, and a path as typed
-    (``pool/pool.manifest.json``) would be looked up relative to theirs, or to the embeddings folder."""
+    (``pool/pool.manifest.json``) would be looked up relative to theirs, or to the embeddings folder.
+    `sha256`: the manifest's, of the bytes `manifest` was parsed from (else the file is read again)."""
     from laiontools.contracts.manifest import manifest_sha256
 
     return {
         "name": manifest["name"],
         "manifest": manifest_path if "://" in manifest_path else os.path.abspath(manifest_path),
-        "manifest_sha256": manifest_sha256(manifest_path),
+        "manifest_sha256": sha256 if sha256 is not None else manifest_sha256(manifest_path),
         "source_fingerprint": manifest["source"]["fingerprint"],
     }
 
@@ -806,10 +807,10 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
     EmbedMismatchError (output of another model/pool). Bad shards do not raise: they are listed in
     the result and the report, the others are embedded.
     """
-    from laiontools.contracts.manifest import read_manifest
+    from laiontools.contracts.manifest import read_manifest_sha256
 
     t0 = time.time()
-    manifest = read_manifest(cfg.manifest)
+    manifest, manifest_sha = read_manifest_sha256(cfg.manifest)  # one read: the manifest may be on an object store
     tasks = _shard_tasks(cfg.manifest, manifest)
     rank, world = _dist_env()
     if cfg.engine == "auto":
@@ -830,7 +831,7 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
         # without starting one): a probe task then tells what precision the tasks will embed in.
         start = ((lambda: stack.enter_context(stage_spark(cfg, spark, app_name="laiontools-embed")))
                  if cfg.engine == "spark" else None)
-        stats, skipped = _prepare_and_embed(cfg, manifest, tasks, rank, world, distributed, start)
+        stats, skipped = _prepare_and_embed(cfg, manifest, tasks, rank, world, distributed, start, manifest_sha)
     if distributed:
         stats, skipped = _gather(stats, skipped)
     result, text = _finish(cfg, tasks, stats, skipped, time.time() - t0, rank)
@@ -843,7 +844,8 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
 
 
 def _prepare_and_embed(cfg: EmbedConfig, manifest: dict[str, Any], tasks: list[dict[str, Any]], rank: int,
-                       world: int, distributed: bool, start_spark: Any) -> tuple[list[dict[str, Any]], list[str]]:
+                       world: int, distributed: bool, start_spark: Any,
+                       manifest_sha: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Check (or create) the output folder for this run's model, pool and precision, then embed what is not
     done: this rank's share, or every shard as Spark tasks on the session `start_spark()` returns (None:
     not on Spark). Returns (stats, skipped ids)."""
@@ -851,7 +853,7 @@ def _prepare_and_embed(cfg: EmbedConfig, manifest: dict[str, Any], tasks: list[d
 
     # Identity of the embedding space, checked against the folder before any shard is touched.
     register_tiny_models()
-    pool = pool_identity(cfg.manifest, manifest)
+    pool = pool_identity(cfg.manifest, manifest, manifest_sha)
     session = None
     if start_spark is None:
         probe = Embedder(cfg.model, cfg.pretrained, resolve_device(cfg.device), cfg.batch_size, cfg.precision)

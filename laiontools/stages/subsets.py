@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -347,7 +349,7 @@ def load_exclusion(given: str, pool: PoolInfo, spark: Any) -> Exclusion:
     if kind == "dedup" and count:
         # After a takedown the dedup output of the original pool still applies: its uids are samples of the
         # pool the takedowns started from (an excluded uid that was taken down is simply gone).
-        root, root_m = lineage_root(pool.path, pool.manifest)
+        root, root_m = lineage_root(pool.path, pool.manifest, pool.sha256)
         pool_file = resolve(root, root_m["uids"]["path"])
         try:  # a pool uid file cut short or not a uid file: one line naming it, not numpy's mmap error
             uid_file_layout(pool_file)
@@ -381,14 +383,17 @@ def _missing_columns(pool: PoolInfo, have: Any) -> None:
         raise InputError(f"catalog {pool.catalog} lacks column(s) {missing}; it does not follow schemas/catalog.schema.json")
 
 
-def _catalog_df(spark: Any, pool: PoolInfo) -> Any:
+def _catalog_df(spark: Any, pool: PoolInfo, footers: list[tuple[str, int, Any]] | None = None) -> Any:
+    """The catalog's selection columns on Spark. `footers`: the pool's :func:`catalog_footers`, when the
+    run read them already (to choose its engine); else read here."""
     from pyspark.sql import functions as F
 
     # Spark's reader takes the schema of one file and reads a column another file lacks as nulls: a
     # --max-punsafe would then drop every row of that file as "punsafe missing", silently. Every file's
     # footer is checked first, as the in-process engine's reader checks each file (the same error). A
     # column a file stores all null with Arrow's null type is read as nulls of its type (spark_read_catalog).
-    footers = catalog_footers(pool)
+    if footers is None:
+        footers = catalog_footers(pool)
     for path, _, schema in footers:
         refuse_lacking_columns(pool, path, schema.names, _CATALOG_COLUMNS)
     df = spark_read_catalog(spark, pool, footers)
@@ -541,7 +546,8 @@ class _SparkSelection:
     """The selection's steps on Spark: the catalog read by Spark's reader, the eligible uids scored by a
     pandas UDF and persisted, the cuts from a histogram, the uid files written by tasks."""
 
-    def __init__(self, cfg: SubsetsConfig, spark: Any, pool: PoolInfo, exclusions: list[Exclusion]) -> None:
+    def __init__(self, cfg: SubsetsConfig, spark: Any, pool: PoolInfo, exclusions: list[Exclusion],
+                 footers: list[tuple[str, int, Any]] | None = None) -> None:
         from pyspark.sql import functions as F
 
         self.cfg, self.spark, self.elig = cfg, spark, None
@@ -549,7 +555,7 @@ class _SparkSelection:
         # count follows the pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 was
         # ~200 tasks per shuffle for a pool of 1,000 samples, and 10M rows per task at 2B).
         self.run_record = spark_run_record(spark, int(pool.manifest["num_samples"]))
-        cat = _catalog_df(spark, pool)
+        cat = _catalog_df(spark, pool, footers)
         shards = spark.createDataFrame([(s,) for s in pool.shard_ids], "_shard_id string").withColumn("_complete", F.lit(True))
         cat = cat.join(F.broadcast(shards), on="_shard_id", how="left")
         self.scores_record: dict[str, Any] | None = None
@@ -893,11 +899,14 @@ def run(cfg: SubsetsConfig, spark: Any = None) -> StageResult:
     pool = load_pool(cfg.pool)  # a missing or invalid pool manifest fails before Spark starts
     if cfg.update:
         cfg = updated_config(cfg)
-    if spark is None and not wants_spark(cfg.master, _engine_size(cfg, pool), cfg.spark_above):
-        results = _select(cfg, None)
+    # The catalog's parquet footers (a round trip each on an object store, ~1,150 files at 2B rows) are read
+    # at most once: to choose the engine (a manifest without catalog.num_rows), then for Spark's columns.
+    footers = functools.cache(functools.partial(catalog_footers, pool))
+    if spark is None and not wants_spark(cfg.master, lambda: _engine_size(cfg, pool, footers), cfg.spark_above):
+        results = _select(cfg, None, pool)
     else:
         with stage_spark(cfg, spark, app_name="laiontools-subsets") as sp:
-            results = _select(cfg, sp)
+            results = _select(cfg, sp, pool, footers)
     funnel = read_manifest(results[-1]["manifest"])["selection"]["funnel"] if results else []
     summary, ok = summary_text(results, funnel), True
     if cfg.update:
@@ -912,20 +921,21 @@ def run(cfg: SubsetsConfig, spark: Any = None) -> StageResult:
     )
 
 
-def _engine_size(cfg: SubsetsConfig, pool: PoolInfo) -> int:
+def _engine_size(cfg: SubsetsConfig, pool: PoolInfo, footers: Callable[[], list[tuple[str, int, Any]]] | None = None) -> int:
     """What chooses the engine (:func:`~laiontools.core.stage.wants_spark`): the catalog's rows, or as
     many as can be when an input needs Spark's joins (an exclusion list, or the first pool of the
-    lineage its dedup outputs are checked against, of more than MEMBER_UDF_MAX_UIDS uids)."""
+    lineage its dedup outputs are checked against, of more than MEMBER_UDF_MAX_UIDS uids). `footers`:
+    where the catalog's footers are read when the manifest has no row count (a cached :func:`catalog_footers`)."""
     from laiontools.contracts.uids import MEMBER_UDF_MAX_UIDS, uid_file_layout
 
     try:
-        rows = catalog_rows(pool)
+        rows = catalog_rows(pool, footers)
         counts = []
         for given in map(abs_path, cfg.exclude):
             fs, p = url_to_fs(given)
             counts.append(uid_file_layout(join(given, layout.DEDUP_EXCLUDE_UIDS) if fs.isdir(p) else given)[1])
         if cfg.exclude:
-            counts.append(int(lineage_root(pool.path, pool.manifest)[1]["uids"]["count"]))
+            counts.append(int(lineage_root(pool.path, pool.manifest, pool.sha256)[1]["uids"]["count"]))
     except (UserError, OSError, KeyError, TypeError, ValueError, EOFError):
         return 0  # an input that cannot be read: the in-process run names it, with no JVM started first
     return rows if all(c <= MEMBER_UDF_MAX_UIDS for c in counts) else 1 << 62
@@ -1110,17 +1120,19 @@ def _check_same_selection(cfg: SubsetsConfig, output: str) -> None:
         )
 
 
-def _select(cfg: SubsetsConfig, spark: Any) -> list[dict[str, Any]]:
-    """The subsets, on `spark` (:class:`_SparkSelection`) or, when None, in this process
-    (:class:`_LocalSelection`); one summary row per scale, largest first."""
-    pool = load_pool(cfg.pool)
+def _select(cfg: SubsetsConfig, spark: Any, pool: PoolInfo,
+            footers: Callable[[], list[tuple[str, int, Any]]] | None = None) -> list[dict[str, Any]]:
+    """The subsets of `pool` (:func:`load_pool` of ``cfg.pool``, read by the caller), on `spark`
+    (:class:`_SparkSelection`, its catalog footers from `footers` when given) or, when None, in this
+    process (:class:`_LocalSelection`); one summary row per scale, largest first."""
     targets = cfg.targets()
     output = abs_path(cfg.output)
     ensure_output_dir(output)
     _check_same_selection(cfg, output)
     write_record(join(output, layout.SETTINGS_JSON), {"stage": "subsets", **cfg.to_dict()})
     exclusions = [load_exclusion(e, pool, spark) for e in cfg.exclude]
-    eng: Any = _SparkSelection(cfg, spark, pool, exclusions) if spark is not None else _LocalSelection(cfg, pool, exclusions)
+    eng: Any = (_SparkSelection(cfg, spark, pool, exclusions, footers() if footers is not None else None) if spark is not None
+                else _LocalSelection(cfg, pool, exclusions))
     for ex in exclusions:
         ex.held = None  # flagged (in process) or read by Spark's tasks: not held for the rest of the run
     try:
