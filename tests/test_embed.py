@@ -761,10 +761,9 @@ def test_load_image_refuses_an_image_over_the_pixel_limit_before_decoding():
 # a Spark resume whose precision cannot be known.
 
 
-def test_a_killed_reembed_of_a_rewritten_shard_leaves_no_stale_embeddings_that_readers_trust(tmp_path, monkeypatch):
-    """Pool rewritten (takedown removed sample 2 of shard 00000); embed of the new pool into the same folder
-    is killed before shard 00000 is written. The folder's model.json now names the new pool, and shard
-    00000's OLD marker is still there: read_pool must not hand the old rows (the removed sample) to dedup."""
+def _embedded_then_shard0_taken_down(tmp_path) -> tuple[str, str, dict[str, str]]:
+    """A 2-shard pool embedded into <tmp>/e, then a copy of the pool whose shard 00000 lost its sample 2 (as a
+    takedown rewrites it): (embeddings folder, new pool manifest, {"uid": the sample removed})."""
     pool = write_pool(str(tmp_path / "p"), n_shards=2, per_shard=4, image_size=64, realistic=False)
     out = str(tmp_path / "e")
     assert _run(pool, out) == 0
@@ -774,15 +773,26 @@ def test_a_killed_reembed_of_a_rewritten_shard_leaves_no_stale_embeddings_that_r
         removed["uid"] = json.loads(samples[2][1]["json"])["uid"]
         return samples[:2] + samples[3:]
 
-    pool2 = _pool_with_shard0(pool, tmp_path, edit)
+    return out, _pool_with_shard0(pool, tmp_path, edit), removed
 
+
+def _run_killed_in(monkeypatch, name: str, pool: str, out: str) -> None:
+    """An embed run of `pool` into `out` killed (KeyboardInterrupt) when it calls embed's `name`."""
     def killed(*a, **k):
-        raise KeyboardInterrupt  # the run is killed while embedding shard 00000
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(embed_stage, "_write_shard", killed)
+    monkeypatch.setattr(embed_stage, name, killed)
     with pytest.raises(KeyboardInterrupt):
-        _run(pool2, out)
+        _run(pool, out)
     monkeypatch.undo()
+
+
+def test_a_killed_reembed_of_a_rewritten_shard_leaves_no_stale_embeddings_that_readers_trust(tmp_path, monkeypatch):
+    """Pool rewritten (takedown removed sample 2 of shard 00000); embed of the new pool into the same folder
+    is killed before shard 00000 is written. The folder's model.json now names the new pool, and shard
+    00000's OLD marker is still there: read_pool must not hand the old rows (the removed sample) to dedup."""
+    out, pool2, removed = _embedded_then_shard0_taken_down(tmp_path)
+    _run_killed_in(monkeypatch, "_write_shard", pool2, out)  # killed while embedding shard 00000
     try:
         info = read_pool(out)
     except MissingEmbeddingsError:
@@ -792,6 +802,31 @@ def test_a_killed_reembed_of_a_rewritten_shard_leaves_no_stale_embeddings_that_r
     assert info.manifest_path == pool2
     _, meta = read_embedding_shard(out, "00000")
     assert removed["uid"] not in meta.column("uid").to_pylist(), "taken-down sample still searchable"
+
+
+def test_a_reembed_killed_before_it_checked_the_markers_leaves_no_manifest_sha_that_readers_trust(tmp_path, monkeypatch):
+    """As above, killed earlier: after model.json was written for the new pool manifest and before the run
+    dropped the old markers of the shards whose bytes changed (_todo). model.json recorded the new
+    manifest's sha256 at once, so read_pool trusted the markers without reading them and handed the old
+    rows of shard 00000 (the taken-down sample among them) to dedup. The sha is recorded only once the
+    markers are checked: killed before, readers check every marker; the run's resume records it."""
+    from laiontools.contracts.embeddings import read_embedding_shard
+    from laiontools.contracts.manifest import manifest_sha256
+
+    out, pool2, removed = _embedded_then_shard0_taken_down(tmp_path)
+    _run_killed_in(monkeypatch, "_todo", pool2, out)  # after model.json was written, before any marker was checked
+    try:
+        info = read_pool(out)
+    except MissingEmbeddingsError as e:
+        assert "00000" in str(e)
+    else:
+        _, meta = read_embedding_shard(out, "00000")
+        assert info.manifest_path != pool2 or removed["uid"] not in meta.column("uid").to_pylist(), (
+            "read_pool trusted shard 00000's old marker: the taken-down sample is still searchable")
+    assert _run(pool2, out) == 0  # the same command again: shard 00000 embedded anew, the sha recorded
+    assert load_model_json(out)["pool"]["manifest_sha256"] == manifest_sha256(pool2)
+    _, meta = read_embedding_shard(out, "00000")
+    assert removed["uid"] not in meta.column("uid").to_pylist() and len(meta) == 3
 
 
 def test_a_torchrun_resume_with_another_model_is_refused_not_reported_from_the_old_report(tmp_path):

@@ -895,19 +895,12 @@ def test_catalog_rows_marked_counts_every_row_the_takedown_marks(spark, no_maste
     assert "marked 2 more catalog row(s)" in res.summary
 
 
-def test_verify_names_a_changed_pool_above_the_parent_as_subsets_does(no_master, tmp_path, capsys):
-    """Two takedowns (pool -> t1 -> t2), then the first pool's manifest edited. verify t2 checked t2's
-    parent (t1, unchanged) alone and passed, exit 0, while `subsets` on t2 (pool_chain, through
-    lineage_root) refuses the lineage: "the parent changed after the takedown". verify names it too."""
+def _two_takedowns(tmp_path) -> list[str]:
+    """A scratch pool and two takedowns in a row (one uid each): the three pool manifests, oldest first."""
     from test_subsets import make_scratch_pool, pool_samples
 
-    from laiontools.cli import main
-    from laiontools.contracts.lineage import lineage_root
-    from laiontools.contracts.manifest import manifest_sha256, write_manifest
-    from laiontools.contracts.schema import ManifestError
     from laiontools.stages import takedown as takedown_stage
     from laiontools.stages.takedown import TakedownConfig
-    from laiontools.stages.verify import verify_manifest
 
     m = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=10, failures=0)
     u = sorted(pool_samples(m))
@@ -915,9 +908,23 @@ def test_verify_names_a_changed_pool_above_the_parent_as_subsets_does(no_master,
     for i in range(2):
         lst = tmp_path / f"list{i}.txt"
         lst.write_text(f"uid {u[i]}\n")
-        res = takedown_stage.run(TakedownConfig(pool=pools[-1], list_file=str(lst), reason="x", output=str(tmp_path / f"t{i}")))
-        pools.append(res.outputs["manifest"])
-    t2 = pools[-1]
+        pools.append(takedown_stage.run(TakedownConfig(pool=pools[-1], list_file=str(lst), reason="x",
+                                                       output=str(tmp_path / f"t{i}"))).outputs["manifest"])
+    return pools
+
+
+def test_verify_names_a_changed_pool_above_the_parent_as_subsets_does(no_master, tmp_path, capsys):
+    """Two takedowns (pool -> t1 -> t2), then the first pool's manifest edited. verify t2 checked t2's
+    parent (t1, unchanged) alone and passed, exit 0, while `subsets` on t2 (pool_chain, through
+    lineage_root) refuses the lineage: "the parent changed after the takedown". verify names it too."""
+    from laiontools.cli import main
+    from laiontools.contracts.lineage import lineage_root
+    from laiontools.contracts.manifest import manifest_sha256, write_manifest
+    from laiontools.contracts.schema import ManifestError
+    from laiontools.stages.verify import verify_manifest
+
+    pools = _two_takedowns(tmp_path)
+    m, t2 = pools[0], pools[-1]
     assert verify_manifest(t2).ok
     before = manifest_sha256(m)
     doc = read_manifest(m)
@@ -998,21 +1005,11 @@ def test_the_lineage_reads_each_pool_manifest_once(no_master, tmp_path, monkeypa
     again when the caller had read it). Each is now read once, parsed and hashed from the same bytes, and
     not at all when the caller gives it (opens counted on the real local file system); the same chain."""
     from fsspec.implementations import local
-    from test_subsets import make_scratch_pool, pool_samples
 
     from laiontools.contracts.lineage import pool_chain
     from laiontools.contracts.manifest import manifest_sha256, read_manifest_sha256
-    from laiontools.stages import takedown as takedown_stage
-    from laiontools.stages.takedown import TakedownConfig
 
-    m = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=10, failures=0)
-    u = sorted(pool_samples(m))
-    pools = [m]
-    for i in range(2):
-        lst = tmp_path / f"list{i}.txt"
-        lst.write_text(f"uid {u[i]}\n")
-        pools.append(takedown_stage.run(TakedownConfig(pool=pools[-1], list_file=str(lst), reason="x",
-                                                       output=str(tmp_path / f"t{i}"))).outputs["manifest"])
+    pools = _two_takedowns(tmp_path)
     t2 = pools[-1]
     opened: list[str] = []
     real_open = local.LocalFileSystem._open

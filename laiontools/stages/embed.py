@@ -556,11 +556,28 @@ def prepare_output(cfg: EmbedConfig, model_info: dict[str, Any], pool: dict[str,
                 f"({pool['source_fingerprint'][:12]}…); use another --output folder"
             )
         adds = {PRECISION_USED: used_precision} if used_precision is not None and PRECISION_USED not in existing else {}
-        if old_pool.get("manifest_sha256") == pool["manifest_sha256"] and not adds:
+        # Another manifest of the pool (shards downloaded again, more shards): its sha256 is recorded only
+        # by record_manifest_sha, once this run's _todo has dropped the markers of shards whose bytes
+        # changed. Recorded here, a run killed before that left a folder whose readers (read_pool) trust
+        # the recorded sha and skip the marker check: stale embeddings read as the new shards'. Until
+        # then the folder records none, and readers check every marker against the manifest.
+        if old_pool.get("manifest_sha256") != pool["manifest_sha256"]:
+            pool = {**pool, "manifest_sha256": None}
+        if old_pool == pool and not adds:
             return existing
         doc = {**existing, "pool": pool, **adds}
     write_json(path, doc)
     return doc
+
+
+def record_manifest_sha(out: str, pool: dict[str, Any]) -> None:
+    """Record the pool manifest's sha256 in model.json (see :func:`prepare_output`), after every shard's
+    marker was checked against this manifest's shard bytes (:func:`_todo`, on every rank): readers then
+    trust the markers without reading them. A no-op when it is recorded already."""
+    path = join(out, layout.EMB_MODEL_JSON)
+    doc = read_json(path)
+    if (doc.get("pool") or {}).get("manifest_sha256") != pool["manifest_sha256"]:
+        write_json(path, {**doc, "pool": {**(doc.get("pool") or {}), **pool}})
 
 
 def _shard_tasks(manifest_path: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -831,9 +848,11 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
         # without starting one): a probe task then tells what precision the tasks will embed in.
         start = ((lambda: stack.enter_context(stage_spark(cfg, spark, app_name="laiontools-embed")))
                  if cfg.engine == "spark" else None)
-        stats, skipped = _prepare_and_embed(cfg, manifest, tasks, rank, world, distributed, start, manifest_sha)
+        stats, skipped, pool = _prepare_and_embed(cfg, manifest, tasks, rank, world, distributed, start, manifest_sha)
     if distributed:
-        stats, skipped = _gather(stats, skipped)
+        stats, skipped = _gather(stats, skipped)  # (every rank's _todo is done)
+    if rank == 0:
+        record_manifest_sha(cfg.output, pool)
     result, text = _finish(cfg, tasks, stats, skipped, time.time() - t0, rank)
     return StageResult(
         outputs={"embeddings": cfg.output, "report": result.report_path},
@@ -845,10 +864,10 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
 
 def _prepare_and_embed(cfg: EmbedConfig, manifest: dict[str, Any], tasks: list[dict[str, Any]], rank: int,
                        world: int, distributed: bool, start_spark: Any,
-                       manifest_sha: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+                       manifest_sha: str | None = None) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
     """Check (or create) the output folder for this run's model, pool and precision, then embed what is not
     done: this rank's share, or every shard as Spark tasks on the session `start_spark()` returns (None:
-    not on Spark). Returns (stats, skipped ids)."""
+    not on Spark). Returns (stats, skipped ids, what model.json records of the pool)."""
     from laiontools.models.registry import load_model, register_tiny_models
 
     # Identity of the embedding space, checked against the folder before any shard is touched.
@@ -880,10 +899,10 @@ def _prepare_and_embed(cfg: EmbedConfig, manifest: dict[str, Any], tasks: list[d
                  {**cfg.to_dict(), "world_size": world})
     todo, skipped = _todo(cfg, tasks[rank::world] if distributed else tasks)
     if session is not None:
-        return _run_spark(cfg, todo, session, used), skipped
+        return _run_spark(cfg, todo, session, used), skipped, pool
     stats = _embed_tasks(todo, probe, cfg) if todo else []
     del probe
-    return stats, skipped
+    return stats, skipped, pool
 
 
 def resolve_engine(cfg: EmbedConfig, world: int) -> str:
