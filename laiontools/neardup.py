@@ -51,14 +51,34 @@ def train_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20, gpu: bool = 
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, index: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """(nearest centroid per row as int32, its cosine similarity as float32) for unit-norm rows of `x`."""
+    """(nearest centroid per row as int32, its cosine similarity as float32) for unit-norm rows of `x`.
+
+    Each row's result is its own, whatever rows are searched with it: faiss's inner products come from
+    BLAS, whose kernels (so the last bit of a row's value) depend on the batch's size, so two identical
+    vectors searched in a small and a large shard could get different similarities (the keep policy's
+    tie-break by uid lost) or, between two near-equal centroids, different clusters (never compared).
+    faiss gives the two best candidates; each is scored again row by row in float64 (products of float32
+    exact) and the better kept, the smaller centroid id on a tie. `index`: `centroids` as a faiss
+    inner-product index, when the caller holds one.
+    """
     import faiss
 
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
     if index is None:
-        index = faiss.IndexFlatIP(centroids.shape[1])
-        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    D, I = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-    return I[:, 0].astype(np.int32), D[:, 0].astype(np.float32)
+        index = faiss.IndexFlatIP(c.shape[1])
+        index.add(c)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    _, cand = index.search(x, min(2, c.shape[0]))
+    cand = np.where(cand < 0, cand[:, :1], cand)  # (faiss pads with -1 only when there are fewer centroids)
+    sims = np.empty(cand.shape, dtype=np.float64)
+    for lo in range(0, len(x), 4096):  # float64 copies of 4096 rows at a time
+        xs = x[lo:lo + 4096].astype(np.float64)
+        for j in range(cand.shape[1]):
+            sims[lo:lo + 4096, j] = (xs * c[cand[lo:lo + 4096, j]].astype(np.float64)).sum(axis=1)
+    second = (sims[:, -1] > sims[:, 0]) | ((sims[:, -1] == sims[:, 0]) & (cand[:, -1] < cand[:, 0]))
+    pick = second.astype(np.int64)
+    rows = np.arange(len(x))
+    return cand[rows, pick].astype(np.int32), sims[rows, pick].astype(np.float32)
 
 
 def _roots(labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -97,6 +117,15 @@ def flatten(labels: np.ndarray) -> np.ndarray:
         out = nxt
 
 
+def float32_floor(t: float) -> np.float32:
+    """The largest float32 at or below `t`: for a float32 similarity s, ``s > floor`` exactly when ``s > t``
+    in real numbers. float32(t) itself rounds up for some t (float32(1 - 0.005) = 0.99500000477), so a
+    float32 cosine equal to it, over the threshold, was not ``> float32(t)`` (dedup's ``>=`` rule has its
+    own cutoff: :func:`laiontools.stages.dedup.float32_cutoff`)."""
+    f = np.float32(t)
+    return np.nextafter(f, np.float32(-np.inf)) if float(f) > t else f
+
+
 def cluster_groups(x: np.ndarray, eps: Sequence[float], block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Groups of near-duplicates among the rows of `x` (one cluster's unit-norm vectors), per eps.
 
@@ -107,7 +136,7 @@ def cluster_groups(x: np.ndarray, eps: Sequence[float], block: int = 4096) -> tu
     range search (exact inner products, so the same pairs as a brute-force comparison).
     """
     n = x.shape[0]
-    thr = np.asarray([1.0 - float(e) for e in eps], dtype=np.float32)
+    thr = np.asarray([float32_floor(1.0 - float(e)) for e in eps], dtype=np.float32)
     labels = np.tile(np.arange(n, dtype=np.int64), (len(eps), 1))
     pairs = np.zeros(len(eps), dtype=np.int64)
     if n < 2:

@@ -656,3 +656,106 @@ def test_an_error_raised_in_a_spark_task_is_one_clear_error_as_in_process(plante
                    "--train-sample", "4", *extra])
         err = capsys.readouterr().err
         assert rc == 2 and "Traceback" not in err and "--clusters is 8" in err, (engine, rc, err[-1500:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a review of semdedup, neardup and the galleries (thirty-sixth session).
+
+
+def test_a_pair_just_over_the_threshold_in_real_numbers_is_linked():
+    """"cosine > 1 - eps" was compared in float32 against float32(1 - eps), which rounds up for eps
+    0.005, 0.01, 0.02: a pair whose float32 cosine is float32(0.995) = 0.99500000477 (> 0.995) was not
+    linked at eps 0.005. At eps 0.05 float32(0.95) rounds down: a cosine of exactly that value is under
+    0.95 and stays unlinked."""
+    for eps in (0.005, 0.01, 0.02, 0.05, 0.1):
+        c = np.float32(1.0 - eps)
+        x = np.array([[1.0, 0.0], [c, np.sqrt(1.0 - np.float64(c) ** 2)]], dtype=np.float32)
+        assert x[0] @ x[1] == c
+        labels, pairs = neardup.cluster_groups(x, [eps])
+        linked = float(c) > 1.0 - eps
+        assert (labels[0].tolist() == [0, 0]) == linked and pairs[0] == int(linked), (eps, float(c), labels, pairs)
+    # and the next float32 down from a value over the threshold is not linked when it is under it
+    c = np.nextafter(np.float32(0.995), np.float32(0))
+    x = np.array([[1.0, 0.0], [c, np.sqrt(1.0 - np.float64(c) ** 2)]], dtype=np.float32)
+    assert neardup.cluster_groups(x, [0.005])[0][0].tolist() == [0, 1]
+
+
+def test_a_vectors_cluster_and_centroid_similarity_do_not_depend_on_its_batch():
+    """assign took faiss's inner products, whose value for a row depends on the batch it is searched
+    with (BLAS picks its kernels by the batch's size: at d=512 a row alone or among < 256 differs by an
+    ulp from the same row among 300 for ~3 rows in 4). assign_shard searches each shard's valid rows
+    together, so two identical images (the commonest duplicate) in a small and a large shard got
+    different centroid similarities, and --keep hard kept the one BLAS rounded lower instead of the
+    smaller uid; with two near-equal centroids (k-means splitting a cluster of identical vectors) they
+    could even land in different clusters, never compared. The similarity is now each row's own."""
+    rng = np.random.default_rng(3)
+    d = 512
+    cents = neardup.normalize(rng.standard_normal((64, d)))
+    cents[1] = neardup.normalize(cents[:1] + 3e-7 * rng.standard_normal((1, d)))[0]  # a near-tie of two centroids
+    x = neardup.normalize(rng.standard_normal((300, d))).astype(np.float16).astype(np.float32)
+    x[:20] = neardup.normalize(cents[0] + 0.02 * rng.standard_normal((20, d))).astype(np.float16)
+    cl, sim = neardup.assign(x, cents)
+    for i in range(0, 300, 3):
+        one = neardup.assign(x[i:i + 1], cents)
+        assert (one[0][0], one[1][0]) == (cl[i], sim[i]), i
+    best = np.argmax(x.astype(np.float64) @ cents.T.astype(np.float64), axis=1)
+    assert (cl == best).all()
+    np.testing.assert_allclose(sim, np.einsum("ij,ij->i", x, cents[cl]), atol=1e-6)
+
+
+def test_a_pool_tar_that_cannot_be_read_leaves_its_images_out_of_the_gallery(planted, tmp_path, monkeypatch, caplog):
+    """semdedup reads only embeddings, but its gallery reads pool tars: one missing (the pool moved, a
+    shard deleted after embed) failed the finished run with "No such file or directory", a damaged one
+    with a tarfile traceback (exit 1), and so did every re-run. dedup's gallery shows such images as
+    unavailable and logs why; semdedup's does now, and its results are those of a readable pool."""
+    import logging
+
+    from laiontools.contracts.manifest import read_manifest, resolve
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    shutil.copytree(os.path.dirname(planted["manifest"]), tmp_path / "pool")
+    shutil.copytree(planted["emb"], tmp_path / "emb")
+    manifest = str(tmp_path / "pool" / os.path.basename(planted["manifest"]))
+    model = json.loads((tmp_path / "emb" / "model.json").read_text())
+    model["pool"]["manifest"] = manifest  # the copied embeddings are of the copied pool
+    (tmp_path / "emb" / "model.json").write_text(json.dumps(model))
+    tars = [resolve(manifest, s["path"]) for s in read_manifest(manifest)["shards"]]
+    assert all(t.startswith(str(tmp_path)) for t in tars)
+    fresh = semdedup.run(_cfg(str(tmp_path / "emb"), str(tmp_path / "fresh"), spark_above=-1))
+    assert "image unavailable" not in Path(fresh.outputs["gallery"]).read_text()
+    os.remove(tars[1])
+    with open(tars[0], "r+b") as f:
+        f.truncate(5000)  # cut inside a member
+    caplog.set_level(logging.WARNING, logger="laiontools")
+    res = semdedup.run(_cfg(str(tmp_path / "emb"), str(tmp_path / "sd"), spark_above=-1))
+    html = Path(res.outputs["gallery"]).read_text()
+    # the planted groups are all in shards 0 and 1: every member shown, none with an image
+    assert html.count("image unavailable") == html.count("<figure") > 0 and "data:image/jpeg;base64," not in html
+    assert Path(res.outputs["exclude"]).read_bytes() == Path(fresh.outputs["exclude"]).read_bytes()
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert tars[0] in warned and tars[1] in warned
+
+
+def test_gallery_candidates_cost_the_members_not_groups_times_rows():
+    """Each unit's gallery candidates counted every group's size over the whole cluster (`labels == root`
+    per group): 3.5-7.6 s for a cluster of 80k rows in 20k pairs, 4x per doubling (a cluster of 1M rows:
+    minutes of a task for 24 groups; measured by hand, not asserted here: no timed assertions). The sizes the
+    task already has are used now: the same candidates as the sizes counted here by np.unique give."""
+    n, n_pairs = 20_000, 5_000
+    labels = np.arange(n)
+    labels[1:2 * n_pairs:2] = np.arange(0, 2 * n_pairs, 2)
+    labels[10_001:10_005] = 10_000  # one group of 5
+    _, inv, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    gsize = sizes[inv]
+    members = np.flatnonzero(gsize > 1)
+    removed = labels != np.arange(n)
+    m = np.zeros(n, dtype=semdedup.META_DTYPE)
+    m["row"] = np.arange(n)
+    sim = np.linspace(1.0, 0.99, len(members)).astype(np.float32)
+    heap: list = []
+    semdedup._gallery_candidates(heap, {"gallery_groups": 24, "shards": ["00000"]}, 7, labels, members, labels, removed,
+                                 sim, [f"{i:032x}" for i in members], np.zeros(n, np.int32), m, gsize)
+    got = [g[-1] for g in sorted(heap, reverse=True)]
+    assert [g["group"] for g in got] == ["7-10000"] + [f"7-{r}" for r in range(0, 46, 2)]
+    assert got[0]["size"] == 5 and [x["row"] for x in got[0]["members"]] == [10_000, 10_001, 10_002, 10_003, 10_004]
+    assert [x["removed"] for x in got[0]["members"]] == [False] + [True] * 4 and got[1]["size"] == 2

@@ -282,8 +282,8 @@ def _train_task(ctx: dict[str, Any], _: Any) -> Iterator[bytes]:
 _CENTROIDS: dict[str, Any] = {}
 
 
-def _centroid_index(path: str, sha: str) -> Any:
-    """The centroids as a faiss inner-product index, loaded once per worker process."""
+def _centroid_index(path: str, sha: str) -> tuple[np.ndarray, Any]:
+    """The centroids (float32) and a faiss inner-product index of them, loaded once per worker process."""
     hit = _CENTROIDS.get(sha)
     if hit is not None:
         return hit
@@ -294,12 +294,12 @@ def _centroid_index(path: str, sha: str) -> Any:
         data = f.read()
     if sha256_bytes(data) != sha:
         raise UserError(f"{path} changed since the job started (sha256 mismatch); re-run semdedup")
-    c = np.load(io.BytesIO(data), allow_pickle=False)
+    c = np.ascontiguousarray(np.load(io.BytesIO(data), allow_pickle=False), dtype=np.float32)
     index = faiss.IndexFlatIP(c.shape[1])
-    index.add(np.ascontiguousarray(c, dtype=np.float32))
+    index.add(c)
     _CENTROIDS.clear()
-    _CENTROIDS[sha] = index
-    return index
+    _CENTROIDS[sha] = (c, index)
+    return c, index
 
 
 def _assign_paths(out: str, sid: str) -> dict[str, str]:
@@ -327,7 +327,7 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
         return marker
     t0 = time.time()
     _set_threads(ctx["threads"])
-    index = _centroid_index(ctx["centroids_path"], ctx["centroids_sha"])
+    cents, index = _centroid_index(ctx["centroids_path"], ctx["centroids_sha"])
     emb, meta = read_embedding_shard(ctx["emb_dir"], sid, emb_marker)
     n = emb.shape[0]
     valid = np.zeros(n, dtype=bool)
@@ -343,7 +343,7 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
         r = np.flatnonzero(ok)
         v16 = neardup.normalize(x[r]).astype(np.float16)
         vec16[lo + r] = v16
-        cluster[lo + r], csim[lo + r] = neardup.assign(v16.astype(np.float32), None, index)
+        cluster[lo + r], csim[lo + r] = neardup.assign(v16.astype(np.float32), cents, index)
     vrows = np.flatnonzero(valid)
     uids = _uid_array(meta)
     order = vrows[np.argsort(cluster[vrows], kind="stable")]  # by cluster, then row: contiguous per cluster
@@ -536,7 +536,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
                 cols["kept_uid"] += kept
                 cols["similarity"] += sim.tolist()
                 if k == 0 and ctx["gallery_groups"]:
-                    _gallery_candidates(gallery, ctx, c, labels[0], members, keeper, removed, sim, uids, so, m)
+                    _gallery_candidates(gallery, ctx, c, labels[0], members, keeper, removed, sim, uids, so, m, gsize)
     table = pa.Table.from_pydict(cols, schema=_report_schema())
     buf = io.BytesIO()
     pq.write_table(table, buf, **PARQUET_WRITE)
@@ -611,21 +611,27 @@ def _merge_runs(paths: list[str], out_path: str, total: int, bucket_rows: int, s
 
 def _gallery_candidates(heap: list[tuple], ctx: dict[str, Any], cluster: int, labels: np.ndarray, members: np.ndarray,
                         keeper: np.ndarray, removed: np.ndarray, sim: np.ndarray, uids: list[str], shard_of: np.ndarray,
-                        m: np.ndarray) -> None:
-    """Keep the unit's largest groups (by size, then cluster/label for a fixed order) for the gallery."""
+                        m: np.ndarray, gsize: np.ndarray) -> None:
+    """Keep the unit's largest groups (by size, then cluster/label for a fixed order) for the gallery.
+
+    `gsize`: each row's group size. O(members): a group's size was counted over the whole cluster per
+    group (O(groups x rows): 8 s for a cluster of 80k rows in 20k pairs, quadratic beyond)."""
     pos = {int(r): i for i, r in enumerate(members.tolist())}
     groups: dict[int, list[int]] = {}
     for r in members.tolist():
         groups.setdefault(int(labels[r]), []).append(r)
     for root, rows in groups.items():
+        size = int(gsize[rows[0]])
+        if len(heap) >= ctx["gallery_groups"] and (size, -cluster, -root) <= heap[0][:3]:
+            continue  # would not enter the heap: not built
         rows = sorted(rows, key=lambda r: (removed[r], -float(sim[pos[r]])))[:_GALLERY_MEMBERS]  # keeper first
-        entry = {"cluster": cluster, "group": f"{cluster}-{root}", "size": int(np.sum(labels == root)),
+        entry = {"cluster": cluster, "group": f"{cluster}-{root}", "size": size,
                  "members": [{"uid": uids[pos[r]], "shard": ctx["shards"][int(shard_of[r])], "row": int(m["row"][r]),
                               "removed": bool(removed[r]), "similarity": round(float(sim[pos[r]]), 5)} for r in rows]}
-        item = (entry["size"], -cluster, -root, entry)
+        item = (size, -cluster, -root, entry)
         if len(heap) < ctx["gallery_groups"]:
             heapq.heappush(heap, item)
-        elif item[:3] > heap[0][:3]:
+        else:
             heapq.heapreplace(heap, item)
 
 
@@ -700,7 +706,7 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
                   "dim": ctx["dim"], "centroids_sha256": sha256_bytes(data), "spherical": True}
             write_json(kjson, km)  # last: its presence means the centroids are complete
         timings["kmeans"] = round(time.time() - t0, 3)
-        ctx.update(centroids_path=cpath, centroids_sha=km["centroids_sha256"], assign_key=_key({"c": km["centroids_sha256"], "v": 1}))
+        ctx.update(centroids_path=cpath, centroids_sha=km["centroids_sha256"], assign_key=_key({"c": km["centroids_sha256"], "v": 2}))  # 2: assign and pair rule of the 36th session
         # 2. assign
         t0 = time.time()
         ctx["threads"] = tasks.threads(cfg.threads, len(shards))
@@ -862,8 +868,10 @@ def _copy_file(src: str, dst: str, chunk: int = 1 << 20) -> None:
 
 
 def _write_gallery(path: str, cfg: SemDedupConfig, pool: Any, groups: list[dict[str, Any]]) -> None:
-    """gallery.html: the largest duplicate groups of the first eps, kept member first, with captions."""
+    """gallery.html: the largest duplicate groups of the first eps, kept member first, with captions.
+    A pool tar that cannot be read (moved, deleted, damaged since embed) leaves its images out, logged."""
     import html
+    import tarfile
 
     import pyarrow.parquet as pq
 
@@ -885,7 +893,12 @@ def _write_gallery(path: str, cfg: SemDedupConfig, pool: Any, groups: list[dict[
         tar = pool.tar_by_shard.get(sid)
         keys = {k for k in rows.values() if k}
         if tar and keys:
-            for key, v in pool_images(tar, keys).items():
+            try:
+                found = pool_images(tar, keys)
+            except (OSError, tarfile.TarError) as e:  # semdedup needs no tar but here: shown as unavailable
+                log.warning("gallery: cannot read pool tar %s (its images are shown as unavailable): %s", tar, e)
+                continue
+            for key, v in found.items():
                 images[(sid, key)] = v
     parts = [(f"<html><head><meta charset='utf-8'><title>semdedup groups</title></head><body>"
               f"<h1>Largest duplicate groups (eps {eps_label(cfg.eps[0])}, cosine &gt; {1 - cfg.eps[0]:g}, keep {cfg.keep})</h1>")]
