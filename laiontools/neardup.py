@@ -117,13 +117,29 @@ def flatten(labels: np.ndarray) -> np.ndarray:
         out = nxt
 
 
+# Thresholds for float32 similarities, exact in real numbers: numpy compares a float32 array with a Python
+# float in float32, rounding the threshold first (either way). One helper per comparison: dedup's ``>=``,
+# semdedup's ``>``.
+
+
 def float32_floor(t: float) -> np.float32:
     """The largest float32 at or below `t`: for a float32 similarity s, ``s > floor`` exactly when ``s > t``
     in real numbers. float32(t) itself rounds up for some t (float32(1 - 0.005) = 0.99500000477), so a
-    float32 cosine equal to it, over the threshold, was not ``> float32(t)`` (dedup's ``>=`` rule has its
-    own cutoff: :func:`laiontools.stages.dedup.float32_cutoff`)."""
+    float32 cosine equal to it, over the threshold, was not ``> float32(t)``."""
     f = np.float32(t)
     return np.nextafter(f, np.float32(-np.inf)) if float(f) > t else f
+
+
+def float32_cutoff(threshold: float) -> np.float32:
+    """The smallest float32 at or above `threshold`: for a float32 similarity s, ``s >= cutoff`` exactly when
+    ``s >= threshold`` in real numbers. Comparing float32 with the threshold itself rounds the threshold to
+    float32 first (numpy compares a float32 array with a Python float in float32): float32(0.9) is
+    0.8999999762, so a pool sample at that similarity was a duplicate at --threshold 0.9 while its reported
+    similarity (and calibrate's float64 figures) are under 0.9."""
+    cut = np.float32(threshold)
+    if float(cut) < threshold:  # float(): np.float32 < float would compare in float32 again
+        cut = np.nextafter(cut, np.float32(np.inf))
+    return cut
 
 
 def cluster_groups(x: np.ndarray, eps: Sequence[float], block: int = 4096) -> tuple[np.ndarray, np.ndarray]:

@@ -75,6 +75,7 @@ from laiontools.core.storage import (
     write_json,
     write_record,
 )
+from laiontools.neardup import float32_cutoff
 
 log = logging.getLogger(__name__)
 
@@ -419,18 +420,6 @@ def _settings_key(index_desc: dict[str, Any], cfg: DedupConfig) -> str:
         "index": index_desc["index_sha256"], "items": index_desc["items_sha256"], "threshold": cfg.threshold,
         "k": cfg.k, "phash": cfg.phash, "phash_d": cfg.phash_max_distance, "v": 3,  # 2: pHash keys as embed stores them; 3: per-set counts beyond k and every pHash in reach
     }))[:16]
-
-
-def float32_cutoff(threshold: float) -> np.float32:
-    """The smallest float32 at or above `threshold`: for a float32 similarity s, ``s >= cutoff`` exactly when
-    ``s >= threshold`` in real numbers. Comparing float32 with the threshold itself rounds the threshold to
-    float32 first (numpy compares a float32 array with a Python float in float32): float32(0.9) is
-    0.8999999762, so a pool sample at that similarity was a duplicate at --threshold 0.9 while its reported
-    similarity (and calibrate's float64 figures) are under 0.9."""
-    cut = np.float32(threshold)
-    if float(cut) < threshold:  # float(): np.float32 < float would compare in float32 again
-        cut = np.nextafter(cut, np.float32(np.inf))
-    return cut
 
 
 def _report_path(out: str, sid: str) -> str:

@@ -374,7 +374,7 @@ def run(cfg: StudyConfig, spark: Any = None) -> StageResult:
                     _write_results(results_csv, rows)
     # Fault tests: every point is done and results.csv complete; fits, plots and report not yet written.
     failpoints.pause("study.final-write")
-    failed = [(r["run_id"], run_failure(r)) for r in rows if run_failure(r) is not None]
+    failed = [(r["run_id"], why) for r in rows if (why := run_failure(r)) is not None]
     failed_text = "; ".join(f"{rid} ({why})" for rid, why in failed[:5]) + ("; ..." if len(failed) > 5 else "")
     every_run_failed = len(failed) == len(rows)
     metric_cols = sorted({k for r in rows for k in r if "/" in k})
