@@ -622,3 +622,60 @@ def test_a_cuda_ordinal_past_the_last_gpu_is_refused_before_the_launch(monkeypat
     for bad in ("cuda:2", "cuda:x"):
         with pytest.raises(ConfigError, match=rf"--device {bad}: torch sees 2 CUDA device\(s\); use cuda:0..1 or cuda"):
             device(bad)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_diverging_run_stops_at_the_next_metrics_step_not_at_the_end_of_its_budget(subset: str, tmp_path, nproc: int) -> None:
+    """lt-tiny at lr 1e10 has a NaN loss from its 2nd step (tests/test_study.py trains it too). The run trained
+    on to the end of its budget (here 24 steps; a study point: its whole GPU budget) before it was recorded as
+    diverged. Now every rank stops at the next metrics step (every 4 steps here): the 4th, in both ranks of a
+    2-process run at once (none is left waiting in a collective: the launch ends), and diverged.json names
+    the first non-finite step (2), exactly."""
+    from laiontools.contracts import layout
+    from laiontools.stages.train import TrainDiverged, TrainError
+
+    run_dir = tmp_path / "run"
+    cfg = TrainConfig(manifest=subset, model="lt-tiny", samples_seen=24 * 8, batch_size=8, nproc=nproc, workers=0,
+                      checkpoint_every=12 * 8, log_every=4, lr=1e10, device="cpu", output=str(run_dir))
+    with pytest.raises(TrainDiverged, match=r"ended with a non-finite loss at step 2 of 24 \(training stopped at the next metrics "
+                                            r"step, not at the end of its budget\)"):
+        train_stage.run(cfg)
+    record = json.loads((run_dir / layout.TRAIN_DIVERGED_JSON).read_text())
+    assert record["first_nonfinite_step"] == 2 and record["stopped_at_step"] == 2 and record["steps"] == 24
+    # it stopped at step 4: no metrics line past it, no checkpoint (the first is at step 12), no model
+    steps = [json.loads(line)["step"] for line in (run_dir / layout.TRAIN_METRICS_JSONL).read_text().splitlines()]
+    assert steps and max(steps) < 4, steps
+    assert not (run_dir / layout.TRAIN_CHECKPOINT_DIR / "epoch_latest.pt").exists()
+    assert not (run_dir / layout.TRAIN_MODEL_FILE).exists()
+    assert not list((run_dir / layout.TRAIN_LOGS_DIR).glob("rank*.diverged"))  # read into diverged.json
+    launches = [json.loads(x) for x in (run_dir / layout.TRAIN_LAUNCHES_JSONL).read_text().splitlines()]
+    assert len(launches) == 1 and launches[0]["exit_code"] != 0
+    # the same command again reports it without training
+    with pytest.raises(TrainError, match="the run diverged"):
+        train_stage.run(cfg)
+    assert len((run_dir / layout.TRAIN_LAUNCHES_JSONL).read_text().splitlines()) == 1
+
+
+def test_a_loss_that_is_finite_again_by_the_check_does_not_stop_the_run(monkeypatch) -> None:
+    """With fp16 mixed precision a non-finite loss can be a passing one (the grad scaler skips the step and
+    training goes on): the run stops only where the loss is still not finite at the check, and names the
+    step the non-finite losses began at. Through open_clip_train's own `backward`, as the worker patches it."""
+    import open_clip_train.train as oc_train
+    import torch
+
+    from laiontools.stages.train_worker import Diverged, _stop_on_divergence
+
+    # the patch is undone after the test
+    monkeypatch.setattr(oc_train, "backward", oc_train.backward)
+    monkeypatch.setattr(oc_train, "train_one_epoch", oc_train.train_one_epoch)
+    _stop_on_divergence(4)
+
+    def steps(losses):
+        for x in losses:
+            oc_train.backward(torch.tensor(x, requires_grad=True) * 1.0, None)
+
+    nan, inf = float("nan"), float("inf")
+    steps([1.0, nan, inf, 2.0, 1.0, 1.0, 1.0, 1.0])  # non-finite at steps 2-3, finite at the checks (4 and 8)
+    with pytest.raises(Diverged) as e:
+        steps([1.0, 1.0, 1.0, 1.0, 1.0, inf, nan, nan])  # steps 9-16: not finite from step 14 to the check at 16
+    assert e.value.step == 14

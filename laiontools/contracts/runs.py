@@ -36,8 +36,9 @@ def read_result(run_dir: str) -> dict[str, Any]:
 
 
 def read_divergence(run_dir: str) -> dict[str, Any] | None:
-    """The record of a run that reached its budget with a non-finite loss or weights (``diverged.json``: ``reason``,
-    ``first_nonfinite_step``, ``final_loss`` as text, ``steps``, ``samples_seen``), or None when it did not diverge.
+    """The record of a run whose loss turned non-finite (it stopped there: ``stopped_at_step``), or that reached its
+    budget with non-finite weights (``diverged.json``: ``reason``, ``first_nonfinite_step``, ``final_loss`` as text,
+    ``steps``, ``samples_seen``, ``stopped_at_step``: None for the latter), or None when it did not diverge.
     Such a run has no model file and is not trained again (train raises TrainDiverged from this record)."""
     path = os.path.join(run_dir, layout.TRAIN_DIVERGED_JSON)
     return read_json(path) if os.path.exists(path) else None

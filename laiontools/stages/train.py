@@ -27,8 +27,9 @@ Run directory (``--output``, a local folder)::
     checkpoints/epoch_<E>.pt      the final training checkpoint (model + optimizer)
     model.pt            final model weights (plain state_dict, loadable with weights_only)
     result.json         summary; result.json.done is the completion marker (written last)
-    diverged.json       instead of model.pt and result.json: a run that reached its budget with a NaN or infinite
-                        loss or weights (reason, first non-finite step); the run's result, reported again by a
+    diverged.json       instead of model.pt and result.json: a run whose loss was NaN or infinite (every rank stops
+                        at the next metrics step: train_worker._stop_on_divergence) or that reached its budget with
+                        non-finite weights (reason, first non-finite step); the run's result, reported again by a
                         re-run (TrainDiverged), never trained again: delete the folder to train it again
 """
 
@@ -116,7 +117,7 @@ class TrainError(UserError, RuntimeError):
 
 
 class TrainDiverged(TrainError):
-    """The run reached its budget with a NaN / infinite loss or weights. That is its result, recorded in
+    """The run's loss was NaN / infinite (training stopped there), or its weights at the end of its budget. That is its result, recorded in
     ``diverged.json`` (``record``): a re-run reports it again, it does not train again."""
 
     def __init__(self, message: str, record: dict[str, Any]) -> None:
@@ -131,16 +132,39 @@ def _diverged(run_dir: str, record: dict[str, Any]) -> TrainDiverged:
         f"or check the data, and train into a new --output (or delete {run_dir} to train it again)", record)
 
 
+def _stopped_diverged(run_dir: str) -> int | None:
+    """The first non-finite step at which the ranks of this launch stopped (their ``logs/rank<R>.diverged``,
+    written by train_worker._stop_on_divergence), or None when none did. The files are removed: the run's
+    record is diverged.json from here on."""
+    paths = sorted(glob.glob(os.path.join(run_dir, layout.TRAIN_LOGS_DIR, "rank*.diverged")))
+    steps = []
+    for p in paths:
+        try:
+            with open(p) as f:
+                steps.append(int(json.load(f)["first_nonfinite_step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: the exit code and the logs say what happened
+    for p in paths:
+        os.remove(p)
+    return min(steps) if steps else None
+
+
 def _record_divergence(run_dir: str, plan: Plan, metrics: list[dict[str, Any]], final_loss: float,
-                       bad_tensors: list[str]) -> TrainDiverged:
-    """Write ``diverged.json`` (atomically) for a run that ended with a non-finite loss or weights; return the error."""
-    first = next((int(r["step"]) for r in metrics if not math.isfinite(float(r["loss"]))), None)
-    if not math.isfinite(final_loss):
+                       bad_tensors: list[str], stopped_at: int | None = None) -> TrainDiverged:
+    """Write ``diverged.json`` (atomically) for a run that ended with a non-finite loss or weights; return the error.
+    `stopped_at`: the first non-finite step, where the ranks stopped training (before the end of the budget)."""
+    first = stopped_at if stopped_at is not None else \
+        next((int(r["step"]) for r in metrics if not math.isfinite(float(r["loss"]))), None)
+    if stopped_at is not None:
+        reason = (f"ended with a non-finite loss at step {stopped_at} of {plan.steps} (training stopped at the next "
+                  "metrics step, not at the end of its budget)")
+    elif not math.isfinite(final_loss):
         reason = f"ended with a non-finite loss ({final_loss}; not finite from step {first} of {plan.steps})"
     else:
         reason = f"ended with non-finite weights ({len(bad_tensors)} tensors, e.g. {bad_tensors[0]})"
     record = {"reason": reason, "first_nonfinite_step": first, "final_loss": str(final_loss), "steps": plan.steps,
-              "samples_seen": plan.samples_seen, "nonfinite_tensors": bad_tensors[:20]}
+              "samples_seen": plan.samples_seen, "nonfinite_tensors": bad_tensors[:20],
+              "stopped_at_step": stopped_at}
     write_json(os.path.join(run_dir, layout.TRAIN_DIVERGED_JSON), record)
     log.warning("training in %s %s", run_dir, reason)
     return _diverged(run_dir, record)
@@ -683,7 +707,8 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     again (its result is returned). With ``cfg.resume`` an interrupted run continues from its latest
     checkpoint with the exact samples-seen count. Raises ManifestError for a manifest without shards,
     ConfigError for inconsistent settings, TrainError when training fails or stops short, TrainDiverged (a
-    TrainError) when it reached its budget with a non-finite loss or weights, or did so before (``diverged.json``).
+    TrainError) when its loss turned non-finite (it stops at the next metrics step) or it reached its budget with
+    non-finite weights, or did so before (``diverged.json``).
     ``spark`` is unused (training runs on torch.distributed); it is accepted for a uniform stage API.
     """
     if cfg.output.startswith("file://"):
@@ -718,7 +743,8 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     # Weight shards by their sample counts so resampling draws every sample with equal probability.
     write_json(os.path.join(cfg.output, layout.TRAIN_SHARDS_JSON), {"urls": urls, "weights": [int(s["num_samples"]) for s in manifest["shards"]]})
     write_json(os.path.join(cfg.output, layout.TRAIN_ENVIRONMENT_JSON), environment(device, plan.world_size))
-    for p in glob.glob(os.path.join(cfg.output, layout.TRAIN_LOGS_DIR, "rank*.stop")):  # a killed run's
+    for p in glob.glob(os.path.join(cfg.output, layout.TRAIN_LOGS_DIR, "rank*.stop")) + \
+            glob.glob(os.path.join(cfg.output, layout.TRAIN_LOGS_DIR, "rank*.diverged")):  # a killed run's
         os.remove(p)
     t0 = time.time()
     logs_before = _run_logs(cfg.output)
@@ -726,6 +752,10 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     wall = time.time() - t0
     with open(os.path.join(cfg.output, layout.TRAIN_LAUNCHES_JSONL), "a") as f:
         f.write(json.dumps({"start": t0, "wall_s": round(wall, 3), "resumed_from_samples": resumed_from, "exit_code": rc, "world_size": plan.world_size}) + "\n")
+    stopped = _stopped_diverged(cfg.output)
+    if stopped is not None:  # every rank stopped at a non-finite loss (train_worker._stop_on_divergence)
+        raise _record_divergence(cfg.output, plan, _read_metrics(os.path.join(cfg.output, layout.TRAIN_METRICS_JSONL)),
+                                 math.nan, [], stopped_at=stopped)
     if rc != 0:
         stops = sorted(glob.glob(os.path.join(cfg.output, layout.TRAIN_LOGS_DIR, "rank*.stop")))
         if stops:  # a rank said why (train_worker: no sample decodes)

@@ -15,6 +15,8 @@ laiontools needs in every rank, without copying the trainer:
 * names every sample the loader skips in the rank's log and counts it in ``<run_dir>/logs/skipped/``
   (:class:`SkipRecord`; the train stage sums them into result.json), and stops a loader that reads
   nothing that decodes (:func:`_stop_when_nothing_decodes`);
+* stops every rank at the first non-finite loss, found at the next metrics step, and says at which step in
+  ``<run_dir>/logs/rank<R>.diverged`` (:func:`_stop_on_divergence`; the train stage records the run as diverged);
 * receives open_clip's per-step training logs through its experiment-tracker interface (the calls it
   makes on ``wandb`` when ``--report-to wandb`` is given) and writes them as JSON lines to
   ``<run_dir>/metrics.jsonl``. No tracker is contacted; the real ``wandb`` is never called.
@@ -167,6 +169,65 @@ def _seed_shard_draws_in_the_rank(seed: int) -> None:
         return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{increment}".encode()).digest()[:8], "big")
 
     oc_data.pytorch_worker_seed = seeded  # type: ignore[attr-defined]
+
+
+class Diverged(RuntimeError):
+    """The loss was not finite at optimizer step `step` (the count of steps finished once it is, as
+    metrics.jsonl counts them) in some rank: every rank raises it at the same step."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"the loss was not finite at step {step}")
+        self.step = step
+
+
+def _stop_on_divergence(every: int) -> None:
+    """Stop training at the first check that finds a non-finite loss, instead of at the end of the budget.
+
+    A NaN or infinite loss does not come back once AdamW has spread it into the weights, yet open_clip trains
+    on to the end of the run: a study point that diverged early spent its whole budget (a large point: days
+    of GPU time) to be recorded as diverged. Each optimizer step keeps, in a tensor on the loss's device (no
+    wait for the device), the first step of the run of non-finite losses it is in; every `every` steps (the
+    metrics interval) the ranks take the minimum of it (one all-reduce of one number) and, if the loss is
+    still not finite there, all of them raise :class:`Diverged` at that same step, so none is left waiting
+    in a collective. The step recorded is where the non-finite losses began, exact. A non-finite loss that
+    is finite again by the check (fp16 mixed precision: the grad scaler skips that step and training goes
+    on) does not stop the run. open_clip_train.train looks `backward` and `train_one_epoch` up at call
+    time; the plan makes one optimizer step a batch (train refuses --accum-freq)."""
+    import open_clip_train.train as oc_train
+    import torch
+
+    state: dict[str, Any] = {"base": 0, "i": 0, "since": None}
+    one_epoch, backward = oc_train.train_one_epoch, oc_train.backward
+    none = torch.iinfo(torch.int64).max
+
+    def train_one_epoch(model: Any, data: Any, loss: Any, epoch: int, *a: Any, **k: Any) -> Any:
+        state["base"], state["i"] = data["train"].dataloader.num_batches * epoch, 0
+        return one_epoch(model, data, loss, epoch, *a, **k)
+
+    def checked_backward(total_loss: Any, scaler: Any) -> Any:
+        state["i"] += 1
+        step = state["base"] + state["i"]
+        with torch.no_grad():
+            dev = total_loss.device
+            if state["since"] is None:
+                state["since"] = torch.full((), none, dtype=torch.int64, device=dev)
+            # the first step of the run of non-finite losses that this step is in (none: this one is finite)
+            since = torch.where(torch.isfinite(total_loss.detach()).all(), torch.full((), none, dtype=torch.int64, device=dev),
+                                torch.minimum(state["since"], torch.full((), step, dtype=torch.int64, device=dev)))
+            state["since"] = since
+            if step % every == 0:
+                import torch.distributed as dist
+
+                first = since.clone()
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+                bad = int(first.item())
+                if bad != none:
+                    raise Diverged(bad)
+        return backward(total_loss, scaler)
+
+    oc_train.train_one_epoch = train_one_epoch  # type: ignore[attr-defined]
+    oc_train.backward = checked_backward  # type: ignore[attr-defined]
 
 
 def _atomic_checkpoints() -> None:
@@ -429,6 +490,10 @@ def _object_store_shards() -> None:
         wds_gopen.gopen_schemes[scheme] = gopen_fsspec
 
 
+# The exit code of a rank that stopped on a non-finite loss (:func:`_stop_on_divergence`).
+DIVERGED_EXIT = 3
+
+
 def preload() -> None:
     """Import what a rank imports before it trains (a study's zygote runs this once: core/zygote.py)."""
     # open_clip_train imports wandb if installed (slow, and never used: MetricsSink replaces it).
@@ -466,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     _stop_when_nothing_decodes(os.path.join(run_dir, layout.TRAIN_SKIPPED_DIR))
     _decode_wide_images()
     _seed_shard_draws_in_the_rank(int(oc_argv[oc_argv.index("--seed") + 1]))
+    _stop_on_divergence(int(oc_argv[oc_argv.index("--log-every-n-steps") + 1]) if "--log-every-n-steps" in oc_argv else 1)
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
     sink = MetricsSink(os.path.join(run_dir, layout.TRAIN_METRICS_JSONL), _global_batch(oc_argv))
@@ -475,6 +541,13 @@ def main(argv: list[str] | None = None) -> int:
     oc_train.wandb = sink  # type: ignore[attr-defined]
     try:
         rc = oc_main.main(_with_data_args(run_dir, oc_argv))
+    except Diverged as e:  # the train stage records the run as diverged (diverged.json) from this file
+        log.warning("stopping: %s", e)
+        write_stop = os.path.join(run_dir, layout.TRAIN_LOGS_DIR, f"rank{rank}.diverged")
+        with open(write_stop + ".tmp", "w") as f:
+            json.dump({"first_nonfinite_step": e.step}, f)
+        os.replace(write_stop + ".tmp", write_stop)
+        return DIVERGED_EXIT
     except Exception as e:
         reason = _stop_reason(e)
         if reason is None:
