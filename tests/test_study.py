@@ -616,3 +616,37 @@ def test_a_diverged_run_is_recorded_left_out_of_the_fit_and_not_trained_again(tm
         study_stage.run(StudyConfig(**{**cfg, "samples_seen": [16]}))
     assert len((run_dir / "launches.jsonl").read_text().splitlines()) == 1
     assert _json(out / "fits.json")["fits"] == {} and "lt-tiny__16__8" not in _text(out / "report.html")  # not the last grid's
+
+
+def test_a_trained_model_whose_features_are_not_finite_is_a_diverged_row(tmp_path) -> None:
+    """A run that finished with finite weights whose model still gives NaN / infinite features (here weights
+    scaled up to overflow float32 in the forward pass, as an fp16 evaluation of a model near its range does):
+    evaluate refuses it (NonFiniteFeatures), which stopped the study at that point on every re-run. Now it is
+    a row with status `diverged` and the evaluation's reason, left out of the fits, and no eval.json."""
+    import torch
+
+    from laiontools.contracts import layout
+    from laiontools.core.storage import is_done
+    from laiontools.models.registry import load_model
+    from laiontools.scaling import run_failure
+
+    data = tmp_path / "data"
+    manifest = write_resharded_subset(str(data / "s16"), n_shards=1, per_shard=16, name="s16")
+    ev = write_color_evalset(str(data / "colors"), per_class=1)["path"]
+    cfg = StudyConfig(output=str(tmp_path / "study"), scales={"16": manifest}, samples_seen=[16], models=["lt-tiny"], batch_size=8,
+                      evalset=[f"colors={ev}:wds"], train={"workers": 0, "device": "cpu"})
+    base = _fake_finished_point(cfg, "16", 16)
+    eval_path = os.path.join(base, layout.STUDY_EVAL_JSON)
+    for p in (eval_path, eval_path + ".done"):
+        os.remove(p)
+    res_path = os.path.join(base, "train", "result.json")
+    write_json(res_path, {**_json(res_path), "model": "lt-tiny"})  # what evaluate reads of a run (train writes it)
+    sd = load_model("lt-tiny", None, device="cpu").model.state_dict()
+    sd = {k: v * 1e30 if v.is_floating_point() and v.ndim >= 2 else v for k, v in sd.items()}
+    assert all(bool(torch.isfinite(v).all()) for v in sd.values() if v.is_floating_point())  # finite weights
+    torch.save(sd, os.path.join(base, "train", layout.TRAIN_MODEL_FILE))
+    row = study_stage.run_point(cfg, "lt-tiny", "16", 16, 1.0)
+    assert row["status"] == "diverged" and row["final_loss"] == 1.5 and row["run_id"] == "lt-tiny__16__16"
+    assert row["status_reason"].startswith("evaluation: ") and "the model's image features are not finite for 6 of 6 items" in row["status_reason"]
+    assert run_failure(row).startswith("diverged: evaluation: ")
+    assert "colors/zeroshot_top1" not in row and not is_done(eval_path)

@@ -228,7 +228,7 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
     """
     from laiontools.contracts.runs import is_finished, read_divergence, read_result
     from laiontools.stages import evaluate, train
-    from laiontools.stages.evaluate import EvaluateConfig
+    from laiontools.stages.evaluate import EvaluateConfig, NonFiniteFeatures
     from laiontools.stages.train import TrainConfig, TrainDiverged
 
     rid = run_id(model, scale, samples_seen) + (f"__seed{seed}" if seed is not None else "")
@@ -280,14 +280,28 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
                         "evaluating it again", rid, eval_path, weights)
             evaluated = False
     if not evaluated:
-        res = evaluate.run(ev_cfg)
+        try:
+            res = evaluate.run(ev_cfg)
+        except NonFiniteFeatures as e:  # a trained model that gives NaN / inf features: a result too, as a diverged run
+            log.warning("study: %s: %s; recorded in %s and left out of the fits", rid, e, layout.STUDY_RESULTS_CSV)
+            result = read_result(run_dir)
+            return {**_row(rid, model, scale, cfg.scales[scale], result, run_dir, gmacs, train_settings),
+                    "status": "diverged", "status_reason": f"evaluation: {e}"}
         emit(res.summary)
     result, ev = read_result(run_dir), read_json(eval_path)
-    row: dict[str, Any] = {
+    row = _row(rid, model, scale, cfg.scales[scale], result, run_dir, gmacs, train_settings)
+    row.update(ev["metrics"])
+    return row
+
+
+def _row(rid: str, model: str, scale: str, manifest: str, result: dict[str, Any], run_dir: str, gmacs: float,
+         train_settings: dict[str, Any]) -> dict[str, Any]:
+    """The results row of a trained run (its ``result.json``: `result`), status ``ok``, before its metrics."""
+    return {
         "run_id": rid,
         "model": model,
         "scale": scale,
-        "manifest": cfg.scales[scale],
+        "manifest": manifest,
         "manifest_sha256": result["manifest_sha256"],
         "dataset_samples": read_json(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON))["manifest_num_samples"],
         "samples_seen": result["samples_seen"],
@@ -301,8 +315,6 @@ def run_point(cfg: StudyConfig, model: str, scale: str, samples_seen: int, gmacs
         "status": RUN_OK,
         "status_reason": "",
     }
-    row.update(ev["metrics"])
-    return row
 
 
 RUN_COLUMNS = ["run_id", "model", "scale", "dataset_samples", "samples_seen", "seed", "gmacs_per_sample", "compute_gmacs",
