@@ -1320,3 +1320,44 @@ def test_an_embed_run_reads_the_pool_manifest_once(tmp_path, monkeypatch):
     assert len(opened) == 1, opened
     monkeypatch.setattr(local.LocalFileSystem, "_open", real_open)
     assert load_model_json(str(tmp_path / "e"))["pool"]["manifest_sha256"] == manifest_sha256(pool)
+
+
+def test_a_run_killed_while_it_writes_a_shard_leaves_no_unpaired_file_for_embedding_reader(small_pool, tmp_path):
+    """clip-retrieval's embedding_reader (autofaiss reads with it) pairs a folder's .npy and .parquet files by
+    their position and reads no marker. A run killed after writing a shard's image embeddings and before its
+    metadata left an .npy without its .parquet, and every later shard's embeddings were paired with the
+    metadata of the shard before. A shard's files are now renamed into place only once all four are written:
+    killed in between, none of them is there; resumed, the folder reads whole and aligned."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from embedding_reader import EmbeddingReader
+
+    out = tmp_path / "emb"
+    err = tmp_path / "stderr.txt"
+    env = {**os.environ, "LAIONTOOLS_FAILPOINTS": "embed.shard-files=60"}  # paused while a shard's files are written
+    with open(err, "wb") as ef:
+        proc = subprocess.Popen([sys.executable, "-m", "laiontools.cli", "embed", "--manifest", small_pool, "--output", str(out),
+                                 "--model", MODEL, "--batch-size", "5", "--num-workers", "0", "--engine", "local"],
+                                env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=ef)
+    try:
+        deadline = time.monotonic() + 150
+        while proc.poll() is None and time.monotonic() < deadline and "failpoint embed.shard-files" not in err.read_text(errors="replace"):
+            time.sleep(0.05)
+        assert proc.poll() is None, err.read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    npy = sorted(p.stem for p in (out / layout.EMB_IMG_DIR).glob("*.npy"))
+    meta = sorted(p.stem for p in (out / layout.EMB_META_DIR).glob("*.parquet"))
+    assert npy == meta, (npy, meta)  # what embedding_reader zips: the same shards on both sides
+    assert _run(small_pool, str(out)) == 0  # resumed
+    reader = EmbeddingReader(str(out / layout.EMB_IMG_DIR), file_format="parquet_npy",
+                             metadata_folder=str(out / layout.EMB_META_DIR), meta_columns=["uid", "key"])
+    keys = [k for _, m in reader(batch_size=100, show_progress=False) for k in m["key"]]
+    assert reader.count == 24 and keys == sorted(keys) and len(set(keys)) == 24

@@ -342,7 +342,15 @@ def _shard_paths(out: str, sid: str) -> dict[str, str]:
 def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any, marker: dict[str, Any]) -> None:
     """Write a shard's four files atomically, then its completion marker (last), which records the sha256
     of each file's bytes (readers in contracts/embeddings check them: a flipped bit is an error, not a
-    silently moved similarity). Each file is serialized in memory once and hashed there: no re-read."""
+    silently moved similarity). Each file is serialized in memory once and hashed there: no re-read.
+
+    The four are written whole (and fsync'd) under temporary names first, and only then renamed into place,
+    the image embeddings and the metadata one right after the other: readers that pair the files of a
+    folder by their position (clip-retrieval's embedding_reader, so autofaiss: ``parquet_npy``) and ignore
+    markers never see the ``.npy`` of a shard without its ``.parquet``, where a run killed between writing
+    the two (seconds, for a large shard) made them pair every later shard's embeddings with the metadata
+    of the shard before (on an object store each file is uploaded as its rename comes, so the gap is one
+    upload, not a rename)."""
     import hashlib
 
     if not (len(img) == len(txt) == len(meta)):  # never write a misaligned shard
@@ -350,20 +358,26 @@ def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any
     paths, rel = _shard_paths(out, sid), shard_files(sid)
     sha: dict[str, str] = {}
     size: dict[str, int] = {}
-    for kind, write in (
-        ("img", lambda b: np.save(b, np.ascontiguousarray(img.astype(np.float16)), allow_pickle=False)),
-        ("text", lambda b: np.save(b, np.ascontiguousarray(txt.astype(np.float16)), allow_pickle=False)),
-        ("meta", lambda b: meta.to_parquet(b, index=False, **PARQUET_WRITE)),
-        ("scores", lambda b: meta[list(SCORE_COLUMNS)].to_parquet(b, index=False, **PARQUET_WRITE)),
-    ):
-        buf = io.BytesIO()
-        write(buf)
-        view = buf.getbuffer()
-        sha[rel[kind]] = hashlib.sha256(view).hexdigest()
-        size[rel[kind]] = len(view)
-        with atomic_open(paths[kind]) as f:
+    with contextlib.ExitStack() as renames:  # exits (the renames) in the reverse order: img, meta, scores, text
+        for kind, write in (
+            ("text", lambda b: np.save(b, np.ascontiguousarray(txt.astype(np.float16)), allow_pickle=False)),
+            ("scores", lambda b: meta[list(SCORE_COLUMNS)].to_parquet(b, index=False, **PARQUET_WRITE)),
+            ("meta", lambda b: meta.to_parquet(b, index=False, **PARQUET_WRITE)),
+            ("img", lambda b: np.save(b, np.ascontiguousarray(img.astype(np.float16)), allow_pickle=False)),
+        ):
+            buf = io.BytesIO()
+            write(buf)
+            view = buf.getbuffer()
+            sha[rel[kind]] = hashlib.sha256(view).hexdigest()
+            size[rel[kind]] = len(view)
+            f = renames.enter_context(atomic_open(paths[kind]))
             f.write(view)
-        del view
+            if isinstance(f, io.IOBase):  # a local file: on the disk before any of the four is renamed
+                f.flush()
+                os.fsync(f.fileno())
+            del view, buf
+            # (kill tests: a shard's files written under their temporary names, none renamed yet)
+            failpoints.pause("embed.shard-files")
     mark_done(paths["meta"], {**marker, MARKER_SHA256: sha, MARKER_BYTES: size})
 
 
