@@ -119,16 +119,18 @@ def test_budgets_that_make_the_same_number_of_steps_are_refused_up_front(tmp_pat
     assert plan["runs"][0]["steps"] == plan_schedule(1000, 256, 1, 1000, 0).steps == 3
 
 
-def _fake_finished_point(cfg: StudyConfig, scale: str, samples_seen: int) -> str:
-    """The run and evaluation `study` leaves for one grid point (settings, result, eval.json + markers), without training."""
+def _fake_finished_point(cfg: StudyConfig, scale: str, samples_seen: int, seed: int | None = None) -> str:
+    """The run and evaluation `study` leaves for one grid point (settings, result, eval.json + markers), without
+    training; `seed`: a seed replicate's."""
     from laiontools.core.storage import mark_done, write_json
     from laiontools.stages import train
     from laiontools.stages.evaluate import EvaluateConfig
 
-    base = os.path.join(cfg.output, "runs", f"{cfg.models[0]}__{scale}__{samples_seen}")
+    base = os.path.join(cfg.output, "runs", f"{cfg.models[0]}__{scale}__{samples_seen}" + (f"__seed{seed}" if seed else ""))
     run_dir = os.path.join(base, "train")
     tcfg = train.TrainConfig(manifest=cfg.scales[scale], model=cfg.models[0], samples_seen=samples_seen,
-                             batch_size=cfg.batch_size, nproc=cfg.nproc, output=run_dir, **cfg.train)  # fmt: skip
+                             batch_size=cfg.batch_size, nproc=cfg.nproc, output=run_dir,
+                             **{**cfg.train, **({"seed": seed} if seed else {})})  # fmt: skip
     manifest = train.check_trainable_manifest(tcfg.manifest)
     plan = train.plan_schedule(samples_seen, cfg.batch_size, cfg.nproc, int(manifest["num_samples"]), tcfg.workers)
     settings = train.build_settings(tcfg, manifest, plan, "cpu", run_dir)
@@ -170,6 +172,35 @@ def test_study_refuses_to_reuse_a_point_made_with_other_settings(tmp_path) -> No
     edited = {**cfg, "evaluate": {"tasks": ["zeroshot"]}}
     with pytest.raises(ConfigError, match=r"run lt-tiny__16__16: .*eval\.json was evaluated with other settings: tasks"):
         study_stage.run_point(StudyConfig(**edited), "lt-tiny", "16", 16, 1.0)
+
+
+def test_a_seed_replicate_trained_under_the_earlier_seeding_on_several_processes_is_not_reused(tmp_path) -> None:
+    """A replicate (seed 1) trained on 2 processes before open_clip got seed x processes: its rank 1 drew the shards of
+    rank 0 of seed 2, another replicate's. The study refuses to put it in results.csv beside runs trained since,
+    naming the run and what to do; the grid's seed 0 run of the same time trained what it trains now: reused.
+    Seeds whose last rank numpy cannot take are refused before the grid trains."""
+    manifest = write_resharded_subset(str(tmp_path / "data" / "s16"), n_shards=1, per_shard=16, name="s16")
+    cfg = StudyConfig(output=str(tmp_path / "study"), scales={"16": manifest}, samples_seen=[16], models=["lt-tiny"],
+                      batch_size=8, nproc=2, evalset=["colors=/nowhere:wds"], train={"workers": 1, "device": "cpu"},
+                      extra_seeds=[1])  # fmt: skip
+    for seed in (None, 1):
+        settings_path = os.path.join(_fake_finished_point(cfg, "16", 16, seed), "train", "settings.json")
+        settings = _json(settings_path)
+        settings.pop("open_clip_seed", None)  # as train recorded it then, open_clip's --seed the seed itself
+        argv = settings["open_clip_argv"]
+        argv[argv.index("--seed") + 1] = str(seed or 0)
+        write_json(settings_path, settings)
+    assert study_stage.run_point(cfg, "lt-tiny", "16", 16, 1.0)["final_loss"] == 1.5
+    with pytest.raises(ConfigError, match=r"^study: run lt-tiny__16__16__seed1: train: .* was trained with seed 1 on "
+                                          r"2 processes under the earlier seeding.*delete .* to train it again"):
+        study_stage.run_point(cfg, "lt-tiny", "16", 16, 1.0, seed=1)
+    base = dict(output=str(tmp_path / "s2"), scales={"16": manifest}, samples_seen=[16], models=["lt-tiny"],
+                batch_size=8, evalset=["e=x"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^study: extra_seeds must be a whole number from 0 to 2147483647 with 2 "):
+        StudyConfig(**base, nproc=2, extra_seeds=[1, 2**31])
+    with pytest.raises(ConfigError, match=r"^study: train.seed must be a whole number from 0 to 4294967295 with 1 "):
+        StudyConfig(**base, train={"seed": -1})
+    StudyConfig(**base, nproc=1, extra_seeds=[2**31])  # fits one process
 
 
 @pytest.mark.slow

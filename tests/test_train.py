@@ -679,3 +679,155 @@ def test_a_loss_that_is_finite_again_by_the_check_does_not_stop_the_run(monkeypa
     with pytest.raises(Diverged) as e:
         steps([1.0, 1.0, 1.0, 1.0, 1.0, inf, nan, nan])  # steps 9-16: not finite from step 14 to the check at 16
     assert e.value.step == 14
+
+
+@pytest.fixture
+def rank_rngs():
+    """Restore this process's torch, numpy and `random` generators after a test seeds them as a rank does."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    torch.set_rng_state(states[0])
+    np.random.set_state(states[1])
+    random.setstate(states[2])
+
+
+def _open_clip_seed(subset: str, seed: int, nproc: int, run_dir: str) -> int:
+    """The --seed open_clip_train gets in the settings train writes for `seed` on `nproc` processes."""
+    cfg = TrainConfig(manifest=subset, model="lt-tiny", samples_seen=64, batch_size=8, nproc=nproc, workers=1,
+                      seed=seed, output=run_dir)  # fmt: skip
+    manifest = check_trainable_manifest(subset)
+    plan = plan_schedule(64, 8, nproc, int(manifest["num_samples"]), 1)
+    argv = train_stage.build_settings(cfg, manifest, plan, "cpu", run_dir)["open_clip_argv"]
+    assert argv.count("--seed") == 1
+    return int(argv[argv.index("--seed") + 1])
+
+
+def _shard_draws(monkeypatch, seed: int, oc_seed: int, rank: int, workers: int) -> list[str]:
+    """The shards rank `rank`'s data loader draws first (6 per loader process, in the order batches would
+    come), seeded as a rank of train_worker is: its shard draws in the rank seeded by the user's `seed`, then
+    open_clip's own `random_seed(--seed, rank)` (main.py), then open_clip's resampled shard stream
+    (ResampledShards2, reseeded at the epoch from `pytorch_worker_seed`) read through webdataset's loader with
+    `workers` processes, as `get_wds_dataset` builds them."""
+    import open_clip_train.data as oc_data
+    import open_clip_train.main as oc_main
+    import webdataset as wds
+
+    from laiontools.stages.train_worker import _seed_shard_draws_in_the_rank
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(oc_data, "pytorch_worker_seed", oc_data.pytorch_worker_seed)  # undone after the test
+    _seed_shard_draws_in_the_rank(seed)
+    oc_main.random_seed(oc_seed, rank)
+    urls = "::".join(f"shard{i:03d}.tar" for i in range(200))
+    stream = oc_data.ResampledShards2(urls, deterministic=True, epoch=oc_data.SharedEpoch(0), nshards=6)
+    loader = wds.WebLoader(stream, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
+    return [d["url"] for d in loader]
+
+
+def test_seed_replicates_on_several_processes_draw_their_own_shards(subset: str, tmp_path, monkeypatch,
+                                                                    rank_rngs) -> None:
+    """open_clip_train seeds rank r with --seed + r, and a rank's loader workers draw their shards from that
+    seed: given the user's seed as is, rank 1 of seed 0 drew exactly the shards of rank 0 of seed 1 (and rank 1
+    of seed 1 those of rank 0 of seed 2): seed replicates of a study shared half their data on 2 processes.
+    open_clip gets seed x processes now, so every (seed, rank) draws its own; one process keeps the seed as it
+    was (its runs drew their own already: a loader worker's seed is a 64-bit draw from the seeded generator)."""
+    run_dir = str(tmp_path / "r")
+    for workers in (1, 2, 0):  # 0: the rank reads its own data (its draws hashed from seed and rank)
+        draws = {(s, r): _shard_draws(monkeypatch, s, _open_clip_seed(subset, s, 2, run_dir), r, workers)
+                 for s in (0, 1, 2) for r in (0, 1)}  # fmt: skip
+        assert len({tuple(d) for d in draws.values()}) == 6, (workers, draws)
+        assert draws[(0, 1)] != draws[(1, 0)] and draws[(1, 1)] != draws[(2, 0)]
+    # one process: open_clip gets the seed as before, and neighbouring seeds draw their own shards
+    assert [_open_clip_seed(subset, s, 1, run_dir) for s in (0, 1, 2, 41)] == [0, 1, 2, 41]
+    for workers in (0, 1, 2):
+        draws1 = [_shard_draws(monkeypatch, s, s, 0, workers) for s in (0, 1, 2)]
+        assert len({tuple(d) for d in draws1}) == 3, (workers, draws1)
+    # seed 0 on several processes too (its ranks were seeded 0 + r, and are)
+    assert _open_clip_seed(subset, 0, 2, run_dir) == 0
+    assert [_open_clip_seed(subset, 3, n, run_dir) for n in (2, 8)] == [6, 24]
+    # numpy takes seeds below 2**32: the last rank's seed must fit, checked before anything is written
+    TrainConfig(manifest=subset, model="lt-tiny", samples_seen=64, batch_size=8, nproc=2, seed=2**31 - 1, output=run_dir)
+    for seed, nproc in ((2**31, 2), (-1, 1), (2**32, 1)):
+        with pytest.raises(ConfigError, match=r"--seed must be a whole number from 0 to \d+ with \d process"):
+            TrainConfig(manifest=subset, model="lt-tiny", samples_seen=64, batch_size=8, nproc=nproc, seed=seed,
+                        output=run_dir)  # fmt: skip
+
+
+def _old_run_record(subset: str, run_dir: str, seed: int, nproc: int, finished: bool = True) -> TrainConfig:
+    """A run directory as train wrote it before open_clip got seed x processes (settings.json without
+    ``open_clip_seed``, open_clip's --seed the user's seed), finished or not; the config that trained it."""
+    from laiontools.contracts import layout
+    from laiontools.core.storage import mark_done, write_json
+
+    cfg = TrainConfig(manifest=subset, model="lt-tiny", samples_seen=64, batch_size=8, nproc=nproc, workers=1,
+                      seed=seed, output=run_dir)  # fmt: skip
+    manifest = check_trainable_manifest(subset)
+    plan = plan_schedule(64, 8, nproc, int(manifest["num_samples"]), 1)
+    settings = train_stage.build_settings(cfg, manifest, plan, "cpu", run_dir)
+    settings.pop("open_clip_seed", None)
+    argv = settings["open_clip_argv"]
+    argv[argv.index("--seed") + 1] = str(seed)
+    write_json(os.path.join(run_dir, layout.OUTPUT_MARKER), {"stage": "train", "created": 0})
+    write_json(os.path.join(run_dir, "settings.json"), settings)
+    if finished:
+        write_json(os.path.join(run_dir, "result.json"), {"manifest_sha256": settings["manifest_sha256"],
+                                                          "samples_seen": 64, "steps": 8, "final_loss": 1.5})
+        mark_done(os.path.join(run_dir, "result.json"))
+    return cfg
+
+
+def test_a_run_trained_under_the_earlier_seeding_is_reused_only_where_that_seeding_is_todays(subset: str,
+                                                                                             tmp_path) -> None:
+    """A run trained before open_clip got seed x processes: one process, or seed 0, trained what the same
+    settings train now, and is reused as it is; seed 3 on 2 processes drew the shards of seeds 4 (rank 1 = rank
+    0 of seed 4), so its result is not reused and it is not resumed: refused, saying why and what to do."""
+    for seed, nproc in ((3, 1), (0, 2)):
+        run_dir = str(tmp_path / f"ok{seed}-{nproc}")
+        cfg = _old_run_record(subset, run_dir, seed, nproc)
+        assert train_stage.run(cfg).details["final_loss"] == 1.5
+        assert not os.path.exists(os.path.join(run_dir, "launches.jsonl"))  # not trained again
+    want = (r"trained with seed 3 on 2 processes under the earlier seeding, where open_clip seeded rank r with 3 \+ r.*"
+            r"seed replicates were not independent.*delete .* to train it again")
+    for finished in (True, False):
+        run_dir = str(tmp_path / f"old-{finished}")
+        cfg = _old_run_record(subset, run_dir, 3, 2, finished)
+        with pytest.raises(ConfigError, match=want):
+            train_stage.run(TrainConfig(**{**cfg.to_dict(), "resume": True}))
+        assert not os.path.exists(os.path.join(run_dir, "launches.jsonl"))  # nothing launched
+    # one process now, but a launch of the run had 2 (it was resumed with another --nproc)
+    run_dir = str(tmp_path / "mixed")
+    cfg = _old_run_record(subset, run_dir, 3, 1)
+    with open(os.path.join(run_dir, "launches.jsonl"), "w") as f:
+        f.write(json.dumps({"start": 0, "wall_s": 1.0, "resumed_from_samples": 0, "exit_code": -9, "world_size": 2})
+                + "\n" + '{"start": 1, "wall_')  # and a torn line of a killed launcher
+    with pytest.raises(ConfigError, match=r"seed 3 on 2 processes under the earlier seeding"):
+        train_stage.run(cfg)
+    # the same run recorded since (open_clip_seed in settings.json): reused
+    run_dir = str(tmp_path / "new")
+    cfg = _old_run_record(subset, run_dir, 3, 2)
+    settings_path = os.path.join(run_dir, "settings.json")
+    settings = json.loads(Path(settings_path).read_text())
+    Path(settings_path).write_text(json.dumps({**settings, "open_clip_seed": 6}))
+    assert train_stage.run(cfg).details["final_loss"] == 1.5
+
+
+@pytest.mark.slow
+def test_a_seed_on_two_cpu_processes_reaches_open_clip_as_seed_times_processes(subset: str, tmp_path) -> None:
+    """The real thing, 2 processes on gloo: open_clip's own record of its arguments (params.txt) holds seed 1 x 2,
+    so its ranks are seeded 2 and 3 (seed 2's are 4 and 5); settings.json keeps the user's seed beside it, and the
+    finished run is recognised as such by the same command."""
+    run_dir = str(tmp_path / "r")
+    cfg = TrainConfig(manifest=subset, model="lt-tiny", samples_seen=32, batch_size=8, nproc=2, workers=1, seed=1,
+                      checkpoint_every=16, log_every=1, lr=1e-3, output=run_dir)  # fmt: skip
+    result = train_stage.run(cfg).details
+    assert result["world_size"] == 2 and result["steps"] == 4 and math.isfinite(result["final_loss"])
+    params = Path(run_dir, "params.txt").read_text().splitlines()
+    assert "seed: 2" in params, params
+    settings = json.loads(Path(run_dir, "settings.json").read_text())
+    assert (settings["seed"], settings["open_clip_seed"]) == (1, 2)
+    assert train_stage.run(TrainConfig(**{**cfg.to_dict(), "resume": True})).details == result  # not trained again

@@ -128,7 +128,7 @@ class StudyConfig(StageConfig):
         if not self.output:
             raise ConfigError("study: `output` (the study folder) is required")
         from laiontools.stages.evaluate import EvaluateConfig
-        from laiontools.stages.train import TrainConfig
+        from laiontools.stages.train import TrainConfig, check_seed
 
         # YAML may spell settings with dashes, as the flags are written; typed as train's own --config file is
         self.train = TrainConfig.typed({str(k).replace("-", "_"): v for k, v in self.train.items()}, "study: train")
@@ -138,6 +138,8 @@ class StudyConfig(StageConfig):
             raise ConfigError(f"study: train.seed must be a whole number, got {base_seed!r}")
         if base_seed in [int(s) for s in self.extra_seeds] or len(set(self.extra_seeds)) != len(self.extra_seeds):
             raise ConfigError(f"study: extra_seeds {self.extra_seeds} must be distinct and differ from train.seed ({base_seed})")
+        for what, seed in (("train.seed", base_seed), *(("extra_seeds", s) for s in self.extra_seeds)):
+            check_seed(seed, self.nproc, f"study: {what}")  # before the grid trains, not at the run of that seed
         try:  # YAML reads 1e9 as a string and 1.0e+9 as a float; 3B as train and `study plan` take it
             self.samples_seen = [parse_count(n) for n in self.samples_seen]
             self.predict_at = [float(c) for c in self.predict_at]

@@ -15,7 +15,7 @@ manifest); its step count is chosen to divide the total so the count stays exact
 
 Run directory (``--output``, a local folder)::
 
-    settings.json       effective settings: config, manifest path + sha256, the plan, open_clip argv
+    settings.json       effective settings: config, manifest path + sha256, the plan, open_clip's seed, open_clip argv
     environment.json    versions, devices, world size, backend (of the latest launch)
     launches.jsonl      one line per launch (start, resumed-from samples seen, exit code)
     shards.json         shard URLs and sampling weights given to the trainer
@@ -112,6 +112,28 @@ PLANNED_FLAGS = (
 )
 
 
+def open_clip_seed(seed: int, world_size: int) -> int:
+    """The ``--seed`` open_clip_train gets for the user's `seed` on `world_size` processes: ``seed * world_size``.
+
+    open_clip_train seeds rank r with ``--seed + r`` (``random_seed(args.seed, args.rank)``: torch, numpy and
+    ``random``); the rank's data loader workers take their seeds from that torch generator, and their resampled
+    shard draws and augmentations from those. Given the seed as is, rank r of seed s was rank 0 of seed s + r:
+    seed replicates drew the same shards. Here rank r of seed s is seeded ``s * world_size + r``, one number per
+    (seed, rank). One process, or seed 0, gets the seed as before; the model's initial weights come from this
+    number (``random_seed(args.seed, 0)``), so with several processes a seed starts from other weights than in one.
+    """
+    return seed * world_size
+
+
+def check_seed(seed: Any, nproc: int, what: str) -> None:
+    """Raise ConfigError unless `seed` is a whole number open_clip can seed every one of `nproc` ranks with:
+    numpy takes seeds from 0 to 2**32 - 1, and the last rank's is ``seed * nproc + nproc - 1``."""
+    top = 2**32 // max(1, nproc) - 1
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= top:
+        raise ConfigError(f"{what} must be a whole number from 0 to {top} with {nproc} process(es), got {seed!r} "
+                          f"(open_clip seeds numpy with seed x processes + rank, which must be below 2**32)")
+
+
 class TrainError(UserError, RuntimeError):
     """Training failed or stopped early; the message says where the logs are and how to resume."""
 
@@ -194,9 +216,10 @@ class TrainConfig(StageConfig):
     precision: str | None = dataclasses.field(default=None, metadata={"help": "open_clip precision; default amp on GPU, fp32 on CPU"})
     device: str | None = dataclasses.field(default=None, metadata={"help": "cuda or cpu; default cuda when available"})
     seed: int = dataclasses.field(default=0, metadata={
-        "help": "random seed (open_clip_train's --seed: model init and the per-worker data order); two runs of one "
-                "command still differ in their weights (its resampled shard stream is not seeded per run), so compare "
-                "seeds by their spread, as study's extra_seeds does"})
+        "help": "random seed: model init, and each process's and data loader's shard draws (open_clip_train gets "
+                "seed x nproc, so that process r is seeded seed x nproc + r, its own for every seed and process); two "
+                "runs of one command still differ in their weights (open_clip's sample shuffle buffer is seeded from "
+                "the clock), so compare seeds by their spread, as study's extra_seeds does"})
     log_every: int = dataclasses.field(default=10, metadata={"help": "write a metrics line every N steps"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --output from its latest checkpoint"})
     open_clip_args: list[str] = dataclasses.field(
@@ -232,6 +255,7 @@ class TrainConfig(StageConfig):
             raise ConfigError(f"train: --checkpoint-every must be positive, got {self.checkpoint_every}")
         if self.workers < 0 or self.log_every <= 0:
             raise ConfigError("train: --workers must be >= 0 and --log-every >= 1")
+        check_seed(self.seed, self.nproc, "train: --seed")
         if self.warmup is not None and self.warmup < 0:
             raise ConfigError(f"train: --warmup must be >= 0, got {self.warmup}")
         owned = sorted({f for a in self.open_clip_args if (g := str(a).split("=", 1)[0]).startswith("--") and len(g) > 2
@@ -453,6 +477,8 @@ def build_settings(cfg: TrainConfig, manifest: dict[str, Any], plan: Plan, devic
         "eps": cfg.eps,
         "warmup": warmup,
         "seed": cfg.seed,
+        # what open_clip_train gets as --seed (open_clip_seed); its absence marks a run from before that mapping
+        "open_clip_seed": open_clip_seed(cfg.seed, plan.world_size),
         "precision": precision,
         "device": device,
         "open_clip_args": list(cfg.open_clip_args),
@@ -483,7 +509,7 @@ def open_clip_argv(s: dict[str, Any], plan: Plan, run_dir: str, cfg: TrainConfig
         "--eps", repr(s["eps"]),
         "--warmup", str(s["warmup"]),
         "--lr-scheduler", "cosine",
-        "--seed", str(s["seed"]),
+        "--seed", str(s["open_clip_seed"]),
         # log_base_path = logs/name = the run directory itself
         "--logs", os.path.dirname(run_dir),
         "--name", os.path.basename(run_dir),
@@ -557,13 +583,43 @@ def _truncate_metrics(path: str, last_step: int) -> int:
 
 
 def _check_same_run(run_dir: str, settings: dict[str, Any]) -> None:
-    """Raise ConfigError if the run in `run_dir` trains something else than `settings` (identity keys)."""
+    """Raise ConfigError if the run in `run_dir` trains something else than `settings` (identity keys), or
+    trained under the seeding from before :func:`open_clip_seed` where that seeding differs."""
     from laiontools.core.config import changed_settings
 
-    diff = changed_settings(read_json(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON)), settings, IDENTITY_KEYS)
+    old = read_json(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON))
+    diff = changed_settings(old, settings, IDENTITY_KEYS)
     if diff:
         raise ConfigError(f"train: {run_dir} holds a run with other settings: {diff}; use the original settings to resume "
                           "or reuse it, or give a new --output")
+    sizes = _world_sizes_seeded_otherwise(run_dir, old)
+    if sizes:
+        s = int(old["seed"])
+        raise ConfigError(
+            f"train: {run_dir} was trained with seed {s} on {'/'.join(map(str, sizes))} processes under the earlier "
+            f"seeding, where open_clip seeded rank r with {s} + r, the seed of rank 0 of seed {s} + r: its ranks drew the "
+            f"shards of runs of other seeds, and seed replicates were not independent. It is not resumed or reused: delete "
+            f"{run_dir} to train it again (rank r is now seeded {s} x processes + r), or give a new --output")
+
+
+def _world_sizes_seeded_otherwise(run_dir: str, old: dict[str, Any]) -> list[int]:
+    """The process counts (> 1) the run in `run_dir` trained with under the seeding from before
+    :func:`open_clip_seed` (its settings, `old`, record no ``open_clip_seed``; open_clip got ``--seed seed``), when
+    its seed is not 0: there that seeding and today's differ. [] for a run recorded since, one process, or seed 0:
+    what it trained is what the same settings train today. The counts are the latest launch's (settings.json) and
+    every ended launch's (launches.jsonl)."""
+    if "open_clip_seed" in old or not int(old.get("seed", 0)):
+        return []
+    sizes = {int((old.get("plan") or {}).get("world_size", 1))}
+    path = os.path.join(run_dir, layout.TRAIN_LAUNCHES_JSONL)
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    sizes.add(int(json.loads(line).get("world_size", 1)))
+                except (ValueError, TypeError, AttributeError):
+                    continue  # a torn line of a killed launcher; the latest launch is in settings.json
+    return sorted(n for n in sizes if n > 1)
 
 
 def _prepare_run_dir(cfg: TrainConfig, settings: dict[str, Any], plan: Plan) -> int:

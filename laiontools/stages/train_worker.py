@@ -10,8 +10,8 @@ laiontools needs in every rank, without copying the trainer:
   ``--train-data`` and ``--train-data-upsampling-factors``;
 * writes every rank's log to ``<run_dir>/logs/rank<R>.log``;
 * makes every checkpoint open_clip_train writes atomic (:func:`_atomic_checkpoints`);
-* seeds the shard draws of a rank that reads its own data (``--workers 0``) by epoch and ``--seed``
-  (:func:`_seed_shard_draws_in_the_rank`);
+* seeds the shard draws of a rank that reads its own data (``--workers 0``) by epoch, rank and the user's seed
+  (:func:`_seed_shard_draws_in_the_rank`; open_clip's own ``--seed`` is that seed times the world size);
 * names every sample the loader skips in the rank's log and counts it in ``<run_dir>/logs/skipped/``
   (:class:`SkipRecord`; the train stage sums them into result.json), and stops a loader that reads
   nothing that decodes (:func:`_stop_when_nothing_decodes`);
@@ -152,7 +152,8 @@ def _seed_shard_draws_in_the_rank(seed: int) -> None:
     which adds the epoch to a dataloader worker's seed but, outside a worker process, returns webdataset's
     ``rank * 1000``: the epoch and ``--seed`` were ignored, every virtual epoch drew the same shards in the
     same order, and a subset larger than what one epoch reads was never seen past the shards of the first.
-    In the rank the seed is made from (``--seed``, rank, epoch); a dataloader worker's is open_clip's own.
+    In the rank the seed is made from (the user's seed, rank, epoch); a dataloader worker's is open_clip's own
+    (from the rank's torch generator, seeded ``seed * world_size + rank``: :func:`laiontools.stages.train.open_clip_seed`).
     open_clip_train.data looks the name up at each epoch.
     """
     import hashlib
@@ -507,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     run_dir = argv[0]
     with open(os.path.join(run_dir, layout.TRAIN_SETTINGS_JSON)) as f:
-        oc_argv = list(json.load(f)["open_clip_argv"]) + argv[1:]
+        settings = json.load(f)
+    oc_argv = list(settings["open_clip_argv"]) + argv[1:]
     from laiontools.core.launch import die_with_parent
 
     die_with_parent()
@@ -530,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     _atomic_checkpoints()
     _stop_when_nothing_decodes(os.path.join(run_dir, layout.TRAIN_SKIPPED_DIR))
     _decode_wide_images()
-    _seed_shard_draws_in_the_rank(int(oc_argv[oc_argv.index("--seed") + 1]))
+    # the user's seed (open_clip's --seed is seed x world size: train.open_clip_seed); (seed, rank) hashed is
+    # already one stream per seed and rank
+    _seed_shard_draws_in_the_rank(int(settings["seed"]))
     _stop_on_divergence(int(oc_argv[oc_argv.index("--log-every-n-steps") + 1]) if "--log-every-n-steps" in oc_argv else 1)
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
