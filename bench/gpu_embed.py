@@ -81,17 +81,26 @@ def _data_only(tasks: list[dict], emb, cfg) -> float:
     no model. The step's ceiling on this machine's CPUs."""
     from torch.utils.data import DataLoader
 
-    from laiontools.stages.embed import _auto_workers, _shard_batches_iterable
+    from laiontools.stages.embed import ShardSpool, _auto_workers, _shard_batches_iterable
 
     workers = _auto_workers(cfg.num_workers, emb.device)
-    ds = _shard_batches_iterable()(tasks, emb.batch_preprocess, emb.tokenizer, cfg.batch_size,
-                                   tuple(emb.info["image_size"]), cfg.verify_shards, cfg.fast_decode)
-    loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=emb.device.startswith("cuda"),
-                        prefetch_factor=4 if workers else None)
-    t, n = time.perf_counter(), 0
-    for b in loader:
-        n += len(b.get("keys", ()))
-    return n / (time.perf_counter() - t)
+    # as the step does: with workers, each shard fetched and checked once into a spool the workers read
+    spool = ShardSpool(tasks, cfg.verify_shards, workers) if workers else None
+    try:
+        ds = _shard_batches_iterable()(tasks, emb.batch_preprocess, emb.tokenizer, cfg.batch_size,
+                                       tuple(emb.info["image_size"]), cfg.verify_shards, cfg.fast_decode,
+                                       spool.dir if spool is not None else None)
+        loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=emb.device.startswith("cuda"),
+                            prefetch_factor=4 if workers else None)
+        t, n = time.perf_counter(), 0
+        if spool is not None:
+            spool.start()
+        for b in loader:
+            n += len(b.get("keys", ()))
+        return n / (time.perf_counter() - t)
+    finally:
+        if spool is not None:
+            spool.close()
 
 
 def bench(model: str, manifest: str, batch: int, workers: int, device: str, precision: str, out_dir: str,

@@ -1361,3 +1361,165 @@ def test_a_run_killed_while_it_writes_a_shard_leaves_no_unpaired_file_for_embedd
                              metadata_folder=str(out / layout.EMB_META_DIR), meta_columns=["uid", "key"])
     keys = [k for _, m in reader(batch_size=100, show_progress=False) for k in m["key"]]
     assert reader.count == 24 and keys == sorted(keys) and len(set(keys)) == 24
+
+
+# --------------------------------------------------------------------------------------------------
+# Each shard fetched and sha256-checked once per process, whatever the number of decode workers
+
+
+def _shard_file_hashes(out: str) -> dict[str, str]:
+    """{relative path: sha256} of the shard data files (vectors, meta, scores; not the markers, which
+    record timings, nor model.json, which records the manifest's path)."""
+    import hashlib
+
+    got = {}
+    for d in (layout.EMB_IMG_DIR, layout.EMB_TEXT_DIR, layout.EMB_META_DIR, layout.EMB_SCORES_DIR):
+        for name in sorted(os.listdir(os.path.join(out, d))):
+            if name.endswith((".npy", ".parquet")):
+                with open(os.path.join(out, d, name), "rb") as f:
+                    got[f"{d}/{name}"] = hashlib.sha256(f.read()).hexdigest()
+    return got
+
+
+def _spool_dirs(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("laiontools-embed-spool-"))
+
+
+def test_decode_workers_fetch_and_hash_each_s3_shard_once(small_pool, s3, s3_server, tmp_path, monkeypatch):
+    """With W decode workers every worker read and sha256-hashed every shard (W times the GETs and bytes
+    on an object store, and the hashing): now the main process stages each shard once and the workers
+    read its verified local copy. Counted where the bytes leave the S3 server (its GETs and body bytes)
+    and where shard bytes are hashed (in every process: the workers are forked); the output is the same
+    bytes as the in-process run's (workers=0, which reads each shard itself, as before)."""
+    import hashlib
+    import uuid
+
+    from laiontools.contracts.manifest import read_manifest
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    bucket = f"lt-{uuid.uuid4().hex[:10]}"
+    s3.mkdir(bucket)
+    s3.put(os.path.dirname(small_pool) + "/", f"{bucket}/pool", recursive=True)
+    s3.invalidate_cache()
+    manifest = f"s3://{bucket}/pool/{os.path.basename(small_pool)}"
+    shards = read_manifest(small_pool)["shards"]
+    shas = {s["sha256"] for s in shards}
+    total = sum(os.path.getsize(os.path.join(os.path.dirname(small_pool), s["path"])) for s in shards)
+
+    hashed = tmp_path / "hashed.log"
+    real_sha256 = hashlib.sha256
+
+    def spy_sha256(data=b"", **kw):  # the real hash; a line for each hash of a whole shard's bytes
+        h = real_sha256(data, **kw)
+        if h.hexdigest() in shas:
+            with open(hashed, "a") as f:
+                f.write(f"{os.getpid()} {h.hexdigest()}\n")
+        return h
+
+    monkeypatch.setattr(hashlib, "sha256", spy_sha256)
+    s3_server.watch(f"/{bucket}/pool/shards/")
+    out2 = str(tmp_path / "w2")
+    res = embed_stage.run(EmbedConfig(manifest=manifest, output=out2, model=MODEL, batch_size=5, num_workers=2,
+                                      device="cpu")).details
+    gets, got_bytes = s3_server.gets, s3_server.bytes
+    monkeypatch.setattr(hashlib, "sha256", real_sha256)
+    assert res.ok and res.shards_embedded == ["00000", "00001", "00002"], res
+    assert got_bytes == total, f"the shards' bytes crossed the wire {got_bytes / total:.2f} times"
+    assert gets == len(shards), f"{gets} GETs for {len(shards)} shards"
+    lines = hashed.read_text().split()
+    assert sorted(lines[1::2]) == sorted(shas), f"shard hashes (pid, sha256): {lines}"
+
+    out0 = str(tmp_path / "w0")
+    assert _run(small_pool, out0, "--num-workers", "0") == 0
+    assert _shard_file_hashes(out2) == _shard_file_hashes(out0)
+
+
+def test_decode_workers_give_the_same_bytes_and_leave_no_spool(small_pool, tmp_path, monkeypatch, caplog):
+    """The shard files are the same bytes with 0 and 2 decode workers (1 and 4 shards per batch slot
+    layout alike), and the spool folder the workers read from is gone after the run, also after a run
+    that fails (non-finite weights, raised in the main loop while the workers are busy)."""
+    import tempfile
+
+    import torch
+
+    from laiontools.models.registry import load_model
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    outs = {}
+    for w in (0, 2):
+        outs[w] = str(tmp_path / f"w{w}")
+        with caplog.at_level("DEBUG", logger="laiontools.stages.embed"):
+            assert _run(small_pool, outs[w], "--num-workers", str(w)) == 0
+        assert _spool_dirs(tmp) == []
+    assert _shard_file_hashes(outs[0]) == _shard_file_hashes(outs[2])
+    staged = [r.getMessage() for r in caplog.records if "staging 3 shard(s) once in" in r.getMessage()]
+    assert len(staged) == 1 and str(tmp) in staged[0], staged  # the workers=2 run used a spool, under tmp
+
+    sd = load_model(MODEL).model.state_dict()
+    sd["visual.proj"] = torch.full_like(sd["visual.proj"], float("nan"))
+    ckpt = tmp_path / "nan.pt"
+    torch.save(sd, ckpt)
+    with pytest.raises(ModelError, match="non-finite"):
+        _run(small_pool, str(tmp_path / "nan"), "--num-workers", "2", "--pretrained", str(ckpt))
+    assert _spool_dirs(tmp) == []
+
+
+def test_bad_shards_with_decode_workers_give_one_error_each_with_the_in_process_words(small_pool, tmp_path):
+    """A missing shard and one whose sha256 is not the manifest's, with 2 decode workers reading the
+    spool: exactly one stats entry each, {'id', 'error'} with the words read_shard_samples gives, and the
+    other shard written as the in-process run writes it."""
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages.embed import ShardError, _embed_tasks, _shard_tasks
+
+    pool = str(tmp_path / "pool")
+    shutil.copytree(os.path.dirname(small_pool), pool)
+    manifest = os.path.join(pool, layout.POOL_MANIFEST)
+    os.remove(os.path.join(pool, "shards", "00000.tar"))
+    with open(os.path.join(pool, "shards", "00002.tar"), "r+b") as f:  # flip a byte: sha256 mismatch
+        f.seek(600)
+        b = f.read(1)
+        f.seek(600)
+        f.write(bytes([b[0] ^ 0xFF]))
+    tasks = _shard_tasks(manifest, read_manifest(manifest))
+    want = {}
+    for t in tasks:
+        try:
+            read_shard_samples(t["url"], t["sha256"])
+        except ShardError as e:
+            want[t["id"]] = str(e)
+    assert sorted(want) == ["00000", "00002"]
+    emb = Embedder(MODEL, None, "cpu", 5, "auto")
+    outs = {}
+    for w in (2, 0):
+        outs[w] = str(tmp_path / f"w{w}")
+        os.makedirs(outs[w])
+        stats = _embed_tasks(tasks, emb, EmbedConfig(manifest=manifest, output=outs[w], model=MODEL, batch_size=5,
+                                                     num_workers=w))
+        errors = [s for s in stats if "error" in s]
+        assert sorted(errors, key=lambda s: s["id"]) == [{"id": k, "error": v} for k, v in sorted(want.items())], w
+        assert [s["id"] for s in stats if "error" not in s] == ["00001"]
+    assert [s for s, *_ in read_embeddings(outs[2])] == ["00001"]
+    assert _shard_file_hashes(outs[2]) == _shard_file_hashes(outs[0])
+
+
+def test_a_decode_worker_never_waits_forever_for_a_shard(tmp_path):
+    """A worker waiting for a shard the stager will not stage (it stopped, the run ended, or nothing came
+    in time) raises an error naming the shard instead of waiting."""
+    from laiontools.stages.embed import ShardError, spooled_shard_samples
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    task = {"id": "00007", "url": "s3://b/pool/shards/00007.tar"}
+    with pytest.raises(RuntimeError, match=r"shard s3://b/pool/shards/00007\.tar was not staged in 0s"):
+        spooled_shard_samples(str(spool), 0, task, 0, wait_s=0)
+    (spool / "FATAL").write_text("ConnectionError: the store went away")
+    with pytest.raises(RuntimeError, match=r"00007\.tar was not staged: the shard stager stopped \(ConnectionError"):
+        spooled_shard_samples(str(spool), 0, task, 0)
+    with pytest.raises(RuntimeError, match=r"00007\.tar was not staged: the spool folder .* is gone"):
+        spooled_shard_samples(str(tmp_path / "gone"), 0, task, 0)
+    (spool / "000000.error").write_text("shard s3://b/pool/shards/00007.tar is missing; re-run download")
+    with pytest.raises(ShardError, match="^shard s3://b/pool/shards/00007.tar is missing; re-run download$"):
+        spooled_shard_samples(str(spool), 0, task, 1)
+    assert (spool / "000000.read.1").exists()  # the stager may now drop it (once every worker has it)

@@ -30,7 +30,8 @@ Engines, one code path (:func:`_embed_tasks`) for all of them:
 ``auto`` (default) is ``spark`` under spark-submit or when a Spark master is named, else ``local``.
 
 * ``local``: one process; a torch DataLoader whose workers read the tars, decode and
-  preprocess, so the model never waits on JPEG decode. Workers apply open_clip's resize / crop and
+  preprocess, so the model never waits on JPEG decode. Each shard is fetched and sha256-checked once
+  per process (:class:`ShardSpool` stages it locally for the workers), whatever the worker count. Workers apply open_clip's resize / crop and
   hand over uint8 batches; scaling + normalization run once per batch on the model's device, and
   captions skip their padding (:mod:`laiontools.models.encode`: exact equivalents of open_clip's calls). Under ``torchrun`` (``WORLD_SIZE`` > 1) each
   rank takes ``shards[rank::world]`` and its GPU ``cuda:LOCAL_RANK``; rank 0 writes the report.
@@ -178,7 +179,16 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
     """All samples of a webdataset tar in order: [(key, {ext: bytes})].
 
     Raises ShardError naming the shard if it is missing, its sha256 differs from `expected_sha256`
-    (when given), or it is not a readable tar.
+    (when given), or it is not a readable tar. (:func:`fetch_shard`, then :func:`parse_shard`.)
+    """
+    return parse_shard(url, fetch_shard(url, expected_sha256))
+
+
+def fetch_shard(url: str, expected_sha256: str | None) -> bytes:
+    """The bytes of shard `url` (one read), checked against `expected_sha256` when given.
+
+    Raises ShardError naming the shard if it is missing, not a regular file, a compressed tar, or its
+    sha256 differs from `expected_sha256`.
     """
     import hashlib
 
@@ -204,6 +214,12 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
                 f"shard {url} has sha256 {got[:16]}… but the manifest says {expected_sha256[:16]}…; "
                 f"the file changed or is truncated: re-download it or regenerate the manifest"
             )
+    return data
+
+
+def parse_shard(url: str, data: bytes) -> list[tuple[str, dict[str, bytes]]]:
+    """The samples of shard `url` from its bytes `data`, in tar order; ShardError naming `url` if it is
+    not a readable tar."""
     from laiontools.wds.samples import iter_samples
 
     try:
@@ -212,6 +228,168 @@ def read_shard_samples(url: str, expected_sha256: str | None) -> list[tuple[str,
         return list(iter_samples(data, adjacent=False, on_duplicate="last"))
     except tarfile.TarError as e:
         raise ShardError(f"shard {url} is not a readable tar ({e}); re-download it") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# The shard spool: each shard fetched and sha256-checked once per process, whatever the worker count
+#
+# Every decode worker needs every shard's sample count (batch slots are numbered across shards, see
+# ShardBatches), so with W workers each shard used to be read, and hashed, W times: on an object store W
+# times the GETs and bytes. With workers, the main process stages each shard once instead: a thread
+# (ShardSpool) fetches it (fetch_shard: the sha256 check) into a private local folder, and the workers
+# read that copy (parse_shard, no second hash). Local shards are copied too: the workers then read
+# exactly the bytes that were verified, even if the pool file is rewritten during the run.
+#
+# Files in the spool folder, for the shard at position i of the task list (names are positions, never
+# shard paths): "<i>.tar" (the verified bytes) or "<i>.error" (the ShardError text), each written under a
+# temporary name and renamed; "<i>.read.<w>" once worker w holds the shard in memory; "FATAL" (the
+# stager's own failure, not a shard's). A shard's files go when every worker has read it, and the stager
+# stays at most SPOOL_AHEAD shards ahead of the slowest worker: the folder holds at most that many shards.
+#
+# Not chosen: giving each worker whole shards (no shared reads at all). A process with fewer shards than
+# workers (a Spark task has one) would decode on one worker, and uneven shards would stall the in-order
+# round robin; slots across every shard keep all workers busy, for a local copy read per worker.
+
+SPOOL_AHEAD = 2
+SPOOL_WAIT_S = 1800.0  # how long a worker waits for one shard before it names it and gives up
+_SPOOL_POLL_S = 0.01
+_SPOOL_FATAL = "FATAL"
+
+
+def _spool_base(spool_dir: str, i: int) -> str:
+    return os.path.join(spool_dir, f"{i:06d}")
+
+
+def _spool_write(path: str, data: bytes) -> None:
+    """`data` at `path`, complete or not at all (a reader polls for `path`)."""
+    tmp = path + ".part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class ShardSpool:
+    """Stages `tasks`' shards, in order, into a private temp folder for `readers` DataLoader workers.
+
+    ``start()`` starts the stager thread, ``close()`` stops it and removes the folder (call it in a
+    ``finally``). ``error`` is what stopped the stager when it is not a shard's own problem (a shard
+    that is missing, changed or not a tar is an ``.error`` file its workers turn into its error slot).
+    """
+
+    def __init__(self, tasks: list[dict[str, Any]], verify: bool, readers: int, ahead: int = SPOOL_AHEAD) -> None:
+        import tempfile
+        import threading
+
+        if readers < 1 or ahead < 1:
+            raise ValueError(f"ShardSpool: readers ({readers}) and ahead ({ahead}) must be >= 1")
+        self.tasks, self.verify, self.readers, self.ahead = tasks, verify, readers, ahead
+        self.dir = tempfile.mkdtemp(prefix="laiontools-embed-spool-")
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="laiontools-embed-spool", daemon=True)
+
+    def start(self) -> None:
+        log.debug("staging %d shard(s) once in %s for %d workers", len(self.tasks), self.dir, self.readers)
+        self._thread.start()
+
+    def close(self) -> None:
+        import shutil
+
+        self._stop.set()
+        if self._thread.is_alive():
+            # (a fetch in progress cannot be interrupted: the thread is a daemon, and writes nothing once stopped)
+            self._thread.join(timeout=30)
+        # After a failed run the workers may still be alive for a moment and mark a shard read while the
+        # folder is being removed (its rmdir then fails): once the folder is gone, nothing can write in it.
+        for _ in range(5):
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if not os.path.exists(self.dir):
+                return
+        log.warning("could not remove the shard spool folder %s; remove it by hand", self.dir)
+
+    def _read_by_all(self, i: int) -> bool:
+        base = _spool_base(self.dir, i)
+        return all(os.path.exists(f"{base}.read.{w}") for w in range(self.readers))
+
+    def _drop(self, i: int) -> None:
+        base = _spool_base(self.dir, i)
+        for name in (f"{base}.tar", f"{base}.error", *(f"{base}.read.{w}" for w in range(self.readers))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+
+    def _run(self) -> None:
+        try:
+            for i, task in enumerate(self.tasks):
+                if i >= self.ahead:  # the window: shard i - ahead read by every worker, then dropped
+                    while not self._read_by_all(i - self.ahead):
+                        if self._stop.wait(_SPOOL_POLL_S):
+                            return
+                    self._drop(i - self.ahead)
+                if self._stop.is_set():
+                    return
+                base = _spool_base(self.dir, i)
+                try:
+                    data = fetch_shard(task["url"], task["sha256"] if self.verify else None)
+                except ShardError as e:
+                    _spool_write(f"{base}.error", str(e).encode("utf-8"))
+                    continue
+                if self._stop.is_set():
+                    return
+                _spool_write(f"{base}.tar", data)
+                del data
+        except BaseException as e:  # noqa: BLE001 - handed to the workers (FATAL) and to the main loop (error)
+            if self._stop.is_set():
+                return  # the run is over (the folder may be gone): nothing waits for this thread
+            self.error = e
+            with contextlib.suppress(OSError):
+                _spool_write(os.path.join(self.dir, _SPOOL_FATAL), f"{type(e).__name__}: {e}".encode())
+
+
+def spooled_shard_samples(spool_dir: str, i: int, task: dict[str, Any], reader: int,
+                          wait_s: float = SPOOL_WAIT_S) -> list[tuple[str, dict[str, bytes]]]:
+    """In DataLoader worker `reader`: the samples of the shard at position `i`, from the spool's copy.
+
+    Waits (polling) for the stager's file; raises the shard's ShardError (its ``.error`` file: the text
+    read_shard_samples gives) or the tar's (:func:`parse_shard`); RuntimeError naming the shard when the
+    stager stopped (FATAL), the spool folder is gone (the run ended), or nothing came in `wait_s` seconds.
+    """
+    base = _spool_base(spool_dir, i)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(f"{base}.tar", "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            pass
+        else:
+            _spool_mark_read(base, reader)
+            return parse_shard(task["url"], data)
+        try:
+            with open(f"{base}.error", encoding="utf-8") as f:
+                error = f.read()
+        except FileNotFoundError:
+            pass
+        else:
+            _spool_mark_read(base, reader)
+            raise ShardError(error)
+        fatal = os.path.join(spool_dir, _SPOOL_FATAL)
+        if os.path.exists(fatal):
+            with open(fatal, encoding="utf-8", errors="replace") as f:
+                why = f.read()
+            raise RuntimeError(f"embed: shard {task['url']} was not staged: the shard stager stopped ({why})")
+        if not os.path.isdir(spool_dir):
+            raise RuntimeError(f"embed: shard {task['url']} was not staged: the spool folder {spool_dir} is gone "
+                               f"(the run ended)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"embed: shard {task['url']} was not staged in {wait_s:.0f}s (spool {spool_dir}); "
+                               f"the shard stager is stuck: check the store's reachability and retry")
+        time.sleep(_SPOOL_POLL_S)
+
+
+def _spool_mark_read(base: str, reader: int) -> None:
+    """Worker `reader` holds the shard (its bytes or its error): the stager may drop the shard's files
+    once every worker has it."""
+    _spool_write(f"{base}.read.{reader}", b"")
 
 
 def load_image(data: bytes, preprocess: Any, draft_size: int | None = None, input_side: int | None = None) -> Any:
@@ -272,10 +450,15 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
         slots; a bad shard has one error slot). Worker w of W produces the slots s with s % W == w;
         the DataLoader's in-order round robin over workers then yields slots in order, so the main
         process can assemble each shard row-aligned without reordering.
+
+        `spool_dir` (with workers): the folder a :class:`ShardSpool` stages the shards in; each worker
+        reads every shard's verified copy there (it needs every shard's slot count) instead of
+        fetching and hashing the shard itself. None (no workers): each shard is read here, once.
         """
 
         def __init__(self, tasks: list[dict[str, Any]], preprocess: Any, tokenizer: Any, batch_size: int,
-                     image_size: tuple[int, int], verify: bool, fast_decode: bool = False) -> None:
+                     image_size: tuple[int, int], verify: bool, fast_decode: bool = False,
+                     spool_dir: str | None = None) -> None:
             # `preprocess`: a BatchPreprocess. When it splits, slots hold uint8 and the model side
             # normalizes the whole batch; otherwise open_clip's transform runs per image (float).
             self.tasks, self.tokenizer = tasks, tokenizer
@@ -283,16 +466,24 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
             self.preprocess = preprocess.to_uint8 if preprocess.split else preprocess.preprocess
             self.batch_size, self.image_size, self.verify = batch_size, image_size, verify
             self.draft_size = max(image_size) if fast_decode else None
+            self.spool_dir = spool_dir
+
+        def _samples(self, i: int, task: dict[str, Any], w: int) -> list[tuple[str, dict[str, bytes]]]:
+            if self.spool_dir is None:
+                return read_shard_samples(task["url"], task["sha256"] if self.verify else None)
+            return spooled_shard_samples(self.spool_dir, i, task, w)
 
         def __iter__(self) -> Iterator[dict[str, Any]]:
             wi = get_worker_info()
             w, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
             if wi is not None:
                 torch.set_num_threads(1)  # decode workers must not fight the model for cores
+            if (self.spool_dir is not None) != (wi is not None):
+                raise RuntimeError("ShardBatches: a spool folder goes with DataLoader workers, and only with them")
             slot = 0
-            for task in self.tasks:
+            for i, task in enumerate(self.tasks):
                 try:
-                    samples = read_shard_samples(task["url"], task["sha256"] if self.verify else None)
+                    samples = self._samples(i, task, w)
                 except ShardError as e:
                     if slot % nw == w:
                         yield {"shard": task["id"], "error": str(e), "batch": 0, "nbatches": 1}
@@ -436,18 +627,40 @@ def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConf
     if not tasks:
         return []
     workers = _auto_workers(cfg.num_workers, embedder.device)
-    dataset = _shard_batches_iterable()(
-        tasks, embedder.batch_preprocess, embedder.tokenizer, cfg.batch_size,
-        tuple(embedder.info["image_size"]), cfg.verify_shards, cfg.fast_decode,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=embedder.device.startswith("cuda"),
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
+    # With workers, each shard is fetched and sha256-checked once, by the spool, not once per worker
+    # (see ShardSpool); without them the dataset runs here and reads each shard once already.
+    spool = ShardSpool(tasks, cfg.verify_shards, workers) if workers else None
+    try:
+        dataset = _shard_batches_iterable()(
+            tasks, embedder.batch_preprocess, embedder.tokenizer, cfg.batch_size,
+            tuple(embedder.info["image_size"]), cfg.verify_shards, cfg.fast_decode,
+            spool.dir if spool is not None else None,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=embedder.device.startswith("cuda"),
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
+        if spool is not None:
+            spool.start()
+        try:
+            return _embed_loop(tasks, loader, embedder, cfg)
+        except Exception as e:
+            if spool is not None and spool.error is not None:
+                # a worker stopped because the stager did: the stager's own error says what happened
+                raise spool.error from e
+            raise
+    finally:
+        if spool is not None:
+            spool.close()
+
+
+def _embed_loop(tasks: list[dict[str, Any]], loader: Any, embedder: Embedder, cfg: EmbedConfig) -> list[dict[str, Any]]:
+    """The main loop of :func:`_embed_tasks`: `loader`'s batches, in slot order, embedded and assembled
+    into shards, each written once its last batch is in."""
     by_id = {t["id"]: t for t in tasks}
     pending: dict[str, list[dict[str, Any]]] = {}
     started: dict[str, float] = {}
