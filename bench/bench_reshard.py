@@ -228,6 +228,20 @@ def _compiled_off(off: bool):
         reshard_stage._native_members, writer._pack_members = saved
 
 
+@contextlib.contextmanager
+def _one_decode_thread(on: bool):
+    """Reshard's plan decoding every catalog column on one thread while `on` (reshard.SPLIT_SHA_DECODE off)."""
+    from laiontools.stages import reshard as reshard_stage
+
+    saved = reshard_stage.SPLIT_SHA_DECODE
+    if on:
+        reshard_stage.SPLIT_SHA_DECODE = False
+    try:
+        yield
+    finally:
+        reshard_stage.SPLIT_SHA_DECODE = saved
+
+
 def evict(root: str) -> None:
     """Drop the pool's source tars and catalog from the page cache (fsync, then POSIX_FADV_DONTNEED: no
     root needed), so that the next run reads them from the disk, as a pool of LAION size is read."""
@@ -250,7 +264,8 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
     reshard and every copy (both read it from the disk); otherwise both read it from the page cache.
     `compare`: also reshard each subset another way, alternated with the default run, and report both:
     "python", with the compiled per-sample path off (laiontools.wds.tarfast); "direct-io", with the
-    output written with O_DIRECT whatever its size (reshard --direct-io)."""
+    output written with O_DIRECT whatever its size (reshard --direct-io); "one-decode-thread", with the
+    plan's catalog columns all decoded on one thread (reshard.SPLIT_SHA_DECODE off)."""
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages import subsets as subsets_stage
@@ -291,7 +306,7 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
                 shutil.rmtree(dst, ignore_errors=True)
                 if cold:
                     evict(root)
-                with _PhaseTimes() as ph, _compiled_off(pure and compare == "python"):
+                with _PhaseTimes() as ph, _compiled_off(pure and compare == "python"), _one_decode_thread(pure and compare == "one-decode-thread"):
                     t = time.perf_counter()
                     res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size,
                                                           direct_io=True if pure and compare == "direct-io" else None),
@@ -334,6 +349,13 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
             out["subsets"][-1].update({"direct_io_reshard_s": [round(x, 2) for x in pure_s], "direct_io_phases_s": pure_phases,
                                        "direct_io_ratio": round(copy_s / d_s, 3), "direct_io_ratio_write_phase": round(copy_s / d_write, 3),
                                        "default_speedup_over_direct_io": round(d_s / reshard_s, 3)})
+        if compare == "one-decode-thread":
+            o_s = med(pure_s)
+            o_plan = med([p.get("plan_s", float("nan")) for p in pure_phases])
+            out["subsets"][-1].update({"one_thread_reshard_s": [round(x, 2) for x in pure_s], "one_thread_phases_s": pure_phases,
+                                       "one_thread_ratio": round(copy_s / o_s, 3), "one_thread_plan_s": round(o_plan, 3),
+                                       "plan_s": round(med([p.get("plan_s", float("nan")) for p in phases]), 3),
+                                       "split_decode_speedup": round(o_s / reshard_s, 3)})
         if compare == "python":
             py_s = med(pure_s)
             py_write = med([p.get("write_s", float("nan")) for p in pure_phases])
@@ -413,6 +435,9 @@ def main() -> int:
                     help="nested mode: also reshard with the compiled per-sample path off (as without a C compiler), alternated, and report both")
     ap.add_argument("--compare-direct-io", dest="compare", action="store_const", const="direct-io",
                     help="nested mode: also reshard with the output written with O_DIRECT whatever its size (--direct-io), alternated, and report both")
+    ap.add_argument("--compare-one-decode-thread", dest="compare", action="store_const", const="one-decode-thread",
+                    help="nested mode: also reshard with the plan's catalog columns decoded on one thread (the span sha256 "
+                         "column not on a thread of its own), alternated, and report both")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()

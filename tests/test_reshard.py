@@ -1094,3 +1094,40 @@ def test_a_catalog_file_storing_columns_as_null_type_is_resharded_on_spark(spark
     assert pq.read_schema(str(cat / "part-00000.parquet")).field(C.SHARD).type == pa.null()
     reshard_stage.run(ReshardConfig(manifest=sub, output=str(tmp_path / "b"), shard_size=8), spark)
     _same_output(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+def test_the_span_sha256_column_decoded_on_its_own_thread_gives_the_same_shards(subset, resharded, tmp_path, monkeypatch):
+    """In process, the plan decodes the catalog's span sha256 column (half the bytes it decodes) on a second
+    thread beside the other columns (BENCHMARKS.md: the plan 0.059 against 0.070 s at 2 %). Both ways write the
+    same shards; the thread's batches are the plan reader's, an error of the thread is raised where its batch is
+    taken, and the thread is gone when the plan leaves the file early."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    for split in (True, False):
+        monkeypatch.setattr(reshard_stage, "SPLIT_SHA_DECODE", split)
+        out = str(tmp_path / f"split-{split}")
+        assert reshard_stage.run(ReshardConfig(manifest=subset, output=out, shard_size=8)).details["engine"] == "in-process"
+        _same_output(resharded, out)
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"tar_sha256": [f"{i:064x}" for i in range(10)]}), path)
+    monkeypatch.setattr(reshard_stage, "PLAN_BATCH_ROWS", 4)
+
+    def decoding() -> list:
+        return [t for t in threading.enumerate() if t.name == "laiontools-plan-decode"]
+
+    with reshard_stage._batches_beside(str(path), ["tar_sha256"]) as it:
+        got = list(it)
+    assert [b.num_rows for b in got] == [4, 4, 2]
+    assert [x for b in got for x in b.column(0).to_pylist()] == [f"{i:064x}" for i in range(10)]
+    with reshard_stage._batches_beside(str(path), ["tar_sha256"]) as it:
+        next(it)  # left after one batch of three
+    assert decoding() == []
+    with pytest.raises(FileNotFoundError), reshard_stage._batches_beside(str(tmp_path / "gone.parquet"), ["tar_sha256"]) as it:
+        next(it)
+    assert decoding() == []
+    with reshard_stage._batches_beside(str(path), []) as it:
+        assert list(it) == [] and decoding() == []

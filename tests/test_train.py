@@ -831,3 +831,27 @@ def test_a_seed_on_two_cpu_processes_reaches_open_clip_as_seed_times_processes(s
     settings = json.loads(Path(run_dir, "settings.json").read_text())
     assert (settings["seed"], settings["open_clip_seed"]) == (1, 2)
     assert train_stage.run(TrainConfig(**{**cfg.to_dict(), "resume": True})).details == result  # not trained again
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_two_runs_of_one_command_train_the_same_weights(subset: str, tmp_path, workers: int) -> None:
+    """open_clip's sample shuffle buffer was seeded from the process id and the clock (webdataset's
+    `_shuffle`), so two runs of one command on one machine trained on other sample orders and ended with other
+    weights: a study point could not be trained again to check it. Seeded from the data seeds now (with a loader
+    worker, and in a rank that reads its own data): the same losses at every step and the same weights, and
+    another seed trains others."""
+    import torch
+
+    from laiontools.contracts import layout
+
+    def train(name: str, seed: int) -> tuple[list, dict]:
+        run_dir = tmp_path / name
+        train_stage.run(TrainConfig(manifest=subset, model="lt-tiny", samples_seen=48, batch_size=8, workers=workers,
+                                    checkpoint_every=24, log_every=1, lr=1e-3, device="cpu", seed=seed, output=str(run_dir)))
+        losses = [json.loads(x)["loss"] for x in (run_dir / layout.TRAIN_METRICS_JSONL).read_text().splitlines()]
+        return losses, torch.load(run_dir / layout.TRAIN_MODEL_FILE, map_location="cpu", weights_only=True)
+
+    (la, a), (lb, b), (lc, c) = train("a", 5), train("b", 5), train("c", 6)
+    assert len(la) == 6 and la == lb, (la, lb)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert la != lc and not all(torch.equal(a[k], c[k]) for k in a)

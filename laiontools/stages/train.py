@@ -216,10 +216,10 @@ class TrainConfig(StageConfig):
     precision: str | None = dataclasses.field(default=None, metadata={"help": "open_clip precision; default amp on GPU, fp32 on CPU"})
     device: str | None = dataclasses.field(default=None, metadata={"help": "cuda or cpu; default cuda when available"})
     seed: int = dataclasses.field(default=0, metadata={
-        "help": "random seed: model init, and each process's and data loader's shard draws (open_clip_train gets "
-                "seed x nproc, so that process r is seeded seed x nproc + r, its own for every seed and process); two "
-                "runs of one command still differ in their weights (open_clip's sample shuffle buffer is seeded from "
-                "the clock), so compare seeds by their spread, as study's extra_seeds does"})
+        "help": "random seed: model init, and each process's and data loader's shard draws and sample shuffle "
+                "(open_clip_train gets seed x nproc, so that process r is seeded seed x nproc + r, its own for every seed "
+                "and process); two uninterrupted runs of one command on the CPU train the same weights (a resumed run, or "
+                "GPU kernels, need not), so compare seeds by their spread, as study's extra_seeds does"})
     log_every: int = dataclasses.field(default=10, metadata={"help": "write a metrics line every N steps"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --output from its latest checkpoint"})
     open_clip_args: list[str] = dataclasses.field(

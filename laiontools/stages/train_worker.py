@@ -10,6 +10,7 @@ laiontools needs in every rank, without copying the trainer:
   ``--train-data`` and ``--train-data-upsampling-factors``;
 * writes every rank's log to ``<run_dir>/logs/rank<R>.log``;
 * makes every checkpoint open_clip_train writes atomic (:func:`_atomic_checkpoints`);
+* seeds open_clip's sample shuffle buffer from the data seeds, not the clock (:func:`_seed_sample_shuffle`);
 * seeds the shard draws of a rank that reads its own data (``--workers 0``) by epoch, rank and the user's seed
   (:func:`_seed_shard_draws_in_the_rank`; open_clip's own ``--seed`` is that seed times the world size);
 * names every sample the loader skips in the rank's log and counts it in ``<run_dir>/logs/skipped/``
@@ -170,6 +171,34 @@ def _seed_shard_draws_in_the_rank(seed: int) -> None:
         return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{increment}".encode()).digest()[:8], "big")
 
     oc_data.pytorch_worker_seed = seeded  # type: ignore[attr-defined]
+
+
+def _seed_sample_shuffle() -> None:
+    """Seed open_clip's sample shuffle buffer from the data seeds, not from the clock.
+
+    open_clip's pipeline shuffles samples through webdataset's ``shuffle`` stage, built without a seed, and
+    webdataset then seeds it from the process id and the time (``filters._shuffle``): two runs of one command
+    trained on other sample orders and ended with other weights, so a study's points could not be trained
+    again to check them. Each start of the stage (one per virtual epoch in each loader process) is seeded here
+    from that process's data seed, ``pytorch_worker_seed()`` (a loader worker's own, drawn from its rank's
+    seeded torch generator; in a rank that reads its own data, (seed, rank): :func:`_seed_shard_draws_in_the_rank`),
+    and the count of its starts. open_clip_train.data looks ``wds.shuffle`` up when it builds the pipeline."""
+    import hashlib
+
+    import open_clip_train.data as oc_data
+    import webdataset.filters as wf
+
+    starts = [0]
+
+    def shuffle(data: Any, bufsize: int = 1000, initial: int = 100, rng: Any = None, seed: Any = None,
+                handler: Any = None) -> Any:
+        if rng is None and seed is None:
+            starts[0] += 1
+            base = oc_data.pytorch_worker_seed()
+            seed = int.from_bytes(hashlib.sha256(f"{base}/{starts[0]}".encode()).digest()[:8], "big")
+        return wf._shuffle(data, bufsize, initial, rng=rng, seed=seed, handler=handler)
+
+    oc_data.wds.shuffle = wf.pipelinefilter(shuffle)  # type: ignore[attr-defined]
 
 
 class Diverged(RuntimeError):
@@ -535,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     # the user's seed (open_clip's --seed is seed x world size: train.open_clip_seed); (seed, rank) hashed is
     # already one stream per seed and rank
     _seed_shard_draws_in_the_rank(int(settings["seed"]))
+    _seed_sample_shuffle()
     _stop_on_divergence(int(oc_argv[oc_argv.index("--log-every-n-steps") + 1]) if "--log-every-n-steps" in oc_argv else 1)
     if oc_argv[oc_argv.index("--device") + 1].startswith("cpu"):
         _allow_cpu_ddp()
