@@ -660,6 +660,7 @@ def test_a_loss_that_is_finite_again_by_the_check_does_not_stop_the_run(monkeypa
     """With fp16 mixed precision a non-finite loss can be a passing one (the grad scaler skips the step and
     training goes on): the run stops only where the loss is still not finite at the check, and names the
     step the non-finite losses began at. Through open_clip_train's own `backward`, as the worker patches it."""
+    import open_clip_train.main as oc_main
     import open_clip_train.train as oc_train
     import torch
 
@@ -668,6 +669,7 @@ def test_a_loss_that_is_finite_again_by_the_check_does_not_stop_the_run(monkeypa
     # the patch is undone after the test
     monkeypatch.setattr(oc_train, "backward", oc_train.backward)
     monkeypatch.setattr(oc_train, "train_one_epoch", oc_train.train_one_epoch)
+    monkeypatch.setattr(oc_main, "train_one_epoch", oc_main.train_one_epoch)
     _stop_on_divergence(4)
 
     def steps(losses):
@@ -855,3 +857,48 @@ def test_two_runs_of_one_command_train_the_same_weights(subset: str, tmp_path, w
     assert len(la) == 6 and la == lb, (la, lb)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert la != lc and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_run_killed_and_resumed_trains_the_weights_of_an_uninterrupted_one(subset: str, tmp_path) -> None:
+    """Kill a run after its first virtual epoch's checkpoint and re-run the command: the weights (and the loss
+    of every step after the checkpoint) are those of an uninterrupted run. Before, the resumed run's loader
+    process started with a fresh random state and shuffle count, where the uninterrupted one carried them on
+    from the epochs before: other crops, other sample orders, other weights."""
+    import signal
+
+    import torch
+
+    from laiontools.contracts import layout
+
+    argv = ["--manifest", subset, "--model", "lt-tiny", "--samples-seen", "48", "--batch-size", "8", "--workers", "1",
+            "--checkpoint-every", "16", "--log-every", "1", "--lr", "1e-3", "--device", "cpu", "--seed", "3"]
+
+    def weights(run_dir: Path) -> tuple[list, dict]:
+        losses = {json.loads(x)["step"]: json.loads(x)["loss"] for x in (run_dir / layout.TRAIN_METRICS_JSONL).read_text().splitlines()}
+        return [losses[s] for s in sorted(losses)], torch.load(run_dir / layout.TRAIN_MODEL_FILE, map_location="cpu", weights_only=True)
+
+    cfg = dict(manifest=subset, model="lt-tiny", samples_seen=48, batch_size=8, workers=1, checkpoint_every=16, log_every=1,
+               lr=1e-3, device="cpu", seed=3)  # as argv says
+    whole = tmp_path / "whole"
+    train_stage.run(TrainConfig(**cfg, output=str(whole)))
+    killed = tmp_path / "killed"
+    env = dict(os.environ, LAIONTOOLS_FAILPOINTS="train.epoch-start=120")  # waits at the start of its 2nd epoch
+    proc = subprocess.Popen([sys.executable, "-m", "laiontools", "train", *argv, "--output", str(killed)], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log0 = killed / layout.TRAIN_LOGS_DIR / "rank0.log"
+    deadline = time.time() + 300
+    try:
+        while not (log0.exists() and "failpoint train.epoch-start" in log0.read_text(errors="replace")):
+            assert proc.poll() is None, f"training exited early with {proc.returncode}"
+            assert time.time() < deadline, "the run did not reach its second epoch within 300 s"
+            time.sleep(0.1)
+        assert (killed / layout.TRAIN_CHECKPOINT_DIR / "epoch_latest.pt").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    train_stage.run(TrainConfig(**cfg, output=str(killed), resume=True))
+    launches = [json.loads(x) for x in (killed / layout.TRAIN_LAUNCHES_JSONL).read_text().splitlines()]
+    assert [x["resumed_from_samples"] for x in launches][-1] == 16  # resumed after the first epoch
+    (lw, w), (lk, k) = weights(whole), weights(killed)
+    assert lw == lk, (lw, lk)
+    assert all(torch.equal(w[n], k[n]) for n in w)

@@ -10,7 +10,8 @@ laiontools needs in every rank, without copying the trainer:
   ``--train-data`` and ``--train-data-upsampling-factors``;
 * writes every rank's log to ``<run_dir>/logs/rank<R>.log``;
 * makes every checkpoint open_clip_train writes atomic (:func:`_atomic_checkpoints`);
-* seeds open_clip's sample shuffle buffer from the data seeds, not the clock (:func:`_seed_sample_shuffle`);
+* seeds open_clip's sample shuffle buffer, and each loader process's random state, per virtual epoch from the
+  data seeds, not the clock (:func:`_seed_sample_shuffle`): a run trains the same weights, uninterrupted or resumed;
 * seeds the shard draws of a rank that reads its own data (``--workers 0``) by epoch, rank and the user's seed
   (:func:`_seed_shard_draws_in_the_rank`; open_clip's own ``--seed`` is that seed times the world size);
 * names every sample the loader skips in the rank's log and counts it in ``<run_dir>/logs/skipped/``
@@ -174,32 +175,56 @@ def _seed_shard_draws_in_the_rank(seed: int) -> None:
 
 
 def _seed_sample_shuffle() -> None:
-    """Seed open_clip's sample shuffle buffer from the data seeds, not from the clock.
+    """Seed open_clip's sample shuffle buffer and each loader process's random state per virtual epoch.
 
     open_clip's pipeline shuffles samples through webdataset's ``shuffle`` stage, built without a seed, and
     webdataset then seeds it from the process id and the time (``filters._shuffle``): two runs of one command
-    trained on other sample orders and ended with other weights, so a study's points could not be trained
-    again to check them. Each start of the stage (one per virtual epoch in each loader process) is seeded here
-    from that process's data seed, ``pytorch_worker_seed()`` (a loader worker's own, drawn from its rank's
-    seeded torch generator; in a rank that reads its own data, (seed, rank): :func:`_seed_shard_draws_in_the_rank`),
-    and the count of its starts. open_clip_train.data looks ``wds.shuffle`` up when it builds the pipeline."""
+    trained on other sample orders and ended with other weights. And a loader process's random state (the
+    random crops) carried from one virtual epoch to the next, so a run resumed at epoch k (its loader
+    processes started afresh) drew other crops than the uninterrupted run. Each epoch's pipeline in a loader
+    process now seeds its shuffle buffer, and torch's, numpy's and ``random``'s state in that process, from the
+    process's data seed (``pytorch_worker_seed()``: a loader worker's own, drawn from its rank's seeded torch
+    generator; in a rank that reads its own data, (seed, rank): :func:`_seed_shard_draws_in_the_rank`) and the
+    epoch its shard stream was drawn for (open_clip's ``ResampledShards2`` asks ``pytorch_worker_seed(epoch)``
+    for it, before the first sample reaches the shuffle): the same command trains the same samples in the same
+    order with the same crops, uninterrupted or killed and resumed. open_clip_train.data looks
+    ``wds.shuffle`` and ``pytorch_worker_seed`` up when it builds and iterates the pipeline."""
     import hashlib
+    import itertools
+    import random
 
+    import numpy as np
     import open_clip_train.data as oc_data
+    import torch
     import webdataset.filters as wf
 
-    starts = [0]
+    process_seed = oc_data.pytorch_worker_seed
+    drawn: dict[str, Any] = {"epoch": None, "starts": 0}
+
+    def worker_seed(increment: int = 0) -> int:
+        drawn["epoch"] = increment  # what the shard stream asks for: its epoch
+        return process_seed(increment)
 
     def shuffle(data: Any, bufsize: int = 1000, initial: int = 100, rng: Any = None, seed: Any = None,
                 handler: Any = None) -> Any:
-        if rng is None and seed is None:
-            starts[0] += 1
-            base = oc_data.pytorch_worker_seed()
-            seed = int.from_bytes(hashlib.sha256(f"{base}/{starts[0]}".encode()).digest()[:8], "big")
-        return wf._shuffle(data, bufsize, initial, rng=rng, seed=seed, handler=handler)
+        if rng is not None or seed is not None:
+            yield from wf._shuffle(data, bufsize, initial, rng=rng, seed=seed, handler=handler)
+            return
+        it = iter(data)
+        end = object()
+        first = next(it, end)  # the shard stream starts here: its epoch is known from now
+        if first is end:
+            return
+        drawn["starts"] += 1
+        epoch = drawn["epoch"] if drawn["epoch"] is not None else f"start{drawn['starts']}"
+        s = int.from_bytes(hashlib.sha256(f"{process_seed(0)}/{epoch}".encode()).digest()[:8], "big")
+        torch.manual_seed(s)  # the crops of this epoch's samples (drawn after the shuffle)
+        np.random.seed(s % (1 << 32))
+        random.seed(s)
+        yield from wf._shuffle(itertools.chain([first], it), bufsize, initial, seed=s, handler=handler)
 
+    oc_data.pytorch_worker_seed = worker_seed  # type: ignore[attr-defined]
     oc_data.wds.shuffle = wf.pipelinefilter(shuffle)  # type: ignore[attr-defined]
-
 
 class Diverged(RuntimeError):
     """The loss was not finite at optimizer step `step` (the count of steps finished once it is, as
@@ -221,8 +246,9 @@ def _stop_on_divergence(every: int) -> None:
     still not finite there, all of them raise :class:`Diverged` at that same step, so none is left waiting
     in a collective. The step recorded is where the non-finite losses began, exact. A non-finite loss that
     is finite again by the check (fp16 mixed precision: the grad scaler skips that step and training goes
-    on) does not stop the run. open_clip_train.train looks `backward` and `train_one_epoch` up at call
-    time; the plan makes one optimizer step a batch (train refuses --accum-freq)."""
+    on) does not stop the run. open_clip_train.train looks `backward` up at call time, and main
+    `train_one_epoch` (its own name for it); the plan makes one optimizer step a batch (train refuses --accum-freq)."""
+    import open_clip_train.main as oc_main
     import open_clip_train.train as oc_train
     import torch
 
@@ -232,6 +258,10 @@ def _stop_on_divergence(every: int) -> None:
 
     def train_one_epoch(model: Any, data: Any, loss: Any, epoch: int, *a: Any, **k: Any) -> Any:
         state["base"], state["i"] = data["train"].dataloader.num_batches * epoch, 0
+        if epoch > 0:  # (kill tests: the checkpoint of the epoch before is written)
+            from laiontools.core import failpoints
+
+            failpoints.pause("train.epoch-start")
         return one_epoch(model, data, loss, epoch, *a, **k)
 
     def checked_backward(total_loss: Any, scaler: Any) -> Any:
@@ -257,6 +287,7 @@ def _stop_on_divergence(every: int) -> None:
         return backward(total_loss, scaler)
 
     oc_train.train_one_epoch = train_one_epoch  # type: ignore[attr-defined]
+    oc_main.train_one_epoch = train_one_epoch  # type: ignore[attr-defined]  (main imported the name itself)
     oc_train.backward = checked_backward  # type: ignore[attr-defined]
 
 
