@@ -237,16 +237,22 @@ def test_resume_redoes_a_shard_whose_files_changed_after_its_marker(small_pool, 
     same_as_before()
 
 
-def test_bad_shards_reported_others_finish(small_pool, tmp_path):
+def _pool_with_two_bad_shards(small_pool: str, tmp_path) -> tuple[str, str]:
+    """A copy of `small_pool` (folder, manifest) whose shard 00000 is missing and 00002 has a byte flipped
+    (its sha256 is not the manifest's)."""
     pool = str(tmp_path / "pool")
     shutil.copytree(os.path.dirname(small_pool), pool)
-    manifest = os.path.join(pool, layout.POOL_MANIFEST)
     os.remove(os.path.join(pool, "shards", "00000.tar"))
-    with open(os.path.join(pool, "shards", "00002.tar"), "r+b") as f:  # flip a byte: sha256 mismatch
+    with open(os.path.join(pool, "shards", "00002.tar"), "r+b") as f:
         f.seek(600)
         b = f.read(1)
         f.seek(600)
         f.write(bytes([b[0] ^ 0xFF]))
+    return pool, os.path.join(pool, layout.POOL_MANIFEST)
+
+
+def test_bad_shards_reported_others_finish(small_pool, tmp_path):
+    pool, manifest = _pool_with_two_bad_shards(small_pool, tmp_path)
     out = str(tmp_path / "emb")
     res = embed_stage.run(EmbedConfig(manifest=manifest, output=out, model=MODEL, batch_size=5, num_workers=2)).details
     assert not res.ok and res.shards_embedded == ["00001"]
@@ -1473,15 +1479,7 @@ def test_bad_shards_with_decode_workers_give_one_error_each_with_the_in_process_
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages.embed import ShardError, _embed_tasks, _shard_tasks
 
-    pool = str(tmp_path / "pool")
-    shutil.copytree(os.path.dirname(small_pool), pool)
-    manifest = os.path.join(pool, layout.POOL_MANIFEST)
-    os.remove(os.path.join(pool, "shards", "00000.tar"))
-    with open(os.path.join(pool, "shards", "00002.tar"), "r+b") as f:  # flip a byte: sha256 mismatch
-        f.seek(600)
-        b = f.read(1)
-        f.seek(600)
-        f.write(bytes([b[0] ^ 0xFF]))
+    _, manifest = _pool_with_two_bad_shards(small_pool, tmp_path)
     tasks = _shard_tasks(manifest, read_manifest(manifest))
     want = {}
     for t in tasks:
