@@ -1444,15 +1444,15 @@ def test_decode_workers_give_the_same_bytes_and_leave_no_spool(small_pool, tmp_p
     """The shard files are the same bytes with 0 and 2 decode workers (1 and 4 shards per batch slot
     layout alike), and the spool folder the workers read from is gone after the run, also after a run
     that fails (non-finite weights, raised in the main loop while the workers are busy)."""
-    import tempfile
-
     import torch
 
     from laiontools.models.registry import load_model
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    # (the spool's folder only: tempfile's is also where torch makes the socket its workers share tensors
+    # through, and a pytest path under xdist is too long for one: see the test below)
+    monkeypatch.setattr(embed_stage, "SPOOL_PARENT", str(tmp))
     outs = {}
     for w in (0, 2):
         outs[w] = str(tmp_path / f"w{w}")
@@ -1521,3 +1521,22 @@ def test_a_decode_worker_never_waits_forever_for_a_shard(tmp_path):
     with pytest.raises(ShardError, match="^shard s3://b/pool/shards/00007.tar is missing; re-run download$"):
         spooled_shard_samples(str(spool), 0, task, 1)
     assert (spool / "000000.read.1").exists()  # the stager may now drop it (once every worker has it)
+
+
+def test_a_loader_that_loses_batches_fails_those_shards_instead_of_exiting_0(small_pool, tmp_path, monkeypatch):
+    """torch's DataLoader workers send batches through a socket made in tempfile's folder; where that path is
+    too long for a socket (a long $TMPDIR; a pytest folder under xdist), each worker's queue drops every batch
+    it cannot send, says so on stderr only, and the loader ends as if done. embed then reported 0 shards
+    embedded, 0 failed, and exited 0, with nothing written. Each shard without its batches is now a failed shard
+    naming the cause, and the CLI exits 1."""
+    import tempfile
+
+    long_tmp = tmp_path / ("t" * 120)
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))  # what $TMPDIR sets
+    out = str(tmp_path / "emb")
+    res = embed_stage.run(EmbedConfig(manifest=small_pool, output=out, model=MODEL, batch_size=5, num_workers=2)).details
+    assert not res.ok and res.shards_embedded == []
+    assert set(res.failed_shards) == {"00000", "00001", "00002"}
+    assert all("the data loader ended with 0 of this shard's batches" in e for e in res.failed_shards.values())
+    assert _run(small_pool, out, "--num-workers", "2") == 1

@@ -251,6 +251,8 @@ def parse_shard(url: str, data: bytes) -> list[tuple[str, dict[str, bytes]]]:
 # round robin; slots across every shard keep all workers busy, for a local copy read per worker.
 
 SPOOL_AHEAD = 2
+# The folder spools are made in; None: tempfile's ($TMPDIR, else /tmp).
+SPOOL_PARENT: str | None = None
 SPOOL_WAIT_S = 1800.0  # how long a worker waits for one shard before it names it and gives up
 _SPOOL_POLL_S = 0.01
 _SPOOL_FATAL = "FATAL"
@@ -283,7 +285,7 @@ class ShardSpool:
         if readers < 1 or ahead < 1:
             raise ValueError(f"ShardSpool: readers ({readers}) and ahead ({ahead}) must be >= 1")
         self.tasks, self.verify, self.readers, self.ahead = tasks, verify, readers, ahead
-        self.dir = tempfile.mkdtemp(prefix="laiontools-embed-spool-")
+        self.dir = tempfile.mkdtemp(prefix="laiontools-embed-spool-", dir=SPOOL_PARENT)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="laiontools-embed-spool", daemon=True)
@@ -707,6 +709,17 @@ def _embed_loop(tasks: list[dict[str, Any]], loader: Any, embedder: Embedder, cf
             _write_shard(cfg.output, sid, img, txt, meta, st)
             log.info("shard %s: %d rows (%d failed decode) in %.1fs", sid, st["rows"], failed, st["seconds"])
             stats.append(st)
+    # Every shard has its stats or its error: a loader that ended without some of a shard's batches (torch's
+    # worker queue drops a batch it cannot send, and says so only on stderr: e.g. a $TMPDIR too long for the
+    # socket it shares tensors through) is that shard's failure, not a run that embedded nothing and exited 0.
+    reported = {s["id"] for s in stats}
+    for task in tasks:
+        if task["id"] not in reported:
+            got = len(pending.get(task["id"], []))
+            err = (f"the data loader ended with {got} of this shard's batches: a loader worker lost the others "
+                   "(see the errors above; a $TMPDIR path too long for a socket is one cause); re-run embed")
+            log.error("shard %s skipped: %s", task["id"], err)
+            stats.append({"id": task["id"], "error": err})
     return stats
 
 
