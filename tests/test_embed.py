@@ -1540,3 +1540,42 @@ def test_a_loader_that_loses_batches_fails_those_shards_instead_of_exiting_0(sma
     assert set(res.failed_shards) == {"00000", "00001", "00002"}
     assert all("the data loader ended with 0 of this shard's batches" in e for e in res.failed_shards.values())
     assert _run(small_pool, out, "--num-workers", "2") == 1
+
+
+def test_the_spool_folder_of_a_killed_run_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A run killed without its finally (SIGTERM from die_with_parent or a scheduler, SIGKILL, a cancelled
+    Spark task) left its spool folder, with up to SPOOL_AHEAD whole shards, in the temp folder for good: every
+    killed run (each rank, each task) added its own. The next spool there removes it; a live one's it leaves."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from laiontools.stages.embed import ShardSpool
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    code = ("import sys, tempfile, time; tempfile.tempdir = sys.argv[1]\n"
+            "from laiontools.stages.embed import ShardSpool\n"
+            "s = ShardSpool([{'url': 'x.tar', 'sha256': None}], False, 2)\n"
+            "open(s.dir + '/000000.tar', 'wb').write(b'x' * 1000)\n"
+            "print(s.dir, flush=True); time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp)], stdout=subprocess.PIPE, text=True)
+    dead = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert os.path.isdir(dead)  # what the killed run left
+    live = ShardSpool([{"url": "y.tar", "sha256": None}], False, 1)
+    try:
+        assert os.path.isdir(dead)  # just left: not judged yet (a spool being set up looks the same)
+        old = time.time() - 3600
+        os.utime(dead, (old, old))
+        os.utime(live.dir, (old, old))
+        again = ShardSpool([{"url": "z.tar", "sha256": None}], False, 1)
+        again.close()
+        assert not os.path.exists(dead)
+        assert os.path.isdir(live.dir)  # its lock is held: a live spool is never removed
+    finally:
+        live.close()
+    assert _spool_dirs(tmp) == []

@@ -613,8 +613,8 @@ def test_a_diverged_run_is_recorded_left_out_of_the_fit_and_not_trained_again(tm
         write_json(eval_path, {**_json(eval_path), "metrics": {"colors/zeroshot_top1": acc}})
     # 8 and 16 (diverged): one point left, no fit: refused naming the run, after results.csv records it
     with pytest.raises(UserError, match=r"^study: 1 run\(s\) diverged and were left out \(lt-tiny__16__16 \(diverged: "
-                                        r"training ended with a non-finite loss at step 2 of 2 \(training stopped at the next metrics step, "
-                                        r"not at the end of its budget\)\)\)"):
+                                        r"training ended with a non-finite loss at step 2 of 2 \(training stopped at its next check, "
+                                        r"every --log-every steps, not at the end of its budget\)\)\)"):
         study_stage.run(StudyConfig(**cfg))
     run_dir = out / "runs" / "lt-tiny__16__16" / "train"
     assert json.loads((run_dir / "diverged.json").read_text())["first_nonfinite_step"] == 2

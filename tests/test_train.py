@@ -628,7 +628,7 @@ def test_a_cuda_ordinal_past_the_last_gpu_is_refused_before_the_launch(monkeypat
 def test_a_diverging_run_stops_at_the_next_metrics_step_not_at_the_end_of_its_budget(subset: str, tmp_path, nproc: int) -> None:
     """lt-tiny at lr 1e10 has a NaN loss from its 2nd step (tests/test_study.py trains it too). The run trained
     on to the end of its budget (here 24 steps; a study point: its whole GPU budget) before it was recorded as
-    diverged. Now every rank stops at the next metrics step (every 4 steps here): the 4th, in both ranks of a
+    diverged. Now every rank stops at its next check (every --log-every steps: 4 here): the 4th, in both ranks of a
     2-process run at once (none is left waiting in a collective: the launch ends), and diverged.json names
     the first non-finite step (2), exactly."""
     from laiontools.contracts import layout
@@ -637,8 +637,8 @@ def test_a_diverging_run_stops_at_the_next_metrics_step_not_at_the_end_of_its_bu
     run_dir = tmp_path / "run"
     cfg = TrainConfig(manifest=subset, model="lt-tiny", samples_seen=24 * 8, batch_size=8, nproc=nproc, workers=0,
                       checkpoint_every=12 * 8, log_every=4, lr=1e10, device="cpu", output=str(run_dir))
-    with pytest.raises(TrainDiverged, match=r"ended with a non-finite loss at step 2 of 24 \(training stopped at the next metrics "
-                                            r"step, not at the end of its budget\)"):
+    with pytest.raises(TrainDiverged, match=r"ended with a non-finite loss at step 2 of 24 \(training stopped at its next check, "
+                                            r"every --log-every steps, not at the end of its budget\)"):
         train_stage.run(cfg)
     record = json.loads((run_dir / layout.TRAIN_DIVERGED_JSON).read_text())
     assert record["first_nonfinite_step"] == 2 and record["stopped_at_step"] == 2 and record["steps"] == 24
@@ -681,6 +681,38 @@ def test_a_loss_that_is_finite_again_by_the_check_does_not_stop_the_run(monkeypa
     with pytest.raises(Diverged) as e:
         steps([1.0, 1.0, 1.0, 1.0, 1.0, inf, nan, nan])  # steps 9-16: not finite from step 14 to the check at 16
     assert e.value.step == 14
+
+
+def test_a_single_skipped_fp16_step_at_a_check_does_not_stop_the_run(monkeypatch) -> None:
+    """With a grad scaler (fp16 mixed precision, train's default on a GPU) a non-finite loss leaves the weights as
+    they were (the scaler skips that step): one such step is a passing one wherever it falls. Before, the same
+    single skipped step stopped the run for good (diverged.json: never trained again) when it fell on a check
+    step (here 4, 8, ...) and not on any other; a loss that stays non-finite still stops the run, at the step
+    its non-finite losses began."""
+    import open_clip_train.main as oc_main
+    import open_clip_train.train as oc_train
+    import torch
+
+    from laiontools.stages.train_worker import Diverged, _stop_on_divergence
+
+    monkeypatch.setattr(oc_train, "backward", oc_train.backward)
+    monkeypatch.setattr(oc_train, "train_one_epoch", oc_train.train_one_epoch)
+    monkeypatch.setattr(oc_main, "train_one_epoch", oc_main.train_one_epoch)
+    _stop_on_divergence(4)
+
+    class Scaler:  # what open_clip_train's backward asks of torch's GradScaler
+        def scale(self, loss):
+            return loss
+
+    def steps(losses):
+        for x in losses:
+            oc_train.backward(torch.tensor(x, requires_grad=True) * 1.0, Scaler())
+
+    nan = float("nan")
+    steps([1.0, 1.0, 1.0, nan, 1.0, 1.0, 1.0, nan, 1.0, 1.0, 1.0, 1.0])  # skipped steps 4 and 8, on the checks
+    with pytest.raises(Diverged) as e:
+        steps([1.0, 1.0, nan, nan, nan, nan, nan, nan])  # steps 13-20: not finite from step 15 on
+    assert e.value.step == 15
 
 
 @pytest.fixture

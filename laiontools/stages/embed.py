@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import logging
@@ -258,6 +259,38 @@ _SPOOL_POLL_S = 0.01
 _SPOOL_FATAL = "FATAL"
 
 
+_SPOOL_PREFIX = "laiontools-embed-spool-"
+_SPOOL_LOCK = ".lock"
+_SPOOL_SWEEP_AGE_S = 60.0  # a folder this long unchanged whose lock is free is a dead process's
+
+
+def _sweep_dead_spools(parent: str, own: str) -> None:
+    """Remove the spool folders in `parent` (other than `own`) of processes that died without removing them:
+    their lock (held by a live :class:`ShardSpool`, in whatever process or container shares the folder) is
+    free and nothing changed in them for _SPOOL_SWEEP_AGE_S. A folder without a lock file is left alone."""
+    import glob
+    import shutil
+
+    for d in glob.glob(os.path.join(parent, _SPOOL_PREFIX + "*")):
+        if d == own:
+            continue
+        try:
+            if time.time() - os.stat(d).st_mtime < _SPOOL_SWEEP_AGE_S:
+                continue  # maybe a spool being set up, its lock not taken yet
+            fd = os.open(os.path.join(d, _SPOOL_LOCK), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live spool
+        else:
+            log.info("removing the shard spool folder %s of a run that ended without removing it", d)
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def _spool_base(spool_dir: str, i: int) -> str:
     return os.path.join(spool_dir, f"{i:06d}")
 
@@ -285,7 +318,13 @@ class ShardSpool:
         if readers < 1 or ahead < 1:
             raise ValueError(f"ShardSpool: readers ({readers}) and ahead ({ahead}) must be >= 1")
         self.tasks, self.verify, self.readers, self.ahead = tasks, verify, readers, ahead
-        self.dir = tempfile.mkdtemp(prefix="laiontools-embed-spool-", dir=SPOOL_PARENT)
+        self.dir = tempfile.mkdtemp(prefix=_SPOOL_PREFIX, dir=SPOOL_PARENT)
+        # Held while this spool lives (close() lets it go): a process killed without its finally (SIGTERM from
+        # die_with_parent or a scheduler, SIGKILL, a cancelled Spark task) leaves its folder, up to `ahead`
+        # whole shards, unlocked, and the next spool in this temp folder removes it (_sweep_dead_spools).
+        self._lock = open(os.path.join(self.dir, _SPOOL_LOCK), "wb")  # noqa: SIM115 - closed in close()
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        _sweep_dead_spools(os.path.dirname(self.dir), self.dir)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="laiontools-embed-spool", daemon=True)
@@ -303,11 +342,14 @@ class ShardSpool:
             self._thread.join(timeout=30)
         # After a failed run the workers may still be alive for a moment and mark a shard read while the
         # folder is being removed (its rmdir then fails): once the folder is gone, nothing can write in it.
-        for _ in range(5):
-            shutil.rmtree(self.dir, ignore_errors=True)
-            if not os.path.exists(self.dir):
-                return
-        log.warning("could not remove the shard spool folder %s; remove it by hand", self.dir)
+        try:
+            for _ in range(5):
+                shutil.rmtree(self.dir, ignore_errors=True)
+                if not os.path.exists(self.dir):
+                    return
+            log.warning("could not remove the shard spool folder %s; remove it by hand", self.dir)
+        finally:
+            self._lock.close()
 
     def _read_by_all(self, i: int) -> bool:
         base = _spool_base(self.dir, i)

@@ -4,7 +4,7 @@ For every grid point the study trains (``laiontools train``) and evaluates (``la
 into ``<output>/runs/<model>__<scale>__<samples>/``; a point is skipped when its evaluation's
 completion marker exists, and a half-trained point resumes from its checkpoint, so a killed study
 picks up where it stopped. A point whose training diverged (its loss NaN or infinite, where train stops it at the
-next metrics step, or its weights at the end of its budget: train's ``diverged.json``) is a result, not a failure of the study: it is recorded with
+next check, every train.log_every steps, or its weights at the end of its budget: train's ``diverged.json``) is a result, not a failure of the study: it is recorded with
 ``status`` ``diverged`` and a ``status_reason``, the other points go on, every fit leaves it out and names it,
 and a re-run reports it again without training it again (delete ``runs/<run>/`` to train it again). When
 the runs left give no fit (or every run diverged), the study ends with an error naming them, after

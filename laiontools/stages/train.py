@@ -28,7 +28,7 @@ Run directory (``--output``, a local folder)::
     model.pt            final model weights (plain state_dict, loadable with weights_only)
     result.json         summary; result.json.done is the completion marker (written last)
     diverged.json       instead of model.pt and result.json: a run whose loss was NaN or infinite (every rank stops
-                        at the next metrics step: train_worker._stop_on_divergence) or that reached its budget with
+                        at the next check, every --log-every steps: train_worker._stop_on_divergence) or that reached its budget with
                         non-finite weights (reason, first non-finite step); the run's result, reported again by a
                         re-run (TrainDiverged), never trained again: delete the folder to train it again
 """
@@ -178,8 +178,8 @@ def _record_divergence(run_dir: str, plan: Plan, metrics: list[dict[str, Any]], 
     first = stopped_at if stopped_at is not None else \
         next((int(r["step"]) for r in metrics if not math.isfinite(float(r["loss"]))), None)
     if stopped_at is not None:
-        reason = (f"ended with a non-finite loss at step {stopped_at} of {plan.steps} (training stopped at the next "
-                  "metrics step, not at the end of its budget)")
+        reason = (f"ended with a non-finite loss at step {stopped_at} of {plan.steps} (training stopped at its next "
+                  "check, every --log-every steps, not at the end of its budget)")
     elif not math.isfinite(final_loss):
         reason = f"ended with a non-finite loss ({final_loss}; not finite from step {first} of {plan.steps})"
     else:
@@ -763,7 +763,7 @@ def run(cfg: TrainConfig, spark: Any = None) -> StageResult:
     again (its result is returned). With ``cfg.resume`` an interrupted run continues from its latest
     checkpoint with the exact samples-seen count. Raises ManifestError for a manifest without shards,
     ConfigError for inconsistent settings, TrainError when training fails or stops short, TrainDiverged (a
-    TrainError) when its loss turned non-finite (it stops at the next metrics step) or it reached its budget with
+    TrainError) when its loss turned non-finite (it stops at the next check, every --log-every steps) or it reached its budget with
     non-finite weights, or did so before (``diverged.json``).
     ``spark`` is unused (training runs on torch.distributed); it is accepted for a uniform stage API.
     """

@@ -17,7 +17,7 @@ laiontools needs in every rank, without copying the trainer:
 * names every sample the loader skips in the rank's log and counts it in ``<run_dir>/logs/skipped/``
   (:class:`SkipRecord`; the train stage sums them into result.json), and stops a loader that reads
   nothing that decodes (:func:`_stop_when_nothing_decodes`);
-* stops every rank at the first non-finite loss, found at the next metrics step, and says at which step in
+* stops every rank at the first non-finite loss, found at the next check (every --log-every-n-steps steps), and says at which step in
   ``<run_dir>/logs/rank<R>.diverged`` (:func:`_stop_on_divergence`; the train stage records the run as diverged);
 * receives open_clip's per-step training logs through its experiment-tracker interface (the calls it
   makes on ``wandb`` when ``--report-to wandb`` is given) and writes them as JSON lines to
@@ -246,7 +246,8 @@ def _stop_on_divergence(every: int) -> None:
     still not finite there, all of them raise :class:`Diverged` at that same step, so none is left waiting
     in a collective. The step recorded is where the non-finite losses began, exact. A non-finite loss that
     is finite again by the check (fp16 mixed precision: the grad scaler skips that step and training goes
-    on) does not stop the run. open_clip_train.train looks `backward` up at call time, and main
+    on) does not stop the run; with a grad scaler neither does one that began after the check before (the
+    run stops once its non-finite losses have lasted a whole interval, at least two steps). open_clip_train.train looks `backward` up at call time, and main
     `train_one_epoch` (its own name for it); the plan makes one optimizer step a batch (train refuses --accum-freq)."""
     import open_clip_train.main as oc_main
     import open_clip_train.train as oc_train
@@ -282,7 +283,12 @@ def _stop_on_divergence(every: int) -> None:
                 if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                     dist.all_reduce(first, op=dist.ReduceOp.MIN)
                 bad = int(first.item())
-                if bad != none:
+                # With a grad scaler a non-finite loss leaves the weights as they were (the scaler skips the
+                # step), so a step that is not finite only at the check is no divergence: there the run stops
+                # once its non-finite losses have lasted a whole interval (at least two steps). The scaler is
+                # the same in every rank, and `bad` the all-reduced value: every rank decides alike.
+                need = max(2, every) if scaler is not None else 1
+                if bad != none and bad <= step - need + 1:
                     raise Diverged(bad)
         return backward(total_loss, scaler)
 
