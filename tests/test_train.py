@@ -934,3 +934,29 @@ def test_a_run_killed_and_resumed_trains_the_weights_of_an_uninterrupted_one(sub
     (lw, w), (lk, k) = weights(whole), weights(killed)
     assert lw == lk, (lw, lk)
     assert all(torch.equal(w[n], k[n]) for n in w)
+
+
+def test_a_run_of_non_finite_losses_that_began_before_a_resume_is_dated_from_the_metrics(tmp_path) -> None:
+    """The ranks count a run of non-finite losses from their own launch's first step. One that began before a
+    kill (its checkpoint saved with NaN weights) was recorded as beginning at the resumed launch's first step;
+    the metrics logged before it say where it began. A finite loss logged after a non-finite one (fp16: a
+    skipped step) ends that earlier run: the recorded step is then the ranks' own."""
+    from laiontools.contracts import layout
+    from laiontools.stages.train import _record_divergence, plan_schedule
+
+    plan = plan_schedule(96, 8, 1, 32, 0)  # 12 steps
+    nan = float("nan")
+
+    def record(losses: dict, stopped_at: int) -> dict:
+        metrics = [{"step": s, "loss": x} for s, x in sorted(losses.items())]
+        _record_divergence(str(tmp_path), plan, metrics, nan, [], stopped_at=stopped_at)
+        return json.loads((tmp_path / layout.TRAIN_DIVERGED_JSON).read_text())
+
+    # NaN from step 3 (logged at 3 and 4), resumed at the checkpoint of step 4: the ranks stop at 8, counting from 5
+    rec = record({1: 2.0, 2: 2.0, 3: nan, 4: nan}, stopped_at=5)
+    assert rec["first_nonfinite_step"] == 3 and rec["stopped_at_step"] == 5
+    assert rec["reason"].startswith("ended with a non-finite loss at step 3 of 12 ")
+    # a NaN at 2, finite again at 3 (a skipped step), then NaN in this launch from step 6
+    assert record({1: 2.0, 2: nan, 3: 1.9, 4: 1.8}, stopped_at=6)["first_nonfinite_step"] == 6
+    # nothing logged before: the ranks' step
+    assert record({}, stopped_at=2)["first_nonfinite_step"] == 2

@@ -178,7 +178,16 @@ def _record_divergence(run_dir: str, plan: Plan, metrics: list[dict[str, Any]], 
     first = stopped_at if stopped_at is not None else \
         next((int(r["step"]) for r in metrics if not math.isfinite(float(r["loss"]))), None)
     if stopped_at is not None:
-        reason = (f"ended with a non-finite loss at step {stopped_at} of {plan.steps} (training stopped at its next "
+        # The ranks count a run of non-finite losses from their launch's first step: one that began before (a
+        # checkpoint saved with NaN weights, then a kill and a resume) began where the metrics logged before it
+        # turned non-finite and stayed so.
+        began = None
+        for r in metrics:
+            if int(r["step"]) >= stopped_at:
+                break
+            began = None if math.isfinite(float(r["loss"])) else (began or int(r["step"]))
+        first = min(stopped_at, began) if began is not None else stopped_at
+        reason = (f"ended with a non-finite loss at step {first} of {plan.steps} (training stopped at its next "
                   "check, every --log-every steps, not at the end of its budget)")
     elif not math.isfinite(final_loss):
         reason = f"ended with a non-finite loss ({final_loss}; not finite from step {first} of {plan.steps})"
