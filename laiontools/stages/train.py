@@ -175,8 +175,6 @@ def _record_divergence(run_dir: str, plan: Plan, metrics: list[dict[str, Any]], 
                        bad_tensors: list[str], stopped_at: int | None = None) -> TrainDiverged:
     """Write ``diverged.json`` (atomically) for a run that ended with a non-finite loss or weights; return the error.
     `stopped_at`: the first non-finite step, where the ranks stopped training (before the end of the budget)."""
-    first = stopped_at if stopped_at is not None else \
-        next((int(r["step"]) for r in metrics if not math.isfinite(float(r["loss"]))), None)
     if stopped_at is not None:
         # The ranks count a run of non-finite losses from their launch's first step: one that began before (a
         # checkpoint saved with NaN weights, then a kill and a resume) began where the metrics logged before it
@@ -190,8 +188,10 @@ def _record_divergence(run_dir: str, plan: Plan, metrics: list[dict[str, Any]], 
         reason = (f"ended with a non-finite loss at step {first} of {plan.steps} (training stopped at its next "
                   "check, every --log-every steps, not at the end of its budget)")
     elif not math.isfinite(final_loss):
+        first = next((int(r["step"]) for r in metrics if not math.isfinite(float(r["loss"]))), None)
         reason = f"ended with a non-finite loss ({final_loss}; not finite from step {first} of {plan.steps})"
     else:
+        first = next((int(r["step"]) for r in metrics if not math.isfinite(float(r["loss"]))), None)
         reason = f"ended with non-finite weights ({len(bad_tensors)} tensors, e.g. {bad_tensors[0]})"
     record = {"reason": reason, "first_nonfinite_step": first, "final_loss": str(final_loss), "steps": plan.steps,
               "samples_seen": plan.samples_seen, "nonfinite_tensors": bad_tensors[:20],

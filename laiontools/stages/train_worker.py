@@ -269,12 +269,11 @@ def _stop_on_divergence(every: int) -> None:
         state["i"] += 1
         step = state["base"] + state["i"]
         with torch.no_grad():
-            dev = total_loss.device
-            if state["since"] is None:
-                state["since"] = torch.full((), none, dtype=torch.int64, device=dev)
+            if state["since"] is None:  # (made once: "none", the value of a finite step, on the loss's device)
+                state["none"] = state["since"] = torch.full((), none, dtype=torch.int64, device=total_loss.device)
             # the first step of the run of non-finite losses that this step is in (none: this one is finite)
-            since = torch.where(torch.isfinite(total_loss.detach()).all(), torch.full((), none, dtype=torch.int64, device=dev),
-                                torch.minimum(state["since"], torch.full((), step, dtype=torch.int64, device=dev)))
+            since = torch.where(torch.isfinite(total_loss.detach()).all(), state["none"],
+                                torch.clamp(state["since"], max=step))
             state["since"] = since
             if step % every == 0:
                 import torch.distributed as dist
