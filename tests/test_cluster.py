@@ -223,7 +223,8 @@ def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: lis
         return json.loads(Path(str(manifest) + SIDECAR_SUFFIX).read_text())
 
     n = read_manifest(pool)["num_samples"]
-    scales = f"{n - 3},{n // 2}"
+    small = str(max(2, n // 8))  # at most a quarter of the catalog: its spans are written (by the executors on the cluster)
+    scales = f"{n - 3},{n // 2},{small}"
     here = subsets_stage.run(SubsetsConfig(pool=pool, output=str(tmp_path / "sub"), scales=scales, seed=3), spark).details
     big = here[0]["manifest"]
     assert sidecar(big)["spark"] == {"shuffle_partitions": spark.sparkContext.defaultParallelism} == {"shuffle_partitions": 2}
@@ -244,6 +245,19 @@ def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: lis
         assert sidecar(other)["spark"] == {"shuffle_partitions": 5}
         uids = read_manifest(row["manifest"])["uids"]["path"]
         assert filecmp.cmp(tmp_path / "sub" / uids, tmp_path / "sub5" / uids, shallow=False), uids
+    # the small subset's spans: the same rows whether written by the session's tasks or the cluster's executors
+    # (5 range partitions there, each part written by the executor that sorted it)
+    import pandas as pd
+
+    from laiontools.contracts import spans
+
+    def span_rows(folder: Path) -> pd.DataFrame:
+        record = json.loads((folder / spans.SPANS_JSON).read_text())
+        assert record["count"] == int(small)
+        return pd.concat([pd.read_parquet(folder / p["path"]) for p in record["parts"]], ignore_index=True)
+
+    pd.testing.assert_frame_equal(span_rows(tmp_path / "sub5" / layout.subset_spans(small)),
+                                  span_rows(tmp_path / "sub" / layout.subset_spans(small)))
     rs5 = tmp_path / "rs5" / layout.RESHARD_MANIFEST
     assert sidecar(rs5)["spark"] == {"shuffle_partitions": 5}
     assert sidecar(rs5)["engine"] == f"spark {cluster.url}"

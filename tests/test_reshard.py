@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 
 from laiontools.contracts import layout
+from laiontools.contracts import spans as spans_mod
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.contracts.uids import array_to_uids, load_uids
 from laiontools.core.storage import read_json
@@ -522,7 +523,7 @@ def test_in_process_engine_writes_the_same_shards(spark, subset, resharded, tmp_
     assert d["direct_io"] is True and d["engine"] == "in-process"
     _same_output(resharded, str(tmp_path / "d"))
     # the catalog matched by the uid set's hash index (large subsets) instead of Arrow's is_in: the same
-    monkeypatch.setattr(reshard_stage, "IS_IN_MAX_UIDS", 0)
+    monkeypatch.setattr(spans_mod, "IS_IN_MAX_UIDS", 0)
     reshard_stage.run(ReshardConfig(manifest=subset, output=str(tmp_path / "u"), shard_size=8))
     _same_output(resharded, str(tmp_path / "u"))
     monkeypatch.undo()
@@ -1108,26 +1109,238 @@ def test_the_span_sha256_column_decoded_on_its_own_thread_gives_the_same_shards(
 
     monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
     for split in (True, False):
-        monkeypatch.setattr(reshard_stage, "SPLIT_SHA_DECODE", split)
+        monkeypatch.setattr(spans_mod, "SPLIT_SHA_DECODE", split)
         out = str(tmp_path / f"split-{split}")
         assert reshard_stage.run(ReshardConfig(manifest=subset, output=out, shard_size=8)).details["engine"] == "in-process"
         _same_output(resharded, out)
     path = tmp_path / "c.parquet"
     pq.write_table(pa.table({"tar_sha256": [f"{i:064x}" for i in range(10)]}), path)
-    monkeypatch.setattr(reshard_stage, "PLAN_BATCH_ROWS", 4)
+    monkeypatch.setattr(spans_mod, "PLAN_BATCH_ROWS", 4)
 
     def decoding() -> list:
         return [t for t in threading.enumerate() if t.name == "laiontools-plan-decode"]
 
-    with reshard_stage._batches_beside(str(path), ["tar_sha256"]) as it:
+    with spans_mod._batches_beside(str(path), ["tar_sha256"]) as it:
         got = list(it)
     assert [b.num_rows for b in got] == [4, 4, 2]
     assert [x for b in got for x in b.column(0).to_pylist()] == [f"{i:064x}" for i in range(10)]
-    with reshard_stage._batches_beside(str(path), ["tar_sha256"]) as it:
+    with spans_mod._batches_beside(str(path), ["tar_sha256"]) as it:
         next(it)  # left after one batch of three
     assert decoding() == []
-    with pytest.raises(FileNotFoundError), reshard_stage._batches_beside(str(tmp_path / "gone.parquet"), ["tar_sha256"]) as it:
+    with pytest.raises(FileNotFoundError), spans_mod._batches_beside(str(tmp_path / "gone.parquet"), ["tar_sha256"]) as it:
         next(it)
     assert decoding() == []
-    with reshard_stage._batches_beside(str(path), []) as it:
+    with spans_mod._batches_beside(str(path), []) as it:
         assert list(it) == [] and decoding() == []
+
+
+# ---- the subset's own spans (laiontools.contracts.spans): written by subsets, read by reshard
+
+
+@pytest.fixture(scope="module")
+def small_subsets(pool, tmp_path_factory) -> dict:
+    """The downloaded pool's subsets of half and an eighth of its samples, in process: only the eighth is at
+    most SPANS_MAX_FRACTION of its catalog's rows. The eighth's reshard from the catalog (its spans folder set
+    aside while it runs) is the reference."""
+    root = tmp_path_factory.mktemp("small_subsets")
+    n = read_manifest(pool.manifest)["num_samples"]
+    big, small = str(n // 2), str(max(2, n // 8))
+    res = subsets_stage.run(SubsetsConfig(pool=pool.manifest, output=str(root / "sub"), scales=f"{big},{small}", seed=3)).details
+    by = {r["scale"]: r["manifest"] for r in res}
+    spans_dir = root / "sub" / layout.subset_spans(small)
+    shutil.move(str(spans_dir), str(root / "aside"))
+    ref = reshard_stage.run(ReshardConfig(manifest=by[small], output=str(root / "ref"), shard_size=5)).details
+    shutil.move(str(root / "aside"), str(spans_dir))
+    assert ref["sample_spans"] == "catalog" and ref["engine"] == "in-process"
+    return {"pool": pool.manifest, "sub": str(root / "sub"), "manifests": by, "ref": str(root / "ref"), "big": big, "small": small,
+            "scales": f"{big},{small}"}
+
+
+def test_subsets_writes_a_small_subsets_spans_and_reshard_reads_only_them_for_the_same_shards(small_subsets, tmp_path, monkeypatch):
+    """The spans of the small subset are the catalog's (shard, key, span, sha256) of its uids, read here with
+    pandas; the half has none. Reshard of the small one reads them and not the catalog (its scan would raise)
+    and writes the bytes of the reshard from the catalog."""
+    import pandas as pd
+
+    from laiontools.contracts import schema as C
+
+    sub, small = small_subsets["sub"], small_subsets["small"]
+    assert not os.path.exists(os.path.join(sub, layout.subset_spans(small_subsets["big"])))
+    record = read_json(os.path.join(sub, layout.subset_spans(small), spans_mod.SPANS_JSON))
+    uids = array_to_uids(load_uids(os.path.join(sub, layout.subset_uids(small))))
+    assert record["count"] == len(uids) == int(small)
+    got = pd.read_parquet(os.path.join(sub, layout.subset_spans(small), record["parts"][0]["path"]))
+    cat = pd.read_parquet(os.path.join(os.path.dirname(small_subsets["pool"]), layout.CATALOG_DIR))
+    want = cat[(cat[C.STATUS] == C.STATUS_SUCCESS) & cat[C.UID].isin(uids)].sort_values(C.UID)
+    cols = [C.UID, C.SHARD, C.KEY, C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256]
+    assert got[C.UID].tolist() == sorted(uids)
+    assert got[cols].to_dict("records") == want[cols].astype({C.TAR_OFFSET: "int64", C.TAR_LENGTH: "int64"}).to_dict("records")
+
+    def no_scan(*a, **k):
+        raise AssertionError("the catalog was scanned although the subset's spans were there")
+
+    monkeypatch.setattr(spans_mod, "scan_catalog", no_scan)
+    res = reshard_stage.run(ReshardConfig(manifest=small_subsets["manifests"][small], output=str(tmp_path / "r"), shard_size=5)).details
+    assert res["engine"] == "in-process" and res["sample_spans"] == "subset spans"
+    _same_output(small_subsets["ref"], str(tmp_path / "r"))
+
+
+def _rewrite_part(folder: str, change) -> None:
+    """Rewrite the one part of spans folder `folder` through `change` (a pandas frame -> frame), its record's
+    sha256 updated: only the checks of the content can find it."""
+    import hashlib
+    import io
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    record = read_json(os.path.join(folder, spans_mod.SPANS_JSON))
+    path = os.path.join(folder, record["parts"][0]["path"])
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(change(pd.read_parquet(path)), preserve_index=False), buf)
+    data = buf.getvalue()
+    with open(path, "wb") as f:
+        f.write(data)
+    record["parts"][0]["sha256"] = hashlib.sha256(data).hexdigest()
+    with open(os.path.join(folder, spans_mod.SPANS_JSON), "w") as f:
+        json.dump(record, f)
+
+
+def _edit_record(folder: str, **changes) -> None:
+    record = read_json(os.path.join(folder, spans_mod.SPANS_JSON))
+    with open(os.path.join(folder, spans_mod.SPANS_JSON), "w") as f:
+        json.dump({**record, **changes}, f)
+
+
+def _flip_byte(folder: str) -> None:
+    path = os.path.join(folder, read_json(os.path.join(folder, spans_mod.SPANS_JSON))["parts"][0]["path"])
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    Path(path).write_bytes(bytes(data))
+
+
+_BAD_SPANS = {
+    "a damaged part": (_flip_byte, "sha256 differs"),
+    "a missing part": (lambda d: os.remove(os.path.join(d, "part-000000.parquet")), "cannot be read"),
+    "a record of another uid file": (lambda d: _edit_record(d, uids_sha256="0" * 64), "another uid file"),
+    "a record of another state of the pool": (lambda d: _edit_record(d, pool_sha256="0" * 64), "another state of the pool"),
+    "a record of another count": (lambda d: _edit_record(d, count=1), "lists 1 rows"),
+    "a record that is not json": (lambda d: Path(d, spans_mod.SPANS_JSON).write_text("{"), "cannot be read"),
+    "a record of another version": (lambda d: _edit_record(d, version=99), "not a spans record"),
+    "another uid in a part": (lambda d: _rewrite_part(d, lambda df: df.assign(uid=["f" * 32] + df["uid"].tolist()[1:])),
+                              "not the uid file's"),
+    "a sample without its span": (lambda d: _rewrite_part(d, lambda df: df.assign(tar_offset=[None] + df["tar_offset"].tolist()[1:])),
+                                  "without its shard or span"),
+    "a part of other columns": (lambda d: _rewrite_part(d, lambda df: df.rename(columns={"key": "kee"}).assign(key=None)[["uid", "shard", "kee", "tar_offset", "tar_length", "tar_sha256"]]),
+                                "cannot be read as a spans part"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_SPANS))
+def test_spans_that_do_not_match_the_subset_are_not_used_the_catalog_is_read_with_a_warning(small_subsets, tmp_path, case, caplog):
+    """Spans are a cache of the catalog: spans damaged, missing, written for another uid file or pool state, or
+    not the subset's uids are not used; the catalog is read (same shards as the reference) and a warning says why."""
+    import logging
+
+    sub = str(tmp_path / "sub")
+    shutil.copytree(small_subsets["sub"], sub)
+    spoil, words = _BAD_SPANS[case]
+    spoil(os.path.join(sub, layout.subset_spans(small_subsets["small"])))
+    with caplog.at_level(logging.WARNING, logger="laiontools.stages.reshard"):
+        res = reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])), output=str(tmp_path / "r"),
+                                              shard_size=5)).details
+    assert res["sample_spans"] == "catalog"
+    said = [r.getMessage() for r in caplog.records if "spans are not used" in r.getMessage()]
+    assert len(said) == 1 and words in said[0], said
+    # the same shards (the manifest names the copied subset's path: its shard list compared)
+    ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
+    assert read_manifest(os.path.join(tmp_path / "r", layout.RESHARD_MANIFEST))["shards"] == ref
+    for s in ref:
+        assert filecmp.cmp(os.path.join(small_subsets["ref"], s["path"]), os.path.join(tmp_path / "r", s["path"]), shallow=False)
+
+
+def test_a_subsets_run_that_fails_writing_spans_leaves_no_record_naming_old_parts(small_subsets, tmp_path, monkeypatch):
+    """subsets removes a spans record before it writes new parts, so a run stopped in between leaves parts without
+    a record (reshard reads the catalog), never a record naming parts another run wrote. A new run writes it again."""
+    sub = str(tmp_path / "sub")
+    cfg = SubsetsConfig(pool=small_subsets["pool"], output=sub, scales=small_subsets["scales"], seed=3)
+    assert subsets_stage.run(cfg).ok
+    record = os.path.join(sub, layout.subset_spans(small_subsets["small"]), spans_mod.SPANS_JSON)
+    before = Path(record).read_bytes()
+
+    def stopped(rows):
+        raise RuntimeError("stopped while writing a spans part")
+
+    monkeypatch.setattr(spans_mod, "part_bytes", stopped)
+    with pytest.raises(RuntimeError, match="stopped while"):
+        subsets_stage.run(cfg)
+    assert not os.path.exists(record)
+    monkeypatch.undo()
+    assert subsets_stage.run(cfg).ok
+    assert Path(record).read_bytes() == before
+
+
+def test_a_catalog_without_spans_gives_subsets_without_spans(tmp_path):
+    """A pool downloaded before the catalog recorded byte spans (this hand-built one leaves them null): subsets
+    writes no spans (reshard indexes the tars)."""
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=60, per_shard=12, failures=6, tag="ns")
+    assert subsets_stage.run(SubsetsConfig(pool=pool, output=str(tmp_path / "sub"), scales="40,12", seed=3)).ok
+    assert not glob.glob(str(tmp_path / "sub" / "*.spans"))
+    assert os.path.exists(tmp_path / "sub" / layout.subset_uids("12"))
+
+
+def test_spans_written_on_spark_are_the_in_process_ones_and_spark_reshard_reads_them(spark, small_subsets, tmp_path, caplog,
+                                                                                   monkeypatch):
+    """subsets on Spark writes the small subset's spans as parts written by tasks (one per range partition): the
+    rows of the in-process run, in uid order; the half has none. Reshard on Spark of that subset reads them (not
+    the catalog) and writes the reference shards; with a part damaged, or one part's rows of another uid file,
+    it reads the catalog and says why: the same shards."""
+    import logging
+
+    import pandas as pd
+
+    small = small_subsets["small"]
+    sub = tmp_path / "sub"
+    monkeypatch.setattr(spans_mod, "SPANS_PART_ROWS", 3)  # several parts (one per range partition of about 3 rows)
+    assert subsets_stage.run(SubsetsConfig(pool=small_subsets["pool"], output=str(sub), scales=small_subsets["scales"], seed=3,
+                                           spark_above=0), spark).ok
+    for label in (small, small_subsets["big"]):  # the same selection as in process
+        assert (sub / layout.subset_uids(label)).read_bytes() == Path(small_subsets["sub"], layout.subset_uids(label)).read_bytes()
+    assert not os.path.exists(sub / layout.subset_spans(small_subsets["big"]))
+    record = read_json(str(sub / layout.subset_spans(small) / spans_mod.SPANS_JSON))
+    parts = [pd.read_parquet(sub / layout.subset_spans(small) / p["path"]) for p in record["parts"]]
+    local = read_json(os.path.join(small_subsets["sub"], layout.subset_spans(small), spans_mod.SPANS_JSON))
+    want = pd.read_parquet(os.path.join(small_subsets["sub"], layout.subset_spans(small), local["parts"][0]["path"]))
+    assert len(parts) >= 2 and record["count"] == local["count"] == int(small)
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), want)
+
+    def same_as_ref(out) -> None:
+        ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
+        assert read_manifest(str(out / layout.RESHARD_MANIFEST))["shards"] == ref
+        for s in ref:
+            assert filecmp.cmp(os.path.join(small_subsets["ref"], s["path"]), str(out / s["path"]), shallow=False)
+
+    manifest = str(sub / layout.subset_manifest(small))
+    a = reshard_stage.run(ReshardConfig(manifest=manifest, output=str(tmp_path / "a"), shard_size=5, spark_above=0), spark).details
+    assert a["engine"].startswith("spark ") and a["sample_spans"] == "subset spans"
+    same_as_ref(tmp_path / "a")
+
+    folder = str(sub / layout.subset_spans(small))
+    for case, words in (("a damaged part", "sha256 differs"), ("another uid in a part", "not the uid file's")):
+        saved = tmp_path / "saved"
+        shutil.copytree(folder, saved)
+        if case == "a damaged part":
+            _flip_byte(folder)
+        else:
+            _rewrite_part(folder, lambda df: df.assign(uid=["f" * 32] + df["uid"].tolist()[1:]))
+        out = tmp_path / case.replace(" ", "-")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="laiontools.stages.reshard"):
+            b = reshard_stage.run(ReshardConfig(manifest=manifest, output=str(out), shard_size=5, spark_above=0), spark).details
+        assert b["sample_spans"] == "catalog"
+        said = [r.getMessage() for r in caplog.records if "spans are not used" in r.getMessage()]
+        assert len(said) == 1 and words in said[0], (case, said)
+        same_as_ref(out)
+        shutil.rmtree(folder)
+        shutil.copytree(saved, folder)
+        shutil.rmtree(saved)

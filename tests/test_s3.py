@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -974,6 +975,49 @@ def test_subsets_in_process_read_and_write_s3_like_spark(spark, s3, small_s3_poo
         run = json.loads(s3.cat(f"{out}/30.manifest.json.run.json"))
         assert run["engine"] == ("in-process" if engine == "in-process" else f"spark {spark.sparkContext.master}")
     assert len(files["spark"]) == 4 and files["in-process"] == files["spark"]
+    # the 10-sample subset (a quarter of the 40 catalog rows) has its spans in the bucket, the same rows from
+    # both engines (one part in process, a part per range partition on Spark); the 30 has none
+    import pandas as pd
+
+    from laiontools.contracts import spans
+
+    got = {}
+    for engine in ("spark", "in-process"):
+        folder = f"{small_s3_pool}-subsets-{engine}/10.spans"
+        record = json.loads(s3.cat(f"{folder}/{spans.SPANS_JSON}"))
+        got[engine] = pd.concat([pd.read_parquet(io.BytesIO(s3.cat(f"{folder}/{p['path']}"))) for p in record["parts"]], ignore_index=True)
+        assert record["count"] == 10 and not s3.exists(f"{small_s3_pool}-subsets-{engine}/30.spans".split("://")[1])
+    pd.testing.assert_frame_equal(got["spark"], got["in-process"])
+
+
+def test_reshard_in_process_reads_a_subsets_spans_from_s3(s3, small_s3_pool, monkeypatch):
+    """subsets writes a small subset's spans into the bucket; reshard in process reads them there instead of
+    the pool's catalog (its scan would raise), and writes the shards it writes from the catalog."""
+    from laiontools.contracts import spans
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = f"{small_s3_pool}-subsets-spans"
+    sub = subsets_stage.run(SubsetsConfig(pool=f"{small_s3_pool}/pool.manifest.json", output=out, scales="8", seed=2)).details[0]["manifest"]
+    scan = spans.scan_catalog
+
+    def no_scan(*a, **k):
+        raise AssertionError("the catalog was scanned although the subset's spans were there")
+
+    monkeypatch.setattr(spans, "scan_catalog", no_scan)
+    a = reshard_stage.run(ReshardConfig(manifest=sub, output=f"{out}-a", shard_size=3)).details
+    assert a["engine"] == "in-process" and a["sample_spans"] == "subset spans"
+    monkeypatch.setattr(spans, "scan_catalog", scan)
+    s3.rm(f"{out}/8.spans".split("://")[1], recursive=True)
+    s3.invalidate_cache()
+    b = reshard_stage.run(ReshardConfig(manifest=sub, output=f"{out}-b", shard_size=3)).details
+    assert b["sample_spans"] == "catalog"
+    shards = [read_manifest(f"{o}/subset.manifest.json")["shards"] for o in (f"{out}-a", f"{out}-b")]
+    assert shards[0] == shards[1] and len(shards[0]) == 3
 
 
 def test_reshard_of_a_subset_whose_s3_uid_file_is_gone_names_it(s3, small_s3_subset, monkeypatch):

@@ -130,6 +130,12 @@ def subset_uids(label: str) -> str:
     return f"{label}.uids.npy"
 
 
+def subset_spans(label: str) -> str:
+    """Folder of the sample spans of the subset with scale label `label` ("80M" -> "80M.spans"), written by
+    subsets for reshard (laiontools.contracts.spans; its name follows the uid file's: spans_dir_of)."""
+    return f"{label}.spans"
+
+
 def subset_diff(label: str) -> str:
     """File name of the `subsets --update` diff report of scale `label` ("80M" -> "80M.diff.json")."""
     return f"{label}.diff.json"

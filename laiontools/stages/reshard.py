@@ -47,6 +47,11 @@ How it works on Spark (the driver sees only source shard ids and one small row p
    into place and write its marker last. The json member keeps the uid and gains ``key`` (new),
    ``source_shard`` and ``source_key``. Bytes never travel through Spark.
 
+Where the plan finds the subset's rows: in the subset's own spans (``<label>.spans/`` beside its uid
+file, written by subsets for subsets of at most a quarter of the catalog: only the subset's rows are
+read) when they match the uid file and the pool (laiontools.contracts.spans); otherwise in the pool's
+catalog, every row of it read (a 2 % subset: 50 rows read for each kept). Same rows, same bytes.
+
 Everything is a function of (subset uids, catalog, seed, shard size), so a run killed at any point
 and started again skips the shards whose markers exist and rewrites the rest byte for byte.
 """
@@ -94,7 +99,6 @@ from laiontools.core.stage import (
     stage_tasks,
 )
 from laiontools.core.storage import (
-    PARQUET_READ,
     atomic_open,
     ensure_output_dir,
     is_done,
@@ -933,7 +937,7 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
         with task_errors_as(ReshardError):
             local = None
             if tasks.local:  # pools without every span in the catalog are indexed on Spark
-                local = _run_local(tasks, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width, cfg.direct_io)
+                local = _run_local(tasks, pool, uid_path, m["uids"]["sha256"], urls, n, seed, q, r, k, out_dir, plan_id, width, cfg.direct_io)
             if local is not None:
                 results, spans_from, direct = local
             else:
@@ -942,7 +946,7 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
                     # subset's rows: their partition count follows n unless the user set it (Spark's 200
                     # was ~200 tasks per shuffle for a subset of 1,000 samples, and 10M rows each at 2B).
                     run_record = spark_run_record(spark, n)
-                    results, spans_from = _run_spark(spark, pool, uid_path, urls, n, seed, q, r, k, out_dir, plan_id, width,
+                    results, spans_from = _run_spark(spark, pool, uid_path, m["uids"]["sha256"], urls, n, seed, q, r, k, out_dir, plan_id, width,
                                                      direct)
     sizes = {shard_name(j): results[j]["num_samples"] for j in range(k)}
     # The final-write phase: every output shard's marker is there, the manifest is not (kill tests widen it).
@@ -988,166 +992,36 @@ def _incomplete_shards(pool: Any, unknown: list[str]) -> ReshardError:
                         "the pool changed since selection: re-run subsets on it")
 
 
-# Rows of a catalog batch the plan decodes at once (see _run_local).
-PLAN_BATCH_ROWS = 1 << 16
-# Whether the plan decodes the span sha256 column on a second thread (:func:`_batches_beside`).
-SPLIT_SHA_DECODE = True
-
-
-@contextlib.contextmanager
-def _batches_beside(path: str, columns: list[str]) -> Any:
-    """An iterator over the batches of `columns` of catalog file `path` (PLAN_BATCH_ROWS rows each, as the
-    plan's own reader of the other columns makes them), decoded on a thread of its own at most two batches
-    ahead: Arrow decodes without the interpreter lock, so the two columns sets are decoded on two cores.
-    An error of the thread is raised where its batch is taken. Nothing to decode (no `columns`): an empty
-    iterator, no thread."""
-    import queue
-    import threading
-
-    import pyarrow.parquet as pq
-
-    from laiontools.core.storage import parquet_read_errors
-
-    if not columns:
-        yield iter(())
-        return
-    q: Any = queue.Queue(maxsize=2)
-    stop = threading.Event()
-    done = object()
-
-    def decode() -> None:
-        try:
-            fs, p = url_to_fs(path)
-            with fs.open(p, "rb") as f, parquet_read_errors(path):
-                for b in pq.ParquetFile(f, **PARQUET_READ).iter_batches(batch_size=PLAN_BATCH_ROWS, columns=columns):
-                    while not stop.is_set():
-                        try:
-                            q.put(b, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            q.put(done)
-        except BaseException as e:  # noqa: BLE001 - raised in the plan's thread, where the batch is taken
-            q.put(e)
-
-    def batches() -> Any:
-        while True:
-            b = q.get()
-            if b is done:
-                return
-            if isinstance(b, BaseException):
-                raise b
-            yield b
-
-    t = threading.Thread(target=decode, name="laiontools-plan-decode", daemon=True)
-    t.start()
-    try:
-        yield batches()
-    finally:
-        stop.set()
-        while t.is_alive():  # let it leave a full queue
-            with contextlib.suppress(queue.Empty):
-                q.get_nowait()
-            t.join(timeout=0.01)
-
-
-# Subsets up to this many uids are matched against the catalog by Arrow's is_in (see _run_local).
-IS_IN_MAX_UIDS = 1 << 14
-
-
 def _run_local(
-    tasks: Any, pool: Any, uid_path: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str,
-    plan_id: str, width: int, direct: bool | None,
+    tasks: Any, pool: Any, uid_path: str, uids_sha256: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int,
+    out_dir: str, plan_id: str, width: int, direct: bool | None,
 ) -> tuple[dict[int, dict[str, Any]], str, bool] | None:
     """:func:`_run_spark`'s plan and write in this process, for pools whose catalog records every
     sample's byte span (None otherwise: the caller indexes the tars on Spark); returns (results, where
     the spans came from, whether the shards were written with O_DIRECT). `direct` None: chosen by
     :func:`write_direct` from the subset's bytes and the free memory. The same rows in the same
     order reach :func:`write_output_shards`, so the shards are the same bytes (tests/test_reshard.py).
-    The catalog is read one batch at a time; only the subset's rows are kept."""
+    The spans come from the subset's spans folder when subsets wrote one that matches (where the spans
+    came from: "subset spans"), else from the catalog, read one batch at a time, only the subset's rows
+    kept (laiontools.contracts.spans)."""
     import numpy as np
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from laiontools.contracts.uids import UidSet, arrow_to_array, hex_arrow, load_uids
-    from laiontools.core.storage import list_data_files, parquet_read_errors
+    from laiontools.contracts import spans
+    from laiontools.contracts.uids import load_uids
 
     t0 = time.perf_counter()
-    files = list_data_files(pool.catalog)
-    if not files:
-        return None
-    fs0, p0 = url_to_fs(files[0])
-    with fs0.open(p0, "rb") as f, parquet_read_errors(files[0]):
-        names = set(pq.ParquetFile(f).schema_arrow.names)
-    if not {C.TAR_OFFSET, C.TAR_LENGTH} <= names:
-        return None
-    cols = [C.UID, C.STATUS, C.SHARD, C.KEY, C.TAR_OFFSET, C.TAR_LENGTH] + ([C.TAR_SHA256] if C.TAR_SHA256 in names else [])
-    # The subset's uids as a hash set (read here, not from a per-process cache: the file may have been
-    # rewritten since an earlier run in this process); each catalog batch is cut to the subset's rows on
-    # Arrow before any Python object is made, so the scan costs ~0.1 us a pool row, not one per column.
+    # The subset's uids (read here, not from a per-process cache: the file may have been rewritten since
+    # an earlier run in this process).
     uids = np.asarray(load_uids(uid_path, mmap=False))
-    # Up to IS_IN_MAX_UIDS, the subset's uids as the catalog writes them (32 lowercase hex chars, the
-    # contract) and each batch's uid strings looked up in a hash of those by Arrow: for a 2 % subset of a
-    # 128k-row pool 3.8 ms against 11.4 ms decoding every row's hex and probing the uid set; a larger set
-    # costs more to hash for every batch than it saves (25,600 uids: 10-12 ms either way).
-    subset = UidSet(uids) if len(uids) > IS_IN_MAX_UIDS else None
-    lookup = pc.SetLookupOptions(value_set=hex_arrow(uids)) if subset is None else None
-
-    def members(col: Any) -> np.ndarray:
-        if subset is not None:
-            return subset.contains(arrow_to_array(col))
-        return pc.fill_null(pc.is_in(col, options=lookup), False).to_numpy(zero_copy_only=False)
-
-    # Batches of 64k rows: a 256k-row batch (~30 MB of Arrow buffers) took 0.07-0.42 s instead of 0.024 s
-    # in one read of 8 over a 128k-row catalog (fresh memory for every batch; 64k rows: 0.023-0.030 s).
-    parts = []
-    # The span sha256 column (64 hex chars a row: half the bytes the plan decodes) is decoded on a thread of
-    # its own, batch by batch beside the other columns, when SPLIT_SHA_DECODE (see _batches_beside).
-    split = SPLIT_SHA_DECODE and C.TAR_SHA256 in cols
-    main_cols = [c for c in cols if c != C.TAR_SHA256] if split else cols
-    for path in files:
-        fs, p = url_to_fs(path)
-        with fs.open(p, "rb") as f, parquet_read_errors(path), \
-                _batches_beside(path, [C.TAR_SHA256] if split else []) as shas:
-            # (A row group decoded whole, its columns on threads, was no faster: 0.097 s against 0.101 s a
-            # plan with 128k-row groups, 13 alternated runs; 0.47-0.86 s against 0.47-0.64 s for a 1M-row
-            # group, as download writes them, holding ~8x the memory.)
-            for batch in pq.ParquetFile(f, **PARQUET_READ).iter_batches(batch_size=PLAN_BATCH_ROWS, columns=main_cols):
-                sha = next(shas, None) if split else None
-                # One filter of the batch, by (success and in the subset): filtering by status first copied
-                # every column of nearly every row (~110 bytes each) only to drop 80-98 % of them next.
-                ok = pc.fill_null(pc.equal(batch.column(C.STATUS), C.STATUS_SUCCESS), False).to_numpy(zero_copy_only=False)
-                keep = np.zeros(batch.num_rows, dtype=bool)
-                if ok.all():
-                    keep = members(batch.column(C.UID))
-                elif ok.any():  # failed rows' uids are not read (they may be null)
-                    keep[ok] = members(pc.filter(batch.column(C.UID), pa.array(ok)))
-                if keep.any():
-                    mask = pa.array(keep)
-                    df = batch.filter(mask).to_pandas()
-                    if split:
-                        if sha is None or sha.num_rows != batch.num_rows:  # (batches of one file, one size: never)
-                            raise ReshardError(f"{path}: the plan's two readers of the catalog file disagree on its rows")
-                        df[C.TAR_SHA256] = sha.column(0).filter(mask).to_pandas()
-                    parts.append(df)
-    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
-    if C.TAR_SHA256 not in rows.columns:
-        rows[C.TAR_SHA256] = None
-    if rows[C.TAR_OFFSET].isna().any() or rows[C.TAR_LENGTH].isna().any():
-        return None  # some sample has no span: the tar index (Spark) serves them
-    # The shard id of each of the pool's few shard paths, not of every row.
-    sids = {sh: sh.removesuffix(".tar").replace("/", "-") for sh in rows[C.SHARD].unique() if isinstance(sh, str)}
-    rows["_sid"] = rows[C.SHARD].map(sids)
-    # One row per uid even if the catalog lists a sample twice: the smallest (shard, key, span) wins, as
-    # Spark's min(struct) picks it. (Sorted only when some uid is listed twice: the sort by six columns,
-    # strings among them, was a third of the plan's time at 25k rows, and the order below is total.)
-    if rows[C.UID].duplicated().any():
-        rows = rows.sort_values([C.UID, "_sid", C.KEY, C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256], na_position="first", kind="stable")
-        rows = rows.drop_duplicates(C.UID, keep="first")
+    # The subset's own spans, written by subsets (n rows read); else the catalog's scan (every pool row).
+    rows, why = spans.read_spans(uid_path, uids, uids_sha256, pool.sha256)
+    spans_from = "subset spans" if rows is not None else "catalog"
+    if why:
+        log.warning("reshard: the subset's spans are not used: %s; the pool's catalog is read instead", why)
+    if rows is None:
+        rows = spans.scan_catalog(pool, uids)
+        if rows is None:
+            return None  # some sample has no span: the tar index (Spark) serves them
     if len(rows) != n:
         raise _not_in_catalog(n - len(rows))
     unknown = sorted(set(rows["_sid"]) - set(urls))
@@ -1165,7 +1039,7 @@ def _run_local(
     big = r * (q + 1)
     j = np.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1)).astype(np.int64)
     i = np.where(pos < big, pos % (q + 1), (pos - big) % max(q, 1)).astype(np.int64)
-    log.info("reshard: planned %d samples in %.3f s (in process; spans from the catalog)", n, time.perf_counter() - t0)
+    log.info("reshard: planned %d samples in %.3f s (in process; spans from the %s)", n, time.perf_counter() - t0, spans_from)
     out_bytes = int(rows[C.TAR_LENGTH].sum())
     free = free_memory()
     fits = free is not None and out_bytes * DIRECT_IO_FREE_FACTOR <= free
@@ -1201,41 +1075,53 @@ def _run_local(
                for jj, info in out}
     if sorted(results) != list(range(k)):
         raise ReshardError(f"output shards {sorted(set(range(k)) - set(results))[:5]} were not written; re-run reshard to resume")
-    return results, "catalog", direct
+    return results, spans_from, direct
 
 
 def _run_spark(
-    spark: Any, pool: Any, uid_path: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str, plan_id: str, width: int,
+    spark: Any, pool: Any, uid_path: str, uids_sha256: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str, plan_id: str, width: int,
     direct: bool,
 ) -> tuple[dict[int, dict[str, Any]], str]:
     """Plan, index (unless the catalog has every sample's byte span) and write; return the written
-    shards' info and where the sample byte ranges came from ("catalog" or "tar index")."""
+    shards' info and where the sample byte ranges came from ("subset spans", "catalog" or "tar index")."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    # (a catalog file that stores a column all null with Arrow's null type: read as nulls of its type)
-    cat = spark_read_catalog(spark, pool, catalog_footers(pool))
-    # Pools downloaded by this version record each sample's byte span in its tar: then no tar is
-    # indexed at all. Older pools (or samples without a span) go through the tar header index.
-    spans = [c for c in (C.TAR_OFFSET, C.TAR_LENGTH) if c in cat.columns]
-    has_spans = len(spans) == 2
-    # ... and the sha256 of each span, checked for every sample copied (pools that predate it: unchecked).
-    has_sha = has_spans and C.TAR_SHA256 in cat.columns
-    spans += [C.TAR_SHA256] if has_sha else []
-    cat = cat.select(C.UID, C.STATUS, C.SHARD, C.KEY, *(spans if has_spans else []))
-    span_cols = [F.col(C.TAR_OFFSET).alias("_toff"), F.col(C.TAR_LENGTH).alias("_tlen")] if has_spans else []
-    span_cols += [F.col(C.TAR_SHA256).alias("_tsha")] if has_sha else []
+    from laiontools.contracts import spans as subset_spans
+
     shuffle = F.pandas_udf(lambda s: score_series(s, seed, person=SHUFFLE_PERSON), T.LongType())
-    rows = (
-        keep_members(cat.filter(F.col(C.STATUS) == C.STATUS_SUCCESS), C.UID, uid_path)
-        .withColumn("_sid", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))
-        # One row per uid even if the catalog lists a sample twice: the smallest (shard, key) wins.
-        .groupBy(C.UID)
-        .agg(F.min(F.struct("_sid", C.KEY, *span_cols)).alias("s"))
-        .select(C.UID, F.col("s._sid").alias("_sid"), F.col(f"s.{C.KEY}").alias(C.KEY),
-                *[F.col(f"s.{c}") for c in ("_toff", "_tlen", "_tsha")[: len(span_cols)]])
-        .withColumn("h", shuffle(F.col(C.UID)))
-    )
+    sid = F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-")
+    # The subset's own spans, written by subsets (its rows only); else the pool's catalog (every row).
+    own, why = subset_spans.spark_read_spans(spark, uid_path, n, uids_sha256, pool.sha256)
+    if why:
+        log.warning("reshard: the subset's spans are not used: %s; the pool's catalog is read instead", why)
+    if own is not None:
+        has_spans = has_sha = True
+        span_cols = [F.col(C.TAR_OFFSET).alias("_toff"), F.col(C.TAR_LENGTH).alias("_tlen"), F.col(C.TAR_SHA256).alias("_tsha")]
+        rows = own.select(C.UID, sid.alias("_sid"), C.KEY, *span_cols).withColumn("h", shuffle(F.col(C.UID)))
+    else:
+        # (a catalog file that stores a column all null with Arrow's null type: read as nulls of its type)
+        cat = spark_read_catalog(spark, pool, catalog_footers(pool))
+        # Pools downloaded by this version record each sample's byte span in its tar: then no tar is
+        # indexed at all. Older pools (or samples without a span) go through the tar header index.
+        spans = [c for c in (C.TAR_OFFSET, C.TAR_LENGTH) if c in cat.columns]
+        has_spans = len(spans) == 2
+        # ... and the sha256 of each span, checked for every sample copied (pools that predate it: unchecked).
+        has_sha = has_spans and C.TAR_SHA256 in cat.columns
+        spans += [C.TAR_SHA256] if has_sha else []
+        cat = cat.select(C.UID, C.STATUS, C.SHARD, C.KEY, *(spans if has_spans else []))
+        span_cols = [F.col(C.TAR_OFFSET).alias("_toff"), F.col(C.TAR_LENGTH).alias("_tlen")] if has_spans else []
+        span_cols += [F.col(C.TAR_SHA256).alias("_tsha")] if has_sha else []
+        rows = (
+            keep_members(cat.filter(F.col(C.STATUS) == C.STATUS_SUCCESS), C.UID, uid_path)
+            .withColumn("_sid", sid)
+            # One row per uid even if the catalog lists a sample twice: the smallest (shard, key) wins.
+            .groupBy(C.UID)
+            .agg(F.min(F.struct("_sid", C.KEY, *span_cols)).alias("s"))
+            .select(C.UID, F.col("s._sid").alias("_sid"), F.col(f"s.{C.KEY}").alias(C.KEY),
+                    *[F.col(f"s.{c}") for c in ("_toff", "_tlen", "_tsha")[: len(span_cols)]])
+            .withColumn("h", shuffle(F.col(C.UID)))
+        )
     # Global positions without taking rows through Python: after the sort, monotonically_increasing_id
     # is (partition << 33) + row number inside the partition, in sorted order, and partitions hold
     # increasing ranges; one count per partition (a handful of rows) turns it into the position.
@@ -1323,7 +1209,7 @@ def _run_spark(
     results = {int(x["j"]): {"num_samples": int(x["num_samples"]), "bytes": int(x["bytes"]), "sha256": x["sha256"]} for x in out}
     if sorted(results) != list(range(k)):
         raise ReshardError(f"output shards {sorted(set(range(k)) - set(results))[:5]} were not written; re-run reshard to resume")
-    return results, ("catalog" if use_spans else "tar index")
+    return results, ("subset spans" if own is not None else "catalog" if use_spans else "tar index")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -550,12 +550,13 @@ class _SparkSelection:
                  footers: list[tuple[str, int, Any]] | None = None) -> None:
         from pyspark.sql import functions as F
 
-        self.cfg, self.spark, self.elig = cfg, spark, None
+        self.cfg, self.spark, self.elig, self.sel, self.rows = cfg, spark, None, None, 0
         # The shuffles below (scores per uid, distinct eligible uids) split the pool's rows: their partition
         # count follows the pool's size unless the user set spark.sql.shuffle.partitions (Spark's 200 was
         # ~200 tasks per shuffle for a pool of 1,000 samples, and 10M rows per task at 2B).
         self.run_record = spark_run_record(spark, int(pool.manifest["num_samples"]))
-        cat = _catalog_df(spark, pool, footers)
+        self.footers = footers or catalog_footers(pool)
+        cat = _catalog_df(spark, pool, self.footers)
         shards = spark.createDataFrame([(s,) for s in pool.shard_ids], "_shard_id string").withColumn("_complete", F.lit(True))
         cat = cat.join(F.broadcast(shards), on="_shard_id", how="left")
         self.scores_record: dict[str, Any] | None = None
@@ -618,6 +619,7 @@ class _SparkSelection:
             passed = passed & ok
         t0 = time.monotonic()
         counts = self.cat.agg(*aggs).collect()[0]
+        self.rows = int(counts["rows"])
         log.info("subsets: funnel over %d catalog rows in %.1fs", counts["rows"], time.monotonic() - t0)
         seed = self.cfg.seed
         score_udf = F.pandas_udf(lambda s: score_series(s, seed), T.LongType())
@@ -674,6 +676,7 @@ class _SparkSelection:
         for pos, cut in enumerate(cuts[1:], start=1):
             tier = F.when(self._up_to(cut), F.lit(pos)).otherwise(tier)
         sel = self.elig.filter(self._up_to(cuts[0])).select(C.UID, tier.cast("int").alias("tier"))
+        self.sel = sel
         return save_uids_spark(sel, C.UID, paths, tier_col="tier", expected=expected, distinct=False)
 
     def between(self, old: tuple[int, str] | bool, new: tuple[int, str]) -> int:
@@ -686,6 +689,46 @@ class _SparkSelection:
             h, uid = old
             after = (F.col("h") > F.lit(h)) | ((F.col("h") == F.lit(h)) & (F.col(C.UID) > F.lit(uid)))
         return int(self.elig.filter(after & self._up_to(new)).count())
+
+    def write_spans(self, output: str, labels: list[str], written: dict[str, tuple[str, int]], pool: PoolInfo) -> None:
+        """:meth:`_LocalSelection.write_spans` on Spark: the catalog's success rows of the largest such subset
+        (a join with the selection :meth:`write_uids` wrote), one per uid by min(struct), as reshard's Spark
+        plan picks it; written by tasks (laiontools.contracts.spans.spark_write_spans)."""
+        from pyspark.sql import functions as F
+
+        from laiontools.contracts import spans
+
+        want = [i for i, lab in enumerate(labels) if 0 < written[lab][1] <= spans.SPANS_MAX_FRACTION * self.rows]
+        for lab in labels:
+            spans.clear(join(output, layout.subset_spans(lab)))
+        if not want or self.sel is None:
+            return
+        cat = spark_read_catalog(self.spark, pool, self.footers)
+        if not {C.TAR_OFFSET, C.TAR_LENGTH} <= set(cat.columns):
+            log.info("subsets: the catalog records no byte spans: no spans written for reshard")
+            return
+        sha = F.col(C.TAR_SHA256).cast("string") if C.TAR_SHA256 in cat.columns else F.lit(None).cast("string")
+        rows = (cat.filter(F.col(C.STATUS) == C.STATUS_SUCCESS)
+                .select(C.UID, C.SHARD, C.KEY, F.col(C.TAR_OFFSET).cast("long").alias(C.TAR_OFFSET),
+                        F.col(C.TAR_LENGTH).cast("long").alias(C.TAR_LENGTH), sha.alias(C.TAR_SHA256))
+                .join(self.sel.filter(F.col("tier") >= F.lit(want[0])), C.UID)
+                .persist())
+        try:
+            if rows.filter(F.col(C.TAR_OFFSET).isNull() | F.col(C.TAR_LENGTH).isNull()).limit(1).count():
+                log.info("subsets: the catalog lacks some selected sample's byte span: no spans written for reshard")
+                return
+            # One row per uid: the smallest (shard id, key, span), as reshard's plan picks it.
+            sid = F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-")
+            one = (rows.withColumn("_sid", sid).groupBy(C.UID, "tier")
+                   .agg(F.min(F.struct("_sid", C.KEY, C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256, C.SHARD)).alias("s"))
+                   .select(C.UID, "tier", *[F.col(f"s.{c}").alias(c) for c in (C.SHARD, C.KEY, C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256)]))
+            why = spans.spark_write_spans(one, [join(output, layout.subset_spans(labels[i])) for i in want], want,
+                                          [written[labels[i]][1] for i in want], [written[labels[i]][0] for i in want], pool.sha256)
+        finally:
+            rows.unpersist()
+        for i, w in zip(want, why):
+            if w:  # (eligible uids are success rows of the catalog: never)
+                log.warning("subsets: %s: no spans written for reshard: %s", labels[i], w)
 
     def close(self) -> None:
         if self.elig is not None:
@@ -805,6 +848,33 @@ class _LocalSelection:
         # the largest subset's uids are listed, not every eligible one's.
         ranked = [self.uids[i] for i in self.order[:max(expected, default=0)]]
         return [save_uids(path, ranked[:n]) for path, n in zip(paths, expected)]
+
+    def write_spans(self, output: str, labels: list[str], written: dict[str, tuple[str, int]], pool: PoolInfo) -> None:
+        """The sample spans of each subset of `labels` (largest first) with at most SPANS_MAX_FRACTION of
+        the catalog's rows, for reshard (laiontools.contracts.spans): one catalog scan for the largest of
+        them, each one's rows cut from it. A catalog without every span writes none (a stale record of
+        an earlier run is removed either way)."""
+        from laiontools.contracts import spans
+        from laiontools.contracts.uids import hex_arrow, load_uids
+
+        want = [lab for lab in labels if 0 < written[lab][1] <= spans.SPANS_MAX_FRACTION * self.n]
+        for lab in labels:
+            spans.clear(join(output, layout.subset_spans(lab)))
+        if not want:
+            return
+        uid_files = {lab: np.asarray(load_uids(join(output, layout.subset_uids(lab)), mmap=False)) for lab in want}
+        rows = spans.scan_catalog(pool, uid_files[want[0]])
+        if rows is None:
+            log.info("subsets: the catalog lacks some selected sample's byte span: no spans written for reshard")
+            return
+        rows = rows.sort_values(C.UID, kind="stable")
+        for lab in want:
+            hexes = hex_arrow(uid_files[lab]).to_numpy(zero_copy_only=False)
+            part = rows[rows[C.UID].isin(hexes)] if lab != want[0] else rows
+            if len(part) != written[lab][1]:  # (eligible uids are success rows of the catalog: never)
+                log.warning("subsets: %s: %d of %d uids found in the catalog's spans; no spans written", lab, len(part), written[lab][1])
+                continue
+            spans.write_spans(join(output, layout.subset_spans(lab)), part, written[lab][0], pool.sha256)
 
     def _rank(self, cut: tuple[int, str]) -> int:
         """How many eligible uids rank at or before (score, uid) `cut`."""
@@ -1188,6 +1258,9 @@ def _select(cfg: SubsetsConfig, spark: Any, pool: PoolInfo,
                                      [cuts[obtained[lab]] for lab in live], [obtained[lab] for lab in live])
             sha_count = dict(zip(live, written))
             log.info("subsets: %d selected uids sorted and written in %.1fs", obtained[live[0]], time.monotonic() - t0)
+            t0 = time.monotonic()
+            eng.write_spans(output, live, sha_count, pool)
+            log.info("subsets: the subsets' sample spans written in %.1fs", time.monotonic() - t0)
         for label, target in targets:  # largest first: each smaller one's parent is the one before it
             uid_name = layout.subset_uids(label)
             if label in sha_count:
