@@ -193,7 +193,7 @@ class _PhaseTimes:
     def _emit(self, record) -> None:
         msg = record.msg
         if msg.startswith("reshard: planned"):
-            self.times["plan_s"] = float(record.args[-1])
+            self.times["plan_s"] = float(record.args[1])  # (samples, seconds[, where the spans came from])
         elif msg.startswith("reshard: wrote"):
             self.times["write_s"] = float(record.args[-1])
         elif msg.startswith(("reshard: sample byte spans", "reshard: indexed")):
@@ -230,16 +230,45 @@ def _compiled_off(off: bool):
 
 @contextlib.contextmanager
 def _one_decode_thread(on: bool):
-    """Reshard's plan decoding every catalog column on one thread while `on` (reshard.SPLIT_SHA_DECODE off)."""
-    from laiontools.stages import reshard as reshard_stage
+    """Reshard's catalog scan decoding every catalog column on one thread while `on` (spans.SPLIT_SHA_DECODE off)."""
+    from laiontools.contracts import spans
 
-    saved = reshard_stage.SPLIT_SHA_DECODE
+    saved = spans.SPLIT_SHA_DECODE
     if on:
-        reshard_stage.SPLIT_SHA_DECODE = False
+        spans.SPLIT_SHA_DECODE = False
     try:
         yield
     finally:
-        reshard_stage.SPLIT_SHA_DECODE = saved
+        spans.SPLIT_SHA_DECODE = saved
+
+
+@contextlib.contextmanager
+def _catalog_scan(on: bool):
+    """Reshard planning from the pool's catalog (as before subsets wrote each subset's spans) while `on`: the
+    subset's spans folder is not read (spans.read_spans finds none)."""
+    from laiontools.contracts import spans
+
+    saved = spans.read_spans
+    if on:
+        spans.read_spans = lambda *a, **k: (None, None)
+    try:
+        yield
+    finally:
+        spans.read_spans = saved
+
+
+@contextlib.contextmanager
+def _no_spans_written(on: bool):
+    """subsets writing no subset's spans while `on` (spans.SPANS_MAX_FRACTION 0)."""
+    from laiontools.contracts import spans
+
+    saved = spans.SPANS_MAX_FRACTION
+    if on:
+        spans.SPANS_MAX_FRACTION = 0.0
+    try:
+        yield
+    finally:
+        spans.SPANS_MAX_FRACTION = saved
 
 
 def evict(root: str) -> None:
@@ -265,7 +294,8 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
     `compare`: also reshard each subset another way, alternated with the default run, and report both:
     "python", with the compiled per-sample path off (laiontools.wds.tarfast); "direct-io", with the
     output written with O_DIRECT whatever its size (reshard --direct-io); "one-decode-thread", with the
-    plan's catalog columns all decoded on one thread (reshard.SPLIT_SHA_DECODE off)."""
+    plan's catalog columns all decoded on one thread (spans.SPLIT_SHA_DECODE off; the catalog is read only
+    where the subset has no spans); "catalog-scan", planned from the pool's catalog, not the subset's spans."""
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages import subsets as subsets_stage
@@ -279,15 +309,30 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
     build_s = time.perf_counter() - t
     n = shards * per_shard
     targets = [max(1, round(f * n)) for f in fractions]
-    rows = subsets_stage.run(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=",".join(map(str, targets)), seed=0), spark).details
+    # subsets, timed with and without writing the subsets' spans (what moved there from each reshard's plan),
+    # alternated; the last run (with spans) is the one resharded
+    subsets_s: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(3):
+        for with_spans in ([False, True] if r % 2 == 0 else [True, False]) if r < 2 else [True]:
+            shutil.rmtree(os.path.join(root, "subsets"), ignore_errors=True)
+            if cold:
+                evict(root)
+            with _no_spans_written(not with_spans):
+                t = time.perf_counter()
+                rows = subsets_stage.run(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=",".join(map(str, targets)),
+                                                       seed=0), spark).details
+                subsets_s[with_spans].append(time.perf_counter() - t)
     by_n = {int(r["target"]): r["manifest"] for r in rows}
     out: dict = {"pool_samples": n, "pool_mb": round(total / 1e6, 1), "pool_shards": shards, "build_s": round(build_s, 1),
-                 "page_cache": "cold (dropped before each run)" if cold else "warm", "subsets": []}
+                 "page_cache": "cold (dropped before each run)" if cold else "warm", "subsets": [],
+                 "subsets_s_writing_spans": [round(x, 3) for x in subsets_s[True]],
+                 "subsets_s_without_spans": [round(x, 3) for x in subsets_s[False]]}
+    print(json.dumps({k: out[k] for k in ("subsets_s_writing_spans", "subsets_s_without_spans")}), flush=True)
     for f, target in zip(fractions, targets):
         sub = by_n[target]
         m = read_manifest(sub)
         shard_size = max(100, target // 16)  # >= 16 output shards: both task slots busy
-        copies, reshards, phases, touched, direct_used = [], [], [], None, None
+        copies, reshards, phases, touched, direct_used, spans_used = [], [], [], None, None, None
         pure_s, pure_phases = [], []
         res = None
         def timed_copy(copies: list[float], nbytes: int, files: int) -> None:
@@ -306,7 +351,8 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
                 shutil.rmtree(dst, ignore_errors=True)
                 if cold:
                     evict(root)
-                with _PhaseTimes() as ph, _compiled_off(pure and compare == "python"), _one_decode_thread(pure and compare == "one-decode-thread"):
+                with _PhaseTimes() as ph, _compiled_off(pure and compare == "python"), _one_decode_thread(pure and compare == "one-decode-thread"), \
+                        _catalog_scan(pure and compare == "catalog-scan"):
                     t = time.perf_counter()
                     res = reshard_stage.run(ReshardConfig(manifest=sub, output=dst, shard_size=shard_size,
                                                           direct_io=True if pure and compare == "direct-io" else None),
@@ -314,7 +360,7 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
                     (pure_s if pure else reshards).append(time.perf_counter() - t)
                 (pure_phases if pure else phases).append(dict(ph))
                 if not pure:
-                    direct_used = res.get("direct_io")
+                    direct_used, spans_used = res.get("direct_io"), res.get("sample_spans")
                 if res["num_samples"] != m["num_samples"]:
                     raise AssertionError(f"reshard wrote {res['num_samples']} samples of the subset's {m['num_samples']}")
                 written[pure] = read_manifest(os.path.join(dst, "subset.manifest.json"))["shards"]  # names, sizes, sha256
@@ -341,7 +387,7 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
             "phases_s": phases, "copy_mb_s": round(mb / copy_s, 1), "reshard_mb_s": round(mb / reshard_s, 1),
             "ratio": round(copy_s / reshard_s, 3), "write_phase_mb_s": round(mb / write_s, 1) if write_s > 0 else None,
             "ratio_write_phase": round(copy_s / write_s, 3) if write_s > 0 else None,
-            "output_written": "with O_DIRECT" if direct_used else "through the page cache",
+            "output_written": "with O_DIRECT" if direct_used else "through the page cache", "sample_spans": spans_used,
         })
         if compare == "direct-io":
             d_s = med(pure_s)
@@ -356,6 +402,13 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
                                        "one_thread_ratio": round(copy_s / o_s, 3), "one_thread_plan_s": round(o_plan, 3),
                                        "plan_s": round(med([p.get("plan_s", float("nan")) for p in phases]), 3),
                                        "split_decode_speedup": round(o_s / reshard_s, 3)})
+        if compare == "catalog-scan":
+            c_s = med(pure_s)
+            out["subsets"][-1].update({"catalog_scan_reshard_s": [round(x, 2) for x in pure_s], "catalog_scan_phases_s": pure_phases,
+                                       "catalog_scan_ratio": round(copy_s / c_s, 3),
+                                       "catalog_scan_plan_s": round(med([p.get("plan_s", float("nan")) for p in pure_phases]), 3),
+                                       "plan_s": round(med([p.get("plan_s", float("nan")) for p in phases]), 3),
+                                       "spans_speedup": round(c_s / reshard_s, 3)})
         if compare == "python":
             py_s = med(pure_s)
             py_write = med([p.get("write_s", float("nan")) for p in pure_phases])
@@ -438,6 +491,9 @@ def main() -> int:
     ap.add_argument("--compare-one-decode-thread", dest="compare", action="store_const", const="one-decode-thread",
                     help="nested mode: also reshard with the plan's catalog columns decoded on one thread (the span sha256 "
                          "column not on a thread of its own), alternated, and report both")
+    ap.add_argument("--compare-catalog-scan", dest="compare", action="store_const", const="catalog-scan",
+                    help="nested mode: also reshard planning from the pool's catalog instead of the subset's spans (as before "
+                         "subsets wrote them), alternated, and report both")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--work", default=None, help="folder for the pools (default: <out>/reshard-work), on the disk to measure")
     a = ap.parse_args()
