@@ -310,17 +310,18 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
     n = shards * per_shard
     targets = [max(1, round(f * n)) for f in fractions]
     # subsets, timed with and without writing the subsets' spans (what moved there from each reshard's plan),
-    # alternated; the last run (with spans) is the one resharded
+    # alternated, on the engine the CLI picks (in process below --spark-above catalog rows) unless --engine
+    # spark; the last run (with spans) is the one resharded
     subsets_s: dict[bool, list[float]] = {True: [], False: []}
-    for r in range(3):
-        for with_spans in ([False, True] if r % 2 == 0 else [True, False]) if r < 2 else [True]:
+    for r in range(5):
+        for with_spans in ([False, True] if r % 2 == 0 else [True, False]) if r < 4 else [True]:
             shutil.rmtree(os.path.join(root, "subsets"), ignore_errors=True)
             if cold:
                 evict(root)
             with _no_spans_written(not with_spans):
                 t = time.perf_counter()
                 rows = subsets_stage.run(SubsetsConfig(pool=mp, output=os.path.join(root, "subsets"), scales=",".join(map(str, targets)),
-                                                       seed=0), spark).details
+                                                       seed=0), spark if engine == "spark" else None).details
                 subsets_s[with_spans].append(time.perf_counter() - t)
     by_n = {int(r["target"]): r["manifest"] for r in rows}
     out: dict = {"pool_samples": n, "pool_mb": round(total / 1e6, 1), "pool_shards": shards, "build_s": round(build_s, 1),
