@@ -1233,7 +1233,21 @@ _BAD_SPANS = {
                                   "without its shard or span"),
     "a part of other columns": (lambda d: _rewrite_part(d, lambda df: df.rename(columns={"key": "kee"}).assign(key=None)[["uid", "shard", "kee", "tar_offset", "tar_length", "tar_sha256"]]),
                                 "cannot be read as a spans part"),
+    # (review) a record of another shape, or naming a part outside its folder: not used, never a crash
+    "a record of parts that are not objects": (lambda d: _edit_record(d, parts=["part-000000.parquet"]), "not a spans record"),
+    "a record of a part without its rows": (lambda d: _edit_record(d, parts=[{**read_json(os.path.join(d, spans_mod.SPANS_JSON))["parts"][0], "rows": None}]),
+                                            "not a spans record"),
+    "a record naming a part outside its folder": (lambda d: _part_elsewhere(d), "not a spans record"),
 }
+
+
+def _part_elsewhere(folder: str) -> None:
+    """The part moved to a sibling folder and the record naming it there ("../elsewhere/part-000000.parquet")."""
+    record = read_json(os.path.join(folder, spans_mod.SPANS_JSON))
+    other = os.path.join(os.path.dirname(folder), "elsewhere")
+    os.makedirs(other)
+    shutil.move(os.path.join(folder, record["parts"][0]["path"]), os.path.join(other, record["parts"][0]["path"]))
+    _edit_record(folder, parts=[{**record["parts"][0], "path": "../elsewhere/" + record["parts"][0]["path"]}])
 
 
 @pytest.mark.parametrize("case", sorted(_BAD_SPANS))
@@ -1344,3 +1358,30 @@ def test_spans_written_on_spark_are_the_in_process_ones_and_spark_reshard_reads_
         shutil.rmtree(folder)
         shutil.copytree(saved, folder)
         shutil.rmtree(saved)
+
+
+# (review) what the in-process reader refuses, the Spark reader must refuse too
+_BAD_SPANS_SPARK = {
+    "a part without the key column": (_BAD_SPANS["a part of other columns"][0], "cannot be read"),
+    "a uid twice, once in upper case, another missing": (
+        lambda d: _rewrite_part(d, lambda df: df.assign(uid=[df["uid"][0], df["uid"][0].upper()] + df["uid"].tolist()[2:])),
+        "not the uid file's"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_SPANS_SPARK))
+def test_spark_reshard_refuses_the_spans_the_in_process_one_refuses(spark, small_subsets, tmp_path, case, caplog):
+    import logging
+
+    sub = str(tmp_path / "sub")
+    shutil.copytree(small_subsets["sub"], sub)
+    spoil, words = _BAD_SPANS_SPARK[case]
+    spoil(os.path.join(sub, layout.subset_spans(small_subsets["small"])))
+    manifest = os.path.join(sub, layout.subset_manifest(small_subsets["small"]))
+    with caplog.at_level(logging.WARNING, logger="laiontools.stages.reshard"):
+        res = reshard_stage.run(ReshardConfig(manifest=manifest, output=str(tmp_path / "r"), shard_size=5, spark_above=0), spark).details
+    said = [r.getMessage() for r in caplog.records if "spans are not used" in r.getMessage()]
+    assert res["engine"].startswith("spark ") and res["sample_spans"] == "catalog", (res["sample_spans"], said)
+    assert len(said) == 1 and words in said[0], said
+    ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
+    assert read_manifest(os.path.join(tmp_path / "r", layout.RESHARD_MANIFEST))["shards"] == ref

@@ -990,9 +990,10 @@ def test_subsets_in_process_read_and_write_s3_like_spark(spark, s3, small_s3_poo
     pd.testing.assert_frame_equal(got["spark"], got["in-process"])
 
 
-def test_reshard_in_process_reads_a_subsets_spans_from_s3(s3, small_s3_pool, monkeypatch):
+def test_reshard_in_process_reads_a_subsets_spans_from_s3(spark, s3, small_s3_pool, monkeypatch):
     """subsets writes a small subset's spans into the bucket; reshard in process reads them there instead of
-    the pool's catalog (its scan would raise), and writes the shards it writes from the catalog."""
+    the pool's catalog (its scan would raise), and so does reshard on Spark (the parts hashed and read by
+    tasks); both write the shards reshard writes from the catalog."""
     from laiontools.contracts import spans
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage
@@ -1011,13 +1012,15 @@ def test_reshard_in_process_reads_a_subsets_spans_from_s3(s3, small_s3_pool, mon
     monkeypatch.setattr(spans, "scan_catalog", no_scan)
     a = reshard_stage.run(ReshardConfig(manifest=sub, output=f"{out}-a", shard_size=3)).details
     assert a["engine"] == "in-process" and a["sample_spans"] == "subset spans"
+    c = reshard_stage.run(ReshardConfig(manifest=sub, output=f"{out}-c", shard_size=3, spark_above=0), spark).details
+    assert c["engine"].startswith("spark ") and c["sample_spans"] == "subset spans"
     monkeypatch.setattr(spans, "scan_catalog", scan)
     s3.rm(f"{out}/8.spans".split("://")[1], recursive=True)
     s3.invalidate_cache()
     b = reshard_stage.run(ReshardConfig(manifest=sub, output=f"{out}-b", shard_size=3)).details
     assert b["sample_spans"] == "catalog"
-    shards = [read_manifest(f"{o}/subset.manifest.json")["shards"] for o in (f"{out}-a", f"{out}-b")]
-    assert shards[0] == shards[1] and len(shards[0]) == 3
+    shards = [read_manifest(f"{o}/subset.manifest.json")["shards"] for o in (f"{out}-a", f"{out}-b", f"{out}-c")]
+    assert shards[0] == shards[1] == shards[2] and len(shards[0]) == 3
 
 
 def test_reshard_of_a_subset_whose_s3_uid_file_is_gone_names_it(s3, small_s3_subset, monkeypatch):

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import re
 from typing import Any
 
 from laiontools.contracts import schema as C
@@ -337,6 +338,21 @@ def _part_writer(folders: list[str], tiers: list[int]) -> Any:
     return write
 
 
+_PART_NAME = re.compile(r"^part-[0-9]{6}\.parquet$")
+
+
+def _well_formed(rec: dict[str, Any]) -> bool:
+    """Whether `rec` has the shape write_record gives: an int count, and parts of a plain part name (never a
+    path out of the folder), int rows and a sha256 string, each name once."""
+    parts = rec.get("parts")
+    if type(rec.get("count")) is not int or not isinstance(parts, list):
+        return False
+    if not all(isinstance(p, dict) and isinstance(p.get("path"), str) and _PART_NAME.match(p["path"])
+               and type(p.get("rows")) is int and p["rows"] >= 0 and isinstance(p.get("sha256"), str) for p in parts):
+        return False
+    return len({p["path"] for p in parts}) == len(parts)
+
+
 def _record(uid_path: str, count: int, uids_sha256: str, pool_sha256: str) -> tuple[dict[str, Any] | None, str | None]:
     """(the spans record of the subset whose uid file is `uid_path`, None) when it is there and names this
     uid file, this state of the pool and `count` rows; (None, why) otherwise (no record: why is None)."""
@@ -353,7 +369,7 @@ def _record(uid_path: str, count: int, uids_sha256: str, pool_sha256: str) -> tu
         rec = read_json(record_path)
     except (OSError, ValueError) as e:
         return None, f"{record_path} cannot be read ({e})"
-    if not isinstance(rec, dict) or rec.get("version") != SPANS_VERSION:
+    if not isinstance(rec, dict) or rec.get("version") != SPANS_VERSION or not _well_formed(rec):
         return None, f"{record_path} is not a spans record of version {SPANS_VERSION}"
     if rec.get("uids_sha256") != uids_sha256:
         return None, f"{record_path} was written for another uid file (sha256 {rec.get('uids_sha256')})"
@@ -395,6 +411,10 @@ def read_spans(uid_path: str, uids: Any, uids_sha256: str, pool_sha256: str) -> 
             tables.append(pq.read_table(pa.BufferReader(data), columns=list(SPAN_COLUMNS), **PARQUET_READ))
         except (OSError, ValueError, pa.ArrowException) as e:
             return None, f"{path} cannot be read as a spans part ({e})"
+        sch = tables[-1].schema  # (a shard or key of numbers would fail the plan)
+        if not all(pa.types.is_string(sch.field(c).type) or (c == C.TAR_SHA256 and pa.types.is_null(sch.field(c).type))
+                   for c in (C.SHARD, C.KEY, C.TAR_SHA256)):
+            return None, f"{path} cannot be read as a spans part (its shard, key or sha256 column is not of strings)"
     try:
         t = pa.concat_tables(tables) if tables else _part_table(pd.DataFrame(columns=list(SPAN_COLUMNS)))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
@@ -438,9 +458,13 @@ def spark_read_spans(spark: Any, uid_path: str, count: int, uids_sha256: str, po
     except (OSError, ValueError) as e:
         return None, f"the parts in {folder} cannot be read ({e})"
     bad = F.col(C.TAR_OFFSET).isNull() | F.col(C.TAR_LENGTH).isNull() | F.col(C.SHARD).isNull()
-    total = df.agg(F.count(F.lit(1)).alias("n"), F.sum(F.when(bad, 1).otherwise(0)).alias("bad")).collect()[0]
+    # (the uid strings as the uid file's hex gives them: member_column parses either case, so "AB.." and "ab.."
+    # would be two distinct members of one uid)
+    odd = F.col(C.UID).isNull() | ~F.col(C.UID).rlike("^[0-9a-f]{32}$")
+    total = df.agg(F.count(F.lit(1)).alias("n"), F.sum(F.when(bad, 1).otherwise(0)).alias("bad"),
+                   F.sum(F.when(odd, 1).otherwise(0)).alias("odd")).collect()[0]
     members = keep_members(df, C.UID, uid_path).agg(F.countDistinct(C.UID).alias("n")).collect()[0]
-    if int(total["n"]) != count or int(members["n"]) != count:
+    if int(total["n"]) != count or int(members["n"]) != count or int(total["odd"] or 0):
         return None, f"the uids in {folder} are not the uid file's"
     if int(total["bad"] or 0):
         return None, f"{folder} lists a sample without its shard or span"
@@ -456,6 +480,7 @@ def _empty() -> Any:
 def _hash_files(batches: Any) -> Any:
     """mapInArrow function: (path, want) rows -> (path, sha256 of the file, or "error: <what>")."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     for b in batches:
         paths = b.column("path").to_pylist()
@@ -467,7 +492,14 @@ def _hash_files(batches: Any) -> Any:
                 with fs.open(p, "rb") as f:
                     while chunk := f.read(1 << 22):
                         h.update(chunk)
+                    # Spark's reader, given the parts' schema, reads a column a part lacks as nulls and fails
+                    # a job on one of another type: the part's own schema must be the spans schema
+                    f.seek(0)
+                    got = pq.read_schema(f)
+                want = _part_table(_empty()).schema
+                if [(x.name, x.type) for x in got if x.name in SPAN_COLUMNS] != [(x.name, x.type) for x in want]:
+                    raise ValueError(f"its columns are {got.names}, not the spans columns {list(SPAN_COLUMNS)}")
                 shas.append(h.hexdigest())
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, pa.ArrowException) as e:
                 shas.append(f"error: {e}")
         yield pa.RecordBatch.from_pydict({"path": paths, "sha256": shas})
