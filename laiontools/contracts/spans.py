@@ -66,6 +66,13 @@ def shard_id(shard: str) -> str:
     return shard.removesuffix(".tar").replace("/", "-")
 
 
+def spark_shard_id(col: str = C.SHARD) -> Any:
+    """:func:`shard_id` as a Spark Column, of the catalog's shard column `col`."""
+    from pyspark.sql import functions as F
+
+    return F.regexp_replace(F.regexp_replace(col, r"\.tar$", ""), "/", "-")
+
+
 def one_per_uid(rows: Any) -> Any:
     """`rows` (a pandas frame of span columns and ``_sid``) with one row per uid even if the catalog lists
     a sample twice: the smallest (shard, key, span) wins, as Spark's min(struct) picks it. (Sorted only
@@ -430,45 +437,57 @@ def read_spans(uid_path: str, uids: Any, uids_sha256: str, pool_sha256: str) -> 
 
 
 def spark_read_spans(spark: Any, uid_path: str, count: int, uids_sha256: str, pool_sha256: str) -> tuple[Any, str | None]:
-    """:func:`read_spans` on Spark: (a DataFrame of :data:`SPAN_COLUMNS`, None) or (None, why). The parts
-    are hashed and read by tasks (at 2B an 80M subset's are GBs: never on the driver); their rows must be
-    exactly the uid file's uids (a join with the file, read by tasks), each with its shard and span."""
+    """:func:`read_spans` on Spark: (a DataFrame with :data:`SPAN_COLUMNS`, None) or (None, why). Each part
+    is fetched once by a task, which checks its sha256 and its columns and parses those very bytes (at 2B
+    an 80M subset's parts are GBs: never on the driver, and never read again between the check and the
+    plan); the rows are persisted: the caller unpersists the DataFrame. They must be exactly the uid file's
+    uids (lowercase hex, counted against a join with the file, read by tasks), each with its shard and span."""
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
 
     from laiontools.contracts.uids import keep_members
-    from laiontools.core.storage import join, spark_read_parquet
+    from laiontools.core.storage import join
 
     rec, why = _record(uid_path, count, uids_sha256, pool_sha256)
     if rec is None:
         return None, why
     folder = str(spans_dir_of(uid_path))
-    want = {join(folder, str(p.get("path", ""))): p.get("sha256") for p in rec["parts"]}
+    want = sorted((join(folder, p["path"]), p["sha256"]) for p in rec["parts"])
     if not want:
         return None, f"{join(folder, SPANS_JSON)} names no part"
     n = max(1, min(len(want), spark.sparkContext.defaultParallelism * 4))
-    hashed = {r["path"]: r["sha256"] for r in spark.createDataFrame(sorted(want.items()), "path string, want string")
-              .repartition(n, "path").mapInArrow(_hash_files, "path string, sha256 string").collect()}
-    for path, sha in sorted(want.items()):
-        if hashed.get(path) != sha:
-            got = hashed.get(path)
-            return None, f"{path}: " + (f"cannot be read ({got[len('error: '):]})" if got and got.startswith("error: ")
-                                        else f"sha256 differs from the one {join(folder, SPANS_JSON)} records")
+    schema = _part_table(_empty()).schema.append(_error_field())
+    df = (spark.createDataFrame(want, "path string, want string").repartition(n, "path")
+          .mapInArrow(_part_reader(join(folder, SPANS_JSON)), from_arrow_schema(schema))
+          .persist(StorageLevel.MEMORY_AND_DISK))
+    ok = False
     try:
-        df = spark_read_parquet(spark, sorted(want), schema=_part_table(_empty()).schema)
-    except (OSError, ValueError) as e:
-        return None, f"the parts in {folder} cannot be read ({e})"
-    bad = F.col(C.TAR_OFFSET).isNull() | F.col(C.TAR_LENGTH).isNull() | F.col(C.SHARD).isNull()
-    # (the uid strings as the uid file's hex gives them: member_column parses either case, so "AB.." and "ab.."
-    # would be two distinct members of one uid)
-    odd = F.col(C.UID).isNull() | ~F.col(C.UID).rlike("^[0-9a-f]{32}$")
-    total = df.agg(F.count(F.lit(1)).alias("n"), F.sum(F.when(bad, 1).otherwise(0)).alias("bad"),
-                   F.sum(F.when(odd, 1).otherwise(0)).alias("odd")).collect()[0]
-    members = keep_members(df, C.UID, uid_path).agg(F.countDistinct(C.UID).alias("n")).collect()[0]
-    if int(total["n"]) != count or int(members["n"]) != count or int(total["odd"] or 0):
-        return None, f"the uids in {folder} are not the uid file's"
-    if int(total["bad"] or 0):
-        return None, f"{folder} lists a sample without its shard or span"
-    return df, None
+        err = df.filter(F.col("_error").isNotNull()).select("_error").limit(1).collect()
+        if err:
+            return None, err[0]["_error"]
+        bad = F.col(C.TAR_OFFSET).isNull() | F.col(C.TAR_LENGTH).isNull() | F.col(C.SHARD).isNull()
+        # (the uid strings as the uid file's hex gives them: member_column parses either case, so "AB.." and
+        # "ab.." would be two distinct members of one uid)
+        odd = F.col(C.UID).isNull() | ~F.col(C.UID).rlike("^[0-9a-f]{32}$")
+        total = df.agg(F.count(F.lit(1)).alias("n"), F.sum(F.when(bad, 1).otherwise(0)).alias("bad"),
+                       F.sum(F.when(odd, 1).otherwise(0)).alias("odd")).collect()[0]
+        members = keep_members(df, C.UID, uid_path).agg(F.countDistinct(C.UID).alias("n")).collect()[0]
+        if int(total["n"]) != count or int(members["n"]) != count or int(total["odd"] or 0):
+            return None, f"the uids in {folder} are not the uid file's"
+        if int(total["bad"] or 0):
+            return None, f"{folder} lists a sample without its shard or span"
+        ok = True
+        return df, None
+    finally:
+        if not ok:
+            df.unpersist()
+
+
+def _error_field() -> Any:
+    import pyarrow as pa
+
+    return pa.field("_error", pa.string())
 
 
 def _empty() -> Any:
@@ -477,29 +496,38 @@ def _empty() -> Any:
     return pd.DataFrame({c: pd.Series([], dtype="int64" if c in (C.TAR_OFFSET, C.TAR_LENGTH) else "object") for c in SPAN_COLUMNS})
 
 
-def _hash_files(batches: Any) -> Any:
-    """mapInArrow function: (path, want) rows -> (path, sha256 of the file, or "error: <what>")."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _part_reader(record_path: str) -> Any:
+    """mapInArrow function: (path, want) rows of spans parts -> each part's rows (SPAN_COLUMNS, ``_error``
+    null), read from the bytes whose sha256 and columns were checked; a part that fails: one row naming
+    why in ``_error`` (`record_path`: the record the sha256 is compared with)."""
 
-    for b in batches:
-        paths = b.column("path").to_pylist()
-        shas = []
-        for path in paths:
-            try:
-                h = hashlib.sha256()
-                fs, p = url_to_fs(path)
-                with fs.open(p, "rb") as f:
-                    while chunk := f.read(1 << 22):
-                        h.update(chunk)
-                    # Spark's reader, given the parts' schema, reads a column a part lacks as nulls and fails
-                    # a job on one of another type: the part's own schema must be the spans schema
-                    f.seek(0)
-                    got = pq.read_schema(f)
-                want = _part_table(_empty()).schema
-                if [(x.name, x.type) for x in got if x.name in SPAN_COLUMNS] != [(x.name, x.type) for x in want]:
-                    raise ValueError(f"its columns are {got.names}, not the spans columns {list(SPAN_COLUMNS)}")
-                shas.append(h.hexdigest())
-            except (OSError, ValueError, pa.ArrowException) as e:
-                shas.append(f"error: {e}")
-        yield pa.RecordBatch.from_pydict({"path": paths, "sha256": shas})
+    def read(batches: Any) -> Any:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = _part_table(_empty()).schema
+        out = schema.append(_error_field())
+        for b in batches:
+            for path, sha in zip(b.column("path").to_pylist(), b.column("want").to_pylist()):
+                why = None
+                try:
+                    fs, p = url_to_fs(path)
+                    with fs.open(p, "rb") as f:
+                        data = f.read()
+                    if hashlib.sha256(data).hexdigest() != sha:
+                        why = f"{path}: sha256 differs from the one {record_path} records"
+                    else:
+                        t = pq.read_table(pa.BufferReader(data), **PARQUET_READ)
+                        # a part lacking a column, or holding one of another type: not the spans (a reader given
+                        # the spans' schema would read the first as nulls)
+                        if [(x.name, x.type) for x in t.schema if x.name in SPAN_COLUMNS] != [(x.name, x.type) for x in schema]:
+                            why = f"{path} cannot be read as a spans part (its columns are {t.schema.names})"
+                except (OSError, ValueError, pa.ArrowException) as e:
+                    why = f"{path} cannot be read ({e})"
+                if why is not None:
+                    yield pa.RecordBatch.from_pydict({**{f.name: [None] for f in schema}, "_error": [why]}, schema=out)
+                    continue
+                t = t.select(list(SPAN_COLUMNS)).append_column(_error_field(), pa.nulls(t.num_rows, pa.string()))
+                yield from t.to_batches()
+
+    return read

@@ -1090,7 +1090,7 @@ def _run_spark(
     from laiontools.contracts import spans as subset_spans
 
     shuffle = F.pandas_udf(lambda s: score_series(s, seed, person=SHUFFLE_PERSON), T.LongType())
-    sid = F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-")
+    sid = subset_spans.spark_shard_id()
     # The subset's own spans, written by subsets (its rows only); else the pool's catalog (every row).
     own, why = subset_spans.spark_read_spans(spark, uid_path, n, uids_sha256, pool.sha256)
     if why:
@@ -1206,6 +1206,8 @@ def _run_spark(
         ordered.unpersist()
         if joined is not None:
             joined.unpersist()
+        if own is not None:  # (spark_read_spans persisted the rows it checked)
+            own.unpersist()
     results = {int(x["j"]): {"num_samples": int(x["num_samples"]), "bytes": int(x["bytes"]), "sha256": x["sha256"]} for x in out}
     if sorted(results) != list(range(k)):
         raise ReshardError(f"output shards {sorted(set(range(k)) - set(results))[:5]} were not written; re-run reshard to resume")

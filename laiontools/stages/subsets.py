@@ -68,6 +68,7 @@ from laiontools.contracts.pool import (
     spark_read_catalog,
 )
 from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
+from laiontools.contracts.spans import spark_shard_id
 from laiontools.contracts.uids import UID_DTYPE, save_uids_spark, with_member_flag
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError, changed_settings
@@ -386,7 +387,6 @@ def _missing_columns(pool: PoolInfo, have: Any) -> None:
 def _catalog_df(spark: Any, pool: PoolInfo, footers: list[tuple[str, int, Any]] | None = None) -> Any:
     """The catalog's selection columns on Spark. `footers`: the pool's :func:`catalog_footers`, when the
     run read them already (to choose its engine); else read here."""
-    from pyspark.sql import functions as F
 
     # Spark's reader takes the schema of one file and reads a column another file lacks as nulls: a
     # --max-punsafe would then drop every row of that file as "punsafe missing", silently. Every file's
@@ -398,7 +398,7 @@ def _catalog_df(spark: Any, pool: PoolInfo, footers: list[tuple[str, int, Any]] 
         refuse_lacking_columns(pool, path, schema.names, _CATALOG_COLUMNS)
     df = spark_read_catalog(spark, pool, footers)
     _missing_columns(pool, df.columns)
-    return df.select(*_CATALOG_COLUMNS).withColumn("_shard_id", F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-"))
+    return df.select(*_CATALOG_COLUMNS).withColumn("_shard_id", spark_shard_id())
 
 
 def _score_files(scores_dir: str, pool: PoolInfo) -> tuple[list[str], dict[str, Any]]:
@@ -718,8 +718,7 @@ class _SparkSelection:
                 log.info("subsets: the catalog lacks some selected sample's byte span: no spans written for reshard")
                 return
             # One row per uid: the smallest (shard id, key, span), as reshard's plan picks it.
-            sid = F.regexp_replace(F.regexp_replace(C.SHARD, r"\.tar$", ""), "/", "-")
-            one = (rows.withColumn("_sid", sid).groupBy(C.UID, "tier")
+            one = (rows.withColumn("_sid", spans.spark_shard_id()).groupBy(C.UID, "tier")
                    .agg(F.min(F.struct("_sid", C.KEY, C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256, C.SHARD)).alias("s"))
                    .select(C.UID, "tier", *[F.col(f"s.{c}").alias(c) for c in (C.SHARD, C.KEY, C.TAR_OFFSET, C.TAR_LENGTH, C.TAR_SHA256)]))
             why = spans.spark_write_spans(one, [join(output, layout.subset_spans(labels[i])) for i in want], want,
