@@ -1385,3 +1385,43 @@ def test_spark_reshard_refuses_the_spans_the_in_process_one_refuses(spark, small
     assert len(said) == 1 and words in said[0], said
     ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
     assert read_manifest(os.path.join(tmp_path / "r", layout.RESHARD_MANIFEST))["shards"] == ref
+
+
+def test_a_catalog_listing_each_sample_twice_gives_the_same_spans_on_both_engines_and_the_same_shards(spark, tmp_path):
+    """Each sample listed a second time as a success row of a shard the pool does not list ("zzzzz"; the same key
+    and span): subsets keeps one row per uid, the smallest (shard id, key, span) as reshard's plan picks it, in
+    process (a pandas sort) and on Spark (min(struct)): the same rows, each of the real shard, and reshard from
+    them writes the bytes it writes from the catalog (where the same rule picks the row) in process and on Spark."""
+    import pandas as pd
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from laiontools.contracts import schema as C
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    from bench_reshard import build_pool
+
+    mp, _ = build_pool(str(tmp_path / "pool"), shards=2, per_shard=20, kb=2)
+    cat = tmp_path / "pool" / layout.CATALOG_DIR
+    t = pq.read_table(str(cat / "part-00000.parquet"))
+    pq.write_table(t.set_column(t.schema.get_field_index(C.SHARD), C.SHARD, pc.cast(pa.array(["zzzzz"] * t.num_rows), t.schema.field(C.SHARD).type)),
+                   str(cat / "part-00001.parquet"))
+    rows = {}
+    for engine in ("in-process", "spark"):
+        sub = tmp_path / f"sub-{engine}"
+        kw = {"spark_above": 0} if engine == "spark" else {}
+        m = subsets_stage.run(SubsetsConfig(pool=mp, output=str(sub), scales="15,8", seed=4, **kw),
+                              spark if engine == "spark" else None).details[1]["manifest"]
+        record = read_json(str(sub / layout.subset_spans("8") / spans_mod.SPANS_JSON))
+        rows[engine] = pd.concat([pd.read_parquet(sub / layout.subset_spans("8") / p["path"]) for p in record["parts"]], ignore_index=True)
+        outs = {}
+        for how in ("spans", "catalog"):
+            if how == "catalog":
+                shutil.rmtree(sub / layout.subset_spans("8"))
+            out = tmp_path / f"r-{engine}-{how}"
+            res = reshard_stage.run(ReshardConfig(manifest=m, output=str(out), shard_size=3, **kw), spark if engine == "spark" else None).details
+            assert res["sample_spans"] == ("subset spans" if how == "spans" else "catalog"), (engine, how)
+            outs[how] = read_manifest(str(out / layout.RESHARD_MANIFEST))["shards"]
+        assert outs["spans"] == outs["catalog"] and len(outs["spans"]) == 3
+    assert len(rows["in-process"]) == 8 and set(rows["in-process"][C.SHARD]) <= {"00000", "00001"}
+    pd.testing.assert_frame_equal(rows["in-process"], rows["spark"])
