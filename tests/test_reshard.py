@@ -1425,3 +1425,61 @@ def test_a_catalog_listing_each_sample_twice_gives_the_same_spans_on_both_engine
         assert outs["spans"] == outs["catalog"] and len(outs["spans"]) == 3
     assert len(rows["in-process"]) == 8 and set(rows["in-process"][C.SHARD]) <= {"00000", "00001"}
     pd.testing.assert_frame_equal(rows["in-process"], rows["spark"])
+
+
+def test_the_shard_id_rule_is_the_same_in_python_arrow_spark_and_the_manifest(spark):
+    """A catalog's shard value names its shard by its path under shards/: the id reshard's plan, subsets' complete-
+    shard test and Spark's min(struct) key use must be the pool's id of that shard (layout.shard_id of its
+    manifest path), in each of the three forms the rule is written in."""
+    values = ["00012.tar", "retry01/00003.tar", "x.tar.tar", "plain", "a/b/c.tar", "d.tarx"]
+    want = ["00012", "retry01-00003", "x.tar", "plain", "a-b-c", "d.tarx"]  # written by hand
+    assert [spans_mod.catalog_shard_id(v) for v in values] == want
+    assert spans_mod.arrow_catalog_shard_id(pa.array(values + [None])).to_pylist() == want + [None]
+    got = spark.createDataFrame([(v,) for v in values], "shard string").select(spans_mod.spark_shard_id().alias("id")).collect()
+    assert [r["id"] for r in got] == want
+    assert [layout.shard_id(f"{layout.SHARDS_DIR}/{v}") for v in values if v.endswith(".tar")] == [w for v, w in zip(values, want) if v.endswith(".tar")]
+
+
+def test_a_scan_that_misses_a_subset_uid_writes_no_spans_and_reshard_reads_the_catalog(small_subsets, tmp_path, monkeypatch, caplog):
+    """The spans must hold every uid of the subset: were the catalog scan to miss one (it cannot short of a bug:
+    every selected uid is a success row of the catalog), subsets writes no record for that subset and says so,
+    and its reshard reads the catalog and writes the reference shards."""
+    import logging
+
+    scan = spans_mod.scan_catalog
+    monkeypatch.setattr(spans_mod, "scan_catalog", lambda pool, uids: scan(pool, uids).iloc[1:])
+    sub = tmp_path / "sub"
+    with caplog.at_level(logging.WARNING, logger="laiontools.stages.subsets"):
+        res = subsets_stage.run(SubsetsConfig(pool=small_subsets["pool"], output=str(sub), scales=small_subsets["scales"], seed=3)).details
+    small = small_subsets["small"]
+    said = [r.getMessage() for r in caplog.records if "no spans written" in r.getMessage()]
+    assert said == [f"subsets: {small}: {int(small) - 1} of {small} uids found in the catalog's spans; no spans written"]
+    assert not os.path.exists(sub / layout.subset_spans(small) / spans_mod.SPANS_JSON)
+    monkeypatch.undo()
+    m = {r["scale"]: r["manifest"] for r in res}[small]
+    out = reshard_stage.run(ReshardConfig(manifest=m, output=str(tmp_path / "r"), shard_size=5)).details
+    assert out["sample_spans"] == "catalog"
+    ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
+    assert read_manifest(str(tmp_path / "r" / layout.RESHARD_MANIFEST))["shards"] == ref
+
+
+def test_spark_spans_of_other_than_the_subsets_count_are_not_recorded(spark, tmp_path):
+    """spark_write_spans writes a record only for a subset whose parts hold exactly its uid count: here the
+    inner subset (tier >= 1) gets 3 rows where 2 were expected, so it gets parts but no record (reshard reads
+    the catalog), and says why; the outer one (4 rows, 4 expected) gets its record."""
+    from laiontools.contracts import schema as C
+
+    uids = [f"{i:032x}" for i in (5, 1, 9, 3)]
+    df = spark.createDataFrame([(u, f"{i:05d}.tar", f"k{i}", 512 * i, 100, "ab" * 32, t) for i, (u, t) in enumerate(zip(uids, (0, 1, 1, 1)))],
+                               f"{C.UID} string, {C.SHARD} string, {C.KEY} string, {C.TAR_OFFSET} long, {C.TAR_LENGTH} long, "
+                               f"{C.TAR_SHA256} string, tier int")
+    folders = [str(tmp_path / "outer.spans"), str(tmp_path / "inner.spans")]
+    why = spans_mod.spark_write_spans(df, folders, [0, 1], [4, 2], ["a" * 64, "b" * 64], "c" * 64)
+    assert why == [None, "3 rows for a subset of 2 uids"]
+    assert not os.path.exists(os.path.join(folders[1], spans_mod.SPANS_JSON)) and glob.glob(os.path.join(folders[1], "part-*.parquet"))
+    record = read_json(os.path.join(folders[0], spans_mod.SPANS_JSON))
+    assert record["count"] == 4 and record["uids_sha256"] == "a" * 64 and record["pool_sha256"] == "c" * 64
+    import pandas as pd
+
+    got = pd.concat([pd.read_parquet(os.path.join(folders[0], p["path"])) for p in record["parts"]], ignore_index=True)
+    assert got[C.UID].tolist() == sorted(uids)

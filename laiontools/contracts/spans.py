@@ -61,16 +61,24 @@ def spans_dir_of(uid_path: str) -> str | None:
     return uid_path[: -len(suffix)] + ".spans" if uid_path.endswith(suffix) else None
 
 
-def shard_id(shard: str) -> str:
-    """The pool's id of the shard the catalog names `shard` ("00012.tar" -> "00012", "a/b.tar" -> "a-b")."""
+def catalog_shard_id(shard: str) -> str:
+    """The pool's id of the shard the catalog's shard column names `shard` ("00012.tar" -> "00012",
+    "a/b.tar" -> "a-b"); :func:`laiontools.contracts.layout.shard_id` gives it from a manifest path."""
     return shard.removesuffix(".tar").replace("/", "-")
 
 
 def spark_shard_id(col: str = C.SHARD) -> Any:
-    """:func:`shard_id` as a Spark Column, of the catalog's shard column `col`."""
+    """:func:`catalog_shard_id` as a Spark Column, of the catalog's shard column `col`."""
     from pyspark.sql import functions as F
 
     return F.regexp_replace(F.regexp_replace(col, r"\.tar$", ""), "/", "-")
+
+
+def arrow_catalog_shard_id(shards: Any) -> Any:
+    """:func:`catalog_shard_id` of each value of an Arrow string array (a catalog's shard column)."""
+    import pyarrow.compute as pc
+
+    return pc.replace_substring(pc.replace_substring_regex(shards, r"\.tar$", ""), "/", "-")
 
 
 def one_per_uid(rows: Any) -> Any:
@@ -221,7 +229,7 @@ def scan_catalog(pool: Any, uids: Any) -> Any:
         return None
     rows = rows.drop(columns=[C.STATUS])
     # The shard id of each of the pool's few shard paths, not of every row.
-    sids = {sh: shard_id(sh) for sh in rows[C.SHARD].unique() if isinstance(sh, str)}
+    sids = {sh: catalog_shard_id(sh) for sh in rows[C.SHARD].unique() if isinstance(sh, str)}
     rows["_sid"] = rows[C.SHARD].map(sids)
     return one_per_uid(rows)
 
@@ -260,6 +268,11 @@ def clear(folder: str) -> None:
         rm_path(fs, p, recursive=True)
 
 
+def _makedirs(folder: str) -> None:
+    fs, p = url_to_fs(folder)
+    fs.makedirs(p, exist_ok=True)
+
+
 def write_record(folder: str, parts: list[tuple[str, int, str]], uids_sha256: str, pool_sha256: str) -> dict[str, Any]:
     """Write `folder`'s record (last, after its `parts`: (name, rows, sha256) in uid order)."""
     from laiontools.core.storage import join, write_json
@@ -273,12 +286,11 @@ def write_record(folder: str, parts: list[tuple[str, int, str]], uids_sha256: st
 
 def write_spans(folder: str, rows: Any, uids_sha256: str, pool_sha256: str) -> dict[str, Any]:
     """Write the spans of a subset (`rows`: :func:`scan_catalog`'s rows of exactly its uids, sorted by
-    uid) into `folder` as one part, after removing what the folder held (:func:`clear`); the record
-    last. Returns the record."""
+    uid) into `folder`, which the caller emptied (:func:`clear`), as one part; the record last. Returns
+    the record."""
     from laiontools.core.storage import atomic_write_bytes, join
 
-    clear(folder)
-    url_to_fs(folder)[0].makedirs(url_to_fs(folder)[1], exist_ok=True)
+    _makedirs(folder)
     data = part_bytes(rows)
     atomic_write_bytes(join(folder, part_name(0)), data)
     return write_record(folder, [(part_name(0), len(rows), hashlib.sha256(data).hexdigest())], uids_sha256, pool_sha256)
@@ -290,13 +302,12 @@ def spark_write_spans(rows: Any, folders: list[str], tiers: list[int], counts: l
     the other :data:`SPAN_COLUMNS`, one row per uid of the largest subset) is range-partitioned and
     sorted by uid into parts of about SPANS_PART_ROWS rows; each task writes its run as one part per subset ``k`` (the rows of tier >=
     ``tiers[k]``) into ``folders[k]``, and the driver writes each record, parts in partition order (uid
-    order). The folders are cleared first. Per subset: None when written, else why not (a row count
-    other than ``counts[k]``: the folder is left without a record)."""
+    order). The caller emptied the folders (:func:`clear`). Per subset: None when written, else why not
+    (a row count other than ``counts[k]``: the folder is left without a record)."""
     from pyspark.sql import functions as F
 
     for folder in folders:
-        clear(folder)
-        url_to_fs(folder)[0].makedirs(url_to_fs(folder)[1], exist_ok=True)
+        _makedirs(folder)
     n = max(1, -(-max(counts, default=0) // SPANS_PART_ROWS))
     out = (rows.select(*SPAN_COLUMNS, "tier").repartitionByRange(n, C.UID).sortWithinPartitions(C.UID)
            .withColumn("_pid", F.spark_partition_id())
@@ -431,7 +442,7 @@ def read_spans(uid_path: str, uids: Any, uids_sha256: str, pool_sha256: str) -> 
     if t.column(C.TAR_OFFSET).null_count or t.column(C.TAR_LENGTH).null_count or t.column(C.SHARD).null_count:
         return None, f"{folder} lists a sample without its shard or span"
     rows = t.to_pandas()
-    sids = {sh: shard_id(sh) for sh in rows[C.SHARD].unique()}
+    sids = {sh: catalog_shard_id(sh) for sh in rows[C.SHARD].unique()}
     rows["_sid"] = rows[C.SHARD].map(sids)
     return rows, None
 

@@ -68,7 +68,7 @@ from laiontools.contracts.pool import (
     spark_read_catalog,
 )
 from laiontools.contracts.selection import HASH_SPEC, parse_seed, score_series
-from laiontools.contracts.spans import spark_shard_id
+from laiontools.contracts.spans import arrow_catalog_shard_id, spark_shard_id
 from laiontools.contracts.uids import UID_DTYPE, save_uids_spark, with_member_flag
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError, changed_settings
@@ -754,8 +754,7 @@ class _LocalSelection:
         self.n = cat.num_rows
         self.cols: dict[str, Any] = {c: cat.column(c).combine_chunks() for c in _CATALOG_COLUMNS}
         uid = self.cols[C.UID]
-        shard_ids = pc.replace_substring(pc.replace_substring_regex(self.cols[C.SHARD], r"\.tar$", ""), "/", "-")
-        self.cols["_complete"] = pc.is_in(shard_ids, value_set=pa.array(pool.shard_ids, pa.string()))
+        self.cols["_complete"] = pc.is_in(arrow_catalog_shard_id(self.cols[C.SHARD]), value_set=pa.array(pool.shard_ids, pa.string()))
         self.scores_record: dict[str, Any] | None = None
         if cfg.scores:
             score_uids, score_max, self.scores_record = _local_scores(cfg.scores, pool)
