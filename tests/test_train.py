@@ -217,6 +217,18 @@ def test_train_kill_resume_two_cpu_processes(subset: str, tmp_path) -> None:
     with pytest.raises(ConfigError, match="samples_seen: 96 -> 192"):
         train_stage.run(TrainConfig(**{**_cfg_from_argv(argv), "samples_seen": 192}))
 
+    # The same command run without a kill, on 2 processes too: the loss of every step and the final weights are
+    # the killed-and-resumed run's (each rank's loader state and shard draw carried over the resume).
+    import torch
+
+    whole = tmp_path / "whole"
+    assert train_stage.run(TrainConfig(**{**_cfg_from_argv(argv), "output": str(whole)})).details["world_size"] == 2
+    whole_metrics = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in whole_metrics] == [m["loss"] for m in metrics]
+    w = torch.load(whole / "model.pt", map_location="cpu", weights_only=True)
+    k = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)
+    assert w.keys() == k.keys() and all(torch.equal(w[n], k[n]) for n in w)
+
 
 def _cfg_from_argv(argv: list[str]) -> dict:
     out = {}
