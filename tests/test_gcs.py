@@ -12,6 +12,7 @@ or in a process that opened gs:// before laiontools was imported.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import sys
@@ -103,6 +104,8 @@ class Runs:
     gs: str  # gs://bucket
     local: str  # a local folder holding the same run
     subsets: dict  # {"gs" | "local": manifest path of the larger subset}
+    small: dict  # {"gs" | "local": reshard's details of the smallest subset (its spans written by subsets)}
+    small_label: str  # that subset's scale label
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +131,20 @@ def runs(spark, gcs, tmp_path_factory) -> Runs:
         gcs.put(src["source"], f"{bucket}/source", recursive=True)
         base = {"gs": f"gs://{bucket}", "local": str(work / "local")}
         inputs = {"gs": f"gs://{bucket}/source", "local": src["source"]}
-        subsets = {}
+        subsets, small = {}, {}
         for where, root in base.items():
             download_stage.run(DownloadConfig(input=inputs[where], output=f"{root}/pool", **TEST_DOWNLOAD_SETTINGS), spark)
             pool = f"{root}/pool/{layout.POOL_MANIFEST}"
             n = read_manifest(pool)["num_samples"]
-            rows = subsets_stage.run(SubsetsConfig(pool=pool, output=f"{root}/subsets", scales=f"{n - 2},{n // 2}", seed=5),
+            # the third scale is at most a quarter of the catalog's 30 rows: subsets' tasks write its spans
+            rows = subsets_stage.run(SubsetsConfig(pool=pool, output=f"{root}/subsets", scales=f"{n - 2},{n // 2},{max(2, n // 8)}", seed=5),
                                      spark).details
             subsets[where] = rows[0]["manifest"]
             reshard_stage.run(ReshardConfig(manifest=subsets[where], output=f"{root}/resharded", shard_size=max(2, n // 4)), spark)
-    return Runs(base["gs"], base["local"], subsets)
+            small[where] = reshard_stage.run(ReshardConfig(manifest=rows[2]["manifest"], output=f"{root}/resharded-small", shard_size=2),
+                                             spark).details
+            small_label = rows[2]["scale"]
+    return Runs(base["gs"], base["local"], subsets, small, small_label)
 
 
 @pytest.mark.slow
@@ -170,6 +177,30 @@ def test_download_subsets_and_reshard_on_gcs_equal_the_local_run(spark, runs, gc
     # the resharded folder references the subset's uid file in the bucket, by its sha256
     assert rs_gs["uids"]["path"].startswith("gs://") and rs_gs["uids"]["sha256"] == sub_gs["uids"]["sha256"]
     assert sha256_file(rs_gs["uids"]["path"])[0] == rs_gs["uids"]["sha256"]
+
+    # the smallest subset's spans, written into the bucket by Spark's tasks through gcsfs, hold the gs pool's
+    # catalog rows of its uids; its reshard read them there (not the catalog) and wrote the local run's samples
+    import pyarrow.parquet as pq
+
+    small_sub = read_manifest(f"{runs.gs}/subsets/{layout.subset_manifest(runs.small_label)}")
+    folder = f"{runs.gs}/subsets/{layout.subset_spans(runs.small_label)}"
+    record = read_json(f"{folder}/spans.json")
+    fs, _ = url_to_fs(runs.gs)
+    parts = pd.concat([pq.read_table(url_to_fs(f"{folder}/{p['path']}")[1], filesystem=fs).to_pandas() for p in record["parts"]],
+                      ignore_index=True)
+    cols = ["uid", "shard", "key", "tar_offset", "tar_length"]
+    want = ok[ok["uid"].isin(parts["uid"])].sort_values("uid")[cols]
+    assert record["count"] == small_sub["num_samples"] == len(parts) > 0 and record["uids_sha256"] == small_sub["uids"]["sha256"]
+    pd.testing.assert_frame_equal(parts[cols].reset_index(drop=True), want.reset_index(drop=True), check_dtype=False)
+    for r in parts.itertuples():  # each span's sha256: that of the bytes at its place in the pool's shard in the bucket
+        shard = f"{runs.gs}/pool/{layout.SHARDS_DIR}/{r.shard}" + ("" if r.shard.endswith(".tar") else ".tar")
+        data = fs.cat_file(url_to_fs(shard)[1], start=r.tar_offset, end=r.tar_offset + r.tar_length)
+        assert hashlib.sha256(data).hexdigest() == r.tar_sha256, r.uid
+    assert runs.small["gs"]["sample_spans"] == runs.small["local"]["sample_spans"] == "subset spans"
+    small_gs, small_local = (read_manifest(f"{r}/resharded-small/{layout.RESHARD_MANIFEST}") for r in (runs.gs, runs.local))
+    assert [(s["path"], s["num_samples"]) for s in small_gs["shards"]] == [(s["path"], s["num_samples"]) for s in small_local["shards"]]
+    for sh in small_gs["shards"]:
+        assert sorted(members(f"{runs.gs}/resharded-small/{sh['path']}")) == sorted(members(f"{runs.local}/resharded-small/{sh['path']}"))
 
 
 @pytest.mark.slow
