@@ -356,6 +356,37 @@ def test_missing_credentials_are_one_line_naming_the_path(s3, bucket, monkeypatc
         assert line.startswith(f"laiontools {stage}: error: {path}: no credentials for the object store (NoCredentialsError)"), line
 
 
+@pytest.mark.parametrize("case", ["https endpoint of an http store", "endpoint without a scheme", "unknown AWS_PROFILE"])
+def test_a_wrong_endpoint_scheme_or_profile_is_one_line_naming_the_path(s3_server, bucket, s3, tmp_path, case):
+    """Three settings a user gets wrong on the way to a store, each a raw traceback of 70-120 lines, exit 1,
+    in every stage (found by a new user's walk): an https:// endpoint for a store that speaks http (an SSL error),
+    an endpoint without its scheme (botocore: "Invalid endpoint"), and AWS_PROFILE naming a profile the AWS
+    files lack (ProfileNotFound). Now one line naming the path and the setting, exit 2, and no line of
+    botocore's own ("Found credentials in environment variables", at INFO in every process)."""
+    m = f"{bucket}/wrong/pool.manifest.json"
+    s3.pipe_file(m.split("://", 1)[1], b"{}")
+    host = s3_server.endpoint.split("://", 1)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_S3"))}
+    env.update(AWS_ACCESS_KEY_ID="laiontools-test", AWS_SECRET_ACCESS_KEY="laiontools-test", AWS_DEFAULT_REGION="us-east-1",
+               AWS_EC2_METADATA_DISABLED="true", AWS_MAX_ATTEMPTS="1", AWS_ENDPOINT_URL=s3_server.endpoint)
+    profiles = tmp_path / "credentials"
+    profiles.write_text("[lt]\naws_access_key_id=laiontools-test\naws_secret_access_key=laiontools-test\n")
+    if case == "https endpoint of an http store":
+        env["AWS_ENDPOINT_URL"], said = f"https://{host}", "cannot make a TLS connection to the object store at https://"
+    elif case == "endpoint without a scheme":
+        env["AWS_ENDPOINT_URL"], said = host, f"the object store endpoint '{host}' is not a URL"
+    else:
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            del env[k]
+        env.update(AWS_PROFILE="nosuch", AWS_SHARED_CREDENTIALS_FILE=str(profiles), AWS_CONFIG_FILE=str(tmp_path / "none"))
+        said = "The config profile (nosuch) could not be found (AWS_PROFILE names a profile"
+    r = subprocess.run([sys.executable, "-m", "laiontools", "verify", m], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    line = _one_error_line(r.stderr, "verify")
+    assert line.startswith(f"laiontools verify: error: {m}: ") and said in line, line
+    assert "botocore" not in r.stderr.replace(line, ""), r.stderr[-3000:]
+
+
 def test_a_launched_child_shares_the_hold_of_an_s3_output(bucket):
     """embed --engine torchrun's ranks work on the output their launcher holds. The held locks travel in
     the environment; on s3 their paths hold ':' (the old os.pathsep separator split "s3://…" apart, and

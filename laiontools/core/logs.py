@@ -27,7 +27,9 @@ def setup_logging(level: str | int = "INFO", log_file: str | None = None) -> Non
         handlers=handlers,
         force=True,
     )
-    for noisy in ("py4j", "PIL", "urllib3", "matplotlib", "fsspec", "faiss", "faiss.loader"):
+    # (botocore and aiobotocore say at INFO where they found the credentials and the endpoint, in every process
+    # that opens a store: 8 lines in a reshard, before any error line of the stage's own)
+    for noisy in ("py4j", "PIL", "urllib3", "matplotlib", "fsspec", "faiss", "faiss.loader", "botocore", "aiobotocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

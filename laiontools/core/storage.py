@@ -647,6 +647,14 @@ def _store_error(e: BaseException, path: str) -> StorageError | None:
     text = " ".join(str(x) for x in _chain(e))
     where = path.split("://", 1)
     bucket = where[1].split("/", 1)[0] if len(where) == 2 else None
+    if names & {"SSLError", "SSLCertVerificationError", "ClientConnectorSSLError", "ClientConnectorCertificateError",
+                "ClientSSLError"}:
+        return StorageError(f"{path}: cannot make a TLS connection to the object store at {_endpoint(path)} ({type(e).__name__}); "
+                            f"check the endpoint's scheme (http:// or https://) and its certificate ({_endpoint_settings(path)}"
+                            + ("" if _is_gcs(path) else ", AWS_CA_BUNDLE") + ")")
+    if names & {"ValueError"} and "Invalid endpoint" in text:  # botocore: an endpoint setting without http(s)://
+        return StorageError(f"{path}: the object store endpoint {_endpoint(path)!r} is not a URL; give it as "
+                            f"http(s)://host[:port] ({_endpoint_settings(path)})")
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
                 "ConnectionRefusedError", "ServerDisconnectedError"} or "Could not connect to the endpoint" in text:
         return StorageError(f"{path}: cannot reach the object store at {_endpoint(path)} ({type(e).__name__}); check "
@@ -660,6 +668,9 @@ def _store_error(e: BaseException, path: str) -> StorageError | None:
         return StorageError(f"{path}: the object store at {_endpoint(path)} is throttling requests or unavailable ({busy}) "
                             "after its client's retries; re-run the same command later (finished work is kept), or "
                             "with fewer tasks at once")
+    if "ProfileNotFound" in names:
+        return StorageError(f"{path}: {' '.join(str(e).split())[:200]} (AWS_PROFILE names a profile that is not in the AWS config "
+                            "files); fix AWS_PROFILE or ~/.aws/config and ~/.aws/credentials, on the driver and every executor")
     if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"} or "Unable to locate credentials" in text:
         creds = ("GOOGLE_APPLICATION_CREDENTIALS), `gcloud auth application-default login`, the machine's service "
                  "account" if _is_gcs(path) else
