@@ -660,7 +660,9 @@ def _aux_file(es: EvalSet, name: str) -> str | None:
             candidates += [tar_dir + "/" + name, tar_dir.rpartition("/")[0] + "/" + name]
     for c in candidates:
         if fs.exists(c):
-            return c
+            # as the set's path is written: a store's path without its protocol would be read as a local
+            # path relative to the working folder
+            return fs.unstrip_protocol(c) if "://" in es.path and "://" not in c else c
     return None
 
 

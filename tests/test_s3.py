@@ -387,6 +387,32 @@ def test_a_wrong_endpoint_scheme_or_profile_is_one_line_naming_the_path(s3_serve
     assert "botocore" not in r.stderr.replace(line, ""), r.stderr[-3000:]
 
 
+def test_an_evaluation_set_on_s3_gives_its_own_classnames_and_templates(bucket, s3, tmp_path, monkeypatch):
+    """classnames.txt and the templates file beside an evaluation set in a bucket were looked for at the bucket
+    path without its s3:// (a path relative to the working folder): `evaluate --evalset s3://…` stopped with "No
+    such file or directory", or read a local file that happened to sit there (the decoy here). Now the bucket's."""
+    from laiontools import evalsets
+    from laiontools.synthetic import write_evalset
+
+    local = tmp_path / "evalset"
+    write_evalset(str(local), seed=5)
+    names = (local / evalsets.CLASSNAMES_FILE).read_text().split()
+    (local / evalsets.TEMPLATES_FILE).write_text("a photo of {c}, in a bucket.\n{c} from s3.\n")
+    where = f"{bucket}/ev"
+    s3.put(str(local), where.split("://", 1)[1], recursive=True)
+    monkeypatch.chdir(tmp_path)  # decoys where the protocol-less paths would point
+    decoys = tmp_path / where.split("://", 1)[1]
+    decoys.mkdir(parents=True)
+    (decoys / evalsets.CLASSNAMES_FILE).write_text("\n".join(f"decoy{i}" for i in range(len(names))) + "\n")
+    (decoys / evalsets.TEMPLATES_FILE).write_text("a decoy {c}\n")
+    es = evalsets.parse_evalset_spec(f"s={where}:imagefolder")
+    assert len(names) > 1 and evalsets.classnames(es) == names
+    assert evalsets.templates(es) == ["a photo of {c}, in a bucket.", "{c} from s3."]
+    (decoys / evalsets.CLASSNAMES_FILE).unlink()
+    (decoys / evalsets.TEMPLATES_FILE).unlink()
+    assert evalsets.classnames(es) == names  # (before: "No such file or directory")
+
+
 def test_a_launched_child_shares_the_hold_of_an_s3_output(bucket):
     """embed --engine torchrun's ranks work on the output their launcher holds. The held locks travel in
     the environment; on s3 their paths hold ':' (the old os.pathsep separator split "s3://…" apart, and
