@@ -1579,3 +1579,30 @@ def test_the_spool_folder_of_a_killed_run_is_removed_by_the_next_one(tmp_path, m
     finally:
         live.close()
     assert _spool_dirs(tmp) == []
+
+
+def test_a_manifest_without_shards_is_refused_not_embedded_as_nothing(tmp_path, capsys):
+    """A subset's manifest (uids, no shards) given to embed was "0 shard(s) embedded", exit 0, and an empty
+    embeddings folder: a user who meant to embed the subset got nothing and no word why. Now exit 2, before the
+    output is made, naming the pool to embed (or the reshard to do first); a pool that lists no shard, the same."""
+    import sys
+
+    from laiontools.cli import main as cli_main
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.subsets import SubsetsConfig
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_subsets import make_scratch_pool
+
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=30, per_shard=10, failures=0, tag="ns")
+    sub = subsets_stage.run(SubsetsConfig(pool=pool, output=str(tmp_path / "sub"), scales="12", seed=1)).details[0]["manifest"]
+    out = tmp_path / "emb"
+    assert cli_main(["embed", "--manifest", sub, "--output", str(out), "--model", "lt-tiny", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{sub} is a subset's manifest: it names 12 samples by uid and lists no shards; embed the pool ({pool})" in err, err[-2000:]
+    assert not out.exists()
+    with open(pool) as f:
+        empty = {**json.load(f), "shards": []}
+    Path(tmp_path / "empty.manifest.json").write_text(json.dumps(empty))
+    with pytest.raises(ManifestError, match="lists no shards: nothing to embed"):
+        embed_stage.run(EmbedConfig(manifest=str(tmp_path / "empty.manifest.json"), output=str(out), model="lt-tiny", device="cpu"))

@@ -83,6 +83,7 @@ from laiontools.contracts.embeddings import (
     check_same_run_settings,
     shard_files,
 )
+from laiontools.contracts.schema import ManifestError
 from laiontools.contracts.uids import is_uid
 from laiontools.core import failpoints
 from laiontools.core.config import ConfigError
@@ -872,6 +873,16 @@ def _shard_tasks(manifest_path: str, manifest: dict[str, Any]) -> list[dict[str,
     ]
 
 
+def _no_shards(path: str, manifest: dict[str, Any]) -> str:
+    """Why a manifest listing no shards cannot be embedded (it was "0 shard(s) embedded", exit 0)."""
+    if manifest.get("kind") == "subset":
+        parent = (manifest.get("parent") or {}).get("path") or "the pool it was cut from"
+        return (f"{path} is a subset's manifest: it names {manifest.get('num_samples', 0):,} samples by uid and lists no shards; "
+                f"embed the pool ({parent}), whose embeddings serve every subset cut from it, or reshard the subset "
+                "and embed the resharded folder's subset.manifest.json")
+    return f"{path} lists no shards: nothing to embed (a pool whose download wrote no shard; see its catalog for why)"
+
+
 def _todo(cfg: EmbedConfig, tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """Split tasks into (to embed, already done). A shard is done only if its marker exists, was
     written for the same shard bytes (sha256) — a re-downloaded shard is embedded again — and its four
@@ -1111,6 +1122,8 @@ def run(cfg: EmbedConfig, spark: Any = None) -> StageResult:
     t0 = time.time()
     manifest, manifest_sha = read_manifest_sha256(cfg.manifest)  # one read: the manifest may be on an object store
     tasks = _shard_tasks(cfg.manifest, manifest)
+    if not tasks:
+        raise ManifestError(_no_shards(cfg.manifest, manifest))
     rank, world = _dist_env()
     if cfg.engine == "auto":
         cfg = dataclasses.replace(cfg, engine=resolve_engine(cfg, world))
