@@ -1238,6 +1238,13 @@ _BAD_SPANS = {
     "a record of a part without its rows": (lambda d: _edit_record(d, parts=[{**read_json(os.path.join(d, spans_mod.SPANS_JSON))["parts"][0], "rows": None}]),
                                             "not a spans record"),
     "a record naming a part outside its folder": (lambda d: _part_elsewhere(d), "not a spans record"),
+    # (a new user's walk) values no catalog holds, and a record nested past the JSON parser's depth
+    "a negative byte offset": (lambda d: _rewrite_part(d, lambda df: df.assign(tar_offset=[-512] + df["tar_offset"].tolist()[1:])),
+                               "negative byte offset or an empty span"),
+    "an empty span": (lambda d: _rewrite_part(d, lambda df: df.assign(tar_length=[0] + df["tar_length"].tolist()[1:])),
+                      "negative byte offset or an empty span"),
+    "a record nested past the parser's depth": (lambda d: Path(d, spans_mod.SPANS_JSON).write_text("[" * 100_000 + "]" * 100_000),
+                                                "cannot be read"),
 }
 
 
@@ -1366,6 +1373,7 @@ _BAD_SPANS_SPARK = {
     "a uid twice, once in upper case, another missing": (
         lambda d: _rewrite_part(d, lambda df: df.assign(uid=[df["uid"][0], df["uid"][0].upper()] + df["uid"].tolist()[2:])),
         "not the uid file's"),
+    "a negative byte offset": _BAD_SPANS["a negative byte offset"],
 }
 
 
@@ -1483,3 +1491,37 @@ def test_spark_spans_of_other_than_the_subsets_count_are_not_recorded(spark, tmp
 
     got = pd.concat([pd.read_parquet(os.path.join(folders[0], p["path"])) for p in record["parts"]], ignore_index=True)
     assert got[C.UID].tolist() == sorted(uids)
+
+
+def _swap_spans(df):
+    """The first two samples' spans (offset, length, sha256) swapped: each span still its bytes' sha256."""
+    cols = ["tar_offset", "tar_length", "tar_sha256"]
+    df = df.copy()
+    df.loc[[0, 1], cols] = df.loc[[1, 0], cols].to_numpy()
+    return df
+
+
+@pytest.mark.parametrize("engine", ["in-process", "spark"])
+def test_spans_that_pass_their_checks_but_not_the_pools_bytes_are_named_in_the_error(spark, small_subsets, tmp_path, engine):
+    """Spans whose values were edited (two samples' spans swapped, each with the sha256 of its bytes, the part's
+    sha256 in the record updated) pass every check of the folder: the copy then finds other samples' bytes. The
+    error blamed the catalog and advised verifying and re-downloading the pool, which is intact; it now names the
+    spans folder and says to remove it (or re-run subsets)."""
+    sub = str(tmp_path / "sub")
+    shutil.copytree(small_subsets["sub"], sub)
+    folder = os.path.join(sub, layout.subset_spans(small_subsets["small"]))
+    _rewrite_part(folder, _swap_spans)
+    kw = {"spark_above": 0} if engine == "spark" else {}
+    with pytest.raises(ReshardError) as e:
+        reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])), output=str(tmp_path / "r"),
+                                        shard_size=5, **kw), spark if engine == "spark" else None)
+    said = str(e.value)
+    assert f"that the subset's spans ({folder}) give" in said and f"remove {folder} and re-run" in said, said
+    assert "re-download" not in said and "the catalog gives" not in said, said
+    assert verify_manifest(small_subsets["pool"]).ok  # the pool is intact
+    shutil.rmtree(folder)  # as the error says: the catalog is read, the reference shards written
+    res = reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])), output=str(tmp_path / "r"),
+                                          shard_size=5, **kw), spark if engine == "spark" else None).details
+    assert res["sample_spans"] == "catalog"
+    ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
+    assert read_manifest(os.path.join(tmp_path / "r", layout.RESHARD_MANIFEST))["shards"] == ref

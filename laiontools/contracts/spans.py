@@ -385,7 +385,7 @@ def _record(uid_path: str, count: int, uids_sha256: str, pool_sha256: str) -> tu
         if not fs.exists(rp):
             return None, None
         rec = read_json(record_path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (RecursionError: JSON nested past the parser's depth)
         return None, f"{record_path} cannot be read ({e})"
     if not isinstance(rec, dict) or rec.get("version") != SPANS_VERSION or not _well_formed(rec):
         return None, f"{record_path} is not a spans record of version {SPANS_VERSION}"
@@ -404,6 +404,7 @@ def read_spans(uid_path: str, uids: Any, uids_sha256: str, pool_sha256: str) -> 
     import numpy as np
     import pandas as pd
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from laiontools.contracts.uids import hex_arrow
@@ -441,6 +442,8 @@ def read_spans(uid_path: str, uids: Any, uids_sha256: str, pool_sha256: str) -> 
         return None, f"the uids in {folder} are not the uid file's"
     if t.column(C.TAR_OFFSET).null_count or t.column(C.TAR_LENGTH).null_count or t.column(C.SHARD).null_count:
         return None, f"{folder} lists a sample without its shard or span"
+    if t.num_rows and (pc.min(t.column(C.TAR_OFFSET)).as_py() < 0 or pc.min(t.column(C.TAR_LENGTH)).as_py() < 1):
+        return None, f"{folder} lists a sample of a negative byte offset or an empty span"
     rows = t.to_pandas()
     sids = {sh: catalog_shard_id(sh) for sh in rows[C.SHARD].unique()}
     rows["_sid"] = rows[C.SHARD].map(sids)
@@ -478,16 +481,19 @@ def spark_read_spans(spark: Any, uid_path: str, count: int, uids_sha256: str, po
         if err:
             return None, err[0]["_error"]
         bad = F.col(C.TAR_OFFSET).isNull() | F.col(C.TAR_LENGTH).isNull() | F.col(C.SHARD).isNull()
+        bad_span = (F.col(C.TAR_OFFSET) < 0) | (F.col(C.TAR_LENGTH) < 1)
         # (the uid strings as the uid file's hex gives them: member_column parses either case, so "AB.." and
         # "ab.." would be two distinct members of one uid)
         odd = F.col(C.UID).isNull() | ~F.col(C.UID).rlike("^[0-9a-f]{32}$")
         total = df.agg(F.count(F.lit(1)).alias("n"), F.sum(F.when(bad, 1).otherwise(0)).alias("bad"),
-                       F.sum(F.when(odd, 1).otherwise(0)).alias("odd")).collect()[0]
+                       F.sum(F.when(odd, 1).otherwise(0)).alias("odd"), F.sum(F.when(bad_span, 1).otherwise(0)).alias("bad_span")).collect()[0]
         members = keep_members(df, C.UID, uid_path).agg(F.countDistinct(C.UID).alias("n")).collect()[0]
         if int(total["n"]) != count or int(members["n"]) != count or int(total["odd"] or 0):
             return None, f"the uids in {folder} are not the uid file's"
         if int(total["bad"] or 0):
             return None, f"{folder} lists a sample without its shard or span"
+        if int(total["bad_span"] or 0):
+            return None, f"{folder} lists a sample of a negative byte offset or an empty span"
         ok = True
         return df, None
     finally:

@@ -982,6 +982,42 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
             "sample_spans": spans_from, "engine": run_record["engine"], "direct_io": direct}
 
 
+# The words of a task's error that name the catalog as the source of a sample's byte span, key or uid
+# (:func:`_span_members`, :func:`_rewrite_json`), and what they become when the subset's spans were (see
+# _spans_named); the advice after them ("; the shard changed since download: ...") is replaced.
+_SPAN_ERROR_WORDS = {"that the catalog gives": "that the subset's spans ({}) give", "but the catalog says": "but the subset's spans ({}) say",
+                     "than the catalog recorded at download": "than they record"}
+_SPAN_ERROR_ADVICE = ("; the shard changed since download", "; the catalog and shard disagree")
+
+
+@contextlib.contextmanager
+def _spans_named(uid_path: str | None) -> Any:
+    """Where the plan's byte spans came from the subset's spans folder (that of `uid_path`; None: from the
+    catalog), a task's error about a sample's bytes names that folder, not the catalog, and says what to do
+    (the spans passed their checks, yet were wrong for the pool: edited, or written by another tool)."""
+    try:
+        yield
+    except Exception as e:
+        if uid_path is None:
+            raise
+        from laiontools.contracts.spans import spans_dir_of
+        from laiontools.core.errors import user_error_from
+
+        err = e if isinstance(e, UserError) else user_error_from(e, ReshardError)
+        text = str(err) if err is not None else ""
+        if not any(w in text for w in list(_SPAN_ERROR_WORDS)[:2]):
+            raise
+        folder = spans_dir_of(uid_path)
+        for words, now in _SPAN_ERROR_WORDS.items():
+            text = text.replace(words, now.format(folder))
+        for advice in _SPAN_ERROR_ADVICE:
+            text = text.split(advice)[0]
+        raise ReshardError(
+            f"{text}; the spans are not those of the pool (if `laiontools verify` finds the pool intact): remove {folder} "
+            "and re-run (reshard then reads the pool's catalog), or re-run subsets to write them again"
+        ) from None
+
+
 def _not_in_catalog(missing: int) -> ReshardError:
     return ReshardError(f"cannot reshard: {missing} subset uids are not downloaded samples in the pool catalog; "
                         "the pool changed since selection: re-run subsets on it")
@@ -1068,8 +1104,9 @@ def _run_local(
     # find more of them read, and the disk has more reads queued (measured, 2 % subset, cold: write phase
     # 0.301 s against 0.322 s without, 15 alternated runs each).
     reads = list(zip(cols_[2], cols_[4], cols_[5])) if fits else []
-    out = tasks.map(lambda part: write_output_shards(((jj, entries(jj)) for jj in part), out_dir, urls, plan_id, width, direct),
-                    list(range(k)), processes=True, pull=True, meanwhile=lambda: _read_ahead(urls, reads))
+    with _spans_named(uid_path if spans_from == "subset spans" else None):
+        out = tasks.map(lambda part: write_output_shards(((jj, entries(jj)) for jj in part), out_dir, urls, plan_id, width, direct),
+                        list(range(k)), processes=True, pull=True, meanwhile=lambda: _read_ahead(urls, reads))
     log.info("reshard: wrote %d output shards in %.3f s", len(out), time.perf_counter() - t1)
     results = {int(jj): {"num_samples": int(info["num_samples"]), "bytes": int(info["bytes"]), "sha256": info["sha256"]}
                for jj, info in out}
@@ -1194,13 +1231,14 @@ def _run_spark(
         # Contiguous ranges of output shards per task, rows in (shard, index) order, handed to Python
         # as Arrow batches; each task reads the source byte ranges and writes its shards itself.
         nparts = max(1, min(k, sc.defaultParallelism * 4))
-        out = (
-            joined.select(*cols)
-            .repartitionByRange(nparts, "j")
-            .sortWithinPartitions("j", "i")
-            .mapInArrow(lambda it: _write_batches(it, out_dir, urls, plan_id, width, direct), _RESULT_SCHEMA)
-            .collect()
-        )
+        with _spans_named(uid_path if own is not None else None):
+            out = (
+                joined.select(*cols)
+                .repartitionByRange(nparts, "j")
+                .sortWithinPartitions("j", "i")
+                .mapInArrow(lambda it: _write_batches(it, out_dir, urls, plan_id, width, direct), _RESULT_SCHEMA)
+                .collect()
+            )
         log.info("reshard: wrote %d output shards in %.3f s", len(out), time.perf_counter() - t1)
     finally:
         ordered.unpersist()
