@@ -344,6 +344,8 @@ def test_reshard_output(subset, resharded):
     # the subset's uid file is referenced by path + sha256, not copied (~32 GB at 2B)
     assert m["uids"]["path"] == resolve(subset, sm["uids"]["path"]) and os.path.isabs(m["uids"]["path"])
     assert not any(f.endswith(".npy") for f in os.listdir(resharded)), os.listdir(resharded)
+    settings = read_json(os.path.join(resharded, layout.SETTINGS_JSON))  # the effective settings, as every stage saves them
+    assert (settings["stage"], settings["manifest"], settings["shard_size"], settings["seed"]) == ("reshard", subset, 8, sm["selection"]["seed"])
     sizes = read_json(os.path.join(resharded, "shards", "sizes.json"))
     assert sizes == {os.path.basename(s["path"]): s["num_samples"] for s in m["shards"]}
     assert sum(sizes.values()) == n and max(sizes.values()) - min(sizes.values()) <= 1 and max(sizes.values()) <= 8

@@ -109,6 +109,7 @@ from laiontools.core.storage import (
     sha256_file,
     url_to_fs,
     write_json,
+    write_record,
 )
 from laiontools.wds.keys import base_plus_ext
 from laiontools.wds.samples import POOL_IMAGE_EXTS
@@ -926,6 +927,9 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
                 "--output folder"
             )
     write_json(plan_path, {**plan, "plan_id": plan_id})
+    # every setting of the run, as each stage saves them beside its outputs (the plan above holds those that
+    # decide the bytes; this one also --direct-io, --spark-above, the master, ...)
+    write_record(join(output, layout.SETTINGS_JSON), {"stage": "reshard", **cfg.to_dict(), "seed": seed})
 
     results: dict[int, dict[str, Any]] = {}
     spans_from = None
