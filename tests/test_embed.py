@@ -1606,3 +1606,27 @@ def test_a_manifest_without_shards_is_refused_not_embedded_as_nothing(tmp_path, 
     Path(tmp_path / "empty.manifest.json").write_text(json.dumps(empty))
     with pytest.raises(ManifestError, match="lists no shards: nothing to embed"):
         embed_stage.run(EmbedConfig(manifest=str(tmp_path / "empty.manifest.json"), output=str(out), model="lt-tiny", device="cpu"))
+
+
+def test_an_empty_resharded_subset_is_refused_naming_what_it_is(tmp_path, capsys):
+    """(second reader) A resharded subset of 0 samples lists no shards: the refusal must not call the subset
+    it was resharded from "the pool", nor advise to reshard what was resharded."""
+    import sys
+
+    from laiontools.cli import main as cli_main
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages import subsets as subsets_stage
+    from laiontools.stages.reshard import ReshardConfig
+    from laiontools.stages.subsets import SubsetsConfig
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_subsets import make_scratch_pool
+
+    pool = make_scratch_pool(str(tmp_path / "pool"), n=30, per_shard=10, failures=0, tag="ns")
+    sub = subsets_stage.run(SubsetsConfig(pool=pool, output=str(tmp_path / "sub"), scales="12", seed=1, min_caption_length=100_000,
+                                          allow_short=True)).details[0]["manifest"]
+    resharded = reshard_stage.run(ReshardConfig(manifest=sub, output=str(tmp_path / "r"), shard_size=5)).details["manifest"]
+    assert cli_main(["embed", "--manifest", resharded, "--output", str(tmp_path / "emb"), "--model", "lt-tiny", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{resharded} is a resharded subset of 0 samples and lists no shards: nothing to embed" in err, err[-2000:]
+    assert f"embed the pool ({sub})" not in err

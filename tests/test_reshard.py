@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import filecmp
 import glob
 import json
@@ -346,6 +347,13 @@ def test_reshard_output(subset, resharded):
     assert not any(f.endswith(".npy") for f in os.listdir(resharded)), os.listdir(resharded)
     settings = read_json(os.path.join(resharded, layout.SETTINGS_JSON))  # the effective settings, as every stage saves them
     assert (settings["stage"], settings["manifest"], settings["shard_size"], settings["seed"]) == ("reshard", subset, 8, sm["selection"]["seed"])
+    # every setting, not only the plan's (the point of the file: --direct-io, --spark-above, the master), and given
+    # back with --config it is the same run
+    assert {f.name for f in dataclasses.fields(ReshardConfig)} <= set(settings), settings
+    from laiontools.core.config import config_from_args
+
+    again = config_from_args(ReshardConfig, argparse.Namespace(config_file=os.path.join(resharded, layout.SETTINGS_JSON)))
+    assert again == ReshardConfig(manifest=subset, output=resharded, shard_size=8, seed=sm["selection"]["seed"]), again
     sizes = read_json(os.path.join(resharded, "shards", "sizes.json"))
     assert sizes == {os.path.basename(s["path"]): s["num_samples"] for s in m["shards"]}
     assert sum(sizes.values()) == n and max(sizes.values()) - min(sizes.values()) <= 1 and max(sizes.values()) <= 8
@@ -1376,6 +1384,7 @@ _BAD_SPANS_SPARK = {
         lambda d: _rewrite_part(d, lambda df: df.assign(uid=[df["uid"][0], df["uid"][0].upper()] + df["uid"].tolist()[2:])),
         "not the uid file's"),
     "a negative byte offset": _BAD_SPANS["a negative byte offset"],
+    "an empty span": _BAD_SPANS["an empty span"],
 }
 
 
@@ -1496,10 +1505,14 @@ def test_spark_spans_of_other_than_the_subsets_count_are_not_recorded(spark, tmp
 
 
 def _swap_spans(df):
-    """The first two samples' spans (offset, length, sha256) swapped: each span still its bytes' sha256."""
+    """Two samples of one shard with their spans (offset, length, sha256) swapped: each span still its bytes'
+    sha256, inside its shard (two samples of different shards: the one of the smaller shard may get a span past
+    its end, "truncated", as the pool's layout of a session has it)."""
     cols = ["tar_offset", "tar_length", "tar_sha256"]
     df = df.copy()
-    df.loc[[0, 1], cols] = df.loc[[1, 0], cols].to_numpy()
+    shard = df["shard"].value_counts().index[0]
+    a, b = df.index[df["shard"] == shard][:2]  # (more samples than the pool's shards: one holds two)
+    df.loc[[a, b], cols] = df.loc[[b, a], cols].to_numpy()
     return df
 
 
@@ -1519,7 +1532,7 @@ def test_spans_that_pass_their_checks_but_not_the_pools_bytes_are_named_in_the_e
                                         shard_size=5, **kw), spark if engine == "spark" else None)
     said = str(e.value)
     assert f"that the subset's spans ({folder}) give" in said and f"remove {folder} and re-run" in said, said
-    assert "re-download" not in said and "the catalog gives" not in said, said
+    assert "the catalog gives" not in said and "; the shard changed since download" not in said, said
     assert verify_manifest(small_subsets["pool"]).ok  # the pool is intact
     shutil.rmtree(folder)  # as the error says: the catalog is read, the reference shards written
     res = reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])), output=str(tmp_path / "r"),
@@ -1527,3 +1540,75 @@ def test_spans_that_pass_their_checks_but_not_the_pools_bytes_are_named_in_the_e
     assert res["sample_spans"] == "catalog"
     ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
     assert read_manifest(os.path.join(tmp_path / "r", layout.RESHARD_MANIFEST))["shards"] == ref
+
+
+def test_a_changed_pool_shard_read_through_the_spans_still_says_to_re_download(small_subsets, tmp_path):
+    """(second reader) A pool shard whose bytes changed after download, read through the subset's (correct)
+    spans: the error must still say what to do when `verify` finds the pool damaged (re-download), as the
+    catalog's error does, not only to remove the spans."""
+    import pandas as pd
+
+    pool2 = tmp_path / "pool"
+    shutil.copytree(os.path.dirname(small_subsets["pool"]), pool2)
+    small = small_subsets["small"]
+    res = subsets_stage.run(SubsetsConfig(pool=str(pool2 / layout.POOL_MANIFEST), output=str(tmp_path / "sub"),
+                                          scales=small_subsets["scales"], seed=3)).details
+    m = {r["scale"]: r["manifest"] for r in res}[small]
+    folder = tmp_path / "sub" / layout.subset_spans(small)
+    record = read_json(str(folder / spans_mod.SPANS_JSON))
+    r0 = pd.read_parquet(folder / record["parts"][0]["path"]).iloc[0]
+    shard = pool2 / layout.SHARDS_DIR / (r0["shard"] if r0["shard"].endswith(".tar") else r0["shard"] + ".tar")
+    with open(shard, "r+b") as f:  # one byte inside the sample's span changed: the pool is damaged, the spans are right
+        f.seek(int(r0["tar_offset"]) + int(r0["tar_length"]) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert not verify_manifest(str(pool2 / layout.POOL_MANIFEST)).ok
+    with pytest.raises(ReshardError) as e:
+        reshard_stage.run(ReshardConfig(manifest=m, output=str(tmp_path / "r"), shard_size=5))
+    said = str(e.value)
+    assert "re-download" in said, said
+
+
+def _swap_samples(df):
+    """The first two rows' samples (shard, key, span, sha256) swapped, uids kept: each key and span still
+    its bytes', but the .json of each names the other uid."""
+    cols = ["shard", "key", "tar_offset", "tar_length", "tar_sha256"]
+    df = df.copy()
+    df.loc[[0, 1], cols] = df.loc[[1, 0], cols].to_numpy()
+    return df
+
+
+def test_spans_giving_a_uid_another_samples_bytes_name_the_spans_folder(small_subsets, tmp_path):
+    """(second reader) The uid check of the copy (`.json has uid X but the catalog says Y`) reworded too."""
+    sub = str(tmp_path / "sub")
+    shutil.copytree(small_subsets["sub"], sub)
+    folder = os.path.join(sub, layout.subset_spans(small_subsets["small"]))
+    _rewrite_part(folder, _swap_samples)
+    with pytest.raises(ReshardError) as e:
+        reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])),
+                                        output=str(tmp_path / "r"), shard_size=5))
+    said = str(e.value)
+    assert f"but the subset's spans ({folder}) say" in said and f"remove {folder} and re-run" in said, said
+    assert "the catalog and shard disagree" not in said, said
+
+
+def test_spans_of_text_offsets_do_not_end_the_run_in_a_type_error(small_subsets, tmp_path, caplog):
+    """(second reader) A part whose tar_offset / tar_length columns hold text (another tool's writer) was read
+    as numbers (as Spark's check reads them); the new range check ended the run in a TypeError. Fractional
+    values are refused with the usual warning, the catalog read."""
+    import logging
+
+    sub = str(tmp_path / "sub")
+    shutil.copytree(small_subsets["sub"], sub)
+    folder = os.path.join(sub, layout.subset_spans(small_subsets["small"]))
+    _rewrite_part(folder, lambda df: df.assign(tar_offset=df["tar_offset"].astype(str), tar_length=df["tar_length"].astype(str)))
+    m = os.path.join(sub, layout.subset_manifest(small_subsets["small"]))
+    res = reshard_stage.run(ReshardConfig(manifest=m, output=str(tmp_path / "r"), shard_size=5)).details
+    assert res["sample_spans"] == "subset spans", res
+    ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
+    assert read_manifest(os.path.join(tmp_path / "r", layout.RESHARD_MANIFEST))["shards"] == ref
+    _rewrite_part(folder, lambda df: df.assign(tar_length=df["tar_length"].astype(float) + 0.5))
+    with caplog.at_level(logging.WARNING, logger="laiontools.stages.reshard"):
+        res = reshard_stage.run(ReshardConfig(manifest=m, output=str(tmp_path / "r2"), shard_size=5)).details
+    assert res["sample_spans"] == "catalog" and "not a whole number" in caplog.text, res

@@ -1722,3 +1722,36 @@ def test_download_cleanup_of_a_shard_folder_on_s3_lists_it_once(bucket, tmp_path
     assert requests.count("GetObject") == 3, requests
     assert requests.count("ListObjectsV2") <= 2 and requests.count("DeleteObjects") <= 2, requests
     assert len(requests) <= 2 + 1 + 3 + 2, requests  # exists (HEAD, LIST), the listing, the GETs, the deletes
+
+
+@pytest.mark.parametrize("how", ["AWS_ENDPOINT_URL_S3", "AWS config file"])
+def test_an_endpoint_without_scheme_set_elsewhere_is_named(s3_server, bucket, s3, tmp_path, how):
+    """(second reader) botocore also reads the endpoint from AWS_ENDPOINT_URL_S3 and from the AWS config
+    file's endpoint_url: the one-line error must not call the default endpoint 'not a URL'."""
+    m = f"{bucket}/wrong/pool.manifest.json"
+    s3.pipe_file(m.split("://", 1)[1], b"{}")
+    host = s3_server.endpoint.split("://", 1)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_S3"))}
+    env.update(AWS_ACCESS_KEY_ID="laiontools-test", AWS_SECRET_ACCESS_KEY="laiontools-test", AWS_DEFAULT_REGION="us-east-1",
+               AWS_EC2_METADATA_DISABLED="true", AWS_MAX_ATTEMPTS="1")
+    if how == "AWS_ENDPOINT_URL_S3":
+        env["AWS_ENDPOINT_URL_S3"] = host
+    else:
+        (tmp_path / "config").write_text(f"[default]\nendpoint_url = {host}\n")
+        env["AWS_CONFIG_FILE"] = str(tmp_path / "config")
+    r = subprocess.run([sys.executable, "-m", "laiontools", "verify", m], env=env, capture_output=True, text=True, timeout=300, check=False)
+    line = _one_error_line(r.stderr, "verify")
+    print(r.returncode, line)
+    assert r.returncode == 2 and f"the object store endpoint '{host}' is not a URL" in line, line
+
+
+def test_a_tls_error_of_an_https_url_does_not_name_the_s3_settings():
+    """(second reader) An https:// input or list whose server's certificate fails is not an object store's endpoint."""
+    import ssl
+
+    from laiontools.core.storage import store_error
+
+    e = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate has expired")
+    said = str(store_error(e, "https://data.example.org/meta/part-0.parquet"))
+    assert said.startswith("https://data.example.org/meta/part-0.parquet: cannot make a TLS connection to its server"), said
+    assert "AWS_ENDPOINT_URL" not in said and "object store" not in said, said

@@ -442,7 +442,11 @@ def read_spans(uid_path: str, uids: Any, uids_sha256: str, pool_sha256: str) -> 
         return None, f"the uids in {folder} are not the uid file's"
     if t.column(C.TAR_OFFSET).null_count or t.column(C.TAR_LENGTH).null_count or t.column(C.SHARD).null_count:
         return None, f"{folder} lists a sample without its shard or span"
-    if t.num_rows and (pc.min(t.column(C.TAR_OFFSET)).as_py() < 0 or pc.min(t.column(C.TAR_LENGTH)).as_py() < 1):
+    try:  # (as the plan reads them: whole numbers, also when another writer stored them as text, as Spark's check does)
+        offs, lens = (pc.cast(t.column(c), pa.int64()) for c in (C.TAR_OFFSET, C.TAR_LENGTH))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        return None, f"{folder} lists a byte offset or span length that is not a whole number ({e})"
+    if t.num_rows and (pc.min(offs).as_py() < 0 or pc.min(lens).as_py() < 1):
         return None, f"{folder} lists a sample of a negative byte offset or an empty span"
     rows = t.to_pandas()
     sids = {sh: catalog_shard_id(sh) for sh in rows[C.SHARD].unique()}

@@ -626,7 +626,7 @@ def store_error(e: BaseException, path: str) -> StorageError | None:
 
 # The environment variables that name an endpoint other than the default, per store (for the error messages)
 _GCS_SETTINGS = ("STORAGE_EMULATOR_HOST", "FSSPEC_GS_ENDPOINT_URL")
-_S3_SETTINGS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+_S3_SETTINGS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def _is_gcs(path: str) -> bool:
@@ -649,12 +649,16 @@ def _store_error(e: BaseException, path: str) -> StorageError | None:
     bucket = where[1].split("/", 1)[0] if len(where) == 2 else None
     if names & {"SSLError", "SSLCertVerificationError", "ClientConnectorSSLError", "ClientConnectorCertificateError",
                 "ClientSSLError"}:
+        if scheme_of(path) in ("http", "https"):  # a web server's (an input, a list), not an object store's endpoint
+            return StorageError(f"{path}: cannot make a TLS connection to its server ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]}); check the URL's scheme and the server's certificate")
         return StorageError(f"{path}: cannot make a TLS connection to the object store at {_endpoint(path)} ({type(e).__name__}); "
                             f"check the endpoint's scheme (http:// or https://) and its certificate ({_endpoint_settings(path)}"
                             + ("" if _is_gcs(path) else ", AWS_CA_BUNDLE") + ")")
-    if names & {"ValueError"} and "Invalid endpoint" in text:  # botocore: an endpoint setting without http(s)://
-        return StorageError(f"{path}: the object store endpoint {_endpoint(path)!r} is not a URL; give it as "
-                            f"http(s)://host[:port] ({_endpoint_settings(path)})")
+    bad = re.search(r"Invalid endpoint: (\S+)", text) if "ValueError" in names else None
+    if bad:  # botocore: an endpoint setting without http(s)://, from the environment or the AWS config file
+        return StorageError(f"{path}: the object store endpoint {bad.group(1)!r} is not a URL; give it as "
+                            f"http(s)://host[:port] ({_endpoint_settings(path)}, or endpoint_url in the AWS config file)")
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
                 "ConnectionRefusedError", "ServerDisconnectedError"} or "Could not connect to the endpoint" in text:
         return StorageError(f"{path}: cannot reach the object store at {_endpoint(path)} ({type(e).__name__}); check "

@@ -876,9 +876,16 @@ def _shard_tasks(manifest_path: str, manifest: dict[str, Any]) -> list[dict[str,
 def _no_shards(path: str, manifest: dict[str, Any]) -> str:
     """Why a manifest listing no shards cannot be embedded (it was "0 shard(s) embedded", exit 0)."""
     if manifest.get("kind") == "subset":
-        parent = (manifest.get("parent") or {}).get("path") or "the pool it was cut from"
+        from laiontools.contracts.manifest import resolve
+
+        # (a resharded subset's parent is the subset it was resharded from: its pool is named in "pool")
+        pool_path = (manifest.get("pool") or {}).get("path") or (manifest.get("parent") or {}).get("path")
+        pool = resolve(path, pool_path) if pool_path else "the pool it was cut from"
+        if manifest.get("reshard") is not None:  # reshard's output: it lists its shards, of which there are none
+            return (f"{path} is a resharded subset of {manifest.get('num_samples', 0):,} samples and lists no shards: "
+                    "nothing to embed (the subset it was resharded from holds no sample)")
         return (f"{path} is a subset's manifest: it names {manifest.get('num_samples', 0):,} samples by uid and lists no shards; "
-                f"embed the pool ({parent}), whose embeddings serve every subset cut from it, or reshard the subset "
+                f"embed the pool ({pool}), whose embeddings serve every subset cut from it, or reshard the subset "
                 "and embed the resharded folder's subset.manifest.json")
     return f"{path} lists no shards: nothing to embed (a pool whose download wrote no shard; see its catalog for why)"
 

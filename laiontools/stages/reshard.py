@@ -1017,7 +1017,8 @@ def _spans_named(uid_path: str | None) -> Any:
         for advice in _SPAN_ERROR_ADVICE:
             text = text.split(advice)[0]
         raise ReshardError(
-            f"{text}; the spans are not those of the pool (if `laiontools verify` finds the pool intact): remove {folder} "
+            f"{text}; either the pool's shard changed since download (run `laiontools verify` on the pool and re-download "
+            f"the shards it names) or, if verify finds the pool intact, the spans are not those of the pool: remove {folder} "
             "and re-run (reshard then reads the pool's catalog), or re-run subsets to write them again"
         ) from None
 
