@@ -1630,3 +1630,27 @@ def test_an_empty_resharded_subset_is_refused_naming_what_it_is(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"{resharded} is a resharded subset of 0 samples and lists no shards: nothing to embed" in err, err[-2000:]
     assert f"embed the pool ({sub})" not in err
+
+
+def test_shards_a_task_wrote_where_the_driver_does_not_see_are_failures_not_embedded(small_pool, tmp_path, monkeypatch):
+    """On a cluster whose executors write the output path on their own disks (not a shared file system), every
+    task reported its shard embedded, the folder the driver reads held none, and embed exited 0 ("folder: 0/1
+    shards"; a new user's cluster run). Simulated here by taking one shard's files away before the driver reads
+    the markers: that shard is failed, naming why, and the run is not ok (exit 1); a re-run embeds it."""
+    out = tmp_path / "emb"
+    finish = embed_stage._finish
+
+    def elsewhere(cfg, tasks, stats, skipped, seconds, rank):
+        for d in (layout.EMB_META_DIR, layout.EMB_IMG_DIR, layout.EMB_TEXT_DIR):
+            for f in (out / d).glob("00001.*"):
+                f.unlink()
+        return finish(cfg, tasks, stats, skipped, seconds, rank)
+
+    monkeypatch.setattr(embed_stage, "_finish", elsewhere)
+    res = embed_stage.run(EmbedConfig(manifest=small_pool, output=str(out), model=MODEL, batch_size=5, num_workers=0))
+    assert not res.ok and res.details.shards_embedded == ["00000", "00002"]
+    assert "not in " + str(out) + " as this process sees it" in res.details.failed_shards["00001"]
+    assert "folder: 2/3 shards" in res.summary
+    monkeypatch.undo()
+    again = embed_stage.run(EmbedConfig(manifest=small_pool, output=str(out), model=MODEL, batch_size=5, num_workers=0))
+    assert again.ok and again.details.shards_embedded == ["00001"]

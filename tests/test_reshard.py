@@ -1612,3 +1612,28 @@ def test_spans_of_text_offsets_do_not_end_the_run_in_a_type_error(small_subsets,
     with caplog.at_level(logging.WARNING, logger="laiontools.stages.reshard"):
         res = reshard_stage.run(ReshardConfig(manifest=m, output=str(tmp_path / "r2"), shard_size=5)).details
     assert res["sample_spans"] == "catalog" and "not a whole number" in caplog.text, res
+
+
+def test_output_shards_a_task_wrote_where_the_driver_does_not_see_are_an_error_not_a_manifest(small_subsets, tmp_path, monkeypatch):
+    """Executors writing the output path on their own disks reported every shard written; the driver wrote a
+    manifest naming shards its folder did not hold, exit 0, and verify then found 0 samples (a new user's cluster
+    run). Simulated by taking one shard (and its marker) away after the tasks: one error naming the folder and no
+    manifest; a re-run writes that shard and the reference manifest."""
+    m = small_subsets["manifests"][small_subsets["small"]]
+    out = tmp_path / "r"
+    run_local = reshard_stage._run_local
+
+    def elsewhere(*args, **kw):
+        got = run_local(*args, **kw)
+        for f in (out / layout.RESHARD_SHARDS_DIR).glob("shard-00001.tar*"):
+            f.unlink()
+        return got
+
+    monkeypatch.setattr(reshard_stage, "_run_local", elsewhere)
+    with pytest.raises(ReshardError, match=r"1 of them are not in .* as the driver sees it \(e.g. \['shard-00001.tar'\]\)"):
+        reshard_stage.run(ReshardConfig(manifest=m, output=str(out), shard_size=5))
+    assert not (out / layout.RESHARD_MANIFEST).exists()
+    monkeypatch.undo()
+    reshard_stage.run(ReshardConfig(manifest=m, output=str(out), shard_size=5))
+    ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
+    assert read_manifest(str(out / layout.RESHARD_MANIFEST))["shards"] == ref

@@ -952,6 +952,8 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
                     run_record = spark_run_record(spark, n)
                     results, spans_from = _run_spark(spark, pool, uid_path, m["uids"]["sha256"], urls, n, seed, q, r, k, out_dir, plan_id, width,
                                                      direct)
+    if n:
+        _check_visible(out_dir, k)
     sizes = {shard_name(j): results[j]["num_samples"] for j in range(k)}
     # The final-write phase: every output shard's marker is there, the manifest is not (kill tests widen it).
     failpoints.pause("reshard.final-write")
@@ -1021,6 +1023,26 @@ def _spans_named(uid_path: str | None) -> Any:
             f"the shards it names) or, if verify finds the pool intact, the spans are not those of the pool: remove {folder} "
             "and re-run (reshard then reads the pool's catalog), or re-run subsets to write them again"
         ) from None
+
+
+def _check_visible(out_dir: str, k: int) -> None:
+    """Every output shard the tasks reported written is in `out_dir` as this process sees it (one listing).
+    Executors on other nodes that see another folder at the output path (a local disk of each node, not a
+    shared file system) reported their shards written where the driver finds none: the manifest would list
+    shards that are not there (found by a new user's cluster run: exit 0, and verify then found 0 samples)."""
+    fs, p = url_to_fs(out_dir)
+    fs.invalidate_cache(p)  # (s3fs and gcsfs keep listings: one made before the tasks wrote would say none is there)
+    try:
+        there = {x.rstrip("/").rsplit("/", 1)[-1] for x in fs.ls(p, detail=False)}
+    except FileNotFoundError:
+        there = set()
+    missing = [shard_name(j) for j in range(k) if shard_name(j) not in there]
+    if missing:
+        raise ReshardError(
+            f"the tasks reported {k} output shards written, but {len(missing)} of them are not in {out_dir} as the driver sees it "
+            f"(e.g. {missing[:3]}): the executors wrote where the driver does not see; give an --output that every node sees "
+            "(a shared file system or an object store) and re-run"
+        )
 
 
 def _not_in_catalog(missing: int) -> ReshardError:
