@@ -86,3 +86,31 @@ def test_spark_reads_a_folder_named_with_glob_characters_as_that_folder_only(spa
         files = storage.list_data_files(folder)
         rows = storage.spark_read_parquet(spark, files, file_column="_f").collect()
         assert [(r.n, r._f) for r in rows] == [(n, storage.path_key(files[0]))]
+
+
+def test_a_folder_spark_cannot_make_is_one_line_naming_it(spark, tmp_path):
+    """Spark's own parquet writer into a folder it cannot write (read-only here: a bind mount of the folder on
+    itself, remounted read-only, as tests/faults does; on a cluster, an output path an executor sees read-only
+    or may not write) fails in Hadoop's local file system with "Mkdirs failed to create file:…", no errno: that
+    was a raw Py4J traceback, exit 1 (a new user's cluster run). Now the one-line fault of a read-only output."""
+    import subprocess
+
+    from laiontools.core.errors import EnvironmentFault, environment_error
+    from laiontools.core.storage import spark_write_parquet
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "--bind", str(ro), str(ro)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot bind-mount {ro} ({r.stderr.strip()}); this test needs root or CAP_SYS_ADMIN")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True)
+        with pytest.raises(Exception) as e:
+            spark_write_parquet(spark.range(3), str(ro / "out"))
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True, check=False)
+    fault = environment_error(e.value, output=str(ro / "out"))
+    assert isinstance(fault, EnvironmentFault), str(e.value)[:2000]
+    said = str(fault)
+    assert said.startswith("cannot create a folder (a read-only file system, or no permission) writing ") and str(ro / "out") in said, said
+    assert "\n" not in said and "re-run the same command" in said, said

@@ -74,12 +74,17 @@ _ENV_ERRNOS = {
     28: ("no space left on device", "free space (or give an output on a larger file system)"),  # ENOSPC
     122: ("disk quota exceeded", "free space or raise the quota"),  # EDQUOT
     30: ("read-only file system", "give an output on a writable file system"),  # EROFS
+    # (no errno: Hadoop's local file system, under Spark's own writers, says only that a folder could not be
+    # made, for a read-only file system and a permission refused alike)
+    -1: ("cannot create a folder (a read-only file system, or no permission)",
+         "give an output every node can write (on a cluster: a path every executor sees and may write)"),
 }
 # The same faults as Python (OSError) and Java (IOException, e.g. Spark's own parquet writer) word them
 # inside the text of an error that Spark wrapped.
 _ENV_TEXT = re.compile(
     r"\[Errno (?P<errno>28|122|30)\] [^:'\n]*(?:: '(?P<path>[^'\n]+)')?"
     r"|(?P<java>No space left on device|Disk quota exceeded|Read-only file system)"
+    r"|Mkdirs failed to create (?:file:)?(?P<mkdirs>[^\s(]+)"
 )
 
 
@@ -101,6 +106,8 @@ def environment_error(e: BaseException, output: str | None = None) -> Environmen
         if m:
             if m.group("errno"):
                 return _env_fault(int(m.group("errno")), m.group("path"), output)
+            if m.group("mkdirs"):
+                return _env_fault(-1, m.group("mkdirs"), output)
             errno = {"No space left on device": 28, "Disk quota exceeded": 122}.get(m.group("java"), 30)
             return _env_fault(errno, None, output)
         err = err.__cause__ or err.__context__
