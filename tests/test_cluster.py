@@ -52,6 +52,23 @@ def _changed_copy(folder: Path, missing_dependency: bool = False) -> Path:
     return folder
 
 
+def test_the_executor_probe_names_a_dependency_the_executor_lacks(monkeypatch):
+    """The executors' check imported only laiontools/__init__ (the version string): an executor Python without
+    numpy passed it, then every task failed on a raw ModuleNotFoundError, exit 1 (a new user's cluster run).
+    The probe now imports what every stage's tasks import; here numpy cannot be imported (None in sys.modules,
+    as Python's import system reads it), and the probe reports that instead of a fingerprint."""
+    import sys
+
+    from laiontools.core.spark import _fingerprint_probe
+
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    _, version, sha, err = next(_fingerprint_probe()(None))
+    assert (version, sha) == ("", "") and "numpy" in err, err
+    monkeypatch.undo()
+    _, version, sha, root = next(_fingerprint_probe()(None))
+    assert version and len(sha) == 64 and root.endswith("laiontools")
+
+
 def test_code_fingerprint_is_the_same_for_the_same_code_and_differs_for_changed_code(tmp_path):
     """What check_executors compares: equal for a copy of the package imported from elsewhere, different
     once one file of it changes (each computed in a fresh interpreter that imports that copy)."""

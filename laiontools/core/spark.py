@@ -194,7 +194,14 @@ def _fingerprint_probe() -> Any:
 
         host = socket.gethostname()
         try:
+            import importlib
+
             import laiontools
+
+            # ... and what every stage's tasks import with it (laiontools/__init__ alone holds only the version:
+            # an executor Python without numpy passed, then each task failed on a raw ModuleNotFoundError)
+            for dep in ("numpy", "pandas", "pyarrow"):
+                importlib.import_module(dep)
         except Exception as e:  # noqa: BLE001 - whatever stops the import is what the driver reports
             yield host, "", "", f"{type(e).__name__}: {e}"
             return
