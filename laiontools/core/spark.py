@@ -6,8 +6,9 @@ the code that created a session stops it.
 
 Precedence of settings (highest first):
 
-1. What the user set: spark-submit's ``--conf`` / ``--driver-memory``, ``spark-defaults.conf``, or the
-   ``conf`` argument of :func:`spark_session`. Under spark-submit the job sets *nothing* the user could
+1. What the user set: spark-submit's ``--conf`` / ``--driver-memory``, ``spark-defaults.conf`` (read by an
+   embedded session's JVM too; this module's defaults skip its keys), or the ``conf`` argument of
+   :func:`spark_session`. Under spark-submit the job sets *nothing* the user could
    have set: spark-submit's JVM already holds the user's settings, and a builder ``.config`` would
    override them.
 2. Values a job derives from its input (:func:`shuffle_partitions`), applied only when the user did
@@ -88,6 +89,34 @@ def embedded_defaults(master: str) -> dict[str, str]:
     }
 
 
+def spark_defaults_file() -> dict[str, str]:
+    """The settings of the ``spark-defaults.conf`` a session started here reads (``$SPARK_CONF_DIR``, else
+    ``$SPARK_HOME/conf``, else pyspark's own ``conf/``): "key value" lines, ``#`` comments. {} when there is
+    none or it cannot be read. (A builder's ``.config`` overrides that file: `laiontools <stage> --master ...`
+    overrode a user's spark.task.maxFailures, codec and driver memory there, which spark-submit keeps.)"""
+    folder = os.environ.get("SPARK_CONF_DIR")
+    if not folder:
+        home = os.environ.get("SPARK_HOME")
+        if not home:
+            try:
+                import pyspark
+
+                home = os.path.dirname(pyspark.__file__)
+            except ImportError:
+                return {}
+        folder = os.path.join(home, "conf")
+    out: dict[str, str] = {}
+    try:
+        with open(os.path.join(folder, "spark-defaults.conf"), encoding="utf-8") as f:
+            for line in f:
+                parts = line.strip().split(None, 1)
+                if parts and not parts[0].startswith("#"):
+                    out[parts[0]] = parts[1].strip() if len(parts) > 1 else ""
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return out
+
+
 def user_set(spark: Any, key: str) -> bool:
     """True when `key` is in the session's SparkConf: set by --conf, spark-defaults.conf or the creator."""
     return bool(spark.sparkContext.getConf().contains(key))
@@ -154,7 +183,9 @@ def spark_session(
         where = "(spark-submit)"
     else:
         builder = builder.appName(app_name).master(where)
-        for k, v in {**embedded_defaults(where), **(conf or {})}.items():
+        # the user's spark-defaults.conf, which this JVM reads too, wins over this module's defaults
+        mine = {k: v for k, v in embedded_defaults(where).items() if k not in spark_defaults_file()}
+        for k, v in {**mine, **(conf or {})}.items():
             builder = builder.config(k, v)
     log.info("starting Spark session on %s", where)
     spark = builder.getOrCreate()
