@@ -907,3 +907,35 @@ def test_a_retry_pass_gives_the_same_input_and_pool_on_both_engines(pool, spark,
     pd.testing.assert_frame_equal(got[0], want[0])
     assert got[1] == want[1]
     assert any(s.startswith("shards/retry01/") for s, _ in got[1]["shards"])
+
+
+def test_prepared_rows_the_driver_cannot_see_are_an_error_not_nothing_to_download(pool, tmp_path, monkeypatch):
+    """On a cluster whose executors write the output path on their own disks, prepare's tasks wrote the accepted
+    rows where the driver finds none: download said "nothing to download", then crashed with a raw traceback
+    (a new user's cluster run). Simulated by taking the accepted files away once prepare is done: one error
+    naming the rows and the folder; removed, the output downloads as before."""
+    from laiontools.core.errors import UserError
+    from laiontools.stages import download as download_stage
+    from laiontools.stages import prepare
+    from laiontools.stages.download import DownloadConfig
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = tmp_path / "p"
+    stats = prepare.prepare_stats
+
+    def elsewhere(*args, **kw):
+        got = stats(*args, **kw)
+        for f in (out / layout.PREPARED_DIR / "accepted").glob("*.parquet"):
+            f.unlink()
+        return got
+
+    monkeypatch.setattr(prepare, "prepare_stats", elsewhere)
+    cfg = DownloadConfig(input=pool.source, output=str(out), **TEST_DOWNLOAD_SETTINGS)
+    accepted = json.loads((Path(pool.dir) / layout.PREPARED_DIR / layout.PREPARED_STATS_JSON).read_text())["accepted"]
+    with pytest.raises(UserError, match=rf"prepare accepted {accepted:,} rows into .*accepted, but the driver finds no file there"):
+        download_stage.run(cfg)
+    monkeypatch.undo()
+    shutil.rmtree(out)
+    download_stage.run(cfg)
+    flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])  # (may differ run to run)
+    pd.testing.assert_frame_equal(_comparable(str(out), flaky)[0], _comparable(pool.dir, flaky)[0])

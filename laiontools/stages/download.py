@@ -389,10 +389,18 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     done_shards = {int(f.rsplit("/", 1)[-1].split("_")[0]) for f in fs.glob(glob_literal(sp) + "/*_stats.json")}
     fsi, ip = url_to_fs(input_dir)
     in_files = sorted(fsi.glob(glob_literal(ip) + "/*.parquet")) if fsi.exists(ip) else []
+    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
     if not in_files:
+        if int(prep_stats.get("accepted", 0)) and input_dir.rstrip("/").endswith("/accepted"):
+            # prepare's tasks wrote the rows they accepted where this process finds none: executors writing the
+            # output path on their own disks (not a shared file system); was "nothing to download", then a crash
+            raise UserError(
+                f"prepare accepted {int(prep_stats['accepted']):,} rows into {input_dir}, but the driver finds no file there: "
+                f"the executors wrote where the driver does not see; give an --output that every node sees (a shared "
+                f"file system or an object store), or remove {cfg.output} and re-run"
+            )
         log.info("nothing to download in %s", input_dir)
         return
-    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
     extra_cols = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION)]
     tmp_path = shard_dir.rstrip("/") + "/_tmp"
     fs.makedirs(url_to_fs(tmp_path)[1], exist_ok=True)
