@@ -582,3 +582,14 @@ def test_study_takes_sample_counts_as_train_and_study_plan_do(tmp_path, capsys):
     assert cli_main(["study", *base, "--config", str(yml)]) == 2
     err = capsys.readouterr().err
     assert "study: train: seed must be a whole number, got 'one' (str)" in err and "Traceback" not in err
+
+
+def test_a_spark_conf_after_the_job_file_is_named_as_such(capsys):
+    """`spark-submit jobs/subsets.py ... --conf spark.sql.shuffle.partitions=5`: the flag after the job file is
+    the job's, and argparse took --conf for an abbreviation of --config: "config file spark.sql... does not
+    exist" (a new user's cluster run). Now the error says where a spark-submit flag goes."""
+    from laiontools.cli import main as cli_main
+
+    assert cli_main(["subsets", "--pool", "p.json", "--output", "o", "--scales", "4", "--conf", "spark.sql.shuffle.partitions=5"]) == 2
+    err = capsys.readouterr().err
+    assert "--conf spark.sql.shuffle.partitions=5 is a spark-submit flag: give it before the job file" in err, err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Self, TypeVar
@@ -270,6 +271,9 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
 
         from laiontools.core.storage import url_to_fs
 
+        if re.match(r"^spark\.[\w.-]+=", cfg_file):  # argparse took `--conf key=value` for an abbreviation of --config
+            raise ConfigError(f"--conf {cfg_file} is a spark-submit flag: give it before the job file "
+                              f"(spark-submit --conf {cfg_file} jobs/<stage>.py ...); for laiontools <stage>, spark_conf in a --config YAML file")
         fs, p = url_to_fs(cfg_file)
         if not fs.exists(p):
             raise ConfigError(f"config file {cfg_file} does not exist")
