@@ -78,7 +78,17 @@ def run_stage(stage: str, argv: list[str]) -> int:
     from laiontools.core.redact import redact_text
 
     setup_logging()
-    module = importlib.import_module(STAGES[stage][0])
+    try:
+        module = importlib.import_module(STAGES[stage][0])
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "laiontools":
+            raise
+        # a Python without laiontools' dependencies (under spark-submit: spark.pyspark.python named for the driver
+        # a Python that has laiontools on its path but not what it imports): one line, not a traceback
+        print(f"laiontools {stage}: error: this Python ({sys.executable}) cannot import {e.name!r}, which laiontools needs; "
+              "run it with the Python environment laiontools is installed in (under spark-submit: spark.pyspark.driver.python "
+              "or PYSPARK_DRIVER_PYTHON for the driver, spark.pyspark.python for the executors)", file=sys.stderr)
+        return 2
     try:
         if hasattr(module, "run") and hasattr(module, "CONFIG") and stage not in _ENTRY:
             from laiontools.core.stage import stage_main

@@ -593,3 +593,19 @@ def test_a_spark_conf_after_the_job_file_is_named_as_such(capsys):
     assert cli_main(["subsets", "--pool", "p.json", "--output", "o", "--scales", "4", "--conf", "spark.sql.shuffle.partitions=5"]) == 2
     err = capsys.readouterr().err
     assert "--conf spark.sql.shuffle.partitions=5 is a spark-submit flag: give it before the job file" in err, err
+
+
+def test_a_python_without_laiontools_dependencies_is_one_line_naming_it():
+    """`spark-submit --conf spark.pyspark.python=/usr/bin/python3 jobs/verify.py ...` runs the driver on a Python
+    that finds laiontools on its path but not numpy: a raw ModuleNotFoundError traceback, exit 1 (a new user's
+    cluster run). Now one line naming the Python and the module, exit 2. (numpy made unimportable the way
+    Python's import system reads it: None in sys.modules.)"""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['numpy'] = None\nfrom laiontools.cli import main\nsys.exit(main(['verify', 'x.json']))\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("laiontools verify: error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"this Python ({sys.executable}) cannot import 'numpy'" in lines[0], lines[0]
