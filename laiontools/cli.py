@@ -85,7 +85,11 @@ def run_stage(stage: str, argv: list[str]) -> int:
             raise
         # a Python without laiontools' dependencies (under spark-submit: spark.pyspark.python named for the driver
         # a Python that has laiontools on its path but not what it imports): one line, not a traceback
-        print(f"laiontools {stage}: error: this Python ({sys.executable}) cannot import {e.name!r}, which laiontools needs; "
+        import traceback
+
+        where = next((f" (imported at {fr.filename}:{fr.lineno})" for fr in reversed(traceback.extract_tb(e.__traceback__))
+                      if "laiontools" in fr.filename), "")
+        print(f"laiontools {stage}: error: this Python ({sys.executable}) cannot import {e.name!r}{where}, which laiontools needs; "
               "run it with the Python environment laiontools is installed in (under spark-submit: spark.pyspark.driver.python "
               "or PYSPARK_DRIVER_PYTHON for the driver, spark.pyspark.python for the executors)", file=sys.stderr)
         return 2

@@ -559,18 +559,20 @@ def test_a_users_spark_defaults_conf_wins_over_the_embedded_defaults(tmp_path):
     that file first). Now each key the file sets is left to it; the others keep the embedded default."""
     conf = tmp_path / "conf"
     conf.mkdir()
-    (conf / "spark-defaults.conf").write_text("# the user's\nspark.task.maxFailures   3\nspark.python.worker.reuse false\n")
+    # (as java.util.Properties reads it, as Spark does: a key ends at whitespace, '=' or ':'; '#' and '!' comment)
+    (conf / "spark-defaults.conf").write_text("# the user's\n! also a comment\nspark.task.maxFailures=3\nspark.python.worker.reuse: false\n"
+                                              "spark.ui.showConsoleProgress   false\n")
     code = ("from laiontools.core.spark import spark_session\n"
             "with spark_session('local[1]') as s:\n"
             "    c = s.sparkContext.getConf()\n"
             "    print('PROBE', c.get('spark.task.maxFailures'), c.get('spark.python.worker.reuse'),"
-            " s.conf.get('spark.sql.parquet.compression.codec'), flush=True)\n")
+            " c.get('spark.ui.showConsoleProgress'), s.conf.get('spark.sql.parquet.compression.codec'), flush=True)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_SUBMIT_ARGS", "SPARK_CONF_DIR")}
     env.update(SPARK_CONF_DIR=str(conf), LAIONTOOLS_SPARK_LOG_LEVEL="ERROR")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("PROBE ")), None)
     assert line is not None, res.stderr[-3000:]
-    assert line.split()[1:] == ["3", "false", "zstd"], line  # the file's two keys; the codec no file sets: ours
+    assert line.split()[1:] == ["3", "false", "false", "zstd"], line  # the file's three keys; the codec no file sets: ours
 
 
 def test_only_a_local_master_keeps_the_driver_on_loopback(monkeypatch):

@@ -1647,10 +1647,12 @@ def test_shards_a_task_wrote_where_the_driver_does_not_see_are_failures_not_embe
         return finish(cfg, tasks, stats, skipped, seconds, rank)
 
     monkeypatch.setattr(embed_stage, "_finish", elsewhere)
+    monkeypatch.setattr("laiontools.core.storage.VISIBILITY_WAIT_S", 0.0)  # (on a shared file system it looks again for a while)
     res = embed_stage.run(EmbedConfig(manifest=small_pool, output=str(out), model=MODEL, batch_size=5, num_workers=0))
     assert not res.ok and res.details.shards_embedded == ["00000", "00002"]
     assert "not in " + str(out) + " as this process sees it" in res.details.failed_shards["00001"]
     assert "folder: 2/3 shards" in res.summary
+    assert res.details.rows == 2 * 8  # this run's rows: those of the two shards it embedded (a corrupt sample keeps its row)
     monkeypatch.undo()
     again = embed_stage.run(EmbedConfig(manifest=small_pool, output=str(out), model=MODEL, batch_size=5, num_workers=0))
     assert again.ok and again.details.shards_embedded == ["00001"]

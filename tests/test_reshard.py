@@ -1630,10 +1630,31 @@ def test_output_shards_a_task_wrote_where_the_driver_does_not_see_are_an_error_n
         return got
 
     monkeypatch.setattr(reshard_stage, "_run_local", elsewhere)
-    with pytest.raises(ReshardError, match=r"1 of them are not in .* as the driver sees it \(e.g. \['shard-00001.tar'\]\)"):
+    import re
+
+    monkeypatch.setattr("laiontools.core.storage.VISIBILITY_WAIT_S", 0.0)  # (on a shared file system it looks again for a while)
+    with pytest.raises(ReshardError, match=rf"1 of them are not in {re.escape(str(out / layout.RESHARD_SHARDS_DIR))} as the driver "
+                                           r"sees it \(e.g. \['shard-00001.tar'\]\)"):
         reshard_stage.run(ReshardConfig(manifest=m, output=str(out), shard_size=5))
     assert not (out / layout.RESHARD_MANIFEST).exists()
     monkeypatch.undo()
+    reshard_stage.run(ReshardConfig(manifest=m, output=str(out), shard_size=5))
+    ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
+    assert read_manifest(str(out / layout.RESHARD_MANIFEST))["shards"] == ref
+
+
+def test_an_output_shard_removed_after_it_was_written_is_written_again_by_the_rerun(small_subsets, tmp_path):
+    """A shard whose tar is gone but whose marker is there (removed by hand, or by a cleaner, after the run wrote
+    it): the re-run skipped it by its marker, and the check of the folder then failed every re-run. Now that
+    re-run says so and removes the marker; the next writes the shard, the reference manifest."""
+    m = small_subsets["manifests"][small_subsets["small"]]
+    out = tmp_path / "r"
+    reshard_stage.run(ReshardConfig(manifest=m, output=str(out), shard_size=5))
+    (out / layout.RESHARD_SHARDS_DIR / "shard-00001.tar").unlink()
+    (out / layout.RESHARD_MANIFEST).unlink()
+    with pytest.raises(ReshardError, match=r"1 output shards in .* were removed after they were written .*shard-00001.tar.*re-run"):
+        reshard_stage.run(ReshardConfig(manifest=m, output=str(out), shard_size=5))
+    assert not (out / layout.RESHARD_SHARDS_DIR / "shard-00001.tar.done").exists()
     reshard_stage.run(ReshardConfig(manifest=m, output=str(out), shard_size=5))
     ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
     assert read_manifest(str(out / layout.RESHARD_MANIFEST))["shards"] == ref

@@ -112,5 +112,21 @@ def test_a_folder_spark_cannot_make_is_one_line_naming_it(spark, tmp_path):
     fault = environment_error(e.value, output=str(ro / "out"))
     assert isinstance(fault, EnvironmentFault), str(e.value)[:2000]
     said = str(fault)
-    assert said.startswith("cannot create a folder (a read-only file system, or no permission) writing ") and str(ro / "out") in said, said
+    assert said.startswith("cannot create a folder (a read-only file system, no permission, or a file where the folder goes) writing ") and str(ro / "out") in said, said
     assert "\n" not in said and "re-run the same command" in said, said
+
+
+def test_hadoops_mkdirs_failure_names_the_output_folder_even_with_a_space():
+    """The classifier of the test above without a mount (it needs root): Hadoop names its task attempt's folder,
+    the message names the output; a path holding a space is kept whole; an OSError of errno -1 (a socket's
+    EAI_BADFLAGS) is not taken for it."""
+    import socket
+
+    from laiontools.core.errors import EnvironmentFault, environment_error
+
+    e = RuntimeError("An error occurred while calling o77.parquet.\n: org.apache.spark.SparkException: Job aborted ... "
+                     "java.io.IOException: Mkdirs failed to create file:/data/my out/pool/_temporary/0/_temporary/attempt_1 "
+                     "(exists=false, cwd=file:/home/u)\n\tat org.apache.hadoop.fs.ChecksumFileSystem.create(...)")
+    fault = environment_error(e, output="/data/my out/pool")
+    assert isinstance(fault, EnvironmentFault) and "writing /data/my out/pool;" in str(fault), fault
+    assert environment_error(socket.gaierror(-1, "Bad value for ai_flags")) is None

@@ -76,7 +76,7 @@ _ENV_ERRNOS = {
     30: ("read-only file system", "give an output on a writable file system"),  # EROFS
     # (no errno: Hadoop's local file system, under Spark's own writers, says only that a folder could not be
     # made, for a read-only file system and a permission refused alike)
-    -1: ("cannot create a folder (a read-only file system, or no permission)",
+    "mkdirs": ("cannot create a folder (a read-only file system, no permission, or a file where the folder goes)",
          "give an output every node can write (on a cluster: a path every executor sees and may write)"),
 }
 # The same faults as Python (OSError) and Java (IOException, e.g. Spark's own parquet writer) word them
@@ -84,7 +84,7 @@ _ENV_ERRNOS = {
 _ENV_TEXT = re.compile(
     r"\[Errno (?P<errno>28|122|30)\] [^:'\n]*(?:: '(?P<path>[^'\n]+)')?"
     r"|(?P<java>No space left on device|Disk quota exceeded|Read-only file system)"
-    r"|Mkdirs failed to create (?:file:)?(?P<mkdirs>[^\s(]+)"
+    r"|Mkdirs failed to create (?:file:)?(?P<mkdirs>[^\n]+?)(?= \(exists=|\r?\n|$)"
 )
 
 
@@ -100,21 +100,21 @@ def environment_error(e: BaseException, output: str | None = None) -> Environmen
     err: BaseException | None = e
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in _ENV_ERRNOS:
+        if isinstance(err, OSError) and isinstance(err.errno, int) and err.errno > 0 and err.errno in _ENV_ERRNOS:
             return _env_fault(err.errno, err.filename, output)
         m = _ENV_TEXT.search(str(err))
         if m:
             if m.group("errno"):
                 return _env_fault(int(m.group("errno")), m.group("path"), output)
-            if m.group("mkdirs"):
-                return _env_fault(-1, m.group("mkdirs"), output)
+            if m.group("mkdirs"):  # (Hadoop names its task attempt's folder under the output)
+                return _env_fault("mkdirs", m.group("mkdirs").split("/_temporary/")[0], output)
             errno = {"No space left on device": 28, "Disk quota exceeded": 122}.get(m.group("java"), 30)
             return _env_fault(errno, None, output)
         err = err.__cause__ or err.__context__
     return None
 
 
-def _env_fault(errno: int, path: str | None, output: str | None) -> EnvironmentFault:
+def _env_fault(errno: int | str, path: str | None, output: str | None) -> EnvironmentFault:
     what, todo = _ENV_ERRNOS[errno]
     where = f"writing {path}" if path else (f"writing under {output}" if output else "writing the output")
     return EnvironmentFault(f"{what} {where}; {todo} and re-run the same command: finished work is kept")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,27 +92,30 @@ def embedded_defaults(master: str) -> dict[str, str]:
 
 def spark_defaults_file() -> dict[str, str]:
     """The settings of the ``spark-defaults.conf`` a session started here reads (``$SPARK_CONF_DIR``, else
-    ``$SPARK_HOME/conf``, else pyspark's own ``conf/``): "key value" lines, ``#`` comments. {} when there is
-    none or it cannot be read. (A builder's ``.config`` overrides that file: `laiontools <stage> --master ...`
-    overrode a user's spark.task.maxFailures, codec and driver memory there, which spark-submit keeps.)"""
+    ``$SPARK_HOME/conf``, else the Spark home pyspark launches from), as ``java.util.Properties`` reads it: a
+    key ends at the first ``=``, ``:`` or whitespace; ``#`` and ``!`` start comments. {} when there is none or
+    it cannot be read. (A builder's ``.config`` overrides that file: `laiontools <stage> --master ...` overrode
+    a user's spark.task.maxFailures, codec and driver memory there, which spark-submit keeps.)"""
     folder = os.environ.get("SPARK_CONF_DIR")
     if not folder:
         home = os.environ.get("SPARK_HOME")
         if not home:
             try:
-                import pyspark
+                from pyspark.find_spark_home import _find_spark_home  # what pyspark's gateway launches from
 
-                home = os.path.dirname(pyspark.__file__)
-            except ImportError:
+                home = _find_spark_home()
+            except (ImportError, SystemExit, Exception):  # noqa: BLE001 - no Spark home: no file to honour
                 return {}
         folder = os.path.join(home, "conf")
     out: dict[str, str] = {}
     try:
         with open(os.path.join(folder, "spark-defaults.conf"), encoding="utf-8") as f:
             for line in f:
-                parts = line.strip().split(None, 1)
-                if parts and not parts[0].startswith("#"):
-                    out[parts[0]] = parts[1].strip() if len(parts) > 1 else ""
+                text = line.strip()
+                if text and text[0] not in "#!":
+                    m = re.match(r"([^\s=:]+)\s*[=:\s]?\s*(.*)", text)
+                    if m:
+                        out[m.group(1)] = m.group(2).strip()
     except (OSError, UnicodeDecodeError):
         return {}
     return out
@@ -184,7 +188,8 @@ def spark_session(
     else:
         builder = builder.appName(app_name).master(where)
         # the user's spark-defaults.conf, which this JVM reads too, wins over this module's defaults
-        mine = {k: v for k, v in embedded_defaults(where).items() if k not in spark_defaults_file()}
+        users = spark_defaults_file()
+        mine = {k: v for k, v in embedded_defaults(where).items() if k not in users}
         for k, v in {**mine, **(conf or {})}.items():
             builder = builder.config(k, v)
     log.info("starting Spark session on %s", where)

@@ -443,6 +443,26 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
+# How long the driver looks again for output that a task reported written before it calls that output not
+# visible (written where the driver does not see): a shared file system's client may answer a while from its
+# caches (NFS: lookup and attribute caches, 30-60 s by default). Only a failure waits.
+VISIBILITY_WAIT_S = 60.0
+
+
+def still_missing(missing_now: Any, wait_s: float | None = None) -> list[Any]:
+    """`missing_now()` (what is not there yet), asked again every few seconds until it is empty or `wait_s`
+    (VISIBILITY_WAIT_S) passed; its last answer."""
+    import time
+
+    wait = VISIBILITY_WAIT_S if wait_s is None else wait_s
+    missing = missing_now()
+    deadline = time.monotonic() + wait
+    while missing and time.monotonic() < deadline:
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        missing = missing_now()
+    return missing
+
+
 def marker_path(path: str) -> str:
     return path + DONE_SUFFIX
 

@@ -1316,24 +1316,32 @@ def _finish(cfg: EmbedConfig, tasks: list[dict[str, Any]], stats: list[dict[str,
     """Write the report (rank 0) and return the result with its summary text ("" on other ranks)."""
     failed = {s["id"]: s["error"] for s in stats if "error" in s}
     embedded = sorted(s["id"] for s in stats if "error" not in s)
-    rows = sum(s["rows"] for s in stats if "error" not in s)
-    fdec = sum(s["failed_decode"] for s in stats if "error" not in s)
     # Totals over the whole folder (this run + earlier runs), from the markers.
     totals = {"rows": 0, "failed_decode": 0, "shards_done": 0}
-    seen = set()
-    for t, m in zip(tasks, read_markers([join(cfg.output, layout.EMB_META_DIR, t["id"] + ".parquet") for t in tasks])):
-        if m and m.get("shard_sha256") == t["sha256"]:
-            totals["rows"] += m["rows"]
-            totals["failed_decode"] += m["failed_decode"]
-            totals["shards_done"] += 1
-            seen.add(t["id"])
-    # A shard a task embedded whose marker this process cannot see: the task wrote where it does not look (an
-    # executor's own disk at the output path, not a shared file system). A failure, not "embedded" (exit 1).
-    for sid in [x for x in embedded if x not in seen]:
-        embedded.remove(sid)
+    seen: set[str] = set()
+
+    def unseen_now() -> list[str]:
+        todo = [t for t in tasks if t["id"] not in seen]
+        for t, m in zip(todo, read_markers([join(cfg.output, layout.EMB_META_DIR, t["id"] + ".parquet") for t in todo])):
+            if m and m.get("shard_sha256") == t["sha256"]:
+                totals["rows"] += m["rows"]
+                totals["failed_decode"] += m["failed_decode"]
+                totals["shards_done"] += 1
+                seen.add(t["id"])
+        return [x for x in embedded if x not in seen]
+
+    # A shard a task embedded whose marker this process cannot see (after a while: storage.still_missing): the
+    # task wrote where this process does not look (an executor's own disk at the output path, not a shared file
+    # system). A failure, not "embedded" (exit 1), and not in this run's counts.
+    from laiontools.core.storage import still_missing
+
+    for sid in still_missing(unseen_now):
         failed[sid] = (f"embedded by its task, but its files are not in {cfg.output} as this process sees it: the executors "
                        "wrote where the driver does not see; give an --output that every node sees (a shared file system "
                        "or an object store) and re-run")
+    embedded = [x for x in embedded if x in seen]
+    rows = sum(s["rows"] for s in stats if "error" not in s and s["id"] in seen)
+    fdec = sum(s["failed_decode"] for s in stats if "error" not in s and s["id"] in seen)
     report_path = join(cfg.output, layout.EMB_REPORT_JSON)
     result = EmbedResult(embedded, sorted(skipped), failed, rows, fdec, round(seconds, 3), report_path)
     if rank == 0:

@@ -1026,17 +1026,33 @@ def _spans_named(uid_path: str | None) -> Any:
 
 
 def _check_visible(out_dir: str, k: int) -> None:
-    """Every output shard the tasks reported written is in `out_dir` as this process sees it (one listing).
-    Executors on other nodes that see another folder at the output path (a local disk of each node, not a
-    shared file system) reported their shards written where the driver finds none: the manifest would list
-    shards that are not there (found by a new user's cluster run: exit 0, and verify then found 0 samples)."""
+    """Every output shard the tasks reported written is in `out_dir` as this process sees it (one listing,
+    again for a while if some are not: storage.still_missing). Executors on other nodes that see another
+    folder at the output path (a local disk of each node, not a shared file system) reported their shards
+    written where the driver finds none: the manifest would list shards that are not there (found by a new
+    user's cluster run: exit 0, and verify then found 0 samples). A shard whose marker is there and tar is not
+    was removed after it was written: its marker goes, so that the re-run writes it again."""
+    from laiontools.core.storage import DONE_SUFFIX, rm_path, still_missing
+
     fs, p = url_to_fs(out_dir)
-    fs.invalidate_cache(p)  # (s3fs and gcsfs keep listings: one made before the tasks wrote would say none is there)
-    try:
-        there = {x.rstrip("/").rsplit("/", 1)[-1] for x in fs.ls(p, detail=False)}
-    except FileNotFoundError:
-        there = set()
-    missing = [shard_name(j) for j in range(k) if shard_name(j) not in there]
+    there: set[str] = set()
+
+    def missing_now() -> list[str]:
+        fs.invalidate_cache(p)  # (a listing cached before the tasks wrote would say none is there)
+        try:
+            there.clear()
+            there.update(x.rstrip("/").rsplit("/", 1)[-1] for x in fs.ls(p, detail=False))
+        except FileNotFoundError:
+            pass
+        return [shard_name(j) for j in range(k) if shard_name(j) not in there]
+
+    missing = still_missing(missing_now)
+    stale = [x for x in missing if x + DONE_SUFFIX in there]
+    if stale:
+        for x in stale:
+            rm_path(fs, p.rstrip("/") + "/" + x + DONE_SUFFIX)
+        raise ReshardError(f"{len(stale)} output shards in {out_dir} were removed after they were written (e.g. {stale[:3]}); "
+                           "their markers are removed too: re-run the same command to write them again")
     if missing:
         raise ReshardError(
             f"the tasks reported {k} output shards written, but {len(missing)} of them are not in {out_dir} as the driver sees it "
