@@ -1046,13 +1046,15 @@ def _check_visible(out_dir: str, k: int) -> None:
             pass
         return [shard_name(j) for j in range(k) if shard_name(j) not in there]
 
-    missing = still_missing(missing_now)
+    missing = missing_now()
+    # (a marker is written after its shard: a shard missing beside its marker was removed since, no cache's doing)
     stale = [x for x in missing if x + DONE_SUFFIX in there]
     if stale:
         for x in stale:
             rm_path(fs, p.rstrip("/") + "/" + x + DONE_SUFFIX)
         raise ReshardError(f"{len(stale)} output shards in {out_dir} were removed after they were written (e.g. {stale[:3]}); "
                            "their markers are removed too: re-run the same command to write them again")
+    missing = still_missing(missing_now) if missing else missing
     if missing:
         raise ReshardError(
             f"the tasks reported {k} output shards written, but {len(missing)} of them are not in {out_dir} as the driver sees it "
