@@ -913,29 +913,44 @@ def test_prepared_rows_the_driver_cannot_see_are_an_error_not_nothing_to_downloa
     """On a cluster whose executors write the output path on their own disks, prepare's tasks wrote the accepted
     rows where the driver finds none: download said "nothing to download", then crashed with a raw traceback
     (a new user's cluster run). Simulated by taking the accepted files away once prepare is done: one error
-    naming the rows and the folder; removed, the output downloads as before."""
+    naming the rows and the folder. Files that show up a moment later (a shared file system's client answering
+    from its caches for a while) are looked for again and downloaded, as the pool's own run downloads them."""
+    import threading
+
     from laiontools.core.errors import UserError
     from laiontools.stages import download as download_stage
     from laiontools.stages import prepare
     from laiontools.stages.download import DownloadConfig
 
     monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
-    out = tmp_path / "p"
+    out, aside = tmp_path / "p", tmp_path / "aside"
     stats = prepare.prepare_stats
+    back: list[threading.Timer] = []
 
     def elsewhere(*args, **kw):
         got = stats(*args, **kw)
-        for f in (out / layout.PREPARED_DIR / "accepted").glob("*.parquet"):
-            f.unlink()
+        aside.mkdir(exist_ok=True)
+        moved = [(f, aside / f.name) for f in (out / layout.PREPARED_DIR / "accepted").glob("*.parquet")]
+        for f, g in moved:
+            f.rename(g)
+        if back:  # put back a moment later (the driver's first look finds none)
+            back[0] = threading.Timer(1.0, lambda: [g.rename(f) for f, g in moved])
+            back[0].start()
         return got
 
     monkeypatch.setattr(prepare, "prepare_stats", elsewhere)
+    monkeypatch.setattr("laiontools.core.storage.VISIBILITY_WAIT_S", 0.0)
     cfg = DownloadConfig(input=pool.source, output=str(out), **TEST_DOWNLOAD_SETTINGS)
     accepted = json.loads((Path(pool.dir) / layout.PREPARED_DIR / layout.PREPARED_STATS_JSON).read_text())["accepted"]
     with pytest.raises(UserError, match=rf"prepare accepted {accepted:,} rows into .*accepted, but the driver finds no file there"):
         download_stage.run(cfg)
-    monkeypatch.undo()
     shutil.rmtree(out)
+    shutil.rmtree(aside)
+    back.append(None)
+    monkeypatch.setattr("laiontools.core.storage.VISIBILITY_WAIT_S", 60.0)
     download_stage.run(cfg)
+    back[0].join()
+    assert not list(aside.iterdir())  # (the run read the files put back, not none)
+    monkeypatch.undo()
     flaky = set(pool.expected.loc[pool.expected["route"] == "flaky", "expected_uid"])  # (may differ run to run)
     pd.testing.assert_frame_equal(_comparable(str(out), flaky)[0], _comparable(pool.dir, flaky)[0])

@@ -63,6 +63,7 @@ from laiontools.core.storage import (
     sha256_file,
     spark_read_parquet,
     spark_write_parquet,
+    still_missing,
     swap_in,
     swap_temp,
     url_to_fs,
@@ -388,17 +389,27 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     _clean_incomplete_shards(shard_dir)
     done_shards = {int(f.rsplit("/", 1)[-1].split("_")[0]) for f in fs.glob(glob_literal(sp) + "/*_stats.json")}
     fsi, ip = url_to_fs(input_dir)
-    in_files = sorted(fsi.glob(glob_literal(ip) + "/*.parquet")) if fsi.exists(ip) else []
+    in_files: list[str] = []
+
+    def missing_now() -> list[str]:
+        fsi.invalidate_cache(ip)  # (a listing cached before the tasks wrote would say none is there)
+        in_files[:] = sorted(fsi.glob(glob_literal(ip) + "/*.parquet")) if fsi.exists(ip) else []
+        return [] if in_files else [input_dir]
+
+    missing_now()
     prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
+    accepted = int(prep_stats.get("accepted", 0)) and input_dir.rstrip("/").endswith("/accepted")
+    # (looked for again for a while, as reshard and embed look for their tasks' output: a shared file system's
+    # client may answer from its caches)
+    if not in_files and accepted and still_missing(missing_now):
+        # prepare's tasks wrote the rows they accepted where this process finds none: executors writing the
+        # output path on their own disks (not a shared file system); was "nothing to download", then a crash
+        raise UserError(
+            f"prepare accepted {int(prep_stats['accepted']):,} rows into {input_dir}, but the driver finds no file there: "
+            f"the executors wrote where the driver does not see; give an --output that every node sees (a shared "
+            f"file system or an object store), or remove {cfg.output} and re-run"
+        )
     if not in_files:
-        if int(prep_stats.get("accepted", 0)) and input_dir.rstrip("/").endswith("/accepted"):
-            # prepare's tasks wrote the rows they accepted where this process finds none: executors writing the
-            # output path on their own disks (not a shared file system); was "nothing to download", then a crash
-            raise UserError(
-                f"prepare accepted {int(prep_stats['accepted']):,} rows into {input_dir}, but the driver finds no file there: "
-                f"the executors wrote where the driver does not see; give an --output that every node sees (a shared "
-                f"file system or an object store), or remove {cfg.output} and re-run"
-            )
         log.info("nothing to download in %s", input_dir)
         return
     extra_cols = [c for c in prep_stats["download_columns"] if c not in (C.URL, C.CAPTION)]
