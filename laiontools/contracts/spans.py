@@ -398,6 +398,11 @@ def _record(uid_path: str, count: int, uids_sha256: str, pool_sha256: str) -> tu
     return rec, None
 
 
+# Why spans are not used, where read_spans and spark_read_spans find the same fault.
+_WHY = {"uids": "the uids in {} are not the uid file's", "no_span": "{} lists a sample without its shard or span",
+        "bad_span": "{} lists a sample of a negative byte offset or an empty span"}
+
+
 def read_spans(uid_path: str, uids: Any, uids_sha256: str, pool_sha256: str) -> tuple[Any, str | None]:
     """(rows, None): the subset's span rows (as :func:`scan_catalog` gives them, in uid order) from its
     spans folder, every check passed; (None, why) when there is none to use (no folder: why is None)."""
@@ -439,15 +444,15 @@ def read_spans(uid_path: str, uids: Any, uids_sha256: str, pool_sha256: str) -> 
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         return None, f"the parts in {folder} disagree on their columns ({e})"
     if not t.column(C.UID).combine_chunks().equals(hex_arrow(uids)):
-        return None, f"the uids in {folder} are not the uid file's"
+        return None, _WHY["uids"].format(folder)
     if t.column(C.TAR_OFFSET).null_count or t.column(C.TAR_LENGTH).null_count or t.column(C.SHARD).null_count:
-        return None, f"{folder} lists a sample without its shard or span"
+        return None, _WHY["no_span"].format(folder)
     try:  # (as the plan reads them: whole numbers, also when another writer stored them as text, as Spark's check does)
         offs, lens = (pc.cast(t.column(c), pa.int64()) for c in (C.TAR_OFFSET, C.TAR_LENGTH))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         return None, f"{folder} lists a byte offset or span length that is not a whole number ({e})"
     if t.num_rows and (pc.min(offs).as_py() < 0 or pc.min(lens).as_py() < 1):
-        return None, f"{folder} lists a sample of a negative byte offset or an empty span"
+        return None, _WHY["bad_span"].format(folder)
     rows = t.to_pandas()
     sids = {sh: catalog_shard_id(sh) for sh in rows[C.SHARD].unique()}
     rows["_sid"] = rows[C.SHARD].map(sids)
@@ -493,11 +498,11 @@ def spark_read_spans(spark: Any, uid_path: str, count: int, uids_sha256: str, po
                        F.sum(F.when(odd, 1).otherwise(0)).alias("odd"), F.sum(F.when(bad_span, 1).otherwise(0)).alias("bad_span")).collect()[0]
         members = keep_members(df, C.UID, uid_path).agg(F.countDistinct(C.UID).alias("n")).collect()[0]
         if int(total["n"]) != count or int(members["n"]) != count or int(total["odd"] or 0):
-            return None, f"the uids in {folder} are not the uid file's"
+            return None, _WHY["uids"].format(folder)
         if int(total["bad"] or 0):
-            return None, f"{folder} lists a sample without its shard or span"
+            return None, _WHY["no_span"].format(folder)
         if int(total["bad_span"] or 0):
-            return None, f"{folder} lists a sample of a negative byte offset or an empty span"
+            return None, _WHY["bad_span"].format(folder)
         ok = True
         return df, None
     finally:
