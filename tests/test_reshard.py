@@ -276,8 +276,8 @@ def test_scattered_local_reads_are_announced_to_the_kernel_ahead_of_them(tmp_pat
     logs = []
 
     class Recorded(_Sources):
-        def __init__(self, urls):
-            super().__init__(urls)
+        def __init__(self, urls, **kw):
+            super().__init__(urls, **kw)
             self.log = []
             logs.append(self.log)
 

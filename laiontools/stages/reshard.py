@@ -232,8 +232,9 @@ class _Sources:
     with a subset's samples scattered over every source tar, and each output shard reading from all
     of them, that was 60-70x the subset's bytes sent by the store (bench/bench_reshard_s3.py)."""
 
-    def __init__(self, urls: dict[str, str], max_open: int | None = None) -> None:
+    def __init__(self, urls: dict[str, str], max_open: int | None = None, spans: str | None = None) -> None:
         self.urls, self.max_open = urls, max_open or _max_open_files()
+        self.spans = spans  # the subset's spans folder the byte spans came from (None: the pool's catalog), for errors
         self.open: OrderedDict[str, Any] = OrderedDict()
         self.fetched: dict[tuple[str, int, int], bytes] = {}
         self.where: dict[str, tuple[Any, str, bool]] = {}
@@ -544,16 +545,30 @@ def _read_batch(sources: _Sources, batch: list[_Entry]) -> list[list[tuple[str, 
 _native_members = span_members_native
 
 
+def _span_error(url: str, fault: str, spans: str | None) -> TaskError:
+    """The error of a sample whose bytes in source shard `url` are not what the plan's spans say (`fault`, with
+    {source}, {gives}, {says} and {recorded} to fill), naming where the spans came from: the pool's catalog (`spans` None: the
+    shard changed since download), or the subset's spans folder `spans`, which passed its checks (edited, or
+    written by another tool) unless the shard changed: the two cannot be told apart here, so both are said."""
+    advice = "run `laiontools verify` on the pool and re-download the shards it names"
+    if spans is None:
+        text = fault.format(source="the catalog", gives="gives", says="says", recorded="the catalog recorded at download")
+        return task_error(f"source shard {url}: {text}; the shard changed since download: {advice}")
+    text = fault.format(source=f"the subset's spans ({spans})", gives="give", says="say", recorded="they record")
+    return task_error(
+        f"source shard {url}: {text}; either the pool's shard changed since download ({advice}) or, if verify finds the "
+        f"pool intact, the spans are not those of the pool: remove {spans} and re-run (reshard then reads the pool's "
+        "catalog), or re-run subsets to write them again"
+    )
+
+
 def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, int]]:
     """Read a sample's span (from the catalog) and return its members sorted by ext, checking that
     the bytes are that sample's tar members and nothing else."""
     raw = sources.read(e.sid, e.lo, e.hi - e.lo)
     if e.sha is not None and hashlib.sha256(raw).hexdigest() != e.sha:
-        raise task_error(
-            f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} have "
-            "another sha256 than the catalog recorded at download; the shard changed since download: run "
-            "`laiontools verify` on the pool and re-download the shards it names"
-        )
+        raise _span_error(sources.urls[e.sid], f"bytes {e.lo}..{e.hi} that {{source}} {{gives}} for sample {e.skey} have another "
+                          "sha256 than {recorded}", sources.spans)
     # The compiled parse takes the plain form of a span (what download, webdataset and img2dataset write)
     # and answers None for anything else, which the Python code below then reads or refuses.
     out = _native_members(raw, e.skey) if _native_members is not None else None
@@ -567,10 +582,8 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
                 break
             out.append((ext, off, size, mtime))
         if not members:
-            raise task_error(
-                f"source shard {sources.urls[e.sid]}: bytes {e.lo}..{e.hi} that the catalog gives for sample {e.skey} are not "
-                "its tar members; the shard changed since download: run `laiontools verify` on the pool"
-            )
+            raise _span_error(sources.urls[e.sid], f"bytes {e.lo}..{e.hi} that {{source}} {{gives}} for sample {e.skey} are not its tar members",
+                              sources.spans)
     out.sort()
     exts = tuple([m[0] for m in out])
     if exts not in _CHECKED_EXTS:  # the check depends on the exts alone: once per combination a process meets
@@ -601,18 +614,20 @@ def _batches(entries: list[_Entry], sources: _Sources) -> list[list[_Entry]]:
     return out
 
 
-def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool) -> Any:
+def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool,
+                        spans: str | None = None) -> Any:
     """Spark partition -> write each output shard it holds; yield (shard number, marker info).
 
     A row is (j, [_Entry or (i, uid, source shard, source key, [(ext, offset, size, mtime), ...]), ...]).
     `direct`: O_DIRECT writes where the file system takes them (see :class:`laiontools.wds.writer.ShardWriter`).
+    `spans`: the subset's spans folder the rows' byte spans came from (None: the pool's catalog), named in errors.
     A shard whose marker exists for this plan is skipped (resume); otherwise it is written whole
     under a temporary name, renamed, and marked. The output bytes depend only on the rows (members
     in (ext, ...) order, samples in index order), not on how the reads are batched.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    sources = _Sources(urls)
+    sources = _Sources(urls, spans=spans)
     buffer = WriteBuffer()
     # A shard's finish (fsync, rename, then its marker: written, fsync'd, renamed) runs on this thread
     # while the next shard is read and packed: each fsync waits for the device (~5 ms here, two a
@@ -658,7 +673,7 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
                             members = []
                             for ext, blob, mtime in data:
                                 if ext == "json":
-                                    blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, urls[e.sid])
+                                    blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, urls[e.sid], sources.spans)
                                 extb = dots.get(ext)
                                 if extb is None:
                                     extb = dots[ext] = ("." + ext).encode("utf-8", "surrogateescape")
@@ -719,7 +734,7 @@ def _check_members(exts: Any, skey: str, url: str) -> None:
                          f"{', '.join(sorted(exts))}); the shard is damaged: run `laiontools verify` on the pool and re-download it")
 
 
-def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: str, url: str) -> bytes:
+def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: str, url: str, spans: str | None = None) -> bytes:
     try:
         # UTF-8 (what every writer of a pool uses) decoded here; anything else (a BOM, UTF-16/32) fails
         # this and is read as json.loads reads bytes
@@ -732,7 +747,7 @@ def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: 
     if not isinstance(meta, dict):  # invalid JSON, or valid JSON that is not an object ([1,2,3], "s", null, 3)
         raise task_error(f"source shard {url}: {skey}.json is not valid JSON; the shard is damaged, re-download it")
     if meta.get("uid", uid) != uid:
-        raise task_error(f"source shard {url}: {skey}.json has uid {meta.get('uid')} but the catalog says {uid}; the catalog and shard disagree")
+        raise _span_error(url, f"{skey}.json has uid {meta.get('uid')} but {{source}} {{says}} {uid}", spans)
     meta.update({"uid": uid, "key": key, "source_shard": sid, "source_key": skey})
     text = "".join(_JSON_C(meta, 0)) if _JSON_C is not None else _JSON_OUT.encode(meta)
     try:
@@ -811,12 +826,13 @@ def _plan_rows(batches: Any, urls: dict[str, str]) -> Any:
         yield cur, entries
 
 
-def _write_batches(batches: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool) -> Any:
+def _write_batches(batches: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool,
+                   spans: str | None = None) -> Any:
     """mapInArrow: plan rows -> written shards, one result row (j, num_samples, bytes, sha256) each."""
     import pyarrow as pa
 
     schema = pa.schema([("j", pa.int32()), ("num_samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
-    for j, info in write_output_shards(_plan_rows(batches, urls), out_dir, urls, plan_id, width, direct):
+    for j, info in write_output_shards(_plan_rows(batches, urls), out_dir, urls, plan_id, width, direct, spans):
         yield pa.RecordBatch.from_pydict({"j": [j], "num_samples": [info["num_samples"]], "bytes": [info["bytes"]], "sha256": [info["sha256"]]}, schema=schema)
 
 
@@ -988,43 +1004,6 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
             "sample_spans": spans_from, "engine": run_record["engine"], "direct_io": direct}
 
 
-# The words of a task's error that name the catalog as the source of a sample's byte span, key or uid
-# (:func:`_span_members`, :func:`_rewrite_json`), and what they become when the subset's spans were (see
-# _spans_named); the advice after them ("; the shard changed since download: ...") is replaced.
-_SPAN_ERROR_WORDS = {"that the catalog gives": "that the subset's spans ({}) give", "but the catalog says": "but the subset's spans ({}) say",
-                     "than the catalog recorded at download": "than they record"}
-_SPAN_ERROR_ADVICE = ("; the shard changed since download", "; the catalog and shard disagree")
-
-
-@contextlib.contextmanager
-def _spans_named(uid_path: str | None) -> Any:
-    """Where the plan's byte spans came from the subset's spans folder (that of `uid_path`; None: from the
-    catalog), a task's error about a sample's bytes names that folder, not the catalog, and says what to do
-    (the spans passed their checks, yet were wrong for the pool: edited, or written by another tool)."""
-    try:
-        yield
-    except Exception as e:
-        if uid_path is None:
-            raise
-        from laiontools.contracts.spans import spans_dir_of
-        from laiontools.core.errors import user_error_from
-
-        err = e if isinstance(e, UserError) else user_error_from(e, ReshardError)
-        text = str(err) if err is not None else ""
-        if not any(w in text for w in list(_SPAN_ERROR_WORDS)[:2]):
-            raise
-        folder = spans_dir_of(uid_path)
-        for words, now in _SPAN_ERROR_WORDS.items():
-            text = text.replace(words, now.format(folder))
-        for advice in _SPAN_ERROR_ADVICE:
-            text = text.split(advice)[0]
-        raise ReshardError(
-            f"{text}; either the pool's shard changed since download (run `laiontools verify` on the pool and re-download "
-            f"the shards it names) or, if verify finds the pool intact, the spans are not those of the pool: remove {folder} "
-            "and re-run (reshard then reads the pool's catalog), or re-run subsets to write them again"
-        ) from None
-
-
 def _check_visible(out_dir: str, k: int) -> None:
     """Every output shard the tasks reported written is in `out_dir` as this process sees it (one listing,
     again for a while if some are not: storage.still_missing). Executors on other nodes that see another
@@ -1149,9 +1128,9 @@ def _run_local(
     # find more of them read, and the disk has more reads queued (measured, 2 % subset, cold: write phase
     # 0.301 s against 0.322 s without, 15 alternated runs each).
     reads = list(zip(cols_[2], cols_[4], cols_[5])) if fits else []
-    with _spans_named(uid_path if spans_from == "subset spans" else None):
-        out = tasks.map(lambda part: write_output_shards(((jj, entries(jj)) for jj in part), out_dir, urls, plan_id, width, direct),
-                        list(range(k)), processes=True, pull=True, meanwhile=lambda: _read_ahead(urls, reads))
+    spans_dir = str(spans.spans_dir_of(uid_path)) if spans_from == "subset spans" else None  # (named in the tasks' errors)
+    out = tasks.map(lambda part: write_output_shards(((jj, entries(jj)) for jj in part), out_dir, urls, plan_id, width, direct, spans_dir),
+                    list(range(k)), processes=True, pull=True, meanwhile=lambda: _read_ahead(urls, reads))
     log.info("reshard: wrote %d output shards in %.3f s", len(out), time.perf_counter() - t1)
     results = {int(jj): {"num_samples": int(info["num_samples"]), "bytes": int(info["bytes"]), "sha256": info["sha256"]}
                for jj, info in out}
@@ -1276,14 +1255,14 @@ def _run_spark(
         # Contiguous ranges of output shards per task, rows in (shard, index) order, handed to Python
         # as Arrow batches; each task reads the source byte ranges and writes its shards itself.
         nparts = max(1, min(k, sc.defaultParallelism * 4))
-        with _spans_named(uid_path if own is not None else None):
-            out = (
-                joined.select(*cols)
-                .repartitionByRange(nparts, "j")
-                .sortWithinPartitions("j", "i")
-                .mapInArrow(lambda it: _write_batches(it, out_dir, urls, plan_id, width, direct), _RESULT_SCHEMA)
-                .collect()
-            )
+        spans_dir = str(subset_spans.spans_dir_of(uid_path)) if own is not None else None  # (named in the tasks' errors)
+        out = (
+            joined.select(*cols)
+            .repartitionByRange(nparts, "j")
+            .sortWithinPartitions("j", "i")
+            .mapInArrow(lambda it: _write_batches(it, out_dir, urls, plan_id, width, direct, spans_dir), _RESULT_SCHEMA)
+            .collect()
+        )
         log.info("reshard: wrote %d output shards in %.3f s", len(out), time.perf_counter() - t1)
     finally:
         ordered.unpersist()
