@@ -94,6 +94,34 @@ def test_code_fingerprint_is_the_same_for_the_same_code_and_differs_for_changed_
     assert of(c_changed)["sha256"] != mine["sha256"]
 
 
+def test_a_python_worker_given_another_drivers_code_imports_no_laiontools(spark):
+    """An executor that registers after the executors' check was never probed: with other laiontools code it ran
+    the stage's tasks, exit 0. The driver's fingerprint now travels with each task function (sc.environment) and
+    laiontools refuses to import in a worker whose code differs. Reached here through a real PySpark worker of
+    the local session, given another driver's fingerprint: the task fails with one line naming both codes; given
+    this driver's own, the same task runs (a cluster whose executor joins late: test_standalone_cluster_...)."""
+    from laiontools.core.errors import user_error_from
+    from laiontools.core.spark import DRIVER_CODE_ENV, code_fingerprint
+    from laiontools.stages.reshard import shard_name
+
+    sc = spark.sparkContext
+    other = {"version": "9.9.9", "sha256": "0" * 64, "path": "/elsewhere/laiontools"}
+    try:
+        sc.environment[DRIVER_CODE_ENV] = json.dumps(other)
+        with pytest.raises(Exception) as e:  # (whatever py4j wraps it in: its text is checked below)
+            sc.parallelize([3], 1).map(lambda j: shard_name(j)).collect()
+        err = user_error_from(e.value)
+        assert err is not None, str(e.value)[-3000:]
+        said = str(err)
+        mine = code_fingerprint()
+        assert "does not run this driver's laiontools" in said and "9.9.9" in said and "/elsewhere/laiontools" in said, said
+        assert f"code sha256 {mine['sha256'][:12]}, from {mine['path']}" in said, said  # (the worker's own: this checkout)
+        sc.environment[DRIVER_CODE_ENV] = json.dumps(mine)
+        assert sc.parallelize([3], 1).map(lambda j: shard_name(j)).collect() == [shard_name(3)]
+    finally:
+        sc.environment.pop(DRIVER_CODE_ENV, None)
+
+
 def _stats(out: str) -> dict:
     from laiontools.core.storage import url_to_fs
 
@@ -216,7 +244,64 @@ def test_standalone_cluster_of_two_workers_runs_the_stages_like_local(spark, s3,
             assert sum(cluster.tasks_per_worker()) > before, "prepare ran no task on the cluster's workers"
             assert _stats(prepared)["spark"] == {"shuffle_partitions": 2}
             assert _stats(prepared)["rejected"] == _stats(out)["rejected"]
+            _a_late_executor_with_other_code_runs_no_task(cluster, conf, changed, tmp_path)
     _assert_same_pool(out, local, spark)
+
+
+# A driver that starts its session (the executors' check passes on the executors there are), says so, waits
+# for one executor more, then runs tasks of laiontools code on every executor (spark.task.maxFailures=1: the
+# first refusal ends the job, where retries on the other executors could let it pass).
+_LATE_DRIVER = """
+import sys, time
+from pathlib import Path
+from laiontools.core.errors import user_error_from
+from laiontools.core.spark import spark_session
+from laiontools.stages.reshard import shard_name
+
+with spark_session() as spark:
+    sc = spark.sparkContext
+    def executors():
+        return sc._jsc.sc().getExecutorMemoryStatus().size() - 1  # (the driver's block manager counted too)
+    have = executors()
+    Path(sys.argv[1]).write_text(str(have))
+    deadline = time.monotonic() + 120
+    while executors() <= have and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print("executors", executors(), flush=True)
+    try:
+        got = sc.parallelize(range(24), 24).map(lambda j: (time.sleep(0.2), shard_name(j))[1]).collect()
+        print("ran", len(got))
+    except Exception as e:
+        print("refused:", user_error_from(e))
+"""
+
+
+def _a_late_executor_with_other_code_runs_no_task(cluster: StandaloneCluster, conf: list[str], changed: Path, tmp_path: Path) -> None:
+    """An executor that registers after the executors' check (a node joining while a stage runs), whose Python
+    imports other laiontools code, was never probed: it ran the stage's tasks, exit 0. Now it refuses each of
+    them at its first import of laiontools, and the driver says so in one line naming that code."""
+    script, ready = tmp_path / "late_driver.py", tmp_path / "late.ready"
+    script.write_text(_LATE_DRIVER)
+    cmd = [str(SPARK_HOME / "bin" / "spark-submit"), *conf, "--total-executor-cores", "3", "--conf", "spark.task.maxFailures=1",
+           str(script), str(ready)]
+    with subprocess.Popen(cmd, cwd=tmp_path, env=submit_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as p:
+        try:
+            deadline = time.monotonic() + 180
+            while not ready.exists() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert ready.exists(), p.communicate(timeout=60)[0][-3000:]
+            late = cluster.add_worker({"PYTHONPATH": os.pathsep.join([str(changed), str(REPO)])})
+            said = p.communicate(timeout=300)[0]
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert ready.read_text() == "2" and "executors 3" in said, said[-3000:]
+    refused = [ln for ln in said.splitlines() if ln.startswith("refused: ")]
+    assert len(refused) == 1, said[-3000:]
+    assert "an executor that joined after the executors' check" in refused[0], refused
+    assert f"from {changed / 'laiontools'}" in refused[0] and "does not run this driver's laiontools" in refused[0], refused
+    assert cluster.tasks_per_worker()[late] > 0, "the late executor was given no task"
 
 
 def _subsets_and_reshard_like_local(spark, cluster: StandaloneCluster, conf: list[str], pool: str, tmp_path: Path) -> str:

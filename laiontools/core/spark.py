@@ -269,6 +269,37 @@ def code_fingerprint() -> dict[str, str]:
     return dict(_FINGERPRINT)
 
 
+# Set (by check_executors) in the environment of every executor's Python worker that runs this driver's tasks: the
+# driver's code fingerprint, as JSON. laiontools/__init__ compares it with its own (refuse_other_driver_code).
+DRIVER_CODE_ENV = "LAIONTOOLS_DRIVER_CODE"
+
+
+def refuse_other_driver_code(driver: str) -> None:
+    """In an executor's Python worker (laiontools/__init__, when :data:`DRIVER_CODE_ENV` is set): raise an
+    ImportError (a task error the driver reports in one line) unless this process imports the same laiontools
+    code as the driver whose fingerprint `driver` holds. The executors' check (:func:`check_executors`) probes
+    the executors there are when a stage starts; one that registers later (a standalone master schedules
+    on the executors it has at once; dynamic allocation adds them as a stage grows) is refused here, at the
+    first import of laiontools in each of its Python workers: it runs none of the stage's code."""
+    import json
+    import socket
+
+    from laiontools.core.errors import TASK_ERROR_TAG
+
+    want = json.loads(driver)
+    mine = code_fingerprint()
+    if mine["sha256"] == want.get("sha256"):
+        return
+    where = (f"laiontools {mine['version']}, code sha256 {mine['sha256'][:12]}, from {mine['path']}" if mine["sha256"]
+             else f"cannot import what laiontools needs: {mine['path']}")
+    raise ImportError(
+        f"{TASK_ERROR_TAG}an executor that joined after the executors' check ({socket.gethostname()}: {where}) does not run this "
+        f"driver's laiontools; install laiontools {want.get('version')} (the driver's, from {want.get('path')}, code sha256 "
+        f"{str(want.get('sha256'))[:12]}) in the Python environment every executor runs (spark.pyspark.python / PYSPARK_PYTHON): "
+        "docs/scale.md, 'What a cluster run needs'"
+    )
+
+
 def check_executors(spark: Any) -> None:
     """Refuse to run a stage on executors that import other laiontools code than this driver, or none:
     a task function pickled here and run there against other code fails in the middle of a stage with a
@@ -277,7 +308,11 @@ def check_executors(spark: Any) -> None:
     Runs once per Spark application, one small job over the executors there are (not for local
     masters, whose workers are this machine's Python). Raises UserError naming each host's version,
     code sha256 and folder, or the error that stopped the import there. ``LAIONTOOLS_EXECUTOR_CHECK=0``
-    turns it off (e.g. executors that carry a deliberate patch)."""
+    turns it off (e.g. executors that carry a deliberate patch).
+
+    Once they pass, the driver's fingerprint goes into the environment of the Python workers of every task
+    function made after (``sc.environment``, which each task function carries): an executor that registers
+    later refuses to import other code (:func:`refuse_other_driver_code`)."""
     sc = spark.sparkContext
     if sc.master.startswith("local") or os.environ.get("LAIONTOOLS_EXECUTOR_CHECK", "1") == "0":
         return
@@ -305,6 +340,9 @@ def check_executors(spark: Any) -> None:
                         f"{fix}; LAIONTOOLS_EXECUTOR_CHECK=0 skips this check")
     log.info("executors run this driver's laiontools (%s, code sha256 %s) on %d host(s)", mine["version"], mine["sha256"][:12],
              len({s[0] for s in seen}))
+    import json
+
+    sc.environment[DRIVER_CODE_ENV] = json.dumps(mine)
     _CHECKED_APPS.add(sc.applicationId)
 
 

@@ -62,8 +62,8 @@ class StandaloneCluster:
         self.port = free_port()
         self.url = f"spark://127.0.0.1:{self.port}"
 
-    def _start(self, args: list[str], log: str, core: int | None = None) -> None:
-        env = {k: v for k, v in {**submit_env(), "SPARK_LOG_DIR": str(self.root / "logs")}.items() if k not in self.drop_env}
+    def _start(self, args: list[str], log: str, core: int | None = None, env: dict[str, str] | None = None) -> None:
+        env = {k: v for k, v in {**submit_env(), "SPARK_LOG_DIR": str(self.root / "logs"), **(env or {})}.items() if k not in self.drop_env}
         out = open(self.root / log, "wb")  # noqa: SIM115 - closed with the process in __exit__
         pin = [] if core is None else ["taskset", "-c", str(sorted(os.sched_getaffinity(0))[core])]
         self.procs.append((subprocess.Popen([*pin, str(SPARK_HOME / "bin" / "spark-class"), *args], env=env,
@@ -77,22 +77,38 @@ class StandaloneCluster:
                          "--webui-port", str(free_port())], "master.log")
             wait_port(self.port, time.time() + 120)
             for i in range(self.n):
-                work = self.root / f"worker{i}"
-                work.mkdir()
-                self._start(["org.apache.spark.deploy.worker.Worker", self.url, "--cores", "1", "--memory", "1g",
-                             "--host", "127.0.0.1", "--webui-port", str(free_port()), "--work-dir", str(work)],
-                            f"worker{i}.log", core=i if self.pin else None)
-            deadline = time.time() + 120
-            while time.time() < deadline:  # both workers registered with the master
-                if (self.root / "master.log").read_text(errors="replace").count("Registering worker") >= self.n:
-                    break
-                time.sleep(0.5)
-            else:
-                raise TimeoutError(f"workers did not register:\n{(self.root / 'master.log').read_text()[-3000:]}")
+                self._start_worker(i)
+            self._registered(self.n)
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _start_worker(self, i: int, env: dict[str, str] | None = None) -> None:
+        work = self.root / f"worker{i}"
+        work.mkdir()
+        self._start(["org.apache.spark.deploy.worker.Worker", self.url, "--cores", "1", "--memory", "1g",
+                     "--host", "127.0.0.1", "--webui-port", str(free_port()), "--work-dir", str(work)],
+                    f"worker{i}.log", core=i if self.pin else None, env=env)
+
+    def _registered(self, n: int) -> None:
+        import time
+
+        deadline = time.time() + 120
+        while time.time() < deadline:  # n workers registered with the master
+            if (self.root / "master.log").read_text(errors="replace").count("Registering worker") >= n:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"workers did not register:\n{(self.root / 'master.log').read_text()[-3000:]}")
+
+    def add_worker(self, env: dict[str, str] | None = None) -> int:
+        """Start one more worker (its processes, so its executors, given `env` over the cluster's), as a node
+        that joins a running cluster; returns its number once the master has registered it."""
+        i = self.n
+        self._start_worker(i, env)
+        self.n += 1
+        self._registered(self.n)
+        return i
 
     def __exit__(self, *exc: object) -> None:
         import signal
