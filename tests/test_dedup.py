@@ -1131,3 +1131,23 @@ def test_calibrate_reads_its_index_and_items_files_once(tiny, tmp_path, monkeypa
     again = dedup_calibrate.run(CalibrateConfig(evalset=[tiny["evalset"]], **kw)).details
     assert opened == {"evalsets.faiss": 1, "items.parquet": 1}
     assert again["top1_attributed_to_source"] == first["top1_attributed_to_source"] == {"exact": 1.0}
+
+
+def test_on_spark_the_reports_take_the_sessions_parquet_codec(tiny, spark, tmp_path):
+    """The per-shard reports the Spark search tasks write through pyarrow are compressed with the session's
+    spark.sql.parquet.compression.codec, as Spark's own writer's files are (they were zstd whatever it said)."""
+    import pyarrow.parquet as pq
+
+    from laiontools.contracts import layout
+
+    key = "spark.sql.parquet.compression.codec"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "snappy")
+    try:
+        res = dedup_stage.run(_tiny_cfg(tiny, tmp_path / "d"), spark)
+    finally:
+        spark.conf.set(key, before)
+    assert res.details["search_engine"].startswith("spark ")
+    files = sorted((tmp_path / "d" / layout.DEDUP_REPORT_DIR).glob("*.parquet"))
+    assert len(files) == 3 and {pq.ParquetFile(f).metadata.row_group(0).column(c).compression
+                                for f in files for c in range(pq.ParquetFile(f).metadata.num_columns)} == {"SNAPPY"}

@@ -976,3 +976,22 @@ def test_jsonl_key_past_the_probe_stops_the_task_naming_line_and_key(engine, tmp
     nulls.write_text("".join(json.dumps({"url": f"{BASE}/{i}.jpg", "caption": f"c {i}",
                                          **({"extra": None} if i >= 299 else {})}) + "\n" for i in range(400)))
     assert _prepare(engine, str(nulls), str(tmp_path / "o2"))["accepted"] == 400
+
+
+def test_on_spark_the_accepted_files_take_the_sessions_parquet_codec(spark, tmp_path):
+    """prepare's accepted files, written by its Spark tasks through pyarrow, are compressed with the session's
+    spark.sql.parquet.compression.codec, as the rejected rows Spark's writer writes are (they were zstd
+    whatever the session said)."""
+    import pyarrow.parquet as pq
+
+    write_source(str(tmp_path / "src"), BASE, _items(30), profile="laion400m", fmt="parquet", n_files=2, seed=3)
+    key = "spark.sql.parquet.compression.codec"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "snappy")
+    try:
+        assert _prepare(spark, str(tmp_path / "src"), str(tmp_path / "out"))["engine"].startswith("spark ")
+    finally:
+        spark.conf.set(key, before)
+    files = sorted((tmp_path / "out" / layout.PREPARED_DIR / "accepted").glob("*.parquet"))
+    assert files and {pq.ParquetFile(f).metadata.row_group(0).column(c).compression
+                      for f in files for c in range(pq.ParquetFile(f).metadata.num_columns)} == {"SNAPPY"}

@@ -1658,3 +1658,27 @@ def test_an_output_shard_removed_after_it_was_written_is_written_again_by_the_re
     reshard_stage.run(ReshardConfig(manifest=m, output=str(out), shard_size=5))
     ref = read_manifest(os.path.join(small_subsets["ref"], layout.RESHARD_MANIFEST))["shards"]
     assert read_manifest(str(out / layout.RESHARD_MANIFEST))["shards"] == ref
+
+
+def test_spark_spans_parts_take_the_sessions_parquet_codec(spark, tmp_path):
+    """The spans parts Spark's tasks write through pyarrow are compressed with the session's
+    spark.sql.parquet.compression.codec (they were zstd whatever it said), as Spark's own writer's files are."""
+    import pyarrow.parquet as pq
+
+    from laiontools.contracts import schema as C
+
+    df = spark.createDataFrame([(f"{i:032x}", f"{i % 2:05d}.tar", f"k{i}", 512 * i, 100, "ab" * 32, 0) for i in range(6)],
+                               f"{C.UID} string, {C.SHARD} string, {C.KEY} string, {C.TAR_OFFSET} long, {C.TAR_LENGTH} long, "
+                               f"{C.TAR_SHA256} string, tier int")
+    key = "spark.sql.parquet.compression.codec"
+    before = spark.conf.get(key)
+    for codec, want in (("gzip", "GZIP"), (before, "ZSTD")):  # (the session default: ours)
+        folder = str(tmp_path / codec)
+        spark.conf.set(key, codec)
+        try:
+            assert spans_mod.spark_write_spans(df, [folder], [0], [6], ["a" * 64], "c" * 64) == [None]
+        finally:
+            spark.conf.set(key, before)
+        files = glob.glob(os.path.join(folder, "part-*.parquet"))
+        assert files and {pq.ParquetFile(f).metadata.row_group(0).column(c).compression
+                          for f in files for c in range(len(spans_mod.SPAN_COLUMNS))} == {want}, codec

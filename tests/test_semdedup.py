@@ -759,3 +759,32 @@ def test_gallery_candidates_cost_the_members_not_groups_times_rows():
     assert [g["group"] for g in got] == ["7-10000"] + [f"7-{r}" for r in range(0, 46, 2)]
     assert got[0]["size"] == 5 and [x["row"] for x in got[0]["members"]] == [10_000, 10_001, 10_002, 10_003, 10_004]
     assert [x["removed"] for x in got[0]["members"]] == [False] + [True] * 4 and got[1]["size"] == 2
+
+
+def test_on_spark_the_parquet_tasks_write_takes_the_sessions_codec(planted, spark, tmp_path):
+    """The parquet files Spark tasks write through pyarrow (embed's metadata and scores, semdedup's
+    assignments and reports) are compressed with the session's spark.sql.parquet.compression.codec, as
+    Spark's own writer's files are; they were zstd whatever it said."""
+    import pyarrow.parquet as pq
+
+    from laiontools.stages import embed as embed_stage
+
+    def codecs(folder: str) -> set[str]:
+        files = sorted(Path(folder).glob("*.parquet"))
+        assert files, folder
+        return {pq.ParquetFile(f).metadata.row_group(0).column(c).compression
+                for f in files for c in range(pq.ParquetFile(f).metadata.num_columns)}
+
+    key = "spark.sql.parquet.compression.codec"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "snappy")
+    try:
+        emb = str(tmp_path / "emb")
+        assert embed_stage.run(embed_stage.EmbedConfig(manifest=planted["manifest"], output=emb, model="lt-tiny", num_workers=0,
+                                                       batch_size=32, engine="spark"), spark).ok
+        out = str(tmp_path / "sd")
+        assert semdedup.run(_cfg(emb, out, gallery_groups=0), spark).details["engine"].startswith("spark ")
+    finally:
+        spark.conf.set(key, before)
+    for folder in (f"{emb}/meta", f"{emb}/scores", f"{out}/assign", f"{out}/report"):
+        assert codecs(folder) == {"SNAPPY"}, folder

@@ -1028,3 +1028,39 @@ def test_the_lineage_reads_each_pool_manifest_once(no_master, tmp_path, monkeypa
     assert sorted(opened) == sorted(os.path.relpath(p, tmp_path) for p in pools[:-1]), opened
     monkeypatch.setattr(local.LocalFileSystem, "_open", real_open)
     assert [(p, s) for p, _, s in chain] == [(p, manifest_sha256(p)) for p in reversed(pools)]
+
+
+def test_on_spark_a_rewritten_shards_parquet_takes_the_sessions_codec(spark, tmp_path):
+    """A shard's parquet beside its tar, rewritten by the Spark task that rewrites the shard, is compressed with
+    the session's spark.sql.parquet.compression.codec, as the new catalog Spark writes is (it was zstd
+    whatever the session said)."""
+    import pyarrow.parquet as pq
+    from test_subsets import make_scratch_pool
+
+    from laiontools.contracts import schema as C
+    from laiontools.stages import takedown as takedown_stage
+    from laiontools.stages.takedown import TakedownConfig
+
+    def codecs(files: list) -> set[str]:
+        assert files
+        return {pq.ParquetFile(f).metadata.row_group(0).column(c).compression
+                for f in files for c in range(pq.ParquetFile(f).metadata.num_columns)}
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=20, per_shard=10, failures=0)
+    cat = pd.read_parquet(tmp_path / "pool" / "catalog")
+    shard0 = cat[cat[C.SHARD] == "00000"]
+    shard0[[C.KEY, C.STATUS, C.URL]].to_parquet(tmp_path / "pool" / "shards" / "00000.parquet", index=False)  # img2dataset's
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"uid {min(shard0[C.UID])}\n")
+    key = "spark.sql.parquet.compression.codec"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "gzip")
+    try:
+        res = takedown_stage.run(TakedownConfig(pool=m, list_file=str(lst), reason="x", output=str(tmp_path / "out")), spark)
+    finally:
+        spark.conf.set(key, before)
+    assert res.counts["removed"] == 1 and res.counts["shards_rewritten"] == 1
+    side = pd.read_parquet(tmp_path / "out" / "shards" / "00000.parquet")
+    assert len(side) == 10 and (side[C.STATUS] == "removed_x").sum() == 1
+    assert codecs([tmp_path / "out" / "shards" / "00000.parquet"]) == {"GZIP"}
+    assert codecs(sorted((tmp_path / "out" / "catalog").glob("*.parquet"))) == {"GZIP"}

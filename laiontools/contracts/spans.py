@@ -33,7 +33,7 @@ import re
 from typing import Any
 
 from laiontools.contracts import schema as C
-from laiontools.core.storage import PARQUET_READ, PARQUET_WRITE, url_to_fs
+from laiontools.core.storage import PARQUET_CODEC, PARQUET_READ, PARQUET_WRITE, spark_parquet_codec, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +242,13 @@ def _part_table(rows: Any) -> Any:
     return pa.Table.from_pandas(rows[list(SPAN_COLUMNS)], schema=schema, preserve_index=False)
 
 
-def part_bytes(rows: Any) -> bytes:
-    """A spans part of `rows` (sorted by uid) as parquet bytes."""
+def part_bytes(rows: Any, codec: str = PARQUET_CODEC) -> bytes:
+    """A spans part of `rows` (sorted by uid) as parquet bytes, compressed with `codec` (a Spark task's:
+    the session's, :func:`~laiontools.core.storage.spark_parquet_codec`)."""
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
-    pq.write_table(_part_table(rows), buf, **PARQUET_WRITE)
+    pq.write_table(_part_table(rows), buf, **{**PARQUET_WRITE, "compression": codec})
     return buf.getvalue()
 
 
@@ -311,7 +312,8 @@ def spark_write_spans(rows: Any, folders: list[str], tiers: list[int], counts: l
     n = max(1, -(-max(counts, default=0) // SPANS_PART_ROWS))
     out = (rows.select(*SPAN_COLUMNS, "tier").repartitionByRange(n, C.UID).sortWithinPartitions(C.UID)
            .withColumn("_pid", F.spark_partition_id())
-           .mapInArrow(_part_writer(folders, tiers), "pid int, out int, rows long, sha256 string").collect())
+           .mapInArrow(_part_writer(folders, tiers, spark_parquet_codec(rows.sparkSession)),
+                       "pid int, out int, rows long, sha256 string").collect())
     why: list[str | None] = []
     for k, folder in enumerate(folders):
         parts = sorted((int(r["pid"]), int(r["rows"]), r["sha256"]) for r in out if r["out"] == k and r["rows"])
@@ -324,9 +326,10 @@ def spark_write_spans(rows: Any, folders: list[str], tiers: list[int], counts: l
     return why
 
 
-def _part_writer(folders: list[str], tiers: list[int]) -> Any:
+def _part_writer(folders: list[str], tiers: list[int], codec: str = PARQUET_CODEC) -> Any:
     """mapInArrow function: one range partition of (SPAN_COLUMNS, tier, _pid) rows sorted by uid -> one
-    part per folder ``k`` holding its rows of tier >= ``tiers[k]``; one row each (pid, out, rows, sha256)."""
+    part per folder ``k`` holding its rows of tier >= ``tiers[k]`` (parquet in `codec`); one row each (pid,
+    out, rows, sha256)."""
 
     def write(batches: Any) -> Any:
         import pyarrow as pa
@@ -347,7 +350,7 @@ def _part_writer(folders: list[str], tiers: list[int]) -> Any:
             part = t.filter(pc.greater_equal(tier, tiers[k])).select(list(SPAN_COLUMNS)).to_pandas()
             if not len(part):
                 continue
-            data = part_bytes(part)
+            data = part_bytes(part, codec)
             atomic_write_bytes(join(folder, part_name(pid)), data)
             yield pa.RecordBatch.from_pydict({"pid": [pid], "out": [k], "rows": [len(part)], "sha256": [hashlib.sha256(data).hexdigest()]},
                                              schema=pa.schema([("pid", pa.int32()), ("out", pa.int32()), ("rows", pa.int64()),

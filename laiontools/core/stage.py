@@ -151,6 +151,14 @@ class Tasks:
 
         return threads_per_task(self.spark, 0)
 
+    def parquet_codec(self) -> str:
+        """The codec of the parquet files the tasks write through pyarrow: on Spark the session's
+        (:func:`core.storage.spark_parquet_codec`, as Spark's own writer's), in process PARQUET_CODEC.
+        A string, for the tasks' context: the session does not travel."""
+        from laiontools.core.storage import PARQUET_CODEC, spark_parquet_codec
+
+        return PARQUET_CODEC if self.spark is None else spark_parquet_codec(self.spark)
+
     def map(self, fn: Callable[[Iterable[Any]], Iterable[Any]], items: list[Any], partitions: int = 0,
             description: str | None = None, processes: bool = False, pull: bool = False,
             meanwhile: Callable[[], Any] | None = None) -> list[Any]:

@@ -45,8 +45,10 @@ DONE_SUFFIX = ".done"
 # columns of a 128k-row catalog 14.6 -> 7.5 MB and read no slower (BENCHMARKS "catalog compression").
 # At 2.3B rows that is ~200 GB less catalog to store and to read for each subsets, reshard and takedown
 # scan. Spark's own writer gets the same codec as a session default (core.spark.RUNTIME_DEFAULTS); a
-# user's spark.sql.parquet.compression.codec wins there and in the files Spark's tasks write through
-# pyarrow (spark_write_parquet).
+# user's spark.sql.parquet.compression.codec wins there and in every file Spark's tasks write through
+# pyarrow (spark_write_parquet's, spans parts, embed's metadata, dedup's and semdedup's reports, takedown's
+# rewritten shard parquet, prepare's and download's retry input: spark_parquet_codec). The in-process
+# engine has no Spark conf: its files are PARQUET_CODEC.
 PARQUET_CODEC = "zstd"
 PARQUET_WRITE = {"write_page_checksum": True, "compression": PARQUET_CODEC}
 PARQUET_READ = {"page_checksum_verification": True}
@@ -1080,7 +1082,7 @@ def spark_write_parquet(df: Any, path: str) -> None:
         if fs.exists(p):
             rm_path(fs, p, recursive=True)
     arrow_schema = to_arrow_schema(df.schema)
-    written = df.mapInArrow(_parquet_writer(path, arrow_schema, _spark_codec(df.sparkSession)), "rows long").collect()
+    written = df.mapInArrow(_parquet_writer(path, arrow_schema, spark_parquet_codec(df.sparkSession)), "rows long").collect()
     if sum(r["rows"] for r in written) == 0 or not written:
         write_parquet_dir(arrow_schema.empty_table(), path)  # no task wrote a file: one typed empty file
         return
@@ -1114,9 +1116,11 @@ _SPARK_CODECS = {"none": "none", "uncompressed": "none", "snappy": "snappy", "gz
                  "lz4_raw": "lz4", "brotli": "brotli"}
 
 
-def _spark_codec(spark: Any) -> str:
+def spark_parquet_codec(spark: Any) -> str:
     """The session's parquet codec (the user's spark.sql.parquet.compression.codec, else ours) as pyarrow
-    names it; one pyarrow cannot write (lzo) gives our default, with a warning."""
+    names it; one pyarrow cannot write (lzo) gives our default, with a warning. Computed on the driver and
+    handed to the tasks as a string (the session does not travel): every parquet file a Spark task writes
+    through pyarrow takes it, ``{**PARQUET_WRITE, "compression": codec}``."""
     name = str(spark.conf.get("spark.sql.parquet.compression.codec", PARQUET_CODEC)).lower()
     if name not in _SPARK_CODECS:
         log.warning("parquet codec %s cannot be written through pyarrow; the files written by tasks use %s", name, PARQUET_CODEC)

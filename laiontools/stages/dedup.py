@@ -60,6 +60,7 @@ from laiontools.core.logs import peak_rss_mb
 from laiontools.core.stage import SparkStageConfig, StageResult, Tasks, stage_entry, stage_tasks, wants_spark
 from laiontools.core.storage import (
     DONE_SUFFIX,
+    PARQUET_CODEC,
     PARQUET_READ,
     PARQUET_WRITE,
     atomic_write_bytes,
@@ -685,7 +686,7 @@ def search_shard(ctx: dict[str, Any], sid: str, tar_url: str | None = None) -> d
         "laiontools.dedup.index_type": ctx["index_type"], "laiontools.dedup.index_sha256": ctx["index_sha256"],
     })
     buf = io.BytesIO()
-    pq.write_table(table, buf, **PARQUET_WRITE)
+    pq.write_table(table, buf, **{**PARQUET_WRITE, "compression": ctx.get("parquet_codec", PARQUET_CODEC)})
     atomic_write_bytes(out_path, buf.getvalue())
     mark_done(done_path, stats)  # last: the shard counts as done only now
     failpoints.pause("dedup.shard")  # fault tests: a shard searched (marker written), others maybe not yet
@@ -861,6 +862,7 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
         # a faiss GPU index is not to be searched from two threads at once: only its search is serialized
         ctx["serialize_search"] = tasks.local and ctx["gpu"] and DI.gpu_count() > 0
         ctx["threads"] = tasks.threads(cfg.search_threads, len(units))
+        ctx["parquet_codec"] = tasks.parquet_codec()  # the reports': on Spark the session's, as Spark's writer's
         engine = "in-process" if tasks.local else f"spark {tasks.spark.sparkContext.master}"
         with task_errors_as(InputError):
             done = run_search(tasks, ctx, units, cfg.partitions)

@@ -42,6 +42,7 @@ from laiontools.core.redact import redact
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import RUNTIME_SETTINGS, StageResult, Tasks, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
+    PARQUET_CODEC,
     PARQUET_READ,
     PARQUET_WRITE,
     atomic_write_bytes,
@@ -61,6 +62,7 @@ from laiontools.core.storage import (
     rm_path,
     scheme_of,
     sha256_file,
+    spark_parquet_codec,
     spark_read_parquet,
     spark_write_parquet,
     still_missing,
@@ -1175,7 +1177,8 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
     one file of all the rows gave: shard j holds rows [j × n, (j + 1) × n) whatever the number of files.
     On Spark each file is written by its own task (it was one file from one task, ``coalesce(1)``: ~100M
     rows at 2B, and img2dataset's Reader then read that one file whole into the driver); both engines
-    write the same files, byte for byte."""
+    write the same files, byte for byte (with the session's default codec: on Spark they take the session's
+    spark.sql.parquet.compression.codec)."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import BooleanType
 
@@ -1204,13 +1207,14 @@ def prepare_retry(cfg: DownloadConfig, spark: Any) -> str | None:
         # same column types as the first pass's prepared input, so all shard parquets share one schema
         cols = [(F.col(c) if c in cat.columns else F.lit(None)).cast(prepared_type(c)).alias(c) for c in names]
         tmp = _fresh_retry_tmp(out)
+        codec = spark_parquet_codec(spark)  # the session's, as Spark's own writer's
         # rows by uid (unique in the catalog: a total order, the same on every run and engine), numbered,
         # each sent to the task of its file
         indexed = (todo.orderBy(C.UID).select(*cols).rdd.map(tuple).zipWithIndex()
                    .map(lambda ri: (ri[1] // per_file, (ri[1], ri[0]))))
         written = (indexed.partitionBy(retry_input_files(count, per_file), lambda k: int(k))
                    .map(lambda kv: kv[1])
-                   .mapPartitionsWithIndex(lambda pid, it: _write_retry_file(pid, it, tmp, names, per_file))
+                   .mapPartitionsWithIndex(lambda pid, it: _write_retry_file(pid, it, tmp, names, per_file, codec))
                    .sum())
     finally:
         todo.unpersist()
@@ -1237,10 +1241,11 @@ def _fresh_retry_tmp(out: str) -> str:
     return tmp
 
 
-def _write_retry_file(pid: int, rows: Any, out_dir: str, names: list[str], per_file: int) -> Any:
+def _write_retry_file(pid: int, rows: Any, out_dir: str, names: list[str], per_file: int, codec: str = PARQUET_CODEC) -> Any:
     """Write ``part-<pid>.parquet`` of a retry input: rows (position, values in the order of `names`)
     whose positions must be exactly pid × per_file, pid × per_file + 1, ... (a gap or a repeat would
-    shift every later row's shard). Yields the rows written. Both engines write each file here."""
+    shift every later row's shard). Yields the rows written. Both engines write each file here (in
+    `codec`: on Spark the session's, in process PARQUET_CODEC)."""
     import pyarrow.parquet as pq
 
     from laiontools.core.storage import atomic_open
@@ -1254,7 +1259,7 @@ def _write_retry_file(pid: int, rows: Any, out_dir: str, names: list[str], per_f
                            f"not {first}.. without gaps; re-run the same command")
     table = prepare._arrow_table(names, [r[1] for r in rows])
     with atomic_open(join(out_dir, f"part-{pid:05d}.parquet")) as f:
-        pq.write_table(table, f, **PARQUET_WRITE)
+        pq.write_table(table, f, **{**PARQUET_WRITE, "compression": codec})
     return iter([len(rows)])
 
 

@@ -92,6 +92,7 @@ from laiontools.core.images import error_text
 from laiontools.core.logs import RateLimitedLogger
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark
 from laiontools.core.storage import (
+    PARQUET_CODEC,
     PARQUET_WRITE,
     atomic_open,
     canonical_json,
@@ -103,6 +104,7 @@ from laiontools.core.storage import (
     read_markers,
     rm_path,
     sha256_file,
+    spark_parquet_codec,
     url_to_fs,
     write_json,
     write_record,
@@ -575,10 +577,12 @@ def _shard_paths(out: str, sid: str) -> dict[str, str]:
     return {kind: join(out, rel) for kind, rel in shard_files(sid).items()}
 
 
-def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any, marker: dict[str, Any]) -> None:
-    """Write a shard's four files atomically, then its completion marker (last), which records the sha256
-    of each file's bytes (readers in contracts/embeddings check them: a flipped bit is an error, not a
-    silently moved similarity). Each file is serialized in memory once and hashed there: no re-read.
+def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any, marker: dict[str, Any],
+                 codec: str = PARQUET_CODEC) -> None:
+    """Write a shard's four files atomically (the parquet ones in `codec`: a Spark task's is the session's),
+    then its completion marker (last), which records the sha256 of each file's bytes (readers in
+    contracts/embeddings check them: a flipped bit is an error, not a silently moved similarity). Each file
+    is serialized in memory once and hashed there: no re-read.
 
     The four are written whole (and fsync'd) under temporary names first, and only then renamed into place,
     the image embeddings and the metadata one right after the other: readers that pair the files of a
@@ -592,13 +596,14 @@ def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any
     if not (len(img) == len(txt) == len(meta)):  # never write a misaligned shard
         raise RuntimeError(f"shard {sid}: misaligned rows (img {len(img)}, text {len(txt)}, meta {len(meta)})")
     paths, rel = _shard_paths(out, sid), shard_files(sid)
+    write_pq = {**PARQUET_WRITE, "compression": codec}
     sha: dict[str, str] = {}
     size: dict[str, int] = {}
     with contextlib.ExitStack() as renames:  # exits (the renames) in the reverse order: img, meta, scores, text
         for kind, write in (
             ("text", lambda b: np.save(b, np.ascontiguousarray(txt.astype(np.float16)), allow_pickle=False)),
-            ("scores", lambda b: meta[list(SCORE_COLUMNS)].to_parquet(b, index=False, **PARQUET_WRITE)),
-            ("meta", lambda b: meta.to_parquet(b, index=False, **PARQUET_WRITE)),
+            ("scores", lambda b: meta[list(SCORE_COLUMNS)].to_parquet(b, index=False, **write_pq)),
+            ("meta", lambda b: meta.to_parquet(b, index=False, **write_pq)),
             ("img", lambda b: np.save(b, np.ascontiguousarray(img.astype(np.float16)), allow_pickle=False)),
         ):
             buf = io.BytesIO()
@@ -662,8 +667,10 @@ def _auto_workers(num_workers: int, device: str) -> int:
     return min(8, cpus) if device.startswith("cuda") else 1
 
 
-def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConfig) -> list[dict[str, Any]]:
-    """Embed `tasks` (shard dicts: id, url, sha256, num_samples) into cfg.output; one stats dict per shard.
+def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConfig,
+                 codec: str = PARQUET_CODEC) -> list[dict[str, Any]]:
+    """Embed `tasks` (shard dicts: id, url, sha256, num_samples) into cfg.output; one stats dict per shard;
+    its parquet files in `codec` (a Spark task's: the session's).
 
     A shard that cannot be read gives {'id', 'error'}; the others still finish.
     """
@@ -692,7 +699,7 @@ def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConf
         if spool is not None:
             spool.start()
         try:
-            return _embed_loop(tasks, loader, embedder, cfg)
+            return _embed_loop(tasks, loader, embedder, cfg, codec)
         except Exception as e:
             if spool is not None and spool.error is not None:
                 # a worker stopped because the stager did: the stager's own error says what happened
@@ -703,7 +710,8 @@ def _embed_tasks(tasks: list[dict[str, Any]], embedder: Embedder, cfg: EmbedConf
             spool.close()
 
 
-def _embed_loop(tasks: list[dict[str, Any]], loader: Any, embedder: Embedder, cfg: EmbedConfig) -> list[dict[str, Any]]:
+def _embed_loop(tasks: list[dict[str, Any]], loader: Any, embedder: Embedder, cfg: EmbedConfig,
+                codec: str = PARQUET_CODEC) -> list[dict[str, Any]]:
     """The main loop of :func:`_embed_tasks`: `loader`'s batches, in slot order, embedded and assembled
     into shards, each written once its last batch is in."""
     by_id = {t["id"]: t for t in tasks}
@@ -749,7 +757,7 @@ def _embed_loop(tasks: list[dict[str, Any]], loader: Any, embedder: Embedder, cf
                 "seconds": round(time.time() - started.pop(sid), 3),
             }
             _check_finite(cfg, embedder, sid, img, txt)  # never write a shard with NaN / inf
-            _write_shard(cfg.output, sid, img, txt, meta, st)
+            _write_shard(cfg.output, sid, img, txt, meta, st, codec)
             log.info("shard %s: %d rows (%d failed decode) in %.1fs", sid, st["rows"], failed, st["seconds"])
             stats.append(st)
     # Every shard has its stats or its error: a loader that ended without some of a shard's batches (torch's
@@ -1060,13 +1068,14 @@ def _spark_probe(cfg_json: str) -> str:
     return json.dumps({"device": device, "precision": precision})
 
 
-def _spark_embed_partition(rows: Iterator[str], cfg_json: str, precision: str) -> Iterator[str]:
+def _spark_embed_partition(rows: Iterator[str], cfg_json: str, precision: str, codec: str = PARQUET_CODEC) -> Iterator[str]:
     """Spark task: embed the shards of one partition (one shard per task by default), model loaded once.
 
     Device: :func:`spark_task_device` (the GPU Spark assigned, unless ``--device cpu``). `precision`: the
     folder's (what the driver's probe task resolved, recorded in model.json); a task whose own resolution
     differs (executors with other GPUs, or without one) embeds nothing and fails its shards naming both,
-    so that one folder never mixes precisions.
+    so that one folder never mixes precisions. `codec`: the session's parquet codec (the driver's
+    :func:`~laiontools.core.storage.spark_parquet_codec`), for the metadata files.
     """
     tasks = [json.loads(r) for r in rows]
     if not tasks:
@@ -1082,7 +1091,7 @@ def _spark_embed_partition(rows: Iterator[str], cfg_json: str, precision: str) -
                f"or run on executors alike")
         return iter([json.dumps({"id": t["id"], "error": err}) for t in tasks])
     embedder = Embedder(cfg.model, cfg.pretrained, device, cfg.batch_size, used)
-    return iter([json.dumps(s) for s in _embed_tasks(tasks, embedder, cfg)])
+    return iter([json.dumps(s) for s in _embed_tasks(tasks, embedder, cfg, codec)])
 
 
 def _spark_precision(cfg: EmbedConfig, spark: Any) -> str:
@@ -1104,9 +1113,10 @@ def _run_spark(cfg: EmbedConfig, todo: list[dict[str, Any]], spark: Any, precisi
     if not todo:
         return []
     cfg_json = json.dumps(cfg.to_dict())
+    codec = spark_parquet_codec(spark)  # the metadata's, as Spark's own writer's
     sc = spark.sparkContext
     rdd = sc.parallelize([json.dumps(t) for t in todo], numSlices=len(todo))
-    out = rdd.mapPartitions(lambda it: _spark_embed_partition(it, cfg_json, precision)).collect()
+    out = rdd.mapPartitions(lambda it: _spark_embed_partition(it, cfg_json, precision, codec)).collect()
     return [json.loads(s) for s in out]
 
 

@@ -46,6 +46,7 @@ from laiontools.core.redact import redact
 from laiontools.core.spark import shuffle_partitions
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_spark, wants_spark
 from laiontools.core.storage import (
+    PARQUET_CODEC,
     PARQUET_READ,
     PARQUET_WRITE,
     is_done,
@@ -54,6 +55,7 @@ from laiontools.core.storage import (
     read_json,
     rm_path,
     sha256_bytes,
+    spark_parquet_codec,
     spark_write_parquet,
     store_error,
     url_to_fs,
@@ -851,9 +853,10 @@ def _arrow_table(names: list[str], rows: list[tuple]) -> Any:
 
 
 def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_dir: str, names: list[str],
-                              per_file: int) -> Iterator[int]:
-    """Write file `pid`: rows keyed by their global position, which must be exactly
-    pid × per_file, pid × per_file + 1, ... (a gap or a repeat would shift every later row's shard)."""
+                              per_file: int, codec: str = PARQUET_CODEC) -> Iterator[int]:
+    """Write file `pid` (in `codec`: a Spark task's is the session's): rows keyed by their global position,
+    which must be exactly pid × per_file, pid × per_file + 1, ... (a gap or a repeat would shift every later
+    row's shard)."""
     import pyarrow.parquet as pq
 
     from laiontools.core.storage import atomic_open
@@ -868,7 +871,7 @@ def _write_accepted_partition(pid: int, rows: Iterator[tuple[int, tuple]], out_d
                            f"for {len(rows_sorted)} rows, not {first}.. without gaps; re-run prepare")
     table = _arrow_table(names, [r[1] for r in rows_sorted])
     with atomic_open(join(out_dir, f"part-{pid:05d}.parquet")) as f:
-        pq.write_table(table, f, **PARQUET_WRITE)
+        pq.write_table(table, f, **{**PARQUET_WRITE, "compression": codec})
     # Fault tests: hold this task after its file is in place, mid-write of the accepted folder (a few
     # small files are written in milliseconds: too short a phase to kill in by watching the folder).
     failpoints.pause("prepare.accepted-part")
@@ -1158,10 +1161,10 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
             acc = df.where(F.col(C.STATUS).isNull()).orderBy("file_idx", "row_idx").select(*cols)
             indexed = acc.rdd.map(tuple).zipWithIndex().map(lambda ri: (ri[1] // per_file, (ri[1], ri[0])))
         if n_acc:
-            out = accepted_dir
+            out, codec = accepted_dir, spark_parquet_codec(spark)  # the session's codec, as Spark's writer's
             written = (indexed.partitionBy(n_files, lambda k: int(k))
                        .map(lambda kv: kv[1])
-                       .mapPartitionsWithIndex(lambda pid, it: _write_accepted_partition(pid, it, out, names, per_file))
+                       .mapPartitionsWithIndex(lambda pid, it: _write_accepted_partition(pid, it, out, names, per_file, codec))
                        .sum())
             _check_written(written, n_acc)
         df.unpersist()
@@ -1174,8 +1177,8 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
 def _prepare_local(cfg: PrepareConfig, found: tuple[Any, ...]) -> dict[str, Any]:
     """prepare in this process, for small sources (see :func:`wants_spark_for`): the tasks of
     :func:`_prepare` run here one after another, and the same duplicate rule, counts and layout give
-    the same files (accepted ones byte for byte; the rejected rows in one file, in input order). Every
-    row is held in memory (~1.6 KB each at peak)."""
+    the same files (accepted ones byte for byte with the session's default codec; the rejected rows in one
+    file, in input order). Every row is held in memory (~1.6 KB each at peak)."""
     from collections import Counter, defaultdict
 
     prep_dir = join(cfg.output, layout.PREPARED_DIR)

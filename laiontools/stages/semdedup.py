@@ -62,6 +62,7 @@ from laiontools.core.errors import UserError, task_errors_as
 from laiontools.core.logs import peak_rss_mb
 from laiontools.core.stage import SparkStageConfig, StageResult, stage_entry, stage_tasks
 from laiontools.core.storage import (
+    PARQUET_CODEC,
     PARQUET_READ,
     PARQUET_WRITE,
     atomic_write_bytes,
@@ -356,7 +357,7 @@ def assign_shard(ctx: dict[str, Any], sid: str) -> dict[str, Any]:
     table = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "uid": meta.column("uid").cast(pa.string()),
                       "key": key_col, "cluster": pa.array(cluster), "centroid_similarity": pa.array(csim, mask=~valid)})
     buf = io.BytesIO()
-    pq.write_table(table, buf, **PARQUET_WRITE)
+    pq.write_table(table, buf, **{**PARQUET_WRITE, "compression": ctx.get("parquet_codec", PARQUET_CODEC)})
     atomic_write_bytes(paths["parquet"], buf.getvalue())
     atomic_write_bytes(paths["vec"], _npy_bytes(vec))
     atomic_write_bytes(paths["meta"], _npy_bytes(m))
@@ -539,7 +540,7 @@ def group_unit(ctx: dict[str, Any], unit: tuple[int, int]) -> dict[str, Any]:
                     _gallery_candidates(gallery, ctx, c, labels[0], members, keeper, removed, sim, uids, so, m, gsize)
     table = pa.Table.from_pydict(cols, schema=_report_schema())
     buf = io.BytesIO()
-    pq.write_table(table, buf, **PARQUET_WRITE)
+    pq.write_table(table, buf, **{**PARQUET_WRITE, "compression": ctx.get("parquet_codec", PARQUET_CODEC)})
     atomic_write_bytes(out_path, buf.getvalue())
     for lab, runs in removed_runs.items():  # sorted runs, merged by uid range on the driver (_merge_runs)
         run_ = sort_uids(np.concatenate(runs)) if runs else np.zeros(0, dtype=UID_DTYPE)
@@ -690,6 +691,8 @@ def run(cfg: SemDedupConfig, spark: Any = None) -> StageResult:
         ctx: dict[str, Any] = {"output": cfg.output, "emb_dir": cfg.embeddings, "shards": shards, "k": k, "seed": cfg.seed,
                                "dim": int(ident["embed_dim"]), "threads": threads, "niter": cfg.niter,
                                "total_rows": total, "train_rows": train_rows,
+                               # the assignment and report parquet: on Spark the session's codec, as Spark's writer's
+                               "parquet_codec": tasks.parquet_codec(),
                                "engine": "in-process" if tasks.local else f"spark {tasks.spark.sparkContext.master}"}
         # 1. k-means
         t0 = time.time()

@@ -114,6 +114,7 @@ from laiontools.core.stage import (
     stage_tasks,
 )
 from laiontools.core.storage import (
+    PARQUET_CODEC,
     PARQUET_READ,
     PARQUET_WRITE,
     atomic_open,
@@ -300,11 +301,13 @@ def _end_of_archive(size: int) -> bytes:
     return bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE)
 
 
-def rewrite_shard(src: str, dst: str, remove: list[str], status: str, note: dict[str, Any]) -> dict[str, Any]:
+def rewrite_shard(src: str, dst: str, remove: list[str], status: str, note: dict[str, Any],
+                  codec: str = PARQUET_CODEC) -> dict[str, Any]:
     """Write `dst` = the tar `src` without the members of the samples keyed `remove`; its per-shard parquet
-    and stats beside it; its ``.done`` marker last. Returns the marker info plus ``spans``: {key: (offset,
-    length)} of the kept samples in `dst`. A marker naming the same source sha256 and list means done: the
-    tar is kept and only its headers are read. Raises TakedownError when a key is not in the shard."""
+    (in `codec`: a Spark task's is the session's) and stats beside it; its ``.done`` marker last. Returns the
+    marker info plus ``spans``: {key: (offset, length)} of the kept samples in `dst`. A marker naming the
+    same source sha256 and list means done: the tar is kept and only its headers are read. Raises
+    TakedownError when a key is not in the shard."""
     import tarfile
 
     from laiontools.wds.keys import base_plus_ext
@@ -340,7 +343,7 @@ def rewrite_shard(src: str, dst: str, remove: list[str], status: str, note: dict
             raise TakedownError(f"shard {src} cannot be read ({type(e).__name__}: {e}); run `laiontools verify` on the pool") from e
         kept_keys = {base_plus_ext(m[0])[0] for m in members} - drop - {None}
         kept = len(kept_keys)
-        stats = _rewrite_sidecars(src, dst, drop, status, kept)
+        stats = _rewrite_sidecars(src, dst, drop, status, kept, codec)
         sha, nbytes = sha256_file(dst)
         done = {"sha256": sha, "bytes": nbytes, "num_samples": kept, "count": int(stats.get("count", kept)),
                 "start_time": stats.get("start_time"), "end_time": stats.get("end_time"),
@@ -358,7 +361,7 @@ def _sidecar(tar: str, suffix: str) -> str:
     return tar.removesuffix(".tar") + suffix
 
 
-def _rewrite_sidecars(src: str, dst: str, drop: set[str], status: str, kept: int) -> dict[str, Any]:
+def _rewrite_sidecars(src: str, dst: str, drop: set[str], status: str, kept: int, codec: str = PARQUET_CODEC) -> dict[str, Any]:
     """img2dataset's per-shard parquet (every row kept; removed ones get `status`) and stats (successes =
     samples left, plus a takedown note) beside `dst`; returns the new stats. Missing sidecars are skipped."""
     import pyarrow as pa
@@ -374,7 +377,7 @@ def _rewrite_sidecars(src: str, dst: str, drop: set[str], status: str, kept: int
             st = [status if k in drop else s for k, s in zip(keys, t.column("status").to_pylist())]
             t = t.set_column(t.column_names.index("status"), "status", pa.array(st, pa.string()))
         with atomic_open(_sidecar(dst, ".parquet")) as f:
-            pq.write_table(t, f, **PARQUET_WRITE)
+            pq.write_table(t, f, **{**PARQUET_WRITE, "compression": codec})
     stats: dict[str, Any] = {}
     ss = _sidecar(src, "_stats.json")
     if fs.exists(url_to_fs(ss)[1]):
@@ -534,7 +537,7 @@ def _takedown(cfg: TakedownConfig, eng: _SparkCatalog | _LocalCatalog, pool: Poo
     rewritten: dict[str, dict[str, Any]] = {}
     if jobs:
         with task_errors_as(TakedownError):
-            rewritten = dict(eng.tasks.map(functools.partial(_rewrite_partition, status), jobs,
+            rewritten = dict(eng.tasks.map(functools.partial(_rewrite_partition, status, eng.tasks.parquet_codec()), jobs,
                                            description=f"laiontools takedown: rewrite {len(jobs)} shard(s)"))
     t_shards = time.monotonic() - t2
 
@@ -659,10 +662,10 @@ def _scan_partition(rl: RemovalList, items: Any) -> Any:
             yield (sid, *h)
 
 
-def _rewrite_partition(status: str, items: Any) -> Any:
+def _rewrite_partition(status: str, codec: str, items: Any) -> Any:
     """Task function: rewrite jobs (shard id, source, destination, keys removed, note) -> (shard id, info)."""
     for sid, src, dst, keys, note in items:
-        yield sid, _in_task(rewrite_shard, src, dst, keys, status, note)
+        yield sid, _in_task(rewrite_shard, src, dst, keys, status, note, codec)
 
 
 # ----------------------------------------------------------------------------------------------
