@@ -293,8 +293,8 @@ def refuse_other_driver_code(driver: str) -> None:
     where = (f"laiontools {mine['version']}, code sha256 {mine['sha256'][:12]}, from {mine['path']}" if mine["sha256"]
              else f"cannot import what laiontools needs: {mine['path']}")
     raise ImportError(
-        f"{TASK_ERROR_TAG}an executor that joined after the executors' check ({socket.gethostname()}: {where}) does not run this "
-        f"driver's laiontools; install laiontools {want.get('version')} (the driver's, from {want.get('path')}, code sha256 "
+        f"{TASK_ERROR_TAG}an executor that joined after the executors' check, or whose code changed since ({socket.gethostname()}: "
+        f"{where}), does not run this driver's laiontools; install laiontools {want.get('version')} (the driver's, from {want.get('path')}, code sha256 "
         f"{str(want.get('sha256'))[:12]}) in the Python environment every executor runs (spark.pyspark.python / PYSPARK_PYTHON): "
         "docs/scale.md, 'What a cluster run needs'"
     )
