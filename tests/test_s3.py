@@ -1080,6 +1080,49 @@ def test_reshard_in_process_reads_a_subsets_spans_from_s3(spark, s3, small_s3_po
     assert shards[0] == shards[1] == shards[2] and len(shards[0]) == 3
 
 
+def test_reshard_from_a_store_that_says_slow_down_waits_and_writes_the_same_shards(s3, s3_server, small_s3_pool, small_s3_subset,
+                                                                                   monkeypatch):
+    """S3 refuses requests past its rate on a key prefix ("503 SlowDown") until it spreads the prefix out, and
+    reshard sends one GET a sample from every task of a cluster at once. s3fs asks again 5 times within ~2 s;
+    past that, reshard failed. Now the ranges refused so are asked for again after a pause. Here a proxy in
+    front of the test server refuses each ranged GET of the pool's shards 12 times (more than s3fs's and
+    botocore's attempts together): reshard waits, then writes the shards it writes from a store that never
+    refused; with no time left to wait, it fails naming the store's answer, never hangs."""
+    import fsspec
+
+    from laiontools.contracts.manifest import read_manifest
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages.reshard import ReshardConfig, ReshardError
+    from laiontools.testing.s3server import S3Proxy
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = small_s3_subset.rsplit("/", 2)[0]
+    reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=f"{out}/rs-ref", shard_size=8))
+    want = read_manifest(f"{out}/rs-ref/subset.manifest.json")["shards"]
+    seen: dict[tuple[str, str], int] = {}
+
+    def slow_down(method: str, path: str, headers) -> tuple[int, str, str] | None:
+        if method != "GET" or "/pool/shards/" not in path or "Range" not in headers:
+            return None
+        key = (path, headers["Range"])
+        seen[key] = seen.get(key, 0) + 1
+        return (503, "SlowDown", "Please reduce your request rate.") if seen[key] <= 12 else None
+
+    with S3Proxy(s3_server.endpoint, slow_down) as proxy:
+        for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+            monkeypatch.setenv(var, proxy.endpoint)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint})
+        reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=f"{out}/rs-slow", shard_size=8))
+        refused = sum(1 for m, p, _, st in proxy.requests if st == 503)
+        assert refused >= 12 * len(seen) and seen and max(seen.values()) == 13, (refused, seen)  # every range refused, then served
+        assert read_manifest(f"{out}/rs-slow/subset.manifest.json")["shards"] == want
+        seen.clear()
+        monkeypatch.setattr(reshard_stage, "THROTTLE_WAIT_S", 0.0)  # (no waiting left: the store's answer said)
+        with pytest.raises(ReshardError, match=rf"^source shard {small_s3_pool}/shards/\S+: the object store refused its reads as "
+                                               r"too many requests \(.*reduce your request rate.*\) after this task had waited 0 s"):
+            reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=f"{out}/rs-none", shard_size=8))
+
+
 def test_reshard_of_a_subset_whose_s3_uid_file_is_gone_names_it(s3, small_s3_subset, monkeypatch):
     """The subset's uid file deleted from the bucket: one ReshardError naming its s3:// URL and what to do
     (was a bare FileNotFoundError whose message was the key alone: "error: <bucket>/<key>")."""

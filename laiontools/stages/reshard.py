@@ -235,6 +235,7 @@ class _Sources:
     def __init__(self, urls: dict[str, str], max_open: int | None = None, spans: str | None = None) -> None:
         self.urls, self.max_open = urls, max_open or _max_open_files()
         self.spans = spans  # the subset's spans folder the byte spans came from (None: the pool's catalog), for errors
+        self.throttle_left = THROTTLE_WAIT_S  # seconds this task may still wait on a store that says "slow down"
         self.open: OrderedDict[str, Any] = OrderedDict()
         self.fetched: dict[tuple[str, int, int], bytes] = {}
         self.where: dict[str, tuple[Any, str, bool]] = {}
@@ -259,7 +260,9 @@ class _Sources:
     def prefetch(self, reads: list[tuple[str, int, int]]) -> None:
         """Fetch these (source shard, offset, size) ranges of remote shards now, together; :meth:`read`
         then returns them from memory. A range that fails here (a missing shard, a short read, a network
-        error) is not kept: read() asks for it again on its own and says what is wrong with it."""
+        error) is not kept: read() asks for it again on its own and says what is wrong with it. Ranges the
+        store refused as too many requests (:func:`_throttled`) are asked for again after a pause that
+        doubles, while this task has waited less than :data:`THROTTLE_WAIT_S` in all."""
         wanted = sorted({r for r in reads if self.is_remote(r[0]) and r not in self.fetched})
         if not wanted:
             return
@@ -273,18 +276,35 @@ class _Sources:
                 last[3].append((off, size))
             else:
                 merged.append([sid, off, off + size, [(off, size)]])
-        by_fs: dict[int, tuple[Any, list[list[Any]], list[str]]] = {}
-        for m in merged:
-            fs, path = url_to_fs(self.urls[m[0]])
-            by_fs.setdefault(id(fs), (fs, [], []))[1].append(m)
-            by_fs[id(fs)][2].append(path)
-        for fs, ms, paths in by_fs.values():
-            got = fs.cat_ranges(paths, [m[1] for m in ms], [m[2] for m in ms], on_error="return")
-            for m, data in zip(ms, got):
-                if isinstance(data, BaseException) or len(data) != m[2] - m[1]:
-                    continue
-                for off, size in m[3]:
-                    self.fetched[(m[0], off, size)] = data if len(m[3]) == 1 else data[off - m[1] : off - m[1] + size]
+        pause = THROTTLE_FIRST_PAUSE_S
+        while merged:
+            by_fs: dict[int, tuple[Any, list[list[Any]], list[str]]] = {}
+            for m in merged:
+                fs, path = url_to_fs(self.urls[m[0]])
+                by_fs.setdefault(id(fs), (fs, [], []))[1].append(m)
+                by_fs[id(fs)][2].append(path)
+            again: list[list[Any]] = []
+            for fs, ms, paths in by_fs.values():
+                got = fs.cat_ranges(paths, [m[1] for m in ms], [m[2] for m in ms], on_error="return")
+                for m, data in zip(ms, got):
+                    if isinstance(data, BaseException):
+                        if _throttled(data):
+                            again.append(m)
+                        continue
+                    if len(data) != m[2] - m[1]:
+                        continue
+                    for off, size in m[3]:
+                        self.fetched[(m[0], off, size)] = data if len(m[3]) == 1 else data[off - m[1] : off - m[1] + size]
+            if not again or self.throttle_left <= 0:
+                return  # (a range still refused: read() asks once more and says what the store answered)
+            wait = min(pause, self.throttle_left)
+            if self.throttle_left == THROTTLE_WAIT_S:
+                log.warning("the store asks for fewer requests (%d ranges refused, e.g. %s): reshard waits and asks again, for up "
+                            "to %.0f s in all per task", len(again), self.urls[again[0][0]], THROTTLE_WAIT_S)
+            time.sleep(wait)
+            self.throttle_left -= wait
+            pause = min(2 * pause, THROTTLE_MAX_PAUSE_S)
+            merged = again
 
     def advise(self, reads: list[tuple[str, int, int]]) -> None:
         """Tell the kernel that these (source shard, offset, size) ranges of local shards are read next
@@ -312,7 +332,16 @@ class _Sources:
         f = self._file(sid)
         data = b""
         while len(data) < size:  # a read may return short; finish it before calling the shard truncated
-            more = _read_at(f, offset + len(data), size - len(data))
+            try:
+                more = _read_at(f, offset + len(data), size - len(data))
+            except Exception as e:
+                if not _throttled(e):
+                    raise
+                raise task_error(
+                    f"source shard {self.urls[sid]}: the object store refused its reads as too many requests ({e}) after this "
+                    f"task had waited {THROTTLE_WAIT_S - self.throttle_left:.0f} s for it; re-run the same command (the shards "
+                    "written are kept), with fewer tasks at once (spark.cores.max) if the store keeps refusing"
+                ) from None
             if not more:
                 raise task_error(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
             data = more if not data else data + more
@@ -344,6 +373,25 @@ class _Sources:
             f.close()
         self.open.clear()
         self.fetched.clear()
+
+
+# An object store refuses requests past its rate ("503 SlowDown" from S3 past ~5,500 GETs a second on a key
+# prefix, until it spreads the prefix over more partitions, which it does under sustained load within
+# minutes; 429 elsewhere). s3fs asks again 5 times within ~2 s; reshard's one GET a sample from every task
+# of a cluster at once can be refused for longer. The ranges refused so are asked for again after a pause
+# (1 s, doubling up to 30 s), for at most THROTTLE_WAIT_S of waiting per task; then the task fails naming the
+# store's answer (Spark retries it, spark.task.maxFailures).
+THROTTLE_WAIT_S = 300.0
+THROTTLE_FIRST_PAUSE_S = 1.0
+THROTTLE_MAX_PAUSE_S = 30.0
+_THROTTLE_WORDS = ("SlowDown", "reduce your request rate", "Throttl", "TooManyRequests", "Too Many Requests", "RequestLimitExceeded")
+
+
+def _throttled(e: BaseException) -> bool:
+    """Whether `e` is an object store's refusal of a request as one too many (S3's 503 SlowDown, a 429, a
+    throttling code), as s3fs / botocore / gcsfs raise it after their own attempts."""
+    text = f"{type(e).__name__}: {e}"
+    return any(w in text for w in _THROTTLE_WORDS) or any(f"{code}" in text for code in ("(503)", "(429)", " 503 ", " 429 "))
 
 
 # Object-store files a task keeps open (each with a 4 MB read-ahead block; they serve only the ranges a
