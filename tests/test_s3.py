@@ -1085,12 +1085,14 @@ def test_reshard_from_a_store_that_says_slow_down_waits_and_writes_the_same_shar
     """S3 refuses requests past its rate on a key prefix ("503 SlowDown") until it spreads the prefix out, and
     reshard sends one GET a sample from every task of a cluster at once. s3fs asks again 5 times within ~2 s;
     past that, reshard failed. Now the ranges refused so are asked for again after a pause. Here a proxy in
-    front of the test server refuses each ranged GET of the pool's shards 12 times (more than s3fs's and
-    botocore's attempts together): reshard waits, then writes the shards it writes from a store that never
-    refused; with no time left to wait, it fails naming the store's answer, never hangs."""
+    front of the test server refuses each ranged GET of the pool's shards more times than the client asks
+    again itself: reshard waits, then writes the shards it writes from a store that never refused; with no
+    time left to wait, it fails in one line naming the source shard and the store's answer (was a raw
+    OSError naming the output shard)."""
     import fsspec
 
     from laiontools.contracts.manifest import read_manifest
+    from laiontools.core.storage import S3_CLIENT_DEFAULTS
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages.reshard import ReshardConfig, ReshardError
     from laiontools.testing.s3server import S3Proxy
@@ -1100,21 +1102,24 @@ def test_reshard_from_a_store_that_says_slow_down_waits_and_writes_the_same_shar
     reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=f"{out}/rs-ref", shard_size=8))
     want = read_manifest(f"{out}/rs-ref/subset.manifest.json")["shards"]
     seen: dict[tuple[str, str], int] = {}
+    REFUSALS = 6
 
     def slow_down(method: str, path: str, headers) -> tuple[int, str, str] | None:
         if method != "GET" or "/pool/shards/" not in path or "Range" not in headers:
             return None
         key = (path, headers["Range"])
         seen[key] = seen.get(key, 0) + 1
-        return (503, "SlowDown", "Please reduce your request rate.") if seen[key] <= 12 else None
+        return (503, "SlowDown", "Please reduce your request rate.") if seen[key] <= REFUSALS else None
 
     with S3Proxy(s3_server.endpoint, slow_down) as proxy:
         for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
             monkeypatch.setenv(var, proxy.endpoint)
-        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint})
+        # (botocore asked for one attempt a request, not our two, to keep the test short: s3fs's 5 remain)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
+                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
         reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=f"{out}/rs-slow", shard_size=8))
         refused = sum(1 for m, p, _, st in proxy.requests if st == 503)
-        assert refused >= 12 * len(seen) and seen and max(seen.values()) == 13, (refused, seen)  # every range refused, then served
+        assert refused >= REFUSALS * len(seen) and seen and max(seen.values()) == REFUSALS + 1, (refused, seen)  # refused, then served
         assert read_manifest(f"{out}/rs-slow/subset.manifest.json")["shards"] == want
         seen.clear()
         monkeypatch.setattr(reshard_stage, "THROTTLE_WAIT_S", 0.0)  # (no waiting left: the store's answer said)
