@@ -1803,3 +1803,36 @@ def test_a_tls_error_of_an_https_url_does_not_name_the_s3_settings():
     said = str(store_error(e, "https://data.example.org/meta/part-0.parquet"))
     assert said.startswith("https://data.example.org/meta/part-0.parquet: cannot make a TLS connection to its server"), said
     assert "AWS_ENDPOINT_URL" not in said and "object store" not in said, said
+
+
+def test_reshard_from_a_store_that_says_slow_down_to_heads_too_fails_in_one_line(s3, s3_server, small_s3_pool, small_s3_subset,
+                                                                                  monkeypatch):
+    """S3 refuses every request past its rate on a key prefix, HEADs as well as GETs, and a refused HEAD has no
+    body: botocore reads its code as "503" and s3fs raises OSError(EBUSY, "Service Unavailable"), without the
+    words of a GET's SlowDown. Once a task has no time left to wait, read() opens the source shard (a HEAD) and
+    that refusal surfaced raw (no one-line error naming the source shard, no hint of throttling)."""
+    import fsspec
+
+    from laiontools.core.storage import S3_CLIENT_DEFAULTS
+    from laiontools.stages import reshard as reshard_stage
+    from laiontools.stages.reshard import ReshardConfig, ReshardError
+    from laiontools.testing.s3server import S3Proxy
+
+    monkeypatch.delenv("LAIONTOOLS_SPARK_MASTER", raising=False)
+    out = small_s3_subset.rsplit("/", 2)[0]
+
+    def slow_down(method: str, path: str, headers) -> tuple[int, str, str] | None:
+        if "/pool/shards/" in path and path.endswith(".tar") and (method == "HEAD" or (method == "GET" and "Range" in headers)):
+            return 503, "SlowDown", "Please reduce your request rate."
+        return None
+
+    with S3Proxy(s3_server.endpoint, slow_down) as proxy:
+        for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+            monkeypatch.setenv(var, proxy.endpoint)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
+                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+        monkeypatch.setattr(reshard_stage, "THROTTLE_WAIT_S", 0.0)
+        with pytest.raises(ReshardError, match=rf"^source shard {small_s3_pool}/shards/\S+: the object store refused its reads as "
+                                               r"too many requests \(.*\) after this task had waited 0 s"):
+            reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=f"{out}/rs-none", shard_size=8))
+        assert any(m == "HEAD" and st == 503 for m, _, _, st in proxy.requests), proxy.requests[-10:]

@@ -329,22 +329,23 @@ class _Sources:
         data = self.fetched.pop((sid, offset, size), None)
         if data is not None:
             return data
-        f = self._file(sid)
         data = b""
-        while len(data) < size:  # a read may return short; finish it before calling the shard truncated
-            try:
+        try:  # (opening an object-store file asks for its size first: a HEAD, refused as a GET is)
+            f = self._file(sid)
+            while len(data) < size:  # a read may return short; finish it before calling the shard truncated
                 more = _read_at(f, offset + len(data), size - len(data))
-            except Exception as e:
-                if not _throttled(e):
-                    raise
-                raise task_error(
-                    f"source shard {self.urls[sid]}: the object store refused its reads as too many requests ({e}) after this "
-                    f"task had waited {THROTTLE_WAIT_S - self.throttle_left:.0f} s for it; re-run the same command (the shards "
-                    "written are kept), with fewer tasks at once (spark.cores.max) if the store keeps refusing"
-                ) from None
-            if not more:
-                raise task_error(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); re-download it")
-            data = more if not data else data + more
+                if not more:
+                    raise task_error(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); "
+                                     "re-download it")
+                data = more if not data else data + more
+        except Exception as e:
+            if not _throttled(e):
+                raise
+            raise task_error(
+                f"source shard {self.urls[sid]}: the object store refused its reads as too many requests ({e}) after this "
+                f"task had waited {THROTTLE_WAIT_S - self.throttle_left:.0f} s for it; re-run the same command (the shards "
+                "written are kept), with fewer tasks at once (spark.cores.max) if the store keeps refusing"
+            ) from None
         return data
 
     def _file(self, sid: str) -> Any:
@@ -389,9 +390,18 @@ _THROTTLE_WORDS = ("SlowDown", "reduce your request rate", "Throttl", "TooManyRe
 
 def _throttled(e: BaseException) -> bool:
     """Whether `e` is an object store's refusal of a request as one too many (S3's 503 SlowDown, a 429, a
-    throttling code), as s3fs / botocore / gcsfs raise it after their own attempts."""
-    text = f"{type(e).__name__}: {e}"
-    return any(w in text for w in _THROTTLE_WORDS) or any(f"{code}" in text for code in ("(503)", "(429)", " 503 ", " 429 "))
+    throttling code), as s3fs / botocore / gcsfs raise it after their own attempts. The error's causes are
+    read too: s3fs raises a refused HEAD (no body, so no SlowDown code or words: botocore's code is "503")
+    as ``OSError(EBUSY, "Service Unavailable")``, from the ClientError that names the 503."""
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = f"{type(err).__name__}: {err}"
+        if any(w in text for w in _THROTTLE_WORDS) or any(code in text for code in ("(503)", "(429)", " 503 ", " 429 ")):
+            return True
+        err = err.__cause__  # (not __context__: an error met while handling a refusal is not one)
+    return False
 
 
 # Object-store files a task keeps open (each with a 4 MB read-ahead block; they serve only the ranges a
