@@ -1682,3 +1682,31 @@ def test_spark_spans_parts_take_the_sessions_parquet_codec(spark, tmp_path):
         files = glob.glob(os.path.join(folder, "part-*.parquet"))
         assert files and {pq.ParquetFile(f).metadata.row_group(0).column(c).compression
                           for f in files for c in range(len(spans_mod.SPAN_COLUMNS))} == {want}, codec
+
+
+@pytest.mark.parametrize("engine", ["in-process", "spark"])
+def test_spans_that_point_past_a_shards_end_are_named_in_the_error(spark, small_subsets, tmp_path, engine):
+    """(second reader) An edited spans folder whose span for a sample lies past its source shard's end passes
+    the folder's checks (offsets >= 0, lengths >= 1); the copy then reads short, and the error said only that
+    the (intact) source shard "is truncated; re-download it". Where the spans came from the subset's spans
+    folder, it names the folder and says to remove it if verify finds the pool intact, as the other span faults do."""
+    pool_dir = os.path.dirname(small_subsets["pool"])
+    sub = str(tmp_path / "sub")
+    shutil.copytree(small_subsets["sub"], sub)
+    folder = os.path.join(sub, layout.subset_spans(small_subsets["small"]))
+
+    def past_the_end(df):
+        df = df.copy()
+        shard = df.loc[0, "shard"]
+        size = os.path.getsize(os.path.join(pool_dir, layout.SHARDS_DIR, shard if shard.endswith(".tar") else shard + ".tar"))
+        df.loc[0, "tar_offset"] = size + 512
+        return df
+
+    _rewrite_part(folder, past_the_end)
+    kw = {"spark_above": 0} if engine == "spark" else {}
+    with pytest.raises(ReshardError) as e:
+        reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])), output=str(tmp_path / "r"),
+                                        shard_size=5, **kw), spark if engine == "spark" else None)
+    said = str(e.value)
+    assert f"that the subset's spans ({folder}) give" in said and f"remove {folder} and re-run" in said, said
+    assert verify_manifest(small_subsets["pool"]).ok  # the pool is intact

@@ -335,6 +335,9 @@ class _Sources:
             while len(data) < size:  # a read may return short; finish it before calling the shard truncated
                 more = _read_at(f, offset + len(data), size - len(data))
                 if not more:
+                    if self.spans is not None:  # (a span past the shard's end: the shard cut short, or the spans edited)
+                        raise _span_error(self.urls[sid], f"bytes {offset}..{offset + size} that {{source}} {{gives}} lie past the "
+                                          "shard's end", self.spans)
                     raise task_error(f"source shard {self.urls[sid]} is truncated (member at offset {offset} needs {size} bytes); "
                                      "re-download it")
                 data = more if not data else data + more
