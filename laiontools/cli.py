@@ -73,7 +73,13 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
     Used by the CLI and by the spark-submit scripts in jobs/, so both behave the same.
     """
-    from laiontools.core.errors import UserError, damaged_input_error, environment_error, user_error_from
+    from laiontools.core.errors import (
+        UserError,
+        damaged_input_error,
+        environment_error,
+        executor_import_error,
+        user_error_from,
+    )
     from laiontools.core.logs import setup_logging
     from laiontools.core.redact import redact_text
 
@@ -108,7 +114,8 @@ def run_stage(stage: str, argv: list[str]) -> int:
         # file Spark's reader cannot read is a damaged input, as is what a task raised with task_error
         # and no stage turned back into a UserError: one line naming the path, wherever it was raised
         # (here or inside a Spark task), no traceback.
-        fault = environment_error(e, _flag(argv, "--output")) or damaged_input_error(e) or user_error_from(e)
+        fault = (environment_error(e, _flag(argv, "--output")) or damaged_input_error(e) or user_error_from(e)
+                 or executor_import_error(e))
         if fault is None:  # an object store's refusal outside the places that name their path: the URL it names
             from laiontools.core.storage import failing_url, store_error
 

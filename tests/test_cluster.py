@@ -122,6 +122,28 @@ def test_a_python_worker_given_another_drivers_code_imports_no_laiontools(spark)
         sc.environment.pop(DRIVER_CODE_ENV, None)
 
 
+def test_a_task_that_cannot_import_a_module_on_its_executor_is_one_line(spark, tmp_path, monkeypatch):
+    """A node whose Python lacks laiontools (or one of its dependencies) and was never probed (it joined after the
+    check, or the check was off) fails each task on a ModuleNotFoundError, which reached the user as py4j's
+    traceback. The CLI now says it in one line naming the module and what to do. Reached with a real Spark
+    task whose function lives in a module the driver imports and the task's Python cannot (a folder on the
+    driver's sys.path only)."""
+    from laiontools.core.errors import executor_import_error
+
+    (tmp_path / "lt_driver_only_module.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import lt_driver_only_module
+
+    assert lt_driver_only_module.twice(3) == 6  # (the driver imports it)
+    with pytest.raises(Exception) as e:  # (whatever py4j wraps it in: its text is checked below)
+        spark.sparkContext.parallelize([3], 1).map(lt_driver_only_module.twice).collect()
+    err = executor_import_error(e.value)
+    assert err is not None, str(e.value)[-3000:]
+    said = str(err)
+    assert "\n" not in said and "No module named 'lt_driver_only_module'" in said and "spark.pyspark.python" in said, said
+    assert executor_import_error(ModuleNotFoundError("No module named 'x'")) is None  # (the driver's own: not an executor's)
+
+
 def _stats(out: str) -> dict:
     from laiontools.core.storage import url_to_fs
 

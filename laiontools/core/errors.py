@@ -135,3 +135,28 @@ def damaged_input_error(e: BaseException) -> InputError | None:
     path = m.group("path").removeprefix("file:").replace("///", "/")
     what = "its footer is unreadable" if "FOOTER" in m.group("cls") else "its data is unreadable"
     return InputError(f"{path} is damaged or truncated ({what}); regenerate it by re-running the stage that wrote it")
+
+
+# A Spark task's Python could not import what its function needs (the worker's traceback, in the text of
+# the error py4j / pyspark raise on the driver).
+_EXECUTOR_IMPORT = re.compile(r"ModuleNotFoundError: No module named '(?P<mod>[^'\n]+)'")
+
+
+def executor_import_error(e: BaseException) -> UserError | None:
+    """A Spark task that could not import a module on its executor (a node whose Python lacks laiontools or
+    one of its dependencies: one that joined after the executors' check, or a run with the check turned
+    off), as one UserError naming the module and what to do; None for any other error, and for an import
+    that failed on the driver (not wrapped by Spark)."""
+    if not type(e).__module__.startswith(("py4j", "pyspark")):
+        return None
+    m = _EXECUTOR_IMPORT.search(str(e))
+    if m is None:
+        return None
+    from laiontools import __version__
+
+    mod = m.group("mod")
+    return UserError(
+        f"a Spark task could not import {mod!r} on an executor (No module named {mod!r}): that executor's Python lacks "
+        f"laiontools or one of its dependencies; install laiontools {__version__} with its dependencies in the Python "
+        "environment every executor runs (spark.pyspark.python / PYSPARK_PYTHON): docs/scale.md, 'What a cluster run needs'"
+    )
