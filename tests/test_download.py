@@ -913,7 +913,7 @@ def test_prepared_rows_the_driver_cannot_see_are_an_error_not_nothing_to_downloa
     """On a cluster whose executors write the output path on their own disks, prepare's tasks wrote the accepted
     rows where the driver finds none: download said "nothing to download", then crashed with a raw traceback
     (a new user's cluster run). Simulated by taking the accepted files away once prepare is done: one error
-    naming the rows and the folder. Files that show up a moment later (a shared file system's client answering
+    naming the rows and the folder; the same when only some of the files are seen. Files that show up a moment later (a shared file system's client answering
     from its caches for a while) are looked for again and downloaded, as the pool's own run downloads them."""
     import threading
 
@@ -927,10 +927,12 @@ def test_prepared_rows_the_driver_cannot_see_are_an_error_not_nothing_to_downloa
     stats = prepare.prepare_stats
     back: list[threading.Timer] = []
 
+    hide = ["*.parquet"]  # which accepted files the driver does not see
+
     def elsewhere(*args, **kw):
         got = stats(*args, **kw)
         aside.mkdir(exist_ok=True)
-        moved = [(f, aside / f.name) for f in (out / layout.PREPARED_DIR / "accepted").glob("*.parquet")]
+        moved = [(f, aside / f.name) for f in (out / layout.PREPARED_DIR / "accepted").glob(hide[0])]
         for f, g in moved:
             f.rename(g)
         if back:  # put back a moment later (the driver's first look finds none)
@@ -944,8 +946,17 @@ def test_prepared_rows_the_driver_cannot_see_are_an_error_not_nothing_to_downloa
     accepted = json.loads((Path(pool.dir) / layout.PREPARED_DIR / layout.PREPARED_STATS_JSON).read_text())["accepted"]
     with pytest.raises(UserError, match=rf"prepare accepted {accepted:,} rows into .*accepted, but the driver finds no file there"):
         download_stage.run(cfg)
+    # some of the files seen, not all (executors of the driver's node and of others): was a pool without the
+    # hidden files' rows, and no word of them
     shutil.rmtree(out)
     shutil.rmtree(aside)
+    hide[0] = "part-00001.parquet"
+    with pytest.raises(UserError, match=rf"prepare accepted {accepted:,} rows into .*accepted, but the driver finds only 1 of its 2 files"):
+        download_stage.run(cfg)
+    assert json.loads((out / layout.PREPARED_DIR / layout.PREPARED_STATS_JSON).read_text())["accepted_files"] == 2
+    shutil.rmtree(out)
+    shutil.rmtree(aside)
+    hide[0] = "*.parquet"
     back.append(None)
     monkeypatch.setattr("laiontools.core.storage.VISIBILITY_WAIT_S", 60.0)
     download_stage.run(cfg)

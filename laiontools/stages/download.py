@@ -392,22 +392,25 @@ def run_img2dataset(cfg: DownloadConfig, input_dir: str, shard_dir: str, spark: 
     done_shards = {int(f.rsplit("/", 1)[-1].split("_")[0]) for f in fs.glob(glob_literal(sp) + "/*_stats.json")}
     fsi, ip = url_to_fs(input_dir)
     in_files: list[str] = []
+    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
+    accepted = int(prep_stats.get("accepted", 0)) and input_dir.rstrip("/").endswith("/accepted")
+    # the accepted files prepare wrote (a prepare before that count was recorded: at least one)
+    expected = int(prep_stats.get("accepted_files") or 1) if accepted else 0
 
     def missing_now() -> list[str]:
         fsi.invalidate_cache(ip)  # (a listing cached before the tasks wrote would say none is there)
         in_files[:] = sorted(fsi.glob(glob_literal(ip) + "/*.parquet")) if fsi.exists(ip) else []
-        return [] if in_files else [input_dir]
+        return [input_dir] if len(in_files) < expected else []
 
-    missing_now()
-    prep_stats = read_json(join(cfg.output, layout.PREPARED_DIR, layout.PREPARED_STATS_JSON))
-    accepted = int(prep_stats.get("accepted", 0)) and input_dir.rstrip("/").endswith("/accepted")
     # (looked for again for a while, as reshard and embed look for their tasks' output: a shared file system's
     # client may answer from its caches)
-    if not in_files and accepted and still_missing(missing_now):
-        # prepare's tasks wrote the rows they accepted where this process finds none: executors writing the
-        # output path on their own disks (not a shared file system); was "nothing to download", then a crash
+    if missing_now() and still_missing(missing_now):
+        # prepare's tasks wrote the rows they accepted (some, or all of them) where this process finds none:
+        # executors writing the output path on their own disks (not a shared file system); was "nothing to
+        # download", then a crash, or (some files seen) a pool silently without the other files' rows
+        found = f"only {len(in_files)} of its {expected} files" if in_files else "no file"
         raise UserError(
-            f"prepare accepted {int(prep_stats['accepted']):,} rows into {input_dir}, but the driver finds no file there: "
+            f"prepare accepted {int(prep_stats['accepted']):,} rows into {input_dir}, but the driver finds {found} there: "
             f"the executors wrote where the driver does not see; give an --output that every node sees (a shared "
             f"file system or an object store), or remove {cfg.output} and re-run"
         )

@@ -951,10 +951,11 @@ def _row_policy(cfg: PrepareConfig) -> dict[str, Any]:
 
 def _finish(cfg: PrepareConfig, found: tuple[Any, ...], policy: dict[str, Any], fingerprint: str,
             counts: dict[str, int], rows_per_file: dict[int, int], host_layout: dict[str, Any], engine: str,
-            shuffle: int | None) -> dict[str, Any]:
+            shuffle: int | None, accepted_files: int) -> dict[str, Any]:
     """Write stats.json, then the completion marker (last: a prepare is done only once both exist);
     return the stats. `counts`: rows per status ("accepted" for null); `engine` and the Spark shuffle
-    partitions (None in process) say where it ran."""
+    partitions (None in process) say where it ran; `accepted_files`: the accepted files written (download
+    checks that it sees them all: executors that wrote some where the driver does not see)."""
     files, mapping, extras, profile = found
     prep_dir = join(cfg.output, layout.PREPARED_DIR)
     stats = {
@@ -965,6 +966,7 @@ def _finish(cfg: PrepareConfig, found: tuple[Any, ...], policy: dict[str, Any], 
         "files": [{"path": f.path, "format": f.fmt, "bytes": f.size, "rows": rows_per_file.get(f.idx, 0)} for f in files],
         "rows_in": int(sum(rows_per_file.values())),
         "accepted": int(counts.get("accepted", 0)),
+        "accepted_files": int(accepted_files),
         "rejected": {k: int(v) for k, v in sorted(counts.items()) if k != "accepted"},
         "download_columns": _accepted_names(extras),
         "policy": policy,
@@ -1133,6 +1135,7 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
 
         accepted_dir = join(prep_dir, "accepted")
         _fresh_dir(accepted_dir)
+        n_written_files = 0
         names = _accepted_names(extras)
         cols = [F.col("`" + n.replace("`", "``") + "`") for n in names]  # quoted: a source's name may hold . or `
         n_acc = counts.get("accepted", 0)
@@ -1162,16 +1165,17 @@ def _prepare(cfg: PrepareConfig, spark: Any, found: tuple[Any, ...]) -> dict[str
             indexed = acc.rdd.map(tuple).zipWithIndex().map(lambda ri: (ri[1] // per_file, (ri[1], ri[0])))
         if n_acc:
             out, codec = accepted_dir, spark_parquet_codec(spark)  # the session's codec, as Spark's writer's
-            written = (indexed.partitionBy(n_files, lambda k: int(k))
-                       .map(lambda kv: kv[1])
-                       .mapPartitionsWithIndex(lambda pid, it: _write_accepted_partition(pid, it, out, names, per_file, codec))
-                       .sum())
-            _check_written(written, n_acc)
+            per_part = (indexed.partitionBy(n_files, lambda k: int(k))
+                        .map(lambda kv: kv[1])
+                        .mapPartitionsWithIndex(lambda pid, it: _write_accepted_partition(pid, it, out, names, per_file, codec))
+                        .collect())
+            _check_written(sum(per_part), n_acc)
+            n_written_files = sum(1 for n in per_part if n)  # (a partition without rows writes no file)
         df.unpersist()
     except Exception as e:
         raise (user_error_from(e) or e) from e
     return _finish(cfg, found, policy, fingerprint, counts, rows_per_file, host_layout,
-                   f"spark {sc.master}", n_shuffle)
+                   f"spark {sc.master}", n_shuffle, n_written_files)
 
 
 def _prepare_local(cfg: PrepareConfig, found: tuple[Any, ...]) -> dict[str, Any]:
@@ -1233,7 +1237,7 @@ def _prepare_local(cfg: PrepareConfig, found: tuple[Any, ...]) -> dict[str, Any]
     written = sum(n for pid in sorted(by_file)
                   for n in _write_accepted_partition(pid, iter(by_file[pid]), accepted_dir, names, per_file))
     _check_written(written, len(acc))
-    return _finish(cfg, found, policy, fingerprint, counts, rows_per_file, host_layout, "in-process", None)
+    return _finish(cfg, found, policy, fingerprint, counts, rows_per_file, host_layout, "in-process", None, len(by_file))
 
 
 CONFIG = PrepareConfig
