@@ -1685,6 +1685,44 @@ def test_spark_spans_parts_take_the_sessions_parquet_codec(spark, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["in-process", "spark"])
+def test_a_span_of_part_of_a_sample_is_named_in_the_error(spark, small_subsets, tmp_path, engine):
+    """(second reader) An edited spans folder whose span holds only the first of a sample's members, with the
+    sha256 of those bytes: the copy finds a sample without its other members, and the error said the (intact)
+    shard is damaged. Where the spans came from the subset's spans folder, it names the folder, as the other
+    span faults do."""
+    import hashlib
+    import tarfile
+
+    pool_dir = os.path.dirname(small_subsets["pool"])
+    sub = str(tmp_path / "sub")
+    shutil.copytree(small_subsets["sub"], sub)
+    folder = os.path.join(sub, layout.subset_spans(small_subsets["small"]))
+
+    def first_member_only(df):
+        df = df.copy()
+        shard, key = df.loc[0, "shard"], df.loc[0, "key"]
+        path = os.path.join(pool_dir, layout.SHARDS_DIR, shard if shard.endswith(".tar") else shard + ".tar")
+        with tarfile.open(path) as t:
+            first = next(m for m in t.getmembers() if m.name.split(".", 1)[0] == key)
+        assert first.offset == df.loc[0, "tar_offset"]
+        length = first.offset_data + -(-first.size // 512) * 512 - first.offset
+        with open(path, "rb") as f:
+            f.seek(first.offset)
+            df.loc[0, "tar_sha256"] = hashlib.sha256(f.read(length)).hexdigest()
+        df.loc[0, "tar_length"] = length
+        return df
+
+    _rewrite_part(folder, first_member_only)
+    kw = {"spark_above": 0} if engine == "spark" else {}
+    with pytest.raises(ReshardError) as e:
+        reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])), output=str(tmp_path / "r"),
+                                        shard_size=5, **kw), spark if engine == "spark" else None)
+    said = str(e.value)
+    assert f"that the subset's spans ({folder}) give" in said and "are not a whole sample" in said and f"remove {folder}" in said, said
+    assert verify_manifest(small_subsets["pool"]).ok  # the pool is intact
+
+
+@pytest.mark.parametrize("engine", ["in-process", "spark"])
 def test_spans_that_point_past_a_shards_end_are_named_in_the_error(spark, small_subsets, tmp_path, engine):
     """(second reader) An edited spans folder whose span for a sample lies past its source shard's end passes
     the folder's checks (offsets >= 0, lengths >= 1); the copy then reads short, and the error said only that

@@ -648,7 +648,15 @@ def _span_members(sources: _Sources, e: _Entry) -> list[tuple[str, memoryview, i
     out.sort()
     exts = tuple([m[0] for m in out])
     if exts not in _CHECKED_EXTS:  # the check depends on the exts alone: once per combination a process meets
-        _check_members(exts, e.skey, sources.urls[e.sid])
+        try:
+            _check_members(exts, e.skey, sources.urls[e.sid])
+        except TaskError:
+            if sources.spans is None:
+                raise
+            # (a span of the subset's spans folder that holds only some of the sample's members: the folder
+            # edited, or the shard changed; said as the other span faults are)
+            raise _span_error(sources.urls[e.sid], f"bytes {e.lo}..{e.hi} that {{source}} {{gives}} for sample {e.skey} are not a "
+                              f"whole sample (members {', '.join('.' + x for x in exts)})", sources.spans) from None
         if len(_CHECKED_EXTS) < 256:
             _CHECKED_EXTS.add(exts)
     buf = memoryview(raw)
