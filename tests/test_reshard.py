@@ -1748,3 +1748,38 @@ def test_spans_that_point_past_a_shards_end_are_named_in_the_error(spark, small_
     said = str(e.value)
     assert f"that the subset's spans ({folder}) give" in said and f"remove {folder} and re-run" in said, said
     assert verify_manifest(small_subsets["pool"]).ok  # the pool is intact
+
+
+def test_what_reshard_takes_for_a_store_asking_for_fewer_requests():
+    """_throttled, on the errors the object-store clients raise (each made as its library makes it): S3's
+    SlowDown and a bodiless 503 (botocore), a refusal as the cause of s3fs's OSError, gcsfs's 429, aiohttp's
+    503; and not a missing key, a refused permission, another HTTP status, or an error met while handling
+    a refusal (its context, not its cause)."""
+    import errno
+
+    import aiohttp
+    from botocore.exceptions import ClientError
+    from gcsfs.retry import HttpError
+
+    from laiontools.stages.reshard import _throttled
+
+    def client_error(code: str, message: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject")
+
+    def caused(outer: BaseException, cause: BaseException) -> BaseException:
+        outer.__cause__ = cause
+        return outer
+
+    def in_context(outer: BaseException, context: BaseException) -> BaseException:
+        outer.__context__ = context
+        return outer
+
+    info = aiohttp.RequestInfo(url=aiohttp.client.URL("http://127.0.0.1/x"), method="GET", headers={})  # type: ignore[call-arg]
+    refusals = [client_error("SlowDown", "Please reduce your request rate."), client_error("503", "Service Unavailable"),
+                caused(OSError(errno.EBUSY, "Service Unavailable"), client_error("503", "Service Unavailable")),
+                HttpError({"code": 429, "message": "rateLimitExceeded"}), aiohttp.ClientResponseError(info, (), status=503)]
+    others = [FileNotFoundError("s3://b/k"), PermissionError("403 Forbidden"), client_error("AccessDenied", "Access Denied"),
+              HttpError({"code": 404, "message": "No such object"}), aiohttp.ClientResponseError(info, (), status=500),
+              in_context(ValueError("bad"), client_error("SlowDown", "Please reduce your request rate."))]
+    assert [_throttled(e) for e in refusals] == [True] * len(refusals)
+    assert [_throttled(e) for e in others] == [False] * len(others)

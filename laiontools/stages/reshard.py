@@ -403,6 +403,9 @@ def _throttled(e: BaseException) -> bool:
         text = f"{type(err).__name__}: {err}"
         if any(w in text for w in _THROTTLE_WORDS) or any(code in text for code in ("(503)", "(429)", " 503 ", " 429 ")):
             return True
+        # (gcsfs's HttpError and aiohttp's ClientResponseError carry the HTTP status as a number)
+        if any(getattr(err, a, None) in (429, 503) for a in ("code", "status")):
+            return True
         err = err.__cause__  # (not __context__: an error met while handling a refusal is not one)
     return False
 
