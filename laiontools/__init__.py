@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 import os as _os
 
 if _os.environ.get("LAIONTOOLS_DRIVER_CODE"):  # a Spark executor's Python worker: the driver's code, or none of it
-    from laiontools.core.spark import refuse_other_driver_code as _refuse
+    from laiontools.core.fingerprint import refuse_other_driver_code as _refuse
 
     _refuse(_os.environ["LAIONTOOLS_DRIVER_CODE"])

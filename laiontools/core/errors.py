@@ -152,11 +152,10 @@ def executor_import_error(e: BaseException) -> UserError | None:
     m = _EXECUTOR_IMPORT.search(str(e))
     if m is None:
         return None
-    from laiontools import __version__
-
     mod = m.group("mod")
     return UserError(
         f"a Spark task could not import {mod!r} on an executor (No module named {mod!r}): that executor's Python lacks "
-        f"laiontools or one of its dependencies; install laiontools {__version__} with its dependencies in the Python "
-        "environment every executor runs (spark.pyspark.python / PYSPARK_PYTHON): docs/scale.md, 'What a cluster run needs'"
+        "laiontools or one of its dependencies; install the driver's laiontools (`laiontools --version`) with its dependencies "
+        "in the Python environment every executor runs (spark.pyspark.python / PYSPARK_PYTHON): docs/scale.md, 'What a "
+        "cluster run needs'"
     )

@@ -596,14 +596,13 @@ def _write_shard(out: str, sid: str, img: np.ndarray, txt: np.ndarray, meta: Any
     if not (len(img) == len(txt) == len(meta)):  # never write a misaligned shard
         raise RuntimeError(f"shard {sid}: misaligned rows (img {len(img)}, text {len(txt)}, meta {len(meta)})")
     paths, rel = _shard_paths(out, sid), shard_files(sid)
-    write_pq = {**PARQUET_WRITE, "compression": codec}
     sha: dict[str, str] = {}
     size: dict[str, int] = {}
     with contextlib.ExitStack() as renames:  # exits (the renames) in the reverse order: img, meta, scores, text
         for kind, write in (
             ("text", lambda b: np.save(b, np.ascontiguousarray(txt.astype(np.float16)), allow_pickle=False)),
-            ("scores", lambda b: meta[list(SCORE_COLUMNS)].to_parquet(b, index=False, **write_pq)),
-            ("meta", lambda b: meta.to_parquet(b, index=False, **write_pq)),
+            ("scores", lambda b: meta[list(SCORE_COLUMNS)].to_parquet(b, index=False, **{**PARQUET_WRITE, "compression": codec})),
+            ("meta", lambda b: meta.to_parquet(b, index=False, **{**PARQUET_WRITE, "compression": codec})),
             ("img", lambda b: np.save(b, np.ascontiguousarray(img.astype(np.float16)), allow_pickle=False)),
         ):
             buf = io.BytesIO()
