@@ -1684,6 +1684,27 @@ def test_spark_spans_parts_take_the_sessions_parquet_codec(spark, tmp_path):
                           for f in files for c in range(len(spans_mod.SPAN_COLUMNS))} == {want}, codec
 
 
+def _reshard_through_edited_spans(spark, small_subsets, tmp_path, engine: str, change) -> tuple[str, str]:
+    """Reshard the small subset (a copy of it) whose spans folder was edited by `change` (frame, the path of a
+    pool shard by its catalog name -> frame), on `engine`; the intact pool checked. Returns (the ReshardError's
+    text, the spans folder)."""
+    pool_dir = os.path.dirname(small_subsets["pool"])
+    sub = str(tmp_path / "sub")
+    shutil.copytree(small_subsets["sub"], sub)
+    folder = os.path.join(sub, layout.subset_spans(small_subsets["small"]))
+
+    def shard_path(shard: str) -> str:
+        return os.path.join(pool_dir, layout.SHARDS_DIR, shard if shard.endswith(".tar") else shard + ".tar")
+
+    _rewrite_part(folder, lambda df: change(df.copy(), shard_path))
+    kw = {"spark_above": 0} if engine == "spark" else {}
+    with pytest.raises(ReshardError) as e:
+        reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])), output=str(tmp_path / "r"),
+                                        shard_size=5, **kw), spark if engine == "spark" else None)
+    assert verify_manifest(small_subsets["pool"]).ok  # the pool is intact
+    return str(e.value), folder
+
+
 @pytest.mark.parametrize("engine", ["in-process", "spark"])
 def test_a_span_of_part_of_a_sample_is_named_in_the_error(spark, small_subsets, tmp_path, engine):
     """(second reader) An edited spans folder whose span holds only the first of a sample's members, with the
@@ -1693,15 +1714,8 @@ def test_a_span_of_part_of_a_sample_is_named_in_the_error(spark, small_subsets, 
     import hashlib
     import tarfile
 
-    pool_dir = os.path.dirname(small_subsets["pool"])
-    sub = str(tmp_path / "sub")
-    shutil.copytree(small_subsets["sub"], sub)
-    folder = os.path.join(sub, layout.subset_spans(small_subsets["small"]))
-
-    def first_member_only(df):
-        df = df.copy()
-        shard, key = df.loc[0, "shard"], df.loc[0, "key"]
-        path = os.path.join(pool_dir, layout.SHARDS_DIR, shard if shard.endswith(".tar") else shard + ".tar")
+    def first_member_only(df, shard_path):
+        path, key = shard_path(df.loc[0, "shard"]), df.loc[0, "key"]
         with tarfile.open(path) as t:
             first = next(m for m in t.getmembers() if m.name.split(".", 1)[0] == key)
         assert first.offset == df.loc[0, "tar_offset"]
@@ -1712,14 +1726,8 @@ def test_a_span_of_part_of_a_sample_is_named_in_the_error(spark, small_subsets, 
         df.loc[0, "tar_length"] = length
         return df
 
-    _rewrite_part(folder, first_member_only)
-    kw = {"spark_above": 0} if engine == "spark" else {}
-    with pytest.raises(ReshardError) as e:
-        reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])), output=str(tmp_path / "r"),
-                                        shard_size=5, **kw), spark if engine == "spark" else None)
-    said = str(e.value)
+    said, folder = _reshard_through_edited_spans(spark, small_subsets, tmp_path, engine, first_member_only)
     assert f"that the subset's spans ({folder}) give" in said and "are not a whole sample" in said and f"remove {folder}" in said, said
-    assert verify_manifest(small_subsets["pool"]).ok  # the pool is intact
 
 
 @pytest.mark.parametrize("engine", ["in-process", "spark"])
@@ -1728,26 +1736,13 @@ def test_spans_that_point_past_a_shards_end_are_named_in_the_error(spark, small_
     the folder's checks (offsets >= 0, lengths >= 1); the copy then reads short, and the error said only that
     the (intact) source shard "is truncated; re-download it". Where the spans came from the subset's spans
     folder, it names the folder and says to remove it if verify finds the pool intact, as the other span faults do."""
-    pool_dir = os.path.dirname(small_subsets["pool"])
-    sub = str(tmp_path / "sub")
-    shutil.copytree(small_subsets["sub"], sub)
-    folder = os.path.join(sub, layout.subset_spans(small_subsets["small"]))
 
-    def past_the_end(df):
-        df = df.copy()
-        shard = df.loc[0, "shard"]
-        size = os.path.getsize(os.path.join(pool_dir, layout.SHARDS_DIR, shard if shard.endswith(".tar") else shard + ".tar"))
-        df.loc[0, "tar_offset"] = size + 512
+    def past_the_end(df, shard_path):
+        df.loc[0, "tar_offset"] = os.path.getsize(shard_path(df.loc[0, "shard"])) + 512
         return df
 
-    _rewrite_part(folder, past_the_end)
-    kw = {"spark_above": 0} if engine == "spark" else {}
-    with pytest.raises(ReshardError) as e:
-        reshard_stage.run(ReshardConfig(manifest=os.path.join(sub, layout.subset_manifest(small_subsets["small"])), output=str(tmp_path / "r"),
-                                        shard_size=5, **kw), spark if engine == "spark" else None)
-    said = str(e.value)
+    said, folder = _reshard_through_edited_spans(spark, small_subsets, tmp_path, engine, past_the_end)
     assert f"that the subset's spans ({folder}) give" in said and f"remove {folder} and re-run" in said, said
-    assert verify_manifest(small_subsets["pool"]).ok  # the pool is intact
 
 
 def test_what_reshard_takes_for_a_store_asking_for_fewer_requests():
