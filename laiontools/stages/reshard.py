@@ -401,7 +401,7 @@ def _throttled(e: BaseException) -> bool:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         text = f"{type(err).__name__}: {err}"
-        if any(w in text for w in _THROTTLE_WORDS) or any(code in text for code in ("(503)", "(429)", " 503 ", " 429 ")):
+        if any(w in text for w in _THROTTLE_WORDS) or any(code in text for code in ("(503)", "(429)")):  # (botocore's "(503)")
             return True
         # (gcsfs's HttpError and aiohttp's ClientResponseError carry the HTTP status as a number)
         if any(getattr(err, a, None) in (429, 503) for a in ("code", "status")):
