@@ -129,6 +129,18 @@ def user_set(spark: Any, key: str) -> bool:
     return bool(spark.sparkContext.getConf().contains(key))
 
 
+def derived_shuffle_partitions(*, rows: int | None = None, nbytes: int | None = None, parallelism: int = 1) -> int:
+    """The shuffle partitions a job over `rows` rows (or `nbytes` input bytes) derives when the user set none:
+    one per ROWS_PER_SHUFFLE_PARTITION rows (or BYTES_PER_SHUFFLE_PARTITION bytes), at least `parallelism`
+    (the cluster's default parallelism). ``laiontools plan`` gives the same count for a planned cluster."""
+    want = 1
+    if rows is not None:
+        want = max(want, math.ceil(rows / ROWS_PER_SHUFFLE_PARTITION))
+    if nbytes is not None:
+        want = max(want, math.ceil(nbytes / BYTES_PER_SHUFFLE_PARTITION))
+    return max(want, parallelism)
+
+
 def shuffle_partitions(spark: Any, *, rows: int | None = None, nbytes: int | None = None) -> int:
     """Return the shuffle partition count a job over `rows` rows (or `nbytes` input bytes) should use.
 
@@ -142,12 +154,7 @@ def shuffle_partitions(spark: Any, *, rows: int | None = None, nbytes: int | Non
         n = int(spark.conf.get(SHUFFLE_PARTITIONS))
         log.info("shuffle partitions: %d (set by the user)", n)
         return n
-    want = 1
-    if rows is not None:
-        want = max(want, math.ceil(rows / ROWS_PER_SHUFFLE_PARTITION))
-    if nbytes is not None:
-        want = max(want, math.ceil(nbytes / BYTES_PER_SHUFFLE_PARTITION))
-    n = max(want, int(spark.sparkContext.defaultParallelism))
+    n = derived_shuffle_partitions(rows=rows, nbytes=nbytes, parallelism=int(spark.sparkContext.defaultParallelism))
     spark.conf.set(SHUFFLE_PARTITIONS, str(n))
     log.info("shuffle partitions: %d (derived from %s rows / %s bytes of input)", n, rows, nbytes)
     return n
