@@ -30,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "study": ("laiontools.stages.study", "grid of scale x samples-seen x model runs, scaling-law fit and report"),
     "study fit": ("laiontools.stages.study", "frontier, power-law fit, plots and report from a results table (ours or another's)"),
     "study plan": ("laiontools.stages.study", "GMACs, GPU-hours, shards and disk of a study grid, before running it"),
+    "plan": ("laiontools.stages.plan", "cores, GPUs, tasks, partitions, bytes and cost of each data stage for N rows on a cluster, before running it"),
     "synth": ("laiontools.synthetic", "write a synthetic LAION-format source (metadata + images) and/or serve it"),
     "demo": ("laiontools.stages.demo", "the whole pipeline on a synthetic source, on this machine"),
 }

@@ -13,6 +13,7 @@ STAGES = "laiontools.stages."
 ALLOWED_STAGE_IMPORTS = {
     "demo": {"*"},
     "study": {"*"},
+    "plan": {"*"},  # the plan takes each stage's own thresholds (engine, spans, joins), so that it cannot drift from them
     "download": {"prepare"},
     "dedup_calibrate": {"dedup"},
     "dedup": {"dedup_gallery"},
