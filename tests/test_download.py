@@ -885,6 +885,28 @@ def test_a_retry_input_is_files_of_whole_shards_written_alike_by_both_engines(sp
     assert sorted(got) == list(range(-(-n_rows // n))) and got[3 * f] == sorted(uids)[3 * f * n:(3 * f + 1) * n]
 
 
+def test_on_spark_a_retry_input_takes_the_sessions_parquet_codec(spark, tmp_path):
+    """The retry input's files, written by Spark tasks through pyarrow, are compressed with the session's
+    spark.sql.parquet.compression.codec (they were zstd whatever the session said, as prepare's were)."""
+    import pyarrow.parquet as pq
+
+    from laiontools.stages import download as download_stage
+    from laiontools.stages.download import DownloadConfig
+
+    out = tmp_path / "pool"
+    _failed_pool(out, 2 * TEST_DOWNLOAD_SETTINGS["number_sample_per_shard"] + 3)
+    key = "spark.sql.parquet.compression.codec"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "gzip")
+    try:
+        got = download_stage.prepare_retry(DownloadConfig(input=str(tmp_path / "src"), output=str(out), **TEST_DOWNLOAD_SETTINGS), spark)
+    finally:
+        spark.conf.set(key, before)
+    files = sorted(Path(got).glob("*.parquet"))
+    assert files and {pq.ParquetFile(f).metadata.row_group(0).column(c).compression
+                      for f in files for c in range(pq.ParquetFile(f).metadata.num_columns)} == {"GZIP"}
+
+
 def test_a_retry_pass_gives_the_same_input_and_pool_on_both_engines(pool, spark, tmp_path, monkeypatch):
     """A --retry-failed pass from the same pool on Spark and in process: the same retry input files, byte
     for byte, and then the same catalog rows (statuses, shards, keys) and manifest shard list."""
