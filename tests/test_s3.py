@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -1126,6 +1127,42 @@ def test_reshard_from_a_store_that_says_slow_down_waits_and_writes_the_same_shar
         with pytest.raises(ReshardError, match=rf"^source shard {small_s3_pool}/shards/\S+: the object store refused its reads as "
                                                r"too many requests \(.*reduce your request rate.*\) after this task had waited 0 s"):
             reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=f"{out}/rs-none", shard_size=8))
+
+
+def test_verify_of_a_store_that_says_slow_down_between_its_two_reads_names_no_damage(s3, s3_server, small_s3_pool, monkeypatch,
+                                                                                      capsys):
+    """verify reads each shard twice: once for its sha256, once through tarfile for its samples. A store that
+    serves the first read and then refuses ("503 SlowDown") past its client's retries made the second a finding,
+    "truncated or unreadable tar": an intact shard reported damaged, and verify exiting 1 as for a damaged pool.
+    A store's refusal is now one error for the store, whichever read meets it, as the first read's was."""
+    import fsspec
+
+    from laiontools.cli import main
+    from laiontools.core.storage import S3_CLIENT_DEFAULTS
+    from laiontools.stages.verify import verify_manifest
+    from laiontools.testing.s3server import S3Proxy
+
+    mpath = f"{small_s3_pool}/pool.manifest.json"
+    assert verify_manifest(mpath).ok  # the pool is intact
+    reads: dict[str, int] = {}
+
+    def second_read_refused(method: str, path: str, headers) -> tuple[int, str, str] | None:
+        if method != "GET" or "/pool/shards/" not in path or not path.endswith(".tar"):
+            return None
+        reads[path] = reads.get(path, 0) + 1
+        return (503, "SlowDown", "Please reduce your request rate.") if reads[path] > 1 else None
+
+    with S3Proxy(s3_server.endpoint, second_read_refused) as proxy:
+        for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+            monkeypatch.setenv(var, proxy.endpoint)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
+                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+        assert main(["verify", mpath]) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(rf"laiontools verify: error: {small_s3_pool}/shards/0000[01].tar: the object store at {proxy.endpoint} is "
+                            r"throttling requests or unavailable \(SlowDown: .*reduce your request rate.*\) after its client's retries; "
+                            r"re-run the same command later .*\n", err), err
+        assert reads and max(reads.values()) > 1  # the first read was served, the second refused
 
 
 def test_reshard_of_a_subset_whose_s3_uid_file_is_gone_names_it(s3, small_s3_subset, monkeypatch):
