@@ -195,12 +195,16 @@ def subset_spans(root: str, subset_manifest: str) -> list[tuple[str, int, int]]:
             for sh, o, n in zip(rows["shard"], rows["tar_offset"], rows["tar_length"])]
 
 
-def copy_spans(spans: list[tuple[str, int, int]], dst: str, files: int) -> float:
+def copy_spans(spans: list[tuple[str, int, int]], dst: str, files: int, ahead: bool = False) -> float:
     """Plain copy of the subset's very bytes: each sample's span read (pread, in tar and offset order: the
-    best order for a copy; no read-ahead asked of the kernel) and written into `files` fsync'd files of
-    about equal size through the page cache; return seconds. The other reading of the issue's "a plain copy
-    of the same bytes" than :func:`copy_bytes` (the same number of bytes, read sequentially), which is the
-    stricter baseline: this one reads what reshard reads, scattered as it is."""
+    best order for a copy) and written into `files` fsync'd files of about equal size through the page
+    cache; return seconds. The other reading of the issue's "a plain copy of the same bytes" than
+    :func:`copy_bytes` (the same number of bytes, read sequentially), which is the stricter baseline: this
+    one reads what reshard reads, scattered as it is. `ahead`: a thread announces every span to the kernel
+    first, in the same order (``POSIX_FADV_WILLNEED``, as reshard's parent does while its tasks write): the
+    fastest plain copy of these bytes that reshard's own read path suggests; otherwise no read-ahead."""
+    import threading
+
     shutil.rmtree(dst, ignore_errors=True)
     os.makedirs(dst)
     total = sum(n for _, _, n in spans)
@@ -208,6 +212,16 @@ def copy_spans(spans: list[tuple[str, int, int]], dst: str, files: int) -> float
     t = time.perf_counter()
     fds: dict[str, int] = {}
     out, in_file, k = None, 0, 0
+    advisor = None
+    if ahead:
+        ahead_fds = {path: os.open(path, os.O_RDONLY) for path in {sp[0] for sp in spans}}
+
+        def advise() -> None:
+            for path, off, n in spans:
+                os.posix_fadvise(ahead_fds[path], off, n, os.POSIX_FADV_WILLNEED)
+
+        advisor = threading.Thread(target=advise, daemon=True)
+        advisor.start()
     try:
         for path, off, n in spans:
             fd = fds.get(path)
@@ -233,6 +247,10 @@ def copy_spans(spans: list[tuple[str, int, int]], dst: str, files: int) -> float
     finally:
         for fd in fds.values():
             os.close(fd)
+        if advisor is not None:
+            advisor.join()
+            for fd in ahead_fds.values():
+                os.close(fd)
     return time.perf_counter() - t
 
 
@@ -390,19 +408,23 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
         m = read_manifest(sub)
         shard_size = max(100, target // 16)  # >= 16 output shards: both task slots busy
         copies, reshards, phases, touched, direct_used, spans_used = [], [], [], None, None, None
-        pure_s, pure_phases, span_copies = [], [], []
+        pure_s, pure_phases, span_copies, ahead_copies = [], [], [], []
         spans = subset_spans(root, sub)
         res = None
         def timed_copy(copies: list[float], nbytes: int, files: int, span_copies: list[float] = span_copies,
-                       spans: list[tuple[str, int, int]] = spans) -> None:
+                       spans: list[tuple[str, int, int]] = spans, ahead_copies: list[float] = ahead_copies) -> None:
             # the plain copy of as many bytes, read sequentially (the baseline), and of the subset's own spans
-            # (the other reading), one after the other, each from a cold page cache when `cold`
+            # (the other reading), without and with the spans announced ahead, one after the other, each from a
+            # cold page cache when `cold`
             if cold:
                 evict(root)
             copies.append(copy_bytes(root, os.path.join(root, "copy"), nbytes, files))
             if cold:
                 evict(root)
             span_copies.append(copy_spans(spans, os.path.join(root, "copy"), files))
+            if cold:
+                evict(root)
+            ahead_copies.append(copy_spans(spans, os.path.join(root, "copy"), files, ahead=True))
 
         for r in range(repeats):
             dst = os.path.join(root, f"reshard-{target}")
@@ -454,6 +476,9 @@ def nested(spark, work: str, shards: int, per_shard: int, kb: int, fractions: li
             "output_written": "with O_DIRECT" if direct_used else "through the page cache", "sample_spans": spans_used,
             # against a plain copy of the subset's very spans (scattered reads, in tar and offset order)
             "span_copy_s": [round(x, 3) for x in span_copies], "ratio_vs_span_copy": round(med(span_copies) / reshard_s, 3),
+            # ... and against the same copy with every span announced to the kernel ahead, as reshard does
+            "span_copy_ahead_s": [round(x, 3) for x in ahead_copies],
+            "ratio_vs_span_copy_ahead": round(med(ahead_copies) / reshard_s, 3),
         })
         if compare == "direct-io":
             d_s = med(pure_s)
@@ -677,6 +702,9 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
         if "ratio_vs_span_copy" in r:
             print(f"{'':>8} against a plain copy of the subset's own spans (scattered reads, in tar order): ratio {r['ratio_vs_span_copy']:.3f} "
                   f"(span copy {min(r['span_copy_s']):.3f}-{max(r['span_copy_s']):.3f} s)")
+        if "ratio_vs_span_copy_ahead" in r:
+            print(f"{'':>8} ... with every span announced to the kernel ahead (WILLNEED, as reshard does): ratio "
+                  f"{r['ratio_vs_span_copy_ahead']:.3f} (copy {min(r['span_copy_ahead_s']):.3f}-{max(r['span_copy_ahead_s']):.3f} s)")
         if "compiled_speedup" in r:
             print(f"{'':>8} Python per-sample path (compiled off): ratio {r['python_ratio']:.3f}, write phase {r['python_ratio_write_phase']:.3f}; "
                   f"compiled {r['compiled_speedup']:.2f}x faster end to end, {r['compiled_speedup_write_phase']:.2f}x in the write phase")
