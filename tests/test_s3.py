@@ -1165,6 +1165,37 @@ def test_verify_of_a_store_that_says_slow_down_between_its_two_reads_names_no_da
         assert reads and max(reads.values()) > 1  # the first read was served, the second refused
 
 
+def test_the_catalogs_spans_of_a_tar_the_store_refuses_are_an_error_not_left_out(s3, s3_server, small_s3_pool, monkeypatch):
+    """download's catalog indexes each tar it wrote for its sample spans; a tar that cannot be indexed (damaged)
+    keeps null spans, and reshard indexes it later. A store that refused the read ("503 SlowDown") gave the same
+    null spans: a catalog other than an uninterrupted run's, silently. It is now the task's error, naming the tar;
+    and reshard's own index of such a tar no longer calls the refusal damage ("re-download it")."""
+    import fsspec
+    import pyarrow as pa
+
+    from laiontools.core.errors import TaskError
+    from laiontools.core.storage import S3_CLIENT_DEFAULTS
+    from laiontools.stages.download import shard_spans
+    from laiontools.stages.reshard import index_source_shard
+    from laiontools.testing.s3server import S3Proxy
+
+    url = f"{small_s3_pool}/shards/00000.tar"
+    batch = pa.RecordBatch.from_pydict({"_sid": ["00000"], "_tar": [url]})
+    assert sum(b.num_rows for b in shard_spans([batch])) == 20  # served: a span a sample
+
+    def refused(method: str, path: str, headers) -> tuple[int, str, str] | None:
+        return (503, "SlowDown", "Please reduce your request rate.") if method == "GET" and path.endswith("/shards/00000.tar") else None
+
+    with S3Proxy(s3_server.endpoint, refused) as proxy:
+        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
+                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+        with pytest.raises(TaskError, match=rf"{url}: the object store at .* is throttling requests or unavailable \(SlowDown: "):
+            list(shard_spans([batch]))
+        # reshard's index of a tar without spans said "truncated or unreadable ... re-download it" of the same refusal
+        with pytest.raises(TaskError, match=rf"{url}: the object store at .* is throttling requests or unavailable \(SlowDown: "):
+            index_source_shard(("00000", url))
+
+
 def test_reshard_of_a_subset_whose_s3_uid_file_is_gone_names_it(s3, small_s3_subset, monkeypatch):
     """The subset's uid file deleted from the bucket: one ReshardError naming its s3:// URL and what to do
     (was a bare FileNotFoundError whose message was the key alone: "error: <bucket>/<key>")."""

@@ -646,6 +646,21 @@ def store_error(e: BaseException, path: str) -> StorageError | None:
     return err
 
 
+def store_refusal(e: BaseException, path: str) -> Exception | None:
+    """What a reader of `path` raises instead of recording `e` as damage of what it read, when `e` is an object
+    store's refusal or an unreachable endpoint (throttling, a server fault, access denied, a connection lost:
+    :func:`store_error`): a task error naming `path` and the store, so that a Spark task's reaches the CLI in
+    one line too. None otherwise, and always for a local path (an I/O error there is the file's own).
+
+    For the readers that turn a read error into a finding or a recorded status (verify's "unreadable tar", the
+    catalog's spans of a shard that cannot be indexed): a store that says "slow down" between two reads must not
+    make an intact file damaged, or a run's output differ from an uninterrupted run's."""
+    if "://" not in path or path.startswith("file://"):
+        return None
+    refused = store_error(e, path)
+    return task_error(str(refused)) if refused is not None else None
+
+
 # The environment variables that name an endpoint other than the default, per store (for the error messages)
 _GCS_SETTINGS = ("STORAGE_EMULATOR_HOST", "FSSPEC_GS_ENDPOINT_URL")
 _S3_SETTINGS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")

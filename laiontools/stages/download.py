@@ -66,6 +66,7 @@ from laiontools.core.storage import (
     spark_read_parquet,
     spark_write_parquet,
     still_missing,
+    store_refusal,
     swap_in,
     swap_temp,
     url_to_fs,
@@ -580,7 +581,8 @@ def shard_spans(batches: Any) -> Any:
     span's bytes is what reshard checks every sample it copies against (a bit flipped in a stored
     payload is refused, not copied); it costs one sequential read of the tar just written (page cache)
     and sha256 of its bytes (about 1.8 GB per CPU-second measured here, SHA-NI). A tar that cannot be indexed yields no spans: its rows keep null spans
-    and reshard indexes it (and names the damage)."""
+    and reshard indexes it (and names the damage). An object store's refusal is no damage: the task fails naming the
+    tar and the store (re-run the same command), rather than leave spans out that an uninterrupted run has."""
     import hashlib
     import tarfile
 
@@ -605,7 +607,10 @@ def shard_spans(batches: Any) -> Any:
                         if len(data) != spans[k][1]:
                             raise EOFError(f"{url}: sample {k} is cut short")
                         digests.append(hashlib.sha256(data).hexdigest())
-            except (tarfile.TarError, OSError, EOFError):
+            except (tarfile.TarError, OSError, EOFError) as e:
+                refused = store_refusal(e, url)
+                if refused is not None:  # not the tar's damage: its spans would be missing where a re-run has them
+                    raise refused from e
                 continue
             yield pa.RecordBatch.from_pydict(
                 {"_sid": [sid] * len(keys), "_skey": keys, "_toff": [spans[k][0] for k in keys],

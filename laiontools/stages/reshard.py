@@ -107,6 +107,7 @@ from laiontools.core.storage import (
     read_json,
     read_marker,
     sha256_file,
+    store_refusal,
     url_to_fs,
     write_json,
     write_record,
@@ -218,7 +219,10 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
     except DuplicateMemberError as e:
         raise task_error(f"source shard {url}: {e}; the shard is damaged, re-download it")
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise task_error(f"source shard {url} is truncated or unreadable ({e}); run `laiontools verify` on the pool and re-download it")
+        refused = store_refusal(e, url)  # a store's refusal is no damage: "re-download it" would be wrong advice
+        if refused is not None:
+            raise refused from e
+        raise task_error(f"source shard {url} is truncated or unreadable ({e}); run `laiontools verify` on the pool and re-download it") from e
     return out
 
 

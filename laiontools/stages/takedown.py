@@ -126,6 +126,7 @@ from laiontools.core.storage import (
     sha256_file,
     spark_read_parquet,
     spark_write_parquet,
+    store_refusal,
     swap_in,
     swap_temp,
     url_to_fs,
@@ -285,6 +286,9 @@ def scan_content(url: str, rl: RemovalList) -> list[tuple[str, str, str, str, in
                     uid = uid if isinstance(uid, str) else ""
                     out.append((key, uid, hit.kind, hit.value, hit.line, ",".join(str(x.line) for x in hits)))
     except (tarfile.TarError, OSError, EOFError) as e:
+        refused = store_refusal(e, url)  # a store's refusal is no damage of the shard
+        if refused is not None:
+            raise refused from e
         raise TakedownError(f"shard {url} cannot be read ({type(e).__name__}: {e}); run `laiontools verify` on the pool") from e
     return out
 
@@ -340,6 +344,9 @@ def rewrite_shard(src: str, dst: str, remove: list[str], status: str, note: dict
                         written += n
                     out.write(_end_of_archive(written))
         except (tarfile.TarError, OSError, EOFError) as e:
+            refused = store_refusal(e, src)
+            if refused is not None:
+                raise refused from e
             raise TakedownError(f"shard {src} cannot be read ({type(e).__name__}: {e}); run `laiontools verify` on the pool") from e
         kept_keys = {base_plus_ext(m[0])[0] for m in members} - drop - {None}
         kept = len(kept_keys)

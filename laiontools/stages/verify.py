@@ -32,9 +32,8 @@ from laiontools.contracts import layout
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.contracts.uids import StreamedUids, is_uid, scan_uid_file
 from laiontools.core import failpoints
-from laiontools.core.errors import task_error
 from laiontools.core.report import emit, table
-from laiontools.core.storage import PARQUET_READ, sha256_file, store_error, url_to_fs
+from laiontools.core.storage import PARQUET_READ, sha256_file, store_refusal, url_to_fs
 from laiontools.wds.keys import group_by_keys
 from laiontools.wds.samples import POOL_IMAGE_EXTS, compressed_tar_problem, tarfile_members
 
@@ -114,18 +113,6 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
     return got
 
 
-def _store_refusal(e: BaseException, path: str) -> Exception | None:
-    """What to raise when `e`, met reading `path`, is an object store's refusal or an unreachable endpoint
-    (throttling, a server fault, access denied, a connection lost: :func:`~laiontools.core.storage.store_error`)
-    rather than the shard's own damage: one error naming `path` and the store (a task error, so that a Spark
-    task's reaches the CLI in one line too). None otherwise, and always for a local path: an I/O error there
-    is the file's, a finding."""
-    if "://" not in path or path.startswith("file://"):
-        return None
-    refused = store_error(e, path)
-    return task_error(str(refused)) if refused is not None else None
-
-
 def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
     """Read a webdataset tar to the end: (sample keys in order, uid per key ('' if no json uid), problems)."""
     fs, p = url_to_fs(path)
@@ -167,7 +154,7 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
                 if len(trailer) < 1024 or trailer.count(0) != 1024:
                     raise tarfile.ReadError(f"no end-of-archive marker after the last member (offset {tf.offset})")
     except (tarfile.TarError, OSError, EOFError, OverflowError) as e:  # OverflowError: tarfile reading by a base-256 size past 2**63
-        refused = _store_refusal(e, path)
+        refused = store_refusal(e, path)
         if refused is not None:  # (the shard's first read passed: a store that says "slow down" now is no damage of the shard)
             raise refused from e
         problems.append(f"truncated or unreadable tar ({type(e).__name__}: {e})")
@@ -195,7 +182,7 @@ def check_shard(sp: str, entry: dict) -> tuple[list[str] | None, int, list[str],
     except OSError as e:  # not readable by this user, an I/O error: a finding like a damaged tar, the rest is checked
         if "://" in sp and not sp.startswith("file://"):
             # an object store's refusal or an endpoint gone: one error for the store, naming the shard
-            refused = _store_refusal(e, sp)
+            refused = store_refusal(e, sp)
             if refused is not None:
                 raise refused from e
             raise
@@ -615,7 +602,7 @@ def check_removal_list(path: str, rl: Any, res: VerifyResult) -> None:
                         found += 1
                         res.problems.append(f"removal list {rl.path}: shard {name} sample {key} matches {hit}")
         except (tarfile.TarError, OSError, EOFError, OverflowError) as e:  # a damaged shard: named, and the others still checked
-            refused = _store_refusal(e, shard_url)
+            refused = store_refusal(e, shard_url)
             if refused is not None:
                 raise refused from e
             res.problems.append(f"removal list check: shard {shard_url} could not be checked against the list: unreadable "
