@@ -1196,6 +1196,30 @@ def test_the_catalogs_spans_of_a_tar_the_store_refuses_are_an_error_not_left_out
             index_source_shard(("00000", url))
 
 
+def test_prepare_probing_a_source_the_store_refuses_says_so_not_that_the_file_is_of_another_kind(s3, s3_server, bucket, monkeypatch):
+    """prepare reads a text source's first lines for its columns; a store's refusal of that read was "cannot read
+    (...); is it really uncompressed?", a question about the file's format. It is the store's error now."""
+    import fsspec
+
+    from laiontools.core.storage import S3_CLIENT_DEFAULTS, StorageError
+    from laiontools.stages.prepare import probe_columns
+    from laiontools.testing.s3server import S3Proxy
+
+    src = f"{bucket}/src/part-0.jsonl"
+    s3.pipe_file(src.split("://")[1], b'{"url": "http://a.example/1.jpg", "caption": "a"}\n')
+    s3.invalidate_cache()
+    assert probe_columns(src, "jsonl", None)[0] == ["url", "caption"]
+
+    def refused(method: str, path: str, headers) -> tuple[int, str, str] | None:
+        return (503, "SlowDown", "Please reduce your request rate.") if method == "GET" and path.endswith(".jsonl") else None
+
+    with S3Proxy(s3_server.endpoint, refused) as proxy:
+        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
+                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+        with pytest.raises(StorageError, match=rf"^{src}: the object store at .* is throttling requests or unavailable \(SlowDown: "):
+            probe_columns(src, "jsonl", None)
+
+
 def test_reshard_of_a_subset_whose_s3_uid_file_is_gone_names_it(s3, small_s3_subset, monkeypatch):
     """The subset's uid file deleted from the bucket: one ReshardError naming its s3:// URL and what to do
     (was a bare FileNotFoundError whose message was the key alone: "error: <bucket>/<key>")."""

@@ -323,6 +323,9 @@ def probe_columns(path: str, fmt: str, compression: str | None,
             raise InputError(f"{path}: its {compression or 'compressed'} data is cut short or damaged ({type(e).__name__}: "
                              f"{e}); copy or regenerate the file") from e
         except OSError as e:
+            refused = store_error(e, path)  # credentials, endpoint, throttling: not the file's format
+            if refused is not None:
+                raise refused from e
             raise InputError(f"{path}: cannot read ({e}); is it really {compression or 'uncompressed'}?") from e
 
 
