@@ -1081,6 +1081,21 @@ def test_reshard_in_process_reads_a_subsets_spans_from_s3(spark, s3, small_s3_po
     assert shards[0] == shards[1] == shards[2] and len(shards[0]) == 3
 
 
+def _through_proxy(monkeypatch, proxy, env: bool = True) -> None:
+    """This process's s3 clients talk to the store through `proxy` (an S3Proxy), asking botocore for one attempt a
+    request rather than our two, to keep the tests short (s3fs's own 5 retries remain); `env`: the endpoint
+    variables too, for the clients made from them (tasks, a run a test starts)."""
+    import fsspec
+
+    from laiontools.core.storage import S3_CLIENT_DEFAULTS
+
+    if env:
+        for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+            monkeypatch.setenv(var, proxy.endpoint)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
+                                                   "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+
+
 def test_reshard_from_a_store_that_says_slow_down_waits_and_writes_the_same_shards(s3, s3_server, small_s3_pool, small_s3_subset,
                                                                                    monkeypatch):
     """S3 refuses requests past its rate on a key prefix ("503 SlowDown") until it spreads the prefix out, and
@@ -1090,10 +1105,8 @@ def test_reshard_from_a_store_that_says_slow_down_waits_and_writes_the_same_shar
     again itself: reshard waits, then writes the shards it writes from a store that never refused; with no
     time left to wait, it fails in one line naming the source shard and the store's answer (was a raw
     OSError naming the output shard)."""
-    import fsspec
 
     from laiontools.contracts.manifest import read_manifest
-    from laiontools.core.storage import S3_CLIENT_DEFAULTS
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages.reshard import ReshardConfig, ReshardError
     from laiontools.testing.s3server import S3Proxy
@@ -1113,11 +1126,7 @@ def test_reshard_from_a_store_that_says_slow_down_waits_and_writes_the_same_shar
         return (503, "SlowDown", "Please reduce your request rate.") if seen[key] <= REFUSALS else None
 
     with S3Proxy(s3_server.endpoint, slow_down) as proxy:
-        for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
-            monkeypatch.setenv(var, proxy.endpoint)
-        # (botocore asked for one attempt a request, not our two, to keep the test short: s3fs's 5 remain)
-        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
-                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+        _through_proxy(monkeypatch, proxy)
         reshard_stage.run(ReshardConfig(manifest=small_s3_subset, output=f"{out}/rs-slow", shard_size=8))
         refused = sum(1 for m, p, _, st in proxy.requests if st == 503)
         assert refused >= REFUSALS * len(seen) and seen and max(seen.values()) == REFUSALS + 1, (refused, seen)  # refused, then served
@@ -1135,10 +1144,8 @@ def test_verify_of_a_store_that_says_slow_down_between_its_two_reads_names_no_da
     serves the first read and then refuses ("503 SlowDown") past its client's retries made the second a finding,
     "truncated or unreadable tar": an intact shard reported damaged, and verify exiting 1 as for a damaged pool.
     A store's refusal is now one error for the store, whichever read meets it, as the first read's was."""
-    import fsspec
 
     from laiontools.cli import main
-    from laiontools.core.storage import S3_CLIENT_DEFAULTS
     from laiontools.stages.verify import verify_manifest
     from laiontools.testing.s3server import S3Proxy
 
@@ -1153,10 +1160,7 @@ def test_verify_of_a_store_that_says_slow_down_between_its_two_reads_names_no_da
         return (503, "SlowDown", "Please reduce your request rate.") if reads[path] > 1 else None
 
     with S3Proxy(s3_server.endpoint, second_read_refused) as proxy:
-        for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
-            monkeypatch.setenv(var, proxy.endpoint)
-        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
-                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+        _through_proxy(monkeypatch, proxy)
         assert main(["verify", mpath]) == 2
         err = capsys.readouterr().err
         assert re.fullmatch(rf"laiontools verify: error: {small_s3_pool}/shards/0000[01].tar: the object store at {proxy.endpoint} is "
@@ -1170,11 +1174,9 @@ def test_the_catalogs_spans_of_a_tar_the_store_refuses_are_an_error_not_left_out
     keeps null spans, and reshard indexes it later. A store that refused the read ("503 SlowDown") gave the same
     null spans: a catalog other than an uninterrupted run's, silently. It is now the task's error, naming the tar;
     and reshard's own index of such a tar no longer calls the refusal damage ("re-download it")."""
-    import fsspec
     import pyarrow as pa
 
     from laiontools.core.errors import TaskError
-    from laiontools.core.storage import S3_CLIENT_DEFAULTS
     from laiontools.stages.download import shard_spans
     from laiontools.stages.reshard import index_source_shard
     from laiontools.testing.s3server import S3Proxy
@@ -1187,8 +1189,7 @@ def test_the_catalogs_spans_of_a_tar_the_store_refuses_are_an_error_not_left_out
         return (503, "SlowDown", "Please reduce your request rate.") if method == "GET" and path.endswith("/shards/00000.tar") else None
 
     with S3Proxy(s3_server.endpoint, refused) as proxy:
-        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
-                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+        _through_proxy(monkeypatch, proxy, env=False)
         with pytest.raises(TaskError, match=rf"{url}: the object store at .* is throttling requests or unavailable \(SlowDown: "):
             list(shard_spans([batch]))
         # reshard's index of a tar without spans said "truncated or unreadable ... re-download it" of the same refusal
@@ -1199,9 +1200,8 @@ def test_the_catalogs_spans_of_a_tar_the_store_refuses_are_an_error_not_left_out
 def test_prepare_probing_a_source_the_store_refuses_says_so_not_that_the_file_is_of_another_kind(s3, s3_server, bucket, monkeypatch):
     """prepare reads a text source's first lines for its columns; a store's refusal of that read was "cannot read
     (...); is it really uncompressed?", a question about the file's format. It is the store's error now."""
-    import fsspec
 
-    from laiontools.core.storage import S3_CLIENT_DEFAULTS, StorageError
+    from laiontools.core.storage import StorageError
     from laiontools.stages.prepare import probe_columns
     from laiontools.testing.s3server import S3Proxy
 
@@ -1214,8 +1214,7 @@ def test_prepare_probing_a_source_the_store_refuses_says_so_not_that_the_file_is
         return (503, "SlowDown", "Please reduce your request rate.") if method == "GET" and path.endswith(".jsonl") else None
 
     with S3Proxy(s3_server.endpoint, refused) as proxy:
-        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
-                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+        _through_proxy(monkeypatch, proxy, env=False)
         with pytest.raises(StorageError, match=rf"^{src}: the object store at .* is throttling requests or unavailable \(SlowDown: "):
             probe_columns(src, "jsonl", None)
 
@@ -1903,9 +1902,7 @@ def test_reshard_from_a_store_that_says_slow_down_to_heads_too_fails_in_one_line
     body: botocore reads its code as "503" and s3fs raises OSError(EBUSY, "Service Unavailable"), without the
     words of a GET's SlowDown. Once a task has no time left to wait, read() opens the source shard (a HEAD) and
     that refusal surfaced raw (no one-line error naming the source shard, no hint of throttling)."""
-    import fsspec
 
-    from laiontools.core.storage import S3_CLIENT_DEFAULTS
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages.reshard import ReshardConfig, ReshardError
     from laiontools.testing.s3server import S3Proxy
@@ -1919,10 +1916,7 @@ def test_reshard_from_a_store_that_says_slow_down_to_heads_too_fails_in_one_line
         return None
 
     with S3Proxy(s3_server.endpoint, slow_down) as proxy:
-        for var in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
-            monkeypatch.setenv(var, proxy.endpoint)
-        monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint,
-                                                       "config_kwargs": {**S3_CLIENT_DEFAULTS, "retries": {"total_max_attempts": 1}}})
+        _through_proxy(monkeypatch, proxy)
         monkeypatch.setattr(reshard_stage, "THROTTLE_WAIT_S", 0.0)
         with pytest.raises(ReshardError, match=rf"^source shard {small_s3_pool}/shards/\S+: the object store refused its reads as "
                                                r"too many requests \(.*\) after this task had waited 0 s"):
