@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/bench_task_memory.py [--pools 250x4 1000x4 250x16] [--out bench-out]
 
-A pool is <samples per shard>x<shards attempted>: the default's first two differ in the shard's size only,
-the first and third in the pool's only, so a figure that follows the shard and one that follows the pool
-tell apart. For each pool, one synthetic source (realistic photo-like images, 256 px JPEG q95 as LAION's, the
+A pool is <samples per shard>x<shards attempted>: the default's 1000x4 and 250x16 are one pool in shards of
+two sizes, 250x4 and 250x16 shards of one size in pools of two sizes, so a figure that follows the shard and
+one that follows the pool tell apart. For each pool, one synthetic source (realistic photo-like images, 256 px JPEG q95 as LAION's, the
 synthetic source's usual share of broken rows) is served on 127.0.0.1 and every Spark stage is run through
 ``spark-submit --master local[2] jobs/<stage>.py``, as bench/bench_cluster.py does on a standalone cluster:
 download (source -> pool, catalog), verify, subsets (two nested scales), reshard (the larger), embed (lt-tiny,
@@ -100,7 +100,11 @@ class TreePoller(threading.Thread):
                 if "VmHWM" not in st:
                     continue
                 rec = self.procs.setdefault(p, {"ppid": st["PPid"], "cmd": "", "hwm_kb": 0})
-                rec["cmd"] = _cmdline(p) or rec["cmd"]  # read each time: spark-submit's bash execs the JVM in its pid
+                cmd = _cmdline(p) or rec["cmd"]  # read each time: spark-submit's bash execs the JVM in its pid
+                if cmd != rec["cmd"]:
+                    # an exec: the new program's peak starts afresh (a child caught between fork and exec shows
+                    # its parent's RSS, which is not the child's)
+                    rec["cmd"], rec["hwm_kb"] = cmd, 0
                 rec["hwm_kb"] = max(rec["hwm_kb"], st["VmHWM"])
             jvm = [p for p in stats if self.procs.get(p, {}).get("cmd", "").split(" ")[0].endswith("java")]
             if jvm:
@@ -128,6 +132,7 @@ class TreePoller(threading.Thread):
                 "daemon_rss_mb": max((mb[p] for p in daemon), default=None),
                 "worker_rss_mb": sorted((mb[p] for p in workers), reverse=True),
                 "task_child_rss_mb": sorted((mb[p] for p in below), reverse=True),
+                "task_child_cmds": sorted({self.procs[p]["cmd"][:80] for p in below}),
                 "sum_jvm_python_rss_peak_mb": round(self.sum_python_rss_peak_kb / 1024, 1)}
 
 
@@ -301,32 +306,17 @@ def _catalog_rows(cat: Path):
         yield from range(pq.ParquetFile(f).metadata.num_rows)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pools", nargs="+", default=["250x4", "1000x4", "250x16"],
-                    help="<samples per shard>x<shards attempted>, one pool each")
-    ap.add_argument("--stages", nargs="+", default=STAGES, help=argparse.SUPPRESS)
-    ap.add_argument("--index-rows", type=int, default=250_000, help="dedup index-load probe: rows of a flat index (0: skip)")
-    ap.add_argument("--index-dim", type=int, default=512)
-    ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--work", default=None, help="scratch folder (default: <out>/task-memory-work)")
-    a = ap.parse_args()
-    work = Path(a.work or os.path.join(a.out, "task-memory-work")).resolve()
-    load_before = [round(x, 1) for x in os.getloadavg()]
-    sizes = {}
-    for n in a.pools:
-        per_shard, shards = (int(x) for x in n.split("x"))
-        w = work / f"pool-{n}"
-        shutil.rmtree(w, ignore_errors=True)
-        w.mkdir(parents=True)
-        sizes[n] = run_size(per_shard, shards, w)
-        shutil.rmtree(w / "web", ignore_errors=True)
-    probe = index_load(work, a.index_rows, a.index_dim) if a.index_rows else None
-    lines = ["", "peak RSS, MB (/proc VmHWM; workers: the largest and how many; py-tree: Spark's ProcessTreePythonRSSMemory)",
+def table(figures: dict[str, Any]) -> str:
+    """The figures as three tables: peak RSS per process role, shuffle writes, shuffle totals per catalog row."""
+    sizes, probe = figures["sizes"], figures.get("dedup_index_load")
+    lines = ["", ("peak RSS, MB (/proc VmHWM; worker: the largest Python worker, n: how many; child: the largest process "
+             "a task forked; py-tree: Spark's ProcessTreePythonRSSMemory; /proc sum: the same sum from /proc)"),
              (f"{'stage':>9} {'pool':>7} {'worker':>7} {'n':>2} {'child':>6} {'driver':>7} {'JVM':>6} {'heap':>6} "
-             f"{'py-tree':>8} {'/proc sum':>9} {'wall s':>7}")]
+              f"{'py-tree':>8} {'/proc sum':>9} {'wall s':>7}")]
     shuffle_lines = ["", "shuffle writes (task metrics summed per Spark stage)",
                      f"{'stage':>9} {'pool':>7} {'records':>9} {'bytes':>10} {'B/rec':>6} {'B/cat row':>9}  spark stage"]
+    total_lines = ["", "shuffle written per catalog row, all of a stage's exchanges (largest one)",
+                   f"{'stage':>9} {'pool':>7} {'cat rows':>9} {'exchanges':>9} {'B/cat row':>9} {'largest':>8}"]
     for st in STAGES:
         for n, r in sizes.items():
             f = r["stages"].get(st)
@@ -338,18 +328,53 @@ def main() -> int:
                          f"{f['driver_python_rss_mb']!s:>7} {f['jvm_rss_mb']!s:>6} {ev['peaks_mb'].get('JVMHeapMemory', '-')!s:>6} "
                          f"{ev['peaks_mb'].get('ProcessTreePythonRSSMemory', '-')!s:>8} "
                          f"{f['sum_jvm_python_rss_peak_mb']!s:>9} {f['wall_s']:>7}")
+            rows = r["pool"]["rows"]
             for x in ev["shuffles"]:
                 b, rec = x["shuffle_write_bytes"], x["shuffle_write_records"]
-                shuffle_lines.append(f"{st:>9} {n:>7} {rec:>9} {b:>10} {b / max(rec, 1):>6.0f} {b / r['pool']['rows']:>9.0f}  {x.get('name', '?')[:60]}")
-    lines += shuffle_lines
+                shuffle_lines.append(f"{st:>9} {n:>7} {rec:>9} {b:>10} {b / max(rec, 1):>6.0f} {b / rows:>9.0f}  {x.get('name', '?')[:60]}")
+            if ev["shuffles"]:
+                tot = sum(x["shuffle_write_bytes"] for x in ev["shuffles"])
+                big = max(x["shuffle_write_bytes"] for x in ev["shuffles"])
+                total_lines.append(f"{st:>9} {n:>7} {rows:>9} {len(ev['shuffles']):>9} {tot / rows:>9.0f} {big / rows:>8.0f}")
+    lines += shuffle_lines + total_lines
     if probe:
         lines += ["", f"dedup index load (a fresh process): {probe}"]
+    lines += ["", f"command: {figures['command']}   load average {figures['loadavg_1_5_15']}"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pools", nargs="+", default=["250x4", "1000x4", "250x16"],
+                    help="<samples per shard>x<shards attempted>, one pool each")
+    ap.add_argument("--stages", nargs="+", default=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--index-rows", type=int, default=250_000, help="dedup index-load probe: rows of a flat index (0: skip)")
+    ap.add_argument("--index-dim", type=int, default=512)
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--work", default=None, help="scratch folder (default: <out>/task-memory-work)")
+    ap.add_argument("--show", default=None, metavar="JSON", help="print the tables of a task_memory.json and exit")
+    a = ap.parse_args()
+    if a.show:
+        with open(a.show) as f:
+            print(table(json.load(f)))
+        return 0
+    work = Path(a.work or os.path.join(a.out, "task-memory-work")).resolve()
+    load_before = [round(x, 1) for x in os.getloadavg()]
+    sizes = {}
+    for n in a.pools:
+        per_shard, shards = (int(x) for x in n.split("x"))
+        w = work / f"pool-{n}"
+        shutil.rmtree(w, ignore_errors=True)
+        w.mkdir(parents=True)
+        sizes[n] = run_size(per_shard, shards, w)
+        shutil.rmtree(w / "web", ignore_errors=True)
+    probe = index_load(work, a.index_rows, a.index_dim) if a.index_rows else None
     figures = {"benchmark": "executor memory and shuffle bytes per stage, Spark local[2] (issue 12)",
                "machine": f"{os.cpu_count()} cpus",
                "loadavg_1_5_15": {"before": load_before, "after": [round(x, 1) for x in os.getloadavg()]},
                "sizes": sizes, "dedup_index_load": probe, "command": ("python bench/bench_task_memory.py " + " ".join(sys.argv[1:])).strip()}
     rc = write_figures(a.out, "task_memory.json", figures)
-    print("\n".join(lines))
+    print(table(figures))
     return rc
 
 
