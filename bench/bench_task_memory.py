@@ -109,7 +109,7 @@ class TreePoller(threading.Thread):
             jvm = [p for p in stats if self.procs.get(p, {}).get("cmd", "").split(" ")[0].endswith("java")]
             if jvm:
                 py = [p for p in stats if "VmRSS" in stats[p] and _under(p, jvm[0], stats)
-                      and "python" in self.procs.get(p, {}).get("cmd", "")]
+                      and "python" in self.procs.get(p, {}).get("cmd", "").split(" ")[0]]
                 self.sum_python_rss_peak_kb = max(self.sum_python_rss_peak_kb, sum(stats[p]["VmRSS"] for p in py))
             time.sleep(POLL_S)
 
