@@ -16,6 +16,7 @@ Measured, per stage:
     process, monotone, so the last reading before a process exits holds its peak up to that moment): the JVM
     (driver and executor in local mode), the Python driver, the pyspark daemon, each Python worker (the
     daemon's children, which run the tasks; reused across tasks, Spark's default) and any process a task forks;
+    and the workers' peak virtual size (VmPeak: spark.executor.pyspark.memory limits that, not the RSS);
   * from Spark's event log: the JVM's peak heap (JVMHeapMemory) and the executor's process-tree Python RSS
     (ProcessTreePythonRSSMemory, the sum over the JVM's Python descendants, Spark's own reading; the
     cross-check of the /proc figures), and per Spark stage the records read and the shuffle bytes and records
@@ -50,7 +51,7 @@ def _status(pid: int) -> dict[str, int] | None:
             out = {}
             for line in f:
                 k, _, v = line.partition(":")
-                if k in ("PPid", "VmHWM", "VmRSS"):
+                if k in ("PPid", "VmHWM", "VmRSS", "VmPeak"):
                     out[k] = int(v.split()[0])
             return out
     except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -99,13 +100,14 @@ class TreePoller(threading.Thread):
             for p, st in stats.items():
                 if "VmHWM" not in st:
                     continue
-                rec = self.procs.setdefault(p, {"ppid": st["PPid"], "cmd": "", "hwm_kb": 0})
+                rec = self.procs.setdefault(p, {"ppid": st["PPid"], "cmd": "", "hwm_kb": 0, "vm_kb": 0})
                 cmd = _cmdline(p) or rec["cmd"]  # read each time: spark-submit's bash execs the JVM in its pid
                 if cmd != rec["cmd"]:
                     # an exec: the new program's peak starts afresh (a child caught between fork and exec shows
                     # its parent's RSS, which is not the child's)
-                    rec["cmd"], rec["hwm_kb"] = cmd, 0
+                    rec["cmd"], rec["hwm_kb"], rec["vm_kb"] = cmd, 0, 0
                 rec["hwm_kb"] = max(rec["hwm_kb"], st["VmHWM"])
+                rec["vm_kb"] = max(rec["vm_kb"], st.get("VmPeak", 0))  # virtual: what RLIMIT_AS limits
             jvm = [p for p in stats if self.procs.get(p, {}).get("cmd", "").split(" ")[0].endswith("java")]
             if jvm:
                 py = [p for p in stats if "VmRSS" in stats[p] and _under(p, jvm[0], stats)
@@ -131,6 +133,7 @@ class TreePoller(threading.Thread):
                 "driver_python_rss_mb": max((mb[p] for p in driver), default=None),
                 "daemon_rss_mb": max((mb[p] for p in daemon), default=None),
                 "worker_rss_mb": sorted((mb[p] for p in workers), reverse=True),
+                "worker_vmpeak_mb": max((round(self.procs[p]["vm_kb"] / 1024, 1) for p in workers), default=None),
                 "task_child_rss_mb": sorted((mb[p] for p in below), reverse=True),
                 "task_child_cmds": sorted({self.procs[p]["cmd"][:80] for p in below}),
                 "sum_jvm_python_rss_peak_mb": round(self.sum_python_rss_peak_kb / 1024, 1)}
