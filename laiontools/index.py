@@ -23,7 +23,7 @@ import numpy as np
 
 from laiontools.contracts import layout
 from laiontools.core.errors import UserError
-from laiontools.core.storage import join, read_json, sha256_bytes, url_to_fs
+from laiontools.core.storage import is_local, join, read_json, sha256_file, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,58 @@ def deserialize(data: bytes, use_gpu: bool = True) -> Any:
     index probing more than :data:`GPU_MAX_K` lists stays on the CPU (a GPU one could not search)."""
     import faiss
 
-    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    return on_device(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), use_gpu)
+
+
+# Bytes of an index file read (and hashed) at a time by :func:`read_checked`.
+READ_CHUNK = 8 << 20
+
+
+def read_checked(path: str, sha: str, use_gpu: bool = True) -> Any:
+    """The index in file `path`, whose sha256 must be `sha` (UserError naming the file if not), moved as
+    :func:`deserialize` moves it. Without the file's bytes held beside the index: a local file is hashed, then
+    read by faiss straight into the index (peak ~1x the file); a store's is read into faiss's own reader
+    buffer, hashed on the way, then the index built from it (~2x). Reading the bytes whole and deserializing
+    them held three copies at once (bytes, faiss's copy of them, the index): ~14 GB in every search worker for
+    a 1.5M x 768 evaluation index (BENCHMARKS "Executor memory and shuffle bytes per stage")."""
+    import hashlib
+
+    import faiss
+
+    changed = f"{path} changed since the job started (sha256 mismatch); re-run dedup"
+    fs, p = url_to_fs(path)
+    if is_local(fs):
+        if sha256_file(p)[0] != sha:
+            raise UserError(changed)
+        return on_device(faiss.read_index(p), use_gpu)
+    size = int(fs.size(p))
+    reader = faiss.VectorIOReader()
+    reader.data.resize(size)
+    h, pos = hashlib.sha256(), 0
+    if size:
+        view = memoryview(faiss.rev_swig_ptr(reader.data.data(), size))  # the reader's buffer, no copy
+        # (no read-ahead cache: s3fs's and gcsfs's default keeps a 50 MB block, and the whole of a smaller file,
+        # beside the buffer it is read into)
+        with fs.open(p, "rb", block_size=READ_CHUNK, cache_type="none") as f:
+            while pos < size:
+                got = f.readinto(view[pos : pos + READ_CHUNK])
+                if not got:
+                    break
+                h.update(view[pos : pos + got])
+                pos += got
+        del view
+    if pos != size or h.hexdigest() != sha:
+        raise UserError(changed)
+    index = faiss.read_index(reader)
+    del reader
+    return on_device(index, use_gpu)
+
+
+def on_device(index: Any, use_gpu: bool = True) -> Any:
+    """`index` (a CPU index) moved to all GPUs when faiss sees any and `use_gpu`, IVF nprobe kept; an IVF index
+    probing more than :data:`GPU_MAX_K` lists stays on the CPU (a GPU one could not search)."""
+    import faiss
+
     if use_gpu and (getattr(index, "nprobe", 0) or 0) > GPU_MAX_K:
         log.warning("IVF nprobe %d is more than a faiss GPU index probes (%d): searching on the CPU", index.nprobe, GPU_MAX_K)
         use_gpu = False
@@ -156,6 +207,15 @@ _CACHE: dict[tuple[str, bool], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def put_cached(sha: str, use_gpu: bool, index: Any) -> Any:
+    """Make `index` (a CPU index, whose file's sha256 is `sha`) the one :func:`load_cached` gives for `sha`,
+    moved as :func:`deserialize` moves it: an index built in this process is searched without reading its file."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        hit = _CACHE[(sha, bool(use_gpu))] = on_device(index, use_gpu)
+        return hit
+
+
 def load_cached(index_path: str, sha: str, use_gpu: bool = True, data: bytes | None = None) -> Any:
     """The index at `index_path` (checked against `sha`), loaded once per process. `data`: the file's
     bytes, already read and checked against `sha` by the caller (then the file is not read again)."""
@@ -164,10 +224,6 @@ def load_cached(index_path: str, sha: str, use_gpu: bool = True, data: bytes | N
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
-        if data is None:
-            data = read_bytes(index_path)
-            if sha256_bytes(data) != sha:
-                raise UserError(f"{index_path} changed since the job started (sha256 mismatch); re-run dedup")
-        _CACHE.clear()  # one index per process: a new job's index replaces the last
-        hit = _CACHE[key] = deserialize(data, use_gpu=use_gpu)
+        _CACHE.clear()  # one index per process: a new job's index replaces the last (freed before the next loads)
+        hit = _CACHE[key] = read_checked(index_path, sha, use_gpu) if data is None else deserialize(data, use_gpu=use_gpu)
         return hit

@@ -315,15 +315,17 @@ class PreparedIndex:
     desc: dict[str, Any]
     index_bytes: bytes | None
     items_bytes: bytes
+    index: Any = None  # the faiss index just built (CPU), when asked for (keep_index) and built by this call
 
 
-def prepared_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes: bool) -> PreparedIndex:
+def prepared_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes: bool, keep_index: bool = False) -> PreparedIndex:
     """:func:`prepare_index`, with the items file's bytes (read once, checked, for the caller to read the
     items from rather than the file again), and with `keep_bytes` the index file's, for a search in this
     process to load without reading and hashing the file again (~3 s a pass for 1.5M evaluation images);
     without it, None (the file is hashed as it streams by: a driver whose search runs in Spark tasks keeps
     no copy). The items file is small beside the index (a few columns per evaluation image) and the
-    driver reads it whole for the summary anyway."""
+    driver reads it whole for the summary anyway. `keep_index`: the index object when this call builds it
+    (a search in this process then loads nothing)."""
     import pyarrow.parquet as pq
 
 
@@ -407,7 +409,7 @@ def prepared_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes
     }
     write_json(paths["json"], desc)  # written last: its presence means the index is complete
     log.info("evaluation index: %d vectors of dim %d (%s) in %s", index.ntotal, vectors.shape[1], params["index_type"], paths["index"])
-    return PreparedIndex(desc, data if keep_bytes else None, items_bytes)
+    return PreparedIndex(desc, data if keep_bytes else None, items_bytes, index if keep_index else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -842,16 +844,19 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     # a re-run whose shards are all marked searches none of them (unless a marker is stale, when the search
     # loads the file itself): no index bytes held and no index loaded for it, the file's check streamed
     keep = in_process and not _every_shard_marked(cfg.output, pool.shard_ids)
-    prepared = prepared_index(cfg, pool, sets, keep_bytes=keep)
-    index_desc, index_bytes = prepared.desc, prepared.index_bytes
+    # The index's bytes are not kept for the search here: the index just built is, or else the search loads the
+    # file once (index.read_checked, about the index's size), where bytes kept and deserialized held three copies
+    # at once (14 GB at 1.5M x 768); a reused index costs one more sha256 pass over its file (~3 s at that size).
+    prepared = prepared_index(cfg, pool, sets, keep_bytes=False, keep_index=keep)
+    index_desc = prepared.desc
 
     write_record(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})
     items = _read_items(prepared.items_bytes)  # the items file's bytes as built or checked: not read again
     ctx = search_context(cfg, index_desc)
-    if index_bytes is not None:  # the search runs here: it loads the index just built or checked, not the file again
-        DI.load_cached(ctx["index_path"], ctx["index_sha256"], ctx["gpu"], data=index_bytes)
-        del index_bytes
-    if keep:  # ... and the items' lookups from the same bytes
+    if prepared.index is not None:  # built here: the search takes it, no file read
+        DI.put_cached(ctx["index_sha256"], ctx["gpu"], prepared.index)
+        prepared.index = None
+    if keep:  # the search runs here: the items' lookups from the bytes just built or checked
         _lookups(ctx["items_path"], ctx["items_sha256"], ctx["evalset_names"], data=prepared.items_bytes)
     del prepared
     if cfg.gpu and not ctx["gpu"] and DI.gpu_count() > 0:

@@ -249,10 +249,13 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     dcfg = DedupConfig(embeddings=cfg.embeddings, evalset=cfg.evalset, evalsets_yaml=cfg.evalsets_yaml, output=cfg.output,
                        index=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, pretrained=cfg.pretrained, device=cfg.device,
                        batch_size=cfg.batch_size, gpu=True, eval_geometry=cfg.eval_geometry)
-    # the index and items files' bytes as built, or as read and checked against index.json: not read again
-    prepared = prepared_index(dcfg, pool, sets, keep_bytes=True)
+    # the index as built, or loaded from its file checked against index.json (index.read_checked: no copy of its
+    # bytes held beside it, where the bytes kept and deserialized were three copies at once); the items' bytes as
+    # built or checked
+    prepared = prepared_index(dcfg, pool, sets, keep_bytes=False, keep_index=True)
     index_desc, items_bytes = prepared.desc, prepared.items_bytes
-    index = DI.deserialize(prepared.index_bytes)
+    index = (DI.on_device(prepared.index) if prepared.index is not None else
+             DI.read_checked(DI.index_paths(cfg.output)["index"], index_desc["index_sha256"]))
     del prepared
     embedder = make_embedder(cfg.embeddings, cfg.pretrained, cfg.device, cfg.batch_size)
     DI.check_model(pool.model, embedder.info, cfg.embeddings, "the calibration Embedder")
