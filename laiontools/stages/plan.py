@@ -91,6 +91,17 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 IVF_WORK = 1 / 150  # an IVF index's search work against a flat one's (nprobe 16 of ~nlist 2,400; estimate)
+# What a Python worker (one per core) holds, in GB, per stage: a base measured at small shards, plus a multiple of
+# the bytes of one shard at the plan's shard size (measured: the growth from 5.7 to 21.6 MB shards, 26 KB samples;
+# BENCHMARKS 'Executor memory and shuffle bytes per stage'). dedup adds its index (held once a worker; while it
+# loads 1.05x from a local file, ~2.3x from an object store); semdedup is bounded by its settings (~0.5 GB).
+WORKER_MEMORY: dict[str, tuple[float, float]] = {
+    "prepare": (0.74, 0.0), "download": (0.74, 0.3), "embed": (0.99, 3.0), "dedup": (0.19, 0.6), "semdedup": (0.5, 0.0),
+    "subsets": (0.42, 0.0), "reshard": (0.3, 0.0), "verify": (0.09, 0.3), "takedown": (0.17, 1.6),
+}
+INDEX_LOAD_FROM_STORE = 2.3  # peak of an index's load from an object store, in index bytes (from a local file: 1.05)
+JVM_OFF_HEAP_GB = 0.5  # an executor JVM's RSS above its heap (0.26-0.47 GB measured), for memoryOverhead
+DOWNLOAD_SHUFFLE = 890  # bytes a catalog row, every exchange of prepare + download (measured, lz4)
 UID_BYTES = 16  # a uid in a uid file (two uint64)
 EMB_BYTES = 2  # fp16 embeddings
 
@@ -235,6 +246,26 @@ def make_plan(p: PlanInputs) -> dict[str, Any]:
         _hours(attempted, R["catalog_scan"]), reads=_r(attempted * R["catalog_bytes"].lo, attempted * R["catalog_bytes"].hi),
         note="a uid / url / domain list: one pass over the catalog, then a rewrite of each shard that holds a listed sample")
 
+    # memory: a Python worker per core, at this plan's shard size (the largest shard: sample_kb's high end)
+    shard_gb = p.shard_size * kb[1] * 1e3 / 1e9
+    index_gb = p.evalset_images * dim * 4 / 1e9
+    for st in stages:
+        base, per_shard = WORKER_MEMORY[st["stage"]]
+        gb = base + per_shard * shard_gb
+        if st["stage"] == "dedup":
+            gb += index_gb * INDEX_LOAD_FROM_STORE  # (a load from a store; a local index file: 1.05x)
+        st["worker_gb"] = round(gb, 2)
+    per_core = max(st["worker_gb"] for st in stages if st["stage"] not in ("embed", "dedup"))
+    shuffle_peak = max([DOWNLOAD_SHUFFLE * attempted, *(st["shuffle_bytes"][1] for st in stages)])
+    _dl = next(st for st in stages if st["stage"] == "download")
+    _dl["shuffle_bytes"] = (DOWNLOAD_SHUFFLE * attempted, DOWNLOAD_SHUFFLE * attempted)
+    executors = {
+        "executor_cores": 4, "executor_memory_gb": 4,
+        "memory_overhead_gb": math.ceil(4 * per_core + JVM_OFF_HEAP_GB),
+        "dedup": {"executor_cores": 2, "memory_overhead_gb": math.ceil(2 * (0.19 + index_gb * INDEX_LOAD_FROM_STORE) + JVM_OFF_HEAP_GB)},
+        "local_dir_gb_per_node": math.ceil(2 * shuffle_peak / p.nodes / 1e9),
+    }
+
     catalog = _r(attempted * R["catalog_bytes"].lo, attempted * R["catalog_bytes"].hi)
     stored = {"pool": pool_bytes, "embeddings": (emb, emb), "reshards": rs_bytes, "catalog": catalog,
               "uid_files": (uid_bytes, uid_bytes), "spans": _r(spans_rows * R["spans_bytes"].lo, spans_rows * R["spans_bytes"].hi)}
@@ -250,7 +281,7 @@ def make_plan(p: PlanInputs) -> dict[str, Any]:
     return {
         "inputs": {k: v for k, v in dataclasses.asdict(p).items() if k != "rates"},
         "pool_samples": pool, "download_shards": shards, "catalog_shuffle_partitions": catalog_parts, "catalog_files": catalog_files,
-        "short_scales": short, "stages": stages, "storage_bytes": stored, "storage_tb": total_tb,
+        "short_scales": short, "stages": stages, "executors": executors, "storage_bytes": stored, "storage_tb": total_tb,
         "cost_usd": {"once": once, "monthly": monthly, "core_hours": core_h, "gpu_hours": gpu_h, "gets": gets},
         "rates": {k: dataclasses.asdict(v) for k, v in R.items()} | {f"embed_gpu:{p.model}": dataclasses.asdict(gpu)},
     }
@@ -284,14 +315,21 @@ def summary(plan: dict[str, Any]) -> str:
              "core-h": _span(s["core_hours"]), "GPU-h": _span(s["gpu_hours"]), "wall h": _span(s["wall_hours"]),
              "reads": _span(s["read_bytes"], _bytes) if any(s["read_bytes"]) else "-",
              "writes": _span(s["write_bytes"], _bytes) if any(s["write_bytes"]) else "-",
-             "GETs": _n(s["gets"]) if s["gets"] else "-", "shuffle": _span(s["shuffle_bytes"], _bytes) if any(s["shuffle_bytes"]) else "-"}
+             "GETs": _n(s["gets"]) if s["gets"] else "-", "shuffle": _span(s["shuffle_bytes"], _bytes) if any(s["shuffle_bytes"]) else "-",
+             "GB/core": f"{s['worker_gb']:.2g}"}
             for s in plan["stages"]]
-    c = plan["cost_usd"]
+    c, e = plan["cost_usd"], plan["executors"]
     lines = [
         (f"plan: {i['rows']:,} rows attempted, {i['success']:g} downloaded => {plan['pool_samples']:,} samples; "
          f"{i['nodes']} node(s) x {i['cores_per_node']} cores, {i['gpus']} GPU(s); scales {', '.join(_n(s) for s in i['scales']) or 'none'}"),
         table(rows), "",
         "notes: " + "\n       ".join(f"{s['stage']}: {s['note']}" for s in plan["stages"] if s["note"]), "",
+        (f"executors (16-core nodes, YARN/Kubernetes): --executor-cores {e['executor_cores']} --executor-memory {e['executor_memory_gb']}g "
+         f"--conf spark.executor.memoryOverhead={e['memory_overhead_gb']}g (the Python workers live there, one a core; leave "
+         f"spark.executor.pyspark.memory unset); dedup: --executor-cores {e['dedup']['executor_cores']} and memoryOverhead "
+         f"{e['dedup']['memory_overhead_gb']}g (each worker holds the eval index); embed: an executor a GPU, memoryOverhead for "
+         f"its decode workers; spark.local.dir: {e['local_dir_gb_per_node']} GB a node (twice the largest stage's shuffle, "
+         "for spills and skew; docs/scale.md 'Executor settings')"),
         "stored: " + ", ".join(f"{k} {_span(v, _bytes)}" for k, v in plan["storage_bytes"].items())
         + f"; total {_span(plan['storage_tb'], lambda x: f'{x:.3g}')} TB",
         (f"cost before training (takedown not counted): {_span(c['core_hours'])} core-h, {_span(c['gpu_hours'])} GPU-h, "
