@@ -304,28 +304,27 @@ def prepare_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any]) -> dict[str
     Reused when index.json exists for the same evaluation sets, index settings and pHash setting; an
     index of another model is refused naming both models (its vectors cannot be compared).
     """
-    return prepared_index(cfg, pool, sets, keep_bytes=False).desc
+    return prepared_index(cfg, pool, sets).desc
 
 
 @dataclasses.dataclass
 class PreparedIndex:
-    """What :func:`prepared_index` gives: index.json's content, and the bytes of the index and items files
-    as built, or as read and checked against index.json's sha256 when reused (None: not kept)."""
+    """What :func:`prepared_index` gives: index.json's content, the items file's bytes as built, or as read and
+    checked against index.json's sha256 when reused, and the index itself when asked for and built by this call."""
 
     desc: dict[str, Any]
-    index_bytes: bytes | None
     items_bytes: bytes
     index: Any = None  # the faiss index just built (CPU), when asked for (keep_index) and built by this call
 
 
-def prepared_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes: bool, keep_index: bool = False) -> PreparedIndex:
+def prepared_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_index: bool = False) -> PreparedIndex:
     """:func:`prepare_index`, with the items file's bytes (read once, checked, for the caller to read the
-    items from rather than the file again), and with `keep_bytes` the index file's, for a search in this
-    process to load without reading and hashing the file again (~3 s a pass for 1.5M evaluation images);
-    without it, None (the file is hashed as it streams by: a driver whose search runs in Spark tasks keeps
-    no copy). The items file is small beside the index (a few columns per evaluation image) and the
-    driver reads it whole for the summary anyway. `keep_index`: the index object when this call builds it
-    (a search in this process then loads nothing)."""
+    items from rather than the file again), and with `keep_index` the index object when this call builds it
+    (a search in this process then loads nothing). A reused index file is hashed as it streams by; no copy
+    of its bytes is kept (a search loads it with index.read_checked, which holds none beside the index: the
+    bytes kept and deserialized were three copies at once, ~14 GB for 1.5M evaluation images). The items
+    file is small beside the index (a few columns per evaluation image) and the driver reads it whole for
+    the summary anyway."""
     import pyarrow.parquet as pq
 
 
@@ -346,13 +345,7 @@ def prepared_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes
             and existing["request"] == want_params
             and (existing["phash"] or not cfg.phash)
         )
-        index_bytes = None
-        if same and keep_bytes:
-            fs, p = url_to_fs(paths["index"])
-            index_bytes = DI.read_bytes(paths["index"]) if fs.exists(p) else None
-            intact = index_bytes is not None and sha256_bytes(index_bytes) == existing["index_sha256"]
-        else:
-            intact = same and _file_sha256(paths["index"]) == existing["index_sha256"]
+        intact = same and _file_sha256(paths["index"]) == existing["index_sha256"]
         items_bytes = None
         if intact:
             fs, p = url_to_fs(paths["items"])
@@ -360,8 +353,8 @@ def prepared_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes
             intact = items_bytes is not None and sha256_bytes(items_bytes) == existing["items_sha256"]
         if intact and items_bytes is not None:
             log.info("reusing the evaluation index in %s (%d vectors)", paths["index"], existing["ntotal"])
-            return PreparedIndex(existing, index_bytes, items_bytes)
-        del index_bytes, items_bytes
+            return PreparedIndex(existing, items_bytes)
+        del items_bytes
         if same:
             log.warning("%s or %s is missing or differs from %s (damaged, or a run killed while it rebuilt them): "
                         "rebuilding the index", paths["index"], paths["items"], paths["json"])
@@ -409,7 +402,7 @@ def prepared_index(cfg: DedupConfig, pool: PoolInfo, sets: list[Any], keep_bytes
     }
     write_json(paths["json"], desc)  # written last: its presence means the index is complete
     log.info("evaluation index: %d vectors of dim %d (%s) in %s", index.ntotal, vectors.shape[1], params["index_type"], paths["index"])
-    return PreparedIndex(desc, data if keep_bytes else None, items_bytes, index if keep_index else None)
+    return PreparedIndex(desc, items_bytes, index if keep_index else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,7 +840,7 @@ def run(cfg: DedupConfig, spark: Any = None) -> StageResult:
     # The index's bytes are not kept for the search here: the index just built is, or else the search loads the
     # file once (index.read_checked, about the index's size), where bytes kept and deserialized held three copies
     # at once (14 GB at 1.5M x 768); a reused index costs one more sha256 pass over its file (~3 s at that size).
-    prepared = prepared_index(cfg, pool, sets, keep_bytes=False, keep_index=keep)
+    prepared = prepared_index(cfg, pool, sets, keep_index=keep)
     index_desc = prepared.desc
 
     write_record(join(cfg.output, layout.SETTINGS_JSON), {"stage": "dedup", **cfg.to_dict()})

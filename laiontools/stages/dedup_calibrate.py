@@ -252,7 +252,7 @@ def run(cfg: CalibrateConfig, spark: Any = None) -> StageResult:
     # the index as built, or loaded from its file checked against index.json (index.read_checked: no copy of its
     # bytes held beside it, where the bytes kept and deserialized were three copies at once); the items' bytes as
     # built or checked
-    prepared = prepared_index(dcfg, pool, sets, keep_bytes=False, keep_index=True)
+    prepared = prepared_index(dcfg, pool, sets, keep_index=True)
     index_desc, items_bytes = prepared.desc, prepared.items_bytes
     index = (DI.on_device(prepared.index) if prepared.index is not None else
              DI.read_checked(DI.index_paths(cfg.output)["index"], index_desc["index_sha256"]))
