@@ -324,7 +324,8 @@ def summary(plan: dict[str, Any]) -> str:
          f"{i['nodes']} node(s) x {i['cores_per_node']} cores, {i['gpus']} GPU(s); scales {', '.join(_n(s) for s in i['scales']) or 'none'}"),
         table(rows), "",
         "notes: " + "\n       ".join(f"{s['stage']}: {s['note']}" for s in plan["stages"] if s["note"]), "",
-        (f"executors (16-core nodes, YARN/Kubernetes): --executor-cores {e['executor_cores']} --executor-memory {e['executor_memory_gb']}g "
+        (f"executors ({i['cores_per_node'] // e['executor_cores'] or 1} a node of {i['cores_per_node']} cores; the limits bind on YARN and Kubernetes): "
+         f"--executor-cores {e['executor_cores']} --executor-memory {e['executor_memory_gb']}g "
          f"--conf spark.executor.memoryOverhead={e['memory_overhead_gb']}g (the Python workers live there, one a core; leave "
          f"spark.executor.pyspark.memory unset); dedup: --executor-cores {e['dedup']['executor_cores']} and memoryOverhead "
          f"{e['dedup']['memory_overhead_gb']}g (each worker holds the eval index); embed: an executor a GPU, memoryOverhead for "
