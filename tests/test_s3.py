@@ -1105,7 +1105,6 @@ def test_reshard_from_a_store_that_says_slow_down_waits_and_writes_the_same_shar
     again itself: reshard waits, then writes the shards it writes from a store that never refused; with no
     time left to wait, it fails in one line naming the source shard and the store's answer (was a raw
     OSError naming the output shard)."""
-
     from laiontools.contracts.manifest import read_manifest
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages.reshard import ReshardConfig, ReshardError
@@ -1144,7 +1143,6 @@ def test_verify_of_a_store_that_says_slow_down_between_its_two_reads_names_no_da
     serves the first read and then refuses ("503 SlowDown") past its client's retries made the second a finding,
     "truncated or unreadable tar": an intact shard reported damaged, and verify exiting 1 as for a damaged pool.
     A store's refusal is now one error for the store, whichever read meets it, as the first read's was."""
-
     from laiontools.cli import main
     from laiontools.stages.verify import verify_manifest
     from laiontools.testing.s3server import S3Proxy
@@ -1200,7 +1198,6 @@ def test_the_catalogs_spans_of_a_tar_the_store_refuses_are_an_error_not_left_out
 def test_prepare_probing_a_source_the_store_refuses_says_so_not_that_the_file_is_of_another_kind(s3, s3_server, bucket, monkeypatch):
     """prepare reads a text source's first lines for its columns; a store's refusal of that read was "cannot read
     (...); is it really uncompressed?", a question about the file's format. It is the store's error now."""
-
     from laiontools.core.storage import StorageError
     from laiontools.stages.prepare import probe_columns
     from laiontools.testing.s3server import S3Proxy
@@ -1902,7 +1899,6 @@ def test_reshard_from_a_store_that_says_slow_down_to_heads_too_fails_in_one_line
     body: botocore reads its code as "503" and s3fs raises OSError(EBUSY, "Service Unavailable"), without the
     words of a GET's SlowDown. Once a task has no time left to wait, read() opens the source shard (a HEAD) and
     that refusal surfaced raw (no one-line error naming the source shard, no hint of throttling)."""
-
     from laiontools.stages import reshard as reshard_stage
     from laiontools.stages.reshard import ReshardConfig, ReshardError
     from laiontools.testing.s3server import S3Proxy
