@@ -699,12 +699,10 @@ def main_nested(a: argparse.Namespace, work: str, load_before: list[float]) -> i
     for r in out["subsets"]:
         print(f"{r['fraction']:>8} {r['samples']:>8} {r['mb']:>7.1f} {r['source_tars_read']:>9} {r['copy_mb_s']:>10.1f} "
               f"{r['reshard_mb_s']:>13.1f} {r['ratio']:>6.3f} {r['ratio_write_phase'] or float('nan'):>18.3f}")
-        if "ratio_vs_span_copy" in r:
-            print(f"{'':>8} against a plain copy of the subset's own spans (scattered reads, in tar order): ratio {r['ratio_vs_span_copy']:.3f} "
-                  f"(span copy {min(r['span_copy_s']):.3f}-{max(r['span_copy_s']):.3f} s)")
-        if "ratio_vs_span_copy_ahead" in r:
-            print(f"{'':>8} ... with every span announced to the kernel ahead (WILLNEED, as reshard does): ratio "
-                  f"{r['ratio_vs_span_copy_ahead']:.3f} (copy {min(r['span_copy_ahead_s']):.3f}-{max(r['span_copy_ahead_s']):.3f} s)")
+        for key, what in (("span_copy", "against a plain copy of the subset's own spans (scattered reads, in tar order)"),
+                          ("span_copy_ahead", "... with every span announced to the kernel ahead (WILLNEED, as reshard does)")):
+            if f"ratio_vs_{key}" in r:
+                print(f"{'':>8} {what}: ratio {r[f'ratio_vs_{key}']:.3f} (copy {min(r[f'{key}_s']):.3f}-{max(r[f'{key}_s']):.3f} s)")
         if "compiled_speedup" in r:
             print(f"{'':>8} Python per-sample path (compiled off): ratio {r['python_ratio']:.3f}, write phase {r['python_ratio_write_phase']:.3f}; "
                   f"compiled {r['compiled_speedup']:.2f}x faster end to end, {r['compiled_speedup_write_phase']:.2f}x in the write phase")
