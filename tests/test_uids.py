@@ -182,6 +182,11 @@ def test_save_uids_spark_one_file_and_nested_files(spark, tmp_path):
     # a count that does not match what was asked for is refused, naming the file
     with pytest.raises(RuntimeError, match=r"s0.npy: Spark wrote 3000 uids, expected 2999"):
         save_uids_spark(df, "uid", paths[:1], expected=[2999], num_partitions=2)
+    # rows meant to be unique by uid (distinct=False: a catalog's success rows) that are not: the uid named, in
+    # whichever partition and batch the repeat falls (it read "Spark's sort order was lost")
+    twice = spark.createDataFrame([(u,) for u in uids] + [(uids[1234],)], "uid string").repartition(3)
+    with pytest.raises(Exception, match=rf"uid {uids[1234]} is in more than one row, where each uid was to be in one"):
+        save_uids_spark(twice, "uid", [str(tmp_path / "twice.npy")], distinct=False, num_partitions=2)
     # an empty frame still gives a valid, empty uid file
     empty = spark.createDataFrame([], "uid string")
     assert save_uids_spark(empty, "uid", [str(tmp_path / "e.npy")]) == [save_uids(str(tmp_path / "e_ref.npy"), [])]

@@ -328,10 +328,17 @@ def _uid_run_writer(tmp_dir: str, n_out: int, tiered: bool) -> Any:
                     pid = int(batch.column(batch.num_columns - 1)[0].as_py())
                     files = [stack.enter_context(atomic_open(f"{tmp_dir}/part-{pid:06d}-{s:03d}.bin")) for s in range(n_out)]
                 keys = hex_column_to_keys(batch.column(0))
-                # Spark sorted the partition; checked, since a wrong order would make a corrupt uid file.
-                if (len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1]))) or (prev is not None and not keys[0] > prev):
+                # Spark sorted the partition; checked, since a wrong order would make a corrupt uid file. A uid
+                # in two rows (of rows meant to be unique by uid: distinct=False) is named as such.
+                run = keys if prev is None else np.concatenate([prev, keys])
+                if len(run) > 1 and not bool(np.all(run[1:] > run[:-1])):
+                    same = np.flatnonzero(run[1:] == run[:-1])
+                    if len(same):
+                        raise RuntimeError(f"uid {run[same[0] : same[0] + 1].tobytes().hex()} is in more than one row, where each "
+                                           "uid was to be in one (a catalog holds one row a uid); the rows given are not a "
+                                           "pool's or subset's as written")
                     raise RuntimeError(f"uid partition {pid}: uids are not strictly increasing; Spark's sort order was lost")
-                prev = keys[-1]
+                prev = keys[-1:]
                 tier = batch.column(1).to_numpy(zero_copy_only=False) if tiered else None
                 for s in range(n_out):
                     sel = keys if tier is None else keys[tier >= s]

@@ -1149,7 +1149,9 @@ def _finalize_spark(cfg: DownloadConfig, spark: Any, shards: list[dict[str, Any]
         cat.unpersist()
     cat = spark_read_parquet(spark, cat_dir)
     succ = cat.where(F.col(C.STATUS) == C.STATUS_SUCCESS)
-    [(uid_sha, n_uids)] = save_uids_spark(succ, C.UID, [join(cfg.output, layout.POOL_UIDS)])
+    # (one row a uid: the latest attempt of each downloaded uid, and prepare made uids unique, so no distinct, whose
+    # shuffle at 2B is ~1.4e9 uids hashed and written twice; a repeat would raise, naming the uid)
+    [(uid_sha, n_uids)] = save_uids_spark(succ, C.UID, [join(cfg.output, layout.POOL_UIDS)], distinct=False)
     # rows per status, successes per shard and the report's failure counts: one grouped table when it
     # fits the driver, else rows per status and successes per shard in one job (a shard is set on
     # success rows only) and the report's groupings in Spark

@@ -101,7 +101,7 @@ WORKER_MEMORY: dict[str, tuple[float, float]] = {
 }
 INDEX_LOAD_FROM_STORE = 2.3  # peak of an index's load from an object store, in index bytes (from a local file: 1.05)
 JVM_OFF_HEAP_GB = 0.5  # an executor JVM's RSS above its heap (0.26-0.47 GB measured), for memoryOverhead
-DOWNLOAD_SHUFFLE = 890  # bytes a catalog row, every exchange of prepare + download (measured, lz4)
+DOWNLOAD_SHUFFLE = 840  # bytes a catalog row, every exchange of prepare + download (measured, lz4)
 UID_BYTES = 16  # a uid in a uid file (two uint64)
 EMB_BYTES = 2  # fp16 embeddings
 

@@ -754,7 +754,8 @@ class _SparkCatalog:
         from laiontools.contracts.uids import save_uids_spark
 
         newcat = spark_read_parquet(self.spark, catalog)
-        [(sha, n)] = save_uids_spark(newcat.where(F.col(C.STATUS) == C.STATUS_SUCCESS), C.UID, [path])
+        # (the new catalog's rows are the old one's, one a uid: no distinct; a repeat would raise, naming the uid)
+        [(sha, n)] = save_uids_spark(newcat.where(F.col(C.STATUS) == C.STATUS_SUCCESS), C.UID, [path], distinct=False)
         return sha, n
 
 
