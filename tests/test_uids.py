@@ -185,8 +185,9 @@ def test_save_uids_spark_one_file_and_nested_files(spark, tmp_path):
     # rows meant to be unique by uid (distinct=False: a catalog's success rows) that are not: the uid named, in
     # whichever partition and batch the repeat falls (it read "Spark's sort order was lost")
     twice = spark.createDataFrame([(u,) for u in uids] + [(uids[1234],)], "uid string").repartition(3)
-    with pytest.raises(Exception, match=rf"uid {uids[1234]} is in more than one row, where each uid was to be in one"):
+    with pytest.raises(Exception, match=rf"uid {uids[1234]} is in more than one row, where each uid was to be in one") as e:
         save_uids_spark(twice, "uid", [str(tmp_path / "twice.npy")], distinct=False, num_partitions=2)
+    assert user_error_from(e.value) is not None  # a damaged input: one line at the CLI, not the task's traceback
     # an empty frame still gives a valid, empty uid file
     empty = spark.createDataFrame([], "uid string")
     assert save_uids_spark(empty, "uid", [str(tmp_path / "e.npy")]) == [save_uids(str(tmp_path / "e_ref.npy"), [])]

@@ -333,10 +333,12 @@ def _uid_run_writer(tmp_dir: str, n_out: int, tiered: bool) -> Any:
                 run = keys if prev is None else np.concatenate([prev, keys])
                 if len(run) > 1 and not bool(np.all(run[1:] > run[:-1])):
                     same = np.flatnonzero(run[1:] == run[:-1])
-                    if len(same):
-                        raise RuntimeError(f"uid {run[same[0] : same[0] + 1].tobytes().hex()} is in more than one row, where each "
-                                           "uid was to be in one (a catalog holds one row a uid); the rows given are not a "
-                                           "pool's or subset's as written")
+                    if len(same):  # a damaged input (a catalog edited or written by another tool): one line at the CLI
+                        from laiontools.core.errors import task_error
+
+                        raise task_error(f"uid {run[same[0] : same[0] + 1].tobytes().hex()} is in more than one row, where each "
+                                         "uid was to be in one (a catalog holds one row a uid); the rows given are not a "
+                                         "pool's or subset's as written")
                     raise RuntimeError(f"uid partition {pid}: uids are not strictly increasing; Spark's sort order was lost")
                 prev = keys[-1:]
                 tier = batch.column(1).to_numpy(zero_copy_only=False) if tiered else None
