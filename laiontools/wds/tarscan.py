@@ -84,8 +84,9 @@ def _checksums_ok(heads: list[bytes], chks: list[int]) -> bool:
 
     if not heads:
         return True
-    a = np.frombuffer(b"".join(heads), dtype=np.uint8).reshape(len(heads), BLOCK).astype(np.int64)
-    sums = a.sum(axis=1) - a[:, 148:156].sum(axis=1) + 256
+    # (summed as int64 without an int64 copy of the headers, which was 8x their bytes: 150 MB for a 10k-sample shard)
+    a = np.frombuffer(b"".join(heads), dtype=np.uint8).reshape(len(heads), BLOCK)
+    sums = a.sum(axis=1, dtype=np.int64) - a[:, 148:156].sum(axis=1, dtype=np.int64) + 256
     return bool(np.array_equal(sums, np.asarray(chks, dtype=np.int64)))
 
 
