@@ -1656,3 +1656,102 @@ def test_shards_a_task_wrote_where_the_driver_does_not_see_are_failures_not_embe
     monkeypatch.undo()
     again = embed_stage.run(EmbedConfig(manifest=small_pool, output=str(out), model=MODEL, batch_size=5, num_workers=0))
     assert again.ok and again.details.shards_embedded == ["00001"]
+
+
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = len(data), 1_700_000_000
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_spooled_shard_gives_the_samples_parse_shard_gives(tmp_path):
+    """A decode worker indexes a spooled shard from its headers and reads a slice's members only. Its
+    samples are parse_shard's, slice for slice, on a tar where a key's members are apart, one is
+    hidden, one extension is repeated (the last kept) and one name is upper-case; they still read after
+    the stager drops the file; a member over the byte limit is the same stand-in; a damaged tar gets
+    parse_shard's words."""
+    from laiontools.core.images import OversizeMember
+    from laiontools.stages.embed import IndexedShard, ShardError, parse_shard, spooled_shard_samples
+    from laiontools.wds.samples import iter_samples, read_parts, sample_index
+
+    members = [("a.jpg", b"A1"), ("b.JPG", b"B1"), ("a.json", b'{"uid": 1}'), ("._a.jpg", b"fork"),
+               ("b.txt", b"bee"), ("a.jpg", b"A2"), ("c.txt", b"see"), ("sub/d.png", b"D" * 700)]
+    data = _tar_bytes(members)
+    url = "s3://b/pool/shards/00003.tar"
+    want = parse_shard(url, data)
+    assert [k for k, _ in want] == ["a", "b", "c", "sub/d"] and want[0][1]["jpg"] == b"A2"  # the test's premise
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "000000.tar").write_bytes(data)
+    shard = spooled_shard_samples(str(spool), 0, {"id": "00003", "url": url}, 0)
+    try:
+        assert isinstance(shard, IndexedShard) and len(shard) == len(want)
+        assert (spool / "000000.read.0").exists()
+        (spool / "000000.tar").unlink()  # the stager drops it once every worker has it open
+        assert shard[0:4] == want and shard[1:3] == want[1:3] and shard[3:10] == want[3:]
+    finally:
+        shard.close()
+    # over the byte limit: the stand-in iter_samples gives, hashed as read, never held
+    with open(tmp_path / "x.tar", "wb") as f:
+        f.write(data)
+    with open(tmp_path / "x.tar", "rb") as f:
+        index = sample_index(f, len(data), adjacent=False, on_duplicate="last")
+        got = read_parts(f, index[3][1], max_member_bytes=500)
+    ref = dict(iter_samples(data, max_member_bytes=500, adjacent=False, on_duplicate="last"))["sub/d"]
+    assert isinstance(got["png"], OversizeMember) and isinstance(ref["png"], OversizeMember)
+    assert (got["png"].reason, got["png"].sha256) == (ref["png"].reason, ref["png"].sha256) != (ref["png"].reason, None)
+    # damaged: a header overwritten (the second member's), and a tar cut inside a member
+    for bad in (data[:1024] + b"\x07" * 512 + data[1536:], data[:1200]):
+        with pytest.raises(ShardError) as e_parse:
+            parse_shard(url, bad)
+        (spool / "000001.tar").write_bytes(bad)
+        with pytest.raises(ShardError) as e_spool:
+            spooled_shard_samples(str(spool), 1, {"id": "00003", "url": url}, 0)
+        assert str(e_spool.value) == str(e_parse.value)
+
+
+# In a fresh process: a decode worker's pass over its slots (worker 0 of 4, batches of 32) of a spooled shard;
+# the peak of its resident memory above what it held before, in bytes. argv: spool folder.
+_WORKER_PASS_PEAK = """
+import sys
+from laiontools.stages.embed import spooled_shard_samples
+import laiontools.wds.samples  # what it imports is loaded once a process, not held a shard
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+before = status("VmRSS")
+shard = spooled_shard_samples(sys.argv[1], 0, {"id": "00000", "url": "s3://b/00000.tar"}, 0)
+n = 0
+for b in range(0, -(-len(shard) // 32), 4):
+    n += sum(len(p["jpg"]) for _, p in shard[b * 32 : (b + 1) * 32])
+shard.close()
+print(n, status("VmHWM") - before)
+"""
+
+
+def test_a_decode_worker_holds_a_batch_not_the_shard(tmp_path):
+    """Each decode worker read every spooled shard whole and parsed it into a copy of every payload, ~2-3x the
+    shard in every worker (BENCHMARKS "Executor memory and shuffle bytes per stage"). It now holds the index
+    and one batch: measured in a fresh process, its peak over a 48 MB shard is a small part of the shard."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    members = []
+    for i in range(1500):
+        members += [(f"{i:06d}.jpg", rng.bytes(32 * 1024)), (f"{i:06d}.txt", b"caption")]
+    data = _tar_bytes(members)
+    (tmp_path / "000000.tar").write_bytes(data)
+    out = subprocess.run([sys.executable, "-c", _WORKER_PASS_PEAK, str(tmp_path)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    n, peak = map(int, out.stdout.split())
+    assert n == 32 * 1024 * sum(min(32, 1500 - b * 32) for b in range(0, 47, 4))  # worker 0's slots, read
+    assert peak < 0.2 * len(data), (peak, len(data))  # was > 2x

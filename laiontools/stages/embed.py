@@ -241,14 +241,16 @@ def parse_shard(url: str, data: bytes) -> list[tuple[str, dict[str, bytes]]]:
 # ShardBatches), so with W workers each shard used to be read, and hashed, W times: on an object store W
 # times the GETs and bytes. With workers, the main process stages each shard once instead: a thread
 # (ShardSpool) fetches it (fetch_shard: the sha256 check) into a private local folder, and the workers
-# read that copy (parse_shard, no second hash). Local shards are copied too: the workers then read
+# index that copy from its headers and read their own slots' members from it (IndexedShard, no second
+# hash; a worker holds one batch, not the shard). Local shards are copied too: the workers then read
 # exactly the bytes that were verified, even if the pool file is rewritten during the run.
 #
 # Files in the spool folder, for the shard at position i of the task list (names are positions, never
 # shard paths): "<i>.tar" (the verified bytes) or "<i>.error" (the ShardError text), each written under a
-# temporary name and renamed; "<i>.read.<w>" once worker w holds the shard in memory; "FATAL" (the
-# stager's own failure, not a shard's). A shard's files go when every worker has read it, and the stager
-# stays at most SPOOL_AHEAD shards ahead of the slowest worker: the folder holds at most that many shards.
+# temporary name and renamed; "<i>.read.<w>" once worker w holds the shard open; "FATAL" (the stager's own
+# failure, not a shard's). A shard's files go when every worker has it open (its bytes stay readable to
+# them until they close it, one shard each at a time), and the stager stays at most SPOOL_AHEAD shards
+# ahead of the slowest worker: the folder holds at most that many shards.
 #
 # Not chosen: giving each worker whole shards (no shared reads at all). A process with fewer shards than
 # workers (a Spark task has one) would decode on one worker, and uneven shards would stall the in-order
@@ -392,25 +394,63 @@ class ShardSpool:
                 _spool_write(os.path.join(self.dir, _SPOOL_FATAL), f"{type(e).__name__}: {e}".encode())
 
 
+class IndexedShard:
+    """The samples of one shard, indexed from its tar headers; a slice reads its members' bytes.
+
+    A decode worker needs every shard's sample count but decodes only its own slots: it holds the index
+    and one batch of a spooled shard, not the shard. `f`: the spool's copy (its open file keeps it
+    readable after the stager drops it) or the verified bytes in memory (``io.BytesIO``, no workers), of
+    `size` bytes. Parsed whole, a shard was held twice over, its bytes and a copy of every payload, in
+    every worker. ``close()`` when the shard is done. A slice gives what :func:`parse_shard` gives."""
+
+    def __init__(self, url: str, f: Any, size: int) -> None:
+        from laiontools.wds.samples import sample_index
+
+        self.url, self._f = url, f
+        try:
+            self._index = sample_index(f, size, adjacent=False, on_duplicate="last")
+        except tarfile.TarError as e:  # parse_shard's words
+            raise ShardError(f"shard {url} is not a readable tar ({e}); re-download it") from e
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, s: slice) -> list[tuple[str, dict[str, bytes]]]:
+        from laiontools.wds.samples import read_parts
+
+        try:
+            return [(key, read_parts(self._f, parts)) for key, parts in self._index[s]]
+        except tarfile.TarError as e:
+            raise ShardError(f"shard {self.url}: its copy is shorter than its index ({e})") from e
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def spooled_shard_samples(spool_dir: str, i: int, task: dict[str, Any], reader: int,
-                          wait_s: float = SPOOL_WAIT_S) -> list[tuple[str, dict[str, bytes]]]:
-    """In DataLoader worker `reader`: the samples of the shard at position `i`, from the spool's copy.
+                          wait_s: float = SPOOL_WAIT_S) -> IndexedShard:
+    """In DataLoader worker `reader`: the samples of the shard at position `i`, from the spool's copy
+    (an :class:`IndexedShard`: its index, the bytes read per slice; close it when done).
 
     Waits (polling) for the stager's file; raises the shard's ShardError (its ``.error`` file: the text
-    read_shard_samples gives) or the tar's (:func:`parse_shard`); RuntimeError naming the shard when the
-    stager stopped (FATAL), the spool folder is gone (the run ended), or nothing came in `wait_s` seconds.
+    read_shard_samples gives) or the tar's (as :func:`parse_shard` words it); RuntimeError naming the shard
+    when the stager stopped (FATAL), the spool folder is gone (the run ended), or nothing came in `wait_s`
+    seconds.
     """
     base = _spool_base(spool_dir, i)
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            with open(f"{base}.tar", "rb") as f:
-                data = f.read()
+            f = open(f"{base}.tar", "rb")  # noqa: SIM115 - handed to the IndexedShard, which closes it
         except FileNotFoundError:
             pass
         else:
-            _spool_mark_read(base, reader)
-            return parse_shard(task["url"], data)
+            _spool_mark_read(base, reader)  # the open file keeps the copy readable once the stager drops it
+            try:
+                return IndexedShard(task["url"], f, os.fstat(f.fileno()).st_size)
+            except BaseException:
+                f.close()
+                raise
         try:
             with open(f"{base}.error", encoding="utf-8") as f:
                 error = f.read()
@@ -499,8 +539,9 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
         process can assemble each shard row-aligned without reordering.
 
         `spool_dir` (with workers): the folder a :class:`ShardSpool` stages the shards in; each worker
-        reads every shard's verified copy there (it needs every shard's slot count) instead of
-        fetching and hashing the shard itself. None (no workers): each shard is read here, once.
+        indexes every shard's verified copy there (it needs every shard's slot count) and reads the
+        members of its own slots only (:class:`IndexedShard`), instead of fetching and hashing the
+        shard itself. None (no workers): each shard is read here, once, and indexed in memory.
         """
 
         def __init__(self, tasks: list[dict[str, Any]], preprocess: Any, tokenizer: Any, batch_size: int,
@@ -515,9 +556,10 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
             self.draft_size = max(image_size) if fast_decode else None
             self.spool_dir = spool_dir
 
-        def _samples(self, i: int, task: dict[str, Any], w: int) -> list[tuple[str, dict[str, bytes]]]:
-            if self.spool_dir is None:
-                return read_shard_samples(task["url"], task["sha256"] if self.verify else None)
+        def _samples(self, i: int, task: dict[str, Any], w: int) -> IndexedShard:
+            if self.spool_dir is None:  # the shard's bytes in memory (its sha256 is checked on them), not a copy of each payload
+                data = fetch_shard(task["url"], task["sha256"] if self.verify else None)
+                return IndexedShard(task["url"], io.BytesIO(data), len(data))
             return spooled_shard_samples(self.spool_dir, i, task, w)
 
         def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -536,11 +578,14 @@ def _shard_batches_iterable():  # built lazily so torch is imported only when em
                         yield {"shard": task["id"], "error": str(e), "batch": 0, "nbatches": 1}
                     slot += 1
                     continue
-                nb = max(1, math.ceil(len(samples) / self.batch_size))
-                for b in range(nb):
-                    if slot % nw == w:
-                        yield self._batch(task, samples[b * self.batch_size : (b + 1) * self.batch_size], b, nb)
-                    slot += 1
+                try:
+                    nb = max(1, math.ceil(len(samples) / self.batch_size))
+                    for b in range(nb):
+                        if slot % nw == w:
+                            yield self._batch(task, samples[b * self.batch_size : (b + 1) * self.batch_size], b, nb)
+                        slot += 1
+                finally:
+                    samples.close()
 
         def _batch(self, task: dict[str, Any], samples: list, b: int, nb: int) -> dict[str, Any]:
             n = len(samples)

@@ -118,6 +118,39 @@ def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, max_member
     yield from group_by_keys(members, **group)
 
 
+def sample_index(f: BinaryIO, file_size: int, **group: Any) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
+    """``(key, {extension: (data offset, size, member name)})`` of every sample of an uncompressed tar file, in tar order,
+    from its headers alone: :func:`iter_samples`'s samples, their payloads left in the file (read them with
+    :func:`read_parts`). `group`: as :func:`iter_samples`. Raises ``tarfile.TarError`` for a tar that cannot
+    be read, a compressed one included (it has no offsets to index)."""
+    f.seek(0)
+    if f.read(6).startswith(_COMPRESSED_MAGIC):
+        raise tarfile.ReadError("a compressed tar has no member offsets to index")
+    members = tar_index(f, file_size)
+    for name, off, size, _ in members:  # the scanner checks this; tarfile's fallback does not
+        if off + size > file_size:
+            raise tarfile.ReadError(f"member {name} is cut short ({size} bytes at offset {off}, of {file_size})")
+    return list(group_by_keys(((name, (off, size, name)) for name, off, size, _ in members), **group))
+
+
+def read_parts(f: BinaryIO, parts: dict[str, tuple[int, int, str]],
+               max_member_bytes: int | None = MAX_FILE_BYTES) -> dict[str, bytes]:
+    """The payloads of one sample of :func:`sample_index` read from `f`, as :func:`iter_samples` gives them
+    (a member over `max_member_bytes` as an :class:`OversizeMember`, hashed as it is read, never held).
+    Raises ``tarfile.ReadError`` when the file is shorter than its index."""
+    out: dict[str, bytes] = {}
+    for ext, (off, size, name) in parts.items():
+        f.seek(off)
+        if max_member_bytes is not None and size > max_member_bytes:
+            out[ext] = OversizeMember(name, size, max_member_bytes, f)
+            continue
+        data = f.read(size)
+        if len(data) != size:
+            raise tarfile.ReadError(f"member {name} is cut short ({len(data)} of {size} bytes at offset {off})")
+        out[ext] = data
+    return out
+
+
 def compressed_tar_problem(head: bytes) -> str | None:
     """Why a pool shard whose first bytes are `head` cannot be a pool shard, or None.
 
