@@ -188,6 +188,12 @@ def test_save_uids_spark_one_file_and_nested_files(spark, tmp_path):
     with pytest.raises(Exception, match=rf"uid {uids[1234]} is in more than one row, where each uid was to be in one") as e:
         save_uids_spark(twice, "uid", [str(tmp_path / "twice.npy")], distinct=False, num_partitions=2)
     assert user_error_from(e.value) is not None  # a damaged input: one line at the CLI, not the task's traceback
+    # the in-process engine's writer answers the same rows in the same words, as a user error (it dropped the repeat)
+    with pytest.raises(InputError) as e_local:
+        save_uids(str(tmp_path / "twice_local.npy"), [*uids, uids[1234]], distinct=False)
+    assert str(e_local.value) == user_error_from(e.value).args[0]
+    assert not (tmp_path / "twice_local.npy").exists()
+    assert save_uids(str(tmp_path / "once.npy"), [*uids, uids[1234]])[1] == len(set(uids))  # distinct=True: once
     # an empty frame still gives a valid, empty uid file
     empty = spark.createDataFrame([], "uid string")
     assert save_uids_spark(empty, "uid", [str(tmp_path / "e.npy")]) == [save_uids(str(tmp_path / "e_ref.npy"), [])]

@@ -241,13 +241,30 @@ def contains_by_records(sorted_set: np.ndarray, query: np.ndarray) -> np.ndarray
     return (idx < len(sorted_set)) & (sorted_set[clipped] == query)
 
 
-def save_uids(path: str, uids: Iterable[str] | np.ndarray) -> tuple[str, int]:
-    """Write a sorted, unique uid file atomically. Returns (sha256 of the file, count)."""
+def _repeated_uid(uid_hex: str) -> str:
+    """Why rows meant to be unique by uid (a damaged catalog) cannot make a uid file: one line at the CLI,
+    raised in a Spark task (a task error) or in process (an InputError) in these words."""
+    return (f"uid {uid_hex} is in more than one row, where each uid was to be in one (a catalog holds one row a uid); "
+            "the rows given are not a pool's or subset's as written")
+
+
+def save_uids(path: str, uids: Iterable[str] | np.ndarray, distinct: bool = True) -> tuple[str, int]:
+    """Write a sorted, unique uid file atomically. Returns (sha256 of the file, count).
+
+    `distinct=False`: the uids are meant to be unique already (one catalog row a uid, as
+    :func:`save_uids_spark`'s `distinct=False`); a repeated one is named (an InputError) rather than being dropped, so both engines answer a damaged catalog alike."""
+    from laiontools.core.errors import InputError
     from laiontools.core.storage import atomic_write_bytes, sha256_bytes
 
     # (an ndarray of hex strings is hex uids too: cast to the records, numpy would read each as a decimal)
     arr = uids if isinstance(uids, np.ndarray) and uids.dtype.names is not None else uids_to_array(uids)
-    arr = sort_unique(arr)
+    if distinct:
+        arr = sort_unique(arr)
+    else:
+        arr = sort_uids(arr)
+        same = np.flatnonzero((arr["hi"][1:] == arr["hi"][:-1]) & (arr["lo"][1:] == arr["lo"][:-1]))
+        if len(same):
+            raise InputError(_repeated_uid(array_to_uids(arr[same[0] : same[0] + 1])[0]))
     data = npy_header(len(arr)) + arr.tobytes()
     atomic_write_bytes(path, data)
     return sha256_bytes(data), len(arr)
@@ -336,9 +353,7 @@ def _uid_run_writer(tmp_dir: str, n_out: int, tiered: bool) -> Any:
                     if len(same):  # a damaged input (a catalog edited or written by another tool): one line at the CLI
                         from laiontools.core.errors import task_error
 
-                        raise task_error(f"uid {run[same[0] : same[0] + 1].tobytes().hex()} is in more than one row, where each "
-                                         "uid was to be in one (a catalog holds one row a uid); the rows given are not a "
-                                         "pool's or subset's as written")
+                        raise task_error(_repeated_uid(run[same[0] : same[0] + 1].tobytes().hex()))
                     raise RuntimeError(f"uid partition {pid}: uids are not strictly increasing; Spark's sort order was lost")
                 prev = keys[-1:]
                 tier = batch.column(1).to_numpy(zero_copy_only=False) if tiered else None

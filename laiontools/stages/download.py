@@ -1121,7 +1121,7 @@ def _finalize_local(cfg: DownloadConfig, shards: list[dict[str, Any]]) -> dict[s
     cat = build_catalog_local(cfg, shards, Tasks(None))
     _, n_rows = write_catalog_local(cat, cfg)
     succ = cat.filter(pc.equal(cat.column(C.STATUS), C.STATUS_SUCCESS)).column(C.UID).to_pylist()
-    uid_sha, n_uids = save_uids(join(cfg.output, layout.POOL_UIDS), succ)
+    uid_sha, n_uids = save_uids(join(cfg.output, layout.POOL_UIDS), succ, distinct=False)
     agg = report_aggregate_local(cat)
     by_status, per_shard, _, _ = _views_from_aggregate(agg)
     return {"rows": n_rows, "uids_sha256": uid_sha, "uids": n_uids, "aggregate": agg, "by_status": by_status,

@@ -864,7 +864,7 @@ class _LocalCatalog:
         from laiontools.contracts.uids import arrow_to_array, save_uids
 
         ok = self.new.filter(pc.equal(self.new[C.STATUS], C.STATUS_SUCCESS))[C.UID].combine_chunks()
-        return save_uids(path, arrow_to_array(ok))
+        return save_uids(path, arrow_to_array(ok), distinct=False)
 
 
 def _tail(shard_path: str) -> str:
