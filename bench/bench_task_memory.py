@@ -218,7 +218,9 @@ def submit(stage: str, args: list[str], work: Path, events: Path) -> dict[str, A
             "event_log": read_event_log(str(events / new[-1])) if new else None}
 
 
-def run_size(per_shard: int, shards: int, work: Path) -> dict[str, Any]:
+def run_size(per_shard: int, shards: int, work: Path, stages: list[str] | None = None,
+             embed_workers: int = 0) -> dict[str, Any]:
+    """Every stage of `stages` (None: all; download always, the others read its pool) on one pool."""
     from laiontools.contracts import layout
     from laiontools.contracts.manifest import read_manifest
     from laiontools.synthetic import SyntheticWebServer, make_source
@@ -242,22 +244,30 @@ def run_size(per_shard: int, shards: int, work: Path) -> dict[str, Any]:
             "tars": len(tars), "bytes_per_sample": round(sum(os.path.getsize(t) for t in tars) / max(got, 1)),
             "largest_tar_mb": round(max(os.path.getsize(t) for t in tars) / 2**20, 2)}
     pm = str(pool / layout.POOL_MANIFEST)
-    out["verify"] = submit("verify", [pm], work, events)
-    out["subsets"] = submit("subsets", ["--pool", pm, "--output", str(work / "subsets"),
-                                        "--scales", f"{got // 5},{got - 2}", "--seed", "0"], work, events)
-    big = max((work / "subsets").glob("*.manifest.json"), key=lambda m: read_manifest(str(m))["num_samples"])
-    out["reshard"] = submit("reshard", ["--manifest", str(big), "--output", str(work / "resharded"),
-                                        "--shard-size", str(per_shard)], work, events)
+    want = set(stages or STAGES)
+    if "verify" in want:
+        out["verify"] = submit("verify", [pm], work, events)
+    if want & {"subsets", "reshard"}:
+        out["subsets"] = submit("subsets", ["--pool", pm, "--output", str(work / "subsets"),
+                                            "--scales", f"{got // 5},{got - 2}", "--seed", "0"], work, events)
+    if "reshard" in want:
+        big = max((work / "subsets").glob("*.manifest.json"), key=lambda m: read_manifest(str(m))["num_samples"])
+        out["reshard"] = submit("reshard", ["--manifest", str(big), "--output", str(work / "resharded"),
+                                            "--shard-size", str(per_shard)], work, events)
     emb = str(work / "emb")
-    out["embed"] = submit("embed", ["--manifest", pm, "--output", emb, "--model", "lt-tiny", "--batch-size", "32",
-                                    "--num-workers", "0"], work, events)
-    out["dedup"] = submit("dedup", ["--embeddings", emb, "--evalset", f"glyphs={made['evalset']}",
-                                    "--output", str(work / "dedup"), "--device", "cpu", "--threshold", "0.5"], work, events)
-    out["semdedup"] = submit("semdedup", ["--embeddings", emb, "--output", str(work / "semdedup"), "--clusters", "4",
-                                          "--eps", "0.01", "--gallery-groups", "0"], work, events)
-    removal_list_for(str(pool / layout.CATALOG_DIR), 2, str(work / "takedown.txt"))
-    out["takedown"] = submit("takedown", ["--pool", pm, "--list", str(work / "takedown.txt"), "--reason", "bench",
-                                          "--output", str(work / "takedown")], work, events)
+    if want & {"embed", "dedup", "semdedup"}:
+        out["embed"] = submit("embed", ["--manifest", pm, "--output", emb, "--model", "lt-tiny", "--batch-size", "32",
+                                        "--num-workers", str(embed_workers)], work, events)
+    if "dedup" in want:
+        out["dedup"] = submit("dedup", ["--embeddings", emb, "--evalset", f"glyphs={made['evalset']}",
+                                        "--output", str(work / "dedup"), "--device", "cpu", "--threshold", "0.5"], work, events)
+    if "semdedup" in want:
+        out["semdedup"] = submit("semdedup", ["--embeddings", emb, "--output", str(work / "semdedup"), "--clusters", "4",
+                                              "--eps", "0.01", "--gallery-groups", "0"], work, events)
+    if "takedown" in want:
+        removal_list_for(str(pool / layout.CATALOG_DIR), 2, str(work / "takedown.txt"))
+        out["takedown"] = submit("takedown", ["--pool", pm, "--list", str(work / "takedown.txt"), "--reason", "bench",
+                                              "--output", str(work / "takedown")], work, events)
     return {"pool": info, "stages": out}
 
 
@@ -350,7 +360,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pools", nargs="+", default=["250x4", "1000x4", "250x16"],
                     help="<samples per shard>x<shards attempted>, one pool each")
-    ap.add_argument("--stages", nargs="+", default=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES,
+                    help="stages to measure (download always runs; embed too for dedup and semdedup, subsets for reshard)")
+    ap.add_argument("--embed-workers", type=int, default=0,
+                    help="embed's --num-workers: 0 decodes in the task's process, N > 0 in N DataLoader workers "
+                         "reading the task's shard spool (a GPU's default is 8)")
     ap.add_argument("--index-rows", type=int, default=250_000, help="dedup index-load probe: rows of a flat index (0: skip)")
     ap.add_argument("--index-dim", type=int, default=512)
     ap.add_argument("--out", default="bench-out")
@@ -369,7 +383,7 @@ def main() -> int:
         w = work / f"pool-{n}"
         shutil.rmtree(w, ignore_errors=True)
         w.mkdir(parents=True)
-        sizes[n] = run_size(per_shard, shards, w)
+        sizes[n] = run_size(per_shard, shards, w, a.stages, a.embed_workers)
         shutil.rmtree(w / "web", ignore_errors=True)
     probe = index_load(work, a.index_rows, a.index_dim) if a.index_rows else None
     figures = {"benchmark": "executor memory and shuffle bytes per stage, Spark local[2] (issue 12)",
