@@ -587,3 +587,64 @@ def test_a_removal_list_check_of_an_unreadable_manifest_is_a_finding_and_the_res
     out = capsys.readouterr().out
     assert f"FAIL {bad}" in out and "is not valid JSON" in out and f"OK   {good}" in out
     assert out.count("DIFFERS") == 1
+
+
+def _tars_good_and_damaged() -> dict[str, bytes]:
+    """Tars as verify meets them: intact (ustar, pax, a GNU long name, a folder member; bytes after the end of the
+    archive, which tar readers pass over and the sha256 catches), and damaged (cut in a member, cut at a header,
+    no end-of-archive marker, a garbled header, gzip, empty)."""
+    import gzip
+    import io
+    import tarfile
+
+    def tar(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT, folder: bool = False) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+            if folder:
+                ti = tarfile.TarInfo("sub")
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+            for name, data in members:
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime = len(data), 1_700_000_000.5  # a fractional mtime: a pax header each
+                tf.addfile(ti, io.BytesIO(data))
+        return buf.getvalue()
+
+    rng = __import__("random").Random(0)
+    members = [(f"{i:06d}.{ext}", rng.randbytes(rng.randrange(1, 3000)) if ext == "jpg" else
+                json.dumps({"uid": f"{i:032x}"}).encode() if ext == "json" else b"a caption")
+               for i in range(30) for ext in ("jpg", "json", "txt")]
+    good = tar(members)
+    with tarfile.open(fileobj=io.BytesIO(good)) as tf:
+        at = tf.getmembers()[4].offset  # the fifth member's (pax) header
+    long_name = tar([("x" * 120 + ".jpg", b"img"), ("x" * 120 + ".json", b'{"uid": "' + b"a" * 32 + b'"}')], tarfile.GNU_FORMAT)
+    return {
+        "pax": good, "ustar": tar(members, tarfile.USTAR_FORMAT, folder=True), "gnu long name": long_name,
+        "cut in a member": good[: len(good) // 2 + 100], "cut at a header": good[:1536],
+        "no end marker": good.rstrip(b"\0"),
+        "bytes after the end": good + b"trailing junk" * 100, "garbled header": good[:at] + b"\x07" * 512 + good[at + 512 :],
+        "gzip": gzip.compress(good, mtime=0), "empty": b"",
+    }
+
+
+def test_one_read_of_a_shard_finds_what_two_reads_found(tmp_path):
+    """verify reads each shard once, hashing the bytes as tarfile reads them (verify.read_shard). On every tar
+    here, intact or damaged, it gives the sha256, size, samples, uids and problems that reading the shard twice
+    gives (the whole file's sha256 by hashlib, then verify.scan_shard), without falling back to a second read."""
+    import hashlib
+
+    from laiontools.stages import verify as V
+
+    for name, data in _tars_good_and_damaged().items():
+        p = tmp_path / f"{name.replace(' ', '-')}.tar"
+        p.write_bytes(data)
+        want = (hashlib.sha256(data).hexdigest(), len(data), *V.scan_shard(str(p)))
+        got = V.read_shard(str(p))
+        assert got == want, name
+        if name in ("pax", "ustar", "gnu long name", "bytes after the end"):
+            assert got[2] and got[4] == [], (name, got[4])  # the test's premise: the intact ones read clean
+        else:
+            assert got[4], name  # and the damaged ones are found
+        r = V._HashedReads(open(p, "rb"))  # no step back past the reader's memory on any of them
+        V._scan_tar(r, str(p))
+        assert r.finish() == want[:2], name

@@ -113,9 +113,104 @@ def _check_uid_file(path: str, sha256: str, count: int | None, what: str, res: V
     return got
 
 
+class _ReadFailed(Exception):
+    """The file's own read failed (an I/O error, a store's refusal): not a finding about the tar. Carries the
+    OSError as its cause; not an OSError itself, so the tar reader's handlers let it pass."""
+
+
+class _NotOnePass(Exception):
+    """tarfile stepped back further than :class:`_HashedReads` keeps: read the shard a second time."""
+
+
+class _HashedReads:
+    """The file `f`, read front to back as tarfile reads it, every byte through sha256 once and in order: a
+    seek forward reads (and hashes) what it passes; a seek back may land only in the last two reads
+    (tarfile's end-of-archive check steps back one block), further raises :class:`_NotOnePass`. After
+    the tar, :meth:`finish` reads the rest: (sha256, size) of the whole file."""
+
+    CHUNK = 1 << 22
+
+    def __init__(self, f: Any) -> None:
+        import hashlib
+        from collections import deque
+
+        self._f, self._h, self._pos, self._end = f, hashlib.sha256(), 0, 0  # _end: bytes read from f, hashed
+        self._recent: Any = deque(maxlen=2)  # (start, bytes) of the last two reads from f
+
+    def _pull(self, n: int) -> bytes:
+        try:
+            b = self._f.read(n)
+        except OSError as e:
+            raise _ReadFailed() from e
+        if b:
+            self._recent.append((self._end, b))
+            self._h.update(b)
+            self._end += len(b)
+        return b
+
+    def _skip_to(self, target: int) -> None:
+        while self._end < target and self._pull(min(self.CHUNK, target - self._end)):
+            pass
+
+    def read(self, n: int = -1) -> bytes:
+        parts = []
+        while self._pos < self._end and n != 0:  # after a step back: from the last reads first
+            start, b = next(((s, b) for s, b in self._recent if s <= self._pos < s + len(b)), (None, b""))
+            if start is None:
+                raise _NotOnePass(f"a read at {self._pos}, before the last reads")
+            piece = b[self._pos - start :] if n < 0 else b[self._pos - start : self._pos - start + n]
+            parts.append(piece)
+            self._pos += len(piece)
+            n = n if n < 0 else n - len(piece)
+        if self._pos == self._end and n != 0:  # (past the end after a seek there: nothing)
+            while b := self._pull(self.CHUNK if n < 0 else n):
+                parts.append(b)
+                self._pos += len(b)
+                if n > 0:
+                    n -= len(b)
+                    if n == 0:
+                        break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self._pos + offset if whence == 1 else None
+        if target is None:
+            raise _NotOnePass("a seek from the end")
+        if target > self._end:
+            self._skip_to(target)
+        elif target < self._end and not any(s <= target for s, _ in self._recent):
+            raise _NotOnePass(f"a seek back to {target}")
+        self._pos = target
+        return target
+
+    def tell(self) -> int:
+        return self._pos
+
+    def finish(self) -> tuple[str, int]:
+        while self._pull(self.CHUNK):
+            pass
+        return self._h.hexdigest(), self._end
+
+
 def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
     """Read a webdataset tar to the end: (sample keys in order, uid per key ('' if no json uid), problems)."""
     fs, p = url_to_fs(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return _scan_tar(f, path)
+    except OSError as e:  # the open
+        return [], [], _tar_problems(e, path)
+
+
+def _tar_problems(e: BaseException, path: str) -> list[str]:
+    refused = store_refusal(e, path)
+    if refused is not None:  # (the shard's first read passed: a store that says "slow down" now is no damage of the shard)
+        raise refused from e
+    return [f"truncated or unreadable tar ({type(e).__name__}: {e})"]
+
+
+def _scan_tar(f: Any, path: str) -> tuple[list[str], list[str], list[str]]:
+    """:func:`scan_shard` of the open file `f` (read from its start; `path` names it in errors)."""
     keys: list[str] = []
     uids: dict[str, str] = {}
     problems: list[str] = []
@@ -124,44 +219,62 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
     repeated: list[str] = []
 
     try:
-        with fs.open(p, "rb") as f:
-            reason = compressed_tar_problem(f.read(6))
-            if reason is not None:
-                return keys, [], [reason]
-            f.seek(0)
-            with tarfile.open(fileobj=f, mode="r:") as tf:
-                # Samples as webdataset (so the trainer) groups them: a key that comes back after another
-                # key's members is a second sample, which is a problem here. tarfile reads every member to
-                # its end (a cut-short one raises); the end-of-archive check follows.
-                for key, parts in group_by_keys(tarfile_members(tf), on_duplicate=repeated.append):
-                    if key in uids:
-                        problems.append(f"key {key} appears in two places")
-                    keys.append(key)
-                    uids[key] = ""
-                    if "json" in parts:
-                        try:
-                            meta = json.loads(parts["json"])
-                        except ValueError:
-                            problems.append(f"{key}.json is not valid JSON")
-                            continue
-                        if not isinstance(meta, dict):  # valid JSON, but a list / string / number / null
-                            problems.append(f"{key}.json is not an object (a JSON {_json_type(meta)})")
-                            continue
-                        uids[key] = str(meta.get("uid") or "")
-                # tarfile stops quietly at EOF on a header boundary; a complete tar ends with two zero blocks.
-                f.seek(tf.offset)
-                trailer = f.read(1024)
-                if len(trailer) < 1024 or trailer.count(0) != 1024:
-                    raise tarfile.ReadError(f"no end-of-archive marker after the last member (offset {tf.offset})")
+        reason = compressed_tar_problem(f.read(6))
+        if reason is not None:
+            return keys, [], [reason]
+        f.seek(0)
+        with tarfile.open(fileobj=f, mode="r:") as tf:
+            # Samples as webdataset (so the trainer) groups them: a key that comes back after another
+            # key's members is a second sample, which is a problem here. tarfile reads every member to
+            # its end (a cut-short one raises); the end-of-archive check follows.
+            for key, parts in group_by_keys(tarfile_members(tf), on_duplicate=repeated.append):
+                if key in uids:
+                    problems.append(f"key {key} appears in two places")
+                keys.append(key)
+                uids[key] = ""
+                if "json" in parts:
+                    try:
+                        meta = json.loads(parts["json"])
+                    except ValueError:
+                        problems.append(f"{key}.json is not valid JSON")
+                        continue
+                    if not isinstance(meta, dict):  # valid JSON, but a list / string / number / null
+                        problems.append(f"{key}.json is not an object (a JSON {_json_type(meta)})")
+                        continue
+                    uids[key] = str(meta.get("uid") or "")
+            # tarfile stops quietly at EOF on a header boundary; a complete tar ends with two zero blocks.
+            f.seek(tf.offset)
+            trailer = f.read(1024)
+            if len(trailer) < 1024 or trailer.count(0) != 1024:
+                raise tarfile.ReadError(f"no end-of-archive marker after the last member (offset {tf.offset})")
     except (tarfile.TarError, OSError, EOFError, OverflowError) as e:  # OverflowError: tarfile reading by a base-256 size past 2**63
-        refused = store_refusal(e, path)
-        if refused is not None:  # (the shard's first read passed: a store that says "slow down" now is no damage of the shard)
-            raise refused from e
-        problems.append(f"truncated or unreadable tar ({type(e).__name__}: {e})")
+        problems += _tar_problems(e, path)
     if repeated:
         problems.append(f"{len(repeated)} members repeat an extension within their sample (e.g. a second {repeated[0]}); "
                         "reshard refuses such a sample and embed reads only the last copy")
     return keys, [uids[k] for k in keys], problems
+
+
+def read_shard(path: str) -> tuple[str, int, list[str], list[str], list[str]]:
+    """(sha256, size, sample keys, their uids, problems) of the shard at `path`, from one read of its bytes:
+    tarfile reads the tar through :class:`_HashedReads`, which hashes every byte as it passes, then the rest
+    of the file. (It read the shard twice, once for the sha256 and once for the tar: at 2B, 35-70 TB more.)
+    Where tarfile steps back further than the reader keeps, the shard is read a second time, as before.
+    Raises OSError when the file's own read fails."""
+    fs, p = url_to_fs(path)
+    try:
+        with fs.open(p, "rb") as f:
+            r = _HashedReads(f)
+            keys, uids, problems = _scan_tar(r, path)
+            sha, size = r.finish()
+        return sha, size, keys, uids, problems
+    except _ReadFailed as e:
+        failed = e.__cause__  # raised as it came (its own cause, a store's answer, kept), outside this handler
+    except _NotOnePass as e:
+        log.debug("verify: %s read twice (%s)", path, e)
+        sha, size = sha256_file(path)
+        return (sha, size, *scan_shard(path))
+    raise failed  # type: ignore[misc]
 
 
 def _json_type(value: Any) -> str:
@@ -178,7 +291,7 @@ def check_shard(sp: str, entry: dict) -> tuple[list[str] | None, int, list[str],
             return None, 0, [], 0
         if kind != "file":  # /dev/zero would be read forever, a folder cannot be read at all
             return ["not a regular file"], 0, [], 0
-        sha, size = sha256_file(sp)
+        sha, size, keys, uids, problems = read_shard(sp)
     except OSError as e:  # not readable by this user, an I/O error: a finding like a damaged tar, the rest is checked
         if "://" in sp and not sp.startswith("file://"):
             # an object store's refusal or an endpoint gone: one error for the store, naming the shard
@@ -192,7 +305,6 @@ def check_shard(sp: str, entry: dict) -> tuple[list[str] | None, int, list[str],
         bad.append(f"{size} bytes, manifest says {entry['bytes']}")
     if sha != entry["sha256"]:
         bad.append(f"sha256 {sha} differs from the manifest's {entry['sha256']}")
-    keys, uids, problems = scan_shard(sp)
     bad += problems
     if len(keys) != entry["num_samples"]:
         bad.append(f"{len(keys)} samples, manifest says {entry['num_samples']}")
