@@ -499,6 +499,23 @@ def test_read_shard_rejects_non_tar(tmp_path):
 
 
 @pytest.mark.gpu
+def test_auto_precision_asks_about_the_gpu_it_will_run_on():
+    """'auto' is bf16 autocast on a GPU that has bf16 (compute capability 8.0 on), fp16 on one without, for each
+    GPU by its own index: torch's is_bf16_supported answers for the current GPU, so on a node of mixed GPUs
+    cuda:1 got cuda:0's answer."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from laiontools.models.embedder import resolve_precision
+
+    for i in range(torch.cuda.device_count()):
+        has_bf16 = torch.cuda.get_device_properties(i).major >= 8
+        assert resolve_precision("auto", f"cuda:{i}") == ("amp_bf16" if has_bf16 else "amp_fp16"), i
+        assert torch.cuda.current_device() == 0  # asked without moving the process's current GPU
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("fp32", "cuda:0") == "fp32"
+
+
+@pytest.mark.gpu
 def test_gpu_matches_cpu(small_pool, tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -45,13 +45,15 @@ def resolve_device(device: str | None) -> str:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """`precision` as given, or for "auto": amp_bf16 (amp_fp16 without bf16) on CUDA, fp32 on the CPU."""
+    """`precision` as given, or for "auto": amp_bf16 (amp_fp16 without bf16) on CUDA, fp32 on the CPU. The
+    GPU asked is the one asked about (``cuda:1`` on a node of mixed GPUs; torch answers for the current one)."""
     import torch
 
     if precision != "auto":
         return precision
     if device.startswith("cuda"):
-        return "amp_bf16" if torch.cuda.is_bf16_supported() else "amp_fp16"
+        with torch.cuda.device(torch.device(device)):  # (``cuda``: the current device, as before)
+            return "amp_bf16" if torch.cuda.is_bf16_supported() else "amp_fp16"
     return "fp32"
 
 
