@@ -645,6 +645,7 @@ def test_one_read_of_a_shard_finds_what_two_reads_found(tmp_path):
             assert got[2] and got[4] == [], (name, got[4])  # the test's premise: the intact ones read clean
         else:
             assert got[4], name  # and the damaged ones are found
-        r = V._HashedReads(open(p, "rb"))  # no step back past the reader's memory on any of them
-        V._scan_tar(r, str(p))
-        assert r.finish() == want[:2], name
+        with open(p, "rb") as f:  # no step back past the reader's memory on any of them
+            r = V._HashedReads(f)
+            V._scan_tar(r, str(p))
+            assert r.finish() == want[:2], name
