@@ -252,7 +252,8 @@ def save_uids(path: str, uids: Iterable[str] | np.ndarray, distinct: bool = True
     """Write a sorted, unique uid file atomically. Returns (sha256 of the file, count).
 
     `distinct=False`: the uids are meant to be unique already (one catalog row a uid, as
-    :func:`save_uids_spark`'s `distinct=False`); a repeated one is named (an InputError) rather than being dropped, so both engines answer a damaged catalog alike."""
+    :func:`save_uids_spark`'s `distinct=False`); a repeated one is named (an InputError) rather than
+    dropped, so both engines answer a damaged catalog alike."""
     from laiontools.core.errors import InputError
     from laiontools.core.storage import atomic_write_bytes, sha256_bytes
 

@@ -203,8 +203,10 @@ def scan_shard(path: str) -> tuple[list[str], list[str], list[str]]:
 
 
 def _tar_problems(e: BaseException, path: str) -> list[str]:
+    """A tar reader's error as verify's finding; a store's refusal ("slow down", access denied: no damage of
+    the shard) raised as one error for the store instead."""
     refused = store_refusal(e, path)
-    if refused is not None:  # (the shard's first read passed: a store that says "slow down" now is no damage of the shard)
+    if refused is not None:
         raise refused from e
     return [f"truncated or unreadable tar ({type(e).__name__}: {e})"]
 
