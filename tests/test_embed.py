@@ -1432,12 +1432,19 @@ def test_decode_workers_fetch_and_hash_each_s3_shard_once(small_pool, s3, s3_ser
     hashed = tmp_path / "hashed.log"
     real_sha256 = hashlib.sha256
 
-    def spy_sha256(data=b"", **kw):  # the real hash; a line for each hash of a whole shard's bytes
-        h = real_sha256(data, **kw)
-        if h.hexdigest() in shas:
-            with open(hashed, "a") as f:
-                f.write(f"{os.getpid()} {h.hexdigest()}\n")
-        return h
+    class spy_sha256:  # stands in for hashlib.sha256: the real hash; a line for each hash of a whole shard's bytes
+        def __init__(self, data=b"", **kw) -> None:
+            self._h = real_sha256(data, **kw)
+
+        def __getattr__(self, name):  # update, digest, copy, ...
+            return getattr(self._h, name)
+
+        def hexdigest(self) -> str:  # (streamed hashes are read once they are whole)
+            d = self._h.hexdigest()
+            if d in shas:
+                with open(hashed, "a") as f:
+                    f.write(f"{os.getpid()} {d}\n")
+            return d
 
     monkeypatch.setattr(hashlib, "sha256", spy_sha256)
     s3_server.watch(f"/{bucket}/pool/shards/")
@@ -1772,3 +1779,29 @@ def test_a_decode_worker_holds_a_batch_not_the_shard(tmp_path):
     n, peak = map(int, out.stdout.split())
     assert n == 32 * 1024 * sum(min(32, 1500 - b * 32) for b in range(0, 47, 4))  # worker 0's slots, read
     assert peak < 0.2 * len(data), (peak, len(data))  # was > 2x
+
+
+def test_the_spool_copies_a_shard_streamed_with_fetch_shards_checks(tmp_path):
+    """The spool's stager copies each shard in chunks, hashed on the way (it held the whole shard): the copy
+    is the shard's bytes; a sha256 that is not the manifest's, a compressed tar and a missing shard are the
+    ShardErrors fetch_shard gives, in its words, and leave nothing in the spool."""
+    import gzip
+    import hashlib
+
+    from laiontools.stages.embed import ShardError, copy_shard, fetch_shard
+
+    data = _tar_bytes([(f"{i:06d}.jpg", bytes([i]) * 5000) for i in range(40)])
+    src = tmp_path / "00000.tar"
+    src.write_bytes(data)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    copy_shard(str(src), hashlib.sha256(data).hexdigest(), str(spool / "0.tar"), chunk=4096)
+    assert (spool / "0.tar").read_bytes() == data
+    (tmp_path / "gz.tar").write_bytes(gzip.compress(data))
+    for url, sha in ((str(src), "0" * 64), (str(tmp_path / "gz.tar"), None), (str(tmp_path / "gone.tar"), None)):
+        with pytest.raises(ShardError) as want:
+            fetch_shard(url, sha)
+        with pytest.raises(ShardError) as got:
+            copy_shard(url, sha, str(spool / "1.tar"), chunk=4096)
+        assert str(got.value) == str(want.value)
+        assert sorted(os.listdir(spool)) == ["0.tar"]

@@ -196,6 +196,36 @@ def fetch_shard(url: str, expected_sha256: str | None) -> bytes:
     """
     import hashlib
 
+    with _open_shard(url) as f:
+        data = f.read()
+    _check_shard(url, data[:6], hashlib.sha256(data).hexdigest() if expected_sha256 else None, expected_sha256)
+    return data
+
+
+def copy_shard(url: str, expected_sha256: str | None, dest: str, chunk: int = 8 << 20) -> None:
+    """Shard `url` copied to the local file `dest` (under a temporary name, renamed when whole and checked),
+    hashed as it streams: :func:`fetch_shard`'s checks and errors, without the shard in memory."""
+    import hashlib
+
+    h, head, tmp = hashlib.sha256(), b"", dest + ".part"
+    try:
+        with open(tmp, "wb") as out, _open_shard(url) as f:
+            while b := f.read(chunk):
+                if len(head) < 6:
+                    head += b[: 6 - len(head)]
+                h.update(b)
+                out.write(b)
+        _check_shard(url, head, h.hexdigest() if expected_sha256 else None, expected_sha256)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.replace(tmp, dest)
+
+
+@contextlib.contextmanager
+def _open_shard(url: str) -> Iterator[Any]:
+    """Shard `url` open for reading; ShardError naming it when it is missing or not a regular file."""
     fs, p = url_to_fs(url)
     try:
         # A FIFO would block this read forever and /dev/zero fill memory: only a regular file is read
@@ -203,22 +233,24 @@ def fetch_shard(url: str, expected_sha256: str | None) -> bytes:
         if fs.info(p).get("type") != "file":
             raise ShardError(f"shard {url} is not a regular file; fix the manifest or restore the shard")
         with fs.open(p, "rb") as f:
-            data = f.read()
+            yield f
     except FileNotFoundError as e:
         raise ShardError(f"shard {url} is missing; re-run download (it resumes) or fix the manifest") from e
+
+
+def _check_shard(url: str, head: bytes, got_sha256: str | None, expected_sha256: str | None) -> None:
+    """ShardError naming shard `url` when its first bytes `head` are a compressed tar's or its sha256 is not
+    the manifest's."""
     from laiontools.wds.samples import compressed_tar_problem
 
-    reason = compressed_tar_problem(data[:6])
+    reason = compressed_tar_problem(head)
     if reason is not None:  # one rule with verify and reshard, which cannot read such a shard
         raise ShardError(f"shard {url} {reason}")
-    if expected_sha256:
-        got = hashlib.sha256(data).hexdigest()
-        if got != expected_sha256:
-            raise ShardError(
-                f"shard {url} has sha256 {got[:16]}… but the manifest says {expected_sha256[:16]}…; "
-                f"the file changed or is truncated: re-download it or regenerate the manifest"
-            )
-    return data
+    if expected_sha256 and got_sha256 != expected_sha256:
+        raise ShardError(
+            f"shard {url} has sha256 {got_sha256[:16]}… but the manifest says {expected_sha256[:16]}…; "
+            f"the file changed or is truncated: re-download it or regenerate the manifest"
+        )
 
 
 def parse_shard(url: str, data: bytes) -> list[tuple[str, dict[str, bytes]]]:
@@ -240,7 +272,7 @@ def parse_shard(url: str, data: bytes) -> list[tuple[str, dict[str, bytes]]]:
 # Every decode worker needs every shard's sample count (batch slots are numbered across shards, see
 # ShardBatches), so with W workers each shard used to be read, and hashed, W times: on an object store W
 # times the GETs and bytes. With workers, the main process stages each shard once instead: a thread
-# (ShardSpool) fetches it (fetch_shard: the sha256 check) into a private local folder, and the workers
+# (ShardSpool) copies it (copy_shard: the sha256 check, streamed) into a private local folder, and the workers
 # index that copy from its headers and read their own slots' members from it (IndexedShard, no second
 # hash; a worker holds one batch, not the shard). Local shards are copied too: the workers then read
 # exactly the bytes that were verified, even if the pool file is rewritten during the run.
@@ -377,15 +409,11 @@ class ShardSpool:
                 if self._stop.is_set():
                     return
                 base = _spool_base(self.dir, i)
-                try:
-                    data = fetch_shard(task["url"], task["sha256"] if self.verify else None)
+                try:  # streamed into the spool, hashed on the way: the stager holds a chunk, not the shard
+                    copy_shard(task["url"], task["sha256"] if self.verify else None, f"{base}.tar")
                 except ShardError as e:
                     _spool_write(f"{base}.error", str(e).encode("utf-8"))
                     continue
-                if self._stop.is_set():
-                    return
-                _spool_write(f"{base}.tar", data)
-                del data
         except BaseException as e:  # noqa: BLE001 - handed to the workers (FATAL) and to the main loop (error)
             if self._stop.is_set():
                 return  # the run is over (the folder may be gone): nothing waits for this thread
