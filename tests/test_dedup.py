@@ -797,25 +797,20 @@ def test_the_index_cache_keeps_a_gpu_load_apart_from_a_cpu_one(tmp_path):
 
 
 # Run in a fresh process: an index file's load (what every search worker does once), the peak of its resident
-# memory above what it held before, in bytes (Linux: the peak is reset first, /proc/self/clear_refs). argv: path, sha256.
+# memory above what it held before, in bytes (the peak is reset first: procs.reset_peak). argv: path, sha256.
 _INDEX_LOAD_PEAK = """
 import sys
 from laiontools import index as DI
+from laiontools.testing import procs
 import faiss
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 path, sha = sys.argv[1], sys.argv[2]
 from laiontools.core.storage import url_to_fs
 fs, p = url_to_fs(path)
 fs.size(p)  # the store's client made and its libraries imported before: what the load itself holds is measured
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # VmHWM := VmRSS
-before = status("VmRSS")
+before = procs.reset_peak()
 DI.load_cached(path, sha, use_gpu=False)
-print(status("VmHWM") - before)
+print(procs.peak_above(before))
 """
 
 

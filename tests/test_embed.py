@@ -1743,21 +1743,16 @@ def test_a_spooled_shard_gives_the_samples_parse_shard_gives(tmp_path):
 _WORKER_PASS_PEAK = """
 import sys
 from laiontools.stages.embed import spooled_shard_samples
+from laiontools.testing import procs
 import laiontools.wds.samples  # what it imports is loaded once a process, not held a shard
 
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # VmHWM := VmRSS
-before = status("VmRSS")
+before = procs.reset_peak()
 shard = spooled_shard_samples(sys.argv[1], 0, {"id": "00000", "url": "s3://b/00000.tar"}, 0)
 n = 0
 for b in range(0, -(-len(shard) // 32), 4):
     n += sum(len(p["jpg"]) for _, p in shard[b * 32 : (b + 1) * 32])
 shard.close()
-print(n, status("VmHWM") - before)
+print(n, procs.peak_above(before))
 """
 
 

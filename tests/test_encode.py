@@ -527,19 +527,14 @@ def test_checkpoint_of_another_image_size_or_context_length_is_refused_not_inter
 # the tar at argv[1] (what embed, dedup, takedown and reshard do to a whole shard); then the member count.
 _INDEX_PEAK = """
 import os, sys
+from laiontools.testing import procs
 from laiontools.wds import tarscan
 import numpy
 
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # VmHWM := VmRSS
-before = status("VmRSS")
+before = procs.reset_peak()
 with open(sys.argv[1], "rb") as f:
     members = tarscan.tar_members(f, os.path.getsize(sys.argv[1]))
-print(status("VmHWM") - before, len(members))
+print(procs.peak_above(before), len(members))
 """
 
 

@@ -57,6 +57,19 @@ def memory_kb(pid: int | str = "self", field: str = "VmRSS") -> int:
     return int(v.split()[0]) if v else 0
 
 
+def reset_peak() -> int:
+    """Set this process's peak resident memory (VmHWM) to what it holds now (Linux 4.0+: ``/proc/self/clear_refs``),
+    and return that, in bytes: :func:`peak_above` of it later is what the work in between added at its peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return memory_kb("self", "VmRSS") * 1024
+
+
+def peak_above(before: int) -> int:
+    """This process's peak resident memory since :func:`reset_peak`, above `before` (its answer), in bytes."""
+    return memory_kb("self", "VmHWM") * 1024 - before
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is `pid`, in pid order."""
     return sorted(c for c, s in _all_stats().items() if s.ppid == pid)
