@@ -119,10 +119,10 @@ def iter_samples(src: bytes | BinaryIO, file_size: int | None = None, max_member
 
 
 def sample_index(f: BinaryIO, file_size: int, **group: Any) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
-    """``(key, {extension: (data offset, size, member name)})`` of every sample of an uncompressed tar file, in tar order,
-    from its headers alone: :func:`iter_samples`'s samples, their payloads left in the file (read them with
-    :func:`read_parts`). `group`: as :func:`iter_samples`. Raises ``tarfile.TarError`` for a tar that cannot
-    be read, a compressed one included (it has no offsets to index)."""
+    """``(key, {extension: (data offset, size, member name)})`` of every sample of an uncompressed tar file,
+    in tar order, from its headers alone: :func:`iter_samples`'s samples, their payloads left in the file
+    (read them with :func:`read_parts`). `group`: as :func:`iter_samples`. Raises ``tarfile.TarError`` for
+    a tar that cannot be read, a compressed one included (it has no offsets to index)."""
     f.seek(0)
     if f.read(6).startswith(_COMPRESSED_MAGIC):
         raise tarfile.ReadError("a compressed tar has no member offsets to index")

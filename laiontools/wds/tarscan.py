@@ -206,7 +206,7 @@ def _scan(f: BinaryIO, file_size: int, verify: bool = True, span: bool = False) 
     tarfile (and so webdataset and img2dataset) writes by default: their path, size and mtime
     override the header's, and the member's header offset is that of its pax header. Anything else
     (global pax headers, GNU long names, base-256 numbers, damage) gives None. `verify`: check every
-    header checksum (all at once at the end). `span`: the bytes are one sample's members, so the
+    header checksum (_CHECK_EVERY headers at once). `span`: the bytes are one sample's members, so the
     end of the data must be the end of the last member (no end-of-archive blocks)."""
     out: list[tuple[str, int, int, int, int]] = []
     heads = bytearray()  # the headers not yet checked (verify), end to end, and their checksum fields
