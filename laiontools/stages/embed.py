@@ -207,15 +207,16 @@ def copy_shard(url: str, expected_sha256: str | None, dest: str, chunk: int = 8 
     hashed as it streams: :func:`fetch_shard`'s checks and errors, without the shard in memory."""
     import hashlib
 
-    h, head, tmp = hashlib.sha256(), b"", dest + ".part"
+    h, head, tmp = hashlib.sha256() if expected_sha256 else None, b"", dest + ".part"  # (hashed only to be checked)
     try:
         with open(tmp, "wb") as out, _open_shard(url) as f:
             while b := f.read(chunk):
                 if len(head) < 6:
                     head += b[: 6 - len(head)]
-                h.update(b)
+                if h is not None:
+                    h.update(b)
                 out.write(b)
-        _check_shard(url, head, h.hexdigest() if expected_sha256 else None, expected_sha256)
+        _check_shard(url, head, h.hexdigest() if h is not None else None, expected_sha256)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
