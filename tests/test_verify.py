@@ -627,10 +627,11 @@ def _tars_good_and_damaged() -> dict[str, bytes]:
     }
 
 
-def test_one_read_of_a_shard_finds_what_two_reads_found(tmp_path):
+def test_one_read_of_a_shard_finds_what_two_reads_found(tmp_path, monkeypatch):
     """verify reads each shard once, hashing the bytes as tarfile reads them (verify.read_shard). On every tar
     here, intact or damaged, it gives the sha256, size, samples, uids and problems that reading the shard twice
-    gives (the whole file's sha256 by hashlib, then verify.scan_shard), without falling back to a second read."""
+    gives (the whole file's sha256 by hashlib, then verify.scan_shard), without falling back to a second read; and
+    where it must fall back (tarfile stepping back further than the reader keeps), the same again."""
     import hashlib
 
     from laiontools.stages import verify as V
@@ -649,3 +650,21 @@ def test_one_read_of_a_shard_finds_what_two_reads_found(tmp_path):
             r = V._HashedReads(f)
             V._scan_tar(r, str(p))
             assert r.finish() == want[:2], name
+    # a reader that keeps nothing to step back into (as a tar tarfile reads backwards would find it): the shard is
+    # read twice, as before, with the same answers
+    from collections import deque
+
+    real_init = V._HashedReads.__init__
+
+    def forgetful(self, f):
+        real_init(self, f)
+        self._recent = deque(maxlen=0)
+
+    monkeypatch.setattr(V._HashedReads, "__init__", forgetful)
+    for name, data in _tars_good_and_damaged().items():
+        p = tmp_path / f"{name.replace(' ', '-')}.tar"
+        if name not in ("empty", "gzip"):  # the premise: this reader cannot take the scan's first step back
+            # (to byte 0, after reading the magic; a gzip or empty shard is found before any step back)
+            with pytest.raises(V._NotOnePass), open(p, "rb") as f:
+                V._scan_tar(V._HashedReads(f), str(p))
+        assert V.read_shard(str(p)) == (hashlib.sha256(data).hexdigest(), len(data), *V.scan_shard(str(p))), name
