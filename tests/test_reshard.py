@@ -696,6 +696,39 @@ def test_a_task_opens_each_local_source_shard_once(tmp_path, monkeypatch):
             assert [tf.extractfile(m).read() for m in tf] == [files[e.sid][e.lo : e.hi] for e in entries]
 
 
+def test_the_shard_url_table_tasks_carry_is_the_pools_table_and_resolves_as_fsspec_does():
+    """ShardUrls keeps urls of the form <prefix><id><suffix> as arrays of ids: what it answers is what the
+    dict of the pool's (id, url) pairs answers, for ids in a frame, in a frame too small to keep, not in
+    their url (a retry folder's) and given twice; every shard resolves to the file system and path that
+    url_to_fs gives its url. Pickled (what every write task receives), it is a fraction of the dict."""
+    import pickle
+
+    from laiontools.core.storage import url_to_fs
+    from laiontools.stages.reshard import ShardUrls, _Sources
+
+    pairs = [(f"{i:05d}", f"/data/pool/shards/{i:05d}.tar") for i in range(40)]
+    pairs += [(f"{i:05d}", f"s3://bucket/parent/shards/{i:05d}.tar") for i in range(40, 70)]  # a takedown's output
+    pairs += [(f"retry01-{i:05d}", f"/data/pool/shards/retry01/{i:05d}.tar") for i in range(5)]  # id not in the url
+    pairs += [(f"{i:05d}", f"gs://other/shards/{i:05d}.tar") for i in range(70, 73)]  # a frame of three
+    pairs += [("00003", "/elsewhere/shards/00003.tar")]  # given twice: the last url, as in a dict
+    want = dict(pairs)
+    got = ShardUrls(pairs)
+    assert len(got.frames) == 2
+    assert len(got) == len(want) and set(got) == set(want) and dict(got.items()) == want
+    assert all(got[sid] == url for sid, url in want.items())
+    assert "00099" not in got and "0000" not in got
+    with pytest.raises(KeyError):
+        got["00099"]
+    sources = _Sources(got)
+    for sid in [*want, *want]:  # each twice: resolved, then kept
+        fs, path, local = sources._where(sid)
+        want_fs, want_path = url_to_fs(want[sid])
+        assert (type(fs), path, local) == (type(want_fs), want_path, want[sid].startswith("/"))
+    assert pickle.loads(pickle.dumps(got)).items() == got.items()
+    big = [(f"{i:06d}", f"s3://bucket/laion2b/shards/{i:06d}.tar") for i in range(20_000)]
+    assert len(pickle.dumps(ShardUrls(big))) < len(pickle.dumps(dict(big))) / 5
+
+
 @pytest.mark.parametrize("engine", ["spark", "in-process"])
 def test_a_bit_flip_in_a_catalog_page_is_named_not_read_as_a_wrong_value(spark, subset, tmp_path, monkeypatch, capsys, engine):
     """One flipped bit inside a catalog page that still decodes (a hex digit of a subset sample's span

@@ -70,6 +70,7 @@ import sys
 import tarfile
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +227,66 @@ def index_source_shard(item: tuple[str, str]) -> list[tuple[str, str, str, int, 
     return out
 
 
+class ShardUrls(Mapping[str, str]):
+    """The pool's shard id -> tar url table as reshard's tasks carry it, and where each tar is read.
+
+    Every write task reads from nearly every source shard (a subset's samples are scattered over the pool),
+    so each carries the whole table. As a dict, and with each shard's file system and path resolved once a
+    task, that was ~120 MB a Python worker and ~36 s of fsspec's url_to_fs a task at 2B (232k shards on S3,
+    measured on a table of that size). Here the urls that read <prefix><id><suffix> (all of a downloaded
+    pool's; a takedown's output has two such frames) are kept as one sorted array of ids per frame, and a
+    frame's file system is resolved once a task (:meth:`_Sources._where`): ~3 MB, and a string join a
+    shard. Other urls (a retry folder's shards, whose ids are not in their paths) stay in a dict."""
+
+    MIN_FRAME = 16  # ids a frame needs to be kept as an array; fewer stay in the dict
+
+    def __init__(self, pairs: Any) -> None:
+        import numpy as np
+
+        groups: dict[tuple[str, str], list[str]] = {}
+        self.other: dict[str, str] = {}
+        for sid, url in dict(pairs).items():  # (a dict first: an id given twice is its last url, as in a dict)
+            i = url.rfind(sid) if sid else -1
+            if i < 0:
+                self.other[sid] = url
+            else:
+                groups.setdefault((url[:i], url[i + len(sid):]), []).append(sid)
+        self.frames: list[tuple[str, str, Any]] = []  # (prefix, suffix, sorted ids as utf-8 bytes)
+        for (pre, suf), ids in groups.items():
+            if len(ids) < self.MIN_FRAME:
+                self.other.update((s, pre + s + suf) for s in ids)
+            else:
+                self.frames.append((pre, suf, np.array(sorted(s.encode() for s in ids), dtype=bytes)))
+
+    def frame(self, sid: str) -> int:
+        """The index of the frame that holds `sid` (-1: in the dict, or unknown)."""
+        if self.frames and sid not in self.other:
+            b = sid.encode()
+            for n, (_, _, ids) in enumerate(self.frames):
+                j = int(ids.searchsorted(b))
+                if j < len(ids) and ids[j] == b:
+                    return n
+        return -1
+
+    def __getitem__(self, sid: str) -> str:
+        url = self.other.get(sid)
+        if url is not None:
+            return url
+        n = self.frame(sid)
+        if n < 0:
+            raise KeyError(sid)
+        pre, suf, _ = self.frames[n]
+        return pre + sid + suf
+
+    def __iter__(self) -> Any:
+        yield from self.other
+        for _, _, ids in self.frames:
+            yield from (b.decode() for b in ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self.other) + sum(len(ids) for _, _, ids in self.frames)
+
+
 class _Sources:
     """A few open source shards per task (LRU); local files are read with os.pread (one call per range).
 
@@ -236,22 +297,45 @@ class _Sources:
     with a subset's samples scattered over every source tar, and each output shard reading from all
     of them, that was 60-70x the subset's bytes sent by the store (bench/bench_reshard_s3.py)."""
 
-    def __init__(self, urls: dict[str, str], max_open: int | None = None, spans: str | None = None) -> None:
-        self.urls, self.max_open = urls, max_open or _max_open_files()
+    WHERE_CACHE = 4096  # source shards whose (file system, path) a task keeps resolved
+
+    def __init__(self, urls: Mapping[str, str], max_open: int | None = None, spans: str | None = None) -> None:
+        self.urls = urls if isinstance(urls, ShardUrls) else ShardUrls(urls)
+        self.max_open = max_open or _max_open_files()
         self.spans = spans  # the subset's spans folder the byte spans came from (None: the pool's catalog), for errors
         self.throttle_left = THROTTLE_WAIT_S  # seconds this task may still wait on a store that says "slow down"
         self.open: OrderedDict[str, Any] = OrderedDict()
         self.fetched: dict[tuple[str, int, int], bytes] = {}
         self.where: dict[str, tuple[Any, str, bool]] = {}
+        self.frame_where: dict[int, tuple[Any, str | None, bool]] = {}
 
     def _where(self, sid: str) -> tuple[Any, str, bool]:
-        """(file system, path, local) of source shard `sid`, resolved once: fsspec's url_to_fs costs
-        ~30 us a call, and a subset drawn from more source shards than stay open reopens them often
-        (2 % of a 128-shard pool: ~4,300 opens for 2,560 samples, a third of the write phase)."""
+        """(file system, path, local) of source shard `sid`. fsspec's url_to_fs costs ~30 us a call (~150
+        on S3), and a subset drawn from more source shards than stay open reopens them often (2 % of a
+        128-shard pool: ~4,300 opens for 2,560 samples, a third of the write phase): a frame of the url
+        table (:class:`ShardUrls`) is resolved once, its shards' paths joined from it; other shards are
+        shard is then kept resolved, up to :attr:`WHERE_CACHE` of them (a sample asks 3-4 times)."""
         w = self.where.get(sid)
-        if w is None:
+        if w is not None:
+            return w
+        n = self.urls.frame(sid)
+        fw = None
+        if n >= 0:
+            pre, suf, _ = self.urls.frames[n]
+            fw = self.frame_where.get(n)
+            if fw is None:
+                fs, p = url_to_fs(pre + sid + suf)
+                tail = sid + suf
+                # (a file system whose path is not the url's tail: each shard resolved on its own)
+                fw = self.frame_where[n] = (fs, p[: len(p) - len(tail)] if p.endswith(tail) else None, _is_local(fs))
+        if fw is not None and fw[1] is not None:
+            w = (fw[0], fw[1] + sid + suf, fw[2])
+        else:
             fs, p = url_to_fs(self.urls[sid])
-            w = self.where[sid] = (fs, p, _is_local(fs))
+            w = (fs, p, _is_local(fs))
+        if len(self.where) >= self.WHERE_CACHE:
+            self.where.clear()
+        self.where[sid] = w
         return w
 
     def is_remote(self, sid: str) -> bool:
@@ -284,7 +368,7 @@ class _Sources:
         while merged:
             by_fs: dict[int, tuple[Any, list[list[Any]], list[str]]] = {}
             for m in merged:
-                fs, path = url_to_fs(self.urls[m[0]])
+                fs, path, _ = self._where(m[0])
                 by_fs.setdefault(id(fs), (fs, [], []))[1].append(m)
                 by_fs[id(fs)][2].append(path)
             again: list[list[Any]] = []
@@ -491,7 +575,7 @@ def _read_at(f: Any, offset: int, size: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _read_ahead(urls: dict[str, str], reads: list[tuple[str, int, int]]) -> Any:
+def _read_ahead(urls: Mapping[str, str], reads: list[tuple[str, int, int]]) -> Any:
     """While the block runs, a thread announces these (source shard, offset, size) reads of local shards
     to the kernel in this order (``POSIX_FADV_WILLNEED``: it reads them from the device without waiting);
     the block gets the thread, or None where there is nothing to announce, and the thread is stopped at
@@ -690,7 +774,7 @@ def _batches(entries: list[_Entry], sources: _Sources) -> list[list[_Entry]]:
     return out
 
 
-def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool,
+def write_output_shards(rows: Any, out_dir: str, urls: Mapping[str, str], plan_id: str, width: int, direct: bool,
                         spans: str | None = None) -> Any:
     """Spark partition -> write each output shard it holds; yield (shard number, marker info).
 
@@ -749,7 +833,7 @@ def write_output_shards(rows: Any, out_dir: str, urls: dict[str, str], plan_id: 
                             members = []
                             for ext, blob, mtime in data:
                                 if ext == "json":
-                                    blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, urls[e.sid], sources.spans)
+                                    blob = _rewrite_json(blob, e.uid, key, e.sid, e.skey, sources.urls, sources.spans)
                                 extb = dots.get(ext)
                                 if extb is None:
                                     extb = dots[ext] = ("." + ext).encode("utf-8", "surrogateescape")
@@ -810,7 +894,10 @@ def _check_members(exts: Any, skey: str, url: str) -> None:
                          f"{', '.join(sorted(exts))}); the shard is damaged: run `laiontools verify` on the pool and re-download it")
 
 
-def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: str, url: str, spans: str | None = None) -> bytes:
+def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: str, urls: Mapping[str, str],
+                  spans: str | None = None) -> bytes:
+    """The sample's .json with its new key and its source (shard id, key) added; `urls` names the source
+    shard in an error (looked up then: a sample's ~20 us would pay ~2 us for :class:`ShardUrls`' lookup)."""
     try:
         # UTF-8 (what every writer of a pool uses) decoded here; anything else (a BOM, UTF-16/32) fails
         # this and is read as json.loads reads bytes
@@ -821,9 +908,9 @@ def _rewrite_json(data: bytes | memoryview, uid: str, key: str, sid: str, skey: 
         except ValueError:
             meta = None
     if not isinstance(meta, dict):  # invalid JSON, or valid JSON that is not an object ([1,2,3], "s", null, 3)
-        raise task_error(f"source shard {url}: {skey}.json is not valid JSON; the shard is damaged, re-download it")
+        raise task_error(f"source shard {urls[sid]}: {skey}.json is not valid JSON; the shard is damaged, re-download it")
     if meta.get("uid", uid) != uid:
-        raise _span_error(url, f"{skey}.json has uid {meta.get('uid')} but {{source}} {{says}} {uid}", spans)
+        raise _span_error(urls[sid], f"{skey}.json has uid {meta.get('uid')} but {{source}} {{says}} {uid}", spans)
     meta.update({"uid": uid, "key": key, "source_shard": sid, "source_key": skey})
     text = "".join(_JSON_C(meta, 0)) if _JSON_C is not None else _JSON_OUT.encode(meta)
     try:
@@ -876,7 +963,7 @@ def _index_batches(batches: Any) -> Any:
             )
 
 
-def _plan_rows(batches: Any, urls: dict[str, str]) -> Any:
+def _plan_rows(batches: Any, urls: Mapping[str, str]) -> Any:
     """Arrow batches of plan rows sorted by (j, i) -> (j, entries) per output shard for
     :func:`write_output_shards`; a shard's rows may span batches. A sample of the tar index without a
     .json or an image member is refused here (:func:`_check_members`)."""
@@ -902,7 +989,7 @@ def _plan_rows(batches: Any, urls: dict[str, str]) -> Any:
         yield cur, entries
 
 
-def _write_batches(batches: Any, out_dir: str, urls: dict[str, str], plan_id: str, width: int, direct: bool,
+def _write_batches(batches: Any, out_dir: str, urls: Mapping[str, str], plan_id: str, width: int, direct: bool,
                    spans: str | None = None) -> Any:
     """mapInArrow: plan rows -> written shards, one result row (j, num_samples, bytes, sha256) each."""
     import pyarrow as pa
@@ -987,7 +1074,7 @@ def _reshard(cfg: ReshardConfig, tasks: Any, m: dict[str, Any], pool: Any = None
     n = int(m["uids"]["count"])
     seed = cfg.seed if cfg.seed is not None else int((m.get("selection") or {}).get("seed", 0))
     pool = pool or load_pool(_find_pool(mpath, m))
-    urls = {sid: resolve(pool.path, s["path"]) for sid, s in zip(pool.shard_ids, pool.manifest["shards"])}
+    urls = ShardUrls((sid, resolve(pool.path, s["path"])) for sid, s in zip(pool.shard_ids, pool.manifest["shards"]))
     k, q, r = shard_layout(n, cfg.shard_size)
     width = max(6, len(str(q + 1)))
     output = abs_path(cfg.output)
@@ -1129,7 +1216,7 @@ def _incomplete_shards(pool: Any, unknown: list[str]) -> ReshardError:
 
 
 def _run_local(
-    tasks: Any, pool: Any, uid_path: str, uids_sha256: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int,
+    tasks: Any, pool: Any, uid_path: str, uids_sha256: str, urls: Mapping[str, str], n: int, seed: int, q: int, r: int, k: int,
     out_dir: str, plan_id: str, width: int, direct: bool | None,
 ) -> tuple[dict[int, dict[str, Any]], str, bool] | None:
     """:func:`_run_spark`'s plan and write in this process, for pools whose catalog records every
@@ -1216,7 +1303,7 @@ def _run_local(
 
 
 def _run_spark(
-    spark: Any, pool: Any, uid_path: str, uids_sha256: str, urls: dict[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str, plan_id: str, width: int,
+    spark: Any, pool: Any, uid_path: str, uids_sha256: str, urls: Mapping[str, str], n: int, seed: int, q: int, r: int, k: int, out_dir: str, plan_id: str, width: int,
     direct: bool,
 ) -> tuple[dict[int, dict[str, Any]], str]:
     """Plan, index (unless the catalog has every sample's byte span) and write; return the written
