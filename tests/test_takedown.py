@@ -21,10 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from laiontools.contracts import layout
 from laiontools.contracts.manifest import read_manifest, resolve
 from laiontools.contracts.removal import RemovalListError
 from laiontools.contracts.selection import reference_selection
 from laiontools.contracts.uids import array_to_uids, load_uids
+from laiontools.core.errors import user_error_from
 
 REASON = "DMCA request #12"  # sanitized to removed_dmca_request_12
 STATUS = "removed_dmca_request_12"
@@ -835,6 +837,32 @@ def test_a_catalog_whose_message_column_is_all_null_takes_a_takedown(spark, no_m
     row = cat[cat["uid"] == uid].iloc[0]
     assert row["status"] == "removed_x" and "line 1 (uid" in row["error_message"]
     assert cat["error_message"].notna().sum() == 1
+
+
+def test_a_catalog_listing_a_sample_twice_is_refused_by_both_engines_in_the_same_words(spark, no_master, tmp_path):
+    """The pool's new uid file is written from the catalog's success rows, one row a uid by construction
+    (no hash shuffle to drop repeats). A catalog that lists a sample twice (a row copied by hand, two
+    catalog files of one shard) is not a pool's: both engines refuse it naming the uid, in the same words,
+    and no pool manifest is written (in process the repeat was dropped unnoticed, on Spark it was named)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_subsets import make_scratch_pool, pool_samples
+
+    m = make_scratch_pool(str(tmp_path / "pool"), n=40, per_shard=16, failures=0)
+    f = tmp_path / "pool" / "catalog" / "part-00000.parquet"
+    t = pq.read_table(f)
+    uids = sorted(pool_samples(m))
+    twice = uids[7]
+    pq.write_table(pa.concat_tables([t, t.filter(pa.compute.equal(t["uid"], twice))]), f)
+    said = {}
+    for engine in ("spark", "in-process"):
+        out = tmp_path / f"out-{engine}"
+        with pytest.raises(Exception) as e:
+            _scratch_takedown(spark, engine, m, f"uid {uids[0]}\n", out, tmp_path)
+        said[engine] = str(user_error_from(e.value) or e.value)
+        assert not (out / layout.POOL_MANIFEST).exists()
+    assert said["spark"] == said["in-process"]
+    assert said["spark"].startswith(f"uid {twice} is in more than one row, where each uid was to be in one")
 
 
 @pytest.mark.parametrize("damage", ["empty", "not parquet", "cut short"])
