@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-BENCHES = ["download", "prepare_memory", "embed", "dedup", "subsets", "reshard", "reshard_s3", "gcs_reads", "train", "manifest", "verify_scale", "plan_join", "uid_merge"]
+BENCHES = ["download", "prepare_memory", "embed", "dedup", "subsets", "reshard", "reshard_s3", "gcs_reads", "train", "manifest", "verify_scale", "plan_join", "uid_merge", "reshard_urls"]
 
 
 def main(argv: list[str] | None = None) -> int:
