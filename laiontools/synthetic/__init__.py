@@ -68,7 +68,7 @@ SOURCE_DIR = "source"
 
 def make_source(workdir: str, n: int, base_url: str, *, seed: int = 0, profile: str = "laion400m",
                 fmt: str = "parquet", realistic: bool = False, broken: dict[str, float] | None = None,
-                evalset: bool = False, n_files: int = 1) -> dict[str, Any]:
+                evalset: bool = False, n_files: int = 1, processes: int = 1) -> dict[str, Any]:
     """Write a whole synthetic source under `workdir` and return where everything is.
 
     ``<workdir>/images``: n pool images (+ planted copies when evalset); ``<workdir>/evalset``: an
@@ -76,12 +76,13 @@ def make_source(workdir: str, n: int, base_url: str, *, seed: int = 0, profile: 
     whose URLs start with `base_url` (a SyntheticWebServer over ``<workdir>/images``, started
     before or after: files are read at request time); ``<workdir>/source.expected.parquet``.
     Returns ``{"source", "images", "expected" (DataFrame), "evalset" (dir or None), "planted"
-    (DataFrame: id, file, eval_item, transform, expected_uid; empty without evalset)}``.
+    (DataFrame: id, file, eval_item, transform, expected_uid; empty without evalset)}``. `processes`: the
+    pool images are rendered in that many processes (the same files; for benchmarks' tens of thousands).
     """
     import pandas as pd
 
     images = os.path.join(workdir, IMAGES_DIR)
-    items = write_images(images, n, seed=seed, realistic=realistic)
+    items = write_images(images, n, seed=seed, realistic=realistic, processes=processes)
     ev_dir = None
     planted: list[dict[str, Any]] = []
     if evalset:
