@@ -69,12 +69,12 @@ def test_the_2b_plan_of_laion_2b_en(tmp_path, capsys):
     assert plan["cost_usd"]["gets"] == 1_680_000_000 + 232_000 * math.ceil(20e3 * 10_000 / (50 << 20))
     # executors: a Python worker a core in memoryOverhead (download's 0.74 GB + 0.3 x a 200 MB shard, the largest of
     # the CPU stages, x 4 cores + 0.5 GB for the JVM); dedup's workers each hold the 1.5M x 768 x 4 B index, 2.3x of
-    # it while loading from a store; spark.local.dir twice download's 840 B a catalog row over the 32 nodes
+    # it while loading from a store; spark.local.dir twice download's 1,120 B a catalog row over the 32 nodes
     ex = plan["executors"]
     assert ex["memory_overhead_gb"] == math.ceil(4 * (0.74 + 0.3 * 0.2) + 0.5) == 4
     assert ex["dedup"]["memory_overhead_gb"] == math.ceil(2 * (0.19 + 2.3 * 1_500_000 * 768 * 4 / 1e9) + 0.5) == 23
-    assert ex["local_dir_gb_per_node"] == math.ceil(2 * 840 * rows / 32 / 1e9) == 122
-    assert dl["shuffle_bytes"][0] == 840 * rows
+    assert ex["local_dir_gb_per_node"] == math.ceil(2 * 1120 * rows / 32 / 1e9) == 163
+    assert dl["shuffle_bytes"][0] == 1120 * rows
     assert "--conf spark.executor.memoryOverhead=4g" in text
     assert "warning" not in text
     assert "download" in text and "(measured:" in text and "(estimate:" in text  # every rate says which it is

@@ -93,7 +93,7 @@ MODELS: dict[str, dict[str, Any]] = {
 IVF_WORK = 1 / 150  # an IVF index's search work against a flat one's (nprobe 16 of ~nlist 2,400; estimate)
 # What a Python worker (one per core) holds, in GB, per stage: a base measured at small shards, plus a multiple of
 # the bytes of one shard at the plan's shard size (measured: the growth from 5.7 to 21.6 and to 104 MB shards, 26 KB
-# samples, rounded up; BENCHMARKS 'Executor memory and shuffle bytes per stage'). embed's is its task process
+# samples, rounded up; from 104 to 269 MB none grew by more than 0.18x; BENCHMARKS 'Executor memory and shuffle bytes per stage'). embed's is its task process
 # without decode workers (the shard's bytes once; with workers the spool streams it and each worker holds a batch).
 # dedup adds its index (held once a worker; while it loads 1.05x from a local file, ~2.3x from an object store);
 # semdedup is bounded by its settings (~0.5 GB).
@@ -103,7 +103,10 @@ WORKER_MEMORY: dict[str, tuple[float, float]] = {
 }
 INDEX_LOAD_FROM_STORE = 2.3  # peak of an index's load from an object store, in index bytes (from a local file: 1.05)
 JVM_OFF_HEAP_GB = 0.5  # an executor JVM's RSS above its heap (0.26-0.47 GB measured), for memoryOverhead
-DOWNLOAD_SHUFFLE = 840  # bytes a catalog row, every exchange of prepare + download (measured, lz4)
+# Bytes a catalog row, every exchange of prepare + download (lz4): 1,018-1,058 measured over 11 exchanges (2026-12-07,
+# 4k and 25k rows) with the downloaded rows shuffled for the spans join, which AQE then made a broadcast; at 2B the
+# spans cannot be broadcast, so their own side is added: ~100 B a sample, ~0.6 a catalog row (estimate).
+DOWNLOAD_SHUFFLE = 1_120
 UID_BYTES = 16  # a uid in a uid file (two uint64)
 EMB_BYTES = 2  # fp16 embeddings
 
