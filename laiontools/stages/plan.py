@@ -93,10 +93,10 @@ MODELS: dict[str, dict[str, Any]] = {
 IVF_WORK = 1 / 150  # an IVF index's search work against a flat one's (nprobe 16 of ~nlist 2,400; estimate)
 # What a Python worker (one per core) holds, in GB, per stage: a base measured at small shards, plus a multiple of
 # the bytes of one shard at the plan's shard size (measured: the growth from 5.7 to 21.6 and to 104 MB shards, 26 KB
-# samples, rounded up; from 104 to 269 MB none grew by more than 0.18x; BENCHMARKS 'Executor memory and shuffle bytes per stage'). embed's is its task process
-# without decode workers (the shard's bytes once; with workers the spool streams it and each worker holds a batch).
-# dedup adds its index (held once a worker; while it loads 1.05x from a local file, ~2.3x from an object store);
-# semdedup is bounded by its settings (~0.5 GB).
+# samples, rounded up; from 104 to 269 MB none grew by more than 0.18x; BENCHMARKS 'Executor memory and shuffle
+# bytes per stage'). embed's is its task process without decode workers (the shard's bytes once; with workers the
+# spool streams it and each worker holds a batch). dedup adds its index (held once a worker; while it loads 1.05x
+# from a local file, ~2.3x from an object store); semdedup is bounded by its settings (~0.5 GB).
 WORKER_MEMORY: dict[str, tuple[float, float]] = {
     "prepare": (0.74, 0.0), "download": (0.74, 0.3), "embed": (0.99, 0.6), "dedup": (0.19, 0.6), "semdedup": (0.5, 0.0),
     "subsets": (0.42, 0.0), "reshard": (0.3, 0.0), "verify": (0.09, 0.1), "takedown": (0.17, 0.5),

@@ -232,10 +232,10 @@ class ShardUrls(Mapping[str, str]):
 
     Every write task reads from nearly every source shard (a subset's samples are scattered over the pool),
     so each carries the whole table. As a dict, and with each shard's file system and path resolved once a
-    task, that was ~120 MB a Python worker and ~36 s of fsspec's url_to_fs a task at 2B (232k shards on S3,
-    measured on a table of that size). Here the urls that read <prefix><id><suffix> (all of a downloaded
-    pool's; a takedown's output has two such frames) are kept as one sorted array of ids per frame, and a
-    frame's file system is resolved once a task (:meth:`_Sources._where`): ~3 MB, and a string join a
+    task, that was ~84 MB a Python worker and ~5.3 s of fsspec's url_to_fs a task at 2B (232k shards on S3;
+    bench/bench_reshard_urls.py). Here the urls that read <prefix><id><suffix> (all of a downloaded pool's;
+    a takedown's output has two such frames) are kept as one sorted array of ids per frame, and a frame's
+    file system is resolved once a task (:meth:`_Sources._where`): ~1.8 MB and ~0.4 s, a string join a
     shard. Other urls (a retry folder's shards, whose ids are not in their paths) stay in a dict."""
 
     MIN_FRAME = 16  # ids a frame needs to be kept as an array; fewer stay in the dict
