@@ -5,7 +5,8 @@
 A pool is <samples per shard>x<shards attempted>: the default's 1000x4 and 250x16 are one pool in shards of
 two sizes, 250x4 and 250x16 shards of one size in pools of two sizes, so a figure that follows the shard and
 one that follows the pool tell apart. For each pool, one synthetic source (realistic photo-like images, 256 px JPEG q95 as LAION's, the
-synthetic source's usual share of broken rows) is served on 127.0.0.1 and every Spark stage is run through
+synthetic source's usual share of broken rows) is served from ``--hosts`` loopback servers (127.0.0.2, .3, ...;
+its rows spread over them, so that no one host's politeness pauses skip most of them) and every Spark stage is run through
 ``spark-submit --master local[2] jobs/<stage>.py``, as bench/bench_cluster.py does on a standalone cluster:
 download (source -> pool, catalog), verify, subsets (two nested scales), reshard (the larger), embed (lt-tiny,
 random init, one task per shard on CPU), dedup against the planted eval set, semdedup, takedown (two uids and
